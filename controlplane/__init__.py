@@ -1,0 +1,1 @@
+"""Control plane: watches config, computes per-proxy snapshots, streams them to proxies."""

@@ -1,0 +1,1 @@
+"""triomesh: a service mesh proxy on Trio that speaks Istio's config."""

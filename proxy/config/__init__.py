@@ -1,0 +1,1 @@
+"""Istio-typed config: schema, loading, validation, compiling to a Snapshot."""

@@ -1,0 +1,75 @@
+"""Protocol-neutral HTTP events: HTTP/1.1 and HTTP/2 codecs both produce and consume these.
+
+Everything on the data path is bytes: header names are lowercased ASCII bytes, values are bytes with
+surrounding whitespace stripped. Stages, route matchers and the upstream client see only these types,
+never h11/h2 objects.
+"""
+
+from __future__ import annotations
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class RequestHead:
+    """A request's head, as received downstream (or as about to be sent upstream).
+
+    `target` is the raw request-target; `path` is its path part and `query` the part after '?'
+    (without the '?'; empty when absent). `authority` comes from Host (HTTP/1.1) or :authority (h2).
+    """
+
+    __slots__ = ("method", "target", "path", "query", "authority", "scheme", "http_version", "headers")
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        *,
+        scheme: bytes = b"http",
+        http_version: bytes = b"1.1",
+    ) -> None:
+        self.method = method
+        self.target = target
+        path, sep, query = target.partition(b"?")
+        self.path = path
+        self.query = query
+        self.authority = authority
+        self.scheme = scheme
+        self.http_version = http_version
+        self.headers = headers
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        """First value of a (lowercase) header name."""
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return default
+
+    def set_target(self, target: bytes) -> None:
+        self.target = target
+        path, _, query = target.partition(b"?")
+        self.path = path
+        self.query = query
+
+    def __repr__(self) -> str:
+        return f"RequestHead({self.method!r} {self.target!r} authority={self.authority!r})"
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "http_version", "headers")
+
+    def __init__(self, status: int, headers: Headers, *, reason: bytes = b"", http_version: bytes = b"1.1") -> None:
+        self.status = status
+        self.reason = reason
+        self.http_version = http_version
+        self.headers = headers
+
+    def get(self, name: bytes, default: bytes | None = None) -> bytes | None:
+        for n, v in self.headers:
+            if n == name:
+                return v
+        return default
+
+    def __repr__(self) -> str:
+        return f"ResponseHead({self.status})"

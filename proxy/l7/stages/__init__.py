@@ -1,0 +1,1 @@
+"""Request/response stages: each one continues or answers."""

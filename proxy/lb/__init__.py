@@ -1,0 +1,1 @@
+"""Load balancing: endpoint picks and upstream connection pools."""
