@@ -1,0 +1,62 @@
+"""Per-request state carried through the stage chain, and what the access log reads at the end."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.config.snapshot import Cluster, Endpoint, Listener, Route, Snapshot
+    from proxy.l7.events import RequestHead, ResponseHead
+
+
+class RequestContext:
+    """One downstream request. The snapshot is read once, when the head arrives, and kept."""
+
+    __slots__ = (
+        "snapshot",
+        "listener",
+        "downstream_addr",  # "ip:port" of the client
+        "request",  # RequestHead as received (stages may rewrite it before upstream)
+        "request_id",  # bytes, x-request-id after generation
+        "start_monotonic",  # trio.current_time()/time.monotonic() at head arrival
+        "start_wall",  # time.time() at head arrival, for the access log timestamp
+        "route",
+        "cluster",
+        "endpoint",
+        "response",  # ResponseHead sent downstream (None until then)
+        "status",  # int status sent downstream, 0 when none went out (reset / dead client)
+        "response_flags",  # list[str], Envoy style: UF, UH, NR, UO, UT, UC, DC, DPE, LR, URX
+        "bytes_received",  # request body bytes from downstream
+        "bytes_sent",  # response body bytes to downstream
+        "upstream_host",  # "ip:port" actually used, "" if none
+        "error",  # the typed error that ended the request, if any
+        "extra",  # dict for stages that need scratch state
+    )
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        listener: Listener | None,
+        downstream_addr: str,
+        request: RequestHead,
+        start_monotonic: float,
+        start_wall: float,
+    ) -> None:
+        self.snapshot = snapshot
+        self.listener = listener
+        self.downstream_addr = downstream_addr
+        self.request = request
+        self.request_id = b""
+        self.start_monotonic = start_monotonic
+        self.start_wall = start_wall
+        self.route: Route | None = None
+        self.cluster: Cluster | None = None
+        self.endpoint: Endpoint | None = None
+        self.response: ResponseHead | None = None
+        self.status = 0
+        self.response_flags: list[str] = []
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.upstream_host = ""
+        self.error: BaseException | None = None
+        self.extra: dict[str, Any] = {}
