@@ -1,0 +1,1 @@
+"""Sample applications and configs that show triomesh at work (`python -m examples.demo`)."""
