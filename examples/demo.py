@@ -135,6 +135,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def unique_free_ports() -> Callable[[], int]:
+    """A `free_port` that never hands out the same port twice (the kernel may, one call after another)."""
+    seen: set[int] = set()
+
+    def next_port() -> int:
+        while (port := free_port()) in seen:
+            pass
+        seen.add(port)
+        return port
+
+    return next_port
+
+
 def busy_ports(plan: Plan) -> list[tuple[int, str]]:
     busy = []
     for port, what in plan.ports():
@@ -228,6 +241,16 @@ class Mesh:
         return f"--- last lines of {path} ---\n" + "\n".join(tail) if tail else f"({path} is empty)"
 
     # -- stopping
+
+    def stop_one(self, name: str, timeout_s: float = 10.0) -> None:
+        """Stop one process (an app, say, to see the mesh answer for a dead upstream)."""
+        proc = self.procs.pop(name)
+        _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
 
     def stop(self, timeout_s: float = 10.0) -> list[str]:
         """SIGTERM each process group we started, then SIGKILL what is still there. Returns the names."""

@@ -1,0 +1,1 @@
+"""Tests that run the real proxy with real backends and clients on loopback."""
