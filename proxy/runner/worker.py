@@ -1,0 +1,108 @@
+"""Worker process entry: one Trio loop, one DataPlane, the listeners, driven over the control channel.
+
+Started by the supervisor as `python -m proxy.runner.worker --control-fd N ...` (a fresh interpreter,
+not a fork of the supervisor: no inherited Trio state, threads or sockets besides the control fd).
+The worker exits when the supervisor says Shutdown or the control channel closes (supervisor gone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import sys
+from typing import Sequence
+
+import trio
+
+from proxy import logging as tm_logging
+from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
+from proxy.l7.access_log import AccessLog
+from proxy.runner import control
+from proxy.runner.config_source import build_snapshot
+from proxy.runner.listeners import ListenerManager
+from proxy.runtime import SnapshotHolder
+from proxy.stats import Stats
+
+ACCESS_LOG_FLUSH_INTERVAL_S = 1.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="proxy.runner.worker")
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json")
+    p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
+    p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
+    return p
+
+
+async def _flush_access_log(access_log: AccessLog) -> None:
+    while True:
+        await trio.sleep(ACCESS_LOG_FLUSH_INTERVAL_S)
+        access_log.flush()
+
+
+async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) -> None:
+    from proxy.l7.dataplane import DataPlane
+    from proxy.l7.server import serve_listener
+
+    holder = SnapshotHolder()
+    stats = Stats()
+    plane = DataPlane(holder, stats, access_log)
+
+    async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
+        await serve_listener(sock, name, plane, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        listeners = ListenerManager(nursery, serve, log)
+        if access_log.enabled:
+            nursery.start_soon(_flush_access_log, access_log)
+        while True:
+            msg = await channel.receive()
+            if msg is None or isinstance(msg, control.Shutdown):
+                log.debug("worker_stopping", reason="shutdown" if msg else "control channel closed")
+                break
+            if isinstance(msg, control.GetStats):
+                await channel.send(control.StatsReply(msg.request_id, stats.export()))
+            elif isinstance(msg, control.LoadConfig):
+                if msg.version != holder.current.version:
+                    try:
+                        snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address)
+                    except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
+                        log.error("worker_config_failed", version=msg.version, error=str(e))
+                        await channel.send(control.ConfigFailed(msg.version, str(e)))
+                        continue
+                    # swap first: a listener opened below must find itself in the snapshot it serves
+                    holder.swap(snapshot)
+                errors = await listeners.reconcile(holder.current)
+                await channel.send(control.ConfigApplied(msg.version, listeners.names, errors))
+                log.debug("worker_config_applied", version=msg.version, listeners=listeners.names)
+            else:
+                log.warning("worker_unexpected_message", message=type(msg).__name__)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # the supervisor decides when workers stop; a terminal's ^C or hangup goes to it, not to us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    tm_logging.configure(level=args.log_level, fmt=args.log_format, worker=args.index)
+    log = tm_logging.get_logger("triomesh.worker")
+    access_log = AccessLog(args.access_log)
+    sock = socket.socket(fileno=args.control_fd)
+
+    async def _main() -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        await run(control.ControlChannel(stream), access_log=access_log, log=log)
+
+    try:
+        trio.run(_main)
+    finally:
+        access_log.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

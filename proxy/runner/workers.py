@@ -1,0 +1,197 @@
+"""Supervisor side of the workers: spawn each worker process, talk to it, restart it when it dies.
+
+Each slot runs a loop: make a socketpair, start `python -m proxy.runner.worker` with one end, send it
+the current config, then read its messages until the channel closes; wait for the process, back off
+if it died young, start again. Stats requests and config pushes go through the slot's channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+import proxy
+from proxy.runner import control
+from proxy.stats import Stats, merge
+
+RESTART_BACKOFF_MIN_S = 0.2
+RESTART_BACKOFF_MAX_S = 5.0
+HEALTHY_UPTIME_S = 5.0  # a worker that lived this long resets the backoff
+STOP_GRACE_S = 5.0
+
+
+def _worker_env() -> dict[str, str]:
+    """Workers import the same `proxy` package as the supervisor, wherever it was started from."""
+    env = dict(os.environ)
+    root = str(Path(proxy.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _signal_name(returncode: int | None) -> str | None:
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return str(-returncode)
+
+
+class WorkerSlot:
+    """One of the N worker positions. `version` is what its current process serves ("" when none)."""
+
+    def __init__(self, index: int, *, worker_args: list[str], current_config: Callable[[], control.LoadConfig | None],
+                 stats: Stats, log: Any) -> None:
+        self.index = index
+        self._worker_args = worker_args
+        self._current_config = current_config
+        self._log = log.bind(worker=index)
+        self.process: trio.Process | None = None
+        self.channel: control.ControlChannel | None = None
+        self.version = ""
+        self.listeners: list[str] = []
+        self.listener_errors: list[str] = []
+        self.last_error = ""
+        self.restarts = 0
+        self._ids = itertools.count(1)
+        self._pending: dict[int, tuple[trio.Event, list]] = {}
+        self._restarts = stats.counter("triomesh_worker_restarts_total")
+        self._stopping = False
+        # counters of processes that died, so summed counters do not go backwards on a restart
+        self.retired_rows: list[control.StatsRow] = []
+        self._last_rows: list[control.StatsRow] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    async def run(self) -> None:
+        backoff = RESTART_BACKOFF_MIN_S
+        while not self._stopping:
+            started = time.monotonic()
+            await self._run_once()
+            if self._stopping:
+                return
+            lived = time.monotonic() - started
+            backoff = RESTART_BACKOFF_MIN_S if lived >= HEALTHY_UPTIME_S else min(backoff * 2, RESTART_BACKOFF_MAX_S)
+            self.restarts += 1
+            self._restarts.value += 1
+            self._log.warning("worker_restarting", after_s=round(backoff, 2), lived_s=round(lived, 2))
+            await trio.sleep(backoff)
+
+    async def _run_once(self) -> None:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            cmd = [sys.executable, "-m", "proxy.runner.worker", "--control-fd", str(child.fileno()),
+                   "--index", str(self.index), *self._worker_args]
+            process = await trio.lowlevel.open_process(cmd, pass_fds=(child.fileno(),), env=_worker_env())
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.process = process
+        channel = control.ControlChannel(trio.SocketStream(trio.socket.from_stdlib_socket(parent)))
+        self.channel = channel
+        self._log.info("worker_started", pid=process.pid)
+        try:
+            config = self._current_config()
+            if config is not None:
+                await self._send(config)
+            while True:
+                msg = await channel.receive()
+                if msg is None:
+                    break
+                self._handle(msg)
+        finally:
+            self.channel = None
+            self.version = ""
+            self._fail_pending()
+            self._retire_counters()
+            with trio.CancelScope(shield=True):
+                await channel.aclose()
+                code = await self._reap(process)
+            if not self._stopping:
+                self._log.error("worker_exited", pid=process.pid, returncode=code, signal=_signal_name(code))
+            self.process = None
+
+    async def _reap(self, process: trio.Process) -> int | None:
+        """Wait for the process to exit; it should follow its channel. Kill it if it does not."""
+        with trio.move_on_after(STOP_GRACE_S):
+            return await process.wait()
+        process.kill()
+        return await process.wait()
+
+    def _handle(self, msg: control.Message) -> None:
+        if isinstance(msg, control.ConfigApplied):
+            self.version = msg.version
+            self.listeners = list(msg.listeners)
+            self.listener_errors = list(msg.errors)
+            self.last_error = ""
+            for err in msg.errors:
+                self._log.error("worker_listener_error", version=msg.version, error=err)
+        elif isinstance(msg, control.ConfigFailed):
+            self.last_error = msg.error
+            self._log.error("worker_config_failed", version=msg.version, error=msg.error)
+        elif isinstance(msg, control.StatsReply):
+            self._last_rows = msg.rows
+            waiter = self._pending.pop(msg.request_id, None)
+            if waiter is not None:
+                waiter[1].append(msg.rows)
+                waiter[0].set()
+        else:
+            self._log.warning("supervisor_unexpected_message", message=type(msg).__name__)
+
+    async def _send(self, msg: control.Message) -> bool:
+        channel = self.channel
+        if channel is None:
+            return False
+        try:
+            await channel.send(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the worker is gone; run() notices and restarts it
+        return True
+
+    async def push_config(self, config: control.LoadConfig) -> None:
+        await self._send(config)
+
+    async def fetch_stats(self, timeout_s: float) -> list[control.StatsRow] | None:
+        request_id = next(self._ids)
+        event, box = trio.Event(), []
+        self._pending[request_id] = (event, box)
+        try:
+            if not await self._send(control.GetStats(request_id)):
+                return None
+            with trio.move_on_after(timeout_s):
+                await event.wait()
+            return box[0] if box else None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _fail_pending(self) -> None:
+        for event, _ in self._pending.values():
+            event.set()
+        self._pending.clear()
+
+    def _retire_counters(self) -> None:
+        if not self._last_rows:
+            return
+        rows = self.retired_rows + [row for row in self._last_rows if row[0] == "counter"]
+        self.retired_rows = [(kind, name, labels, value) for (kind, name, labels), value in merge([rows]).items()]
+        self._last_rows = []
+
+    async def stop(self) -> None:
+        """Ask the worker to exit; run() then returns instead of restarting it."""
+        self._stopping = True
+        if not await self._send(control.Shutdown()):
+            process = self.process
+            if process is not None and process.returncode is None:
+                process.terminate()
