@@ -39,6 +39,10 @@ class Cluster:
     endpoints: tuple[Endpoint, ...]
     lb_policy: str = "ROUND_ROBIN"  # DestinationRule trafficPolicy.loadBalancer.simple
     connect_timeout_s: float = 10.0
+    # ServiceEntry resolution: STATIC (IP endpoints), DNS / DNS_ROUND_ROBIN (endpoint addresses may be
+    # host names, resolved when connecting), NONE (no endpoints: original destination)
+    resolution: str = "STATIC"
+    protocol: str = "HTTP"  # the service port's protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,8 @@ class Listener:
     port: int
     protocol: str  # Gateway server port.protocol: HTTP, TCP, ...
     route_table: RouteTable
+    # OUTBOUND: gateway and Sidecar egress listeners; INBOUND: Sidecar ingress (to the local app)
+    traffic_direction: str = "OUTBOUND"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,544 @@
+"""Compile validated Istio resources into one immutable Snapshot (listeners, route tables, clusters).
+
+Theory of operation. Pure: no IO, same input -> same Snapshot.
+1. registry: ServiceEntry hosts + endpoints (inline or selected WorkloadEntries), DestinationRules ->
+   clusters `outbound|port|subset|host` (registry.py).
+2. every VirtualService http route is checked once: destinations resolve to a service, port and
+   subset (a dangling reference is a ConfigError at its field path), weights become cumulative.
+3. listeners: one per Gateway server port (routes from VirtualServices naming that Gateway, host
+   sets intersected with the server's hosts), one per Sidecar egress listener with a port (the "mesh"
+   VirtualServices plus a default route per service host no VirtualService covers), one per Sidecar
+   ingress listener (everything to its defaultEndpoint). Matchers are compiled per listener, because
+   `port`, `gateways` and `sourceLabels` in a match block are fixed per listener.
+Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
+use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import msgspec
+
+from proxy.config import hosts
+from proxy.config.errors import ConfigError
+from proxy.config.istio import (
+    Destination,
+    GatewaySpec,
+    HTTPRoute,
+    IstioObject,
+    SidecarSpec,
+    VirtualServiceSpec,
+)
+from proxy.config.load import Resource, check_duplicates
+from proxy.config.matchers import MatchContext, always, compile_matches
+from proxy.config.registry import Registry, Service, build_clusters, build_registry
+from proxy.config.snapshot import (
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+    RouteDestination,
+    RouteTable,
+    Snapshot,
+    VirtualHost,
+    cluster_name,
+)
+
+MESH = "mesh"
+DEFAULT_EGRESS_BIND = "127.0.0.1"
+# listener protocols the data plane serves today
+LISTENER_PROTOCOLS = frozenset({"HTTP"})
+EGRESS_PROTOCOLS = frozenset({"HTTP", "HTTP_PROXY"})  # HTTP_PROXY: Istio's explicit-proxy egress port
+
+
+def _as_resource(item: Resource | IstioObject) -> Resource:
+    return item if isinstance(item, Resource) else Resource(item)
+
+
+def _labels_match(selector: Mapping[str, str], labels: Mapping[str, str] | None) -> bool:
+    """A selector applies when the proxy's labels are unknown (None) or include every selector label."""
+    if labels is None:
+        return True
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _builtins(obj: Any) -> Any:
+    return msgspec.to_builtins(obj, enc_hook=str)
+
+
+# --------------------------------------------------------------------------------------------------
+# VirtualService routes, checked once
+
+
+@dataclass(slots=True)
+class _CheckedRoute:
+    index: int
+    spec: HTTPRoute
+    destinations: tuple[RouteDestination, ...]
+    cumulative: tuple[int, ...]
+
+
+@dataclass(slots=True)
+class _CheckedVS:
+    resource: Resource
+    spec: VirtualServiceSpec
+    gateways: tuple[str, ...]  # resolved "ns/name" or "mesh"
+    routes: list[_CheckedRoute]
+
+    @property
+    def in_mesh(self) -> bool:
+        return MESH in self.gateways
+
+    @property
+    def label(self) -> str:
+        return f"{self.resource.namespace}/{self.resource.name}"
+
+
+def _gateway_ref(name: str, namespace: str) -> str:
+    if name == MESH:
+        return MESH
+    return name if "/" in name else f"{namespace}/{name}"
+
+
+class _Compiler:
+    def __init__(self, items: list[Resource], bind_address: str, proxy_labels: Mapping[str, str] | None) -> None:
+        self.bind_address = bind_address
+        self.proxy_labels = proxy_labels
+        self.by_kind: dict[str, list[Resource]] = defaultdict(list)
+        for r in items:
+            self.by_kind[r.kind].append(r)
+        self.registry: Registry = build_registry(
+            self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"]
+        )
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry)
+        self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
+        self.virtual_services = [self._check_vs(r) for r in self.by_kind["VirtualService"]]
+        self.listeners: dict[tuple[str, int], _ListenerDraft] = {}
+
+    # ---- references
+
+    def _resolve_destination(self, r: Resource, path: str, dest: Destination) -> str:
+        svc = self.registry.lookup(dest.host, r.namespace)
+        if svc is None:
+            raise r.error(f"{path}.host", f"host {dest.host!r} matches no ServiceEntry host")
+        if dest.port is not None:
+            port = svc.port(dest.port.number)
+            if port is None:
+                have = ", ".join(str(p.number) for p in svc.ports)
+                raise r.error(f"{path}.port.number", f"service {svc.host!r} has no port {dest.port.number} (ports: {have})")
+        elif len(svc.ports) == 1:
+            port = svc.ports[0]
+        else:
+            have = ", ".join(str(p.number) for p in svc.ports)
+            raise r.error(f"{path}.port", f"service {svc.host!r} has several ports ({have}); set port.number")
+        if dest.subset and dest.subset not in svc.subset_names():
+            known = ", ".join(svc.subset_names()) or "none"
+            raise r.error(
+                f"{path}.subset",
+                f"subset {dest.subset!r} is not defined by a DestinationRule for host {svc.host!r} (subsets: {known})",
+            )
+        return cluster_name(svc.host, port.number, dest.subset)
+
+    def _check_gateway_name(self, r: Resource, path: str, name: str) -> str:
+        ref = _gateway_ref(name, r.namespace)
+        if ref != MESH and ref not in self.gateways:
+            raise r.error(path, f"gateway {ref!r} is not defined (no Gateway {ref})")
+        return ref
+
+    def _check_vs(self, r: Resource) -> _CheckedVS:
+        spec: VirtualServiceSpec = r.obj.spec
+        if not spec.hosts:
+            raise r.error("$.spec.hosts", "a VirtualService needs at least one host")
+        gateways = tuple(self._check_gateway_name(r, f"$.spec.gateways[{i}]", g) for i, g in enumerate(spec.gateways))
+        if not gateways:
+            gateways = (MESH,)
+        for i, h in enumerate(spec.hosts):
+            if not h or "/" in h or (h.startswith("*") and not (h == "*" or h.startswith("*."))):
+                raise r.error(f"$.spec.hosts[{i}]", f"invalid host {h!r}")
+            if h == "*" and MESH in gateways:
+                raise r.error(f"$.spec.hosts[{i}]", "wildcard host '*' is not allowed for VirtualServices bound to the mesh")
+        routes: list[_CheckedRoute] = []
+        for i, http in enumerate(spec.http):
+            path = f"$.spec.http[{i}]"
+            for k, m in enumerate(http.match):
+                for j, g in enumerate(m.gateways):
+                    self._check_gateway_name(r, f"{path}.match[{k}].gateways[{j}]", g)
+            if not http.route:
+                raise r.error(f"{path}.route", "an http route needs at least one destination")
+            dests: list[RouteDestination] = []
+            for j, rd in enumerate(http.route):
+                cluster = self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination)
+                dests.append(RouteDestination(cluster, rd.weight))
+            if len(dests) == 1:
+                dests = [RouteDestination(dests[0].cluster, 100)]  # a single destination takes everything
+            else:
+                total = sum(d.weight for d in dests)
+                if total != 100:  # Istio's validation rule
+                    raise r.error(f"{path}.route", f"total destination weight {total} != 100")
+            if http.timeout is not None and http.timeout < 0.001:
+                raise r.error(f"{path}.timeout", "timeout must be at least 1ms")
+            cumulative: list[int] = []
+            acc = 0
+            for d in dests:
+                acc += d.weight
+                cumulative.append(acc)
+            routes.append(_CheckedRoute(i, http, tuple(dests), tuple(cumulative)))
+        return _CheckedVS(r, spec, gateways, routes)
+
+    # ---- routes per listener context
+
+    def _routes(self, vs: _CheckedVS, ctx: MatchContext) -> list[tuple[Route, dict]]:
+        out: list[tuple[Route, dict]] = []
+        r = vs.resource
+
+        def resolve(g: str) -> str:
+            return _gateway_ref(g, r.namespace)
+
+        for cr in vs.routes:
+            matcher = compile_matches(cr.spec.match, ctx, resolve)
+            if matcher is None:
+                continue  # no match block applies on this listener
+            name = cr.spec.name or f"{r.namespace}.{r.name}.{cr.index}"
+            route = Route(
+                name=name,
+                virtual_service=vs.label,
+                matches=matcher,
+                destinations=cr.destinations,
+                cumulative_weights=cr.cumulative,
+                timeout_s=float(cr.spec.timeout) if cr.spec.timeout is not None else None,
+            )
+            dump = {
+                "name": name,
+                "virtual_service": vs.label,
+                "match": [_builtins(m) for m in cr.spec.match],
+                "destinations": [{"cluster": d.cluster, "weight": d.weight} for d in cr.destinations],
+                "timeout_s": route.timeout_s,
+            }
+            out.append((route, dump))
+        return out
+
+    # ---- listeners
+
+    def _claim(self, r: Resource, path: str, address: str, port: int, protocol: str, direction: str, owner: str):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise r.error(path, f"bind address {address!r} is not an IP address") from None
+        key = (address, port)
+        draft = self.listeners.get(key)
+        if draft is not None:
+            if draft.owner_kind != owner or owner != "Gateway" or draft.protocol != protocol:
+                raise r.error(path, f"{address}:{port} is already a listener of {draft.owner}")
+            return draft
+        for (addr, p), other in self.listeners.items():
+            if p == port and _overlaps(addr, address):
+                raise r.error(path, f"{address}:{port} overlaps listener {addr}:{p} of {other.owner}")
+        draft = _ListenerDraft(address, port, protocol, direction, owner, f"{r.kind} {r.namespace}/{r.name}")
+        self.listeners[key] = draft
+        return draft
+
+    def add_gateways(self) -> None:
+        for gw_key, r in self.gateways.items():
+            spec: GatewaySpec = r.obj.spec
+            if not spec.servers:
+                raise r.error("$.spec.servers", "a Gateway needs at least one server")
+            if not _labels_match(spec.selector, self.proxy_labels):
+                continue
+            bound = [vs for vs in self.virtual_services if gw_key in vs.gateways]
+            for i, server in enumerate(spec.servers):
+                path = f"$.spec.servers[{i}]"
+                protocol = str(server.port.protocol)
+                if protocol not in LISTENER_PROTOCOLS:
+                    raise r.error(f"{path}.port.protocol", f"protocol {protocol} on a Gateway server is not supported by triomesh yet")
+                if not server.hosts:
+                    raise r.error(f"{path}.hosts", "a Gateway server needs at least one host")
+                scoped = [hosts.split_scoped(h, r.namespace) for h in server.hosts]
+                for j, (_, h) in enumerate(scoped):
+                    if not h:
+                        raise r.error(f"{path}.hosts[{j}]", f"invalid host {server.hosts[j]!r}")
+                address = server.bind or self.bind_address
+                port = server.port.target_port or server.port.number
+                draft = self._claim(r, f"{path}.port.number", address, port, protocol, "OUTBOUND", "Gateway")
+                ctx = MatchContext(gw_key, server.port.number, self.proxy_labels)
+                for vs in bound:
+                    vns = vs.resource.namespace
+                    if not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+                        continue
+                    routes = None
+                    for h in vs.spec.hosts:
+                        for sns, shost in scoped:
+                            if sns not in ("*", vns):
+                                continue
+                            eff = hosts.intersect(shost, h)
+                            if eff is None:
+                                continue
+                            if routes is None:
+                                routes = self._routes(vs, ctx)
+                            domains = hosts.aliases(eff, vns, None)
+                            draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
+
+    def add_sidecars(self) -> None:
+        for r in self.by_kind["Sidecar"]:
+            spec: SidecarSpec = r.obj.spec
+            if spec.workload_selector is not None and not _labels_match(spec.workload_selector.labels, self.proxy_labels):
+                continue
+            for i, eg in enumerate(spec.egress):
+                self._add_egress(r, f"$.spec.egress[{i}]", eg)
+            for i, ing in enumerate(spec.ingress):
+                self._add_ingress(r, f"$.spec.ingress[{i}]", ing)
+
+    def _add_egress(self, r: Resource, path: str, eg) -> None:
+        if not eg.hosts:
+            raise r.error(f"{path}.hosts", "an egress listener needs at least one host (\"namespace/dnsName\")")
+        scopes: list[tuple[str, str]] = []
+        for j, h in enumerate(eg.hosts):
+            ns, sep, dns = h.partition("/")
+            if not sep or not ns or not dns:
+                raise r.error(f"{path}.hosts[{j}]", f"host {h!r} must be \"namespace/dnsName\" (e.g. \"./*\", \"*/reviews.prod.svc.cluster.local\")")
+            scopes.append((r.namespace if ns == "." else ns, dns))
+        if eg.port is None:
+            return  # a port-less egress listener only scopes captured traffic; it opens no listener
+        if eg.port.number == 0:
+            raise r.error(f"{path}.port.number", "Unix domain socket listeners (port 0) are not supported by triomesh yet")
+        if eg.port.protocol is None:
+            raise r.error(f"{path}.port.protocol", "an egress listener port needs a protocol")
+        protocol = str(eg.port.protocol)
+        if protocol not in EGRESS_PROTOCOLS:
+            raise r.error(f"{path}.port.protocol", f"protocol {protocol} on a Sidecar egress listener is not supported by triomesh yet")
+        if eg.bind.startswith("unix://"):
+            raise r.error(f"{path}.bind", "Unix domain socket listeners are not supported by triomesh yet")
+        address = eg.bind or DEFAULT_EGRESS_BIND
+        draft = self._claim(r, f"{path}.port.number", address, eg.port.number, "HTTP", "OUTBOUND", "Sidecar")
+        local_ns = r.namespace
+
+        def visible(owner_ns: str, host: str) -> bool:
+            full = hosts.fqdn(host, owner_ns)
+            for ns, dns in scopes:
+                if ns != "*" and ns != owner_ns:
+                    continue
+                if hosts.matches(dns, host) or hosts.matches(dns, full):
+                    return True
+            return False
+
+        ctx = MatchContext(MESH, None, self.proxy_labels)
+        covered: list[str] = []  # FQDN host patterns of the VirtualServices on this listener
+        for vs in self.virtual_services:
+            vns = vs.resource.namespace
+            if not vs.in_mesh or not hosts.exported_to(vs.spec.export_to, vns, local_ns):
+                continue
+            shown = [h for h in vs.spec.hosts if visible(vns, h)]
+            if not shown:
+                continue
+            routes = self._routes(vs, ctx)
+            for h in shown:
+                full = hosts.fqdn(h, vns)
+                covered.append(full)
+                draft.vhost(full, hosts.aliases(h, vns, local_ns)).add(vs.label, routes)
+        for svc in self.registry.services.values():
+            sns = svc.namespace
+            if not visible(sns, svc.host) or not hosts.exported_to(svc.spec.export_to, sns, local_ns):
+                continue
+            full = hosts.fqdn(svc.host, sns)
+            if any(hosts.matches(c, full) or hosts.matches(c, svc.host) for c in covered):
+                continue
+            self._default_routes(draft, svc, local_ns)
+
+    def _default_routes(self, draft: "_ListenerDraft", svc: Service, local_ns: str) -> None:
+        names = hosts.aliases(svc.host, svc.namespace, local_ns)
+        full = hosts.fqdn(svc.host, svc.namespace)
+        ports = [p.number for p in svc.ports]
+        bare = 80 if 80 in ports else ports[0]  # a request without a port addresses :80
+        for number in ports:
+            cluster = cluster_name(svc.host, number)
+            domains = [f"{n}:{number}" for n in names]
+            if number == bare:
+                domains = names + domains
+            route = Route(
+                name="default",
+                virtual_service="",
+                matches=always(),
+                destinations=(RouteDestination(cluster, 100),),
+                cumulative_weights=(100,),
+            )
+            dump = {"name": "default", "virtual_service": "", "match": [], "destinations": [{"cluster": cluster, "weight": 100}], "timeout_s": None}
+            draft.vhost(f"{full}:{number}", domains).add("", [(route, dump)])
+
+    def _add_ingress(self, r: Resource, path: str, ing) -> None:
+        protocol = str(ing.port.protocol) if ing.port.protocol is not None else ""
+        if protocol not in LISTENER_PROTOCOLS:
+            raise r.error(f"{path}.port.protocol", f"protocol {protocol or '(none)'} on a Sidecar ingress listener is not supported by triomesh yet")
+        if ing.port.number == 0:
+            raise r.error(f"{path}.port.number", "an ingress listener needs a port number")
+        target = _parse_default_endpoint(r, f"{path}.defaultEndpoint", ing.default_endpoint)
+        address = ing.bind or self.bind_address
+        draft = self._claim(r, f"{path}.port.number", address, ing.port.number, protocol, "INBOUND", "Sidecar")
+        cluster = f"inbound|{ing.port.number}||"
+        self.clusters[cluster] = Cluster(
+            name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target),), protocol=protocol
+        )
+        route = Route(
+            name="inbound",
+            virtual_service="",
+            matches=always(),
+            destinations=(RouteDestination(cluster, 100),),
+            cumulative_weights=(100,),
+        )
+        dump = {"name": "inbound", "virtual_service": "", "match": [], "destinations": [{"cluster": cluster, "weight": 100}], "timeout_s": None}
+        draft.vhost(f"inbound|{ing.port.number}", ["*"]).add("", [(route, dump)])
+
+
+def _parse_default_endpoint(r: Resource, path: str, value: str) -> tuple[str, int]:
+    """Istio's defaultEndpoint: 127.0.0.1:PORT, [::1]:PORT, 0.0.0.0:PORT, [::]:PORT (the local app)."""
+    if not value:
+        raise r.error(path, "an ingress listener needs a defaultEndpoint such as 127.0.0.1:8080")
+    if value.startswith("unix://"):
+        raise r.error(path, "Unix domain socket endpoints are not supported by triomesh yet")
+    host, sep, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    local = {"127.0.0.1": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::1": "::1", "::": "::1"}
+    if not sep or host not in local or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise r.error(path, f"{value!r} is not one of 127.0.0.1:PORT, [::1]:PORT, 0.0.0.0:PORT, [::]:PORT")
+    return local[host], int(port_s)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    wildcard = ("0.0.0.0", "::")
+    return a == b or a in wildcard or b in wildcard
+
+
+# --------------------------------------------------------------------------------------------------
+# listener drafts -> Listener
+
+
+@dataclass(slots=True)
+class _VhostDraft:
+    name: str
+    domains: list[str]
+    routes: list[tuple[Route, dict]] = field(default_factory=list)
+    sources: set[str] = field(default_factory=set)
+
+    def add(self, source: str, routes: list[tuple[Route, dict]]) -> None:
+        if source and source in self.sources:
+            return
+        self.sources.add(source)
+        self.routes.extend(routes)
+
+
+@dataclass(slots=True)
+class _ListenerDraft:
+    address: str
+    port: int
+    protocol: str
+    direction: str
+    owner_kind: str
+    owner: str
+    vhosts: dict[str, _VhostDraft] = field(default_factory=dict)
+
+    def vhost(self, name: str, domains: list[str]) -> _VhostDraft:
+        vh = self.vhosts.get(name)
+        if vh is None:
+            vh = self.vhosts[name] = _VhostDraft(name, domains)
+        return vh
+
+    def build(self) -> tuple[Listener, dict]:
+        # first claim wins for each domain; a virtual host keeps only the domains it owns
+        owner: dict[str, str] = {}
+        for vh in self.vhosts.values():
+            for d in vh.domains:
+                owner.setdefault(d.lower(), vh.name)
+        exact: dict[bytes, VirtualHost] = {}
+        suffixes: list[tuple[bytes, VirtualHost]] = []
+        catch_all: VirtualHost | None = None
+        dumps = []
+        for vh in self.vhosts.values():
+            domains = tuple(d.lower() for d in vh.domains if owner.get(d.lower()) == vh.name)
+            if not domains or not vh.routes:
+                continue
+            owner.update({d: "" for d in domains})  # a domain listed twice in one vhost counts once
+            built = VirtualHost(vh.name, domains, tuple(r for r, _ in vh.routes))
+            for d in domains:
+                if d == "*":
+                    catch_all = built
+                elif d.startswith("*."):
+                    suffixes.append((d[1:].encode(), built))
+                else:
+                    exact[d.encode()] = built
+            dumps.append({"name": vh.name, "domains": list(domains), "routes": [d for _, d in vh.routes]})
+        suffixes.sort(key=lambda s: -len(s[0]))
+        name = f"{self.address}_{self.port}"
+        listener = Listener(
+            name=name,
+            address=self.address,
+            port=self.port,
+            protocol=self.protocol,
+            route_table=RouteTable(exact=exact, suffixes=tuple(suffixes), catch_all=catch_all),
+            traffic_direction=self.direction,
+        )
+        dump = {
+            "name": name,
+            "address": self.address,
+            "port": self.port,
+            "protocol": self.protocol,
+            "traffic_direction": self.direction,
+            "owner": self.owner,
+            "virtual_hosts": dumps,
+        }
+        return listener, dump
+
+
+def _cluster_dump(c: Cluster) -> dict:
+    return {
+        "name": c.name,
+        "service_host": c.service_host,
+        "port": c.port,
+        "subset": c.subset,
+        "lb_policy": c.lb_policy,
+        "resolution": c.resolution,
+        "protocol": c.protocol,
+        "connect_timeout_s": c.connect_timeout_s,
+        "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight} for e in c.endpoints],
+    }
+
+
+def compile_resources(
+    resources: Iterable[Resource | IstioObject],
+    *,
+    version: str,
+    bind_address: str = "0.0.0.0",
+    proxy_labels: Mapping[str, str] | None = None,
+) -> Snapshot:
+    """One Snapshot from loaded resources, or a ConfigError naming the resource and field at fault.
+
+    `bind_address` is where Gateway servers and Sidecar ingress listeners listen unless they set
+    `bind`. `proxy_labels` are this proxy's workload labels: when given, only Gateways whose
+    `selector` and Sidecars whose `workloadSelector` match apply, and `sourceLabels` matches
+    are decided against them; None applies every Gateway and Sidecar (and no sourceLabels match).
+    """
+    items = [_as_resource(r) for r in resources]
+    check_duplicates(items)
+    c = _Compiler(items, bind_address, proxy_labels)
+    c.add_gateways()
+    c.add_sidecars()
+    listeners: list[Listener] = []
+    listener_dumps: list[dict] = []
+    for draft in c.listeners.values():
+        listener, dump = draft.build()
+        listeners.append(listener)
+        listener_dumps.append(dump)
+    kinds: dict[str, int] = defaultdict(int)
+    for r in items:
+        kinds[r.kind] += 1
+    dump = {
+        "version": version,
+        "resources": dict(kinds),
+        "listeners": listener_dumps,
+        "clusters": [_cluster_dump(cl) for cl in c.clusters.values()],
+    }
+    return Snapshot(version=version, listeners=tuple(listeners), clusters=dict(c.clusters), dump=dump)
+
+
+__all__ = ["compile_resources", "ConfigError"]

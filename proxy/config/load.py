@@ -1,0 +1,185 @@
+"""Load Istio YAML (one file or a directory of them) into typed resources, or a precise ConfigError."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import msgspec
+import yaml
+
+from proxy.config.errors import ConfigError
+from proxy.config.istio import API_VERSIONS, KINDS, IstioObject, dec_hook, unsupported_settings
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc,valid-type]
+    """SafeLoader that refuses duplicate mapping keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+        except TypeError:
+            continue  # unhashable key: SafeConstructor reports it
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One Istio object plus where it came from, so later errors can point back at it."""
+
+    obj: IstioObject
+    file: str = "<memory>"
+    document: int = -1
+
+    @property
+    def kind(self) -> str:
+        return self.obj.kind
+
+    @property
+    def namespace(self) -> str:
+        return self.obj.metadata.namespace
+
+    @property
+    def name(self) -> str:
+        return self.obj.metadata.name
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.obj.kind, self.obj.metadata.namespace, self.obj.metadata.name)
+
+    def error(self, field_path: str, message: str) -> ConfigError:
+        return ConfigError(
+            message,
+            file=self.file,
+            document=self.document,
+            kind=self.kind,
+            name=f"{self.namespace}/{self.name}",
+            field_path=field_path,
+        )
+
+
+_AT = re.compile(r"^(.*) - at `(\$[^`]*)`$", re.S)
+_UNKNOWN = re.compile(r"^Object contains unknown field `([^`]*)`$")
+_MISSING = re.compile(r"^Object missing required field `([^`]*)`$")
+
+
+def _split_validation_error(err: msgspec.ValidationError) -> tuple[str, str]:
+    """msgspec's "MESSAGE - at `$.path`" -> (path, message), naming the field itself where msgspec
+    names its parent object."""
+    text = str(err)
+    m = _AT.match(text)
+    path, message = (m.group(2), m.group(1)) if m else ("$", text)
+    if (u := _UNKNOWN.match(message)) is not None:
+        return f"{path}.{u.group(1)}", f"unknown field `{u.group(1)}`"
+    if (u := _MISSING.match(message)) is not None:
+        return f"{path}.{u.group(1)}", f"required field `{u.group(1)}` is missing"
+    return path, message
+
+
+def _describe(doc: dict) -> tuple[str, str]:
+    """Best-effort kind and "ns/name" of a raw document, for error messages."""
+    kind = doc.get("kind")
+    kind = kind if isinstance(kind, str) else ""
+    meta = doc.get("metadata")
+    if isinstance(meta, dict) and isinstance(meta.get("name"), str):
+        ns = meta.get("namespace")
+        return kind, f"{ns if isinstance(ns, str) else 'default'}/{meta['name']}"
+    return kind, ""
+
+
+def _convert(doc: Any, source: str, index: int) -> Resource:
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"expected a mapping (an Istio resource), got {type(doc).__name__}", file=source, document=index
+        )
+    kind, name = _describe(doc)
+
+    def fail(path: str, message: str) -> ConfigError:
+        return ConfigError(message, file=source, document=index, kind=kind, name=name, field_path=path)
+
+    if "kind" not in doc:
+        raise fail("$.kind", "required field `kind` is missing")
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise fail("$.kind", f"unknown kind {doc['kind']!r}; triomesh understands {', '.join(KINDS)}")
+    api_version = doc.get("apiVersion")
+    if api_version not in API_VERSIONS:
+        raise fail("$.apiVersion", f"apiVersion {api_version!r} is not one of {', '.join(API_VERSIONS)}")
+    try:
+        obj = msgspec.convert(doc, cls, dec_hook=dec_hook)
+    except msgspec.ValidationError as e:
+        raise fail(*_split_validation_error(e)) from None
+    for path, message in unsupported_settings(obj):
+        raise fail(path, message)
+    return Resource(obj, source, index)
+
+
+def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
+    """Every resource in a (multi-document) YAML text. Empty documents are skipped but counted, so
+    document indexes match positions in the file."""
+    resources: list[Resource] = []
+    index = 0
+    docs = yaml.load_all(data, Loader=_StrictLoader)
+    while True:
+        try:
+            doc = next(docs)
+        except StopIteration:
+            break
+        except yaml.YAMLError as e:
+            raise ConfigError(f"invalid YAML: {e}", file=source, document=index) from None
+        if doc is not None:
+            resources.append(_convert(doc, source, index))
+        index += 1
+    return resources
+
+
+def check_duplicates(resources: Iterable[Resource]) -> None:
+    seen: dict[tuple[str, str, str], Resource] = {}
+    for r in resources:
+        first = seen.setdefault(r.key, r)
+        if first is not r:
+            raise r.error(
+                "$.metadata.name",
+                f"duplicate {r.kind} {r.namespace}/{r.name}: already defined in {first.file} document {first.document}",
+            )
+
+
+def config_files(path: str | Path) -> list[Path]:
+    """The YAML files a config path stands for: the file itself, or a directory's sorted *.yaml/*.yml."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+        if not files:
+            raise ConfigError("directory holds no *.yaml or *.yml files", file=str(p))
+        return files
+    if not p.exists():
+        raise ConfigError("no such file or directory", file=str(p))
+    return [p]
+
+
+def load_path(path: str | Path) -> list[Resource]:
+    resources: list[Resource] = []
+    for f in config_files(path):
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from None
+        resources.extend(load_bytes(data, str(f)))
+    check_duplicates(resources)
+    return resources
