@@ -1,0 +1,1 @@
+"""Sidecar traffic capture: iptables nat rules (rules.py, iptables.py) and a netns test lab (lab.py)."""
