@@ -31,6 +31,8 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         where = self.file
+        if self.document < 0 and self.field_path == "$":
+            return f"{where}: {self.message}"  # a problem with the file itself
         if self.document >= 0:
             what = " ".join(p for p in (self.kind, self.name) if p)
             where += f": document {self.document}"

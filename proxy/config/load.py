@@ -92,6 +92,31 @@ def _split_validation_error(err: msgspec.ValidationError) -> tuple[str, str]:
     return path, message
 
 
+_PATH_TOKEN = re.compile(r"\.([^.\[]+)|\[([^\]]*)\]")
+
+
+def _literal_values(cls: type, path: str) -> tuple | None:
+    """The allowed values of the Literal-typed field at `path` of `cls`, if that is what it is."""
+    t: Any = msgspec.inspect.type_info(cls)
+    for m in _PATH_TOKEN.finditer(path[1:]):
+        while isinstance(t, msgspec.inspect.UnionType):
+            rest = [x for x in t.types if not isinstance(x, msgspec.inspect.NoneType)]
+            if len(rest) != 1:
+                return None
+            t = rest[0]
+        if m.group(1) is not None and isinstance(t, msgspec.inspect.StructType):
+            t = next((f.type for f in t.fields if f.encode_name == m.group(1)), None)
+        elif m.group(2) is not None and isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.VarTupleType)):
+            t = t.item_type
+        elif isinstance(t, msgspec.inspect.DictType):
+            t = t.value_type
+        else:
+            return None
+    while isinstance(t, msgspec.inspect.UnionType):
+        t = next((x for x in t.types if isinstance(x, msgspec.inspect.LiteralType)), None)
+    return t.values if isinstance(t, msgspec.inspect.LiteralType) else None
+
+
 def _describe(doc: dict) -> tuple[str, str]:
     """Best-effort kind and "ns/name" of a raw document, for error messages."""
     kind = doc.get("kind")
@@ -124,10 +149,23 @@ def _convert(doc: Any, source: str, index: int) -> Resource:
     try:
         obj = msgspec.convert(doc, cls, dec_hook=dec_hook)
     except msgspec.ValidationError as e:
-        raise fail(*_split_validation_error(e)) from None
+        path, message = _split_validation_error(e)
+        if message.startswith("Invalid enum value"):
+            allowed = _literal_values(cls, path)
+            if allowed:
+                message += f"; expected one of {', '.join(allowed)}"
+        raise fail(path, message) from None
     for path, message in unsupported_settings(obj):
         raise fail(path, message)
     return Resource(obj, source, index)
+
+
+def _yaml_message(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e)
+    context = getattr(e, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"invalid YAML{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
@@ -142,7 +180,7 @@ def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
         except StopIteration:
             break
         except yaml.YAMLError as e:
-            raise ConfigError(f"invalid YAML: {e}", file=source, document=index) from None
+            raise ConfigError(_yaml_message(e), file=source, document=index) from None
         if doc is not None:
             resources.append(_convert(doc, source, index))
         index += 1
