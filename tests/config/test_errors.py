@@ -217,11 +217,13 @@ def test_duplicate_host_across_service_entries():
 
 
 def test_yaml_syntax_and_duplicate_keys():
+    first = dump(workload("w", "a", 1)).encode()
     with pytest.raises(ConfigError) as info:
-        load_bytes(dump(workload("w", "a", 1)).encode() + b"---\nkind: Gateway\nkind: Sidecar\n", "dup.yaml")
+        load_bytes(first + b"---\nkind: Gateway\nkind: Sidecar\n", "dup.yaml")
     e = info.value
     assert (e.file, e.document) == ("dup.yaml", 1)
-    assert "duplicate key 'kind'" in e.message and "line 5" in e.message
+    line = first.count(b"\n") + 3  # the second `kind:` of the second document
+    assert f"invalid YAML at line {line}, column 1: found duplicate key 'kind'" in e.message
 
 
 def test_static_endpoints_need_ip_addresses():
