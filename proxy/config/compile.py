@@ -35,7 +35,7 @@ from proxy.config.istio import (
 )
 from proxy.config.load import Resource, check_duplicates
 from proxy.config.matchers import MatchContext, always, compile_matches
-from proxy.config.registry import Registry, Service, build_clusters, build_registry
+from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry
 from proxy.config.snapshot import (
     Cluster,
     Endpoint,
@@ -378,7 +378,7 @@ class _Compiler:
         draft = self._claim(r, f"{path}.port.number", address, ing.port.number, protocol, "INBOUND", "Sidecar")
         cluster = f"inbound|{ing.port.number}||"
         self.clusters[cluster] = Cluster(
-            name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target),), protocol=protocol
+            name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target, labels=FrozenLabels()),), protocol=protocol
         )
         route = Route(
             name="inbound",

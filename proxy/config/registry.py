@@ -16,13 +16,27 @@ from proxy.config.snapshot import Cluster, Endpoint, cluster_name
 DEFAULT_LB_POLICY = "ROUND_ROBIN"
 
 
+class FrozenLabels(dict):
+    """Read-only, hashable labels, so an Endpoint (a frozen dataclass) can key a dict or set."""
+
+    __slots__ = ()
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def _readonly(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("endpoint labels are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """A workload behind a service, before its port is chosen."""
 
     address: str
     ports: dict[str, int]
-    labels: dict[str, str]
+    labels: FrozenLabels
     weight: int
 
 
@@ -141,7 +155,7 @@ def _check_service_entry(r: Resource, spec: ServiceEntrySpec) -> None:
 
 
 def _instance(ep: WorkloadEntrySpec) -> Instance:
-    return Instance(ep.address, dict(ep.ports), dict(ep.labels), ep.weight or 1)
+    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1)
 
 
 def build_registry(
@@ -163,7 +177,7 @@ def build_registry(
         for i, h in enumerate(spec.hosts):
             svc_instances = instances
             if not instances and spec.resolution in ("DNS", "DNS_ROUND_ROBIN"):
-                svc_instances = [Instance(h, {}, {}, 1)]  # no endpoints: the host name itself is resolved
+                svc_instances = [Instance(h, {}, FrozenLabels(), 1)]  # no endpoints: the host name itself is resolved
             reg._add(Service(h, r.namespace, r, f"$.spec.hosts[{i}]", spec, list(svc_instances)))
     for w in workloads:
         we = w.obj.spec

@@ -263,3 +263,12 @@ def test_dump_is_json_and_names_everything():
 def test_compile_is_pure_and_repeatable():
     docs = (service("a"), workload("w", "a", 9000), _gateway(), _vs("a", ["*"], "a", ["edge"]))
     assert json.dumps(compile_docs(*docs).dump) == json.dumps(compile_docs(*docs).dump)
+
+
+def test_endpoints_are_hashable_and_read_only():
+    snap = compile_docs(service("a"), workload("w1", "a", 9001), workload("w2", "a", 9002))
+    eps = snap.clusters["outbound|8080||a"].endpoints
+    in_flight = {e: 0 for e in eps}  # the data plane may key state by endpoint
+    assert len(in_flight) == 2
+    with pytest.raises(TypeError):
+        eps[0].labels["version"] = "v9"  # type: ignore[index]
