@@ -35,7 +35,7 @@ from proxy.config.istio import (
 )
 from proxy.config.load import Resource, check_duplicates
 from proxy.config.matchers import MatchContext, always, compile_matches
-from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry
+from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
 from proxy.config.snapshot import (
     Cluster,
     Endpoint,
@@ -118,6 +118,8 @@ class _Compiler:
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         self.virtual_services = [self._check_vs(r) for r in self.by_kind["VirtualService"]]
         self.listeners: dict[tuple[str, int], _ListenerDraft] = {}
+        self.outbound_policy = "ALLOW_ANY"  # Istio's mesh default
+        self.outbound_policy_from: Resource | None = None
 
     # ---- references
 
@@ -161,6 +163,8 @@ class _Compiler:
                 raise r.error(f"$.spec.hosts[{i}]", f"invalid host {h!r}")
             if h == "*" and MESH in gateways:
                 raise r.error(f"$.spec.hosts[{i}]", "wildcard host '*' is not allowed for VirtualServices bound to the mesh")
+        if not spec.http:
+            raise r.error("$.spec.http", "a VirtualService needs at least one http route")
         routes: list[_CheckedRoute] = []
         for i, http in enumerate(spec.http):
             path = f"$.spec.http[{i}]"
@@ -286,6 +290,9 @@ class _Compiler:
             spec: SidecarSpec = r.obj.spec
             if spec.workload_selector is not None and not _labels_match(spec.workload_selector.labels, self.proxy_labels):
                 continue
+            if spec.outbound_traffic_policy is not None and self.outbound_policy_from is None:
+                self.outbound_policy = spec.outbound_traffic_policy.mode
+                self.outbound_policy_from = r
             for i, eg in enumerate(spec.egress):
                 self._add_egress(r, f"$.spec.egress[{i}]", eg)
             for i, ing in enumerate(spec.ingress):
@@ -532,13 +539,23 @@ def compile_resources(
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
+    addresses = service_addresses(c.registry)
     dump = {
         "version": version,
         "resources": dict(kinds),
         "listeners": listener_dumps,
         "clusters": [_cluster_dump(cl) for cl in c.clusters.values()],
+        "service_addresses": [{"address": ip, "port": port, "host": h} for (ip, port), h in addresses.items()],
+        "outbound_traffic_policy": c.outbound_policy,
     }
-    return Snapshot(version=version, listeners=tuple(listeners), clusters=dict(c.clusters), dump=dump)
+    return Snapshot(
+        version=version,
+        listeners=tuple(listeners),
+        clusters=dict(c.clusters),
+        dump=dump,
+        service_addresses=addresses,
+        outbound_traffic_policy=c.outbound_policy,
+    )
 
 
 __all__ = ["compile_resources", "ConfigError"]

@@ -420,7 +420,6 @@ class OutboundTrafficPolicy(IstioStruct, frozen=True):
     egress_proxy: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = ("egress_proxy",)
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"ALLOW_ANY"})}
 
 
 class SidecarSpec(IstioStruct, frozen=True):

@@ -227,6 +227,22 @@ def _resolution(spec: ServiceEntrySpec) -> str:
     return spec.resolution
 
 
+def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
+    """(VIP, port) -> host for ServiceEntry `addresses` (single IPs; CIDR blocks are not keys), and
+    ("*", port) -> host for services without addresses, the first such service per port winning."""
+    table: dict[tuple[str, int], str] = {}
+    for svc in reg.services.values():
+        ips = []
+        for a in svc.spec.addresses:
+            net = ipaddress.ip_network(a, strict=False)
+            if net.num_addresses == 1:
+                ips.append(str(net.network_address))
+        for port in svc.ports:
+            for ip in ips or ["*"]:
+                table.setdefault((ip, port.number), svc.host)
+    return table
+
+
 def build_clusters(reg: Registry) -> dict[str, Cluster]:
     clusters: dict[str, Cluster] = {}
     for svc in reg.services.values():

@@ -129,6 +129,11 @@ class Snapshot:
     clusters: Mapping[str, Cluster]
     # JSON-able view of the active config and compiled state, served by /config_dump
     dump: Mapping[str, Any] = field(default_factory=dict)
+    # captured (transparent) outbound traffic: (ip, port) of a service address -> service host (its
+    # clusters are `outbound|port||host`); ip "*" for services without `addresses` (first one per port)
+    service_addresses: Mapping[tuple[str, int], str] = field(default_factory=dict)
+    # Sidecar outboundTrafficPolicy.mode for traffic to unknown destinations (Istio's default ALLOW_ANY)
+    outbound_traffic_policy: str = "ALLOW_ANY"
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

@@ -272,3 +272,13 @@ def test_endpoints_are_hashable_and_read_only():
     assert len(in_flight) == 2
     with pytest.raises(TypeError):
         eps[0].labels["version"] = "v9"  # type: ignore[index]
+
+
+def test_service_addresses_and_outbound_policy_for_captured_traffic():
+    vip = service("db.example", addresses=["10.9.0.1", "10.8.0.0/16"], ports=[{"number": 5432, "name": "tcp", "protocol": "TCP"}])
+    novip = service("cache.example", ports=[{"number": 6379, "name": "tcp", "protocol": "TCP"}])
+    snap = compile_docs(vip, novip)
+    assert dict(snap.service_addresses) == {("10.9.0.1", 5432): "db.example", ("*", 6379): "cache.example"}
+    assert snap.outbound_traffic_policy == "ALLOW_ANY"  # Istio's default
+    sc = doc("Sidecar", "default", {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}})
+    assert compile_docs(vip, sc).outbound_traffic_policy == "REGISTRY_ONLY"

@@ -141,9 +141,9 @@ def test_unsupported_istio_fields_say_so():
     assert e.message == "`fault` is an Istio HTTPRoute field triomesh does not support yet"
     gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
     assert _load_error(gw).field_path == "$.spec.servers[0].tls"
-    sc = doc("Sidecar", "s", {"outboundTrafficPolicy": {"mode": "ALLOW_ANY"}})
-    e = _load_error(sc)
-    assert (e.field_path, e.message) == ("$.spec.outboundTrafficPolicy.mode", "mode ALLOW_ANY is not supported by triomesh yet")
+    lb = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"loadBalancer": {"simple": "PASSTHROUGH"}}})
+    e = _load_error(lb)
+    assert (e.field_path, e.message) == ("$.spec.trafficPolicy.loadBalancer.simple", "simple PASSTHROUGH is not supported by triomesh yet")
 
 
 def test_dangling_subset():
@@ -261,3 +261,12 @@ def test_status_written_by_kubernetes_is_tolerated():
     d["status"] = {"conditions": []}
     (r,) = load_bytes(dump(d))
     assert r.obj.spec.ports == {"http": 9080}
+
+
+def test_virtual_service_needs_http_routes_with_destinations():
+    e = _compile_error(service("a"), doc("VirtualService", "a", {"hosts": ["a"]}))
+    assert (e.field_path, e.message) == ("$.spec.http", "a VirtualService needs at least one http route")
+    e = _compile_error(service("a"), doc("VirtualService", "a", {"hosts": ["a"], "http": [{"name": "empty"}]}))
+    assert e.field_path == "$.spec.http[0].route"
+    e = _compile_error(service("a"), doc("VirtualService", "a", {"http": [{"route": [{"destination": {"host": "a"}}]}]}))
+    assert e.field_path == "$.spec.hosts"
