@@ -16,6 +16,7 @@ class RequestContext:
         "snapshot",
         "listener",
         "downstream_addr",  # "ip:port" of the client
+        "downstream_ip",  # bytes, the client's IP, for x-forwarded-for
         "request",  # RequestHead as received (stages may rewrite it before upstream)
         "request_id",  # bytes, x-request-id after generation
         "start_monotonic",  # trio.current_time()/time.monotonic() at head arrival
@@ -45,6 +46,7 @@ class RequestContext:
         self.snapshot = snapshot
         self.listener = listener
         self.downstream_addr = downstream_addr
+        self.downstream_ip = downstream_addr.rpartition(":")[0].strip("[]").encode()
         self.request = request
         self.request_id = b""
         self.start_monotonic = start_monotonic

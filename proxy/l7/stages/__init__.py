@@ -1,1 +1,1 @@
-"""Request/response stages: each one continues or answers."""
+"""Request/response stages of the L7 chain (see proxy/l7/chain.py)."""

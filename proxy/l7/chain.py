@@ -1,0 +1,55 @@
+"""The explicit list of stages a request passes through, built once per snapshot.
+
+A stage's `on_request(ctx)` is synchronous and either continues (returns None), answers locally
+(raises a ProxyError, or returns a LocalResponse), or asks the chain to wait (returns a Delay; the
+fault stage of a later issue uses that). Response stages run in reverse order on the response head
+before it goes downstream. The terminal step, the upstream exchange, is not a stage: it lives in
+`upstream.py` and is called by the server after the request stages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from proxy.l7.context import RequestContext
+    from proxy.l7.events import ResponseHead
+
+
+class LocalResponse:
+    """A stage's own answer (directResponse, fault abort, ...)."""
+
+    __slots__ = ("status", "body", "headers", "response_flag")
+
+    def __init__(self, status: int, body: bytes = b"", headers: list | None = None, response_flag: str = "") -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+        self.response_flag = response_flag
+
+
+class Delay:
+    __slots__ = ("seconds", "response_flag")
+
+    def __init__(self, seconds: float, response_flag: str = "DI") -> None:
+        self.seconds = seconds
+        self.response_flag = response_flag
+
+
+class Stage(Protocol):
+    def on_request(self, ctx: RequestContext) -> LocalResponse | Delay | None: ...
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None: ...
+
+
+class Chain:
+    __slots__ = ("request_stages", "response_stages")
+
+    def __init__(self, stages: tuple[Stage, ...]) -> None:
+        self.request_stages = stages
+        # only stages that override on_response take part on the way back, in reverse order
+        self.response_stages = tuple(s for s in reversed(stages) if getattr(s, "has_response_step", False))
+
+    def run_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        for stage in self.response_stages:
+            stage.on_response(ctx, head)

@@ -1,0 +1,149 @@
+"""One TCP connection's receive buffer and non-blocking send/recv, tried first and awaited only on EAGAIN.
+
+Theory of operation
+-------------------
+Every await on a Trio socket method is a trip through the scheduler even when the kernel had the
+data ready (PERFORMANCE.md: ~4 µs each). So the plain stdlib socket is kept non-blocking, the
+syscall is tried first, and only EAGAIN parks the task in `wait_readable`/`wait_writable`.
+Deadlines are applied only on that slow path, so a request whose bytes are already there costs no
+cancel scope. Callers checkpoint once per request (server.py) so a busy connection cannot starve
+the others.
+
+The receive buffer is an immutable `bytes` plus a read position: parsing and body forwarding work
+on offsets into it (memoryviews, never copies), and a refill replaces it (joining only a leftover
+tail, which is small or empty in the common case).
+
+OS errors are returned as Python's own ConnectionError subclasses; the drivers translate them into
+proxy errors where they know which side failed.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+
+import trio
+from trio.lowlevel import notify_closing, wait_readable, wait_writable
+
+RECV_BYTES = 64 * 1024
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ReadTimeout(Exception):
+    """No byte arrived before the deadline."""
+
+
+class Conn:
+    __slots__ = ("sock", "buf", "pos", "closed")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.buf = b""
+        self.pos = 0
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) - self.pos
+
+    async def fill(self, deadline: float = math.inf) -> int:
+        """Read more bytes onto the buffer; returns how many (0 at EOF). Raises ReadTimeout or
+        ConnectionError (reset)."""
+        sock = self.sock
+        while True:
+            try:
+                data = sock.recv(RECV_BYTES)
+                break
+            except BlockingIOError:
+                pass
+            if deadline == math.inf:
+                await wait_readable(sock)
+            else:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    await wait_readable(sock)
+                if scope.cancelled_caught:
+                    raise ReadTimeout()
+        if not data:
+            return 0
+        if self.pos < len(self.buf):
+            self.buf = self.buf[self.pos:] + data
+        else:
+            self.buf = data
+        self.pos = 0
+        return len(data)
+
+    def consume(self, n: int) -> memoryview:
+        """Take the next n buffered bytes (n <= buffered) as a view."""
+        start = self.pos
+        self.pos = start + n
+        return memoryview(self.buf)[start:start + n]
+
+    def take_buffered(self) -> memoryview:
+        return self.consume(len(self.buf) - self.pos)
+
+    def peek_closed(self) -> bool:
+        """For an idle pooled connection: has the peer closed or reset it, or sent stray bytes?"""
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True  # EOF, or unsolicited bytes on an idle HTTP/1.1 connection: unusable either way
+
+    async def send_all(self, data: bytes | memoryview) -> None:
+        sock = self.sock
+        while True:
+            try:
+                n = sock.send(data)
+            except BlockingIOError:
+                await wait_writable(sock)
+                continue
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+
+    async def send_many(self, parts: list) -> None:
+        """Scatter/gather send of several buffers in as few syscalls as the kernel allows."""
+        sock = self.sock
+        while parts:
+            try:
+                n = sock.sendmsg(parts)
+            except BlockingIOError:
+                await wait_writable(sock)
+                continue
+            # drop fully sent parts, trim a partially sent one
+            while n:
+                first = parts[0]
+                size = len(first)
+                if n >= size:
+                    n -= size
+                    parts = parts[1:]
+                else:
+                    parts = [memoryview(first)[n:], *parts[1:]]
+                    n = 0
+            while parts and not len(parts[0]):
+                parts = parts[1:]
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            notify_closing(self.sock)
+            self.sock.close()
+
+    def reset(self) -> None:
+        """Close with RST (SO_LINGER 0): the peer sees a reset, never a clean end of a truncated message."""
+        if not self.closed:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+            self.close()

@@ -1,0 +1,275 @@
+"""HTTP/1.1 message rules, sans-IO: body framing, chunked decoding, hop-by-hop headers, serialization.
+
+Theory of operation
+-------------------
+Heads are parsed by `headparser` (native C or its pure twin). This module decides what follows a
+head (RFC 9112 §6.3 "Message Body Length") and turns bytes in a buffer into body pieces, and events
+back into bytes. It never touches a socket: the Trio drivers (`server.py`, `upstream.py`) own the
+buffers and call in here with `(buf, pos)` and get back new positions, so a body can be streamed
+from the receive buffer to the other side without copying it into intermediate objects.
+
+Framing is decided once per message and is a small tuple-like object: `Framing(kind, length)` with
+kind one of NONE (no body), LENGTH (Content-Length), CHUNKED, CLOSE (read until EOF; responses only).
+
+Smuggling defence (RFC 9112 §6.1, §6.3): a request with both Transfer-Encoding and Content-Length,
+with differing Content-Length values, with a non-numeric Content-Length, or with a transfer coding
+other than a final `chunked` is refused and the connection closed. Bodies are always re-framed on
+the way out (chunked is decoded and re-encoded), so what the upstream sees is unambiguous.
+"""
+
+from __future__ import annotations
+
+from proxy.l7.errors import BadRequest, UnsupportedTransferCoding, UpstreamProtocolError
+from proxy.l7.events import Headers
+from proxy.l7.headparser import HeadParseError, parse_chunk_header
+
+NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
+
+MAX_TRAILER_BYTES = 64 * 1024
+
+# RFC 9110 §7.6.1 plus the de-facto ones Envoy strips. Anything named in Connection goes too.
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+     b"upgrade", b"content-length"}
+)
+
+
+class Framing:
+    __slots__ = ("kind", "length")
+
+    def __init__(self, kind: int, length: int = 0) -> None:
+        self.kind = kind
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"Framing({('NONE', 'LENGTH', 'CHUNKED', 'CLOSE')[self.kind]}, {self.length})"
+
+
+FRAMING_NONE = Framing(NONE)
+FRAMING_CHUNKED = Framing(CHUNKED)
+FRAMING_CLOSE = Framing(CLOSE)
+
+
+def _content_length(values: list[bytes]) -> int:
+    """All Content-Length values (repeated headers and comma lists) must be the same 1*DIGIT."""
+    seen = -1
+    for raw in values:
+        for part in raw.split(b","):
+            part = part.strip()
+            if not part.isdigit() or len(part) > 18:
+                raise ValueError(f"invalid content-length {raw[:40]!r}")
+            n = int(part)
+            if seen != -1 and n != seen:
+                raise ValueError("conflicting content-length values")
+            seen = n
+    return seen
+
+
+def _scan_framing_headers(headers: Headers) -> tuple[list[bytes], list[bytes]]:
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    for name, value in headers:
+        if name == b"content-length":
+            cl.append(value)
+        elif name == b"transfer-encoding":
+            te.append(value)
+    return te, cl
+
+
+def request_framing(headers: Headers, minor_version: int) -> Framing:
+    """RFC 9112 §6.3 for requests; raises BadRequest (400/501) for anything ambiguous."""
+    te, cl = _scan_framing_headers(headers)
+    if te:
+        if cl:
+            raise BadRequest("both transfer-encoding and content-length")
+        if minor_version == 0:
+            raise BadRequest("transfer-encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        if codings[-1] != b"chunked" or codings.count(b"chunked") != 1:
+            if b"chunked" in codings:
+                raise BadRequest("chunked must be the final and only-once transfer coding")
+            raise UnsupportedTransferCoding(f"unsupported transfer-encoding {b', '.join(codings)[:60]!r}")
+        if len(codings) != 1:
+            raise UnsupportedTransferCoding(f"unsupported transfer-encoding {b', '.join(codings)[:60]!r}")
+        return FRAMING_CHUNKED
+    if cl:
+        try:
+            n = _content_length(cl)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        return Framing(LENGTH, n) if n else FRAMING_NONE
+    return FRAMING_NONE
+
+
+def response_framing(request_method: bytes, status: int, headers: Headers) -> Framing:
+    """RFC 9112 §6.3 for responses to `request_method`."""
+    if request_method == b"HEAD" or status < 200 or status in (204, 304):
+        return FRAMING_NONE
+    te, cl = _scan_framing_headers(headers)
+    if te:
+        codings = [c.strip().lower() for v in te for c in v.split(b",")]
+        return FRAMING_CHUNKED if codings[-1] == b"chunked" else FRAMING_CLOSE
+    if cl:
+        try:
+            n = _content_length(cl)
+        except ValueError as e:
+            raise UpstreamProtocolError(str(e)) from None
+        return Framing(LENGTH, n) if n else FRAMING_NONE
+    return FRAMING_CLOSE
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            for t in value.split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+    return tokens
+
+
+def wants_keep_alive(minor_version: int, tokens: set[bytes]) -> bool:
+    """RFC 9112 §9.3: 1.1 persists unless `close`; 1.0 only with `keep-alive`."""
+    if b"close" in tokens:
+        return False
+    return minor_version >= 1 or b"keep-alive" in tokens
+
+
+def strip_hop_by_hop(headers: Headers, tokens: set[bytes], *, keep_upgrade: bool = False) -> Headers:
+    """Headers to forward: without hop-by-hop fields and without those named in Connection.
+    `te: trailers` is the one TE value allowed through (RFC 9110 §10.1.4). With `keep_upgrade`,
+    Upgrade and `connection: upgrade` are kept for a WebSocket handshake."""
+    out: Headers = []
+    for name, value in headers:
+        if name in HOP_BY_HOP or name in tokens:
+            if keep_upgrade and name == b"upgrade":
+                out.append((name, value))
+            elif name == b"te" and value.strip().lower() == b"trailers":
+                out.append((name, value))
+            continue
+        out.append((name, value))
+    if keep_upgrade:
+        out.append((b"connection", b"upgrade"))
+    return out
+
+
+def is_upgrade_request(headers: Headers, tokens: set[bytes]) -> bool:
+    if b"upgrade" not in tokens:
+        return False
+    for name, _ in headers:
+        if name == b"upgrade":
+            return True
+    return False
+
+
+def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing) -> bytes:
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if framing.kind == LENGTH:
+        parts.append(b"content-length: %d\r\n\r\n" % framing.length)
+    elif framing.kind == CHUNKED:
+        parts.append(b"transfer-encoding: chunked\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def serialize_response_head(status: int, reason: bytes, headers: Headers, framing: Framing,
+                            *, close: bool, content_length_header: bytes | None = None) -> bytes:
+    """`content_length_header`: for HEAD/304 replies, the upstream's Content-Length passed on as is."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if framing.kind == LENGTH:
+        parts.append(b"content-length: %d\r\n" % framing.length)
+    elif framing.kind == CHUNKED:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    elif content_length_header is not None:
+        parts.append(b"content-length: %s\r\n" % content_length_header)
+    elif framing.kind == NONE and status >= 200 and status not in (204, 304):
+        parts.append(b"content-length: 0\r\n")
+    if close:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk_header(size: int) -> bytes:
+    return b"%x\r\n" % size
+
+
+CHUNK_END = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+class ChunkedDecoder:
+    """Turns a chunked body in a buffer into data pieces (RFC 9112 §7.1). Trailers are read,
+    bounded and dropped, as Envoy does by default for HTTP/1.
+
+    `decode(buf, pos, end)` consumes what it can of buf[pos:end] and returns
+    `(pieces, new_pos)`; pieces are memoryviews into buf. `done` is set after the last chunk and
+    its trailer section. `error_type` is the exception raised for malformed input (BadRequest
+    downstream, UpstreamProtocolError upstream)."""
+
+    __slots__ = ("remaining", "state", "done", "error_type", "trailer_bytes")
+
+    _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+
+    def __init__(self, error_type: type[Exception] = BadRequest) -> None:
+        self.remaining = 0
+        self.state = self._SIZE
+        self.done = False
+        self.error_type = error_type
+        self.trailer_bytes = 0
+
+    def decode(self, buf: bytes, pos: int, end: int) -> tuple[list[memoryview], int]:
+        pieces: list[memoryview] = []
+        while pos < end and not self.done:
+            state = self.state
+            if state == self._DATA:
+                take = min(self.remaining, end - pos)
+                pieces.append(memoryview(buf)[pos:pos + take])
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self.state = self._DATA_CRLF
+            elif state == self._SIZE:
+                try:
+                    parsed = parse_chunk_header(buf, pos)
+                except HeadParseError as e:
+                    raise self.error_type(f"invalid chunk size line: {e}") from None
+                if parsed is None:
+                    if end - pos > 4096:
+                        raise self.error_type("chunk size line too long")
+                    break
+                pos, size = parsed
+                if size == 0:
+                    self.state = self._TRAILER
+                else:
+                    self.remaining = size
+                    self.state = self._DATA
+            elif state == self._DATA_CRLF:
+                if end - pos < 2:
+                    break
+                if buf[pos:pos + 2] != b"\r\n":
+                    raise self.error_type("chunk data not followed by CRLF")
+                pos += 2
+                self.state = self._SIZE
+            else:  # trailer section: field lines until an empty line
+                eol = buf.find(b"\r\n", pos, end)
+                if eol == -1:
+                    if self.trailer_bytes + (end - pos) > MAX_TRAILER_BYTES:
+                        raise self.error_type("trailer section too large")
+                    break
+                line_len = eol - pos
+                self.trailer_bytes += line_len + 2
+                if self.trailer_bytes > MAX_TRAILER_BYTES:
+                    raise self.error_type("trailer section too large")
+                if line_len == 0:
+                    self.done = True
+                elif b":" not in buf[pos:eol] or b"\r" in buf[pos:eol] or b"\0" in buf[pos:eol]:
+                    raise self.error_type("malformed trailer field")
+                pos = eol + 2
+        return pieces, pos

@@ -1,0 +1,317 @@
+"""The downstream side: accept HTTP/1.1 connections, read request heads, run the chain, reply.
+
+Theory of operation
+-------------------
+One Trio task per downstream connection runs requests strictly one after another (pipelined
+requests wait in the receive buffer, so responses go out in order). For each request:
+
+1. read and parse the head (header-read timeout from its first byte, idle timeout before it);
+2. take the current snapshot once and keep it in a RequestContext until the request ends;
+3. request stages (route, forwarding headers, ...) then the upstream exchange (upstream.py);
+4. any ProxyError becomes a local reply if no response head went out yet, else a reset;
+5. access log and stats in `finally`; the connection continues only when both sides allow it
+   and the request body was fully read.
+
+The task checkpoints once per request, so a client pipelining many requests cannot monopolise
+the worker, and never otherwise awaits unless a socket says EAGAIN.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+
+import structlog
+import trio
+from trio.lowlevel import checkpoint, notify_closing, wait_readable
+
+from proxy.l7 import h1
+from proxy.l7.body import BodyReader
+from proxy.l7.chain import Chain, Delay, LocalResponse
+from proxy.l7.connio import Conn, ReadTimeout
+from proxy.l7.context import RequestContext
+from proxy.l7.dataplane import DataPlane
+from proxy.l7.errors import (
+    BadRequest,
+    DownstreamDisconnect,
+    DownstreamTimeout,
+    HeadTooLarge,
+    ProxyError,
+)
+from proxy.l7.events import RequestHead
+from proxy.l7.headparser import HeadParseError, parse_request_head
+from proxy.l7.local_reply import local_reply_bytes
+from proxy.l7.upstream import Exchange
+
+log = structlog.get_logger("triomesh.l7")
+
+_ACCEPT_BATCH = 64
+
+
+class DownstreamRequest:
+    """What the exchange needs to know about the downstream side of one request."""
+
+    __slots__ = ("body", "upstream_framing", "keep_alive", "minor_version", "expect_continue", "is_upgrade",
+                 "chain")
+
+    def __init__(self, body: BodyReader, upstream_framing: h1.Framing, keep_alive: bool, minor_version: int,
+                 expect_continue: bool, is_upgrade: bool, chain: Chain) -> None:
+        self.body = body
+        self.upstream_framing = upstream_framing
+        self.keep_alive = keep_alive
+        self.minor_version = minor_version
+        self.expect_continue = expect_continue
+        self.is_upgrade = is_upgrade
+        self.chain = chain
+
+
+def _to_stdlib_socket(sock) -> socket.socket:
+    if isinstance(sock, socket.socket):
+        return sock
+    return socket.socket(fileno=sock.detach())  # a trio socket: take over its fd
+
+
+async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connection_nursery=None,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Accept connections on a bound, listening socket until cancelled. Connections run in
+    `connection_nursery` when given (so they can outlive a listener that a reload removes)."""
+    lsock = _to_stdlib_socket(sock)
+    lsock.setblocking(False)
+    try:
+        async with trio.open_nursery() as own:
+            nursery = connection_nursery or own
+            task_status.started()
+            while True:
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        csock, addr = lsock.accept()
+                    except BlockingIOError:
+                        await wait_readable(lsock)
+                        break
+                    except OSError as e:  # EMFILE and friends: back off instead of spinning
+                        log.warning("accept failed", listener=listener_name, error=str(e))
+                        await trio.sleep(0.1)
+                        break
+                    nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
+                else:
+                    await checkpoint()
+    finally:
+        notify_closing(lsock)
+        lsock.close()
+
+
+def _format_addr(addr) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host = addr[0]
+        return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+    return str(addr)
+
+
+def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
+    """`http://authority/path?q` → (authority, "/path?q") (RFC 9112 §3.2.2)."""
+    lower = target[:8].lower()
+    if lower.startswith(b"http://"):
+        rest = target[7:]
+    elif lower.startswith(b"https://"):
+        rest = target[8:]
+    else:
+        return None
+    slash = rest.find(b"/")
+    query = rest.find(b"?")
+    cut = min(i for i in (slash, query, len(rest)) if i != -1)
+    authority, path = rest[:cut], rest[cut:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    return authority, path
+
+
+class DownstreamConnection:
+    __slots__ = ("plane", "listener_name", "conn", "client")
+
+    def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr) -> None:
+        self.plane = plane
+        self.listener_name = listener_name
+        self.conn = Conn(sock)
+        self.client = _format_addr(addr)
+
+    async def run(self) -> None:
+        plane = self.plane
+        plane.downstream_cx_total.value += 1
+        plane.downstream_cx_active.value += 1
+        conn = self.conn
+        try:
+            try:
+                conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            while await self.one_request():
+                await checkpoint()
+        except (OSError, ReadTimeout):
+            pass  # the client went away or went quiet; nothing to answer
+        except Exception:  # a bug must cost one connection, never the listener
+            log.exception("unexpected error on a downstream connection", client=self.client)
+            conn.reset()
+        finally:
+            plane.downstream_cx_active.value -= 1
+            conn.close()
+
+    async def _read_head(self):
+        """The parsed head, or None when the connection should just close (EOF, timeout)."""
+        conn, settings = self.conn, self.plane.settings
+        max_bytes, max_headers = settings.max_head_bytes, settings.max_headers
+        deadline = math.inf
+        while True:
+            if conn.buffered:
+                parsed = parse_request_head(conn.buf, conn.pos, max_headers)  # raises HeadParseError
+                if parsed is not None:
+                    if parsed[0] - conn.pos > max_bytes:
+                        raise HeadTooLarge(f"request head of {parsed[0] - conn.pos} bytes")
+                    return parsed
+                if conn.buffered > max_bytes:
+                    raise HeadTooLarge(f"no end of head within {max_bytes} bytes")
+                if deadline == math.inf or deadline == -1:
+                    deadline = trio.current_time() + settings.request_headers_timeout_s
+            elif deadline == math.inf:
+                deadline = -1  # waiting for the first byte of a head: the idle timeout applies
+            wait_until = trio.current_time() + settings.idle_timeout_s if deadline == -1 else deadline
+            try:
+                n = await conn.fill(wait_until)
+            except ReadTimeout:
+                return None
+            if n == 0:
+                return None
+
+    async def one_request(self) -> bool:
+        """Serve one request; returns whether to read another on this connection."""
+        plane, conn = self.plane, self.conn
+        try:
+            parsed = await self._read_head()
+        except (HeadParseError, BadRequest) as e:
+            await self._reject_head(e)
+            return False
+        if parsed is None:
+            return False
+        end, method, target, minor, raw_headers = parsed
+        conn.pos = end
+        snapshot = plane.holder.current
+        ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
+                             http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time())
+        dreq: DownstreamRequest | None = None
+        try:
+            rt = plane.runtime(snapshot)
+            ctx.listener = rt.listeners.get(self.listener_name)
+            dreq = self._prepare(ctx, raw_headers, minor, rt.chains.get(self.listener_name))
+            for stage in dreq.chain.request_stages:
+                outcome = stage.on_request(ctx)
+                if outcome is not None:
+                    if isinstance(outcome, Delay):
+                        ctx.response_flags.append(outcome.response_flag)
+                        await trio.sleep(outcome.seconds)
+                    else:
+                        return await self._local_response(ctx, dreq, outcome)
+            return await Exchange(ctx, plane, rt.clusters[ctx.cluster.name], dreq, conn).run()
+        except ProxyError as e:
+            ctx.error = e
+            return await self._reply_for_error(ctx, e, dreq)
+        finally:
+            if ctx.status or ctx.response_flags:
+                plane.count_downstream(ctx.status, ctx.response_flags)
+            if plane.access_log is not None:
+                plane.access_log.emit(ctx)
+
+    def _prepare(self, ctx: RequestContext, raw_headers, minor: int, chain: Chain | None) -> DownstreamRequest:
+        """Validate the head (Host, framing), strip hop-by-hop fields, decide keep-alive."""
+        if chain is None:
+            raise BadRequest(f"no listener {self.listener_name} in the active config")
+        head = ctx.request
+        tokens = h1.connection_tokens(raw_headers)
+        framing = h1.request_framing(raw_headers, minor)
+        upgrade = h1.is_upgrade_request(raw_headers, tokens)
+        headers = h1.strip_hop_by_hop(raw_headers, tokens, keep_upgrade=upgrade)
+        host = None
+        expect_continue = False
+        out: list = []
+        for name, value in headers:
+            if name == b"host":
+                if host is not None:
+                    raise BadRequest("more than one host header")
+                host = value
+            elif name == b"expect" and value.lower() == b"100-continue" and minor >= 1:
+                expect_continue = True  # answered by us, as Envoy does, not forwarded
+            else:
+                out.append((name, value))
+        absolute = _split_absolute_form(head.target)
+        if absolute is not None:
+            host, origin_target = absolute
+            head.set_target(origin_target)
+        elif host is None:
+            if minor >= 1:
+                raise BadRequest("HTTP/1.1 request without host")
+            host = b""
+        elif not head.target.startswith(b"/") and not (head.target == b"*" and head.method == b"OPTIONS"):
+            raise BadRequest("request-target is not in origin form")
+        head.authority = host
+        head.headers = out
+        keep_alive = h1.wants_keep_alive(minor, tokens) and not upgrade
+        body = BodyReader(self.conn, framing, eof_error=DownstreamDisconnect, timeout_error=DownstreamTimeout,
+                          protocol_error=BadRequest)
+        if not expect_continue or framing.kind == h1.NONE:
+            expect_continue = False
+        return DownstreamRequest(body, framing, keep_alive, minor, expect_continue, upgrade, chain)
+
+    async def _reject_head(self, e: Exception) -> None:
+        """An unparseable or oversized head: reply (400/431/501) and close, as Envoy's codec does."""
+        status = getattr(e, "status", 400)
+        body = getattr(e, "body", b"Bad Request") if isinstance(e, ProxyError) else (
+            b"Request Header Fields Too Large" if status == 431 else b"Bad Request")
+        ctx = RequestContext(self.plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", []),
+                             trio.current_time(), time.time())
+        ctx.error = e
+        ctx.response_flags.append("DPE")
+        try:
+            await self.conn.send_all(local_reply_bytes(status, body, close=True))
+            ctx.status = status
+        except OSError:
+            pass
+        self.plane.count_downstream(ctx.status, ctx.response_flags)
+        if self.plane.access_log is not None:
+            self.plane.access_log.emit(ctx)
+        log.info("rejected request head", client=self.client, status=status, error=str(e))
+
+    async def _local_response(self, ctx: RequestContext, dreq: DownstreamRequest, reply: LocalResponse) -> bool:
+        if reply.response_flag:
+            ctx.response_flags.append(reply.response_flag)
+        keep = dreq.keep_alive and dreq.body.done
+        data = local_reply_bytes(reply.status, reply.body, close=not keep, request_id=ctx.request_id,
+                                 head_only=ctx.request.method == b"HEAD")
+        return await self._send_local(ctx, reply.status, data) and keep
+
+    async def _reply_for_error(self, ctx: RequestContext, e: ProxyError, dreq: DownstreamRequest | None) -> bool:
+        """The one place errors become replies: before a response head went out, a local reply;
+        after it, a reset; to a dead or timed-out downstream, nothing."""
+        if e.response_flag != "-":
+            ctx.response_flags.append(e.response_flag)
+        if ctx.response is not None or not e.status:
+            if ctx.response is not None and not isinstance(e, DownstreamDisconnect):
+                log.info("upstream failed mid-response, resetting downstream", client=self.client,
+                         upstream=ctx.upstream_host, error=str(e))
+            self.conn.reset()
+            return False
+        # another request may follow only if this one's body was read to its end
+        keep = dreq is not None and dreq.keep_alive and dreq.body.done and not isinstance(e, BadRequest)
+        if e.source == "upstream":
+            log.info("upstream error", client=self.client, upstream=ctx.upstream_host, flag=e.response_flag,
+                     error=str(e))
+        data = local_reply_bytes(e.status, e.body, close=not keep, request_id=ctx.request_id,
+                                 head_only=ctx.request.method == b"HEAD")
+        return await self._send_local(ctx, e.status, data) and keep
+
+    async def _send_local(self, ctx: RequestContext, status: int, data: bytes) -> bool:
+        try:
+            await self.conn.send_all(data)
+        except OSError:
+            ctx.response_flags.append("DC")
+            return False
+        ctx.status = status
+        return True

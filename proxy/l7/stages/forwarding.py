@@ -1,0 +1,49 @@
+"""Forwarding headers at the edge, as Envoy sets them: x-forwarded-for, x-forwarded-proto, x-request-id."""
+
+from __future__ import annotations
+
+from random import getrandbits
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.l7.context import RequestContext
+
+
+def new_request_id() -> bytes:
+    """A random UUID version 4 in its text form, without the uuid module's per-call overhead."""
+    n = getrandbits(128)
+    n = (n & ~(0xF000 << 64) | (0x4000 << 64))  # version 4
+    n = (n & ~(0xC000 << 48) | (0x8000 << 48))  # RFC 4122 variant
+    h = b"%032x" % n
+    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+
+
+class ForwardingStage:
+    has_response_step = False
+    __slots__ = ()
+
+    def on_request(self, ctx: RequestContext) -> None:
+        head = ctx.request
+        headers = head.headers
+        xff_index = -1
+        request_id = b""
+        has_proto = False
+        for i, (name, value) in enumerate(headers):
+            if name == b"x-forwarded-for":
+                xff_index = i
+            elif name == b"x-request-id":
+                request_id = value
+            elif name == b"x-forwarded-proto":
+                has_proto = True
+        client_ip = ctx.downstream_ip
+        if xff_index == -1:
+            headers.append((b"x-forwarded-for", client_ip))
+        else:
+            headers[xff_index] = (b"x-forwarded-for", headers[xff_index][1] + b"," + client_ip)
+        if not has_proto:
+            headers.append((b"x-forwarded-proto", head.scheme))
+        if not request_id:
+            request_id = new_request_id()
+            headers.append((b"x-request-id", request_id))
+        ctx.request_id = request_id
+        return None

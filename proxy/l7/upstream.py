@@ -1,0 +1,419 @@
+"""The upstream exchange: pick an endpoint, get a pooled or new HTTP/1.1 connection, send the
+request (streaming its body), and relay the response downstream (streaming its body).
+
+Theory of operation
+-------------------
+A request without a body is sent as one write and its response read on the same task. A request
+with a body is pumped by a second task while this one reads the response, so an upstream that
+answers early (413, redirect) is relayed at once and a large upload never deadlocks against a
+large response. The route timeout (Envoy: time until the whole upstream response arrived, default
+15 s) is one deadline applied to every upstream read.
+
+Failure before any response byte went downstream becomes a local reply (503 UF/UC, 504 UT, 502 UPE);
+after that it can only be a reset of the downstream connection, which the server does, so a client
+never mistakes a broken response for a complete one. An idle pooled connection that turns out to be
+closed when reused (the usual keep-alive race) is retried once on a fresh connection when the request
+has no body, before anything else counts as an upstream failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+from trio.lowlevel import wait_writable
+
+from proxy.l7 import h1
+from proxy.l7.body import BodyReader, encode_pieces
+from proxy.l7.connio import Conn, ReadTimeout
+from proxy.l7.errors import (
+    ConnectFailure,
+    DownstreamDisconnect,
+    NoHealthyUpstream,
+    ProxyError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from proxy.l7.events import ResponseHead
+from proxy.l7.headparser import HeadParseError, parse_response_head
+
+if TYPE_CHECKING:
+    from proxy.l7.context import RequestContext
+    from proxy.l7.dataplane import ClusterRuntime, DataPlane
+    from proxy.l7.server import DownstreamRequest
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class StaleConnection(UpstreamReset):
+    """A reused connection was closed by the upstream before it sent any byte of a response."""
+
+
+class UpstreamConn(Conn):
+    __slots__ = ("key", "requests", "counted")
+
+    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
+        super().__init__(sock)
+        self.key = key
+        self.requests = 0
+        self.counted = True  # still included in the cluster's cx_active gauge
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+async def open_connection(key: tuple[str, int], timeout_s: float) -> UpstreamConn:
+    host, port = key
+    sock: socket.socket | None = None
+    with trio.move_on_after(timeout_s):
+        if _is_ip(host):
+            family, sockaddr = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
+        else:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise ConnectFailure(f"resolve {host}: {e}") from None
+            family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            err = sock.connect_ex(sockaddr)
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                await wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if err:
+            sock.close()
+            raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
+        return UpstreamConn(sock, key)
+    if sock is not None:
+        sock.close()
+    raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
+
+
+async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
+                  fresh: bool = False) -> tuple[UpstreamConn, bool]:
+    """(connection, reused); `fresh` skips the idle pool."""
+    pool = plane.pool((crt.name, *key))  # per cluster and host, as Envoy's pools
+    now = trio.current_time()
+    while not fresh:
+        conn, expired = pool.checkout(now)
+        for old in expired:
+            _discard(crt, old)
+        if conn is None:
+            break
+        if conn.peek_closed():
+            _discard(crt, conn)
+            continue
+        return conn, True
+    timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
+    try:
+        conn = await open_connection(key, timeout)
+    except ConnectFailure:
+        crt.cx_connect_fail.value += 1
+        raise
+    crt.cx_total.value += 1
+    crt.cx_active.value += 1
+    return conn, False
+
+
+def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
+    conn.close()
+    if conn.counted:
+        conn.counted = False
+        crt.cx_active.value -= 1
+
+
+def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
+    if reusable and not conn.closed:
+        evicted = plane.pool((crt.name, *conn.key)).checkin(conn, trio.current_time())
+        if evicted is not None:
+            _discard(crt, evicted)
+    else:
+        _discard(crt, conn)
+
+
+async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: int, max_headers: int):
+    """Parsed final or 101 response head; 1xx interim responses are skipped."""
+    got_any = up.buffered > 0
+    while True:
+        try:
+            parsed = parse_response_head(up.buf, up.pos, max_headers)
+        except HeadParseError as e:
+            raise UpstreamProtocolError(f"malformed response head: {e}") from None
+        if parsed is not None:
+            end, minor, status, reason, headers = parsed
+            up.pos = end
+            if 100 <= status < 200 and status != 101:
+                got_any = True
+                continue
+            return minor, status, reason, headers
+        if up.buffered > max_head_bytes:
+            raise UpstreamProtocolError("response head too large")
+        try:
+            n = await up.fill(deadline)
+        except ReadTimeout:
+            raise UpstreamTimeout("no response before the route timeout") from None
+        except OSError as e:
+            if not got_any and up.requests > 0:
+                raise StaleConnection(str(e)) from None
+            raise UpstreamReset(f"upstream reset before response headers: {e}") from None
+        if n == 0:
+            if not got_any and up.requests > 0:
+                raise StaleConnection("pooled connection closed by upstream")
+            raise UpstreamReset("upstream closed before response headers")
+        got_any = True
+
+
+def _content_length_value(headers) -> bytes | None:
+    for name, value in headers:
+        if name == b"content-length":
+            return value
+    return None
+
+
+class Exchange:
+    """One request's trip upstream and its response's trip back."""
+
+    __slots__ = ("ctx", "plane", "crt", "dreq", "down", "deadline", "request_body_done", "up")
+
+    def __init__(self, ctx: RequestContext, plane: DataPlane, crt: ClusterRuntime, dreq: DownstreamRequest,
+                 down: Conn) -> None:
+        self.ctx = ctx
+        self.plane = plane
+        self.crt = crt
+        self.dreq = dreq
+        self.down = down
+        timeout = ctx.route.timeout_s if ctx.route.timeout_s is not None else plane.settings.route_timeout_s
+        self.deadline = ctx.start_monotonic + timeout if timeout else math.inf  # Istio: 0s disables it
+        self.request_body_done = dreq.body.done
+        self.up: UpstreamConn | None = None
+
+    async def run(self) -> bool:
+        """Relays the exchange; returns whether the downstream connection may serve another request."""
+        ctx, crt, plane = self.ctx, self.crt, self.plane
+        in_flight = plane.in_flight
+        endpoint = crt.balancer.pick(lambda e: in_flight.get((e.address, e.port), 0))
+        if endpoint is None:
+            raise NoHealthyUpstream(f"cluster {crt.name} has no endpoints")
+        ctx.endpoint = endpoint
+        key = (endpoint.address, endpoint.port)
+        ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
+        in_flight[key] = in_flight.get(key, 0) + 1
+        reusable = False
+        try:
+            head_bytes = self._request_head_bytes(crt)
+            if self.dreq.body.done:
+                parsed = await self._send_and_read_head(key, head_bytes)
+                reusable = await self._relay_response(parsed)
+            else:
+                self.up, _ = await acquire(plane, crt, key)
+                reusable = await self._duplex(head_bytes)
+            return self.request_body_done and self.dreq.keep_alive
+        finally:
+            in_flight[key] -= 1
+            if self.up is not None:
+                release(plane, crt, self.up, reusable and self.request_body_done)
+
+    def _request_head_bytes(self, crt: ClusterRuntime) -> bytes:
+        head = self.ctx.request
+        # an HTTP/1.0 request may come without Host; the upstream speaks 1.1 and needs one
+        authority = head.authority or crt.cluster.service_host.encode()
+        headers = [(b"host", authority), *head.headers]
+        return h1.serialize_request_head(head.method, head.target, headers, self.dreq.upstream_framing)
+
+    async def _send_and_read_head(self, key: tuple[str, int], head_bytes: bytes):
+        """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
+        plane, crt = self.plane, self.crt
+        for attempt in (0, 1):
+            up, reused = await acquire(plane, crt, key, fresh=attempt == 1)
+            self.up = up
+            try:
+                try:
+                    await up.send_all(head_bytes)
+                except OSError as e:
+                    if reused:
+                        raise StaleConnection(str(e)) from None
+                    raise UpstreamReset(f"upstream reset while sending the request: {e}") from None
+                parsed = await read_response_head(up, self.deadline, plane.settings.max_head_bytes,
+                                                  plane.settings.max_headers)
+                up.requests += 1
+                return parsed
+            except StaleConnection:
+                _discard(crt, up)
+                self.up = None
+                if attempt == 1 or not reused:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _duplex(self, head_bytes: bytes) -> bool:
+        """Pump the request body on a second task while this one relays the response. Errors are
+        carried out of the nursery by hand, so callers see the ProxyError itself, not a group."""
+        up = self.up
+        failure: list[BaseException] = []
+        reusable = False
+
+        async def pump() -> None:
+            try:
+                await self._pump_request_body(head_bytes)
+            except ProxyError as e:
+                failure.append(e)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                parsed = await read_response_head(up, self.deadline, self.plane.settings.max_head_bytes,
+                                                  self.plane.settings.max_headers)
+                up.requests += 1
+                reusable = await self._relay_response(parsed)
+            except StaleConnection as e:  # the body may be partly sent: not a reuse race to retry
+                failure.append(UpstreamReset(str(e)))
+            except ProxyError as e:
+                failure.append(e)
+            nursery.cancel_scope.cancel()  # an early response ends the upload
+        if failure:
+            # a request-body error (bad chunking, client gone) explains an upstream failure too
+            raise failure[0]
+        return reusable
+
+    async def _pump_request_body(self, head_bytes: bytes) -> None:
+        dreq, up, down = self.dreq, self.up, self.down
+        kind = dreq.upstream_framing.kind
+        if dreq.expect_continue:
+            try:
+                await down.send_all(CONTINUE_100)
+            except OSError as e:
+                raise DownstreamDisconnect(str(e)) from None
+        body = dreq.body
+        parts = [head_bytes]
+        encode_pieces(kind, body.buffered_pieces(), parts)
+        try:
+            while True:
+                if body.done and kind == h1.CHUNKED:
+                    parts.append(h1.LAST_CHUNK)
+                if parts:
+                    try:
+                        await up.send_many(parts)
+                    except OSError:
+                        return  # the upstream stopped reading; its response (or EOF) tells the rest
+                if body.done:
+                    break
+                parts = []
+                encode_pieces(kind, await body.next_pieces(), parts)
+        finally:
+            self.ctx.bytes_received = body.bytes_read
+        self.request_body_done = True
+
+    async def _relay_response(self, parsed) -> bool:
+        """Send head and body downstream; returns whether the upstream connection is reusable."""
+        ctx, dreq, down, up = self.ctx, self.dreq, self.down, self.up
+        minor, status, reason, headers = parsed
+        tokens = h1.connection_tokens(headers)
+        if status == 101:
+            if not dreq.is_upgrade:
+                raise UpstreamProtocolError("101 Switching Protocols without an upgrade request")
+            await self._tunnel(status, reason, headers, tokens)
+            return False
+        framing = h1.response_framing(ctx.request.method, status, headers)
+        upstream_keep = h1.wants_keep_alive(minor, tokens) and framing.kind != h1.CLOSE
+        response = ResponseHead(status, h1.strip_hop_by_hop(headers, tokens), reason=reason)
+        chain = self.dreq.chain
+        if chain.response_stages:
+            chain.run_response(ctx, response)
+
+        out_kind = framing.kind
+        if out_kind in (h1.CHUNKED, h1.CLOSE):
+            out_kind = h1.CHUNKED if dreq.minor_version >= 1 else h1.CLOSE
+        out_framing = framing if out_kind == framing.kind else (h1.FRAMING_CHUNKED if out_kind == h1.CHUNKED else h1.FRAMING_CLOSE)
+        if out_kind == h1.CLOSE or not self.request_body_done:
+            dreq.keep_alive = False
+        passthrough_length = _content_length_value(headers) if framing.kind == h1.NONE and (
+            ctx.request.method == b"HEAD" or status == 304) else None
+        head_bytes = h1.serialize_response_head(status, reason, response.headers, out_framing,
+                                                close=not dreq.keep_alive,
+                                                content_length_header=passthrough_length)
+        reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
+                            protocol_error=UpstreamProtocolError, deadline=self.deadline)
+        parts = [head_bytes]
+        encode_pieces(out_kind, reader.buffered_pieces(), parts)
+        if reader.done and out_kind == h1.CHUNKED:
+            parts.append(h1.LAST_CHUNK)
+        ctx.response = response
+        self.crt.count_response(status)
+        await self._send_down(parts)
+        ctx.status = status
+        while not reader.done:
+            parts = []
+            encode_pieces(out_kind, await reader.next_pieces(), parts)
+            if reader.done and out_kind == h1.CHUNKED:
+                parts.append(h1.LAST_CHUNK)
+            if parts:
+                await self._send_down(parts)
+        ctx.bytes_sent = reader.bytes_read
+        return upstream_keep
+
+    async def _send_down(self, parts: list) -> None:
+        try:
+            await self.down.send_many(parts)
+        except OSError as e:
+            raise DownstreamDisconnect(f"downstream gone while sending the response: {e}") from None
+
+    async def _tunnel(self, status: int, reason: bytes, headers, tokens) -> None:
+        """101 Switching Protocols: pass the head on, then copy bytes both ways until both sides end."""
+        ctx, down, up = self.ctx, self.down, self.up
+        out_headers = h1.strip_hop_by_hop(headers, tokens, keep_upgrade=True)
+        head = [b"HTTP/1.1 101 %s\r\n" % (reason or b"Switching Protocols")]
+        for name, value in out_headers:
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n")
+        parts = [b"".join(head)]
+        if up.buffered:
+            parts.append(up.take_buffered())
+        ctx.response = ResponseHead(status, out_headers, reason=reason)
+        self.crt.count_response(status)
+        await self._send_down(parts)
+        ctx.status = status
+        self.dreq.keep_alive = False
+        counts = [0, 0]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump_bytes, down, up, counts, 0)
+            nursery.start_soon(_pump_bytes, up, down, counts, 1)
+        ctx.bytes_received += counts[0]
+        ctx.bytes_sent += counts[1]
+
+
+async def _pump_bytes(src: Conn, dst: Conn, counts: list[int], index: int) -> None:
+    """One direction of a tunnel; EOF is passed on as a half-close."""
+    try:
+        if src.buffered:
+            data = src.take_buffered()
+            counts[index] += len(data)
+            await dst.send_all(data)
+        while True:
+            n = await src.fill()
+            if n == 0:
+                dst.shutdown_write()
+                return
+            data = src.take_buffered()
+            counts[index] += n
+            await dst.send_all(data)
+    except OSError:
+        src.reset()
+        dst.reset()
+
+
+__all__ = ["Exchange", "ProxyError", "open_connection"]
