@@ -51,4 +51,4 @@ def configure(*, level: str = "info", fmt: str = "json", **static_fields: Any) -
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(logger=name)
+    return structlog.get_logger(logger_name=name)

@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 import msgspec
+import trio
 
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
@@ -75,9 +76,9 @@ def fields(ctx: RequestContext, now_monotonic: float, timestamp: str) -> dict:
 
 class AccessLog:
     """`fmt` is "off", "json" or "console". `clock` must be the clock `ctx.start_monotonic` was read
-    from (time.monotonic)."""
+    from: the server reads trio.current_time() (so `emit` runs inside the Trio loop)."""
 
-    def __init__(self, fmt: str = "json", *, fd: int = 2, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, fmt: str = "json", *, fd: int = 2, clock: Callable[[], float] = trio.current_time) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {FORMATS}, got {fmt!r}")
         self.format = fmt

@@ -9,28 +9,25 @@ from pathlib import Path
 
 from proxy.config.snapshot import Snapshot
 
-CONFIG_SUFFIXES = (".yaml", ".yml")
-
 Sources = list[tuple[str, bytes]]
 Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def config_files(path: Path) -> list[Path]:
-    """A file is itself; a directory is its *.yaml / *.yml files, sorted by name (not recursive).
-    Raises FileNotFoundError when the path does not exist."""
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.suffix in CONFIG_SUFFIXES and p.is_file())
-    if path.exists():
-        return [path]
-    raise FileNotFoundError(f"config path {str(path)!r} does not exist")
+    """The loader's rule (a file, or a directory's sorted *.yaml/*.yml); ConfigError when missing."""
+    from proxy.config.load import config_files as loader_config_files
+
+    return loader_config_files(path)
 
 
 def fingerprint(path: Path) -> Fingerprint:
     """(name, mtime_ns, size) of every config file: cheap to poll, changes when a file is written,
     added or removed. A missing path has the empty fingerprint."""
+    from proxy.config.errors import ConfigError
+
     try:
         files = config_files(path)
-    except FileNotFoundError:
+    except ConfigError:
         return ()
     out = []
     for f in files:
@@ -43,7 +40,16 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 def read_sources(path: Path) -> Sources:
-    return [(str(f), f.read_bytes()) for f in config_files(path)]
+    """(file name, bytes) of every config file. Raises ConfigError (missing path, unreadable file)."""
+    from proxy.config.errors import ConfigError
+
+    out = []
+    for f in config_files(path):
+        try:
+            out.append((str(f), f.read_bytes()))
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from None
+    return out
 
 
 def content_digest(sources: Sources) -> str:
@@ -57,7 +63,8 @@ def content_digest(sources: Sources) -> str:
 
 
 def build_snapshot(sources: Sources, *, version: str, bind_address: str) -> Snapshot:
-    """Load every source and compile them together. Raises proxy.config.errors.ConfigError."""
+    """Load every source and compile them together (the same steps as load_path + compile, on bytes
+    already read). Raises proxy.config.errors.ConfigError."""
     # imported here so the CLI starts (and `--help` works) without loading the config machinery
     from proxy.config.compile import compile_resources
     from proxy.config.load import load_bytes

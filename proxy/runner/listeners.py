@@ -71,7 +71,7 @@ class ListenerManager:
         for name, active in list(self._active.items()):
             listener = wanted.get(name)
             if listener is None or (listener.address, listener.port) != (active.address, active.port):
-                # connections of a removed listener end with it (no drain in this release)
+                # stops accepting; its open connections live in the worker-wide nursery and finish
                 active.scope.cancel()
                 del self._active[name]
                 self._log.info("listener_removed", listener=name)

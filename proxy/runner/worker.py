@@ -51,10 +51,11 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
     stats = Stats()
     plane = DataPlane(holder, stats, access_log)
 
-    async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
-        await serve_listener(sock, name, plane, task_status=task_status)
+    async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
+        # connections live in a worker-wide nursery: those of a listener a reload removes finish
+        async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
+            await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
         listeners = ListenerManager(nursery, serve, log)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
@@ -80,6 +81,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
                 log.debug("worker_config_applied", version=msg.version, listeners=listeners.names)
             else:
                 log.warning("worker_unexpected_message", message=type(msg).__name__)
+        connections.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 
