@@ -233,7 +233,16 @@ static inline char *put(char *o, const char *buf, size_t s, size_t e) {
 }
 
 static inline char *put_lower(char *o, const char *buf, size_t s, size_t e) {
-    for (const char *q = buf + s, *qe = buf + e; q < qe; q++) {
+    const char *q = buf + s, *qe = buf + e;
+    /* 8 bytes at a time: names are tchars (ASCII), so adding to a byte never carries into the next;
+     * bit 7 of (c + 0x3f) & ~(c + 0x25) is set exactly for 'A'..'Z', and shifted down it is 0x20. */
+    for (; qe - q >= 8; q += 8, o += 8) {
+        uint64_t x = load8(q);
+        uint64_t upper = (x + ONES * 0x3f) & ~(x + ONES * 0x25) & HIGHS;
+        x |= upper >> 2;
+        memcpy(o, &x, 8);
+    }
+    for (; q < qe; q++) {
         unsigned char c = (unsigned char)*q;
         *o++ = (char)(c + ((unsigned)(c - 'A') < 26u ? 32 : 0));
     }
