@@ -245,25 +245,20 @@ class Mesh:
     def stop_one(self, name: str, timeout_s: float = 10.0) -> None:
         """Stop one process (an app, say, to see the mesh answer for a dead upstream)."""
         proc = self.procs.pop(name)
-        _signal_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait()
+        _terminate(proc)
+        _wait_then_kill_group(proc, time.monotonic() + timeout_s)
 
     def stop(self, timeout_s: float = 10.0) -> list[str]:
-        """SIGTERM each process group we started, then SIGKILL what is still there. Returns the names."""
+        """SIGTERM each process we started and wait for it; SIGKILL its group if anything is left.
+
+        Only the leader gets SIGTERM: the proxy's supervisor stops its own workers (they flush their
+        access logs on the way out), as it would under a service manager. Returns the names stopped.
+        """
         for proc in self.procs.values():
-            _signal_group(proc, signal.SIGTERM)
+            _terminate(proc)
         deadline = time.monotonic() + timeout_s
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(proc, signal.SIGKILL)  # leftovers of the group (workers), or the leader itself
-            proc.wait()
+            _wait_then_kill_group(proc, deadline)
         stopped = list(self.procs)
         self.procs.clear()
         return stopped
@@ -281,11 +276,23 @@ class Mesh:
         self.stop()
 
 
-def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
+
+def _wait_then_kill_group(proc: subprocess.Popen, deadline: float) -> None:
     try:
-        os.killpg(proc.pid, sig)  # the group we created with start_new_session: pgid == our child's PID
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        # the group we created with start_new_session (pgid == our child's PID): the leader if it
+        # ignored SIGTERM, or workers it left behind; an empty group is simply gone
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    proc.wait()
 
 
 def _accepts(port: int) -> bool:
