@@ -49,12 +49,13 @@ class _WallClockFormatter:
         return f"{self._prefix}.{int((wall - second) * 1000):03d}Z"
 
 
-def fields(ctx: RequestContext, now_monotonic: float, timestamp: str) -> dict:
-    """The access-log record of one request. Field names follow Envoy's access log vocabulary."""
+def fields(ctx: RequestContext, now_monotonic: float, timestamp: str, static: dict | None = None) -> dict:
+    """The access-log record of one request. Field names follow Envoy's access log vocabulary;
+    `static` fields (the worker index) are appended."""
     req = ctx.request
     flags = ctx.response_flags
     cluster = ctx.cluster
-    return {
+    record = {
         "event": "access",
         "level": "info",
         "timestamp": timestamp,
@@ -72,13 +73,17 @@ def fields(ctx: RequestContext, now_monotonic: float, timestamp: str) -> dict:
         "request_id": ctx.request_id.decode("latin-1") if ctx.request_id else "-",
         "downstream_remote_address": ctx.downstream_addr,
     }
+    if static:
+        record.update(static)
+    return record
 
 
 class AccessLog:
     """`fmt` is "off", "json" or "console". `clock` must be the clock `ctx.start_monotonic` was read
     from: the server reads trio.current_time() (so `emit` runs inside the Trio loop)."""
 
-    def __init__(self, fmt: str = "json", *, fd: int = 2, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, fmt: str = "json", *, fd: int = 2, clock: Callable[[], float] = trio.current_time,
+                 worker: int | None = None) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"access log format must be one of {FORMATS}, got {fmt!r}")
         self.format = fmt
@@ -87,6 +92,7 @@ class AccessLog:
         self._clock = clock
         self._wall = _WallClockFormatter()
         self._buf = bytearray()
+        self._static = {"worker": worker} if worker is not None else None
         self.dropped_lines = 0
         if fmt == "off":
             self.emit = _discard  # type: ignore[method-assign]
@@ -98,10 +104,10 @@ class AccessLog:
 
     def emit(self, ctx: RequestContext) -> None:
         """JSON line (replaced per instance for "off" and "console")."""
-        self._append(_encode(fields(ctx, self._clock(), self._wall.format(ctx.start_wall))) + b"\n")
+        self._append(_encode(fields(ctx, self._clock(), self._wall.format(ctx.start_wall), self._static)) + b"\n")
 
     def _emit_console(self, ctx: RequestContext) -> None:
-        record = fields(ctx, self._clock(), self._wall.format(ctx.start_wall))
+        record = fields(ctx, self._clock(), self._wall.format(ctx.start_wall), self._static)
         line = self._console(None, "info", record)
         self._append(line.encode("utf-8", "replace") + b"\n")
 

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     tm_logging.configure(level=args.log_level, fmt=args.log_format, worker=args.index)
     log = tm_logging.get_logger("triomesh.worker")
-    access_log = AccessLog(args.access_log)
+    access_log = AccessLog(args.access_log, worker=args.index)
     sock = socket.socket(fileno=args.control_fd)
 
     async def _main() -> None:

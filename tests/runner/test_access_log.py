@@ -81,6 +81,13 @@ def test_json_line_has_every_field(pipe: _Pipe) -> None:
     }
 
 
+def test_worker_index_is_added_when_given(pipe: _Pipe) -> None:
+    log = AccessLog("json", fd=pipe.w, clock=lambda: 100.0, worker=3)
+    log.emit(_ctx())
+    log.flush()
+    assert json.loads(pipe.read())["worker"] == 3
+
+
 def test_flags_and_missing_upstream(pipe: _Pipe) -> None:
     log = AccessLog("json", fd=pipe.w, clock=lambda: 100.0)
     ctx = _ctx(flags=["UF", "URX"])
