@@ -215,7 +215,7 @@ class Mesh:
         deadline = time.monotonic() + timeout_s
         for w in self.plan.workloads:
             self._wait(w.name, deadline, lambda port=w.port: _accepts(port))
-        self._wait("proxy", deadline, lambda: _get(self.plan.admin_port, "/ready")[0] == 200)
+        self._wait("proxy", deadline, lambda: http_get(self.plan.admin_port, "/ready")[0] == 200)
 
     def _wait(self, name: str, deadline: float, ready: Callable[[], bool]) -> None:
         while True:
@@ -303,7 +303,8 @@ def _accepts(port: int) -> bool:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any proxy of our own env
 
 
-def _get(port: int, path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
+def http_get(port: int, path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
+    """GET http://127.0.0.1:PORT/PATH directly (never through a proxy of our environment): (status, body)."""
     try:
         with _DIRECT.open(f"http://{LOOPBACK}:{port}{path}", timeout=timeout_s) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
@@ -315,7 +316,7 @@ def send_requests(port: int, count: int, *, concurrency: int = 1) -> list[tuple[
     """`count` GETs of / on the gateway; (status, body stripped) in the order sent."""
     def one(_: int) -> tuple[int, str]:
         try:
-            status, body = _get(port, "/")
+            status, body = http_get(port, "/")
         except OSError as e:
             return 0, f"request failed: {e}"
         return status, body.strip()
@@ -335,7 +336,7 @@ def version_counts(bodies: Iterable[str]) -> collections.Counter[str]:
 
 
 def stats_excerpt(admin_port: int, max_lines: int = 12) -> list[str]:
-    status, text = _get(admin_port, "/stats/prometheus")
+    status, text = http_get(admin_port, "/stats/prometheus")
     if status != 200:
         return [f"(/stats/prometheus answered {status})"]
     wanted = ("triomesh_downstream_rq_total", "triomesh_upstream_rq_total", "triomesh_upstream_cx_total")
@@ -343,8 +344,8 @@ def stats_excerpt(admin_port: int, max_lines: int = 12) -> list[str]:
     return lines[:max_lines]
 
 
-def run(config_dir: Path, requests: int, access_log: str) -> int:
-    plan = read_plan(config_dir)
+def run(config_dir: Path, requests: int, access_log: str, admin_port: int = ADMIN_PORT) -> int:
+    plan = read_plan(config_dir, admin_port=admin_port)
     busy = busy_ports(plan)
     if busy:
         print("triomesh demo: these ports on 127.0.0.1 are taken, so the demo cannot start:", file=sys.stderr)
@@ -397,12 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="directory of Istio resources")
     parser.add_argument("--requests", type=int, default=100, help="how many requests to send (default 100)")
+    parser.add_argument("--admin-port", type=int, default=ADMIN_PORT,
+                        help=f"port of the proxy's admin listener (default {ADMIN_PORT})")
     parser.add_argument("--access-log", choices=["off", "json", "console"], default="off",
                         help="proxy access log format, written to its log file (default off)")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run(args.config, args.requests, args.access_log)
+        return run(args.config, args.requests, args.access_log, args.admin_port)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import re
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from examples.demo import CHAIN, DEMO_CONFIG, Mesh, _get, relocate_config, send_requests, unique_free_ports, version_counts
+from examples.demo import (CHAIN, DEMO_CONFIG, REPO_ROOT, Mesh, http_get, relocate_config, send_requests,
+                           unique_free_ports, version_counts)
 
 REQUESTS = 800
 V2_WEIGHT = 0.20
@@ -35,7 +39,7 @@ def mesh(tmp_path: Path):
 
 
 def prometheus_samples(admin_port: int, name: str) -> list[tuple[dict[str, str], float]]:
-    status, text = _get(admin_port, "/stats/prometheus")
+    status, text = http_get(admin_port, "/stats/prometheus")
     assert status == 200, text
     samples = []
     for line in text.splitlines():
@@ -94,3 +98,34 @@ def test_a_dead_recommendation_v2_surfaces_as_503_through_the_chain(mesh: Mesh) 
         else:
             assert status == 503, (status, body)
             assert body.startswith("customer => Error: 503 - preference => Error: 503 - "), body
+
+
+def run_demo_script(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "examples.demo", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout_s)
+
+
+def test_the_demo_script_runs_and_reports_the_split(tmp_path: Path) -> None:
+    """What `make demo` runs, on free ports: exit 0, every answer printed, the split, the stats."""
+    new_port = unique_free_ports()
+    plan = relocate_config(DEMO_CONFIG, tmp_path, new_port)
+    done = run_demo_script("--config", str(tmp_path), "--admin-port", str(plan.admin_port), "--requests", "40")
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    answers = [line for line in done.stdout.splitlines() if re.match(r"^\s+\d+  customer => ", line)]
+    assert len(answers) == 40
+    assert re.search(r"^observed split: v1 \d+/40 = \d+%  v2 \d+/40 = \d+%", done.stdout, re.M), done.stdout
+    assert 'triomesh_downstream_rq_total{response_code="200"} 120' in done.stdout
+    assert re.search(r"^stopped 5 processes", done.stdout, re.M)
+
+
+def test_the_demo_script_names_a_taken_port(tmp_path: Path) -> None:
+    plan = relocate_config(DEMO_CONFIG, tmp_path, unique_free_ports())
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", plan.gateway_port))
+        taken.listen()
+        done = run_demo_script("--config", str(tmp_path), "--admin-port", str(plan.admin_port))
+
+    assert done.returncode == 2
+    assert f"{plan.gateway_port}  (gateway listener)" in done.stderr
+    assert "started" not in done.stdout  # nothing was started
