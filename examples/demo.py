@@ -8,7 +8,8 @@ What it does, in order:
    `http://preference:8080/` go through the mesh, then `triomesh proxy --config examples/demo`;
 4. waits for the admin `/ready`, sends 100 requests to the Gateway listener, prints each answer, the
    observed v1/v2 split and an excerpt of `/stats/prometheus`;
-5. stops everything it started, by PID (process group), also on Ctrl-C or an error.
+5. stops everything it started: SIGTERM by PID, then SIGKILL of that process's own group for
+   anything left (each child runs in a session of its own), also on Ctrl-C, SIGTERM or an error.
 
 The same pieces (`read_plan`, `relocate_config`, `Mesh`, `send_requests`) are used by the integration
 test, which moves every port to a free one so it cannot collide with anything.
@@ -74,11 +75,9 @@ class Plan:
         return named + [(w.port, f"app {w.name}") for w in self.workloads]
 
 
-def _documents(config_dir: Path) -> Iterator[tuple[Path, dict]]:
+def _documents(config_dir: Path) -> Iterator[dict]:
     for path in sorted(config_dir.glob("*.y*ml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                yield path, doc
+        yield from (doc for doc in yaml.safe_load_all(path.read_text()) if doc)
 
 
 def read_plan(config_dir: Path = DEMO_CONFIG, *, admin_port: int = ADMIN_PORT) -> Plan:
@@ -86,7 +85,7 @@ def read_plan(config_dir: Path = DEMO_CONFIG, *, admin_port: int = ADMIN_PORT) -
     egress_ports: list[int] = []
     workloads: list[Workload] = []
     split: dict[str, int] = {}
-    for _, doc in _documents(config_dir):
+    for doc in _documents(config_dir):
         kind, spec = doc["kind"], doc.get("spec", {})
         if kind == "Gateway":
             gateway_ports += [server["port"]["number"] for server in spec["servers"]]
