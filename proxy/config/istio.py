@@ -65,7 +65,7 @@ _MAX_DURATION_S = 315_576_000_000.0
 
 # Python `re` accepts constructs RE2 (Envoy's engine) rejects; refuse them so a config that validates
 # here also means the same thing there.
-_NON_RE2 = re.compile(r"\(\?<?[=!]|\\[1-9]|\(\?P=|\(\?\(|[*+?}][+]")
+_NON_RE2 = re.compile(r"(?<!\\)(?:\(\?<?[=!]|\(\?P=|\(\?\(|[*+?}][+])|(?<!\\)(?:\\\\)*\\[1-9]")
 
 
 def parse_duration(text: str) -> float:

@@ -282,3 +282,27 @@ def test_service_addresses_and_outbound_policy_for_captured_traffic():
     assert snap.outbound_traffic_policy == "ALLOW_ANY"  # Istio's default
     sc = doc("Sidecar", "default", {"outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"}})
     assert compile_docs(vip, sc).outbound_traffic_policy == "REGISTRY_ONLY"
+
+
+def test_directory_files_load_in_name_order_and_routes_merge_in_that_order(tmp_path):
+    from proxy.config.compile import compile_resources
+    from proxy.config.load import load_path
+    from tests.config.helpers import dump
+
+    dr = doc("DestinationRule", "r", {"host": "r", "subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]})
+    first = doc("VirtualService", "first", {"hosts": ["r"], "http": [{"match": [{"uri": {"prefix": "/a"}}], "route": [{"destination": {"host": "r", "subset": "v2"}}]}]})
+    second = doc("VirtualService", "second", {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r", "subset": "v1"}}]}]})
+    (tmp_path / "b.yaml").write_text(dump(second))
+    (tmp_path / "a.yml").write_text(dump(service("r"), dr, first))
+    (tmp_path / "c.json").write_text("{}")  # not *.yaml / *.yml: not read
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.yaml").write_text("not: [valid")  # not recursive
+    resources = load_path(tmp_path)
+    assert [(r.file.rsplit("/", 1)[1], r.document, r.name) for r in resources] == [
+        ("a.yml", 0, "r"), ("a.yml", 1, "r"), ("a.yml", 2, "first"), ("b.yaml", 0, "second"),
+    ]
+    snap = compile_resources(resources, version="t")
+    assert snap.listeners == ()  # no Gateway, no Sidecar
+    snap = compile_docs(service("r"), dr, first, second, _egress())
+    assert _cluster(route_for(snap, "127.0.0.1_15001", head(b"/a/x", authority=b"r"))) == "outbound|8080|v2|r"
+    assert _cluster(route_for(snap, "127.0.0.1_15001", head(b"/b", authority=b"r"))) == "outbound|8080|v1|r"
