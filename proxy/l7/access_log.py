@@ -1,12 +1,12 @@
 """One access-log line per downstream request (Envoy-like fields), JSON or console, on stderr.
 
 Theory of operation: the data plane calls `emit(ctx)` in a `finally` for every request. The JSON line
-has the shape of our structlog JSON lines (event, level, timestamp, fields) but is rendered directly
-with msgspec: going through structlog's processor chain costs ~4 us per request, more than the rest
-of the line. Lines are appended to a small buffer that is written to the fd in whole lines, at most
-PIPE_BUF bytes per write, so lines of several worker processes sharing stderr never interleave
-mid-line; the worker calls `flush()` about once a second and at exit. With "off", `emit` is a no-op
-and `enabled` is False so callers can skip building anything.
+has the shape of our structlog JSON lines (event, level, timestamp, fields) but is encoded directly
+from a msgspec Struct into a buffer: structlog's processor chain costs ~4 us per request, several
+times the rest of the line. The buffer is written to the fd in whole lines, at most PIPE_BUF bytes
+per write, so the lines of several worker processes sharing stderr never interleave mid-line; the
+worker calls `flush()` about once a second and at exit. With "off", `emit` is a no-op and `enabled`
+is False, so callers can skip it entirely.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 FORMATS = ("off", "json", "console")
 PIPE_BUF = 4096  # writes up to this size to a pipe are atomic (POSIX)
 
-_encode = msgspec.json.Encoder().encode
+_encode_into = msgspec.json.Encoder().encode_into
 
 
 def _discard(ctx: RequestContext) -> None:
@@ -32,50 +32,77 @@ def _discard(ctx: RequestContext) -> None:
 
 
 class _WallClockFormatter:
-    """ISO-8601 UTC timestamps with milliseconds; the formatted second is cached (strftime per
-    request would cost more than the JSON encoding)."""
+    """ISO-8601 UTC timestamps with milliseconds. The formatted second and the last millisecond's
+    string are cached: at thousands of requests per second most lines share them."""
 
-    __slots__ = ("_second", "_prefix")
+    __slots__ = ("_second", "_prefix", "_milli", "_text")
 
     def __init__(self) -> None:
         self._second = -1
         self._prefix = ""
+        self._milli = -1
+        self._text = ""
 
     def format(self, wall: float) -> str:
-        second = int(wall)
+        milli = int(wall * 1000)
+        if milli == self._milli:
+            return self._text
+        second = milli // 1000
         if second != self._second:
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((wall - second) * 1000):03d}Z"
+        self._milli = milli
+        self._text = f"{self._prefix}.{milli - second * 1000:03d}Z"
+        return self._text
 
 
-def fields(ctx: RequestContext, now_monotonic: float, timestamp: str, static: dict | None = None) -> dict:
-    """The access-log record of one request. Field names follow Envoy's access log vocabulary;
-    `static` fields (the worker index) are appended."""
+class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
+    """One access-log line. Field names follow Envoy's access-log vocabulary; the first three match
+    our structlog lines. A Struct encodes in about half the time of a dict with the same keys."""
+
+    event: str
+    level: str
+    timestamp: str
+    method: str
+    path: str
+    protocol: str
+    authority: str
+    status: int  # 0 when no response went out (reset, client gone)
+    response_flags: str  # "-" when none, else Envoy's short flags joined by ","
+    upstream_host: str
+    cluster: str
+    bytes_received: int
+    bytes_sent: int
+    duration_ms: float
+    request_id: str
+    downstream_remote_address: str
+    worker: int | None = None  # the worker process index (omitted when not set)
+
+
+def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: int | None = None) -> AccessRecord:
     req = ctx.request
     flags = ctx.response_flags
     cluster = ctx.cluster
-    record = {
-        "event": "access",
-        "level": "info",
-        "timestamp": timestamp,
-        "method": req.method.decode("latin-1"),
-        "path": req.target.decode("latin-1"),
-        "protocol": "HTTP/" + req.http_version.decode("latin-1"),
-        "authority": req.authority.decode("latin-1"),
-        "status": ctx.status,
-        "response_flags": ",".join(flags) if flags else "-",
-        "upstream_host": ctx.upstream_host or "-",
-        "cluster": cluster.name if cluster is not None else "-",
-        "bytes_received": ctx.bytes_received,
-        "bytes_sent": ctx.bytes_sent,
-        "duration_ms": round((now_monotonic - ctx.start_monotonic) * 1000.0, 3),
-        "request_id": ctx.request_id.decode("latin-1") if ctx.request_id else "-",
-        "downstream_remote_address": ctx.downstream_addr,
-    }
-    if static:
-        record.update(static)
-    return record
+    rid = ctx.request_id
+    return AccessRecord(
+        "access",
+        "info",
+        timestamp,
+        req.method.decode("latin-1"),
+        req.target.decode("latin-1"),
+        "HTTP/" + req.http_version.decode("latin-1"),
+        req.authority.decode("latin-1"),
+        ctx.status,
+        ",".join(flags) if flags else "-",
+        ctx.upstream_host or "-",
+        cluster.name if cluster is not None else "-",
+        ctx.bytes_received,
+        ctx.bytes_sent,
+        round((now_monotonic - ctx.start_monotonic) * 1000.0, 3),
+        rid.decode("latin-1") if rid else "-",
+        ctx.downstream_addr,
+        worker,
+    )
 
 
 class AccessLog:
@@ -90,9 +117,9 @@ class AccessLog:
         self.enabled = fmt != "off"
         self._fd = fd
         self._clock = clock
+        self._worker = worker
         self._wall = _WallClockFormatter()
         self._buf = bytearray()
-        self._static = {"worker": worker} if worker is not None else None
         self.dropped_lines = 0
         if fmt == "off":
             self.emit = _discard  # type: ignore[method-assign]
@@ -104,22 +131,31 @@ class AccessLog:
 
     def emit(self, ctx: RequestContext) -> None:
         """JSON line (replaced per instance for "off" and "console")."""
-        self._append(_encode(fields(ctx, self._clock(), self._wall.format(ctx.start_wall), self._static)) + b"\n")
+        buf = self._buf
+        whole = len(buf)
+        _encode_into(record(ctx, self._clock(), self._wall.format(ctx.start_wall), self._worker), buf, -1)
+        buf += b"\n"
+        if len(buf) >= PIPE_BUF:
+            self._spill(whole)
 
     def _emit_console(self, ctx: RequestContext) -> None:
-        record = fields(ctx, self._clock(), self._wall.format(ctx.start_wall), self._static)
-        line = self._console(None, "info", record)
-        self._append(line.encode("utf-8", "replace") + b"\n")
-
-    def _append(self, line: bytes) -> None:
+        rec = record(ctx, self._clock(), self._wall.format(ctx.start_wall), self._worker)
+        fields = msgspec.structs.asdict(rec)
+        if rec.worker is None:
+            del fields["worker"]
         buf = self._buf
-        if len(buf) + len(line) > PIPE_BUF and buf:
-            self._write(buf)
-            buf.clear()
-        buf += line
+        whole = len(buf)
+        buf += self._console(None, "info", fields).encode("utf-8", "replace") + b"\n"
         if len(buf) >= PIPE_BUF:
-            self._write(buf)
-            buf.clear()
+            self._spill(whole)
+
+    def _spill(self, whole: int) -> None:
+        """The buffer reached PIPE_BUF: write the whole lines before offset `whole` and keep the
+        newest line (or write everything when that one line alone is so long)."""
+        buf = self._buf
+        cut = whole or len(buf)
+        self._write(buf[:cut])
+        del buf[:cut]
 
     def flush(self) -> None:
         if self._buf:
@@ -127,7 +163,7 @@ class AccessLog:
             self._buf.clear()
 
     def _write(self, data: bytes | bytearray) -> None:
-        data = bytes(data)  # no memoryview export may outlive the call: the caller clears the buffer
+        data = bytes(data)  # no memoryview export may outlive the call: the caller resizes the buffer
         done = 0
         try:
             while done < len(data):
