@@ -170,3 +170,92 @@ def test_demo_config_in_examples_compiles(tmp_path):
         pytest.skip("examples/demo is not present in this checkout")
     snap = compile_resources(load_path(demo), version="demo", bind_address="127.0.0.1")
     assert {l.name for l in snap.listeners} >= {"127.0.0.1_18080"}
+
+
+# The weighted example of Istio's VirtualService reference (HTTPRouteDestination), verbatim.
+REVIEWS_REFERENCE_YAML = b"""\
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: reviews-route
+spec:
+  hosts:
+  - reviews.prod.svc.cluster.local
+  http:
+  - route:
+    - destination:
+        host: reviews.prod.svc.cluster.local
+        subset: v2
+      weight: 25
+    - destination:
+        host: reviews.prod.svc.cluster.local
+        subset: v1
+      weight: 75
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: reviews-destination
+spec:
+  host: reviews.prod.svc.cluster.local
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+"""
+
+REVIEWS_MESH_YAML = b"""\
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: reviews
+  namespace: prod
+spec:
+  hosts:
+  - reviews.prod.svc.cluster.local
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports:
+  - number: 9080
+    name: http
+    protocol: HTTP
+  endpoints:
+  - address: 127.0.0.1
+    ports:
+      http: 19081
+    labels:
+      version: v1
+  - address: 127.0.0.2
+    ports:
+      http: 19082
+    labels:
+      version: v2
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata:
+  name: default
+  namespace: prod
+spec:
+  egress:
+  - port:
+      number: 15001
+      protocol: HTTP
+    hosts:
+    - "*/*"
+"""
+
+
+def test_reference_75_25_example():
+    snap = compile_resources(
+        load_bytes(REVIEWS_MESH_YAML, "mesh.yaml") + load_bytes(REVIEWS_REFERENCE_YAML, "reviews.yaml"), version="1"
+    )
+    route = route_for(snap, "127.0.0.1_15001", head(authority=b"reviews:9080"))  # short name inside prod
+    picks = Counter(route.pick_cluster(lambda n, r=r: r) for r in range(100))
+    assert picks == {"outbound|9080|v2|reviews.prod.svc.cluster.local": 25, "outbound|9080|v1|reviews.prod.svc.cluster.local": 75}
+    assert [(e.address, e.port) for e in snap.clusters["outbound|9080|v2|reviews.prod.svc.cluster.local"].endpoints] == [
+        ("127.0.0.2", 19082)
+    ]
