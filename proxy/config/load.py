@@ -160,6 +160,12 @@ def _convert(doc: Any, source: str, index: int) -> Resource:
     return Resource(obj, source, index)
 
 
+def load_document(doc: Any, source: str = "<memory>", document: int = -1) -> Resource:
+    """One already-parsed document (a mapping, e.g. from YAML or a control-plane message) -> Resource,
+    with the same checks and errors as a file's document."""
+    return _convert(doc, source, document)
+
+
 def _yaml_message(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
