@@ -270,3 +270,13 @@ def test_virtual_service_needs_http_routes_with_destinations():
     assert e.field_path == "$.spec.http[0].route"
     e = _compile_error(service("a"), doc("VirtualService", "a", {"http": [{"route": [{"destination": {"host": "a"}}]}]}))
     assert e.field_path == "$.spec.hosts"
+
+
+def test_load_document_checks_a_parsed_mapping_like_a_file_document():
+    from proxy.config.load import load_document
+
+    good = load_document(workload("w", "a", 9000), "push:7", 3)
+    assert (good.file, good.document, good.key) == ("push:7", 3, ("WorkloadEntry", "default", "w"))
+    with pytest.raises(ConfigError) as info:
+        load_document(doc("WorkloadEntry", "w", {"adress": "127.0.0.1"}), "push:7", 3)
+    assert _where(info.value) == ("push:7", 3, "WorkloadEntry", "default/w", "$.spec.adress")
