@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import trio
 
 from proxy.config.snapshot import Listener, Snapshot
 
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
-SERVED_PROTOCOLS = frozenset({"HTTP"})  # what the L7 server speaks in this release
 
 # serve(sock, listener_name, task_status=...) runs until cancelled
 ServeFn = Callable[..., Awaitable[None]]
@@ -42,15 +41,18 @@ async def open_reuseport_socket(address: str, port: int, *, backlog: int = LISTE
 class _Active:
     address: str
     port: int
+    protocol: str
     scope: trio.CancelScope
+    closed: trio.Event
 
 
 class ListenerManager:
-    """Owns the serving tasks of one worker's listeners, inside the worker's nursery."""
+    """Owns the serving tasks of one worker's listeners, inside the worker's nursery. `servers` maps
+    a listener protocol to the function that serves it (HTTP -> the L7 server)."""
 
-    def __init__(self, nursery: trio.Nursery, serve: ServeFn, log: Any) -> None:
+    def __init__(self, nursery: trio.Nursery, servers: Mapping[str, ServeFn], log: Any) -> None:
         self._nursery = nursery
-        self._serve = serve
+        self._servers = servers
         self._log = log
         self._active: dict[str, _Active] = {}
 
@@ -64,17 +66,24 @@ class ListenerManager:
         wanted: dict[str, Listener] = {}
         errors: list[str] = []
         for listener in snapshot.listeners:
-            if listener.protocol.upper() in SERVED_PROTOCOLS:
+            if listener.protocol in self._servers:
                 wanted[listener.name] = listener
-            else:
-                self._log.warning("listener_protocol_not_served", listener=listener.name, protocol=listener.protocol)
+            else:  # the compiler should not emit it; say so loudly rather than serve it wrongly
+                msg = f"{listener.name}: no server for protocol {listener.protocol}"
+                self._log.error("listener_protocol_not_served", listener=listener.name, error=msg)
+                errors.append(msg)
+        stopping: list[_Active] = []
         for name, active in list(self._active.items()):
             listener = wanted.get(name)
-            if listener is None or (listener.address, listener.port) != (active.address, active.port):
+            if listener is None or (listener.address, listener.port, listener.protocol) != (
+                    active.address, active.port, active.protocol):
                 # stops accepting; its open connections live in the worker-wide nursery and finish
                 active.scope.cancel()
+                stopping.append(active)
                 del self._active[name]
                 self._log.info("listener_removed", listener=name)
+        for active in stopping:  # closed before anything binds again (or reconcile returns)
+            await active.closed.wait()
         for name, listener in wanted.items():
             if name in self._active:
                 continue
@@ -85,17 +94,18 @@ class ListenerManager:
                 self._log.error("listener_bind_failed", listener=name, error=msg)
                 errors.append(msg)
                 continue
-            scope = trio.CancelScope()
-            self._active[name] = _Active(listener.address, listener.port, scope)
-            await self._nursery.start(self._run, sock, name, scope)
+            active = _Active(listener.address, listener.port, listener.protocol, trio.CancelScope(), trio.Event())
+            self._active[name] = active
+            await self._nursery.start(self._run, self._servers[listener.protocol], sock, name, active)
             self._log.info("listener_added", listener=name, address=f"{listener.address}:{listener.port}")
         return errors
 
-    async def _run(self, sock: trio.socket.SocketType, name: str, scope: trio.CancelScope,
+    async def _run(self, serve: ServeFn, sock: trio.socket.SocketType, name: str, active: _Active,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
-            with scope:
-                await self._serve(sock, name, task_status=task_status)
+            with active.scope:
+                await serve(sock, name, task_status=task_status)
         finally:
             # closed here, after the serving task is gone, never under a task blocked in accept()
             sock.close()
+            active.closed.set()

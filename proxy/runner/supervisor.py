@@ -133,7 +133,8 @@ class Supervisor:
         message = self._load_message()
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
-                if slot.version != message.version:
+                # a worker behind, or one that could not open a listener (it retries the bind)
+                if slot.version != message.version or slot.listener_errors:
                     nursery.start_soon(slot.push_config, message)
 
     def request_reload(self, reason: str) -> None:

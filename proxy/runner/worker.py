@@ -56,7 +56,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
         async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
             await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
 
-        listeners = ListenerManager(nursery, serve, log)
+        # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
+        listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve}, log)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
         while True:

@@ -58,7 +58,7 @@ async def test_add_keep_remove() -> None:
     p1, p2 = _free_port(), _free_port()
     server = NameServer("w0")
     async with trio.open_nursery() as nursery:
-        manager = ListenerManager(nursery, server, LOG)
+        manager = ListenerManager(nursery, {"HTTP": server}, LOG)
         assert await manager.reconcile(_snapshot("1", p1)) == []
         assert manager.names == [f"127.0.0.1_{p1}"]
         assert await _ask(p1) == f"w0 127.0.0.1_{p1}"
@@ -85,8 +85,8 @@ async def test_add_keep_remove() -> None:
 async def test_two_workers_share_a_port_with_reuseport() -> None:
     port = _free_port()
     async with trio.open_nursery() as nursery:
-        a = ListenerManager(nursery, NameServer("a"), LOG)
-        b = ListenerManager(nursery, NameServer("b"), LOG)
+        a = ListenerManager(nursery, {"HTTP": NameServer("a")}, LOG)
+        b = ListenerManager(nursery, {"HTTP": NameServer("b")}, LOG)
         assert await a.reconcile(_snapshot("1", port)) == []
         assert await b.reconcile(_snapshot("1", port)) == []
         seen = {(await _ask(port)).split()[0] for _ in range(200)}
@@ -102,7 +102,7 @@ async def test_bind_failure_is_reported_and_others_still_serve() -> None:
     taken = blocker.getsockname()[1]
     try:
         async with trio.open_nursery() as nursery:
-            manager = ListenerManager(nursery, NameServer("w"), LOG)
+            manager = ListenerManager(nursery, {"HTTP": NameServer("w")}, LOG)
             errors = await manager.reconcile(_snapshot("1", taken, good))
             assert len(errors) == 1 and f"127.0.0.1_{taken}" in errors[0] and "in use" in errors[0]
             assert manager.names == [f"127.0.0.1_{good}"]
@@ -116,12 +116,21 @@ async def test_bind_failure_is_reported_and_others_still_serve() -> None:
         blocker.close()
 
 
-async def test_unserved_protocols_are_skipped() -> None:
-    port = _free_port()
+async def test_each_protocol_gets_its_server_and_unknown_ones_are_errors() -> None:
+    http_port, proxy_port, tcp_port = _free_port(), _free_port(), _free_port()
+    snapshot = Snapshot("1", _snapshot("1", http_port).listeners + _snapshot("1", proxy_port, protocol="HTTP_PROXY").listeners
+                        + _snapshot("1", tcp_port, protocol="TCP").listeners, {})
     async with trio.open_nursery() as nursery:
-        manager = ListenerManager(nursery, NameServer("w"), LOG)
-        assert await manager.reconcile(_snapshot("1", port, protocol="TCP")) == []
-        assert manager.names == []
+        manager = ListenerManager(nursery, {"HTTP": NameServer("h"), "HTTP_PROXY": NameServer("p")}, LOG)
+        errors = await manager.reconcile(snapshot)
+        assert errors == [f"127.0.0.1_{tcp_port}: no server for protocol TCP"]
+        assert manager.names == sorted([f"127.0.0.1_{http_port}", f"127.0.0.1_{proxy_port}"])
+        assert await _ask(http_port) == f"h 127.0.0.1_{http_port}"
+        assert await _ask(proxy_port) == f"p 127.0.0.1_{proxy_port}"
+        # same name and port, new protocol: the listener is replaced, served by the other server
+        swapped = _snapshot("2", http_port, protocol="HTTP_PROXY")
+        assert await manager.reconcile(swapped) == []
+        assert await _ask(http_port) == f"p 127.0.0.1_{http_port}"
         nursery.cancel_scope.cancel()
 
 
