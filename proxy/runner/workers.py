@@ -65,6 +65,7 @@ class WorkerSlot:
         self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._restarts = stats.counter("triomesh_worker_restarts_total")
         self._stopping = False
+        self._stopped = trio.Event()  # wakes a restart backoff early
         # counters of processes that died, so summed counters do not go backwards on a restart
         self.retired_rows: list[control.StatsRow] = []
         self._last_rows: list[control.StatsRow] = []
@@ -85,7 +86,8 @@ class WorkerSlot:
             self.restarts += 1
             self._restarts.value += 1
             self._log.warning("worker_restarting", after_s=round(backoff, 2), lived_s=round(lived, 2))
-            await trio.sleep(backoff)
+            with trio.move_on_after(backoff):
+                await self._stopped.wait()
 
     async def _run_once(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -93,6 +95,10 @@ class WorkerSlot:
             cmd = [sys.executable, "-m", "proxy.runner.worker", "--control-fd", str(child.fileno()),
                    "--index", str(self.index), *self._worker_args]
             process = await trio.lowlevel.open_process(cmd, pass_fds=(child.fileno(),), env=_worker_env())
+        except OSError as e:  # EMFILE, EAGAIN (process limit), ...: try again after the backoff
+            parent.close()
+            self._log.error("worker_spawn_failed", error=str(e))
+            return
         except BaseException:
             parent.close()
             raise
@@ -191,6 +197,7 @@ class WorkerSlot:
     async def stop(self) -> None:
         """Ask the worker to exit; run() then returns instead of restarting it."""
         self._stopping = True
+        self._stopped.set()
         if not await self._send(control.Shutdown()):
             process = self.process
             if process is not None and process.returncode is None:
