@@ -1,0 +1,434 @@
+"""The control-plane server: proxy streams (Hello, snapshots, ACK/NACK, heartbeats), CLI requests, the
+directory watcher and the push loop, on Trio.
+
+Theory of operation.
+- Every TCP connection starts with one message that says what it is: `Hello` opens a proxy stream;
+  `ApplyRequest`, `DeleteRequest` or `StatusRequest` is a one-shot CLI request answered and closed.
+- A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once.
+  Afterwards the connection task only receives (ACK/NACK/Heartbeat); a second task sends heartbeats.
+  Nothing received for `heartbeat_timeout_s` closes the stream. A protocol violation closes only that
+  stream (the peer gets an `Error`).
+- A config change (directory poll, apply/delete, a workload registered or expired) feeds the
+  `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
+  enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
+  sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
+  proxy has ACKed everything sent on this stream, else a full snapshot. A NACKed version is not resent:
+  the proxy stays on its last good version until the config changes again.
+- A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
+  its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
+  back within the grace period keeps its registration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from controlplane.framed import FramedStream, StreamClosed
+from controlplane.pushqueue import Debouncer, PushQueue
+from controlplane.snapshots import ProxyClass, StoredResource, View, ViewCache, delta
+from controlplane.store import ChangeOutcome, ConfigStore
+from controlplane.wire import (
+    MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    Ack,
+    ApplyRequest,
+    ApplyResult,
+    DeleteRequest,
+    Error,
+    Heartbeat,
+    Hello,
+    Nack,
+    ProtocolError,
+    ProxyStatus,
+    ResourceKey,
+    Snapshot,
+    StatusReply,
+    StatusRequest,
+    Welcome,
+)
+from proxy.config.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 15.0
+    grace_period_s: float = 30.0
+    debounce_quiet_s: float = 0.1
+    debounce_max_s: float = 1.0
+    push_concurrency: int = 256
+    push_timeout_s: float = 10.0
+    poll_interval_s: float = 1.0
+    hello_timeout_s: float = 10.0
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    delta: bool = True
+
+
+@dataclass(eq=False)
+class ProxyConn:
+    """What the control plane knows about one proxy (by node id), connected or within its grace."""
+
+    node_id: str
+    namespace: str
+    labels: dict[str, str]
+    address: str
+    service_account: str
+    pc: ProxyClass
+    stream: FramedStream | None = None
+    session: int = 0  # bumped per stream, so a stale stream's cleanup does not touch a newer one
+    connected_at: float = 0.0
+    last_seen: float = 0.0
+    disconnected_at: float | None = None
+    sent_version: str = ""
+    sent_nonce: str = ""
+    acked_version: str = ""
+    acked: dict[ResourceKey, StoredResource] = field(default_factory=dict)  # the set behind acked_version
+    pending: dict[str, View] = field(default_factory=dict)  # nonce -> view sent, awaiting ACK/NACK
+    last_nack: str = ""
+    last_nack_version: str = ""
+    workload_key: ResourceKey | None = None
+    pushes: int = 0
+
+    def status(self, now: float) -> ProxyStatus:
+        return ProxyStatus(
+            node_id=self.node_id,
+            namespace=self.namespace,
+            labels=self.labels,
+            address=self.address,
+            connected=self.stream is not None,
+            sent_version=self.sent_version,
+            acked_version=self.acked_version,
+            last_nack=self.last_nack,
+            last_nack_version=self.last_nack_version,
+            connected_for_s=round(now - self.connected_at, 3) if self.stream is not None else 0.0,
+            last_seen_s_ago=round(now - self.last_seen, 3),
+        )
+
+
+class ControlPlane:
+    def __init__(self, store: ConfigStore, options: ServerOptions, log: Any) -> None:
+        self.store = store
+        self.options = options
+        self.log = log
+        self.server_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.proxies: dict[str, ProxyConn] = {}
+        self.queue = PushQueue()
+        self.debouncer = Debouncer(options.debounce_quiet_s, options.debounce_max_s)
+        self._changed = trio.Event()
+        self._queued = trio.Event()
+        self._nonces = itertools.count(1)
+        self._cache: ViewCache | None = None
+        self._cache_generation = -1
+        self.pushes_total = 0
+        self.push_bytes_total = 0
+        store.extra_classes = self.connected_classes
+        self._nursery: trio.Nursery | None = None
+
+    # ---- state helpers
+
+    def connected_classes(self) -> set[ProxyClass]:
+        return {p.pc for p in self.proxies.values() if p.stream is not None}
+
+    def views(self) -> ViewCache:
+        if self._cache is None or self._cache_generation != self.store.generation:
+            self._cache = ViewCache(self.store.state)
+            self._cache_generation = self.store.generation
+        return self._cache
+
+    def config_changed(self, reason: str) -> None:
+        self.debouncer.event(trio.current_time())
+        self._changed.set()
+        self.log.info("config_changed", reason=reason, version=self.store.version)
+
+    # ---- serving
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=65535)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._push_loop)
+            for _ in range(self.options.push_concurrency):
+                nursery.start_soon(self._sender)
+            if self.store.config_dir is not None:
+                nursery.start_soon(self._watch_directory)
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            self.log.info("controlplane_listening", address=f"{host}:{bound}", version=self.store.version,
+                          resources=len(self.store.state))
+            task_status.started(bound)
+
+    async def _watch_directory(self) -> None:
+        while True:
+            await trio.sleep(self.options.poll_interval_s)
+            if not self.store.directory_changed():
+                continue
+            try:
+                changed = self.store.load_directory()
+            except ConfigError as e:
+                self.store.last_error = str(e)
+                self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
+                continue
+            if changed:
+                self.config_changed("directory")
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        framed = FramedStream(stream, max_frame_bytes=self.options.max_frame_bytes)
+        peer = _peer(stream)
+        try:
+            with trio.fail_after(self.options.hello_timeout_s):
+                first = await framed.receive()
+            if isinstance(first, Hello):
+                await self._proxy_stream(framed, first, peer)
+            elif isinstance(first, (ApplyRequest, DeleteRequest)):
+                await framed.send(self._change(first))
+            elif isinstance(first, StatusRequest):
+                await framed.send(self.status())
+            else:
+                raise ProtocolError("UNEXPECTED_MESSAGE", f"a stream must start with hello, apply, delete or status, not {type(first).__name__}")
+        except ProtocolError as e:
+            self.log.warning("stream_protocol_error", peer=peer, code=e.code, error=e.message)
+            await framed.fail(e)
+        except trio.TooSlowError:
+            self.log.warning("stream_hello_timeout", peer=peer)
+        except StreamClosed:
+            pass
+        finally:
+            await framed.aclose()
+
+    # ---- CLI requests
+
+    def _change(self, request: ApplyRequest | DeleteRequest) -> ApplyResult:
+        sources = [(s.name, s.data) for s in request.sources]
+        op = "apply" if isinstance(request, ApplyRequest) else "delete"
+        try:
+            outcome: ChangeOutcome = self.store.apply(sources) if op == "apply" else self.store.delete(sources)
+        except ConfigError as e:
+            self.log.error("config_rejected", source=op, error=str(e), keeping_version=self.store.version)
+            return ApplyResult(ok=False, config_version=self.store.version, error=str(e))
+        if outcome.changed:
+            self.config_changed(op)
+        return ApplyResult(ok=True, config_version=self.store.version, created=outcome.created,
+                           configured=outcome.configured, unchanged=outcome.unchanged, deleted=outcome.deleted)
+
+    def status(self) -> StatusReply:
+        now = trio.current_time()
+        return StatusReply(config_version=self.store.version,
+                           proxies=[self.proxies[k].status(now) for k in sorted(self.proxies)])
+
+    # ---- proxy streams
+
+    async def _proxy_stream(self, framed: FramedStream, hello: Hello, peer: str) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolError("UNSUPPORTED_VERSION",
+                                f"protocol version {hello.protocol_version} is not supported (this control plane speaks {PROTOCOL_VERSION})")
+        if not hello.node_id:
+            raise ProtocolError("BAD_HELLO", "hello needs a node_id")
+        now = trio.current_time()
+        proxy = self.proxies.get(hello.node_id)
+        if proxy is not None and proxy.stream is not None:
+            # the same node again (a restarted proxy whose old connection is not yet seen as dead)
+            self.log.info("proxy_replaced", node_id=hello.node_id)
+            old = proxy.stream
+            proxy.stream = None
+            await old.aclose()
+        pc = ProxyClass.of(hello.namespace, hello.labels)
+        if proxy is None or proxy.pc != pc or proxy.address != hello.address:
+            workload_key = proxy.workload_key if proxy is not None else None
+            proxy = ProxyConn(hello.node_id, hello.namespace, dict(hello.labels), hello.address or peer.rsplit(":", 1)[0],
+                              hello.service_account, pc, workload_key=workload_key)
+            self.proxies[hello.node_id] = proxy
+        proxy.session += 1
+        session = proxy.session
+        proxy.stream = framed
+        proxy.connected_at = proxy.last_seen = now
+        proxy.disconnected_at = None
+        proxy.pending.clear()
+        proxy.acked = {}  # a new stream starts from a full snapshot
+        proxy.sent_version = proxy.acked_version = ""
+        self.log.info("proxy_connected", node_id=hello.node_id, namespace=hello.namespace, labels=hello.labels,
+                      peer=peer, serving=hello.last_version)
+        if hello.register:
+            self._register(proxy, hello)
+        try:
+            await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s))
+            await self.push(proxy, force_full=True)
+            error: ProtocolError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, framed)
+                try:
+                    await self._receive_loop(proxy, framed)
+                except ProtocolError as e:
+                    error = e  # raised outside the nursery, so it is not wrapped in an ExceptionGroup
+                except StreamClosed:
+                    pass
+                finally:
+                    nursery.cancel_scope.cancel()
+            if error is not None:
+                raise error
+        finally:
+            if proxy.session == session:
+                proxy.stream = None
+                proxy.disconnected_at = trio.current_time()
+                self.queue.remove(proxy.node_id)
+                self.log.info("proxy_disconnected", node_id=proxy.node_id, acked_version=proxy.acked_version)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._expire, proxy, session)
+
+    def _register(self, proxy: ProxyConn, hello: Hello) -> None:
+        try:
+            key = self.store.register_workload(hello.node_id, hello.namespace, hello.labels, proxy.address,
+                                               hello.ports, hello.service_account)
+        except ConfigError as e:
+            self.log.error("workload_registration_refused", node_id=hello.node_id, error=str(e))
+            return
+        if proxy.workload_key is not None and proxy.workload_key != key:
+            self.store.unregister_workload(proxy.workload_key)
+        proxy.workload_key = key
+        self.config_changed("workload_registered")
+
+    async def _expire(self, proxy: ProxyConn, session: int) -> None:
+        await trio.sleep(self.options.grace_period_s)
+        if proxy.session != session or proxy.stream is not None or self.proxies.get(proxy.node_id) is not proxy:
+            return  # it came back
+        del self.proxies[proxy.node_id]
+        self.log.info("proxy_expired", node_id=proxy.node_id)
+        if proxy.workload_key is not None and self.store.unregister_workload(proxy.workload_key):
+            self.config_changed("workload_expired")
+
+    async def _heartbeats(self, framed: FramedStream) -> None:
+        for seq in itertools.count(1):
+            await trio.sleep(self.options.heartbeat_interval_s)
+            try:
+                await framed.send(Heartbeat(seq=seq))
+            except StreamClosed:
+                return
+
+    async def _receive_loop(self, proxy: ProxyConn, framed: FramedStream) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.options.heartbeat_timeout_s):
+                    message = await framed.receive()
+            except trio.TooSlowError:
+                self.log.warning("proxy_heartbeat_timeout", node_id=proxy.node_id)
+                await framed.fail(ProtocolError("HEARTBEAT_TIMEOUT", f"nothing received for {self.options.heartbeat_timeout_s}s"))
+                return
+            proxy.last_seen = trio.current_time()
+            if isinstance(message, Heartbeat):
+                continue
+            if isinstance(message, Ack):
+                view = proxy.pending.pop(message.nonce, None)
+                if view is None or view.version != message.version:
+                    raise ProtocolError("UNKNOWN_NONCE", f"ack for nonce {message.nonce!r} version {message.version!r} that was not sent")
+                self._drop_older(proxy, message.nonce)
+                proxy.acked_version = view.version
+                proxy.acked = view.by_key()
+                self.log.debug("proxy_ack", node_id=proxy.node_id, version=view.version)
+            elif isinstance(message, Nack):
+                view = proxy.pending.pop(message.nonce, None)
+                if view is None:
+                    raise ProtocolError("UNKNOWN_NONCE", f"nack for nonce {message.nonce!r} that was not sent")
+                self._drop_older(proxy, message.nonce)
+                proxy.last_nack = message.error
+                proxy.last_nack_version = message.version
+                self.log.error("proxy_nack", node_id=proxy.node_id, version=message.version,
+                               serving=message.serving_version, error=message.error)
+            else:
+                raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not valid on a proxy stream")
+
+    @staticmethod
+    def _drop_older(proxy: ProxyConn, nonce: str) -> None:
+        # an answer to a push implies the proxy processed every earlier one (they are answered in order)
+        n = int(nonce)
+        for k in [k for k in proxy.pending if int(k) < n]:
+            del proxy.pending[k]
+
+    # ---- pushing
+
+    async def push(self, proxy: ProxyConn, *, force_full: bool = False) -> bool:
+        """Send the proxy its current view if it differs from what it was last sent."""
+        framed = proxy.stream
+        if framed is None:
+            return False
+        view = self.views().view(proxy.pc)
+        if view.version == proxy.sent_version and not force_full:
+            return False
+        nonce = str(next(self._nonces))
+        incremental = (
+            self.options.delta and not force_full and proxy.acked_version and not proxy.pending
+            and proxy.acked_version == proxy.sent_version
+        )
+        if incremental:
+            changed, removed = delta(proxy.acked, view)
+            message = Snapshot(version=view.version, nonce=nonce, full=False, base_version=proxy.acked_version,
+                               resources=[s.wire for s in changed], removed=removed)
+        else:
+            message = Snapshot(version=view.version, nonce=nonce, full=True, resources=[s.wire for s in view.resources])
+        proxy.pending[nonce] = view
+        proxy.sent_version = view.version
+        proxy.sent_nonce = nonce
+        before = framed.bytes_sent
+        await framed.send(message)
+        proxy.pushes += 1
+        self.pushes_total += 1
+        self.push_bytes_total += framed.bytes_sent - before
+        return True
+
+    async def _push_loop(self) -> None:
+        while True:
+            due = self.debouncer.due_at()
+            if due is None:
+                await self._changed.wait()
+                self._changed = trio.Event()
+                continue
+            with trio.move_on_at(due):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            merged = self.debouncer.take(trio.current_time())
+            if not merged:
+                continue
+            views = self.views()
+            queued = 0
+            for proxy in self.proxies.values():
+                if proxy.stream is not None and views.view(proxy.pc).version != proxy.sent_version:
+                    self.queue.enqueue(proxy.node_id)
+                    queued += 1
+            self.log.info("push_started", version=self.store.version, changes=merged, proxies=queued)
+            if queued:
+                self._queued.set()
+
+    async def _sender(self) -> None:
+        while True:
+            node_id = self.queue.pop()
+            if node_id is None:
+                if self._queued.is_set():
+                    self._queued = trio.Event()  # the enqueuer sets the current one
+                await self._queued.wait()
+                continue
+            proxy = self.proxies.get(node_id)
+            try:
+                if proxy is not None and proxy.stream is not None:
+                    with trio.move_on_after(self.options.push_timeout_s) as scope:
+                        await self.push(proxy)
+                    if scope.cancelled_caught and proxy.stream is not None:
+                        self.log.warning("push_timeout", node_id=node_id)
+                        await proxy.stream.aclose()
+            except StreamClosed:
+                pass
+            finally:
+                self.queue.done(node_id)
+                if len(self.queue):
+                    self._queued.set()  # it was enqueued again while this push was in flight
+
+
+def _peer(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"

@@ -1,0 +1,260 @@
+"""Per-proxy snapshots, pure: which resources a proxy needs, and a content-hash version of that set.
+
+Theory of operation. The store's state is a mapping of resource key -> `StoredResource` (the typed
+resource, its wire encoding and a digest of that encoding). A proxy is described by its `ProxyClass`
+(namespace and labels): every proxy of a class needs the same resources, so views are computed once
+per class per state, however many proxies share it.
+
+The view follows Istio's Sidecar scoping. The one Sidecar that applies to a proxy is, in Istio's order,
+the Sidecar in the proxy's namespace whose workloadSelector matches its labels, else the selector-less
+Sidecar of its namespace, else the selector-less Sidecar of the root namespace. Only that Sidecar is
+in the view (so the proxy's compile never sees another workload's listeners). If it has egress
+listeners, their `hosts` ("ns/dnsName") narrow the mesh services and routes the proxy sees: visible
+ServiceEntries and mesh VirtualServices, the DestinationRules and WorkloadEntries of those services,
+and whatever an included VirtualService routes to (a route to a service the proxy cannot resolve would
+be refused by its compile). Gateways whose selector matches the proxy, and the VirtualServices bound to
+them, are always in the view. Without a Sidecar (or without egress hosts) the proxy sees every service.
+
+The version of a view is a hash over its sorted (key, digest) pairs: a change to any resource a proxy
+sees changes its version, a change elsewhere does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from controlplane.wire import ResourceKey, WireResource, encode_istio
+from proxy.config import hosts
+from proxy.config.load import Resource
+
+ROOT_NAMESPACE = "istio-system"  # Istio's default meshConfig.rootNamespace
+MESH = "mesh"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResource:
+    key: ResourceKey
+    resource: Resource
+    body: bytes  # the wire encoding (MessagePack of the YAML-equivalent mapping)
+    digest: str
+    wire: WireResource = field(compare=False)
+
+    @classmethod
+    def of(cls, resource: Resource) -> "StoredResource":
+        import msgspec
+
+        body = encode_istio(resource.obj)
+        key = ResourceKey(resource.kind, resource.namespace, resource.name)
+        digest = hashlib.blake2b(body, digest_size=12).hexdigest()
+        wire = WireResource(body=msgspec.Raw(body), file=resource.file, document=resource.document)
+        return cls(key, resource, body, digest, wire)
+
+
+State = Mapping[ResourceKey, StoredResource]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyClass:
+    namespace: str
+    labels: frozenset[tuple[str, str]] = frozenset()
+
+    @classmethod
+    def of(cls, namespace: str, labels: Mapping[str, str]) -> "ProxyClass":
+        return cls(namespace, frozenset(labels.items()))
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+    def selects(self, selector: Mapping[str, str] | None) -> bool:
+        if not selector:
+            return True
+        labels = self.label_dict
+        return all(labels.get(k) == v for k, v in selector.items())
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What one class of proxy receives: resources sorted by key, and their version."""
+
+    resources: tuple[StoredResource, ...]
+    version: str
+
+    def by_key(self) -> dict[ResourceKey, StoredResource]:
+        return {s.key: s for s in self.resources}
+
+
+def view_version(resources: Iterable[StoredResource]) -> str:
+    h = hashlib.blake2b(digest_size=8)
+    for s in resources:
+        h.update(f"{s.key.kind}\0{s.key.namespace}\0{s.key.name}\0{s.digest}\n".encode())
+    return h.hexdigest()
+
+
+def _of_kind(state: State, kind: str) -> list[StoredResource]:
+    return [s for k, s in state.items() if k.kind == kind]
+
+
+def select_sidecar(state: State, pc: ProxyClass) -> StoredResource | None:
+    sidecars = _of_kind(state, "Sidecar")
+    own = sorted((s for s in sidecars if s.key.namespace == pc.namespace), key=lambda s: s.key.name)
+    for s in own:
+        ws = s.resource.obj.spec.workload_selector
+        if ws is not None and ws.labels and pc.selects(ws.labels):
+            return s
+    for s in own:
+        ws = s.resource.obj.spec.workload_selector
+        if ws is None or not ws.labels:
+            return s
+    for s in sorted((s for s in sidecars if s.key.namespace == ROOT_NAMESPACE), key=lambda s: s.key.name):
+        ws = s.resource.obj.spec.workload_selector
+        if ws is None or not ws.labels:
+            return s
+    return None
+
+
+def _egress_scopes(sidecar: StoredResource) -> list[tuple[str, str]] | None:
+    """("ns" or "*", dns pattern) pairs from the egress hosts; None when the Sidecar does not narrow."""
+    spec = sidecar.resource.obj.spec
+    scopes: list[tuple[str, str]] = []
+    for eg in spec.egress:
+        for h in eg.hosts:
+            ns, sep, dns = h.partition("/")
+            if not sep or ns == "~":
+                continue  # "~/..." selects nothing; a malformed host is the compiler's error to report
+            scopes.append((sidecar.key.namespace if ns == "." else ns, dns))
+    return scopes if spec.egress else None
+
+
+def _visible(scopes: list[tuple[str, str]], owner_ns: str, host: str) -> bool:
+    full = hosts.fqdn(host, owner_ns)
+    for ns, dns in scopes:
+        if ns != "*" and ns != owner_ns:
+            continue
+        if hosts.matches(dns, host) or hosts.matches(dns, full):
+            return True
+    return False
+
+
+def _gateway_ref(name: str, namespace: str) -> str:
+    if name == MESH:
+        return MESH
+    return name if "/" in name else f"{namespace}/{name}"
+
+
+def _vs_gateways(vs: StoredResource) -> set[str]:
+    spec = vs.resource.obj.spec
+    refs = {_gateway_ref(g, vs.key.namespace) for g in spec.gateways} or {MESH}
+    for http in spec.http:
+        for m in http.match:
+            refs.update(_gateway_ref(g, vs.key.namespace) for g in m.gateways)
+    return refs
+
+
+def _service_hosts(se: StoredResource) -> list[str]:
+    return [hosts.fqdn(h, se.key.namespace) for h in se.resource.obj.spec.hosts]
+
+
+def _refers(host: str, namespace: str, se: StoredResource) -> bool:
+    """Does a destination/DestinationRule host written in `namespace` name a host of this ServiceEntry?"""
+    if host in se.resource.obj.spec.hosts:
+        return True
+    full = hosts.fqdn(host, namespace)
+    return any(full == h or (hosts.is_wildcard(host) and hosts.matches(full, h)) for h in _service_hosts(se))
+
+
+def compute_view(state: State, pc: ProxyClass) -> View:
+    sidecar = select_sidecar(state, pc)
+    gateways = _of_kind(state, "Gateway")
+    own_gateways = {f"{g.key.namespace}/{g.key.name}" for g in gateways if pc.selects(g.resource.obj.spec.selector)}
+    scopes = _egress_scopes(sidecar) if sidecar is not None else None
+    virtual_services = _of_kind(state, "VirtualService")
+    service_entries = _of_kind(state, "ServiceEntry")
+
+    if scopes is None:
+        chosen_vs = virtual_services
+        chosen_se = service_entries
+    else:
+        chosen_vs = []
+        for vs in virtual_services:
+            refs = _vs_gateways(vs)
+            if refs & own_gateways or (MESH in refs and any(_visible(scopes, vs.key.namespace, h) for h in vs.resource.obj.spec.hosts)):
+                chosen_vs.append(vs)
+        chosen_se = [
+            se for se in service_entries if any(_visible(scopes, se.key.namespace, h) for h in se.resource.obj.spec.hosts)
+        ]
+        # whatever an included route sends traffic to must resolve in the proxy's compile
+        chosen_keys = {se.key for se in chosen_se}
+        for vs in chosen_vs:
+            for http in vs.resource.obj.spec.http:
+                for rd in http.route:
+                    for se in service_entries:
+                        if se.key not in chosen_keys and _refers(rd.destination.host, vs.key.namespace, se):
+                            chosen_se.append(se)
+                            chosen_keys.add(se.key)
+    out: list[StoredResource] = list(chosen_vs) + list(chosen_se)
+    # Gateways: the proxy's own, and any an included VirtualService names (the reference must resolve)
+    named = set(own_gateways)
+    for vs in chosen_vs:
+        named |= _vs_gateways(vs)
+    out += [g for g in gateways if f"{g.key.namespace}/{g.key.name}" in named]
+    if sidecar is not None:
+        out.append(sidecar)
+    if scopes is None:
+        out += _of_kind(state, "DestinationRule") + _of_kind(state, "WorkloadEntry")
+    else:
+        for dr in _of_kind(state, "DestinationRule"):
+            host = dr.resource.obj.spec.host
+            if hosts.is_wildcard(host) or any(_refers(host, dr.key.namespace, se) for se in chosen_se):
+                out.append(dr)
+        selectors = [
+            (se.key.namespace, se.resource.obj.spec.workload_selector.labels)
+            for se in chosen_se
+            if se.resource.obj.spec.workload_selector is not None
+        ]
+        for we in _of_kind(state, "WorkloadEntry"):
+            labels = we.resource.obj.spec.labels
+            if any(ns == we.key.namespace and all(labels.get(k) == v for k, v in sel.items()) for ns, sel in selectors):
+                out.append(we)
+    out.sort(key=lambda s: (s.key.kind, s.key.namespace, s.key.name))
+    return View(tuple(out), view_version(out))
+
+
+class ViewCache:
+    """Views of one state, computed at most once per proxy class."""
+
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self._views: dict[ProxyClass, View] = {}
+
+    def view(self, pc: ProxyClass) -> View:
+        v = self._views.get(pc)
+        if v is None:
+            v = self._views[pc] = compute_view(self.state, pc)
+        return v
+
+
+def representative_classes(state: State) -> set[ProxyClass]:
+    """One proxy class per way the config can apply to a proxy: each namespace with no extra labels,
+    and the namespace + selector labels of each Sidecar and Gateway that has a selector. Compiling the
+    view of each is how the store validates a change for proxies that have not connected yet."""
+    classes = {ProxyClass("default")}
+    for key, s in state.items():
+        classes.add(ProxyClass(key.namespace))
+        if key.kind == "Sidecar":
+            ws = s.resource.obj.spec.workload_selector
+            if ws is not None and ws.labels:
+                classes.add(ProxyClass.of(key.namespace, ws.labels))
+        elif key.kind == "Gateway" and s.resource.obj.spec.selector:
+            classes.add(ProxyClass.of(key.namespace, s.resource.obj.spec.selector))
+    return classes
+
+
+def delta(old: Mapping[ResourceKey, StoredResource], new: View) -> tuple[list[StoredResource], list[ResourceKey]]:
+    """(added or changed, removed keys) turning the `old` set into `new`."""
+    changed = [s for s in new.resources if (o := old.get(s.key)) is None or o.digest != s.digest]
+    new_keys = {s.key for s in new.resources}
+    removed = [k for k in old if k not in new_keys]
+    return changed, removed

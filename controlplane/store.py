@@ -1,0 +1,229 @@
+"""The control plane's config store: the last valid state, and the only way to change it.
+
+Theory of operation. The state is three layers of resources keyed by (kind, namespace, name):
+1. `files`: what the watched directory holds (replaced wholesale when its files change);
+2. `applied`: what `triomesh apply` sent (kubectl-style: create or replace by key; it overrides a
+   file-defined resource of the same key, and `delete` of it brings the file's version back);
+3. `workloads`: WorkloadEntries registered by connected proxies (WorkloadGroup-style auto-registration).
+Every change builds the whole new merged state and validates it before anything is replaced: each
+resource has already passed the loader's checks, then the state is compiled (compile_resources) as
+seen by every proxy class that matters (representative classes from the config's own selectors plus
+the classes of connected proxies, each through its per-proxy view). A failure raises the ConfigError
+that names file, document, kind/name and field path, and the store keeps its state untouched.
+
+Sync and without IO except reading the watched directory's files; the server calls it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes
+from controlplane.wire import ResourceKey
+from proxy.config.compile import compile_resources
+from proxy.config.errors import ConfigError
+from proxy.config.istio import ObjectMeta, WorkloadEntry, WorkloadEntrySpec
+from proxy.config.load import Resource, check_duplicates, load_bytes
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+Layer = dict[ResourceKey, StoredResource]
+
+
+def _yaml_files(directory: Path) -> list[Path]:
+    return sorted(f for f in directory.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+
+
+def directory_fingerprint(directory: Path) -> Fingerprint:
+    """(name, mtime_ns, size) per YAML file: cheap to poll; changes on write, add and remove."""
+    try:
+        files = _yaml_files(directory)
+    except OSError:
+        return ()
+    out = []
+    for f in files:
+        try:
+            st = os.stat(f)
+        except FileNotFoundError:
+            continue
+        out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _describe(key: ResourceKey) -> str:
+    return f"{key.kind} {key.namespace}/{key.name}"
+
+
+def load_sources(sources: Iterable[tuple[str, bytes]]) -> list[Resource]:
+    resources: list[Resource] = []
+    for name, data in sources:
+        resources.extend(load_bytes(data, name))
+    check_duplicates(resources)
+    return resources
+
+
+class ChangeOutcome:
+    """What one accepted change did, per key, kubectl's words."""
+
+    def __init__(self) -> None:
+        self.created: list[str] = []
+        self.configured: list[str] = []
+        self.unchanged: list[str] = []
+        self.deleted: list[str] = []
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.created or self.configured or self.deleted)
+
+
+class ConfigStore:
+    def __init__(
+        self,
+        config_dir: Path | None = None,
+        *,
+        extra_classes: Callable[[], Iterable[ProxyClass]] = lambda: (),
+        bind_address: str = "0.0.0.0",
+    ) -> None:
+        self.config_dir = config_dir
+        self.extra_classes = extra_classes  # the classes of connected proxies (from the server)
+        self.bind_address = bind_address
+        self.files: Layer = {}
+        self.applied: Layer = {}
+        self.workloads: Layer = {}
+        self.state: dict[ResourceKey, StoredResource] = {}
+        self.generation = 0  # bumped by every accepted change: the control plane's config version
+        self.fingerprint: Fingerprint = ()
+        self.last_error: str = ""
+
+    @property
+    def version(self) -> str:
+        return str(self.generation)
+
+    # ---- validation and commit
+
+    @staticmethod
+    def merge(files: Layer, applied: Layer, workloads: Layer) -> dict[ResourceKey, StoredResource]:
+        state = dict(files)
+        state.update(applied)
+        for k, s in workloads.items():
+            state.setdefault(k, s)  # configured WorkloadEntries win over registered ones
+        return state
+
+    def validate(self, state: Mapping[ResourceKey, StoredResource]) -> None:
+        """Compile the state as every relevant proxy class sees it. Raises ConfigError."""
+        cache = ViewCache(state)
+        classes = representative_classes(state) | set(self.extra_classes())
+        for pc in sorted(classes, key=lambda c: (c.namespace, sorted(c.labels))):
+            view = cache.view(pc)
+            compile_resources(
+                [s.resource for s in view.resources],
+                version="validate",
+                bind_address=self.bind_address,
+                proxy_labels=pc.label_dict,
+            )
+
+    def _commit(self, files: Layer, applied: Layer, workloads: Layer) -> bool:
+        state = self.merge(files, applied, workloads)
+        self.validate(state)
+        self.files, self.applied, self.workloads = files, applied, workloads
+        changed = state.keys() != self.state.keys() or any(
+            self.state[k].digest != s.digest for k, s in state.items()
+        )
+        self.state = state
+        if changed:
+            self.generation += 1
+        return changed
+
+    # ---- the watched directory
+
+    def load_directory(self) -> bool:
+        """Re-read the watched directory. True when the state changed. Raises ConfigError (state kept)."""
+        if self.config_dir is None:
+            return False
+        self.fingerprint = directory_fingerprint(self.config_dir)  # before reading: a later write shows
+        if not self.config_dir.is_dir():
+            raise ConfigError("not a directory", file=str(self.config_dir))
+        sources = []
+        for f in _yaml_files(self.config_dir):
+            try:
+                sources.append((str(f), f.read_bytes()))
+            except OSError as e:
+                raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from None
+        files = {s.key: s for s in map(StoredResource.of, load_sources(sources))}
+        return self._commit(files, self.applied, self.workloads)
+
+    def directory_changed(self) -> bool:
+        return self.config_dir is not None and directory_fingerprint(self.config_dir) != self.fingerprint
+
+    # ---- apply / delete
+
+    def apply(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
+        resources = [StoredResource.of(r) for r in load_sources(sources)]
+        out = ChangeOutcome()
+        applied = dict(self.applied)
+        for s in resources:
+            old = self.state.get(s.key)
+            if old is None:
+                out.created.append(_describe(s.key))
+            elif old.digest == s.digest:
+                out.unchanged.append(_describe(s.key))
+            else:
+                out.configured.append(_describe(s.key))
+            applied[s.key] = s
+        self._commit(self.files, applied, self.workloads)
+        return out
+
+    def delete(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
+        keys = [StoredResource.of(r).key for r in load_sources(sources)]
+        out = ChangeOutcome()
+        applied = dict(self.applied)
+        for k in keys:
+            if k in applied:
+                del applied[k]
+                out.deleted.append(_describe(k))
+            elif k in self.files:
+                s = self.files[k]
+                raise ConfigError(
+                    f"{_describe(k)} is defined by the watched directory ({s.resource.file} document "
+                    f"{s.resource.document}); remove it there",
+                    file=s.resource.file, document=s.resource.document, kind=k.kind, name=f"{k.namespace}/{k.name}",
+                    field_path="$.metadata.name",
+                )
+            else:
+                raise ConfigError(f"{_describe(k)} not found", kind=k.kind, name=f"{k.namespace}/{k.name}",
+                                  field_path="$.metadata.name")
+        self._commit(self.files, applied, self.workloads)
+        return out
+
+    # ---- registered workloads
+
+    def register_workload(
+        self, node_id: str, namespace: str, labels: Mapping[str, str], address: str,
+        ports: Mapping[str, int], service_account: str,
+    ) -> ResourceKey:
+        """Add a proxy's workload as a WorkloadEntry (name: its node id). Raises ConfigError when it
+        would make the state invalid (e.g. an address that is not an IP for a STATIC service)."""
+        obj = WorkloadEntry(
+            api_version="networking.istio.io/v1",
+            kind="WorkloadEntry",
+            metadata=ObjectMeta(name=node_id, namespace=namespace),
+            spec=WorkloadEntrySpec(address=address, labels=dict(labels), ports=dict(ports),
+                                   service_account=service_account),
+        )
+        s = StoredResource.of(Resource(obj, file=f"<registered by proxy {node_id}>", document=0))
+        workloads = dict(self.workloads)
+        workloads[s.key] = s
+        self._commit(self.files, self.applied, workloads)
+        return s.key
+
+    def unregister_workload(self, key: ResourceKey) -> bool:
+        if key not in self.workloads:
+            return False
+        workloads = dict(self.workloads)
+        del workloads[key]
+        try:
+            return self._commit(self.files, self.applied, workloads)
+        except ConfigError:
+            # removing an endpoint cannot invalidate references; keep it registered if it somehow does
+            return False

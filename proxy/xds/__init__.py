@@ -1,0 +1,1 @@
+"""The proxy side of the control-plane protocol (see docs/controlplane-protocol.md)."""

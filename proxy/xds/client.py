@@ -1,0 +1,251 @@
+"""The proxy's client of the control plane: one long-lived stream that turns Snapshots into applied
+config, answered by ACK or NACK.
+
+Theory of operation. `run_client` loops forever: connect (exponential back-off with full jitter while
+the control plane is unreachable), send Hello (node identity and the version served now), wait for
+Welcome, then receive. Each Snapshot is turned into the complete resource set it stands for (a full
+snapshot replaces the set; a delta applies changed/removed on top of the set it names as its base),
+every resource body is checked by the loader's own conversion, and the set goes to `on_resources`.
+If that returns (or its awaitable completes), the proxy serves the new version: ACK. If it raises (a
+ConfigError from compiling, or anything else), the proxy keeps its previous config: NACK with the
+error text. Heartbeats go out every interval the Welcome names; nothing received for three intervals
+ends the stream, and the loop reconnects. While disconnected nothing changes: the proxy serves its
+last good config, and the next stream starts with a full snapshot (resync).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from controlplane.framed import FramedStream, StreamClosed
+from controlplane.wire import (
+    MAX_FRAME_BYTES,
+    Ack,
+    Error,
+    Heartbeat,
+    Hello,
+    Nack,
+    ProtocolError,
+    ResourceKey,
+    Snapshot,
+    Welcome,
+    decode_istio,
+)
+from proxy.config.errors import ConfigError
+from proxy.config.load import Resource
+
+OnResources = Callable[[list[Resource], str], "None | Awaitable[None]"]
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Who this proxy is: Hello's fields. With `register`, the control plane adds the workload
+    (address, labels, ports, service account) as a WorkloadEntry while the proxy is connected."""
+
+    node_id: str
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    service_account: str = ""
+    address: str = ""
+    ports: dict[str, int] = field(default_factory=dict)
+    register: bool = False
+
+    @classmethod
+    def default(cls, **kw: Any) -> "NodeInfo":
+        return cls(node_id=kw.pop("node_id", f"{socket.gethostname()}.{os.getpid()}"), **kw)
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    welcome_timeout_s: float = 10.0
+    heartbeat_misses: float = 3.0  # intervals of silence before the stream is considered dead
+    max_frame_bytes: int = MAX_FRAME_BYTES
+
+
+@dataclass
+class ClientState:
+    """What the client knows, for the admin endpoint and tests."""
+
+    connected: bool = False
+    server_id: str = ""
+    version: str = ""  # the version applied (ACKed) last; kept across reconnects
+    resources: dict[ResourceKey, Resource] = field(default_factory=dict, repr=False)
+    connects: int = 0
+    acks: int = 0
+    nacks: int = 0
+    last_error: str = ""  # the last NACK's text
+    last_disconnect: str = ""
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        return address
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def backoff_delays(initial_s: float, max_s: float, rng: random.Random):
+    """Full jitter (a uniform delay up to an exponentially growing cap): reconnecting proxies spread out."""
+    for attempt in itertools.count():
+        yield rng.uniform(0, min(max_s, initial_s * (2**attempt)))
+
+
+class _Resync(Exception):
+    """The stream cannot continue (a delta on a base we do not have); reconnect for a full snapshot."""
+
+
+def _key(r: Resource) -> ResourceKey:
+    return ResourceKey(r.kind, r.namespace, r.name)
+
+
+def build_resource_set(message: Snapshot, current: dict[ResourceKey, Resource], current_version: str) -> dict[ResourceKey, Resource]:
+    """The full resource set a Snapshot stands for. Raises ConfigError (a body the loader refuses) or
+    _Resync (a delta whose base is not what we serve)."""
+    if message.full:
+        out: dict[ResourceKey, Resource] = {}
+    else:
+        if message.base_version != current_version:
+            raise _Resync(f"delta on base {message.base_version!r} but serving {current_version!r}")
+        out = dict(current)
+        for k in message.removed:
+            out.pop(k, None)
+    for w in message.resources:
+        r = decode_istio(w.body, file=w.file, document=w.document)
+        out[_key(r)] = r
+    return out
+
+
+async def run_client(
+    address: str | tuple[str, int],
+    node: NodeInfo,
+    on_resources: OnResources,
+    *,
+    options: ClientOptions = ClientOptions(),
+    log: Any = None,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[ClientState] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled. `task_status.started(state)` comes at once (the proxy serves whatever it
+    has while the first connection is being made); `state` is updated as the client works."""
+    if log is None:
+        from proxy.logging import get_logger
+
+        log = get_logger("triomesh.xds")
+    host, port = parse_address(address)
+    state = ClientState()
+    task_status.started(state)
+    rng = rng or random.Random()
+    delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)
+    while True:
+        try:
+            with trio.fail_after(options.connect_timeout_s):
+                stream = await trio.open_tcp_stream(host, port)
+        except (OSError, trio.TooSlowError) as e:
+            delay = next(delays)
+            log.debug("controlplane_unreachable", address=f"{host}:{port}", error=str(e) or type(e).__name__,
+                      retry_in_s=round(delay, 3), serving=state.version)
+            await trio.sleep(delay)
+            continue
+        framed = FramedStream(stream, max_frame_bytes=options.max_frame_bytes)
+        try:
+            welcomed = await _session(framed, node, on_resources, state, options, log)
+            reason = "closed"
+        except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
+            welcomed = state.connected
+            reason = f"{type(e).__name__}: {e}"
+        finally:
+            state.connected = False
+            await framed.aclose()
+        state.last_disconnect = reason
+        log.warning("controlplane_disconnected", address=f"{host}:{port}", reason=reason, serving=state.version)
+        if welcomed:
+            delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)  # it was healthy: start over
+        await trio.sleep(next(delays))
+
+
+async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResources, state: ClientState,
+                   options: ClientOptions, log: Any) -> bool:
+    await framed.send(Hello(node_id=node.node_id, namespace=node.namespace, labels=dict(node.labels),
+                            service_account=node.service_account, address=node.address, ports=dict(node.ports),
+                            register=node.register, last_version=state.version))
+    with trio.fail_after(options.welcome_timeout_s):
+        welcome = await framed.receive()
+    if isinstance(welcome, Error):
+        raise ProtocolError(welcome.code, f"control plane refused the stream: {welcome.message}")
+    if not isinstance(welcome, Welcome):
+        raise ProtocolError("UNEXPECTED_MESSAGE", f"expected welcome, got {type(welcome).__name__}")
+    state.connected = True
+    state.server_id = welcome.server_id
+    state.connects += 1
+    interval = welcome.heartbeat_interval_s
+    log.info("controlplane_connected", server_id=welcome.server_id, serving=state.version)
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_heartbeats, framed, interval)
+        try:
+            await _receive_loop(framed, on_resources, state, interval * options.heartbeat_misses, log)
+        except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
+            error = e  # re-raised outside the nursery, unwrapped
+        finally:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+    return True
+
+
+async def _heartbeats(framed: FramedStream, interval_s: float) -> None:
+    for seq in itertools.count(1):
+        await trio.sleep(interval_s)
+        try:
+            await framed.send(Heartbeat(seq=seq))
+        except StreamClosed:
+            return
+
+
+async def _receive_loop(framed: FramedStream, on_resources: OnResources, state: ClientState, timeout_s: float, log: Any) -> None:
+    while True:
+        with trio.fail_after(timeout_s):
+            message = await framed.receive()
+        if isinstance(message, Heartbeat):
+            continue
+        if isinstance(message, Error):
+            raise ProtocolError(message.code, f"control plane closed the stream: {message.message}")
+        if not isinstance(message, Snapshot):
+            await framed.fail(ProtocolError("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not valid from a control plane"))
+            raise ProtocolError("UNEXPECTED_MESSAGE", type(message).__name__)
+        if message.full and message.version == state.version and state.acks:
+            # a resync after a reconnect that brings what we serve already: nothing to apply
+            await framed.send(Ack(version=message.version, nonce=message.nonce))
+            continue
+        try:
+            resources = build_resource_set(message, state.resources, state.version)
+            result = on_resources(list(resources.values()), message.version)
+            if inspect.isawaitable(result):
+                await result
+        except _Resync:
+            raise
+        except Exception as e:  # noqa: BLE001 - any refusal is a NACK; the proxy keeps serving what it has
+            text = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            state.nacks += 1
+            state.last_error = text
+            log.error("snapshot_rejected", version=message.version, error=text, serving=state.version)
+            await framed.send(Nack(version=message.version, nonce=message.nonce, error=text, serving_version=state.version))
+            continue
+        state.resources = resources
+        state.version = message.version
+        state.acks += 1
+        log.info("snapshot_applied", version=message.version, resources=len(resources), full=message.full)
+        await framed.send(Ack(version=message.version, nonce=message.nonce))
