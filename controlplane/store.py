@@ -51,6 +51,10 @@ def directory_fingerprint(directory: Path) -> Fingerprint:
     return tuple(out)
 
 
+def _class_order(pc: ProxyClass) -> tuple:
+    return (pc.namespace, sorted(pc.labels))
+
+
 def _describe(key: ResourceKey) -> str:
     return f"{key.kind} {key.namespace}/{key.name}"
 
@@ -110,18 +114,43 @@ class ConfigStore:
             state.setdefault(k, s)  # configured WorkloadEntries win over registered ones
         return state
 
-    def validate(self, state: Mapping[ResourceKey, StoredResource]) -> None:
-        """Compile the state as every relevant proxy class sees it. Raises ConfigError."""
-        cache = ViewCache(state)
-        classes = representative_classes(state) | set(self.extra_classes())
-        for pc in sorted(classes, key=lambda c: (c.namespace, sorted(c.labels))):
-            view = cache.view(pc)
+    def _compile(self, cache: ViewCache, pc: ProxyClass) -> None:
+        try:
             compile_resources(
-                [s.resource for s in view.resources],
+                [s.resource for s in cache.view(pc).resources],
                 version="validate",
                 bind_address=self.bind_address,
                 proxy_labels=pc.label_dict,
             )
+        except ConfigError as e:
+            if not pc.labels:
+                raise
+            labels = ",".join(f"{k}={v}" for k, v in sorted(pc.labels))
+            raise ConfigError(f"{e.message} (in the config of proxies in namespace {pc.namespace} with labels {labels})",
+                              file=e.file, document=e.document, kind=e.kind, name=e.name,
+                              field_path=e.field_path) from None
+
+    def validate(self, state: Mapping[ResourceKey, StoredResource]) -> None:
+        """Compile the state as every relevant proxy class sees it. Raises ConfigError.
+
+        The representative classes must all compile. A connected proxy's class must keep compiling
+        if it compiles now: a proxy that already NACKs the current state (its own labels select
+        conflicting config) does not block changes for everyone else."""
+        cache = ViewCache(state)
+        representative = representative_classes(state)
+        for pc in sorted(representative, key=_class_order):
+            self._compile(cache, pc)
+        current = None
+        for pc in sorted(set(self.extra_classes()) - representative, key=_class_order):
+            try:
+                self._compile(cache, pc)
+            except ConfigError:
+                current = current or ViewCache(self.state)
+                try:
+                    self._compile(current, pc)
+                except ConfigError:
+                    continue  # broken before this change too: not this change's doing
+                raise
 
     def _commit(self, files: Layer, applied: Layer, workloads: Layer) -> bool:
         state = self.merge(files, applied, workloads)

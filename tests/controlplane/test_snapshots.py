@@ -1,0 +1,105 @@
+"""Per-proxy views: Sidecar selection and narrowing, reference closure, content versions, deltas."""
+
+from __future__ import annotations
+
+from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, compute_view, delta, select_sidecar
+from controlplane.store import ConfigStore
+from controlplane.wire import ResourceKey
+from proxy.config.compile import compile_resources
+
+from .fixtures import RULES, SERVICES, SIDECAR_NARROW, split
+
+
+def _store(*texts: str) -> ConfigStore:
+    store = ConfigStore(None)
+    store.apply([(f"doc{i}.yaml", t.encode()) for i, t in enumerate(texts)])
+    return store
+
+
+def _names(view) -> list[str]:
+    return [str(s.key) for s in view.resources]
+
+
+def test_without_a_sidecar_a_proxy_sees_everything():
+    store = _store(SERVICES, RULES, split(80, 20))
+    view = compute_view(store.state, ProxyClass.of("tutorial", {"app": "customer"}))
+    assert len(view.resources) == len(store.state) == 7
+
+
+def test_sidecar_egress_hosts_narrow_services_and_keep_references_resolvable():
+    store = _store(SERVICES, RULES, split(80, 20), SIDECAR_NARROW)
+    pc = ProxyClass.of("tutorial", {"app": "customer"})
+    view = compute_view(store.state, pc)
+    # only ./preference is visible: recommendation's VS, SE, DR and WorkloadEntries and finance/billing are not
+    assert _names(view) == ["ServiceEntry tutorial/preference", "Sidecar tutorial/default"]
+    compile_resources([s.resource for s in view.resources], version="x", proxy_labels=pc.label_dict)
+    # another namespace has no Sidecar: it sees everything except tutorial's Sidecar
+    other = compute_view(store.state, ProxyClass("finance"))
+    assert "Sidecar tutorial/default" not in _names(other) and len(other.resources) == 7
+
+
+def test_an_included_route_pulls_in_its_destination_service():
+    narrow = SIDECAR_NARROW.replace('["./preference"]', '["./recommendation"]')
+    store = _store(SERVICES, RULES, split(80, 20), narrow)
+    view = compute_view(store.state, ProxyClass("tutorial"))
+    assert _names(view) == [
+        "DestinationRule tutorial/recommendation",
+        "ServiceEntry tutorial/recommendation",
+        "Sidecar tutorial/default",
+        "VirtualService tutorial/recommendation",
+        "WorkloadEntry tutorial/recommendation-v1",
+        "WorkloadEntry tutorial/recommendation-v2",
+    ]
+    compile_resources([s.resource for s in view.resources], version="x", proxy_labels={})
+
+
+def test_sidecar_selection_order():
+    def sc(name, ns, selector=""):
+        sel = f"workloadSelector: {{labels: {{{selector}}}}}" if selector else ""
+        return f"""
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  {sel}
+  egress: [{{hosts: ["./*"]}}]
+"""
+    store = _store(sc("ns-default", "tutorial"), sc("for-v2", "tutorial", "version: v2"), sc("root", "istio-system"))
+    pick = lambda ns, labels: select_sidecar(store.state, ProxyClass.of(ns, labels)).key.name  # noqa: E731
+    assert pick("tutorial", {"version": "v2"}) == "for-v2"
+    assert pick("tutorial", {"version": "v1"}) == "ns-default"
+    assert pick("elsewhere", {}) == "root"
+
+
+def test_versions_change_only_for_proxies_that_see_the_change():
+    store = _store(SERVICES, RULES, split(80, 20), SIDECAR_NARROW)
+    narrowed, full = ProxyClass("tutorial"), ProxyClass("finance")
+    before = ViewCache(store.state)
+    store.apply([("w.yaml", split(50, 50).encode())])
+    after = ViewCache(store.state)
+    assert before.view(narrowed).version == after.view(narrowed).version  # it does not see recommendation
+    assert before.view(full).version != after.view(full).version
+    # the version is a content hash: the same content gives the same version
+    store.apply([("w.yaml", split(80, 20).encode())])
+    assert ViewCache(store.state).view(full).version == before.view(full).version
+
+
+def test_delta_between_sets():
+    store = _store(SERVICES, RULES, split(80, 20))
+    pc = ProxyClass("tutorial")
+    old = compute_view(store.state, pc).by_key()
+    store.apply([("w.yaml", split(50, 50).encode())])
+    new = compute_view(store.state, pc)
+    changed, removed = delta(old, new)
+    assert [str(s.key) for s in changed] == ["VirtualService tutorial/recommendation"] and removed == []
+    smaller = type(new)(tuple(s for s in new.resources if s.key.kind != "WorkloadEntry"), "v")
+    changed, removed = delta(old, smaller)
+    assert sorted(k.name for k in removed) == ["recommendation-v1", "recommendation-v2"]
+
+
+def test_stored_resource_wire_form_is_stable():
+    store = _store(SERVICES)
+    s = store.state[ResourceKey("ServiceEntry", "tutorial", "preference")]
+    again = StoredResource.of(s.resource)
+    assert again.body == s.body and again.digest == s.digest
+    assert bytes(s.wire.body) == s.body and s.wire.file == "doc0.yaml" and s.wire.document == 1
