@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SLOW_RESPONSE_S = 2.0
 SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
@@ -41,6 +42,8 @@ class Backend:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.startswith("/slow"):  # a request still in flight while the test reloads
+                    time.sleep(SLOW_RESPONSE_S)
                 body = body_name + b" " + self.path.encode()
                 # head and body in one write: two small writes meet Nagle + delayed ACK (40 ms stalls)
                 self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"

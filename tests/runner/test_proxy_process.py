@@ -222,6 +222,27 @@ def test_listeners_are_added_and_removed_on_reload(setup) -> None:
     assert _curl(port, "/a") == (200, "v1 /a")
 
 
+def test_request_in_flight_finishes_when_its_listener_and_route_go_away(setup) -> None:
+    start, cfg, port, v1, v2 = setup
+    proxy = start(concurrency=1)
+    second = free_port()
+    cfg.write_text(mesh_config(port, v1.port, v2.port, extra_gateway_ports=(second,),
+                               extra_routes=route_to("/slow", "v2")))
+    proxy.wait_version("2")
+    results = {}
+    slow = threading.Thread(target=lambda: results.setdefault("r", _curl(second, "/slow/1")))
+    slow.start()
+    proxy.wait_for(lambda: _total(proxy.stats("triomesh_upstream_cx_active")) >= 1, "the slow request upstream", 5)
+    # the new config has neither the second listener nor the /slow route
+    cfg.write_text(mesh_config(port, v1.port, v2.port, weights=(100, 0)))
+    proxy.signal(signal.SIGHUP)
+    proxy.wait_version("3")
+    assert _curl(second, "/slow/2")[0] == 0  # the listener is gone for new connections
+    slow.join(10)
+    assert results["r"] == (200, "v2 /slow/1")  # but the request that started on version 2 finished on it
+    assert _curl(port, "/slow/3") == (200, "v1 /slow/3")
+
+
 def test_killed_worker_is_replaced(setup) -> None:
     start, _, port, _, _ = setup
     proxy = start(concurrency=2)
