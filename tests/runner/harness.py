@@ -137,6 +137,8 @@ class Proxy:
     workdir: Path
     concurrency: int = 2
     access_log: str = "json"
+    log_level: str = "info"
+    log_format: str = "json"
     admin_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -145,7 +147,7 @@ class Proxy:
         cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--config", str(self.config),
                "--concurrency", str(self.concurrency), "--bind-address", "127.0.0.1",
                "--admin-address", f"127.0.0.1:{self.admin_port}", "--access-log", self.access_log,
-               "--log-level", "info"]
+               "--log-level", self.log_level, "--log-format", self.log_format]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.stderr_path, "wb"))

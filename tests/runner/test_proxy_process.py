@@ -326,6 +326,24 @@ def test_access_log_console(setup) -> None:
     assert not line.startswith("{") and "access" in line and "status=200" in line
 
 
+def test_log_level_filters_the_proxy_log_but_not_the_access_log(setup) -> None:
+    start, cfg, port, _, _ = setup
+    proxy = start(concurrency=1, log_level="error")
+    assert _curl(port, "/only-v1/l")[0] == 200
+    cfg.write_text("kind: Nonsense\n")
+    proxy.wait_for(lambda: [r for r in proxy.log_records() if r.get("event") == "config_rejected"], "rejection", 5)
+    proxy.wait_for(lambda: [r for r in proxy.log_records() if r.get("event") == "access"], "access line", 5)
+    levels = {r["level"] for r in proxy.log_records() if r.get("event") != "access"}
+    assert levels == {"error"}, levels
+
+
+def test_console_log_format(setup) -> None:
+    start, _, _, _, _ = setup
+    proxy = start(concurrency=1, log_format="console")
+    text = proxy.log_text()
+    assert "config_loaded" in text and not any(l.startswith("{") for l in text.splitlines())
+
+
 def test_invalid_initial_config_exits_1_with_the_error(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: g, namespace: n}\n"
