@@ -37,10 +37,11 @@ class ReadTimeout(Exception):
 class Conn:
     __slots__ = ("sock", "buf", "pos", "closed")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
+        """`initial`: bytes already read from the socket (a protocol sniffer's peek), replayed first."""
         sock.setblocking(False)
         self.sock = sock
-        self.buf = b""
+        self.buf = initial
         self.pos = 0
         self.closed = False
 

@@ -28,7 +28,9 @@ class HttpSettings:
     request_headers_timeout_s: float = 10.0  # request_headers_timeout
     idle_timeout_s: float = 300.0  # common_http_protocol_options.idle_timeout (downstream)
     stream_idle_timeout_s: float = 300.0  # stream_idle_timeout: no body byte either way for this long
-    route_timeout_s: float = 15.0  # route timeout when the VirtualService sets none (Envoy: 15 s)
+    # route timeout when the VirtualService sets none: 0 disables it, as Istio configures Envoy
+    # ("timeout ... default is disabled"), rather than Envoy's own 15 s
+    route_timeout_s: float = 0.0
     connect_timeout_s: float = 10.0  # cluster connect_timeout when the config sets none
     upstream_idle_timeout_s: float = 60.0  # pooled idle upstream connections are closed after this
     max_idle_per_endpoint: int = 1024
