@@ -113,7 +113,12 @@ class WorkerSlot:
             if config is not None:
                 await self._send(config)
             while True:
-                msg = await channel.receive()
+                try:
+                    msg = await channel.receive()
+                except control.FrameError as e:  # a worker we cannot understand is replaced
+                    self._log.error("worker_protocol_error", pid=process.pid, error=str(e))
+                    process.kill()
+                    break
                 if msg is None:
                     break
                 self._handle(msg)
