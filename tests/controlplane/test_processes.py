@@ -1,0 +1,172 @@
+"""The control plane and proxies as real processes: the CLIs (controlplane, apply, delete,
+proxy-status), control-plane restart, proxy restart. Every process is started here and stopped by PID."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .fixtures import split, write_mesh
+
+REPO = Path(__file__).resolve().parents[2]
+PY = sys.executable
+SIM_PROXY = Path(__file__).with_name("sim_proxy.py")
+
+
+def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "controlplane.cli", *args], cwd=REPO, input=stdin, capture_output=True,
+                          timeout=30)
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class ControlPlaneProcess:
+    def __init__(self, tmp: Path, config: Path, port: int = 0) -> None:
+        self.port_file = tmp / f"cp-{time.monotonic_ns()}.port"
+        self.log = open(tmp / "controlplane.log", "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "controlplane.cli", "controlplane", "--config", str(config), "--listen", f"127.0.0.1:{port}",
+             "--port-file", str(self.port_file), "--heartbeat-interval", "0.3", "--grace-period", "1",
+             "--debounce", "0.05", "--poll-interval", "0.1"],
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        text = wait_until(lambda: self.port_file.exists() and self.port_file.read_text(), what="control plane port")
+        self.port = int(text)
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class ProxyProcess:
+    def __init__(self, tmp: Path, address: str, node_id: str, namespace: str, **labels: str) -> None:
+        self.out = tmp / f"{node_id}-{time.monotonic_ns()}.out"
+        self.err = open(tmp / f"{node_id}.err", "ab")
+        self.proc = subprocess.Popen([PY, str(SIM_PROXY), address, node_id, namespace,
+                                      *(f"{k}={v}" for k, v in labels.items())],
+                                     cwd=REPO, stdout=open(self.out, "wb"), stderr=self.err)
+
+    def applied(self) -> list[dict]:
+        if not self.out.exists():
+            return []
+        return [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.err.close()
+
+
+@pytest.fixture
+def procs():
+    started: list = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def status(address: str) -> dict:
+    r = cli("proxy-status", "--controlplane", address, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_cli_apply_delete_and_proxy_status(tmp_path, procs):
+    config = write_mesh(tmp_path / "config")
+    cp = ControlPlaneProcess(tmp_path, config)
+    procs.append(cp)
+    proxy = ProxyProcess(tmp_path, cp.address, "customer-1", "tutorial", app="customer")
+    procs.append(proxy)
+    first = wait_until(proxy.applied, what="first snapshot")[0]
+    assert first["routes"] == {"recommendation": [80, 20]}
+    wait_until(lambda: status(cp.address)["proxies"][0].get("acked_version") == first["version"], what="acked")
+
+    table = cli("proxy-status", "--controlplane", cp.address)
+    assert table.returncode == 0
+    lines = table.stdout.decode().splitlines()
+    assert lines[0].split() == ["NAME", "NAMESPACE", "ADDRESS", "STATUS", "ACKED", "SENT", "LAST", "NACK"]
+    assert lines[1].split()[:5] == ["customer-1", "tutorial", "127.0.0.1", "SYNCED", first["version"]]
+
+    change = tmp_path / "weights.yaml"
+    change.write_text(split(10, 90))
+    r = cli("apply", "-f", str(change), "--controlplane", cp.address)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines() == ["VirtualService tutorial/recommendation configured", "config version 2"]
+    wait_until(lambda: proxy.applied()[-1]["routes"] == {"recommendation": [10, 90]}, what="new weights applied")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(split(10, 95))
+    r = cli("apply", "-f", str(bad), "--controlplane", cp.address)
+    assert r.returncode == 1 and r.stdout == b""
+    assert r.stderr.decode() == (f"error: {bad}: document 0 (VirtualService tutorial/recommendation): "
+                                 "$.spec.http[0].route: total destination weight 105 != 100\n")
+    # stdin works too, and deleting the override brings the directory's version back
+    r = cli("delete", "-f", "-", "--controlplane", cp.address, stdin=split(10, 90).encode())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines()[0] == "VirtualService tutorial/recommendation deleted"
+    wait_until(lambda: proxy.applied()[-1]["routes"] == {"recommendation": [80, 20]}, what="file version back")
+    assert [a["routes"]["recommendation"] for a in proxy.applied()] == [[80, 20], [10, 90], [80, 20]]
+    # a control plane that is not there: a clear error, exit 1
+    cp.stop()
+    r = cli("proxy-status", "--controlplane", cp.address)
+    assert r.returncode == 1 and b"error: control plane at 127.0.0.1:" in r.stderr
+
+
+def test_control_plane_restart_and_proxy_restart(tmp_path, procs):
+    config = write_mesh(tmp_path / "config")
+    cp = ControlPlaneProcess(tmp_path, config)
+    procs.append(cp)
+    a = ProxyProcess(tmp_path, cp.address, "a", "tutorial")
+    procs.append(a)
+    wait_until(a.applied, what="a synced")
+    v1 = a.applied()[0]["version"]
+
+    # the control plane goes away; the proxy keeps running on what it has
+    cp.stop()
+    time.sleep(0.5)
+    assert a.proc.poll() is None and [x["version"] for x in a.applied()] == [v1]
+    # the config changes while it is down; a new control plane on the same address resyncs the proxy
+    (config / "routes.yaml").write_text(split(30, 70))
+    cp2 = ControlPlaneProcess(tmp_path, config, port=cp.port)
+    procs.append(cp2)
+    wait_until(lambda: a.applied()[-1]["routes"] == {"recommendation": [30, 70]}, what="resync after restart")
+    v2 = a.applied()[-1]["version"]
+    wait_until(lambda: [(p["node_id"], p.get("acked_version")) for p in status(cp2.address)["proxies"]] == [("a", v2)],
+               what="acked on the new control plane")
+
+    # the proxy is killed and started again with the same node id: it syncs and is listed once
+    a.stop(signal.SIGKILL)
+    a2 = ProxyProcess(tmp_path, cp2.address, "a", "tutorial")
+    procs.append(a2)
+    wait_until(a2.applied, what="restarted proxy synced")
+    assert a2.applied()[0]["version"] == v2
+    wait_until(lambda: [(p["node_id"], p.get("connected", True), p.get("acked_version"))
+                        for p in status(cp2.address)["proxies"]] == [("a", True, v2)], what="one entry, connected, acked")
+    # an invalid file in the watched directory is refused; proxies stay on v2
+    (config / "routes.yaml").write_text(split(30, 80))
+    time.sleep(0.6)
+    assert a2.applied()[-1]["version"] == v2 and status(cp2.address)["config_version"] == "1"
+    log = (tmp_path / "controlplane.log").read_text()
+    assert "total destination weight 110 != 100" in log and "config_rejected" in log
