@@ -104,8 +104,12 @@ class Supervisor:
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             if self.active is not None:
                 self._rejected.value += 1
+            from proxy.config.errors import ConfigError
+
+            # a ConfigError says precisely what is wrong; anything else is our bug: keep its traceback
             self.log.error("config_rejected", reason=reason, path=str(self.options.config_path),
-                           keeping_version=self.active.version if self.active else None, **config_error_fields(e))
+                           keeping_version=self.active.version if self.active else None,
+                           exc_info=not isinstance(e, ConfigError), **config_error_fields(e))
             raise ConfigRejected(str(e)) from e
         self._versions += 1
         return ActiveConfig(version, sources, digest, snapshot, time.time())
