@@ -252,6 +252,23 @@ def representative_classes(state: State) -> set[ProxyClass]:
     return classes
 
 
+def selector_keys(state: State) -> frozenset[str]:
+    """Every label key the config selects on (Gateway selectors, Sidecar workloadSelectors,
+    VirtualService sourceLabels): labels outside these keys cannot change how a proxy's view compiles."""
+    keys: set[str] = set()
+    for key, s in state.items():
+        spec = s.resource.obj.spec
+        if key.kind == "Gateway":
+            keys.update(spec.selector)
+        elif key.kind == "Sidecar" and spec.workload_selector is not None:
+            keys.update(spec.workload_selector.labels)
+        elif key.kind == "VirtualService":
+            for http in spec.http:
+                for m in http.match:
+                    keys.update(m.source_labels)
+    return frozenset(keys)
+
+
 def delta(old: Mapping[ResourceKey, StoredResource], new: View) -> tuple[list[StoredResource], list[ResourceKey]]:
     """(added or changed, removed keys) turning the `old` set into `new`."""
     changed = [s for s in new.resources if (o := old.get(s.key)) is None or o.digest != s.digest]

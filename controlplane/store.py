@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes
+from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes, selector_keys
 from controlplane.wire import ResourceKey
 from proxy.config.compile import compile_resources
 from proxy.config.errors import ConfigError
@@ -137,11 +137,25 @@ class ConfigStore:
         if it compiles now: a proxy that already NACKs the current state (its own labels select
         conflicting config) does not block changes for everyone else."""
         cache = ViewCache(state)
+        keys = selector_keys(state)
+        compiled: set[tuple[str, frozenset]] = set()
+
+        def first_time(pc: ProxyClass) -> bool:
+            # classes with the same view whose labels agree on every key any selector reads compile alike
+            effective = (cache.view(pc).version, frozenset((k, v) for k, v in pc.labels if k in keys))
+            if effective in compiled:
+                return False
+            compiled.add(effective)
+            return True
+
         representative = representative_classes(state)
         for pc in sorted(representative, key=_class_order):
-            self._compile(cache, pc)
+            if first_time(pc):
+                self._compile(cache, pc)
         current = None
         for pc in sorted(set(self.extra_classes()) - representative, key=_class_order):
+            if not first_time(pc):
+                continue
             try:
                 self._compile(cache, pc)
             except ConfigError:
