@@ -30,12 +30,19 @@ RECV_BYTES = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+async def _wait_writable(sock: socket.socket) -> None:
+    try:
+        await wait_writable(sock)
+    except trio.ClosedResourceError:
+        raise ConnectionAbortedError("connection closed while waiting to write") from None
+
+
 class ReadTimeout(Exception):
     """No byte arrived before the deadline."""
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "pos", "closed")
+    __slots__ = ("sock", "buf", "pos", "closed", "timed_out")
 
     def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
         """`initial`: bytes already read from the socket (a protocol sniffer's peek), replayed first."""
@@ -44,28 +51,40 @@ class Conn:
         self.buf = initial
         self.pos = 0
         self.closed = False
+        self.timed_out = False  # set by a timeout sweeper before it wakes us with notify_closing
 
     @property
     def buffered(self) -> int:
         return len(self.buf) - self.pos
 
-    async def fill(self, deadline: float = math.inf) -> int:
+    async def fill(self, deadline: float = math.inf, *, wait_first: bool = False) -> int:
         """Read more bytes onto the buffer; returns how many (0 at EOF). Raises ReadTimeout or
-        ConnectionError (reset)."""
+        ConnectionError (reset).
+
+        `wait_first`: the caller expects nothing to be there yet (it just sent a request, or a
+        response to a client that does not pipeline), so skip the recv that would say EAGAIN and
+        park at once; waiting is also this request's checkpoint."""
         sock = self.sock
         while True:
+            if not wait_first:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                    break
+                except BlockingIOError:
+                    pass
+            wait_first = False
             try:
-                data = sock.recv(RECV_BYTES)
-                break
-            except BlockingIOError:
-                pass
-            if deadline == math.inf:
-                await wait_readable(sock)
-            else:
-                with trio.CancelScope(deadline=deadline) as scope:
+                if deadline == math.inf:
                     await wait_readable(sock)
-                if scope.cancelled_caught:
-                    raise ReadTimeout()
+                else:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await wait_readable(sock)
+                    if scope.cancelled_caught:
+                        raise ReadTimeout()
+            except trio.ClosedResourceError:
+                if self.timed_out:
+                    raise ReadTimeout() from None
+                raise ConnectionAbortedError("connection closed while waiting to read") from None
         if not data:
             return 0
         if self.pos < len(self.buf):
@@ -74,6 +93,12 @@ class Conn:
             self.buf = data
         self.pos = 0
         return len(data)
+
+    def expire(self) -> None:
+        """Wake a task waiting to read with ReadTimeout (from a sweeper task; the owner closes)."""
+        if not self.closed:
+            self.timed_out = True
+            notify_closing(self.sock)
 
     def consume(self, n: int) -> memoryview:
         """Take the next n buffered bytes (n <= buffered) as a view."""
@@ -100,7 +125,7 @@ class Conn:
             try:
                 n = sock.send(data)
             except BlockingIOError:
-                await wait_writable(sock)
+                await _wait_writable(sock)
                 continue
             if n == len(data):
                 return
@@ -113,7 +138,7 @@ class Conn:
             try:
                 n = sock.sendmsg(parts)
             except BlockingIOError:
-                await wait_writable(sock)
+                await _wait_writable(sock)
                 continue
             # drop fully sent parts, trim a partially sent one
             while n:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from proxy.l7.chain import Chain
 from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.routing import RouteStage
+from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import make_balancer
 from proxy.lb.pool import IdlePool
 from proxy.stats import Counter, Gauge, Stats
@@ -91,6 +92,8 @@ class DataPlane:
         # idle upstream connections by (cluster name, address, port); they outlive snapshots
         self.pools: dict[tuple[str, str, int], IdlePool] = {}
         self.in_flight: dict[tuple[str, int], int] = {}
+        s = self.settings
+        self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s))
         self.downstream_cx_total = stats.counter("triomesh_downstream_cx_total")
         self.downstream_cx_active = stats.gauge("triomesh_downstream_cx_active")
         self._rq_by_code: dict[int, Counter] = {}

@@ -93,6 +93,7 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
                         log.warning("accept failed", listener=listener_name, error=str(e))
                         await trio.sleep(0.1)
                         break
+                    plane.sweeper.ensure_running(nursery)
                     nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
                 else:
                     await checkpoint()
@@ -127,56 +128,68 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client")
+    __slots__ = ("plane", "listener_name", "conn", "client", "read_deadline", "__weakref__")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr) -> None:
         self.plane = plane
         self.listener_name = listener_name
         self.conn = Conn(sock)
         self.client = _format_addr(addr)
+        self.read_deadline = math.inf  # idle/header-read deadline, enforced by plane.sweeper
+
+    def expire(self) -> None:
+        self.conn.expire()
 
     async def run(self) -> None:
         plane = self.plane
         plane.downstream_cx_total.value += 1
         plane.downstream_cx_active.value += 1
         conn = self.conn
+        watched = plane.sweeper.watched
+        watched.add(self)
         try:
             try:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
             while await self.one_request():
-                await checkpoint()
+                if conn.buffered:  # pipelined: let others run; otherwise the next read waits anyway
+                    await checkpoint()
         except (OSError, ReadTimeout):
             pass  # the client went away or went quiet; nothing to answer
         except Exception:  # a bug must cost one connection, never the listener
             log.exception("unexpected error on a downstream connection", client=self.client)
             conn.reset()
         finally:
+            watched.discard(self)
             plane.downstream_cx_active.value -= 1
             conn.close()
 
     async def _read_head(self):
-        """The parsed head, or None when the connection should just close (EOF, timeout)."""
+        """The parsed head, or None when the connection should just close (EOF, timeout).
+        The idle timeout runs until a head's first byte, then the header-read timeout."""
         conn, settings = self.conn, self.plane.settings
         max_bytes, max_headers = settings.max_head_bytes, settings.max_headers
-        deadline = math.inf
+        in_head = False
         while True:
             if conn.buffered:
                 parsed = parse_request_head(conn.buf, conn.pos, max_headers)  # raises HeadParseError
                 if parsed is not None:
+                    self.read_deadline = math.inf
                     if parsed[0] - conn.pos > max_bytes:
                         raise HeadTooLarge(f"request head of {parsed[0] - conn.pos} bytes")
                     return parsed
                 if conn.buffered > max_bytes:
                     raise HeadTooLarge(f"no end of head within {max_bytes} bytes")
-                if deadline == math.inf or deadline == -1:
-                    deadline = trio.current_time() + settings.request_headers_timeout_s
-            elif deadline == math.inf:
-                deadline = -1  # waiting for the first byte of a head: the idle timeout applies
-            wait_until = trio.current_time() + settings.idle_timeout_s if deadline == -1 else deadline
+                if not in_head:
+                    in_head = True
+                    self.read_deadline = trio.current_time() + settings.request_headers_timeout_s
+                wait_first = False
+            else:
+                self.read_deadline = trio.current_time() + settings.idle_timeout_s
+                wait_first = True
             try:
-                n = await conn.fill(wait_until)
+                n = await conn.fill(wait_first=wait_first)
             except ReadTimeout:
                 return None
             if n == 0:

@@ -54,14 +54,20 @@ class StaleConnection(UpstreamReset):
     """A reused connection was closed by the upstream before it sent any byte of a response."""
 
 
+# A connection idle for less than this is reused without first peeking whether the upstream closed
+# it: keep-alive timeouts are seconds, and the rare race is covered by the stale-connection retry.
+PEEK_AFTER_IDLE_S = 1.0
+
+
 class UpstreamConn(Conn):
-    __slots__ = ("key", "requests", "counted")
+    __slots__ = ("key", "requests", "counted", "idle_since")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         super().__init__(sock)
         self.key = key
         self.requests = 0
         self.counted = True  # still included in the cluster's cx_active gauge
+        self.idle_since = 0.0
 
 
 def _is_ip(host: str) -> bool:
@@ -115,7 +121,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
             _discard(crt, old)
         if conn is None:
             break
-        if conn.peek_closed():
+        if now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed():
             _discard(crt, conn)
             continue
         return conn, True
@@ -139,7 +145,8 @@ def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
 
 def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
     if reusable and not conn.closed:
-        evicted = plane.pool((crt.name, *conn.key)).checkin(conn, trio.current_time())
+        conn.idle_since = now = trio.current_time()
+        evicted = plane.pool((crt.name, *conn.key)).checkin(conn, now)
         if evicted is not None:
             _discard(crt, evicted)
     else:
@@ -164,7 +171,8 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
         if up.buffered > max_head_bytes:
             raise UpstreamProtocolError("response head too large")
         try:
-            n = await up.fill(deadline)
+            # right after sending, nothing is there yet: wait before trying to read
+            n = await up.fill(deadline, wait_first=not got_any)
         except ReadTimeout:
             raise UpstreamTimeout("no response before the route timeout") from None
         except OSError as e:
