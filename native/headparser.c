@@ -225,7 +225,6 @@ static inline long parse_fields(const char *buf, const char **pp, const char *en
     }
 }
 
-
 /* Copy helpers for the optional pack output (see headparser.h). */
 static inline char *put(char *o, const char *buf, size_t s, size_t e) {
     memcpy(o, buf + s, e - s);
