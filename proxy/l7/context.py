@@ -42,11 +42,13 @@ class RequestContext:
         request: RequestHead,
         start_monotonic: float,
         start_wall: float,
+        downstream_ip: bytes | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.listener = listener
         self.downstream_addr = downstream_addr
-        self.downstream_ip = downstream_addr.rpartition(":")[0].strip("[]").encode()
+        self.downstream_ip = (downstream_ip if downstream_ip is not None
+                              else downstream_addr.rpartition(":")[0].strip("[]").encode())
         self.request = request
         self.request_id = b""
         self.start_monotonic = start_monotonic

@@ -79,6 +79,10 @@ def _scan_framing_headers(headers: Headers) -> tuple[list[bytes], list[bytes]]:
 def request_framing(headers: Headers, minor_version: int) -> Framing:
     """RFC 9112 §6.3 for requests; raises BadRequest (400/501) for anything ambiguous."""
     te, cl = _scan_framing_headers(headers)
+    return _request_framing(te or None, cl or None, minor_version)
+
+
+def _request_framing(te: list[bytes] | None, cl: list[bytes] | None, minor_version: int) -> Framing:
     if te:
         if cl:
             raise BadRequest("both transfer-encoding and content-length")
@@ -93,27 +97,38 @@ def request_framing(headers: Headers, minor_version: int) -> Framing:
             raise UnsupportedTransferCoding(f"unsupported transfer-encoding {b', '.join(codings)[:60]!r}")
         return FRAMING_CHUNKED
     if cl:
-        try:
-            n = _content_length(cl)
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        if len(cl) == 1 and cl[0].isdigit() and len(cl[0]) <= 18:  # the common case, without splitting
+            n = int(cl[0])
+        else:
+            try:
+                n = _content_length(cl)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
         return Framing(LENGTH, n) if n else FRAMING_NONE
     return FRAMING_NONE
 
 
 def response_framing(request_method: bytes, status: int, headers: Headers) -> Framing:
     """RFC 9112 §6.3 for responses to `request_method`."""
+    te, cl = _scan_framing_headers(headers)
+    return _response_framing(request_method, status, te or None, cl or None)
+
+
+def _response_framing(request_method: bytes, status: int, te: list[bytes] | None,
+                      cl: list[bytes] | None) -> Framing:
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         return FRAMING_NONE
-    te, cl = _scan_framing_headers(headers)
     if te:
         codings = [c.strip().lower() for v in te for c in v.split(b",")]
         return FRAMING_CHUNKED if codings[-1] == b"chunked" else FRAMING_CLOSE
     if cl:
-        try:
-            n = _content_length(cl)
-        except ValueError as e:
-            raise UpstreamProtocolError(str(e)) from None
+        if len(cl) == 1 and cl[0].isdigit() and len(cl[0]) <= 18:  # the common case, without splitting
+            n = int(cl[0])
+        else:
+            try:
+                n = _content_length(cl)
+            except ValueError as e:
+                raise UpstreamProtocolError(str(e)) from None
         return Framing(LENGTH, n) if n else FRAMING_NONE
     return FRAMING_CLOSE
 
@@ -161,6 +176,107 @@ def is_upgrade_request(headers: Headers, tokens: set[bytes]) -> bool:
         if name == b"upgrade":
             return True
     return False
+
+
+# Header names the single-pass classifiers look at; every other field is forwarded as is.
+_REQUEST_SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
+_RESPONSE_SPECIAL = HOP_BY_HOP
+_PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+
+
+def _drop_named(headers: Headers, tokens: set[bytes]) -> Headers:
+    """Remove fields that Connection names (RFC 9110 §7.6.1), beyond the usual close/keep-alive."""
+    extra = tokens - _PLAIN_CONNECTION_TOKENS
+    return [h for h in headers if h[0] not in extra] if extra else headers
+
+
+def classify_request(raw: Headers, minor: int):
+    """One pass over a request's fields → (forwarded fields, host, framing, keep_alive,
+    expect_continue, is_upgrade). Hop-by-hop fields, Host and Expect are taken out (Host travels as
+    the authority; 100-continue is answered by the proxy). Raises BadRequest for ambiguous framing,
+    a repeated Host, or a Host-less HTTP/1.1 request is left to the caller (absolute-form)."""
+    out: Headers = []
+    host = None
+    cl: list[bytes] | None = None
+    te: list[bytes] | None = None
+    tokens: set[bytes] | None = None
+    expect_continue = False
+    upgrade_value = None
+    special = _REQUEST_SPECIAL
+    for pair in raw:
+        name = pair[0]
+        if name not in special:
+            out.append(pair)
+        elif name == b"host":
+            if host is not None:
+                raise BadRequest("more than one host header")
+            host = pair[1]
+        elif name == b"content-length":
+            cl = [pair[1]] if cl is None else cl + [pair[1]]
+        elif name == b"transfer-encoding":
+            te = [pair[1]] if te is None else te + [pair[1]]
+        elif name == b"connection":
+            if tokens is None:
+                tokens = set()
+            for t in pair[1].split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+        elif name == b"expect":
+            if pair[1].lower() == b"100-continue" and minor >= 1:
+                expect_continue = True
+            else:
+                out.append(pair)
+        elif name == b"upgrade":
+            upgrade_value = pair[1]
+        elif name == b"te" and pair[1].strip().lower() == b"trailers":
+            out.append(pair)
+    framing = _request_framing(te, cl, minor)
+    if tokens is None:
+        return out, host, framing, minor >= 1, expect_continue and framing.kind != NONE, False
+    upgrade = upgrade_value is not None and b"upgrade" in tokens
+    out = _drop_named(out, tokens)
+    if upgrade:
+        out.append((b"upgrade", upgrade_value))
+        out.append((b"connection", b"upgrade"))
+    keep_alive = wants_keep_alive(minor, tokens) and not upgrade
+    return out, host, framing, keep_alive, expect_continue and framing.kind != NONE, upgrade
+
+
+def classify_response(method: bytes, status: int, minor: int, raw: Headers):
+    """One pass over a response's fields → (forwarded fields, framing, upstream keep-alive,
+    content-length as received (for HEAD/304 pass-through), connection tokens)."""
+    out: Headers = []
+    cl: list[bytes] | None = None
+    te: list[bytes] | None = None
+    tokens: set[bytes] | None = None
+    special = _RESPONSE_SPECIAL
+    for pair in raw:
+        name = pair[0]
+        if name not in special:
+            out.append(pair)
+        elif name == b"content-length":
+            cl = [pair[1]] if cl is None else cl + [pair[1]]
+        elif name == b"transfer-encoding":
+            te = [pair[1]] if te is None else te + [pair[1]]
+        elif name == b"connection":
+            if tokens is None:
+                tokens = set()
+            for t in pair[1].split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+        elif name == b"te" and pair[1].strip().lower() == b"trailers":
+            out.append(pair)
+    framing = _response_framing(method, status, te, cl)
+    if tokens is None:
+        keep = minor >= 1
+    else:
+        keep = wants_keep_alive(minor, tokens)
+        out = _drop_named(out, tokens)
+    if framing.kind == CLOSE:
+        keep = False
+    return out, framing, keep, (cl[0] if cl else None), tokens or set()
 
 
 def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing) -> bytes:

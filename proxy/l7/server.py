@@ -128,13 +128,14 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "read_deadline", "__weakref__")
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "read_deadline", "__weakref__")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr) -> None:
         self.plane = plane
         self.listener_name = listener_name
         self.conn = Conn(sock)
         self.client = _format_addr(addr)
+        self.client_ip = str(addr[0]).encode() if isinstance(addr, tuple) else b""
         self.read_deadline = math.inf  # idle/header-read deadline, enforced by plane.sweeper
 
     def expire(self) -> None:
@@ -209,7 +210,8 @@ class DownstreamConnection:
         conn.pos = end
         snapshot = plane.holder.current
         ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
-                             http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time())
+                             http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time(),
+                             self.client_ip)
         dreq: DownstreamRequest | None = None
         try:
             rt = plane.runtime(snapshot)
@@ -238,39 +240,23 @@ class DownstreamConnection:
         if chain is None:
             raise BadRequest(f"no listener {self.listener_name} in the active config")
         head = ctx.request
-        tokens = h1.connection_tokens(raw_headers)
-        framing = h1.request_framing(raw_headers, minor)
-        upgrade = h1.is_upgrade_request(raw_headers, tokens)
-        headers = h1.strip_hop_by_hop(raw_headers, tokens, keep_upgrade=upgrade)
-        host = None
-        expect_continue = False
-        out: list = []
-        for name, value in headers:
-            if name == b"host":
-                if host is not None:
-                    raise BadRequest("more than one host header")
-                host = value
-            elif name == b"expect" and value.lower() == b"100-continue" and minor >= 1:
-                expect_continue = True  # answered by us, as Envoy does, not forwarded
-            else:
-                out.append((name, value))
-        absolute = _split_absolute_form(head.target)
-        if absolute is not None:
-            host, origin_target = absolute
-            head.set_target(origin_target)
-        elif host is None:
+        headers, host, framing, keep_alive, expect_continue, upgrade = h1.classify_request(raw_headers, minor)
+        target = head.target
+        if target[:1] != b"/":
+            absolute = _split_absolute_form(target)
+            if absolute is not None:
+                host, origin_target = absolute
+                head.set_target(origin_target)
+            elif not (target == b"*" and head.method == b"OPTIONS"):
+                raise BadRequest("request-target is not in origin or absolute form")
+        if host is None:
             if minor >= 1:
                 raise BadRequest("HTTP/1.1 request without host")
             host = b""
-        elif not head.target.startswith(b"/") and not (head.target == b"*" and head.method == b"OPTIONS"):
-            raise BadRequest("request-target is not in origin form")
         head.authority = host
-        head.headers = out
-        keep_alive = h1.wants_keep_alive(minor, tokens) and not upgrade
+        head.headers = headers
         body = BodyReader(self.conn, framing, eof_error=DownstreamDisconnect, timeout_error=DownstreamTimeout,
                           protocol_error=BadRequest)
-        if not expect_continue or framing.kind == h1.NONE:
-            expect_continue = False
         return DownstreamRequest(body, framing, keep_alive, minor, expect_continue, upgrade, chain)
 
     async def _reject_head(self, e: Exception) -> None:

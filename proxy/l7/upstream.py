@@ -186,13 +186,6 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
         got_any = True
 
 
-def _content_length_value(headers) -> bytes | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return value
-    return None
-
-
 class Exchange:
     """One request's trip upstream and its response's trip back."""
 
@@ -330,15 +323,14 @@ class Exchange:
         """Send head and body downstream; returns whether the upstream connection is reusable."""
         ctx, dreq, down, up = self.ctx, self.dreq, self.down, self.up
         minor, status, reason, headers = parsed
-        tokens = h1.connection_tokens(headers)
         if status == 101:
             if not dreq.is_upgrade:
                 raise UpstreamProtocolError("101 Switching Protocols without an upgrade request")
-            await self._tunnel(status, reason, headers, tokens)
+            await self._tunnel(status, reason, headers, h1.connection_tokens(headers))
             return False
-        framing = h1.response_framing(ctx.request.method, status, headers)
-        upstream_keep = h1.wants_keep_alive(minor, tokens) and framing.kind != h1.CLOSE
-        response = ResponseHead(status, h1.strip_hop_by_hop(headers, tokens), reason=reason)
+        out_headers, framing, upstream_keep, raw_length, _ = h1.classify_response(
+            ctx.request.method, status, minor, headers)
+        response = ResponseHead(status, out_headers, reason=reason)
         chain = self.dreq.chain
         if chain.response_stages:
             chain.run_response(ctx, response)
@@ -349,19 +341,28 @@ class Exchange:
         out_framing = framing if out_kind == framing.kind else (h1.FRAMING_CHUNKED if out_kind == h1.CHUNKED else h1.FRAMING_CLOSE)
         if out_kind == h1.CLOSE or not self.request_body_done:
             dreq.keep_alive = False
-        passthrough_length = _content_length_value(headers) if framing.kind == h1.NONE and (
+        passthrough_length = raw_length if framing.kind == h1.NONE and (
             ctx.request.method == b"HEAD" or status == 304) else None
         head_bytes = h1.serialize_response_head(status, reason, response.headers, out_framing,
                                                 close=not dreq.keep_alive,
                                                 content_length_header=passthrough_length)
+        ctx.response = response
+        self.crt.count_response(status)
+        if framing.kind == h1.NONE or (framing.kind == h1.LENGTH and up.buffered >= framing.length):
+            # the whole response is here (the common small response): one send, no body reader
+            if framing.kind == h1.NONE:
+                await self._send_down([head_bytes])
+            else:
+                await self._send_down([head_bytes, up.consume(framing.length)])
+                ctx.bytes_sent = framing.length
+            ctx.status = status
+            return upstream_keep
         reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
                             protocol_error=UpstreamProtocolError, deadline=self.deadline)
         parts = [head_bytes]
         encode_pieces(out_kind, reader.buffered_pieces(), parts)
         if reader.done and out_kind == h1.CHUNKED:
             parts.append(h1.LAST_CHUNK)
-        ctx.response = response
-        self.crt.count_response(status)
         await self._send_down(parts)
         ctx.status = status
         while not reader.done:

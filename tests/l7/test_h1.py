@@ -119,3 +119,39 @@ def test_serialize_heads():
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
     assert h1.serialize_response_head(200, b"OK", [], h1.FRAMING_NONE, close=False,
                                       content_length_header=b"1234").endswith(b"content-length: 1234\r\n\r\n")
+
+
+def test_classify_request_one_pass():
+    raw = H("Host: a.example", "connection: keep-alive, x-hop", "x-hop: 1", "expect: 100-continue",
+            "content-length: 4", "x-app: 2", "te: trailers", "keep-alive: 5")
+    raw = [(n.lower(), v) for n, v in raw]
+    headers, host, framing, keep, expect, upgrade = h1.classify_request(raw, 1)
+    assert host == b"a.example"
+    assert headers == [(b"x-app", b"2"), (b"te", b"trailers")]
+    assert (framing.kind, framing.length, keep, expect, upgrade) == (h1.LENGTH, 4, True, True, False)
+
+
+def test_classify_request_upgrade_and_http10():
+    raw = H("host: a", "connection: Upgrade", "upgrade: websocket")
+    headers, _, framing, keep, expect, upgrade = h1.classify_request(raw, 1)
+    assert upgrade and not keep
+    assert headers == [(b"upgrade", b"websocket"), (b"connection", b"upgrade")]
+    _, host, _, keep, expect, _ = h1.classify_request(H("expect: 100-continue"), 0)
+    assert host is None and not keep and not expect
+    with pytest.raises(BadRequest):
+        h1.classify_request(H("host: a", "host: b"), 1)
+    with pytest.raises(BadRequest):
+        h1.classify_request(H("host: a", "content-length: 1", "transfer-encoding: chunked"), 1)
+
+
+def test_classify_response_one_pass():
+    raw = H("content-length: 12", "connection: close, x-hop", "x-hop: 1", "server: s")
+    headers, framing, keep, raw_length, tokens = h1.classify_response(b"GET", 200, 1, raw)
+    assert headers == [(b"server", b"s")]
+    assert (framing.kind, framing.length, keep, raw_length) == (h1.LENGTH, 12, False, b"12")
+    headers, framing, keep, raw_length, _ = h1.classify_response(b"HEAD", 200, 1, H("content-length: 99"))
+    assert (framing.kind, keep, raw_length) == (h1.NONE, True, b"99")
+    _, framing, keep, _, _ = h1.classify_response(b"GET", 200, 1, [])
+    assert framing.kind == h1.CLOSE and not keep
+    _, framing, keep, _, _ = h1.classify_response(b"GET", 200, 0, H("content-length: 1"))
+    assert not keep
