@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import msgspec
 
-from proxy.config import hosts
+from proxy.config import hosts, policies
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
     Destination,
@@ -80,6 +80,9 @@ class _CheckedRoute:
     spec: HTTPRoute
     destinations: tuple[RouteDestination, ...]
     cumulative: tuple[int, ...]
+    policies: dict
+    resource: Resource
+    path: str
 
 
 @dataclass(slots=True)
@@ -171,26 +174,42 @@ class _Compiler:
             for k, m in enumerate(http.match):
                 for j, g in enumerate(m.gateways):
                     self._check_gateway_name(r, f"{path}.match[{k}].gateways[{j}]", g)
-            if not http.route:
-                raise r.error(f"{path}.route", "an http route needs at least one destination")
+            redirect = policies.redirect_for(r, path, http)
+            direct = policies.direct_response_for(r, path, http)
+            if not http.route and redirect is None and direct is None:
+                raise r.error(f"{path}.route", "an http route needs at least one destination (or a redirect or directResponse)")
             dests: list[RouteDestination] = []
             for j, rd in enumerate(http.route):
                 cluster = self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination)
-                dests.append(RouteDestination(cluster, rd.weight))
+                req_ops, resp_ops = policies.headers_pair(r, f"{path}.route[{j}].headers", rd.headers)
+                dests.append(RouteDestination(cluster, rd.weight, req_ops, resp_ops))
             if len(dests) == 1:
-                dests = [RouteDestination(dests[0].cluster, 100)]  # a single destination takes everything
-            else:
+                d = dests[0]
+                dests = [RouteDestination(d.cluster, 100, d.request_headers, d.response_headers)]  # takes everything
+            elif dests:
                 total = sum(d.weight for d in dests)
                 if total != 100:  # Istio's validation rule
                     raise r.error(f"{path}.route", f"total destination weight {total} != 100")
-            if http.timeout is not None and http.timeout < 0.001:
-                raise r.error(f"{path}.timeout", "timeout must be at least 1ms")
+            if http.timeout is not None and http.timeout < 0.001 and http.timeout != 0:
+                raise r.error(f"{path}.timeout", "timeout must be at least 1ms (or 0s to disable it)")
             cumulative: list[int] = []
             acc = 0
             for d in dests:
                 acc += d.weight
                 cumulative.append(acc)
-            routes.append(_CheckedRoute(i, http, tuple(dests), tuple(cumulative)))
+            req_ops, resp_ops = policies.headers_pair(r, f"{path}.headers", http.headers)
+            policies.rewrite_for(r, path, http, None)  # validated once here; built per match block later
+            extra = dict(
+                redirect=redirect,
+                direct_response=direct,
+                request_headers=req_ops,
+                response_headers=resp_ops,
+                retry=policies.retry_policy(r, path, http) if dests else None,
+                fault=policies.fault_policy(r, path, http),
+                mirrors=policies.mirror_policies(r, path, http, lambda p, d: self._resolve_destination(r, p, d)),
+                destination_headers=any(d.request_headers or d.response_headers for d in dests),
+            )
+            routes.append(_CheckedRoute(i, http, tuple(dests), tuple(cumulative), extra, r, path))
         return _CheckedVS(r, spec, gateways, routes)
 
     # ---- routes per listener context
@@ -203,26 +222,33 @@ class _Compiler:
             return _gateway_ref(g, r.namespace)
 
         for cr in vs.routes:
-            matcher = compile_matches(cr.spec.match, ctx, resolve)
-            if matcher is None:
-                continue  # no match block applies on this listener
             name = cr.spec.name or f"{r.namespace}.{r.name}.{cr.index}"
-            route = Route(
-                name=name,
-                virtual_service=vs.label,
-                matches=matcher,
-                destinations=cr.destinations,
-                cumulative_weights=cr.cumulative,
-                timeout_s=float(cr.spec.timeout) if cr.spec.timeout is not None else None,
-            )
-            dump = {
-                "name": name,
-                "virtual_service": vs.label,
-                "match": [_builtins(m) for m in cr.spec.match],
-                "destinations": [{"cluster": d.cluster, "weight": d.weight} for d in cr.destinations],
-                "timeout_s": route.timeout_s,
-            }
-            out.append((route, dump))
+            rewrite = cr.spec.rewrite
+            if rewrite is not None and rewrite.uri and len(cr.spec.match) > 1:
+                # Istio's prefix rewrite depends on which block matched: one route per block, as Istio
+                # generates one Envoy route per match block
+                groups = [(m,) for m in cr.spec.match]
+            else:
+                groups = [cr.spec.match]
+            for blocks in groups:
+                matcher = compile_matches(blocks, ctx, resolve)
+                if matcher is None:
+                    continue  # no match block applies on this listener
+                prefix = None
+                if len(blocks) == 1 and blocks[0].uri is not None and blocks[0].uri.prefix is not None:
+                    prefix = blocks[0].uri.prefix.encode()
+                rw = policies.rewrite_for(cr.resource, cr.path, cr.spec, prefix)
+                route = Route(
+                    name=name,
+                    virtual_service=vs.label,
+                    matches=matcher,
+                    destinations=cr.destinations,
+                    cumulative_weights=cr.cumulative,
+                    timeout_s=float(cr.spec.timeout) if cr.spec.timeout is not None else None,
+                    rewrite=rw,
+                    **cr.policies,
+                )
+                out.append((route, _route_dump(route, [_builtins(m) for m in blocks])))
         return out
 
     # ---- listeners
@@ -370,8 +396,9 @@ class _Compiler:
                 matches=always(),
                 destinations=(RouteDestination(cluster, 100),),
                 cumulative_weights=(100,),
+                retry=policies.DEFAULT_RETRY,  # Istio's default route carries its default retry policy
             )
-            dump = {"name": "default", "virtual_service": "", "match": [], "destinations": [{"cluster": cluster, "weight": 100}], "timeout_s": None}
+            dump = _route_dump(route, [])
             draft.vhost(f"{full}:{number}", domains).add("", [(route, dump)])
 
     def _add_ingress(self, r: Resource, path: str, ing) -> None:
@@ -394,7 +421,7 @@ class _Compiler:
             destinations=(RouteDestination(cluster, 100),),
             cumulative_weights=(100,),
         )
-        dump = {"name": "inbound", "virtual_service": "", "match": [], "destinations": [{"cluster": cluster, "weight": 100}], "timeout_s": None}
+        dump = _route_dump(route, [])
         draft.vhost(f"inbound|{ing.port.number}", ["*"]).add("", [(route, dump)])
 
 
@@ -497,6 +524,43 @@ class _ListenerDraft:
         return listener, dump
 
 
+def _plain(obj: Any) -> Any:
+    """A JSON-able view of a compiled policy dataclass (bytes as text, patterns as their source)."""
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, bytes):
+        return obj.decode("latin-1")
+    if isinstance(obj, (frozenset, set)):
+        return sorted(_plain(x) for x in obj)
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if hasattr(obj, "pattern"):
+        return _plain(obj.pattern)
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f: _plain(getattr(obj, f)) for f in obj.__dataclass_fields__ if f != "drop"}
+    return str(obj)
+
+
+def _route_dump(route: Route, match: list) -> dict:
+    return {
+        "name": route.name,
+        "virtual_service": route.virtual_service,
+        "match": match,
+        "destinations": [_plain(d) for d in route.destinations],
+        "timeout_s": route.timeout_s,
+        "rewrite": _plain(route.rewrite),
+        "redirect": _plain(route.redirect),
+        "direct_response": _plain(route.direct_response),
+        "request_headers": _plain(route.request_headers),
+        "response_headers": _plain(route.response_headers),
+        "retry": _plain(route.retry),
+        "fault": _plain(route.fault),
+        "mirrors": _plain(route.mirrors),
+    }
+
+
 def _cluster_dump(c: Cluster) -> dict:
     return {
         "name": c.name,
@@ -507,6 +571,9 @@ def _cluster_dump(c: Cluster) -> dict:
         "resolution": c.resolution,
         "protocol": c.protocol,
         "connect_timeout_s": c.connect_timeout_s,
+        "consistent_hash": _plain(c.consistent_hash),
+        "connection_pool": _plain(c.connection_pool),
+        "outlier_detection": _plain(c.outlier),
         "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight} for e in c.endpoints],
     }
 

@@ -212,12 +212,111 @@ class Destination(IstioStruct, frozen=True):
     port: PortSelector | None = None
 
 
+class HeaderOperations(IstioStruct, frozen=True):
+    """Istio `Headers.HeaderOperations`: `set` overwrites, `add` appends, `remove` deletes by name."""
+
+    set: dict[str, str] = field(default_factory=dict)
+    add: dict[str, str] = field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
+class Headers(IstioStruct, frozen=True):
+    request: HeaderOperations | None = None
+    response: HeaderOperations | None = None
+
+
 class HTTPRouteDestination(IstioStruct, frozen=True):
     destination: Destination
     weight: Percent = 0
-    headers: Any = UNSET
+    headers: Headers | None = None
 
-    unsupported: ClassVar[tuple[str, ...]] = ("headers",)
+
+class RegexRewrite(IstioStruct, frozen=True):
+    match: Regex
+    rewrite: str
+
+
+class HTTPRewrite(IstioStruct, frozen=True):
+    uri: str = ""
+    authority: str = ""
+    uri_regex_rewrite: RegexRewrite | None = None
+
+    def __post_init__(self) -> None:
+        if self.uri and self.uri_regex_rewrite is not None:
+            raise ValueError("a rewrite takes only one of `uri` and `uriRegexRewrite`")
+
+
+class HTTPRedirect(IstioStruct, frozen=True):
+    uri: str = ""
+    authority: str = ""
+    port: PortNumber | None = None
+    derive_port: Literal["FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"] | None = None
+    scheme: str = ""
+    redirect_code: Annotated[int, Meta(ge=300, le=399)] = 301
+
+    def __post_init__(self) -> None:
+        if self.port is not None and self.derive_port is not None:
+            raise ValueError("a redirect takes only one of `port` and `derivePort`")
+        if self.redirect_code not in (301, 302, 303, 307, 308):
+            raise ValueError(f"redirectCode {self.redirect_code} is not one of 301, 302, 303, 307, 308")
+
+
+class HTTPBody(IstioStruct, frozen=True):
+    string: str | None = None
+    bytes: str | None = None  # base64 text, decoded by the compiler
+    file_name: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("file_name",)
+
+
+class HTTPDirectResponse(IstioStruct, frozen=True):
+    status: Annotated[int, Meta(ge=200, le=599)]
+    body: HTTPBody | None = None
+
+
+class PercentValue(IstioStruct, frozen=True):
+    """Istio's `Percent`: a double in [0, 100]."""
+
+    value: Annotated[float, Meta(ge=0.0, le=100.0)] = 0.0
+
+
+class HTTPRetry(IstioStruct, frozen=True):
+    attempts: Annotated[int, Meta(ge=0)] = 0
+    per_try_timeout: Duration | None = None
+    retry_on: str = ""
+    retry_remote_localities: Any = UNSET
+    retry_ignore_previous_hosts: bool = True
+    backoff: Duration | None = None
+
+    unsupported: ClassVar[tuple[str, ...]] = ("retry_remote_localities",)
+
+
+class FaultDelay(IstioStruct, frozen=True):
+    fixed_delay: Duration | None = None
+    percentage: PercentValue | None = None
+    percent: Percent | None = None  # deprecated integer form
+    exponential_delay: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("exponential_delay",)
+
+
+class FaultAbort(IstioStruct, frozen=True):
+    http_status: Annotated[int, Meta(ge=200, le=599)] | None = None
+    percentage: PercentValue | None = None
+    grpc_status: Any = UNSET
+    http2_error: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("grpc_status", "http2_error")
+
+
+class HTTPFaultInjection(IstioStruct, frozen=True):
+    delay: FaultDelay | None = None
+    abort: FaultAbort | None = None
+
+
+class HTTPMirrorPolicy(IstioStruct, frozen=True):
+    destination: Destination
+    percentage: PercentValue | None = None
 
 
 class HTTPRoute(IstioStruct, frozen=True):
@@ -225,34 +324,20 @@ class HTTPRoute(IstioStruct, frozen=True):
     match: tuple[HTTPMatchRequest, ...] = ()
     route: tuple[HTTPRouteDestination, ...] = ()
     timeout: Duration | None = None
-    # issue 3 and later
-    redirect: Any = UNSET
-    direct_response: Any = UNSET
+    redirect: HTTPRedirect | None = None
+    direct_response: HTTPDirectResponse | None = None
+    rewrite: HTTPRewrite | None = None
+    retries: HTTPRetry | None = None
+    fault: HTTPFaultInjection | None = None
+    mirror: Destination | None = None
+    mirrors: tuple[HTTPMirrorPolicy, ...] = ()
+    mirror_percent: Percent | None = None  # deprecated integer form of mirrorPercentage
+    mirror_percentage: PercentValue | None = None
+    headers: Headers | None = None
     delegate: Any = UNSET
-    rewrite: Any = UNSET
-    retries: Any = UNSET
-    fault: Any = UNSET
-    mirror: Any = UNSET
-    mirrors: Any = UNSET
-    mirror_percent: Any = UNSET
-    mirror_percentage: Any = UNSET
     cors_policy: Any = UNSET
-    headers: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "redirect",
-        "direct_response",
-        "delegate",
-        "rewrite",
-        "retries",
-        "fault",
-        "mirror",
-        "mirrors",
-        "mirror_percent",
-        "mirror_percentage",
-        "cors_policy",
-        "headers",
-    )
+    unsupported: ClassVar[tuple[str, ...]] = ("delegate", "cors_policy")
 
 
 class VirtualServiceSpec(IstioStruct, frozen=True):
@@ -272,21 +357,104 @@ class VirtualServiceSpec(IstioStruct, frozen=True):
 LbSimple = Literal["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"]
 
 
+class HTTPCookie(IstioStruct, frozen=True):
+    name: Annotated[str, Meta(min_length=1)]
+    path: str = ""
+    ttl: Duration | None = None
+    attributes: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("attributes",)
+
+
+class RingHash(IstioStruct, frozen=True):
+    minimum_ring_size: Annotated[int, Meta(ge=1, le=8_388_608)] = 1024
+
+
+class MagLev(IstioStruct, frozen=True):
+    table_size: Annotated[int, Meta(ge=1)] = 65537
+
+
+class ConsistentHashLB(IstioStruct, frozen=True):
+    http_header_name: str | None = None
+    http_cookie: HTTPCookie | None = None
+    use_source_ip: bool | None = None
+    http_query_parameter_name: str | None = None
+    ring_hash: RingHash | None = None
+    maglev: MagLev | None = None
+    minimum_ring_size: Annotated[int, Meta(ge=1, le=8_388_608)] | None = None  # deprecated: ringHash
+
+    def __post_init__(self) -> None:
+        keys = (self.http_header_name, self.http_cookie, self.use_source_ip or None, self.http_query_parameter_name)
+        if sum(k is not None for k in keys) != 1:
+            raise ValueError(
+                "a consistentHash takes exactly one of `httpHeaderName`, `httpCookie`, `useSourceIp`, "
+                "`httpQueryParameterName`"
+            )
+        if self.ring_hash is not None and self.maglev is not None:
+            raise ValueError("a consistentHash takes only one of `ringHash` and `maglev`")
+
+
 class LoadBalancerSettings(IstioStruct, frozen=True):
     simple: LbSimple | None = None
-    consistent_hash: Any = UNSET
+    consistent_hash: ConsistentHashLB | None = None
     locality_lb_setting: Any = UNSET
     warmup_duration_secs: Any = UNSET
     warmup: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("consistent_hash", "locality_lb_setting", "warmup_duration_secs", "warmup")
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"simple": frozenset({"PASSTHROUGH"})}
+    unsupported: ClassVar[tuple[str, ...]] = ("locality_lb_setting", "warmup_duration_secs", "warmup")
+
+    def __post_init__(self) -> None:
+        if self.simple is not None and self.consistent_hash is not None:
+            raise ValueError("a loadBalancer takes only one of `simple` and `consistentHash`")
+
+
+class TCPSettings(IstioStruct, frozen=True):
+    max_connections: Annotated[int, Meta(ge=1)] | None = None
+    connect_timeout: Duration | None = None
+    tcp_keepalive: Any = UNSET
+    max_connection_duration: Any = UNSET
+    idle_timeout: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("tcp_keepalive", "max_connection_duration", "idle_timeout")
+
+
+class HTTPSettings(IstioStruct, frozen=True):
+    http1_max_pending_requests: Annotated[int, Meta(ge=1)] | None = None
+    http2_max_requests: Annotated[int, Meta(ge=1)] | None = None
+    max_requests_per_connection: Annotated[int, Meta(ge=0)] | None = None
+    max_retries: Annotated[int, Meta(ge=0)] | None = None
+    idle_timeout: Duration | None = None
+    h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
+    use_client_protocol: bool | None = None
+    max_concurrent_streams: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("max_concurrent_streams",)
+    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"h2_upgrade_policy": frozenset({"UPGRADE"})}
+
+
+class ConnectionPoolSettings(IstioStruct, frozen=True):
+    tcp: TCPSettings | None = None
+    http: HTTPSettings | None = None
+
+
+class OutlierDetection(IstioStruct, frozen=True):
+    consecutive_5xx_errors: Annotated[int, Meta(ge=0)] | None = field(default=None, name="consecutive5xxErrors")
+    consecutive_gateway_errors: Annotated[int, Meta(ge=0)] | None = None
+    consecutive_errors: Annotated[int, Meta(ge=0)] | None = None  # deprecated: gateway errors
+    interval: Duration | None = None
+    base_ejection_time: Duration | None = None
+    max_ejection_percent: Percent | None = None
+    min_health_percent: Percent | None = None
+    split_external_local_origin_errors: Any = UNSET
+    consecutive_local_origin_failures: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("split_external_local_origin_errors", "consecutive_local_origin_failures")
 
 
 class TrafficPolicy(IstioStruct, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
-    connection_pool: Any = UNSET
-    outlier_detection: Any = UNSET
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
     tls: Any = UNSET
     port_level_settings: Any = UNSET
     tunnel: Any = UNSET
@@ -294,8 +462,6 @@ class TrafficPolicy(IstioStruct, frozen=True):
     retry_budget: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = (
-        "connection_pool",
-        "outlier_detection",
         "tls",
         "port_level_settings",
         "tunnel",

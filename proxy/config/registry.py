@@ -8,13 +8,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from proxy.config import hosts
+from proxy.config import hosts, policies
 from proxy.config.istio import DestinationRuleSpec, Port, ServiceEntrySpec, TrafficPolicy, WorkloadEntrySpec
 from proxy.config.load import Resource
 from proxy.config.snapshot import Cluster, Endpoint, cluster_name
-
-DEFAULT_LB_POLICY = "ROUND_ROBIN"
-
 
 class FrozenLabels(dict):
     """Read-only, hashable labels, so an Endpoint (a frozen dataclass) can key a dict or set."""
@@ -79,13 +76,6 @@ def _check_address(r: Resource, path: str, address: str, *, need_ip: bool) -> No
         raise r.error(path, "Unix domain socket endpoints are not supported by triomesh yet")
     if need_ip and not _is_ip(address):
         raise r.error(path, f"{address!r} is not an IP address (resolution STATIC needs IP endpoints)")
-
-
-def _lb_policy(tp: TrafficPolicy | None, inherited: str) -> str:
-    if tp is None or tp.load_balancer is None or tp.load_balancer.simple in (None, "UNSPECIFIED"):
-        return inherited
-    simple = tp.load_balancer.simple
-    return "LEAST_REQUEST" if simple == "LEAST_CONN" else simple  # Istio treats them the same
 
 
 class Registry:
@@ -243,11 +233,26 @@ def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
     return table
 
 
+def _policy_fields(tp: TrafficPolicy | None) -> dict:
+    lb_policy, consistent = policies.lb_settings(tp)
+    pool, connect = policies.connection_pool(tp.connection_pool if tp else None)
+    fields = {
+        "lb_policy": lb_policy,
+        "consistent_hash": consistent,
+        "connection_pool": pool,
+        "outlier": policies.outlier_policy(tp.outlier_detection if tp else None),
+    }
+    if connect is not None:
+        fields["connect_timeout_s"] = connect
+    return fields
+
+
 def build_clusters(reg: Registry) -> dict[str, Cluster]:
     clusters: dict[str, Cluster] = {}
     for svc in reg.services.values():
         rule_spec = svc.rule[1] if svc.rule else None
-        base_lb = _lb_policy(rule_spec.traffic_policy if rule_spec else None, DEFAULT_LB_POLICY)
+        base_tp = rule_spec.traffic_policy if rule_spec else None
+        base = _policy_fields(base_tp)
         for port in svc.ports:
             name = cluster_name(svc.host, port.number)
             clusters[name] = Cluster(
@@ -256,9 +261,9 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
                 port=port.number,
                 subset="",
                 endpoints=_endpoints(svc, port, None),
-                lb_policy=base_lb,
                 resolution=_resolution(svc.spec),
                 protocol=str(port.protocol),
+                **base,
             )
             if rule_spec is None:
                 continue
@@ -270,8 +275,8 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
                     port=port.number,
                     subset=subset.name,
                     endpoints=_endpoints(svc, port, subset.labels),
-                    lb_policy=_lb_policy(subset.traffic_policy, base_lb),
                     resolution=_resolution(svc.spec),
                     protocol=str(port.protocol),
+                    **_policy_fields(policies.merge_traffic_policy(base_tp, subset.traffic_policy)),
                 )
     return clusters

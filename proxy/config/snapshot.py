@@ -31,6 +31,43 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsistentHash:
+    """DestinationRule loadBalancer.consistentHash: what to hash and the ring it picks on."""
+
+    source: str  # "header", "cookie", "source_ip", "query"
+    name: bytes = b""  # header name (lowercase), cookie name or query parameter
+    cookie_path: bytes = b""
+    cookie_ttl_s: float | None = None  # None: never generate the cookie; 0: a session cookie
+    ring: str = "ring_hash"  # or "maglev"
+    ring_size: int = 1024  # ringHash.minimumRingSize, or maglev.tableSize
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPool:
+    """DestinationRule trafficPolicy.connectionPool (Envoy's circuit breakers), per worker process.
+    None means Istio's default (2^32-1, i.e. no limit)."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests_per_connection: int | None = None
+    max_retries: int | None = None
+    idle_timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """DestinationRule trafficPolicy.outlierDetection with Envoy's defaults (0 disables a detector)."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway: int = 0
+    interval_s: float = 10.0
+    base_ejection_time_s: float = 30.0
+    max_ejection_percent: int = 10
+    min_health_percent: int = 0
+    max_ejection_time_s: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service_host: str
@@ -43,12 +80,95 @@ class Cluster:
     # host names, resolved when connecting), NONE (no endpoints: original destination)
     resolution: str = "STATIC"
     protocol: str = "HTTP"  # the service port's protocol
+    consistent_hash: ConsistentHash | None = None
+    connection_pool: ConnectionPool = ConnectionPool()
+    outlier: OutlierPolicy | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderOps:
+    """Istio HeaderOperations compiled: names lowercase bytes; `remove` first, then `set`
+    (replacing every value of the name), then `add` (appending), as Envoy applies them."""
+
+    set: tuple[tuple[bytes, bytes], ...] = ()
+    add: tuple[tuple[bytes, bytes], ...] = ()
+    remove: frozenset[bytes] = frozenset()
+    drop: frozenset[bytes] = frozenset()  # remove | names of set
+    authority: bytes | None = None  # `set: {host: ...}` / `:authority` rewrites the authority
+
+    def apply(self, headers: list) -> list:
+        drop = self.drop
+        out = [h for h in headers if h[0] not in drop] if drop else headers
+        if self.set:
+            out.extend(self.set)
+        if self.add:
+            out.extend(self.add)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class RouteDestination:
     cluster: str  # a key of Snapshot.clusters
     weight: int
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """HTTPRewrite. `prefix` is the matched uri prefix of this route entry (Istio's prefix rewrite);
+    None means the whole path is replaced by `uri`. `regex`/`substitution`: uriRegexRewrite."""
+
+    uri: bytes | None = None
+    prefix: bytes | None = None
+    regex: Any = None  # compiled bytes pattern
+    substitution: bytes = b""
+    authority: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Redirect:
+    uri: bytes | None = None  # replaces the whole path (a query in it replaces the request's)
+    authority: bytes | None = None
+    port: int | None = None
+    derive_port: str | None = None  # FROM_PROTOCOL_DEFAULT | FROM_REQUEST_PORT
+    scheme: bytes | None = None
+    code: int = 301
+
+
+@dataclass(frozen=True, slots=True)
+class DirectResponse:
+    status: int
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """HTTPRetry compiled (Envoy's RetryPolicy)."""
+
+    num_retries: int
+    retry_on: frozenset[str]
+    retriable_status_codes: frozenset[int] = frozenset()
+    per_try_timeout_s: float | None = None
+    ignore_previous_hosts: bool = True
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class FaultPolicy:
+    """HTTPFaultInjection compiled; percentages as parts per million."""
+
+    delay_s: float = 0.0
+    delay_ppm: int = 0
+    abort_status: int = 0
+    abort_ppm: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorPolicy:
+    cluster: str
+    ppm: int  # parts per million of requests mirrored
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +182,23 @@ class Route:
     # cumulative weights, same order as destinations; last element is the total
     cumulative_weights: tuple[int, ...]
     timeout_s: float | None = None
+    rewrite: Rewrite | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+    retry: RetryPolicy | None = None
+    fault: FaultPolicy | None = None
+    mirrors: tuple[MirrorPolicy, ...] = ()
+    # per-destination header operations exist somewhere in `destinations`
+    destination_headers: bool = False
+
+    def pick_destination(self, rand_below: Callable[[int], int]) -> RouteDestination:
+        dests = self.destinations
+        if len(dests) == 1:
+            return dests[0]
+        r = rand_below(self.cumulative_weights[-1])
+        return dests[bisect.bisect_right(self.cumulative_weights, r)]
 
     def pick_cluster(self, rand_below: Callable[[int], int]) -> str:
         """Weighted pick. `rand_below(n)` returns a uniform int in [0, n) (injected for tests)."""

@@ -7,17 +7,28 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import trio
+
+from proxy.config.matchers import header_value, parse_query
+from proxy.config.snapshot import Cluster, Endpoint
 from proxy.l7.chain import Chain
+from proxy.l7.stages.fault import FaultAbortStage, FaultDelayStage
 from proxy.l7.stages.forwarding import ForwardingStage
-from proxy.l7.stages.routing import RouteStage
+from proxy.l7.stages.headers import ResponseHeadersStage
+from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
 from proxy.l7.timeouts import TimeoutSweeper
-from proxy.lb.balancers import make_balancer
+from proxy.lb.balancers import hash64, make_balancer
+from proxy.lb.outlier import OutlierDetector
 from proxy.lb.pool import IdlePool
 from proxy.stats import Counter, Gauge, Stats
 
 if TYPE_CHECKING:
-    from proxy.config.snapshot import Cluster, Listener, Snapshot
+    from proxy.config.snapshot import Listener, Route, Snapshot
+    from proxy.l7.context import RequestContext
     from proxy.runtime import SnapshotHolder
+
+MIRRORS_IN_FLIGHT_MAX = 256  # per worker; beyond it a mirror is dropped (and counted), never queued
+HOST_SELECTION_ATTEMPTS = 5  # Istio's host_selection_retry_max_attempts for the previous_hosts predicate
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,23 +46,63 @@ class HttpSettings:
     connect_timeout_s: float = 10.0  # cluster connect_timeout when the config sets none
     upstream_idle_timeout_s: float = 60.0  # pooled idle upstream connections are closed after this
     max_idle_per_endpoint: int = 1024
+    # request bodies up to this size are buffered so retries and mirrors can replay them; larger
+    # ones stream to one upstream try (Envoy's per_request_buffer_limit_bytes serves the same purpose)
+    retry_buffer_bytes: int = 64 * 1024
 
 
 class ClusterRuntime:
-    """A cluster's mutable companions for one snapshot: its balancer and stats handles."""
+    """A cluster's mutable companions for one snapshot: balancer over its healthy endpoints, outlier
+    detector, circuit-breaker counters and stats handles. Kept across snapshots while the cluster's
+    definition is unchanged, so ejections and balancer positions survive unrelated config changes."""
 
     __slots__ = ("cluster", "balancer", "cx_total", "cx_active", "cx_connect_fail", "rq_by_code", "stats",
-                 "name")
+                 "name", "outlier", "outlier_version", "hash_policy", "passthrough", "pool_limits", "pending",
+                 "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
+                 "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
+                 "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
+                 "rand_below")
 
-    def __init__(self, cluster: Cluster, stats: Stats) -> None:
+    def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
-        self.name = cluster.name
-        self.balancer = make_balancer(cluster.lb_policy, cluster.endpoints, random.randrange)
+        self.name = name = cluster.name
         self.stats = stats
-        self.cx_total = stats.counter("triomesh_upstream_cx_total", cluster=cluster.name)
-        self.cx_active = stats.gauge("triomesh_upstream_cx_active", cluster=cluster.name)
-        self.cx_connect_fail = stats.counter("triomesh_upstream_cx_connect_fail_total", cluster=cluster.name)
+        self.clock = clock
+        self.rand_below = rand_below
+        self.hash_policy = cluster.consistent_hash
+        self.passthrough = cluster.lb_policy == "PASSTHROUGH"
+        self.pool_limits = cluster.connection_pool
+        self.outlier: OutlierDetector | None = None
+        self.outlier_version = 0
+        if cluster.outlier is not None and cluster.endpoints:
+            self.outlier = OutlierDetector(cluster.endpoints, cluster.outlier, self._now())
+        self.balancer = make_balancer(cluster.lb_policy, cluster.endpoints, rand_below, self.hash_policy)
+        self.pending = 0
+        self.retries_active = 0
+        self.waiters = trio.lowlevel.ParkingLot()
+        self.cx_total = stats.counter("triomesh_upstream_cx_total", cluster=name)
+        self.cx_active = stats.gauge("triomesh_upstream_cx_active", cluster=name)
+        self.cx_connect_fail = stats.counter("triomesh_upstream_cx_connect_fail_total", cluster=name)
         self.rq_by_code: dict[int, Counter] = {}
+        self.rq_retry = stats.counter("triomesh_upstream_rq_retry_total", cluster=name)
+        self.rq_retry_success = stats.counter("triomesh_upstream_rq_retry_success_total", cluster=name)
+        self.rq_retry_overflow = stats.counter("triomesh_upstream_rq_retry_overflow_total", cluster=name)
+        self.rq_timeout = stats.counter("triomesh_upstream_rq_timeout_total", cluster=name)
+        self.rq_per_try_timeout = stats.counter("triomesh_upstream_rq_per_try_timeout_total", cluster=name)
+        self.rq_pending_overflow = stats.counter("triomesh_upstream_rq_pending_overflow_total", cluster=name)
+        self.ejections_total = stats.counter("triomesh_outlier_ejections_total", cluster=name)
+        self.ejections_active = stats.gauge("triomesh_outlier_ejections_active", cluster=name)
+        self.fault_aborts = stats.counter("triomesh_fault_aborts_total", cluster=name)
+        self.fault_delays = stats.counter("triomesh_fault_delays_total", cluster=name)
+        self.mirror_total = stats.counter("triomesh_mirror_requests_total", cluster=name)
+        self.mirror_dropped = stats.counter("triomesh_mirror_dropped_total", cluster=name)
+        self.mirror_failed = stats.counter("triomesh_mirror_failed_total", cluster=name)
+
+    def _now(self) -> float:
+        try:
+            return self.clock()
+        except RuntimeError:  # built outside a Trio run (tests, config tools)
+            return 0.0
 
     def count_response(self, status: int) -> None:
         c = self.rq_by_code.get(status)
@@ -59,6 +110,118 @@ class ClusterRuntime:
             c = self.rq_by_code[status] = self.stats.counter(
                 "triomesh_upstream_rq_total", cluster=self.name, response_code=str(status))
         c.value += 1
+
+    # ---- endpoint choice
+
+    def pick(self, ctx: RequestContext, in_flight, avoid: set | None = None) -> Endpoint | None:
+        """The endpoint for one try. `avoid`: hosts already tried (the previous_hosts predicate)."""
+        od = self.outlier
+        if od is not None:
+            now = self.clock()
+            if now >= od.next_sweep:
+                od.sweep(now)
+            if od.version != self.outlier_version:
+                self._rebuild()
+        if self.passthrough:
+            return self._original_destination(ctx)
+        if self.hash_policy is not None:
+            return self.balancer.pick_hash(self._hash_key(ctx), avoid)
+        balancer = self.balancer
+        e = balancer.pick(in_flight)
+        if avoid:
+            for _ in range(HOST_SELECTION_ATTEMPTS):
+                if e not in avoid:
+                    break
+                e = balancer.pick(in_flight)
+        return e
+
+    def _rebuild(self) -> None:
+        od = self.outlier
+        self.outlier_version = od.version
+        self.ejections_active.value = od.ejected
+        self.balancer = make_balancer(self.cluster.lb_policy, od.healthy(), self.rand_below, self.hash_policy)
+
+    def record(self, endpoint: Endpoint, status: int) -> None:
+        """An upstream result for outlier detection (local failures as 503/504)."""
+        od = self.outlier
+        if od is not None and od.record(endpoint, status, self.clock()):
+            self.ejections_total.value += 1
+            self._rebuild()
+
+    def _original_destination(self, ctx: RequestContext) -> Endpoint | None:
+        """PASSTHROUGH: the host and port the client asked for, no balancing."""
+        authority = ctx.request.authority
+        if not authority:
+            return None
+        host, sep, port = authority.rpartition(b":")
+        if not sep or b"]" in port or not port.isdigit():
+            host, port = authority, b"%d" % self.cluster.port
+        return Endpoint(host.strip(b"[]").decode("latin-1"), int(port))
+
+    def _hash_key(self, ctx: RequestContext) -> int | None:
+        hp = self.hash_policy
+        head = ctx.request
+        source = hp.source
+        if source == "header":
+            value = head.authority if hp.name in (b"host", b":authority") else header_value(head, hp.name)
+        elif source == "source_ip":
+            value = ctx.downstream_ip
+        elif source == "cookie":
+            value = _cookie(head, hp.name)
+            if value is None and hp.cookie_ttl_s is not None:
+                value = self._new_cookie(ctx)
+        else:
+            value = parse_query(head.query).get(hp.name) if head.query else None
+        return hash64(value) if value is not None else None
+
+    def _new_cookie(self, ctx: RequestContext) -> bytes:
+        """Envoy's generated hash cookie: a value derived from the downstream connection, sent back
+        with Set-Cookie so the client's next requests hash the same."""
+        hp = self.hash_policy
+        value = b"%016x" % hash64(ctx.downstream_addr.encode() + (ctx.listener.name.encode() if ctx.listener else b""))
+        parts = [hp.name + b"=" + value]
+        if hp.cookie_ttl_s:
+            parts.append(b"Max-Age=%d" % int(hp.cookie_ttl_s))
+        if hp.cookie_path:
+            parts.append(b"Path=" + hp.cookie_path)
+        parts.append(b"HttpOnly")
+        ctx.extra["set_cookie"] = b"; ".join(parts)
+        return value
+
+
+def _cookie(head, name: bytes) -> bytes | None:
+    for n, v in head.headers:
+        if n == b"cookie":
+            for part in v.split(b";"):
+                k, _, val = part.strip().partition(b"=")
+                if k == name:
+                    return val
+    return None
+
+
+def _routes_of(listener: Listener):
+    table = listener.route_table
+    vhosts = list(table.exact.values()) + [vh for _, vh in table.suffixes]
+    if table.catch_all is not None:
+        vhosts.append(table.catch_all)
+    for vh in vhosts:
+        yield from vh.routes
+
+
+def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Chain:
+    """The listener's stages; the optional ones only when some route or cluster there needs them."""
+    routes: list[Route] = list(_routes_of(listener))
+    stages: list = [RouteStage(snapshot, listener)]
+    if any(r.fault is not None and r.fault.delay_ppm for r in routes):
+        stages.append(FaultDelayStage(clusters))
+    if any(r.fault is not None and r.fault.abort_ppm for r in routes):
+        stages.append(FaultAbortStage(clusters))
+    stages.append(ForwardingStage())
+    cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
+                 for c in snapshot.clusters.values())
+    if cookie or any(r.response_headers is not None or r.destination_headers for r in routes):
+        stages.append(ResponseHeadersStage())
+    return Chain(tuple(stages))
 
 
 class SnapshotRuntime:
@@ -70,15 +233,15 @@ class SnapshotRuntime:
         self.snapshot = snapshot
         self.stats = stats
         self.listeners: dict[str, Listener] = {l.name: l for l in snapshot.listeners}
-        self.chains: dict[str, Chain] = {
-            l.name: Chain((RouteStage(snapshot, l), ForwardingStage())) for l in snapshot.listeners
-        }
-        # keep balancer positions for clusters whose definition did not change
+        # keep balancer positions and outlier state for clusters whose definition did not change
         old = previous.clusters if previous is not None else {}
         self.clusters: dict[str, ClusterRuntime] = {}
         for name, cluster in snapshot.clusters.items():
             prev = old.get(name)
             self.clusters[name] = prev if prev is not None and prev.cluster == cluster else ClusterRuntime(cluster, stats)
+        # directResponse / redirect routes end in the exchange without an upstream
+        self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, stats)
+        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters) for l in snapshot.listeners}
 
 
 class DataPlane:
@@ -98,6 +261,16 @@ class DataPlane:
         self.downstream_cx_active = stats.gauge("triomesh_downstream_cx_active")
         self._rq_by_code: dict[int, Counter] = {}
         self._by_flag: dict[str, Counter] = {}
+        # where fire-and-forget work (mirrored requests) runs; the runner may set a nursery, else
+        # each task is a Trio system task (a mirror never fails or delays the request it copies)
+        self.background: trio.Nursery | None = None
+        self.mirrors_in_flight = 0
+
+    def spawn(self, fn, *args) -> None:
+        if self.background is not None:
+            self.background.start_soon(fn, *args)
+        else:
+            trio.lowlevel.spawn_system_task(fn, *args)
 
     def runtime(self, snapshot: Snapshot) -> SnapshotRuntime:
         rt = self._runtime
@@ -105,11 +278,15 @@ class DataPlane:
             rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt)
         return rt
 
-    def pool(self, key: tuple[str, str, int]) -> IdlePool:
+    def pool(self, key: tuple[str, str, int], idle_timeout_s: float | None = None) -> IdlePool:
+        """Idle connections of one cluster endpoint; `idle_timeout_s`: the cluster's
+        connectionPool.http.idleTimeout (None: the default)."""
         pool = self.pools.get(key)
+        timeout = idle_timeout_s if idle_timeout_s is not None else self.settings.upstream_idle_timeout_s
         if pool is None:
-            s = self.settings
-            pool = self.pools[key] = IdlePool(max_idle=s.max_idle_per_endpoint, idle_timeout_s=s.upstream_idle_timeout_s)
+            pool = self.pools[key] = IdlePool(max_idle=self.settings.max_idle_per_endpoint, idle_timeout_s=timeout)
+        elif pool.idle_timeout_s != timeout:
+            pool.idle_timeout_s = timeout  # the cluster's policy changed with a new snapshot
         return pool
 
     def count_downstream(self, status: int, flags: list[str]) -> None:

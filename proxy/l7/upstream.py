@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import random
 import socket
 from typing import TYPE_CHECKING
 
@@ -34,6 +35,7 @@ from proxy.l7.errors import (
     ConnectFailure,
     DownstreamDisconnect,
     NoHealthyUpstream,
+    Overflow,
     ProxyError,
     UpstreamProtocolError,
     UpstreamReset,
@@ -41,13 +43,20 @@ from proxy.l7.errors import (
 )
 from proxy.l7.events import ResponseHead
 from proxy.l7.headparser import HeadParseError, parse_response_head
+from proxy.l7.local_reply import reason_phrase
+from proxy.l7.mirror import start_mirrors
+from proxy.l7.retry import backoff_s, retry_on_error, retry_on_status
+from proxy.l7.stages.headers import response_header_ops
+from proxy.l7.stages.routing import redirect_location
 
 if TYPE_CHECKING:
+    from proxy.config.snapshot import RetryPolicy, Route
     from proxy.l7.context import RequestContext
     from proxy.l7.dataplane import ClusterRuntime, DataPlane
     from proxy.l7.server import DownstreamRequest
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+_random = random.random
 
 
 class StaleConnection(UpstreamReset):
@@ -111,21 +120,43 @@ async def open_connection(key: tuple[str, int], timeout_s: float) -> UpstreamCon
 
 
 async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
-                  fresh: bool = False) -> tuple[UpstreamConn, bool]:
-    """(connection, reused); `fresh` skips the idle pool."""
-    pool = plane.pool((crt.name, *key))  # per cluster and host, as Envoy's pools
-    now = trio.current_time()
-    while not fresh:
-        conn, expired = pool.checkout(now)
-        for old in expired:
-            _discard(crt, old)
-        if conn is None:
-            break
-        if now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed():
-            _discard(crt, conn)
-            continue
-        return conn, True
+                  fresh: bool = False, deadline: float = math.inf) -> tuple[UpstreamConn, bool]:
+    """(connection, reused); `fresh` skips the idle pool.
+
+    Circuit breaker (connectionPool): with tcp.maxConnections open, a request waits for one to come
+    back, at most until `deadline` or the connect timeout, and only if fewer than
+    http.http1MaxPendingRequests already wait; otherwise it fails at once with 503 UO (Overflow)."""
+    limits = crt.pool_limits
+    pool = plane.pool((crt.name, *key), limits.idle_timeout_s)  # per cluster and host, as Envoy's pools
     timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
+    while True:
+        now = trio.current_time()
+        while not fresh:
+            conn, expired = pool.checkout(now)
+            for old in expired:
+                _discard(crt, old)
+            if conn is None:
+                break
+            if now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed():
+                _discard(crt, conn)
+                continue
+            return conn, True
+        limit = limits.max_connections
+        if limit is None or crt.cx_active.value < limit or _close_idle_elsewhere(plane, crt):
+            break
+        if limits.max_pending_requests is not None and crt.pending >= limits.max_pending_requests:
+            crt.rq_pending_overflow.value += 1
+            raise Overflow(f"cluster {crt.name}: {limit} connections open and {crt.pending} requests pending")
+        crt.pending += 1
+        try:
+            with trio.move_on_at(min(deadline, now + timeout)) as scope:
+                await crt.waiters.park()
+        finally:
+            crt.pending -= 1
+        if scope.cancelled_caught:
+            crt.rq_pending_overflow.value += 1
+            raise Overflow(f"cluster {crt.name}: no connection became free within {timeout}s")
+        fresh = False
     try:
         conn = await open_connection(key, timeout)
     except ConnectFailure:
@@ -136,19 +167,36 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
     return conn, False
 
 
+def _close_idle_elsewhere(plane: DataPlane, crt: ClusterRuntime) -> bool:
+    """At the connection limit: close one idle connection of another endpoint of the cluster, so a
+    request for this endpoint can open one (the limit counts the cluster's connections)."""
+    name = crt.name
+    for pool_key, pool in plane.pools.items():
+        if pool_key[0] == name and pool.idle:
+            conn = pool.idle.pop(0)[0]
+            _discard(crt, conn)
+            return True
+    return False
+
+
 def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
     conn.close()
     if conn.counted:
         conn.counted = False
         crt.cx_active.value -= 1
+        if crt.pending:
+            crt.waiters.unpark()
 
 
 def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
-    if reusable and not conn.closed:
+    max_requests = crt.pool_limits.max_requests_per_connection
+    if reusable and not conn.closed and (max_requests is None or conn.requests < max_requests):
         conn.idle_since = now = trio.current_time()
-        evicted = plane.pool((crt.name, *conn.key)).checkin(conn, now)
+        evicted = plane.pool((crt.name, *conn.key), crt.pool_limits.idle_timeout_s).checkin(conn, now)
         if evicted is not None:
             _discard(crt, evicted)
+        if crt.pending:
+            crt.waiters.unpark()
     else:
         _discard(crt, conn)
 
@@ -187,9 +235,14 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
 
 
 class Exchange:
-    """One request's trip upstream and its response's trip back."""
+    """One request's trip upstream and its response's trip back: the router step after the stages.
 
-    __slots__ = ("ctx", "plane", "crt", "dreq", "down", "deadline", "request_body_done", "up")
+    A request whose body is empty or buffered (replayable) may be tried several times under the
+    route's retry policy; a streamed body gets one try. directResponse and redirect routes are
+    answered here without an upstream, as Envoy's router does."""
+
+    __slots__ = ("ctx", "plane", "crt", "dreq", "down", "deadline", "request_body_done", "up", "overall_deadline",
+                 "prefix")
 
     def __init__(self, ctx: RequestContext, plane: DataPlane, crt: ClusterRuntime, dreq: DownstreamRequest,
                  down: Conn) -> None:
@@ -199,17 +252,34 @@ class Exchange:
         self.dreq = dreq
         self.down = down
         timeout = ctx.route.timeout_s if ctx.route.timeout_s is not None else plane.settings.route_timeout_s
-        self.deadline = ctx.start_monotonic + timeout if timeout else math.inf  # Istio: 0s disables it
+        # `deadline` bounds the current try (per-try timeout), `overall_deadline` all of them
+        self.deadline = self.overall_deadline = ctx.start_monotonic + timeout if timeout else math.inf  # 0s: none
         self.request_body_done = dreq.body.done
         self.up: UpstreamConn | None = None
+        self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
 
     async def run(self) -> bool:
         """Relays the exchange; returns whether the downstream connection may serve another request."""
+        ctx, dreq = self.ctx, self.dreq
+        route = ctx.route
+        if not route.destinations:
+            return await self._local_reply(route)
+        body: bytes | None = b"" if dreq.body.done else None
+        if body is None and (route.retry is not None or route.mirrors) and not dreq.is_upgrade:
+            body = await self._buffer_body(self.plane.settings.retry_buffer_bytes)
+        if route.mirrors:
+            start_mirrors(self.plane, ctx, route.mirrors, body)
+        if body is None:
+            return await self._run_streaming()
+        return await self._run_replayable(body, route.retry)
+
+    async def _run_streaming(self) -> bool:
+        """One try, the request body streamed as it arrives (too large to replay, or no retries)."""
         ctx, crt, plane = self.ctx, self.crt, self.plane
         in_flight = plane.in_flight
-        endpoint = crt.balancer.pick(lambda e: in_flight.get((e.address, e.port), 0))
+        endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0))
         if endpoint is None:
-            raise NoHealthyUpstream(f"cluster {crt.name} has no endpoints")
+            raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
         ctx.endpoint = endpoint
         key = (endpoint.address, endpoint.port)
         ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
@@ -217,30 +287,173 @@ class Exchange:
         reusable = False
         try:
             head_bytes = self._request_head_bytes(crt)
-            if self.dreq.body.done:
-                parsed = await self._send_and_read_head(key, head_bytes)
-                reusable = await self._relay_response(parsed)
-            else:
-                self.up, _ = await acquire(plane, crt, key)
-                reusable = await self._duplex(head_bytes)
+            self.up, _ = await acquire(plane, crt, key, deadline=self.deadline)
+            reusable = await self._duplex(head_bytes)
+            crt.record(endpoint, ctx.status)
             return self.request_body_done and self.dreq.keep_alive
+        except ProxyError as e:
+            self._count_failure(endpoint, e, False)
+            raise
         finally:
             in_flight[key] -= 1
             if self.up is not None:
                 release(plane, crt, self.up, reusable and self.request_body_done)
 
-    def _request_head_bytes(self, crt: ClusterRuntime) -> bytes:
+    def _count_failure(self, endpoint, e: ProxyError, per_try: bool) -> None:
+        crt = self.crt
+        if isinstance(e, UpstreamTimeout):
+            (crt.rq_per_try_timeout if per_try else crt.rq_timeout).value += 1
+            crt.record(endpoint, 504)
+        elif isinstance(e, (ConnectFailure, UpstreamReset, UpstreamProtocolError)) and self.ctx.response is None:
+            crt.record(endpoint, 503)
+
+    async def _run_replayable(self, body: bytes, retry: RetryPolicy | None) -> bool:
+        """Tries until a response is kept: retry conditions, attempts, the retry budget
+        (connectionPool.http.maxRetries) and the overall timeout decide; each retry prefers a host
+        not tried yet and waits a jittered exponential back-off first."""
+        ctx, crt, plane = self.ctx, self.crt, self.plane
+        in_flight = plane.in_flight
+        overall = self.overall_deadline
+        retries_left = retry.num_retries if retry is not None else 0
+        per_try_s = retry.per_try_timeout_s if retry is not None else None
+        tried: set | None = None
+        retry_index = 0
+        holds_retry_slot = False
+        head_bytes = self._request_head_bytes(crt, len(body))
+        data = head_bytes + body if body else head_bytes
+        reusable = False
+
+        async def may_retry() -> bool:
+            nonlocal retries_left, retry_index, holds_retry_slot, tried
+            max_retries = crt.pool_limits.max_retries
+            if not holds_retry_slot:
+                if max_retries is not None and crt.retries_active >= max_retries:
+                    crt.rq_retry_overflow.value += 1
+                    return False
+                crt.retries_active += 1
+                holds_retry_slot = True
+            delay = backoff_s(retry, retry_index, _random)
+            if trio.current_time() + delay >= overall:
+                return False
+            retries_left -= 1
+            retry_index += 1
+            crt.rq_retry.value += 1
+            if retry.ignore_previous_hosts:
+                if tried is None:
+                    tried = set()
+                tried.add(endpoint)
+            if delay > 0:
+                await trio.sleep(delay)
+            return True
+
+        try:
+            while True:
+                endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0), tried)
+                if endpoint is None:
+                    raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
+                ctx.endpoint = endpoint
+                key = (endpoint.address, endpoint.port)
+                ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
+                self.deadline = min(overall, trio.current_time() + per_try_s) if per_try_s else overall
+                in_flight[key] = in_flight.get(key, 0) + 1
+                try:
+                    parsed = await self._send_and_read_head(key, data)
+                except ProxyError as e:
+                    per_try = isinstance(e, UpstreamTimeout) and self.deadline < overall
+                    self._count_failure(endpoint, e, per_try)
+                    if self.up is not None:
+                        _discard(crt, self.up)
+                        self.up = None
+                    if retries_left and retry_on_error(retry, e, per_try) and await may_retry():
+                        continue
+                    raise
+                finally:
+                    in_flight[key] -= 1
+                status = parsed[1]
+                crt.record(endpoint, status)
+                if retries_left and retry_on_status(retry, status, parsed[3]) and await may_retry():
+                    crt.count_response(status)
+                    _discard(crt, self.up)  # the unread response goes with its connection
+                    self.up = None
+                    continue
+                if retry_index:
+                    crt.rq_retry_success.value += 1
+                reusable = await self._relay_response(parsed)
+                return self.request_body_done and self.dreq.keep_alive
+        finally:
+            if holds_retry_slot:
+                crt.retries_active -= 1
+            if self.up is not None:
+                release(plane, crt, self.up, reusable and self.request_body_done)
+
+    async def _buffer_body(self, limit: int) -> bytes | None:
+        """Read the whole request body if it fits in `limit` bytes (so it can be replayed); else keep
+        what was read in `self.prefix` and return None (the rest streams, one try only)."""
+        dreq, body = self.dreq, self.dreq.body
+        framing = dreq.upstream_framing
+        if framing.kind == h1.LENGTH and framing.length > limit:
+            return None
+        if dreq.expect_continue:
+            dreq.expect_continue = False  # answered now; the pump must not answer again
+            try:
+                await self.down.send_all(CONTINUE_100)
+            except OSError as e:
+                raise DownstreamDisconnect(str(e)) from None
+        chunks: list = []
+        size = 0
+        pieces = body.buffered_pieces()
+        while True:
+            for p in pieces:
+                chunks.append(p)
+                size += len(p)
+            if body.done:
+                break
+            if size > limit:
+                self.prefix = chunks
+                return None
+            pieces = await body.next_pieces()
+        self.ctx.bytes_received = body.bytes_read
+        self.request_body_done = True
+        return b"".join(chunks)
+
+    async def _local_reply(self, route: Route) -> bool:
+        """directResponse and redirect: the route's own answer, with its response header operations."""
+        ctx, dreq = self.ctx, self.dreq
+        head = ctx.request
+        if route.redirect is not None:
+            status, body = route.redirect.code, b""
+            headers = [(b"location", redirect_location(head, route.redirect))]
+        else:
+            status, body = route.direct_response.status, route.direct_response.body
+            headers = [(b"content-type", b"text/plain")] if body else []
+        headers = response_header_ops(ctx, headers)
+        keep = dreq.keep_alive and dreq.body.done
+        if not keep:
+            dreq.keep_alive = False
+        data = h1.serialize_response_head(status, reason_phrase(status), headers, h1.Framing(h1.LENGTH, len(body)),
+                                          close=not keep)
+        ctx.response = ResponseHead(status, headers)
+        await self._send_down([data] if not body or head.method == b"HEAD" else [data, body])
+        ctx.status = status
+        ctx.bytes_sent = len(body)
+        return keep
+
+    def _request_head_bytes(self, crt: ClusterRuntime, buffered_length: int | None = None) -> bytes:
+        """`buffered_length`: the body is sent whole from a buffer, framed by content-length."""
         head = self.ctx.request
         # an HTTP/1.0 request may come without Host; the upstream speaks 1.1 and needs one
         authority = head.authority or crt.cluster.service_host.encode()
         headers = [(b"host", authority), *head.headers]
-        return h1.serialize_request_head(head.method, head.target, headers, self.dreq.upstream_framing)
+        framing = self.dreq.upstream_framing
+        if buffered_length is not None and framing.kind != h1.NONE:
+            framing = h1.Framing(h1.LENGTH, buffered_length) if buffered_length else h1.FRAMING_NONE
+        return h1.serialize_request_head(head.method, head.target, headers, framing)
 
     async def _send_and_read_head(self, key: tuple[str, int], head_bytes: bytes):
         """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
         plane, crt = self.plane, self.crt
         for attempt in (0, 1):
-            up, reused = await acquire(plane, crt, key, fresh=attempt == 1)
+            up, reused = await acquire(plane, crt, key, fresh=attempt == 1, deadline=self.deadline)
             self.up = up
             try:
                 try:
@@ -301,6 +514,9 @@ class Exchange:
                 raise DownstreamDisconnect(str(e)) from None
         body = dreq.body
         parts = [head_bytes]
+        if self.prefix:
+            encode_pieces(kind, self.prefix, parts)
+            self.prefix = None
         encode_pieces(kind, body.buffered_pieces(), parts)
         try:
             while True:

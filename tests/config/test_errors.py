@@ -135,15 +135,16 @@ def test_missing_required_field():
 
 
 def test_unsupported_istio_fields_say_so():
-    bad = doc("VirtualService", "r", {"hosts": ["r"], "http": [{"fault": {"abort": {"httpStatus": 500}}, "route": [{"destination": {"host": "r"}}]}]})
+    bad = doc("VirtualService", "r", {"hosts": ["r"], "http": [{"corsPolicy": {"allowOrigins": [{"exact": "x"}]}, "route": [{"destination": {"host": "r"}}]}]})
     e = _load_error(bad)
-    assert e.field_path == "$.spec.http[0].fault"
-    assert e.message == "`fault` is an Istio HTTPRoute field triomesh does not support yet"
+    assert e.field_path == "$.spec.http[0].corsPolicy"
+    assert e.message == "`corsPolicy` is an Istio HTTPRoute field triomesh does not support yet"
     gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
     assert _load_error(gw).field_path == "$.spec.servers[0].tls"
-    lb = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"loadBalancer": {"simple": "PASSTHROUGH"}}})
-    e = _load_error(lb)
-    assert (e.field_path, e.message) == ("$.spec.trafficPolicy.loadBalancer.simple", "simple PASSTHROUGH is not supported by triomesh yet")
+    pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}})
+    e = _load_error(pool)
+    assert (e.field_path, e.message) == ("$.spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
+                                         "h2UpgradePolicy UPGRADE is not supported by triomesh yet")
 
 
 def test_dangling_subset():

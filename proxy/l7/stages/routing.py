@@ -1,15 +1,76 @@
-"""Route stage: listener route table → virtual host → first matching route → weighted cluster."""
+"""Route stage: listener route table → virtual host → first matching route → weighted destination,
+then the route's request-side actions: uri/authority rewrite and request header operations."""
 
 from __future__ import annotations
 
 import random
 from typing import TYPE_CHECKING
 
+from proxy.config.snapshot import Cluster
 from proxy.l7.errors import NoCluster, NoRoute
 
 if TYPE_CHECKING:
-    from proxy.config.snapshot import Listener, Snapshot
+    from proxy.config.snapshot import HeaderOps, Listener, Redirect, Rewrite, Snapshot
     from proxy.l7.context import RequestContext
+    from proxy.l7.events import RequestHead
+
+# the cluster of directResponse and redirect routes: the exchange answers them without an upstream
+LOCAL_CLUSTER = Cluster(name="-", service_host="", port=0, subset="", endpoints=())
+
+
+def apply_rewrite(head: RequestHead, rw: Rewrite) -> None:
+    """Istio's rewrite: `uri` replaces the matched prefix (prefix matches) or the whole path
+    (others); `uriRegexRewrite` substitutes every match in the path; the query is kept."""
+    if rw.uri is not None:
+        path = head.path
+        if rw.prefix is not None and path.startswith(rw.prefix):
+            new = rw.uri + path[len(rw.prefix):]
+        else:
+            new = rw.uri
+        if not new.startswith(b"/"):
+            new = b"/" + new
+        head.set_target(new + b"?" + head.query if head.query else new)
+    elif rw.regex is not None:
+        new = rw.regex.sub(rw.substitution, head.path)
+        head.set_target(new + b"?" + head.query if head.query else new)
+    if rw.authority is not None:
+        head.authority = rw.authority
+
+
+def apply_request_headers(head: RequestHead, ops: HeaderOps) -> None:
+    head.headers = ops.apply(head.headers)
+    if ops.authority is not None:
+        head.authority = ops.authority
+
+
+def _split_port(authority: bytes) -> tuple[bytes, bytes | None]:
+    colon = authority.rfind(b":")
+    if colon != -1 and b"]" not in authority[colon:]:
+        return authority[:colon], authority[colon + 1:]
+    return authority, None
+
+
+def redirect_location(head: RequestHead, rd: Redirect) -> bytes:
+    """The Location of an Istio redirect: scheme/authority/port/path each replaced when configured;
+    the request's query is kept unless the redirect uri has its own; default ports are left out."""
+    scheme = rd.scheme or head.scheme
+    host, port = _split_port(rd.authority if rd.authority is not None else head.authority)
+    if rd.port is not None:
+        port = b"%d" % rd.port
+    elif rd.derive_port == "FROM_PROTOCOL_DEFAULT":
+        port = None
+    elif rd.derive_port == "FROM_REQUEST_PORT":
+        port = _split_port(head.authority)[1] or port
+    if port is not None and ((scheme == b"http" and port == b"80") or (scheme == b"https" and port == b"443")):
+        port = None
+    if rd.uri is not None:
+        path, sep, query = rd.uri.partition(b"?")
+        if not sep:
+            query = head.query
+    else:
+        path, query = head.path, head.query
+    location = scheme + b"://" + host + (b":" + port if port else b"") + path
+    return location + b"?" + query if query else location
 
 
 class RouteStage:
@@ -30,9 +91,20 @@ class RouteStage:
         if route is None:
             raise NoRoute(f"no route in {vhost.name} for {head.method.decode()} {head.path[:100]!r}")
         ctx.route = route
-        name = route.pick_cluster(self.rand_below)
-        cluster = self.clusters.get(name)
+        if not route.destinations:  # directResponse / redirect
+            ctx.cluster = LOCAL_CLUSTER
+            return None
+        dest = route.pick_destination(self.rand_below)
+        cluster = self.clusters.get(dest.cluster)
         if cluster is None:
-            raise NoCluster(f"route {route.name} names unknown cluster {name}")
+            raise NoCluster(f"route {route.name} names unknown cluster {dest.cluster}")
         ctx.cluster = cluster
+        if route.rewrite is not None:
+            apply_rewrite(head, route.rewrite)
+        if route.request_headers is not None:
+            apply_request_headers(head, route.request_headers)
+        if route.destination_headers:
+            ctx.extra["destination"] = dest
+            if dest.request_headers is not None:
+                apply_request_headers(head, dest.request_headers)
         return None

@@ -1,0 +1,101 @@
+"""Traffic mirroring (VirtualService `mirror`/`mirrors`): a copy of the request, fire-and-forget.
+
+The copy goes to the mirror cluster with `-shadow` appended to the host (before any port, as Envoy
+does), on a task of its own (DataPlane.spawn), and its response is read and thrown away. Nothing of
+it can delay or fail the real request: the copy is made before the real request is sent, it never
+awaits on the request's task, errors and timeouts are only counted. A request whose body was not
+buffered (larger than the replay limit) is not mirrored; nor is one beyond the per-worker limit of
+mirrors in flight (counted as dropped, never queued).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from proxy.l7 import h1
+from proxy.l7.body import BodyReader
+from proxy.l7.errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from proxy.config.snapshot import MirrorPolicy
+    from proxy.l7.context import RequestContext
+    from proxy.l7.dataplane import ClusterRuntime, DataPlane
+
+log = structlog.get_logger("triomesh.l7.mirror")
+
+_PPM = 1_000_000
+MIRROR_TIMEOUT_S = 15.0  # when the route sets no timeout (Envoy's default route timeout)
+
+
+def shadow_authority(authority: bytes) -> bytes:
+    """"host:port" -> "host-shadow:port"; "host" -> "host-shadow"."""
+    colon = authority.rfind(b":")
+    if colon != -1 and b"]" not in authority[colon:]:
+        return authority[:colon] + b"-shadow" + authority[colon:]
+    return authority + b"-shadow"
+
+
+def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPolicy, ...], body: bytes | None,
+                  rand_below=random.randrange) -> None:
+    from proxy.l7.dataplane import MIRRORS_IN_FLIGHT_MAX
+
+    clusters = plane.runtime(ctx.snapshot).clusters
+    head = ctx.request
+    for m in mirrors:
+        if m.ppm < _PPM and rand_below(_PPM) >= m.ppm:
+            continue
+        crt = clusters.get(m.cluster)
+        if crt is None:
+            continue
+        if body is None or plane.mirrors_in_flight >= MIRRORS_IN_FLIGHT_MAX:
+            crt.mirror_dropped.value += 1
+            continue
+        authority = shadow_authority(head.authority or crt.cluster.service_host.encode())
+        headers = [(b"host", authority), *head.headers]
+        framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
+        data = h1.serialize_request_head(head.method, head.target, headers, framing) + body
+        timeout = ctx.route.timeout_s or MIRROR_TIMEOUT_S
+        plane.mirrors_in_flight += 1
+        crt.mirror_total.value += 1
+        plane.spawn(_mirror, plane, crt, ctx, head.method, data, timeout)
+
+
+async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, method: bytes, data: bytes,
+                  timeout_s: float) -> None:
+    from proxy.l7 import upstream
+
+    up = None
+    reusable = False
+    ok = False
+    try:
+        with trio.move_on_after(timeout_s):
+            endpoint = crt._original_destination(ctx) if crt.passthrough else crt.balancer.pick(None)
+            if endpoint is None:
+                return
+            deadline = trio.current_time() + timeout_s
+            up, _ = await upstream.acquire(plane, crt, (endpoint.address, endpoint.port), fresh=True, deadline=deadline)
+            await up.send_all(data)
+            minor, status, _, headers = await upstream.read_response_head(
+                up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)
+            up.requests += 1
+            framing = h1.response_framing(method, status, headers)
+            reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
+                                protocol_error=UpstreamProtocolError, deadline=deadline)
+            reader.buffered_pieces()
+            while not reader.done:
+                await reader.next_pieces()
+            crt.count_response(status)
+            reusable = framing.kind != h1.CLOSE and h1.wants_keep_alive(minor, h1.connection_tokens(headers))
+            ok = True
+    except Exception as e:  # a mirror's failure is counted, never raised
+        log.debug("mirror failed", cluster=crt.name, error=str(e))
+    finally:
+        plane.mirrors_in_flight -= 1
+        if not ok:
+            crt.mirror_failed.value += 1
+        if up is not None:
+            upstream.release(plane, crt, up, reusable)
