@@ -26,7 +26,7 @@ def cluster_name(host: str, port: int, subset: str = "") -> str:
 class Endpoint:
     address: str
     port: int
-    labels: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # hashable with plain dict labels
     weight: int = 1
 
 

@@ -157,13 +157,17 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
             crt.rq_pending_overflow.value += 1
             raise Overflow(f"cluster {crt.name}: no connection became free within {timeout}s")
         fresh = False
+    crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
     try:
         conn = await open_connection(key, timeout)
-    except ConnectFailure:
-        crt.cx_connect_fail.value += 1
+    except BaseException as e:
+        crt.cx_active.value -= 1
+        if crt.pending:
+            crt.waiters.unpark()
+        if isinstance(e, ConnectFailure):
+            crt.cx_connect_fail.value += 1
         raise
     crt.cx_total.value += 1
-    crt.cx_active.value += 1
     return conn, False
 
 

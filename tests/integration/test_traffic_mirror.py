@@ -1,0 +1,100 @@
+"""Mirroring (dark launch) through the real data plane: copies with the -shadow host, bodies,
+percentages, and a slow or dead mirror that never delays or fails the real request."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from tests.integration.traffic_harness import (
+    Client,
+    TrafficBackend,
+    destination_rule,
+    service_entry,
+    start,
+    virtual_service,
+)
+
+HOST = "svc.example.com"
+SUBSETS = {"subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}
+
+
+async def _setup(nursery, route_extra: dict, *, v2: TrafficBackend | None = None):
+    v1 = await TrafficBackend("v1").start(nursery)
+    if v2 is None:
+        v2 = await TrafficBackend("v2").start(nursery)
+    se = service_entry(HOST, [(v1, {"version": "v1"}), (v2, {"version": "v2"})])
+    vs = virtual_service("svc", HOST, [{"route": [{"destination": {"host": HOST, "subset": "v1"}}],
+                                        "mirror": {"host": HOST, "subset": "v2"}, **route_extra}])
+    proxy = await start(nursery, se, destination_rule("svc", HOST, **SUBSETS), vs)
+    return proxy, v1, v2
+
+
+async def _until(cond, timeout_s: float = 3.0) -> None:
+    with trio.fail_after(timeout_s):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_mirror_copies_request_with_shadow_host_and_body(nursery):
+    proxy, v1, v2 = await _setup(nursery, {})
+    c = Client(proxy.port)
+    r = await c.request("/echo?a=1", method="POST", body=b"payload", host=f"{HOST}:8080")
+    assert r.status == 200 and r.json()["backend"] == "v1"
+    await _until(lambda: len(v2.requests) == 1)
+    copy = v2.requests[0]
+    assert copy["headers"]["host"] == f"svc.example.com-shadow:8080"
+    assert (copy["method"], copy["target"], copy["body"]) == ("POST", "/echo?a=1", "payload")
+    assert copy["headers"]["x-request-id"] == v1.requests[0]["headers"]["x-request-id"]
+    cluster = f"outbound|80|v2|{HOST}"
+    assert proxy.counter("triomesh_mirror_requests_total", cluster=cluster) == 1
+    await _until(lambda: proxy.counter("triomesh_upstream_rq_total", cluster=cluster, response_code="200") == 1)
+    assert proxy.counter("triomesh_mirror_failed_total", cluster=cluster) == 0
+
+
+async def test_mirror_percentage_within_5_sigma(nursery):
+    proxy, v1, v2 = await _setup(nursery, {"mirrorPercentage": {"value": 30.0}})
+    c = Client(proxy.port)
+    n = 1500
+    for _ in range(n):
+        await c.request("/")
+    await _until(lambda: proxy.plane.mirrors_in_flight == 0)
+    # binomial(1500, 0.3): mean 450, sigma 17.7; 5 sigma = 89
+    assert abs(len(v2.requests) - 450) < 89
+    assert len(v1.requests) == n
+
+
+async def test_slow_mirror_never_delays_the_request(nursery):
+    slow = await TrafficBackend("v2", delay_s=5.0).start(nursery)
+    proxy, v1, _ = await _setup(nursery, {}, v2=slow)
+    c = Client(proxy.port)
+    t0 = trio.current_time()
+    for _ in range(20):
+        assert (await c.request("/")).body == b"v1"
+    assert trio.current_time() - t0 < 1.0
+    await _until(lambda: len(slow.requests) == 20)
+
+
+async def test_dead_mirror_never_fails_the_request(nursery):
+    dead = TrafficBackend("v2")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead.port = s.getsockname()[1]
+    s.close()
+    proxy, v1, _ = await _setup(nursery, {}, v2=dead)
+    c = Client(proxy.port)
+    assert {(await c.request("/")).status for _ in range(10)} == {200}
+    cluster = f"outbound|80|v2|{HOST}"
+    await _until(lambda: proxy.counter("triomesh_mirror_failed_total", cluster=cluster) == 10)
+
+
+async def test_large_bodies_are_not_mirrored(nursery):
+    proxy, v1, v2 = await _setup(nursery, {})
+    c = Client(proxy.port)
+    big = b"y" * (200 * 1024)
+    r = await c.request("/echo", method="POST", body=big)
+    assert r.status == 200 and len(v1.requests[0]["body"]) == len(big)
+    assert proxy.counter("triomesh_mirror_dropped_total", cluster=f"outbound|80|v2|{HOST}") == 1
+    await trio.sleep(0.1)
+    assert v2.requests == []
