@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from proxy.l7.errors import BadRequest, UnsupportedTransferCoding, UpstreamProtocolError
 from proxy.l7.events import Headers
-from proxy.l7.headparser import HeadParseError, parse_chunk_header
+from proxy.l7.headparser import HeadParseError, parse_chunk_header, parse_trailers
 
 NONE, LENGTH, CHUNKED, CLOSE = 0, 1, 2, 3
 
@@ -329,7 +329,7 @@ class ChunkedDecoder:
     its trailer section. `error_type` is the exception raised for malformed input (BadRequest
     downstream, UpstreamProtocolError upstream)."""
 
-    __slots__ = ("remaining", "state", "done", "error_type", "trailer_bytes")
+    __slots__ = ("remaining", "state", "done", "error_type")
 
     _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 
@@ -338,7 +338,6 @@ class ChunkedDecoder:
         self.state = self._SIZE
         self.done = False
         self.error_type = error_type
-        self.trailer_bytes = 0
 
     def decode(self, buf: bytes, pos: int, end: int) -> tuple[list[memoryview], int]:
         pieces: list[memoryview] = []
@@ -373,19 +372,15 @@ class ChunkedDecoder:
                     raise self.error_type("chunk data not followed by CRLF")
                 pos += 2
                 self.state = self._SIZE
-            else:  # trailer section: field lines until an empty line
-                eol = buf.find(b"\r\n", pos, end)
-                if eol == -1:
-                    if self.trailer_bytes + (end - pos) > MAX_TRAILER_BYTES:
+            else:  # trailer section: field lines until an empty line, same rules as a head
+                try:
+                    parsed = parse_trailers(buf, pos)
+                except HeadParseError as e:
+                    raise self.error_type(f"malformed trailer section: {e}") from None
+                if parsed is None:
+                    if end - pos > MAX_TRAILER_BYTES:
                         raise self.error_type("trailer section too large")
                     break
-                line_len = eol - pos
-                self.trailer_bytes += line_len + 2
-                if self.trailer_bytes > MAX_TRAILER_BYTES:
-                    raise self.error_type("trailer section too large")
-                if line_len == 0:
-                    self.done = True
-                elif b":" not in buf[pos:eol] or b"\r" in buf[pos:eol] or b"\0" in buf[pos:eol]:
-                    raise self.error_type("malformed trailer field")
-                pos = eol + 2
+                pos = parsed[0]
+                self.done = True
         return pieces, pos
