@@ -35,6 +35,19 @@ HELP = {
     "triomesh_upstream_cx_connect_fail_total": "Upstream connection attempts that failed, by cluster.",
     "triomesh_response_flags_total": "Requests by Envoy-style response flag (UF, UH, NR, ...).",
     "triomesh_config_reloads_total": "Config reloads, by result (applied, rejected).",
+    "triomesh_upstream_rq_retry_total": "Retries sent upstream, by cluster.",
+    "triomesh_upstream_rq_retry_success_total": "Requests that succeeded after at least one retry, by cluster.",
+    "triomesh_upstream_rq_retry_overflow_total": "Retries not sent because connectionPool.http.maxRetries was reached, by cluster.",
+    "triomesh_upstream_rq_timeout_total": "Requests that hit the route timeout, by cluster.",
+    "triomesh_upstream_rq_per_try_timeout_total": "Upstream tries that hit retries.perTryTimeout, by cluster.",
+    "triomesh_upstream_rq_pending_overflow_total": "Requests answered 503 UO by the connection-pool circuit breaker, by cluster.",
+    "triomesh_outlier_ejections_total": "Hosts ejected by outlier detection, by cluster.",
+    "triomesh_outlier_ejections_active": "Hosts ejected now, by cluster.",
+    "triomesh_fault_aborts_total": "Requests aborted by fault injection, by cluster.",
+    "triomesh_fault_delays_total": "Requests delayed by fault injection, by cluster.",
+    "triomesh_mirror_requests_total": "Mirrored requests sent, by mirror cluster.",
+    "triomesh_mirror_failed_total": "Mirrored requests that failed or timed out (their responses are discarded anyway), by mirror cluster.",
+    "triomesh_mirror_dropped_total": "Mirrors not sent (body over the replay limit, or too many mirrors in flight), by mirror cluster.",
 }
 
 
