@@ -302,10 +302,12 @@ def _accepts(port: int) -> bool:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore any proxy of our own env
 
 
-def http_get(port: int, path: str, timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
+def http_get(port: int, path: str, *, headers: dict[str, str] | None = None,
+             timeout_s: float = REQUEST_TIMEOUT_S) -> tuple[int, str]:
     """GET http://127.0.0.1:PORT/PATH directly (never through a proxy of our environment): (status, body)."""
+    request = urllib.request.Request(f"http://{LOOPBACK}:{port}{path}", headers=headers or {})
     try:
-        with _DIRECT.open(f"http://{LOOPBACK}:{port}{path}", timeout=timeout_s) as resp:
+        with _DIRECT.open(request, timeout=timeout_s) as resp:
             return resp.status, resp.read().decode("utf-8", "replace")
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode("utf-8", "replace")

@@ -9,12 +9,24 @@ import urllib.error
 import urllib.request
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from typing import Callable, Mapping
 
-# (status, text body) for one GET; the body is sent as text/plain
-Handler = Callable[[str], tuple[int, str]]
+# GET path and request headers -> (status, text body); the body is sent as text/plain
+Handler = Callable[[str, Mapping[str, str]], tuple[int, str]]
 
 DOWNSTREAM_TIMEOUT_S = 10.0
+
+# What a mesh app copies from its request to the requests it makes, as Istio asks of applications:
+# the request id and trace context (so a trace spans the chain), and the headers that header-based
+# routing further down may match on (`end-user`, the tutorial's `baggage-*`).
+PROPAGATED = ("x-request-id", "traceparent", "tracestate", "x-b3-traceid", "x-b3-spanid",
+              "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3", "end-user")
+PROPAGATED_PREFIX = "baggage-"
+
+
+def propagated_headers(incoming: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in incoming.items()
+            if name.lower() in PROPAGATED or name.lower().startswith(PROPAGATED_PREFIX)}
 
 
 def base_arguments(description: str) -> argparse.ArgumentParser:
@@ -28,7 +40,7 @@ def base_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def call_downstream(caller: str, url: str) -> tuple[int, str]:
+def call_downstream(caller: str, url: str, headers: Mapping[str, str] | None = None) -> tuple[int, str]:
     """GET `url` and wrap its answer the way the tutorial's apps do: `<caller> => <downstream body>`.
 
     urllib honours `http_proxy`, which is how the loopback demo routes this call through the mesh.
@@ -36,7 +48,8 @@ def call_downstream(caller: str, url: str) -> tuple[int, str]:
     at the edge with the whole chain in it.
     """
     try:
-        with urllib.request.urlopen(url, timeout=DOWNSTREAM_TIMEOUT_S) as resp:
+        request = urllib.request.Request(url, headers=dict(headers or {}))
+        with urllib.request.urlopen(request, timeout=DOWNSTREAM_TIMEOUT_S) as resp:
             body = resp.read().decode("utf-8", "replace").strip()
             return HTTPStatus.OK, f"{caller} => {body}\n"
     except urllib.error.HTTPError as e:
@@ -54,7 +67,7 @@ def serve(handler: Handler, *, bind: str, port: int, verbose: bool = False) -> N
         protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            status, text = handler(self.path)
+            status, text = handler(self.path, {name.lower(): value for name, value in self.headers.items()})
             body = text.encode()
             self.send_response(status)
             self.send_header("Content-Type", "text/plain; charset=utf-8")

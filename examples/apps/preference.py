@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from examples.apps.common import base_arguments, call_downstream, serve
+from examples.apps.common import base_arguments, call_downstream, propagated_headers, serve
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> None:
                         default=os.environ.get("RECOMMENDATION_URL", "http://recommendation:8080/"),
                         help="where recommendation lives (env RECOMMENDATION_URL)")
     args = parser.parse_args(argv)
-    serve(lambda path: call_downstream("preference", args.recommendation_url),
+    serve(lambda path, headers: call_downstream("preference", args.recommendation_url, propagated_headers(headers)),
           bind=args.bind, port=args.port, verbose=args.verbose)
 
 

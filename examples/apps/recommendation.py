@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 from http import HTTPStatus
+from typing import Mapping
 
 from examples.apps.common import base_arguments, serve
 
@@ -25,7 +26,7 @@ class Recommendation:
         self.misbehaving = False
         self._lock = threading.Lock()
 
-    def handle(self, path: str) -> tuple[int, str]:
+    def handle(self, path: str, headers: Mapping[str, str]) -> tuple[int, str]:
         if path == "/misbehave":
             self.misbehaving = True
             return HTTPStatus.OK, "Following requests to / will return a 503\n"

@@ -7,6 +7,7 @@ the proxy's Sidecar egress listener (http_proxy), so every answer crossed the me
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import socket
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from examples.demo import (CHAIN, DEMO_CONFIG, REPO_ROOT, Mesh, http_get, relocate_config, send_requests,
                            unique_free_ports, version_counts)
@@ -98,6 +100,58 @@ def test_a_dead_recommendation_surfaces_as_503_through_the_chain(mesh: Mesh) -> 
         assert body.startswith("customer => Error: 503 - preference => Error: 503 - "), body
     flags = prometheus_samples(mesh.plan.admin_port, "triomesh_response_flags_total")
     assert any(labels.get("flag") == "UF" and value > 0 for labels, value in flags), flags
+
+
+SAFARI_TO_V2 = """\
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: recommendation
+  namespace: tutorial
+spec:
+  hosts:
+  - recommendation
+  http:
+  - match:
+    - headers:
+        baggage-user-agent:
+          regex: ".*Safari.*"
+    route:
+    - destination:
+        host: recommendation
+        subset: v2
+  - route:
+    - destination:
+        host: recommendation
+        subset: v1
+"""
+
+
+def test_header_routing_and_request_id_across_the_chain(tmp_path: Path) -> None:
+    """customer turns User-Agent into baggage-user-agent and the apps pass it (and x-request-id)
+    on, so a match two hops behind the gateway sees it: Safari users get v2, others v1."""
+    config_dir = tmp_path / "config"
+    plan = relocate_config(DEMO_CONFIG, config_dir, unique_free_ports())
+    recommendation = config_dir / "recommendation.yaml"
+    docs = [d for d in yaml.safe_load_all(recommendation.read_text()) if d["kind"] != "VirtualService"]
+    recommendation.write_text(yaml.safe_dump_all([*docs, yaml.safe_load(SAFARI_TO_V2)], sort_keys=False))
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    safari = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_5) AppleWebKit/605.1.15 Version/17.5 Safari/605.1.15"
+
+    with Mesh(plan, config_dir, log_dir, access_log="json") as mesh:
+        as_safari = [http_get(plan.gateway_port, "/", headers={"User-Agent": safari}) for _ in range(10)]
+        as_curl = [http_get(plan.gateway_port, "/", headers={"User-Agent": "curl/8.5.0"}) for _ in range(10)]
+        traced = http_get(plan.gateway_port, "/", headers={"x-request-id": "demo-trace-1"})
+
+    assert all(s == 200 and "recommendation v2 from" in b for s, b in as_safari), as_safari
+    assert all(s == 200 and "recommendation v1 from" in b for s, b in as_curl), as_curl
+    assert traced[0] == 200, traced
+    hops = [json.loads(line) for line in (log_dir / "proxy.log").read_text().splitlines()
+            if '"demo-trace-1"' in line]
+    # one access line per hop: gateway -> customer, customer -> preference, preference -> recommendation
+    assert sorted(h["authority"].split(":")[0] for h in hops if h.get("event") == "access") == \
+        ["127.0.0.1", "preference", "recommendation"], hops
 
 
 def run_demo_script(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess[str]:
