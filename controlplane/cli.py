@@ -46,7 +46,8 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="a directory of Istio YAML to watch (optional)")
     p.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_ADDRESS),
                    help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS}; port 0 picks one)")
-    p.add_argument("--heartbeat-interval", type=_positive_float, default=5.0, metavar="SECONDS")
+    p.add_argument("--heartbeat-interval", type=_positive_float, default=10.0, metavar="SECONDS",
+                   help="heartbeat period; a stream silent for 3 periods is closed (default 10)")
     p.add_argument("--grace-period", type=_positive_float, default=30.0, metavar="SECONDS",
                    help="how long a disconnected proxy stays registered (default 30)")
     p.add_argument("--debounce", type=_positive_float, default=0.1, metavar="SECONDS",

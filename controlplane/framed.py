@@ -25,6 +25,11 @@ class FramedStream:
         self._ready_pos = 0
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_send_time = trio.current_time()
+
+    @property
+    def sending(self) -> bool:
+        return self._send_lock.locked()
 
     async def send(self, message: Message) -> None:
         await self.send_frame(encode_frame(message))
@@ -37,6 +42,7 @@ class FramedStream:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 raise StreamClosed(str(e) or type(e).__name__) from None
         self.bytes_sent += len(frame)
+        self.last_send_time = trio.current_time()
 
     async def receive(self) -> Message:
         """The next message. Raises StreamClosed at end of stream, ProtocolError on a bad frame (after

@@ -5,9 +5,11 @@ Theory of operation.
 - Every TCP connection starts with one message that says what it is: `Hello` opens a proxy stream;
   `ApplyRequest`, `DeleteRequest` or `StatusRequest` is a one-shot CLI request answered and closed.
 - A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once.
-  Afterwards the connection task only receives (ACK/NACK/Heartbeat); a second task sends heartbeats.
-  Nothing received for `heartbeat_timeout_s` closes the stream. A protocol violation closes only that
-  stream (the peer gets an `Error`).
+  Afterwards the connection task only receives (ACK/NACK/Heartbeat). One keepalive task serves every
+  stream: it sends a heartbeat to each stream nothing was sent on for an interval, and closes streams
+  nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
+  they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
+  that stream (the peer gets an `Error`).
 - A config change (directory poll, apply/delete, a workload registered or expired) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
@@ -31,7 +33,7 @@ import trio
 
 from controlplane.framed import FramedStream, StreamClosed
 from controlplane.pushqueue import Debouncer, PushQueue
-from controlplane.snapshots import ProxyClass, StoredResource, View, ViewCache, delta
+from controlplane.snapshots import ProxyClass, View, ViewCache
 from controlplane.store import ChangeOutcome, ConfigStore
 from controlplane.wire import (
     MAX_FRAME_BYTES,
@@ -51,14 +53,15 @@ from controlplane.wire import (
     StatusReply,
     StatusRequest,
     Welcome,
+    encode_frame,
 )
 from proxy.config.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class ServerOptions:
-    heartbeat_interval_s: float = 5.0
-    heartbeat_timeout_s: float = 15.0
+    heartbeat_interval_s: float = 10.0
+    heartbeat_timeout_s: float = 30.0
     grace_period_s: float = 30.0
     debounce_quiet_s: float = 0.1
     debounce_max_s: float = 1.0
@@ -88,7 +91,7 @@ class ProxyConn:
     sent_version: str = ""
     sent_nonce: str = ""
     acked_version: str = ""
-    acked: dict[ResourceKey, StoredResource] = field(default_factory=dict)  # the set behind acked_version
+    acked: View | None = None  # the set behind acked_version (shared with every proxy of the class)
     pending: dict[str, View] = field(default_factory=dict)  # nonce -> view sent, awaiting ACK/NACK
     last_nack: str = ""
     last_nack_version: str = ""
@@ -126,6 +129,7 @@ class ControlPlane:
         self._cache: ViewCache | None = None
         self._cache_generation = -1
         self.pushes_total = 0
+        self._round: tuple[float, int, int] | None = None  # (start, pushes_total then, proxies queued)
         self.push_bytes_total = 0
         store.extra_classes = self.connected_classes
         self._nursery: trio.Nursery | None = None
@@ -154,6 +158,7 @@ class ControlPlane:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._push_loop)
+            nursery.start_soon(self._keepalive)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
@@ -249,7 +254,7 @@ class ControlPlane:
         proxy.connected_at = proxy.last_seen = now
         proxy.disconnected_at = None
         proxy.pending.clear()
-        proxy.acked = {}  # a new stream starts from a full snapshot
+        proxy.acked = None  # a new stream starts from a full snapshot
         proxy.sent_version = proxy.acked_version = ""
         self.log.info("proxy_connected", node_id=hello.node_id, namespace=hello.namespace, labels=hello.labels,
                       peer=peer, serving=hello.last_version)
@@ -258,19 +263,7 @@ class ControlPlane:
         try:
             await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s))
             await self.push(proxy, force_full=True)
-            error: ProtocolError | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._heartbeats, framed)
-                try:
-                    await self._receive_loop(proxy, framed)
-                except ProtocolError as e:
-                    error = e  # raised outside the nursery, so it is not wrapped in an ExceptionGroup
-                except StreamClosed:
-                    pass
-                finally:
-                    nursery.cancel_scope.cancel()
-            if error is not None:
-                raise error
+            await self._receive_loop(proxy, framed)
         finally:
             if proxy.session == session:
                 proxy.stream = None
@@ -301,22 +294,38 @@ class ControlPlane:
         if proxy.workload_key is not None and self.store.unregister_workload(proxy.workload_key):
             self.config_changed("workload_expired")
 
-    async def _heartbeats(self, framed: FramedStream) -> None:
-        for seq in itertools.count(1):
-            await trio.sleep(self.options.heartbeat_interval_s)
-            try:
-                await framed.send(Heartbeat(seq=seq))
-            except StreamClosed:
-                return
+    async def _keepalive(self) -> None:
+        interval = self.options.heartbeat_interval_s
+        timeout = self.options.heartbeat_timeout_s
+        tick = min(interval, timeout) / 4
+        seq = 0
+        while True:
+            await trio.sleep(tick)
+            seq += 1
+            frame = encode_frame(Heartbeat(seq=seq))
+            now = trio.current_time()
+            for proxy in list(self.proxies.values()):
+                framed = proxy.stream
+                if framed is None:
+                    continue
+                if now - proxy.last_seen > timeout:
+                    self.log.warning("proxy_heartbeat_timeout", node_id=proxy.node_id)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(framed.fail, ProtocolError("HEARTBEAT_TIMEOUT", f"nothing received for {timeout}s"))
+                    continue
+                if now - framed.last_send_time >= interval - tick and not framed.sending:
+                    # a peer whose buffer is full is not reading: it will time out; do not let it stall the rest
+                    with trio.move_on_after(tick):
+                        try:
+                            await framed.send_frame(frame)
+                        except StreamClosed:
+                            pass
 
     async def _receive_loop(self, proxy: ProxyConn, framed: FramedStream) -> None:
         while True:
             try:
-                with trio.fail_after(self.options.heartbeat_timeout_s):
-                    message = await framed.receive()
-            except trio.TooSlowError:
-                self.log.warning("proxy_heartbeat_timeout", node_id=proxy.node_id)
-                await framed.fail(ProtocolError("HEARTBEAT_TIMEOUT", f"nothing received for {self.options.heartbeat_timeout_s}s"))
+                message = await framed.receive()
+            except StreamClosed:
                 return
             proxy.last_seen = trio.current_time()
             if isinstance(message, Heartbeat):
@@ -327,7 +336,7 @@ class ControlPlane:
                     raise ProtocolError("UNKNOWN_NONCE", f"ack for nonce {message.nonce!r} version {message.version!r} that was not sent")
                 self._drop_older(proxy, message.nonce)
                 proxy.acked_version = view.version
-                proxy.acked = view.by_key()
+                proxy.acked = view
                 self.log.debug("proxy_ack", node_id=proxy.node_id, version=view.version)
             elif isinstance(message, Nack):
                 view = proxy.pending.pop(message.nonce, None)
@@ -355,16 +364,17 @@ class ControlPlane:
         framed = proxy.stream
         if framed is None:
             return False
-        view = self.views().view(proxy.pc)
+        views = self.views()
+        view = views.view(proxy.pc)
         if view.version == proxy.sent_version and not force_full:
             return False
         nonce = str(next(self._nonces))
         incremental = (
-            self.options.delta and not force_full and proxy.acked_version and not proxy.pending
+            self.options.delta and not force_full and proxy.acked is not None and not proxy.pending
             and proxy.acked_version == proxy.sent_version
         )
         if incremental:
-            changed, removed = delta(proxy.acked, view)
+            changed, removed = views.delta(proxy.acked, view)
             message = Snapshot(version=view.version, nonce=nonce, full=False, base_version=proxy.acked_version,
                                resources=[s.wire for s in changed], removed=removed)
         else:
@@ -400,6 +410,7 @@ class ControlPlane:
                     queued += 1
             self.log.info("push_started", version=self.store.version, changes=merged, proxies=queued)
             if queued:
+                self._round = (trio.current_time(), self.pushes_total, queued)
                 self._queued.set()
 
     async def _sender(self) -> None:
@@ -424,6 +435,12 @@ class ControlPlane:
                 self.queue.done(node_id)
                 if len(self.queue):
                     self._queued.set()  # it was enqueued again while this push was in flight
+                elif not self.queue.in_flight and self._round is not None:
+                    started, pushes_before, queued = self._round
+                    self._round = None
+                    self.log.info("push_done", version=self.store.version, queued=queued,
+                                  pushed=self.pushes_total - pushes_before,
+                                  duration_ms=round(1000 * (trio.current_time() - started), 1))
 
 
 def _peer(stream: trio.SocketStream) -> str:

@@ -77,13 +77,19 @@ class ProxyClass:
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """What one class of proxy receives: resources sorted by key, and their version."""
+    """What one class of proxy receives: resources sorted by key, and their version. Shared by every
+    proxy of the class (and kept as the proxy's last ACKed set), so it is built once."""
 
     resources: tuple[StoredResource, ...]
     version: str
+    index: dict[ResourceKey, StoredResource] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            object.__setattr__(self, "index", {s.key: s for s in self.resources})
 
     def by_key(self) -> dict[ResourceKey, StoredResource]:
-        return {s.key: s for s in self.resources}
+        return self.index
 
 
 def view_version(resources: Iterable[StoredResource]) -> str:
@@ -223,17 +229,25 @@ def compute_view(state: State, pc: ProxyClass) -> View:
 
 
 class ViewCache:
-    """Views of one state, computed at most once per proxy class."""
+    """Views of one state, computed at most once per proxy class; deltas at most once per pair."""
 
     def __init__(self, state: State) -> None:
         self.state = state
         self._views: dict[ProxyClass, View] = {}
+        self._deltas: dict[tuple[str, str], tuple[list[StoredResource], list[ResourceKey]]] = {}
 
     def view(self, pc: ProxyClass) -> View:
         v = self._views.get(pc)
         if v is None:
             v = self._views[pc] = compute_view(self.state, pc)
         return v
+
+    def delta(self, old: View, new: View) -> tuple[list[StoredResource], list[ResourceKey]]:
+        key = (old.version, new.version)  # versions are content hashes: same pair, same delta
+        d = self._deltas.get(key)
+        if d is None:
+            d = self._deltas[key] = delta(old.index, new)
+        return d
 
 
 def representative_classes(state: State) -> set[ProxyClass]:

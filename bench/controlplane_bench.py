@@ -1,0 +1,437 @@
+"""Control-plane push benchmark: N simulated proxies on one control plane; time from a config change to
+the last ACK, control-plane CPU and RSS, bytes per push.
+
+The control plane is the real `controlplane.cli controlplane` process. The proxies are lightweight
+protocol clients (Hello, then ACK every snapshot at once without compiling it, heartbeats), many Trio
+tasks in a few client processes. On a machine with at least two cores the control plane is pinned to
+one core and the clients to the others, so their CPU does not count against it. Loopback only; every
+loop is bounded in count and time.
+
+Each round: the driver applies a weight change over the wire (t0 = CLOCK_MONOTONIC, shared by all
+processes on Linux), every client records when it sent the ACK of the snapshot that followed, and the
+round's figures are the distribution of (ack time - t0) over all proxies. The control plane's debounce
+(100 ms quiet time by default) is part of that time, as it would be in use.
+
+usage: python bench/controlplane_bench.py [--proxies 1000 5000] [--rounds 5] [--services 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import selectors
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+NAMESPACE = "bench"
+CONNECT_BATCH = 200
+SETTLE_TIMEOUT_S = 60.0
+
+
+# --------------------------------------------------------------------------------------------------
+# config
+
+
+def mesh_yaml(services: int, *, version_weight: int = 80, changed: int = 0) -> dict[str, str]:
+    """One file per service: ServiceEntry + 2 WorkloadEntries + DestinationRule (2 subsets) + an
+    80/20 VirtualService. `changed` names the service whose weights are `version_weight`/rest."""
+    files = {}
+    for i in range(services):
+        w = version_weight if i == changed else 80
+        files[f"svc{i:03d}.yaml"] = f"""
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: svc{i}, namespace: {NAMESPACE}}}
+spec:
+  hosts: [svc{i}]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: svc{i}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: svc{i}-v1, namespace: {NAMESPACE}}}
+spec: {{address: 127.0.0.1, ports: {{http: {20000 + 2 * i}}}, labels: {{app: svc{i}, version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: svc{i}-v2, namespace: {NAMESPACE}}}
+spec: {{address: 127.0.0.1, ports: {{http: {20001 + 2 * i}}}, labels: {{app: svc{i}, version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: svc{i}, namespace: {NAMESPACE}}}
+spec:
+  host: svc{i}
+  subsets: [{{name: v1, labels: {{version: v1}}}}, {{name: v2, labels: {{version: v2}}}}]
+---
+""" + vs_yaml(i, w)
+    return files
+
+
+def vs_yaml(i: int, w: int) -> str:
+    return f"""apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: svc{i}, namespace: {NAMESPACE}}}
+spec:
+  hosts: [svc{i}]
+  http:
+  - route:
+    - {{destination: {{host: svc{i}, subset: v1}}, weight: {w}}}
+    - {{destination: {{host: svc{i}, subset: v2}}, weight: {100 - w}}}
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# the simulated proxies (client processes)
+
+
+def client_main(args: argparse.Namespace) -> int:
+    import trio
+
+    from controlplane.framed import FramedStream, StreamClosed
+    from controlplane.wire import Ack, Heartbeat, Hello, ProtocolError, Snapshot, Welcome, encode_frame
+
+    records: list[tuple] = []  # (index, version, full, frame_bytes, t_ack, t_recv)
+    sizes: dict[tuple[str, bool], int] = {}  # frame bytes per (version, full): the same for every proxy
+    streams: dict[int, "FramedStream"] = {}
+    interval = [5.0]
+    acked: dict[str, int] = {}  # version -> proxies of this process that ACKed it
+    connected = 0
+    failed = 0
+
+    async def proxy(index: int) -> None:
+        nonlocal connected, failed
+        try:
+            stream = await trio.open_tcp_stream(args.host, args.port)
+        except OSError:
+            failed += 1
+            return
+        framed = FramedStream(stream)
+        await framed.send(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={"app": f"svc{index % args.classes}"}))
+        try:
+            welcome = await framed.receive()
+            assert isinstance(welcome, Welcome)
+            interval[0] = welcome.heartbeat_interval_s
+            connected += 1
+            streams[index] = framed
+            while True:
+                m = await framed.receive()
+                if isinstance(m, Snapshot):
+                    t_recv = time.monotonic()
+                    await framed.send(Ack(version=m.version, nonce=m.nonce))
+                    size = sizes.get((m.version, m.full))
+                    if size is None:
+                        size = sizes[(m.version, m.full)] = len(encode_frame(m))
+                    records.append((index, m.version, m.full, size, time.monotonic(), t_recv))
+                    acked[m.version] = acked.get(m.version, 0) + 1
+                    if acked[m.version] == args.count:  # every proxy of this process: tell the driver
+                        sys.stdout.write(f"synced {m.version}\n")
+                        sys.stdout.flush()
+        except (StreamClosed, ProtocolError, trio.BrokenResourceError):
+            pass
+        finally:
+            streams.pop(index, None)
+
+    async def heartbeats() -> None:
+        # one task for all streams of this process (per-stream timers would dominate the clients' CPU)
+        frame = encode_frame(Heartbeat())
+        while True:
+            await trio.sleep(interval[0])
+            for framed in list(streams.values()):
+                if not framed.sending:
+                    try:
+                        await framed.send_frame(frame)
+                    except StreamClosed:
+                        pass
+
+    async def run() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(heartbeats)
+                for start in range(args.first, args.first + args.count, CONNECT_BATCH):
+                    for i in range(start, min(start + CONNECT_BATCH, args.first + args.count)):
+                        nursery.start_soon(proxy, i)
+                    await trio.sleep(0.05)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+
+    trio.run(run)
+    Path(args.out).write_text(json.dumps({"connected": connected, "failed": failed, "records": records}))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _request(port: int, message):
+    from controlplane.cli import request
+
+    return request(("127.0.0.1", port), message, timeout_s=60)
+
+
+def _pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+class SyncWatch:
+    """Reads the client processes' "synced VERSION" lines: a version counts as synced when every
+    client process has reported it (no proxy-status polling, which would load the control plane)."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.buf: dict[int, bytes] = {}
+        self.seen: dict[str, set[int]] = {}
+        self.n = len(procs)
+        for k, p in enumerate(procs):
+            os.set_blocking(p.stdout.fileno(), False)
+            self.sel.register(p.stdout, selectors.EVENT_READ, k)
+            self.buf[k] = b""
+
+    def wait(self, timeout_s: float, not_version: str | None = None) -> str | None:
+        end = time.monotonic() + timeout_s
+        while True:
+            for v, ks in self.seen.items():
+                if len(ks) == self.n and v != not_version and v not in self.done:
+                    self.done.add(v)
+                    return v
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            for key, _ in self.sel.select(left):
+                k = key.data
+                data = key.fileobj.read() or b""
+                self.buf[k] += data
+                *lines, self.buf[k] = self.buf[k].split(b"\n")
+                for line in lines:
+                    if line.startswith(b"synced "):
+                        self.seen.setdefault(line[7:].decode(), set()).add(k)
+
+    done: set[str] = set()
+
+
+def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
+    from controlplane.wire import ApplyRequest, Source
+
+    cores = sorted(os.sched_getaffinity(0))
+    cp_cores = cores[:1]
+    client_cores = cores[1:] or cores
+    config = work / f"config-{n}"
+    config.mkdir()
+    for name, text in mesh_yaml(args.services).items():
+        (config / name).write_text(text)
+    port_file = work / f"cp-{n}.port"
+    cp_log = open(work / f"cp-{n}.log", "wb")
+    profile = ["-m", "cProfile", "-o", str(args.profile), "-m"] if args.profile else ["-m"]
+    cp_cmd = [sys.executable, *profile, "controlplane.cli", "controlplane", "--config", str(config),
+              "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "info",
+              "--heartbeat-interval", "5", "--grace-period", "30"]
+    if args.no_delta:
+        cp_cmd.append("--no-delta")
+    cp = subprocess.Popen(cp_cmd, cwd=REPO, stdout=cp_log, stderr=subprocess.STDOUT,
+                          preexec_fn=lambda: os.sched_setaffinity(0, cp_cores))
+    clients: list[subprocess.Popen] = []
+    try:
+        end = time.monotonic() + 20
+        while not port_file.exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        rss_empty = _rss_bytes(cp.pid)
+        per = -(-n // args.client_procs)
+        t_connect = time.monotonic()
+        cpu_before_connect = _cpu_s(cp.pid)
+        outs = []
+        for k in range(args.client_procs):
+            first, count = k * per, min(per, n - k * per)
+            if count <= 0:
+                break
+            out = work / f"client-{n}-{k}.json"
+            outs.append(out)
+            clients.append(subprocess.Popen(
+                [sys.executable, __file__, "--client", "--host", "127.0.0.1", "--port", str(port), "--first", str(first),
+                 "--count", str(count), "--classes", str(args.classes), "--out", str(out)],
+                cwd=REPO, stdout=subprocess.PIPE, preexec_fn=lambda: os.sched_setaffinity(0, client_cores)))
+        watch = SyncWatch(clients)
+        watch.done = set()
+        version = watch.wait(SETTLE_TIMEOUT_S)
+        if version is None:
+            raise RuntimeError(f"{n} proxies did not all connect and ACK within {SETTLE_TIMEOUT_S}s")
+        connect_s = time.monotonic() - t_connect
+        connect_cpu_s = _cpu_s(cp.pid) - cpu_before_connect
+        rss_connected = _rss_bytes(cp.pid)
+        idle0 = _cpu_s(cp.pid)
+        time.sleep(args.idle)
+        idle_cpu_pct = 100 * (_cpu_s(cp.pid) - idle0) / args.idle  # heartbeats only
+        rounds = []
+        for r in range(args.rounds):
+            weight = 10 + 7 * r  # 10, 17, 24, ...: a different value every round
+            cpu0 = _cpu_s(cp.pid)
+            clients_cpu0 = sum(_cpu_s(c.pid) for c in clients)
+            t0 = time.monotonic()
+            result = _request(port, ApplyRequest(sources=[Source("change.yaml", vs_yaml(0, weight).encode())]))
+            if not result.ok:
+                raise RuntimeError(result.error)
+            t_applied = time.monotonic()
+            new = watch.wait(SETTLE_TIMEOUT_S, not_version=version)
+            if new is None:
+                raise RuntimeError(f"round {r}: not every proxy ACKed a new version within {SETTLE_TIMEOUT_S}s")
+            cpu_synced = _cpu_s(cp.pid) - cpu0
+            cpu1 = cpu_synced + cpu0
+            clients_cpu = sum(_cpu_s(c.pid) for c in clients) - clients_cpu0
+            time.sleep(args.settle)  # quiet time between rounds
+            rounds.append({"t0": t0, "apply_s": t_applied - t0, "version": new, "cpu_s": cpu1 - cpu0, "cpu_synced_s": cpu_synced,
+                           "clients_cpu_s": clients_cpu})
+            version = new
+        rss_after = _rss_bytes(cp.pid)
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.send_signal(signal.SIGTERM)
+        for c in clients:
+            try:
+                c.wait(30)
+            except subprocess.TimeoutExpired:
+                c.kill()
+                c.wait()
+        cp.send_signal(signal.SIGTERM)
+        try:
+            cp.wait(10)
+        except subprocess.TimeoutExpired:
+            cp.kill()
+            cp.wait()
+        cp_log.close()
+    pushes_logged = []
+    for line in (work / f"cp-{n}.log").read_text().splitlines():
+        if '"push_done"' in line or '"push_started"' in line:
+            pushes_logged.append(json.loads(line))
+    records = []
+    connected = failed = 0
+    for out in outs:
+        data = json.loads(out.read_text())
+        records += data["records"]
+        connected += data["connected"]
+        failed += data["failed"]
+    full_bytes = [b for (_, _, full, b, _, _) in records if full]
+    out_rounds = []
+    for rd in rounds:
+        mine = [rec for rec in records if rec[1] == rd["version"] and rec[4] >= rd["t0"]]
+        acks = {rec[0]: rec[4] for rec in mine}
+        sizes = [rec[3] for rec in mine]
+        first_recv = min(rec[5] for rec in mine) - rd["t0"]
+        lat = [t - rd["t0"] for t in acks.values()]
+        out_rounds.append({
+            "acks": len(acks),
+            "p50_ms": 1000 * _pct(lat, 50),
+            "p99_ms": 1000 * _pct(lat, 99),
+            "last_ms": 1000 * max(lat),
+            "apply_ms": 1000 * rd["apply_s"],
+            "first_push_ms": 1000 * first_recv,
+            "bytes_per_push": statistics.mean(sizes),
+            "cp_cpu_s": rd["cpu_s"],
+            "cp_cpu_until_synced_s": rd["cpu_synced_s"],
+            "clients_cpu_s": rd["clients_cpu_s"],
+        })
+    return {
+        "proxies": n,
+        "connected": connected,
+        "connect_failures": failed,
+        "resources": args.services * 5,
+        "connect_all_s": connect_s,
+        "connect_cpu_s": connect_cpu_s,
+        "full_snapshot_bytes": statistics.mean(full_bytes) if full_bytes else 0,
+        "idle_cpu_pct": idle_cpu_pct,
+        "rss_empty_mb": rss_empty / 2**20,
+        "rss_connected_mb": rss_connected / 2**20,
+        "rss_after_mb": rss_after / 2**20,
+        "rounds": out_rounds,
+        "push_log": pushes_logged,
+    }
+
+
+def report(res: dict) -> None:
+    rs = res["rounds"]
+    print(f"\n== {res['proxies']} proxies ({res['connected']} connected, {res['connect_failures']} failed), "
+          f"{res['resources']} resources")
+    print(f"connect+full sync of all: {res['connect_all_s']:.2f} s, control-plane CPU {res['connect_cpu_s']:.2f} s; "
+          f"full snapshot {res['full_snapshot_bytes'] / 1024:.1f} KiB")
+    print(f"control-plane CPU while idle (heartbeats): {res['idle_cpu_pct']:.1f}% of a core")
+    print(f"control-plane RSS: {res['rss_empty_mb']:.1f} MiB empty, {res['rss_connected_mb']:.1f} MiB connected, "
+          f"{res['rss_after_mb']:.1f} MiB after the rounds")
+    print(f"{'round':>5} {'acks':>6} {'p50 ms':>8} {'p99 ms':>8} {'last ms':>8} {'apply ms':>9} {'1st push ms':>11} {'B/push':>8} {'cp CPU s':>9} {'sim CPU s':>9}")
+    print("      (cp CPU s: control-plane CPU from the change until every proxy ACKed; sim: the simulated proxies')")
+    for i, r in enumerate(rs):
+        print(f"{i:>5} {r['acks']:>6} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['last_ms']:>8.1f} {r['apply_ms']:>9.1f} {r['first_push_ms']:>11.1f} "
+              f"{r['bytes_per_push']:>8.0f} {r['cp_cpu_s']:>9.2f} {r['clients_cpu_s']:>9.2f}")
+    med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
+    print(f"median over rounds: p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, last ACK {med('last_ms'):.1f} ms, "
+          f"CPU per change {med('cp_cpu_s'):.2f} s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--host", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--first", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--proxies", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--services", type=int, default=50, help="services in the mesh (5 resources each)")
+    p.add_argument("--classes", type=int, default=10, help="distinct proxy label sets")
+    p.add_argument("--client-procs", type=int, default=2)
+    p.add_argument("--settle", type=float, default=1.0, help="quiet seconds between rounds")
+    p.add_argument("--idle", type=float, default=5.0, help="seconds of idle (heartbeats only) CPU measurement")
+    p.add_argument("--no-delta", action="store_true", help="control plane pushes full snapshots only")
+    p.add_argument("--profile", type=Path, default=None, help="run the control plane under cProfile, stats here")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+    if args.client:
+        return client_main(args)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = max(args.proxies) + 1000
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+        if min(hard, need) < need:
+            print(f"warning: RLIMIT_NOFILE hard limit {hard} < {need}", file=sys.stderr)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
+        for n in args.proxies:
+            res = run_scale(n, args, Path(tmp))
+            report(res)
+            results.append(res)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
