@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import socket
 import time
+from time import monotonic
 
 import structlog
 import trio
@@ -154,7 +155,7 @@ class DownstreamConnection:
             except OSError:
                 pass
             while await self.one_request():
-                if conn.buffered:  # pipelined: let others run; otherwise the next read waits anyway
+                if len(conn.buf) > conn.pos:  # pipelined: let others run; otherwise the next read waits anyway
                     await checkpoint()
         except (OSError, ReadTimeout):
             pass  # the client went away or went quiet; nothing to answer
@@ -168,29 +169,29 @@ class DownstreamConnection:
 
     async def _read_head(self):
         """The parsed head, or None when the connection should just close (EOF, timeout).
-        The idle timeout runs until a head's first byte, then the header-read timeout."""
+        The idle timeout runs until a head's first byte, then the header-read timeout
+        (deadlines on time.monotonic, enforced by the plane's sweeper)."""
         conn, settings = self.conn, self.plane.settings
         max_bytes, max_headers = settings.max_head_bytes, settings.max_headers
         in_head = False
         while True:
-            if conn.buffered:
+            avail = len(conn.buf) - conn.pos
+            if avail:
                 parsed = parse_request_head(conn.buf, conn.pos, max_headers)  # raises HeadParseError
                 if parsed is not None:
                     self.read_deadline = math.inf
                     if parsed[0] - conn.pos > max_bytes:
                         raise HeadTooLarge(f"request head of {parsed[0] - conn.pos} bytes")
                     return parsed
-                if conn.buffered > max_bytes:
+                if avail > max_bytes:
                     raise HeadTooLarge(f"no end of head within {max_bytes} bytes")
                 if not in_head:
                     in_head = True
-                    self.read_deadline = trio.current_time() + settings.request_headers_timeout_s
-                wait_first = False
+                    self.read_deadline = monotonic() + settings.request_headers_timeout_s
             else:
-                self.read_deadline = trio.current_time() + settings.idle_timeout_s
-                wait_first = True
+                self.read_deadline = monotonic() + settings.idle_timeout_s
             try:
-                n = await conn.fill(wait_first=wait_first)
+                n = await conn.fill(wait_first=not avail)
             except ReadTimeout:
                 return None
             if n == 0:

@@ -1,7 +1,7 @@
 """Downstream idle and header-read timeouts of a worker, enforced by one sweeping task.
 
 A cancel scope per wait would cost a deadline registration on every keep-alive request. Instead
-each connection publishes the monotonic time by which its next read must arrive (`read_deadline`,
+each connection publishes the time.monotonic() by which its next read must arrive (`read_deadline`,
 infinity while a request is being served), and one task looks at all of them a few times per
 timeout period and wakes the late ones with ReadTimeout. Precision is one sweep period, which is a
 quarter of the shortest timeout (at most 1 s): plenty for timeouts of seconds to minutes.
@@ -9,6 +9,7 @@ quarter of the shortest timeout (at most 1 s): plenty for timeouts of seconds to
 
 from __future__ import annotations
 
+from time import monotonic
 from typing import Protocol
 
 import trio
@@ -37,7 +38,7 @@ class TimeoutSweeper:
         try:
             while True:
                 await trio.sleep(self.period_s)
-                now = trio.current_time()
+                now = monotonic()
                 late = [w for w in self.watched if w.read_deadline <= now]
                 for w in late:
                     w.read_deadline = float("inf")
