@@ -1,48 +1,106 @@
-"""Trio driver for the wire protocol: send and receive whole messages on a byte stream."""
+"""Trio driver for the wire protocol: send and receive whole messages on one TCP connection.
+
+Theory of operation: the control plane holds thousands of mostly idle streams, and a push is one small
+frame to each. An await on a Trio stream is a trip through the scheduler even when the kernel takes
+the bytes at once (PERFORMANCE.md), so the driver keeps the plain socket non-blocking and tries the
+syscall first: a frame that fits in the socket buffer is sent without a scheduler trip, and only a
+partial send or EAGAIN parks the task in `wait_writable` (holding the send lock, so frames never
+interleave). Receiving likewise tries `recv` first and waits for readability only on EAGAIN. Callers
+that loop over many streams without waiting checkpoint themselves now and then.
+"""
 
 from __future__ import annotations
 
+import socket
+
 import trio
+from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
 
 from controlplane.wire import MAX_FRAME_BYTES, Error, FrameDecoder, Message, ProtocolError, encode_frame
 
 RECEIVE_BYTES = 65536
 ERROR_SEND_TIMEOUT_S = 1.0
+CHECKPOINT_EVERY = 16  # receives served without waiting before yielding to other tasks
 
 
 class StreamClosed(Exception):
     """The peer closed the stream or it broke."""
 
 
-class FramedStream:
-    """One end of a protocol stream. Several tasks may send (sends are serialized); one task receives."""
+def _plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
+    if isinstance(stream, socket.socket):
+        return stream
+    # take the file descriptor over from Trio's wrapper (which is left detached and harmless to close)
+    return socket.socket(fileno=stream.socket.detach())
 
-    def __init__(self, stream: trio.abc.Stream, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-        self.stream = stream
+
+class FramedStream:
+    """One end of a protocol stream. Several tasks may send (frames never interleave); one task receives."""
+
+    def __init__(self, stream: trio.SocketStream | socket.socket, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
+        self.sock = _plain_socket(stream)
+        self.sock.setblocking(False)
         self._send_lock = trio.Lock()
         self._decoder = FrameDecoder(max_frame_bytes)
         self._ready: list[Message] = []
         self._ready_pos = 0
+        self._unyielded = 0
+        self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_send_time = trio.current_time()
 
     @property
     def sending(self) -> bool:
+        """A send is parked waiting for buffer space."""
         return self._send_lock.locked()
 
     async def send(self, message: Message) -> None:
         await self.send_frame(encode_frame(message))
 
     async def send_frame(self, frame: bytes) -> None:
-        """Send an already encoded frame (a push encoded once for many streams)."""
-        async with self._send_lock:
+        """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole."""
+        if self.closed:
+            raise StreamClosed("stream is closed")
+        if self._send_lock.locked():
+            async with self._send_lock:  # queue behind the parked send
+                await self._send_rest(memoryview(frame))
+        else:
             try:
-                await self.stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise StreamClosed(str(e) or type(e).__name__) from None
+                n = self.sock.send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                raise StreamClosed(str(e)) from None
+            if n < len(frame):
+                self._send_lock.acquire_nowait()
+                try:
+                    await self._send_rest(memoryview(frame)[n:])
+                finally:
+                    self._send_lock.release()
         self.bytes_sent += len(frame)
         self.last_send_time = trio.current_time()
+
+    async def _send_rest(self, view: memoryview) -> None:
+        while view:
+            if self.closed:
+                raise StreamClosed("stream is closed")
+            try:
+                n = self.sock.send(view)
+            except BlockingIOError:
+                n = 0
+            except OSError as e:
+                raise StreamClosed(str(e)) from None
+            view = view[n:]
+            if view:
+                try:
+                    await wait_writable(self.sock)
+                except trio.ClosedResourceError:
+                    raise StreamClosed("stream closed while sending") from None
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Raw bytes, not a frame (for tests of broken peers)."""
+        await self.send_frame(data)
 
     async def receive(self) -> Message:
         """The next message. Raises StreamClosed at end of stream, ProtocolError on a bad frame (after
@@ -50,12 +108,25 @@ class FramedStream:
         while self._ready_pos >= len(self._ready):
             self._ready.clear()
             self._ready_pos = 0
+            if self.closed:
+                raise StreamClosed("stream is closed")
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise StreamClosed(str(e) or type(e).__name__) from None
+                data = self.sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                self._unyielded = 0
+                try:
+                    await wait_readable(self.sock)
+                except trio.ClosedResourceError:
+                    raise StreamClosed("stream closed while receiving") from None
+                continue
+            except OSError as e:
+                raise StreamClosed(str(e)) from None
             if not data:
                 raise StreamClosed("end of stream")
+            self._unyielded += 1
+            if self._unyielded >= CHECKPOINT_EVERY:  # a peer that keeps us busy must not starve the rest
+                self._unyielded = 0
+                await checkpoint()
             self.bytes_received += len(data)
             try:
                 self._ready.extend(self._decoder.feed(data))
@@ -68,16 +139,20 @@ class FramedStream:
 
     async def fail(self, error: ProtocolError) -> None:
         """Best effort: tell the peer why, then close."""
-        with trio.move_on_after(ERROR_SEND_TIMEOUT_S):
-            try:
-                await self.send(Error(code=error.code, message=error.message))
-            except (StreamClosed, ProtocolError):
-                pass
+        if not self.closed:
+            with trio.move_on_after(ERROR_SEND_TIMEOUT_S):
+                try:
+                    await self.send(Error(code=error.code, message=error.message))
+                except (StreamClosed, ProtocolError):
+                    pass
         await self.aclose()
 
     async def aclose(self) -> None:
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()
+        if not self.closed:
+            self.closed = True
+            notify_closing(self.sock)  # wakes a task parked in wait_readable/wait_writable
+            self.sock.close()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
 
 async def connect(host: str, port: int, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> FramedStream:

@@ -183,8 +183,8 @@ class ControlPlane:
                 self.config_changed("directory")
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        framed = FramedStream(stream, max_frame_bytes=self.options.max_frame_bytes)
         peer = _peer(stream)
+        framed = FramedStream(stream, max_frame_bytes=self.options.max_frame_bytes)
         try:
             with trio.fail_after(self.options.hello_timeout_s):
                 first = await framed.receive()
@@ -304,7 +304,9 @@ class ControlPlane:
             seq += 1
             frame = encode_frame(Heartbeat(seq=seq))
             now = trio.current_time()
-            for proxy in list(self.proxies.values()):
+            for i, proxy in enumerate(list(self.proxies.values())):
+                if i % 256 == 255:
+                    await trio.lowlevel.checkpoint()  # sends below rarely wait: let the other tasks in
                 framed = proxy.stream
                 if framed is None:
                     continue
@@ -414,8 +416,12 @@ class ControlPlane:
                 self._queued.set()
 
     async def _sender(self) -> None:
+        served = 0
         while True:
             node_id = self.queue.pop()
+            served += 1
+            if served % 32 == 0:
+                await trio.lowlevel.checkpoint()  # a push that fits the socket buffer does not yield
             if node_id is None:
                 if self._queued.is_set():
                     self._queued = trio.Event()  # the enqueuer sets the current one

@@ -246,7 +246,7 @@ async def test_broken_frames_close_only_that_stream(tmp_path, nursery):
         await framed.aclose()
     # a broken frame in the middle of a proxy stream closes that stream
     victim, snap = await raw_proxy(port, "victim")
-    await victim.stream.send_all(frame(b"\xc1"))
+    await victim.send_bytes(frame(b"\xc1"))
     with trio.fail_after(5):
         while True:
             m = await victim.receive()
