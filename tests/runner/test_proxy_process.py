@@ -62,10 +62,11 @@ def setup(tmp_path: Path, backends, proxies):
 
 
 def _curl(port: int, path: str) -> tuple[int, str]:
-    r = subprocess.run(["curl", "-sS", "--max-time", "5", "-w", "\n%{http_code}", f"http://127.0.0.1:{port}{path}"],
+    """(status, body); (0, curl's error) when no response came."""
+    r = subprocess.run(["curl", "-sS", "--max-time", "10", "-w", "\n%{http_code}", f"http://127.0.0.1:{port}{path}"],
                        capture_output=True, text=True, check=False)
     body, _, code = r.stdout.rpartition("\n")
-    return int(code or 0), body
+    return (int(code), body) if code and code != "000" else (0, r.stderr.strip())
 
 
 def _total(samples: dict) -> float:
@@ -287,12 +288,23 @@ def test_workers_exit_when_the_supervisor_is_killed(setup) -> None:
     pids = [w["pid"] for w in proxy.config_dump()["workers"]]
     proxy.proc.kill()
     proxy.proc.wait(5)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 20
     alive = pids
     while alive and time.monotonic() < deadline:
         alive = [pid for pid in pids if _alive(pid)]
         time.sleep(0.1)
-    assert not alive, f"orphaned workers {alive}"
+    states = {pid: _proc_state(pid) for pid in alive}
+    for pid in alive:  # do not leave them behind for the next test
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"orphaned workers {states}\n{proxy.log_text()[-3000:]}"
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return " ".join(l.strip() for l in f if l.startswith(("State", "PPid")))
+    except FileNotFoundError:
+        return "gone"
 
 
 def _alive(pid: int) -> bool:
@@ -312,7 +324,8 @@ def test_access_log_off_writes_no_lines(setup) -> None:
     start, _, port, _, _ = setup
     proxy = start(concurrency=1, access_log="off")
     for _ in range(5):
-        assert _curl(port, "/only-v1/q")[0] == 200
+        status, body = _curl(port, "/only-v1/q")
+        assert status == 200, (status, body, proxy.log_text()[-3000:])
     time.sleep(1.5)  # longer than the worker's access-log flush interval
     assert not [r for r in proxy.log_records() if r.get("event") == "access"]
 
