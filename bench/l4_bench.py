@@ -9,10 +9,12 @@ and answers with the count (one direction carries the bulk). Targets: the sink d
 256 KiB once a connection moved 1 MiB; and with the pipe held at 64 KiB) and in copy mode
 (recv_into/send, 64 KiB buffer). With 2+ cores the proxy is pinned alone on core 0, client and
 sink on core 1. Reported: MB/s (10^6 bytes per wall second, client's view, connection setup
-included) and the proxy process's own CPU seconds per GiB moved (on-CPU nanoseconds of its threads
-from /proc/<pid>/task/*/schedstat; /proc/<pid>/stat's 10 ms ticks are too coarse for short runs).
-Targets are interleaved per repetition and medians reported, because the machine is shared and
-noisy; the whole run stops early (with what it has) when `--budget-s` is spent.
+included) and the proxy process's own CPU seconds per GiB moved (bench.measure.cpu_seconds: on-CPU
+nanoseconds of its threads). Targets are interleaved per repetition and medians reported, because the
+machine is shared and noisy; the whole run stops early (with what it has) when `--budget-s` is spent.
+
+The sink, the forwarder launcher and the transfer client are also used by `python -m bench` for its
+TCP rows (triomesh vs Envoy's tcp_proxy).
 """
 
 from __future__ import annotations
@@ -69,8 +71,23 @@ def _start(argv: list[str]) -> tuple[subprocess.Popen[str], str]:
     first = proc.stdout.readline()
     if not first:
         proc.kill()
+        proc.wait()
         raise RuntimeError(f"{argv} exited before it was ready")
     return proc, first
+
+
+def start_sink(cpus: str | None) -> tuple[subprocess.Popen[str], int]:
+    """The counting sink as its own process; returns it and its port."""
+    proc, first = _start([*_pin(cpus), sys.executable, "-m", "bench.l4_bench", "sink"])
+    return proc, int(first)
+
+
+def start_forwarder(upstream_port: int, cpus: str | None, mode: str, *extra: str) -> tuple[subprocess.Popen[str], int]:
+    """`python -m proxy.l4.forward` in front of 127.0.0.1:upstream_port; returns it and its port."""
+    argv = [*_pin(cpus), sys.executable, "-m", "proxy.l4.forward", "--listen", "127.0.0.1:0",
+            "--upstream", f"127.0.0.1:{upstream_port}", "--quiet", "--mode", mode, *extra]
+    proc, first = _start(argv)
+    return proc, json.loads(first)["port"]
 
 
 @dataclass
@@ -81,27 +98,11 @@ class Target:
     results: dict[str, list[tuple[float, float | None]]] = field(default_factory=dict)  # size -> [(MB/s, cpu s/GiB)]
 
 
-def _start_proxy(name: str, sink_port: int, cpus: str | None, *extra: str) -> Target:
-    argv = [
-        *_pin(cpus),
-        sys.executable,
-        "-m",
-        "proxy.l4.forward",
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        f"127.0.0.1:{sink_port}",
-        "--quiet",
-        *extra,
-    ]
-    proc, first = _start(argv)
-    return Target(name, json.loads(first)["port"], proc)
-
-
 # --- the client -----------------------------------------------------------------------------------
 
 
-def _upload(port: int, size: int) -> None:
+def upload(port: int, size: int) -> None:
+    """One connection: send `size` bytes, half-close, check the sink's count."""
     with socket.create_connection(("127.0.0.1", port), timeout=_IO_TIMEOUT_S) as sock:
         left = size
         while left:
@@ -119,34 +120,37 @@ def _upload(port: int, size: int) -> None:
         raise RuntimeError(f"sink counted {int.from_bytes(reply, 'big')} bytes, sent {size}")
 
 
-def _proxy_cpu_s(pid: int) -> float:
-    """CPU seconds (user+system) of all threads of `pid`, in nanosecond resolution when the kernel
-    exposes schedstat, else from /proc/<pid>/stat ticks."""
-    try:
-        total_ns = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total_ns += int(f.read().split()[0])
-        return total_ns / 1e9
-    except (FileNotFoundError, IndexError, ValueError):
-        return cpu_seconds([pid])
+@dataclass
+class Transfer:
+    bytes: int
+    wall_s: float
+    cpu_s: float | None  # of the proxy's processes; None for a direct connection
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.wall_s / 1e6
+
+    @property
+    def mib_per_s(self) -> float:
+        return self.bytes / self.wall_s / MiB
+
+    @property
+    def cpu_s_per_gib(self) -> float | None:
+        return None if self.cpu_s is None else self.cpu_s / (self.bytes / GiB)
 
 
-def _measure(target: Target, size: int, count: int) -> tuple[float, float | None]:
-    pids = [target.proc.pid] if target.proc else []
-    cpu_before = _proxy_cpu_s(pids[0]) if pids else 0.0
+def measure_transfers(port: int, size: int, count: int, proxy_pids: list[int]) -> Transfer:
+    """`count` sequential uploads of `size` bytes through `port`, with the CPU the proxy spent on them."""
+    cpu_before = cpu_seconds(proxy_pids) if proxy_pids else 0.0
     started = time.perf_counter()
     for _ in range(count):
-        _upload(target.port, size)
+        upload(port, size)
     wall = time.perf_counter() - started
-    moved = size * count
-    mbps = moved / wall / 1e6
-    if not pids:
-        return mbps, None
+    if not proxy_pids:
+        return Transfer(size * count, wall, None)
     # the proxy may still be closing the last connection: give its CPU time a moment to settle
     time.sleep(0.05)
-    cpu = _proxy_cpu_s(pids[0]) - cpu_before
-    return mbps, cpu / (moved / GiB)
+    return Transfer(size * count, wall, cpu_seconds(proxy_pids) - cpu_before)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,23 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     proxy_cpus, load_cpus = ("0", "1") if two_cores else (None, None)
     if load_cpus:
         os.sched_setaffinity(0, {int(load_cpus)})
-    sink, first = _start([*_pin(load_cpus), sys.executable, "-m", "bench.l4_bench", "sink"])
-    sink_port = int(first)
+    sink, sink_port = start_sink(load_cpus)
     targets = [Target("direct", sink_port)]
     try:
-        targets.append(_start_proxy("splice", sink_port, proxy_cpus, "--mode", "splice"))
-        targets.append(
-            _start_proxy("splice-64KiB-pipe", sink_port, proxy_cpus, "--mode", "splice", "--bulk-pipe-bytes", str(64 * 1024))
-        )
-        targets.append(_start_proxy("copy", sink_port, proxy_cpus, "--mode", "copy"))
+        for name, mode, extra in [("splice", "splice", ()),
+                                  ("splice-64KiB-pipe", "splice", ("--bulk-pipe-bytes", str(64 * 1024))),
+                                  ("copy", "copy", ())]:
+            proc, port = start_forwarder(sink_port, proxy_cpus, mode, *extra)
+            targets.append(Target(name, port, proc))
         for t in targets:  # warm up: imports, first connection, page faults
-            _upload(t.port, MiB)
+            upload(t.port, MiB)
         deadline = time.monotonic() + args.budget_s
         for rep in range(args.reps):
             for size_name, size in SIZES.items():
                 count = args.small_count if size == MiB else args.big_count
                 for t in targets:
-                    t.results.setdefault(size_name, []).append(_measure(t, size, count))
+                    m = measure_transfers(t.port, size, count, [t.proc.pid] if t.proc else [])
+                    t.results.setdefault(size_name, []).append((m.mb_per_s, m.cpu_s_per_gib))
             if time.monotonic() > deadline:
                 print(f"budget spent after {rep + 1} repetitions", file=sys.stderr)
                 break

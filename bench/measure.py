@@ -1,4 +1,8 @@
-"""Process accounting from /proc: CPU seconds and peak RSS of a process tree (Linux only)."""
+"""Process accounting from /proc: CPU seconds, peak RSS and command lines of a process tree (Linux only).
+
+CPU time is read from /proc/<pid>/task/<tid>/schedstat, the on-CPU nanoseconds of each thread, because
+/proc/<pid>/stat's clock ticks (10 ms) are too coarse for a few seconds of load split over many runs.
+"""
 
 from __future__ import annotations
 
@@ -33,18 +37,69 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except FileNotFoundError:
+        return []
+
+
+def _tick_seconds(pid: int) -> float:
+    """utime+stime of the whole process from /proc/<pid>/stat (10 ms resolution); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    # fields[0] is state (field 3); utime and stime are fields 14 and 15
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def _schedstat_seconds(pid: int) -> float | None:
+    """On-CPU time of all threads of pid in ns resolution; None if the kernel has no schedstat."""
+    total_ns = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total_ns += int(f.read().split()[0])
+        except FileNotFoundError:
+            continue  # the thread ended between listdir and open
+        except (OSError, IndexError, ValueError):
+            return None
+    return total_ns / 1e9
+
+
 def cpu_seconds(pids: list[int]) -> float:
-    """user+system CPU seconds consumed so far by these processes (all their threads)."""
-    total = 0
+    """CPU seconds (user+system, all threads) consumed so far by these processes.
+
+    Threads that already exited are not counted by schedstat; the forwarders measured here keep
+    their threads for their whole life, so differences between two readings are exact.
+    """
+    total = 0.0
+    for pid in pids:
+        s = _schedstat_seconds(pid)
+        total += _tick_seconds(pid) if s is None else s
+    return total
+
+
+def reset_peak_rss(pids: list[int]) -> bool:
+    """Reset each process's VmHWM to its current RSS (clear_refs 5), so the next reading is the peak
+    of what follows. False when the kernel or permissions refuse (the peak then covers the whole life)."""
+    ok = True
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")
         except FileNotFoundError:
             continue
-        # fields[0] is state (field 3); utime and stime are fields 14 and 15
-        total += int(fields[11]) + int(fields[12])
-    return total / _CLK_TCK
+        except OSError:
+            ok = False
+    return ok
 
 
 def peak_rss_bytes(pids: list[int]) -> int:

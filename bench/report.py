@@ -1,22 +1,100 @@
-"""Turns one run's measurements into a markdown table (with ratios to Envoy), JSON and a PNG chart."""
+"""Turns one run's measurements into a markdown table (with ratios to Envoy), the issue-5 target checks,
+JSON and a PNG chart. Ratios are only ever taken between figures of the same run."""
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-Row = dict[str, Any]  # {"scenario", "metric", "unit", "better", "values": {target: value}}
+# {"key", "scenario", "metric", "unit", "better", "values": {target: value}}; "key" is (scenario id,
+# metric id) as a "scenario/metric" string, so the target checks find their figures without parsing titles.
+Row = dict[str, Any]
+
+TARGET_COLORS = {"direct": "#9e9e9e", "triomesh": "#1f77b4", "envoy": "#d62728", "splice": "#1f77b4",
+                 "copy": "#7fb2dc"}
 
 
-def _fmt(v: float | None) -> str:
+def _fmt(v: float | None, unit: str = "") -> str:
     if v is None:
         return "-"
+    if unit == "count":
+        return f"{v:,.0f}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 10:
         return f"{v:.1f}"
     return f"{v:.2f}"
+
+
+def ratio(row: Row) -> float | None:
+    vals = row["values"]
+    t, e = vals.get("triomesh"), vals.get("envoy")
+    if t is None or not e:
+        return None
+    return t / e
+
+
+def find(rows: list[Row], key: str) -> Row | None:
+    return next((r for r in rows if r.get("key") == key), None)
+
+
+# --- issue 5 targets --------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    target: str
+    measured: str
+    met: bool | None  # None: this run has no figure for it
+
+
+def _value(rows: list[Row], key: str, target: str) -> float | None:
+    r = find(rows, key)
+    return None if r is None else r["values"].get(target)
+
+
+def target_checks(rows: list[Row]) -> list[Check]:
+    """The targets of issue 5, each judged on this run's figures."""
+    checks: list[Check] = []
+
+    def ratio_check(title: str, key: str, bound: float, higher: bool) -> None:
+        t, e = _value(rows, key, "triomesh"), _value(rows, key, "envoy")
+        if t is None or not e:
+            checks.append(Check(title, "not measured", None))
+            return
+        q = t / e
+        checks.append(Check(title, f"{q:.2f}x ({_fmt(t)} vs {_fmt(e)})", q >= bound if higher else q <= bound))
+
+    ratio_check("HTTP/1.1 small c64, one core: req/s >= 1.2x Envoy", "h1-small-c64/rps", 1.2, True)
+    ratio_check("HTTP/1.1 small c64, one core: CPU per request <= 0.8x Envoy", "h1-small-c64/cpu", 0.8, False)
+    t, e = _value(rows, "fixed-1000/added-p90", "triomesh"), _value(rows, "fixed-1000/added-p90", "envoy")
+    checks.append(Check("added p90 latency at 1,000 req/s <= Envoy's",
+                        "not measured" if t is None or e is None else f"{t:.2f} ms vs {e:.2f} ms",
+                        None if t is None or e is None else t <= e))
+    ratio_check("peak RSS at 256 connections <= Envoy's", "h1-small-c256/peak-rss", 1.0, False)
+    ratio_check("TCP 100 MiB, splice: CPU-s per GiB <= Envoy tcp_proxy's", "tcp-100MiB-splice/cpu", 1.0, False)
+    one, two = _value(rows, "h1-small-c64/rps", "triomesh"), _value(rows, "h1-small-c64-2workers/rps", "triomesh")
+    e1, e2 = _value(rows, "h1-small-c64/rps", "envoy"), _value(rows, "h1-small-c64-2workers/rps", "envoy")
+    if one and two:
+        ref = f"; Envoy 2 workers / 1: {e2 / e1:.2f}x" if e1 and e2 else ""
+        checks.append(Check("--concurrency 2 >= 1.6x one worker (where the load generator is not the limit)",
+                            f"{two / one:.2f}x ({_fmt(two)} vs {_fmt(one)} req/s{ref})", two / one >= 1.6))
+    else:
+        checks.append(Check("--concurrency 2 >= 1.6x one worker", "not measured", None))
+    return checks
+
+
+def checks_markdown(checks: list[Check]) -> str:
+    mark = {True: "met", False: "NOT met", None: "n/a"}
+    lines = ["Targets (issue 5), judged on this run:", ""]
+    lines += [f"- {mark[c.met]}: {c.target} - measured {c.measured}" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+# --- outputs ----------------------------------------------------------------------------------------
 
 
 def markdown(rows: list[Row], targets: list[str], meta: dict[str, Any]) -> str:
@@ -25,30 +103,32 @@ def markdown(rows: list[Row], targets: list[str], meta: dict[str, Any]) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = r["values"]
-        ratio = None
-        if vals.get("triomesh") is not None and vals.get("envoy"):
-            ratio = vals["triomesh"] / vals["envoy"]
+        q = ratio(r)
         cells = [r["scenario"], f"{r['metric']} ({r['unit']}, {r['better']} is better)"]
-        cells += [_fmt(vals.get(t)) for t in targets]
-        cells.append(f"{ratio:.2f}x" if ratio is not None else "-")
+        cells += [_fmt(vals.get(t), r["unit"]) for t in targets]
+        cells.append(f"{q:.2f}x" if q is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_all(out_dir: Path, rows: list[Row], targets: list[str], meta: dict[str, Any]) -> dict[str, Path]:
+def write_all(out_dir: Path, rows: list[Row], targets: list[str], meta: dict[str, Any],
+              checks: list[Check]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "latest.md"
-    md.write_text(markdown(rows, targets, meta))
+    md.write_text(markdown(rows, targets, meta) + "\n" + checks_markdown(checks))
     js = out_dir / "latest.json"
-    js.write_text(json.dumps({"meta": meta, "targets": targets, "rows": rows}, indent=2))
+    js.write_text(json.dumps({"meta": meta, "targets": targets, "rows": rows,
+                              "checks": [asdict(c) for c in checks]}, indent=1))
     paths = {"markdown": md, "json": js}
     png = out_dir / "latest.png"
-    if _chart(png, rows, targets):
+    if chart(png, rows, targets, meta):
         paths["chart"] = png
     return paths
 
 
-def _chart(path: Path, rows: list[Row], targets: list[str]) -> bool:
+def chart(path: Path, rows: list[Row], targets: list[str], meta: dict[str, Any]) -> bool:
+    """Left: every row with an Envoy figure as grouped bars of target / Envoy. Right: absolute req/s of
+    the HTTP rows and MiB/s of the TCP rows."""
     try:
         import matplotlib
 
@@ -56,23 +136,74 @@ def _chart(path: Path, rows: list[Row], targets: list[str]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    charted = [r for r in rows if r["values"].get("envoy")]
+    charted = [r for r in rows if r["values"].get("envoy") and r["unit"] != "count"]
     if not charted:
         return False
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(charted) + 2))
-    labels = [f"{r['scenario']}: {r['metric']} ({r['better']} better)" for r in charted]
-    width = 0.8 / max(1, len(targets))
+    rps_rows = [r for r in rows if r["unit"] == "req/s"]
+    fig = plt.figure(figsize=(17, max(8.0, 0.42 * len(charted) + 2)), layout="constrained")
+    grid = fig.add_gridspec(2, 2, width_ratios=[1.6, 1])
+    ax = fig.add_subplot(grid[:, 0])
+    clip = 3.0
+    width = 0.8 / len(targets)
     for i, t in enumerate(targets):
-        ys = [j + i * width for j in range(len(charted))]
+        ys = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(charted))]
         xs = [(r["values"].get(t) or 0) / r["values"]["envoy"] for r in charted]
-        ax.barh(ys, xs, height=width, label=t)
-    ax.set_yticks([j + 0.4 - width / 2 for j in range(len(charted))])
-    ax.set_yticklabels(labels, fontsize=8)
+        ax.barh(ys, [min(x, clip) for x in xs], height=width, label=t, color=TARGET_COLORS.get(t))
+        for y, x in zip(ys, xs):
+            if x > clip:
+                ax.text(clip, y, f" {x:.1f}x", va="center", fontsize=6)
+            elif t == "triomesh" and x:
+                ax.text(x, y, f" {x:.2f}x", va="center", fontsize=7, color=TARGET_COLORS["triomesh"])
+    ax.set_yticks(range(len(charted)))
+    ax.set_yticklabels([_short_label(r) for r in charted], fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("ratio to Envoy (same run)")
+    ax.set_xlim(0, clip + 0.35)
+    ax.set_xlabel(f"ratio to Envoy in the same run (bars clipped at {clip:.0f}x)")
+    ax.set_title("each row relative to Envoy", fontsize=10)
     ax.invert_yaxis()
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.legend(loc="lower right", fontsize=8)
+    _absolute_bars(fig.add_subplot(grid[0, 1]), rps_rows, targets, "req/s", "HTTP/1.1 100 B responses: req/s")
+    _absolute_bars(fig.add_subplot(grid[1, 1]), _tcp_groups(rows), ["direct", "splice", "copy", "envoy"],
+                   "MiB/s", "TCP transfers: MiB/s (triomesh splice and copy modes)")
+    fig.suptitle(f"triomesh vs Envoy vs direct - {meta.get('started')} - {meta.get('note', '')}", fontsize=9)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return True
+
+
+def _short_label(r: Row) -> str:
+    scenario = re.sub(r" \(x\d+\)", "", r["scenario"])  # the transfer count is in the table
+    return f"{scenario}: {r['metric']} ({r['better']} better)"
+
+
+def _tcp_groups(rows: list[Row]) -> list[Row]:
+    """One group per transfer size with direct, triomesh splice, triomesh copy and Envoy side by side."""
+    groups = []
+    for size in ("1MiB", "100MiB"):
+        splice, copy = find(rows, f"tcp-{size}-splice/mibps"), find(rows, f"tcp-{size}-copy/mibps")
+        if splice is None:
+            continue
+        values = {"direct": splice["values"].get("direct"), "splice": splice["values"].get("triomesh"),
+                  "copy": copy["values"].get("triomesh") if copy else None, "envoy": splice["values"].get("envoy")}
+        groups.append({"scenario": f"TCP {size[:-3]} {size[-3:]} transfers", "values": values})
+    return groups
+
+
+def _absolute_bars(ax, rows: list[Row], targets: list[str], unit: str, title: str) -> None:
+    ax.set_title(title, fontsize=10)
+    if not rows:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+        return
+    width = 0.8 / len(targets)
+    for i, t in enumerate(targets):
+        xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(rows))]
+        vals = [r["values"].get(t) for r in rows]
+        ax.bar(xs, [v or 0 for v in vals], width=width, label=t, color=TARGET_COLORS.get(t))
+        for x, v in zip(xs, vals):
+            if v:
+                ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["scenario"].replace(", ", "\n") for r in rows], fontsize=7)
+    ax.set_ylabel(unit)
+    ax.margins(y=0.18)
+    ax.legend(fontsize=7)

@@ -6,6 +6,7 @@ directory per run; ports come from the kernel (port 0), so runs never collide wi
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.measure import cpu_seconds, peak_rss_bytes, process_tree
+from bench.l4_bench import start_forwarder
+from bench.measure import cpu_seconds, peak_rss_bytes, process_tree, reset_peak_rss
 
 SMALL_BODY = b"x" * 100
 ONE_MIB = 1 << 20
@@ -45,6 +47,18 @@ def wait_http_ok(url: str, *, timeout_s: float = 20.0, host: str | None = None) 
     raise RuntimeError(f"{url} did not become ready in {timeout_s}s: {last}")
 
 
+def wait_tcp_accepting(port: int, *, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"127.0.0.1:{port} did not accept in {timeout_s}s: {e}") from e
+            time.sleep(0.1)
+
+
 @dataclass
 class Started:
     name: str
@@ -61,6 +75,9 @@ class Started:
 
     def peak_rss_bytes(self) -> int:
         return peak_rss_bytes(self.pids())
+
+    def reset_peak_rss(self) -> bool:
+        return reset_peak_rss(self.pids())
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -119,54 +136,91 @@ def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
     return started
 
 
-def start_envoy(workdir: Path, backend_port: int, *, envoy_bin: str, cpus: str | None, concurrency: int = 1) -> Started:
+def _addr(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _envoy_config(network_filter: dict, *, port: int, admin_port: int, backend_port: int) -> str:
+    """A static Envoy bootstrap: one listener on 127.0.0.1:port with one network filter, one STATIC
+    cluster. Written as JSON, which Envoy reads as YAML."""
+    return json.dumps({
+        "admin": {"address": _addr(admin_port)},
+        "static_resources": {
+            "listeners": [{"name": "bench", "address": _addr(port), "filter_chains": [{"filters": [network_filter]}]}],
+            "clusters": [{
+                "name": "backend", "connect_timeout": "1s", "type": "STATIC",
+                "load_assignment": {"cluster_name": "backend",
+                                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(backend_port)}}]}]},
+            }],
+        },
+    }, indent=1)
+
+
+# HTTP: one route to the backend, router only (no access log, no tracing), as triomesh's VirtualService.
+_ENVOY_HTTP_FILTER = {
+    "name": "envoy.filters.network.http_connection_manager",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ingress",
+        "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"],
+                                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    },
+}
+
+# TCP: tcp_proxy to the cluster with Envoy's defaults (1 MiB per-connection buffer limit, no access log).
+_ENVOY_TCP_FILTER = {
+    "name": "envoy.filters.network.tcp_proxy",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "tcp",
+        "cluster": "backend",
+    },
+}
+
+
+def _start_envoy(workdir: Path, network_filter: dict, backend_port: int, *, envoy_bin: str, cpus: str | None,
+                 concurrency: int, name: str) -> tuple[Started, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     conf = workdir / "envoy.yaml"
-    conf.write_text(textwrap.dedent(f"""\
-        admin:
-          address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-        static_resources:
-          listeners:
-          - name: http
-            address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-            filter_chains:
-            - filters:
-              - name: envoy.filters.network.http_connection_manager
-                typed_config:
-                  "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                  stat_prefix: ingress
-                  route_config:
-                    virtual_hosts:
-                    - name: backend
-                      domains: ["*"]
-                      routes:
-                      - match: {{prefix: "/"}}
-                        route: {{cluster: backend}}
-                  http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-          clusters:
-          - name: backend
-            connect_timeout: 1s
-            type: STATIC
-            load_assignment:
-              cluster_name: backend
-              endpoints:
-              - lb_endpoints:
-                - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {backend_port}}}}}}}
-        """))
+    conf.write_text(_envoy_config(network_filter, port=port, admin_port=admin_port, backend_port=backend_port))
     proc = subprocess.Popen(_pin(cpus) + [envoy_bin, "-c", str(conf), "--concurrency", str(concurrency),
                                           "--log-level", "error", "--disable-hot-restart"],
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "envoy.log", "wb"))
-    started = Started("envoy", proc, port, workdir)
+    return Started(name, proc, port, workdir), admin_port
+
+
+def start_envoy(workdir: Path, backend_port: int, *, envoy_bin: str, cpus: str | None, concurrency: int = 1) -> Started:
+    started, _ = _start_envoy(workdir, _ENVOY_HTTP_FILTER, backend_port, envoy_bin=envoy_bin, cpus=cpus,
+                              concurrency=concurrency, name="envoy")
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/small")
+        wait_http_ok(f"http://127.0.0.1:{started.port}/small")
     except Exception:
         started.stop()
         raise
     return started
+
+
+def start_envoy_tcp(workdir: Path, upstream_port: int, *, envoy_bin: str, cpus: str | None) -> Started:
+    """Envoy with a tcp_proxy listener in front of 127.0.0.1:upstream_port (one worker)."""
+    started, admin_port = _start_envoy(workdir, _ENVOY_TCP_FILTER, upstream_port, envoy_bin=envoy_bin, cpus=cpus,
+                                       concurrency=1, name="envoy-tcp")
+    try:
+        # /ready answers 200 once the listeners are initialised; the port accepting is the proof
+        wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
+        wait_tcp_accepting(started.port)
+    except Exception:
+        started.stop()
+        raise
+    return started
+
+
+def start_l4_forwarder(upstream_port: int, *, mode: str, cpus: str | None) -> Started:
+    """triomesh's L4 forwarder (`python -m proxy.l4.forward`) in splice or copy mode."""
+    proc, port = start_forwarder(upstream_port, cpus, mode)
+    return Started(f"triomesh-{mode}", proc, port, Path("."))
 
 
 def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concurrency: int = 1) -> Started:
