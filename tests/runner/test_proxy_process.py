@@ -121,6 +121,19 @@ def test_no_route_is_404_with_NR_in_access_log_and_stats(setup) -> None:
     assert rec[0]["status"] == 404 and rec[0]["response_flags"] == "NR"
 
 
+def test_dead_upstream_is_503_with_UF_in_access_log_and_stats(setup) -> None:
+    start, _, port, v1, _ = setup
+    proxy = start(concurrency=1)
+    v1.close()  # connection refused from now on
+    status, _ = _curl(port, "/only-v1/dead")
+    assert status == 503
+    rec = proxy.wait_for(lambda: [r for r in proxy.log_records() if r.get("event") == "access"], "access line", 5)
+    assert rec[0]["status"] == 503 and "UF" in rec[0]["response_flags"].split(","), rec[0]
+    assert rec[0]["cluster"] == "outbound|80|v1|backend"
+    assert proxy.stats("triomesh_response_flags_total").get((("flag", "UF"),)) == 1
+    assert proxy.stats("triomesh_upstream_cx_connect_fail_total")[(("cluster", "outbound|80|v1|backend"),)] >= 1
+
+
 def test_sighup_reload_adds_a_route(setup) -> None:
     start, cfg, port, v1, v2 = setup
     proxy = start(concurrency=2)
