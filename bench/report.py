@@ -80,6 +80,8 @@ def target_checks(rows: list[Row]) -> list[Check]:
     e1, e2 = _value(rows, "h1-small-c64/rps", "envoy"), _value(rows, "h1-small-c64-2workers/rps", "envoy")
     if one and two:
         ref = f"; Envoy 2 workers / 1: {e2 / e1:.2f}x" if e1 and e2 else ""
+        d2 = _value(rows, "h1-small-c64-2workers/rps", "direct")
+        ref += f"; direct with the same load generator: {_fmt(d2)} req/s" if d2 else ""
         checks.append(Check("--concurrency 2 >= 1.6x one worker (where the load generator is not the limit)",
                             f"{two / one:.2f}x ({_fmt(two)} vs {_fmt(one)} req/s{ref})", two / one >= 1.6))
     else:
