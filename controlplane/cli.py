@@ -1,5 +1,5 @@
 """Command-line entry points of the control plane: `triomesh controlplane`, `apply`, `delete`,
-`proxy-status`. Each takes argv (without the subcommand) and returns an exit code.
+`proxy-status`, `proxy-config`. Each takes argv (without the subcommand) and returns an exit code.
 
 Also runnable as `python -m controlplane.cli SUBCOMMAND ARGS...`.
 """
@@ -250,11 +250,122 @@ def proxy_status_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _admin_address(target: str, args: argparse.Namespace) -> tuple[str, int] | str:
+    """HOST:PORT given directly, or the admin address a connected proxy announced; else an error text."""
+    try:
+        return _host_port(target)
+    except argparse.ArgumentTypeError:
+        pass
+    from controlplane.wire import StatusReply, StatusRequest
+
+    address = _address(args)
+    try:
+        reply = request(address, StatusRequest())
+    except Exception as e:  # noqa: BLE001
+        return f"control plane at {address[0]}:{address[1]}: {type(e).__name__}: {e}"
+    if not isinstance(reply, StatusReply):
+        return f"unexpected reply {type(reply).__name__}"
+    for p in reply.proxies:
+        if p.node_id == target:
+            if not p.admin_address:
+                return f"proxy {target!r} did not announce an admin address"
+            return _host_port(p.admin_address)
+    return f"no proxy {target!r} is known to the control plane"
+
+
+def _fetch_config_dump(admin: tuple[str, int]) -> dict:
+    import http.client
+
+    import msgspec
+
+    conn = http.client.HTTPConnection(admin[0], admin[1], timeout=REQUEST_TIMEOUT_S)
+    try:
+        conn.request("GET", "/config_dump")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise OSError(f"/config_dump answered {resp.status}")
+        return msgspec.json.decode(body)
+    finally:
+        conn.close()
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _match_text(matches: list) -> str:
+    parts = []
+    for m in matches:
+        for field in ("uri", "method", "authority", "scheme"):
+            v = m.get(field)
+            if isinstance(v, dict) and v:
+                ((kind, value),) = list(v.items())[:1]
+                parts.append(f"{field} {kind} {value}")
+        for name, v in (m.get("headers") or {}).items():
+            parts.append(f"header {name}" + (f" {next(iter(v))} {next(iter(v.values()))}" if v else ""))
+    return ", ".join(parts) or "/*"
+
+
+def proxy_config_main(argv: Sequence[str]) -> int:
+    import msgspec
+
+    p = argparse.ArgumentParser(prog="triomesh proxy-config",
+                                description="what one proxy runs, from its admin endpoint's /config_dump")
+    p.add_argument("section", choices=("listeners", "routes", "clusters", "all"))
+    p.add_argument("proxy", help="a node id known to the control plane, or the proxy's admin HOST:PORT")
+    _address_arg(p)
+    p.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    args = p.parse_args(list(argv))
+    admin = _admin_address(args.proxy, args)
+    if isinstance(admin, str):
+        print(f"error: {admin}", file=sys.stderr)
+        return 1
+    try:
+        dump = _fetch_config_dump(admin)
+    except (OSError, msgspec.DecodeError) as e:
+        print(f"error: admin endpoint {admin[0]}:{admin[1]}: {e}", file=sys.stderr)
+        return 1
+    config = dump.get("config") or {}
+    if args.output == "json":
+        out = config if args.section == "all" else config.get("clusters" if args.section == "clusters" else "listeners", [])
+        sys.stdout.write(msgspec.json.format(msgspec.json.encode(out), indent=2).decode() + "\n")
+        return 0
+    blocks = []
+    if args.section in ("listeners", "all"):
+        rows = [("NAME", "ADDRESS", "PORT", "PROTOCOL", "DIRECTION", "OWNER")]
+        for lst in config.get("listeners", []):
+            rows.append((lst["name"], lst["address"], str(lst["port"]), lst["protocol"], lst.get("traffic_direction", ""),
+                         lst.get("owner", "")))
+        blocks.append(_table(rows))
+    if args.section in ("routes", "all"):
+        rows = [("LISTENER", "VIRTUAL HOST", "DOMAINS", "MATCH", "DESTINATIONS", "VIRTUAL SERVICE")]
+        for lst in config.get("listeners", []):
+            for vh in lst.get("virtual_hosts", []):
+                for r in vh.get("routes", []):
+                    dests = ", ".join(f"{d['cluster']} {d['weight']}%" for d in r.get("destinations", []))
+                    rows.append((lst["name"], vh["name"], ",".join(vh.get("domains", [])[:3])
+                                 + (",..." if len(vh.get("domains", [])) > 3 else ""),
+                                 _match_text(r.get("match", [])), dests, r.get("virtual_service") or "-"))
+        blocks.append(_table(rows))
+    if args.section in ("clusters", "all"):
+        rows = [("NAME", "LB", "ENDPOINTS")]
+        for c in config.get("clusters", []):
+            eps = ", ".join(f"{e['address']}:{e['port']}" for e in c.get("endpoints", []))
+            rows.append((c["name"], c.get("lb_policy", ""), eps or "-"))
+        blocks.append(_table(rows))
+    print("\n\n".join(blocks))
+    print(f"\nconfig version {dump.get('version', '')}")
+    return 0
+
+
 COMMANDS = {
     "controlplane": main,
     "apply": apply_main,
     "delete": delete_main,
     "proxy-status": proxy_status_main,
+    "proxy-config": proxy_config_main,
 }
 
 

@@ -96,6 +96,7 @@ class ProxyConn:
     last_nack: str = ""
     last_nack_version: str = ""
     workload_key: ResourceKey | None = None
+    admin_address: str = ""
     pushes: int = 0
 
     def status(self, now: float) -> ProxyStatus:
@@ -104,6 +105,7 @@ class ProxyConn:
             namespace=self.namespace,
             labels=self.labels,
             address=self.address,
+            admin_address=self.admin_address,
             connected=self.stream is not None,
             sent_version=self.sent_version,
             acked_version=self.acked_version,
@@ -250,6 +252,7 @@ class ControlPlane:
             self.proxies[hello.node_id] = proxy
         proxy.session += 1
         session = proxy.session
+        proxy.admin_address = hello.admin_address
         proxy.stream = framed
         proxy.connected_at = proxy.last_seen = now
         proxy.disconnected_at = None

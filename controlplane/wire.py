@@ -83,6 +83,7 @@ class Hello(_Msg, tag="hello"):
     register: bool = False
     protocol_version: int = PROTOCOL_VERSION
     last_version: str = ""  # the snapshot version the proxy serves now ("" when none)
+    admin_address: str = ""  # HOST:PORT of the proxy's admin listener, for `triomesh proxy-config`
 
 
 class Welcome(_Msg, tag="welcome"):
@@ -168,6 +169,7 @@ class ProxyStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     namespace: str
     labels: dict[str, str] = {}
     address: str = ""
+    admin_address: str = ""
     connected: bool = True
     sent_version: str = ""
     acked_version: str = ""

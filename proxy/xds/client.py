@@ -57,6 +57,7 @@ class NodeInfo:
     address: str = ""
     ports: dict[str, int] = field(default_factory=dict)
     register: bool = False
+    admin_address: str = ""  # HOST:PORT of this proxy's admin listener (shown by proxy-status/proxy-config)
 
     @classmethod
     def default(cls, **kw: Any) -> "NodeInfo":
@@ -180,7 +181,8 @@ async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResourc
                    options: ClientOptions, log: Any) -> bool:
     await framed.send(Hello(node_id=node.node_id, namespace=node.namespace, labels=dict(node.labels),
                             service_account=node.service_account, address=node.address, ports=dict(node.ports),
-                            register=node.register, last_version=state.version))
+                            register=node.register, last_version=state.version,
+                            admin_address=node.admin_address))
     with trio.fail_after(options.welcome_timeout_s):
         welcome = await framed.receive()
     if isinstance(welcome, Error):

@@ -3,11 +3,13 @@ reload step in miniature (compile the pushed resources with this proxy's labels)
 per applied snapshot on stdout.
 
 usage: python sim_proxy.py HOST:PORT NODE_ID NAMESPACE [label=value ...]
+(env SIM_ADMIN_ADDRESS: the admin address to announce in Hello)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,8 +37,8 @@ def main() -> None:
                           "clusters": sorted(snapshot.clusters)}), flush=True)
 
     options = ClientOptions(backoff_initial_s=0.05, backoff_max_s=0.5)
-    trio.run(lambda: run_client(address, NodeInfo(node_id, namespace=namespace, labels=labels), on_resources,
-                                options=options))
+    node = NodeInfo(node_id, namespace=namespace, labels=labels, admin_address=os.environ.get("SIM_ADMIN_ADDRESS", ""))
+    trio.run(lambda: run_client(address, node, on_resources, options=options))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .fixtures import split, write_mesh
+from .fixtures import SIDECAR_NARROW, split, write_mesh
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -60,12 +60,13 @@ class ControlPlaneProcess:
 
 
 class ProxyProcess:
-    def __init__(self, tmp: Path, address: str, node_id: str, namespace: str, **labels: str) -> None:
+    def __init__(self, tmp: Path, address: str, node_id: str, namespace: str, *, admin: str = "", **labels: str) -> None:
         self.out = tmp / f"{node_id}-{time.monotonic_ns()}.out"
         self.err = open(tmp / f"{node_id}.err", "ab")
         self.proc = subprocess.Popen([PY, str(SIM_PROXY), address, node_id, namespace,
                                       *(f"{k}={v}" for k, v in labels.items())],
-                                     cwd=REPO, stdout=open(self.out, "wb"), stderr=self.err)
+                                     cwd=REPO, stdout=open(self.out, "wb"), stderr=self.err,
+                                     env={**os.environ, "SIM_ADMIN_ADDRESS": admin})
 
     def applied(self) -> list[dict]:
         if not self.out.exists():
@@ -170,3 +171,54 @@ def test_control_plane_restart_and_proxy_restart(tmp_path, procs):
     assert a2.applied()[-1]["version"] == v2 and status(cp2.address)["config_version"] == "1"
     log = (tmp_path / "controlplane.log").read_text()
     assert "total destination weight 110 != 100" in log and "config_rejected" in log
+
+
+def test_proxy_config_reads_the_admin_endpoint_of_a_proxy_found_by_node_id(tmp_path, procs):
+    """The admin endpoint here is a plain HTTP server on loopback serving the /config_dump document a
+    proxy would serve for this config (the runner's admin is tested in tests/runner)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from proxy.config.compile import compile_resources
+    from proxy.config.load import load_path
+
+    config = write_mesh(tmp_path / "config")
+    (config / "sidecar.yaml").write_text(SIDECAR_NARROW.replace('["./preference"]', '["*/*"]'))
+    dump = compile_resources(load_path(config), version="v7").dump
+    body = json.dumps({"version": "v7", "config": dump}).encode()
+
+    class Admin(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            ok = self.path == "/config_dump"
+            self.send_response(200 if ok else 404)
+            self.send_header("content-length", str(len(body) if ok else 0))
+            self.end_headers()
+            if ok:
+                self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Admin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        admin = f"127.0.0.1:{server.server_address[1]}"
+        cp = ControlPlaneProcess(tmp_path, config)
+        procs.append(cp)
+        proxy = ProxyProcess(tmp_path, cp.address, "gw-1", "tutorial", admin=admin)
+        procs.append(proxy)
+        wait_until(proxy.applied, what="synced")
+        assert status(cp.address)["proxies"][0]["admin_address"] == admin
+        r = cli("proxy-config", "clusters", "gw-1", "--controlplane", cp.address)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.decode().splitlines()
+        assert lines[0].split() == ["NAME", "LB", "ENDPOINTS"]
+        assert "outbound|8080|v2|recommendation  ROUND_ROBIN  127.0.0.1:18084" in r.stdout.decode()
+        assert lines[-1] == "config version v7"
+        r = cli("proxy-config", "routes", admin)  # the admin address directly, no control plane needed
+        assert r.returncode == 0, r.stderr
+        assert "outbound|8080|v1|recommendation 80%, outbound|8080|v2|recommendation 20%" in r.stdout.decode()
+        r = cli("proxy-config", "listeners", "nobody", "--controlplane", cp.address)
+        assert r.returncode == 1 and r.stderr == b"error: no proxy 'nobody' is known to the control plane\n"
+    finally:
+        server.shutdown()
