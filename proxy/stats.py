@@ -41,6 +41,7 @@ HELP = {
     "triomesh_upstream_rq_timeout_total": "Requests that hit the route timeout, by cluster.",
     "triomesh_upstream_rq_per_try_timeout_total": "Upstream tries that hit retries.perTryTimeout, by cluster.",
     "triomesh_upstream_rq_pending_overflow_total": "Requests answered 503 UO by the connection-pool circuit breaker, by cluster.",
+    "triomesh_upstream_rq_overflow_total": "Requests answered 503 UO because http2MaxRequests requests were active, by cluster.",
     "triomesh_outlier_ejections_total": "Hosts ejected by outlier detection, by cluster.",
     "triomesh_outlier_ejections_active": "Hosts ejected now, by cluster.",
     "triomesh_fault_aborts_total": "Requests aborted by fault injection, by cluster.",

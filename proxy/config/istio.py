@@ -408,14 +408,20 @@ class LoadBalancerSettings(IstioStruct, frozen=True):
             raise ValueError("a loadBalancer takes only one of `simple` and `consistentHash`")
 
 
+class TcpKeepalive(IstioStruct, frozen=True):
+    probes: Annotated[int, Meta(ge=1)] | None = None
+    time: Duration | None = None
+    interval: Duration | None = None
+
+
 class TCPSettings(IstioStruct, frozen=True):
     max_connections: Annotated[int, Meta(ge=1)] | None = None
     connect_timeout: Duration | None = None
-    tcp_keepalive: Any = UNSET
-    max_connection_duration: Any = UNSET
+    tcp_keepalive: TcpKeepalive | None = None
+    max_connection_duration: Duration | None = None
     idle_timeout: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("tcp_keepalive", "max_connection_duration", "idle_timeout")
+    unsupported: ClassVar[tuple[str, ...]] = ("idle_timeout",)
 
 
 class HTTPSettings(IstioStruct, frozen=True):

@@ -304,6 +304,13 @@ def connection_pool(cp: ConnectionPoolSettings | None) -> tuple[ConnectionPool, 
         max_requests_per_connection=(http.max_requests_per_connection or None) if http else None,
         max_retries=http.max_retries if http else None,
         idle_timeout_s=float(http.idle_timeout) if http and http.idle_timeout is not None else None,
+        max_requests=http.http2_max_requests if http else None,
+        max_connection_duration_s=(float(tcp.max_connection_duration) or None)
+        if tcp and tcp.max_connection_duration is not None else None,
+        keepalive=None if tcp is None or tcp.tcp_keepalive is None else (
+            tcp.tcp_keepalive.probes,
+            float(tcp.tcp_keepalive.time) if tcp.tcp_keepalive.time is not None else None,
+            float(tcp.tcp_keepalive.interval) if tcp.tcp_keepalive.interval is not None else None),
     )
     connect = float(tcp.connect_timeout) if tcp and tcp.connect_timeout is not None else None
     return pool, connect

@@ -52,6 +52,9 @@ class ConnectionPool:
     max_requests_per_connection: int | None = None
     max_retries: int | None = None
     idle_timeout_s: float | None = None
+    max_requests: int | None = None  # http.http2MaxRequests: Envoy's max_requests, for every protocol
+    max_connection_duration_s: float | None = None  # tcp.maxConnectionDuration
+    keepalive: tuple[int | None, float | None, float | None] | None = None  # tcp.tcpKeepalive probes, time, interval
 
 
 @dataclass(frozen=True, slots=True)

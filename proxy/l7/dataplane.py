@@ -61,7 +61,7 @@ class ClusterRuntime:
                  "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
                  "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
-                 "rand_below")
+                 "rand_below", "rq_active", "rq_overflow")
 
     def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
@@ -79,6 +79,8 @@ class ClusterRuntime:
         self.balancer = make_balancer(cluster.lb_policy, cluster.endpoints, rand_below, self.hash_policy)
         self.pending = 0
         self.retries_active = 0
+        self.rq_active = 0  # requests in the router step, for http2MaxRequests
+        self.rq_overflow = stats.counter("triomesh_upstream_rq_overflow_total", cluster=name)
         self.waiters = trio.lowlevel.ParkingLot()
         self.cx_total = stats.counter("triomesh_upstream_cx_total", cluster=name)
         self.cx_active = stats.gauge("triomesh_upstream_cx_active", cluster=name)

@@ -77,7 +77,7 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             if endpoint is None:
                 return
             deadline = trio.current_time() + timeout_s
-            up, _ = await upstream.acquire(plane, crt, (endpoint.address, endpoint.port), fresh=True, deadline=deadline)
+            up, _ = await upstream.acquire(plane, crt, (endpoint.address, endpoint.port), deadline=deadline)
             await up.send_all(data)
             minor, status, _, headers = await upstream.read_response_head(
                 up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)

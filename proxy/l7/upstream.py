@@ -69,7 +69,7 @@ PEEK_AFTER_IDLE_S = 1.0
 
 
 class UpstreamConn(Conn):
-    __slots__ = ("key", "requests", "counted", "idle_since")
+    __slots__ = ("key", "requests", "counted", "idle_since", "created")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
         super().__init__(sock)
@@ -77,6 +77,7 @@ class UpstreamConn(Conn):
         self.requests = 0
         self.counted = True  # still included in the cluster's cx_active gauge
         self.idle_since = 0.0
+        self.created = 0.0
 
 
 def _is_ip(host: str) -> bool:
@@ -87,7 +88,18 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-async def open_connection(key: tuple[str, int], timeout_s: float) -> UpstreamConn:
+def _set_keepalive(sock: socket.socket, keepalive) -> None:
+    """connectionPool.tcp.tcpKeepalive: SO_KEEPALIVE plus the probe settings the OS offers."""
+    probes, idle_s, interval_s = keepalive
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in ((getattr(socket, "TCP_KEEPCNT", None), probes),
+                       (getattr(socket, "TCP_KEEPIDLE", None), idle_s),
+                       (getattr(socket, "TCP_KEEPINTVL", None), interval_s)):
+        if opt is not None and value:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(value)))
+
+
+async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -102,6 +114,8 @@ async def open_connection(key: tuple[str, int], timeout_s: float) -> UpstreamCon
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive is not None:
+            _set_keepalive(sock, keepalive)
         try:
             err = sock.connect_ex(sockaddr)
             if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
@@ -137,7 +151,9 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
                 _discard(crt, old)
             if conn is None:
                 break
-            if now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed():
+            if (now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed()) or (
+                    limits.max_connection_duration_s is not None
+                    and now - conn.created >= limits.max_connection_duration_s):
                 _discard(crt, conn)
                 continue
             return conn, True
@@ -159,7 +175,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
         fresh = False
     crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
     try:
-        conn = await open_connection(key, timeout)
+        conn = await open_connection(key, timeout, limits.keepalive)
     except BaseException as e:
         crt.cx_active.value -= 1
         if crt.pending:
@@ -168,6 +184,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
             crt.cx_connect_fail.value += 1
         raise
     crt.cx_total.value += 1
+    conn.created = trio.current_time()
     return conn, False
 
 
@@ -193,9 +210,13 @@ def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
 
 
 def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
-    max_requests = crt.pool_limits.max_requests_per_connection
+    limits = crt.pool_limits
+    max_requests = limits.max_requests_per_connection
+    now = trio.current_time()
+    if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
+        reusable = False
     if reusable and not conn.closed and (max_requests is None or conn.requests < max_requests):
-        conn.idle_since = now = trio.current_time()
+        conn.idle_since = now
         evicted = plane.pool((crt.name, *conn.key), crt.pool_limits.idle_timeout_s).checkin(conn, now)
         if evicted is not None:
             _discard(crt, evicted)
@@ -238,6 +259,16 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
         got_any = True
 
 
+class _RetryState:
+    __slots__ = ("left", "index", "holds_slot", "tried")
+
+    def __init__(self, attempts: int) -> None:
+        self.left = attempts
+        self.index = 0
+        self.holds_slot = False  # counted in the cluster's retries_active (maxRetries budget)
+        self.tried: set = set()
+
+
 class Exchange:
     """One request's trip upstream and its response's trip back: the router step after the stages.
 
@@ -268,6 +299,21 @@ class Exchange:
         route = ctx.route
         if not route.destinations:
             return await self._local_reply(route)
+        crt = self.crt
+        max_requests = crt.pool_limits.max_requests
+        if max_requests is not None:
+            if crt.rq_active >= max_requests:
+                crt.rq_overflow.value += 1
+                raise Overflow(f"cluster {crt.name}: {max_requests} requests active (http2MaxRequests)")
+            crt.rq_active += 1
+            try:
+                return await self._run(route)
+            finally:
+                crt.rq_active -= 1
+        return await self._run(route)
+
+    async def _run(self, route: Route) -> bool:
+        ctx, dreq = self.ctx, self.dreq
         body: bytes | None = b"" if dreq.body.done else None
         if body is None and (route.retry is not None or route.mirrors) and not dreq.is_upgrade:
             body = await self._buffer_body(self.plane.settings.retry_buffer_bytes)
@@ -318,41 +364,16 @@ class Exchange:
         ctx, crt, plane = self.ctx, self.crt, self.plane
         in_flight = plane.in_flight
         overall = self.overall_deadline
-        retries_left = retry.num_retries if retry is not None else 0
         per_try_s = retry.per_try_timeout_s if retry is not None else None
-        tried: set | None = None
-        retry_index = 0
-        holds_retry_slot = False
-        head_bytes = self._request_head_bytes(crt, len(body))
-        data = head_bytes + body if body else head_bytes
+        data = self._request_head_bytes(crt, len(body))
+        if body:
+            data += body
+        state = None  # _RetryState once a retry is considered (rare): no per-request allocation otherwise
         reusable = False
-
-        async def may_retry() -> bool:
-            nonlocal retries_left, retry_index, holds_retry_slot, tried
-            max_retries = crt.pool_limits.max_retries
-            if not holds_retry_slot:
-                if max_retries is not None and crt.retries_active >= max_retries:
-                    crt.rq_retry_overflow.value += 1
-                    return False
-                crt.retries_active += 1
-                holds_retry_slot = True
-            delay = backoff_s(retry, retry_index, _random)
-            if trio.current_time() + delay >= overall:
-                return False
-            retries_left -= 1
-            retry_index += 1
-            crt.rq_retry.value += 1
-            if retry.ignore_previous_hosts:
-                if tried is None:
-                    tried = set()
-                tried.add(endpoint)
-            if delay > 0:
-                await trio.sleep(delay)
-            return True
-
         try:
             while True:
-                endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0), tried)
+                endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0),
+                                    state.tried if state is not None else None)
                 if endpoint is None:
                     raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
                 ctx.endpoint = endpoint
@@ -368,27 +389,62 @@ class Exchange:
                     if self.up is not None:
                         _discard(crt, self.up)
                         self.up = None
-                    if retries_left and retry_on_error(retry, e, per_try) and await may_retry():
-                        continue
+                    if retry is not None and retry_on_error(retry, e, per_try):
+                        if state is None:
+                            state = _RetryState(retry.num_retries)
+                        if await self._may_retry(retry, state, endpoint):
+                            continue
+                        if not state.left:
+                            ctx.response_flags.append("URX")  # Envoy: upstream retry limit exceeded
                     raise
                 finally:
                     in_flight[key] -= 1
                 status = parsed[1]
                 crt.record(endpoint, status)
-                if retries_left and retry_on_status(retry, status, parsed[3]) and await may_retry():
-                    crt.count_response(status)
-                    _discard(crt, self.up)  # the unread response goes with its connection
-                    self.up = None
-                    continue
-                if retry_index:
+                if retry is not None and retry_on_status(retry, status, parsed[3]):
+                    if state is None:
+                        state = _RetryState(retry.num_retries)
+                    if await self._may_retry(retry, state, endpoint):
+                        crt.count_response(status)
+                        _discard(crt, self.up)  # the unread response goes with its connection
+                        self.up = None
+                        continue
+                    if not state.left:
+                        ctx.response_flags.append("URX")
+                if state is not None and state.index:
                     crt.rq_retry_success.value += 1
                 reusable = await self._relay_response(parsed)
                 return self.request_body_done and self.dreq.keep_alive
         finally:
-            if holds_retry_slot:
+            if state is not None and state.holds_slot:
                 crt.retries_active -= 1
             if self.up is not None:
                 release(plane, crt, self.up, reusable and self.request_body_done)
+
+    async def _may_retry(self, retry: RetryPolicy, state: _RetryState, endpoint) -> bool:
+        """Whether to try again (and wait the back-off): attempts left, the cluster's retry budget,
+        and time before the overall deadline."""
+        crt = self.crt
+        if not state.left:
+            return False
+        if not state.holds_slot:
+            max_retries = crt.pool_limits.max_retries
+            if max_retries is not None and crt.retries_active >= max_retries:
+                crt.rq_retry_overflow.value += 1
+                return False
+            crt.retries_active += 1
+            state.holds_slot = True
+        delay = backoff_s(retry, state.index, _random)
+        if trio.current_time() + delay >= self.overall_deadline:
+            return False
+        state.left -= 1
+        state.index += 1
+        crt.rq_retry.value += 1
+        if retry.ignore_previous_hosts:
+            state.tried.add(endpoint)
+        if delay > 0:
+            await trio.sleep(delay)
+        return True
 
     async def _buffer_body(self, limit: int) -> bytes | None:
         """Read the whole request body if it fits in `limit` bytes (so it can be replayed); else keep

@@ -226,3 +226,45 @@ async def test_connect_failures_count_as_5xx_for_ejection(nursery):
     assert {(await c.request("/")).status for _ in range(20)} == {200}  # the default retry policy covers the first
     assert proxy.counter("triomesh_upstream_cx_connect_fail_total", cluster=CLUSTER) == 1
     assert proxy.counter("triomesh_outlier_ejections_total", cluster=CLUSTER) == 1
+
+
+async def test_http2_max_requests_limits_active_requests_for_every_protocol(nursery):
+    proxy, (be,) = await _setup(nursery, 1, {"connectionPool": {"http": {"http2MaxRequests": 2}}})
+    be.delay_s = 0.3
+    statuses = []
+
+    async def one():
+        statuses.append((await Client(proxy.port).request("/")).status)
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(one)
+    assert sorted(statuses) == [200, 200, 503, 503, 503]
+    assert proxy.counter("triomesh_upstream_rq_overflow_total", cluster=CLUSTER) == 3
+
+
+async def test_max_connection_duration_and_tcp_keepalive(nursery):
+    proxy, (be,) = await _setup(nursery, 1, {"connectionPool": {"tcp": {
+        "maxConnectionDuration": "200ms", "tcpKeepalive": {"probes": 3, "time": "30s", "interval": "5s"}}}})
+    c = Client(proxy.port)
+    for _ in range(3):
+        assert (await c.request("/")).status == 200
+    assert be.connections == 1
+    (pool,) = [p for k, p in proxy.plane.pools.items() if k[0] == CLUSTER]
+    sock = pool.idle[0][0].sock
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+    await trio.sleep(0.25)
+    assert (await c.request("/")).status == 200
+    assert (await c.request("/")).status == 200
+    assert be.connections == 2, "the connection older than maxConnectionDuration was not reused"
+
+
+async def test_retry_limit_exceeded_flag(nursery):
+    proxy, (be,) = await _setup(nursery, 1, {}, route={"route": [{"destination": {"host": HOST}}],
+                                                       "retries": {"attempts": 2, "retryOn": "5xx"}})
+    be.status = 500
+    assert (await Client(proxy.port).request("/")).status == 500
+    assert len(be.requests) == 3
+    assert proxy.counter("triomesh_response_flags_total", flag="URX") == 1
