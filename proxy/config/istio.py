@@ -371,7 +371,12 @@ class RingHash(IstioStruct, frozen=True):
 
 
 class MagLev(IstioStruct, frozen=True):
-    table_size: Annotated[int, Meta(ge=1)] = 65537
+    table_size: Annotated[int, Meta(ge=2, le=5_000_011)] = 65537
+
+    def __post_init__(self) -> None:
+        n = self.table_size
+        if n < 2 or any(n % d == 0 for d in range(2, int(n ** 0.5) + 1)):
+            raise ValueError(f"maglev tableSize {n} is not a prime number")
 
 
 class ConsistentHashLB(IstioStruct, frozen=True):

@@ -167,33 +167,14 @@ class Maglev:
                  rand_below: Callable[[int], int] = random.randrange) -> None:
         self.rand_below = rand_below
         self.distinct = len(endpoints)
-        m = table_size
-        table: list[Endpoint | None] = [None] * m
-        if endpoints:
-            perms = []
-            for e in endpoints:
-                key = _host_key(e)
-                offset = hash64(b"o" + key) % m
-                skip = hash64(b"s" + key) % (m - 1) + 1 if m > 1 else 1
-                perms.append([offset, skip, 0])
-            weights = [max(1, e.weight) for e in endpoints]
-            filled = 0
-            while filled < m:
-                for idx, e in enumerate(endpoints):
-                    for _ in range(weights[idx]):
-                        p = perms[idx]
-                        slot = (p[0] + p[2] * p[1]) % m
-                        while table[slot] is not None:
-                            p[2] += 1
-                            slot = (p[0] + p[2] * p[1]) % m
-                        table[slot] = e
-                        p[2] += 1
-                        filled += 1
-                        if filled == m:
-                            break
-                    if filled == m:
-                        break
-        self.table = table if endpoints else []
+        key = (tuple(endpoints), table_size)
+        cached = _MAGLEV_TABLES.get(key)
+        if cached is None:
+            cached = _maglev_table(endpoints, table_size)
+            if len(_MAGLEV_TABLES) >= _MAGLEV_CACHE_MAX:
+                _MAGLEV_TABLES.pop(next(iter(_MAGLEV_TABLES)))
+            _MAGLEV_TABLES[key] = cached
+        self.table = cached
 
     def pick_hash(self, h: int | None, avoid=None) -> Endpoint | None:
         table = self.table
@@ -211,3 +192,39 @@ class Maglev:
 
     def pick(self, in_flight=None) -> Endpoint | None:
         return self.pick_hash(None)
+
+
+# Filling a table costs ~50 ms in Python for the default 65537 slots; host sets repeat (an ejection
+# and the return from it), so tables are kept for the last few sets.
+_MAGLEV_CACHE_MAX = 32
+_MAGLEV_TABLES: dict = {}
+
+
+def _maglev_table(endpoints: Sequence[Endpoint], m: int) -> list:
+    table: list = [None] * m
+    if endpoints:
+        perms = []
+        for e in endpoints:
+            key = _host_key(e)
+            offset = hash64(b"o" + key) % m
+            skip = hash64(b"s" + key) % (m - 1) + 1 if m > 1 else 1
+            perms.append([offset, skip, 0])
+        weights = [max(1, e.weight) for e in endpoints]
+        filled = 0
+        while filled < m:
+            for idx, e in enumerate(endpoints):
+                for _ in range(weights[idx]):
+                    p = perms[idx]
+                    slot = (p[0] + p[2] * p[1]) % m
+                    while table[slot] is not None:
+                        p[2] += 1
+                        slot = (p[0] + p[2] * p[1]) % m
+                    table[slot] = e
+                    p[2] += 1
+                    filled += 1
+                    if filled == m:
+                        break
+                if filled == m:
+                    break
+    return table if endpoints else []
+

@@ -129,6 +129,7 @@ def test_destination_rule_policies_compile_with_subset_override():
     ({"simple": "RANDOM", "consistentHash": {"useSourceIp": True}}, "only one of `simple` and `consistentHash`"),
     ({"consistentHash": {"useSourceIp": True, "httpHeaderName": "x"}}, "exactly one of"),
     ({"consistentHash": {}}, "exactly one of"),
+    ({"consistentHash": {"useSourceIp": True, "maglev": {"tableSize": 1000}}}, "not a prime number"),
 ])
 def test_load_balancer_oneofs(lb, message):
     dr = doc("DestinationRule", "reviews", {"host": HOST, "trafficPolicy": {"loadBalancer": lb}})

@@ -8,6 +8,8 @@ from __future__ import annotations
 import trio
 import yaml
 
+from proxy.stats import merge, render_prometheus
+
 from tests.integration.traffic_harness import Client, TrafficBackend, start
 
 CONFIG = """
@@ -86,3 +88,7 @@ async def test_retries_outlier_detection_and_circuit_breaker_give_zero_errors(nu
     assert proxy.counter("triomesh_upstream_rq_retry_total", cluster=cluster) == len(bad.requests)
     assert len(v1.requests) + len(v2.requests) == 1000
     assert min(len(v1.requests), len(v2.requests)) > 400, "the two good hosts share the load"
+    text = render_prometheus(merge([proxy.plane.stats.export()]))
+    assert "# HELP triomesh_outlier_ejections_total Hosts ejected by outlier detection, by cluster." in text
+    assert f'triomesh_outlier_ejections_total{{cluster="{cluster}"}} 1' in text
+    assert f'triomesh_upstream_rq_retry_total{{cluster="{cluster}"}} {len(bad.requests)}' in text
