@@ -242,7 +242,8 @@ class SnapshotRuntime:
             prev = old.get(name)
             self.clusters[name] = prev if prev is not None and prev.cluster == cluster else ClusterRuntime(cluster, stats)
         # directResponse / redirect routes end in the exchange without an upstream
-        self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, stats)
+        # (its metrics stay out of the exported stats: it is no real cluster)
+        self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
         self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters) for l in snapshot.listeners}
 
 
