@@ -119,7 +119,8 @@ def client_main(args: argparse.Namespace) -> int:
             failed += 1
             return
         framed = FramedStream(stream)
-        await framed.send(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={"app": f"svc{index % args.classes}"}))
+        await framed.send(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={"app": f"svc{index % args.classes}",
+                                                                                "pod": f"sim-{index}"}))
         try:
             welcome = await framed.receive()
             assert isinstance(welcome, Welcome)

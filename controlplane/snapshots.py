@@ -233,13 +233,20 @@ class ViewCache:
 
     def __init__(self, state: State) -> None:
         self.state = state
+        # a view reads a proxy's labels only through selectors: labels no selector names (a pod name,
+        # a template hash) must not make every proxy a class of its own
+        self.keys = selector_keys(state)
         self._views: dict[ProxyClass, View] = {}
         self._deltas: dict[tuple[str, str], tuple[list[StoredResource], list[ResourceKey]]] = {}
 
     def view(self, pc: ProxyClass) -> View:
         v = self._views.get(pc)
         if v is None:
-            v = self._views[pc] = compute_view(self.state, pc)
+            narrowed = ProxyClass(pc.namespace, frozenset(kv for kv in pc.labels if kv[0] in self.keys))
+            v = self._views.get(narrowed)
+            if v is None:
+                v = self._views[narrowed] = compute_view(self.state, narrowed)
+            self._views[pc] = v
         return v
 
     def delta(self, old: View, new: View) -> tuple[list[StoredResource], list[ResourceKey]]:

@@ -101,7 +101,7 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
 def backoff_delays(initial_s: float, max_s: float, rng: random.Random):
     """Full jitter (a uniform delay up to an exponentially growing cap): reconnecting proxies spread out."""
     for attempt in itertools.count():
-        yield rng.uniform(0, min(max_s, initial_s * (2**attempt)))
+        yield rng.uniform(0, min(max_s, initial_s * 2.0 ** min(attempt, 64)))  # bounded: a long outage must not overflow
 
 
 class _Resync(Exception):

@@ -103,3 +103,15 @@ def test_stored_resource_wire_form_is_stable():
     again = StoredResource.of(s.resource)
     assert again.body == s.body and again.digest == s.digest
     assert bytes(s.wire.body) == s.body and s.wire.file == "doc0.yaml" and s.wire.document == 1
+
+
+def test_labels_no_selector_reads_do_not_split_classes():
+    sidecar = SIDECAR_NARROW.replace("spec:\n", "spec:\n  workloadSelector: {labels: {app: customer}}\n", 1)
+    store = _store(SERVICES, RULES, split(80, 20), sidecar)
+    cache = ViewCache(store.state)
+    a = cache.view(ProxyClass.of("tutorial", {"app": "customer", "pod": "customer-1"}))
+    b = cache.view(ProxyClass.of("tutorial", {"app": "customer", "pod": "customer-2"}))
+    c = cache.view(ProxyClass.of("tutorial", {"app": "other", "pod": "customer-1"}))
+    assert a is b  # computed once
+    assert "Sidecar tutorial/default" in _names(a) and "Sidecar tutorial/default" not in _names(c)
+    assert cache.keys == {"app"}
