@@ -287,8 +287,10 @@ class Exchange:
         self.dreq = dreq
         self.down = down
         timeout = ctx.route.timeout_s if ctx.route.timeout_s is not None else plane.settings.route_timeout_s
-        # `deadline` bounds the current try (per-try timeout), `overall_deadline` all of them
-        self.deadline = self.overall_deadline = ctx.start_monotonic + timeout if timeout else math.inf  # 0s: none
+        # `deadline` bounds the current try (per-try timeout), `overall_deadline` all of them. As in
+        # Envoy the route timeout starts at the router, after the stages (an injected delay is not
+        # part of it); 0s means none.
+        self.deadline = self.overall_deadline = trio.current_time() + timeout if timeout else math.inf
         self.request_body_done = dreq.body.done
         self.up: UpstreamConn | None = None
         self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
@@ -339,7 +341,8 @@ class Exchange:
             head_bytes = self._request_head_bytes(crt)
             self.up, _ = await acquire(plane, crt, key, deadline=self.deadline)
             reusable = await self._duplex(head_bytes)
-            crt.record(endpoint, ctx.status)
+            if crt.outlier is not None:
+                crt.record(endpoint, ctx.status)
             return self.request_body_done and self.dreq.keep_alive
         except ProxyError as e:
             self._count_failure(endpoint, e, False)
@@ -400,7 +403,8 @@ class Exchange:
                 finally:
                     in_flight[key] -= 1
                 status = parsed[1]
-                crt.record(endpoint, status)
+                if crt.outlier is not None:
+                    crt.record(endpoint, status)
                 if retry is not None and retry_on_status(retry, status, parsed[3]):
                     if state is None:
                         state = _RetryState(retry.num_retries)

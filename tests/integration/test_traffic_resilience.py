@@ -209,3 +209,11 @@ async def test_max_retries_budget_overflow_is_counted(nursery):
     assert statuses.count(503) == 5
     assert proxy.counter("triomesh_upstream_rq_retry_overflow_total", cluster=_cluster()) == 5
     assert proxy.counter("triomesh_upstream_rq_retry_total", cluster=_cluster()) == 0
+
+
+async def test_injected_delay_is_not_part_of_the_route_timeout(nursery):
+    (be,) = await _backends(nursery, 200)
+    proxy = await _proxy(nursery, [be], {"timeout": "200ms",
+                                         "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}})
+    r = await Client(proxy.port).request("/")
+    assert r.status == 200, "Envoy's route timeout starts at the router, after the fault filter"
