@@ -452,10 +452,22 @@ class Exchange:
 
     async def _buffer_body(self, limit: int) -> bytes | None:
         """Read the whole request body if it fits in `limit` bytes (so it can be replayed); else keep
-        what was read in `self.prefix` and return None (the rest streams, one try only)."""
+        what was read in `self.prefix` and return None (the rest streams, one try only).
+
+        Only a content-length body is waited for. A chunked body is replayable only when all of it
+        has already arrived: its sender may be streaming and waiting for the response (a protocol
+        over a long-lived request), which holding the body back would deadlock."""
         dreq, body = self.dreq, self.dreq.body
         framing = dreq.upstream_framing
         if framing.kind == h1.LENGTH and framing.length > limit:
+            return None
+        if framing.kind != h1.LENGTH:
+            pieces = body.buffered_pieces()
+            if body.done and sum(len(p) for p in pieces) <= limit:
+                self.ctx.bytes_received = body.bytes_read
+                self.request_body_done = True
+                return b"".join(pieces)
+            self.prefix = pieces
             return None
         if dreq.expect_continue:
             dreq.expect_continue = False  # answered now; the pump must not answer again

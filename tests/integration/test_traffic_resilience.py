@@ -217,3 +217,21 @@ async def test_injected_delay_is_not_part_of_the_route_timeout(nursery):
                                          "fault": {"delay": {"fixedDelay": "300ms", "percentage": {"value": 100}}}})
     r = await Client(proxy.port).request("/")
     assert r.status == 200, "Envoy's route timeout starts at the router, after the fault filter"
+
+
+async def test_streaming_chunked_body_is_not_held_back_for_replay(nursery):
+    """A client streaming a chunked body while waiting for the response must not be deadlocked by
+    the retry buffer: the part that arrived goes upstream at once, the rest streams."""
+    from tests.integration.backend import Backend
+
+    be = await Backend("early").start(nursery)
+    proxy = await _proxy(nursery, [be], {"retries": {"attempts": 2, "retryOn": "5xx"}})
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(b"POST /early-413 HTTP/1.1\r\nhost: svc.example.com\r\ntransfer-encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n")
+    got = b""
+    with trio.fail_after(3):
+        while b"\r\n\r\nbig" not in got:
+            got += await stream.receive_some(4096)
+    assert got.startswith(b"HTTP/1.1 413")
+    await stream.aclose()
