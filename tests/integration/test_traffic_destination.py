@@ -268,3 +268,11 @@ async def test_retry_limit_exceeded_flag(nursery):
     assert (await Client(proxy.port).request("/")).status == 500
     assert len(be.requests) == 3
     assert proxy.counter("triomesh_response_flags_total", flag="URX") == 1
+
+
+async def test_consistent_hash_on_query_parameter(nursery):
+    proxy, _ = await _setup(nursery, 3, {"loadBalancer": {"consistentHash": {"httpQueryParameterName": "user"}}})
+    c = Client(proxy.port)
+    picks = {u: {(await c.request(f"/?a=1&user={u}")).body for _ in range(5)} for u in range(30)}
+    assert all(len(p) == 1 for p in picks.values())
+    assert len(set().union(*picks.values())) == 3

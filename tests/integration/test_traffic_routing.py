@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 from collections import Counter
 
+import trio
+
 from tests.integration.traffic_harness import (
     Client,
     TrafficBackend,
@@ -163,3 +165,27 @@ async def test_request_and_response_header_operations_route_and_destination(nurs
             h = rec["headers"]
             assert (h["x-env"], h["x-added"], h["x-keep"], h["x-dest"]) == ("prod", "a", "1", dest)
             assert "x-drop" not in h
+
+
+async def test_host_header_set_rewrites_the_authority(nursery):
+    v1, _, se, dr = await _two_versions(nursery)
+    vs = virtual_service("svc", HOST, [{"headers": {"request": {"set": {"host": "internal.local"}}}, "route": [_to("v1")]}])
+    proxy = await start(nursery, se, dr, vs)
+    assert (await Client(proxy.port).request("/")).status == 200
+    assert v1.requests[0]["headers"]["host"] == "internal.local"
+
+
+async def test_mirrors_list_each_with_its_percentage(nursery):
+    v1, v2, se, dr = await _two_versions(nursery)
+    vs = virtual_service("svc", HOST, [{"route": [_to("v1")], "mirrors": [
+        {"destination": {"host": HOST, "subset": "v2"}},
+        {"destination": {"host": HOST, "subset": "v1"}, "percentage": {"value": 0}}]}])
+    proxy = await start(nursery, se, dr, vs)
+    c = Client(proxy.port)
+    for _ in range(10):
+        await c.request("/")
+    with trio.fail_after(3):
+        while len(v2.requests) < 10:
+            await trio.sleep(0.01)
+    assert len(v1.requests) == 10, "a 0% mirror sends nothing"
+    assert {r["headers"]["host"] for r in v2.requests} == {f"{HOST}-shadow"}
