@@ -329,6 +329,8 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
             cp.kill()
             cp.wait()
         cp_log.close()
+    with open("/proc/loadavg") as f:
+        loadavg = " ".join(f.read().split()[:3])
     pushes_logged = []
     for line in (work / f"cp-{n}.log").read_text().splitlines():
         if '"push_done"' in line or '"push_started"' in line:
@@ -374,6 +376,7 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
         "rss_after_mb": rss_after / 2**20,
         "rounds": out_rounds,
         "push_log": pushes_logged,
+        "loadavg": loadavg,
     }
 
 
@@ -383,6 +386,8 @@ def report(res: dict) -> None:
           f"{res['resources']} resources")
     print(f"connect+full sync of all: {res['connect_all_s']:.2f} s, control-plane CPU {res['connect_cpu_s']:.2f} s; "
           f"full snapshot {res['full_snapshot_bytes'] / 1024:.1f} KiB")
+    print(f"machine load average at the end: {res['loadavg']} ({os.cpu_count()} cores; other work on the "
+          f"machine stretches wall-clock times, not the CPU figures)")
     print(f"control-plane CPU while idle (heartbeats): {res['idle_cpu_pct']:.1f}% of a core")
     print(f"control-plane RSS: {res['rss_empty_mb']:.1f} MiB empty, {res['rss_connected_mb']:.1f} MiB connected, "
           f"{res['rss_after_mb']:.1f} MiB after the rounds")

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes, selector_keys
+from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes
 from controlplane.wire import ResourceKey
 from proxy.config.compile import compile_resources
 from proxy.config.errors import ConfigError
@@ -137,23 +137,29 @@ class ConfigStore:
         if it compiles now: a proxy that already NACKs the current state (its own labels select
         conflicting config) does not block changes for everyone else."""
         cache = ViewCache(state)
-        keys = selector_keys(state)
+        keys = cache.keys  # labels outside these cannot change a view or how it compiles
+
+        def narrow(pc: ProxyClass) -> ProxyClass:
+            return ProxyClass(pc.namespace, frozenset(kv for kv in pc.labels if kv[0] in keys))
+
         compiled: set[tuple[str, frozenset]] = set()
 
         def first_time(pc: ProxyClass) -> bool:
-            # classes with the same view whose labels agree on every key any selector reads compile alike
-            effective = (cache.view(pc).version, frozenset((k, v) for k, v in pc.labels if k in keys))
+            effective = (cache.view(pc).version, pc.labels)  # the same view with the same labels compiles alike
             if effective in compiled:
                 return False
             compiled.add(effective)
             return True
 
-        representative = representative_classes(state)
+        representative = {narrow(pc) for pc in representative_classes(state)}
         for pc in sorted(representative, key=_class_order):
             if first_time(pc):
                 self._compile(cache, pc)
+        connected: dict[ProxyClass, ProxyClass] = {}  # narrowed -> one full class (thousands of proxies, few classes)
+        for pc in self.extra_classes():
+            connected.setdefault(narrow(pc), pc)
         current = None
-        for pc in sorted(set(self.extra_classes()) - representative, key=_class_order):
+        for pc in sorted(connected.keys() - representative, key=_class_order):
             if not first_time(pc):
                 continue
             try:
@@ -161,7 +167,7 @@ class ConfigStore:
             except ConfigError:
                 current = current or ViewCache(self.state)
                 try:
-                    self._compile(current, pc)
+                    self._compile(current, connected[pc])
                 except ConfigError:
                     continue  # broken before this change too: not this change's doing
                 raise
