@@ -263,6 +263,10 @@ class ControlPlane:
                       peer=peer, serving=hello.last_version)
         if hello.register:
             self._register(proxy, hello)
+        elif proxy.workload_key is not None:  # it registered before and no longer asks to be
+            if self.store.unregister_workload(proxy.workload_key):
+                self.config_changed("workload_unregistered")
+            proxy.workload_key = None
         try:
             await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s))
             await self.push(proxy, force_full=True)
