@@ -42,7 +42,6 @@ from controlplane.wire import (
     ApplyRequest,
     ApplyResult,
     DeleteRequest,
-    Error,
     Heartbeat,
     Hello,
     Nack,

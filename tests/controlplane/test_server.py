@@ -8,6 +8,8 @@ from functools import partial
 import msgspec
 import trio
 
+from controlplane.framed import FramedStream, StreamClosed
+
 from controlplane.store import ConfigStore
 from controlplane.wire import (
     Ack,
@@ -17,16 +19,14 @@ from controlplane.wire import (
     Error,
     Heartbeat,
     Hello,
-    Nack,
     ResourceKey,
     Source,
     StatusReply,
     StatusRequest,
-    Welcome,
 )
 from proxy.xds.client import ClientOptions, NodeInfo, run_client
 
-from .fixtures import SERVICES, split, write_mesh
+from .fixtures import split, write_mesh
 from .harness import Compiling, frame, next_snapshot, raw_connect, raw_proxy, start_plane, wait_for
 
 VS_KEY = ResourceKey("VirtualService", "tutorial", "recommendation")
@@ -232,8 +232,6 @@ async def test_broken_frames_close_only_that_stream(tmp_path, nursery):
     for data, code in cases:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(data)
-        from controlplane.framed import FramedStream, StreamClosed
-
         framed = FramedStream(stream)
         with trio.fail_after(5):
             error = await framed.receive()
