@@ -281,6 +281,14 @@ class DataPlane:
             rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt)
         return rt
 
+    def current_clusters(self) -> dict[str, ClusterRuntime]:
+        """Cluster runtimes of the snapshot being served now (for work that outlives its request's
+        stage loop, such as mirrors)."""
+        rt = self._runtime
+        if rt is None or rt.snapshot is not self.holder.current:
+            rt = self.runtime(self.holder.current)
+        return rt.clusters
+
     def pool(self, key: tuple[str, str, int], idle_timeout_s: float | None = None) -> IdlePool:
         """Idle connections of one cluster endpoint; `idle_timeout_s`: the cluster's
         connectionPool.http.idleTimeout (None: the default)."""

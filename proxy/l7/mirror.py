@@ -43,7 +43,9 @@ def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPo
                   rand_below=random.randrange) -> None:
     from proxy.l7.dataplane import MIRRORS_IN_FLIGHT_MAX
 
-    clusters = plane.runtime(ctx.snapshot).clusters
+    # the data plane's current runtime: asking for the request's own snapshot after a swap would
+    # rebuild the old one
+    clusters = plane.current_clusters()
     head = ctx.request
     for m in mirrors:
         if m.ppm < _PPM and rand_below(_PPM) >= m.ppm:
