@@ -461,6 +461,11 @@ class OutlierDetection(IstioStruct, frozen=True):
 
     unsupported: ClassVar[tuple[str, ...]] = ("split_external_local_origin_errors", "consecutive_local_origin_failures")
 
+    def __post_init__(self) -> None:
+        for name, value in (("interval", self.interval), ("baseEjectionTime", self.base_ejection_time)):
+            if value is not None and value < 0.001:
+                raise ValueError(f"{name} must be at least 1ms")
+
 
 class TrafficPolicy(IstioStruct, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
@@ -577,8 +582,6 @@ class IstioEgressListener(IstioStruct, frozen=True):
     capture_mode: CaptureMode = "DEFAULT"
     hosts: tuple[str, ...] = ()
 
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"capture_mode": frozenset({"IPTABLES"})}
-
 
 class IstioIngressListener(IstioStruct, frozen=True):
     port: SidecarPort
@@ -589,7 +592,6 @@ class IstioIngressListener(IstioStruct, frozen=True):
     connection_pool: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = ("tls", "connection_pool")
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"capture_mode": frozenset({"IPTABLES"})}
 
 
 class OutboundTrafficPolicy(IstioStruct, frozen=True):

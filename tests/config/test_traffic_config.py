@@ -158,3 +158,11 @@ def test_route_policies_in_config_dump():
     assert first["retry"]["num_retries"] == 2
     assert redirect["redirect"]["code"] == 308 and redirect["retry"] is None
     assert direct["direct_response"] == {"status": 404, "body": "nope"}
+
+
+def test_outlier_durations_are_checked():
+    dr = doc("DestinationRule", "reviews", {"host": HOST, "trafficPolicy": {"outlierDetection": {"interval": "0s"}}})
+    with pytest.raises(ConfigError) as info:
+        compile_docs(GW, SE, dr)
+    assert info.value.field_path == "$.spec.trafficPolicy.outlierDetection"
+    assert "interval must be at least 1ms" in info.value.message
