@@ -266,8 +266,9 @@ def _enc_hook(obj: Any) -> Any:
     # the config's custom scalars are str/float subclasses; put them back into their YAML spelling
     if isinstance(obj, Duration):
         return _format_duration(float(obj))
-    if isinstance(obj, str):
-        return str(obj)
+    for base in (str, bool, int, float):  # other scalar subclasses: their plain value
+        if isinstance(obj, base):
+            return base(obj)
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 

@@ -15,8 +15,8 @@ from controlplane.wire import Ack, Heartbeat, Hello, Nack, ResourceKey, Snapshot
 from proxy.config.load import load_bytes
 from proxy.xds.client import ClientOptions, NodeInfo, backoff_delays, run_client
 
-from .fixtures import SERVICES
-from .harness import wait_for
+from cp_fixtures import SERVICES
+from cp_harness import wait_for
 
 FAST = ClientOptions(backoff_initial_s=0.02, backoff_max_s=0.1, welcome_timeout_s=2.0)
 

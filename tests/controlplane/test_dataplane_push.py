@@ -18,7 +18,7 @@ from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 from proxy.xds.client import NodeInfo, run_client
 
-from .harness import raw_connect, start_plane, wait_for
+from cp_harness import raw_connect, start_plane, wait_for
 
 
 async def backend(name: bytes, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .fixtures import SIDECAR_NARROW, split, write_mesh
+from cp_fixtures import SIDECAR_NARROW, split, write_mesh
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable

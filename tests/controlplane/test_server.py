@@ -26,8 +26,8 @@ from controlplane.wire import (
 )
 from proxy.xds.client import ClientOptions, NodeInfo, run_client
 
-from .fixtures import split, write_mesh
-from .harness import Compiling, frame, next_snapshot, raw_connect, raw_proxy, start_plane, wait_for
+from cp_fixtures import split, write_mesh
+from cp_harness import Compiling, frame, next_snapshot, raw_connect, raw_proxy, start_plane, wait_for
 
 VS_KEY = ResourceKey("VirtualService", "tutorial", "recommendation")
 FAST_CLIENT = ClientOptions(backoff_initial_s=0.05, backoff_max_s=0.2, welcome_timeout_s=2.0)

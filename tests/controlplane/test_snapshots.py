@@ -7,7 +7,7 @@ from controlplane.store import ConfigStore
 from controlplane.wire import ResourceKey
 from proxy.config.compile import compile_resources
 
-from .fixtures import RULES, SERVICES, SIDECAR_NARROW, split
+from cp_fixtures import RULES, SERVICES, SIDECAR_NARROW, split
 
 
 def _store(*texts: str) -> ConfigStore:

@@ -11,7 +11,7 @@ from controlplane.store import ConfigStore
 from controlplane.wire import ResourceKey
 from proxy.config.errors import ConfigError
 
-from .fixtures import SERVICES, split, write_mesh
+from cp_fixtures import SERVICES, split, write_mesh
 
 VS_KEY = ResourceKey("VirtualService", "tutorial", "recommendation")
 

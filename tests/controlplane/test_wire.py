@@ -99,3 +99,19 @@ def test_resources_round_trip_with_the_loader_checks():
     assert str(e.value).startswith("vs.yaml: document 0 (VirtualService prod/reviews): $.spec.http[0].route[0].weight:")
     with pytest.raises(ConfigError, match="not a MessagePack mapping"):
         wire.decode_istio(b"\x01", file="x", document=0)
+
+
+def test_every_example_resource_round_trips(tmp_path):
+    from pathlib import Path
+
+    from proxy.config.load import load_path
+
+    files = sorted(Path(__file__).resolve().parents[2].glob("examples/**/*.yaml"))
+    assert files, "no example config found"
+    count = 0
+    for f in files:
+        for r in load_path(f):
+            back = wire.decode_istio(wire.encode_istio(r.obj), file=r.file, document=r.document)
+            assert back.obj == r.obj, (f, r.key)
+            count += 1
+    assert count >= 10
