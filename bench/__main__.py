@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench import load, pyspy, report
 from bench.l4_bench import MiB, measure_transfers, start_sink, upload
+from bench.measure import core_busy_seconds
 from bench.targets import Started, start_envoy, start_envoy_tcp, start_l4_forwarder, start_nginx, start_triomesh
 
 PROXY_CPU = "0"
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--duration", type=int, default=5, help="seconds per closed-loop run")
     ap.add_argument("--tcp-small-count", type=int, default=100, help="1 MiB TCP transfers per repetition")
     ap.add_argument("--tcp-big-count", type=int, default=3, help="100 MiB TCP transfers per repetition")
+    ap.add_argument("--tcp-reps", type=int, default=5, help="repetitions of the TCP rows (they are short)")
     ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run, not for reporting")
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the triomesh worker during an extra (unreported) c64 run; "
@@ -71,13 +73,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
-        args.reps, args.duration, args.tcp_small_count, args.tcp_big_count = 1, 2, 20, 1
+        args.reps, args.duration, args.tcp_reps, args.tcp_small_count, args.tcp_big_count = 1, 2, 1, 20, 1
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench needs 2 cores (forwarder on one, backend + load generator on the other)")
     t0 = time.monotonic()
     envoy_bin = ensure_tools(profile=args.profile)
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores",
-            "note": f"median of {args.reps}, {args.duration} s runs; forwarder pinned to core {PROXY_CPU}, "
+    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
+            "note": f"median of {args.reps}, {args.duration} s runs (TCP: of {args.tcp_reps}); forwarder pinned to core {PROXY_CPU}, "
                     f"backend + load generator on core {LOAD_CPU}"}
     rows: list[report.Row] = []
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +100,9 @@ def main() -> None:
             backend.stop()
         rows += run_tcp_rows(args, tmpdir, envoy_bin)
     meta["run_time_s"] = round(time.monotonic() - t0)
+    if _FOREIGN_LOAD:
+        meta["note"] += (f"; other processes took {100 * statistics.median(_FOREIGN_LOAD):.0f}% of core {PROXY_CPU} "
+                         f"(median over the pinned HTTP runs, max {100 * max(_FOREIGN_LOAD):.0f}%)")
     checks = report.target_checks(rows)
     paths = report.write_all(args.out, rows, TARGETS, meta, checks)
     print(report.markdown(rows, TARGETS, meta))
@@ -110,13 +115,20 @@ def main() -> None:
 # --- HTTP/1.1 ---------------------------------------------------------------------------------------
 
 
+# share of the forwarder's core taken by other processes during each pinned closed-loop run
+_FOREIGN_LOAD: list[float] = []
+
+
 def _closed_loop(target: Started | None, port: int, path: str, *, connections: int,
                  duration_s: int) -> tuple[load.LoadResult, float | None]:
     """wrk against one target; the load result and the forwarder's CPU seconds during it."""
     cpu0 = target.cpu_seconds() if target else None
+    busy0, t0 = core_busy_seconds(int(PROXY_CPU)), time.monotonic()
     res = load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections, duration_s=duration_s,
                        cpus=LOAD_CPU)
     cpu = target.cpu_seconds() - cpu0 if target and cpu0 is not None else None
+    foreign = core_busy_seconds(int(PROXY_CPU)) - busy0 - (cpu or 0.0)
+    _FOREIGN_LOAD.append(max(0.0, foreign) / (time.monotonic() - t0))
     return res, cpu
 
 
@@ -249,7 +261,7 @@ def run_tcp_rows(args, tmpdir: Path, envoy_bin: str) -> list[report.Row]:
         sizes = [("1MiB", "TCP 1 MiB transfers", MiB, args.tcp_small_count),
                  ("100MiB", "TCP 100 MiB transfers", 100 * MiB, args.tcp_big_count)]
         samples: dict[tuple[str, str], list] = {}
-        for _ in range(args.reps):
+        for _ in range(args.tcp_reps):
             for size_id, _, size, count in sizes:
                 for t, port in ports.items():
                     pids = started[t].pids() if t in started else []

@@ -115,3 +115,18 @@ def peak_rss_bytes(pids: list[int]) -> int:
         except FileNotFoundError:
             continue
     return total
+
+
+def core_busy_seconds(cpu: int) -> float:
+    """Seconds core `cpu` spent running tasks (user, nice, system) or stolen by the hypervisor, from
+    /proc/stat, since boot.
+
+    Compared with the forwarder's own CPU over the same window, this says how much of the pinned core
+    other processes took: the machine is shared, and that share is what makes figures noisy. irq and
+    softirq time are left out: much of it is the loopback traffic of the processes being measured."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, _idle, _iowait, _irq, _softirq, steal = (int(x) for x in line.split()[1:9])
+                return (user + nice + system + steal) / _CLK_TCK  # guest time is already inside user
+    raise ValueError(f"no cpu{cpu} in /proc/stat")

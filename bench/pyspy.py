@@ -63,6 +63,12 @@ def _function(frame: str) -> str:
     return _LINE_NO.sub(")", frame)
 
 
+def _file(frame: str) -> str:
+    """'func (path/file.py:12)' -> 'path/file.py'."""
+    inner = frame.rpartition(" (")[2].rstrip(")")
+    return inner.rsplit(":", 1)[0] if inner[-1:].isdigit() else inner
+
+
 def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30) -> str:
     """Self and inclusive sample shares per function, and the hottest lines."""
     total = sum(c for _, c in stacks)
@@ -71,8 +77,10 @@ def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30) -
     self_fn: Counter[str] = Counter()
     self_line: Counter[str] = Counter()
     incl_fn: Counter[str] = Counter()
+    self_file: Counter[str] = Counter()
     for frames, count in stacks:
         self_fn[_function(frames[-1])] += count
+        self_file[_file(frames[-1])] += count
         self_line[frames[-1]] += count
         for fn in {_function(f) for f in frames}:  # once per stack, however deep the recursion
             incl_fn[fn] += count
@@ -84,6 +92,7 @@ def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30) -
 
     lines = [title, f"{total} samples (time inside a C call, e.g. a socket syscall, is charged to the Python"
              " frame that made it)", ""]
+    lines += table(self_file, "Self time by file:")
     lines += table(self_fn, "Self time by function (the frame on CPU):")
     lines += table(incl_fn, "Inclusive time by function (on the stack):")
     lines += table(self_line, "Self time by line:")

@@ -3,6 +3,7 @@ JSON and a PNG chart. Ratios are only ever taken between figures of the same run
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -168,9 +169,21 @@ def chart(path: Path, rows: list[Row], targets: list[str], meta: dict[str, Any])
     _absolute_bars(fig.add_subplot(grid[1, 1]), _tcp_groups(rows), ["direct", "splice", "copy", "envoy"],
                    "MiB/s", "TCP transfers: MiB/s (triomesh splice and copy modes)")
     fig.suptitle(f"triomesh vs Envoy vs direct - {meta.get('started')} - {meta.get('note', '')}", fontsize=9)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
+    _write_small_png(path, buf.getvalue())
     return True
+
+
+def _write_small_png(path: Path, png: bytes) -> None:
+    """A few flat colours need no 24-bit pixels: a 64-colour palette makes the committed file ~4x smaller."""
+    try:
+        from PIL import Image  # matplotlib depends on Pillow
+    except ImportError:
+        path.write_bytes(png)
+        return
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def _short_label(r: Row) -> str:
