@@ -143,7 +143,7 @@ async def test_overflow_is_503_uo_at_once_and_counted(nursery):
     ok = [r for r in results if r[0] == 200]
     over = [r for r in results if r[0] == 503]
     assert len(ok) == 2 and len(over) == 6, results  # one on the connection, one pending
-    assert all(t < 0.2 for _, t, _ in over), "overflow is answered at once, not queued"
+    assert all(t < 0.25 for _, t, _ in over), "overflow is answered at once, not queued (the upstream takes 0.3 s)"
     assert all(b"overflow" in body for _, _, body in over)
     assert proxy.counter("triomesh_upstream_rq_pending_overflow_total", cluster=CLUSTER) == 6
     assert proxy.counter("triomesh_response_flags_total", flag="UO") == 6

