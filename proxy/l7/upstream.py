@@ -1,19 +1,29 @@
-"""The upstream exchange: pick an endpoint, get a pooled or new HTTP/1.1 connection, send the
-request (streaming its body), and relay the response downstream (streaming its body).
+"""The upstream exchange (Envoy's router): pick an endpoint, get a pooled or new HTTP/1.1
+connection, send the request, relay the response downstream (streaming its body); retries,
+circuit breaking, outlier bookkeeping, mirroring, directResponse and redirect happen here.
 
 Theory of operation
 -------------------
-A request without a body is sent as one write and its response read on the same task. A request
-with a body is pumped by a second task while this one reads the response, so an upstream that
-answers early (413, redirect) is relayed at once and a large upload never deadlocks against a
-large response. The route timeout (Envoy: time until the whole upstream response arrived, default
-15 s) is one deadline applied to every upstream read.
+A request whose body is empty, or small enough to buffer (content-length up to
+`HttpSettings.retry_buffer_bytes`, or a chunked body that has already arrived whole), is
+*replayable*: it is sent as one write and may be tried again under the route's retry policy
+(retry.py decides which outcomes count; each retry waits a jittered exponential back-off, prefers an
+endpoint not tried yet, takes a slot of the cluster's maxRetries budget, and must fit before the
+overall deadline). Any other body is pumped by a second task while this one reads the response, so
+an upstream that answers early (413, redirect) is relayed at once and a large upload never
+deadlocks against a large response; such a request gets one try.
 
-Failure before any response byte went downstream becomes a local reply (503 UF/UC, 504 UT, 502 UPE);
-after that it can only be a reset of the downstream connection, which the server does, so a client
-never mistakes a broken response for a complete one. An idle pooled connection that turns out to be
-closed when reused (the usual keep-alive race) is retried once on a fresh connection when the request
-has no body, before anything else counts as an upstream failure.
+The route timeout (Envoy: from the router until the whole upstream response arrived; Istio
+default: none) is one deadline over all tries; perTryTimeout bounds each try. Every try's result
+feeds the cluster's outlier detector. Connections come from per-endpoint idle pools under the
+cluster's connectionPool limits (acquire): at maxConnections a request waits, bounded in number
+(http1MaxPendingRequests) and time, else it is refused with 503 UO.
+
+Failure before any response byte went downstream becomes a local reply (503 UF/UC/UO, 504 UT,
+502 UPE); after that it can only be a reset of the downstream connection, which the server does,
+so a client never mistakes a broken response for a complete one. An idle pooled connection that
+turns out to be closed when reused (the usual keep-alive race) is retried once on a fresh
+connection for a replayable request, before anything else counts as an upstream failure.
 """
 
 from __future__ import annotations
