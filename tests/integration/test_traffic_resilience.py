@@ -235,3 +235,23 @@ async def test_streaming_chunked_body_is_not_held_back_for_replay(nursery):
             got += await stream.receive_some(4096)
     assert got.startswith(b"HTTP/1.1 413")
     await stream.aclose()
+
+
+async def test_expect_100_continue_with_a_replayable_body(nursery):
+    bad, good = await _backends(nursery, 503, 200)
+    proxy = await _proxy(nursery, [bad, good], {"retries": {"attempts": 1, "retryOn": "5xx"}})
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    await stream.send_all(b"POST /echo HTTP/1.1\r\nhost: svc.example.com\r\ncontent-length: 5\r\n"
+                          b"expect: 100-continue\r\n\r\n")
+    got = b""
+    with trio.fail_after(3):
+        while b"\r\n\r\n" not in got:
+            got += await stream.receive_some(4096)
+        assert got.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        await stream.send_all(b"hello")
+        while b'"backend": "b1"' not in got:
+            got += await stream.receive_some(4096)
+    assert b"HTTP/1.1 200" in got
+    assert [r["body"] for r in bad.requests + good.requests] == ["hello"] * len(bad.requests + good.requests)
+    assert "expect" not in good.requests[-1]["headers"]
+    await stream.aclose()
