@@ -16,6 +16,11 @@ from typing import Sequence
 DELEGATED = {
     "validate": ("proxy.config.validate:main", "check Istio config files (exit 0, or the precise error)"),
     "capture": ("proxy.l4.capture.cli:capture_main", "install/remove/show the sidecar traffic capture rules"),
+    "controlplane": ("controlplane.cli:main", "run the control plane: serve Istio config to proxies"),
+    "apply": ("controlplane.cli:apply_main", "create or replace resources on the control plane"),
+    "delete": ("controlplane.cli:delete_main", "delete resources from the control plane"),
+    "proxy-status": ("controlplane.cli:proxy_status_main", "every proxy with the config version it ACKed"),
+    "proxy-config": ("controlplane.cli:proxy_config_main", "listeners/routes/clusters one proxy runs"),
 }
 
 ACCESS_LOG_FORMATS = ("off", "json", "console")
@@ -39,6 +44,13 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -54,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("proxy", help="run the proxy (edge gateway / sidecar) from Istio config")
-    p.add_argument("--config", required=True, type=Path, help="a YAML file or a directory of them")
+    p.add_argument("--config", type=Path, default=None,
+                   help="a YAML file or a directory of them (with --controlplane: a bootstrap served until the first push)")
+    cp = p.add_argument_group("control plane (the proxy gets its config pushed instead of reading files)")
+    cp.add_argument("--controlplane", type=_host_port, default=None, metavar="HOST:PORT",
+                    help="address of `triomesh controlplane`")
+    cp.add_argument("--node-id", default=None,
+                    help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
+    cp.add_argument("--namespace", default="default", help="the workload's namespace (default default)")
+    cp.add_argument("--label", dest="labels", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                    help="a workload label (repeatable); Gateway selectors and sourceLabels match these")
+    cp.add_argument("--register", default=None, metavar="ADDRESS",
+                    help="register this workload (with ADDRESS and its labels) as a WorkloadEntry")
     p.add_argument("--concurrency", type=_positive, default=None,
                    help="worker processes sharing the listeners with SO_REUSEPORT (default: usable cores)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address the Gateway listeners bind (default 0.0.0.0)")
@@ -68,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
         d = sub.add_parser(name, help=help_text, add_help=False)
         d.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse, with the checks that involve several flags (argparse exits with status 2 on errors)."""
+    parser = build_parser()
+    args = parser.parse_args(list(argv))
+    if args.command == "proxy" and args.config is None and args.controlplane is None:
+        parser.error("proxy: --config or --controlplane is required")
+    return args
 
 
 def _delegate(name: str, argv: Sequence[str]) -> int:
@@ -93,8 +125,14 @@ def run_proxy(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level=args.log_level,
         log_format=args.log_format,
+        controlplane=args.controlplane,
+        node_id=args.node_id,
+        namespace=args.namespace,
+        labels=dict(args.labels),
+        register=args.register,
     )
-    log.info("starting", concurrency=options.concurrency, config=str(options.config_path), pid=os.getpid())
+    log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
+             controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())
     return trio.run(serve, options, log)
 
 
@@ -103,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # delegated subcommands parse their own arguments, --help included
     if argv and argv[0] in DELEGATED:
         return _delegate(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.command == "proxy":
         return run_proxy(args)
     raise AssertionError(f"unhandled command {args.command}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ STATS_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True)
 class ProxyOptions:
-    config_path: Path
+    config_path: Path | None  # with a control plane: an optional bootstrap, served until the first push
     concurrency: int
     bind_address: str
     admin_host: str
@@ -39,6 +39,11 @@ class ProxyOptions:
     access_log: str
     log_level: str
     log_format: str
+    controlplane: tuple[str, int] | None = None
+    node_id: str | None = None  # None: HOSTNAME.ADMIN_PORT
+    namespace: str = "default"
+    labels: dict[str, str] = field(default_factory=dict)
+    register: str | None = None  # the workload address to register as a WorkloadEntry
 
 
 @dataclass(frozen=True)
