@@ -284,10 +284,10 @@ def encode_istio(obj: IstioObject) -> bytes:
 def decode_istio(body: bytes | msgspec.Raw, *, file: str, document: int):
     """A wire resource body -> a loaded `proxy.config.load.Resource`, through the same conversion and
     checks as a YAML document. Raises ConfigError."""
-    from proxy.config.load import _convert  # the loader's per-document conversion (see report)
+    from proxy.config.load import load_document
 
     try:
         doc = _mapping_decoder.decode(body)
     except msgspec.DecodeError as e:
         raise ConfigError(f"resource body is not a MessagePack mapping: {e}", file=file, document=document) from None
-    return _convert(doc, file, document)
+    return load_document(doc, file, document)

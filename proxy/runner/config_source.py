@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Mapping
 
 from proxy.config.snapshot import Snapshot
 
@@ -62,9 +63,11 @@ def content_digest(sources: Sources) -> str:
     return h.hexdigest()
 
 
-def build_snapshot(sources: Sources, *, version: str, bind_address: str) -> Snapshot:
+def build_snapshot(sources: Sources, *, version: str, bind_address: str,
+                   proxy_labels: Mapping[str, str] | None = None) -> Snapshot:
     """Load every source and compile them together (the same steps as load_path + compile, on bytes
-    already read). Raises proxy.config.errors.ConfigError."""
+    already read). `proxy_labels`: this proxy's workload labels (Gateway selectors, sourceLabels);
+    None applies every Gateway. Raises proxy.config.errors.ConfigError."""
     # imported here so the CLI starts (and `--help` works) without loading the config machinery
     from proxy.config.compile import compile_resources
     from proxy.config.load import load_bytes
@@ -72,4 +75,4 @@ def build_snapshot(sources: Sources, *, version: str, bind_address: str) -> Snap
     resources = []
     for name, data in sources:
         resources.extend(load_bytes(data, name))
-    return compile_resources(resources, version=version, bind_address=bind_address)
+    return compile_resources(resources, version=version, bind_address=bind_address, proxy_labels=proxy_labels)

@@ -27,6 +27,7 @@ class LoadConfig(msgspec.Struct, tag="load_config"):
     version: str
     sources: list[tuple[str, bytes]]
     bind_address: str = "0.0.0.0"
+    proxy_labels: dict[str, str] | None = None  # the workload's labels (a control plane's proxy); None: all Gateways
 
 
 class GetStats(msgspec.Struct, tag="get_stats"):

@@ -7,13 +7,22 @@ new version to every worker, which compiles them into its own Snapshot and swaps
 config never leaves the supervisor: the error is logged with file/document/field path, counted, and
 the old version keeps serving. Reloads come from SIGHUP or from polling the files' (mtime, size)
 about once a second; they run one at a time in one task, and triggers arriving meanwhile coalesce.
+
+With a control plane (`--controlplane`), the config comes from its stream instead of files (a
+`--config` file is then only a bootstrap served until the first push): the xDS client hands each
+pushed resource set to `apply_pushed`, which compiles it with this proxy's labels, sends it to every
+worker as sources (the same LoadConfig as a file reload) and returns once the workers serve it, so
+the ACK means "served"; a refusal raises, and the client NACKs with the error text. Files are then
+not watched and SIGHUP only re-sends the current config to workers that are behind.
 """
 
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +36,7 @@ from proxy.stats import Stats, merge, render_prometheus
 
 CONFIG_POLL_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 2.0
+WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
 
 
 @dataclass(frozen=True)
@@ -80,7 +90,12 @@ class Supervisor:
         self._rejected = self.stats.counter("triomesh_config_reloads_total", result="rejected")
         self._versions = 0
         self.active: ActiveConfig | None = None
-        self._last_fingerprint = fingerprint(options.config_path)
+        self._last_fingerprint = fingerprint(options.config_path) if options.config_path is not None else ()
+        # a control plane's proxy compiles with its workload labels (Gateway selectors, sourceLabels)
+        self.proxy_labels: dict[str, str] | None = dict(options.labels) if options.controlplane is not None else None
+        self.xds = None  # proxy.xds.client.ClientState once the control-plane client runs
+        self._nursery: trio.Nursery | None = None
+        self.node = None  # proxy.xds.client.NodeInfo
         self._reload_send, self._reload_receive = trio.open_memory_channel[str](1)
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
@@ -93,7 +108,7 @@ class Supervisor:
         a = self.active
         if a is None:
             return None
-        return control.LoadConfig(a.version, a.sources, self.options.bind_address)
+        return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels)
 
     def _compile(self, reason: str) -> ActiveConfig | None:
         """Read and compile the config. None when unchanged. Raises ConfigRejected (already logged
@@ -105,7 +120,8 @@ class Supervisor:
             if self.active is not None and digest == self.active.digest:
                 return None
             version = str(self._versions + 1)
-            snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address)
+            snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
+                                      proxy_labels=self.proxy_labels)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             if self.active is not None:
                 self._rejected.value += 1
@@ -120,6 +136,10 @@ class Supervisor:
         return ActiveConfig(version, sources, digest, snapshot, time.time())
 
     def load_initial(self) -> None:
+        """Load the --config files. Without them (a control plane's proxy) there is nothing to serve
+        until the first push, and /ready answers 503 until then."""
+        if self.options.config_path is None:
+            return
         active = self._compile("startup")
         assert active is not None
         self.active = active
@@ -127,6 +147,13 @@ class Supervisor:
                       files=[name for name, _ in active.sources], listeners=[l.name for l in active.snapshot.listeners])
 
     async def reload(self, reason: str) -> None:
+        if self.options.controlplane is not None:
+            # the control plane is the source; a bootstrap file must not replace what it pushed
+            if self.active is not None:
+                self.log.info("config_reload_ignored", reason=reason, version=self.active.version,
+                              detail="config comes from the control plane; re-sending it to workers behind")
+                await self._push_to_workers(self._load_message())
+            return
         try:
             new = self._compile(reason)
         except ConfigRejected:
@@ -139,12 +166,76 @@ class Supervisor:
             self._applied.value += 1
             self.log.info("config_reloaded", reason=reason, version=new.version, previous_version=old.version,
                           listeners=[l.name for l in new.snapshot.listeners])
-        message = self._load_message()
+        await self._push_to_workers(self._load_message())
+
+    async def _push_to_workers(self, message: control.LoadConfig | None) -> None:
+        if message is None:
+            return
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
                 # a worker behind, or one that could not open a listener (it retries the bind)
                 if slot.version != message.version or slot.listener_errors:
                     nursery.start_soon(slot.push_config, message)
+
+    # ---- config from a control plane
+
+    async def apply_pushed(self, resources: list, version: str) -> None:
+        """Serve a resource set the control plane pushed. Returns once every running worker serves
+        it (or after WORKER_APPLY_TIMEOUT_S: a worker that is restarting gets it when it starts).
+        Raises ConfigError (or any error) when it does not compile: the client NACKs with its text
+        and the previous config keeps serving."""
+        from proxy.config.compile import compile_resources
+        from proxy.xds.sources import to_sources
+
+        try:
+            # compiled from the resources themselves: errors name the file/document they came from
+            snapshot = compile_resources(resources, version=version, bind_address=self.options.bind_address,
+                                         proxy_labels=self.proxy_labels)
+            sources = to_sources(resources, version)
+        except Exception as e:
+            self._rejected.value += 1
+            from proxy.config.errors import ConfigError
+
+            self.log.error("config_rejected", reason="controlplane_push", version=version,
+                           keeping_version=self.active.version if self.active else None,
+                           exc_info=not isinstance(e, ConfigError), **config_error_fields(e))
+            raise
+        old = self.active
+        self.active = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time())
+        self._applied.value += 1
+        self.log.info("config_pushed", version=version, previous_version=old.version if old else None,
+                      resources=len(resources), listeners=[l.name for l in snapshot.listeners])
+        message = self._load_message()
+        await self._push_to_workers(message)
+        with trio.move_on_after(WORKER_APPLY_TIMEOUT_S) as scope:
+            for slot in self.slots:
+                await slot.wait_config(version)
+        if scope.cancelled_caught:
+            self.log.warning("workers_behind", version=version,
+                             workers={s.index: s.version for s in self.slots if s.version != version})
+
+    def node_info(self, admin_port: int):
+        from proxy.xds.client import NodeInfo
+
+        o = self.options
+        return NodeInfo(
+            node_id=o.node_id or f"{socket.gethostname()}.{admin_port}",
+            namespace=o.namespace,
+            labels=dict(o.labels),
+            address=o.register or "",
+            register=o.register is not None,
+            admin_address=f"{o.admin_host}:{admin_port}",
+        )
+
+    async def _run_xds(self, admin_port: int) -> None:
+        from proxy.xds.client import run_client
+
+        self.node = self.node_info(admin_port)
+        assert self.options.controlplane is not None
+        self.log.info("controlplane_client_starting", address="%s:%d" % self.options.controlplane,
+                      node_id=self.node.node_id, namespace=self.node.namespace, labels=self.node.labels)
+        self.xds = await self._nursery.start(
+            partial(run_client, self.options.controlplane, self.node, self.apply_pushed, log=self.log))
 
     def request_reload(self, reason: str) -> None:
         try:
@@ -184,9 +275,7 @@ class Supervisor:
 
     def config_dump(self) -> dict[str, Any]:
         a = self.active
-        if a is None:
-            return {"version": ""}
-        return {
+        out: dict[str, Any] = {"version": ""} if a is None else {
             "version": a.version,
             "last_updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(a.loaded_at)),
             "files": [name for name, _ in a.sources],
@@ -194,6 +283,23 @@ class Supervisor:
                          "listener_errors": s.listener_errors, "restarts": s.restarts} for s in self.slots],
             "config": a.snapshot.dump,
         }
+        if self.options.controlplane is not None:
+            x, n = self.xds, self.node
+            out["controlplane"] = {
+                "address": "%s:%d" % self.options.controlplane,
+                "node_id": n.node_id if n else "",
+                "namespace": self.options.namespace,
+                "labels": dict(self.options.labels),
+                "connected": bool(x and x.connected),
+                "server_id": x.server_id if x else "",
+                "acked_version": x.version if x else "",
+                "connects": x.connects if x else 0,
+                "acks": x.acks if x else 0,
+                "nacks": x.nacks if x else 0,
+                "last_nack": x.last_error if x else "",
+                "last_disconnect": x.last_disconnect if x else "",
+            }
+        return out
 
     # ---- lifecycle
 
@@ -209,12 +315,17 @@ class Supervisor:
                         await slot.stop()
 
     async def run(self, admin_sock: trio.socket.SocketType) -> None:
+        admin_port = admin_sock.getsockname()[1]  # the bound one (the option may say 0)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self._signals)
             await nursery.start(admin.serve_admin, admin_sock, self, self.log)
-            self.log.info("admin_listening", address=f"{self.options.admin_host}:{self.options.admin_port}")
+            self.log.info("admin_listening", address=f"{self.options.admin_host}:{admin_port}")
             nursery.start_soon(self._reload_loop)
-            nursery.start_soon(self._watch_files)
+            if self.options.controlplane is not None:
+                await self._run_xds(admin_port)
+            else:
+                nursery.start_soon(self._watch_files)
             async with trio.open_nursery() as slots:
                 for slot in self.slots:
                     slots.start_soon(slot.run)

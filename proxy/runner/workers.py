@@ -65,7 +65,9 @@ class WorkerSlot:
         self.listeners: list[str] = []
         self.listener_errors: list[str] = []
         self.last_error = ""
+        self.failed_version = ""  # the last version this worker could not compile
         self.restarts = 0
+        self._config_news = trio.Event()  # set (and replaced) when the worker reports on a config or exits
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._restarts = stats.counter("triomesh_worker_restarts_total")
@@ -130,6 +132,7 @@ class WorkerSlot:
         finally:
             self.channel = None
             self.version = ""
+            self._notify_config()
             self._fail_pending()
             self._retire_counters()
             with trio.CancelScope(shield=True):
@@ -154,8 +157,11 @@ class WorkerSlot:
             self.last_error = ""
             for err in msg.errors:
                 self._log.error("worker_listener_error", version=msg.version, error=err)
+            self._notify_config()
         elif isinstance(msg, control.ConfigFailed):
             self.last_error = msg.error
+            self.failed_version = msg.version
+            self._notify_config()
             self._log.error("worker_config_failed", version=msg.version, error=msg.error)
         elif isinstance(msg, control.StatsReply):
             self._last_rows = msg.rows
@@ -178,6 +184,16 @@ class WorkerSlot:
 
     async def push_config(self, config: control.LoadConfig) -> None:
         await self._send(config)
+
+    def _notify_config(self) -> None:
+        self._config_news.set()
+        self._config_news = trio.Event()
+
+    async def wait_config(self, version: str) -> None:
+        """Until the worker serves `version` or reports it cannot; at once when no worker runs (a
+        worker that starts later is sent the current config first)."""
+        while self.channel is not None and version not in (self.version, self.failed_version):
+            await self._config_news.wait()
 
     async def fetch_stats(self, timeout_s: float) -> list[control.StatsRow] | None:
         request_id = next(self._ids)
