@@ -10,6 +10,14 @@ Theory of operation. Pure: no IO, same input -> same Snapshot.
    VirtualServices plus a default route per service host no VirtualService covers), one per Sidecar
    ingress listener (everything to its defaultEndpoint). Matchers are compiled per listener, because
    `port`, `gateways` and `sourceLabels` in a match block are fixed per listener.
+4. capture (a transparent sidecar): when a Sidecar that applies sets `captureMode: IPTABLES` on an
+   egress or ingress listener, the proxy's traffic is captured by iptables (`triomesh capture`), so
+   the compiler adds Istio's two capture listeners, virtualOutbound :15001 and virtualInbound :15006
+   (use_original_dst), and virtual listeners they hand HTTP connections to (bind_to_port False):
+   `outbound|<port>|<host>` per HTTP service port, with the mesh VirtualService routes of that host
+   (or a default route to its cluster) as the catch-all virtual host, since the original destination
+   already chose the service; and `inbound|<port>` per ingress listener captured (DEFAULT follows
+   the Sidecar's capture, NONE keeps a bound listener).
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
 use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
 """
@@ -53,6 +61,21 @@ DEFAULT_EGRESS_BIND = "127.0.0.1"
 # listener protocols the data plane serves today
 LISTENER_PROTOCOLS = frozenset({"HTTP"})
 EGRESS_PROTOCOLS = frozenset({"HTTP", "HTTP_PROXY"})  # HTTP_PROXY: Istio's explicit-proxy egress port
+# Istio's capture ports (istio-iptables -p / -z) and listener names
+VIRTUAL_OUTBOUND_PORT = 15001
+VIRTUAL_INBOUND_PORT = 15006
+VIRTUAL_OUTBOUND = "virtualOutbound"
+VIRTUAL_INBOUND = "virtualInbound"
+
+
+def captured_outbound_listener(port: int, host: str) -> str:
+    """Name of the virtual listener serving captured HTTP traffic to one service port."""
+    return f"outbound|{port}|{host}"
+
+
+def captured_inbound_listener(port: int) -> str:
+    """Name of the virtual listener serving captured inbound HTTP traffic to one local port."""
+    return f"inbound|{port}"
 
 
 def _as_resource(item: Resource | IstioObject) -> Resource:
@@ -123,6 +146,8 @@ class _Compiler:
         self.listeners: dict[tuple[str, int], _ListenerDraft] = {}
         self.outbound_policy = "ALLOW_ANY"  # Istio's mesh default
         self.outbound_policy_from: Resource | None = None
+        self.capture = False  # an applying Sidecar says its traffic is captured by iptables
+        self.virtual: dict[str, _ListenerDraft] = {}  # bind_to_port False listeners, by name
 
     # ---- references
 
@@ -234,9 +259,15 @@ class _Compiler:
                 matcher = compile_matches(blocks, ctx, resolve)
                 if matcher is None:
                     continue  # no match block applies on this listener
-                prefix = None
-                if len(blocks) == 1 and blocks[0].uri is not None and blocks[0].uri.prefix is not None:
-                    prefix = blocks[0].uri.prefix.encode()
+                # what Istio's prefix rewrite replaces: the matched prefix; "/" when the block has no
+                # uri match (Istio gives such routes a "/" prefix match); None (the whole path) for
+                # exact and regex matches
+                prefix = b"/"
+                if len(blocks) == 1 and blocks[0].uri is not None:
+                    uri = blocks[0].uri
+                    prefix = uri.prefix.encode() if uri.prefix is not None else (b"/" if uri.exact is None and uri.regex is None else None)
+                elif len(blocks) > 1:
+                    prefix = None
                 rw = policies.rewrite_for(cr.resource, cr.path, cr.spec, prefix)
                 route = Route(
                     name=name,
@@ -311,11 +342,27 @@ class _Compiler:
                             domains = hosts.aliases(eff, vns, None)
                             draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
 
-    def add_sidecars(self) -> None:
+    def _applying_sidecars(self) -> list[Resource]:
+        out = []
         for r in self.by_kind["Sidecar"]:
             spec: SidecarSpec = r.obj.spec
-            if spec.workload_selector is not None and not _labels_match(spec.workload_selector.labels, self.proxy_labels):
-                continue
+            if spec.workload_selector is None or _labels_match(spec.workload_selector.labels, self.proxy_labels):
+                out.append(r)
+        return out
+
+    def _captured(self, mode: str) -> bool:
+        """Whether a listener with this captureMode receives iptables-captured traffic."""
+        return mode == "IPTABLES" or (mode == "DEFAULT" and self.capture)
+
+    def add_sidecars(self) -> None:
+        sidecars = self._applying_sidecars()
+        self.capture = any(
+            listener.capture_mode == "IPTABLES"
+            for r in sidecars
+            for listener in (*r.obj.spec.egress, *r.obj.spec.ingress)
+        )
+        for r in sidecars:
+            spec: SidecarSpec = r.obj.spec
             if spec.outbound_traffic_policy is not None and self.outbound_policy_from is None:
                 self.outbound_policy = spec.outbound_traffic_policy.mode
                 self.outbound_policy_from = r
@@ -333,8 +380,10 @@ class _Compiler:
             if not sep or not ns or not dns:
                 raise r.error(f"{path}.hosts[{j}]", f"host {h!r} must be \"namespace/dnsName\" (e.g. \"./*\", \"*/reviews.prod.svc.cluster.local\")")
             scopes.append((r.namespace if ns == "." else ns, dns))
-        if eg.port is None:
-            return  # a port-less egress listener only scopes captured traffic; it opens no listener
+        if eg.port is None or self._captured(eg.capture_mode):
+            # a port-less or captured egress listener opens no listener of its own: captured traffic
+            # reaches the services through virtualOutbound
+            return
         if eg.port.number == 0:
             raise r.error(f"{path}.port.number", "Unix domain socket listeners (port 0) are not supported by triomesh yet")
         if eg.port.protocol is None:
@@ -408,8 +457,17 @@ class _Compiler:
         if ing.port.number == 0:
             raise r.error(f"{path}.port.number", "an ingress listener needs a port number")
         target = _parse_default_endpoint(r, f"{path}.defaultEndpoint", ing.default_endpoint)
-        address = ing.bind or self.bind_address
-        draft = self._claim(r, f"{path}.port.number", address, ing.port.number, protocol, "INBOUND", "Sidecar")
+        if self._captured(ing.capture_mode):
+            name = captured_inbound_listener(ing.port.number)
+            if name in self.virtual:
+                raise r.error(f"{path}.port.number", f"inbound port {ing.port.number} is already captured by {self.virtual[name].owner}")
+            draft = self.virtual[name] = _ListenerDraft(
+                "0.0.0.0", ing.port.number, protocol, "INBOUND", "Sidecar", f"{r.kind} {r.namespace}/{r.name}",
+                name=name, bind_to_port=False,
+            )
+        else:
+            address = ing.bind or self.bind_address
+            draft = self._claim(r, f"{path}.port.number", address, ing.port.number, protocol, "INBOUND", "Sidecar")
         cluster = f"inbound|{ing.port.number}||"
         self.clusters[cluster] = Cluster(
             name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target, labels=FrozenLabels()),), protocol=protocol
@@ -423,6 +481,58 @@ class _Compiler:
         )
         dump = _route_dump(route, [])
         draft.vhost(f"inbound|{ing.port.number}", ["*"]).add("", [(route, dump)])
+
+
+    def add_capture(self) -> None:
+        """The capture listeners and one virtual listener per captured HTTP service port."""
+        if not self.capture:
+            return
+        owner = "Sidecar capture"
+        for name, port, direction in (
+            (VIRTUAL_OUTBOUND, VIRTUAL_OUTBOUND_PORT, "OUTBOUND"),
+            (VIRTUAL_INBOUND, VIRTUAL_INBOUND_PORT, "INBOUND"),
+        ):
+            for (addr, p), other in self.listeners.items():
+                if p == port:
+                    raise ConfigError(f"capture port {port} is already a listener of {other.owner}")
+            self.virtual[name] = _ListenerDraft(
+                "0.0.0.0", port, "TCP", direction, owner, owner, name=name, use_original_dst=True
+            )
+        for svc in self.registry.services.values():
+            full = hosts.fqdn(svc.host, svc.namespace)
+            mesh_vs = [
+                vs
+                for vs in self.virtual_services
+                if vs.in_mesh
+                and hosts.exported_to(vs.spec.export_to, vs.resource.namespace, svc.namespace)
+                and any(
+                    hosts.matches(hosts.fqdn(h, vs.resource.namespace), full) or hosts.matches(h, svc.host)
+                    for h in vs.spec.hosts
+                )
+            ]
+            for port in svc.ports:
+                if str(port.protocol) not in LISTENER_PROTOCOLS:
+                    continue  # TCP, TLS...: captured connections go to the TCP proxy
+                name = captured_outbound_listener(port.number, svc.host)
+                draft = self.virtual[name] = _ListenerDraft(
+                    "0.0.0.0", port.number, "HTTP", "OUTBOUND", owner, f"ServiceEntry {svc.namespace}/{svc.resource.name}",
+                    name=name, bind_to_port=False,
+                )
+                # the original destination chose the service: its routes answer whatever the Host
+                vhost = draft.vhost(f"{full}:{port.number}", ["*"])
+                ctx = MatchContext(MESH, port.number, self.proxy_labels)
+                for vs in mesh_vs:
+                    vhost.add(vs.label, self._routes(vs, ctx))
+                if not vhost.routes:
+                    route = Route(
+                        name="default",
+                        virtual_service="",
+                        matches=always(),
+                        destinations=(RouteDestination(cluster_name(svc.host, port.number), 100),),
+                        cumulative_weights=(100,),
+                        retry=policies.DEFAULT_RETRY,
+                    )
+                    vhost.add("", [(route, _route_dump(route, []))])
 
 
 def _parse_default_endpoint(r: Resource, path: str, value: str) -> tuple[str, int]:
@@ -470,6 +580,9 @@ class _ListenerDraft:
     direction: str
     owner_kind: str
     owner: str
+    name: str = ""  # default: "<address>_<port>"
+    bind_to_port: bool = True
+    use_original_dst: bool = False
     vhosts: dict[str, _VhostDraft] = field(default_factory=dict)
 
     def vhost(self, name: str, domains: list[str]) -> _VhostDraft:
@@ -503,7 +616,7 @@ class _ListenerDraft:
                     exact[d.encode()] = built
             dumps.append({"name": vh.name, "domains": list(domains), "routes": [d for _, d in vh.routes]})
         suffixes.sort(key=lambda s: -len(s[0]))
-        name = f"{self.address}_{self.port}"
+        name = self.name or f"{self.address}_{self.port}"
         listener = Listener(
             name=name,
             address=self.address,
@@ -511,6 +624,8 @@ class _ListenerDraft:
             protocol=self.protocol,
             route_table=RouteTable(exact=exact, suffixes=tuple(suffixes), catch_all=catch_all),
             traffic_direction=self.direction,
+            bind_to_port=self.bind_to_port,
+            use_original_dst=self.use_original_dst,
         )
         dump = {
             "name": name,
@@ -518,6 +633,8 @@ class _ListenerDraft:
             "port": self.port,
             "protocol": self.protocol,
             "traffic_direction": self.direction,
+            "bind_to_port": self.bind_to_port,
+            "use_original_dst": self.use_original_dst,
             "owner": self.owner,
             "virtual_hosts": dumps,
         }
@@ -597,9 +714,10 @@ def compile_resources(
     c = _Compiler(items, bind_address, proxy_labels)
     c.add_gateways()
     c.add_sidecars()
+    c.add_capture()
     listeners: list[Listener] = []
     listener_dumps: list[dict] = []
-    for draft in c.listeners.values():
+    for draft in [*c.listeners.values(), *c.virtual.values()]:
         listener, dump = draft.build()
         listeners.append(listener)
         listener_dumps.append(dump)

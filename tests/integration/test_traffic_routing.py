@@ -189,3 +189,11 @@ async def test_mirrors_list_each_with_its_percentage(nursery):
             await trio.sleep(0.01)
     assert len(v1.requests) == 10, "a 0% mirror sends nothing"
     assert {r["headers"]["host"] for r in v2.requests} == {f"{HOST}-shadow"}
+
+
+async def test_rewrite_without_uri_match_replaces_the_slash_prefix_like_istio(nursery):
+    v1, _, se, dr = await _two_versions(nursery)
+    vs = virtual_service("svc", HOST, [{"rewrite": {"uri": "/v2/"}, "route": [_to("v1")]}])
+    proxy = await start(nursery, se, dr, vs)
+    assert (await Client(proxy.port).request("/items?x=1")).status == 200
+    assert v1.requests[0]["target"] == "/v2/items?x=1"
