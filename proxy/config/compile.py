@@ -231,6 +231,7 @@ class _Compiler:
                 response_headers=resp_ops,
                 retry=policies.retry_policy(r, path, http) if dests else None,
                 fault=policies.fault_policy(r, path, http),
+                cors=policies.cors_policy(r, path, http),
                 mirrors=policies.mirror_policies(r, path, http, lambda p, d: self._resolve_destination(r, p, d)),
                 destination_headers=any(d.request_headers or d.response_headers for d in dests),
             )
@@ -675,6 +676,11 @@ def _route_dump(route: Route, match: list) -> dict:
         "retry": _plain(route.retry),
         "fault": _plain(route.fault),
         "mirrors": _plain(route.mirrors),
+        "cors": None if route.cors is None else {
+            "preflight_headers": _plain(route.cors.preflight_headers),
+            "response_headers": _plain(route.cors.response_headers),
+            "forward_unmatched_preflights": route.cors.forward_unmatched_preflights,
+        },
     }
 
 

@@ -319,6 +319,17 @@ class HTTPMirrorPolicy(IstioStruct, frozen=True):
     percentage: PercentValue | None = None
 
 
+class CorsPolicy(IstioStruct, frozen=True):
+    allow_origins: tuple[StringMatch, ...] = ()
+    allow_origin: tuple[str, ...] = ()  # deprecated exact origins
+    allow_methods: tuple[str, ...] = ()
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age: Duration | None = None
+    allow_credentials: bool | None = None
+    unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] = "FORWARD"
+
+
 class HTTPRoute(IstioStruct, frozen=True):
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -334,10 +345,10 @@ class HTTPRoute(IstioStruct, frozen=True):
     mirror_percent: Percent | None = None  # deprecated integer form of mirrorPercentage
     mirror_percentage: PercentValue | None = None
     headers: Headers | None = None
+    cors_policy: CorsPolicy | None = None
     delegate: Any = UNSET
-    cors_policy: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("delegate", "cors_policy")
+    unsupported: ClassVar[tuple[str, ...]] = ("delegate",)
 
 
 class VirtualServiceSpec(IstioStruct, frozen=True):

@@ -30,8 +30,10 @@ from proxy.config.istio import (
     TrafficPolicy,
 )
 from proxy.config.load import Resource
+from proxy.config.matchers import compile_string_match
 from proxy.config.snapshot import (
     ConnectionPool,
+    CorsPolicy,
     ConsistentHash,
     DirectResponse,
     FaultPolicy,
@@ -245,6 +247,47 @@ def mirror_policies(r: Resource, path: str, http: HTTPRoute, resolve: Callable[[
         cluster = resolve(f"{path}.mirrors[{i}].destination", m.destination)
         out.append(MirrorPolicy(cluster, ppm(m.percentage, None, 100.0)))
     return tuple(out)
+
+
+def cors_policy(r: Resource, path: str, http: HTTPRoute) -> CorsPolicy | None:
+    c = http.cors_policy
+    if c is None:
+        return None
+    matchers = [compile_string_match(m) for m in c.allow_origins]
+    exact = frozenset(o.encode() for o in c.allow_origin)
+    if not matchers and not exact:
+        raise r.error(f"{path}.corsPolicy.allowOrigins", "a corsPolicy needs at least one allowed origin")
+    for i, m in enumerate(c.allow_origins):
+        if m.exact is None and m.prefix is None and m.regex is None:
+            raise r.error(f"{path}.corsPolicy.allowOrigins[{i}]", "an origin match needs exact, prefix or regex")
+    for field_name, values in (("allowHeaders", c.allow_headers), ("exposeHeaders", c.expose_headers)):
+        for i, h in enumerate(values):
+            if h != "*" and not _HEADER_NAME.match(h):
+                raise r.error(f"{path}.corsPolicy.{field_name}[{i}]", f"invalid header name {h!r}")
+    match_any = tuple(matchers)
+
+    def origin_allowed(origin: bytes) -> bool:
+        if origin in exact or b"*" in exact:
+            return True
+        for m in match_any:
+            if m(origin):
+                return True
+        return False
+
+    credentials = [(b"access-control-allow-credentials", b"true")] if c.allow_credentials else []
+    preflight: list[tuple[bytes, bytes]] = []
+    if c.allow_methods:
+        preflight.append((b"access-control-allow-methods", ",".join(c.allow_methods).encode()))
+    if c.allow_headers:
+        preflight.append((b"access-control-allow-headers", ",".join(c.allow_headers).encode()))
+    if c.max_age is not None:
+        preflight.append((b"access-control-max-age", b"%d" % int(c.max_age)))
+    preflight += credentials
+    response = list(credentials)
+    if c.expose_headers:
+        response.append((b"access-control-expose-headers", ",".join(c.expose_headers).encode()))
+    return CorsPolicy(origin_allowed, tuple(preflight), tuple(response),
+                      forward_unmatched_preflights=c.unmatched_preflights != "IGNORE")
 
 
 # --------------------------------------------------------------------------------------------------

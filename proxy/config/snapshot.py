@@ -169,6 +169,18 @@ class FaultPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class CorsPolicy:
+    """corsPolicy compiled (Envoy's CORS filter): `origin_allowed(origin)`; the preflight answer's
+    headers and the headers added to an allowed origin's actual responses are precomputed, the
+    request's origin being echoed in access-control-allow-origin."""
+
+    origin_allowed: Callable[[bytes], bool]
+    preflight_headers: tuple[tuple[bytes, bytes], ...]
+    response_headers: tuple[tuple[bytes, bytes], ...]
+    forward_unmatched_preflights: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class MirrorPolicy:
     cluster: str
     ppm: int  # parts per million of requests mirrored
@@ -193,6 +205,7 @@ class Route:
     retry: RetryPolicy | None = None
     fault: FaultPolicy | None = None
     mirrors: tuple[MirrorPolicy, ...] = ()
+    cors: CorsPolicy | None = None
     # per-destination header operations exist somewhere in `destinations`
     destination_headers: bool = False
 
@@ -260,6 +273,12 @@ class Listener:
     route_table: RouteTable
     # OUTBOUND: gateway and Sidecar egress listeners; INBOUND: Sidecar ingress (to the local app)
     traffic_direction: str = "OUTBOUND"
+    # Envoy's bind_to_port: False for a sidecar's virtual listeners, reached only through the
+    # capture listeners (the route table of one captured service port, or of one inbound port)
+    bind_to_port: bool = True
+    # Envoy's use_original_dst: a capture listener (virtualOutbound :15001, virtualInbound :15006)
+    # that reads SO_ORIGINAL_DST and hands each connection to a virtual listener or the TCP proxy
+    use_original_dst: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,7 +221,7 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     stages.append(ForwardingStage())
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
-    if cookie or any(r.response_headers is not None or r.destination_headers for r in routes):
+    if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):
         stages.append(ResponseHeadersStage())
     return Chain(tuple(stages))
 

@@ -57,7 +57,7 @@ from proxy.l7.local_reply import reason_phrase
 from proxy.l7.mirror import start_mirrors
 from proxy.l7.retry import backoff_s, retry_on_error, retry_on_status
 from proxy.l7.stages.headers import response_header_ops
-from proxy.l7.stages.routing import redirect_location
+from proxy.l7.stages.routing import LOCAL_CLUSTER, redirect_location
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import RetryPolicy, Route
@@ -309,9 +309,9 @@ class Exchange:
         """Relays the exchange; returns whether the downstream connection may serve another request."""
         ctx, dreq = self.ctx, self.dreq
         route = ctx.route
-        if not route.destinations:
-            return await self._local_reply(route)
         crt = self.crt
+        if crt.cluster is LOCAL_CLUSTER:
+            return await self._local_reply(route)
         max_requests = crt.pool_limits.max_requests
         if max_requests is not None:
             if crt.rq_active >= max_requests:
@@ -503,10 +503,15 @@ class Exchange:
         return b"".join(chunks)
 
     async def _local_reply(self, route: Route) -> bool:
-        """directResponse and redirect: the route's own answer, with its response header operations."""
+        """directResponse, redirect and CORS preflight: answered here, with the route's response
+        header operations."""
         ctx, dreq = self.ctx, self.dreq
         head = ctx.request
-        if route.redirect is not None:
+        local = ctx.extra.get("local_reply") if ctx.extra else None
+        if local is not None:  # a stage's answer with headers (CORS preflight)
+            status, body = local[0], b""
+            headers = list(local[1])
+        elif route.redirect is not None:
             status, body = route.redirect.code, b""
             headers = [(b"location", redirect_location(head, route.redirect))]
         else:

@@ -72,6 +72,10 @@ def test_retry_policy_compiles_and_defaults_to_istios():
     ({"route": ROUTE, "mirrorPercentage": {"value": 5}}, "$.spec.http[0].mirrorPercentage", "needs `mirror`"),
     ({"route": ROUTE, "rewrite": {}}, "$.spec.http[0].rewrite", "needs `uri`"),
     ({}, "$.spec.http[0].route", "needs at least one destination"),
+    ({"route": ROUTE, "corsPolicy": {"allowMethods": ["GET"]}}, "$.spec.http[0].corsPolicy.allowOrigins",
+     "at least one allowed origin"),
+    ({"route": ROUTE, "corsPolicy": {"allowOrigins": [{"exact": "https://a"}], "allowHeaders": ["bad header"]}},
+     "$.spec.http[0].corsPolicy.allowHeaders[0]", "invalid header name"),
 ])
 def test_precise_compile_errors(http, path, message):
     e = _error(_vs([http]))

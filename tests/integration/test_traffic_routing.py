@@ -197,3 +197,29 @@ async def test_rewrite_without_uri_match_replaces_the_slash_prefix_like_istio(nu
     proxy = await start(nursery, se, dr, vs)
     assert (await Client(proxy.port).request("/items?x=1")).status == 200
     assert v1.requests[0]["target"] == "/v2/items?x=1"
+
+
+async def test_cors_preflight_answered_and_actual_responses_get_cors_headers(nursery):
+    v1, _, se, dr = await _two_versions(nursery)
+    cors = {"allowOrigins": [{"exact": "https://app.example.com"}, {"regex": "https://.*\\.trusted\\.dev"}],
+            "allowMethods": ["GET", "POST"], "allowHeaders": ["x-token"], "exposeHeaders": ["x-backend"],
+            "maxAge": "24h", "allowCredentials": True}
+    vs = virtual_service("svc", HOST, [{"route": [_to("v1")], "corsPolicy": cors}])
+    proxy = await start(nursery, se, dr, vs)
+    c = Client(proxy.port)
+    pre = [("origin", "https://a.trusted.dev"), ("access-control-request-method", "POST")]
+    r = await c.request("/api", method="OPTIONS", headers=pre)
+    assert r.status == 200 and v1.requests == [], "an allowed preflight is answered by the proxy"
+    assert r.header("access-control-allow-origin") == "https://a.trusted.dev"
+    assert (r.header("access-control-allow-methods"), r.header("access-control-allow-headers"),
+            r.header("access-control-max-age"), r.header("access-control-allow-credentials")) == (
+        "GET,POST", "x-token", "86400", "true")
+    r = await c.request("/api", headers=[("origin", "https://app.example.com")])
+    assert r.status == 200 and r.header("access-control-allow-origin") == "https://app.example.com"
+    assert r.header("access-control-expose-headers") == "x-backend"
+    r = await c.request("/api", headers=[("origin", "https://evil.example")])
+    assert r.status == 200 and r.header("access-control-allow-origin") is None
+    r = await c.request("/api", method="OPTIONS", headers=[("origin", "https://evil.example"),
+                                                            ("access-control-request-method", "GET")])
+    assert r.header("access-control-allow-origin") is None
+    assert len(v1.requests) == 3, "an unmatched preflight is forwarded (unmatchedPreflights FORWARD)"

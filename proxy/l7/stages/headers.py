@@ -1,5 +1,6 @@
 """Response header operations of the route and of the chosen destination (VirtualService
-`headers.response`), plus the Set-Cookie of a generated consistent-hash cookie."""
+`headers.response`), plus the Set-Cookie of a generated consistent-hash cookie and the CORS headers
+for an allowed origin."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ def response_header_ops(ctx: RequestContext, headers: list) -> list:
         cookie = extra.get("set_cookie")
         if cookie is not None:
             headers.append((b"set-cookie", cookie))
+        cors = extra.get("cors_headers")
+        if cors is not None:
+            headers = [h for h in headers if not h[0].startswith(b"access-control-")] + cors
     return headers
 
 
