@@ -302,11 +302,11 @@ class FaultDelay(IstioStruct, frozen=True):
 
 class FaultAbort(IstioStruct, frozen=True):
     http_status: Annotated[int, Meta(ge=200, le=599)] | None = None
+    grpc_status: str | None = None
     percentage: PercentValue | None = None
-    grpc_status: Any = UNSET
     http2_error: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("grpc_status", "http2_error")
+    unsupported: ClassVar[tuple[str, ...]] = ("http2_error",)
 
 
 class HTTPFaultInjection(IstioStruct, frozen=True):

@@ -57,6 +57,10 @@ DEFAULT_RETRY = RetryPolicy(
     retry_on=frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}),
     retriable_status_codes=frozenset({503}),
 )
+GRPC_CODES = {name: code for code, name in enumerate((
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"))}
 _HEADER_NAME = re.compile(r"^:?[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _PPM = 1_000_000
 
@@ -166,12 +170,20 @@ def fault_policy(r: Resource, path: str, http: HTTPRoute) -> FaultPolicy | None:
             raise r.error(f"{path}.fault.delay.fixedDelay", "fixedDelay must be at least 1ms")
         delay_s = float(f.delay.fixed_delay)
         delay_ppm = ppm(f.delay.percentage, f.delay.percent, 0.0)
+    grpc = None
     if f.abort is not None:
-        if f.abort.http_status is None:
-            raise r.error(f"{path}.fault.abort.httpStatus", "an abort needs httpStatus")
-        status = f.abort.http_status
+        if (f.abort.http_status is None) == (f.abort.grpc_status is None):
+            raise r.error(f"{path}.fault.abort.httpStatus", "an abort needs exactly one of httpStatus and grpcStatus")
+        if f.abort.grpc_status is not None:
+            grpc = GRPC_CODES.get(f.abort.grpc_status.upper())
+            if grpc is None:
+                raise r.error(f"{path}.fault.abort.grpcStatus",
+                              f"unknown gRPC status {f.abort.grpc_status!r}; expected one of {', '.join(GRPC_CODES)}")
+            status = 200
+        else:
+            status = f.abort.http_status
         abort_ppm = ppm(f.abort.percentage, None, 0.0)
-    return FaultPolicy(delay_s, delay_ppm, status, abort_ppm)
+    return FaultPolicy(delay_s, delay_ppm, status, abort_ppm, grpc)
 
 
 def rewrite_for(r: Resource, path: str, http: HTTPRoute, matched_prefix: bytes | None) -> Rewrite | None:

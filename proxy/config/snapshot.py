@@ -166,6 +166,7 @@ class FaultPolicy:
     delay_ppm: int = 0
     abort_status: int = 0
     abort_ppm: int = 0
+    abort_grpc_status: int | None = None  # abort as a gRPC error (HTTP 200, grpc-status) instead
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,15 @@ async def test_fault_abort_every_request_never_reaches_upstream(nursery):
     assert proxy.counter("triomesh_response_flags_total", flag="FI") == 5
 
 
+async def test_fault_abort_with_grpc_status(nursery):
+    (be,) = await _backends(nursery, 200)
+    proxy = await _proxy(nursery, [be], {"fault": {"abort": {"grpcStatus": "UNAVAILABLE", "percentage": {"value": 100}}}})
+    r = await Client(proxy.port).request("/pkg.Service/Method", method="POST", body=b"\0\0\0\0\0")
+    assert (r.status, r.header("grpc-status"), r.header("content-type")) == (200, "14", "application/grpc")
+    assert be.requests == []
+    assert proxy.counter("triomesh_response_flags_total", flag="FI") == 1
+
+
 async def test_fault_abort_percentage_within_5_sigma(nursery):
     (be,) = await _backends(nursery, 200)
     proxy = await _proxy(nursery, [be], {"fault": {"abort": {"httpStatus": 503, "percentage": {"value": 25}}}})
