@@ -133,21 +133,22 @@ def replace_keeping_fingerprint(path: Path, text: str) -> None:
 
 @dataclass
 class Proxy:
-    config: Path
+    config: Path | None  # None: config only from a control plane (pass --controlplane in extra_args)
     workdir: Path
     concurrency: int = 2
     access_log: str = "json"
     log_level: str = "info"
     log_format: str = "json"
     admin_port: int = field(default_factory=free_port)
+    extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
 
     def start(self, *, wait_ready: bool = True) -> Proxy:
         self.stderr_path = self.workdir / f"triomesh-{time.monotonic_ns()}.log"
-        cmd = [sys.executable, "-m", "proxy.cli", "proxy", "--config", str(self.config),
+        cmd = [sys.executable, "-m", "proxy.cli", "proxy", *(["--config", str(self.config)] if self.config else []),
                "--concurrency", str(self.concurrency), "--bind-address", "127.0.0.1",
                "--admin-address", f"127.0.0.1:{self.admin_port}", "--access-log", self.access_log,
-               "--log-level", self.log_level, "--log-format", self.log_format]
+               "--log-level", self.log_level, "--log-format", self.log_format, *self.extra_args]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.stderr_path, "wb"))
@@ -239,6 +240,67 @@ class Proxy:
                 except ValueError:
                     pass  # a line cut by a crash; the tests look at whole ones
         return records
+
+
+def triomesh(*argv: str, stdin: bytes | None = None, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+    """One `triomesh` CLI run (text output)."""
+    return subprocess.run([sys.executable, "-m", "proxy.cli", *argv], cwd=REPO_ROOT, input=stdin, capture_output=True,
+                          timeout=timeout_s, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+
+
+@dataclass
+class ControlPlane:
+    """`triomesh controlplane` as a subprocess on 127.0.0.1 (port 0 unless given; the bound port is
+    read from --port-file). Short heartbeats, grace and debounce so tests run fast."""
+
+    config: Path
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> ControlPlane:
+        port_file = self.workdir / f"cp-{time.monotonic_ns()}.port"
+        self.log_path = self.workdir / f"controlplane-{time.monotonic_ns()}.log"
+        cmd = [sys.executable, "-m", "proxy.cli", "controlplane", "--config", str(self.config),
+               "--listen", f"127.0.0.1:{self.port}", "--port-file", str(port_file),
+               "--heartbeat-interval", "1", "--grace-period", "2", "--debounce", "0.05", "--poll-interval", "0.2"]
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log_path, "wb"))
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"control plane did not start ({self.proc.poll()}):\n{self.log_text()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+            raise AssertionError("control plane did not stop within 10 s of SIGTERM")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        """`triomesh SUBCOMMAND ARGS --controlplane ADDRESS`."""
+        return triomesh(*argv, "--controlplane", self.address, stdin=stdin)
+
+    def status(self) -> dict:
+        r = self.cli("proxy-status", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
 
 
 def get(port: int, path: str, *, timeout_s: float = 5.0) -> tuple[int, str]:

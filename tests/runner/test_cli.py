@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.cli import build_parser, default_concurrency
+from proxy.cli import build_parser, default_concurrency, parse_args
 from tests.runner.harness import REPO_ROOT, mesh_config
 
 
@@ -38,13 +38,28 @@ def test_proxy_flags_as_the_bench_passes_them() -> None:
     ["proxy", "--config", "c", "--admin-address", "host:99999"],
     ["proxy", "--config", "c", "--access-log", "xml"],
     ["proxy", "--config", "c", "--log-level", "trace"],
-    ["proxy"],
+    ["proxy"],  # neither --config nor --controlplane
+    ["proxy", "--controlplane", "15010"],
+    ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "novalue"],
+    ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "=v"],
     [],
 ])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(argv)
+        parse_args(argv)
     assert e.value.code == 2
+
+
+def test_proxy_controlplane_flags() -> None:
+    args = parse_args(["proxy", "--controlplane", "127.0.0.1:15010"])
+    assert args.config is None and args.controlplane == ("127.0.0.1", 15010)
+    assert (args.node_id, args.namespace, args.labels, args.register) == (None, "default", [], None)
+    args = parse_args(["proxy", "--config", "boot.yaml", "--controlplane", "[::1]:15010", "--node-id", "gw-1",
+                       "--namespace", "tutorial", "--label", "app=edge", "--label", "version=v1=x",
+                       "--label", "empty=", "--register", "127.0.0.5"])
+    assert args.config == Path("boot.yaml") and args.controlplane == ("::1", 15010)
+    assert (args.node_id, args.namespace, args.register) == ("gw-1", "tutorial", "127.0.0.5")
+    assert dict(args.labels) == {"app": "edge", "version": "v1=x", "empty": ""}
 
 
 def test_default_concurrency_is_the_usable_cores() -> None:
@@ -71,7 +86,13 @@ def test_validate_ok_and_error(tmp_path: Path) -> None:
 def test_help_lists_the_subcommands() -> None:
     r = _triomesh("--help")
     assert r.returncode == 0
-    for name in ("proxy", "validate", "capture"):
+    for name in ("proxy", "validate", "capture", "controlplane", "apply", "delete", "proxy-status", "proxy-config"):
         assert name in r.stdout
     r = _triomesh("validate", "--help")
     assert r.returncode == 0 and "FILE|DIR" in r.stdout
+    for name, usage in (("controlplane", "usage: triomesh controlplane"), ("apply", "usage: triomesh apply"),
+                        ("proxy-status", "usage: triomesh proxy-status"), ("proxy-config", "usage: triomesh proxy-config")):
+        r = _triomesh(name, "--help")
+        assert r.returncode == 0 and r.stdout.startswith(usage), (name, r.stdout)
+    r = _triomesh("proxy")
+    assert r.returncode == 2 and "--config or --controlplane is required" in r.stderr
