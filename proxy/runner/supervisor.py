@@ -213,6 +213,10 @@ class Supervisor:
         if scope.cancelled_caught:
             self.log.warning("workers_behind", version=version,
                              workers={s.index: s.version for s in self.slots if s.version != version})
+        failed = [s for s in self.slots if s.failed_version == version and s.version != version]
+        if failed:
+            # the supervisor compiled it, so this is a bug; NACK so proxy-status shows it
+            raise RuntimeError("; ".join(f"worker {s.index} could not apply {version}: {s.last_error}" for s in failed))
 
     def node_info(self, admin_port: int):
         from proxy.xds.client import NodeInfo
