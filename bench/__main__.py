@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench import load, pyspy, report
 from bench.l4_bench import MiB, measure_transfers, start_sink, upload
-from bench.measure import core_busy_seconds
+from bench.measure import core_busy_seconds, user_system_seconds
 from bench.targets import Started, start_envoy, start_envoy_tcp, start_l4_forwarder, start_nginx, start_triomesh
 
 PROXY_CPU = "0"
@@ -191,28 +191,45 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
 
 
 def profile_triomesh(args, triomesh: Started, port: int) -> None:
-    """One extra c64 run (not reported) with py-spy sampling the worker; results next to the table."""
+    """One extra c64 run (not reported) with py-spy sampling the worker twice at once (all samples, and
+    only those holding the GIL), plus the worker's user/system CPU split; results next to the table."""
     workers = pyspy.worker_pids(triomesh.pids())
     if not workers:
         print("--profile: no triomesh worker process found", file=sys.stderr)
         return
-    raw = triomesh.workdir / "profile.collapsed"
-    spy = pyspy.start_recording(pyspy.ensure_py_spy(), workers[0], raw, duration_s=args.duration, cpus=LOAD_CPU)
+    worker = workers[0]
+    py_spy = pyspy.ensure_py_spy()
+    raw, raw_gil = triomesh.workdir / "profile.collapsed", triomesh.workdir / "profile-gil.collapsed"
+    spies = [pyspy.start_recording(py_spy, worker, raw, duration_s=args.duration, cpus=LOAD_CPU),
+             pyspy.start_recording(py_spy, worker, raw_gil, duration_s=args.duration, gil_only=True, cpus=LOAD_CPU)]
+    errors = []
     try:
         time.sleep(0.3)  # attached before the load starts
+        user0, sys0 = user_system_seconds(worker)
         res = load.run_wrk(f"http://127.0.0.1:{port}/small", connections=64, duration_s=args.duration, cpus=LOAD_CPU)
-        _, err = spy.communicate(timeout=args.duration + 60)
+        user1, sys1 = user_system_seconds(worker)
+        for spy in spies:
+            _, err = spy.communicate(timeout=args.duration + 60)
+            if spy.returncode != 0:
+                errors.append(err.strip()[-500:])
     finally:
-        if spy.poll() is None:
-            spy.kill()
-            spy.wait()
-    if spy.returncode != 0 or not raw.exists():
-        print(f"--profile: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
+        for spy in spies:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait()
+    if errors or not raw.exists():
+        print(f"--profile: py-spy failed: {errors}", file=sys.stderr)
         return
+    user, system = user1 - user0, sys1 - sys0
+    preface = (f"Worker CPU during the run: {user:.2f} s user + {system:.2f} s system "
+               f"({1e6 * user / max(1, res.requests):.1f} + {1e6 * system / max(1, res.requests):.1f} µs per request, "
+               "py-spy's pauses included); system time is the kernel's share (syscalls, loopback TCP).")
     stacks = pyspy.read_collapsed(raw)
-    title = (f"triomesh worker (pid {workers[0]}), HTTP/1.1 100 B, 64 conns, {args.duration} s, "
+    gil_stacks = pyspy.read_collapsed(raw_gil) if raw_gil.exists() else None
+    title = (f"triomesh worker (pid {worker}), HTTP/1.1 100 B, 64 conns, {args.duration} s, "
              f"{res.rps:,.0f} req/s while sampled, {time.strftime('%Y-%m-%d %H:%M')}")
-    (args.out / "profile-c64.txt").write_text(pyspy.summary(stacks, title=title))
+    (args.out / "profile-c64.txt").write_text(pyspy.summary(stacks, title=title, gil_stacks=gil_stacks,
+                                                            preface=preface))
     (args.out / "profile-c64.svg").write_text(pyspy.flamegraph_svg(stacks, title=title))
     print(f"profile: {args.out / 'profile-c64.svg'}, {args.out / 'profile-c64.txt'}")
 

@@ -56,6 +56,16 @@ def _tick_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of pid from /proc/<pid>/stat (10 ms ticks): the kernel's share."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0, 0.0
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
 def _schedstat_seconds(pid: int) -> float | None:
     """On-CPU time of all threads of pid in ns resolution; None if the kernel has no schedstat."""
     total_ns = 0

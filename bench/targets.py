@@ -79,6 +79,16 @@ class Started:
     def reset_peak_rss(self) -> bool:
         return reset_peak_rss(self.pids())
 
+    def log_tail(self, lines: int = 30) -> str:
+        """The end of the process's stderr log (kept in its workdir), for a failure message."""
+        logs = sorted(self.workdir.glob("*.log")) if self.workdir != Path(".") else []
+        code = self.proc.poll()
+        out = ["still running" if code is None else f"exited with status {code}"]
+        for log in logs:
+            text = log.read_text(errors="replace").splitlines()[-lines:]
+            out += [f"--- {log.name} (last {len(text)} lines)", *text]
+        return "\n".join(out)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -130,9 +140,10 @@ def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
     started = Started("nginx", proc, port, workdir)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/small")
-    except Exception:
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
-        raise
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
     return started
 
 
@@ -197,9 +208,10 @@ def start_envoy(workdir: Path, backend_port: int, *, envoy_bin: str, cpus: str |
                               concurrency=concurrency, name="envoy")
     try:
         wait_http_ok(f"http://127.0.0.1:{started.port}/small")
-    except Exception:
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
-        raise
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
     return started
 
 
@@ -211,9 +223,10 @@ def start_envoy_tcp(workdir: Path, upstream_port: int, *, envoy_bin: str, cpus: 
         # /ready answers 200 once the listeners are initialised; the port accepting is the proof
         wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
         wait_tcp_accepting(started.port)
-    except Exception:
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
-        raise
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
     return started
 
 
@@ -267,7 +280,8 @@ def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concur
     try:
         wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
         wait_http_ok(f"http://127.0.0.1:{port}/small")
-    except Exception:
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
-        raise
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
     return started
