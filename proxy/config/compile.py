@@ -42,7 +42,7 @@ from proxy.config.istio import (
     VirtualServiceSpec,
 )
 from proxy.config.load import Resource, check_duplicates
-from proxy.config.matchers import MatchContext, always, compile_matches
+from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
 from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
 from proxy.config.snapshot import (
     Cluster,
@@ -142,7 +142,15 @@ class _Compiler:
         )
         self.clusters: dict[str, Cluster] = build_clusters(self.registry)
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
-        self.virtual_services = [self._check_vs(r) for r in self.by_kind["VirtualService"]]
+        # host-less VirtualServices are delegates: their routes are used only where a route delegates
+        self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}
+        referenced = {(h.delegate.namespace or r.namespace, h.delegate.name)
+                      for r in self.by_kind["VirtualService"] for h in r.obj.spec.http if h.delegate is not None}
+        for key, r in self.delegates.items():
+            if key not in referenced:
+                raise r.error("$.spec.hosts", "a VirtualService needs at least one host (a host-less one is a delegate, "
+                                              "but no route delegates to this one)")
+        self.virtual_services = [self._check_vs(r) for r in self.by_kind["VirtualService"] if r.obj.spec.hosts]
         self.listeners: dict[tuple[str, int], _ListenerDraft] = {}
         self.outbound_policy = "ALLOW_ANY"  # Istio's mesh default
         self.outbound_policy_from: Resource | None = None
@@ -196,47 +204,75 @@ class _Compiler:
         routes: list[_CheckedRoute] = []
         for i, http in enumerate(spec.http):
             path = f"$.spec.http[{i}]"
-            for k, m in enumerate(http.match):
-                for j, g in enumerate(m.gateways):
-                    self._check_gateway_name(r, f"{path}.match[{k}].gateways[{j}]", g)
-            redirect = policies.redirect_for(r, path, http)
-            direct = policies.direct_response_for(r, path, http)
-            if not http.route and redirect is None and direct is None:
-                raise r.error(f"{path}.route", "an http route needs at least one destination (or a redirect or directResponse)")
-            dests: list[RouteDestination] = []
-            for j, rd in enumerate(http.route):
-                cluster = self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination)
-                req_ops, resp_ops = policies.headers_pair(r, f"{path}.route[{j}].headers", rd.headers)
-                dests.append(RouteDestination(cluster, rd.weight, req_ops, resp_ops))
-            if len(dests) == 1:
-                d = dests[0]
-                dests = [RouteDestination(d.cluster, 100, d.request_headers, d.response_headers)]  # takes everything
-            elif dests:
-                total = sum(d.weight for d in dests)
-                if total != 100:  # Istio's validation rule
-                    raise r.error(f"{path}.route", f"total destination weight {total} != 100")
-            if http.timeout is not None and http.timeout < 0.001 and http.timeout != 0:
-                raise r.error(f"{path}.timeout", "timeout must be at least 1ms (or 0s to disable it)")
-            cumulative: list[int] = []
-            acc = 0
-            for d in dests:
-                acc += d.weight
-                cumulative.append(acc)
-            req_ops, resp_ops = policies.headers_pair(r, f"{path}.headers", http.headers)
-            policies.rewrite_for(r, path, http, None)  # validated once here; built per match block later
-            extra = dict(
-                redirect=redirect,
-                direct_response=direct,
-                request_headers=req_ops,
-                response_headers=resp_ops,
-                retry=policies.retry_policy(r, path, http) if dests else None,
-                fault=policies.fault_policy(r, path, http),
-                cors=policies.cors_policy(r, path, http),
-                mirrors=policies.mirror_policies(r, path, http, lambda p, d: self._resolve_destination(r, p, d)),
-                destination_headers=any(d.request_headers or d.response_headers for d in dests),
-            )
-            routes.append(_CheckedRoute(i, http, tuple(dests), tuple(cumulative), extra, r, path))
+            if http.delegate is not None:
+                routes.extend(self._delegated_routes(r, path, i, http))
+            else:
+                routes.append(self._check_http_route(r, path, i, http))
         return _CheckedVS(r, spec, gateways, routes)
+
+    def _check_http_route(self, r: Resource, path: str, i, http: HTTPRoute) -> _CheckedRoute:
+        for k, m in enumerate(http.match):
+            for j, g in enumerate(m.gateways):
+                self._check_gateway_name(r, f"{path}.match[{k}].gateways[{j}]", g)
+        redirect = policies.redirect_for(r, path, http)
+        direct = policies.direct_response_for(r, path, http)
+        if not http.route and redirect is None and direct is None:
+            raise r.error(f"{path}.route", "an http route needs at least one destination (or a redirect or directResponse)")
+        dests: list[RouteDestination] = []
+        for j, rd in enumerate(http.route):
+            cluster = self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination)
+            req_ops, resp_ops = policies.headers_pair(r, f"{path}.route[{j}].headers", rd.headers)
+            dests.append(RouteDestination(cluster, rd.weight, req_ops, resp_ops))
+        if len(dests) == 1:
+            d = dests[0]
+            dests = [RouteDestination(d.cluster, 100, d.request_headers, d.response_headers)]  # takes everything
+        elif dests:
+            total = sum(d.weight for d in dests)
+            if total != 100:  # Istio's validation rule
+                raise r.error(f"{path}.route", f"total destination weight {total} != 100")
+        if http.timeout is not None and http.timeout < 0.001 and http.timeout != 0:
+            raise r.error(f"{path}.timeout", "timeout must be at least 1ms (or 0s to disable it)")
+        cumulative: list[int] = []
+        acc = 0
+        for d in dests:
+            acc += d.weight
+            cumulative.append(acc)
+        req_ops, resp_ops = policies.headers_pair(r, f"{path}.headers", http.headers)
+        policies.rewrite_for(r, path, http, None)  # validated once here; built per match block later
+        extra = dict(
+            redirect=redirect,
+            direct_response=direct,
+            request_headers=req_ops,
+            response_headers=resp_ops,
+            retry=policies.retry_policy(r, path, http) if dests else None,
+            fault=policies.fault_policy(r, path, http),
+            cors=policies.cors_policy(r, path, http),
+            mirrors=policies.mirror_policies(r, path, http, lambda p, d: self._resolve_destination(r, p, d)),
+            destination_headers=any(d.request_headers or d.response_headers for d in dests),
+        )
+        return _CheckedRoute(i, http, tuple(dests), tuple(cumulative), extra, r, path)
+
+    def _delegated_routes(self, r: Resource, path: str, i: int, http: HTTPRoute) -> list[_CheckedRoute]:
+        """Istio delegation: the routes of a host-less VirtualService, each match ANDed with this
+        route's (a combination whose fields contradict is dropped, as Istio drops conflicting routes)."""
+        if http.route or http.redirect is not None or http.direct_response is not None:
+            raise r.error(f"{path}.delegate", "a route with delegate cannot also have route, redirect or directResponse")
+        ns = http.delegate.namespace or r.namespace
+        target = self.delegates.get((ns, http.delegate.name))
+        if target is None:
+            raise r.error(f"{path}.delegate", f"no host-less VirtualService {ns}/{http.delegate.name} to delegate to")
+        out: list[_CheckedRoute] = []
+        dspec: VirtualServiceSpec = target.obj.spec
+        for j, dhttp in enumerate(dspec.http):
+            dpath = f"$.spec.http[{j}]"
+            if dhttp.delegate is not None:
+                raise target.error(f"{dpath}.delegate", "a delegate VirtualService cannot delegate again")
+            merged = merge_matches(http.match, dhttp.match)
+            if merged is None:
+                continue
+            combined = msgspec.structs.replace(dhttp, match=merged)
+            out.append(self._check_http_route(target, dpath, f"{i}.{j}", combined))
+        return out
 
     # ---- routes per listener context
 

@@ -330,6 +330,11 @@ class CorsPolicy(IstioStruct, frozen=True):
     unmatched_preflights: Literal["UNSPECIFIED", "FORWARD", "IGNORE"] = "FORWARD"
 
 
+class Delegate(IstioStruct, frozen=True):
+    name: Annotated[str, Meta(min_length=1)]
+    namespace: str = ""
+
+
 class HTTPRoute(IstioStruct, frozen=True):
     name: str = ""
     match: tuple[HTTPMatchRequest, ...] = ()
@@ -346,9 +351,7 @@ class HTTPRoute(IstioStruct, frozen=True):
     mirror_percentage: PercentValue | None = None
     headers: Headers | None = None
     cors_policy: CorsPolicy | None = None
-    delegate: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("delegate",)
+    delegate: Delegate | None = None
 
 
 class VirtualServiceSpec(IstioStruct, frozen=True):

@@ -315,3 +315,15 @@ class DownstreamConnection:
             return False
         ctx.status = status
         return True
+
+
+async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"", *,
+                           nursery: trio.Nursery) -> None:
+    """Serve one already-accepted connection on `listener_name` (a sidecar's virtual listener),
+    replaying `initial`, the bytes a protocol sniffer read first. `nursery` runs the timeout sweeper
+    if it is not running yet. Returns when the connection is done; the socket is closed."""
+    downstream = DownstreamConnection(plane, listener_name, sock, addr)
+    if initial:
+        downstream.conn = Conn(sock, initial)
+    plane.sweeper.ensure_running(nursery)
+    await downstream.run()

@@ -3,6 +3,7 @@
 Every worker binds the same address:port with SO_REUSEPORT, so the kernel spreads new connections
 over the workers. On a reload, listeners whose name and address are unchanged keep their socket
 (connections in flight and queued in the backlog continue); new ones are bound; removed ones stop.
+Virtual listeners (bind_to_port False) get no socket: the capture listeners hand them connections.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 # serve(sock, listener_name, task_status=...) runs until cancelled
 ServeFn = Callable[..., Awaitable[None]]
+# the server key of capture listeners (use_original_dst), whatever their protocol
+ORIGINAL_DST = "ORIGINAL_DST"
+
+
+def server_key(listener: Listener) -> str:
+    return ORIGINAL_DST if listener.use_original_dst else listener.protocol
 
 
 async def open_reuseport_socket(address: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> trio.socket.SocketType:
@@ -66,16 +73,18 @@ class ListenerManager:
         wanted: dict[str, Listener] = {}
         errors: list[str] = []
         for listener in snapshot.listeners:
-            if listener.protocol in self._servers:
+            if not listener.bind_to_port:
+                continue
+            if server_key(listener) in self._servers:
                 wanted[listener.name] = listener
             else:  # the compiler should not emit it; say so loudly rather than serve it wrongly
-                msg = f"{listener.name}: no server for protocol {listener.protocol}"
+                msg = f"{listener.name}: no server for protocol {server_key(listener)}"
                 self._log.error("listener_protocol_not_served", listener=listener.name, error=msg)
                 errors.append(msg)
         stopping: list[_Active] = []
         for name, active in list(self._active.items()):
             listener = wanted.get(name)
-            if listener is None or (listener.address, listener.port, listener.protocol) != (
+            if listener is None or (listener.address, listener.port, server_key(listener)) != (
                     active.address, active.port, active.protocol):
                 # stops accepting; its open connections live in the worker-wide nursery and finish
                 active.scope.cancel()
@@ -94,9 +103,10 @@ class ListenerManager:
                 self._log.error("listener_bind_failed", listener=name, error=msg)
                 errors.append(msg)
                 continue
-            active = _Active(listener.address, listener.port, listener.protocol, trio.CancelScope(), trio.Event())
+            key = server_key(listener)
+            active = _Active(listener.address, listener.port, key, trio.CancelScope(), trio.Event())
             self._active[name] = active
-            await self._nursery.start(self._run, self._servers[listener.protocol], sock, name, active)
+            await self._nursery.start(self._run, self._servers[key], sock, name, active)
             self._log.info("listener_added", listener=name, address=f"{listener.address}:{listener.port}")
         return errors
 

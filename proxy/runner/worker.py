@@ -20,7 +20,7 @@ from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
 from proxy.runner import control
 from proxy.runner.config_source import build_snapshot
-from proxy.runner.listeners import ListenerManager
+from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 
@@ -44,6 +44,7 @@ async def _flush_access_log(access_log: AccessLog) -> None:
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) -> None:
+    from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane
     from proxy.l7.server import serve_listener
 
@@ -56,8 +57,11 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
         async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
             await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
 
+        # a transparent sidecar's capture listeners (virtualOutbound/virtualInbound): original
+        # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
+        capture = CaptureServer(plane, stats, connections)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
-        listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve}, log)
+        listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, ORIGINAL_DST: capture.serve}, log)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
         while True:

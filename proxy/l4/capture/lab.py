@@ -33,7 +33,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pyroute2 import NetNS, netns
 
@@ -65,6 +65,7 @@ class Lab:
     run_id: str
     hub_netns: str
     nodes: dict[str, LabNode] = field(default_factory=dict)
+    extra_hosts: dict[str, str] = field(default_factory=dict)
 
     def node(self, name: str) -> LabNode:
         return self.nodes[name]
@@ -104,8 +105,12 @@ def lab_up(
     run_id: str | None = None,
     subnet_v4: str = DEFAULT_SUBNET_V4,
     subnet_v6: str | None = DEFAULT_SUBNET_V6,
+    extra_hosts: Mapping[str, str] | None = None,
 ) -> Lab:
-    """Create the namespaces, bridge, veths, addresses and hosts files. Cleans up if anything fails."""
+    """Create the namespaces, bridge, veths, addresses and hosts files. Cleans up if anything fails.
+
+    `extra_hosts` adds name -> address lines to every node's hosts file (e.g. a service's virtual IP,
+    which no node holds: the capture rules divert connections to it before they leave the node)."""
     names = list(node_names)
     for name in names:
         if not _NODE_NAME.fullmatch(name) or name == HUB:
@@ -122,7 +127,11 @@ def lab_up(
     taken = [n for n in netns.listnetns() if n.startswith(_netns_name(run_id, ""))]
     if taken:  # someone else's run: refuse before creating anything, so our cleanup cannot touch it
         raise LabError(f"run id {run_id} is in use: {', '.join(taken)}")
-    lab = Lab(run_id=run_id, hub_netns=_netns_name(run_id, HUB))
+    for name, address in (extra_hosts or {}).items():
+        ipaddress.ip_address(address)  # ValueError on junk, before anything is created
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", name):
+            raise LabError(f"bad host name {name!r}")
+    lab = Lab(run_id=run_id, hub_netns=_netns_name(run_id, HUB), extra_hosts=dict(extra_hosts or {}))
     try:
         _create_namespace(lab.hub_netns)
         with NetNS(lab.hub_netns, flags=0) as hub:
@@ -213,6 +222,8 @@ def _write_hosts_files(lab: Lab) -> None:
         lines.append(f"{node.ipv4}\t{node.name}")
         if node.ipv6:
             lines.append(f"{node.ipv6}\t{node.name}")
+    for name, address in lab.extra_hosts.items():
+        lines.append(f"{address}\t{name}")
     text = "\n".join(lines) + "\n"
     for node in lab.nodes.values():
         directory = NETNS_ETC / node.netns

@@ -1,0 +1,254 @@
+"""The capture listeners of a transparent sidecar (virtualOutbound :15001, virtualInbound :15006):
+accept, read SO_ORIGINAL_DST, sniff when it matters, then hand the connection to the L7 pipeline
+(a virtual listener) or the TCP proxy, as sidecar.py decides.
+
+One task per connection, in the worker's connection nursery (so a reload that removes a listener
+lets its connections finish). The snapshot is read once per connection, when it is accepted, and
+the capture table derived from it is cached per snapshot. The proxy's own upstream connections are
+not captured again because the proxy runs under the uid the capture rules exclude (see
+`triomesh capture`, istio-iptables `-u`), or, for inbound passthrough, comes from 127.0.0.6.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from dataclasses import dataclass
+
+import structlog
+import trio
+from trio.lowlevel import checkpoint, notify_closing, wait_readable
+
+from proxy.config.snapshot import Snapshot
+from proxy.l4 import sidecar
+from proxy.l4.addrs import UpstreamAddr
+from proxy.l4.original_dst import TransparentConnection, describe_connection
+from proxy.l4.sniff import Protocol
+from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
+from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats, proxy_to_upstream
+from proxy.l7.local_reply import local_reply_bytes
+from proxy.stats import HELP, Counter, Stats
+
+log = structlog.get_logger("triomesh.l4")
+
+HELP.setdefault("triomesh_sidecar_cx_total", "Captured connections, by capture listener and what was done with them.")
+HELP.setdefault(
+    "triomesh_sidecar_outbound_refused_total",
+    "Captured outbound connections to an unknown destination refused (REGISTRY_ONLY), by protocol.",
+)
+
+_ACCEPT_BATCH = 64
+# after a refusal's 502, how long to read what the client still sends, so close() sends FIN, not RST
+_REFUSE_DRAIN_S = 1.0
+_REFUSE_DRAIN_MAX_BYTES = 256 * 1024
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close() sends RST
+
+
+@dataclass(slots=True)
+class CaptureSettings:
+    sniff_timeout_s: float = DEFAULT_SNIFF_TIMEOUT_S
+    idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S
+
+
+class CaptureServer:
+    """Serves the capture listeners of one worker. `plane` is the worker's L7 DataPlane."""
+
+    def __init__(self, plane, stats: Stats, connections: trio.Nursery, settings: CaptureSettings | None = None) -> None:
+        self.plane = plane
+        self.stats = stats
+        self.connections = connections
+        self.settings = settings or CaptureSettings()
+        # the last snapshot's derived state (a swap replaces it; connections keep what they read)
+        self._snapshot: Snapshot | None = None
+        self._table: sidecar.CaptureTable | None = None
+        self._listeners: dict = {}
+        self._tcp_stats: dict[str, TcpProxyStats] = {}
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._refused: dict[str, Counter] = {}
+
+    # ---- per-snapshot state
+
+    def table(self, snapshot: Snapshot) -> sidecar.CaptureTable:
+        if snapshot is not self._snapshot:
+            self._table = sidecar.capture_table(snapshot)
+            self._listeners = {l.name: l for l in snapshot.listeners}
+            self._snapshot = snapshot
+        return self._table  # type: ignore[return-value]
+
+    def _count(self, listener: str, action: str) -> None:
+        c = self._counters.get((listener, action))
+        if c is None:
+            c = self._counters[(listener, action)] = self.stats.counter(
+                "triomesh_sidecar_cx_total", listener=listener, action=action)
+        c.value += 1
+
+    def _tcp(self, cluster: str) -> TcpProxyStats:
+        s = self._tcp_stats.get(cluster)
+        if s is None:
+            s = self._tcp_stats[cluster] = TcpProxyStats(self.stats, cluster)
+        return s
+
+    # ---- accepting
+
+    async def serve(self, sock, listener_name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on a capture listener's socket until cancelled (the ListenerManager's serve fn)."""
+        lsock = sock if isinstance(sock, socket.socket) else socket.socket(fileno=sock.detach())
+        lsock.setblocking(False)
+        task_status.started()
+        try:
+            while True:
+                for _ in range(_ACCEPT_BATCH):
+                    try:
+                        csock, _ = lsock.accept()
+                    except BlockingIOError:
+                        await wait_readable(lsock)
+                        break
+                    except OSError as e:  # EMFILE and friends: back off instead of spinning
+                        log.warning("accept failed", listener=listener_name, error=str(e))
+                        await trio.sleep(0.1)
+                        break
+                    csock.setblocking(False)
+                    try:
+                        conn = describe_connection(csock)
+                    except OSError:  # the client already left
+                        csock.close()
+                        continue
+                    self.connections.start_soon(self._handle, listener_name, conn)
+                else:
+                    await checkpoint()
+        finally:
+            notify_closing(lsock)
+            lsock.close()
+
+    async def _handle(self, listener_name: str, conn: TransparentConnection) -> None:
+        handed_off = False
+        try:
+            handed_off = await self.handle(listener_name, conn)
+        except Exception:  # one connection's bug must never cost the listener
+            log.exception("capture handler failed", listener=listener_name, client=str(conn.client),
+                          orig_dst=str(conn.orig_dst))
+        finally:
+            if not handed_off:
+                conn.sock.close()
+
+    async def handle(self, listener_name: str, conn: TransparentConnection) -> bool:
+        """Decide and serve one connection. Returns whether its socket was handed to a driver that
+        closes it (the TCP proxy or the L7 server)."""
+        snapshot = self.plane.holder.current
+        table = self.table(snapshot)
+        listener = self._listeners.get(listener_name)
+        if listener is None:
+            return False
+        if not conn.redirected:
+            # dialled the capture port itself: forwarding to our own address would loop
+            self._count(listener_name, "not_redirected")
+            return False
+        inbound = listener.traffic_direction == "INBOUND"
+        needs_sniff = (sidecar.inbound_needs_sniff if inbound else sidecar.outbound_needs_sniff)(table, conn.orig_dst)
+        protocol, initial = None, b""
+        if needs_sniff:
+            detection, initial = await sniff_socket(conn.sock, timeout_s=self.settings.sniff_timeout_s)
+            protocol = detection.protocol
+        decision = (sidecar.decide_inbound if inbound else sidecar.decide_outbound)(table, conn.orig_dst, protocol)
+        if isinstance(decision, sidecar.L7):
+            self._count(listener_name, "http")
+            from proxy.l7.server import serve_connection
+
+            await serve_connection(self.plane, decision.listener, conn.sock, conn.client.sockaddr(), initial,
+                                   nursery=self.connections)
+            return True
+        if isinstance(decision, sidecar.Refuse):
+            await self._refuse(listener_name, conn, protocol, decision)
+            return True
+        if isinstance(decision, sidecar.Tcp):
+            cluster = snapshot.clusters.get(decision.cluster)
+            endpoints = [e for e in cluster.endpoints] if cluster is not None else []
+            if not endpoints:
+                self._count(listener_name, "no_healthy_upstream")
+                _reset(conn.sock)
+                return True
+            ep = random.choice(endpoints)
+            upstream, cluster_name, bind_ip = UpstreamAddr(ep.address, ep.port), decision.cluster, None
+            connect_timeout_s = cluster.connect_timeout_s
+        else:
+            upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
+            connect_timeout_s = self.plane.settings.connect_timeout_s
+        self._count(listener_name, "tcp")
+        if ":" not in upstream.ip and not upstream.ip.replace(".", "").isdigit():
+            # a DNS endpoint: resolve now (a blocking resolver call, in a thread)
+            infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
+            if not infos:
+                _reset(conn.sock)
+                return True
+            upstream = UpstreamAddr.from_sockaddr(infos[0][4])
+        result = await proxy_to_upstream(
+            conn.sock,
+            upstream,
+            connect_timeout_s=connect_timeout_s,
+            idle_timeout_s=self.settings.idle_timeout_s,
+            downstream_prefix=initial,
+            stats=self._tcp(cluster_name),
+            bind_ip=bind_ip,
+        )
+        if result.error is not None and result.error.source == "upstream":
+            log.info("tcp upstream failed", listener=listener_name, orig_dst=str(conn.orig_dst),
+                     upstream=str(upstream), flag=result.error.response_flag, error=str(result.error))
+        return True
+
+    async def _refuse(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None,
+                      decision: sidecar.Refuse) -> None:
+        """BlackHoleCluster: HTTP/1 gets a 502 (Istio's block_all route), anything else a reset."""
+        kind = "http" if protocol is Protocol.HTTP1 else "tcp"
+        c = self._refused.get(kind)
+        if c is None:
+            c = self._refused[kind] = self.stats.counter("triomesh_sidecar_outbound_refused_total", protocol=kind)
+        c.value += 1
+        self._count(listener_name, "refused")
+        log.info("outbound refused", client=str(conn.client), orig_dst=str(conn.orig_dst), protocol=kind,
+                 reason=decision.reason)
+        sock = conn.sock
+        if kind == "tcp":
+            _reset(sock)
+            return
+        self.plane.count_downstream(502, ["NR"])
+        try:
+            await _send_all(sock, local_reply_bytes(502, b"upstream not in the mesh registry\n", close=True))
+            sock.shutdown(socket.SHUT_WR)
+            await _drain(sock)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()
+
+
+async def _send_all(sock: socket.socket, data: bytes) -> None:
+    view = memoryview(data)
+    with trio.fail_after(5):
+        while view:
+            try:
+                view = view[sock.send(view):]
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+
+
+async def _drain(sock: socket.socket) -> None:
+    """Read and drop what the client still sends until it closes (bounded in bytes and time)."""
+    left = _REFUSE_DRAIN_MAX_BYTES
+    with trio.move_on_after(_REFUSE_DRAIN_S):
+        while left > 0:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                await wait_readable(sock)
+                continue
+            if not data:
+                return
+            left -= len(data)
