@@ -59,6 +59,21 @@ def ensure_tools(*, profile: bool) -> str:
     return str(envoy)
 
 
+def code_version() -> str:
+    """The commit measured, and whether the data path had uncommitted changes (others may be editing)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "proxy", "native"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if not head:
+        return "unknown"
+    return f"commit {head}" + (" + uncommitted changes in proxy/ or native/" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3, help="repetitions per scenario (median reported)")
@@ -79,6 +94,7 @@ def main() -> None:
     t0 = time.monotonic()
     envoy_bin = ensure_tools(profile=args.profile)
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
+            "code": code_version(),
             "note": f"median of {args.reps}, {args.duration} s runs (TCP: of {args.tcp_reps}); forwarder pinned to core {PROXY_CPU}, "
                     f"backend + load generator on core {LOAD_CPU}"}
     rows: list[report.Row] = []

@@ -106,7 +106,8 @@ def checks_markdown(checks: list[Check]) -> str:
 
 def markdown(rows: list[Row], targets: list[str], meta: dict[str, Any]) -> str:
     head = ["scenario", "metric"] + targets + ["triomesh / envoy"]
-    lines = [f"Run {meta.get('started')}, {meta.get('machine')}; {meta.get('note', '')}".strip(), "",
+    lines = [f"Run {meta.get('started')} ({meta.get('code', 'code version unknown')}), {meta.get('machine')}; "
+             f"{meta.get('note', '')}; total run time {meta.get('run_time_s', '?')} s", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         vals = r["values"]
