@@ -252,3 +252,55 @@ def compile_matches(
     if any(p is _always for p in preds):
         return _always
     return any_of(preds)
+
+
+# --------------------------------------------------------------------------------------------------
+# VirtualService delegation: a root route's match blocks ANDed with a delegate route's
+
+
+def _uri_within(root: StringMatch, sub: StringMatch) -> bool:
+    """Whether every uri `sub` matches is also matched by `root` (Istio's delegate rule)."""
+    if root == sub:
+        return True
+    if root.prefix is not None:
+        inner = sub.exact if sub.exact is not None else sub.prefix
+        return inner is not None and inner.startswith(root.prefix)
+    return False
+
+
+def _merge_block(root: HTTPMatchRequest, sub: HTTPMatchRequest) -> HTTPMatchRequest | None:
+    fields: dict = {}
+    for name in ("uri", "scheme", "method", "authority"):
+        a, b = getattr(root, name), getattr(sub, name)
+        if a is None or _is_empty(a):
+            fields[name] = b
+        elif b is None or _is_empty(b):
+            fields[name] = a
+        elif (name == "uri" and _uri_within(a, b)) or a == b:
+            fields[name] = b
+        else:
+            return None
+    if root.port is not None and sub.port is not None and root.port != sub.port:
+        return None
+    fields["port"] = sub.port if sub.port is not None else root.port
+    for name in ("headers", "query_params", "without_headers", "source_labels"):
+        merged = dict(getattr(root, name))
+        for key, value in getattr(sub, name).items():
+            if key in merged and merged[key] != value:
+                return None
+            merged[key] = value
+        fields[name] = merged
+    fields["gateways"] = root.gateways or sub.gateways
+    fields["ignore_uri_case"] = root.ignore_uri_case or sub.ignore_uri_case
+    fields["name"] = sub.name or root.name
+    return HTTPMatchRequest(**fields)
+
+
+def merge_matches(root: Sequence[HTTPMatchRequest], sub: Sequence[HTTPMatchRequest]) -> tuple[HTTPMatchRequest, ...] | None:
+    """Every root block ANDed with every delegate block; None when all combinations contradict."""
+    if not root:
+        return tuple(sub)
+    if not sub:
+        return tuple(root)
+    out = tuple(m for m in (_merge_block(a, b) for a in root for b in sub) if m is not None)
+    return out or None

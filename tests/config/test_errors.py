@@ -135,10 +135,11 @@ def test_missing_required_field():
 
 
 def test_unsupported_istio_fields_say_so():
-    bad = doc("VirtualService", "r", {"hosts": ["r"], "http": [{"delegate": {"name": "other"}, "route": [{"destination": {"host": "r"}}]}]})
+    bad = doc("VirtualService", "r", {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}]}],
+                                      "tcp": [{"route": [{"destination": {"host": "r"}}]}]})
     e = _load_error(bad)
-    assert e.field_path == "$.spec.http[0].delegate"
-    assert e.message == "`delegate` is an Istio HTTPRoute field triomesh does not support yet"
+    assert e.field_path == "$.spec.tcp"
+    assert e.message == "`tcp` is an Istio VirtualServiceSpec field triomesh does not support yet"
     gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
     assert _load_error(gw).field_path == "$.spec.servers[0].tls"
     pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}})

@@ -172,3 +172,21 @@ def test_outlier_durations_are_checked():
         compile_docs(GW, SE, dr)
     assert info.value.field_path == "$.spec.trafficPolicy.outlierDetection"
     assert "interval must be at least 1ms" in info.value.message
+
+
+def test_delegate_errors():
+    root = _vs([{"match": [{"uri": {"prefix": "/a"}}], "delegate": {"name": "team"}}])
+    e = _error(root)
+    assert (e.field_path, e.message) == ("$.spec.http[0].delegate", "no host-less VirtualService default/team to delegate to")
+    e = _error(_vs([{"delegate": {"name": "team"}, "route": ROUTE}]))
+    assert e.message == "a route with delegate cannot also have route, redirect or directResponse"
+    lonely = doc("VirtualService", "lonely", {"http": [{"route": ROUTE}]})
+    e = _error(_vs([{"route": ROUTE}]), lonely)
+    assert e.field_path == "$.spec.hosts" and "no route delegates to this one" in e.message
+    team = doc("VirtualService", "team", {"http": [{"match": [{"uri": {"prefix": "/a/x"}}], "route": ROUTE},
+                                                   {"match": [{"uri": {"prefix": "/b"}}], "route": ROUTE},
+                                                   {"route": ROUTE, "timeout": "2s"}]})
+    snap = compile_docs(GW, SE, DR, root, team)
+    routes = _routes(snap)
+    assert len(routes) == 2, "the /b route contradicts the root's /a prefix and is dropped"
+    assert routes[1].timeout_s == 2.0

@@ -223,3 +223,26 @@ async def test_cors_preflight_answered_and_actual_responses_get_cors_headers(nur
                                                             ("access-control-request-method", "GET")])
     assert r.header("access-control-allow-origin") is None
     assert len(v1.requests) == 3, "an unmatched preflight is forwarded (unmatchedPreflights FORWARD)"
+
+
+async def test_delegate_virtual_service_routes_under_the_root_match(nursery):
+    from tests.config.helpers import doc
+
+    v1, v2, se, dr = await _two_versions(nursery)
+    root = virtual_service("svc", HOST, [
+        {"match": [{"uri": {"prefix": "/reviews"}}], "delegate": {"name": "reviews-team"}},
+        {"route": [_to("v1")]},
+    ])
+    delegate = doc("VirtualService", "reviews-team", {"http": [
+        {"match": [{"uri": {"prefix": "/reviews/v2"}}], "route": [_to("v2")]},
+        {"match": [{"uri": {"prefix": "/other"}}], "route": [_to("v2")]},  # outside /reviews: dropped
+        {"route": [_to("v1")], "headers": {"response": {"set": {"x-team": "reviews"}}}},
+    ]})
+    proxy = await start(nursery, se, dr, root, delegate)
+    c = Client(proxy.port)
+    r = await c.request("/reviews/v2/1")
+    assert r.body == b"v2"
+    r = await c.request("/reviews/1")
+    assert (r.body, r.header("x-team")) == (b"v1", "reviews")
+    r = await c.request("/other")
+    assert (r.body, r.header("x-team")) == (b"v1", None), "the root's last route, not the delegate's"
