@@ -16,6 +16,7 @@ from typing import Sequence
 DELEGATED = {
     "validate": ("proxy.config.validate:main", "check Istio config files (exit 0, or the precise error)"),
     "capture": ("proxy.l4.capture.cli:capture_main", "install/remove/show the sidecar traffic capture rules"),
+    "lab": ("proxy.l4.capture.lab:lab_main", "network-namespace lab (nodes on a private bridge) for capture tests"),
     "controlplane": ("controlplane.cli:main", "run the control plane: serve Istio config to proxies"),
     "apply": ("controlplane.cli:apply_main", "create or replace resources on the control plane"),
     "delete": ("controlplane.cli:delete_main", "delete resources from the control plane"),

@@ -237,7 +237,8 @@ def _write_hosts_files(lab: Lab) -> None:
 def _save_state(lab: Lab) -> Path:
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     path = STATE_DIR / f"{lab.run_id}.json"
-    path.write_text(json.dumps({"run_id": lab.run_id, "hub_netns": lab.hub_netns, "nodes": [asdict(n) for n in lab.nodes.values()]}))
+    path.write_text(json.dumps({"run_id": lab.run_id, "hub_netns": lab.hub_netns, "nodes": [asdict(n) for n in lab.nodes.values()],
+                                "extra_hosts": lab.extra_hosts}))
     return path
 
 
@@ -256,6 +257,8 @@ def lab_main(argv: Sequence[str] | None = None) -> int:
     up.add_argument("--run-id", help="use this run id instead of a random one")
     up.add_argument("--subnet-v4", default=DEFAULT_SUBNET_V4)
     up.add_argument("--no-ipv6", action="store_true")
+    up.add_argument("--host", action="append", default=[], metavar="NAME=IP",
+                    help="extra hosts-file line in every node (e.g. a service VIP); repeatable")
     down = sub.add_parser("down", help="remove labs made by `lab up`")
     down.add_argument("run_ids", nargs="*")
     down.add_argument("--all", action="store_true", help="every lab recorded by `lab up` on this host")
@@ -266,7 +269,14 @@ def lab_main(argv: Sequence[str] | None = None) -> int:
         return 1
     if args.command == "up":
         try:
-            lab = lab_up(args.nodes, run_id=args.run_id, subnet_v4=args.subnet_v4, subnet_v6=None if args.no_ipv6 else DEFAULT_SUBNET_V6)
+            extra = {}
+            for item in args.host:
+                name, sep, ip = item.partition("=")
+                if not sep:
+                    raise LabError(f"--host wants NAME=IP, got {item!r}")
+                extra[name] = ip
+            lab = lab_up(args.nodes, run_id=args.run_id, subnet_v4=args.subnet_v4,
+                         subnet_v6=None if args.no_ipv6 else DEFAULT_SUBNET_V6, extra_hosts=extra)
         except (LabError, OSError, ValueError) as exc:
             print(f"triomesh lab up: {exc}", file=sys.stderr)
             return 1
