@@ -481,19 +481,28 @@ class OutlierDetection(IstioStruct, frozen=True):
                 raise ValueError(f"{name} must be at least 1ms")
 
 
-class TrafficPolicy(IstioStruct, frozen=True):
+class PortTrafficPolicy(IstioStruct, frozen=True):
+    port: PortSelector
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
     tls: Any = UNSET
-    port_level_settings: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("tls",)
+
+
+class TrafficPolicy(IstioStruct, frozen=True):
+    load_balancer: LoadBalancerSettings | None = None
+    connection_pool: ConnectionPoolSettings | None = None
+    outlier_detection: OutlierDetection | None = None
+    port_level_settings: tuple[PortTrafficPolicy, ...] = ()
+    tls: Any = UNSET
     tunnel: Any = UNSET
     proxy_protocol: Any = UNSET
     retry_budget: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = (
         "tls",
-        "port_level_settings",
         "tunnel",
         "proxy_protocol",
         "retry_budget",

@@ -319,6 +319,26 @@ def merge_traffic_policy(base: TrafficPolicy | None, subset: TrafficPolicy | Non
     )
 
 
+def _port_entry(tp: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
+    """The policy's portLevelSettings entry for `port`, as a policy of its own. It replaces the
+    loadBalancer, connectionPool and outlierDetection as a whole; as Istio documents, fields the
+    entry leaves out fall back to the defaults, not to the enclosing policy's."""
+    if tp is not None:
+        for p in tp.port_level_settings:
+            if p.port.number == port:
+                return TrafficPolicy(load_balancer=p.load_balancer, connection_pool=p.connection_pool,
+                                     outlier_detection=p.outlier_detection)
+    return None
+
+
+def cluster_traffic_policy(host: TrafficPolicy | None, subset: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
+    """Istio's precedence for one cluster: subset port-level > subset > host port-level > host."""
+    effective = _port_entry(host, port) or host
+    if subset is None:
+        return effective
+    return _port_entry(subset, port) or merge_traffic_policy(effective, subset)
+
+
 def lb_settings(tp: TrafficPolicy | None) -> tuple[str, ConsistentHash | None]:
     lb = tp.load_balancer if tp is not None else None
     if lb is None:

@@ -252,8 +252,8 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
     for svc in reg.services.values():
         rule_spec = svc.rule[1] if svc.rule else None
         base_tp = rule_spec.traffic_policy if rule_spec else None
-        base = _policy_fields(base_tp)
         for port in svc.ports:
+            base = _policy_fields(policies.cluster_traffic_policy(base_tp, None, port.number))
             name = cluster_name(svc.host, port.number)
             clusters[name] = Cluster(
                 name=name,
@@ -277,6 +277,6 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
                     endpoints=_endpoints(svc, port, subset.labels),
                     resolution=_resolution(svc.spec),
                     protocol=str(port.protocol),
-                    **_policy_fields(policies.merge_traffic_policy(base_tp, subset.traffic_policy)),
+                    **_policy_fields(policies.cluster_traffic_policy(base_tp, subset.traffic_policy, port.number)),
                 )
     return clusters

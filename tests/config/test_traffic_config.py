@@ -190,3 +190,26 @@ def test_delegate_errors():
     routes = _routes(snap)
     assert len(routes) == 2, "the /b route contradicts the root's /a prefix and is dropped"
     assert routes[1].timeout_s == 2.0
+
+
+def test_port_level_settings_precedence():
+    se = doc("ServiceEntry", "reviews", {"hosts": [HOST], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                                         "ports": [{"number": 9080, "name": "http", "protocol": "HTTP"},
+                                                   {"number": 9090, "name": "admin", "protocol": "HTTP"}],
+                                         "endpoints": [{"address": "10.0.0.1", "labels": {"version": "v1"}}]})
+    dr = doc("DestinationRule", "reviews", {"host": HOST, "trafficPolicy": {
+        "loadBalancer": {"simple": "RANDOM"}, "connectionPool": {"tcp": {"maxConnections": 5}},
+        "portLevelSettings": [{"port": {"number": 9090}, "loadBalancer": {"simple": "LEAST_REQUEST"}}]},
+        "subsets": [{"name": "v1", "labels": {"version": "v1"}, "trafficPolicy": {
+            "portLevelSettings": [{"port": {"number": 9080}, "connectionPool": {"tcp": {"maxConnections": 1}}}]}},
+            {"name": "plain", "labels": {"version": "v1"}}]})
+    c = compile_docs(GW, se, dr).clusters
+    assert (c[f"outbound|9080||{HOST}"].lb_policy, c[f"outbound|9080||{HOST}"].connection_pool.max_connections) == ("RANDOM", 5)
+    # the port-level entry replaces the host policy's fields as a whole: no inherited maxConnections
+    assert (c[f"outbound|9090||{HOST}"].lb_policy, c[f"outbound|9090||{HOST}"].connection_pool.max_connections) == (
+        "LEAST_REQUEST", None)
+    assert (c[f"outbound|9080|v1|{HOST}"].lb_policy, c[f"outbound|9080|v1|{HOST}"].connection_pool.max_connections) == (
+        "ROUND_ROBIN", 1)
+    assert c[f"outbound|9090|v1|{HOST}"].lb_policy == "LEAST_REQUEST"
+    assert c[f"outbound|9090|plain|{HOST}"].lb_policy == "LEAST_REQUEST"
+    assert c[f"outbound|9080|plain|{HOST}"].connection_pool.max_connections == 5
