@@ -470,10 +470,8 @@ class OutlierDetection(IstioStruct, frozen=True):
     base_ejection_time: Duration | None = None
     max_ejection_percent: Percent | None = None
     min_health_percent: Percent | None = None
-    split_external_local_origin_errors: Any = UNSET
-    consecutive_local_origin_failures: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("split_external_local_origin_errors", "consecutive_local_origin_failures")
+    split_external_local_origin_errors: bool = False
+    consecutive_local_origin_failures: Annotated[int, Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         for name, value in (("interval", self.interval), ("baseEjectionTime", self.base_ejection_time)):

@@ -403,4 +403,7 @@ def outlier_policy(od: OutlierDetection | None) -> OutlierPolicy | None:
         base_ejection_time_s=float(od.base_ejection_time) if od.base_ejection_time else d.base_ejection_time_s,
         max_ejection_percent=od.max_ejection_percent if od.max_ejection_percent is not None else d.max_ejection_percent,
         min_health_percent=od.min_health_percent if od.min_health_percent is not None else d.min_health_percent,
+        split_local_origin=od.split_external_local_origin_errors,
+        consecutive_local_origin=(od.consecutive_local_origin_failures
+                                  if od.consecutive_local_origin_failures is not None else d.consecutive_local_origin),
     )

@@ -68,6 +68,10 @@ class OutlierPolicy:
     max_ejection_percent: int = 10
     min_health_percent: int = 0
     max_ejection_time_s: float = 300.0
+    # splitExternalLocalOriginErrors: connect failures, resets and timeouts count on their own
+    # (consecutiveLocalOriginFailures) instead of as 5xx
+    split_local_origin: bool = False
+    consecutive_local_origin: int = 5
 
 
 @dataclass(frozen=True, slots=True)

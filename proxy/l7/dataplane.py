@@ -143,10 +143,11 @@ class ClusterRuntime:
         self.ejections_active.value = od.ejected
         self.balancer = make_balancer(self.cluster.lb_policy, od.healthy(), self.rand_below, self.hash_policy)
 
-    def record(self, endpoint: Endpoint, status: int) -> None:
-        """An upstream result for outlier detection (local failures as 503/504)."""
+    def record(self, endpoint: Endpoint, status: int, local: bool = False) -> None:
+        """An upstream result for outlier detection (`local`: a connect failure, reset or timeout,
+        given as 503/504)."""
         od = self.outlier
-        if od is not None and od.record(endpoint, status, self.clock()):
+        if od is not None and od.record(endpoint, status, self.clock(), local):
             self.ejections_total.value += 1
             self._rebuild()
 

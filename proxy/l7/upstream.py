@@ -366,9 +366,11 @@ class Exchange:
         crt = self.crt
         if isinstance(e, UpstreamTimeout):
             (crt.rq_per_try_timeout if per_try else crt.rq_timeout).value += 1
-            crt.record(endpoint, 504)
-        elif isinstance(e, (ConnectFailure, UpstreamReset, UpstreamProtocolError)) and self.ctx.response is None:
-            crt.record(endpoint, 503)
+            crt.record(endpoint, 504, True)
+        elif isinstance(e, (ConnectFailure, UpstreamReset)) and self.ctx.response is None:
+            crt.record(endpoint, 503, True)
+        elif isinstance(e, UpstreamProtocolError) and self.ctx.response is None:
+            crt.record(endpoint, 502)
 
     async def _run_replayable(self, body: bytes, retry: RetryPolicy | None) -> bool:
         """Tries until a response is kept: retry conditions, attempts, the retry budget

@@ -4,8 +4,9 @@ they come back. Pure: results and the clock are passed in; the caller rebuilds i
 
 Theory of operation, as Envoy's outlier detector does it for Istio's settings:
 - each upstream result is recorded per host; a 5xx (or a local failure: connect failure, reset,
-  timeout, counted as 503/504 since Istio does not split local-origin errors) bumps the host's
-  consecutive-5xx counter, and 502/503/504 its consecutive-gateway counter; any other status resets them;
+  timeout, counted as 503/504 unless splitExternalLocalOriginErrors is set, in which case those
+  count toward consecutiveLocalOriginFailures alone) bumps the host's consecutive-5xx counter, and
+  502/503/504 its consecutive-gateway counter; any other status resets them;
 - reaching `consecutive_5xx` (or `consecutive_gateway`, when enabled) ejects the host at once, unless
   that would eject more than `max_ejection_percent` of the hosts (one host may always be ejected);
 - an ejection lasts base_ejection_time x (number of times ejected), capped at max(base, 300 s);
@@ -27,9 +28,10 @@ GATEWAY_ERRORS = frozenset({502, 503, 504})
 
 
 class _HostState:
-    __slots__ = ("consecutive_5xx", "consecutive_gateway", "ejected_until", "multiplier")
+    __slots__ = ("consecutive_5xx", "consecutive_gateway", "consecutive_local", "ejected_until", "multiplier")
 
     def __init__(self) -> None:
+        self.consecutive_local = 0
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
         self.ejected_until: float | None = None
@@ -48,11 +50,20 @@ class OutlierDetector(Generic[H]):
         self.version = 0  # bumped whenever the healthy set changes
         self.ejections_total = 0
 
-    def record(self, host: H, status: int, now: float) -> bool:
-        """One upstream result (HTTP status; local failures as 503/504). True if it ejected the host."""
+    def record(self, host: H, status: int, now: float, local: bool = False) -> bool:
+        """One upstream result: an HTTP status, or (`local`) a connect failure, reset or timeout
+        given as 503/504. True if it ejected the host."""
         st = self.state.get(host)
         if st is None:
             return False
+        p = self.policy
+        if p.split_local_origin:
+            if local:
+                st.consecutive_local += 1
+                if p.consecutive_local_origin and st.consecutive_local >= p.consecutive_local_origin:
+                    return self._eject(st, now)
+                return False
+            st.consecutive_local = 0  # the host answered: its connection works
         if status >= 500:
             st.consecutive_5xx += 1
             if status in GATEWAY_ERRORS:
@@ -63,7 +74,6 @@ class OutlierDetector(Generic[H]):
             st.consecutive_5xx = 0
             st.consecutive_gateway = 0
             return False
-        p = self.policy
         if (p.consecutive_5xx and st.consecutive_5xx >= p.consecutive_5xx) or (
                 p.consecutive_gateway and st.consecutive_gateway >= p.consecutive_gateway):
             return self._eject(st, now)
@@ -79,7 +89,7 @@ class OutlierDetector(Generic[H]):
         p = self.policy
         duration = min(p.base_ejection_time_s * st.multiplier, max(p.base_ejection_time_s, p.max_ejection_time_s))
         st.ejected_until = now + duration
-        st.consecutive_5xx = st.consecutive_gateway = 0
+        st.consecutive_5xx = st.consecutive_gateway = st.consecutive_local = 0
         self.ejected += 1
         self.ejections_total += 1
         self.version += 1

@@ -84,3 +84,18 @@ def test_min_health_percent_falls_back_to_all_hosts():
 def test_consecutive_5xx_zero_disables():
     d = _det(consecutive_5xx=0)
     assert not any(d.record("a", 503, 0) for _ in range(100))
+
+
+def test_split_local_origin_errors_count_on_their_own():
+    d = _det(split_local_origin=True, consecutive_local_origin=2)
+    assert not d.record("a", 503, 0, local=True)
+    assert not d.record("a", 200, 0), "an answer resets the local-origin count"
+    assert not d.record("a", 503, 0, local=True)
+    assert d.record("a", 503, 0, local=True)
+    d = _det(split_local_origin=True, consecutive_local_origin=5)
+    for _ in range(4):
+        d.record("b", 503, 0, local=True)
+    assert not d.is_ejected("b"), "local failures no longer count as 5xx"
+    unsplit = _det()
+    assert not unsplit.record("c", 503, 0, local=True) and not unsplit.record("c", 504, 0, local=True)
+    assert unsplit.record("c", 503, 0, local=True), "without the split they are 5xx"
