@@ -371,13 +371,16 @@ class VirtualServiceSpec(IstioStruct, frozen=True):
 LbSimple = Literal["UNSPECIFIED", "LEAST_CONN", "RANDOM", "PASSTHROUGH", "ROUND_ROBIN", "LEAST_REQUEST"]
 
 
+class CookieAttribute(IstioStruct, frozen=True):
+    name: Annotated[str, Meta(min_length=1)]
+    value: str = ""
+
+
 class HTTPCookie(IstioStruct, frozen=True):
     name: Annotated[str, Meta(min_length=1)]
     path: str = ""
     ttl: Duration | None = None
-    attributes: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("attributes",)
+    attributes: tuple[CookieAttribute, ...] = ()
 
 
 class RingHash(IstioStruct, frozen=True):
@@ -489,6 +492,11 @@ class PortTrafficPolicy(IstioStruct, frozen=True):
     unsupported: ClassVar[tuple[str, ...]] = ("tls",)
 
 
+class RetryBudget(IstioStruct, frozen=True):
+    percent: PercentValue | None = None
+    min_retry_concurrency: Annotated[int, Meta(ge=0)] | None = None
+
+
 class TrafficPolicy(IstioStruct, frozen=True):
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
@@ -497,13 +505,12 @@ class TrafficPolicy(IstioStruct, frozen=True):
     tls: Any = UNSET
     tunnel: Any = UNSET
     proxy_protocol: Any = UNSET
-    retry_budget: Any = UNSET
+    retry_budget: RetryBudget | None = None
 
     unsupported: ClassVar[tuple[str, ...]] = (
         "tls",
         "tunnel",
         "proxy_protocol",
-        "retry_budget",
     )
 
 

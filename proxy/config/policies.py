@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import re
 from typing import Callable
 
@@ -316,6 +317,7 @@ def merge_traffic_policy(base: TrafficPolicy | None, subset: TrafficPolicy | Non
         load_balancer=subset.load_balancer or base.load_balancer,
         connection_pool=subset.connection_pool or base.connection_pool,
         outlier_detection=subset.outlier_detection or base.outlier_detection,
+        retry_budget=subset.retry_budget or base.retry_budget,
     )
 
 
@@ -327,7 +329,7 @@ def _port_entry(tp: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
         for p in tp.port_level_settings:
             if p.port.number == port:
                 return TrafficPolicy(load_balancer=p.load_balancer, connection_pool=p.connection_pool,
-                                     outlier_detection=p.outlier_detection)
+                                     outlier_detection=p.outlier_detection, retry_budget=tp.retry_budget)
     return None
 
 
@@ -356,8 +358,10 @@ def lb_settings(tp: TrafficPolicy | None) -> tuple[str, ConsistentHash | None]:
             return "CONSISTENT_HASH", ConsistentHash("header", ch.http_header_name.lower().encode(), ring=ring, ring_size=size)
         if ch.http_cookie is not None:
             c = ch.http_cookie
-            return "CONSISTENT_HASH", ConsistentHash("cookie", c.name.encode(), c.path.encode(),
-                                                     None if c.ttl is None else float(c.ttl), ring, size)
+            attrs = b"".join(b"; " + (a.name + ("=" + a.value if a.value else "")).encode() for a in c.attributes)
+            return "CONSISTENT_HASH", ConsistentHash("cookie", c.name.encode(), cookie_path=c.path.encode(),
+                                                     cookie_ttl_s=None if c.ttl is None else float(c.ttl),
+                                                     cookie_attributes=attrs, ring=ring, ring_size=size)
         if ch.http_query_parameter_name is not None:
             return "CONSISTENT_HASH", ConsistentHash("query", ch.http_query_parameter_name.encode(), ring=ring, ring_size=size)
         return "CONSISTENT_HASH", ConsistentHash("source_ip", ring=ring, ring_size=size)
@@ -371,6 +375,20 @@ def connection_pool(cp: ConnectionPoolSettings | None) -> tuple[ConnectionPool, 
     """(pool limits, tcp.connectTimeout or None)."""
     if cp is None:
         return ConnectionPool(), None
+    return _pool(cp), (float(cp.tcp.connect_timeout) if cp.tcp and cp.tcp.connect_timeout is not None else None)
+
+
+def pool_with_budget(tp: TrafficPolicy | None) -> tuple[ConnectionPool, float | None]:
+    """connectionPool plus the policy's retryBudget, which lives beside it in Istio."""
+    pool, connect = connection_pool(tp.connection_pool if tp else None)
+    rb = tp.retry_budget if tp is not None else None
+    if rb is not None:
+        pool = dataclasses.replace(pool, retry_budget_percent=rb.percent.value if rb.percent is not None else 20.0,
+                                   min_retry_concurrency=rb.min_retry_concurrency if rb.min_retry_concurrency is not None else 3)
+    return pool, connect
+
+
+def _pool(cp: ConnectionPoolSettings) -> ConnectionPool:
     tcp, http = cp.tcp, cp.http
     pool = ConnectionPool(
         max_connections=tcp.max_connections if tcp else None,
@@ -387,8 +405,7 @@ def connection_pool(cp: ConnectionPoolSettings | None) -> tuple[ConnectionPool, 
             float(tcp.tcp_keepalive.time) if tcp.tcp_keepalive.time is not None else None,
             float(tcp.tcp_keepalive.interval) if tcp.tcp_keepalive.interval is not None else None),
     )
-    connect = float(tcp.connect_timeout) if tcp and tcp.connect_timeout is not None else None
-    return pool, connect
+    return pool
 
 
 def outlier_policy(od: OutlierDetection | None) -> OutlierPolicy | None:

@@ -235,7 +235,7 @@ def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
 
 def _policy_fields(tp: TrafficPolicy | None) -> dict:
     lb_policy, consistent = policies.lb_settings(tp)
-    pool, connect = policies.connection_pool(tp.connection_pool if tp else None)
+    pool, connect = policies.pool_with_budget(tp)
     fields = {
         "lb_policy": lb_policy,
         "consistent_hash": consistent,

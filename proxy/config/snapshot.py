@@ -38,6 +38,7 @@ class ConsistentHash:
     name: bytes = b""  # header name (lowercase), cookie name or query parameter
     cookie_path: bytes = b""
     cookie_ttl_s: float | None = None  # None: never generate the cookie; 0: a session cookie
+    cookie_attributes: bytes = b""  # "; name=value" pairs appended to a generated Set-Cookie
     ring: str = "ring_hash"  # or "maglev"
     ring_size: int = 1024  # ringHash.minimumRingSize, or maglev.tableSize
 
@@ -55,6 +56,10 @@ class ConnectionPool:
     max_requests: int | None = None  # http.http2MaxRequests: Envoy's max_requests, for every protocol
     max_connection_duration_s: float | None = None  # tcp.maxConnectionDuration
     keepalive: tuple[int | None, float | None, float | None] | None = None  # tcp.tcpKeepalive probes, time, interval
+    # trafficPolicy.retryBudget (Envoy's retry_budget, replacing maxRetries): retries in flight may be
+    # up to budget_percent of the requests in flight, and at least min_retry_concurrency
+    retry_budget_percent: float | None = None
+    min_retry_concurrency: int = 3
 
 
 @dataclass(frozen=True, slots=True)

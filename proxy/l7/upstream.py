@@ -312,9 +312,10 @@ class Exchange:
         crt = self.crt
         if crt.cluster is LOCAL_CLUSTER:
             return await self._local_reply(route)
-        max_requests = crt.pool_limits.max_requests
-        if max_requests is not None:
-            if crt.rq_active >= max_requests:
+        limits = crt.pool_limits
+        max_requests = limits.max_requests
+        if max_requests is not None or limits.retry_budget_percent is not None:
+            if max_requests is not None and crt.rq_active >= max_requests:
                 crt.rq_overflow.value += 1
                 raise Overflow(f"cluster {crt.name}: {max_requests} requests active (http2MaxRequests)")
             crt.rq_active += 1
@@ -444,8 +445,12 @@ class Exchange:
         if not state.left:
             return False
         if not state.holds_slot:
-            max_retries = crt.pool_limits.max_retries
-            if max_retries is not None and crt.retries_active >= max_retries:
+            limits = crt.pool_limits
+            if limits.retry_budget_percent is not None:  # retryBudget replaces maxRetries
+                allowed = max(limits.min_retry_concurrency, int(crt.rq_active * limits.retry_budget_percent / 100))
+            else:
+                allowed = limits.max_retries
+            if allowed is not None and crt.retries_active >= allowed:
                 crt.rq_retry_overflow.value += 1
                 return False
             crt.retries_active += 1

@@ -276,3 +276,31 @@ async def test_consistent_hash_on_query_parameter(nursery):
     picks = {u: {(await c.request(f"/?a=1&user={u}")).body for _ in range(5)} for u in range(30)}
     assert all(len(p) == 1 for p in picks.values())
     assert len(set().union(*picks.values())) == 3
+
+
+async def test_retry_budget_caps_concurrent_retries(nursery):
+    proxy, (be,) = await _setup(nursery, 1, {"retryBudget": {"percent": {"value": 10}, "minRetryConcurrency": 1}},
+                                route={"route": [{"destination": {"host": HOST}}],
+                                       "retries": {"attempts": 1, "retryOn": "5xx", "backoff": "200ms"}})
+    be.status = 503
+    be.delay_s = 0.05
+    statuses = []
+
+    async def one():
+        statuses.append((await Client(proxy.port).request("/")).status)
+
+    async with trio.open_nursery() as n:
+        for _ in range(5):
+            n.start_soon(one)
+    # 5 requests in flight, 10 % of them is 0 retries, but minRetryConcurrency allows one at a time
+    assert proxy.counter("triomesh_upstream_rq_retry_total", cluster=CLUSTER) == 1
+    assert proxy.counter("triomesh_upstream_rq_retry_overflow_total", cluster=CLUSTER) == 4
+    assert statuses == [503] * 5
+
+
+async def test_generated_cookie_attributes(nursery):
+    proxy, _ = await _setup(nursery, 2, {"loadBalancer": {"consistentHash": {"httpCookie": {
+        "name": "s", "ttl": "0s", "attributes": [{"name": "SameSite", "value": "Strict"}, {"name": "Secure"}]}}}})
+    r = await Client(proxy.port).request("/")
+    cookie = r.header("set-cookie")
+    assert cookie.startswith("s=") and cookie.endswith("; HttpOnly; SameSite=Strict; Secure") and "Max-Age" not in cookie
