@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterable
 
 from proxy.l4.capture import iptables
-from proxy.l4.capture.lab import Lab, lab_up
+from proxy.l4.capture.lab import Lab, LabError, lab_up
 from proxy.l4.capture.rules import CaptureOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +68,15 @@ class DemoError(Exception):
     pass
 
 
+class NamespacesUnavailable(DemoError):
+    """Root, but this machine will not make network namespaces or nat rules (an unprivileged
+    container, no iptables): `make demo` falls back to the loopback demo."""
+
+
+# exit code of main() for NamespacesUnavailable (and for not being root)
+EXIT_NO_NAMESPACES = 3
+
+
 @dataclass
 class MeshDemo:
     """Lab, capture, sidecars and apps; `with MeshDemo() as mesh:` always tears everything down."""
@@ -83,14 +92,22 @@ class MeshDemo:
 
     def up(self) -> "MeshDemo":
         if os.geteuid() != 0:
-            raise DemoError("the namespace mesh needs root (network namespaces, iptables)")
-        self.lab = lab_up(NODES, subnet_v6=None, extra_hosts={"recommendation": RECOMMENDATION_VIP})
+            raise NamespacesUnavailable("the namespace mesh needs root (network namespaces, iptables)")
+        if not iptables.available(4):
+            raise NamespacesUnavailable("iptables-restore/iptables-save not found (Debian package iptables)")
+        try:
+            self.lab = lab_up(NODES, subnet_v6=None, extra_hosts={"recommendation": RECOMMENDATION_VIP})
+        except (OSError, LabError) as exc:
+            raise NamespacesUnavailable(f"cannot create network namespaces: {exc}") from exc
         for name, address in EXPECTED_ADDRESSES.items():
             if self.lab.node(name).ipv4 != address:
                 raise DemoError(f"lab gave {name} {self.lab.node(name).ipv4}, the config expects {address}")
         options = CaptureOptions(proxy_uid=str(PROXY_GID), proxy_gid=str(PROXY_GID))
         for name in MESH_APPS:
-            iptables.install(options, netns=self.lab.node(name).netns)
+            try:
+                iptables.install(options, netns=self.lab.node(name).netns)
+            except iptables.CaptureError as exc:
+                raise NamespacesUnavailable(f"cannot install the capture rules: {exc}") from exc
             self.captured.append(name)
         for name in MESH_APPS:
             self._spawn(f"sidecar-{name}", name, PROXY_GID, self._proxy_argv())
@@ -289,8 +306,8 @@ def refused_tcp(mesh: MeshDemo, node: str, ip: str, port: int) -> bool:
             return True
 
 
-def run(requests: int, access_log: str = "off") -> int:
-    with MeshDemo(access_log=access_log) as mesh:
+def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG) -> int:
+    with MeshDemo(config_dir=config_dir, access_log=access_log) as mesh:
         assert mesh.lab is not None
         print(f"lab {mesh.lab.run_id}: " + ", ".join(f"{n.name} {n.ipv4}" for n in mesh.lab.nodes.values())
               + f"; recommendation VIP {RECOMMENDATION_VIP}")
@@ -328,11 +345,10 @@ def run(requests: int, access_log: str = "off") -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.mesh_demo", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=100, help="requests for the split (default 100)")
-    parser.add_argument("--access-log", choices=("off", "json", "console"), default="off")
+    parser.add_argument("--access-log", choices=("off", "json", "console"), default="off",
+                        help="the sidecars' access log format, written to their log files (default off)")
+    parser.add_argument("--config", type=Path, default=MESH_CONFIG, help="directory of Istio resources")
     args = parser.parse_args(argv)
-    if os.geteuid() != 0:
-        print("the namespace mesh needs root (network namespaces, iptables)", file=sys.stderr)
-        return 2
     main_pid = os.getpid()
 
     def terminated(signum: int, frame: object) -> None:
@@ -344,7 +360,10 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        return run(max(1, min(args.requests, 100_000)), args.access_log)
+        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config)
+    except NamespacesUnavailable as exc:
+        print(f"mesh demo: {exc}", file=sys.stderr)
+        return EXIT_NO_NAMESPACES
     except DemoError as exc:
         print(f"mesh demo failed: {exc}", file=sys.stderr)
         return 1

@@ -34,8 +34,8 @@ def lab_leftovers(run_id: str) -> list[str]:
     return names
 
 
-def test_tutorial_mesh_in_namespaces() -> None:
-    with MeshDemo(access_log="json") as mesh:
+def test_tutorial_mesh_in_namespaces(tmp_path: Path) -> None:
+    with MeshDemo(access_log="json", log_dir=tmp_path) as mesh:
         lab = mesh.lab
         assert lab is not None
         run_id = lab.run_id
@@ -90,7 +90,7 @@ def test_tutorial_mesh_in_namespaces() -> None:
 def test_failed_start_tears_everything_down(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: x}\n"
                                        "spec: {egress: [{hosts: [nonsense]}]}\n")
-    mesh = MeshDemo(config_dir=tmp_path)
+    mesh = MeshDemo(config_dir=tmp_path, log_dir=tmp_path)
     with pytest.raises(DemoError, match="exited"):
         with mesh:
             pass
