@@ -308,3 +308,63 @@ def test_bootstrap_config_serves_until_the_control_plane_pushes(tmp_path, mesh, 
     proxy.signal(signal.SIGHUP)
     time.sleep(1.0)
     assert served_version(proxy) == pushed and backends_hit(gw_port, 10) == Counter(v1=10)
+
+
+def registry_config(gw_port: int, api_port: int) -> str:
+    """The `api` service has no endpoints of its own: its ServiceEntry selects workloads labelled
+    app=api, which proxies register when they connect."""
+    return f"""apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: test}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers: [{{port: {{number: {gw_port}, name: http, protocol: HTTP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: test}}
+spec:
+  hosts: [api]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: {api_port}, name: http, protocol: HTTP}}]
+  workloadSelector: {{labels: {{app: api}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: api, namespace: test}}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http: [{{route: [{{destination: {{host: api}}}}]}}]
+"""
+
+
+def test_registered_workload_is_an_endpoint_until_its_grace_period_ends(tmp_path, backends, procs) -> None:
+    _, v2 = backends
+    gw_port = free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "mesh.yaml").write_text(registry_config(gw_port, v2.port))
+    cp = ControlPlane(config, tmp_path).start()  # grace period 2 s
+    procs.append(cp)
+    gw = start_proxy(procs, tmp_path, cp.address)
+    assert get(gw_port, "/")[0] == 503  # no endpoint yet
+    # a workload's proxy registers itself (address 127.0.0.1, labels app=api): it becomes the endpoint
+    api = Proxy(None, tmp_path, concurrency=1, access_log="off",
+                extra_args=["--controlplane", cp.address, "--node-id", "api-1", "--namespace", "test",
+                            "--label", "app=api", "--register", "127.0.0.1"])
+    procs.append(api)
+    api.start()
+    assert api.config_dump()["config"]["listeners"] == []  # no Gateway selects it
+    gw.wait_for(lambda: get(gw_port, "/")[0] == 200, "registered endpoint pushed to the gateway")
+    assert backends_hit(gw_port, 5) == Counter(v2=5)
+    r = cp.cli("proxy-status")
+    assert [l.split()[:4] for l in r.stdout.decode().splitlines()[1:-1]] == [
+        ["api-1", "test", "127.0.0.1", "SYNCED"], [NODE, "test", "127.0.0.1", "SYNCED"]]
+    # the workload's proxy stops: it stays an endpoint for the grace period, then it is removed
+    api.stop()
+    stopped = time.monotonic()
+    gone = gw.wait_for(lambda: get(gw_port, "/")[0] == 503 and time.monotonic(), "endpoint removed", timeout_s=10)
+    assert 1.5 < gone - stopped < 5.0, gone - stopped
+    gw.wait_for(lambda: [p["node_id"] for p in cp.status()["proxies"]] == [NODE], "api-1 forgotten")
