@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import load, pyspy, report
+from bench import load, pyspy, report, syscalls
 from bench.l4_bench import MiB, measure_transfers, start_sink, upload
 from bench.measure import core_busy_seconds, user_system_seconds
 from bench.targets import Started, start_envoy, start_envoy_tcp, start_l4_forwarder, start_nginx, start_triomesh
@@ -136,16 +136,19 @@ _FOREIGN_LOAD: list[float] = []
 
 
 def _closed_loop(target: Started | None, port: int, path: str, *, connections: int,
-                 duration_s: int) -> tuple[load.LoadResult, float | None]:
-    """wrk against one target; the load result and the forwarder's CPU seconds during it."""
+                 duration_s: int) -> tuple[load.LoadResult, float | None, float | None]:
+    """wrk against one target; the load result, the forwarder's CPU seconds during it and the system
+    (kernel) part of those."""
     cpu0 = target.cpu_seconds() if target else None
+    sys0 = target.system_seconds() if target else None
     busy0, t0 = core_busy_seconds(int(PROXY_CPU)), time.monotonic()
     res = load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections, duration_s=duration_s,
                        cpus=LOAD_CPU)
     cpu = target.cpu_seconds() - cpu0 if target and cpu0 is not None else None
+    system = target.system_seconds() - sys0 if target and sys0 is not None else None
     foreign = core_busy_seconds(int(PROXY_CPU)) - busy0 - (cpu or 0.0)
     _FOREIGN_LOAD.append(max(0.0, foreign) / (time.monotonic() - t0))
-    return res, cpu
+    return res, cpu, system
 
 
 def _median(values: list[float]) -> float | None:
@@ -163,12 +166,12 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
     for sid, title, path, conns in scenarios:
         if conns == 256:  # the peak RSS row is the peak during this scenario
             rss_reset = all(s.reset_peak_rss() for s in started.values())
-        per_target: dict[str, list[tuple[load.LoadResult, float | None]]] = {t: [] for t in TARGETS}
+        per_target: dict[str, list[tuple[load.LoadResult, float | None, float | None]]] = {t: [] for t in TARGETS}
         for _ in range(args.reps):
             for t in TARGETS:  # interleaved: every repetition visits every target
                 per_target[t].append(_closed_loop(started.get(t), ports[t], path, connections=conns,
                                                   duration_s=args.duration))
-        med = {t: load.median_of([r for r, _ in v]) for t, v in per_target.items()}
+        med = {t: load.median_of([r for r, _, _ in v]) for t, v in per_target.items()}
 
         def row(metric_id: str, metric: str, unit: str, better: str, values: dict) -> None:
             rows.append({"key": f"{sid}/{metric_id}", "scenario": title, "metric": metric, "unit": unit,
@@ -181,16 +184,19 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
             row("p50", "p50 latency", "ms", "lower", {t: med[t].p50_ms for t in TARGETS})
             row("p99", "p99 latency", "ms", "lower", {t: med[t].p99_ms for t in TARGETS})
         # CPU-µs per request is the same number as CPU-ms per 1,000 requests
-        cpu = {t: _median([c / r.requests * 1e6 for r, c in per_target[t] if c is not None and r.requests])
+        cpu = {t: _median([c / r.requests * 1e6 for r, c, _ in per_target[t] if c is not None and r.requests])
                for t in started}
         row("cpu", "forwarder CPU per request", "CPU-µs", "lower", {"direct": None, **cpu})
+        system = {t: _median([k / r.requests * 1e6 for r, _, k in per_target[t] if k is not None and r.requests])
+                  for t in started}
+        row("cpu-system", "of which system (kernel) time", "CPU-µs", "lower", {"direct": None, **system})
         row("errors", "errors (sum over runs)", "count", "lower", {t: med[t].errors for t in TARGETS})
         if conns == 256:
             peak = {t: s.peak_rss_bytes() / MiB for t, s in started.items()}
             label = "peak RSS during this scenario" if rss_reset else "peak RSS since start"
             row("peak-rss", label, "MiB", "lower", {"direct": None, **peak})
         if sid == "h1-small-c64" and args.profile:
-            profile_triomesh(args, started["triomesh"], ports["triomesh"])
+            profile_triomesh(args, started, ports)
     # Fixed rate: latency the forwarder adds over a direct connection.
     fixed: dict[str, list[load.LoadResult]] = {t: [] for t in TARGETS}
     for _ in range(args.reps):
@@ -206,46 +212,46 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
     return rows
 
 
-def profile_triomesh(args, triomesh: Started, port: int) -> None:
-    """One extra c64 run (not reported) with py-spy sampling the worker twice at once (all samples, and
-    only those holding the GIL), plus the worker's user/system CPU split; results next to the table."""
+def profile_triomesh(args, started: dict[str, Started], ports: dict[str, int]) -> None:
+    """One extra c64 run (not reported) with py-spy sampling the worker, and its user/system CPU split;
+    then syscalls per request of the worker and of Envoy under strace. Results next to the table."""
+    triomesh, port = started["triomesh"], ports["triomesh"]
     workers = pyspy.worker_pids(triomesh.pids())
     if not workers:
         print("--profile: no triomesh worker process found", file=sys.stderr)
         return
     worker = workers[0]
-    py_spy = pyspy.ensure_py_spy()
-    raw, raw_gil = triomesh.workdir / "profile.collapsed", triomesh.workdir / "profile-gil.collapsed"
-    spies = [pyspy.start_recording(py_spy, worker, raw, duration_s=args.duration, cpus=LOAD_CPU),
-             pyspy.start_recording(py_spy, worker, raw_gil, duration_s=args.duration, gil_only=True, cpus=LOAD_CPU)]
-    errors = []
+    raw = triomesh.workdir / "profile.collapsed"
+    spy = pyspy.start_recording(pyspy.ensure_py_spy(), worker, raw, duration_s=args.duration, cpus=LOAD_CPU)
     try:
         time.sleep(0.3)  # attached before the load starts
         user0, sys0 = user_system_seconds(worker)
         res = load.run_wrk(f"http://127.0.0.1:{port}/small", connections=64, duration_s=args.duration, cpus=LOAD_CPU)
         user1, sys1 = user_system_seconds(worker)
-        for spy in spies:
-            _, err = spy.communicate(timeout=args.duration + 60)
-            if spy.returncode != 0:
-                errors.append(err.strip()[-500:])
+        _, err = spy.communicate(timeout=args.duration + 60)
     finally:
-        for spy in spies:
-            if spy.poll() is None:
-                spy.kill()
-                spy.wait()
-    if errors or not raw.exists():
-        print(f"--profile: py-spy failed: {errors}", file=sys.stderr)
+        if spy.poll() is None:
+            spy.kill()
+            spy.wait()
+    if spy.returncode != 0 or not raw.exists():
+        print(f"--profile: py-spy failed: {err.strip()[-500:]}", file=sys.stderr)
         return
     user, system = user1 - user0, sys1 - sys0
     preface = (f"Worker CPU during the run: {user:.2f} s user + {system:.2f} s system "
                f"({1e6 * user / max(1, res.requests):.1f} + {1e6 * system / max(1, res.requests):.1f} µs per request, "
                "py-spy's pauses included); system time is the kernel's share (syscalls, loopback TCP).")
     stacks = pyspy.read_collapsed(raw)
-    gil_stacks = pyspy.read_collapsed(raw_gil) if raw_gil.exists() else None
     title = (f"triomesh worker (pid {worker}), HTTP/1.1 100 B, 64 conns, {args.duration} s, "
              f"{res.rps:,.0f} req/s while sampled, {time.strftime('%Y-%m-%d %H:%M')}")
-    (args.out / "profile-c64.txt").write_text(pyspy.summary(stacks, title=title, gil_stacks=gil_stacks,
-                                                            preface=preface))
+    if syscalls.available():
+        counted = {}
+        for name, pid in (("triomesh", worker), ("envoy", started["envoy"].proc.pid)):
+            def run_load(name=name) -> int:
+                return load.run_wrk(f"http://127.0.0.1:{ports[name]}/small", connections=64, duration_s=2,
+                                    cpus=LOAD_CPU).requests
+            counted[name] = syscalls.count(pid, triomesh.workdir / f"strace-{name}.txt", run_load, cpus=LOAD_CPU)
+        preface += "\n\n" + syscalls.table(counted)
+    (args.out / "profile-c64.txt").write_text(pyspy.summary(stacks, title=title, preface=preface))
     (args.out / "profile-c64.svg").write_text(pyspy.flamegraph_svg(stacks, title=title))
     print(f"profile: {args.out / 'profile-c64.svg'}, {args.out / 'profile-c64.txt'}")
 

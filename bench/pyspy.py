@@ -42,14 +42,11 @@ def worker_pids(pids: list[int]) -> list[int]:
 
 
 def start_recording(py_spy: str, pid: int, out: Path, *, duration_s: int, rate_hz: int = 250,
-                    gil_only: bool = False, cpus: str | None = None) -> subprocess.Popen:
-    """Start `py-spy record` (collapsed stacks) on pid for duration_s; the caller waits on the process.
-
-    gil_only keeps only samples where the thread holds the GIL, i.e. runs Python code: the difference
-    to a full recording is time inside C calls that release the GIL (socket syscalls, epoll)."""
+                    cpus: str | None = None) -> subprocess.Popen:
+    """Start `py-spy record` (collapsed stacks) on pid for duration_s; the caller waits on the process."""
     pin = ["taskset", "-c", cpus] if cpus else []
     cmd = pin + [py_spy, "record", "--pid", str(pid), "--rate", str(rate_hz), "--duration", str(duration_s),
-                 "--format", "raw", "--output", str(out)] + (["--gil"] if gil_only else [])
+                 "--format", "raw", "--output", str(out)]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -72,11 +69,8 @@ def _file(frame: str) -> str:
     return inner.rsplit(":", 1)[0] if inner[-1:].isdigit() else inner
 
 
-def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30,
-            gil_stacks: list[tuple[list[str], int]] | None = None, preface: str = "") -> str:
-    """Self and inclusive sample shares per function, and the hottest lines. With gil_stacks (a
-    recording of the same run keeping only GIL-holding samples), also how much of each function's
-    self time is Python code and how much is C calls that release the GIL (syscalls)."""
+def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30, preface: str = "") -> str:
+    """Self and inclusive sample shares per function, and the hottest lines."""
     total = sum(c for _, c in stacks)
     if not total:
         return f"{title}\n\nno samples (was the worker busy?)\n"
@@ -100,30 +94,11 @@ def summary(stacks: list[tuple[list[str], int]], *, title: str, top: int = 30,
              " frame that made it)", ""]
     if preface:
         lines += [preface, ""]
-    if gil_stacks is not None:
-        lines += _gil_split(self_fn, gil_stacks, total, top=15)
     lines += table(self_file, "Self time by file:")
     lines += table(self_fn, "Self time by function (the frame on CPU):")
     lines += table(incl_fn, "Inclusive time by function (on the stack):")
     lines += table(self_line, "Self time by line:")
     return "\n".join(lines)
-
-
-def _gil_split(self_fn: Counter[str], gil_stacks: list[tuple[list[str], int]], total: int, *, top: int) -> list[str]:
-    gil_total = sum(c for _, c in gil_stacks)
-    gil_fn: Counter[str] = Counter()
-    for frames, count in gil_stacks:
-        gil_fn[_function(frames[-1])] += count
-    out = [f"GIL held (running Python code) in {gil_total} of {total} samples ({100 * gil_total / total:.0f}%; "
-           "a second recording of the same run, so the split is approximate); the rest is C calls that "
-           "release the GIL: socket syscalls, epoll.",
-           "Self time split per function, largest time outside Python first:",
-           f"{'all':>7} {'python':>7} {'in C':>7}  frame"]
-    outside = {fn: n - gil_fn.get(fn, 0) for fn, n in self_fn.items()}
-    for fn, _ in sorted(outside.items(), key=lambda kv: -kv[1])[:top]:
-        n, g = self_fn[fn], gil_fn.get(fn, 0)
-        out.append(f"{100 * n / total:6.1f}% {100 * g / total:6.1f}% {100 * max(0, n - g) / total:6.1f}%  {fn}")
-    return out + [""]
 
 
 @dataclass

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.l4_bench import start_forwarder
-from bench.measure import cpu_seconds, peak_rss_bytes, process_tree, reset_peak_rss
+from bench.measure import cpu_seconds, peak_rss_bytes, process_tree, reset_peak_rss, user_system_seconds
 
 SMALL_BODY = b"x" * 100
 ONE_MIB = 1 << 20
@@ -72,6 +72,10 @@ class Started:
 
     def cpu_seconds(self) -> float:
         return cpu_seconds(self.pids())
+
+    def system_seconds(self) -> float:
+        """Kernel part of the CPU time (10 ms ticks from /proc/<pid>/stat)."""
+        return sum(user_system_seconds(p)[1] for p in self.pids())
 
     def peak_rss_bytes(self) -> int:
         return peak_rss_bytes(self.pids())
