@@ -11,6 +11,10 @@ port):
   known service, HTTP port, HTTP/1 bytes  -> L7: the virtual listener `outbound|<port>|<host>`
                                              (that service's routes: splits, header matches...)
   known service, anything else            -> Tcp: the TCP proxy to one endpoint of its cluster
+                                             (resolution NONE: to the original destination)
+  not known by address, TLS whose SNI     -> Tcp to that service (TLS passthrough routed by SNI,
+    matches a TLS/HTTPS ServiceEntry host    as Envoy's server_names filter chain match does;
+    on that port                             `*.example.com` hosts match any subdomain)
   unknown, outboundTrafficPolicy ALLOW_ANY -> Passthrough to the original destination
                                              (Istio's PassthroughCluster)
   unknown, REGISTRY_ONLY                   -> Refuse: 502 for HTTP, a reset for TCP (BlackHoleCluster)
@@ -30,7 +34,7 @@ so server-first protocols never wait for the sniffing timeout.
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 from proxy.config.compile import captured_inbound_listener, captured_outbound_listener
@@ -55,6 +59,9 @@ class ServicePort:
     port: int  # the service port (the cluster's), not necessarily the endpoint's
     cluster: str
     listener: str | None  # the virtual L7 listener, for HTTP ports
+
+
+TLS_PROTOCOLS = frozenset({"TLS", "HTTPS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,12 +115,30 @@ class CaptureTable:
     by_port: Mapping[int, ServicePort]  # services with neither VIP nor IP endpoints, first one per port
     inbound: Mapping[int, InboundPort]
     mode: OutboundTrafficPolicyMode
+    # TLS/HTTPS services with neither VIP nor IP endpoints, told apart by SNI: port -> exact names,
+    # and (".suffix", service) for "*.suffix" hosts, longest first
+    sni_exact: Mapping[int, Mapping[str, ServicePort]] = field(default_factory=dict)
+    sni_suffixes: Mapping[int, tuple[tuple[str, ServicePort], ...]] = field(default_factory=dict)
 
     def lookup(self, dst: OrigDstAddr) -> ServicePort | None:
         svc = self.by_address.get((dst.ip, dst.port))
         if svc is None:
             svc = self.by_port.get(dst.port)
         return svc
+
+    def lookup_sni(self, port: int, sni: str | None) -> ServicePort | None:
+        if not sni:
+            return None
+        exact = self.sni_exact.get(port)
+        if exact is not None and sni in exact:
+            return exact[sni]
+        for suffix, svc in self.sni_suffixes.get(port, ()):
+            if sni.endswith(suffix):
+                return svc
+        return None
+
+    def routes_by_sni(self, port: int) -> bool:
+        return port in self.sni_exact or port in self.sni_suffixes
 
 
 def _is_ip(text: str) -> bool:
@@ -133,6 +158,8 @@ def capture_table(snapshot: Snapshot) -> CaptureTable:
 
     by_address: dict[tuple[str, int], ServicePort] = {}
     by_port: dict[int, ServicePort] = {}
+    sni_exact: dict[int, dict[str, ServicePort]] = {}
+    sni_suffixes: dict[int, list[tuple[str, ServicePort]]] = {}
     vip_services: set[str] = set()
     for (ip, port), host in snapshot.service_addresses.items():
         if ip != "*":
@@ -146,10 +173,20 @@ def capture_table(snapshot: Snapshot) -> CaptureTable:
         for ep in ips:
             key = (str(ipaddress.ip_address(ep.address)), ep.port)
             by_address.setdefault(key, service_port(cluster.service_host, cluster.port))
-        if not ips and cluster.service_host not in vip_services:
+        if ips or cluster.service_host in vip_services:
+            continue
+        svc = service_port(cluster.service_host, cluster.port)
+        host = cluster.service_host.lower()
+        if cluster.protocol in TLS_PROTOCOLS:
+            # no address to recognise it by, but TLS names itself: the SNI picks the service
+            if host.startswith("*."):
+                sni_suffixes.setdefault(cluster.port, []).append((host[1:], svc))
+            else:
+                sni_exact.setdefault(cluster.port, {}).setdefault(host, svc)
+        else:
             # no address to recognise it by (DNS names, resolution NONE): it owns its port, like a
             # TCP service without VIP in Istio; the first such service per port wins
-            by_port.setdefault(cluster.port, service_port(cluster.service_host, cluster.port))
+            by_port.setdefault(cluster.port, svc)
     inbound: dict[int, InboundPort] = {}
     for listener in snapshot.listeners:
         if listener.traffic_direction == "INBOUND" and not listener.bind_to_port and not listener.use_original_dst:
@@ -159,23 +196,30 @@ def capture_table(snapshot: Snapshot) -> CaptureTable:
         mode = OutboundTrafficPolicyMode(snapshot.outbound_traffic_policy)
     except ValueError:
         mode = OutboundTrafficPolicyMode.ALLOW_ANY
-    return CaptureTable(by_address, by_port, inbound, mode)
+    suffixes = {port: tuple(sorted(items, key=lambda item: -len(item[0]))) for port, items in sni_suffixes.items()}
+    return CaptureTable(by_address, by_port, inbound, mode, sni_exact, suffixes)
 
 
 def outbound_needs_sniff(table: CaptureTable, dst: OrigDstAddr) -> bool:
     svc = table.lookup(dst)
     if svc is not None:
         return svc.listener is not None
+    if table.routes_by_sni(dst.port):
+        return True
     return table.mode is OutboundTrafficPolicyMode.REGISTRY_ONLY  # 502 or reset: HTTP decides
 
 
-def decide_outbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | None) -> Decision:
-    """`protocol`: the sniffed protocol, None when outbound_needs_sniff said no sniffing."""
+def decide_outbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | None, sni: str | None = None) -> Decision:
+    """`protocol` (and the TLS `sni`): what sniffing found, None when outbound_needs_sniff said no."""
     svc = table.lookup(dst)
     if svc is not None:
         if svc.listener is not None and protocol is Protocol.HTTP1:
             return L7(svc.listener)
         return Tcp(svc.cluster)
+    if protocol is Protocol.TLS:
+        svc = table.lookup_sni(dst.port, sni)
+        if svc is not None:
+            return Tcp(svc.cluster)
     if table.mode is OutboundTrafficPolicyMode.REGISTRY_ONLY:
         return Refuse(f"{dst} is not a service address (outboundTrafficPolicy REGISTRY_ONLY)")
     return Passthrough(UpstreamAddr(dst.ip, dst.port), PASSTHROUGH_CLUSTER)

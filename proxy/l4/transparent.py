@@ -145,11 +145,14 @@ class CaptureServer:
             return False
         inbound = listener.traffic_direction == "INBOUND"
         needs_sniff = (sidecar.inbound_needs_sniff if inbound else sidecar.outbound_needs_sniff)(table, conn.orig_dst)
-        protocol, initial = None, b""
+        protocol, sni, initial = None, None, b""
         if needs_sniff:
             detection, initial = await sniff_socket(conn.sock, timeout_s=self.settings.sniff_timeout_s)
-            protocol = detection.protocol
-        decision = (sidecar.decide_inbound if inbound else sidecar.decide_outbound)(table, conn.orig_dst, protocol)
+            protocol, sni = detection.protocol, detection.sni
+        if inbound:
+            decision = sidecar.decide_inbound(table, conn.orig_dst, protocol)
+        else:
+            decision = sidecar.decide_outbound(table, conn.orig_dst, protocol, sni)
         if isinstance(decision, sidecar.L7):
             self._count(listener_name, "http")
             from proxy.l7.server import serve_connection
@@ -162,14 +165,16 @@ class CaptureServer:
             return True
         if isinstance(decision, sidecar.Tcp):
             cluster = snapshot.clusters.get(decision.cluster)
-            endpoints = [e for e in cluster.endpoints] if cluster is not None else []
-            if not endpoints:
+            if cluster is None or (not cluster.endpoints and cluster.resolution != "NONE"):
                 self._count(listener_name, "no_healthy_upstream")
                 _reset(conn.sock)
                 return True
-            ep = random.choice(endpoints)
-            upstream, cluster_name, bind_ip = UpstreamAddr(ep.address, ep.port), decision.cluster, None
-            connect_timeout_s = cluster.connect_timeout_s
+            if cluster.endpoints:
+                ep = random.choice(cluster.endpoints)
+                upstream = UpstreamAddr(ep.address, ep.port)
+            else:  # resolution NONE: the app resolved the name itself; go where it was going
+                upstream = UpstreamAddr(conn.orig_dst.ip, conn.orig_dst.port)
+            cluster_name, bind_ip, connect_timeout_s = decision.cluster, None, cluster.connect_timeout_s
         else:
             upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
             connect_timeout_s = self.plane.settings.connect_timeout_s

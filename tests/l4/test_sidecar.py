@@ -65,6 +65,22 @@ spec:
   ports: [{number: 443, name: tls, protocol: TLS}]
 ---
 apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: allowed, namespace: shop}
+spec:
+  hosts: ["*.allowed.test"]
+  resolution: NONE
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: cache, namespace: shop}
+spec:
+  hosts: [cache.example.com]
+  resolution: DNS
+  ports: [{number: 6379, name: redis, protocol: TCP}]
+---
+apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {name: reviews, namespace: shop}
 spec:
@@ -149,8 +165,24 @@ def test_outbound_decisions_by_original_destination() -> None:
     db = OrigDstAddr("10.1.0.8", 5432)
     assert not outbound_needs_sniff(table, db)
     assert decide_outbound(table, db, None) == Tcp("outbound|5432||db")
-    # a DNS service without VIP owns its port, whatever the address
-    assert decide_outbound(table, OrigDstAddr("192.0.2.1", 443), None) == Tcp("outbound|443||api.example.com")
+    # a TCP service known by name only (no VIP, DNS endpoints) owns its port, whatever the address
+    cache = OrigDstAddr("192.0.2.3", 6379)
+    assert not outbound_needs_sniff(table, cache)
+    assert decide_outbound(table, cache, None) == Tcp("outbound|6379||cache.example.com")
+
+
+def test_tls_routed_by_sni_and_refused_otherwise() -> None:
+    table = capture_table(snapshot(SERVICES, sidecar("REGISTRY_ONLY")))
+    anywhere = OrigDstAddr("192.0.2.1", 443)
+    assert outbound_needs_sniff(table, anywhere)
+    assert decide_outbound(table, anywhere, Protocol.TLS, "api.example.com") == Tcp("outbound|443||api.example.com")
+    assert decide_outbound(table, anywhere, Protocol.TLS, "eu.api.allowed.test") == Tcp("outbound|443||*.allowed.test")
+    for sni in ("evil.test", "allowed.test", None):  # "*.x" needs a label before ".x"
+        assert isinstance(decide_outbound(table, anywhere, Protocol.TLS, sni), Refuse), sni
+    assert isinstance(decide_outbound(table, anywhere, Protocol.HTTP1), Refuse)  # plain HTTP to 443
+    relaxed = capture_table(snapshot(SERVICES, sidecar("ALLOW_ANY")))
+    assert decide_outbound(relaxed, anywhere, Protocol.TLS, "evil.test") == Passthrough(
+        UpstreamAddr("192.0.2.1", 443), PASSTHROUGH_CLUSTER)
 
 
 def test_unknown_destinations_registry_only_and_allow_any() -> None:

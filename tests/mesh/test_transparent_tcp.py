@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import trustme
 
 from examples.mesh_demo import stat_value
 from proxy.l4.capture import iptables
@@ -198,3 +200,93 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
             assert stat_value(stats, "triomesh_sidecar_cx_total", listener="virtualOutbound", action="not_redirected") == 1
             # the sidecar's own upstream connections were not captured: three captured, three served
             assert stat_value(stats, "triomesh_sidecar_cx_total", action="tcp") == 3
+
+
+TLS_CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: allowed, namespace: shop}
+spec:
+  hosts: ["*.allowed.test"]
+  resolution: NONE
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {name: default, namespace: shop}
+spec:
+  outboundTrafficPolicy: {mode: REGISTRY_ONLY}
+  egress:
+  - captureMode: IPTABLES
+    hosts: ["*/*"]
+"""
+
+
+@contextmanager
+def tls_server(lab: Lab, node: str, port: int, ca: trustme.CA) -> Iterator[list[str]]:
+    """A TLS server (cert for api.allowed.test and evil.test) answering b"hello tls". Yields the SNI
+    names of the handshakes it completed."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("api.allowed.test", "evil.test").configure_cert(ctx)
+    seen: list[str] = []
+    ctx.sni_callback = lambda sslobj, name, _ctx: seen.append(name) and None
+    listener = lab.socket(node)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("0.0.0.0", port))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            try:
+                with ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(b"hello tls")
+            except OSError:
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def tls_get(lab: Lab, node: str, ip: str, sni: str, ca: trustme.CA) -> bytes:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    with lab.socket(node) as sock:
+        sock.settimeout(5)
+        sock.connect((ip, 443))
+        with ctx.wrap_socket(sock, server_hostname=sni) as tls:
+            return tls.recv(100)
+
+
+def test_tls_egress_allowed_by_sni_only(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    with open_lab(["app", "server"]) as lab:
+        app, server = lab.node("app"), lab.node("server")
+        (tmp_path / "config.yaml").write_text(TLS_CONFIG)
+        iptables.install(CaptureOptions(proxy_uid=str(PROXY_GID), proxy_gid=str(PROXY_GID)), netns=app.netns)
+        with tls_server(lab, "server", 443, ca) as handshakes, sidecar(lab, "app", tmp_path):
+            # TLS passes through untouched (the client checks the server's own certificate) because
+            # the SNI matches the ServiceEntry host *.allowed.test
+            assert tls_get(lab, "app", server.ipv4, "api.allowed.test", ca) == b"hello tls"
+            # the same server under a name no ServiceEntry has: reset before any handshake
+            with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+                tls_get(lab, "app", server.ipv4, "evil.test", ca)
+            assert handshakes == ["api.allowed.test"]
+            stats = admin_get(lab, "app", "/stats/prometheus")
+            assert isinstance(stats, str)
+            assert stat_value(stats, "triomesh_tcp_downstream_cx_total", cluster="outbound|443||*.allowed.test") == 1
+            assert stat_value(stats, "triomesh_sidecar_outbound_refused_total", protocol="tcp") == 1
