@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import textwrap
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -156,16 +157,17 @@ def chart(path: Path, rows: list[Row], targets: list[str], meta: dict[str, Any])
     for i, t in enumerate(targets):
         ys = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(charted))]
         xs = [(r["values"].get(t) or 0) / r["values"]["envoy"] for r in charted]
-        ax.barh(ys, [min(x, clip) for x in xs], height=width, label=t, color=TARGET_COLORS.get(t))
+        ax.barh(ys, [max(-1.0, min(x, clip)) for x in xs], height=width, label=t, color=TARGET_COLORS.get(t))
         for y, x in zip(ys, xs):
             if x > clip:
                 ax.text(clip, y, f" {x:.1f}x", va="center", fontsize=6)
-            elif t == "triomesh" and x:
+            elif t == "triomesh" and x and x > -1.0:
                 ax.text(x, y, f" {x:.2f}x", va="center", fontsize=7, color=TARGET_COLORS["triomesh"])
     ax.set_yticks(range(len(charted)))
     ax.set_yticklabels([_short_label(r) for r in charted], fontsize=7)
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlim(0, clip + 0.35)
+    lowest = min([0.0] + [(r["values"].get(t) or 0) / r["values"]["envoy"] for r in charted for t in targets])
+    ax.set_xlim(max(-1.0, lowest - 0.1), clip + 0.35)  # added latency over direct can come out below zero
     ax.set_xlabel(f"ratio to Envoy in the same run (bars clipped at {clip:.0f}x)")
     ax.set_title("each row relative to Envoy", fontsize=10)
     ax.invert_yaxis()
@@ -173,7 +175,8 @@ def chart(path: Path, rows: list[Row], targets: list[str], meta: dict[str, Any])
     _absolute_bars(fig.add_subplot(grid[0, 1]), rps_rows, targets, "req/s", "HTTP/1.1 100 B responses: req/s")
     _absolute_bars(fig.add_subplot(grid[1, 1]), _tcp_groups(rows), ["direct", "splice", "copy", "envoy"],
                    "MiB/s", "TCP transfers: MiB/s (triomesh splice and copy modes)")
-    fig.suptitle(f"triomesh vs Envoy vs direct - {meta.get('started')} - {meta.get('note', '')}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"triomesh vs Envoy vs direct - {meta.get('started')} ({meta.get('code', '')}) - "
+                               f"{meta.get('note', '')}", 190), fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
