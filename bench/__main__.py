@@ -83,8 +83,8 @@ def main() -> None:
     ap.add_argument("--tcp-reps", type=int, default=5, help="repetitions of the TCP rows (they are short)")
     ap.add_argument("--quick", action="store_true", help="1 repetition of 2 s: a smoke run, not for reporting")
     ap.add_argument("--profile", action="store_true",
-                    help="py-spy the triomesh worker during an extra (unreported) c64 run; "
-                         "writes profile-c64.svg and profile-c64.txt next to the results")
+                    help="py-spy the triomesh worker during an extra (unreported) c64 run, and count syscalls per "
+                         "request (strace -c) of it and of Envoy; writes profile-c64.svg and profile-c64.txt")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
@@ -93,10 +93,11 @@ def main() -> None:
         sys.exit("bench needs 2 cores (forwarder on one, backend + load generator on the other)")
     t0 = time.monotonic()
     envoy_bin = ensure_tools(profile=args.profile)
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
+    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start",
             "code": code_version(),
-            "note": f"median of {args.reps}, {args.duration} s runs (TCP: of {args.tcp_reps}); forwarder pinned to core {PROXY_CPU}, "
-                    f"backend + load generator on core {LOAD_CPU}"}
+            "note": f"median of {args.reps}, {args.duration} s runs (TCP: of {args.tcp_reps}); "
+                    f"forwarder pinned to core {PROXY_CPU}, backend + load generator on core {LOAD_CPU}"}
     rows: list[report.Row] = []
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="triomesh-bench-") as tmp:
