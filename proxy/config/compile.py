@@ -18,6 +18,8 @@ Theory of operation. Pure: no IO, same input -> same Snapshot.
    (or a default route to its cluster) as the catch-all virtual host, since the original destination
    already chose the service; and `inbound|<port>` per ingress listener captured (DEFAULT follows
    the Sidecar's capture, NONE keeps a bound listener).
+5. mesh VirtualService `tls` (sniHosts) and `tcp` routes, checked like http destinations, by the
+   service host they cover (Snapshot.l4_routes): a sidecar routes captured TLS/TCP with them.
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
 use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
 """
@@ -47,6 +49,7 @@ from proxy.config.registry import FrozenLabels, Registry, Service, build_cluster
 from proxy.config.snapshot import (
     Cluster,
     Endpoint,
+    L4Route,
     Listener,
     Route,
     RouteDestination,
@@ -114,6 +117,7 @@ class _CheckedVS:
     spec: VirtualServiceSpec
     gateways: tuple[str, ...]  # resolved "ns/name" or "mesh"
     routes: list[_CheckedRoute]
+    l4_routes: list[L4Route] = field(default_factory=list)  # tls/tcp routes applying to sidecars
 
     @property
     def in_mesh(self) -> bool:
@@ -199,8 +203,8 @@ class _Compiler:
                 raise r.error(f"$.spec.hosts[{i}]", f"invalid host {h!r}")
             if h == "*" and MESH in gateways:
                 raise r.error(f"$.spec.hosts[{i}]", "wildcard host '*' is not allowed for VirtualServices bound to the mesh")
-        if not spec.http:
-            raise r.error("$.spec.http", "a VirtualService needs at least one http route")
+        if not spec.http and not spec.tls and not spec.tcp:
+            raise r.error("$.spec.http", "a VirtualService needs at least one http, tls or tcp route")
         routes: list[_CheckedRoute] = []
         for i, http in enumerate(spec.http):
             path = f"$.spec.http[{i}]"
@@ -208,7 +212,78 @@ class _Compiler:
                 routes.extend(self._delegated_routes(r, path, i, http))
             else:
                 routes.append(self._check_http_route(r, path, i, http))
-        return _CheckedVS(r, spec, gateways, routes)
+        return _CheckedVS(r, spec, gateways, routes, self._check_l4_routes(r, spec, gateways))
+
+    def _check_l4_routes(self, r: Resource, spec: VirtualServiceSpec, gateways: tuple[str, ...]) -> list[L4Route]:
+        """tls (by SNI) and tcp routes, checked; kept only where a match block applies to a sidecar
+        (bound to "mesh", sourceLabels matching this proxy)."""
+        out: list[L4Route] = []
+        for kind, items in (("tls", spec.tls), ("tcp", spec.tcp)):
+            for i, item in enumerate(items):
+                path = f"$.spec.{kind}[{i}]"
+                if kind == "tls" and not item.match:
+                    raise r.error(f"{path}.match", "a tls route needs a match with sniHosts")
+                if not item.route:
+                    raise r.error(f"{path}.route", f"a {kind} route needs at least one destination")
+                blocks = []
+                for k, m in enumerate(item.match):
+                    mpath = f"{path}.match[{k}]"
+                    if kind == "tls" and not m.sni_hosts:
+                        raise r.error(f"{mpath}.sniHosts", "a tls match needs at least one sniHosts entry")
+                    match_gateways = tuple(
+                        self._check_gateway_name(r, f"{mpath}.gateways[{j}]", g) for j, g in enumerate(m.gateways)
+                    ) or gateways
+                    nets = []
+                    for j, cidr in enumerate(m.destination_subnets):
+                        try:
+                            nets.append(ipaddress.ip_network(cidr, strict=False))
+                        except ValueError:
+                            raise r.error(f"{mpath}.destinationSubnets[{j}]", f"{cidr!r} is not an IP address or CIDR block") from None
+                    if MESH not in match_gateways:
+                        continue
+                    if m.source_labels and (self.proxy_labels is None or not _labels_match(m.source_labels, self.proxy_labels)):
+                        continue
+                    sni = tuple(h.lower() for h in getattr(m, "sni_hosts", ()))
+                    blocks.append((sni, m.port, tuple(nets)))
+                dests = [
+                    RouteDestination(self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination), rd.weight)
+                    for j, rd in enumerate(item.route)
+                ]
+                if len(dests) == 1:
+                    dests = [RouteDestination(dests[0].cluster, 100)]
+                elif sum(d.weight for d in dests) != 100:
+                    raise r.error(f"{path}.route", f"total destination weight {sum(d.weight for d in dests)} != 100")
+                if (item.match and not blocks) or (not item.match and MESH not in gateways):
+                    continue  # no match block applies to a sidecar
+                cumulative, acc = [], 0
+                for d in dests:
+                    acc += d.weight
+                    cumulative.append(acc)
+                out.append(L4Route(f"{r.namespace}/{r.name}", kind, tuple(blocks), tuple(dests), tuple(cumulative)))
+        return out
+
+    def _mesh_virtual_services(self, svc: Service) -> list[_CheckedVS]:
+        """Mesh VirtualServices (in config order) whose hosts cover a service, visible to its namespace."""
+        full = hosts.fqdn(svc.host, svc.namespace)
+        return [
+            vs
+            for vs in self.virtual_services
+            if vs.in_mesh
+            and hosts.exported_to(vs.spec.export_to, vs.resource.namespace, svc.namespace)
+            and any(
+                hosts.matches(hosts.fqdn(h, vs.resource.namespace), full) or hosts.matches(h, svc.host)
+                for h in vs.spec.hosts
+            )
+        ]
+
+    def l4_routes(self) -> dict[str, tuple[L4Route, ...]]:
+        out: dict[str, tuple[L4Route, ...]] = {}
+        for svc in self.registry.services.values():
+            routes = [route for vs in self._mesh_virtual_services(svc) for route in vs.l4_routes]
+            if routes:
+                # Istio's order: every tls route before the tcp ones
+                out[svc.host] = tuple(sorted(routes, key=lambda route: route.kind != "tls"))
+        return out
 
     def _check_http_route(self, r: Resource, path: str, i, http: HTTPRoute) -> _CheckedRoute:
         for k, m in enumerate(http.match):
@@ -447,7 +522,7 @@ class _Compiler:
         covered: list[str] = []  # FQDN host patterns of the VirtualServices on this listener
         for vs in self.virtual_services:
             vns = vs.resource.namespace
-            if not vs.in_mesh or not hosts.exported_to(vs.spec.export_to, vns, local_ns):
+            if not vs.in_mesh or not vs.routes or not hosts.exported_to(vs.spec.export_to, vns, local_ns):
                 continue
             shown = [h for h in vs.spec.hosts if visible(vns, h)]
             if not shown:
@@ -537,16 +612,7 @@ class _Compiler:
             )
         for svc in self.registry.services.values():
             full = hosts.fqdn(svc.host, svc.namespace)
-            mesh_vs = [
-                vs
-                for vs in self.virtual_services
-                if vs.in_mesh
-                and hosts.exported_to(vs.spec.export_to, vs.resource.namespace, svc.namespace)
-                and any(
-                    hosts.matches(hosts.fqdn(h, vs.resource.namespace), full) or hosts.matches(h, svc.host)
-                    for h in vs.spec.hosts
-                )
-            ]
+            mesh_vs = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
             for port in svc.ports:
                 if str(port.protocol) not in LISTENER_PROTOCOLS:
                     continue  # TCP, TLS...: captured connections go to the TCP proxy
@@ -767,6 +833,7 @@ def compile_resources(
     for r in items:
         kinds[r.kind] += 1
     addresses = service_addresses(c.registry)
+    l4 = c.l4_routes()
     dump = {
         "version": version,
         "resources": dict(kinds),
@@ -774,6 +841,19 @@ def compile_resources(
         "clusters": [_cluster_dump(cl) for cl in c.clusters.values()],
         "service_addresses": [{"address": ip, "port": port, "host": h} for (ip, port), h in addresses.items()],
         "outbound_traffic_policy": c.outbound_policy,
+        "l4_routes": {
+            host: [
+                {
+                    "virtual_service": route.virtual_service,
+                    "kind": route.kind,
+                    "match": [{"sni_hosts": list(sni), "port": port, "destination_subnets": [str(n) for n in nets]}
+                              for sni, port, nets in route.matches],
+                    "destinations": [_plain(d) for d in route.destinations],
+                }
+                for route in routes
+            ]
+            for host, routes in l4.items()
+        },
     }
     return Snapshot(
         version=version,
@@ -782,6 +862,7 @@ def compile_resources(
         dump=dump,
         service_addresses=addresses,
         outbound_traffic_policy=c.outbound_policy,
+        l4_routes=l4,
     )
 
 

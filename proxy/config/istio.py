@@ -354,15 +354,51 @@ class HTTPRoute(IstioStruct, frozen=True):
     delegate: Delegate | None = None
 
 
+class RouteDestination(IstioStruct, frozen=True):
+    """A tls/tcp route destination (no header operations at L4)."""
+
+    destination: Destination
+    weight: Percent = 0
+
+
+class L4MatchAttributes(IstioStruct, frozen=True):
+    destination_subnets: tuple[str, ...] = ()
+    port: PortNumber | None = None
+    source_labels: Labels = field(default_factory=dict)
+    gateways: tuple[str, ...] = ()
+    source_namespace: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("source_namespace",)
+
+
+class TLSMatchAttributes(IstioStruct, frozen=True):
+    sni_hosts: tuple[str, ...] = ()
+    destination_subnets: tuple[str, ...] = ()
+    port: PortNumber | None = None
+    source_labels: Labels = field(default_factory=dict)
+    gateways: tuple[str, ...] = ()
+    source_namespace: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("source_namespace",)
+
+
+class TLSRoute(IstioStruct, frozen=True):
+    match: tuple[TLSMatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
+class TCPRoute(IstioStruct, frozen=True):
+    match: tuple[L4MatchAttributes, ...] = ()
+    route: tuple[RouteDestination, ...] = ()
+
+
 class VirtualServiceSpec(IstioStruct, frozen=True):
     hosts: tuple[str, ...] = ()
     gateways: tuple[str, ...] = ()
     http: tuple[HTTPRoute, ...] = ()
-    tls: Any = UNSET
-    tcp: Any = UNSET
+    tls: tuple[TLSRoute, ...] = ()
+    tcp: tuple[TCPRoute, ...] = ()
     export_to: tuple[str, ...] = ()
-
-    unsupported: ClassVar[tuple[str, ...]] = ("tls", "tcp")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Cluster names follow Istio's `outbound|<port>|<subset>|<host>` (subset empty whe
 from __future__ import annotations
 
 import bisect
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -275,6 +276,47 @@ class RouteTable:
 
 
 @dataclass(frozen=True, slots=True)
+class L4Route:
+    """One VirtualService `tls` or `tcp` route for captured connections, compiled. A connection
+    matches when any match block does (none: always): SNI among `sni_hosts` (exact or "*.suffix";
+    tls only), its destination port, its destination address within `destination_subnets`."""
+
+    virtual_service: str  # "namespace/name"
+    kind: str  # "tls" | "tcp"
+    matches: tuple[tuple[tuple[str, ...], int | None, tuple[Any, ...]], ...]  # (sni_hosts, port, subnets)
+    destinations: tuple[RouteDestination, ...]
+    cumulative_weights: tuple[int, ...]
+
+    def matches_connection(self, sni: str | None, ip: str, port: int) -> bool:
+        if not self.matches:
+            return True
+        for sni_hosts, want_port, subnets in self.matches:
+            if want_port is not None and want_port != port:
+                continue
+            if subnets and not any(ipaddress.ip_address(ip) in net for net in subnets):
+                continue
+            if self.kind == "tls" and not _sni_matches(sni_hosts, sni):
+                continue
+            return True
+        return False
+
+    def pick_cluster(self, rand_below: Callable[[int], int]) -> str:
+        dests = self.destinations
+        if len(dests) == 1:
+            return dests[0].cluster
+        return dests[bisect.bisect_right(self.cumulative_weights, rand_below(self.cumulative_weights[-1]))].cluster
+
+
+def _sni_matches(patterns: tuple[str, ...], sni: str | None) -> bool:
+    if not sni:
+        return False
+    for p in patterns:
+        if p == "*" or p == sni or (p.startswith("*.") and sni.endswith(p[1:])):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str  # e.g. "0.0.0.0_8080"
     address: str
@@ -303,6 +345,9 @@ class Snapshot:
     service_addresses: Mapping[tuple[str, int], str] = field(default_factory=dict)
     # Sidecar outboundTrafficPolicy.mode for traffic to unknown destinations (Istio's default ALLOW_ANY)
     outbound_traffic_policy: str = "ALLOW_ANY"
+    # mesh VirtualService tls/tcp routes by the service host they apply to, in VirtualService order
+    # (tls routes before tcp ones): how a sidecar routes captured connections it does not parse
+    l4_routes: Mapping[str, tuple[L4Route, ...]] = field(default_factory=dict)
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

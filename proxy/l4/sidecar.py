@@ -15,6 +15,9 @@ port):
   not known by address, TLS whose SNI     -> Tcp to that service (TLS passthrough routed by SNI,
     matches a TLS/HTTPS ServiceEntry host    as Envoy's server_names filter chain match does;
     on that port                             `*.example.com` hosts match any subdomain)
+  a Tcp decision for a service with mesh VirtualService `tls` routes (sniHosts, port,
+  destinationSubnets) or `tcp` routes (port, destinationSubnets): the first matching route's
+  weighted destination cluster instead of the service's own
   unknown, outboundTrafficPolicy ALLOW_ANY -> Passthrough to the original destination
                                              (Istio's PassthroughCluster)
   unknown, REGISTRY_ONLY                   -> Refuse: 502 for HTTP, a reset for TCP (BlackHoleCluster)
@@ -34,11 +37,12 @@ so server-first protocols never wait for the sniffing timeout.
 from __future__ import annotations
 
 import ipaddress
+import random
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from proxy.config.compile import captured_inbound_listener, captured_outbound_listener
-from proxy.config.snapshot import Snapshot, cluster_name
+from proxy.config.snapshot import L4Route, Snapshot, cluster_name
 from proxy.l4.addrs import OrigDstAddr, UpstreamAddr
 from proxy.l4.outbound import OutboundTrafficPolicyMode
 from proxy.l4.sniff import Protocol
@@ -119,6 +123,15 @@ class CaptureTable:
     # and (".suffix", service) for "*.suffix" hosts, longest first
     sni_exact: Mapping[int, Mapping[str, ServicePort]] = field(default_factory=dict)
     sni_suffixes: Mapping[int, tuple[tuple[str, ServicePort], ...]] = field(default_factory=dict)
+    l4_routes: Mapping[str, tuple[L4Route, ...]] = field(default_factory=dict)  # by service host
+    tls_routed: frozenset[str] = frozenset()  # service hosts with tls routes: their SNI matters
+
+    def route_l4(self, svc: ServicePort, sni: str | None, dst: OrigDstAddr, rand_below: Callable[[int], int]) -> str:
+        """The cluster of the first tls/tcp route of `svc` matching the connection, else its own."""
+        for route in self.l4_routes.get(svc.host, ()):
+            if route.matches_connection(sni, dst.ip, dst.port):
+                return route.pick_cluster(rand_below)
+        return svc.cluster
 
     def lookup(self, dst: OrigDstAddr) -> ServicePort | None:
         svc = self.by_address.get((dst.ip, dst.port))
@@ -197,29 +210,32 @@ def capture_table(snapshot: Snapshot) -> CaptureTable:
     except ValueError:
         mode = OutboundTrafficPolicyMode.ALLOW_ANY
     suffixes = {port: tuple(sorted(items, key=lambda item: -len(item[0]))) for port, items in sni_suffixes.items()}
-    return CaptureTable(by_address, by_port, inbound, mode, sni_exact, suffixes)
+    tls_routed = frozenset(h for h, routes in snapshot.l4_routes.items() if any(r.kind == "tls" for r in routes))
+    return CaptureTable(by_address, by_port, inbound, mode, sni_exact, suffixes, snapshot.l4_routes, tls_routed)
 
 
 def outbound_needs_sniff(table: CaptureTable, dst: OrigDstAddr) -> bool:
     svc = table.lookup(dst)
     if svc is not None:
-        return svc.listener is not None
+        return svc.listener is not None or svc.host in table.tls_routed
     if table.routes_by_sni(dst.port):
         return True
     return table.mode is OutboundTrafficPolicyMode.REGISTRY_ONLY  # 502 or reset: HTTP decides
 
 
-def decide_outbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | None, sni: str | None = None) -> Decision:
-    """`protocol` (and the TLS `sni`): what sniffing found, None when outbound_needs_sniff said no."""
+def decide_outbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | None, sni: str | None = None,
+                    rand_below: Callable[[int], int] = random.randrange) -> Decision:
+    """`protocol` (and the TLS `sni`): what sniffing found, None when outbound_needs_sniff said no.
+    `rand_below(n)`: uniform in [0, n), for weighted tls/tcp routes (injected by tests)."""
     svc = table.lookup(dst)
     if svc is not None:
         if svc.listener is not None and protocol is Protocol.HTTP1:
             return L7(svc.listener)
-        return Tcp(svc.cluster)
+        return Tcp(table.route_l4(svc, sni if protocol is Protocol.TLS else None, dst, rand_below))
     if protocol is Protocol.TLS:
         svc = table.lookup_sni(dst.port, sni)
         if svc is not None:
-            return Tcp(svc.cluster)
+            return Tcp(table.route_l4(svc, sni, dst, rand_below))
     if table.mode is OutboundTrafficPolicyMode.REGISTRY_ONLY:
         return Refuse(f"{dst} is not a service address (outboundTrafficPolicy REGISTRY_ONLY)")
     return Passthrough(UpstreamAddr(dst.ip, dst.port), PASSTHROUGH_CLUSTER)

@@ -136,10 +136,11 @@ def test_missing_required_field():
 
 def test_unsupported_istio_fields_say_so():
     bad = doc("VirtualService", "r", {"hosts": ["r"], "http": [{"route": [{"destination": {"host": "r"}}]}],
-                                      "tcp": [{"route": [{"destination": {"host": "r"}}]}]})
+                                      "tcp": [{"match": [{"sourceNamespace": "shop"}],
+                                               "route": [{"destination": {"host": "r"}}]}]})
     e = _load_error(bad)
-    assert e.field_path == "$.spec.tcp"
-    assert e.message == "`tcp` is an Istio VirtualServiceSpec field triomesh does not support yet"
+    assert e.field_path == "$.spec.tcp[0].match[0].sourceNamespace"
+    assert e.message == "`sourceNamespace` is an Istio L4MatchAttributes field triomesh does not support yet"
     gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
     assert _load_error(gw).field_path == "$.spec.servers[0].tls"
     pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}})
@@ -267,7 +268,7 @@ def test_status_written_by_kubernetes_is_tolerated():
 
 def test_virtual_service_needs_http_routes_with_destinations():
     e = _compile_error(service("a"), doc("VirtualService", "a", {"hosts": ["a"]}))
-    assert (e.field_path, e.message) == ("$.spec.http", "a VirtualService needs at least one http route")
+    assert (e.field_path, e.message) == ("$.spec.http", "a VirtualService needs at least one http, tls or tcp route")
     e = _compile_error(service("a"), doc("VirtualService", "a", {"hosts": ["a"], "http": [{"name": "empty"}]}))
     assert e.field_path == "$.spec.http[0].route"
     e = _compile_error(service("a"), doc("VirtualService", "a", {"http": [{"route": [{"destination": {"host": "a"}}]}]}))

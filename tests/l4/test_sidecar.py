@@ -219,3 +219,108 @@ def test_capture_port_taken_by_another_listener_is_an_error(port: int) -> None:
         """)
     with pytest.raises(Exception, match=f"capture port {port}"):
         snapshot(SERVICES, sidecar(), gateway)
+
+
+L4_ROUTES = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db]
+  addresses: [10.9.0.8]
+  resolution: STATIC
+  ports: [{number: 5432, name: tcp, protocol: TCP}]
+  endpoints:
+  - {address: 10.1.0.8, labels: {version: v1}}
+  - {address: 10.1.0.9, labels: {version: v2}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: db, namespace: shop}
+spec:
+  host: db
+  subsets: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: shop}
+spec:
+  hosts: [db]
+  tcp:
+  - match: [{port: 5432, destinationSubnets: [10.9.0.0/24]}]
+    route:
+    - {destination: {host: db, subset: v1}, weight: 90}
+    - {destination: {host: db, subset: v2}, weight: 10}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: allowed, namespace: shop}
+spec:
+  hosts: ["*.allowed.test"]
+  resolution: NONE
+  ports: [{number: 443, name: https, protocol: HTTPS}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: legacy, namespace: shop}
+spec:
+  hosts: [legacy.shop.internal]
+  resolution: STATIC
+  ports: [{number: 8443, name: tls, protocol: TLS}]
+  endpoints: [{address: 10.1.0.20}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: allowed, namespace: shop}
+spec:
+  hosts: ["*.allowed.test"]
+  tls:
+  - match: [{sniHosts: [pay.allowed.test], port: 443}]
+    route: [{destination: {host: legacy.shop.internal, port: {number: 8443}}}]
+"""
+
+
+def test_tcp_routes_by_port_and_subnet_with_weights() -> None:
+    table = capture_table(snapshot(L4_ROUTES, sidecar()))
+    vip = OrigDstAddr("10.9.0.8", 5432)
+    assert not outbound_needs_sniff(table, vip)  # tcp routes need no bytes
+    assert decide_outbound(table, vip, None, rand_below=lambda n: 0) == Tcp("outbound|5432|v1|db")
+    assert decide_outbound(table, vip, None, rand_below=lambda n: 89) == Tcp("outbound|5432|v1|db")
+    assert decide_outbound(table, vip, None, rand_below=lambda n: 90) == Tcp("outbound|5432|v2|db")
+    # the endpoint dialled directly is outside destinationSubnets: the service's own cluster
+    assert decide_outbound(table, OrigDstAddr("10.1.0.9", 5432), None) == Tcp("outbound|5432||db")
+
+
+def test_tls_routes_by_sni() -> None:
+    table = capture_table(snapshot(L4_ROUTES, sidecar()))
+    anywhere = OrigDstAddr("192.0.2.1", 443)
+    assert decide_outbound(table, anywhere, Protocol.TLS, "pay.allowed.test") == Tcp("outbound|8443||legacy.shop.internal")
+    assert decide_outbound(table, anywhere, Protocol.TLS, "api.allowed.test") == Tcp("outbound|443||*.allowed.test")
+
+
+@pytest.mark.parametrize(
+    ("vs", "path", "message"),
+    [
+        ({"hosts": ["db"], "tls": [{"route": [{"destination": {"host": "db"}}]}]}, "$.spec.tls[0].match",
+         "a tls route needs a match with sniHosts"),
+        ({"hosts": ["db"], "tls": [{"match": [{"port": 5432}], "route": [{"destination": {"host": "db"}}]}]},
+         "$.spec.tls[0].match[0].sniHosts", "a tls match needs at least one sniHosts entry"),
+        ({"hosts": ["db"], "tcp": [{"route": [{"destination": {"host": "db", "subset": "v1"}, "weight": 50},
+                                               {"destination": {"host": "db", "subset": "v2"}, "weight": 40}]}]},
+         "$.spec.tcp[0].route", "total destination weight 90 != 100"),
+        ({"hosts": ["db"], "tcp": [{"route": [{"destination": {"host": "nowhere"}}]}]},
+         "$.spec.tcp[0].route[0].destination.host", "host 'nowhere' matches no ServiceEntry host"),
+        ({"hosts": ["db"], "tcp": [{"match": [{"destinationSubnets": ["10.0.0.0/33"]}],
+                                    "route": [{"destination": {"host": "db"}}]}]},
+         "$.spec.tcp[0].match[0].destinationSubnets[0]", "'10.0.0.0/33' is not an IP address or CIDR block"),
+    ],
+)
+def test_l4_route_errors_name_the_field(vs: dict, path: str, message: str) -> None:
+    import yaml
+
+    bad = yaml.safe_dump({"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+                          "metadata": {"name": "bad", "namespace": "shop"}, "spec": vs})
+    services = L4_ROUTES.split("---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: db")[0]
+    with pytest.raises(Exception) as info:
+        snapshot(services, sidecar(), bad)
+    assert (info.value.field_path, info.value.message) == (path, message)
