@@ -10,6 +10,7 @@ SRC_BUILD := pyproject.toml setup.py $(shell find native -type f \( -name '*.c' 
 TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-restore:iptables ip:iproute2
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all install system-deps test demo bench clean
 
@@ -47,7 +48,7 @@ demo: install system-deps
 
 bench: install system-deps
 	$(PY) -m pip install -q -e '.[test,bench]'
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so
