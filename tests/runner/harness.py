@@ -293,6 +293,9 @@ class ControlPlane:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_records(self) -> list[dict]:
+        return [json.loads(line) for line in self.log_text().splitlines() if line.startswith("{")]
+
     def cli(self, *argv: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
         """`triomesh SUBCOMMAND ARGS --controlplane ADDRESS`."""
         return triomesh(*argv, "--controlplane", self.address, stdin=stdin)
