@@ -1,7 +1,8 @@
 """A transparent sidecar's L4 paths in real namespaces: a TCP service reached at its VIP (sent to its
 endpoint, no sniffing wait for a server-first protocol), ALLOW_ANY passthrough to an unknown
-destination, inbound passthrough to an undeclared port from 127.0.0.6, and a connection to the
-capture port itself refused instead of looping."""
+destination and its closing by a live config change to REGISTRY_ONLY, inbound passthrough to an
+undeclared port from 127.0.0.6, a connection to the capture port itself refused instead of looping,
+and TLS egress admitted by SNI only."""
 
 from __future__ import annotations
 
@@ -162,6 +163,18 @@ def exchange(lab: Lab, node: str, ip: str, port: int) -> tuple[bytes, bytes]:
         return banner, sock.recv(1024)
 
 
+def refused(lab: Lab, node: str, ip: str, port: int) -> bool:
+    """Whether a connection from `node` is reset or closed before the server's banner arrives."""
+    with lab.socket(node) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect((ip, port))
+            sock.sendall(b"ping")
+            return sock.recv(100) == b""
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+
+
 def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
     with open_lab(["app", "server"]) as lab:
         app, server = lab.node("app"), lab.node("server")
@@ -200,6 +213,16 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
             assert stat_value(stats, "triomesh_sidecar_cx_total", listener="virtualOutbound", action="not_redirected") == 1
             # the sidecar's own upstream connections were not captured: three captured, three served
             assert stat_value(stats, "triomesh_sidecar_cx_total", action="tcp") == 3
+
+            # a config change to REGISTRY_ONLY closes that egress without a restart (the supervisor
+            # polls the files every second); the registered service keeps working
+            (tmp_path / "config.yaml").write_text(
+                CONFIG.replace("SERVER_IP", server.ipv4).replace("ALLOW_ANY", "REGISTRY_ONLY"))
+            deadline = time.monotonic() + 15
+            while not refused(lab, "app", server.ipv4, 9000):
+                assert time.monotonic() < deadline, "still passed through 15 s after the config change"
+                time.sleep(0.2)
+            assert exchange(lab, "app", DB_VIP, 5432) == (b"db ready\n", b"echo:ping")
 
 
 TLS_CONFIG = """
