@@ -11,6 +11,7 @@ not captured again because the proxy runs under the uid the capture rules exclud
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import socket
 from dataclasses import dataclass
@@ -179,13 +180,19 @@ class CaptureServer:
             upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
             connect_timeout_s = self.plane.settings.connect_timeout_s
         self._count(listener_name, "tcp")
-        if ":" not in upstream.ip and not upstream.ip.replace(".", "").isdigit():
-            # a DNS endpoint: resolve now (a blocking resolver call, in a thread)
-            infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
-            if not infos:
+        if not _is_ip(upstream.ip):
+            # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
+            try:
+                infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
+            except OSError as exc:
+                log.info("tcp upstream not resolved", listener=listener_name, host=upstream.ip, error=str(exc))
+                self._count(listener_name, "no_healthy_upstream")
                 _reset(conn.sock)
                 return True
-            upstream = UpstreamAddr.from_sockaddr(infos[0][4])
+            # IPv4 first when the name has both (Envoy's V4_PREFERRED; Istio asks V4_ONLY outside
+            # dual-stack meshes)
+            info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
+            upstream = UpstreamAddr.from_sockaddr(info[4])
         result = await proxy_to_upstream(
             conn.sock,
             upstream,
@@ -224,6 +231,14 @@ class CaptureServer:
             pass
         finally:
             sock.close()
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _reset(sock: socket.socket) -> None:

@@ -39,6 +39,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 PROXY_GID = 1337
 DB_VIP = "198.18.0.201"
+CACHE_VIP = "198.18.0.202"
 
 CONFIG = f"""
 apiVersion: networking.istio.io/v1
@@ -50,6 +51,16 @@ spec:
   resolution: STATIC
   ports: [{{number: 5432, name: tcp, protocol: TCP, targetPort: 15432}}]
   endpoints: [{{address: SERVER_IP}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: cache, namespace: shop}}
+spec:
+  hosts: [cache.shop.internal]
+  addresses: [{CACHE_VIP}]
+  resolution: DNS
+  ports: [{{number: 6379, name: redis, protocol: TCP}}]
+  endpoints: [{{address: server, ports: {{redis: 9000}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -191,6 +202,9 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
             # ALLOW_ANY: an address no ServiceEntry knows is passed through to where it was going
             assert exchange(lab, "app", server.ipv4, 9000) == (b"other\n", b"echo:ping")
             assert other_peers == [app.ipv4]
+            # a DNS endpoint ("server", from the namespace's hosts file) is resolved when connecting
+            assert exchange(lab, "app", CACHE_VIP, 6379) == (b"other\n", b"echo:ping")
+            assert other_peers == [app.ipv4, app.ipv4]
             # inbound to a port no Sidecar ingress declares: to the app from 127.0.0.6
             assert exchange(lab, "server", app.ipv4, 7000) == (b"app\n", b"echo:ping")
             assert app_peers == ["127.0.0.6"]
@@ -211,8 +225,8 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
             assert stat_value(stats, "triomesh_tcp_downstream_cx_total", cluster="PassthroughCluster") == 1
             assert stat_value(stats, "triomesh_tcp_downstream_cx_total", cluster="InboundPassthroughCluster") == 1
             assert stat_value(stats, "triomesh_sidecar_cx_total", listener="virtualOutbound", action="not_redirected") == 1
-            # the sidecar's own upstream connections were not captured: three captured, three served
-            assert stat_value(stats, "triomesh_sidecar_cx_total", action="tcp") == 3
+            # the sidecar's own upstream connections were not captured: four captured, four served
+            assert stat_value(stats, "triomesh_sidecar_cx_total", action="tcp") == 4
 
             # a config change to REGISTRY_ONLY closes that egress without a restart (the supervisor
             # polls the files every second); the registered service keeps working

@@ -96,6 +96,9 @@ def capture_main(argv: Sequence[str] | None = None) -> int:
             else:
                 for line in iptables.show(netns=args.netns, family=family):
                     print(line)
+    except BrokenPipeError:  # `triomesh capture show | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     except iptables.CaptureError as exc:
         print(f"triomesh capture: {exc}", file=sys.stderr)
         return 1
