@@ -30,7 +30,8 @@ system-deps:
 	fi
 
 $(STAMP): $(SRC_BUILD)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+	  { echo "'$(PYTHON) -m venv' failed: Python 3.11+ with venv is needed (Debian: apt-get install python3-venv)"; exit 1; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
