@@ -159,6 +159,10 @@ def busy_ports(plan: Plan) -> list[tuple[int, str]]:
     return busy
 
 
+class MeshError(RuntimeError):
+    pass
+
+
 def triomesh_command() -> list[str]:
     script = Path(sys.executable).with_name("triomesh")
     if script.exists():
@@ -166,11 +170,7 @@ def triomesh_command() -> list[str]:
     found = shutil.which("triomesh")
     if found:
         return [found]
-    raise RuntimeError("the `triomesh` command is not installed in this environment; `make demo` installs it")
-
-
-class MeshError(RuntimeError):
-    pass
+    raise MeshError("the `triomesh` command is not installed in this environment; `make demo` installs it")
 
 
 class Mesh:
