@@ -12,11 +12,15 @@ def reason_phrase(status: int) -> bytes:
 
 
 def local_reply_bytes(status: int, body: bytes, *, close: bool, request_id: bytes = b"",
-                      content_type: bytes = b"text/plain", head_only: bool = False) -> bytes:
-    """A complete HTTP/1.1 response; `head_only` for HEAD requests (Content-Length still says the size)."""
+                      content_type: bytes = b"text/plain", head_only: bool = False,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
+    """A complete HTTP/1.1 response; `head_only` for HEAD requests (Content-Length still says the size).
+    `headers`: a stage's own fields (CORS preflight, gRPC status); a content-type among them wins."""
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
              b"content-length: %d\r\n" % len(body)]
-    if body:
+    if headers:
+        lines += [b"%s: %s\r\n" % pair for pair in headers]
+    if body and not (headers and any(name == b"content-type" for name, _ in headers)):
         lines.append(b"content-type: %s\r\n" % content_type)
     if request_id:
         lines.append(b"x-request-id: %s\r\n" % request_id)

@@ -284,7 +284,7 @@ class DownstreamConnection:
             ctx.response_flags.append(reply.response_flag)
         keep = dreq.keep_alive and dreq.body.done
         data = local_reply_bytes(reply.status, reply.body, close=not keep, request_id=ctx.request_id,
-                                 head_only=ctx.request.method == b"HEAD")
+                                 head_only=ctx.request.method == b"HEAD", headers=reply.headers)
         return await self._send_local(ctx, reply.status, data) and keep
 
     async def _reply_for_error(self, ctx: RequestContext, e: ProxyError, dreq: DownstreamRequest | None) -> bool:

@@ -510,15 +510,11 @@ class Exchange:
         return b"".join(chunks)
 
     async def _local_reply(self, route: Route) -> bool:
-        """directResponse, redirect and CORS preflight: answered here, with the route's response
-        header operations."""
+        """directResponse and redirect: answered here, as Envoy's router does, with the route's
+        response header operations."""
         ctx, dreq = self.ctx, self.dreq
         head = ctx.request
-        local = ctx.extra.get("local_reply") if ctx.extra else None
-        if local is not None:  # a stage's answer with headers (CORS preflight)
-            status, body = local[0], b""
-            headers = list(local[1])
-        elif route.redirect is not None:
+        if route.redirect is not None:
             status, body = route.redirect.code, b""
             headers = [(b"location", redirect_location(head, route.redirect))]
         else:

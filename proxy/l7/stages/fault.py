@@ -7,7 +7,6 @@ import random
 from typing import TYPE_CHECKING
 
 from proxy.l7.chain import Delay, LocalResponse
-from proxy.l7.stages.routing import LOCAL_CLUSTER
 
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
@@ -54,11 +53,8 @@ class FaultAbortStage:
         if crt is not None:
             crt.fault_aborts.value += 1
         if fault.abort_grpc_status is not None:
-            # a gRPC error is an HTTP 200 with grpc-status; the router sends replies with headers
-            ctx.response_flags.append("FI")
-            ctx.extra["local_reply"] = (200, [(b"content-type", b"application/grpc"),
-                                              (b"grpc-status", b"%d" % fault.abort_grpc_status),
-                                              (b"grpc-message", ABORT_BODY)])
-            ctx.cluster = LOCAL_CLUSTER
-            return None
+            # a gRPC error is an HTTP 200 with grpc-status, as Envoy's fault filter answers gRPC
+            return LocalResponse(200, b"", [(b"content-type", b"application/grpc"),
+                                            (b"grpc-status", b"%d" % fault.abort_grpc_status),
+                                            (b"grpc-message", ABORT_BODY)], response_flag="FI")
         return LocalResponse(fault.abort_status, ABORT_BODY, response_flag="FI")

@@ -7,6 +7,7 @@ import random
 from typing import TYPE_CHECKING
 
 from proxy.config.snapshot import Cluster
+from proxy.l7.chain import LocalResponse
 from proxy.l7.errors import NoCluster, NoRoute
 
 if TYPE_CHECKING:
@@ -91,8 +92,10 @@ class RouteStage:
         if route is None:
             raise NoRoute(f"no route in {vhost.name} for {head.method.decode()} {head.path[:100]!r}")
         ctx.route = route
-        if route.cors is not None and self._cors(ctx, route.cors, head):
-            return None  # a CORS preflight, answered by the exchange
+        if route.cors is not None:
+            preflight = self._cors(ctx, route.cors, head)
+            if preflight is not None:
+                return preflight
         if not route.destinations:  # directResponse / redirect
             ctx.cluster = LOCAL_CLUSTER
             return None
@@ -112,23 +115,20 @@ class RouteStage:
         return None
 
     @staticmethod
-    def _cors(ctx: RequestContext, cors: CorsPolicy, head: RequestHead) -> bool:
-        """Envoy's CORS filter: an allowed origin's preflight is answered by the exchange (True); its
-        actual requests get the CORS response headers. A preflight from another origin is forwarded,
-        or answered 200 without CORS headers when unmatchedPreflights is IGNORE."""
+    def _cors(ctx: RequestContext, cors: CorsPolicy, head: RequestHead) -> LocalResponse | None:
+        """Envoy's CORS filter: an allowed origin's preflight is answered here; its actual requests
+        get the CORS response headers. A preflight from another origin is forwarded, or answered
+        200 without CORS headers when unmatchedPreflights is IGNORE."""
         origin = head.get(b"origin")
         if origin is None:
-            return False
+            return None
         allowed = cors.origin_allowed(origin)
         if head.method == b"OPTIONS" and head.get(b"access-control-request-method") is not None:
             if allowed:
-                ctx.extra["local_reply"] = (200, [(b"access-control-allow-origin", origin), *cors.preflight_headers])
-            elif not cors.forward_unmatched_preflights:
-                ctx.extra["local_reply"] = (200, [])
-            else:
-                return False
-            ctx.cluster = LOCAL_CLUSTER
-            return True
+                return LocalResponse(200, b"", [(b"access-control-allow-origin", origin), *cors.preflight_headers])
+            if not cors.forward_unmatched_preflights:
+                return LocalResponse(200, b"")
+            return None
         if allowed:
             ctx.extra["cors_headers"] = [(b"access-control-allow-origin", origin), *cors.response_headers]
-        return False
+        return None
