@@ -53,7 +53,9 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
     plane = DataPlane(holder, stats, access_log)
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
-        # connections live in a worker-wide nursery: those of a listener a reload removes finish
+        # connections live in a worker-wide nursery: those of a listener a reload removes finish;
+        # fire-and-forget work (mirrored requests) runs there too
+        plane.background = connections
         async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
             await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
 
