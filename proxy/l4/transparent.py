@@ -179,7 +179,6 @@ class CaptureServer:
         else:
             upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
             connect_timeout_s = self.plane.settings.connect_timeout_s
-        self._count(listener_name, "tcp")
         if not _is_ip(upstream.ip):
             # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
             try:
@@ -193,6 +192,7 @@ class CaptureServer:
             # dual-stack meshes)
             info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
             upstream = UpstreamAddr.from_sockaddr(info[4])
+        self._count(listener_name, "tcp")
         result = await proxy_to_upstream(
             conn.sock,
             upstream,
