@@ -26,6 +26,7 @@ import collections
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,7 +85,7 @@ class MeshDemo:
     config_dir: Path = MESH_CONFIG
     access_log: str = "json"
     lab: Lab | None = None
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="triomesh-mesh-")))
+    log_dir: Path | None = None  # the processes' output; a fresh temporary directory when None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     captured: list[str] = field(default_factory=list)
 
@@ -95,6 +96,8 @@ class MeshDemo:
             raise NamespacesUnavailable("the namespace mesh needs root (network namespaces, iptables)")
         if not iptables.available(4):
             raise NamespacesUnavailable("iptables-restore/iptables-save not found (Debian package iptables)")
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="triomesh-mesh-"))
         try:
             self.lab = lab_up(NODES, subnet_v6=None, extra_hosts={"recommendation": RECOMMENDATION_VIP})
         except (OSError, LabError) as exc:
@@ -131,6 +134,7 @@ class MeshDemo:
         if gid is not None:
             argv = ["setpriv", f"--regid={gid}", "--clear-groups", *argv]
         full = self.lab.argv(node, argv)
+        assert self.log_dir is not None
         log = open(self.log_dir / f"{label}.log", "wb")
         try:
             # own process group: teardown signals the whole group (a proxy's workers included)
@@ -177,7 +181,7 @@ class MeshDemo:
 
     def log_tail(self, label: str, lines: int = 20) -> str:
         try:
-            text = (self.log_dir / f"{label}.log").read_text(errors="replace")
+            text = (Path(self.log_dir or ".") / f"{label}.log").read_text(errors="replace")
         except OSError:
             return f"({label}: no log)"
         return f"--- {label} ---\n" + "\n".join(text.splitlines()[-lines:])
@@ -306,7 +310,7 @@ def refused_tcp(mesh: MeshDemo, node: str, ip: str, port: int) -> bool:
             return True
 
 
-def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG) -> int:
+def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG, keep_logs: bool = False) -> int:
     with MeshDemo(config_dir=config_dir, access_log=access_log) as mesh:
         assert mesh.lab is not None
         print(f"lab {mesh.lab.run_id}: " + ", ".join(f"{n.name} {n.ipv4}" for n in mesh.lab.nodes.values())
@@ -338,8 +342,13 @@ def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG) 
                 print(f"  {line}")
         passed = (ok == requests and counts.get("error", 0) == 0 and jason_counts == {"v2": 10}
                   and status == 502 and tcp_refused)
-        print("\nresult: " + ("ok" if passed else "FAILED") + f" (logs in {mesh.log_dir})")
-        return 0 if passed else 1
+        if passed and not keep_logs:
+            print("\nresult: ok")
+        else:
+            print("\nresult: " + ("ok" if passed else "FAILED") + f" (logs in {mesh.log_dir})")
+    if passed and not keep_logs and mesh.log_dir is not None:
+        shutil.rmtree(mesh.log_dir, ignore_errors=True)
+    return 0 if passed else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--access-log", choices=("off", "json", "console"), default="off",
                         help="the sidecars' access log format, written to their log files (default off)")
     parser.add_argument("--config", type=Path, default=MESH_CONFIG, help="directory of Istio resources")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the apps' and sidecars' logs (kept anyway on failure)")
     args = parser.parse_args(argv)
     main_pid = os.getpid()
 
@@ -360,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config)
+        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config, args.keep_logs)
     except NamespacesUnavailable as exc:
         print(f"mesh demo: {exc}", file=sys.stderr)
         return EXIT_NO_NAMESPACES
