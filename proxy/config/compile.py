@@ -159,6 +159,9 @@ class _Compiler:
         self.outbound_policy = "ALLOW_ANY"  # Istio's mesh default
         self.outbound_policy_from: Resource | None = None
         self.capture = False  # an applying Sidecar says its traffic is captured by iptables
+        # (sidecar namespace, "ns", "dnsName") of the port-less or captured egress listeners: the
+        # services captured traffic may reach; None when no such listener scopes them (all visible)
+        self.capture_scopes: list[tuple[str, str, str]] | None = None
         self.virtual: dict[str, _ListenerDraft] = {}  # bind_to_port False listeners, by name
 
     # ---- references
@@ -494,7 +497,10 @@ class _Compiler:
             scopes.append((r.namespace if ns == "." else ns, dns))
         if eg.port is None or self._captured(eg.capture_mode):
             # a port-less or captured egress listener opens no listener of its own: captured traffic
-            # reaches the services through virtualOutbound
+            # reaches the services through virtualOutbound, and only the services its hosts name
+            if self.capture_scopes is None:
+                self.capture_scopes = []
+            self.capture_scopes.extend((r.namespace, ns, dns) for ns, dns in scopes)
             return
         if eg.port.number == 0:
             raise r.error(f"{path}.port.number", "Unix domain socket listeners (port 0) are not supported by triomesh yet")
@@ -595,6 +601,25 @@ class _Compiler:
         draft.vhost(f"inbound|{ing.port.number}", ["*"]).add("", [(route, dump)])
 
 
+    def captured_visible(self, svc: Service) -> bool:
+        """Whether captured traffic may reach `svc` (Sidecar egress `hosts` and the service's exportTo)."""
+        if self.capture_scopes is None:
+            return True
+        full = hosts.fqdn(svc.host, svc.namespace)
+        for local_ns, ns, dns in self.capture_scopes:
+            if ns != "*" and ns != svc.namespace:
+                continue
+            if not hosts.exported_to(svc.spec.export_to, svc.namespace, local_ns):
+                continue
+            if hosts.matches(dns, svc.host) or hosts.matches(dns, full):
+                return True
+        return False
+
+    def captured_hosts(self) -> frozenset[str] | None:
+        if not self.capture or self.capture_scopes is None:
+            return None
+        return frozenset(svc.host for svc in self.registry.services.values() if self.captured_visible(svc))
+
     def add_capture(self) -> None:
         """The capture listeners and one virtual listener per captured HTTP service port."""
         if not self.capture:
@@ -611,6 +636,8 @@ class _Compiler:
                 "0.0.0.0", port, "TCP", direction, owner, owner, name=name, use_original_dst=True
             )
         for svc in self.registry.services.values():
+            if not self.captured_visible(svc):
+                continue  # out of this Sidecar's egress hosts: captured traffic cannot reach it
             full = hosts.fqdn(svc.host, svc.namespace)
             mesh_vs = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
             for port in svc.ports:
@@ -863,6 +890,7 @@ def compile_resources(
         service_addresses=addresses,
         outbound_traffic_policy=c.outbound_policy,
         l4_routes=l4,
+        captured_hosts=c.captured_hosts(),
     )
 
 

@@ -348,6 +348,8 @@ class Snapshot:
     # mesh VirtualService tls/tcp routes by the service host they apply to, in VirtualService order
     # (tls routes before tcp ones): how a sidecar routes captured connections it does not parse
     l4_routes: Mapping[str, tuple[L4Route, ...]] = field(default_factory=dict)
+    # service hosts captured traffic may reach (the capturing Sidecar's egress `hosts`); None: all
+    captured_hosts: frozenset[str] | None = None
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

@@ -5,6 +5,7 @@ connection arriving for the app to virtualInbound (:15006); the kernel keeps whe
 (SO_ORIGINAL_DST). This module turns that address (and, when it matters, what the first bytes look
 like) into one `Decision`, the way Envoy's original_dst listener picks a filter chain in Istio:
 
+Only the services the capturing Sidecar's egress `hosts` name are known (Snapshot.captured_hosts).
 outbound, by original destination (a ServiceEntry `addresses` VIP and port, else a service
 endpoint's address and port, else a service known by name only (no VIP, no IP endpoint) on that
 port):
@@ -169,18 +170,23 @@ def capture_table(snapshot: Snapshot) -> CaptureTable:
         name = captured_outbound_listener(port, host)
         return ServicePort(host, port, cluster_name(host, port), name if name in listeners else None)
 
+    visible = snapshot.captured_hosts  # None: every service
     by_address: dict[tuple[str, int], ServicePort] = {}
     by_port: dict[int, ServicePort] = {}
     sni_exact: dict[int, dict[str, ServicePort]] = {}
     sni_suffixes: dict[int, list[tuple[str, ServicePort]]] = {}
     vip_services: set[str] = set()
     for (ip, port), host in snapshot.service_addresses.items():
+        if visible is not None and host not in visible:
+            continue
         if ip != "*":
             by_address.setdefault((ip, port), service_port(host, port))
             vip_services.add(host)
     for cluster in snapshot.clusters.values():
         if cluster.subset or not cluster.service_host or not cluster.name.startswith("outbound|"):
             continue
+        if visible is not None and cluster.service_host not in visible:
+            continue  # outside the Sidecar's egress hosts: unknown to captured traffic
         ips = [ep for ep in cluster.endpoints if _is_ip(ep.address)]
         # a client that resolved a name to an endpoint (no VIP) dials the endpoint itself
         for ep in ips:

@@ -324,3 +324,21 @@ def test_l4_route_errors_name_the_field(vs: dict, path: str, message: str) -> No
     with pytest.raises(Exception) as info:
         snapshot(services, sidecar(), bad)
     assert (info.value.field_path, info.value.message) == (path, message)
+
+
+def test_egress_hosts_limit_what_captured_traffic_reaches() -> None:
+    scoped = sidecar("REGISTRY_ONLY").replace('hosts: ["./*"]', 'hosts: ["./reviews", "*/*.allowed.test"]')
+    snap = snapshot(SERVICES, scoped)
+    assert snap.captured_hosts == frozenset({"reviews", "*.allowed.test"})
+    assert {l.name for l in snap.listeners if l.name.startswith("outbound|")} == {"outbound|9080|reviews"}
+    table = capture_table(snap)
+    assert decide_outbound(table, OrigDstAddr("10.9.0.1", 9080), Protocol.HTTP1) == L7("outbound|9080|reviews")
+    # ratings and db exist in the registry but not for this workload: refused like unknown hosts
+    assert isinstance(decide_outbound(table, OrigDstAddr("10.1.0.7", 9080), Protocol.HTTP1), Refuse)
+    assert isinstance(decide_outbound(table, OrigDstAddr("10.1.0.8", 5432), Protocol.OPAQUE), Refuse)
+    assert decide_outbound(table, OrigDstAddr("192.0.2.1", 443), Protocol.TLS, "a.allowed.test") == Tcp(
+        "outbound|443||*.allowed.test")
+    assert isinstance(decide_outbound(table, OrigDstAddr("192.0.2.1", 443), Protocol.TLS, "api.example.com"), Refuse)
+    # "./*" names every service of the namespace
+    assert snapshot(SERVICES, sidecar()).captured_hosts == frozenset(
+        {"reviews", "ratings", "db", "api.example.com", "*.allowed.test", "cache.example.com"})
