@@ -95,9 +95,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # the supervisor decides when workers stop; a terminal's ^C or hangup goes to it, not to us
+    # the supervisor decides when workers stop (Shutdown over the control channel, or the channel
+    # closing): a terminal's ^C or hangup, or a service manager's SIGTERM to the whole process group,
+    # goes to it, and the worker drains and flushes its access log when told
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tm_logging.configure(level=args.log_level, fmt=args.log_format, worker=args.index)
     log = tm_logging.get_logger("triomesh.worker")
     access_log = AccessLog(args.access_log, worker=args.index)

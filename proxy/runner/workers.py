@@ -227,4 +227,4 @@ class WorkerSlot:
         if not await self._send(control.Shutdown()):
             process = self.process
             if process is not None and process.returncode is None:
-                process.terminate()
+                process.kill()  # workers ignore SIGTERM (it is the supervisor's to handle)
