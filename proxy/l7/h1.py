@@ -137,10 +137,7 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     tokens: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            for t in value.split(b","):
-                t = t.strip().lower()
-                if t:
-                    tokens.add(t)
+            _add_tokens(tokens, value)
     return tokens
 
 
@@ -184,6 +181,17 @@ _RESPONSE_SPECIAL = HOP_BY_HOP
 _PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
 
 
+def _add_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:
+    """Connection options (RFC 9110 §7.6.1), lowercased, added to `tokens` (made when None)."""
+    if tokens is None:
+        tokens = set()
+    for t in value.split(b","):
+        t = t.strip().lower()
+        if t:
+            tokens.add(t)
+    return tokens
+
+
 def _drop_named(headers: Headers, tokens: set[bytes]) -> Headers:
     """Remove fields that Connection names (RFC 9110 §7.6.1), beyond the usual close/keep-alive."""
     extra = tokens - _PLAIN_CONNECTION_TOKENS
@@ -216,12 +224,7 @@ def classify_request(raw: Headers, minor: int):
         elif name == b"transfer-encoding":
             te = [pair[1]] if te is None else te + [pair[1]]
         elif name == b"connection":
-            if tokens is None:
-                tokens = set()
-            for t in pair[1].split(b","):
-                t = t.strip().lower()
-                if t:
-                    tokens.add(t)
+            tokens = _add_tokens(tokens, pair[1])
         elif name == b"expect":
             if pair[1].lower() == b"100-continue" and minor >= 1:
                 expect_continue = True
@@ -260,12 +263,7 @@ def classify_response(method: bytes, status: int, minor: int, raw: Headers):
         elif name == b"transfer-encoding":
             te = [pair[1]] if te is None else te + [pair[1]]
         elif name == b"connection":
-            if tokens is None:
-                tokens = set()
-            for t in pair[1].split(b","):
-                t = t.strip().lower()
-                if t:
-                    tokens.add(t)
+            tokens = _add_tokens(tokens, pair[1])
         elif name == b"te" and pair[1].strip().lower() == b"trailers":
             out.append(pair)
     framing = _response_framing(method, status, te, cl)
