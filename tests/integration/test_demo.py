@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from examples.demo import (CHAIN, DEMO_CONFIG, REPO_ROOT, Mesh, http_get, relocate_config, send_requests,
-                           unique_free_ports, version_counts)
+from examples.demo import (CHAIN, DEMO_CONFIG, REPO_ROOT, Answer, Mesh, http_get, relocate_config, send_requests,
+                           shift_report, unique_free_ports, version_counts)
 
 REQUESTS = 800
 V2_WEIGHT = 0.20
@@ -183,3 +184,74 @@ def test_the_demo_script_names_a_taken_port(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"{plan.gateway_port}  (gateway listener)" in done.stderr
     assert "started" not in done.stdout  # nothing was started
+
+
+def test_the_controlplane_demo_shifts_live_traffic_within_a_second(tmp_path: Path) -> None:
+    """`python -m examples.demo --controlplane` on free ports: the proxy gets the whole demo config from
+    `triomesh controlplane`, then `triomesh apply` of examples/demo/changes/recommendation-v2.yaml (v1 0%,
+    v2 100%) under steady traffic on 8 keep-alive connections.
+
+    The shift is measured by the script as: receive time of the last answer from v1 minus the moment
+    `triomesh apply` returned (the control plane had accepted the change), on one monotonic clock; every
+    answer after it came from v2. The test asserts it is under 1 s, that every request sent 1 s or more
+    after apply returned got v2 (at least 20 of them), that no request of the whole run failed, that
+    proxy-status shows the proxy SYNCED on the new version, and that every process it started is gone."""
+    new_port = unique_free_ports()
+    config_dir = tmp_path / "config"
+    plan = relocate_config(DEMO_CONFIG, config_dir, new_port)
+    started = time.monotonic()
+    done = run_demo_script("--controlplane", "--config", str(config_dir), "--admin-port", str(plan.admin_port),
+                           "--controlplane-port", str(new_port()), timeout_s=60)
+    elapsed = time.monotonic() - started
+    out = done.stdout
+
+    assert done.returncode == 0, out + done.stderr
+    assert re.search(r"^result: ok$", out, re.M), out
+    # the proxy was started with --controlplane and no --config, and the 80/20 config reached it
+    before = re.search(r"^split before the change \(2\.0 s\): v1 (\d+)/(\d+) = \d+%  v2 (\d+)/\2 = \d+%", out, re.M)
+    assert before, out
+    v1, total, v2 = int(before[1]), int(before[2]), int(before[3])
+    assert v1 > v2 > 0 and v1 + v2 == total, out
+    # apply accepted
+    assert "\n  VirtualService tutorial/recommendation configured\n  config version 2\n" in out, out
+    shifted = re.search(r"^traffic shifted (-?\d+\.\d+) s after `triomesh apply` returned: the last answer from v1 "
+                        r"was received then", out, re.M)
+    assert shifted, out
+    assert float(shifted[1]) < 1.0, out
+    settled = re.search(r"^split from 1 s after the change \((\d+) requests\): v2 (\d+)/(\d+) = 100%   "
+                        r"\(configured: v1 0%, v2 100%\)$", out, re.M)
+    assert settled and int(settled[1]) == int(settled[2]) >= 20, out
+    assert re.search(r"^requests: \d+ sent, 0 failed ", out, re.M), out
+    # proxy-status: our proxy ACKed what it was sent
+    assert re.search(r"^  demo-proxy\s+tutorial\s+127\.0\.0\.1\s+SYNCED\s+(\w+)\s+\1\s+-$", out, re.M), out
+    assert "  control plane config version 2, 1 proxies\n" in out, out
+    # everything it started is stopped
+    assert re.search(r"^stopped 6 processes \(controlplane, customer-v1, preference-v1, recommendation-v1, "
+                     r"recommendation-v2, proxy\)", out, re.M), out
+    for pid in (int(p) for p in re.findall(r"^  started \S+\s+pid (\d+)$", out, re.M)):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert elapsed < 30, f"the demo took {elapsed:.1f} s"
+
+
+def _answer(version: str, sent: float, received: float) -> Answer:
+    body = f"customer => preference => recommendation {version} from 'recommendation-{version}': 1"
+    return Answer(sent, received, 200, body)
+
+
+def test_shift_report_times_the_last_answer_from_a_retired_version() -> None:
+    launched, returned = 10.0, 10.3
+    answers = [_answer("v1", 9.9, 10.0), _answer("v2", 10.1, 10.2), _answer("v1", 10.4, 10.5),  # old weights
+               _answer("v2", 10.5, 10.6), _answer("v2", 11.3, 11.4), _answer("v2", 11.5, 11.6)]
+    report = shift_report(answers, launched, returned, frozenset({"v1"}))
+    assert report.last_retired_s == pytest.approx(0.2)
+    assert [a.sent for a in report.settled] == [11.3, 11.5] and report.failed == []
+    assert report.shifted_within_1s
+
+    late = shift_report(answers + [_answer("v1", 11.25, 11.35)], launched, returned, frozenset({"v1"}))
+    assert late.last_retired_s == pytest.approx(1.05) and not late.shifted_within_1s
+    failed = shift_report(answers + [Answer(11.0, 11.1, 503, "customer => Error: 503")], launched, returned,
+                          frozenset({"v1"}))
+    assert [a.status for a in failed.failed] == [503]
+    # nothing sent 1 s or more after apply returned: nothing shows the new weights held
+    assert not shift_report(answers[:4], launched, returned, frozenset({"v1"})).shifted_within_1s
