@@ -625,6 +625,8 @@ def run_controlplane(config_dir: Path, change: Path, access_log: str, admin_port
         else:
             print(f"traffic shifted {report.last_retired_s:.3f} s after `triomesh apply` returned: the last answer "
                   f"from {'/'.join(sorted(retired))} was received then, every later one came from the new weights")
+            if accepted is not None:
+                print(f"  ({report.last_retired_s + returned - accepted:.3f} s after the control plane accepted the change)")
         print(f"split from 1 s after the change ({len(report.settled)} requests): {split_text(report.settled)}"
               f"   (configured: {configured_text(new_split)})")
         print(f"requests: {len(answers)} sent, {len(report.failed)} failed (any status but 200 or an incomplete chain)")
