@@ -555,8 +555,8 @@ def wait_synced(mesh: Mesh, timeout_s: float = 10.0) -> tuple[bool, str]:
     while True:
         done = mesh.cli("proxy-status")
         text = (done.stdout + done.stderr).rstrip()
-        synced = done.returncode == 0 and any(line.split()[:4] == [PROXY_NODE_ID, mesh.plan.namespace, LOOPBACK, "SYNCED"]
-                                              for line in text.splitlines())
+        row = [PROXY_NODE_ID, mesh.plan.namespace, LOOPBACK, "SYNCED"]
+        synced = done.returncode == 0 and any(line.split()[:4] == row for line in text.splitlines())
         if synced or time.monotonic() > deadline:
             return synced, text
         time.sleep(0.2)
@@ -593,11 +593,13 @@ def run_controlplane(config_dir: Path, change: Path, access_log: str, admin_port
               f"         proxy {PROXY_NODE_ID} (namespace {plan.namespace}, no --config: everything pushed), "
               f"gateway http://{LOOPBACK}:{plan.gateway_port}/  admin http://{LOOPBACK}:{plan.admin_port}/")
 
-        print(f"\nsteady traffic to http://{LOOPBACK}:{plan.gateway_port}/ on {traffic.connections} keep-alive connections")
+        print(f"\nsteady traffic to http://{LOOPBACK}:{plan.gateway_port}/ "
+              f"on {traffic.connections} keep-alive connections")
         traffic.start()
         time.sleep(before_s)
         before = traffic.answers()
-        print(f"split before the change ({before_s:.1f} s): {split_text(before)}   (configured: {configured_text(plan.split)})")
+        print(f"split before the change ({before_s:.1f} s): {split_text(before)}   "
+              f"(configured: {configured_text(plan.split)})")
 
         print(f"\ntriomesh apply -f {change}   ({configured_text(new_split)})")
         wall_to_monotonic = time.monotonic() - time.time()
@@ -626,7 +628,8 @@ def run_controlplane(config_dir: Path, change: Path, access_log: str, admin_port
             print(f"traffic shifted {report.last_retired_s:.3f} s after `triomesh apply` returned: the last answer "
                   f"from {'/'.join(sorted(retired))} was received then, every later one came from the new weights")
             if accepted is not None:
-                print(f"  ({report.last_retired_s + returned - accepted:.3f} s after the control plane accepted the change)")
+                print(f"  ({report.last_retired_s + returned - accepted:.3f} s after the control plane "
+                      "accepted the change)")
         print(f"split from 1 s after the change ({len(report.settled)} requests): {split_text(report.settled)}"
               f"   (configured: {configured_text(new_split)})")
         print(f"requests: {len(answers)} sent, {len(report.failed)} failed (any status but 200 or an incomplete chain)")
