@@ -11,6 +11,7 @@ TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-rest
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+MESH_DEMO_ARGS ?=
 
 .PHONY: all install system-deps test demo bench clean
 
@@ -44,13 +45,14 @@ test: install system-deps
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
-# As root: the mesh in network namespaces (examples/mesh_demo.py: capture rules and a sidecar per app).
-# Otherwise, or where namespaces cannot be made (exit 3), the loopback gateway demo (examples/demo.py).
+# As root: the mesh in network namespaces (examples/mesh_demo.py: capture rules and a sidecar per app;
+# options in MESH_DEMO_ARGS). Otherwise, where namespaces cannot be made (exit 3), or when DEMO_ARGS
+# asks for one of its modes (e.g. DEMO_ARGS=--controlplane), the loopback gateway demo (examples/demo.py).
 demo: install system-deps
-	@if [ "$$(id -u)" = 0 ]; then \
-	  $(PY) -m examples.mesh_demo $(DEMO_ARGS); rc=$$?; [ $$rc -ne 3 ] && exit $$rc; \
+	@if [ "$$(id -u)" = 0 ] && [ -z "$(DEMO_ARGS)" ]; then \
+	  $(PY) -m examples.mesh_demo $(MESH_DEMO_ARGS); rc=$$?; [ $$rc -ne 3 ] && exit $$rc; \
 	  echo "make demo: network namespaces unavailable here: running the loopback gateway demo instead"; \
-	else \
+	elif [ "$$(id -u)" != 0 ]; then \
 	  echo "make demo: not root, so no network namespaces: running the loopback gateway demo (sudo make demo runs the mesh in namespaces)"; \
 	fi; \
 	$(PY) -m examples.demo $(DEMO_ARGS)
