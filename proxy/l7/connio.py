@@ -26,15 +26,10 @@ import struct
 import trio
 from trio.lowlevel import notify_closing, wait_readable, wait_writable
 
+from proxy.l7.reactor import Reactor
+
 RECV_BYTES = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
-
-async def _wait_writable(sock: socket.socket) -> None:
-    try:
-        await wait_writable(sock)
-    except trio.ClosedResourceError:
-        raise ConnectionAbortedError("connection closed while waiting to write") from None
 
 
 class ReadTimeout(Exception):
@@ -42,16 +37,37 @@ class ReadTimeout(Exception):
 
 
 class Conn:
-    __slots__ = ("sock", "buf", "pos", "closed", "timed_out")
+    __slots__ = ("sock", "fd", "buf", "pos", "closed", "timed_out", "reactor")
 
-    def __init__(self, sock: socket.socket, initial: bytes = b"") -> None:
-        """`initial`: bytes already read from the socket (a protocol sniffer's peek), replayed first."""
+    def __init__(self, sock: socket.socket, initial: bytes = b"", reactor: Reactor | None = None) -> None:
+        """`initial`: bytes already read from the socket (a protocol sniffer's peek), replayed first.
+        `reactor`: the worker's shared edge-triggered epoll (reactor.py); without one, Trio's own
+        per-wait registration is used."""
         sock.setblocking(False)
         self.sock = sock
+        self.fd = sock.fileno()
         self.buf = initial
         self.pos = 0
         self.closed = False
-        self.timed_out = False  # set by a timeout sweeper before it wakes us with notify_closing
+        self.timed_out = False  # set by a timeout sweeper before it wakes us
+        self.reactor = reactor
+        if reactor is not None:
+            reactor.register(self.fd)
+
+    async def _wait_readable(self) -> None:
+        if self.reactor is not None:
+            await self.reactor.wait_readable(self.fd)
+        else:
+            await wait_readable(self.sock)
+
+    async def _wait_writable(self) -> None:
+        try:
+            if self.reactor is not None:
+                await self.reactor.wait_writable(self.fd)
+            else:
+                await wait_writable(self.sock)
+        except trio.ClosedResourceError:
+            raise ConnectionAbortedError("connection closed while waiting to write") from None
 
     @property
     def buffered(self) -> int:
@@ -73,12 +89,14 @@ class Conn:
                 except BlockingIOError:
                     pass
             wait_first = False
+            if self.timed_out:
+                raise ReadTimeout()
             try:
                 if deadline == math.inf:
-                    await wait_readable(sock)
+                    await self._wait_readable()
                 else:
                     with trio.CancelScope(deadline=deadline) as scope:
-                        await wait_readable(sock)
+                        await self._wait_readable()
                     if scope.cancelled_caught:
                         raise ReadTimeout()
             except trio.ClosedResourceError:
@@ -98,7 +116,10 @@ class Conn:
         """Wake a task waiting to read with ReadTimeout (from a sweeper task; the owner closes)."""
         if not self.closed:
             self.timed_out = True
-            notify_closing(self.sock)
+            if self.reactor is not None:
+                self.reactor.interrupt(self.fd)
+            else:
+                notify_closing(self.sock)
 
     def consume(self, n: int) -> memoryview:
         """Take the next n buffered bytes (n <= buffered) as a view."""
@@ -125,7 +146,7 @@ class Conn:
             try:
                 n = sock.send(data)
             except BlockingIOError:
-                await _wait_writable(sock)
+                await self._wait_writable()
                 continue
             if n == len(data):
                 return
@@ -138,7 +159,7 @@ class Conn:
             try:
                 n = sock.sendmsg(parts)
             except BlockingIOError:
-                await _wait_writable(sock)
+                await self._wait_writable()
                 continue
             # drop fully sent parts, trim a partially sent one
             while n:
@@ -162,6 +183,8 @@ class Conn:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.reactor is not None:
+                self.reactor.forget(self.fd)  # before close: the fd number is reused at once
             notify_closing(self.sock)
             self.sock.close()
 

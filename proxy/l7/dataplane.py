@@ -16,6 +16,7 @@ from proxy.l7.stages.fault import FaultAbortStage, FaultDelayStage
 from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
+from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
 from proxy.lb.outlier import OutlierDetector
@@ -260,6 +261,7 @@ class DataPlane:
         self.pools: dict[tuple[str, str, int], IdlePool] = {}
         self.in_flight: dict[tuple[str, int], int] = {}
         s = self.settings
+        self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
         self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s))
         self.downstream_cx_total = stats.counter("triomesh_downstream_cx_total")
         self.downstream_cx_active = stats.gauge("triomesh_downstream_cx_active")

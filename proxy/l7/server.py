@@ -95,6 +95,7 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
                         await trio.sleep(0.1)
                         break
                     plane.sweeper.ensure_running(nursery)
+                    plane.reactor.ensure_running(nursery)
                     nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
                 else:
                     await checkpoint()
@@ -131,10 +132,10 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 class DownstreamConnection:
     __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "read_deadline", "__weakref__")
 
-    def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr) -> None:
+    def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"") -> None:
         self.plane = plane
         self.listener_name = listener_name
-        self.conn = Conn(sock)
+        self.conn = Conn(sock, initial, plane.reactor)
         self.client = _format_addr(addr)
         self.client_ip = str(addr[0]).encode() if isinstance(addr, tuple) else b""
         self.read_deadline = math.inf  # idle/header-read deadline, enforced by plane.sweeper
@@ -322,8 +323,7 @@ async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.so
     """Serve one already-accepted connection on `listener_name` (a sidecar's virtual listener),
     replaying `initial`, the bytes a protocol sniffer read first. `nursery` runs the timeout sweeper
     if it is not running yet. Returns when the connection is done; the socket is closed."""
-    downstream = DownstreamConnection(plane, listener_name, sock, addr)
-    if initial:
-        downstream.conn = Conn(sock, initial)
+    downstream = DownstreamConnection(plane, listener_name, sock, addr, initial)
     plane.sweeper.ensure_running(nursery)
+    plane.reactor.ensure_running(nursery)
     await downstream.run()

@@ -41,6 +41,7 @@ from trio.lowlevel import wait_writable
 from proxy.l7 import h1
 from proxy.l7.body import BodyReader, encode_pieces
 from proxy.l7.connio import Conn, ReadTimeout
+from proxy.l7.reactor import Reactor
 from proxy.l7.errors import (
     ConnectFailure,
     DownstreamDisconnect,
@@ -81,8 +82,8 @@ PEEK_AFTER_IDLE_S = 1.0
 class UpstreamConn(Conn):
     __slots__ = ("key", "requests", "counted", "idle_since", "created")
 
-    def __init__(self, sock: socket.socket, key: tuple[str, int]) -> None:
-        super().__init__(sock)
+    def __init__(self, sock: socket.socket, key: tuple[str, int], reactor: Reactor | None = None) -> None:
+        super().__init__(sock, reactor=reactor)
         self.key = key
         self.requests = 0
         self.counted = True  # still included in the cluster's cx_active gauge
@@ -109,7 +110,8 @@ def _set_keepalive(sock: socket.socket, keepalive) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(value)))
 
 
-async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None) -> UpstreamConn:
+async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
+                          reactor: Reactor | None = None) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -137,7 +139,7 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         if err:
             sock.close()
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
-        return UpstreamConn(sock, key)
+        return UpstreamConn(sock, key, reactor)
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
@@ -185,7 +187,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
         fresh = False
     crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
     try:
-        conn = await open_connection(key, timeout, limits.keepalive)
+        conn = await open_connection(key, timeout, limits.keepalive, plane.reactor)
     except BaseException as e:
         crt.cx_active.value -= 1
         if crt.pending:
