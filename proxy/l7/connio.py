@@ -22,11 +22,13 @@ from __future__ import annotations
 import math
 import socket
 import struct
+from time import monotonic
 
 import trio
 from trio.lowlevel import notify_closing, wait_readable, wait_writable
 
 from proxy.l7.reactor import Reactor
+from proxy.l7.timeouts import TimeoutSweeper
 
 RECV_BYTES = 64 * 1024
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -37,37 +39,59 @@ class ReadTimeout(Exception):
 
 
 class Conn:
-    __slots__ = ("sock", "fd", "buf", "pos", "closed", "timed_out", "reactor")
+    __slots__ = ("sock", "fd", "buf", "pos", "closed", "timed_out", "reactor", "sweeper", "idle_s", "io_deadline")
 
-    def __init__(self, sock: socket.socket, initial: bytes = b"", reactor: Reactor | None = None) -> None:
+    def __init__(self, sock: socket.socket, initial: bytes = b"", reactor: Reactor | None = None,
+                 sweeper: TimeoutSweeper | None = None, idle_s: float = math.inf) -> None:
         """`initial`: bytes already read from the socket (a protocol sniffer's peek), replayed first.
         `reactor`: the worker's shared edge-triggered epoll (reactor.py); without one, Trio's own
-        per-wait registration is used."""
+        per-wait registration is used. `sweeper` + `idle_s`: no wait (read or write) may last longer
+        than idle_s (Envoy's stream idle timeout), unless the owner set `io_deadline` itself (the
+        server does, for its idle and header-read timeouts)."""
         sock.setblocking(False)
         self.sock = sock
         self.fd = sock.fileno()
         self.buf = initial
         self.pos = 0
         self.closed = False
-        self.timed_out = False  # set by a timeout sweeper before it wakes us
+        self.timed_out = False  # set by the sweeper before it wakes us
         self.reactor = reactor
+        self.sweeper = sweeper
+        self.idle_s = idle_s
+        self.io_deadline = math.inf  # time.monotonic() by which the current wait must end
         if reactor is not None:
             reactor.register(self.fd)
+        if sweeper is not None:
+            sweeper.watched.add(self)
 
-    async def _wait_readable(self) -> None:
-        if self.reactor is not None:
-            await self.reactor.wait_readable(self.fd)
-        else:
-            await wait_readable(self.sock)
-
-    async def _wait_writable(self) -> None:
+    async def _wait(self, writable: bool) -> None:
+        managed = self.io_deadline == math.inf and self.idle_s != math.inf
+        if managed:
+            self.io_deadline = monotonic() + self.idle_s
         try:
             if self.reactor is not None:
-                await self.reactor.wait_writable(self.fd)
-            else:
+                if writable:
+                    await self.reactor.wait_writable(self.fd)
+                else:
+                    await self.reactor.wait_readable(self.fd)
+            elif writable:
                 await wait_writable(self.sock)
+            else:
+                await wait_readable(self.sock)
+        finally:
+            if managed:
+                self.io_deadline = math.inf
+
+    async def _wait_readable(self) -> None:
+        await self._wait(False)
+
+    async def _wait_writable(self) -> None:
+        if self.timed_out:
+            raise ConnectionAbortedError("connection timed out")
+        try:
+            await self._wait(True)
         except trio.ClosedResourceError:
-            raise ConnectionAbortedError("connection closed while waiting to write") from None
+            raise ConnectionAbortedError("connection closed or timed out while waiting to write") from None
 
     @property
     def buffered(self) -> int:
@@ -183,6 +207,8 @@ class Conn:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.sweeper is not None:
+                self.sweeper.watched.discard(self)
             if self.reactor is not None:
                 self.reactor.forget(self.fd)  # before close: the fd number is reused at once
             notify_closing(self.sock)

@@ -291,8 +291,10 @@ def serialize_request_head(method: bytes, target: bytes, headers: Headers, frami
 
 
 def serialize_response_head(status: int, reason: bytes, headers: Headers, framing: Framing,
-                            *, close: bool, content_length_header: bytes | None = None) -> bytes:
-    """`content_length_header`: for HEAD/304 replies, the upstream's Content-Length passed on as is."""
+                            *, close: bool, content_length_header: bytes | None = None,
+                            head_request: bool = False) -> bytes:
+    """`content_length_header`: for HEAD/304 replies, the upstream's Content-Length passed on as is;
+    `head_request`: the reply to a HEAD, where no length is invented when the upstream gave none."""
     parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
@@ -302,12 +304,17 @@ def serialize_response_head(status: int, reason: bytes, headers: Headers, framin
         parts.append(b"transfer-encoding: chunked\r\n")
     elif content_length_header is not None:
         parts.append(b"content-length: %s\r\n" % content_length_header)
-    elif framing.kind == NONE and status >= 200 and status not in (204, 304):
-        parts.append(b"content-length: 0\r\n")
+    elif framing.kind == NONE and not head_request and status >= 200 and status not in (204, 304):
+        parts.append(b"content-length: 0\r\n")  # framing NONE: an empty body, said explicitly
     if close:
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def status_has_body(status: int) -> bool:
+    """RFC 9110 §6.4.1: 1xx, 204 and 304 responses never carry content (nor, for 204, a length)."""
+    return status >= 200 and status not in (204, 304)
 
 
 def chunk_header(size: int) -> bytes:

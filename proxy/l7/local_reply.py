@@ -16,8 +16,11 @@ def local_reply_bytes(status: int, body: bytes, *, close: bool, request_id: byte
                       headers: list[tuple[bytes, bytes]] | None = None) -> bytes:
     """A complete HTTP/1.1 response; `head_only` for HEAD requests (Content-Length still says the size).
     `headers`: a stage's own fields (CORS preflight, gRPC status); a content-type among them wins."""
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)),
-             b"content-length: %d\r\n" % len(body)]
+    if status < 200 or status in (204, 304):  # no content, and for these no length either
+        body = b""
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))]
+    else:
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status)), b"content-length: %d\r\n" % len(body)]
     if headers:
         lines += [b"%s: %s\r\n" % pair for pair in headers]
     if body and not (headers and any(name == b"content-type" for name, _ in headers)):

@@ -130,26 +130,20 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "read_deadline", "__weakref__")
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"") -> None:
         self.plane = plane
         self.listener_name = listener_name
-        self.conn = Conn(sock, initial, plane.reactor)
+        self.conn = Conn(sock, initial, plane.reactor, plane.sweeper, plane.settings.stream_idle_timeout_s)
         self.client = _format_addr(addr)
         self.client_ip = str(addr[0]).encode() if isinstance(addr, tuple) else b""
-        self.read_deadline = math.inf  # idle/header-read deadline, enforced by plane.sweeper
-
-    def expire(self) -> None:
-        self.conn.expire()
 
     async def run(self) -> None:
         plane = self.plane
         plane.downstream_cx_total.value += 1
         plane.downstream_cx_active.value += 1
         conn = self.conn
-        watched = plane.sweeper.watched
-        watched.add(self)
         try:
             try:
                 conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -164,7 +158,6 @@ class DownstreamConnection:
             log.exception("unexpected error on a downstream connection", client=self.client)
             conn.reset()
         finally:
-            watched.discard(self)
             plane.downstream_cx_active.value -= 1
             conn.close()
 
@@ -180,7 +173,7 @@ class DownstreamConnection:
             if avail:
                 parsed = parse_request_head(conn.buf, conn.pos, max_headers)  # raises HeadParseError
                 if parsed is not None:
-                    self.read_deadline = math.inf
+                    conn.io_deadline = math.inf
                     if parsed[0] - conn.pos > max_bytes:
                         raise HeadTooLarge(f"request head of {parsed[0] - conn.pos} bytes")
                     return parsed
@@ -188,9 +181,9 @@ class DownstreamConnection:
                     raise HeadTooLarge(f"no end of head within {max_bytes} bytes")
                 if not in_head:
                     in_head = True
-                    self.read_deadline = monotonic() + settings.request_headers_timeout_s
+                    conn.io_deadline = monotonic() + settings.request_headers_timeout_s
             else:
-                self.read_deadline = monotonic() + settings.idle_timeout_s
+                conn.io_deadline = monotonic() + settings.idle_timeout_s
             try:
                 n = await conn.fill(wait_first=not avail)
             except ReadTimeout:

@@ -1,9 +1,9 @@
-"""Downstream idle and header-read timeouts of a worker, enforced by one sweeping task.
+"""Idle, header-read and stream-idle timeouts of a worker's connections, enforced by one sweeping task.
 
 A cancel scope per wait would cost a deadline registration on every keep-alive request. Instead
-each connection publishes the time.monotonic() by which its next read must arrive (`read_deadline`,
-infinity while a request is being served), and one task looks at all of them a few times per
-timeout period and wakes the late ones with ReadTimeout. Precision is one sweep period, which is a
+each connection publishes the time.monotonic() by which its current wait must end (`io_deadline`,
+infinity while it is not waiting), and one task looks at all of them a few times per timeout period
+and wakes the late ones (ReadTimeout for a read, a connection error for a write). Precision is one sweep period, which is a
 quarter of the shortest timeout (at most 1 s): plenty for timeouts of seconds to minutes.
 """
 
@@ -16,7 +16,7 @@ import trio
 
 
 class Watched(Protocol):
-    read_deadline: float
+    io_deadline: float
 
     def expire(self) -> None: ...
 
@@ -39,9 +39,9 @@ class TimeoutSweeper:
             while True:
                 await trio.sleep(self.period_s)
                 now = monotonic()
-                late = [w for w in self.watched if w.read_deadline <= now]
+                late = [w for w in self.watched if w.io_deadline <= now]
                 for w in late:
-                    w.read_deadline = float("inf")
+                    w.io_deadline = float("inf")
                     w.expire()
         finally:
             self.running = False

@@ -41,7 +41,6 @@ from trio.lowlevel import wait_writable
 from proxy.l7 import h1
 from proxy.l7.body import BodyReader, encode_pieces
 from proxy.l7.connio import Conn, ReadTimeout
-from proxy.l7.reactor import Reactor
 from proxy.l7.errors import (
     ConnectFailure,
     DownstreamDisconnect,
@@ -82,8 +81,12 @@ PEEK_AFTER_IDLE_S = 1.0
 class UpstreamConn(Conn):
     __slots__ = ("key", "requests", "counted", "idle_since", "created")
 
-    def __init__(self, sock: socket.socket, key: tuple[str, int], reactor: Reactor | None = None) -> None:
-        super().__init__(sock, reactor=reactor)
+    def __init__(self, sock: socket.socket, key: tuple[str, int], plane: DataPlane | None = None) -> None:
+        if plane is None:
+            super().__init__(sock)
+        else:  # the worker's epoll set, and the stream idle timeout on every read and write
+            super().__init__(sock, reactor=plane.reactor, sweeper=plane.sweeper,
+                             idle_s=plane.settings.stream_idle_timeout_s)
         self.key = key
         self.requests = 0
         self.counted = True  # still included in the cluster's cx_active gauge
@@ -111,7 +114,7 @@ def _set_keepalive(sock: socket.socket, keepalive) -> None:
 
 
 async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
-                          reactor: Reactor | None = None) -> UpstreamConn:
+                          plane: DataPlane | None = None) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -139,7 +142,7 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         if err:
             sock.close()
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
-        return UpstreamConn(sock, key, reactor)
+        return UpstreamConn(sock, key, plane)
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
@@ -187,7 +190,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
         fresh = False
     crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
     try:
-        conn = await open_connection(key, timeout, limits.keepalive, plane.reactor)
+        conn = await open_connection(key, timeout, limits.keepalive, plane)
     except BaseException as e:
         crt.cx_active.value -= 1
         if crt.pending:
@@ -227,7 +230,10 @@ def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable:
     now = trio.current_time()
     if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
         reusable = False
-    if reusable and not conn.closed and (max_requests is None or conn.requests < max_requests):
+    # bytes after the end of the response (a misbehaving upstream) must never become the next
+    # request's response: such a connection is closed, not pooled
+    if (reusable and not conn.closed and len(conn.buf) == conn.pos
+            and (max_requests is None or conn.requests < max_requests)):
         conn.idle_since = now
         evicted = plane.pool((crt.name, *conn.key), crt.pool_limits.idle_timeout_s).checkin(conn, now)
         if evicted is not None:
@@ -526,8 +532,10 @@ class Exchange:
         keep = dreq.keep_alive and dreq.body.done
         if not keep:
             dreq.keep_alive = False
-        data = h1.serialize_response_head(status, reason_phrase(status), headers, h1.Framing(h1.LENGTH, len(body)),
-                                          close=not keep)
+        if not h1.status_has_body(status):
+            body = b""  # a 204/304 body would be read as the start of the next response
+        framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
+        data = h1.serialize_response_head(status, reason_phrase(status), headers, framing, close=not keep)
         ctx.response = ResponseHead(status, headers)
         await self._send_down([data] if not body or head.method == b"HEAD" else [data, body])
         ctx.status = status
@@ -657,7 +665,8 @@ class Exchange:
             ctx.request.method == b"HEAD" or status == 304) else None
         head_bytes = h1.serialize_response_head(status, reason, response.headers, out_framing,
                                                 close=not dreq.keep_alive,
-                                                content_length_header=passthrough_length)
+                                                content_length_header=passthrough_length,
+                                                head_request=ctx.request.method == b"HEAD")
         ctx.response = response
         self.crt.count_response(status)
         if framing.kind == h1.NONE or (framing.kind == h1.LENGTH and up.buffered >= framing.length):

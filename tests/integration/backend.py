@@ -14,10 +14,13 @@ Routes by path:
   /head-test             200 with content-length 1234 (for HEAD)
   /early-413             answers 413 at once without reading the request body, then closes
   /ws                    101 Switching Protocols, then echoes bytes upper-cased
+  /extra-bytes           "ok" with content-length 2, then the bytes of a second, unasked-for response
+  /stall-mid-response    head says content-length 1000, sends 10 bytes, then goes quiet for 30 s
 """
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import socket
 import struct
@@ -34,7 +37,7 @@ class Backend:
         self.connections = 0
 
     async def start(self, nursery: trio.Nursery) -> "Backend":
-        listeners = await nursery.start(trio.serve_tcp, self._handle, 0)
+        listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
         self.port = listeners[0].socket.getsockname()[1]
         return self
 
@@ -114,6 +117,13 @@ class Backend:
             await send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
             await trio.sleep(0.05)
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        elif path == "/extra-bytes":
+            await send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                       b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nPOISON")
+        elif path == "/stall-mid-response":
+            await send(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n0123456789")
+            await trio.sleep(30)
             return False
         elif path == "/die-before-response":
             return False

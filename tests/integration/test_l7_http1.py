@@ -252,7 +252,7 @@ async def test_upstream_dies_mid_response_resets_downstream(nursery):
     assert code != 0, "curl must see a failure, never a complete-looking response"
     out = await raw_exchange(proxy.port, b"GET /die-mid-response HTTP/1.1\r\nhost: x\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and b"0123456789" in out
-    assert out.endswith(b"<RESET>") or len(out.partition(b"\r\n\r\n")[2]) < 1000
+    assert out.endswith(b"<RESET>"), "a reset, never a clean close after a short body"
 
 
 async def test_upstream_closes_before_response_is_503(nursery):
@@ -276,7 +276,7 @@ async def test_early_upstream_response_to_large_upload(nursery, tmp_path):
     f.write_bytes(b"u" * 8_000_000)
     code, out, err = await curl("-i", f"http://127.0.0.1:{proxy.port}/early-413", "--data-binary", f"@{f}",
                                 "-H", "Expect:")
-    assert "413" in out.splitlines()[0] if out else False, (code, err)
+    assert out.startswith("HTTP/1.1 413"), (code, err)
 
 
 async def test_header_read_timeout_and_idle_timeout_close(nursery):
@@ -317,3 +317,47 @@ async def test_absolute_form_request_target(nursery):
     record = json.loads(out.partition(b"\r\n\r\n")[2])
     assert record["target"] == "/echo?x=1"
     assert dict(record["headers"])["host"] == "svc.example:8080"
+
+
+async def test_bytes_after_a_response_never_answer_another_request(nursery):
+    proxy, (be,) = await _setup(nursery)
+    out = await raw_exchange(proxy.port, b"GET /extra-bytes HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert out.endswith(b"\r\n\r\nok")
+    for _ in range(3):  # other clients: the polluted upstream connection must not have been pooled
+        out = await raw_exchange(proxy.port, b"GET /small HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        assert out.endswith(b"hello") and b"POISON" not in out, out
+
+
+async def test_stream_idle_timeout_ends_stalled_bodies(nursery):
+    settings = HttpSettings(stream_idle_timeout_s=0.4)
+    proxy, _ = await _setup(nursery, settings=settings)
+    # a client that stops half-way through its request body
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    async with stream:
+        await stream.send_all(b"POST /echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        with trio.fail_after(5):
+            start = trio.current_time()
+            got = b""
+            while True:
+                try:
+                    chunk = await stream.receive_some(4096)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            assert 0.3 < trio.current_time() - start < 3
+    # an upstream that goes quiet mid-response: the client sees a reset, not a hang
+    with trio.fail_after(5):
+        out = await raw_exchange(proxy.port, b"GET /stall-mid-response HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"<RESET>")
+    with trio.fail_after(3):
+        while proxy.plane.downstream_cx_active.value:
+            await trio.sleep(0.05)
+
+
+async def test_head_of_a_chunked_response_invents_no_length(nursery):
+    proxy, _ = await _setup(nursery)
+    out = await raw_exchange(proxy.port, b"HEAD /chunked HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    assert b"content-length" not in out.lower()

@@ -4,6 +4,7 @@ keep-alive HTTP/1.1 client (h11, the reference parser, so it judges what the pro
 
 from __future__ import annotations
 
+from functools import partial
 import json
 import socket
 from typing import Any
@@ -37,7 +38,7 @@ class TrafficBackend:
         self.close_without_answer = False
 
     async def start(self, nursery: trio.Nursery) -> "TrafficBackend":
-        listeners = await nursery.start(trio.serve_tcp, self._handle, 0)
+        listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
         self.port = listeners[0].socket.getsockname()[1]
         return self
 

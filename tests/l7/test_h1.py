@@ -155,3 +155,11 @@ def test_classify_response_one_pass():
     assert framing.kind == h1.CLOSE and not keep
     _, framing, keep, _, _ = h1.classify_response(b"GET", 200, 0, H("content-length: 1"))
     assert not keep
+
+
+def test_local_replies_without_content_for_204_and_304():
+    from proxy.l7.local_reply import local_reply_bytes
+    for status in (204, 304):
+        data = local_reply_bytes(status, b"must not be sent", close=False)
+        assert data.endswith(b"\r\n\r\n") and b"content-length" not in data and b"must not" not in data
+    assert b"content-length: 5\r\n" in local_reply_bytes(200, b"hello", close=False)
