@@ -23,6 +23,15 @@ def cluster_name(host: str, port: int, subset: str = "") -> str:
     return f"outbound|{port}|{subset}|{host}"
 
 
+def weighted_pick(destinations: tuple[RouteDestination, ...], cumulative_weights: tuple[int, ...],
+                  rand_below: Callable[[int], int]) -> RouteDestination:
+    """Weighted pick over compiled cumulative weights. `rand_below(n)` returns a uniform int in
+    [0, n) (injected for tests)."""
+    if len(destinations) == 1:
+        return destinations[0]
+    return destinations[bisect.bisect_right(cumulative_weights, rand_below(cumulative_weights[-1]))]
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     address: str
@@ -221,19 +230,7 @@ class Route:
     destination_headers: bool = False
 
     def pick_destination(self, rand_below: Callable[[int], int]) -> RouteDestination:
-        dests = self.destinations
-        if len(dests) == 1:
-            return dests[0]
-        r = rand_below(self.cumulative_weights[-1])
-        return dests[bisect.bisect_right(self.cumulative_weights, r)]
-
-    def pick_cluster(self, rand_below: Callable[[int], int]) -> str:
-        """Weighted pick. `rand_below(n)` returns a uniform int in [0, n) (injected for tests)."""
-        dests = self.destinations
-        if len(dests) == 1:
-            return dests[0].cluster
-        r = rand_below(self.cumulative_weights[-1])
-        return dests[bisect.bisect_right(self.cumulative_weights, r)].cluster
+        return weighted_pick(self.destinations, self.cumulative_weights, rand_below)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,10 +298,7 @@ class L4Route:
         return False
 
     def pick_cluster(self, rand_below: Callable[[int], int]) -> str:
-        dests = self.destinations
-        if len(dests) == 1:
-            return dests[0].cluster
-        return dests[bisect.bisect_right(self.cumulative_weights, rand_below(self.cumulative_weights[-1]))].cluster
+        return weighted_pick(self.destinations, self.cumulative_weights, rand_below).cluster
 
 
 def _sni_matches(patterns: tuple[str, ...], sni: str | None) -> bool:

@@ -145,14 +145,14 @@ def test_every_name_for_the_service_reaches_the_split():
 def test_weights_are_exact_over_the_whole_range():
     route = route_for(_snapshot(), "127.0.0.1_15001", head(authority=b"recommendation:8080"))
     assert route.cumulative_weights == (80, 100)
-    picks = Counter(route.pick_cluster(lambda n, r=r: r) for r in range(100))
+    picks = Counter(route.pick_destination(lambda n, r=r: r).cluster for r in range(100))
     assert picks == {"outbound|8080|version-v1|recommendation": 80, "outbound|8080|version-v2|recommendation": 20}
 
 
 def test_split_is_80_20_over_10000_random_picks():
     route = route_for(_snapshot(), "127.0.0.1_15001", head(authority=b"recommendation"))
     rng = random.Random(20260)
-    picks = Counter(route.pick_cluster(rng.randrange) for _ in range(10_000))
+    picks = Counter(route.pick_destination(rng.randrange).cluster for _ in range(10_000))
     v1 = picks["outbound|8080|version-v1|recommendation"] / 10_000
     # binomial sd at p=0.8, n=10,000 is 0.004; 0.02 is five of them
     assert abs(v1 - 0.80) < 0.02, picks
@@ -254,7 +254,7 @@ def test_reference_75_25_example():
         load_bytes(REVIEWS_MESH_YAML, "mesh.yaml") + load_bytes(REVIEWS_REFERENCE_YAML, "reviews.yaml"), version="1"
     )
     route = route_for(snap, "127.0.0.1_15001", head(authority=b"reviews:9080"))  # short name inside prod
-    picks = Counter(route.pick_cluster(lambda n, r=r: r) for r in range(100))
+    picks = Counter(route.pick_destination(lambda n, r=r: r).cluster for r in range(100))
     assert picks == {"outbound|9080|v2|reviews.prod.svc.cluster.local": 25, "outbound|9080|v1|reviews.prod.svc.cluster.local": 75}
     assert [(e.address, e.port) for e in snap.clusters["outbound|9080|v2|reviews.prod.svc.cluster.local"].endpoints] == [
         ("127.0.0.2", 19082)

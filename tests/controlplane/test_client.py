@@ -54,12 +54,14 @@ class ScriptedPlane:
             await framed.aclose()
 
 
-async def read_answer(framed: FramedStream, log: list):
-    while True:
-        m = await framed.receive()
-        log.append(m)
-        if not isinstance(m, Heartbeat):
-            return m
+async def read_answer(framed: FramedStream, log: list, timeout_s: float = 10.0):
+    """The next message that is not a heartbeat, within `timeout_s` (heartbeats alone never end it)."""
+    with trio.fail_after(timeout_s):
+        while True:
+            m = await framed.receive()
+            log.append(m)
+            if not isinstance(m, Heartbeat):
+                return m
 
 
 async def test_delta_on_an_unknown_base_makes_the_client_resync(nursery):
