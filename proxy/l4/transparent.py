@@ -159,7 +159,7 @@ class CaptureServer:
             from proxy.l7.server import serve_connection
 
             await serve_connection(self.plane, decision.listener, conn.sock, conn.client.sockaddr(), initial,
-                                   nursery=self.connections)
+                                   nursery=self.connections, original_destination=conn.orig_dst.sockaddr())
             return True
         if isinstance(decision, sidecar.Refuse):
             await self._refuse(listener_name, conn, protocol, decision)

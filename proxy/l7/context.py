@@ -17,6 +17,7 @@ class RequestContext:
         "listener",
         "downstream_addr",  # "ip:port" of the client
         "downstream_ip",  # bytes, the client's IP, for x-forwarded-for
+        "original_destination",  # (ip, port) before a capture redirect (SO_ORIGINAL_DST), else None
         "request",  # RequestHead as received (stages may rewrite it before upstream)
         "request_id",  # bytes, x-request-id after generation
         "start_monotonic",  # trio.current_time()/time.monotonic() at head arrival
@@ -43,10 +44,12 @@ class RequestContext:
         start_monotonic: float,
         start_wall: float,
         downstream_ip: bytes | None = None,
+        original_destination: tuple[str, int] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.listener = listener
         self.downstream_addr = downstream_addr
+        self.original_destination = original_destination
         self.downstream_ip = (downstream_ip if downstream_ip is not None
                               else downstream_addr.rpartition(":")[0].strip("[]").encode())
         self.request = request

@@ -153,14 +153,13 @@ class ClusterRuntime:
             self._rebuild()
 
     def _original_destination(self, ctx: RequestContext) -> Endpoint | None:
-        """PASSTHROUGH: the host and port the client asked for, no balancing."""
-        authority = ctx.request.authority
-        if not authority:
+        """PASSTHROUGH (Istio: "the original IP address requested by the caller"): the connection's
+        destination before the capture redirect. Never the Host header, which would make an edge
+        listener an open proxy; without an original destination there is no endpoint (503 UH)."""
+        dst = ctx.original_destination
+        if dst is None:
             return None
-        host, sep, port = authority.rpartition(b":")
-        if not sep or b"]" in port or not port.isdigit():
-            host, port = authority, b"%d" % self.cluster.port
-        return Endpoint(host.strip(b"[]").decode("latin-1"), int(port))
+        return Endpoint(dst[0], dst[1])
 
     def _hash_key(self, ctx: RequestContext) -> int | None:
         hp = self.hash_policy

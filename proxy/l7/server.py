@@ -130,10 +130,12 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip")
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination")
 
-    def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"") -> None:
+    def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"",
+                 original_destination: tuple[str, int] | None = None) -> None:
         self.plane = plane
+        self.original_destination = original_destination
         self.listener_name = listener_name
         self.conn = Conn(sock, initial, plane.reactor, plane.sweeper, plane.settings.stream_idle_timeout_s)
         self.client = _format_addr(addr)
@@ -206,7 +208,7 @@ class DownstreamConnection:
         snapshot = plane.holder.current
         ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
                              http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time(),
-                             self.client_ip)
+                             self.client_ip, self.original_destination)
         dreq: DownstreamRequest | None = None
         try:
             rt = plane.runtime(snapshot)
@@ -312,11 +314,12 @@ class DownstreamConnection:
 
 
 async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"", *,
-                           nursery: trio.Nursery) -> None:
+                           nursery: trio.Nursery, original_destination: tuple[str, int] | None = None) -> None:
     """Serve one already-accepted connection on `listener_name` (a sidecar's virtual listener),
-    replaying `initial`, the bytes a protocol sniffer read first. `nursery` runs the timeout sweeper
+    replaying `initial`, the bytes a protocol sniffer read first; `original_destination` is where
+    the client meant to go (a PASSTHROUGH cluster connects there). `nursery` runs the timeout sweeper
     if it is not running yet. Returns when the connection is done; the socket is closed."""
-    downstream = DownstreamConnection(plane, listener_name, sock, addr, initial)
+    downstream = DownstreamConnection(plane, listener_name, sock, addr, initial, original_destination)
     plane.sweeper.ensure_running(nursery)
     plane.reactor.ensure_running(nursery)
     await downstream.run()

@@ -4,6 +4,7 @@ generated cookies), per-subset policies, connection-pool circuit breaking, outli
 from __future__ import annotations
 
 import socket
+from functools import partial
 from collections import Counter
 
 import trio
@@ -115,16 +116,39 @@ async def test_subset_policy_overrides_the_host_policy(nursery):
     assert len({(await c.request("/", headers=[("x-user", "a"), ("x-sticky", "1")])).body for _ in range(9)}) == 1
 
 
-async def test_passthrough_goes_to_the_requested_address(nursery):
+async def test_passthrough_goes_to_the_original_destination_never_the_host_header(nursery):
+    from proxy.l7.server import serve_connection
+    from tests.config.helpers import doc
+    from tests.integration.traffic_harness import LISTENER
+
     target = await TrafficBackend("target").start(nursery)
     other = await TrafficBackend("other").start(nursery)
     se = service_entry(HOST, [(other, {})])
     dr = destination_rule("svc", HOST, trafficPolicy={"loadBalancer": {"simple": "PASSTHROUGH"}})
-    from tests.config.helpers import doc
     vs = doc("VirtualService", "any", {"hosts": ["*"], "gateways": ["gw"], "http": [{"route": [{"destination": {"host": HOST}}]}]})
     proxy = await start(nursery, se, dr, vs)
+    # at an edge listener there is no original destination: naming an address in Host must not
+    # turn the gateway into an open proxy
     r = await Client(proxy.port).request("/", host=f"127.0.0.1:{target.port}")
-    assert (r.status, r.body) == (200, b"target")
+    assert r.status == 503
+    assert target.requests == [] and other.requests == []
+
+    # a captured connection (as the transparent listener hands it over) goes where it was headed
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        client = trio.socket.socket()
+        await client.connect(lsock.getsockname())
+        accepted, addr = lsock.accept()
+        nursery.start_soon(partial(serve_connection, proxy.plane, LISTENER, accepted, addr, nursery=nursery,
+                                   original_destination=("127.0.0.1", target.port)))
+        with client:
+            await client.send(b"GET / HTTP/1.1\r\nhost: anything.example\r\nconnection: close\r\n\r\n")
+            got = b""
+            with trio.fail_after(5):
+                while chunk := await client.recv(65536):
+                    got += chunk
+    assert got.startswith(b"HTTP/1.1 200") and got.endswith(b"target")
     assert other.requests == []
 
 
