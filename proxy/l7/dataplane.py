@@ -261,7 +261,7 @@ class DataPlane:
         self.in_flight: dict[tuple[str, int], int] = {}
         s = self.settings
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
-        self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s))
+        self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s), self.sweep_pools)
         self.downstream_cx_total = stats.counter("triomesh_downstream_cx_total")
         self.downstream_cx_active = stats.gauge("triomesh_downstream_cx_active")
         self._rq_by_code: dict[int, Counter] = {}
@@ -290,6 +290,25 @@ class DataPlane:
         if rt is None or rt.snapshot is not self.holder.current:
             rt = self.runtime(self.holder.current)
         return rt.clusters
+
+    def sweep_pools(self) -> None:
+        """Close idle upstream connections that expired, or whose cluster or endpoint left the
+        active snapshot (otherwise they would wait for a checkout of the same key that never comes)."""
+        now = trio.current_time()
+        clusters = self.holder.current.clusters
+        for key in list(self.pools):
+            cluster_name, address, port = key
+            pool = self.pools[key]
+            cluster = clusters.get(cluster_name)
+            gone = cluster is None or (cluster.lb_policy != "PASSTHROUGH" and not any(
+                e.address == address and e.port == port for e in cluster.endpoints))
+            for conn in (pool.drain() if gone else pool.drop_expired(now)):
+                conn.close()
+                if conn.counted:
+                    conn.counted = False
+                    self.stats.gauge("triomesh_upstream_cx_active", cluster=cluster_name).value -= 1
+            if not pool.idle:
+                del self.pools[key]
 
     def pool(self, key: tuple[str, str, int], idle_timeout_s: float | None = None) -> IdlePool:
         """Idle connections of one cluster endpoint; `idle_timeout_s`: the cluster's

@@ -10,7 +10,7 @@ quarter of the shortest timeout (at most 1 s): plenty for timeouts of seconds to
 from __future__ import annotations
 
 from time import monotonic
-from typing import Protocol
+from typing import Callable, Protocol
 
 import trio
 
@@ -22,12 +22,14 @@ class Watched(Protocol):
 
 
 class TimeoutSweeper:
-    __slots__ = ("watched", "period_s", "running")
+    __slots__ = ("watched", "period_s", "running", "every_second")
 
-    def __init__(self, shortest_timeout_s: float) -> None:
+    def __init__(self, shortest_timeout_s: float, every_second: Callable[[], None] | None = None) -> None:
+        """`every_second`: housekeeping run about once a second by the same task (idle pools)."""
         self.watched: set[Watched] = set()
         self.period_s = min(1.0, max(0.05, shortest_timeout_s / 4))
         self.running = False
+        self.every_second = every_second
 
     def ensure_running(self, nursery: trio.Nursery) -> None:
         if not self.running:
@@ -35,6 +37,7 @@ class TimeoutSweeper:
             nursery.start_soon(self._run)
 
     async def _run(self) -> None:
+        last_housekeeping = monotonic()
         try:
             while True:
                 await trio.sleep(self.period_s)
@@ -43,5 +46,8 @@ class TimeoutSweeper:
                 for w in late:
                     w.io_deadline = float("inf")
                     w.expire()
+                if self.every_second is not None and now - last_housekeeping >= 1.0:
+                    last_housekeeping = now
+                    self.every_second()
         finally:
             self.running = False

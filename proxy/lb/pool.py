@@ -28,12 +28,13 @@ class IdlePool(Generic[T]):
             conn, since = idle.pop()
             if now - since <= self.idle_timeout_s:
                 if idle and now - idle[0][1] > self.idle_timeout_s:
-                    expired.extend(self._drop_expired(now))
+                    expired.extend(self.drop_expired(now))
                 return conn, expired
             expired.append(conn)
         return None, expired
 
-    def _drop_expired(self, now: float) -> list[T]:
+    def drop_expired(self, now: float) -> list[T]:
+        """Take out the connections idle for longer than the timeout (the caller closes them)."""
         cutoff = now - self.idle_timeout_s
         keep = [(c, t) for c, t in self.idle if t >= cutoff]
         gone = [c for c, t in self.idle if t < cutoff]

@@ -361,3 +361,16 @@ async def test_head_of_a_chunked_response_invents_no_length(nursery):
     out = await raw_exchange(proxy.port, b"HEAD /chunked HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200")
     assert b"content-length" not in out.lower()
+
+
+async def test_idle_upstream_connections_of_a_removed_cluster_are_closed(nursery):
+    proxy, (be,) = await _setup(nursery)
+    code, out, _ = await curl(f"http://127.0.0.1:{proxy.port}/small")
+    assert out == "hello"
+    active = proxy.plane.stats.gauge("triomesh_upstream_cx_active", cluster="svc")
+    assert active.value == 1 and len(proxy.plane.pools) == 1  # pooled, idle
+    other = await Backend("other").start(nursery)
+    proxy.plane.holder.swap(make_snapshot({"svc2": [other.port]}, [prefix_route(b"/", {"svc2": 100})], version="2"))
+    with trio.fail_after(5):  # the sweeper's housekeeping runs about once a second
+        while active.value or proxy.plane.pools:
+            await trio.sleep(0.1)
