@@ -259,6 +259,9 @@ class DataPlane:
         # idle upstream connections by (cluster name, address, port); they outlive snapshots
         self.pools: dict[tuple[str, str, int], IdlePool] = {}
         self.in_flight: dict[tuple[str, int], int] = {}
+        in_flight = self.in_flight
+        # requests in flight per endpoint, for LEAST_REQUEST picks (made once, not per request)
+        self.in_flight_of = lambda e: in_flight.get((e.address, e.port), 0)
         s = self.settings
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
         self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s), self.sweep_pools)

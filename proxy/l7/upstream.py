@@ -348,7 +348,7 @@ class Exchange:
         """One try, the request body streamed as it arrives (too large to replay, or no retries)."""
         ctx, crt, plane = self.ctx, self.crt, self.plane
         in_flight = plane.in_flight
-        endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0))
+        endpoint = crt.pick(ctx, plane.in_flight_of)
         if endpoint is None:
             raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
         ctx.endpoint = endpoint
@@ -396,7 +396,7 @@ class Exchange:
         reusable = False
         try:
             while True:
-                endpoint = crt.pick(ctx, lambda e: in_flight.get((e.address, e.port), 0),
+                endpoint = crt.pick(ctx, plane.in_flight_of,
                                     state.tried if state is not None else None)
                 if endpoint is None:
                     raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
