@@ -1,0 +1,163 @@
+"""User-space instructions per proxied request, counted by valgrind (callgrind): a figure that does not
+move with the machine's load, for comparing two versions of the data path on a shared machine.
+
+    python -m bench.instructions [--source DIR] [--requests N] [--baseline]
+
+The proxy (DataPlane + serve_listener, one route to one nginx endpoint, as `make bench` configures it)
+runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
+connections in two separate runs, and the difference of the two totals divided by N2 - N1 is the
+cost of one request with start-up and shutdown cancelled out. `--source DIR` measures another
+checkout (e.g. `git worktree add /tmp/base HEAD~1`); `--baseline` measures a bare Trio forwarder
+with the same two waits per request (no HTTP at all), the floor any Trio design pays.
+Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.targets import start_nginx
+
+_PROXY = r'''
+import os, signal, socket, sys
+sys.path.insert(0, os.environ["TM_SOURCE"])
+import trio
+
+backend_port, port_file, baseline = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+
+
+async def bare_forwarder(nursery):
+    """recv downstream, send upstream, recv upstream, send downstream: two Trio waits a request."""
+    from trio.lowlevel import wait_readable
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(128)
+    lsock.setblocking(False)
+
+    async def connection(c):
+        u = socket.create_connection(("127.0.0.1", backend_port))
+        u.setblocking(False)
+        c.setblocking(False)
+        while True:
+            await wait_readable(c)
+            data = c.recv(65536)
+            if not data:
+                return
+            u.send(data)
+            await wait_readable(u)
+            c.send(u.recv(65536))
+
+    async def accept_loop():
+        while True:
+            await wait_readable(lsock)
+            c, _ = lsock.accept()
+            nursery.start_soon(connection, c)
+
+    nursery.start_soon(accept_loop)
+    return lsock.getsockname()[1]
+
+
+async def triomesh(nursery):
+    from proxy.config.snapshot import (Cluster, Endpoint, Listener, Route, RouteDestination, RouteTable,
+                                       Snapshot, VirtualHost)
+    from proxy.l7.dataplane import DataPlane
+    from proxy.l7.server import serve_listener
+    from proxy.runtime import SnapshotHolder
+    from proxy.stats import Stats
+    cluster = Cluster(name="backend", service_host="backend", port=80, subset="",
+                      endpoints=(Endpoint("127.0.0.1", backend_port),))
+    route = Route(name="all", virtual_service="bench/backend", matches=lambda head: True,
+                  destinations=(RouteDestination("backend", 100),), cumulative_weights=(100,))
+    vh = VirtualHost(name="all", domains=("*",), routes=(route,))
+    listener = Listener(name="bench", address="127.0.0.1", port=0, protocol="HTTP",
+                        route_table=RouteTable(exact={}, suffixes=(), catch_all=vh))
+    snapshot = Snapshot(version="1", listeners=(listener,), clusters={"backend": cluster})
+    sock = trio.socket.socket()
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    await nursery.start(serve_listener, sock, "bench", DataPlane(SnapshotHolder(snapshot), Stats()))
+    return port
+
+
+async def main():
+    async with trio.open_nursery() as nursery:
+        port = await (bare_forwarder(nursery) if baseline else triomesh(nursery))
+        with open(port_file, "w") as f:
+            f.write(str(port))
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+'''
+
+
+def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path) -> tuple[int, int]:
+    """(total instructions, requests that succeeded) for one proxy process under callgrind."""
+    script = workdir / "proxy_under_callgrind.py"
+    script.write_text(_PROXY)
+    port_file = workdir / "port"
+    port_file.unlink(missing_ok=True)
+    out = workdir / f"callgrind.{requests}"
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                             str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
+                            env=dict(os.environ, TM_SOURCE=str(source)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists() or not port_file.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the proxy under callgrind did not start: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.3)
+        time.sleep(1.0)
+        load = subprocess.run(["h2load", "--h1", "-n", str(requests), "-c", "8",
+                               f"http://127.0.0.1:{port_file.read_text()}/small"],
+                              capture_output=True, text=True, timeout=900)
+        succeeded = int(re.search(r"(\d+) succeeded", load.stdout).group(1))
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=300)[1].decode()
+    found = re.search(r"Collected : (\d+)", err)
+    if found is None:
+        raise RuntimeError(f"callgrind reported no total: {err[-2000:]}")
+    return int(found.group(1)), succeeded
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="checkout whose proxy/ is measured (default: this one)")
+    ap.add_argument("--requests", type=int, default=2000, help="requests of the second run, beyond the first")
+    ap.add_argument("--baseline", action="store_true", help="measure a bare Trio forwarder instead")
+    args = ap.parse_args()
+    for tool in ("valgrind", "h2load", "nginx"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench.instructions needs {tool} (make bench installs h2load and nginx; valgrind: apt-get install valgrind)")
+    with tempfile.TemporaryDirectory(prefix="triomesh-instructions-") as tmp:
+        workdir = Path(tmp)
+        backend = start_nginx(workdir / "nginx", cpus=None)
+        try:
+            first, ok1 = _run_once(500, backend.port, args.source, args.baseline, workdir)
+            second, ok2 = _run_once(500 + args.requests, backend.port, args.source, args.baseline, workdir)
+        finally:
+            backend.stop()
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source})"
+    print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
+          f"(callgrind, user space; {ok1} and {ok2} requests)")
+
+
+if __name__ == "__main__":
+    main()
