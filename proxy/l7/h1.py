@@ -65,6 +65,19 @@ def _content_length(values: list[bytes]) -> int:
     return seen
 
 
+def _length_framing(cl: list[bytes], error_type: type[Exception]) -> Framing:
+    """Content-Length framing; `error_type` for invalid or conflicting values (400 downstream,
+    502 upstream)."""
+    if len(cl) == 1 and cl[0].isdigit() and len(cl[0]) <= 18:  # the common case, without splitting
+        n = int(cl[0])
+    else:
+        try:
+            n = _content_length(cl)
+        except ValueError as e:
+            raise error_type(str(e)) from None
+    return Framing(LENGTH, n) if n else FRAMING_NONE
+
+
 def _scan_framing_headers(headers: Headers) -> tuple[list[bytes], list[bytes]]:
     te: list[bytes] = []
     cl: list[bytes] = []
@@ -97,14 +110,7 @@ def _request_framing(te: list[bytes] | None, cl: list[bytes] | None, minor_versi
             raise UnsupportedTransferCoding(f"unsupported transfer-encoding {b', '.join(codings)[:60]!r}")
         return FRAMING_CHUNKED
     if cl:
-        if len(cl) == 1 and cl[0].isdigit() and len(cl[0]) <= 18:  # the common case, without splitting
-            n = int(cl[0])
-        else:
-            try:
-                n = _content_length(cl)
-            except ValueError as e:
-                raise BadRequest(str(e)) from None
-        return Framing(LENGTH, n) if n else FRAMING_NONE
+        return _length_framing(cl, BadRequest)
     return FRAMING_NONE
 
 
@@ -122,14 +128,7 @@ def _response_framing(request_method: bytes, status: int, te: list[bytes] | None
         codings = [c.strip().lower() for v in te for c in v.split(b",")]
         return FRAMING_CHUNKED if codings[-1] == b"chunked" else FRAMING_CLOSE
     if cl:
-        if len(cl) == 1 and cl[0].isdigit() and len(cl[0]) <= 18:  # the common case, without splitting
-            n = int(cl[0])
-        else:
-            try:
-                n = _content_length(cl)
-            except ValueError as e:
-                raise UpstreamProtocolError(str(e)) from None
-        return Framing(LENGTH, n) if n else FRAMING_NONE
+        return _length_framing(cl, UpstreamProtocolError)
     return FRAMING_CLOSE
 
 
