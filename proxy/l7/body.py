@@ -76,6 +76,24 @@ class BodyReader:
         return []
 
 
+class _NoBody:
+    """The body of a request without one: shared, since nothing about it ever changes."""
+
+    __slots__ = ()
+    kind = h1.NONE
+    done = True
+    bytes_read = 0
+
+    def buffered_pieces(self) -> list[memoryview]:
+        return []
+
+    async def next_pieces(self) -> list[memoryview]:
+        return []
+
+
+NO_BODY = _NoBody()
+
+
 def encode_pieces(kind: int, pieces: list, out: list) -> None:
     """Append the wire form of body pieces in framing `kind` to `out` (a send_many list)."""
     if kind == h1.CHUNKED:

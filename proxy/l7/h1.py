@@ -75,7 +75,20 @@ def _length_framing(cl: list[bytes], error_type: type[Exception]) -> Framing:
             n = _content_length(cl)
         except ValueError as e:
             raise error_type(str(e)) from None
-    return Framing(LENGTH, n) if n else FRAMING_NONE
+    if not n:
+        return FRAMING_NONE
+    if n < _CACHED_LENGTHS:
+        framing = _LENGTH_FRAMINGS.get(n)
+        if framing is None:
+            framing = _LENGTH_FRAMINGS[n] = Framing(LENGTH, n)
+        return framing
+    return Framing(LENGTH, n)
+
+
+# Framing objects are never changed once made, so the small lengths (the common small bodies) are
+# shared: at most this many, made as they are first seen.
+_CACHED_LENGTHS = 4096
+_LENGTH_FRAMINGS: dict[int, Framing] = {}
 
 
 def _scan_framing_headers(headers: Headers) -> tuple[list[bytes], list[bytes]]:
@@ -133,11 +146,11 @@ def _response_framing(request_method: bytes, status: int, te: list[bytes] | None
 
 
 def connection_tokens(headers: Headers) -> set[bytes]:
-    tokens: set[bytes] = set()
+    tokens: frozenset[bytes] | set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
-            _add_tokens(tokens, value)
-    return tokens
+            tokens = _add_tokens(tokens, value)
+    return set(tokens) if tokens is not None else set()
 
 
 def wants_keep_alive(minor_version: int, tokens: set[bytes]) -> bool:
@@ -178,12 +191,26 @@ def is_upgrade_request(headers: Headers, tokens: set[bytes]) -> bool:
 _REQUEST_SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
 _RESPONSE_SPECIAL = HOP_BY_HOP
 _PLAIN_CONNECTION_TOKENS = frozenset({b"close", b"keep-alive", b"upgrade"})
+_NO_TOKENS: frozenset[bytes] = frozenset()
 
 
-def _add_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:
-    """Connection options (RFC 9110 §7.6.1), lowercased, added to `tokens` (made when None)."""
+# The Connection values nearly every message carries, already tokenized (no split/strip/lower).
+_COMMON_CONNECTION_VALUES = {
+    spelling: frozenset({spelling.lower()})
+    for spelling in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+}
+
+
+def _add_tokens(tokens: frozenset[bytes] | set[bytes] | None, value: bytes) -> frozenset[bytes] | set[bytes]:
+    """Connection options (RFC 9110 §7.6.1), lowercased, added to `tokens` (None: none yet).
+    Returns a new set when it adds to an existing one."""
     if tokens is None:
+        common = _COMMON_CONNECTION_VALUES.get(value)
+        if common is not None:
+            return common
         tokens = set()
+    else:
+        tokens = set(tokens)
     for t in value.split(b","):
         t = t.strip().lower()
         if t:
@@ -191,10 +218,12 @@ def _add_tokens(tokens: set[bytes] | None, value: bytes) -> set[bytes]:
     return tokens
 
 
-def _drop_named(headers: Headers, tokens: set[bytes]) -> Headers:
+def _drop_named(headers: Headers, tokens: frozenset[bytes] | set[bytes]) -> Headers:
     """Remove fields that Connection names (RFC 9110 §7.6.1), beyond the usual close/keep-alive."""
+    if tokens <= _PLAIN_CONNECTION_TOKENS:
+        return headers
     extra = tokens - _PLAIN_CONNECTION_TOKENS
-    return [h for h in headers if h[0] not in extra] if extra else headers
+    return [h for h in headers if h[0] not in extra]
 
 
 def classify_request(raw: Headers, minor: int):
@@ -206,7 +235,7 @@ def classify_request(raw: Headers, minor: int):
     host = None
     cl: list[bytes] | None = None
     te: list[bytes] | None = None
-    tokens: set[bytes] | None = None
+    tokens: frozenset[bytes] | set[bytes] | None = None
     expect_continue = False
     upgrade_value = None
     special = _REQUEST_SPECIAL
@@ -251,7 +280,7 @@ def classify_response(method: bytes, status: int, minor: int, raw: Headers):
     out: Headers = []
     cl: list[bytes] | None = None
     te: list[bytes] | None = None
-    tokens: set[bytes] | None = None
+    tokens: frozenset[bytes] | set[bytes] | None = None
     special = _RESPONSE_SPECIAL
     for pair in raw:
         name = pair[0]
@@ -269,11 +298,12 @@ def classify_response(method: bytes, status: int, minor: int, raw: Headers):
     if tokens is None:
         keep = minor >= 1
     else:
-        keep = wants_keep_alive(minor, tokens)
-        out = _drop_named(out, tokens)
+        keep = b"close" not in tokens and (minor >= 1 or b"keep-alive" in tokens)  # wants_keep_alive
+        if not tokens <= _PLAIN_CONNECTION_TOKENS:
+            out = _drop_named(out, tokens)
     if framing.kind == CLOSE:
         keep = False
-    return out, framing, keep, (cl[0] if cl else None), tokens or set()
+    return out, framing, keep, (cl[0] if cl else None), tokens or _NO_TOKENS
 
 
 def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing) -> bytes:

@@ -32,13 +32,25 @@ _REGISTER = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLE
 
 
 class _Waiters:
-    __slots__ = ("read_task", "write_task", "read_ready", "write_ready")
+    __slots__ = ("read_task", "write_task", "read_ready", "write_ready", "abort_read", "abort_write")
 
     def __init__(self) -> None:
         self.read_task = None
         self.write_task = None
         self.read_ready = False
         self.write_ready = False
+        # made once per connection rather than as a closure per wait
+
+        def abort_read(_):
+            self.read_task = None
+            return Abort.SUCCEEDED
+
+        def abort_write(_):
+            self.write_task = None
+            return Abort.SUCCEEDED
+
+        self.abort_read = abort_read
+        self.abort_write = abort_write
 
 
 class Reactor:
@@ -100,12 +112,7 @@ class Reactor:
         if waiters.read_task is not None:
             raise trio.BusyResourceError("another task is already reading this connection")
         waiters.read_task = current_task()
-
-        def abort(_):
-            waiters.read_task = None
-            return Abort.SUCCEEDED
-
-        await wait_task_rescheduled(abort)
+        await wait_task_rescheduled(waiters.abort_read)
 
     async def wait_writable(self, fd: int) -> None:
         waiters = self._fds[fd]
@@ -116,12 +123,7 @@ class Reactor:
         if waiters.write_task is not None:
             raise trio.BusyResourceError("another task is already writing this connection")
         waiters.write_task = current_task()
-
-        def abort(_):
-            waiters.write_task = None
-            return Abort.SUCCEEDED
-
-        await wait_task_rescheduled(abort)
+        await wait_task_rescheduled(waiters.abort_write)
 
     async def _run(self) -> None:
         epoll, fds = self._epoll, self._fds

@@ -28,7 +28,7 @@ import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable
 
 from proxy.l7 import h1
-from proxy.l7.body import BodyReader
+from proxy.l7.body import NO_BODY, BodyReader
 from proxy.l7.chain import Chain, Delay, LocalResponse
 from proxy.l7.connio import Conn, ReadTimeout
 from proxy.l7.context import RequestContext
@@ -196,8 +196,24 @@ class DownstreamConnection:
     async def one_request(self) -> bool:
         """Serve one request; returns whether to read another on this connection."""
         plane, conn = self.plane, self.conn
+        settings = plane.settings
         try:
-            parsed = await self._read_head()
+            parsed = None
+            if conn.pos == len(conn.buf):
+                # the usual keep-alive wait, written out here: idle timeout until the first byte,
+                # then (nearly always) the whole head arrived in that one read
+                conn.io_deadline = monotonic() + settings.idle_timeout_s
+                try:
+                    if not await conn.fill(wait_first=True):
+                        return False
+                except ReadTimeout:
+                    return False
+                conn.io_deadline = math.inf
+                parsed = parse_request_head(conn.buf, conn.pos, settings.max_headers)
+                if parsed is not None and parsed[0] - conn.pos > settings.max_head_bytes:
+                    parsed = None  # _read_head refuses it with 431
+            if parsed is None:
+                parsed = await self._read_head()
         except (HeadParseError, BadRequest) as e:
             await self._reject_head(e)
             return False
@@ -252,8 +268,9 @@ class DownstreamConnection:
             host = b""
         head.authority = host
         head.headers = headers
-        body = BodyReader(self.conn, framing, eof_error=DownstreamDisconnect, timeout_error=DownstreamTimeout,
-                          protocol_error=BadRequest)
+        body = NO_BODY if framing.kind == h1.NONE else BodyReader(
+            self.conn, framing, eof_error=DownstreamDisconnect, timeout_error=DownstreamTimeout,
+            protocol_error=BadRequest)
         return DownstreamRequest(body, framing, keep_alive, minor, expect_continue, upgrade, chain)
 
     async def _reject_head(self, e: Exception) -> None:

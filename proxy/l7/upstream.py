@@ -148,6 +148,25 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
 
 
+def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], now: float) -> UpstreamConn | None:
+    """A pooled idle connection to `key` that may be reused now, or None (no await: the common
+    keep-alive case costs no coroutine)."""
+    limits = crt.pool_limits
+    pool = plane.pool((crt.name, *key), limits.idle_timeout_s)  # per cluster and host, as Envoy's pools
+    while True:
+        conn, expired = pool.checkout(now)
+        for old in expired:
+            _discard(crt, old)
+        if conn is None:
+            return None
+        if (now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed()) or (
+                limits.max_connection_duration_s is not None
+                and now - conn.created >= limits.max_connection_duration_s):
+            _discard(crt, conn)
+            continue
+        return conn
+
+
 async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
                   fresh: bool = False, deadline: float = math.inf) -> tuple[UpstreamConn, bool]:
     """(connection, reused); `fresh` skips the idle pool.
@@ -156,22 +175,13 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
     back, at most until `deadline` or the connect timeout, and only if fewer than
     http.http1MaxPendingRequests already wait; otherwise it fails at once with 503 UO (Overflow)."""
     limits = crt.pool_limits
-    pool = plane.pool((crt.name, *key), limits.idle_timeout_s)  # per cluster and host, as Envoy's pools
     timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
     while True:
         now = trio.current_time()
-        while not fresh:
-            conn, expired = pool.checkout(now)
-            for old in expired:
-                _discard(crt, old)
-            if conn is None:
-                break
-            if (now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed()) or (
-                    limits.max_connection_duration_s is not None
-                    and now - conn.created >= limits.max_connection_duration_s):
-                _discard(crt, conn)
-                continue
-            return conn, True
+        if not fresh:
+            conn = checkout_idle(plane, crt, key, now)
+            if conn is not None:
+                return conn, True
         limit = limits.max_connections
         if limit is None or crt.cx_active.value < limit or _close_idle_elsewhere(plane, crt):
             break
@@ -224,10 +234,11 @@ def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
             crt.waiters.unpark()
 
 
-def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
+def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool, now: float | None = None) -> None:
     limits = crt.pool_limits
     max_requests = limits.max_requests_per_connection
-    now = trio.current_time()
+    if now is None:
+        now = trio.current_time()
     if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
         reusable = False
     # bytes after the end of the response (a misbehaving upstream) must never become the next
@@ -249,7 +260,8 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
     got_any = up.buffered > 0
     while True:
         try:
-            parsed = parse_response_head(up.buf, up.pos, max_headers)
+            # right after sending, the buffer is empty: nothing to parse yet
+            parsed = parse_response_head(up.buf, up.pos, max_headers) if got_any else None
         except HeadParseError as e:
             raise UpstreamProtocolError(f"malformed response head: {e}") from None
         if parsed is not None:
@@ -267,14 +279,20 @@ async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: 
         except ReadTimeout:
             raise UpstreamTimeout("no response before the route timeout") from None
         except OSError as e:
-            if not got_any and up.requests > 0:
-                raise StaleConnection(str(e)) from None
+            if not got_any:
+                raise _nothing_received(up, f"upstream reset before response headers: {e}") from None
             raise UpstreamReset(f"upstream reset before response headers: {e}") from None
         if n == 0:
-            if not got_any and up.requests > 0:
-                raise StaleConnection("pooled connection closed by upstream")
+            if not got_any:
+                raise _nothing_received(up, "upstream closed before response headers")
             raise UpstreamReset("upstream closed before response headers")
         got_any = True
+
+
+def _nothing_received(up: UpstreamConn, detail: str) -> UpstreamReset:
+    """The error for a connection that ended before any response byte: on a reused connection
+    that is the keep-alive race (retried once on a fresh one), on a new one an upstream reset."""
+    return StaleConnection(detail) if up.requests > 0 else UpstreamReset(detail)
 
 
 class _RetryState:
@@ -315,23 +333,24 @@ class Exchange:
 
     async def run(self) -> bool:
         """Relays the exchange; returns whether the downstream connection may serve another request."""
-        ctx, dreq = self.ctx, self.dreq
-        route = ctx.route
+        route = self.ctx.route
         crt = self.crt
         if crt.cluster is LOCAL_CLUSTER:
             return await self._local_reply(route)
         limits = crt.pool_limits
         max_requests = limits.max_requests
-        if max_requests is not None or limits.retry_budget_percent is not None:
-            if max_requests is not None and crt.rq_active >= max_requests:
-                crt.rq_overflow.value += 1
-                raise Overflow(f"cluster {crt.name}: {max_requests} requests active (http2MaxRequests)")
-            crt.rq_active += 1
-            try:
-                return await self._run(route)
-            finally:
-                crt.rq_active -= 1
-        return await self._run(route)
+        if max_requests is None and limits.retry_budget_percent is None:
+            if self.dreq.body.done and not route.mirrors:  # the common bodyless request
+                return await self._run_replayable(b"", route.retry)
+            return await self._run(route)
+        if max_requests is not None and crt.rq_active >= max_requests:
+            crt.rq_overflow.value += 1
+            raise Overflow(f"cluster {crt.name}: {max_requests} requests active (http2MaxRequests)")
+        crt.rq_active += 1
+        try:
+            return await self._run(route)
+        finally:
+            crt.rq_active -= 1
 
     async def _run(self, route: Route) -> bool:
         ctx, dreq = self.ctx, self.dreq
@@ -557,17 +576,48 @@ class Exchange:
         """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
         plane, crt = self.plane, self.crt
         for attempt in (0, 1):
-            up, reused = await acquire(plane, crt, key, fresh=attempt == 1, deadline=self.deadline)
+            # a pooled connection is taken without an await; acquire() waits or connects
+            up = checkout_idle(plane, crt, key, trio.current_time()) if attempt == 0 else None
+            if up is not None:
+                reused = True
+            else:
+                up, reused = await acquire(plane, crt, key, fresh=attempt == 1, deadline=self.deadline)
             self.up = up
             try:
                 try:
-                    await up.send_all(head_bytes)
+                    rest = up.send_nowait(head_bytes)
+                    if rest is not None:
+                        await up.send_all(rest)
                 except OSError as e:
                     if reused:
                         raise StaleConnection(str(e)) from None
                     raise UpstreamReset(f"upstream reset while sending the request: {e}") from None
-                parsed = await read_response_head(up, self.deadline, plane.settings.max_head_bytes,
-                                                  plane.settings.max_headers)
+                settings = plane.settings
+                parsed = None
+                if not up.buffered and self.deadline == math.inf:
+                    # the usual case written out: wait for the first bytes and parse them here, so
+                    # only a head that arrives in pieces (or a 1xx) goes through read_response_head
+                    try:
+                        n = await up.fill(wait_first=True)
+                    except ReadTimeout:
+                        raise UpstreamTimeout("no response before the stream idle timeout") from None
+                    except OSError as e:
+                        raise _nothing_received(up, f"upstream reset before response headers: {e}") from None
+                    if n == 0:
+                        raise _nothing_received(up, "upstream closed before response headers")
+                    try:
+                        parsed = parse_response_head(up.buf, up.pos, settings.max_headers)
+                    except HeadParseError as e:
+                        raise UpstreamProtocolError(f"malformed response head: {e}") from None
+                    if parsed is not None:
+                        if 100 <= parsed[2] < 200 and parsed[2] != 101:
+                            parsed = None  # interim responses are skipped there
+                        else:
+                            up.pos = parsed[0]
+                            parsed = parsed[1:]
+                if parsed is None:
+                    parsed = await read_response_head(up, self.deadline, settings.max_head_bytes,
+                                                      settings.max_headers)
                 up.requests += 1
                 return parsed
             except StaleConnection:
@@ -670,11 +720,16 @@ class Exchange:
         ctx.response = response
         self.crt.count_response(status)
         if framing.kind == h1.NONE or (framing.kind == h1.LENGTH and up.buffered >= framing.length):
-            # the whole response is here (the common small response): one send, no body reader
-            if framing.kind == h1.NONE:
-                await self._send_down([head_bytes])
-            else:
-                await self._send_down([head_bytes, up.consume(framing.length)])
+            # the whole response is here (the common small response): one send, no body reader,
+            # and no await unless the kernel would not take it all at once
+            parts = [head_bytes] if framing.kind == h1.NONE else [head_bytes, up.consume(framing.length)]
+            try:
+                rest = down.send_many_nowait(parts)
+            except OSError as e:
+                raise DownstreamDisconnect(f"downstream gone while sending the response: {e}") from None
+            if rest is not None:
+                await self._send_down(rest)
+            if framing.kind == h1.LENGTH:
                 ctx.bytes_sent = framing.length
             ctx.status = status
             return upstream_keep
