@@ -3,8 +3,8 @@ move with the machine's load, for comparing two versions of the data path on a s
 
     python -m bench.instructions [--source DIR] [--requests N] [--baseline]
 
-The proxy (DataPlane + serve_listener, one route to one nginx endpoint, as `make bench` configures it)
-runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
+The proxy (DataPlane + serve_listener on the Istio resources `make bench` gives it: one route to one
+nginx endpoint, with Istio's default retry policy) runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
 connections in two separate runs, and the difference of the two totals divided by N2 - N1 is the
 cost of one request with start-up and shutdown cancelled out. `--source DIR` measures another
 checkout (e.g. `git worktree add /tmp/base HEAD~1`); `--baseline` measures a bare Trio forwarder
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.targets import start_nginx
+from bench.targets import free_port, start_nginx, triomesh_config
 
 _PROXY = r'''
 import os, signal, socket, sys
@@ -67,26 +67,21 @@ async def bare_forwarder(nursery):
 
 
 async def triomesh(nursery):
-    from proxy.config.snapshot import (Cluster, Endpoint, Listener, Route, RouteDestination, RouteTable,
-                                       Snapshot, VirtualHost)
+    """The benchmark's own Istio resources (bench/targets.py), compiled as `triomesh proxy` would."""
+    from proxy.config.compile import compile_resources
+    from proxy.config.load import load_bytes
     from proxy.l7.dataplane import DataPlane
     from proxy.l7.server import serve_listener
     from proxy.runtime import SnapshotHolder
     from proxy.stats import Stats
-    cluster = Cluster(name="backend", service_host="backend", port=80, subset="",
-                      endpoints=(Endpoint("127.0.0.1", backend_port),))
-    route = Route(name="all", virtual_service="bench/backend", matches=lambda head: True,
-                  destinations=(RouteDestination("backend", 100),), cumulative_weights=(100,))
-    vh = VirtualHost(name="all", domains=("*",), routes=(route,))
-    listener = Listener(name="bench", address="127.0.0.1", port=0, protocol="HTTP",
-                        route_table=RouteTable(exact={}, suffixes=(), catch_all=vh))
-    snapshot = Snapshot(version="1", listeners=(listener,), clusters={"backend": cluster})
+    with open(os.environ["TM_CONFIG"], "rb") as f:
+        snapshot = compile_resources(load_bytes(f.read(), "bench.yaml"), version="1", bind_address="127.0.0.1")
+    listener = snapshot.listeners[0]
     sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
+    await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
-    port = sock.getsockname()[1]
-    await nursery.start(serve_listener, sock, "bench", DataPlane(SnapshotHolder(snapshot), Stats()))
-    return port
+    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), Stats()))
+    return listener.port
 
 
 async def main():
@@ -110,9 +105,11 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     port_file = workdir / "port"
     port_file.unlink(missing_ok=True)
     out = workdir / f"callgrind.{requests}"
+    config = workdir / "bench.yaml"
+    config.write_text(triomesh_config(free_port(), backend_port))
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
-                            env=dict(os.environ, TM_SOURCE=str(source)), stdout=subprocess.DEVNULL,
+                            env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -240,13 +240,10 @@ def start_l4_forwarder(upstream_port: int, *, mode: str, cpus: str | None) -> St
     return Started(f"triomesh-{mode}", proc, port, Path("."))
 
 
-def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concurrency: int = 1) -> Started:
-    """The same single route as the Envoy config, written as Istio resources."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port, admin_port = free_port(), free_port()
-    cfg = workdir / "config"
-    cfg.mkdir(exist_ok=True)
-    (cfg / "bench.yaml").write_text(textwrap.dedent(f"""\
+def triomesh_config(port: int, backend_port: int) -> str:
+    """The Istio resources of the benchmark: one Gateway server, the backend as a ServiceEntry, one
+    VirtualService route (no retries, timeouts or faults set: Istio's defaults apply, as for a user)."""
+    return textwrap.dedent(f"""\
         apiVersion: networking.istio.io/v1
         kind: Gateway
         metadata: {{name: bench-gateway, namespace: bench}}
@@ -274,7 +271,16 @@ def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concur
           http:
           - route:
             - destination: {{host: backend.bench.svc.cluster.local}}
-        """))
+        """)
+
+
+def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concurrency: int = 1) -> Started:
+    """The same single route as the Envoy config, written as Istio resources."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port, admin_port = free_port(), free_port()
+    cfg = workdir / "config"
+    cfg.mkdir(exist_ok=True)
+    (cfg / "bench.yaml").write_text(triomesh_config(port, backend_port))
     triomesh = str(Path(sys.executable).with_name("triomesh"))
     proc = subprocess.Popen(_pin(cpus) + [triomesh, "proxy", "--config", str(cfg), "--concurrency", str(concurrency),
                                           "--access-log", "off", "--bind-address", "127.0.0.1",

@@ -75,7 +75,12 @@ def _make():
 
     def parse_response_head(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, minor_version, status, reason, headers)."""
-        rc = call(c_response, buf, start, max_headers)
+        if max_headers > headers_cap or type(buf) is not bytes:
+            rc = call(c_response, buf, start, max_headers)
+        else:
+            rc = c_response(buf, len(buf), start, head, headers, max_headers, pack_ptr, pack_cap)
+            if rc < 0 and rc != INCOMPLETE:
+                rc = call(c_response, buf, start, max_headers)
         if rc < 0:
             return None
         parts = iter(pack_mv[: meta[_PACK_LEN]].tobytes().split(b"\0"))

@@ -244,15 +244,12 @@ class Conn:
 
 
 def _unsent(parts: list, n: int) -> list:
-    """What is left of `parts` after the first n bytes went out (empty parts dropped)."""
-    i = 0
-    while n:
-        size = len(parts[i])
-        if n >= size:
-            n -= size
-            i += 1
-        else:
-            return [memoryview(parts[i])[n:], *parts[i + 1:]]
-    while i < len(parts) and not len(parts[i]):
-        i += 1
-    return parts[i:] if i else parts
+    """What is left of `parts` after the first n bytes went out (empty when all of it went)."""
+    for i, part in enumerate(parts):
+        size = len(part)
+        if n < size:
+            if n:
+                return [memoryview(part)[n:], *parts[i + 1:]]
+            return parts[i:]
+        n -= size
+    return []

@@ -31,7 +31,7 @@ _GATEWAY = frozenset({502, 503, 504})
 def retry_on_status(policy: RetryPolicy, status: int, headers) -> bool:
     on = policy.retry_on
     if status < 300:  # only a gRPC status in a 2xx response can still ask for a retry
-        if on & _GRPC_CONDITIONS:
+        if not on.isdisjoint(_GRPC_CONDITIONS):
             for name, value in headers:
                 if name == b"grpc-status":
                     return _GRPC.get(value, "") in on

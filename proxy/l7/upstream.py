@@ -79,7 +79,7 @@ PEEK_AFTER_IDLE_S = 1.0
 
 
 class UpstreamConn(Conn):
-    __slots__ = ("key", "requests", "counted", "idle_since", "created")
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], plane: DataPlane | None = None) -> None:
         if plane is None:
@@ -88,6 +88,7 @@ class UpstreamConn(Conn):
             super().__init__(sock, reactor=plane.reactor, sweeper=plane.sweeper,
                              idle_s=plane.settings.stream_idle_timeout_s)
         self.key = key
+        self.pool_key: tuple[str, str, int] | None = None  # (cluster, address, port), set by acquire
         self.requests = 0
         self.counted = True  # still included in the cluster's cx_active gauge
         self.idle_since = 0.0
@@ -151,8 +152,10 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
 def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], now: float) -> UpstreamConn | None:
     """A pooled idle connection to `key` that may be reused now, or None (no await: the common
     keep-alive case costs no coroutine)."""
+    pool = plane.pools.get((crt.name, key[0], key[1]))  # per cluster and host, as Envoy's pools
+    if pool is None or not pool.idle:
+        return None
     limits = crt.pool_limits
-    pool = plane.pool((crt.name, *key), limits.idle_timeout_s)  # per cluster and host, as Envoy's pools
     while True:
         conn, expired = pool.checkout(now)
         for old in expired:
@@ -210,6 +213,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
         raise
     crt.cx_total.value += 1
     conn.created = trio.current_time()
+    conn.pool_key = (crt.name, key[0], key[1])
     return conn, False
 
 
@@ -246,7 +250,7 @@ def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable:
     if (reusable and not conn.closed and len(conn.buf) == conn.pos
             and (max_requests is None or conn.requests < max_requests)):
         conn.idle_since = now
-        evicted = plane.pool((crt.name, *conn.key), crt.pool_limits.idle_timeout_s).checkin(conn, now)
+        evicted = plane.pool(conn.pool_key, limits.idle_timeout_s).checkin(conn, now)
         if evicted is not None:
             _discard(crt, evicted)
         if crt.pending:

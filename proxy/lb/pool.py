@@ -20,10 +20,14 @@ class IdlePool(Generic[T]):
         self.max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
 
-    def checkout(self, now: float) -> tuple[T | None, list[T]]:
+    def checkout(self, now: float) -> tuple[T | None, list[T] | tuple[()]]:
         """(a reusable connection or None, connections to close)."""
-        expired: list[T] = []
         idle = self.idle
+        if idle:  # the common case: the newest is fresh and so is the oldest, nothing to close
+            timeout = self.idle_timeout_s
+            if now - idle[-1][1] <= timeout and now - idle[0][1] <= timeout:
+                return idle.pop()[0], ()
+        expired: list[T] = []
         while idle:
             conn, since = idle.pop()
             if now - since <= self.idle_timeout_s:

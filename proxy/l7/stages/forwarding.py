@@ -25,6 +25,19 @@ class ForwardingStage:
     def on_request(self, ctx: RequestContext) -> None:
         head = ctx.request
         headers = head.headers
+        for pair in headers:
+            if pair[0] in _FORWARDING_NAMES:  # a client or an earlier proxy set some: merge
+                self._merge(ctx, headers)
+                return None
+        request_id = new_request_id()
+        headers += ((b"x-forwarded-for", ctx.downstream_ip), (b"x-forwarded-proto", head.scheme),
+                    (b"x-request-id", request_id))
+        ctx.request_id = request_id
+        return None
+
+    @staticmethod
+    def _merge(ctx: RequestContext, headers: list) -> None:
+        """x-forwarded-for gets the client appended; x-forwarded-proto and x-request-id are kept."""
         xff_index = -1
         request_id = b""
         has_proto = False
@@ -41,9 +54,11 @@ class ForwardingStage:
         else:
             headers[xff_index] = (b"x-forwarded-for", headers[xff_index][1] + b"," + client_ip)
         if not has_proto:
-            headers.append((b"x-forwarded-proto", head.scheme))
+            headers.append((b"x-forwarded-proto", ctx.request.scheme))
         if not request_id:
             request_id = new_request_id()
             headers.append((b"x-request-id", request_id))
         ctx.request_id = request_id
-        return None
+
+
+_FORWARDING_NAMES = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-request-id"})
