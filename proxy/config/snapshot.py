@@ -38,6 +38,13 @@ class Endpoint:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # hashable with plain dict labels
     weight: int = 1
+    # derived once here rather than on every request that goes to this endpoint
+    key: tuple[str, int] = field(init=False, compare=False, hash=False, repr=False)  # (address, port)
+    host_port: str = field(init=False, compare=False, hash=False, repr=False)  # "address:port", as logged
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", (self.address, self.port))
+        object.__setattr__(self, "host_port", f"{self.address}:{self.port}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +235,13 @@ class Route:
     cors: CorsPolicy | None = None
     # per-destination header operations exist somewhere in `destinations`
     destination_headers: bool = False
+    # forwards as is: one or more destinations and no cors, rewrite or header operation to apply
+    # (derived; the route stage then skips those checks)
+    plain: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", bool(self.destinations) and self.cors is None and self.rewrite is None
+                           and self.request_headers is None and not self.destination_headers)
 
     def pick_destination(self, rand_below: Callable[[int], int]) -> RouteDestination:
         return weighted_pick(self.destinations, self.cumulative_weights, rand_below)
@@ -246,6 +260,9 @@ class VirtualHost:
         return None
 
 
+LOOKUP_CACHE_MAX = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class RouteTable:
     """Virtual hosts of one listener, looked up by authority like Envoy: exact domain, then the
@@ -254,8 +271,24 @@ class RouteTable:
     exact: Mapping[bytes, VirtualHost]
     suffixes: tuple[tuple[bytes, VirtualHost], ...]  # (".example.com", vh), longest first
     catch_all: VirtualHost | None
+    # authority as received → its virtual host (or None), filled as requests come; the table is
+    # immutable, so an entry never goes stale, and it is emptied when it reaches LOOKUP_CACHE_MAX
+    _lookups: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def virtual_host_for(self, authority: bytes) -> VirtualHost | None:
+        lookups = self._lookups
+        try:
+            return lookups[authority]
+        except KeyError:
+            pass
+        vh = self._find(authority)
+        if len(authority) <= 255:  # a DNS name's limit: no client can make the cache hold huge keys
+            if len(lookups) >= LOOKUP_CACHE_MAX:
+                lookups.clear()  # many distinct authorities (a scan, or random Host values): start over
+            lookups[authority] = vh
+        return vh
+
+    def _find(self, authority: bytes) -> VirtualHost | None:
         host = authority.lower()
         vh = self.exact.get(host)
         if vh is not None:

@@ -31,6 +31,7 @@ from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 
 RECV_BYTES = 64 * 1024
+_INF = math.inf
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -97,7 +98,7 @@ class Conn:
     def buffered(self) -> int:
         return len(self.buf) - self.pos
 
-    async def fill(self, deadline: float = math.inf, *, wait_first: bool = False) -> int:
+    async def fill(self, deadline: float = _INF, *, wait_first: bool = False) -> int:
         """Read more bytes onto the buffer; returns how many (0 at EOF). Raises ReadTimeout or
         ConnectionError (reset).
 
@@ -116,10 +117,10 @@ class Conn:
             if self.timed_out:
                 raise ReadTimeout()
             try:
-                if deadline == math.inf:
+                if deadline == _INF:
                     # the common wait, written out here rather than through _wait: two awaits fewer
                     # on the path every request takes twice
-                    managed = self.io_deadline == math.inf and self.idle_s != math.inf
+                    managed = self.io_deadline == _INF and self.idle_s != _INF
                     if managed:
                         self.io_deadline = monotonic() + self.idle_s
                     try:
@@ -129,7 +130,7 @@ class Conn:
                             await wait_readable(sock)
                     finally:
                         if managed:
-                            self.io_deadline = math.inf
+                            self.io_deadline = _INF
                 else:
                     with trio.CancelScope(deadline=deadline) as scope:
                         await self._wait_readable()

@@ -230,7 +230,7 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
 class SnapshotRuntime:
     """Derived, per-snapshot lookups: listeners by name, one chain per listener, cluster runtimes."""
 
-    __slots__ = ("snapshot", "listeners", "chains", "clusters", "stats")
+    __slots__ = ("snapshot", "listeners", "chains", "clusters", "stats", "by_listener")
 
     def __init__(self, snapshot: Snapshot, stats: Stats, previous: SnapshotRuntime | None) -> None:
         self.snapshot = snapshot
@@ -246,6 +246,9 @@ class SnapshotRuntime:
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
         self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters) for l in snapshot.listeners}
+        # what a request looks up first: its listener and that listener's chain, in one lookup
+        self.by_listener: dict[str, tuple[Listener, Chain]] = {
+            name: (listener, self.chains[name]) for name, listener in self.listeners.items()}
 
 
 class DataPlane:
@@ -261,7 +264,7 @@ class DataPlane:
         self.in_flight: dict[tuple[str, int], int] = {}
         in_flight = self.in_flight
         # requests in flight per endpoint, for LEAST_REQUEST picks (made once, not per request)
-        self.in_flight_of = lambda e: in_flight.get((e.address, e.port), 0)
+        self.in_flight_of = lambda e: in_flight.get(e.key, 0)
         s = self.settings
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
         self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s), self.sweep_pools)

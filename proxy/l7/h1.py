@@ -306,8 +306,13 @@ def classify_response(method: bytes, status: int, minor: int, raw: Headers):
     return out, framing, keep, (cl[0] if cl else None), tokens or _NO_TOKENS
 
 
-def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing) -> bytes:
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing,
+                           authority: bytes | None = None) -> bytes:
+    """`authority`: written first as Host (so callers need not build a new header list for it)."""
+    if authority is None:
+        parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    else:
+        parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
     if framing.kind == LENGTH:

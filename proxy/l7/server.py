@@ -48,6 +48,7 @@ from proxy.l7.upstream import Exchange
 log = structlog.get_logger("triomesh.l7")
 
 _ACCEPT_BATCH = 64
+_NO_LISTENER = (None, None)  # the listener left the active config (a reload removed it)
 
 
 class DownstreamRequest:
@@ -228,9 +229,9 @@ class DownstreamConnection:
         dreq: DownstreamRequest | None = None
         try:
             rt = plane.runtime(snapshot)
-            ctx.listener = rt.listeners.get(self.listener_name)
-            dreq = self._prepare(ctx, raw_headers, minor, rt.chains.get(self.listener_name))
-            for stage in dreq.chain.request_stages:
+            ctx.listener, chain = rt.by_listener.get(self.listener_name, _NO_LISTENER)
+            dreq = self._prepare(ctx, raw_headers, minor, chain)
+            for stage in chain.request_stages:
                 outcome = stage.on_request(ctx)
                 if outcome is not None:
                     if isinstance(outcome, Delay):

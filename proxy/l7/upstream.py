@@ -77,6 +77,9 @@ class StaleConnection(UpstreamReset):
 # it: keep-alive timeouts are seconds, and the rare race is covered by the stale-connection retry.
 PEEK_AFTER_IDLE_S = 1.0
 
+# a whole buffered response body up to this size goes out in one buffer with its head
+SMALL_BODY_BYTES = 16 * 1024
+
 
 class UpstreamConn(Conn):
     __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
@@ -375,8 +378,8 @@ class Exchange:
         if endpoint is None:
             raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
         ctx.endpoint = endpoint
-        key = (endpoint.address, endpoint.port)
-        ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
+        key = endpoint.key
+        ctx.upstream_host = endpoint.host_port
         in_flight[key] = in_flight.get(key, 0) + 1
         reusable = False
         try:
@@ -424,8 +427,8 @@ class Exchange:
                 if endpoint is None:
                     raise NoHealthyUpstream(f"cluster {crt.name} has no healthy endpoints")
                 ctx.endpoint = endpoint
-                key = (endpoint.address, endpoint.port)
-                ctx.upstream_host = f"{endpoint.address}:{endpoint.port}"
+                key = endpoint.key
+                ctx.upstream_host = endpoint.host_port
                 self.deadline = min(overall, trio.current_time() + per_try_s) if per_try_s else overall
                 in_flight[key] = in_flight.get(key, 0) + 1
                 try:
@@ -570,11 +573,10 @@ class Exchange:
         head = self.ctx.request
         # an HTTP/1.0 request may come without Host; the upstream speaks 1.1 and needs one
         authority = head.authority or crt.cluster.service_host.encode()
-        headers = [(b"host", authority), *head.headers]
         framing = self.dreq.upstream_framing
         if buffered_length is not None and framing.kind != h1.NONE:
             framing = h1.Framing(h1.LENGTH, buffered_length) if buffered_length else h1.FRAMING_NONE
-        return h1.serialize_request_head(head.method, head.target, headers, framing)
+        return h1.serialize_request_head(head.method, head.target, head.headers, framing, authority)
 
     async def _send_and_read_head(self, key: tuple[str, int], head_bytes: bytes):
         """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
@@ -726,15 +728,22 @@ class Exchange:
         if framing.kind == h1.NONE or (framing.kind == h1.LENGTH and up.buffered >= framing.length):
             # the whole response is here (the common small response): one send, no body reader,
             # and no await unless the kernel would not take it all at once
-            parts = [head_bytes] if framing.kind == h1.NONE else [head_bytes, up.consume(framing.length)]
+            if framing.kind == h1.NONE:
+                data = head_bytes
+            else:
+                # a small body is copied after the head (cheaper than a scatter list), a big one is not
+                length = framing.length
+                data = head_bytes + up.consume(length) if length <= SMALL_BODY_BYTES else None
+                ctx.bytes_sent = length
             try:
-                rest = down.send_many_nowait(parts)
+                if data is not None:
+                    rest = down.send_nowait(data)
+                else:
+                    rest = down.send_many_nowait([head_bytes, up.consume(framing.length)])
             except OSError as e:
                 raise DownstreamDisconnect(f"downstream gone while sending the response: {e}") from None
             if rest is not None:
-                await self._send_down(rest)
-            if framing.kind == h1.LENGTH:
-                ctx.bytes_sent = framing.length
+                await self._send_down([rest] if data is not None else rest)
             ctx.status = status
             return upstream_keep
         reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,

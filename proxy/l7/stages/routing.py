@@ -92,6 +92,13 @@ class RouteStage:
         if route is None:
             raise NoRoute(f"no route in {vhost.name} for {head.method.decode()} {head.path[:100]!r}")
         ctx.route = route
+        if route.plain:
+            dest = route.pick_destination(self.rand_below)
+            cluster = self.clusters.get(dest.cluster)
+            if cluster is None:
+                raise NoCluster(f"route {route.name} names unknown cluster {dest.cluster}")
+            ctx.cluster = cluster
+            return None
         if route.cors is not None:
             preflight = self._cors(ctx, route.cors, head)
             if preflight is not None:
