@@ -88,6 +88,12 @@ def target_checks(rows: list[Row]) -> list[Check]:
             # worker(s) need R/one cores and nginx + wrk R/d1, so R <= 2 / (1/one + 1/d1).
             ceiling = 2 / (1 / one + 1 / d1) / one
             ref += f"; the most 2 cores shared with nginx + wrk allow: {ceiling:.2f}x"
+        c1, c2 = _value(rows, "h1-small-c64/cpu", "triomesh"), _value(rows, "h1-small-c64-2workers/cpu", "triomesh")
+        if c1 and c2:
+            # what 2 workers would give on 2 cores of their own: twice one worker, less what each
+            # request costs more when two workers run (shared caches, cross-core wakeups)
+            ref += (f"; CPU per request 2 workers / 1: {c2 / c1:.2f}x ({_fmt(c2)} vs {_fmt(c1)} µs), "
+                    f"so 2 cores of their own would give {2 * c1 / c2:.2f}x")
         checks.append(Check("--concurrency 2 >= 1.6x one worker (where the load generator is not the limit)",
                             f"{two / one:.2f}x ({_fmt(two)} vs {_fmt(one)} req/s{ref})", two / one >= 1.6))
     else:

@@ -32,7 +32,7 @@ class RequestContext:
         "bytes_sent",  # response body bytes to downstream
         "upstream_host",  # "ip:port" actually used, "" if none
         "error",  # the typed error that ended the request, if any
-        "extra",  # dict for stages that need scratch state
+        "extra",  # dict for stages that need scratch state, made by scratch() on first use (else None)
     )
 
     def __init__(
@@ -66,4 +66,11 @@ class RequestContext:
         self.bytes_sent = 0
         self.upstream_host = ""
         self.error: BaseException | None = None
-        self.extra: dict[str, Any] = {}
+        self.extra: dict[str, Any] | None = None
+
+    def scratch(self) -> dict[str, Any]:
+        """The per-request dict stages keep state in (most requests never need one)."""
+        extra = self.extra
+        if extra is None:
+            extra = self.extra = {}
+        return extra

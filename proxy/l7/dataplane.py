@@ -188,7 +188,7 @@ class ClusterRuntime:
         if hp.cookie_path:
             parts.append(b"Path=" + hp.cookie_path)
         parts.append(b"HttpOnly")
-        ctx.extra["set_cookie"] = b"; ".join(parts) + hp.cookie_attributes
+        ctx.scratch()["set_cookie"] = b"; ".join(parts) + hp.cookie_attributes
         return value
 
 

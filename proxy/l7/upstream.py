@@ -33,7 +33,7 @@ import ipaddress
 import math
 import random
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Coroutine
 
 import trio
 from trio.lowlevel import wait_writable
@@ -338,21 +338,28 @@ class Exchange:
         self.up: UpstreamConn | None = None
         self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
 
-    async def run(self) -> bool:
-        """Relays the exchange; returns whether the downstream connection may serve another request."""
+    def run(self) -> Coroutine[Any, Any, bool]:
+        """The coroutine that relays the exchange (it returns whether the downstream connection may
+        serve another request). Picked without an await of its own: one coroutine frame fewer on
+        a path every request takes."""
         route = self.ctx.route
         crt = self.crt
         if crt.cluster is LOCAL_CLUSTER:
-            return await self._local_reply(route)
+            return self._local_reply(route)
         limits = crt.pool_limits
         max_requests = limits.max_requests
         if max_requests is None and limits.retry_budget_percent is None:
             if self.dreq.body.done and not route.mirrors:  # the common bodyless request
-                return await self._run_replayable(b"", route.retry)
-            return await self._run(route)
+                return self._run_replayable(b"", route.retry)
+            return self._run(route)
         if max_requests is not None and crt.rq_active >= max_requests:
             crt.rq_overflow.value += 1
             raise Overflow(f"cluster {crt.name}: {max_requests} requests active (http2MaxRequests)")
+        return self._run_counted(route)
+
+    async def _run_counted(self, route: Route) -> bool:
+        """Counted in the cluster's active requests (http2MaxRequests, retryBudget) while it runs."""
+        crt = self.crt
         crt.rq_active += 1
         try:
             return await self._run(route)

@@ -116,7 +116,7 @@ class RouteStage:
         if route.request_headers is not None:
             apply_request_headers(head, route.request_headers)
         if route.destination_headers:
-            ctx.extra["destination"] = dest
+            ctx.scratch()["destination"] = dest
             if dest.request_headers is not None:
                 apply_request_headers(head, dest.request_headers)
         return None
@@ -137,5 +137,5 @@ class RouteStage:
                 return LocalResponse(200, b"")
             return None
         if allowed:
-            ctx.extra["cors_headers"] = [(b"access-control-allow-origin", origin), *cors.response_headers]
+            ctx.scratch()["cors_headers"] = [(b"access-control-allow-origin", origin), *cors.response_headers]
         return None
