@@ -41,7 +41,17 @@ def _make():
     c_chunk = lib.tm_parse_chunk_size
 
     def call(fn, buf, start: int, max_headers: int) -> int:
-        """Run a head parser, growing the result areas when needed. Returns consumed or INCOMPLETE."""
+        """Run a head parser; returns consumed or INCOMPLETE. The common case (a bytes buffer, results
+        that fit the areas) is one C call; anything else goes through call_growing."""
+        if max_headers <= headers_cap and type(buf) is bytes:
+            rc = fn(buf, len(buf), start, head, headers, max_headers, pack_ptr, pack_cap)
+            if rc >= 0 or rc == INCOMPLETE:
+                return rc
+        return call_growing(fn, buf, start, max_headers)
+
+    def call_growing(fn, buf, start: int, max_headers: int) -> int:
+        """Run a head parser, growing the result areas when needed, and turn error codes into
+        HeadParseError."""
         nonlocal headers, headers_cap, pack, pack_ptr, pack_mv, pack_cap
         if max_headers > headers_cap:
             headers_cap = max_headers
@@ -60,12 +70,7 @@ def _make():
 
     def parse_request_head(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, method, target, minor_version, headers)."""
-        if max_headers > headers_cap or type(buf) is not bytes:
-            rc = call(c_request, buf, start, max_headers)
-        else:
-            rc = c_request(buf, len(buf), start, head, headers, max_headers, pack_ptr, pack_cap)
-            if rc < 0 and rc != INCOMPLETE:
-                rc = call(c_request, buf, start, max_headers)
+        rc = call(c_request, buf, start, max_headers)
         if rc < 0:
             return None
         parts = iter(pack_mv[: meta[_PACK_LEN]].tobytes().split(b"\0"))
@@ -75,12 +80,7 @@ def _make():
 
     def parse_response_head(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, minor_version, status, reason, headers)."""
-        if max_headers > headers_cap or type(buf) is not bytes:
-            rc = call(c_response, buf, start, max_headers)
-        else:
-            rc = c_response(buf, len(buf), start, head, headers, max_headers, pack_ptr, pack_cap)
-            if rc < 0 and rc != INCOMPLETE:
-                rc = call(c_response, buf, start, max_headers)
+        rc = call(c_response, buf, start, max_headers)
         if rc < 0:
             return None
         parts = iter(pack_mv[: meta[_PACK_LEN]].tobytes().split(b"\0"))
