@@ -20,7 +20,7 @@ import re
 from typing import Callable, Mapping, Sequence
 
 from proxy.config.istio import HTTPMatchRequest, StringMatch
-from proxy.l7.events import RequestHead
+from proxy.l7.events import RequestHead, split_authority
 
 Predicate = Callable[[RequestHead], bool]
 BytesMatch = Callable[[bytes], bool]
@@ -144,11 +144,10 @@ def _query_predicate(params: Mapping[str, StringMatch]) -> Predicate:
 
 def authority_port(head: RequestHead) -> int:
     """The port the client addressed: explicit in the authority, else the scheme's default."""
-    a = head.authority
-    colon = a.rfind(b":")
-    if colon != -1 and b"]" not in a[colon:]:
+    port = split_authority(head.authority)[1]
+    if port is not None:
         try:
-            return int(a[colon + 1 :])
+            return int(port)
         except ValueError:
             pass
     return 443 if head.scheme == b"https" else 80

@@ -16,7 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from proxy.l7.events import RequestHead
+from proxy.l7.events import RequestHead, split_authority
 
 
 def cluster_name(host: str, port: int, subset: str = "") -> str:
@@ -293,9 +293,8 @@ class RouteTable:
         vh = self.exact.get(host)
         if vh is not None:
             return vh
-        colon = host.rfind(b":")
-        if colon != -1 and b"]" not in host[colon:]:
-            host = host[:colon]
+        host, port = split_authority(host)
+        if port is not None:
             vh = self.exact.get(host)
             if vh is not None:
                 return vh

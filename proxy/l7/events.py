@@ -10,6 +10,15 @@ from __future__ import annotations
 Headers = list[tuple[bytes, bytes]]
 
 
+def split_authority(authority: bytes) -> tuple[bytes, bytes | None]:
+    """"host:port" → (host, port); "[v6]:port" → ("[v6]", port); without a port → (authority, None).
+    A colon inside IPv6 brackets is not a port separator (RFC 3986 §3.2.2)."""
+    colon = authority.rfind(b":")
+    if colon != -1 and b"]" not in authority[colon:]:
+        return authority[:colon], authority[colon + 1:]
+    return authority, None
+
+
 class RequestHead:
     """A request's head, as received downstream (or as about to be sent upstream).
 

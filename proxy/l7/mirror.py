@@ -19,6 +19,7 @@ import trio
 from proxy.l7 import h1
 from proxy.l7.body import BodyReader
 from proxy.l7.errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.l7.events import split_authority
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import MirrorPolicy
@@ -33,10 +34,8 @@ MIRROR_TIMEOUT_S = 15.0  # when the route sets no timeout (Envoy's default route
 
 def shadow_authority(authority: bytes) -> bytes:
     """"host:port" -> "host-shadow:port"; "host" -> "host-shadow"."""
-    colon = authority.rfind(b":")
-    if colon != -1 and b"]" not in authority[colon:]:
-        return authority[:colon] + b"-shadow" + authority[colon:]
-    return authority + b"-shadow"
+    host, port = split_authority(authority)
+    return host + b"-shadow" if port is None else host + b"-shadow:" + port
 
 
 def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPolicy, ...], body: bytes | None,
@@ -79,19 +78,19 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             if endpoint is None:
                 return
             deadline = trio.current_time() + timeout_s
-            up, _ = await upstream.acquire(plane, crt, (endpoint.address, endpoint.port), deadline=deadline)
+            up, _ = await upstream.acquire(plane, crt, endpoint.key, deadline=deadline)
             await up.send_all(data)
             minor, status, _, headers = await upstream.read_response_head(
                 up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)
             up.requests += 1
-            framing = h1.response_framing(method, status, headers)
+            _, framing, keep_alive, _, _ = h1.classify_response(method, status, minor, headers)
             reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
                                 protocol_error=UpstreamProtocolError, deadline=deadline)
             reader.buffered_pieces()
             while not reader.done:
                 await reader.next_pieces()
             crt.count_response(status)
-            reusable = framing.kind != h1.CLOSE and h1.wants_keep_alive(minor, h1.connection_tokens(headers))
+            reusable = keep_alive  # False for a body that ends with the connection
             ok = True
     except Exception as e:  # a mirror's failure is counted, never raised
         log.debug("mirror failed", cluster=crt.name, error=str(e))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from proxy.config.snapshot import Cluster
 from proxy.l7.chain import LocalResponse
 from proxy.l7.errors import NoCluster, NoRoute
+from proxy.l7.events import split_authority
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import CorsPolicy, HeaderOps, Listener, Redirect, Rewrite, Snapshot
@@ -44,24 +45,17 @@ def apply_request_headers(head: RequestHead, ops: HeaderOps) -> None:
         head.authority = ops.authority
 
 
-def _split_port(authority: bytes) -> tuple[bytes, bytes | None]:
-    colon = authority.rfind(b":")
-    if colon != -1 and b"]" not in authority[colon:]:
-        return authority[:colon], authority[colon + 1:]
-    return authority, None
-
-
 def redirect_location(head: RequestHead, rd: Redirect) -> bytes:
     """The Location of an Istio redirect: scheme/authority/port/path each replaced when configured;
     the request's query is kept unless the redirect uri has its own; default ports are left out."""
     scheme = rd.scheme or head.scheme
-    host, port = _split_port(rd.authority if rd.authority is not None else head.authority)
+    host, port = split_authority(rd.authority if rd.authority is not None else head.authority)
     if rd.port is not None:
         port = b"%d" % rd.port
     elif rd.derive_port == "FROM_PROTOCOL_DEFAULT":
         port = None
     elif rd.derive_port == "FROM_REQUEST_PORT":
-        port = _split_port(head.authority)[1] or port
+        port = split_authority(head.authority)[1] or port
     if port is not None and ((scheme == b"http" and port == b"80") or (scheme == b"https" and port == b"443")):
         port = None
     if rd.uri is not None:
