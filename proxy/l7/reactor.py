@@ -28,17 +28,23 @@ from trio.lowlevel import Abort, checkpoint, current_task, reschedule, wait_read
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+_END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _REGISTER = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 
 
 class _Waiters:
-    __slots__ = ("read_task", "write_task", "read_ready", "write_ready", "abort_read", "abort_write")
+    __slots__ = ("read_task", "write_task", "read_ready", "write_ready", "read_ended", "abort_read", "abort_write")
 
     def __init__(self) -> None:
         self.read_task = None
         self.write_task = None
         self.read_ready = False
         self.write_ready = False
+        # the peer's FIN (or an error) was reported: reads return at once from now on, so a wait
+        # must too. Edge-triggered epoll reports it once, possibly together with the last data,
+        # which a reader then takes with one recv and goes back to waiting for an edge that never
+        # comes (a request followed at once by a half-close would wait out the idle timeout).
+        self.read_ended = False
         # made once per connection rather than as a closure per wait
 
         def abort_read(_):
@@ -105,7 +111,7 @@ class Reactor:
 
     async def wait_readable(self, fd: int) -> None:
         waiters = self._fds[fd]
-        if waiters.read_ready:
+        if waiters.read_ready or waiters.read_ended:
             waiters.read_ready = False
             await checkpoint()
             return
@@ -135,6 +141,8 @@ class Reactor:
                     if waiters is None:
                         continue
                     if events & _READ_EVENTS:
+                        if events & _END_EVENTS:
+                            waiters.read_ended = True
                         task = waiters.read_task
                         if task is not None:
                             waiters.read_task = None

@@ -159,6 +159,9 @@ def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], n
     if pool is None or not pool.idle:
         return None
     limits = crt.pool_limits
+    timeout = limits.idle_timeout_s if limits.idle_timeout_s is not None else plane.settings.upstream_idle_timeout_s
+    if pool.idle_timeout_s != timeout:
+        pool.idle_timeout_s = timeout  # the cluster's idleTimeout changed with a new snapshot
     while True:
         conn, expired = pool.checkout(now)
         for old in expired:
@@ -741,7 +744,6 @@ class Exchange:
                 # a small body is copied after the head (cheaper than a scatter list), a big one is not
                 length = framing.length
                 data = head_bytes + up.consume(length) if length <= SMALL_BODY_BYTES else None
-                ctx.bytes_sent = length
             try:
                 if data is not None:
                     rest = down.send_nowait(data)
@@ -751,6 +753,8 @@ class Exchange:
                 raise DownstreamDisconnect(f"downstream gone while sending the response: {e}") from None
             if rest is not None:
                 await self._send_down([rest] if data is not None else rest)
+            if framing.kind == h1.LENGTH:
+                ctx.bytes_sent = framing.length
             ctx.status = status
             return upstream_keep
         reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
