@@ -52,6 +52,19 @@ long tm_parse_fields(const char *buf, size_t len, size_t start, tm_head *head, t
                      size_t max_headers, char *pack, size_t pack_cap);
 long tm_parse_chunk_size(const char *buf, size_t len, size_t start, uint64_t *chunk_size,
                          size_t *error_offset);
+
+typedef struct {
+    size_t plain;
+    size_t content_length;
+    size_t has_content_length;
+    size_t conn_close, conn_keep_alive;
+    size_t keep_alive;
+    size_t grpc_status_start, grpc_status_end;
+    size_t out_len;
+} tm_forward_info;
+
+long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
+                         size_t max_headers, char *out, size_t out_cap, tm_forward_info *info);
 """
 
 ffibuilder = FFI()
@@ -60,7 +73,7 @@ ffibuilder.set_source(
     "proxy.l7._headparser_c",
     '#include "headparser.h"',
     # Relative paths: setuptools refuses absolute source paths in an sdist/editable build.
-    sources=["native/headparser.c"],
+    sources=["native/headparser.c", "native/forward.c"],
     include_dirs=["native"],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
     # Without a working C compiler the install still succeeds and proxy.l7.headparser falls back to

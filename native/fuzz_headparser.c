@@ -1,4 +1,4 @@
-/* Memory-safety fuzzer for headparser.c, built with -fsanitize=address,undefined by the tests.
+/* Memory-safety fuzzer for headparser.c and forward.c, built with -fsanitize=address,undefined by the tests.
  *
  * Valid heads are mutated at random (bytes inserted, replaced, deleted; cut short) and copied into
  * buffers of exactly their size, with pack areas of exactly pack_cap bytes, so that any read or write
@@ -19,6 +19,9 @@ static const char *const seeds[] = {
     "\r\n\r\nPOST / HTTP/1.0\r\nA:\r\nB: c \t\r\n\r\n",
     "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX:  y\r\n\r\n",
     "HTTP/1.1 204\r\n\r\n",
+    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: keep-alive, close\r\nKeep-Alive: 5\r\n"
+    "grpc-status: 14\r\nTrailer: x\r\nUpgrade: y\r\nProxy-Connection: z\r\n\r\n",
+    "HTTP/1.0 503 Unavailable\r\nTE: trailers\r\nTransfer-Encoding: chunked\r\n\r\n",
     "1aF;foo=bar;x=\"q\\\"z\" ; y\r\n",
     "7fffffffffffffff\r\n",
     "A: b\r\nC: d\r\n\r\n",
@@ -34,7 +37,7 @@ static unsigned rnd(unsigned n) { /* xorshift64*, deterministic per seed */
     return n ? (unsigned)((rng_state * 2685821657736338717ull) >> 33) % n : 0;
 }
 
-static long counts[4][20];
+static long counts[5][20];
 static void count(int fn, long rc) {
     long idx = rc >= 0 ? 0 : rc == TM_PACK_FULL ? 1 : -rc;
     if (idx < 20)
@@ -125,11 +128,22 @@ int main(int argc, char **argv) {
             printf("chunk: bad result %ld\n", rc);
             return 1;
         }
+        tm_forward_info info;
+        rc = tm_forward_response(buf, len, start, &h, hs, max_headers, pack, pack_cap, &info);
+        count(4, rc);
+        if (check_head("forward", rc, len, start, &h, hs))
+            return 1;
+        if (rc > 0 && info.plain &&
+            (info.out_len > pack_cap || info.grpc_status_start > info.grpc_status_end ||
+             (info.grpc_status_end && (info.grpc_status_start < start || info.grpc_status_end > start + (size_t)rc)))) {
+            printf("forward: bad result (out_len %zu of %zu)\n", info.out_len, pack_cap);
+            return 1;
+        }
         free(buf);
         free(pack);
     }
-    static const char *const names[] = {"request", "response", "fields", "chunk"};
-    for (int f = 0; f < 4; f++) {
+    static const char *const names[] = {"request", "response", "fields", "chunk", "forward"};
+    for (int f = 0; f < 5; f++) {
         printf("%s", names[f]);
         for (int c = 0; c < 20; c++)
             if (counts[f][c])

@@ -28,6 +28,19 @@ CODE_BY_NUMBER: dict[int, str] = {number: code for code, (number, _) in CODES.it
 INCOMPLETE = -2
 
 
+class _FullPath:
+    """forward_response_head's answer for a response outside the plain case (or a malformed one):
+    the caller parses it with parse_response_head and relays it by the general rules."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FULL_PATH"
+
+
+FULL_PATH = _FullPath()
+
+
 class HeadParseError(ValueError):
     """A message head (or chunk-size line) that breaks RFC 9112.
 

@@ -12,12 +12,14 @@ data plane parses on its one Trio thread). Identical behaviour to _headparser_py
 from __future__ import annotations
 
 from ._headparser_c import ffi, lib
-from ._headparser_common import CODE_BY_NUMBER, INCOMPLETE, HeadParseError, make_error
+from ._headparser_common import CODE_BY_NUMBER, FULL_PATH, INCOMPLETE, HeadParseError, make_error
 
-__all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse_chunk_header", "HeadParseError"]
+__all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse_chunk_header",
+           "forward_response_head", "HeadParseError"]
 
-# Field indexes of tm_head read as a flat size_t array.
-_MINOR, _STATUS, _ERROR_OFFSET, _PACK_LEN = 6, 7, 9, 10
+# Field indexes of tm_head and tm_forward_info read as flat size_t arrays.
+_REASON_START, _REASON_END, _MINOR, _STATUS, _ERROR_OFFSET, _PACK_LEN = 4, 5, 6, 7, 9, 10
+_F_PLAIN, _F_LENGTH, _F_KEEP_ALIVE, _F_GRPC_START, _F_GRPC_END, _F_OUT_LEN = 0, 1, 5, 6, 7, 8
 _PACK_FULL = lib.TM_PACK_FULL
 assert INCOMPLETE == lib.TM_INCOMPLETE
 assert all(getattr(lib, "TM_E_" + code) == number for number, code in CODE_BY_NUMBER.items())
@@ -39,6 +41,12 @@ def _make():
     from_buffer = ffi.from_buffer
     c_request, c_response, c_fields = lib.tm_parse_request, lib.tm_parse_response, lib.tm_parse_fields
     c_chunk = lib.tm_parse_chunk_size
+    c_forward = lib.tm_forward_response
+    forward_info = ffi.new("tm_forward_info *")
+    forward_meta = memoryview(ffi.buffer(forward_info)).cast("N")
+    fields_out = bytearray(16384)  # a bigger field block takes the general path
+    fields_out_ptr = ffi.from_buffer(fields_out)
+    fields_out_mv = memoryview(fields_out)
 
     def call(fn, buf, start: int, max_headers: int) -> int:
         """Run a head parser; returns consumed or INCOMPLETE. The common case (a bytes buffer, results
@@ -87,6 +95,24 @@ def _make():
         reason = next(parts)
         return (start + rc, meta[_MINOR], meta[_STATUS], reason, list(zip(parts, parts)))
 
+    def forward_response_head(buf, start: int = 0, max_headers: int = 100):
+        """None if incomplete; FULL_PATH for a response outside the plain case (or a malformed one,
+        which parse_response_head then reports precisely); else (end, minor_version, status, reason,
+        fields, content_length, keep_alive, grpc_status): `fields` is the forwarded field block
+        ("name: value CRLF" each, hop-by-hop ones left out), `grpc_status` bytes or None."""
+        if max_headers > headers_cap or type(buf) is not bytes:
+            return FULL_PATH
+        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, len(fields_out),
+                       forward_info)
+        if rc < 0:
+            return None if rc == INCOMPLETE else FULL_PATH
+        if not forward_meta[_F_PLAIN]:
+            return FULL_PATH
+        grpc_start, grpc_end = forward_meta[_F_GRPC_START], forward_meta[_F_GRPC_END]
+        return (start + rc, meta[_MINOR], meta[_STATUS], buf[meta[_REASON_START]:meta[_REASON_END]],
+                fields_out_mv[:forward_meta[_F_OUT_LEN]].tobytes(), forward_meta[_F_LENGTH],
+                forward_meta[_F_KEEP_ALIVE] == 1, buf[grpc_start:grpc_end] if grpc_end > grpc_start else None)
+
     def parse_trailers(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, headers) for a field section ending in a blank line."""
         rc = call(c_fields, buf, start, max_headers)
@@ -108,7 +134,7 @@ def _make():
             raise make_error(CODE_BY_NUMBER[rc], buf, chunk_error[0])
         return (start + rc, chunk_size[0])
 
-    return parse_request_head, parse_response_head, parse_trailers, parse_chunk_header
+    return parse_request_head, parse_response_head, parse_trailers, parse_chunk_header, forward_response_head
 
 
-parse_request_head, parse_response_head, parse_trailers, parse_chunk_header = _make()
+parse_request_head, parse_response_head, parse_trailers, parse_chunk_header, forward_response_head = _make()

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import re
 
-from ._headparser_common import CODES, HeadParseError, make_error
+from ._headparser_common import CODES, FULL_PATH, HeadParseError, make_error
 
-__all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse_chunk_header", "HeadParseError"]
+__all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse_chunk_header",
+           "forward_response_head", "HeadParseError"]
 
 # Character classes, as regex sets (RFC 9110 5.6.2 token, 5.5 field-value; RFC 9112 3.2 target).
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -124,6 +125,65 @@ def parse_response_head(buf, start: int = 0, max_headers: int = 100):
                 [(name.lower(), value) for name, value in fields],
             )
     return _Scanner(buf, start, max_headers).response()
+
+
+# forward_response_head: fields dropped as hop-by-hop (RFC 9110 7.6.1) and those that make a response
+# leave the plain case; the same lists as native/forward.c.
+_DROPPED = frozenset({b"keep-alive", b"proxy-connection", b"trailer", b"upgrade"})
+_NOT_PLAIN = frozenset({b"transfer-encoding", b"te"})
+_FIELDS_OUT_BYTES = 16384  # as the native area: a bigger field block takes the general path
+
+
+def forward_response_head(buf, start: int = 0, max_headers: int = 100):
+    """The twin of the native forward_response_head (see native/forward.c): None if incomplete,
+    FULL_PATH outside the plain case or for a malformed head, else (end, minor_version, status,
+    reason, fields, content_length, keep_alive, grpc_status)."""
+    try:
+        parsed = parse_response_head(buf, start, max_headers)
+    except HeadParseError:
+        return FULL_PATH
+    if parsed is None:
+        return None
+    end, minor, status, reason, headers = parsed
+    if status < 200 or status in (204, 304):
+        return FULL_PATH
+    out: list[bytes] = []
+    size = 0
+    length = None
+    close = keep_alive_token = False
+    grpc_status = None
+    grpc_seen = False
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not 1 <= len(value) <= 18 or not value.isdigit():
+                return FULL_PATH
+            length = int(value)
+            continue
+        if name == b"connection":
+            for token in value.split(b","):
+                token = token.strip(b" \t").lower()
+                if token == b"close":
+                    close = True
+                elif token == b"keep-alive":
+                    keep_alive_token = True
+                elif token:
+                    return FULL_PATH
+            continue
+        if name in _NOT_PLAIN:
+            return FULL_PATH
+        if name in _DROPPED:
+            continue
+        if name == b"grpc-status" and not grpc_seen:  # the first one counts
+            grpc_status = value or None
+            grpc_seen = True
+        size += len(name) + len(value) + 4
+        if size > _FIELDS_OUT_BYTES:
+            return FULL_PATH
+        out.append(b"%s: %s\r\n" % (name, value))
+    if length is None:
+        return FULL_PATH
+    keep_alive = not close and (minor >= 1 or keep_alive_token)
+    return end, minor, status, bytes(reason), b"".join(out), length, keep_alive, grpc_status
 
 
 def parse_trailers(buf, start: int = 0, max_headers: int = 100):

@@ -75,6 +75,11 @@ def _length_framing(cl: list[bytes], error_type: type[Exception]) -> Framing:
             n = _content_length(cl)
         except ValueError as e:
             raise error_type(str(e)) from None
+    return length_framing(n)
+
+
+def length_framing(n: int) -> Framing:
+    """The framing of a body of n bytes given by Content-Length (NONE for 0)."""
     if not n:
         return FRAMING_NONE
     if n < _CACHED_LENGTHS:
@@ -344,6 +349,14 @@ def serialize_response_head(status: int, reason: bytes, headers: Headers, framin
         parts.append(b"connection: close\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def serialize_plain_response_head(status: int, reason: bytes, fields: bytes, length: int, *, close: bool) -> bytes:
+    """The head of a plain response (headparser.forward_response_head): its forwarded field block,
+    then the length and Connection as serialize_response_head writes them (tests hold the two to
+    the same bytes)."""
+    return b"HTTP/1.1 %d %s\r\n%scontent-length: %d\r\n%s\r\n" % (
+        status, reason, fields, length, b"connection: close\r\n" if close else b"")
 
 
 def status_has_body(status: int) -> bool:

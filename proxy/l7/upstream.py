@@ -52,7 +52,7 @@ from proxy.l7.errors import (
     UpstreamTimeout,
 )
 from proxy.l7.events import ResponseHead
-from proxy.l7.headparser import HeadParseError, parse_response_head
+from proxy.l7.headparser import FULL_PATH, HeadParseError, forward_response_head, parse_response_head
 from proxy.l7.local_reply import reason_phrase
 from proxy.l7.mirror import start_mirrors
 from proxy.l7.retry import backoff_s, retry_on_error, retry_on_status
@@ -323,7 +323,7 @@ class Exchange:
     answered here without an upstream, as Envoy's router does."""
 
     __slots__ = ("ctx", "plane", "crt", "dreq", "down", "deadline", "request_body_done", "up", "overall_deadline",
-                 "prefix")
+                 "prefix", "plain_relay")
 
     def __init__(self, ctx: RequestContext, plane: DataPlane, crt: ClusterRuntime, dreq: DownstreamRequest,
                  down: Conn) -> None:
@@ -340,6 +340,9 @@ class Exchange:
         self.request_body_done = dreq.body.done
         self.up: UpstreamConn | None = None
         self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
+        # a plain response may be relayed from its field block (forward_response_head): not for HEAD
+        # (its length rules differ) nor when response stages edit the headers
+        self.plain_relay = ctx.request.method != b"HEAD" and not dreq.chain.response_stages
 
     def run(self) -> Coroutine[Any, Any, bool]:
         """The coroutine that relays the exchange (it returns whether the downstream connection may
@@ -621,16 +624,26 @@ class Exchange:
                         raise _nothing_received(up, f"upstream reset before response headers: {e}") from None
                     if n == 0:
                         raise _nothing_received(up, "upstream closed before response headers")
-                    try:
-                        parsed = parse_response_head(up.buf, up.pos, settings.max_headers)
-                    except HeadParseError as e:
-                        raise UpstreamProtocolError(f"malformed response head: {e}") from None
-                    if parsed is not None:
-                        if 100 <= parsed[2] < 200 and parsed[2] != 101:
-                            parsed = None  # interim responses are skipped there
-                        else:
-                            up.pos = parsed[0]
-                            parsed = parsed[1:]
+                    if self.plain_relay:
+                        # the usual response sorted in C, relayed without a header list; anything
+                        # else (FULL_PATH), and a head in pieces, goes through read_response_head
+                        forwarded = forward_response_head(up.buf, up.pos, settings.max_headers)
+                        if forwarded is not None and forwarded is not FULL_PATH:
+                            end, minor, status, reason, fields, length, keep_alive, grpc_status = forwarded
+                            up.pos = end
+                            parsed = (minor, status, reason, ((b"grpc-status", grpc_status),) if grpc_status else (),
+                                      (fields, length, keep_alive))
+                    else:
+                        try:
+                            parsed = parse_response_head(up.buf, up.pos, settings.max_headers)
+                        except HeadParseError as e:
+                            raise UpstreamProtocolError(f"malformed response head: {e}") from None
+                        if parsed is not None:
+                            if 100 <= parsed[2] < 200 and parsed[2] != 101:
+                                parsed = None  # interim responses are skipped there
+                            else:
+                                up.pos = parsed[0]
+                                parsed = parsed[1:]
                 if parsed is None:
                     parsed = await read_response_head(up, self.deadline, settings.max_head_bytes,
                                                       settings.max_headers)
@@ -708,31 +721,41 @@ class Exchange:
     async def _relay_response(self, parsed) -> bool:
         """Send head and body downstream; returns whether the upstream connection is reusable."""
         ctx, dreq, down, up = self.ctx, self.dreq, self.down, self.up
-        minor, status, reason, headers = parsed
-        if status == 101:
-            if not dreq.is_upgrade:
-                raise UpstreamProtocolError("101 Switching Protocols without an upgrade request")
-            await self._tunnel(status, reason, headers, h1.connection_tokens(headers))
-            return False
-        out_headers, framing, upstream_keep, raw_length, _ = h1.classify_response(
-            ctx.request.method, status, minor, headers)
-        response = ResponseHead(status, out_headers, reason=reason)
-        chain = self.dreq.chain
-        if chain.response_stages:
-            chain.run_response(ctx, response)
+        if len(parsed) == 5:  # a plain response, already sorted by forward_response_head
+            minor, status, reason, _, (fields, length, upstream_keep) = parsed
+            if not self.request_body_done:
+                dreq.keep_alive = False
+            framing = out_framing = h1.length_framing(length)
+            out_kind = framing.kind
+            head_bytes = h1.serialize_plain_response_head(status, reason, fields, length, close=not dreq.keep_alive)
+            response = ResponseHead(status, [], reason=reason)  # fields went out as one block
+        else:
+            minor, status, reason, headers = parsed
+            if status == 101:
+                if not dreq.is_upgrade:
+                    raise UpstreamProtocolError("101 Switching Protocols without an upgrade request")
+                await self._tunnel(status, reason, headers, h1.connection_tokens(headers))
+                return False
+            out_headers, framing, upstream_keep, raw_length, _ = h1.classify_response(
+                ctx.request.method, status, minor, headers)
+            response = ResponseHead(status, out_headers, reason=reason)
+            chain = self.dreq.chain
+            if chain.response_stages:
+                chain.run_response(ctx, response)
 
-        out_kind = framing.kind
-        if out_kind in (h1.CHUNKED, h1.CLOSE):
-            out_kind = h1.CHUNKED if dreq.minor_version >= 1 else h1.CLOSE
-        out_framing = framing if out_kind == framing.kind else (h1.FRAMING_CHUNKED if out_kind == h1.CHUNKED else h1.FRAMING_CLOSE)
-        if out_kind == h1.CLOSE or not self.request_body_done:
-            dreq.keep_alive = False
-        passthrough_length = raw_length if framing.kind == h1.NONE and (
-            ctx.request.method == b"HEAD" or status == 304) else None
-        head_bytes = h1.serialize_response_head(status, reason, response.headers, out_framing,
-                                                close=not dreq.keep_alive,
-                                                content_length_header=passthrough_length,
-                                                head_request=ctx.request.method == b"HEAD")
+            out_kind = framing.kind
+            if out_kind in (h1.CHUNKED, h1.CLOSE):
+                out_kind = h1.CHUNKED if dreq.minor_version >= 1 else h1.CLOSE
+            out_framing = framing if out_kind == framing.kind else (
+                h1.FRAMING_CHUNKED if out_kind == h1.CHUNKED else h1.FRAMING_CLOSE)
+            if out_kind == h1.CLOSE or not self.request_body_done:
+                dreq.keep_alive = False
+            passthrough_length = raw_length if framing.kind == h1.NONE and (
+                ctx.request.method == b"HEAD" or status == 304) else None
+            head_bytes = h1.serialize_response_head(status, reason, response.headers, out_framing,
+                                                    close=not dreq.keep_alive,
+                                                    content_length_header=passthrough_length,
+                                                    head_request=ctx.request.method == b"HEAD")
         ctx.response = response
         self.crt.count_response(status)
         if framing.kind == h1.NONE or (framing.kind == h1.LENGTH and up.buffered >= framing.length):

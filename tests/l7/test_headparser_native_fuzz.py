@@ -1,4 +1,5 @@
-"""The C head parser under AddressSanitizer/UBSan: random mutations in exact-size buffers."""
+"""The C head parser (and the response forwarding on top of it) under AddressSanitizer/UBSan: random
+mutations in exact-size buffers."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def test_c_parser_is_memory_safe_under_random_mutations(tmp_path):
     exe = tmp_path / "fuzz_headparser"
     subprocess.run(
         [COMPILER, "-O1", "-g", "-std=c11", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-         "-I", str(NATIVE), str(NATIVE / "fuzz_headparser.c"), str(NATIVE / "headparser.c"), "-o", str(exe)],
+         "-I", str(NATIVE), str(NATIVE / "fuzz_headparser.c"), str(NATIVE / "headparser.c"),
+         str(NATIVE / "forward.c"), "-o", str(exe)],
         check=True,
         capture_output=True,
     )
