@@ -183,7 +183,7 @@ def forward_response_head(buf, start: int = 0, max_headers: int = 100):
     if length is None:
         return FULL_PATH
     keep_alive = not close and (minor >= 1 or keep_alive_token)
-    return end, minor, status, bytes(reason), b"".join(out), length, keep_alive, grpc_status
+    return end, minor, status, reason, b"".join(out), length, keep_alive, grpc_status
 
 
 def parse_trailers(buf, start: int = 0, max_headers: int = 100):

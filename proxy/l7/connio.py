@@ -118,8 +118,8 @@ class Conn:
                 raise ReadTimeout()
             try:
                 if deadline == _INF:
-                    # the common wait, written out here rather than through _wait: two awaits fewer
-                    # on the path every request takes twice
+                    # the common wait, _wait written out here: two coroutine frames fewer on a path
+                    # every request takes twice (about 6k instructions per request, bench.instructions)
                     managed = self.io_deadline == _INF and self.idle_s != _INF
                     if managed:
                         self.io_deadline = monotonic() + self.idle_s

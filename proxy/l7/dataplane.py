@@ -320,12 +320,16 @@ class DataPlane:
         """Idle connections of one cluster endpoint; `idle_timeout_s`: the cluster's
         connectionPool.http.idleTimeout (None: the default)."""
         pool = self.pools.get(key)
-        timeout = idle_timeout_s if idle_timeout_s is not None else self.settings.upstream_idle_timeout_s
+        timeout = self.idle_timeout_s(idle_timeout_s)
         if pool is None:
             pool = self.pools[key] = IdlePool(max_idle=self.settings.max_idle_per_endpoint, idle_timeout_s=timeout)
         elif pool.idle_timeout_s != timeout:
             pool.idle_timeout_s = timeout  # the cluster's policy changed with a new snapshot
         return pool
+
+    def idle_timeout_s(self, configured: float | None) -> float:
+        """A pool's idle timeout: the cluster's connectionPool.http.idleTimeout, else the default."""
+        return configured if configured is not None else self.settings.upstream_idle_timeout_s
 
     def count_downstream(self, status: int, flags: list[str]) -> None:
         c = self._rq_by_code.get(status)

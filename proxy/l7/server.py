@@ -197,24 +197,8 @@ class DownstreamConnection:
     async def one_request(self) -> bool:
         """Serve one request; returns whether to read another on this connection."""
         plane, conn = self.plane, self.conn
-        settings = plane.settings
         try:
-            parsed = None
-            if conn.pos == len(conn.buf):
-                # the usual keep-alive wait, written out here: idle timeout until the first byte,
-                # then (nearly always) the whole head arrived in that one read
-                conn.io_deadline = monotonic() + settings.idle_timeout_s
-                try:
-                    if not await conn.fill(wait_first=True):
-                        return False
-                except ReadTimeout:
-                    return False
-                conn.io_deadline = math.inf
-                parsed = parse_request_head(conn.buf, conn.pos, settings.max_headers)
-                if parsed is not None and parsed[0] - conn.pos > settings.max_head_bytes:
-                    parsed = None  # _read_head refuses it with 431
-            if parsed is None:
-                parsed = await self._read_head()
+            parsed = await self._read_head()
         except (HeadParseError, BadRequest) as e:
             await self._reject_head(e)
             return False

@@ -159,7 +159,7 @@ def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], n
     if pool is None or not pool.idle:
         return None
     limits = crt.pool_limits
-    timeout = limits.idle_timeout_s if limits.idle_timeout_s is not None else plane.settings.upstream_idle_timeout_s
+    timeout = plane.idle_timeout_s(limits.idle_timeout_s)
     if pool.idle_timeout_s != timeout:
         pool.idle_timeout_s = timeout  # the cluster's idleTimeout changed with a new snapshot
     while True:
@@ -244,11 +244,10 @@ def _discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
             crt.waiters.unpark()
 
 
-def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool, now: float | None = None) -> None:
+def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
     limits = crt.pool_limits
     max_requests = limits.max_requests_per_connection
-    if now is None:
-        now = trio.current_time()
+    now = trio.current_time()
     if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
         reusable = False
     # bytes after the end of the response (a misbehaving upstream) must never become the next
@@ -265,15 +264,27 @@ def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable:
         _discard(crt, conn)
 
 
-async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: int, max_headers: int):
-    """Parsed final or 101 response head; 1xx interim responses are skipped."""
+async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: int, max_headers: int,
+                             plain: bool = False):
+    """The final or 101 response head, 1xx interim responses skipped: (minor, status, reason,
+    headers); with `plain` (the exchange may relay a plain response from its field block), a plain
+    response comes as (minor, status, reason, retry_headers, (fields, length, keep_alive)), sorted
+    in C by forward_response_head, and anything else as usual."""
     got_any = up.buffered > 0
     while True:
-        try:
-            # right after sending, the buffer is empty: nothing to parse yet
-            parsed = parse_response_head(up.buf, up.pos, max_headers) if got_any else None
-        except HeadParseError as e:
-            raise UpstreamProtocolError(f"malformed response head: {e}") from None
+        parsed = None
+        if got_any:  # right after sending, the buffer is empty: nothing to parse yet
+            forwarded = forward_response_head(up.buf, up.pos, max_headers) if plain else FULL_PATH
+            if forwarded is not None and forwarded is not FULL_PATH:
+                end, minor, status, reason, fields, length, keep_alive, grpc_status = forwarded
+                up.pos = end
+                return (minor, status, reason, ((b"grpc-status", grpc_status),) if grpc_status else (),
+                        (fields, length, keep_alive))
+            if forwarded is FULL_PATH:  # None: incomplete, as the general parser would say too
+                try:
+                    parsed = parse_response_head(up.buf, up.pos, max_headers)
+                except HeadParseError as e:
+                    raise UpstreamProtocolError(f"malformed response head: {e}") from None
         if parsed is not None:
             end, minor, status, reason, headers = parsed
             up.pos = end
@@ -611,42 +622,8 @@ class Exchange:
                     if reused:
                         raise StaleConnection(str(e)) from None
                     raise UpstreamReset(f"upstream reset while sending the request: {e}") from None
-                settings = plane.settings
-                parsed = None
-                if not up.buffered and self.deadline == math.inf:
-                    # the usual case written out: wait for the first bytes and parse them here, so
-                    # only a head that arrives in pieces (or a 1xx) goes through read_response_head
-                    try:
-                        n = await up.fill(wait_first=True)
-                    except ReadTimeout:
-                        raise UpstreamTimeout("no response before the stream idle timeout") from None
-                    except OSError as e:
-                        raise _nothing_received(up, f"upstream reset before response headers: {e}") from None
-                    if n == 0:
-                        raise _nothing_received(up, "upstream closed before response headers")
-                    if self.plain_relay:
-                        # the usual response sorted in C, relayed without a header list; anything
-                        # else (FULL_PATH), and a head in pieces, goes through read_response_head
-                        forwarded = forward_response_head(up.buf, up.pos, settings.max_headers)
-                        if forwarded is not None and forwarded is not FULL_PATH:
-                            end, minor, status, reason, fields, length, keep_alive, grpc_status = forwarded
-                            up.pos = end
-                            parsed = (minor, status, reason, ((b"grpc-status", grpc_status),) if grpc_status else (),
-                                      (fields, length, keep_alive))
-                    else:
-                        try:
-                            parsed = parse_response_head(up.buf, up.pos, settings.max_headers)
-                        except HeadParseError as e:
-                            raise UpstreamProtocolError(f"malformed response head: {e}") from None
-                        if parsed is not None:
-                            if 100 <= parsed[2] < 200 and parsed[2] != 101:
-                                parsed = None  # interim responses are skipped there
-                            else:
-                                up.pos = parsed[0]
-                                parsed = parsed[1:]
-                if parsed is None:
-                    parsed = await read_response_head(up, self.deadline, settings.max_head_bytes,
-                                                      settings.max_headers)
+                parsed = await read_response_head(up, self.deadline, plane.settings.max_head_bytes,
+                                                  plane.settings.max_headers, self.plain_relay)
                 up.requests += 1
                 return parsed
             except StaleConnection:
@@ -674,7 +651,7 @@ class Exchange:
             nursery.start_soon(pump)
             try:
                 parsed = await read_response_head(up, self.deadline, self.plane.settings.max_head_bytes,
-                                                  self.plane.settings.max_headers)
+                                                  self.plane.settings.max_headers, self.plain_relay)
                 up.requests += 1
                 reusable = await self._relay_response(parsed)
             except StaleConnection as e:  # the body may be partly sent: not a reuse race to retry
@@ -725,7 +702,7 @@ class Exchange:
             minor, status, reason, _, (fields, length, upstream_keep) = parsed
             if not self.request_body_done:
                 dreq.keep_alive = False
-            framing = out_framing = h1.length_framing(length)
+            framing = h1.length_framing(length)
             out_kind = framing.kind
             head_bytes = h1.serialize_plain_response_head(status, reason, fields, length, close=not dreq.keep_alive)
             response = ResponseHead(status, [], reason=reason)  # fields went out as one block
