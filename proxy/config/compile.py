@@ -14,10 +14,10 @@ Theory of operation. Pure: no IO, same input -> same Snapshot.
    egress or ingress listener, the proxy's traffic is captured by iptables (`triomesh capture`), so
    the compiler adds Istio's two capture listeners, virtualOutbound :15001 and virtualInbound :15006
    (use_original_dst), and virtual listeners they hand HTTP connections to (bind_to_port False):
-   `outbound|<port>|<host>` per HTTP service port, with the mesh VirtualService routes of that host
-   (or a default route to its cluster) as the catch-all virtual host, since the original destination
-   already chose the service; and `inbound|<port>` per ingress listener captured (DEFAULT follows
-   the Sidecar's capture, NONE keeps a bound listener).
+   `outbound|<port>|<host>` per HTTP-family service port (HTTP, HTTP2, GRPC, GRPC-WEB), with the
+   mesh VirtualService routes of that host (or a default route to its cluster) as the catch-all
+   virtual host, since the original destination already chose the service; and `inbound|<port>`
+   per ingress listener captured (DEFAULT follows the Sidecar's capture, NONE keeps a bound listener).
 5. mesh VirtualService `tls` (sniHosts) and `tcp` routes, checked like http destinations, by the
    service host they cover (Snapshot.l4_routes): a sidecar routes captured TLS/TCP with them.
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
@@ -36,12 +36,14 @@ import msgspec
 from proxy.config import hosts, policies
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
+    HTTP_PROTOCOLS,
     Destination,
     GatewaySpec,
     HTTPRoute,
     IstioObject,
     SidecarSpec,
     VirtualServiceSpec,
+    is_http_protocol,
 )
 from proxy.config.load import Resource, check_duplicates
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
@@ -61,9 +63,10 @@ from proxy.config.snapshot import (
 
 MESH = "mesh"
 DEFAULT_EGRESS_BIND = "127.0.0.1"
-# listener protocols the data plane serves today
-LISTENER_PROTOCOLS = frozenset({"HTTP"})
-EGRESS_PROTOCOLS = frozenset({"HTTP", "HTTP_PROXY"})  # HTTP_PROXY: Istio's explicit-proxy egress port
+# listener protocols the data plane serves today (Gateway servers, Sidecar ingress): the HTTP family,
+# served by one kind of listener, HTTP/1.1 and h2c alike; its Listener.protocol is "HTTP"
+LISTENER_PROTOCOLS = HTTP_PROTOCOLS
+EGRESS_PROTOCOLS = HTTP_PROTOCOLS | {"HTTP_PROXY"}  # HTTP_PROXY: Istio's explicit-proxy egress port
 # Istio's capture ports (istio-iptables -p / -z) and listener names
 VIRTUAL_OUTBOUND_PORT = 15001
 VIRTUAL_INBOUND_PORT = 15006
@@ -438,7 +441,8 @@ class _Compiler:
                         raise r.error(f"{path}.hosts[{j}]", f"invalid host {server.hosts[j]!r}")
                 address = server.bind or self.bind_address
                 port = server.port.target_port or server.port.number
-                draft = self._claim(r, f"{path}.port.number", address, port, protocol, "OUTBOUND", "Gateway")
+                # HTTP-family servers share one HTTP listener per port (Istio merges them likewise)
+                draft = self._claim(r, f"{path}.port.number", address, port, "HTTP", "OUTBOUND", "Gateway")
                 ctx = MatchContext(gw_key, server.port.number, self.proxy_labels)
                 for vs in bound:
                     vns = vs.resource.namespace
@@ -580,15 +584,17 @@ class _Compiler:
             if name in self.virtual:
                 raise r.error(f"{path}.port.number", f"inbound port {ing.port.number} is already captured by {self.virtual[name].owner}")
             draft = self.virtual[name] = _ListenerDraft(
-                "0.0.0.0", ing.port.number, protocol, "INBOUND", "Sidecar", f"{r.kind} {r.namespace}/{r.name}",
+                "0.0.0.0", ing.port.number, "HTTP", "INBOUND", "Sidecar", f"{r.kind} {r.namespace}/{r.name}",
                 name=name, bind_to_port=False,
             )
         else:
             address = ing.bind or self.bind_address
-            draft = self._claim(r, f"{path}.port.number", address, ing.port.number, protocol, "INBOUND", "Sidecar")
+            draft = self._claim(r, f"{path}.port.number", address, ing.port.number, "HTTP", "INBOUND", "Sidecar")
         cluster = f"inbound|{ing.port.number}||"
+        # the local app is spoken to as its port's protocol says (Istio: no DestinationRule, no upgrade)
         self.clusters[cluster] = Cluster(
-            name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target, labels=FrozenLabels()),), protocol=protocol
+            name=cluster, service_host="", port=ing.port.number, subset="", endpoints=(Endpoint(*target, labels=FrozenLabels()),),
+            protocol=protocol, http2=policies.upstream_http2(protocol, None),
         )
         route = Route(
             name="inbound",
@@ -641,8 +647,8 @@ class _Compiler:
             full = hosts.fqdn(svc.host, svc.namespace)
             mesh_vs = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
             for port in svc.ports:
-                if str(port.protocol) not in LISTENER_PROTOCOLS:
-                    continue  # TCP, TLS...: captured connections go to the TCP proxy
+                if not is_http_protocol(str(port.protocol)):
+                    continue  # TCP, TLS, HTTPS...: captured connections go to the TCP proxy
                 name = captured_outbound_listener(port.number, svc.host)
                 draft = self.virtual[name] = _ListenerDraft(
                     "0.0.0.0", port.number, "HTTP", "OUTBOUND", owner, f"ServiceEntry {svc.namespace}/{svc.resource.name}",
@@ -822,6 +828,7 @@ def _cluster_dump(c: Cluster) -> dict:
         "lb_policy": c.lb_policy,
         "resolution": c.resolution,
         "protocol": c.protocol,
+        "http2": c.http2,
         "connect_timeout_s": c.connect_timeout_s,
         "consistent_hash": _plain(c.consistent_hash),
         "connection_pool": _plain(c.connection_pool),

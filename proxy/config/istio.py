@@ -57,6 +57,19 @@ PROTOCOLS = frozenset(
     {"HTTP", "HTTPS", "HTTP2", "HTTP_PROXY", "GRPC", "GRPC-WEB", "TCP", "TLS", "UDP", "MONGO", "MYSQL", "REDIS"}
 )
 
+# Istio's HTTP-family port protocols that an HTTP listener serves (HTTP/1.1 and h2c alike), and the
+# subset of them whose upstream is spoken to in HTTP/2 whatever the h2UpgradePolicy (Istio's
+# protocol.IsHTTP2). HTTP_PROXY is HTTP too in Istio, but triomesh takes it only on a Sidecar egress
+# listener (the explicit-proxy port), so it is not in HTTP_PROTOCOLS.
+HTTP2_PROTOCOLS = frozenset({"HTTP2", "GRPC", "GRPC-WEB"})
+HTTP_PROTOCOLS = frozenset({"HTTP"}) | HTTP2_PROTOCOLS
+
+
+def is_http_protocol(protocol: str) -> bool:
+    """Whether a port of this (normalized) protocol is served and routed as HTTP (an L7 listener)."""
+    return protocol in HTTP_PROTOCOLS
+
+
 _GO_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h))+")
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -490,10 +503,12 @@ class HTTPSettings(IstioStruct, frozen=True):
     idle_timeout: Duration | None = None
     h2_upgrade_policy: Literal["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"] | None = None
     use_client_protocol: bool | None = None
-    max_concurrent_streams: Any = UNSET
+    # int32 in Istio; 0 leaves Envoy's default (no limit beyond the peer's SETTINGS)
+    max_concurrent_streams: Annotated[int, Meta(ge=0, le=2_147_483_647)] | None = None
 
-    unsupported: ClassVar[tuple[str, ...]] = ("max_concurrent_streams",)
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"h2_upgrade_policy": frozenset({"UPGRADE"})}
+    def __post_init__(self) -> None:
+        if self.h2_upgrade_policy == "UPGRADE" and self.use_client_protocol:
+            raise ValueError("useClientProtocol must not be true when h2UpgradePolicy is UPGRADE")
 
 
 class ConnectionPoolSettings(IstioStruct, frozen=True):

@@ -22,6 +22,7 @@ import re
 from typing import Callable
 
 from proxy.config.istio import (
+    HTTP2_PROTOCOLS,
     ConnectionPoolSettings,
     HeaderOperations,
     Headers,
@@ -398,6 +399,8 @@ def _pool(cp: ConnectionPoolSettings) -> ConnectionPool:
         max_retries=http.max_retries if http else None,
         idle_timeout_s=float(http.idle_timeout) if http and http.idle_timeout is not None else None,
         max_requests=http.http2_max_requests if http else None,
+        # Istio applies only a positive value: 0 keeps the default
+        max_concurrent_streams=(http.max_concurrent_streams or None) if http else None,
         max_connection_duration_s=(float(tcp.max_connection_duration) or None)
         if tcp and tcp.max_connection_duration is not None else None,
         keepalive=None if tcp is None or tcp.tcp_keepalive is None else (
@@ -406,6 +409,21 @@ def _pool(cp: ConnectionPoolSettings) -> ConnectionPool:
             float(tcp.tcp_keepalive.interval) if tcp.tcp_keepalive.interval is not None else None),
     )
     return pool
+
+
+def upstream_http2(protocol: str, tp: TrafficPolicy | None) -> bool:
+    """Whether a cluster speaks h2c (HTTP/2 with prior knowledge) to its endpoints, as Istio decides:
+    a port declared HTTP2, GRPC or GRPC-WEB always does (whatever the upgrade policy); an HTTP port
+    only when the effective policy's connectionPool.http.h2UpgradePolicy is UPGRADE (DEFAULT follows
+    the mesh default, DO_NOT_UPGRADE). `tp` is the cluster's effective policy (cluster_traffic_policy:
+    a subset's or port's connectionPool replaces the enclosing one as a whole)."""
+    if protocol in HTTP2_PROTOCOLS:
+        return True
+    if protocol != "HTTP":
+        return False  # TCP, TLS, HTTPS...: proxied at L4, never HTTP/2-framed by the proxy
+    cp = tp.connection_pool if tp is not None else None
+    http = cp.http if cp is not None else None
+    return http is not None and http.h2_upgrade_policy == "UPGRADE"
 
 
 def outlier_policy(od: OutlierDetection | None) -> OutlierPolicy | None:

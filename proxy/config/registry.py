@@ -233,7 +233,8 @@ def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
     return table
 
 
-def _policy_fields(tp: TrafficPolicy | None) -> dict:
+def _policy_fields(tp: TrafficPolicy | None, port: Port) -> dict:
+    """Cluster fields from the cluster's effective traffic policy and its service port."""
     lb_policy, consistent = policies.lb_settings(tp)
     pool, connect = policies.pool_with_budget(tp)
     fields = {
@@ -241,6 +242,7 @@ def _policy_fields(tp: TrafficPolicy | None) -> dict:
         "consistent_hash": consistent,
         "connection_pool": pool,
         "outlier": policies.outlier_policy(tp.outlier_detection if tp else None),
+        "http2": policies.upstream_http2(str(port.protocol), tp),
     }
     if connect is not None:
         fields["connect_timeout_s"] = connect
@@ -253,7 +255,7 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
         rule_spec = svc.rule[1] if svc.rule else None
         base_tp = rule_spec.traffic_policy if rule_spec else None
         for port in svc.ports:
-            base = _policy_fields(policies.cluster_traffic_policy(base_tp, None, port.number))
+            base = _policy_fields(policies.cluster_traffic_policy(base_tp, None, port.number), port)
             name = cluster_name(svc.host, port.number)
             clusters[name] = Cluster(
                 name=name,
@@ -277,6 +279,6 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
                     endpoints=_endpoints(svc, port, subset.labels),
                     resolution=_resolution(svc.spec),
                     protocol=str(port.protocol),
-                    **_policy_fields(policies.cluster_traffic_policy(base_tp, subset.traffic_policy, port.number)),
+                    **_policy_fields(policies.cluster_traffic_policy(base_tp, subset.traffic_policy, port.number), port),
                 )
     return clusters

@@ -77,6 +77,9 @@ class ConnectionPool:
     # up to budget_percent of the requests in flight, and at least min_retry_concurrency
     retry_budget_percent: float | None = None
     min_retry_concurrency: int = 3
+    # http.maxConcurrentStreams: streams at once on one HTTP/2 upstream connection (used only when the
+    # cluster is http2); None: Envoy's default, no limit beyond the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+    max_concurrent_streams: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +115,9 @@ class Cluster:
     consistent_hash: ConsistentHash | None = None
     connection_pool: ConnectionPool = ConnectionPool()
     outlier: OutlierPolicy | None = None
+    # the endpoints are spoken to in cleartext HTTP/2 with prior knowledge (h2c), not HTTP/1.1: port
+    # protocol HTTP2/GRPC/GRPC-WEB, or HTTP with h2UpgradePolicy UPGRADE (policies.upstream_http2)
+    http2: bool = False
 
 
 @dataclass(frozen=True, slots=True)

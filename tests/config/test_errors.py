@@ -143,10 +143,29 @@ def test_unsupported_istio_fields_say_so():
     assert e.message == "`sourceNamespace` is an Istio L4MatchAttributes field triomesh does not support yet"
     gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
     assert _load_error(gw).field_path == "$.spec.servers[0].tls"
-    pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}})
+    pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "1h"}}}})
     e = _load_error(pool)
-    assert (e.field_path, e.message) == ("$.spec.trafficPolicy.connectionPool.http.h2UpgradePolicy",
-                                         "h2UpgradePolicy UPGRADE is not supported by triomesh yet")
+    assert (e.field_path, e.message) == ("$.spec.trafficPolicy.connectionPool.tcp.idleTimeout",
+                                         "`idleTimeout` is an Istio TCPSettings field triomesh does not support yet")
+
+
+def test_h2_upgrade_policy_and_max_concurrent_streams_are_supported():
+    http = {"h2UpgradePolicy": "UPGRADE", "maxConcurrentStreams": 100}
+    (r,) = load_bytes(dump(doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": http}}})))
+    assert r.obj.spec.traffic_policy.connection_pool.http.h2_upgrade_policy == "UPGRADE"
+    assert r.obj.spec.traffic_policy.connection_pool.http.max_concurrent_streams == 100
+
+
+@pytest.mark.parametrize("http, message", [
+    ({"maxConcurrentStreams": -1}, "Expected `int` >= 0"),
+    ({"maxConcurrentStreams": 2**31}, "Expected `int` <= 2147483647"),
+    ({"h2UpgradePolicy": "UPGRADE", "useClientProtocol": True},
+     "useClientProtocol must not be true when h2UpgradePolicy is UPGRADE"),  # Istio's validation rule
+])
+def test_connection_pool_http_checks(http, message):
+    e = _load_error(doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"http": http}}}))
+    assert e.field_path.startswith("$.spec.trafficPolicy.connectionPool.http"), e.field_path
+    assert message in e.message, e.message
 
 
 def test_dangling_subset():

@@ -115,3 +115,31 @@ def test_every_example_resource_round_trips(tmp_path):
             assert back.obj == r.obj, (f, r.key)
             count += 1
     assert count >= 10
+
+
+def test_http2_settings_round_trip():
+    (dr, gw) = load_bytes(b"""
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: grpc, namespace: prod}
+spec:
+  host: grpc
+  trafficPolicy:
+    connectionPool: {http: {h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 100}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy: {connectionPool: {http: {h2UpgradePolicy: DO_NOT_UPGRADE, useClientProtocol: true}}}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: prod}
+spec:
+  servers: [{port: {number: 8080, name: grpc, protocol: grpc}, hosts: ["*"]}]
+""", "h2.yaml")
+    for r in (dr, gw):
+        back = wire.decode_istio(wire.encode_istio(r.obj), file=r.file, document=r.document)
+        assert back.obj == r.obj
+    http = msgspec.msgpack.decode(wire.encode_istio(dr.obj))["spec"]["trafficPolicy"]["connectionPool"]["http"]
+    assert http == {"h2UpgradePolicy": "UPGRADE", "maxConcurrentStreams": 100}
+    assert msgspec.msgpack.decode(wire.encode_istio(gw.obj))["spec"]["servers"][0]["port"]["protocol"] == "GRPC"
