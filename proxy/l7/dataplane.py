@@ -272,6 +272,8 @@ class DataPlane:
         self.downstream_cx_active = stats.gauge("triomesh_downstream_cx_active")
         self._rq_by_code: dict[int, Counter] = {}
         self._by_flag: dict[str, Counter] = {}
+        self.h2_connections = stats.gauge("triomesh_downstream_cx_http2_active")
+        self._h2_mitigations: dict[str, Counter] = {}
         # where fire-and-forget work (mirrored requests) runs; the runner may set a nursery, else
         # each task is a Trio system task (a mirror never fails or delays the request it copies)
         self.background: trio.Nursery | None = None
@@ -341,6 +343,13 @@ class DataPlane:
             if f is None:
                 f = self._by_flag[flag] = self.stats.counter("triomesh_response_flags_total", flag=flag)
             f.value += 1
+
+    def count_h2_mitigation(self, kind: str) -> None:
+        """An HTTP/2 protocol error or attack pattern refused (h2_server.py names the kinds)."""
+        c = self._h2_mitigations.get(kind)
+        if c is None:
+            c = self._h2_mitigations[kind] = self.stats.counter("triomesh_h2_mitigations_total", kind=kind)
+        c.value += 1
 
     def gauge(self, name: str, **labels: str) -> Gauge:
         return self.stats.gauge(name, **labels)

@@ -272,6 +272,14 @@ def classify_request(raw: Headers, minor: int):
         return out, host, framing, minor >= 1, expect_continue and framing.kind != NONE, False
     upgrade = upgrade_value is not None and b"upgrade" in tokens
     out = _drop_named(out, tokens)
+    if upgrade and b"h2c" in upgrade_value.lower():
+        # RFC 9113 §3.1: the h2c upgrade is obsolete. Forwarded, it would let a client turn the
+        # connection into an HTTP/2 tunnel past our routing (h2c smuggling): the token is dropped,
+        # with HTTP2-Settings, and the request goes on as plain HTTP/1.1 (as Envoy does).
+        out = [h for h in out if h[0] != b"http2-settings"]
+        upgrade_value = b", ".join(t for t in (p.strip() for p in upgrade_value.split(b","))
+                                   if t and t.lower() != b"h2c")
+        upgrade = bool(upgrade_value)
     if upgrade:
         out.append((b"upgrade", upgrade_value))
         out.append((b"connection", b"upgrade"))

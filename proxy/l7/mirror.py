@@ -20,6 +20,8 @@ from proxy.l7 import h1
 from proxy.l7.body import BodyReader
 from proxy.l7.errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.l7.events import split_authority
+from proxy.l7.h1_client import read_response_head
+from proxy.l7.upstream_conn import acquire, release
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import MirrorPolicy
@@ -67,8 +69,6 @@ def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPo
 
 async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, method: bytes, data: bytes,
                   timeout_s: float) -> None:
-    from proxy.l7 import upstream
-
     up = None
     reusable = False
     ok = False
@@ -78,9 +78,9 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             if endpoint is None:
                 return
             deadline = trio.current_time() + timeout_s
-            up, _ = await upstream.acquire(plane, crt, endpoint.key, deadline=deadline)
+            up, _ = await acquire(plane, crt, endpoint.key, deadline=deadline)
             await up.send_all(data)
-            minor, status, _, headers = await upstream.read_response_head(
+            minor, status, _, headers = await read_response_head(
                 up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)
             up.requests += 1
             _, framing, keep_alive, _, _ = h1.classify_response(method, status, minor, headers)
@@ -99,4 +99,4 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
         if not ok:
             crt.mirror_failed.value += 1
         if up is not None:
-            upstream.release(plane, crt, up, reusable)
+            release(plane, crt, up, reusable)

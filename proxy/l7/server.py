@@ -29,7 +29,7 @@ from trio.lowlevel import checkpoint, notify_closing, wait_readable
 
 from proxy.l7 import h1
 from proxy.l7.body import NO_BODY, BodyReader
-from proxy.l7.chain import Chain, Delay, LocalResponse
+from proxy.l7.chain import Chain
 from proxy.l7.connio import Conn, ReadTimeout
 from proxy.l7.context import RequestContext
 from proxy.l7.dataplane import DataPlane
@@ -42,30 +42,15 @@ from proxy.l7.errors import (
 )
 from proxy.l7.events import RequestHead
 from proxy.l7.headparser import HeadParseError, parse_request_head
+from proxy.l7.h1_stream import H1Stream
+from proxy.l7.h2_server import PRIOR_KNOWLEDGE, is_prior_knowledge, serve_h2_connection
 from proxy.l7.local_reply import local_reply_bytes
-from proxy.l7.upstream import Exchange
+from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
 log = structlog.get_logger("triomesh.l7")
 
 _ACCEPT_BATCH = 64
 _NO_LISTENER = (None, None)  # the listener left the active config (a reload removed it)
-
-
-class DownstreamRequest:
-    """What the exchange needs to know about the downstream side of one request."""
-
-    __slots__ = ("body", "upstream_framing", "keep_alive", "minor_version", "expect_continue", "is_upgrade",
-                 "chain")
-
-    def __init__(self, body: BodyReader, upstream_framing: h1.Framing, keep_alive: bool, minor_version: int,
-                 expect_continue: bool, is_upgrade: bool, chain: Chain) -> None:
-        self.body = body
-        self.upstream_framing = upstream_framing
-        self.keep_alive = keep_alive
-        self.minor_version = minor_version
-        self.expect_continue = expect_continue
-        self.is_upgrade = is_upgrade
-        self.chain = chain
 
 
 def _to_stdlib_socket(sock) -> socket.socket:
@@ -174,7 +159,13 @@ class DownstreamConnection:
         while True:
             avail = len(conn.buf) - conn.pos
             if avail:
-                parsed = parse_request_head(conn.buf, conn.pos, max_headers)  # raises HeadParseError
+                try:
+                    parsed = parse_request_head(conn.buf, conn.pos, max_headers)
+                except HeadParseError:
+                    if is_prior_knowledge(conn.buf, conn.pos):  # RFC 9113 §3.3: h2c, prior knowledge
+                        conn.io_deadline = math.inf
+                        return PRIOR_KNOWLEDGE
+                    raise
                 if parsed is not None:
                     conn.io_deadline = math.inf
                     if parsed[0] - conn.pos > max_bytes:
@@ -204,36 +195,30 @@ class DownstreamConnection:
             return False
         if parsed is None:
             return False
+        if parsed is PRIOR_KNOWLEDGE:
+            await serve_h2_connection(plane, self.listener_name, conn, self.client, self.client_ip,
+                                      self.original_destination)
+            return False
         end, method, target, minor, raw_headers = parsed
         conn.pos = end
         snapshot = plane.holder.current
         ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
                              http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time(),
                              self.client_ip, self.original_destination)
-        dreq: DownstreamRequest | None = None
+        rt = plane.runtime(snapshot)
+        ctx.listener, chain = rt.by_listener.get(self.listener_name, _NO_LISTENER)
         try:
-            rt = plane.runtime(snapshot)
-            ctx.listener, chain = rt.by_listener.get(self.listener_name, _NO_LISTENER)
-            dreq = self._prepare(ctx, raw_headers, minor, chain)
-            for stage in chain.request_stages:
-                outcome = stage.on_request(ctx)
-                if outcome is not None:
-                    if isinstance(outcome, Delay):
-                        ctx.response_flags.append(outcome.response_flag)
-                        await trio.sleep(outcome.seconds)
-                    else:
-                        return await self._local_response(ctx, dreq, outcome)
-            return await Exchange(ctx, plane, rt.clusters[ctx.cluster.name], dreq, conn).run()
-        except ProxyError as e:
+            stream = self._prepare(ctx, raw_headers, minor, chain)
+        except ProxyError as e:  # a head we cannot serve: answered, and the connection closed
             ctx.error = e
-            return await self._reply_for_error(ctx, e, dreq)
-        finally:
-            if ctx.status or ctx.response_flags:
-                plane.count_downstream(ctx.status, ctx.response_flags)
-            if plane.access_log is not None:
-                plane.access_log.emit(ctx)
+            stream = H1Stream(conn, NO_BODY, h1.FRAMING_NONE, False, minor, False, False, chain)
+            try:
+                return await reply_for_error(ctx, e, stream)
+            finally:
+                finish(plane, ctx)
+        return await serve_request(plane, ctx, stream, rt.clusters)
 
-    def _prepare(self, ctx: RequestContext, raw_headers, minor: int, chain: Chain | None) -> DownstreamRequest:
+    def _prepare(self, ctx: RequestContext, raw_headers, minor: int, chain: Chain | None) -> H1Stream:
         """Validate the head (Host, framing), strip hop-by-hop fields, decide keep-alive."""
         if chain is None:
             raise BadRequest(f"no listener {self.listener_name} in the active config")
@@ -256,7 +241,7 @@ class DownstreamConnection:
         body = NO_BODY if framing.kind == h1.NONE else BodyReader(
             self.conn, framing, eof_error=DownstreamDisconnect, timeout_error=DownstreamTimeout,
             protocol_error=BadRequest)
-        return DownstreamRequest(body, framing, keep_alive, minor, expect_continue, upgrade, chain)
+        return H1Stream(self.conn, body, framing, keep_alive, minor, expect_continue, upgrade, chain)
 
     async def _reject_head(self, e: Exception) -> None:
         """An unparseable or oversized head: reply (400/431/501) and close, as Envoy's codec does."""
@@ -276,43 +261,6 @@ class DownstreamConnection:
         if self.plane.access_log is not None:
             self.plane.access_log.emit(ctx)
         log.info("rejected request head", client=self.client, status=status, error=str(e))
-
-    async def _local_response(self, ctx: RequestContext, dreq: DownstreamRequest, reply: LocalResponse) -> bool:
-        if reply.response_flag:
-            ctx.response_flags.append(reply.response_flag)
-        keep = dreq.keep_alive and dreq.body.done
-        data = local_reply_bytes(reply.status, reply.body, close=not keep, request_id=ctx.request_id,
-                                 head_only=ctx.request.method == b"HEAD", headers=reply.headers)
-        return await self._send_local(ctx, reply.status, data) and keep
-
-    async def _reply_for_error(self, ctx: RequestContext, e: ProxyError, dreq: DownstreamRequest | None) -> bool:
-        """The one place errors become replies: before a response head went out, a local reply;
-        after it, a reset; to a dead or timed-out downstream, nothing."""
-        if e.response_flag != "-":
-            ctx.response_flags.append(e.response_flag)
-        if ctx.response is not None or not e.status:
-            if ctx.response is not None and not isinstance(e, DownstreamDisconnect):
-                log.info("upstream failed mid-response, resetting downstream", client=self.client,
-                         upstream=ctx.upstream_host, error=str(e))
-            self.conn.reset()
-            return False
-        # another request may follow only if this one's body was read to its end
-        keep = dreq is not None and dreq.keep_alive and dreq.body.done and not isinstance(e, BadRequest)
-        if e.source == "upstream":
-            log.info("upstream error", client=self.client, upstream=ctx.upstream_host, flag=e.response_flag,
-                     error=str(e))
-        data = local_reply_bytes(e.status, e.body, close=not keep, request_id=ctx.request_id,
-                                 head_only=ctx.request.method == b"HEAD")
-        return await self._send_local(ctx, e.status, data) and keep
-
-    async def _send_local(self, ctx: RequestContext, status: int, data: bytes) -> bool:
-        try:
-            await self.conn.send_all(data)
-        except OSError:
-            ctx.response_flags.append("DC")
-            return False
-        ctx.status = status
-        return True
 
 
 async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"", *,

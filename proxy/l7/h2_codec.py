@@ -1,0 +1,258 @@
+"""HTTP/2 message rules, sans-IO: settings, request and response heads in our events, gRPC statuses.
+
+Theory of operation
+-------------------
+Frames, HPACK and the stream state machine come from the `h2` package (RFC 9113 and RFC 7541);
+this module holds what a proxy adds on top, shared by the downstream server (h2_server.py) and
+the upstream client (h2_upstream.py), and never touches a socket:
+
+- the SETTINGS we advertise (`server_settings`, `client_settings`): Envoy's defaults where they
+  bound memory, tighter where Envoy's default is "unlimited" (documented below);
+- a received request head → `RequestHead` (RFC 9113 §8.3): pseudo-header fields mapped to method,
+  target, scheme and authority, `host` folded into the authority, split `cookie` fields joined
+  (§8.2.3), and every field checked again for what must never reach an HTTP/1.1 upstream (CR, LF or
+  NUL in a value or in `:path`, characters outside a token in a name, connection-specific fields,
+  `te` other than `trailers`: §8.2.1, §8.2.2) so no request can be smuggled across a downgrade;
+- the request body's length as an HTTP/1.1 upstream will frame it (`content-length` checked
+  against the DATA by h2, §8.1.1);
+- a response or trailers head → the header list h2 sends (`:status` first, connection-specific
+  fields dropped);
+- gRPC: the status a local reply maps to (as Envoy maps HTTP statuses), `grpc-timeout` parsing,
+  and `grpc-message` percent-encoding.
+"""
+
+from __future__ import annotations
+
+import re
+
+import h2.config
+import h2.settings
+
+from proxy.l7 import h1
+from proxy.l7.errors import BadRequest
+from proxy.l7.events import Headers, RequestHead
+
+# --- settings -------------------------------------------------------------------------------------
+
+# Envoy's max_concurrent_streams default is 2^31-1; a bounded number is the stream-count-exhaustion
+# defence Envoy's own edge guidance recommends (100), raised here for a sidecar's fan-in.
+MAX_CONCURRENT_STREAMS = 1024
+# Flow-control windows we advertise: what one slow reader can make us buffer, per stream and per
+# connection (Envoy's edge guidance: 64 KiB stream, 1 MiB connection; a sidecar moves bigger bodies).
+INITIAL_STREAM_WINDOW = 256 * 1024
+INITIAL_CONNECTION_WINDOW = 1024 * 1024
+MAX_FRAME_SIZE = 16 * 1024  # the protocol default; bigger frames only save headers on bulk data
+MAX_HEADER_LIST_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default (60)
+
+
+def server_settings() -> dict:
+    s = h2.settings.SettingCodes
+    return {s.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS, s.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW,
+            s.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES, s.ENABLE_PUSH: 0, s.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
+
+
+def client_settings() -> dict:
+    s = h2.settings.SettingCodes
+    return {s.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW, s.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+            s.ENABLE_PUSH: 0, s.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
+
+
+def h2_config(client_side: bool) -> h2.config.H2Configuration:
+    # bytes in and out (header_encoding None); h2 validates what it can (pseudo-header rules,
+    # uppercase names, connection-specific fields, te), we check the rest below
+    return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True,
+                                     normalize_inbound_headers=False, validate_outbound_headers=False,
+                                     normalize_outbound_headers=False, split_outbound_cookies=False)
+
+
+# --- field checks ---------------------------------------------------------------------------------
+
+# RFC 9110 §5.6.2 token characters, lowercase only (RFC 9113 §8.2: uppercase names are malformed)
+_BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z]")
+_BAD_VALUE = re.compile(rb"[\x00\r\n]")
+_BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
+# RFC 9113 §8.2.2 connection-specific fields: never in an HTTP/2 message
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                                 b"upgrade"})
+
+
+class MalformedRequest(BadRequest):
+    """A request HTTP/2 calls malformed (RFC 9113 §8.1.1): a stream error PROTOCOL_ERROR."""
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    if _BAD_NAME.search(name) is not None:
+        raise MalformedRequest(f"invalid field name {name[:40]!r}")
+    if _BAD_VALUE.search(value) is not None:
+        raise MalformedRequest(f"CR, LF or NUL in the value of {name[:40]!r}")
+    if name in CONNECTION_SPECIFIC:
+        raise MalformedRequest(f"connection-specific field {name.decode()!r}")
+
+
+class ParsedRequest:
+    __slots__ = ("head", "framing", "grpc")
+
+    def __init__(self, head: RequestHead, framing: h1.Framing, grpc: bool) -> None:
+        self.head = head
+        self.framing = framing  # the body's length as an HTTP/1.1 upstream frames it
+        self.grpc = grpc
+
+
+def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
+    """A received request head (h2 already checked pseudo-header order and presence) → our head.
+    Raises MalformedRequest."""
+    method = path = scheme = authority = None
+    host = None
+    headers: Headers = []
+    cookies: list[bytes] | None = None
+    length: bytes | None = None
+    grpc = False
+    for name, value in fields:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":scheme":
+                scheme = value
+            elif name == b":authority":
+                authority = value
+            else:
+                raise MalformedRequest(f"unknown pseudo-header field {name[:40]!r}")
+            continue
+        _check_field(name, value)
+        if name == b"host":
+            host = value
+        elif name == b"cookie":
+            cookies = [value] if cookies is None else cookies + [value]
+        elif name == b"te":
+            if value.strip().lower() != b"trailers":
+                raise MalformedRequest("te other than trailers")
+            headers.append((name, value))
+        elif name == b"content-length":
+            if length is not None and value != length:
+                raise MalformedRequest("differing content-length values")
+            length = value
+        else:
+            if name == b"content-type" and value.startswith(b"application/grpc"):
+                grpc = True
+            headers.append((name, value))
+    if method is None:
+        raise MalformedRequest("no :method")
+    if method == b"CONNECT":
+        raise MalformedRequest("CONNECT is not supported")
+    if path is None or scheme is None:
+        raise MalformedRequest("no :path or :scheme")
+    if not path or _BAD_PATH.search(path) is not None:
+        raise MalformedRequest("invalid :path")
+    if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        raise MalformedRequest(":path is not in origin form")
+    if _BAD_VALUE.search(authority or b"") is not None:
+        raise MalformedRequest("invalid :authority")
+    if authority is None:
+        authority = host or b""  # RFC 9113 §8.3.1: Host stands in for a missing :authority
+    if cookies is not None:
+        headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
+    if end_stream:
+        framing = h1.FRAMING_NONE
+    elif length is not None:
+        if not length.isdigit() or len(length) > 18:
+            raise MalformedRequest("invalid content-length")
+        framing = h1.length_framing(int(length))
+    else:
+        framing = h1.FRAMING_CHUNKED  # a length not known in advance
+    head = RequestHead(method, path, authority, headers, scheme=scheme, http_version=b"2")
+    return ParsedRequest(head, framing, grpc)
+
+
+def response_fields(status: int, headers: Headers, length: int | None) -> Headers:
+    """A response head as h2 sends it: `:status` first, connection-specific fields dropped (an
+    HTTP/1.1 upstream's `connection`, `keep-alive`...), `content-length` when the length is known."""
+    out: Headers = [(b":status", b"%d" % status)]
+    for pair in headers:
+        name = pair[0]
+        if name in CONNECTION_SPECIFIC or name == b"content-length" or name == b"te" or name[:1] == b":":
+            continue
+        out.append(pair)
+    if length is not None:
+        out.append((b"content-length", b"%d" % length))
+    return out
+
+
+def trailer_fields(trailers: Headers) -> Headers:
+    return [pair for pair in trailers if pair[0] not in CONNECTION_SPECIFIC and pair[0][:1] != b":"]
+
+
+def request_fields(head: RequestHead, authority: bytes, length: int | None) -> Headers:
+    """An upstream request head as h2 sends it (RFC 9113 §8.3.1)."""
+    out: Headers = [(b":method", head.method), (b":scheme", b"http"), (b":authority", authority),
+                    (b":path", head.target)]
+    for pair in head.headers:
+        name = pair[0]
+        if name in CONNECTION_SPECIFIC or name == b"host" or name == b"content-length" or name[:1] == b":":
+            continue
+        if name == b"te" and pair[1].strip().lower() != b"trailers":
+            continue
+        out.append(pair)
+    if length is not None:
+        out.append((b"content-length", b"%d" % length))
+    return out
+
+
+def response_from_fields(fields: Headers) -> tuple[int, Headers, int | None]:
+    """A received response head → (status, fields without pseudo-headers, content-length or None)."""
+    status = 0
+    out: Headers = []
+    length = None
+    for name, value in fields:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] == b":":
+            continue
+        elif name == b"content-length":
+            length = int(value) if value.isdigit() else None
+        else:
+            out.append((name, value))
+    return status, out, length
+
+
+# --- gRPC -----------------------------------------------------------------------------------------
+
+GRPC_OK, GRPC_UNKNOWN, GRPC_DEADLINE_EXCEEDED, GRPC_UNIMPLEMENTED, GRPC_INTERNAL, GRPC_UNAVAILABLE = 0, 2, 4, 12, 13, 14
+
+# Envoy's Grpc::Utility::httpToGrpcStatus (and the gRPC spec's "HTTP to gRPC status code mapping")
+_HTTP_TO_GRPC = {400: GRPC_INTERNAL, 401: 16, 403: 7, 404: GRPC_UNIMPLEMENTED, 429: GRPC_UNAVAILABLE,
+                 502: GRPC_UNAVAILABLE, 503: GRPC_UNAVAILABLE, 504: GRPC_UNAVAILABLE}
+
+
+def grpc_status_for_http(status: int) -> int:
+    return _HTTP_TO_GRPC.get(status, GRPC_UNKNOWN)
+
+
+_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
+
+
+def grpc_timeout_s(value: bytes | None) -> float | None:
+    """`grpc-timeout: 1*8DIGIT unit` (gRPC over HTTP/2 spec) in seconds; None when absent or invalid."""
+    if not value or len(value) > 9:
+        return None
+    digits, unit = value[:-1], value[-1:]
+    if not digits.isdigit() or unit not in _TIMEOUT_UNITS:
+        return None
+    return int(digits) * _TIMEOUT_UNITS[unit]
+
+
+def grpc_message(text: bytes) -> bytes:
+    """Percent-encode a grpc-message value (the spec: bytes outside 0x20-0x7E and '%')."""
+    return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in text)
+
+
+def grpc_local_reply_fields(http_status: int, body: bytes, grpc_status: int | None = None) -> Headers:
+    """A trailers-only gRPC response for a reply the proxy makes (Envoy: HTTP 200 with the mapped
+    grpc-status, the reply text as grpc-message)."""
+    code = grpc_status if grpc_status is not None else grpc_status_for_http(http_status)
+    fields: Headers = [(b":status", b"200"), (b"content-type", b"application/grpc"),
+                       (b"grpc-status", b"%d" % code)]
+    if body:
+        fields.append((b"grpc-message", grpc_message(body)))
+    return fields

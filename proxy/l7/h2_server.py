@@ -1,0 +1,653 @@
+"""The HTTP/2 downstream side: one connection, many streams, each served like an HTTP/1.1 request.
+
+Theory of operation
+-------------------
+A connection whose first bytes are the prior-knowledge preface (RFC 9113 §3.3) is handed here by
+the HTTP/1.1 server (server.py), with what it has read so far. One task reads: it feeds bytes to
+the `h2` state machine and turns its events into streams. Each request gets a task of its own that
+runs the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the
+HTTP/2 implementation of the stream interface (stream.py); a reset ends that stream alone.
+
+Writing: every stream task queues frames in the one `h2` object and calls `flush`, which sends at
+once what the kernel takes; the rest waits in an outbox that one writer task drains, so frames of
+different streams never interleave inside a send. A stream task waits when the outbox holds more
+than OUTBOX_HIGH_BYTES (a client that does not read) and when the peer's flow-control window is
+empty; the request body side acknowledges DATA (opens our window) only as the router consumes it,
+so a slow upstream makes the client wait instead of making us buffer: per stream at most
+INITIAL_STREAM_WINDOW, per connection INITIAL_CONNECTION_WINDOW.
+
+Attack mitigations (each counted in `triomesh_h2_mitigations_total{kind}` and answered with GOAWAY
+ENHANCE_YOUR_CALM or the protocol error h2 names): rapid reset (more than half of at least
+RAPID_RESET_MIN_STREAMS streams reset by the client before their response started), CONTINUATION
+flood and HPACK bombs (h2: a header block of more than 64 frames or over MAX_HEADER_LIST_BYTES),
+PING/SETTINGS floods (control frames whose answers the client does not read), empty DATA frames in
+a row, and stream-count exhaustion (MAX_CONCURRENT_STREAMS).
+"""
+
+from __future__ import annotations
+
+import time
+from time import monotonic
+from typing import TYPE_CHECKING
+
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import structlog
+import trio
+
+from proxy.l7 import h1
+from proxy.l7.connio import ReadTimeout
+from proxy.l7.context import RequestContext
+from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
+from proxy.l7.events import RequestHead, ResponseHead
+from proxy.l7.h2_codec import (
+    INITIAL_CONNECTION_WINDOW,
+    MAX_FRAME_SIZE,
+    MalformedRequest,
+    grpc_local_reply_fields,
+    h2_config,
+    parse_request,
+    response_fields,
+    server_settings,
+    trailer_fields,
+)
+from proxy.l7.pipeline import finish, reply_for_error, serve_request
+
+if TYPE_CHECKING:
+    from proxy.l7.chain import Chain
+    from proxy.l7.connio import Conn
+    from proxy.l7.dataplane import DataPlane
+    from proxy.l7.events import Headers
+
+log = structlog.get_logger("triomesh.l7.h2")
+
+PRIOR_KNOWLEDGE = object()  # what the HTTP/1.1 head reader returns for the HTTP/2 preface
+_PREFACE_START = b"PRI * HTTP/2"
+
+OUTBOX_HIGH_BYTES = 1024 * 1024
+RAPID_RESET_MIN_STREAMS = 100
+MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
+MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
+
+_ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
+_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+def is_prior_knowledge(buf: bytes, pos: int) -> bool:
+    return buf.startswith(_PREFACE_START, pos)
+
+
+class H2Body:
+    """A request body arriving in DATA frames: the body-source side of the stream interface."""
+
+    __slots__ = ("kind", "pieces", "ended", "bytes_read", "trailers", "wakeup", "connection", "stream_id", "unacked",
+                 "error")
+
+    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.kind = framing.kind
+        self.pieces: list[bytes] = []
+        self.ended = framing.kind == h1.NONE
+        self.bytes_read = 0
+        self.trailers: Headers | None = None
+        self.wakeup: trio.Event | None = None
+        self.unacked = 0  # flow-controlled bytes received and not yet given to the router
+        self.error: str | None = None  # set when the client reset the stream
+
+    @property
+    def done(self) -> bool:
+        return self.ended and not self.pieces
+
+    def feed(self, data: bytes, flow_length: int) -> None:
+        if data:
+            self.pieces.append(data)
+        self.unacked += flow_length
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def fail(self, why: str) -> None:
+        self.error = why
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.wakeup is not None:
+            self.wakeup.set()
+            self.wakeup = None
+
+    def buffered_pieces(self) -> list:
+        pieces = self.pieces
+        if not pieces:
+            if self.unacked:
+                self._ack()
+            return []
+        self.pieces = []
+        for p in pieces:
+            self.bytes_read += len(p)
+        self._ack()
+        return pieces
+
+    def _ack(self) -> None:
+        """Open the window for what the router took: only now may the client send more."""
+        n, self.unacked = self.unacked, 0
+        if n:
+            self.connection.acknowledge(self.stream_id, n)
+
+    async def next_pieces(self) -> list:
+        while not self.pieces and not self.ended:
+            if self.error is not None:
+                raise DownstreamDisconnect(self.error)
+            self.wakeup = event = trio.Event()
+            await event.wait()
+        return self.buffered_pieces()
+
+
+class H2Stream:
+    """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
+
+    protocol = "HTTP/2"
+    relays_plain = False
+    expect_continue = False
+    is_upgrade = False
+
+    __slots__ = ("connection", "stream_id", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx",
+                 "_fields", "_head_sent", "_ended", "window", "cancel_scope", "reset_by_peer")
+
+    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
+                 grpc: bool, ctx: RequestContext) -> None:
+        self.connection = connection
+        self.stream_id = stream_id
+        self.body = H2Body(connection, stream_id, framing)
+        self.upstream_framing = framing
+        self.keep_alive = True
+        self.chain = chain
+        self.grpc = grpc
+        self.ctx = ctx
+        self._fields: Headers | None = None
+        self._head_sent = False
+        self._ended = False  # END_STREAM sent (or the stream reset)
+        self.window: trio.Event | None = None
+        self.cancel_scope = trio.CancelScope()
+        self.reset_by_peer = False
+
+    async def send_continue(self) -> None:
+        return None  # no Expect handling on HTTP/2: the client does not wait for one
+
+    def start_plain_response(self, status, reason, fields, length) -> None:  # pragma: no cover - relays_plain
+        raise AssertionError("HTTP/2 streams take no HTTP/1.1 field blocks")
+
+    def start_response(self, ctx: RequestContext, response: ResponseHead, framing: h1.Framing,
+                       raw_length: bytes | None) -> None:
+        if framing.kind == h1.LENGTH:
+            length = framing.length
+        elif raw_length is not None and raw_length.isdigit() and (
+                ctx.request.method == b"HEAD" or response.status == 304):
+            length = int(raw_length)
+        else:
+            length = None
+        self._fields = response_fields(response.status, response.headers, length)
+
+    def _send_head(self, end_stream: bool) -> None:
+        fields, self._fields = self._fields, None
+        self._head_sent = True
+        self.connection.send_headers(self, fields, end_stream)
+
+    def send_whole_nowait(self, body: memoryview | None):
+        if not body:
+            self._send_head(True)
+            self.connection.flush()
+            return None
+        self._send_head(False)
+        sent = self.connection.send_data_nowait(self, body, True)
+        self.connection.flush()
+        return None if sent == len(body) else body[sent:]
+
+    async def send_rest(self, rest) -> None:
+        await self.send([rest], True)
+
+    async def send(self, pieces: list, end_stream: bool) -> None:
+        connection = self.connection
+        if self._fields is not None:
+            self._send_head(end_stream and not any(len(p) for p in pieces))
+            if self._ended:
+                connection.flush()
+                return
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            await connection.send_data(self, piece, end_stream and i == last)
+        if end_stream and not self._ended:
+            connection.end_stream(self)
+        connection.flush()
+        await connection.wait_outbox()
+
+    async def send_trailers(self, ctx: RequestContext, trailers: Headers) -> None:
+        if self._fields is not None:
+            self._send_head(False)
+        self.connection.send_headers(self, trailer_fields(trailers), True)
+        self.connection.flush()
+
+    async def send_local(self, ctx: RequestContext, status: int, body: bytes, headers: Headers, *,
+                         generated: bool) -> bool:
+        if generated and self.grpc:
+            if any(name == b"grpc-status" for name, _ in headers):  # a stage's own gRPC answer (fault abort)
+                fields = response_fields(status, headers, None)
+            else:
+                fields = grpc_local_reply_fields(status, body)
+            if ctx.request_id:
+                fields.append((b"x-request-id", ctx.request_id))
+            self._fields = fields
+            self._send_head(True)
+            self.connection.flush()
+            ctx.status = 200  # a gRPC error travels in grpc-status, as Envoy logs it
+            return True
+        if not h1.status_has_body(status) or ctx.request.method == b"HEAD":
+            body = b""
+        out = list(headers)
+        if generated:
+            if body and not any(name == b"content-type" for name, _ in out):
+                out.append((b"content-type", b"text/plain"))
+            if ctx.request_id:
+                out.append((b"x-request-id", ctx.request_id))
+            out.append((b"server", b"triomesh"))
+        else:
+            ctx.response = ResponseHead(status, out)
+        self._fields = response_fields(status, out, len(body) if h1.status_has_body(status) else None)
+        try:
+            if body:
+                self._send_head(False)
+                await self.connection.send_data(self, body, True)
+            else:
+                self._send_head(True)
+            self.connection.flush()
+        except DownstreamDisconnect:
+            ctx.response_flags.append("DC")
+            return False
+        ctx.status = status
+        if not generated:
+            ctx.bytes_sent = len(body)
+        return True
+
+    def reset(self) -> None:
+        """RST_STREAM this stream only; the connection and its other streams go on."""
+        self.connection.reset_stream(self, _INTERNAL_ERROR)
+
+
+class H2ServerConnection:
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination", "h2", "streams",
+                 "outbox", "outbox_bytes", "writer_wakeup", "drained", "nursery", "streams_total", "premature_resets",
+                 "control_frames", "empty_data_frames", "closing", "error")
+
+    def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
+                 original_destination) -> None:
+        self.plane = plane
+        self.listener_name = listener_name
+        self.conn = conn
+        self.client = client
+        self.client_ip = client_ip
+        self.original_destination = original_destination
+        self.h2 = h2.connection.H2Connection(config=h2_config(False))
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values=server_settings())
+        self.streams: dict[int, H2Stream] = {}
+        self.outbox: list = []  # bytes the kernel has not taken yet, in order
+        self.outbox_bytes = 0
+        self.writer_wakeup = trio.Event()
+        self.drained: trio.Event | None = None
+        self.nursery: trio.Nursery | None = None
+        self.streams_total = 0
+        self.premature_resets = 0
+        self.control_frames = 0  # PING/SETTINGS received while our answers wait in the outbox
+        self.empty_data_frames = 0
+        self.closing = False  # GOAWAY sent or received: no new streams
+        self.error: str | None = None
+
+    # ---- writing
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if not data:
+            return
+        if self.outbox:
+            self.outbox.append(data)
+            self.outbox_bytes += len(data)
+            return
+        try:
+            rest = self.conn.send_nowait(data)
+        except OSError as e:
+            self._lost(f"send failed: {e}")
+            return
+        if rest is not None:
+            self.outbox.append(rest)
+            self.outbox_bytes += len(rest)
+            self.writer_wakeup.set()
+        else:
+            self.control_frames = 0
+
+    async def _writer(self) -> None:
+        conn = self.conn
+        while True:
+            await self.writer_wakeup.wait()
+            self.writer_wakeup = trio.Event()
+            while self.outbox:
+                parts, self.outbox = self.outbox, []
+                size = sum(len(p) for p in parts)
+                try:
+                    await conn.send_many(parts)
+                except OSError as e:
+                    self._lost(f"send failed: {e}")
+                    return
+                self.outbox_bytes -= size
+            self.control_frames = 0
+            if self.drained is not None:
+                self.drained.set()
+                self.drained = None
+
+    async def wait_outbox(self) -> None:
+        """Wait while a client that does not read has more than OUTBOX_HIGH_BYTES waiting."""
+        while self.outbox_bytes > OUTBOX_HIGH_BYTES:
+            if self.error is not None:
+                raise DownstreamDisconnect(self.error)
+            if self.drained is None:
+                self.drained = trio.Event()
+            await self.drained.wait()
+
+    def _lost(self, why: str) -> None:
+        self.error = why
+        for stream in self.streams.values():
+            stream.body.fail(why)
+            self._wake_window(stream)
+        if self.drained is not None:
+            self.drained.set()
+        if self.nursery is not None:
+            self.nursery.cancel_scope.cancel()
+
+    def send_headers(self, stream: H2Stream, fields: Headers, end_stream: bool) -> None:
+        try:
+            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as e:  # the client reset the stream, or went away
+            raise DownstreamDisconnect(f"stream closed: {e}") from None
+        if end_stream:
+            stream._ended = True
+
+    def end_stream(self, stream: H2Stream) -> None:
+        try:
+            self.h2.end_stream(stream.stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise DownstreamDisconnect(f"stream closed: {e}") from None
+        stream._ended = True
+
+    def _window(self, stream: H2Stream) -> int:
+        if self.error is not None:
+            raise DownstreamDisconnect(self.error)
+        try:
+            return self.h2.local_flow_control_window(stream.stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise DownstreamDisconnect(f"stream closed: {e}") from None
+
+    def send_data_nowait(self, stream: H2Stream, data, end_stream: bool) -> int:
+        """Send what the peer's windows allow now; returns how many bytes went."""
+        window = self._window(stream)
+        total = len(data)
+        sent = 0
+        while sent < total and window > 0:
+            n = min(total - sent, window, MAX_FRAME_SIZE)
+            last = end_stream and sent + n == total
+            try:
+                self.h2.send_data(stream.stream_id, data[sent:sent + n], end_stream=last)
+            except h2.exceptions.ProtocolError as e:
+                raise DownstreamDisconnect(f"stream closed: {e}") from None
+            if last:
+                stream._ended = True
+            sent += n
+            window -= n
+        return sent
+
+    async def send_data(self, stream: H2Stream, data, end_stream: bool) -> None:
+        data = memoryview(data) if not isinstance(data, memoryview) else data
+        while True:
+            sent = self.send_data_nowait(stream, data, end_stream)
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.flush()
+            while self._window(stream) <= 0:
+                stream.window = event = trio.Event()
+                await event.wait()
+
+    def _wake_window(self, stream: H2Stream) -> None:
+        if stream.window is not None:
+            stream.window.set()
+            stream.window = None
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the stream is gone; its share of the connection window was returned
+        self.flush()
+
+    def reset_stream(self, stream: H2Stream, code) -> None:
+        if stream._ended:
+            return
+        stream._ended = True
+        try:
+            self.h2.reset_stream(stream.stream_id, error_code=code)
+        except h2.exceptions.ProtocolError:
+            return
+        self.flush()
+
+    # ---- reading
+
+    async def run(self) -> None:
+        plane, conn = self.plane, self.conn
+        plane.h2_connections.value += 1
+        conn.idle_s = float("inf")  # streams may be quiet for long; the connection idle timeout is ours
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(INITIAL_CONNECTION_WINDOW - 65535)
+        self.flush()
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._writer)
+                try:
+                    await self._read_loop()
+                except (OSError, ReadTimeout):
+                    self._lost("connection closed by the client")
+                    return
+                # the client closed its side or said GOAWAY: finish the streams in flight
+                while self.streams and self.error is None:
+                    await trio.sleep(0.01)
+                while self.outbox and self.error is None:
+                    await trio.sleep(0.001)
+                nursery.cancel_scope.cancel()
+        finally:
+            plane.h2_connections.value -= 1
+
+    async def _read_loop(self) -> None:
+        conn, h2conn, settings = self.conn, self.h2, self.plane.settings
+        while True:
+            if conn.buffered:
+                data = bytes(conn.take_buffered())
+                try:
+                    events = h2conn.receive_data(data)
+                except h2.exceptions.ProtocolError as e:
+                    self._protocol_error(e)
+                    return
+                self._handle(events)
+                self.flush()
+                if self.error is not None or (self.closing and not self.streams):
+                    return
+            conn.io_deadline = monotonic() + settings.idle_timeout_s if not self.streams else float("inf")
+            n = await conn.fill()
+            if n == 0:
+                return
+
+    def _protocol_error(self, e: Exception) -> None:
+        kind = "protocol_error"
+        code = getattr(e, "error_code", None) or _PROTOCOL_ERROR
+        if isinstance(e, h2.exceptions.DenialOfServiceError):
+            kind = "header_list_too_large"
+        elif "continuation" in str(e).lower():
+            kind = "continuation_flood"
+            code = _ENHANCE_YOUR_CALM
+        elif isinstance(e, h2.exceptions.TooManyStreamsError):
+            kind = "too_many_streams"
+        self.plane.count_h2_mitigation(kind)
+        log.info("HTTP/2 connection error", client=self.client, error=str(e), kind=kind)
+        self._goaway(code, str(e))
+
+    def _goaway(self, code, why: str) -> None:
+        try:
+            self.h2.close_connection(error_code=code, additional_data=why[:200].encode(errors="replace"))
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        self.closing = True
+        self.error = why
+        for stream in self.streams.values():
+            stream.body.fail(why)
+            stream.cancel_scope.cancel()
+
+    def _handle(self, events: list) -> None:
+        streams = self.streams
+        for event in events:
+            t = type(event)
+            if t is h2.events.RequestReceived:
+                self._new_stream(event)
+            elif t is h2.events.DataReceived:
+                stream = streams.get(event.stream_id)
+                if event.flow_controlled_length == 0 and not event.stream_ended:
+                    self.empty_data_frames += 1
+                    if self.empty_data_frames > MAX_EMPTY_DATA_FRAMES:
+                        self.plane.count_h2_mitigation("empty_data_flood")
+                        self._goaway(_ENHANCE_YOUR_CALM, "empty DATA frames in a row")
+                        return
+                else:
+                    self.empty_data_frames = 0
+                if stream is not None and not stream.body.ended:
+                    stream.body.feed(event.data, event.flow_controlled_length)
+                elif event.flow_controlled_length:
+                    self.acknowledge(event.stream_id, event.flow_controlled_length)
+            elif t is h2.events.StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.body.end()
+            elif t is h2.events.TrailersReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.body.trailers = list(event.headers)
+            elif t is h2.events.StreamReset:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream._ended = True
+                    stream.reset_by_peer = True
+                    if stream.ctx.response is None and not stream.ctx.status:
+                        self.premature_resets += 1
+                    stream.ctx.response_flags.append("DR")  # downstream remote reset
+                    stream.body.fail("the client reset the stream")
+                    stream.cancel_scope.cancel()
+                    if (self.streams_total >= RAPID_RESET_MIN_STREAMS
+                            and self.premature_resets * 2 > self.streams_total):
+                        self.plane.count_h2_mitigation("rapid_reset")
+                        self._goaway(_ENHANCE_YOUR_CALM, "too many streams reset by the client")
+                        return
+            elif t is h2.events.WindowUpdated:
+                if event.stream_id == 0:
+                    for stream in streams.values():
+                        self._wake_window(stream)
+                else:
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        self._wake_window(stream)
+            elif t is h2.events.RemoteSettingsChanged:
+                self._count_control()
+                for stream in streams.values():
+                    self._wake_window(stream)
+            elif t is h2.events.PingReceived:
+                self._count_control()
+            elif t is h2.events.ConnectionTerminated:
+                self.closing = True
+            if self.error is not None:
+                return
+
+    def _count_control(self) -> None:
+        """A PING or SETTINGS whose answer is queued: too many unanswered means the client sends
+        them without reading (a flood), as Envoy's outbound control frame limit judges it."""
+        if self.outbox:
+            self.control_frames += 1
+            if self.control_frames > MAX_UNANSWERED_CONTROL_FRAMES:
+                self.plane.count_h2_mitigation("control_frame_flood")
+                self._goaway(_ENHANCE_YOUR_CALM, "too many control frames")
+
+    def _new_stream(self, event) -> None:
+        plane = self.plane
+        sid = event.stream_id
+        self.streams_total += 1
+        if self.closing:
+            self.h2.reset_stream(sid, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        snapshot = plane.holder.current
+        try:
+            parsed = parse_request(event.headers, event.stream_ended)
+            head = parsed.head
+        except MalformedRequest as e:
+            plane.count_h2_mitigation("malformed_request")
+            log.info("malformed HTTP/2 request", client=self.client, error=str(e))
+            head = RequestHead(b"-", b"-", b"", [], http_version=b"2")
+            ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(),
+                                 self.client_ip, self.original_destination)
+            ctx.error = e
+            ctx.response_flags.append("DPE")
+            self.h2.reset_stream(sid, error_code=_PROTOCOL_ERROR)
+            finish(plane, ctx)
+            return
+        ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(), self.client_ip,
+                             self.original_destination)
+        rt = plane.runtime(snapshot)
+        listener_chain = rt.by_listener.get(self.listener_name)
+        chain = None
+        if listener_chain is not None:
+            ctx.listener, chain = listener_chain
+        stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx)
+        self.streams[sid] = stream
+        self.nursery.start_soon(self._serve_stream, stream, rt.clusters)
+
+    async def _serve_stream(self, stream: H2Stream, clusters) -> None:
+        ctx = stream.ctx
+        try:
+            with stream.cancel_scope:
+                if stream.chain is None:
+                    e = BadRequest(f"no listener {self.listener_name} in the active config")
+                    ctx.error = e
+                    try:
+                        await reply_for_error(ctx, e, stream)
+                    finally:
+                        finish(self.plane, ctx)
+                else:
+                    await serve_request(self.plane, ctx, stream, clusters)
+        except ProxyError:  # pragma: no cover - serve_request turns them into replies
+            pass
+        finally:
+            del self.streams[stream.stream_id]
+            if not stream._ended and self.error is None:
+                self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
+            body = stream.body
+            if body.unacked:  # what the router never read still counts against the connection window
+                body.unacked, n = 0, body.unacked
+                self.acknowledge(stream.stream_id, n)
+            self.flush()
+
+
+async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
+                              original_destination) -> None:
+    """Serve an HTTP/2 connection whose preface is in `conn`'s buffer, until it ends."""
+    await H2ServerConnection(plane, listener_name, conn, client, client_ip, original_destination).run()
+
+
+__all__ = ["PRIOR_KNOWLEDGE", "H2Stream", "is_prior_knowledge", "serve_h2_connection"]

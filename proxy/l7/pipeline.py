@@ -1,0 +1,70 @@
+"""One request's way through the data path once its stream exists, the same for every protocol:
+request stages, the router, errors turned into replies, stats and the access log at the end."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from proxy.l7.chain import Delay
+from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
+from proxy.l7.router import Exchange
+
+if TYPE_CHECKING:
+    from proxy.l7.context import RequestContext
+    from proxy.l7.dataplane import ClusterRuntime, DataPlane
+    from proxy.l7.stream import DownstreamStream
+
+log = structlog.get_logger("triomesh.l7")
+
+
+async def serve_request(plane: DataPlane, ctx: RequestContext, stream: DownstreamStream,
+                        clusters: dict[str, ClusterRuntime]) -> bool:
+    """Run the request on `stream`; returns whether its connection may serve another request."""
+    try:
+        for stage in stream.chain.request_stages:
+            outcome = stage.on_request(ctx)
+            if outcome is not None:
+                if isinstance(outcome, Delay):
+                    ctx.response_flags.append(outcome.response_flag)
+                    await trio.sleep(outcome.seconds)
+                else:
+                    if outcome.response_flag:
+                        ctx.response_flags.append(outcome.response_flag)
+                    return await stream.send_local(ctx, outcome.status, outcome.body, outcome.headers,
+                                                   generated=True)
+        return await Exchange(ctx, plane, clusters[ctx.cluster.name], stream).run()
+    except ProxyError as e:
+        ctx.error = e
+        return await reply_for_error(ctx, e, stream)
+    finally:
+        finish(plane, ctx)
+
+
+def finish(plane: DataPlane, ctx: RequestContext) -> None:
+    """Stats and the access log line of a request that ended, however it ended."""
+    if ctx.status or ctx.response_flags:
+        plane.count_downstream(ctx.status, ctx.response_flags)
+    if plane.access_log is not None:
+        plane.access_log.emit(ctx)
+
+
+async def reply_for_error(ctx: RequestContext, e: ProxyError, stream: DownstreamStream) -> bool:
+    """The one place errors become replies: before a response head went out, a local reply;
+    after it, a reset of the stream; to a dead or timed-out downstream, nothing."""
+    if e.response_flag != "-":
+        ctx.response_flags.append(e.response_flag)
+    if ctx.response is not None or not e.status:
+        if ctx.response is not None and not isinstance(e, DownstreamDisconnect):
+            log.info("upstream failed mid-response, resetting downstream", client=ctx.downstream_addr,
+                     upstream=ctx.upstream_host, error=str(e))
+        stream.reset()
+        return False
+    if isinstance(e, BadRequest):
+        stream.keep_alive = False  # what follows a malformed request cannot be trusted
+    if e.source == "upstream":
+        log.info("upstream error", client=ctx.downstream_addr, upstream=ctx.upstream_host, flag=e.response_flag,
+                 error=str(e))
+    return await stream.send_local(ctx, e.status, e.body, [], generated=True)

@@ -1,0 +1,210 @@
+"""Upstream HTTP/1.1 connections: connect, and lend them from per-endpoint idle pools under the
+cluster's connectionPool limits (Envoy's circuit breakers: maxConnections, pending requests).
+
+A connection is lent to one request at a time and comes back with `release` (pooled when the
+response ended cleanly) or `discard` (closed). Checkout from the idle pool never awaits, so the
+common keep-alive case costs no coroutine; `acquire` waits for a slot or connects.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import math
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+from trio.lowlevel import wait_writable
+
+from proxy.l7.connio import Conn
+from proxy.l7.errors import ConnectFailure, Overflow
+
+if TYPE_CHECKING:
+    from proxy.l7.dataplane import ClusterRuntime, DataPlane
+
+# A connection idle for less than this is reused without first peeking whether the upstream closed
+# it: keep-alive timeouts are seconds, and the rare race is covered by the stale-connection retry.
+PEEK_AFTER_IDLE_S = 1.0
+
+class UpstreamConn(Conn):
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
+
+    def __init__(self, sock: socket.socket, key: tuple[str, int], plane: DataPlane | None = None) -> None:
+        if plane is None:
+            super().__init__(sock)
+        else:  # the worker's epoll set, and the stream idle timeout on every read and write
+            super().__init__(sock, reactor=plane.reactor, sweeper=plane.sweeper,
+                             idle_s=plane.settings.stream_idle_timeout_s)
+        self.key = key
+        self.pool_key: tuple[str, str, int] | None = None  # (cluster, address, port), set by acquire
+        self.requests = 0
+        self.counted = True  # still included in the cluster's cx_active gauge
+        self.idle_since = 0.0
+        self.created = 0.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def _set_keepalive(sock: socket.socket, keepalive) -> None:
+    """connectionPool.tcp.tcpKeepalive: SO_KEEPALIVE plus the probe settings the OS offers."""
+    probes, idle_s, interval_s = keepalive
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in ((getattr(socket, "TCP_KEEPCNT", None), probes),
+                       (getattr(socket, "TCP_KEEPIDLE", None), idle_s),
+                       (getattr(socket, "TCP_KEEPINTVL", None), interval_s)):
+        if opt is not None and value:
+            sock.setsockopt(socket.IPPROTO_TCP, opt, max(1, int(value)))
+
+
+async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
+                          plane: DataPlane | None = None) -> UpstreamConn:
+    host, port = key
+    sock: socket.socket | None = None
+    with trio.move_on_after(timeout_s):
+        if _is_ip(host):
+            family, sockaddr = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
+        else:
+            try:
+                infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as e:
+                raise ConnectFailure(f"resolve {host}: {e}") from None
+            family, _, _, _, sockaddr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if keepalive is not None:
+            _set_keepalive(sock, keepalive)
+        try:
+            err = sock.connect_ex(sockaddr)
+            if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+                await wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except BaseException:
+            sock.close()
+            raise
+        if err:
+            sock.close()
+            raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
+        return UpstreamConn(sock, key, plane)
+    if sock is not None:
+        sock.close()
+    raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
+
+
+def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], now: float) -> UpstreamConn | None:
+    """A pooled idle connection to `key` that may be reused now, or None (no await: the common
+    keep-alive case costs no coroutine)."""
+    pool = plane.pools.get((crt.name, key[0], key[1]))  # per cluster and host, as Envoy's pools
+    if pool is None or not pool.idle:
+        return None
+    limits = crt.pool_limits
+    timeout = plane.idle_timeout_s(limits.idle_timeout_s)
+    if pool.idle_timeout_s != timeout:
+        pool.idle_timeout_s = timeout  # the cluster's idleTimeout changed with a new snapshot
+    while True:
+        conn, expired = pool.checkout(now)
+        for old in expired:
+            discard(crt, old)
+        if conn is None:
+            return None
+        if (now - conn.idle_since >= PEEK_AFTER_IDLE_S and conn.peek_closed()) or (
+                limits.max_connection_duration_s is not None
+                and now - conn.created >= limits.max_connection_duration_s):
+            discard(crt, conn)
+            continue
+        return conn
+
+
+async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
+                  fresh: bool = False, deadline: float = math.inf) -> tuple[UpstreamConn, bool]:
+    """(connection, reused); `fresh` skips the idle pool.
+
+    Circuit breaker (connectionPool): with tcp.maxConnections open, a request waits for one to come
+    back, at most until `deadline` or the connect timeout, and only if fewer than
+    http.http1MaxPendingRequests already wait; otherwise it fails at once with 503 UO (Overflow)."""
+    limits = crt.pool_limits
+    timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
+    while True:
+        now = trio.current_time()
+        if not fresh:
+            conn = checkout_idle(plane, crt, key, now)
+            if conn is not None:
+                return conn, True
+        limit = limits.max_connections
+        if limit is None or crt.cx_active.value < limit or _close_idle_elsewhere(plane, crt):
+            break
+        if limits.max_pending_requests is not None and crt.pending >= limits.max_pending_requests:
+            crt.rq_pending_overflow.value += 1
+            raise Overflow(f"cluster {crt.name}: {limit} connections open and {crt.pending} requests pending")
+        crt.pending += 1
+        try:
+            with trio.move_on_at(min(deadline, now + timeout)) as scope:
+                await crt.waiters.park()
+        finally:
+            crt.pending -= 1
+        if scope.cancelled_caught:
+            crt.rq_pending_overflow.value += 1
+            raise Overflow(f"cluster {crt.name}: no connection became free within {timeout}s")
+        fresh = False
+    crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
+    try:
+        conn = await open_connection(key, timeout, limits.keepalive, plane)
+    except BaseException as e:
+        crt.cx_active.value -= 1
+        if crt.pending:
+            crt.waiters.unpark()
+        if isinstance(e, ConnectFailure):
+            crt.cx_connect_fail.value += 1
+        raise
+    crt.cx_total.value += 1
+    conn.created = trio.current_time()
+    conn.pool_key = (crt.name, key[0], key[1])
+    return conn, False
+
+
+def _close_idle_elsewhere(plane: DataPlane, crt: ClusterRuntime) -> bool:
+    """At the connection limit: close one idle connection of another endpoint of the cluster, so a
+    request for this endpoint can open one (the limit counts the cluster's connections)."""
+    name = crt.name
+    for pool_key, pool in plane.pools.items():
+        if pool_key[0] == name and pool.idle:
+            conn = pool.idle.pop(0)[0]
+            discard(crt, conn)
+            return True
+    return False
+
+
+def discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
+    conn.close()
+    if conn.counted:
+        conn.counted = False
+        crt.cx_active.value -= 1
+        if crt.pending:
+            crt.waiters.unpark()
+
+
+def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
+    limits = crt.pool_limits
+    max_requests = limits.max_requests_per_connection
+    now = trio.current_time()
+    if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
+        reusable = False
+    # bytes after the end of the response (a misbehaving upstream) must never become the next
+    # request's response: such a connection is closed, not pooled
+    if (reusable and not conn.closed and len(conn.buf) == conn.pos
+            and (max_requests is None or conn.requests < max_requests)):
+        conn.idle_since = now
+        evicted = plane.pool(conn.pool_key, limits.idle_timeout_s).checkin(conn, now)
+        if evicted is not None:
+            discard(crt, evicted)
+        if crt.pending:
+            crt.waiters.unpark()
+    else:
+        discard(crt, conn)

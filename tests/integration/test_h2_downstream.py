@@ -1,0 +1,213 @@
+"""HTTP/2 downstream (h2c with prior knowledge) to HTTP/1.1 upstreams: real curl, nghttp, h2load and a
+raw h2 client → the real proxy → the real HTTP/1.1 backend."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import trio
+
+from tests.integration.backend import Backend
+from tests.integration.l7_harness import curl, make_snapshot, prefix_route, start_proxy
+
+
+async def _setup(nursery, *, backends=1):
+    bes = [await Backend(f"b{i}").start(nursery) for i in range(backends)]
+    routes = [prefix_route(b"/dead", {"dead": 100}), prefix_route(b"/", {"svc": 100})]
+    snap = make_snapshot({"svc": [b.port for b in bes], "dead": [1]}, routes, domains=("*",))
+    proxy = await start_proxy(nursery, snap)
+    return proxy, bes
+
+
+class RawH2Client:
+    """A minimal HTTP/2 client on the h2 package, for what curl cannot do (resets, many streams)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        self.responses: dict[int, dict] = {}
+        self.terminated: h2.events.ConnectionTerminated | None = None
+
+    @classmethod
+    async def connect(cls, port: int) -> "RawH2Client":
+        client = cls(await trio.open_tcp_stream("127.0.0.1", port))
+        client.conn.initiate_connection()
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    def request(self, path: bytes, *, method: bytes = b"GET", body: bytes = b"", headers=()) -> int:
+        sid = self.conn.get_next_available_stream_id()
+        fields = [(b":method", method), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", path), *headers]
+        self.conn.send_headers(sid, fields, end_stream=not body)
+        if body:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.responses[sid] = {"headers": None, "data": b"", "ended": False, "reset": None, "trailers": None}
+        return sid
+
+    async def pump(self, until, timeout_s: float = 5.0) -> None:
+        with trio.fail_after(timeout_s):
+            while not until():
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return
+                for event in self.conn.receive_data(data):
+                    r = self.responses.get(getattr(event, "stream_id", 0))
+                    if isinstance(event, h2.events.ResponseReceived):
+                        r["headers"] = dict(event.headers)
+                    elif isinstance(event, h2.events.DataReceived):
+                        r["data"] += event.data
+                        self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        r["trailers"] = dict(event.headers)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        r["ended"] = True
+                    elif isinstance(event, h2.events.StreamReset):
+                        r["reset"] = event.error_code
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        self.terminated = event
+                await self.flush()
+
+    def done(self, *sids: int):
+        return lambda: all(self.responses[s]["ended"] or self.responses[s]["reset"] is not None for s in sids)
+
+
+async def test_curl_prior_knowledge_get_and_post(nursery):
+    proxy, (be,) = await _setup(nursery)
+    url = f"http://127.0.0.1:{proxy.port}"
+    code, out, err = await curl("--http2-prior-knowledge", "-i", f"{url}/small")
+    assert code == 0, err
+    assert out.startswith("HTTP/2 200"), out
+    assert out.endswith("hello")
+    code, out, err = await curl("--http2-prior-knowledge", f"{url}/echo?x=1", "-d", "a=1&b=2", "-H", "x-keep: yes")
+    assert code == 0, err
+    seen = json.loads(out)
+    assert seen["method"] == "POST" and seen["target"] == "/echo?x=1" and seen["body"] == "a=1&b=2"
+    names = dict((n.lower(), v) for n, v in seen["headers"])
+    assert names["host"] == f"127.0.0.1:{proxy.port}", "the :authority travels as Host"
+    assert names["x-keep"] == "yes"
+    assert names["content-length"] == "7"
+    assert proxy.counter("triomesh_downstream_rq_total", response_code="200") == 2
+
+
+async def test_body_of_unknown_length_is_chunked_upstream_and_large_bodies_flow(nursery):
+    proxy, (be,) = await _setup(nursery)
+    client = await RawH2Client.connect(proxy.port)
+    big = bytes(range(256)) * 4096  # 1 MiB: several times our window, so flow control must turn
+    sid = client.conn.get_next_available_stream_id()
+    client.conn.send_headers(sid, [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc"),
+                                   (b":path", b"/echo")])
+    client.responses[sid] = {"headers": None, "data": b"", "ended": False, "reset": None, "trailers": None}
+    sent = 0
+    with trio.fail_after(10):
+        while sent < len(big):
+            window = min(client.conn.local_flow_control_window(sid), 16384)
+            if window <= 0:
+                data = await client.stream.receive_some(65536)
+                for event in client.conn.receive_data(data):
+                    pass
+                await client.flush()
+                continue
+            n = min(window, len(big) - sent)
+            client.conn.send_data(sid, big[sent:sent + n], end_stream=sent + n == len(big))
+            sent += n
+            await client.flush()
+    await client.pump(client.done(sid), timeout_s=10)
+    response = client.responses[sid]
+    assert response["headers"][b":status"] == b"200"
+    seen = json.loads(response["data"])
+    assert len(seen["body"].encode("latin-1")) == len(big)
+    names = dict((n.lower(), v) for n, v in seen["headers"])
+    assert names.get("transfer-encoding") == "chunked", "no content-length: chunked to the HTTP/1.1 upstream"
+
+
+async def test_many_concurrent_streams_with_h2load(nursery):
+    if shutil.which("h2load") is None:
+        pytest.fail("h2load (Debian nghttp2-client) is missing: make test installs it")
+    proxy, bes = await _setup(nursery, backends=2)
+    with trio.fail_after(30):
+        proc = await trio.run_process(["h2load", "-n", "400", "-c", "4", "-m", "16",
+                                       f"http://127.0.0.1:{proxy.port}/small"], capture_stdout=True, check=False)
+    out = proc.stdout.decode()
+    assert re.search(r"requests: 400 total, 400 started, 400 done, 400 succeeded", out), out
+    assert "status codes: 400 2xx" in out, out
+    assert proxy.counter("triomesh_downstream_rq_total", response_code="200") == 400
+
+
+async def test_local_replies_and_a_grpc_request_to_a_dead_upstream(nursery):
+    proxy, _ = await _setup(nursery)
+    url = f"http://127.0.0.1:{proxy.port}"
+    code, out, err = await curl("--http2-prior-knowledge", "-i", f"{url}/dead/x")
+    assert out.startswith("HTTP/2 503"), out
+    assert "upstream connect error" in out
+    client = await RawH2Client.connect(proxy.port)
+    sid = client.request(b"/dead/pkg.Svc/Call", method=b"POST", body=b"\x00\x00\x00\x00\x00",
+                         headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    await client.flush()
+    await client.pump(client.done(sid))
+    headers = client.responses[sid]["headers"]
+    assert headers[b":status"] == b"200", "gRPC local replies are HTTP 200 with the status in grpc-status"
+    assert headers[b"grpc-status"] == b"14", "no healthy/connect failure maps to UNAVAILABLE as in Envoy"
+    assert b"upstream connect error" in headers[b"grpc-message"]
+    assert client.responses[sid]["data"] == b""
+
+
+async def test_a_reset_ends_one_stream_and_the_connection_goes_on(nursery):
+    proxy, (be,) = await _setup(nursery)
+    client = await RawH2Client.connect(proxy.port)
+    slow = client.request(b"/slow?ms=2000")
+    await client.flush()
+    await trio.sleep(0.1)
+    client.conn.reset_stream(slow)
+    fast = client.request(b"/small")
+    await client.flush()
+    await client.pump(client.done(fast))
+    assert client.responses[fast]["headers"][b":status"] == b"200"
+    assert client.responses[fast]["data"] == b"hello"
+    assert client.terminated is None
+
+
+async def test_upstream_dying_mid_response_resets_only_that_stream(nursery):
+    proxy, (be,) = await _setup(nursery)
+    client = await RawH2Client.connect(proxy.port)
+    broken = client.request(b"/die-mid-response")
+    await client.flush()
+    await client.pump(client.done(broken))
+    assert client.responses[broken]["reset"] is not None, "a truncated response is a reset, never a clean end"
+    ok = client.request(b"/small")
+    await client.flush()
+    await client.pump(client.done(ok))
+    assert client.responses[ok]["data"] == b"hello"
+
+
+async def test_h2c_upgrade_never_reaches_the_upstream(nursery):
+    proxy, (be,) = await _setup(nursery)
+    code, out, err = await curl("-i", "--http2", f"http://127.0.0.1:{proxy.port}/echo")
+    assert code == 0, err
+    assert out.startswith("HTTP/1.1 200"), "the upgrade is not taken: the answer is HTTP/1.1"
+    seen = json.loads(out.split("\r\n\r\n", 1)[1])
+    names = [n.lower() for n, _ in seen["headers"]]
+    assert "upgrade" not in names and "http2-settings" not in names
+    assert "connection" not in names
+
+
+async def test_websocket_upgrade_still_works_over_http1(nursery):
+    proxy, (be,) = await _setup(nursery)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    async with stream:
+        await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: svc\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        got = b""
+        with trio.fail_after(5):
+            while b"\r\n\r\n" not in got:
+                got += await stream.receive_some(4096)
+        assert got.startswith(b"HTTP/1.1 101")
