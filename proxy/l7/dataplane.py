@@ -21,6 +21,7 @@ from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
 from proxy.lb.outlier import OutlierDetector
 from proxy.lb.pool import IdlePool
+from proxy.l7.h2_upstream import sweep_idle
 from proxy.stats import Counter, Gauge, Stats
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ class ClusterRuntime:
                  "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
                  "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
-                 "rand_below", "rq_active", "rq_overflow")
+                 "rand_below", "rq_active", "rq_overflow", "http2")
 
     def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
@@ -72,6 +73,7 @@ class ClusterRuntime:
         self.rand_below = rand_below
         self.hash_policy = cluster.consistent_hash
         self.passthrough = cluster.lb_policy == "PASSTHROUGH"
+        self.http2 = cluster.http2  # the upstream speaks HTTP/2 (h2_client.H2Exchange)
         self.pool_limits = cluster.connection_pool
         self.outlier: OutlierDetector | None = None
         self.outlier_version = 0
@@ -261,6 +263,8 @@ class DataPlane:
         self._runtime: SnapshotRuntime | None = None
         # idle upstream connections by (cluster name, address, port); they outlive snapshots
         self.pools: dict[tuple[str, str, int], IdlePool] = {}
+        # HTTP/2 upstream connections by (cluster name, address, port), shared by concurrent requests
+        self.h2_pools: dict[tuple[str, str, int], list] = {}
         self.in_flight: dict[tuple[str, int], int] = {}
         in_flight = self.in_flight
         # requests in flight per endpoint, for LEAST_REQUEST picks (made once, not per request)
@@ -317,6 +321,8 @@ class DataPlane:
                     self.stats.gauge("triomesh_upstream_cx_active", cluster=cluster_name).value -= 1
             if not pool.idle:
                 del self.pools[key]
+        if self.h2_pools:
+            sweep_idle(self, now)
 
     def pool(self, key: tuple[str, str, int], idle_timeout_s: float | None = None) -> IdlePool:
         """Idle connections of one cluster endpoint; `idle_timeout_s`: the cluster's

@@ -8,13 +8,10 @@ the `h2` state machine and turns its events into streams. Each request gets a ta
 runs the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the
 HTTP/2 implementation of the stream interface (stream.py); a reset ends that stream alone.
 
-Writing: every stream task queues frames in the one `h2` object and calls `flush`, which sends at
-once what the kernel takes; the rest waits in an outbox that one writer task drains, so frames of
-different streams never interleave inside a send. A stream task waits when the outbox holds more
-than OUTBOX_HIGH_BYTES (a client that does not read) and when the peer's flow-control window is
-empty; the request body side acknowledges DATA (opens our window) only as the router consumes it,
-so a slow upstream makes the client wait instead of making us buffer: per stream at most
-INITIAL_STREAM_WINDOW, per connection INITIAL_CONNECTION_WINDOW.
+Writing goes through H2Transport (h2_transport.py): in order, waiting for the client's windows and
+for a client that does not read. The request body side acknowledges DATA (opens our window) only
+as the router consumes it, so a slow upstream makes the client wait instead of making us buffer:
+per stream at most INITIAL_STREAM_WINDOW, per connection INITIAL_CONNECTION_WINDOW (h2_codec.py).
 
 Attack mitigations (each counted in `triomesh_h2_mitigations_total{kind}` and answered with GOAWAY
 ENHANCE_YOUR_CALM or the protocol error h2 names): rapid reset (more than half of at least
@@ -45,7 +42,6 @@ from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
 from proxy.l7.events import RequestHead, ResponseHead
 from proxy.l7.h2_codec import (
     INITIAL_CONNECTION_WINDOW,
-    MAX_FRAME_SIZE,
     MalformedRequest,
     grpc_local_reply_fields,
     h2_config,
@@ -54,6 +50,7 @@ from proxy.l7.h2_codec import (
     server_settings,
     trailer_fields,
 )
+from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
 if TYPE_CHECKING:
@@ -67,7 +64,6 @@ log = structlog.get_logger("triomesh.l7.h2")
 PRIOR_KNOWLEDGE = object()  # what the HTTP/1.1 head reader returns for the HTTP/2 preface
 _PREFACE_START = b"PRI * HTTP/2"
 
-OUTBOX_HIGH_BYTES = 1024 * 1024
 RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
@@ -149,7 +145,7 @@ class H2Body:
         return self.buffered_pieces()
 
 
-class H2Stream:
+class H2Stream(H2StreamState):
     """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
 
     protocol = "HTTP/2"
@@ -157,13 +153,13 @@ class H2Stream:
     expect_continue = False
     is_upgrade = False
 
-    __slots__ = ("connection", "stream_id", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx",
-                 "_fields", "_head_sent", "_ended", "window", "cancel_scope", "reset_by_peer")
+    __slots__ = ("connection", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
+                 "cancel_scope", "reset_by_peer")
 
     def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
                  grpc: bool, ctx: RequestContext) -> None:
+        super().__init__(stream_id)
         self.connection = connection
-        self.stream_id = stream_id
         self.body = H2Body(connection, stream_id, framing)
         self.upstream_framing = framing
         self.keep_alive = True
@@ -171,9 +167,6 @@ class H2Stream:
         self.grpc = grpc
         self.ctx = ctx
         self._fields: Headers | None = None
-        self._head_sent = False
-        self._ended = False  # END_STREAM sent (or the stream reset)
-        self.window: trio.Event | None = None
         self.cancel_scope = trio.CancelScope()
         self.reset_by_peer = False
 
@@ -196,7 +189,6 @@ class H2Stream:
 
     def _send_head(self, end_stream: bool) -> None:
         fields, self._fields = self._fields, None
-        self._head_sent = True
         self.connection.send_headers(self, fields, end_stream)
 
     def send_whole_nowait(self, body: memoryview | None):
@@ -216,13 +208,13 @@ class H2Stream:
         connection = self.connection
         if self._fields is not None:
             self._send_head(end_stream and not any(len(p) for p in pieces))
-            if self._ended:
+            if self.ended:
                 connection.flush()
                 return
         last = len(pieces) - 1
         for i, piece in enumerate(pieces):
             await connection.send_data(self, piece, end_stream and i == last)
-        if end_stream and not self._ended:
+        if end_stream and not self.ended:
             connection.end_stream(self)
         connection.flush()
         await connection.wait_outbox()
@@ -279,168 +271,34 @@ class H2Stream:
         self.connection.reset_stream(self, _INTERNAL_ERROR)
 
 
-class H2ServerConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination", "h2", "streams",
-                 "outbox", "outbox_bytes", "writer_wakeup", "drained", "nursery", "streams_total", "premature_resets",
-                 "control_frames", "empty_data_frames", "closing", "error")
+class H2ServerConnection(H2Transport):
+    __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "streams", "nursery",
+                 "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination) -> None:
+        h2conn = h2.connection.H2Connection(config=h2_config(False))
+        h2conn.local_settings = h2.settings.Settings(client=False, initial_values=server_settings())
+        super().__init__(conn, h2conn, DownstreamDisconnect)
         self.plane = plane
         self.listener_name = listener_name
-        self.conn = conn
         self.client = client
         self.client_ip = client_ip
         self.original_destination = original_destination
-        self.h2 = h2.connection.H2Connection(config=h2_config(False))
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values=server_settings())
         self.streams: dict[int, H2Stream] = {}
-        self.outbox: list = []  # bytes the kernel has not taken yet, in order
-        self.outbox_bytes = 0
-        self.writer_wakeup = trio.Event()
-        self.drained: trio.Event | None = None
         self.nursery: trio.Nursery | None = None
         self.streams_total = 0
         self.premature_resets = 0
         self.control_frames = 0  # PING/SETTINGS received while our answers wait in the outbox
         self.empty_data_frames = 0
         self.closing = False  # GOAWAY sent or received: no new streams
-        self.error: str | None = None
 
-    # ---- writing
-
-    def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if not data:
-            return
-        if self.outbox:
-            self.outbox.append(data)
-            self.outbox_bytes += len(data)
-            return
-        try:
-            rest = self.conn.send_nowait(data)
-        except OSError as e:
-            self._lost(f"send failed: {e}")
-            return
-        if rest is not None:
-            self.outbox.append(rest)
-            self.outbox_bytes += len(rest)
-            self.writer_wakeup.set()
-        else:
-            self.control_frames = 0
-
-    async def _writer(self) -> None:
-        conn = self.conn
-        while True:
-            await self.writer_wakeup.wait()
-            self.writer_wakeup = trio.Event()
-            while self.outbox:
-                parts, self.outbox = self.outbox, []
-                size = sum(len(p) for p in parts)
-                try:
-                    await conn.send_many(parts)
-                except OSError as e:
-                    self._lost(f"send failed: {e}")
-                    return
-                self.outbox_bytes -= size
-            self.control_frames = 0
-            if self.drained is not None:
-                self.drained.set()
-                self.drained = None
-
-    async def wait_outbox(self) -> None:
-        """Wait while a client that does not read has more than OUTBOX_HIGH_BYTES waiting."""
-        while self.outbox_bytes > OUTBOX_HIGH_BYTES:
-            if self.error is not None:
-                raise DownstreamDisconnect(self.error)
-            if self.drained is None:
-                self.drained = trio.Event()
-            await self.drained.wait()
-
-    def _lost(self, why: str) -> None:
-        self.error = why
+    def on_lost(self, why: str) -> None:
         for stream in self.streams.values():
             stream.body.fail(why)
-            self._wake_window(stream)
-        if self.drained is not None:
-            self.drained.set()
+            self.wake_window(stream)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
-
-    def send_headers(self, stream: H2Stream, fields: Headers, end_stream: bool) -> None:
-        try:
-            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
-        except h2.exceptions.ProtocolError as e:  # the client reset the stream, or went away
-            raise DownstreamDisconnect(f"stream closed: {e}") from None
-        if end_stream:
-            stream._ended = True
-
-    def end_stream(self, stream: H2Stream) -> None:
-        try:
-            self.h2.end_stream(stream.stream_id)
-        except h2.exceptions.ProtocolError as e:
-            raise DownstreamDisconnect(f"stream closed: {e}") from None
-        stream._ended = True
-
-    def _window(self, stream: H2Stream) -> int:
-        if self.error is not None:
-            raise DownstreamDisconnect(self.error)
-        try:
-            return self.h2.local_flow_control_window(stream.stream_id)
-        except h2.exceptions.ProtocolError as e:
-            raise DownstreamDisconnect(f"stream closed: {e}") from None
-
-    def send_data_nowait(self, stream: H2Stream, data, end_stream: bool) -> int:
-        """Send what the peer's windows allow now; returns how many bytes went."""
-        window = self._window(stream)
-        total = len(data)
-        sent = 0
-        while sent < total and window > 0:
-            n = min(total - sent, window, MAX_FRAME_SIZE)
-            last = end_stream and sent + n == total
-            try:
-                self.h2.send_data(stream.stream_id, data[sent:sent + n], end_stream=last)
-            except h2.exceptions.ProtocolError as e:
-                raise DownstreamDisconnect(f"stream closed: {e}") from None
-            if last:
-                stream._ended = True
-            sent += n
-            window -= n
-        return sent
-
-    async def send_data(self, stream: H2Stream, data, end_stream: bool) -> None:
-        data = memoryview(data) if not isinstance(data, memoryview) else data
-        while True:
-            sent = self.send_data_nowait(stream, data, end_stream)
-            if sent == len(data):
-                return
-            data = data[sent:]
-            self.flush()
-            while self._window(stream) <= 0:
-                stream.window = event = trio.Event()
-                await event.wait()
-
-    def _wake_window(self, stream: H2Stream) -> None:
-        if stream.window is not None:
-            stream.window.set()
-            stream.window = None
-
-    def acknowledge(self, stream_id: int, n: int) -> None:
-        try:
-            self.h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.ProtocolError:
-            return  # the stream is gone; its share of the connection window was returned
-        self.flush()
-
-    def reset_stream(self, stream: H2Stream, code) -> None:
-        if stream._ended:
-            return
-        stream._ended = True
-        try:
-            self.h2.reset_stream(stream.stream_id, error_code=code)
-        except h2.exceptions.ProtocolError:
-            return
-        self.flush()
 
     # ---- reading
 
@@ -454,11 +312,11 @@ class H2ServerConnection:
         try:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
-                nursery.start_soon(self._writer)
+                nursery.start_soon(self.writer)
                 try:
                     await self._read_loop()
                 except (OSError, ReadTimeout):
-                    self._lost("connection closed by the client")
+                    self.lost("connection closed by the client")
                     return
                 # the client closed its side or said GOAWAY: finish the streams in flight
                 while self.streams and self.error is None:
@@ -545,7 +403,7 @@ class H2ServerConnection:
             elif t is h2.events.StreamReset:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream._ended = True
+                    stream.ended = True
                     stream.reset_by_peer = True
                     if stream.ctx.response is None and not stream.ctx.status:
                         self.premature_resets += 1
@@ -560,15 +418,15 @@ class H2ServerConnection:
             elif t is h2.events.WindowUpdated:
                 if event.stream_id == 0:
                     for stream in streams.values():
-                        self._wake_window(stream)
+                        self.wake_window(stream)
                 else:
                     stream = streams.get(event.stream_id)
                     if stream is not None:
-                        self._wake_window(stream)
+                        self.wake_window(stream)
             elif t is h2.events.RemoteSettingsChanged:
                 self._count_control()
                 for stream in streams.values():
-                    self._wake_window(stream)
+                    self.wake_window(stream)
             elif t is h2.events.PingReceived:
                 self._count_control()
             elif t is h2.events.ConnectionTerminated:
@@ -579,7 +437,9 @@ class H2ServerConnection:
     def _count_control(self) -> None:
         """A PING or SETTINGS whose answer is queued: too many unanswered means the client sends
         them without reading (a flood), as Envoy's outbound control frame limit judges it."""
-        if self.outbox:
+        if self.flushed_clean:
+            self.control_frames = 0
+        else:
             self.control_frames += 1
             if self.control_frames > MAX_UNANSWERED_CONTROL_FRAMES:
                 self.plane.count_h2_mitigation("control_frame_flood")
@@ -635,7 +495,7 @@ class H2ServerConnection:
             pass
         finally:
             del self.streams[stream.stream_id]
-            if not stream._ended and self.error is None:
+            if not stream.ended and self.error is None:
                 self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
             body = stream.body
             if body.unacked:  # what the router never read still counts against the connection window

@@ -10,6 +10,7 @@ import trio
 
 from proxy.l7.chain import Delay
 from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
+from proxy.l7.h2_client import H2Exchange
 from proxy.l7.router import Exchange
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ async def serve_request(plane: DataPlane, ctx: RequestContext, stream: Downstrea
                         ctx.response_flags.append(outcome.response_flag)
                     return await stream.send_local(ctx, outcome.status, outcome.body, outcome.headers,
                                                    generated=True)
-        return await Exchange(ctx, plane, clusters[ctx.cluster.name], stream).run()
+        crt = clusters[ctx.cluster.name]
+        return await (H2Exchange if crt.http2 else Exchange)(ctx, plane, crt, stream).run()
     except ProxyError as e:
         ctx.error = e
         return await reply_for_error(ctx, e, stream)

@@ -49,6 +49,7 @@ from proxy.l7.errors import (
 )
 from proxy.l7.events import ResponseHead
 from proxy.l7.h1_client import StaleConnection, read_response_head
+from proxy.l7.h2_codec import grpc_timeout_s
 from proxy.l7.mirror import start_mirrors
 from proxy.l7.retry import backoff_s, retry_on_error, retry_on_status
 from proxy.l7.stages.headers import response_header_ops
@@ -89,7 +90,11 @@ class Exchange:
         self.plane = plane
         self.crt = crt
         self.stream = stream
-        timeout = ctx.route.timeout_s if ctx.route.timeout_s is not None else plane.settings.route_timeout_s
+        timeout = ctx.route.timeout_s
+        if timeout is None:
+            timeout = plane.settings.route_timeout_s
+            if stream.grpc:  # Istio: a gRPC client's grpc-timeout is the route timeout when the route sets none
+                timeout = grpc_timeout_s(ctx.request.get(b"grpc-timeout")) or timeout
         # `deadline` bounds the current try (per-try timeout), `overall_deadline` all of them. As in
         # Envoy the route timeout starts at the router, after the stages (an injected delay is not
         # part of it); 0s means none.
@@ -155,9 +160,7 @@ class Exchange:
         in_flight[key] = in_flight.get(key, 0) + 1
         reusable = False
         try:
-            head_bytes = self._request_head_bytes(crt)
-            self.up, _ = await acquire(plane, crt, key, deadline=self.deadline)
-            reusable = await self._duplex(head_bytes)
+            reusable = await self._stream_try(key)
             if crt.outlier is not None:
                 crt.record(endpoint, ctx.status)
             return self.request_body_done and self.stream.keep_alive
@@ -167,7 +170,13 @@ class Exchange:
         finally:
             in_flight[key] -= 1
             if self.up is not None:
-                release(plane, crt, self.up, reusable and self.request_body_done)
+                self._release(reusable and self.request_body_done)
+
+    async def _stream_try(self, key: tuple[str, int]) -> bool:
+        """The one try of a streamed request; returns whether the upstream connection is reusable."""
+        head_bytes = self._request_head_bytes(self.crt)
+        self.up, _ = await acquire(self.plane, self.crt, key, deadline=self.deadline)
+        return await self._duplex(head_bytes)
 
     def _count_failure(self, endpoint, e: ProxyError, per_try: bool) -> None:
         crt = self.crt
@@ -187,9 +196,7 @@ class Exchange:
         in_flight = plane.in_flight
         overall = self.overall_deadline
         per_try_s = retry.per_try_timeout_s if retry is not None else None
-        data = self._request_head_bytes(crt, len(body))
-        if body:
-            data += body
+        data = self._encode_request(crt, body)
         state = None  # _RetryState once a retry is considered (rare): no per-request allocation otherwise
         reusable = False
         try:
@@ -209,8 +216,7 @@ class Exchange:
                     per_try = isinstance(e, UpstreamTimeout) and self.deadline < overall
                     self._count_failure(endpoint, e, per_try)
                     if self.up is not None:
-                        discard(crt, self.up)
-                        self.up = None
+                        self._abandon_try()
                     if retry is not None and retry_on_error(retry, e, per_try):
                         if state is None:
                             state = _RetryState(retry.num_retries)
@@ -229,8 +235,7 @@ class Exchange:
                         state = _RetryState(retry.num_retries)
                     if await self._may_retry(retry, state, endpoint):
                         crt.count_response(status)
-                        discard(crt, self.up)  # the unread response goes with its connection
-                        self.up = None
+                        self._abandon_try()  # the unread response goes with its connection
                         continue
                     if not state.left:
                         ctx.response_flags.append("URX")
@@ -242,7 +247,22 @@ class Exchange:
             if state is not None and state.holds_slot:
                 crt.retries_active -= 1
             if self.up is not None:
-                release(plane, crt, self.up, reusable and self.request_body_done)
+                self._release(reusable and self.request_body_done)
+
+    # ---- what differs per upstream protocol (h2_client.H2Exchange overrides these)
+
+    def _encode_request(self, crt: ClusterRuntime, body: bytes):
+        """What `_send_and_read_head` sends for a replayable request: here the whole HTTP/1.1 request."""
+        data = self._request_head_bytes(crt, len(body))
+        return data + body if body else data
+
+    def _abandon_try(self) -> None:
+        """A try's upstream is given up (failed, or its response is retried): never reused."""
+        discard(self.crt, self.up)
+        self.up = None
+
+    def _release(self, reusable: bool) -> None:
+        release(self.plane, self.crt, self.up, reusable)
 
     async def _may_retry(self, retry: RetryPolicy, state: _RetryState, endpoint) -> bool:
         """Whether to try again (and wait the back-off): attempts left, the cluster's retry budget,

@@ -1,0 +1,167 @@
+"""The HTTP/2 client side of an exchange: the router's tries on an upstream stream (h2_upstream.py).
+
+`H2Exchange` is the router (router.Exchange: retries, timeouts, outlier bookkeeping, mirrors) with
+the parts that touch the upstream done on an HTTP/2 stream instead of an HTTP/1.1 connection:
+sending the request (fields per RFC 9113 §8.3.1, the body in DATA frames, request trailers passed
+on), reading the response head, and relaying the body and trailers to the downstream stream, which
+frames them for its own protocol (gRPC's grpc-status trailers reach an HTTP/2 client as trailers,
+an HTTP/1.1 client in the last chunk when it asked with `TE: trailers`). A refused stream (GOAWAY,
+REFUSED_STREAM: never processed upstream) is sent once more on a new connection, like a stale
+HTTP/1.1 keep-alive connection.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+
+from proxy.l7 import h1
+from proxy.l7.errors import ProxyError
+from proxy.l7.events import ResponseHead
+from proxy.l7.h2_codec import request_fields, trailer_fields
+from proxy.l7.h2_upstream import RefusedStream, open_stream
+from proxy.l7.router import Exchange
+
+if TYPE_CHECKING:
+    from proxy.l7.dataplane import ClusterRuntime
+    from proxy.l7.h2_upstream import UpstreamH2Stream
+
+
+class H2Exchange(Exchange):
+    __slots__ = ()
+
+    def _fields(self, crt: ClusterRuntime, length: int | None):
+        head = self.ctx.request
+        return request_fields(head, head.authority or crt.cluster.service_host.encode(), length)
+
+    def _encode_request(self, crt: ClusterRuntime, body: bytes):
+        return self._fields(crt, len(body) if body or self.stream.upstream_framing.kind != h1.NONE else None), body
+
+    def _abandon_try(self) -> None:
+        self.up.close()
+        self.up = None
+
+    def _release(self, reusable: bool) -> None:
+        self.up.close()
+
+    async def _send_and_read_head(self, key: tuple[str, int], data):
+        """A replayable request on a new stream, then its response head; a refused stream is sent
+        again once, on a new connection."""
+        fields, body = data
+        for attempt in (0, 1):
+            up = self.up = await open_stream(self.plane, self.crt, key, fresh=attempt == 1)
+            try:
+                up.connection.send_headers(up, fields, not body)
+                if body:
+                    await up.send_body(body, True)
+                else:
+                    up.connection.flush()
+                status, headers = await up.read_head(self.deadline)
+                return 2, status, b"", headers
+            except RefusedStream:
+                up.close()
+                self.up = None
+                if attempt == 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _stream_try(self, key: tuple[str, int]) -> bool:
+        """A streamed request body pumped on a second task while this one relays the response."""
+        framing = self.stream.upstream_framing
+        up = self.up = await open_stream(self.plane, self.crt, key)
+        up.connection.send_headers(up, self._fields(self.crt, framing.length if framing.kind == h1.LENGTH else None),
+                                   False)
+        up.connection.flush()
+        failure: list[BaseException] = []
+
+        async def pump() -> None:
+            try:
+                await self._pump_body(up)
+            except ProxyError as e:
+                failure.append(e)
+                nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            try:
+                status, headers = await up.read_head(self.deadline)
+                await self._relay_response((2, status, b"", headers))
+            except ProxyError as e:
+                failure.append(e)
+            nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        return True
+
+    async def _pump_body(self, up: UpstreamH2Stream) -> None:
+        stream = self.stream
+        body = stream.body
+        await stream.send_continue()
+        pieces = self.prefix or []
+        self.prefix = None
+        pieces += body.buffered_pieces()
+        try:
+            while True:
+                for p in pieces:
+                    await up.send_body(p, False)
+                if body.done:
+                    break
+                pieces = await body.next_pieces()
+            trailers = getattr(body, "trailers", None)
+            up.finish_request(trailer_fields(trailers) if trailers else None)
+        finally:
+            self.ctx.bytes_received = body.bytes_read
+        self.request_body_done = True
+
+    async def _relay_response(self, parsed) -> bool:
+        ctx, stream, up = self.ctx, self.stream, self.up
+        status, headers = parsed[1], parsed[3]
+        if not self.request_body_done:
+            stream.keep_alive = False
+        response = ResponseHead(status, headers)
+        chain = stream.chain
+        if chain.response_stages:
+            chain.run_response(ctx, response)
+        length = up.length
+        if up.done and up.trailers is None and not length:
+            framing = h1.FRAMING_NONE
+        elif length is not None and ctx.request.method != b"HEAD" and status != 304:
+            framing = h1.length_framing(length)
+        else:
+            framing = h1.FRAMING_CHUNKED if h1.status_has_body(status) and ctx.request.method != b"HEAD" \
+                else h1.FRAMING_NONE
+        stream.start_response(ctx, response, framing, b"%d" % length if length is not None else None)
+        ctx.response = response
+        self.crt.count_response(status)
+        deadline = self.deadline
+        if framing.kind == h1.NONE:
+            rest = stream.send_whole_nowait(None)
+            if rest is not None:
+                await stream.send_rest(rest)
+            self._note_grpc_status(headers)
+            ctx.status = status
+            return True
+        pieces = up.buffered_pieces()
+        ctx.status = status
+        while True:
+            if up.done:
+                if up.trailers is not None:
+                    if pieces:
+                        await stream.send(pieces, False)
+                    await stream.send_trailers(ctx, up.trailers)
+                    self._note_grpc_status(up.trailers)
+                else:
+                    await stream.send(pieces, True)
+                break
+            if pieces:
+                await stream.send(pieces, False)
+            pieces = await up.next_pieces(deadline)
+        ctx.bytes_sent = up.bytes_read
+        return True
+
+    def _note_grpc_status(self, fields) -> None:
+        for name, value in fields:
+            if name == b"grpc-status":
+                self.ctx.scratch()["grpc_status"] = value
+                return

@@ -1,0 +1,208 @@
+"""One HTTP/2 connection's writing side, shared by the downstream server and the upstream client:
+frames queued in the `h2` state machine go out in order, and DATA waits for the peer's windows.
+
+Theory of operation
+-------------------
+Many stream tasks write on one connection. Each queues frames in the one `h2` object and calls
+`flush`, which sends at once what the kernel takes; the rest waits in an outbox that one writer
+task drains, so bytes of different calls never interleave inside a send. A stream task waits when
+the outbox holds more than OUTBOX_HIGH_BYTES (a peer that does not read) and when the peer's
+flow-control window is empty (`send_data`). Received DATA is acknowledged (our window reopened)
+only when the consumer took it (`acknowledge`), so a slow reader on the other side makes the
+sender wait instead of making us buffer.
+
+`gone_error` is the ProxyError raised when a stream or the connection is gone: the downstream side
+raises DownstreamDisconnect, the upstream side UpstreamReset.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import h2.connection
+import h2.exceptions
+import trio
+
+from proxy.l7.h2_codec import MAX_FRAME_SIZE
+
+if TYPE_CHECKING:
+    from proxy.l7.connio import Conn
+    from proxy.l7.events import Headers
+
+OUTBOX_HIGH_BYTES = 1024 * 1024
+
+
+class H2StreamState:
+    """What the transport keeps of one stream: its id, whether END_STREAM (or a reset) went out,
+    and the event a writer waits on for window."""
+
+    __slots__ = ("stream_id", "ended", "window")
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.ended = False
+        self.window: trio.Event | None = None
+
+
+class H2Transport:
+    __slots__ = ("conn", "h2", "outbox", "outbox_bytes", "writer_wakeup", "drained", "error", "gone_error",
+                 "flushed_clean")
+
+    def __init__(self, conn: Conn, h2conn: h2.connection.H2Connection, gone_error: type[Exception]) -> None:
+        self.conn = conn
+        self.h2 = h2conn
+        self.outbox: list = []  # bytes the kernel has not taken yet, in order
+        self.outbox_bytes = 0
+        self.writer_wakeup = trio.Event()
+        self.drained: trio.Event | None = None
+        self.error: str | None = None  # why the connection is gone, once it is
+        self.gone_error = gone_error
+        self.flushed_clean = True  # the last flush left nothing waiting
+
+    # ---- the byte stream
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if not data:
+            return
+        if self.outbox:
+            self.outbox.append(data)
+            self.outbox_bytes += len(data)
+            return
+        try:
+            rest = self.conn.send_nowait(data)
+        except OSError as e:
+            self.lost(f"send failed: {e}")
+            return
+        if rest is not None:
+            self.outbox.append(rest)
+            self.outbox_bytes += len(rest)
+            self.flushed_clean = False
+            self.writer_wakeup.set()
+        else:
+            self.flushed_clean = True
+
+    async def writer(self) -> None:
+        """Drains the outbox; runs for the connection's life."""
+        conn = self.conn
+        while True:
+            await self.writer_wakeup.wait()
+            self.writer_wakeup = trio.Event()
+            while self.outbox:
+                parts, self.outbox = self.outbox, []
+                size = sum(len(p) for p in parts)
+                try:
+                    await conn.send_many(parts)
+                except OSError as e:
+                    self.lost(f"send failed: {e}")
+                    return
+                self.outbox_bytes -= size
+            self.flushed_clean = True
+            if self.drained is not None:
+                self.drained.set()
+                self.drained = None
+
+    async def wait_outbox(self) -> None:
+        """Wait while a peer that does not read has more than OUTBOX_HIGH_BYTES waiting."""
+        while self.outbox_bytes > OUTBOX_HIGH_BYTES:
+            if self.error is not None:
+                raise self.gone_error(self.error)
+            if self.drained is None:
+                self.drained = trio.Event()
+            await self.drained.wait()
+
+    def lost(self, why: str) -> None:
+        """The connection failed: every waiter is woken to find out."""
+        if self.error is None:
+            self.error = why
+        if self.drained is not None:
+            self.drained.set()
+            self.drained = None
+        self.on_lost(why)
+
+    def on_lost(self, why: str) -> None:  # subclasses fail their streams
+        pass
+
+    # ---- frames of one stream
+
+    def _gone(self, e: Exception):
+        return self.gone_error(f"stream closed: {e}")
+
+    def send_headers(self, stream: H2StreamState, fields: Headers, end_stream: bool) -> None:
+        try:
+            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as e:  # the peer reset the stream, or the connection ended
+            raise self._gone(e) from e
+        if end_stream:
+            stream.ended = True
+
+    def end_stream(self, stream: H2StreamState) -> None:
+        try:
+            self.h2.end_stream(stream.stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise self._gone(e) from e
+        stream.ended = True
+
+    def window(self, stream: H2StreamState) -> int:
+        if self.error is not None:
+            raise self.gone_error(self.error)
+        try:
+            return self.h2.local_flow_control_window(stream.stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise self._gone(e) from e
+
+    def send_data_nowait(self, stream: H2StreamState, data, end_stream: bool) -> int:
+        """Queue what the peer's windows allow now; returns how many bytes that was."""
+        window = self.window(stream)
+        total = len(data)
+        sent = 0
+        while sent < total and window > 0:
+            n = min(total - sent, window, MAX_FRAME_SIZE)
+            last = end_stream and sent + n == total
+            try:
+                self.h2.send_data(stream.stream_id, data[sent:sent + n], end_stream=last)
+            except h2.exceptions.ProtocolError as e:
+                raise self._gone(e) from e
+            if last:
+                stream.ended = True
+            sent += n
+            window -= n
+        return sent
+
+    async def send_data(self, stream: H2StreamState, data, end_stream: bool) -> None:
+        """All of `data`, waiting for window as needed (flushes as it goes)."""
+        if not isinstance(data, memoryview):
+            data = memoryview(data)
+        while True:
+            sent = self.send_data_nowait(stream, data, end_stream)
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.flush()
+            while self.window(stream) <= 0:
+                stream.window = event = trio.Event()
+                await event.wait()
+
+    @staticmethod
+    def wake_window(stream: H2StreamState) -> None:
+        if stream.window is not None:
+            stream.window.set()
+            stream.window = None
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """The consumer took `n` flow-controlled bytes of `stream_id`: the peer may send more."""
+        try:
+            self.h2.acknowledge_received_data(n, stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the stream is gone; h2 returned its share of the connection window
+        self.flush()
+
+    def reset_stream(self, stream: H2StreamState, code) -> None:
+        if stream.ended:
+            return
+        stream.ended = True
+        try:
+            self.h2.reset_stream(stream.stream_id, error_code=code)
+        except h2.exceptions.ProtocolError:
+            return
+        self.flush()

@@ -1,0 +1,126 @@
+"""gRPC through the proxy: a real grpcio client → the proxy (h2c downstream) → a real grpcio server
+(h2c upstream, the cluster's http2), and HTTP/1.1 clients to that HTTP/2 upstream."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import grpc
+import pytest
+import trio
+
+from proxy.config.snapshot import RetryPolicy
+from tests import grpc_apps
+from tests.integration.l7_harness import make_snapshot, prefix_route, start_proxy
+
+
+@pytest.fixture
+def grpc_servers():
+    servers = [grpc_apps.start_grpc_server(name=f"grpc-{i}")[0] for i in range(2)]
+    yield servers
+    for s in servers:
+        s.close()
+
+
+async def _proxy(nursery, servers, *, retry=None, timeout_s=None):
+    route = prefix_route(b"/", {"grpc": 100}, timeout_s=timeout_s)
+    if retry is not None:
+        route = dataclasses.replace(route, retry=retry)
+    snap = make_snapshot({"grpc": [s.port for s in servers]}, [route])
+    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
+                                               for name, c in snap.clusters.items()})
+    return await start_proxy(nursery, snap)
+
+
+def _call(fn, *args, **kwargs):
+    return trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def test_unary_and_streaming_rpcs(nursery, grpc_servers):
+    proxy = await _proxy(nursery, grpc_servers)
+    target = f"127.0.0.1:{proxy.port}"
+    result = await _call(grpc_apps.unary, target, b"ping", metadata=(("x-request-id", "rid-1"),), timeout=10)
+    assert result.code == grpc.StatusCode.OK, result
+    assert result.response.endswith(b":ping")
+    assert result.initial("x-request-id") == "rid-1"
+    assert result.trailing("x-served-by") in ("grpc-0", "grpc-1"), "trailers travel end to end"
+
+    result = await _call(grpc_apps.client_stream, target, [b"a" * 1000] * 50, timeout=10)
+    assert result.code == grpc.StatusCode.OK and result.response == b"50:50000"
+
+    result = await _call(grpc_apps.server_stream, target, 3, 4 * 1024 * 1024, timeout=20)
+    assert result.code == grpc.StatusCode.OK, result
+    assert [len(m) for m in result.response] == [4 * 1024 * 1024] * 3
+    assert result.response[2] == grpc_apps.stream_message(2, 4 * 1024 * 1024)
+
+    result, order = await _call(grpc_apps.bidi_interleaved, target, [b"m%d" % i for i in range(10)], timeout=10)
+    assert result.code == grpc.StatusCode.OK, result
+    assert order[:4] == ["send 0", "recv 0", "send 1", "recv 1"], "bidi streams without buffering whole calls"
+    assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") <= 2, "streams share HTTP/2 connections"
+
+
+async def test_error_status_and_message_reach_the_client(nursery, grpc_servers):
+    proxy = await _proxy(nursery, grpc_servers)
+    result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"x", metadata=(("x-fail-status", "7"),),
+                         timeout=10)
+    assert result.code == grpc.StatusCode.PERMISSION_DENIED
+    assert result.details == grpc_apps.FAIL_DETAILS
+
+
+async def test_deadline_exceeded(nursery, grpc_servers):
+    proxy = await _proxy(nursery, grpc_servers)
+    with trio.fail_after(5):
+        result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"x", metadata=(("x-delay-ms", "3000"),),
+                             timeout=0.5)
+    assert result.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_grpc_timeout_is_the_route_timeout(nursery, grpc_servers):
+    """Without a route timeout, the proxy itself gives up at the client's grpc-timeout (Istio)."""
+    proxy = await _proxy(nursery, grpc_servers)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    from tests.integration.test_h2_downstream import RawH2Client
+
+    client = RawH2Client(stream)
+    client.conn.initiate_connection()
+    sid = client.request(b"/triomesh.test.Echo/Unary", method=b"POST", body=b"\x00\x00\x00\x00\x01x",
+                         headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers"),
+                                  (b"grpc-timeout", b"300m"), (b"x-delay-ms", b"3000")])
+    await client.flush()
+    start = trio.current_time()
+    await client.pump(client.done(sid), timeout_s=5)
+    assert trio.current_time() - start < 2.0
+    headers = client.responses[sid]["headers"]
+    assert headers[b"grpc-status"] == b"14" and b"timeout" in headers[b"grpc-message"]
+
+
+async def test_retry_on_unavailable_succeeds(nursery, grpc_servers):
+    retry = RetryPolicy(num_retries=3, retry_on=frozenset({"unavailable"}), backoff_base_s=0.001)
+    proxy = await _proxy(nursery, grpc_servers[:1], retry=retry)  # the failure count is per server
+    result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"x",
+                         metadata=(("x-fail-times", "2"), ("x-fail-key", "k1")), timeout=10)
+    assert result.code == grpc.StatusCode.OK, result
+    calls = grpc_servers[0].calls("Unary")
+    assert calls == 3, "two UNAVAILABLE answers retried, the third try served"
+    assert proxy.counter("triomesh_upstream_rq_retry_total", cluster="grpc") == 2
+
+
+async def test_http1_client_to_an_http2_upstream_gets_trailers_in_the_last_chunk(nursery, grpc_servers):
+    proxy = await _proxy(nursery, grpc_servers)
+    message = b"hello"
+    frame = struct.pack(">BI", 0, len(message)) + message
+    request = (b"POST /triomesh.test.Echo/Unary HTTP/1.1\r\nHost: svc\r\ncontent-type: application/grpc\r\n"
+               b"te: trailers\r\ncontent-length: %d\r\n\r\n" % len(frame)) + frame
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    got = b""
+    async with stream:
+        await stream.send_all(request)
+        with trio.fail_after(5):
+            while not got.endswith(b"\r\n\r\n") or b"grpc-status" not in got:
+                got += await stream.receive_some(65536)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), got
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b"grpc-0:hello" in body or b"grpc-1:hello" in body
+    assert b"\r\n0\r\ngrpc-status: 0\r\n" in body, body
