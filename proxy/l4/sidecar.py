@@ -9,7 +9,7 @@ Only the services the capturing Sidecar's egress `hosts` name are known (Snapsho
 outbound, by original destination (a ServiceEntry `addresses` VIP and port, else a service
 endpoint's address and port, else a service known by name only (no VIP, no IP endpoint) on that
 port):
-  known service, HTTP port, HTTP/1 bytes  -> L7: the virtual listener `outbound|<port>|<host>`
+  known service, HTTP port, HTTP/1 or h2c -> L7: the virtual listener `outbound|<port>|<host>`
                                              (that service's routes: splits, header matches...)
   known service, anything else            -> Tcp: the TCP proxy to one endpoint of its cluster
                                              (resolution NONE: to the original destination)
@@ -24,7 +24,7 @@ port):
   unknown, REGISTRY_ONLY                   -> Refuse: 502 for HTTP, a reset for TCP (BlackHoleCluster)
 inbound, by original destination port:
   a captured Sidecar ingress port, HTTP/1 -> L7: the virtual listener `inbound|<port>` (to its
-                                             defaultEndpoint)
+    or h2c                                   defaultEndpoint)
   that port, other bytes                  -> Tcp to the same defaultEndpoint
   any other port                          -> Passthrough to the original destination from
                                              127.0.0.6 (InboundPassthroughCluster; the capture
@@ -67,6 +67,8 @@ class ServicePort:
 
 
 TLS_PROTOCOLS = frozenset({"TLS", "HTTPS"})
+# what the L7 server takes on a captured HTTP port: HTTP/1.x, and HTTP/2 with prior knowledge (h2c)
+HTTP_PROTOCOLS = frozenset({Protocol.HTTP1, Protocol.HTTP2})
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,7 +237,7 @@ def decide_outbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | 
     `rand_below(n)`: uniform in [0, n), for weighted tls/tcp routes (injected by tests)."""
     svc = table.lookup(dst)
     if svc is not None:
-        if svc.listener is not None and protocol is Protocol.HTTP1:
+        if svc.listener is not None and protocol in HTTP_PROTOCOLS:
             return L7(svc.listener)
         return Tcp(table.route_l4(svc, sni if protocol is Protocol.TLS else None, dst, rand_below))
     if protocol is Protocol.TLS:
@@ -255,7 +257,7 @@ def inbound_needs_sniff(table: CaptureTable, dst: OrigDstAddr) -> bool:
 def decide_inbound(table: CaptureTable, dst: OrigDstAddr, protocol: Protocol | None) -> Decision:
     port = table.inbound.get(dst.port)
     if port is not None:
-        if port.listener is not None and protocol is Protocol.HTTP1:
+        if port.listener is not None and protocol in HTTP_PROTOCOLS:
             return L7(port.listener)
         return Tcp(port.cluster)
     source = INBOUND_PASSTHROUGH_SOURCE_V6 if ":" in dst.ip else INBOUND_PASSTHROUGH_SOURCE_V4

@@ -12,7 +12,6 @@ not captured again because the proxy runs under the uid the capture rules exclud
 from __future__ import annotations
 
 import ipaddress
-import random
 import socket
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from proxy.l4.original_dst import TransparentConnection, describe_connection
 from proxy.l4.sniff import Protocol
 from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats, proxy_to_upstream
+from proxy.l7.dataplane import ConnectionPick
 from proxy.l7.local_reply import local_reply_bytes
 from proxy.stats import HELP, Counter, Stats
 
@@ -164,17 +164,31 @@ class CaptureServer:
         if isinstance(decision, sidecar.Refuse):
             await self._refuse(listener_name, conn, protocol, decision)
             return True
+        crt = endpoint = None
         if isinstance(decision, sidecar.Tcp):
-            cluster = snapshot.clusters.get(decision.cluster)
+            crt = self.plane.runtime(snapshot).clusters.get(decision.cluster)
+            cluster = crt.cluster if crt is not None else None
             if cluster is None or (not cluster.endpoints and cluster.resolution != "NONE"):
                 self._count(listener_name, "no_healthy_upstream")
                 _reset(conn.sock)
                 return True
             if cluster.endpoints:
-                ep = random.choice(cluster.endpoints)
-                upstream = UpstreamAddr(ep.address, ep.port)
+                # the one endpoint pick: balancer, hashing on the source IP, outlier ejections
+                endpoint = crt.pick(ConnectionPick(conn.client.ip.encode(), conn.orig_dst.sockaddr()),
+                                    self.plane.in_flight_of)
+                if endpoint is None:
+                    self._count(listener_name, "no_healthy_upstream")
+                    _reset(conn.sock)
+                    return True
+                upstream = UpstreamAddr(endpoint.address, endpoint.port)
             else:  # resolution NONE: the app resolved the name itself; go where it was going
                 upstream = UpstreamAddr(conn.orig_dst.ip, conn.orig_dst.port)
+            limit = crt.pool_limits.max_connections
+            if limit is not None and crt.cx_active.value >= limit:  # connectionPool.tcp.maxConnections
+                self._count(listener_name, "overflow")
+                crt.rq_pending_overflow.value += 1
+                _reset(conn.sock)
+                return True
             cluster_name, bind_ip, connect_timeout_s = decision.cluster, None, cluster.connect_timeout_s
         else:
             upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
@@ -193,15 +207,30 @@ class CaptureServer:
             info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
             upstream = UpstreamAddr.from_sockaddr(info[4])
         self._count(listener_name, "tcp")
-        result = await proxy_to_upstream(
-            conn.sock,
-            upstream,
-            connect_timeout_s=connect_timeout_s,
-            idle_timeout_s=self.settings.idle_timeout_s,
-            downstream_prefix=initial,
-            stats=self._tcp(cluster_name),
-            bind_ip=bind_ip,
-        )
+        in_flight = self.plane.in_flight
+        if crt is not None:
+            crt.cx_active.value += 1
+            crt.cx_total.value += 1
+        if endpoint is not None:
+            in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
+        try:
+            result = await proxy_to_upstream(
+                conn.sock,
+                upstream,
+                connect_timeout_s=connect_timeout_s,
+                idle_timeout_s=self.settings.idle_timeout_s,
+                downstream_prefix=initial,
+                stats=self._tcp(cluster_name),
+                bind_ip=bind_ip,
+            )
+        finally:
+            if crt is not None:
+                crt.cx_active.value -= 1
+            if endpoint is not None:
+                in_flight[endpoint.key] -= 1
+        if endpoint is not None:  # connect failures and timeouts reach the outlier detector
+            failed = result.error is not None and result.error.response_flag in ("UF", "UT")
+            crt.record(endpoint, 503 if failed else 200, failed)
         if result.error is not None and result.error.source == "upstream":
             log.info("tcp upstream failed", listener=listener_name, orig_dst=str(conn.orig_dst),
                      upstream=str(upstream), flag=result.error.response_flag, error=str(result.error))

@@ -77,6 +77,7 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     request_id: str
     downstream_remote_address: str
     worker: int | None = None  # the worker process index (omitted when not set)
+    grpc_status: str | None = None  # a gRPC response's grpc-status (Envoy's %GRPC_STATUS_NUMBER%)
 
 
 def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: int | None = None) -> AccessRecord:
@@ -102,7 +103,16 @@ def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: in
         rid.decode("latin-1") if rid else "-",
         ctx.downstream_addr,
         worker,
+        _grpc_status(ctx),
     )
+
+
+def _grpc_status(ctx: RequestContext) -> str | None:
+    extra = ctx.extra
+    if extra is None:
+        return None
+    value = extra.get("grpc_status")
+    return value.decode("latin-1") if value is not None else None
 
 
 class AccessLog:

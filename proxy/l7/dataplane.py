@@ -167,6 +167,8 @@ class ClusterRuntime:
         hp = self.hash_policy
         head = ctx.request
         source = hp.source
+        if head is None and source != "source_ip":
+            return None  # a TCP connection has no headers, cookies or query to hash on
         if source == "header":
             value = head.authority if hp.name in (b"host", b":authority") else header_value(head, hp.name)
         elif source == "source_ip":
@@ -192,6 +194,21 @@ class ClusterRuntime:
         parts.append(b"HttpOnly")
         ctx.scratch()["set_cookie"] = b"; ".join(parts) + hp.cookie_attributes
         return value
+
+
+class ConnectionPick:
+    """What an endpoint pick knows of a proxied TCP connection (it has no request): the client's IP
+    for consistentHash useSourceIp, and the original destination for PASSTHROUGH clusters. TCP
+    routes pick through ClusterRuntime.pick with this, as HTTP requests and mirrors do with theirs."""
+
+    __slots__ = ("downstream_ip", "original_destination", "request", "downstream_addr", "listener")
+
+    def __init__(self, downstream_ip: bytes, original_destination: tuple[str, int] | None) -> None:
+        self.downstream_ip = downstream_ip
+        self.original_destination = original_destination
+        self.request = None
+        self.downstream_addr = ""
+        self.listener = None
 
 
 def _cookie(head, name: bytes) -> bytes | None:
@@ -278,6 +295,7 @@ class DataPlane:
         self._by_flag: dict[str, Counter] = {}
         self.h2_connections = stats.gauge("triomesh_downstream_cx_http2_active")
         self._h2_mitigations: dict[str, Counter] = {}
+        self._grpc_by_status: dict[bytes, Counter] = {}
         # where fire-and-forget work (mirrored requests) runs; the runner may set a nursery, else
         # each task is a Trio system task (a mirror never fails or delays the request it copies)
         self.background: trio.Nursery | None = None
@@ -349,6 +367,16 @@ class DataPlane:
             if f is None:
                 f = self._by_flag[flag] = self.stats.counter("triomesh_response_flags_total", flag=flag)
             f.value += 1
+
+    def count_grpc(self, grpc_status: bytes) -> None:
+        """A gRPC response went downstream with this grpc-status (a number, as the wire says it)."""
+        # gRPC defines 0-16: anything else is one label, so an upstream cannot grow the stats without bound
+        label = grpc_status if grpc_status.isdigit() and len(grpc_status) <= 2 else b"other"
+        c = self._grpc_by_status.get(label)
+        if c is None:
+            c = self._grpc_by_status[label] = self.stats.counter("triomesh_downstream_grpc_rq_total",
+                                                                 grpc_status=label.decode())
+        c.value += 1
 
     def count_h2_mitigation(self, kind: str) -> None:
         """An HTTP/2 protocol error or attack pattern refused (h2_server.py names the kinds)."""

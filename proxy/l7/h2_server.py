@@ -234,6 +234,9 @@ class H2Stream(H2StreamState):
                 fields = grpc_local_reply_fields(status, body)
             if ctx.request_id:
                 fields.append((b"x-request-id", ctx.request_id))
+            for name, value in fields:
+                if name == b"grpc-status":
+                    ctx.scratch()["grpc_status"] = value
             self._fields = fields
             self._send_head(True)
             self.connection.flush()

@@ -18,7 +18,7 @@ import trio
 
 from proxy.l7 import h1
 from proxy.l7.body import BodyReader
-from proxy.l7.errors import UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.l7.errors import ConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.l7.events import split_authority
 from proxy.l7.h1_client import read_response_head
 from proxy.l7.upstream_conn import acquire, release
@@ -72,11 +72,15 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
     up = None
     reusable = False
     ok = False
+    endpoint = None
+    in_flight = plane.in_flight
     try:
         with trio.move_on_after(timeout_s):
-            endpoint = crt._original_destination(ctx) if crt.passthrough else crt.balancer.pick(None)
+            # the one endpoint pick (outlier ejections, hashing, least-request), like the request's own
+            endpoint = crt.pick(ctx, plane.in_flight_of)
             if endpoint is None:
                 return
+            in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
             deadline = trio.current_time() + timeout_s
             up, _ = await acquire(plane, crt, endpoint.key, deadline=deadline)
             await up.send_all(data)
@@ -90,12 +94,17 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             while not reader.done:
                 await reader.next_pieces()
             crt.count_response(status)
+            crt.record(endpoint, status)  # the mirror cluster's outlier detector hears of it too
             reusable = keep_alive  # False for a body that ends with the connection
             ok = True
     except Exception as e:  # a mirror's failure is counted, never raised
         log.debug("mirror failed", cluster=crt.name, error=str(e))
+        if endpoint is not None and isinstance(e, (ConnectFailure, UpstreamReset, UpstreamTimeout)):
+            crt.record(endpoint, 504 if isinstance(e, UpstreamTimeout) else 503, True)
     finally:
         plane.mirrors_in_flight -= 1
+        if endpoint is not None:
+            in_flight[endpoint.key] -= 1
         if not ok:
             crt.mirror_failed.value += 1
         if up is not None:

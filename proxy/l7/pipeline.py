@@ -49,6 +49,9 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     """Stats and the access log line of a request that ended, however it ended."""
     if ctx.status or ctx.response_flags:
         plane.count_downstream(ctx.status, ctx.response_flags)
+    extra = ctx.extra
+    if extra is not None and "grpc_status" in extra:
+        plane.count_grpc(extra["grpc_status"])
     if plane.access_log is not None:
         plane.access_log.emit(ctx)
 

@@ -66,6 +66,8 @@ async def test_error_status_and_message_reach_the_client(nursery, grpc_servers):
                          timeout=10)
     assert result.code == grpc.StatusCode.PERMISSION_DENIED
     assert result.details == grpc_apps.FAIL_DETAILS
+    assert proxy.counter("triomesh_downstream_grpc_rq_total", grpc_status="7") == 1, "stats carry the gRPC status"
+    assert proxy.counter("triomesh_downstream_rq_total", response_code="200") == 1
 
 
 async def test_deadline_exceeded(nursery, grpc_servers):

@@ -98,3 +98,31 @@ async def test_large_bodies_are_not_mirrored(nursery):
     assert proxy.counter("triomesh_mirror_dropped_total", cluster=f"outbound|80|v2|{HOST}") == 1
     await trio.sleep(0.1)
     assert v2.requests == []
+
+
+async def test_mirrors_pick_like_requests_and_feed_the_outlier_detector(nursery):
+    """A mirror picks its endpoint the way a request does (outlier ejections included) and its
+    results reach the mirror cluster's outlier detector: a dead mirror endpoint is ejected, and the
+    copies go to the live one."""
+    v1 = await TrafficBackend("v1").start(nursery)
+    live = await TrafficBackend("v2").start(nursery)
+    dead = TrafficBackend("v2-dead")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead.port = s.getsockname()[1]
+    s.close()
+    se = service_entry(HOST, [(v1, {"version": "v1"}), (live, {"version": "v2"}), (dead, {"version": "v2"})])
+    vs = virtual_service("svc", HOST, [{"route": [{"destination": {"host": HOST, "subset": "v1"}}],
+                                        "mirror": {"host": HOST, "subset": "v2"}}])
+    dr = destination_rule("svc", HOST, **SUBSETS, trafficPolicy={"outlierDetection": {
+        "consecutive5xxErrors": 1, "interval": "1s", "baseEjectionTime": "30s", "maxEjectionPercent": 100}})
+    proxy = await start(nursery, se, dr, vs)
+    c = Client(proxy.port)
+    for _ in range(40):
+        assert (await c.request("/")).status == 200
+        await _until(lambda: proxy.plane.mirrors_in_flight == 0)
+    cluster = f"outbound|80|v2|{HOST}"
+    assert proxy.counter("triomesh_outlier_ejections_total", cluster=cluster) == 1
+    failed = proxy.counter("triomesh_mirror_failed_total", cluster=cluster)
+    assert failed <= 2, "after the ejection no copy goes to the dead endpoint"
+    assert len(live.requests) == 40 - failed

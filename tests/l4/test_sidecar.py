@@ -156,8 +156,9 @@ def test_outbound_decisions_by_original_destination() -> None:
     vip = OrigDstAddr("10.9.0.1", 9080)
     assert outbound_needs_sniff(table, vip)
     assert decide_outbound(table, vip, Protocol.HTTP1) == L7("outbound|9080|reviews")
-    # not HTTP/1 to an HTTP port (h2 prior knowledge, TLS): the TCP proxy to the same service
-    assert decide_outbound(table, vip, Protocol.HTTP2) == Tcp("outbound|9080||reviews")
+    # h2c (prior knowledge) on an HTTP port is L7 too; TLS to an HTTP port: the TCP proxy to the same service
+    assert decide_outbound(table, vip, Protocol.HTTP2) == L7("outbound|9080|reviews")
+    assert decide_outbound(table, vip, Protocol.TLS) == Tcp("outbound|9080||reviews")
     # an endpoint dialled directly (its target port) is recognised too
     assert decide_outbound(table, OrigDstAddr("10.1.0.6", 19080), Protocol.HTTP1) == L7("outbound|9080|reviews")
     assert decide_outbound(table, OrigDstAddr("10.1.0.7", 9080), Protocol.HTTP1) == L7("outbound|9080|ratings")
@@ -201,6 +202,7 @@ def test_inbound_decisions() -> None:
     declared = OrigDstAddr("10.1.0.5", 9080)
     assert inbound_needs_sniff(table, declared)
     assert decide_inbound(table, declared, Protocol.HTTP1) == L7("inbound|9080")
+    assert decide_inbound(table, declared, Protocol.HTTP2) == L7("inbound|9080")
     assert decide_inbound(table, declared, Protocol.OPAQUE) == Tcp("inbound|9080||")
     other = OrigDstAddr("10.1.0.5", 7000)
     assert not inbound_needs_sniff(table, other)
