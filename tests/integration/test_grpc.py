@@ -4,15 +4,23 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 import struct
 
 import grpc
 import pytest
 import trio
 
+from proxy.config.compile import compile_resources
+from proxy.config.load import load_bytes
 from proxy.config.snapshot import RetryPolicy
+from proxy.l7.dataplane import DataPlane
+from proxy.l7.server import serve_listener
+from proxy.runtime import SnapshotHolder
+from proxy.stats import Stats
 from tests import grpc_apps
 from tests.integration.l7_harness import make_snapshot, prefix_route, start_proxy
+from tests.integration.test_h2_downstream import RawH2Client
 
 
 @pytest.fixture
@@ -82,8 +90,6 @@ async def test_grpc_timeout_is_the_route_timeout(nursery, grpc_servers):
     """Without a route timeout, the proxy itself gives up at the client's grpc-timeout (Istio)."""
     proxy = await _proxy(nursery, grpc_servers)
     stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
-    from tests.integration.test_h2_downstream import RawH2Client
-
     client = RawH2Client(stream)
     client.conn.initiate_connection()
     sid = client.request(b"/triomesh.test.Echo/Unary", method=b"POST", body=b"\x00\x00\x00\x00\x01x",
@@ -126,3 +132,63 @@ async def test_http1_client_to_an_http2_upstream_gets_trailers_in_the_last_chunk
     assert b"transfer-encoding: chunked" in head.lower()
     assert b"grpc-0:hello" in body or b"grpc-1:hello" in body
     assert b"\r\n0\r\ngrpc-status: 0\r\n" in body, body
+
+
+GRPC_YAML = """
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  servers:
+  - port: {number: 8080, name: grpc, protocol: GRPC}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: [echo.example.com]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 7070, name: grpc, protocol: GRPC}]
+  endpoints: [{address: 127.0.0.1, ports: {grpc: SERVER_PORT}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: default}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{headers: {x-chaos: {exact: "yes"}}}]
+    fault: {abort: {grpcStatus: UNAVAILABLE, percentage: {value: 100}}}
+    route: [{destination: {host: echo.example.com}}]
+  - route: [{destination: {host: echo.example.com}}]
+    retries: {attempts: 3, retryOn: "unavailable,cancelled"}
+"""
+
+
+async def test_istio_yaml_grpc_port_fault_abort_and_retries(nursery, grpc_servers):
+    """Istio's own YAML: a GRPC Gateway server, a ServiceEntry port of protocol GRPC (spoken to in
+    HTTP/2 without any DestinationRule), fault abort grpcStatus, retryOn gRPC conditions."""
+    snap = compile_resources(load_bytes(GRPC_YAML.replace("SERVER_PORT", str(grpc_servers[0].port)).encode(),
+                                        "grpc.yaml"), version="1", bind_address="127.0.0.1")
+    cluster = snap.clusters["outbound|7070||echo.example.com"]
+    assert cluster.http2, "a GRPC port is spoken to in HTTP/2"
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
+    plane = DataPlane(SnapshotHolder(snap), Stats())
+    await nursery.start(serve_listener, sock, snap.listeners[0].name, plane)
+    target = f"127.0.0.1:{port}"
+
+    result = await _call(grpc_apps.unary, target, b"x", metadata=(("x-chaos", "yes"),), timeout=10)
+    assert result.code == grpc.StatusCode.UNAVAILABLE and result.details == "fault filter abort"
+    assert grpc_servers[0].calls("Unary") == 0
+
+    result = await _call(grpc_apps.unary, target, b"y", metadata=(("x-fail-times", "2"), ("x-fail-key", "yaml")),
+                         timeout=10)
+    assert result.code == grpc.StatusCode.OK, result
+    assert grpc_servers[0].calls("Unary") == 3
+    assert plane.stats.counter("triomesh_downstream_grpc_rq_total", grpc_status="14").value == 1
