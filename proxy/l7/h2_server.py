@@ -276,7 +276,8 @@ class H2Stream(H2StreamState):
 
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "streams", "nursery",
-                 "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing")
+                 "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
+                 "goaway_sent")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination) -> None:
@@ -295,8 +296,12 @@ class H2ServerConnection(H2Transport):
         self.control_frames = 0  # PING/SETTINGS received while our answers wait in the outbox
         self.empty_data_frames = 0
         self.closing = False  # GOAWAY sent or received: no new streams
+        self.quiet: trio.Event | None = None  # set when the last stream ends, for a closing connection
+        self.goaway_sent = False  # a connection error: nothing more is read
 
     def on_lost(self, why: str) -> None:
+        if self.quiet is not None:
+            self.quiet.set()
         for stream in self.streams.values():
             stream.body.fail(why)
             self.wake_window(stream)
@@ -322,10 +327,11 @@ class H2ServerConnection(H2Transport):
                     self.lost("connection closed by the client")
                     return
                 # the client closed its side or said GOAWAY: finish the streams in flight
-                while self.streams and self.error is None:
-                    await trio.sleep(0.01)
-                while self.outbox and self.error is None:
-                    await trio.sleep(0.001)
+                if self.streams and self.error is None:
+                    self.quiet = trio.Event()
+                    await self.quiet.wait()
+                with trio.move_on_after(1.0):  # the last frames (GOAWAY) get a moment to leave
+                    await self.wait_flushed()
                 nursery.cancel_scope.cancel()
         finally:
             plane.h2_connections.value -= 1
@@ -342,7 +348,7 @@ class H2ServerConnection(H2Transport):
                     return
                 self._handle(events)
                 self.flush()
-                if self.error is not None or (self.closing and not self.streams):
+                if self.error is not None or self.goaway_sent or (self.closing and not self.streams):
                     return
             conn.io_deadline = monotonic() + settings.idle_timeout_s if not self.streams else float("inf")
             n = await conn.fill()
@@ -369,8 +375,7 @@ class H2ServerConnection(H2Transport):
         except h2.exceptions.ProtocolError:
             pass
         self.flush()
-        self.closing = True
-        self.error = why
+        self.closing = self.goaway_sent = True
         for stream in self.streams.values():
             stream.body.fail(why)
             stream.cancel_scope.cancel()
@@ -434,7 +439,7 @@ class H2ServerConnection(H2Transport):
                 self._count_control()
             elif t is h2.events.ConnectionTerminated:
                 self.closing = True
-            if self.error is not None:
+            if self.error is not None or self.goaway_sent:
                 return
 
     def _count_control(self) -> None:
@@ -498,6 +503,8 @@ class H2ServerConnection(H2Transport):
             pass
         finally:
             del self.streams[stream.stream_id]
+            if not self.streams and self.quiet is not None:
+                self.quiet.set()
             if not stream.ended and self.error is None:
                 self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
             body = stream.body

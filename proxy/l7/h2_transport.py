@@ -111,6 +111,13 @@ class H2Transport:
                 self.drained = trio.Event()
             await self.drained.wait()
 
+    async def wait_flushed(self) -> None:
+        """Wait until the kernel took everything queued (or the connection failed)."""
+        while self.outbox and self.error is None:
+            if self.drained is None:
+                self.drained = trio.Event()
+            await self.drained.wait()
+
     def lost(self, why: str) -> None:
         """The connection failed: every waiter is woken to find out."""
         if self.error is None:
