@@ -429,3 +429,136 @@ def wait_until_serving(target: str, *, timeout: float = 5.0, authority: str | No
             return
         time.sleep(0.05)
     raise TimeoutError(f"gRPC at {target} not serving after {timeout}s: {last}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line, for processes in other network namespaces (tests/mesh/test_grpc_mesh.py)
+#
+#   python -m tests.grpc_apps serve --port P [--name N]
+#       an Echo server on 127.0.0.1:P; prints "serving P" once it accepts calls, serves until
+#       SIGTERM or SIGINT, then prints one line "call {json}" per call received (method, peer,
+#       metadata) and exits 0
+#   python -m tests.grpc_apps call TARGET KIND [KIND ...] [--authority A] [--metadata k=v ...]
+#                                 [--timeout S] [--payload P] [--count N] [--size B]
+#                                 [--messages N] [--message-size B]
+#       one call of each KIND (unary, client_stream, server_stream, bidi) in that order, each on
+#       its own channel; prints one JSON line per call (see _result_json) and exits 0 whatever the
+#       calls' status (the caller asserts on the JSON)
+
+KINDS = ("unary", "client_stream", "server_stream", "bidi")
+
+
+def _md_json(md: Iterable[tuple[str, str | bytes]]) -> list[list[str]]:
+    """Metadata as [key, value] pairs; binary (-bin) values as base64."""
+    import base64
+
+    return [[k, base64.b64encode(v).decode() if isinstance(v, bytes) else v] for k, v in md]
+
+
+def _result_json(kind: str, result: GrpcResult, elapsed_s: float, intact: bool | None) -> dict[str, Any]:
+    """The JSON line of one call: kind, code (a grpc.StatusCode name), details, response (the reply
+    as text, cut to 200 characters, for unary/client_stream; null for streams and on error),
+    response_len (bytes of that reply), count and sizes (messages of a stream), intact (whether
+    what came back is exactly what the call should get: the stream messages, the echoes, the
+    count), initial_metadata and trailing_metadata ([key, value] pairs), elapsed_s."""
+    out: dict[str, Any] = {"kind": kind, "code": result.code.name, "details": result.details,
+                           "response": None, "response_len": None, "count": None, "sizes": None}
+    if isinstance(result.response, bytes):
+        out["response"] = result.response[:200].decode("utf-8", "replace")
+        out["response_len"] = len(result.response)
+    elif isinstance(result.response, list):
+        out["count"] = len(result.response)
+        out["sizes"] = [len(m) for m in result.response]
+    out["intact"] = intact
+    out["initial_metadata"] = _md_json(result.initial_metadata)
+    out["trailing_metadata"] = _md_json(result.trailing_metadata)
+    out["elapsed_s"] = round(elapsed_s, 3)
+    return out
+
+
+def _cli_call(args: Any) -> int:
+    import json
+
+    metadata: list[tuple[str, str]] = []
+    for item in args.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--metadata wants key=value, got {item!r}")
+        metadata.append((key.lower(), value))
+    common: dict[str, Any] = {"metadata": metadata, "timeout": args.timeout, "authority": args.authority}
+    messages = [b"%d:" % i + b"m" * max(0, args.message_size - len(b"%d:" % i)) for i in range(args.messages)]
+    for kind in args.kinds:
+        started = time.monotonic()
+        intact: bool | None
+        if kind == "unary":
+            result = unary(args.target, args.payload.encode(), **common)
+            intact = result.response is not None and result.response.endswith(b":" + args.payload.encode())
+        elif kind == "client_stream":
+            result = client_stream(args.target, messages, **common)
+            intact = result.response == b"%d:%d" % (len(messages), sum(map(len, messages)))
+        elif kind == "server_stream":
+            result = server_stream(args.target, args.count, args.size, **common)
+            intact = result.response == [stream_message(i, args.size) for i in range(args.count)]
+        else:
+            result = bidi(args.target, messages, **common)
+            intact = result.response == messages
+        line = _result_json(kind, result, time.monotonic() - started, intact)
+        print(json.dumps(line, separators=(",", ":")), flush=True)
+    return 0
+
+
+def _cli_serve(args: Any) -> int:
+    import json
+    import signal
+
+    stop = threading.Event()
+
+    def stopping(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, stopping)
+    signal.signal(signal.SIGINT, stopping)
+    server, port = start_grpc_server(args.port, name=args.name)
+    try:
+        print(f"serving {port}", flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.close()
+    for r in server.records:
+        record = {"method": r.method, "peer": r.peer, "metadata": _md_json(r.metadata)}
+        print("call " + json.dumps(record, separators=(",", ":")), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tests.grpc_apps",
+                                     description="The Echo gRPC test server and client, from a shell.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help='serve on 127.0.0.1:PORT until SIGTERM (prints "serving PORT")')
+    serve.add_argument("--port", type=int, required=True, help="port on 127.0.0.1 (0: any free one)")
+    serve.add_argument("--name", default="grpc-a", help="server name (reply prefix, x-served-by)")
+    call = sub.add_parser("call", help="one call of each KIND, one JSON line each")
+    call.add_argument("target", help="host:port")
+    call.add_argument("kinds", nargs="+", choices=KINDS, metavar="KIND", help=" | ".join(KINDS))
+    call.add_argument("--authority", default=None, help=":authority to send (default: the target)")
+    call.add_argument("--metadata", action="append", default=[], metavar="K=V",
+                      help="request metadata, repeatable (x-fail-status=5, x-delay-ms=3000, ...)")
+    call.add_argument("--timeout", type=float, default=10.0, help="deadline of each call in seconds (default 10)")
+    call.add_argument("--payload", default="hello", help="unary request (default hello)")
+    call.add_argument("--count", type=int, default=3, help="server_stream: messages asked for (default 3)")
+    call.add_argument("--size", type=int, default=1024, help="server_stream: bytes per message (default 1024)")
+    call.add_argument("--messages", type=int, default=3, help="client_stream/bidi: messages sent (default 3)")
+    call.add_argument("--message-size", type=int, default=16, help="client_stream/bidi: bytes per message (default 16)")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return _cli_serve(args)
+    return _cli_call(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

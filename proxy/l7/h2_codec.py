@@ -10,9 +10,12 @@ the upstream client (h2_upstream.py), and never touches a socket:
   bound memory, tighter where Envoy's default is "unlimited" (documented below);
 - a received request head → `RequestHead` (RFC 9113 §8.3): pseudo-header fields mapped to method,
   target, scheme and authority, `host` folded into the authority, split `cookie` fields joined
-  (§8.2.3), and every field checked again for what must never reach an HTTP/1.1 upstream (CR, LF or
-  NUL in a value or in `:path`, characters outside a token in a name, connection-specific fields,
-  `te` other than `trailers`: §8.2.1, §8.2.2) so no request can be smuggled across a downgrade;
+  (§8.2.3), and every field checked again, after the connection layer, for what makes a request
+  malformed and what must never reach an HTTP/1.1 upstream (CR, LF or NUL in a value or in `:path`,
+  characters outside a token in a name or the method, connection-specific fields, `te` other than
+  `trailers`, pseudo-header fields out of place: §8.2.1, §8.2.2, §8.3), so no request can be
+  smuggled across a downgrade whatever the layer below lets through; a MalformedRequest costs its
+  stream only (§8.1.1);
 - the request body's length as an HTTP/1.1 upstream will frame it (`content-length` checked
   against the DATA by h2, §8.1.1);
 - a response or trailers head → the header list h2 sends (`:status` first, connection-specific
@@ -25,10 +28,8 @@ from __future__ import annotations
 
 import re
 
-import h2.config
-import h2.settings
-
 from proxy.l7 import h1
+from proxy.l7 import h2_frames as frames
 from proxy.l7.errors import BadRequest
 from proxy.l7.events import Headers, RequestHead
 
@@ -45,24 +46,15 @@ MAX_FRAME_SIZE = 16 * 1024  # the protocol default; bigger frames only save head
 MAX_HEADER_LIST_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default (60)
 
 
-def server_settings() -> dict:
-    s = h2.settings.SettingCodes
-    return {s.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS, s.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW,
-            s.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES, s.ENABLE_PUSH: 0, s.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
+def server_settings() -> dict[int, int]:
+    return {frames.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS, frames.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW,
+            frames.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES, frames.ENABLE_PUSH: 0,
+            frames.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
 
 
-def client_settings() -> dict:
-    s = h2.settings.SettingCodes
-    return {s.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW, s.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
-            s.ENABLE_PUSH: 0, s.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
-
-
-def h2_config(client_side: bool) -> h2.config.H2Configuration:
-    # bytes in and out (header_encoding None); h2 validates what it can (pseudo-header rules,
-    # uppercase names, connection-specific fields, te), we check the rest below
-    return h2.config.H2Configuration(client_side=client_side, header_encoding=None, validate_inbound_headers=True,
-                                     normalize_inbound_headers=False, validate_outbound_headers=False,
-                                     normalize_outbound_headers=False, split_outbound_cookies=False)
+def client_settings() -> dict[int, int]:
+    return {frames.INITIAL_WINDOW_SIZE: INITIAL_STREAM_WINDOW, frames.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_BYTES,
+            frames.ENABLE_PUSH: 0, frames.MAX_FRAME_SIZE: MAX_FRAME_SIZE}
 
 
 # --- field checks ---------------------------------------------------------------------------------
@@ -71,6 +63,8 @@ def h2_config(client_side: bool) -> h2.config.H2Configuration:
 _BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9a-z]")
 _BAD_VALUE = re.compile(rb"[\x00\r\n]")
 _BAD_PATH = re.compile(rb"[\x00-\x20\x7f]")
+_BAD_METHOD = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")  # RFC 9110 §9.1: a method is a token
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*\Z")  # RFC 3986 §3.1
 # RFC 9113 §8.2.2 connection-specific fields: never in an HTTP/2 message
 CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                  b"upgrade"})
@@ -80,13 +74,29 @@ class MalformedRequest(BadRequest):
     """A request HTTP/2 calls malformed (RFC 9113 §8.1.1): a stream error PROTOCOL_ERROR."""
 
 
-def _check_field(name: bytes, value: bytes) -> None:
-    if _BAD_NAME.search(name) is not None:
-        raise MalformedRequest(f"invalid field name {name[:40]!r}")
+def _check_value(name: bytes, value: bytes) -> None:
     if _BAD_VALUE.search(value) is not None:
         raise MalformedRequest(f"CR, LF or NUL in the value of {name[:40]!r}")
+    if value and (value[0] in b" \t" or value[-1] in b" \t"):  # RFC 9113 §8.2.1
+        raise MalformedRequest(f"whitespace around the value of {name[:40]!r}")
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    if not name or _BAD_NAME.search(name) is not None:
+        raise MalformedRequest(f"invalid field name {name[:40]!r}")
+    _check_value(name, value)
     if name in CONNECTION_SPECIFIC:
         raise MalformedRequest(f"connection-specific field {name.decode()!r}")
+
+
+def check_trailers(fields: Headers) -> Headers:
+    """Received request trailers, checked as the head's regular fields are (RFC 9113 §8.1: no
+    pseudo-header fields in trailers). Raises MalformedRequest."""
+    for name, value in fields:
+        if name[:1] == b":":
+            raise MalformedRequest(f"pseudo-header field {name[:40]!r} in trailers")
+        _check_field(name, value)
+    return list(fields)
 
 
 class ParsedRequest:
@@ -99,27 +109,32 @@ class ParsedRequest:
 
 
 def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
-    """A received request head (h2 already checked pseudo-header order and presence) → our head.
-    Raises MalformedRequest."""
+    """A received request head → our head, with every RFC 9113 §8.2/§8.3 check (again: the
+    downgrade to HTTP/1.1 must not depend on the connection layer's checks). Raises MalformedRequest."""
     method = path = scheme = authority = None
     host = None
     headers: Headers = []
     cookies: list[bytes] | None = None
     length: bytes | None = None
     grpc = False
+    regular = False
     for name, value in fields:
-        if name[:1] == b":":
-            if name == b":method":
+        if name[:1] == b":":  # RFC 9113 §8.3: before the regular fields, each once, only these four
+            if regular:
+                raise MalformedRequest(f"pseudo-header field {name[:40]!r} after a regular field")
+            _check_value(name, value)
+            if name == b":method" and method is None:
                 method = value
-            elif name == b":path":
+            elif name == b":path" and path is None:
                 path = value
-            elif name == b":scheme":
+            elif name == b":scheme" and scheme is None:
                 scheme = value
-            elif name == b":authority":
+            elif name == b":authority" and authority is None:
                 authority = value
             else:
-                raise MalformedRequest(f"unknown pseudo-header field {name[:40]!r}")
+                raise MalformedRequest(f"unknown or repeated pseudo-header field {name[:40]!r}")
             continue
+        regular = True
         _check_field(name, value)
         if name == b"host":
             host = value
@@ -137,20 +152,24 @@ def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
             if name == b"content-type" and value.startswith(b"application/grpc"):
                 grpc = True
             headers.append((name, value))
-    if method is None:
-        raise MalformedRequest("no :method")
+    if not method or _BAD_METHOD.search(method) is not None:
+        raise MalformedRequest("no :method, or one that is not a token")
     if method == b"CONNECT":
         raise MalformedRequest("CONNECT is not supported")
     if path is None or scheme is None:
         raise MalformedRequest("no :path or :scheme")
+    if _SCHEME.match(scheme) is None:
+        raise MalformedRequest("invalid :scheme")
     if not path or _BAD_PATH.search(path) is not None:
         raise MalformedRequest("invalid :path")
     if path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
         raise MalformedRequest(":path is not in origin form")
-    if _BAD_VALUE.search(authority or b"") is not None:
-        raise MalformedRequest("invalid :authority")
+    if authority is None and host is None:
+        raise MalformedRequest("no :authority or host")
+    if authority is not None and host is not None and host != authority:
+        raise MalformedRequest("host differs from :authority")  # RFC 9113 §8.3.1 (SHOULD)
     if authority is None:
-        authority = host or b""  # RFC 9113 §8.3.1: Host stands in for a missing :authority
+        authority = host  # RFC 9113 §8.3.1: Host stands in for a missing :authority
     if cookies is not None:
         headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
     if end_stream:

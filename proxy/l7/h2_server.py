@@ -27,11 +27,6 @@ import time
 from time import monotonic
 from typing import TYPE_CHECKING
 
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import structlog
 import trio
 
@@ -40,16 +35,20 @@ from proxy.l7.connio import ReadTimeout
 from proxy.l7.context import RequestContext
 from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
 from proxy.l7.events import RequestHead, ResponseHead
+from proxy.l7 import h2_connection as ev
+from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import (
     INITIAL_CONNECTION_WINDOW,
+    MAX_HEADER_LIST_BYTES,
     MalformedRequest,
+    check_trailers,
     grpc_local_reply_fields,
-    h2_config,
     parse_request,
     response_fields,
     server_settings,
     trailer_fields,
 )
+from proxy.l7.h2_connection import ConnectionError_, H2Connection
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
@@ -68,9 +67,8 @@ RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
 
-_ENHANCE_YOUR_CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-_PROTOCOL_ERROR = h2.errors.ErrorCodes.PROTOCOL_ERROR
-_INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
+_ENHANCE_YOUR_CALM = frames.ENHANCE_YOUR_CALM
+_INTERNAL_ERROR = frames.INTERNAL_ERROR
 
 
 def is_prior_knowledge(buf: bytes, pos: int) -> bool:
@@ -281,8 +279,7 @@ class H2ServerConnection(H2Transport):
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination) -> None:
-        h2conn = h2.connection.H2Connection(config=h2_config(False))
-        h2conn.local_settings = h2.settings.Settings(client=False, initial_values=server_settings())
+        h2conn = H2Connection(client=False, settings=server_settings(), max_header_list_size=MAX_HEADER_LIST_BYTES)
         super().__init__(conn, h2conn, DownstreamDisconnect)
         self.plane = plane
         self.listener_name = listener_name
@@ -343,7 +340,7 @@ class H2ServerConnection(H2Transport):
                 data = bytes(conn.take_buffered())
                 try:
                     events = h2conn.receive_data(data)
-                except h2.exceptions.ProtocolError as e:
+                except ConnectionError_ as e:
                     self._protocol_error(e)
                     return
                 self._handle(events)
@@ -355,25 +352,14 @@ class H2ServerConnection(H2Transport):
             if n == 0:
                 return
 
-    def _protocol_error(self, e: Exception) -> None:
-        kind = "protocol_error"
-        code = getattr(e, "error_code", None) or _PROTOCOL_ERROR
-        if isinstance(e, h2.exceptions.DenialOfServiceError):
-            kind = "header_list_too_large"
-        elif "continuation" in str(e).lower():
-            kind = "continuation_flood"
-            code = _ENHANCE_YOUR_CALM
-        elif isinstance(e, h2.exceptions.TooManyStreamsError):
-            kind = "too_many_streams"
-        self.plane.count_h2_mitigation(kind)
-        log.info("HTTP/2 connection error", client=self.client, error=str(e), kind=kind)
-        self._goaway(code, str(e))
+    def _protocol_error(self, e: ConnectionError_) -> None:
+        """A connection error: the connection layer queued its GOAWAY; the streams end here."""
+        self.plane.count_h2_mitigation(e.kind)
+        log.info("HTTP/2 connection error", client=self.client, error=str(e), kind=e.kind)
+        self._goaway(e.error_code, str(e))
 
     def _goaway(self, code, why: str) -> None:
-        try:
-            self.h2.close_connection(error_code=code, additional_data=why[:200].encode(errors="replace"))
-        except h2.exceptions.ProtocolError:
-            pass
+        self.h2.close_connection(code, why[:200].encode(errors="replace"))
         self.flush()
         self.closing = self.goaway_sent = True
         for stream in self.streams.values():
@@ -384,9 +370,9 @@ class H2ServerConnection(H2Transport):
         streams = self.streams
         for event in events:
             t = type(event)
-            if t is h2.events.RequestReceived:
+            if t is ev.RequestReceived:
                 self._new_stream(event)
-            elif t is h2.events.DataReceived:
+            elif t is ev.DataReceived:
                 stream = streams.get(event.stream_id)
                 if event.flow_controlled_length == 0 and not event.stream_ended:
                     self.empty_data_frames += 1
@@ -400,15 +386,19 @@ class H2ServerConnection(H2Transport):
                     stream.body.feed(event.data, event.flow_controlled_length)
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
-            elif t is h2.events.StreamEnded:
+            elif t is ev.StreamEnded:
                 stream = streams.get(event.stream_id)
-                if stream is not None:
+                if stream is not None and stream.body.error is None:  # a refused body never ends well
                     stream.body.end()
-            elif t is h2.events.TrailersReceived:
+            elif t is ev.TrailersReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.body.trailers = list(event.headers)
-            elif t is h2.events.StreamReset:
+                    try:  # RFC 9113 §8.2.2 in trailers too (the layer checks names, values, pseudo-headers)
+                        stream.body.trailers = check_trailers(event.headers)
+                    except MalformedRequest as e:
+                        self.h2.reset_stream(event.stream_id, frames.PROTOCOL_ERROR)
+                        self._refused(event.stream_id, str(e), "malformed_request")
+            elif t is ev.StreamReset:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.ended = True
@@ -423,7 +413,9 @@ class H2ServerConnection(H2Transport):
                         self.plane.count_h2_mitigation("rapid_reset")
                         self._goaway(_ENHANCE_YOUR_CALM, "too many streams reset by the client")
                         return
-            elif t is h2.events.WindowUpdated:
+            elif t is ev.StreamMalformed:
+                self._refused(event.stream_id, event.reason, event.kind)
+            elif t is ev.WindowUpdated:
                 if event.stream_id == 0:
                     for stream in streams.values():
                         self.wake_window(stream)
@@ -431,13 +423,13 @@ class H2ServerConnection(H2Transport):
                     stream = streams.get(event.stream_id)
                     if stream is not None:
                         self.wake_window(stream)
-            elif t is h2.events.RemoteSettingsChanged:
+            elif t is ev.RemoteSettingsChanged:
                 self._count_control()
                 for stream in streams.values():
                     self.wake_window(stream)
-            elif t is h2.events.PingReceived:
+            elif t is ev.PingReceived:
                 self._count_control()
-            elif t is h2.events.ConnectionTerminated:
+            elif t is ev.ConnectionTerminated:
                 self.closing = True
             if self.error is not None or self.goaway_sent:
                 return
@@ -458,22 +450,15 @@ class H2ServerConnection(H2Transport):
         sid = event.stream_id
         self.streams_total += 1
         if self.closing:
-            self.h2.reset_stream(sid, error_code=h2.errors.ErrorCodes.REFUSED_STREAM)
+            self.h2.reset_stream(sid, frames.REFUSED_STREAM)
             return
         snapshot = plane.holder.current
         try:
             parsed = parse_request(event.headers, event.stream_ended)
             head = parsed.head
         except MalformedRequest as e:
-            plane.count_h2_mitigation("malformed_request")
-            log.info("malformed HTTP/2 request", client=self.client, error=str(e))
-            head = RequestHead(b"-", b"-", b"", [], http_version=b"2")
-            ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(),
-                                 self.client_ip, self.original_destination)
-            ctx.error = e
-            ctx.response_flags.append("DPE")
-            self.h2.reset_stream(sid, error_code=_PROTOCOL_ERROR)
-            finish(plane, ctx)
+            self.h2.reset_stream(sid, frames.PROTOCOL_ERROR)
+            self._refused(sid, str(e), "malformed_request")
             return
         ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(), self.client_ip,
                              self.original_destination)
@@ -485,6 +470,25 @@ class H2ServerConnection(H2Transport):
         stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx)
         self.streams[sid] = stream
         self.nursery.start_soon(self._serve_stream, stream, rt.clusters)
+
+    def _refused(self, stream_id: int, reason: str, kind: str) -> None:
+        """A stream reset for what it sent (malformed, over a limit): counted, logged, and a line in
+        the access log (DPE) like any request that got no response."""
+        plane = self.plane
+        plane.count_h2_mitigation(kind)
+        log.info("HTTP/2 stream refused", client=self.client, stream=stream_id, reason=reason, kind=kind)
+        stream = self.streams.get(stream_id)
+        if stream is not None:  # a stream being served: it ends here
+            stream.ended = True
+            stream.ctx.response_flags.append("DPE")
+            stream.body.fail(reason)
+            stream.cancel_scope.cancel()
+            return
+        ctx = RequestContext(plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", [], http_version=b"2"),
+                             trio.current_time(), time.time(), self.client_ip, self.original_destination)
+        ctx.error = MalformedRequest(reason)
+        ctx.response_flags.append("DPE")
+        finish(plane, ctx)
 
     async def _serve_stream(self, stream: H2Stream, clusters) -> None:
         ctx = stream.ctx

@@ -1,11 +1,14 @@
 """One HTTP/2 connection's writing side, shared by the downstream server and the upstream client:
-frames queued in the `h2` state machine go out in order, and DATA waits for the peer's windows.
+frames queued in the H2Connection state machine go out in order, and DATA waits for the peer's
+windows.
 
 Theory of operation
 -------------------
-Many stream tasks write on one connection. Each queues frames in the one `h2` object and calls
+Many stream tasks write on one connection. Each queues frames in the one H2Connection and calls
 `flush`, which sends at once what the kernel takes; the rest waits in an outbox that one writer
-task drains, so bytes of different calls never interleave inside a send. A stream task waits when
+task drains, so bytes of different calls never interleave inside a send. While the writer is
+sending (`writing`), flush only appends: the writer has taken its parts out of the outbox, and a
+direct send then would overtake them on the wire. A stream task waits when
 the outbox holds more than OUTBOX_HIGH_BYTES (a peer that does not read) and when the peer's
 flow-control window is empty (`send_data`). Received DATA is acknowledged (our window reopened)
 only when the consumer took it (`acknowledge`), so a slow reader on the other side makes the
@@ -19,11 +22,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import h2.connection
-import h2.exceptions
 import trio
 
 from proxy.l7.h2_codec import MAX_FRAME_SIZE
+from proxy.l7.h2_connection import H2Connection, StreamClosedError
 
 if TYPE_CHECKING:
     from proxy.l7.connio import Conn
@@ -46,9 +48,9 @@ class H2StreamState:
 
 class H2Transport:
     __slots__ = ("conn", "h2", "outbox", "outbox_bytes", "writer_wakeup", "drained", "error", "gone_error",
-                 "flushed_clean")
+                 "flushed_clean", "writing")
 
-    def __init__(self, conn: Conn, h2conn: h2.connection.H2Connection, gone_error: type[Exception]) -> None:
+    def __init__(self, conn: Conn, h2conn: H2Connection, gone_error: type[Exception]) -> None:
         self.conn = conn
         self.h2 = h2conn
         self.outbox: list = []  # bytes the kernel has not taken yet, in order
@@ -58,6 +60,7 @@ class H2Transport:
         self.error: str | None = None  # why the connection is gone, once it is
         self.gone_error = gone_error
         self.flushed_clean = True  # the last flush left nothing waiting
+        self.writing = False  # the writer task is sending parts it took from the outbox
 
     # ---- the byte stream
 
@@ -65,9 +68,11 @@ class H2Transport:
         data = self.h2.data_to_send()
         if not data:
             return
-        if self.outbox:
+        if self.outbox or self.writing:
             self.outbox.append(data)
             self.outbox_bytes += len(data)
+            self.flushed_clean = False
+            self.writer_wakeup.set()
             return
         try:
             rest = self.conn.send_nowait(data)
@@ -88,6 +93,7 @@ class H2Transport:
         while True:
             await self.writer_wakeup.wait()
             self.writer_wakeup = trio.Event()
+            self.writing = True
             while self.outbox:
                 parts, self.outbox = self.outbox, []
                 size = sum(len(p) for p in parts)
@@ -97,6 +103,7 @@ class H2Transport:
                     self.lost(f"send failed: {e}")
                     return
                 self.outbox_bytes -= size
+            self.writing = False
             self.flushed_clean = True
             if self.drained is not None:
                 self.drained.set()
@@ -113,7 +120,7 @@ class H2Transport:
 
     async def wait_flushed(self) -> None:
         """Wait until the kernel took everything queued (or the connection failed)."""
-        while self.outbox and self.error is None:
+        while (self.outbox or self.writing) and self.error is None:
             if self.drained is None:
                 self.drained = trio.Event()
             await self.drained.wait()
@@ -138,7 +145,7 @@ class H2Transport:
     def send_headers(self, stream: H2StreamState, fields: Headers, end_stream: bool) -> None:
         try:
             self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
-        except h2.exceptions.ProtocolError as e:  # the peer reset the stream, or the connection ended
+        except StreamClosedError as e:  # the peer reset the stream, or the connection ended
             raise self._gone(e) from e
         if end_stream:
             stream.ended = True
@@ -146,7 +153,7 @@ class H2Transport:
     def end_stream(self, stream: H2StreamState) -> None:
         try:
             self.h2.end_stream(stream.stream_id)
-        except h2.exceptions.ProtocolError as e:
+        except StreamClosedError as e:
             raise self._gone(e) from e
         stream.ended = True
 
@@ -155,7 +162,7 @@ class H2Transport:
             raise self.gone_error(self.error)
         try:
             return self.h2.local_flow_control_window(stream.stream_id)
-        except h2.exceptions.ProtocolError as e:
+        except StreamClosedError as e:
             raise self._gone(e) from e
 
     def send_data_nowait(self, stream: H2StreamState, data, end_stream: bool) -> int:
@@ -168,7 +175,7 @@ class H2Transport:
             last = end_stream and sent + n == total
             try:
                 self.h2.send_data(stream.stream_id, data[sent:sent + n], end_stream=last)
-            except h2.exceptions.ProtocolError as e:
+            except StreamClosedError as e:
                 raise self._gone(e) from e
             if last:
                 stream.ended = True
@@ -198,18 +205,12 @@ class H2Transport:
 
     def acknowledge(self, stream_id: int, n: int) -> None:
         """The consumer took `n` flow-controlled bytes of `stream_id`: the peer may send more."""
-        try:
-            self.h2.acknowledge_received_data(n, stream_id)
-        except h2.exceptions.ProtocolError:
-            return  # the stream is gone; h2 returned its share of the connection window
+        self.h2.acknowledge_received_data(n, stream_id)
         self.flush()
 
     def reset_stream(self, stream: H2StreamState, code) -> None:
         if stream.ended:
             return
         stream.ended = True
-        try:
-            self.h2.reset_stream(stream.stream_id, error_code=code)
-        except h2.exceptions.ProtocolError:
-            return
+        self.h2.reset_stream(stream.stream_id, code)
         self.flush()

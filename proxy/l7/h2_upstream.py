@@ -6,9 +6,13 @@ A cluster whose `http2` is set (its port protocol, or h2UpgradePolicy UPGRADE) k
 a list of `H2UpstreamConnection`s in `DataPlane.h2_pools`. `open_stream` takes the first live
 connection with a free stream slot: its limit is the smaller of the peer's MAX_CONCURRENT_STREAMS
 and the cluster's connectionPool.http.maxConcurrentStreams, and a connection that served
-maxRequestsPerConnection streams takes no more. Otherwise it connects a new one (through the one
-connect path, upstream_conn.open_connection, under tcp.maxConnections: at the limit with every
-connection full the request fails with 503 UO).
+maxRequestsPerConnection streams takes no more. A connection still connecting is in the pool too,
+and its slots count: a request reserves one and waits for the connect, so a burst of N requests
+opens ceil(N / streams per connection) connections, not N. Only when every slot (connected or
+connecting) is taken is a new connection opened (through the one connect path,
+upstream_conn.open_connection, under tcp.maxConnections). At that limit a request waits as a
+pending request (http1MaxPendingRequests, as Envoy applies it to every pool) for a slot, at most
+the connect timeout; past the pending limit or the wait it fails with 503 UO.
 
 Each connection has one reader task (started on the data plane's background nursery) that feeds
 the `h2` state machine and hands events to the streams; writing goes through H2Transport. When
@@ -26,29 +30,28 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
+import math
+
 import structlog
 import trio
 
 from proxy.l7.connio import ReadTimeout
 from proxy.l7.errors import ConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
-from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, client_settings, h2_config
+from proxy.l7 import h2_connection as ev
+from proxy.l7 import h2_frames as frames
+from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
+from proxy.l7.h2_connection import ConnectionError_, H2Connection
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.upstream_conn import open_connection
 
 if TYPE_CHECKING:
     from proxy.l7.dataplane import ClusterRuntime, DataPlane
     from proxy.l7.events import Headers
-    from proxy.l7.upstream_conn import UpstreamConn
 
 log = structlog.get_logger("triomesh.l7.h2_upstream")
 
-_CANCEL = h2.errors.ErrorCodes.CANCEL
-_REFUSED = h2.errors.ErrorCodes.REFUSED_STREAM
+_CANCEL = frames.CANCEL
+_REFUSED = frames.REFUSED_STREAM
 
 
 class RefusedStream(UpstreamReset):
@@ -156,13 +159,11 @@ class UpstreamH2Stream(H2StreamState):
 
 class H2UpstreamConnection(H2Transport):
     __slots__ = ("plane", "crt", "pool_key", "streams", "max_streams", "requests", "draining", "counted",
-                 "idle_since", "created", "max_requests")
+                 "idle_since", "created", "max_requests", "ready", "reserved", "connect_error")
 
-    def __init__(self, plane: DataPlane, crt: ClusterRuntime, sock_conn: UpstreamConn,
-                 pool_key: tuple[str, str, int]) -> None:
-        h2conn = h2.connection.H2Connection(config=h2_config(True))
-        h2conn.local_settings = h2.settings.Settings(client=True, initial_values=client_settings())
-        super().__init__(sock_conn, h2conn, UpstreamReset)
+    def __init__(self, plane: DataPlane, crt: ClusterRuntime, pool_key: tuple[str, str, int]) -> None:
+        h2conn = H2Connection(client=True, settings=client_settings(), max_header_list_size=MAX_HEADER_LIST_BYTES)
+        super().__init__(None, h2conn, UpstreamReset)  # the socket comes once `run` has connected
         self.plane = plane
         self.crt = crt
         self.pool_key = pool_key
@@ -175,9 +176,16 @@ class H2UpstreamConnection(H2Transport):
         self.draining = False  # GOAWAY received, or maxRequestsPerConnection reached
         self.counted = True  # included in the cluster's cx_active
         self.created = self.idle_since = trio.current_time()
+        self.ready = trio.Event()  # set once connected, or once the connect failed
+        self.reserved = 0  # requests waiting for the connect, each holding a stream slot
+        self.connect_error: ConnectFailure | None = None
 
     def usable(self) -> bool:
-        return (self.error is None and not self.draining and len(self.streams) < self.max_streams)
+        return (self.error is None and not self.draining
+                and len(self.streams) + self.reserved < self.max_streams)
+
+    def free_slots(self) -> int:
+        return max(0, self.max_streams - len(self.streams) - self.reserved)
 
     def open_stream(self) -> UpstreamH2Stream:
         stream_id = self.h2.get_next_available_stream_id()
@@ -215,21 +223,41 @@ class H2UpstreamConnection(H2Transport):
                     del self.plane.h2_pools[self.pool_key]
         if self.error is None:
             self.error = "closed"
-            try:
+            if self.conn is not None:
                 self.h2.close_connection()
                 self.flush()
-            except h2.exceptions.ProtocolError:
-                pass
         self.on_lost("closed")
-        self.conn.close()
+        self.ready.set()
+        if self.conn is not None:
+            self.conn.close()
+        if self.crt.pending:
+            self.crt.waiters.unpark()
 
     def on_lost(self, why: str) -> None:
         for stream in list(self.streams.values()):
             stream.fail(UpstreamReset(f"upstream connection lost: {why}"))
 
-    async def run(self) -> None:
-        """The connection's life: its writer, and the reader handing events to streams."""
+    async def run(self, key: tuple[str, int]) -> None:
+        """The connection's life: the connect, then its writer, and the reader handing events to
+        streams. Runs on the data plane's nursery, so no one request's cancellation ends it."""
         try:
+            crt, plane = self.crt, self.plane
+            timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
+            try:
+                sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane)
+            except (ConnectFailure, OSError) as e:  # OSError: socket() itself, e.g. out of descriptors
+                crt.cx_connect_fail.value += 1
+                self.connect_error = e if isinstance(e, ConnectFailure) else ConnectFailure(f"connect: {e}")
+                return
+            crt.cx_total.value += 1
+            sock_conn.idle_s = math.inf  # the connection idles between streams; the pool's timeout governs
+            self.conn = sock_conn
+            self.h2.initiate_connection()
+            self.h2.increment_flow_control_window(INITIAL_CONNECTION_WINDOW - 65535)
+            self.flush()
+            self.ready.set()
+            if crt.pending:  # requests parked at the connection limit may take the slots nobody reserved
+                crt.waiters.unpark(count=self.free_slots())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.writer)
                 await self._read_loop()
@@ -252,13 +280,8 @@ class H2UpstreamConnection(H2Transport):
                 return
             try:
                 events = h2conn.receive_data(bytes(conn.take_buffered()))
-            except h2.exceptions.ProtocolError as e:
+            except ConnectionError_ as e:  # its GOAWAY is queued
                 log.info("upstream HTTP/2 protocol error", cluster=self.crt.name, error=str(e))
-                try:
-                    h2conn.close_connection(error_code=getattr(e, "error_code", None)
-                                            or h2.errors.ErrorCodes.PROTOCOL_ERROR)
-                except h2.exceptions.ProtocolError:
-                    pass
                 self.flush()
                 self.lost(f"protocol error: {e}")
                 return
@@ -270,7 +293,7 @@ class H2UpstreamConnection(H2Transport):
         for event in events:
             t = type(event)
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
-            if t is h2.events.ResponseReceived:
+            if t is ev.ResponseReceived:
                 if stream is not None:
                     status = 0
                     fields = []
@@ -286,7 +309,7 @@ class H2UpstreamConnection(H2Transport):
                             fields.append((name, value))
                     stream.status, stream.headers, stream.length = status, fields, length
                     stream._wake()
-            elif t is h2.events.DataReceived:
+            elif t is ev.DataReceived:
                 if stream is not None:
                     if event.data:
                         stream.pieces.append(event.data)
@@ -294,32 +317,35 @@ class H2UpstreamConnection(H2Transport):
                     stream._wake()
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
-            elif t is h2.events.TrailersReceived:
+            elif t is ev.TrailersReceived:
                 if stream is not None:
                     stream.trailers = list(event.headers)
-            elif t is h2.events.StreamEnded:
+            elif t is ev.StreamEnded:
                 if stream is not None:
                     stream.remote_ended = True
                     stream._wake()
-            elif t is h2.events.StreamReset:
+            elif t is ev.StreamReset:
                 if stream is not None:
                     if event.error_code == _REFUSED:
                         stream.fail(RefusedStream("the upstream refused the stream"))
                     else:
                         stream.fail(UpstreamReset(f"the upstream reset the stream ({event.error_code!r})"))
-            elif t is h2.events.WindowUpdated:
+            elif t is ev.StreamMalformed:
+                if stream is not None:
+                    stream.fail(UpstreamProtocolError(f"malformed response: {event.reason}"))
+            elif t is ev.WindowUpdated:
                 if event.stream_id == 0:
                     for s in streams.values():
                         self.wake_window(s)
                 elif stream is not None:
                     self.wake_window(stream)
-            elif t is h2.events.RemoteSettingsChanged:
-                limit = self.h2.remote_settings.max_concurrent_streams
+            elif t is ev.RemoteSettingsChanged:
+                limit = self.h2.peer_max_concurrent_streams
                 configured = self.crt.pool_limits.max_concurrent_streams
                 self.max_streams = min(limit, configured) if configured else limit
                 for s in streams.values():
                     self.wake_window(s)
-            elif t is h2.events.ConnectionTerminated:
+            elif t is ev.ConnectionTerminated:
                 self.draining = True
                 last = event.last_stream_id or 0
                 for sid, s in list(streams.items()):
@@ -331,36 +357,63 @@ class H2UpstreamConnection(H2Transport):
 
 async def open_stream(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
                       fresh: bool = False) -> UpstreamH2Stream:
-    """A new stream to endpoint `key`, on a pooled connection with room or a new one; `fresh`: a
-    new connection (the retry of a refused stream)."""
+    """A new stream to endpoint `key`: on a pooled connection with a free slot (waiting for it to
+    connect if it is still connecting), or on a new connection; `fresh`: skip the pooled ones (the
+    retry of a refused stream)."""
     pool_key = (crt.name, key[0], key[1])
-    pool = plane.h2_pools.get(pool_key)
-    if pool and not fresh:
-        for connection in pool:
-            if connection.usable():
-                return connection.open_stream()
-    limit = crt.pool_limits.max_connections
-    if limit is not None and crt.cx_active.value >= limit:
+    limits = crt.pool_limits
+    while True:
+        pool = plane.h2_pools.get(pool_key)
+        connection = None
+        if pool and not fresh:
+            for candidate in pool:
+                if candidate.usable():
+                    connection = candidate
+                    break
+        if connection is None:
+            limit = limits.max_connections
+            if limit is None or crt.cx_active.value < limit:
+                crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
+                connection = H2UpstreamConnection(plane, crt, pool_key)
+                plane.h2_pools.setdefault(pool_key, []).append(connection)
+                plane.spawn(connection.run, key)
+            else:
+                await _wait_pending(plane, crt, limit)
+                fresh = False
+                continue
+        if not connection.ready.is_set():
+            connection.reserved += 1
+            try:
+                await connection.ready.wait()
+            finally:
+                connection.reserved -= 1
+            if connection.connect_error is not None:
+                raise ConnectFailure(str(connection.connect_error))
+            if not connection.usable():  # failed, or its SETTINGS allow fewer streams: look again
+                fresh = False
+                continue
+        return connection.open_stream()
+
+
+async def _wait_pending(plane: DataPlane, crt: ClusterRuntime, limit: int) -> None:
+    """At tcp.maxConnections with every slot taken: wait for one as a pending request, at most the
+    connect timeout and only if fewer than http1MaxPendingRequests already wait (Envoy's pending
+    circuit breaker, which it applies to HTTP/2 pools too); otherwise 503 UO."""
+    max_pending = crt.pool_limits.max_pending_requests
+    if max_pending is not None and crt.pending >= max_pending:
         crt.rq_pending_overflow.value += 1
-        raise Overflow(f"cluster {crt.name}: {limit} connections open, every stream slot taken")
-    crt.cx_active.value += 1
+        raise Overflow(f"cluster {crt.name}: {limit} connections open, every stream slot taken, "
+                       f"{crt.pending} requests pending")
+    timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
+    crt.pending += 1
     try:
-        timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
-        sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane)
-    except BaseException as e:
-        crt.cx_active.value -= 1
-        if isinstance(e, ConnectFailure):
-            crt.cx_connect_fail.value += 1
-        raise
-    crt.cx_total.value += 1
-    sock_conn.idle_s = float("inf")  # the connection idles between streams; the pool's timeout governs
-    connection = H2UpstreamConnection(plane, crt, sock_conn, pool_key)
-    connection.h2.initiate_connection()
-    connection.h2.increment_flow_control_window(INITIAL_CONNECTION_WINDOW - 65535)
-    connection.flush()
-    plane.h2_pools.setdefault(pool_key, []).append(connection)
-    plane.spawn(connection.run)
-    return connection.open_stream()
+        with trio.move_on_after(timeout) as scope:
+            await crt.waiters.park()
+    finally:
+        crt.pending -= 1
+    if scope.cancelled_caught:
+        crt.rq_pending_overflow.value += 1
+        raise Overflow(f"cluster {crt.name}: no stream slot became free within {timeout}s")
 
 
 def sweep_idle(plane: DataPlane, now: float) -> None:
@@ -372,6 +425,8 @@ def sweep_idle(plane: DataPlane, now: float) -> None:
         gone = cluster is None or not any(e.address == pool_key[1] and e.port == pool_key[2]
                                           for e in cluster.endpoints)
         for connection in list(pool):
+            if not connection.ready.is_set():  # still connecting: requests are waiting for it
+                continue
             if connection.streams:
                 if gone:
                     connection.draining = True

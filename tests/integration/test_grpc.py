@@ -31,13 +31,14 @@ def grpc_servers():
         s.close()
 
 
-async def _proxy(nursery, servers, *, retry=None, timeout_s=None):
+async def _proxy(nursery, servers, *, retry=None, timeout_s=None, pool=None):
     route = prefix_route(b"/", {"grpc": 100}, timeout_s=timeout_s)
     if retry is not None:
         route = dataclasses.replace(route, retry=retry)
     snap = make_snapshot({"grpc": [s.port for s in servers]}, [route])
-    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
-                                               for name, c in snap.clusters.items()})
+    snap = dataclasses.replace(snap, clusters={
+        name: dataclasses.replace(c, http2=True, connection_pool=pool or c.connection_pool)
+        for name, c in snap.clusters.items()})
     return await start_proxy(nursery, snap)
 
 
@@ -66,6 +67,46 @@ async def test_unary_and_streaming_rpcs(nursery, grpc_servers):
     assert result.code == grpc.StatusCode.OK, result
     assert order[:4] == ["send 0", "recv 0", "send 1", "recv 1"], "bidi streams without buffering whole calls"
     assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") <= 2, "streams share HTTP/2 connections"
+
+
+async def _concurrent_slow_calls(target: str, n: int, delay_ms: int) -> list:
+    results: list = []
+
+    async def one(i: int) -> None:
+        results.append(await _call(grpc_apps.unary, target, b"c%d" % i,
+                                   metadata=(("x-delay-ms", str(delay_ms)),), timeout=20))
+
+    async with trio.open_nursery() as calls:
+        for i in range(n):
+            calls.start_soon(one, i)
+    return results
+
+
+async def test_a_burst_opens_one_connection_per_max_concurrent_streams(nursery, grpc_servers):
+    """20 calls at once with maxConcurrentStreams 5: 4 connections, not one per call (requests wait
+    for the slots of a connection still connecting), and at tcp.maxConnections 2 the rest wait as
+    pending requests for a free slot instead of failing."""
+    from proxy.config.snapshot import ConnectionPool
+
+    proxy = await _proxy(nursery, grpc_servers[:1], pool=ConnectionPool(max_concurrent_streams=5))
+    results = await _concurrent_slow_calls(f"127.0.0.1:{proxy.port}", 20, 300)
+    assert [r.code for r in results] == [grpc.StatusCode.OK] * 20, results
+    assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 4
+
+    proxy = await _proxy(nursery, grpc_servers[:1],
+                         pool=ConnectionPool(max_concurrent_streams=5, max_connections=2))
+    results = await _concurrent_slow_calls(f"127.0.0.1:{proxy.port}", 20, 300)
+    assert [r.code for r in results] == [grpc.StatusCode.OK] * 20, results
+    assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 2
+    assert proxy.counter("triomesh_upstream_rq_pending_overflow_total", cluster="grpc") == 0
+
+    proxy = await _proxy(nursery, grpc_servers[:1],
+                         pool=ConnectionPool(max_concurrent_streams=5, max_connections=1, max_pending_requests=2))
+    results = await _concurrent_slow_calls(f"127.0.0.1:{proxy.port}", 12, 500)
+    codes = sorted(r.code.value[0] for r in results)
+    assert codes.count(0) == 7, results  # 5 slots + 2 pending; the other 5 overflow (503 UO -> UNAVAILABLE)
+    assert codes.count(grpc.StatusCode.UNAVAILABLE.value[0]) == 5, results
+    assert proxy.counter("triomesh_upstream_rq_pending_overflow_total", cluster="grpc") == 5
 
 
 async def test_error_status_and_message_reach_the_client(nursery, grpc_servers):

@@ -211,3 +211,17 @@ async def test_websocket_upgrade_still_works_over_http1(nursery):
             while b"\r\n\r\n" not in got:
                 got += await stream.receive_some(4096)
         assert got.startswith(b"HTTP/1.1 101")
+
+
+async def test_nghttp_with_concurrent_requests_and_a_post(nursery):
+    if shutil.which("nghttp") is None:
+        pytest.fail("nghttp (Debian nghttp2-client) is missing: make test installs it")
+    proxy, (be,) = await _setup(nursery)
+    url = f"http://127.0.0.1:{proxy.port}"
+    with trio.fail_after(20):
+        proc = await trio.run_process(["nghttp", "-v", "-n", f"{url}/small", f"{url}/chunked?n=50", f"{url}/echo"],
+                                      capture_stdout=True, check=False)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out
+    assert out.count(":status: 200") == 3, out
+    assert "recv SETTINGS frame" in out and "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):1024" in out

@@ -1,0 +1,754 @@
+"""The HTTP/2 connection state machine, sans-IO (RFC 9113): bytes in → events, calls → bytes out.
+
+Theory of operation
+-------------------
+One object per connection, for either side (`client=`). `receive(data)` parses whole frames from
+what arrived (keeping a partial frame for the next call) and returns events; the send calls
+(`send_headers`, `send_data`, `end_stream`, `reset_stream`, `acknowledge_received_data`, ...)
+queue frames that `data_to_send()` hands out. The drivers (h2_server.py, h2_upstream.py) own the
+socket, the tasks and the waiting; this module never blocks and never touches IO. It replaces the
+`h2` package on the data path, which costs about a million instructions per request per side
+(bench/h2_codec.py); `h2` stays as the oracle the tests compare this module with.
+
+Errors follow RFC 9113 §5.4. A connection error queues GOAWAY with its code and raises
+`ConnectionError_` (the driver flushes and closes). A stream error queues RST_STREAM, forgets the
+stream and, where the driver has to know (a request it will never see, a response that will never
+come), returns a `StreamMalformed` or `StreamReset` event. Frames that arrive for a stream we reset
+ourselves are dropped quietly (they were in flight); their DATA still counts against, and is given
+back to, the connection window.
+
+What the layer checks so the drivers need not: frame sizes and stream ids (§4, §5.1), the
+pseudo-header rules of requests and responses (§8.3), connection-specific fields and `te` (§8.2.2),
+field names and values (HPACK decoder, h2_hpack.py: §8.2.1), content-length against the DATA
+received (§8.1.1), flow-control windows both ways (§5.2, §6.9), SETTINGS values (§6.5.2), the
+concurrent stream limit we advertise (excess streams are refused with REFUSED_STREAM), and the size
+of a header block in CONTINUATION frames (the CONTINUATION flood, CVE-2024-27316).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from proxy.l7 import h2_frames as f
+from proxy.l7.h2_hpack import Decoder, Encoder, HeaderListTooLarge, HpackError
+
+MAX_CONTINUATION_FRAMES = 64  # a legitimate header block fits in a handful
+RESET_MEMORY = 1024  # stream ids we reset, whose in-flight frames are dropped quietly
+
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+                                  b"upgrade"})
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_DECODE_ONLY = 0x100  # a flag of ours on a header block whose stream is already reset
+
+
+class ConnectionError_(Exception):
+    """A connection error (GOAWAY already queued). `kind` names an attack pattern when it was one."""
+
+    def __init__(self, code: int, message: str, kind: str = "protocol_error") -> None:
+        super().__init__(f"{f.ERROR_NAMES.get(code, code)}: {message}")
+        self.error_code = code
+        self.kind = kind
+
+
+class StreamClosedError(Exception):
+    """Sending on a stream that is closed or reset (by either side), or a connection that is gone."""
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+class Event:
+    __slots__ = ()
+
+
+class RequestReceived(Event):
+    __slots__ = ("stream_id", "headers", "stream_ended")
+
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool) -> None:
+        self.stream_id, self.headers, self.stream_ended = stream_id, headers, stream_ended
+
+
+class ResponseReceived(Event):
+    __slots__ = ("stream_id", "headers", "stream_ended")
+
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool) -> None:
+        self.stream_id, self.headers, self.stream_ended = stream_id, headers, stream_ended
+
+
+class InformationalResponseReceived(Event):
+    __slots__ = ("stream_id", "headers")
+
+    def __init__(self, stream_id: int, headers: list) -> None:
+        self.stream_id, self.headers = stream_id, headers
+
+
+class TrailersReceived(Event):
+    __slots__ = ("stream_id", "headers")
+
+    def __init__(self, stream_id: int, headers: list) -> None:
+        self.stream_id, self.headers = stream_id, headers
+
+
+class DataReceived(Event):
+    __slots__ = ("stream_id", "data", "flow_controlled_length", "stream_ended")
+
+    def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int, stream_ended: bool) -> None:
+        self.stream_id, self.data = stream_id, data
+        self.flow_controlled_length, self.stream_ended = flow_controlled_length, stream_ended
+
+
+class StreamEnded(Event):
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class StreamReset(Event):
+    """The peer reset the stream (RST_STREAM received)."""
+
+    __slots__ = ("stream_id", "error_code")
+
+    def __init__(self, stream_id: int, error_code: int) -> None:
+        self.stream_id, self.error_code = stream_id, error_code
+
+
+class StreamMalformed(Event):
+    """We reset the stream for a malformed message (or refused it): `kind` for the counters."""
+
+    __slots__ = ("stream_id", "reason", "kind", "error_code")
+
+    def __init__(self, stream_id: int, reason: str, kind: str, error_code: int) -> None:
+        self.stream_id, self.reason, self.kind, self.error_code = stream_id, reason, kind, error_code
+
+
+class WindowUpdated(Event):
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class RemoteSettingsChanged(Event):
+    __slots__ = ("changed",)
+
+    def __init__(self, changed: dict) -> None:
+        self.changed = changed
+
+
+class PingReceived(Event):
+    __slots__ = ()
+
+
+class ConnectionTerminated(Event):
+    """GOAWAY received."""
+
+    __slots__ = ("error_code", "last_stream_id", "additional_data")
+
+    def __init__(self, error_code: int, last_stream_id: int, additional_data: bytes) -> None:
+        self.error_code, self.last_stream_id, self.additional_data = error_code, last_stream_id, additional_data
+
+
+_PING = PingReceived()
+
+
+# --- streams --------------------------------------------------------------------------------------
+
+class _Stream:
+    __slots__ = ("send_window", "recv_window", "local_closed", "remote_closed", "expected_length", "received",
+                 "headers_received", "unacked", "no_body_expected")
+
+    def __init__(self, send_window: int, recv_window: int) -> None:
+        self.send_window = send_window
+        self.recv_window = recv_window
+        self.local_closed = False
+        self.remote_closed = False
+        self.expected_length = -1  # the peer's content-length, -1 when it gave none
+        self.received = 0
+        self.headers_received = False
+        self.unacked = 0  # consumed and not yet given back in a WINDOW_UPDATE
+        self.no_body_expected = False  # a response to HEAD (its content-length describes no DATA)
+
+
+class _Malformed(Exception):
+    def __init__(self, reason: str, kind: str = "malformed_request") -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+# --- the connection -------------------------------------------------------------------------------
+
+class H2Connection:
+    def __init__(self, *, client: bool, settings: dict[int, int], max_header_list_size: int) -> None:
+        self.client = client
+        self.local_settings = dict(settings)
+        self.streams: dict[int, _Stream] = {}
+        self._out: list[bytes] = []
+        self._inbuf = b""
+        self._preface_pending = not client  # a server first reads the client's preface
+        self._settings_seen = False  # the first frame must be SETTINGS (§3.4)
+        self._block: list | None = None  # [stream id, flags, fragments, frame count, bytes]
+        self.decoder = Decoder(max_table_size=settings.get(f.HEADER_TABLE_SIZE, 4096),
+                               max_header_list_size=max_header_list_size)
+        self.encoder = Encoder()
+        self.max_header_list_size = max_header_list_size
+        self.max_block_bytes = 2 * max_header_list_size + 16384  # HPACK may expand; bounded anyway
+        self.local_max_frame_size = settings.get(f.MAX_FRAME_SIZE, f.DEFAULT_MAX_FRAME_SIZE)
+        self.local_initial_window = settings.get(f.INITIAL_WINDOW_SIZE, f.DEFAULT_WINDOW)
+        self.local_max_streams = settings.get(f.MAX_CONCURRENT_STREAMS, 2**31 - 1)
+        self.peer_initial_window = f.DEFAULT_WINDOW
+        self.peer_max_frame_size = f.DEFAULT_MAX_FRAME_SIZE
+        self.peer_max_concurrent_streams = 2**31 - 1
+        self.send_window = f.DEFAULT_WINDOW  # the connection's, toward the peer
+        self.recv_window = f.DEFAULT_WINDOW  # the connection's, from the peer
+        self.recv_window_target = f.DEFAULT_WINDOW
+        self.conn_unacked = 0
+        self.last_peer_stream_id = 0
+        self.next_stream_id = 1 if client else 2
+        self.goaway_sent = False
+        self.goaway_received = False
+        self.closed = False
+        self._reset_ids: deque[int] = deque()
+        self._reset_set: set[int] = set()
+
+    # ---- sending: connection
+
+    def initiate_connection(self) -> None:
+        if self.client:
+            self._out.append(f.PREFACE)
+        self._out.append(f.settings_frame(self.local_settings))
+
+    def increment_flow_control_window(self, increment: int) -> None:
+        """Open the connection's receive window beyond the default (the initial SETTINGS cannot)."""
+        self.recv_window += increment
+        self.recv_window_target += increment
+        self._out.append(f.window_update_frame(0, increment))
+
+    def close_connection(self, error_code: int = f.NO_ERROR, additional_data: bytes = b"") -> None:
+        if not self.goaway_sent:
+            self.goaway_sent = True
+            self._out.append(f.goaway_frame(self.last_peer_stream_id, error_code, additional_data[:256]))
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def get_next_available_stream_id(self) -> int:
+        return self.next_stream_id
+
+    # ---- sending: streams
+
+    def _sendable(self, stream_id: int) -> _Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or self.closed:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        return stream
+
+    def send_headers(self, stream_id: int, fields: list, end_stream: bool = False) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None and self.client and stream_id == self.next_stream_id and not self.closed:
+            stream = self.streams[stream_id] = _Stream(self.peer_initial_window, self.local_initial_window)
+            self.next_stream_id += 2
+            for name, value in fields:
+                if name == b":method":
+                    stream.no_body_expected = value == b"HEAD"
+                    break
+        elif stream is None or stream.local_closed or self.closed:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        block = self.encoder.encode(fields)
+        flags = f.END_STREAM if end_stream else 0
+        limit = self.peer_max_frame_size
+        out = self._out
+        if len(block) <= limit:
+            out.append(f.frame_header(len(block), f.HEADERS, flags | f.END_HEADERS, stream_id))
+            out.append(block)
+        else:
+            out.append(f.frame_header(limit, f.HEADERS, flags, stream_id))
+            out.append(block[:limit])
+            pos = limit
+            while pos < len(block):
+                piece = block[pos:pos + limit]
+                pos += len(piece)
+                out.append(f.frame_header(len(piece), f.CONTINUATION, f.END_HEADERS if pos >= len(block) else 0,
+                                          stream_id))
+                out.append(piece)
+        if end_stream:
+            self._close_local(stream_id, stream)
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        stream = self._sendable(stream_id)
+        return min(stream.send_window, self.send_window)
+
+    def send_data(self, stream_id: int, data, end_stream: bool = False) -> None:
+        """`data` must fit the windows (local_flow_control_window) and the peer's frame size."""
+        stream = self._sendable(stream_id)
+        n = len(data)
+        if n > stream.send_window or n > self.send_window or n > self.peer_max_frame_size:
+            raise ValueError(f"{n} bytes do not fit the flow-control window or frame size")
+        stream.send_window -= n
+        self.send_window -= n
+        self._out.append(f.frame_header(n, f.DATA, f.END_STREAM if end_stream else 0, stream_id))
+        if n:
+            self._out.append(bytes(data))
+        if end_stream:
+            self._close_local(stream_id, stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        self.send_data(stream_id, b"", True)
+
+    def reset_stream(self, stream_id: int, error_code: int = f.CANCEL) -> None:
+        if self.streams.pop(stream_id, None) is None or self.closed:
+            return
+        self._out.append(f.rst_stream_frame(stream_id, error_code))
+        self._remember_reset(stream_id)
+
+    def acknowledge_received_data(self, n: int, stream_id: int) -> None:
+        """The consumer took `n` flow-controlled bytes: give them back to the peer once half a window
+        (the connection's or the stream's) has been consumed, not on every frame."""
+        self.conn_unacked += n
+        if self.conn_unacked * 2 >= self.recv_window_target:
+            self.recv_window += self.conn_unacked
+            self._out.append(f.window_update_frame(0, self.conn_unacked))
+            self.conn_unacked = 0
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.remote_closed:
+            stream.unacked += n
+            if stream.unacked * 2 >= self.local_initial_window:
+                stream.recv_window += stream.unacked
+                self._out.append(f.window_update_frame(stream_id, stream.unacked))
+                stream.unacked = 0
+
+    def _close_local(self, stream_id: int, stream: _Stream) -> None:
+        stream.local_closed = True
+        if stream.remote_closed:
+            del self.streams[stream_id]
+
+    def _close_remote(self, stream_id: int, stream: _Stream) -> None:
+        stream.remote_closed = True
+        if stream.local_closed:
+            del self.streams[stream_id]
+
+    def _remember_reset(self, stream_id: int) -> None:
+        self._reset_set.add(stream_id)
+        self._reset_ids.append(stream_id)
+        if len(self._reset_ids) > RESET_MEMORY:
+            self._reset_set.discard(self._reset_ids.popleft())
+
+    # ---- errors
+
+    def _connection_error(self, code: int, message: str, kind: str = "protocol_error") -> ConnectionError_:
+        self.close_connection(code, message.encode(errors="replace"))
+        self.closed = True
+        return ConnectionError_(code, message, kind)
+
+    def _stream_error(self, stream_id: int, code: int) -> None:
+        self.streams.pop(stream_id, None)
+        self._out.append(f.rst_stream_frame(stream_id, code))
+        self._remember_reset(stream_id)
+
+    def _is_idle(self, stream_id: int) -> bool:
+        """A stream id that has never been used (§5.1): frames on it are connection errors."""
+        if (stream_id % 2 == 1) != self.client:  # opened by the peer
+            return stream_id > self.last_peer_stream_id
+        return stream_id >= self.next_stream_id
+
+    # ---- receiving
+
+    def receive_data(self, data: bytes) -> list:
+        if self.closed:
+            return []
+        buf = self._inbuf + data if self._inbuf else data
+        pos = 0
+        if self._preface_pending:
+            if len(buf) < 24:
+                if not f.PREFACE.startswith(buf):
+                    raise self._connection_error(f.PROTOCOL_ERROR, "invalid connection preface")
+                self._inbuf = buf
+                return []
+            if buf[:24] != f.PREFACE:
+                raise self._connection_error(f.PROTOCOL_ERROR, "invalid connection preface")
+            self._preface_pending = False
+            pos = 24
+        events: list = []
+        n = len(buf)
+        max_frame = self.local_max_frame_size
+        while n - pos >= 9:
+            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            if length > max_frame:
+                raise self._connection_error(f.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            end = pos + 9 + length
+            if end > n:
+                break
+            ftype = buf[pos + 3]
+            flags = buf[pos + 4]
+            stream_id = f.u32(buf, pos + 5) & 0x7FFFFFFF
+            payload = buf[pos + 9:end]
+            pos = end
+            if not self._settings_seen:
+                if ftype != f.SETTINGS or flags & f.ACK:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "the first frame is not SETTINGS")
+                self._settings_seen = True
+            if self._block is not None and ftype != f.CONTINUATION:
+                raise self._connection_error(f.PROTOCOL_ERROR, "a header block interrupted by another frame")
+            if ftype == f.DATA:
+                self._on_data(stream_id, flags, payload, events)
+            elif ftype == f.HEADERS:
+                self._on_headers(stream_id, flags, payload, events)
+            elif ftype == f.WINDOW_UPDATE:
+                self._on_window_update(stream_id, payload, events)
+            elif ftype == f.RST_STREAM:
+                self._on_rst_stream(stream_id, payload, events)
+            elif ftype == f.SETTINGS:
+                self._on_settings(stream_id, flags, payload, events)
+            elif ftype == f.PING:
+                if stream_id:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "PING on a stream")
+                if length != 8:
+                    raise self._connection_error(f.FRAME_SIZE_ERROR, "PING of other than 8 bytes")
+                if not flags & f.ACK:
+                    self._out.append(f.ping_frame(payload, True))
+                    events.append(_PING)
+            elif ftype == f.CONTINUATION:
+                self._on_continuation(stream_id, flags, payload, events)
+            elif ftype == f.GOAWAY:
+                if stream_id:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "GOAWAY on a stream")
+                if length < 8:
+                    raise self._connection_error(f.FRAME_SIZE_ERROR, "GOAWAY shorter than 8 bytes")
+                self.goaway_received = True
+                events.append(ConnectionTerminated(f.u32(payload, 4), f.u32(payload, 0) & 0x7FFFFFFF,
+                                                   bytes(payload[8:])))
+            elif ftype == f.PRIORITY:
+                if not stream_id:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "PRIORITY on stream 0")
+                if length != 5:
+                    self._stream_error(stream_id, f.FRAME_SIZE_ERROR)
+            elif ftype == f.PUSH_PROMISE:
+                raise self._connection_error(f.PROTOCOL_ERROR, "PUSH_PROMISE (push is disabled)")
+            # unknown frame types are ignored (§5.5)
+            if self.closed:
+                break
+        self._inbuf = buf[pos:] if pos < n else b""
+        return events
+
+    def _strip_padding(self, flags: int, payload):
+        if flags & f.PADDED:
+            if not payload:
+                raise self._connection_error(f.FRAME_SIZE_ERROR, "padded frame without a pad length")
+            pad = payload[0]
+            if pad >= len(payload):
+                raise self._connection_error(f.PROTOCOL_ERROR, "padding longer than the frame")
+            return payload[1:len(payload) - pad]
+        return payload
+
+    def _on_data(self, stream_id: int, flags: int, payload, events: list) -> None:
+        if not stream_id:
+            raise self._connection_error(f.PROTOCOL_ERROR, "DATA on stream 0")
+        flow = len(payload)
+        self.recv_window -= flow
+        if self.recv_window < 0:
+            raise self._connection_error(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
+        data = self._strip_padding(flags, payload)
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.remote_closed:
+            if stream is None and self._is_idle(stream_id):
+                raise self._connection_error(f.PROTOCOL_ERROR, f"DATA on idle stream {stream_id}")
+            if flow:
+                self.acknowledge_received_data(flow, 0)  # nobody will consume it
+            if stream_id not in self._reset_set:
+                self._stream_error(stream_id, f.STREAM_CLOSED)
+            return
+        if not stream.headers_received:
+            raise self._connection_error(f.PROTOCOL_ERROR, "DATA before HEADERS")
+        stream.recv_window -= flow
+        if stream.recv_window < 0:
+            self.acknowledge_received_data(flow, 0)
+            self._stream_error(stream_id, f.FLOW_CONTROL_ERROR)
+            events.append(StreamMalformed(stream_id, "DATA beyond the stream window", "flow_control",
+                                          f.FLOW_CONTROL_ERROR))
+            return
+        stream.received += len(data)
+        end = bool(flags & f.END_STREAM)
+        expected = stream.expected_length
+        if expected >= 0 and not stream.no_body_expected and (
+                stream.received > expected or (end and stream.received != expected)):
+            self.acknowledge_received_data(flow, 0)
+            self._malformed(stream_id, "content-length disagrees with the DATA received", events)
+            return
+        events.append(DataReceived(stream_id, bytes(data), flow, end))
+        if end:
+            self._close_remote(stream_id, stream)
+            events.append(StreamEnded(stream_id))
+
+    def _malformed(self, stream_id: int, reason: str, events: list, kind: str = "malformed_request") -> None:
+        """§8.1.1: a malformed message is a stream error of type PROTOCOL_ERROR."""
+        self._stream_error(stream_id, f.PROTOCOL_ERROR)
+        events.append(StreamMalformed(stream_id, reason, kind, f.PROTOCOL_ERROR))
+
+    def _on_headers(self, stream_id: int, flags: int, payload, events: list) -> None:
+        if not stream_id:
+            raise self._connection_error(f.PROTOCOL_ERROR, "HEADERS on stream 0")
+        fragment = self._strip_padding(flags, payload)
+        if flags & f.PRIORITY_FLAG:
+            if len(fragment) < 5:
+                raise self._connection_error(f.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
+            if f.u32(fragment, 0) & 0x7FFFFFFF == stream_id:
+                self._stream_error(stream_id, f.PROTOCOL_ERROR)  # §5.3.1: a stream that depends on itself
+                flags |= _DECODE_ONLY
+            fragment = fragment[5:]
+        self._block = [stream_id, flags, [fragment], 1, len(fragment)]
+        if flags & f.END_HEADERS:
+            self._end_block(events)
+
+    def _on_continuation(self, stream_id: int, flags: int, payload, events: list) -> None:
+        block = self._block
+        if block is None or block[0] != stream_id:
+            raise self._connection_error(f.PROTOCOL_ERROR, "CONTINUATION without its HEADERS")
+        block[2].append(payload)
+        block[3] += 1
+        block[4] += len(payload)
+        if block[3] > MAX_CONTINUATION_FRAMES or block[4] > self.max_block_bytes:
+            raise self._connection_error(f.ENHANCE_YOUR_CALM, "header block in too many CONTINUATION frames",
+                                         "continuation_flood")
+        if flags & f.END_HEADERS:
+            self._end_block(events)
+
+    def _end_block(self, events: list) -> None:
+        stream_id, flags, fragments, _, _ = self._block
+        self._block = None
+        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+        try:
+            fields, problem = self.decoder.decode(block)
+        except HpackError as e:
+            raise self._connection_error(f.COMPRESSION_ERROR, f"header block: {e}") from None
+        except HeaderListTooLarge:
+            # the decoder kept its table in step: only this stream is refused
+            fields, problem = None, "header list larger than SETTINGS_MAX_HEADER_LIST_SIZE"
+        if flags & _DECODE_ONLY:
+            return  # a stream already reset: decoded only to keep HPACK in step
+        end_stream = bool(flags & f.END_STREAM)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self.client or not self._is_idle(stream_id):
+                if stream_id in self._reset_set or (self.client and not self._is_idle(stream_id)):
+                    return  # in flight when we reset it
+                raise self._connection_error(f.STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
+            if stream_id % 2 == 0:
+                raise self._connection_error(f.PROTOCOL_ERROR, "a client stream with an even id")
+            self.last_peer_stream_id = stream_id
+            if self.goaway_sent:
+                return  # §6.8: streams above the GOAWAY's last id are not processed
+            if fields is None:
+                self._malformed(stream_id, problem, events, "header_list_too_large")
+                return
+            if len(self.streams) >= self.local_max_streams:
+                self._stream_error(stream_id, f.REFUSED_STREAM)
+                events.append(StreamMalformed(stream_id, "concurrent stream limit", "too_many_streams",
+                                              f.REFUSED_STREAM))
+                return
+            try:
+                if problem is not None:
+                    raise _Malformed(problem)
+                length = _check_request(fields, end_stream)
+            except _Malformed as e:
+                self._malformed(stream_id, str(e), events, e.kind)
+                return
+            stream = self.streams[stream_id] = _Stream(self.peer_initial_window, self.local_initial_window)
+            stream.headers_received = True
+            stream.expected_length = length
+            if end_stream:
+                if length > 0:
+                    self._malformed(stream_id, "content-length without the DATA", events)
+                    return
+                stream.remote_closed = True
+            events.append(RequestReceived(stream_id, fields, end_stream))
+            if end_stream:
+                events.append(StreamEnded(stream_id))
+            return
+        if stream.remote_closed:
+            self._stream_error(stream_id, f.STREAM_CLOSED)
+            events.append(StreamMalformed(stream_id, "HEADERS after the end of the stream", "stream_closed",
+                                          f.STREAM_CLOSED))
+            return
+        if fields is None:
+            self._malformed(stream_id, problem, events, "header_list_too_large")
+            return
+        try:
+            if problem is not None:
+                raise _Malformed(problem)
+            if stream.headers_received or not self.client:
+                # trailers (§8.1): they end the stream and carry no pseudo-header fields
+                if not end_stream:
+                    raise _Malformed("a second header block that does not end the stream")
+                for name, _ in fields:
+                    if name[:1] == b":":
+                        raise _Malformed("a pseudo-header field in trailers")
+                if stream.expected_length >= 0 and not stream.no_body_expected and \
+                        stream.received != stream.expected_length:
+                    raise _Malformed("content-length disagrees with the DATA received")
+                events.append(TrailersReceived(stream_id, fields))
+                self._close_remote(stream_id, stream)
+                events.append(StreamEnded(stream_id))
+                return
+            status, length = _check_response(fields)
+            if status < 200:
+                if end_stream:
+                    raise _Malformed("an informational response that ends the stream")
+                events.append(InformationalResponseReceived(stream_id, fields))
+                return
+            stream.headers_received = True
+            if status == 204 or status == 304:
+                stream.no_body_expected = True
+            stream.expected_length = length
+            if end_stream and length > 0 and not stream.no_body_expected:
+                raise _Malformed("content-length without the DATA")
+        except _Malformed as e:
+            self._malformed(stream_id, str(e), events, "malformed_response" if self.client else e.kind)
+            return
+        events.append(ResponseReceived(stream_id, fields, end_stream))
+        if end_stream:
+            self._close_remote(stream_id, stream)
+            events.append(StreamEnded(stream_id))
+
+    def _on_window_update(self, stream_id: int, payload, events: list) -> None:
+        if len(payload) != 4:
+            raise self._connection_error(f.FRAME_SIZE_ERROR, "WINDOW_UPDATE of other than 4 bytes")
+        increment = f.u32(payload, 0) & 0x7FFFFFFF
+        if not stream_id:
+            if not increment:
+                raise self._connection_error(f.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > f.MAX_WINDOW:
+                raise self._connection_error(f.FLOW_CONTROL_ERROR, "connection window above 2^31-1")
+            events.append(WindowUpdated(0))
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            if self._is_idle(stream_id):
+                raise self._connection_error(f.PROTOCOL_ERROR, f"WINDOW_UPDATE on idle stream {stream_id}")
+            return  # closed: ignored (§6.9)
+        if not increment:
+            self._malformed(stream_id, "WINDOW_UPDATE of 0", events, "protocol_error")
+            return
+        stream.send_window += increment
+        if stream.send_window > f.MAX_WINDOW:
+            self._stream_error(stream_id, f.FLOW_CONTROL_ERROR)
+            events.append(StreamMalformed(stream_id, "stream window above 2^31-1", "flow_control",
+                                          f.FLOW_CONTROL_ERROR))
+            return
+        events.append(WindowUpdated(stream_id))
+
+    def _on_rst_stream(self, stream_id: int, payload, events: list) -> None:
+        if len(payload) != 4:
+            raise self._connection_error(f.FRAME_SIZE_ERROR, "RST_STREAM of other than 4 bytes")
+        if not stream_id:
+            raise self._connection_error(f.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if self.streams.pop(stream_id, None) is not None:
+            events.append(StreamReset(stream_id, f.u32(payload, 0)))
+        elif self._is_idle(stream_id):
+            raise self._connection_error(f.PROTOCOL_ERROR, f"RST_STREAM on idle stream {stream_id}")
+
+    def _on_settings(self, stream_id: int, flags: int, payload, events: list) -> None:
+        if stream_id:
+            raise self._connection_error(f.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & f.ACK:
+            if payload:
+                raise self._connection_error(f.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise self._connection_error(f.FRAME_SIZE_ERROR, "SETTINGS length not a multiple of 6")
+        changed = {}
+        for key, value in f.parse_settings(payload):
+            if key == f.ENABLE_PUSH:
+                if value > 1:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "ENABLE_PUSH other than 0 or 1")
+                if self.client and value:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "a server may not enable push")
+            elif key == f.INITIAL_WINDOW_SIZE:
+                if value > f.MAX_WINDOW:
+                    raise self._connection_error(f.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE above 2^31-1")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                if delta:
+                    for stream in self.streams.values():
+                        stream.send_window += delta
+                        if stream.send_window > f.MAX_WINDOW:
+                            raise self._connection_error(f.FLOW_CONTROL_ERROR, "a stream window above 2^31-1")
+            elif key == f.MAX_FRAME_SIZE:
+                if not f.DEFAULT_MAX_FRAME_SIZE <= value <= f.MAX_FRAME_SIZE_LIMIT:
+                    raise self._connection_error(f.PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
+                self.peer_max_frame_size = value
+            elif key == f.MAX_CONCURRENT_STREAMS:
+                self.peer_max_concurrent_streams = value
+            elif key == f.HEADER_TABLE_SIZE:
+                self.encoder.set_max_table_size(min(value, 4096))  # we never need a bigger table
+            changed[key] = value
+        self._out.append(f.SETTINGS_ACK_FRAME)
+        events.append(RemoteSettingsChanged(changed))
+
+
+def _check_request(fields: list, end_stream: bool) -> int:
+    """§8.3.1 pseudo-header rules (names and values were checked by the HPACK decoder); returns the
+    content-length (-1 when absent). Raises _Malformed."""
+    seen: set = set()
+    regular = False
+    length = -1
+    method = path = scheme = None
+    for name, value in fields:
+        if name[:1] == b":":
+            if regular:
+                raise _Malformed("a pseudo-header field after a regular field")
+            if name not in _REQUEST_PSEUDO:
+                raise _Malformed(f"pseudo-header field {name[:20]!r} in a request")
+            if name in seen:
+                raise _Malformed(f"repeated {name.decode()}")
+            seen.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":scheme":
+                scheme = value
+            continue
+        regular = True
+        if name in _CONNECTION_SPECIFIC:
+            raise _Malformed(f"connection-specific field {name.decode()}")
+        if name == b"te" and value != b"trailers":
+            raise _Malformed("te other than trailers")
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
+                raise _Malformed("invalid content-length")
+            length = int(value)
+    if method is None:
+        raise _Malformed("no :method")
+    if method != b"CONNECT" and (not path or scheme is None):
+        raise _Malformed("no :path or :scheme")
+    return length
+
+
+def _check_response(fields: list) -> tuple[int, int]:
+    status = 0
+    regular = False
+    length = -1
+    for name, value in fields:
+        if name[:1] == b":":
+            if regular or name != b":status" or status:
+                raise _Malformed("invalid pseudo-header fields in a response")
+            if len(value) != 3 or not value.isdigit():
+                raise _Malformed("invalid :status")
+            status = int(value)
+            continue
+        regular = True
+        if name in _CONNECTION_SPECIFIC:
+            raise _Malformed(f"connection-specific field {name.decode()}")
+        if name == b"content-length":
+            if not value.isdigit() or len(value) > 18 or (length >= 0 and int(value) != length):
+                raise _Malformed("invalid content-length")
+            length = int(value)
+    if not status:
+        raise _Malformed("no :status")
+    if status == 101:
+        raise _Malformed("101 is not allowed in HTTP/2")
+    return status, length

@@ -1,0 +1,275 @@
+"""Our HTTP/2 connection state machine (proxy/l7/h2_connection.py) against the `h2` package as the
+oracle, in memory: our server with h2's client, our client with h2's server, and the error answers
+RFC 9113 asks for, checked frame by frame with hyperframe."""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.events
+import hpack
+import hyperframe.frame as hf
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.l7 import h2_frames as fr
+from proxy.l7.h2_codec import client_settings, server_settings
+from proxy.l7.h2_connection import (
+    ConnectionError_,
+    DataReceived,
+    H2Connection,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamMalformed,
+    StreamReset,
+    TrailersReceived,
+)
+
+MAX_HEADERS = 60 * 1024
+
+
+def ours(client: bool) -> H2Connection:
+    conn = H2Connection(client=client, settings=client_settings() if client else server_settings(),
+                        max_header_list_size=MAX_HEADERS)
+    conn.initiate_connection()
+    return conn
+
+
+def oracle(client: bool) -> h2.connection.H2Connection:
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=client, header_encoding=None, normalize_outbound_headers=False, validate_outbound_headers=False))
+    conn.initiate_connection()
+    return conn
+
+
+def pump(a, b) -> tuple[list, list]:
+    """Exchange bytes until both are quiet; returns (events of a, events of b)."""
+    events_a, events_b = [], []
+    for _ in range(50):
+        data_a = a.data_to_send()
+        data_b = b.data_to_send()
+        if not data_a and not data_b:
+            break
+        if data_a:
+            events_b += b.receive_data(data_a)
+        if data_b:
+            events_a += a.receive_data(data_b)
+    return events_a, events_b
+
+
+def frames_of(data: bytes) -> list:
+    out, pos = [], 0
+    while pos + 9 <= len(data):
+        frame, length = hf.Frame.parse_frame_header(memoryview(data[pos:pos + 9]))
+        frame.parse_body(memoryview(data[pos + 9:pos + 9 + length]))
+        out.append(frame)
+        pos += 9 + length
+    return out
+
+
+REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/a?b=1"),
+           (b"user-agent", b"test"), (b"content-type", b"application/grpc"), (b"te", b"trailers")]
+
+field_names = st.sampled_from([b"x-a", b"accept", b"x-request-id", b"cookie", b"x-long-name-of-a-field"])
+field_values = st.binary(min_size=0, max_size=300).filter(
+    lambda v: b"\x00" not in v and b"\r" not in v and b"\n" not in v and v[:1] not in (b" ", b"\t")
+    and v[-1:] not in (b" ", b"\t"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.tuples(field_names, field_values), max_size=8),
+                          st.binary(max_size=70000), st.booleans()), min_size=1, max_size=6))
+def test_our_server_with_the_oracle_client(requests) -> None:
+    """Requests with random fields, bodies (several windows long) and trailers arrive intact."""
+    server, client = ours(False), oracle(True)
+    pump(client, server)
+    record: dict[int, dict] = {}
+    sent = {}
+    for extra, body, trailers in requests:
+        sid = client.get_next_available_stream_id()
+        fields = REQUEST + extra
+        sent[sid] = (fields, body, trailers)
+        client.send_headers(sid, fields, end_stream=not body and not trailers)
+        _record(pump(client, server)[1], record, server)
+        pos = 0
+        while pos < len(body):  # what the windows allow; the server acknowledges as it consumes
+            window = min(client.local_flow_control_window(sid), 16384)
+            if window == 0:
+                _record(pump(client, server)[1], record, server)
+                continue
+            piece = body[pos:pos + window]
+            pos += len(piece)
+            client.send_data(sid, piece, end_stream=pos == len(body) and not trailers)
+            _record(pump(client, server)[1], record, server)
+        if trailers:
+            client.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+            _record(pump(client, server)[1], record, server)
+    for sid, (fields, body, trailers) in sent.items():
+        r = record[sid]
+        assert r["headers"] == fields
+        assert r["body"] == body
+        assert r["trailers"] == ([(b"grpc-status", b"0")] if trailers else None)
+        assert r["ended"]
+
+
+def _acknowledge(server: H2Connection, events: list) -> None:
+    for e in events:
+        if isinstance(e, DataReceived):
+            server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+
+
+def _record(events: list, record: dict, server: H2Connection) -> None:
+    for e in events:
+        if isinstance(e, RequestReceived):
+            record[e.stream_id] = {"headers": e.headers, "body": b"", "trailers": None, "ended": False}
+        elif isinstance(e, DataReceived):
+            record[e.stream_id]["body"] += e.data
+            server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        elif isinstance(e, TrailersReceived):
+            record[e.stream_id]["trailers"] = e.headers
+        elif isinstance(e, StreamEnded):
+            record[e.stream_id]["ended"] = True
+        elif isinstance(e, (StreamMalformed, StreamReset)):
+            raise AssertionError(f"unexpected {type(e).__name__}: {getattr(e, 'reason', '')}")
+
+
+def test_our_client_with_the_oracle_server_response_body_and_trailers() -> None:
+    client, server = ours(True), oracle(False)
+    pump(client, server)
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, REQUEST, end_stream=False)
+    client.send_data(sid, b"\x00\x00\x00\x00\x02hi", end_stream=True)
+    _, s_events = pump(client, server)
+    received = [e for e in s_events if isinstance(e, h2.events.RequestReceived)]
+    assert received and dict(received[0].headers)[b":path"] == b"/a?b=1"
+    assert b"".join(e.data for e in s_events if isinstance(e, h2.events.DataReceived)) == b"\x00\x00\x00\x00\x02hi"
+    server.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+    body = b"x" * 100000  # beyond the default window: our client must acknowledge for the rest to come
+    sent = 0
+    got = b""
+    trailers = None
+    for _ in range(100):
+        window = server.local_flow_control_window(sid)
+        if sent < len(body) and window:
+            piece = body[sent:sent + min(window, 16384)]
+            server.send_data(sid, piece)
+            sent += len(piece)
+        elif sent == len(body) and trailers is None:
+            server.send_headers(sid, [(b"grpc-status", b"0"), (b"grpc-message", b"")], end_stream=True)
+            trailers = False
+        c_events, _ = pump(client, server)
+        for e in c_events:
+            if isinstance(e, ResponseReceived):
+                assert e.headers[0] == (b":status", b"200")
+            elif isinstance(e, DataReceived):
+                got += e.data
+                client.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            elif isinstance(e, TrailersReceived):
+                trailers = e.headers
+        if trailers:
+            break
+    assert got == body
+    assert trailers == [(b"grpc-status", b"0"), (b"grpc-message", b"")]
+
+
+def _raw_client() -> tuple[H2Connection, hpack.Encoder]:
+    server = ours(False)
+    server.receive_data(fr.PREFACE + fr.settings_frame({}))
+    server.data_to_send()
+    return server, hpack.Encoder()
+
+
+def _headers_frame(enc: hpack.Encoder, sid: int, fields, flags=fr.END_HEADERS | fr.END_STREAM) -> bytes:
+    block = enc.encode(fields)
+    return fr.frame_header(len(block), fr.HEADERS, flags, sid) + block
+
+
+@pytest.mark.parametrize("fields, why", [
+    ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"X-Upper", b"1")], "upper-case name"),
+    ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"connection", b"close")], "connection"),
+    ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"te", b"gzip")], "te"),
+    ([(b":method", b"GET"), (b"x-a", b"1"), (b":scheme", b"http"), (b":path", b"/")], "pseudo after regular"),
+    ([(b":method", b"GET"), (b":scheme", b"http")], "no :path"),
+    ([(b":method", b"GET"), (b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")], "repeated"),
+    ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":status", b"200")], "response pseudo"),
+    ([(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"x-a", b"a\nb")], "LF in a value"),
+])
+def test_malformed_requests_are_stream_errors(fields, why) -> None:
+    server, enc = _raw_client()
+    events = server.receive_data(_headers_frame(enc, 1, fields))
+    assert [type(e) for e in events] == [StreamMalformed], why
+    out = frames_of(server.data_to_send())
+    assert isinstance(out[0], hf.RstStreamFrame) and out[0].error_code == fr.PROTOCOL_ERROR
+    # the connection goes on: the next stream is served
+    events = server.receive_data(_headers_frame(enc, 3, [(b":method", b"GET"), (b":scheme", b"http"),
+                                                         (b":path", b"/")]))
+    assert isinstance(events[0], RequestReceived)
+
+
+def test_content_length_must_match_the_data() -> None:
+    server, enc = _raw_client()
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"), (b"content-length", b"5")]
+    server.receive_data(_headers_frame(enc, 1, fields, flags=fr.END_HEADERS))
+    events = server.receive_data(fr.frame_header(3, fr.DATA, fr.END_STREAM, 1) + b"abc")
+    assert isinstance(events[-1], StreamMalformed)
+    assert frames_of(server.data_to_send())[-1].error_code == fr.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("data, code", [
+    (fr.frame_header(1, fr.DATA, 0, 0) + b"x", fr.PROTOCOL_ERROR),  # DATA on stream 0
+    (fr.frame_header(1, fr.DATA, 0, 9) + b"x", fr.PROTOCOL_ERROR),  # DATA on an idle stream
+    (fr.frame_header(4, fr.WINDOW_UPDATE, 0, 0) + b"\x00\x00\x00\x00", fr.PROTOCOL_ERROR),
+    (fr.frame_header(6, fr.SETTINGS, 0, 0) + b"\x00\x02\x00\x00\x00\x02", fr.PROTOCOL_ERROR),  # ENABLE_PUSH=2
+    (fr.frame_header(6, fr.SETTINGS, 0, 0) + b"\x00\x04\x80\x00\x00\x00", fr.FLOW_CONTROL_ERROR),
+    (fr.frame_header(5, fr.SETTINGS, 0, 0) + b"\x00" * 5, fr.FRAME_SIZE_ERROR),
+    (fr.frame_header(20000, fr.DATA, 0, 1), fr.FRAME_SIZE_ERROR),  # above our MAX_FRAME_SIZE
+    (fr.frame_header(7, fr.PING, 0, 0) + b"\x00" * 7, fr.FRAME_SIZE_ERROR),
+])
+def test_connection_errors(data, code) -> None:
+    server, _ = _raw_client()
+    with pytest.raises(ConnectionError_) as info:
+        server.receive_data(data)
+    assert info.value.error_code == code
+    goaway = frames_of(server.data_to_send())[-1]
+    assert isinstance(goaway, hf.GoAwayFrame) and goaway.error_code == code
+
+
+def test_headers_on_an_even_stream_and_a_continuation_flood() -> None:
+    server, enc = _raw_client()
+    with pytest.raises(ConnectionError_):
+        server.receive_data(_headers_frame(enc, 2, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]))
+    server, enc = _raw_client()
+    data = fr.frame_header(0, fr.HEADERS, 0, 1) + fr.frame_header(0, fr.CONTINUATION, 0, 1) * 100
+    with pytest.raises(ConnectionError_) as info:
+        server.receive_data(data)
+    assert info.value.kind == "continuation_flood" and info.value.error_code == fr.ENHANCE_YOUR_CALM
+
+
+def test_streams_beyond_the_limit_are_refused() -> None:
+    server = H2Connection(client=False, settings={**server_settings(), fr.MAX_CONCURRENT_STREAMS: 2},
+                          max_header_list_size=MAX_HEADERS)
+    server.receive_data(fr.PREFACE + fr.settings_frame({}))
+    enc = hpack.Encoder()
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+    events = server.receive_data(b"".join(_headers_frame(enc, sid, fields) for sid in (1, 3, 5)))
+    assert [type(e) for e in events] == [RequestReceived, StreamEnded, RequestReceived, StreamEnded,
+                                         StreamMalformed]
+    assert events[-1].kind == "too_many_streams"
+    rst = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.RstStreamFrame)]
+    assert rst[0].stream_id == 5 and rst[0].error_code == fr.REFUSED_STREAM
+
+
+def test_a_reset_stream_drops_late_frames_and_returns_their_window() -> None:
+    server, enc = _raw_client()
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/")]
+    server.receive_data(_headers_frame(enc, 1, fields, flags=fr.END_HEADERS))
+    server.reset_stream(1, fr.CANCEL)
+    server.data_to_send()
+    events = server.receive_data((fr.frame_header(16384, fr.DATA, 0, 1) + b"x" * 16384) * 4)
+    assert events == []
+    out = frames_of(server.data_to_send())
+    assert any(isinstance(x, hf.WindowUpdateFrame) and x.stream_id == 0 for x in out), \
+        "DATA nobody will read still gives its share of the connection window back"
+    assert not any(isinstance(x, hf.RstStreamFrame) for x in out), "no second reset for frames in flight"
