@@ -33,11 +33,12 @@ import trio
 from proxy.l7 import h1
 from proxy.l7.connio import ReadTimeout
 from proxy.l7.context import RequestContext
-from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError
+from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError, UpstreamTimeout
 from proxy.l7.events import RequestHead, ResponseHead
 from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import (
+    GRPC_DEADLINE_EXCEEDED,
     INITIAL_CONNECTION_WINDOW,
     MAX_HEADER_LIST_BYTES,
     MalformedRequest,
@@ -229,7 +230,11 @@ class H2Stream(H2StreamState):
             if any(name == b"grpc-status" for name, _ in headers):  # a stage's own gRPC answer (fault abort)
                 fields = response_fields(status, headers, None)
             else:
-                fields = grpc_local_reply_fields(status, body)
+                # a route or per-try timeout is DEADLINE_EXCEEDED, not the UNAVAILABLE that 504 maps to:
+                # clients retry UNAVAILABLE (Envoy answers so since its runtime guard
+                # grpc_timeout_returns_deadline_exceeded)
+                timed_out = isinstance(ctx.error, UpstreamTimeout)
+                fields = grpc_local_reply_fields(status, body, GRPC_DEADLINE_EXCEEDED if timed_out else None)
             if ctx.request_id:
                 fields.append((b"x-request-id", ctx.request_id))
             for name, value in fields:
@@ -344,7 +349,7 @@ class H2ServerConnection(H2Transport):
                     self._protocol_error(e)
                     return
                 self._handle(events)
-                self.flush()
+                self.flush_now()  # answers to control frames: the flood accounting counts on it
                 if self.error is not None or self.goaway_sent or (self.closing and not self.streams):
                     return
             conn.io_deadline = monotonic() + settings.idle_timeout_s if not self.streams else float("inf")
@@ -360,7 +365,7 @@ class H2ServerConnection(H2Transport):
 
     def _goaway(self, code, why: str) -> None:
         self.h2.close_connection(code, why[:200].encode(errors="replace"))
-        self.flush()
+        self.flush_now()
         self.closing = self.goaway_sent = True
         for stream in self.streams.values():
             stream.body.fail(why)

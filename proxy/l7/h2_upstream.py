@@ -225,7 +225,7 @@ class H2UpstreamConnection(H2Transport):
             self.error = "closed"
             if self.conn is not None:
                 self.h2.close_connection()
-                self.flush()
+                self.flush_now()
         self.on_lost("closed")
         self.ready.set()
         if self.conn is not None:
@@ -282,11 +282,11 @@ class H2UpstreamConnection(H2Transport):
                 events = h2conn.receive_data(bytes(conn.take_buffered()))
             except ConnectionError_ as e:  # its GOAWAY is queued
                 log.info("upstream HTTP/2 protocol error", cluster=self.crt.name, error=str(e))
-                self.flush()
+                self.flush_now()
                 self.lost(f"protocol error: {e}")
                 return
             self._handle(events)
-            self.flush()
+            self.flush_now()
 
     def _handle(self, events: list) -> None:
         streams = self.streams

@@ -286,18 +286,15 @@ def test_grpc_through_client_and_server_sidecars(tmp_path: Path) -> None:
         assert md(failed["trailing_metadata"], "x-served-by") == SERVER_NAME, describe(failed, logs)
 
         # a deadline the server cannot meet: the call ends near its 0.5 s, not after the server's 3 s
-        # delay. Two timers race there: the client's own deadline (DEADLINE_EXCEEDED) and the
-        # sidecars', which take the client's grpc-timeout as the route timeout and answer it, as
-        # Envoy has long done, with a 504 local reply mapped to UNAVAILABLE "upstream request
-        # timeout". The client usually wins; the sidecar's answer reaches it first in about one run
-        # in ten. (Envoy now answers DEADLINE_EXCEEDED there, runtime guard
-        # envoy.reloadable_features.grpc_timeout_returns_deadline_exceeded; should triomesh follow,
-        # only DEADLINE_EXCEEDED is right here.)
+        # delay. Two timers race there: the client's own deadline and the sidecars', which take the
+        # client's grpc-timeout as the route timeout and answer DEADLINE_EXCEEDED "upstream request
+        # timeout" (as Envoy does since its runtime guard grpc_timeout_returns_deadline_exceeded;
+        # before, a 504 mapped to UNAVAILABLE, which clients retry). Either way: DEADLINE_EXCEEDED.
         late = grpc_call(lab, logs, "unary", "--metadata", "x-delay-ms=3000", "--timeout", "0.5")[0]
         assert (late["code"], late["details"]) in {
             ("DEADLINE_EXCEEDED", "Deadline Exceeded"),
             ("DEADLINE_EXCEEDED", "Stream removed (Deadline Exceeded)"),
-            ("UNAVAILABLE", "upstream request timeout"),
+            ("DEADLINE_EXCEEDED", "upstream request timeout"),
         }, describe(late, logs)
         assert late["elapsed_s"] < 2.5, describe(late, logs)
 
