@@ -1,14 +1,16 @@
 """User-space instructions per proxied request, counted by valgrind (callgrind): a figure that does not
 move with the machine's load, for comparing two versions of the data path on a shared machine.
 
-    python -m bench.instructions [--source DIR] [--requests N] [--baseline]
+    python -m bench.instructions [--source DIR] [--requests N] [--baseline] [--h2 [--h2-upstream]]
 
 The proxy (DataPlane + serve_listener on the Istio resources `make bench` gives it: one route to one
 nginx endpoint, with Istio's default retry policy) runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
 connections in two separate runs, and the difference of the two totals divided by N2 - N1 is the
 cost of one request with start-up and shutdown cancelled out. `--source DIR` measures another
 checkout (e.g. `git worktree add /tmp/base HEAD~1`); `--baseline` measures a bare Trio forwarder
-with the same two waits per request (no HTTP at all), the floor any Trio design pays.
+with the same two waits per request (no HTTP at all), the floor any Trio design pays; `--h2` sends the
+requests as h2c (8 connections, 4 streams in flight each) to the same HTTP/1.1 upstream, and with
+`--h2-upstream` to nginx's h2c server instead (a ServiceEntry port `protocol: HTTP2`).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 """
 
@@ -98,7 +100,8 @@ trio.run(main)
 '''
 
 
-def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path) -> tuple[int, int]:
+def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
+              h2: bool = False, upstream_protocol: str = "HTTP") -> tuple[int, int]:
     """(total instructions, requests that succeeded) for one proxy process under callgrind."""
     script = workdir / "proxy_under_callgrind.py"
     script.write_text(_PROXY)
@@ -106,7 +109,7 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     port_file.unlink(missing_ok=True)
     out = workdir / f"callgrind.{requests}"
     config = workdir / "bench.yaml"
-    config.write_text(triomesh_config(free_port(), backend_port))
+    config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol))
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
                             env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config)), stdout=subprocess.DEVNULL,
@@ -118,7 +121,9 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
                 raise RuntimeError(f"the proxy under callgrind did not start: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.3)
         time.sleep(1.0)
-        load = subprocess.run(["h2load", "--h1", "-n", str(requests), "-c", "8",
+        # h2c: the same 8 clients, each with up to 4 streams in flight on its one connection
+        client = ["-m", "4"] if h2 else ["--h1"]
+        load = subprocess.run(["h2load", *client, "-n", str(requests), "-c", "8",
                                f"http://127.0.0.1:{port_file.read_text()}/small"],
                               capture_output=True, text=True, timeout=900)
         succeeded = int(re.search(r"(\d+) succeeded", load.stdout).group(1))
@@ -139,7 +144,13 @@ def main() -> None:
                     help="checkout whose proxy/ is measured (default: this one)")
     ap.add_argument("--requests", type=int, default=2000, help="requests of the second run, beyond the first")
     ap.add_argument("--baseline", action="store_true", help="measure a bare Trio forwarder instead")
+    ap.add_argument("--h2", action="store_true", help="h2c downstream (prior knowledge) instead of HTTP/1.1")
+    ap.add_argument("--h2-upstream", action="store_true", help="with --h2: to an h2c upstream instead of HTTP/1.1")
     args = ap.parse_args()
+    if args.h2_upstream and not args.h2:
+        sys.exit("--h2-upstream goes with --h2")
+    if args.h2 and args.baseline:
+        sys.exit("--h2 measures the proxy: the bare forwarder speaks no HTTP")
     for tool in ("valgrind", "h2load", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"bench.instructions needs {tool} (make bench installs h2load and nginx; valgrind: apt-get install valgrind)")
@@ -147,11 +158,13 @@ def main() -> None:
         workdir = Path(tmp)
         backend = start_nginx(workdir / "nginx", cpus=None)
         try:
-            first, ok1 = _run_once(500, backend.port, args.source, args.baseline, workdir)
-            second, ok2 = _run_once(500 + args.requests, backend.port, args.source, args.baseline, workdir)
+            port = backend.h2c_port if args.h2_upstream else backend.port
+            upstream = "HTTP2" if args.h2_upstream else "HTTP"
+            first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream)
+            second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream)
         finally:
             backend.stop()
-    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source})"
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''})"
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")
 

@@ -279,21 +279,28 @@ def _huffman_decode_py(data: bytes) -> bytes:
     return b"".join(parts)
 
 
+# Every code as a string of "0"/"1" -> its symbol, for _huffman_fault.
+_CODE_OF_BITS = {f"{code:0{n}b}": sym for sym, (code, n) in enumerate(HUFFMAN_CODE)}
+_BYTE_BITS = [f"{b:08b}" for b in range(256)]
+
+
 def _huffman_fault(data: bytes) -> str:
-    """Why a Huffman string does not decode: walk it bit by bit (error path only)."""
-    bits = int.from_bytes(data, "big")
-    total = 8 * len(data)
+    """Why a Huffman string does not decode: walk it bit by bit (error path only).
+
+    Linear in len(data): the bits are one str, sliced at most 30 characters at a time. (It used to
+    shift the whole string, as one int, once per code length tried per symbol: quadratic, so a peer
+    could make one block with a long badly padded string cost seconds of CPU.)"""
+    bits = "".join(map(_BYTE_BITS.__getitem__, data))
+    total = len(bits)
     pos = 0
-    codes = {(code, n): sym for sym, (code, n) in enumerate(HUFFMAN_CODE)}
+    codes = _CODE_OF_BITS
     while pos < total:
         for n in range(5, 31):
             if pos + n > total:
-                rest = total - pos
-                pad = bits & ((1 << rest) - 1)
-                if pad != (1 << rest) - 1:
+                if "0" in bits[pos:]:
                     return "invalid Huffman padding (not a prefix of EOS)"
                 return "invalid Huffman padding (longer than 7 bits)"
-            sym = codes.get(((bits >> (total - pos - n)) & ((1 << n) - 1), n))
+            sym = codes.get(bits[pos:pos + n])
             if sym is not None:
                 if sym == _EOS:
                     return "EOS symbol inside a Huffman string"
@@ -485,6 +492,10 @@ def _read_string(data: bytes, pos: int, end: int) -> tuple[bytes, int]:
 _NAME_OK = re.compile(rb":?[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
 _SP_HTAB = frozenset(b" \t")
 _NAME_ERRORS: dict[bytes, str | None] = {}  # name -> verdict; names are few, values are not
+# Longest name kept in the module-wide name caches (_NAME_ERRORS, _POLICIES). They are keyed by peer
+# input and shared by all connections: 4096 keys of up to a whole header block each could pin
+# hundreds of MB. Real names are short; a longer one is simply checked (or assessed) again.
+_NAME_CACHE_LEN = 64
 
 
 def _name_error(name: bytes) -> str | None:
@@ -497,9 +508,10 @@ def _name_error(name: bytes) -> str | None:
         err = "empty field name"
     else:
         err = f"field name {name[:40]!r} is not lowercase token characters (or a pseudo-header)"
-    if len(_NAME_ERRORS) >= 4096:
-        _NAME_ERRORS.clear()
-    _NAME_ERRORS[name] = err
+    if len(name) <= _NAME_CACHE_LEN:  # bounded memory: see _NAME_CACHE_LEN
+        if len(_NAME_ERRORS) >= 4096:
+            _NAME_ERRORS.clear()
+        _NAME_ERRORS[name] = err
     return err
 
 
@@ -759,6 +771,10 @@ _STATIC_FIXED = {pair: ~i for i, pair in enumerate(STATIC_TABLE)}  # full matche
 _FIXED = [_INDEXED[i] for i in range(1, _STATIC_LEN + 1)]
 _PLAIN_LEN = [bytes((n,)) for n in range(0x7F)]  # one-byte lengths of plain strings
 _FIXED_CACHE_MAX = 256  # encoded literal fields kept per encoder (then forgotten)
+# ... and at most this many bytes of them: values come from the peer (a proxy forwards them), and
+# 256 cookies of 60 KB each would pin 30 MB per connection (twice: the key and the representation).
+# A representation larger than this is not cached at all.
+_FIXED_CACHE_BYTES = 64 * 1024
 
 
 def _string_bytes(s: bytes, huffman: bool) -> bytes:
@@ -784,10 +800,11 @@ def _policy(name: bytes, huffman: bool) -> tuple[int, int, bytes]:
         policy = (_LITERAL, static, prefix)
     else:
         policy = (_PATH if name == b":path" else _INDEX, static, _string_bytes(name, huffman))
-    cache = _POLICIES[huffman]
-    if len(cache) >= 4096:
-        cache.clear()
-    cache[name] = policy
+    if len(name) <= _NAME_CACHE_LEN:  # bounded memory: see _NAME_CACHE_LEN
+        cache = _POLICIES[huffman]
+        if len(cache) >= 4096:
+            cache.clear()
+        cache[name] = policy
     return policy
 
 
@@ -804,6 +821,7 @@ class Encoder:
         # one lookup per field whatever happens to it.
         self._index: dict[tuple[bytes, bytes], int] = dict(_STATIC_FIXED)
         self._fixed: list[bytes] = list(_FIXED)
+        self._fixed_bytes = 0  # total length of the cached literals in _fixed (beyond the static ones)
         self._names: dict[bytes, int] = {}  # name -> insertion number of its newest entry
         self._entries: deque[tuple[tuple[bytes, bytes], bytes, int]] = deque()  # oldest first
         self._inserted = 0  # insertion numbers handed out so far
@@ -858,6 +876,7 @@ class Encoder:
         first_literal = ~_STATIC_LEN
         self._index = {field: i for field, i in self._index.items() if i > first_literal}
         del self._fixed[_STATIC_LEN:]
+        self._fixed_bytes = 0
 
     def encode(self, fields: list[tuple[bytes, bytes]]) -> bytes:
         """One header block for `fields`: (name, value) tuples of bytes, in order (tuples: they are
@@ -901,12 +920,16 @@ class Encoder:
                     if kind == _FRESH:  # too large to index, and not worth remembering
                         parts.append(representation)
                         continue
-                if len(fixed) >= _STATIC_LEN + _FIXED_CACHE_MAX:
+                parts.append(representation)
+                if len(representation) > _FIXED_CACHE_BYTES:  # bounded memory: not worth remembering
+                    continue
+                if (len(fixed) >= _STATIC_LEN + _FIXED_CACHE_MAX
+                        or self._fixed_bytes + len(representation) > _FIXED_CACHE_BYTES):
                     self._forget_literals()
                     index = self._index
+                self._fixed_bytes += len(representation)
                 index[field] = ~len(fixed)
                 fixed.append(representation)
-                parts.append(representation)
                 continue
             # literal with incremental indexing (section 6.2.1), the name by index if a table has it
             if not static:

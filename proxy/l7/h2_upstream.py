@@ -34,6 +34,7 @@ import math
 
 import structlog
 import trio
+from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7.connio import ReadTimeout
 from proxy.l7.errors import ConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
@@ -62,7 +63,7 @@ class UpstreamH2Stream(H2StreamState):
     """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come."""
 
     __slots__ = ("connection", "status", "headers", "length", "pieces", "remote_ended", "trailers", "failure",
-                 "wakeup", "unacked", "bytes_read")
+                 "waiter", "unacked", "bytes_read")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
         super().__init__(stream_id)
@@ -74,16 +75,17 @@ class UpstreamH2Stream(H2StreamState):
         self.remote_ended = False
         self.trailers: Headers | None = None
         self.failure: Exception | None = None
-        self.wakeup: trio.Event | None = None
+        self.waiter = None  # the router's task while it waits for the reader (one waiter at a time)
         self.unacked = 0
         self.bytes_read = 0
 
     # ---- events from the reader task
 
     def _wake(self) -> None:
-        if self.wakeup is not None:
-            self.wakeup.set()
-            self.wakeup = None
+        task = self.waiter
+        if task is not None:
+            self.waiter = None
+            reschedule(task)
 
     def fail(self, error: Exception) -> None:
         if self.failure is None:
@@ -94,10 +96,19 @@ class UpstreamH2Stream(H2StreamState):
 
     # ---- the router's side
 
+    def _abort_wait(self, _) -> Abort:
+        self.waiter = None
+        return Abort.SUCCEEDED
+
     async def _wait(self, deadline: float) -> None:
-        self.wakeup = event = trio.Event()
+        """Park until the reader task has news for this stream. The task parks itself (no Event per
+        wait), and without a route timeout no cancel scope is entered: a wait costs a reschedule."""
+        self.waiter = current_task()
+        if deadline == math.inf:
+            await wait_task_rescheduled(self._abort_wait)
+            return
         with trio.move_on_at(deadline) as scope:
-            await event.wait()
+            await wait_task_rescheduled(self._abort_wait)
         if scope.cancelled_caught:
             raise UpstreamTimeout("no response before the route timeout")
 
