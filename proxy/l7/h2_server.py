@@ -474,7 +474,7 @@ class H2ServerConnection(H2Transport):
             ctx.listener, chain = listener_chain
         stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx)
         self.streams[sid] = stream
-        self.nursery.start_soon(self._serve_stream, stream, rt.clusters)
+        self.nursery.start_soon(self._serve_stream, stream, rt.clusters, name="h2 stream")  # a name: no formatting per spawn
 
     def _refused(self, stream_id: int, reason: str, kind: str) -> None:
         """A stream reset for what it sent (malformed, over a limit): counted, logged, and a line in
