@@ -3,11 +3,21 @@
 Layout on 2 cores: the forwarder under test pinned alone on core 0, the backend (nginx, or the TCP
 sink) and the load generator on core 1. Targets are interleaved per repetition and the median is
 reported, because the machine is shared and noisy; ratios are only ever taken between figures of the
-same run. Every load run is bounded in time (wrk -d, h2load -D, socket timeouts), everything listens
-on 127.0.0.1 only, and every process started here is stopped by its PID.
+same run. Every load run is bounded in time (wrk -d, h2load -D or a killed-after timeout, socket
+timeouts), everything listens on 127.0.0.1 only, and every process started here is stopped by its PID.
 
-    python -m bench                # the full run (about 5 minutes)
+Sections (all by default; --only / --skip take a comma-separated list):
+  h1       HTTP/1.1 closed loop (wrk): 100 B at 64 and 256 connections, 1 MiB at 16
+  h2       HTTP/2 closed loop (h2load -c 64 -m 10, h2c with prior knowledge): to the HTTP/1.1 backend,
+           and to an h2c backend (ServiceEntry port protocol HTTP2; Envoy: http2_protocol_options)
+  lowrate  fixed 100 and 1,000 req/s over 16 keep-alive connections with staggered starts, HTTP/1.1
+           and HTTP/2: latency added over direct, proxy vCPU per 1,000 req/s (about 4 minutes)
+  c2       both forwarders with 2 workers, unpinned
+  tcp      TCP transfers through the L4 forwarder (splice, copy) and Envoy's tcp_proxy
+
+    python -m bench                # the full run (about 8 minutes; --skip lowrate: about 5)
     python -m bench --quick        # a smoke run: 1 repetition of 2 s, small TCP counts
+    python -m bench --only h2      # one section (any run writes bench/results/latest.*, or --out)
     python -m bench --profile      # also py-spy the triomesh worker under the c64 load
 """
 
@@ -22,7 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from bench import load, pyspy, report, syscalls
 from bench.l4_bench import MiB, measure_transfers, start_sink, upload
@@ -34,6 +46,13 @@ LOAD_CPU = "1"
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["direct", "triomesh", "envoy"]
+SECTIONS = ["h1", "h2", "lowrate", "c2", "tcp"]
+# HTTP/2 closed loop: h2load connections and streams in flight per connection
+H2_CLIENTS, H2_STREAMS = 64, 10
+# low rates: (total req/s, seconds per run); every run spreads them over LOWRATE_CLIENTS connections
+LOWRATES = [(100, 6.0), (1000, 3.0)]
+LOWRATES_QUICK = [(100, 2.0), (1000, 1.0)]
+LOWRATE_CLIENTS = 16
 
 
 def ensure_tools(*, profile: bool) -> str:
@@ -87,10 +106,22 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="py-spy the triomesh worker during an extra (unreported) c64 run, and count syscalls per "
                          "request (strace -c) of it and of Envoy; writes profile-c64.svg and profile-c64.txt")
+    ap.add_argument("--lowrate-reps", type=int, default=4,
+                    help="repetitions of the low-rate runs (latency there is noisy: the median is reported)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"sections to run, of {','.join(SECTIONS)}")
+    ap.add_argument("--skip", default="", help="sections to leave out (e.g. lowrate: about 4 minutes less)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    unknown = (only | skip) - set(SECTIONS)
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(sorted(unknown))}: choose from {', '.join(SECTIONS)}")
+    sections = only - skip
+    args.lowrates = LOWRATES
     if args.quick:
         args.reps, args.duration, args.tcp_reps, args.tcp_small_count, args.tcp_big_count = 1, 2, 1, 20, 1
+        args.lowrate_reps, args.lowrates = 1, LOWRATES_QUICK
     if (os.cpu_count() or 1) < 2:
         sys.exit("bench needs 2 cores (forwarder on one, backend + load generator on the other)")
     t0 = time.monotonic()
@@ -100,32 +131,73 @@ def main() -> None:
             "code": code_version(),
             "note": f"median of {args.reps}, {args.duration} s runs (TCP: of {args.tcp_reps}); "
                     f"forwarder pinned to core {PROXY_CPU}, backend + load generator on core {LOAD_CPU}"}
+    if "h2" in sections:
+        meta["note"] += (f"; HTTP/2 closed loop: h2load -c {H2_CLIENTS} -m {H2_STREAMS} -t 1 -D {args.duration} "
+                         "(h2c, prior knowledge)")
+    if "lowrate" in sections:
+        meta["note"] += ("; low rates: " + lowrate_description(args))
+    if sections != set(SECTIONS):
+        meta["note"] += f"; sections run: {', '.join(s for s in SECTIONS if s in sections)}"
     rows: list[report.Row] = []
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="triomesh-bench-") as tmp:
         tmpdir = Path(tmp)
         backend = start_nginx(tmpdir / "nginx", cpus=LOAD_CPU)
         try:
-            started: dict[str, Started] = {}
-            try:
-                started["triomesh"] = start_triomesh(tmpdir / "triomesh", backend.port, cpus=PROXY_CPU)
-                started["envoy"] = start_envoy(tmpdir / "envoy", backend.port, envoy_bin=envoy_bin, cpus=PROXY_CPU)
-                rows += run_http1_rows(args, started, backend.port)
-            finally:
-                for s in started.values():
-                    s.stop()
-            rows += run_concurrency2_rows(args, tmpdir, backend.port, envoy_bin)
+            h1_rows: list[report.Row] = []
+            h2_rows: list[report.Row] = []
+            low_rows: list[report.Row] = []
+            if sections & {"h1", "h2", "lowrate"}:
+                # the backend spoken to in HTTP/1.1 (nginx as for every HTTP/1.1 row)
+                started: dict[str, Started] = {}
+                try:
+                    started["triomesh"] = start_triomesh(tmpdir / "triomesh", backend.port, cpus=PROXY_CPU)
+                    started["envoy"] = start_envoy(tmpdir / "envoy", backend.port, envoy_bin=envoy_bin,
+                                                   cpus=PROXY_CPU)
+                    if "h1" in sections:
+                        h1_rows += run_http1_rows(args, started, backend.port)
+                    if "h2" in sections:
+                        h2_rows += run_h2_rows(args, started, None, *report.H2_SCENARIOS[0])
+                    if "lowrate" in sections:
+                        low_rows += run_lowrate_rows(args, started, backend.port, h1=True)
+                finally:
+                    for s in started.values():
+                        s.stop()
+            if sections & {"h2", "lowrate"}:
+                # the backend spoken to in h2c: nginx's second server; direct is h2c to it
+                started = {}
+                try:
+                    started["triomesh"] = start_triomesh(tmpdir / "triomesh-h2", backend.h2c_port, cpus=PROXY_CPU,
+                                                         upstream_protocol="HTTP2")
+                    started["envoy"] = start_envoy(tmpdir / "envoy-h2", backend.h2c_port, envoy_bin=envoy_bin,
+                                                   cpus=PROXY_CPU, upstream_h2=True)
+                    if "h2" in sections:
+                        h2_rows += run_h2_rows(args, started, backend.h2c_port, *report.H2_SCENARIOS[1])
+                    if "lowrate" in sections:
+                        low_rows += run_lowrate_rows(args, started, backend.h2c_port, h1=False)
+                finally:
+                    for s in started.values():
+                        s.stop()
+            rows += h1_rows + h2_rows + low_rows
+            if "c2" in sections:
+                rows += run_concurrency2_rows(args, tmpdir, backend.port, envoy_bin)
         finally:
             backend.stop()
-        rows += run_tcp_rows(args, tmpdir, envoy_bin)
+        if "tcp" in sections:
+            rows += run_tcp_rows(args, tmpdir, envoy_bin)
     meta["run_time_s"] = round(time.monotonic() - t0)
-    if _FOREIGN_LOAD:
-        meta["note"] += (f"; other processes took {100 * statistics.median(_FOREIGN_LOAD):.0f}% of core {PROXY_CPU} "
-                         f"(median over the pinned HTTP runs, max {100 * max(_FOREIGN_LOAD):.0f}%)")
-    checks = report.target_checks(rows)
-    paths = report.write_all(args.out, rows, TARGETS, meta, checks)
+    for section, what in (("closed", "the pinned closed-loop HTTP runs"), ("lowrate", "the low-rate runs")):
+        shares = _FOREIGN_LOAD.get(section)
+        if shares:
+            meta["note"] += (f"; other processes took {100 * statistics.median(shares):.0f}% of core {PROXY_CPU} "
+                             f"(median over {what}, max {100 * max(shares):.0f}%)")
+    checks = {"Targets (issue 5)": report.target_checks(rows),
+              "Targets (HTTP/2: h2c downstream and upstream)": report.http2_checks(rows)}
+    paths = report.write_all(args.out, rows, TARGETS, meta, checks, _PROBLEMS)
     print(report.markdown(rows, TARGETS, meta))
     print(report.checks_markdown(checks))
+    if _PROBLEMS:
+        print(report.problems_markdown(_PROBLEMS))
     for kind, p in paths.items():
         print(f"{kind}: {p}")
     print(f"total run time: {meta['run_time_s']} s")
@@ -134,24 +206,56 @@ def main() -> None:
 # --- HTTP/1.1 ---------------------------------------------------------------------------------------
 
 
-# share of the forwarder's core taken by other processes during each pinned closed-loop run
-_FOREIGN_LOAD: list[float] = []
+# share of the forwarder's core taken by other processes during each pinned load run, by section
+# ("closed": the closed-loop HTTP runs; "lowrate": the fixed-rate runs, whose latency it disturbs most)
+_FOREIGN_LOAD: dict[str, list[float]] = {}
+# what went wrong in load runs (errors, with h2load's output and the proxy's log): into the report
+_PROBLEMS: list[str] = []
+
+T = TypeVar("T")
+
+
+def _measured(target: Started | None, run: Callable[[], T], *,
+              section: str = "closed") -> tuple[T, float | None, float | None]:
+    """One load run against one target: its result, the forwarder's CPU seconds during it and the
+    system (kernel) part of those; the share of the forwarder's core others took goes to _FOREIGN_LOAD
+    under `section`. This process stays on the load core meanwhile (parsing h2load's request log is
+    not the forwarder's core's business); processes it starts there are pinned by taskset anyway."""
+    own_affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    try:
+        cpu0 = target.cpu_seconds() if target else None
+        sys0 = target.system_seconds() if target else None
+        busy0, t0 = core_busy_seconds(int(PROXY_CPU)), time.monotonic()
+        res = run()
+        cpu = target.cpu_seconds() - cpu0 if target and cpu0 is not None else None
+        system = target.system_seconds() - sys0 if target and sys0 is not None else None
+        foreign = core_busy_seconds(int(PROXY_CPU)) - busy0 - (cpu or 0.0)
+        _FOREIGN_LOAD.setdefault(section, []).append(max(0.0, foreign) / (time.monotonic() - t0))
+    finally:
+        os.sched_setaffinity(0, own_affinity)
+    return res, cpu, system
 
 
 def _closed_loop(target: Started | None, port: int, path: str, *, connections: int,
                  duration_s: int) -> tuple[load.LoadResult, float | None, float | None]:
     """wrk against one target; the load result, the forwarder's CPU seconds during it and the system
     (kernel) part of those."""
-    cpu0 = target.cpu_seconds() if target else None
-    sys0 = target.system_seconds() if target else None
-    busy0, t0 = core_busy_seconds(int(PROXY_CPU)), time.monotonic()
-    res = load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections, duration_s=duration_s,
-                       cpus=LOAD_CPU)
-    cpu = target.cpu_seconds() - cpu0 if target and cpu0 is not None else None
-    system = target.system_seconds() - sys0 if target and sys0 is not None else None
-    foreign = core_busy_seconds(int(PROXY_CPU)) - busy0 - (cpu or 0.0)
-    _FOREIGN_LOAD.append(max(0.0, foreign) / (time.monotonic() - t0))
-    return res, cpu, system
+    return _measured(target, lambda: load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections,
+                                                  duration_s=duration_s, cpus=LOAD_CPU))
+
+
+def _note_problem(what: str, name: str, run: load.H2loadRun, target: Started | None) -> None:
+    """Keep (and print) what an h2load run with errors said, and the end of the proxy's log."""
+    lines = [ln for ln in run.output.splitlines()
+             if ln.startswith(("finished", "requests:", "status codes:", "(h2load")) or "error" in ln.lower()
+             or "fail" in ln.lower() or "reset" in ln.lower() or "timeout" in ln.lower()]
+    text = [f"- {what}, {name}: {run.result.errors} errors of {run.result.requests} requests done",
+            f"  command: {' '.join(run.command)}", *(f"  | {ln}" for ln in lines[:20])]
+    if target is not None:
+        text += [f"  | {ln}" for ln in target.log_tail(15).splitlines()]
+    _PROBLEMS.append("\n".join(text))
+    print("\n".join(text), file=sys.stderr)
 
 
 def _median(values: list[float]) -> float | None:
@@ -200,18 +304,110 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
             row("peak-rss", label, "MiB", "lower", {"direct": None, **peak})
         if sid == "h1-small-c64" and args.profile:
             profile_triomesh(args, started, ports)
-    # Fixed rate: latency the forwarder adds over a direct connection.
-    fixed: dict[str, list[load.LoadResult]] = {t: [] for t in TARGETS}
+    return rows
+
+
+# --- HTTP/2 -----------------------------------------------------------------------------------------
+
+
+def run_h2_rows(args, started: dict[str, Started], direct_port: int | None, sid: str,
+                what: str) -> list[report.Row]:
+    """h2c with prior knowledge downstream, closed loop: h2load with H2_CLIENTS connections of H2_STREAMS
+    streams each, 100 B responses, against each proxy (and directly, when the backend speaks h2c)."""
+    ports = {**({"direct": direct_port} if direct_port else {}), **{k: v.port for k, v in started.items()}}
+    targets = [t for t in TARGETS if t in ports]
+
+    def h2load(port: int, duration_s: int) -> load.H2loadRun:
+        return load.run_h2load(f"http://127.0.0.1:{port}/small", clients=H2_CLIENTS, streams=H2_STREAMS,
+                               duration_s=duration_s, cpus=LOAD_CPU)
+
+    title = f"HTTP/2 100 B, {H2_CLIENTS} conns x {H2_STREAMS} streams, {what.split(', ')[1]}"
+    for t in targets:  # warm up: connections (and the proxies' upstream pools) opened, first-use imports
+        warm = h2load(ports[t], 1)
+        if warm.result.errors:  # a cold start's errors are not in the table, but worth knowing
+            _note_problem(f"{title} (1 s warm-up on fresh connections, not in the table)", t, warm, started.get(t))
+    per_target: dict[str, list[tuple[load.LoadResult, float | None, float | None]]] = {t: [] for t in targets}
     for _ in range(args.reps):
-        for t in TARGETS:
-            fixed[t].append(load.run_fixed_rate(f"http://127.0.0.1:{ports[t]}/small", total_rps=1000,
-                                                duration_s=max(3, args.duration * 2), cpus=LOAD_CPU))
-    med = {t: load.median_of(v) for t, v in fixed.items()}
-    for pct in ("p50", "p90", "p99"):
-        base = getattr(med["direct"], f"{pct}_ms")
-        rows.append({"key": f"fixed-1000/added-{pct}", "scenario": "HTTP/1.1 fixed 1,000 req/s",
-                     "metric": f"added {pct} latency over direct", "unit": "ms", "better": "lower",
-                     "values": {"direct": 0.0, **{t: getattr(med[t], f"{pct}_ms") - base for t in started}}})
+        for t in targets:
+            run, cpu, system = _measured(started.get(t), lambda t=t: h2load(ports[t], args.duration))
+            if run.result.errors:
+                _note_problem(title, t, run, started.get(t))
+            per_target[t].append((run.result, cpu, system))
+    med = {t: load.median_of([r for r, _, _ in v]) for t, v in per_target.items()}
+    rows: list[report.Row] = []
+
+    def row(metric_id: str, metric: str, unit: str, better: str, values: dict) -> None:
+        rows.append({"key": f"{sid}/{metric_id}", "scenario": title, "metric": metric, "unit": unit,
+                     "better": better, "values": {"direct": None, **values}})
+
+    row("rps", "requests/s", "req/s", "higher", {t: med[t].rps for t in targets})
+    row("p50", "p50 latency", "ms", "lower", {t: med[t].p50_ms for t in targets})
+    row("p99", "p99 latency", "ms", "lower", {t: med[t].p99_ms for t in targets})
+    cpu = {t: _median([c / r.requests * 1e6 for r, c, _ in per_target[t] if c is not None and r.requests])
+           for t in started}
+    row("cpu", "forwarder CPU per request", "CPU-µs", "lower", cpu)
+    system = {t: _median([k / r.requests * 1e6 for r, _, k in per_target[t] if k is not None and r.requests])
+              for t in started}
+    row("cpu-system", "of which system (kernel) time", "CPU-µs", "lower", system)
+    row("errors", "errors (sum over runs)", "count", "lower", {t: med[t].errors for t in targets})
+    return rows
+
+
+# --- low rates --------------------------------------------------------------------------------------
+
+
+def lowrate_description(args) -> str:
+    """The low-rate runs' settings, for the run note: the h2load command of each."""
+    runs = "; ".join(f"{rate:,} req/s for {dur:g} s: h2load [--h1] "
+                     + " ".join(load.fixed_rate_args(rate, dur, clients=LOWRATE_CLIENTS, h1=False))
+                     for rate, dur in args.lowrates)
+    return f"{runs} (median of {args.lowrate_reps}, direct first, triomesh and Envoy alternating)"
+
+
+def run_lowrate_rows(args, started: dict[str, Started], direct_port: int, *, h1: bool) -> list[report.Row]:
+    """The regime most sidecars live in: a fixed, low request rate over LOWRATE_CLIENTS keep-alive
+    connections whose starts are staggered (load.fixed_rate_args), so requests arrive spread out rather
+    than in bursts. Per repetition, direct first, then triomesh and Envoy in alternating order; the
+    latency added is each proxy's percentile minus direct's of the same repetition, median over them.
+    vCPU per 1,000 req/s is the proxy's CPU seconds per second of the run scaled to 1,000 req/s, i.e.
+    CPU seconds per 1,000 requests (idle-time work of the proxy included, as a sidecar pays it)."""
+    proto, pid = ("HTTP/1.1", "h1") if h1 else ("HTTP/2", "h2")
+    ports = {"direct": direct_port, **{k: v.port for k, v in started.items()}}
+    for t in TARGETS:  # warm up: first connections, pools, imports on first use
+        load.run_h2load(f"http://127.0.0.1:{ports[t]}/small", clients=LOWRATE_CLIENTS, streams=1, duration_s=1,
+                        h1=h1, cpus=LOAD_CPU)
+    rows: list[report.Row] = []
+    for rate, duration_s in args.lowrates:
+        sid = f"lowrate-{pid}-{rate}"
+        title = f"{proto} fixed {rate:,} req/s, {LOWRATE_CLIENTS} conns"
+        runs: dict[str, list[tuple[load.LoadResult, float | None]]] = {t: [] for t in TARGETS}
+        for rep in range(args.lowrate_reps):
+            order = ["direct", "triomesh", "envoy"] if rep % 2 == 0 else ["direct", "envoy", "triomesh"]
+            for t in order:
+                run, cpu, _ = _measured(started.get(t), lambda t=t, rate=rate, duration_s=duration_s:
+                                        load.run_fixed_rate_h2load(f"http://127.0.0.1:{ports[t]}/small",
+                                                                   total_rps=rate, duration_s=duration_s,
+                                                                   clients=LOWRATE_CLIENTS, h1=h1, cpus=LOAD_CPU),
+                                        section="lowrate")
+                if run.result.errors:
+                    _note_problem(title, t, run, started.get(t))
+                runs[t].append((run.result, cpu))
+
+        def row(metric_id: str, metric: str, unit: str, values: dict, sid: str = sid, title: str = title,
+                **extra) -> None:
+            rows.append({"key": f"{sid}/{metric_id}", "scenario": title, "metric": metric, "unit": unit,
+                         "better": "lower", "values": values, **extra})
+
+        for pct in ("p50", "p90", "p99"):
+            added = {t: _median([getattr(r, f"{pct}_ms") - getattr(d, f"{pct}_ms")
+                                 for (r, _), (d, _) in zip(runs[t], runs["direct"])]) for t in started}
+            absolute = {t: _median([getattr(r, f"{pct}_ms") for r, _ in runs[t]]) for t in TARGETS}
+            row(f"added-{pct}", f"added {pct} latency over direct", "ms", {"direct": 0.0, **added},
+                absolute_ms=absolute)
+        vcpu = {t: _median([c * 1000 / r.requests for r, c in runs[t] if c is not None and r.requests])
+                for t in started}
+        row("vcpu", "proxy vCPU per 1,000 req/s", "vCPU", {"direct": None, **vcpu})
+        row("errors", "errors (sum over runs)", "count", {t: sum(r.errors for r, _ in runs[t]) for t in TARGETS})
     return rows
 
 

@@ -90,6 +90,9 @@ from h2.events import DataReceived, StreamEnded
 from hpack import Decoder, Encoder
 from hyperframe.frame import DataFrame, Frame, HeadersFrame
 
+from proxy.l7.h2_hpack import Decoder as OurDecoder
+from proxy.l7.h2_hpack import Encoder as OurEncoder
+
 Headers = list[tuple[bytes, bytes]]
 
 DISTINCT_IDS = 1024
@@ -377,6 +380,29 @@ def _run_hpack_client(blocks: Blocks, requests: int, _outbound_checks: bool) -> 
     return time.perf_counter_ns() - start
 
 
+def _run_ours_hpack_server(blocks: Blocks, requests: int, _outbound_checks: bool) -> int:
+    """hpack_server with proxy/l7/h2_hpack.py: decode the same request blocks (hpack's, Huffman-coded as
+    h2 sends them; with the RFC 9113 field checks our decoder always does), encode the same responses."""
+    decoder, encoder = OurDecoder(), OurEncoder()
+    responses, request_blocks = EXCHANGES["get"].responses, blocks.request_blocks
+    start = time.perf_counter_ns()
+    for i in range(requests):
+        decoder.decode(request_blocks[i])
+        encoder.encode(responses[i % DISTINCT_IDS])
+    return time.perf_counter_ns() - start
+
+
+def _run_ours_hpack_client(blocks: Blocks, requests: int, _outbound_checks: bool) -> int:
+    """hpack_client with proxy/l7/h2_hpack.py (decoding hpack's response blocks)."""
+    decoder, encoder = OurDecoder(), OurEncoder()
+    requests_headers, response_blocks = EXCHANGES["get"].requests, blocks.response_blocks
+    start = time.perf_counter_ns()
+    for i in range(requests):
+        encoder.encode(requests_headers[i % DISTINCT_IDS])
+        decoder.decode(response_blocks[i])
+    return time.perf_counter_ns() - start
+
+
 def _run_frames_server(blocks: Blocks, requests: int, _outbound_checks: bool) -> int:
     body = EXCHANGES["get"].response_body
     request_frames, response_blocks = blocks.request_frames, blocks.response_blocks
@@ -419,6 +445,10 @@ CASES = {case.name: case for case in [
     _h2_case("client", "grpc", 16),
     Case("hpack_server", "hpack alone, GET: decode request + encode response", _blocks, _run_hpack_server),
     Case("hpack_client", "hpack alone, GET: encode request + decode response", _blocks, _run_hpack_client),
+    Case("ours_hpack_server", "proxy.l7.h2_hpack, GET: decode request + encode response", _blocks,
+         _run_ours_hpack_server),
+    Case("ours_hpack_client", "proxy.l7.h2_hpack, GET: encode request + decode response", _blocks,
+         _run_ours_hpack_client),
     Case("frames_server", "hyperframe alone, GET: parse HEADERS, serialize HEADERS + DATA", _blocks,
          _run_frames_server),
     Case("frames_client", "hyperframe alone, GET: serialize HEADERS, parse HEADERS + DATA", _blocks,

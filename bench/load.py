@@ -1,9 +1,11 @@
-"""Load generators driven as a user would: wrk for closed-loop load, h2load for a fixed request rate."""
+"""Load generators driven as a user would: wrk for closed-loop HTTP/1.1 load, h2load for closed-loop HTTP/2
+load and for fixed request rates (HTTP/1.1 and HTTP/2)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import tempfile
@@ -75,32 +77,97 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[k]
 
 
-def run_fixed_rate(url: str, *, total_rps: int, duration_s: int, clients: int = 10, cpus: str | None = None,
-                   host_header: str | None = None) -> LoadResult:
-    """h2load over HTTP/1.1 at a fixed request rate; latency percentiles from its per-request log."""
-    per_client = max(1, total_rps // clients)
+# h2load's summary: "finished in 5.00s, 15000.00 req/s, ..." and "requests: N total, N started, N done,
+# N succeeded, N failed, N errored, N timeout" (failed includes errored, errored includes timeout).
+_H2LOAD_FINISHED = re.compile(r"^finished in ([\d.]+)(us|ms|s),", re.MULTILINE)
+_H2LOAD_REQUESTS = re.compile(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                              r"(\d+) failed, (\d+) errored, (\d+) timeout", re.MULTILINE)
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+@dataclass
+class H2loadRun:
+    """One h2load run: the parsed result, and its own output for when something went wrong."""
+    result: LoadResult
+    output: str
+    command: list[str]
+
+
+def _run_h2load(args: list[str], url: str, *, timeout_s: float, duration_mode: bool,
+                cpus: str | None) -> H2loadRun:
+    """h2load with a per-request log (latency percentiles: h2load's summary has none). Requests that
+    failed (status -1: reset, closed, timed out) or answered outside 2xx/3xx are errors; without -D,
+    requests never completed are errors too. A run that does not end by itself is killed and counted
+    as all errors, not allowed to hang the benchmark."""
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "requests.log")
-        cmd = _pin(cpus) + ["h2load", "--h1", "-c", str(clients), "-t", "1", f"--rps={per_client}",
-                            "-D", str(duration_s), f"--log-file={log}"]
-        if host_header:
-            cmd += ["-H", f"host: {host_header}"]
-        cmd.append(url)
-        subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True)
+        cmd = _pin(cpus) + ["h2load", *args, f"--log-file={log}", url]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+            out = proc.stdout + proc.stderr
+            if proc.returncode != 0:
+                out += f"\n(h2load exit status {proc.returncode})"
+        except subprocess.TimeoutExpired as e:
+            def text(b) -> str:
+                return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+            out = text(e.stdout) + text(e.stderr) + f"\n(h2load killed after {timeout_s:.0f} s: it did not finish)"
         latencies_ms: list[float] = []
-        errors = 0
-        with open(log) as f:
-            for line in f:
-                parts = line.split("\t")
-                if len(parts) < 3:
-                    continue
-                status = int(parts[1])
-                if not 200 <= status < 400:
-                    errors += 1
-                latencies_ms.append(int(parts[2]) / 1000)
+        bad = 0
+        if os.path.exists(log):
+            with open(log) as f:
+                for line in f:
+                    parts = line.split("\t")
+                    if len(parts) < 3:
+                        continue
+                    status = int(parts[1])
+                    if status < 0:
+                        bad += 1
+                        continue
+                    if not 200 <= status < 400:
+                        bad += 1
+                    latencies_ms.append(int(parts[2]) / 1000)
     latencies_ms.sort()
-    return LoadResult(len(latencies_ms), float(duration_s), 0, errors,
-                      _percentile(latencies_ms, 50), _percentile(latencies_ms, 90), _percentile(latencies_ms, 99))
+    finished, counts = _H2LOAD_FINISHED.search(out), _H2LOAD_REQUESTS.search(out)
+    duration_s = float(finished.group(1)) * _UNIT_S[finished.group(2)] if finished else 0.0
+    if counts:
+        total, _started, done, succeeded, failed = (int(x) for x in counts.groups()[:5])
+        errors = failed if duration_mode else total - succeeded
+        requests = done
+    else:  # no summary: h2load died or was killed; what the log holds is all there is
+        requests, errors = len(latencies_ms), max(bad, 1)
+    result = LoadResult(requests, duration_s, 0, max(errors, bad), _percentile(latencies_ms, 50),
+                        _percentile(latencies_ms, 90), _percentile(latencies_ms, 99))
+    return H2loadRun(result, out, cmd)
+
+
+def run_h2load(url: str, *, clients: int, streams: int, duration_s: int, h1: bool = False,
+               cpus: str | None = None) -> H2loadRun:
+    """Closed loop with h2load: `clients` connections, each keeping `streams` requests in flight
+    (HTTP/2 streams; h2c with prior knowledge on an http:// URL), for duration_s seconds."""
+    args = ["-c", str(clients), "-m", str(streams), "-t", "1", "-D", str(duration_s)]
+    if h1:
+        args.insert(0, "--h1")
+    return _run_h2load(args, url, timeout_s=duration_s + 30, duration_mode=True, cpus=cpus)
+
+
+def fixed_rate_args(total_rps: int, duration_s: float, *, clients: int, h1: bool) -> list[str]:
+    """h2load arguments for total_rps spread over `clients` keep-alive connections.
+
+    Each client sends at total_rps / clients (--rps, its own timer from its connect), and the clients
+    are started one every 1/total_rps seconds (-r 1 --rate-period: h2load's connection rate mode), so
+    their timers are out of phase and arrivals come about evenly spaced instead of in bursts of
+    `clients`. h2load refuses -D in rate mode, so the run is a request count (-n) over the duration."""
+    stagger_ms = max(1, round(1000 / total_rps))
+    args = ["-c", str(clients), "-t", "1", "-m", "1", f"--rps={total_rps / clients:g}",
+            "-r", "1", f"--rate-period={stagger_ms}ms", "-n", str(round(total_rps * duration_s))]
+    return (["--h1"] if h1 else []) + args
+
+
+def run_fixed_rate_h2load(url: str, *, total_rps: int, duration_s: float, clients: int = 16, h1: bool = True,
+                          cpus: str | None = None) -> H2loadRun:
+    """A fixed request rate over `clients` connections with staggered starts (see fixed_rate_args)."""
+    return _run_h2load(fixed_rate_args(total_rps, duration_s, clients=clients, h1=h1), url,
+                       timeout_s=duration_s + 30, duration_mode=False, cpus=cpus)
 
 
 def median_of(results: list[LoadResult]) -> LoadResult:

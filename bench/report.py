@@ -1,5 +1,5 @@
-"""Turns one run's measurements into a markdown table (with ratios to Envoy), the issue-5 target checks,
-JSON and a PNG chart. Ratios are only ever taken between figures of the same run."""
+"""Turns one run's measurements into a markdown table (with ratios to Envoy), the target checks (issue 5;
+HTTP/2), JSON and a PNG chart. Ratios are only ever taken between figures of the same run."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def _fmt(v: float | None, unit: str = "") -> str:
         return "-"
     if unit == "count":
         return f"{v:,.0f}"
+    if unit == "vCPU":
+        return f"{v:.3f}"
     if abs(v) >= 100:
         return f"{v:,.0f}"
     if abs(v) >= 10:
@@ -50,7 +52,8 @@ def find(rows: list[Row], key: str) -> Row | None:
 class Check:
     target: str
     measured: str
-    met: bool | None  # None: this run has no figure for it
+    met: bool | None  # None: this run has no figure for it, or a figure reported without a bound
+    report_only: bool = False
 
 
 def _value(rows: list[Row], key: str, target: str) -> float | None:
@@ -58,22 +61,32 @@ def _value(rows: list[Row], key: str, target: str) -> float | None:
     return None if r is None else r["values"].get(target)
 
 
+def _ratio_check(rows: list[Row], title: str, key: str, bound: float | None, higher: bool = True) -> Check:
+    """triomesh / Envoy for one row, judged against bound (None: reported only)."""
+    t, e = _value(rows, key, "triomesh"), _value(rows, key, "envoy")
+    if t is None or not e:
+        return Check(title, "not measured", None, bound is None)
+    q = t / e
+    r = find(rows, key)
+    unit = r["unit"] if r else ""
+    measured = f"{q:.2f}x ({_fmt(t, unit)} vs {_fmt(e, unit)} {unit})"
+    if bound is None:
+        return Check(title, measured, None, True)
+    return Check(title, measured, q >= bound if higher else q <= bound)
+
+
 def target_checks(rows: list[Row]) -> list[Check]:
     """The targets of issue 5, each judged on this run's figures."""
     checks: list[Check] = []
 
     def ratio_check(title: str, key: str, bound: float, higher: bool) -> None:
-        t, e = _value(rows, key, "triomesh"), _value(rows, key, "envoy")
-        if t is None or not e:
-            checks.append(Check(title, "not measured", None))
-            return
-        q = t / e
-        checks.append(Check(title, f"{q:.2f}x ({_fmt(t)} vs {_fmt(e)})", q >= bound if higher else q <= bound))
+        checks.append(_ratio_check(rows, title, key, bound, higher))
 
     ratio_check("HTTP/1.1 small c64, one core: req/s >= 1.2x Envoy", "h1-small-c64/rps", 1.2, True)
     ratio_check("HTTP/1.1 small c64, one core: CPU per request <= 0.8x Envoy", "h1-small-c64/cpu", 0.8, False)
-    t, e = _value(rows, "fixed-1000/added-p90", "triomesh"), _value(rows, "fixed-1000/added-p90", "envoy")
-    checks.append(Check("added p90 latency at 1,000 req/s <= Envoy's",
+    # HTTP/1.1 at 1,000 req/s over 16 connections with staggered starts (the low-rate rows)
+    t, e = _value(rows, "lowrate-h1-1000/added-p90", "triomesh"), _value(rows, "lowrate-h1-1000/added-p90", "envoy")
+    checks.append(Check("added p90 latency at 1,000 req/s (HTTP/1.1, 16 conns) <= Envoy's",
                         "not measured" if t is None or e is None else f"{t:.2f} ms vs {e:.2f} ms",
                         None if t is None or e is None else t <= e))
     ratio_check("peak RSS at 256 connections <= Envoy's", "h1-small-c256/peak-rss", 1.0, False)
@@ -101,11 +114,48 @@ def target_checks(rows: list[Row]) -> list[Check]:
     return checks
 
 
-def checks_markdown(checks: list[Check]) -> str:
+# the HTTP/2 scenarios: (scenario id, what it is)
+H2_SCENARIOS = [("h2c-small-h1up", "h2c downstream, HTTP/1.1 upstream"),
+                ("h2c-small-h2up", "h2c downstream, h2c upstream")]
+# the low-rate scenarios: (scenario id, what it is)
+LOWRATE_SCENARIOS = [(f"lowrate-{p}-{rate}", f"{name} at {rate:,} req/s")
+                     for p, name in (("h1", "HTTP/1.1"), ("h2", "HTTP/2")) for rate in (100, 1000)]
+
+
+def http2_checks(rows: list[Row]) -> list[Check]:
+    """The targets of the HTTP/2 work, each judged on this run's figures; then the HTTP/1.1 and low-rate
+    ratios of the same run, reported without a bound."""
+    checks = []
+    for sid, what in H2_SCENARIOS:
+        checks.append(_ratio_check(rows, f"{what}, one core: req/s >= Envoy's", f"{sid}/rps", 1.0, True))
+        checks.append(_ratio_check(rows, f"{what}, one core: CPU per request <= Envoy's", f"{sid}/cpu", 1.0, False))
+        r = find(rows, f"{sid}/errors")
+        if r is not None:
+            t = r["values"].get("triomesh")
+            checks.append(Check(f"{what}: no errors through triomesh", f"{_fmt(t, 'count')} (Envoy: "
+                                f"{_fmt(r['values'].get('envoy'), 'count')})", None if t is None else t == 0))
+    for key, what in (("h1-small-c64/rps", "HTTP/1.1 100 B, 64 conns: req/s"),
+                      ("h1-small-c64/cpu", "HTTP/1.1 100 B, 64 conns: CPU per request"),
+                      ("h1-small-c256/rps", "HTTP/1.1 100 B, 256 conns: req/s"),
+                      ("h1-small-c256/cpu", "HTTP/1.1 100 B, 256 conns: CPU per request"),
+                      ("h1-1m-c16/mibps", "HTTP/1.1 1 MiB, 16 conns: MiB/s"),
+                      ("h1-1m-c16/cpu", "HTTP/1.1 1 MiB, 16 conns: CPU per request")):
+        checks.append(_ratio_check(rows, f"{what} (triomesh / Envoy)", key, None))
+    for sid, what in LOWRATE_SCENARIOS:
+        checks.append(_ratio_check(rows, f"{what}: added p90 latency (triomesh / Envoy)", f"{sid}/added-p90", None))
+        checks.append(_ratio_check(rows, f"{what}: vCPU per 1,000 req/s (triomesh / Envoy)", f"{sid}/vcpu", None))
+    return checks
+
+
+def checks_markdown(groups: dict[str, list[Check]]) -> str:
     mark = {True: "met", False: "NOT met", None: "n/a"}
-    lines = ["Targets (issue 5), judged on this run:", ""]
-    lines += [f"- {mark[c.met]}: {c.target} - measured {c.measured}" for c in checks]
-    return "\n".join(lines) + "\n"
+    lines: list[str] = []
+    for title, checks in groups.items():
+        lines += [f"{title}, judged on this run:", ""]
+        lines += [f"- {'report' if c.report_only else mark[c.met]}: {c.target} - measured {c.measured}"
+                  for c in checks]
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- outputs ----------------------------------------------------------------------------------------
@@ -126,14 +176,24 @@ def markdown(rows: list[Row], targets: list[str], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def problems_markdown(problems: list[str]) -> str:
+    """What went wrong in this run's load runs (errors, h2load's own words, the proxy's log), if anything."""
+    if not problems:
+        return ""
+    return "Problems seen in this run:\n\n" + "\n\n".join(problems) + "\n"
+
+
 def write_all(out_dir: Path, rows: list[Row], targets: list[str], meta: dict[str, Any],
-              checks: list[Check]) -> dict[str, Path]:
+              checks: dict[str, list[Check]], problems: list[str] | None = None) -> dict[str, Path]:
+    """checks: title -> the checks under it (the issue-5 targets, the HTTP/2 targets)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     md = out_dir / "latest.md"
-    md.write_text(markdown(rows, targets, meta) + "\n" + checks_markdown(checks))
+    md.write_text(markdown(rows, targets, meta) + "\n" + checks_markdown(checks)
+                  + ("\n" + problems_markdown(problems) if problems else ""))
     js = out_dir / "latest.json"
     js.write_text(json.dumps({"meta": meta, "targets": targets, "rows": rows,
-                              "checks": [asdict(c) for c in checks]}, indent=1))
+                              "checks": {title: [asdict(c) for c in cs] for title, cs in checks.items()},
+                              "problems": problems or []}, indent=1))
     paths = {"markdown": md, "json": js}
     png = out_dir / "latest.png"
     if chart(png, rows, targets, meta):
@@ -178,7 +238,7 @@ def chart(path: Path, rows: list[Row], targets: list[str], meta: dict[str, Any])
     ax.set_title("each row relative to Envoy", fontsize=10)
     ax.invert_yaxis()
     ax.legend(loc="lower right", fontsize=8)
-    _absolute_bars(fig.add_subplot(grid[0, 1]), rps_rows, targets, "req/s", "HTTP/1.1 100 B responses: req/s")
+    _absolute_bars(fig.add_subplot(grid[0, 1]), rps_rows, targets, "req/s", "100 B responses, one core: req/s")
     _absolute_bars(fig.add_subplot(grid[1, 1]), _tcp_groups(rows), ["direct", "splice", "copy", "envoy"],
                    "MiB/s", "TCP transfers: MiB/s (triomesh splice and copy modes)")
     fig.suptitle(textwrap.fill(f"triomesh vs Envoy vs direct - {meta.get('started')} ({meta.get('code', '')}) - "
@@ -232,7 +292,8 @@ def _absolute_bars(ax, rows: list[Row], targets: list[str], unit: str, title: st
             if v:
                 ax.text(x, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r["scenario"].replace(", ", "\n") for r in rows], fontsize=7)
+    # one line per comma-separated part; tilted, since HTTP/2 scenario names are long
+    ax.set_xticklabels([r["scenario"].replace(", ", "\n") for r in rows], fontsize=6, rotation=30, ha="right")
     ax.set_ylabel(unit)
     ax.margins(y=0.18)
     ax.legend(fontsize=7)

@@ -66,6 +66,7 @@ class Started:
     port: int
     workdir: Path
     extra_pids: list[int] = field(default_factory=list)
+    h2c_port: int | None = None  # nginx only: a second server speaking HTTP/2 with prior knowledge
 
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid)
@@ -108,10 +109,13 @@ def _pin(cpus: str | None) -> list[str]:
 
 
 def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
+    """One nginx worker with two servers of the same content: HTTP/1.1 on `port`, and HTTP/2 with prior
+    knowledge (h2c) on `h2c_port` (nginx 1.22: `listen ... http2` without ssl speaks h2c only; its
+    http2_max_concurrent_streams stays at the default, 128 per connection)."""
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "www").mkdir(exist_ok=True)
     (workdir / "www" / "1m.bin").write_bytes(os.urandom(ONE_MIB))
-    port = free_port()
+    port, h2c_port = free_port(), free_port()
     conf = workdir / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""\
         worker_processes 1;
@@ -137,13 +141,20 @@ def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
             location = /small {{ default_type text/plain; return 200 "{SMALL_BODY.decode()}"; }}
             location = /1m {{ try_files /1m.bin =404; }}
           }}
+          server {{
+            listen 127.0.0.1:{h2c_port} http2 backlog=4096;
+            root {workdir}/www;
+            location = /small {{ default_type text/plain; return 200 "{SMALL_BODY.decode()}"; }}
+            location = /1m {{ try_files /1m.bin =404; }}
+          }}
         }}
         """))
     proc = subprocess.Popen(_pin(cpus) + ["nginx", "-c", str(conf), "-p", str(workdir)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    started = Started("nginx", proc, port, workdir)
+    started = Started("nginx", proc, port, workdir, h2c_port=h2c_port)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/small")
+        wait_tcp_accepting(h2c_port)  # the same process and config: serving one means serving both
     except Exception as e:
         detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
@@ -155,28 +166,45 @@ def _addr(port: int) -> dict:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def _envoy_config(network_filter: dict, *, port: int, admin_port: int, backend_port: int) -> str:
+# What makes Envoy speak HTTP/2 (h2c, prior knowledge) to a cluster, as Istio configures it for an HTTP2/GRPC
+# port: the upstream HTTP protocol options with an explicit HTTP/2 config (Envoy's defaults otherwise).
+_ENVOY_UPSTREAM_H2 = {
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}},
+    },
+}
+
+
+def _envoy_config(network_filter: dict, *, port: int, admin_port: int, backend_port: int,
+                  upstream_h2: bool = False) -> str:
     """A static Envoy bootstrap: one listener on 127.0.0.1:port with one network filter, one STATIC
-    cluster. Written as JSON, which Envoy reads as YAML."""
+    cluster (spoken to in h2c when upstream_h2). Written as JSON, which Envoy reads as YAML."""
+    cluster = {
+        "name": "backend", "connect_timeout": "1s", "type": "STATIC",
+        "load_assignment": {"cluster_name": "backend",
+                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(backend_port)}}]}]},
+    }
+    if upstream_h2:
+        cluster["typed_extension_protocol_options"] = _ENVOY_UPSTREAM_H2
     return json.dumps({
         "admin": {"address": _addr(admin_port)},
         "static_resources": {
             "listeners": [{"name": "bench", "address": _addr(port), "filter_chains": [{"filters": [network_filter]}]}],
-            "clusters": [{
-                "name": "backend", "connect_timeout": "1s", "type": "STATIC",
-                "load_assignment": {"cluster_name": "backend",
-                                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr(backend_port)}}]}]},
-            }],
+            "clusters": [cluster],
         },
     }, indent=1)
 
 
 # HTTP: one route to the backend, router only (no access log, no tracing), as triomesh's VirtualService.
+# codec_type AUTO (Envoy's default, spelled out): HTTP/1.1, or HTTP/2 when a connection opens with the
+# HTTP/2 preface (h2c with prior knowledge), on the same listener, as triomesh's HTTP listeners.
 _ENVOY_HTTP_FILTER = {
     "name": "envoy.filters.network.http_connection_manager",
     "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
+        "codec_type": "AUTO",
         "route_config": {"virtual_hosts": [{"name": "backend", "domains": ["*"],
                                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
@@ -196,20 +224,24 @@ _ENVOY_TCP_FILTER = {
 
 
 def _start_envoy(workdir: Path, network_filter: dict, backend_port: int, *, envoy_bin: str, cpus: str | None,
-                 concurrency: int, name: str) -> tuple[Started, int]:
+                 concurrency: int, name: str, upstream_h2: bool = False) -> tuple[Started, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     conf = workdir / "envoy.yaml"
-    conf.write_text(_envoy_config(network_filter, port=port, admin_port=admin_port, backend_port=backend_port))
+    conf.write_text(_envoy_config(network_filter, port=port, admin_port=admin_port, backend_port=backend_port,
+                                  upstream_h2=upstream_h2))
     proc = subprocess.Popen(_pin(cpus) + [envoy_bin, "-c", str(conf), "--concurrency", str(concurrency),
                                           "--log-level", "error", "--disable-hot-restart"],
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "envoy.log", "wb"))
     return Started(name, proc, port, workdir), admin_port
 
 
-def start_envoy(workdir: Path, backend_port: int, *, envoy_bin: str, cpus: str | None, concurrency: int = 1) -> Started:
+def start_envoy(workdir: Path, backend_port: int, *, envoy_bin: str, cpus: str | None, concurrency: int = 1,
+                upstream_h2: bool = False) -> Started:
+    """Envoy's HTTP listener (HTTP/1.1 and h2c) in front of the backend, which it speaks HTTP/1.1 to, or
+    h2c when upstream_h2."""
     started, _ = _start_envoy(workdir, _ENVOY_HTTP_FILTER, backend_port, envoy_bin=envoy_bin, cpus=cpus,
-                              concurrency=concurrency, name="envoy")
+                              concurrency=concurrency, name="envoy", upstream_h2=upstream_h2)
     try:
         wait_http_ok(f"http://127.0.0.1:{started.port}/small")
     except Exception as e:
@@ -240,9 +272,12 @@ def start_l4_forwarder(upstream_port: int, *, mode: str, cpus: str | None) -> St
     return Started(f"triomesh-{mode}", proc, port, Path("."))
 
 
-def triomesh_config(port: int, backend_port: int) -> str:
+def triomesh_config(port: int, backend_port: int, *, upstream_protocol: str = "HTTP") -> str:
     """The Istio resources of the benchmark: one Gateway server, the backend as a ServiceEntry, one
-    VirtualService route (no retries, timeouts or faults set: Istio's defaults apply, as for a user)."""
+    VirtualService route (no retries, timeouts or faults set: Istio's defaults apply, as for a user).
+    The ServiceEntry port's protocol says how the backend is spoken to: HTTP is HTTP/1.1, HTTP2 (or
+    GRPC) is h2c with prior knowledge. The Gateway's HTTP server takes HTTP/1.1 and h2c alike."""
+    port_name = upstream_protocol.lower().replace("-", "")
     return textwrap.dedent(f"""\
         apiVersion: networking.istio.io/v1
         kind: Gateway
@@ -259,8 +294,8 @@ def triomesh_config(port: int, backend_port: int) -> str:
           hosts: [backend.bench.svc.cluster.local]
           location: MESH_INTERNAL
           resolution: STATIC
-          ports: [{{number: 80, name: http, protocol: HTTP}}]
-          endpoints: [{{address: 127.0.0.1, ports: {{http: {backend_port}}}}}]
+          ports: [{{number: 80, name: {port_name}, protocol: {upstream_protocol}}}]
+          endpoints: [{{address: 127.0.0.1, ports: {{{port_name}: {backend_port}}}}}]
         ---
         apiVersion: networking.istio.io/v1
         kind: VirtualService
@@ -274,13 +309,15 @@ def triomesh_config(port: int, backend_port: int) -> str:
         """)
 
 
-def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concurrency: int = 1) -> Started:
-    """The same single route as the Envoy config, written as Istio resources."""
+def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concurrency: int = 1,
+                   upstream_protocol: str = "HTTP") -> Started:
+    """The same single route as the Envoy config, written as Istio resources (upstream_protocol: the
+    backend's ServiceEntry port protocol, HTTP or HTTP2)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     cfg = workdir / "config"
     cfg.mkdir(exist_ok=True)
-    (cfg / "bench.yaml").write_text(triomesh_config(port, backend_port))
+    (cfg / "bench.yaml").write_text(triomesh_config(port, backend_port, upstream_protocol=upstream_protocol))
     triomesh = str(Path(sys.executable).with_name("triomesh"))
     proc = subprocess.Popen(_pin(cpus) + [triomesh, "proxy", "--config", str(cfg), "--concurrency", str(concurrency),
                                           "--access-log", "off", "--bind-address", "127.0.0.1",
