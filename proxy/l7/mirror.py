@@ -1,7 +1,8 @@
 """Traffic mirroring (VirtualService `mirror`/`mirrors`): a copy of the request, fire-and-forget.
 
 The copy goes to the mirror cluster with `-shadow` appended to the host (before any port, as Envoy
-does), on a task of its own (DataPlane.spawn), and its response is read and thrown away. Nothing of
+does), on a task of its own (DataPlane.spawn), in the mirror cluster's protocol (HTTP/1.1, or a
+stream on its HTTP/2 pool), and its response is read and thrown away. Nothing of
 it can delay or fail the real request: the copy is made before the real request is sent, it never
 awaits on the request's task, errors and timeouts are only counted. A request whose body was not
 buffered (larger than the replay limit) is not mirrored; nor is one beyond the per-worker limit of
@@ -11,6 +12,7 @@ mirrors in flight (counted as dropped, never queued).
 from __future__ import annotations
 
 import random
+from functools import partial
 from typing import TYPE_CHECKING
 
 import structlog
@@ -21,6 +23,8 @@ from proxy.l7.body import BodyReader
 from proxy.l7.errors import ConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.l7.events import split_authority
 from proxy.l7.h1_client import read_response_head
+from proxy.l7.h2_codec import request_fields
+from proxy.l7.h2_upstream import open_stream
 from proxy.l7.upstream_conn import acquire, release
 
 if TYPE_CHECKING:
@@ -58,19 +62,22 @@ def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPo
             crt.mirror_dropped.value += 1
             continue
         authority = shadow_authority(head.authority or crt.cluster.service_host.encode())
-        headers = [(b"host", authority), *head.headers]
-        framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
-        data = h1.serialize_request_head(head.method, head.target, headers, framing) + body
+        if crt.cluster.http2:  # the cluster speaks HTTP/2 (a gRPC service): the copy goes as a stream
+            send = partial(_send_h2, request_fields(head, authority, len(body) if body else None), body)
+        else:
+            headers = [(b"host", authority), *head.headers]
+            framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
+            send = partial(_send_h1, head.method, h1.serialize_request_head(head.method, head.target, headers,
+                                                                             framing) + body)
         timeout = ctx.route.timeout_s or MIRROR_TIMEOUT_S
         plane.mirrors_in_flight += 1
         crt.mirror_total.value += 1
-        plane.spawn(_mirror, plane, crt, ctx, head.method, data, timeout)
+        plane.spawn(_mirror, plane, crt, ctx, send, timeout)
 
 
-async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, method: bytes, data: bytes,
-                  timeout_s: float) -> None:
-    up = None
-    reusable = False
+async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, send, timeout_s: float) -> None:
+    """One copy: the endpoint pick, the bookkeeping and the failure accounting; `send` speaks the
+    cluster's protocol and returns the response status once the whole response was read."""
     ok = False
     endpoint = None
     in_flight = plane.in_flight
@@ -81,21 +88,9 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             if endpoint is None:
                 return
             in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
-            deadline = trio.current_time() + timeout_s
-            up, _ = await acquire(plane, crt, endpoint.key, deadline=deadline)
-            await up.send_all(data)
-            minor, status, _, headers = await read_response_head(
-                up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)
-            up.requests += 1
-            _, framing, keep_alive, _, _ = h1.classify_response(method, status, minor, headers)
-            reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
-                                protocol_error=UpstreamProtocolError, deadline=deadline)
-            reader.buffered_pieces()
-            while not reader.done:
-                await reader.next_pieces()
+            status = await send(plane, crt, endpoint.key, trio.current_time() + timeout_s)
             crt.count_response(status)
             crt.record(endpoint, status)  # the mirror cluster's outlier detector hears of it too
-            reusable = keep_alive  # False for a body that ends with the connection
             ok = True
     except Exception as e:  # a mirror's failure is counted, never raised
         log.debug("mirror failed", cluster=crt.name, error=str(e))
@@ -107,5 +102,44 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, me
             in_flight[endpoint.key] -= 1
         if not ok:
             crt.mirror_failed.value += 1
+
+
+async def _send_h1(method: bytes, data: bytes, plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int],
+                   deadline: float) -> int:
+    up = None
+    reusable = False
+    try:
+        up, _ = await acquire(plane, crt, key, deadline=deadline)
+        await up.send_all(data)
+        minor, status, _, headers = await read_response_head(
+            up, deadline, plane.settings.max_head_bytes, plane.settings.max_headers)
+        up.requests += 1
+        _, framing, keep_alive, _, _ = h1.classify_response(method, status, minor, headers)
+        reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
+                            protocol_error=UpstreamProtocolError, deadline=deadline)
+        reader.buffered_pieces()
+        while not reader.done:
+            await reader.next_pieces()
+        reusable = keep_alive  # False for a body that ends with the connection
+        return status
+    finally:
         if up is not None:
             release(plane, crt, up, reusable)
+
+
+async def _send_h2(fields, body: bytes, plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int],
+                   deadline: float) -> int:
+    up = await open_stream(plane, crt, key)
+    try:
+        up.connection.send_headers(up, fields, not body)
+        if body:
+            await up.send_body(body, True)
+        else:
+            up.connection.flush()
+        status, _ = await up.read_head(deadline)
+        up.buffered_pieces()
+        while not up.done:
+            await up.next_pieces(deadline)
+        return status
+    finally:
+        up.close()  # resets the stream if the response is not complete, and gives its slot back

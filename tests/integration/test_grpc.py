@@ -109,6 +109,29 @@ async def test_a_burst_opens_one_connection_per_max_concurrent_streams(nursery, 
     assert proxy.counter("triomesh_upstream_rq_pending_overflow_total", cluster="grpc") == 5
 
 
+async def test_mirror_to_an_http2_cluster_goes_as_a_stream(nursery, grpc_servers):
+    """A mirror cluster that speaks HTTP/2 (a gRPC service) gets its copy on its HTTP/2 pool, with
+    -shadow appended to the authority, and the copy's outcome is counted, never seen by the caller."""
+    from proxy.config.snapshot import MirrorPolicy
+
+    primary, shadow = grpc_servers
+    route = dataclasses.replace(prefix_route(b"/", {"grpc": 100}), mirrors=(MirrorPolicy("shadow", 1_000_000),))
+    snap = make_snapshot({"grpc": [primary.port], "shadow": [shadow.port]}, [route])
+    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
+                                               for name, c in snap.clusters.items()})
+    proxy = await start_proxy(nursery, snap)
+    result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"copy me",
+                         metadata=(("x-request-id", "mirrored-1"),), timeout=10)
+    assert result.code == grpc.StatusCode.OK and result.trailing("x-served-by") == primary.name
+    with trio.fail_after(5):
+        while shadow.calls("Unary") < 1 or proxy.plane.mirrors_in_flight:
+            await trio.sleep(0.02)
+    assert shadow.calls() == 1 and primary.calls() == 1
+    assert shadow.records[0].get("x-request-id") == "mirrored-1", shadow.records[0]
+    assert proxy.counter("triomesh_mirror_requests_total", cluster="shadow") == 1
+    assert proxy.counter("triomesh_mirror_failed_total", cluster="shadow") == 0
+
+
 async def test_error_status_and_message_reach_the_client(nursery, grpc_servers):
     proxy = await _proxy(nursery, grpc_servers)
     result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"x", metadata=(("x-fail-status", "7"),),
