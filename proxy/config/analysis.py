@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from proxy.config import findings as codes
 from proxy.config import hosts
@@ -46,7 +46,8 @@ class _Service:
 class _Index:
     """Services, subsets and gateways by the names references use."""
 
-    def __init__(self, by_kind: dict[str, list[Resource]]) -> None:
+    def __init__(self, by_kind: dict[str, list[Resource]], unknown: frozenset[str]) -> None:
+        self.unknown = unknown
         self.services: list[_Service] = [
             _Service(h, hosts.fqdn(h, r.namespace), r) for r in by_kind["ServiceEntry"] for h in r.obj.spec.hosts
         ]
@@ -96,7 +97,8 @@ def _gateway_names(spec: VirtualServiceSpec) -> Iterator[tuple[str, str]]:
 def _check_destination(index: _Index, r: Resource, path: str, dest: Destination) -> Iterator[Finding]:
     svc = index.lookup(dest.host, r.namespace)
     if svc is None:
-        yield _not_found(r, f"{path}.host", "host", dest.host)
+        if "ServiceEntry" not in index.unknown:
+            yield _not_found(r, f"{path}.host", "host", dest.host)
         return
     ports = [p.number for p in svc.resource.obj.spec.ports]
     if dest.port is not None and dest.port.number not in ports:
@@ -105,7 +107,7 @@ def _check_destination(index: _Index, r: Resource, path: str, dest: Destination)
         yield finding(codes.VIRTUAL_SERVICE_DESTINATION_PORT_SELECTOR_REQUIRED, r, f"{path}.port",
                       f'This VirtualService routes to a service "{dest.host}" that exposes multiple ports '
                       f"{ports}. Specifying a port in the destination is required to disambiguate.")
-    if dest.subset and dest.subset not in index.subsets(svc):
+    if dest.subset and "DestinationRule" not in index.unknown and dest.subset not in index.subsets(svc):
         yield _not_found(r, f"{path}.subset", "host+subset in destinationrule", f"{dest.host}+{dest.subset}")
 
 
@@ -113,7 +115,7 @@ def _virtual_service_references(index: _Index, r: Resource) -> Iterator[Finding]
     spec: VirtualServiceSpec = r.obj.spec
     for path, name in _gateway_names(spec):
         ref = _gateway_ref(name, r.namespace)
-        if ref != MESH and ref not in index.gateways:
+        if ref != MESH and ref not in index.gateways and "Gateway" not in index.unknown:
             yield _not_found(r, path, "gateway", ref)
     for path, dest in _destinations(spec):
         yield from _check_destination(index, r, path, dest)
@@ -196,7 +198,8 @@ def _destination_rule_hosts(index: _Index, rules: list[Resource]) -> Iterator[Fi
             continue
         svc = index.lookup(host, r.namespace)
         if svc is None:
-            yield _not_found(r, "$.spec.host", "host", host)
+            if "ServiceEntry" not in index.unknown:
+                yield _not_found(r, "$.spec.host", "host", host)
             continue
         for i, subset in enumerate(r.obj.spec.subsets):
             first = first_subset.setdefault((svc.fqdn, subset.name), r)
@@ -206,12 +209,15 @@ def _destination_rule_hosts(index: _Index, rules: list[Resource]) -> Iterator[Fi
                               f"{first.namespace}/{first.name} ({first.file} document {first.document})")
 
 
-def analyze(resources: Sequence[Resource]) -> list[Finding]:
-    """Every cross-resource finding, resource by resource in load order, then conflicts."""
+def analyze(resources: Sequence[Resource], undecoded_kinds: Iterable[str] = ()) -> list[Finding]:
+    """Every cross-resource finding, resource by resource in load order, then conflicts.
+
+    `undecoded_kinds` are the kinds of documents that failed to decode (with their own finding):
+    references to those kinds are not checked, as the missing resource may be that document."""
     by_kind: dict[str, list[Resource]] = defaultdict(list)
     for r in resources:
         by_kind[r.kind].append(r)
-    index = _Index(by_kind)
+    index = _Index(by_kind, frozenset(undecoded_kinds))
     out: list[Finding] = []
     for r in by_kind["VirtualService"]:
         out.extend(_virtual_service_references(index, r))

@@ -19,6 +19,7 @@ from proxy.config.analysis import analyze
 from proxy.config.compile import compile_resources
 from proxy.config.errors import ConfigError
 from proxy.config.findings import Finding, Level, Origin
+from proxy.config.istio import KINDS
 from proxy.config.load import STDIN, DocumentError, LoadedSources, load_sources
 from proxy.config.snapshot import Snapshot
 
@@ -75,7 +76,9 @@ def run_checks(loaded: LoadedSources) -> tuple[list[Finding], Snapshot | None]:
     The compiler runs only when every document decoded (a missing resource would make it report
     references to it), and its error is dropped when a finding already points at the same field."""
     out = [_schema_finding(p) for p in loaded.errors]
-    for f in analyze(loaded.resources):
+    # references to a kind of which a document failed to decode are not checked: it may be that one
+    undecoded = {p.error.kind for p in loaded.errors if p.problem == "schema" and p.error.kind in KINDS}
+    for f in analyze(loaded.resources, undecoded):
         line = loaded.line(f.origin.file, f.origin.document, f.field_path)
         out.append(dataclasses.replace(f, origin=dataclasses.replace(f.origin, line=line)))
     if loaded.errors:
