@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 DELEGATED = {
-    "validate": ("proxy.config.validate:main", "check Istio config files (exit 0, or the precise error)"),
+    "validate": ("proxy.config.validate:main", "check Istio config files: every problem with its istioctl analyze code (exit 0, 1 on errors)"),
     "capture": ("proxy.l4.capture.cli:capture_main", "install/remove/show the sidecar traffic capture rules"),
     "lab": ("proxy.l4.capture.lab:lab_main", "network-namespace lab (nodes on a private bridge) for capture tests"),
     "controlplane": ("controlplane.cli:main", "run the control plane: serve Istio config to proxies"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator, Literal, Sequence
 
 import msgspec
 import yaml
@@ -193,15 +193,21 @@ def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
     return resources
 
 
-def check_duplicates(resources: Iterable[Resource]) -> None:
+def duplicate_errors(resources: Iterable[Resource]) -> Iterator[ConfigError]:
+    """One error for every resource whose kind, namespace and name an earlier one already has."""
     seen: dict[tuple[str, str, str], Resource] = {}
     for r in resources:
         first = seen.setdefault(r.key, r)
         if first is not r:
-            raise r.error(
+            yield r.error(
                 "$.metadata.name",
                 f"duplicate {r.kind} {r.namespace}/{r.name}: already defined in {first.file} document {first.document}",
             )
+
+
+def check_duplicates(resources: Iterable[Resource]) -> None:
+    for error in duplicate_errors(resources):
+        raise error
 
 
 def config_files(path: str | Path) -> list[Path]:
@@ -227,3 +233,113 @@ def load_path(path: str | Path) -> list[Resource]:
         resources.extend(load_bytes(data, str(f)))
     check_duplicates(resources)
     return resources
+
+
+# --------------------------------------------------------------------------------------------------
+# Several sources at once, every problem collected (for `triomesh validate`)
+
+STDIN = "-"
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentError:
+    """A problem that kept one document (or, for unparsable YAML, the rest of a file) from loading."""
+
+    error: ConfigError
+    line: int | None  # 1-based line in error.file, when known
+    problem: Literal["yaml", "schema", "duplicate"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSources:
+    """What several config sources hold: the resources that decoded, the documents that did not, and
+    where each document's fields sit (to point a finding at a line)."""
+
+    resources: list[Resource]
+    errors: list[DocumentError]
+    files: list[str]
+    nodes: dict[tuple[str, int], yaml.Node]
+
+    def line(self, file: str, document: int, field_path: str = "$") -> int | None:
+        """1-based line of `field_path` (msgspec's "$.spec.http[0]" form) in a document; where the
+        path goes deeper than the YAML does, the line of the deepest part that exists."""
+        node = self.nodes.get((file, document))
+        if node is None:
+            return None
+        line = node.start_mark.line
+        for m in _PATH_TOKEN.finditer(field_path[1:]):
+            key, index = m.group(1), m.group(2)
+            if key is not None and isinstance(node, yaml.MappingNode):
+                hit = next((kv for kv in node.value if isinstance(kv[0], yaml.ScalarNode) and kv[0].value == key), None)
+                if hit is None:
+                    break
+                line, node = hit[0].start_mark.line, hit[1]
+            elif index is not None and index.isdigit() and isinstance(node, yaml.SequenceNode) and int(index) < len(node.value):
+                node = node.value[int(index)]
+                line = node.start_mark.line
+            else:
+                break
+        return line + 1
+
+
+def _collect_text(data: bytes, source: str, out: LoadedSources) -> None:
+    """Decode every document of one text on its own; a YAML syntax error ends the file (the parser
+    cannot resynchronise), a construction error (duplicate key) only its document."""
+    loader = _StrictLoader(data)
+    index = 0
+    try:
+        while True:
+            try:
+                if not loader.check_node():
+                    break
+                node = loader.get_node()
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                error = ConfigError(_yaml_message(e), file=source, document=index)
+                out.errors.append(DocumentError(error, mark.line + 1 if mark is not None else None, "yaml"))
+                return
+            out.nodes[(source, index)] = node
+            try:
+                doc = loader.construct_document(node)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                error = ConfigError(_yaml_message(e), file=source, document=index)
+                out.errors.append(DocumentError(error, mark.line + 1 if mark is not None else None, "yaml"))
+            else:
+                if doc is not None:
+                    try:
+                        out.resources.append(_convert(doc, source, index))
+                    except ConfigError as e:
+                        out.errors.append(DocumentError(e, out.line(source, index, e.field_path), "schema"))
+            index += 1
+    finally:
+        loader.dispose()
+
+
+def load_sources(paths: Sequence[str | Path], stdin: BinaryIO | None = None) -> LoadedSources:
+    """Every resource of several files, directories (their *.yaml/*.yml, as `load_path`) and "-"
+    (stdin, read once), with every per-document problem collected instead of raised, duplicates
+    included. A path that does not exist or cannot be read is a ConfigError: nothing to check."""
+    out = LoadedSources([], [], [], {})
+    texts: list[tuple[str, bytes]] = []
+    for path in paths:
+        if str(path) == STDIN:
+            if any(name == "<stdin>" for name, _ in texts):
+                continue
+            if stdin is None:
+                raise ConfigError("no standard input to read", file="<stdin>")
+            texts.append(("<stdin>", stdin.read()))
+            continue
+        for f in config_files(path):
+            if any(name == str(f) for name, _ in texts):
+                continue  # named twice (a file and its directory): loaded once
+            try:
+                texts.append((str(f), f.read_bytes()))
+            except OSError as e:
+                raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from e
+    for name, data in texts:
+        out.files.append(name)
+        _collect_text(data, name, out)
+    for error in duplicate_errors(out.resources):
+        out.errors.append(DocumentError(error, out.line(error.file, error.document, error.field_path), "duplicate"))
+    return out

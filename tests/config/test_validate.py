@@ -1,4 +1,4 @@
-"""`triomesh validate FILE|DIR`: exit status and output."""
+"""`triomesh validate FILE|DIR`: exit status and output (more in test_validate_cli.py)."""
 
 from __future__ import annotations
 
@@ -32,15 +32,18 @@ def test_error_names_file_document_kind_and_path(tmp_path, capsys):
     f = _write(tmp_path, "routes.yaml", service("a", namespace="prod"), bad)
     assert main([str(f)]) == 1
     out, err = capsys.readouterr()
-    assert out == ""
-    assert err == (
-        f"error: {f}: document 1 (VirtualService prod/a): $.spec.http[0].route[0].destination.subset: "
-        "subset 'v9' is not defined by a DestinationRule for host 'a' (subsets: none)\n"
+    line = f.read_text().splitlines().index("        subset: v9") + 1
+    assert out == (
+        f"Error [IST0101] (VirtualService prod/a {f}:{line}) "
+        'Referenced host+subset in destinationrule not found: "a+v9"\n'
     )
+    assert err == "error: 1 errors, 0 warnings and infos in 1 files\n"
 
 
 def test_runs_as_a_program(tmp_path):
     f = _write(tmp_path, "x.yaml", doc("Gateway", "gw", {"servers": [{"port": {"number": 80, "protocol": "HTTP"}, "hosts": ["*"], "bogus": 1}]}))
     run = subprocess.run([sys.executable, "-m", "proxy.config.validate", str(f)], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 1
-    assert run.stderr.strip() == f"error: {f}: document 0 (Gateway default/gw): $.spec.servers[0].bogus: unknown field `bogus`"
+    line = f.read_text().splitlines().index("    bogus: 1") + 1
+    assert run.stdout == (f"Error [IST0106] (Gateway default/gw {f}:{line}) "
+                          "Schema validation error: $.spec.servers[0].bogus: unknown field `bogus`\n")

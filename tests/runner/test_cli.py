@@ -80,7 +80,7 @@ def test_validate_ok_and_error(tmp_path: Path) -> None:
     bad.write_text(mesh_config(8080, 9001, 9002, weights=(80, -5)))
     r = _triomesh("validate", str(bad))
     assert r.returncode == 1
-    assert str(bad) in r.stderr and "document 3 (VirtualService test/backend)" in r.stderr and "weight" in r.stderr
+    assert f"(VirtualService test/backend {bad}:" in r.stdout and "weight" in r.stdout, r.stdout
 
 
 def test_help_lists_the_subcommands() -> None:
