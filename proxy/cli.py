@@ -75,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
     cp.add_argument("--namespace", default="default", help="the workload's namespace (default default)")
-    cp.add_argument("--label", dest="labels", type=_label, action="append", default=[], metavar="KEY=VALUE",
-                    help="a workload label (repeatable); Gateway selectors and sourceLabels match these")
     cp.add_argument("--register", default=None, metavar="ADDRESS",
                     help="register this workload (with ADDRESS and its labels) as a WorkloadEntry")
+    p.add_argument("--label", dest="labels", type=_label, action="append", default=[], metavar="KEY=VALUE",
+                   help="a workload label (repeatable), with --config as with --controlplane: Gateway selectors, "
+                        "Sidecar workloadSelectors and sourceLabels match these (with --config and no --label, "
+                        "every Gateway and Sidecar applies)")
     p.add_argument("--concurrency", type=_positive, default=None,
                    help="worker processes sharing the listeners with SO_REUSEPORT (default: usable cores)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address the Gateway listeners bind (default 0.0.0.0)")

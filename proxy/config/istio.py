@@ -7,7 +7,8 @@ setting. Field names are Istio's own (networking.istio.io v1 protos).
 Istio fields triomesh does not enforce yet are still *declared* (typed `Any`, default UNSET) and listed
 in the struct's `unsupported` class variable, so a user who writes `fault:` hears "not supported yet"
 rather than "unknown field". Likewise a valid Istio enum value we do not enforce is listed in
-`unsupported_values`. `unsupported_settings()` walks a decoded resource and reports both. Moving a
+`unsupported_values`. A field Istio removed is declared too and listed in `removed` with the reason
+(what replaced it). `unsupported_settings()` walks a decoded resource and reports all three. Moving a
 field from `unsupported` to a real type is how later issues add behaviour.
 
 Scalars with syntax of their own are custom types decoded by `dec_hook` (errors carry the field's path):
@@ -131,6 +132,9 @@ class IstioStruct(Struct, frozen=True, forbid_unknown_fields=True, rename="camel
     unsupported: ClassVar[tuple[str, ...]] = ()
     # Python field name -> valid Istio enum values not enforced yet
     unsupported_values: ClassVar[dict[str, frozenset[str]]] = {}
+    # Python field name -> why a field Istio removed is refused (declared so the user hears that, not
+    # "unknown field")
+    removed: ClassVar[dict[str, str]] = {}
 
 
 def _not_set(value: Any) -> bool:
@@ -144,11 +148,15 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
         names = {f.name: f.encode_name for f in msgspec.structs.fields(cls)}
         unsupported = getattr(cls, "unsupported", ())
         bad_values = getattr(cls, "unsupported_values", {})
+        removed = getattr(cls, "removed", {})
         for name, wire in names.items():
             value = getattr(obj, name)
             if _not_set(value):
                 continue
             sub = f"{path}.{wire}"
+            if name in removed:
+                yield sub, removed[name]
+                continue
             if name in unsupported:
                 yield sub, f"`{wire}` is an Istio {cls.__name__} field triomesh does not support yet"
                 continue
@@ -167,6 +175,15 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
 
 # --------------------------------------------------------------------------------------------------
 # envelope
+
+
+# Kubernetes ObjectMeta fields the API server manages (what `kubectl get -o yaml` prints besides the
+# author's name, namespace, labels and annotations): the loader drops them, with a top-level `status`.
+SERVER_MANAGED_METADATA = frozenset({
+    "creationTimestamp", "resourceVersion", "uid", "generation", "managedFields", "ownerReferences",
+    "finalizers", "selfLink", "generateName", "deletionTimestamp", "deletionGracePeriodSeconds",
+    "clusterName",  # removed in Kubernetes 1.25, still in older exports
+})
 
 
 class ObjectMeta(IstioStruct, frozen=True):
@@ -317,6 +334,7 @@ class FaultAbort(IstioStruct, frozen=True):
     http_status: Annotated[int, Meta(ge=200, le=599)] | None = None
     grpc_status: str | None = None
     percentage: PercentValue | None = None
+    percent: Percent | None = None  # deprecated integer form (Istio 1.x read it when percentage is unset)
     http2_error: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = ("http2_error",)
@@ -365,6 +383,12 @@ class HTTPRoute(IstioStruct, frozen=True):
     headers: Headers | None = None
     cors_policy: CorsPolicy | None = None
     delegate: Delegate | None = None
+    websocket_upgrade: Any = UNSET
+
+    removed: ClassVar[dict[str, str]] = {
+        "websocket_upgrade": "`websocketUpgrade` was removed from Istio's VirtualService (deprecated in Istio 1.0): "
+                             "WebSocket upgrades are always allowed; delete the field",
+    }
 
 
 class RouteDestination(IstioStruct, frozen=True):
@@ -519,7 +543,7 @@ class ConnectionPoolSettings(IstioStruct, frozen=True):
 class OutlierDetection(IstioStruct, frozen=True):
     consecutive_5xx_errors: Annotated[int, Meta(ge=0)] | None = field(default=None, name="consecutive5xxErrors")
     consecutive_gateway_errors: Annotated[int, Meta(ge=0)] | None = None
-    consecutive_errors: Annotated[int, Meta(ge=0)] | None = None  # deprecated: gateway errors
+    consecutive_errors: Annotated[int, Meta(ge=0)] | None = None  # deprecated: gateway errors, 5xx detector off
     interval: Duration | None = None
     base_ejection_time: Duration | None = None
     max_ejection_percent: Percent | None = None
@@ -533,14 +557,33 @@ class OutlierDetection(IstioStruct, frozen=True):
                 raise ValueError(f"{name} must be at least 1ms")
 
 
+class ClientTLSSettings(IstioStruct, frozen=True):
+    """Istio's ClientTLSSettings (DestinationRule `tls`): only DISABLE, plaintext to the upstream, is
+    implemented; the other modes and their settings are declared and refused as not supported yet."""
+
+    mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
+    client_certificate: Any = UNSET
+    private_key: Any = UNSET
+    ca_certificates: Any = UNSET
+    credential_name: Any = UNSET
+    subject_alt_names: Any = UNSET
+    sni: Any = UNSET
+    insecure_skip_verify: Any = UNSET
+    ca_crl: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = (
+        "client_certificate", "private_key", "ca_certificates", "credential_name", "subject_alt_names", "sni",
+        "insecure_skip_verify", "ca_crl",
+    )
+    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"SIMPLE", "MUTUAL", "ISTIO_MUTUAL"})}
+
+
 class PortTrafficPolicy(IstioStruct, frozen=True):
     port: PortSelector
     load_balancer: LoadBalancerSettings | None = None
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
-    tls: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("tls",)
+    tls: ClientTLSSettings | None = None
 
 
 class RetryBudget(IstioStruct, frozen=True):
@@ -553,16 +596,12 @@ class TrafficPolicy(IstioStruct, frozen=True):
     connection_pool: ConnectionPoolSettings | None = None
     outlier_detection: OutlierDetection | None = None
     port_level_settings: tuple[PortTrafficPolicy, ...] = ()
-    tls: Any = UNSET
+    tls: ClientTLSSettings | None = None
     tunnel: Any = UNSET
     proxy_protocol: Any = UNSET
     retry_budget: RetryBudget | None = None
 
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "tls",
-        "tunnel",
-        "proxy_protocol",
-    )
+    unsupported: ClassVar[tuple[str, ...]] = ("tunnel", "proxy_protocol")
 
 
 class Subset(IstioStruct, frozen=True):
@@ -697,7 +736,6 @@ class SidecarSpec(IstioStruct, frozen=True):
 class _Kind(IstioStruct, frozen=True):
     api_version: Literal[API_VERSIONS]  # type: ignore[valid-type]
     metadata: ObjectMeta
-    status: Any = UNSET  # written by Kubernetes, not config: tolerated and dropped
 
     @property
     def namespace(self) -> str:

@@ -11,7 +11,15 @@ import msgspec
 import yaml
 
 from proxy.config.errors import ConfigError
-from proxy.config.istio import API_VERSIONS, KINDS, IstioObject, dec_hook, unsupported_settings
+from proxy.config.istio import (
+    API_VERSIONS,
+    KINDS,
+    SERVER_MANAGED_METADATA,
+    IstioObject,
+    dec_hook,
+    unsupported_settings,
+)
+from proxy.config.other_kinds import explain as explain_other_kind
 
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -128,26 +136,43 @@ def _describe(doc: dict) -> tuple[str, str]:
     return kind, ""
 
 
-def _convert(doc: Any, source: str, index: int) -> Resource:
+def _without_server_fields(doc: dict) -> dict:
+    """The document as its author wrote it: what the Kubernetes API server adds to an object it
+    stores (metadata it manages, the `status` block) is dropped, as `kubectl apply` would ignore it."""
+    meta = doc.get("metadata")
+    if "status" not in doc and not (isinstance(meta, dict) and SERVER_MANAGED_METADATA.intersection(meta)):
+        return doc
+    out = {k: v for k, v in doc.items() if k != "status"}
+    if isinstance(meta, dict):
+        out["metadata"] = {k: v for k, v in meta.items() if k not in SERVER_MANAGED_METADATA}
+    return out
+
+
+def _convert(doc: Any, source: str, index: int, at: str = "$") -> Resource:
+    """One resource; `at` is where it sits in its document ("$", or "$.items[3]" in a List)."""
     if not isinstance(doc, dict):
         raise ConfigError(
-            f"expected a mapping (an Istio resource), got {type(doc).__name__}", file=source, document=index
+            f"expected a mapping (an Istio resource), got {type(doc).__name__}",
+            file=source, document=index, field_path=at,
         )
     kind, name = _describe(doc)
 
     def fail(path: str, message: str) -> ConfigError:
-        return ConfigError(message, file=source, document=index, kind=kind, name=name, field_path=path)
+        return ConfigError(message, file=source, document=index, kind=kind, name=name, field_path=at + path[1:])
 
     if "kind" not in doc:
         raise fail("$.kind", "required field `kind` is missing")
+    api_version = doc.get("apiVersion")
+    if (why := explain_other_kind(kind, api_version)) is not None:
+        raise fail("$.kind", why)
     cls = KINDS.get(kind)
     if cls is None:
-        raise fail("$.kind", f"unknown kind {doc['kind']!r}; triomesh understands {', '.join(KINDS)}")
-    api_version = doc.get("apiVersion")
+        raise fail("$.kind", f"unknown kind {doc['kind']!r} (apiVersion {api_version!r}); "
+                             f"triomesh understands {', '.join(KINDS)}")
     if api_version not in API_VERSIONS:
-        raise fail("$.apiVersion", f"apiVersion {api_version!r} is not one of {', '.join(API_VERSIONS)}")
+        raise fail("$.apiVersion", f"apiVersion {api_version!r} of kind {kind} is not one of {', '.join(API_VERSIONS)}")
     try:
-        obj = msgspec.convert(doc, cls, dec_hook=dec_hook)
+        obj = msgspec.convert(_without_server_fields(doc), cls, dec_hook=dec_hook)
     except msgspec.ValidationError as e:
         path, message = _split_validation_error(e)
         if message.startswith("Invalid enum value"):
@@ -158,6 +183,23 @@ def _convert(doc: Any, source: str, index: int) -> Resource:
     for path, message in unsupported_settings(obj):
         raise fail(path, message)
     return Resource(obj, source, index)
+
+
+def _document_resources(doc: Any, source: str, index: int) -> list[Resource]:
+    """The resources of one YAML document: itself, or the items of a Kubernetes `List` (what
+    `kubectl get -o yaml` prints for several objects)."""
+    if not (isinstance(doc, dict) and doc.get("kind") == "List"):
+        return [_convert(doc, source, index)]
+    if doc.get("apiVersion") != "v1":
+        raise ConfigError(f"a List is apiVersion 'v1', got {doc.get('apiVersion')!r}", file=source, document=index,
+                          kind="List", field_path="$.apiVersion")
+    items = doc.get("items")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise ConfigError(f"expected a list of resources, got {type(items).__name__}", file=source,
+                          document=index, kind="List", field_path="$.items")
+    return [_convert(item, source, index, f"$.items[{i}]") for i, item in enumerate(items)]
 
 
 def load_document(doc: Any, source: str = "<memory>", document: int = -1) -> Resource:
@@ -175,8 +217,8 @@ def _yaml_message(e: yaml.YAMLError) -> str:
 
 
 def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
-    """Every resource in a (multi-document) YAML text. Empty documents are skipped but counted, so
-    document indexes match positions in the file."""
+    """Every resource in a (multi-document) YAML text, a `List`'s items included. Empty documents are
+    skipped but counted, so document indexes match positions in the file."""
     resources: list[Resource] = []
     index = 0
     docs = yaml.load_all(data, Loader=_StrictLoader)
@@ -188,7 +230,7 @@ def load_bytes(data: bytes | str, source: str = "<memory>") -> list[Resource]:
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_message(e), file=source, document=index) from None
         if doc is not None:
-            resources.append(_convert(doc, source, index))
+            resources.extend(_document_resources(doc, source, index))
         index += 1
     return resources
 

@@ -184,7 +184,7 @@ def fault_policy(r: Resource, path: str, http: HTTPRoute) -> FaultPolicy | None:
             status = 200
         else:
             status = f.abort.http_status
-        abort_ppm = ppm(f.abort.percentage, None, 0.0)
+        abort_ppm = ppm(f.abort.percentage, f.abort.percent, 0.0)
     return FaultPolicy(delay_s, delay_ppm, status, abort_ppm, grpc)
 
 
@@ -430,10 +430,17 @@ def outlier_policy(od: OutlierDetection | None) -> OutlierPolicy | None:
     if od is None:
         return None
     d = OutlierPolicy()
-    gateway = od.consecutive_gateway_errors if od.consecutive_gateway_errors is not None else od.consecutive_errors
+    consecutive_5xx, gateway = d.consecutive_5xx, d.consecutive_gateway
+    if od.consecutive_errors:
+        # the deprecated field counts gateway errors only, with the 5xx detector off (Istio's mapping)
+        consecutive_5xx, gateway = 0, od.consecutive_errors
+    if od.consecutive_5xx_errors is not None:
+        consecutive_5xx = od.consecutive_5xx_errors
+    if od.consecutive_gateway_errors is not None:
+        gateway = od.consecutive_gateway_errors
     return OutlierPolicy(
-        consecutive_5xx=od.consecutive_5xx_errors if od.consecutive_5xx_errors is not None else d.consecutive_5xx,
-        consecutive_gateway=gateway or 0,
+        consecutive_5xx=consecutive_5xx,
+        consecutive_gateway=gateway,
         interval_s=float(od.interval) if od.interval else d.interval_s,
         base_ejection_time_s=float(od.base_ejection_time) if od.base_ejection_time else d.base_ejection_time_s,
         max_ejection_percent=od.max_ejection_percent if od.max_ejection_percent is not None else d.max_ejection_percent,

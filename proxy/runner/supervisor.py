@@ -91,8 +91,11 @@ class Supervisor:
         self._versions = 0
         self.active: ActiveConfig | None = None
         self._last_fingerprint = fingerprint(options.config_path) if options.config_path is not None else ()
-        # a control plane's proxy compiles with its workload labels (Gateway selectors, sourceLabels)
-        self.proxy_labels: dict[str, str] | None = dict(options.labels) if options.controlplane is not None else None
+        # the workload labels Gateway selectors, Sidecar workloadSelectors and sourceLabels match, the
+        # same from files as from a control plane; a file-config proxy given no --label is a standalone
+        # edge that applies every Gateway (None)
+        self.proxy_labels: dict[str, str] | None = (
+            dict(options.labels) if options.controlplane is not None or options.labels else None)
         self.xds = None  # proxy.xds.client.ClientState once the control-plane client runs
         self._nursery: trio.Nursery | None = None
         self.node = None  # proxy.xds.client.NodeInfo
