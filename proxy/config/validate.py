@@ -127,7 +127,7 @@ def main(argv: list[str]) -> int:
         if snapshot is not None and not failed:
             print(_summary(loaded, snapshot))
         elif failed:
-            print(f"error: {errors} errors, {len(found) - errors} warnings and infos in {len(loaded.files)} files",
+            print(f"error: {errors} error(s), {len(found) - errors} warning(s) and info(s) in {len(loaded.files)} file(s)",
                   file=sys.stderr)
     return 1 if failed else 0
 

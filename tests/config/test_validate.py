@@ -37,7 +37,7 @@ def test_error_names_file_document_kind_and_path(tmp_path, capsys):
         f"Error [IST0101] (VirtualService prod/a {f}:{line}) "
         'Referenced host+subset in destinationrule not found: "a+v9"\n'
     )
-    assert err == "error: 1 errors, 0 warnings and infos in 1 files\n"
+    assert err == "error: 1 error(s), 0 warning(s) and info(s) in 1 file(s)\n"
 
 
 def test_runs_as_a_program(tmp_path):

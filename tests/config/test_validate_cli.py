@@ -332,7 +332,7 @@ def test_stdin_and_exit_statuses_of_the_real_command(tmp_path):
     run = _triomesh("-", stdin=bad)
     assert run.returncode == 1
     assert run.stdout == f'Error [IST0101] (VirtualService default/r <stdin>:{_line(bad, "host: ratings")}) Referenced host not found: "ratings"\n'
-    assert run.stderr == "error: 1 errors, 0 warnings and infos in 1 files\n"
+    assert run.stderr == "error: 1 error(s), 0 warning(s) and info(s) in 1 file(s)\n"
 
 
 def test_references_to_a_kind_that_failed_to_decode_are_not_reported(tmp_path, capsys):
@@ -344,4 +344,4 @@ def test_references_to_a_kind_that_failed_to_decode_are_not_reported(tmp_path, c
     assert status == 1
     # the subset is not "not found" (its rule failed), the gateway still is
     assert [(x["code"], x["origin"]["path"]) for x in found] == [
-        ("IST0106", "$.spec.trafficPolicy.tls"), ("IST0101", "$.spec.gateways[0]")]
+        ("IST0106", "$.spec.trafficPolicy.tls.mode"), ("IST0101", "$.spec.gateways[0]")]
