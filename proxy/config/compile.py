@@ -433,7 +433,11 @@ class _Compiler:
         key = (address, port)
         draft = self.listeners.get(key)
         if draft is not None:
-            if draft.owner_kind != owner or owner != "Gateway" or draft.protocol != protocol:
+            if draft.owner_kind == owner == "Gateway" and draft.protocol != protocol:
+                # Istio merges Gateway servers on one port only when their protocols can share a listener
+                raise r.error(path, f"{address}:{port} is already a {draft.protocol} listener of {draft.owner}; "
+                                    f"a {protocol} server cannot share its port")
+            if draft.owner_kind != owner or owner != "Gateway":
                 raise r.error(path, f"{address}:{port} is already a listener of {draft.owner}")
             return draft
         for (addr, p), other in self.listeners.items():
