@@ -173,7 +173,7 @@ class _Compiler:
     def _resolve_destination(self, r: Resource, path: str, dest: Destination) -> str:
         svc = self.registry.lookup(dest.host, r.namespace)
         if svc is None:
-            hidden = self.registry.hidden(dest.host, r.namespace)
+            hidden = self.registry.first_declaring(dest.host)
             if hidden is not None:
                 raise r.error(f"{path}.host", f"host {dest.host!r} is declared by ServiceEntry {hidden.namespace}/"
                                               f"{hidden.resource.name}, which is not exported to namespace {r.namespace!r}")

@@ -139,8 +139,8 @@ class Registry:
                 return svc
         return None
 
-    def hidden(self, host: str, namespace: str) -> Service | None:
-        """A service declaring `host` that `namespace` cannot see (for a precise error)."""
+    def first_declaring(self, host: str) -> Service | None:
+        """The first service declaring `host` literally, visible or not (for a precise error)."""
         return next(iter(self._literal.get(host, ())), None)
 
     def _add(self, svc: Service) -> None:
@@ -278,7 +278,7 @@ def _bind_rules(reg: Registry, rules: list[Resource], client_namespace: str | No
             continue
         svc = reg.lookup(host, r.namespace)
         if svc is None:
-            if reg.hidden(host, r.namespace) is not None:
+            if reg.first_declaring(host) is not None:
                 continue  # a rule for a service its namespace cannot see applies nowhere (as in Istio)
             raise r.error("$.spec.host", f"host {host!r} matches no ServiceEntry host")
         exact.setdefault(r.namespace, {}).setdefault(svc.key, []).append(r)
