@@ -138,14 +138,15 @@ def _gateway_ref(name: str, namespace: str) -> str:
 
 
 class _Compiler:
-    def __init__(self, items: list[Resource], bind_address: str, proxy_labels: Mapping[str, str] | None) -> None:
+    def __init__(self, items: list[Resource], bind_address: str, proxy_labels: Mapping[str, str] | None,
+                 proxy_namespace: str | None = None) -> None:
         self.bind_address = bind_address
         self.proxy_labels = proxy_labels
         self.by_kind: dict[str, list[Resource]] = defaultdict(list)
         for r in items:
             self.by_kind[r.kind].append(r)
         self.registry: Registry = build_registry(
-            self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"]
+            self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"], proxy_namespace
         )
         self.clusters: dict[str, Cluster] = build_clusters(self.registry)
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
@@ -172,6 +173,10 @@ class _Compiler:
     def _resolve_destination(self, r: Resource, path: str, dest: Destination) -> str:
         svc = self.registry.lookup(dest.host, r.namespace)
         if svc is None:
+            hidden = self.registry.first_declaring(dest.host)
+            if hidden is not None:
+                raise r.error(f"{path}.host", f"host {dest.host!r} is declared by ServiceEntry {hidden.namespace}/"
+                                              f"{hidden.resource.name}, which is not exported to namespace {r.namespace!r}")
             raise r.error(f"{path}.host", f"host {dest.host!r} matches no ServiceEntry host")
         if dest.port is not None:
             port = svc.port(dest.port.number)
@@ -189,7 +194,7 @@ class _Compiler:
                 f"{path}.subset",
                 f"subset {dest.subset!r} is not defined by a DestinationRule for host {svc.host!r} (subsets: {known})",
             )
-        return cluster_name(svc.host, port.number, dest.subset)
+        return cluster_name(svc.cluster_host, port.number, dest.subset)
 
     def _check_gateway_name(self, r: Resource, path: str, name: str) -> str:
         ref = _gateway_ref(name, r.namespace)
@@ -270,17 +275,35 @@ class _Compiler:
 
     def _mesh_virtual_services(self, svc: Service) -> list[_CheckedVS]:
         """Mesh VirtualServices (in config order) whose hosts cover a service, visible to its namespace."""
-        full = hosts.fqdn(svc.host, svc.namespace)
         return [
             vs
             for vs in self.virtual_services
             if vs.in_mesh
             and hosts.exported_to(vs.spec.export_to, vs.resource.namespace, svc.namespace)
-            and any(
-                hosts.matches(hosts.fqdn(h, vs.resource.namespace), full) or hosts.matches(h, svc.host)
-                for h in vs.spec.hosts
-            )
+            and any(self._covers(h, vs.resource.namespace, svc) for h in vs.spec.hosts)
         ]
+
+    def _covers(self, host: str, namespace: str, svc: Service) -> bool:
+        """Does a VirtualService host written in `namespace` cover `svc`? A name means the service it
+        resolves to there (the namespace's own service first); a wildcard covers what it matches."""
+        if hosts.is_wildcard(host):
+            return hosts.matches(host, svc.key) or hosts.matches(host, svc.host)
+        return self.registry.lookup(host, namespace) is svc or hosts.fqdn(host, namespace) == svc.key
+
+    def _first_mesh_virtual_service(self, svc: Service) -> list[_CheckedVS]:
+        """Istio does not merge mesh VirtualServices: for one host the first in config order serves
+        (an exact host before a wildcard, the longest wildcard before a shorter one)."""
+        def specificity(vs: _CheckedVS) -> int:
+            best = 0
+            for h in vs.spec.hosts:
+                if self._covers(h, vs.resource.namespace, svc):
+                    best = max(best, 1 << 16 if not hosts.is_wildcard(h) else len(h))
+            return best
+        candidates = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
+        if not candidates:
+            return []
+        top = max(specificity(vs) for vs in candidates)
+        return [next(vs for vs in candidates if specificity(vs) == top)]
 
     def l4_routes(self) -> dict[str, tuple[L4Route, ...]]:
         out: dict[str, tuple[L4Route, ...]] = {}
@@ -288,7 +311,7 @@ class _Compiler:
             routes = [route for vs in self._mesh_virtual_services(svc) for route in vs.l4_routes]
             if routes:
                 # Istio's order: every tls route before the tcp ones
-                out[svc.host] = tuple(sorted(routes, key=lambda route: route.kind != "tls"))
+                out[svc.cluster_host] = tuple(sorted(routes, key=lambda route: route.kind != "tls"))
         return out
 
     def _check_http_route(self, r: Resource, path: str, i, http: HTTPRoute) -> _CheckedRoute:
@@ -410,7 +433,11 @@ class _Compiler:
         key = (address, port)
         draft = self.listeners.get(key)
         if draft is not None:
-            if draft.owner_kind != owner or owner != "Gateway" or draft.protocol != protocol:
+            if draft.owner_kind == owner == "Gateway" and draft.protocol != protocol:
+                # Istio merges Gateway servers on one port only when their protocols can share a listener
+                raise r.error(path, f"{address}:{port} is already a {draft.protocol} listener of {draft.owner}; "
+                                    f"a {protocol} server cannot share its port")
+            if draft.owner_kind != owner or owner != "Gateway":
                 raise r.error(path, f"{address}:{port} is already a listener of {draft.owner}")
             return draft
         for (addr, p), other in self.listeners.items():
@@ -541,7 +568,9 @@ class _Compiler:
             for h in shown:
                 full = hosts.fqdn(h, vns)
                 covered.append(full)
-                draft.vhost(full, hosts.aliases(h, vns, local_ns)).add(vs.label, routes)
+                vhost = draft.vhost(full, hosts.aliases(h, vns, local_ns), local=vns == local_ns)
+                if not vhost.sources:  # Istio merges mesh VirtualServices never: the first one serves
+                    vhost.add(vs.label, routes)
         for svc in self.registry.services.values():
             sns = svc.namespace
             if not visible(sns, svc.host) or not hosts.exported_to(svc.spec.export_to, sns, local_ns):
@@ -553,11 +582,11 @@ class _Compiler:
 
     def _default_routes(self, draft: "_ListenerDraft", svc: Service, local_ns: str) -> None:
         names = hosts.aliases(svc.host, svc.namespace, local_ns)
-        full = hosts.fqdn(svc.host, svc.namespace)
+        full = svc.key
         ports = [p.number for p in svc.ports]
         bare = 80 if 80 in ports else ports[0]  # a request without a port addresses :80
         for number in ports:
-            cluster = cluster_name(svc.host, number)
+            cluster = cluster_name(svc.cluster_host, number)
             domains = [f"{n}:{number}" for n in names]
             if number == bare:
                 domains = names + domains
@@ -570,7 +599,7 @@ class _Compiler:
                 retry=policies.DEFAULT_RETRY,  # Istio's default route carries its default retry policy
             )
             dump = _route_dump(route, [])
-            draft.vhost(f"{full}:{number}", domains).add("", [(route, dump)])
+            draft.vhost(f"{full}:{number}", domains, local=svc.namespace == local_ns).add("", [(route, dump)])
 
     def _add_ingress(self, r: Resource, path: str, ing) -> None:
         protocol = str(ing.port.protocol) if ing.port.protocol is not None else ""
@@ -624,7 +653,7 @@ class _Compiler:
     def captured_hosts(self) -> frozenset[str] | None:
         if not self.capture or self.capture_scopes is None:
             return None
-        return frozenset(svc.host for svc in self.registry.services.values() if self.captured_visible(svc))
+        return frozenset(svc.cluster_host for svc in self.registry.services.values() if self.captured_visible(svc))
 
     def add_capture(self) -> None:
         """The capture listeners and one virtual listener per captured HTTP service port."""
@@ -644,12 +673,12 @@ class _Compiler:
         for svc in self.registry.services.values():
             if not self.captured_visible(svc):
                 continue  # out of this Sidecar's egress hosts: captured traffic cannot reach it
-            full = hosts.fqdn(svc.host, svc.namespace)
-            mesh_vs = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
+            full = svc.key
+            mesh_vs = self._first_mesh_virtual_service(svc)
             for port in svc.ports:
                 if not is_http_protocol(str(port.protocol)):
                     continue  # TCP, TLS, HTTPS...: captured connections go to the TCP proxy
-                name = captured_outbound_listener(port.number, svc.host)
+                name = captured_outbound_listener(port.number, svc.cluster_host)
                 draft = self.virtual[name] = _ListenerDraft(
                     "0.0.0.0", port.number, "HTTP", "OUTBOUND", owner, f"ServiceEntry {svc.namespace}/{svc.resource.name}",
                     name=name, bind_to_port=False,
@@ -664,7 +693,7 @@ class _Compiler:
                         name="default",
                         virtual_service="",
                         matches=always(),
-                        destinations=(RouteDestination(cluster_name(svc.host, port.number), 100),),
+                        destinations=(RouteDestination(cluster_name(svc.cluster_host, port.number), 100),),
                         cumulative_weights=(100,),
                         retry=policies.DEFAULT_RETRY,
                     )
@@ -700,6 +729,7 @@ class _VhostDraft:
     domains: list[str]
     routes: list[tuple[Route, dict]] = field(default_factory=list)
     sources: set[str] = field(default_factory=set)
+    local: bool = True  # declared in the client's namespace: claims its names before other namespaces
 
     def add(self, source: str, routes: list[tuple[Route, dict]]) -> None:
         if source and source in self.sources:
@@ -721,16 +751,17 @@ class _ListenerDraft:
     use_original_dst: bool = False
     vhosts: dict[str, _VhostDraft] = field(default_factory=dict)
 
-    def vhost(self, name: str, domains: list[str]) -> _VhostDraft:
+    def vhost(self, name: str, domains: list[str], *, local: bool = True) -> _VhostDraft:
         vh = self.vhosts.get(name)
         if vh is None:
-            vh = self.vhosts[name] = _VhostDraft(name, domains)
+            vh = self.vhosts[name] = _VhostDraft(name, domains, local=local)
         return vh
 
     def build(self) -> tuple[Listener, dict]:
-        # first claim wins for each domain; a virtual host keeps only the domains it owns
+        # first claim wins for each domain, the client namespace's names first (Istio resolves a name
+        # in the caller's namespace first); a virtual host keeps only the domains it owns
         owner: dict[str, str] = {}
-        for vh in self.vhosts.values():
+        for vh in sorted(self.vhosts.values(), key=lambda vh: not vh.local):
             for d in vh.domains:
                 owner.setdefault(d.lower(), vh.name)
         exact: dict[bytes, VirtualHost] = {}
@@ -843,6 +874,7 @@ def compile_resources(
     version: str,
     bind_address: str = "0.0.0.0",
     proxy_labels: Mapping[str, str] | None = None,
+    proxy_namespace: str | None = None,
 ) -> Snapshot:
     """One Snapshot from loaded resources, or a ConfigError naming the resource and field at fault.
 
@@ -850,10 +882,12 @@ def compile_resources(
     `bind`. `proxy_labels` are this proxy's workload labels: when given, only Gateways whose
     `selector` and Sidecars whose `workloadSelector` match apply, and `sourceLabels` matches
     are decided against them; None applies every Gateway and Sidecar (and no sourceLabels match).
+    `proxy_namespace` is this proxy's namespace: which namespace's DestinationRule applies to a service
+    is looked up from it as Istio does (registry.py); None when it is not known.
     """
     items = [_as_resource(r) for r in resources]
     check_duplicates(items)
-    c = _Compiler(items, bind_address, proxy_labels)
+    c = _Compiler(items, bind_address, proxy_labels, proxy_namespace)
     c.add_gateways()
     c.add_sidecars()
     c.add_capture()

@@ -1,6 +1,21 @@
 """The service registry a config describes: ServiceEntry hosts with their endpoints (inline or
 WorkloadEntries picked by workloadSelector), DestinationRule subsets and policies, and the clusters
-(`outbound|port|subset|host`) they compile to."""
+(`outbound|port|subset|host`) they compile to.
+
+Names per namespace, as Istio resolves them. A short ServiceEntry host ("customer") names a service
+of its own namespace (customer.<ns>.svc.cluster.local), so two namespaces may both declare it; a name
+written in a resource is looked up in that resource's namespace first, then among the services that
+declare it literally and are exported to that namespace (first in config order). A short host declared
+in several namespaces names its clusters by its FQDN, so the clusters stay distinct in one snapshot.
+
+DestinationRules, as Istio merges them (rules for one host in one namespace with the same exportTo
+merge into one: subsets from all, a subset name defined twice keeps the first definition, the
+top-level trafficPolicy of the first rule that sets one; "first" is config order, the file and
+document order Istio's creation-time order stands for). Which namespace's rule applies to a service
+follows Istio's lookup: the client's namespace, then the service's namespace (rules exported to the
+client), then the root namespace (rules exported to the client); rules of other namespaces never
+apply. Without a client namespace (a proxy whose namespace is not known), the service's namespace,
+the root namespace, then the first other namespace with a rule for the host."""
 
 from __future__ import annotations
 
@@ -9,9 +24,12 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from proxy.config import hosts, policies
-from proxy.config.istio import DestinationRuleSpec, Port, ServiceEntrySpec, TrafficPolicy, WorkloadEntrySpec
+from proxy.config.istio import DestinationRuleSpec, Port, ServiceEntrySpec, Subset, TrafficPolicy, WorkloadEntrySpec
 from proxy.config.load import Resource
 from proxy.config.snapshot import Cluster, Endpoint, cluster_name
+
+ROOT_NAMESPACE = "istio-system"  # Istio's default meshConfig.rootNamespace
+
 
 class FrozenLabels(dict):
     """Read-only, hashable labels, so an Endpoint (a frozen dataclass) can key a dict or set."""
@@ -37,6 +55,25 @@ class Instance:
     weight: int
 
 
+@dataclass(frozen=True, slots=True)
+class MergedRule:
+    """The DestinationRules of one namespace for one host (same exportTo), merged as Istio merges them."""
+
+    namespace: str
+    host: str  # as written in the first rule
+    export_to: tuple[str, ...]
+    sources: tuple[Resource, ...]  # in config order
+    traffic_policy: TrafficPolicy | None
+    subsets: tuple[Subset, ...]
+
+    def visible_to(self, client_namespace: str | None) -> bool:
+        return client_namespace is None or hosts.exported_to(self.export_to, self.namespace, client_namespace)
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"DestinationRule {r.namespace}/{r.name}" for r in self.sources)
+
+
 @dataclass(slots=True)
 class Service:
     host: str  # as written in the ServiceEntry
@@ -45,7 +82,13 @@ class Service:
     host_path: str  # "$.spec.hosts[i]"
     spec: ServiceEntrySpec
     instances: list[Instance] = field(default_factory=list)
-    rule: tuple[Resource, DestinationRuleSpec] | None = None
+    rule: MergedRule | None = None
+    cluster_host: str = ""  # the host its clusters are named by: the host, or its FQDN when ambiguous
+
+    @property
+    def key(self) -> str:
+        """Its identity in the registry: the FQDN of a short host, else the host as written."""
+        return hosts.fqdn(self.host, self.namespace)
 
     @property
     def ports(self) -> tuple[Port, ...]:
@@ -58,7 +101,7 @@ class Service:
         return None
 
     def subset_names(self) -> list[str]:
-        return [s.name for s in self.rule[1].subsets] if self.rule else []
+        return [s.name for s in self.rule.subsets] if self.rule else []
 
 
 def _is_ip(address: str) -> bool:
@@ -79,32 +122,42 @@ def _check_address(r: Resource, path: str, address: str, *, need_ip: bool) -> No
 
 
 class Registry:
-    """Services by host. Lookups follow Istio: the literal host, then its short-name FQDN."""
+    """Services by key (Service.key), with the services declaring each literal host, in config order."""
 
     def __init__(self) -> None:
         self.services: dict[str, Service] = {}
-        self._alias: dict[str, str] = {}
+        self._literal: dict[str, list[Service]] = {}
 
     def lookup(self, host: str, namespace: str) -> Service | None:
-        s = self.services.get(host)
-        if s is not None:
-            return s
-        full = hosts.fqdn(host, namespace)
-        key = self._alias.get(full, full)
-        return self.services.get(key)
+        """The service `host`, written in a resource of `namespace`, names: the host qualified by that
+        namespace first, then the first service declaring it literally and exported to the namespace."""
+        svc = self.services.get(hosts.fqdn(host, namespace))
+        if svc is not None:
+            return svc
+        for svc in self._literal.get(host, ()):
+            if hosts.exported_to(svc.spec.export_to, svc.namespace, namespace):
+                return svc
+        return None
+
+    def first_declaring(self, host: str) -> Service | None:
+        """The first service declaring `host` literally, visible or not (for a precise error)."""
+        return next(iter(self._literal.get(host, ())), None)
 
     def _add(self, svc: Service) -> None:
-        other = self.lookup(svc.host, svc.namespace)
+        other = self.services.get(svc.key)
         if other is not None:
             raise svc.resource.error(
                 svc.host_path,
                 f"host {svc.host!r} is already declared by ServiceEntry {other.namespace}/{other.resource.name} "
                 f"({other.resource.file} document {other.resource.document})",
             )
-        self.services[svc.host] = svc
-        full = hosts.fqdn(svc.host, svc.namespace)
-        if full != svc.host:
-            self._alias[full] = svc.host
+        self.services[svc.key] = svc
+        self._literal.setdefault(svc.host, []).append(svc)
+
+    def _name_clusters(self) -> None:
+        for same in self._literal.values():
+            for svc in same:
+                svc.cluster_host = svc.host if len(same) == 1 else svc.key
 
 
 def _check_service_entry(r: Resource, spec: ServiceEntrySpec) -> None:
@@ -149,7 +202,10 @@ def _instance(ep: WorkloadEntrySpec) -> Instance:
 
 
 def build_registry(
-    service_entries: Iterable[Resource], workload_entries: Iterable[Resource], destination_rules: Iterable[Resource]
+    service_entries: Iterable[Resource],
+    workload_entries: Iterable[Resource],
+    destination_rules: Iterable[Resource],
+    client_namespace: str | None = None,
 ) -> Registry:
     reg = Registry()
     workloads = list(workload_entries)
@@ -173,34 +229,80 @@ def build_registry(
         we = w.obj.spec
         if not we.address:
             raise w.error("$.spec.address", "a WorkloadEntry needs an address")
-    exact: list[tuple[Resource, DestinationRuleSpec]] = []
-    wildcard: list[tuple[Resource, DestinationRuleSpec]] = []
-    for r in destination_rules:
-        spec = r.obj.spec
-        names: set[str] = set()
-        for i, s in enumerate(spec.subsets):
-            if s.name in names:
-                raise r.error(f"$.spec.subsets[{i}].name", f"duplicate subset name {s.name!r}")
-            names.add(s.name)
-        (wildcard if hosts.is_wildcard(spec.host) else exact).append((r, spec))
-    for r, spec in exact:
-        svc = reg.lookup(spec.host, r.namespace)
-        if svc is None:
-            raise r.error("$.spec.host", f"host {spec.host!r} matches no ServiceEntry host")
-        if svc.rule is not None:
-            first = svc.rule[0]
-            raise r.error(
-                "$.spec.host",
-                f"host {spec.host!r} already has DestinationRule {first.namespace}/{first.name} "
-                f"({first.file} document {first.document})",
-            )
-        svc.rule = (r, spec)
-    # a wildcard rule applies to the services no exact rule names, longest pattern first
-    for r, spec in sorted(wildcard, key=lambda rs: -len(rs[1].host)):
-        for svc in reg.services.values():
-            if svc.rule is None and hosts.matches(spec.host, svc.host):
-                svc.rule = (r, spec)
+    reg._name_clusters()
+    _bind_rules(reg, list(destination_rules), client_namespace)
     return reg
+
+
+def merge_rules(rules: list[Resource]) -> list[MergedRule]:
+    """Istio's merge of the DestinationRules of one namespace for one host, in config order: rules with
+    the same exportTo merge (a rule with another exportTo stays separate); subsets from all, the first
+    definition of a subset name wins; the first top-level trafficPolicy wins."""
+    groups: dict[frozenset[str], list[Resource]] = {}
+    for r in rules:
+        groups.setdefault(frozenset(r.obj.spec.export_to or ("*",)), []).append(r)
+    out = []
+    for group in groups.values():
+        subsets: dict[str, Subset] = {}
+        policy = None
+        for r in group:
+            spec: DestinationRuleSpec = r.obj.spec
+            for s in spec.subsets:
+                subsets.setdefault(s.name, s)
+            if policy is None:
+                policy = spec.traffic_policy
+        first = group[0]
+        out.append(MergedRule(first.namespace, first.obj.spec.host, first.obj.spec.export_to, tuple(group), policy,
+                              tuple(subsets.values())))
+    return out
+
+
+def _check_rule(r: Resource) -> None:
+    names: set[str] = set()
+    for i, s in enumerate(r.obj.spec.subsets):
+        if s.name in names:
+            raise r.error(f"$.spec.subsets[{i}].name", f"duplicate subset name {s.name!r}")
+        names.add(s.name)
+
+
+def _bind_rules(reg: Registry, rules: list[Resource], client_namespace: str | None) -> None:
+    """Give each service the merged rule Istio would pick for a client of `client_namespace`."""
+    # namespace -> exact rules per service key, and wildcard rules per pattern (config order)
+    exact: dict[str, dict[str, list[Resource]]] = {}
+    wildcard: dict[str, dict[str, list[Resource]]] = {}
+    for r in rules:
+        _check_rule(r)
+        host = r.obj.spec.host
+        if hosts.is_wildcard(host):
+            wildcard.setdefault(r.namespace, {}).setdefault(host, []).append(r)
+            continue
+        svc = reg.lookup(host, r.namespace)
+        if svc is None:
+            if reg.first_declaring(host) is not None:
+                continue  # a rule for a service its namespace cannot see applies nowhere (as in Istio)
+            raise r.error("$.spec.host", f"host {host!r} matches no ServiceEntry host")
+        exact.setdefault(r.namespace, {}).setdefault(svc.key, []).append(r)
+    order = list(dict.fromkeys([r.namespace for r in rules]))
+    for svc in reg.services.values():
+        if client_namespace is None:
+            namespaces = [svc.namespace, ROOT_NAMESPACE, *order]
+        else:
+            namespaces = [client_namespace, svc.namespace, ROOT_NAMESPACE]
+        for ns in dict.fromkeys(namespaces):
+            found = exact.get(ns, {}).get(svc.key)
+            if found is None:
+                # Istio's most specific host match: the longest wildcard pattern covering the host
+                patterns = sorted((p for p in wildcard.get(ns, {}) if hosts.matches(p, svc.key) or hosts.matches(p, svc.host)),
+                                  key=len, reverse=True)
+                found = wildcard[ns][patterns[0]] if patterns else None
+            if found is None:
+                continue
+            # the client's own namespace sees all its rules; elsewhere, only rules exported to it
+            client = None if ns == client_namespace else client_namespace
+            visible = [m for m in merge_rules(found) if m.visible_to(client)]
+            if visible:
+                svc.rule = visible[0]
+                break
 
 
 def _endpoints(svc: Service, port: Port, labels: dict[str, str] | None) -> tuple[Endpoint, ...]:
@@ -229,7 +331,7 @@ def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
                 ips.append(str(net.network_address))
         for port in svc.ports:
             for ip in ips or ["*"]:
-                table.setdefault((ip, port.number), svc.host)
+                table.setdefault((ip, port.number), svc.cluster_host)
     return table
 
 
@@ -252,14 +354,14 @@ def _policy_fields(tp: TrafficPolicy | None, port: Port) -> dict:
 def build_clusters(reg: Registry) -> dict[str, Cluster]:
     clusters: dict[str, Cluster] = {}
     for svc in reg.services.values():
-        rule_spec = svc.rule[1] if svc.rule else None
+        rule_spec = svc.rule
         base_tp = rule_spec.traffic_policy if rule_spec else None
         for port in svc.ports:
             base = _policy_fields(policies.cluster_traffic_policy(base_tp, None, port.number), port)
-            name = cluster_name(svc.host, port.number)
+            name = cluster_name(svc.cluster_host, port.number)
             clusters[name] = Cluster(
                 name=name,
-                service_host=svc.host,
+                service_host=svc.cluster_host,
                 port=port.number,
                 subset="",
                 endpoints=_endpoints(svc, port, None),
@@ -270,10 +372,10 @@ def build_clusters(reg: Registry) -> dict[str, Cluster]:
             if rule_spec is None:
                 continue
             for subset in rule_spec.subsets:
-                name = cluster_name(svc.host, port.number, subset.name)
+                name = cluster_name(svc.cluster_host, port.number, subset.name)
                 clusters[name] = Cluster(
                     name=name,
-                    service_host=svc.host,
+                    service_host=svc.cluster_host,
                     port=port.number,
                     subset=subset.name,
                     endpoints=_endpoints(svc, port, subset.labels),
