@@ -74,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of `triomesh controlplane`")
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
-    cp.add_argument("--namespace", default="default", help="the workload's namespace (default default)")
     cp.add_argument("--register", default=None, metavar="ADDRESS",
                     help="register this workload (with ADDRESS and its labels) as a WorkloadEntry")
+    p.add_argument("--namespace", default="default",
+                   help="the workload's namespace (default default), with --controlplane, or with --config and "
+                        "--label: which DestinationRules and which of several same-named short hosts apply")
     p.add_argument("--label", dest="labels", type=_label, action="append", default=[], metavar="KEY=VALUE",
                    help="a workload label (repeatable), with --config as with --controlplane: Gateway selectors, "
                         "Sidecar workloadSelectors and sourceLabels match these (with --config and no --label, "

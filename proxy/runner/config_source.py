@@ -64,10 +64,12 @@ def content_digest(sources: Sources) -> str:
 
 
 def build_snapshot(sources: Sources, *, version: str, bind_address: str,
-                   proxy_labels: Mapping[str, str] | None = None) -> Snapshot:
+                   proxy_labels: Mapping[str, str] | None = None, proxy_namespace: str | None = None) -> Snapshot:
     """Load every source and compile them together (the same steps as load_path + compile, on bytes
     already read). `proxy_labels`: this proxy's workload labels (Gateway selectors, sourceLabels);
-    None applies every Gateway. Raises proxy.config.errors.ConfigError."""
+    None applies every Gateway. `proxy_namespace`: the workload's namespace (which DestinationRule and
+    which of several same-named short hosts apply); None for a standalone edge. Raises
+    proxy.config.errors.ConfigError."""
     # imported here so the CLI starts (and `--help` works) without loading the config machinery
     from proxy.config.compile import compile_resources
     from proxy.config.load import load_bytes
@@ -75,4 +77,5 @@ def build_snapshot(sources: Sources, *, version: str, bind_address: str,
     resources = []
     for name, data in sources:
         resources.extend(load_bytes(data, name))
-    return compile_resources(resources, version=version, bind_address=bind_address, proxy_labels=proxy_labels)
+    return compile_resources(resources, version=version, bind_address=bind_address, proxy_labels=proxy_labels,
+                             proxy_namespace=proxy_namespace)

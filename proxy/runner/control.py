@@ -28,6 +28,7 @@ class LoadConfig(msgspec.Struct, tag="load_config"):
     sources: list[tuple[str, bytes]]
     bind_address: str = "0.0.0.0"
     proxy_labels: dict[str, str] | None = None  # the workload's labels (a control plane's proxy); None: all Gateways
+    proxy_namespace: str | None = None  # the workload's namespace, with its labels; None for a standalone edge
 
 
 class GetStats(msgspec.Struct, tag="get_stats"):

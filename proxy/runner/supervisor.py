@@ -96,6 +96,8 @@ class Supervisor:
         # edge that applies every Gateway (None)
         self.proxy_labels: dict[str, str] | None = (
             dict(options.labels) if options.controlplane is not None or options.labels else None)
+        # and its namespace, which picks the DestinationRules and same-named short hosts that apply
+        self.proxy_namespace: str | None = options.namespace if self.proxy_labels is not None else None
         self.xds = None  # proxy.xds.client.ClientState once the control-plane client runs
         self._nursery: trio.Nursery | None = None
         self.node = None  # proxy.xds.client.NodeInfo
@@ -111,7 +113,8 @@ class Supervisor:
         a = self.active
         if a is None:
             return None
-        return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels)
+        return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
+                                  self.proxy_namespace)
 
     def _compile(self, reason: str) -> ActiveConfig | None:
         """Read and compile the config. None when unchanged. Raises ConfigRejected (already logged
@@ -124,7 +127,7 @@ class Supervisor:
                 return None
             version = str(self._versions + 1)
             snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
-                                      proxy_labels=self.proxy_labels)
+                                      proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             if self.active is not None:
                 self._rejected.value += 1
@@ -193,7 +196,7 @@ class Supervisor:
         try:
             # compiled from the resources themselves: errors name the file/document they came from
             snapshot = compile_resources(resources, version=version, bind_address=self.options.bind_address,
-                                         proxy_labels=self.proxy_labels)
+                                         proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
             sources = to_sources(resources, version)
         except Exception as e:
             self._rejected.value += 1

@@ -77,7 +77,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
                 if msg.version != holder.current.version:
                     try:
                         snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
-                                                  proxy_labels=msg.proxy_labels)
+                                                  proxy_labels=msg.proxy_labels,
+                                                  proxy_namespace=msg.proxy_namespace)
                     except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
                         log.error("worker_config_failed", version=msg.version, error=str(e))
                         await channel.send(control.ConfigFailed(msg.version, str(e)))
