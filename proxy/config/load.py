@@ -185,11 +185,11 @@ def _convert(doc: Any, source: str, index: int, at: str = "$") -> Resource:
     return Resource(obj, source, index)
 
 
-def _document_resources(doc: Any, source: str, index: int) -> list[Resource]:
-    """The resources of one YAML document: itself, or the items of a Kubernetes `List` (what
-    `kubectl get -o yaml` prints for several objects)."""
+def _document_items(doc: Any, source: str, index: int) -> list[tuple[Any, str]]:
+    """The objects of one YAML document with where each sits: itself ("$"), or the items of a
+    Kubernetes `List` (what `kubectl get -o yaml` prints for several objects)."""
     if not (isinstance(doc, dict) and doc.get("kind") == "List"):
-        return [_convert(doc, source, index)]
+        return [(doc, "$")]
     if doc.get("apiVersion") != "v1":
         raise ConfigError(f"a List is apiVersion 'v1', got {doc.get('apiVersion')!r}", file=source, document=index,
                           kind="List", field_path="$.apiVersion")
@@ -199,7 +199,11 @@ def _document_resources(doc: Any, source: str, index: int) -> list[Resource]:
     if not isinstance(items, list):
         raise ConfigError(f"expected a list of resources, got {type(items).__name__}", file=source,
                           document=index, kind="List", field_path="$.items")
-    return [_convert(item, source, index, f"$.items[{i}]") for i, item in enumerate(items)]
+    return [(item, f"$.items[{i}]") for i, item in enumerate(items)]
+
+
+def _document_resources(doc: Any, source: str, index: int) -> list[Resource]:
+    return [_convert(item, source, index, at) for item, at in _document_items(doc, source, index)]
 
 
 def load_document(doc: Any, source: str = "<memory>", document: int = -1) -> Resource:
@@ -350,9 +354,15 @@ def _collect_text(data: bytes, source: str, out: LoadedSources) -> None:
             else:
                 if doc is not None:
                     try:
-                        out.resources.append(_convert(doc, source, index))
+                        items = _document_items(doc, source, index)
                     except ConfigError as e:
+                        items = []
                         out.errors.append(DocumentError(e, out.line(source, index, e.field_path), "schema"))
+                    for item, at in items:  # each item of a List on its own, like each document
+                        try:
+                            out.resources.append(_convert(item, source, index, at))
+                        except ConfigError as e:
+                            out.errors.append(DocumentError(e, out.line(source, index, e.field_path), "schema"))
             index += 1
     finally:
         loader.dispose()

@@ -345,3 +345,26 @@ def test_references_to_a_kind_that_failed_to_decode_are_not_reported(tmp_path, c
     # the subset is not "not found" (its rule failed), the gateway still is
     assert [(x["code"], x["origin"]["path"]) for x in found] == [
         ("IST0106", "$.spec.trafficPolicy.tls.mode"), ("IST0101", "$.spec.gateways[0]")]
+
+
+def test_a_kubectl_list_is_checked_item_by_item(tmp_path, capsys):
+    """`kubectl get -o yaml` of several objects prints a v1 List: its items load like documents, and a
+    bad item is reported at its own path and line without hiding the next one."""
+    good = _gateway("g", "*")
+    bad_spec = _gateway("h", "*")
+    bad_spec["spec"]["bogus"] = 1
+    bad_port = _gateway("i", "*")
+    bad_port["spec"]["servers"][0]["bogus2"] = 2
+    f = _write(tmp_path / "list.yaml", {"apiVersion": "v1", "kind": "List", "items": [good, bad_spec, bad_port]})
+    status, found = _json(capsys, str(f))
+    assert status == 1
+    assert [(x["code"], x["origin"]["name"], x["origin"]["path"]) for x in found] == [
+        ("IST0106", "h", "$.items[1].spec.bogus"),
+        ("IST0106", "i", "$.items[2].spec.servers[0].bogus2"),
+    ]
+    lines = f.read_text().splitlines()
+    assert lines[found[0]["origin"]["line"] - 1].strip() == "bogus: 1"
+    assert lines[found[1]["origin"]["line"] - 1].strip() == "bogus2: 2"
+    assert main([str(tmp_path / "list.yaml"), "--failure-threshold", "Error"]) == 1
+    f.write_text(dump({"apiVersion": "v1", "kind": "List", "items": [good]}))
+    assert main([str(f)]) == 0
