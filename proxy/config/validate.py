@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
 import yaml
@@ -116,9 +117,17 @@ def main(argv: list[str]) -> int:
         return 2
     found, snapshot = run_checks(loaded)
     failed = any(f.level.rank >= args.threshold.rank for f in found)
-    if args.output == "json":
+    try:
+        _report(args.output, found, loaded, snapshot, failed)
+    except BrokenPipeError:  # `validate -o json | head`: the reader is gone, the verdict stands
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+    return 1 if failed else 0
+
+
+def _report(output: str, found: list, loaded, snapshot, failed: bool) -> None:
+    if output == "json":
         print(json.dumps([f.as_dict() for f in found], indent=2))
-    elif args.output == "yaml":
+    elif output == "yaml":
         print(yaml.safe_dump([f.as_dict() for f in found], sort_keys=False), end="")
     else:
         for f in found:
@@ -129,7 +138,7 @@ def main(argv: list[str]) -> int:
         elif failed:
             print(f"error: {errors} error(s), {len(found) - errors} warning(s) and info(s) in {len(loaded.files)} file(s)",
                   file=sys.stderr)
-    return 1 if failed else 0
+    sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at interpreter exit
 
 
 if __name__ == "__main__":
