@@ -26,7 +26,8 @@ class RequestHead:
     (without the '?'; empty when absent). `authority` comes from Host (HTTP/1.1) or :authority (h2).
     """
 
-    __slots__ = ("method", "target", "path", "query", "authority", "scheme", "http_version", "headers")
+    # `sensitive`: fields an HTTP/2 client sent never indexed, to be forwarded so (RFC 7541 §7.1.3)
+    __slots__ = ("method", "target", "path", "query", "authority", "scheme", "http_version", "headers", "sensitive")
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class RequestHead:
         scheme: bytes = b"http",
         http_version: bytes = b"1.1",
     ) -> None:
+        self.sensitive: frozenset | None = None
         self.method = method
         self.target = target
         path, sep, query = target.partition(b"?")
@@ -66,9 +68,10 @@ class RequestHead:
 
 
 class ResponseHead:
-    __slots__ = ("status", "reason", "http_version", "headers")
+    __slots__ = ("status", "reason", "http_version", "headers", "sensitive")
 
     def __init__(self, status: int, headers: Headers, *, reason: bytes = b"", http_version: bytes = b"1.1") -> None:
+        self.sensitive: frozenset | None = None  # as RequestHead.sensitive, from an HTTP/2 upstream
         self.status = status
         self.reason = reason
         self.http_version = http_version

@@ -52,7 +52,7 @@ class H2Exchange(Exchange):
         for attempt in (0, 1):
             up = self.up = await open_stream(self.plane, self.crt, key, fresh=attempt == 1)
             try:
-                up.connection.send_headers(up, fields, not body)
+                up.connection.send_headers(up, fields, not body, self.ctx.request.sensitive)
                 if body:
                     await up.send_body(body, True)
                 else:
@@ -71,7 +71,7 @@ class H2Exchange(Exchange):
         framing = self.stream.upstream_framing
         up = self.up = await open_stream(self.plane, self.crt, key)
         up.connection.send_headers(up, self._fields(self.crt, framing.length if framing.kind == h1.LENGTH else None),
-                                   False)
+                                   False, self.ctx.request.sensitive)
         up.connection.flush()
         failure: list[BaseException] = []
 
@@ -120,6 +120,7 @@ class H2Exchange(Exchange):
         if not self.request_body_done:
             stream.keep_alive = False
         response = ResponseHead(status, headers)
+        response.sensitive = up.sensitive
         chain = stream.chain
         if chain.response_stages:
             chain.run_response(ctx, response)

@@ -61,17 +61,18 @@ class Event:
 
 
 class RequestReceived(Event):
-    __slots__ = ("stream_id", "headers", "stream_ended")
+    # sensitive: the fields the peer sent never indexed (HPACK), None if none
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive")
 
-    def __init__(self, stream_id: int, headers: list, stream_ended: bool) -> None:
-        self.stream_id, self.headers, self.stream_ended = stream_id, headers, stream_ended
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None) -> None:
+        self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
 
 
 class ResponseReceived(Event):
-    __slots__ = ("stream_id", "headers", "stream_ended")
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive")
 
-    def __init__(self, stream_id: int, headers: list, stream_ended: bool) -> None:
-        self.stream_id, self.headers, self.stream_ended = stream_id, headers, stream_ended
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None) -> None:
+        self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
 
 
 class InformationalResponseReceived(Event):
@@ -246,7 +247,9 @@ class H2Connection:
             raise StreamClosedError(f"stream {stream_id} is closed")
         return stream
 
-    def send_headers(self, stream_id: int, fields: list, end_stream: bool = False) -> None:
+    def send_headers(self, stream_id: int, fields: list, end_stream: bool = False,
+                     sensitive: frozenset | None = None) -> None:
+        """`sensitive`: fields to send never indexed (those a peer sent so, RFC 7541 §7.1.3)."""
         stream = self.streams.get(stream_id)
         if stream is None and self.client and stream_id == self.next_stream_id and not self.closed:
             stream = self.streams[stream_id] = _Stream(self.peer_initial_window, self.local_initial_window)
@@ -257,7 +260,7 @@ class H2Connection:
                     break
         elif stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
-        block = self.encoder.encode(fields)
+        block = self.encoder.encode(fields, sensitive)
         flags = f.END_STREAM if end_stream else 0
         limit = self.peer_max_frame_size
         out = self._out
@@ -563,7 +566,7 @@ class H2Connection:
                     self._malformed(stream_id, "content-length without the DATA", events)
                     return
                 stream.remote_closed = True
-            events.append(RequestReceived(stream_id, fields, end_stream))
+            events.append(RequestReceived(stream_id, fields, end_stream, self.decoder.never_indexed))
             if end_stream:
                 events.append(StreamEnded(stream_id))
             return
@@ -607,7 +610,7 @@ class H2Connection:
         except _Malformed as e:
             self._malformed(stream_id, str(e), events, "malformed_response" if self.client else e.kind)
             return
-        events.append(ResponseReceived(stream_id, fields, end_stream))
+        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed))
         if end_stream:
             self._close_remote(stream_id, stream)
             events.append(StreamEnded(stream_id))

@@ -554,6 +554,9 @@ class Decoder:
         if max_table_size < 0:
             raise ValueError("table size must not be negative")
         self.max_header_list_size = max_header_list_size
+        # the fields of the last block sent "never indexed" (section 6.2.3), None if none: an
+        # intermediary must forward them so (section 7.1.3), see Encoder.encode(sensitive=)
+        self.never_indexed: frozenset | None = None
         self._allowed = max_table_size  # the most a table size update may ask for
         self._limit = max_table_size  # the table's current maximum size (section 4.2)
         self._size = 0  # the table's current size (section 4.1)
@@ -627,6 +630,7 @@ class Decoder:
             self._update_required = False
         t, t1 = self._t, self._t1
         out: Fields = []
+        never: list | None = None  # fields sent never indexed
         bad = None  # (field number, description) of the first malformed field
         pos = 0
         it = iter(data)
@@ -657,12 +661,14 @@ class Decoder:
                     if idx == 0x3F:
                         idx, pos = _decode_int(data, pos, 0x3F)
                     indexing = True
+                    hidden = False
                 elif b & 0x20:  # dynamic table size update: only before the first field (section 4.2)
                     if out:
                         raise HpackError("dynamic table size update after the start of the block")
                     it.__setstate__(self._size_update(data, pos))
                     continue
                 else:  # literal without indexing (6.2.2) or never indexed (6.2.3)
+                    hidden = b & 0x10
                     idx = b & 0x0F
                     pos += 1
                     if idx == 0x0F:  # any dynamic name: two bytes, mostly
@@ -713,6 +719,10 @@ class Decoder:
                 err = nerr if ok else nerr or _value_error(name, value)
                 pair = (name, value)
                 out.append(pair)
+                if hidden:
+                    if never is None:
+                        never = []
+                    never.append(pair)
                 if err is not None and bad is None:
                     bad = (len(out), err)
                 if indexing:  # insert, then evict (sections 4.3, 4.4)
@@ -742,6 +752,7 @@ class Decoder:
             total = sum(map(len, chain.from_iterable(out))) + 32 * len(out)
             if total > self.max_header_list_size:
                 raise HeaderListTooLarge(total, self.max_header_list_size)
+        self.never_indexed = frozenset(never) if never is not None else None
         if bad is not None:
             return out, f"field {bad[0]}: {bad[1]}"
         return out, None
@@ -878,9 +889,34 @@ class Encoder:
         del self._fixed[_STATIC_LEN:]
         self._fixed_bytes = 0
 
-    def encode(self, fields: list[tuple[bytes, bytes]]) -> bytes:
+    def _encode_with_sensitive(self, fields: list[tuple[bytes, bytes]], sensitive: frozenset) -> bytes:
+        """The rare block with never-indexed fields: those go out as literals never indexed (the name
+        by index when a table has it), the others in runs through the common path, in order."""
+        parts = [self.encode([])]  # a pending table size update comes first (section 4.2)
+        run: list = []
+        for field in fields:
+            if field not in sensitive:
+                run.append(field)
+                continue
+            if run:
+                parts.append(self.encode(run))
+                run = []
+            name, value = field
+            i = self._names.get(name)
+            static = _STATIC_NAME.get(name, 0)
+            index = _STATIC_LEN + self._inserted - i if i is not None else static
+            parts.append(_encode_int(index, 0x0F, 0x10) if index else b"\x10" + _string_bytes(name, self._huffman))
+            parts.append(_string_bytes(value, self._huffman))
+        if run:
+            parts.append(self.encode(run))
+        return b"".join(parts)
+
+    def encode(self, fields: list[tuple[bytes, bytes]], sensitive: frozenset | None = None) -> bytes:
         """One header block for `fields`: (name, value) tuples of bytes, in order (tuples: they are
-        dict keys)."""
+        dict keys). `sensitive`: fields to send never indexed (section 6.2.3) whatever their name,
+        those a peer sent so (Decoder.never_indexed), which an intermediary must keep (7.1.3)."""
+        if sensitive:
+            return self._encode_with_sensitive(fields, sensitive)
         parts: list[bytes] = []
         if self._updates is not None:  # section 4.2
             smallest, final = self._updates

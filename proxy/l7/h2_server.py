@@ -153,7 +153,7 @@ class H2Stream(H2StreamState):
     is_upgrade = False
 
     __slots__ = ("connection", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
-                 "cancel_scope", "reset_by_peer")
+                 "cancel_scope", "reset_by_peer", "_sensitive")
 
     def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
                  grpc: bool, ctx: RequestContext) -> None:
@@ -166,6 +166,7 @@ class H2Stream(H2StreamState):
         self.grpc = grpc
         self.ctx = ctx
         self._fields: Headers | None = None
+        self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
         self.cancel_scope = trio.CancelScope()
         self.reset_by_peer = False
 
@@ -185,10 +186,11 @@ class H2Stream(H2StreamState):
         else:
             length = None
         self._fields = response_fields(response.status, response.headers, length)
+        self._sensitive = response.sensitive
 
     def _send_head(self, end_stream: bool) -> None:
         fields, self._fields = self._fields, None
-        self.connection.send_headers(self, fields, end_stream)
+        self.connection.send_headers(self, fields, end_stream, self._sensitive)
 
     def send_whole_nowait(self, body: memoryview | None):
         if not body:
@@ -461,6 +463,7 @@ class H2ServerConnection(H2Transport):
         try:
             parsed = parse_request(event.headers, event.stream_ended)
             head = parsed.head
+            head.sensitive = event.sensitive
         except MalformedRequest as e:
             self.h2.reset_stream(sid, frames.PROTOCOL_ERROR)
             self._refused(sid, str(e), "malformed_request")

@@ -169,9 +169,10 @@ class H2Transport:
     def _gone(self, e: Exception):
         return self.gone_error(f"stream closed: {e}")
 
-    def send_headers(self, stream: H2StreamState, fields: Headers, end_stream: bool) -> None:
+    def send_headers(self, stream: H2StreamState, fields: Headers, end_stream: bool,
+                     sensitive: frozenset | None = None) -> None:
         try:
-            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream)
+            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream, sensitive=sensitive)
         except StreamClosedError as e:  # the peer reset the stream, or the connection ended
             raise self._gone(e) from e
         if end_stream:

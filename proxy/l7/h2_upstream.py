@@ -63,7 +63,7 @@ class UpstreamH2Stream(H2StreamState):
     """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come."""
 
     __slots__ = ("connection", "status", "headers", "length", "pieces", "remote_ended", "trailers", "failure",
-                 "waiter", "unacked", "bytes_read")
+                 "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
         super().__init__(stream_id)
@@ -77,6 +77,7 @@ class UpstreamH2Stream(H2StreamState):
         self.failure: Exception | None = None
         self.waiter = None  # the router's task while it waits for the reader (one waiter at a time)
         self.unacked = 0
+        self.sensitive: frozenset | None = None  # response fields sent never indexed
         self.bytes_read = 0
 
     # ---- events from the reader task
@@ -319,6 +320,7 @@ class H2UpstreamConnection(H2Transport):
                         else:
                             fields.append((name, value))
                     stream.status, stream.headers, stream.length = status, fields, length
+                    stream.sensitive = event.sensitive
                     stream._wake()
             elif t is ev.DataReceived:
                 if stream is not None:

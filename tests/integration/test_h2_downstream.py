@@ -225,3 +225,66 @@ async def test_nghttp_with_concurrent_requests_and_a_post(nursery):
     assert proc.returncode == 0, out
     assert out.count(":status: 200") == 3, out
     assert "recv SETTINGS frame" in out and "SETTINGS_MAX_CONCURRENT_STREAMS(0x03):1024" in out
+
+
+async def test_never_indexed_fields_stay_never_indexed_through_the_proxy(nursery):
+    """RFC 7541 §7.1.3: a field the client sent never indexed (a token it does not want in any
+    compression context, the proxy's shared upstream connection included) reaches an HTTP/2 upstream
+    never indexed, and so does a response field the upstream sent so."""
+    import dataclasses
+
+    import hpack
+
+    seen: list = []
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    upstream_port = listener.getsockname()[1]
+
+    async def h2c_upstream(task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        sock, _ = await listener.accept()
+        stream = trio.SocketStream(sock)
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        await stream.send_all(conn.data_to_send())
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    seen.append(event.headers)
+                    conn.send_headers(event.stream_id, [(b":status", b"200"), (b"content-length", b"0"),
+                                                        hpack.NeverIndexedHeaderTuple(b"x-token", b"t0k3n"),
+                                                        (b"x-plain", b"p")], end_stream=True)
+            await stream.send_all(conn.data_to_send())
+
+    await nursery.start(h2c_upstream)
+    snap = make_snapshot({"svc": [upstream_port]}, [prefix_route(b"/", {"svc": 100})], domains=("*",))
+    snap = dataclasses.replace(snap, clusters={n: dataclasses.replace(c, http2=True) for n, c in snap.clusters.items()})
+    proxy = await start_proxy(nursery, snap)
+    client = await RawH2Client.connect(proxy.port)
+    sids = [client.request(b"/secret", headers=[hpack.NeverIndexedHeaderTuple(b"x-api-key", b"s3cret"),
+                                                (b"x-other", b"o")]) for _ in range(2)]
+    responses_raw: list = []
+    original = client.conn.receive_data
+
+    def keep_raw(data):  # the response header tuples as hpack decoded them
+        events = original(data)
+        responses_raw.extend(e.headers for e in events if isinstance(e, h2.events.ResponseReceived))
+        return events
+
+    client.conn.receive_data = keep_raw
+    await client.flush()
+    await client.pump(client.done(*sids))
+    assert len(seen) == 2
+    for headers in seen:
+        kinds = {bytes(n): type(f).__name__ for f in headers for n in [f[0]]}
+        assert kinds[b"x-api-key"] == "NeverIndexedHeaderTuple", headers
+        assert kinds[b"x-other"] == "HeaderTuple", headers
+    assert len(responses_raw) == 2
+    for headers in responses_raw:
+        kinds = {bytes(f[0]): type(f).__name__ for f in headers}
+        assert kinds[b"x-token"] == "NeverIndexedHeaderTuple", headers
+        assert kinds[b"x-plain"] == "HeaderTuple", headers

@@ -868,3 +868,35 @@ def test_decoder_string_cache_is_bounded():
     long_value = b"v" * 200
     dec.decode(b"\x00" + _lit(b"x-a") + _lit(long_value, True))
     assert all(len(key) <= h2_hpack._STRING_CACHE_LEN for key in dec._strings)
+
+
+def test_never_indexed_fields_are_reported_and_can_be_sent_so_again():
+    """RFC 7541 section 7.1.3: an intermediary forwards a field it received never indexed as never
+    indexed. The decoder says which fields of the last block were; the encoder sends them so."""
+    import hpack as oracle
+
+    peer = oracle.Encoder()
+    ours_in = Decoder()
+    secret = oracle.NeverIndexedHeaderTuple(b"x-api-key", b"s3cret")
+    for _ in range(2):  # the second time too: never indexed, so never in the peer's table
+        block = peer.encode([(b":method", b"GET"), secret, (b"accept", b"*/*")])
+        fields, problem = ours_in.decode(block)
+        assert problem is None and (b"x-api-key", b"s3cret") in fields
+        assert ours_in.never_indexed == frozenset({(b"x-api-key", b"s3cret")})
+    ours_in.decode(peer.encode([(b"accept", b"*/*")]))
+    assert ours_in.never_indexed is None, "reset per block"
+
+    for huffman in (False, True):
+        ours_out = Encoder(huffman=huffman)
+        far = oracle.Decoder()
+        ours_out.set_max_table_size(2048)  # a pending size update must still come first
+        fields = [(b":method", b"GET"), (b"x-api-key", b"s3cret"), (b"accept", b"*/*"), (b"x-api-key", b"other")]
+        sensitive = frozenset({(b"x-api-key", b"s3cret")})
+        for _ in range(2):
+            got = far.decode(ours_out.encode(fields, sensitive), raw=True)
+            assert [tuple(f) for f in got] == fields
+            kinds = [type(f).__name__ for f in got]
+            assert kinds[1] == "NeverIndexedHeaderTuple" and kinds[3] == "HeaderTuple", kinds
+        assert all(entry[0] != b"x-api-key" or entry[1] != b"s3cret" for entry in ours_out.dynamic_table)
+        # the name is in the table (from the indexed x-api-key: other): the never-indexed literal uses it
+        assert (b"x-api-key", b"other") in ours_out.dynamic_table
