@@ -363,6 +363,9 @@ class Listener:
     # Envoy's use_original_dst: a capture listener (virtualOutbound :15001, virtualInbound :15006)
     # that reads SO_ORIGINAL_DST and hands each connection to a virtual listener or the TCP proxy
     use_original_dst: bool = False
+    # a Gateway TCP server's route (protocol TCP): the VirtualService tcp route its connections take;
+    # None on such a listener: no route applies, connections are closed
+    tcp_route: L4Route | None = None
 
 
 @dataclass(frozen=True, slots=True)
