@@ -903,7 +903,8 @@ def _cluster_dump(c: Cluster) -> dict:
         "consistent_hash": _plain(c.consistent_hash),
         "connection_pool": _plain(c.connection_pool),
         "outlier_detection": _plain(c.outlier),
-        "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight} for e in c.endpoints],
+        "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight,
+                       "locality": e.locality} for e in c.endpoints],
     }
 
 

@@ -35,6 +35,7 @@ class Instance:
     ports: dict[str, int]
     labels: FrozenLabels
     weight: int
+    locality: str = ""
 
 
 @dataclass(slots=True)
@@ -145,7 +146,7 @@ def _check_service_entry(r: Resource, spec: ServiceEntrySpec) -> None:
 
 
 def _instance(ep: WorkloadEntrySpec) -> Instance:
-    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1)
+    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1, ep.locality)
 
 
 def build_registry(
@@ -209,7 +210,7 @@ def _endpoints(svc: Service, port: Port, labels: dict[str, str] | None) -> tuple
         if labels and any(inst.labels.get(k) != v for k, v in labels.items()):
             continue
         number = inst.ports.get(port.name) or port.target_port or port.number
-        out.append(Endpoint(inst.address, number, inst.labels, inst.weight))
+        out.append(Endpoint(inst.address, number, inst.labels, inst.weight, inst.locality))
     return tuple(out)
 
 

@@ -38,6 +38,7 @@ class Endpoint:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # hashable with plain dict labels
     weight: int = 1
+    locality: str = ""  # Istio's "region/zone/subzone" (ServiceEntry endpoints[].locality, WorkloadEntry locality)
     # derived once here rather than on every request that goes to this endpoint
     key: tuple[str, int] = field(init=False, compare=False, hash=False, repr=False)  # (address, port)
     host_port: str = field(init=False, compare=False, hash=False, repr=False)  # "address:port", as logged
