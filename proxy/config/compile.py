@@ -50,6 +50,8 @@ from proxy.config.istio import (
     is_http_protocol,
 )
 from proxy.config.load import Resource, check_duplicates
+from proxy.config.locality import describe as describe_locality_lb
+from proxy.config.locality import proxy_locality
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
 from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
 from proxy.config.snapshot import (
@@ -172,7 +174,7 @@ class _Compiler:
         self.registry: Registry = build_registry(
             self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"]
         )
-        self.clusters: dict[str, Cluster] = build_clusters(self.registry)
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels))
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         # host-less VirtualServices are delegates: their routes are used only where a route delegates
         self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}
@@ -905,6 +907,7 @@ def _cluster_dump(c: Cluster) -> dict:
         "outlier_detection": _plain(c.outlier),
         "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight,
                        "locality": e.locality} for e in c.endpoints],
+        "locality_lb": describe_locality_lb(c.locality_lb),
     }
 
 

@@ -101,6 +101,25 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalityGroup:
+    """The endpoints of one locality under locality load balancing: the priority the proxy's own
+    locality gives them (0 is tried first) and, with `distribute`, the locality's weight."""
+
+    locality: str
+    priority: int
+    weight: int
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLb:
+    """DestinationRule loadBalancer.localityLbSetting as it applies to this proxy (config/locality.py)."""
+
+    mode: str  # "failover" (priorities by locality) or "distribute" (localities by weight)
+    groups: tuple[LocalityGroup, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service_host: str
@@ -119,6 +138,7 @@ class Cluster:
     # the endpoints are spoken to in cleartext HTTP/2 with prior knowledge (h2c), not HTTP/1.1: port
     # protocol HTTP2/GRPC/GRPC-WEB, or HTTP with h2UpgradePolicy UPGRADE (policies.upstream_http2)
     http2: bool = False
+    locality_lb: LocalityLb | None = None  # None: endpoints are balanced with no regard to locality
 
 
 @dataclass(frozen=True, slots=True)
