@@ -20,6 +20,10 @@ Theory of operation. Pure: no IO, same input -> same Snapshot.
    per ingress listener captured (DEFAULT follows the Sidecar's capture, NONE keeps a bound listener).
 5. mesh VirtualService `tls` (sniHosts) and `tcp` routes, checked like http destinations, by the
    service host they cover (Snapshot.l4_routes): a sidecar routes captured TLS/TCP with them.
+6. Gateway servers of an opaque TCP protocol (TCP, MONGO, MYSQL, REDIS: Istio proxies them all as
+   TCP at a gateway) get a TCP listener and the first `tcp` route, in VirtualService order, of a
+   VirtualService bound to the Gateway whose hosts meet the server's and whose match blocks accept
+   the server's port and Gateway (Istio decides only on those two at a gateway).
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
 use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
 """
@@ -46,6 +50,8 @@ from proxy.config.istio import (
     is_http_protocol,
 )
 from proxy.config.load import Resource, check_duplicates
+from proxy.config.locality import describe as describe_locality_lb
+from proxy.config.locality import proxy_locality
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
 from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
 from proxy.config.snapshot import (
@@ -66,6 +72,9 @@ DEFAULT_EGRESS_BIND = "127.0.0.1"
 # listener protocols the data plane serves today (Gateway servers, Sidecar ingress): the HTTP family,
 # served by one kind of listener, HTTP/1.1 and h2c alike; its Listener.protocol is "HTTP"
 LISTENER_PROTOCOLS = HTTP_PROTOCOLS
+# opaque TCP protocols a Gateway server proxies through VirtualService `tcp` routes (Istio's gateway
+# builds a tcp_proxy for every non-HTTP server without tls; MONGO/MYSQL/REDIS filters are off by default)
+GATEWAY_TCP_PROTOCOLS = frozenset({"TCP", "MONGO", "MYSQL", "REDIS"})
 EGRESS_PROTOCOLS = HTTP_PROTOCOLS | {"HTTP_PROXY"}  # HTTP_PROXY: Istio's explicit-proxy egress port
 # Istio's capture ports (istio-iptables -p / -z) and listener names
 VIRTUAL_OUTBOUND_PORT = 15001
@@ -115,12 +124,30 @@ class _CheckedRoute:
 
 
 @dataclass(slots=True)
+class _CheckedTcpRoute:
+    index: int
+    matches: tuple[tuple[int | None, tuple[str, ...]], ...]  # (port, resolved gateways) per match block
+    destinations: tuple[RouteDestination, ...]
+    cumulative: tuple[int, ...]
+
+    def applies_to_gateway_server(self, gateway: str, port: int) -> bool:
+        """Istio's l4MultiMatch at a gateway: no match block, or one whose port and gateways allow
+        the server (destinationSubnets and sourceLabels are not consulted there)."""
+        if not self.matches:
+            return True
+        return any((want is None or want == port) and (not gateways or gateway in gateways)
+                   for want, gateways in self.matches)
+
+
+@dataclass(slots=True)
 class _CheckedVS:
     resource: Resource
     spec: VirtualServiceSpec
     gateways: tuple[str, ...]  # resolved "ns/name" or "mesh"
     routes: list[_CheckedRoute]
     l4_routes: list[L4Route] = field(default_factory=list)  # tls/tcp routes applying to sidecars
+    # every tcp route, checked, with its match blocks: Gateway TCP servers choose among them
+    tcp_routes: list[_CheckedTcpRoute] = field(default_factory=list)
 
     @property
     def in_mesh(self) -> bool:
@@ -148,7 +175,7 @@ class _Compiler:
         self.registry: Registry = build_registry(
             self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"], proxy_namespace
         )
-        self.clusters: dict[str, Cluster] = build_clusters(self.registry)
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels))
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         # host-less VirtualServices are delegates: their routes are used only where a route delegates
         self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}
@@ -223,11 +250,15 @@ class _Compiler:
                 routes.extend(self._delegated_routes(r, path, i, http))
             else:
                 routes.append(self._check_http_route(r, path, i, http))
-        return _CheckedVS(r, spec, gateways, routes, self._check_l4_routes(r, spec, gateways))
+        tcp_routes: list[_CheckedTcpRoute] = []
+        l4_routes = self._check_l4_routes(r, spec, gateways, tcp_routes)
+        return _CheckedVS(r, spec, gateways, routes, l4_routes, tcp_routes)
 
-    def _check_l4_routes(self, r: Resource, spec: VirtualServiceSpec, gateways: tuple[str, ...]) -> list[L4Route]:
+    def _check_l4_routes(self, r: Resource, spec: VirtualServiceSpec, gateways: tuple[str, ...],
+                         tcp_routes: list[_CheckedTcpRoute]) -> list[L4Route]:
         """tls (by SNI) and tcp routes, checked; kept only where a match block applies to a sidecar
-        (bound to "mesh", sourceLabels matching this proxy)."""
+        (bound to "mesh", sourceLabels matching this proxy). Every tcp route also goes to
+        `tcp_routes`, for the Gateway TCP servers."""
         out: list[L4Route] = []
         for kind, items in (("tls", spec.tls), ("tcp", spec.tcp)):
             for i, item in enumerate(items):
@@ -237,6 +268,7 @@ class _Compiler:
                 if not item.route:
                     raise r.error(f"{path}.route", f"a {kind} route needs at least one destination")
                 blocks = []
+                gateway_blocks = []
                 for k, m in enumerate(item.match):
                     mpath = f"{path}.match[{k}]"
                     if kind == "tls" and not m.sni_hosts:
@@ -250,6 +282,7 @@ class _Compiler:
                             nets.append(ipaddress.ip_network(cidr, strict=False))
                         except ValueError:
                             raise r.error(f"{mpath}.destinationSubnets[{j}]", f"{cidr!r} is not an IP address or CIDR block") from None
+                    gateway_blocks.append((m.port, match_gateways))
                     if MESH not in match_gateways:
                         continue
                     if m.source_labels and (self.proxy_labels is None or not _labels_match(m.source_labels, self.proxy_labels)):
@@ -264,12 +297,14 @@ class _Compiler:
                     dests = [RouteDestination(dests[0].cluster, 100)]
                 elif sum(d.weight for d in dests) != 100:
                     raise r.error(f"{path}.route", f"total destination weight {sum(d.weight for d in dests)} != 100")
-                if (item.match and not blocks) or (not item.match and MESH not in gateways):
-                    continue  # no match block applies to a sidecar
                 cumulative, acc = [], 0
                 for d in dests:
                     acc += d.weight
                     cumulative.append(acc)
+                if kind == "tcp":
+                    tcp_routes.append(_CheckedTcpRoute(i, tuple(gateway_blocks), tuple(dests), tuple(cumulative)))
+                if (item.match and not blocks) or (not item.match and MESH not in gateways):
+                    continue  # no match block applies to a sidecar
                 out.append(L4Route(f"{r.namespace}/{r.name}", kind, tuple(blocks), tuple(dests), tuple(cumulative)))
         return out
 
@@ -458,7 +493,7 @@ class _Compiler:
             for i, server in enumerate(spec.servers):
                 path = f"$.spec.servers[{i}]"
                 protocol = str(server.port.protocol)
-                if protocol not in LISTENER_PROTOCOLS:
+                if protocol not in LISTENER_PROTOCOLS and protocol not in GATEWAY_TCP_PROTOCOLS:
                     raise r.error(f"{path}.port.protocol", f"protocol {protocol} on a Gateway server is not supported by triomesh yet")
                 if not server.hosts:
                     raise r.error(f"{path}.hosts", "a Gateway server needs at least one host")
@@ -468,6 +503,9 @@ class _Compiler:
                         raise r.error(f"{path}.hosts[{j}]", f"invalid host {server.hosts[j]!r}")
                 address = server.bind or self.bind_address
                 port = server.port.target_port or server.port.number
+                if protocol in GATEWAY_TCP_PROTOCOLS:
+                    self._add_gateway_tcp_server(r, path, gw_key, server.port.number, address, port, scoped, bound)
+                    continue
                 # HTTP-family servers share one HTTP listener per port (Istio merges them likewise)
                 draft = self._claim(r, f"{path}.port.number", address, port, "HTTP", "OUTBOUND", "Gateway")
                 ctx = MatchContext(gw_key, server.port.number, self.proxy_labels)
@@ -487,6 +525,29 @@ class _Compiler:
                                 routes = self._routes(vs, ctx)
                             domains = hosts.aliases(eff, vns, None)
                             draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
+
+    def _add_gateway_tcp_server(self, r: Resource, path: str, gw_key: str, server_port: int, address: str, port: int,
+                                scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
+        """A TCP listener proxying to the first tcp route that applies (Istio's
+        buildGatewayNetworkFiltersFromTCPRoutes). None applying leaves the listener without a route:
+        it closes each connection, as Envoy closes one that finds no filter chain."""
+        draft = self._claim(r, f"{path}.port.number", address, port, "TCP", "OUTBOUND", "Gateway")
+        if draft.tcp_server:
+            raise r.error(f"{path}.port.number", f"{address}:{port} is already the TCP server of {draft.tcp_server} "
+                                                 "(one TCP server per port: connections carry no host to tell them apart)")
+        draft.tcp_server = f"{r.kind} {r.namespace}/{r.name}"
+        for vs in bound:
+            vns = vs.resource.namespace
+            if not vs.tcp_routes or not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+                continue
+            if not any(sns in ("*", vns) and hosts.intersect(shost, h) is not None
+                       for h in vs.spec.hosts for sns, shost in scoped):
+                continue  # the VirtualService's hosts are not this server's
+            for tcp in vs.tcp_routes:
+                if tcp.applies_to_gateway_server(gw_key, server_port):
+                    draft.tcp_route = L4Route(vs.label, "tcp", (), tcp.destinations, tcp.cumulative)
+                    draft.tcp_route_path = f"$.spec.tcp[{tcp.index}]"
+                    return
 
     def _applying_sidecars(self) -> list[Resource]:
         out = []
@@ -750,6 +811,9 @@ class _ListenerDraft:
     bind_to_port: bool = True
     use_original_dst: bool = False
     vhosts: dict[str, _VhostDraft] = field(default_factory=dict)
+    tcp_server: str = ""  # a Gateway TCP server's owner ("Gateway ns/name"), when this is one
+    tcp_route: L4Route | None = None
+    tcp_route_path: str = ""  # its field path in its VirtualService
 
     def vhost(self, name: str, domains: list[str], *, local: bool = True) -> _VhostDraft:
         vh = self.vhosts.get(name)
@@ -793,6 +857,7 @@ class _ListenerDraft:
             traffic_direction=self.direction,
             bind_to_port=self.bind_to_port,
             use_original_dst=self.use_original_dst,
+            tcp_route=self.tcp_route,
         )
         dump = {
             "name": name,
@@ -805,6 +870,13 @@ class _ListenerDraft:
             "owner": self.owner,
             "virtual_hosts": dumps,
         }
+        if self.tcp_server:
+            route = self.tcp_route
+            dump["tcp_route"] = None if route is None else {
+                "virtual_service": route.virtual_service,
+                "path": self.tcp_route_path,
+                "destinations": [_plain(d) for d in route.destinations],
+            }
         return listener, dump
 
 
@@ -864,7 +936,9 @@ def _cluster_dump(c: Cluster) -> dict:
         "consistent_hash": _plain(c.consistent_hash),
         "connection_pool": _plain(c.connection_pool),
         "outlier_detection": _plain(c.outlier),
-        "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight} for e in c.endpoints],
+        "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight,
+                       "locality": e.locality} for e in c.endpoints],
+        "locality_lb": describe_locality_lb(c.locality_lb),
     }
 
 

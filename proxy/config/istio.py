@@ -489,14 +489,71 @@ class ConsistentHashLB(IstioStruct, frozen=True):
             raise ValueError("a consistentHash takes only one of `ringHash` and `maglev`")
 
 
+def _check_localities(patterns: list[str]) -> None:
+    """Istio's validateLocalities: a `*` only as the last segment, no pattern given twice."""
+    seen: set[str] = set()
+    for p in patterns:
+        parts = p.split("/")
+        if not p or len(parts) > 3 or any(not part for part in parts):
+            raise ValueError(f"locality {p!r} must be region, region/zone or region/zone/subzone (a `*` may end it)")
+        if "*" in parts[:-1] or any("*" in part and part != "*" for part in parts):
+            raise ValueError(f"locality {p!r}: the wildcard `*` may only be the whole last segment")
+        if p in seen:
+            raise ValueError(f"locality {p!r} is given twice")
+        seen.add(p)
+
+
+class LocalityDistribute(IstioStruct, frozen=True):
+    """Traffic from the localities `from` matches goes to the localities of `to` by weight (percent)."""
+
+    from_: str = field(name="from")
+    to: dict[str, int] = field(default_factory=dict)
+
+
+class LocalityFailover(IstioStruct, frozen=True):
+    """When the endpoints of the proxy's region `from` are unhealthy, prefer region `to`."""
+
+    from_: str = field(name="from")
+    to: str
+
+
+class LocalityLoadBalancerSetting(IstioStruct, frozen=True):
+    distribute: tuple[LocalityDistribute, ...] = ()
+    failover: tuple[LocalityFailover, ...] = ()
+    failover_priority: Any = UNSET
+    enabled: bool | None = None
+
+    unsupported: ClassVar[tuple[str, ...]] = ("failover_priority",)
+
+    def __post_init__(self) -> None:
+        # Istio's validateLocalityLbSetting
+        if self.distribute and self.failover:
+            raise ValueError("a localityLbSetting cannot set both `distribute` and `failover`")
+        for d in self.distribute:
+            for weight in d.to.values():
+                if not 1 <= weight <= 100:
+                    raise ValueError("a distribute locality weight must be in [1, 100]")
+            if sum(d.to.values()) != 100:
+                raise ValueError(f"total locality weight {sum(d.to.values())} != 100 (distribute from {d.from_!r})")
+            _check_localities(list(d.to))
+        _check_localities([d.from_ for d in self.distribute])
+        for f in self.failover:
+            if f.from_ == f.to:
+                raise ValueError(f"a locality failover must name two different regions (from and to are {f.to!r})")
+            if "/" in f.from_ + f.to:
+                raise ValueError("a locality failover names regions only (no `/`)")
+            if "*" in f.from_ + f.to:
+                raise ValueError("a locality failover region cannot contain the wildcard `*`")
+
+
 class LoadBalancerSettings(IstioStruct, frozen=True):
     simple: LbSimple | None = None
     consistent_hash: ConsistentHashLB | None = None
-    locality_lb_setting: Any = UNSET
+    locality_lb_setting: LocalityLoadBalancerSetting | None = None
     warmup_duration_secs: Any = UNSET
     warmup: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("locality_lb_setting", "warmup_duration_secs", "warmup")
+    unsupported: ClassVar[tuple[str, ...]] = ("warmup_duration_secs", "warmup")
 
     def __post_init__(self) -> None:
         if self.simple is not None and self.consistent_hash is not None:

@@ -23,7 +23,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from proxy.config import hosts, policies
+from proxy.config import hosts, locality, policies
 from proxy.config.istio import DestinationRuleSpec, Port, ServiceEntrySpec, Subset, TrafficPolicy, WorkloadEntrySpec
 from proxy.config.load import Resource
 from proxy.config.snapshot import Cluster, Endpoint, cluster_name
@@ -53,6 +53,7 @@ class Instance:
     ports: dict[str, int]
     labels: FrozenLabels
     weight: int
+    locality: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +199,7 @@ def _check_service_entry(r: Resource, spec: ServiceEntrySpec) -> None:
 
 
 def _instance(ep: WorkloadEntrySpec) -> Instance:
-    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1)
+    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1, ep.locality)
 
 
 def build_registry(
@@ -311,7 +312,7 @@ def _endpoints(svc: Service, port: Port, labels: dict[str, str] | None) -> tuple
         if labels and any(inst.labels.get(k) != v for k, v in labels.items()):
             continue
         number = inst.ports.get(port.name) or port.target_port or port.number
-        out.append(Endpoint(inst.address, number, inst.labels, inst.weight))
+        out.append(Endpoint(inst.address, number, inst.labels, inst.weight, inst.locality))
     return tuple(out)
 
 
@@ -351,36 +352,49 @@ def _policy_fields(tp: TrafficPolicy | None, port: Port) -> dict:
     return fields
 
 
-def build_clusters(reg: Registry) -> dict[str, Cluster]:
+def _locality_lb(tp: TrafficPolicy | None, endpoints: tuple[Endpoint, ...], proxy_locality: str):
+    setting = tp.load_balancer.locality_lb_setting if tp is not None and tp.load_balancer is not None else None
+    has_outlier_detection = tp is not None and tp.outlier_detection is not None
+    return locality.locality_lb(setting, has_outlier_detection, proxy_locality, endpoints)
+
+
+def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster]:
+    """Every cluster of the registry; `proxy_locality` ("region/zone/subzone" of this proxy) decides
+    what localityLbSetting does to each."""
     clusters: dict[str, Cluster] = {}
     for svc in reg.services.values():
         rule_spec = svc.rule
         base_tp = rule_spec.traffic_policy if rule_spec else None
         for port in svc.ports:
-            base = _policy_fields(policies.cluster_traffic_policy(base_tp, None, port.number), port)
+            tp = policies.cluster_traffic_policy(base_tp, None, port.number)
             name = cluster_name(svc.cluster_host, port.number)
+            endpoints = _endpoints(svc, port, None)
             clusters[name] = Cluster(
                 name=name,
                 service_host=svc.cluster_host,
                 port=port.number,
                 subset="",
-                endpoints=_endpoints(svc, port, None),
+                endpoints=endpoints,
                 resolution=_resolution(svc.spec),
                 protocol=str(port.protocol),
-                **base,
+                locality_lb=_locality_lb(tp, endpoints, proxy_locality),
+                **_policy_fields(tp, port),
             )
             if rule_spec is None:
                 continue
             for subset in rule_spec.subsets:
                 name = cluster_name(svc.cluster_host, port.number, subset.name)
+                tp = policies.cluster_traffic_policy(base_tp, subset.traffic_policy, port.number)
+                endpoints = _endpoints(svc, port, subset.labels)
                 clusters[name] = Cluster(
                     name=name,
                     service_host=svc.cluster_host,
                     port=port.number,
                     subset=subset.name,
-                    endpoints=_endpoints(svc, port, subset.labels),
+                    endpoints=endpoints,
                     resolution=_resolution(svc.spec),
                     protocol=str(port.protocol),
-                    **_policy_fields(policies.cluster_traffic_policy(base_tp, subset.traffic_policy, port.number), port),
+                    locality_lb=_locality_lb(tp, endpoints, proxy_locality),
+                    **_policy_fields(tp, port),
                 )
     return clusters

@@ -38,6 +38,7 @@ class Endpoint:
     port: int
     labels: Mapping[str, str] = field(default_factory=dict, hash=False)  # hashable with plain dict labels
     weight: int = 1
+    locality: str = ""  # Istio's "region/zone/subzone" (ServiceEntry endpoints[].locality, WorkloadEntry locality)
     # derived once here rather than on every request that goes to this endpoint
     key: tuple[str, int] = field(init=False, compare=False, hash=False, repr=False)  # (address, port)
     host_port: str = field(init=False, compare=False, hash=False, repr=False)  # "address:port", as logged
@@ -100,6 +101,25 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalityGroup:
+    """The endpoints of one locality under locality load balancing: the priority the proxy's own
+    locality gives them (0 is tried first) and, with `distribute`, the locality's weight."""
+
+    locality: str
+    priority: int
+    weight: int
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LocalityLb:
+    """DestinationRule loadBalancer.localityLbSetting as it applies to this proxy (config/locality.py)."""
+
+    mode: str  # "failover" (priorities by locality) or "distribute" (localities by weight)
+    groups: tuple[LocalityGroup, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service_host: str
@@ -118,6 +138,7 @@ class Cluster:
     # the endpoints are spoken to in cleartext HTTP/2 with prior knowledge (h2c), not HTTP/1.1: port
     # protocol HTTP2/GRPC/GRPC-WEB, or HTTP with h2UpgradePolicy UPGRADE (policies.upstream_http2)
     http2: bool = False
+    locality_lb: LocalityLb | None = None  # None: endpoints are balanced with no regard to locality
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,6 +384,9 @@ class Listener:
     # Envoy's use_original_dst: a capture listener (virtualOutbound :15001, virtualInbound :15006)
     # that reads SO_ORIGINAL_DST and hands each connection to a virtual listener or the TCP proxy
     use_original_dst: bool = False
+    # a Gateway TCP server's route (protocol TCP): the VirtualService tcp route its connections take;
+    # None on such a listener: no route applies, connections are closed
+    tcp_route: L4Route | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,22 +11,21 @@ not captured again because the proxy runs under the uid the capture rules exclud
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from dataclasses import dataclass
 
 import structlog
 import trio
-from trio.lowlevel import checkpoint, notify_closing, wait_readable
+from trio.lowlevel import wait_readable
 
 from proxy.config.snapshot import Snapshot
 from proxy.l4 import sidecar
-from proxy.l4.addrs import UpstreamAddr
+from proxy.l4.accept import accept_connections
+from proxy.l4.cluster_proxy import proxy_to_cluster, reset
 from proxy.l4.original_dst import TransparentConnection, describe_connection
 from proxy.l4.sniff import Protocol
 from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats, proxy_to_upstream
-from proxy.l7.dataplane import ConnectionPick
 from proxy.l7.local_reply import local_reply_bytes
 from proxy.stats import HELP, Counter, Stats
 
@@ -38,11 +37,9 @@ HELP.setdefault(
     "Captured outbound connections to an unknown destination refused (REGISTRY_ONLY), by protocol.",
 )
 
-_ACCEPT_BATCH = 64
 # after a refusal's 502, how long to read what the client still sends, so close() sends FIN, not RST
 _REFUSE_DRAIN_S = 1.0
 _REFUSE_DRAIN_MAX_BYTES = 256 * 1024
-_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close() sends RST
 
 
 @dataclass(slots=True)
@@ -93,33 +90,16 @@ class CaptureServer:
 
     async def serve(self, sock, listener_name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept on a capture listener's socket until cancelled (the ListenerManager's serve fn)."""
-        lsock = sock if isinstance(sock, socket.socket) else socket.socket(fileno=sock.detach())
-        lsock.setblocking(False)
-        task_status.started()
-        try:
-            while True:
-                for _ in range(_ACCEPT_BATCH):
-                    try:
-                        csock, _ = lsock.accept()
-                    except BlockingIOError:
-                        await wait_readable(lsock)
-                        break
-                    except OSError as e:  # EMFILE and friends: back off instead of spinning
-                        log.warning("accept failed", listener=listener_name, error=str(e))
-                        await trio.sleep(0.1)
-                        break
-                    csock.setblocking(False)
-                    try:
-                        conn = describe_connection(csock)
-                    except OSError:  # the client already left
-                        csock.close()
-                        continue
-                    self.connections.start_soon(self._handle, listener_name, conn)
-                else:
-                    await checkpoint()
-        finally:
-            notify_closing(lsock)
-            lsock.close()
+
+        def on_connection(csock: socket.socket) -> None:
+            try:
+                conn = describe_connection(csock)
+            except OSError:  # the client already left
+                csock.close()
+                return
+            self.connections.start_soon(self._handle, listener_name, conn)
+
+        await accept_connections(sock, listener_name, on_connection, task_status=task_status)
 
     async def _handle(self, listener_name: str, conn: TransparentConnection) -> None:
         handed_off = False
@@ -164,76 +144,26 @@ class CaptureServer:
         if isinstance(decision, sidecar.Refuse):
             await self._refuse(listener_name, conn, protocol, decision)
             return True
-        crt = endpoint = None
         if isinstance(decision, sidecar.Tcp):
-            crt = self.plane.runtime(snapshot).clusters.get(decision.cluster)
-            cluster = crt.cluster if crt is not None else None
-            if cluster is None or (not cluster.endpoints and cluster.resolution != "NONE"):
-                self._count(listener_name, "no_healthy_upstream")
-                _reset(conn.sock)
-                return True
-            if cluster.endpoints:
-                # the one endpoint pick: balancer, hashing on the source IP, outlier ejections
-                endpoint = crt.pick(ConnectionPick(conn.client.ip.encode(), conn.orig_dst.sockaddr()),
-                                    self.plane.in_flight_of)
-                if endpoint is None:
-                    self._count(listener_name, "no_healthy_upstream")
-                    _reset(conn.sock)
-                    return True
-                upstream = UpstreamAddr(endpoint.address, endpoint.port)
-            else:  # resolution NONE: the app resolved the name itself; go where it was going
-                upstream = UpstreamAddr(conn.orig_dst.ip, conn.orig_dst.port)
-            limit = crt.pool_limits.max_connections
-            if limit is not None and crt.cx_active.value >= limit:  # connectionPool.tcp.maxConnections
-                self._count(listener_name, "overflow")
-                crt.rq_pending_overflow.value += 1
-                _reset(conn.sock)
-                return True
-            cluster_name, bind_ip, connect_timeout_s = decision.cluster, None, cluster.connect_timeout_s
-        else:
-            upstream, cluster_name, bind_ip = decision.upstream, decision.cluster, decision.bind_ip
-            connect_timeout_s = self.plane.settings.connect_timeout_s
-        if not _is_ip(upstream.ip):
-            # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
-            try:
-                infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
-            except OSError as exc:
-                log.info("tcp upstream not resolved", listener=listener_name, host=upstream.ip, error=str(exc))
-                self._count(listener_name, "no_healthy_upstream")
-                _reset(conn.sock)
-                return True
-            # IPv4 first when the name has both (Envoy's V4_PREFERRED; Istio asks V4_ONLY outside
-            # dual-stack meshes)
-            info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
-            upstream = UpstreamAddr.from_sockaddr(info[4])
+            outcome = await proxy_to_cluster(self.plane, snapshot, decision.cluster, conn.sock, conn.client.ip,
+                                             conn.orig_dst.sockaddr(), stats=self._tcp(decision.cluster),
+                                             idle_timeout_s=self.settings.idle_timeout_s, initial=initial)
+            self._count(listener_name, outcome.value)
+            return True
+        # Passthrough: to the original destination as it is (an IP address)
         self._count(listener_name, "tcp")
-        in_flight = self.plane.in_flight
-        if crt is not None:
-            crt.cx_active.value += 1
-            crt.cx_total.value += 1
-        if endpoint is not None:
-            in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
-        try:
-            result = await proxy_to_upstream(
-                conn.sock,
-                upstream,
-                connect_timeout_s=connect_timeout_s,
-                idle_timeout_s=self.settings.idle_timeout_s,
-                downstream_prefix=initial,
-                stats=self._tcp(cluster_name),
-                bind_ip=bind_ip,
-            )
-        finally:
-            if crt is not None:
-                crt.cx_active.value -= 1
-            if endpoint is not None:
-                in_flight[endpoint.key] -= 1
-        if endpoint is not None:  # connect failures and timeouts reach the outlier detector
-            failed = result.error is not None and result.error.response_flag in ("UF", "UT")
-            crt.record(endpoint, 503 if failed else 200, failed)
+        result = await proxy_to_upstream(
+            conn.sock,
+            decision.upstream,
+            connect_timeout_s=self.plane.settings.connect_timeout_s,
+            idle_timeout_s=self.settings.idle_timeout_s,
+            downstream_prefix=initial,
+            stats=self._tcp(decision.cluster),
+            bind_ip=decision.bind_ip,
+        )
         if result.error is not None and result.error.source == "upstream":
             log.info("tcp upstream failed", listener=listener_name, orig_dst=str(conn.orig_dst),
-                     upstream=str(upstream), flag=result.error.response_flag, error=str(result.error))
+                     upstream=str(decision.upstream), flag=result.error.response_flag, error=str(result.error))
         return True
 
     async def _refuse(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None,
@@ -249,7 +179,7 @@ class CaptureServer:
                  reason=decision.reason)
         sock = conn.sock
         if kind == "tcp":
-            _reset(sock)
+            reset(sock)
             return
         self.plane.count_downstream(502, ["NR"])
         try:
@@ -260,22 +190,6 @@ class CaptureServer:
             pass
         finally:
             sock.close()
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _reset(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
-    sock.close()
 
 
 async def _send_all(sock: socket.socket, data: bytes) -> None:

@@ -19,6 +19,7 @@ from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
+from proxy.lb.locality import LocalityBalancer
 from proxy.lb.outlier import OutlierDetector
 from proxy.lb.pool import IdlePool
 from proxy.l7.h2_upstream import sweep_idle
@@ -79,7 +80,7 @@ class ClusterRuntime:
         self.outlier_version = 0
         if cluster.outlier is not None and cluster.endpoints:
             self.outlier = OutlierDetector(cluster.endpoints, cluster.outlier, self._now())
-        self.balancer = make_balancer(cluster.lb_policy, cluster.endpoints, rand_below, self.hash_policy)
+        self.balancer = self._balancer_over(cluster.endpoints)
         self.pending = 0
         self.retries_active = 0
         self.rq_active = 0  # requests in the router step, for http2MaxRequests
@@ -144,7 +145,14 @@ class ClusterRuntime:
         od = self.outlier
         self.outlier_version = od.version
         self.ejections_active.value = od.ejected
-        self.balancer = make_balancer(self.cluster.lb_policy, od.healthy(), self.rand_below, self.hash_policy)
+        self.balancer = self._balancer_over(od.healthy())
+
+    def _balancer_over(self, healthy):
+        """The balancer over the endpoints that may be picked (all, or those outlier detection left)."""
+        cluster = self.cluster
+        if cluster.locality_lb is not None:
+            return LocalityBalancer(cluster.locality_lb, healthy, cluster.lb_policy, self.rand_below, self.hash_policy)
+        return make_balancer(cluster.lb_policy, healthy, self.rand_below, self.hash_policy)
 
     def record(self, endpoint: Endpoint, status: int, local: bool = False) -> None:
         """An upstream result for outlier detection (`local`: a connect failure, reset or timeout,

@@ -14,6 +14,7 @@ class ProxyError(Exception):
     source = "internal"
     retryable = False
     body = b""  # text of the local reply; Envoy's wording where it has one
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # fields the local reply carries besides the usual ones
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(detail or type(self).__name__)
@@ -95,6 +96,9 @@ class Overflow(ProxyError):
     response_flag = "UO"
     source = "upstream"
     body = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
+    # Envoy's router marks a request its connection pool dropped for a circuit breaker (pending
+    # requests, connections, max requests) so that clients and proxies in front can back off
+    headers = ((b"x-envoy-overloaded", b"true"),)
 
 
 class UpstreamTimeout(ProxyError):

@@ -184,8 +184,7 @@ class H1Stream:
             ctx.response_flags.append("DC")
             return False
         ctx.status = status
-        if not generated:
-            ctx.bytes_sent = len(body)
+        ctx.bytes_sent = 0 if head_only else len(body)  # local replies' bodies count, as in Envoy's BYTES_SENT
         return keep
 
     def reset(self) -> None:

@@ -237,6 +237,7 @@ class H2Stream(H2StreamState):
                 # grpc_timeout_returns_deadline_exceeded)
                 timed_out = isinstance(ctx.error, UpstreamTimeout)
                 fields = grpc_local_reply_fields(status, body, GRPC_DEADLINE_EXCEEDED if timed_out else None)
+                fields.extend(headers)  # e.g. x-envoy-overloaded
             if ctx.request_id:
                 fields.append((b"x-request-id", ctx.request_id))
             for name, value in fields:
@@ -270,8 +271,7 @@ class H2Stream(H2StreamState):
             ctx.response_flags.append("DC")
             return False
         ctx.status = status
-        if not generated:
-            ctx.bytes_sent = len(body)
+        ctx.bytes_sent = len(body)  # local replies' bodies count, as in Envoy's BYTES_SENT (HEAD: emptied above)
         return True
 
     def reset(self) -> None:

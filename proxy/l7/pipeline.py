@@ -72,4 +72,4 @@ async def reply_for_error(ctx: RequestContext, e: ProxyError, stream: Downstream
     if e.source == "upstream":
         log.info("upstream error", client=ctx.downstream_addr, upstream=ctx.upstream_host, flag=e.response_flag,
                  error=str(e))
-    return await stream.send_local(ctx, e.status, e.body, [], generated=True)
+    return await stream.send_local(ctx, e.status, e.body, list(e.headers), generated=True)

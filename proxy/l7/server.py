@@ -255,6 +255,7 @@ class DownstreamConnection:
         try:
             await self.conn.send_all(local_reply_bytes(status, body, close=True))
             ctx.status = status
+            ctx.bytes_sent = len(body)
         except OSError:
             pass
         self.plane.count_downstream(ctx.status, ctx.response_flags)

@@ -44,6 +44,7 @@ async def _flush_access_log(access_log: AccessLog) -> None:
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) -> None:
+    from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane
     from proxy.l7.server import serve_listener
@@ -62,8 +63,11 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
         # a transparent sidecar's capture listeners (virtualOutbound/virtualInbound): original
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
+        # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
+        gateway_tcp = GatewayTcpServer(plane, stats, connections)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
-        listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, ORIGINAL_DST: capture.serve}, log)
+        listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, "TCP": gateway_tcp.serve,
+                                              ORIGINAL_DST: capture.serve}, log)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
         while True:

@@ -257,7 +257,27 @@ def test_dump_is_json_and_names_everything():
     assert route["match"] == [{"uri": {"regex": "/x.*"}}]
     assert route["timeout_s"] == 1.0
     assert {c["name"] for c in d["clusters"]} == {"outbound|8080||a"}
-    assert d["clusters"][0]["endpoints"] == [{"address": "127.0.0.1", "port": 9000, "labels": {"app": "a", "version": "v1"}, "weight": 1}]
+    assert d["clusters"][0]["endpoints"] == [{"address": "127.0.0.1", "port": 9000, "labels": {"app": "a", "version": "v1"},
+                                              "weight": 1, "locality": ""}]
+
+
+def test_endpoint_locality_is_kept_and_dumped():
+    """ServiceEntry endpoints[].locality and WorkloadEntry locality ("region/zone/subzone") reach the
+    compiled endpoints and the config dump, subsets included."""
+    inline = service("b", resolution="STATIC", workloadSelector=None, endpoints=[
+        {"address": "127.0.0.2", "ports": {"http": 9100}, "locality": "us-east1/us-east1-b", "labels": {"v": "1"}},
+        {"address": "127.0.0.3", "ports": {"http": 9100}}])
+    inline["spec"].pop("workloadSelector")
+    selected = workload("w", "a", 9000)
+    selected["spec"]["locality"] = "eu-west1/eu-west1-a/rack7"
+    rule = doc("DestinationRule", "b", {"host": "b", "subsets": [{"name": "one", "labels": {"v": "1"}}]})
+    snap = compile_docs(service("a"), selected, inline, rule)
+    assert [e.locality for e in snap.clusters["outbound|8080||a"].endpoints] == ["eu-west1/eu-west1-a/rack7"]
+    assert [e.locality for e in snap.clusters["outbound|8080||b"].endpoints] == ["us-east1/us-east1-b", ""]
+    assert [e.locality for e in snap.clusters["outbound|8080|one|b"].endpoints] == ["us-east1/us-east1-b"]
+    dumped = {c["name"]: [e["locality"] for e in c["endpoints"]] for c in json.loads(json.dumps(snap.dump))["clusters"]}
+    assert dumped == {"outbound|8080||a": ["eu-west1/eu-west1-a/rack7"], "outbound|8080||b": ["us-east1/us-east1-b", ""],
+                      "outbound|8080|one|b": ["us-east1/us-east1-b"]}
 
 
 def test_compile_is_pure_and_repeatable():

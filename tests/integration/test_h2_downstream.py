@@ -288,3 +288,29 @@ async def test_never_indexed_fields_stay_never_indexed_through_the_proxy(nursery
         kinds = {bytes(f[0]): type(f).__name__ for f in headers}
         assert kinds[b"x-token"] == "NeverIndexedHeaderTuple", headers
         assert kinds[b"x-plain"] == "HeaderTuple", headers
+
+
+async def test_local_reply_bodies_count_in_bytes_sent(nursery):
+    """Envoy's BYTES_SENT counts the body of a reply the proxy made itself (here a connect failure's
+    503); a HEAD reply sends no body, and a gRPC local reply is trailers-only."""
+    from tests.integration.test_l7_edges import RecordingLog
+
+    be = await Backend().start(nursery)
+    snap = make_snapshot({"svc": [be.port], "dead": [1]}, [prefix_route(b"/dead", {"dead": 100}),
+                                                           prefix_route(b"/", {"svc": 100})])
+    log = RecordingLog()
+    proxy = await start_proxy(nursery, snap, access_log=log)
+    client = await RawH2Client.connect(proxy.port)
+    get = client.request(b"/dead/x")
+    head = client.request(b"/dead/x", method=b"HEAD")
+    grpc_call = client.request(b"/dead/pkg.Svc/Call", method=b"POST", body=b"\x00\x00\x00\x00\x00",
+                               headers=[(b"content-type", b"application/grpc"), (b"te", b"trailers")])
+    await client.flush()
+    await client.pump(client.done(get, head, grpc_call))
+    body = client.responses[get]["data"]
+    assert body.startswith(b"upstream connect error")
+    with trio.fail_after(5):
+        while len(log.contexts) < 3:
+            await trio.sleep(0.01)
+    sent = {ctx.request.method: (ctx.status, ctx.bytes_sent) for ctx in log.contexts}
+    assert sent == {b"GET": (503, len(body)), b"HEAD": (503, 0), b"POST": (200, 0)}

@@ -140,3 +140,38 @@ async def test_idle_timeout_changed_by_a_new_snapshot_applies_to_the_next_checko
     await trio.sleep(0.6)  # idle past the new timeout, and under the 1 s after which a reuse peeks first
     assert (await one_request()).startswith(b"HTTP/1.1 200")
     assert be.connections == 2, "a connection idle past the new idleTimeout was reused"
+
+
+async def test_local_reply_bodies_count_in_bytes_sent(nursery):
+    """Envoy's BYTES_SENT counts the body of a reply the proxy made itself: a connect failure's 503
+    (the route's cluster has nothing listening), and nothing for HEAD, whose reply has no body."""
+    log = RecordingLog()
+    snap = make_snapshot({"dead": [1]}, [prefix_route(b"/", {"dead": 100})])
+    proxy = await start_proxy(nursery, snap, access_log=log)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    async with stream:
+        got = b""
+        await stream.send_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\nHEAD / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    first, _, second = got.partition(b"HTTP/1.1 503", )[2].partition(b"HTTP/1.1 503")
+    body = first.partition(b"\r\n\r\n")[2]
+    assert body.startswith(b"upstream connect error") and second.endswith(b"\r\n\r\n"), got
+    assert [(ctx.request.method, ctx.status, ctx.bytes_sent) for ctx in log.contexts] == [
+        (b"GET", 503, len(body)), (b"HEAD", 503, 0)]
+
+
+async def test_a_malformed_head_reply_counts_its_body(nursery):
+    log = RecordingLog()
+    proxy, _, _ = await _setup(nursery, access_log=log)
+    stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+    async with stream:
+        await stream.send_all(b"GET / HTTP/1.1\r\nbad header line\r\n\r\n")
+        got = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    assert got.startswith(b"HTTP/1.1 400") and got.endswith(b"\r\n\r\nBad Request"), got
+    (ctx,) = log.contexts
+    assert (ctx.status, ctx.bytes_sent) == (400, len(b"Bad Request"))

@@ -164,7 +164,7 @@ async def test_overflow_is_503_uo_at_once_and_counted(nursery):
     async def one():
         t0 = trio.current_time()
         r = await Client(proxy.port).request("/")
-        results.append((r.status, trio.current_time() - t0, r.body))
+        results.append((r.status, trio.current_time() - t0, r.body, r.header("x-envoy-overloaded")))
 
     async with trio.open_nursery() as n:
         for _ in range(8):
@@ -172,8 +172,11 @@ async def test_overflow_is_503_uo_at_once_and_counted(nursery):
     ok = [r for r in results if r[0] == 200]
     over = [r for r in results if r[0] == 503]
     assert len(ok) == 2 and len(over) == 6, results  # one on the connection, one pending
-    assert all(t < 0.25 for _, t, _ in over), "overflow is answered at once, not queued (the upstream takes 0.3 s)"
-    assert all(b"overflow" in body for _, _, body in over)
+    assert all(t < 0.25 for _, t, _, _ in over), "overflow is answered at once, not queued (the upstream takes 0.3 s)"
+    assert all(b"overflow" in body for _, _, body, _ in over)
+    # Envoy's router marks what a circuit breaker dropped; responses that went through do not say so
+    assert [overloaded for *_, overloaded in over] == ["true"] * 6
+    assert [overloaded for *_, overloaded in ok] == [None, None]
     assert proxy.counter("triomesh_upstream_rq_pending_overflow_total", cluster=CLUSTER) == 6
     assert proxy.counter("triomesh_response_flags_total", flag="UO") == 6
     assert be.connections == 1
@@ -263,12 +266,13 @@ async def test_http2_max_requests_limits_active_requests_for_every_protocol(nurs
     statuses = []
 
     async def one():
-        statuses.append((await Client(proxy.port).request("/")).status)
+        r = await Client(proxy.port).request("/")
+        statuses.append((r.status, r.header("x-envoy-overloaded")))
 
     async with trio.open_nursery() as n:
         for _ in range(5):
             n.start_soon(one)
-    assert sorted(statuses) == [200, 200, 503, 503, 503]
+    assert sorted(statuses, key=str) == [(200, None), (200, None), (503, "true"), (503, "true"), (503, "true")]
     assert proxy.counter("triomesh_upstream_rq_overflow_total", cluster=CLUSTER) == 3
 
 
@@ -317,7 +321,8 @@ async def test_retry_budget_caps_concurrent_retries(nursery):
     statuses = []
 
     async def one():
-        statuses.append((await Client(proxy.port).request("/")).status)
+        r = await Client(proxy.port).request("/")
+        statuses.append((r.status, r.header("x-envoy-overloaded")))
 
     async with trio.open_nursery() as n:
         for _ in range(5):
@@ -325,7 +330,8 @@ async def test_retry_budget_caps_concurrent_retries(nursery):
     # 5 requests in flight, 10 % of them is 0 retries, but minRetryConcurrency allows one at a time
     assert proxy.counter("triomesh_upstream_rq_retry_total", cluster=CLUSTER) == 1
     assert proxy.counter("triomesh_upstream_rq_retry_overflow_total", cluster=CLUSTER) == 4
-    assert statuses == [503] * 5
+    # a retry the budget refuses is not a drop: the upstream's own 503 reaches the client, unmarked
+    assert statuses == [(503, None)] * 5
 
 
 async def test_generated_cookie_attributes(nursery):

@@ -181,9 +181,10 @@ def destination_rule(name: str, host: str, **spec: Any) -> dict:
 
 
 class Proxy:
-    def __init__(self, plane: DataPlane, port: int) -> None:
+    def __init__(self, plane: DataPlane, port: int, proxy_labels: dict[str, str] | None = None) -> None:
         self.plane = plane
         self.port = port
+        self.proxy_labels = proxy_labels
 
     def counter(self, name: str, **labels: str) -> int:
         return self.plane.stats.counter(name, **labels).value
@@ -192,13 +193,14 @@ class Proxy:
         return self.plane.stats.gauge(name, **labels).value
 
     def apply(self, *docs: dict) -> Snapshot:
-        snap = compile_docs(gateway(), *docs)
+        snap = compile_docs(gateway(), *docs, proxy_labels=self.proxy_labels)
         self.plane.holder.swap(snap)
         return snap
 
 
-async def start(nursery: trio.Nursery, *docs: dict, settings: HttpSettings | None = None) -> Proxy:
-    snap = compile_docs(gateway(), *docs)
+async def start(nursery: trio.Nursery, *docs: dict, settings: HttpSettings | None = None,
+                proxy_labels: dict[str, str] | None = None) -> Proxy:
+    snap = compile_docs(gateway(), *docs, proxy_labels=proxy_labels)
     assert any(l.name == LISTENER for l in snap.listeners)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -208,4 +210,4 @@ async def start(nursery: trio.Nursery, *docs: dict, settings: HttpSettings | Non
     plane = DataPlane(SnapshotHolder(snap), Stats(), None, settings)
     plane.background = nursery
     await nursery.start(serve_listener, sock, LISTENER, plane)
-    return Proxy(plane, port)
+    return Proxy(plane, port, proxy_labels)

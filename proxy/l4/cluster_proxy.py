@@ -1,0 +1,110 @@
+"""Proxy one accepted TCP connection to a cluster: the one endpoint pick (ClusterRuntime.pick),
+connectionPool.tcp.maxConnections, DNS endpoints resolved when connecting, outlier feedback.
+
+Used by every TCP route: a transparent sidecar's captured connections and a Gateway's TCP servers.
+The caller chose the cluster (its route); this module owns the socket from then on.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+
+import structlog
+import trio
+
+from proxy.config.snapshot import Snapshot
+from proxy.l4.addrs import UpstreamAddr
+from proxy.l4.tcp_proxy import TcpProxyStats, proxy_to_upstream
+from proxy.l7.dataplane import ConnectionPick
+
+log = structlog.get_logger("triomesh.l4")
+
+_LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close() sends RST
+
+
+class Outcome(enum.Enum):
+    """What became of a connection handed to `proxy_to_cluster` (the `action` label of the callers'
+    connection counters)."""
+
+    PROXIED = "tcp"  # connected (or tried to: a connect failure is the TCP proxy's to count)
+    NO_HEALTHY_UPSTREAM = "no_healthy_upstream"  # no cluster, no endpoint, or a DNS name not resolved
+    OVERFLOW = "overflow"  # tcp.maxConnections reached
+
+
+async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket, client_ip: str,
+                           original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
+                           idle_timeout_s: float | None, initial: bytes = b"") -> Outcome:
+    """Pick an endpoint of `cluster_name` for this connection and proxy `sock` to it until both
+    sides are done. Takes ownership of `sock`: refused connections are reset, as Envoy's tcp_proxy
+    resets a connection it cannot forward. `original_destination`: where the client was going
+    before a capture redirect (resolution NONE clusters go there), None at a gateway."""
+    crt = plane.runtime(snapshot).clusters.get(cluster_name)
+    cluster = crt.cluster if crt is not None else None
+    if cluster is None or (not cluster.endpoints and (cluster.resolution != "NONE" or original_destination is None)):
+        reset(sock)
+        return Outcome.NO_HEALTHY_UPSTREAM
+    endpoint = None
+    if cluster.endpoints:
+        # the one endpoint pick: balancer, hashing on the source IP, outlier ejections
+        endpoint = crt.pick(ConnectionPick(client_ip.encode(), original_destination), plane.in_flight_of)
+        if endpoint is None:
+            reset(sock)
+            return Outcome.NO_HEALTHY_UPSTREAM
+        upstream = UpstreamAddr(endpoint.address, endpoint.port)
+    else:  # resolution NONE: the app resolved the name itself; go where it was going
+        upstream = UpstreamAddr(*original_destination)
+    limit = crt.pool_limits.max_connections
+    if limit is not None and crt.cx_active.value >= limit:  # connectionPool.tcp.maxConnections
+        crt.rq_pending_overflow.value += 1
+        reset(sock)
+        return Outcome.OVERFLOW
+    if not is_ip(upstream.ip):
+        # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
+        try:
+            infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.info("tcp upstream not resolved", cluster=cluster_name, host=upstream.ip, error=str(exc))
+            reset(sock)
+            return Outcome.NO_HEALTHY_UPSTREAM
+        # IPv4 first when the name has both (Envoy's V4_PREFERRED; Istio asks V4_ONLY outside
+        # dual-stack meshes)
+        info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
+        upstream = UpstreamAddr.from_sockaddr(info[4])
+    in_flight = plane.in_flight
+    crt.cx_active.value += 1
+    crt.cx_total.value += 1
+    if endpoint is not None:
+        in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
+    try:
+        result = await proxy_to_upstream(sock, upstream, connect_timeout_s=cluster.connect_timeout_s,
+                                         idle_timeout_s=idle_timeout_s, downstream_prefix=initial, stats=stats)
+    finally:
+        crt.cx_active.value -= 1
+        if endpoint is not None:
+            in_flight[endpoint.key] -= 1
+    if endpoint is not None:  # connect failures and timeouts reach the outlier detector
+        failed = result.error is not None and result.error.response_flag in ("UF", "UT")
+        crt.record(endpoint, 503 if failed else 200, failed)
+    if result.error is not None and result.error.source == "upstream":
+        log.info("tcp upstream failed", cluster=cluster_name, upstream=str(upstream),
+                 flag=result.error.response_flag, error=str(result.error))
+    return Outcome.PROXIED
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the client sees the connection refused, not a clean end."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    sock.close()

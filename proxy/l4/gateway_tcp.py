@@ -1,0 +1,94 @@
+"""A Gateway's TCP servers (protocol TCP, MONGO, MYSQL, REDIS): each connection takes its listener's
+VirtualService `tcp` route (a weighted pick of one destination cluster) to the TCP proxy.
+
+The snapshot is read once per connection, when it is accepted. A listener without a route (no tcp
+route applies to the server) closes each connection at once, as Envoy closes a connection that
+finds no filter chain.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+
+import structlog
+import trio
+
+from proxy.config.snapshot import Listener, Snapshot
+from proxy.l4.accept import accept_connections
+from proxy.l4.cluster_proxy import proxy_to_cluster
+from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats
+from proxy.stats import HELP, Counter, Stats
+
+HELP.setdefault("triomesh_gateway_tcp_cx_total",
+                "Connections to Gateway TCP servers, by listener and what was done with them.")
+
+log = structlog.get_logger("triomesh.l4")
+
+NO_ROUTE = "no_route"
+
+
+class GatewayTcpServer:
+    """Serves one worker's Gateway TCP listeners. `plane` is the worker's DataPlane (snapshot,
+    cluster runtimes, endpoint load)."""
+
+    def __init__(self, plane, stats: Stats, connections: trio.Nursery, *,
+                 idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S, rand_below=random.randrange) -> None:
+        self.plane = plane
+        self.stats = stats
+        self.connections = connections
+        self.idle_timeout_s = idle_timeout_s
+        self.rand_below = rand_below  # uniform in [0, n): the weighted destination pick
+        self._snapshot: Snapshot | None = None
+        self._listeners: dict[str, Listener] = {}
+        self._tcp_stats: dict[str, TcpProxyStats] = {}
+        self._counters: dict[tuple[str, str], Counter] = {}
+
+    async def serve(self, sock, listener_name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept on a Gateway TCP listener's socket until cancelled (the ListenerManager's serve fn)."""
+
+        def on_connection(csock: socket.socket) -> None:
+            self.connections.start_soon(self._handle, listener_name, csock)
+
+        await accept_connections(sock, listener_name, on_connection, task_status=task_status)
+
+    def _listener(self, snapshot: Snapshot, name: str) -> Listener | None:
+        if snapshot is not self._snapshot:
+            self._listeners = {l.name: l for l in snapshot.listeners}
+            self._snapshot = snapshot
+        return self._listeners.get(name)
+
+    def _count(self, listener: str, action: str) -> None:
+        c = self._counters.get((listener, action))
+        if c is None:
+            c = self._counters[(listener, action)] = self.stats.counter(
+                "triomesh_gateway_tcp_cx_total", listener=listener, action=action)
+        c.value += 1
+
+    def _tcp(self, cluster: str) -> TcpProxyStats:
+        s = self._tcp_stats.get(cluster)
+        if s is None:
+            s = self._tcp_stats[cluster] = TcpProxyStats(self.stats, cluster)
+        return s
+
+    async def _handle(self, listener_name: str, sock: socket.socket) -> None:
+        try:
+            snapshot = self.plane.holder.current
+            listener = self._listener(snapshot, listener_name)
+            route = listener.tcp_route if listener is not None else None
+            if route is None:
+                self._count(listener_name, NO_ROUTE)
+                sock.close()
+                return
+            try:
+                client_ip = sock.getpeername()[0]
+            except OSError:  # the client already left
+                sock.close()
+                return
+            cluster = route.pick_cluster(self.rand_below)
+            outcome = await proxy_to_cluster(self.plane, snapshot, cluster, sock, client_ip, None,
+                                             stats=self._tcp(cluster), idle_timeout_s=self.idle_timeout_s)
+            self._count(listener_name, outcome.value)
+        except Exception:  # one connection's bug must never cost the listener
+            log.exception("gateway tcp handler failed", listener=listener_name)
+            sock.close()
