@@ -13,8 +13,9 @@ So an empty Host is valid (RFC 9110 §7.2 even requires one when the target has 
 userinfo (`user@host`), spaces, `/`, `?`, `#`, `\\` or a second `:` are not. A port must also name a
 TCP port (at most 65535): a larger number can only be a mistake or a probe.
 
-Nearly every request carries one of a few Host values, so the valid ones are remembered (a set
-lookup instead of a regex match per request), up to a bound so that a client cannot grow it.
+Nearly every request carries one of a few Host values, so the valid ones are remembered in
+`known_valid_hosts` (a set lookup instead of a regex match per request; the data path looks there
+before it calls `is_valid_host`), up to a bound so that a client cannot grow it.
 """
 
 from __future__ import annotations
@@ -30,17 +31,17 @@ _HOST = re.compile(
 )
 
 _MAX_REMEMBERED = 1024
-_valid_hosts: set[bytes] = set()
+known_valid_hosts: set[bytes] = set()
 
 
 def is_valid_host(value: bytes) -> bool:
     """Whether `value` is a valid Host field value (see the module docstring)."""
-    if value in _valid_hosts:
+    if value in known_valid_hosts:
         return True
     if not _check(value):
         return False
-    if len(_valid_hosts) < _MAX_REMEMBERED:
-        _valid_hosts.add(value)
+    if len(known_valid_hosts) < _MAX_REMEMBERED:
+        known_valid_hosts.add(value)
     return True
 
 

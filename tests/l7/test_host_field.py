@@ -26,8 +26,8 @@ def test_invalid(value):
 
 
 def test_remembered_values_are_bounded(monkeypatch):
-    monkeypatch.setattr(host_field, "_valid_hosts", set())
+    monkeypatch.setattr(host_field, "known_valid_hosts", set())
     for i in range(host_field._MAX_REMEMBERED + 50):
         assert is_valid_host(b"h%d.example" % i)
-    assert len(host_field._valid_hosts) == host_field._MAX_REMEMBERED
+    assert len(host_field.known_valid_hosts) == host_field._MAX_REMEMBERED
     assert not is_valid_host(b"h1.example/")
