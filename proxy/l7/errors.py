@@ -42,6 +42,15 @@ class UnsupportedTransferCoding(BadRequest):
     body = b"Not Implemented"
 
 
+class RequestHeaderTimeout(ProxyError):
+    """Part of a request head arrived, then not the rest within the header-read timeout. Answered
+    408 and closed, with Envoy's wording and, as Envoy, no response flag."""
+
+    status = 408
+    source = "downstream"
+    body = b"request header timeout"
+
+
 class DownstreamDisconnect(ProxyError):
     """The client went away (EOF/reset). No reply is possible."""
 
@@ -51,7 +60,7 @@ class DownstreamDisconnect(ProxyError):
 
 
 class DownstreamTimeout(ProxyError):
-    """Header read or idle timeout on the downstream connection: it is closed without a reply."""
+    """A request body that stopped arriving: the connection is closed without a reply."""
 
     status = 0
     response_flag = "DT"

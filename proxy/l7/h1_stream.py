@@ -3,7 +3,7 @@
 The router (router.py) sees a downstream request only through the stream interface described in
 stream.py; this is its HTTP/1.1 implementation. HTTP/1.1 knowledge that used to sit in the router
 lives here: the response framing the client gets (content-length, chunked for a 1.1 client, close
-for 1.0), `Connection: close` when the connection cannot continue, 100-continue, trailers written
+for 1.0), `Connection: keep-alive` to a kept HTTP/1.0 client, `Connection: close` when the connection cannot continue, 100-continue, trailers written
 in the last chunk (only to a client that said `TE: trailers`), and a reset that closes the
 connection (HTTP/1.1 has no way to end one exchange alone).
 
@@ -73,7 +73,8 @@ class H1Stream:
 
     def start_plain_response(self, status: int, reason: bytes, fields: bytes, length: int) -> None:
         """The head of a plain upstream response, from its forwarded field block (forward_response_head)."""
-        self._head = h1.serialize_plain_response_head(status, reason, fields, length, close=not self.keep_alive)
+        head = h1.serialize_plain_response_head(status, reason, fields, length, close=not self.keep_alive)
+        self._head = head if self.minor_version else self._http10_head(head)
         self._out_kind = h1.LENGTH
 
     def start_response(self, ctx: RequestContext, response: ResponseHead, framing: h1.Framing,
@@ -94,7 +95,18 @@ class H1Stream:
         self._head = h1.serialize_response_head(status, response.reason or reason_phrase(status), response.headers,
                                                 out_framing, close=not self.keep_alive,
                                                 content_length_header=passthrough_length, head_request=head_request)
+        if not self.minor_version:
+            self._head = self._http10_head(self._head)
         self._out_kind = out_kind
+
+    def _http10_head(self, data: bytes) -> bytes:
+        """RFC 9112 §9.3 (and RFC 2068 §19.7.1): an HTTP/1.0 client keeps a connection only when the
+        response says `connection: keep-alive`; without it, it waits for the close that would never
+        come. So a kept HTTP/1.0 connection says so (as Envoy does); `data` starts with a head."""
+        if not self.keep_alive:
+            return data
+        end = data.index(b"\r\n\r\n") + 2
+        return data[:end] + b"connection: keep-alive\r\n" + data[end:]
 
     def send_whole_nowait(self, body: memoryview | None):
         """Send the prepared head and, when given, the whole body (content-length framed) without
@@ -178,6 +190,8 @@ class H1Stream:
                 data += body
         if not generated:
             ctx.response = ResponseHead(status, headers)
+        if not self.minor_version:
+            data = self._http10_head(data)
         try:
             await self.conn.send_all(data)
         except OSError:

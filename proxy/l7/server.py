@@ -39,9 +39,11 @@ from proxy.l7.errors import (
     DownstreamTimeout,
     HeadTooLarge,
     ProxyError,
+    RequestHeaderTimeout,
 )
 from proxy.l7.events import RequestHead
 from proxy.l7.headparser import HeadParseError, parse_request_head
+from proxy.l7.host_field import is_valid_host, known_valid_hosts
 from proxy.l7.h1_stream import H1Stream
 from proxy.l7.h2_server import PRIOR_KNOWLEDGE, is_prior_knowledge, serve_h2_connection
 from proxy.l7.local_reply import local_reply_bytes
@@ -150,9 +152,9 @@ class DownstreamConnection:
             conn.close()
 
     async def _read_head(self):
-        """The parsed head, or None when the connection should just close (EOF, timeout).
-        The idle timeout runs until a head's first byte, then the header-read timeout
-        (deadlines on time.monotonic, enforced by the plane's sweeper)."""
+        """The parsed head, or None when the connection should just close (EOF, idle timeout).
+        The idle timeout runs until a head's first byte, then the header-read timeout, which
+        raises RequestHeaderTimeout (deadlines on time.monotonic, enforced by the plane's sweeper)."""
         conn, settings = self.conn, self.plane.settings
         max_bytes, max_headers = settings.max_head_bytes, settings.max_headers
         in_head = False
@@ -181,6 +183,9 @@ class DownstreamConnection:
             try:
                 n = await conn.fill(wait_first=not avail)
             except ReadTimeout:
+                if in_head:  # an idle connection just closes; a started head gets its answer
+                    raise RequestHeaderTimeout(f"no complete request head within "
+                                               f"{settings.request_headers_timeout_s} s") from None
                 return None
             if n == 0:
                 return None
@@ -190,7 +195,7 @@ class DownstreamConnection:
         plane, conn = self.plane, self.conn
         try:
             parsed = await self._read_head()
-        except (HeadParseError, BadRequest) as e:
+        except (HeadParseError, BadRequest, RequestHeaderTimeout) as e:
             await self._reject_head(e)
             return False
         if parsed is None:
@@ -225,6 +230,11 @@ class DownstreamConnection:
         head = ctx.request
         headers, host, framing, keep_alive, expect_continue, upgrade = h1.classify_request(raw_headers, minor)
         target = head.target
+        if 0x23 in target:  # b"#" as an int: a bytes operand costs a raised and cleared TypeError
+            # RFC 9110 §7.1: a fragment is the client's business and never part of the target. It is
+            # dropped before routing (as Istio's Envoy does), so no route or policy ever sees it.
+            target = target[:target.index(b"#")]
+            head.set_target(target)
         if target[:1] != b"/":
             absolute = _split_absolute_form(target)
             if absolute is not None:
@@ -236,6 +246,8 @@ class DownstreamConnection:
             if minor >= 1:
                 raise BadRequest("HTTP/1.1 request without host")
             host = b""
+        elif host not in known_valid_hosts and not is_valid_host(host):  # RFC 9112 §3.2
+            raise BadRequest(f"invalid host {host[:80]!r}")
         head.authority = host
         head.headers = headers
         body = NO_BODY if framing.kind == h1.NONE else BodyReader(
@@ -244,19 +256,24 @@ class DownstreamConnection:
         return H1Stream(self.conn, body, framing, keep_alive, minor, expect_continue, upgrade, chain)
 
     async def _reject_head(self, e: Exception) -> None:
-        """An unparseable or oversized head: reply (400/431/501) and close, as Envoy's codec does."""
+        """An unparseable, oversized or unfinished head: reply (400/408/431/501) and close, as
+        Envoy's codec does."""
         status = getattr(e, "status", 400)
         body = getattr(e, "body", b"Bad Request") if isinstance(e, ProxyError) else (
             b"Request Header Fields Too Large" if status == 431 else b"Bad Request")
         ctx = RequestContext(self.plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", []),
                              trio.current_time(), time.time())
         ctx.error = e
-        ctx.response_flags.append("DPE")
+        flag = e.response_flag if isinstance(e, ProxyError) else "DPE"
+        if flag != "-":
+            ctx.response_flags.append(flag)
+        if isinstance(e, RequestHeaderTimeout):  # Envoy's downstream_rq_header_timeout
+            self.plane.stats.counter("triomesh_downstream_rq_header_timeout_total").value += 1
         try:
             await self.conn.send_all(local_reply_bytes(status, body, close=True))
             ctx.status = status
             ctx.bytes_sent = len(body)
-        except OSError:
+        except (OSError, ReadTimeout):
             pass
         self.plane.count_downstream(ctx.status, ctx.response_flags)
         if self.plane.access_log is not None:
