@@ -28,6 +28,7 @@ from typing import Iterable, Mapping
 from controlplane.wire import ResourceKey, WireResource, encode_istio
 from proxy.config import hosts
 from proxy.config.load import Resource
+from proxy.config.sidecars import select_sidecar as pick_sidecar
 
 ROOT_NAMESPACE = "istio-system"  # Istio's default meshConfig.rootNamespace
 MESH = "mesh"
@@ -104,21 +105,9 @@ def _of_kind(state: State, kind: str) -> list[StoredResource]:
 
 
 def select_sidecar(state: State, pc: ProxyClass) -> StoredResource | None:
-    sidecars = _of_kind(state, "Sidecar")
-    own = sorted((s for s in sidecars if s.key.namespace == pc.namespace), key=lambda s: s.key.name)
-    for s in own:
-        ws = s.resource.obj.spec.workload_selector
-        if ws is not None and ws.labels and pc.selects(ws.labels):
-            return s
-    for s in own:
-        ws = s.resource.obj.spec.workload_selector
-        if ws is None or not ws.labels:
-            return s
-    for s in sorted((s for s in sidecars if s.key.namespace == ROOT_NAMESPACE), key=lambda s: s.key.name):
-        ws = s.resource.obj.spec.workload_selector
-        if ws is None or not ws.labels:
-            return s
-    return None
+    stored = {id(s.resource): s for s in _of_kind(state, "Sidecar")}
+    chosen = pick_sidecar((s.resource for s in stored.values()), pc.namespace, pc.selects)
+    return stored[id(chosen)] if chosen is not None else None
 
 
 def _egress_scopes(sidecar: StoredResource) -> list[tuple[str, str]] | None:

@@ -54,6 +54,7 @@ from proxy.config.locality import describe as describe_locality_lb
 from proxy.config.locality import proxy_locality
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
 from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
+from proxy.config.sidecars import select_sidecar
 from proxy.config.snapshot import (
     Cluster,
     Endpoint,
@@ -169,6 +170,7 @@ class _Compiler:
                  proxy_namespace: str | None = None) -> None:
         self.bind_address = bind_address
         self.proxy_labels = proxy_labels
+        self.proxy_namespace = proxy_namespace
         self.by_kind: dict[str, list[Resource]] = defaultdict(list)
         for r in items:
             self.by_kind[r.kind].append(r)
@@ -550,6 +552,11 @@ class _Compiler:
                     return
 
     def _applying_sidecars(self) -> list[Resource]:
+        if self.proxy_namespace is not None:  # a workload: the one Sidecar Istio would pick for it
+            chosen = select_sidecar(self.by_kind["Sidecar"], self.proxy_namespace,
+                                    lambda selector: _labels_match(selector, self.proxy_labels))
+            return [chosen] if chosen is not None else []
+        # a standalone edge (no namespace of its own): every Sidecar its labels do not rule out
         out = []
         for r in self.by_kind["Sidecar"]:
             spec: SidecarSpec = r.obj.spec

@@ -75,9 +75,10 @@ def test_corpus_gateway_virtual_services_merge_and_names_resolve_in_their_namesp
 
 
 def test_corpus_sidecar_names_resolve_in_the_sidecar_namespace_first():
-    snap = corpus()
-    for name, own, other in (("127.0.0.1_15001", DEFAULT_CUSTOMER, TUTORIAL_CUSTOMER),
-                             ("127.0.0.1_15002", TUTORIAL_CUSTOMER, DEFAULT_CUSTOMER)):
+    for namespace, name, own, other in (("default", "127.0.0.1_15001", DEFAULT_CUSTOMER, TUTORIAL_CUSTOMER),
+                                        ("tutorial", "127.0.0.1_15002", TUTORIAL_CUSTOMER, DEFAULT_CUSTOMER)):
+        snap = corpus(namespace)  # a workload of that namespace: its namespace's Sidecar, as Istio picks it
+        assert [lst.name for lst in snap.listeners if lst.name.startswith("127.0.0.1_1500")] == [name]
         assert _cluster(route_for(snap, name, head(authority=b"customer"))) == own, name
         assert _cluster(route_for(snap, name, head(authority=b"customer:8080"))) == own, name
         # the other namespace's service stays reachable by its qualified names
@@ -86,8 +87,8 @@ def test_corpus_sidecar_names_resolve_in_the_sidecar_namespace_first():
 
 
 def test_corpus_first_mesh_virtual_service_serves_its_host():
-    snap = corpus()
-    for name in ("127.0.0.1_15001", "127.0.0.1_15002"):
+    for namespace, name in (("default", "127.0.0.1_15001"), ("tutorial", "127.0.0.1_15002")):
+        snap = corpus(namespace)
         route = route_for(snap, name, head(authority=b"recommendation.tutorial"))
         assert (route.virtual_service, _cluster(route)) == ("tutorial/recommendation", "outbound|8080|version-v2|recommendation")
 

@@ -48,12 +48,14 @@ async def test_merged_subsets_and_per_namespace_names_route_to_the_right_backend
                for ns, name, labels in WORKLOADS]
     (tmp_path / "workloads.yaml").write_text(yaml.safe_dump_all(entries))
     resources = load_path(CORPUS) + load_path(tmp_path)
-    snap = compile_resources(resources, version="1", bind_address="127.0.0.1", proxy_namespace="tutorial")
-    plane = DataPlane(SnapshotHolder(snap), Stats(), None, None)
-    plane.background = nursery
-    gateway = Client(await _listen(nursery, plane, "127.0.0.1_8080"))
-    from_default = Client(await _listen(nursery, plane, "127.0.0.1_15001"), host="customer")
-    from_tutorial = Client(await _listen(nursery, plane, "127.0.0.1_15002"), host="customer")
+    planes = {}
+    for namespace in ("tutorial", "default"):  # one proxy per namespace: each gets its namespace's Sidecar
+        snap = compile_resources(resources, version="1", bind_address="127.0.0.1", proxy_namespace=namespace)
+        planes[namespace] = plane = DataPlane(SnapshotHolder(snap), Stats(), None, None)
+        plane.background = nursery
+    gateway = Client(await _listen(nursery, planes["tutorial"], "127.0.0.1_8080"))
+    from_default = Client(await _listen(nursery, planes["default"], "127.0.0.1_15001"), host="customer")
+    from_tutorial = Client(await _listen(nursery, planes["tutorial"], "127.0.0.1_15002"), host="customer")
 
     # gateway: two VirtualServices for shop.example.com, subsets from three DestinationRules
     expected = {
