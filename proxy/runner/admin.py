@@ -22,12 +22,13 @@ class AdminState(Protocol):
     def is_ready(self) -> bool: ...
     async def stats_prometheus(self) -> str: ...
     def config_dump(self) -> dict[str, Any]: ...
-    def start_drain(self, reason: str, *, graceful: bool = True, exit_after: bool = True) -> None: ...
+    def start_drain(self, reason: str, *, exit_after: bool = True) -> None: ...
 
 
 def _drain(state: AdminState, method: bytes, path: bytes, query: bytes) -> Reply:
-    """POST /drain_listeners[?graceful]: drain and stay up (not ready); without `graceful` what is
-    in flight is reset at once. POST /quitquitquit: drain, then exit."""
+    """Envoy's endpoints, with their parameters: POST /drain_listeners?graceful drains, then exits
+    (`&skip_exit`: stays up, not ready); without `graceful` the listeners stop at once and the
+    process stays. POST /quitquitquit: drain, then exit."""
     if method != b"POST":
         return 405, b"text/plain", b"method not allowed: use POST\n"
     params = {p.partition(b"=")[0] for p in query.split(b"&") if p}
@@ -36,7 +37,8 @@ def _drain(state: AdminState, method: bytes, path: bytes, query: bytes) -> Reply
         return 200, b"text/plain", b"OK\n"
     if b"inboundonly" in params:  # no inbound/outbound split of the listeners here: say so, drain nothing
         return 400, b"text/plain", b"inboundonly is not supported: /drain_listeners drains every listener\n"
-    state.start_drain("/drain_listeners", graceful=b"graceful" in params, exit_after=False)
+    graceful = b"graceful" in params
+    state.start_drain("/drain_listeners", exit_after=graceful and b"skip_exit" not in params)
     return 200, b"text/plain", b"OK\n"
 
 

@@ -320,19 +320,19 @@ class Supervisor:
 
     # ---- lifecycle
 
-    def start_drain(self, reason: str, *, graceful: bool = True, exit_after: bool = True) -> None:
-        """Begin draining (once; later calls may only add the exit): /ready answers 503 at once,
+    def start_drain(self, reason: str, *, exit_after: bool = True) -> None:
+        """Begin draining (once; a later call may only add the exit): /ready answers 503 at once,
         every worker stops accepting, closes idle connections, asks busy ones to close after their
-        response (HTTP/2: GOAWAY) and gives them the drain duration (0 when not `graceful`) before
-        it resets what is left and exits. `exit_after`: the process exits once every worker did
-        (SIGTERM, /quitquitquit); otherwise it stays, not ready, for its admin (/drain_listeners)."""
+        response (HTTP/2: GOAWAY), gives them the drain duration, resets what is left and exits.
+        `exit_after`: the process exits once every worker did; otherwise it stays, not ready, for
+        its admin (/drain_listeners?graceful&skip_exit)."""
         if exit_after:
             self._exit.set()
         if self.draining:
             return
         self.draining = True
         self._draining_gauge.value = 1
-        duration_s = self.options.drain_duration_s if graceful else 0.0
+        duration_s = self.options.drain_duration_s
         self.log.info("draining", reason=reason, duration_s=duration_s, exit=exit_after)
         for slot in self.slots:
             self._nursery.start_soon(slot.drain, duration_s)

@@ -159,19 +159,19 @@ def test_h2c_streams_in_flight_get_goaway_and_complete(gateway) -> None:
     assert code == 0
 
 
-def test_drain_listeners_graceful_stays_up_not_ready_then_sigterm_exits(gateway) -> None:
+def test_drain_listeners_graceful_skip_exit_stays_up_not_ready_then_sigterm_exits(gateway) -> None:
     start, port = gateway
     proxy = start("10s")
     requests = Slow(port, "/delay/0.5", 4)
     proxy.wait_for(lambda: _active(proxy) == 4, "4 requests in flight", timeout_s=5)
-    assert proxy.admin("/drain_listeners?graceful", method="POST") == (200, "OK\n")
+    assert proxy.admin("/drain_listeners?graceful&skip_exit", method="POST") == (200, "OK\n")
     assert proxy.admin("/ready")[0] == 503
     proxy.wait_for(lambda: _refused(port), "new connections refused", timeout_s=1)
     requests.join(5)
     assert requests.results == [(200, "close")] * 4
     proxy.wait_for(lambda: all(w["pid"] is None for w in proxy.config_dump()["workers"]), "workers drained",
                    timeout_s=5)
-    assert proxy.proc.poll() is None  # Envoy's /drain_listeners does not exit; the admin still answers
+    assert proxy.proc.poll() is None  # skip_exit: the admin still answers
     assert proxy.admin("/ready")[0] == 503
     assert sum(proxy.stats("triomesh_draining").values()) == 1
     assert sum(proxy.stats("triomesh_drain_cx_reset_total").values()) == 0
@@ -190,12 +190,14 @@ def test_drain_listeners_needs_post_and_refuses_inboundonly(gateway) -> None:
     assert proxy.admin("/ready")[0] == 200  # none of these started a drain
 
 
-def test_quitquitquit_drains_and_exits(gateway) -> None:
+@pytest.mark.parametrize("path", ["/quitquitquit", "/drain_listeners?graceful"])
+def test_quitquitquit_and_drain_listeners_graceful_drain_and_exit(gateway, path: str) -> None:
     start, port = gateway
     proxy = start("10s")
     requests = Slow(port, "/delay/0.5", 4)
     proxy.wait_for(lambda: _active(proxy) == 4, "4 requests in flight", timeout_s=5)
-    assert proxy.admin("/quitquitquit", method="POST") == (200, "OK\n")
+    assert proxy.admin(path, method="POST") == (200, "OK\n")
+    assert proxy.admin("/ready")[0] == 503
     requests.join(5)
     assert requests.results == [(200, "close")] * 4
     code, took_s = _wait_exit(proxy, 5)
