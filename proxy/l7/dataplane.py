@@ -311,12 +311,10 @@ class DataPlane:
         for connection in list(self.downstream):
             connection.drain()
 
-    def reset_downstream(self) -> int:
-        """The drain deadline: reset every HTTP connection still open; returns how many."""
-        open_now = list(self.downstream)
-        for connection in open_now:
+    def reset_downstream(self) -> None:
+        """The drain deadline: reset every HTTP connection still open."""
+        for connection in list(self.downstream):
             connection.conn.reset()
-        return len(open_now)
 
     def spawn(self, fn, *args) -> None:
         if self.background is not None:

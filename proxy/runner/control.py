@@ -40,8 +40,8 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
 
 
 class Drain(msgspec.Struct, tag="drain"):
-    """Stop accepting, let what is in flight finish for up to `duration_s`, reset the rest, then
-    answer Drained. The worker keeps running (stats, Shutdown) but never listens again."""
+    """Stop accepting, let what is in flight finish for up to `duration_s`, reset the rest, answer
+    Drained and exit. Meanwhile the worker still answers GetStats and Shutdown (which cuts it short)."""
 
     duration_s: float
 

@@ -115,7 +115,7 @@ class ListenerManager:
         connections live in the worker-wide nursery and go on."""
         closing = list(self._active.items())
         self._active.clear()
-        for name, active in closing:
+        for _, active in closing:
             active.scope.cancel()
         for name, active in closing:
             await active.closed.wait()

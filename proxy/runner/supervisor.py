@@ -14,6 +14,12 @@ pushed resource set to `apply_pushed`, which compiles it with this proxy's label
 worker as sources (the same LoadConfig as a file reload) and returns once the workers serve it, so
 the ACK means "served"; a refusal raises, and the client NACKs with the error text. Files are then
 not watched and SIGHUP only re-sends the current config to workers that are behind.
+
+A drain (SIGTERM/SIGINT, POST /quitquitquit or /drain_listeners) sends every worker Drain: it stops
+accepting, lets its connections finish for up to the drain duration, resets the rest and exits (see
+proxy/runner/worker.py). From its first moment /ready answers 503, configs are no longer applied and
+dead workers are not restarted; the supervisor exits once every worker did, unless asked to stay
+(`skip_exit`). A second signal stops the workers at once.
 """
 
 from __future__ import annotations
@@ -158,6 +164,9 @@ class Supervisor:
                       files=[name for name, _ in active.sources], listeners=[l.name for l in active.snapshot.listeners])
 
     async def reload(self, reason: str) -> None:
+        if self.draining:
+            self.log.info("config_reload_ignored", reason=reason, detail="draining")
+            return
         if self.options.controlplane is not None:
             # the control plane is the source; a bootstrap file must not replace what it pushed
             if self.active is not None:
