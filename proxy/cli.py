@@ -62,6 +62,18 @@ def _positive(text: str) -> int:
     return n
 
 
+def _duration_s(text: str) -> float:
+    """Seconds, as Istio writes durations ("5s", "500ms") or a plain number of seconds."""
+    number, scale = (text[:-2], 0.001) if text.endswith("ms") else (text[:-1], 1.0) if text.endswith("s") else (text, 1.0)
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a duration such as 5s, 500ms or 5, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triomesh", description="a service mesh data plane on Trio")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bind-address", default="0.0.0.0", help="address the Gateway listeners bind (default 0.0.0.0)")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 15000),
                    help="HOST:PORT of the admin listener (default 127.0.0.1:15000)")
+    p.add_argument("--drain-duration", type=_duration_s, default=5.0, metavar="DURATION",
+                   help="on SIGTERM, /quitquitquit or /drain_listeners?graceful: how long connections in flight "
+                        "get to finish before they are reset (Istio's terminationDrainDuration; default 5s)")
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format (default json)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="format of the proxy's own log lines")
@@ -135,6 +150,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         labels=dict(args.labels),
         register=args.register,
+        drain_duration_s=args.drain_duration,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
              controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())

@@ -35,6 +35,8 @@ HELP = {
     "triomesh_upstream_cx_connect_fail_total": "Upstream connection attempts that failed, by cluster.",
     "triomesh_response_flags_total": "Requests by Envoy-style response flag (UF, UH, NR, ...).",
     "triomesh_config_reloads_total": "Config reloads, by result (applied, rejected).",
+    "triomesh_draining": "1 from the moment a drain starts (SIGTERM, /drain_listeners, /quitquitquit).",
+    "triomesh_drain_cx_reset_total": "Connections still open at the drain deadline, reset.",
     "triomesh_upstream_rq_retry_total": "Retries sent upstream, by cluster.",
     "triomesh_upstream_rq_retry_success_total": "Requests that succeeded after at least one retry, by cluster.",
     "triomesh_upstream_rq_retry_overflow_total": "Retries not sent because connectionPool.http.maxRetries was reached, by cluster.",

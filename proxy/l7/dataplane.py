@@ -302,12 +302,27 @@ class DataPlane:
         self._rq_by_code: dict[int, Counter] = {}
         self._by_flag: dict[str, Counter] = {}
         self.h2_connections = stats.gauge("triomesh_downstream_cx_http2_active")
+        # a drain (proxy/runner) sets it once: every HTTP/1.1 response then says `connection: close`
+        # and HTTP/2 connections get GOAWAY; `downstream` holds the open HTTP connections it reaches
+        self.draining = False
+        self.downstream: set = set()
         self._h2_mitigations: dict[str, Counter] = {}
         self._grpc_by_status: dict[bytes, Counter] = {}
         # where fire-and-forget work (mirrored requests) runs; the runner may set a nursery, else
         # each task is a Trio system task (a mirror never fails or delays the request it copies)
         self.background: trio.Nursery | None = None
         self.mirrors_in_flight = 0
+
+    def start_drain(self) -> None:
+        """From now on no connection is kept alive: idle ones close, busy ones after their response."""
+        self.draining = True
+        for connection in list(self.downstream):
+            connection.drain()
+
+    def reset_downstream(self) -> None:
+        """The drain deadline: reset every HTTP connection still open."""
+        for connection in list(self.downstream):
+            connection.conn.reset()
 
     def spawn(self, fn, *args) -> None:
         if self.background is not None:

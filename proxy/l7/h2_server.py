@@ -282,7 +282,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent")
+                 "goaway_sent", "read_scope")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination) -> None:
@@ -302,6 +302,18 @@ class H2ServerConnection(H2Transport):
         self.closing = False  # GOAWAY sent or received: no new streams
         self.quiet: trio.Event | None = None  # set when the last stream ends, for a closing connection
         self.goaway_sent = False  # a connection error: nothing more is read
+        self.read_scope = trio.CancelScope()  # cancelled when a closing connection's last stream ends
+
+    def drain(self) -> None:
+        """The proxy drains: GOAWAY (NO_ERROR, last stream id = the last one accepted); the streams
+        in flight finish, newer ones are refused, and the connection ends with its last stream."""
+        if self.closing:
+            return  # a GOAWAY went out or came in already
+        self.h2.close_connection()
+        self.flush_now()
+        self.closing = True
+        if not self.streams:
+            self.read_scope.cancel()
 
     def on_lost(self, why: str) -> None:
         if self.quiet is not None:
@@ -326,7 +338,8 @@ class H2ServerConnection(H2Transport):
                 self.nursery = nursery
                 nursery.start_soon(self.writer)
                 try:
-                    await self._read_loop()
+                    with self.read_scope:
+                        await self._read_loop()
                 except (OSError, ReadTimeout):
                     self.lost("connection closed by the client")
                     return
@@ -351,6 +364,8 @@ class H2ServerConnection(H2Transport):
                     self._protocol_error(e)
                     return
                 self._handle(events)
+                if self.plane.draining and not self.closing:  # began as h2c after the drain started
+                    self.drain()
                 self.flush_now()  # answers to control frames: the flood accounting counts on it
                 if self.error is not None or self.goaway_sent or (self.closing and not self.streams):
                     return
@@ -515,8 +530,11 @@ class H2ServerConnection(H2Transport):
             pass
         finally:
             del self.streams[stream.stream_id]
-            if not self.streams and self.quiet is not None:
-                self.quiet.set()
+            if not self.streams:
+                if self.quiet is not None:
+                    self.quiet.set()
+                elif self.closing:  # GOAWAY said or heard, the last stream is done: stop reading
+                    self.read_scope.cancel()
             if not stream.ended and self.error is None:
                 self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
             body = stream.body
@@ -532,4 +550,4 @@ async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, 
     await H2ServerConnection(plane, listener_name, conn, client, client_ip, original_destination).run()
 
 
-__all__ = ["PRIOR_KNOWLEDGE", "H2Stream", "is_prior_knowledge", "serve_h2_connection"]
+__all__ = ["PRIOR_KNOWLEDGE", "H2ServerConnection", "H2Stream", "is_prior_knowledge", "serve_h2_connection"]

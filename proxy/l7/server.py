@@ -45,7 +45,7 @@ from proxy.l7.events import RequestHead
 from proxy.l7.headparser import HeadParseError, parse_request_head
 from proxy.l7.host_field import is_valid_host, known_valid_hosts
 from proxy.l7.h1_stream import H1Stream
-from proxy.l7.h2_server import PRIOR_KNOWLEDGE, is_prior_knowledge, serve_h2_connection
+from proxy.l7.h2_server import PRIOR_KNOWLEDGE, H2ServerConnection, is_prior_knowledge
 from proxy.l7.local_reply import local_reply_bytes
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
@@ -92,6 +92,14 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
         lsock.close()
 
 
+def _request_arriving(sock: socket.socket) -> bool:
+    """Bytes wait in the kernel (a request the task has not read yet): a drain lets it be served."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # EAGAIN: nothing there; anything else: the connection is gone anyway
+        return False
+
+
 def _format_addr(addr) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         host = addr[0]
@@ -118,7 +126,7 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination")
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination", "stream", "h2")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"",
                  original_destination: tuple[str, int] | None = None) -> None:
@@ -128,11 +136,24 @@ class DownstreamConnection:
         self.conn = Conn(sock, initial, plane.reactor, plane.sweeper, plane.settings.stream_idle_timeout_s)
         self.client = _format_addr(addr)
         self.client_ip = str(addr[0]).encode() if isinstance(addr, tuple) else b""
+        self.stream: H1Stream | None = None  # the request being served, None between requests
+        self.h2: H2ServerConnection | None = None  # once the connection turned out to be h2c
+
+    def drain(self) -> None:
+        """The proxy drains: an idle connection closes now, a busy one after its response, which
+        says `connection: close`; HTTP/2 gets GOAWAY."""
+        if self.h2 is not None:
+            self.h2.drain()
+        elif self.stream is not None:
+            self.stream.keep_alive = False
+        elif not self.conn.buffered and not _request_arriving(self.conn.sock):
+            self.conn.expire()  # waiting for a next request: its read ends, the connection closes
 
     async def run(self) -> None:
         plane = self.plane
         plane.downstream_cx_total.value += 1
         plane.downstream_cx_active.value += 1
+        plane.downstream.add(self)
         conn = self.conn
         try:
             try:
@@ -149,6 +170,7 @@ class DownstreamConnection:
             conn.reset()
         finally:
             plane.downstream_cx_active.value -= 1
+            plane.downstream.discard(self)
             conn.close()
 
     async def _read_head(self):
@@ -201,8 +223,9 @@ class DownstreamConnection:
         if parsed is None:
             return False
         if parsed is PRIOR_KNOWLEDGE:
-            await serve_h2_connection(plane, self.listener_name, conn, self.client, self.client_ip,
-                                      self.original_destination)
+            self.h2 = H2ServerConnection(plane, self.listener_name, conn, self.client, self.client_ip,
+                                         self.original_destination)
+            await self.h2.run()
             return False
         end, method, target, minor, raw_headers = parsed
         conn.pos = end
@@ -221,7 +244,12 @@ class DownstreamConnection:
                 return await reply_for_error(ctx, e, stream)
             finally:
                 finish(plane, ctx)
-        return await serve_request(plane, ctx, stream, rt.clusters)
+        if plane.draining:
+            stream.keep_alive = False
+        self.stream = stream
+        keep = await serve_request(plane, ctx, stream, rt.clusters)
+        self.stream = None
+        return keep and not plane.draining  # a drain that began while the head was being written
 
     def _prepare(self, ctx: RequestContext, raw_headers, minor: int, chain: Chain | None) -> H1Stream:
         """Validate the head (Host, framing), strip hop-by-hop fields, decide keep-alive."""

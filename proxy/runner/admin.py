@@ -1,5 +1,6 @@
 """The admin listener: a tiny HTTP/1.1 server (h11 on Trio; not the data path) for /ready,
-/stats/prometheus and /config_dump, answering from what the supervisor knows."""
+/stats/prometheus and /config_dump, answering from what the supervisor knows, and POST
+/drain_listeners and /quitquitquit (Envoy's names) that start a drain."""
 
 from __future__ import annotations
 
@@ -21,10 +22,30 @@ class AdminState(Protocol):
     def is_ready(self) -> bool: ...
     async def stats_prometheus(self) -> str: ...
     def config_dump(self) -> dict[str, Any]: ...
+    def start_drain(self, reason: str, *, exit_after: bool = True) -> None: ...
+
+
+def _drain(state: AdminState, method: bytes, path: bytes, query: bytes) -> Reply:
+    """Envoy's endpoints, with their parameters: POST /drain_listeners?graceful drains, then exits
+    (`&skip_exit`: stays up, not ready); without `graceful` the listeners stop at once and the
+    process stays. POST /quitquitquit: drain, then exit."""
+    if method != b"POST":
+        return 405, b"text/plain", b"method not allowed: use POST\n"
+    params = {p.partition(b"=")[0] for p in query.split(b"&") if p}
+    if path == b"/quitquitquit":
+        state.start_drain("/quitquitquit")
+        return 200, b"text/plain", b"OK\n"
+    if b"inboundonly" in params:  # no inbound/outbound split of the listeners here: say so, drain nothing
+        return 400, b"text/plain", b"inboundonly is not supported: /drain_listeners drains every listener\n"
+    graceful = b"graceful" in params
+    state.start_drain("/drain_listeners", exit_after=graceful and b"skip_exit" not in params)
+    return 200, b"text/plain", b"OK\n"
 
 
 async def route(state: AdminState, method: bytes, target: bytes) -> Reply:
-    path = target.partition(b"?")[0]
+    path, _, query = target.partition(b"?")
+    if path in (b"/drain_listeners", b"/quitquitquit"):
+        return _drain(state, method, path, query)
     if method not in (b"GET", b"HEAD"):
         return 405, b"text/plain", b"method not allowed\n"
     if path == b"/ready":

@@ -39,6 +39,13 @@ class Shutdown(msgspec.Struct, tag="shutdown"):
     pass
 
 
+class Drain(msgspec.Struct, tag="drain"):
+    """Stop accepting, let what is in flight finish for up to `duration_s`, reset the rest, answer
+    Drained and exit. Meanwhile the worker still answers GetStats and Shutdown (which cuts it short)."""
+
+    duration_s: float
+
+
 # worker -> supervisor
 
 class ConfigApplied(msgspec.Struct, tag="config_applied"):
@@ -54,6 +61,13 @@ class ConfigFailed(msgspec.Struct, tag="config_failed"):
     error: str
 
 
+class Drained(msgspec.Struct, tag="drained"):
+    """The worker's drain ended: `active_at_deadline` connections were still open and were reset
+    (0: everything finished in time)."""
+
+    active_at_deadline: int
+
+
 StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int]
 
 
@@ -62,7 +76,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
     rows: list[StatsRow]
 
 
-Message = Union[LoadConfig, GetStats, Shutdown, ConfigApplied, ConfigFailed, StatsReply]
+Message = Union[LoadConfig, GetStats, Shutdown, Drain, ConfigApplied, ConfigFailed, StatsReply, Drained]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

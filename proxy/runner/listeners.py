@@ -110,6 +110,17 @@ class ListenerManager:
             self._log.info("listener_added", listener=name, address=f"{listener.address}:{listener.port}")
         return errors
 
+    async def close_all(self) -> None:
+        """Stop accepting on every listener (a drain); returns once their sockets are closed. Their
+        connections live in the worker-wide nursery and go on."""
+        closing = list(self._active.items())
+        self._active.clear()
+        for _, active in closing:
+            active.scope.cancel()
+        for name, active in closing:
+            await active.closed.wait()
+            self._log.info("listener_closed", listener=name, reason="drain")
+
     async def _run(self, serve: ServeFn, sock: trio.socket.SocketType, name: str, active: _Active,
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

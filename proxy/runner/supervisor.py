@@ -14,6 +14,12 @@ pushed resource set to `apply_pushed`, which compiles it with this proxy's label
 worker as sources (the same LoadConfig as a file reload) and returns once the workers serve it, so
 the ACK means "served"; a refusal raises, and the client NACKs with the error text. Files are then
 not watched and SIGHUP only re-sends the current config to workers that are behind.
+
+A drain (SIGTERM/SIGINT, POST /quitquitquit or /drain_listeners) sends every worker Drain: it stops
+accepting, lets its connections finish for up to the drain duration, resets the rest and exits (see
+proxy/runner/worker.py). From its first moment /ready answers 503, configs are no longer applied and
+dead workers are not restarted; the supervisor exits once every worker did, unless asked to stay
+(`skip_exit`). A second signal stops the workers at once.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from proxy.stats import Stats, merge, render_prometheus
 CONFIG_POLL_INTERVAL_S = 1.0
 STATS_TIMEOUT_S = 2.0
 WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
+DEFAULT_DRAIN_DURATION_S = 5.0  # Istio's terminationDrainDuration default
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class ProxyOptions:
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
     register: str | None = None  # the workload address to register as a WorkloadEntry
+    drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,9 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self.node = None  # proxy.xds.client.NodeInfo
         self._reload_send, self._reload_receive = trio.open_memory_channel[str](1)
+        self.draining = False  # from the first moment of a drain: /ready 503, no reloads, no restarts
+        self._draining_gauge = self.stats.gauge("triomesh_draining")
+        self._exit = trio.Event()  # set by SIGTERM/SIGINT or /quitquitquit: exit once drained
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         self.slots = [WorkerSlot(i, worker_args=worker_args, current_config=self._load_message,
@@ -153,6 +164,9 @@ class Supervisor:
                       files=[name for name, _ in active.sources], listeners=[l.name for l in active.snapshot.listeners])
 
     async def reload(self, reason: str) -> None:
+        if self.draining:
+            self.log.info("config_reload_ignored", reason=reason, detail="draining")
+            return
         if self.options.controlplane is not None:
             # the control plane is the source; a bootstrap file must not replace what it pushed
             if self.active is not None:
@@ -175,7 +189,7 @@ class Supervisor:
         await self._push_to_workers(self._load_message())
 
     async def _push_to_workers(self, message: control.LoadConfig | None) -> None:
-        if message is None:
+        if message is None or self.draining:
             return
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
@@ -213,6 +227,8 @@ class Supervisor:
                       resources=len(resources), listeners=[l.name for l in snapshot.listeners])
         message = self._load_message()
         await self._push_to_workers(message)
+        if self.draining:
+            return  # the workers drain and will not serve it; nothing to wait for
         with trio.move_on_after(WORKER_APPLY_TIMEOUT_S) as scope:
             for slot in self.slots:
                 await slot.wait_config(version)
@@ -267,7 +283,7 @@ class Supervisor:
 
     def is_ready(self) -> bool:
         a = self.active
-        return a is not None and all(slot.version == a.version and not slot.listener_errors for slot in self.slots)
+        return not self.draining and a is not None and all(slot.version == a.version and not slot.listener_errors for slot in self.slots)
 
     async def stats_prometheus(self) -> str:
         exports: list[list] = [self.stats.export()]
@@ -313,14 +329,34 @@ class Supervisor:
 
     # ---- lifecycle
 
+    def start_drain(self, reason: str, *, exit_after: bool = True) -> None:
+        """Begin draining (once; a later call may only add the exit): /ready answers 503 at once,
+        every worker stops accepting, closes idle connections, asks busy ones to close after their
+        response (HTTP/2: GOAWAY), gives them the drain duration, resets what is left and exits.
+        `exit_after`: the process exits once every worker did; otherwise it stays, not ready, for
+        its admin (/drain_listeners?graceful&skip_exit)."""
+        if exit_after:
+            self._exit.set()
+        if self.draining:
+            return
+        self.draining = True
+        self._draining_gauge.value = 1
+        duration_s = self.options.drain_duration_s
+        self.log.info("draining", reason=reason, duration_s=duration_s, exit=exit_after)
+        for slot in self.slots:
+            self._nursery.start_soon(slot.drain, duration_s)
+
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
+                name = signal.Signals(signum).name
                 if signum == signal.SIGHUP:
                     self.request_reload("SIGHUP")
-                else:
-                    self.log.info("shutting_down", signal=signal.Signals(signum).name)
+                elif not self._exit.is_set():
+                    self.start_drain(name)
+                else:  # a second one: what is still in flight is cut now
+                    self.log.info("shutting_down", signal=name, detail="signalled again while draining")
                     for slot in self.slots:
                         await slot.stop()
 
@@ -339,7 +375,8 @@ class Supervisor:
             async with trio.open_nursery() as slots:
                 for slot in self.slots:
                     slots.start_soon(slot.run)
-            # every slot returned: they only do after stop()
+            # every slot returned: they only do once drained or stopped; /drain_listeners stays up
+            await self._exit.wait()
             nursery.cancel_scope.cancel()
         self.log.info("stopped")
 

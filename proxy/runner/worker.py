@@ -2,7 +2,8 @@
 
 Started by the supervisor as `python -m proxy.runner.worker --control-fd N ...` (a fresh interpreter,
 not a fork of the supervisor: no inherited Trio state, threads or sockets besides the control fd).
-The worker exits when the supervisor says Shutdown or the control channel closes (supervisor gone).
+The worker exits when the supervisor says Shutdown, the control channel closes (supervisor gone), or
+a Drain it was sent has ended.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 
 ACCESS_LOG_FLUSH_INTERVAL_S = 1.0
+DRAIN_POLL_INTERVAL_S = 0.05  # how soon after its last connection ends a draining worker reports
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +43,34 @@ async def _flush_access_log(access_log: AccessLog) -> None:
     while True:
         await trio.sleep(ACCESS_LOG_FLUSH_INTERVAL_S)
         access_log.flush()
+
+
+def _active_connections(stats: Stats) -> int:
+    """Downstream connections open now: HTTP (L7) and TCP-proxied (L4, every cluster)."""
+    return sum(value for kind, name, _, value in stats.export()
+               if kind == "gauge" and name in ("triomesh_downstream_cx_active", "triomesh_tcp_downstream_cx_active"))
+
+
+async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: Stats,
+                 channel: control.ControlChannel, log) -> None:
+    """Stop accepting, let what is open finish for up to `duration_s`, reset the HTTP connections
+    still open, report; the worker then exits (the caller cancels it), closing what remains."""
+    await listeners.close_all()  # new connections are refused from here on
+    plane.start_drain()
+    log.info("worker_draining", duration_s=duration_s, active=_active_connections(stats))
+    with trio.move_on_after(duration_s):
+        while _active_connections(stats):
+            await trio.sleep(DRAIN_POLL_INTERVAL_S)
+    active = _active_connections(stats)
+    if active:
+        plane.reset_downstream()
+        log.warning("worker_drain_deadline", duration_s=duration_s, reset_connections=active)
+    else:
+        log.info("worker_drained")
+    try:
+        await channel.send(control.Drained(active))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the supervisor is gone; the worker exits all the same
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) -> None:
@@ -70,6 +100,14 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
                                               ORIGINAL_DST: capture.serve}, log)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
+        draining = False
+
+        async def _drain_then_exit(duration_s: float) -> None:
+            try:
+                await _drain(duration_s, plane, listeners, stats, channel, log)
+            finally:  # TCP-proxied connections still open close with the worker
+                nursery.cancel_scope.cancel()
+
         while True:
             msg = await channel.receive()
             if msg is None or isinstance(msg, control.Shutdown):
@@ -77,6 +115,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) ->
                 break
             if isinstance(msg, control.GetStats):
                 await channel.send(control.StatsReply(msg.request_id, stats.export()))
+            elif isinstance(msg, control.Drain):
+                if not draining:
+                    draining = True
+                    nursery.start_soon(_drain_then_exit, msg.duration_s)
+            elif isinstance(msg, control.LoadConfig) and draining:
+                log.info("worker_config_ignored", version=msg.version, reason="draining")
             elif isinstance(msg, control.LoadConfig):
                 if msg.version != holder.current.version:
                     try:

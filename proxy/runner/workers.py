@@ -71,6 +71,7 @@ class WorkerSlot:
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list]] = {}
         self._restarts = stats.counter("triomesh_worker_restarts_total")
+        self._drain_reset = stats.counter("triomesh_drain_cx_reset_total")
         self._stopping = False
         self._stopped = trio.Event()  # wakes a restart backoff early
         # counters of processes that died, so summed counters do not go backwards on a restart
@@ -163,6 +164,9 @@ class WorkerSlot:
             self.failed_version = msg.version
             self._notify_config()
             self._log.error("worker_config_failed", version=msg.version, error=msg.error)
+        elif isinstance(msg, control.Drained):
+            self._drain_reset.value += msg.active_at_deadline
+            self._log.info("worker_drained", pid=self.pid, reset_connections=msg.active_at_deadline)
         elif isinstance(msg, control.StatsReply):
             self._last_rows = msg.rows
             waiter = self._pending.pop(msg.request_id, None)
@@ -219,6 +223,15 @@ class WorkerSlot:
         rows = self.retired_rows + [row for row in self._last_rows if row[0] == "counter"]
         self.retired_rows = [(kind, name, labels, value) for (kind, name, labels), value in merge([rows]).items()]
         self._last_rows = []
+
+    async def drain(self, duration_s: float) -> None:
+        """Ask the worker to drain (it exits when done); run() then returns instead of restarting it."""
+        self._stopping = True
+        self._stopped.set()
+        if not await self._send(control.Drain(duration_s)):
+            process = self.process
+            if process is not None and process.returncode is None:
+                process.kill()  # no channel to drain over: it would serve on unsupervised
 
     async def stop(self) -> None:
         """Ask the worker to exit; run() then returns instead of restarting it."""

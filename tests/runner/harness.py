@@ -44,6 +44,8 @@ class Backend:
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 if self.path.startswith("/slow"):  # a request still in flight while the test reloads
                     time.sleep(SLOW_RESPONSE_S)
+                elif self.path.startswith("/delay/"):  # /delay/SECONDS: answers after that long
+                    time.sleep(float(self.path.split("/")[2]))
                 body = body_name + b" " + self.path.encode()
                 # head and body in one write: two small writes meet Nagle + delayed ACK (40 ms stalls)
                 self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%s"
@@ -183,10 +185,10 @@ class Proxy:
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
 
-    def admin(self, path: str) -> tuple[int, str]:
+    def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.admin_port, timeout=5)
         try:
-            conn.request("GET", path)
+            conn.request(method, path)
             resp = conn.getresponse()
             return resp.status, resp.read().decode()
         finally:

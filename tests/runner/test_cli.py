@@ -42,6 +42,9 @@ def test_proxy_flags_as_the_bench_passes_them() -> None:
     ["proxy", "--controlplane", "15010"],
     ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "novalue"],
     ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "=v"],
+    ["proxy", "--config", "c", "--drain-duration", "-1s"],
+    ["proxy", "--config", "c", "--drain-duration", "5m"],
+    ["proxy", "--config", "c", "--drain-duration", "inf"],
     [],
 ])
 def test_bad_arguments_exit_2(argv: list[str]) -> None:
@@ -60,6 +63,15 @@ def test_proxy_controlplane_flags() -> None:
     assert args.config == Path("boot.yaml") and args.controlplane == ("::1", 15010)
     assert (args.node_id, args.namespace, args.register) == ("gw-1", "tutorial", "127.0.0.5")
     assert dict(args.labels) == {"app": "edge", "version": "v1=x", "empty": ""}
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5s", 5.0), ("500ms", 0.5), ("2.5", 2.5), ("0s", 0.0)])
+def test_drain_duration_as_istio_writes_durations(text: str, seconds: float) -> None:
+    assert parse_args(["proxy", "--config", "c", "--drain-duration", text]).drain_duration == seconds
+
+
+def test_drain_duration_defaults_to_istios_5s() -> None:
+    assert parse_args(["proxy", "--config", "c"]).drain_duration == 5.0
 
 
 def test_default_concurrency_is_the_usable_cores() -> None:
