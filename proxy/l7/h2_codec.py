@@ -32,6 +32,7 @@ from proxy.l7 import h1
 from proxy.l7 import h2_frames as frames
 from proxy.l7.errors import BadRequest
 from proxy.l7.events import Headers, RequestHead
+from proxy.l7.host_field import is_valid_host, known_valid_hosts
 
 # --- settings -------------------------------------------------------------------------------------
 
@@ -170,6 +171,8 @@ def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
         raise MalformedRequest("host differs from :authority")  # RFC 9113 §8.3.1 (SHOULD)
     if authority is None:
         authority = host  # RFC 9113 §8.3.1: Host stands in for a missing :authority
+    if authority not in known_valid_hosts and not is_valid_host(authority):  # as HTTP/1.1's Host (RFC 3986)
+        raise MalformedRequest(f"invalid :authority {authority[:80]!r}")
     if cookies is not None:
         headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
     if end_stream:

@@ -310,6 +310,11 @@ MALFORMED = {
     ":method that is not a token": _pseudo(method=b"GET /admin"),
     "CR LF in :scheme": _pseudo(scheme=b"http\r\nx-injected: 1"),
     "CR LF in :authority": _pseudo(authority=b"svc\r\nx-injected: 1"),
+    # §8.3.1 and RFC 3986 §3.2.2, as for an HTTP/1.1 Host: no userinfo, no spaces or slashes, a real port
+    "userinfo in :authority": _pseudo(authority=b"user@svc"),
+    "space in :authority": _pseudo(authority=b"svc other"),
+    "slash in :authority": _pseudo(authority=b"svc/admin"),
+    "port out of range in :authority": _pseudo(authority=b"svc:65536"),
 }
 
 
