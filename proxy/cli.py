@@ -74,6 +74,22 @@ def _duration_s(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "K": 1000, "M": 1000 ** 2, "G": 1000 ** 3}
+
+
+def _size_bytes(text: str) -> int:
+    """Bytes, as Kubernetes writes quantities ("512Mi", "1Gi", "500M") or a plain number."""
+    for suffix, scale in _SIZE_UNITS.items():
+        if text.endswith(suffix):
+            number, multiplier = text[: -len(suffix)], scale
+            break
+    else:
+        number, multiplier = text, 1
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512Mi, 1Gi or 500000000, got {text!r}")
+    return int(number) * multiplier
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triomesh", description="a service mesh data plane on Trio")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-duration", type=_duration_s, default=5.0, metavar="DURATION",
                    help="on SIGTERM, /quitquitquit or /drain_listeners?graceful: how long connections in flight "
                         "get to finish before they are reset (Istio's terminationDrainDuration; default 5s)")
+    p.add_argument("--max-downstream-connections", type=_positive, default=None, metavar="N",
+                   help="overload manager: HTTP connections a worker holds at most; more are closed at once "
+                        "and counted (default: no limit)")
+    p.add_argument("--max-worker-rss", type=_size_bytes, default=None, metavar="SIZE",
+                   help="overload manager: above this resident memory (e.g. 512Mi) a worker answers new requests "
+                        "503 with x-envoy-overloaded until it falls below (default: no limit)")
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format (default json)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="format of the proxy's own log lines")
@@ -151,6 +173,8 @@ def run_proxy(args: argparse.Namespace) -> int:
         labels=dict(args.labels),
         register=args.register,
         drain_duration_s=args.drain_duration,
+        max_downstream_connections=args.max_downstream_connections,
+        max_worker_rss_bytes=args.max_worker_rss,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
              controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())

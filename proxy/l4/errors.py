@@ -29,6 +29,17 @@ class ConnectTimeout(ConnectFailure):
     """No TCP handshake within connect_timeout_s (Envoy counts this as UF too, plus a timeout stat)."""
 
 
+class LocalConnectFailure(ConnectFailure):
+    """No upstream socket for a reason on our side: out of descriptors, memory, buffers or ephemeral
+    ports (proxy/exhaustion.py). Flagged UF as Envoy does; `reason` is the counter label."""
+
+    source = "internal"
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class UpstreamReset(L4Error):
     """The upstream peer reset the connection after it was established (Envoy: UC)."""
 

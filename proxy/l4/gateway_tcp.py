@@ -50,7 +50,7 @@ class GatewayTcpServer:
         def on_connection(csock: socket.socket) -> None:
             self.connections.start_soon(self._handle, listener_name, csock)
 
-        await accept_connections(sock, listener_name, on_connection, task_status=task_status)
+        await accept_connections(sock, listener_name, on_connection, stats=self.stats, task_status=task_status)
 
     def _listener(self, snapshot: Snapshot, name: str) -> Listener | None:
         if snapshot is not self._snapshot:

@@ -52,9 +52,11 @@ from proxy.l4.errors import (
     DownstreamReset,
     IdleTimeout,
     L4Error,
+    LocalConnectFailure,
     UpstreamReset,
     peer_gone,
 )
+from proxy.exhaustion import exhaustion_reason
 from proxy.stats import HELP, Counter, Gauge, Stats
 
 SPLICE_AVAILABLE = hasattr(os, "splice")
@@ -109,6 +111,7 @@ class TcpProxyStats:
         "idle_timeout_total",
         "downstream_reset_total",
         "upstream_reset_total",
+        "_stats",
     )
 
     def __init__(self, stats: Stats, cluster: str) -> None:
@@ -129,6 +132,12 @@ class TcpProxyStats:
         self.idle_timeout_total: Counter = stats.counter("triomesh_tcp_idle_timeout_total", cluster=cluster)
         self.downstream_reset_total: Counter = stats.counter("triomesh_tcp_cx_reset_total", cluster=cluster, side="downstream")
         self.upstream_reset_total: Counter = stats.counter("triomesh_tcp_cx_reset_total", cluster=cluster, side="upstream")
+        self._stats = stats
+
+    def local_fail(self, reason: str) -> Counter:
+        """Upstream connects that failed on our side (the L7 counter of the same name), looked up
+        only when it happens."""
+        return self._stats.counter("triomesh_upstream_cx_local_fail_total", reason=reason)
 
 
 @dataclass(slots=True)
@@ -161,7 +170,13 @@ async def connect_upstream(
     `bind_ip` picks the source address (Envoy's upstream_bind_config), e.g. 127.0.0.6 for inbound
     passthrough so the capture rules let the connection reach the app instead of capturing it again.
     """
-    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    except OSError as exc:
+        reason = exhaustion_reason(exc.errno)
+        if reason is None:
+            raise ConnectFailure(f"connect to {addr}: {exc.strerror or exc}") from exc
+        raise LocalConnectFailure(f"connect to {addr}: {exc.strerror or exc}", reason) from exc
     try:
         prepare_socket(sock)
         if bind_ip is not None:
@@ -179,6 +194,9 @@ async def connect_upstream(
         else:
             await trio.lowlevel.checkpoint()
         if err:
+            reason = exhaustion_reason(err)
+            if reason is not None:  # ENOBUFS, no ephemeral port left: ours, not the upstream's
+                raise LocalConnectFailure(f"connect to {addr}: {os.strerror(err)}", reason)
             raise ConnectFailure(f"connect to {addr}: {os.strerror(err)}")
         return sock
     except BaseException:
@@ -323,6 +341,8 @@ async def proxy_to_upstream(
         counted.upstream_cx_connect_fail_total.value += 1
         if isinstance(exc, ConnectTimeout):
             counted.upstream_cx_connect_timeout_total.value += 1
+        elif isinstance(exc, LocalConnectFailure):
+            counted.local_fail(exc.reason).value += 1
         downstream.close()
         return TcpProxyResult(mode=mode or default_mode(), error=exc)
     except BaseException:

@@ -99,7 +99,7 @@ class CaptureServer:
                 return
             self.connections.start_soon(self._handle, listener_name, conn)
 
-        await accept_connections(sock, listener_name, on_connection, task_status=task_status)
+        await accept_connections(sock, listener_name, on_connection, stats=self.stats, task_status=task_status)
 
     async def _handle(self, listener_name: str, conn: TransparentConnection) -> None:
         handed_off = False

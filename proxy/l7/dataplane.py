@@ -52,6 +52,8 @@ class HttpSettings:
     # request bodies up to this size are buffered so retries and mirrors can replay them; larger
     # ones stream to one upstream try (Envoy's per_request_buffer_limit_bytes serves the same purpose)
     retry_buffer_bytes: int = 64 * 1024
+    # the overload manager's connection limit (proxy/overload.py): past it, accepted and closed
+    max_downstream_connections: int | None = None
 
 
 class ClusterRuntime:
@@ -305,6 +307,10 @@ class DataPlane:
         # a drain (proxy/runner) sets it once: every HTTP/1.1 response then says `connection: close`
         # and HTTP/2 connections get GOAWAY; `downstream` holds the open HTTP connections it reaches
         self.draining = False
+        # the overload manager's memory watermark is crossed: new HTTP/1.1 requests get 503 OM
+        self.shedding = False
+        # draining or shedding: the one per-request check for both (rare states cost the common path nothing)
+        self.degraded = False
         self.downstream: set = set()
         self._h2_mitigations: dict[str, Counter] = {}
         self._grpc_by_status: dict[bytes, Counter] = {}
@@ -316,8 +322,14 @@ class DataPlane:
     def start_drain(self) -> None:
         """From now on no connection is kept alive: idle ones close, busy ones after their response."""
         self.draining = True
+        self.degraded = True
         for connection in list(self.downstream):
             connection.drain()
+
+    def set_shedding(self, active: bool) -> None:
+        """The memory watermark was crossed (up or down)."""
+        self.shedding = active
+        self.degraded = self.draining or active
 
     def reset_downstream(self) -> None:
         """The drain deadline: reset every HTTP connection still open."""

@@ -100,6 +100,19 @@ class ConnectFailure(ProxyError):
     body = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure"
 
 
+class LocalConnectFailure(ConnectFailure):
+    """No socket for the upstream connection: this process ran out of descriptors, memory, buffers
+    or ephemeral ports (proxy/exhaustion.py). Envoy's pool reports it as a local connection failure,
+    flagged UF like any connect failure; it is our fault, so outlier detection never hears of it."""
+
+    source = "internal"
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: local connection failure"
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # the exhaustion's counter label: emfile, enfile, enomem, ...
+
+
 class Overflow(ProxyError):
     status = 503
     response_flag = "UO"
@@ -107,6 +120,16 @@ class Overflow(ProxyError):
     body = b"upstream connect error or disconnect/reset before headers. reset reason: overflow"
     # Envoy's router marks a request its connection pool dropped for a circuit breaker (pending
     # requests, connections, max requests) so that clients and proxies in front can back off
+    headers = ((b"x-envoy-overloaded", b"true"),)
+
+
+class Overloaded(ProxyError):
+    """The worker is above its memory limit (proxy/overload.py): a new request is shed before it
+    costs anything, as Envoy's overload manager does with stop_accepting_requests."""
+
+    status = 503
+    response_flag = "OM"
+    body = b"envoy overloaded"
     headers = ((b"x-envoy-overloaded", b"true"),)
 
 

@@ -20,7 +20,7 @@ import trio
 
 from proxy.l7 import h1
 from proxy.l7.body import BodyReader
-from proxy.l7.errors import ConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.l7.errors import ConnectFailure, LocalConnectFailure, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
 from proxy.l7.events import split_authority
 from proxy.l7.h1_client import read_response_head
 from proxy.l7.h2_codec import request_fields
@@ -94,7 +94,8 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, se
             ok = True
     except Exception as e:  # a mirror's failure is counted, never raised
         log.debug("mirror failed", cluster=crt.name, error=str(e))
-        if endpoint is not None and isinstance(e, (ConnectFailure, UpstreamReset, UpstreamTimeout)):
+        if (endpoint is not None and isinstance(e, (ConnectFailure, UpstreamReset, UpstreamTimeout))
+                and not isinstance(e, LocalConnectFailure)):  # no socket of ours: not the endpoint's fault
             crt.record(endpoint, 504 if isinstance(e, UpstreamTimeout) else 503, True)
     finally:
         plane.mirrors_in_flight -= 1

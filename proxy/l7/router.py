@@ -40,6 +40,7 @@ from proxy.l7.connio import Conn
 from proxy.l7.errors import (
     ConnectFailure,
     DownstreamDisconnect,
+    LocalConnectFailure,
     NoHealthyUpstream,
     Overflow,
     ProxyError,
@@ -180,6 +181,8 @@ class Exchange:
 
     def _count_failure(self, endpoint, e: ProxyError, per_try: bool) -> None:
         crt = self.crt
+        if isinstance(e, LocalConnectFailure):
+            return  # we had no socket to give: the endpoint did nothing wrong
         if isinstance(e, UpstreamTimeout):
             (crt.rq_per_try_timeout if per_try else crt.rq_timeout).value += 1
             crt.record(endpoint, 504, True)

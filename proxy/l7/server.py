@@ -27,6 +27,7 @@ import structlog
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable
 
+from proxy.accept_backoff import AcceptBackoff, wait_after_accept_error
 from proxy.l7 import h1
 from proxy.l7.body import NO_BODY, BodyReader
 from proxy.l7.chain import Chain
@@ -38,6 +39,7 @@ from proxy.l7.errors import (
     DownstreamDisconnect,
     DownstreamTimeout,
     HeadTooLarge,
+    Overloaded,
     ProxyError,
     RequestHeaderTimeout,
 )
@@ -71,7 +73,11 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
         async with trio.open_nursery() as own:
             nursery = connection_nursery or own
             task_status.started()
+            backoff = AcceptBackoff()
+            max_connections = plane.settings.max_downstream_connections or math.inf
+            active = plane.downstream_cx_active
             while True:
+                started = 0  # this batch's connections: their tasks have not run, so not in the gauge yet
                 for _ in range(_ACCEPT_BATCH):
                     try:
                         csock, addr = lsock.accept()
@@ -79,9 +85,14 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
                         await wait_readable(lsock)
                         break
                     except OSError as e:  # EMFILE and friends: back off instead of spinning
-                        log.warning("accept failed", listener=listener_name, error=str(e))
-                        await trio.sleep(0.1)
+                        await wait_after_accept_error(backoff, e, listener_name, plane.stats, log)
                         break
+                    if backoff.delay_s:
+                        backoff.succeeded()
+                    if active.value + started >= max_connections:
+                        _reject_overloaded(csock, listener_name, plane)
+                        continue
+                    started += 1
                     plane.sweeper.ensure_running(nursery)
                     plane.reactor.ensure_running(nursery)
                     nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
@@ -90,6 +101,12 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
     finally:
         notify_closing(lsock)
         lsock.close()
+
+
+def _reject_overloaded(csock: socket.socket, listener_name: str, plane: DataPlane) -> None:
+    """Past --max-downstream-connections: closed at once, counted (Envoy's downstream_cx_overload_reject)."""
+    csock.close()
+    plane.stats.counter("triomesh_downstream_cx_overload_reject_total", listener=listener_name).value += 1
 
 
 def _request_arriving(sock: socket.socket) -> bool:
@@ -244,12 +261,26 @@ class DownstreamConnection:
                 return await reply_for_error(ctx, e, stream)
             finally:
                 finish(plane, ctx)
-        if plane.draining:
-            stream.keep_alive = False
+        if plane.degraded:  # rare: a drain, or memory pressure
+            if plane.draining:
+                stream.keep_alive = False
+            if plane.shedding:
+                return await self._shed(ctx, stream)
         self.stream = stream
         keep = await serve_request(plane, ctx, stream, rt.clusters)
         self.stream = None
         return keep and not plane.draining  # a drain that began while the head was being written
+
+    async def _shed(self, ctx: RequestContext, stream: H1Stream) -> bool:
+        """The overload manager sheds new requests: 503 OM with x-envoy-overloaded, never upstream."""
+        plane = self.plane
+        plane.stats.counter("triomesh_overload_rq_shed_total").value += 1
+        error = Overloaded("memory above the worker's limit")
+        ctx.error = error
+        try:
+            return await reply_for_error(ctx, error, stream)
+        finally:
+            finish(plane, ctx)
 
     def _prepare(self, ctx: RequestContext, raw_headers, minor: int, chain: Chain | None) -> H1Stream:
         """Validate the head (Host, framing), strip hop-by-hop fields, decide keep-alive."""

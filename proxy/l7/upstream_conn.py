@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import math
+import os
 import socket
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,9 @@ import trio
 from trio.lowlevel import wait_writable
 
 from proxy.l7.connio import Conn
-from proxy.l7.errors import ConnectFailure, Overflow
+from proxy.exhaustion import exhaustion_reason
+from proxy.l7.errors import ConnectFailure, LocalConnectFailure, Overflow
+from proxy.stats import HELP
 
 if TYPE_CHECKING:
     from proxy.l7.dataplane import ClusterRuntime, DataPlane
@@ -26,6 +29,10 @@ if TYPE_CHECKING:
 # A connection idle for less than this is reused without first peeking whether the upstream closed
 # it: keep-alive timeouts are seconds, and the rare race is covered by the stale-connection retry.
 PEEK_AFTER_IDLE_S = 1.0
+
+HELP.setdefault("triomesh_upstream_cx_local_fail_total",
+                "Upstream connects that failed on our side (out of descriptors, memory, buffers, ports), by "
+                "reason; answered 503 UF and not held against the endpoint.")
 
 class UpstreamConn(Conn):
     __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
@@ -76,26 +83,44 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
             except OSError as e:
                 raise ConnectFailure(f"resolve {host}: {e}") from None
             family, _, _, _, sockaddr = infos[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if keepalive is not None:
-            _set_keepalive(sock, keepalive)
         try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as e:  # out of descriptors or memory: ours to answer, never "the client left"
+            raise _local_failure(plane, host, port, e.errno, e) from e
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if keepalive is not None:
+                _set_keepalive(sock, keepalive)
             err = sock.connect_ex(sockaddr)
             if err in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
                 await wait_writable(sock)
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except BaseException:
+        except BaseException as e:
             sock.close()
+            if isinstance(e, OSError):
+                raise _local_failure(plane, host, port, e.errno, e) from e
             raise
         if err:
             sock.close()
+            if exhaustion_reason(err) is not None:  # ENOBUFS, no ephemeral port left: ours too
+                raise _local_failure(plane, host, port, err, os.strerror(err))
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
         return UpstreamConn(sock, key, plane)
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
+
+
+def _local_failure(plane: DataPlane | None, host: str, port: int, err: int | None, cause) -> ConnectFailure:
+    """The error for an upstream socket that could not be made or connected for a reason on our
+    side (LocalConnectFailure, counted by reason); any other OS error is a plain connect failure."""
+    reason = exhaustion_reason(err)
+    if reason is None:
+        return ConnectFailure(f"connect {host}:{port}: {cause}")
+    if plane is not None:
+        plane.stats.counter("triomesh_upstream_cx_local_fail_total", reason=reason).value += 1
+    return LocalConnectFailure(f"connect {host}:{port}: {cause}", reason)
 
 
 def checkout_idle(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], now: float) -> UpstreamConn | None:

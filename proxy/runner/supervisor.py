@@ -62,6 +62,8 @@ class ProxyOptions:
     labels: dict[str, str] = field(default_factory=dict)
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
+    max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,10 @@ class Supervisor:
         self._exit = trio.Event()  # set by SIGTERM/SIGINT or /quitquitquit: exit once drained
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
+        if options.max_downstream_connections is not None:
+            worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
+        if options.max_worker_rss_bytes is not None:
+            worker_args += ["--max-worker-rss-bytes", str(options.max_worker_rss_bytes)]
         self.slots = [WorkerSlot(i, worker_args=worker_args, current_config=self._load_message,
                                  stats=self.stats, log=log) for i in range(options.concurrency)]
 

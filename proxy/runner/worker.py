@@ -19,6 +19,7 @@ import trio
 from proxy import logging as tm_logging
 from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
+from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control
 from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json")
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
+    p.add_argument("--max-downstream-connections", type=int, default=None)
+    p.add_argument("--max-worker-rss-bytes", type=int, default=None)
     return p
 
 
@@ -73,20 +76,24 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
         pass  # the supervisor is gone; the worker exits all the same
 
 
-async def run(channel: control.ControlChannel, *, access_log: AccessLog, log) -> None:
+async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
+              limits: OverloadLimits = OverloadLimits()) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
-    from proxy.l7.dataplane import DataPlane
+    from proxy.l7.dataplane import DataPlane, HttpSettings
     from proxy.l7.server import serve_listener
 
     holder = SnapshotHolder()
     stats = Stats()
-    plane = DataPlane(holder, stats, access_log)
+    plane = DataPlane(holder, stats, access_log,
+                      HttpSettings(max_downstream_connections=limits.max_downstream_connections))
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
         # connections live in a worker-wide nursery: those of a listener a reload removes finish;
         # fire-and-forget work (mirrored requests) runs there too
         plane.background = connections
+        if limits.max_rss_bytes is not None:  # the overload manager's memory watermark
+            nursery.start_soon(watch_memory, MemoryWatermark(limits.max_rss_bytes, stats), plane.set_shedding, log)
         async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
             await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
 
@@ -157,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def _main() -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        await run(control.ControlChannel(stream), access_log=access_log, log=log)
+        await run(control.ControlChannel(stream), access_log=access_log, log=log,
+                  limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes))
 
     try:
         trio.run(_main)

@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -143,6 +144,7 @@ class Proxy:
     log_format: str = "json"
     admin_port: int = field(default_factory=free_port)
     extra_args: list[str] = field(default_factory=list)
+    nofile: int | None = None  # RLIMIT_NOFILE of the proxy (supervisor and workers), to exhaust it on purpose
     proc: subprocess.Popen | None = None
 
     def start(self, *, wait_ready: bool = True) -> Proxy:
@@ -152,8 +154,10 @@ class Proxy:
                "--admin-address", f"127.0.0.1:{self.admin_port}", "--access-log", self.access_log,
                "--log-level", self.log_level, "--log-format", self.log_format, *self.extra_args]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        nofile = self.nofile
+        limit_fds = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.stderr_path, "wb"))
+                                     stderr=open(self.stderr_path, "wb"), preexec_fn=limit_fds)
         if wait_ready:
             self.wait_ready()
         return self

@@ -74,6 +74,28 @@ def test_drain_duration_defaults_to_istios_5s() -> None:
     assert parse_args(["proxy", "--config", "c"]).drain_duration == 5.0
 
 
+@pytest.mark.parametrize(("text", "size"), [("512Mi", 512 << 20), ("1Gi", 1 << 30), ("500M", 500_000_000),
+                                          ("64Ki", 65536), ("123456", 123456)])
+def test_max_worker_rss_as_kubernetes_writes_quantities(text: str, size: int) -> None:
+    assert parse_args(["proxy", "--config", "c", "--max-worker-rss", text]).max_worker_rss == size
+
+
+@pytest.mark.parametrize("text", ["0", "1.5Gi", "-1Mi", "512MB", "Mi", ""])
+def test_max_worker_rss_refuses_what_is_not_a_size(text: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["proxy", "--config", "c", f"--max-worker-rss={text}"])
+    assert exit_info.value.code == 2
+    assert "expected a size" in capsys.readouterr().err
+
+
+def test_overload_limits_default_to_none_and_take_a_positive_connection_count(capsys) -> None:
+    args = parse_args(["proxy", "--config", "c"])
+    assert (args.max_downstream_connections, args.max_worker_rss) == (None, None)
+    assert parse_args(["proxy", "--config", "c", "--max-downstream-connections", "100"]).max_downstream_connections == 100
+    with pytest.raises(SystemExit):
+        parse_args(["proxy", "--config", "c", "--max-downstream-connections", "0"])
+
+
 def test_default_concurrency_is_the_usable_cores() -> None:
     assert default_concurrency() == len(os.sched_getaffinity(0))
 
