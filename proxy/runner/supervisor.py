@@ -296,6 +296,7 @@ class Supervisor:
                                         self.proxy_namespace)
         errors: dict[int, tuple[str, str]] = {}
         running = [slot for slot in self.slots if slot.channel is not None]
+        pids = {slot.index: slot.pid for slot in running}
 
         async def prepare(slot: WorkerSlot) -> None:
             with trio.move_on_after(WORKER_APPLY_TIMEOUT_S) as scope:
@@ -325,8 +326,10 @@ class Supervisor:
         self.log.info("config_reloaded", reason=reason, version=new.version,
                       previous_version=old.version if old else None,
                       listeners=[l.name for l in new.snapshot.listeners])
-        # a worker that started meanwhile got the old config: it gets the new one as a plain load
-        await self._push_to_workers(self._load_message(), skip=running)
+        # a worker that (re)started meanwhile may have got the old config: it gets the new one as a
+        # plain load; those that prepared it and still run have it committed
+        committed = [slot for slot in running if slot.pid == pids[slot.index]]
+        await self._push_to_workers(self._load_message(), skip=committed)
 
     def load_initial(self) -> None:
         """Load the --config files. Without them (a control plane's proxy) there is nothing to serve
