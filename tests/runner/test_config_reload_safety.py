@@ -207,3 +207,27 @@ def test_empty_file_applies_only_when_it_stays_empty(tmp_path: Path, backends, p
     with pytest.raises(ConnectionRefusedError):
         get(port, "/only-v1")
     assert proxy.admin("/ready")[0] == 200  # it serves what the files say
+
+
+def test_directory_written_file_by_file_is_one_update(tmp_path: Path, backends, proxies) -> None:
+    v1, v2 = backends
+    port = free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    text = _config(port, v1, v2)
+    cut = text.index("---\napiVersion: networking.istio.io/v1\nkind: VirtualService")
+    (config / "a.yaml").write_text(text[:cut])
+    (config / "b.yaml").write_text(text[cut:])
+    proxy = _start(tmp_path, config, proxies)
+
+    new = _config(port, v1, v2, subset="v2", extra_gateway_ports=(free_port(),))
+    cut = new.index("---\napiVersion: networking.istio.io/v1\nkind: VirtualService")
+    (config / "a.yaml").write_text(new[:cut])  # a second listener
+    time.sleep(0.05)
+    (config / "b.yaml").write_text(new[cut:])  # /only-v1 to v2
+    proxy.wait_version("2")
+    time.sleep(1.5)  # a second update would show by now
+    assert proxy.stats("triomesh_config_reloads_total") == {(("result", "applied"),): 1,
+                                                            (("result", "rejected"),): 0}
+    assert len(proxy.config_dump()["workers"][0]["listeners"]) == 2
+    assert get(port, "/only-v1")[1] == "v2 /only-v1"
