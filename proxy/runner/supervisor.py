@@ -189,13 +189,18 @@ class Supervisor:
                                                                        reason=reason)
             counter.value += 1
         self.last_rejected = RejectedUpdate(version, digest, reason,
-                                            fields.get("file") or file or str(self.options.config_path),
+                                            fields.get("file") or file or self._config_origin(),
                                             fields["error"], time.time())
         # a ConfigError says precisely what is wrong; anything else is our bug: keep its traceback
         self.log.error("config_rejected", reason=trigger, rejection=reason, path=str(self.options.config_path),
                        keeping_version=self.active.version if self.active else None,
                        exc_info=isinstance(error, BaseException) and not isinstance(error, ConfigError), **fields)
         return ConfigRejected(fields["error"])
+
+    def _config_origin(self) -> str:
+        if self.options.controlplane is not None:
+            return "controlplane %s:%d" % self.options.controlplane
+        return str(self.options.config_path)
 
     def _compile(self, sources: Sources, reason: str) -> ActiveConfig | None:
         """Compile the sources read. None when unchanged. Raises ConfigRejected (already logged
@@ -398,7 +403,7 @@ class Supervisor:
             sources = to_sources(resources, version)
         except Exception as e:
             self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger="controlplane_push",
-                         version=version, file="controlplane")
+                         version=version)
             raise
         new = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time())
         self.log.info("config_pushed", version=version, resources=len(resources),
