@@ -341,7 +341,16 @@ class Supervisor:
         until the first push, and /ready answers 503 until then."""
         if self.options.config_path is None:
             return
-        active = self._compile(self._read_now("startup"), "startup")
+        # no watch yet to tell a writer's close: the two-reads rule alone (a file still changing
+        # after every attempt is served as last read, and the watch picks up the rest)
+        sources = self._read_now("startup")
+        for _ in range(READ_ATTEMPTS):
+            time.sleep(SETTLE_S)
+            again = self._read_now("startup")
+            if content_digest(again) == content_digest(sources):
+                break
+            sources = again
+        active = self._compile(sources, "startup")
         assert active is not None
         self.active = active
         self._versions = 1
@@ -392,9 +401,8 @@ class Supervisor:
         Raises ConfigError (or any error) when it does not compile: the client NACKs with its text
         and the previous config keeps serving."""
         from proxy.config.compile import compile_resources
-        from proxy.xds.sources import to_sources
-
         from proxy.config.errors import ConfigError
+        from proxy.xds.sources import to_sources
 
         try:
             # compiled from the resources themselves: errors name the file/document they came from
