@@ -91,6 +91,7 @@ class ConfigWatch:
         self.directory = directory
         self._config_names = config_names  # None: every *.yaml/*.yml of the directory
         self.tracker = WriteTracker()
+        self.alive = True  # False once the kernel dropped the watch (the directory was removed or replaced)
 
     @classmethod
     def open(cls, config_path: Path) -> ConfigWatch | None:
@@ -132,6 +133,7 @@ class ConfigWatch:
                 raise
             for mask, name in parse_events(buf):
                 if mask & IN_IGNORED:
+                    self.alive = False
                     continue
                 # an editor's swap file being written next to the config is no config being written,
                 # but any rename, creation or removal may be a config update (a `..data` swap)

@@ -477,6 +477,12 @@ class Supervisor:
                         await self.watch.wait_events()
                     if quiet.cancelled_caught:
                         break
+            if self.watch is not None and not self.watch.alive and self.options.config_path.exists():
+                # the directory itself was replaced (polling covers the time until it is back)
+                self.watch.close()
+                self.watch = ConfigWatch.open(self.options.config_path)
+                self.log.info("config_watching", path=str(self.options.config_path), inotify=self.watch is not None,
+                              detail="directory replaced")
             if self._files_being_written():
                 continue  # its writer's IN_CLOSE_WRITE wakes this loop again
             if self._last_fingerprint is None or fingerprint(self.options.config_path) != self._last_fingerprint:

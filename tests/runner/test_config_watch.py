@@ -88,3 +88,18 @@ async def test_data_symlink_swap_is_a_change(tmp_path: Path) -> None:
         assert watch.tracker.take_changed()
     finally:
         watch.close()
+
+
+async def test_watch_of_a_replaced_directory_reports_it_lost(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.mkdir()
+    watch = ConfigWatch.open(config)
+    assert watch is not None
+    try:
+        os.rename(config, tmp_path / "old")
+        config.mkdir()  # a new directory under the old name: the supervisor opens a new watch
+        os.rmdir(tmp_path / "old")
+        await _settle(watch)
+        assert not watch.alive
+    finally:
+        watch.close()
