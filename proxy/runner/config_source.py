@@ -11,7 +11,7 @@ from typing import Mapping
 from proxy.config.snapshot import Snapshot
 
 Sources = list[tuple[str, bytes]]
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int], ...]
 
 
 def config_files(path: Path) -> list[Path]:
@@ -22,8 +22,9 @@ def config_files(path: Path) -> list[Path]:
 
 
 def fingerprint(path: Path) -> Fingerprint:
-    """(name, mtime_ns, size) of every config file: cheap to poll, changes when a file is written,
-    added or removed. A missing path has the empty fingerprint."""
+    """(name, inode, mtime_ns, size) of every config file (symlinks followed): cheap to poll, changes
+    when a file is written, added, removed or renamed over (a `..data` symlink swap gives a new
+    inode). A missing path has the empty fingerprint."""
     from proxy.config.errors import ConfigError
 
     try:
@@ -36,7 +37,7 @@ def fingerprint(path: Path) -> Fingerprint:
             st = os.stat(f)
         except FileNotFoundError:  # removed between listing and stat; the next poll sees it
             continue
-        out.append((str(f), st.st_mtime_ns, st.st_size))
+        out.append((str(f), st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(out)
 
 

@@ -31,6 +31,25 @@ class LoadConfig(msgspec.Struct, tag="load_config"):
     proxy_namespace: str | None = None  # the workload's namespace, with its labels; None for a standalone edge
 
 
+class PrepareConfig(LoadConfig, tag="prepare_config"):
+    """First step of an update applied by every worker or none: compile it and bind (not yet listen
+    on) the sockets of its new listeners, keep serving the old config, answer ConfigPrepared or
+    ConfigFailed (a bind error names the listener and address). CommitConfig or AbortConfig follows."""
+
+
+class CommitConfig(msgspec.Struct, tag="commit_config"):
+    """Serve the prepared `version`: swap the snapshot, listen on the prepared sockets, close the
+    removed listeners; answered by ConfigApplied."""
+
+    version: str
+
+
+class AbortConfig(msgspec.Struct, tag="abort_config"):
+    """Forget the prepared `version` (another worker could not prepare it): close its sockets."""
+
+    version: str
+
+
 class GetStats(msgspec.Struct, tag="get_stats"):
     request_id: int
 
@@ -56,9 +75,17 @@ class ConfigApplied(msgspec.Struct, tag="config_applied"):
     errors: list[str] = []
 
 
+class ConfigPrepared(msgspec.Struct, tag="config_prepared"):
+    version: str
+
+
 class ConfigFailed(msgspec.Struct, tag="config_failed"):
+    """The worker cannot serve `version`; `reason` is "invalid" (it does not compile) or
+    "listener_bind" (a PrepareConfig's listener cannot be bound)."""
+
     version: str
     error: str
+    reason: str = "invalid"
 
 
 class Drained(msgspec.Struct, tag="drained"):
@@ -76,7 +103,8 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
     rows: list[StatsRow]
 
 
-Message = Union[LoadConfig, GetStats, Shutdown, Drain, ConfigApplied, ConfigFailed, StatsReply, Drained]
+Message = Union[LoadConfig, PrepareConfig, CommitConfig, AbortConfig, GetStats, Shutdown, Drain, ConfigApplied,
+                ConfigPrepared, ConfigFailed, StatsReply, Drained]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -28,7 +28,9 @@ def server_key(listener: Listener) -> str:
     return ORIGINAL_DST if listener.use_original_dst else listener.protocol
 
 
-async def open_reuseport_socket(address: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> trio.socket.SocketType:
+async def bind_reuseport_socket(address: str, port: int) -> trio.socket.SocketType:
+    """Bound, not listening: the kernel sends it no connection yet, so closing it loses none; a port
+    another process holds fails here (EADDRINUSE)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -37,11 +39,29 @@ async def open_reuseport_socket(address: str, port: int, *, backlog: int = LISTE
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         await sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def open_reuseport_socket(address: str, port: int, *, backlog: int = LISTEN_BACKLOG) -> trio.socket.SocketType:
+    sock = await bind_reuseport_socket(address, port)
+    try:
         sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+class BoundSockets(dict):
+    """Sockets a prepared update bound, by listener name; `close()` when the update is aborted."""
+
+    def close(self) -> None:
+        for sock in self.values():
+            sock.close()
+        self.clear()
 
 
 @dataclass
@@ -67,9 +87,36 @@ class ListenerManager:
     def names(self) -> list[str]:
         return sorted(self._active)
 
-    async def reconcile(self, snapshot: Snapshot) -> list[str]:
-        """Make the open sockets match the snapshot's listeners. Returns errors (one per listener
-        that could not be opened); the others serve regardless."""
+    def _unchanged(self, name: str, listener: Listener) -> bool:
+        active = self._active.get(name)
+        return active is not None and (active.address, active.port, active.protocol) == (
+            listener.address, listener.port, server_key(listener))
+
+    async def prepare(self, snapshot: Snapshot) -> tuple[BoundSockets, list[str]]:
+        """Bind (without listening) a socket for every listener of `snapshot` this worker does not
+        serve yet, while the current ones go on serving. Returns the sockets and the errors; on any
+        error nothing stays bound, so the caller can reject the whole update."""
+        bound = BoundSockets()
+        errors: list[str] = []
+        for listener in snapshot.listeners:
+            if not listener.bind_to_port or self._unchanged(listener.name, listener):
+                continue
+            if server_key(listener) not in self._servers:
+                errors.append(f"{listener.name}: no server for protocol {server_key(listener)}")
+                continue
+            try:
+                bound[listener.name] = await bind_reuseport_socket(listener.address, listener.port)
+            except OSError as e:
+                errors.append(f"{listener.name}: cannot listen on {listener.address}:{listener.port}: {e.strerror or e}")
+        if errors:
+            bound.close()
+        return bound, errors
+
+    async def reconcile(self, snapshot: Snapshot, prepared: BoundSockets | None = None) -> list[str]:
+        """Make the open sockets match the snapshot's listeners, listening on `prepared` sockets
+        (from `prepare`) where there are some and binding the others. Returns errors (one per
+        listener that could not be opened); the others serve regardless."""
+        prepared = prepared if prepared is not None else BoundSockets()
         wanted: dict[str, Listener] = {}
         errors: list[str] = []
         for listener in snapshot.listeners:
@@ -97,7 +144,15 @@ class ListenerManager:
             if name in self._active:
                 continue
             try:
-                sock = await open_reuseport_socket(listener.address, listener.port)
+                sock = prepared.pop(name, None)
+                if sock is None:
+                    sock = await open_reuseport_socket(listener.address, listener.port)
+                else:
+                    try:
+                        sock.listen(LISTEN_BACKLOG)
+                    except BaseException:
+                        sock.close()
+                        raise
             except OSError as e:
                 msg = f"{name}: cannot listen on {listener.address}:{listener.port}: {e.strerror or e}"
                 self._log.error("listener_bind_failed", listener=name, error=msg)
@@ -108,6 +163,7 @@ class ListenerManager:
             self._active[name] = active
             await self._nursery.start(self._run, self._servers[key], sock, name, active)
             self._log.info("listener_added", listener=name, address=f"{listener.address}:{listener.port}")
+        prepared.close()  # bound for a listener the snapshot no longer opens (none in practice)
         return errors
 
     async def close_all(self) -> None:

@@ -5,8 +5,18 @@ Theory of operation: the supervisor reads the config files' bytes, compiles them
 validate and to have the Snapshot for /config_dump), and only then sends the same bytes with the
 new version to every worker, which compiles them into its own Snapshot and swaps it in. An invalid
 config never leaves the supervisor: the error is logged with file/document/field path, counted, and
-the old version keeps serving. Reloads come from SIGHUP or from polling the files' (mtime, size)
-about once a second; they run one at a time in one task, and triggers arriving meanwhile coalesce.
+the old version keeps serving. Reloads come from SIGHUP, from an inotify watch of the config
+directory, or from polling the files' (inode, mtime, size) about once a second; they run one at a
+time in one task, and triggers arriving meanwhile coalesce.
+
+Files are read only when complete (see proxy/runner/config_watch.py): never while a writer has a
+config file open, and only when two reads SETTLE_S apart give the same bytes, so a directory written
+file by file or a `..data` symlink swap is applied as one snapshot. An update applies whole or not
+at all: every worker first compiles it and binds its new listeners (PrepareConfig); only when all
+did is it committed, else aborted and rejected, and the old listeners never stop serving. An update
+that removes every listener, or every route of a listener, is read once more after
+CONFIRM_REMOVAL_S and applied only if the files still say so, with a warning. Each rejection is
+counted by reason and the last one is shown in /config_dump and /config_status.
 
 With a control plane (`--controlplane`), the config comes from its stream instead of files (a
 `--config` file is then only a bootstrap served until the first push): the xDS client hands each
@@ -37,10 +47,15 @@ import trio
 from proxy.config.snapshot import Snapshot
 from proxy.runner import admin, control
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
+from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, merge, render_prometheus
 
 CONFIG_POLL_INTERVAL_S = 1.0
+QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
+SETTLE_S = 0.2  # two reads this far apart must agree before a config counts as complete
+READ_ATTEMPTS = 5  # files still changing after this many settle rounds are read at the next event or poll
+CONFIRM_REMOVAL_S = 1.0  # an update removing every listener or route is read again after this long
 STATS_TIMEOUT_S = 2.0
 WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
 DEFAULT_DRAIN_DURATION_S = 5.0  # Istio's terminationDrainDuration default
@@ -79,6 +94,35 @@ class ConfigRejected(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class RejectedUpdate:
+    """The last update the proxy refused, as /config_dump and /config_status show it."""
+
+    version: str  # the version it would have had
+    digest: str  # sha256 of its sources ("" when they could not be read)
+    reason: str  # invalid, unreadable, listener_bind, worker_failed, internal
+    file: str
+    error: str
+    rejected_at: float  # time.time()
+
+    def dump(self) -> dict[str, Any]:
+        return {"version": self.version, "digest": self.digest, "reason": self.reason, "file": self.file,
+                "error": self.error, "time": _utc(self.rejected_at)}
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _bound_listeners(snapshot: Snapshot) -> list:
+    return [l for l in snapshot.listeners if l.bind_to_port]
+
+
+def _has_routes(listener) -> bool:
+    table = listener.route_table
+    return bool(table.exact or table.suffixes or table.catch_all is not None or listener.tcp_route is not None)
+
+
 def config_error_fields(error: BaseException) -> dict[str, Any]:
     """Log fields of a failed load/compile: the ConfigError's location parts when it has them."""
     out: dict[str, Any] = {"error": str(error)}
@@ -100,7 +144,11 @@ class Supervisor:
         self._rejected = self.stats.counter("triomesh_config_reloads_total", result="rejected")
         self._versions = 0
         self.active: ActiveConfig | None = None
+        self.last_rejected: RejectedUpdate | None = None
+        self._rejections: dict[str, Any] = {}  # reason -> counter
+        # None: unknown, the next poll reads the files (set when a read found them incomplete)
         self._last_fingerprint = fingerprint(options.config_path) if options.config_path is not None else ()
+        self.watch: ConfigWatch | None = None  # opened by run() for file configs
         # the workload labels Gateway selectors, Sidecar workloadSelectors and sourceLabels match, the
         # same from files as from a control plane; a file-config proxy given no --label is a standalone
         # edge that applies every Gateway (None)
@@ -133,39 +181,185 @@ class Supervisor:
         return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
                                   self.proxy_namespace)
 
-    def _compile(self, reason: str) -> ActiveConfig | None:
-        """Read and compile the config. None when unchanged. Raises ConfigRejected (already logged
-        and counted) when it does not load or compile."""
-        self._last_fingerprint = fingerprint(self.options.config_path)  # before reading: later writes show
+    def _reject(self, reason: str, error: BaseException | str, *, trigger: str, version: str, digest: str = "",
+                file: str | None = None) -> ConfigRejected:
+        """Count, log and remember a refused update; returns the exception to raise."""
+        from proxy.config.errors import ConfigError
+
+        fields = config_error_fields(error) if isinstance(error, BaseException) else {"error": error}
+        if trigger != "startup":  # a startup failure is the exit status
+            self._rejected.value += 1
+            counter = self._rejections.get(reason)
+            if counter is None:
+                counter = self._rejections[reason] = self.stats.counter("triomesh_config_rejections_total",
+                                                                       reason=reason)
+            counter.value += 1
+        self.last_rejected = RejectedUpdate(version, digest, reason,
+                                            fields.get("file") or file or self._config_origin(),
+                                            fields["error"], time.time())
+        # a ConfigError says precisely what is wrong; anything else is our bug: keep its traceback
+        self.log.error("config_rejected", reason=trigger, rejection=reason, path=str(self.options.config_path),
+                       keeping_version=self.active.version if self.active else None,
+                       exc_info=isinstance(error, BaseException) and not isinstance(error, ConfigError), **fields)
+        return ConfigRejected(fields["error"])
+
+    def _config_origin(self) -> str:
+        if self.options.controlplane is not None:
+            return "controlplane %s:%d" % self.options.controlplane
+        return str(self.options.config_path)
+
+    def _compile(self, sources: Sources, reason: str) -> ActiveConfig | None:
+        """Compile the sources read. None when unchanged. Raises ConfigRejected (already logged
+        and counted) when they do not load or compile."""
+        from proxy.config.errors import ConfigError
+
+        digest = content_digest(sources)
+        if self.active is not None and digest == self.active.digest:
+            return None
+        version = str(self._versions + 1)
         try:
-            sources = read_sources(self.options.config_path)
-            digest = content_digest(sources)
-            if self.active is not None and digest == self.active.digest:
-                return None
-            version = str(self._versions + 1)
             snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
                                       proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
-            if self.active is not None:
-                self._rejected.value += 1
-            from proxy.config.errors import ConfigError
-
-            # a ConfigError says precisely what is wrong; anything else is our bug: keep its traceback
-            self.log.error("config_rejected", reason=reason, path=str(self.options.config_path),
-                           keeping_version=self.active.version if self.active else None,
-                           exc_info=not isinstance(e, ConfigError), **config_error_fields(e))
-            raise ConfigRejected(str(e)) from e
-        self._versions += 1
+            raise self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger=reason,
+                               version=version, digest=digest) from e
         return ActiveConfig(version, sources, digest, snapshot, time.time())
+
+    def _read_now(self, reason: str) -> Sources:
+        from proxy.config.errors import ConfigError
+
+        try:
+            return read_sources(self.options.config_path)
+        except ConfigError as e:  # missing path, unreadable file
+            raise self._reject("unreadable", e, trigger=reason, version=str(self._versions + 1)) from e
+
+    def _files_being_written(self) -> list[str]:
+        if self.watch is None:
+            return []
+        self.watch.read_nowait()
+        return self.watch.being_written()
+
+    def _watch_generation(self) -> int:
+        return self.watch.tracker.generation if self.watch is not None else 0
+
+    async def _read_complete(self, reason: str) -> Sources | None:
+        """The config files as their writers left them, or None while one is still being written or
+        they keep changing (the writer's close, or the next poll, reads them again). Complete: no
+        writer has one open (inotify) and two reads SETTLE_S apart saw the same files and bytes with
+        no file event in between. Raises ConfigRejected when they cannot be read."""
+        path = self.options.config_path
+        for _ in range(READ_ATTEMPTS):
+            writing = self._files_being_written()
+            if writing:
+                self.log.info("config_deferred", reason=reason, detail="file open for writing", files=writing)
+                self._last_fingerprint = None
+                return None
+            generation, before = self._watch_generation(), fingerprint(path)
+            first = self._read_now(reason)
+            await trio.sleep(SETTLE_S)
+            if self._files_being_written():
+                continue
+            second = self._read_now(reason)
+            if (generation == self._watch_generation() and fingerprint(path) == before
+                    and content_digest(first) == content_digest(second)):
+                self._last_fingerprint = before
+                return second
+        self.log.info("config_deferred", reason=reason, detail="files still changing")
+        self._last_fingerprint = None
+        return None
+
+    async def _confirm_removals(self, new: ActiveConfig, reason: str) -> bool:
+        """An update that takes away every listener, or every route of a listener, is what a cut or
+        emptied file looks like: applied only if the files still say so CONFIRM_REMOVAL_S later, and
+        then loudly. True: go ahead."""
+        old = self.active
+        if old is None:
+            return True
+        old_listeners = {l.name: l for l in _bound_listeners(old.snapshot)}
+        new_listeners = _bound_listeners(new.snapshot)
+        routeless = sorted(l.name for l in new_listeners
+                           if not _has_routes(l) and l.name in old_listeners and _has_routes(old_listeners[l.name]))
+        all_removed = bool(old_listeners) and not new_listeners
+        if not all_removed and not routeless:
+            return True
+        await trio.sleep(CONFIRM_REMOVAL_S)
+        again = await self._read_complete(reason)
+        if again is None or content_digest(again) != new.digest:
+            self.log.info("config_removal_unconfirmed", reason=reason, version=new.version,
+                          detail="the files changed again; reading them anew")
+            self._last_fingerprint = None
+            return False
+        self.log.warning("config_removes_all_listeners" if all_removed else "config_removes_all_routes",
+                         reason=reason, version=new.version, previous_version=old.version,
+                         listeners_before=len(old_listeners), listeners_after=len(new_listeners),
+                         routeless_listeners=routeless, files={name: len(data) for name, data in new.sources})
+        return True
+
+    async def _swap(self, new: ActiveConfig, reason: str) -> None:
+        """Serve `new` on every worker or on none: each running worker compiles it and binds its new
+        listeners first; if one cannot, every worker drops what it prepared and ConfigRejected is
+        raised (logged, counted, shown), the old config serving on. Otherwise `new` becomes active
+        and every worker swaps to it."""
+        if self.draining:  # the workers drain and serve nothing new; what /config_dump shows
+            self.active = new
+            return
+        message = control.PrepareConfig(new.version, new.sources, self.options.bind_address, self.proxy_labels,
+                                        self.proxy_namespace)
+        errors: dict[int, tuple[str, str]] = {}
+        running = [slot for slot in self.slots if slot.channel is not None]
+        pids = {slot.index: slot.pid for slot in running}
+
+        async def prepare(slot: WorkerSlot) -> None:
+            with trio.move_on_after(WORKER_APPLY_TIMEOUT_S) as scope:
+                error = await slot.prepare_config(message)
+                if error is not None:
+                    errors[slot.index] = (slot.last_error_reason, error)
+            if scope.cancelled_caught:
+                errors[slot.index] = ("worker_failed", f"no answer in {WORKER_APPLY_TIMEOUT_S}s")
+
+        async with trio.open_nursery() as nursery:
+            for slot in running:
+                nursery.start_soon(prepare, slot)
+        if errors:
+            for slot in running:
+                await slot.abort_config(new.version)
+            kind = "listener_bind" if any(r == "listener_bind" for r, _ in errors.values()) else "worker_failed"
+            # workers share the listeners, so their errors are mostly the same: say each one once
+            text = "; ".join(sorted({e for _, e in errors.values()}))
+            raise self._reject(kind, text, trigger=reason, version=new.version, digest=new.digest)
+        old = self.active
+        self.active = new
+        if new.version == str(self._versions + 1):  # a file config's (a control plane names its own)
+            self._versions += 1
+        self._applied.value += 1
+        for slot in running:
+            await slot.commit_config(new.version)
+        self.log.info("config_reloaded", reason=reason, version=new.version,
+                      previous_version=old.version if old else None,
+                      listeners=[l.name for l in new.snapshot.listeners])
+        # a worker that (re)started meanwhile may have got the old config: it gets the new one as a
+        # plain load; those that prepared it and still run have it committed
+        committed = [slot for slot in running if slot.pid == pids[slot.index]]
+        await self._push_to_workers(self._load_message(), skip=committed)
 
     def load_initial(self) -> None:
         """Load the --config files. Without them (a control plane's proxy) there is nothing to serve
         until the first push, and /ready answers 503 until then."""
         if self.options.config_path is None:
             return
-        active = self._compile("startup")
+        # no watch yet to tell a writer's close: the two-reads rule alone (a file still changing
+        # after every attempt is served as last read, and the watch picks up the rest)
+        sources = self._read_now("startup")
+        for _ in range(READ_ATTEMPTS):
+            time.sleep(SETTLE_S)
+            again = self._read_now("startup")
+            if content_digest(again) == content_digest(sources):
+                break
+            sources = again
+        active = self._compile(sources, "startup")
         assert active is not None
         self.active = active
+        self._versions = 1
         self.log.info("config_loaded", version=active.version, path=str(self.options.config_path),
                       files=[name for name, _ in active.sources], listeners=[l.name for l in active.snapshot.listeners])
 
@@ -181,24 +375,26 @@ class Supervisor:
                 await self._push_to_workers(self._load_message())
             return
         try:
-            new = self._compile(reason)
+            sources = await self._read_complete(reason)
+            if sources is None:
+                return
+            new = self._compile(sources, reason)
+            if new is None:
+                self.log.info("config_unchanged", reason=reason, version=self.active.version)
+            elif await self._confirm_removals(new, reason):
+                await self._swap(new, reason)
+                return
         except ConfigRejected:
             return
-        if new is None:
-            self.log.info("config_unchanged", reason=reason, version=self.active.version)
-        else:
-            old = self.active
-            self.active = new
-            self._applied.value += 1
-            self.log.info("config_reloaded", reason=reason, version=new.version, previous_version=old.version,
-                          listeners=[l.name for l in new.snapshot.listeners])
         await self._push_to_workers(self._load_message())
 
-    async def _push_to_workers(self, message: control.LoadConfig | None) -> None:
+    async def _push_to_workers(self, message: control.LoadConfig | None, *, skip: list[WorkerSlot] = ()) -> None:
         if message is None or self.draining:
             return
         async with trio.open_nursery() as nursery:
             for slot in self.slots:
+                if slot in skip:
+                    continue
                 # a worker behind, or one that could not open a listener (it retries the bind)
                 if slot.version != message.version or slot.listener_errors:
                     nursery.start_soon(slot.push_config, message)
@@ -211,6 +407,7 @@ class Supervisor:
         Raises ConfigError (or any error) when it does not compile: the client NACKs with its text
         and the previous config keeps serving."""
         from proxy.config.compile import compile_resources
+        from proxy.config.errors import ConfigError
         from proxy.xds.sources import to_sources
 
         try:
@@ -219,20 +416,14 @@ class Supervisor:
                                          proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
             sources = to_sources(resources, version)
         except Exception as e:
-            self._rejected.value += 1
-            from proxy.config.errors import ConfigError
-
-            self.log.error("config_rejected", reason="controlplane_push", version=version,
-                           keeping_version=self.active.version if self.active else None,
-                           exc_info=not isinstance(e, ConfigError), **config_error_fields(e))
+            self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger="controlplane_push",
+                         version=version)
             raise
-        old = self.active
-        self.active = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time())
-        self._applied.value += 1
-        self.log.info("config_pushed", version=version, previous_version=old.version if old else None,
-                      resources=len(resources), listeners=[l.name for l in snapshot.listeners])
-        message = self._load_message()
-        await self._push_to_workers(message)
+        new = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time())
+        self.log.info("config_pushed", version=version, resources=len(resources),
+                      listeners=[l.name for l in snapshot.listeners])
+        # raises ConfigRejected (a listener cannot bind): the client NACKs with its text
+        await self._swap(new, "controlplane_push")
         if self.draining:
             return  # the workers drain and will not serve it; nothing to wait for
         with trio.move_on_after(WORKER_APPLY_TIMEOUT_S) as scope:
@@ -280,9 +471,27 @@ class Supervisor:
             await self.reload(reason)
 
     async def _watch_files(self) -> None:
+        """Wake on file events (at once) or every CONFIG_POLL_INTERVAL_S (a missed event, no
+        inotify); ask for a reload when the files changed and no config file is being written."""
         while True:
-            await trio.sleep(CONFIG_POLL_INTERVAL_S)
-            if fingerprint(self.options.config_path) != self._last_fingerprint:
+            with trio.move_on_after(CONFIG_POLL_INTERVAL_S):
+                if self.watch is None:
+                    await trio.sleep_forever()
+                await self.watch.wait_events()
+                while True:  # a burst of events (a directory written file by file) is read once, quiet
+                    with trio.move_on_after(QUIET_S) as quiet:
+                        await self.watch.wait_events()
+                    if quiet.cancelled_caught:
+                        break
+            if self.watch is not None and not self.watch.alive and self.options.config_path.exists():
+                # the directory itself was replaced (polling covers the time until it is back)
+                self.watch.close()
+                self.watch = ConfigWatch.open(self.options.config_path)
+                self.log.info("config_watching", path=str(self.options.config_path), inotify=self.watch is not None,
+                              detail="directory replaced")
+            if self._files_being_written():
+                continue  # its writer's IN_CLOSE_WRITE wakes this loop again
+            if self._last_fingerprint is None or fingerprint(self.options.config_path) != self._last_fingerprint:
                 self.request_reload("file_changed")
 
     # ---- admin state
@@ -315,6 +524,7 @@ class Supervisor:
                          "listener_errors": s.listener_errors, "restarts": s.restarts} for s in self.slots],
             "config": a.snapshot.dump,
         }
+        out["last_rejected"] = self.last_rejected.dump() if self.last_rejected else None
         if self.options.controlplane is not None:
             x, n = self.xds, self.node
             out["controlplane"] = {
@@ -332,6 +542,21 @@ class Supervisor:
                 "last_disconnect": x.last_disconnect if x else "",
             }
         return out
+
+    def config_status(self) -> dict[str, Any]:
+        """What `proxy-status` shows for a proxy: the version served (by the supervisor and each
+        worker, SYNCED when they agree) beside the last update refused and the refusals by reason."""
+        a = self.active
+        return {
+            "version": a.version if a else "",
+            "last_updated": _utc(a.loaded_at) if a else "",
+            "files": [name for name, _ in a.sources] if a else [],
+            "status": "SYNCED" if self.is_ready() else ("DRAINING" if self.draining else "STALE"),
+            "workers": [{"index": s.index, "version": s.version, "listener_errors": s.listener_errors}
+                        for s in self.slots],
+            "last_rejected": self.last_rejected.dump() if self.last_rejected else None,
+            "rejections": {reason: c.value for reason, c in sorted(self._rejections.items())},
+        }
 
     # ---- lifecycle
 
@@ -377,6 +602,9 @@ class Supervisor:
             if self.options.controlplane is not None:
                 await self._run_xds(admin_port)
             else:
+                self.watch = ConfigWatch.open(self.options.config_path)
+                self.log.info("config_watching", path=str(self.options.config_path),
+                              inotify=self.watch is not None)
                 nursery.start_soon(self._watch_files)
             async with trio.open_nursery() as slots:
                 for slot in self.slots:

@@ -108,6 +108,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
         draining = False
+        prepared = None  # (Snapshot, BoundSockets) of a PrepareConfig awaiting its Commit or Abort
 
         async def _drain_then_exit(duration_s: float) -> None:
             try:
@@ -126,8 +127,41 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 if not draining:
                     draining = True
                     nursery.start_soon(_drain_then_exit, msg.duration_s)
-            elif isinstance(msg, control.LoadConfig) and draining:
+            elif isinstance(msg, (control.LoadConfig, control.CommitConfig)) and draining:
                 log.info("worker_config_ignored", version=msg.version, reason="draining")
+            elif isinstance(msg, control.PrepareConfig):
+                # an update every worker applies or none: compile and bind now, serve on Commit
+                if prepared is not None:
+                    prepared[1].close()
+                    prepared = None
+                try:
+                    snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
+                                              proxy_labels=msg.proxy_labels, proxy_namespace=msg.proxy_namespace)
+                except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
+                    log.error("worker_config_failed", version=msg.version, error=str(e))
+                    await channel.send(control.ConfigFailed(msg.version, str(e)))
+                    continue
+                bound, errors = await listeners.prepare(snapshot)
+                if errors:
+                    log.error("worker_config_unbindable", version=msg.version, errors=errors)
+                    await channel.send(control.ConfigFailed(msg.version, "; ".join(errors), "listener_bind"))
+                    continue
+                prepared = (snapshot, bound)
+                await channel.send(control.ConfigPrepared(msg.version))
+            elif isinstance(msg, control.CommitConfig):
+                if prepared is None or prepared[0].version != msg.version:
+                    log.warning("worker_commit_unprepared", version=msg.version)
+                    continue
+                snapshot, bound = prepared
+                prepared = None
+                holder.swap(snapshot)  # first: a listener opened below must find itself in the snapshot
+                errors = await listeners.reconcile(snapshot, bound)
+                await channel.send(control.ConfigApplied(msg.version, listeners.names, errors))
+                log.debug("worker_config_applied", version=msg.version, listeners=listeners.names)
+            elif isinstance(msg, control.AbortConfig):
+                if prepared is not None and prepared[0].version == msg.version:
+                    prepared[1].close()
+                    prepared = None
             elif isinstance(msg, control.LoadConfig):
                 if msg.version != holder.current.version:
                     try:

@@ -65,7 +65,9 @@ class WorkerSlot:
         self.listeners: list[str] = []
         self.listener_errors: list[str] = []
         self.last_error = ""
-        self.failed_version = ""  # the last version this worker could not compile
+        self.last_error_reason = ""
+        self.failed_version = ""  # the last version this worker could not compile (or prepare)
+        self.prepared_version = ""  # the last version this worker prepared (bound its listeners)
         self.restarts = 0
         self._config_news = trio.Event()  # set (and replaced) when the worker reports on a config or exits
         self._ids = itertools.count(1)
@@ -159,8 +161,12 @@ class WorkerSlot:
             for err in msg.errors:
                 self._log.error("worker_listener_error", version=msg.version, error=err)
             self._notify_config()
+        elif isinstance(msg, control.ConfigPrepared):
+            self.prepared_version = msg.version
+            self._notify_config()
         elif isinstance(msg, control.ConfigFailed):
             self.last_error = msg.error
+            self.last_error_reason = msg.reason
             self.failed_version = msg.version
             self._notify_config()
             self._log.error("worker_config_failed", version=msg.version, error=msg.error)
@@ -188,6 +194,25 @@ class WorkerSlot:
 
     async def push_config(self, config: control.LoadConfig) -> None:
         await self._send(config)
+
+    async def prepare_config(self, message: control.PrepareConfig) -> str | None:
+        """Ask the worker to prepare `message`; its error text, or None once prepared (or when no
+        worker runs: one that starts later is sent the current config first)."""
+        # a rejected attempt's version is tried again by the next update: forget its answer
+        self.prepared_version = self.failed_version = ""
+        if not await self._send(message):
+            return None
+        while self.channel is not None and message.version not in (self.prepared_version, self.failed_version):
+            await self._config_news.wait()
+        if self.channel is not None and self.failed_version == message.version:
+            return self.last_error
+        return None
+
+    async def commit_config(self, version: str) -> None:
+        await self._send(control.CommitConfig(version))
+
+    async def abort_config(self, version: str) -> None:
+        await self._send(control.AbortConfig(version))
 
     def _notify_config(self) -> None:
         self._config_news.set()

@@ -5,8 +5,10 @@ Every process is started here and stopped by PID; every load is bounded in count
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -381,3 +383,24 @@ def test_registered_workload_is_an_endpoint_until_its_grace_period_ends(tmp_path
     gone = gw.wait_for(lambda: get(gw_port, "/")[0] == 503 and time.monotonic(), "endpoint removed", timeout_s=10)
     assert 1.5 < gone - stopped < 5.0, gone - stopped
     gw.wait_for(lambda: [p["node_id"] for p in cp.status()["proxies"]] == [NODE], "api-1 forgotten")
+
+
+def test_pushed_listener_that_cannot_bind_is_nacked_and_the_old_one_serves(tmp_path, mesh, procs) -> None:
+    config, gw_port, _, v1, v2 = mesh
+    cp = ControlPlane(config, tmp_path).start()
+    procs.append(cp)
+    proxy = start_proxy(procs, tmp_path, cp.address)
+    v_start = proxy.config_dump()["version"]
+    taken = free_port()
+    with socket.socket() as holder:  # no SO_REUSEPORT: the proxy's workers cannot share it
+        holder.bind(("127.0.0.1", taken))
+        holder.listen(1)
+        update = tmp_path / "update.yaml"
+        update.write_text(mesh_config(gw_port, v1.port, v2.port, weights=(0, 100), extra_gateway_ports=(taken,)))
+        assert cp.cli("apply", "-f", str(update)).returncode == 0
+        [status] = proxy.wait_for(lambda: [p for p in cp.status()["proxies"] if p.get("last_nack")], "a NACK")
+    assert f"cannot listen on 127.0.0.1:{taken}" in status["last_nack"]
+    assert served_version(proxy) == v_start and backends_hit(gw_port, 10) == Counter(v1=10)
+    rejected = json.loads(proxy.admin("/config_status")[1])["last_rejected"]
+    assert (rejected["reason"], rejected["file"]) == ("listener_bind", f"controlplane {cp.address}")
+    assert proxy.admin("/ready") == (200, "LIVE\n")

@@ -141,3 +141,29 @@ async def test_open_reuseport_socket_ipv6_loopback() -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
     finally:
         sock.close()
+
+
+async def test_prepare_binds_new_listeners_without_serving_and_fails_whole() -> None:
+    p1, p2, held = _free_port(), _free_port(), _free_port()
+    server = NameServer("w0")
+    async with trio.open_nursery() as nursery:
+        manager = ListenerManager(nursery, {"HTTP": server}, LOG)
+        assert await manager.reconcile(_snapshot("1", p1)) == []
+        with socket.socket() as holder:  # no SO_REUSEPORT: nobody can share it
+            holder.bind(("127.0.0.1", held))
+            holder.listen(1)
+            bound, errors = await manager.prepare(_snapshot("2", p1, p2, held))
+            assert bound == {} and len(errors) == 1
+            assert errors[0].startswith(f"127.0.0.1_{held}: cannot listen on 127.0.0.1:{held}")
+        assert manager.names == [f"127.0.0.1_{p1}"] and await _ask(p1) == f"w0 127.0.0.1_{p1}"
+        with socket.socket() as probe:  # the aborted update left nothing bound on p2
+            probe.bind(("127.0.0.1", p2))
+
+        bound, errors = await manager.prepare(_snapshot("3", p1, p2))
+        assert errors == [] and list(bound) == [f"127.0.0.1_{p2}"]  # p1 is served already
+        with socket.socket() as client:  # bound, not listening: refused
+            client.settimeout(2)
+            assert client.connect_ex(("127.0.0.1", p2)) != 0
+        assert await manager.reconcile(_snapshot("3", p1, p2), bound) == []
+        assert await _ask(p2) == f"w0 127.0.0.1_{p2}"
+        nursery.cancel_scope.cancel()
