@@ -12,8 +12,12 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
 MESH_DEMO_ARGS ?=
+# `make fuzz`: every fuzz target (or FUZZ_TARGETS) for FUZZ_SECONDS each; FUZZ_ARGS e.g. --keep .fuzz
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
+FUZZ_ARGS ?=
 
-.PHONY: all install system-deps test demo bench clean
+.PHONY: all install system-deps test fuzz demo bench clean
 
 all: test
 
@@ -44,6 +48,10 @@ install: $(STAMP)
 test: install system-deps
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
+
+# Longer coverage-guided fuzzing than the bounded runs in `make test` (tests/fuzz/, atheris).
+fuzz: install
+	$(PY) -m tests.fuzz $(FUZZ_TARGETS) --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # As root: the mesh in network namespaces (examples/mesh_demo.py: capture rules and a sidecar per app;
 # options in MESH_DEMO_ARGS). Otherwise, where namespaces cannot be made (exit 3), or when DEMO_ARGS

@@ -441,6 +441,9 @@ class ChunkedDecoder:
                     if end - pos > MAX_TRAILER_BYTES:
                         raise self.error_type("trailer section too large")
                     break
+                if parsed[0] - pos > MAX_TRAILER_BYTES:
+                    # the same limit whether the section came in one read or many (found by fuzzing)
+                    raise self.error_type("trailer section too large")
                 pos = parsed[0]
                 self.done = True
         return pieces, pos
