@@ -419,6 +419,8 @@ class ChunkedDecoder:
                     if end - pos > 4096:
                         raise self.error_type("chunk size line too long")
                     break
+                if parsed[0] - pos > 4097:  # the same verdict as when the line comes byte by byte
+                    raise self.error_type("chunk size line too long")  # (all but its last byte buffered)
                 pos, size = parsed
                 if size == 0:
                     self.state = self._TRAILER

@@ -42,3 +42,29 @@ def test_trailer_section_limit_does_not_depend_on_reads(cut) -> None:
             pieces, pos = decoder.decode(buf, pos, len(buf))
             for p in pieces:
                 p.release()
+
+
+def test_a_long_chunk_size_line_is_refused_however_it_arrives():
+    """A chunk size line (with extensions) longer than the 4 KiB bound was refused when it came in
+    pieces but accepted when it came in one read; now both are refused, and one just within the
+    bound is accepted both ways."""
+    from proxy.l7.errors import BadRequest
+    from proxy.l7.h1 import ChunkedDecoder
+
+    def run(data: bytes, step: int):
+        decoder = ChunkedDecoder(BadRequest)
+        buf, pos, out = b"", 0, b""
+        for i in range(0, len(data), step):
+            buf += data[i:i + step]
+            pieces, pos = decoder.decode(buf, pos, len(buf))
+            out += b"".join(bytes(p) for p in pieces)
+        return out
+
+    for extension_len, refused in ((4096 - 8, False), (4200, True)):
+        body = b"5;x=" + b"a" * extension_len + b"\r\nhello\r\n0\r\n\r\n"
+        for step in (len(body), 1):
+            if refused:
+                with pytest.raises(BadRequest, match="chunk size line too long"):
+                    run(body, step)
+            else:
+                assert run(body, step) == b"hello"
