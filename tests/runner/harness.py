@@ -55,8 +55,14 @@ class Backend:
             def log_message(self, *args) -> None:
                 pass
 
+        class Server(ThreadingHTTPServer):
+            # socketserver's default listen backlog is 5: a burst of a few hundred proxy connections
+            # overflowed it, and a connection the kernel then dropped the handshake of never got an
+            # answer (a request of the proxy's waiting forever on a backend that never saw it)
+            request_queue_size = 4096
+
         self.name = name
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
