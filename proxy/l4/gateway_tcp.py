@@ -17,7 +17,7 @@ import trio
 from proxy.config.snapshot import Listener, Snapshot
 from proxy.l4.accept import accept_connections
 from proxy.l4.cluster_proxy import proxy_to_cluster
-from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats
+from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster
 from proxy.stats import HELP, Counter, Stats
 
 HELP.setdefault("triomesh_gateway_tcp_cx_total",
@@ -41,7 +41,7 @@ class GatewayTcpServer:
         self.rand_below = rand_below  # uniform in [0, n): the weighted destination pick
         self._snapshot: Snapshot | None = None
         self._listeners: dict[str, Listener] = {}
-        self._tcp_stats: dict[str, TcpProxyStats] = {}
+        self._tcp_stats = TcpProxyStatsByCluster(self.stats)
         self._counters: dict[tuple[str, str], Counter] = {}
 
     async def serve(self, sock, listener_name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -65,12 +65,6 @@ class GatewayTcpServer:
                 "triomesh_gateway_tcp_cx_total", listener=listener, action=action)
         c.value += 1
 
-    def _tcp(self, cluster: str) -> TcpProxyStats:
-        s = self._tcp_stats.get(cluster)
-        if s is None:
-            s = self._tcp_stats[cluster] = TcpProxyStats(self.stats, cluster)
-        return s
-
     async def _handle(self, listener_name: str, sock: socket.socket) -> None:
         try:
             snapshot = self.plane.holder.current
@@ -87,7 +81,7 @@ class GatewayTcpServer:
                 return
             cluster = route.pick_cluster(self.rand_below)
             outcome = await proxy_to_cluster(self.plane, snapshot, cluster, sock, client_ip, None,
-                                             stats=self._tcp(cluster), idle_timeout_s=self.idle_timeout_s)
+                                             stats=self._tcp_stats[cluster], idle_timeout_s=self.idle_timeout_s)
             self._count(listener_name, outcome.value)
         except Exception:  # one connection's bug must never cost the listener
             log.exception("gateway tcp handler failed", listener=listener_name)

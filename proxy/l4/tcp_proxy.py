@@ -140,6 +140,18 @@ class TcpProxyStats:
         return self._stats.counter("triomesh_upstream_cx_local_fail_total", reason=reason)
 
 
+class TcpProxyStatsByCluster(dict):
+    """TcpProxyStats per cluster name, made on first use: what every TCP route's connections count in."""
+
+    def __init__(self, stats) -> None:
+        super().__init__()
+        self.stats = stats
+
+    def __missing__(self, cluster: str) -> TcpProxyStats:
+        made = self[cluster] = TcpProxyStats(self.stats, cluster)
+        return made
+
+
 @dataclass(slots=True)
 class TcpProxyResult:
     """What one proxied connection did; `error` is None when both directions ended with EOF."""

@@ -25,7 +25,7 @@ from proxy.l4.cluster_proxy import proxy_to_cluster, reset
 from proxy.l4.original_dst import TransparentConnection, describe_connection
 from proxy.l4.sniff import Protocol
 from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
-from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStats, proxy_to_upstream
+from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster, proxy_to_upstream
 from proxy.l7.local_reply import local_reply_bytes
 from proxy.stats import HELP, Counter, Stats
 
@@ -60,7 +60,7 @@ class CaptureServer:
         self._snapshot: Snapshot | None = None
         self._table: sidecar.CaptureTable | None = None
         self._listeners: dict = {}
-        self._tcp_stats: dict[str, TcpProxyStats] = {}
+        self._tcp_stats = TcpProxyStatsByCluster(self.stats)
         self._counters: dict[tuple[str, str], Counter] = {}
         self._refused: dict[str, Counter] = {}
 
@@ -79,12 +79,6 @@ class CaptureServer:
             c = self._counters[(listener, action)] = self.stats.counter(
                 "triomesh_sidecar_cx_total", listener=listener, action=action)
         c.value += 1
-
-    def _tcp(self, cluster: str) -> TcpProxyStats:
-        s = self._tcp_stats.get(cluster)
-        if s is None:
-            s = self._tcp_stats[cluster] = TcpProxyStats(self.stats, cluster)
-        return s
 
     # ---- accepting
 
@@ -146,7 +140,7 @@ class CaptureServer:
             return True
         if isinstance(decision, sidecar.Tcp):
             outcome = await proxy_to_cluster(self.plane, snapshot, decision.cluster, conn.sock, conn.client.ip,
-                                             conn.orig_dst.sockaddr(), stats=self._tcp(decision.cluster),
+                                             conn.orig_dst.sockaddr(), stats=self._tcp_stats[decision.cluster],
                                              idle_timeout_s=self.settings.idle_timeout_s, initial=initial)
             self._count(listener_name, outcome.value)
             return True
@@ -158,7 +152,7 @@ class CaptureServer:
             connect_timeout_s=self.plane.settings.connect_timeout_s,
             idle_timeout_s=self.settings.idle_timeout_s,
             downstream_prefix=initial,
-            stats=self._tcp(decision.cluster),
+            stats=self._tcp_stats[decision.cluster],
             bind_ip=decision.bind_ip,
         )
         if result.error is not None and result.error.source == "upstream":
