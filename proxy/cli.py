@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-worker-rss", type=_size_bytes, default=None, metavar="SIZE",
                    help="overload manager: above this resident memory (e.g. 512Mi) a worker answers new requests "
                         "503 with x-envoy-overloaded until it falls below (default: no limit)")
+    p.add_argument("--hot-restart-socket", default=None, metavar="PATH",
+                   help="Unix socket of hot restart: a proxy started with the PATH of a running one takes over "
+                        "its listening and admin sockets, then the old one drains (docs/hot-restart.md)")
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format (default json)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="format of the proxy's own log lines")
@@ -175,6 +178,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         drain_duration_s=args.drain_duration,
         max_downstream_connections=args.max_downstream_connections,
         max_worker_rss_bytes=args.max_worker_rss,
+        hot_restart_socket=args.hot_restart_socket,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
              controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())

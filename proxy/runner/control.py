@@ -3,11 +3,21 @@
 Theory of operation: each worker gets one end of a Unix socketpair. Frames are a 4-byte big-endian
 length followed by a msgpack-encoded message from a tagged union, so one decoder handles every
 message kind and new fields can be added with defaults. `FrameDecoder` is sans-IO (bytes in,
-messages out); `ControlChannel` is the small Trio driver around a stream.
+messages out); `ControlChannel` is the small Trio driver around a Unix stream socket.
+
+File descriptors (listening sockets, for a hot restart) travel as SCM_RIGHTS ancillary data on the
+first byte of the frame that describes them. The receiver reads with recvmsg and queues every fd it
+gets in arrival order; a message that carries fds says how many (its `sockets` list), and its
+receiver takes exactly that many from the queue (`take_fds`) once the message is decoded, by which
+time they have arrived: the kernel delivers ancillary data with the byte it was sent with.
 """
 
 from __future__ import annotations
 
+import array
+import collections
+import os
+import socket
 import struct
 from typing import Union
 
@@ -65,6 +75,13 @@ class Drain(msgspec.Struct, tag="drain"):
     duration_s: float
 
 
+class ExportListeners(msgspec.Struct, tag="export_listeners"):
+    """Send a duplicate of every listening socket (a hot restart hands them to the next proxy); the
+    worker goes on accepting on them until told to Drain. Answered by ListenerSockets."""
+
+    request_id: int
+
+
 # worker -> supervisor
 
 class ConfigApplied(msgspec.Struct, tag="config_applied"):
@@ -95,6 +112,22 @@ class Drained(msgspec.Struct, tag="drained"):
     active_at_deadline: int
 
 
+class ListenerSocket(msgspec.Struct):
+    """What a handed-over listening socket is for: the listener's name, protocol and address."""
+
+    name: str
+    protocol: str
+    address: str
+    port: int
+
+
+class ListenerSockets(msgspec.Struct, tag="listener_sockets"):
+    """The answer to ExportListeners: one fd per entry of `sockets`, in order, travel with it."""
+
+    request_id: int
+    sockets: list[ListenerSocket]
+
+
 StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int]
 
 
@@ -104,7 +137,7 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
 
 
 Message = Union[LoadConfig, PrepareConfig, CommitConfig, AbortConfig, GetStats, Shutdown, Drain, ConfigApplied,
-                ConfigPrepared, ConfigFailed, StatsReply, Drained]
+                ConfigPrepared, ConfigFailed, StatsReply, Drained, ExportListeners, ListenerSockets]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -114,7 +147,7 @@ class FrameError(Exception):
     pass
 
 
-def encode_frame(message: Message) -> bytes:
+def encode_frame(message: msgspec.Struct) -> bytes:
     body = _encoder.encode(message)
     return _LEN.pack(len(body)) + body
 
@@ -122,8 +155,9 @@ def encode_frame(message: Message) -> bytes:
 class FrameDecoder:
     """Sans-IO: feed received bytes, take complete messages."""
 
-    def __init__(self) -> None:
+    def __init__(self, decoder: msgspec.msgpack.Decoder = _decoder) -> None:
         self._buf = bytearray()
+        self._message_decoder = decoder
 
     def feed(self, data: bytes) -> list[Message]:
         self._buf += data
@@ -137,7 +171,7 @@ class FrameDecoder:
             if len(buf) - pos - 4 < length:
                 break
             try:
-                out.append(_decoder.decode(memoryview(buf)[pos + 4 : pos + 4 + length]))
+                out.append(self._message_decoder.decode(memoryview(buf)[pos + 4 : pos + 4 + length]))
             except msgspec.DecodeError as e:
                 raise FrameError(f"undecodable control frame: {e}") from None
             pos += 4 + length
@@ -150,32 +184,68 @@ class FrameDecoder:
         return len(self._buf)
 
 
-class ControlChannel:
-    """One end of the control socketpair. Sends are serialized (several tasks may send); one task
-    receives."""
+MAX_FDS_PER_FRAME = 250  # the kernel's SCM_MAX_FD is 253 per sendmsg
+_FD_SIZE = array.array("i").itemsize
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
+
+class FrameChannel:
+    """Frames of one message union over a connected Unix stream socket, with fds passed beside them.
+    Sends are serialized (several tasks may send); one task receives. Received fds are close-on-exec
+    and owned by whoever takes them; those never taken are closed with the channel."""
+
+    def __init__(self, sock: trio.socket.SocketType, decoder: msgspec.msgpack.Decoder = _decoder) -> None:
+        self._sock = sock
         self._send_lock = trio.Lock()
-        self._decoder = FrameDecoder()
-        self._ready: list[Message] = []
+        self._decoder = FrameDecoder(decoder)
+        self._ready: collections.deque = collections.deque()
+        self._fds: collections.deque[int] = collections.deque()
+        self._closed = False
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: msgspec.Struct, fds: list[int] = ()) -> None:
         frame = encode_frame(message)
+        if len(fds) > MAX_FDS_PER_FRAME:
+            raise ValueError(f"{len(fds)} fds in one control frame; at most {MAX_FDS_PER_FRAME}")
         async with self._send_lock:
-            await self._stream.send_all(frame)
+            try:
+                view = memoryview(frame)
+                if fds:
+                    sent = await self._sock.sendmsg(
+                        [view], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                    view = view[sent:]
+                while view:
+                    sent = await self._sock.send(view)
+                    view = view[sent:]
+            except (BrokenPipeError, ConnectionResetError) as e:  # the peer is gone
+                raise trio.BrokenResourceError(str(e)) from e
 
-    async def receive(self) -> Message | None:
+    async def receive(self) -> msgspec.Struct | None:
         """The next message, or None when the peer closed the channel."""
         while not self._ready:
             try:
-                data = await self._stream.receive_some(65536)
-            except trio.BrokenResourceError:
+                data, ancillary, _, _ = await self._sock.recvmsg(
+                    65536, socket.CMSG_SPACE(MAX_FDS_PER_FRAME * _FD_SIZE), socket.MSG_CMSG_CLOEXEC)
+            except (OSError, trio.ClosedResourceError):
                 return None
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+                    self._fds.extend(fds)
             if not data:
                 return None
             self._ready.extend(self._decoder.feed(data))
-        return self._ready.pop(0)
+        return self._ready.popleft()
+
+    def take_fds(self, count: int) -> list[int]:
+        """The next `count` fds received (fewer if fewer arrived: the sender's kernel refused some)."""
+        return [self._fds.popleft() for _ in range(min(count, len(self._fds)))]
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        while self._fds:
+            os.close(self._fds.popleft())
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class ControlChannel(FrameChannel):
+    """One end of a supervisor <-> worker socketpair."""

@@ -30,10 +30,17 @@ accepting, lets its connections finish for up to the drain duration, resets the 
 proxy/runner/worker.py). From its first moment /ready answers 503, configs are no longer applied and
 dead workers are not restarted; the supervisor exits once every worker did, unless asked to stay
 (`skip_exit`). A second signal stops the workers at once.
+
+Hot restart (proxy/runner/hot_restart.py): with `--hot-restart-socket`, a serving supervisor listens
+on that path; a new proxy that connects gets every worker's listening sockets (ExportListeners) and
+the admin socket, and once its own workers serve tells this one to drain (reason "hot_restart"): the
+admin listener stops accepting at once (the new proxy answers on the same socket) and the workers
+drain as on SIGTERM.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -45,7 +52,7 @@ from typing import Any
 import trio
 
 from proxy.config.snapshot import Snapshot
-from proxy.runner import admin, control
+from proxy.runner import admin, control, hot_restart
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
@@ -79,6 +86,7 @@ class ProxyOptions:
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
     max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
+    hot_restart_socket: str | None = None  # Unix socket path of hot restart (proxy/runner/hot_restart.py)
 
 
 @dataclass(frozen=True)
@@ -163,6 +171,8 @@ class Supervisor:
         self.draining = False  # from the first moment of a drain: /ready 503, no reloads, no restarts
         self._draining_gauge = self.stats.gauge("triomesh_draining")
         self._exit = trio.Event()  # set by SIGTERM/SIGINT or /quitquitquit: exit once drained
+        self._admin_scope = trio.CancelScope()  # the admin listener: a hot restart hands it over
+        self.hot_restart: hot_restart.HotRestartListener | None = None
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         if options.max_downstream_connections is not None:
@@ -577,6 +587,103 @@ class Supervisor:
         for slot in self.slots:
             self._nursery.start_soon(slot.drain, duration_s)
 
+    # ---- hot restart
+
+    def inherit(self, handover: hot_restart.Handover) -> None:
+        """Give each worker slot its share of the listening sockets a hot restart handed over."""
+        for slot, share in zip(self.slots, hot_restart.assign_to_workers(handover.listeners, len(self.slots))):
+            slot.inherited = share
+        self.log.info("hot_restart_inherited", parent_pid=handover.parent_pid, sockets=len(handover.listeners),
+                      admin=handover.admin is not None,
+                      listeners=sorted({f"{i.name} {i.address}:{i.port}" for i, _ in handover.listeners}))
+
+    async def _finish_takeover(self, handover: hot_restart.Handover) -> None:
+        """Once every worker serves: release the handed-over sockets' copies here, tell the old
+        proxy to drain, listen on the hot restart path. If the workers do not serve in time the
+        old proxy is left serving and this one drains away."""
+        with trio.move_on_after(hot_restart.HANDOVER_TIMEOUT_S) as scope:
+            while not self.is_ready():
+                await trio.sleep(0.05)
+        for slot in self.slots:
+            slot.release_inherited()
+        if scope.cancelled_caught:
+            await handover.channel.aclose()
+            self.log.error("hot_restart_failed", parent_pid=handover.parent_pid,
+                           error=f"workers did not serve within {hot_restart.HANDOVER_TIMEOUT_S}s; "
+                                 "the running proxy keeps serving")
+            self.start_drain("hot_restart_failed")
+            return
+        await handover.drain_parent()
+        self.log.info("hot_restart_complete", parent_pid=handover.parent_pid)
+        await self._listen_hot_restart()
+
+    async def _listen_hot_restart(self) -> None:
+        path = self.options.hot_restart_socket
+        listener = hot_restart.HotRestartListener(path)
+        try:
+            await listener.open()
+        except OSError as e:
+            self.log.error("hot_restart_listen_failed", path=path, error=str(e))
+            return
+        self.hot_restart = listener
+        self.log.info("hot_restart_listening", path=path)
+        self._nursery.start_soon(self._serve_hot_restart, listener)
+
+    async def _serve_hot_restart(self, listener: hot_restart.HotRestartListener) -> None:
+        try:
+            while not self.draining:
+                channel = await listener.accept()
+                try:
+                    await self._hand_over(channel)
+                finally:
+                    await channel.aclose()
+        finally:
+            listener.close()
+
+    async def _hand_over(self, channel) -> None:
+        """The old side of one hot restart: check the new proxy's hello, send it the sockets, drain
+        when it says so. If it goes away before, nothing changes here."""
+        hello = await channel.receive()
+        refusal = hot_restart.check_hello(hello, draining=self.draining)
+        if refusal is not None:
+            self.log.warning("hot_restart_refused", reason=refusal.reason)
+            await channel.send(refusal)
+            return
+        self.log.info("hot_restart_handing_over", child_pid=hello.pid)
+        exported: list[list] = []
+        try:
+            for slot in self.slots:
+                sockets = await slot.export_listeners(hot_restart.EXPORT_TIMEOUT_S)
+                if sockets is None:
+                    # a worker restarting now: its sockets are gone anyway (the new proxy binds)
+                    self.log.warning("hot_restart_worker_skipped", worker=slot.index)
+                    continue
+                exported.append(sockets)
+            for sockets in exported:
+                await channel.send(hot_restart.Sockets("listener", [info for info, _ in sockets]),
+                                   fds=[s.fileno() for _, s in sockets])
+            admin_port = self._admin_sock.getsockname()
+            await channel.send(hot_restart.Sockets("admin", [control.ListenerSocket(
+                "admin", "HTTP", admin_port[0], admin_port[1])]), fds=[self._admin_sock.fileno()])
+            await channel.send(hot_restart.SocketsEnd(os.getpid()))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            self.log.warning("hot_restart_abandoned", child_pid=hello.pid, error=str(e))
+            return
+        finally:
+            for sockets in exported:  # our copies; the workers and the new proxy hold theirs
+                for _, sock in sockets:
+                    sock.close()
+        message = None
+        with trio.move_on_after(hot_restart.HANDOVER_TIMEOUT_S + 5.0):  # the new proxy's own timeout is shorter
+            message = await channel.receive()
+        if not isinstance(message, hot_restart.DrainParent):
+            self.log.warning("hot_restart_abandoned", child_pid=hello.pid,
+                             error="the new proxy went away before it served; serving on")
+            return
+        self.log.info("hot_restart_draining", child_pid=hello.pid)
+        self._admin_scope.cancel()  # the new proxy answers on the same admin socket
+        self.start_drain("hot_restart")
+
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
@@ -591,13 +698,22 @@ class Supervisor:
                     for slot in self.slots:
                         await slot.stop()
 
-    async def run(self, admin_sock: trio.socket.SocketType) -> None:
+    async def _serve_admin(self, admin_sock, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._admin_scope:
+            await admin.serve_admin(admin_sock, self, self.log, task_status=task_status)
+
+    async def run(self, admin_sock: trio.socket.SocketType, handover: hot_restart.Handover | None = None) -> None:
         admin_port = admin_sock.getsockname()[1]  # the bound one (the option may say 0)
+        self._admin_sock = admin_sock
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self._signals)
-            await nursery.start(admin.serve_admin, admin_sock, self, self.log)
+            await nursery.start(self._serve_admin, admin_sock)
             self.log.info("admin_listening", address=f"{self.options.admin_host}:{admin_port}")
+            if handover is not None:
+                nursery.start_soon(self._finish_takeover, handover)
+            elif self.options.hot_restart_socket is not None:
+                await self._listen_hot_restart()
             nursery.start_soon(self._reload_loop)
             if self.options.controlplane is not None:
                 await self._run_xds(admin_port)
@@ -612,6 +728,8 @@ class Supervisor:
             # every slot returned: they only do once drained or stopped; /drain_listeners stays up
             await self._exit.wait()
             nursery.cancel_scope.cancel()
+        if self.hot_restart is not None:
+            self.hot_restart.close()
         self.log.info("stopped")
 
 
@@ -621,12 +739,31 @@ async def serve(options: ProxyOptions, log: Any) -> int:
         supervisor.load_initial()
     except ConfigRejected:
         return 1
-    try:
-        admin_sock = await admin.open_admin_socket(options.admin_host, options.admin_port)
-    except OSError as e:
-        log.error("admin_bind_failed", address=f"{options.admin_host}:{options.admin_port}", error=str(e))
-        return 1
-    await supervisor.run(admin_sock)
+    handover = None
+    if options.hot_restart_socket is not None:
+        try:
+            handover = await hot_restart.take_over(options.hot_restart_socket, log)
+        except hot_restart.HotRestartError as e:
+            log.error("hot_restart_refused", path=options.hot_restart_socket, error=str(e))
+            return 1
+    admin_sock = None
+    if handover is not None:
+        supervisor.inherit(handover)
+        if handover.admin is not None and handover.admin.getsockname()[:2] == (options.admin_host, options.admin_port):
+            admin_sock = trio.socket.from_stdlib_socket(handover.admin)
+            handover.admin = None
+        handover.close_unused()  # another admin address: the old proxy's admin closes with it
+    if admin_sock is None:
+        try:
+            admin_sock = await admin.open_admin_socket(options.admin_host, options.admin_port)
+        except OSError as e:
+            log.error("admin_bind_failed", address=f"{options.admin_host}:{options.admin_port}", error=str(e))
+            if handover is not None:
+                for slot in supervisor.slots:
+                    slot.release_inherited()
+                await handover.channel.aclose()  # the old proxy serves on
+            return 1
+    await supervisor.run(admin_sock, handover)
     return 0
 
 

@@ -9,6 +9,7 @@ a Drain it was sent has ended.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import socket
 import sys
@@ -39,7 +40,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
     p.add_argument("--max-downstream-connections", type=int, default=None)
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
+    # a hot restart's listening sockets, inherited as open fds: JSON [[fd, address, port], ...]
+    p.add_argument("--inherited-sockets", default="[]")
     return p
+
+
+def inherited_sockets(spec: str) -> dict[tuple[str, int], list[trio.socket.SocketType]]:
+    """The listening sockets named by --inherited-sockets, by (address, port)."""
+    out: dict[tuple[str, int], list[trio.socket.SocketType]] = {}
+    for fd, address, port in json.loads(spec):
+        sock = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
+        out.setdefault((address, port), []).append(sock)
+    return out
 
 
 async def _flush_access_log(access_log: AccessLog) -> None:
@@ -77,7 +89,8 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
-              limits: OverloadLimits = OverloadLimits()) -> None:
+              limits: OverloadLimits = OverloadLimits(),
+              inherited: dict[tuple[str, int], list] | None = None) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -104,7 +117,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         gateway_tcp = GatewayTcpServer(plane, stats, connections)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, "TCP": gateway_tcp.serve,
-                                              ORIGINAL_DST: capture.serve}, log)
+                                              ORIGINAL_DST: capture.serve}, log, inherited)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
         draining = False
@@ -123,6 +136,16 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 break
             if isinstance(msg, control.GetStats):
                 await channel.send(control.StatsReply(msg.request_id, stats.export()))
+            elif isinstance(msg, control.ExportListeners):
+                # duplicates for the next proxy (SCM_RIGHTS); this worker accepts on until its Drain
+                exported = [] if draining else listeners.export()
+                try:
+                    await channel.send(control.ListenerSockets(msg.request_id, [
+                        control.ListenerSocket(e.name, e.protocol, e.address, e.port) for e in exported]),
+                        fds=[e.fileno for e in exported])
+                except OSError as e:  # an fd the kernel refuses to pass: hand over nothing, serve on
+                    log.error("worker_export_failed", error=str(e))
+                    await channel.send(control.ListenerSockets(msg.request_id, []))
             elif isinstance(msg, control.Drain):
                 if not draining:
                     draining = True
@@ -197,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = socket.socket(fileno=args.control_fd)
 
     async def _main() -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        await run(control.ControlChannel(stream), access_log=access_log, log=log,
+        await run(control.ControlChannel(trio.socket.from_stdlib_socket(sock)), access_log=access_log, log=log,
+                  inherited=inherited_sockets(args.inherited_sockets),
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes))
 
     try:

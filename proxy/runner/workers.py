@@ -13,6 +13,7 @@ admin socket into the child; multiprocessing adds pickling and its own helper pr
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import socket
@@ -72,6 +73,9 @@ class WorkerSlot:
         self._config_news = trio.Event()  # set (and replaced) when the worker reports on a config or exits
         self._ids = itertools.count(1)
         self._pending: dict[int, tuple[trio.Event, list]] = {}
+        # listening sockets a hot restart handed to this slot, passed to the worker it starts until
+        # the supervisor releases them (once the first workers serve)
+        self.inherited: list[tuple[control.ListenerSocket, socket.socket]] = []
         self._restarts = stats.counter("triomesh_worker_restarts_total")
         self._drain_reset = stats.counter("triomesh_drain_cx_reset_total")
         self._stopping = False
@@ -104,7 +108,11 @@ class WorkerSlot:
         try:
             cmd = [sys.executable, "-m", "proxy.runner.worker", "--control-fd", str(child.fileno()),
                    "--index", str(self.index), *self._worker_args]
-            process = await trio.lowlevel.open_process(cmd, pass_fds=(child.fileno(),), env=_worker_env())
+            inherited = [(s.fileno(), info.address, info.port) for info, s in self.inherited]
+            if inherited:
+                cmd += ["--inherited-sockets", json.dumps(inherited)]
+            process = await trio.lowlevel.open_process(
+                cmd, pass_fds=(child.fileno(), *(fd for fd, _, _ in inherited)), env=_worker_env())
         except OSError as e:  # EMFILE, EAGAIN (process limit), ...: try again after the backoff
             parent.close()
             self._log.error("worker_spawn_failed", error=str(e))
@@ -115,7 +123,7 @@ class WorkerSlot:
         finally:
             child.close()
         self.process = process
-        channel = control.ControlChannel(trio.SocketStream(trio.socket.from_stdlib_socket(parent)))
+        channel = control.ControlChannel(trio.socket.from_stdlib_socket(parent))
         self.channel = channel
         self._log.info("worker_started", pid=process.pid)
         try:
@@ -131,6 +139,9 @@ class WorkerSlot:
                     break
                 if msg is None:
                     break
+                if isinstance(msg, control.ListenerSockets):
+                    self._exported(msg, channel.take_fds(len(msg.sockets)))
+                    continue
                 self._handle(msg)
         finally:
             self.channel = None
@@ -236,6 +247,41 @@ class WorkerSlot:
             return box[0] if box else None
         finally:
             self._pending.pop(request_id, None)
+
+    def _exported(self, msg: control.ListenerSockets, fds: list[int]) -> None:
+        sockets = [(info, socket.socket(fileno=fd)) for info, fd in zip(msg.sockets, fds)]
+        waiter = self._pending.pop(msg.request_id, None)
+        if waiter is None or len(fds) != len(msg.sockets):
+            for _, sock in sockets:
+                sock.close()
+            if waiter is not None:
+                waiter[0].set()  # an incomplete set is no set: nothing handed over from this worker
+                self._log.error("worker_export_incomplete", sockets=len(msg.sockets), fds=len(fds))
+            return
+        waiter[1].append(sockets)
+        waiter[0].set()
+
+    async def export_listeners(self, timeout_s: float) -> list[tuple[control.ListenerSocket, socket.socket]] | None:
+        """Duplicates of the worker's listening sockets with what each is for; None when the worker
+        is not running or did not answer in time."""
+        request_id = next(self._ids)
+        event, box = trio.Event(), []
+        self._pending[request_id] = (event, box)
+        try:
+            if not await self._send(control.ExportListeners(request_id)):
+                return None
+            with trio.move_on_after(timeout_s):
+                await event.wait()
+            return box[0] if box else None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def release_inherited(self) -> None:
+        """Close this process's copies of the handed-over sockets: the worker holds its own, and
+        a worker started later binds afresh."""
+        for _, sock in self.inherited:
+            sock.close()
+        self.inherited = []
 
     def _fail_pending(self) -> None:
         for event, _ in self._pending.values():

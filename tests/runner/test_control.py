@@ -54,8 +54,8 @@ def test_garbage_frame_is_rejected() -> None:
 
 async def test_channel_over_a_real_socketpair() -> None:
     a, b = socket.socketpair()
-    left = control.ControlChannel(trio.SocketStream(trio.socket.from_stdlib_socket(a)))
-    right = control.ControlChannel(trio.SocketStream(trio.socket.from_stdlib_socket(b)))
+    left = control.ControlChannel(trio.socket.from_stdlib_socket(a))
+    right = control.ControlChannel(trio.socket.from_stdlib_socket(b))
     big = control.LoadConfig("1", [("big.yaml", b"x" * (3 << 20))])
     async with trio.open_nursery() as nursery:
         # two tasks sending at once: frames must not interleave
