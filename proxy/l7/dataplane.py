@@ -319,12 +319,19 @@ class DataPlane:
         self.background: trio.Nursery | None = None
         self.mirrors_in_flight = 0
 
-    def start_drain(self) -> None:
-        """From now on no connection is kept alive: idle ones close, busy ones after their response."""
+    def start_drain(self, *, close_idle: bool = True) -> None:
+        """From now on no connection is kept alive: idle ones close (unless `close_idle` is False:
+        then they close after their next response, or at close_idle_downstream), busy ones after
+        their response."""
         self.draining = True
         self.degraded = True
         for connection in list(self.downstream):
-            connection.drain()
+            connection.drain(close_idle=close_idle)
+
+    def close_idle_downstream(self) -> None:
+        """Close the HTTP/1.1 connections waiting for a next request (a drain's later step)."""
+        for connection in list(self.downstream):
+            connection.close_if_idle()
 
     def set_shedding(self, active: bool) -> None:
         """The memory watermark was crossed (up or down)."""

@@ -156,14 +156,18 @@ class DownstreamConnection:
         self.stream: H1Stream | None = None  # the request being served, None between requests
         self.h2: H2ServerConnection | None = None  # once the connection turned out to be h2c
 
-    def drain(self) -> None:
-        """The proxy drains: an idle connection closes now, a busy one after its response, which
-        says `connection: close`; HTTP/2 gets GOAWAY."""
+    def drain(self, *, close_idle: bool = True) -> None:
+        """The proxy drains: an idle connection closes now (with `close_idle`), a busy one after its
+        response, which says `connection: close`; HTTP/2 gets GOAWAY."""
         if self.h2 is not None:
             self.h2.drain()
         elif self.stream is not None:
             self.stream.keep_alive = False
-        elif not self.conn.buffered and not _request_arriving(self.conn.sock):
+        elif close_idle:
+            self.close_if_idle()
+
+    def close_if_idle(self) -> None:
+        if self.h2 is None and self.stream is None and not self.conn.buffered and not _request_arriving(self.conn.sock):
             self.conn.expire()  # waiting for a next request: its read ends, the connection closes
 
     async def run(self) -> None:

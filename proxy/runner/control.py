@@ -73,6 +73,9 @@ class Drain(msgspec.Struct, tag="drain"):
     Drained and exit. Meanwhile the worker still answers GetStats and Shutdown (which cuts it short)."""
 
     duration_s: float
+    # > 0 (a hot restart): idle keep-alive connections are not closed at once but get
+    # `connection: close` on their next response, and those still idle are closed after this long
+    idle_close_after_s: float = 0.0
 
 
 class ExportListeners(msgspec.Struct, tag="export_listeners"):

@@ -66,6 +66,7 @@ CONFIRM_REMOVAL_S = 1.0  # an update removing every listener or route is read ag
 STATS_TIMEOUT_S = 2.0
 WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
 DEFAULT_DRAIN_DURATION_S = 5.0  # Istio's terminationDrainDuration default
+HOT_RESTART_IDLE_CLOSE_SHARE = 0.5  # of the drain duration: when a hot restart's drain closes idle connections
 
 
 @dataclass(frozen=True)
@@ -570,7 +571,7 @@ class Supervisor:
 
     # ---- lifecycle
 
-    def start_drain(self, reason: str, *, exit_after: bool = True) -> None:
+    def start_drain(self, reason: str, *, exit_after: bool = True, idle_close_after_s: float = 0.0) -> None:
         """Begin draining (once; a later call may only add the exit): /ready answers 503 at once,
         every worker stops accepting, closes idle connections, asks busy ones to close after their
         response (HTTP/2: GOAWAY), gives them the drain duration, resets what is left and exits.
@@ -585,7 +586,7 @@ class Supervisor:
         duration_s = self.options.drain_duration_s
         self.log.info("draining", reason=reason, duration_s=duration_s, exit=exit_after)
         for slot in self.slots:
-            self._nursery.start_soon(slot.drain, duration_s)
+            self._nursery.start_soon(slot.drain, duration_s, idle_close_after_s)
 
     # ---- hot restart
 
@@ -682,7 +683,9 @@ class Supervisor:
             return
         self.log.info("hot_restart_draining", child_pid=hello.pid)
         self._admin_scope.cancel()  # the new proxy answers on the same admin socket
-        self.start_drain("hot_restart")
+        # the listening sockets live on in the new proxy: a keep-alive client is told to reconnect
+        # on its next response rather than have its idle connection closed under a request
+        self.start_drain("hot_restart", idle_close_after_s=self.options.drain_duration_s * HOT_RESTART_IDLE_CLOSE_SHARE)
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:

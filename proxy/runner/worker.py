@@ -67,15 +67,23 @@ def _active_connections(stats: Stats) -> int:
 
 
 async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: Stats,
-                 channel: control.ControlChannel, log) -> None:
+                 channel: control.ControlChannel, log, idle_close_after_s: float = 0.0) -> None:
     """Stop accepting, let what is open finish for up to `duration_s`, reset the HTTP connections
-    still open, report; the worker then exits (the caller cancels it), closing what remains."""
-    await listeners.close_all()  # new connections are refused from here on
-    plane.start_drain()
-    log.info("worker_draining", duration_s=duration_s, active=_active_connections(stats))
+    still open, report; the worker then exits (the caller cancels it), closing what remains.
+    `idle_close_after_s` > 0 (a hot restart, the listening sockets live on in the next proxy): an
+    idle keep-alive connection is not closed at once, which would race a request its client is
+    sending, but answered `connection: close` when it sends one; those still idle then are closed."""
+    await listeners.close_all()  # new connections are refused (or, handed over, go to the next proxy)
+    plane.start_drain(close_idle=idle_close_after_s <= 0)
+    log.info("worker_draining", duration_s=duration_s, active=_active_connections(stats),
+             idle_close_after_s=idle_close_after_s)
+    idle_close_at = trio.current_time() + idle_close_after_s if idle_close_after_s > 0 else None
     with trio.move_on_after(duration_s):
         while _active_connections(stats):
             await trio.sleep(DRAIN_POLL_INTERVAL_S)
+            if idle_close_at is not None and trio.current_time() >= idle_close_at:
+                idle_close_at = None
+                plane.close_idle_downstream()
     active = _active_connections(stats)
     if active:
         plane.reset_downstream()
@@ -123,9 +131,9 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         draining = False
         prepared = None  # (Snapshot, BoundSockets) of a PrepareConfig awaiting its Commit or Abort
 
-        async def _drain_then_exit(duration_s: float) -> None:
+        async def _drain_then_exit(duration_s: float, idle_close_after_s: float) -> None:
             try:
-                await _drain(duration_s, plane, listeners, stats, channel, log)
+                await _drain(duration_s, plane, listeners, stats, channel, log, idle_close_after_s)
             finally:  # TCP-proxied connections still open close with the worker
                 nursery.cancel_scope.cancel()
 
@@ -149,7 +157,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
             elif isinstance(msg, control.Drain):
                 if not draining:
                     draining = True
-                    nursery.start_soon(_drain_then_exit, msg.duration_s)
+                    nursery.start_soon(_drain_then_exit, msg.duration_s, msg.idle_close_after_s)
             elif isinstance(msg, (control.LoadConfig, control.CommitConfig)) and draining:
                 log.info("worker_config_ignored", version=msg.version, reason="draining")
             elif isinstance(msg, control.PrepareConfig):

@@ -295,11 +295,11 @@ class WorkerSlot:
         self.retired_rows = [(kind, name, labels, value) for (kind, name, labels), value in merge([rows]).items()]
         self._last_rows = []
 
-    async def drain(self, duration_s: float) -> None:
+    async def drain(self, duration_s: float, idle_close_after_s: float = 0.0) -> None:
         """Ask the worker to drain (it exits when done); run() then returns instead of restarting it."""
         self._stopping = True
         self._stopped.set()
-        if not await self._send(control.Drain(duration_s)):
+        if not await self._send(control.Drain(duration_s, idle_close_after_s)):
             process = self.process
             if process is not None and process.returncode is None:
                 process.kill()  # no channel to drain over: it would serve on unsupervised

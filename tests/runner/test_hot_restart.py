@@ -1,0 +1,191 @@
+"""Hot restart of a real `triomesh proxy` under load: a second proxy started with the same
+--hot-restart-socket takes over the listening and admin sockets, the first drains and exits."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from proxy.runner import hot_restart
+from proxy.runner.control import ListenerSocket
+from tests.runner.harness import Backend, LoadResult, Proxy, free_port, get, keepalive_load, mesh_config
+from tests.runner.test_drain import Slow
+
+
+@pytest.fixture
+def mesh(tmp_path: Path):
+    """(start(concurrency, config text) -> Proxy, gateway port, backend port, hot restart path)."""
+    backend = Backend("v1")
+    port = free_port()
+    admin_port = free_port()
+    path = str(tmp_path / "hot-restart.sock")
+    started: list[Proxy] = []
+
+    def start(concurrency: int = 2, config_text: str | None = None, *, wait_ready: bool = True) -> Proxy:
+        config = tmp_path / f"mesh-{len(started)}.yaml"
+        config.write_text(config_text or mesh_config(port, backend.port, backend.port))
+        proxy = Proxy(config, tmp_path, concurrency=concurrency, admin_port=admin_port, access_log="off",
+                      extra_args=["--hot-restart-socket", path, "--drain-duration", "5s"])
+        started.append(proxy)
+        return proxy.start(wait_ready=wait_ready)
+
+    yield start, port, backend.port, path
+    for proxy in started:
+        if proxy.proc is not None and proxy.proc.poll() is None:
+            proxy.proc.kill()
+            proxy.proc.wait(timeout=5)
+    backend.close()
+
+
+class Load:
+    """A bounded keep-alive load (16 connections) in a thread, plus a thread opening a new connection
+    every 10 ms: a refused or reset connect counts as a failure too."""
+
+    def __init__(self, port: int, path: str = "/load", max_s: float = 8.0) -> None:
+        self.stop = threading.Event()
+        self.result = LoadResult()
+        self.connects = 0
+        self.connect_failures: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._keepalive, args=(port, path, max_s)),
+            threading.Thread(target=self._connects, args=(port, max_s)),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _keepalive(self, port: int, path: str, max_s: float) -> None:
+        self.result = keepalive_load(port, path, connections=16, total=200_000, max_s=max_s, stop=self.stop)
+
+    def _connects(self, port: int, max_s: float) -> None:
+        deadline = time.monotonic() + max_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                status, _ = get(port, "/fresh", timeout_s=5)
+                if status != 200:
+                    self.connect_failures.append(f"status {status}")
+            except OSError as e:
+                self.connect_failures.append(f"{type(e).__name__}: {e}")
+            self.connects += 1
+            time.sleep(0.01)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def _wait_exit(proxy: Proxy, timeout_s: float = 15.0) -> int:
+    return proxy.proc.wait(timeout=timeout_s)
+
+
+def _events(proxy: Proxy) -> list[str]:
+    return [r.get("event") for r in proxy.log_records()]
+
+
+def test_hot_restart_under_load_loses_nothing_and_the_old_proxy_drains_and_exits(mesh) -> None:
+    start, port, _, _ = mesh
+    old = start(concurrency=2)
+    load = Load(port)
+    slow = None
+    try:
+        time.sleep(1.0)
+        slow = Slow(port, "/delay/1", 8)  # one-second requests in flight at the handover
+        time.sleep(0.2)
+        new = start(concurrency=2, wait_ready=False)
+        assert _wait_exit(old) == 0, old.log_text()[-3000:]
+        time.sleep(0.5)  # the new proxy alone serves a while
+    finally:
+        load.finish()
+        if slow is not None:
+            slow.join(15)
+    result = load.result
+    assert result.ok > 500, result
+    assert result.failures == [], result.failures[:10]
+    assert load.connects > 50 and load.connect_failures == [], load.connect_failures[:10]
+    assert [r[0] for r in slow.results] == [200] * 8, slow.results
+    # the new proxy serves the handed-over sockets; its admin answers on the same port
+    assert get(port, "/after") == (200, "v1 /after")
+    assert new.admin("/ready") == (200, "LIVE\n")
+    dump = new.config_dump()
+    assert all(w["pid"] for w in dump["workers"])
+    assert "hot_restart_complete" in _events(new)
+    old_events = _events(old)
+    assert "hot_restart_draining" in old_events and old_events[-1] == "stopped"
+    inherited = next(r for r in new.log_records() if r.get("event") == "hot_restart_inherited")
+    assert inherited["sockets"] == 2 and inherited["admin"] is True
+    # and the new proxy can be replaced in turn (it listens on the path now)
+    newer = start(concurrency=1, wait_ready=False)
+    assert _wait_exit(new) == 0
+    newer.wait_ready()
+    assert get(port, "/third") == (200, "v1 /third")
+    # one worker serves both sockets the two before it handed over: no queue left unserved
+    added = [r for r in newer.log_records() if r.get("event") == "listener_added"]
+    assert [r["inherited_sockets"] for r in added] == [2], added
+
+
+def test_hot_restart_to_a_config_with_a_listener_added_and_one_removed(mesh) -> None:
+    start, port, backend_port, _ = mesh
+    removed, added = free_port(), free_port()
+    old = start(concurrency=2, config_text=mesh_config(port, backend_port, backend_port,
+                                                       extra_gateway_ports=(removed,)))
+    assert get(removed, "/r")[0] == 200
+    new = start(concurrency=3, config_text=mesh_config(port, backend_port, backend_port,
+                                                       extra_gateway_ports=(added,)), wait_ready=False)
+    assert _wait_exit(old) == 0
+    new.wait_ready()
+    assert get(port, "/kept") == (200, "v1 /kept")
+    assert get(added, "/added") == (200, "v1 /added")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", removed), timeout=2).close()
+    # the removed listener's inherited sockets were closed by the workers given them
+    assert "inherited_socket_closed" in _events(new)
+
+
+def test_a_hot_restart_socket_nobody_serves_starts_normally(mesh, tmp_path: Path) -> None:
+    start, port, _, path = mesh
+    # a path a killed proxy left behind: a Unix socket file with no listener
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()
+    proxy = start(concurrency=1)
+    assert get(port, "/x") == (200, "v1 /x")
+    assert "hot_restart_none" in _events(proxy)
+    assert "hot_restart_listening" in _events(proxy)
+
+
+def test_an_incompatible_protocol_version_is_refused_and_the_running_proxy_serves_on(mesh) -> None:
+    start, port, _, path = mesh
+    proxy = start(concurrency=1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(5)
+    client.connect(path)
+    body = msgspec.msgpack.encode(hot_restart.Hello(protocol_version=hot_restart.PROTOCOL_VERSION + 1, pid=1))
+    client.sendall(len(body).to_bytes(4, "big") + body)
+    reply = b""
+    while True:
+        data = client.recv(4096)
+        if not data:
+            break
+        reply += data
+    client.close()
+    refused = msgspec.msgpack.decode(reply[4:], type=hot_restart.Message)
+    assert isinstance(refused, hot_restart.Refused)
+    assert f"version {hot_restart.PROTOCOL_VERSION + 1} is not supported" in refused.reason
+    assert get(port, "/still") == (200, "v1 /still")
+    assert proxy.admin("/ready")[0] == 200
+
+
+def test_inherited_sockets_are_spread_so_every_one_is_served() -> None:
+    def info(port: int) -> ListenerSocket:
+        return ListenerSocket("l", "HTTP", "127.0.0.1", port)
+
+    handed = [(info(80), "a"), (info(80), "b"), (info(80), "c"), (info(81), "d")]
+    assert hot_restart.assign_to_workers(handed, 2) == [[handed[0], handed[2], handed[3]], [handed[1]]]
+    assert hot_restart.assign_to_workers(handed, 4) == [[handed[0], handed[3]], [handed[1]], [handed[2]], []]
+    assert hot_restart.check_hello(hot_restart.Hello(hot_restart.PROTOCOL_VERSION, 1), draining=False) is None
+    assert "draining" in hot_restart.check_hello(hot_restart.Hello(hot_restart.PROTOCOL_VERSION, 1), draining=True).reason
