@@ -636,6 +636,9 @@ class Supervisor:
                 channel = await listener.accept()
                 try:
                     await self._hand_over(channel)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, control.FrameError, OSError) as e:
+                    # a client that broke off or spoke garbage: nothing was handed over, serve on
+                    self.log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
                 finally:
                     await channel.aclose()
         finally:
