@@ -12,6 +12,13 @@ the same PATH connects before it opens anything:
     new -> old   DrainParent                           (once every new worker serves)
     old          stops accepting and drains as on SIGTERM; the new one listens on PATH
 
+A killed supervisor (kill -9) leaves its workers without a control channel. With a hot restart path
+they do not exit: each goes on serving its last config and listens on `PATH.orphan-<index>-<pid>`
+for ORPHAN_WAIT_S. The next proxy started with PATH finds PATH dead (nobody accepts), takes the
+sockets of every orphan it finds there with the same exchange, and tells each to drain. An orphan
+nobody takes over drains and exits after ORPHAN_WAIT_S: serving unsupervised (no reloads, no
+restarts, no admin) is a bridge to the next supervisor, not a way of running.
+
 The sockets travel as SCM_RIGHTS: the new process holds the same open file descriptions, so when the
 old workers later close their fds on the drain the kernel sockets and their accept queues stay open,
 and a connection queued in one is accepted by a new worker, never reset. Until DrainParent both
@@ -24,6 +31,7 @@ different `PROTOCOL_VERSION` is refused by the old side and reported by the new 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import socket
 from dataclasses import dataclass, field
@@ -31,12 +39,17 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
-from proxy.runner.control import FrameChannel, ListenerSocket
+from proxy.runner.control import FrameChannel, FrameError, ListenerSocket
 
 PROTOCOL_VERSION = 1
 CONNECT_TIMEOUT_S = 5.0
 EXPORT_TIMEOUT_S = 5.0  # for each old worker to hand its sockets over
 HANDOVER_TIMEOUT_S = 30.0  # for the new proxy's workers to serve, before the old one is told to drain
+ORPHAN_WAIT_S = 60.0  # how long workers of a killed supervisor serve on, waiting for the next proxy
+ORPHAN_SUFFIX = ".orphan-"
+# of the drain duration: when the drain of a hot restart's old side closes idle keep-alive connections
+# (before that they get `connection: close` on their next response: no close races a request)
+IDLE_CLOSE_SHARE = 0.5
 
 
 class Hello(msgspec.Struct, tag="hello"):
@@ -88,19 +101,34 @@ def check_hello(message: object, *, draining: bool) -> Refused | None:
 @dataclass
 class Handover:
     """What a new proxy received: listening sockets (stdlib sockets, owned by the caller) and the
-    channel to tell the old proxy to drain."""
+    channels to tell the old proxy (or the orphaned workers of a killed one) to drain."""
 
-    channel: FrameChannel
-    parent_pid: int
+    channels: list[FrameChannel] = field(default_factory=list)
+    parent_pids: list[int] = field(default_factory=list)
     listeners: list[tuple[ListenerSocket, socket.socket]] = field(default_factory=list)
     admin: socket.socket | None = None
 
     async def drain_parent(self) -> None:
-        try:
-            await self.channel.send(DrainParent())
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the old proxy is gone already
-        await self.channel.aclose()
+        for channel in self.channels:
+            try:
+                await channel.send(DrainParent())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # that process is gone already
+        await self.close()
+
+    async def close(self) -> None:
+        """Without DrainParent: the old processes serve on."""
+        for channel in self.channels:
+            await channel.aclose()
+        self.channels = []
+
+    def merge(self, other: Handover) -> None:
+        self.channels += other.channels
+        self.parent_pids += other.parent_pids
+        self.listeners += other.listeners
+        if other.admin is not None:
+            self.close_unused()
+            self.admin = other.admin
 
     def close_unused(self) -> None:
         if self.admin is not None:
@@ -123,24 +151,52 @@ def assign_to_workers(listeners: list[tuple[ListenerSocket, socket.socket]],
     return out
 
 
+class _Nobody(Exception):
+    """No process accepts on that path (none, or one that died: `stale`)."""
+
+    def __init__(self, stale: bool) -> None:
+        super().__init__()
+        self.stale = stale
+
+
 async def take_over(path: str, log) -> Handover | None:
-    """Connect to the proxy serving `path` and receive its sockets. None when no proxy listens
-    there (a stale path is removed); raises HotRestartError when it refuses or breaks off."""
+    """Receive the listening sockets of the proxy serving `path`, or, when it is dead, those of its
+    orphaned workers. None when nobody is there (stale paths are removed); raises HotRestartError
+    when the proxy refuses or breaks off."""
+    try:
+        return await _receive_from(path)
+    except _Nobody as e:
+        if e.stale:
+            _unlink_socket(path)
+    handover = Handover()
+    for orphan in sorted(glob.glob(glob.escape(path) + ORPHAN_SUFFIX + "*")):
+        try:
+            handover.merge(await _receive_from(orphan))
+        except _Nobody as e:
+            if e.stale:
+                _unlink_socket(orphan)
+        except HotRestartError as e:  # the others can still be taken over
+            log.warning("hot_restart_orphan_failed", path=orphan, error=str(e))
+    if handover.channels:
+        log.info("hot_restart_from_orphans", path=path, workers=handover.parent_pids)
+        return handover
+    log.info("hot_restart_none", path=path, detail="no proxy listens there; starting afresh")
+    return None
+
+
+async def _receive_from(path: str) -> Handover:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
             await sock.connect(path)
     except (FileNotFoundError, ConnectionRefusedError) as e:
         sock.close()
-        if isinstance(e, ConnectionRefusedError):  # a proxy that died left it: nobody to take over from
-            _unlink_socket(path)
-        log.info("hot_restart_none", path=path, detail="no proxy listens there; starting afresh")
-        return None
+        raise _Nobody(stale=isinstance(e, ConnectionRefusedError)) from e
     except (OSError, trio.TooSlowError) as e:
         sock.close()
         raise HotRestartError(f"cannot reach the running proxy at {path}: {e}") from e
     channel = FrameChannel(sock, _decoder)
-    handover = Handover(channel, parent_pid=0)
+    handover = Handover([channel])
     try:
         with trio.fail_after(HANDOVER_TIMEOUT_S):
             await channel.send(Hello(PROTOCOL_VERSION, os.getpid()))
@@ -159,16 +215,55 @@ async def take_over(path: str, log) -> Handover | None:
                     else:
                         handover.listeners.extend(received)
                 elif isinstance(message, SocketsEnd):
-                    handover.parent_pid = message.pid
+                    handover.parent_pids.append(message.pid)
                     return handover
     except BaseException as e:
         for _, s in handover.listeners:
             s.close()
         handover.close_unused()
-        await channel.aclose()
+        await handover.close()
         if isinstance(e, trio.TooSlowError):
             raise HotRestartError(f"the running proxy at {path} did not hand over in {HANDOVER_TIMEOUT_S}s") from e
         raise
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Sockets to hand over with one message: `kind` "listener" or "admin", an fd per entry."""
+
+    kind: str
+    sockets: list[ListenerSocket]
+    fds: list[int]
+
+
+async def hand_over(channel: FrameChannel, *, draining: bool, collect, log) -> bool:
+    """The old side of one hot restart (a supervisor, or an orphaned worker): answer the new proxy's
+    hello, send what `collect()` returns (a list of Batch; the fds stay the caller's), and wait for
+    DrainParent. True when the caller must now drain; False when it serves on (refused, or the new
+    proxy went away before it served)."""
+    hello = await channel.receive()
+    refusal = check_hello(hello, draining=draining)
+    if refusal is not None:
+        log.warning("hot_restart_refused", reason=refusal.reason)
+        await channel.send(refusal)
+        return False
+    log.info("hot_restart_handing_over", child_pid=hello.pid)
+    for batch in await collect():
+        await channel.send(Sockets(batch.kind, batch.sockets), fds=batch.fds)
+    await channel.send(SocketsEnd(os.getpid()))
+    message = None
+    with trio.move_on_after(HANDOVER_TIMEOUT_S + 5.0):  # the new proxy's own timeout is shorter
+        message = await channel.receive()
+    if not isinstance(message, DrainParent):
+        log.warning("hot_restart_abandoned", child_pid=hello.pid,
+                    error="the new proxy went away before it served; serving on")
+        return False
+    log.info("hot_restart_draining", child_pid=hello.pid)
+    return True
+
+
+# what a hand_over raises when the new proxy breaks off or speaks garbage: nothing was handed over
+HAND_OVER_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, FrameError, OSError)
 
 
 def _unlink_socket(path: str) -> None:

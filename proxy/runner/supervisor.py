@@ -66,7 +66,6 @@ CONFIRM_REMOVAL_S = 1.0  # an update removing every listener or route is read ag
 STATS_TIMEOUT_S = 2.0
 WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
 DEFAULT_DRAIN_DURATION_S = 5.0  # Istio's terminationDrainDuration default
-HOT_RESTART_IDLE_CLOSE_SHARE = 0.5  # of the drain duration: when a hot restart's drain closes idle connections
 
 
 @dataclass(frozen=True)
@@ -180,6 +179,9 @@ class Supervisor:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
         if options.max_worker_rss_bytes is not None:
             worker_args += ["--max-worker-rss-bytes", str(options.max_worker_rss_bytes)]
+        if options.hot_restart_socket is not None:  # a worker whose supervisor dies waits there for the next
+            worker_args += ["--hot-restart-socket", options.hot_restart_socket,
+                            "--drain-duration-s", str(options.drain_duration_s)]
         self.slots = [WorkerSlot(i, worker_args=worker_args, current_config=self._load_message,
                                  stats=self.stats, log=log) for i in range(options.concurrency)]
 
@@ -594,7 +596,7 @@ class Supervisor:
         """Give each worker slot its share of the listening sockets a hot restart handed over."""
         for slot, share in zip(self.slots, hot_restart.assign_to_workers(handover.listeners, len(self.slots))):
             slot.inherited = share
-        self.log.info("hot_restart_inherited", parent_pid=handover.parent_pid, sockets=len(handover.listeners),
+        self.log.info("hot_restart_inherited", parent_pids=handover.parent_pids, sockets=len(handover.listeners),
                       admin=handover.admin is not None,
                       listeners=sorted({f"{i.name} {i.address}:{i.port}" for i, _ in handover.listeners}))
 
@@ -608,14 +610,14 @@ class Supervisor:
         for slot in self.slots:
             slot.release_inherited()
         if scope.cancelled_caught:
-            await handover.channel.aclose()
-            self.log.error("hot_restart_failed", parent_pid=handover.parent_pid,
+            await handover.close()
+            self.log.error("hot_restart_failed", parent_pids=handover.parent_pids,
                            error=f"workers did not serve within {hot_restart.HANDOVER_TIMEOUT_S}s; "
                                  "the running proxy keeps serving")
             self.start_drain("hot_restart_failed")
             return
         await handover.drain_parent()
-        self.log.info("hot_restart_complete", parent_pid=handover.parent_pid)
+        self.log.info("hot_restart_complete", parent_pids=handover.parent_pids)
         await self._listen_hot_restart()
 
     async def _listen_hot_restart(self) -> None:
@@ -636,7 +638,7 @@ class Supervisor:
                 channel = await listener.accept()
                 try:
                     await self._hand_over(channel)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, control.FrameError, OSError) as e:
+                except hot_restart.HAND_OVER_ERRORS as e:
                     # a client that broke off or spoke garbage: nothing was handed over, serve on
                     self.log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
                 finally:
@@ -645,17 +647,10 @@ class Supervisor:
             listener.close()
 
     async def _hand_over(self, channel) -> None:
-        """The old side of one hot restart: check the new proxy's hello, send it the sockets, drain
-        when it says so. If it goes away before, nothing changes here."""
-        hello = await channel.receive()
-        refusal = hot_restart.check_hello(hello, draining=self.draining)
-        if refusal is not None:
-            self.log.warning("hot_restart_refused", reason=refusal.reason)
-            await channel.send(refusal)
-            return
-        self.log.info("hot_restart_handing_over", child_pid=hello.pid)
+        """The old side of one hot restart: every worker's listening sockets and the admin socket."""
         exported: list[list] = []
-        try:
+
+        async def collect() -> list[hot_restart.Batch]:
             for slot in self.slots:
                 sockets = await slot.export_listeners(hot_restart.EXPORT_TIMEOUT_S)
                 if sockets is None:
@@ -663,32 +658,24 @@ class Supervisor:
                     self.log.warning("hot_restart_worker_skipped", worker=slot.index)
                     continue
                 exported.append(sockets)
-            for sockets in exported:
-                await channel.send(hot_restart.Sockets("listener", [info for info, _ in sockets]),
-                                   fds=[s.fileno() for _, s in sockets])
-            admin_port = self._admin_sock.getsockname()
-            await channel.send(hot_restart.Sockets("admin", [control.ListenerSocket(
-                "admin", "HTTP", admin_port[0], admin_port[1])]), fds=[self._admin_sock.fileno()])
-            await channel.send(hot_restart.SocketsEnd(os.getpid()))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            self.log.warning("hot_restart_abandoned", child_pid=hello.pid, error=str(e))
-            return
+            host, port = self._admin_sock.getsockname()[:2]
+            return [hot_restart.Batch("listener", [info for info, _ in sockets], [s.fileno() for _, s in sockets])
+                    for sockets in exported] + [
+                hot_restart.Batch("admin", [control.ListenerSocket("admin", "HTTP", host, port)],
+                                  [self._admin_sock.fileno()])]
+
+        try:
+            drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect, log=self.log)
         finally:
             for sockets in exported:  # our copies; the workers and the new proxy hold theirs
                 for _, sock in sockets:
                     sock.close()
-        message = None
-        with trio.move_on_after(hot_restart.HANDOVER_TIMEOUT_S + 5.0):  # the new proxy's own timeout is shorter
-            message = await channel.receive()
-        if not isinstance(message, hot_restart.DrainParent):
-            self.log.warning("hot_restart_abandoned", child_pid=hello.pid,
-                             error="the new proxy went away before it served; serving on")
-            return
-        self.log.info("hot_restart_draining", child_pid=hello.pid)
-        self._admin_scope.cancel()  # the new proxy answers on the same admin socket
-        # the listening sockets live on in the new proxy: a keep-alive client is told to reconnect
-        # on its next response rather than have its idle connection closed under a request
-        self.start_drain("hot_restart", idle_close_after_s=self.options.drain_duration_s * HOT_RESTART_IDLE_CLOSE_SHARE)
+        if drain:
+            self._admin_scope.cancel()  # the new proxy answers on the same admin socket
+            # the listening sockets live on in the new proxy: a keep-alive client is told to
+            # reconnect on its next response rather than have its idle connection closed under a request
+            self.start_drain("hot_restart",
+                             idle_close_after_s=self.options.drain_duration_s * hot_restart.IDLE_CLOSE_SHARE)
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -767,7 +754,7 @@ async def serve(options: ProxyOptions, log: Any) -> int:
             if handover is not None:
                 for slot in supervisor.slots:
                     slot.release_inherited()
-                await handover.channel.aclose()  # the old proxy serves on
+                await handover.close()  # the old proxy serves on
             return 1
     await supervisor.run(admin_sock, handover)
     return 0

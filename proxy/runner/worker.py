@@ -3,13 +3,16 @@
 Started by the supervisor as `python -m proxy.runner.worker --control-fd N ...` (a fresh interpreter,
 not a fork of the supervisor: no inherited Trio state, threads or sockets besides the control fd).
 The worker exits when the supervisor says Shutdown, the control channel closes (supervisor gone), or
-a Drain it was sent has ended.
+a Drain it was sent has ended. With a hot restart path, a worker whose supervisor died is orphaned
+instead: it serves on and offers its listening sockets to the next proxy (proxy/runner/hot_restart.py),
+then drains.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import sys
@@ -21,7 +24,7 @@ from proxy import logging as tm_logging
 from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
 from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
-from proxy.runner import control
+from proxy.runner import control, hot_restart
 from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.runtime import SnapshotHolder
@@ -42,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
     # a hot restart's listening sockets, inherited as open fds: JSON [[fd, address, port], ...]
     p.add_argument("--inherited-sockets", default="[]")
+    # where an orphaned worker (its supervisor died) offers its sockets to the next proxy
+    p.add_argument("--hot-restart-socket", default=None)
+    p.add_argument("--drain-duration-s", type=float, default=5.0)
     return p
 
 
@@ -96,9 +102,45 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
         pass  # the supervisor is gone; the worker exits all the same
 
 
+async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> bool:
+    """The supervisor died: serve on, and offer this worker's listening sockets at a path of its
+    own beside the hot restart path for up to ORPHAN_WAIT_S. True once a new proxy took them and
+    asked for the drain; False when none came (the caller drains all the same)."""
+    listener = hot_restart.HotRestartListener(f"{path}{hot_restart.ORPHAN_SUFFIX}{index}-{os.getpid()}")
+    try:
+        await listener.open()
+    except OSError as e:
+        log.error("worker_orphaned", detail="cannot offer the sockets; draining", path=listener.path, error=str(e))
+        return False
+    log.warning("worker_orphaned", detail="supervisor gone; serving on until the next proxy takes over",
+                path=listener.path, wait_s=hot_restart.ORPHAN_WAIT_S)
+
+    async def collect() -> list[hot_restart.Batch]:
+        exported = listeners.export()
+        return [hot_restart.Batch("listener", [control.ListenerSocket(e.name, e.protocol, e.address, e.port)
+                                               for e in exported], [e.fileno for e in exported])]
+
+    try:
+        with trio.move_on_after(hot_restart.ORPHAN_WAIT_S):
+            while True:
+                channel = await listener.accept()
+                try:
+                    if await hot_restart.hand_over(channel, draining=False, collect=collect, log=log):
+                        return True
+                except hot_restart.HAND_OVER_ERRORS as e:
+                    log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
+                finally:
+                    await channel.aclose()
+        log.warning("worker_orphan_timeout", wait_s=hot_restart.ORPHAN_WAIT_S, detail="no proxy took over; draining")
+        return False
+    finally:
+        listener.close()
+
+
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               limits: OverloadLimits = OverloadLimits(),
-              inherited: dict[tuple[str, int], list] | None = None) -> None:
+              inherited: dict[tuple[str, int], list] | None = None,
+              hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -139,6 +181,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
 
         while True:
             msg = await channel.receive()
+            if msg is None and hot_restart_socket is not None and not draining:
+                # the supervisor died (kill -9): no outage, the next proxy takes the sockets over
+                handed_over = await _orphaned(hot_restart_socket, index, listeners, log)
+                await _drain(drain_duration_s, plane, listeners, stats, channel, log,
+                             drain_duration_s * hot_restart.IDLE_CLOSE_SHARE if handed_over else 0.0)
+                break
             if msg is None or isinstance(msg, control.Shutdown):
                 log.debug("worker_stopping", reason="shutdown" if msg else "control channel closed")
                 break
@@ -229,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def _main() -> None:
         await run(control.ControlChannel(trio.socket.from_stdlib_socket(sock)), access_log=access_log, log=log,
-                  inherited=inherited_sockets(args.inherited_sockets),
+                  inherited=inherited_sockets(args.inherited_sockets), hot_restart_socket=args.hot_restart_socket,
+                  index=args.index, drain_duration_s=args.drain_duration_s,
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes))
 
     try:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 import time
@@ -189,3 +191,44 @@ def test_inherited_sockets_are_spread_so_every_one_is_served() -> None:
     assert hot_restart.assign_to_workers(handed, 4) == [[handed[0], handed[3]], [handed[1]], [handed[2]], []]
     assert hot_restart.check_hello(hot_restart.Hello(hot_restart.PROTOCOL_VERSION, 1), draining=False) is None
     assert "draining" in hot_restart.check_hello(hot_restart.Hello(hot_restart.PROTOCOL_VERSION, 1), draining=True).reason
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_of_a_killed_supervisor_serve_on_until_the_next_proxy_takes_over(mesh) -> None:
+    start, port, _, path = mesh
+    old = start(concurrency=2)
+    worker_pids = [w["pid"] for w in old.config_dump()["workers"]]
+    load = Load(port)
+    try:
+        time.sleep(0.5)
+        old.proc.kill()  # kill -9 of the supervisor: its workers are orphaned, not gone
+        old.proc.wait(timeout=5)
+        time.sleep(1.0)  # no supervisor at all for a second: the orphans serve
+        assert all(_alive(pid) for pid in worker_pids)
+        new = start(concurrency=2, wait_ready=False)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in worker_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in worker_pids), old.log_text()[-3000:]
+        time.sleep(0.3)
+    finally:
+        load.finish()
+        for pid in worker_pids:  # never leave an orphan behind, whatever failed above
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert load.result.ok > 300, load.result
+    assert load.result.failures == [], load.result.failures[:10]
+    assert load.connect_failures == [], load.connect_failures[:10]
+    new.wait_ready()
+    assert get(port, "/after") == (200, "v1 /after")
+    events = _events(old)  # the orphans log to the stream the supervisor had
+    assert events.count("worker_orphaned") == 2 and events.count("hot_restart_draining") == 2
+    assert "hot_restart_from_orphans" in _events(new)
+    assert not list(Path(path).parent.glob("*.orphan-*"))  # each orphan removed its path
