@@ -86,13 +86,26 @@ class Generation:
     log: Path
 
 
-def _start_triomesh(workdir: Path, config_dir: Path, admin_port: int, socket_path: Path, epoch: int) -> Generation:
+def _start_triomesh(workdir: Path, config_dir: Path, admin_port: int, socket_path: Path | None,
+                    epoch: int) -> Generation:
     log = workdir / f"triomesh-{epoch}.log"
     triomesh = str(Path(sys.executable).with_name("triomesh"))
     cmd = [triomesh, "proxy", "--config", str(config_dir), "--concurrency", "2", "--access-log", "off",
            "--bind-address", "127.0.0.1", "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "info",
-           "--drain-duration", f"{DRAIN_S}s", "--hot-restart-socket", str(socket_path)]
+           "--drain-duration", f"{DRAIN_S}s"]
+    if socket_path is not None:
+        cmd += ["--hot-restart-socket", str(socket_path)]
     return Generation(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb")), log)
+
+
+def _start_replacement(workdir: Path, config_dir: Path, old: Generation) -> Generation:
+    """What an operator without hot restart does: a second proxy on the same ports (SO_REUSEPORT,
+    its own admin port), ready, then SIGTERM to the old one."""
+    admin_port = free_port()
+    new = _start_triomesh(workdir, config_dir, admin_port, None, 1)
+    wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
+    old.proc.terminate()
+    return new
 
 
 def _start_envoy(workdir: Path, envoy_bin: str, config: Path, base_id: int, epoch: int) -> Generation:
@@ -124,12 +137,15 @@ def _stop(proc: subprocess.Popen) -> None:
 def one_run(target: str, workdir: Path, backend_port: int, envoy_bin: str, duration_s: int, base_id: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
-    if target == "triomesh":
+    if target in ("triomesh", "triomesh-replace"):
         config_dir = workdir / "config"
         config_dir.mkdir(exist_ok=True)
         (config_dir / "bench.yaml").write_text(triomesh_config(port, backend_port))
-        socket_path = workdir / "hot-restart.sock"
+        socket_path = workdir / "hot-restart.sock" if target == "triomesh" else None
         start = lambda epoch: _start_triomesh(workdir, config_dir, admin_port, socket_path, epoch)  # noqa: E731
+        if target == "triomesh-replace":
+            start = lambda epoch: (_start_triomesh(workdir, config_dir, admin_port, None, 0) if epoch == 0  # noqa: E731
+                                   else _start_replacement(workdir, config_dir, old))
     else:
         config = workdir / "envoy.yaml"
         config.write_text(_envoy_config(_ENVOY_HTTP_FILTER, port=port, admin_port=admin_port, backend_port=backend_port))
@@ -183,7 +199,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.hot_restart", description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--duration", type=int, default=8, help="seconds of wrk load per run (the restart is 2 s in)")
-    ap.add_argument("--targets", default="triomesh,envoy")
+    ap.add_argument("--targets", default="triomesh,envoy",
+                    help="comma-separated: triomesh, envoy, triomesh-replace (no hot restart: a second proxy on "
+                         "the same ports, then SIGTERM to the first, for comparison)")
     args = ap.parse_args()
     envoy_bin = ensure_tools(profile=False)
     rows = []
