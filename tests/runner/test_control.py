@@ -66,3 +66,30 @@ async def test_channel_over_a_real_socketpair() -> None:
     await left.aclose()
     assert await right.receive() is None
     await right.aclose()
+
+
+async def test_listening_sockets_pass_as_fds_and_keep_their_accept_queue() -> None:
+    a, b = socket.socketpair()
+    left = control.ControlChannel(trio.socket.from_stdlib_socket(a))
+    right = control.ControlChannel(trio.socket.from_stdlib_socket(b))
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(8)
+    port = listening.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # waits in the accept queue
+    info = control.ListenerSocket("l", "HTTP", "127.0.0.1", port)
+    await left.send(control.ListenerSockets(7, [info]), fds=[listening.fileno()])
+    await left.send(control.GetStats(8))  # a frame after it: no fd of its own
+    message = await right.receive()
+    assert message == control.ListenerSockets(7, [info])
+    fds = right.take_fds(len(message.sockets))
+    assert len(fds) == 1 and await right.receive() == control.GetStats(8) and right.take_fds(1) == []
+    listening.close()  # the sender's copy: the kernel socket and its queue live on in the receiver's
+    received = socket.socket(fileno=fds[0])
+    conn, _ = received.accept()
+    queued.sendall(b"ping")
+    assert conn.recv(4) == b"ping"
+    for s in (conn, received, queued):
+        s.close()
+    await left.aclose()
+    await right.aclose()

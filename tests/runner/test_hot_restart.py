@@ -163,6 +163,12 @@ def test_a_hot_restart_socket_nobody_serves_starts_normally(mesh, tmp_path: Path
 def test_an_incompatible_protocol_version_is_refused_and_the_running_proxy_serves_on(mesh) -> None:
     start, port, _, path = mesh
     proxy = start(concurrency=1)
+    for garbage in (b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff"):  # undecodable, oversized: ignored
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.settimeout(5)
+            bad.connect(path)
+            bad.sendall(garbage)
+            assert bad.recv(100) == b""  # closed without handing anything over
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.settimeout(5)
     client.connect(path)
