@@ -47,6 +47,9 @@ EXPORT_TIMEOUT_S = 5.0  # for each old worker to hand its sockets over
 HANDOVER_TIMEOUT_S = 30.0  # for the new proxy's workers to serve, before the old one is told to drain
 ORPHAN_WAIT_S = 60.0  # how long workers of a killed supervisor serve on, waiting for the next proxy
 ORPHAN_SUFFIX = ".orphan-"
+# a dead proxy's path and no orphan beside it: look again after this long (its workers notice the
+# closed control channel within milliseconds, but a proxy restarted at once may be quicker)
+ORPHAN_DISCOVERY_S = 0.5
 # of the drain duration: when the drain of a hot restart's old side closes idle keep-alive connections
 # (before that they get `connection: close` on their next response: no close races a request)
 IDLE_CLOSE_SHARE = 0.5
@@ -166,10 +169,16 @@ async def take_over(path: str, log) -> Handover | None:
     try:
         return await _receive_from(path)
     except _Nobody as e:
-        if e.stale:
+        stale = e.stale
+        if stale:
             _unlink_socket(path)
+    orphans = _orphan_paths(path)
+    if stale and not orphans:
+        # a proxy died there just now: its workers may not have noticed yet
+        await trio.sleep(ORPHAN_DISCOVERY_S)
+        orphans = _orphan_paths(path)
     handover = Handover()
-    for orphan in sorted(glob.glob(glob.escape(path) + ORPHAN_SUFFIX + "*")):
+    for orphan in orphans:
         try:
             handover.merge(await _receive_from(orphan))
         except _Nobody as e:
@@ -182,6 +191,10 @@ async def take_over(path: str, log) -> Handover | None:
         return handover
     log.info("hot_restart_none", path=path, detail="no proxy listens there; starting afresh")
     return None
+
+
+def _orphan_paths(path: str) -> list[str]:
+    return sorted(glob.glob(glob.escape(path) + ORPHAN_SUFFIX + "*"))
 
 
 async def _receive_from(path: str) -> Handover:
