@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.__main__ import ensure_tools
-from bench.targets import _ENVOY_HTTP_FILTER, _envoy_config, free_port, start_nginx, triomesh_config, wait_http_ok
+from bench.targets import (
+    _ENVOY_HTTP_FILTER,
+    _envoy_config,
+    free_port,
+    start_nginx,
+    triomesh_config,
+    wait_http_ok,
+)
 
 CONNECTIONS = 32
 RESTART_AT_S = 2.0
@@ -137,19 +144,23 @@ def _stop(proc: subprocess.Popen) -> None:
 def one_run(target: str, workdir: Path, backend_port: int, envoy_bin: str, duration_s: int, base_id: int) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
-    if target in ("triomesh", "triomesh-replace"):
-        config_dir = workdir / "config"
+    config_dir = workdir / "config"
+    envoy_config = workdir / "envoy.yaml"
+    if target == "envoy":
+        envoy_config.write_text(_envoy_config(_ENVOY_HTTP_FILTER, port=port, admin_port=admin_port,
+                                              backend_port=backend_port))
+    else:
         config_dir.mkdir(exist_ok=True)
         (config_dir / "bench.yaml").write_text(triomesh_config(port, backend_port))
-        socket_path = workdir / "hot-restart.sock" if target == "triomesh" else None
-        start = lambda epoch: _start_triomesh(workdir, config_dir, admin_port, socket_path, epoch)  # noqa: E731
-        if target == "triomesh-replace":
-            start = lambda epoch: (_start_triomesh(workdir, config_dir, admin_port, None, 0) if epoch == 0  # noqa: E731
-                                   else _start_replacement(workdir, config_dir, old))
-    else:
-        config = workdir / "envoy.yaml"
-        config.write_text(_envoy_config(_ENVOY_HTTP_FILTER, port=port, admin_port=admin_port, backend_port=backend_port))
-        start = lambda epoch: _start_envoy(workdir, envoy_bin, config, base_id, epoch)  # noqa: E731
+    socket_path = workdir / "hot-restart.sock" if target == "triomesh" else None
+
+    def start(epoch: int) -> Generation:
+        if target == "envoy":
+            return _start_envoy(workdir, envoy_bin, envoy_config, base_id, epoch)
+        if target == "triomesh-replace" and epoch == 1:
+            return _start_replacement(workdir, config_dir, old)
+        return _start_triomesh(workdir, config_dir, admin_port, socket_path, epoch)
+
     old = start(0)
     new = None
     try:

@@ -40,7 +40,6 @@ drain as on SIGTERM.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -172,6 +171,7 @@ class Supervisor:
         self._draining_gauge = self.stats.gauge("triomesh_draining")
         self._exit = trio.Event()  # set by SIGTERM/SIGINT or /quitquitquit: exit once drained
         self._admin_scope = trio.CancelScope()  # the admin listener: a hot restart hands it over
+        self._admin_sock: trio.socket.SocketType | None = None  # set by run()
         self.hot_restart: hot_restart.HotRestartListener | None = None
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]

@@ -15,7 +15,15 @@ import pytest
 
 from proxy.runner import hot_restart
 from proxy.runner.control import ListenerSocket
-from tests.runner.harness import Backend, LoadResult, Proxy, free_port, get, keepalive_load, mesh_config
+from tests.runner.harness import (
+    Backend,
+    LoadResult,
+    Proxy,
+    free_port,
+    get,
+    keepalive_load,
+    mesh_config,
+)
 from tests.runner.test_drain import Slow
 
 
