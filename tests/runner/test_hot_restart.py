@@ -103,12 +103,12 @@ def test_hot_restart_under_load_loses_nothing_and_the_old_proxy_drains_and_exits
     load = Load(port)
     slow = None
     try:
-        time.sleep(1.0)
+        time.sleep(0.5)
         slow = Slow(port, "/delay/1", 8)  # one-second requests in flight at the handover
         time.sleep(0.2)
         new = start(concurrency=2, wait_ready=False)
         assert _wait_exit(old) == 0, old.log_text()[-3000:]
-        time.sleep(0.5)  # the new proxy alone serves a while
+        time.sleep(0.3)  # the new proxy alone serves a while
     finally:
         load.finish()
         if slow is not None:
@@ -141,10 +141,11 @@ def test_hot_restart_under_load_loses_nothing_and_the_old_proxy_drains_and_exits
 def test_hot_restart_to_a_config_with_a_listener_added_and_one_removed(mesh) -> None:
     start, port, backend_port, _ = mesh
     removed, added = free_port(), free_port()
-    old = start(concurrency=2, config_text=mesh_config(port, backend_port, backend_port,
+    old = start(concurrency=1, config_text=mesh_config(port, backend_port, backend_port,
                                                        extra_gateway_ports=(removed,)))
     assert get(removed, "/r")[0] == 200
-    new = start(concurrency=3, config_text=mesh_config(port, backend_port, backend_port,
+    # more workers than sockets handed over: the second binds its own beside the inherited one
+    new = start(concurrency=2, config_text=mesh_config(port, backend_port, backend_port,
                                                        extra_gateway_ports=(added,)), wait_ready=False)
     assert _wait_exit(old) == 0
     new.wait_ready()
@@ -152,8 +153,11 @@ def test_hot_restart_to_a_config_with_a_listener_added_and_one_removed(mesh) -> 
     assert get(added, "/added") == (200, "v1 /added")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", removed), timeout=2).close()
-    # the removed listener's inherited sockets were closed by the workers given them
+    # the removed listener's inherited socket was closed by the worker given it; the kept listener
+    # serves the inherited socket in worker 0 and a socket of its own in worker 1
     assert "inherited_socket_closed" in _events(new)
+    kept = [r for r in new.log_records() if r.get("event") == "listener_added" and r["address"].endswith(f":{port}")]
+    assert sorted((r["worker"], r["inherited_sockets"]) for r in kept) == [(0, 1), (1, 0)]
 
 
 def test_a_hot_restart_socket_nobody_serves_starts_normally(mesh, tmp_path: Path) -> None:
@@ -224,7 +228,7 @@ def test_workers_of_a_killed_supervisor_serve_on_until_the_next_proxy_takes_over
         time.sleep(0.5)
         old.proc.kill()  # kill -9 of the supervisor: its workers are orphaned, not gone
         old.proc.wait(timeout=5)
-        time.sleep(1.0)  # no supervisor at all for a second: the orphans serve
+        time.sleep(0.5)  # no supervisor at all for a while: the orphans serve
         assert all(_alive(pid) for pid in worker_pids)
         new = start(concurrency=2, wait_ready=False)
         deadline = time.monotonic() + 15
@@ -246,3 +250,95 @@ def test_workers_of_a_killed_supervisor_serve_on_until_the_next_proxy_takes_over
     assert events.count("worker_orphaned") == 2 and events.count("hot_restart_draining") == 2
     assert "hot_restart_from_orphans" in _events(new)
     assert not list(Path(path).parent.glob("*.orphan-*"))  # each orphan removed its path
+
+
+class Echo:
+    """A TCP echo server on 127.0.0.1 (a thread per connection, bounded by the test's connections)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+def _tcp_config(http_port: int, tcp_port: int, backend_port: int, echo_port: int) -> str:
+    return mesh_config(http_port, backend_port, backend_port) + f"""---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tcp-gw, namespace: test}}
+spec:
+  servers:
+  - port: {{number: {tcp_port}, name: tcp, protocol: TCP}}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo, namespace: test}}
+spec:
+  hosts: [echo]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 9000, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {echo_port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: echo, namespace: test}}
+spec:
+  hosts: ["*"]
+  gateways: [tcp-gw]
+  tcp:
+  - route: [{{destination: {{host: echo, port: {{number: 9000}}}}}}]
+"""
+
+
+def _echoes(conn: socket.socket, payload: bytes) -> bool:
+    conn.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = conn.recv(65536)
+        if not chunk:
+            return False
+        got += chunk
+    return got == payload
+
+
+def test_a_tcp_listener_is_handed_over_and_its_open_connections_finish_in_the_old_proxy(mesh) -> None:
+    start, port, backend_port, _ = mesh
+    echo = Echo()
+    tcp_port = free_port()
+    config = _tcp_config(port, tcp_port, backend_port, echo.port)
+    old = start(concurrency=2, config_text=config)
+    try:
+        before = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
+        assert _echoes(before, b"one")
+        new = start(concurrency=2, config_text=config, wait_ready=False)
+        new.wait_for(lambda: "hot_restart_complete" in _events(new), "the hot restart", timeout_s=20)
+        # every old worker stopped accepting on both listeners: what connects now is the new proxy's
+        old.wait_for(lambda: _events(old).count("listener_closed") == 4, "the old listeners to close")
+        after = socket.create_connection(("127.0.0.1", tcp_port), timeout=5)
+        assert _echoes(after, b"two")  # accepted by the new proxy from the handed-over sockets
+        assert _echoes(before, b"three")  # the old proxy's connection goes on while it drains
+        assert old.proc.poll() is None
+        before.close()
+        assert _wait_exit(old) == 0  # nothing open any more: it exits before the drain deadline
+        assert _echoes(after, b"four")
+        after.close()
+        listeners = [r for r in new.log_records() if r.get("event") == "listener_added"]
+        assert sum(r["inherited_sockets"] for r in listeners) == 4  # HTTP and TCP, one per old worker each
+    finally:
+        echo.sock.close()
