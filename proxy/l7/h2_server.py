@@ -280,7 +280,7 @@ class H2Stream(H2StreamState):
 
 
 class H2ServerConnection(H2Transport):
-    __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "streams", "nursery",
+    __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
                  "goaway_sent", "read_scope")
 
