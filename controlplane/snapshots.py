@@ -14,6 +14,9 @@ ServiceEntries and mesh VirtualServices, the DestinationRules and WorkloadEntrie
 and whatever an included VirtualService routes to (a route to a service the proxy cannot resolve would
 be refused by its compile). Gateways whose selector matches the proxy, and the VirtualServices bound to
 them, are always in the view. Without a Sidecar (or without egress hosts) the proxy sees every service.
+Security policies as Istio scopes them: the AuthorizationPolicies of the root namespace and of the
+proxy's namespace whose selector matches it, the root namespace's mesh-wide PeerAuthentication and the
+proxy's namespace's PeerAuthentications whose selector (if any) matches it.
 
 The version of a view is a hash over its sorted (key, digest) pairs: a change to any resource a proxy
 sees changes its version, a change elsewhere does not.
