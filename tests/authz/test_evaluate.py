@@ -263,3 +263,28 @@ def test_remote_address_with_trusted_proxies():
     assert remote_address(direct, "1.1.1.1, 2.2.2.2", 2) == parse_ip("1.1.1.1")
     assert remote_address(direct, "1.1.1.1", 2) == direct
     assert remote_address(direct, "garbage", 1) == direct
+
+
+# ---- the mesh demo's access-control examples (examples/security), with identities --------------------
+
+def _example(name: str, labels: dict):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "security" / name).read_text()
+    return policies(text, namespace="tutorial", labels=labels)
+
+
+def test_demo_deny_list_refuses_customer_at_preference():
+    p = _example("deny-customer.yaml", {"app": "preference", "version": "v1"})
+    verdict = decide(p, http(principal="cluster.local/ns/tutorial/sa/customer"))
+    assert verdict.details == ("rbac_access_denied_matched_policy[ns[tutorial]-policy[preference-deny-customer]"
+                               "-rule[0]]")
+    assert decide(p, http(principal="cluster.local/ns/tutorial/sa/recommendation")).allowed
+    assert _example("deny-customer.yaml", {"app": "recommendation"}) is None
+
+
+def test_demo_allow_list_admits_only_recommendation_at_preference():
+    p = _example("allow-recommendation.yaml", {"app": "preference", "version": "v1"})
+    assert decide(p, http(principal="cluster.local/ns/tutorial/sa/recommendation")).allowed
+    assert decide(p, http(principal="cluster.local/ns/tutorial/sa/customer")).policy == "none"
+    assert decide(p, http(principal=None)).policy == "none"
