@@ -68,8 +68,6 @@ class AuthorizationStage:
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         verdict = evaluate(self.authorization, request_attributes(ctx))
         self.counters.count(verdict.allowed, bool(verdict.audit))
-        if verdict.audit:
-            ctx.scratch()["rbac_audit"] = verdict.audit
         if verdict.allowed:
             return None
         ctx.scratch()["response_code_details"] = verdict.details
