@@ -2,8 +2,8 @@
 sockets on 127.0.0.1: the capture server is handed each accepted connection with the original
 destination iptables would have recorded (no namespace or iptables needed). A STRICT port closes a
 plaintext connection and lets TLS through, a PERMISSIVE one serves plaintext; inbound TCP is authorized
-per connection (connection.sni from the ClientHello) and HTTP
-per request (403 through the inbound virtual listener); only the workload's own policies apply."""
+per connection (connection.sni from the ClientHello) and HTTP per request (403 through the inbound
+virtual listener); only the workload's own policies apply."""
 
 from __future__ import annotations
 
