@@ -1,9 +1,12 @@
 """AuthorizationPolicy in the real `triomesh proxy` process (an edge gateway, so the root namespace's
 policies apply): denials answer 403 `RBAC: access denied` over HTTP/1.1 and h2c (curl), with the
 matched policy in the access log and the triomesh_rbac_* counters; a Gateway TCP server closes a
-denied connection before any upstream connection; a namespace's policy stays out of an edge proxy."""
+denied connection before any upstream connection; a namespace's policy stays out of an edge proxy; a
+misspelled policy field is refused on reload and the last good policies keep serving."""
 
 from __future__ import annotations
+
+import json
 
 import trio
 
@@ -196,6 +199,24 @@ async def test_policies_at_an_edge_gateway(nursery, tmp_path):
         assert all(r["response_flags"] == "-" and r["upstream_host"] == "-" for r in lines)
         tcp_denials = [r for r in proxy.log_records() if r.get("event") == "connection denied by authorization policy"]
         assert [r["policy"] for r in tcp_denials] == ["none"]
+
+        # a misspelled field in a policy: the update is refused with its place, the old policies serve
+        staged = tmp_path / "staged.yaml"
+        staged.write_text(text.replace("methods: [GET, HEAD]", "method: [GET, HEAD]"))
+        staged.rename(config)
+
+        def rejected():
+            status = json.loads(proxy.admin("/config_status")[1])
+            return status["last_rejected"]
+
+        refusal = await trio.to_thread.run_sync(proxy.wait_for, rejected, "the misspelled policy refused")
+        assert refusal["file"] == str(config), refusal
+        assert "AuthorizationPolicy istio-system/allow-reads" in refusal["error"], refusal
+        assert "$.spec.rules[0].to[0].operation.method: unknown field `method`" in refusal["error"], refusal
+        code, out, err = await curl("-sS", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/admin")
+        assert out == "403", (out, err)
+        code, out, err = await curl("-sS", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/ok")
+        assert out == "200", (out, err)
     finally:
         await trio.to_thread.run_sync(proxy.stop)
         backend.close()
