@@ -197,6 +197,11 @@ async def test_policies_at_an_edge_gateway(nursery, tmp_path):
             ("DELETE", "HTTP/2", "rbac_access_denied_matched_policy[none]"),
         ]), details
         assert all(r["response_flags"] == "-" and r["upstream_host"] == "-" for r in lines)
+
+        def hinted():  # the AUDIT policy's match marks its request's line
+            return [r["path"] for r in proxy.log_records() if r.get("event") == "access" and r.get("access_log_hint")]
+
+        assert await trio.to_thread.run_sync(proxy.wait_for, hinted, "the audited request's line") == ["/audit/1"]
         tcp_denials = [r for r in proxy.log_records() if r.get("event") == "connection denied by authorization policy"]
         assert [r["policy"] for r in tcp_denials] == ["none"]
 

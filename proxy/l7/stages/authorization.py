@@ -68,6 +68,8 @@ class AuthorizationStage:
     def on_request(self, ctx: RequestContext) -> LocalResponse | None:
         verdict = evaluate(self.authorization, request_attributes(ctx))
         self.counters.count(verdict.allowed, bool(verdict.audit))
+        if verdict.audit:  # AUDIT policies only mark the request, for the access log
+            ctx.scratch()["access_log_hint"] = True
         if verdict.allowed:
             return None
         ctx.scratch()["response_code_details"] = verdict.details
