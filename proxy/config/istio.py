@@ -1024,19 +1024,10 @@ class _Kind(IstioStruct, frozen=True):
         return self.metadata.name
 
 
-class _SecurityKind(IstioStruct, frozen=True):
+class _SecurityKind(_Kind, frozen=True):
     api_version: Literal[SECURITY_API_VERSIONS]  # type: ignore[valid-type]
-    metadata: ObjectMeta
 
     api_versions: ClassVar[tuple[str, ...]] = SECURITY_API_VERSIONS
-
-    @property
-    def namespace(self) -> str:
-        return self.metadata.namespace
-
-    @property
-    def name(self) -> str:
-        return self.metadata.name
 
 
 class Gateway(_Kind, frozen=True, kw_only=True):
