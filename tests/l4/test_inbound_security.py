@@ -3,7 +3,7 @@ sockets on 127.0.0.1: the capture server is handed each accepted connection with
 destination iptables would have recorded (no namespace or iptables needed). A STRICT port closes a
 plaintext connection and lets TLS through, a PERMISSIVE one serves plaintext; inbound TCP is authorized
 per connection (connection.sni from the ClientHello) and HTTP per request (403 through the inbound
-virtual listener); only the workload's own policies apply."""
+virtual listener, HTTP/1.1 and h2c); only the workload's own policies apply."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from proxy.l4.transparent import CaptureServer, CaptureSettings
 from proxy.l7.dataplane import DataPlane
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
+from tests.integration.test_h2_downstream import RawH2Client
 from tests.l4.harness import receive_all, tcp_server
 from tests.l4.tls_fixtures import client_hello
 
@@ -185,7 +186,18 @@ async def test_inbound_peer_authentication_and_authorization(nursery):
                 await client.send_all(b"POST / HTTP/1.1\r\nhost: httpbin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
                 reply = await receive_all(client)
                 assert reply.startswith(b"HTTP/1.1 403 Forbidden\r\n") and reply.endswith(b"\r\n\r\nRBAC: access denied")
+            # the same listener serves h2c: the stage sees streams, whatever the protocol
+            async with await capture.connect(HTTP_PORT) as stream:
+                client = RawH2Client(stream)
+                client.conn.initiate_connection()
+                await client.flush()
+                denied = client.request(b"/", method=b"POST", body=b"x")
+                allowed = client.request(b"/")
+                await client.pump(client.done(denied, allowed))
+                assert client.responses[denied]["headers"][b":status"] == b"403"
+                assert client.responses[denied]["data"] == b"RBAC: access denied"
+                assert client.responses[allowed]["headers"][b":status"] == b"200"
             listener = f"inbound|{HTTP_PORT}"
-            assert stats.counter("triomesh_rbac_denied_total", listener=listener).value == 1
-            assert stats.counter("triomesh_rbac_allowed_total", listener=listener).value == 1
+            assert stats.counter("triomesh_rbac_denied_total", listener=listener).value == 2
+            assert stats.counter("triomesh_rbac_allowed_total", listener=listener).value == 2
         capture.listener.close()
