@@ -14,6 +14,9 @@ ServiceEntries and mesh VirtualServices, the DestinationRules and WorkloadEntrie
 and whatever an included VirtualService routes to (a route to a service the proxy cannot resolve would
 be refused by its compile). Gateways whose selector matches the proxy, and the VirtualServices bound to
 them, are always in the view. Without a Sidecar (or without egress hosts) the proxy sees every service.
+Security policies as Istio scopes them: the AuthorizationPolicies of the root namespace and of the
+proxy's namespace whose selector matches it, the root namespace's mesh-wide PeerAuthentication and the
+proxy's namespace's PeerAuthentications whose selector (if any) matches it.
 
 The version of a view is a hash over its sorted (key, digest) pairs: a change to any resource a proxy
 sees changes its version, a change elsewhere does not.
@@ -213,6 +216,19 @@ def compute_view(state: State, pc: ProxyClass) -> View:
             labels = we.resource.obj.spec.labels
             if any(ns == we.key.namespace and all(labels.get(k) == v for k, v in sel.items()) for ns, sel in selectors):
                 out.append(we)
+    # AuthorizationPolicies: the root namespace's (mesh-wide) and the proxy's namespace's whose selector
+    # matches; PeerAuthentications: the root namespace's mesh policy and the proxy's namespace's
+    for kind in ("AuthorizationPolicy", "PeerAuthentication"):
+        for policy in _of_kind(state, kind):
+            selector = policy.resource.obj.spec.selector
+            match_labels = selector.match_labels if selector is not None else {}
+            if kind == "PeerAuthentication" and policy.key.namespace != pc.namespace:
+                if policy.key.namespace != ROOT_NAMESPACE or match_labels:
+                    continue
+            elif policy.key.namespace not in (ROOT_NAMESPACE, pc.namespace):
+                continue
+            if pc.selects(match_labels):
+                out.append(policy)
     out.sort(key=lambda s: (s.key.kind, s.key.namespace, s.key.name))
     return View(tuple(out), view_version(out))
 
@@ -259,6 +275,8 @@ def representative_classes(state: State) -> set[ProxyClass]:
                 classes.add(ProxyClass.of(key.namespace, ws.labels))
         elif key.kind == "Gateway" and s.resource.obj.spec.selector:
             classes.add(ProxyClass.of(key.namespace, s.resource.obj.spec.selector))
+        elif key.kind in ("AuthorizationPolicy", "PeerAuthentication") and s.resource.obj.spec.selector is not None:
+            classes.add(ProxyClass.of(key.namespace, s.resource.obj.spec.selector.match_labels))
     return classes
 
 
@@ -272,6 +290,8 @@ def selector_keys(state: State) -> frozenset[str]:
             keys.update(spec.selector)
         elif key.kind == "Sidecar" and spec.workload_selector is not None:
             keys.update(spec.workload_selector.labels)
+        elif key.kind in ("AuthorizationPolicy", "PeerAuthentication") and spec.selector is not None:
+            keys.update(spec.selector.match_labels)
         elif key.kind == "VirtualService":
             for http in spec.http:
                 for m in http.match:

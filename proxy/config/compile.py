@@ -37,6 +37,8 @@ from typing import Any, Iterable, Mapping
 
 import msgspec
 
+from proxy.authz import compile as authz_compile
+from proxy.authz import peer_authentication
 from proxy.config import hosts, policies
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
@@ -53,7 +55,15 @@ from proxy.config.load import Resource, check_duplicates
 from proxy.config.locality import describe as describe_locality_lb
 from proxy.config.locality import proxy_locality
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
-from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
+from proxy.config.registry import (
+    ROOT_NAMESPACE,
+    FrozenLabels,
+    Registry,
+    Service,
+    build_clusters,
+    build_registry,
+    service_addresses,
+)
 from proxy.config.sidecars import select_sidecar
 from proxy.config.snapshot import (
     Cluster,
@@ -974,10 +984,16 @@ def compile_resources(
     c.add_capture()
     listeners: list[Listener] = []
     listener_dumps: list[dict] = []
+    authorized: set[str] = set()
     for draft in [*c.listeners.values(), *c.virtual.values()]:
         listener, dump = draft.build()
         listeners.append(listener)
         listener_dumps.append(dump)
+        if draft.owner_kind == "Gateway" or (draft.direction == "INBOUND" and draft.protocol == "HTTP"):
+            authorized.add(listener.name)
+    authorization = authz_compile.compile_authorization(
+        c.by_kind["AuthorizationPolicy"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
+    mtls = peer_authentication.resolve(c.by_kind["PeerAuthentication"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
@@ -1003,6 +1019,9 @@ def compile_resources(
             ]
             for host, routes in l4.items()
         },
+        "authorization": {**authz_compile.describe(authorization),
+                          "listeners": sorted(authorized) if authorization is not None else []},
+        "peer_authentication": peer_authentication.describe(mtls),
     }
     return Snapshot(
         version=version,
@@ -1013,6 +1032,9 @@ def compile_resources(
         outbound_traffic_policy=c.outbound_policy,
         l4_routes=l4,
         captured_hosts=c.captured_hosts(),
+        authorization=authorization,
+        authorized_listeners=frozenset(authorized) if authorization is not None else frozenset(),
+        mtls=mtls,
     )
 
 

@@ -18,6 +18,7 @@ compiling), `Protocol` (Istio's port protocols, case-insensitive, normalized to 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, ClassVar, Iterator, Literal, Union
 
@@ -25,6 +26,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, field
 
 API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
+SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 
 PortNumber = Annotated[int, Meta(ge=1, le=65535)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
@@ -164,6 +166,10 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
                 yield sub, f"{wire} {value} is not supported by triomesh yet"
                 continue
             yield from unsupported_settings(value, sub)
+        refused_values = getattr(obj, "refused_values", None)
+        if refused_values is not None:  # a value triomesh refuses that the field's type cannot express
+            for wire, message in refused_values():
+                yield f"{path}.{wire}", message
     elif isinstance(obj, (list, tuple)):
         for i, item in enumerate(obj):
             yield from unsupported_settings(item, f"{path}[{i}]")
@@ -787,12 +793,227 @@ class SidecarSpec(IstioStruct, frozen=True):
 
 
 # --------------------------------------------------------------------------------------------------
+# security.istio.io: PeerAuthentication, AuthorizationPolicy
+
+
+class SecurityWorkloadSelector(IstioStruct, frozen=True):
+    """istio.type.v1beta1.WorkloadSelector (`matchLabels`), the selector of the security kinds."""
+
+    match_labels: Labels = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Istio's validateWorkloadSelector
+        for key, value in self.match_labels.items():
+            if not key:
+                raise ValueError(f"empty key is not supported in selector: {key}={value}")
+            if "*" in key or "*" in value:
+                raise ValueError(f"wildcard is not supported in selector: {key}={value}")
+
+
+class PolicyTargetReference(IstioStruct, frozen=True):
+    """`targetRef`/`targetRefs` (Gateway API attachment): declared so it is refused by name."""
+
+    group: str = ""
+    kind: str = ""
+    name: str = ""
+    namespace: str = ""
+
+
+MtlsMode = Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"]
+
+
+class MutualTLS(IstioStruct, frozen=True):
+    mode: MtlsMode = "UNSET"
+
+
+class PeerAuthenticationSpec(IstioStruct, frozen=True):
+    selector: SecurityWorkloadSelector | None = None
+    mtls: MutualTLS | None = None
+    # YAML gives the port numbers as integer keys
+    port_level_mtls: dict[int, MutualTLS] | None = None
+
+    def __post_init__(self) -> None:
+        # Istio's ValidatePeerAuthentication
+        if self.port_level_mtls is not None:
+            if self.selector is None or not self.selector.match_labels:
+                raise ValueError("mesh/namespace peer authentication cannot have port level mTLS "
+                                 "(`portLevelMtls` needs a `selector` with matchLabels)")
+            if not self.port_level_mtls:
+                raise ValueError("port level mTLS, if defined, must have at least one element")
+            for port in self.port_level_mtls:
+                if not 0 < port <= 65535:
+                    raise ValueError(f"portLevelMtls port {port} is not a port number in [1, 65535]")
+
+
+def _check_ip_blocks(name: str, blocks: tuple[str, ...]) -> None:
+    """Istio's ValidateIPs: every entry an IP address or a CIDR block."""
+    for block in blocks:
+        try:
+            ipaddress.ip_network(block, strict=False)
+        except ValueError:
+            raise ValueError(f"{name}: {block!r} is not an IP address or CIDR block") from None
+
+
+def _check_no_empty_values(name: str, values: tuple[str, ...]) -> None:
+    """Istio's CheckEmptyValues: an empty string would match nothing (or everything) by accident."""
+    if any(v == "" for v in values):
+        raise ValueError(f"empty value is found in {name}")
+
+
+class Source(IstioStruct, frozen=True):
+    principals: tuple[str, ...] = ()
+    not_principals: tuple[str, ...] = ()
+    request_principals: tuple[str, ...] = ()
+    not_request_principals: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    not_namespaces: tuple[str, ...] = ()
+    ip_blocks: tuple[str, ...] = ()
+    not_ip_blocks: tuple[str, ...] = ()
+    remote_ip_blocks: tuple[str, ...] = ()
+    not_remote_ip_blocks: tuple[str, ...] = ()
+    service_accounts: Any = UNSET
+    not_service_accounts: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("service_accounts", "not_service_accounts")
+
+    def __post_init__(self) -> None:
+        values = {f.encode_name: getattr(self, f.name) for f in msgspec.structs.fields(type(self))}
+        if not any(v for v in values.values() if v is not UNSET):
+            raise ValueError("`source` must not be empty (a rule with no `from` matches every source)")
+        for name in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
+            _check_ip_blocks(name, values[name])
+        for name, value in values.items():
+            if isinstance(value, tuple):
+                _check_no_empty_values(name, value)
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        for wire, value in (("requestPrincipals", self.request_principals),
+                            ("notRequestPrincipals", self.not_request_principals)):
+            if value:
+                yield wire, f"`{wire}` needs RequestAuthentication (JWT), which triomesh does not support yet"
+
+
+class RuleFrom(IstioStruct, frozen=True):
+    source: Source | None = None
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            raise ValueError("`from.source` must be set")
+
+
+def _check_ports(name: str, ports: tuple[str, ...]) -> None:
+    """Istio's ValidatePorts: each a port number (as text)."""
+    for port in ports:
+        if not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ValueError(f"{name}: {port!r} is not a port number in [1, 65535]")
+
+
+class Operation(IstioStruct, frozen=True):
+    hosts: tuple[str, ...] = ()
+    not_hosts: tuple[str, ...] = ()
+    ports: tuple[str, ...] = ()
+    not_ports: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    not_methods: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    not_paths: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        values = {f.encode_name: getattr(self, f.name) for f in msgspec.structs.fields(type(self))}
+        if not any(values.values()):
+            raise ValueError("`operation` must not be empty (a rule with no `to` matches every operation)")
+        _check_ports("ports", self.ports)
+        _check_ports("notPorts", self.not_ports)
+        for name, value in values.items():
+            _check_no_empty_values(name, value)
+
+
+class RuleTo(IstioStruct, frozen=True):
+    operation: Operation | None = None
+
+    def __post_init__(self) -> None:
+        if self.operation is None:
+            raise ValueError("`to.operation` must be set")
+
+
+# Istio's condition keys (security/conditions): supported here, and the JWT ones refused by name
+CONDITION_KEYS = frozenset({
+    "source.ip", "remote.ip", "source.namespace", "source.principal", "destination.ip", "destination.port",
+    "connection.sni",
+})
+JWT_CONDITION_KEYS = frozenset({"request.auth.principal", "request.auth.audiences", "request.auth.presenter"})
+HEADER_KEY = re.compile(r"request\.headers\[([^\]]+)\]")
+JWT_CLAIM_KEY = re.compile(r"request\.auth\.claims\[.+\]")
+IP_CONDITION_KEYS = frozenset({"source.ip", "remote.ip", "destination.ip"})
+
+
+class Condition(IstioStruct, frozen=True):
+    key: Annotated[str, Meta(min_length=1)]
+    values: tuple[str, ...] = ()
+    not_values: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        key = self.key
+        jwt = key in JWT_CONDITION_KEYS or JWT_CLAIM_KEY.fullmatch(key) is not None
+        if not jwt and key not in CONDITION_KEYS and HEADER_KEY.fullmatch(key) is None:
+            raise ValueError(f"unknown condition key {key!r}; expected one of "
+                             f"{', '.join(sorted(CONDITION_KEYS))} or request.headers[<name>]")
+        if not self.values and not self.not_values:
+            raise ValueError(f"at least one of `values` or `notValues` must be set for key {key}")
+        for name, values in (("values", self.values), ("notValues", self.not_values)):
+            _check_no_empty_values(name, values)
+            if key in IP_CONDITION_KEYS:
+                _check_ip_blocks(f"{name} of {key}", values)
+            elif key == "destination.port":
+                _check_ports(f"{name} of {key}", values)
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        if self.key in JWT_CONDITION_KEYS or JWT_CLAIM_KEY.fullmatch(self.key) is not None:
+            yield "key", f"condition key {self.key!r} needs RequestAuthentication (JWT), which triomesh does not support yet"
+
+
+class Rule(IstioStruct, frozen=True):
+    from_: tuple[RuleFrom, ...] | None = field(default=None, name="from")
+    to: tuple[RuleTo, ...] | None = None
+    when: tuple[Condition, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in (("from", self.from_), ("to", self.to), ("when", self.when)):
+            if value is not None and not value:
+                raise ValueError(f"`{name}` must not be empty (leave it out to match everything)")
+
+
+class ExtensionProvider(IstioStruct, frozen=True):
+    name: str = ""
+
+
+class AuthorizationPolicySpec(IstioStruct, frozen=True):
+    selector: SecurityWorkloadSelector | None = None
+    target_ref: Any = UNSET
+    target_refs: Any = UNSET
+    rules: tuple[Rule, ...] = ()
+    action: Literal["ALLOW", "DENY", "AUDIT", "CUSTOM"] = "ALLOW"
+    provider: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs", "provider")
+    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"action": frozenset({"CUSTOM"})}
+
+    def __post_init__(self) -> None:
+        # Istio's ValidateAuthorizationPolicy
+        if self.action == "DENY" and not self.rules:
+            raise ValueError("DENY action without `rules` is meaningless as it will never be triggered, "
+                             "add an empty rule `{}` if you want it be triggered for every request")
+
+
+# --------------------------------------------------------------------------------------------------
 # the kinds
 
 
 class _Kind(IstioStruct, frozen=True):
     api_version: Literal[API_VERSIONS]  # type: ignore[valid-type]
     metadata: ObjectMeta
+
+    api_versions: ClassVar[tuple[str, ...]] = API_VERSIONS
 
     @property
     def namespace(self) -> str:
@@ -801,6 +1022,12 @@ class _Kind(IstioStruct, frozen=True):
     @property
     def name(self) -> str:
         return self.metadata.name
+
+
+class _SecurityKind(_Kind, frozen=True):
+    api_version: Literal[SECURITY_API_VERSIONS]  # type: ignore[valid-type]
+
+    api_versions: ClassVar[tuple[str, ...]] = SECURITY_API_VERSIONS
 
 
 class Gateway(_Kind, frozen=True, kw_only=True):
@@ -833,8 +1060,20 @@ class Sidecar(_Kind, frozen=True, kw_only=True):
     spec: SidecarSpec
 
 
-IstioObject = Union[Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar]
+class PeerAuthentication(_SecurityKind, frozen=True, kw_only=True):
+    kind: Literal["PeerAuthentication"]
+    spec: PeerAuthenticationSpec = PeerAuthenticationSpec()
+
+
+class AuthorizationPolicy(_SecurityKind, frozen=True, kw_only=True):
+    kind: Literal["AuthorizationPolicy"]
+    spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
+
+
+IstioObject = Union[Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar, PeerAuthentication,
+                    AuthorizationPolicy]
 
 KINDS: dict[str, type] = {
-    cls.__name__: cls for cls in (Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar)
+    cls.__name__: cls for cls in (Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar,
+                                  PeerAuthentication, AuthorizationPolicy)
 }

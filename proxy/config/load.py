@@ -12,7 +12,6 @@ import yaml
 
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
-    API_VERSIONS,
     KINDS,
     SERVER_MANAGED_METADATA,
     IstioObject,
@@ -169,8 +168,8 @@ def _convert(doc: Any, source: str, index: int, at: str = "$") -> Resource:
     if cls is None:
         raise fail("$.kind", f"unknown kind {doc['kind']!r} (apiVersion {api_version!r}); "
                              f"triomesh understands {', '.join(KINDS)}")
-    if api_version not in API_VERSIONS:
-        raise fail("$.apiVersion", f"apiVersion {api_version!r} of kind {kind} is not one of {', '.join(API_VERSIONS)}")
+    if api_version not in cls.api_versions:
+        raise fail("$.apiVersion", f"apiVersion {api_version!r} of kind {kind} is not one of {', '.join(cls.api_versions)}")
     try:
         obj = msgspec.convert(_without_server_fields(doc), cls, dec_hook=dec_hook)
     except msgspec.ValidationError as e:

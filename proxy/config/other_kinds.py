@@ -31,7 +31,7 @@ REMOVED: dict[tuple[str, str], str] = {
 REMOVED_GROUPS: dict[str, str] = {"config.istio.io": _MIXER}
 
 NOT_YET: frozenset[str] = frozenset({
-    "PeerAuthentication", "AuthorizationPolicy", "RequestAuthentication",  # security.istio.io
+    "RequestAuthentication",  # security.istio.io
     "Telemetry",  # telemetry.istio.io
     "EnvoyFilter", "WorkloadGroup", "ProxyConfig",  # networking.istio.io
     "WasmPlugin",  # extensions.istio.io

@@ -16,6 +16,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from proxy.authz.peer_authentication import MtlsPolicy
+from proxy.authz.policy import WorkloadAuthorization
 from proxy.l7.events import RequestHead, split_authority
 
 
@@ -406,6 +408,13 @@ class Snapshot:
     l4_routes: Mapping[str, tuple[L4Route, ...]] = field(default_factory=dict)
     # service hosts captured traffic may reach (the capturing Sidecar's egress `hosts`); None: all
     captured_hosts: frozenset[str] | None = None
+    # the AuthorizationPolicies that apply to this proxy's workload; None: none does (no check at all)
+    authorization: WorkloadAuthorization | None = None
+    # the HTTP listeners that enforce them: a Gateway's servers and a Sidecar's inbound listeners
+    # (a sidecar's outbound traffic is authorized by the proxy of its destination, as in Istio)
+    authorized_listeners: frozenset[str] = frozenset()
+    # the PeerAuthentication mode of this workload's inbound ports
+    mtls: MtlsPolicy = MtlsPolicy()
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

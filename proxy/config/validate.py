@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="triomesh validate",
         description="Check Istio config (Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, "
-        "Sidecar) the way `triomesh proxy` would load it, and report every problem with an istioctl analyze code.",
+        "Sidecar, AuthorizationPolicy, PeerAuthentication) the way `triomesh proxy` would load it, and report "
+        "every problem with an istioctl analyze code.",
     )
     parser.add_argument("paths", nargs="*", metavar="FILE|DIR|-",
                         help="a YAML file, a directory of *.yaml/*.yml files, or - for standard input")

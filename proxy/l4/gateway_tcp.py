@@ -3,7 +3,8 @@ VirtualService `tcp` route (a weighted pick of one destination cluster) to the T
 
 The snapshot is read once per connection, when it is accepted. A listener without a route (no tcp
 route applies to the server) closes each connection at once, as Envoy closes a connection that
-finds no filter chain.
+finds no filter chain. The workload's AuthorizationPolicies (if any apply) decide each connection
+first: a denied one is closed before any upstream connection.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import trio
 
 from proxy.config.snapshot import Listener, Snapshot
 from proxy.l4.accept import accept_connections
+from proxy.l4.authorization import ConnectionAuthorizer
 from proxy.l4.cluster_proxy import proxy_to_cluster
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster
 from proxy.stats import HELP, Counter, Stats
@@ -26,6 +28,7 @@ HELP.setdefault("triomesh_gateway_tcp_cx_total",
 log = structlog.get_logger("triomesh.l4")
 
 NO_ROUTE = "no_route"
+DENIED = "denied"  # an AuthorizationPolicy refused the connection
 
 
 class GatewayTcpServer:
@@ -43,6 +46,7 @@ class GatewayTcpServer:
         self._listeners: dict[str, Listener] = {}
         self._tcp_stats = TcpProxyStatsByCluster(self.stats)
         self._counters: dict[tuple[str, str], Counter] = {}
+        self._authorizer = ConnectionAuthorizer(stats)
 
     async def serve(self, sock, listener_name: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept on a Gateway TCP listener's socket until cancelled (the ListenerManager's serve fn)."""
@@ -76,7 +80,13 @@ class GatewayTcpServer:
                 return
             try:
                 client_ip = sock.getpeername()[0]
+                local = sock.getsockname()[:2] if snapshot.authorization is not None else None
             except OSError:  # the client already left
+                sock.close()
+                return
+            if snapshot.authorization is not None and not self._authorizer.allows(
+                    snapshot.authorization, listener_name, client_ip, local):
+                self._count(listener_name, DENIED)
                 sock.close()
                 return
             cluster = route.pick_cluster(self.rand_below)

@@ -7,6 +7,10 @@ lets its connections finish). The snapshot is read once per connection, when it 
 the capture table derived from it is cached per snapshot. The proxy's own upstream connections are
 not captured again because the proxy runs under the uid the capture rules exclude (see
 `triomesh capture`, istio-iptables `-u`), or, for inbound passthrough, comes from 127.0.0.6.
+
+Inbound security: a port PeerAuthentication makes STRICT takes only TLS (anything else is closed
+unanswered); the workload's AuthorizationPolicies decide each inbound TCP connection before it is
+proxied (HTTP connections are decided per request by the L7 chain).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from trio.lowlevel import wait_readable
 from proxy.config.snapshot import Snapshot
 from proxy.l4 import sidecar
 from proxy.l4.accept import accept_connections
+from proxy.l4.authorization import ConnectionAuthorizer
 from proxy.l4.cluster_proxy import proxy_to_cluster, reset
 from proxy.l4.original_dst import TransparentConnection, describe_connection
 from proxy.l4.sniff import Protocol
@@ -32,6 +37,8 @@ from proxy.stats import HELP, Counter, Stats
 log = structlog.get_logger("triomesh.l4")
 
 HELP.setdefault("triomesh_sidecar_cx_total", "Captured connections, by capture listener and what was done with them.")
+HELP.setdefault("triomesh_sidecar_inbound_plaintext_refused_total",
+                "Captured inbound plaintext connections closed because PeerAuthentication makes their port STRICT.")
 HELP.setdefault(
     "triomesh_sidecar_outbound_refused_total",
     "Captured outbound connections to an unknown destination refused (REGISTRY_ONLY), by protocol.",
@@ -63,6 +70,8 @@ class CaptureServer:
         self._tcp_stats = TcpProxyStatsByCluster(self.stats)
         self._counters: dict[tuple[str, str], Counter] = {}
         self._refused: dict[str, Counter] = {}
+        self._plaintext_refused: dict[int, Counter] = {}
+        self._authorizer = ConnectionAuthorizer(stats)
 
     # ---- per-snapshot state
 
@@ -120,14 +129,24 @@ class CaptureServer:
             return False
         inbound = listener.traffic_direction == "INBOUND"
         needs_sniff = (sidecar.inbound_needs_sniff if inbound else sidecar.outbound_needs_sniff)(table, conn.orig_dst)
+        # PeerAuthentication STRICT on this inbound port: only TLS may come in, so the first bytes decide
+        strict = inbound and snapshot.mtls.mode_for(conn.orig_dst.port) == "STRICT"
         protocol, sni, initial = None, None, b""
-        if needs_sniff:
+        if needs_sniff or strict:
             detection, initial = await sniff_socket(conn.sock, timeout_s=self.settings.sniff_timeout_s)
             protocol, sni = detection.protocol, detection.sni
+        if strict and protocol is not Protocol.TLS:
+            self._refuse_plaintext(listener_name, conn, protocol)
+            return False
         if inbound:
             decision = sidecar.decide_inbound(table, conn.orig_dst, protocol)
         else:
             decision = sidecar.decide_outbound(table, conn.orig_dst, protocol, sni)
+        if (inbound and snapshot.authorization is not None and not isinstance(decision, sidecar.L7)
+                and not self._authorizer.allows(snapshot.authorization, listener_name, conn.client.ip,
+                                                conn.orig_dst.sockaddr(), sni=sni)):
+            self._count(listener_name, "denied")  # HTTP is decided per request by the L7 chain instead
+            return False
         if isinstance(decision, sidecar.L7):
             self._count(listener_name, "http")
             from proxy.l7.server import serve_connection
@@ -159,6 +178,18 @@ class CaptureServer:
             log.info("tcp upstream failed", listener=listener_name, orig_dst=str(conn.orig_dst),
                      upstream=str(decision.upstream), flag=result.error.response_flag, error=str(result.error))
         return True
+
+    def _refuse_plaintext(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None) -> None:
+        """A STRICT port and a connection that is not TLS: closed unanswered (Istio's sidecar finds no
+        filter chain for plaintext on a STRICT port)."""
+        self._count(listener_name, "mtls_refused")
+        c = self._plaintext_refused.get(conn.orig_dst.port)
+        if c is None:
+            c = self._plaintext_refused[conn.orig_dst.port] = self.stats.counter(
+                "triomesh_sidecar_inbound_plaintext_refused_total", port=str(conn.orig_dst.port))
+        c.value += 1
+        log.info("plaintext connection refused by PeerAuthentication STRICT", client=str(conn.client),
+                 orig_dst=str(conn.orig_dst), protocol=protocol.value if protocol is not None else "unknown")
 
     async def _refuse(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None,
                       decision: sidecar.Refuse) -> None:

@@ -78,6 +78,11 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     downstream_remote_address: str
     worker: int | None = None  # the worker process index (omitted when not set)
     grpc_status: str | None = None  # a gRPC response's grpc-status (Envoy's %GRPC_STATUS_NUMBER%)
+    # why the proxy answered itself, where Envoy says it: an authorization denial's
+    # rbac_access_denied_matched_policy[...] (Envoy's %RESPONSE_CODE_DETAILS%)
+    response_code_details: str | None = None
+    # an AUDIT AuthorizationPolicy matched the request (Envoy's envoy.common access_log_hint)
+    access_log_hint: bool | None = None
 
 
 def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: int | None = None) -> AccessRecord:
@@ -103,16 +108,21 @@ def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: in
         rid.decode("latin-1") if rid else "-",
         ctx.downstream_addr,
         worker,
-        _grpc_status(ctx),
+        *_from_extra(ctx.extra),
     )
 
 
-def _grpc_status(ctx: RequestContext) -> str | None:
-    extra = ctx.extra
+_NOTHING_EXTRA = (None, None, None)
+
+
+def _from_extra(extra: dict | None) -> tuple[str | None, str | None, bool | None]:
+    """(grpc_status, response_code_details, access_log_hint) from the stages' scratch state (most
+    requests have none)."""
     if extra is None:
-        return None
+        return _NOTHING_EXTRA
     value = extra.get("grpc_status")
-    return value.decode("latin-1") if value is not None else None
+    return (value.decode("latin-1") if value is not None else None, extra.get("response_code_details"),
+            extra.get("access_log_hint"))
 
 
 class AccessLog:

@@ -9,6 +9,37 @@ if TYPE_CHECKING:
     from proxy.l7.events import RequestHead, ResponseHead
 
 
+class DownstreamPeer:
+    """What a request can know of its downstream connection besides the client's address, made once
+    per connection: the peer's identity and the address the client connected to.
+
+    `peer_principal` is the mTLS peer certificate's SPIFFE identity without `spiffe://`
+    ("cluster.local/ns/foo/sa/bar"); None for a plaintext connection. The TLS transport sets it when
+    it accepts a connection; authorization reads it (rules on principals and namespaces never match
+    None). `sni` is the server name a TLS client asked for (connection.sni), None without TLS."""
+
+    __slots__ = ("peer_principal", "sni", "_sock", "_local_address")
+
+    def __init__(self, sock: Any = None, peer_principal: str | None = None, sni: str | None = None) -> None:
+        self.peer_principal = peer_principal
+        self.sni = sni
+        self._sock = sock
+        self._local_address: tuple[str, int] | None = None
+
+    def local_address(self) -> tuple[str, int] | None:
+        """(ip, port) this connection reached on the proxy, read once when first asked."""
+        if self._local_address is None and self._sock is not None:
+            try:
+                address = self._sock.getsockname()
+            except OSError:
+                return None
+            self._local_address = (str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+        return self._local_address
+
+
+PLAINTEXT_PEER = DownstreamPeer()  # a connection nothing is known of beyond its client address
+
+
 class RequestContext:
     """One downstream request. The snapshot is read once, when the head arrives, and kept."""
 
@@ -33,6 +64,7 @@ class RequestContext:
         "upstream_host",  # "ip:port" actually used, "" if none
         "error",  # the typed error that ended the request, if any
         "extra",  # dict for stages that need scratch state, made by scratch() on first use (else None)
+        "peer",  # DownstreamPeer: the connection's peer identity and local address
     )
 
     def __init__(
@@ -45,8 +77,10 @@ class RequestContext:
         start_wall: float,
         downstream_ip: bytes | None = None,
         original_destination: tuple[str, int] | None = None,
+        peer: DownstreamPeer = PLAINTEXT_PEER,
     ) -> None:
         self.snapshot = snapshot
+        self.peer = peer
         self.listener = listener
         self.downstream_addr = downstream_addr
         self.original_destination = original_destination

@@ -12,6 +12,7 @@ import trio
 from proxy.config.matchers import header_value, parse_query
 from proxy.config.snapshot import Cluster, Endpoint
 from proxy.l7.chain import Chain
+from proxy.l7.stages.authorization import AuthorizationStage
 from proxy.l7.stages.fault import FaultAbortStage, FaultDelayStage
 from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
@@ -240,10 +241,14 @@ def _routes_of(listener: Listener):
         yield from vh.routes
 
 
-def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime]) -> Chain:
-    """The listener's stages; the optional ones only when some route or cluster there needs them."""
+def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime],
+                stats: Stats | None = None) -> Chain:
+    """The listener's stages; the optional ones only when some route, cluster or policy there needs them."""
     routes: list[Route] = list(_routes_of(listener))
-    stages: list = [RouteStage(snapshot, listener)]
+    stages: list = []
+    if snapshot.authorization is not None and listener.name in snapshot.authorized_listeners:
+        stages.append(AuthorizationStage(snapshot.authorization, stats if stats is not None else Stats(), listener.name))
+    stages.append(RouteStage(snapshot, listener))
     if any(r.fault is not None and r.fault.delay_ppm for r in routes):
         stages.append(FaultDelayStage(clusters))
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
@@ -274,7 +279,8 @@ class SnapshotRuntime:
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
-        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters) for l in snapshot.listeners}
+        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats)
+                                         for l in snapshot.listeners}
         # what a request looks up first: its listener and that listener's chain, in one lookup
         self.by_listener: dict[str, tuple[Listener, Chain]] = {
             name: (listener, self.chains[name]) for name, listener in self.listeners.items()}

@@ -32,7 +32,7 @@ import trio
 
 from proxy.l7 import h1
 from proxy.l7.connio import ReadTimeout
-from proxy.l7.context import RequestContext
+from proxy.l7.context import PLAINTEXT_PEER, DownstreamPeer, RequestContext
 from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError, UpstreamTimeout
 from proxy.l7.events import RequestHead, ResponseHead
 from proxy.l7 import h2_connection as ev
@@ -280,12 +280,12 @@ class H2Stream(H2StreamState):
 
 
 class H2ServerConnection(H2Transport):
-    __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "streams", "nursery",
+    __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
                  "goaway_sent", "read_scope")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
-                 original_destination) -> None:
+                 original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
         h2conn = H2Connection(client=False, settings=server_settings(), max_header_list_size=MAX_HEADER_LIST_BYTES)
         super().__init__(conn, h2conn, DownstreamDisconnect)
         self.plane = plane
@@ -293,6 +293,7 @@ class H2ServerConnection(H2Transport):
         self.client = client
         self.client_ip = client_ip
         self.original_destination = original_destination
+        self.peer = peer
         self.streams: dict[int, H2Stream] = {}
         self.nursery: trio.Nursery | None = None
         self.streams_total = 0
@@ -484,7 +485,7 @@ class H2ServerConnection(H2Transport):
             self._refused(sid, str(e), "malformed_request")
             return
         ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(), self.client_ip,
-                             self.original_destination)
+                             self.original_destination, self.peer)
         rt = plane.runtime(snapshot)
         listener_chain = rt.by_listener.get(self.listener_name)
         chain = None
@@ -545,9 +546,9 @@ class H2ServerConnection(H2Transport):
 
 
 async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
-                              original_destination) -> None:
+                              original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
     """Serve an HTTP/2 connection whose preface is in `conn`'s buffer, until it ends."""
-    await H2ServerConnection(plane, listener_name, conn, client, client_ip, original_destination).run()
+    await H2ServerConnection(plane, listener_name, conn, client, client_ip, original_destination, peer).run()
 
 
 __all__ = ["PRIOR_KNOWLEDGE", "H2ServerConnection", "H2Stream", "is_prior_knowledge", "serve_h2_connection"]

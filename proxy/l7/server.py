@@ -32,7 +32,7 @@ from proxy.l7 import h1
 from proxy.l7.body import NO_BODY, BodyReader
 from proxy.l7.chain import Chain
 from proxy.l7.connio import Conn, ReadTimeout
-from proxy.l7.context import RequestContext
+from proxy.l7.context import DownstreamPeer, RequestContext
 from proxy.l7.dataplane import DataPlane
 from proxy.l7.errors import (
     BadRequest,
@@ -143,11 +143,13 @@ def _split_absolute_form(target: bytes) -> tuple[bytes, bytes] | None:
 
 
 class DownstreamConnection:
-    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination", "stream", "h2")
+    __slots__ = ("plane", "listener_name", "conn", "client", "client_ip", "original_destination", "stream", "h2",
+                 "peer")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"",
-                 original_destination: tuple[str, int] | None = None) -> None:
+                 original_destination: tuple[str, int] | None = None, peer_principal: str | None = None) -> None:
         self.plane = plane
+        self.peer = DownstreamPeer(sock, peer_principal)
         self.original_destination = original_destination
         self.listener_name = listener_name
         self.conn = Conn(sock, initial, plane.reactor, plane.sweeper, plane.settings.stream_idle_timeout_s)
@@ -245,7 +247,7 @@ class DownstreamConnection:
             return False
         if parsed is PRIOR_KNOWLEDGE:
             self.h2 = H2ServerConnection(plane, self.listener_name, conn, self.client, self.client_ip,
-                                         self.original_destination)
+                                         self.original_destination, self.peer)
             await self.h2.run()
             return False
         end, method, target, minor, raw_headers = parsed
@@ -253,7 +255,7 @@ class DownstreamConnection:
         snapshot = plane.holder.current
         ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
                              http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time(),
-                             self.client_ip, self.original_destination)
+                             self.client_ip, self.original_destination, self.peer)
         rt = plane.runtime(snapshot)
         ctx.listener, chain = rt.by_listener.get(self.listener_name, _NO_LISTENER)
         try:
@@ -345,12 +347,14 @@ class DownstreamConnection:
 
 
 async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"", *,
-                           nursery: trio.Nursery, original_destination: tuple[str, int] | None = None) -> None:
+                           nursery: trio.Nursery, original_destination: tuple[str, int] | None = None,
+                           peer_principal: str | None = None) -> None:
     """Serve one already-accepted connection on `listener_name` (a sidecar's virtual listener),
     replaying `initial`, the bytes a protocol sniffer read first; `original_destination` is where
-    the client meant to go (a PASSTHROUGH cluster connects there). `nursery` runs the timeout sweeper
-    if it is not running yet. Returns when the connection is done; the socket is closed."""
-    downstream = DownstreamConnection(plane, listener_name, sock, addr, initial, original_destination)
+    the client meant to go (a PASSTHROUGH cluster connects there); `peer_principal` the client's
+    mTLS identity (None: plaintext). `nursery` runs the timeout sweeper if it is not running yet.
+    Returns when the connection is done; the socket is closed."""
+    downstream = DownstreamConnection(plane, listener_name, sock, addr, initial, original_destination, peer_principal)
     plane.sweeper.ensure_running(nursery)
     plane.reactor.ensure_running(nursery)
     await downstream.run()

@@ -115,3 +115,57 @@ def test_labels_no_selector_reads_do_not_split_classes():
     assert a is b  # computed once
     assert "Sidecar tutorial/default" in _names(a) and "Sidecar tutorial/default" not in _names(c)
     assert cache.keys == {"app"}
+
+
+SECURITY = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: mesh-deny, namespace: istio-system}
+spec: {action: DENY, rules: [{to: [{operation: {paths: [/admin]}}]}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: preference-only, namespace: tutorial}
+spec:
+  selector: {matchLabels: {app: preference}}
+  rules: [{from: [{source: {principals: [cluster.local/ns/tutorial/sa/recommendation]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: finance-all, namespace: finance}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: workload, namespace: istio-system}
+spec: {selector: {matchLabels: {app: preference}}, mtls: {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: preference, namespace: tutorial}
+spec:
+  selector: {matchLabels: {app: preference}}
+  portLevelMtls: {8080: {mode: PERMISSIVE}}
+"""
+
+
+def test_a_proxy_gets_the_security_policies_that_apply_to_it():
+    store = _store(SERVICES, SECURITY)
+    security = lambda view: [n for n in _names(view) if n.startswith(("AuthorizationPolicy", "PeerAuthentication"))]
+    preference = compute_view(store.state, ProxyClass.of("tutorial", {"app": "preference"}))
+    assert security(preference) == ["AuthorizationPolicy istio-system/mesh-deny",
+                                    "AuthorizationPolicy tutorial/preference-only",
+                                    "PeerAuthentication istio-system/default", "PeerAuthentication tutorial/preference"]
+    customer = compute_view(store.state, ProxyClass.of("tutorial", {"app": "customer"}))
+    assert security(customer) == ["AuthorizationPolicy istio-system/mesh-deny", "PeerAuthentication istio-system/default"]
+    snapshot = compile_resources([s.resource for s in preference.resources], version="x",
+                                 proxy_labels={"app": "preference"}, proxy_namespace="tutorial")
+    assert [p.name for p in snapshot.authorization.allow] == ["preference-only"]
+    assert snapshot.mtls.mode == "STRICT" and dict(snapshot.mtls.port_modes) == {8080: "PERMISSIVE"}
+    # the selector's labels split proxy classes (a label nothing else selects on would not)
+    assert "app" in ViewCache(store.state).keys

@@ -143,3 +143,28 @@ spec:
     http = msgspec.msgpack.decode(wire.encode_istio(dr.obj))["spec"]["trafficPolicy"]["connectionPool"]["http"]
     assert http == {"h2UpgradePolicy": "UPGRADE", "maxConcurrentStreams": 100}
     assert msgspec.msgpack.decode(wire.encode_istio(gw.obj))["spec"]["servers"][0]["port"]["protocol"] == "GRPC"
+
+
+def test_security_kinds_round_trip():
+    # portLevelMtls is keyed by port numbers (integers): they survive MessagePack as integers
+    from proxy.config.load import load_bytes
+
+    text = """
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: p, namespace: foo}
+spec:
+  selector: {matchLabels: {app: a}}
+  mtls: {mode: STRICT}
+  portLevelMtls: {8080: {mode: DISABLE}}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: a, namespace: foo}
+spec:
+  action: AUDIT
+  rules: [{from: [{source: {notIpBlocks: [10.0.0.0/8]}}], when: [{key: "request.headers[x]", notValues: [y]}]}]
+"""
+    for r in load_bytes(text, "security.yaml"):
+        back = wire.decode_istio(wire.encode_istio(r.obj), file=r.file, document=r.document)
+        assert back.obj == r.obj, r.key

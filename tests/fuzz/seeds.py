@@ -105,10 +105,33 @@ def _hpack_blocks() -> bytes:
     return out + bytes([len(block)]) + block
 
 
+# every AuthorizationPolicy and PeerAuthentication field, for the loader's security validation
+SECURITY = b"""apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: p, namespace: istio-system}
+spec:
+  selector: {matchLabels: {istio: ingressgateway}}
+  action: DENY
+  rules:
+  - from: [{source: {principals: [a/ns/b/sa/c], notNamespaces: [x], ipBlocks: [10.0.0.0/8], notRemoteIpBlocks: ["::1"]}}]
+    to: [{operation: {hosts: ["*.a"], notPorts: ["80"], methods: [GET], notPaths: ["/x*"]}}]
+    when: [{key: "request.headers[x]", values: [y]}, {key: destination.port, notValues: ["81"]}]
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: p, namespace: default}
+spec:
+  selector: {matchLabels: {app: fuzz}}
+  mtls: {mode: STRICT}
+  portLevelMtls: {8080: {mode: DISABLE}}
+"""
+
+
 def seeds() -> dict[str, dict[str, bytes]]:
     examples = sorted((REPO / "examples").rglob("*.yaml"))
     config = {p.name: p.read_bytes() for p in examples if p.stat().st_size <= 4096}
     config["gateway-routes.yaml"] = GATEWAY
+    config["security.yaml"] = SECURITY
     config["list.yaml"] = b"apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.istio.io/v1\n  kind: Sidecar\n  metadata: {name: default, namespace: default}\n  spec: {egress: [{hosts: ['./*']}]}\n"
     resources = load_bytes(GATEWAY, "gw.yaml")
     wire_resources = [WireResource(body=encode_istio(r.obj), file="gw.yaml", document=r.document) for r in resources]

@@ -1,0 +1,2 @@
+"""Istio's AuthorizationPolicy and PeerAuthentication: compiled per workload (pure), evaluated per
+request or connection (pure); the data path only asks."""
