@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of `triomesh controlplane`")
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
+    cp.add_argument("--controlplane-ca", type=Path, default=None, metavar="FILE",
+                    help="the root certificate(s) of a control plane that serves TLS (its CA directory's "
+                         "root-cert.pem); without it the stream is plaintext")
+    cp.add_argument("--controlplane-token-file", type=Path, default=None, metavar="FILE",
+                    help="a bootstrap token (triomesh controlplane token --namespace NS) proving this proxy may "
+                         "take its namespace/service account's identity; renewals use the certificate itself")
+    cp.add_argument("--service-account", default="",
+                    help="the workload's service account, part of its SPIFFE ID (default: default)")
     cp.add_argument("--register", default=None, metavar="ADDRESS",
                     help="register this workload (with ADDRESS and its labels) as a WorkloadEntry")
     p.add_argument("--namespace", default="default",
@@ -175,6 +183,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         drain_duration_s=args.drain_duration,
         max_downstream_connections=args.max_downstream_connections,
         max_worker_rss_bytes=args.max_worker_rss,
+        service_account=args.service_account,
+        controlplane_ca=args.controlplane_ca,
+        controlplane_token_file=args.controlplane_token_file,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
              controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())

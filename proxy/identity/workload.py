@@ -7,11 +7,17 @@ import datetime
 import os
 import ssl
 
+from typing import TYPE_CHECKING
+
 import msgspec
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from proxy.identity.spiffe import InvalidSpiffeId, SpiffeId
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+# `cryptography` is imported where certificates are parsed, not at module load: worker processes
+# import this module (the control channel carries identities) and only load PEM into ssl contexts
 
 
 class IdentityError(ValueError):
@@ -29,7 +35,9 @@ def load_certificate_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: b
         os.close(fd)
 
 
-def leaf_spiffe_id(certificate: x509.Certificate) -> SpiffeId:
+def leaf_spiffe_id(certificate: "x509.Certificate") -> SpiffeId:
+    from cryptography import x509
+
     try:
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as e:
@@ -59,6 +67,8 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
     @classmethod
     def from_pem(cls, chain_pem: bytes, key_pem: bytes, trust_bundle_pem: bytes, *,
                  received_at: float = 0.0) -> "WorkloadIdentity":
+        from cryptography import x509
+
         try:
             chain = x509.load_pem_x509_certificates(chain_pem)
         except ValueError as e:
@@ -82,6 +92,9 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
 
     def dump(self) -> dict:
         """For /config_dump: everything but the key."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+
         roots = x509.load_pem_x509_certificates(self.trust_bundle_pem) if self.trust_bundle_pem else []
         return {
             "spiffe_id": self.spiffe_id,

@@ -23,6 +23,7 @@ from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control
 from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
+from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 
@@ -87,6 +88,9 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     stats = Stats()
     plane = DataPlane(holder, stats, access_log,
                       HttpSettings(max_downstream_connections=limits.max_downstream_connections))
+    # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
+    identity = IdentityHolder()
+    plane.workload_identity = identity
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
         # connections live in a worker-wide nursery: those of a listener a reload removes finish;
@@ -123,6 +127,10 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 break
             if isinstance(msg, control.GetStats):
                 await channel.send(control.StatsReply(msg.request_id, stats.export()))
+            elif isinstance(msg, control.LoadIdentity):
+                identity.swap(msg.identity)
+                await channel.send(control.IdentityLoaded(msg.identity.serial))
+                log.debug("worker_identity_loaded", spiffe_id=msg.identity.spiffe_id, serial=msg.identity.serial)
             elif isinstance(msg, control.Drain):
                 if not draining:
                     draining = True
