@@ -95,7 +95,20 @@ def controlplane_parser() -> argparse.ArgumentParser:
                          "default: the listen address, localhost and 127.0.0.1)")
     ca.add_argument("--tokens-file", type=Path, default=None,
                     help="bootstrap and admin tokens (default CA_DIR/tokens.json)")
+    ca.add_argument("--insecure-plaintext", action="store_true",
+                    help="allow the plaintext, unauthenticated protocol (no --ca-dir) on a non-loopback address")
     return p
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _security_options(args: argparse.Namespace):
@@ -115,6 +128,10 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] in CONTROLPLANE_SUBCOMMANDS:
         return CONTROLPLANE_SUBCOMMANDS[argv[0]](argv[1:])
     args = controlplane_parser().parse_args(argv)
+    if args.ca_dir is None and not args.insecure_plaintext and not _is_loopback(args.listen[0]):
+        controlplane_parser().error(f"without --ca-dir the protocol is plaintext and unauthenticated: anyone who can "
+                                    f"reach {args.listen[0]} could read and change the mesh's config; give --ca-dir "
+                                    "(TLS, docs/identity.md), listen on loopback, or pass --insecure-plaintext")
     if args.ca_dir is None:
         for flag, value in (("--trust-domain", args.trust_domain), ("--workload-cert-ttl", args.workload_cert_ttl),
                             ("--tls-san", args.tls_sans), ("--tokens-file", args.tokens_file)):

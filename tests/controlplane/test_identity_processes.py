@@ -136,3 +136,10 @@ def test_bad_ca_directory_stops_the_control_plane_with_the_reason(tmp_path):
     assert r.returncode == 1
     assert b"ca_rejected" in r.stderr and b"missing ca-key.pem, cert-chain.pem, root-cert.pem" in r.stderr
 
+
+
+def test_plaintext_protocol_is_refused_off_loopback_without_the_explicit_flag(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "proxy.cli", "controlplane", "--listen", "0.0.0.0:0"], cwd=REPO_ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, timeout=30)
+    assert r.returncode == 2
+    assert b"without --ca-dir the protocol is plaintext and unauthenticated" in r.stderr
