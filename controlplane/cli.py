@@ -305,10 +305,11 @@ def request(address: tuple[str, int], message, *, timeout_s: float = REQUEST_TIM
 
     from controlplane.framed import connect
 
+    import msgspec
+
     credentials = credentials or ClientCredentials()
-    if credentials.token:
-        message = type(message)(**{**{f: getattr(message, f) for f in message.__struct_fields__},
-                                   "token": credentials.token})
+    if credentials.token and credentials.roots_pem is not None:  # a token never travels in plaintext
+        message = msgspec.structs.replace(message, token=credentials.token)
 
     async def run():
         context = None

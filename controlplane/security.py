@@ -15,7 +15,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane import tls
-from controlplane.ca import DEFAULT_WORKLOAD_CERT_TTL_S, CaError, CertificateAuthority, CsrRefused, fingerprint, server_names
+from controlplane.ca import (
+    DEFAULT_WORKLOAD_CERT_TTL_S,
+    CaError,
+    CertificateAuthority,
+    CsrRefused,
+    IssuedCertificate,
+    fingerprint,
+    server_names,
+)
 from controlplane.tokens import TOKENS_FILE, Authorized, Refused, TokenBook, authorize
 from controlplane.wire import CertificateReply
 from proxy.identity.spiffe import DEFAULT_SERVICE_ACCOUNT, DEFAULT_TRUST_DOMAIN, InvalidSpiffeId, SpiffeId
@@ -119,11 +127,19 @@ class Security:
             return Refused("PERMISSION_DENIED", "a workload bootstrap token cannot apply, delete or read status")
         return None
 
-    def sign(self, request_id: int, csr_pem: bytes, identity: SpiffeId) -> CertificateReply:
+    def sign(self, request_id: int, csr_pem: bytes, identity: SpiffeId) -> "Signed":
         try:
             issued = self.ca.issue(csr_pem, identity, self.options.workload_cert_ttl_s)
         except CsrRefused as e:
-            return CertificateReply(request_id=request_id, error_code=e.code, error=e.message)
+            return Signed(CertificateReply(request_id=request_id, error_code=e.code, error=e.message), None)
         self.certificates_issued += 1
-        return CertificateReply(request_id=request_id, certificate_chain=issued.chain_pem,
-                                trust_bundle=self.ca.trust_bundle_pem)
+        return Signed(CertificateReply(request_id=request_id, certificate_chain=issued.chain_pem,
+                                       trust_bundle=self.ca.trust_bundle_pem), issued)
+
+
+@dataclass(frozen=True)
+class Signed:
+    """The answer to a certificate request, and what was issued (None: refused, the reply says why)."""
+
+    reply: CertificateReply
+    issued: IssuedCertificate | None

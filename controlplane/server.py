@@ -460,19 +460,16 @@ class ControlPlane:
     async def _sign(self, proxy: ProxyConn, framed: FramedStream, request: CertificateRequest) -> None:
         if self.security is None or proxy.identity is None:
             raise ProtocolError("UNEXPECTED_MESSAGE", "this control plane does not issue certificates")
-        reply = self.security.sign(request.request_id, request.csr, proxy.identity)
-        if reply.error_code:
+        signed = self.security.sign(request.request_id, request.csr, proxy.identity)
+        if signed.issued is None:
             self.log.warning("certificate_refused", node_id=proxy.node_id, identity=proxy.identity.uri,
-                             code=reply.error_code, error=reply.error)
+                             code=signed.reply.error_code, error=signed.reply.error)
         else:
-            from cryptography import x509
-
-            leaf = x509.load_pem_x509_certificate(reply.certificate_chain)
-            proxy.certificate_serial = format(leaf.serial_number, "x")
-            proxy.certificate_not_after = leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+            proxy.certificate_serial = format(signed.issued.serial, "x")
+            proxy.certificate_not_after = signed.issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
             self.log.info("certificate_issued", node_id=proxy.node_id, identity=proxy.identity.uri,
                           serial=proxy.certificate_serial, not_after=proxy.certificate_not_after)
-        await framed.send(reply)
+        await framed.send(signed.reply)
 
     @staticmethod
     def _drop_older(proxy: ProxyConn, nonce: str) -> None:

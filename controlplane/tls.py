@@ -26,6 +26,8 @@ from proxy.identity.spiffe import InvalidSpiffeId, SpiffeId
 from proxy.identity.workload import WorkloadIdentity, load_certificate_chain
 
 TLS_HANDSHAKE_RECORD = 0x16
+PLAINTEXT_LINGER_S = 1.0  # how long a refused plaintext peer gets to read its Error before the close
+PLAINTEXT_DRAIN_BYTES = 1 << 16
 CONTROLPLANE_SERVICE_ACCOUNT = ("istio-system", "istiod")  # the control plane's own SPIFFE ID, as istiod's
 
 
@@ -91,15 +93,35 @@ async def accept(sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket 
     if first is None:
         return None
     if first != TLS_HANDSHAKE_RECORD:
-        try:
-            sock.send(encode_frame(Error(code="TLS_REQUIRED", message="this control plane serves TLS only: connect "
-                                                                       "with its root certificate (--controlplane-ca)")))
-        except OSError:
-            pass
+        await _refuse_plaintext(sock)
         return None
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     await _drive_handshake(tls)
     return tls
+
+
+async def _refuse_plaintext(sock: socket.socket) -> None:
+    """Send the Error, end our side, and read what the peer sent until it closes (bounded): closing
+    with its bytes unread would reset the connection, and the reset can discard the Error unread."""
+    try:
+        sock.send(encode_frame(Error(code="TLS_REQUIRED", message="this control plane serves TLS only: connect "
+                                                                   "with its root certificate (--controlplane-ca)")))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    drained = 0
+    with trio.move_on_after(PLAINTEXT_LINGER_S):
+        while drained < PLAINTEXT_DRAIN_BYTES:
+            try:
+                data = sock.recv(PLAINTEXT_DRAIN_BYTES)
+            except BlockingIOError:
+                await wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
 
 
 async def connect(host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSocket:

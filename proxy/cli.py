@@ -149,6 +149,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     if args.command == "proxy" and args.config is None and args.controlplane is None:
         parser.error("proxy: --config or --controlplane is required")
+    if args.command == "proxy" and args.controlplane_token_file is not None and args.controlplane_ca is None:
+        # a token sent in plaintext could be read on the way and used by anyone
+        parser.error("proxy: --controlplane-token-file needs --controlplane-ca (the token only travels over TLS)")
     return args
 
 
