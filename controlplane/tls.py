@@ -50,11 +50,14 @@ def server_context(chain_pem: bytes, key_pem: bytes, trust_bundle_pem: bytes) ->
 
 
 def client_context(trust_bundle_pem: bytes, identity: WorkloadIdentity | None = None) -> ssl.SSLContext:
-    """Verifies the control plane's certificate (and host name) with the roots given; presents
-    `identity` as the client certificate when there is one."""
+    """Verifies the control plane's certificate (and host name) with the roots given, and with the
+    trust bundle of `identity`, which the control plane sent over a verified stream: after a root
+    rotation the control plane's certificate comes from the new root, which the configured file may
+    not hold. Presents `identity` as the client certificate when there is one."""
     context = _hardened(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # check_hostname and CERT_REQUIRED
     context.load_verify_locations(cadata=trust_bundle_pem.decode("ascii"))
     if identity is not None:
+        context.load_verify_locations(cadata=identity.trust_bundle_pem.decode("ascii"))
         load_certificate_chain(context, identity.certificate_chain_pem, identity.private_key_pem)
     return context
 

@@ -241,7 +241,7 @@ async def test_root_rotation_reaches_a_connected_proxy_with_both_roots(tmp_path)
         plane, port = await mesh.start(nursery)
         manager = IdentityManager()
         node = NodeInfo("reviews-1", namespace="tutorial", service_account="reviews")
-        await nursery.start(lambda task_status: run_client(
+        client = await nursery.start(lambda task_status: run_client(
             ("127.0.0.1", port), node, lambda resources, version: None,
             credentials=Credentials(mesh.roots, mesh.tutorial_token), identity=manager, task_status=task_status))
         first = await wait_for(lambda: manager.current, what="the first certificate")
@@ -259,4 +259,10 @@ async def test_root_rotation_reaches_a_connected_proxy_with_both_roots(tmp_path)
 
         await wait_for(from_new_root, timeout_s=6.0, what="a certificate signed by the new root")
         assert manager.failures == 0
+        # the control plane's own certificate now comes from the new root, which the proxy's configured
+        # root file does not hold: it reconnects trusting the bundle it received
+        state = plane.proxies["reviews-1"]
+        await state.stream.aclose()
+        await wait_for(lambda: client.connects >= 2 and client.connected,
+                       what="the proxy back on a stream verified by the new root")
         nursery.cancel_scope.cancel()
