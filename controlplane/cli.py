@@ -63,7 +63,9 @@ def _positive_float(text: str) -> float:
 
 def controlplane_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triomesh controlplane",
-                                description="serve Istio config to proxies over the triomesh control-plane protocol")
+                                description="serve Istio config to proxies over the triomesh control-plane protocol "
+                                            "(also: `triomesh controlplane token ...` makes bootstrap/admin tokens, "
+                                            "`triomesh controlplane ca show|rotate` inspects or rotates the CA)")
     p.add_argument("--config", type=Path, default=None, help="a directory of Istio YAML to watch (optional)")
     p.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_ADDRESS),
                    help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS}; port 0 picks one)")
@@ -416,7 +418,9 @@ def proxy_status_main(argv: Sequence[str]) -> int:
     if args.output == "json":
         sys.stdout.write(msgspec.json.encode(reply).decode() + "\n")
         return 0
-    rows = [("NAME", "NAMESPACE", "ADDRESS", "STATUS", "ACKED", "SENT", "LAST NACK")]
+    with_identity = any(s.identity for s in reply.proxies)  # a control plane that is a CA
+    rows = [("NAME", "NAMESPACE", "ADDRESS", "STATUS", "ACKED", "SENT", *(("IDENTITY", "CERT EXPIRES") if with_identity else ()),
+             "LAST NACK")]
     for s in reply.proxies:
         if not s.connected:
             status = "DISCONNECTED"
@@ -426,8 +430,9 @@ def proxy_status_main(argv: Sequence[str]) -> int:
             status = "NACKED"
         else:
             status = "STALE"
+        identity = (s.identity or "-", s.certificate_not_after or "-") if with_identity else ()
         rows.append((s.node_id, s.namespace, s.address, status, s.acked_version or "-", s.sent_version or "-",
-                     (s.last_nack[:80] if s.last_nack else "-")))
+                     *identity, (s.last_nack[:80] if s.last_nack else "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

@@ -100,6 +100,8 @@ def test_tls_control_plane_with_tokens_certificates_and_a_restart(tmp_path, proc
     assert renewed["failures"] == 0
     status = cp.cli("proxy-status", "-o", "json", *tls_args, "--token-file", str(admin))
     assert status.returncode == 0 and b"spiffe://cluster.local/ns/tutorial/sa/reviews" in status.stdout
+    table = cp.cli("proxy-status", *tls_args, "--token-file", str(admin))
+    assert b"IDENTITY" in table.stdout and b"tutorial-1" in table.stdout, table.stderr
 
     # a tutorial token does not make a finance proxy
     intruder = start_proxy(procs, tmp_path, cp, tutorial, "finance", wait_ready=False)
@@ -143,3 +145,19 @@ def test_plaintext_protocol_is_refused_off_loopback_without_the_explicit_flag(tm
                        env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, timeout=30)
     assert r.returncode == 2
     assert b"without --ca-dir the protocol is plaintext and unauthenticated" in r.stderr
+
+
+def test_ca_cli_shows_and_rotates_the_root(tmp_path):
+    ca_dir = tmp_path / "ca"
+    from controlplane.ca import CertificateAuthority
+
+    first = CertificateAuthority.load_or_create(ca_dir, "cluster.local")
+    shown = triomesh("controlplane", "ca", "show", "--ca-dir", str(ca_dir))
+    assert shown.returncode == 0 and shown.stdout.count(b"trusted root ") == 1
+    rotated = triomesh("controlplane", "ca", "rotate", "--ca-dir", str(ca_dir))
+    assert rotated.returncode == 0, rotated.stderr
+    assert rotated.stdout.count(b"trusted root ") == 2 and b"signs from now on" in rotated.stdout
+    after = CertificateAuthority.load(ca_dir, "cluster.local")
+    assert after.roots[0] == first.roots[0] and after.signing_certificate == after.roots[1]
+    missing = triomesh("controlplane", "ca", "show", "--ca-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and b"incomplete CA directory" in missing.stderr
