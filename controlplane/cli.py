@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_ADDRESS = "127.0.0.1:15010"  # istiod's plaintext xDS port
+DEFAULT_ADDRESS = "127.0.0.1:15010"  # istiod's xDS port (plaintext there; TLS here unless --insecure-plaintext)
 ADDRESS_ENV = "TRIOMESH_CONTROLPLANE"
 CONTROLPLANE_CA_ENV = "TRIOMESH_CONTROLPLANE_CA"  # the root that verifies a TLS control plane
 TOKEN_FILE_ENV = "TRIOMESH_TOKEN_FILE"  # the admin token for apply/delete/status
+CA_DIR_ENV = "TRIOMESH_CA_DIR"
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -86,9 +87,9 @@ def controlplane_parser() -> argparse.ArgumentParser:
                    help="write the bound port here once listening (useful with port 0)")
     ca = p.add_argument_group("certificate authority and TLS (docs/identity.md)")
     ca.add_argument("--ca-dir", type=Path, default=None,
-                    help="be the mesh's CA and serve TLS: Istio's plug-in CA files (ca-cert.pem, ca-key.pem, "
-                         "root-cert.pem, cert-chain.pem) from this directory, or a new self-signed root written "
-                         "there on first start. Without it the protocol is plaintext and unauthenticated (dev only)")
+                    help="the CA directory: Istio's plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem, "
+                         "cert-chain.pem), or a new self-signed root written there on first start "
+                         f"(default ${CA_DIR_ENV} or {default_ca_dir()})")
     ca.add_argument("--trust-domain", default=None, help="the SPIFFE trust domain (default cluster.local)")
     ca.add_argument("--workload-cert-ttl", type=_duration_s, default=None, metavar="DURATION",
                     help="lifetime of workload certificates (default 24h)")
@@ -98,19 +99,19 @@ def controlplane_parser() -> argparse.ArgumentParser:
     ca.add_argument("--tokens-file", type=Path, default=None,
                     help="bootstrap and admin tokens (default CA_DIR/tokens.json)")
     ca.add_argument("--insecure-plaintext", action="store_true",
-                    help="allow the plaintext, unauthenticated protocol (no --ca-dir) on a non-loopback address")
+                    help="no CA and no TLS: the plaintext, unauthenticated protocol, where anyone who can reach "
+                         "the port reads and changes the mesh's config (development and tests only)")
     return p
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
+def _ca_dir_default() -> Path:
+    return Path(os.environ[CA_DIR_ENV]) if os.environ.get(CA_DIR_ENV) else default_ca_dir()
 
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+
+def default_ca_dir() -> Path:
+    """Where the control plane keeps its CA unless told: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "triomesh" / "ca"
 
 
 def _security_options(args: argparse.Namespace):
@@ -130,15 +131,14 @@ def main(argv: Sequence[str]) -> int:
     if argv and argv[0] in CONTROLPLANE_SUBCOMMANDS:
         return CONTROLPLANE_SUBCOMMANDS[argv[0]](argv[1:])
     args = controlplane_parser().parse_args(argv)
-    if args.ca_dir is None and not args.insecure_plaintext and not _is_loopback(args.listen[0]):
-        controlplane_parser().error(f"without --ca-dir the protocol is plaintext and unauthenticated: anyone who can "
-                                    f"reach {args.listen[0]} could read and change the mesh's config; give --ca-dir "
-                                    "(TLS, docs/identity.md), listen on loopback, or pass --insecure-plaintext")
-    if args.ca_dir is None:
-        for flag, value in (("--trust-domain", args.trust_domain), ("--workload-cert-ttl", args.workload_cert_ttl),
-                            ("--tls-san", args.tls_sans), ("--tokens-file", args.tokens_file)):
+    if args.insecure_plaintext:
+        for flag, value in (("--ca-dir", args.ca_dir), ("--trust-domain", args.trust_domain),
+                            ("--workload-cert-ttl", args.workload_cert_ttl), ("--tls-san", args.tls_sans),
+                            ("--tokens-file", args.tokens_file)):
             if value:
-                controlplane_parser().error(f"{flag} needs --ca-dir (the control plane is a CA only with one)")
+                controlplane_parser().error(f"{flag} contradicts --insecure-plaintext (no CA, no TLS)")
+    elif args.ca_dir is None:
+        args.ca_dir = _ca_dir_default()
     import trio
 
     from controlplane.server import ControlPlane, ServerOptions
@@ -155,7 +155,10 @@ def main(argv: Sequence[str]) -> int:
         log.error("config_rejected", source="directory", error=str(e))
         return 1
     security = None
-    if args.ca_dir is not None:
+    if args.insecure_plaintext:
+        log.warning("plaintext_protocol", detail="--insecure-plaintext: no TLS and no authentication; anyone who "
+                                                 "can reach the port reads and changes the config")
+    else:
         from controlplane.ca import CaError
         from controlplane.security import Security
         from proxy.identity.spiffe import InvalidSpiffeId
@@ -167,7 +170,8 @@ def main(argv: Sequence[str]) -> int:
             return 1
         log.info("ca_loaded", ca_dir=str(args.ca_dir), created=security.ca.created,
                  trust_domain=security.trust_domain, roots=security.ca.root_fingerprints,
-                 signer=security.ca.signing_certificate.subject.rfc4514_string())
+                 signer=security.ca.signing_certificate.subject.rfc4514_string(),
+                 root_certificate=str(args.ca_dir / "root-cert.pem"))
     options = ServerOptions(
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=3 * args.heartbeat_interval,
@@ -213,8 +217,9 @@ def token_main(argv: Sequence[str]) -> int:
                                 description="make a bootstrap token (a proxy proves with it that it may take an "
                                             "identity in a namespace) or an admin token (apply, delete, status); "
                                             "prints the token once, the file keeps only its hash")
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--ca-dir", type=Path, help=f"the control plane's CA directory (tokens in {TOKENS_FILE})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ca-dir", type=Path, help=f"the control plane's CA directory (tokens in {TOKENS_FILE}; "
+                                                   f"default ${CA_DIR_ENV} or {default_ca_dir()})")
     where.add_argument("--tokens-file", type=Path)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--namespace", help="the namespace whose identities the token grants")
@@ -223,7 +228,7 @@ def token_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     if args.admin and args.service_account:
         p.error("--service-account goes with --namespace")
-    path = args.tokens_file or args.ca_dir / TOKENS_FILE
+    path = args.tokens_file or (args.ca_dir or _ca_dir_default()) / TOKENS_FILE
     try:
         token = create_token(path, namespace=args.namespace or "", service_account=args.service_account,
                              admin=args.admin)
@@ -243,9 +248,10 @@ def ca_main(argv: Sequence[str]) -> int:
     p.add_argument("action", choices=("show", "rotate"),
                    help="show: the signer and the trusted roots; rotate: make a new root, sign with it from now "
                         "on and trust both until the old one is removed from root-cert.pem")
-    p.add_argument("--ca-dir", type=Path, required=True)
+    p.add_argument("--ca-dir", type=Path, default=None, help=f"default ${CA_DIR_ENV} or {default_ca_dir()}")
     p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     args = p.parse_args(list(argv))
+    args.ca_dir = args.ca_dir or _ca_dir_default()
     try:
         if args.action == "rotate":
             new = rotate_root(args.ca_dir, args.trust_domain)

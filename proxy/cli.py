@@ -103,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
     cp.add_argument("--controlplane-ca", type=Path, default=None, metavar="FILE",
-                    help="the root certificate(s) of a control plane that serves TLS (its CA directory's "
-                         "root-cert.pem); without it the stream is plaintext")
+                    help="the root certificate(s) that verify the control plane's TLS certificate (its CA "
+                         "directory's root-cert.pem); required with --controlplane")
+    cp.add_argument("--controlplane-plaintext", action="store_true",
+                    help="talk to a control plane run with --insecure-plaintext (no TLS, no identity)")
     cp.add_argument("--controlplane-token-file", type=Path, default=None, metavar="FILE",
                     help="a bootstrap token (triomesh controlplane token --namespace NS) proving this proxy may "
                          "take its namespace/service account's identity; renewals use the certificate itself")
@@ -149,9 +151,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     if args.command == "proxy" and args.config is None and args.controlplane is None:
         parser.error("proxy: --config or --controlplane is required")
-    if args.command == "proxy" and args.controlplane_token_file is not None and args.controlplane_ca is None:
-        # a token sent in plaintext could be read on the way and used by anyone
-        parser.error("proxy: --controlplane-token-file needs --controlplane-ca (the token only travels over TLS)")
+    if args.command == "proxy" and args.controlplane is not None:
+        if args.controlplane_plaintext and (args.controlplane_ca or args.controlplane_token_file):
+            # a token sent in plaintext could be read on the way and used by anyone
+            parser.error("proxy: --controlplane-plaintext contradicts --controlplane-ca and --controlplane-token-file")
+        if not args.controlplane_plaintext and args.controlplane_ca is None:
+            parser.error("proxy: --controlplane needs --controlplane-ca FILE (the control plane's root-cert.pem; "
+                         "the protocol is TLS) or, for a control plane run with --insecure-plaintext, "
+                         "--controlplane-plaintext")
     return args
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import os
 import sys
+import time
 
 from tests.runner.harness import REPO_ROOT, ControlPlane, Proxy, triomesh
 
@@ -140,11 +141,29 @@ def test_bad_ca_directory_stops_the_control_plane_with_the_reason(tmp_path):
 
 
 
-def test_plaintext_protocol_is_refused_off_loopback_without_the_explicit_flag(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "proxy.cli", "controlplane", "--listen", "0.0.0.0:0"], cwd=REPO_ROOT,
-                       env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, timeout=30)
-    assert r.returncode == 2
-    assert b"without --ca-dir the protocol is plaintext and unauthenticated" in r.stderr
+def test_tls_is_the_default_and_plaintext_needs_the_explicit_flag(tmp_path):
+    """Without --ca-dir the control plane makes its CA in the default directory and serves TLS."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRIOMESH_CA_DIR="", XDG_STATE_HOME=str(tmp_path / "state"))
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "controlplane", "--listen", "127.0.0.1:0",
+                             "--port-file", str(port_file)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        root = tmp_path / "state" / "triomesh" / "ca" / "root-cert.pem"
+        status = triomesh("proxy-status", "--controlplane", f"127.0.0.1:{port_file.read_text().strip()}",
+                          "--controlplane-ca", str(root))
+        assert status.returncode == 1 and b"UNAUTHENTICATED" in status.stderr  # TLS verified; no admin token
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    contradiction = triomesh("controlplane", "--insecure-plaintext", "--ca-dir", str(tmp_path / "ca"))
+    assert contradiction.returncode == 2 and b"--ca-dir contradicts --insecure-plaintext" in contradiction.stderr
+    proxy = triomesh("proxy", "--controlplane", "127.0.0.1:15010")
+    assert proxy.returncode == 2 and b"--controlplane needs --controlplane-ca FILE" in proxy.stderr
 
 
 def test_ca_cli_shows_and_rotates_the_root(tmp_path):
