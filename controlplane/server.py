@@ -48,8 +48,8 @@ from controlplane.wire import (
     PROTOCOL_VERSION,
     Ack,
     ApplyRequest,
-    CertificateRequest,
     ApplyResult,
+    CertificateRequest,
     DeleteRequest,
     Heartbeat,
     Hello,
@@ -327,6 +327,14 @@ class ControlPlane:
                                  error=admitted.message)
                 raise ProtocolError(admitted.code, admitted.message)
             identity = admitted.identity
+            holder = self.proxies.get(hello.node_id)
+            if holder is not None and holder.identity is not None and holder.identity != identity:
+                # a node id is not a credential: another identity must not replace that proxy's stream
+                # or take over its registration
+                self.log.warning("proxy_refused", node_id=hello.node_id, identity=identity.uri, peer=peer,
+                                 code="PERMISSION_DENIED", error="node id held by another identity")
+                raise ProtocolError("PERMISSION_DENIED", f"node id {hello.node_id!r} belongs to {holder.identity.uri}, "
+                                                         f"not {identity.uri}")
             self.log.info("proxy_authenticated", node_id=hello.node_id, identity=identity.uri, method=admitted.method)
         now = trio.current_time()
         proxy = self.proxies.get(hello.node_id)

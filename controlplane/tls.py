@@ -98,8 +98,13 @@ async def accept(sock: socket.socket, context: ssl.SSLContext) -> ssl.SSLSocket 
     if first != TLS_HANDSHAKE_RECORD:
         await _refuse_plaintext(sock)
         return None
+    # the TLS socket takes the file descriptor over: from here on it is the one to close
     tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-    await _drive_handshake(tls)
+    try:
+        await _drive_handshake(tls)
+    except BaseException:  # a failed handshake, or the caller's timeout
+        tls.close()
+        raise
     return tls
 
 

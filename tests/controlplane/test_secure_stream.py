@@ -266,3 +266,24 @@ async def test_root_rotation_reaches_a_connected_proxy_with_both_roots(tmp_path)
         await wait_for(lambda: client.connects >= 2 and client.connected,
                        what="the proxy back on a stream verified by the new root")
         nursery.cancel_scope.cancel()
+
+
+async def test_another_identity_cannot_take_over_a_node_id(tmp_path):
+    """Admitted for tutorial/ratings, a proxy cannot replace the stream (and registration) of the proxy
+    that holds node id reviews-1 as tutorial/reviews."""
+    mesh = Mesh(tmp_path)
+    async with trio.open_nursery() as nursery:
+        plane, port = await mesh.start(nursery)
+        owner = await connect("127.0.0.1", port, tls=mesh.context())
+        welcome = await first_reply(owner, Hello(node_id="reviews-1", namespace="tutorial", service_account="reviews",
+                                                 token=mesh.tutorial_token))
+        assert isinstance(welcome, Welcome)
+        intruder = await connect("127.0.0.1", port, tls=mesh.context())
+        refused = await first_reply(intruder, Hello(node_id="reviews-1", namespace="tutorial",
+                                                    service_account="ratings", token=mesh.tutorial_token))
+        assert isinstance(refused, Error) and refused.code == "PERMISSION_DENIED"
+        assert "belongs to spiffe://cluster.local/ns/tutorial/sa/reviews" in refused.message
+        assert plane.proxies["reviews-1"].stream is not None and plane.proxies["reviews-1"].session == 1
+        await intruder.aclose()
+        await owner.aclose()
+        nursery.cancel_scope.cancel()
