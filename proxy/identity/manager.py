@@ -73,7 +73,14 @@ class IdentityManager:
         identity = self.current
         if identity is None or identity.trust_bundle_pem == trust_bundle_pem:
             return
-        await self._swap(identity.with_trust_bundle(trust_bundle_pem), "trust_bundle_changed")
+        try:
+            updated = identity.with_trust_bundle(trust_bundle_pem)
+        except IdentityError as e:  # keep the bundle that works; the next renewal brings a consistent pair
+            self.last_error = f"trust bundle from the control plane refused: {e}"
+            if self.log is not None:
+                self.log.warning("trust_bundle_refused", error=str(e), serving_serial=identity.serial)
+            return
+        await self._swap(updated, "trust_bundle_changed")
 
     # ---- renewal
 

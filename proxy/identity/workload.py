@@ -35,6 +35,17 @@ def load_certificate_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: b
         os.close(fd)
 
 
+def trust_bundle_roots(trust_bundle_pem: bytes) -> list["x509.Certificate"]:
+    """The roots of a PEM trust bundle; IdentityError when there are none or it does not parse."""
+    from cryptography import x509
+
+    try:
+        roots = x509.load_pem_x509_certificates(trust_bundle_pem)
+    except ValueError as e:
+        raise IdentityError(f"trust bundle is not PEM certificates: {e}") from e
+    return roots
+
+
 def leaf_spiffe_id(certificate: "x509.Certificate") -> SpiffeId:
     from cryptography import x509
 
@@ -74,12 +85,18 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
         except ValueError as e:
             raise IdentityError(f"certificate chain is not PEM: {e}") from e
         leaf = chain[0]
+        verify_chain(chain, trust_bundle_roots(trust_bundle_pem))
         return cls(spiffe_id=leaf_spiffe_id(leaf).uri, certificate_chain_pem=chain_pem, private_key_pem=key_pem,
                    trust_bundle_pem=trust_bundle_pem, serial=format(leaf.serial_number, "x"),
                    not_before=leaf.not_valid_before_utc.timestamp(), not_after=leaf.not_valid_after_utc.timestamp(),
                    received_at=received_at)
 
     def with_trust_bundle(self, trust_bundle_pem: bytes) -> "WorkloadIdentity":
+        """The same certificate under a new bundle (root rotation); IdentityError if the bundle does
+        not parse or no longer trusts this certificate."""
+        from cryptography import x509
+
+        verify_chain(x509.load_pem_x509_certificates(self.certificate_chain_pem), trust_bundle_roots(trust_bundle_pem))
         return msgspec.structs.replace(self, trust_bundle_pem=trust_bundle_pem)
 
     def load_into(self, context: ssl.SSLContext) -> None:
@@ -105,6 +122,18 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
                               "sha256": r.fingerprint(hashes.SHA256()).hex()}
                              for r in roots],
         }
+
+
+def verify_chain(chain: list["x509.Certificate"], roots: list["x509.Certificate"]) -> None:
+    """The leaf verifies through the chain to one of the roots, for mutual TLS: IdentityError if not."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    if not roots:
+        raise IdentityError("the trust bundle holds no certificate")
+    try:
+        PolicyBuilder().store(Store(roots)).build_client_verifier().verify(chain[0], chain[1:])
+    except VerificationError as e:
+        raise IdentityError(f"the certificate does not verify against the trust bundle: {e}") from e
 
 
 def _utc(t: float) -> str:

@@ -75,3 +75,27 @@ async def test_a_refused_or_malformed_reply_is_retried_and_the_old_certificate_k
         nursery.cancel_scope.cancel()
     assert sent == [1, 2, 3] and manager.failures == 2 and manager.issued == 1
     assert manager.current.spiffe_id == reviews.uri and manager.last_error == ""
+
+
+async def test_a_trust_bundle_that_would_not_trust_the_certificate_is_refused(tmp_path):
+    from controlplane.ca import rotate_root
+    from proxy.identity.csr import new_key_and_request
+    from proxy.identity.workload import IdentityError, WorkloadIdentity
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    reviews = SpiffeId.of("cluster.local", "tutorial", "reviews")
+    keys = new_key_and_request(reviews)
+    issued = ca.issue(keys.csr_pem, reviews, 3600)
+    identity = WorkloadIdentity.from_pem(issued.chain_pem, keys.private_key_pem, ca.trust_bundle_pem)
+    stranger = CertificateAuthority.load_or_create(tmp_path / "other", "cluster.local")
+    with pytest.raises(IdentityError, match="does not verify against the trust bundle"):
+        WorkloadIdentity.from_pem(issued.chain_pem, keys.private_key_pem, stranger.trust_bundle_pem)
+    manager = IdentityManager()
+    manager.current = identity
+    for bad in (b"garbage", stranger.trust_bundle_pem):
+        await manager.update_trust_bundle(bad)
+        assert manager.current is identity and "trust bundle from the control plane refused" in manager.last_error
+    rotate_root(tmp_path / "ca", "cluster.local")
+    both = CertificateAuthority.load(tmp_path / "ca", "cluster.local").trust_bundle_pem
+    await manager.update_trust_bundle(both)
+    assert manager.current.trust_bundle_pem == both and manager.current.serial == identity.serial
