@@ -22,7 +22,7 @@ Theory of operation.
   with UNAUTHENTICATED or PERMISSION_DENIED and the reason, then the stream closes. An admitted
   proxy's Welcome names its SPIFFE ID, and it may send CertificateRequests on the stream; they are
   signed for that identity only. A change of the CA directory (root rotation) is loaded whole or not
-  at all, and proxies holding a certificate are sent the new TrustBundle.
+  at all, and every proxy admitted with an identity is sent the new TrustBundle.
 - A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
   back within the grace period keeps its registration.
@@ -224,7 +224,9 @@ class ControlPlane:
         assert self.security is not None
         frame = encode_frame(TrustBundle(trust_bundle=self.security.ca.trust_bundle_pem))
         for proxy in list(self.proxies.values()):
-            if proxy.stream is not None and proxy.certificate_serial:
+            # every proxy admitted over TLS speaks this protocol revision, also one whose certificate
+            # came from before a restart of this control plane
+            if proxy.stream is not None and proxy.identity is not None:
                 with trio.move_on_after(self.options.push_timeout_s):
                     try:
                         await proxy.stream.send_frame(frame)

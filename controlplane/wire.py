@@ -118,7 +118,7 @@ class CertificateReply(_Msg, tag="certificate_reply"):
 
 
 class TrustBundle(_Msg, tag="trust_bundle"):
-    """Control plane -> a proxy that holds a certificate: the trusted roots changed (rotation)."""
+    """Control plane -> every proxy admitted with an identity: the trusted roots changed (rotation)."""
 
     trust_bundle: bytes
 

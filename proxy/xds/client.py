@@ -279,11 +279,13 @@ async def _receive_loop(framed: FramedStream, on_resources: OnResources, state: 
             message = await framed.receive()
         if isinstance(message, Heartbeat):
             continue
-        if isinstance(message, CertificateReply) and identity is not None:
-            identity.deliver(message.request_id, message)
+        if isinstance(message, CertificateReply):
+            if identity is not None:
+                identity.deliver(message.request_id, message)
             continue
-        if isinstance(message, TrustBundle) and identity is not None:
-            await identity.update_trust_bundle(message.trust_bundle)
+        if isinstance(message, TrustBundle):  # a client without an identity has no bundle to update
+            if identity is not None:
+                await identity.update_trust_bundle(message.trust_bundle)
             continue
         if isinstance(message, Error):
             raise ProtocolError(message.code, f"control plane closed the stream: {message.message}")
