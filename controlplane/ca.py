@@ -28,7 +28,6 @@ Sync and pure apart from reading and writing the directory's files; the server c
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -312,8 +311,10 @@ class CertificateAuthority:
         signing = self.signing_certificate
         not_before = max(now - datetime.timedelta(seconds=BACKDATE_S), signing.not_valid_before_utc)
         not_after = min(now + datetime.timedelta(seconds=ttl_s), signing.not_valid_after_utc)
-        ski = signing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value if any(
-            isinstance(e.value, x509.SubjectKeyIdentifier) for e in signing.extensions) else None
+        try:
+            ski = signing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:  # an operator's CA certificate without one: no AKI then
+            ski = None
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))  # the identity is the SAN alone, as Istio's workload certificates
@@ -364,6 +365,3 @@ def rotate_root(directory: Path, trust_domain: str, *, now: datetime.datetime | 
     write_atomic(directory / CA_CERT, _pem([certificate]))
     return certificate
 
-
-def bundle_digest(roots: Iterable[x509.Certificate]) -> str:
-    return hashlib.sha256(b"".join(sorted(r.fingerprint(hashes.SHA256()) for r in roots))).hexdigest()[:16]
