@@ -287,3 +287,34 @@ async def test_another_identity_cannot_take_over_a_node_id(tmp_path):
         await intruder.aclose()
         await owner.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_plugin_ca_serves_its_intermediate_and_is_verified_by_the_operator_root(tmp_path):
+    import trustme
+
+    root = trustme.CA(organization_name="operator root")
+    intermediate = root.create_child_ca()
+    ca_dir = tmp_path / "ca"
+    ca_dir.mkdir()
+    (ca_dir / "ca-cert.pem").write_bytes(intermediate.cert_pem.bytes())
+    (ca_dir / "ca-key.pem").write_bytes(intermediate.private_key_pem.bytes())
+    (ca_dir / "ca-key.pem").chmod(0o600)
+    (ca_dir / "root-cert.pem").write_bytes(root.cert_pem.bytes())
+    (ca_dir / "cert-chain.pem").write_bytes(intermediate.cert_pem.bytes() + root.cert_pem.bytes())
+    security = Security.open(SecurityOptions(ca_dir, server_hosts=("127.0.0.1",)))
+    assert not security.ca.created
+    token = create_token(ca_dir / "tokens.json", namespace="tutorial")
+    store = ConfigStore(None)
+    store.load_directory()
+    async with trio.open_nursery() as nursery:
+        plane = ControlPlane(store, ServerOptions(**FAST), structlog.get_logger("test.controlplane"), security)
+        port = await nursery.start(plane.serve, "127.0.0.1", 0)
+        manager = IdentityManager()
+        await nursery.start(lambda task_status: run_client(
+            ("127.0.0.1", port), NodeInfo("p", namespace="tutorial"), lambda resources, version: None,
+            credentials=Credentials(root.cert_pem.bytes(), token), identity=manager, task_status=task_status))
+        identity = await wait_for(lambda: manager.current, what="a certificate from the plug-in CA")
+        chain = x509.load_pem_x509_certificates(identity.certificate_chain_pem)
+        assert [c.subject for c in chain[1:]] == [x509.load_pem_x509_certificate(intermediate.cert_pem.bytes()).subject]
+        assert identity.trust_bundle_pem == root.cert_pem.bytes()
+        nursery.cancel_scope.cancel()
