@@ -95,7 +95,7 @@ def controlplane_parser() -> argparse.ArgumentParser:
                     help="lifetime of workload certificates (default 24h)")
     ca.add_argument("--tls-san", dest="tls_sans", action="append", default=[], metavar="NAME",
                     help="a DNS name or IP address for the control plane's own certificate (repeatable; "
-                         "default: the listen address, localhost and 127.0.0.1)")
+                         "default: the listen address (the host name for 0.0.0.0 or ::), localhost and 127.0.0.1)")
     ca.add_argument("--tokens-file", type=Path, default=None,
                     help="bootstrap and admin tokens (default CA_DIR/tokens.json)")
     ca.add_argument("--insecure-plaintext", action="store_true",
@@ -119,8 +119,12 @@ def _security_options(args: argparse.Namespace):
     from controlplane.ca import DEFAULT_WORKLOAD_CERT_TTL_S
     from proxy.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
+    import socket
+
     host = args.listen[0]
-    sans = tuple(args.tls_sans) or tuple(h for h in (host, "localhost", "127.0.0.1") if h not in ("0.0.0.0", "::", ""))
+    # a wildcard address is no name a peer dials: the host's name stands for it
+    dialled = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    sans = tuple(args.tls_sans) or (dialled, "localhost", "127.0.0.1")
     return SecurityOptions(ca_dir=args.ca_dir, trust_domain=args.trust_domain or DEFAULT_TRUST_DOMAIN,
                            workload_cert_ttl_s=args.workload_cert_ttl or DEFAULT_WORKLOAD_CERT_TTL_S,
                            server_hosts=sans, tokens_file=args.tokens_file)
