@@ -254,7 +254,9 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
     profile = ["-m", "cProfile", "-o", str(args.profile), "-m"] if args.profile else ["-m"]
     cp_cmd = [sys.executable, *profile, "controlplane.cli", "controlplane", "--config", str(config),
               "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "info",
-              "--heartbeat-interval", "5", "--grace-period", "30"]
+              "--heartbeat-interval", "5", "--grace-period", "30",
+              # the simulated proxies speak the plain protocol (no tokens): this measures pushes, not TLS
+              "--insecure-plaintext"]
     if args.no_delta:
         cp_cmd.append("--no-delta")
     cp = subprocess.Popen(cp_cmd, cwd=REPO, stdout=cp_log, stderr=subprocess.STDOUT,

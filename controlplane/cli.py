@@ -1,5 +1,6 @@
-"""Command-line entry points of the control plane: `triomesh controlplane`, `apply`, `delete`,
-`proxy-status`, `proxy-config`. Each takes argv (without the subcommand) and returns an exit code.
+"""Command-line entry points of the control plane: `triomesh controlplane` (and its `token` and `ca`
+subcommands), `apply`, `delete`, `proxy-status`, `proxy-config`. Each takes argv (without the
+subcommand) and returns an exit code.
 
 Also runnable as `python -m controlplane.cli SUBCOMMAND ARGS...`.
 """
@@ -13,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-DEFAULT_ADDRESS = "127.0.0.1:15010"  # istiod's plaintext xDS port
+DEFAULT_ADDRESS = "127.0.0.1:15010"  # istiod's xDS port (plaintext there; TLS here unless --insecure-plaintext)
 ADDRESS_ENV = "TRIOMESH_CONTROLPLANE"
+CONTROLPLANE_CA_ENV = "TRIOMESH_CONTROLPLANE_CA"  # the root that verifies a TLS control plane
+TOKEN_FILE_ENV = "TRIOMESH_TOKEN_FILE"  # the admin token for apply/delete/status
+CA_DIR_ENV = "TRIOMESH_CA_DIR"
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -24,6 +28,24 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def _duration_s(text: str) -> float:
+    """Seconds, written as Istio durations: 24h, 90m, 10s, 500ms, or a plain number of seconds."""
+    units = (("ms", 0.001), ("h", 3600.0), ("m", 60.0), ("s", 1.0))
+    scale = 1.0
+    number = text
+    for suffix, factor in units:
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], factor
+            break
+    try:
+        value = float(number) * scale
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a duration such as 24h, 10s or 500ms, got {text!r}")
+    return value
 
 
 def _positive_float(text: str) -> float:
@@ -42,7 +64,9 @@ def _positive_float(text: str) -> float:
 
 def controlplane_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triomesh controlplane",
-                                description="serve Istio config to proxies over the triomesh control-plane protocol")
+                                description="serve Istio config to proxies over the triomesh control-plane protocol "
+                                            "(also: `triomesh controlplane token ...` makes bootstrap/admin tokens, "
+                                            "`triomesh controlplane ca show|rotate` inspects or rotates the CA)")
     p.add_argument("--config", type=Path, default=None, help="a directory of Istio YAML to watch (optional)")
     p.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_ADDRESS),
                    help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS}; port 0 picks one)")
@@ -61,11 +85,64 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console"), default="json")
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port here once listening (useful with port 0)")
+    ca = p.add_argument_group("certificate authority and TLS (docs/identity.md)")
+    ca.add_argument("--ca-dir", type=Path, default=None,
+                    help="the CA directory: Istio's plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem, "
+                         "cert-chain.pem), or a new self-signed root written there on first start "
+                         f"(default ${CA_DIR_ENV} or {default_ca_dir()})")
+    ca.add_argument("--trust-domain", default=None, help="the SPIFFE trust domain (default cluster.local)")
+    ca.add_argument("--workload-cert-ttl", type=_duration_s, default=None, metavar="DURATION",
+                    help="lifetime of workload certificates (default 24h)")
+    ca.add_argument("--tls-san", dest="tls_sans", action="append", default=[], metavar="NAME",
+                    help="a DNS name or IP address for the control plane's own certificate (repeatable; "
+                         "default: the listen address (the host name for 0.0.0.0 or ::), localhost and 127.0.0.1)")
+    ca.add_argument("--tokens-file", type=Path, default=None,
+                    help="bootstrap and admin tokens (default CA_DIR/tokens.json)")
+    ca.add_argument("--insecure-plaintext", action="store_true",
+                    help="no CA and no TLS: the plaintext, unauthenticated protocol, where anyone who can reach "
+                         "the port reads and changes the mesh's config (development and tests only)")
     return p
 
 
+def _ca_dir_default() -> Path:
+    return Path(os.environ[CA_DIR_ENV]) if os.environ.get(CA_DIR_ENV) else default_ca_dir()
+
+
+def default_ca_dir() -> Path:
+    """Where the control plane keeps its CA unless told: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "triomesh" / "ca"
+
+
+def _security_options(args: argparse.Namespace):
+    from controlplane.security import SecurityOptions
+    from controlplane.ca import DEFAULT_WORKLOAD_CERT_TTL_S
+    from proxy.identity.spiffe import DEFAULT_TRUST_DOMAIN
+
+    import socket
+
+    host = args.listen[0]
+    # a wildcard address is no name a peer dials: the host's name stands for it
+    dialled = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    sans = tuple(args.tls_sans) or (dialled, "localhost", "127.0.0.1")
+    return SecurityOptions(ca_dir=args.ca_dir, trust_domain=args.trust_domain or DEFAULT_TRUST_DOMAIN,
+                           workload_cert_ttl_s=args.workload_cert_ttl or DEFAULT_WORKLOAD_CERT_TTL_S,
+                           server_hosts=sans, tokens_file=args.tokens_file)
+
+
 def main(argv: Sequence[str]) -> int:
-    args = controlplane_parser().parse_args(list(argv))
+    argv = list(argv)
+    if argv and argv[0] in CONTROLPLANE_SUBCOMMANDS:
+        return CONTROLPLANE_SUBCOMMANDS[argv[0]](argv[1:])
+    args = controlplane_parser().parse_args(argv)
+    if args.insecure_plaintext:
+        for flag, value in (("--ca-dir", args.ca_dir), ("--trust-domain", args.trust_domain),
+                            ("--workload-cert-ttl", args.workload_cert_ttl), ("--tls-san", args.tls_sans),
+                            ("--tokens-file", args.tokens_file)):
+            if value:
+                controlplane_parser().error(f"{flag} contradicts --insecure-plaintext (no CA, no TLS)")
+    elif args.ca_dir is None:
+        args.ca_dir = _ca_dir_default()
     import trio
 
     from controlplane.server import ControlPlane, ServerOptions
@@ -81,6 +158,24 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as e:
         log.error("config_rejected", source="directory", error=str(e))
         return 1
+    security = None
+    if args.insecure_plaintext:
+        log.warning("plaintext_protocol", detail="--insecure-plaintext: no TLS and no authentication; anyone who "
+                                                 "can reach the port reads and changes the config")
+    else:
+        from controlplane.ca import CaError
+        from controlplane.security import Security
+        from proxy.identity.spiffe import InvalidSpiffeId
+
+        try:
+            security = Security.open(_security_options(args))
+        except (CaError, InvalidSpiffeId, OSError) as e:
+            log.error("ca_rejected", ca_dir=str(args.ca_dir), error=str(e))
+            return 1
+        log.info("ca_loaded", ca_dir=str(args.ca_dir), created=security.ca.created,
+                 trust_domain=security.trust_domain, roots=security.ca.root_fingerprints,
+                 signer=security.ca.signing_certificate.subject.rfc4514_string(),
+                 root_certificate=str(args.ca_dir / "root-cert.pem"))
     options = ServerOptions(
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=3 * args.heartbeat_interval,
@@ -91,7 +186,7 @@ def main(argv: Sequence[str]) -> int:
         push_concurrency=max(1, args.push_concurrency),
         delta=not args.no_delta,
     )
-    plane = ControlPlane(store, options, log)
+    plane = ControlPlane(store, options, log, security)
 
     async def run() -> int:
         async with trio.open_nursery() as nursery:
@@ -115,12 +210,82 @@ def main(argv: Sequence[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# triomesh controlplane token / ca
+
+
+def token_main(argv: Sequence[str]) -> int:
+    from controlplane.tokens import TOKENS_FILE, TokenError, create_token
+    from proxy.identity.spiffe import InvalidSpiffeId
+
+    p = argparse.ArgumentParser(prog="triomesh controlplane token",
+                                description="make a bootstrap token (a proxy proves with it that it may take an "
+                                            "identity in a namespace) or an admin token (apply, delete, status); "
+                                            "prints the token once, the file keeps only its hash")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--ca-dir", type=Path, help=f"the control plane's CA directory (tokens in {TOKENS_FILE}; "
+                                                   f"default ${CA_DIR_ENV} or {default_ca_dir()})")
+    where.add_argument("--tokens-file", type=Path)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--namespace", help="the namespace whose identities the token grants")
+    what.add_argument("--admin", action="store_true", help="an admin token for apply, delete and status")
+    p.add_argument("--service-account", default="", help="only this service account of the namespace")
+    args = p.parse_args(list(argv))
+    if args.admin and args.service_account:
+        p.error("--service-account goes with --namespace")
+    path = args.tokens_file or (args.ca_dir or _ca_dir_default()) / TOKENS_FILE
+    try:
+        token = create_token(path, namespace=args.namespace or "", service_account=args.service_account,
+                             admin=args.admin)
+    except (TokenError, InvalidSpiffeId, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(token)
+    return 0
+
+
+def ca_main(argv: Sequence[str]) -> int:
+    from controlplane.ca import CaError, CertificateAuthority, certificate_fingerprint, rotate_root
+    from proxy.identity.spiffe import DEFAULT_TRUST_DOMAIN
+
+    p = argparse.ArgumentParser(prog="triomesh controlplane ca",
+                                description="inspect the CA directory, or rotate its self-signed root")
+    p.add_argument("action", choices=("show", "rotate"),
+                   help="show: the signer and the trusted roots; rotate: make a new root, sign with it from now "
+                        "on and trust both until the old one is removed from root-cert.pem")
+    p.add_argument("--ca-dir", type=Path, default=None, help=f"default ${CA_DIR_ENV} or {default_ca_dir()}")
+    p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
+    args = p.parse_args(list(argv))
+    args.ca_dir = args.ca_dir or _ca_dir_default()
+    try:
+        if args.action == "rotate":
+            new = rotate_root(args.ca_dir, args.trust_domain)
+            print(f"new root {certificate_fingerprint(new)} signs from now on; a running control plane picks it up")
+        ca = CertificateAuthority.load(args.ca_dir, args.trust_domain)
+    except (CaError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"signer {ca.signing_certificate.subject.rfc4514_string()} "
+          f"(until {ca.signing_certificate.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    for root in ca.roots:
+        print(f"trusted root {certificate_fingerprint(root)} {root.subject.rfc4514_string()}")
+    return 0
+
+
+CONTROLPLANE_SUBCOMMANDS = {"token": token_main, "ca": ca_main}
+
+
+# --------------------------------------------------------------------------------------------------
 # CLI requests: apply, delete, proxy-status
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--controlplane", type=_host_port, default=None,
                    help=f"HOST:PORT of the control plane (default ${ADDRESS_ENV} or {DEFAULT_ADDRESS})")
+    p.add_argument("--controlplane-ca", type=Path, default=None, metavar="FILE",
+                   help=f"the root certificate(s) of a control plane that serves TLS (default ${CONTROLPLANE_CA_ENV}; "
+                        "without it: plaintext)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="FILE",
+                   help=f"a file holding an admin token (default ${TOKEN_FILE_ENV})")
 
 
 def _address(args: argparse.Namespace) -> tuple[str, int]:
@@ -129,15 +294,43 @@ def _address(args: argparse.Namespace) -> tuple[str, int]:
     return _host_port(os.environ.get(ADDRESS_ENV, DEFAULT_ADDRESS))
 
 
-def request(address: tuple[str, int], message, *, timeout_s: float = REQUEST_TIMEOUT_S):
+class ClientCredentials:
+    """What a CLI shows a control plane: the roots that verify its TLS certificate, and a token."""
+
+    def __init__(self, roots_pem: bytes | None = None, token: str = "") -> None:
+        self.roots_pem = roots_pem
+        self.token = token
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ClientCredentials":
+        """Raises OSError naming the file that cannot be read."""
+        ca_path = args.controlplane_ca or (Path(os.environ[CONTROLPLANE_CA_ENV]) if os.environ.get(CONTROLPLANE_CA_ENV) else None)
+        token_path = args.token_file or (Path(os.environ[TOKEN_FILE_ENV]) if os.environ.get(TOKEN_FILE_ENV) else None)
+        return cls(ca_path.read_bytes() if ca_path is not None else None,
+                   token_path.read_text().strip() if token_path is not None else "")
+
+
+def request(address: tuple[str, int], message, *, timeout_s: float = REQUEST_TIMEOUT_S,
+            credentials: ClientCredentials | None = None):
     """Send one request message on a new stream and return the reply (a blocking helper for CLIs)."""
     import trio
 
     from controlplane.framed import connect
 
+    import msgspec
+
+    credentials = credentials or ClientCredentials()
+    if credentials.token and credentials.roots_pem is not None:  # a token never travels in plaintext
+        message = msgspec.structs.replace(message, token=credentials.token)
+
     async def run():
+        context = None
+        if credentials.roots_pem is not None:
+            from controlplane.tls import client_context
+
+            context = client_context(credentials.roots_pem)
         with trio.fail_after(timeout_s):
-            framed = await connect(*address)
+            framed = await connect(*address, tls=context)
             try:
                 await framed.send(message)
                 return await framed.receive()
@@ -175,12 +368,13 @@ def _change_main(argv: Sequence[str], op: str) -> int:
     address = _address(args)
     try:
         sources = _read_sources(args.files)
+        credentials = ClientCredentials.from_args(args)
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     message = ApplyRequest(sources=sources) if op == "apply" else DeleteRequest(sources=sources)
     try:
-        reply = request(address, message)
+        reply = request(address, message, credentials=credentials)
     except (OSError, StreamClosed, ProtocolError, Exception) as e:  # noqa: BLE001 - report and fail
         print(f"error: control plane at {address[0]}:{address[1]}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -212,7 +406,7 @@ def delete_main(argv: Sequence[str]) -> int:
 def proxy_status_main(argv: Sequence[str]) -> int:
     import msgspec
 
-    from controlplane.wire import StatusReply, StatusRequest
+    from controlplane.wire import Error, StatusReply, StatusRequest
 
     p = argparse.ArgumentParser(prog="triomesh proxy-status",
                                 description="every proxy the control plane knows, with the config version it has ACKed")
@@ -221,9 +415,12 @@ def proxy_status_main(argv: Sequence[str]) -> int:
     args = p.parse_args(list(argv))
     address = _address(args)
     try:
-        reply = request(address, StatusRequest())
+        reply = request(address, StatusRequest(), credentials=ClientCredentials.from_args(args))
     except Exception as e:  # noqa: BLE001
         print(f"error: control plane at {address[0]}:{address[1]}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    if isinstance(reply, Error):
+        print(f"error: {reply.code}: {reply.message}", file=sys.stderr)
         return 1
     if not isinstance(reply, StatusReply):
         print(f"error: unexpected reply {type(reply).__name__}", file=sys.stderr)
@@ -231,7 +428,9 @@ def proxy_status_main(argv: Sequence[str]) -> int:
     if args.output == "json":
         sys.stdout.write(msgspec.json.encode(reply).decode() + "\n")
         return 0
-    rows = [("NAME", "NAMESPACE", "ADDRESS", "STATUS", "ACKED", "SENT", "LAST NACK")]
+    with_identity = any(s.identity for s in reply.proxies)  # a control plane that is a CA
+    rows = [("NAME", "NAMESPACE", "ADDRESS", "STATUS", "ACKED", "SENT", *(("IDENTITY", "CERT EXPIRES") if with_identity else ()),
+             "LAST NACK")]
     for s in reply.proxies:
         if not s.connected:
             status = "DISCONNECTED"
@@ -241,8 +440,9 @@ def proxy_status_main(argv: Sequence[str]) -> int:
             status = "NACKED"
         else:
             status = "STALE"
+        identity = (s.identity or "-", s.certificate_not_after or "-") if with_identity else ()
         rows.append((s.node_id, s.namespace, s.address, status, s.acked_version or "-", s.sent_version or "-",
-                     (s.last_nack[:80] if s.last_nack else "-")))
+                     *identity, (s.last_nack[:80] if s.last_nack else "-")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
@@ -256,13 +456,15 @@ def _admin_address(target: str, args: argparse.Namespace) -> tuple[str, int] | s
         return _host_port(target)
     except argparse.ArgumentTypeError:
         pass
-    from controlplane.wire import StatusReply, StatusRequest
+    from controlplane.wire import Error, StatusReply, StatusRequest
 
     address = _address(args)
     try:
-        reply = request(address, StatusRequest())
+        reply = request(address, StatusRequest(), credentials=ClientCredentials.from_args(args))
     except Exception as e:  # noqa: BLE001
         return f"control plane at {address[0]}:{address[1]}: {type(e).__name__}: {e}"
+    if isinstance(reply, Error):
+        return f"{reply.code}: {reply.message}"
     if not isinstance(reply, StatusReply):
         return f"unexpected reply {type(reply).__name__}"
     for p in reply.proxies:

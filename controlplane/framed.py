@@ -7,11 +7,18 @@ syscall first: a frame that fits in the socket buffer is sent without a schedule
 partial send or EAGAIN parks the task in `wait_writable` (holding the send lock, so frames never
 interleave). Receiving likewise tries `recv` first and waits for readability only on EAGAIN. Callers
 that loop over many streams without waiting checkpoint themselves now and then.
+
+Over TLS (controlplane/tls.py) the socket is a non-blocking `ssl.SSLSocket`: its WantWrite/WantRead
+errors are this driver's EAGAIN. OpenSSL writes a send whole or asks for the same bytes again, which
+is what the retry loop does. The rare write that wants a read first (or a read that wants a write)
+cannot wait on the socket, which the receiving (sending) task may be waiting on already; it sleeps
+a moment and tries again.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
@@ -21,13 +28,15 @@ from controlplane.wire import MAX_FRAME_BYTES, Error, FrameDecoder, Message, Pro
 RECEIVE_BYTES = 65536
 ERROR_SEND_TIMEOUT_S = 1.0
 CHECKPOINT_EVERY = 16  # receives served without waiting before yielding to other tasks
+CROSSED_WANT_SLEEP_S = 0.005  # a TLS write waiting for a read (or the reverse): try again this soon
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
 
 
 class StreamClosed(Exception):
     """The peer closed the stream or it broke."""
 
 
-def _plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
+def plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
     if isinstance(stream, socket.socket):
         return stream
     # take the file descriptor over from Trio's wrapper (which is left detached and harmless to close)
@@ -38,7 +47,7 @@ class FramedStream:
     """One end of a protocol stream. Several tasks may send (frames never interleave); one task receives."""
 
     def __init__(self, stream: trio.SocketStream | socket.socket, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
-        self.sock = _plain_socket(stream)
+        self.sock = plain_socket(stream)
         self.sock.setblocking(False)
         self._send_lock = trio.Lock()
         self._decoder = FrameDecoder(max_frame_bytes)
@@ -68,7 +77,7 @@ class FramedStream:
         else:
             try:
                 n = self.sock.send(frame)
-            except BlockingIOError:
+            except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
                 raise StreamClosed(str(e)) from None
@@ -85,14 +94,20 @@ class FramedStream:
         while view:
             if self.closed:
                 raise StreamClosed("stream is closed")
+            want_read = False
             try:
                 n = self.sock.send(view)
-            except BlockingIOError:
+            except ssl.SSLWantReadError:
+                n, want_read = 0, True
+            except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
                 raise StreamClosed(str(e)) from None
             view = view[n:]
             if view:
+                if want_read:
+                    await trio.sleep(CROSSED_WANT_SLEEP_S)
+                    continue
                 try:
                     await wait_writable(self.sock)
                 except trio.ClosedResourceError:
@@ -112,7 +127,10 @@ class FramedStream:
                 raise StreamClosed("stream is closed")
             try:
                 data = self.sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
+            except ssl.SSLWantWriteError:
+                await trio.sleep(CROSSED_WANT_SLEEP_S)
+                continue
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self._unyielded = 0
                 try:
                     await wait_readable(self.sock)
@@ -155,6 +173,12 @@ class FramedStream:
         await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-async def connect(host: str, port: int, *, max_frame_bytes: int = MAX_FRAME_BYTES) -> FramedStream:
+async def connect(host: str, port: int, *, max_frame_bytes: int = MAX_FRAME_BYTES,
+                  tls: ssl.SSLContext | None = None) -> FramedStream:
+    """A stream to the control plane: plain TCP, or TLS verified with `tls` (controlplane/tls.py)."""
+    if tls is not None:
+        from controlplane import tls as control_tls
+
+        return FramedStream(await control_tls.connect(host, port, tls), max_frame_bytes=max_frame_bytes)
     stream = await trio.open_tcp_stream(host, port)
     return FramedStream(stream, max_frame_bytes=max_frame_bytes)

@@ -16,6 +16,13 @@ Theory of operation.
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
   proxy has ACKed everything sent on this stream, else a full snapshot. A NACKed version is not resent:
   the proxy stays on its last good version until the config changes again.
+- With a CA (`security`), every connection is TLS (controlplane/tls.py) and must prove itself in its
+  first message: a proxy's Hello by a bootstrap token or a client certificate of the identity it asks
+  for (controlplane/tokens.py `authorize`), a CLI request by an admin token. A refusal is an `Error`
+  with UNAUTHENTICATED or PERMISSION_DENIED and the reason, then the stream closes. An admitted
+  proxy's Welcome names its SPIFFE ID, and it may send CertificateRequests on the stream; they are
+  signed for that identity only. A change of the CA directory (root rotation) is loaded whole or not
+  at all, and every proxy admitted with an identity is sent the new TrustBundle.
 - A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
   back within the grace period keeps its registration.
@@ -31,7 +38,8 @@ from typing import Any
 
 import trio
 
-from controlplane.framed import FramedStream, StreamClosed
+from controlplane import tls as control_tls
+from controlplane.framed import FramedStream, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
 from controlplane.snapshots import ProxyClass, View, ViewCache
 from controlplane.store import ChangeOutcome, ConfigStore
@@ -41,6 +49,7 @@ from controlplane.wire import (
     Ack,
     ApplyRequest,
     ApplyResult,
+    CertificateRequest,
     DeleteRequest,
     Heartbeat,
     Hello,
@@ -51,10 +60,14 @@ from controlplane.wire import (
     Snapshot,
     StatusReply,
     StatusRequest,
+    TrustBundle,
     Welcome,
     encode_frame,
 )
+from controlplane.security import Security
+from controlplane.tokens import Refused
 from proxy.config.errors import ConfigError
+from proxy.identity.spiffe import SpiffeId
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,9 @@ class ProxyConn:
     workload_key: ResourceKey | None = None
     admin_address: str = ""
     pushes: int = 0
+    identity: SpiffeId | None = None  # with a CA: what the proxy proved it may be
+    certificate_serial: str = ""  # the last certificate issued to it (hex)
+    certificate_not_after: str = ""
 
     def status(self, now: float) -> ProxyStatus:
         return ProxyStatus(
@@ -112,12 +128,16 @@ class ProxyConn:
             last_nack_version=self.last_nack_version,
             connected_for_s=round(now - self.connected_at, 3) if self.stream is not None else 0.0,
             last_seen_s_ago=round(now - self.last_seen, 3),
+            identity=self.identity.uri if self.identity is not None else "",
+            certificate_serial=self.certificate_serial,
+            certificate_not_after=self.certificate_not_after,
         )
 
 
 class ControlPlane:
-    def __init__(self, store: ConfigStore, options: ServerOptions, log: Any) -> None:
+    def __init__(self, store: ConfigStore, options: ServerOptions, log: Any, security: Security | None = None) -> None:
         self.store = store
+        self.security = security
         self.options = options
         self.log = log
         self.server_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -164,9 +184,11 @@ class ControlPlane:
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
                 nursery.start_soon(self._watch_directory)
+            if self.security is not None:
+                nursery.start_soon(self._watch_ca)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             self.log.info("controlplane_listening", address=f"{host}:{bound}", version=self.store.version,
-                          resources=len(self.store.state))
+                          resources=len(self.store.state), tls=self.security is not None)
             task_status.started(bound)
 
     async def _watch_directory(self) -> None:
@@ -183,29 +205,91 @@ class ControlPlane:
             if changed:
                 self.config_changed("directory")
 
+    async def _watch_ca(self) -> None:
+        assert self.security is not None
+        security = self.security
+        while True:
+            await trio.sleep(self.options.poll_interval_s)
+            error_before = security.last_ca_error
+            if security.reload_if_changed():
+                self.log.info("ca_reloaded", roots=security.ca.root_fingerprints,
+                              signer=security.ca.signing_certificate.subject.rfc4514_string())
+                await self._send_trust_bundle()
+            elif security.last_ca_error and security.last_ca_error != error_before:
+                self.log.error("ca_rejected", error=security.last_ca_error, keeping_roots=security.ca.root_fingerprints)
+            if security.refresh_serving_if_due():
+                self.log.info("serving_certificate_renewed", serial=format(security.serving.serial, "x"))
+
+    async def _send_trust_bundle(self) -> None:
+        assert self.security is not None
+        frame = encode_frame(TrustBundle(trust_bundle=self.security.ca.trust_bundle_pem))
+        for proxy in list(self.proxies.values()):
+            # every proxy admitted over TLS speaks this protocol revision, also one whose certificate
+            # came from before a restart of this control plane
+            if proxy.stream is not None and proxy.identity is not None:
+                with trio.move_on_after(self.options.push_timeout_s):
+                    try:
+                        await proxy.stream.send_frame(frame)
+                    except StreamClosed:
+                        pass
+
+    async def _accept(self, stream: trio.SocketStream, peer: str) -> FramedStream | None:
+        """The connection as a protocol stream: TLS when this control plane is a CA."""
+        if self.security is None:
+            return FramedStream(stream, max_frame_bytes=self.options.max_frame_bytes)
+        sock = plain_socket(stream)
+        try:
+            tls = await control_tls.accept(sock, self.security.serving.context)
+        except control_tls.TlsFailed as e:
+            sock.close()
+            self.log.warning("stream_tls_failed", peer=peer, error=str(e))
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        if tls is None:  # a plaintext peer (told so) or one that left
+            sock.close()
+            self.log.warning("stream_tls_required", peer=peer)
+            return None
+        return FramedStream(tls, max_frame_bytes=self.options.max_frame_bytes)
+
+    def _admit_admin(self, request: ApplyRequest | DeleteRequest | StatusRequest) -> None:
+        if self.security is None:
+            return
+        refused = self.security.admit_admin(request.token)
+        if refused is not None:
+            raise ProtocolError(refused.code, refused.message)
+
     async def _handle(self, stream: trio.SocketStream) -> None:
         peer = _peer(stream)
-        framed = FramedStream(stream, max_frame_bytes=self.options.max_frame_bytes)
+        framed: FramedStream | None = None
         try:
             with trio.fail_after(self.options.hello_timeout_s):
+                framed = await self._accept(stream, peer)
+                if framed is None:
+                    return
                 first = await framed.receive()
             if isinstance(first, Hello):
                 await self._proxy_stream(framed, first, peer)
             elif isinstance(first, (ApplyRequest, DeleteRequest)):
+                self._admit_admin(first)
                 await framed.send(self._change(first))
             elif isinstance(first, StatusRequest):
+                self._admit_admin(first)
                 await framed.send(self.status())
             else:
                 raise ProtocolError("UNEXPECTED_MESSAGE", f"a stream must start with hello, apply, delete or status, not {type(first).__name__}")
         except ProtocolError as e:
             self.log.warning("stream_protocol_error", peer=peer, code=e.code, error=e.message)
+            assert framed is not None
             await framed.fail(e)
         except trio.TooSlowError:
             self.log.warning("stream_hello_timeout", peer=peer)
         except StreamClosed:
             pass
         finally:
-            await framed.aclose()
+            if framed is not None:
+                await framed.aclose()
 
     # ---- CLI requests
 
@@ -235,6 +319,25 @@ class ControlPlane:
                                 f"protocol version {hello.protocol_version} is not supported (this control plane speaks {PROTOCOL_VERSION})")
         if not hello.node_id:
             raise ProtocolError("BAD_HELLO", "hello needs a node_id")
+        identity: SpiffeId | None = None
+        if self.security is not None:
+            peer_id = control_tls.peer_identity(framed.sock, self.security.trust_domain)
+            admitted = self.security.admit_proxy(hello.namespace, hello.service_account, hello.token, peer_id)
+            if isinstance(admitted, Refused):
+                self.log.warning("proxy_refused", node_id=hello.node_id, namespace=hello.namespace,
+                                 service_account=hello.service_account, peer=peer, code=admitted.code,
+                                 error=admitted.message)
+                raise ProtocolError(admitted.code, admitted.message)
+            identity = admitted.identity
+            holder = self.proxies.get(hello.node_id)
+            if holder is not None and holder.identity is not None and holder.identity != identity:
+                # a node id is not a credential: another identity must not replace that proxy's stream
+                # or take over its registration
+                self.log.warning("proxy_refused", node_id=hello.node_id, identity=identity.uri, peer=peer,
+                                 code="PERMISSION_DENIED", error="node id held by another identity")
+                raise ProtocolError("PERMISSION_DENIED", f"node id {hello.node_id!r} belongs to {holder.identity.uri}, "
+                                                         f"not {identity.uri}")
+            self.log.info("proxy_authenticated", node_id=hello.node_id, identity=identity.uri, method=admitted.method)
         now = trio.current_time()
         proxy = self.proxies.get(hello.node_id)
         if proxy is not None and proxy.stream is not None:
@@ -251,6 +354,7 @@ class ControlPlane:
             self.proxies[hello.node_id] = proxy
         proxy.session += 1
         session = proxy.session
+        proxy.identity = identity
         proxy.admin_address = hello.admin_address
         proxy.stream = framed
         proxy.connected_at = proxy.last_seen = now
@@ -267,7 +371,9 @@ class ControlPlane:
                 self.config_changed("workload_unregistered")
             proxy.workload_key = None
         try:
-            await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s))
+            await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
+                                      issues_certificates=identity is not None,
+                                      identity=identity.uri if identity is not None else ""))
             await self.push(proxy, force_full=True)
             await self._receive_loop(proxy, framed)
         finally:
@@ -338,6 +444,9 @@ class ControlPlane:
             proxy.last_seen = trio.current_time()
             if isinstance(message, Heartbeat):
                 continue
+            if isinstance(message, CertificateRequest):
+                await self._sign(proxy, framed, message)
+                continue
             if isinstance(message, Ack):
                 view = proxy.pending.pop(message.nonce, None)
                 if view is None or view.version != message.version:
@@ -357,6 +466,20 @@ class ControlPlane:
                                serving=message.serving_version, error=message.error)
             else:
                 raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not valid on a proxy stream")
+
+    async def _sign(self, proxy: ProxyConn, framed: FramedStream, request: CertificateRequest) -> None:
+        if self.security is None or proxy.identity is None:
+            raise ProtocolError("UNEXPECTED_MESSAGE", "this control plane does not issue certificates")
+        signed = self.security.sign(request.request_id, request.csr, proxy.identity)
+        if signed.issued is None:
+            self.log.warning("certificate_refused", node_id=proxy.node_id, identity=proxy.identity.uri,
+                             code=signed.reply.error_code, error=signed.reply.error)
+        else:
+            proxy.certificate_serial = format(signed.issued.serial, "x")
+            proxy.certificate_not_after = signed.issued.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+            self.log.info("certificate_issued", node_id=proxy.node_id, identity=proxy.identity.uri,
+                          serial=proxy.certificate_serial, not_after=proxy.certificate_not_after)
+        await framed.send(signed.reply)
 
     @staticmethod
     def _drop_older(proxy: ProxyConn, nonce: str) -> None:

@@ -84,6 +84,7 @@ class Hello(_Msg, tag="hello"):
     protocol_version: int = PROTOCOL_VERSION
     last_version: str = ""  # the snapshot version the proxy serves now ("" when none)
     admin_address: str = ""  # HOST:PORT of the proxy's admin listener, for `triomesh proxy-config`
+    token: str = ""  # a bootstrap token: proves the proxy may take its namespace/service account's identity
 
 
 class Welcome(_Msg, tag="welcome"):
@@ -92,6 +93,34 @@ class Welcome(_Msg, tag="welcome"):
     server_id: str
     heartbeat_interval_s: float
     protocol_version: int = PROTOCOL_VERSION
+    # the control plane is a CA: the proxy may send CertificateRequests for `identity` (its SPIFFE ID)
+    issues_certificates: bool = False
+    identity: str = ""
+
+
+class CertificateRequest(_Msg, tag="certificate_request"):
+    """Proxy -> control plane, only after a Welcome with `issues_certificates`: sign this CSR (PEM)
+    for the identity the Welcome named. Carries no private key."""
+
+    request_id: int
+    csr: bytes
+
+
+class CertificateReply(_Msg, tag="certificate_reply"):
+    """Control plane -> proxy: the certificate chain (PEM, leaf first) and the trust bundle (PEM
+    roots), or `error_code` and `error`."""
+
+    request_id: int
+    certificate_chain: bytes = b""
+    trust_bundle: bytes = b""
+    error_code: str = ""
+    error: str = ""
+
+
+class TrustBundle(_Msg, tag="trust_bundle"):
+    """Control plane -> every proxy admitted with an identity: the trusted roots changed (rotation)."""
+
+    trust_bundle: bytes
 
 
 class Snapshot(_Msg, tag="snapshot"):
@@ -142,12 +171,14 @@ class ApplyRequest(_Msg, tag="apply"):
     `sources` (YAML files), kubectl-style."""
 
     sources: list[Source]
+    token: str = ""  # an admin token, required by a control plane serving TLS
 
 
 class DeleteRequest(_Msg, tag="delete"):
     """Remove every resource named (kind, namespace, name) in `sources`."""
 
     sources: list[Source]
+    token: str = ""
 
 
 class ApplyResult(_Msg, tag="apply_result"):
@@ -161,7 +192,7 @@ class ApplyResult(_Msg, tag="apply_result"):
 
 
 class StatusRequest(_Msg, tag="status"):
-    pass
+    token: str = ""
 
 
 class ProxyStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -177,6 +208,9 @@ class ProxyStatus(msgspec.Struct, kw_only=True, omit_defaults=True):
     last_nack_version: str = ""
     connected_for_s: float = 0.0
     last_seen_s_ago: float = 0.0
+    identity: str = ""  # the SPIFFE ID the proxy proved (a control plane with a CA)
+    certificate_serial: str = ""
+    certificate_not_after: str = ""
 
 
 class StatusReply(_Msg, tag="status_reply"):
@@ -186,6 +220,7 @@ class StatusReply(_Msg, tag="status_reply"):
 
 Message = Union[
     Hello, Welcome, Snapshot, Ack, Nack, Heartbeat, Error,
+    CertificateRequest, CertificateReply, TrustBundle,
     ApplyRequest, DeleteRequest, ApplyResult, StatusRequest, StatusReply,
 ]
 MESSAGE_TYPES = tuple(m.__struct_config__.tag for m in Message.__args__)  # type: ignore[attr-defined]

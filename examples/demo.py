@@ -12,8 +12,11 @@ What it does, in order:
    anything left (each child runs in a session of its own), also on Ctrl-C, SIGTERM or an error.
 
 With `--controlplane` the config comes from a control plane instead, and changes under live traffic:
-`triomesh controlplane --config examples/demo` (port 15010), the same apps, and `triomesh proxy
---controlplane 127.0.0.1:15010 --namespace tutorial` with no --config (everything is pushed); steady
+`triomesh controlplane --config examples/demo --ca-dir DIR` (TLS on port 15010, its CA in the run's log
+directory), a bootstrap token for the namespace and an admin token (`triomesh controlplane token`), the
+same apps, and `triomesh proxy --controlplane 127.0.0.1:15010 --controlplane-ca DIR/root-cert.pem
+--controlplane-token-file ... --namespace tutorial` with no --config (everything is pushed, and the proxy
+gets its workload certificate); steady
 traffic on keep-alive connections; the split with 80/20; `triomesh apply -f
 examples/demo/changes/recommendation-v2.yaml` (v1 0%, v2 100%); how long after apply returned the last
 answer from v1 came (every later one is v2); the split from 1 s after the change; failed requests; and
@@ -55,7 +58,7 @@ ADMIN_PORT = 15000
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
 REQUEST_TIMEOUT_S = 10.0
-CONTROLPLANE_PORT = 15010  # istiod's plaintext xDS port, triomesh controlplane's default
+CONTROLPLANE_PORT = 15010  # istiod's xDS port, triomesh controlplane's default
 PROXY_NODE_ID = "demo-proxy"
 WEIGHTS_CHANGE = DEMO_CONFIG / "changes" / "recommendation-v2.yaml"
 
@@ -224,6 +227,10 @@ class Mesh:
         self.access_log = access_log
         self.controlplane_port = controlplane_port
         self.procs: dict[str, subprocess.Popen] = {}
+        # the control plane's CA (made on its first start) and the tokens this run makes with it
+        self.ca_dir = log_dir / "ca"
+        self.root_certificate = self.ca_dir / "root-cert.pem"
+        self.admin_token_file = log_dir / "admin.token"
 
     @property
     def controlplane_address(self) -> str:
@@ -238,7 +245,8 @@ class Mesh:
             # but with back-off); JSON at info: the log says when it accepted a change
             self._spawn("controlplane", triomesh_command() + [
                 "controlplane", "--config", str(self.config_dir), "--listen", self.controlplane_address,
-                "--port-file", str(port_file), "--log-level", "info", "--log-format", "json"], os.environ.copy())
+                "--ca-dir", str(self.ca_dir), "--port-file", str(port_file), "--log-level", "info",
+                "--log-format", "json"], os.environ.copy())
         app_env = {k: v for k, v in os.environ.items()
                    if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}
         # the one thing that puts the apps into the mesh: their HTTP client's standard proxy variable
@@ -256,8 +264,13 @@ class Mesh:
             self._wait("controlplane", time.monotonic() + READY_TIMEOUT_S,
                        lambda: port_file.exists() and port_file.read_text().strip() != "")
             self.controlplane_port = int(port_file.read_text())
+            # the proxy proves its identity with a bootstrap token for its namespace; the CLIs use an admin token
+            token_file = self.log_dir / f"{self.plan.namespace}.token"
+            token_file.write_text(self.make_token("--namespace", self.plan.namespace))
+            self.admin_token_file.write_text(self.make_token("--admin"))
             # no --config: everything comes from the control plane; the namespace picks the Sidecar
-            source = ["--controlplane", self.controlplane_address, "--node-id", PROXY_NODE_ID,
+            source = ["--controlplane", self.controlplane_address, "--controlplane-ca", str(self.root_certificate),
+                      "--controlplane-token-file", str(token_file), "--node-id", PROXY_NODE_ID,
                       "--namespace", self.plan.namespace, "--label", "istio=ingressgateway"]
         self._spawn("proxy", triomesh_command() + [
             "proxy", *source, "--concurrency", "1",
@@ -289,9 +302,19 @@ class Mesh:
                 raise MeshError(f"{name} was not ready in time\n{self.log_tail(name)}")
             time.sleep(0.05)
 
+    def make_token(self, *grant: str) -> str:
+        done = subprocess.run(triomesh_command() + ["controlplane", "token", "--ca-dir", str(self.ca_dir), *grant],
+                              cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise MeshError(f"triomesh controlplane token {' '.join(grant)} failed: {done.stderr.strip()}")
+        return done.stdout.strip()
+
     def cli(self, *argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """`triomesh SUBCOMMAND ARGS... --controlplane ADDRESS` (apply, proxy-status, ...)."""
-        return subprocess.run(triomesh_command() + [*argv, "--controlplane", self.controlplane_address],
+        """`triomesh SUBCOMMAND ARGS... --controlplane ADDRESS` (apply, proxy-status, ...), over TLS
+        with the admin token."""
+        return subprocess.run(triomesh_command() + [*argv, "--controlplane", self.controlplane_address,
+                                                    "--controlplane-ca", str(self.root_certificate),
+                                                    "--token-file", str(self.admin_token_file)],
                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
 
     def check_alive(self) -> None:
@@ -589,7 +612,8 @@ def run_controlplane(config_dir: Path, change: Path, access_log: str, admin_port
         for name, proc in mesh.procs.items():
             print(f"  started {name:<18} pid {proc.pid}")
         mesh.wait_ready()
-        print(f"  ready: control plane {mesh.controlplane_address} (triomesh controlplane --config {config_dir})\n"
+        print(f"  ready: control plane {mesh.controlplane_address} (triomesh controlplane --config {config_dir} "
+              f"--ca-dir {mesh.ca_dir}: TLS)\n"
               f"         proxy {PROXY_NODE_ID} (namespace {plan.namespace}, no --config: everything pushed), "
               f"gateway http://{LOOPBACK}:{plan.gateway_port}/  admin http://{LOOPBACK}:{plan.admin_port}/")
 

@@ -102,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="address of `triomesh controlplane`")
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
+    cp.add_argument("--controlplane-ca", type=Path, default=None, metavar="FILE",
+                    help="the root certificate(s) that verify the control plane's TLS certificate (its CA "
+                         "directory's root-cert.pem); required with --controlplane")
+    cp.add_argument("--controlplane-plaintext", action="store_true",
+                    help="talk to a control plane run with --insecure-plaintext (no TLS, no identity)")
+    cp.add_argument("--controlplane-token-file", type=Path, default=None, metavar="FILE",
+                    help="a bootstrap token (triomesh controlplane token --namespace NS) proving this proxy may "
+                         "take its namespace/service account's identity; renewals use the certificate itself")
+    cp.add_argument("--service-account", default="",
+                    help="the workload's service account, part of its SPIFFE ID (default: default)")
     cp.add_argument("--register", default=None, metavar="ADDRESS",
                     help="register this workload (with ADDRESS and its labels) as a WorkloadEntry")
     p.add_argument("--namespace", default="default",
@@ -144,6 +154,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(list(argv))
     if args.command == "proxy" and args.config is None and args.controlplane is None:
         parser.error("proxy: --config or --controlplane is required")
+    if args.command == "proxy" and args.controlplane is not None:
+        if args.controlplane_plaintext and (args.controlplane_ca or args.controlplane_token_file):
+            # a token sent in plaintext could be read on the way and used by anyone
+            parser.error("proxy: --controlplane-plaintext contradicts --controlplane-ca and --controlplane-token-file")
+        if not args.controlplane_plaintext and args.controlplane_ca is None:
+            parser.error("proxy: --controlplane needs --controlplane-ca FILE (the control plane's root-cert.pem; "
+                         "the protocol is TLS) or, for a control plane run with --insecure-plaintext, "
+                         "--controlplane-plaintext")
     return args
 
 
@@ -179,6 +197,9 @@ def run_proxy(args: argparse.Namespace) -> int:
         max_downstream_connections=args.max_downstream_connections,
         max_worker_rss_bytes=args.max_worker_rss,
         hot_restart_socket=args.hot_restart_socket,
+        service_account=args.service_account,
+        controlplane_ca=args.controlplane_ca,
+        controlplane_token_file=args.controlplane_token_file,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
              controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())

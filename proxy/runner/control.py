@@ -24,6 +24,8 @@ from typing import Union
 import msgspec
 import trio
 
+from proxy.identity.workload import WorkloadIdentity
+
 MAX_FRAME_BYTES = 64 << 20  # a config of many MiB still fits; anything bigger is a bug
 _LEN = struct.Struct(">I")
 
@@ -58,6 +60,14 @@ class AbortConfig(msgspec.Struct, tag="abort_config"):
     """Forget the prepared `version` (another worker could not prepare it): close its sockets."""
 
     version: str
+
+
+class LoadIdentity(msgspec.Struct, tag="load_identity"):
+    """The proxy's current workload identity (certificate, key, trust bundle) for mutual TLS, sent
+    on every issue and renewal; answered by IdentityLoaded. The key travels only over this private
+    socketpair, never to disk."""
+
+    identity: WorkloadIdentity
 
 
 class GetStats(msgspec.Struct, tag="get_stats"):
@@ -108,6 +118,12 @@ class ConfigFailed(msgspec.Struct, tag="config_failed"):
     reason: str = "invalid"
 
 
+class IdentityLoaded(msgspec.Struct, tag="identity_loaded"):
+    """The worker serves with the identity of this certificate serial now."""
+
+    serial: str
+
+
 class Drained(msgspec.Struct, tag="drained"):
     """The worker's drain ended: `active_at_deadline` connections were still open and were reset
     (0: everything finished in time)."""
@@ -139,8 +155,9 @@ class StatsReply(msgspec.Struct, tag="stats_reply"):
     rows: list[StatsRow]
 
 
-Message = Union[LoadConfig, PrepareConfig, CommitConfig, AbortConfig, GetStats, Shutdown, Drain, ConfigApplied,
-                ConfigPrepared, ConfigFailed, StatsReply, Drained, ExportListeners, ListenerSockets]
+Message = Union[LoadConfig, PrepareConfig, CommitConfig, AbortConfig, LoadIdentity, GetStats, Shutdown, Drain,
+                ConfigApplied, ConfigPrepared, ConfigFailed, IdentityLoaded, StatsReply, Drained, ExportListeners,
+                ListenerSockets]
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

@@ -25,6 +25,11 @@ worker as sources (the same LoadConfig as a file reload) and returns once the wo
 the ACK means "served"; a refusal raises, and the client NACKs with the error text. Files are then
 not watched and SIGHUP only re-sends the current config to workers that are behind.
 
+With a TLS control plane (`--controlplane-ca`), the proxy proves its identity (a bootstrap token, then
+its own certificate) and the client keeps a workload certificate fresh (proxy/identity/manager.py).
+Each new identity goes to every worker (LoadIdentity over its control socketpair, before any config
+when a worker starts); the key stays in this process and its workers' memory.
+
 A drain (SIGTERM/SIGINT, POST /quitquitquit or /drain_listeners) sends every worker Drain: it stops
 accepting, lets its connections finish for up to the drain duration, resets the rest and exits (see
 proxy/runner/worker.py). From its first moment /ready answers 503, configs are no longer applied and
@@ -86,6 +91,9 @@ class ProxyOptions:
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
     max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
     hot_restart_socket: str | None = None  # Unix socket path of hot restart (proxy/runner/hot_restart.py)
+    service_account: str = ""  # the workload's service account ("": Kubernetes' "default")
+    controlplane_ca: Path | None = None  # root(s) that verify a TLS control plane; None: plaintext
+    controlplane_token_file: Path | None = None  # the bootstrap token proving the workload's identity
 
 
 @dataclass(frozen=True)
@@ -182,8 +190,12 @@ class Supervisor:
         if options.hot_restart_socket is not None:  # a worker whose supervisor dies waits there for the next
             worker_args += ["--hot-restart-socket", options.hot_restart_socket,
                             "--drain-duration-s", str(options.drain_duration_s)]
+        from proxy.identity.manager import IdentityManager
+
+        self.identity = IdentityManager(self._identity_changed, log=log)
         self.slots = [WorkerSlot(i, worker_args=worker_args, current_config=self._load_message,
-                                 stats=self.stats, log=log) for i in range(options.concurrency)]
+                                 stats=self.stats, log=log, current_identity=self._identity_message)
+                      for i in range(options.concurrency)]
 
     # ---- config
 
@@ -193,6 +205,16 @@ class Supervisor:
             return None
         return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
                                   self.proxy_namespace)
+
+    def _identity_message(self) -> control.LoadIdentity | None:
+        identity = self.identity.current
+        return control.LoadIdentity(identity) if identity is not None else None
+
+    async def _identity_changed(self, identity) -> None:
+        message = control.LoadIdentity(identity)
+        async with trio.open_nursery() as nursery:
+            for slot in self.slots:
+                nursery.start_soon(slot.push_identity, message)
 
     def _reject(self, reason: str, error: BaseException | str, *, trigger: str, version: str, digest: str = "",
                 file: str | None = None) -> ConfigRejected:
@@ -458,20 +480,32 @@ class Supervisor:
             node_id=o.node_id or f"{socket.gethostname()}.{admin_port}",
             namespace=o.namespace,
             labels=dict(o.labels),
+            service_account=o.service_account,
             address=o.register or "",
             register=o.register is not None,
             admin_address=f"{o.admin_host}:{admin_port}",
         )
 
-    async def _run_xds(self, admin_port: int) -> None:
+    def credentials(self):
+        """The control-plane root and bootstrap token from their files. Raises OSError naming a file."""
+        from proxy.xds.client import Credentials
+
+        o = self.options
+        roots = o.controlplane_ca.read_bytes() if o.controlplane_ca is not None else None
+        token = o.controlplane_token_file.read_text().strip() if o.controlplane_token_file is not None else ""
+        return Credentials(roots, token)
+
+    async def _run_xds(self, admin_port: int, credentials) -> None:
         from proxy.xds.client import run_client
 
         self.node = self.node_info(admin_port)
         assert self.options.controlplane is not None
         self.log.info("controlplane_client_starting", address="%s:%d" % self.options.controlplane,
-                      node_id=self.node.node_id, namespace=self.node.namespace, labels=self.node.labels)
+                      node_id=self.node.node_id, namespace=self.node.namespace, labels=self.node.labels,
+                      tls=credentials.controlplane_roots_pem is not None)
         self.xds = await self._nursery.start(
-            partial(run_client, self.options.controlplane, self.node, self.apply_pushed, log=self.log))
+            partial(run_client, self.options.controlplane, self.node, self.apply_pushed, log=self.log,
+                    credentials=credentials, identity=self.identity))
 
     def request_reload(self, reason: str) -> None:
         try:
@@ -553,7 +587,11 @@ class Supervisor:
                 "nacks": x.nacks if x else 0,
                 "last_nack": x.last_error if x else "",
                 "last_disconnect": x.last_disconnect if x else "",
+                "tls": bool(x and x.tls),
             }
+            identity = self.identity.dump()
+            identity["workers"] = [{"index": s.index, "serial": s.identity_serial} for s in self.slots]
+            out["workload_identity"] = identity
         return out
 
     def config_status(self) -> dict[str, Any]:
@@ -695,7 +733,8 @@ class Supervisor:
         with self._admin_scope:
             await admin.serve_admin(admin_sock, self, self.log, task_status=task_status)
 
-    async def run(self, admin_sock: trio.socket.SocketType, handover: hot_restart.Handover | None = None) -> None:
+    async def run(self, admin_sock: trio.socket.SocketType, handover: hot_restart.Handover | None = None,
+                  credentials=None) -> None:
         admin_port = admin_sock.getsockname()[1]  # the bound one (the option may say 0)
         self._admin_sock = admin_sock
         async with trio.open_nursery() as nursery:
@@ -709,7 +748,7 @@ class Supervisor:
                 await self._listen_hot_restart()
             nursery.start_soon(self._reload_loop)
             if self.options.controlplane is not None:
-                await self._run_xds(admin_port)
+                await self._run_xds(admin_port, credentials)
             else:
                 self.watch = ConfigWatch.open(self.options.config_path)
                 self.log.info("config_watching", path=str(self.options.config_path),
@@ -732,6 +771,13 @@ async def serve(options: ProxyOptions, log: Any) -> int:
         supervisor.load_initial()
     except ConfigRejected:
         return 1
+    credentials = None
+    if options.controlplane is not None:
+        try:
+            credentials = supervisor.credentials()
+        except OSError as e:
+            log.error("controlplane_credentials_unreadable", error=str(e))
+            return 1
     handover = None
     if options.hot_restart_socket is not None:
         try:
@@ -756,7 +802,7 @@ async def serve(options: ProxyOptions, log: Any) -> int:
                     slot.release_inherited()
                 await handover.close()  # the old proxy serves on
             return 1
-    await supervisor.run(admin_sock, handover)
+    await supervisor.run(admin_sock, handover, credentials)
     return 0
 
 

@@ -27,6 +27,7 @@ from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control, hot_restart
 from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
+from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 
@@ -150,6 +151,9 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     stats = Stats()
     plane = DataPlane(holder, stats, access_log,
                       HttpSettings(max_downstream_connections=limits.max_downstream_connections))
+    # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
+    identity = IdentityHolder()
+    plane.workload_identity = identity
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
         # connections live in a worker-wide nursery: those of a listener a reload removes finish;
@@ -202,6 +206,10 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 except OSError as e:  # an fd the kernel refuses to pass: hand over nothing, serve on
                     log.error("worker_export_failed", error=str(e))
                     await channel.send(control.ListenerSockets(msg.request_id, []))
+            elif isinstance(msg, control.LoadIdentity):
+                identity.swap(msg.identity)
+                await channel.send(control.IdentityLoaded(msg.identity.serial))
+                log.debug("worker_identity_loaded", spiffe_id=msg.identity.spiffe_id, serial=msg.identity.serial)
             elif isinstance(msg, control.Drain):
                 if not draining:
                     draining = True

@@ -55,10 +55,13 @@ class WorkerSlot:
     """One of the N worker positions. `version` is what its current process serves ("" when none)."""
 
     def __init__(self, index: int, *, worker_args: list[str], current_config: Callable[[], control.LoadConfig | None],
-                 stats: Stats, log: Any) -> None:
+                 stats: Stats, log: Any,
+                 current_identity: Callable[[], control.LoadIdentity | None] = lambda: None) -> None:
         self.index = index
         self._worker_args = worker_args
         self._current_config = current_config
+        self._current_identity = current_identity
+        self.identity_serial = ""  # the workload certificate its current process serves with
         self._log = log.bind(worker=index)
         self.process: trio.Process | None = None
         self.channel: control.ControlChannel | None = None
@@ -127,6 +130,9 @@ class WorkerSlot:
         self.channel = channel
         self._log.info("worker_started", pid=process.pid)
         try:
+            identity = self._current_identity()
+            if identity is not None:  # before the config: a listener must not serve without it
+                await self._send(identity)
             config = self._current_config()
             if config is not None:
                 await self._send(config)
@@ -146,6 +152,7 @@ class WorkerSlot:
         finally:
             self.channel = None
             self.version = ""
+            self.identity_serial = ""
             self._notify_config()
             self._fail_pending()
             self._retire_counters()
@@ -181,6 +188,8 @@ class WorkerSlot:
             self.failed_version = msg.version
             self._notify_config()
             self._log.error("worker_config_failed", version=msg.version, error=msg.error)
+        elif isinstance(msg, control.IdentityLoaded):
+            self.identity_serial = msg.serial
         elif isinstance(msg, control.Drained):
             self._drain_reset.value += msg.active_at_deadline
             self._log.info("worker_drained", pid=self.pid, reset_connections=msg.active_at_deadline)
@@ -205,6 +214,9 @@ class WorkerSlot:
 
     async def push_config(self, config: control.LoadConfig) -> None:
         await self._send(config)
+
+    async def push_identity(self, message: control.LoadIdentity) -> None:
+        await self._send(message)
 
     async def prepare_config(self, message: control.PrepareConfig) -> str | None:
         """Ask the worker to prepare `message`; its error text, or None once prepared (or when no

@@ -11,6 +11,12 @@ ConfigError from compiling, or anything else), the proxy keeps its previous conf
 error text. Heartbeats go out every interval the Welcome names; nothing received for three intervals
 ends the stream, and the loop reconnects. While disconnected nothing changes: the proxy serves its
 last good config, and the next stream starts with a full snapshot (resync).
+
+With `credentials` naming the control plane's root, the stream is TLS (the control plane's certificate
+and host name verified) and Hello carries the bootstrap token; the current workload certificate, while
+valid, is shown as the TLS client certificate, which proves the identity without the token. When the
+Welcome says the control plane issues certificates, the `IdentityManager` keeps the proxy's identity
+fresh over the stream (proxy/identity/manager.py).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
+from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, StreamClosed
 from controlplane.wire import (
     MAX_FRAME_BYTES,
     Ack,
+    CertificateReply,
+    CertificateRequest,
     Error,
     Heartbeat,
     Hello,
@@ -36,11 +45,13 @@ from controlplane.wire import (
     ProtocolError,
     ResourceKey,
     Snapshot,
+    TrustBundle,
     Welcome,
     decode_istio,
 )
 from proxy.config.errors import ConfigError
 from proxy.config.load import Resource
+from proxy.identity.manager import IdentityManager
 
 OnResources = Callable[[list[Resource], str], "None | Awaitable[None]"]
 
@@ -62,6 +73,21 @@ class NodeInfo:
     @classmethod
     def default(cls, **kw: Any) -> "NodeInfo":
         return cls(node_id=kw.pop("node_id", f"{socket.gethostname()}.{os.getpid()}"), **kw)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How the proxy meets a control plane that serves TLS: the roots that verify it (PEM; None:
+    plaintext) and the bootstrap token that proves the proxy may take its identity."""
+
+    controlplane_roots_pem: bytes | None = None
+    token: str = ""
+
+    def __repr__(self) -> str:  # keep the token out of logs and tracebacks
+        return f"Credentials(tls={self.controlplane_roots_pem is not None}, token={'set' if self.token else 'none'})"
+
+
+PLAINTEXT = Credentials()
 
 
 @dataclass(frozen=True)
@@ -87,6 +113,8 @@ class ClientState:
     nacks: int = 0
     last_error: str = ""  # the last NACK's text
     last_disconnect: str = ""
+    tls: bool = False
+    identity: str = ""  # the SPIFFE ID the control plane admitted this proxy as ("" without a CA)
 
 
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -137,6 +165,8 @@ async def run_client(
     options: ClientOptions = ClientOptions(),
     log: Any = None,
     rng: random.Random | None = None,
+    credentials: Credentials = PLAINTEXT,
+    identity: IdentityManager | None = None,
     task_status: trio.TaskStatus[ClientState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled. `task_status.started(state)` comes at once (the proxy serves whatever it
@@ -146,14 +176,25 @@ async def run_client(
 
         log = get_logger("triomesh.xds")
     host, port = parse_address(address)
-    state = ClientState()
+    state = ClientState(tls=credentials.controlplane_roots_pem is not None)
     task_status.started(state)
     rng = rng or random.Random()
     delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)
     while True:
         try:
             with trio.fail_after(options.connect_timeout_s):
-                stream = await trio.open_tcp_stream(host, port)
+                if credentials.controlplane_roots_pem is not None:
+                    context = control_tls.client_context(credentials.controlplane_roots_pem,
+                                                         identity.usable_now() if identity is not None else None)
+                    stream = await control_tls.connect(host, port, context)
+                else:
+                    stream = await trio.open_tcp_stream(host, port)
+        except control_tls.TlsFailed as e:  # not a network blip: the wrong root, or not a TLS port
+            delay = next(delays)
+            state.last_disconnect = f"TLS handshake failed: {e}"
+            log.warning("controlplane_tls_failed", address=f"{host}:{port}", error=str(e), retry_in_s=round(delay, 3))
+            await trio.sleep(delay)
+            continue
         except (OSError, trio.TooSlowError) as e:
             delay = next(delays)
             log.debug("controlplane_unreachable", address=f"{host}:{port}", error=str(e) or type(e).__name__,
@@ -162,7 +203,7 @@ async def run_client(
             continue
         framed = FramedStream(stream, max_frame_bytes=options.max_frame_bytes)
         try:
-            welcomed = await _session(framed, node, on_resources, state, options, log)
+            welcomed = await _session(framed, node, on_resources, state, options, log, credentials.token, identity)
             reason = "closed"
         except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
             welcomed = state.connected
@@ -178,11 +219,11 @@ async def run_client(
 
 
 async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResources, state: ClientState,
-                   options: ClientOptions, log: Any) -> bool:
+                   options: ClientOptions, log: Any, token: str, identity: IdentityManager | None) -> bool:
     await framed.send(Hello(node_id=node.node_id, namespace=node.namespace, labels=dict(node.labels),
                             service_account=node.service_account, address=node.address, ports=dict(node.ports),
                             register=node.register, last_version=state.version,
-                            admin_address=node.admin_address))
+                            admin_address=node.admin_address, token=token))
     with trio.fail_after(options.welcome_timeout_s):
         welcome = await framed.receive()
     if isinstance(welcome, Error):
@@ -192,13 +233,20 @@ async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResourc
     state.connected = True
     state.server_id = welcome.server_id
     state.connects += 1
+    state.identity = welcome.identity
     interval = welcome.heartbeat_interval_s
-    log.info("controlplane_connected", server_id=welcome.server_id, serving=state.version)
+    log.info("controlplane_connected", server_id=welcome.server_id, serving=state.version,
+             identity=welcome.identity or None)
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_heartbeats, framed, interval)
+        if welcome.issues_certificates and identity is not None:
+            async def send_request(request_id: int, csr_pem: bytes) -> None:
+                await framed.send(CertificateRequest(request_id=request_id, csr=csr_pem))
+
+            nursery.start_soon(_renewals, identity, welcome.identity, send_request)
         try:
-            await _receive_loop(framed, on_resources, state, interval * options.heartbeat_misses, log)
+            await _receive_loop(framed, on_resources, state, interval * options.heartbeat_misses, log, identity)
         except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
             error = e  # re-raised outside the nursery, unwrapped
         finally:
@@ -206,6 +254,13 @@ async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResourc
     if error is not None:
         raise error
     return True
+
+
+async def _renewals(identity: IdentityManager, identity_uri: str, send_request) -> None:
+    try:
+        await identity.run_on_stream(identity_uri, send_request)
+    except StreamClosed:
+        pass  # the receive loop sees the stream end too, and reconnects
 
 
 async def _heartbeats(framed: FramedStream, interval_s: float) -> None:
@@ -217,11 +272,20 @@ async def _heartbeats(framed: FramedStream, interval_s: float) -> None:
             return
 
 
-async def _receive_loop(framed: FramedStream, on_resources: OnResources, state: ClientState, timeout_s: float, log: Any) -> None:
+async def _receive_loop(framed: FramedStream, on_resources: OnResources, state: ClientState, timeout_s: float, log: Any,
+                        identity: IdentityManager | None) -> None:
     while True:
         with trio.fail_after(timeout_s):
             message = await framed.receive()
         if isinstance(message, Heartbeat):
+            continue
+        if isinstance(message, CertificateReply):
+            if identity is not None:
+                identity.deliver(message.request_id, message)
+            continue
+        if isinstance(message, TrustBundle):  # a client without an identity has no bundle to update
+            if identity is not None:
+                await identity.update_trust_bundle(message.trust_bundle)
             continue
         if isinstance(message, Error):
             raise ProtocolError(message.code, f"control plane closed the stream: {message.message}")

@@ -41,7 +41,7 @@ class ControlPlaneProcess:
         self.log = open(tmp / "controlplane.log", "ab")
         self.proc = subprocess.Popen(
             [PY, "-m", "controlplane.cli", "controlplane", "--config", str(config), "--listen", f"127.0.0.1:{port}",
-             "--port-file", str(self.port_file), "--heartbeat-interval", "0.3", "--grace-period", "1",
+             "--port-file", str(self.port_file), "--insecure-plaintext", "--heartbeat-interval", "0.3", "--grace-period", "1",
              "--debounce", "0.05", "--poll-interval", "0.1"],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         text = wait_until(lambda: self.port_file.exists() and self.port_file.read_text(), what="control plane port")

@@ -168,3 +168,31 @@ spec:
     for r in load_bytes(text, "security.yaml"):
         back = wire.decode_istio(wire.encode_istio(r.obj), file=r.file, document=r.document)
         assert back.obj == r.obj, r.key
+
+
+def test_identity_fields_keep_older_peers_decoding():
+    """The certificate fields were added with defaults: a version-1 peer that predates them decodes the
+    new Hello/Welcome (unknown fields are ignored), and their frames decode here with the defaults."""
+
+    class OldMsg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+        pass
+
+    class OldHello(OldMsg, tag="hello"):
+        node_id: str
+        namespace: str = "default"
+
+    class OldWelcome(OldMsg, tag="welcome"):
+        server_id: str
+        heartbeat_interval_s: float
+
+    new_hello = wire.encode_frame(wire.Hello(node_id="p", namespace="tutorial", token="secret"))
+    assert msgspec.msgpack.decode(new_hello[4:], type=OldHello) == OldHello(node_id="p", namespace="tutorial")
+    new_welcome = wire.encode_frame(wire.Welcome(server_id="cp", heartbeat_interval_s=1.0, issues_certificates=True,
+                                                 identity="spiffe://cluster.local/ns/tutorial/sa/default"))
+    assert msgspec.msgpack.decode(new_welcome[4:], type=OldWelcome) == OldWelcome(server_id="cp", heartbeat_interval_s=1.0)
+    old_welcome = msgspec.msgpack.encode(OldWelcome(server_id="cp", heartbeat_interval_s=1.0))
+    (decoded,) = wire.FrameDecoder().feed(len(old_welcome).to_bytes(4, "big") + old_welcome)
+    assert decoded == wire.Welcome(server_id="cp", heartbeat_interval_s=1.0)
+    assert not decoded.issues_certificates  # so a new proxy sends no certificate_request to an old control plane
+    old_status = msgspec.msgpack.encode({"type": "status"})
+    assert wire.FrameDecoder().feed(len(old_status).to_bytes(4, "big") + old_status) == [wire.StatusRequest()]

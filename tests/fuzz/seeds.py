@@ -8,8 +8,8 @@ from pathlib import Path
 
 import hpack
 
-from controlplane.wire import Ack, ApplyRequest, Heartbeat, Hello, ResourceKey, Snapshot, Source, WireResource, \
-    encode_frame, encode_istio
+from controlplane.wire import Ack, ApplyRequest, CertificateReply, CertificateRequest, Heartbeat, Hello, ResourceKey, \
+    Snapshot, Source, TrustBundle, Welcome, WireResource, encode_frame, encode_istio
 from proxy.config.load import load_bytes
 from proxy.l7 import h2_frames as f
 from proxy.l7.h2_codec import MAX_HEADER_LIST_BYTES, client_settings
@@ -154,6 +154,12 @@ def seeds() -> dict[str, dict[str, bytes]]:
                                                     removed=[ResourceKey("Gateway", "default", "gw")]))
             + encode_frame(Ack(version="v2", nonce="2")),
             "apply": encode_frame(ApplyRequest(sources=[Source("gw.yaml", GATEWAY)])),
+            "certificates": encode_frame(Hello(node_id="n1", namespace="ns", service_account="sa", token="t"))
+            + encode_frame(Welcome(server_id="cp", heartbeat_interval_s=1.0, issues_certificates=True,
+                                   identity="spiffe://cluster.local/ns/ns/sa/sa"))
+            + encode_frame(CertificateRequest(request_id=1, csr=b"-----BEGIN CERTIFICATE REQUEST-----\n"))
+            + encode_frame(CertificateReply(request_id=1, error_code="BAD_CSR", error="not a CSR"))
+            + encode_frame(TrustBundle(trust_bundle=b"-----BEGIN CERTIFICATE-----\n")),
         },
         "chunked": {
             "two-chunks": b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",

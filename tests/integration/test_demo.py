@@ -223,7 +223,9 @@ def test_the_controlplane_demo_shifts_live_traffic_within_a_second(tmp_path: Pat
     assert settled and int(settled[1]) == int(settled[2]) >= 20, out
     assert re.search(r"^requests: \d+ sent, 0 failed ", out, re.M), out
     # proxy-status: our proxy ACKed what it was sent
-    assert re.search(r"^  demo-proxy\s+tutorial\s+127\.0\.0\.1\s+SYNCED\s+(\w+)\s+\1\s+-$", out, re.M), out
+    # over TLS with an admin token; the proxy proved its namespace with a bootstrap token and holds its certificate
+    assert re.search(r"^  demo-proxy\s+tutorial\s+127\.0\.0\.1\s+SYNCED\s+(\w+)\s+\1\s+"
+                     r"spiffe://cluster\.local/ns/tutorial/sa/default\s+\d{4}-\d\d-\d\dT\S+Z\s+-$", out, re.M), out
     assert "  control plane config version 2, 1 proxies\n" in out, out
     # everything it started is stopped
     assert re.search(r"^stopped 6 processes \(controlplane, customer-v1, preference-v1, recommendation-v1, "

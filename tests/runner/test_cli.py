@@ -40,6 +40,8 @@ def test_proxy_flags_as_the_bench_passes_them() -> None:
     ["proxy", "--config", "c", "--log-level", "trace"],
     ["proxy"],  # neither --config nor --controlplane
     ["proxy", "--controlplane", "15010"],
+    ["proxy", "--controlplane", "127.0.0.1:15010"],  # TLS: the control plane's root is needed
+    ["proxy", "--controlplane", "127.0.0.1:15010", "--controlplane-plaintext", "--controlplane-ca", "root.pem"],
     ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "novalue"],
     ["proxy", "--controlplane", "127.0.0.1:15010", "--label", "=v"],
     ["proxy", "--config", "c", "--drain-duration", "-1s"],
@@ -54,10 +56,15 @@ def test_bad_arguments_exit_2(argv: list[str]) -> None:
 
 
 def test_proxy_controlplane_flags() -> None:
-    args = parse_args(["proxy", "--controlplane", "127.0.0.1:15010"])
+    args = parse_args(["proxy", "--controlplane", "127.0.0.1:15010", "--controlplane-ca", "root.pem",
+                       "--controlplane-token-file", "t", "--service-account", "reviews"])
+    assert (args.controlplane_ca, args.controlplane_token_file, args.service_account) == (Path("root.pem"), Path("t"),
+                                                                                          "reviews")
+    args = parse_args(["proxy", "--controlplane", "127.0.0.1:15010", "--controlplane-plaintext"])
     assert args.config is None and args.controlplane == ("127.0.0.1", 15010)
     assert (args.node_id, args.namespace, args.labels, args.register) == (None, "default", [], None)
-    args = parse_args(["proxy", "--config", "boot.yaml", "--controlplane", "[::1]:15010", "--node-id", "gw-1",
+    args = parse_args(["proxy", "--config", "boot.yaml", "--controlplane", "[::1]:15010", "--controlplane-plaintext",
+                       "--node-id", "gw-1",
                        "--namespace", "tutorial", "--label", "app=edge", "--label", "version=v1=x",
                        "--label", "empty=", "--register", "127.0.0.5"])
     assert args.config == Path("boot.yaml") and args.controlplane == ("::1", 15010)

@@ -90,7 +90,7 @@ def mesh(tmp_path: Path, backends):
 def start_proxy(procs: list, tmp_path: Path, cp_address: str, *, config: Path | None = None,
                 admin_port: int | None = None, wait_ready: bool = True, **kw) -> Proxy:
     proxy = Proxy(config, tmp_path, concurrency=2, access_log="off",
-                  extra_args=["--controlplane", cp_address, "--node-id", NODE, "--namespace", "test",
+                  extra_args=["--controlplane", cp_address, "--controlplane-plaintext", "--node-id", NODE, "--namespace", "test",
                               "--label", "istio=ingressgateway", "--label", "app=edge"], **kw)
     if admin_port is not None:
         proxy.admin_port = admin_port
@@ -367,7 +367,7 @@ def test_registered_workload_is_an_endpoint_until_its_grace_period_ends(tmp_path
     assert get(gw_port, "/")[0] == 503  # no endpoint yet
     # a workload's proxy registers itself (address 127.0.0.1, labels app=api): it becomes the endpoint
     api = Proxy(None, tmp_path, concurrency=1, access_log="off",
-                extra_args=["--controlplane", cp.address, "--node-id", "api-1", "--namespace", "test",
+                extra_args=["--controlplane", cp.address, "--controlplane-plaintext", "--node-id", "api-1", "--namespace", "test",
                             "--label", "app=api", "--register", "127.0.0.1"])
     procs.append(api)
     api.start()
