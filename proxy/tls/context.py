@@ -11,6 +11,8 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
+from proxy.config.snapshot import ServerTls
+
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
 DEFAULT_CIPHER_SUITES = (
@@ -174,3 +176,13 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None, 
                                    "a client certificate needs both clientCertificate and privateKey")
         _load_chain(context, "clientCertificate", cert_file, key_file)
     return context
+
+
+def context_for_server(server: ServerTls, alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
+    """The context of a compiled terminating Gateway server (TlsSettingsError when its files or
+    settings fail)."""
+    files = server.certificate
+    return server_context(files.cert_file, files.key_file, ca_file=files.ca_file or None,
+                          require_client_certificate=server.mode == "MUTUAL",
+                          versions=ProtocolVersions(server.min_protocol_version, server.max_protocol_version),
+                          cipher_suites=server.cipher_suites, alpn=alpn)
