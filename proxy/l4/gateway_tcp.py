@@ -1,5 +1,8 @@
 """A Gateway's TCP servers (protocol TCP, MONGO, MYSQL, REDIS): each connection takes its listener's
-VirtualService `tcp` route (a weighted pick of one destination cluster) to the TCP proxy.
+VirtualService `tcp` route (a weighted pick of one destination cluster) to the TCP proxy. And its TLS
+PASSTHROUGH servers: the ClientHello's SNI picks the first VirtualService `tls` route that takes it;
+the bytes read to see it are replayed to the upstream, the TLS session is the client's and the
+upstream's own.
 
 The snapshot is read once per connection, when it is accepted. A listener without a route (no tcp
 route applies to the server) closes each connection at once, as Envoy closes a connection that
@@ -17,6 +20,8 @@ import trio
 from proxy.config.snapshot import Listener, Snapshot
 from proxy.l4.accept import accept_connections
 from proxy.l4.cluster_proxy import proxy_to_cluster
+from proxy.l4.sniff import Protocol
+from proxy.l4.sniff_stream import sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster
 from proxy.stats import HELP, Counter, Stats
 
@@ -26,6 +31,9 @@ HELP.setdefault("triomesh_gateway_tcp_cx_total",
 log = structlog.get_logger("triomesh.l4")
 
 NO_ROUTE = "no_route"
+NOT_TLS = "not_tls"  # a PASSTHROUGH server got something other than a TLS ClientHello
+# how long a PASSTHROUGH server waits for the whole ClientHello (Envoy's listener_filters_timeout)
+CLIENT_HELLO_TIMEOUT_S = 15.0
 
 
 class GatewayTcpServer:
@@ -69,6 +77,9 @@ class GatewayTcpServer:
         try:
             snapshot = self.plane.holder.current
             listener = self._listener(snapshot, listener_name)
+            if listener is not None and listener.protocol == "TLS":
+                await self._passthrough(listener, snapshot, sock)
+                return
             route = listener.tcp_route if listener is not None else None
             if route is None:
                 self._count(listener_name, NO_ROUTE)
@@ -86,3 +97,27 @@ class GatewayTcpServer:
         except Exception:  # one connection's bug must never cost the listener
             log.exception("gateway tcp handler failed", listener=listener_name)
             sock.close()
+
+    async def _passthrough(self, listener: Listener, snapshot: Snapshot, sock: socket.socket) -> None:
+        """A TLS PASSTHROUGH connection: read the ClientHello, route by its SNI, replay it upstream."""
+        detection, initial = await sniff_socket(sock, timeout_s=CLIENT_HELLO_TIMEOUT_S)
+        if detection.protocol is not Protocol.TLS:
+            self._count(listener.name, NOT_TLS)
+            sock.close()
+            return
+        try:
+            client_ip, port = sock.getpeername()[:2]
+        except OSError:
+            sock.close()
+            return
+        route = next((r for r in listener.tls_routes if r.matches_connection(detection.sni, client_ip, port)), None)
+        if route is None:
+            self._count(listener.name, NO_ROUTE)
+            log.info("no tls route for the connection's SNI", listener=listener.name, sni=detection.sni)
+            sock.close()
+            return
+        cluster = route.pick_cluster(self.rand_below)
+        outcome = await proxy_to_cluster(self.plane, snapshot, cluster, sock, client_ip, None,
+                                         stats=self._tcp_stats[cluster], idle_timeout_s=self.idle_timeout_s,
+                                         initial=initial)
+        self._count(listener.name, outcome.value)

@@ -78,6 +78,7 @@ class ProxyOptions:
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    credentials_dir: str | None = None  # where Gateway credentialNames resolve (proxy/tls/certificates.py)
     max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
 
 
@@ -179,7 +180,7 @@ class Supervisor:
         if a is None:
             return None
         return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
-                                  self.proxy_namespace)
+                                  self.proxy_namespace, self.options.credentials_dir)
 
     def _reject(self, reason: str, error: BaseException | str, *, trigger: str, version: str, digest: str = "",
                 file: str | None = None) -> ConfigRejected:
@@ -219,7 +220,8 @@ class Supervisor:
         version = str(self._versions + 1)
         try:
             snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
-                                      proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
+                                      proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
+                                      credentials_dir=self.options.credentials_dir)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             raise self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger=reason,
                                version=version, digest=digest) from e
@@ -304,7 +306,7 @@ class Supervisor:
             self.active = new
             return
         message = control.PrepareConfig(new.version, new.sources, self.options.bind_address, self.proxy_labels,
-                                        self.proxy_namespace)
+                                        self.proxy_namespace, self.options.credentials_dir)
         errors: dict[int, tuple[str, str]] = {}
         running = [slot for slot in self.slots if slot.channel is not None]
         pids = {slot.index: slot.pid for slot in running}
@@ -413,7 +415,8 @@ class Supervisor:
         try:
             # compiled from the resources themselves: errors name the file/document they came from
             snapshot = compile_resources(resources, version=version, bind_address=self.options.bind_address,
-                                         proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
+                                         proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
+                                         credentials_dir=self.options.credentials_dir)
             sources = to_sources(resources, version)
         except Exception as e:
             self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger="controlplane_push",
@@ -542,6 +545,12 @@ class Supervisor:
                 "last_disconnect": x.last_disconnect if x else "",
             }
         return out
+
+    def certs(self) -> dict[str, Any]:
+        """/certs: the terminating Gateway servers' certificates, as their files hold them now."""
+        from proxy.tls.certificates import certificates_report
+
+        return certificates_report(self.active.snapshot.listeners if self.active is not None else ())
 
     def config_status(self) -> dict[str, Any]:
         """What `proxy-status` shows for a proxy: the version served (by the supervisor and each

@@ -142,3 +142,26 @@ def describe_chain(path: str) -> list[CertificateInfo]:
             days_until_expiration=(cert.not_valid_after_utc - now).days,
         ))
     return out
+
+
+def certificates_report(listeners) -> dict:
+    """Envoy's /certs, for the terminating Gateway servers of `listeners` (a snapshot's): each
+    certificate chain and CA with subject, SANs and expiry as the files hold them now, and whether
+    they load (`error`: why not; the proxy then keeps serving the last good certificate)."""
+    from proxy.tls.context import TlsSettingsError, context_for_server
+
+    out = []
+    for listener in listeners:
+        for server in listener.tls_servers:
+            files = server.certificate
+            entry: dict = {"listener": listener.name, "server": server.owner, "server_names": list(server.server_names),
+                           "mode": server.mode, "origin": files.origin, "cert_chain": [], "ca_cert": [], "error": ""}
+            try:
+                entry["cert_chain"] = [info.as_dict() for info in describe_chain(files.cert_file)]
+                if files.ca_file:
+                    entry["ca_cert"] = [info.as_dict() for info in describe_chain(files.ca_file)]
+                context_for_server(server)
+            except (TlsSettingsError, OSError, ValueError) as e:
+                entry["error"] = str(e)
+            out.append(entry)
+    return {"certificates": out}
