@@ -104,34 +104,50 @@ def _base(purpose: int, versions: ProtocolVersions, cipher_suites: tuple[str, ..
     return context
 
 
+def _readable(field: str, path: str) -> None:
+    """OpenSSL's errors do not say which file is missing: look first, to name the field."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise TlsSettingsError(field, f"cannot read {path}: {e.strerror}") from e
+
+
 def _load_chain(context: ssl.SSLContext, cert_field: str, cert_file: str, key_file: str) -> None:
+    _readable(cert_field, cert_file)
+    _readable("privateKey", key_file)
     try:
         context.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as e:
-        missing = e.filename or cert_file
-        field = "privateKey" if missing == key_file else cert_field
-        raise TlsSettingsError(field, f"cannot read {missing}: {e.strerror}") from e
-    except PermissionError as e:
-        field = "privateKey" if e.filename == key_file else cert_field
-        raise TlsSettingsError(field, f"cannot read {e.filename}: {e.strerror}") from e
     except ssl.SSLError as e:
-        text = str(e)
-        if "KEY_VALUES_MISMATCH" in text:
+        if "KEY_VALUES_MISMATCH" in str(e):
             raise TlsSettingsError("privateKey", f"private key {key_file} does not match certificate "
                                                  f"{cert_file}") from e
-        raise TlsSettingsError(cert_field, f"cannot load certificate {cert_file} with key {key_file}: "
-                                           f"not a PEM certificate chain and private key ({e.reason or e})") from e
+        if _holds_certificates(cert_file):
+            raise TlsSettingsError("privateKey", f"cannot load private key {key_file}: not a PEM private key "
+                                                 f"({e.reason or e})") from e
+        raise TlsSettingsError(cert_field, f"cannot load certificate {cert_file}: not a PEM certificate chain "
+                                           f"({e.reason or e})") from e
+    except OSError as e:  # gone between the look and the load
+        raise TlsSettingsError(cert_field, f"cannot read {cert_file} or {key_file}: {e.strerror}") from e
+
+
+def _holds_certificates(path: str) -> bool:
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        probe.load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
 
 
 def _load_ca(context: ssl.SSLContext, ca_file: str) -> None:
+    _readable("caCertificates", ca_file)
     try:
         context.load_verify_locations(cafile=ca_file)
-    except FileNotFoundError as e:
-        raise TlsSettingsError("caCertificates", f"cannot read {ca_file}: {e.strerror}") from e
-    except PermissionError as e:
-        raise TlsSettingsError("caCertificates", f"cannot read {ca_file}: {e.strerror}") from e
     except ssl.SSLError as e:
         raise TlsSettingsError("caCertificates", f"no PEM certificate in {ca_file} ({e.reason or e})") from e
+    except OSError as e:
+        raise TlsSettingsError("caCertificates", f"cannot read {ca_file}: {e.strerror}") from e
 
 
 def record_server_name(ssl_object, server_name: str | None, context: ssl.SSLContext) -> None:
