@@ -51,7 +51,11 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
         log.debug("tls handshake failed", listener=listener_name, reason="connection_error", error=str(e))
         conn.close()
         return
-    except BaseException:
+    except Exception:  # a bug must cost one connection, never the listener
+        log.exception("unexpected error during a tls handshake", listener=listener_name)
+        conn.reset()
+        return
+    except BaseException:  # cancelled: the worker stops
         conn.close()
         raise
     runtime.handshakes.value += 1

@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -227,6 +226,15 @@ def test_simple_http1_and_http2_with_a_certificate_per_sni(gateway):
     crossed = _https(gateway, "b.example.com", "HTTPS_PORT", "-H", "host: a.example.com", "-o", "/dev/null",
                      "-w", "%{http_code}")
     assert crossed.stdout == "404", crossed
+
+
+def test_h2load_over_tls(gateway):
+    """Many HTTP/2 streams at once over TLS: the codec's reader and writer share one TLS connection."""
+    port = gateway["ports"]["HTTPS_PORT"]
+    run = subprocess.run(["h2load", "-n", "400", "-c", "4", "-m", "10", "--connect-to", f"127.0.0.1:{port}",
+                          f"https://b.example.com:{port}/load"], capture_output=True, text=True, timeout=60)
+    assert "400 succeeded, 0 failed, 0 errored" in run.stdout, run.stdout + run.stderr
+    assert "Application protocol: h2" in run.stdout
 
 
 def test_sni_chooses_the_certificate_and_no_sni_gets_the_first_server(gateway):
