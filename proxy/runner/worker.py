@@ -108,7 +108,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS
         # PASSTHROUGH servers: tls routes by SNI to the TCP proxy
         tls_listeners = TlsListeners(stats)
-        nursery.start_soon(tls_listeners.watch_certificates)
+        nursery.start_soon(tls_listeners.watch_certificates, holder)
         https = https_serve_function(plane, tls_listeners, connections)
         listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, "TCP": gateway_tcp.serve,
                                               "HTTPS": https, "TLS": gateway_tcp.serve,

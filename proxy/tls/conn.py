@@ -155,7 +155,10 @@ class TlsConn(Conn):
                     pass
                 except ssl.SSLError as e:
                     self._queue_outgoing()  # the alert that tells the peer why
-                    self._send_pending_nowait()
+                    try:
+                        self._send_pending_nowait()
+                    except OSError:
+                        pass  # the peer is gone already; the handshake error is the news
                     raise TlsHandshakeError(f"TLS handshake failed: {e.reason or e}", failure_reason(e)) from e
                 await self._flush()
                 if not await self._receive_ciphertext():

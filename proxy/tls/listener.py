@@ -198,14 +198,22 @@ class TlsListeners:
             runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats)
         return runtime
 
-    async def watch_certificates(self) -> None:
+    async def watch_certificates(self, holder) -> None:
         """Runs for the worker's life: every second, reload the certificates whose files changed,
-        traffic or not (so a bad file shows in the stats before a client meets it)."""
+        traffic or not (so a bad file shows in the stats before a client meets it). `holder`: the
+        worker's SnapshotHolder; listeners of the current snapshot get their runtime here first."""
         while True:
             await trio.sleep(RELOAD_CHECK_PERIOD_S)
-            current = self._snapshot
+            snapshot = holder.current
+            fresh = set()
+            for listener in snapshot.listeners:
+                if listener.tls_servers:
+                    known = self._by_listener.get(listener.name)
+                    runtime = self.for_listener(snapshot, listener.name)
+                    if runtime is not known:
+                        fresh.add(listener.name)
             for name, runtime in list(self._by_listener.items()):
-                if current is not None and name not in self._listeners:
+                if name not in self._listeners:
                     del self._by_listener[name]  # the listener left the config
-                    continue
-                runtime.maybe_reload()
+                elif name not in fresh:
+                    runtime.maybe_reload()

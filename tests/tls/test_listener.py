@@ -77,3 +77,30 @@ def test_runtime_kept_across_snapshots_while_servers_are_unchanged(server_files)
     changed = listeners.for_listener(snapshot("3", (_server(server_files, "b.example.com"),)), "l")
     assert changed is not first
     assert listeners.for_listener(snapshot("4", ()), "l") is None
+
+
+async def test_watcher_makes_runtimes_for_the_current_listeners_and_reloads(ca, tmp_path, autojump_clock):
+    """watch_certificates on the (mock) clock: a listener nobody connected to yet gets its runtime, and
+    a changed file is reloaded without any traffic."""
+    import trio
+
+    from proxy.runtime import SnapshotHolder
+
+    (tmp_path / "live").mkdir()
+    live = write_cert(ca, tmp_path / "live", "live", "a.example.com")
+    holder = SnapshotHolder()
+    holder.swap(Snapshot("1", (Listener("l", "127.0.0.1", 8443, "HTTPS", RouteTable({}, (), None),
+                                        tls_servers=(_server(live, "a.example.com"),)),), {}))
+    stats = Stats()
+    listeners = TlsListeners(stats)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listeners.watch_certificates, holder)
+        await trio.sleep(1.5)
+        runtime = listeners.for_listener(holder.current, "l")
+        first = runtime.initial_context()
+        shutil.copy(live.cert, tmp_path / "copy.crt")
+        (tmp_path / "copy.crt").rename(live.cert)  # same content, new file: a reload all the same
+        await trio.sleep(1.5)
+        assert runtime.initial_context() is not first
+        assert stats.counter("triomesh_tls_certificate_reload_total", certificate=live.cert, result="success").value == 1
+        nursery.cancel_scope.cancel()
