@@ -27,7 +27,7 @@ to check them, gateway_tls.py): same input -> same Snapshot.
    the server's port and Gateway (Istio decides only on those two at a gateway).
 7. Gateway servers over TLS (gateway_tls.py): HTTPS servers in mode SIMPLE or MUTUAL share an HTTPS
    listener per port whose handshake picks a server by SNI, each server's routes in a virtual
-   listener of its own; PASSTHROUGH servers (TLS or HTTPS) get a TLS listener with the tls routes
+   listener of its own (TLS servers in those modes likewise, with a tcp route each); PASSTHROUGH servers (TLS or HTTPS) get a TLS listener with the tls routes
    bound to the Gateway, chosen by SNI; an HTTP server with tls.httpsRedirect answers 301 to https.
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
 use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
@@ -544,8 +544,9 @@ class _Compiler:
                 if kind == gateway_tls.PASSTHROUGH:
                     self._add_gateway_passthrough_server(r, path, gw_key, server.port.number, address, port, scoped, bound)
                     continue
-                if kind == gateway_tls.TERMINATE:
-                    self._add_gateway_https_server(r, path, i, gw_key, server, address, port, scoped, bound)
+                if kind in (gateway_tls.TERMINATE, gateway_tls.TERMINATE_TCP):
+                    self._add_gateway_terminating_server(r, path, i, gw_key, server, address, port, scoped, bound,
+                                                         tcp=kind == gateway_tls.TERMINATE_TCP)
                     continue
                 if protocol in GATEWAY_TCP_PROTOCOLS:
                     if server.tls is not None:
@@ -580,26 +581,37 @@ class _Compiler:
                     domains = hosts.aliases(eff, vns, None)
                     draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
 
-    def _add_gateway_https_server(self, r: Resource, path: str, index: int, gw_key: str, server, address: str,
-                                  port: int, scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
-        """A terminating server (HTTPS, mode SIMPLE or MUTUAL). Servers sharing a port share one
-        bound listener whose handshake picks a server by SNI; each server's routes are its own
-        virtual listener (Istio's route configuration per HTTPS server), so a request on one
-        server's connection never reaches another server's hosts, whatever its Host header says."""
-        draft = self._claim(r, f"{path}.port.number", address, port, "HTTPS", "OUTBOUND", "Gateway")
+    def _add_gateway_terminating_server(self, r: Resource, path: str, index: int, gw_key: str, server, address: str,
+                                        port: int, scoped: list[tuple[str, str]], bound: list[_CheckedVS], *,
+                                        tcp: bool) -> None:
+        """A terminating server (mode SIMPLE or MUTUAL): HTTPS, or TLS with TCP after it (`tcp`).
+        Servers sharing a port share one bound listener whose handshake picks a server by SNI; each
+        server's routes are its own virtual listener (Istio's route configuration per HTTPS server,
+        its filter chain per TLS server), so a connection to one server never reaches another
+        server's routes, whatever its Host header says. A TLS server's virtual listener holds the
+        first tcp route that applies to it, as a TCP server's does."""
+        draft = self._claim(r, f"{path}.port.number", address, port, "TLS" if tcp else "HTTPS", "OUTBOUND", "Gateway")
+        if draft.tls_passthrough:
+            raise r.error(f"{path}.tls.mode", f"{address}:{port} already has PASSTHROUGH servers; terminating and "
+                                              "PASSTHROUGH servers on one port are not supported by triomesh yet")
         names = gateway_tls.server_names(scoped)
         for name in names:
             taken = next((s for s in draft.tls_servers if name in s.server_names), None)
             if taken is not None:
                 raise r.error(f"{path}.hosts", f"host {name!r} on {address}:{port} is already served by {taken.owner} "
                                                "(one certificate per name and port)")
-        listener_name = f"https.{server.port.number}.{server.port.name or index}.{r.name}.{r.namespace}"
+        prefix = "tls" if tcp else "https"
+        listener_name = f"{prefix}.{server.port.number}.{server.port.name or index}.{r.name}.{r.namespace}"
         while listener_name in self.virtual:
             listener_name += f".{index}"
         virtual = self.virtual[listener_name] = _ListenerDraft(
-            address, port, "HTTP", "OUTBOUND", "Gateway", f"{r.kind} {r.namespace}/{r.name}",
+            address, port, "TCP" if tcp else "HTTP", "OUTBOUND", "Gateway", f"{r.kind} {r.namespace}/{r.name}",
             name=listener_name, bind_to_port=False)
-        self._add_gateway_routes(virtual, r, gw_key, server.port.number, scoped, bound)
+        if tcp:
+            virtual.tcp_server = f"{r.kind} {r.namespace}/{r.name}"
+            self._pick_tcp_route(virtual, gw_key, server.port.number, r.namespace, scoped, bound)
+        else:
+            self._add_gateway_routes(virtual, r, gw_key, server.port.number, scoped, bound)
         draft.tls_servers.append(gateway_tls.compile_server_tls(r, path, server.tls, names, self.credentials_dir,
                                                                 listener_name))
 
@@ -610,6 +622,10 @@ class _Compiler:
         within the server's hosts (Istio's gateway filter chains per SNI). The TLS bytes pass
         untouched; a connection whose SNI no route takes is closed."""
         draft = self._claim(r, f"{path}.port.number", address, port, "TLS", "OUTBOUND", "Gateway")
+        if draft.tls_servers:
+            raise r.error(f"{path}.tls.mode", f"{address}:{port} already has terminating servers; terminating and "
+                                              "PASSTHROUGH servers on one port are not supported by triomesh yet")
+        draft.tls_passthrough = True
         for vs in bound:
             vns = vs.resource.namespace
             if not vs.tls_routes or not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
@@ -641,9 +657,15 @@ class _Compiler:
             raise r.error(f"{path}.port.number", f"{address}:{port} is already the TCP server of {draft.tcp_server} "
                                                  "(one TCP server per port: connections carry no host to tell them apart)")
         draft.tcp_server = f"{r.kind} {r.namespace}/{r.name}"
+        self._pick_tcp_route(draft, gw_key, server_port, r.namespace, scoped, bound)
+
+    def _pick_tcp_route(self, draft: "_ListenerDraft", gw_key: str, server_port: int, gateway_namespace: str,
+                        scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
+        """The first tcp route, in VirtualService order, of a VirtualService whose hosts meet the
+        server's and whose match allows its port and Gateway, on `draft` (none: no route)."""
         for vs in bound:
             vns = vs.resource.namespace
-            if not vs.tcp_routes or not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+            if not vs.tcp_routes or not hosts.exported_to(vs.spec.export_to, vns, gateway_namespace):
                 continue
             if not any(sns in ("*", vns) and hosts.intersect(shost, h) is not None
                        for h in vs.spec.hosts for sns, shost in scoped):
@@ -927,6 +949,7 @@ class _ListenerDraft:
     tls_servers: list[ServerTls] = field(default_factory=list)  # an HTTPS listener's terminating servers
     tls_routes: list[L4Route] = field(default_factory=list)  # a PASSTHROUGH listener's tls routes
     tls_route_paths: list[str] = field(default_factory=list)  # their field paths in their VirtualServices
+    tls_passthrough: bool = False  # a PASSTHROUGH server claimed this port
 
     def vhost(self, name: str, domains: list[str], *, local: bool = True) -> _VhostDraft:
         vh = self.vhosts.get(name)

@@ -14,7 +14,8 @@ from proxy.config.snapshot import CertificateFiles, ServerTls
 from proxy.tls.certificates import CredentialError, resolve_credential
 from proxy.tls.context import ProtocolVersions, TlsSettingsError, check_versions, context_for_server
 
-TERMINATE = "terminate"  # SIMPLE, MUTUAL: TLS ends here
+TERMINATE = "terminate"  # HTTPS in SIMPLE, MUTUAL: TLS ends here, HTTP follows
+TERMINATE_TCP = "terminate_tcp"  # TLS in SIMPLE, MUTUAL: TLS ends here, TCP follows (tcp routes)
 PASSTHROUGH = "passthrough"  # SNI routing to VirtualService tls routes, the bytes untouched
 PLAIN = "plain"  # no TLS (an HTTP server, perhaps with httpsRedirect)
 
@@ -35,10 +36,7 @@ def server_kind(r: Resource, path: str, server: Server) -> str:
                                               "proxy does not have yet; use SIMPLE or MUTUAL with certificate files")
         if tls.mode == "PASSTHROUGH":
             return PASSTHROUGH
-        if protocol == "TLS":
-            raise r.error(f"{path}.tls.mode", f"mode {tls.mode} on a TLS server (TCP after TLS termination) is "
-                                              "not supported by triomesh yet; use PASSTHROUGH, or protocol HTTPS")
-        return TERMINATE
+        return TERMINATE_TCP if protocol == "TLS" else TERMINATE
     if tls is not None and _sets_more_than_redirect(tls):
         raise r.error(f"{path}.tls", f"a {protocol} server is plaintext: its tls may only set httpsRedirect "
                                      "(use protocol HTTPS to terminate TLS)")

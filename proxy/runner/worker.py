@@ -103,11 +103,11 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        gateway_tcp = GatewayTcpServer(plane, stats, connections)
+        tls_listeners = TlsListeners(stats)
+        gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS
         # PASSTHROUGH servers: tls routes by SNI to the TCP proxy
-        tls_listeners = TlsListeners(stats)
         nursery.start_soon(tls_listeners.watch_certificates, holder)
         https = https_serve_function(plane, tls_listeners, connections)
         listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, "TCP": gateway_tcp.serve,

@@ -15,14 +15,9 @@ import trio
 from proxy.l7.dataplane import DataPlane
 from proxy.l7.server import DownstreamConnection, serve_listener
 from proxy.tls.conn import TlsConn, TlsError
-from proxy.tls.listener import TlsListeners
+from proxy.tls.listener import HANDSHAKE_TIMEOUT_S, TlsListeners
 
 log = structlog.get_logger("triomesh.tls")
-
-# Envoy's transport_socket_connect_timeout is off by default, Istio sets none on gateways; a bound
-# keeps a client that opens a connection and says nothing from holding it for the idle timeout
-HANDSHAKE_TIMEOUT_S = 10.0
-
 
 async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, listener_name: str,
                                sock: socket.socket, addr) -> None:

@@ -38,6 +38,9 @@ from proxy.tls.context import TlsSettingsError, context_for_server
 log = structlog.get_logger("triomesh.tls")
 
 RELOAD_CHECK_PERIOD_S = 1.0
+# Envoy's transport_socket_connect_timeout is off by default, Istio sets none on gateways; a bound
+# keeps a client that opens a connection and says nothing from holding it for the idle timeout
+HANDSHAKE_TIMEOUT_S = 10.0
 
 HELP.setdefault("triomesh_tls_handshake_total", "Completed downstream TLS handshakes, by listener (Envoy's ssl.handshake).")
 HELP.setdefault("triomesh_tls_handshake_error_total",

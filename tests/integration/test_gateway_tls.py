@@ -16,7 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import trio
 import trustme
+
+from proxy.tls.conn import TlsConn
+from proxy.tls.context import client_context
 
 from tests.runner.harness import Backend, Proxy, free_port
 from tests.tls.certs import CertFiles, write_cert
@@ -42,6 +46,9 @@ spec:
   - port: {number: PASSTHROUGH_PORT, name: tls, protocol: TLS}
     hosts: ["pass.example.com"]
     tls: {mode: PASSTHROUGH}
+  - port: {number: TCP_TLS_PORT, name: tls-echo, protocol: TLS}
+    hosts: ["echo.example.com"]
+    tls: {mode: SIMPLE, credentialName: echo-credential}
   - port: {number: ROTATE_PORT, name: https-rotate, protocol: HTTPS}
     hosts: ["*"]
     tls: {mode: SIMPLE, credentialName: rotating}
@@ -77,6 +84,26 @@ spec:
   ports: [{number: 443, name: tls, protocol: TLS}]
   endpoints:
   - {address: 127.0.0.1, ports: {tls: PASS_BACKEND}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo.shop.svc.cluster.local]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{number: 9000, name: tcp, protocol: TCP}]
+  endpoints:
+  - {address: 127.0.0.1, ports: {tcp: ECHO_BACKEND}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: shop}
+spec:
+  hosts: [echo.example.com]
+  gateways: [edge]
+  tcp:
+  - route: [{destination: {host: echo.shop.svc.cluster.local, port: {number: 9000}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -138,6 +165,35 @@ class TlsBackend:
         self.listener.close()
 
 
+class EchoBackend:
+    """A plain TCP server on 127.0.0.1 answering each connection's bytes with "echo " + the bytes,
+    then ending its side when the client ends its own (the upstream of the TLS-terminating server)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                try:
+                    while chunk := conn.recv(65536):
+                        data += chunk
+                    conn.sendall(b"echo " + data)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 def _credential(ca: trustme.CA, credentials: Path, name: str, host: str, *, with_ca: bool = False) -> None:
     directory = credentials / name
     directory.mkdir(parents=True)
@@ -158,15 +214,18 @@ def gateway(tmp_path_factory):
     _credential(ca, credentials, "b-credential", "b.example.com")
     _credential(ca, credentials, "mtls-credential", "mtls.example.com", with_ca=True)
     _credential(ca, credentials, "rotating", "rotate.example.com")
+    _credential(ca, credentials, "echo-credential", "echo.example.com")
+    echo = EchoBackend()
     (tmp / "pass").mkdir()
     passthrough = TlsBackend(write_cert(ca, tmp / "pass", "pass", "pass.example.com"))
     (tmp / "client").mkdir()
     client = write_cert(ca, tmp / "client", "client", "client.example.com")
     backend_a, backend_b = Backend("backend-a"), Backend("backend-b")
-    ports = {name: free_port() for name in ("HTTPS_PORT", "MTLS_PORT", "HTTP_PORT", "PASSTHROUGH_PORT", "ROTATE_PORT")}
+    ports = {name: free_port() for name in ("HTTPS_PORT", "MTLS_PORT", "HTTP_PORT", "PASSTHROUGH_PORT", "ROTATE_PORT",
+                                             "TCP_TLS_PORT")}
     text = CONFIG
     for name, value in {**ports, "A_CERT": a.cert, "A_KEY": a.key, "A_BACKEND": backend_a.port,
-                        "B_BACKEND": backend_b.port, "PASS_BACKEND": passthrough.port}.items():
+                        "B_BACKEND": backend_b.port, "PASS_BACKEND": passthrough.port, "ECHO_BACKEND": echo.port}.items():
         text = text.replace(name, str(value))
     config = tmp / "gateway.yaml"
     config.write_text(text)
@@ -181,6 +240,7 @@ def gateway(tmp_path_factory):
         backend_a.close()
         backend_b.close()
         passthrough.close()
+        echo.close()
 
 
 def _curl(*args: str, timeout_s: float = 20.0) -> subprocess.CompletedProcess:
@@ -267,6 +327,32 @@ def test_mutual_needs_a_client_certificate(gateway):
     too_old = _https(gateway, "mtls.example.com", "MTLS_PORT", "--cert", client.cert, "--key", client.key,
                      "--tls-max", "1.2")
     assert too_old.returncode != 0
+
+
+def test_tls_termination_then_tcp(gateway):
+    """Protocol TLS in mode SIMPLE: the gateway terminates, the tcp route takes the plaintext; the
+    client's half-close reaches the upstream, whose answer and close come back over TLS."""
+    port = gateway["ports"]["TCP_TLS_PORT"]
+    payload = b"x" * 200_000 + b"end"
+
+    async def exchange() -> bytes:
+        # the stdlib's blocking client cannot half-close TLS; TlsConn can (close_notify, then FIN)
+        conn = TlsConn(socket.create_connection(("127.0.0.1", port)), client_context(ca_file=gateway["ca_file"]),
+                       server_side=False, server_hostname="echo.example.com")
+        try:
+            with trio.fail_after(20):
+                await conn.handshake(10)
+                await conn.send_all(payload)
+                conn.shutdown_write()
+                while await conn.fill():
+                    pass
+                return bytes(conn.take_buffered())
+        finally:
+            conn.close()
+
+    assert trio.run(exchange) == b"echo " + payload
+    stats = gateway["proxy"].stats("triomesh_gateway_tcp_cx_total")
+    assert stats[(("action", "tcp"), ("listener", f"127.0.0.1_{port}"))] == 1
 
 
 def test_https_redirect(gateway):

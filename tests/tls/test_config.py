@@ -56,6 +56,25 @@ def test_credential_name_resolves_in_the_credentials_dir(ca, tmp_path):
     assert tls.certificate.origin == "credentialName edge-cert"
 
 
+def test_tls_termination_then_tcp_route(server_files):
+    snap = compile_docs(
+        _gateway({"port": {"number": 9000, "name": "tls-db", "protocol": "TLS"}, "hosts": ["db.example.com"],
+                  "tls": {"mode": "SIMPLE", "serverCertificate": server_files.cert, "privateKey": server_files.key}}),
+        doc("ServiceEntry", "db", {"hosts": ["db.shop.svc.cluster.local"], "resolution": "STATIC",
+                                   "location": "MESH_INTERNAL", "ports": [{"number": 5432, "name": "tcp", "protocol": "TCP"}],
+                                   "endpoints": [{"address": "127.0.0.2"}]}, namespace="shop"),
+        doc("VirtualService", "db", {"hosts": ["db.example.com"], "gateways": ["edge"], "tcp": [
+            {"route": [{"destination": {"host": "db.shop.svc.cluster.local", "port": {"number": 5432}}}]}]},
+            namespace="shop"),
+    )
+    bound = next(l for l in snap.listeners if l.bind_to_port)
+    assert (bound.protocol, bound.tls_routes) == ("TLS", ())
+    (server,) = bound.tls_servers
+    virtual = next(l for l in snap.listeners if l.name == server.listener)
+    assert (virtual.protocol, virtual.bind_to_port) == ("TCP", False)
+    assert virtual.tcp_route.destinations[0].cluster == "outbound|5432||db.shop.svc.cluster.local"
+
+
 def test_passthrough_and_https_redirect(server_files):
     snap = compile_docs(
         _gateway({"port": {"number": 9443, "name": "tls", "protocol": "TLS"}, "hosts": ["*.example.com"],
@@ -135,8 +154,10 @@ def test_istio_rules_on_protocols_and_tls(server_files):
     assert e.field_path == "$.spec.servers[0].tls" and "may only set httpsRedirect" in e.message
     terminated_tcp = {"port": {"number": 9000, "name": "tls", "protocol": "TLS"}, "hosts": ["*"],
                       "tls": {"mode": "SIMPLE", "serverCertificate": server_files.cert, "privateKey": server_files.key}}
-    e = _error(_gateway(terminated_tcp))
-    assert e.field_path == "$.spec.servers[0].tls.mode" and "not supported by triomesh yet" in e.message
+    passthrough = {"port": {"number": 9000, "name": "tls-pass", "protocol": "TLS"}, "hosts": ["db.example.com"],
+                   "tls": {"mode": "PASSTHROUGH"}}
+    e = _error(_gateway(terminated_tcp, passthrough))
+    assert e.field_path == "$.spec.servers[1].tls.mode" and "PASSTHROUGH servers on one port are not supported" in e.message
     e = _error(_gateway(_https(server_files), _https(server_files)))
     assert e.field_path == "$.spec.servers[1].hosts" and "already served by Gateway shop/edge $.spec.servers[0]" in e.message
     mixed = {"port": {"number": 8443, "name": "http", "protocol": "HTTP"}, "hosts": ["b.example.com"]}
