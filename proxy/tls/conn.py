@@ -93,7 +93,7 @@ class TlsConn(Conn):
     """A `Conn` whose bytes are TLS records. Make it with an unconnected SSLObject's context
     (`ssl.SSLContext`) and `server_side`; call `handshake()` before any other IO."""
 
-    __slots__ = ("ssl", "incoming", "outgoing", "_pending", "_pending_bytes", "_flushing", "_flushed",
+    __slots__ = ("ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
                  "_shutdown_after_flush", "_eof", "_handshake_done", "_close_notify_sent")
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
@@ -110,7 +110,6 @@ class TlsConn(Conn):
         self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
                                     server_hostname=server_hostname)
         self._pending: list = []  # ciphertext not yet taken by the kernel, oldest first
-        self._pending_bytes = 0
         self._flushing = False  # one task sends from _pending at a time
         self._flushed: trio.Event | None = None  # set when that task stops
         self._shutdown_after_flush = False
@@ -275,7 +274,6 @@ class TlsConn(Conn):
         data = self.outgoing.read()
         if data:
             self._pending.append(data)
-            self._pending_bytes += len(data)
 
     def _encrypt(self, data) -> None:
         view = memoryview(data)
@@ -299,7 +297,6 @@ class TlsConn(Conn):
                 n = sock.send(head)
             except BlockingIOError:
                 return False
-            self._pending_bytes -= n
             if n == len(head):
                 pending.pop(0)
             else:
@@ -328,7 +325,6 @@ class TlsConn(Conn):
                     except BlockingIOError:
                         await self._wait_writable()
                         continue
-                    self._pending_bytes -= n
                     if n == len(head):
                         pending.pop(0)
                     else:
