@@ -33,6 +33,9 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
         return
     conn = TlsConn(sock, context, server_side=True, reactor=plane.reactor, sweeper=plane.sweeper,
                    idle_s=plane.settings.stream_idle_timeout_s)
+    # a connection in its handshake counts against --max-downstream-connections like a served one
+    # (DownstreamConnection counts it from then on)
+    plane.downstream_cx_active.value += 1
     try:
         await conn.handshake(HANDSHAKE_TIMEOUT_S)
     except TlsError as e:
@@ -53,6 +56,8 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
     except BaseException:  # cancelled: the worker stops
         conn.close()
         raise
+    finally:
+        plane.downstream_cx_active.value -= 1
     runtime.handshakes.value += 1
     server = runtime.server_for(conn.ssl)
     await DownstreamConnection(plane, server.listener, sock, addr, conn=conn).run()

@@ -286,6 +286,15 @@ def test_simple_http1_and_http2_with_a_certificate_per_sni(gateway):
     crossed = _https(gateway, "b.example.com", "HTTPS_PORT", "-H", "host: a.example.com", "-o", "/dev/null",
                      "-w", "%{http_code}")
     assert crossed.stdout == "404", crossed
+    # plaintext HTTP to the TLS port: no answer, the handshake failure counted as such
+    plain = _curl(f"http://127.0.0.1:{gateway['ports']['HTTPS_PORT']}/hello")
+    assert plain.returncode != 0 and plain.stdout == ""
+    proxy = gateway["proxy"]
+    listener = f"127.0.0.1_{gateway['ports']['HTTPS_PORT']}"
+    errors = proxy.wait_for(lambda: proxy.stats("triomesh_tls_handshake_error_total").get(
+        (("listener", listener), ("reason", "not_tls"))), "the plaintext request counted")
+    assert errors == 1
+    assert proxy.stats("triomesh_tls_handshake_total")[(("listener", listener),)] >= 3
 
 
 def test_h2load_over_tls(gateway):
