@@ -193,9 +193,11 @@ def _gateway_ref(name: str, namespace: str) -> str:
 
 class _Compiler:
     def __init__(self, items: list[Resource], bind_address: str, proxy_labels: Mapping[str, str] | None,
-                 proxy_namespace: str | None = None, credentials_dir: str | None = None) -> None:
+                 proxy_namespace: str | None = None, credentials_dir: str | None = None,
+                 read_certificates: bool = True) -> None:
         self.bind_address = bind_address
         self.credentials_dir = credentials_dir
+        self.read_certificates = read_certificates
         self.proxy_labels = proxy_labels
         self.proxy_namespace = proxy_namespace
         self.by_kind: dict[str, list[Resource]] = defaultdict(list)
@@ -613,7 +615,7 @@ class _Compiler:
         else:
             self._add_gateway_routes(virtual, r, gw_key, server.port.number, scoped, bound)
         draft.tls_servers.append(gateway_tls.compile_server_tls(r, path, server.tls, names, self.credentials_dir,
-                                                                listener_name))
+                                                                listener_name, read_certificates=self.read_certificates))
 
     def _add_gateway_passthrough_server(self, r: Resource, path: str, gw_key: str, server_port: int, address: str,
                                         port: int, scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
@@ -1100,6 +1102,7 @@ def compile_resources(
     proxy_labels: Mapping[str, str] | None = None,
     proxy_namespace: str | None = None,
     credentials_dir: str | None = None,
+    read_certificates: bool = True,
 ) -> Snapshot:
     """One Snapshot from loaded resources, or a ConfigError naming the resource and field at fault.
 
@@ -1110,10 +1113,12 @@ def compile_resources(
     `proxy_namespace` is this proxy's namespace: which namespace's DestinationRule applies to a service
     is looked up from it as Istio does (registry.py); None when it is not known.
     `credentials_dir` is where Gateway `credentialName`s resolve (proxy/tls/certificates.py).
+    `read_certificates` False skips reading the certificate files Gateways name (a control plane
+    validating config for proxies whose files only they can see); the proxies read them.
     """
     items = [_as_resource(r) for r in resources]
     check_duplicates(items)
-    c = _Compiler(items, bind_address, proxy_labels, proxy_namespace, credentials_dir)
+    c = _Compiler(items, bind_address, proxy_labels, proxy_namespace, credentials_dir, read_certificates)
     c.add_gateways()
     c.add_sidecars()
     c.add_capture()

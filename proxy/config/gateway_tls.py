@@ -12,7 +12,13 @@ from proxy.config.istio import Server, ServerTLSSettings
 from proxy.config.load import Resource
 from proxy.config.snapshot import CertificateFiles, ServerTls
 from proxy.tls.certificates import CredentialError, resolve_credential
-from proxy.tls.context import ProtocolVersions, TlsSettingsError, check_versions, context_for_server
+from proxy.tls.context import (
+    ProtocolVersions,
+    TlsSettingsError,
+    check_cipher_suites,
+    check_versions,
+    context_for_server,
+)
 
 TERMINATE = "terminate"  # HTTPS in SIMPLE, MUTUAL: TLS ends here, HTTP follows
 TERMINATE_TCP = "terminate_tcp"  # TLS in SIMPLE, MUTUAL: TLS ends here, TCP follows (tcp routes)
@@ -56,11 +62,17 @@ def server_names(server_hosts: list[tuple[str, str]]) -> tuple[str, ...]:
 
 
 def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tuple[str, ...],
-                       credentials_dir: str | None, listener: str) -> ServerTls:
-    """A terminating server's TLS, its files loaded once to check them."""
+                       credentials_dir: str | None, listener: str, *, read_certificates: bool = True) -> ServerTls:
+    """A terminating server's TLS, its files loaded once to check them. `read_certificates` False
+    (a control plane checking config for proxies whose files it cannot see): only the settings are
+    checked, and a credentialName stays unresolved."""
     tpath = f"{path}.tls"
     mutual = tls.mode == "MUTUAL"
-    if tls.credential_name:
+    if tls.credential_name and not read_certificates:
+        if tls.server_certificate or tls.private_key:
+            raise r.error(f"{tpath}.credentialName", "credentialName and serverCertificate/privateKey exclude each other")
+        files = CertificateFiles("", "", tls.ca_certificates, origin=f"credentialName {tls.credential_name}")
+    elif tls.credential_name:
         if tls.server_certificate or tls.private_key:
             raise r.error(f"{tpath}.credentialName", "credentialName and serverCertificate/privateKey exclude each other")
         try:
@@ -83,7 +95,10 @@ def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tu
                          tuple(tls.cipher_suites), listener, f"Gateway {r.namespace}/{r.name} {path}")
     try:
         check_versions(versions)
-        context_for_server(compiled)
+        if tls.cipher_suites:
+            check_cipher_suites(tuple(tls.cipher_suites))
+        if read_certificates:
+            context_for_server(compiled)
     except TlsSettingsError as e:
         field = e.field
         if tls.credential_name and field in _FIELD and not (field == "caCertificates" and tls.ca_certificates):

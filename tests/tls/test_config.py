@@ -173,3 +173,14 @@ def test_unsupported_server_tls_fields_are_named(server_files):
         load_bytes(dump(_gateway(_https(server_files, verifyCertificateHash=["ab"]))), "test.yaml")
     assert info.value.field_path == "$.spec.servers[0].tls.verifyCertificateHash"
     assert "does not support yet" in info.value.message
+
+
+def test_a_control_plane_checks_settings_but_not_files(server_files):
+    """read_certificates False (controlplane/store.py): paths and credentialNames only the proxies
+    can see pass; the settings themselves are still checked."""
+    remote = _https(server_files, serverCertificate="/on/the/proxy/cert.pem", privateKey="/on/the/proxy/key.pem")
+    by_name = _https(server_files, port=9443, credentialName="edge-cert", serverCertificate="", privateKey="")
+    snap = compile_docs(_gateway(remote, by_name), read_certificates=False)
+    assert [s.certificate.origin for l in snap.listeners for s in l.tls_servers] == ["files", "credentialName edge-cert"]
+    e = _error(_gateway(_https(server_files, cipherSuites=["NOPE"])), read_certificates=False)
+    assert e.field_path == "$.spec.servers[0].tls.cipherSuites[0]"
