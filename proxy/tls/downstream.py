@@ -19,6 +19,7 @@ from proxy.tls.listener import HANDSHAKE_TIMEOUT_S, TlsListeners
 
 log = structlog.get_logger("triomesh.tls")
 
+
 async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, listener_name: str,
                                sock: socket.socket, addr) -> None:
     """Handshake, then serve HTTP on the virtual listener of the server the handshake chose."""

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import datetime
 import ssl
-from time import time
-
 import structlog
 import trio
 
@@ -56,15 +54,14 @@ HELP.setdefault("triomesh_tls_certificate_expiration_timestamp_seconds",
 class ServerCertificate:
     """One terminating server's current context and where it comes from."""
 
-    __slots__ = ("server", "source", "context", "fingerprint", "loaded_at", "last_error")
+    __slots__ = ("server", "source", "context", "fingerprint", "last_error")
 
     def __init__(self, server: ServerTls, source: CertificateSource) -> None:
         self.server = server
         self.source = source
         self.context: ssl.SSLContext | None = None
-        self.fingerprint: tuple = ()
-        self.loaded_at = 0.0
-        self.last_error = ""
+        self.fingerprint: tuple = ()  # of the files last tried, loaded or not
+        self.last_error = ""  # why the last try failed ("" when it loaded)
 
 
 class ListenerTls:
@@ -113,7 +110,6 @@ class ListenerTls:
         context.sni_callback = self._on_server_name
         entry.context = context
         entry.fingerprint = fingerprint
-        entry.loaded_at = time()
         entry.last_error = ""
         self.stats.gauge("triomesh_tls_certificate_expiration_timestamp_seconds", certificate=files.cert_file).value = int(
             datetime.datetime.fromisoformat(expiry.expiration_time).timestamp())
