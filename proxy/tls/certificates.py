@@ -68,6 +68,10 @@ def resolve_credential(credentials_dir: str | None, name: str, *, need_ca: bool)
 
 
 class CertificateSource(Protocol):
+    """Where a server's certificate is now: `files` to build its context from (OpenSSL loads
+    certificates and keys from files; a source holding them in memory writes them to a private
+    directory), and a `fingerprint()` that changes whenever they do (the reload check)."""
+
     files: CertificateFiles
 
     def fingerprint(self) -> tuple: ...

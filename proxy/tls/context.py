@@ -11,7 +11,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from proxy.config.snapshot import ServerTls
+from proxy.config.snapshot import CertificateFiles, ServerTls
 
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
@@ -194,10 +194,12 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None, 
     return context
 
 
-def context_for_server(server: ServerTls, alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
+def context_for_server(server: ServerTls, files: CertificateFiles | None = None,
+                       alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
     """The context of a compiled terminating Gateway server (TlsSettingsError when its files or
-    settings fail)."""
-    files = server.certificate
+    settings fail). `files`: where its certificate source has the certificate now (default: the
+    files the config names)."""
+    files = files if files is not None else server.certificate
     return server_context(files.cert_file, files.key_file, ca_file=files.ca_file or None,
                           require_client_certificate=server.mode == "MUTUAL",
                           versions=ProtocolVersions(server.min_protocol_version, server.max_protocol_version),

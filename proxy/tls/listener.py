@@ -93,9 +93,9 @@ class ListenerTls:
 
     def _load(self, entry: ServerCertificate, *, initial: bool = False) -> None:
         fingerprint = entry.source.fingerprint()
-        files = entry.server.certificate
+        files = entry.source.files
         try:
-            context = context_for_server(entry.server)
+            context = context_for_server(entry.server, files)
             expiry = describe_chain(files.cert_file)[0]
         except (TlsSettingsError, OSError, ValueError) as e:
             entry.fingerprint = fingerprint  # retried on the next change, not on every connection
