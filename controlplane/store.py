@@ -121,6 +121,7 @@ class ConfigStore:
                 version="validate",
                 bind_address=self.bind_address,
                 proxy_labels=pc.label_dict,
+                read_certificates=False,  # certificate files live on the proxies, which check them
             )
         except ConfigError as e:
             if not pc.labels:

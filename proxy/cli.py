@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive, default=None,
                    help="worker processes sharing the listeners with SO_REUSEPORT (default: usable cores)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address the Gateway listeners bind (default 0.0.0.0)")
+    p.add_argument("--credentials-dir", default=None, metavar="DIR",
+                   help="where Gateway tls.credentialName resolves: DIR/<credentialName>/ holds tls.crt, tls.key "
+                        "and, for MUTUAL, ca.crt (a Kubernetes TLS secret's keys; cert/key/cacert also accepted)")
     p.add_argument("--admin-address", type=_host_port, default=("127.0.0.1", 15000),
                    help="HOST:PORT of the admin listener (default 127.0.0.1:15000)")
     p.add_argument("--drain-duration", type=_duration_s, default=5.0, metavar="DURATION",
@@ -183,6 +186,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         config_path=args.config,
         concurrency=args.concurrency or default_concurrency(),
         bind_address=args.bind_address,
+        credentials_dir=os.path.abspath(args.credentials_dir) if args.credentials_dir else None,
         admin_host=args.admin_address[0],
         admin_port=args.admin_address[1],
         access_log=args.access_log,

@@ -1,6 +1,7 @@
 """Compile validated Istio resources into one immutable Snapshot (listeners, route tables, clusters).
 
-Theory of operation. Pure: no IO, same input -> same Snapshot.
+Theory of operation. Pure apart from reading the certificate files Gateway servers name (loaded once
+to check them, gateway_tls.py): same input -> same Snapshot.
 1. registry: ServiceEntry hosts + endpoints (inline or selected WorkloadEntries), DestinationRules ->
    clusters `outbound|port|subset|host` (registry.py).
 2. every VirtualService http route is checked once: destinations resolve to a service, port and
@@ -24,6 +25,10 @@ Theory of operation. Pure: no IO, same input -> same Snapshot.
    TCP at a gateway) get a TCP listener and the first `tcp` route, in VirtualService order, of a
    VirtualService bound to the Gateway whose hosts meet the server's and whose match blocks accept
    the server's port and Gateway (Istio decides only on those two at a gateway).
+7. Gateway servers over TLS (gateway_tls.py): HTTPS servers in mode SIMPLE or MUTUAL share an HTTPS
+   listener per port whose handshake picks a server by SNI, each server's routes in a virtual
+   listener of its own (TLS servers in those modes likewise, with a tcp route each); PASSTHROUGH servers (TLS or HTTPS) get a TLS listener with the tls routes
+   bound to the Gateway, chosen by SNI; an HTTP server with tls.httpsRedirect answers 301 to https.
 Virtual-host domains follow Istio: short names resolve in the resource's namespace, and a client may
 use "name", "name.ns", "name.ns.svc" or the FQDN; a ServiceEntry host is also matched literally.
 """
@@ -39,7 +44,7 @@ import msgspec
 
 from proxy.authz import compile as authz_compile
 from proxy.authz import peer_authentication
-from proxy.config import hosts, policies
+from proxy.config import gateway_tls, hosts, policies
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
     HTTP_PROTOCOLS,
@@ -70,9 +75,11 @@ from proxy.config.snapshot import (
     Endpoint,
     L4Route,
     Listener,
+    Redirect,
     Route,
     RouteDestination,
     RouteTable,
+    ServerTls,
     Snapshot,
     VirtualHost,
     cluster_name,
@@ -86,6 +93,9 @@ LISTENER_PROTOCOLS = HTTP_PROTOCOLS
 # opaque TCP protocols a Gateway server proxies through VirtualService `tcp` routes (Istio's gateway
 # builds a tcp_proxy for every non-HTTP server without tls; MONGO/MYSQL/REDIS filters are off by default)
 GATEWAY_TCP_PROTOCOLS = frozenset({"TCP", "MONGO", "MYSQL", "REDIS"})
+# Gateway server protocols over TLS: HTTPS terminated (SIMPLE, MUTUAL) or passed through by SNI
+# (PASSTHROUGH), TLS passed through by SNI
+GATEWAY_TLS_PROTOCOLS = frozenset({"HTTPS", "TLS"})
 EGRESS_PROTOCOLS = HTTP_PROTOCOLS | {"HTTP_PROXY"}  # HTTP_PROXY: Istio's explicit-proxy egress port
 # Istio's capture ports (istio-iptables -p / -z) and listener names
 VIRTUAL_OUTBOUND_PORT = 15001
@@ -102,6 +112,12 @@ def captured_outbound_listener(port: int, host: str) -> str:
 def captured_inbound_listener(port: int) -> str:
     """Name of the virtual listener serving captured inbound HTTP traffic to one local port."""
     return f"inbound|{port}"
+
+
+def _https_redirect_route() -> tuple[Route, dict]:
+    route = Route(name="https_redirect", virtual_service="", matches=always(), destinations=(),
+                  cumulative_weights=(), redirect=Redirect(scheme=b"https", code=301))
+    return route, _route_dump(route, [])
 
 
 def _as_resource(item: Resource | IstioObject) -> Resource:
@@ -151,6 +167,14 @@ class _CheckedTcpRoute:
 
 
 @dataclass(slots=True)
+class _CheckedTlsRoute:
+    index: int
+    matches: tuple[tuple[tuple[str, ...], int | None, tuple[str, ...]], ...]  # (sniHosts, port, gateways)
+    destinations: tuple[RouteDestination, ...]
+    cumulative: tuple[int, ...]
+
+
+@dataclass(slots=True)
 class _CheckedVS:
     resource: Resource
     spec: VirtualServiceSpec
@@ -159,6 +183,8 @@ class _CheckedVS:
     l4_routes: list[L4Route] = field(default_factory=list)  # tls/tcp routes applying to sidecars
     # every tcp route, checked, with its match blocks: Gateway TCP servers choose among them
     tcp_routes: list[_CheckedTcpRoute] = field(default_factory=list)
+    # every tls route, checked, with its match blocks: Gateway PASSTHROUGH servers choose among them
+    tls_routes: list[_CheckedTlsRoute] = field(default_factory=list)
 
     @property
     def in_mesh(self) -> bool:
@@ -177,8 +203,11 @@ def _gateway_ref(name: str, namespace: str) -> str:
 
 class _Compiler:
     def __init__(self, items: list[Resource], bind_address: str, proxy_labels: Mapping[str, str] | None,
-                 proxy_namespace: str | None = None) -> None:
+                 proxy_namespace: str | None = None, credentials_dir: str | None = None,
+                 read_certificates: bool = True) -> None:
         self.bind_address = bind_address
+        self.credentials_dir = credentials_dir
+        self.read_certificates = read_certificates
         self.proxy_labels = proxy_labels
         self.proxy_namespace = proxy_namespace
         self.by_kind: dict[str, list[Resource]] = defaultdict(list)
@@ -263,14 +292,16 @@ class _Compiler:
             else:
                 routes.append(self._check_http_route(r, path, i, http))
         tcp_routes: list[_CheckedTcpRoute] = []
-        l4_routes = self._check_l4_routes(r, spec, gateways, tcp_routes)
-        return _CheckedVS(r, spec, gateways, routes, l4_routes, tcp_routes)
+        tls_routes: list[_CheckedTlsRoute] = []
+        l4_routes = self._check_l4_routes(r, spec, gateways, tcp_routes, tls_routes)
+        return _CheckedVS(r, spec, gateways, routes, l4_routes, tcp_routes, tls_routes)
 
     def _check_l4_routes(self, r: Resource, spec: VirtualServiceSpec, gateways: tuple[str, ...],
-                         tcp_routes: list[_CheckedTcpRoute]) -> list[L4Route]:
+                         tcp_routes: list[_CheckedTcpRoute], tls_routes: list[_CheckedTlsRoute]) -> list[L4Route]:
         """tls (by SNI) and tcp routes, checked; kept only where a match block applies to a sidecar
         (bound to "mesh", sourceLabels matching this proxy). Every tcp route also goes to
-        `tcp_routes`, for the Gateway TCP servers."""
+        `tcp_routes`, for the Gateway TCP servers, and every tls route to `tls_routes`, for the Gateway
+        PASSTHROUGH servers."""
         out: list[L4Route] = []
         for kind, items in (("tls", spec.tls), ("tcp", spec.tcp)):
             for i, item in enumerate(items):
@@ -315,6 +346,11 @@ class _Compiler:
                     cumulative.append(acc)
                 if kind == "tcp":
                     tcp_routes.append(_CheckedTcpRoute(i, tuple(gateway_blocks), tuple(dests), tuple(cumulative)))
+                else:
+                    tls_routes.append(_CheckedTlsRoute(
+                        i, tuple((tuple(h.lower() for h in m.sni_hosts), port, gws)
+                                 for m, (port, gws) in zip(item.match, gateway_blocks)),
+                        tuple(dests), tuple(cumulative)))
                 if (item.match and not blocks) or (not item.match and MESH not in gateways):
                     continue  # no match block applies to a sidecar
                 out.append(L4Route(f"{r.namespace}/{r.name}", kind, tuple(blocks), tuple(dests), tuple(cumulative)))
@@ -505,7 +541,8 @@ class _Compiler:
             for i, server in enumerate(spec.servers):
                 path = f"$.spec.servers[{i}]"
                 protocol = str(server.port.protocol)
-                if protocol not in LISTENER_PROTOCOLS and protocol not in GATEWAY_TCP_PROTOCOLS:
+                if (protocol not in LISTENER_PROTOCOLS and protocol not in GATEWAY_TCP_PROTOCOLS
+                        and protocol not in GATEWAY_TLS_PROTOCOLS):
                     raise r.error(f"{path}.port.protocol", f"protocol {protocol} on a Gateway server is not supported by triomesh yet")
                 if not server.hosts:
                     raise r.error(f"{path}.hosts", "a Gateway server needs at least one host")
@@ -515,28 +552,112 @@ class _Compiler:
                         raise r.error(f"{path}.hosts[{j}]", f"invalid host {server.hosts[j]!r}")
                 address = server.bind or self.bind_address
                 port = server.port.target_port or server.port.number
+                kind = gateway_tls.server_kind(r, path, server)
+                if kind == gateway_tls.PASSTHROUGH:
+                    self._add_gateway_passthrough_server(r, path, gw_key, server.port.number, address, port, scoped, bound)
+                    continue
+                if kind in (gateway_tls.TERMINATE, gateway_tls.TERMINATE_TCP):
+                    self._add_gateway_terminating_server(r, path, i, gw_key, server, address, port, scoped, bound,
+                                                         tcp=kind == gateway_tls.TERMINATE_TCP)
+                    continue
                 if protocol in GATEWAY_TCP_PROTOCOLS:
+                    if server.tls is not None:
+                        raise r.error(f"{path}.tls", f"a {protocol} server is plaintext: it takes no tls settings")
                     self._add_gateway_tcp_server(r, path, gw_key, server.port.number, address, port, scoped, bound)
                     continue
                 # HTTP-family servers share one HTTP listener per port (Istio merges them likewise)
                 draft = self._claim(r, f"{path}.port.number", address, port, "HTTP", "OUTBOUND", "Gateway")
-                ctx = MatchContext(gw_key, server.port.number, self.proxy_labels)
-                for vs in bound:
-                    vns = vs.resource.namespace
-                    if not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+                https_redirect = server.tls is not None and server.tls.https_redirect
+                self._add_gateway_routes(draft, r, gw_key, server.port.number, scoped, bound, https_redirect=https_redirect)
+
+    def _add_gateway_routes(self, draft: "_ListenerDraft", r: Resource, gw_key: str, server_port: int,
+                            scoped: list[tuple[str, str]], bound: list[_CheckedVS], *, https_redirect: bool = False) -> None:
+        """Virtual hosts of the VirtualServices bound to the Gateway, host sets intersected with the
+        server's. `https_redirect`: each answers 301 to https instead (tls.httpsRedirect, Envoy's
+        require_tls)."""
+        ctx = MatchContext(gw_key, server_port, self.proxy_labels)
+        for vs in bound:
+            vns = vs.resource.namespace
+            if not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+                continue
+            routes = None
+            for h in vs.spec.hosts:
+                for sns, shost in scoped:
+                    if sns not in ("*", vns):
                         continue
-                    routes = None
-                    for h in vs.spec.hosts:
-                        for sns, shost in scoped:
-                            if sns not in ("*", vns):
-                                continue
-                            eff = hosts.intersect(shost, h)
-                            if eff is None:
-                                continue
-                            if routes is None:
-                                routes = self._routes(vs, ctx)
-                            domains = hosts.aliases(eff, vns, None)
-                            draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
+                    eff = hosts.intersect(shost, h)
+                    if eff is None:
+                        continue
+                    if routes is None:
+                        routes = self._routes(vs, ctx) if not https_redirect else [_https_redirect_route()]
+                    domains = hosts.aliases(eff, vns, None)
+                    draft.vhost(hosts.fqdn(eff, vns), domains).add(vs.label, routes)
+
+    def _add_gateway_terminating_server(self, r: Resource, path: str, index: int, gw_key: str, server, address: str,
+                                        port: int, scoped: list[tuple[str, str]], bound: list[_CheckedVS], *,
+                                        tcp: bool) -> None:
+        """A terminating server (mode SIMPLE or MUTUAL): HTTPS, or TLS with TCP after it (`tcp`).
+        Servers sharing a port share one bound listener whose handshake picks a server by SNI; each
+        server's routes are its own virtual listener (Istio's route configuration per HTTPS server,
+        its filter chain per TLS server), so a connection to one server never reaches another
+        server's routes, whatever its Host header says. A TLS server's virtual listener holds the
+        first tcp route that applies to it, as a TCP server's does."""
+        draft = self._claim(r, f"{path}.port.number", address, port, "TLS" if tcp else "HTTPS", "OUTBOUND", "Gateway")
+        if draft.tls_passthrough:
+            raise r.error(f"{path}.tls.mode", f"{address}:{port} already has PASSTHROUGH servers; terminating and "
+                                              "PASSTHROUGH servers on one port are not supported by triomesh yet")
+        names = gateway_tls.server_names(scoped)
+        for name in names:
+            taken = next((s for s in draft.tls_servers if name in s.server_names), None)
+            if taken is not None:
+                raise r.error(f"{path}.hosts", f"host {name!r} on {address}:{port} is already served by {taken.owner} "
+                                               "(one certificate per name and port)")
+        prefix = "tls" if tcp else "https"
+        listener_name = f"{prefix}.{server.port.number}.{server.port.name or index}.{r.name}.{r.namespace}"
+        while listener_name in self.virtual:
+            listener_name += f".{index}"
+        virtual = self.virtual[listener_name] = _ListenerDraft(
+            address, port, "TCP" if tcp else "HTTP", "OUTBOUND", "Gateway", f"{r.kind} {r.namespace}/{r.name}",
+            name=listener_name, bind_to_port=False)
+        if tcp:
+            virtual.tcp_server = f"{r.kind} {r.namespace}/{r.name}"
+            self._pick_tcp_route(virtual, gw_key, server.port.number, r.namespace, scoped, bound)
+        else:
+            self._add_gateway_routes(virtual, r, gw_key, server.port.number, scoped, bound)
+        draft.tls_servers.append(gateway_tls.compile_server_tls(r, path, server.tls, names, self.credentials_dir,
+                                                                listener_name, read_certificates=self.read_certificates))
+
+    def _add_gateway_passthrough_server(self, r: Resource, path: str, gw_key: str, server_port: int, address: str,
+                                        port: int, scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
+        """A PASSTHROUGH server: the VirtualService `tls` routes bound to the Gateway whose hosts
+        meet the server's and whose match blocks accept its port, each match keeping the sniHosts
+        within the server's hosts (Istio's gateway filter chains per SNI). The TLS bytes pass
+        untouched; a connection whose SNI no route takes is closed."""
+        draft = self._claim(r, f"{path}.port.number", address, port, "TLS", "OUTBOUND", "Gateway")
+        if draft.tls_servers:
+            raise r.error(f"{path}.tls.mode", f"{address}:{port} already has terminating servers; terminating and "
+                                              "PASSTHROUGH servers on one port are not supported by triomesh yet")
+        draft.tls_passthrough = True
+        for vs in bound:
+            vns = vs.resource.namespace
+            if not vs.tls_routes or not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+                continue
+            if not any(sns in ("*", vns) and hosts.intersect(shost, h) is not None
+                       for h in vs.spec.hosts for sns, shost in scoped):
+                continue
+            for tls_route in vs.tls_routes:
+                blocks = []
+                for sni_hosts, want_port, gateways in tls_route.matches:
+                    if (want_port is not None and want_port != server_port) or (gateways and gw_key not in gateways):
+                        continue
+                    within = tuple(sni for sni in sni_hosts
+                                   if any(hosts.intersect(shost, sni) is not None for _, shost in scoped))
+                    if within:
+                        blocks.append((within, None, ()))
+                if blocks:
+                    draft.tls_routes.append(L4Route(vs.label, "tls", tuple(blocks), tls_route.destinations,
+                                                    tls_route.cumulative))
+                    draft.tls_route_paths.append(f"$.spec.tls[{tls_route.index}]")
 
     def _add_gateway_tcp_server(self, r: Resource, path: str, gw_key: str, server_port: int, address: str, port: int,
                                 scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
@@ -548,9 +669,15 @@ class _Compiler:
             raise r.error(f"{path}.port.number", f"{address}:{port} is already the TCP server of {draft.tcp_server} "
                                                  "(one TCP server per port: connections carry no host to tell them apart)")
         draft.tcp_server = f"{r.kind} {r.namespace}/{r.name}"
+        self._pick_tcp_route(draft, gw_key, server_port, r.namespace, scoped, bound)
+
+    def _pick_tcp_route(self, draft: "_ListenerDraft", gw_key: str, server_port: int, gateway_namespace: str,
+                        scoped: list[tuple[str, str]], bound: list[_CheckedVS]) -> None:
+        """The first tcp route, in VirtualService order, of a VirtualService whose hosts meet the
+        server's and whose match allows its port and Gateway, on `draft` (none: no route)."""
         for vs in bound:
             vns = vs.resource.namespace
-            if not vs.tcp_routes or not hosts.exported_to(vs.spec.export_to, vns, r.namespace):
+            if not vs.tcp_routes or not hosts.exported_to(vs.spec.export_to, vns, gateway_namespace):
                 continue
             if not any(sns in ("*", vns) and hosts.intersect(shost, h) is not None
                        for h in vs.spec.hosts for sns, shost in scoped):
@@ -831,6 +958,10 @@ class _ListenerDraft:
     tcp_server: str = ""  # a Gateway TCP server's owner ("Gateway ns/name"), when this is one
     tcp_route: L4Route | None = None
     tcp_route_path: str = ""  # its field path in its VirtualService
+    tls_servers: list[ServerTls] = field(default_factory=list)  # an HTTPS listener's terminating servers
+    tls_routes: list[L4Route] = field(default_factory=list)  # a PASSTHROUGH listener's tls routes
+    tls_route_paths: list[str] = field(default_factory=list)  # their field paths in their VirtualServices
+    tls_passthrough: bool = False  # a PASSTHROUGH server claimed this port
 
     def vhost(self, name: str, domains: list[str], *, local: bool = True) -> _VhostDraft:
         vh = self.vhosts.get(name)
@@ -875,6 +1006,8 @@ class _ListenerDraft:
             bind_to_port=self.bind_to_port,
             use_original_dst=self.use_original_dst,
             tcp_route=self.tcp_route,
+            tls_servers=tuple(self.tls_servers),
+            tls_routes=tuple(self.tls_routes),
         )
         dump = {
             "name": name,
@@ -887,6 +1020,18 @@ class _ListenerDraft:
             "owner": self.owner,
             "virtual_hosts": dumps,
         }
+        if self.tls_servers:
+            dump["tls_servers"] = [{
+                "server_names": list(t.server_names), "mode": t.mode, "listener": t.listener, "owner": t.owner,
+                "certificate": _plain(t.certificate), "min_protocol_version": t.min_protocol_version,
+                "max_protocol_version": t.max_protocol_version, "cipher_suites": list(t.cipher_suites),
+            } for t in self.tls_servers]
+        if self.protocol == "TLS":
+            dump["tls_routes"] = [{
+                "virtual_service": route.virtual_service, "path": path,
+                "sni_hosts": sorted({sni for block in route.matches for sni in block[0]}),
+                "destinations": [_plain(d) for d in route.destinations],
+            } for route, path in zip(self.tls_routes, self.tls_route_paths)]
         if self.tcp_server:
             route = self.tcp_route
             dump["tcp_route"] = None if route is None else {
@@ -966,6 +1111,8 @@ def compile_resources(
     bind_address: str = "0.0.0.0",
     proxy_labels: Mapping[str, str] | None = None,
     proxy_namespace: str | None = None,
+    credentials_dir: str | None = None,
+    read_certificates: bool = True,
 ) -> Snapshot:
     """One Snapshot from loaded resources, or a ConfigError naming the resource and field at fault.
 
@@ -975,10 +1122,13 @@ def compile_resources(
     are decided against them; None applies every Gateway and Sidecar (and no sourceLabels match).
     `proxy_namespace` is this proxy's namespace: which namespace's DestinationRule applies to a service
     is looked up from it as Istio does (registry.py); None when it is not known.
+    `credentials_dir` is where Gateway `credentialName`s resolve (proxy/tls/certificates.py).
+    `read_certificates` False skips reading the certificate files Gateways name (a control plane
+    validating config for proxies whose files only they can see); the proxies read them.
     """
     items = [_as_resource(r) for r in resources]
     check_duplicates(items)
-    c = _Compiler(items, bind_address, proxy_labels, proxy_namespace)
+    c = _Compiler(items, bind_address, proxy_labels, proxy_namespace, credentials_dir, read_certificates)
     c.add_gateways()
     c.add_sidecars()
     c.add_capture()

@@ -696,15 +696,46 @@ class Port(IstioStruct, frozen=True):
     target_port: PortNumber | None = None
 
 
+TLSProtocol = Literal["TLS_AUTO", "TLSV1_0", "TLSV1_1", "TLSV1_2", "TLSV1_3"]
+
+
+class ServerTLSSettings(IstioStruct, frozen=True):
+    """Istio's ServerTLSSettings (Gateway `servers[].tls`). TLSV1_0/TLSV1_1 decode (they are Istio
+    values) and are refused by the compiler with the reason; ISTIO_MUTUAL likewise (it needs the
+    mesh CA's workload certificate)."""
+
+    https_redirect: bool = False
+    mode: Literal["PASSTHROUGH", "SIMPLE", "MUTUAL", "AUTO_PASSTHROUGH", "ISTIO_MUTUAL", "OPTIONAL_MUTUAL"] = "PASSTHROUGH"
+    server_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    min_protocol_version: TLSProtocol = "TLS_AUTO"
+    max_protocol_version: TLSProtocol = "TLS_AUTO"
+    cipher_suites: tuple[str, ...] = ()
+    ca_crl: Any = UNSET
+    credential_names: Any = UNSET
+    tls_certificates: Any = UNSET
+    subject_alt_names: Any = UNSET
+    verify_certificate_spki: Any = UNSET
+    verify_certificate_hash: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = (
+        "ca_crl", "credential_names", "tls_certificates", "subject_alt_names", "verify_certificate_spki",
+        "verify_certificate_hash",
+    )
+    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"AUTO_PASSTHROUGH", "OPTIONAL_MUTUAL"})}
+
+
 class Server(IstioStruct, frozen=True):
     port: Port
     hosts: tuple[str, ...] = ()
     bind: str = ""
     name: str = ""
-    tls: Any = UNSET
+    tls: ServerTLSSettings | None = None
     default_endpoint: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = ("tls", "default_endpoint")
+    unsupported: ClassVar[tuple[str, ...]] = ("default_endpoint",)
 
 
 class GatewaySpec(IstioStruct, frozen=True):

@@ -372,6 +372,33 @@ def _sni_matches(patterns: tuple[str, ...], sni: str | None) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
+class CertificateFiles:
+    """Where a server's certificate comes from: PEM files (Gateway serverCertificate/privateKey/
+    caCertificates, or a credentialName resolved to its secret's files). Other sources (the mesh
+    CA's workload certificate) become other kinds of this field; proxy/tls/certificates.py maps each
+    to a source it can load and watch."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str = ""  # the CA bundle that verifies client certificates (MUTUAL)
+    origin: str = ""  # what the user wrote, for /certs and errors: "credentialName x" or "files"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTls:
+    """One terminating Gateway server's TLS (mode SIMPLE or MUTUAL), compiled."""
+
+    server_names: tuple[str, ...]  # SNI it answers: exact names or "*.suffix"; ("*",) for any
+    mode: str  # SIMPLE | MUTUAL
+    certificate: CertificateFiles
+    min_protocol_version: str = "TLS_AUTO"
+    max_protocol_version: str = "TLS_AUTO"
+    cipher_suites: tuple[str, ...] = ()
+    listener: str = ""  # the virtual listener whose routes serve this server's requests
+    owner: str = ""  # "Gateway ns/name $.spec.servers[i]"
+
+
+@dataclass(frozen=True, slots=True)
 class Listener:
     name: str  # e.g. "0.0.0.0_8080"
     address: str
@@ -389,6 +416,10 @@ class Listener:
     # a Gateway TCP server's route (protocol TCP): the VirtualService tcp route its connections take;
     # None on such a listener: no route applies, connections are closed
     tcp_route: L4Route | None = None
+    # protocol HTTPS: the terminating servers on this port, chosen by SNI (the first one without SNI)
+    tls_servers: tuple[ServerTls, ...] = ()
+    # protocol TLS (PASSTHROUGH): the VirtualService tls routes, chosen by the ClientHello's SNI
+    tls_routes: tuple[L4Route, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

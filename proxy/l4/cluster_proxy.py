@@ -1,8 +1,10 @@
 """Proxy one accepted TCP connection to a cluster: the one endpoint pick (ClusterRuntime.pick),
 connectionPool.tcp.maxConnections, DNS endpoints resolved when connecting, outlier feedback.
 
-Used by every TCP route: a transparent sidecar's captured connections and a Gateway's TCP servers.
-The caller chose the cluster (its route); this module owns the socket from then on.
+Used by every TCP route: a transparent sidecar's captured connections and a Gateway's TCP servers
+(plain sockets, spliced), and a Gateway's TLS servers that terminate (a TlsConn, whose plaintext is
+copied: proxy/tls/tcp.py). The caller chose the cluster (its route); this module owns the connection
+from then on.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import trio
 from proxy.config.snapshot import Snapshot
 from proxy.l4.addrs import UpstreamAddr
 from proxy.l4.tcp_proxy import TcpProxyStats, proxy_to_upstream
+from proxy.l7.connio import Conn
 from proxy.l7.dataplane import ConnectionPick
+from proxy.tls.conn import TlsConn
+from proxy.tls.tcp import proxy_tls_to_upstream
 
 log = structlog.get_logger("triomesh.l4")
 
@@ -33,7 +38,7 @@ class Outcome(enum.Enum):
     OVERFLOW = "overflow"  # tcp.maxConnections reached
 
 
-async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket, client_ip: str,
+async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket | TlsConn, client_ip: str,
                            original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
                            idle_timeout_s: float | None, initial: bytes = b"") -> Outcome:
     """Pick an endpoint of `cluster_name` for this connection and proxy `sock` to it until both
@@ -78,8 +83,12 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     if endpoint is not None:
         in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
     try:
-        result = await proxy_to_upstream(sock, upstream, connect_timeout_s=cluster.connect_timeout_s,
-                                         idle_timeout_s=idle_timeout_s, downstream_prefix=initial, stats=stats)
+        if isinstance(sock, TlsConn):
+            result = await proxy_tls_to_upstream(sock, upstream, stats=stats, connect_timeout_s=cluster.connect_timeout_s,
+                                                 idle_timeout_s=idle_timeout_s)
+        else:
+            result = await proxy_to_upstream(sock, upstream, connect_timeout_s=cluster.connect_timeout_s,
+                                             idle_timeout_s=idle_timeout_s, downstream_prefix=initial, stats=stats)
     finally:
         crt.cx_active.value -= 1
         if endpoint is not None:
@@ -101,8 +110,11 @@ def is_ip(text: str) -> bool:
     return True
 
 
-def reset(sock: socket.socket) -> None:
+def reset(sock: socket.socket | Conn) -> None:
     """Close with RST (SO_LINGER 0): the client sees the connection refused, not a clean end."""
+    if isinstance(sock, Conn):  # a TLS connection after its handshake
+        sock.reset()
+        return
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     except OSError:

@@ -1,5 +1,9 @@
 """A Gateway's TCP servers (protocol TCP, MONGO, MYSQL, REDIS): each connection takes its listener's
-VirtualService `tcp` route (a weighted pick of one destination cluster) to the TCP proxy.
+VirtualService `tcp` route (a weighted pick of one destination cluster) to the TCP proxy. And its TLS
+PASSTHROUGH servers: the ClientHello's SNI picks the first VirtualService `tls` route that takes it;
+the bytes read to see it are replayed to the upstream, the TLS session is the client's and the
+upstream's own. And its terminating TLS servers (mode SIMPLE or MUTUAL): the handshake picks a server
+by SNI (proxy/tls/listener.py), whose own tcp route takes the decrypted bytes.
 
 The snapshot is read once per connection, when it is accepted. A listener without a route (no tcp
 route applies to the server) closes each connection at once, as Envoy closes a connection that
@@ -19,8 +23,12 @@ from proxy.config.snapshot import Listener, Snapshot
 from proxy.l4.accept import accept_connections
 from proxy.l4.authorization import ConnectionAuthorizer
 from proxy.l4.cluster_proxy import proxy_to_cluster
+from proxy.l4.sniff import Protocol
+from proxy.l4.sniff_stream import sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster
 from proxy.stats import HELP, Counter, Stats
+from proxy.tls.conn import TlsConn, TlsError
+from proxy.tls.listener import HANDSHAKE_TIMEOUT_S, TlsListeners
 
 HELP.setdefault("triomesh_gateway_tcp_cx_total",
                 "Connections to Gateway TCP servers, by listener and what was done with them.")
@@ -29,6 +37,9 @@ log = structlog.get_logger("triomesh.l4")
 
 NO_ROUTE = "no_route"
 DENIED = "denied"  # an AuthorizationPolicy refused the connection
+NOT_TLS = "not_tls"  # a PASSTHROUGH server got something other than a TLS ClientHello
+# how long a PASSTHROUGH server waits for the whole ClientHello (Envoy's listener_filters_timeout)
+CLIENT_HELLO_TIMEOUT_S = 15.0
 
 
 class GatewayTcpServer:
@@ -36,12 +47,15 @@ class GatewayTcpServer:
     cluster runtimes, endpoint load)."""
 
     def __init__(self, plane, stats: Stats, connections: trio.Nursery, *,
-                 idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S, rand_below=random.randrange) -> None:
+                 idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S, rand_below=random.randrange,
+                 tls_listeners: TlsListeners | None = None) -> None:
+        """`tls_listeners`: the worker's TLS runtimes (terminating TLS servers need them)."""
         self.plane = plane
         self.stats = stats
         self.connections = connections
         self.idle_timeout_s = idle_timeout_s
         self.rand_below = rand_below  # uniform in [0, n): the weighted destination pick
+        self.tls_listeners = tls_listeners if tls_listeners is not None else TlsListeners(stats)
         self._snapshot: Snapshot | None = None
         self._listeners: dict[str, Listener] = {}
         self._tcp_stats = TcpProxyStatsByCluster(self.stats)
@@ -73,6 +87,12 @@ class GatewayTcpServer:
         try:
             snapshot = self.plane.holder.current
             listener = self._listener(snapshot, listener_name)
+            if listener is not None and listener.protocol == "TLS":
+                if listener.tls_servers:
+                    await self._terminate(listener, snapshot, sock)
+                else:
+                    await self._passthrough(listener, snapshot, sock)
+                return
             route = listener.tcp_route if listener is not None else None
             if route is None:
                 self._count(listener_name, NO_ROUTE)
@@ -96,3 +116,56 @@ class GatewayTcpServer:
         except Exception:  # one connection's bug must never cost the listener
             log.exception("gateway tcp handler failed", listener=listener_name)
             sock.close()
+
+    async def _passthrough(self, listener: Listener, snapshot: Snapshot, sock: socket.socket) -> None:
+        """A TLS PASSTHROUGH connection: read the ClientHello, route by its SNI, replay it upstream."""
+        detection, initial = await sniff_socket(sock, timeout_s=CLIENT_HELLO_TIMEOUT_S)
+        if detection.protocol is not Protocol.TLS:
+            self._count(listener.name, NOT_TLS)
+            sock.close()
+            return
+        try:
+            client_ip, port = sock.getpeername()[:2]
+        except OSError:
+            sock.close()
+            return
+        route = next((r for r in listener.tls_routes if r.matches_connection(detection.sni, client_ip, port)), None)
+        if route is None:
+            self._count(listener.name, NO_ROUTE)
+            log.info("no tls route for the connection's SNI", listener=listener.name, sni=detection.sni)
+            sock.close()
+            return
+        cluster = route.pick_cluster(self.rand_below)
+        outcome = await proxy_to_cluster(self.plane, snapshot, cluster, sock, client_ip, None,
+                                         stats=self._tcp_stats[cluster], idle_timeout_s=self.idle_timeout_s,
+                                         initial=initial)
+        self._count(listener.name, outcome.value)
+
+    async def _terminate(self, listener: Listener, snapshot: Snapshot, sock: socket.socket) -> None:
+        """A terminating TLS server: handshake (server by SNI), then its tcp route over the plaintext."""
+        runtime = self.tls_listeners.for_listener(snapshot, listener.name)
+        context = runtime.initial_context() if runtime is not None else None
+        if context is None:
+            if runtime is not None:
+                runtime.count_error("no_certificate")
+            sock.close()
+            return
+        conn = TlsConn(sock, context, server_side=True)
+        try:
+            await conn.handshake(HANDSHAKE_TIMEOUT_S)
+            client_ip = sock.getpeername()[0]
+        except (TlsError, OSError) as e:
+            runtime.count_error(getattr(conn.ssl, "refused", None) or getattr(e, "reason", "connection_error"))
+            conn.close()
+            return
+        runtime.handshakes.value += 1
+        server_listener = self._listener(snapshot, runtime.server_for(conn.ssl).listener)
+        route = server_listener.tcp_route if server_listener is not None else None
+        if route is None:
+            self._count(listener.name, NO_ROUTE)
+            conn.close()
+            return
+        cluster = route.pick_cluster(self.rand_below)
+        outcome = await proxy_to_cluster(self.plane, snapshot, cluster, conn, client_ip, None,
+                                         stats=self._tcp_stats[cluster], idle_timeout_s=self.idle_timeout_s)
+        self._count(listener.name, outcome.value)

@@ -64,9 +64,11 @@ def _to_stdlib_socket(sock) -> socket.socket:
 
 
 async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connection_nursery=None,
-                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+                         handle_connection=None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Accept connections on a bound, listening socket until cancelled. Connections run in
-    `connection_nursery` when given (so they can outlive a listener that a reload removes)."""
+    `connection_nursery` when given (so they can outlive a listener that a reload removes).
+    `handle_connection(sock, addr)`: what serves each connection instead of a plaintext
+    DownstreamConnection (an HTTPS listener's handshake first)."""
     lsock = _to_stdlib_socket(sock)
     lsock.setblocking(False)
     try:
@@ -95,7 +97,10 @@ async def serve_listener(sock, listener_name: str, plane: DataPlane, *, connecti
                     started += 1
                     plane.sweeper.ensure_running(nursery)
                     plane.reactor.ensure_running(nursery)
-                    nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
+                    if handle_connection is None:
+                        nursery.start_soon(DownstreamConnection(plane, listener_name, csock, addr).run)
+                    else:
+                        nursery.start_soon(handle_connection, csock, addr)
                 else:
                     await checkpoint()
     finally:
@@ -147,12 +152,15 @@ class DownstreamConnection:
                  "peer")
 
     def __init__(self, plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"",
-                 original_destination: tuple[str, int] | None = None, peer_principal: str | None = None) -> None:
+                 original_destination: tuple[str, int] | None = None, peer_principal: str | None = None,
+                 conn: Conn | None = None) -> None:
+        """`conn`: the connection already made over `sock` (a TLS connection after its handshake)."""
         self.plane = plane
         self.peer = DownstreamPeer(sock, peer_principal)
         self.original_destination = original_destination
         self.listener_name = listener_name
-        self.conn = Conn(sock, initial, plane.reactor, plane.sweeper, plane.settings.stream_idle_timeout_s)
+        self.conn = conn if conn is not None else Conn(sock, initial, plane.reactor, plane.sweeper,
+                                                       plane.settings.stream_idle_timeout_s)
         self.client = _format_addr(addr)
         self.client_ip = str(addr[0]).encode() if isinstance(addr, tuple) else b""
         self.stream: H1Stream | None = None  # the request being served, None between requests

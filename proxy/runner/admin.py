@@ -1,6 +1,6 @@
 """The admin listener: a tiny HTTP/1.1 server (h11 on Trio; not the data path) for /ready,
-/stats/prometheus, /config_dump and /config_status (the version served beside the last rejected
-update), answering from what the supervisor knows, and POST
+/stats/prometheus, /config_dump, /config_status (the version served beside the last rejected
+update) and /certs (the Gateway certificates: subject, SANs, expiry), answering from what the supervisor knows, and POST
 /drain_listeners and /quitquitquit (Envoy's names) that start a drain."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class AdminState(Protocol):
     async def stats_prometheus(self) -> str: ...
     def config_dump(self) -> dict[str, Any]: ...
     def config_status(self) -> dict[str, Any]: ...
+    def certs(self) -> dict[str, Any]: ...
     def start_drain(self, reason: str, *, exit_after: bool = True) -> None: ...
 
 
@@ -58,6 +59,8 @@ async def route(state: AdminState, method: bytes, target: bytes) -> Reply:
         return 200, b"text/plain; version=0.0.4", (await state.stats_prometheus()).encode()
     if path == b"/config_dump":
         return 200, b"application/json", msgspec.json.format(_json.encode(state.config_dump()), indent=2) + b"\n"
+    if path == b"/certs":
+        return 200, b"application/json", msgspec.json.format(_json.encode(state.certs()), indent=2) + b"\n"
     if path == b"/config_status":
         return 200, b"application/json", msgspec.json.format(_json.encode(state.config_status()), indent=2) + b"\n"
     return 404, b"text/plain", b"not found\n"

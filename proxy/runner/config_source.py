@@ -65,11 +65,13 @@ def content_digest(sources: Sources) -> str:
 
 
 def build_snapshot(sources: Sources, *, version: str, bind_address: str,
-                   proxy_labels: Mapping[str, str] | None = None, proxy_namespace: str | None = None) -> Snapshot:
+                   proxy_labels: Mapping[str, str] | None = None, proxy_namespace: str | None = None,
+                   credentials_dir: str | None = None) -> Snapshot:
     """Load every source and compile them together (the same steps as load_path + compile, on bytes
     already read). `proxy_labels`: this proxy's workload labels (Gateway selectors, sourceLabels);
     None applies every Gateway. `proxy_namespace`: the workload's namespace (which DestinationRule and
-    which of several same-named short hosts apply); None for a standalone edge. Raises
+    which of several same-named short hosts apply); None for a standalone edge. `credentials_dir`:
+    where Gateway credentialNames resolve. Raises
     proxy.config.errors.ConfigError."""
     # imported here so the CLI starts (and `--help` works) without loading the config machinery
     from proxy.config.compile import compile_resources
@@ -79,4 +81,4 @@ def build_snapshot(sources: Sources, *, version: str, bind_address: str,
     for name, data in sources:
         resources.extend(load_bytes(data, name))
     return compile_resources(resources, version=version, bind_address=bind_address, proxy_labels=proxy_labels,
-                             proxy_namespace=proxy_namespace)
+                             proxy_namespace=proxy_namespace, credentials_dir=credentials_dir)

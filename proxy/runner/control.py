@@ -41,6 +41,7 @@ class LoadConfig(msgspec.Struct, tag="load_config"):
     bind_address: str = "0.0.0.0"
     proxy_labels: dict[str, str] | None = None  # the workload's labels (a control plane's proxy); None: all Gateways
     proxy_namespace: str | None = None  # the workload's namespace, with its labels; None for a standalone edge
+    credentials_dir: str | None = None  # where Gateway credentialNames resolve (--credentials-dir)
 
 
 class PrepareConfig(LoadConfig, tag="prepare_config"):

@@ -89,6 +89,7 @@ class ProxyOptions:
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    credentials_dir: str | None = None  # where Gateway credentialNames resolve (proxy/tls/certificates.py)
     max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
     hot_restart_socket: str | None = None  # Unix socket path of hot restart (proxy/runner/hot_restart.py)
     service_account: str = ""  # the workload's service account ("": Kubernetes' "default")
@@ -204,7 +205,7 @@ class Supervisor:
         if a is None:
             return None
         return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
-                                  self.proxy_namespace)
+                                  self.proxy_namespace, self.options.credentials_dir)
 
     def _identity_message(self) -> control.LoadIdentity | None:
         identity = self.identity.current
@@ -254,7 +255,8 @@ class Supervisor:
         version = str(self._versions + 1)
         try:
             snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
-                                      proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
+                                      proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
+                                      credentials_dir=self.options.credentials_dir)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             raise self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger=reason,
                                version=version, digest=digest) from e
@@ -339,7 +341,7 @@ class Supervisor:
             self.active = new
             return
         message = control.PrepareConfig(new.version, new.sources, self.options.bind_address, self.proxy_labels,
-                                        self.proxy_namespace)
+                                        self.proxy_namespace, self.options.credentials_dir)
         errors: dict[int, tuple[str, str]] = {}
         running = [slot for slot in self.slots if slot.channel is not None]
         pids = {slot.index: slot.pid for slot in running}
@@ -448,7 +450,8 @@ class Supervisor:
         try:
             # compiled from the resources themselves: errors name the file/document they came from
             snapshot = compile_resources(resources, version=version, bind_address=self.options.bind_address,
-                                         proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace)
+                                         proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
+                                         credentials_dir=self.options.credentials_dir)
             sources = to_sources(resources, version)
         except Exception as e:
             self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger="controlplane_push",
@@ -593,6 +596,12 @@ class Supervisor:
             identity["workers"] = [{"index": s.index, "serial": s.identity_serial} for s in self.slots]
             out["workload_identity"] = identity
         return out
+
+    def certs(self) -> dict[str, Any]:
+        """/certs: the terminating Gateway servers' certificates, as their files hold them now."""
+        from proxy.tls.certificates import certificates_report
+
+        return certificates_report(self.active.snapshot.listeners if self.active is not None else ())
 
     def config_status(self) -> dict[str, Any]:
         """What `proxy-status` shows for a proxy: the version served (by the supervisor and each

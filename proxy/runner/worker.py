@@ -146,6 +146,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
     from proxy.l7.server import serve_listener
+    from proxy.tls.downstream import https_serve_function
+    from proxy.tls.listener import TlsListeners
 
     holder = SnapshotHolder()
     stats = Stats()
@@ -168,9 +170,15 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        gateway_tcp = GatewayTcpServer(plane, stats, connections)
+        tls_listeners = TlsListeners(stats)
+        gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
+        # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS
+        # PASSTHROUGH servers: tls routes by SNI to the TCP proxy
+        nursery.start_soon(tls_listeners.watch_certificates, holder)
+        https = https_serve_function(plane, tls_listeners, connections)
         listeners = ListenerManager(nursery, {"HTTP": serve, "HTTP_PROXY": serve, "TCP": gateway_tcp.serve,
+                                              "HTTPS": https, "TLS": gateway_tcp.serve,
                                               ORIGINAL_DST: capture.serve}, log, inherited)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
@@ -223,7 +231,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                     prepared = None
                 try:
                     snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
-                                              proxy_labels=msg.proxy_labels, proxy_namespace=msg.proxy_namespace)
+                                              proxy_labels=msg.proxy_labels, proxy_namespace=msg.proxy_namespace,
+                                              credentials_dir=msg.credentials_dir)
                 except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
                     log.error("worker_config_failed", version=msg.version, error=str(e))
                     await channel.send(control.ConfigFailed(msg.version, str(e)))
@@ -254,7 +263,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                     try:
                         snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
                                                   proxy_labels=msg.proxy_labels,
-                                                  proxy_namespace=msg.proxy_namespace)
+                                                  proxy_namespace=msg.proxy_namespace,
+                                                  credentials_dir=msg.credentials_dir)
                     except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
                         log.error("worker_config_failed", version=msg.version, error=str(e))
                         await channel.send(control.ConfigFailed(msg.version, str(e)))

@@ -239,7 +239,7 @@ def test_gateway_servers_on_one_port_share_a_listener():
 
 
 def test_unsupported_listener_protocols():
-    gw = doc("Gateway", "edge", {"servers": [{"port": {"number": 443, "name": "tls", "protocol": "TLS"}, "hosts": ["*"]}]})
+    gw = doc("Gateway", "edge", {"servers": [{"port": {"number": 53, "name": "dns", "protocol": "UDP"}, "hosts": ["*"]}]})
     with pytest.raises(ConfigError) as info:
         compile_docs(gw)
     assert info.value.field_path == "$.spec.servers[0].port.protocol"

@@ -142,8 +142,8 @@ def test_unsupported_istio_fields_say_so():
     e = _load_error(bad)
     assert e.field_path == "$.spec.tcp[0].match[0].sourceNamespace"
     assert e.message == "`sourceNamespace` is an Istio L4MatchAttributes field triomesh does not support yet"
-    gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE"}}]})
-    assert _load_error(gw).field_path == "$.spec.servers[0].tls"
+    gw = doc("Gateway", "gw", {"servers": [{"port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["*"], "tls": {"mode": "SIMPLE", "subjectAltNames": ["a"]}}]})
+    assert _load_error(gw).field_path == "$.spec.servers[0].tls.subjectAltNames"
     pool = doc("DestinationRule", "r", {"host": "r", "trafficPolicy": {"connectionPool": {"tcp": {"idleTimeout": "1h"}}}})
     e = _load_error(pool)
     assert (e.field_path, e.message) == ("$.spec.trafficPolicy.connectionPool.tcp.idleTimeout",

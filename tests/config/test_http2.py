@@ -163,7 +163,7 @@ def test_http_and_grpc_gateway_servers_share_a_port():
     assert {vh.name for vh in l.route_table.exact.values()} == {"a.example", "b.example"}
 
 
-@pytest.mark.parametrize("protocol", ["TLS", "HTTPS", "HTTP_PROXY", "UDP"])
+@pytest.mark.parametrize("protocol", ["HTTP_PROXY", "UDP"])
 def test_gateway_still_refuses_other_protocols(protocol):
     with pytest.raises(ConfigError) as info:
         compile_docs(_gateway((8080, protocol, "*")))

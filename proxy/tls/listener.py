@@ -1,0 +1,218 @@
+"""A worker's live TLS state for its HTTPS listeners: one SSLContext per terminating server, chosen by
+SNI during the handshake, reloaded when its certificate files change, and the handshake counters.
+
+Theory of operation
+-------------------
+A listener's servers come from the snapshot (`Listener.tls_servers`, in Gateway order). Every new
+connection starts on the default server's context (the catch-all server `*` if there is one, else
+the first): that is what a client without SNI gets. OpenSSL calls `_on_server_name` with the
+ClientHello's SNI; it picks the server (exact name, then the longest `*.suffix`, then the catch-all)
+and swaps the SSLObject's context before the certificate is sent. A name no server takes fails the
+handshake with the unrecognized_name alert, as Envoy closes a connection that matches no filter
+chain.
+
+Reload: once a second (`TlsListeners.watch_certificates`), each server's certificate source is asked
+for its fingerprint (file identity, size, mtime); a change rebuilds that server's context. New
+handshakes get the new certificate; connections already up keep theirs (nothing is dropped). A
+rebuild that fails (a half-written file, a key that no longer matches) keeps the last good context,
+is counted (`triomesh_tls_certificate_reload_total{result="failure"}`) and logged, and is tried again
+on the next change.
+
+A listener's runtime is kept across config reloads while its servers are unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+import structlog
+import trio
+
+from proxy.config.snapshot import Listener, ServerTls, Snapshot
+from proxy.stats import HELP, Counter, Stats
+from proxy.tls.certificates import CertificateSource, certificate_source, describe_chain
+from proxy.tls.context import TlsSettingsError, context_for_server
+
+log = structlog.get_logger("triomesh.tls")
+
+RELOAD_CHECK_PERIOD_S = 1.0
+# Envoy's transport_socket_connect_timeout is off by default, Istio sets none on gateways; a bound
+# keeps a client that opens a connection and says nothing from holding it for the idle timeout
+HANDSHAKE_TIMEOUT_S = 10.0
+
+HELP.setdefault("triomesh_tls_handshake_total", "Completed downstream TLS handshakes, by listener (Envoy's ssl.handshake).")
+HELP.setdefault("triomesh_tls_handshake_error_total",
+                "Downstream TLS handshakes that failed, by listener and reason (Envoy's ssl.connection_error, "
+                "ssl.fail_verify_no_cert, ssl.fail_verify_error, ...).")
+HELP.setdefault("triomesh_tls_certificate_reload_total",
+                "Certificate reloads after their files changed, by certificate file and result (success, failure: "
+                "the last good certificate stays in use).")
+HELP.setdefault("triomesh_tls_certificate_expiration_timestamp_seconds",
+                "Expiry (Unix time) of the certificate a terminating server presents, by certificate file.")
+
+
+class ServerCertificate:
+    """One terminating server's current context and where it comes from."""
+
+    __slots__ = ("server", "source", "context", "fingerprint", "last_error")
+
+    def __init__(self, server: ServerTls, source: CertificateSource) -> None:
+        self.server = server
+        self.source = source
+        self.context: ssl.SSLContext | None = None
+        self.fingerprint: tuple = ()  # of the files last tried, loaded or not
+        self.last_error = ""  # why the last try failed ("" when it loaded)
+
+
+class ListenerTls:
+    """The TLS runtime of one HTTPS listener."""
+
+    def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats) -> None:
+        self.listener_name = listener_name
+        self.stats = stats
+        self.servers = [ServerCertificate(s, certificate_source(s.certificate)) for s in servers]
+        self.exact: dict[str, int] = {}
+        self.suffixes: list[tuple[str, int]] = []  # (".example.com", index), longest first
+        self.catch_all: int | None = None
+        for index, entry in enumerate(self.servers):
+            for name in entry.server.server_names:
+                if name == "*":
+                    self.catch_all = index if self.catch_all is None else self.catch_all
+                elif name.startswith("*."):
+                    self.suffixes.append((name[1:], index))
+                else:
+                    self.exact.setdefault(name, index)
+        self.suffixes.sort(key=lambda item: -len(item[0]))
+        self.default_index = self.catch_all if self.catch_all is not None else 0
+        self.handshakes = stats.counter("triomesh_tls_handshake_total", listener=listener_name)
+        self._errors: dict[str, Counter] = {}
+        for entry in self.servers:
+            self._load(entry, initial=True)
+
+    # ---- certificates
+
+    def _load(self, entry: ServerCertificate, *, initial: bool = False) -> None:
+        fingerprint = entry.source.fingerprint()
+        files = entry.source.files
+        try:
+            context = context_for_server(entry.server, files)
+            expiry = describe_chain(files.cert_file)[0]
+        except (TlsSettingsError, OSError, ValueError) as e:
+            entry.fingerprint = fingerprint  # retried on the next change, not on every connection
+            entry.last_error = str(e)
+            if not initial:
+                self.stats.counter("triomesh_tls_certificate_reload_total", certificate=files.cert_file,
+                                   result="failure").value += 1
+            log.error("tls certificate not loaded; keeping the last good one" if entry.context is not None else
+                      "tls certificate not loaded", listener=self.listener_name, certificate=files.cert_file,
+                      origin=files.origin, error=str(e))
+            return
+        context.sni_callback = self._on_server_name
+        entry.context = context
+        entry.fingerprint = fingerprint
+        entry.last_error = ""
+        self.stats.gauge("triomesh_tls_certificate_expiration_timestamp_seconds", certificate=files.cert_file).value = int(
+            datetime.datetime.fromisoformat(expiry.expiration_time).timestamp())
+        if not initial:
+            self.stats.counter("triomesh_tls_certificate_reload_total", certificate=files.cert_file,
+                               result="success").value += 1
+            log.info("tls certificate reloaded", listener=self.listener_name, certificate=files.cert_file,
+                     origin=files.origin, subject=expiry.subject, expires=expiry.expiration_time)
+
+    def maybe_reload(self) -> None:
+        """Rebuild the contexts whose certificate changed."""
+        for entry in self.servers:
+            if entry.source.fingerprint() != entry.fingerprint:
+                self._load(entry)
+
+    # ---- handshakes
+
+    def initial_context(self) -> ssl.SSLContext | None:
+        """The context a new connection starts with (the default server's); None when no server has
+        a usable certificate."""
+        entry = self.servers[self.default_index]
+        if entry.context is not None:
+            return entry.context
+        return next((e.context for e in self.servers if e.context is not None), None)
+
+    def pick(self, server_name: str | None) -> int | None:
+        if server_name is None:
+            return self.default_index
+        name = server_name.lower().rstrip(".")
+        index = self.exact.get(name)
+        if index is not None:
+            return index
+        for suffix, index in self.suffixes:
+            if name.endswith(suffix) and len(name) > len(suffix):
+                return index
+        return self.catch_all
+
+    def _on_server_name(self, ssl_object, server_name: str | None, context: ssl.SSLContext):
+        ssl_object.sni = server_name
+        index = self.pick(server_name)
+        if index is None:
+            ssl_object.refused = "no_matching_server"
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        chosen = self.servers[index].context
+        if chosen is None:
+            ssl_object.refused = "no_certificate"
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        ssl_object.server_index = index
+        if chosen is not context:
+            ssl_object.context = chosen
+        return None
+
+    def server_for(self, ssl_object) -> ServerTls:
+        """The server a completed handshake chose (the default one without SNI)."""
+        return self.servers[getattr(ssl_object, "server_index", self.default_index)].server
+
+    def count_error(self, reason: str) -> None:
+        counter = self._errors.get(reason)
+        if counter is None:
+            counter = self._errors[reason] = self.stats.counter(
+                "triomesh_tls_handshake_error_total", listener=self.listener_name, reason=reason)
+        counter.value += 1
+
+
+class TlsListeners:
+    """A worker's ListenerTls by listener, kept while a listener's servers are unchanged."""
+
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+        self._by_listener: dict[str, ListenerTls] = {}
+        self._snapshot: Snapshot | None = None
+        self._listeners: dict[str, Listener] = {}
+
+    def for_listener(self, snapshot: Snapshot, name: str) -> ListenerTls | None:
+        """The runtime of listener `name` in `snapshot` (None if it has no terminating server there),
+        its certificates checked for changes."""
+        if snapshot is not self._snapshot:
+            self._listeners = {l.name: l for l in snapshot.listeners if l.tls_servers}
+            self._snapshot = snapshot
+        listener = self._listeners.get(name)
+        if listener is None:
+            return None
+        runtime = self._by_listener.get(name)
+        if runtime is None or tuple(e.server for e in runtime.servers) != listener.tls_servers:
+            runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats)
+        return runtime
+
+    async def watch_certificates(self, holder) -> None:
+        """Runs for the worker's life: every second, reload the certificates whose files changed,
+        traffic or not (so a bad file shows in the stats before a client meets it). `holder`: the
+        worker's SnapshotHolder; listeners of the current snapshot get their runtime here first."""
+        while True:
+            await trio.sleep(RELOAD_CHECK_PERIOD_S)
+            snapshot = holder.current
+            fresh = set()
+            for listener in snapshot.listeners:
+                if listener.tls_servers:
+                    known = self._by_listener.get(listener.name)
+                    runtime = self.for_listener(snapshot, listener.name)
+                    if runtime is not known:
+                        fresh.add(listener.name)
+            for name, runtime in list(self._by_listener.items()):
+                if name not in self._listeners:
+                    del self._by_listener[name]  # the listener left the config
+                elif name not in fresh:
+                    runtime.maybe_reload()

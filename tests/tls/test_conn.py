@@ -1,0 +1,237 @@
+"""TlsConn over real TCP sockets on 127.0.0.1: handshake, ALPN, SNI, the Conn interface both ways,
+concurrent reader and writer, errors and timeouts; the client side against the stdlib's TLS server."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+
+import pytest
+import trio
+
+from proxy.l7.reactor import Reactor
+from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsHandshakeError
+from proxy.tls.context import client_context, server_context
+from tests.tls.certs import tcp_pair, write_cert
+
+
+def _pair(server_files, *, reactor=None, server_name="example.com", alpn=("h2", "http/1.1")):
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
+                     reactor=reactor)
+    client = TlsConn(client_sock, client_context(ca_file=server_files.ca, alpn=alpn), server_side=False,
+                     server_hostname=server_name, reactor=reactor)
+    return client, server
+
+
+async def _handshake(client: TlsConn, server: TlsConn) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handshake, 5.0)
+        nursery.start_soon(client.handshake, 5.0)
+
+
+async def _read_exactly(conn: TlsConn, size: int) -> bytes:
+    while conn.buffered < size:
+        if await conn.fill() == 0:
+            break
+    return bytes(conn.consume(min(size, conn.buffered)))
+
+
+async def test_handshake_alpn_sni_and_bytes_both_ways(server_files):
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    assert server.alpn_protocol == client.alpn_protocol == "h2"
+    assert server.server_name == "example.com"
+    assert client.version in ("TLSv1.3", "TLSv1.2")
+    assert client.peer_certificate()["subjectAltName"][0] == ("DNS", "example.com")
+
+    await client.send_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert await _read_exactly(server, 27) == b"GET / HTTP/1.1\r\nhost: x\r\n\r\n"
+    rest = server.send_nowait(b"HTTP/1.1 200 OK\r\n\r\n")
+    if rest is not None:
+        await server.send_all(rest)
+    assert await _read_exactly(client, 19) == b"HTTP/1.1 200 OK\r\n\r\n"
+    rest = server.send_many_nowait([b"ab", memoryview(b"cd")])
+    if rest is not None:
+        await server.send_many(rest)
+    await server.send_many([b"ef", b"g" * 100_000])
+    assert await _read_exactly(client, 100_006) == b"abcdef" + b"g" * 100_000
+
+    server.shutdown_write()  # close_notify then FIN: the client reads EOF
+    assert await client.fill() == 0
+    client.close()
+    server.close()
+
+
+async def test_http11_only_client_gets_http11(server_files):
+    client, server = _pair(server_files, alpn=("http/1.1",))
+    await _handshake(client, server)
+    assert server.alpn_protocol == "http/1.1"
+    client.close()
+    server.close()
+
+
+async def test_concurrent_reader_and_writer_on_the_reactor(server_files):
+    """HTTP/2's shape: one task writes megabytes while another reads, on the edge-triggered reactor;
+    every byte arrives once and in order, both ways."""
+    reactor = Reactor()
+    size = 3_000_000
+    payload = bytes(range(256)) * (size // 256)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        client, server = _pair(server_files, reactor=reactor)
+        await _handshake(client, server)
+
+        received = {}
+
+        async def write(conn):
+            view = memoryview(payload)
+            for start in range(0, len(view), 70_000):
+                rest = conn.send_nowait(view[start:start + 70_000])
+                if rest is not None:
+                    await conn.send_all(rest)
+
+        async def read(conn, key):
+            received[key] = await _read_exactly(conn, len(payload))
+
+        async with trio.open_nursery() as io:
+            io.start_soon(write, client)
+            io.start_soon(write, server)
+            io.start_soon(read, client, "client")
+            io.start_soon(read, server, "server")
+        assert received["client"] == payload and received["server"] == payload
+        client.close()
+        server.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_plaintext_http_to_a_tls_server_fails_the_handshake(server_files):
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    client_sock.sendall(b"GET / HTTP/1.1\r\nhost: example.com\r\n\r\n")
+    with pytest.raises(TlsHandshakeError) as caught:
+        await server.handshake(5.0)
+    assert caught.value.reason == "not_tls"
+    assert isinstance(caught.value.__cause__, ssl.SSLError)
+    server.close()
+    client_sock.close()
+
+
+async def test_silent_peer_times_out(server_files):
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    with pytest.raises(HandshakeTimeout):
+        await server.handshake(0.2)
+    server.close()
+    client_sock.close()
+
+
+async def test_peer_closing_during_handshake(server_files):
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    client_sock.close()
+    with pytest.raises(TlsHandshakeError) as caught:
+        await server.handshake(5.0)
+    assert caught.value.reason == "connection_closed"
+    server.close()
+
+
+def _stdlib_tls_server(context: ssl.SSLContext) -> tuple[socket.socket, threading.Thread, list]:
+    """A blocking stdlib TLS server on 127.0.0.1 answering one request with its ALPN and SNI."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    seen: list = []
+
+    def serve():
+        raw, _ = listener.accept()
+        sni = []
+        context.sni_callback = lambda obj, name, ctx: sni.append(name)
+        try:
+            with context.wrap_socket(raw, server_side=True) as tls:
+                data = tls.recv(100)
+                seen.append((data, tls.selected_alpn_protocol(), sni))
+                tls.sendall(b"pong")
+        except (ssl.SSLError, OSError) as e:
+            seen.append(e)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener, thread, seen
+
+
+async def test_client_against_the_stdlib_server_verifies_and_sends_sni(server_files):
+    stdlib = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    stdlib.load_cert_chain(server_files.cert, server_files.key)
+    stdlib.set_alpn_protocols(["http/1.1"])
+    listener, thread, seen = _stdlib_tls_server(stdlib)
+    sock = socket.create_connection(listener.getsockname())
+    client = TlsConn(sock, client_context(ca_file=server_files.ca), server_side=False, server_hostname="example.com")
+    await client.handshake(5.0)
+    assert client.alpn_protocol == "http/1.1"
+    await client.send_all(b"ping")
+    assert await _read_exactly(client, 4) == b"pong"
+    client.close()
+    await trio.to_thread.run_sync(thread.join, 5)
+    listener.close()
+    assert seen == [(b"ping", "http/1.1", ["example.com"])]
+
+
+async def test_client_refuses_a_certificate_for_another_name(server_files):
+    stdlib = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    stdlib.load_cert_chain(server_files.cert, server_files.key)
+    listener, thread, _ = _stdlib_tls_server(stdlib)
+    sock = socket.create_connection(listener.getsockname())
+    client = TlsConn(sock, client_context(ca_file=server_files.ca), server_side=False, server_hostname="other.test")
+    with pytest.raises(TlsHandshakeError) as caught:
+        await client.handshake(5.0)
+    assert caught.value.reason == "fail_verify_error"
+    assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
+    client.close()
+    await trio.to_thread.run_sync(thread.join, 5)
+    listener.close()
+
+
+async def test_client_refuses_an_untrusted_server(server_files, tmp_path):
+    import trustme
+
+    (tmp_path / "other").mkdir()
+    other = write_cert(trustme.CA(), tmp_path / "other", "other", "example.com")
+    stdlib = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    stdlib.load_cert_chain(other.cert, other.key)
+    listener, thread, _ = _stdlib_tls_server(stdlib)
+    sock = socket.create_connection(listener.getsockname())
+    client = TlsConn(sock, client_context(ca_file=server_files.ca), server_side=False, server_hostname="example.com")
+    with pytest.raises(TlsHandshakeError) as caught:
+        await client.handshake(5.0)
+    assert caught.value.reason == "fail_verify_error"
+    client.close()
+    await trio.to_thread.run_sync(thread.join, 5)
+    listener.close()
+
+
+async def test_mutual_tls_client_certificate(ca, server_files, tmp_path):
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key, ca_file=server_files.ca,
+                                                 require_client_certificate=True), server_side=True)
+    client = TlsConn(client_sock, client_context(ca_file=server_files.ca, cert_file=client_files.cert,
+                                                 key_file=client_files.key),
+                     server_side=False, server_hostname="example.com")
+    await _handshake(client, server)
+    await client.send_all(b"hi")
+    assert await _read_exactly(server, 2) == b"hi"
+    assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
+    client.close()
+    server.close()
+
+
+async def test_peek_closed_on_an_idle_client(server_files):
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    await server.send_all(b"x")
+    await _read_exactly(client, 1)
+    assert not client.peek_closed()  # a TLS 1.3 session ticket alone leaves it usable
+    server.close()  # close_notify + FIN
+    await trio.sleep(0.05)
+    assert client.peek_closed()
+    client.close()

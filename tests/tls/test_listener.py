@@ -1,0 +1,106 @@
+"""ListenerTls: which server a ClientHello's SNI picks, and certificate reloads from real files
+(a good change is taken, a bad one keeps the last good context and is counted)."""
+
+from __future__ import annotations
+
+import shutil
+
+from proxy.config.snapshot import CertificateFiles, Listener, RouteTable, ServerTls, Snapshot
+from proxy.stats import Stats
+from proxy.tls.certificates import certificates_report
+from proxy.tls.listener import ListenerTls, TlsListeners
+from tests.tls.certs import write_cert
+
+
+def _server(files, *names: str, listener: str = "routes") -> ServerTls:
+    return ServerTls(names, "SIMPLE", CertificateFiles(files.cert, files.key, origin="files"), listener=listener)
+
+
+def test_sni_picks_exact_then_longest_suffix_then_catch_all(server_files):
+    servers = (_server(server_files, "a.example.com"), _server(server_files, "*.example.com"),
+               _server(server_files, "*.deep.example.com"), _server(server_files, "*"))
+    runtime = ListenerTls("l", servers, Stats())
+    assert runtime.pick("A.example.com.") == 0
+    assert runtime.pick("x.example.com") == 1
+    assert runtime.pick("x.deep.example.com") == 2
+    assert runtime.pick("example.com") == 3  # "*.example.com" needs a label before the suffix
+    assert runtime.pick(None) == 3  # no SNI: the catch-all server
+    without_catch_all = ListenerTls("l", servers[:2], Stats())
+    assert without_catch_all.pick(None) == 0  # else the first server
+    assert without_catch_all.pick("other.test") is None  # refused: unrecognized_name
+
+
+def test_reload_takes_a_good_change_and_keeps_the_last_good_context(ca, tmp_path, server_files):
+    stats = Stats()
+    (tmp_path / "live").mkdir()
+    live = write_cert(ca, tmp_path / "live", "live", "a.example.com")
+    runtime = ListenerTls("l", (_server(live, "a.example.com"),), stats)
+    first = runtime.initial_context()
+    runtime.maybe_reload()
+    assert runtime.initial_context() is first  # nothing changed: nothing rebuilt
+
+    (tmp_path / "next").mkdir()
+    replacement = write_cert(ca, tmp_path / "next", "next", "a.example.com")
+    shutil.copy(replacement.cert, live.cert)
+    shutil.copy(replacement.key, live.key)
+    runtime.maybe_reload()
+    second = runtime.initial_context()
+    assert second is not first
+    ok = stats.counter("triomesh_tls_certificate_reload_total", certificate=live.cert, result="success")
+    assert ok.value == 1
+
+    shutil.copy(server_files.key, live.key)  # a key of another certificate
+    runtime.maybe_reload()
+    assert runtime.initial_context() is second
+    failed = stats.counter("triomesh_tls_certificate_reload_total", certificate=live.cert, result="failure")
+    assert failed.value == 1
+    assert "does not match" in runtime.servers[0].last_error
+    runtime.maybe_reload()  # the same bad files: not retried until they change again
+    assert failed.value == 1
+
+    listener = Listener("l", "127.0.0.1", 8443, "HTTPS", RouteTable({}, (), None),
+                        tls_servers=(runtime.servers[0].server,))
+    (entry,) = certificates_report([listener])["certificates"]
+    assert "does not match" in entry["error"]
+    assert entry["cert_chain"][0]["subject_alt_names"] == ["DNS:a.example.com"]
+
+
+def test_runtime_kept_across_snapshots_while_servers_are_unchanged(server_files):
+    servers = (_server(server_files, "a.example.com"),)
+    listeners = TlsListeners(Stats())
+
+    def snapshot(version: str, tls_servers) -> Snapshot:
+        return Snapshot(version, (Listener("l", "127.0.0.1", 8443, "HTTPS", RouteTable({}, (), None), tls_servers=tls_servers),), {})
+
+    first = listeners.for_listener(snapshot("1", servers), "l")
+    assert listeners.for_listener(snapshot("2", servers), "l") is first
+    changed = listeners.for_listener(snapshot("3", (_server(server_files, "b.example.com"),)), "l")
+    assert changed is not first
+    assert listeners.for_listener(snapshot("4", ()), "l") is None
+
+
+async def test_watcher_makes_runtimes_for_the_current_listeners_and_reloads(ca, tmp_path, autojump_clock):
+    """watch_certificates on the (mock) clock: a listener nobody connected to yet gets its runtime, and
+    a changed file is reloaded without any traffic."""
+    import trio
+
+    from proxy.runtime import SnapshotHolder
+
+    (tmp_path / "live").mkdir()
+    live = write_cert(ca, tmp_path / "live", "live", "a.example.com")
+    holder = SnapshotHolder()
+    holder.swap(Snapshot("1", (Listener("l", "127.0.0.1", 8443, "HTTPS", RouteTable({}, (), None),
+                                        tls_servers=(_server(live, "a.example.com"),)),), {}))
+    stats = Stats()
+    listeners = TlsListeners(stats)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listeners.watch_certificates, holder)
+        await trio.sleep(1.5)
+        runtime = listeners.for_listener(holder.current, "l")
+        first = runtime.initial_context()
+        shutil.copy(live.cert, tmp_path / "copy.crt")
+        (tmp_path / "copy.crt").rename(live.cert)  # same content, new file: a reload all the same
+        await trio.sleep(1.5)
+        assert runtime.initial_context() is not first
+        assert stats.counter("triomesh_tls_certificate_reload_total", certificate=live.cert, result="success").value == 1
+        nursery.cancel_scope.cancel()
