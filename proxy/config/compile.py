@@ -53,7 +53,8 @@ from proxy.config.load import Resource, check_duplicates
 from proxy.config.locality import describe as describe_locality_lb
 from proxy.config.locality import proxy_locality
 from proxy.config.matchers import MatchContext, always, compile_matches, merge_matches
-from proxy.config.registry import FrozenLabels, Registry, Service, build_clusters, build_registry, service_addresses
+from proxy.config.registry import (FrozenLabels, Registry, Service, build_clusters, build_registry, mesh_addresses,
+                                   service_addresses)
 from proxy.config.sidecars import select_sidecar
 from proxy.config.snapshot import (
     Cluster,
@@ -1013,6 +1014,7 @@ def compile_resources(
         outbound_traffic_policy=c.outbound_policy,
         l4_routes=l4,
         captured_hosts=c.captured_hosts(),
+        mesh_addresses=mesh_addresses(c.registry),
     )
 
 

@@ -52,6 +52,9 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     extra = ctx.extra
     if extra is not None and "grpc_status" in extra:
         plane.count_grpc(extra["grpc_status"])
+    telemetry = plane.telemetry
+    if telemetry is not None and (ctx.status or ctx.response_flags):
+        telemetry.record_request(ctx)
     if plane.access_log is not None:
         plane.access_log.emit(ctx)
 

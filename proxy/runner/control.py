@@ -95,7 +95,7 @@ class Drained(msgspec.Struct, tag="drained"):
     active_at_deadline: int
 
 
-StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int]
+StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int | float]  # histogram _sum rows are floats
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply"):
