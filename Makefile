@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 # anything that changes what `pip install -e` builds: packaging files and every native/ source
 SRC_BUILD := pyproject.toml setup.py $(shell find native -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) 2>/dev/null)
 # command:Debian package; tests and the demo drive these for real
-TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-restore:iptables ip:iproute2
+TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-restore:iptables ip:iproute2 prometheus:prometheus
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=

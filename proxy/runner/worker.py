@@ -25,6 +25,8 @@ from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
+from proxy.telemetry.istio_metrics import IstioMetrics
+from proxy.telemetry.peer import UNKNOWN_WORKLOAD, parse_peer_header
 
 ACCESS_LOG_FLUSH_INTERVAL_S = 1.0
 DRAIN_POLL_INTERVAL_S = 0.05  # how soon after its last connection ends a draining worker reports
@@ -38,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
     p.add_argument("--max-downstream-connections", type=int, default=None)
+    # this proxy's workload in Istio's metrics, in the peer metadata header's own form
+    p.add_argument("--workload", default="")
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
     return p
 
@@ -77,7 +81,7 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
-              limits: OverloadLimits = OverloadLimits()) -> None:
+              limits: OverloadLimits = OverloadLimits(), workload: str = "") -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -85,8 +89,10 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
 
     holder = SnapshotHolder()
     stats = Stats()
+    identity = (parse_peer_header(workload.encode()) if workload else None) or UNKNOWN_WORKLOAD
     plane = DataPlane(holder, stats, access_log,
-                      HttpSettings(max_downstream_connections=limits.max_downstream_connections))
+                      HttpSettings(max_downstream_connections=limits.max_downstream_connections),
+                      telemetry=IstioMetrics(stats, identity))
 
     async with trio.open_nursery() as nursery, trio.open_nursery() as connections:
         # connections live in a worker-wide nursery: those of a listener a reload removes finish;
@@ -199,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def _main() -> None:
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         await run(control.ControlChannel(stream), access_log=access_log, log=log,
-                  limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes))
+                  limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
+                  workload=args.workload)
 
     try:
         trio.run(_main)

@@ -209,6 +209,11 @@ class IstioMetrics:
                    peer_identity: WorkloadIdentity | None = None) -> TcpSeries | None:
         """The series a proxied TCP connection counts in (looked up once per connection). TCP has no
         metadata exchange yet: the peer comes from the registry (the destination endpoint's labels)."""
+        facts = (inbound, cluster.name if cluster is not None else None, endpoint.key if endpoint is not None else None,
+                 peer_identity)
+        found = self._tcp_by_facts.get(facts)
+        if found is not None:
+            return found
         labels = connection_labels(
             "destination" if inbound else "source",
             (peer_identity or UNKNOWN_WORKLOAD) if inbound else self.identity,
@@ -221,6 +226,8 @@ class IstioMetrics:
                 self._tcp_overflow.value += 1
                 return None
             series = self._tcp_by_labels[labels] = TcpSeries(self.stats, labels)
+        if len(self._tcp_by_facts) < 4 * self.max_series:
+            self._tcp_by_facts[facts] = series
         return series
 
 
