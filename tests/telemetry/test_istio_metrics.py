@@ -80,6 +80,13 @@ def test_inbound_believes_the_header_only_from_a_mesh_workload_and_never_passes_
         response = ResponseHead(200, [])
         stage.on_response(ctx, response)
         assert response.headers == [(PEER_HEADER, metrics.identity.header_value())]
+        assert stage.on_plain_response(ctx, b"server: app\r\n") == (
+            b"server: app\r\nx-triomesh-peer: " + metrics.identity.header_value() + b"\r\n")
+    # an app behind the client sidecar cannot choose its identity: the sidecar's header comes last
+    ctx = _context(snapshot, None, [(PEER_HEADER, b"workload=forged"), (PEER_HEADER, CLIENT.header_value())],
+                   client_ip="10.0.0.2")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity == CLIENT and ctx.request.headers == []
 
 
 def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer() -> None:
@@ -90,13 +97,19 @@ def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer()
         ctx = _context(snapshot, None, [(PEER_HEADER, b"app=forged")], client_ip="127.0.0.1")
         ctx.cluster = snapshot.clusters[cluster_name]
         stage.on_request(ctx)
-        # an app's own header never goes on as ours; a MESH_EXTERNAL service gets what the app sent
-        assert ctx.request.headers == ([(PEER_HEADER, CLIENT.header_value())] if mesh else [(PEER_HEADER, b"app=forged")])
+        # ours goes last (the one the server side believes); a MESH_EXTERNAL service gets only what the app sent
+        assert ctx.request.headers == [(PEER_HEADER, b"app=forged")] + ([(PEER_HEADER, CLIENT.header_value())] if mesh else [])
         response = ResponseHead(200, [(PEER_HEADER, b"namespace=tutorial;workload=preference-v1")])
         stage.on_response(ctx, response)
         assert response.headers == []
         believed = ctx.extra.get("peer") if ctx.extra else None
         assert (believed.identity.workload if believed else None) == ("preference-v1" if mesh else None)
+        # the same on a plain HTTP/1.1 response's forwarded field block
+        ctx.extra = None
+        fields = b"content-length: 2\r\nx-triomesh-peer: workload=preference-v2\r\nserver: app\r\n"
+        assert stage.on_plain_response(ctx, fields) == b"content-length: 2\r\nserver: app\r\n"
+        believed = ctx.extra.get("peer") if ctx.extra else None
+        assert (believed.identity.workload if believed else None) == ("preference-v2" if mesh else None)
 
 
 def test_a_gateway_to_external_services_only_has_no_peer_stage() -> None:

@@ -3,13 +3,18 @@ adds, strips and believes, so the metrics can name both ends of a request.
 
 | listener | request | response |
 |---|---|---|
-| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: any x-triomesh-peer the app sent is removed and ours added; to others: nothing added | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
-| INBOUND (server sidecar) | x-triomesh-peer removed; believed (source_*) only from an address the registry lists as a mesh workload | ours added |
+| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last; to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
+| INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload | ours added |
 
-So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and a client
-outside the mesh cannot choose the source it is reported as. Until mutual TLS authenticates peers,
-"from a mesh workload" means "from an endpoint address of a MESH_INTERNAL service"; with mutual TLS
-the peer certificate is the proof (see `_connection_security`).
+So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and neither a
+client outside the mesh nor an app behind a sidecar can choose the source it is reported as (an
+app's own header comes before the one its sidecar appends, and only the last one counts). Until
+mutual TLS authenticates peers, "from a mesh workload" means "from an endpoint address of a
+MESH_INTERNAL service"; with mutual TLS the peer certificate is the proof (`_connection_security`).
+
+A plain HTTP/1.1 response is relayed from its field block without parsing it (router.py): the
+outbound side then finds the header with one bytes search (sidecars write the name in lowercase),
+the inbound side appends it to the block.
 """
 
 from __future__ import annotations
@@ -30,27 +35,45 @@ from proxy.telemetry.istio_metrics import IstioMetrics
 MAX_INTERNED = 1024  # distinct (peer, service) facts kept per listener; more are made per request
 
 
+_PEER_FIELD = PEER_HEADER + b":"
+
+
 def _without_peer_header(headers: list) -> bytes | None:
-    """Removes every x-triomesh-peer from `headers` (in place); returns the first value."""
+    """Removes every x-triomesh-peer from `headers` (in place); returns the last value."""
     found = None
     i = 0
     while i < len(headers):
         if headers[i][0] == PEER_HEADER:
-            if found is None:
-                found = headers[i][1]
+            found = headers[i][1]
             del headers[i]
         else:
             i += 1
     return found
 
 
+def _without_peer_field(fields: bytes) -> tuple[bytes, bytes | None]:
+    """A forwarded field block ("name: value CRLF" each) without its x-triomesh-peer fields, and
+    the last value."""
+    found = None
+    start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
+    while start != 1:  # find() gave -1 (+2)
+        end = fields.find(b"\r\n", start)
+        end = len(fields) if end == -1 else end + 2
+        found = fields[start + len(_PEER_FIELD):end].strip()
+        fields = fields[:start] + fields[end:]
+        start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
+    return fields, found
+
+
 class PeerMetadataStage:
     has_response_step = True
-    __slots__ = ("inbound", "header_value", "mesh_addresses", "services", "parsed", "interned")
+    edits_plain_fields = True
+    __slots__ = ("inbound", "header_value", "header_field", "mesh_addresses", "services", "parsed", "interned")
 
     def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
         self.inbound = inbound
         self.header_value = metrics.identity.header_value()
+        self.header_field = PEER_HEADER + b": " + self.header_value + b"\r\n"
         self.mesh_addresses = frozenset(a.encode() for a in snapshot.mesh_addresses)
         self.parsed = PeerHeaderCache()
         self.interned: dict[tuple, PeerFacts] = {}
@@ -90,8 +113,7 @@ class PeerMetadataStage:
             return None
         cluster = ctx.cluster
         if cluster is not None and cluster.mesh_internal:
-            _without_peer_header(head.headers)
-            head.headers.append((PEER_HEADER, self.header_value))
+            head.headers.append((PEER_HEADER, self.header_value))  # last: the one the server side believes
         return None
 
     def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
@@ -99,7 +121,18 @@ class PeerMetadataStage:
         if self.inbound:
             headers.append((PEER_HEADER, self.header_value))
             return
-        value = _without_peer_header(headers)
+        self._note_destination(ctx, _without_peer_header(headers))
+
+    def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
+        if self.inbound:
+            return fields + self.header_field
+        if _PEER_FIELD not in fields:
+            return fields
+        fields, value = _without_peer_field(fields)
+        self._note_destination(ctx, value)
+        return fields
+
+    def _note_destination(self, ctx: RequestContext, value: bytes | None) -> None:
         cluster = ctx.cluster
         if value is not None and cluster is not None and cluster.mesh_internal:
             identity = self.parsed.parse(value)
