@@ -70,6 +70,11 @@ def test_inbound_believes_the_header_only_from_a_mesh_workload_and_never_passes_
     snapshot = compile_docs(*MESH)
     metrics = IstioMetrics(Stats(), identity_from_labels("tutorial", {"app": "preference"}, "preference-v1"))
     stage = PeerMetadataStage(metrics, snapshot, inbound=True)
+    # no header from a mesh workload: the registry's labels for its address
+    ctx = _context(snapshot, None, [], client_ip="10.0.0.2")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity == WorkloadIdentity(namespace="tutorial", app="preference",
+                                                          canonical_service="preference", canonical_revision="latest")
     for client_ip, believed in (("10.0.0.2", True), ("192.0.2.7", False)):
         ctx = _context(snapshot, None, [(b"accept", b"*/*"), (PEER_HEADER, CLIENT.header_value())], client_ip=client_ip)
         stage.on_request(ctx)

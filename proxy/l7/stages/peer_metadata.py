@@ -4,7 +4,7 @@ adds, strips and believes, so the metrics can name both ends of a request.
 | listener | request | response |
 |---|---|---|
 | OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last; to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
-| INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload | ours added |
+| INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload; without it, the registry's workload at that address (if only one is there) | ours added |
 
 So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and neither a
 client outside the mesh nor an app behind a sidecar can choose the source it is reported as (an
@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.l7.events import split_authority
-from proxy.telemetry.istio_metrics import UNKNOWN_SERVICE, PeerFacts, ServiceLabels, service_labels
+from proxy.telemetry.istio_metrics import UNKNOWN_SERVICE, PeerFacts, ServiceLabels, endpoint_identity, service_labels
 from proxy.telemetry.peer import PEER_HEADER, PeerHeaderCache, WorkloadIdentity
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def _without_peer_field(fields: bytes) -> tuple[bytes, bytes | None]:
 class PeerMetadataStage:
     has_response_step = True
     edits_plain_fields = True
-    __slots__ = ("inbound", "header_value", "header_field", "mesh_addresses", "services", "parsed", "interned")
+    __slots__ = ("inbound", "header_value", "header_field", "mesh_addresses", "services", "parsed", "interned",
+                 "workloads_by_address")
 
     def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
         self.inbound = inbound
@@ -80,7 +81,17 @@ class PeerMetadataStage:
         # inbound: the service a request was addressed to, by the host of its authority (Istio falls
         # back to the Host header for inbound clusters without a service)
         self.services: dict[bytes, ServiceLabels] = {}
+        # inbound without a (believable) header: the registry's workload at the client's address, when
+        # the address belongs to one workload only (several on one address, as on loopback: unknown)
+        self.workloads_by_address: dict[bytes, WorkloadIdentity | None] = {}
         if inbound:
+            for cluster in snapshot.clusters.values():
+                if cluster.mesh_internal:
+                    for endpoint in cluster.endpoints:
+                        known = endpoint_identity(endpoint, cluster)
+                        key = endpoint.address.encode()
+                        if self.workloads_by_address.setdefault(key, known) != known:
+                            self.workloads_by_address[key] = None
             for cluster in snapshot.clusters.values():
                 labels = service_labels(cluster)
                 if labels is not UNKNOWN_SERVICE:
@@ -108,6 +119,8 @@ class PeerMetadataStage:
             value = _without_peer_header(head.headers)
             security, trusted = self._connection_security(ctx)
             identity = self.parsed.parse(value) if value is not None and trusted else None
+            if identity is None:
+                identity = self.workloads_by_address.get(ctx.downstream_ip)
             service = self.services.get(split_authority(head.authority)[0], UNKNOWN_SERVICE) if head.authority else UNKNOWN_SERVICE
             ctx.scratch()["peer"] = self._facts(identity, service, security)
             return None
