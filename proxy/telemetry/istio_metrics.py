@@ -21,7 +21,7 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from proxy.stats import HELP, Counter, Histogram, Stats
+from proxy.stats import HELP, Stats
 from proxy.telemetry.peer import UNKNOWN, UNKNOWN_WORKLOAD, WorkloadIdentity, canonical_revision, canonical_service
 
 if TYPE_CHECKING:

@@ -207,7 +207,7 @@ def mesh(tmp_path: Path):
                                    f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                    f"--web.listen-address=127.0.0.1:{ports['prometheus']}"])
         for name in ("admin_client", "admin_server"):
-            wait_until(lambda: get(ports[name], "/ready")[0] == 200, f"{name} /ready")
+            wait_until(lambda port=ports[name]: get(port, "/ready")[0] == 200, f"{name} /ready")
         wait_until(lambda: get(ports["prometheus"], "/-/ready")[0] == 200, "prometheus /-/ready")
         yield ports, procs
     finally:
