@@ -218,7 +218,7 @@ class IstioMetrics:
         listener = ctx.listener
         inbound = listener is not None and listener.traffic_direction == "INBOUND"
         if inbound:
-            source = peer.identity if peer is not None else UNKNOWN_WORKLOAD
+            source = peer.identity if peer is not None and peer.identity is not None else UNKNOWN_WORKLOAD
             destination = self.identity
             service = peer.service if peer is not None else UNKNOWN_SERVICE
             security = peer.security_policy if peer is not None else "none"

@@ -143,3 +143,24 @@ def test_label_sets_are_capped_and_the_overflow_counted() -> None:
               if name == "istio_requests_total"}
     assert counts == {"200": 2, "404": 1}
     assert merged[("counter", "triomesh_istio_series_overflow_total", (("metric", "istio_requests_total"),))] == 1
+
+
+def test_inbound_request_from_an_unknown_client_is_reported_with_an_unknown_source() -> None:
+    sidecar = doc("Sidecar", "default", {"ingress": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                      "bind": "127.0.0.1", "captureMode": "NONE",
+                                                      "defaultEndpoint": "127.0.0.1:9080"}]}, namespace="tutorial")
+    snapshot = compile_docs(*MESH, sidecar)
+    [inbound] = [listener for listener in snapshot.listeners if listener.traffic_direction == "INBOUND"]
+    stats = Stats()
+    metrics = IstioMetrics(stats, identity_from_labels("tutorial", {"app": "preference"}, "preference-v1"),
+                           clock=lambda: 1.0)
+    stage = PeerMetadataStage(metrics, snapshot, inbound=True)
+    ctx = _context(snapshot, inbound, [], client_ip="192.0.2.7")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity is None
+    ctx.status = 200
+    metrics.record_request(ctx)
+    [labels] = [dict(labels) for (_, name, labels), _ in merge([stats.export()]).items() if name == "istio_requests_total"]
+    assert labels["reporter"] == "destination"
+    assert labels["source_workload"] == "unknown" and labels["destination_workload"] == "preference-v1"
+    assert labels["destination_service"] == "preference.tutorial.svc.cluster.local"
