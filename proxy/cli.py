@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a workload label (repeatable), with --config as with --controlplane: Gateway selectors, "
                         "Sidecar workloadSelectors and sourceLabels match these (with --config and no --label, "
                         "every Gateway and Sidecar applies)")
+    p.add_argument("--workload-name", default=None,
+                   help="the workload's name in Istio's metrics (source_workload/destination_workload; default: "
+                        "its canonical service from the labels, else unknown)")
+    p.add_argument("--cluster-id", default="Kubernetes",
+                   help="the cluster named in Istio's metrics (source_cluster/destination_cluster; default Kubernetes, "
+                        "Istio's default cluster name)")
     p.add_argument("--concurrency", type=_positive, default=None,
                    help="worker processes sharing the listeners with SO_REUSEPORT (default: usable cores)")
     p.add_argument("--bind-address", default="0.0.0.0", help="address the Gateway listeners bind (default 0.0.0.0)")
@@ -196,6 +202,8 @@ def run_proxy(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         namespace=args.namespace,
         labels=dict(args.labels),
+        workload_name=args.workload_name,
+        cluster_id=args.cluster_id,
         register=args.register,
         drain_duration_s=args.drain_duration,
         max_downstream_connections=args.max_downstream_connections,

@@ -1,14 +1,21 @@
-"""Counters and gauges for one process, exported as Prometheus text and summed across workers.
+"""Counters, gauges and histograms for one process, exported as Prometheus text and summed across workers.
 
-Hot-path code asks for a metric object once (at compile/connection time) and bumps `.value`; it never
-formats names per request. A metric is identified by its name plus a sorted tuple of label pairs.
+Hot-path code asks for a metric object once (at compile/connection time) and bumps `.value` (or calls
+`Histogram.observe`); it never formats names per request. A metric is identified by its name plus a
+tuple of label pairs (sorted, unless the caller gives them in a fixed order of its own).
+
+A histogram is exported as the rows Prometheus reads (`<name>_bucket{le=...}` cumulative,
+`<name>_sum`, `<name>_count`), all of kind "histogram", so summing rows across workers sums the
+histograms bucket by bucket.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Iterable
 
 LabelPairs = tuple[tuple[str, str], ...]
+Row = tuple[str, str, LabelPairs, "int | float"]
 
 
 class Counter:
@@ -23,6 +30,38 @@ class Gauge:
 
     def __init__(self) -> None:
         self.value = 0
+
+
+class Histogram:
+    """Observations counted in buckets with inclusive upper `bounds` (Prometheus' `le`), plus +Inf."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # bisect_left: a value equal to a bound is in it
+        self.sum += value
+
+    def rows(self, name: str, labels: LabelPairs) -> list[Row]:
+        out: list[Row] = []
+        running = 0
+        for bound, count in zip(self.bounds, self.counts):
+            running += count
+            out.append(("histogram", name + "_bucket", labels + (("le", _number(bound)),), running))
+        running += self.counts[-1]
+        out.append(("histogram", name + "_bucket", labels + (("le", "+Inf"),), running))
+        out.append(("histogram", name + "_sum", labels, self.sum))
+        out.append(("histogram", name + "_count", labels, running))
+        return out
+
+
+def _number(value: float) -> str:
+    """A bound or sample as Prometheus writes it: integers without a fraction."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 HELP = {
@@ -60,6 +99,7 @@ class Stats:
     def __init__(self) -> None:
         self._counters: dict[tuple[str, LabelPairs], Counter] = {}
         self._gauges: dict[tuple[str, LabelPairs], Gauge] = {}
+        self._histograms: dict[tuple[str, LabelPairs], Histogram] = {}
 
     def counter(self, name: str, **labels: str) -> Counter:
         key = (name, tuple(sorted(labels.items())))
@@ -75,19 +115,37 @@ class Stats:
             g = self._gauges[key] = Gauge()
         return g
 
-    def export(self) -> list[tuple[str, str, LabelPairs, int]]:
+    def counter_with_labels(self, name: str, labels: LabelPairs) -> Counter:
+        """A counter whose label pairs come in the caller's fixed order (Istio's label order)."""
+        key = (name, labels)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = Counter()
+        return c
+
+    def histogram(self, name: str, labels: LabelPairs, bounds: tuple[float, ...]) -> Histogram:
+        key = (name, labels)
+        h = self._histograms.get(key)
+        if h is None:
+            h = self._histograms[key] = Histogram(bounds)
+        return h
+
+    def export(self) -> list[Row]:
         """(kind, name, labels, value) rows; msgspec-encodable, for summing across workers."""
-        rows: list[tuple[str, str, LabelPairs, int]] = []
+        rows: list[Row] = []
         for (name, labels), c in self._counters.items():
             rows.append(("counter", name, labels, c.value))
         for (name, labels), g in self._gauges.items():
             rows.append(("gauge", name, labels, g.value))
+        for (name, labels), h in self._histograms.items():
+            rows += h.rows(name, labels)
         return rows
 
 
-def merge(exports: Iterable[Iterable[tuple[str, str, LabelPairs, int]]]) -> dict[tuple[str, str, LabelPairs], int]:
-    """Sum rows of several workers' exports (counters and gauges both add up across processes)."""
-    total: dict[tuple[str, str, LabelPairs], int] = {}
+def merge(exports: Iterable[Iterable[Row]]) -> dict[tuple[str, str, LabelPairs], int | float]:
+    """Sum rows of several workers' exports (counters, gauges and histogram rows all add up across
+    processes)."""
+    total: dict[tuple[str, str, LabelPairs], int | float] = {}
     for rows in exports:
         for kind, name, labels, value in rows:
             key = (kind, name, tuple(tuple(p) for p in labels))
@@ -99,21 +157,49 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def render_prometheus(merged: dict[tuple[str, str, LabelPairs], int]) -> str:
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _family(kind: str, name: str) -> str:
+    if kind == "histogram":
+        for suffix in _HISTOGRAM_SUFFIXES:
+            if name.endswith(suffix):
+                return name[: -len(suffix)]
+    return name
+
+
+def _histogram_order(row: tuple[str, LabelPairs, int | float], family: str):
+    """Within a histogram family: by series (labels without `le`), buckets by bound, then _sum, _count."""
+    name, labels, _ = row
+    if name.endswith("_bucket"):
+        le = labels[-1][1]
+        return labels[:-1], 0, float("inf") if le == "+Inf" else float(le)
+    return labels, 1 if name.endswith("_sum") else 2, 0.0
+
+
+def _sample(name: str, labels: LabelPairs, value: int | float) -> str:
+    text = str(value) if isinstance(value, int) else _number(value)
+    if labels:
+        inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+        return f"{name}{{{inner}}} {text}"
+    return f"{name} {text}"
+
+
+def render_prometheus(merged: dict[tuple[str, str, LabelPairs], int | float]) -> str:
     """Prometheus text exposition format 0.0.4."""
-    by_name: dict[str, list[tuple[str, LabelPairs, int]]] = {}
+    families: dict[str, tuple[str, list[tuple[str, LabelPairs, int | float]]]] = {}
     for (kind, name, labels), value in merged.items():
-        by_name.setdefault(name, []).append((kind, labels, value))
+        family = _family(kind, name)
+        families.setdefault(family, (kind, []))[1].append((name, labels, value))
     out: list[str] = []
-    for name in sorted(by_name):
-        rows = by_name[name]
-        if name in HELP:
-            out.append(f"# HELP {name} {HELP[name]}")
-        out.append(f"# TYPE {name} {rows[0][0]}")
-        for _, labels, value in sorted(rows, key=lambda r: r[1]):
-            if labels:
-                inner = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                out.append(f"{name}{{{inner}}} {value}")
-            else:
-                out.append(f"{name} {value}")
+    for family in sorted(families):
+        kind, rows = families[family]
+        if family in HELP:
+            out.append(f"# HELP {family} {HELP[family]}")
+        out.append(f"# TYPE {family} {kind}")
+        if kind == "histogram":
+            rows.sort(key=lambda r: _histogram_order(r, family))
+        else:
+            rows.sort(key=lambda r: r[1])
+        out.extend(_sample(name, labels, value) for name, labels, value in rows)
     return "\n".join(out) + "\n"

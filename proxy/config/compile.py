@@ -67,6 +67,7 @@ from proxy.config.registry import (
     Service,
     build_clusters,
     build_registry,
+    mesh_addresses,
     service_addresses,
 )
 from proxy.config.sidecars import select_sidecar
@@ -1185,6 +1186,7 @@ def compile_resources(
         authorization=authorization,
         authorized_listeners=frozenset(authorized) if authorization is not None else frozenset(),
         mtls=mtls,
+        mesh_addresses=mesh_addresses(c.registry),
     )
 
 

@@ -320,6 +320,12 @@ def _resolution(spec: ServiceEntrySpec) -> str:
     return spec.resolution
 
 
+def mesh_addresses(reg: Registry) -> frozenset[str]:
+    """Addresses of the endpoints of MESH_INTERNAL services: the workloads that run sidecars."""
+    return frozenset(inst.address for svc in reg.services.values() if svc.spec.location == "MESH_INTERNAL"
+                     for inst in svc.instances)
+
+
 def service_addresses(reg: Registry) -> dict[tuple[str, int], str]:
     """(VIP, port) -> host for ServiceEntry `addresses` (single IPs; CIDR blocks are not keys), and
     ("*", port) -> host for services without addresses, the first such service per port winning."""
@@ -378,6 +384,8 @@ def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster
                 resolution=_resolution(svc.spec),
                 protocol=str(port.protocol),
                 locality_lb=_locality_lb(tp, endpoints, proxy_locality),
+                service_namespace=svc.namespace,
+                mesh_internal=svc.spec.location == "MESH_INTERNAL",
                 **_policy_fields(tp, port),
             )
             if rule_spec is None:
@@ -395,6 +403,8 @@ def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster
                     resolution=_resolution(svc.spec),
                     protocol=str(port.protocol),
                     locality_lb=_locality_lb(tp, endpoints, proxy_locality),
+                    service_namespace=svc.namespace,
+                    mesh_internal=svc.spec.location == "MESH_INTERNAL",
                     **_policy_fields(tp, port),
                 )
     return clusters

@@ -141,6 +141,12 @@ class Cluster:
     # protocol HTTP2/GRPC/GRPC-WEB, or HTTP with h2UpgradePolicy UPGRADE (policies.upstream_http2)
     http2: bool = False
     locality_lb: LocalityLb | None = None  # None: endpoints are balanced with no regard to locality
+    # the namespace of the ServiceEntry behind the cluster ("" for inbound and built-in clusters), for
+    # Istio's destination_service_namespace label
+    service_namespace: str = ""
+    # ServiceEntry location MESH_INTERNAL: the endpoints run sidecars, so requests to them carry this
+    # proxy's peer metadata (proxy/telemetry/peer.py); never sent to MESH_EXTERNAL endpoints
+    mesh_internal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +452,9 @@ class Snapshot:
     authorized_listeners: frozenset[str] = frozenset()
     # the PeerAuthentication mode of this workload's inbound ports
     mtls: MtlsPolicy = MtlsPolicy()
+    # addresses of the mesh's workloads (endpoints of MESH_INTERNAL services): an inbound request's
+    # peer metadata is believed only from these (until mutual TLS authenticates the peer)
+    mesh_addresses: frozenset[str] = frozenset()
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

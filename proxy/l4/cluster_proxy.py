@@ -40,11 +40,12 @@ class Outcome(enum.Enum):
 
 async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket | TlsConn, client_ip: str,
                            original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
-                           idle_timeout_s: float | None, initial: bytes = b"") -> Outcome:
+                           idle_timeout_s: float | None, initial: bytes = b"", inbound: bool = False) -> Outcome:
     """Pick an endpoint of `cluster_name` for this connection and proxy `sock` to it until both
     sides are done. Takes ownership of `sock`: refused connections are reset, as Envoy's tcp_proxy
     resets a connection it cannot forward. `original_destination`: where the client was going
-    before a capture redirect (resolution NONE clusters go there), None at a gateway."""
+    before a capture redirect (resolution NONE clusters go there), None at a gateway. `inbound`: a
+    sidecar's inbound connection (Istio's metrics report it as the destination)."""
     crt = plane.runtime(snapshot).clusters.get(cluster_name)
     cluster = crt.cluster if crt is not None else None
     if cluster is None or (not cluster.endpoints and (cluster.resolution != "NONE" or original_destination is None)):
@@ -82,6 +83,11 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     crt.cx_total.value += 1
     if endpoint is not None:
         in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
+    telemetry = plane.telemetry
+    series = telemetry.tcp_series(inbound, cluster, endpoint) if telemetry is not None else None
+    if series is not None:
+        series.opened.value += 1
+    result = None
     try:
         if isinstance(sock, TlsConn):
             result = await proxy_tls_to_upstream(sock, upstream, stats=stats, connect_timeout_s=cluster.connect_timeout_s,
@@ -93,6 +99,11 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         crt.cx_active.value -= 1
         if endpoint is not None:
             in_flight[endpoint.key] -= 1
+        if series is not None:
+            series.closed.value += 1
+            if result is not None:  # Envoy reports bytes periodically too; we count them when the connection closes
+                series.sent_bytes.value += result.bytes_upstream_to_downstream
+                series.received_bytes.value += result.bytes_downstream_to_upstream
     if endpoint is not None:  # connect failures and timeouts reach the outlier detector
         failed = result.error is not None and result.error.response_flag in ("UF", "UT")
         crt.record(endpoint, 503 if failed else 200, failed)

@@ -160,7 +160,8 @@ class CaptureServer:
         if isinstance(decision, sidecar.Tcp):
             outcome = await proxy_to_cluster(self.plane, snapshot, decision.cluster, conn.sock, conn.client.ip,
                                              conn.orig_dst.sockaddr(), stats=self._tcp_stats[decision.cluster],
-                                             idle_timeout_s=self.settings.idle_timeout_s, initial=initial)
+                                             idle_timeout_s=self.settings.idle_timeout_s, initial=initial,
+                                             inbound=inbound)
             self._count(listener_name, outcome.value)
             return True
         # Passthrough: to the original destination as it is (an IP address)

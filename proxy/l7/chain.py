@@ -43,12 +43,16 @@ class Stage(Protocol):
 
 
 class Chain:
-    __slots__ = ("request_stages", "response_stages")
+    __slots__ = ("request_stages", "response_stages", "plain_response_stages", "parses_response")
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
         self.request_stages = stages
         # only stages that override on_response take part on the way back, in reverse order
         self.response_stages = tuple(s for s in reversed(stages) if getattr(s, "has_response_step", False))
+        # response stages that can also edit a plain response's forwarded field block (bytes) keep
+        # the router's plain relay (router.Exchange.plain_relay); any other one needs parsed headers
+        self.plain_response_stages = tuple(s for s in self.response_stages if getattr(s, "edits_plain_fields", False))
+        self.parses_response = len(self.plain_response_stages) != len(self.response_stages)
 
     def run_response(self, ctx: RequestContext, head: ResponseHead) -> None:
         for stage in self.response_stages:

@@ -16,6 +16,7 @@ from proxy.l7.stages.authorization import AuthorizationStage
 from proxy.l7.stages.fault import FaultAbortStage, FaultDelayStage
 from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
+from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
@@ -25,6 +26,7 @@ from proxy.lb.outlier import OutlierDetector
 from proxy.lb.pool import IdlePool
 from proxy.l7.h2_upstream import sweep_idle
 from proxy.stats import Counter, Gauge, Stats
+from proxy.telemetry.istio_metrics import IstioMetrics
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
@@ -242,7 +244,7 @@ def _routes_of(listener: Listener):
 
 
 def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime],
-                stats: Stats | None = None) -> Chain:
+                stats: Stats | None = None, telemetry: IstioMetrics | None = None) -> Chain:
     """The listener's stages; the optional ones only when some route, cluster or policy there needs them."""
     routes: list[Route] = list(_routes_of(listener))
     stages: list = []
@@ -254,6 +256,13 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
         stages.append(FaultAbortStage(clusters))
     stages.append(ForwardingStage())
+    if telemetry is not None:
+        # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
+        # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing)
+        inbound = listener.traffic_direction == "INBOUND"
+        if inbound or any(snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations
+                          if d.cluster in snapshot.clusters):
+            stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):
@@ -266,7 +275,8 @@ class SnapshotRuntime:
 
     __slots__ = ("snapshot", "listeners", "chains", "clusters", "stats", "by_listener")
 
-    def __init__(self, snapshot: Snapshot, stats: Stats, previous: SnapshotRuntime | None) -> None:
+    def __init__(self, snapshot: Snapshot, stats: Stats, previous: SnapshotRuntime | None,
+                 telemetry: IstioMetrics | None = None) -> None:
         self.snapshot = snapshot
         self.stats = stats
         self.listeners: dict[str, Listener] = {l.name: l for l in snapshot.listeners}
@@ -279,7 +289,7 @@ class SnapshotRuntime:
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
-        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats)
+        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats, telemetry)
                                          for l in snapshot.listeners}
         # what a request looks up first: its listener and that listener's chain, in one lookup
         self.by_listener: dict[str, tuple[Listener, Chain]] = {
@@ -288,9 +298,12 @@ class SnapshotRuntime:
 
 class DataPlane:
     def __init__(self, holder: SnapshotHolder, stats: Stats, access_log: Any = None,
-                 settings: HttpSettings | None = None) -> None:
+                 settings: HttpSettings | None = None, telemetry: IstioMetrics | None | bool = True) -> None:
         self.holder = holder
         self.stats = stats
+        # Istio's standard metrics, on by default (True: with an unknown workload identity; False: off)
+        self.telemetry: IstioMetrics | None = (
+            IstioMetrics(stats) if telemetry is True else telemetry if isinstance(telemetry, IstioMetrics) else None)
         self.access_log = access_log if access_log is not None and getattr(access_log, "enabled", False) else None
         self.settings = settings or HttpSettings()
         self._runtime: SnapshotRuntime | None = None
@@ -358,7 +371,7 @@ class DataPlane:
     def runtime(self, snapshot: Snapshot) -> SnapshotRuntime:
         rt = self._runtime
         if rt is None or rt.snapshot is not snapshot:
-            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt)
+            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt, self.telemetry)
         return rt
 
     def current_clusters(self) -> dict[str, ClusterRuntime]:

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from proxy.config.matchers import header_value
 from proxy.l7 import h1
 from proxy.l7.errors import ProxyError
 from proxy.l7.events import ResponseHead
 from proxy.l7.h2_codec import request_fields, trailer_fields
 from proxy.l7.h2_upstream import RefusedStream, open_stream
 from proxy.l7.router import Exchange
+from proxy.telemetry.grpc_messages import GrpcMessageCounter, is_grpc
 
 if TYPE_CHECKING:
     from proxy.l7.dataplane import ClusterRuntime
@@ -35,7 +37,20 @@ class H2Exchange(Exchange):
         head = self.ctx.request
         return request_fields(head, head.authority or crt.cluster.service_host.encode(), length)
 
+    def _grpc_counters(self) -> tuple[GrpcMessageCounter, GrpcMessageCounter] | None:
+        """(request, response) message counters of a gRPC request (Istio's istio_request_messages_total
+        and istio_response_messages_total), made on first use; None for other requests."""
+        ctx = self.ctx
+        extra = ctx.extra
+        counters = extra.get("grpc_messages") if extra is not None else None
+        if counters is None and is_grpc(header_value(ctx.request, b"content-type")):
+            counters = ctx.scratch()["grpc_messages"] = (GrpcMessageCounter(), GrpcMessageCounter())
+        return counters
+
     def _encode_request(self, crt: ClusterRuntime, body: bytes):
+        counters = self._grpc_counters()
+        if counters is not None and body:
+            counters[0].feed(body)  # counted once, however many tries send it
         return self._fields(crt, len(body) if body or self.stream.upstream_framing.kind != h1.NONE else None), body
 
     def _abandon_try(self) -> None:
@@ -101,9 +116,12 @@ class H2Exchange(Exchange):
         pieces = self.prefix or []
         self.prefix = None
         pieces += body.buffered_pieces()
+        counters = self._grpc_counters()
         try:
             while True:
                 for p in pieces:
+                    if counters is not None:
+                        counters[0].feed(p)
                     await up.send_body(p, False)
                 if body.done:
                     break
@@ -145,7 +163,11 @@ class H2Exchange(Exchange):
             return True
         pieces = up.buffered_pieces()
         ctx.status = status
+        counters = self._grpc_counters()
         while True:
+            if counters is not None:
+                for piece in pieces:
+                    counters[1].feed(piece)
             if up.done:
                 if up.trailers is not None:
                     if pieces:

@@ -52,6 +52,12 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     extra = ctx.extra
     if extra is not None and "grpc_status" in extra:
         plane.count_grpc(extra["grpc_status"])
+    telemetry = plane.telemetry
+    if telemetry is not None and (ctx.status or ctx.response_flags):
+        try:
+            telemetry.record_request(ctx)
+        except Exception:  # noqa: BLE001 - a metrics bug must not cost the request its access log or connection
+            log.exception("istio metrics failed", client=ctx.downstream_addr)
     if plane.access_log is not None:
         plane.access_log.emit(ctx)
 

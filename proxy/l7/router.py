@@ -105,9 +105,9 @@ class Exchange:
         self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
         # a plain response may be relayed from its field block (forward_response_head): only to a
         # stream that takes one, not for HEAD (its length rules differ) nor when response stages
-        # edit the headers
+        # need the headers parsed (those that edit the field block itself do not)
         self.plain_relay = (stream.relays_plain and ctx.request.method != b"HEAD"
-                            and not stream.chain.response_stages)
+                            and not stream.chain.parses_response)
 
     def run(self) -> Coroutine[Any, Any, bool]:
         """The coroutine that relays the exchange (it returns whether the downstream connection may
@@ -453,6 +453,10 @@ class Exchange:
             stream.keep_alive = False  # the rest of the request body is still on the connection
         if len(parsed) == 5:  # a plain response, already sorted by forward_response_head
             minor, status, reason, _, (fields, length, upstream_keep) = parsed
+            plain_stages = stream.chain.plain_response_stages
+            if plain_stages:
+                for stage in plain_stages:
+                    fields = stage.on_plain_response(ctx, fields)
             framing = h1.length_framing(length)
             stream.start_plain_response(status, reason, fields, length)
             response = ResponseHead(status, [], reason=reason)  # fields went out as one block

@@ -148,7 +148,7 @@ class ListenerSockets(msgspec.Struct, tag="listener_sockets"):
     sockets: list[ListenerSocket]
 
 
-StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int]
+StatsRow = tuple[str, str, tuple[tuple[str, str], ...], int | float]  # histogram _sum rows are floats
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply"):

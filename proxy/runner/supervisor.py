@@ -61,6 +61,7 @@ from proxy.runner.config_source import Sources, build_snapshot, content_digest, 
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, merge, render_prometheus
+from proxy.telemetry.peer import identity_from_labels
 
 CONFIG_POLL_INTERVAL_S = 1.0
 QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
@@ -86,6 +87,8 @@ class ProxyOptions:
     node_id: str | None = None  # None: HOSTNAME.ADMIN_PORT
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
+    workload_name: str | None = None  # Istio's metrics' workload name (None: from the labels)
+    cluster_id: str = "Kubernetes"  # Istio's metrics' cluster name
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
@@ -184,6 +187,8 @@ class Supervisor:
         self.hot_restart: hot_restart.HotRestartListener | None = None
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
+        worker_args += ["--workload", identity_from_labels(
+            options.namespace, options.labels, options.workload_name, options.cluster_id).header_value().decode()]
         if options.max_downstream_connections is not None:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
         if options.max_worker_rss_bytes is not None:

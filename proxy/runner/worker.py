@@ -30,6 +30,8 @@ from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
+from proxy.telemetry.istio_metrics import IstioMetrics
+from proxy.telemetry.peer import UNKNOWN_WORKLOAD, parse_peer_header
 
 ACCESS_LOG_FLUSH_INTERVAL_S = 1.0
 DRAIN_POLL_INTERVAL_S = 0.05  # how soon after its last connection ends a draining worker reports
@@ -43,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
     p.add_argument("--max-downstream-connections", type=int, default=None)
+    # this proxy's workload in Istio's metrics, in the peer metadata header's own form
+    p.add_argument("--workload", default="")
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
     # a hot restart's listening sockets, inherited as open fds: JSON [[fd, address, port], ...]
     p.add_argument("--inherited-sockets", default="[]")
@@ -141,7 +145,8 @@ async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> b
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               limits: OverloadLimits = OverloadLimits(),
               inherited: dict[tuple[str, int], list] | None = None,
-              hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0) -> None:
+              hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0,
+              workload: str = "") -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -151,8 +156,11 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
 
     holder = SnapshotHolder()
     stats = Stats()
+    # this proxy's own workload as Istio's metrics name it (source or destination labels)
+    own_workload = (parse_peer_header(workload.encode()) if workload else None) or UNKNOWN_WORKLOAD
     plane = DataPlane(holder, stats, access_log,
-                      HttpSettings(max_downstream_connections=limits.max_downstream_connections))
+                      HttpSettings(max_downstream_connections=limits.max_downstream_connections),
+                      telemetry=IstioMetrics(stats, own_workload))
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
     identity = IdentityHolder()
     plane.workload_identity = identity
@@ -297,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         await run(control.ControlChannel(trio.socket.from_stdlib_socket(sock)), access_log=access_log, log=log,
                   inherited=inherited_sockets(args.inherited_sockets), hot_restart_socket=args.hot_restart_socket,
                   index=args.index, drain_duration_s=args.drain_duration_s,
-                  limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes))
+                  limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
+                  workload=args.workload)
 
     try:
         trio.run(_main)

@@ -303,7 +303,7 @@ class WorkerSlot:
     def _retire_counters(self) -> None:
         if not self._last_rows:
             return
-        rows = self.retired_rows + [row for row in self._last_rows if row[0] == "counter"]
+        rows = self.retired_rows + [row for row in self._last_rows if row[0] != "gauge"]  # counters and histograms
         self.retired_rows = [(kind, name, labels, value) for (kind, name, labels), value in merge([rows]).items()]
         self._last_rows = []
 

@@ -1,0 +1,153 @@
+"""The peer metadata exchange between sidecars (header in proxy/telemetry/peer.py): what each side
+adds, strips and believes, so the metrics can name both ends of a request.
+
+| listener | request | response |
+|---|---|---|
+| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last; to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
+| INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload; without it, the registry's workload at that address (if only one is there) | ours added |
+
+So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and neither a
+client outside the mesh nor an app behind a sidecar can choose the source it is reported as (an
+app's own header comes before the one its sidecar appends, and only the last one counts). Until
+mutual TLS authenticates peers, "from a mesh workload" means "from an endpoint address of a
+MESH_INTERNAL service"; with mutual TLS the peer certificate is the proof (`_connection_security`).
+
+A plain HTTP/1.1 response is relayed from its field block without parsing it (router.py): the
+outbound side then finds the header with one bytes search (sidecars write the name in lowercase),
+the inbound side appends it to the block.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from proxy.l7.events import split_authority
+from proxy.telemetry.istio_metrics import UNKNOWN_SERVICE, PeerFacts, ServiceLabels, endpoint_identity, service_labels
+from proxy.telemetry.peer import PEER_HEADER, PeerHeaderCache, WorkloadIdentity
+
+if TYPE_CHECKING:
+    from proxy.config.snapshot import Snapshot
+    from proxy.l7.context import RequestContext
+    from proxy.l7.events import ResponseHead
+    from proxy.l7.events import split_authority
+from proxy.telemetry.istio_metrics import IstioMetrics
+
+MAX_INTERNED = 1024  # distinct (peer, service) facts kept per listener; more are made per request
+
+
+_PEER_FIELD = PEER_HEADER + b":"
+
+
+def _without_peer_header(headers: list) -> bytes | None:
+    """Removes every x-triomesh-peer from `headers` (in place); returns the last value."""
+    found = None
+    i = 0
+    while i < len(headers):
+        if headers[i][0] == PEER_HEADER:
+            found = headers[i][1]
+            del headers[i]
+        else:
+            i += 1
+    return found
+
+
+def _without_peer_field(fields: bytes) -> tuple[bytes, bytes | None]:
+    """A forwarded field block ("name: value CRLF" each) without its x-triomesh-peer fields, and
+    the last value."""
+    found = None
+    start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
+    while start != 1:  # find() gave -1 (+2)
+        end = fields.find(b"\r\n", start)
+        end = len(fields) if end == -1 else end + 2
+        found = fields[start + len(_PEER_FIELD):end].strip()
+        fields = fields[:start] + fields[end:]
+        start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
+    return fields, found
+
+
+class PeerMetadataStage:
+    has_response_step = True
+    edits_plain_fields = True
+    __slots__ = ("inbound", "header_value", "header_field", "mesh_addresses", "services", "parsed", "interned",
+                 "workloads_by_address")
+
+    def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
+        self.inbound = inbound
+        self.header_value = metrics.identity.header_value()
+        self.header_field = PEER_HEADER + b": " + self.header_value + b"\r\n"
+        self.mesh_addresses = frozenset(a.encode() for a in snapshot.mesh_addresses)
+        self.parsed = PeerHeaderCache()
+        self.interned: dict[tuple, PeerFacts] = {}
+        # inbound: the service a request was addressed to, by the host of its authority (Istio falls
+        # back to the Host header for inbound clusters without a service)
+        self.services: dict[bytes, ServiceLabels] = {}
+        # inbound without a (believable) header: the registry's workload at the client's address, when
+        # the address belongs to one workload only (several on one address, as on loopback: unknown)
+        self.workloads_by_address: dict[bytes, WorkloadIdentity | None] = {}
+        if inbound:
+            for cluster in snapshot.clusters.values():
+                if cluster.mesh_internal:
+                    for endpoint in cluster.endpoints:
+                        known = endpoint_identity(endpoint, cluster)
+                        key = endpoint.address.encode()
+                        if self.workloads_by_address.setdefault(key, known) != known:
+                            self.workloads_by_address[key] = None
+            for cluster in snapshot.clusters.values():
+                labels = service_labels(cluster)
+                if labels is not UNKNOWN_SERVICE:
+                    for host in (cluster.service_host, labels.service, f"{labels.name}.{labels.namespace}"):
+                        self.services.setdefault(host.encode(), labels)
+
+    def _facts(self, identity: WorkloadIdentity | None, service: ServiceLabels, security: str) -> PeerFacts:
+        key = (identity, service, security)
+        facts = self.interned.get(key)
+        if facts is None:
+            facts = PeerFacts(identity, service, security)
+            if len(self.interned) < MAX_INTERNED:
+                self.interned[key] = facts
+        return facts
+
+    def _connection_security(self, ctx: RequestContext) -> tuple[str, bool]:
+        """(connection_security_policy, whether the peer is a proven mesh workload). Before mutual
+        TLS exists every connection is "none"; a mutual TLS downstream would answer ("mutual_tls",
+        True) and its certificate's SPIFFE id would become the source principal."""
+        return "none", ctx.downstream_ip in self.mesh_addresses
+
+    def on_request(self, ctx: RequestContext) -> None:
+        head = ctx.request
+        if self.inbound:
+            value = _without_peer_header(head.headers)
+            security, trusted = self._connection_security(ctx)
+            identity = self.parsed.parse(value) if value is not None and trusted else None
+            if identity is None:
+                identity = self.workloads_by_address.get(ctx.downstream_ip)
+            service = self.services.get(split_authority(head.authority)[0], UNKNOWN_SERVICE) if head.authority else UNKNOWN_SERVICE
+            ctx.scratch()["peer"] = self._facts(identity, service, security)
+            return None
+        cluster = ctx.cluster
+        if cluster is not None and cluster.mesh_internal:
+            head.headers.append((PEER_HEADER, self.header_value))  # last: the one the server side believes
+        return None
+
+    def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
+        headers = head.headers
+        if self.inbound:
+            headers.append((PEER_HEADER, self.header_value))
+            return
+        self._note_destination(ctx, _without_peer_header(headers))
+
+    def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
+        if self.inbound:
+            return fields + self.header_field
+        if _PEER_FIELD not in fields:
+            return fields
+        fields, value = _without_peer_field(fields)
+        self._note_destination(ctx, value)
+        return fields
+
+    def _note_destination(self, ctx: RequestContext, value: bytes | None) -> None:
+        cluster = ctx.cluster
+        if value is not None and cluster is not None and cluster.mesh_internal:
+            identity = self.parsed.parse(value)
+            if identity is not None:
+                ctx.scratch()["peer"] = self._facts(identity, UNKNOWN_SERVICE, "unknown")

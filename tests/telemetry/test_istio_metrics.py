@@ -1,0 +1,166 @@
+"""Istio's metrics without sockets: the peer header, histograms merged and rendered as Prometheus
+reads them, who believes which peer header, the label-set cap."""
+
+from __future__ import annotations
+
+from proxy.l7.context import RequestContext
+from proxy.l7.dataplane import ClusterRuntime, build_chain
+from proxy.l7.events import RequestHead, ResponseHead
+from proxy.l7.stages.peer_metadata import PeerMetadataStage
+from proxy.stats import Stats, merge, render_prometheus
+from proxy.telemetry.istio_metrics import DEFAULT_BUCKETS, IstioMetrics
+from proxy.telemetry.peer import PEER_HEADER, UNKNOWN, WorkloadIdentity, identity_from_labels, parse_peer_header
+from tests.config.helpers import compile_docs, doc
+
+CLIENT = identity_from_labels("tutorial", {"app": "customer", "version": "v1"}, "customer-v1")
+
+
+def test_peer_header_round_trip_and_defaults() -> None:
+    value = CLIENT.header_value()
+    assert value == b"namespace=tutorial;workload=customer-v1;app=customer;version=v1;service=customer;revision=v1;cluster=Kubernetes"
+    assert parse_peer_header(value) == CLIENT
+    # keys in any order, unknown keys ignored, missing facts unknown
+    assert parse_peer_header(b"app=x;future=1;namespace=ns") == WorkloadIdentity(namespace="ns", app="x")
+    assert parse_peer_header(b"namespace=ns").principal == UNKNOWN  # never from a header
+
+
+def test_malformed_peer_headers_are_refused_whole() -> None:
+    for bad in (b"", b"app", b"app=", b"app=a b", b'app=x"y', b"app=" + b"a" * 64, b"app=\xff",
+                b"app=x;" * 100):
+        assert parse_peer_header(bad) is None, bad
+
+
+def test_histogram_buckets_merge_across_workers_and_render_as_prometheus_reads_them() -> None:
+    workers = [Stats(), Stats()]
+    labels = (("reporter", "source"),)
+    for stats, values in zip(workers, ([0.5, 3.0], [5.0, 7000000.0])):
+        h = stats.histogram("istio_request_duration_milliseconds", labels, DEFAULT_BUCKETS)
+        for v in values:
+            h.observe(v)
+    text = render_prometheus(merge(w.export() for w in workers))
+    lines = [line for line in text.splitlines() if "istio_request_duration" in line and not line.startswith("# HELP")]
+    assert lines[0] == "# TYPE istio_request_duration_milliseconds histogram"
+    assert lines[1] == 'istio_request_duration_milliseconds_bucket{reporter="source",le="0.5"} 1'  # le is inclusive
+    assert lines[2] == 'istio_request_duration_milliseconds_bucket{reporter="source",le="1"} 1'
+    assert lines[3] == 'istio_request_duration_milliseconds_bucket{reporter="source",le="5"} 3'
+    assert lines[19] == 'istio_request_duration_milliseconds_bucket{reporter="source",le="3600000"} 3'
+    assert lines[20] == 'istio_request_duration_milliseconds_bucket{reporter="source",le="+Inf"} 4'
+    assert lines[21] == 'istio_request_duration_milliseconds_sum{reporter="source"} 7000008.5'
+    assert lines[22] == 'istio_request_duration_milliseconds_count{reporter="source"} 4'
+    assert len(lines) == 23
+
+
+MESH = [
+    doc("ServiceEntry", "preference", {"hosts": ["preference"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                                       "ports": [{"number": 8080, "name": "http", "protocol": "HTTP"}],
+                                       "endpoints": [{"address": "10.0.0.2", "labels": {"app": "preference"}}]},
+        namespace="tutorial"),
+    doc("ServiceEntry", "external", {"hosts": ["api.example.com"], "location": "MESH_EXTERNAL", "resolution": "STATIC",
+                                     "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                                     "endpoints": [{"address": "10.9.9.9"}]}, namespace="tutorial"),
+]
+
+
+def _context(snapshot, listener, headers, *, client_ip: str) -> RequestContext:
+    head = RequestHead(b"GET", b"/", b"preference:8080", list(headers))
+    return RequestContext(snapshot, listener, f"{client_ip}:40000", head, 0.0, 0.0)
+
+
+def test_inbound_believes_the_header_only_from_a_mesh_workload_and_never_passes_it_on() -> None:
+    snapshot = compile_docs(*MESH)
+    metrics = IstioMetrics(Stats(), identity_from_labels("tutorial", {"app": "preference"}, "preference-v1"))
+    stage = PeerMetadataStage(metrics, snapshot, inbound=True)
+    # no header from a mesh workload: the registry's labels for its address
+    ctx = _context(snapshot, None, [], client_ip="10.0.0.2")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity == WorkloadIdentity(namespace="tutorial", app="preference",
+                                                          canonical_service="preference", canonical_revision="latest")
+    for client_ip, believed in (("10.0.0.2", True), ("192.0.2.7", False)):
+        ctx = _context(snapshot, None, [(b"accept", b"*/*"), (PEER_HEADER, CLIENT.header_value())], client_ip=client_ip)
+        stage.on_request(ctx)
+        assert ctx.request.headers == [(b"accept", b"*/*")]  # stripped before the app, trusted or not
+        peer = ctx.extra["peer"]
+        assert peer.identity == (CLIENT if believed else None)
+        assert peer.service.service == "preference.tutorial.svc.cluster.local"
+        response = ResponseHead(200, [])
+        stage.on_response(ctx, response)
+        assert response.headers == [(PEER_HEADER, metrics.identity.header_value())]
+        assert stage.on_plain_response(ctx, b"server: app\r\n") == (
+            b"server: app\r\nx-triomesh-peer: " + metrics.identity.header_value() + b"\r\n")
+    # an app behind the client sidecar cannot choose its identity: the sidecar's header comes last
+    ctx = _context(snapshot, None, [(PEER_HEADER, b"workload=forged"), (PEER_HEADER, CLIENT.header_value())],
+                   client_ip="10.0.0.2")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity == CLIENT and ctx.request.headers == []
+
+
+def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer() -> None:
+    snapshot = compile_docs(*MESH)
+    metrics = IstioMetrics(Stats(), CLIENT)
+    stage = PeerMetadataStage(metrics, snapshot, inbound=False)
+    for cluster_name, mesh in (("outbound|8080||preference", True), ("outbound|80||api.example.com", False)):
+        ctx = _context(snapshot, None, [(PEER_HEADER, b"app=forged")], client_ip="127.0.0.1")
+        ctx.cluster = snapshot.clusters[cluster_name]
+        stage.on_request(ctx)
+        # ours goes last (the one the server side believes); a MESH_EXTERNAL service gets only what the app sent
+        assert ctx.request.headers == [(PEER_HEADER, b"app=forged")] + ([(PEER_HEADER, CLIENT.header_value())] if mesh else [])
+        response = ResponseHead(200, [(PEER_HEADER, b"namespace=tutorial;workload=preference-v1")])
+        stage.on_response(ctx, response)
+        assert response.headers == []
+        believed = ctx.extra.get("peer") if ctx.extra else None
+        assert (believed.identity.workload if believed else None) == ("preference-v1" if mesh else None)
+        # the same on a plain HTTP/1.1 response's forwarded field block
+        ctx.extra = None
+        fields = b"content-length: 2\r\nx-triomesh-peer: workload=preference-v2\r\nserver: app\r\n"
+        assert stage.on_plain_response(ctx, fields) == b"content-length: 2\r\nserver: app\r\n"
+        believed = ctx.extra.get("peer") if ctx.extra else None
+        assert (believed.identity.workload if believed else None) == ("preference-v2" if mesh else None)
+
+
+def test_a_gateway_to_external_services_only_has_no_peer_stage() -> None:
+    gateway = [doc("Gateway", "gw", {"servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                  "hosts": ["*"]}]}, namespace="tutorial"),
+               doc("VirtualService", "vs", {"hosts": ["*"], "gateways": ["gw"],
+                                            "http": [{"route": [{"destination": {"host": "api.example.com"}}]}]},
+                   namespace="tutorial")]
+    snapshot = compile_docs(*MESH, *gateway)
+    [listener] = snapshot.listeners
+    clusters = {name: ClusterRuntime(c, Stats()) for name, c in snapshot.clusters.items()}
+    chain = build_chain(snapshot, listener, clusters, telemetry=IstioMetrics(Stats(), CLIENT))
+    assert not any(isinstance(s, PeerMetadataStage) for s in chain.request_stages)
+
+
+def test_label_sets_are_capped_and_the_overflow_counted() -> None:
+    snapshot = compile_docs(*MESH)
+    stats = Stats()
+    metrics = IstioMetrics(stats, CLIENT, clock=lambda: 1.0, max_series=2)
+    for status in (200, 404, 500, 200):
+        ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
+        ctx.status = status
+        metrics.record_request(ctx)
+    merged = merge([stats.export()])
+    counts = {dict(labels)["response_code"]: value for (kind, name, labels), value in merged.items()
+              if name == "istio_requests_total"}
+    assert counts == {"200": 2, "404": 1}
+    assert merged[("counter", "triomesh_istio_series_overflow_total", (("metric", "istio_requests_total"),))] == 1
+
+
+def test_inbound_request_from_an_unknown_client_is_reported_with_an_unknown_source() -> None:
+    sidecar = doc("Sidecar", "default", {"ingress": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                      "bind": "127.0.0.1", "captureMode": "NONE",
+                                                      "defaultEndpoint": "127.0.0.1:9080"}]}, namespace="tutorial")
+    snapshot = compile_docs(*MESH, sidecar)
+    [inbound] = [listener for listener in snapshot.listeners if listener.traffic_direction == "INBOUND"]
+    stats = Stats()
+    metrics = IstioMetrics(stats, identity_from_labels("tutorial", {"app": "preference"}, "preference-v1"),
+                           clock=lambda: 1.0)
+    stage = PeerMetadataStage(metrics, snapshot, inbound=True)
+    ctx = _context(snapshot, inbound, [], client_ip="192.0.2.7")
+    stage.on_request(ctx)
+    assert ctx.extra["peer"].identity is None
+    ctx.status = 200
+    metrics.record_request(ctx)
+    [labels] = [dict(labels) for (_, name, labels), _ in merge([stats.export()]).items() if name == "istio_requests_total"]
+    assert labels["reporter"] == "destination"
+    assert labels["source_workload"] == "unknown" and labels["destination_workload"] == "preference-v1"
+    assert labels["destination_service"] == "preference.tutorial.svc.cluster.local"
