@@ -235,3 +235,43 @@ async def test_peek_closed_on_an_idle_client(server_files):
     await trio.sleep(0.05)
     assert client.peek_closed()
     client.close()
+
+
+async def test_mutual_tls_peer_principal_is_the_spiffe_id(tmp_path):
+    """The server side reads the client's workload identity from its certificate's URI SAN, without
+    `spiffe://`, as Istio writes principals; a certificate without one gives None."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from controlplane.ca import CertificateAuthority, server_names
+    from cryptography import x509
+
+    authority = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    (tmp_path / "root.pem").write_bytes(authority.trust_bundle_pem)
+
+    def leaf(name: str, names) -> tuple[str, str]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        issued = authority.issue_for_key(key.public_key(), names, 3600)
+        cert, key_file = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+        cert.write_bytes(issued.chain_pem)
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return str(cert), str(key_file)
+
+    server_cert, server_key = leaf("server", server_names(["example.com"]))
+    root = str(tmp_path / "root.pem")
+    for names, expected in (([x509.UniformResourceIdentifier("spiffe://cluster.local/ns/shop/sa/buyer")],
+                             "cluster.local/ns/shop/sa/buyer"),
+                            (server_names(["client.example.com"]), None)):
+        client_cert, client_key = leaf("client", names)
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_context(server_cert, server_key, ca_file=root,
+                                                     require_client_certificate=True), server_side=True)
+        client = TlsConn(client_sock, client_context(ca_file=root, cert_file=client_cert, key_file=client_key),
+                         server_side=False, server_hostname="example.com")
+        assert server.peer_principal() is None  # nothing before the handshake
+        await _handshake(client, server)
+        assert server.peer_principal() == expected
+        assert client.peer_principal() is None  # the server's certificate names a host, not a workload
+        client.close()
+        server.close()
