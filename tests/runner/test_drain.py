@@ -81,6 +81,8 @@ def _refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:  # queued in the backlog just as the listener closed: not served either
+        return True
     return False
 
 
