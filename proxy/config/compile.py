@@ -204,7 +204,7 @@ class _Compiler:
         self.registry: Registry = build_registry(
             self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"], proxy_namespace
         )
-        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels))
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels), credentials_dir)
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         # host-less VirtualServices are delegates: their routes are used only where a route delegates
         self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}
@@ -1066,6 +1066,7 @@ def _cluster_dump(c: Cluster) -> dict:
         "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight,
                        "locality": e.locality} for e in c.endpoints],
         "locality_lb": describe_locality_lb(c.locality_lb),
+        "tls": _plain(c.tls),
     }
 
 

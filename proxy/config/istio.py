@@ -615,24 +615,21 @@ class OutlierDetection(IstioStruct, frozen=True):
 
 
 class ClientTLSSettings(IstioStruct, frozen=True):
-    """Istio's ClientTLSSettings (DestinationRule `tls`): only DISABLE, plaintext to the upstream, is
-    implemented; the other modes and their settings are declared and refused as not supported yet."""
+    """Istio's ClientTLSSettings (DestinationRule `tls`): TLS the proxy originates to the upstream.
+    ISTIO_MUTUAL decodes and is refused by the compiler (it needs the mesh CA's workload
+    certificate); caCrl is declared and refused as not supported yet."""
 
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
-    client_certificate: Any = UNSET
-    private_key: Any = UNSET
-    ca_certificates: Any = UNSET
-    credential_name: Any = UNSET
-    subject_alt_names: Any = UNSET
-    sni: Any = UNSET
-    insecure_skip_verify: Any = UNSET
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    insecure_skip_verify: bool | None = None
     ca_crl: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "client_certificate", "private_key", "ca_certificates", "credential_name", "subject_alt_names", "sni",
-        "insecure_skip_verify", "ca_crl",
-    )
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"SIMPLE", "MUTUAL", "ISTIO_MUTUAL"})}
+    unsupported: ClassVar[tuple[str, ...]] = ("ca_crl",)
 
 
 class PortTrafficPolicy(IstioStruct, frozen=True):
@@ -762,9 +759,7 @@ class ServiceEntrySpec(IstioStruct, frozen=True):
     endpoints: tuple[WorkloadEntrySpec, ...] = ()
     workload_selector: WorkloadSelector | None = None
     export_to: tuple[str, ...] = ()
-    subject_alt_names: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("subject_alt_names",)
+    subject_alt_names: tuple[str, ...] = ()  # the upstream certificate's SANs, when a DestinationRule's tls does not say
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import msgspec
 import trio
 
+from proxy.l7.errors import UpstreamTlsFailure
+
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
 
@@ -78,6 +80,8 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     downstream_remote_address: str
     worker: int | None = None  # the worker process index (omitted when not set)
     grpc_status: str | None = None  # a gRPC response's grpc-status (Envoy's %GRPC_STATUS_NUMBER%)
+    # why TLS to the upstream failed (Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON%), on such failures only
+    upstream_transport_failure_reason: str | None = None
 
 
 def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: int | None = None) -> AccessRecord:
@@ -104,7 +108,13 @@ def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: in
         ctx.downstream_addr,
         worker,
         _grpc_status(ctx),
+        _transport_failure(ctx) if flags else None,
     )
+
+
+def _transport_failure(ctx: RequestContext) -> str | None:
+    error = ctx.error
+    return str(error) if isinstance(error, UpstreamTlsFailure) else None
 
 
 def _grpc_status(ctx: RequestContext) -> str | None:

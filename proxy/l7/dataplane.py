@@ -24,6 +24,8 @@ from proxy.lb.outlier import OutlierDetector
 from proxy.lb.pool import IdlePool
 from proxy.l7.h2_upstream import sweep_idle
 from proxy.stats import Counter, Gauge, Stats
+from proxy.tls.context import TlsSettingsError
+from proxy.tls.upstream import client_context_for
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
@@ -66,7 +68,7 @@ class ClusterRuntime:
                  "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
                  "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
-                 "rand_below", "rq_active", "rq_overflow", "http2")
+                 "rand_below", "rq_active", "rq_overflow", "http2", "tls")
 
     def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
@@ -77,6 +79,14 @@ class ClusterRuntime:
         self.hash_policy = cluster.consistent_hash
         self.passthrough = cluster.lb_policy == "PASSTHROUGH"
         self.http2 = cluster.http2  # the upstream speaks HTTP/2 (h2_client.H2Exchange)
+        # (settings, context) when the cluster originates TLS, the context made once, here (or the
+        # error that kept it from being made: files gone since the config was checked)
+        self.tls = None
+        if cluster.tls is not None:
+            try:
+                self.tls = (cluster.tls, client_context_for(cluster.tls))
+            except TlsSettingsError as e:
+                self.tls = (cluster.tls, e)
         self.pool_limits = cluster.connection_pool
         self.outlier: OutlierDetector | None = None
         self.outlier_version = 0

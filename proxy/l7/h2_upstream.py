@@ -256,7 +256,7 @@ class H2UpstreamConnection(H2Transport):
             crt, plane = self.crt, self.plane
             timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
             try:
-                sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane)
+                sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane, crt.tls)
             except (ConnectFailure, OSError) as e:  # OSError: a failure open_connection did not translate
                 crt.cx_connect_fail.value += 1
                 self.connect_error = e if isinstance(e, ConnectFailure) else ConnectFailure(f"connect: {e}")
