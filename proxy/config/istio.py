@@ -130,8 +130,8 @@ def dec_hook(tp: type, obj: Any) -> Any:
 class IstioStruct(Struct, frozen=True, forbid_unknown_fields=True, rename="camel", kw_only=True, omit_defaults=True):
     # Python field names of Istio fields accepted by the schema but not enforced yet
     unsupported: ClassVar[tuple[str, ...]] = ()
-    # Python field name -> valid Istio enum values not enforced yet
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {}
+    # Python field name -> valid Istio enum values not enforced yet (a dict: value -> why)
+    unsupported_values: ClassVar[dict[str, frozenset[str] | dict[str, str]]] = {}
     # Python field name -> why a field Istio removed is refused (declared so the user hears that, not
     # "unknown field")
     removed: ClassVar[dict[str, str]] = {}
@@ -161,7 +161,8 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
                 yield sub, f"`{wire}` is an Istio {cls.__name__} field triomesh does not support yet"
                 continue
             if name in bad_values and value in bad_values[name]:
-                yield sub, f"{wire} {value} is not supported by triomesh yet"
+                reasons = bad_values[name]
+                yield sub, reasons[value] if isinstance(reasons, dict) else f"{wire} {value} is not supported by triomesh yet"
                 continue
             yield from unsupported_settings(value, sub)
     elif isinstance(obj, (list, tuple)):
@@ -616,8 +617,7 @@ class OutlierDetection(IstioStruct, frozen=True):
 
 class ClientTLSSettings(IstioStruct, frozen=True):
     """Istio's ClientTLSSettings (DestinationRule `tls`): TLS the proxy originates to the upstream.
-    ISTIO_MUTUAL decodes and is refused by the compiler (it needs the mesh CA's workload
-    certificate); caCrl is declared and refused as not supported yet."""
+    ISTIO_MUTUAL (it needs the mesh CA's workload certificate) and caCrl are refused as not supported yet."""
 
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
     client_certificate: str = ""
@@ -630,6 +630,9 @@ class ClientTLSSettings(IstioStruct, frozen=True):
     ca_crl: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = ("ca_crl",)
+    unsupported_values: ClassVar[dict[str, frozenset[str] | dict[str, str]]] = {"mode": {
+        "ISTIO_MUTUAL": "ISTIO_MUTUAL needs the mesh CA's workload certificate, which this proxy does not have "
+                        "yet; use SIMPLE or MUTUAL with certificate files"}}
 
 
 class PortTrafficPolicy(IstioStruct, frozen=True):

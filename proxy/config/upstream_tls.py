@@ -43,9 +43,6 @@ def check_rule(r: Resource, credentials_dir: str | None) -> None:
 
 
 def check(r: Resource, path: str, tls: ClientTLSSettings, credentials_dir: str | None) -> None:
-    if tls.mode == "ISTIO_MUTUAL":
-        raise r.error(f"{path}.mode", "ISTIO_MUTUAL needs the mesh CA's workload certificate, which this proxy "
-                                      "does not have yet; use SIMPLE or MUTUAL with certificate files")
     if tls.mode == "DISABLE":
         return  # Istio ignores the other fields in this mode
     compiled = compile_settings(r, path, tls, "probe.invalid", (), ("http/1.1",), credentials_dir)
