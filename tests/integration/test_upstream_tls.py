@@ -6,10 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import grpc
+import trio
 import trustme
 
 from proxy.config.snapshot import UpstreamTls
 from proxy.l7.access_log import record
+from tests import grpc_apps
 from tests.integration.l7_harness import curl, make_snapshot, prefix_route, start_proxy
 from tests.integration.test_l7_edges import RecordingLog
 from tests.integration.tls_backend import TlsBackend, server_context
@@ -111,3 +114,24 @@ async def test_connections_are_not_shared_between_different_sni(nursery, tmp_pat
     assert code == 0, err
     assert sorted(backend.server_names) == ["a.test", "b.test"]  # one pooled connection per SNI
     assert backend.connections == 2
+
+
+async def test_http2_over_tls_to_a_grpc_server_by_alpn(nursery, tmp_path):
+    ca = trustme.CA()
+    leaf = ca.issue_cert("grpc.test")
+    server, port = grpc_apps.start_grpc_server(
+        name="grpc-tls", tls=(leaf.private_key_pem.bytes(), b"".join(p.bytes() for p in leaf.cert_chain_pems)))
+    try:
+        snap_tls = UpstreamTls("SIMPLE", "grpc.test", ca_file=_ca_file(ca, tmp_path), alpn=("h2",))
+        snap = make_snapshot({"grpc": [port]}, [prefix_route(b"/", {"grpc": 100})])
+        snap = dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], http2=True,
+                                                                               tls=snap_tls)})
+        proxy = await start_proxy(nursery, snap)
+        target = f"127.0.0.1:{proxy.port}"
+        for payload in (b"one", b"two"):
+            result = await trio.to_thread.run_sync(lambda p=payload: grpc_apps.unary(target, p, timeout=10))
+            assert result.code == grpc.StatusCode.OK, result
+            assert result.response.endswith(b":" + payload)
+        assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 1  # one TLS connection, two streams
+    finally:
+        server.close()
