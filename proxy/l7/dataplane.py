@@ -70,6 +70,17 @@ class ClusterRuntime:
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
                  "rand_below", "rq_active", "rq_overflow", "http2", "tls")
 
+    def load_tls(self) -> None:
+        """(Re)load the TLS context: once per snapshot, so rewritten certificate files take effect with the
+        next snapshot (the context cache is keyed by the files' fingerprint)."""
+        tls = self.cluster.tls
+        if tls is None:
+            return
+        try:
+            self.tls = (tls, client_context_for(tls))
+        except TlsSettingsError as e:
+            self.tls = (tls, e)
+
     def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
         self.name = name = cluster.name
@@ -82,11 +93,7 @@ class ClusterRuntime:
         # (settings, context) when the cluster originates TLS, the context made once, here (or the
         # error that kept it from being made: files gone since the config was checked)
         self.tls = None
-        if cluster.tls is not None:
-            try:
-                self.tls = (cluster.tls, client_context_for(cluster.tls))
-            except TlsSettingsError as e:
-                self.tls = (cluster.tls, e)
+        self.load_tls()
         self.pool_limits = cluster.connection_pool
         self.outlier: OutlierDetector | None = None
         self.outlier_version = 0
@@ -280,7 +287,12 @@ class SnapshotRuntime:
         self.clusters: dict[str, ClusterRuntime] = {}
         for name, cluster in snapshot.clusters.items():
             prev = old.get(name)
-            self.clusters[name] = prev if prev is not None and prev.cluster == cluster else ClusterRuntime(cluster, stats)
+            if prev is not None and prev.cluster == cluster:
+                if cluster.tls is not None:
+                    prev.load_tls()
+                self.clusters[name] = prev
+            else:
+                self.clusters[name] = ClusterRuntime(cluster, stats)
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
@@ -355,8 +367,23 @@ class DataPlane:
     def runtime(self, snapshot: Snapshot) -> SnapshotRuntime:
         rt = self._runtime
         if rt is None or rt.snapshot is not snapshot:
-            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt)
+            previous = rt
+            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous)
+            if previous is not None and self.pools:
+                self._close_pools_with_changed_tls(previous, rt)
         return rt
+
+    def _close_pools_with_changed_tls(self, previous: SnapshotRuntime, current: SnapshotRuntime) -> None:
+        """A cluster whose TLS settings changed must not lend connections made with the old ones."""
+        for key in list(self.pools):
+            old, new = previous.clusters.get(key[0]), current.clusters.get(key[0])
+            if old is None or new is None or old is new or old.cluster.tls == new.cluster.tls:
+                continue
+            for conn in self.pools.pop(key).drain():
+                conn.close()
+                if conn.counted:
+                    conn.counted = False
+                    self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
 
     def current_clusters(self) -> dict[str, ClusterRuntime]:
         """Cluster runtimes of the snapshot being served now (for work that outlives its request's

@@ -135,3 +135,20 @@ async def test_http2_over_tls_to_a_grpc_server_by_alpn(nursery, tmp_path):
         assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 1  # one TLS connection, two streams
     finally:
         server.close()
+
+
+async def test_a_new_snapshot_with_other_tls_settings_does_not_reuse_old_connections(nursery, tmp_path):
+    ca = trustme.CA()
+    context = server_context(ca, "backend.test")
+    ca.issue_cert("a.test", "b.test").configure_cert(context)
+    backend = await TlsBackend(context).start(nursery)
+    ca_file = _ca_file(ca, tmp_path)
+    proxy = await _proxy(nursery, {"svc": (backend.port, UpstreamTls("SIMPLE", "a.test", ca_file=ca_file))})
+    url = f"http://127.0.0.1:{proxy.port}/small?c=svc"
+    assert (await curl(url))[0] == 0
+    snap = proxy.plane.holder.current
+    proxy.plane.holder.swap(dataclasses.replace(snap, version="2", clusters={"svc": dataclasses.replace(
+        snap.clusters["svc"], tls=UpstreamTls("SIMPLE", "b.test", ca_file=ca_file))}))
+    assert (await curl(url, url))[0] == 0
+    assert backend.server_names == ["a.test", "b.test"]
+    assert proxy.plane.stats.gauge("triomesh_upstream_cx_active", cluster="svc").value == 1
