@@ -324,6 +324,13 @@ class _Compiler:
                     RouteDestination(self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination), rd.weight)
                     for j, rd in enumerate(item.route)
                 ]
+                for j, d in enumerate(dests):
+                    upstream = self.clusters.get(d.cluster)
+                    if upstream is not None and upstream.tls is not None:
+                        # the L4 pump splices bytes in the kernel: it cannot originate TLS
+                        raise r.error(f"{path}.route[{j}].destination",
+                                      f"cluster {d.cluster} originates TLS ({upstream.tls.origin} tls mode "
+                                      f"{upstream.tls.mode}), which {kind} routes do not support yet")
                 if len(dests) == 1:
                     dests = [RouteDestination(dests[0].cluster, 100)]
                 elif sum(d.weight for d in dests) != 100:

@@ -138,3 +138,10 @@ def test_tls_to_a_tcp_port_is_refused_with_the_port(files):
     e = info.value
     assert e.field_path == "$.spec.trafficPolicy.tls.mode"
     assert "port 5432 (protocol TCP) is not supported" in e.message
+
+
+def test_a_tcp_route_to_a_cluster_with_tls_is_refused(files):
+    vs = doc("VirtualService", "v", {"hosts": ["r"], "tcp": [{"route": [{"destination": {"host": "r", "port": {"number": 8080}}}]}]})
+    e = _error(_rule({"tls": {"mode": "SIMPLE", "caCertificates": files.ca}}), vs)
+    assert (e.kind, e.field_path) == ("VirtualService", "$.spec.tcp[0].route[0].destination")
+    assert "cluster outbound|8080||r originates TLS (DestinationRule default/r tls mode SIMPLE)" in e.message
