@@ -152,3 +152,20 @@ async def test_a_new_snapshot_with_other_tls_settings_does_not_reuse_old_connect
     assert (await curl(url, url))[0] == 0
     assert backend.server_names == ["a.test", "b.test"]
     assert proxy.plane.stats.gauge("triomesh_upstream_cx_active", cluster="svc").value == 1
+
+
+async def test_an_upstream_that_never_answers_the_handshake_times_out_within_the_connect_timeout(nursery, tmp_path):
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel accepts the TCP connection; nobody ever speaks TLS on it
+    log = RecordingLog()
+    tls = UpstreamTls("SIMPLE", "backend.test", ca_file=_ca_file(trustme.CA(), tmp_path))
+    proxy = await _proxy(nursery, {"svc": (silent.getsockname()[1], tls)}, access_log=log)  # connect timeout 1 s
+    start = trio.current_time()
+    code, out, err = await curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{proxy.port}/small?c=svc")
+    assert (code, out) == (0, "503"), err
+    assert 0.9 < trio.current_time() - start < 5
+    assert proxy.counter("triomesh_upstream_tls_handshake_fail_total", reason="handshake_timeout") >= 1
+    line = record(log.contexts[-1], 0.0, "t")
+    assert line.response_flags == "UF" and "no TLS handshake within" in line.upstream_transport_failure_reason
+    silent.close()
