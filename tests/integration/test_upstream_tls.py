@@ -133,6 +133,17 @@ async def test_http2_over_tls_to_a_grpc_server_by_alpn(nursery, tmp_path):
             assert result.code == grpc.StatusCode.OK, result
             assert result.response.endswith(b":" + payload)
         assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 1  # one TLS connection, two streams
+
+        # an HTTP/2 cluster that does not trust the server: UNAVAILABLE, and the reason in the access log
+        log = RecordingLog()
+        untrusted = dataclasses.replace(snap_tls, ca_file=_ca_file(trustme.CA(), tmp_path, "other.pem"))
+        bad = dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], tls=untrusted)})
+        proxy = await start_proxy(nursery, bad, access_log=log)
+        target = f"127.0.0.1:{proxy.port}"
+        result = await trio.to_thread.run_sync(lambda: grpc_apps.unary(target, b"x", timeout=10))
+        assert result.code == grpc.StatusCode.UNAVAILABLE, result
+        line = record(log.contexts[-1], 0.0, "t")
+        assert "UF" in line.response_flags and "CERTIFICATE_VERIFY_FAILED" in line.upstream_transport_failure_reason
     finally:
         server.close()
 
