@@ -10,6 +10,9 @@ port-level > top level, each replacing the tls as a whole) is then compiled with
 
 from __future__ import annotations
 
+import ipaddress
+import re
+
 from proxy.config.istio import ClientTLSSettings, DestinationRuleSpec
 from proxy.config.load import Resource
 from proxy.config.snapshot import UpstreamTls
@@ -20,6 +23,17 @@ from proxy.tls.upstream import client_context_for
 # service port protocols whose clusters the HTTP data path speaks to (TCP routes use the splice pump,
 # which cannot encrypt)
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _server_name_ok(name: str) -> bool:
+    """A name a ClientHello can carry and a certificate can be checked against: a DNS name or an IP."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return len(name) <= 253 and _DNS_NAME.fullmatch(name) is not None
 
 
 def tls_blocks(spec: DestinationRuleSpec):
@@ -79,6 +93,11 @@ def compile_settings(r: Resource, path: str, tls: ClientTLSSettings, host: str, 
     elif cert_file or key_file:
         field = "clientCertificate" if cert_file else "privateKey"
         raise r.error(f"{path}.{field}", "mode SIMPLE sends no client certificate: use mode MUTUAL")
+    if tls.sni and not _server_name_ok(tls.sni):
+        raise r.error(f"{path}.sni", f"sni {tls.sni!r} is not a DNS name or IP address")
+    if not tls.sni and not _server_name_ok(host):
+        raise r.error(f"{path}.sni", f"sni defaults to the destination host, and {host!r} is not a name a server "
+                                     "certificate can be checked against: set sni")
     return UpstreamTls(
         mode=tls.mode, sni=tls.sni or host, subject_alt_names=tuple(tls.subject_alt_names) or service_sans,
         ca_file=ca_file, cert_file=cert_file, key_file=key_file,

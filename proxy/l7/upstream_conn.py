@@ -106,7 +106,11 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
     deadline = trio.current_time() + timeout_s
     plain = await _connect(key, timeout_s, keepalive, plane)
-    conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, plane)
+    try:
+        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, plane)
+    except BaseException:
+        plain.close()
+        raise
     try:
         await conn.handshake(max(0.0, deadline - trio.current_time()))
         check_subject_alt_names(settings, conn.peer_certificate())

@@ -105,6 +105,8 @@ def test_a_port_level_entry_without_tls_does_not_inherit_the_top_level_tls(files
     ({"mode": "MUTUAL", "clientCertificate": "{ca}", "privateKey": "{key}"}, "privateKey", "does not match"),
     ({"mode": "SIMPLE", "credentialName": "c"}, "credentialName", "needs the proxy's --credentials-dir"),
     ({"mode": "SIMPLE", "credentialName": "c", "caCertificates": "{ca}"}, "credentialName", "exclude each other"),
+    ({"mode": "SIMPLE", "sni": "*.example.com"}, "sni", "sni '*.example.com' is not a DNS name or IP address"),
+    ({"mode": "SIMPLE", "sni": "a b"}, "sni", "is not a DNS name"),
 ])
 def test_errors_name_the_field(files, tls, field, message):
     tls = {k: v.format(cert=files.cert, key=files.key, ca=files.ca) for k, v in tls.items()}
@@ -145,3 +147,14 @@ def test_a_tcp_route_to_a_cluster_with_tls_is_refused(files):
     e = _error(_rule({"tls": {"mode": "SIMPLE", "caCertificates": files.ca}}), vs)
     assert (e.kind, e.field_path) == ("VirtualService", "$.spec.tcp[0].route[0].destination")
     assert "cluster outbound|8080||r originates TLS (DestinationRule default/r tls mode SIMPLE)" in e.message
+
+
+def test_a_wildcard_host_needs_an_explicit_sni(files):
+    def compiled(tls: dict):
+        return compile_docs(service("*.example.com", name="wild", resolution="NONE"),
+                            doc("DestinationRule", "r", {"host": "*.example.com", "trafficPolicy": {"tls": tls}}))
+    with pytest.raises(ConfigError) as info:
+        compiled({"mode": "SIMPLE"})
+    assert info.value.field_path == "$.spec.trafficPolicy.tls.sni" and "set sni" in info.value.message
+    tls = compiled({"mode": "SIMPLE", "sni": "api.example.com"}).clusters["outbound|8080||*.example.com"].tls
+    assert tls.sni == "api.example.com"
