@@ -238,15 +238,19 @@ class EchoServer:
         return getattr(self.grpc_server, attr)
 
 
-def start_grpc_server(port: int = 0, *, name: str = "grpc-a",
-                      max_workers: int = 32) -> tuple[EchoServer, int]:
-    """Start an Echo server on 127.0.0.1:`port` (0 = any free port), plaintext HTTP/2.
+def start_grpc_server(port: int = 0, *, name: str = "grpc-a", max_workers: int = 32,
+                      tls: tuple[bytes, bytes] | None = None) -> tuple[EchoServer, int]:
+    """Start an Echo server on 127.0.0.1:`port` (0 = any free port), plaintext HTTP/2, or HTTP/2 over
+    TLS with `tls` = (private key PEM, certificate chain PEM).
     Returns (server, bound port). Stop it with server.close() (or server.stop(grace))."""
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"grpc-{name}")
     server = grpc.server(executor, options=[*_NO_LIMITS, ("grpc.so_reuseport", 0)])
     servicer = _EchoServicer(name)
     server.add_generic_rpc_handlers((servicer.handler(),))
-    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        bound = server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([tls]))
     if bound == 0:
         executor.shutdown(wait=False)
         raise OSError(f"could not bind gRPC server {name!r} to 127.0.0.1:{port}")

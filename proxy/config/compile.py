@@ -217,7 +217,7 @@ class _Compiler:
         self.registry: Registry = build_registry(
             self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"], proxy_namespace
         )
-        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels))
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels), credentials_dir)
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         # host-less VirtualServices are delegates: their routes are used only where a route delegates
         self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}
@@ -337,6 +337,13 @@ class _Compiler:
                     RouteDestination(self._resolve_destination(r, f"{path}.route[{j}].destination", rd.destination), rd.weight)
                     for j, rd in enumerate(item.route)
                 ]
+                for j, d in enumerate(dests):
+                    upstream = self.clusters.get(d.cluster)
+                    if upstream is not None and upstream.tls is not None:
+                        # the L4 pump splices bytes in the kernel: it cannot originate TLS
+                        raise r.error(f"{path}.route[{j}].destination",
+                                      f"cluster {d.cluster} originates TLS ({upstream.tls.origin} tls mode "
+                                      f"{upstream.tls.mode}), which {kind} routes do not support yet")
                 if len(dests) == 1:
                     dests = [RouteDestination(dests[0].cluster, 100)]
                 elif sum(d.weight for d in dests) != 100:
@@ -1102,6 +1109,7 @@ def _cluster_dump(c: Cluster) -> dict:
         "endpoints": [{"address": e.address, "port": e.port, "labels": dict(e.labels), "weight": e.weight,
                        "locality": e.locality} for e in c.endpoints],
         "locality_lb": describe_locality_lb(c.locality_lb),
+        "tls": _plain(c.tls),
     }
 
 

@@ -132,8 +132,8 @@ def dec_hook(tp: type, obj: Any) -> Any:
 class IstioStruct(Struct, frozen=True, forbid_unknown_fields=True, rename="camel", kw_only=True, omit_defaults=True):
     # Python field names of Istio fields accepted by the schema but not enforced yet
     unsupported: ClassVar[tuple[str, ...]] = ()
-    # Python field name -> valid Istio enum values not enforced yet
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {}
+    # Python field name -> valid Istio enum values not enforced yet (a dict: value -> why)
+    unsupported_values: ClassVar[dict[str, frozenset[str] | dict[str, str]]] = {}
     # Python field name -> why a field Istio removed is refused (declared so the user hears that, not
     # "unknown field")
     removed: ClassVar[dict[str, str]] = {}
@@ -163,7 +163,8 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
                 yield sub, f"`{wire}` is an Istio {cls.__name__} field triomesh does not support yet"
                 continue
             if name in bad_values and value in bad_values[name]:
-                yield sub, f"{wire} {value} is not supported by triomesh yet"
+                reasons = bad_values[name]
+                yield sub, reasons[value] if isinstance(reasons, dict) else f"{wire} {value} is not supported by triomesh yet"
                 continue
             yield from unsupported_settings(value, sub)
         refused_values = getattr(obj, "refused_values", None)
@@ -621,24 +622,23 @@ class OutlierDetection(IstioStruct, frozen=True):
 
 
 class ClientTLSSettings(IstioStruct, frozen=True):
-    """Istio's ClientTLSSettings (DestinationRule `tls`): only DISABLE, plaintext to the upstream, is
-    implemented; the other modes and their settings are declared and refused as not supported yet."""
+    """Istio's ClientTLSSettings (DestinationRule `tls`): TLS the proxy originates to the upstream.
+    ISTIO_MUTUAL (it needs the mesh CA's workload certificate) and caCrl are refused as not supported yet."""
 
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
-    client_certificate: Any = UNSET
-    private_key: Any = UNSET
-    ca_certificates: Any = UNSET
-    credential_name: Any = UNSET
-    subject_alt_names: Any = UNSET
-    sni: Any = UNSET
-    insecure_skip_verify: Any = UNSET
+    client_certificate: str = ""
+    private_key: str = ""
+    ca_certificates: str = ""
+    credential_name: str = ""
+    subject_alt_names: tuple[str, ...] = ()
+    sni: str = ""
+    insecure_skip_verify: bool | None = None
     ca_crl: Any = UNSET
 
-    unsupported: ClassVar[tuple[str, ...]] = (
-        "client_certificate", "private_key", "ca_certificates", "credential_name", "subject_alt_names", "sni",
-        "insecure_skip_verify", "ca_crl",
-    )
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"SIMPLE", "MUTUAL", "ISTIO_MUTUAL"})}
+    unsupported: ClassVar[tuple[str, ...]] = ("ca_crl",)
+    unsupported_values: ClassVar[dict[str, frozenset[str] | dict[str, str]]] = {"mode": {
+        "ISTIO_MUTUAL": "ISTIO_MUTUAL needs the mesh CA's workload certificate, which this proxy does not have "
+                        "yet; use SIMPLE or MUTUAL with certificate files"}}
 
 
 class PortTrafficPolicy(IstioStruct, frozen=True):
@@ -768,9 +768,7 @@ class ServiceEntrySpec(IstioStruct, frozen=True):
     endpoints: tuple[WorkloadEntrySpec, ...] = ()
     workload_selector: WorkloadSelector | None = None
     export_to: tuple[str, ...] = ()
-    subject_alt_names: Any = UNSET
-
-    unsupported: ClassVar[tuple[str, ...]] = ("subject_alt_names",)
+    subject_alt_names: tuple[str, ...] = ()  # the upstream certificate's SANs, when a DestinationRule's tls does not say
 
 
 # --------------------------------------------------------------------------------------------------

@@ -319,18 +319,19 @@ def merge_traffic_policy(base: TrafficPolicy | None, subset: TrafficPolicy | Non
         connection_pool=subset.connection_pool or base.connection_pool,
         outlier_detection=subset.outlier_detection or base.outlier_detection,
         retry_budget=subset.retry_budget or base.retry_budget,
+        tls=subset.tls or base.tls,
     )
 
 
 def _port_entry(tp: TrafficPolicy | None, port: int) -> TrafficPolicy | None:
     """The policy's portLevelSettings entry for `port`, as a policy of its own. It replaces the
-    loadBalancer, connectionPool and outlierDetection as a whole; as Istio documents, fields the
+    loadBalancer, connectionPool, outlierDetection and tls as a whole; as Istio documents, fields the
     entry leaves out fall back to the defaults, not to the enclosing policy's."""
     if tp is not None:
         for p in tp.port_level_settings:
             if p.port.number == port:
                 return TrafficPolicy(load_balancer=p.load_balancer, connection_pool=p.connection_pool,
-                                     outlier_detection=p.outlier_detection, retry_budget=tp.retry_budget)
+                                     outlier_detection=p.outlier_detection, retry_budget=tp.retry_budget, tls=p.tls)
     return None
 
 

@@ -23,10 +23,10 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from proxy.config import hosts, locality, policies
+from proxy.config import hosts, locality, policies, upstream_tls
 from proxy.config.istio import DestinationRuleSpec, Port, ServiceEntrySpec, Subset, TrafficPolicy, WorkloadEntrySpec
 from proxy.config.load import Resource
-from proxy.config.snapshot import Cluster, Endpoint, cluster_name
+from proxy.config.snapshot import Cluster, Endpoint, UpstreamTls, cluster_name
 
 ROOT_NAMESPACE = "istio-system"  # Istio's default meshConfig.rootNamespace
 
@@ -364,13 +364,35 @@ def _locality_lb(tp: TrafficPolicy | None, endpoints: tuple[Endpoint, ...], prox
     return locality.locality_lb(setting, has_outlier_detection, proxy_locality, endpoints)
 
 
-def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster]:
+def _cluster_tls(svc: Service, port: Port, tp: TrafficPolicy | None, credentials_dir: str | None) -> UpstreamTls | None:
+    """The cluster's TLS from its effective policy's tls block (checked already where it is written)."""
+    tls = tp.tls if tp is not None else None
+    if tls is None or tls.mode == "DISABLE" or svc.rule is None:
+        return None
+    r, path = next(((r, path) for r in svc.rule.sources for path, block in upstream_tls.tls_blocks(r.obj.spec)
+                    if block is tls), (svc.rule.sources[0], "$.spec.trafficPolicy.tls"))
+    protocol = str(port.protocol)
+    if protocol not in upstream_tls.HTTP_PROTOCOLS:
+        raise r.error(f"{path}.mode", f"TLS origination to {svc.host} port {port.number} (protocol {protocol}) is "
+                                      "not supported: triomesh originates TLS on HTTP, HTTP2 and GRPC ports only "
+                                      "(TCP routes are spliced, not encrypted); use mode DISABLE for this port")
+    alpn = ("h2",) if policies.upstream_http2(protocol, tp) else ("http/1.1",)
+    return upstream_tls.compile_settings(r, path, tls, svc.host, tuple(svc.spec.subject_alt_names), alpn,
+                                         credentials_dir)
+
+
+def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str | None = None) -> dict[str, Cluster]:
     """Every cluster of the registry; `proxy_locality` ("region/zone/subzone" of this proxy) decides
-    what localityLbSetting does to each."""
+    what localityLbSetting does to each; `credentials_dir` is where tls credentialNames resolve."""
     clusters: dict[str, Cluster] = {}
+    checked: set[int] = set()
     for svc in reg.services.values():
         rule_spec = svc.rule
         base_tp = rule_spec.traffic_policy if rule_spec else None
+        for r in rule_spec.sources if rule_spec else ():
+            if id(r) not in checked:
+                checked.add(id(r))
+                upstream_tls.check_rule(r, credentials_dir)
         for port in svc.ports:
             tp = policies.cluster_traffic_policy(base_tp, None, port.number)
             name = cluster_name(svc.cluster_host, port.number)
@@ -386,6 +408,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster
                 locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                 service_namespace=svc.namespace,
                 mesh_internal=svc.spec.location == "MESH_INTERNAL",
+                tls=_cluster_tls(svc, port, tp, credentials_dir),
                 **_policy_fields(tp, port),
             )
             if rule_spec is None:
@@ -405,6 +428,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "") -> dict[str, Cluster
                     locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                     service_namespace=svc.namespace,
                     mesh_internal=svc.spec.location == "MESH_INTERNAL",
+                    tls=_cluster_tls(svc, port, tp, credentials_dir),
                     **_policy_fields(tp, port),
                 )
     return clusters

@@ -122,6 +122,22 @@ class LocalityLb:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTls:
+    """TLS a cluster originates to its endpoints (DestinationRule tls mode SIMPLE or MUTUAL), compiled.
+    Two clusters with equal settings share one `ssl.SSLContext` (proxy/tls/upstream.py)."""
+
+    mode: str  # SIMPLE | MUTUAL
+    sni: str  # the server name sent, and checked when subject_alt_names is empty
+    subject_alt_names: tuple[str, ...] = ()  # when set: the upstream certificate must carry one of them
+    ca_file: str = ""  # "": the system trust store
+    cert_file: str = ""  # MUTUAL: the client certificate chain and its key
+    key_file: str = ""
+    insecure_skip_verify: bool = False
+    alpn: tuple[str, ...] = ("http/1.1",)  # offered: h2 for an HTTP/2 cluster
+    origin: str = ""  # "DestinationRule ns/name", for errors at connect time
+
+
+@dataclass(frozen=True, slots=True)
 class Cluster:
     name: str
     service_host: str
@@ -147,6 +163,7 @@ class Cluster:
     # ServiceEntry location MESH_INTERNAL: the endpoints run sidecars, so requests to them carry this
     # proxy's peer metadata (proxy/telemetry/peer.py); never sent to MESH_EXTERNAL endpoints
     mesh_internal: bool = False
+    tls: UpstreamTls | None = None  # None: plaintext to the endpoints (no tls, or mode DISABLE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import msgspec
 import trio
 
+from proxy.l7.errors import UpstreamTlsFailure
+
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
 
@@ -83,6 +85,8 @@ class AccessRecord(msgspec.Struct, omit_defaults=True, gc=False):
     response_code_details: str | None = None
     # an AUDIT AuthorizationPolicy matched the request (Envoy's envoy.common access_log_hint)
     access_log_hint: bool | None = None
+    # why TLS to the upstream failed (Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON%), on such failures only
+    upstream_transport_failure_reason: str | None = None
 
 
 def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: int | None = None) -> AccessRecord:
@@ -109,7 +113,13 @@ def record(ctx: RequestContext, now_monotonic: float, timestamp: str, worker: in
         ctx.downstream_addr,
         worker,
         *_from_extra(ctx.extra),
+        _transport_failure(ctx) if flags else None,
     )
+
+
+def _transport_failure(ctx: RequestContext) -> str | None:
+    error = ctx.error
+    return str(error) if isinstance(error, UpstreamTlsFailure) else None
 
 
 _NOTHING_EXTRA = (None, None, None)

@@ -27,6 +27,8 @@ from proxy.lb.pool import IdlePool
 from proxy.l7.h2_upstream import sweep_idle
 from proxy.stats import Counter, Gauge, Stats
 from proxy.telemetry.istio_metrics import IstioMetrics
+from proxy.tls.context import TlsSettingsError
+from proxy.tls.upstream import client_context_for
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
@@ -69,7 +71,18 @@ class ClusterRuntime:
                  "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
                  "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
-                 "rand_below", "rq_active", "rq_overflow", "http2")
+                 "rand_below", "rq_active", "rq_overflow", "http2", "tls")
+
+    def load_tls(self) -> None:
+        """(Re)load the TLS context: once per snapshot, so rewritten certificate files take effect with the
+        next snapshot (the context cache is keyed by the files' fingerprint)."""
+        tls = self.cluster.tls
+        if tls is None:
+            return
+        try:
+            self.tls = (tls, client_context_for(tls))
+        except TlsSettingsError as e:
+            self.tls = (tls, e)
 
     def __init__(self, cluster: Cluster, stats: Stats, clock=trio.current_time, rand_below=random.randrange) -> None:
         self.cluster = cluster
@@ -80,6 +93,10 @@ class ClusterRuntime:
         self.hash_policy = cluster.consistent_hash
         self.passthrough = cluster.lb_policy == "PASSTHROUGH"
         self.http2 = cluster.http2  # the upstream speaks HTTP/2 (h2_client.H2Exchange)
+        # (settings, context) when the cluster originates TLS, the context made once, here (or the
+        # error that kept it from being made: files gone since the config was checked)
+        self.tls = None
+        self.load_tls()
         self.pool_limits = cluster.connection_pool
         self.outlier: OutlierDetector | None = None
         self.outlier_version = 0
@@ -285,7 +302,12 @@ class SnapshotRuntime:
         self.clusters: dict[str, ClusterRuntime] = {}
         for name, cluster in snapshot.clusters.items():
             prev = old.get(name)
-            self.clusters[name] = prev if prev is not None and prev.cluster == cluster else ClusterRuntime(cluster, stats)
+            if prev is not None and prev.cluster == cluster:
+                if cluster.tls is not None:
+                    prev.load_tls()
+                self.clusters[name] = prev
+            else:
+                self.clusters[name] = ClusterRuntime(cluster, stats)
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
@@ -371,8 +393,23 @@ class DataPlane:
     def runtime(self, snapshot: Snapshot) -> SnapshotRuntime:
         rt = self._runtime
         if rt is None or rt.snapshot is not snapshot:
-            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, rt, self.telemetry)
+            previous = rt
+            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry)
+            if previous is not None and self.pools:
+                self._close_pools_with_changed_tls(previous, rt)
         return rt
+
+    def _close_pools_with_changed_tls(self, previous: SnapshotRuntime, current: SnapshotRuntime) -> None:
+        """A cluster whose TLS settings changed must not lend connections made with the old ones."""
+        for key in list(self.pools):
+            old, new = previous.clusters.get(key[0]), current.clusters.get(key[0])
+            if old is None or new is None or old is new or old.cluster.tls == new.cluster.tls:
+                continue
+            for conn in self.pools.pop(key).drain():
+                conn.close()
+                if conn.counted:
+                    conn.counted = False
+                    self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
 
     def current_clusters(self) -> dict[str, ClusterRuntime]:
         """Cluster runtimes of the snapshot being served now (for work that outlives its request's

@@ -113,6 +113,19 @@ class LocalConnectFailure(ConnectFailure):
         self.reason = reason  # the exhaustion's counter label: emfile, enfile, enomem, ...
 
 
+class UpstreamTlsFailure(ConnectFailure):
+    """The TLS handshake to the upstream failed (DestinationRule tls): 503 UF like a refused connect,
+    held against the endpoint by outlier detection. `reason` labels the counter; the message is
+    Envoy's %UPSTREAM_TRANSPORT_FAILURE_REASON% in the access log."""
+
+    body = b"upstream connect error or disconnect/reset before headers. reset reason: connection failure, " \
+           b"transport failure reason: TLS error"
+
+    def __init__(self, detail: str, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class Overflow(ProxyError):
     status = 503
     response_flag = "UO"

@@ -37,7 +37,8 @@ import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7.connio import ReadTimeout
-from proxy.l7.errors import ConnectFailure, LocalConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset, UpstreamTimeout
+from proxy.l7.errors import (ConnectFailure, LocalConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset,
+                              UpstreamTimeout, UpstreamTlsFailure)
 from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
@@ -256,7 +257,7 @@ class H2UpstreamConnection(H2Transport):
             crt, plane = self.crt, self.plane
             timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
             try:
-                sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane)
+                sock_conn = await open_connection(key, timeout, crt.pool_limits.keepalive, plane, crt.tls)
             except (ConnectFailure, OSError) as e:  # OSError: a failure open_connection did not translate
                 crt.cx_connect_fail.value += 1
                 self.connect_error = e if isinstance(e, ConnectFailure) else ConnectFailure(f"connect: {e}")
@@ -402,8 +403,8 @@ async def open_stream(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int
                 connection.reserved -= 1
             error = connection.connect_error
             if error is not None:  # each waiter raises its own copy, of the same kind
-                if isinstance(error, LocalConnectFailure):
-                    raise LocalConnectFailure(error.detail, error.reason)
+                if isinstance(error, (LocalConnectFailure, UpstreamTlsFailure)):
+                    raise type(error)(error.detail, error.reason)
                 raise ConnectFailure(str(error))
             if not connection.usable():  # failed, or its SETTINGS allow fewer streams: look again
                 fresh = False

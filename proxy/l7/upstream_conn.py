@@ -13,6 +13,7 @@ import ipaddress
 import math
 import os
 import socket
+import ssl
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,8 +21,10 @@ from trio.lowlevel import wait_writable
 
 from proxy.l7.connio import Conn
 from proxy.exhaustion import exhaustion_reason
-from proxy.l7.errors import ConnectFailure, LocalConnectFailure, Overflow
+from proxy.l7.errors import ConnectFailure, LocalConnectFailure, Overflow, UpstreamTlsFailure
 from proxy.stats import HELP
+from proxy.tls.conn import TlsConn, TlsError
+from proxy.tls.upstream import check_subject_alt_names
 
 if TYPE_CHECKING:
     from proxy.l7.dataplane import ClusterRuntime, DataPlane
@@ -33,22 +36,43 @@ PEEK_AFTER_IDLE_S = 1.0
 HELP.setdefault("triomesh_upstream_cx_local_fail_total",
                 "Upstream connects that failed on our side (out of descriptors, memory, buffers, ports), by "
                 "reason; answered 503 UF and not held against the endpoint.")
+HELP.setdefault("triomesh_upstream_tls_handshake_fail_total",
+                "TLS handshakes to upstreams (DestinationRule tls) that failed, by reason (fail_verify_error, "
+                "fail_verify_san, handshake_timeout, ...); answered 503 UF like a failed connect.")
+
+def _init_upstream(conn, key: tuple[str, int]) -> None:
+    conn.key = key
+    conn.pool_key = None  # (cluster, address, port), set by acquire
+    conn.requests = 0
+    conn.counted = True  # still included in the cluster's cx_active gauge
+    conn.idle_since = 0.0
+    conn.created = 0.0
+
+
+def _conn_settings(plane: DataPlane | None) -> dict:
+    if plane is None:
+        return {}
+    # the worker's epoll set, and the stream idle timeout on every read and write
+    return {"reactor": plane.reactor, "sweeper": plane.sweeper, "idle_s": plane.settings.stream_idle_timeout_s}
+
 
 class UpstreamConn(Conn):
     __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], plane: DataPlane | None = None) -> None:
-        if plane is None:
-            super().__init__(sock)
-        else:  # the worker's epoll set, and the stream idle timeout on every read and write
-            super().__init__(sock, reactor=plane.reactor, sweeper=plane.sweeper,
-                             idle_s=plane.settings.stream_idle_timeout_s)
-        self.key = key
-        self.pool_key: tuple[str, str, int] | None = None  # (cluster, address, port), set by acquire
-        self.requests = 0
-        self.counted = True  # still included in the cluster's cx_active gauge
-        self.idle_since = 0.0
-        self.created = 0.0
+        super().__init__(sock, **_conn_settings(plane))
+        _init_upstream(self, key)
+
+
+class UpstreamTlsConn(TlsConn):
+    """An upstream connection over TLS (DestinationRule tls): the same bookkeeping as UpstreamConn."""
+
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
+
+    def __init__(self, sock: socket.socket, key: tuple[str, int], context: ssl.SSLContext, server_hostname: str,
+                 plane: DataPlane | None = None) -> None:
+        super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
+        _init_upstream(self, key)
 
 
 def _is_ip(host: str) -> bool:
@@ -71,7 +95,45 @@ def _set_keepalive(sock: socket.socket, keepalive) -> None:
 
 
 async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
-                          plane: DataPlane | None = None) -> UpstreamConn:
+                          plane: DataPlane | None = None, tls=None) -> UpstreamConn | UpstreamTlsConn:
+    """A connected upstream socket; with `tls` (ClusterRuntime.tls) the TLS handshake follows within
+    the same connect timeout."""
+    if tls is None:
+        return await _connect(key, timeout_s, keepalive, plane)
+    settings, context = tls
+    if isinstance(context, Exception):  # the cluster's certificate files could not be loaded
+        _count_tls_failure(plane, "bad_settings")
+        raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
+    deadline = trio.current_time() + timeout_s
+    plain = await _connect(key, timeout_s, keepalive, plane)
+    try:
+        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, plane)
+    except BaseException:
+        plain.close()
+        raise
+    try:
+        await conn.handshake(max(0.0, deadline - trio.current_time()))
+        check_subject_alt_names(settings, conn.peer_certificate())
+    except BaseException as e:
+        conn.close()
+        if isinstance(e, TlsError):
+            _count_tls_failure(plane, e.reason)
+            cause = e.__cause__
+            why = f"{e}: {cause.verify_message}" if isinstance(cause, ssl.SSLCertVerificationError) else str(e)
+            raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]} (sni {settings.sni}): {why}", e.reason) from e
+        if isinstance(e, OSError):
+            _count_tls_failure(plane, "connection_error")
+            raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]} (sni {settings.sni}): {e}", "connection_error") from e
+        raise
+    return conn
+
+
+def _count_tls_failure(plane: DataPlane | None, reason: str) -> None:
+    if plane is not None:
+        plane.stats.counter("triomesh_upstream_tls_handshake_fail_total", reason=reason).value += 1
+
+
+async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -180,7 +242,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
         fresh = False
     crt.cx_active.value += 1  # counted from the attempt on, so concurrent opens respect the limit
     try:
-        conn = await open_connection(key, timeout, limits.keepalive, plane)
+        conn = await open_connection(key, timeout, limits.keepalive, plane, crt.tls)
     except BaseException as e:
         crt.cx_active.value -= 1
         if crt.pending:

@@ -111,16 +111,16 @@ def test_tls_disable_loads_everywhere_istio_has_client_tls(make, path):
 
 
 @pytest.mark.parametrize(("make", "path"), TLS_PLACES)
-@pytest.mark.parametrize("mode", ["SIMPLE", "MUTUAL", "ISTIO_MUTUAL"])
-def test_other_tls_modes_are_not_supported_yet(make, path, mode):
-    e = _error(make({"mode": mode}))
-    assert (e.field_path, e.message) == (f"{path}.mode", f"mode {mode} is not supported by triomesh yet")
+def test_istio_mutual_is_refused_until_the_mesh_ca_gives_a_workload_certificate(make, path):
+    e = _error(make({"mode": "ISTIO_MUTUAL"}))
+    assert e.field_path == f"{path}.mode"
+    assert e.message.startswith("ISTIO_MUTUAL needs the mesh CA's workload certificate")
 
 
-def test_tls_settings_beyond_the_mode_are_not_supported_yet_and_typos_are_unknown():
-    e = _error(_dr({"tls": {"mode": "DISABLE", "sni": "r.example"}}))
+def test_ca_crl_is_not_supported_yet_and_typos_are_unknown():
+    e = _error(_dr({"tls": {"mode": "SIMPLE", "caCrl": "/etc/crl.pem"}}))
     assert (e.field_path, e.message) == (
-        "$.spec.trafficPolicy.tls.sni", "`sni` is an Istio ClientTLSSettings field triomesh does not support yet")
+        "$.spec.trafficPolicy.tls.caCrl", "`caCrl` is an Istio ClientTLSSettings field triomesh does not support yet")
     e = _error(_dr({"tls": {"mode": "DISABLED"}}))
     assert e.message == ("Invalid enum value 'DISABLED'; expected one of DISABLE, ISTIO_MUTUAL, MUTUAL, SIMPLE")
     e = _error(_dr({"tls": {"mood": "DISABLE"}}))

@@ -1,0 +1,105 @@
+"""DestinationRule `tls` (ClientTLSSettings) checked where it is written and compiled per cluster
+into an `UpstreamTls`.
+
+Every `tls` block of a DestinationRule (top level, portLevelSettings, subsets and theirs) is checked
+on its own, its files loaded once into a throw-away context, so a missing file or a key that does not
+match its certificate is a config error at the field naming it and the proxy keeps its last good
+config. The cluster's effective block (policies.cluster_traffic_policy: subset port-level > subset >
+port-level > top level, each replacing the tls as a whole) is then compiled without further checks.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from proxy.config.istio import ClientTLSSettings, DestinationRuleSpec
+from proxy.config.load import Resource
+from proxy.config.snapshot import UpstreamTls
+from proxy.tls.certificates import CredentialError, resolve_credential
+from proxy.tls.context import TlsSettingsError
+from proxy.tls.upstream import client_context_for
+
+# service port protocols whose clusters the HTTP data path speaks to (TCP routes use the splice pump,
+# which cannot encrypt)
+HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+
+
+def _server_name_ok(name: str) -> bool:
+    """A name a ClientHello can carry and a certificate can be checked against: a DNS name or an IP."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return len(name) <= 253 and _DNS_NAME.fullmatch(name) is not None
+
+
+def tls_blocks(spec: DestinationRuleSpec):
+    """(field path, ClientTLSSettings) of every tls block a DestinationRule writes."""
+    def of_policy(path: str, tp):
+        if tp is None:
+            return
+        if tp.tls is not None:
+            yield f"{path}.tls", tp.tls
+        for i, p in enumerate(tp.port_level_settings):
+            if p.tls is not None:
+                yield f"{path}.portLevelSettings[{i}].tls", p.tls
+    yield from of_policy("$.spec.trafficPolicy", spec.traffic_policy)
+    for i, s in enumerate(spec.subsets):
+        yield from of_policy(f"$.spec.subsets[{i}].trafficPolicy", s.traffic_policy)
+
+
+def check_rule(r: Resource, credentials_dir: str | None) -> None:
+    for path, tls in tls_blocks(r.obj.spec):
+        check(r, path, tls, credentials_dir)
+
+
+def check(r: Resource, path: str, tls: ClientTLSSettings, credentials_dir: str | None) -> None:
+    if tls.mode == "DISABLE":
+        return  # Istio ignores the other fields in this mode
+    compiled = compile_settings(r, path, tls, "probe.invalid", (), ("http/1.1",), credentials_dir)
+    try:
+        client_context_for(compiled, cached=False)
+    except TlsSettingsError as e:
+        field = "credentialName" if tls.credential_name and e.field in ("clientCertificate", "privateKey") else e.field
+        raise r.error(f"{path}.{field}", str(e)) from e
+
+
+def compile_settings(r: Resource, path: str, tls: ClientTLSSettings, host: str, service_sans: tuple[str, ...],
+                     alpn: tuple[str, ...], credentials_dir: str | None) -> UpstreamTls | None:
+    """The UpstreamTls of one cluster (None for DISABLE). `host`: the destination host, the default
+    SNI; `service_sans`: the ServiceEntry's subjectAltNames, used when the tls block names none."""
+    if tls.mode == "DISABLE":
+        return None
+    cert_file, key_file, ca_file = tls.client_certificate, tls.private_key, tls.ca_certificates
+    if tls.credential_name:
+        if cert_file or key_file or ca_file:
+            raise r.error(f"{path}.credentialName", "credentialName and clientCertificate/privateKey/caCertificates "
+                                                    "exclude each other (the secret holds them)")
+        try:
+            files = resolve_credential(credentials_dir, tls.credential_name, need_ca=False)
+        except CredentialError as e:
+            raise r.error(f"{path}.credentialName", str(e)) from e
+        ca_file = files.ca_file
+        if tls.mode == "MUTUAL":
+            cert_file, key_file = files.cert_file, files.key_file
+    elif tls.mode == "MUTUAL":
+        if not cert_file:
+            raise r.error(f"{path}.clientCertificate", "mode MUTUAL needs clientCertificate and privateKey, or credentialName")
+        if not key_file:
+            raise r.error(f"{path}.privateKey", "mode MUTUAL needs privateKey with clientCertificate")
+    elif cert_file or key_file:
+        field = "clientCertificate" if cert_file else "privateKey"
+        raise r.error(f"{path}.{field}", "mode SIMPLE sends no client certificate: use mode MUTUAL")
+    if tls.sni and not _server_name_ok(tls.sni):
+        raise r.error(f"{path}.sni", f"sni {tls.sni!r} is not a DNS name or IP address")
+    if not tls.sni and not _server_name_ok(host):
+        raise r.error(f"{path}.sni", f"sni defaults to the destination host, and {host!r} is not a name a server "
+                                     "certificate can be checked against: set sni")
+    return UpstreamTls(
+        mode=tls.mode, sni=tls.sni or host, subject_alt_names=tuple(tls.subject_alt_names) or service_sans,
+        ca_file=ca_file, cert_file=cert_file, key_file=key_file,
+        insecure_skip_verify=bool(tls.insecure_skip_verify), alpn=alpn,
+        origin=f"DestinationRule {r.namespace}/{r.name}")
