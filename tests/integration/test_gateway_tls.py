@@ -360,8 +360,11 @@ def test_tls_termination_then_tcp(gateway):
             conn.close()
 
     assert trio.run(exchange) == b"echo " + payload
-    stats = gateway["proxy"].stats("triomesh_gateway_tcp_cx_total")
-    assert stats[(("action", "tcp"), ("listener", f"127.0.0.1_{port}"))] == 1
+    # counted when the proxy's side of the connection ends, which may be just after the client's
+    key = (("action", "tcp"), ("listener", f"127.0.0.1_{port}"))
+    proxy = gateway["proxy"]
+    proxy.wait_for(lambda: proxy.stats("triomesh_gateway_tcp_cx_total").get(key) == 1, "the connection counted",
+                   timeout_s=5)
 
 
 def test_https_redirect(gateway):
