@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from proxy.stats import HELP, Stats
 from proxy.telemetry.peer import UNKNOWN, UNKNOWN_WORKLOAD, WorkloadIdentity, canonical_revision, canonical_service
@@ -157,6 +157,48 @@ class IstioMetrics:
         """A request ended (from pipeline.finish): one count, three observations."""
         if ctx.snapshot is not self._snapshot:
             self._new_snapshot(ctx.snapshot)
+        listener = ctx.listener
+        cluster = ctx.cluster
+        # what decides the labels, in values whose hash is cached (str) or cheap; upstream_host stands
+        # for the endpoint ("" when none was picked). The common request (no peer facts, no gRPC, no
+        # response flag) is told by four of them; a tuple of another length cannot equal it.
+        if ctx.extra is None and not ctx.response_flags and listener is not None and cluster is not None:
+            facts = (listener.name, cluster.name, ctx.upstream_host, ctx.status)
+        else:
+            facts = self._facts(ctx)
+        series = self._by_facts.get(facts)
+        if series is None:
+            series = self._series_for(ctx)
+            if series is None:
+                self._overflow.value += 1
+                return
+            if len(self._by_facts) < 4 * self.max_series:
+                self._by_facts[facts] = series
+        series.requests.value += 1
+        # Histogram.observe inlined (three method calls cost more than the rest of this function);
+        # a byte count below SMALL_SIZE_BYTES finds its bucket by indexing, not bisecting
+        now = self._now
+        value = ((now() if now is not None else self._bind_clock()) - ctx.start_monotonic) * 1000.0
+        histogram = series.duration_ms
+        histogram.counts[bisect_left(DEFAULT_BUCKETS, value)] += 1
+        histogram.sum += value
+        value = ctx.bytes_received
+        histogram = series.request_bytes
+        histogram.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
+        histogram.sum += value
+        value = ctx.bytes_sent
+        histogram = series.response_bytes
+        histogram.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
+        histogram.sum += value
+        if series.request_messages is not None:
+            grpc_messages = ctx.extra.get("grpc_messages")
+            if grpc_messages is not None:
+                series.request_messages.value += grpc_messages[0].messages
+                series.response_messages.value += grpc_messages[1].messages
+
+    @staticmethod
+    def _facts(ctx: RequestContext) -> tuple:
+        """What decides the labels of a request with peer facts, gRPC or response flags."""
         extra = ctx.extra
         if extra is None:
             peer = grpc_status = grpc_messages = None
@@ -164,38 +206,12 @@ class IstioMetrics:
             peer = extra.get("peer")
             grpc_status = extra.get("grpc_status")
             grpc_messages = extra.get("grpc_messages")
-        flags = ctx.response_flags
         listener = ctx.listener
         cluster = ctx.cluster
-        # what decides the labels, in values whose hash is cached (str) or cheap; upstream_host stands
-        # for the endpoint ("" when none was picked)
-        facts = (listener.name if listener is not None else "", cluster.name if cluster is not None else "",
-                 ctx.upstream_host, peer, ctx.status, ",".join(flags) if flags else "-", grpc_status,
-                 grpc_messages is not None)
-        series = self._by_facts.get(facts)
-        if series is None:
-            series = self._series_for(ctx, facts, peer)
-            if series is None:
-                self._overflow.value += 1
-                return
-        series.requests.value += 1
-        # Histogram.observe inlined (three method calls cost more than the rest of this function)
-        duration = series.duration_ms
-        now = self._now
-        value = ((now() if now is not None else self._bind_clock()) - ctx.start_monotonic) * 1000.0
-        duration.counts[bisect_left(DEFAULT_BUCKETS, value)] += 1
-        duration.sum += value
-        sizes = series.request_bytes
-        value = ctx.bytes_received
-        sizes.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        sizes.sum += value
-        sizes = series.response_bytes
-        value = ctx.bytes_sent
-        sizes.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        sizes.sum += value
-        if grpc_messages is not None:
-            series.request_messages.value += grpc_messages[0].messages
-            series.response_messages.value += grpc_messages[1].messages
+        flags = ctx.response_flags
+        return (listener.name if listener is not None else "", cluster.name if cluster is not None else "",
+                ctx.upstream_host, peer, ctx.status, ",".join(flags) if flags else "-", grpc_status,
+                grpc_messages is not None)
 
     def _new_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
@@ -214,7 +230,12 @@ class IstioMetrics:
             self._now = self.clock
         return self._now()
 
-    def _series_for(self, ctx: RequestContext, facts: tuple, peer: Any) -> Series | None:
+    def _series_for(self, ctx: RequestContext) -> Series | None:
+        """The series of a request whose facts were not seen yet (None: the label-set cap is reached)."""
+        extra = ctx.extra
+        peer = extra.get("peer") if extra is not None else None
+        grpc_status = extra.get("grpc_status") if extra is not None else None
+        grpc = grpc_status is not None or (extra is not None and extra.get("grpc_messages") is not None)
         listener = ctx.listener
         inbound = listener is not None and listener.traffic_direction == "INBOUND"
         if inbound:
@@ -228,20 +249,17 @@ class IstioMetrics:
                            else endpoint_identity(ctx.endpoint, ctx.cluster))
             service = service_labels(ctx.cluster)
             security = "unknown"  # Istio: only the destination knows how the connection was secured
-        grpc_status = facts[6]
-        grpc = grpc_status is not None or facts[7]
+        flags = ctx.response_flags
         labels = connection_labels("destination" if inbound else "source", source, destination, service,
                                    "grpc" if grpc else "http", security)
         labels += (("response_code", str(ctx.status)),
                    ("grpc_response_status", grpc_status.decode("ascii", "replace") if grpc_status is not None else ""),
-                   ("response_flags", facts[5]))
+                   ("response_flags", ",".join(flags) if flags else "-"))
         series = self._by_labels.get(labels)
         if series is None:
             if len(self._by_labels) >= self.max_series:
                 return None
             series = self._by_labels[labels] = Series(self.stats, labels, grpc)
-        if len(self._by_facts) < 4 * self.max_series:
-            self._by_facts[facts] = series
         return series
 
     # ---- TCP

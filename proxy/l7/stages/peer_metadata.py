@@ -139,7 +139,9 @@ class PeerMetadataStage:
     def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
         if self.inbound:
             return fields + self.header_field
-        if _PEER_FIELD not in fields:
+        # find, not `in`: bytes.__contains__ first tries the needle as an integer and formats a
+        # TypeError message on every call (about twice the cost of the search itself)
+        if fields.find(_PEER_FIELD) == -1:
             return fields
         fields, value = _without_peer_field(fields)
         self._note_destination(ctx, value)
