@@ -164,3 +164,43 @@ def test_inbound_request_from_an_unknown_client_is_reported_with_an_unknown_sour
     assert labels["reporter"] == "destination"
     assert labels["source_workload"] == "unknown" and labels["destination_workload"] == "preference-v1"
     assert labels["destination_service"] == "preference.tutorial.svc.cluster.local"
+
+
+def test_duration_buckets_by_table_agree_with_bisecting_at_every_bound() -> None:
+    from bisect import bisect_left
+    from math import ceil
+
+    from proxy.telemetry.istio_metrics import _SMALL_DURATION_BUCKET, SMALL_DURATION_MS
+
+    values = [0.0, 1e-9, 999.999999]
+    for bound in DEFAULT_BUCKETS:
+        if bound < SMALL_DURATION_MS:
+            values += [bound, bound - 1e-9, bound + 1e-9]  # le is inclusive: a bound is in its own bucket
+    values += [i / 7 for i in range(7 * int(SMALL_DURATION_MS))]
+    for value in values:
+        assert _SMALL_DURATION_BUCKET[ceil(value * 2.0)] == bisect_left(DEFAULT_BUCKETS, value), value
+
+
+def test_durations_read_the_trio_run_clock() -> None:
+    """In a Trio run the metrics read the run's clock (as RequestContext.start_monotonic is):
+    3 ms before now is in le="5", never a bucket of another clock's epoch."""
+    import trio
+
+    snapshot = compile_docs(*MESH)
+    stats = Stats()
+    metrics = IstioMetrics(stats, CLIENT)
+
+    async def requests() -> None:
+        for delay_ms, status in ((3.0, 200), (700.0, 201), (2000.0, 202)):
+            ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
+            ctx.status = status
+            ctx.start_monotonic = trio.current_time() - delay_ms / 1000.0
+            metrics.record_request(ctx)
+
+    trio.run(requests)
+    merged = merge([stats.export()])
+    by_bucket = {(dict(labels)["response_code"], dict(labels)["le"]): value for (kind, name, labels), value in merged.items()
+                 if name == "istio_request_duration_milliseconds_bucket"}
+    assert (by_bucket[("200", "1")], by_bucket[("200", "5")]) == (0, 1)
+    assert (by_bucket[("201", "500")], by_bucket[("201", "1000")]) == (0, 1)
+    assert (by_bucket[("202", "1000")], by_bucket[("202", "2500")]) == (0, 1)
