@@ -138,9 +138,10 @@ class PeerMetadataStage:
     def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
         if self.inbound:
             return fields + self.header_field
-        # find, not `in`: bytes.__contains__ first tries the needle as an integer and formats a
-        # TypeError message on every call (about twice the cost of the search itself)
-        if fields.find(_PEER_FIELD) == -1:
+        # partition, the cheapest search CPython offers here: `in` first tries the needle as an
+        # integer and formats a TypeError message on every call; find parses its arguments generically
+        # (each costs more than the search itself)
+        if not fields.partition(_PEER_FIELD)[1]:
             return fields
         fields, value = _without_peer_field(fields)
         self._note_destination(ctx, value)
