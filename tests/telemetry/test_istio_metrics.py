@@ -228,3 +228,19 @@ def test_durations_read_the_trio_run_clock() -> None:
     assert (by_bucket[("200", "1")], by_bucket[("200", "5")]) == (0, 1)
     assert (by_bucket[("201", "500")], by_bucket[("201", "1000")]) == (0, 1)
     assert (by_bucket[("202", "1000")], by_bucket[("202", "2500")]) == (0, 1)
+
+
+def test_request_count_is_the_duration_histograms_and_empty_bodies_land_in_the_first_bucket() -> None:
+    snapshot = compile_docs(*MESH)
+    stats = Stats()
+    metrics = IstioMetrics(stats, CLIENT, clock=lambda: 1.0)
+    for received in (0, 0, 700):
+        ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
+        ctx.status, ctx.bytes_received = 200, received
+        metrics.record_request(ctx)
+    merged = {(name, dict(labels).get("le")): value for (kind, name, labels), value in merge([stats.export()]).items()
+              if name.startswith(("istio_requests_total", "istio_request_duration", "istio_request_bytes"))}
+    assert merged[("istio_requests_total", None)] == merged[("istio_request_duration_milliseconds_count", None)] == 3
+    assert merged[("istio_request_bytes_bucket", "0.5")] == 2
+    assert merged[("istio_request_bytes_bucket", "500")] == 2 and merged[("istio_request_bytes_bucket", "1000")] == 3
+    assert merged[("istio_request_bytes_sum", None)] == 700
