@@ -193,7 +193,7 @@ class IstioMetrics:
         if now is None:
             now = self._bind_clock()
         value = (now() + self._clock_offset - ctx.start_monotonic) * 1000.0
-        series.duration_counts[_SMALL_DURATION_BUCKET[ceil(value * 2.0)] if value < SMALL_DURATION_MS
+        series.duration_counts[_SMALL_DURATION_BUCKET[ceil(value * 2.0)] if 0.0 <= value < SMALL_DURATION_MS
                                else bisect_left(DEFAULT_BUCKETS, value)] += 1
         series.duration_ms.sum += value
         value = ctx.bytes_received

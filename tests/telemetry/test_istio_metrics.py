@@ -215,7 +215,7 @@ def test_durations_read_the_trio_run_clock() -> None:
     metrics = IstioMetrics(stats, CLIENT)
 
     async def requests() -> None:
-        for delay_ms, status in ((3.0, 200), (700.0, 201), (2000.0, 202)):
+        for delay_ms, status in ((3.0, 200), (700.0, 201), (2000.0, 202), (-1.0, 203)):
             ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
             ctx.status = status
             ctx.start_monotonic = trio.current_time() - delay_ms / 1000.0
@@ -228,6 +228,7 @@ def test_durations_read_the_trio_run_clock() -> None:
     assert (by_bucket[("200", "1")], by_bucket[("200", "5")]) == (0, 1)
     assert (by_bucket[("201", "500")], by_bucket[("201", "1000")]) == (0, 1)
     assert (by_bucket[("202", "1000")], by_bucket[("202", "2500")]) == (0, 1)
+    assert by_bucket[("203", "0.5")] == 1  # a clock that stepped back: the first bucket, as bisecting says
 
 
 def test_request_count_is_the_duration_histograms_and_empty_bodies_land_in_the_first_bucket() -> None:
