@@ -25,6 +25,20 @@ class Counter:
         self.value = 0
 
 
+class HistogramCount:
+    """A counter that is a histogram's number of observations (Istio's istio_requests_total counts
+    exactly the requests its duration histogram observed): kept once, in the histogram."""
+
+    __slots__ = ("histogram",)
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+
+    @property
+    def value(self) -> int:
+        return sum(self.histogram.counts)
+
+
 class Gauge:
     __slots__ = ("value",)
 
@@ -97,7 +111,7 @@ class Stats:
     """All metrics of one process. Not thread-safe; one per Trio worker process."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, LabelPairs], Counter] = {}
+        self._counters: dict[tuple[str, LabelPairs], Counter | HistogramCount] = {}
         self._gauges: dict[tuple[str, LabelPairs], Gauge] = {}
         self._histograms: dict[tuple[str, LabelPairs], Histogram] = {}
 
@@ -121,6 +135,15 @@ class Stats:
         c = self._counters.get(key)
         if c is None:
             c = self._counters[key] = Counter()
+        return c
+
+    def counter_of_histogram(self, name: str, labels: LabelPairs, histogram: Histogram) -> HistogramCount:
+        """A counter (fixed label order, as counter_with_labels) whose value is `histogram`'s count."""
+        key = (name, labels)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = HistogramCount(histogram)
+        assert isinstance(c, HistogramCount) and c.histogram is histogram, f"{name} is counted twice"
         return c
 
     def histogram(self, name: str, labels: LabelPairs, bounds: tuple[float, ...]) -> Histogram:

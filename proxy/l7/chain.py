@@ -46,7 +46,8 @@ class Chain:
     __slots__ = ("request_stages", "response_stages", "plain_response_stages", "parses_response")
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
-        self.request_stages = stages
+        # a stage whose has_request_step is False only acts on responses
+        self.request_stages = tuple(s for s in stages if getattr(s, "has_request_step", True))
         # only stages that override on_response take part on the way back, in reverse order
         self.response_stages = tuple(s for s in reversed(stages) if getattr(s, "has_response_step", False))
         # response stages that can also edit a plain response's forwarded field block (bytes) keep

@@ -29,6 +29,7 @@ from proxy.stats import Counter, Gauge, Stats
 from proxy.telemetry.istio_metrics import IstioMetrics
 from proxy.tls.context import TlsSettingsError
 from proxy.tls.upstream import client_context_for
+from proxy.telemetry.peer import PEER_HEADER
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
@@ -272,14 +273,16 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
         stages.append(FaultDelayStage(clusters))
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
         stages.append(FaultAbortStage(clusters))
-    stages.append(ForwardingStage())
-    if telemetry is not None:
-        # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
-        # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing)
-        inbound = listener.traffic_direction == "INBOUND"
-        if inbound or any(snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations
-                          if d.cluster in snapshot.clusters):
-            stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
+    # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
+    # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing);
+    # outbound, the forwarding stage sends our header and the peer stage only reads the response's
+    inbound = listener.traffic_direction == "INBOUND"
+    peer_exchange = telemetry is not None and (inbound or any(
+        snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations if d.cluster in snapshot.clusters))
+    outbound_peer_header = (PEER_HEADER, telemetry.identity.header_value()) if peer_exchange and not inbound else None
+    stages.append(ForwardingStage(outbound_peer_header))
+    if peer_exchange:
+        stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):

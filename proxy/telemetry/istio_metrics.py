@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from math import ceil
+from time import perf_counter
+from typing import TYPE_CHECKING
 
 from proxy.stats import HELP, Stats
 from proxy.telemetry.peer import UNKNOWN, UNKNOWN_WORKLOAD, WorkloadIdentity, canonical_revision, canonical_service
@@ -33,9 +35,14 @@ if TYPE_CHECKING:
 # (floats: bisecting a float among floats is cheaper than among ints)
 DEFAULT_BUCKETS: tuple[float, ...] = (0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
                                       10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0)
-# the bucket of a byte count below SMALL_SIZE_BYTES by indexing instead of bisecting (most bodies are small)
+# Bucket indices by table rather than by bisecting (the C bisect costs as much as the rest of an
+# observation) for the common small values: a byte count below SMALL_SIZE_BYTES indexes its bucket;
+# as every bound is a multiple of 0.5, a duration of d ms below SMALL_DURATION_MS is in the bucket of
+# ceil(2 d) / 2 (bounds are inclusive: exactly 0.5 is in le="0.5", anything above it in the next).
 SMALL_SIZE_BYTES = 4096
 _SMALL_SIZE_BUCKET = [bisect_left(DEFAULT_BUCKETS, n) for n in range(SMALL_SIZE_BYTES)]
+SMALL_DURATION_MS = 1000.0
+_SMALL_DURATION_BUCKET = [bisect_left(DEFAULT_BUCKETS, half / 2) for half in range(2 * int(SMALL_DURATION_MS) + 1)]
 MAX_SERIES = 2000  # label sets per worker for the HTTP metrics, and as many again for TCP
 
 HELP.update({
@@ -112,15 +119,21 @@ def connection_labels(reporter: str, source: WorkloadIdentity, destination: Work
 class Series:
     """The metric objects of one label set of the HTTP metrics (the message counters: gRPC only)."""
 
-    __slots__ = ("requests", "duration_ms", "request_bytes", "response_bytes", "request_messages", "response_messages")
+    __slots__ = ("requests", "duration_ms", "request_bytes", "response_bytes", "request_messages", "response_messages",
+                 "duration_counts", "request_bytes_counts", "response_bytes_counts")
 
     def __init__(self, stats: Stats, labels: tuple[tuple[str, str], ...], grpc: bool = False) -> None:
-        self.requests = stats.counter_with_labels("istio_requests_total", labels)
         self.request_messages = stats.counter_with_labels("istio_request_messages_total", labels) if grpc else None
         self.response_messages = stats.counter_with_labels("istio_response_messages_total", labels) if grpc else None
         self.duration_ms = stats.histogram("istio_request_duration_milliseconds", labels, DEFAULT_BUCKETS)
         self.request_bytes = stats.histogram("istio_request_bytes", labels, DEFAULT_BUCKETS)
         self.response_bytes = stats.histogram("istio_response_bytes", labels, DEFAULT_BUCKETS)
+        # one request, one duration: the request count is the duration histogram's, not kept twice
+        self.requests = stats.counter_of_histogram("istio_requests_total", labels, self.duration_ms)
+        # the histograms' own count lists, one attribute away from the hot path
+        self.duration_counts = self.duration_ms.counts
+        self.request_bytes_counts = self.request_bytes.counts
+        self.response_bytes_counts = self.response_bytes.counts
 
 
 class TcpSeries:
@@ -141,7 +154,8 @@ class IstioMetrics:
         self.stats = stats
         self.identity = identity
         self.clock = clock  # None: the Trio run's clock (what RequestContext.start_monotonic is read from)
-        self._now = None
+        self._now = None  # the clock function (bound on first use); the run's clock reads it plus _clock_offset
+        self._clock_offset = 0.0
         self.max_series = max_series
         self._snapshot: Snapshot | None = None
         self._by_facts: dict[tuple, Series | None] = {}
@@ -157,6 +171,51 @@ class IstioMetrics:
         """A request ended (from pipeline.finish): one count, three observations."""
         if ctx.snapshot is not self._snapshot:
             self._new_snapshot(ctx.snapshot)
+        listener = ctx.listener
+        cluster = ctx.cluster
+        # what decides the labels, in values whose hash is cached (str) or cheap; upstream_host stands
+        # for the endpoint ("" when none was picked). The common request (no peer facts, no gRPC, no
+        # response flag) is told by four of them; a tuple of another length cannot equal it.
+        if ctx.extra is None and not ctx.response_flags and listener is not None and cluster is not None:
+            facts = (listener.name, cluster.name, ctx.upstream_host, ctx.status)
+        else:
+            facts = self._facts(ctx)
+        series = self._by_facts.get(facts)
+        if series is None:
+            series = self._series_for(ctx)
+            if series is None:
+                self._overflow.value += 1
+                return
+            if len(self._by_facts) < 4 * self.max_series:
+                self._by_facts[facts] = series
+        # Histogram.observe inlined (three method calls cost more than the rest of this function)
+        now = self._now
+        if now is None:
+            now = self._bind_clock()
+        value = (now() + self._clock_offset - ctx.start_monotonic) * 1000.0
+        series.duration_counts[_SMALL_DURATION_BUCKET[ceil(value * 2.0)] if 0.0 <= value < SMALL_DURATION_MS
+                               else bisect_left(DEFAULT_BUCKETS, value)] += 1
+        series.duration_ms.sum += value
+        value = ctx.bytes_received
+        if value:
+            series.request_bytes_counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES
+                                        else bisect_left(DEFAULT_BUCKETS, value)] += 1
+            series.request_bytes.sum += value
+        else:  # no request body (most requests): the first bucket, nothing to add to the sum
+            series.request_bytes_counts[0] += 1
+        value = ctx.bytes_sent
+        series.response_bytes_counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES
+                                     else bisect_left(DEFAULT_BUCKETS, value)] += 1
+        series.response_bytes.sum += value
+        if series.request_messages is not None:
+            grpc_messages = ctx.extra.get("grpc_messages")
+            if grpc_messages is not None:
+                series.request_messages.value += grpc_messages[0].messages
+                series.response_messages.value += grpc_messages[1].messages
+
+    @staticmethod
+    def _facts(ctx: RequestContext) -> tuple:
+        """What decides the labels of a request with peer facts, gRPC or response flags."""
         extra = ctx.extra
         if extra is None:
             peer = grpc_status = grpc_messages = None
@@ -164,57 +223,43 @@ class IstioMetrics:
             peer = extra.get("peer")
             grpc_status = extra.get("grpc_status")
             grpc_messages = extra.get("grpc_messages")
-        flags = ctx.response_flags
         listener = ctx.listener
         cluster = ctx.cluster
-        # what decides the labels, in values whose hash is cached (str) or cheap; upstream_host stands
-        # for the endpoint ("" when none was picked)
-        facts = (listener.name if listener is not None else "", cluster.name if cluster is not None else "",
-                 ctx.upstream_host, peer, ctx.status, ",".join(flags) if flags else "-", grpc_status,
-                 grpc_messages is not None)
-        series = self._by_facts.get(facts)
-        if series is None:
-            series = self._series_for(ctx, facts, peer)
-            if series is None:
-                self._overflow.value += 1
-                return
-        series.requests.value += 1
-        # Histogram.observe inlined (three method calls cost more than the rest of this function)
-        duration = series.duration_ms
-        now = self._now
-        value = ((now() if now is not None else self._bind_clock()) - ctx.start_monotonic) * 1000.0
-        duration.counts[bisect_left(DEFAULT_BUCKETS, value)] += 1
-        duration.sum += value
-        sizes = series.request_bytes
-        value = ctx.bytes_received
-        sizes.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        sizes.sum += value
-        sizes = series.response_bytes
-        value = ctx.bytes_sent
-        sizes.counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        sizes.sum += value
-        if grpc_messages is not None:
-            series.request_messages.value += grpc_messages[0].messages
-            series.response_messages.value += grpc_messages[1].messages
+        flags = ctx.response_flags
+        return (listener.name if listener is not None else "", cluster.name if cluster is not None else "",
+                ctx.upstream_host, peer, ctx.status, ",".join(flags) if flags else "-", grpc_status,
+                grpc_messages is not None)
 
     def _new_snapshot(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
         self._by_facts.clear()
         self._tcp_by_facts.clear()
 
-    def _bind_clock(self) -> float:
-        """The clock the request start times were read from, without trio.current_time()'s two
-        extra Python calls per request: the run's clock object's own method (bound on first use,
-        inside the Trio run)."""
-        if self.clock is None:
+    def _bind_clock(self):
+        """The clock the request start times were read from (the Trio run's, unless one was given),
+        bound on first use, inside the Trio run. Trio's SystemClock reads `offset + perf_counter()`
+        in a Python method: perf_counter itself plus the offset read once is the same sum without a
+        Python call per request; any other clock is called as it is."""
+        if self.clock is not None:
+            self._now = self.clock
+        else:
             import trio
 
-            self._now = trio.lowlevel.current_clock().current_time
-        else:
-            self._now = self.clock
-        return self._now()
+            clock = trio.lowlevel.current_clock()
+            offset = getattr(clock, "offset", None)
+            if (type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio.")
+                    and isinstance(offset, float)):
+                self._now, self._clock_offset = perf_counter, offset
+            else:
+                self._now = clock.current_time
+        return self._now
 
-    def _series_for(self, ctx: RequestContext, facts: tuple, peer: Any) -> Series | None:
+    def _series_for(self, ctx: RequestContext) -> Series | None:
+        """The series of a request whose facts were not seen yet (None: the label-set cap is reached)."""
+        extra = ctx.extra
+        peer = extra.get("peer") if extra is not None else None
+        grpc_status = extra.get("grpc_status") if extra is not None else None
+        grpc = grpc_status is not None or (extra is not None and extra.get("grpc_messages") is not None)
         listener = ctx.listener
         inbound = listener is not None and listener.traffic_direction == "INBOUND"
         if inbound:
@@ -228,20 +273,17 @@ class IstioMetrics:
                            else endpoint_identity(ctx.endpoint, ctx.cluster))
             service = service_labels(ctx.cluster)
             security = "unknown"  # Istio: only the destination knows how the connection was secured
-        grpc_status = facts[6]
-        grpc = grpc_status is not None or facts[7]
+        flags = ctx.response_flags
         labels = connection_labels("destination" if inbound else "source", source, destination, service,
                                    "grpc" if grpc else "http", security)
         labels += (("response_code", str(ctx.status)),
                    ("grpc_response_status", grpc_status.decode("ascii", "replace") if grpc_status is not None else ""),
-                   ("response_flags", facts[5]))
+                   ("response_flags", ",".join(flags) if flags else "-"))
         series = self._by_labels.get(labels)
         if series is None:
             if len(self._by_labels) >= self.max_series:
                 return None
             series = self._by_labels[labels] = Series(self.stats, labels, grpc)
-        if len(self._by_facts) < 4 * self.max_series:
-            self._by_facts[facts] = series
         return series
 
     # ---- TCP

@@ -6,6 +6,7 @@ from __future__ import annotations
 from proxy.l7.context import RequestContext
 from proxy.l7.dataplane import ClusterRuntime, build_chain
 from proxy.l7.events import RequestHead, ResponseHead
+from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.stats import Stats, merge, render_prometheus
 from proxy.telemetry.istio_metrics import DEFAULT_BUCKETS, IstioMetrics
@@ -98,12 +99,16 @@ def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer()
     snapshot = compile_docs(*MESH)
     metrics = IstioMetrics(Stats(), CLIENT)
     stage = PeerMetadataStage(metrics, snapshot, inbound=False)
+    assert not stage.has_request_step  # outbound, the forwarding stage sends our header
+    forwarding = ForwardingStage((PEER_HEADER, CLIENT.header_value()))
     for cluster_name, mesh in (("outbound|8080||preference", True), ("outbound|80||api.example.com", False)):
         ctx = _context(snapshot, None, [(PEER_HEADER, b"app=forged")], client_ip="127.0.0.1")
         ctx.cluster = snapshot.clusters[cluster_name]
-        stage.on_request(ctx)
+        forwarding.on_request(ctx)
         # ours goes last (the one the server side believes); a MESH_EXTERNAL service gets only what the app sent
-        assert ctx.request.headers == [(PEER_HEADER, b"app=forged")] + ([(PEER_HEADER, CLIENT.header_value())] if mesh else [])
+        assert [pair for pair in ctx.request.headers if pair[0] == PEER_HEADER] == (
+            [(PEER_HEADER, b"app=forged")] + ([(PEER_HEADER, CLIENT.header_value())] if mesh else []))
+        assert ctx.request.headers[-1][0] == (PEER_HEADER if mesh else b"x-request-id")
         response = ResponseHead(200, [(PEER_HEADER, b"namespace=tutorial;workload=preference-v1")])
         stage.on_response(ctx, response)
         assert response.headers == []
@@ -127,7 +132,26 @@ def test_a_gateway_to_external_services_only_has_no_peer_stage() -> None:
     [listener] = snapshot.listeners
     clusters = {name: ClusterRuntime(c, Stats()) for name, c in snapshot.clusters.items()}
     chain = build_chain(snapshot, listener, clusters, telemetry=IstioMetrics(Stats(), CLIENT))
+    assert not any(isinstance(s, PeerMetadataStage) for s in chain.request_stages + chain.response_stages)
+    [forwarding] = [s for s in chain.request_stages if isinstance(s, ForwardingStage)]
+    assert forwarding.peer_header is None
+
+
+def test_a_gateway_to_mesh_services_sends_its_header_from_the_forwarding_stage() -> None:
+    gateway = [doc("Gateway", "gw", {"servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                  "hosts": ["*"]}]}, namespace="tutorial"),
+               doc("VirtualService", "vs", {"hosts": ["*"], "gateways": ["gw"],
+                                            "http": [{"route": [{"destination": {"host": "preference"}}]}]},
+                   namespace="tutorial")]
+    snapshot = compile_docs(*MESH, *gateway)
+    [listener] = snapshot.listeners
+    clusters = {name: ClusterRuntime(c, Stats()) for name, c in snapshot.clusters.items()}
+    chain = build_chain(snapshot, listener, clusters, telemetry=IstioMetrics(Stats(), CLIENT))
+    # the peer stage reads responses only; no call per request
     assert not any(isinstance(s, PeerMetadataStage) for s in chain.request_stages)
+    assert any(isinstance(s, PeerMetadataStage) for s in chain.response_stages)
+    [forwarding] = [s for s in chain.request_stages if isinstance(s, ForwardingStage)]
+    assert forwarding.peer_header == (PEER_HEADER, CLIENT.header_value())
 
 
 def test_label_sets_are_capped_and_the_overflow_counted() -> None:
@@ -164,3 +188,60 @@ def test_inbound_request_from_an_unknown_client_is_reported_with_an_unknown_sour
     assert labels["reporter"] == "destination"
     assert labels["source_workload"] == "unknown" and labels["destination_workload"] == "preference-v1"
     assert labels["destination_service"] == "preference.tutorial.svc.cluster.local"
+
+
+def test_duration_buckets_by_table_agree_with_bisecting_at_every_bound() -> None:
+    from bisect import bisect_left
+    from math import ceil
+
+    from proxy.telemetry.istio_metrics import _SMALL_DURATION_BUCKET, SMALL_DURATION_MS
+
+    values = [0.0, 1e-9, 999.999999]
+    for bound in DEFAULT_BUCKETS:
+        if bound < SMALL_DURATION_MS:
+            values += [bound, bound - 1e-9, bound + 1e-9]  # le is inclusive: a bound is in its own bucket
+    values += [i / 7 for i in range(7 * int(SMALL_DURATION_MS))]
+    for value in values:
+        assert _SMALL_DURATION_BUCKET[ceil(value * 2.0)] == bisect_left(DEFAULT_BUCKETS, value), value
+
+
+def test_durations_read_the_trio_run_clock() -> None:
+    """In a Trio run the metrics read the run's clock (as RequestContext.start_monotonic is):
+    3 ms before now is in le="5", never a bucket of another clock's epoch."""
+    import trio
+
+    snapshot = compile_docs(*MESH)
+    stats = Stats()
+    metrics = IstioMetrics(stats, CLIENT)
+
+    async def requests() -> None:
+        for delay_ms, status in ((3.0, 200), (700.0, 201), (2000.0, 202), (-1.0, 203)):
+            ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
+            ctx.status = status
+            ctx.start_monotonic = trio.current_time() - delay_ms / 1000.0
+            metrics.record_request(ctx)
+
+    trio.run(requests)
+    merged = merge([stats.export()])
+    by_bucket = {(dict(labels)["response_code"], dict(labels)["le"]): value for (kind, name, labels), value in merged.items()
+                 if name == "istio_request_duration_milliseconds_bucket"}
+    assert (by_bucket[("200", "1")], by_bucket[("200", "5")]) == (0, 1)
+    assert (by_bucket[("201", "500")], by_bucket[("201", "1000")]) == (0, 1)
+    assert (by_bucket[("202", "1000")], by_bucket[("202", "2500")]) == (0, 1)
+    assert by_bucket[("203", "0.5")] == 1  # a clock that stepped back: the first bucket, as bisecting says
+
+
+def test_request_count_is_the_duration_histograms_and_empty_bodies_land_in_the_first_bucket() -> None:
+    snapshot = compile_docs(*MESH)
+    stats = Stats()
+    metrics = IstioMetrics(stats, CLIENT, clock=lambda: 1.0)
+    for received in (0, 0, 700):
+        ctx = _context(snapshot, None, [], client_ip="127.0.0.1")
+        ctx.status, ctx.bytes_received = 200, received
+        metrics.record_request(ctx)
+    merged = {(name, dict(labels).get("le")): value for (kind, name, labels), value in merge([stats.export()]).items()
+              if name.startswith(("istio_requests_total", "istio_request_duration", "istio_request_bytes"))}
+    assert merged[("istio_requests_total", None)] == merged[("istio_request_duration_milliseconds_count", None)] == 3
+    assert merged[("istio_request_bytes_bucket", "0.5")] == 2
+    assert merged[("istio_request_bytes_bucket", "500")] == 2 and merged[("istio_request_bytes_bucket", "1000")] == 3
+    assert merged[("istio_request_bytes_sum", None)] == 700

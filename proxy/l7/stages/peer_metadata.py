@@ -3,7 +3,7 @@ adds, strips and believes, so the metrics can name both ends of a request.
 
 | listener | request | response |
 |---|---|---|
-| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last; to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
+| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last (by ForwardingStage); to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
 | INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload; without it, the registry's workload at that address (if only one is there) | ours added |
 
 So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and neither a
@@ -29,8 +29,7 @@ if TYPE_CHECKING:
     from proxy.config.snapshot import Snapshot
     from proxy.l7.context import RequestContext
     from proxy.l7.events import ResponseHead
-    from proxy.l7.events import split_authority
-from proxy.telemetry.istio_metrics import IstioMetrics
+    from proxy.telemetry.istio_metrics import IstioMetrics
 
 MAX_INTERNED = 1024  # distinct (peer, service) facts kept per listener; more are made per request
 
@@ -68,11 +67,14 @@ def _without_peer_field(fields: bytes) -> tuple[bytes, bytes | None]:
 class PeerMetadataStage:
     has_response_step = True
     edits_plain_fields = True
-    __slots__ = ("inbound", "header_value", "header_field", "mesh_addresses", "services", "parsed", "interned",
-                 "workloads_by_address")
+    __slots__ = ("inbound", "has_request_step", "header_value", "header_field", "mesh_addresses", "services", "parsed",
+                 "interned", "workloads_by_address")
 
     def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
         self.inbound = inbound
+        # outbound, the request side is the forwarding stage's (ForwardingStage.peer_header): this
+        # stage only reads and strips the response's header, and takes no call per request
+        self.has_request_step = inbound
         self.header_value = metrics.identity.header_value()
         self.header_field = PEER_HEADER + b": " + self.header_value + b"\r\n"
         self.mesh_addresses = frozenset(a.encode() for a in snapshot.mesh_addresses)
@@ -114,6 +116,7 @@ class PeerMetadataStage:
         return "none", ctx.downstream_ip in self.mesh_addresses
 
     def on_request(self, ctx: RequestContext) -> None:
+        """Inbound: strips every peer header and notes the peer (outbound: see has_request_step)."""
         head = ctx.request
         if self.inbound:
             value = _without_peer_header(head.headers)
@@ -123,10 +126,6 @@ class PeerMetadataStage:
                 identity = self.workloads_by_address.get(ctx.downstream_ip)
             service = self.services.get(split_authority(head.authority)[0], UNKNOWN_SERVICE) if head.authority else UNKNOWN_SERVICE
             ctx.scratch()["peer"] = self._facts(identity, service, security)
-            return None
-        cluster = ctx.cluster
-        if cluster is not None and cluster.mesh_internal:
-            head.headers.append((PEER_HEADER, self.header_value))  # last: the one the server side believes
         return None
 
     def on_response(self, ctx: RequestContext, head: ResponseHead) -> None:
@@ -139,7 +138,10 @@ class PeerMetadataStage:
     def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
         if self.inbound:
             return fields + self.header_field
-        if _PEER_FIELD not in fields:
+        # partition, the cheapest search CPython offers here: `in` first tries the needle as an
+        # integer and formats a TypeError message on every call; find parses its arguments generically
+        # (each costs more than the search itself)
+        if not fields.partition(_PEER_FIELD)[1]:
             return fields
         fields, value = _without_peer_field(fields)
         self._note_destination(ctx, value)
