@@ -25,7 +25,8 @@ Theory of operation.
   at all, and every proxy admitted with an identity is sent the new TrustBundle.
 - A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
-  back within the grace period keeps its registration.
+  back within the grace period keeps its registration. Registrations restored from the data directory
+  at start are such proxies, disconnected since the start: their endpoints stay while they reconnect.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class ControlPlane:
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
             for _ in range(self.options.push_concurrency):
@@ -190,6 +192,21 @@ class ControlPlane:
             self.log.info("controlplane_listening", address=f"{host}:{bound}", version=self.store.version,
                           resources=len(self.store.state), tls=self.security is not None)
             task_status.started(bound)
+
+    def _await_restored_registrations(self) -> None:
+        """A restored registration belongs to a proxy that was connected before the restart: it gets the
+        grace period to reconnect, like a proxy whose stream just ended."""
+        assert self._nursery is not None
+        now = trio.current_time()
+        for key, stored in self.store.workloads.items():
+            if key.name in self.proxies:
+                continue
+            spec = stored.resource.obj.spec
+            proxy = ProxyConn(key.name, key.namespace, dict(spec.labels or {}), spec.address or "",
+                              spec.service_account or "", ProxyClass.of(key.namespace, spec.labels or {}),
+                              workload_key=key, connected_at=now, last_seen=now, disconnected_at=now)
+            self.proxies[key.name] = proxy
+            self._nursery.start_soon(self._expire, proxy, proxy.session)
 
     async def _watch_directory(self) -> None:
         while True:
