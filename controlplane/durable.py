@@ -111,16 +111,17 @@ class DataDirectory:
         tmp = self.path / f".{STATE_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.state_path)
         except BaseException:
-            os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        os.close(fd)
-        os.rename(tmp, self.state_path)
         directory = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(directory)
