@@ -4,7 +4,8 @@ directory watcher and the push loop, on Trio.
 Theory of operation.
 - Every TCP connection starts with one message that says what it is: `Hello` opens a proxy stream;
   `ApplyRequest`, `DeleteRequest` or `StatusRequest` is a one-shot CLI request answered and closed.
-- A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once.
+- A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once,
+  unless the Hello's `last_version` is already the proxy's view (then nothing: the proxy resumes).
   Afterwards the connection task only receives (ACK/NACK/Heartbeat). One keepalive task serves every
   stream: it sends a heartbeat to each stream nothing was sent on for an interval, and closes streams
   nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
@@ -391,7 +392,8 @@ class ControlPlane:
             await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
                                       issues_certificates=identity is not None,
                                       identity=identity.uri if identity is not None else ""))
-            await self.push(proxy, force_full=True)
+            if not self._resume(proxy, hello.last_version):
+                await self.push(proxy, force_full=True)
             await self._receive_loop(proxy, framed)
         finally:
             if proxy.session == session:
@@ -401,6 +403,18 @@ class ControlPlane:
                 self.log.info("proxy_disconnected", node_id=proxy.node_id, acked_version=proxy.acked_version)
                 if self._nursery is not None:
                     self._nursery.start_soon(self._expire, proxy, session)
+
+    def _resume(self, proxy: ProxyConn, serving: str) -> bool:
+        """A proxy that already serves its current view (it reconnects after a restart of this control
+        plane or of another replica) is sent nothing: what it holds counts as ACKed, the base of the
+        next delta. Versions are content hashes, so an equal version means the same resources."""
+        view = self.views().view(proxy.pc)
+        if not serving or serving != view.version:
+            return False
+        proxy.sent_version = proxy.acked_version = view.version
+        proxy.acked = view
+        self.log.info("proxy_resumed", node_id=proxy.node_id, version=view.version)
+        return True
 
     def _register(self, proxy: ProxyConn, hello: Hello) -> None:
         try:
