@@ -123,3 +123,38 @@ def test_sigkill_during_commits_leaves_the_last_committed_state(tmp_path):
         assert state.generation in (acknowledged, acknowledged + 1)  # + 1: renamed, not yet printed
         assert state.applied[0].body.endswith(str(state.generation).encode()) and state.applied[0].document == state.generation
         assert not list(data.glob(".*.tmp"))  # open() cleared the interrupted write's temporary file
+
+
+async def test_restored_registrations_wait_the_grace_period_for_their_proxy(tmp_path, nursery):
+    """After a restart a registered workload stays an endpoint while its proxy reconnects; one whose
+    proxy does not come back within the grace period is removed."""
+    import trio
+
+    from cp_harness import Compiling, start_plane, wait_for
+    from proxy.xds.client import NodeInfo, run_client
+
+    config, data = tmp_path / "config", tmp_path / "data"
+    write_mesh(config)
+    first = _store(config, data)
+    first.register_workload("comes-back", "tutorial", {"app": "recommendation", "version": "v3"}, "127.0.0.7",
+                            {"http": 18085}, "")
+    first.register_workload("gone", "tutorial", {"app": "recommendation", "version": "v3"}, "127.0.0.8",
+                            {"http": 18085}, "")
+    first.data.close()
+
+    store = _store(config, data)  # the restarted control plane
+    assert {k.name for k in store.workloads} == {"comes-back", "gone"}
+    plane, port = await start_plane(nursery, store, grace_period_s=0.5)
+    started = trio.current_time()
+    assert plane.proxies["gone"].stream is None and plane.proxies["comes-back"].stream is None
+    node = NodeInfo("comes-back", namespace="tutorial", labels={"app": "recommendation", "version": "v3"},
+                    address="127.0.0.7", ports={"http": 18085}, register=True)
+    await nursery.start(run_client, ("127.0.0.1", port), node, Compiling(dict(node.labels)))
+    await wait_for(lambda: plane.proxies["comes-back"].stream is not None, what="reconnected")
+    await wait_for(lambda: "gone" not in plane.proxies, what="the absent proxy expired")
+    assert 0.45 <= trio.current_time() - started < 1.5
+    assert {k.name for k in store.workloads} == {"comes-back"}
+    await trio.sleep(0.6)  # past the grace period: the proxy that came back keeps its registration
+    assert {k.name for k in store.workloads} == {"comes-back"}
+    store.data.close()
+    assert {k.name for k in _store(config, data).workloads} == {"comes-back"}  # and so does the data directory
