@@ -53,6 +53,22 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(PersistedState)
 
 
+def encode_state(state: PersistedState) -> bytes:
+    return _encoder.encode(state)
+
+
+def decode_state(data: bytes) -> PersistedState:
+    """Raises StoreError for bytes that are not a state document of this format."""
+    try:
+        state = _decoder.decode(data)
+    except msgspec.DecodeError as e:
+        raise StoreError(f"not a control-plane state document: {e}") from e
+    if state.format_version != FORMAT_VERSION:
+        raise StoreError(f"format version {state.format_version} is not supported (this control plane reads "
+                         f"{FORMAT_VERSION})")
+    return state
+
+
 class DataDirectory:
     """The control plane's data directory, locked for this process while it is open."""
 
@@ -97,17 +113,13 @@ class DataDirectory:
         except OSError as e:
             raise StoreError(f"{self.state_path}: {e.strerror}") from e
         try:
-            state = _decoder.decode(data)
-        except msgspec.DecodeError as e:
-            raise StoreError(f"{self.state_path}: not a control-plane state file: {e}") from e
-        if state.format_version != FORMAT_VERSION:
-            raise StoreError(f"{self.state_path}: format version {state.format_version} is not supported "
-                             f"(this control plane reads {FORMAT_VERSION})")
-        return state
+            return decode_state(data)
+        except StoreError as e:
+            raise StoreError(f"{self.state_path}: {e}") from e
 
     def commit(self, state: PersistedState) -> None:
         """Replace the stored state atomically and durably. Raises OSError (the old state stays)."""
-        data = _encoder.encode(state)
+        data = encode_state(state)
         tmp = self.path / f".{STATE_FILE}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:

@@ -44,6 +44,8 @@ from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
 from controlplane.snapshots import ProxyClass, View, ViewCache
+from controlplane.durable import StoreError
+from controlplane.etcd import EtcdUnavailable
 from controlplane.store import ChangeOutcome, ConfigStore
 from controlplane.wire import (
     MAX_FRAME_BYTES,
@@ -187,6 +189,8 @@ class ControlPlane:
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
                 nursery.start_soon(self._watch_directory)
+            if self.store.shared is not None:
+                nursery.start_soon(self._watch_shared)
             if self.security is not None:
                 nursery.start_soon(self._watch_ca)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
@@ -222,6 +226,38 @@ class ControlPlane:
                 continue
             if changed:
                 self.config_changed("directory")
+
+    async def _watch_shared(self) -> None:
+        """Take the applied layer other replicas store (polling its revision: one small read per
+        interval). While the store is unreachable this replica serves what it has."""
+        assert self.store.shared is not None
+        shared = self.store.shared
+        unavailable = ""
+        rejected_revision = 0
+        while True:
+            await trio.sleep(self.options.poll_interval_s)
+            try:
+                stored = await trio.to_thread.run_sync(shared.read)
+            except (EtcdUnavailable, StoreError) as e:
+                if str(e) != unavailable:
+                    unavailable = str(e)
+                    self.log.error("store_unavailable", store=str(shared), error=unavailable, serving=self.store.version)
+                continue
+            if unavailable:
+                unavailable = ""
+                self.log.info("store_available", store=str(shared), revision=stored.revision)
+            # revisions only grow: an older read (racing this replica's own write) is not taken
+            if stored.revision <= self.store.shared_revision or stored.revision == rejected_revision:
+                continue
+            try:
+                changed = self.store.take_shared(stored)
+            except ConfigError as e:
+                rejected_revision = stored.revision
+                self.log.error("config_rejected", source="store", revision=stored.revision, error=str(e),
+                               keeping_version=self.store.version)
+                continue
+            if changed:
+                self.config_changed("store")
 
     async def _watch_ca(self) -> None:
         assert self.security is not None

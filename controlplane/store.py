@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from controlplane.durable import DataDirectory, PersistedResource, PersistedState
+from controlplane.etcd import EtcdAppliedStore, EtcdUnavailable, SharedApplied
 from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes, view_version
 from controlplane.wire import ResourceKey, decode_istio
 from proxy.config.compile import compile_resources
@@ -91,6 +92,10 @@ def _layer(stored: list[PersistedResource]) -> Layer:
     return {s.key: s for s in resources}
 
 
+class SharedConflict(Exception):
+    """Another replica changed the shared applied layer since this store read it."""
+
+
 class ChangeOutcome:
     """What one accepted change did, per key, kubectl's words."""
 
@@ -113,9 +118,12 @@ class ConfigStore:
         extra_classes: Callable[[], Iterable[ProxyClass]] = lambda: (),
         bind_address: str = "0.0.0.0",
         data: DataDirectory | None = None,
+        shared: "EtcdAppliedStore | None" = None,
     ) -> None:
         self.config_dir = config_dir
         self.data = data
+        self.shared = shared  # the applied layer shared by replicas (etcd); the data directory caches it
+        self.shared_revision = 0  # the shared layer's revision this store holds
         self._restored: PersistedState | None = None  # until the first commit after a restore
         self.extra_classes = extra_classes  # the classes of connected proxies (from the server)
         self.bind_address = bind_address
@@ -200,10 +208,13 @@ class ConfigStore:
                     continue  # broken before this change too: not this change's doing
                 raise
 
-    def _commit(self, files: Layer, applied: Layer, workloads: Layer) -> bool:
+    def _commit(self, files: Layer, applied: Layer, workloads: Layer, *, shared_revision: int | None = None) -> bool:
+        """`shared_revision`: the applied layer comes from the shared store at that revision (no write)."""
         state = self.merge(files, applied, workloads)
         self.validate(state)
         changed = _differs(self.state, state)
+        if self.shared is not None and shared_revision is None and _differs(self.applied, applied):
+            shared_revision = self._write_shared(applied)
         generation = self.generation + 1 if changed else self.generation
         if self._restored is not None:  # the first commit after a restart: the directory's files are back
             same = self._restored.content_version == content_version(state)
@@ -212,6 +223,8 @@ class ConfigStore:
                                       or _differs(self.workloads, workloads) or self._restored is not None):
             self._persist(generation, state, applied, workloads)
         self._restored = None
+        if shared_revision is not None:
+            self.shared_revision = shared_revision
         self.files, self.applied, self.workloads = files, applied, workloads
         self.state = state
         self.generation = generation
@@ -226,6 +239,39 @@ class ConfigStore:
         except OSError as e:
             raise ConfigError(f"cannot store the change: {e.strerror or e}; nothing was changed",
                               file=str(self.data.state_path)) from e
+
+    def _write_shared(self, applied: Layer) -> int:
+        assert self.shared is not None
+        try:
+            revision = self.shared.write(PersistedState(applied=_persisted(applied)), self.shared_revision)
+        except EtcdUnavailable as e:
+            raise ConfigError(f"cannot store the change: {e}; nothing was changed (the control plane keeps "
+                              "serving its last state; apply again when the store is back)", file=str(self.shared)) from e
+        if revision is None:
+            raise SharedConflict()
+        return revision
+
+    def take_shared(self, shared: SharedApplied) -> bool:
+        """Adopt the applied layer another replica stored. True when the state changed. Raises
+        ConfigError (the layer does not validate with this replica's files; state kept)."""
+        applied = _layer(shared.state.applied) if shared.state is not None else {}
+        return self._commit(self.files, applied, self.workloads, shared_revision=shared.revision)
+
+    def _serialised(self, change: Callable[[], "ChangeOutcome"]) -> "ChangeOutcome":
+        """Run an apply/delete; when another replica stored a change first, take it and run it again
+        on top (compare-and-swap), so concurrent changes are serialised, never lost."""
+        for _ in range(8):
+            try:
+                return change()
+            except SharedConflict:
+                assert self.shared is not None
+                try:
+                    self.take_shared(self.shared.read())
+                except EtcdUnavailable as e:
+                    raise ConfigError(f"cannot store the change: {e}; nothing was changed",
+                                      file=str(self.shared)) from e
+        raise ConfigError("cannot store the change: the shared store kept changing under it; nothing was changed",
+                          file=str(self.shared))
 
     # ---- a restart
 
@@ -268,6 +314,9 @@ class ConfigStore:
 
     def apply(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
         resources = [StoredResource.of(r) for r in load_sources(sources)]
+        return self._serialised(lambda: self._apply(resources))
+
+    def _apply(self, resources: list[StoredResource]) -> ChangeOutcome:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for s in resources:
@@ -284,6 +333,9 @@ class ConfigStore:
 
     def delete(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
         keys = [StoredResource.of(r).key for r in load_sources(sources)]
+        return self._serialised(lambda: self._delete(keys))
+
+    def _delete(self, keys: list[ResourceKey]) -> ChangeOutcome:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for k in keys:

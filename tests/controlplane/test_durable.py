@@ -86,7 +86,7 @@ def test_a_write_that_fails_refuses_the_change_and_keeps_the_state(tmp_path):
 
 def test_a_corrupt_state_file_is_refused_by_name(tmp_path):
     (tmp_path / "controlplane-state.msgpack").write_bytes(b"\x01not msgpack")
-    with pytest.raises(StoreError, match="controlplane-state.msgpack: not a control-plane state file"):
+    with pytest.raises(StoreError, match="controlplane-state.msgpack: not a control-plane state document"):
         DataDirectory(tmp_path).open().load()
 
 
