@@ -11,7 +11,8 @@ Theory of operation.
   nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
   they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
   that stream (the peer gets an `Error`).
-- A config change (directory poll, apply/delete, a workload registered or expired) feeds the
+- A config change (directory poll, apply/delete, a workload registered or expired, a newer applied
+  layer from the shared store written by another replica) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the

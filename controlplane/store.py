@@ -15,8 +15,11 @@ With a data directory (controlplane/durable.py), an accepted change to the appli
 (or to the version) is written there before it replaces the state in memory, so a change is durable
 before it is acknowledged; a failed write refuses the change like an invalid one. `restore` brings a
 stored state back at start: the version stays the stored one while the merged content is the same.
+With a shared store (etcd, controlplane/etcd.py), a change to the applied layer is first written there
+by compare-and-swap; a replica that lost the race takes the other's layer and redoes its change.
 
-Sync and without IO except reading the watched directory's files; the server calls it.
+Sync; its IO is the watched directory's files, the data directory and the shared store (short
+timeouts); the server calls it.
 """
 
 from __future__ import annotations
@@ -118,7 +121,7 @@ class ConfigStore:
         extra_classes: Callable[[], Iterable[ProxyClass]] = lambda: (),
         bind_address: str = "0.0.0.0",
         data: DataDirectory | None = None,
-        shared: "EtcdAppliedStore | None" = None,
+        shared: EtcdAppliedStore | None = None,
     ) -> None:
         self.config_dir = config_dir
         self.data = data
