@@ -254,6 +254,7 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
     profile = ["-m", "cProfile", "-o", str(args.profile), "-m"] if args.profile else ["-m"]
     cp_cmd = [sys.executable, *profile, "controlplane.cli", "controlplane", "--config", str(config),
               "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "info",
+              "--data-dir", str(work / f"cp-{n}-data"),
               "--heartbeat-interval", "5", "--grace-period", "30",
               # the simulated proxies speak the plain protocol (no tokens): this measures pushes, not TLS
               "--insecure-plaintext"]

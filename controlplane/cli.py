@@ -19,6 +19,7 @@ ADDRESS_ENV = "TRIOMESH_CONTROLPLANE"
 CONTROLPLANE_CA_ENV = "TRIOMESH_CONTROLPLANE_CA"  # the root that verifies a TLS control plane
 TOKEN_FILE_ENV = "TRIOMESH_TOKEN_FILE"  # the admin token for apply/delete/status
 CA_DIR_ENV = "TRIOMESH_CA_DIR"
+DATA_DIR_ENV = "TRIOMESH_DATA_DIR"
 REQUEST_TIMEOUT_S = 30.0
 
 
@@ -85,11 +86,17 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("json", "console"), default="json")
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port here once listening (useful with port 0)")
+    p.add_argument("--store", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
+                   help="share the applied resources with other replicas through etcd v3 (its JSON gateway); "
+                        "the data directory keeps registrations and a copy (docs/controlplane-durability.md)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where applied resources, registered workloads and the config version are kept across "
+                        f"restarts (docs/controlplane-durability.md; default ${DATA_DIR_ENV} or {default_data_dir()})")
     ca = p.add_argument_group("certificate authority and TLS (docs/identity.md)")
     ca.add_argument("--ca-dir", type=Path, default=None,
                     help="the CA directory: Istio's plug-in CA files (ca-cert.pem, ca-key.pem, root-cert.pem, "
                          "cert-chain.pem), or a new self-signed root written there on first start "
-                         f"(default ${CA_DIR_ENV} or {default_ca_dir()})")
+                         f"(default ${CA_DIR_ENV} or DATA_DIR/ca)")
     ca.add_argument("--trust-domain", default=None, help="the SPIFFE trust domain (default cluster.local)")
     ca.add_argument("--workload-cert-ttl", type=_duration_s, default=None, metavar="DURATION",
                     help="lifetime of workload certificates (default 24h)")
@@ -104,14 +111,24 @@ def controlplane_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _ca_dir_default() -> Path:
-    return Path(os.environ[CA_DIR_ENV]) if os.environ.get(CA_DIR_ENV) else default_ca_dir()
+def _data_dir_default() -> Path:
+    return Path(os.environ[DATA_DIR_ENV]) if os.environ.get(DATA_DIR_ENV) else default_data_dir()
+
+
+def _ca_dir_default(data_dir: Path | None = None) -> Path:
+    """$TRIOMESH_CA_DIR, else the data directory's `ca`."""
+    return Path(os.environ[CA_DIR_ENV]) if os.environ.get(CA_DIR_ENV) else (data_dir or _data_dir_default()) / "ca"
+
+
+def default_data_dir() -> Path:
+    """Where the control plane keeps its state unless told: the user's state directory (XDG)."""
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "triomesh"
 
 
 def default_ca_dir() -> Path:
-    """Where the control plane keeps its CA unless told: the user's state directory (XDG)."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "triomesh" / "ca"
+    """The CA directory inside the default data directory."""
+    return default_data_dir() / "ca"
 
 
 def _security_options(args: argparse.Namespace):
@@ -141,8 +158,9 @@ def main(argv: Sequence[str]) -> int:
                             ("--tokens-file", args.tokens_file)):
             if value:
                 controlplane_parser().error(f"{flag} contradicts --insecure-plaintext (no CA, no TLS)")
-    elif args.ca_dir is None:
-        args.ca_dir = _ca_dir_default()
+    args.data_dir = args.data_dir or _data_dir_default()
+    if not args.insecure_plaintext and args.ca_dir is None:
+        args.ca_dir = _ca_dir_default(args.data_dir)
     import trio
 
     from controlplane.server import ControlPlane, ServerOptions
@@ -152,12 +170,40 @@ def main(argv: Sequence[str]) -> int:
 
     tm_logging.configure(level=args.log_level, fmt=args.log_format, process="controlplane")
     log = tm_logging.get_logger("triomesh.controlplane")
-    store = ConfigStore(args.config)
+    from controlplane.durable import DataDirectory, StoreError
+
     try:
-        store.load_directory()
-    except ConfigError as e:
-        log.error("config_rejected", source="directory", error=str(e))
+        data = DataDirectory(args.data_dir).open()
+    except StoreError as e:
+        log.error("data_dir_rejected", data_dir=str(args.data_dir), error=str(e))
         return 1
+    shared = None
+    if args.store is not None:
+        from controlplane.etcd import EtcdAppliedStore, EtcdClient, parse_store_url
+
+        try:
+            shared = EtcdAppliedStore(EtcdClient(parse_store_url(args.store)))
+        except ValueError as e:
+            controlplane_parser().error(f"--store: {e}")
+    store = ConfigStore(args.config, data=data, shared=shared)
+    try:
+        store.restore()
+        store.load_directory()
+    except (ConfigError, StoreError) as e:
+        log.error("config_rejected", source="start", data_dir=str(args.data_dir), error=str(e))
+        return 1
+    if shared is not None:
+        from controlplane.etcd import EtcdUnavailable
+
+        try:
+            store.take_shared(shared.read())
+        except EtcdUnavailable as e:  # serve the copy; the watcher catches up when the store is back
+            log.error("store_unavailable", store=str(shared), error=str(e), serving="the data directory's copy")
+        except (ConfigError, StoreError) as e:
+            log.error("config_rejected", source="store", store=str(shared), error=str(e))
+            return 1
+    log.info("state_restored", data_dir=str(args.data_dir), version=store.version, applied=len(store.applied),
+             registered=len(store.workloads))
     security = None
     if args.insecure_plaintext:
         log.warning("plaintext_protocol", detail="--insecure-plaintext: no TLS and no authentication; anyone who "

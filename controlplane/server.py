@@ -4,13 +4,15 @@ directory watcher and the push loop, on Trio.
 Theory of operation.
 - Every TCP connection starts with one message that says what it is: `Hello` opens a proxy stream;
   `ApplyRequest`, `DeleteRequest` or `StatusRequest` is a one-shot CLI request answered and closed.
-- A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once.
+- A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once,
+  unless the Hello's `last_version` is already the proxy's view (then nothing: the proxy resumes).
   Afterwards the connection task only receives (ACK/NACK/Heartbeat). One keepalive task serves every
   stream: it sends a heartbeat to each stream nothing was sent on for an interval, and closes streams
   nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
   they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
   that stream (the peer gets an `Error`).
-- A config change (directory poll, apply/delete, a workload registered or expired) feeds the
+- A config change (directory poll, apply/delete, a workload registered or expired, a newer applied
+  layer from the shared store written by another replica) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
@@ -25,7 +27,8 @@ Theory of operation.
   at all, and every proxy admitted with an identity is sent the new TrustBundle.
 - A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
-  back within the grace period keeps its registration.
+  back within the grace period keeps its registration. Registrations restored from the data directory
+  at start are such proxies, disconnected since the start: their endpoints stay while they reconnect.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
 from controlplane.snapshots import ProxyClass, View, ViewCache
+from controlplane.durable import StoreError
+from controlplane.etcd import EtcdUnavailable
 from controlplane.store import ChangeOutcome, ConfigStore
 from controlplane.wire import (
     MAX_FRAME_BYTES,
@@ -178,18 +183,36 @@ class ControlPlane:
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
                 nursery.start_soon(self._watch_directory)
+            if self.store.shared is not None:
+                nursery.start_soon(self._watch_shared)
             if self.security is not None:
                 nursery.start_soon(self._watch_ca)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
             self.log.info("controlplane_listening", address=f"{host}:{bound}", version=self.store.version,
                           resources=len(self.store.state), tls=self.security is not None)
             task_status.started(bound)
+
+    def _await_restored_registrations(self) -> None:
+        """A restored registration belongs to a proxy that was connected before the restart: it gets the
+        grace period to reconnect, like a proxy whose stream just ended."""
+        assert self._nursery is not None
+        now = trio.current_time()
+        for key, stored in self.store.workloads.items():
+            if key.name in self.proxies:
+                continue
+            spec = stored.resource.obj.spec
+            proxy = ProxyConn(key.name, key.namespace, dict(spec.labels or {}), spec.address or "",
+                              spec.service_account or "", ProxyClass.of(key.namespace, spec.labels or {}),
+                              workload_key=key, connected_at=now, last_seen=now, disconnected_at=now)
+            self.proxies[key.name] = proxy
+            self._nursery.start_soon(self._expire, proxy, proxy.session)
 
     async def _watch_directory(self) -> None:
         while True:
@@ -204,6 +227,38 @@ class ControlPlane:
                 continue
             if changed:
                 self.config_changed("directory")
+
+    async def _watch_shared(self) -> None:
+        """Take the applied layer other replicas store (polling its revision: one small read per
+        interval). While the store is unreachable this replica serves what it has."""
+        assert self.store.shared is not None
+        shared = self.store.shared
+        unavailable = ""
+        rejected_revision = 0
+        while True:
+            await trio.sleep(self.options.poll_interval_s)
+            try:
+                stored = await trio.to_thread.run_sync(shared.read)
+            except (EtcdUnavailable, StoreError) as e:
+                if str(e) != unavailable:
+                    unavailable = str(e)
+                    self.log.error("store_unavailable", store=str(shared), error=unavailable, serving=self.store.version)
+                continue
+            if unavailable:
+                unavailable = ""
+                self.log.info("store_available", store=str(shared), revision=stored.revision)
+            # revisions only grow: an older read (racing this replica's own write) is not taken
+            if stored.revision <= self.store.shared_revision or stored.revision == rejected_revision:
+                continue
+            try:
+                changed = self.store.take_shared(stored)
+            except ConfigError as e:
+                rejected_revision = stored.revision
+                self.log.error("config_rejected", source="store", revision=stored.revision, error=str(e),
+                               keeping_version=self.store.version)
+                continue
+            if changed:
+                self.config_changed("store")
 
     async def _watch_ca(self) -> None:
         assert self.security is not None
@@ -374,7 +429,8 @@ class ControlPlane:
             await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
                                       issues_certificates=identity is not None,
                                       identity=identity.uri if identity is not None else ""))
-            await self.push(proxy, force_full=True)
+            if not self._resume(proxy, hello.last_version):
+                await self.push(proxy, force_full=True)
             await self._receive_loop(proxy, framed)
         finally:
             if proxy.session == session:
@@ -384,6 +440,18 @@ class ControlPlane:
                 self.log.info("proxy_disconnected", node_id=proxy.node_id, acked_version=proxy.acked_version)
                 if self._nursery is not None:
                     self._nursery.start_soon(self._expire, proxy, session)
+
+    def _resume(self, proxy: ProxyConn, serving: str) -> bool:
+        """A proxy that already serves its current view (it reconnects after a restart of this control
+        plane or of another replica) is sent nothing: what it holds counts as ACKed, the base of the
+        next delta. Versions are content hashes, so an equal version means the same resources."""
+        view = self.views().view(proxy.pc)
+        if not serving or serving != view.version:
+            return False
+        proxy.sent_version = proxy.acked_version = view.version
+        proxy.acked = view
+        self.log.info("proxy_resumed", node_id=proxy.node_id, version=view.version)
+        return True
 
     def _register(self, proxy: ProxyConn, hello: Hello) -> None:
         try:

@@ -11,7 +11,15 @@ seen by every proxy class that matters (representative classes from the config's
 the classes of connected proxies, each through its per-proxy view). A failure raises the ConfigError
 that names file, document, kind/name and field path, and the store keeps its state untouched.
 
-Sync and without IO except reading the watched directory's files; the server calls it.
+With a data directory (controlplane/durable.py), an accepted change to the applied or workloads layer
+(or to the version) is written there before it replaces the state in memory, so a change is durable
+before it is acknowledged; a failed write refuses the change like an invalid one. `restore` brings a
+stored state back at start: the version stays the stored one while the merged content is the same.
+With a shared store (etcd, controlplane/etcd.py), a change to the applied layer is first written there
+by compare-and-swap; a replica that lost the race takes the other's layer and redoes its change.
+
+Sync; its IO is the watched directory's files, the data directory and the shared store (short
+timeouts); the server calls it.
 """
 
 from __future__ import annotations
@@ -20,8 +28,10 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes
-from controlplane.wire import ResourceKey
+from controlplane.durable import DataDirectory, PersistedResource, PersistedState
+from controlplane.etcd import EtcdAppliedStore, EtcdUnavailable, SharedApplied
+from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes, view_version
+from controlplane.wire import ResourceKey, decode_istio
 from proxy.config.compile import compile_resources
 from proxy.config.errors import ConfigError
 from proxy.config.istio import ObjectMeta, WorkloadEntry, WorkloadEntrySpec
@@ -67,6 +77,28 @@ def load_sources(sources: Iterable[tuple[str, bytes]]) -> list[Resource]:
     return resources
 
 
+def content_version(state: Mapping[ResourceKey, StoredResource]) -> str:
+    """A hash of the merged state: equal for equal content, whatever the order of changes."""
+    return view_version(state[k] for k in sorted(state, key=lambda k: (k.kind, k.namespace, k.name)))
+
+
+def _differs(old: Mapping[ResourceKey, StoredResource], new: Mapping[ResourceKey, StoredResource]) -> bool:
+    return old.keys() != new.keys() or any(old[k].digest != s.digest for k, s in new.items())
+
+
+def _persisted(layer: Layer) -> list[PersistedResource]:
+    return [PersistedResource(s.body, s.resource.file, s.resource.document) for s in layer.values()]
+
+
+def _layer(stored: list[PersistedResource]) -> Layer:
+    resources = (StoredResource.of(decode_istio(r.body, file=r.file, document=r.document)) for r in stored)
+    return {s.key: s for s in resources}
+
+
+class SharedConflict(Exception):
+    """Another replica changed the shared applied layer since this store read it."""
+
+
 class ChangeOutcome:
     """What one accepted change did, per key, kubectl's words."""
 
@@ -88,8 +120,14 @@ class ConfigStore:
         *,
         extra_classes: Callable[[], Iterable[ProxyClass]] = lambda: (),
         bind_address: str = "0.0.0.0",
+        data: DataDirectory | None = None,
+        shared: EtcdAppliedStore | None = None,
     ) -> None:
         self.config_dir = config_dir
+        self.data = data
+        self.shared = shared  # the applied layer shared by replicas (etcd); the data directory caches it
+        self.shared_revision = 0  # the shared layer's revision this store holds
+        self._restored: PersistedState | None = None  # until the first commit after a restore
         self.extra_classes = extra_classes  # the classes of connected proxies (from the server)
         self.bind_address = bind_address
         self.files: Layer = {}
@@ -173,17 +211,86 @@ class ConfigStore:
                     continue  # broken before this change too: not this change's doing
                 raise
 
-    def _commit(self, files: Layer, applied: Layer, workloads: Layer) -> bool:
+    def _commit(self, files: Layer, applied: Layer, workloads: Layer, *, shared_revision: int | None = None) -> bool:
+        """`shared_revision`: the applied layer comes from the shared store at that revision (no write)."""
         state = self.merge(files, applied, workloads)
         self.validate(state)
+        changed = _differs(self.state, state)
+        if self.shared is not None and shared_revision is None and _differs(self.applied, applied):
+            shared_revision = self._write_shared(applied)
+        generation = self.generation + 1 if changed else self.generation
+        if self._restored is not None:  # the first commit after a restart: the directory's files are back
+            same = self._restored.content_version == content_version(state)
+            generation = self._restored.generation if same else self._restored.generation + 1
+        if self.data is not None and (generation != self.generation or _differs(self.applied, applied)
+                                      or _differs(self.workloads, workloads) or self._restored is not None):
+            self._persist(generation, state, applied, workloads)
+        self._restored = None
+        if shared_revision is not None:
+            self.shared_revision = shared_revision
         self.files, self.applied, self.workloads = files, applied, workloads
-        changed = state.keys() != self.state.keys() or any(
-            self.state[k].digest != s.digest for k, s in state.items()
-        )
         self.state = state
-        if changed:
-            self.generation += 1
+        self.generation = generation
         return changed
+
+    def _persist(self, generation: int, state: Mapping[ResourceKey, StoredResource], applied: Layer,
+                 workloads: Layer) -> None:
+        assert self.data is not None
+        try:
+            self.data.commit(PersistedState(generation=generation, content_version=content_version(state),
+                                            applied=_persisted(applied), workloads=_persisted(workloads)))
+        except OSError as e:
+            raise ConfigError(f"cannot store the change: {e.strerror or e}; nothing was changed",
+                              file=str(self.data.state_path)) from e
+
+    def _write_shared(self, applied: Layer) -> int:
+        assert self.shared is not None
+        try:
+            revision = self.shared.write(PersistedState(applied=_persisted(applied)), self.shared_revision)
+        except EtcdUnavailable as e:
+            raise ConfigError(f"cannot store the change: {e}; nothing was changed (the control plane keeps "
+                              "serving its last state; apply again when the store is back)", file=str(self.shared)) from e
+        if revision is None:
+            raise SharedConflict()
+        return revision
+
+    def take_shared(self, shared: SharedApplied) -> bool:
+        """Adopt the applied layer another replica stored. True when the state changed. Raises
+        ConfigError (the layer does not validate with this replica's files; state kept)."""
+        applied = _layer(shared.state.applied) if shared.state is not None else {}
+        return self._commit(self.files, applied, self.workloads, shared_revision=shared.revision)
+
+    def _serialised(self, change: Callable[[], "ChangeOutcome"]) -> "ChangeOutcome":
+        """Run an apply/delete; when another replica stored a change first, take it and run it again
+        on top (compare-and-swap), so concurrent changes are serialised, never lost."""
+        for _ in range(8):
+            try:
+                return change()
+            except SharedConflict:
+                assert self.shared is not None
+                try:
+                    self.take_shared(self.shared.read())
+                except EtcdUnavailable as e:
+                    raise ConfigError(f"cannot store the change: {e}; nothing was changed",
+                                      file=str(self.shared)) from e
+        raise ConfigError("cannot store the change: the shared store kept changing under it; nothing was changed",
+                          file=str(self.shared))
+
+    # ---- a restart
+
+    def restore(self) -> None:
+        """Load the data directory's state (applied and workloads layers, version). Raises StoreError,
+        or ConfigError for a stored resource the loader refuses now."""
+        if self.data is None:
+            return
+        stored = self.data.load()
+        if stored is None:
+            return
+        self.applied = _layer(stored.applied)
+        self.workloads = _layer(stored.workloads)
+        self.state = self.merge(self.files, self.applied, self.workloads)
+        self.generation = stored.generation
+        self._restored = stored
 
     # ---- the watched directory
 
@@ -210,6 +317,9 @@ class ConfigStore:
 
     def apply(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
         resources = [StoredResource.of(r) for r in load_sources(sources)]
+        return self._serialised(lambda: self._apply(resources))
+
+    def _apply(self, resources: list[StoredResource]) -> ChangeOutcome:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for s in resources:
@@ -226,6 +336,9 @@ class ConfigStore:
 
     def delete(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
         keys = [StoredResource.of(r).key for r in load_sources(sources)]
+        return self._serialised(lambda: self._delete(keys))
+
+    def _delete(self, keys: list[ResourceKey]) -> ChangeOutcome:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for k in keys:

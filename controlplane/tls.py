@@ -132,12 +132,13 @@ async def _refuse_plaintext(sock: socket.socket) -> None:
             drained += len(data)
 
 
-async def connect(host: str, port: int, context: ssl.SSLContext) -> ssl.SSLSocket:
-    """Client side: a verified TLS socket to the control plane (server name: `host`)."""
+async def connect(host: str, port: int, context: ssl.SSLContext, *, server_name: str | None = None) -> ssl.SSLSocket:
+    """Client side: a verified TLS socket to the control plane (server name: `server_name`, else `host`)."""
     stream = await trio.open_tcp_stream(host, port)
     sock = socket.socket(fileno=stream.socket.detach())
     sock.setblocking(False)
-    tls = context.wrap_socket(sock, server_side=False, do_handshake_on_connect=False, server_hostname=host)
+    tls = context.wrap_socket(sock, server_side=False, do_handshake_on_connect=False,
+                              server_hostname=server_name or host)
     try:
         await _drive_handshake(tls)
     except BaseException:

@@ -228,6 +228,7 @@ class Mesh:
         self.controlplane_port = controlplane_port
         self.procs: dict[str, subprocess.Popen] = {}
         # the control plane's CA (made on its first start) and the tokens this run makes with it
+        self.data_dir = log_dir  # the control plane's state (and its CA in ca/): one run's, not the user's
         self.ca_dir = log_dir / "ca"
         self.root_certificate = self.ca_dir / "root-cert.pem"
         self.admin_token_file = log_dir / "admin.token"
@@ -245,7 +246,8 @@ class Mesh:
             # but with back-off); JSON at info: the log says when it accepted a change
             self._spawn("controlplane", triomesh_command() + [
                 "controlplane", "--config", str(self.config_dir), "--listen", self.controlplane_address,
-                "--ca-dir", str(self.ca_dir), "--port-file", str(port_file), "--log-level", "info",
+                "--data-dir", str(self.data_dir), "--ca-dir", str(self.ca_dir), "--port-file", str(port_file),
+                "--log-level", "info",
                 "--log-format", "json"], os.environ.copy())
         app_env = {k: v for k, v in os.environ.items()
                    if k.lower() not in ("http_proxy", "https_proxy", "all_proxy", "no_proxy")}

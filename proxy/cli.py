@@ -45,6 +45,15 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _controlplane_addresses(text: str):
+    from proxy.xds.failover import parse_addresses
+
+    try:
+        return parse_addresses(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def _label(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -98,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None,
                    help="a YAML file or a directory of them (with --controlplane: a bootstrap served until the first push)")
     cp = p.add_argument_group("control plane (the proxy gets its config pushed instead of reading files)")
-    cp.add_argument("--controlplane", type=_host_port, default=None, metavar="HOST:PORT",
-                    help="address of `triomesh controlplane`")
+    cp.add_argument("--controlplane", type=_controlplane_addresses, default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                    help="address(es) of `triomesh controlplane` replicas (a name may resolve to several); the proxy "
+                         "moves to another when its replica goes away")
     cp.add_argument("--node-id", default=None,
                     help="this proxy's unique id (default HOSTNAME.ADMIN_PORT, stable across restarts)")
     cp.add_argument("--controlplane-ca", type=Path, default=None, metavar="FILE",
@@ -214,7 +224,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         controlplane_token_file=args.controlplane_token_file,
     )
     log.info("starting", concurrency=options.concurrency, config=str(options.config_path) if options.config_path else None,
-             controlplane=f"{args.controlplane[0]}:{args.controlplane[1]}" if args.controlplane else None, pid=os.getpid())
+             controlplane=",".join(map(str, args.controlplane)) if args.controlplane else None, pid=os.getpid())
     return trio.run(serve, options, log)
 
 

@@ -62,6 +62,7 @@ from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, merge, render_prometheus
 from proxy.telemetry.peer import identity_from_labels
+from proxy.xds.failover import ControlPlaneAddress
 
 CONFIG_POLL_INTERVAL_S = 1.0
 QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
@@ -83,7 +84,7 @@ class ProxyOptions:
     access_log: str
     log_level: str
     log_format: str
-    controlplane: tuple[str, int] | None = None
+    controlplane: tuple[ControlPlaneAddress, ...] | None = None  # one or more replicas
     node_id: str | None = None  # None: HOSTNAME.ADMIN_PORT
     namespace: str = "default"
     labels: dict[str, str] = field(default_factory=dict)
@@ -246,7 +247,7 @@ class Supervisor:
 
     def _config_origin(self) -> str:
         if self.options.controlplane is not None:
-            return "controlplane %s:%d" % self.options.controlplane
+            return "controlplane " + ",".join(map(str, self.options.controlplane))
         return str(self.options.config_path)
 
     def _compile(self, sources: Sources, reason: str) -> ActiveConfig | None:
@@ -508,7 +509,7 @@ class Supervisor:
 
         self.node = self.node_info(admin_port)
         assert self.options.controlplane is not None
-        self.log.info("controlplane_client_starting", address="%s:%d" % self.options.controlplane,
+        self.log.info("controlplane_client_starting", address=",".join(map(str, self.options.controlplane)),
                       node_id=self.node.node_id, namespace=self.node.namespace, labels=self.node.labels,
                       tls=credentials.controlplane_roots_pem is not None)
         self.xds = await self._nursery.start(
@@ -583,7 +584,8 @@ class Supervisor:
         if self.options.controlplane is not None:
             x, n = self.xds, self.node
             out["controlplane"] = {
-                "address": "%s:%d" % self.options.controlplane,
+                "address": ",".join(map(str, self.options.controlplane)),
+                "connected_to": x.address if x else "",
                 "node_id": n.node_id if n else "",
                 "namespace": self.options.namespace,
                 "labels": dict(self.options.labels),

@@ -1,9 +1,10 @@
 """The proxy's client of the control plane: one long-lived stream that turns Snapshots into applied
 config, answered by ACK or NACK.
 
-Theory of operation. `run_client` loops forever: connect (exponential back-off with full jitter while
-the control plane is unreachable), send Hello (node identity and the version served now), wait for
-Welcome, then receive. Each Snapshot is turned into the complete resource set it stands for (a full
+Theory of operation. `run_client` loops forever: connect to one of the control-plane replicas
+(proxy/xds/failover.py picks the order; exponential back-off with full jitter while none is
+reachable), send Hello (node identity and the version served now: a control plane whose view has
+that version sends no snapshot), wait for Welcome, then receive. Each Snapshot is turned into the complete resource set it stands for (a full
 snapshot replaces the set; a delta applies changed/removed on top of the set it names as its base),
 every resource body is checked by the loader's own conversion, and the set goes to `on_resources`.
 If that returns (or its awaitable completes), the proxy serves the new version: ACK. If it raises (a
@@ -27,7 +28,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -52,6 +53,7 @@ from controlplane.wire import (
 from proxy.config.errors import ConfigError
 from proxy.config.load import Resource
 from proxy.identity.manager import IdentityManager
+from proxy.xds.failover import ControlPlaneAddress, ControlPlaneEndpoint, Rotation, endpoints_of, parse_addresses
 
 OnResources = Callable[[list[Resource], str], "None | Awaitable[None]"]
 
@@ -105,6 +107,7 @@ class ClientState:
     """What the client knows, for the admin endpoint and tests."""
 
     connected: bool = False
+    address: str = ""  # the replica connected to last
     server_id: str = ""
     version: str = ""  # the version applied (ACKed) last; kept across reconnects
     resources: dict[ResourceKey, Resource] = field(default_factory=dict, repr=False)
@@ -117,13 +120,27 @@ class ClientState:
     identity: str = ""  # the SPIFFE ID the control plane admitted this proxy as ("" without a CA)
 
 
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
-    if isinstance(address, tuple):
-        return address
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {address!r}")
-    return host.strip("[]"), int(port)
+def addresses_of(address: str | tuple[str, int] | Sequence[ControlPlaneAddress]) -> tuple[ControlPlaneAddress, ...]:
+    """`host:port[,host:port...]`, one (host, port), or addresses already parsed."""
+    if isinstance(address, str):
+        return parse_addresses(address)
+    if isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int):
+        return (ControlPlaneAddress(str(address[0]), address[1]),)
+    return tuple(address)  # type: ignore[arg-type]
+
+
+async def resolve(addresses: Sequence[ControlPlaneAddress], log: Any) -> list[ControlPlaneEndpoint]:
+    """Every address's current IP addresses (a name may stand for several replicas); a name that does
+    not resolve now is skipped for this round."""
+    out: list[ControlPlaneEndpoint] = []
+    for address in addresses:
+        try:
+            infos = await trio.socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            log.warning("controlplane_unresolved", address=str(address), error=str(e))
+            continue
+        out.extend(endpoints_of(address, (info[4][0] for info in infos)))
+    return out
 
 
 def backoff_delays(initial_s: float, max_s: float, rng: random.Random):
@@ -158,7 +175,7 @@ def build_resource_set(message: Snapshot, current: dict[ResourceKey, Resource], 
 
 
 async def run_client(
-    address: str | tuple[str, int],
+    address: str | tuple[str, int] | Sequence[ControlPlaneAddress],
     node: NodeInfo,
     on_resources: OnResources,
     *,
@@ -170,52 +187,65 @@ async def run_client(
     task_status: trio.TaskStatus[ClientState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled. `task_status.started(state)` comes at once (the proxy serves whatever it
-    has while the first connection is being made); `state` is updated as the client works."""
+    has while the first connection is being made); `state` is updated as the client works. With
+    several addresses (or a name resolving to several), a stream that ends moves the proxy to the
+    next replica (proxy/xds/failover.py)."""
     if log is None:
         from proxy.logging import get_logger
 
         log = get_logger("triomesh.xds")
-    host, port = parse_address(address)
+    addresses = addresses_of(address)
     state = ClientState(tls=credentials.controlplane_roots_pem is not None)
     task_status.started(state)
     rng = rng or random.Random()
+    rotation = Rotation(rng)
     delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)
     while True:
-        try:
-            with trio.fail_after(options.connect_timeout_s):
-                if credentials.controlplane_roots_pem is not None:
-                    context = control_tls.client_context(credentials.controlplane_roots_pem,
-                                                         identity.usable_now() if identity is not None else None)
-                    stream = await control_tls.connect(host, port, context)
-                else:
-                    stream = await trio.open_tcp_stream(host, port)
-        except control_tls.TlsFailed as e:  # not a network blip: the wrong root, or not a TLS port
-            delay = next(delays)
-            state.last_disconnect = f"TLS handshake failed: {e}"
-            log.warning("controlplane_tls_failed", address=f"{host}:{port}", error=str(e), retry_in_s=round(delay, 3))
-            await trio.sleep(delay)
-            continue
-        except (OSError, trio.TooSlowError) as e:
-            delay = next(delays)
-            log.debug("controlplane_unreachable", address=f"{host}:{port}", error=str(e) or type(e).__name__,
-                      retry_in_s=round(delay, 3), serving=state.version)
-            await trio.sleep(delay)
-            continue
-        framed = FramedStream(stream, max_frame_bytes=options.max_frame_bytes)
-        try:
-            welcomed = await _session(framed, node, on_resources, state, options, log, credentials.token, identity)
-            reason = "closed"
-        except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
-            welcomed = state.connected
-            reason = f"{type(e).__name__}: {e}"
-        finally:
-            state.connected = False
-            await framed.aclose()
-        state.last_disconnect = reason
-        log.warning("controlplane_disconnected", address=f"{host}:{port}", reason=reason, serving=state.version)
+        welcomed = False
+        for endpoint in rotation.order(await resolve(addresses, log)):
+            stream = await _connect(endpoint, options, credentials, identity, state, log)
+            if stream is None:
+                continue
+            rotation.used(endpoint)
+            state.address = str(endpoint)
+            framed = FramedStream(stream, max_frame_bytes=options.max_frame_bytes)
+            try:
+                welcomed = await _session(framed, node, on_resources, state, options, log, credentials.token, identity)
+                reason = "closed"
+            except (StreamClosed, ProtocolError, _Resync, trio.TooSlowError) as e:
+                welcomed = state.connected
+                reason = f"{type(e).__name__}: {e}"
+            finally:
+                state.connected = False
+                await framed.aclose()
+            state.last_disconnect = reason
+            log.warning("controlplane_disconnected", address=str(endpoint), reason=reason, serving=state.version)
+            if welcomed:
+                break
         if welcomed:
-            delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)  # it was healthy: start over
+            # it was healthy: start the back-off over, and try the next replica after a short jittered pause
+            # (every proxy of a replica that went away reconnects at once otherwise)
+            delays = backoff_delays(options.backoff_initial_s, options.backoff_max_s, rng)
         await trio.sleep(next(delays))
+
+
+async def _connect(endpoint: ControlPlaneEndpoint, options: ClientOptions, credentials: Credentials,
+                   identity: IdentityManager | None, state: ClientState, log: Any):
+    """A stream to one replica, or None (logged) when it cannot be had now."""
+    try:
+        with trio.fail_after(options.connect_timeout_s):
+            if credentials.controlplane_roots_pem is not None:
+                context = control_tls.client_context(credentials.controlplane_roots_pem,
+                                                     identity.usable_now() if identity is not None else None)
+                return await control_tls.connect(endpoint.ip, endpoint.port, context, server_name=endpoint.server_name)
+            return await trio.open_tcp_stream(endpoint.ip, endpoint.port)
+    except control_tls.TlsFailed as e:  # not a network blip: the wrong root, or not a TLS port
+        state.last_disconnect = f"TLS handshake failed: {e}"
+        log.warning("controlplane_tls_failed", address=str(endpoint), error=str(e))
+    except (OSError, trio.TooSlowError) as e:
+        log.debug("controlplane_unreachable", address=str(endpoint), error=str(e) or type(e).__name__,
+                  serving=state.version)
+    return None
 
 
 async def _session(framed: FramedStream, node: NodeInfo, on_resources: OnResources, state: ClientState,

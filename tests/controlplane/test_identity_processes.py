@@ -142,8 +142,9 @@ def test_bad_ca_directory_stops_the_control_plane_with_the_reason(tmp_path):
 
 
 def test_tls_is_the_default_and_plaintext_needs_the_explicit_flag(tmp_path):
-    """Without --ca-dir the control plane makes its CA in the default directory and serves TLS."""
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRIOMESH_CA_DIR="", XDG_STATE_HOME=str(tmp_path / "state"))
+    """Without --ca-dir the control plane makes its CA in the default data directory and serves TLS."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TRIOMESH_CA_DIR="", TRIOMESH_DATA_DIR="",
+               XDG_STATE_HOME=str(tmp_path / "state"))
     port_file = tmp_path / "port"
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "controlplane", "--listen", "127.0.0.1:0",
                              "--port-file", str(port_file)], cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -23,6 +23,7 @@ from controlplane.wire import (
     Source,
     StatusReply,
     StatusRequest,
+    Welcome,
 )
 from proxy.xds.client import ClientOptions, NodeInfo, run_client
 
@@ -371,3 +372,31 @@ async def test_a_restarted_proxy_replaces_its_old_stream(tmp_path, nursery):
     assert [p.node_id for p in reply.proxies] == ["same-node"] and reply.proxies[0].connected
     await new.aclose()
     await old.aclose()
+
+
+async def test_a_proxy_that_serves_its_view_already_is_sent_nothing_and_gets_deltas_on_it(tmp_path, nursery):
+    """A reconnect to a restarted control plane or another replica: the Hello names the version the
+    proxy serves; when it is the proxy's view, no snapshot goes out, and the next change is a delta on it."""
+    store = ConfigStore(write_mesh(tmp_path))
+    store.load_directory()
+    plane, port = await start_plane(nursery, store)
+    framed, first = await raw_proxy(port, "p1", namespace="tutorial")
+    await framed.aclose()
+    resumed = await raw_connect(port)
+    await resumed.send(Hello(node_id="p2", namespace="tutorial", last_version=first.version))
+    assert isinstance(await resumed.receive(), Welcome)
+    with trio.move_on_after(0.5) as quiet:
+        await next_snapshot(resumed, timeout_s=1.0)
+    assert quiet.cancelled_caught and plane.proxies["p2"].acked_version == first.version
+    result = await request(port, ApplyRequest(sources=[Source("w.yaml", split(50, 50).encode())]))
+    assert result.ok
+    snap = await next_snapshot(resumed)
+    assert not snap.full and snap.base_version == first.version and len(snap.resources) == 1
+    # a version the proxy's view does not have: a full snapshot, as for a new proxy
+    stale = await raw_connect(port)
+    await stale.send(Hello(node_id="p3", namespace="tutorial", last_version=first.version))
+    assert isinstance(await stale.receive(), Welcome)
+    full = await next_snapshot(stale)
+    assert full.full and full.version == snap.version
+    await resumed.aclose()
+    await stale.aclose()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import build_parser, default_concurrency, parse_args
+from proxy.xds.failover import ControlPlaneAddress
 from tests.runner.harness import REPO_ROOT, mesh_config
 
 
@@ -61,15 +62,20 @@ def test_proxy_controlplane_flags() -> None:
     assert (args.controlplane_ca, args.controlplane_token_file, args.service_account) == (Path("root.pem"), Path("t"),
                                                                                           "reviews")
     args = parse_args(["proxy", "--controlplane", "127.0.0.1:15010", "--controlplane-plaintext"])
-    assert args.config is None and args.controlplane == ("127.0.0.1", 15010)
+    assert args.config is None and args.controlplane == (ControlPlaneAddress("127.0.0.1", 15010),)
     assert (args.node_id, args.namespace, args.labels, args.register) == (None, "default", [], None)
     args = parse_args(["proxy", "--config", "boot.yaml", "--controlplane", "[::1]:15010", "--controlplane-plaintext",
                        "--node-id", "gw-1",
                        "--namespace", "tutorial", "--label", "app=edge", "--label", "version=v1=x",
                        "--label", "empty=", "--register", "127.0.0.5"])
-    assert args.config == Path("boot.yaml") and args.controlplane == ("::1", 15010)
+    assert args.config == Path("boot.yaml") and args.controlplane == (ControlPlaneAddress("::1", 15010),)
     assert (args.node_id, args.namespace, args.register) == ("gw-1", "tutorial", "127.0.0.5")
     assert dict(args.labels) == {"app": "edge", "version": "v1=x", "empty": ""}
+    args = parse_args(["proxy", "--controlplane", "cp-0:15010, cp-1:15010,cp-0:15010", "--controlplane-plaintext"])
+    assert args.controlplane == (ControlPlaneAddress("cp-0", 15010), ControlPlaneAddress("cp-1", 15010))
+    with pytest.raises(SystemExit) as e:
+        parse_args(["proxy", "--controlplane", "cp-0:15010,cp-1", "--controlplane-plaintext"])
+    assert e.value.code == 2
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("5s", 5.0), ("500ms", 0.5), ("2.5", 2.5), ("0s", 0.0)])
