@@ -23,10 +23,6 @@ import time
 from typing import Any, Awaitable, Callable
 
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
-from proxy.identity.csr import new_key_and_request
 from proxy.identity.renewal import renew_at, retry_delay
 from proxy.identity.spiffe import InvalidSpiffeId, SpiffeId
 from proxy.identity.workload import IdentityError, WorkloadIdentity
@@ -120,6 +116,8 @@ class IdentityManager:
                 await trio.sleep(delay)
 
     async def _renew_once(self, wanted: SpiffeId, send_request: SendRequest) -> None:
+        from proxy.identity.csr import new_key_and_request  # cryptography: only in proxies that get certificates
+
         keys = new_key_and_request(wanted)
         request_id = next(self._request_ids)
         event, box = trio.Event(), []
@@ -167,6 +165,9 @@ class IdentityManager:
 
 
 def _check_key_matches(identity: WorkloadIdentity) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
     leaf = x509.load_pem_x509_certificates(identity.certificate_chain_pem)[0]
     key = serialization.load_pem_private_key(identity.private_key_pem, password=None)
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)

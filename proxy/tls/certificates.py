@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from proxy.config.snapshot import CertificateFiles
 
@@ -123,6 +121,10 @@ class CertificateInfo:
 
 def describe_chain(path: str) -> list[CertificateInfo]:
     """Each certificate in a PEM file; ValueError when it holds none."""
+    # cryptography costs each process ~9 MiB: imported only where a certificate is described
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     data = Path(path).read_bytes()
     certificates = x509.load_pem_x509_certificates(data)
     now = datetime.datetime.now(datetime.timezone.utc)
