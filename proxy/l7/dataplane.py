@@ -18,6 +18,7 @@ from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
+from proxy.l7.stages.tracing import Tracing, TracingStage
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
@@ -261,7 +262,8 @@ def _routes_of(listener: Listener):
 
 
 def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime],
-                stats: Stats | None = None, telemetry: IstioMetrics | None = None) -> Chain:
+                stats: Stats | None = None, telemetry: IstioMetrics | None = None,
+                tracing: Tracing | None = None) -> Chain:
     """The listener's stages; the optional ones only when some route, cluster or policy there needs them."""
     routes: list[Route] = list(_routes_of(listener))
     stages: list = []
@@ -280,6 +282,8 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
         if inbound or any(snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations
                           if d.cluster in snapshot.clusters):
             stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
+    if tracing is not None:  # only with a Zipkin collector configured
+        stages.append(TracingStage(tracing, tracing.settings.sampling_percent))
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):
@@ -293,7 +297,7 @@ class SnapshotRuntime:
     __slots__ = ("snapshot", "listeners", "chains", "clusters", "stats", "by_listener")
 
     def __init__(self, snapshot: Snapshot, stats: Stats, previous: SnapshotRuntime | None,
-                 telemetry: IstioMetrics | None = None) -> None:
+                 telemetry: IstioMetrics | None = None, tracing: Tracing | None = None) -> None:
         self.snapshot = snapshot
         self.stats = stats
         self.listeners: dict[str, Listener] = {l.name: l for l in snapshot.listeners}
@@ -311,7 +315,7 @@ class SnapshotRuntime:
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
-        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats, telemetry)
+        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats, telemetry, tracing)
                                          for l in snapshot.listeners}
         # what a request looks up first: its listener and that listener's chain, in one lookup
         self.by_listener: dict[str, tuple[Listener, Chain]] = {
@@ -320,8 +324,10 @@ class SnapshotRuntime:
 
 class DataPlane:
     def __init__(self, holder: SnapshotHolder, stats: Stats, access_log: Any = None,
-                 settings: HttpSettings | None = None, telemetry: IstioMetrics | None | bool = True) -> None:
+                 settings: HttpSettings | None = None, telemetry: IstioMetrics | None | bool = True,
+                 tracing: Tracing | None = None) -> None:
         self.holder = holder
+        self.tracing = tracing  # spans to a Zipkin collector, None without one
         self.stats = stats
         # Istio's standard metrics, on by default (True: with an unknown workload identity; False: off)
         self.telemetry: IstioMetrics | None = (
@@ -394,7 +400,7 @@ class DataPlane:
         rt = self._runtime
         if rt is None or rt.snapshot is not snapshot:
             previous = rt
-            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry)
+            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry, self.tracing)
             if previous is not None and self.pools:
                 self._close_pools_with_changed_tls(previous, rt)
         return rt

@@ -1,0 +1,73 @@
+"""The tracing stage: reads the downstream request's trace context, decides sampling, writes the trace
+headers of the upstream request; a sampled request's spans go to the worker's span queue when it ends.
+
+It runs after the forwarding stage (the spans carry x-request-id) and is built only when the proxy
+has a Zipkin collector; an unsampled request costs a scan of its header names and, to pass the
+decision on as Envoy does, a new span id."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from proxy.tracing.exporter import SpanQueue
+from proxy.tracing.propagation import TRACE_HEADER_NAMES, IncomingTrace, new_span_id, new_trace_id, \
+    read_trace_headers, upstream_trace_headers
+from proxy.tracing.spans import RequestTrace, TracingSettings, decide_sampling
+
+if TYPE_CHECKING:
+    from proxy.l7.context import RequestContext
+    from proxy.stats import Stats
+
+log = structlog.get_logger("triomesh.tracing")
+
+_NO_TRACE = IncomingTrace()  # shared, never written: a request that brought no trace header
+
+
+class Tracing:
+    """One worker's tracing: its settings and its span queue (exported by `exporter.export_spans`)."""
+
+    __slots__ = ("settings", "queue")
+
+    def __init__(self, settings: TracingSettings, stats: Stats) -> None:
+        self.settings = settings
+        self.queue = SpanQueue(settings.max_queued_spans, stats)
+
+    def record(self, ctx: RequestContext, trace: RequestTrace) -> None:
+        """Queue the spans of a sampled request that ended (never blocks; a full queue drops)."""
+        try:
+            spans = trace.zipkin_spans(ctx, self.settings, int(time.time() * 1_000_000))
+        except Exception:  # noqa: BLE001 - a tracing bug must not cost the request its access log
+            log.exception("span building failed", client=ctx.downstream_addr)
+            return
+        self.queue.push_nowait(spans)
+
+
+class TracingStage:
+    has_response_step = False
+    __slots__ = ("tracing", "sampling_percent")
+
+    def __init__(self, tracing: Tracing, sampling_percent: float) -> None:
+        self.tracing = tracing
+        self.sampling_percent = sampling_percent
+
+    def on_request(self, ctx: RequestContext) -> None:
+        headers = ctx.request.headers
+        for pair in headers:
+            if pair[0] in TRACE_HEADER_NAMES:
+                incoming, kept = read_trace_headers(headers)
+                headers[:] = kept
+                break
+        else:
+            incoming = _NO_TRACE
+        if decide_sampling(incoming, self.sampling_percent):
+            trace = RequestTrace(incoming, int(ctx.start_wall * 1_000_000), int(time.time() * 1_000_000))
+            ctx.scratch()["trace"] = trace
+            headers += upstream_trace_headers(incoming, trace.trace_id, trace.client_span_id, trace.server_span_id,
+                                              True)
+        else:  # not sampled: the decision and the trace id go on, so the next hop does not sample either
+            headers += upstream_trace_headers(incoming, incoming.trace_id or new_trace_id(), new_span_id(),
+                                              incoming.span_id, False)
+        return None
