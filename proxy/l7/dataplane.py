@@ -283,7 +283,11 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
                           if d.cluster in snapshot.clusters):
             stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if tracing is not None:  # only with a Zipkin collector configured
-        stages.append(TracingStage(tracing, tracing.settings.sampling_percent))
+        # Telemetry `randomSamplingPercentage` over the proxy's default (--trace-sampling)
+        policy = snapshot.tracing
+        sampling_percent = (policy.sampling_percent if policy.sampling_percent is not None
+                            else tracing.settings.sampling_percent)
+        stages.append(TracingStage(tracing, sampling_percent, report=not policy.disable_span_reporting))
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):

@@ -53,9 +53,8 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     if extra is not None:
         if "grpc_status" in extra:
             plane.count_grpc(extra["grpc_status"])
-        trace = extra.get("trace")  # a sampled request's spans (stages/tracing.py)
-        if trace is not None:
-            plane.tracing.record(ctx, trace)
+        if "trace" in extra:  # a sampled request's spans (stages/tracing.py)
+            plane.tracing.record(ctx, extra["trace"])
     telemetry = plane.telemetry
     if telemetry is not None and (ctx.status or ctx.response_flags):
         try:

@@ -47,11 +47,12 @@ class Tracing:
 
 class TracingStage:
     has_response_step = False
-    __slots__ = ("tracing", "sampling_percent")
+    __slots__ = ("tracing", "sampling_percent", "report")
 
-    def __init__(self, tracing: Tracing, sampling_percent: float) -> None:
+    def __init__(self, tracing: Tracing, sampling_percent: float, report: bool = True) -> None:
         self.tracing = tracing
         self.sampling_percent = sampling_percent
+        self.report = report  # False: Telemetry `disableSpanReporting`, decisions still propagate
 
     def on_request(self, ctx: RequestContext) -> None:
         headers = ctx.request.headers
@@ -64,7 +65,8 @@ class TracingStage:
             incoming = _NO_TRACE
         if decide_sampling(incoming, self.sampling_percent):
             trace = RequestTrace(incoming, int(ctx.start_wall * 1_000_000), int(time.time() * 1_000_000))
-            ctx.scratch()["trace"] = trace
+            if self.report:
+                ctx.scratch()["trace"] = trace
             headers += upstream_trace_headers(incoming, trace.trace_id, trace.client_span_id, trace.server_span_id,
                                               True)
         else:  # not sampled: the decision and the trace id go on, so the next hop does not sample either
