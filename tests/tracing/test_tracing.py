@@ -24,13 +24,20 @@ TRACE_HEADERS = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampl
                  "traceparent", "tracestate", "x-request-id")
 
 
+MESH_TRACING_100 = {"apiVersion": "telemetry.istio.io/v1", "kind": "Telemetry",
+                    "metadata": {"name": "mesh-default", "namespace": "istio-system"},
+                    "spec": {"tracing": [{"providers": [{"name": "zipkin"}], "randomSamplingPercentage": 100.0}]}}
+
+
 async def start_proxy(nursery, collector: ZipkinCollector, host: str, app_port: int, *, sampling: float,
-                      service: str, max_queued_spans: int = 4096, export: bool = True) -> tuple[int, Tracing]:
-    """A proxy routing `host` to the app on `app_port`, its spans to `collector`; (its port, its tracing)."""
+                      service: str, max_queued_spans: int = 4096, export: bool = True,
+                      docs: tuple[dict, ...] = ()) -> tuple[int, Tracing]:
+    """A proxy routing `host` to the app on `app_port`, its spans to `collector`, `sampling` percent of
+    requests sampled unless `docs` hold a Telemetry resource that says otherwise; (its port, its tracing)."""
     app = TrafficBackend(service)
     app.port = app_port
     snapshot = compile_docs(gateway(), service_entry(host, [(app, {})]),
-                            virtual_service(service, host, [{"route": [{"destination": {"host": host}}]}]))
+                            virtual_service(service, host, [{"route": [{"destination": {"host": host}}]}]), *docs)
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     await sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -97,17 +104,19 @@ def only_schema_valid(collector: ZipkinCollector) -> None:
 
 
 async def test_three_hop_trace_is_reassembled_with_parent_links_and_nested_timings():
+    # customer -> preference -> recommendation, each behind its own proxy sampling 1% by default and
+    # 100% by the mesh's Telemetry resource
     async with trio.open_nursery() as nursery:
         collector = await ZipkinCollector().start(nursery)
         recommendation = await App("recommendation").start(nursery)
         recommendation_proxy, _ = await start_proxy(nursery, collector, "recommendation.example.com", recommendation.port,
-                                                    sampling=100, service="recommendation")
+                                                    sampling=1, service="recommendation", docs=(MESH_TRACING_100,))
         preference = await App("preference", (recommendation_proxy, "recommendation.example.com")).start(nursery)
         preference_proxy, _ = await start_proxy(nursery, collector, "preference.example.com", preference.port,
-                                                sampling=100, service="preference")
+                                                sampling=1, service="preference", docs=(MESH_TRACING_100,))
         customer = await App("customer", (preference_proxy, "preference.example.com")).start(nursery)
         customer_proxy, _ = await start_proxy(nursery, collector, "customer.example.com", customer.port,
-                                              sampling=100, service="customer")
+                                              sampling=1, service="customer", docs=(MESH_TRACING_100,))
         client = Client(customer_proxy, "customer.example.com")
         reply = await client.request("/?user=1", headers=[("user-agent", "curl/8")])
         await client.close()
@@ -245,3 +254,35 @@ async def test_a_full_queue_drops_and_counts_and_requests_are_served():
         nursery.cancel_scope.cancel()
     assert tracing.queue.dropped.value == 8 - 3
     assert tracing.queue.queued.value == 3
+
+
+async def test_disable_span_reporting_keeps_propagating_the_decision():
+    no_reporting = {**MESH_TRACING_100, "spec": {"tracing": [{"randomSamplingPercentage": 100.0,
+                                                               "disableSpanReporting": True}]}}
+    async with trio.open_nursery() as nursery:
+        collector = await ZipkinCollector().start(nursery)
+        app = await App("app").start(nursery)
+        port, _ = await start_proxy(nursery, collector, "app.example.com", app.port, sampling=0, service="app",
+                                    docs=(no_reporting,))
+        client = Client(port, "app.example.com")
+        assert (await client.request("/")).status == 200
+        await client.close()
+        await trio.sleep(0.2)
+        nursery.cancel_scope.cancel()
+    assert collector.posts == 0 and app.received[0]["x-b3-sampled"] == "1"
+
+
+async def test_an_unreachable_or_refusing_collector_costs_no_request():
+    async with trio.open_nursery() as nursery:
+        refusing = await ZipkinCollector(status=500).start(nursery)
+        app = await App("app").start(nursery)
+        port, tracing = await start_proxy(nursery, refusing, "app.example.com", app.port, sampling=100, service="app")
+        client = Client(port, "app.example.com")
+        for _ in range(3):
+            assert (await client.request("/")).status == 200
+        await client.close()
+        with trio.fail_after(5):
+            while tracing.queue.export_failed.value == 0:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert tracing.queue.sent.value == 0 and refusing.posts >= 1
