@@ -16,7 +16,9 @@ from __future__ import annotations
 from random import getrandbits
 
 B3_NAMES = (b"x-b3-traceid", b"x-b3-spanid", b"x-b3-parentspanid", b"x-b3-sampled", b"x-b3-flags")
-TRACE_HEADER_NAMES = frozenset(B3_NAMES + (b"b3", b"traceparent", b"tracestate", b"x-client-trace-id"))
+# x-client-trace-id (an external client) and x-envoy-force-trace (an internal service) force sampling
+FORCING_NAMES = (b"x-client-trace-id", b"x-envoy-force-trace")
+TRACE_HEADER_NAMES = frozenset(B3_NAMES + FORCING_NAMES + (b"b3", b"traceparent", b"tracestate"))
 
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _ZERO_IDS = (b"0" * 16, b"0" * 32)
@@ -57,7 +59,7 @@ class IncomingTrace:
         self.trace_id: bytes | None = None
         self.span_id: bytes | None = None
         self.sampled: bool | None = None
-        self.forced = False  # x-client-trace-id: Envoy's client-requested sampling
+        self.forced = False  # x-client-trace-id or x-envoy-force-trace: Envoy's forced sampling
         self.b3_single = False  # the request used `b3`: the upstream request gets it too
         self.w3c = False  # the request used `traceparent`: the upstream request gets it too
         self.tracestate: bytes | None = None
@@ -73,9 +75,10 @@ def read_trace_headers(headers: list) -> tuple[IncomingTrace, list]:
         else:
             kept.append(pair)
     incoming = IncomingTrace()
-    if b"x-client-trace-id" in found:
-        incoming.forced = True
-        kept.append((b"x-client-trace-id", found[b"x-client-trace-id"]))
+    for name in FORCING_NAMES:  # passed on unchanged, as Envoy does
+        if name in found:
+            incoming.forced = True
+            kept.append((name, found[name]))
     tracestate = found.get(b"tracestate")
     # B3 multi-header first, then single, then W3C: Envoy's Zipkin tracer reads B3 and, when
     # absent, W3C (its `trace_context_option: USE_B3_WITH_W3C_PROPAGATION`)

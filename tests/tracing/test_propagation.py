@@ -82,6 +82,8 @@ def test_b3_wins_over_traceparent_and_both_formats_go_on():
 def test_sampling_order():
     forced, _ = read((b"x-client-trace-id", b"1"), (b"x-b3-sampled", b"0"))
     assert decide_sampling(forced, 0.0) is True
+    forced_internally, kept = read((b"x-envoy-force-trace", b"1"), (b"x-b3-sampled", b"0"))
+    assert decide_sampling(forced_internally, 0.0) is True and (b"x-envoy-force-trace", b"1") in kept
     unsampled, _ = read((b"x-b3-sampled", b"0"))
     assert decide_sampling(unsampled, 100.0) is False
     undecided, _ = read()
