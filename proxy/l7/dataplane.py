@@ -18,7 +18,7 @@ from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
-from proxy.l7.stages.tracing import Tracing, TracingStage
+from proxy.l7.stages.tracing import UPSTREAM_SPAN_START, Tracing, TracingStage
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
@@ -283,11 +283,14 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
                           if d.cluster in snapshot.clusters):
             stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if tracing is not None:  # only with a Zipkin collector configured
-        # Telemetry `randomSamplingPercentage` over the proxy's default (--trace-sampling)
+        # first, so a request any stage answers locally still gets its server span; the client span
+        # starts where the upstream call does, after the other stages
         policy = snapshot.tracing
+        # Telemetry `randomSamplingPercentage` over the proxy's default (--trace-sampling)
         sampling_percent = (policy.sampling_percent if policy.sampling_percent is not None
                             else tracing.settings.sampling_percent)
-        stages.append(TracingStage(tracing, sampling_percent, report=not policy.disable_span_reporting))
+        stages.insert(0, TracingStage(tracing, sampling_percent, report=not policy.disable_span_reporting))
+        stages.append(UPSTREAM_SPAN_START)
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):

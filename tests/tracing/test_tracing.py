@@ -286,3 +286,21 @@ async def test_an_unreachable_or_refusing_collector_costs_no_request():
                 await trio.sleep(0.02)
         nursery.cancel_scope.cancel()
     assert tracing.queue.sent.value == 0 and refusing.posts >= 1
+
+
+async def test_a_locally_answered_request_gets_a_server_span_only():
+    async with trio.open_nursery() as nursery:
+        collector = await ZipkinCollector().start(nursery)
+        app = await App("app").start(nursery)
+        port, _ = await start_proxy(nursery, collector, "app.example.com", app.port, sampling=100, service="app")
+        client = Client(port, "unknown.example.com")
+        assert (await client.request("/nowhere")).status == 404
+        await client.close()
+        [span] = await collector.wait_spans(1)
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+    only_schema_valid(collector)
+    assert len(collector.spans) == 1 and span["kind"] == "SERVER" and "parentId" not in span
+    assert span["tags"]["response_flags"] == "NR" and span["tags"]["http.status_code"] == "404"
+    assert span["tags"]["upstream_cluster"] == "-" and "error" not in span["tags"]
+    assert app.received == []

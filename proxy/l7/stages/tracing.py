@@ -1,9 +1,10 @@
 """The tracing stage: reads the downstream request's trace context, decides sampling, writes the trace
 headers of the upstream request; a sampled request's spans go to the worker's span queue when it ends.
 
-It runs after the forwarding stage (the spans carry x-request-id) and is built only when the proxy
-has a Zipkin collector; an unsampled request costs a scan of its header names and, to pass the
-decision on as Envoy does, a new span id."""
+It runs first (a request another stage answers still gets its server span), and
+`UpstreamSpanStartStage` last, where the upstream call and so the client span begin. Both are built
+only when the proxy has a Zipkin collector; an unsampled request costs a scan of its header names
+and, to pass the decision on as Envoy does, a new span id."""
 
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ class TracingStage:
         else:
             incoming = _NO_TRACE
         if decide_sampling(incoming, self.sampling_percent):
-            trace = RequestTrace(incoming, int(ctx.start_wall * 1_000_000), int(time.time() * 1_000_000))
+            start_wall_us = int(ctx.start_wall * 1_000_000)
+            trace = RequestTrace(incoming, start_wall_us, start_wall_us)
             if self.report:
                 ctx.scratch()["trace"] = trace
             headers += upstream_trace_headers(incoming, trace.trace_id, trace.client_span_id, trace.server_span_id,
@@ -73,3 +75,21 @@ class TracingStage:
             headers += upstream_trace_headers(incoming, incoming.trace_id or new_trace_id(), new_span_id(),
                                               incoming.span_id, False)
         return None
+
+
+class UpstreamSpanStartStage:
+    """The last request stage: a sampled request's client span starts here, as its upstream call does."""
+
+    has_response_step = False
+    __slots__ = ()
+
+    def on_request(self, ctx: RequestContext) -> None:
+        extra = ctx.extra
+        if extra is not None:
+            trace = extra.get("trace")
+            if trace is not None:
+                trace.client_start_wall_us = int(time.time() * 1_000_000)
+        return None
+
+
+UPSTREAM_SPAN_START = UpstreamSpanStartStage()
