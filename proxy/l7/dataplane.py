@@ -18,7 +18,6 @@ from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
-from proxy.l7.stages.tracing import UPSTREAM_SPAN_START, Tracing, TracingStage
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 from proxy.lb.balancers import hash64, make_balancer
@@ -34,6 +33,7 @@ from proxy.tls.upstream import client_context_for
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
     from proxy.l7.context import RequestContext
+    from proxy.l7.stages.tracing import Tracing
     from proxy.runtime import SnapshotHolder
 
 MIRRORS_IN_FLIGHT_MAX = 256  # per worker; beyond it a mirror is dropped (and counted), never queued
@@ -282,7 +282,8 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
         if inbound or any(snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations
                           if d.cluster in snapshot.clusters):
             stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
-    if tracing is not None:  # only with a Zipkin collector configured
+    if tracing is not None:  # only with a Zipkin collector configured (a proxy without loads none of it)
+        from proxy.l7.stages.tracing import UPSTREAM_SPAN_START, TracingStage
         # first, so a request any stage answers locally still gets its server span; the client span
         # starts where the upstream call does, after the other stages
         policy = snapshot.tracing
