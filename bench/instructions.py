@@ -2,6 +2,7 @@
 move with the machine's load, for comparing two versions of the data path on a shared machine.
 
     python -m bench.instructions [--source DIR] [--requests N] [--baseline] [--h2 [--h2-upstream]]
+                                 [--trace-sampling PERCENT]
 
 The proxy (DataPlane + serve_listener on the Istio resources `make bench` gives it: one route to one
 nginx endpoint, with Istio's default retry policy) runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
@@ -11,6 +12,8 @@ checkout (e.g. `git worktree add /tmp/base HEAD~1`); `--baseline` measures a bar
 with the same two waits per request (no HTTP at all), the floor any Trio design pays; `--h2` sends the
 requests as h2c (8 connections, 4 streams in flight each) to the same HTTP/1.1 upstream, and with
 `--h2-upstream` to nginx's h2c server instead (a ServiceEntry port `protocol: HTTP2`).
+`--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
+cost measured is the data path's).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 """
 
@@ -82,7 +85,14 @@ async def triomesh(nursery):
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
-    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), Stats()))
+    stats = Stats()
+    tracing = None
+    if os.environ.get("TM_TRACE_SAMPLING"):
+        from proxy.l7.stages.tracing import Tracing
+        from proxy.tracing.spans import TracingSettings
+        tracing = Tracing(TracingSettings(collector=("127.0.0.1", 9),
+                                          sampling_percent=float(os.environ["TM_TRACE_SAMPLING"])), stats)
+    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), stats, tracing=tracing))
     return listener.port
 
 
@@ -101,7 +111,7 @@ trio.run(main)
 
 
 def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
-              h2: bool = False, upstream_protocol: str = "HTTP") -> tuple[int, int]:
+              h2: bool = False, upstream_protocol: str = "HTTP", trace_sampling: float | None = None) -> tuple[int, int]:
     """(total instructions, requests that succeeded) for one proxy process under callgrind."""
     script = workdir / "proxy_under_callgrind.py"
     script.write_text(_PROXY)
@@ -112,7 +122,8 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol))
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
-                            env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config)), stdout=subprocess.DEVNULL,
+                            env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config),
+                                     TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -146,6 +157,8 @@ def main() -> None:
     ap.add_argument("--baseline", action="store_true", help="measure a bare Trio forwarder instead")
     ap.add_argument("--h2", action="store_true", help="h2c downstream (prior knowledge) instead of HTTP/1.1")
     ap.add_argument("--h2-upstream", action="store_true", help="with --h2: to an h2c upstream instead of HTTP/1.1")
+    ap.add_argument("--trace-sampling", type=float, default=None, metavar="PERCENT",
+                    help="with tracing on, sampling this percentage of requests (spans queued, not exported)")
     args = ap.parse_args()
     if args.h2_upstream and not args.h2:
         sys.exit("--h2-upstream goes with --h2")
@@ -160,11 +173,12 @@ def main() -> None:
         try:
             port = backend.h2c_port if args.h2_upstream else backend.port
             upstream = "HTTP2" if args.h2_upstream else "HTTP"
-            first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream)
-            second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream)
+            first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream, args.trace_sampling)
+            second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream,
+                                    args.trace_sampling)
         finally:
             backend.stop()
-    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''})"
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''})"
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")
 
