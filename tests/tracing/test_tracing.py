@@ -200,6 +200,9 @@ async def test_client_trace_id_forces_sampling_at_zero_percent_and_error_tag_on_
     assert len(spans) == 2 and {s["kind"] for s in spans} == {"SERVER", "CLIENT"}
     assert all(s["tags"]["http.url"].endswith("/forced") for s in spans)
     assert all(s["tags"]["error"] == "true" and s["tags"]["http.status_code"] == "503" for s in spans)
+    unsampled = [r["headers"] for r in failing.requests if r["target"] == "/unsampled"]
+    # a request that brought no context and was not sampled passes only the decision on
+    assert unsampled and all(h["x-b3-sampled"] == "0" and "x-b3-traceid" not in h for h in unsampled)
     forced = [r for r in failing.requests if r["target"] == "/forced"]  # with Istio's default retries on 503
     assert forced and all(r["headers"]["x-client-trace-id"] == "abc" and r["headers"]["x-b3-sampled"] == "1"
                           for r in forced)

@@ -3,12 +3,14 @@ headers of the upstream request; a sampled request's spans go to the worker's sp
 
 It runs first (a request another stage answers still gets its server span), and
 `UpstreamSpanStartStage` last, where the upstream call and so the client span begin. Both are built
-only when the proxy has a Zipkin collector; an unsampled request costs a scan of its header names
-and, to pass the decision on as Envoy does, a new span id."""
+only when the proxy has a Zipkin collector; an unsampled request without trace headers costs a scan of its header
+names, a random draw and one `x-b3-sampled: 0` header."""
 
 from __future__ import annotations
 
 import time
+from operator import itemgetter
+from random import random as _random
 from typing import TYPE_CHECKING
 
 import structlog
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("triomesh.tracing")
 
 _NO_TRACE = IncomingTrace()  # shared, never written: a request that brought no trace header
+_NOT_SAMPLED = (b"x-b3-sampled", b"0")
+_has_no_trace_header = TRACE_HEADER_NAMES.isdisjoint
+_name_of = itemgetter(0)
 
 
 class Tracing:
@@ -57,23 +62,25 @@ class TracingStage:
 
     def on_request(self, ctx: RequestContext) -> None:
         headers = ctx.request.headers
-        for pair in headers:
-            if pair[0] in TRACE_HEADER_NAMES:
-                incoming, kept = read_trace_headers(headers)
-                headers[:] = kept
-                break
-        else:
+        if _has_no_trace_header(map(_name_of, headers)):  # the common case, checked in C
+            if _random() * 100.0 >= self.sampling_percent:
+                # not sampled: only the decision goes on (B3 allows it alone), so the next hop does
+                # not sample either; no id is made for a trace no one reports
+                headers.append(_NOT_SAMPLED)
+                return None
             incoming = _NO_TRACE
-        if decide_sampling(incoming, self.sampling_percent):
-            start_wall_us = int(ctx.start_wall * 1_000_000)
-            trace = RequestTrace(incoming, start_wall_us, start_wall_us)
-            if self.report:
-                ctx.scratch()["trace"] = trace
-            headers += upstream_trace_headers(incoming, trace.trace_id, trace.client_span_id, trace.server_span_id,
-                                              True)
-        else:  # not sampled: the decision and the trace id go on, so the next hop does not sample either
-            headers += upstream_trace_headers(incoming, incoming.trace_id or new_trace_id(), new_span_id(),
-                                              incoming.span_id, False)
+        else:
+            incoming, kept = read_trace_headers(headers)
+            headers[:] = kept
+            if not decide_sampling(incoming, self.sampling_percent):
+                headers += upstream_trace_headers(incoming, incoming.trace_id or new_trace_id(), new_span_id(),
+                                                  incoming.span_id, False)
+                return None
+        start_wall_us = int(ctx.start_wall * 1_000_000)
+        trace = RequestTrace(incoming, start_wall_us, start_wall_us)
+        if self.report:
+            ctx.scratch()["trace"] = trace
+        headers += upstream_trace_headers(incoming, trace.trace_id, trace.client_span_id, trace.server_span_id, True)
         return None
 
 
