@@ -3,8 +3,8 @@ headers of the upstream request; a sampled request's spans go to the worker's sp
 
 It runs first (a request another stage answers still gets its server span), and
 `UpstreamSpanStartStage` last, where the upstream call and so the client span begin. Both are built
-only when the proxy has a Zipkin collector; an unsampled request without trace headers costs a scan of its header
-names, a random draw and one `x-b3-sampled: 0` header."""
+only when the proxy has a Zipkin collector; an unsampled request without trace headers costs a scan
+of its header names, a random draw and one `x-b3-sampled: 0` header."""
 
 from __future__ import annotations
 
