@@ -68,7 +68,7 @@ class RequestTrace:
             "guid:x-request-id": ctx.request_id.decode("latin-1"),
             "http.method": method,
             "http.url": url,
-            "http.protocol": "HTTP/2" if head.http_version == b"2" else "HTTP/1.1",
+            "http.protocol": "HTTP/" + head.http_version.decode(),
             "downstream_cluster": "-",
             "user_agent": next((v.decode("latin-1") for n, v in head.headers if n == b"user-agent"), "-"),
             "peer.address": ctx.downstream_addr.rpartition(":")[0].strip("[]"),

@@ -307,3 +307,23 @@ async def test_a_locally_answered_request_gets_a_server_span_only():
     assert span["tags"]["response_flags"] == "NR" and span["tags"]["http.status_code"] == "404"
     assert span["tags"]["upstream_cluster"] == "-" and "error" not in span["tags"]
     assert app.received == []
+
+
+async def test_h2c_requests_from_curl_are_traced_the_same_way():
+    async with trio.open_nursery() as nursery:
+        collector = await ZipkinCollector().start(nursery)
+        app = await App("app").start(nursery)
+        port, _ = await start_proxy(nursery, collector, "app.example.com", app.port, sampling=0, service="app")
+        done = await trio.run_process(
+            ["curl", "-sS", "--max-time", "10", "--http2-prior-knowledge", "-H", "host: app.example.com",
+             "-H", "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1", f"http://127.0.0.1:{port}/h2"],
+            capture_stdout=True, check=False)
+        assert done.returncode == 0 and done.stdout == b"app"
+        spans = await collector.wait_spans(2)
+        nursery.cancel_scope.cancel()
+    only_schema_valid(collector)
+    assert {s["tags"]["http.protocol"] for s in spans} == {"HTTP/2"}
+    assert {s["traceId"] for s in spans} == {"80f198ee56343ba864fe8b2a57d3eff7"}
+    server = next(s for s in spans if s["kind"] == "SERVER")
+    assert server["parentId"] == "e457b5a2e4d86bd1" and server["tags"]["user_agent"].startswith("curl/")
+    assert app.received[0]["b3"].startswith("80f198ee56343ba864fe8b2a57d3eff7-")
