@@ -86,13 +86,13 @@ async def triomesh(nursery):
     await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
     stats = Stats()
-    tracing = None
+    options = {}  # only what was asked for: --source may be a checkout older than the option
     if os.environ.get("TM_TRACE_SAMPLING"):
         from proxy.l7.stages.tracing import Tracing
         from proxy.tracing.spans import TracingSettings
-        tracing = Tracing(TracingSettings(collector=("127.0.0.1", 9),
-                                          sampling_percent=float(os.environ["TM_TRACE_SAMPLING"])), stats)
-    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), stats, tracing=tracing))
+        options["tracing"] = Tracing(TracingSettings(collector=("127.0.0.1", 9),
+                                                     sampling_percent=float(os.environ["TM_TRACE_SAMPLING"])), stats)
+    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), stats, **options))
     return listener.port
 
 
