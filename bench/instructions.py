@@ -2,7 +2,7 @@
 move with the machine's load, for comparing two versions of the data path on a shared machine.
 
     python -m bench.instructions [--source DIR] [--requests N] [--baseline] [--h2 [--h2-upstream]]
-                                 [--no-telemetry] [--keep-output DIR]
+                                 [--no-telemetry] [--keep-output DIR] [--trace-sampling PERCENT]
 
 The proxy (DataPlane + serve_listener on the Istio resources `make bench` gives it: one route to one
 nginx endpoint, with Istio's default retry policy) runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
@@ -16,6 +16,8 @@ requests as h2c (8 connections, 4 streams in flight each) to the same HTTP/1.1 u
 cost; `--keep-output DIR` keeps callgrind's two output files there, for `callgrind_annotate
 --inclusive=yes DIR/callgrind.N` (the difference between the two runs' functions is where a
 request's instructions go).
+`--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
+cost measured is the data path's).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 """
 
@@ -88,9 +90,16 @@ async def triomesh(nursery):
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
-    # (telemetry passed only to turn it off: a checkout from before the metrics has no such argument)
-    plane = DataPlane(SnapshotHolder(snapshot), Stats(), **({} if telemetry else {"telemetry": False}))
-    await nursery.start(serve_listener, sock, listener.name, plane)
+    stats = Stats()
+    options = {}  # only what was asked for: --source may be a checkout older than the option
+    if not telemetry:  # a checkout from before the metrics has no such argument
+        options["telemetry"] = False
+    if os.environ.get("TM_TRACE_SAMPLING"):
+        from proxy.l7.stages.tracing import Tracing
+        from proxy.tracing.spans import TracingSettings
+        options["tracing"] = Tracing(TracingSettings(collector=("127.0.0.1", 9),
+                                                     sampling_percent=float(os.environ["TM_TRACE_SAMPLING"])), stats)
+    await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), stats, **options))
     return listener.port
 
 
@@ -110,7 +119,7 @@ trio.run(main)
 
 def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
               h2: bool = False, upstream_protocol: str = "HTTP", telemetry: bool = True,
-              keep_output: Path | None = None) -> tuple[int, int]:
+              keep_output: Path | None = None, trace_sampling: float | None = None) -> tuple[int, int]:
     """(total instructions, requests that succeeded) for one proxy process under callgrind."""
     script = workdir / "proxy_under_callgrind.py"
     script.write_text(_PROXY)
@@ -122,7 +131,9 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
                             env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config),
-                                     TM_TELEMETRY="1" if telemetry else "0"), stdout=subprocess.DEVNULL,
+                                     TM_TELEMETRY="1" if telemetry else "0",
+                                     TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)),
+                                     stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
@@ -158,6 +169,8 @@ def main() -> None:
     ap.add_argument("--h2-upstream", action="store_true", help="with --h2: to an h2c upstream instead of HTTP/1.1")
     ap.add_argument("--no-telemetry", action="store_true", help="Istio's standard metrics off (DataPlane(telemetry=False))")
     ap.add_argument("--keep-output", type=Path, metavar="DIR", help="keep callgrind's output files in DIR")
+    ap.add_argument("--trace-sampling", type=float, default=None, metavar="PERCENT",
+                    help="with tracing on, sampling this percentage of requests (spans queued, not exported)")
     args = ap.parse_args()
     if args.h2_upstream and not args.h2:
         sys.exit("--h2-upstream goes with --h2")
@@ -176,12 +189,12 @@ def main() -> None:
             if args.keep_output is not None:
                 args.keep_output.mkdir(parents=True, exist_ok=True)
             first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream, telemetry,
-                                   args.keep_output)
+                                   args.keep_output, args.trace_sampling)
             second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream,
-                                    telemetry, args.keep_output)
+                                    telemetry, args.keep_output, args.trace_sampling)
         finally:
             backend.stop()
-    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''})"
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''})"
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")
 

@@ -217,12 +217,13 @@ def compute_view(state: State, pc: ProxyClass) -> View:
             if any(ns == we.key.namespace and all(labels.get(k) == v for k, v in sel.items()) for ns, sel in selectors):
                 out.append(we)
     # AuthorizationPolicies: the root namespace's (mesh-wide) and the proxy's namespace's whose selector
-    # matches; PeerAuthentications: the root namespace's mesh policy and the proxy's namespace's
-    for kind in ("AuthorizationPolicy", "PeerAuthentication"):
+    # matches; PeerAuthentications and Telemetry: the root namespace's mesh-wide one and the proxy's
+    # namespace's whose selector (if any) matches
+    for kind in ("AuthorizationPolicy", "PeerAuthentication", "Telemetry"):
         for policy in _of_kind(state, kind):
             selector = policy.resource.obj.spec.selector
             match_labels = selector.match_labels if selector is not None else {}
-            if kind == "PeerAuthentication" and policy.key.namespace != pc.namespace:
+            if kind != "AuthorizationPolicy" and policy.key.namespace != pc.namespace:
                 if policy.key.namespace != ROOT_NAMESPACE or match_labels:
                     continue
             elif policy.key.namespace not in (ROOT_NAMESPACE, pc.namespace):
@@ -262,6 +263,9 @@ class ViewCache:
         return d
 
 
+_SELECTOR_KINDS = ("AuthorizationPolicy", "PeerAuthentication", "Telemetry")  # `selector: {matchLabels}`
+
+
 def representative_classes(state: State) -> set[ProxyClass]:
     """One proxy class per way the config can apply to a proxy: each namespace with no extra labels,
     and the namespace + selector labels of each Sidecar and Gateway that has a selector. Compiling the
@@ -275,7 +279,7 @@ def representative_classes(state: State) -> set[ProxyClass]:
                 classes.add(ProxyClass.of(key.namespace, ws.labels))
         elif key.kind == "Gateway" and s.resource.obj.spec.selector:
             classes.add(ProxyClass.of(key.namespace, s.resource.obj.spec.selector))
-        elif key.kind in ("AuthorizationPolicy", "PeerAuthentication") and s.resource.obj.spec.selector is not None:
+        elif key.kind in _SELECTOR_KINDS and s.resource.obj.spec.selector is not None:
             classes.add(ProxyClass.of(key.namespace, s.resource.obj.spec.selector.match_labels))
     return classes
 
@@ -290,7 +294,7 @@ def selector_keys(state: State) -> frozenset[str]:
             keys.update(spec.selector)
         elif key.kind == "Sidecar" and spec.workload_selector is not None:
             keys.update(spec.workload_selector.labels)
-        elif key.kind in ("AuthorizationPolicy", "PeerAuthentication") and spec.selector is not None:
+        elif key.kind in _SELECTOR_KINDS and spec.selector is not None:
             keys.update(spec.selector.match_labels)
         elif key.kind == "VirtualService":
             for http in spec.http:

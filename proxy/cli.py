@@ -99,6 +99,16 @@ def _size_bytes(text: str) -> int:
     return int(number) * multiplier
 
 
+def _percentage(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentage from 0 to 100, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="triomesh", description="a service mesh data plane on Trio")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-restart-socket", default=None, metavar="PATH",
                    help="Unix socket of hot restart: a proxy started with the PATH of a running one takes over "
                         "its listening and admin sockets, then the old one drains (docs/hot-restart.md)")
+    tr = p.add_argument_group("tracing (Zipkin v2; see docs/tracing.md)")
+    tr.add_argument("--zipkin-address", type=_host_port, default=None, metavar="HOST:PORT",
+                    help="Zipkin collector spans are posted to (POST /api/v2/spans); without it, no tracing")
+    tr.add_argument("--trace-sampling", type=_percentage, default=1.0, metavar="PERCENT",
+                    help="percentage of requests sampled when no Telemetry resource and no incoming decision "
+                         "says otherwise (Istio's meshConfig.defaultConfig.tracing.sampling; default 1)")
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format (default json)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="format of the proxy's own log lines")
@@ -217,6 +233,8 @@ def run_proxy(args: argparse.Namespace) -> int:
         register=args.register,
         drain_duration_s=args.drain_duration,
         max_downstream_connections=args.max_downstream_connections,
+        zipkin_address=args.zipkin_address,
+        trace_sampling_percent=args.trace_sampling,
         max_worker_rss_bytes=args.max_worker_rss,
         hot_restart_socket=args.hot_restart_socket,
         service_account=args.service_account,

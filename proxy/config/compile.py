@@ -44,6 +44,7 @@ import msgspec
 
 from proxy.authz import compile as authz_compile
 from proxy.authz import peer_authentication
+from proxy.config import telemetry
 from proxy.config import gateway_tls, hosts, policies
 from proxy.config.errors import ConfigError
 from proxy.config.istio import (
@@ -1153,6 +1154,7 @@ def compile_resources(
     authorization = authz_compile.compile_authorization(
         c.by_kind["AuthorizationPolicy"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     mtls = peer_authentication.resolve(c.by_kind["PeerAuthentication"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
+    tracing = telemetry.resolve(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
@@ -1181,6 +1183,7 @@ def compile_resources(
         "authorization": {**authz_compile.describe(authorization),
                           "listeners": sorted(authorized) if authorization is not None else []},
         "peer_authentication": peer_authentication.describe(mtls),
+        "tracing": telemetry.describe(tracing),
     }
     return Snapshot(
         version=version,
@@ -1194,6 +1197,7 @@ def compile_resources(
         authorization=authorization,
         authorized_listeners=frozenset(authorized) if authorization is not None else frozenset(),
         mtls=mtls,
+        tracing=tracing,
         mesh_addresses=mesh_addresses(c.registry),
     )
 

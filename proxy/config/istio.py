@@ -27,6 +27,9 @@ from msgspec import UNSET, Meta, Struct, field
 
 API_VERSIONS = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
 SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
+TELEMETRY_API_VERSIONS = ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1")
+# the tracing provider a Telemetry resource may name: the Zipkin collector given by --zipkin-address
+TRACING_PROVIDERS = ("zipkin",)
 
 PortNumber = Annotated[int, Meta(ge=1, le=65535)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
@@ -1034,6 +1037,46 @@ class AuthorizationPolicySpec(IstioStruct, frozen=True):
                              "add an empty rule `{}` if you want it be triggered for every request")
 
 
+class ProviderRef(IstioStruct, frozen=True):
+    name: Annotated[str, Meta(min_length=1)]
+
+
+class TelemetryTracing(IstioStruct, frozen=True):
+    """Telemetry `tracing[]`: which provider, how many requests are sampled, whether spans are reported."""
+
+    match: Any = UNSET
+    providers: tuple[ProviderRef, ...] = ()
+    random_sampling_percentage: Annotated[float, Meta(ge=0, le=100)] | None = None
+    disable_span_reporting: bool | None = None
+    custom_tags: Any = UNSET
+    use_request_id_for_trace_sampling: Any = UNSET
+    enable_istio_tags: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("match", "custom_tags", "use_request_id_for_trace_sampling",
+                                              "enable_istio_tags")
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        for i, provider in enumerate(self.providers):
+            if provider.name not in TRACING_PROVIDERS:
+                yield (f"providers[{i}].name", f"tracing provider {provider.name!r} is not one triomesh has; "
+                       f"it reports to {', '.join(repr(p) for p in TRACING_PROVIDERS)} (the collector of --zipkin-address)")
+
+
+class TelemetrySpec(IstioStruct, frozen=True):
+    selector: SecurityWorkloadSelector | None = None
+    target_ref: Any = UNSET
+    target_refs: Any = UNSET
+    tracing: tuple[TelemetryTracing, ...] = ()
+    metrics: Any = UNSET
+    access_logging: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs", "metrics", "access_logging")
+
+    def __post_init__(self) -> None:
+        if len(self.tracing) > 1:  # Istio itself uses only the first entry
+            raise ValueError("only one `tracing` entry is supported (Istio applies only the first)")
+
+
 # --------------------------------------------------------------------------------------------------
 # the kinds
 
@@ -1057,6 +1100,12 @@ class _SecurityKind(_Kind, frozen=True):
     api_version: Literal[SECURITY_API_VERSIONS]  # type: ignore[valid-type]
 
     api_versions: ClassVar[tuple[str, ...]] = SECURITY_API_VERSIONS
+
+
+class _TelemetryKind(_Kind, frozen=True):
+    api_version: Literal[TELEMETRY_API_VERSIONS]  # type: ignore[valid-type]
+
+    api_versions: ClassVar[tuple[str, ...]] = TELEMETRY_API_VERSIONS
 
 
 class Gateway(_Kind, frozen=True, kw_only=True):
@@ -1099,10 +1148,15 @@ class AuthorizationPolicy(_SecurityKind, frozen=True, kw_only=True):
     spec: AuthorizationPolicySpec = AuthorizationPolicySpec()
 
 
+class Telemetry(_TelemetryKind, frozen=True, kw_only=True):
+    kind: Literal["Telemetry"]
+    spec: TelemetrySpec = TelemetrySpec()
+
+
 IstioObject = Union[Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar, PeerAuthentication,
-                    AuthorizationPolicy]
+                    AuthorizationPolicy, Telemetry]
 
 KINDS: dict[str, type] = {
     cls.__name__: cls for cls in (Gateway, VirtualService, DestinationRule, ServiceEntry, WorkloadEntry, Sidecar,
-                                  PeerAuthentication, AuthorizationPolicy)
+                                  PeerAuthentication, AuthorizationPolicy, Telemetry)
 }

@@ -32,7 +32,6 @@ REMOVED_GROUPS: dict[str, str] = {"config.istio.io": _MIXER}
 
 NOT_YET: frozenset[str] = frozenset({
     "RequestAuthentication",  # security.istio.io
-    "Telemetry",  # telemetry.istio.io
     "EnvoyFilter", "WorkloadGroup", "ProxyConfig",  # networking.istio.io
     "WasmPlugin",  # extensions.istio.io
 })

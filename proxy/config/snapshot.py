@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from proxy.authz.peer_authentication import MtlsPolicy
 from proxy.authz.policy import WorkloadAuthorization
+from proxy.config.telemetry import TracingPolicy
 from proxy.l7.events import RequestHead, split_authority
 
 
@@ -472,6 +473,8 @@ class Snapshot:
     # addresses of the mesh's workloads (endpoints of MESH_INTERNAL services): an inbound request's
     # peer metadata is believed only from these (until mutual TLS authenticates the peer)
     mesh_addresses: frozenset[str] = frozenset()
+    # the tracing settings of the Telemetry resources that apply to this proxy (config/telemetry.py)
+    tracing: TracingPolicy = TracingPolicy()
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

@@ -34,6 +34,7 @@ from proxy.telemetry.peer import PEER_HEADER
 if TYPE_CHECKING:
     from proxy.config.snapshot import Listener, Route, Snapshot
     from proxy.l7.context import RequestContext
+    from proxy.l7.stages.tracing import Tracing
     from proxy.runtime import SnapshotHolder
 
 MIRRORS_IN_FLIGHT_MAX = 256  # per worker; beyond it a mirror is dropped (and counted), never queued
@@ -262,7 +263,8 @@ def _routes_of(listener: Listener):
 
 
 def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime],
-                stats: Stats | None = None, telemetry: IstioMetrics | None = None) -> Chain:
+                stats: Stats | None = None, telemetry: IstioMetrics | None = None,
+                tracing: Tracing | None = None) -> Chain:
     """The listener's stages; the optional ones only when some route, cluster or policy there needs them."""
     routes: list[Route] = list(_routes_of(listener))
     stages: list = []
@@ -283,6 +285,16 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     stages.append(ForwardingStage(outbound_peer_header))
     if peer_exchange:
         stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
+    if tracing is not None:  # only with a Zipkin collector configured (a proxy without loads none of it)
+        from proxy.l7.stages.tracing import UPSTREAM_SPAN_START, TracingStage
+        # first, so a request any stage answers locally still gets its server span; the client span
+        # starts where the upstream call does, after the other stages
+        policy = snapshot.tracing
+        # Telemetry `randomSamplingPercentage` over the proxy's default (--trace-sampling)
+        sampling_percent = (policy.sampling_percent if policy.sampling_percent is not None
+                            else tracing.settings.sampling_percent)
+        stages.insert(0, TracingStage(tracing, sampling_percent, report=not policy.disable_span_reporting))
+        stages.append(UPSTREAM_SPAN_START)
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):
@@ -296,7 +308,7 @@ class SnapshotRuntime:
     __slots__ = ("snapshot", "listeners", "chains", "clusters", "stats", "by_listener")
 
     def __init__(self, snapshot: Snapshot, stats: Stats, previous: SnapshotRuntime | None,
-                 telemetry: IstioMetrics | None = None) -> None:
+                 telemetry: IstioMetrics | None = None, tracing: Tracing | None = None) -> None:
         self.snapshot = snapshot
         self.stats = stats
         self.listeners: dict[str, Listener] = {l.name: l for l in snapshot.listeners}
@@ -314,7 +326,7 @@ class SnapshotRuntime:
         # directResponse / redirect routes end in the exchange without an upstream
         # (its metrics stay out of the exported stats: it is no real cluster)
         self.clusters[LOCAL_CLUSTER.name] = old.get(LOCAL_CLUSTER.name) or ClusterRuntime(LOCAL_CLUSTER, Stats())
-        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats, telemetry)
+        self.chains: dict[str, Chain] = {l.name: build_chain(snapshot, l, self.clusters, stats, telemetry, tracing)
                                          for l in snapshot.listeners}
         # what a request looks up first: its listener and that listener's chain, in one lookup
         self.by_listener: dict[str, tuple[Listener, Chain]] = {
@@ -323,8 +335,10 @@ class SnapshotRuntime:
 
 class DataPlane:
     def __init__(self, holder: SnapshotHolder, stats: Stats, access_log: Any = None,
-                 settings: HttpSettings | None = None, telemetry: IstioMetrics | None | bool = True) -> None:
+                 settings: HttpSettings | None = None, telemetry: IstioMetrics | None | bool = True,
+                 tracing: Tracing | None = None) -> None:
         self.holder = holder
+        self.tracing = tracing  # spans to a Zipkin collector, None without one
         self.stats = stats
         # Istio's standard metrics, on by default (True: with an unknown workload identity; False: off)
         self.telemetry: IstioMetrics | None = (
@@ -397,7 +411,7 @@ class DataPlane:
         rt = self._runtime
         if rt is None or rt.snapshot is not snapshot:
             previous = rt
-            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry)
+            rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry, self.tracing)
             if previous is not None and self.pools:
                 self._close_pools_with_changed_tls(previous, rt)
         return rt

@@ -50,8 +50,11 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     if ctx.status or ctx.response_flags:
         plane.count_downstream(ctx.status, ctx.response_flags)
     extra = ctx.extra
-    if extra is not None and "grpc_status" in extra:
-        plane.count_grpc(extra["grpc_status"])
+    if extra is not None:
+        if "grpc_status" in extra:
+            plane.count_grpc(extra["grpc_status"])
+        if "trace" in extra:  # a sampled request's spans (stages/tracing.py)
+            plane.tracing.record(ctx, extra["trace"])
     telemetry = plane.telemetry
     if telemetry is not None and (ctx.status or ctx.response_flags):
         try:

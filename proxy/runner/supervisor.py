@@ -93,6 +93,8 @@ class ProxyOptions:
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    zipkin_address: tuple[str, int] | None = None  # the Zipkin collector spans go to; None: no tracing
+    trace_sampling_percent: float = 1.0  # Istio's meshConfig.defaultConfig.tracing.sampling
     credentials_dir: str | None = None  # where Gateway credentialNames resolve (proxy/tls/certificates.py)
     max_worker_rss_bytes: int | None = None  # per worker (proxy/overload.py)
     hot_restart_socket: str | None = None  # Unix socket path of hot restart (proxy/runner/hot_restart.py)
@@ -192,6 +194,10 @@ class Supervisor:
             options.namespace, options.labels, options.workload_name, options.cluster_id).header_value().decode()]
         if options.max_downstream_connections is not None:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
+        if options.zipkin_address is not None:
+            worker_args += ["--zipkin-address", "[%s]:%d" % options.zipkin_address,
+                            "--trace-sampling", repr(options.trace_sampling_percent),
+                            "--node-id", options.node_id or f"{socket.gethostname()}.{options.admin_port}"]
         if options.max_worker_rss_bytes is not None:
             worker_args += ["--max-worker-rss-bytes", str(options.max_worker_rss_bytes)]
         if options.hot_restart_socket is not None:  # a worker whose supervisor dies waits there for the next

@@ -11,6 +11,7 @@ then drains.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,9 @@ from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
 from proxy.telemetry.istio_metrics import IstioMetrics
 from proxy.telemetry.peer import UNKNOWN_WORKLOAD, parse_peer_header
+from proxy.l7.stages.tracing import Tracing
+from proxy.tracing.exporter import export_spans
+from proxy.tracing.spans import DEFAULT_SAMPLING_PERCENT, TracingSettings
 
 ACCESS_LOG_FLUSH_INTERVAL_S = 1.0
 DRAIN_POLL_INTERVAL_S = 0.05  # how soon after its last connection ends a draining worker reports
@@ -53,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     # where an orphaned worker (its supervisor died) offers its sockets to the next proxy
     p.add_argument("--hot-restart-socket", default=None)
     p.add_argument("--drain-duration-s", type=float, default=5.0)
+    # tracing: spans to this Zipkin collector (HOST:PORT; none: no tracing), the sampling percentage
+    # and the node id the spans carry
+    p.add_argument("--zipkin-address", default=None)
+    p.add_argument("--trace-sampling", type=float, default=DEFAULT_SAMPLING_PERCENT)
+    p.add_argument("--node-id", default="")
     return p
 
 
@@ -146,7 +155,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               limits: OverloadLimits = OverloadLimits(),
               inherited: dict[tuple[str, int], list] | None = None,
               hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0,
-              workload: str = "") -> None:
+              workload: str = "", tracing: TracingSettings | None = None) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -158,9 +167,14 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     stats = Stats()
     # this proxy's own workload as Istio's metrics name it (source or destination labels)
     own_workload = (parse_peer_header(workload.encode()) if workload else None) or UNKNOWN_WORKLOAD
+    if tracing is not None:
+        # Istio's default Zipkin service name: "{app label}.{namespace}", the workload name without an app label
+        app = own_workload.app if own_workload.app != UNKNOWN_WORKLOAD.app else own_workload.workload
+        tracing = dataclasses.replace(tracing, service_name=f"{app}.{own_workload.namespace}")
     plane = DataPlane(holder, stats, access_log,
                       HttpSettings(max_downstream_connections=limits.max_downstream_connections),
-                      telemetry=IstioMetrics(stats, own_workload))
+                      telemetry=IstioMetrics(stats, own_workload),
+                      tracing=Tracing(tracing, stats) if tracing is not None else None)
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
     identity = IdentityHolder()
     plane.workload_identity = identity
@@ -190,6 +204,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                                               ORIGINAL_DST: capture.serve}, log, inherited)
         if access_log.enabled:
             nursery.start_soon(_flush_access_log, access_log)
+        if plane.tracing is not None:
+            nursery.start_soon(export_spans, plane.tracing.queue, plane.tracing.settings)
         draining = False
         prepared = None  # (Snapshot, BoundSockets) of a PrepareConfig awaiting its Commit or Abort
 
@@ -288,6 +304,14 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         nursery.cancel_scope.cancel()
 
 
+def _tracing_settings(args: argparse.Namespace) -> TracingSettings | None:
+    if args.zipkin_address is None:
+        return None
+    host, _, port = args.zipkin_address.rpartition(":")
+    return TracingSettings(collector=(host.strip("[]"), int(port)), sampling_percent=args.trace_sampling,
+                           node_id=args.node_id)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # the supervisor decides when workers stop (Shutdown over the control channel, or the channel
@@ -306,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   inherited=inherited_sockets(args.inherited_sockets), hot_restart_socket=args.hot_restart_socket,
                   index=args.index, drain_duration_s=args.drain_duration_s,
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
-                  workload=args.workload)
+                  workload=args.workload, tracing=_tracing_settings(args))
 
     try:
         trio.run(_main)

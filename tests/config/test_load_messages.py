@@ -48,7 +48,6 @@ def test_removed_kinds_say_when_and_what_replaced_them(api_version, kind, parts)
 
 @pytest.mark.parametrize(("api_version", "kind"), [
     ("security.istio.io/v1beta1", "RequestAuthentication"),
-    ("telemetry.istio.io/v1", "Telemetry"),
     ("networking.istio.io/v1alpha3", "EnvoyFilter"),
     ("networking.istio.io/v1", "WorkloadGroup"),
     ("networking.istio.io/v1beta1", "ProxyConfig"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, compute_view, delta, select_sidecar
+from controlplane.snapshots import (ProxyClass, StoredResource, ViewCache, compute_view, delta, representative_classes,
+                                    select_sidecar)
 from controlplane.store import ConfigStore
 from controlplane.wire import ResourceKey
 from proxy.config.compile import compile_resources
@@ -169,3 +170,40 @@ def test_a_proxy_gets_the_security_policies_that_apply_to_it():
     assert snapshot.mtls.mode == "STRICT" and dict(snapshot.mtls.port_modes) == {8080: "PERMISSIVE"}
     # the selector's labels split proxy classes (a label nothing else selects on would not)
     assert "app" in ViewCache(store.state).keys
+
+
+TELEMETRY = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec: {tracing: [{randomSamplingPercentage: 10.0}]}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: workload, namespace: istio-system}
+spec: {selector: {matchLabels: {app: preference}}, tracing: [{randomSamplingPercentage: 0.0}]}
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: preference, namespace: tutorial}
+spec: {selector: {matchLabels: {app: preference}}, tracing: [{randomSamplingPercentage: 100.0}]}
+---
+apiVersion: telemetry.istio.io/v1alpha1
+kind: Telemetry
+metadata: {name: finance, namespace: finance}
+spec: {tracing: [{disableSpanReporting: true}]}
+"""
+
+
+def test_a_proxy_gets_the_telemetry_resources_that_apply_to_it():
+    store = _store(SERVICES, TELEMETRY)
+    telemetry = lambda view: [n for n in _names(view) if n.startswith("Telemetry")]
+    preference = compute_view(store.state, ProxyClass.of("tutorial", {"app": "preference"}))
+    # a selector in the root namespace selects nothing (Istio: the root namespace's is mesh-wide only)
+    assert telemetry(preference) == ["Telemetry istio-system/mesh-default", "Telemetry tutorial/preference"]
+    customer = compute_view(store.state, ProxyClass.of("tutorial", {"app": "customer"}))
+    assert telemetry(customer) == ["Telemetry istio-system/mesh-default"]
+    snapshot = compile_resources([s.resource for s in preference.resources], version="x",
+                                 proxy_labels={"app": "preference"}, proxy_namespace="tutorial")
+    assert snapshot.tracing.sampling_percent == 100.0
+    assert ProxyClass.of("tutorial", {"app": "preference"}) in representative_classes(store.state)

@@ -196,3 +196,19 @@ def test_identity_fields_keep_older_peers_decoding():
     assert not decoded.issues_certificates  # so a new proxy sends no certificate_request to an old control plane
     old_status = msgspec.msgpack.encode({"type": "status"})
     assert wire.FrameDecoder().feed(len(old_status).to_bytes(4, "big") + old_status) == [wire.StatusRequest()]
+
+
+def test_telemetry_round_trips():
+    from proxy.config.load import load_bytes
+
+    text = """
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: t, namespace: foo}
+spec:
+  selector: {matchLabels: {app: a}}
+  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 2.5, disableSpanReporting: true}]
+"""
+    [r] = load_bytes(text, "telemetry.yaml")
+    back = wire.decode_istio(wire.encode_istio(r.obj), file=r.file, document=r.document)
+    assert back.obj == r.obj

@@ -1,0 +1,84 @@
+"""Istio's Telemetry kind: its tracing settings loaded with precise errors, and resolved for one proxy
+at mesh, namespace and workload scope."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config.errors import ConfigError
+from proxy.config.load import load_bytes
+from proxy.config.telemetry import TracingPolicy
+from tests.config.helpers import compile_docs, dump
+
+
+def telemetry(name: str, namespace: str, spec: dict, api_version: str = "telemetry.istio.io/v1") -> dict:
+    return {"apiVersion": api_version, "kind": "Telemetry", "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+def _error(*docs: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load_bytes(dump(*docs), "t.yaml")
+    return info.value
+
+
+@pytest.mark.parametrize("api_version", ["telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1"])
+def test_tracing_fields_load(api_version):
+    [r] = load_bytes(dump(telemetry("mesh-default", "istio-system", {
+        "tracing": [{"providers": [{"name": "zipkin"}], "randomSamplingPercentage": 12.5,
+                     "disableSpanReporting": False}]}, api_version)), "t.yaml")
+    assert r.obj.spec.tracing[0].random_sampling_percentage == 12.5
+
+
+@pytest.mark.parametrize(("spec", "path", "message"), [
+    ({"metrics": [{"providers": [{"name": "prometheus"}]}]}, "$.spec.metrics",
+     "`metrics` is an Istio TelemetrySpec field triomesh does not support yet"),
+    ({"accessLogging": [{"providers": [{"name": "envoy"}]}]}, "$.spec.accessLogging",
+     "`accessLogging` is an Istio TelemetrySpec field triomesh does not support yet"),
+    ({"targetRef": {"kind": "Gateway", "name": "g"}}, "$.spec.targetRef",
+     "`targetRef` is an Istio TelemetrySpec field triomesh does not support yet"),
+    ({"tracing": [{"customTags": {"a": {"literal": {"value": "b"}}}}]}, "$.spec.tracing[0].customTags",
+     "`customTags` is an Istio TelemetryTracing field triomesh does not support yet"),
+    ({"tracing": [{"match": {"mode": "SERVER"}}]}, "$.spec.tracing[0].match",
+     "`match` is an Istio TelemetryTracing field triomesh does not support yet"),
+    ({"tracing": [{"providers": [{"name": "otel"}]}]}, "$.spec.tracing[0].providers[0].name",
+     "tracing provider 'otel' is not one triomesh has; it reports to 'zipkin' (the collector of --zipkin-address)"),
+    ({"tracing": [{"randomSamplingPercentage": 101}]}, "$.spec.tracing[0].randomSamplingPercentage",
+     "Expected `float` <= 100.0"),
+    ({"tracing": [{"randomSamplingPercentag": 1}]}, "$.spec.tracing[0].randomSamplingPercentag",
+     "unknown field `randomSamplingPercentag`"),
+])
+def test_what_is_not_supported_is_refused_by_name(spec, path, message):
+    e = _error(telemetry("t", "shop", spec))
+    assert (e.file, e.kind, e.name, e.field_path) == ("t.yaml", "Telemetry", "shop/t", path)
+    assert e.message == message
+
+
+def test_wrong_api_version_is_named():
+    e = _error(telemetry("t", "shop", {}, api_version="networking.istio.io/v1"))
+    assert e.field_path == "$.apiVersion" and "telemetry.istio.io/v1alpha1" in e.message
+
+
+MESH = telemetry("mesh-default", "istio-system", {"tracing": [{"randomSamplingPercentage": 10}]})
+NAMESPACE = telemetry("shop", "shop", {"tracing": [{"randomSamplingPercentage": 50}]})
+WORKLOAD = telemetry("reviews", "shop", {"selector": {"matchLabels": {"app": "reviews"}},
+                                         "tracing": [{"disableSpanReporting": True}]})
+OTHER_WORKLOAD = telemetry("ratings", "shop", {"selector": {"matchLabels": {"app": "ratings"}},
+                                               "tracing": [{"randomSamplingPercentage": 0}]})
+
+
+@pytest.mark.parametrize(("namespace", "labels", "expected"), [
+    ("shop", {"app": "reviews"}, TracingPolicy(50, True, ("istio-system/mesh-default", "shop/shop", "shop/reviews"))),
+    ("shop", {"app": "ratings"}, TracingPolicy(0, False, ("istio-system/mesh-default", "shop/shop", "shop/ratings"))),
+    ("shop", {"app": "other"}, TracingPolicy(50, False, ("istio-system/mesh-default", "shop/shop"))),
+    ("elsewhere", {"app": "reviews"}, TracingPolicy(10, False, ("istio-system/mesh-default",))),
+    (None, None, TracingPolicy(10, False, ("istio-system/mesh-default",))),  # a gateway: the mesh's
+])
+def test_the_most_specific_scope_wins_field_by_field(namespace, labels, expected):
+    snapshot = compile_docs(MESH, NAMESPACE, WORKLOAD, OTHER_WORKLOAD, proxy_namespace=namespace, proxy_labels=labels)
+    assert snapshot.tracing == expected
+    assert snapshot.dump["tracing"]["sources"] == list(expected.sources)
+
+
+def test_without_telemetry_the_proxy_default_applies():
+    assert compile_docs().tracing == TracingPolicy()
