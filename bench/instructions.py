@@ -133,7 +133,7 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
                             env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config),
                                      TM_TELEMETRY="1" if telemetry else "0",
                                      TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)),
-                                     stdout=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
