@@ -75,7 +75,7 @@ class CaptureServer:
         self._refused: dict[str, Counter] = {}
         self._plaintext_refused: dict[int, Counter] = {}
         self._authorizer = ConnectionAuthorizer(stats)
-        self._mesh = mesh_inbound.MeshInbound(plane, stats)
+        self._mesh = mesh_inbound.MeshInbound(plane, stats, connections)
 
     # ---- per-snapshot state
 
@@ -214,8 +214,6 @@ class CaptureServer:
             downstream = DownstreamConnection(self.plane, decision.listener, conn.sock, conn.client.sockaddr(),
                                               original_destination=conn.orig_dst.sockaddr(),
                                               peer_principal=peer_principal, conn=tls)
-            self.plane.sweeper.ensure_running(self.connections)
-            self.plane.reactor.ensure_running(self.connections)
             await downstream.run()
             return True
         if isinstance(decision, sidecar.Tcp):

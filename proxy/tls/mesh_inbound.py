@@ -62,8 +62,9 @@ def inner_protocol(alpn: str | None) -> Protocol:
 class MeshInbound:
     """One worker's inbound mTLS: contexts of its current identity, counters per port and outcome."""
 
-    def __init__(self, plane, stats: Stats) -> None:
+    def __init__(self, plane, stats: Stats, connections=None) -> None:
         self.plane = plane
+        self.connections = connections  # the nursery the reactor and sweeper run in (the capture's)
         self.stats = stats
         self.contexts = MeshContexts()
         self._counters: dict[tuple[int, str], Counter] = {}
@@ -88,6 +89,9 @@ class MeshInbound:
     async def terminate(self, sock: socket.socket, initial: bytes, port: int, client: str) -> TlsConn | None:
         """The handshake with the workload certificate; None (socket closed, counted) when it fails."""
         plane = self.plane
+        if self.connections is not None:  # a capture listener starts them here; serve_listener did already
+            plane.sweeper.ensure_running(self.connections)
+            plane.reactor.ensure_running(self.connections)
         conn = TlsConn(sock, self.contexts.server(self.identity()), server_side=True, initial=initial,
                        reactor=plane.reactor, sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
         try:
