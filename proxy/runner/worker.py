@@ -186,7 +186,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        tls_listeners = TlsListeners(stats)
+        tls_listeners = TlsListeners(stats, identity)
         gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS

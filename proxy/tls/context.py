@@ -104,9 +104,10 @@ def _base(purpose: int, versions: ProtocolVersions, cipher_suites: tuple[str, ..
     return context
 
 
-def base_context(purpose: int, alpn: tuple[str, ...]) -> ssl.SSLContext:
+def base_context(purpose: int, alpn: tuple[str, ...], versions: ProtocolVersions = ProtocolVersions(),
+                 cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
     """A context with the safe defaults and nothing loaded (mesh mTLS loads the workload identity)."""
-    return _base(purpose, ProtocolVersions(), (), alpn)
+    return _base(purpose, versions, cipher_suites, alpn)
 
 
 def _readable(field: str, path: str) -> None:

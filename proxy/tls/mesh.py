@@ -17,7 +17,7 @@ import ssl
 
 from proxy.identity.workload import WorkloadIdentity
 from proxy.tls.conn import SPIFFE_PREFIX, TlsHandshakeError
-from proxy.tls.context import base_context
+from proxy.tls.context import ProtocolVersions, base_context
 
 # the ALPN ids Istio's sidecars offer for mesh mTLS: HTTP/2, HTTP/1.1, opaque TCP
 ISTIO_H2 = "istio-h2"
@@ -43,8 +43,10 @@ def trust_domain(spiffe_id: str) -> str:
     return spiffe_id[len(SPIFFE_PREFIX):].split("/", 1)[0] if spiffe_id.startswith(SPIFFE_PREFIX) else ""
 
 
-def server_context(identity: WorkloadIdentity) -> ssl.SSLContext:
-    context = base_context(ssl.PROTOCOL_TLS_SERVER, SERVER_ALPN)
+def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_ALPN,
+                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """Terminating mesh mTLS (a sidecar's inbound, a Gateway server in ISTIO_MUTUAL)."""
+    context = base_context(ssl.PROTOCOL_TLS_SERVER, alpn, versions, cipher_suites)
     identity.load_into(context)
     context.verify_mode = ssl.CERT_REQUIRED
     return context

@@ -17,9 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.ca import CertificateAuthority
+from proxy.identity.csr import new_key_and_request
+from proxy.identity.spiffe import SpiffeId
 from tests.runner.harness import Backend, ControlPlane, Proxy, free_port, triomesh
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command line tool")
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
+                                reason="needs the openssl and curl command line tools (Debian openssl, curl)")
 
 CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -67,6 +71,33 @@ spec:
     bind: 127.0.0.1
     captureMode: NONE
     defaultEndpoint: 127.0.0.1:{backend}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: tutorial}}
+spec:
+  hosts: [backend.local]
+  resolution: STATIC
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {backend}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: mesh-gateway, namespace: tutorial}}
+spec:
+  selector: {{app: preference}}
+  servers:
+  - port: {{number: {gateway}, name: https, protocol: HTTPS}}
+    hosts: ["*"]
+    tls: {{mode: ISTIO_MUTUAL}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: through-gateway, namespace: tutorial}}
+spec:
+  hosts: ["*"]
+  gateways: [mesh-gateway]
+  http: [{{route: [{{destination: {{host: backend.local, port: {{number: 80}}}}}}]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
@@ -152,7 +183,8 @@ def test_sidecars_speak_mutual_tls_with_principals_and_rotation(tmp_path: Path, 
 
 
 def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
-    ports = {"egress": free_port(), "egress_other": free_port(), "inbound": free_port(), "backend": backend.port}
+    ports = {"egress": free_port(), "egress_other": free_port(), "inbound": free_port(), "gateway": free_port(),
+             "backend": backend.port}
     config = tmp_path / "config"
     config.mkdir()
     (config / "mesh.yaml").write_text(CONFIG.format(**ports))
@@ -210,6 +242,29 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
     text = subprocess.run(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=leaf[leaf.index(b"-----BEGIN"):],
                           capture_output=True, timeout=10).stdout
     assert b"URI:spiffe://cluster.local/ns/tutorial/sa/preference" in text, text
+
+    # a Gateway server in ISTIO_MUTUAL presents the workload certificate and wants a mesh one
+    ca = CertificateAuthority.load(ca_dir, "cluster.local")
+    for service_account in ("curl", "customer"):
+        spiffe = SpiffeId("cluster.local", "tutorial", service_account)
+        key_and_request = new_key_and_request(spiffe)
+        (tmp_path / f"{service_account}.pem").write_bytes(ca.issue(key_and_request.csr_pem, spiffe, 3600).chain_pem)
+        (tmp_path / f"{service_account}.key").write_bytes(key_and_request.private_key_pem)
+    # -k: a workload certificate names a SPIFFE ID, no DNS name for curl to check
+    curl = ["curl", "-sS", "-k", f"https://127.0.0.1:{ports['gateway']}/"]
+
+    def curl_as(service_account: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*curl, "--cert", str(tmp_path / f"{service_account}.pem"),
+                               "--key", str(tmp_path / f"{service_account}.key")], capture_output=True, timeout=30)
+
+    deadline = time.monotonic() + 15
+    while (answer := curl_as("customer")).returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)  # the gateway listener arrives with a push
+    assert answer.returncode == 0 and b"preference-v1" in answer.stdout, (answer.stdout, answer.stderr)
+    # the workload's ALLOW policy sees the gateway client's principal too
+    assert curl_as("curl").stdout == b"RBAC: access denied"
+    without = subprocess.run([*curl, "-k"], capture_output=True, timeout=30)
+    assert without.returncode != 0 and b"certificate required" in without.stderr, without.stderr
 
     # denied: another workload of the namespace, with its own mesh identity (403 from RBAC)
     intruder = sidecar("intruder-v1", "intruder", "app=intruder")
