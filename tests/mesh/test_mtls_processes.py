@@ -1,9 +1,9 @@
 """Mutual TLS between sidecars with real processes on 127.0.0.1: a control plane issuing short-lived
 certificates, a client sidecar (egress listener) originating Istio mutual TLS by auto mTLS (the
-endpoint carries security.istio.io/tlsMode: istio) to a server sidecar's ingress listener under
+server sidecar registers itself, and its WorkloadEntry carries security.istio.io/tlsMode: istio) to a server sidecar's ingress listener under
 STRICT, an AuthorizationPolicy on principals allowing one client workload and denying another, a
 plaintext client and `openssl s_client` without a mesh certificate refused, and certificate rotation
-under steady load without a failed request. Every process is started here and stopped by PID."""
+under steady load without a failed request; a Gateway server in ISTIO_MUTUAL. Every process is started here and stopped by PID."""
 
 from __future__ import annotations
 
@@ -33,11 +33,8 @@ spec:
   hosts: [preference]
   location: MESH_INTERNAL
   resolution: STATIC
-  ports: [{{number: 8080, name: http, protocol: HTTP}}]
-  endpoints:
-  - address: 127.0.0.1
-    ports: {{http: {inbound}}}
-    labels: {{app: preference, security.istio.io/tlsMode: istio}}
+  ports: [{{number: 8080, name: http, protocol: HTTP, targetPort: {inbound}}}]
+  workloadSelector: {{labels: {{app: preference}}}}
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -197,8 +194,8 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
     token_file = tmp_path / "tutorial.token"
     token_file.write_bytes(token.stdout.strip())
 
-    def sidecar(node: str, service_account: str, *labels: str) -> Proxy:
-        args = ["--controlplane", cp.address, "--controlplane-ca", str(ca_dir / "root-cert.pem"),
+    def sidecar(node: str, service_account: str, *labels: str, register: bool = False) -> Proxy:
+        args = [*(["--register", "127.0.0.1"] if register else []), "--controlplane", cp.address, "--controlplane-ca", str(ca_dir / "root-cert.pem"),
                 "--controlplane-token-file", str(token_file), "--node-id", node, "--namespace", "tutorial",
                 "--service-account", service_account]
         for label in labels:
@@ -207,7 +204,8 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
         procs.append(proxy)
         return proxy.start()
 
-    server = sidecar("preference-v1", "preference", "app=preference")
+    # registered: its WorkloadEntry carries security.istio.io/tlsMode=istio, so clients use auto mTLS
+    server = sidecar("preference-v1", "preference", "app=preference", register=True)
     customer = sidecar("customer-v1", "customer", "app=customer")
     for proxy in (server, customer):
         proxy.wait_for(lambda p=proxy: p.config_dump()["workload_identity"].get("serial"), "a workload certificate")
