@@ -9,8 +9,9 @@ not captured again because the proxy runs under the uid the capture rules exclud
 `triomesh capture`, istio-iptables `-u`), or, for inbound passthrough, comes from 127.0.0.6.
 
 Inbound security: PeerAuthentication's mode of the port decides whether the connection is mesh
-mutual TLS, terminated here with the workload certificate (proxy/tls/mesh_inbound.py), or refused; the workload's AuthorizationPolicies decide each inbound TCP connection before it is
-proxied (HTTP connections are decided per request by the L7 chain).
+mutual TLS, terminated here with the workload certificate (proxy/tls/mesh_inbound.py), or refused;
+the workload's AuthorizationPolicies decide each inbound TCP connection before it is proxied (HTTP
+connections are decided per request by the L7 chain, which sees the peer's SPIFFE ID).
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ class CaptureServer:
             downstream = DownstreamConnection(self.plane, decision.listener, conn.sock, conn.client.sockaddr(),
                                               original_destination=conn.orig_dst.sockaddr(),
                                               peer_principal=peer_principal, conn=tls)
+            downstream.peer.sni = tls.server_name  # connection.sni for authorization
             await downstream.run()
             return True
         if isinstance(decision, sidecar.Tcp):

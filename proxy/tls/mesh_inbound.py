@@ -138,7 +138,9 @@ def inbound_listener_handler(mesh: MeshInbound, listener_name: str, port: int):
         conn = await mesh.terminate(sock, initial, port, f"{addr[0]}:{addr[1]}")
         if conn is None:
             return
-        await DownstreamConnection(plane, listener_name, sock, addr, peer_principal=conn.peer_principal(),
-                                   conn=conn).run()
+        downstream = DownstreamConnection(plane, listener_name, sock, addr, peer_principal=conn.peer_principal(),
+                                          conn=conn)
+        downstream.peer.sni = conn.server_name  # connection.sni for authorization
+        await downstream.run()
 
     return handle
