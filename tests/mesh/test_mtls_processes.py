@@ -3,7 +3,8 @@ certificates, a client sidecar (egress listener) originating Istio mutual TLS by
 server sidecar registers itself, and its WorkloadEntry carries security.istio.io/tlsMode: istio) to a server sidecar's ingress listener under
 STRICT, an AuthorizationPolicy on principals allowing one client workload and denying another, a
 plaintext client and `openssl s_client` without a mesh certificate refused, and certificate rotation
-under steady load without a failed request; a Gateway server in ISTIO_MUTUAL. Every process is started here and stopped by PID."""
+under steady load without a failed request; DestinationRule ISTIO_MUTUAL with subjectAltNames; a
+Gateway server in ISTIO_MUTUAL. Every process is started here and stopped by PID."""
 
 from __future__ import annotations
 
@@ -71,6 +72,32 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
+metadata: {{name: preference-direct, namespace: tutorial}}
+spec:
+  hosts: [preference-direct, preference-wrong]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 8080, name: http, protocol: HTTP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {inbound}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: preference-direct, namespace: tutorial}}
+spec:
+  host: preference-direct
+  trafficPolicy:
+    tls: {{mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/tutorial/sa/preference]}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: preference-wrong, namespace: tutorial}}
+spec:
+  host: preference-wrong
+  trafficPolicy:
+    tls: {{mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/tutorial/sa/someone-else]}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
 metadata: {{name: backend, namespace: tutorial}}
 spec:
   hosts: [backend.local]
@@ -113,10 +140,10 @@ spec:
 """
 
 
-def request(port: int) -> tuple[int, str]:
+def request(port: int, host: str = "preference:8080") -> tuple[int, str]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        conn.request("GET", "/", headers={"host": "preference:8080"})
+        conn.request("GET", "/", headers={"host": host})
         resp = conn.getresponse()
         return resp.status, resp.read().decode()
     finally:
@@ -218,6 +245,13 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
     stats = server.admin("/stats/prometheus")[1]
     assert 'connection_security_policy="mutual_tls"' in stats
     assert 'source_principal="spiffe://cluster.local/ns/tutorial/sa/customer"' in stats
+
+    # DestinationRule ISTIO_MUTUAL to an endpoint without the label: the server's SPIFFE ID is checked
+    # against subjectAltNames (a mismatch fails the handshake: 503 UF, fail_verify_san)
+    assert request(ports["egress"], "preference-direct:8080")[0] == 200
+    status, body = request(ports["egress"], "preference-wrong:8080")
+    assert status == 503, (status, body)
+    assert 'reason="fail_verify_san"' in customer.admin("/stats/prometheus")[1]
 
     # plaintext straight to the STRICT inbound port: closed without an answer
     with socket.create_connection(("127.0.0.1", ports["inbound"]), timeout=5) as plain:
