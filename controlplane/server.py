@@ -71,6 +71,7 @@ from controlplane.wire import (
 )
 from controlplane.security import Security
 from controlplane.tokens import Refused
+from proxy.config.upstream_tls import TLS_MODE_LABEL
 from proxy.config.errors import ConfigError
 from proxy.identity.spiffe import SpiffeId
 
@@ -455,7 +456,12 @@ class ControlPlane:
 
     def _register(self, proxy: ProxyConn, hello: Hello) -> None:
         try:
-            key = self.store.register_workload(hello.node_id, hello.namespace, hello.labels, proxy.address,
+            labels = dict(hello.labels)
+            if proxy.identity is not None:
+                # a sidecar that gets a workload certificate takes mesh mTLS: Istio's endpoint label,
+                # which auto mTLS on the client side follows (docs/mtls.md)
+                labels[TLS_MODE_LABEL] = "istio"
+            key = self.store.register_workload(hello.node_id, hello.namespace, labels, proxy.address,
                                                hello.ports, hello.service_account)
         except ConfigError as e:
             self.log.error("workload_registration_refused", node_id=hello.node_id, error=str(e))

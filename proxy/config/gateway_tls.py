@@ -11,7 +11,7 @@ from __future__ import annotations
 from proxy.config.istio import Server, ServerTLSSettings
 from proxy.config.load import Resource
 from proxy.config.snapshot import CertificateFiles, ServerTls
-from proxy.tls.certificates import CredentialError, resolve_credential
+from proxy.tls.certificates import WORKLOAD_CERTIFICATE, CredentialError, resolve_credential
 from proxy.tls.context import (
     ProtocolVersions,
     TlsSettingsError,
@@ -37,9 +37,6 @@ def server_kind(r: Resource, path: str, server: Server) -> str:
     if protocol in _TLS_PROTOCOLS:
         if tls is None:
             raise r.error(f"{path}.tls", f"a {protocol} server needs tls settings (mode SIMPLE, MUTUAL or PASSTHROUGH)")
-        if tls.mode == "ISTIO_MUTUAL":
-            raise r.error(f"{path}.tls.mode", "ISTIO_MUTUAL needs the mesh CA's workload certificate, which this "
-                                              "proxy does not have yet; use SIMPLE or MUTUAL with certificate files")
         if tls.mode == "PASSTHROUGH":
             return PASSTHROUGH
         return TERMINATE_TCP if protocol == "TLS" else TERMINATE
@@ -61,6 +58,25 @@ def server_names(server_hosts: list[tuple[str, str]]) -> tuple[str, ...]:
     return ("*",) if "*" in names else names
 
 
+def _istio_mutual(r: Resource, path: str, tls: ServerTLSSettings, names: tuple[str, ...], listener: str) -> ServerTls:
+    """ISTIO_MUTUAL: the proxy's workload certificate, clients verified against the mesh trust bundle
+    (proxy/tls/mesh.py); certificate fields would contradict it."""
+    tpath = f"{path}.tls"
+    for field, value in (("serverCertificate", tls.server_certificate), ("privateKey", tls.private_key),
+                         ("caCertificates", tls.ca_certificates), ("credentialName", tls.credential_name)):
+        if value:
+            raise r.error(f"{tpath}.{field}", f"mode ISTIO_MUTUAL uses the workload certificate from the mesh CA: "
+                                              f"{field} must be empty (use MUTUAL for certificates of your own)")
+    try:
+        check_versions(ProtocolVersions(tls.min_protocol_version, tls.max_protocol_version))
+        if tls.cipher_suites:
+            check_cipher_suites(tuple(tls.cipher_suites))
+    except TlsSettingsError as e:
+        raise r.error(f"{tpath}.{e.field}", str(e)) from e
+    return ServerTls(names, tls.mode, CertificateFiles("", "", "", WORKLOAD_CERTIFICATE), tls.min_protocol_version,
+                     tls.max_protocol_version, tuple(tls.cipher_suites), listener, f"Gateway {r.namespace}/{r.name} {path}")
+
+
 def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tuple[str, ...],
                        credentials_dir: str | None, listener: str, *, read_certificates: bool = True) -> ServerTls:
     """A terminating server's TLS, its files loaded once to check them. `read_certificates` False
@@ -68,6 +84,8 @@ def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tu
     checked, and a credentialName stays unresolved."""
     tpath = f"{path}.tls"
     mutual = tls.mode == "MUTUAL"
+    if tls.mode == "ISTIO_MUTUAL":
+        return _istio_mutual(r, path, tls, names, listener)
     if tls.credential_name and not read_certificates:
         if tls.server_certificate or tls.private_key:
             raise r.error(f"{tpath}.credentialName", "credentialName and serverCertificate/privateKey exclude each other")

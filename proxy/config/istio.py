@@ -626,7 +626,8 @@ class OutlierDetection(IstioStruct, frozen=True):
 
 class ClientTLSSettings(IstioStruct, frozen=True):
     """Istio's ClientTLSSettings (DestinationRule `tls`): TLS the proxy originates to the upstream.
-    ISTIO_MUTUAL (it needs the mesh CA's workload certificate) and caCrl are refused as not supported yet."""
+    ISTIO_MUTUAL uses the workload certificate from the mesh CA (docs/mtls.md); caCrl is refused as not
+    supported yet."""
 
     mode: Literal["DISABLE", "SIMPLE", "MUTUAL", "ISTIO_MUTUAL"] = "DISABLE"
     client_certificate: str = ""
@@ -639,9 +640,6 @@ class ClientTLSSettings(IstioStruct, frozen=True):
     ca_crl: Any = UNSET
 
     unsupported: ClassVar[tuple[str, ...]] = ("ca_crl",)
-    unsupported_values: ClassVar[dict[str, frozenset[str] | dict[str, str]]] = {"mode": {
-        "ISTIO_MUTUAL": "ISTIO_MUTUAL needs the mesh CA's workload certificate, which this proxy does not have "
-                        "yet; use SIMPLE or MUTUAL with certificate files"}}
 
 
 class PortTrafficPolicy(IstioStruct, frozen=True):

@@ -364,19 +364,30 @@ def _locality_lb(tp: TrafficPolicy | None, endpoints: tuple[Endpoint, ...], prox
     return locality.locality_lb(setting, has_outlier_detection, proxy_locality, endpoints)
 
 
-def _cluster_tls(svc: Service, port: Port, tp: TrafficPolicy | None, credentials_dir: str | None) -> UpstreamTls | None:
-    """The cluster's TLS from its effective policy's tls block (checked already where it is written)."""
+def _cluster_tls(svc: Service, port: Port, tp: TrafficPolicy | None, credentials_dir: str | None,
+                 endpoints: tuple[Endpoint, ...], subset: str) -> UpstreamTls | None:
+    """The cluster's TLS from its effective policy's tls block (checked already where it is written);
+    without one, auto mTLS: Istio mutual TLS to the endpoints that have a sidecar."""
     tls = tp.tls if tp is not None else None
-    if tls is None or tls.mode == "DISABLE" or svc.rule is None:
+    protocol = str(port.protocol)
+    http = protocol in upstream_tls.HTTP_PROTOCOLS
+    if tls is None:
+        return upstream_tls.auto_mtls(svc.cluster_host, port.number, subset, endpoints,
+                                      tuple(svc.spec.subject_alt_names), policies.upstream_http2(protocol, tp) if http
+                                      else None)
+    if tls.mode == "DISABLE" or svc.rule is None:
         return None
     r, path = next(((r, path) for r in svc.rule.sources for path, block in upstream_tls.tls_blocks(r.obj.spec)
                     if block is tls), (svc.rule.sources[0], "$.spec.trafficPolicy.tls"))
-    protocol = str(port.protocol)
-    if protocol not in upstream_tls.HTTP_PROTOCOLS:
+    if not http:
         raise r.error(f"{path}.mode", f"TLS origination to {svc.host} port {port.number} (protocol {protocol}) is "
                                       "not supported: triomesh originates TLS on HTTP, HTTP2 and GRPC ports only "
                                       "(TCP routes are spliced, not encrypted); use mode DISABLE for this port")
-    alpn = ("h2",) if policies.upstream_http2(protocol, tp) else ("http/1.1",)
+    http2 = policies.upstream_http2(protocol, tp)
+    if tls.mode == "ISTIO_MUTUAL":
+        return upstream_tls.istio_mutual(r, tls, svc.cluster_host, port.number, subset,
+                                         tuple(svc.spec.subject_alt_names), http2)
+    alpn = ("h2",) if http2 else ("http/1.1",)
     return upstream_tls.compile_settings(r, path, tls, svc.host, tuple(svc.spec.subject_alt_names), alpn,
                                          credentials_dir)
 
@@ -408,7 +419,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str
                 locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                 service_namespace=svc.namespace,
                 mesh_internal=svc.spec.location == "MESH_INTERNAL",
-                tls=_cluster_tls(svc, port, tp, credentials_dir),
+                tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, ""),
                 **_policy_fields(tp, port),
             )
             if rule_spec is None:
@@ -428,7 +439,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str
                     locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                     service_namespace=svc.namespace,
                     mesh_internal=svc.spec.location == "MESH_INTERNAL",
-                    tls=_cluster_tls(svc, port, tp, credentials_dir),
+                    tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, subset.name),
                     **_policy_fields(tp, port),
                 )
     return clusters

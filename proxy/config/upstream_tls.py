@@ -18,6 +18,7 @@ from proxy.config.load import Resource
 from proxy.config.snapshot import UpstreamTls
 from proxy.tls.certificates import CredentialError, resolve_credential
 from proxy.tls.context import TlsSettingsError
+from proxy.tls.mesh import client_alpn
 from proxy.tls.upstream import client_context_for
 
 # service port protocols whose clusters the HTTP data path speaks to (TCP routes use the splice pump,
@@ -59,12 +60,54 @@ def check_rule(r: Resource, credentials_dir: str | None) -> None:
 def check(r: Resource, path: str, tls: ClientTLSSettings, credentials_dir: str | None) -> None:
     if tls.mode == "DISABLE":
         return  # Istio ignores the other fields in this mode
+    if tls.mode == "ISTIO_MUTUAL":
+        for field in ("clientCertificate", "privateKey", "caCertificates", "credentialName"):
+            if getattr(tls, _snake(field)):
+                raise r.error(f"{path}.{field}", f"mode ISTIO_MUTUAL uses the workload certificate: {field} must be "
+                                                 "empty (use MUTUAL for certificates of your own)")
+        if tls.sni and not _server_name_ok(tls.sni):
+            raise r.error(f"{path}.sni", f"sni {tls.sni!r} is not a DNS name or IP address")
+        return
     compiled = compile_settings(r, path, tls, "probe.invalid", (), ("http/1.1",), credentials_dir)
     try:
         client_context_for(compiled, cached=False)
     except TlsSettingsError as e:
         field = "credentialName" if tls.credential_name and e.field in ("clientCertificate", "privateKey") else e.field
         raise r.error(f"{path}.{field}", str(e)) from e
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), camel)
+
+
+# Istio's endpoint label saying the endpoint has a sidecar that takes mesh mTLS
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+
+
+def mesh_sni(host: str, port: int, subset: str) -> str:
+    """The SNI a sidecar sends with Istio mutual TLS (Istio's `outbound_.<port>_.<subset>_.<host>`)."""
+    return f"outbound_.{port}_.{subset}_.{host}"
+
+
+def istio_mutual(r: Resource, tls: ClientTLSSettings, host: str, port: int, subset: str,
+                 service_sans: tuple[str, ...], http2: bool) -> UpstreamTls:
+    """DestinationRule ISTIO_MUTUAL: the workload certificate to every endpoint."""
+    return UpstreamTls(mode="ISTIO_MUTUAL", sni=tls.sni or mesh_sni(host, port, subset),
+                       subject_alt_names=tuple(tls.subject_alt_names) or service_sans,
+                       alpn=client_alpn(http2), origin=f"DestinationRule {r.namespace}/{r.name}")
+
+
+def auto_mtls(host: str, port: int, subset: str, endpoints, service_sans: tuple[str, ...],
+              http2: bool | None) -> UpstreamTls | None:
+    """Auto mTLS (no DestinationRule tls): ISTIO_MUTUAL to the endpoints labelled with a sidecar.
+    HTTP clusters only: TCP routes are spliced (None for TCP, `http2` None)."""
+    if http2 is None:
+        return None
+    mesh = frozenset(e.key for e in endpoints if e.labels.get(TLS_MODE_LABEL) == "istio")
+    if not mesh:
+        return None
+    return UpstreamTls(mode="ISTIO_MUTUAL", sni=mesh_sni(host, port, subset), subject_alt_names=service_sans,
+                       alpn=client_alpn(http2), origin="auto mTLS", mesh_endpoints=mesh)
 
 
 def compile_settings(r: Resource, path: str, tls: ClientTLSSettings, host: str, service_sans: tuple[str, ...],

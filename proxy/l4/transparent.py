@@ -8,9 +8,10 @@ the capture table derived from it is cached per snapshot. The proxy's own upstre
 not captured again because the proxy runs under the uid the capture rules exclude (see
 `triomesh capture`, istio-iptables `-u`), or, for inbound passthrough, comes from 127.0.0.6.
 
-Inbound security: a port PeerAuthentication makes STRICT takes only TLS (anything else is closed
-unanswered); the workload's AuthorizationPolicies decide each inbound TCP connection before it is
-proxied (HTTP connections are decided per request by the L7 chain).
+Inbound security: PeerAuthentication's mode of the port decides whether the connection is mesh
+mutual TLS, terminated here with the workload certificate (proxy/tls/mesh_inbound.py), or refused;
+the workload's AuthorizationPolicies decide each inbound TCP connection before it is proxied (HTTP
+connections are decided per request by the L7 chain, which sees the peer's SPIFFE ID).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from proxy.l4.sniff import Protocol
 from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster, proxy_to_upstream
 from proxy.l7.local_reply import local_reply_bytes
+from proxy.tls import mesh_inbound
+from proxy.tls.conn import TlsConn
+from proxy.tls.tcp import proxy_tls_to_upstream
 from proxy.stats import HELP, Counter, Stats
 
 log = structlog.get_logger("triomesh.l4")
@@ -72,6 +76,7 @@ class CaptureServer:
         self._refused: dict[str, Counter] = {}
         self._plaintext_refused: dict[int, Counter] = {}
         self._authorizer = ConnectionAuthorizer(stats)
+        self._mesh = mesh_inbound.MeshInbound(plane, stats, connections)
 
     # ---- per-snapshot state
 
@@ -129,24 +134,43 @@ class CaptureServer:
             return False
         inbound = listener.traffic_direction == "INBOUND"
         needs_sniff = (sidecar.inbound_needs_sniff if inbound else sidecar.outbound_needs_sniff)(table, conn.orig_dst)
-        # PeerAuthentication STRICT on this inbound port: only TLS may come in, so the first bytes decide
-        strict = inbound and snapshot.mtls.mode_for(conn.orig_dst.port) == "STRICT"
-        protocol, sni, initial = None, None, b""
-        if needs_sniff or strict:
+        # PeerAuthentication on this inbound port: STRICT takes only mesh mTLS, PERMISSIVE terminates
+        # a ClientHello offering istio ALPN (proxy/tls/mesh_inbound.py); the first bytes decide
+        mode = snapshot.mtls.mode_for(conn.orig_dst.port) if inbound else "DISABLE"
+        identity = self._mesh.identity() if mode != "DISABLE" else None
+        protocol, sni, alpn, initial = None, None, (), b""
+        if needs_sniff or mesh_inbound.needs_first_bytes(mode, identity is not None):
             detection, initial = await sniff_socket(conn.sock, timeout_s=self.settings.sniff_timeout_s)
-            protocol, sni = detection.protocol, detection.sni
-        if strict and protocol is not Protocol.TLS:
-            self._refuse_plaintext(listener_name, conn, protocol)
-            return False
+            protocol, sni, alpn = detection.protocol, detection.sni, detection.alpn
+        tls: TlsConn | None = None
+        if mode != "DISABLE":
+            action = mesh_inbound.decide(mode, protocol, alpn, identity is not None)
+            if action is mesh_inbound.Action.REFUSE:
+                self._refuse_plaintext(listener_name, conn, protocol, mode)
+                return False
+            if action is mesh_inbound.Action.TERMINATE:
+                tls = await self._mesh.terminate(conn.sock, initial, conn.orig_dst.port, str(conn.client))
+                if tls is None:
+                    self._count(listener_name, "mtls_handshake_failed")
+                    return True  # closed with the TLS connection
+                protocol, initial = mesh_inbound.inner_protocol(tls.alpn_protocol), b""
+            else:
+                self._mesh.count(conn.orig_dst.port, "plaintext" if protocol is not Protocol.TLS else "tls_passthrough")
+        peer_principal = tls.peer_principal() if tls is not None else None
         if inbound:
             decision = sidecar.decide_inbound(table, conn.orig_dst, protocol)
         else:
             decision = sidecar.decide_outbound(table, conn.orig_dst, protocol, sni)
         if (inbound and snapshot.authorization is not None and not isinstance(decision, sidecar.L7)
                 and not self._authorizer.allows(snapshot.authorization, listener_name, conn.client.ip,
-                                                conn.orig_dst.sockaddr(), sni=sni)):
+                                                conn.orig_dst.sockaddr(), peer_principal=peer_principal, sni=sni)):
             self._count(listener_name, "denied")  # HTTP is decided per request by the L7 chain instead
+            if tls is not None:
+                tls.close()
+                return True
             return False
+        if tls is not None:
+            return await self._serve_terminated(listener_name, conn, snapshot, decision, tls, peer_principal)
         if isinstance(decision, sidecar.L7):
             self._count(listener_name, "http")
             from proxy.l7.server import serve_connection
@@ -180,17 +204,46 @@ class CaptureServer:
                      upstream=str(decision.upstream), flag=result.error.response_flag, error=str(result.error))
         return True
 
-    def _refuse_plaintext(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None) -> None:
-        """A STRICT port and a connection that is not TLS: closed unanswered (Istio's sidecar finds no
-        filter chain for plaintext on a STRICT port)."""
+    async def _serve_terminated(self, listener_name: str, conn: TransparentConnection, snapshot: Snapshot,
+                                decision, tls: TlsConn, peer_principal: str | None) -> bool:
+        """The plaintext inside an inbound mesh mTLS connection: HTTP to the L7 chain with the peer's
+        identity, anything else to the TCP proxy (the TLS copy pump)."""
+        if isinstance(decision, sidecar.L7):
+            self._count(listener_name, "http")
+            from proxy.l7.server import DownstreamConnection
+
+            downstream = DownstreamConnection(self.plane, decision.listener, conn.sock, conn.client.sockaddr(),
+                                              original_destination=conn.orig_dst.sockaddr(),
+                                              peer_principal=peer_principal, conn=tls)
+            downstream.peer.sni = tls.server_name  # connection.sni for authorization
+            await downstream.run()
+            return True
+        if isinstance(decision, sidecar.Tcp):
+            outcome = await proxy_to_cluster(self.plane, snapshot, decision.cluster, tls, conn.client.ip,
+                                             conn.orig_dst.sockaddr(), stats=self._tcp_stats[decision.cluster],
+                                             idle_timeout_s=self.settings.idle_timeout_s, inbound=True)
+            self._count(listener_name, outcome.value)
+            return True
+        if isinstance(decision, sidecar.Passthrough):
+            self._count(listener_name, "tcp")
+            await proxy_tls_to_upstream(tls, decision.upstream, stats=self._tcp_stats[decision.cluster],
+                                        connect_timeout_s=self.plane.settings.connect_timeout_s,
+                                        idle_timeout_s=self.settings.idle_timeout_s)
+            return True
+        tls.close()
+        return True
+
+    def _refuse_plaintext(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None,
+                          mode: str) -> None:
+        """A STRICT port and a connection that is not mesh mTLS (or no workload certificate yet):
+        closed unanswered (Istio's sidecar finds no filter chain for plaintext on a STRICT port)."""
         self._count(listener_name, "mtls_refused")
+        self._mesh.refuse(conn.orig_dst.port, str(conn.client), protocol, mode)
         c = self._plaintext_refused.get(conn.orig_dst.port)
         if c is None:
             c = self._plaintext_refused[conn.orig_dst.port] = self.stats.counter(
                 "triomesh_sidecar_inbound_plaintext_refused_total", port=str(conn.orig_dst.port))
         c.value += 1
-        log.info("plaintext connection refused by PeerAuthentication STRICT", client=str(conn.client),
-                 orig_dst=str(conn.orig_dst), protocol=protocol.value if protocol is not None else "unknown")
 
     async def _refuse(self, listener_name: str, conn: TransparentConnection, protocol: Protocol | None,
                       decision: sidecar.Refuse) -> None:

@@ -28,6 +28,7 @@ from proxy.l7.h2_upstream import sweep_idle
 from proxy.stats import Counter, Gauge, Stats
 from proxy.telemetry.istio_metrics import IstioMetrics
 from proxy.tls.context import TlsSettingsError
+from proxy.tls.mesh import MeshContexts
 from proxy.tls.upstream import client_context_for
 from proxy.telemetry.peer import PEER_HEADER
 
@@ -80,6 +81,9 @@ class ClusterRuntime:
         next snapshot (the context cache is keyed by the files' fingerprint)."""
         tls = self.cluster.tls
         if tls is None:
+            return
+        if tls.mode == "ISTIO_MUTUAL":  # the context follows the workload identity (open_connection)
+            self.tls = (tls, None)
             return
         try:
             self.tls = (tls, client_context_for(tls))
@@ -355,6 +359,10 @@ class DataPlane:
         # requests in flight per endpoint, for LEAST_REQUEST picks (made once, not per request)
         self.in_flight_of = lambda e: in_flight.get(e.key, 0)
         s = self.settings
+        # the workload certificate (an IdentityHolder: set by the worker when the proxy has a control
+        # plane) and the mesh mTLS client contexts made from it, one per certificate
+        self.workload_identity = None
+        self.mesh_contexts = MeshContexts()
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
         self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s), self.sweep_pools)
         self.downstream_cx_total = stats.counter("triomesh_downstream_cx_total")

@@ -24,6 +24,7 @@ from proxy.exhaustion import exhaustion_reason
 from proxy.l7.errors import ConnectFailure, LocalConnectFailure, Overflow, UpstreamTlsFailure
 from proxy.stats import HELP
 from proxy.tls.conn import TlsConn, TlsError
+from proxy.tls.mesh import check_peer_identity
 from proxy.tls.upstream import check_subject_alt_names
 
 if TYPE_CHECKING:
@@ -67,12 +68,13 @@ class UpstreamConn(Conn):
 class UpstreamTlsConn(TlsConn):
     """An upstream connection over TLS (DestinationRule tls): the same bookkeeping as UpstreamConn."""
 
-    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created")
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], context: ssl.SSLContext, server_hostname: str,
                  plane: DataPlane | None = None) -> None:
         super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
         _init_upstream(self, key)
+        self.peer_identity: str | None = None  # ISTIO_MUTUAL: the server's verified SPIFFE ID
 
 
 def _is_ip(host: str) -> bool:
@@ -101,6 +103,17 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
     if tls is None:
         return await _connect(key, timeout_s, keepalive, plane)
     settings, context = tls
+    identity = None
+    if context is None:  # ISTIO_MUTUAL: the workload certificate of now (renewal: new connections use the new one)
+        holder = plane.workload_identity if plane is not None else None
+        identity = holder.current if holder is not None else None
+        if settings.mesh_endpoints is not None and (identity is None or key not in settings.mesh_endpoints):
+            return await _connect(key, timeout_s, keepalive, plane)  # auto mTLS: no sidecar there, or no identity
+        if identity is None:
+            _count_tls_failure(plane, "no_workload_certificate")
+            raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: ISTIO_MUTUAL needs the workload certificate, which "
+                                     f"this proxy has not received ({settings.origin})", "no_workload_certificate")
+        context = plane.mesh_contexts.client(identity, settings.alpn)
     if isinstance(context, Exception):  # the cluster's certificate files could not be loaded
         _count_tls_failure(plane, "bad_settings")
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
@@ -113,7 +126,11 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         raise
     try:
         await conn.handshake(max(0.0, deadline - trio.current_time()))
-        check_subject_alt_names(settings, conn.peer_certificate())
+        if identity is not None:
+            conn.peer_identity = check_peer_identity(conn.peer_certificate(), settings.subject_alt_names,
+                                                     identity.spiffe_id)
+        else:
+            check_subject_alt_names(settings, conn.peer_certificate())
     except BaseException as e:
         conn.close()
         if isinstance(e, TlsError):

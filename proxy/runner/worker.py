@@ -162,6 +162,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     from proxy.l7.server import serve_listener
     from proxy.tls.downstream import https_serve_function
     from proxy.tls.listener import TlsListeners
+    from proxy.tls.mesh_inbound import MeshInbound, inbound_listener_handler
 
     holder = SnapshotHolder()
     stats = Stats()
@@ -185,14 +186,21 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         plane.background = connections
         if limits.max_rss_bytes is not None:  # the overload manager's memory watermark
             nursery.start_soon(watch_memory, MemoryWatermark(limits.max_rss_bytes, stats), plane.set_shedding, log)
+        mesh = MeshInbound(plane, stats)
+
         async def serve(sock, name, *, task_status=trio.TASK_STATUS_IGNORED):
-            await serve_listener(sock, name, plane, connection_nursery=connections, task_status=task_status)
+            # a Sidecar ingress listener: PeerAuthentication decides mesh mTLS per connection
+            listener = next((l for l in holder.current.listeners if l.name == name), None)
+            handler = (inbound_listener_handler(mesh, name, listener.port)
+                       if listener is not None and listener.traffic_direction == "INBOUND" else None)
+            await serve_listener(sock, name, plane, connection_nursery=connections, handle_connection=handler,
+                                 task_status=task_status)
 
         # a transparent sidecar's capture listeners (virtualOutbound/virtualInbound): original
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        tls_listeners = TlsListeners(stats)
+        tls_listeners = TlsListeners(stats, identity)
         gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS

@@ -18,7 +18,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 from proxy.config.snapshot import CertificateFiles
@@ -99,6 +99,23 @@ def certificate_source(description: CertificateFiles) -> CertificateSource:
     return FileSource(description)
 
 
+# CertificateFiles.origin of a Gateway server in ISTIO_MUTUAL: no files, the workload certificate
+WORKLOAD_CERTIFICATE = "workload certificate"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSource:
+    """The proxy's workload certificate (an IdentityHolder, swapped on renewal); the fingerprint is
+    its serial, so a renewal reloads the context like a rewritten file."""
+
+    files: CertificateFiles
+    holder: Any
+
+    def fingerprint(self) -> tuple:
+        identity = self.holder.current if self.holder is not None else None
+        return (identity.serial,) if identity is not None else ()
+
+
 @dataclass(frozen=True, slots=True)
 class CertificateInfo:
     """What /certs shows of one certificate of a chain."""
@@ -121,11 +138,15 @@ class CertificateInfo:
 
 def describe_chain(path: str) -> list[CertificateInfo]:
     """Each certificate in a PEM file; ValueError when it holds none."""
+    return describe_chain_pem(Path(path).read_bytes(), path)
+
+
+def describe_chain_pem(data: bytes, path: str = WORKLOAD_CERTIFICATE) -> list[CertificateInfo]:
+    """Each certificate of PEM bytes (`path`: where they come from, as /certs shows it)."""
     # cryptography costs each process ~9 MiB: imported only where a certificate is described
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    data = Path(path).read_bytes()
     certificates = x509.load_pem_x509_certificates(data)
     now = datetime.datetime.now(datetime.timezone.utc)
     out = []

@@ -104,6 +104,12 @@ def _base(purpose: int, versions: ProtocolVersions, cipher_suites: tuple[str, ..
     return context
 
 
+def base_context(purpose: int, alpn: tuple[str, ...], versions: ProtocolVersions = ProtocolVersions(),
+                 cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """A context with the safe defaults and nothing loaded (mesh mTLS loads the workload identity)."""
+    return _base(purpose, versions, cipher_suites, alpn)
+
+
 def _readable(field: str, path: str) -> None:
     """OpenSSL's errors do not say which file is missing: look first, to name the field."""
     try:

@@ -30,8 +30,10 @@ import trio
 
 from proxy.config.snapshot import Listener, ServerTls, Snapshot
 from proxy.stats import HELP, Counter, Stats
-from proxy.tls.certificates import CertificateSource, certificate_source, describe_chain
-from proxy.tls.context import TlsSettingsError, context_for_server
+from proxy.tls import mesh
+from proxy.tls.certificates import (CertificateSource, WorkloadSource, certificate_source, describe_chain,
+                                    describe_chain_pem)
+from proxy.tls.context import ALPN_PROTOCOLS, ProtocolVersions, TlsSettingsError, context_for_server
 
 log = structlog.get_logger("triomesh.tls")
 
@@ -64,13 +66,27 @@ class ServerCertificate:
         self.last_error = ""  # why the last try failed ("" when it loaded)
 
 
+def _workload_context(server: ServerTls, source: WorkloadSource):
+    """An ISTIO_MUTUAL server's context from the workload certificate of now (ValueError without one)."""
+    identity = source.holder.current if source.holder is not None else None
+    if identity is None:
+        raise ValueError("ISTIO_MUTUAL: this proxy has no workload certificate yet (it needs --controlplane with "
+                         "the mesh CA)")
+    context = mesh.server_context(identity, ALPN_PROTOCOLS,
+                                  ProtocolVersions(server.min_protocol_version, server.max_protocol_version),
+                                  server.cipher_suites)
+    return context, describe_chain_pem(identity.certificate_chain_pem)[0]
+
+
 class ListenerTls:
     """The TLS runtime of one HTTPS listener."""
 
-    def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats) -> None:
+    def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats, identity=None) -> None:
         self.listener_name = listener_name
         self.stats = stats
-        self.servers = [ServerCertificate(s, certificate_source(s.certificate)) for s in servers]
+        # ISTIO_MUTUAL servers present the workload certificate (`identity`, an IdentityHolder)
+        self.servers = [ServerCertificate(s, WorkloadSource(s.certificate, identity) if s.mode == "ISTIO_MUTUAL"
+                                          else certificate_source(s.certificate)) for s in servers]
         self.exact: dict[str, int] = {}
         self.suffixes: list[tuple[str, int]] = []  # (".example.com", index), longest first
         self.catch_all: int | None = None
@@ -94,29 +110,33 @@ class ListenerTls:
     def _load(self, entry: ServerCertificate, *, initial: bool = False) -> None:
         fingerprint = entry.source.fingerprint()
         files = entry.source.files
+        label = files.cert_file or files.origin  # the workload certificate has no file
         try:
-            context = context_for_server(entry.server, files)
-            expiry = describe_chain(files.cert_file)[0]
+            if isinstance(entry.source, WorkloadSource):
+                context, expiry = _workload_context(entry.server, entry.source)
+            else:
+                context = context_for_server(entry.server, files)
+                expiry = describe_chain(files.cert_file)[0]
         except (TlsSettingsError, OSError, ValueError) as e:
             entry.fingerprint = fingerprint  # retried on the next change, not on every connection
             entry.last_error = str(e)
             if not initial:
-                self.stats.counter("triomesh_tls_certificate_reload_total", certificate=files.cert_file,
+                self.stats.counter("triomesh_tls_certificate_reload_total", certificate=label,
                                    result="failure").value += 1
             log.error("tls certificate not loaded; keeping the last good one" if entry.context is not None else
-                      "tls certificate not loaded", listener=self.listener_name, certificate=files.cert_file,
+                      "tls certificate not loaded", listener=self.listener_name, certificate=label,
                       origin=files.origin, error=str(e))
             return
         context.sni_callback = self._on_server_name
         entry.context = context
         entry.fingerprint = fingerprint
         entry.last_error = ""
-        self.stats.gauge("triomesh_tls_certificate_expiration_timestamp_seconds", certificate=files.cert_file).value = int(
+        self.stats.gauge("triomesh_tls_certificate_expiration_timestamp_seconds", certificate=label).value = int(
             datetime.datetime.fromisoformat(expiry.expiration_time).timestamp())
         if not initial:
-            self.stats.counter("triomesh_tls_certificate_reload_total", certificate=files.cert_file,
+            self.stats.counter("triomesh_tls_certificate_reload_total", certificate=label,
                                result="success").value += 1
-            log.info("tls certificate reloaded", listener=self.listener_name, certificate=files.cert_file,
+            log.info("tls certificate reloaded", listener=self.listener_name, certificate=label,
                      origin=files.origin, subject=expiry.subject, expires=expiry.expiration_time)
 
     def maybe_reload(self) -> None:
@@ -177,8 +197,9 @@ class ListenerTls:
 class TlsListeners:
     """A worker's ListenerTls by listener, kept while a listener's servers are unchanged."""
 
-    def __init__(self, stats: Stats) -> None:
+    def __init__(self, stats: Stats, identity=None) -> None:
         self.stats = stats
+        self.identity = identity  # the worker's IdentityHolder (ISTIO_MUTUAL servers)
         self._by_listener: dict[str, ListenerTls] = {}
         self._snapshot: Snapshot | None = None
         self._listeners: dict[str, Listener] = {}
@@ -194,7 +215,8 @@ class TlsListeners:
             return None
         runtime = self._by_listener.get(name)
         if runtime is None or tuple(e.server for e in runtime.servers) != listener.tls_servers:
-            runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats)
+            runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats,
+                                                                   self.identity)
         return runtime
 
     async def watch_certificates(self, holder) -> None:

@@ -110,10 +110,12 @@ def test_tls_disable_loads_everywhere_istio_has_client_tls(make, path):
 
 
 @pytest.mark.parametrize(("make", "path"), TLS_PLACES)
-def test_istio_mutual_is_refused_until_the_mesh_ca_gives_a_workload_certificate(make, path):
-    e = _error(make({"mode": "ISTIO_MUTUAL"}))
-    assert e.field_path == f"{path}.mode"
-    assert e.message.startswith("ISTIO_MUTUAL needs the mesh CA's workload certificate")
+def test_istio_mutual_loads_everywhere_and_refuses_certificate_fields(make, path):
+    compile_docs(service("r"), make({"mode": "ISTIO_MUTUAL"}))
+    with pytest.raises(ConfigError) as info:
+        compile_docs(service("r"), make({"mode": "ISTIO_MUTUAL", "clientCertificate": "/etc/cert.pem"}))
+    assert info.value.field_path == f"{path}.clientCertificate"
+    assert info.value.message.startswith("mode ISTIO_MUTUAL uses the workload certificate")
 
 
 def test_ca_crl_is_not_supported_yet_and_typos_are_unknown():

@@ -336,7 +336,7 @@ def test_stdin_and_exit_statuses_of_the_real_command(tmp_path):
 
 
 def test_references_to_a_kind_that_failed_to_decode_are_not_reported(tmp_path, capsys):
-    rule = doc("DestinationRule", "a", {"host": "a", "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}},
+    rule = doc("DestinationRule", "a", {"host": "a", "trafficPolicy": {"tls": {"mode": "SIMPLE", "caCrl": "/crl.pem"}},
                                         "subsets": [{"name": "v1", "labels": {"version": "v1"}}]})
     f = _write(tmp_path / "x.yaml", service("a"), workload("w", "a", 9000), rule,
                _vs("r", {"hosts": ["a"], "gateways": ["nogw"], **_route({"host": "a", "subset": "v1"})}))
@@ -344,7 +344,7 @@ def test_references_to_a_kind_that_failed_to_decode_are_not_reported(tmp_path, c
     assert status == 1
     # the subset is not "not found" (its rule failed), the gateway still is
     assert [(x["code"], x["origin"]["path"]) for x in found] == [
-        ("IST0106", "$.spec.trafficPolicy.tls.mode"), ("IST0101", "$.spec.gateways[0]")]
+        ("IST0106", "$.spec.trafficPolicy.tls.caCrl"), ("IST0101", "$.spec.gateways[0]")]
 
 
 def test_a_kubectl_list_is_checked_item_by_item(tmp_path, capsys):

@@ -107,7 +107,7 @@ def test_passthrough_and_https_redirect(server_files):
     ({"maxProtocolVersion": "TLSV1_0"}, "maxProtocolVersion", "TLSV1_0 is refused"),
     ({"minProtocolVersion": "TLSV1_3", "maxProtocolVersion": "TLSV1_2"}, "maxProtocolVersion", "is below"),
     ({"mode": "MUTUAL"}, "caCertificates", "MUTUAL needs caCertificates"),
-    ({"mode": "ISTIO_MUTUAL"}, "mode", "needs the mesh CA"),
+    ({"mode": "ISTIO_MUTUAL"}, "serverCertificate", "mode ISTIO_MUTUAL uses the workload certificate"),
     ({"serverCertificate": ""}, "serverCertificate", "needs serverCertificate and privateKey"),
     ({"credentialName": "x", "serverCertificate": "", "privateKey": ""}, "credentialName", "needs the proxy's --credentials-dir"),
 ])

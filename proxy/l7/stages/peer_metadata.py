@@ -19,11 +19,13 @@ the inbound side appends it to the block.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from proxy.l7.events import split_authority
 from proxy.telemetry.istio_metrics import UNKNOWN_SERVICE, PeerFacts, ServiceLabels, endpoint_identity, service_labels
-from proxy.telemetry.peer import PEER_HEADER, PeerHeaderCache, WorkloadIdentity
+from proxy.telemetry.peer import PEER_HEADER, UNKNOWN_WORKLOAD, PeerHeaderCache, WorkloadIdentity
+from proxy.tls.conn import SPIFFE_PREFIX
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Snapshot
@@ -110,9 +112,10 @@ class PeerMetadataStage:
         return facts
 
     def _connection_security(self, ctx: RequestContext) -> tuple[str, bool]:
-        """(connection_security_policy, whether the peer is a proven mesh workload). Before mutual
-        TLS exists every connection is "none"; a mutual TLS downstream would answer ("mutual_tls",
-        True) and its certificate's SPIFFE id would become the source principal."""
+        """(connection_security_policy, whether the peer is a proven mesh workload): a mesh mutual
+        TLS downstream proves it with its certificate; plaintext is "none", trusted by address."""
+        if ctx.peer.peer_principal is not None:
+            return "mutual_tls", True
         return "none", ctx.downstream_ip in self.mesh_addresses
 
     def on_request(self, ctx: RequestContext) -> None:
@@ -124,6 +127,8 @@ class PeerMetadataStage:
             identity = self.parsed.parse(value) if value is not None and trusted else None
             if identity is None:
                 identity = self.workloads_by_address.get(ctx.downstream_ip)
+            if security == "mutual_tls":  # source_principal: the verified certificate's SPIFFE ID
+                identity = replace(identity or UNKNOWN_WORKLOAD, principal=SPIFFE_PREFIX + ctx.peer.peer_principal)
             service = self.services.get(split_authority(head.authority)[0], UNKNOWN_SERVICE) if head.authority else UNKNOWN_SERVICE
             ctx.scratch()["peer"] = self._facts(identity, service, security)
         return None

@@ -1,0 +1,108 @@
+"""The `ssl.SSLContext`s of Istio mutual TLS between sidecars, made from the workload identity.
+
+One server context and one client context per certificate (per `WorkloadIdentity` object), built when
+a connection first needs it after the identity was swapped, then shared by every connection: renewal
+makes new handshakes use the new certificate, connections already open keep theirs. Never per
+connection.
+
+Conventions (Istio's): the server offers ALPN `istio-h2`, `istio-http/1.1` and `istio` (what a
+sidecar offers to tell mesh mTLS from the app's own TLS) besides `h2`/`http/1.1`; a client
+certificate is required and verified against the trust bundle; the peer's identity is the SPIFFE ID
+of its certificate's URI SAN.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from proxy.identity.workload import WorkloadIdentity
+from proxy.tls.conn import SPIFFE_PREFIX, TlsHandshakeError
+from proxy.tls.context import ProtocolVersions, base_context
+
+# the ALPN ids Istio's sidecars offer for mesh mTLS: HTTP/2, HTTP/1.1, opaque TCP
+ISTIO_H2 = "istio-h2"
+ISTIO_HTTP1 = "istio-http/1.1"
+ISTIO_TCP = "istio"
+MESH_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP)
+SERVER_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP, "h2", "http/1.1")
+
+
+def offers_mesh_alpn(alpn: tuple[str, ...]) -> bool:
+    """A ClientHello from a sidecar originating mesh mTLS (Istio's PERMISSIVE filter chain match)."""
+    return any(a.startswith(ISTIO_TCP) for a in alpn)
+
+
+def client_alpn(http2: bool | None) -> tuple[str, ...]:
+    """What a sidecar offers upstream: by the cluster's protocol (None: TCP)."""
+    if http2 is None:
+        return (ISTIO_TCP,)
+    return (ISTIO_H2,) if http2 else (ISTIO_HTTP1,)
+
+
+def trust_domain(spiffe_id: str) -> str:
+    return spiffe_id[len(SPIFFE_PREFIX):].split("/", 1)[0] if spiffe_id.startswith(SPIFFE_PREFIX) else ""
+
+
+def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_ALPN,
+                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
+    """Terminating mesh mTLS (a sidecar's inbound, a Gateway server in ISTIO_MUTUAL)."""
+    context = base_context(ssl.PROTOCOL_TLS_SERVER, alpn, versions, cipher_suites)
+    identity.load_into(context)
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def client_context(identity: WorkloadIdentity, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    context = base_context(ssl.PROTOCOL_TLS_CLIENT, alpn)
+    identity.load_into(context)
+    # the server is checked by its SPIFFE ID after the handshake (check_peer_identity), not by host
+    # name: mesh certificates carry no DNS names
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class MeshContexts:
+    """The contexts of the current identity, remade when the identity object changes."""
+
+    __slots__ = ("_identity", "_server", "_clients")
+
+    def __init__(self) -> None:
+        self._identity: WorkloadIdentity | None = None
+        self._server: ssl.SSLContext | None = None
+        self._clients: dict[tuple[str, ...], ssl.SSLContext] = {}
+
+    def _follow(self, identity: WorkloadIdentity) -> None:
+        if identity is not self._identity:
+            self._identity, self._server, self._clients = identity, None, {}
+
+    def server(self, identity: WorkloadIdentity) -> ssl.SSLContext:
+        self._follow(identity)
+        if self._server is None:
+            self._server = server_context(identity)
+        return self._server
+
+    def client(self, identity: WorkloadIdentity, alpn: tuple[str, ...]) -> ssl.SSLContext:
+        self._follow(identity)
+        context = self._clients.get(alpn)
+        if context is None:
+            context = self._clients[alpn] = client_context(identity, alpn)
+        return context
+
+
+def check_peer_identity(peer: dict | None, subject_alt_names: tuple[str, ...], own_spiffe_id: str) -> str:
+    """After an originating handshake: the server's SPIFFE ID must be one of `subject_alt_names`, or,
+    when none are given, any identity of our own trust domain (Istio's default for ISTIO_MUTUAL).
+    Returns the server's SPIFFE ID; TlsHandshakeError reason `fail_verify_san` otherwise."""
+    uris = [value for kind, value in (peer or {}).get("subjectAltName", ()) if kind == "URI"]
+    spiffe = next((u for u in uris if u.startswith(SPIFFE_PREFIX)), None)
+    if spiffe is None:
+        raise TlsHandshakeError(f"upstream certificate has no SPIFFE ID (URI SANs {uris})", "fail_verify_san")
+    if subject_alt_names:
+        if spiffe not in subject_alt_names:
+            raise TlsHandshakeError(f"upstream identity {spiffe} is none of subjectAltNames "
+                                    f"{list(subject_alt_names)}", "fail_verify_san")
+    elif trust_domain(spiffe) != trust_domain(own_spiffe_id):
+        raise TlsHandshakeError(f"upstream identity {spiffe} is outside trust domain "
+                                f"{trust_domain(own_spiffe_id)}", "fail_verify_san")
+    return spiffe
