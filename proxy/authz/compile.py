@@ -22,15 +22,14 @@ from proxy.authz.policy import (
     WorkloadAuthorization,
 )
 from proxy.config.istio import HEADER_KEY, IP_CONDITION_KEYS, Condition, Operation, Rule, Source
+from proxy.config.scopes import selects
 
 
 def applies(namespace: str, match_labels: Mapping[str, str], root_namespace: str, proxy_namespace: str | None,
             proxy_labels: Mapping[str, str] | None) -> bool:
     if namespace != root_namespace and namespace != proxy_namespace:
         return False
-    if not match_labels or proxy_labels is None:
-        return True
-    return all(proxy_labels.get(k) == v for k, v in match_labels.items())
+    return selects(match_labels, proxy_labels)
 
 
 def _strings(values: tuple[str, ...], *, ignore_case: bool = False) -> tuple[StringMatcher, ...] | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from proxy.config.scopes import scoped
+
 DEFAULT_MODE = "PERMISSIVE"
 
 
@@ -32,29 +34,10 @@ class MtlsPolicy:
         return self.mode == "STRICT" or "STRICT" in self.port_modes.values()
 
 
-def _selects(match_labels: Mapping[str, str], labels: Mapping[str, str] | None) -> bool:
-    if labels is None:  # a proxy that did not say its labels: every selector applies (as for Gateways)
-        return True
-    return all(labels.get(k) == v for k, v in match_labels.items())
-
-
 def resolve(policies: Iterable, root_namespace: str, proxy_namespace: str | None,
             proxy_labels: Mapping[str, str] | None) -> MtlsPolicy:
     """`policies`: loaded PeerAuthentication resources (anything with .namespace, .name, .obj.spec)."""
-    mesh = namespace = workload = None
-    for r in policies:
-        spec = r.obj.spec
-        selector = spec.selector.match_labels if spec.selector is not None else {}
-        if not selector:
-            if r.namespace == root_namespace and mesh is None:
-                mesh = r
-            if proxy_namespace is not None and r.namespace == proxy_namespace and namespace is None:
-                namespace = r
-        elif (workload is None and proxy_namespace is not None and r.namespace == proxy_namespace
-              and _selects(selector, proxy_labels)):
-            workload = r
-    if namespace is mesh:
-        namespace = None  # a proxy of the root namespace: its namespace policy is the mesh policy
+    mesh, namespace, workload = scoped(policies, root_namespace, proxy_namespace, proxy_labels)
     mode = DEFAULT_MODE
     sources: list[str] = []
     for r in (mesh, namespace, workload):

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
+from proxy.config.scopes import scoped
+
 
 @dataclass(frozen=True, slots=True)
 class TracingPolicy:
@@ -19,25 +21,10 @@ class TracingPolicy:
     sources: tuple[str, ...] = ()  # "namespace/name" of the Telemetry resources that decided, mesh first
 
 
-def _selects(selector: Mapping[str, str], labels: Mapping[str, str] | None) -> bool:
-    return labels is not None and all(labels.get(k) == v for k, v in selector.items())
-
-
 def resolve(resources: Iterable, root_namespace: str, proxy_namespace: str | None,
             proxy_labels: Mapping[str, str] | None) -> TracingPolicy:
     """`resources`: loaded Telemetry resources (anything with .namespace, .name, .obj.spec)."""
-    mesh = namespace = workload = None
-    for r in resources:
-        spec = r.obj.spec
-        selector = spec.selector.match_labels if spec.selector is not None else {}
-        if not selector:
-            if r.namespace == root_namespace and mesh is None:
-                mesh = r
-            elif proxy_namespace is not None and r.namespace == proxy_namespace and namespace is None:
-                namespace = r
-        elif (workload is None and proxy_namespace is not None and r.namespace == proxy_namespace
-              and _selects(selector, proxy_labels)):
-            workload = r
+    mesh, namespace, workload = scoped(resources, root_namespace, proxy_namespace, proxy_labels)
     sampling_percent: float | None = None
     disabled = False
     sources: list[str] = []
