@@ -87,8 +87,8 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", type=Path, default=None,
                    help="write the bound port here once listening (useful with port 0)")
     p.add_argument("--store", default=None, metavar="etcd://HOST:PORT[,HOST:PORT...]",
-                   help="share the applied resources with other replicas through etcd v3 (its JSON gateway); "
-                        "the data directory keeps registrations and a copy (docs/controlplane-durability.md)")
+                   help="share applied resources and proxy registrations with other replicas through etcd v3 "
+                        "(its JSON gateway); the data directory keeps a copy (docs/controlplane-durability.md)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="where applied resources, registered workloads and the config version are kept across "
                         f"restarts (docs/controlplane-durability.md; default ${DATA_DIR_ENV} or {default_data_dir()})")
@@ -177,31 +177,21 @@ def main(argv: Sequence[str]) -> int:
     except StoreError as e:
         log.error("data_dir_rejected", data_dir=str(args.data_dir), error=str(e))
         return 1
-    shared = None
+    client = None
     if args.store is not None:
-        from controlplane.etcd import EtcdAppliedStore, EtcdClient, parse_store_url
+        from controlplane.etcd import EtcdClient, parse_store_url
 
         try:
-            shared = EtcdAppliedStore(EtcdClient(parse_store_url(args.store)))
+            client = EtcdClient(parse_store_url(args.store))
         except ValueError as e:
             controlplane_parser().error(f"--store: {e}")
-    store = ConfigStore(args.config, data=data, shared=shared)
+    store = ConfigStore(args.config, data=data, replicated=client is not None)
     try:
         store.restore()
         store.load_directory()
     except (ConfigError, StoreError) as e:
         log.error("config_rejected", source="start", data_dir=str(args.data_dir), error=str(e))
         return 1
-    if shared is not None:
-        from controlplane.etcd import EtcdUnavailable
-
-        try:
-            store.take_shared(shared.read())
-        except EtcdUnavailable as e:  # serve the copy; the watcher catches up when the store is back
-            log.error("store_unavailable", store=str(shared), error=str(e), serving="the data directory's copy")
-        except (ConfigError, StoreError) as e:
-            log.error("config_rejected", source="store", store=str(shared), error=str(e))
-            return 1
     log.info("state_restored", data_dir=str(args.data_dir), version=store.version, applied=len(store.applied),
              registered=len(store.workloads))
     security = None
@@ -232,7 +222,13 @@ def main(argv: Sequence[str]) -> int:
         push_concurrency=max(1, args.push_concurrency),
         delta=not args.no_delta,
     )
-    plane = ControlPlane(store, options, log, security)
+    replication = None
+    if client is not None:
+        from controlplane.replicated import Replication
+
+        # a dead replica's registrations last as long as a disconnected proxy's
+        replication = Replication(client, store, log, lease_ttl_s=args.grace_period)
+    plane = ControlPlane(store, options, log, security, replication)
 
     async def run() -> int:
         async with trio.open_nursery() as nursery:

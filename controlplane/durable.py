@@ -47,6 +47,7 @@ class PersistedState(msgspec.Struct, kw_only=True):
     content_version: str = ""  # a hash of the merged state the generation stands for
     applied: list[PersistedResource] = []
     workloads: list[PersistedResource] = []
+    shared_revision: int = 0  # replicated on etcd: the applied layer's revision (`ConfigStore.version`)
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -11,8 +11,8 @@ Theory of operation.
   nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
   they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
   that stream (the peer gets an `Error`).
-- A config change (directory poll, apply/delete, a workload registered or expired, a newer applied
-  layer from the shared store written by another replica) feeds the
+- A config change (directory poll, apply/delete, a workload registered or expired, a change another
+  replica stored in etcd, controlplane/replicated.py) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
@@ -29,10 +29,13 @@ Theory of operation.
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
   back within the grace period keeps its registration. Registrations restored from the data directory
   at start are such proxies, disconnected since the start: their endpoints stay while they reconnect.
+  Replicated on etcd, registrations live there on each replica's lease instead (replicated.py), and
+  every change of the store goes through `Replication` (await etcd, then install).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -45,9 +48,8 @@ from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
 from controlplane.snapshots import ProxyClass, View, ViewCache
-from controlplane.durable import StoreError
-from controlplane.etcd import EtcdUnavailable
-from controlplane.store import ChangeOutcome, ConfigStore
+from controlplane.replicated import Replication
+from controlplane.store import ChangeOutcome, ConfigStore, load_resources, workload_entry
 from controlplane.wire import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -141,8 +143,12 @@ class ProxyConn:
 
 
 class ControlPlane:
-    def __init__(self, store: ConfigStore, options: ServerOptions, log: Any, security: Security | None = None) -> None:
+    def __init__(self, store: ConfigStore, options: ServerOptions, log: Any, security: Security | None = None,
+                 replication: Replication | None = None) -> None:
         self.store = store
+        self.replication = replication
+        if replication is not None:
+            replication.on_change = self.config_changed
         self.security = security
         self.options = options
         self.log = log
@@ -184,15 +190,16 @@ class ControlPlane:
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._await_restored_registrations()
+            if self.replication is not None:
+                await nursery.start(self.replication.run)  # start from the shared state
+            else:
+                self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
                 nursery.start_soon(self._watch_directory)
-            if self.store.shared is not None:
-                nursery.start_soon(self._watch_shared)
             if self.security is not None:
                 nursery.start_soon(self._watch_ca)
             await nursery.start(trio.serve_listeners, self._handle, listeners)
@@ -221,7 +228,8 @@ class ControlPlane:
             if not self.store.directory_changed():
                 continue
             try:
-                changed = self.store.load_directory()
+                async with self._changing():
+                    changed = self.store.load_directory()
             except ConfigError as e:
                 self.store.last_error = str(e)
                 self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
@@ -229,37 +237,9 @@ class ControlPlane:
             if changed:
                 self.config_changed("directory")
 
-    async def _watch_shared(self) -> None:
-        """Take the applied layer other replicas store (polling its revision: one small read per
-        interval). While the store is unreachable this replica serves what it has."""
-        assert self.store.shared is not None
-        shared = self.store.shared
-        unavailable = ""
-        rejected_revision = 0
-        while True:
-            await trio.sleep(self.options.poll_interval_s)
-            try:
-                stored = await trio.to_thread.run_sync(shared.read)
-            except (EtcdUnavailable, StoreError) as e:
-                if str(e) != unavailable:
-                    unavailable = str(e)
-                    self.log.error("store_unavailable", store=str(shared), error=unavailable, serving=self.store.version)
-                continue
-            if unavailable:
-                unavailable = ""
-                self.log.info("store_available", store=str(shared), revision=stored.revision)
-            # revisions only grow: an older read (racing this replica's own write) is not taken
-            if stored.revision <= self.store.shared_revision or stored.revision == rejected_revision:
-                continue
-            try:
-                changed = self.store.take_shared(stored)
-            except ConfigError as e:
-                rejected_revision = stored.revision
-                self.log.error("config_rejected", source="store", revision=stored.revision, error=str(e),
-                               keeping_version=self.store.version)
-                continue
-            if changed:
-                self.config_changed("store")
+    def _changing(self) -> trio.Lock | contextlib.nullcontext:
+        """Held while the store changes: replicated, a change awaits etcd between planning and installing."""
+        return self.replication.lock if self.replication is not None else contextlib.nullcontext()
 
     async def _watch_ca(self) -> None:
         assert self.security is not None
@@ -329,7 +309,7 @@ class ControlPlane:
                 await self._proxy_stream(framed, first, peer)
             elif isinstance(first, (ApplyRequest, DeleteRequest)):
                 self._admit_admin(first)
-                await framed.send(self._change(first))
+                await framed.send(await self._change(first))
             elif isinstance(first, StatusRequest):
                 self._admit_admin(first)
                 await framed.send(self.status())
@@ -349,11 +329,20 @@ class ControlPlane:
 
     # ---- CLI requests
 
-    def _change(self, request: ApplyRequest | DeleteRequest) -> ApplyResult:
+    async def _change(self, request: ApplyRequest | DeleteRequest) -> ApplyResult:
         sources = [(s.name, s.data) for s in request.sources]
         op = "apply" if isinstance(request, ApplyRequest) else "delete"
         try:
-            outcome: ChangeOutcome = self.store.apply(sources) if op == "apply" else self.store.delete(sources)
+            outcome: ChangeOutcome
+            if self.replication is None:
+                outcome = self.store.apply(sources) if op == "apply" else self.store.delete(sources)
+            else:
+                resources = load_resources(sources)
+                if op == "apply":
+                    outcome = await self.replication.change(lambda: self.store.plan_apply(resources))
+                else:
+                    keys = [s.key for s in resources]
+                    outcome = await self.replication.change(lambda: self.store.plan_delete(keys))
         except ConfigError as e:
             self.log.error("config_rejected", source=op, error=str(e), keeping_version=self.store.version)
             return ApplyResult(ok=False, config_version=self.store.version, error=str(e))
@@ -421,10 +410,9 @@ class ControlPlane:
         self.log.info("proxy_connected", node_id=hello.node_id, namespace=hello.namespace, labels=hello.labels,
                       peer=peer, serving=hello.last_version)
         if hello.register:
-            self._register(proxy, hello)
+            await self._register(proxy, hello)
         elif proxy.workload_key is not None:  # it registered before and no longer asks to be
-            if self.store.unregister_workload(proxy.workload_key):
-                self.config_changed("workload_unregistered")
+            await self._unregister(proxy.workload_key, "workload_unregistered")
             proxy.workload_key = None
         try:
             await framed.send(Welcome(server_id=self.server_id, heartbeat_interval_s=self.options.heartbeat_interval_s,
@@ -454,22 +442,34 @@ class ControlPlane:
         self.log.info("proxy_resumed", node_id=proxy.node_id, version=view.version)
         return True
 
-    def _register(self, proxy: ProxyConn, hello: Hello) -> None:
+    async def _register(self, proxy: ProxyConn, hello: Hello) -> None:
+        labels = dict(hello.labels)
+        if proxy.identity is not None:
+            # a sidecar that gets a workload certificate takes mesh mTLS: Istio's endpoint label,
+            # which auto mTLS on the client side follows (docs/mtls.md)
+            labels[TLS_MODE_LABEL] = "istio"
         try:
-            labels = dict(hello.labels)
-            if proxy.identity is not None:
-                # a sidecar that gets a workload certificate takes mesh mTLS: Istio's endpoint label,
-                # which auto mTLS on the client side follows (docs/mtls.md)
-                labels[TLS_MODE_LABEL] = "istio"
-            key = self.store.register_workload(hello.node_id, hello.namespace, labels, proxy.address,
-                                               hello.ports, hello.service_account)
+            if self.replication is not None:
+                entry = workload_entry(hello.node_id, hello.namespace, labels, proxy.address, hello.ports,
+                                       hello.service_account)
+                await self.replication.register(entry, replaces=proxy.workload_key)
+                key = entry.key
+            else:
+                key = self.store.register_workload(hello.node_id, hello.namespace, labels, proxy.address,
+                                                   hello.ports, hello.service_account)
         except ConfigError as e:
             self.log.error("workload_registration_refused", node_id=hello.node_id, error=str(e))
             return
-        if proxy.workload_key is not None and proxy.workload_key != key:
+        if self.replication is None and proxy.workload_key is not None and proxy.workload_key != key:
             self.store.unregister_workload(proxy.workload_key)
         proxy.workload_key = key
         self.config_changed("workload_registered")
+
+    async def _unregister(self, key: ResourceKey, reason: str) -> None:
+        if self.replication is not None:
+            await self.replication.unregister(key, reason)  # reports its own change
+        elif self.store.unregister_workload(key):
+            self.config_changed(reason)
 
     async def _expire(self, proxy: ProxyConn, session: int) -> None:
         await trio.sleep(self.options.grace_period_s)
@@ -477,8 +477,8 @@ class ControlPlane:
             return  # it came back
         del self.proxies[proxy.node_id]
         self.log.info("proxy_expired", node_id=proxy.node_id)
-        if proxy.workload_key is not None and self.store.unregister_workload(proxy.workload_key):
-            self.config_changed("workload_expired")
+        if proxy.workload_key is not None:
+            await self._unregister(proxy.workload_key, "workload_expired")
 
     async def _keepalive(self) -> None:
         interval = self.options.heartbeat_interval_s

@@ -15,21 +15,21 @@ With a data directory (controlplane/durable.py), an accepted change to the appli
 (or to the version) is written there before it replaces the state in memory, so a change is durable
 before it is acknowledged; a failed write refuses the change like an invalid one. `restore` brings a
 stored state back at start: the version stays the stored one while the merged content is the same.
-With a shared store (etcd, controlplane/etcd.py), a change to the applied layer is first written there
-by compare-and-swap; a replica that lost the race takes the other's layer and redoes its change.
+Replicated on etcd (controlplane/replicated.py), a change is planned here (`plan_*`: the new layers,
+validated), written to etcd, then installed (`install`); the applied and workloads layers are the ones
+etcd holds, and the config version is derived from them (`version`).
 
-Sync; its IO is the watched directory's files, the data directory and the shared store (short
-timeouts); the server calls it.
+Sync; its IO is the watched directory's files and the data directory; the server calls it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 from controlplane.durable import DataDirectory, PersistedResource, PersistedState
-from controlplane.etcd import EtcdAppliedStore, EtcdUnavailable, SharedApplied
 from controlplane.snapshots import ProxyClass, StoredResource, ViewCache, representative_classes, view_version
 from controlplane.wire import ResourceKey, decode_istio
 from proxy.config.compile import compile_resources
@@ -87,16 +87,36 @@ def _differs(old: Mapping[ResourceKey, StoredResource], new: Mapping[ResourceKey
 
 
 def _persisted(layer: Layer) -> list[PersistedResource]:
-    return [PersistedResource(s.body, s.resource.file, s.resource.document) for s in layer.values()]
+    return [persisted(s) for s in layer.values()]
+
+
+def persisted(s: StoredResource) -> PersistedResource:
+    return PersistedResource(s.body, s.resource.file, s.resource.document)
+
+
+def stored_resource(r: PersistedResource) -> StoredResource:
+    """Raises ConfigError for a body the loader refuses now."""
+    return StoredResource.of(decode_istio(r.body, file=r.file, document=r.document))
 
 
 def _layer(stored: list[PersistedResource]) -> Layer:
-    resources = (StoredResource.of(decode_istio(r.body, file=r.file, document=r.document)) for r in stored)
+    resources = (stored_resource(r) for r in stored)
     return {s.key: s for s in resources}
 
 
-class SharedConflict(Exception):
-    """Another replica changed the shared applied layer since this store read it."""
+@dataclass(frozen=True)
+class Prepared:
+    """A validated change, not yet installed: the new layers and their merged state."""
+
+    files: Layer
+    applied: Layer
+    workloads: Layer
+    state: dict[ResourceKey, StoredResource]
+    base: dict[ResourceKey, StoredResource]  # the state it was planned on
+
+
+class StaleChange(Exception):
+    """The state changed between planning a change and installing it: plan it again."""
 
 
 class ChangeOutcome:
@@ -121,12 +141,14 @@ class ConfigStore:
         extra_classes: Callable[[], Iterable[ProxyClass]] = lambda: (),
         bind_address: str = "0.0.0.0",
         data: DataDirectory | None = None,
-        shared: EtcdAppliedStore | None = None,
+        replicated: bool = False,
     ) -> None:
         self.config_dir = config_dir
         self.data = data
-        self.shared = shared  # the applied layer shared by replicas (etcd); the data directory caches it
-        self.shared_revision = 0  # the shared layer's revision this store holds
+        # replicated: the applied and workloads layers are etcd's (the data directory caches them)
+        self.replicated = replicated
+        self.shared_revision = 0  # the applied layer's etcd revision this store holds
+        self.content_hash = ""  # of the merged state, when replicated
         self._restored: PersistedState | None = None  # until the first commit after a restore
         self.extra_classes = extra_classes  # the classes of connected proxies (from the server)
         self.bind_address = bind_address
@@ -140,6 +162,12 @@ class ConfigStore:
 
     @property
     def version(self) -> str:
+        """The control plane's config version. Alone, a count of accepted changes. Replicated, derived
+        from what every replica shares, so equal content shows the same version on every replica and
+        after a restart: `<applied layer's etcd revision>-<hash of the merged content>` (the content
+        being the watched files, the applied layer and every replica's registrations)."""
+        if self.replicated:
+            return f"{self.shared_revision}-{self.content_hash}"
         return str(self.generation)
 
     # ---- validation and commit
@@ -211,70 +239,57 @@ class ConfigStore:
                     continue  # broken before this change too: not this change's doing
                 raise
 
-    def _commit(self, files: Layer, applied: Layer, workloads: Layer, *, shared_revision: int | None = None) -> bool:
-        """`shared_revision`: the applied layer comes from the shared store at that revision (no write)."""
+    def prepare(self, files: Layer, applied: Layer, workloads: Layer) -> Prepared:
+        """Validate new layers. Raises ConfigError."""
         state = self.merge(files, applied, workloads)
         self.validate(state)
+        return Prepared(files, applied, workloads, state, self.state)
+
+    def _commit(self, files: Layer, applied: Layer, workloads: Layer, *, shared_revision: int | None = None) -> bool:
+        return self.install(self.prepare(files, applied, workloads), shared_revision=shared_revision)
+
+    def install(self, prepared: Prepared, *, shared_revision: int | None = None) -> bool:
+        """Make a prepared change the state (persisting it first). `shared_revision`: the applied
+        layer's etcd revision from now on. True when the merged state changed. Raises StaleChange,
+        or ConfigError when the data directory cannot be written."""
+        if prepared.base is not self.state:
+            raise StaleChange()
+        files, applied, workloads, state = prepared.files, prepared.applied, prepared.workloads, prepared.state
         changed = _differs(self.state, state)
-        if self.shared is not None and shared_revision is None and _differs(self.applied, applied):
-            shared_revision = self._write_shared(applied)
         generation = self.generation + 1 if changed else self.generation
         if self._restored is not None:  # the first commit after a restart: the directory's files are back
             same = self._restored.content_version == content_version(state)
             generation = self._restored.generation if same else self._restored.generation + 1
+        revision = self.shared_revision if shared_revision is None else shared_revision
         if self.data is not None and (generation != self.generation or _differs(self.applied, applied)
-                                      or _differs(self.workloads, workloads) or self._restored is not None):
-            self._persist(generation, state, applied, workloads)
+                                      or _differs(self.workloads, workloads) or self._restored is not None
+                                      or revision != self.shared_revision):
+            self._persist(generation, state, applied, workloads, revision)
         self._restored = None
-        if shared_revision is not None:
-            self.shared_revision = shared_revision
+        self.shared_revision = revision
         self.files, self.applied, self.workloads = files, applied, workloads
         self.state = state
         self.generation = generation
+        if self.replicated:
+            self.content_hash = content_version(state)
         return changed
 
     def _persist(self, generation: int, state: Mapping[ResourceKey, StoredResource], applied: Layer,
-                 workloads: Layer) -> None:
+                 workloads: Layer, shared_revision: int) -> None:
         assert self.data is not None
         try:
             self.data.commit(PersistedState(generation=generation, content_version=content_version(state),
-                                            applied=_persisted(applied), workloads=_persisted(workloads)))
+                                            applied=_persisted(applied), workloads=_persisted(workloads),
+                                            shared_revision=shared_revision))
         except OSError as e:
             raise ConfigError(f"cannot store the change: {e.strerror or e}; nothing was changed",
                               file=str(self.data.state_path)) from e
 
-    def _write_shared(self, applied: Layer) -> int:
-        assert self.shared is not None
-        try:
-            revision = self.shared.write(PersistedState(applied=_persisted(applied)), self.shared_revision)
-        except EtcdUnavailable as e:
-            raise ConfigError(f"cannot store the change: {e}; nothing was changed (the control plane keeps "
-                              "serving its last state; apply again when the store is back)", file=str(self.shared)) from e
-        if revision is None:
-            raise SharedConflict()
-        return revision
-
-    def take_shared(self, shared: SharedApplied) -> bool:
-        """Adopt the applied layer another replica stored. True when the state changed. Raises
-        ConfigError (the layer does not validate with this replica's files; state kept)."""
-        applied = _layer(shared.state.applied) if shared.state is not None else {}
-        return self._commit(self.files, applied, self.workloads, shared_revision=shared.revision)
-
-    def _serialised(self, change: Callable[[], "ChangeOutcome"]) -> "ChangeOutcome":
-        """Run an apply/delete; when another replica stored a change first, take it and run it again
-        on top (compare-and-swap), so concurrent changes are serialised, never lost."""
-        for _ in range(8):
-            try:
-                return change()
-            except SharedConflict:
-                assert self.shared is not None
-                try:
-                    self.take_shared(self.shared.read())
-                except EtcdUnavailable as e:
-                    raise ConfigError(f"cannot store the change: {e}; nothing was changed",
-                                      file=str(self.shared)) from e
-        raise ConfigError("cannot store the change: the shared store kept changing under it; nothing was changed",
-                          file=str(self.shared))
+    def take_shared(self, applied: Layer, revision: int, workloads: Layer) -> bool:
+        """Adopt the layers etcd holds (another replica's apply, registrations through any replica).
+        True when the state changed. Raises ConfigError (they do not validate with this replica's
+        files; state kept)."""
+        return self._commit(self.files, applied, workloads, shared_revision=revision)
 
     # ---- a restart
 
@@ -290,6 +305,7 @@ class ConfigStore:
         self.workloads = _layer(stored.workloads)
         self.state = self.merge(self.files, self.applied, self.workloads)
         self.generation = stored.generation
+        self.shared_revision = stored.shared_revision
         self._restored = stored
 
     # ---- the watched directory
@@ -316,10 +332,11 @@ class ConfigStore:
     # ---- apply / delete
 
     def apply(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
-        resources = [StoredResource.of(r) for r in load_sources(sources)]
-        return self._serialised(lambda: self._apply(resources))
+        outcome, prepared = self.plan_apply(load_resources(sources))
+        self.install(prepared)
+        return outcome
 
-    def _apply(self, resources: list[StoredResource]) -> ChangeOutcome:
+    def plan_apply(self, resources: list[StoredResource]) -> tuple[ChangeOutcome, Prepared]:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for s in resources:
@@ -331,14 +348,14 @@ class ConfigStore:
             else:
                 out.configured.append(_describe(s.key))
             applied[s.key] = s
-        self._commit(self.files, applied, self.workloads)
-        return out
+        return out, self.prepare(self.files, applied, self.workloads)
 
     def delete(self, sources: list[tuple[str, bytes]]) -> ChangeOutcome:
-        keys = [StoredResource.of(r).key for r in load_sources(sources)]
-        return self._serialised(lambda: self._delete(keys))
+        outcome, prepared = self.plan_delete([s.key for s in load_resources(sources)])
+        self.install(prepared)
+        return outcome
 
-    def _delete(self, keys: list[ResourceKey]) -> ChangeOutcome:
+    def plan_delete(self, keys: list[ResourceKey]) -> tuple[ChangeOutcome, Prepared]:
         out = ChangeOutcome()
         applied = dict(self.applied)
         for k in keys:
@@ -356,8 +373,7 @@ class ConfigStore:
             else:
                 raise ConfigError(f"{_describe(k)} not found", kind=k.kind, name=f"{k.namespace}/{k.name}",
                                   field_path="$.metadata.name")
-        self._commit(self.files, applied, self.workloads)
-        return out
+        return out, self.prepare(self.files, applied, self.workloads)
 
     # ---- registered workloads
 
@@ -367,18 +383,12 @@ class ConfigStore:
     ) -> ResourceKey:
         """Add a proxy's workload as a WorkloadEntry (name: its node id). Raises ConfigError when it
         would make the state invalid (e.g. an address that is not an IP for a STATIC service)."""
-        obj = WorkloadEntry(
-            api_version="networking.istio.io/v1",
-            kind="WorkloadEntry",
-            metadata=ObjectMeta(name=node_id, namespace=namespace),
-            spec=WorkloadEntrySpec(address=address, labels=dict(labels), ports=dict(ports),
-                                   service_account=service_account),
-        )
-        s = StoredResource.of(Resource(obj, file=f"<registered by proxy {node_id}>", document=0))
-        workloads = dict(self.workloads)
-        workloads[s.key] = s
-        self._commit(self.files, self.applied, workloads)
+        s = workload_entry(node_id, namespace, labels, address, ports, service_account)
+        self.install(self.plan_workloads({**self.workloads, s.key: s}))
         return s.key
+
+    def plan_workloads(self, workloads: Layer) -> Prepared:
+        return self.prepare(self.files, self.applied, workloads)
 
     def unregister_workload(self, key: ResourceKey) -> bool:
         if key not in self.workloads:
@@ -390,3 +400,19 @@ class ConfigStore:
         except ConfigError:
             # removing an endpoint cannot invalidate references; keep it registered if it somehow does
             return False
+
+
+def load_resources(sources: Iterable[tuple[str, bytes]]) -> list[StoredResource]:
+    return [StoredResource.of(r) for r in load_sources(sources)]
+
+
+def workload_entry(node_id: str, namespace: str, labels: Mapping[str, str], address: str, ports: Mapping[str, int],
+                   service_account: str) -> StoredResource:
+    """The WorkloadEntry a registering proxy stands for (name: its node id)."""
+    obj = WorkloadEntry(
+        api_version="networking.istio.io/v1",
+        kind="WorkloadEntry",
+        metadata=ObjectMeta(name=node_id, namespace=namespace),
+        spec=WorkloadEntrySpec(address=address, labels=dict(labels), ports=dict(ports), service_account=service_account),
+    )
+    return StoredResource.of(Resource(obj, file=f"<registered by proxy {node_id}>", document=0))

@@ -162,23 +162,32 @@ def test_replicas_share_applies_through_etcd_and_refuse_writes_while_it_is_down(
     assert "store_unavailable" in b.log_text() and "store_available" in b.log_text()
 
 
-def test_a_stale_replica_retries_its_apply_on_top_of_the_other_ones(tmp_path, procs):
+async def test_a_stale_replica_retries_its_apply_on_top_of_the_other_ones(tmp_path, procs):
     """Deterministic compare-and-swap: b has not seen a's apply when it applies; its write fails the
     revision compare, b takes a's layer and applies on top of it."""
-    from controlplane.etcd import EtcdAppliedStore, EtcdClient, parse_store_url
-    from controlplane.store import ConfigStore
+    from controlplane.etcd import EtcdClient, parse_store_url
+    from controlplane.replicated import APPLIED_KEY, Replication
+    from controlplane.store import ConfigStore, load_resources
+    from proxy import logging as tm_logging
 
     etcd = Etcd(tmp_path).start()
     procs.append(etcd)
     config = write_mesh(tmp_path / "config")
-    a, b = (ConfigStore(config, shared=EtcdAppliedStore(EtcdClient(parse_store_url(etcd.url)))) for _ in range(2))
-    for store in (a, b):
-        store.load_directory()
-    a.apply([("extra-a.yaml", extra_service("extra-a").encode())])
-    outcome = b.apply([("extra-b.yaml", extra_service("extra-b").encode())])
+    log = tm_logging.get_logger("test")
+    stores = [ConfigStore(config, replicated=True) for _ in range(2)]
+    a, b = (Replication(EtcdClient(parse_store_url(etcd.url)), store, log, lease_ttl_s=5) for store in stores)
+    for replica in (a, b):
+        replica.store.load_directory()
+        await replica._read_all()  # what `run` does first; no watch here, so b stays stale
+    extra_a, extra_b = (load_resources([(f"{n}.yaml", extra_service(n).encode())]) for n in ("extra-a", "extra-b"))
+    await a.change(lambda: a.store.plan_apply(extra_a))
+    outcome = await b.change(lambda: b.store.plan_apply(extra_b))
     assert outcome.created == ["ServiceEntry tutorial/extra-b"]
-    names = {k.name for k in b.applied}
-    assert names == {"extra-a", "extra-b"} and b.shared_revision > a.shared_revision
-    stored = b.shared.read()
-    assert {r.file for r in stored.state.applied} == {"extra-a.yaml", "extra-b.yaml"}
-    assert a.take_shared(stored) is True and {k.name for k in a.applied} == {"extra-a", "extra-b"}
+    assert {k.name for k in b.store.applied} == {"extra-a", "extra-b"}
+    assert b.store.shared_revision > a.store.shared_revision
+    stored = await b.client.range(APPLIED_KEY)
+    assert [kv.mod_revision for kv in stored.kvs] == [b.store.shared_revision]
+    # a catches up by a full read; then both show one version for one content
+    await a._read_all()
+    assert {k.name for k in a.store.applied} == {"extra-a", "extra-b"}
+    assert a.store.version == b.store.version and a.store.version.startswith(f"{b.store.shared_revision}-")
