@@ -1,80 +1,29 @@
 """Two control-plane replicas sharing their applied resources through a real etcd (Debian's
-etcd-server, started here on free loopback ports with a temporary data directory): an apply through
+etcd-server, one member started here on free loopback ports with a temporary data directory): an apply through
 one reaches a proxy of the other, concurrent applies through both are serialised (both kept), and
 with etcd down the replicas keep serving and refuse writes with a clear error, then catch up.
 Every process is started here and stopped by PID."""
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-
 from cp_fixtures import split, write_mesh
-from tests.runner.harness import ControlPlane, free_port, triomesh
+from etcd_processes import EtcdCluster, wait_until
+
+from tests.runner.harness import ControlPlane, triomesh
 
 SIM_PROXY = Path(__file__).with_name("sim_proxy.py")
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="needs etcd (Debian etcd-server; `make test` installs it)")
-
-
-def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
-class Etcd:
-    """A single-member etcd on loopback; restartable on the same ports and data directory."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.data = tmp / "etcd-data"
-        self.client_port, self.peer_port = free_port(), free_port()
-        self.log = tmp / "etcd.log"
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"etcd://127.0.0.1:{self.client_port}"
-
-    def start(self) -> "Etcd":
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
-        self.proc = subprocess.Popen(
-            ["etcd", "--name", "test", "--data-dir", str(self.data), "--listen-client-urls", client,
-             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"test={peer}"], stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        wait_until(self.answers, what="etcd up")
-        return self
-
-    def answers(self) -> bool:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.client_port}/v3/kv/range",
-                                         data=json.dumps({"key": base64.b64encode(b"x").decode()}).encode())
-        try:
-            with urllib.request.urlopen(request, timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    stop = kill
 
 
 class SimProxy:
@@ -115,7 +64,7 @@ spec:
 
 
 def test_replicas_share_applies_through_etcd_and_refuse_writes_while_it_is_down(tmp_path, procs):
-    etcd = Etcd(tmp_path).start()
+    etcd = EtcdCluster(tmp_path).start()
     procs.append(etcd)
     config = write_mesh(tmp_path / "config")
     a, b = (ControlPlane(config, tmp_path, extra_args=["--data-dir", str(tmp_path / f"data-{n}"), "--store", etcd.url])
@@ -170,7 +119,7 @@ async def test_a_stale_replica_retries_its_apply_on_top_of_the_other_ones(tmp_pa
     from controlplane.store import ConfigStore, load_resources
     from proxy import logging as tm_logging
 
-    etcd = Etcd(tmp_path).start()
+    etcd = EtcdCluster(tmp_path).start()
     procs.append(etcd)
     config = write_mesh(tmp_path / "config")
     log = tm_logging.get_logger("test")
