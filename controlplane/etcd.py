@@ -10,7 +10,8 @@ applies and proxy registrations; a keep-alive pool would save a connect per call
 h11 reading the response. A call tries the member that answered last first, then the others: a member
 that is down, or answers an error (no leader during an election, a timeout forwarding to the leader),
 does not fail a request another member can serve. Rounds repeat with a short pause until `deadline_s`,
-so a write made during an election waits for the new leader instead of failing. A watch is one long
+so a write made during an election waits for the new leader instead of failing; a round in which no
+member accepted the connection ends the call at once (etcd is down: nothing to wait for). A watch is one long
 POST whose chunked response carries one JSON object per line.
 """
 
@@ -91,6 +92,10 @@ def _key_value(kv: dict) -> KeyValue:
 class _Refused(Exception):
     """One member could not serve the call (its message is kept for the error the caller sees)."""
 
+    def __init__(self, message: str, *, connect_failed: bool = False) -> None:
+        super().__init__(message)
+        self.connect_failed = connect_failed
+
 
 def _request_bytes(endpoint: ControlPlaneAddress, path: str, body: bytes) -> tuple[h11.Connection, bytes]:
     conn = h11.Connection(h11.CLIENT)
@@ -107,6 +112,14 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Ev
         if event is not h11.NEED_DATA:
             return event
         conn.receive_data(await stream.receive_some(65536))
+
+
+def _connect_error(e: Exception) -> str:
+    """Trio's connect error wraps each address's failure (e.g. ECONNREFUSED): name that one."""
+    cause = e.__cause__
+    while isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+        cause = cause.exceptions[0]
+    return str(cause) if isinstance(cause, OSError) else str(e) or type(e).__name__
 
 
 class EtcdClient:
@@ -130,7 +143,7 @@ class EtcdClient:
         try:
             stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
         except OSError as e:
-            raise _Refused(f"{endpoint}: {e.strerror or e}") from e
+            raise _Refused(f"{endpoint}: {_connect_error(e)}", connect_failed=True) from e
         async with stream:
             try:
                 await stream.send_all(data)
@@ -164,16 +177,20 @@ class EtcdClient:
         errors: dict[int, str] = {}
         with trio.move_on_after(self.deadline_s):
             while True:
+                refused = 0
                 for index in self._order():
                     with trio.move_on_after(self.attempt_timeout_s):
                         try:
                             reply = await self._post(self.endpoints[index], path, payload)
                         except _Refused as e:
                             errors[index] = str(e)
+                            refused += e.connect_failed
                             continue
                         self._preferred = index
                         return reply
                     errors[index] = f"{self.endpoints[index]}: no answer within {self.attempt_timeout_s}s"
+                if refused == len(self.endpoints):
+                    break  # no member is running: no election will end this soon
                 await trio.sleep(0.2)
         raise EtcdUnavailable(f"etcd unavailable ({'; '.join(errors[i] for i in sorted(errors)) or 'no attempt'})")
 
@@ -244,7 +261,7 @@ class EtcdClient:
                 with trio.fail_after(self.attempt_timeout_s):
                     stream = await trio.open_tcp_stream(endpoint.host, endpoint.port)
             except (OSError, trio.TooSlowError) as e:
-                errors.append(f"{endpoint}: {type(e).__name__}: {e}")
+                errors.append(f"{endpoint}: {_connect_error(e)}")
                 continue
             async with stream:
                 try:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from etcd_processes import EtcdCluster, post, wait_until
+
 from tests.runner.harness import Backend, ControlPlane, Proxy, free_port, mesh_config
 
 pytestmark = [

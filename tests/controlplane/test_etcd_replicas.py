@@ -6,6 +6,8 @@ Every process is started here and stopped by PID."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import shutil
 import signal
@@ -14,10 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 from cp_fixtures import split, write_mesh
 from etcd_processes import EtcdCluster, wait_until
 
-from tests.runner.harness import ControlPlane, triomesh
+from tests.runner.harness import ControlPlane, free_port, triomesh
 
 SIM_PROXY = Path(__file__).with_name("sim_proxy.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -140,3 +143,59 @@ async def test_a_stale_replica_retries_its_apply_on_top_of_the_other_ones(tmp_pa
     await a._read_all()
     assert {k.name for k in a.store.applied} == {"extra-a", "extra-b"}
     assert a.store.version == b.store.version and a.store.version.startswith(f"{b.store.shared_revision}-")
+
+
+async def test_the_client_fails_over_past_a_dead_member_and_names_each_member_when_none_answers(tmp_path, procs):
+    from controlplane.etcd import EtcdClient, EtcdUnavailable, parse_store_url
+
+    etcd = EtcdCluster(tmp_path).start()
+    procs.append(etcd)
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    client = EtcdClient(parse_store_url(f"etcd://{dead},{etcd.url[len('etcd://'):]}"))
+    revision = await client.put(b"/k", b"v")
+    assert (await client.range(b"/k")).kvs[0].mod_revision == revision
+    assert client._preferred == 1  # the member that answered is asked first next time
+    nobody = EtcdClient(parse_store_url(f"etcd://{dead},127.0.0.1:{free_port()}"), deadline_s=0.5)
+    with pytest.raises(EtcdUnavailable, match=rf"etcd unavailable \({dead}: .*refused.*; 127\.0\.0\.1:\d+: .*refused"):
+        await nobody.range(b"/k")
+
+
+async def test_a_watch_reports_puts_and_deletes_and_a_compacted_start_revision(tmp_path, procs):
+    from controlplane.etcd import EtcdClient, WatchCompacted, parse_store_url
+
+    etcd = EtcdCluster(tmp_path).start()
+    procs.append(etcd)
+    client = EtcdClient(parse_store_url(etcd.url))
+    first = await client.put(b"/p/a", b"1")
+    await client.put(b"/other", b"x")  # outside the prefix
+    await client.put(b"/p/b", b"2")
+    await client.call("/v3/kv/deleterange", {"key": base64.b64encode(b"/p/a").decode()})
+    seen = []
+    with trio.fail_after(5):
+        async with contextlib.aclosing(client.watch(b"/p/", first + 1)) as batches:
+            async for events in batches:
+                seen.extend((e.key, e.value) for e in events)
+                if len(seen) >= 2:
+                    break
+    assert seen == [(b"/p/b", b"2"), (b"/p/a", None)]
+    latest = await client.put(b"/p/c", b"3")
+    await client.call("/v3/kv/compaction", {"revision": str(latest), "physical": True})
+    with pytest.raises(WatchCompacted):
+        async with contextlib.aclosing(client.watch(b"/p/", first)) as batches:
+            async for _ in batches:
+                pass
+
+
+def test_the_mirror_keeps_the_newest_revision_per_key_and_sets_aside_what_it_cannot_read():
+    from controlplane.replicated import REGISTRATIONS_PREFIX, Mirror, registration_key
+    from controlplane.store import workload_entry
+
+    entry = workload_entry("rec-3", "tutorial", {"app": "recommendation"}, "127.0.0.3", {"http": 18085}, "")
+    mirror = Mirror()
+    mirror.put_registration(entry, 10)
+    mirror.update(registration_key(entry.key), None, 9)  # an older delete, seen after this replica's write
+    assert list(mirror.workloads()) == [entry.key]
+    mirror.update(registration_key(entry.key), None, 11)
+    assert mirror.workloads() == {}
+    mirror.update(REGISTRATIONS_PREFIX + b"tutorial/bad", b"\xc1", 12)
+    assert mirror.workloads() == {} and "tutorial/bad" in mirror.rejected[REGISTRATIONS_PREFIX + b"tutorial/bad"]
