@@ -89,10 +89,17 @@ class Mirror:
         self.rejected: dict[bytes, str] = {}  # registration keys whose value this replica cannot read
 
     def reset(self, kvs: list[KeyValue]) -> None:
-        self.applied_revision, self.applied, self.applied_error = 0, {}, ""
+        """What a full read of the prefix found (authoritative: a key it lacks does not exist)."""
+        self.set_applied(None)
         self.registrations.clear()
         self.rejected.clear()
         for kv in kvs:
+            self.update(kv.key, kv.value, kv.mod_revision)
+
+    def set_applied(self, kv: KeyValue | None) -> None:
+        """The applied key as just read (None: it does not exist, so a write compares with 0)."""
+        self.applied_revision, self.applied, self.applied_error = 0, {}, ""
+        if kv is not None:
             self.update(kv.key, kv.value, kv.mod_revision)
 
     def update(self, key: bytes, value: bytes | None, revision: int) -> None:
@@ -170,7 +177,7 @@ class Replication:
         mirror = self.mirror
         problems = [mirror.applied_error, *mirror.rejected.values()]
         applied, revision = mirror.applied, mirror.applied_revision
-        if mirror.applied_error or revision < self.store.shared_revision:
+        if mirror.applied_error:  # keep serving the layer this replica has
             applied, revision = self.store.applied, self.store.shared_revision
         workloads = mirror.workloads()
         for key, s in self.owned.items():
@@ -255,8 +262,7 @@ class Replication:
                     revision = await self.client.put_if_unchanged(APPLIED_KEY, document, self.store.shared_revision)
                     if revision is None:  # another replica wrote first: take its layer, plan again on top
                         result = await self.client.range(APPLIED_KEY)
-                        for kv in result.kvs:
-                            self.mirror.update(kv.key, kv.value, kv.mod_revision)
+                        self.mirror.set_applied(result.kvs[0] if result.kvs else None)
                         self._take("store")
                         continue
                 except EtcdUnavailable as e:

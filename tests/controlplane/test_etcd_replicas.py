@@ -199,3 +199,34 @@ def test_the_mirror_keeps_the_newest_revision_per_key_and_sets_aside_what_it_can
     assert mirror.workloads() == {}
     mirror.update(REGISTRATIONS_PREFIX + b"tutorial/bad", b"\xc1", 12)
     assert mirror.workloads() == {} and "tutorial/bad" in mirror.rejected[REGISTRATIONS_PREFIX + b"tutorial/bad"]
+
+
+async def test_a_replica_whose_lease_expired_writes_its_proxies_registrations_again(tmp_path, procs):
+    """As after etcd was unreachable for longer than the lease TTL: etcd deleted the registrations
+    (the watch removes them), the replica notices at its next renewal, takes a new lease and writes
+    the registrations of its proxies again."""
+    from controlplane.etcd import EtcdClient, parse_store_url
+    from controlplane.replicated import Replication, registration_key
+    from controlplane.store import ConfigStore, workload_entry
+    from proxy import logging as tm_logging
+
+    etcd = EtcdCluster(tmp_path).start()
+    procs.append(etcd)
+    store = ConfigStore(write_mesh(tmp_path / "config"), replicated=True)
+    store.load_directory()
+    client = EtcdClient(parse_store_url(etcd.url))
+    replica = Replication(client, store, tm_logging.get_logger("test"), lease_ttl_s=2)
+    entry = workload_entry("rec-3", "tutorial", {"app": "recommendation", "version": "v3"}, "127.0.0.9",
+                           {"http": 18085}, "")
+    key = registration_key(entry.key)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replica.run)
+        await replica.register(entry)
+        lease = replica.lease
+        assert [kv.lease for kv in (await client.range(key)).kvs] == [lease] and entry.key in store.workloads
+        await client.call("/v3/lease/revoke", {"ID": str(lease)})
+        with trio.fail_after(5):
+            while not ((kvs := (await client.range(key)).kvs) and kvs[0].lease not in (0, lease)):
+                await trio.sleep(0.05)
+        assert replica.lease == kvs[0].lease and entry.key in store.workloads
+        nursery.cancel_scope.cancel()
