@@ -230,3 +230,45 @@ async def test_a_replica_whose_lease_expired_writes_its_proxies_registrations_ag
                 await trio.sleep(0.05)
         assert replica.lease == kvs[0].lease and entry.key in store.workloads
         nursery.cancel_scope.cancel()
+
+
+async def test_a_registration_reaches_the_other_replica_and_expires_with_its_replica_s_lease(tmp_path, procs):
+    """Replica a registers a proxy's workload; b serves it (its watch); a dies without a word (its
+    tasks stop, its lease is no longer renewed): after the lease TTL etcd deletes the key and b drops
+    the endpoint."""
+    from controlplane.etcd import EtcdClient, parse_store_url
+    from controlplane.replicated import Replication
+    from controlplane.store import ConfigStore, workload_entry
+    from proxy import logging as tm_logging
+
+    etcd = EtcdCluster(tmp_path).start()
+    procs.append(etcd)
+    config = write_mesh(tmp_path / "config")
+    replicas = []
+    for _ in range(2):
+        store = ConfigStore(config, replicated=True)
+        store.load_directory()
+        replicas.append(Replication(EtcdClient(parse_store_url(etcd.url)), store, tm_logging.get_logger("test"),
+                                    lease_ttl_s=2))
+    a, b = replicas
+    entry = workload_entry("rec-3", "tutorial", {"app": "recommendation", "version": "v3"}, "127.0.0.9",
+                           {"http": 18085}, "")
+    changes = []
+    b.on_change = changes.append
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.run)
+        async with trio.open_nursery() as a_tasks:
+            await a_tasks.start(a.run)
+            await a.register(entry)
+            with trio.fail_after(5):
+                while entry.key not in b.store.state:
+                    await trio.sleep(0.02)
+            assert b.store.version == a.store.version and changes == ["store"]
+            a_tasks.cancel_scope.cancel()  # a is gone
+        gone = trio.current_time()
+        with trio.fail_after(6):
+            while entry.key in b.store.state:
+                await trio.sleep(0.05)
+        assert trio.current_time() - gone > 1.0  # removed by the lease's expiry, not by a
+        assert changes == ["store", "store"]
+        nursery.cancel_scope.cancel()
