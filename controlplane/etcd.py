@@ -247,8 +247,8 @@ class EtcdClient:
     # ---- watch
 
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[list[WatchEvent]]:
-        """The changes under `prefix` from `start_revision` on, one list per etcd watch response.
-        Ends (returns) when the member closes the stream; raises EtcdUnavailable when no member
+        """The changes under `prefix` from `start_revision` on, one list per etcd watch response (the
+        first, empty, says the watch is set up). Ends (returns) when the member closes the stream; raises EtcdUnavailable when no member
         accepts it, WatchCompacted when `start_revision` is gone."""
         body = json.dumps({"create_request": {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix)),
                                               "start_revision": str(start_revision)}}).encode()
@@ -282,24 +282,12 @@ class EtcdClient:
                         *lines, pending = pending.split(b"\n")
                         for line in lines:
                             if line.strip():
-                                events = _watch_events(json.loads(line))
-                                if events:
-                                    yield events
+                                yield _watch_events(json.loads(line))
                 except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError, ValueError) as e:
                     if streaming:
                         return  # a stream that was serving broke (its member went away): the caller resumes
                     errors.append(f"{endpoint}: {type(e).__name__}: {e}")
         raise EtcdUnavailable(f"etcd watch unavailable ({'; '.join(errors)})")
-
-    # ---- cluster
-
-    async def status(self, endpoint: ControlPlaneAddress) -> dict:
-        """One member's `/v3/maintenance/status` (its id, the leader's id). Raises EtcdUnavailable."""
-        try:
-            with trio.fail_after(self.attempt_timeout_s):
-                return await self._post(endpoint, "/v3/maintenance/status", b"{}")
-        except (_Refused, trio.TooSlowError) as e:
-            raise EtcdUnavailable(f"etcd unavailable ({endpoint}: {e})") from e
 
 
 def _watch_events(message: dict) -> list[WatchEvent]:

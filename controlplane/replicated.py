@@ -197,8 +197,8 @@ class Replication:
 
     async def _read_all(self) -> int:
         """A full read of the prefix, taken. The revision it saw. Raises EtcdUnavailable."""
-        result = await self.client.range(PREFIX, prefix=True)
-        async with self.lock:
+        async with self.lock:  # a write of this replica between the read and the reset would be lost
+            result = await self.client.range(PREFIX, prefix=True)
             self.mirror.reset(result.kvs)
             self._take("store")
         self._answered()
@@ -238,6 +238,8 @@ class Replication:
         async with contextlib.aclosing(self.client.watch(PREFIX, revision + 1)) as batches:
             async for events in batches:
                 self._answered()
+                if not events:
+                    continue  # the watch is set up (or a progress notice)
                 async with self.lock:
                     for event in events:
                         self.mirror.update(event.key, event.value, event.mod_revision)
