@@ -11,13 +11,15 @@ Theory of operation.
 - Writes: an apply/delete is planned and validated by the ConfigStore, written with a transaction that
   compares the applied key's mod_revision with the one this replica holds (another replica's write in
   between fails it: the replica reads the newer layer, takes it and plans the change again on top), and
-  only then installed and acknowledged. A registration is validated, put with the lease, and installed.
-  A lock serialises every change of the store, so nothing changes it between planning and installing.
+  only then installed and acknowledged. A lock serialises every change of the store, so nothing changes
+  it between planning and installing. A registration is validated and installed, then put with the
+  lease outside the lock (many proxies registering at once overlap their etcd round trips); until the
+  put succeeds, this replica's own entry is what it serves for that key.
 - Reads: one watch on the whole prefix, from the revision after the last one seen; a watch that breaks
   (its member died) is resumed from there on the next member; a compacted revision means a full read
   of the prefix. A full read also runs every `resync_interval_s` as a safety net (one range request).
   `Mirror` is what etcd holds as last heard, newest revision per key; the store takes its layers whole,
-  plus the registrations of this replica's own proxies that etcd does not hold yet (etcd down).
+  plus the registrations of this replica's own proxies that etcd does not hold yet.
 - etcd unreachable: the replica serves its last state, refuses applies (EtcdClient's error), keeps its
   proxies' registrations locally and writes them when the store is back.
 """
@@ -127,7 +129,11 @@ class Mirror:
             self.registrations[key] = _Entry(revision, resource)
 
     def put_registration(self, s: StoredResource, revision: int) -> None:
-        self.registrations[registration_key(s.key)] = _Entry(revision, s)
+        """This replica's own write, at `revision` (unless the watch brought a newer one already)."""
+        key = registration_key(s.key)
+        entry = self.registrations.get(key)
+        if entry is None or revision > entry.revision:
+            self.registrations[key] = _Entry(revision, s)
 
     def workloads(self) -> Layer:
         return {e.resource.key: e.resource for e in self.registrations.values() if e.resource is not None}
@@ -146,10 +152,11 @@ class Replication:
         self.lease_ttl_s = max(2, math.ceil(lease_ttl_s))
         self.resync_interval_s = resync_interval_s
         self.lock = trio.Lock()  # every change of the store, from planning to installing
+        self._lease_lock = trio.Lock()
         self.mirror = Mirror()
         self.lease = 0
         self.owned: dict[ResourceKey, StoredResource] = {}  # registrations of this replica's proxies
-        self._unwritten: set[ResourceKey] = set()  # owned registrations etcd may not hold (it was down)
+        self._unwritten: set[ResourceKey] = set()  # owned ones etcd may not hold yet (being written, or it was down)
         self._undeleted: set[ResourceKey] = set()  # expired ones whose key may still be there
         self.on_change: Callable[[str], None] = lambda reason: None
         self._unavailable = ""
@@ -180,8 +187,9 @@ class Replication:
         if mirror.applied_error:  # keep serving the layer this replica has
             applied, revision = self.store.applied, self.store.shared_revision
         workloads = mirror.workloads()
-        for key, s in self.owned.items():
-            workloads.setdefault(key, s)  # not in etcd yet (it was down): this replica still serves it
+        for key in self._unwritten:  # not in etcd yet (being written, or it was down): served from here
+            if key in self.owned:
+                workloads[key] = self.owned[key]
         try:
             changed = self.store.take_shared(applied, revision, workloads)
         except ConfigError as e:
@@ -282,19 +290,27 @@ class Replication:
     # ---- registrations
 
     async def register(self, s: StoredResource, replaces: ResourceKey | None = None) -> None:
-        """Store a proxy's WorkloadEntry on this replica's lease and serve it. Raises ConfigError (it
-        would make the state invalid). With etcd down it is served by this replica and written later."""
+        """Serve a proxy's WorkloadEntry and store it on this replica's lease. Raises ConfigError (it
+        would make the state invalid). The etcd write runs outside the change lock, so proxies
+        registering at once share etcd's round trips instead of queueing for them; until it is written
+        (with etcd down: until it is back) this replica serves the entry as its own."""
         async with self.lock:
             workloads = dict(self.store.workloads)
-            if replaces is not None and replaces != s.key:
+            replaced = replaces is not None and replaces != s.key
+            if replaced:
                 workloads.pop(replaces, None)
-                await self._delete_registration(replaces)
+                self.owned.pop(replaces, None)
+                self._unwritten.discard(replaces)
             workloads[s.key] = s
-            prepared = self.store.plan_workloads(workloads)
+            self.store.install(self.store.plan_workloads(workloads))
             self.owned[s.key] = s
+            self._unwritten.add(s.key)
             self._undeleted.discard(s.key)
-            await self._write_registration(s)
-            self.store.install(prepared)
+        if replaced:
+            await self._delete_registration(replaces)
+            async with self.lock:
+                self._take("workload_registered")
+        await self._write_registration(s)
 
     async def unregister(self, key: ResourceKey, reason: str) -> None:
         """Remove a registration of this replica's proxy (disconnected past its grace period, or no
@@ -308,7 +324,7 @@ class Replication:
 
     async def _write_registration(self, s: StoredResource) -> None:
         try:
-            lease = self.lease or await self._grant()
+            lease = await self._current_lease()
             revision = await self.client.put(registration_key(s.key), _resource_encoder.encode(persisted(s)), lease=lease)
         except EtcdUnavailable as e:
             self._failed(e)
@@ -330,6 +346,10 @@ class Replication:
         if revision is not None:
             self.mirror.update(registration_key(key), None, revision)
 
+    async def _current_lease(self) -> int:
+        async with self._lease_lock:  # registrations written at once share one lease
+            return self.lease or await self._grant()
+
     async def _grant(self) -> int:
         self.lease = await self.client.grant_lease(self.lease_ttl_s)
         self.log.info("store_lease_granted", store=str(self), lease=format(self.lease, "x"), ttl_s=self.lease_ttl_s)
@@ -346,12 +366,12 @@ class Replication:
                     self.lease = 0
                     self._unwritten.update(self.owned)
                 if self._unwritten or self._undeleted:
+                    for key in list(self._unwritten):
+                        if key in self.owned:
+                            await self._write_registration(self.owned[key])
+                    for key in list(self._undeleted):
+                        await self._delete_registration(key)
                     async with self.lock:
-                        for key in list(self._unwritten):
-                            if key in self.owned:
-                                await self._write_registration(self.owned[key])
-                        for key in list(self._undeleted):
-                            await self._delete_registration(key)
                         self._take("store")
             except EtcdUnavailable as e:
                 self._failed(e)
