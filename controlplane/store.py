@@ -307,6 +307,8 @@ class ConfigStore:
         self.generation = stored.generation
         self.shared_revision = stored.shared_revision
         self._restored = stored
+        if self.replicated:
+            self.content_hash = content_version(self.state)
 
     # ---- the watched directory
 

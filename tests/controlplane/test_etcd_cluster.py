@@ -49,7 +49,8 @@ class Mesh:
         return [cp.status()["config_version"] for cp in self.replicas if cp.proc.poll() is None]
 
     def same_version(self) -> str:
-        return wait_until(lambda: len(set(v := self.versions())) == 1 and v[0], what="one version on every replica")
+        return wait_until(lambda: len(set(v := self.versions())) == 1 and v[0], timeout_s=20,
+                          what="one version on every replica")
 
     def registration(self) -> dict | None:
         """The proxy's registration as etcd holds it (its lease says which replica keeps it)."""
