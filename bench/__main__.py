@@ -18,7 +18,7 @@ Sections (all by default; --only / --skip take a comma-separated list):
            kept-alive connections and over a new connection per request (a full handshake each),
            from an nginx client sidecar; and 1 GiB TCP uploads into a tcp route (bench/mtls.py)
 
-    python -m bench                # the full run (about 8 minutes; --skip lowrate: about 5)
+    python -m bench                # the full run (about 11 minutes; --skip lowrate: about 8)
     python -m bench --quick        # a smoke run: 1 repetition of 2 s, small TCP counts
     python -m bench --only h2      # one section (any run writes bench/results/latest.*, or --out)
     python -m bench --profile      # also py-spy the triomesh worker under the c64 load
