@@ -14,8 +14,11 @@ Sections (all by default; --only / --skip take a comma-separated list):
            and HTTP/2: latency added over direct, proxy vCPU per 1,000 req/s (about 4 minutes)
   c2       both forwarders with 2 workers, unpinned
   tcp      TCP transfers through the L4 forwarder (splice, copy) and Envoy's tcp_proxy
+  mtls     both proxies terminating mutual TLS (TLS 1.3, ECDSA P-256, the same files): HTTP/1.1 over
+           kept-alive connections and over a new connection per request (a full handshake each),
+           from an nginx client sidecar; and 1 GiB TCP uploads into a tcp route (bench/mtls.py)
 
-    python -m bench                # the full run (about 8 minutes; --skip lowrate: about 5)
+    python -m bench                # the full run (about 11 minutes; --skip lowrate: about 8)
     python -m bench --quick        # a smoke run: 1 repetition of 2 s, small TCP counts
     python -m bench --only h2      # one section (any run writes bench/results/latest.*, or --out)
     python -m bench --profile      # also py-spy the triomesh worker under the c64 load
@@ -36,17 +39,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import load, pyspy, report, syscalls
-from bench.l4_bench import MiB, measure_transfers, start_sink, upload
+from bench import load, mtls, pyspy, report, syscalls
+from bench.l4_bench import GiB, MiB, measure_transfers, start_sink, upload
 from bench.measure import core_busy_seconds, user_system_seconds
-from bench.targets import Started, start_envoy, start_envoy_tcp, start_l4_forwarder, start_nginx, start_triomesh
+from bench.targets import (Started, start_envoy, start_envoy_mtls, start_envoy_tcp, start_l4_forwarder,
+                           start_mtls_client, start_nginx, start_triomesh, start_triomesh_mtls)
 
 PROXY_CPU = "0"
 LOAD_CPU = "1"
 BENCH_VENV = Path(__file__).resolve().parent / ".venv-bench"
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["direct", "triomesh", "envoy"]
-SECTIONS = ["h1", "h2", "lowrate", "c2", "tcp"]
+SECTIONS = ["h1", "h2", "lowrate", "c2", "tcp", "mtls"]
+# mutual TLS: wrk connections to the nginx client sidecar (as many mutual TLS connections to the proxy)
+MTLS_CLIENTS = 64
+# mutual TLS bulk: the size of each upload (a connection each), and in a --quick run
+MTLS_BULK_BYTES, MTLS_BULK_BYTES_QUICK = GiB, 128 * MiB
 # HTTP/2 closed loop: h2load connections and streams in flight per connection
 H2_CLIENTS, H2_STREAMS = 64, 10
 # low rates: (total req/s, seconds per run); every run spreads them over LOWRATE_CLIENTS connections
@@ -181,10 +189,14 @@ def main() -> None:
             rows += h1_rows + h2_rows + low_rows
             if "c2" in sections:
                 rows += run_concurrency2_rows(args, tmpdir, backend.port, envoy_bin)
+            if "mtls" in sections:
+                rows += run_mtls_http_rows(args, tmpdir, backend.port, envoy_bin, meta)
         finally:
             backend.stop()
         if "tcp" in sections:
             rows += run_tcp_rows(args, tmpdir, envoy_bin)
+        if "mtls" in sections:
+            rows += run_mtls_bulk_rows(args, tmpdir, envoy_bin)
     meta["run_time_s"] = round(time.monotonic() - t0)
     for section, what in (("closed", "the pinned closed-loop HTTP runs"), ("lowrate", "the low-rate runs")):
         shares = _FOREIGN_LOAD.get(section)
@@ -192,7 +204,8 @@ def main() -> None:
             meta["note"] += (f"; other processes took {100 * statistics.median(shares):.0f}% of core {PROXY_CPU} "
                              f"(median over {what}, max {100 * max(shares):.0f}%)")
     checks = {"Targets (issue 5)": report.target_checks(rows),
-              "Targets (HTTP/2: h2c downstream and upstream)": report.http2_checks(rows)}
+              "Targets (HTTP/2: h2c downstream and upstream)": report.http2_checks(rows),
+              "Targets (issue 11: mutual TLS)": report.mtls_checks(rows)}
     paths = report.write_all(args.out, rows, TARGETS, meta, checks, _PROBLEMS)
     print(report.markdown(rows, TARGETS, meta))
     print(report.checks_markdown(checks))
@@ -536,6 +549,112 @@ def run_tcp_rows(args, tmpdir: Path, envoy_bin: str) -> list[report.Row]:
                          "unit": "CPU-s", "better": "lower",
                          "values": {"direct": None, "triomesh": cpu[mode], "envoy": cpu["envoy"]}})
     return rows
+
+
+# --- mutual TLS -------------------------------------------------------------------------------------
+
+
+def run_mtls_http_rows(args, tmpdir: Path, backend_port: int, envoy_bin: str, meta: dict) -> list[report.Row]:
+    """Each proxy terminates mutual TLS in front of the HTTP/1.1 backend, as a server sidecar (or a MUTUAL
+    gateway) does. The client side of the hop is nginx on the load core (start_mtls_client): the same
+    C client for both proxies, so neither is judged by a slow client, presenting its certificate, TLS 1.3
+    with one suite offered, no session resumption. wrk sends plaintext to nginx, which sends each request
+    over a kept-alive mutual TLS connection (keep-alive rows) or over a new one, closed after the
+    response (new-connection rows: a full handshake with both certificates verified per request). CPU is
+    the proxy's own, per request (per connection in the new-connection rows). Alternated per repetition."""
+    certs = mtls.write_certificates(tmpdir / "mtls-certs")
+    started: dict[str, Started] = {}
+    client = None
+    try:
+        started["triomesh"] = start_triomesh_mtls(tmpdir / "triomesh-mtls", backend_port, certs, cpus=PROXY_CPU)
+        started["envoy"] = start_envoy_mtls(tmpdir / "envoy-mtls", backend_port, certs, envoy_bin=envoy_bin,
+                                            cpus=PROXY_CPU)
+        negotiated = {t: mtls.negotiated(s.port, certs) for t, s in started.items()}
+        meta["note"] += "; mutual TLS negotiated: " + "; ".join(f"{t}: {n}" for t, n in negotiated.items())
+        client = start_mtls_client(tmpdir / "mtls-client", {t: s.port for t, s in started.items()}, certs,
+                                   cpus=LOAD_CPU)
+        scenarios = [("mtls-keepalive-c64", f"HTTP/1.1 100 B over mutual TLS, kept alive, {MTLS_CLIENTS} conns",
+                      client.keepalive_ports),
+                     ("mtls-newconn-c64", f"HTTP/1.1 100 B over mutual TLS, a new connection per request, "
+                                          f"{MTLS_CLIENTS} at a time", client.new_connection_ports)]
+        for _, _, ports in scenarios:  # warm up: connections, pools, first-use imports
+            for t in started:
+                load.run_wrk(f"http://127.0.0.1:{ports[t]}/small", connections=MTLS_CLIENTS, duration_s=1,
+                             cpus=LOAD_CPU)
+        rows: list[report.Row] = []
+        for sid, title, ports in scenarios:
+            per_target: dict[str, list[tuple[load.LoadResult, float | None, float | None]]] = {t: [] for t in started}
+            for rep in range(args.reps):
+                for t in (["triomesh", "envoy"] if rep % 2 == 0 else ["envoy", "triomesh"]):
+                    per_target[t].append(_closed_loop(started[t], ports[t], "/small", connections=MTLS_CLIENTS,
+                                                      duration_s=args.duration))
+            med = {t: load.median_of([r for r, _, _ in v]) for t, v in per_target.items()}
+            new = sid.startswith("mtls-newconn")
+
+            def row(metric_id: str, metric: str, unit: str, better: str, values: dict, sid: str = sid,
+                    title: str = title) -> None:
+                rows.append({"key": f"{sid}/{metric_id}", "scenario": title, "metric": metric, "unit": unit,
+                             "better": better, "values": {"direct": None, **values}})
+
+            if new:
+                row("cps", "new connections/s (one request each)", "conn/s", "higher", {t: med[t].rps for t in started})
+            else:
+                row("rps", "requests/s", "req/s", "higher", {t: med[t].rps for t in started})
+            row("p50", "p50 latency", "ms", "lower", {t: med[t].p50_ms for t in started})
+            row("p99", "p99 latency", "ms", "lower", {t: med[t].p99_ms for t in started})
+            cpu = {t: _median([c / r.requests * 1e6 for r, c, _ in per_target[t] if c is not None and r.requests])
+                   for t in started}
+            row("cpu", "forwarder CPU per connection (handshake + request)" if new else "forwarder CPU per request",
+                "CPU-µs", "lower", cpu)
+            system = {t: _median([k / r.requests * 1e6 for r, _, k in per_target[t] if k is not None and r.requests])
+                      for t in started}
+            row("cpu-system", "of which system (kernel) time", "CPU-µs", "lower", system)
+            row("errors", "errors (sum over runs)", "count", "lower", {t: med[t].errors for t in started})
+        return rows
+    finally:
+        if client is not None:
+            client.stop()
+        for s in started.values():
+            s.stop()
+
+
+def run_mtls_bulk_rows(args, tmpdir: Path, envoy_bin: str) -> list[report.Row]:
+    """TCP bulk over mutual TLS: each proxy terminates it (triomesh: a MUTUAL Gateway server of protocol
+    TLS with a tcp route; Envoy: DownstreamTlsContext + tcp_proxy) in front of the counting sink. The
+    client (bench.mtls, on the load core) uploads MTLS_BULK_BYTES over one connection per repetition
+    and checks the sink's count; alternated per repetition. (Originating mutual TLS on a TCP route, the
+    client sidecar's half, is not measured here.)"""
+    certs_dir = tmpdir / "mtls-certs"
+    certs = mtls.write_certificates(certs_dir) if not (certs_dir / "ca.crt").exists() else mtls.certificates_in(certs_dir)
+    size = MTLS_BULK_BYTES_QUICK if args.quick else MTLS_BULK_BYTES
+    sink, sink_port = start_sink(LOAD_CPU)
+    started: dict[str, Started] = {}
+    samples: dict[str, list[tuple[mtls.BulkRun, float]]] = {}
+    try:
+        started["triomesh"] = start_triomesh_mtls(tmpdir / "triomesh-mtls-tcp", sink_port, certs, cpus=PROXY_CPU,
+                                                  tcp=True)
+        started["envoy"] = start_envoy_mtls(tmpdir / "envoy-mtls-tcp", sink_port, certs, envoy_bin=envoy_bin,
+                                            cpus=PROXY_CPU, tcp=True)
+        for s in started.values():  # warm up
+            mtls.run_bulk_client(s.port, MiB, 1, certs_dir, cpus=LOAD_CPU)
+        for rep in range(args.tcp_reps):
+            for t in (["triomesh", "envoy"] if rep % 2 == 0 else ["envoy", "triomesh"]):
+                cpu0 = started[t].cpu_seconds()
+                run = mtls.run_bulk_client(started[t].port, size, 1, certs_dir, cpus=LOAD_CPU)
+                time.sleep(0.05)  # the proxy may still be closing the connection
+                samples.setdefault(t, []).append((run, started[t].cpu_seconds() - cpu0))
+    finally:
+        for s in started.values():
+            s.stop()
+        sink.kill()
+        sink.wait()
+    scenario = f"TCP {size // MiB:,} MiB uploads over mutual TLS, terminated into a tcp route (x{args.tcp_reps})"
+    mibps = {t: statistics.median(r.bytes / r.wall_s / MiB for r, _ in v) for t, v in samples.items()}
+    cpu = {t: statistics.median(c / (r.bytes / GiB) for r, c in v) for t, v in samples.items()}
+    return [{"key": "mtls-tcp-bulk/mibps", "scenario": scenario, "metric": "throughput", "unit": "MiB/s",
+             "better": "higher", "values": {"direct": None, **mibps}},
+            {"key": "mtls-tcp-bulk/cpu", "scenario": scenario, "metric": "forwarder CPU per GiB", "unit": "CPU-s",
+             "better": "lower", "values": {"direct": None, **cpu}}]
 
 
 if __name__ == "__main__":

@@ -147,6 +147,22 @@ def http2_checks(rows: list[Row]) -> list[Check]:
     return checks
 
 
+def mtls_checks(rows: list[Row]) -> list[Check]:
+    """The mutual TLS targets of issue 11, each judged on this run's figures; the bulk row reported."""
+    return [
+        _ratio_check(rows, "HTTP/1.1 over kept-alive mutual TLS, one core: CPU per request <= Envoy's",
+                     "mtls-keepalive-c64/cpu", 1.0, False),
+        _ratio_check(rows, "HTTP/1.1 over kept-alive mutual TLS: req/s (triomesh / Envoy)", "mtls-keepalive-c64/rps",
+                     None),
+        _ratio_check(rows, "new mutual TLS connections/s (TLS 1.3 full handshakes), one core: >= 0.8x Envoy's",
+                     "mtls-newconn-c64/cps", 0.8, True),
+        _ratio_check(rows, "new mutual TLS connections: CPU per connection (triomesh / Envoy)", "mtls-newconn-c64/cpu",
+                     None),
+        _ratio_check(rows, "TCP bulk over mutual TLS: MiB/s (triomesh / Envoy)", "mtls-tcp-bulk/mibps", None),
+        _ratio_check(rows, "TCP bulk over mutual TLS: CPU-s per GiB (triomesh / Envoy)", "mtls-tcp-bulk/cpu", None),
+    ]
+
+
 def checks_markdown(groups: dict[str, list[Check]]) -> str:
     mark = {True: "met", False: "NOT met", None: "n/a"}
     lines: list[str] = []

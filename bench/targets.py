@@ -10,11 +10,13 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,13 +33,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http_ok(url: str, *, timeout_s: float = 20.0, host: str | None = None) -> None:
+def wait_http_ok(url: str, *, timeout_s: float = 20.0, host: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
+    """Until `url` answers 200 (an https URL is spoken to with the `tls` client context)."""
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             req = urllib.request.Request(url, headers={"Host": host} if host else {})
-            with urllib.request.urlopen(req, timeout=2) as resp:
+            with urllib.request.urlopen(req, timeout=2, context=tls) as resp:
                 if resp.status == 200:
                     resp.read()
                     return
@@ -177,9 +181,10 @@ _ENVOY_UPSTREAM_H2 = {
 
 
 def _envoy_config(network_filter: dict, *, port: int, admin_port: int, backend_port: int,
-                  upstream_h2: bool = False) -> str:
-    """A static Envoy bootstrap: one listener on 127.0.0.1:port with one network filter, one STATIC
-    cluster (spoken to in h2c when upstream_h2). Written as JSON, which Envoy reads as YAML."""
+                  upstream_h2: bool = False, transport_socket: dict | None = None) -> str:
+    """A static Envoy bootstrap: one listener on 127.0.0.1:port with one network filter (behind
+    `transport_socket`, e.g. TLS, when given), one STATIC cluster (spoken to in h2c when upstream_h2).
+    Written as JSON, which Envoy reads as YAML."""
     cluster = {
         "name": "backend", "connect_timeout": "1s", "type": "STATIC",
         "load_assignment": {"cluster_name": "backend",
@@ -187,10 +192,13 @@ def _envoy_config(network_filter: dict, *, port: int, admin_port: int, backend_p
     }
     if upstream_h2:
         cluster["typed_extension_protocol_options"] = _ENVOY_UPSTREAM_H2
+    chain: dict = {"filters": [network_filter]}
+    if transport_socket:
+        chain["transport_socket"] = transport_socket
     return json.dumps({
         "admin": {"address": _addr(admin_port)},
         "static_resources": {
-            "listeners": [{"name": "bench", "address": _addr(port), "filter_chains": [{"filters": [network_filter]}]}],
+            "listeners": [{"name": "bench", "address": _addr(port), "filter_chains": [chain]}],
             "clusters": [cluster],
         },
     }, indent=1)
@@ -224,12 +232,13 @@ _ENVOY_TCP_FILTER = {
 
 
 def _start_envoy(workdir: Path, network_filter: dict, backend_port: int, *, envoy_bin: str, cpus: str | None,
-                 concurrency: int, name: str, upstream_h2: bool = False) -> tuple[Started, int]:
+                 concurrency: int, name: str, upstream_h2: bool = False,
+                 transport_socket: dict | None = None) -> tuple[Started, int]:
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     conf = workdir / "envoy.yaml"
     conf.write_text(_envoy_config(network_filter, port=port, admin_port=admin_port, backend_port=backend_port,
-                                  upstream_h2=upstream_h2))
+                                  upstream_h2=upstream_h2, transport_socket=transport_socket))
     proc = subprocess.Popen(_pin(cpus) + [envoy_bin, "-c", str(conf), "--concurrency", str(concurrency),
                                           "--log-level", "error", "--disable-hot-restart"],
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "envoy.log", "wb"))
@@ -313,22 +322,213 @@ def start_triomesh(workdir: Path, backend_port: int, *, cpus: str | None, concur
                    upstream_protocol: str = "HTTP") -> Started:
     """The same single route as the Envoy config, written as Istio resources (upstream_protocol: the
     backend's ServiceEntry port protocol, HTTP or HTTP2)."""
+    return _start_triomesh(workdir, lambda port: triomesh_config(port, backend_port, upstream_protocol=upstream_protocol),
+                           cpus=cpus, concurrency=concurrency, name="triomesh",
+                           ready=lambda port: wait_http_ok(f"http://127.0.0.1:{port}/small"))
+
+
+def _start_triomesh(workdir: Path, config: Callable[[int], str], *, cpus: str | None, concurrency: int, name: str,
+                    ready: Callable[[int], None]) -> Started:
+    """`triomesh proxy` with the Istio resources config(port) on a fresh port; ready(port) returns once
+    it serves there."""
     workdir.mkdir(parents=True, exist_ok=True)
     port, admin_port = free_port(), free_port()
     cfg = workdir / "config"
     cfg.mkdir(exist_ok=True)
-    (cfg / "bench.yaml").write_text(triomesh_config(port, backend_port, upstream_protocol=upstream_protocol))
+    (cfg / "bench.yaml").write_text(config(port))
     triomesh = str(Path(sys.executable).with_name("triomesh"))
     proc = subprocess.Popen(_pin(cpus) + [triomesh, "proxy", "--config", str(cfg), "--concurrency", str(concurrency),
                                           "--access-log", "off", "--bind-address", "127.0.0.1",
                                           "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "error"],
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "triomesh.log", "wb"))
-    started = Started("triomesh", proc, port, workdir)
+    started = Started(name, proc, port, workdir)
     try:
         wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
-        wait_http_ok(f"http://127.0.0.1:{port}/small")
+        ready(port)
     except Exception as e:
         detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
         raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
     return started
+
+
+# --- mutual TLS -----------------------------------------------------------------------------------
+# Both proxies terminate mutual TLS with the same files (bench.mtls.MeshCertificates: an ECDSA P-256
+# CA, server and client certificates), TLS 1.3 only, and require a client certificate the CA signed.
+# The client side of the hop is the same for both: nginx (start_mtls_client) or bench.mtls's bulk client.
+
+MTLS_SERVER_NAME = "bench.example.com"
+
+
+def _envoy_downstream_mtls(certs) -> dict:
+    """Envoy's DownstreamTlsContext for the same files as triomesh's MUTUAL server: TLS 1.3 only, client
+    certificate required and verified against the CA. TLS 1.3 suites are not configurable in Envoy
+    (BoringSSL's), nor in triomesh (OpenSSL's defaults): the client offers one (see start_mtls_client)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True,
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_3",
+                               "tls_maximum_protocol_version": "TLSv1_3"},
+                "tls_certificates": [{"certificate_chain": {"filename": certs.server_cert},
+                                      "private_key": {"filename": certs.server_key}}],
+                "validation_context": {"trusted_ca": {"filename": certs.ca}},
+            },
+        },
+    }
+
+
+def start_envoy_mtls(workdir: Path, upstream_port: int, certs, *, envoy_bin: str, cpus: str | None,
+                     tcp: bool = False) -> Started:
+    """Envoy terminating mutual TLS (one worker) in front of 127.0.0.1:upstream_port: the HTTP listener
+    of start_envoy, or (tcp) the tcp_proxy of start_envoy_tcp."""
+    network_filter = _ENVOY_TCP_FILTER if tcp else _ENVOY_HTTP_FILTER
+    started, admin_port = _start_envoy(workdir, network_filter, upstream_port, envoy_bin=envoy_bin, cpus=cpus,
+                                       concurrency=1, name="envoy-mtls-tcp" if tcp else "envoy-mtls",
+                                       transport_socket=_envoy_downstream_mtls(certs))
+    try:
+        wait_http_ok(f"http://127.0.0.1:{admin_port}/ready")
+        if tcp:
+            wait_tcp_accepting(started.port)
+        else:
+            wait_http_ok(f"https://127.0.0.1:{started.port}/small", tls=certs.client_context())
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
+        started.stop()
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
+    return started
+
+
+def triomesh_mtls_config(port: int, upstream_port: int, certs, *, tcp: bool = False) -> str:
+    """A Gateway server in MUTUAL mode with the certificate files (TLS 1.3 only), then the route of
+    triomesh_config: protocol HTTPS and an http route to the backend, or (tcp) protocol TLS and a tcp
+    route to the sink (TLS terminated, the plaintext spliced on)."""
+    protocol, port_name, route = ("TLS", "tcp", "tcp") if tcp else ("HTTPS", "http", "http")
+    return textwrap.dedent(f"""\
+        apiVersion: networking.istio.io/v1
+        kind: Gateway
+        metadata: {{name: bench-gateway, namespace: bench}}
+        spec:
+          servers:
+          - port: {{number: {port}, name: {protocol.lower()}, protocol: {protocol}}}
+            hosts: ["*"]
+            tls:
+              mode: MUTUAL
+              serverCertificate: {certs.server_cert}
+              privateKey: {certs.server_key}
+              caCertificates: {certs.ca}
+              minProtocolVersion: TLSV1_3
+              maxProtocolVersion: TLSV1_3
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: backend, namespace: bench}}
+        spec:
+          hosts: [backend.bench.svc.cluster.local]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{{number: 80, name: {port_name}, protocol: {port_name.upper()}}}]
+          endpoints: [{{address: 127.0.0.1, ports: {{{port_name}: {upstream_port}}}}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {{name: backend, namespace: bench}}
+        spec:
+          hosts: ["*"]
+          gateways: [bench-gateway]
+          {route}:
+          - route:
+            - destination: {{host: backend.bench.svc.cluster.local, port: {{number: 80}}}}
+        """)
+
+
+def start_triomesh_mtls(workdir: Path, upstream_port: int, certs, *, cpus: str | None, tcp: bool = False) -> Started:
+    """triomesh terminating mutual TLS (one worker) with the config of triomesh_mtls_config."""
+    def ready(port: int) -> None:
+        if tcp:
+            wait_tcp_accepting(port)
+        else:
+            wait_http_ok(f"https://127.0.0.1:{port}/small", tls=certs.client_context())
+    return _start_triomesh(workdir, lambda port: triomesh_mtls_config(port, upstream_port, certs, tcp=tcp), cpus=cpus,
+                           concurrency=1, name="triomesh-mtls-tcp" if tcp else "triomesh-mtls", ready=ready)
+
+
+@dataclass
+class MtlsClient:
+    """The nginx that plays the client sidecar: per proxy, a plaintext port whose requests it sends over
+    kept-alive mutual TLS connections, and one whose requests each open a new one."""
+    started: Started
+    keepalive_ports: dict[str, int]
+    new_connection_ports: dict[str, int]
+
+    def stop(self) -> None:
+        self.started.stop()
+
+
+def start_mtls_client(workdir: Path, upstream_ports: dict[str, int], certs, *, cpus: str | None) -> MtlsClient:
+    """One nginx worker originating mutual TLS to each proxy in upstream_ports (name -> port), as a client
+    sidecar does: the client certificate, the server's verified against the CA (name MTLS_SERVER_NAME,
+    also sent as SNI), TLS 1.3 only with one suite offered (TLS_AES_128_GCM_SHA256, so that both servers
+    use the same), and no session resumption (proxy_ssl_session_reuse off: every new connection is a
+    full handshake). Keep-alive ports pool up to 256 idle connections per proxy; the new-connection
+    ports close the upstream connection after each response (nginx's default Connection: close)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    keepalive = {name: free_port() for name in upstream_ports}
+    fresh = {name: free_port() for name in upstream_ports}
+    blocks = []
+    for name, port in upstream_ports.items():
+        blocks.append(f"""
+          upstream {name}_keepalive {{ server 127.0.0.1:{port}; keepalive 256; keepalive_requests 100000000;
+                                      keepalive_timeout 300s; }}
+          upstream {name}_new {{ server 127.0.0.1:{port}; }}
+          server {{
+            listen 127.0.0.1:{keepalive[name]} backlog=4096;
+            location / {{ proxy_pass https://{name}_keepalive; proxy_set_header Connection ""; }}
+          }}
+          server {{
+            listen 127.0.0.1:{fresh[name]} backlog=4096;
+            location / {{ proxy_pass https://{name}_new; }}
+          }}""")
+    conf = workdir / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""\
+        worker_processes 1;
+        daemon off;
+        master_process on;
+        user root;
+        pid {workdir}/nginx.pid;
+        error_log {workdir}/nginx-error.log warn;
+        events {{ worker_connections 8192; }}
+        http {{
+          access_log off;
+          client_body_temp_path {workdir}/tmp-body;
+          proxy_temp_path {workdir}/tmp-proxy;
+          fastcgi_temp_path {workdir}/tmp-fcgi;
+          uwsgi_temp_path {workdir}/tmp-uwsgi;
+          scgi_temp_path {workdir}/tmp-scgi;
+          keepalive_requests 100000000;
+          keepalive_timeout 300s;
+          proxy_http_version 1.1;
+          proxy_ssl_certificate {certs.client_cert};
+          proxy_ssl_certificate_key {certs.client_key};
+          proxy_ssl_trusted_certificate {certs.ca};
+          proxy_ssl_verify on;
+          proxy_ssl_name {MTLS_SERVER_NAME};
+          proxy_ssl_server_name on;
+          proxy_ssl_protocols TLSv1.3;
+          proxy_ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;
+          proxy_ssl_session_reuse off;
+        """) + "".join(blocks) + "\n}\n")
+    proc = subprocess.Popen(_pin(cpus) + ["nginx", "-c", str(conf), "-p", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = Started("nginx-mtls-client", proc, next(iter(keepalive.values())), workdir)
+    try:
+        for name in upstream_ports:
+            wait_http_ok(f"http://127.0.0.1:{keepalive[name]}/small")
+            wait_http_ok(f"http://127.0.0.1:{fresh[name]}/small")
+    except Exception as e:
+        detail = started.log_tail()  # before stop(): whether it had exited on its own
+        started.stop()
+        raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
+    return MtlsClient(started, keepalive, fresh)
