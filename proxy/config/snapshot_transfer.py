@@ -31,8 +31,10 @@ class SnapshotNotTransferable(Exception):
 
 def rebuilt_by(closure: F, factory: Callable[..., Any], *args: Any) -> F:
     """Tag `closure` as `factory(*args)`, so a worker rebuilds it by calling the factory again. The
-    module-level functions pickle can name (`matchers._always`) are left untagged."""
-    if "<locals>" in closure.__qualname__ or closure.__name__ == "<lambda>":
+    module-level functions pickle can name (`matchers._always`) are left untagged, and so is a closure
+    tagged already (a factory that returned one of its arguments, e.g. an OR of one predicate): its
+    own recipe does not refer to itself."""
+    if ("<locals>" in closure.__qualname__ or closure.__name__ == "<lambda>") and not hasattr(closure, _RECIPE):
         setattr(closure, _RECIPE, (factory, args))
     return closure
 
