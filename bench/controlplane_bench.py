@@ -291,8 +291,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen, timeout_s: float) -> None:
-    if proc.poll() is None:
+def _stop(proc: subprocess.Popen, timeout_s: float, *, signalled: bool = False) -> None:
+    """SIGTERM (unless `signalled` already: a second one would kill a client writing its results),
+    then SIGKILL after `timeout_s`."""
+    if proc.poll() is None and not signalled:
         proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout_s)
@@ -368,9 +370,9 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
                 cwd=REPO, stdout=subprocess.PIPE, preexec_fn=lambda: os.sched_setaffinity(0, client_cores)))
         watch = SyncWatch(clients)
         watch.done = set()
-        version = watch.wait(SETTLE_TIMEOUT_S)
+        version = watch.wait(args.connect_timeout)
         if version is None:
-            raise RuntimeError(f"{n} proxies did not all connect and ACK within {SETTLE_TIMEOUT_S}s")
+            raise RuntimeError(f"{n} proxies did not all connect and ACK within {args.connect_timeout}s")
         connect_s = time.monotonic() - t_connect
         connect_cpu_s = sum(_cpu_s(cp.pid) for cp in cps) - sum(cpu_before_connect)
         rss_connected = [_rss_bytes(cp.pid) for cp in cps]
@@ -403,7 +405,7 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
             if c.poll() is None:
                 c.send_signal(signal.SIGTERM)
         for c in clients:
-            _stop(c, 30)
+            _stop(c, 120, signalled=True)  # thousands of streams to close and their records to write, on a busy core
         for cp in cps:
             _stop(cp, 10)
         if etcd is not None:
@@ -417,7 +419,9 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
                 pushes_logged.append(json.loads(line))
     records = []
     connected = failed = 0
-    for out in outs:
+    for out, client in zip(outs, clients):
+        if not out.exists():
+            raise RuntimeError(f"client process {client.pid} wrote no results (exit status {client.returncode})")
         data = json.loads(out.read_text())
         records += data["records"]
         connected += data["connected"]
@@ -510,6 +514,8 @@ def main() -> int:
     p.add_argument("--poll-interval", type=float, default=0.1,
                    help="how often replicas read the store's revision (their --poll-interval)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--connect-timeout", type=float, default=180.0,
+                   help="seconds for every proxy to connect and ACK its first snapshot")
     p.add_argument("--services", type=int, default=50, help="services in the mesh (5 resources each)")
     p.add_argument("--classes", type=int, default=10, help="distinct proxy label sets")
     p.add_argument("--client-procs", type=int, default=2)
@@ -534,8 +540,8 @@ def main() -> int:
             res = run_scale(n, args, Path(tmp))
             report(res)
             results.append(res)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after each run: a later one that fails keeps the earlier figures
+                args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
