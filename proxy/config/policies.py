@@ -34,7 +34,6 @@ from proxy.config.istio import (
 )
 from proxy.config.load import Resource
 from proxy.config.matchers import compile_string_match
-from proxy.config.snapshot_transfer import rebuilt_by
 from proxy.config.snapshot import (
     ConnectionPool,
     CorsPolicy,
@@ -48,6 +47,7 @@ from proxy.config.snapshot import (
     RetryPolicy,
     Rewrite,
 )
+from proxy.config.snapshot_transfer import rebuilt_by
 
 # Envoy's retry_on conditions (x-envoy-retry-on and x-envoy-retry-grpc-on), all accepted by Istio.
 RETRY_ON = frozenset({
