@@ -12,7 +12,11 @@ processes on Linux), every client records when it sent the ACK of the snapshot t
 round's figures are the distribution of (ack time - t0) over all proxies. The control plane's debounce
 (100 ms quiet time by default) is part of that time, as it would be in use.
 
-usage: python bench/controlplane_bench.py [--proxies 1000 5000] [--rounds 5] [--services 50]
+With `NxR` in --proxies, the N proxies are spread over R control-plane replicas sharing one etcd
+(started here on loopback unless --store names one); the change goes through the first replica and
+reaches the others' proxies through the store; CPU is reported per replica.
+
+usage: python bench/controlplane_bench.py [--proxies 1000 5000 10000x3] [--rounds 5] [--services 50]
 """
 
 from __future__ import annotations
@@ -239,108 +243,185 @@ class SyncWatch:
     done: set[str] = set()
 
 
+class LocalEtcd:
+    """A single-member etcd (Debian etcd-server) on free loopback ports, for --replicas without --store."""
+
+    def __init__(self, work: Path) -> None:
+        self.client_port, self.peer_port = _free_port(), _free_port()
+        self.work = work
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"etcd://127.0.0.1:{self.client_port}"
+
+    def start(self, cores: list[int]) -> "LocalEtcd":
+        import urllib.request
+
+        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "bench", "--data-dir", str(self.work / "etcd-data"), "--listen-client-urls", client,
+             "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"bench={peer}"], stdout=subprocess.DEVNULL, stderr=open(self.work / "etcd.log", "ab"),
+            preexec_fn=lambda: os.sched_setaffinity(0, cores))
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            try:
+                with urllib.request.urlopen(f"{client}/version", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("etcd did not start within 20 s (see etcd.log)")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen, timeout_s: float, *, signalled: bool = False) -> None:
+    """SIGTERM (unless `signalled` already: a second one would kill a client writing its results),
+    then SIGKILL after `timeout_s`."""
+    if proc.poll() is None and not signalled:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
+    """`n` proxies spread evenly over `args.replicas` control-plane processes (sharing `store`, an
+    etcd URL, when there are several); the change is applied through the first replica."""
     from controlplane.wire import ApplyRequest, Source
 
     cores = sorted(os.sched_getaffinity(0))
     cp_cores = cores[:1]
     client_cores = cores[1:] or cores
-    config = work / f"config-{n}"
+    replicas = args.replicas
+    tag = f"{n}x{replicas}"
+    config = work / f"config-{tag}"
     config.mkdir()
     for name, text in mesh_yaml(args.services).items():
         (config / name).write_text(text)
-    port_file = work / f"cp-{n}.port"
-    cp_log = open(work / f"cp-{n}.log", "wb")
-    profile = ["-m", "cProfile", "-o", str(args.profile), "-m"] if args.profile else ["-m"]
-    cp_cmd = [sys.executable, *profile, "controlplane.cli", "controlplane", "--config", str(config),
-              "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "info",
-              "--data-dir", str(work / f"cp-{n}-data"),
-              "--heartbeat-interval", "5", "--grace-period", "30",
-              # the simulated proxies speak the plain protocol (no tokens): this measures pushes, not TLS
-              "--insecure-plaintext"]
-    if args.no_delta:
-        cp_cmd.append("--no-delta")
-    cp = subprocess.Popen(cp_cmd, cwd=REPO, stdout=cp_log, stderr=subprocess.STDOUT,
-                          preexec_fn=lambda: os.sched_setaffinity(0, cp_cores))
+    etcd = None
+    store = args.store
+    if replicas > 1 and store is None:
+        etcd = LocalEtcd(work / f"etcd-{tag}")
+        (work / f"etcd-{tag}").mkdir()
+        etcd.start(client_cores)  # beside the clients: the replicas' core measures the replicas only
+        store = etcd.url
+    cps: list[subprocess.Popen] = []
+    logs = []
     clients: list[subprocess.Popen] = []
     try:
-        end = time.monotonic() + 20
-        while not port_file.exists() and time.monotonic() < end:
-            time.sleep(0.05)
-        port = int(port_file.read_text())
-        rss_empty = _rss_bytes(cp.pid)
-        per = -(-n // args.client_procs)
+        ports = []
+        for r in range(replicas):
+            port_file = work / f"cp-{tag}-{r}.port"
+            log_path = work / f"cp-{tag}-{r}.log"
+            logs.append(log_path)
+            profile = ["-m", "cProfile", "-o", f"{args.profile}.{r}" if replicas > 1 else str(args.profile), "-m"] \
+                if args.profile else ["-m"]
+            cp_cmd = [sys.executable, *profile, "controlplane.cli", "controlplane", "--config", str(config),
+                      "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--log-level", "info",
+                      "--data-dir", str(work / f"cp-{tag}-{r}-data"),
+                      "--heartbeat-interval", "5", "--grace-period", "30",
+                      # the simulated proxies speak the plain protocol (no tokens): this measures pushes, not TLS
+                      "--insecure-plaintext"]
+            if store is not None:
+                cp_cmd += ["--store", store, "--poll-interval", str(args.poll_interval)]
+            if args.no_delta:
+                cp_cmd.append("--no-delta")
+            with open(log_path, "wb") as cp_log:
+                cps.append(subprocess.Popen(cp_cmd, cwd=REPO, stdout=cp_log, stderr=subprocess.STDOUT,
+                                            preexec_fn=lambda: os.sched_setaffinity(0, cp_cores)))
+            end = time.monotonic() + 30
+            while not port_file.exists() and time.monotonic() < end:
+                time.sleep(0.05)
+            ports.append(int(port_file.read_text()))
+        rss_empty = [_rss_bytes(cp.pid) for cp in cps]
+        procs = max(args.client_procs, replicas)
+        per = -(-n // procs)
         t_connect = time.monotonic()
-        cpu_before_connect = _cpu_s(cp.pid)
+        cpu_before_connect = [_cpu_s(cp.pid) for cp in cps]
         outs = []
-        for k in range(args.client_procs):
+        for k in range(procs):
             first, count = k * per, min(per, n - k * per)
             if count <= 0:
                 break
-            out = work / f"client-{n}-{k}.json"
+            out = work / f"client-{tag}-{k}.json"
             outs.append(out)
             clients.append(subprocess.Popen(
-                [sys.executable, __file__, "--client", "--host", "127.0.0.1", "--port", str(port), "--first", str(first),
-                 "--count", str(count), "--classes", str(args.classes), "--out", str(out)],
+                [sys.executable, __file__, "--client", "--host", "127.0.0.1", "--port", str(ports[k % replicas]),
+                 "--first", str(first), "--count", str(count), "--classes", str(args.classes), "--out", str(out)],
                 cwd=REPO, stdout=subprocess.PIPE, preexec_fn=lambda: os.sched_setaffinity(0, client_cores)))
         watch = SyncWatch(clients)
         watch.done = set()
-        version = watch.wait(SETTLE_TIMEOUT_S)
+        version = watch.wait(args.connect_timeout)
         if version is None:
-            raise RuntimeError(f"{n} proxies did not all connect and ACK within {SETTLE_TIMEOUT_S}s")
+            raise RuntimeError(f"{n} proxies did not all connect and ACK within {args.connect_timeout}s")
         connect_s = time.monotonic() - t_connect
-        connect_cpu_s = _cpu_s(cp.pid) - cpu_before_connect
-        rss_connected = _rss_bytes(cp.pid)
-        idle0 = _cpu_s(cp.pid)
+        connect_cpu_s = sum(_cpu_s(cp.pid) for cp in cps) - sum(cpu_before_connect)
+        rss_connected = [_rss_bytes(cp.pid) for cp in cps]
+        idle0 = [_cpu_s(cp.pid) for cp in cps]
         time.sleep(args.idle)
-        idle_cpu_pct = 100 * (_cpu_s(cp.pid) - idle0) / args.idle  # heartbeats only
+        idle_cpu_pct = 100 * (sum(_cpu_s(cp.pid) for cp in cps) - sum(idle0)) / args.idle / replicas  # heartbeats only
         rounds = []
         for r in range(args.rounds):
             weight = 10 + 7 * r  # 10, 17, 24, ...: a different value every round
-            cpu0 = _cpu_s(cp.pid)
+            cpu0 = [_cpu_s(cp.pid) for cp in cps]
             clients_cpu0 = sum(_cpu_s(c.pid) for c in clients)
             t0 = time.monotonic()
-            result = _request(port, ApplyRequest(sources=[Source("change.yaml", vs_yaml(0, weight).encode())]))
+            result = _request(ports[0], ApplyRequest(sources=[Source("change.yaml", vs_yaml(0, weight).encode())]))
             if not result.ok:
                 raise RuntimeError(result.error)
             t_applied = time.monotonic()
             new = watch.wait(SETTLE_TIMEOUT_S, not_version=version)
             if new is None:
                 raise RuntimeError(f"round {r}: not every proxy ACKed a new version within {SETTLE_TIMEOUT_S}s")
-            cpu_synced = _cpu_s(cp.pid) - cpu0
-            cpu1 = cpu_synced + cpu0
+            cpu_per_replica = [_cpu_s(cp.pid) - c0 for cp, c0 in zip(cps, cpu0)]
             clients_cpu = sum(_cpu_s(c.pid) for c in clients) - clients_cpu0
             time.sleep(args.settle)  # quiet time between rounds
-            rounds.append({"t0": t0, "apply_s": t_applied - t0, "version": new, "cpu_s": cpu1 - cpu0, "cpu_synced_s": cpu_synced,
+            rounds.append({"t0": t0, "apply_s": t_applied - t0, "version": new, "cpu_s": max(cpu_per_replica),
+                           "cpu_per_replica_s": cpu_per_replica, "cpu_synced_s": sum(cpu_per_replica),
                            "clients_cpu_s": clients_cpu})
             version = new
-        rss_after = _rss_bytes(cp.pid)
+        rss_after = [_rss_bytes(cp.pid) for cp in cps]
     finally:
         for c in clients:
             if c.poll() is None:
                 c.send_signal(signal.SIGTERM)
         for c in clients:
-            try:
-                c.wait(30)
-            except subprocess.TimeoutExpired:
-                c.kill()
-                c.wait()
-        cp.send_signal(signal.SIGTERM)
-        try:
-            cp.wait(10)
-        except subprocess.TimeoutExpired:
-            cp.kill()
-            cp.wait()
-        cp_log.close()
+            _stop(c, 120, signalled=True)  # thousands of streams to close and their records to write, on a busy core
+        for cp in cps:
+            _stop(cp, 10)
+        if etcd is not None:
+            etcd.stop()
     with open("/proc/loadavg") as f:
         loadavg = " ".join(f.read().split()[:3])
     pushes_logged = []
-    for line in (work / f"cp-{n}.log").read_text().splitlines():
-        if '"push_done"' in line or '"push_started"' in line:
-            pushes_logged.append(json.loads(line))
+    for log_path in logs:
+        for line in log_path.read_text().splitlines():
+            if '"push_done"' in line or '"push_started"' in line:
+                pushes_logged.append(json.loads(line))
     records = []
     connected = failed = 0
-    for out in outs:
+    for out, client in zip(outs, clients):
+        if not out.exists():
+            raise RuntimeError(f"client process {client.pid} wrote no results (exit status {client.returncode})")
         data = json.loads(out.read_text())
         records += data["records"]
         connected += data["connected"]
@@ -362,11 +443,15 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
             "first_push_ms": 1000 * first_recv,
             "bytes_per_push": statistics.mean(sizes),
             "cp_cpu_s": rd["cpu_s"],
+            "cp_cpu_per_replica_s": rd["cpu_per_replica_s"],
             "cp_cpu_until_synced_s": rd["cpu_synced_s"],
             "clients_cpu_s": rd["clients_cpu_s"],
         })
     return {
         "proxies": n,
+        "replicas": replicas,
+        "store": "etcd" if store is not None else "none",
+        "poll_interval_s": args.poll_interval if store is not None else None,
         "connected": connected,
         "connect_failures": failed,
         "resources": args.services * 5,
@@ -374,9 +459,9 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
         "connect_cpu_s": connect_cpu_s,
         "full_snapshot_bytes": statistics.mean(full_bytes) if full_bytes else 0,
         "idle_cpu_pct": idle_cpu_pct,
-        "rss_empty_mb": rss_empty / 2**20,
-        "rss_connected_mb": rss_connected / 2**20,
-        "rss_after_mb": rss_after / 2**20,
+        "rss_empty_mb": max(rss_empty) / 2**20,
+        "rss_connected_mb": max(rss_connected) / 2**20,
+        "rss_after_mb": max(rss_after) / 2**20,
         "rounds": out_rounds,
         "push_log": pushes_logged,
         "loadavg": loadavg,
@@ -385,7 +470,9 @@ def run_scale(n: int, args: argparse.Namespace, work: Path) -> dict:
 
 def report(res: dict) -> None:
     rs = res["rounds"]
-    print(f"\n== {res['proxies']} proxies ({res['connected']} connected, {res['connect_failures']} failed), "
+    where = (f"across {res['replicas']} control-plane replicas sharing etcd (store polled every "
+             f"{res['poll_interval_s']} s), change applied through the first" if res["replicas"] > 1 else "on one control plane")
+    print(f"\n== {res['proxies']} proxies {where} ({res['connected']} connected, {res['connect_failures']} failed), "
           f"{res['resources']} resources")
     print(f"connect+full sync of all: {res['connect_all_s']:.2f} s, control-plane CPU {res['connect_cpu_s']:.2f} s; "
           f"full snapshot {res['full_snapshot_bytes'] / 1024:.1f} KiB")
@@ -401,7 +488,15 @@ def report(res: dict) -> None:
               f"{r['bytes_per_push']:>8.0f} {r['cp_cpu_s']:>9.2f} {r['clients_cpu_s']:>9.2f}")
     med = lambda k: statistics.median(r[k] for r in rs)  # noqa: E731
     print(f"median over rounds: p50 {med('p50_ms'):.1f} ms, p99 {med('p99_ms'):.1f} ms, last ACK {med('last_ms'):.1f} ms, "
-          f"CPU per change {med('cp_cpu_s'):.2f} s")
+          f"CPU per change {med('cp_cpu_s'):.2f} s (the busiest replica)")
+    if res["replicas"] > 1:
+        per = [statistics.median(r["cp_cpu_per_replica_s"][k] for r in rs) for k in range(res["replicas"])]
+        print("CPU per change per replica (median over rounds): " + ", ".join(f"{c:.2f} s" for c in per))
+
+
+def _scale(text: str) -> tuple[int, int]:
+    n, _, replicas = text.partition("x")
+    return int(n), int(replicas or 1)
 
 
 def main() -> int:
@@ -412,8 +507,15 @@ def main() -> int:
     p.add_argument("--first", type=int, help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    p.add_argument("--proxies", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--proxies", type=_scale, nargs="+", default=[(1000, 1), (5000, 1)], metavar="N[xREPLICAS]",
+                   help="proxies per run; NxR spreads N proxies over R control-plane replicas sharing etcd")
+    p.add_argument("--store", default=None, metavar="etcd://HOST:PORT",
+                   help="the etcd replicas share (default: one started here, Debian etcd-server)")
+    p.add_argument("--poll-interval", type=float, default=0.1,
+                   help="how often replicas read the store's revision (their --poll-interval)")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--connect-timeout", type=float, default=180.0,
+                   help="seconds for every proxy to connect and ACK its first snapshot")
     p.add_argument("--services", type=int, default=50, help="services in the mesh (5 resources each)")
     p.add_argument("--classes", type=int, default=10, help="distinct proxy label sets")
     p.add_argument("--client-procs", type=int, default=2)
@@ -426,19 +528,20 @@ def main() -> int:
     if args.client:
         return client_main(args)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = max(args.proxies) + 1000
+    need = max(n for n, _ in args.proxies) + 1000
     if soft < need:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
         if min(hard, need) < need:
             print(f"warning: RLIMIT_NOFILE hard limit {hard} < {need}", file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory(prefix="cp-bench-") as tmp:
-        for n in args.proxies:
+        for n, replicas in args.proxies:
+            args.replicas = replicas
             res = run_scale(n, args, Path(tmp))
             report(res)
             results.append(res)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+            if args.json:  # after each run: a later one that fails keeps the earlier figures
+                args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -150,11 +150,13 @@ def unsupported_settings(obj: Any, path: str = "$") -> Iterator[tuple[str, str]]
     """Yield (field path, message) for every set field or enum value triomesh does not enforce yet."""
     if isinstance(obj, Struct):
         cls = type(obj)
-        names = {f.name: f.encode_name for f in msgspec.structs.fields(cls)}
+        # the class's own field tables: msgspec.structs.fields() evaluates every annotation on each
+        # call, which made this walk most of the cost of loading a resource
+        names = zip(cls.__struct_fields__, cls.__struct_encode_fields__)
         unsupported = getattr(cls, "unsupported", ())
         bad_values = getattr(cls, "unsupported_values", {})
         removed = getattr(cls, "removed", {})
-        for name, wire in names.items():
+        for name, wire in names:
             value = getattr(obj, name)
             if _not_set(value):
                 continue
@@ -907,7 +909,7 @@ class Source(IstioStruct, frozen=True):
     unsupported: ClassVar[tuple[str, ...]] = ("service_accounts", "not_service_accounts")
 
     def __post_init__(self) -> None:
-        values = {f.encode_name: getattr(self, f.name) for f in msgspec.structs.fields(type(self))}
+        values = {wire: getattr(self, name) for name, wire in zip(self.__struct_fields__, self.__struct_encode_fields__)}
         if not any(v for v in values.values() if v is not UNSET):
             raise ValueError("`source` must not be empty (a rule with no `from` matches every source)")
         for name in ("ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks"):
@@ -949,7 +951,7 @@ class Operation(IstioStruct, frozen=True):
     not_paths: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        values = {f.encode_name: getattr(self, f.name) for f in msgspec.structs.fields(type(self))}
+        values = {wire: getattr(self, name) for name, wire in zip(self.__struct_fields__, self.__struct_encode_fields__)}
         if not any(values.values()):
             raise ValueError("`operation` must not be empty (a rule with no `to` matches every operation)")
         _check_ports("ports", self.ports)

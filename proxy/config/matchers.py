@@ -20,6 +20,7 @@ import re
 from typing import Callable, Mapping, Sequence
 
 from proxy.config.istio import HTTPMatchRequest, StringMatch
+from proxy.config.snapshot_transfer import rebuilt_by
 from proxy.l7.events import RequestHead, split_authority
 
 Predicate = Callable[[RequestHead], bool]
@@ -206,14 +207,18 @@ def compile_match_block(m: HTTPMatchRequest, ctx: MatchContext, resolve_gateway:
         return None
     if m.source_labels and any(ctx.proxy_labels.get(k) != v for k, v in m.source_labels.items()):
         return None
+    if m.port is not None and ctx.port is not None and m.port != ctx.port:
+        return None
+    return block_predicate(m, port_from_authority=m.port is not None and ctx.port is None)
+
+
+def block_predicate(m: HTTPMatchRequest, port_from_authority: bool) -> Predicate:
+    """The per-request checks of a block that applies in its context; `port_from_authority`: its
+    `port` is compared with the request's authority (a listener without a fixed port)."""
     preds: list[Predicate] = []
-    if m.port is not None:
-        if ctx.port is not None:
-            if m.port != ctx.port:
-                return None
-        else:
-            want_port = m.port
-            preds.append(lambda h: authority_port(h) == want_port)
+    if port_from_authority:
+        want_port = m.port
+        preds.append(lambda h: authority_port(h) == want_port)
     if m.uri is not None and not _is_empty(m.uri):
         uri = compile_string_match(m.uri, ignore_case=m.ignore_uri_case and m.uri.regex is None)
         preds.append(lambda h: uri(h.path))
@@ -236,7 +241,8 @@ def compile_match_block(m: HTTPMatchRequest, ctx: MatchContext, resolve_gateway:
             preds.append(p)
     if m.query_params:
         preds.append(_query_predicate(m.query_params))
-    return all_of(preds)
+    # a worker handed the compiled snapshot rebuilds the closure from the block
+    return rebuilt_by(all_of(preds), block_predicate, m, port_from_authority)
 
 
 def compile_matches(
@@ -250,7 +256,7 @@ def compile_matches(
         return None
     if any(p is _always for p in preds):
         return _always
-    return any_of(preds)
+    return rebuilt_by(any_of(preds), any_of, preds)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from proxy.config.istio import (
     HTTPRoute,
     OutlierDetection,
     PercentValue,
+    StringMatch,
     TrafficPolicy,
 )
 from proxy.config.load import Resource
@@ -46,6 +47,7 @@ from proxy.config.snapshot import (
     RetryPolicy,
     Rewrite,
 )
+from proxy.config.snapshot_transfer import rebuilt_by
 
 # Envoy's retry_on conditions (x-envoy-retry-on and x-envoy-retry-grpc-on), all accepted by Istio.
 RETRY_ON = frozenset({
@@ -263,22 +265,9 @@ def mirror_policies(r: Resource, path: str, http: HTTPRoute, resolve: Callable[[
     return tuple(out)
 
 
-def cors_policy(r: Resource, path: str, http: HTTPRoute) -> CorsPolicy | None:
-    c = http.cors_policy
-    if c is None:
-        return None
-    matchers = [compile_string_match(m) for m in c.allow_origins]
-    exact = frozenset(o.encode() for o in c.allow_origin)
-    if not matchers and not exact:
-        raise r.error(f"{path}.corsPolicy.allowOrigins", "a corsPolicy needs at least one allowed origin")
-    for i, m in enumerate(c.allow_origins):
-        if m.exact is None and m.prefix is None and m.regex is None:
-            raise r.error(f"{path}.corsPolicy.allowOrigins[{i}]", "an origin match needs exact, prefix or regex")
-    for field_name, values in (("allowHeaders", c.allow_headers), ("exposeHeaders", c.expose_headers)):
-        for i, h in enumerate(values):
-            if h != "*" and not _HEADER_NAME.match(h):
-                raise r.error(f"{path}.corsPolicy.{field_name}[{i}]", f"invalid header name {h!r}")
-    match_any = tuple(matchers)
+def origin_matcher(exact: frozenset[bytes], allow_origins: tuple[StringMatch, ...]) -> Callable[[bytes], bool]:
+    """corsPolicy's allowOrigin (exact values) and allowOrigins (string matches) as one predicate."""
+    match_any = tuple(compile_string_match(m) for m in allow_origins)
 
     def origin_allowed(origin: bytes) -> bool:
         if origin in exact or b"*" in exact:
@@ -288,6 +277,23 @@ def cors_policy(r: Resource, path: str, http: HTTPRoute) -> CorsPolicy | None:
                 return True
         return False
 
+    return rebuilt_by(origin_allowed, origin_matcher, exact, allow_origins)
+
+
+def cors_policy(r: Resource, path: str, http: HTTPRoute) -> CorsPolicy | None:
+    c = http.cors_policy
+    if c is None:
+        return None
+    exact = frozenset(o.encode() for o in c.allow_origin)
+    if not c.allow_origins and not exact:
+        raise r.error(f"{path}.corsPolicy.allowOrigins", "a corsPolicy needs at least one allowed origin")
+    for i, m in enumerate(c.allow_origins):
+        if m.exact is None and m.prefix is None and m.regex is None:
+            raise r.error(f"{path}.corsPolicy.allowOrigins[{i}]", "an origin match needs exact, prefix or regex")
+    for field_name, values in (("allowHeaders", c.allow_headers), ("exposeHeaders", c.expose_headers)):
+        for i, h in enumerate(values):
+            if h != "*" and not _HEADER_NAME.match(h):
+                raise r.error(f"{path}.corsPolicy.{field_name}[{i}]", f"invalid header name {h!r}")
     credentials = [(b"access-control-allow-credentials", b"true")] if c.allow_credentials else []
     preflight: list[tuple[bytes, bytes]] = []
     if c.allow_methods:
@@ -300,7 +306,7 @@ def cors_policy(r: Resource, path: str, http: HTTPRoute) -> CorsPolicy | None:
     response = list(credentials)
     if c.expose_headers:
         response.append((b"access-control-expose-headers", ",".join(c.expose_headers).encode()))
-    return CorsPolicy(origin_allowed, tuple(preflight), tuple(response),
+    return CorsPolicy(origin_matcher(exact, tuple(c.allow_origins)), tuple(preflight), tuple(response),
                       forward_unmatched_preflights=c.unmatched_preflights != "IGNORE")
 
 

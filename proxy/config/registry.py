@@ -44,6 +44,9 @@ class FrozenLabels(dict):
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
 
+    def __reduce__(self):  # rebuilt from its items (pickle's default would call the refused __setitem__)
+        return (FrozenLabels, (dict(self),))
+
 
 @dataclass(frozen=True, slots=True)
 class Instance:

@@ -33,19 +33,16 @@ _LEN = struct.Struct(">I")
 # supervisor -> worker
 
 class LoadConfig(msgspec.Struct, tag="load_config"):
-    """Serve this config. `sources` are (file name, bytes) as the supervisor read and validated them,
-    so every worker compiles exactly the same input even if the files change meanwhile."""
+    """Serve this config. `snapshot` is the Snapshot the supervisor compiled (and validated) once,
+    encoded by proxy/config/snapshot_transfer.py: a worker loads it instead of compiling it again, and
+    every worker serves exactly what the supervisor checked even if the files change meanwhile."""
 
     version: str
-    sources: list[tuple[str, bytes]]
-    bind_address: str = "0.0.0.0"
-    proxy_labels: dict[str, str] | None = None  # the workload's labels (a control plane's proxy); None: all Gateways
-    proxy_namespace: str | None = None  # the workload's namespace, with its labels; None for a standalone edge
-    credentials_dir: str | None = None  # where Gateway credentialNames resolve (--credentials-dir)
+    snapshot: bytes
 
 
 class PrepareConfig(LoadConfig, tag="prepare_config"):
-    """First step of an update applied by every worker or none: compile it and bind (not yet listen
+    """First step of an update applied by every worker or none: load it and bind (not yet listen
     on) the sockets of its new listeners, keep serving the old config, answer ConfigPrepared or
     ConfigFailed (a bind error names the listener and address). CommitConfig or AbortConfig follows."""
 

@@ -1,9 +1,10 @@
 """The supervisor process: owns the config (load, validate, version, reload), the worker slots and
 the admin listener.
 
-Theory of operation: the supervisor reads the config files' bytes, compiles them once itself (to
-validate and to have the Snapshot for /config_dump), and only then sends the same bytes with the
-new version to every worker, which compiles them into its own Snapshot and swaps it in. An invalid
+Theory of operation: the supervisor reads the config files' bytes and compiles them once itself (to
+validate, and for /config_dump), then sends the compiled Snapshot, encoded by
+proxy/config/snapshot_transfer.py, with the new version to every worker, which loads it (a small
+fraction of a compile: see bench/config_push.py) and swaps it in. An invalid
 config never leaves the supervisor: the error is logged with file/document/field path, counted, and
 the old version keeps serving. Reloads come from SIGHUP, from an inotify watch of the config
 directory, or from polling the files' (inode, mtime, size) about once a second; they run one at a
@@ -12,7 +13,7 @@ time in one task, and triggers arriving meanwhile coalesce.
 Files are read only when complete (see proxy/runner/config_watch.py): never while a writer has a
 config file open, and only when two reads SETTLE_S apart give the same bytes, so a directory written
 file by file or a `..data` symlink swap is applied as one snapshot. An update applies whole or not
-at all: every worker first compiles it and binds its new listeners (PrepareConfig); only when all
+at all: every worker first loads it and binds its new listeners (PrepareConfig); only when all
 did is it committed, else aborted and rejected, and the old listeners never stop serving. An update
 that removes every listener, or every route of a listener, is read once more after
 CONFIRM_REMOVAL_S and applied only if the files still say so, with a warning. Each rejection is
@@ -20,8 +21,8 @@ counted by reason and the last one is shown in /config_dump and /config_status.
 
 With a control plane (`--controlplane`), the config comes from its stream instead of files (a
 `--config` file is then only a bootstrap served until the first push): the xDS client hands each
-pushed resource set to `apply_pushed`, which compiles it with this proxy's labels, sends it to every
-worker as sources (the same LoadConfig as a file reload) and returns once the workers serve it, so
+pushed resource set to `apply_pushed`, which compiles it with this proxy's labels, sends the result to
+every worker (the same LoadConfig as a file reload) and returns once the workers serve it, so
 the ACK means "served"; a refusal raises, and the client NACKs with the error text. Files are then
 not watched and SIGHUP only re-sends the current config to workers that are behind.
 
@@ -57,6 +58,7 @@ import trio
 
 from proxy.config.snapshot import Snapshot
 from proxy.runner import admin, control, hot_restart
+from proxy.config.snapshot_transfer import encode_snapshot
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
@@ -110,6 +112,7 @@ class ActiveConfig:
     digest: str
     snapshot: Snapshot
     loaded_at: float  # time.time()
+    encoded: bytes = b""  # `snapshot` encoded for the workers (proxy/config/snapshot_transfer.py)
 
 
 class ConfigRejected(Exception):
@@ -216,8 +219,7 @@ class Supervisor:
         a = self.active
         if a is None:
             return None
-        return control.LoadConfig(a.version, a.sources, self.options.bind_address, self.proxy_labels,
-                                  self.proxy_namespace, self.options.credentials_dir)
+        return control.LoadConfig(a.version, a.encoded)
 
     def _identity_message(self) -> control.LoadIdentity | None:
         identity = self.identity.current
@@ -269,10 +271,11 @@ class Supervisor:
             snapshot = build_snapshot(sources, version=version, bind_address=self.options.bind_address,
                                       proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
                                       credentials_dir=self.options.credentials_dir)
+            encoded = encode_snapshot(snapshot)
         except Exception as e:  # noqa: BLE001 - any failure to load refuses the config, never the proxy
             raise self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger=reason,
                                version=version, digest=digest) from e
-        return ActiveConfig(version, sources, digest, snapshot, time.time())
+        return ActiveConfig(version, sources, digest, snapshot, time.time(), encoded)
 
     def _read_now(self, reason: str) -> Sources:
         from proxy.config.errors import ConfigError
@@ -352,8 +355,7 @@ class Supervisor:
         if self.draining:  # the workers drain and serve nothing new; what /config_dump shows
             self.active = new
             return
-        message = control.PrepareConfig(new.version, new.sources, self.options.bind_address, self.proxy_labels,
-                                        self.proxy_namespace, self.options.credentials_dir)
+        message = control.PrepareConfig(new.version, new.encoded)
         errors: dict[int, tuple[str, str]] = {}
         running = [slot for slot in self.slots if slot.channel is not None]
         pids = {slot.index: slot.pid for slot in running}
@@ -465,11 +467,12 @@ class Supervisor:
                                          proxy_labels=self.proxy_labels, proxy_namespace=self.proxy_namespace,
                                          credentials_dir=self.options.credentials_dir)
             sources = to_sources(resources, version)
+            encoded = encode_snapshot(snapshot)
         except Exception as e:
             self._reject("invalid" if isinstance(e, ConfigError) else "internal", e, trigger="controlplane_push",
                          version=version)
             raise
-        new = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time())
+        new = ActiveConfig(version, sources, content_digest(sources), snapshot, time.time(), encoded)
         self.log.info("config_pushed", version=version, resources=len(resources),
                       listeners=[l.name for l in snapshot.listeners])
         # raises ConfigRejected (a listener cannot bind): the client NACKs with its text

@@ -26,7 +26,7 @@ from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
 from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control, hot_restart
-from proxy.runner.config_source import build_snapshot
+from proxy.config.snapshot_transfer import decode_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
@@ -257,14 +257,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
             elif isinstance(msg, (control.LoadConfig, control.CommitConfig)) and draining:
                 log.info("worker_config_ignored", version=msg.version, reason="draining")
             elif isinstance(msg, control.PrepareConfig):
-                # an update every worker applies or none: compile and bind now, serve on Commit
+                # an update every worker applies or none: load and bind now, serve on Commit
                 if prepared is not None:
                     prepared[1].close()
                     prepared = None
                 try:
-                    snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
-                                              proxy_labels=msg.proxy_labels, proxy_namespace=msg.proxy_namespace,
-                                              credentials_dir=msg.credentials_dir)
+                    snapshot = decode_snapshot(msg.snapshot)
                 except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
                     log.error("worker_config_failed", version=msg.version, error=str(e))
                     await channel.send(control.ConfigFailed(msg.version, str(e)))
@@ -293,10 +291,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
             elif isinstance(msg, control.LoadConfig):
                 if msg.version != holder.current.version:
                     try:
-                        snapshot = build_snapshot(msg.sources, version=msg.version, bind_address=msg.bind_address,
-                                                  proxy_labels=msg.proxy_labels,
-                                                  proxy_namespace=msg.proxy_namespace,
-                                                  credentials_dir=msg.credentials_dir)
+                        snapshot = decode_snapshot(msg.snapshot)
                     except Exception as e:  # noqa: BLE001 - the supervisor validated it; report, keep serving
                         log.error("worker_config_failed", version=msg.version, error=str(e))
                         await channel.send(control.ConfigFailed(msg.version, str(e)))

@@ -1,5 +1,6 @@
-"""Resources received from the control plane as config `sources` (name, bytes): the form the runner's
-supervisor already hands to its workers, so a worker compiles pushed config the same way as files."""
+"""Resources received from the control plane as config `sources` (name, bytes): the form in which the
+runner's supervisor keeps its active config (its content digest, the name /config_dump shows) whether
+it came from files or from a control plane."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import trio
 from proxy.runner import control
 
 MESSAGES = [
-    control.LoadConfig("7", [("/etc/a.yaml", b"kind: Gateway\n"), ("/etc/b.yaml", b"\x00\xff")], "127.0.0.1"),
+    control.LoadConfig("7", b"\x80\x05compiled snapshot\x00\xff"),
     control.GetStats(3),
     control.Shutdown(),
     control.ConfigApplied("7", ["127.0.0.1_8080"], ["x: cannot listen"]),
@@ -56,7 +56,7 @@ async def test_channel_over_a_real_socketpair() -> None:
     a, b = socket.socketpair()
     left = control.ControlChannel(trio.socket.from_stdlib_socket(a))
     right = control.ControlChannel(trio.socket.from_stdlib_socket(b))
-    big = control.LoadConfig("1", [("big.yaml", b"x" * (3 << 20))])
+    big = control.LoadConfig("1", b"x" * (3 << 20))
     async with trio.open_nursery() as nursery:
         # two tasks sending at once: frames must not interleave
         nursery.start_soon(left.send, big)
