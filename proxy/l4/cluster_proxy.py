@@ -3,8 +3,10 @@ connectionPool.tcp.maxConnections, DNS endpoints resolved when connecting, outli
 
 Used by every TCP route: a transparent sidecar's captured connections and a Gateway's TCP servers
 (plain sockets, spliced), and a Gateway's TLS servers that terminate (a TlsConn, whose plaintext is
-copied: proxy/tls/tcp.py). The caller chose the cluster (its route); this module owns the connection
-from then on.
+copied: proxy/tls/tcp.py). A cluster with TLS (auto mTLS to an endpoint with a sidecar, or a
+DestinationRule `tls`) originates it to the endpoint, and the bytes are copied through OpenSSL by
+the same pump; without TLS the splice path is untouched. The caller chose the cluster (its route);
+this module owns the connection from then on.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import trio
 
 from proxy.config.snapshot import Snapshot
 from proxy.l4.addrs import UpstreamAddr
-from proxy.l4.tcp_proxy import TcpProxyStats, proxy_to_upstream
+from proxy.l4.tcp_proxy import CopyMode, TcpProxyResult, TcpProxyStats, proxy_to_upstream
+from proxy.l4.errors import ConnectFailure, LocalConnectFailure
+from proxy.l7 import errors as l7_errors
 from proxy.l7.connio import Conn
 from proxy.l7.dataplane import ConnectionPick
+from proxy.l7.upstream_conn import open_connection
 from proxy.tls.conn import TlsConn
-from proxy.tls.tcp import proxy_tls_to_upstream
+from proxy.tls.tcp import count_connect_failure, proxy_conns, proxy_tls_to_upstream
 
 log = structlog.get_logger("triomesh.l4")
 
@@ -66,7 +71,8 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         crt.rq_pending_overflow.value += 1
         reset(sock)
         return Outcome.OVERFLOW
-    if not is_ip(upstream.ip):
+    originate = crt.tls is not None and endpoint is not None and originates_tls(plane, crt.tls[0], endpoint.key)
+    if not originate and not is_ip(upstream.ip):
         # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
         try:
             infos = await trio.socket.getaddrinfo(upstream.ip, upstream.port, type=socket.SOCK_STREAM)
@@ -89,7 +95,9 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         series.opened.value += 1
     result = None
     try:
-        if isinstance(sock, TlsConn):
+        if originate:
+            result = await _proxy_over_tls(plane, crt, endpoint.key, sock, initial, stats, idle_timeout_s)
+        elif isinstance(sock, TlsConn):
             result = await proxy_tls_to_upstream(sock, upstream, stats=stats, connect_timeout_s=cluster.connect_timeout_s,
                                                  idle_timeout_s=idle_timeout_s)
         else:
@@ -111,6 +119,37 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         log.info("tcp upstream failed", cluster=cluster_name, upstream=str(upstream),
                  flag=result.error.response_flag, error=str(result.error))
     return Outcome.PROXIED
+
+
+def originates_tls(plane, settings, endpoint_key: tuple[str, int]) -> bool:
+    """Whether a connection to this endpoint of a cluster with TLS settings is encrypted: auto mTLS
+    only to endpoints with a sidecar and while this proxy holds a workload certificate (else plaintext,
+    as Istio's auto mTLS falls back); a DestinationRule's tls always (a failure is the handshake's)."""
+    if settings.mesh_endpoints is None:
+        return True
+    holder = plane.workload_identity
+    return endpoint_key in settings.mesh_endpoints and holder is not None and holder.current is not None
+
+
+async def _proxy_over_tls(plane, crt, endpoint_key: tuple[str, int], sock: socket.socket | TlsConn, initial: bytes,
+                          stats, idle_timeout_s: float | None):
+    """Connect and hand-shake TLS to the endpoint (the HTTP path's open_connection: SNI, SPIFFE ID or
+    subjectAltNames checked, failures counted by reason), then copy plaintext both ways."""
+    downstream = sock if isinstance(sock, Conn) else Conn(sock, initial)
+    try:
+        upstream = await open_connection(endpoint_key, crt.cluster.connect_timeout_s, crt.pool_limits.keepalive,
+                                         plane, crt.tls, opaque=True)
+    except l7_errors.ConnectFailure as exc:
+        error = (LocalConnectFailure(str(exc), exc.reason) if isinstance(exc, l7_errors.LocalConnectFailure)
+                 else ConnectFailure(str(exc)))
+        error.__cause__ = exc
+        count_connect_failure(stats, error)
+        downstream.reset()
+        return TcpProxyResult(mode=CopyMode.COPY, error=error)
+    except BaseException:
+        downstream.close()
+        raise
+    return await proxy_conns(downstream, upstream, stats=stats, idle_timeout_s=idle_timeout_s)
 
 
 def is_ip(text: str) -> bool:

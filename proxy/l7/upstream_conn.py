@@ -97,18 +97,19 @@ def _set_keepalive(sock: socket.socket, keepalive) -> None:
 
 
 async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
-                          plane: DataPlane | None = None, tls=None) -> UpstreamConn | UpstreamTlsConn:
+                          plane: DataPlane | None = None, tls=None, *, opaque: bool = False) -> UpstreamConn | UpstreamTlsConn:
     """A connected upstream socket; with `tls` (ClusterRuntime.tls) the TLS handshake follows within
-    the same connect timeout."""
+    the same connect timeout. `opaque`: for the TCP proxy, whose connections wait with Trio's own
+    registration and have the TCP idle timeout instead of the HTTP stream idle sweep."""
     if tls is None:
-        return await _connect(key, timeout_s, keepalive, plane)
+        return await _connect(key, timeout_s, keepalive, plane, opaque)
     settings, context = tls
     identity = None
     if context is None:  # ISTIO_MUTUAL: the workload certificate of now (renewal: new connections use the new one)
         holder = plane.workload_identity if plane is not None else None
         identity = holder.current if holder is not None else None
         if settings.mesh_endpoints is not None and (identity is None or key not in settings.mesh_endpoints):
-            return await _connect(key, timeout_s, keepalive, plane)  # auto mTLS: no sidecar there, or no identity
+            return await _connect(key, timeout_s, keepalive, plane, opaque)  # auto mTLS: no sidecar there, or no identity
         if identity is None:
             _count_tls_failure(plane, "no_workload_certificate")
             raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: ISTIO_MUTUAL needs the workload certificate, which "
@@ -118,9 +119,9 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         _count_tls_failure(plane, "bad_settings")
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
     deadline = trio.current_time() + timeout_s
-    plain = await _connect(key, timeout_s, keepalive, plane)
+    plain = await _connect(key, timeout_s, keepalive, plane, opaque)
     try:
-        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, plane)
+        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, None if opaque else plane)
     except BaseException:
         plain.close()
         raise
@@ -150,7 +151,8 @@ def _count_tls_failure(plane: DataPlane | None, reason: str) -> None:
         plane.stats.counter("triomesh_upstream_tls_handshake_fail_total", reason=reason).value += 1
 
 
-async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None) -> UpstreamConn:
+async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None,
+                   opaque: bool = False) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -185,7 +187,7 @@ async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: Dat
             if exhaustion_reason(err) is not None:  # ENOBUFS, no ephemeral port left: ours too
                 raise _local_failure(plane, host, port, err, os.strerror(err))
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
-        return UpstreamConn(sock, key, plane)
+        return UpstreamConn(sock, key, None if opaque else plane)
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")
