@@ -68,13 +68,15 @@ class UpstreamConn(Conn):
 class UpstreamTlsConn(TlsConn):
     """An upstream connection over TLS (DestinationRule tls): the same bookkeeping as UpstreamConn."""
 
-    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity")
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity", "mesh_identity")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], context: ssl.SSLContext, server_hostname: str,
                  plane: DataPlane | None = None) -> None:
         super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
         _init_upstream(self, key)
         self.peer_identity: str | None = None  # ISTIO_MUTUAL: the server's verified SPIFFE ID
+        # ISTIO_MUTUAL: the workload certificate it was made with (retired from the pools once renewed)
+        self.mesh_identity = None
 
 
 def _is_ip(host: str) -> bool:
@@ -128,8 +130,12 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
     try:
         await conn.handshake(max(0.0, deadline - trio.current_time()))
         if identity is not None:
+            conn.mesh_identity = identity
+            plane.mesh_pooled = True
             conn.peer_identity = check_peer_identity(conn.peer_certificate(), settings.subject_alt_names,
                                                      identity.spiffe_id)
+            if plane.telemetry is not None:  # destination_principal of the requests this connection carries
+                plane.telemetry.note_upstream_principal(key, conn.peer_identity)
         else:
             check_subject_alt_names(settings, conn.peer_certificate())
     except BaseException as e:

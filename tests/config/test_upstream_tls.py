@@ -143,11 +143,11 @@ def test_tls_to_a_tcp_port_is_originated_by_the_tcp_proxy(files):
     mutual = compile_docs(tcp, workload("w", "r", 5432), _rule({"tls": {"mode": "ISTIO_MUTUAL"}})
                           ).clusters["outbound|5432||r"].tls
     assert (mutual.mode, mutual.sni, mutual.alpn, mutual.mesh_endpoints) == (
-        "ISTIO_MUTUAL", "outbound_.5432_._.r", ("istio",), None)
+        "ISTIO_MUTUAL", "outbound_.5432_._.r", ("triomesh-peer-exchange", "istio"), None)
     sidecar = doc("WorkloadEntry", "w", {"address": "127.0.0.1", "ports": {"pg": 5432},
                                          "labels": {"app": "r", "security.istio.io/tlsMode": "istio"}})
     auto = compile_docs(tcp, sidecar).clusters["outbound|5432||r"].tls
-    assert (auto.origin, auto.alpn, auto.mesh_endpoints) == ("auto mTLS", ("istio",), frozenset({("127.0.0.1", 5432)}))
+    assert (auto.origin, auto.alpn, auto.mesh_endpoints) == ("auto mTLS", ("triomesh-peer-exchange", "istio"), frozenset({("127.0.0.1", 5432)}))
     assert compile_docs(tcp, workload("w", "r", 5432)).clusters["outbound|5432||r"].tls is None  # no sidecar there
 
 

@@ -245,6 +245,9 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
     stats = server.admin("/stats/prometheus")[1]
     assert 'connection_security_policy="mutual_tls"' in stats
     assert 'source_principal="spiffe://cluster.local/ns/tutorial/sa/customer"' in stats
+    # the client side reports the server certificate's SPIFFE ID
+    assert 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in customer.admin(
+        "/stats/prometheus")[1]
 
     # DestinationRule ISTIO_MUTUAL to an endpoint without the label: the server's SPIFFE ID is checked
     # against subjectAltNames (a mismatch fails the handshake: 503 UF, fail_verify_san)
