@@ -27,6 +27,7 @@ from proxy.l4.tcp_proxy import (
     TcpProxyResult,
     TcpProxyStats,
     connect_upstream,
+    prepare_socket,
 )
 from proxy.l7.connio import Conn, ReadTimeout
 from proxy.stats import Counter
@@ -99,6 +100,8 @@ async def proxy_conns(downstream: Conn, upstream: Conn, *, stats: TcpProxyStats,
                       idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S) -> TcpProxyResult:
     """Proxy two connected `Conn`s (TLS handshakes done) until both directions end. Takes ownership
     of both: a reset seen on one side is passed on to the other."""
+    prepare_socket(downstream.sock)  # TCP_NODELAY both ways, as the splice path: we forward, never coalesce
+    prepare_socket(upstream.sock)
     result = TcpProxyResult(mode=CopyMode.COPY)
     started = trio.current_time()
     stats.downstream_cx_total.value += 1
