@@ -340,11 +340,12 @@ class _Compiler:
                 ]
                 for j, d in enumerate(dests):
                     upstream = self.clusters.get(d.cluster)
-                    if upstream is not None and upstream.tls is not None:
-                        # the L4 pump splices bytes in the kernel: it cannot originate TLS
+                    if upstream is not None and upstream.tls is not None and upstream.protocol in HTTP_PROTOCOLS:
+                        # TLS to a TCP port is originated by the TCP proxy (ALPN `istio` for mesh mTLS);
+                        # an HTTP port's TLS offers HTTP ALPN, which would make the server parse the bytes
                         raise r.error(f"{path}.route[{j}].destination",
-                                      f"cluster {d.cluster} originates TLS ({upstream.tls.origin} tls mode "
-                                      f"{upstream.tls.mode}), which {kind} routes do not support yet")
+                                      f"cluster {d.cluster} originates TLS for HTTP ({upstream.tls.origin} tls mode "
+                                      f"{upstream.tls.mode}), which {kind} routes do not support: route to a TCP port")
                 if len(dests) == 1:
                     dests = [RouteDestination(dests[0].cluster, 100)]
                 elif sum(d.weight for d in dests) != 100:

@@ -382,15 +382,12 @@ def _cluster_tls(svc: Service, port: Port, tp: TrafficPolicy | None, credentials
         return None
     r, path = next(((r, path) for r in svc.rule.sources for path, block in upstream_tls.tls_blocks(r.obj.spec)
                     if block is tls), (svc.rule.sources[0], "$.spec.trafficPolicy.tls"))
-    if not http:
-        raise r.error(f"{path}.mode", f"TLS origination to {svc.host} port {port.number} (protocol {protocol}) is "
-                                      "not supported: triomesh originates TLS on HTTP, HTTP2 and GRPC ports only "
-                                      "(TCP routes are spliced, not encrypted); use mode DISABLE for this port")
-    http2 = policies.upstream_http2(protocol, tp)
+    http2 = policies.upstream_http2(protocol, tp) if http else None  # None: a TCP port
     if tls.mode == "ISTIO_MUTUAL":
         return upstream_tls.istio_mutual(r, tls, svc.cluster_host, port.number, subset,
                                          tuple(svc.spec.subject_alt_names), http2)
-    alpn = ("h2",) if http2 else ("http/1.1",)
+    # a TCP port offers no ALPN of its own (Envoy's tcp_proxy upstream TLS sets none unless configured)
+    alpn = () if http2 is None else ("h2",) if http2 else ("http/1.1",)
     return upstream_tls.compile_settings(r, path, tls, svc.host, tuple(svc.spec.subject_alt_names), alpn,
                                          credentials_dir)
 

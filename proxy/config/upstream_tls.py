@@ -21,8 +21,8 @@ from proxy.tls.context import TlsSettingsError
 from proxy.tls.mesh import client_alpn
 from proxy.tls.upstream import client_context_for
 
-# service port protocols whose clusters the HTTP data path speaks to (TCP routes use the splice pump,
-# which cannot encrypt)
+# service port protocols whose clusters the HTTP data path speaks to (the others are TCP routes:
+# spliced in plaintext, or copied through OpenSSL when the cluster originates TLS)
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "GRPC-WEB")
 
 _DNS_NAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
@@ -90,8 +90,8 @@ def mesh_sni(host: str, port: int, subset: str) -> str:
 
 
 def istio_mutual(r: Resource, tls: ClientTLSSettings, host: str, port: int, subset: str,
-                 service_sans: tuple[str, ...], http2: bool) -> UpstreamTls:
-    """DestinationRule ISTIO_MUTUAL: the workload certificate to every endpoint."""
+                 service_sans: tuple[str, ...], http2: bool | None) -> UpstreamTls:
+    """DestinationRule ISTIO_MUTUAL: the workload certificate to every endpoint (`http2` None: TCP)."""
     return UpstreamTls(mode="ISTIO_MUTUAL", sni=tls.sni or mesh_sni(host, port, subset),
                        subject_alt_names=tuple(tls.subject_alt_names) or service_sans,
                        alpn=client_alpn(http2), origin=f"DestinationRule {r.namespace}/{r.name}")
@@ -99,10 +99,8 @@ def istio_mutual(r: Resource, tls: ClientTLSSettings, host: str, port: int, subs
 
 def auto_mtls(host: str, port: int, subset: str, endpoints, service_sans: tuple[str, ...],
               http2: bool | None) -> UpstreamTls | None:
-    """Auto mTLS (no DestinationRule tls): ISTIO_MUTUAL to the endpoints labelled with a sidecar.
-    HTTP clusters only: TCP routes are spliced (None for TCP, `http2` None)."""
-    if http2 is None:
-        return None
+    """Auto mTLS (no DestinationRule tls): ISTIO_MUTUAL to the endpoints labelled with a sidecar, for
+    HTTP clusters and TCP ones (`http2` None: ALPN `istio`)."""
     mesh = frozenset(e.key for e in endpoints if e.labels.get(TLS_MODE_LABEL) == "istio")
     if not mesh:
         return None

@@ -17,7 +17,7 @@ connections are decided per request by the L7 chain, which sees the peer's SPIFF
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import trio
@@ -34,7 +34,10 @@ from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster, proxy_to_upstream
 from proxy.l7.local_reply import local_reply_bytes
 from proxy.tls import mesh_inbound
-from proxy.tls.conn import TlsConn
+from proxy.telemetry.peer import UNKNOWN_WORKLOAD
+from proxy.telemetry.peer_exchange import EMPTY_FRAME, PEER_EXCHANGE_ALPN, PeerExchangeError
+from proxy.tls.conn import SPIFFE_PREFIX, TlsConn, TlsError
+from proxy.tls.peer_exchange import exchange
 from proxy.tls.tcp import proxy_tls_to_upstream
 from proxy.stats import HELP, Counter, Stats
 
@@ -218,10 +221,25 @@ class CaptureServer:
             downstream.peer.sni = tls.server_name  # connection.sni for authorization
             await downstream.run()
             return True
+        # the client's facts (TCP peer exchange, when it offered it), and its principal
+        peer = UNKNOWN_WORKLOAD
+        if tls.alpn_protocol == PEER_EXCHANGE_ALPN:
+            telemetry = self.plane.telemetry
+            try:
+                peer = await exchange(tls, telemetry.peer_frame if telemetry is not None else EMPTY_FRAME) or peer
+            except (PeerExchangeError, TlsError, OSError) as e:
+                self._count(listener_name, "peer_exchange_failed")
+                log.info("inbound peer exchange failed", client=str(conn.client), orig_dst=str(conn.orig_dst),
+                         error=str(e))
+                tls.reset()
+                return True
+        if peer_principal is not None:
+            peer = replace(peer, principal=SPIFFE_PREFIX + peer_principal)
         if isinstance(decision, sidecar.Tcp):
             outcome = await proxy_to_cluster(self.plane, snapshot, decision.cluster, tls, conn.client.ip,
                                              conn.orig_dst.sockaddr(), stats=self._tcp_stats[decision.cluster],
-                                             idle_timeout_s=self.settings.idle_timeout_s, inbound=True)
+                                             idle_timeout_s=self.settings.idle_timeout_s, inbound=True,
+                                             peer_identity=peer)
             self._count(listener_name, outcome.value)
             return True
         if isinstance(decision, sidecar.Passthrough):

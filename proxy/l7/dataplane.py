@@ -363,6 +363,8 @@ class DataPlane:
         # plane) and the mesh mTLS client contexts made from it, one per certificate
         self.workload_identity = None
         self.mesh_contexts = MeshContexts()
+        # a mesh mTLS connection was made: pools may hold connections of a certificate since renewed
+        self.mesh_pooled = False
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set
         self.sweeper = TimeoutSweeper(min(s.idle_timeout_s, s.request_headers_timeout_s), self.sweep_pools)
         self.downstream_cx_total = stats.counter("triomesh_downstream_cx_total")
@@ -436,6 +438,26 @@ class DataPlane:
                     conn.counted = False
                     self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
 
+    def retire_renewed_connections(self) -> None:
+        """Close the idle pooled connections made with a workload certificate that has since been
+        renewed, so new requests get connections with the new one. Called when the identity is
+        swapped and by every pool sweep (for connections busy at the swap, closed once idle)."""
+        holder = self.workload_identity
+        current = holder.current if holder is not None else None
+
+        def renewed(conn) -> bool:
+            made_with = getattr(conn, "mesh_identity", None)
+            return made_with is not None and made_with is not current
+
+        for key in list(self.pools):
+            for conn in self.pools[key].drop_where(renewed):
+                conn.close()
+                if conn.counted:
+                    conn.counted = False
+                    self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
+            if not self.pools[key].idle:
+                del self.pools[key]
+
     def current_clusters(self) -> dict[str, ClusterRuntime]:
         """Cluster runtimes of the snapshot being served now (for work that outlives its request's
         stage loop, such as mirrors)."""
@@ -462,6 +484,8 @@ class DataPlane:
                     self.stats.gauge("triomesh_upstream_cx_active", cluster=cluster_name).value -= 1
             if not pool.idle:
                 del self.pools[key]
+        if self.mesh_pooled:
+            self.retire_renewed_connections()
         if self.h2_pools:
             sweep_idle(self, now)
 

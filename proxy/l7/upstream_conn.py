@@ -68,13 +68,15 @@ class UpstreamConn(Conn):
 class UpstreamTlsConn(TlsConn):
     """An upstream connection over TLS (DestinationRule tls): the same bookkeeping as UpstreamConn."""
 
-    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity")
+    __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity", "mesh_identity")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], context: ssl.SSLContext, server_hostname: str,
                  plane: DataPlane | None = None) -> None:
         super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
         _init_upstream(self, key)
         self.peer_identity: str | None = None  # ISTIO_MUTUAL: the server's verified SPIFFE ID
+        # ISTIO_MUTUAL: the workload certificate it was made with (retired from the pools once renewed)
+        self.mesh_identity = None
 
 
 def _is_ip(host: str) -> bool:
@@ -97,18 +99,19 @@ def _set_keepalive(sock: socket.socket, keepalive) -> None:
 
 
 async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None,
-                          plane: DataPlane | None = None, tls=None) -> UpstreamConn | UpstreamTlsConn:
+                          plane: DataPlane | None = None, tls=None, *, opaque: bool = False) -> UpstreamConn | UpstreamTlsConn:
     """A connected upstream socket; with `tls` (ClusterRuntime.tls) the TLS handshake follows within
-    the same connect timeout."""
+    the same connect timeout. `opaque`: for the TCP proxy, whose connections wait with Trio's own
+    registration and have the TCP idle timeout instead of the HTTP stream idle sweep."""
     if tls is None:
-        return await _connect(key, timeout_s, keepalive, plane)
+        return await _connect(key, timeout_s, keepalive, plane, opaque)
     settings, context = tls
     identity = None
     if context is None:  # ISTIO_MUTUAL: the workload certificate of now (renewal: new connections use the new one)
         holder = plane.workload_identity if plane is not None else None
         identity = holder.current if holder is not None else None
         if settings.mesh_endpoints is not None and (identity is None or key not in settings.mesh_endpoints):
-            return await _connect(key, timeout_s, keepalive, plane)  # auto mTLS: no sidecar there, or no identity
+            return await _connect(key, timeout_s, keepalive, plane, opaque)  # auto mTLS: no sidecar there, or no identity
         if identity is None:
             _count_tls_failure(plane, "no_workload_certificate")
             raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: ISTIO_MUTUAL needs the workload certificate, which "
@@ -118,17 +121,21 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         _count_tls_failure(plane, "bad_settings")
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
     deadline = trio.current_time() + timeout_s
-    plain = await _connect(key, timeout_s, keepalive, plane)
+    plain = await _connect(key, timeout_s, keepalive, plane, opaque)
     try:
-        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, plane)
+        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, None if opaque else plane)
     except BaseException:
         plain.close()
         raise
     try:
         await conn.handshake(max(0.0, deadline - trio.current_time()))
         if identity is not None:
+            conn.mesh_identity = identity
+            plane.mesh_pooled = True
             conn.peer_identity = check_peer_identity(conn.peer_certificate(), settings.subject_alt_names,
                                                      identity.spiffe_id)
+            if plane.telemetry is not None:  # destination_principal of the requests this connection carries
+                plane.telemetry.note_upstream_principal(key, conn.peer_identity)
         else:
             check_subject_alt_names(settings, conn.peer_certificate())
     except BaseException as e:
@@ -150,7 +157,8 @@ def _count_tls_failure(plane: DataPlane | None, reason: str) -> None:
         plane.stats.counter("triomesh_upstream_tls_handshake_fail_total", reason=reason).value += 1
 
 
-async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None) -> UpstreamConn:
+async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None,
+                   opaque: bool = False) -> UpstreamConn:
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -185,7 +193,7 @@ async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: Dat
             if exhaustion_reason(err) is not None:  # ENOBUFS, no ephemeral port left: ours too
                 raise _local_failure(plane, host, port, err, os.strerror(err))
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
-        return UpstreamConn(sock, key, plane)
+        return UpstreamConn(sock, key, None if opaque else plane)
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")

@@ -52,6 +52,13 @@ class IdlePool(Generic[T]):
             return self.idle.pop(0)[0]
         return None
 
+    def drop_where(self, unwanted) -> list[T]:
+        """Take out the connections `unwanted(conn)` is true for (the caller closes them)."""
+        gone = [c for c, _ in self.idle if unwanted(c)]
+        if gone:
+            self.idle = [(c, t) for c, t in self.idle if not unwanted(c)]
+        return gone
+
     def drain(self) -> list[T]:
         conns = [c for c, _ in self.idle]
         self.idle = []

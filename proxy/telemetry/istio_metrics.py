@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from proxy.stats import HELP, Stats
 from proxy.telemetry.peer import UNKNOWN, UNKNOWN_WORKLOAD, WorkloadIdentity, canonical_revision, canonical_service
+from proxy.telemetry.peer_exchange import encode_frame
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Cluster, Endpoint, Snapshot
@@ -44,6 +45,7 @@ _SMALL_SIZE_BUCKET = [bisect_left(DEFAULT_BUCKETS, n) for n in range(SMALL_SIZE_
 SMALL_DURATION_MS = 1000.0
 _SMALL_DURATION_BUCKET = [bisect_left(DEFAULT_BUCKETS, half / 2) for half in range(2 * int(SMALL_DURATION_MS) + 1)]
 MAX_SERIES = 2000  # label sets per worker for the HTTP metrics, and as many again for TCP
+MAX_UPSTREAM_PRINCIPALS = 10000  # endpoints remembered for destination_principal
 
 HELP.update({
     "istio_requests_total": "Requests handled, by Istio's standard labels.",
@@ -153,6 +155,10 @@ class IstioMetrics:
                  max_series: int = MAX_SERIES) -> None:
         self.stats = stats
         self.identity = identity
+        self.peer_frame = encode_frame(identity.header_value())  # what the TCP peer exchange sends
+        # the SPIFFE ID each upstream endpoint (address, port) proved in its last mesh mTLS handshake:
+        # written per connection (upstream_conn.open_connection), read for destination_principal
+        self.upstream_principals: dict[tuple[str, int], str] = {}
         self.clock = clock  # None: the Trio run's clock (what RequestContext.start_monotonic is read from)
         self._now = None  # the clock function (bound on first use); the run's clock reads it plus _clock_offset
         self._clock_offset = 0.0
@@ -286,23 +292,33 @@ class IstioMetrics:
             series = self._by_labels[labels] = Series(self.stats, labels, grpc)
         return series
 
+    def note_upstream_principal(self, endpoint_key: tuple[str, int], spiffe_id: str) -> None:
+        """A mesh mTLS handshake with this endpoint proved `spiffe_id` (once per connection)."""
+        principals = self.upstream_principals
+        if len(principals) < MAX_UPSTREAM_PRINCIPALS or endpoint_key in principals:
+            principals[endpoint_key] = spiffe_id
+
     # ---- TCP
 
     def tcp_series(self, inbound: bool, cluster: Cluster | None, endpoint: Endpoint | None,
                    peer_identity: WorkloadIdentity | None = None) -> TcpSeries | None:
-        """The series a proxied TCP connection counts in (looked up once per connection). TCP has no
-        metadata exchange yet: the peer comes from the registry (the destination endpoint's labels)."""
+        """The series a proxied TCP connection counts in (looked up once per connection).
+        `peer_identity`: the other side as the TCP peer exchange and its certificate told it (a
+        SPIFFE `principal` when the connection is mesh mTLS: connection_security_policy mutual_tls
+        inbound); without it, the registry's (the destination endpoint's labels) or unknown."""
         facts = (inbound, cluster.name if cluster is not None else None, endpoint.key if endpoint is not None else None,
                  peer_identity)
         found = self._tcp_by_facts.get(facts)
         if found is not None:
             return found
+        mutual_tls = peer_identity is not None and peer_identity.principal != UNKNOWN
         labels = connection_labels(
             "destination" if inbound else "source",
             (peer_identity or UNKNOWN_WORKLOAD) if inbound else self.identity,
-            self.identity if inbound else endpoint_identity(endpoint, cluster),
+            self.identity if inbound else (peer_identity or endpoint_identity(endpoint, cluster)),
             UNKNOWN_SERVICE if inbound else service_labels(cluster),
-            "tcp", "none" if inbound else "unknown")
+            # Istio: only the destination knows how the connection was secured
+            "tcp", ("mutual_tls" if mutual_tls else "none") if inbound else "unknown")
         series = self._tcp_by_labels.get(labels)
         if series is None:
             if len(self._tcp_by_labels) >= self.max_series:

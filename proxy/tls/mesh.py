@@ -6,7 +6,8 @@ makes new handshakes use the new certificate, connections already open keep thei
 connection.
 
 Conventions (Istio's): the server offers ALPN `istio-h2`, `istio-http/1.1` and `istio` (what a
-sidecar offers to tell mesh mTLS from the app's own TLS) besides `h2`/`http/1.1`; a client
+sidecar offers to tell mesh mTLS from the app's own TLS) besides `h2`/`http/1.1`, and first our TCP
+peer exchange's id; a client
 certificate is required and verified against the trust bundle; the peer's identity is the SPIFFE ID
 of its certificate's URI SAN.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ssl
 
 from proxy.identity.workload import WorkloadIdentity
+from proxy.telemetry.peer_exchange import PEER_EXCHANGE_ALPN
 from proxy.tls.conn import SPIFFE_PREFIX, TlsHandshakeError
 from proxy.tls.context import ProtocolVersions, base_context
 
@@ -24,7 +26,8 @@ ISTIO_H2 = "istio-h2"
 ISTIO_HTTP1 = "istio-http/1.1"
 ISTIO_TCP = "istio"
 MESH_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP)
-SERVER_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP, "h2", "http/1.1")
+# the TCP peer exchange first: a client offering it gets it (proxy/telemetry/peer_exchange.py)
+SERVER_ALPN = (PEER_EXCHANGE_ALPN, ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP, "h2", "http/1.1")
 
 
 def offers_mesh_alpn(alpn: tuple[str, ...]) -> bool:
@@ -33,9 +36,10 @@ def offers_mesh_alpn(alpn: tuple[str, ...]) -> bool:
 
 
 def client_alpn(http2: bool | None) -> tuple[str, ...]:
-    """What a sidecar offers upstream: by the cluster's protocol (None: TCP)."""
+    """What a sidecar offers upstream: by the cluster's protocol (None: TCP, with the peer exchange
+    first and plain `istio` for a server that does not speak it)."""
     if http2 is None:
-        return (ISTIO_TCP,)
+        return (PEER_EXCHANGE_ALPN, ISTIO_TCP)
     return (ISTIO_H2,) if http2 else (ISTIO_HTTP1,)
 
 

@@ -92,6 +92,8 @@ class MeshInbound:
         if self.connections is not None:  # a capture listener starts them here; serve_listener did already
             plane.sweeper.ensure_running(self.connections)
             plane.reactor.ensure_running(self.connections)
+        # no Nagle delay between the handshake's flights and the TCP peer exchange's frames
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = TlsConn(sock, self.contexts.server(self.identity()), server_side=True, initial=initial,
                        reactor=plane.reactor, sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
         try:

@@ -1,15 +1,20 @@
-"""TCP after TLS termination (a Gateway `TLS` server in mode SIMPLE or MUTUAL): the plaintext of a
-downstream TLS connection to a plain upstream socket and back, with the TCP proxy's connect,
-stats, idle timeout and reset rules (proxy/l4/tcp_proxy.py).
+"""TCP with TLS on one side or both: the plaintext of a TLS connection copied to the other side and
+back, with the TCP proxy's connect, stats, idle timeout and reset rules (proxy/l4/tcp_proxy.py).
 
-The splice path of the plain TCP proxy cannot apply: the bytes must pass through OpenSSL. Each
-direction is one task; EOF is passed on as the other side's half-close (close_notify + FIN towards
-the client, FIN towards the upstream), so a request-then-half-close protocol works as in plaintext.
+Used when a Gateway `TLS` server terminates (SIMPLE or MUTUAL; TLS downstream, plain upstream) and
+when a sidecar originates mesh mTLS to a TCP endpoint (plain or TLS downstream, TLS upstream). The
+splice path of the plain TCP proxy cannot apply: the bytes must pass through OpenSSL.
+
+Both sides are `Conn`s (a plain socket wrapped, or a `TlsConn`), so one pump serves every pairing.
+Each direction is one task; EOF is passed on as the other side's half-close (close_notify + FIN on a
+TLS side, FIN on a plain one), so a request-then-half-close protocol works as in plaintext. A third
+task is the idle timer: no bytes either way for `idle_timeout_s` ends the connection, even while a
+write is blocked on a peer that does not read.
 """
 
 from __future__ import annotations
 
-import socket
+from functools import partial
 
 import trio
 
@@ -22,8 +27,10 @@ from proxy.l4.tcp_proxy import (
     TcpProxyResult,
     TcpProxyStats,
     connect_upstream,
+    prepare_socket,
 )
-from proxy.l7.connio import RECV_BYTES, ReadTimeout
+from proxy.l7.connio import Conn, ReadTimeout
+from proxy.stats import Counter
 from proxy.tls.conn import TlsConn, TlsError
 
 
@@ -42,111 +49,73 @@ class _Session:
         if self.scope is not None:
             self.scope.cancel()
 
-    def deadline(self) -> float:
-        return trio.current_time() + 3600.0 if self.idle_timeout_s is None else self.last_activity + self.idle_timeout_s
 
-    def idle(self) -> bool:
-        return self.idle_timeout_s is not None and trio.current_time() >= self.last_activity + self.idle_timeout_s
-
-
-async def _downstream_to_upstream(conn: TlsConn, upstream: socket.socket, session: _Session,
-                                  stats: TcpProxyStats, moved: list[int]) -> None:
+async def _idle_timer(session: _Session) -> None:
+    timeout_s = session.idle_timeout_s
+    if timeout_s is None:
+        return
     while True:
-        try:
-            n = await conn.fill(session.deadline())
-        except ReadTimeout:
-            if session.idle():
-                raise IdleTimeout(f"no bytes either way for {session.idle_timeout_s}s") from None
-            continue
-        except (TlsError, OSError) as exc:
-            raise peer_gone(exc, upstream=False) from exc
-        if n == 0:
-            try:
-                upstream.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+        await trio.sleep_until(session.last_activity + timeout_s)
+        if trio.current_time() >= session.last_activity + timeout_s:
+            session.fail(IdleTimeout(f"no bytes either way for {timeout_s}s"))
             return
-        view = conn.take_buffered()
-        while view:
-            try:
-                sent = upstream.send(view)
-            except BlockingIOError:
-                with trio.move_on_at(session.deadline()):
-                    await trio.lowlevel.wait_writable(upstream)
-                if session.idle():
-                    raise IdleTimeout(f"no bytes either way for {session.idle_timeout_s}s") from None
-                continue
-            except OSError as exc:
-                raise peer_gone(exc, upstream=True) from exc
-            view = view[sent:]
-            moved[0] += sent
-            stats.bytes_downstream_to_upstream.value += sent
-            session.last_activity = trio.current_time()
 
 
-async def _upstream_to_downstream(conn: TlsConn, upstream: socket.socket, session: _Session,
-                                  stats: TcpProxyStats, moved: list[int]) -> None:
+async def _pump(source: Conn, sink: Conn, *, source_is_upstream: bool, session: _Session, counter: Counter,
+                moved: list[int]) -> None:
+    """Copy `source`'s bytes (its buffered ones first) to `sink` until EOF, then half-close `sink`."""
     while True:
+        if not source.buffered:
+            try:
+                n = await source.fill()
+            except ReadTimeout:  # the stream idle sweeper expired the connection
+                raise IdleTimeout(f"no bytes from the {'upstream' if source_is_upstream else 'downstream'} "
+                                  "within the stream idle timeout") from None
+            except (TlsError, OSError) as exc:
+                raise peer_gone(exc, upstream=source_is_upstream) from exc
+            if n == 0:
+                sink.shutdown_write()
+                return
+        view = source.take_buffered()
         try:
-            data = upstream.recv(RECV_BYTES)
-        except BlockingIOError:
-            with trio.move_on_at(session.deadline()):
-                await trio.lowlevel.wait_readable(upstream)
-            if session.idle():
-                raise IdleTimeout(f"no bytes either way for {session.idle_timeout_s}s") from None
-            continue
-        except OSError as exc:
-            raise peer_gone(exc, upstream=True) from exc
-        if not data:
-            conn.shutdown_write()
-            return
-        try:
-            await conn.send_all(data)
+            await sink.send_all(view)
         except (TlsError, OSError) as exc:
-            raise peer_gone(exc, upstream=False) from exc
-        moved[0] += len(data)
-        stats.bytes_upstream_to_downstream.value += len(data)
+            raise peer_gone(exc, upstream=not source_is_upstream) from exc
+        moved[0] += len(view)
+        counter.value += len(view)
         session.last_activity = trio.current_time()
 
 
-async def _run(pump, conn: TlsConn, upstream: socket.socket, session: _Session, stats: TcpProxyStats,
-               moved: list[int]) -> None:
+async def _run(session: _Session, done: list[int], **pump) -> None:
     try:
-        await pump(conn, upstream, session, stats, moved)
+        await _pump(session=session, **pump)
     except L4Error as exc:
         session.fail(exc)
+    done[0] += 1
+    if done[0] == 2 and session.scope is not None:  # both directions ended: stop the idle timer
+        session.scope.cancel()
 
 
-async def proxy_tls_to_upstream(conn: TlsConn, upstream_addr: UpstreamAddr, *, stats: TcpProxyStats,
-                                connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
-                                idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S) -> TcpProxyResult:
-    """Connect to `upstream_addr` and proxy the decrypted bytes of `conn` (handshake done) to it
-    until both directions end. Takes ownership of `conn`."""
-    try:
-        upstream = await connect_upstream(upstream_addr, connect_timeout_s=connect_timeout_s)
-    except ConnectFailure as exc:
-        stats.downstream_cx_total.value += 1
-        stats.upstream_cx_connect_fail_total.value += 1
-        if isinstance(exc, ConnectTimeout):
-            stats.upstream_cx_connect_timeout_total.value += 1
-        elif isinstance(exc, LocalConnectFailure):
-            stats.local_fail(exc.reason).value += 1
-        conn.close()
-        return TcpProxyResult(mode=CopyMode.COPY, error=exc)
-    except BaseException:
-        conn.close()
-        raise
+async def proxy_conns(downstream: Conn, upstream: Conn, *, stats: TcpProxyStats,
+                      idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S) -> TcpProxyResult:
+    """Proxy two connected `Conn`s (TLS handshakes done) until both directions end. Takes ownership
+    of both: a reset seen on one side is passed on to the other."""
+    prepare_socket(downstream.sock)  # TCP_NODELAY both ways, as the splice path: we forward, never coalesce
+    prepare_socket(upstream.sock)
     result = TcpProxyResult(mode=CopyMode.COPY)
     started = trio.current_time()
     stats.downstream_cx_total.value += 1
     stats.downstream_cx_active.value += 1
     session = _Session(idle_timeout_s)
-    up, down = [0], [0]
+    up, down, done = [0], [0], [0]
     try:
         async with trio.open_nursery() as nursery:
             session.scope = nursery.cancel_scope
-            nursery.start_soon(_run, _downstream_to_upstream, conn, upstream, session, stats, up)
-            await _run(_upstream_to_downstream, conn, upstream, session, stats, down)
+            nursery.start_soon(_idle_timer, session)
+            nursery.start_soon(partial(_run, session, done, source=downstream, sink=upstream, source_is_upstream=False,
+                                       counter=stats.bytes_downstream_to_upstream, moved=up))
+            await _run(session, done, source=upstream, sink=downstream, source_is_upstream=True,
+                       counter=stats.bytes_upstream_to_downstream, moved=down)
         result.error = session.error
     finally:
         result.bytes_downstream_to_upstream, result.bytes_upstream_to_downstream = up[0], down[0]
@@ -157,9 +126,37 @@ async def proxy_tls_to_upstream(conn: TlsConn, upstream_addr: UpstreamAddr, *, s
             stats.idle_timeout_total.value += 1
         elif error is not None and error.source == "upstream":
             stats.upstream_reset_total.value += 1
-            conn.reset()
+            downstream.reset()
         elif error is not None and error.source == "downstream":
             stats.downstream_reset_total.value += 1
-        conn.close()
+            upstream.reset()
+        downstream.close()
         upstream.close()
     return result
+
+
+def count_connect_failure(stats: TcpProxyStats, error: ConnectFailure) -> None:
+    """A connection that never reached its upstream, counted as the TCP proxy counts it."""
+    stats.downstream_cx_total.value += 1
+    stats.upstream_cx_connect_fail_total.value += 1
+    if isinstance(error, ConnectTimeout):
+        stats.upstream_cx_connect_timeout_total.value += 1
+    elif isinstance(error, LocalConnectFailure):
+        stats.local_fail(error.reason).value += 1
+
+
+async def proxy_tls_to_upstream(conn: TlsConn, upstream_addr: UpstreamAddr, *, stats: TcpProxyStats,
+                                connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+                                idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S) -> TcpProxyResult:
+    """Connect to `upstream_addr` in plaintext and proxy the decrypted bytes of `conn` (handshake
+    done) to it until both directions end. Takes ownership of `conn`."""
+    try:
+        upstream = await connect_upstream(upstream_addr, connect_timeout_s=connect_timeout_s)
+    except ConnectFailure as exc:
+        count_connect_failure(stats, exc)
+        conn.close()
+        return TcpProxyResult(mode=CopyMode.COPY, error=exc)
+    except BaseException:
+        conn.close()
+        raise
+    return await proxy_conns(conn, Conn(upstream), stats=stats, idle_timeout_s=idle_timeout_s)

@@ -133,20 +133,29 @@ def test_credential_name_resolves_in_the_credentials_dir(files, tmp_path):
     assert (simple.cert_file, simple.ca_file) == ("", str(secret / "ca.crt"))  # SIMPLE takes only the CA
 
 
-def test_tls_to_a_tcp_port_is_refused_with_the_port(files):
-    with pytest.raises(ConfigError) as info:
-        compile_docs(service("r", ports=[{"number": 5432, "name": "pg", "protocol": "TCP"}]), workload("w", "r", 5432),
-                     _rule({"tls": {"mode": "SIMPLE", "caCertificates": files.ca}}))
-    e = info.value
-    assert e.field_path == "$.spec.trafficPolicy.tls.mode"
-    assert "port 5432 (protocol TCP) is not supported" in e.message
+def test_tls_to_a_tcp_port_is_originated_by_the_tcp_proxy(files):
+    """A TCP port's cluster takes a DestinationRule tls: no ALPN for SIMPLE/MUTUAL (Envoy's tcp_proxy
+    sets none), Istio's `istio` for ISTIO_MUTUAL, and auto mTLS to endpoints with a sidecar."""
+    tcp = service("r", ports=[{"number": 5432, "name": "pg", "protocol": "TCP"}])
+    simple = compile_docs(tcp, workload("w", "r", 5432), _rule({"tls": {"mode": "SIMPLE", "caCertificates": files.ca}})
+                          ).clusters["outbound|5432||r"].tls
+    assert (simple.mode, simple.sni, simple.alpn) == ("SIMPLE", "r", ())
+    mutual = compile_docs(tcp, workload("w", "r", 5432), _rule({"tls": {"mode": "ISTIO_MUTUAL"}})
+                          ).clusters["outbound|5432||r"].tls
+    assert (mutual.mode, mutual.sni, mutual.alpn, mutual.mesh_endpoints) == (
+        "ISTIO_MUTUAL", "outbound_.5432_._.r", ("triomesh-peer-exchange", "istio"), None)
+    sidecar = doc("WorkloadEntry", "w", {"address": "127.0.0.1", "ports": {"pg": 5432},
+                                         "labels": {"app": "r", "security.istio.io/tlsMode": "istio"}})
+    auto = compile_docs(tcp, sidecar).clusters["outbound|5432||r"].tls
+    assert (auto.origin, auto.alpn, auto.mesh_endpoints) == ("auto mTLS", ("triomesh-peer-exchange", "istio"), frozenset({("127.0.0.1", 5432)}))
+    assert compile_docs(tcp, workload("w", "r", 5432)).clusters["outbound|5432||r"].tls is None  # no sidecar there
 
 
 def test_a_tcp_route_to_a_cluster_with_tls_is_refused(files):
     vs = doc("VirtualService", "v", {"hosts": ["r"], "tcp": [{"route": [{"destination": {"host": "r", "port": {"number": 8080}}}]}]})
     e = _error(_rule({"tls": {"mode": "SIMPLE", "caCertificates": files.ca}}), vs)
     assert (e.kind, e.field_path) == ("VirtualService", "$.spec.tcp[0].route[0].destination")
-    assert "cluster outbound|8080||r originates TLS (DestinationRule default/r tls mode SIMPLE)" in e.message
+    assert "cluster outbound|8080||r originates TLS for HTTP (DestinationRule default/r tls mode SIMPLE)" in e.message
 
 
 def test_a_wildcard_host_needs_an_explicit_sni(files):

@@ -4,13 +4,16 @@ server sidecar registers itself, and its WorkloadEntry carries security.istio.io
 STRICT, an AuthorizationPolicy on principals allowing one client workload and denying another, a
 plaintext client and `openssl s_client` without a mesh certificate refused, and certificate rotation
 under steady load without a failed request; DestinationRule ISTIO_MUTUAL with subjectAltNames; a
-Gateway server in ISTIO_MUTUAL. Every process is started here and stopped by PID."""
+Gateway server in ISTIO_MUTUAL; TCP from the client proxy's TCP server over mesh mTLS (auto mTLS) to
+the server proxy's ISTIO_MUTUAL TLS server and its echo app, with destination_principal in the
+client's TCP metrics and in its request metrics. Every process is started here and stopped by PID."""
 
 from __future__ import annotations
 
 import http.client
 import shutil
 import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -123,6 +126,55 @@ spec:
   gateways: [mesh-gateway]
   http: [{{route: [{{destination: {{host: backend.local, port: {{number: 80}}}}}}]}}]
 ---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: customer-tcp, namespace: tutorial}}
+spec:
+  selector: {{app: customer}}
+  servers: [{{port: {{number: {tcp_in}, name: tcp, protocol: TCP}}, hosts: ["*"]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: customer-tcp, namespace: tutorial}}
+spec:
+  hosts: ["*"]
+  gateways: [customer-tcp]
+  tcp: [{{route: [{{destination: {{host: preference-tcp, port: {{number: 7000}}}}}}]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: preference-tcp, namespace: tutorial}}
+spec:
+  hosts: [preference-tcp]
+  location: MESH_INTERNAL
+  resolution: STATIC
+  ports: [{{number: 7000, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {tcp_gateway}}}, labels: {{app: preference, security.istio.io/tlsMode: istio}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: preference-tcp, namespace: tutorial}}
+spec:
+  selector: {{app: preference}}
+  servers: [{{port: {{number: {tcp_gateway}, name: tls, protocol: TLS}}, hosts: ["*"], tls: {{mode: ISTIO_MUTUAL}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: echo-app, namespace: tutorial}}
+spec:
+  hosts: [echo-app]
+  resolution: STATIC
+  ports: [{{number: 7001, name: tcp, protocol: TCP}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{tcp: {echo}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: preference-tcp, namespace: tutorial}}
+spec:
+  hosts: ["*"]
+  gateways: [preference-tcp]
+  tcp: [{{route: [{{destination: {{host: echo-app, port: {{number: 7001}}}}}}]}}]
+---
 apiVersion: security.istio.io/v1
 kind: PeerAuthentication
 metadata: {{name: preference, namespace: tutorial}}
@@ -198,17 +250,28 @@ def procs():
         p.stop()
 
 
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(4096):
+            self.request.sendall(data)
+
+
 def test_sidecars_speak_mutual_tls_with_principals_and_rotation(tmp_path: Path, procs) -> None:
     backend = Backend("preference-v1")
+    echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Echo)
+    echo.daemon_threads = True
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
     try:
-        _run(tmp_path, procs, backend)
+        _run(tmp_path, procs, backend, echo.server_address[1])
     finally:
         backend.close()
+        echo.shutdown()
+        echo.server_close()
 
 
-def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
+def _run(tmp_path: Path, procs: list, backend: Backend, echo_port: int) -> None:
     ports = {"egress": free_port(), "egress_other": free_port(), "inbound": free_port(), "gateway": free_port(),
-             "backend": backend.port}
+             "backend": backend.port, "tcp_in": free_port(), "tcp_gateway": free_port(), "echo": echo_port}
     config = tmp_path / "config"
     config.mkdir()
     (config / "mesh.yaml").write_text(CONFIG.format(**ports))
@@ -245,6 +308,27 @@ def _run(tmp_path: Path, procs: list, backend: Backend) -> None:
     stats = server.admin("/stats/prometheus")[1]
     assert 'connection_security_policy="mutual_tls"' in stats
     assert 'source_principal="spiffe://cluster.local/ns/tutorial/sa/customer"' in stats
+    # the client side reports the server certificate's SPIFFE ID
+    assert 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in customer.admin(
+        "/stats/prometheus")[1]
+
+    # TCP: the customer's TCP server routes to an endpoint labelled with a sidecar, so the customer
+    # proxy originates mesh mTLS to the preference proxy's ISTIO_MUTUAL TLS server, which hands the
+    # plaintext to the echo app; the customer's TCP metrics name the server's SPIFFE ID
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", ports["tcp_in"]), timeout=5) as tcp:
+                tcp.sendall(b"PING\r\n")
+                assert tcp.recv(100) == b"PING\r\n"
+                break
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)  # the TCP listeners arrive with a push
+    customer.wait_for(lambda: 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in "".join(
+        line for line in customer.admin("/stats/prometheus")[1].splitlines()
+        if line.startswith("istio_tcp_connections_closed_total")), "TCP metrics with the server's principal")
 
     # DestinationRule ISTIO_MUTUAL to an endpoint without the label: the server's SPIFFE ID is checked
     # against subjectAltNames (a mismatch fails the handshake: 503 UF, fail_verify_san)

@@ -17,12 +17,12 @@ TLS, PLAIN = Protocol.TLS, Protocol.HTTP1
     ("STRICT", TLS, ("istio-http/1.1",), True, Action.TERMINATE),
     ("STRICT", TLS, ("h2",), True, Action.TERMINATE),  # non-mesh TLS: its handshake fails without a mesh certificate
     ("STRICT", PLAIN, (), True, Action.REFUSE),
-    ("STRICT", TLS, ("istio",), False, Action.REFUSE),  # no workload certificate yet
+    ("STRICT", TLS, ("triomesh-peer-exchange", "istio"), False, Action.REFUSE),  # no workload certificate yet
     ("PERMISSIVE", TLS, ("istio-peer-exchange", "istio"), True, Action.TERMINATE),
     ("PERMISSIVE", TLS, ("h2", "http/1.1"), True, Action.AS_IS),
     ("PERMISSIVE", PLAIN, (), True, Action.AS_IS),
-    ("PERMISSIVE", TLS, ("istio",), False, Action.AS_IS),
-    ("DISABLE", TLS, ("istio",), True, Action.AS_IS),
+    ("PERMISSIVE", TLS, ("triomesh-peer-exchange", "istio"), False, Action.AS_IS),
+    ("DISABLE", TLS, ("triomesh-peer-exchange", "istio"), True, Action.AS_IS),
 ])
 def test_decide(mode, protocol, alpn, has_identity, action):
     assert decide(mode, protocol, alpn, has_identity) is action
@@ -76,14 +76,15 @@ spec:
 
 def test_auto_mtls_and_istio_mutual_compile():
     from proxy.config.compile import compile_resources
-    from proxy.config.errors import ConfigError
     from proxy.config.load import load_bytes
 
     snapshot = compile_resources(load_bytes(AUTO, "m.yaml"), version="1")
     tls = snapshot.clusters["outbound|9080||ratings"].tls
     assert (tls.mode, tls.sni, tls.alpn) == ("ISTIO_MUTUAL", "outbound_.9080_._.ratings", ("istio-http/1.1",))
     assert tls.mesh_endpoints == frozenset({("10.0.0.1", 9080)})  # 10.0.0.2 has no sidecar: plaintext
-    assert snapshot.clusters["outbound|3306||ratings"].tls is None  # TCP is spliced
+    tcp = snapshot.clusters["outbound|3306||ratings"].tls  # TCP too, with Istio's ALPN for opaque bytes
+    assert (tcp.sni, tcp.alpn, tcp.mesh_endpoints) == ("outbound_.3306_._.ratings", ("triomesh-peer-exchange", "istio"),
+                                                       frozenset({("10.0.0.1", 3306)}))
 
     rule = """---
 apiVersion: networking.istio.io/v1
@@ -97,6 +98,7 @@ spec:
     snapshot = compile_resources(load_bytes(AUTO + rule, "m.yaml"), version="1")
     tls = snapshot.clusters["outbound|9080|v1|ratings"].tls
     assert (tls.mode, tls.sni, tls.mesh_endpoints) == ("ISTIO_MUTUAL", "outbound_.9080_.v1_.ratings", None)
-    with pytest.raises(ConfigError) as info:
-        compile_resources(load_bytes(AUTO + rule.replace("number: 9080", "number: 3306"), "m.yaml"), version="1")
-    assert info.value.field_path == "$.spec.trafficPolicy.portLevelSettings[0].tls.mode"
+    # ISTIO_MUTUAL on the TCP port: the TCP proxy originates it, with ALPN istio
+    snapshot = compile_resources(load_bytes(AUTO + rule.replace("number: 9080", "number: 3306"), "m.yaml"), version="1")
+    tls = snapshot.clusters["outbound|3306|v1|ratings"].tls
+    assert (tls.mode, tls.sni, tls.alpn) == ("ISTIO_MUTUAL", "outbound_.3306_.v1_.ratings", ("triomesh-peer-exchange", "istio"))

@@ -70,7 +70,7 @@ class PeerMetadataStage:
     has_response_step = True
     edits_plain_fields = True
     __slots__ = ("inbound", "has_request_step", "header_value", "header_field", "mesh_addresses", "services", "parsed",
-                 "interned", "workloads_by_address")
+                 "interned", "workloads_by_address", "upstream_principals", "with_principal")
 
     def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
         self.inbound = inbound
@@ -82,6 +82,8 @@ class PeerMetadataStage:
         self.mesh_addresses = frozenset(a.encode() for a in snapshot.mesh_addresses)
         self.parsed = PeerHeaderCache()
         self.interned: dict[tuple, PeerFacts] = {}
+        self.upstream_principals = metrics.upstream_principals
+        self.with_principal: dict[tuple, WorkloadIdentity] = {}
         # inbound: the service a request was addressed to, by the host of its authority (Istio falls
         # back to the Host header for inbound clusters without a service)
         self.services: dict[bytes, ServiceLabels] = {}
@@ -157,4 +159,18 @@ class PeerMetadataStage:
         if value is not None and cluster is not None and cluster.mesh_internal:
             identity = self.parsed.parse(value)
             if identity is not None:
+                # destination_principal: the SPIFFE ID the endpoint proved when the connection was made
+                endpoint = ctx.endpoint
+                principal = self.upstream_principals.get(endpoint.key) if endpoint is not None else None
+                if principal is not None:
+                    identity = self._with_principal(identity, principal)
                 ctx.scratch()["peer"] = self._facts(identity, UNKNOWN_SERVICE, "unknown")
+
+    def _with_principal(self, identity: WorkloadIdentity, principal: str) -> WorkloadIdentity:
+        key = (identity, principal)
+        found = self.with_principal.get(key)
+        if found is None:
+            found = replace(identity, principal=principal)
+            if len(self.with_principal) < MAX_INTERNED:
+                self.with_principal[key] = found
+        return found
