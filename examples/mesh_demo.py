@@ -149,10 +149,10 @@ class MeshDemo:
         if self.secure:
             self._start_controlplane()
         for name in MESH_APPS:
-            self._spawn(f"sidecar-{name}", name, PROXY_GID, self._proxy_argv(name))
+            self.spawn(f"sidecar-{name}", name, PROXY_GID, self._proxy_argv(name))
         for name, app in MESH_APPS.items():
-            self._spawn(name, name, None, [sys.executable, "-m", app[0], "--bind", "0.0.0.0", "--port", str(APP_PORT), *app[1:]])
-        self._spawn("outside", "outside", None, [sys.executable, "-m", "examples.apps.recommendation", "--bind", "0.0.0.0",
+            self.spawn(name, name, None, [sys.executable, "-m", app[0], "--bind", "0.0.0.0", "--port", str(APP_PORT), *app[1:]])
+        self.spawn("outside", "outside", None, [sys.executable, "-m", "examples.apps.recommendation", "--bind", "0.0.0.0",
                                                     "--port", str(APP_PORT), "--version", "outside", "--instance-id", "outside"])
         self.wait_ready()
         if self.secure:
@@ -201,7 +201,7 @@ class MeshDemo:
             if path.name != "workloads.yaml":
                 shutil.copy(path, config / path.name)
         port_file = self.log_dir / "controlplane.port"
-        self._spawn("controlplane", CONTROLPLANE_NODE, None, [
+        self.spawn("controlplane", CONTROLPLANE_NODE, None, [
             sys.executable, "-m", "proxy.cli", "controlplane", "--config", str(config),
             "--listen", f"{self.lab.node(CONTROLPLANE_NODE).ipv4}:{CONTROLPLANE_PORT}", "--port-file", str(port_file),
             "--ca-dir", str(self.ca_dir), "--data-dir", str(self.log_dir / "controlplane-data"),
@@ -278,7 +278,8 @@ class MeshDemo:
         assert self.lab is not None
         return self.lab.node(node).ipv4 if self.admin_on_node_address else "127.0.0.1"
 
-    def _spawn(self, label: str, node: str, gid: int | None, argv: list[str]) -> None:
+    def spawn(self, label: str, node: str, gid: int | None, argv: list[str]) -> None:
+        """Start `argv` in `node`'s namespace (as gid `gid` when given), output in LOG_DIR/LABEL.log; `down` stops it."""
         assert self.lab is not None
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # no http_proxy: capture does it
         env["PYTHONPATH"] = str(REPO)

@@ -6,19 +6,24 @@ collector. One mesh serves every test of this module (starting one takes ~10 s).
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 import trio
 
-from examples.mesh_demo import (APP_PORT, CONTROLPLANE_NODE, MESH_APPS, SECURITY_DIR, STRICT_MTLS, MeshDemo,
+from examples.mesh_demo import (ADMIN_PORT, APP_PORT, CONTROLPLANE_NODE, MESH_APPS, SECURITY_DIR, STRICT_MTLS, MeshDemo,
                                 stat_value, version_counts)
 from tests.tracing.collector import ZipkinCollector
 
@@ -206,3 +211,208 @@ def test_access_control_examples_with_certificate_identities(mesh) -> None:
     assert all(body.startswith("customer => preference => recommendation v") for _, body in results)
     demo.delete(allow)
     wait_for(lambda: demo.get("customer", recommendation, APP_PORT, "/")[0] == 200, "the allow-list deleted")
+
+
+PROMETHEUS_PORT = 9090
+SCRAPE_INTERVAL_S = 1
+OK_REQUESTS = 40
+DENIED_REQUESTS = 10
+
+
+def query(demo: MeshDemo, promql: str) -> list[dict]:
+    """A PromQL instant query to the Prometheus in the control plane's node."""
+    status, text = demo.get(CONTROLPLANE_NODE, CONTROLPLANE_IP, PROMETHEUS_PORT,
+                            "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    answer = json.loads(text)
+    assert status == 200 and answer["status"] == "success", answer
+    return answer["data"]["result"]
+
+
+def by(results: list[dict], label: str) -> dict[str, float]:
+    return {r["metric"].get(label, ""): float(r["value"][1]) for r in results}
+
+
+def sums_served(demo: MeshDemo, reporter: str, group: str) -> dict[str, float]:
+    """sum(istio_requests_total{reporter=`reporter`}) by (`group`), from what the sidecars serve now."""
+    sums: dict[str, float] = collections.Counter()
+    for node in MESH_APPS:
+        for line in demo.stats(node).splitlines():
+            if line.startswith("istio_requests_total{") and f'reporter="{reporter}"' in line:
+                value = re.search(rf'[{{,]{group}="([^"]*)"', line)
+                sums[value.group(1) if value else ""] += float(line.rpartition(" ")[2])
+    return dict(sums)
+
+
+# Istio's dashboards group what servers report by workload and what clients report by service: a
+# server sidecar learns the service from its caller's metadata exchange, which a client outside the
+# mesh (the client node calling customer) does not send
+BY_WORKLOAD = ("destination", "destination_workload")
+BY_SERVICE = ("source", "destination_service")
+CUSTOMER, PREFERENCE, RECOMMENDATION = (f"{name}.tutorial.svc.cluster.local"
+                                        for name in ("customer", "preference", "recommendation"))
+
+
+def sums_scraped(demo: MeshDemo, reporter: str, group: str) -> dict[str, float]:
+    return by(query(demo, f'sum(istio_requests_total{{reporter="{reporter}"}}) by ({group})'), group)
+
+
+def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
+    demo, _ = mesh
+    lab = demo.lab
+    deny = SECURITY_DIR / "deny-customer.yaml"
+    # every series the counted traffic touches exists before Prometheus's first scrape, so that its
+    # rate() windows see that traffic whole: one denied request (customer 503, preference 403) first
+    demo.apply(deny)
+    wait_for(lambda: demo.customer_requests(1)[0][0] == 503, "the deny-list")
+    demo.delete(deny)
+    wait_for(lambda: demo.customer_requests(1)[0][0] == 200, "the deny-list deleted")
+
+    assert demo.log_dir is not None
+    targets = ", ".join(f"'{lab.node(node).ipv4}:{ADMIN_PORT}'" for node in MESH_APPS)
+    (demo.log_dir / "prometheus.yml").write_text(
+        f"global: {{scrape_interval: {SCRAPE_INTERVAL_S}s, evaluation_interval: {SCRAPE_INTERVAL_S}s}}\n"
+        "scrape_configs:\n- job_name: triomesh\n  metrics_path: /stats/prometheus\n"
+        f"  static_configs: [{{targets: [{targets}]}}]\n")
+    demo.spawn("prometheus", CONTROLPLANE_NODE, None, [
+        "prometheus", f"--config.file={demo.log_dir / 'prometheus.yml'}", f"--storage.tsdb.path={demo.log_dir / 'tsdb'}",
+        f"--web.listen-address={CONTROLPLANE_IP}:{PROMETHEUS_PORT}"])
+
+    def up() -> bool:
+        try:
+            return by(query(demo, "count(up == 1)"), "") == {"": 4.0}
+        except (OSError, ValueError):
+            return False
+
+    wait_for(up, "Prometheus scraping the four sidecars", timeout_s=30)
+    before = {group: sums_served(demo, *group) for group in (BY_WORKLOAD, BY_SERVICE)}
+    wait_for(lambda: all(sums_scraped(demo, *group) == sums for group, sums in before.items()),
+             "Prometheus's first complete scrape")
+
+    # the counted traffic: OK_REQUESTS through the whole chain, then DENIED_REQUESTS refused at
+    # preference (customer answers 503), counting the ones sent while the policy was on its way
+    statuses = [status for status, _ in demo.customer_requests(OK_REQUESTS)]
+    demo.apply(deny)
+    while statuses.count(503) < DENIED_REQUESTS:
+        statuses.append(demo.customer_requests(1)[0][0])
+        assert len(statuses) < OK_REQUESTS + DENIED_REQUESTS + 100, "the deny-list never applied"
+    demo.delete(deny)
+    ok, denied = statuses.count(200), statuses.count(503)
+    assert ok + denied == len(statuses)
+    sent = {BY_WORKLOAD: {"customer-v1": ok + denied, "preference-v1": ok + denied},
+            BY_SERVICE: {PREFERENCE: ok + denied, RECOMMENDATION: ok}}
+    seen: list = []
+
+    def scraped_all() -> bool:
+        now = {group: sums_scraped(demo, *group) for group in before}
+        seen.append(now)
+        changes = {group: {k: v - before[group].get(k, 0) for k, v in sums.items() if v != before[group].get(k, 0)}
+                   for group, sums in now.items()}
+        workloads = changes[BY_WORKLOAD]
+        return (changes[BY_SERVICE] == sent[BY_SERVICE]
+                and workloads.pop("recommendation-v1", 0) + workloads.pop("recommendation-v2", 0) == ok
+                and workloads == sent[BY_WORKLOAD])
+
+    try:
+        wait_for(scraped_all, "Prometheus to scrape every request", timeout_s=15)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {seen[-1:]}, before {before}, sent {sent} ({ok} ok)") from e
+
+    # Istio's dashboards, over a window that holds all of the counted traffic and nothing before it
+    window = "[5m]"
+    increase = by(query(demo, f'sum(increase(istio_requests_total{{reporter="destination"}}{window})) by (destination_workload)'),
+                  "destination_workload")
+    assert set(increase) == {"customer-v1", "preference-v1", "recommendation-v1", "recommendation-v2"}, increase
+    # increase() extrapolates to the window's edges: within half again of the exact count
+    for workload in ("customer-v1", "preference-v1"):
+        assert ok + denied <= increase[workload] < 1.5 * (ok + denied), (workload, increase)
+    assert ok <= increase["recommendation-v1"] + increase["recommendation-v2"] < 1.5 * ok, increase
+    rate = by(query(demo, f'sum(rate(istio_requests_total{{reporter="source"}}{window})) by (destination_service)'),
+              "destination_service")
+    assert set(rate) == {PREFERENCE, RECOMMENDATION} and all(v > 0 for v in rate.values()), rate
+    success = by(query(demo, f'sum(rate(istio_requests_total{{reporter="destination",response_code!~"5.*"}}{window})) '
+                             f'by (destination_workload) / sum(rate(istio_requests_total{{reporter="destination"}}{window})) '
+                             'by (destination_workload)'), "destination_workload")
+    # customer answered 503 to the denied ones; preference's 403 is not a server error; recommendation never failed
+    assert abs(success["customer-v1"] - ok / (ok + denied)) < 0.05, (success, ok, denied)
+    assert success["preference-v1"] == success["recommendation-v1"] == success["recommendation-v2"] == 1.0, success
+    # every request between sidecars was mutual TLS, from the caller's certificate identity
+    principals = by(query(demo, f'sum(increase(istio_requests_total{{reporter="destination",'
+                                f'connection_security_policy="mutual_tls"}}{window})) by (source_principal)'),
+                    "source_principal")
+    # (a series of an earlier test's callers may exist, with no increase)
+    assert {principal for principal, count in principals.items() if count > 0} == {SPIFFE + "customer",
+                                                                               SPIFFE + "preference"}, principals
+    assert principals[SPIFFE + "customer"] >= ok and principals[SPIFFE + "preference"] >= ok, principals
+    for quantile in (0.5, 0.9, 0.99):
+        for reporter, group in (BY_WORKLOAD, BY_SERVICE):
+            results = by(query(demo, f"histogram_quantile({quantile}, sum(rate(istio_request_duration_milliseconds_bucket"
+                                     f'{{reporter="{reporter}"}}{window})) by (le, {group}))'), group)
+            assert len(results) == (4 if group == "destination_workload" else 2), results
+            assert all(0 < value <= 2500 for value in results.values()), (quantile, group, results)
+    # customer's time includes preference's, which includes recommendation's
+    p50 = by(query(demo, "histogram_quantile(0.5, sum(rate(istio_request_duration_milliseconds_bucket"
+                         f'{{reporter="destination",response_code="200"}}{window})) by (le, destination_app))'),
+             "destination_app")
+    assert p50["customer"] >= p50["preference"] >= p50["recommendation"], p50
+
+
+def test_three_hop_trace_in_zipkin(mesh) -> None:
+    demo, collector = mesh
+    trace_id, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    [(status, body)] = demo.customer_requests(1, {"traceparent": f"00-{trace_id}-{client_span}-01"})
+    assert status == 200, body
+
+    def spans() -> list[dict]:
+        return [s for s in list(collector.zipkin.spans) if s["traceId"] == trace_id]
+
+    # a SERVER and a CLIENT span for each pass through a sidecar: five passes (the first one's, the
+    # root, ends last); then nothing more arrives
+    wait_for(lambda: len(spans()) >= 10, "the trace's ten spans at the collector", timeout_s=15)
+    time.sleep(0.5)
+    trace = spans()
+    assert collector.zipkin.violations == []
+    by_id = {s["id"]: s for s in trace}
+    assert len(by_id) == len(trace)
+    chain, span = [], next(s for s in trace if s.get("parentId") == client_span)
+    while span is not None:
+        chain.append(span)
+        children = [s for s in trace if s.get("parentId") == span["id"]]
+        assert len(children) <= 1, children
+        span = children[0] if children else None
+    # the whole trace is one chain: every sidecar's inbound and outbound side gives a SERVER span and a
+    # CLIENT span (docs/tracing.md), the apps carrying the context from their inbound to their outbound call
+    assert [(s["kind"], s["localEndpoint"]["serviceName"], s["tags"]["upstream_cluster"]) for s in chain] == [
+        (kind, f"{app}.tutorial", cluster)
+        for app, clusters in (("customer", ("inbound|8080||", "outbound|8080||preference")),
+                              ("preference", ("inbound|8080||", f"outbound|8080|{version(body)}|recommendation")),
+                              ("recommendation", ("inbound|8080||",)))
+        for cluster in clusters for kind in ("SERVER", "CLIENT")], chain
+    assert len(chain) == len(trace) == 10
+    # each span starts after its parent and ends within the root (1 ms of clock slack). Not "within its
+    # parent": on a loaded machine a span was seen ending ~12 ms after its parent (the client span's end
+    # is an open point of the tracing; the in-process three-hop test checks strict nesting)
+    root_end = chain[0]["timestamp"] + chain[0]["duration"]
+    for parent, child in zip(chain, chain[1:]):
+        assert child["timestamp"] >= parent["timestamp"] - 1000, (parent, child)
+        assert child["timestamp"] + child["duration"] <= root_end + 1000, (chain[0], child)
+    assert {s["tags"]["http.status_code"] for s in chain} == {"200"}
+    assert len({s["tags"]["guid:x-request-id"] for s in chain}) == 1
+    # each sidecar's inbound SERVER span names the caller: the client node, then the calling sidecars
+    callers = [s["tags"]["peer.address"] for s in chain if s["kind"] == "SERVER" and s["tags"]["upstream_cluster"].startswith("inbound")]
+    assert callers == [demo.lab.node("client").ipv4, demo.lab.node("customer").ipv4, demo.lab.node("preference").ipv4], callers
+    print(trace_text(chain))
+
+
+def version(body: str) -> str:
+    found = re.search(r"recommendation (v\d+) from", body)
+    assert found, body
+    return found.group(1)
+
+
+def trace_text(chain: list[dict]) -> str:
+    """The trace as README shows it: kind, service, span id, start after the first and duration."""
+    start = chain[0]["timestamp"]
+    return f"trace {chain[0]['traceId']}\n" + "\n".join(
+        f"{'  ' * depth}{s['kind']:6} {s['localEndpoint']['serviceName']:24} {s['tags']['upstream_cluster']:34} "
+        f"+{(s['timestamp'] - start) / 1000:.1f} ms  {s['duration'] / 1000:.1f} ms"
+        for depth, s in enumerate(chain))
