@@ -1,7 +1,7 @@
 """The mesh in network namespaces: customer -> preference -> recommendation v1/v2, each app in its own
 namespace beside its own transparent sidecar, apps unchanged and calling each other by name.
 
-    sudo .venv/bin/python -m examples.mesh_demo [--requests 100]
+    sudo .venv/bin/python -m examples.mesh_demo [--requests 100] [--plaintext]
 
 What it builds (all torn down at the end, also on failure or ^C):
 - a lab (proxy/l4/capture/lab.py): one namespace per node on a private bridge, 198.18.0.10+i,
@@ -15,13 +15,13 @@ What it builds (all torn down at the end, also on failure or ^C):
   ServiceEntry) that runs a plain server: reaching it from inside the mesh must fail, because the
   Sidecar says outboundTrafficPolicy REGISTRY_ONLY.
 
-With `--secure`, the mesh as Istio runs it: a `controlplane` node runs `triomesh controlplane` (the
-mesh's CA, TLS, one bootstrap token per service account), every sidecar gets its config from there,
-registers its workload (address, labels, service account) and holds a workload certificate for
+The command runs the secure mesh (`MeshDemo(secure=True)`; `--plaintext` turns it off), the mesh as
+Istio runs it: a `controlplane` node runs `triomesh controlplane` (the mesh's CA, TLS, one bootstrap
+token per service account), every sidecar gets its config from there, registers its workload (address, labels, service account) and holds a workload certificate for
 spiffe://cluster.local/ns/tutorial/sa/<service account>; `triomesh apply` then makes mutual TLS
 STRICT mesh-wide (examples/security/strict-mtls.yaml), so sidecars talk to each other over mutual TLS
 (auto mTLS) and refuse plaintext. The WorkloadEntries of examples/mesh/workloads.yaml are left out:
-the registrations replace them.
+the registrations replace them. With `--plaintext` every sidecar reads examples/mesh itself.
 
 `run()` sends the requests and reports the split, the header-routed requests, the egress refusals
 and the sidecars' stats; `MeshDemo` is the same as a context manager for tests.
@@ -63,12 +63,12 @@ NODES = ("customer", "preference", "recommendation-v1", "recommendation-v2", "cl
 EXPECTED_ADDRESSES = {"customer": "198.18.0.10", "preference": "198.18.0.11", "recommendation-v1": "198.18.0.12",
                       "recommendation-v2": "198.18.0.13"}
 RECOMMENDATION_VIP = "198.18.0.200"
-# --secure: the control plane's own node (no sidecar, no capture), after the others: 198.18.0.16
+# the secure mesh: the control plane's own node (no sidecar, no capture), after the others: 198.18.0.16
 CONTROLPLANE_NODE = "controlplane"
 CONTROLPLANE_PORT = 15010
 SECURITY_DIR = REPO / "examples" / "security"
 STRICT_MTLS = SECURITY_DIR / "strict-mtls.yaml"
-# --secure: what each sidecar registers (node id, also its workload name in metrics), its service
+# the secure mesh: what each sidecar registers (node id, also its workload name in metrics), its service
 # account (its SPIFFE ID) and labels: what examples/mesh/workloads.yaml says in the plaintext mesh
 WORKLOADS = {
     "customer": ("customer-v1", "customer", {"app": "customer", "version": "v1"}),
@@ -403,8 +403,10 @@ class MeshDemo:
         return conn
 
     def customer_requests(self, count: int, headers: dict[str, str] | None = None) -> list[tuple[int, str]]:
-        """`count` requests from the client node to http://customer:8080/ over one keep-alive connection."""
+        """`count` requests from the client node to http://customer:8080/ over one keep-alive connection
+        (to customer's address, with the Host header a client calling it by name sends)."""
         assert self.lab is not None
+        headers = {"host": f"customer:{APP_PORT}", **(headers or {})}
         ip = self.lab.node("customer").ipv4
         conn = self.connect("client", ip, APP_PORT)
         out = []
@@ -529,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sidecars' access log format, written to their log files (default off)")
     parser.add_argument("--config", type=Path, default=MESH_CONFIG, help="directory of Istio resources")
     parser.add_argument("--keep-logs", action="store_true", help="keep the apps' and sidecars' logs (kept anyway on failure)")
-    parser.add_argument("--secure", action="store_true",
-                        help="a control plane with its CA gives every sidecar a workload certificate; STRICT mutual TLS")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="sidecars configured from --config files, no control plane, no mutual TLS (default: "
+                             "a control plane with its CA gives every sidecar a workload certificate; STRICT mutual TLS)")
     args = parser.parse_args(argv)
     main_pid = os.getpid()
 
@@ -543,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config, args.keep_logs, args.secure)
+        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config, args.keep_logs, not args.plaintext)
     except NamespacesUnavailable as exc:
         print(f"mesh demo: {exc}", file=sys.stderr)
         return EXIT_NO_NAMESPACES
