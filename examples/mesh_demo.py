@@ -70,13 +70,19 @@ SECURITY_DIR = REPO / "examples" / "security"
 STRICT_MTLS = SECURITY_DIR / "strict-mtls.yaml"
 # the secure mesh: what each sidecar registers (node id, also its workload name in metrics), its service
 # account (its SPIFFE ID) and labels: what examples/mesh/workloads.yaml says in the plaintext mesh
+@dataclass(frozen=True)
+class Workload:
+    node_id: str
+    service_account: str
+    labels: dict[str, str]
+
+
 WORKLOADS = {
-    "customer": ("customer-v1", "customer", {"app": "customer", "version": "v1"}),
-    "preference": ("preference-v1", "preference", {"app": "preference", "version": "v1"}),
-    "recommendation-v1": ("recommendation-v1", "recommendation", {"app": "recommendation", "version": "v1"}),
-    "recommendation-v2": ("recommendation-v2", "recommendation", {"app": "recommendation", "version": "v2"}),
+    "customer": Workload("customer-v1", "customer", {"app": "customer", "version": "v1"}),
+    "preference": Workload("preference-v1", "preference", {"app": "preference", "version": "v1"}),
+    "recommendation-v1": Workload("recommendation-v1", "recommendation", {"app": "recommendation", "version": "v1"}),
+    "recommendation-v2": Workload("recommendation-v2", "recommendation", {"app": "recommendation", "version": "v2"}),
 }
-TRUST_DOMAIN = "cluster.local"
 NAMESPACE = "tutorial"
 MESH_APPS = {
     "customer": ["examples.apps.customer"],
@@ -162,20 +168,19 @@ class MeshDemo:
 
     def _proxy_argv(self, node: str) -> list[str]:
         assert self.lab is not None
-        admin_ip = self.lab.node(node).ipv4 if self.admin_on_node_address else "127.0.0.1"
-        argv = [sys.executable, "-m", "proxy.cli", "proxy", "--concurrency", "1",
-                "--access-log", self.access_log, "--log-format", "json", "--admin-address", f"{admin_ip}:{ADMIN_PORT}"]
+        argv = [sys.executable, "-m", "proxy.cli", "proxy", "--concurrency", "1", "--access-log", self.access_log,
+                "--log-format", "json", "--admin-address", f"{self.admin_ip(node)}:{ADMIN_PORT}"]
         if self.zipkin_address is not None:
             argv += ["--zipkin-address", self.zipkin_address, "--trace-sampling", str(self.trace_sampling_percent)]
         if not self.secure:
             return argv + ["--config", str(self.config_dir)]
-        node_id, service_account, labels = WORKLOADS[node]
+        workload = WORKLOADS[node]
         argv += ["--controlplane", f"{CONTROLPLANE_NODE}:{CONTROLPLANE_PORT}",
                  "--controlplane-ca", str(self.ca_dir / "root-cert.pem"),
-                 "--controlplane-token-file", str(self._token_file(service_account)),
-                 "--node-id", node_id, "--workload-name", node_id, "--namespace", NAMESPACE,
-                 "--service-account", service_account, "--register", self.lab.node(node).ipv4]
-        for key, value in labels.items():
+                 "--controlplane-token-file", str(self._token_file(workload.service_account)),
+                 "--node-id", workload.node_id, "--workload-name", workload.node_id, "--namespace", NAMESPACE,
+                 "--service-account", workload.service_account, "--register", self.lab.node(node).ipv4]
+        for key, value in workload.labels.items():
             argv += ["--label", f"{key}={value}"]
         return argv
 
@@ -211,7 +216,7 @@ class MeshDemo:
             if self.procs["controlplane"].poll() is not None or time.monotonic() > deadline:
                 raise DemoError(f"the control plane did not start:\n{self.log_tail('controlplane')}")
             time.sleep(0.1)
-        for service_account in sorted({sa for _, sa, _ in WORKLOADS.values()}):
+        for service_account in sorted({workload.service_account for workload in WORKLOADS.values()}):
             self._token_file(service_account).write_bytes(
                 self._triomesh("controlplane", "token", "--ca-dir", str(self.ca_dir), "--namespace", NAMESPACE,
                                "--service-account", service_account))
