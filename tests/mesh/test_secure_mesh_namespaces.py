@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import secrets
@@ -243,11 +244,10 @@ def sums_served(demo: MeshDemo, reporter: str, group: str) -> dict[str, float]:
     return dict(sums)
 
 
-# Istio's dashboards group what servers report by workload and what clients report by service: a
-# server sidecar learns the service from its caller's metadata exchange, which a client outside the
-# mesh (the client node calling customer) does not send
+# Istio's dashboards: what servers report, by workload and by service; what clients report, by service
 BY_WORKLOAD = ("destination", "destination_workload")
-BY_SERVICE = ("source", "destination_service")
+BY_SERVICE = ("destination", "destination_service")
+BY_CALLED_SERVICE = ("source", "destination_service")
 CUSTOMER, PREFERENCE, RECOMMENDATION = (f"{name}.tutorial.svc.cluster.local"
                                         for name in ("customer", "preference", "recommendation"))
 
@@ -284,7 +284,7 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
             return False
 
     wait_for(up, "Prometheus scraping the four sidecars", timeout_s=30)
-    before = {group: sums_served(demo, *group) for group in (BY_WORKLOAD, BY_SERVICE)}
+    before = {group: sums_served(demo, *group) for group in (BY_WORKLOAD, BY_SERVICE, BY_CALLED_SERVICE)}
     wait_for(lambda: all(sums_scraped(demo, *group) == sums for group, sums in before.items()),
              "Prometheus's first complete scrape")
 
@@ -299,7 +299,8 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
     ok, denied = statuses.count(200), statuses.count(503)
     assert ok + denied == len(statuses)
     sent = {BY_WORKLOAD: {"customer-v1": ok + denied, "preference-v1": ok + denied},
-            BY_SERVICE: {PREFERENCE: ok + denied, RECOMMENDATION: ok}}
+            BY_SERVICE: {CUSTOMER: ok + denied, PREFERENCE: ok + denied, RECOMMENDATION: ok},
+            BY_CALLED_SERVICE: {PREFERENCE: ok + denied, RECOMMENDATION: ok}}
     seen: list = []
 
     def scraped_all() -> bool:
@@ -308,7 +309,7 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
         changes = {group: {k: v - before[group].get(k, 0) for k, v in sums.items() if v != before[group].get(k, 0)}
                    for group, sums in now.items()}
         workloads = changes[BY_WORKLOAD]
-        return (changes[BY_SERVICE] == sent[BY_SERVICE]
+        return (changes[BY_SERVICE] == sent[BY_SERVICE] and changes[BY_CALLED_SERVICE] == sent[BY_CALLED_SERVICE]
                 and workloads.pop("recommendation-v1", 0) + workloads.pop("recommendation-v2", 0) == ok
                 and workloads == sent[BY_WORKLOAD])
 
@@ -326,9 +327,10 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
     for workload in ("customer-v1", "preference-v1"):
         assert ok + denied <= increase[workload] < 1.5 * (ok + denied), (workload, increase)
     assert ok <= increase["recommendation-v1"] + increase["recommendation-v2"] < 1.5 * ok, increase
-    rate = by(query(demo, f'sum(rate(istio_requests_total{{reporter="source"}}{window})) by (destination_service)'),
+    rate = by(query(demo, f'sum(rate(istio_requests_total{{reporter="destination"}}{window})) by (destination_service)'),
               "destination_service")
-    assert set(rate) == {PREFERENCE, RECOMMENDATION} and all(v > 0 for v in rate.values()), rate
+    # (an earlier test's plaintext call, by address, is a series of an unknown service with no rate)
+    assert {service for service, value in rate.items() if value > 0} == {CUSTOMER, PREFERENCE, RECOMMENDATION}, rate
     success = by(query(demo, f'sum(rate(istio_requests_total{{reporter="destination",response_code!~"5.*"}}{window})) '
                              f'by (destination_workload) / sum(rate(istio_requests_total{{reporter="destination"}}{window})) '
                              'by (destination_workload)'), "destination_workload")
@@ -342,12 +344,13 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
     # (a series of an earlier test's callers may exist, with no increase)
     assert {principal for principal, count in principals.items() if count > 0} == {SPIFFE + "customer",
                                                                                SPIFFE + "preference"}, principals
-    assert principals[SPIFFE + "customer"] >= ok and principals[SPIFFE + "preference"] >= ok, principals
+    assert principals[SPIFFE + "customer"] >= ok + denied and principals[SPIFFE + "preference"] >= ok, principals
     for quantile in (0.5, 0.9, 0.99):
-        for reporter, group in (BY_WORKLOAD, BY_SERVICE):
+        for reporter, group in (BY_WORKLOAD, BY_SERVICE, BY_CALLED_SERVICE):
             results = by(query(demo, f"histogram_quantile({quantile}, sum(rate(istio_request_duration_milliseconds_bucket"
                                      f'{{reporter="{reporter}"}}{window})) by (le, {group}))'), group)
-            assert len(results) == (4 if group == "destination_workload" else 2), results
+            results = {key: value for key, value in results.items() if not math.isnan(value)}  # no traffic: NaN
+            assert len(results) == {BY_WORKLOAD: 4, BY_SERVICE: 3, BY_CALLED_SERVICE: 2}[reporter, group], results
             assert all(0 < value <= 2500 for value in results.values()), (quantile, group, results)
     # customer's time includes preference's, which includes recommendation's
     p50 = by(query(demo, "histogram_quantile(0.5, sum(rate(istio_request_duration_milliseconds_bucket"
