@@ -54,8 +54,9 @@ test: install system-deps
 fuzz: install
 	$(PY) -m tests.fuzz $(FUZZ_TARGETS) --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
-# As root: the mesh in network namespaces (examples/mesh_demo.py: capture rules and a sidecar per app;
-# options in MESH_DEMO_ARGS). Otherwise, where namespaces cannot be made (exit 3), or when DEMO_ARGS
+# As root: the mesh in network namespaces (examples/mesh_demo.py: capture rules and a sidecar per app,
+# the control plane's CA and STRICT mutual TLS; options in MESH_DEMO_ARGS, e.g. --plaintext for none
+# of the security). Otherwise, where namespaces cannot be made (exit 3), or when DEMO_ARGS
 # asks for one of its modes (e.g. DEMO_ARGS=--controlplane), the loopback gateway demo (examples/demo.py).
 demo: install system-deps
 	@if [ "$$(id -u)" = 0 ] && [ -z "$(DEMO_ARGS)" ]; then \

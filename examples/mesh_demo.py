@@ -1,7 +1,7 @@
 """The mesh in network namespaces: customer -> preference -> recommendation v1/v2, each app in its own
 namespace beside its own transparent sidecar, apps unchanged and calling each other by name.
 
-    sudo .venv/bin/python -m examples.mesh_demo [--requests 100]
+    sudo .venv/bin/python -m examples.mesh_demo [--requests 100] [--plaintext]
 
 What it builds (all torn down at the end, also on failure or ^C):
 - a lab (proxy/l4/capture/lab.py): one namespace per node on a private bridge, 198.18.0.10+i,
@@ -15,6 +15,14 @@ What it builds (all torn down at the end, also on failure or ^C):
   ServiceEntry) that runs a plain server: reaching it from inside the mesh must fail, because the
   Sidecar says outboundTrafficPolicy REGISTRY_ONLY.
 
+The command runs the secure mesh (`MeshDemo(secure=True)`; `--plaintext` turns it off), the mesh as
+Istio runs it: a `controlplane` node runs `triomesh controlplane` (the mesh's CA, TLS, one bootstrap
+token per service account), every sidecar gets its config from there, registers its workload (address, labels, service account) and holds a workload certificate for
+spiffe://cluster.local/ns/tutorial/sa/<service account>; `triomesh apply` then makes mutual TLS
+STRICT mesh-wide (examples/security/strict-mtls.yaml), so sidecars talk to each other over mutual TLS
+(auto mTLS) and refuse plaintext. The WorkloadEntries of examples/mesh/workloads.yaml are left out:
+the registrations replace them. With `--plaintext` every sidecar reads examples/mesh itself.
+
 `run()` sends the requests and reports the split, the header-routed requests, the egress refusals
 and the sidecars' stats; `MeshDemo` is the same as a context manager for tests.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import http.client
+import json
 import os
 import re
 import shutil
@@ -49,11 +58,32 @@ MESH_CONFIG = REPO / "examples" / "mesh"
 PROXY_GID = 1337
 APP_PORT = 8080
 ADMIN_PORT = 15000
-# lab order fixes the addresses: 198.18.0.10 + index, as examples/mesh/services.yaml expects
+# lab order fixes the addresses: 198.18.0.10 + index, as examples/mesh/workloads.yaml expects
 NODES = ("customer", "preference", "recommendation-v1", "recommendation-v2", "client", "outside")
 EXPECTED_ADDRESSES = {"customer": "198.18.0.10", "preference": "198.18.0.11", "recommendation-v1": "198.18.0.12",
                       "recommendation-v2": "198.18.0.13"}
 RECOMMENDATION_VIP = "198.18.0.200"
+# the secure mesh: the control plane's own node (no sidecar, no capture), after the others: 198.18.0.16
+CONTROLPLANE_NODE = "controlplane"
+CONTROLPLANE_PORT = 15010
+SECURITY_DIR = REPO / "examples" / "security"
+STRICT_MTLS = SECURITY_DIR / "strict-mtls.yaml"
+# the secure mesh: what each sidecar registers (node id, also its workload name in metrics), its service
+# account (its SPIFFE ID) and labels: what examples/mesh/workloads.yaml says in the plaintext mesh
+@dataclass(frozen=True)
+class Workload:
+    node_id: str
+    service_account: str
+    labels: dict[str, str]
+
+
+WORKLOADS = {
+    "customer": Workload("customer-v1", "customer", {"app": "customer", "version": "v1"}),
+    "preference": Workload("preference-v1", "preference", {"app": "preference", "version": "v1"}),
+    "recommendation-v1": Workload("recommendation-v1", "recommendation", {"app": "recommendation", "version": "v1"}),
+    "recommendation-v2": Workload("recommendation-v2", "recommendation", {"app": "recommendation", "version": "v2"}),
+}
+NAMESPACE = "tutorial"
 MESH_APPS = {
     "customer": ["examples.apps.customer"],
     "preference": ["examples.apps.preference"],
@@ -88,6 +118,14 @@ class MeshDemo:
     log_dir: Path | None = None  # the processes' output; a fresh temporary directory when None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     captured: list[str] = field(default_factory=list)
+    # the secure mesh: a control plane with its CA, workload certificates, STRICT mutual TLS
+    secure: bool = False
+    # Zipkin collector (HOST:PORT reachable from the lab) the sidecars send spans to, and their sampling
+    zipkin_address: str | None = None
+    trace_sampling_percent: float = 1.0
+    # admin listeners on the node's address (port 15000 left out of inbound capture) so that a scraper
+    # in another node reaches /stats/prometheus, as Istio leaves its 15090 out of capture; else loopback
+    admin_on_node_address: bool = False
 
     # ---- lifecycle
 
@@ -99,34 +137,154 @@ class MeshDemo:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="triomesh-mesh-"))
         try:
-            self.lab = lab_up(NODES, subnet_v6=None, extra_hosts={"recommendation": RECOMMENDATION_VIP})
+            nodes = (*NODES, CONTROLPLANE_NODE) if self.secure else NODES
+            self.lab = lab_up(nodes, subnet_v6=None, extra_hosts={"recommendation": RECOMMENDATION_VIP})
         except (OSError, LabError) as exc:
             raise NamespacesUnavailable(f"cannot create network namespaces: {exc}") from exc
         for name, address in EXPECTED_ADDRESSES.items():
             if self.lab.node(name).ipv4 != address:
                 raise DemoError(f"lab gave {name} {self.lab.node(name).ipv4}, the config expects {address}")
-        options = CaptureOptions(proxy_uid=str(PROXY_GID), proxy_gid=str(PROXY_GID))
+        options = CaptureOptions(proxy_uid=str(PROXY_GID), proxy_gid=str(PROXY_GID),
+                                 inbound_ports_exclude=(ADMIN_PORT,) if self.admin_on_node_address else ())
         for name in MESH_APPS:
             try:
                 iptables.install(options, netns=self.lab.node(name).netns)
             except iptables.CaptureError as exc:
                 raise NamespacesUnavailable(f"cannot install the capture rules: {exc}") from exc
             self.captured.append(name)
+        if self.secure:
+            self._start_controlplane()
         for name in MESH_APPS:
-            self._spawn(f"sidecar-{name}", name, PROXY_GID, self._proxy_argv())
+            self.spawn(f"sidecar-{name}", name, PROXY_GID, self._proxy_argv(name))
         for name, app in MESH_APPS.items():
-            self._spawn(name, name, None, [sys.executable, "-m", app[0], "--bind", "0.0.0.0", "--port", str(APP_PORT), *app[1:]])
-        self._spawn("outside", "outside", None, [sys.executable, "-m", "examples.apps.recommendation", "--bind", "0.0.0.0",
+            self.spawn(name, name, None, [sys.executable, "-m", app[0], "--bind", "0.0.0.0", "--port", str(APP_PORT), *app[1:]])
+        self.spawn("outside", "outside", None, [sys.executable, "-m", "examples.apps.recommendation", "--bind", "0.0.0.0",
                                                     "--port", str(APP_PORT), "--version", "outside", "--instance-id", "outside"])
         self.wait_ready()
+        if self.secure:
+            self.apply(STRICT_MTLS)
+            self.wait_secured()
         return self
 
-    def _proxy_argv(self) -> list[str]:
-        return [sys.executable, "-m", "proxy.cli", "proxy", "--config", str(self.config_dir), "--concurrency", "1",
-                "--access-log", self.access_log, "--log-format", "json",
-                "--admin-address", f"127.0.0.1:{ADMIN_PORT}"]
+    def _proxy_argv(self, node: str) -> list[str]:
+        assert self.lab is not None
+        argv = [sys.executable, "-m", "proxy.cli", "proxy", "--concurrency", "1", "--access-log", self.access_log,
+                "--log-format", "json", "--admin-address", f"{self.admin_ip(node)}:{ADMIN_PORT}"]
+        if self.zipkin_address is not None:
+            argv += ["--zipkin-address", self.zipkin_address, "--trace-sampling", str(self.trace_sampling_percent)]
+        if not self.secure:
+            return argv + ["--config", str(self.config_dir)]
+        workload = WORKLOADS[node]
+        argv += ["--controlplane", f"{CONTROLPLANE_NODE}:{CONTROLPLANE_PORT}",
+                 "--controlplane-ca", str(self.ca_dir / "root-cert.pem"),
+                 "--controlplane-token-file", str(self._token_file(workload.service_account)),
+                 "--node-id", workload.node_id, "--workload-name", workload.node_id, "--namespace", NAMESPACE,
+                 "--service-account", workload.service_account, "--register", self.lab.node(node).ipv4]
+        for key, value in workload.labels.items():
+            argv += ["--label", f"{key}={value}"]
+        return argv
 
-    def _spawn(self, label: str, node: str, gid: int | None, argv: list[str]) -> None:
+    # ---- the secure mesh: control plane, tokens, apply
+
+    @property
+    def ca_dir(self) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / "ca"
+
+    def _token_file(self, service_account: str) -> Path:
+        assert self.log_dir is not None
+        return self.log_dir / f"{service_account}.token"
+
+    def _start_controlplane(self) -> None:
+        """`triomesh controlplane` in its own node, serving the mesh config without the static
+        WorkloadEntries (the sidecars register theirs), then one bootstrap token per service account
+        and an admin token for `triomesh apply`."""
+        assert self.lab is not None and self.log_dir is not None
+        config = self.log_dir / "controlplane-config"
+        config.mkdir()
+        for path in sorted(self.config_dir.glob("*.yaml")):
+            if path.name != "workloads.yaml":
+                shutil.copy(path, config / path.name)
+        port_file = self.log_dir / "controlplane.port"
+        self.spawn("controlplane", CONTROLPLANE_NODE, None, [
+            sys.executable, "-m", "proxy.cli", "controlplane", "--config", str(config),
+            "--listen", f"{self.lab.node(CONTROLPLANE_NODE).ipv4}:{CONTROLPLANE_PORT}", "--port-file", str(port_file),
+            "--ca-dir", str(self.ca_dir), "--data-dir", str(self.log_dir / "controlplane-data"),
+            "--tls-san", CONTROLPLANE_NODE, "--log-format", "json"])
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if self.procs["controlplane"].poll() is not None or time.monotonic() > deadline:
+                raise DemoError(f"the control plane did not start:\n{self.log_tail('controlplane')}")
+            time.sleep(0.1)
+        for service_account in sorted({workload.service_account for workload in WORKLOADS.values()}):
+            self._token_file(service_account).write_bytes(
+                self._triomesh("controlplane", "token", "--ca-dir", str(self.ca_dir), "--namespace", NAMESPACE,
+                               "--service-account", service_account))
+        self._token_file("admin").write_bytes(self._triomesh("controlplane", "token", "--ca-dir", str(self.ca_dir), "--admin"))
+        for path in self.log_dir.glob("*.token"):
+            path.chmod(0o600)
+
+    def _triomesh(self, *argv: str, node: str | None = None) -> bytes:
+        """`triomesh ARGV` (in `node`'s namespace when given); its output, or DemoError with its stderr."""
+        command = [sys.executable, "-m", "proxy.cli", *argv]
+        if node is not None:
+            assert self.lab is not None
+            command = self.lab.argv(node, command)
+        done = subprocess.run(command, capture_output=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              timeout=60)
+        if done.returncode != 0:
+            raise DemoError(f"triomesh {' '.join(argv)} failed ({done.returncode}): {done.stderr.decode(errors='replace')}")
+        return done.stdout.strip()
+
+    def controlplane_cli(self, *argv: str) -> bytes:
+        """`triomesh apply|delete|proxy-status ...` from the control plane's node, with the admin token."""
+        return self._triomesh(*argv, "--controlplane", f"{CONTROLPLANE_NODE}:{CONTROLPLANE_PORT}",
+                              "--controlplane-ca", str(self.ca_dir / "root-cert.pem"),
+                              "--token-file", str(self._token_file("admin")), node=CONTROLPLANE_NODE)
+
+    def apply(self, *paths: Path) -> bytes:
+        args: list[str] = []
+        for path in paths:
+            args += ["-f", str(path)]
+        return self.controlplane_cli("apply", *args)
+
+    def delete(self, *paths: Path) -> bytes:
+        args: list[str] = []
+        for path in paths:
+            args += ["-f", str(path)]
+        return self.controlplane_cli("delete", *args)
+
+    def config_dump(self, node: str) -> dict:
+        status, text = self.get(node, self.admin_ip(node), ADMIN_PORT, "/config_dump")
+        if status != 200:
+            raise DemoError(f"{node} admin answered {status}")
+        return json.loads(text)
+
+    def wait_secured(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Every sidecar holds a workload certificate, and the flow answers through mutual TLS (the
+        registrations have reached the callers' sidecars)."""
+        deadline = time.monotonic() + timeout_s
+        for node in MESH_APPS:
+            while not self.config_dump(node).get("workload_identity", {}).get("serial"):
+                if time.monotonic() > deadline:
+                    raise DemoError(f"{node}'s sidecar got no workload certificate within {timeout_s}s:\n"
+                                    + self.log_tail(f"sidecar-{node}"))
+                time.sleep(0.2)
+        while True:
+            results = self.customer_requests(1)
+            if results[0][0] == 200 and "recommendation v" in results[0][1]:
+                return
+            if time.monotonic() > deadline:
+                raise DemoError(f"the flow did not answer within {timeout_s}s: {results}\n"
+                                + "\n".join(self.log_tail(p) for p in ("controlplane", *(f"sidecar-{n}" for n in MESH_APPS))))
+            time.sleep(0.2)
+
+    def admin_ip(self, node: str) -> str:
+        assert self.lab is not None
+        return self.lab.node(node).ipv4 if self.admin_on_node_address else "127.0.0.1"
+
+    def spawn(self, label: str, node: str, gid: int | None, argv: list[str]) -> None:
+        """Start `argv` in `node`'s namespace (as gid `gid` when given), output in LOG_DIR/LABEL.log; `down` stops it."""
         assert self.lab is not None
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # no http_proxy: capture does it
         env["PYTHONPATH"] = str(REPO)
@@ -148,6 +306,9 @@ class MeshDemo:
         deadline = time.monotonic() + timeout_s
         pending = {f"sidecar-{n}" for n in MESH_APPS} | set(MESH_APPS) | {"outside"}
         while pending:
+            controlplane = self.procs.get("controlplane")
+            if controlplane is not None and controlplane.poll() is not None:
+                raise DemoError(f"the control plane exited with {controlplane.returncode}:\n{self.log_tail('controlplane')}")
             for label in sorted(pending):
                 proc = self.procs[label]
                 if proc.poll() is not None:
@@ -168,7 +329,7 @@ class MeshDemo:
 
     def _ready(self, node: str) -> bool:
         try:
-            status, _ = self.get(node, "127.0.0.1", ADMIN_PORT, "/ready", timeout_s=1.0)
+            status, _ = self.get(node, self.admin_ip(node), ADMIN_PORT, "/ready", timeout_s=1.0)
         except OSError:
             return False
         return status == 200
@@ -247,8 +408,10 @@ class MeshDemo:
         return conn
 
     def customer_requests(self, count: int, headers: dict[str, str] | None = None) -> list[tuple[int, str]]:
-        """`count` requests from the client node to http://customer:8080/ over one keep-alive connection."""
+        """`count` requests from the client node to http://customer:8080/ over one keep-alive connection
+        (to customer's address, with the Host header a client calling it by name sends)."""
         assert self.lab is not None
+        headers = {"host": f"customer:{APP_PORT}", **(headers or {})}
         ip = self.lab.node("customer").ipv4
         conn = self.connect("client", ip, APP_PORT)
         out = []
@@ -262,7 +425,7 @@ class MeshDemo:
         return out
 
     def stats(self, node: str) -> str:
-        status, text = self.get(node, "127.0.0.1", ADMIN_PORT, "/stats/prometheus")
+        status, text = self.get(node, self.admin_ip(node), ADMIN_PORT, "/stats/prometheus")
         if status != 200:
             raise DemoError(f"{node} admin answered {status}")
         return text
@@ -310,12 +473,23 @@ def refused_tcp(mesh: MeshDemo, node: str, ip: str, port: int) -> bool:
             return True
 
 
-def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG, keep_logs: bool = False) -> int:
-    with MeshDemo(config_dir=config_dir, access_log=access_log) as mesh:
+def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG, keep_logs: bool = False,
+        secure: bool = False) -> int:
+    with MeshDemo(config_dir=config_dir, access_log=access_log, secure=secure) as mesh:
         assert mesh.lab is not None
         print(f"lab {mesh.lab.run_id}: " + ", ".join(f"{n.name} {n.ipv4}" for n in mesh.lab.nodes.values())
               + f"; recommendation VIP {RECOMMENDATION_VIP}")
         print(f"capture rules and a sidecar (gid {PROXY_GID}) in: {', '.join(MESH_APPS)}")
+        secured = True
+        if secure:
+            print(f"control plane (CA, TLS) on {CONTROLPLANE_NODE}:{CONTROLPLANE_PORT}; applied {STRICT_MTLS.relative_to(REPO)}")
+            for name in MESH_APPS:
+                identity = mesh.config_dump(name).get("workload_identity", {})
+                print(f"  {name}'s sidecar: {identity.get('spiffe_id')} (serial {identity.get('serial')})")
+            preference = mesh.lab.node("preference").ipv4
+            secured = refused_tcp(mesh, "client", preference, APP_PORT)
+            print(f"  plaintext from the client node straight to preference:{APP_PORT}: "
+                  + ("refused (STRICT)" if secured else "NOT refused"))
 
         results = mesh.customer_requests(requests)
         counts = version_counts(body for _, body in results)
@@ -340,8 +514,12 @@ def run(requests: int, access_log: str = "off", config_dir: Path = MESH_CONFIG, 
         for line in stats.splitlines():
             if line.startswith(("triomesh_sidecar_cx_total", "triomesh_upstream_rq_total")):
                 print(f"  {line}")
+        if secure:
+            print(f"  with mutual TLS: {stat_value(stats, 'istio_requests_total', reporter='destination', connection_security_policy='mutual_tls'):.0f}"
+                  " requests reached preference, from " + ", ".join(
+                      sorted(set(re.findall(r'source_principal="([^"]+)"', stats)) - {"unknown"})))
         passed = (ok == requests and counts.get("error", 0) == 0 and jason_counts == {"v2": 10}
-                  and status == 502 and tcp_refused)
+                  and status == 502 and tcp_refused and secured)
         if passed and not keep_logs:
             print("\nresult: ok")
         else:
@@ -358,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sidecars' access log format, written to their log files (default off)")
     parser.add_argument("--config", type=Path, default=MESH_CONFIG, help="directory of Istio resources")
     parser.add_argument("--keep-logs", action="store_true", help="keep the apps' and sidecars' logs (kept anyway on failure)")
+    parser.add_argument("--plaintext", action="store_true",
+                        help="sidecars configured from --config files, no control plane, no mutual TLS (default: "
+                             "a control plane with its CA gives every sidecar a workload certificate; STRICT mutual TLS)")
     args = parser.parse_args(argv)
     main_pid = os.getpid()
 
@@ -370,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config, args.keep_logs)
+        return run(max(1, min(args.requests, 100_000)), args.access_log, args.config, args.keep_logs, not args.plaintext)
     except NamespacesUnavailable as exc:
         print(f"mesh demo: {exc}", file=sys.stderr)
         return EXIT_NO_NAMESPACES

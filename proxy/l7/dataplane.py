@@ -272,6 +272,16 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     """The listener's stages; the optional ones only when some route, cluster or policy there needs them."""
     routes: list[Route] = list(_routes_of(listener))
     stages: list = []
+    # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
+    # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing);
+    # outbound, the forwarding stage sends our header and the peer stage only reads the response's.
+    # Inbound it comes first: a request denied by authorization, unrouted or aborted by a fault is
+    # still reported with its source workload, principal and service, as Istio reports it
+    inbound = listener.traffic_direction == "INBOUND"
+    peer_exchange = telemetry is not None and (inbound or any(
+        snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations if d.cluster in snapshot.clusters))
+    if peer_exchange and inbound:
+        stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if snapshot.authorization is not None and listener.name in snapshot.authorized_listeners:
         stages.append(AuthorizationStage(snapshot.authorization, stats if stats is not None else Stats(), listener.name))
     stages.append(RouteStage(snapshot, listener))
@@ -279,15 +289,9 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
         stages.append(FaultDelayStage(clusters))
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
         stages.append(FaultAbortStage(clusters))
-    # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
-    # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing);
-    # outbound, the forwarding stage sends our header and the peer stage only reads the response's
-    inbound = listener.traffic_direction == "INBOUND"
-    peer_exchange = telemetry is not None and (inbound or any(
-        snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations if d.cluster in snapshot.clusters))
     outbound_peer_header = (PEER_HEADER, telemetry.identity.header_value()) if peer_exchange and not inbound else None
     stages.append(ForwardingStage(outbound_peer_header))
-    if peer_exchange:
+    if peer_exchange and not inbound:
         stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if tracing is not None:  # only with a Zipkin collector configured (a proxy without loads none of it)
         from proxy.l7.stages.tracing import UPSTREAM_SPAN_START, TracingStage

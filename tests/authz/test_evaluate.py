@@ -283,8 +283,12 @@ def test_demo_deny_list_refuses_customer_at_preference():
     assert _example("deny-customer.yaml", {"app": "recommendation"}) is None
 
 
-def test_demo_allow_list_admits_only_recommendation_at_preference():
-    p = _example("allow-recommendation.yaml", {"app": "preference", "version": "v1"})
-    assert decide(p, http(principal="cluster.local/ns/tutorial/sa/recommendation")).allowed
-    assert decide(p, http(principal="cluster.local/ns/tutorial/sa/customer")).policy == "none"
-    assert decide(p, http(principal=None)).policy == "none"
+def test_demo_allow_list_admits_only_the_tutorial_path():
+    preference = _example("allow-chain.yaml", {"app": "preference", "version": "v1"})
+    assert decide(preference, http(principal="cluster.local/ns/tutorial/sa/customer")).allowed
+    assert decide(preference, http(principal="cluster.local/ns/tutorial/sa/recommendation")).policy == "none"
+    assert decide(preference, http(principal=None)).policy == "none"
+    recommendation = _example("allow-chain.yaml", {"app": "recommendation", "version": "v2"})
+    assert decide(recommendation, http(principal="cluster.local/ns/tutorial/sa/preference")).allowed
+    assert decide(recommendation, http(principal="cluster.local/ns/tutorial/sa/customer")).policy == "none"
+    assert _example("allow-chain.yaml", {"app": "customer"}) is None

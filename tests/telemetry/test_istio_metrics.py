@@ -245,3 +245,31 @@ def test_request_count_is_the_duration_histograms_and_empty_bodies_land_in_the_f
     assert merged[("istio_request_bytes_bucket", "0.5")] == 2
     assert merged[("istio_request_bytes_bucket", "500")] == 2 and merged[("istio_request_bytes_bucket", "1000")] == 3
     assert merged[("istio_request_bytes_sum", None)] == 700
+
+
+def test_inbound_request_denied_by_authorization_is_reported_with_its_source() -> None:
+    # the peer stage runs before authorization: a 403 still names its caller and service, as Istio's do
+    sidecar = doc("Sidecar", "default", {"ingress": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                      "bind": "127.0.0.1", "captureMode": "NONE",
+                                                      "defaultEndpoint": "127.0.0.1:9080"}]}, namespace="tutorial")
+    deny = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-root", "namespace": "tutorial"},
+            "spec": {"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/"]}}]}]}}
+    snapshot = compile_docs(*MESH, sidecar, deny, proxy_labels={"app": "preference"}, proxy_namespace="tutorial")
+    [inbound] = [listener for listener in snapshot.listeners if listener.traffic_direction == "INBOUND"]
+    stats = Stats()
+    metrics = IstioMetrics(stats, identity_from_labels("tutorial", {"app": "preference"}, "preference-v1"),
+                           clock=lambda: 1.0)
+    chain = build_chain(snapshot, inbound, {}, stats, metrics)
+    kinds = [type(stage).__name__ for stage in chain.request_stages]
+    assert kinds.index("PeerMetadataStage") < kinds.index("AuthorizationStage"), kinds
+    ctx = _context(snapshot, inbound, [(PEER_HEADER, CLIENT.header_value())], client_ip="10.0.0.2")
+    for stage in chain.request_stages:
+        if (answer := stage.on_request(ctx)) is not None:
+            break
+    assert answer.status == 403
+    ctx.status = 403
+    metrics.record_request(ctx)
+    [labels] = [dict(labels) for (_, name, labels), _ in merge([stats.export()]).items() if name == "istio_requests_total"]
+    assert labels["response_code"] == "403" and labels["source_workload"] == "customer-v1"
+    assert labels["destination_service"] == "preference.tutorial.svc.cluster.local"

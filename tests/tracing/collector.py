@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from functools import partial
 from typing import Any
@@ -69,8 +70,14 @@ class ZipkinCollector:
         self.posts = 0
         self._arrived = trio.Event()
 
-    async def start(self, nursery: trio.Nursery) -> ZipkinCollector:
-        listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
+    async def start(self, nursery: trio.Nursery, listening: socket.socket | None = None) -> ZipkinCollector:
+        """Serve on 127.0.0.1 (a free port), or on `listening`, a bound and listening socket (e.g. one
+        made in a network namespace)."""
+        if listening is None:
+            listeners = await nursery.start(partial(trio.serve_tcp, self._handle, 0, host="127.0.0.1"))
+        else:
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(listening))
+            listeners = await nursery.start(trio.serve_listeners, self._handle, [listener])
         self.port = listeners[0].socket.getsockname()[1]
         return self
 
