@@ -93,6 +93,7 @@ class ProxyOptions:
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    request_headers_timeout_s: float = 10.0  # a started request head must be complete within this (408)
     zipkin_address: tuple[str, int] | None = None  # the Zipkin collector spans go to; None: no tracing
     trace_sampling_percent: float = 1.0  # Istio's meshConfig.defaultConfig.tracing.sampling
     credentials_dir: str | None = None  # where Gateway credentialNames resolve (proxy/tls/certificates.py)
@@ -192,6 +193,7 @@ class Supervisor:
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
             options.namespace, options.labels, options.workload_name, options.cluster_id).header_value().decode()]
+        worker_args += ["--request-headers-timeout-s", repr(options.request_headers_timeout_s)]
         if options.max_downstream_connections is not None:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
         if options.zipkin_address is not None:

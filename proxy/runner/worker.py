@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
     p.add_argument("--max-downstream-connections", type=int, default=None)
+    p.add_argument("--request-headers-timeout-s", type=float, default=10.0)
     # this proxy's workload in Istio's metrics, in the peer metadata header's own form
     p.add_argument("--workload", default="")
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
@@ -155,7 +156,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               limits: OverloadLimits = OverloadLimits(),
               inherited: dict[tuple[str, int], list] | None = None,
               hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0,
-              workload: str = "", tracing: TracingSettings | None = None) -> None:
+              workload: str = "", tracing: TracingSettings | None = None,
+              request_headers_timeout_s: float = 10.0) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -173,7 +175,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         app = own_workload.app if own_workload.app != UNKNOWN_WORKLOAD.app else own_workload.workload
         tracing = dataclasses.replace(tracing, service_name=f"{app}.{own_workload.namespace}")
     plane = DataPlane(holder, stats, access_log,
-                      HttpSettings(max_downstream_connections=limits.max_downstream_connections),
+                      HttpSettings(max_downstream_connections=limits.max_downstream_connections,
+                                   request_headers_timeout_s=request_headers_timeout_s),
                       telemetry=IstioMetrics(stats, own_workload),
                       tracing=Tracing(tracing, stats) if tracing is not None else None)
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
@@ -338,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   inherited=inherited_sockets(args.inherited_sockets), hot_restart_socket=args.hot_restart_socket,
                   index=args.index, drain_duration_s=args.drain_duration_s,
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
-                  workload=args.workload, tracing=_tracing_settings(args))
+                  workload=args.workload, tracing=_tracing_settings(args),
+                  request_headers_timeout_s=args.request_headers_timeout_s)
 
     try:
         trio.run(_main)
