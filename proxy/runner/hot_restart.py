@@ -11,6 +11,7 @@ the same PATH connects before it opens anything:
                  listeners' addresses (all of them: each SO_REUSEPORT socket has its own queue)
     new -> old   DrainParent                           (once every new worker serves)
     old          stops accepting and drains as on SIGTERM; the new one listens on PATH
+    old -> new   FinalCounters(rows)                   (once its workers exited: counted once, all of it)
 
 A killed supervisor (kill -9) leaves its workers without a control channel. With a hot restart path
 they do not exit: each goes on serving its last config and listens on `PATH.orphan-<index>-<pid>`
@@ -23,6 +24,13 @@ The sockets travel as SCM_RIGHTS: the new process holds the same open file descr
 old workers later close their fds on the drain the kernel sockets and their accept queues stay open,
 and a connection queued in one is accepted by a new worker, never reset. Until DrainParent both
 generations accept from the same queues; if the new proxy fails before it, the old one just goes on.
+
+Counters survive the restart as Envoy's stats do: the old proxy sends its counters and histograms
+when nothing of it can count any more (every worker drained and exited, each having reported its final
+values), and the new one adds them to its own from then on. Sent once and at the very end, they are
+neither counted twice nor missing the drain's last requests; until they arrive the new proxy shows
+only its own counts. Gauges are not carried: they describe the live process. An orphaned worker sends
+none (its supervisor, which held the older counts, is gone).
 
 Messages are the control channel's length-prefixed msgpack frames with their own tagged union; a
 different `PROTOCOL_VERSION` is refused by the old side and reported by the new one.
@@ -39,7 +47,7 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
-from proxy.runner.control import FrameChannel, FrameError, ListenerSocket
+from proxy.runner.control import FrameChannel, FrameError, ListenerSocket, StatsRow
 
 PROTOCOL_VERSION = 1
 CONNECT_TIMEOUT_S = 5.0
@@ -81,7 +89,13 @@ class DrainParent(msgspec.Struct, tag="drain_parent"):
     pass
 
 
-Message = Hello | Refused | Sockets | SocketsEnd | DrainParent
+class FinalCounters(msgspec.Struct, tag="final_counters"):
+    """The old proxy's counters and histograms as it exits (no gauges), for the new one to add."""
+
+    rows: list[StatsRow]
+
+
+Message = Hello | Refused | Sockets | SocketsEnd | DrainParent | FinalCounters
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
@@ -112,12 +126,27 @@ class Handover:
     admin: socket.socket | None = None
 
     async def drain_parent(self) -> None:
+        """Tell the old processes to drain; the channels stay open for their final counters."""
         for channel in self.channels:
             try:
                 await channel.send(DrainParent())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # that process is gone already
+
+    async def receive_final_counters(self, log) -> list[StatsRow]:
+        """Wait for every old process to exit; what their FinalCounters said (a process that died
+        or an orphaned worker sends none). Closes the channels."""
+        rows: list[StatsRow] = []
+        for channel in self.channels:
+            try:
+                while (message := await channel.receive()) is not None:
+                    if isinstance(message, FinalCounters):
+                        rows += message.rows
+                        break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError, OSError) as e:
+                log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
         await self.close()
+        return rows
 
     async def close(self) -> None:
         """Without DrainParent: the old processes serve on."""

@@ -60,7 +60,7 @@ from proxy.runner import admin, control, hot_restart
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
-from proxy.stats import Stats, merge, render_prometheus
+from proxy.stats import Stats, cumulative_rows, merge, render_prometheus
 from proxy.telemetry.peer import identity_from_labels
 from proxy.xds.failover import ControlPlaneAddress
 
@@ -189,6 +189,10 @@ class Supervisor:
         self._admin_scope = trio.CancelScope()  # the admin listener: a hot restart hands it over
         self._admin_sock: trio.socket.SocketType | None = None  # set by run()
         self.hot_restart: hot_restart.HotRestartListener | None = None
+        # counters and histograms of the proxies this one replaced by hot restarts, added to /stats
+        self.carried_rows: list[control.StatsRow] = []
+        # the proxy that took over from this one: it gets the final counters when this one exits
+        self._successor: control.FrameChannel | None = None
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
@@ -576,7 +580,13 @@ class Supervisor:
             for slot in self.slots:
                 exports.append(slot.retired_rows)
                 nursery.start_soon(fetch, slot)
+        exports.append(self.carried_rows)
         return render_prometheus(merge(exports))
+
+    def final_rows(self) -> list[control.StatsRow]:
+        """Everything this proxy counted, once its workers have exited (their final counts are
+        retired), with what earlier proxies handed on: the counters a hot restart carries over."""
+        return cumulative_rows([self.stats.export(), self.carried_rows] + [slot.retired_rows for slot in self.slots])
 
     def config_dump(self) -> dict[str, Any]:
         a = self.active
@@ -680,7 +690,23 @@ class Supervisor:
             return
         await handover.drain_parent()
         self.log.info("hot_restart_complete", parent_pids=handover.parent_pids)
+        self._nursery.start_soon(self._carry_counters, handover)
         await self._listen_hot_restart()
+
+    async def _carry_counters(self, handover: hot_restart.Handover) -> None:
+        rows = await handover.receive_final_counters(self.log)
+        self.carried_rows = cumulative_rows([self.carried_rows, rows])
+        self.log.info("hot_restart_counters_carried", parent_pids=handover.parent_pids, rows=len(rows))
+
+    async def _hand_on_counters(self) -> None:
+        """The old side, at its exit: the final counters to the proxy that took over."""
+        channel, self._successor = self._successor, None
+        with trio.move_on_after(hot_restart.CONNECT_TIMEOUT_S):
+            try:
+                await channel.send(hot_restart.FinalCounters(self.final_rows()))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self.log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
+            await channel.aclose()
 
     async def _listen_hot_restart(self) -> None:
         path = self.options.hot_restart_socket
@@ -698,18 +724,23 @@ class Supervisor:
         try:
             while not self.draining:
                 channel = await listener.accept()
+                handed_over = False
                 try:
-                    await self._hand_over(channel)
+                    handed_over = await self._hand_over(channel)
                 except hot_restart.HAND_OVER_ERRORS as e:
                     # a client that broke off or spoke garbage: nothing was handed over, serve on
                     self.log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
                 finally:
-                    await channel.aclose()
+                    if handed_over:  # kept for the final counters (run() sends them at the exit)
+                        self._successor = channel
+                    else:
+                        await channel.aclose()
         finally:
             listener.close()
 
-    async def _hand_over(self, channel) -> None:
-        """The old side of one hot restart: every worker's listening sockets and the admin socket."""
+    async def _hand_over(self, channel) -> bool:
+        """The old side of one hot restart: every worker's listening sockets and the admin socket.
+        True when the new proxy took over (this one drains)."""
         exported: list[list] = []
 
         async def collect() -> list[hot_restart.Batch]:
@@ -738,6 +769,7 @@ class Supervisor:
             # reconnect on its next response rather than have its idle connection closed under a request
             self.start_drain("hot_restart",
                              idle_close_after_s=self.options.drain_duration_s * hot_restart.IDLE_CLOSE_SHARE)
+        return drain
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -783,6 +815,8 @@ class Supervisor:
                     slots.start_soon(slot.run)
             # every slot returned: they only do once drained or stopped; /drain_listeners stays up
             await self._exit.wait()
+            if self._successor is not None:
+                await self._hand_on_counters()
             nursery.cancel_scope.cancel()
         if self.hot_restart is not None:
             self.hot_restart.close()

@@ -313,6 +313,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 log.warning("worker_unexpected_message", message=type(msg).__name__)
         connections.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+    # the final counts, with what the drain's last requests added since the supervisor last asked:
+    # it keeps them once this process is gone (and a hot restart hands them to the next proxy)
+    try:
+        await channel.send(control.StatsReply(0, stats.export()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the supervisor is gone
 
 
 def _tracing_settings(args: argparse.Namespace) -> TracingSettings | None:
