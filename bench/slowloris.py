@@ -229,7 +229,7 @@ def main() -> None:
     for target in args.targets.split(","):
         mine = [r for r in rows if r["target"] == target]
 
-        def med(phase: str, key: str) -> float:
+        def med(phase: str, key: str, mine: list[dict] = mine) -> float:
             return statistics.median(r[phase][key] for r in mine)
         print(f"| {target} | {med('quiet', 'p50_ms'):.2f} / {med('quiet', 'p99_ms'):.2f} / {med('quiet', 'max_ms'):.1f} | "
               f"{med('slowloris', 'p50_ms'):.2f} / {med('slowloris', 'p99_ms'):.2f} / {med('slowloris', 'max_ms'):.1f} | "

@@ -189,10 +189,13 @@ class Supervisor:
         self._admin_scope = trio.CancelScope()  # the admin listener: a hot restart hands it over
         self._admin_sock: trio.socket.SocketType | None = None  # set by run()
         self.hot_restart: hot_restart.HotRestartListener | None = None
-        # counters and histograms of the proxies this one replaced by hot restarts, added to /stats
+        # counters and histograms of the proxies this one replaced by hot restarts, added to /stats:
+        # those that exited, and the latest of those still draining (by their pid)
         self.carried_rows: list[control.StatsRow] = []
+        self._parent_rows: dict[int, list[control.StatsRow]] = {}
         # the proxy that took over from this one: it gets the final counters when this one exits
         self._successor: control.FrameChannel | None = None
+        self._successor_scope = trio.CancelScope()
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
@@ -569,7 +572,15 @@ class Supervisor:
         return not self.draining and a is not None and all(slot.version == a.version and not slot.listener_errors for slot in self.slots)
 
     async def stats_prometheus(self) -> str:
-        exports: list[list] = [self.stats.export()]
+        return render_prometheus(merge(await self._exports()))
+
+    async def cumulative_rows(self) -> list[control.StatsRow]:
+        """Counters and histograms of everything this proxy counted, and of those it replaced: what a
+        hot restart hands on (final once the workers have exited: their last counts are retired)."""
+        return cumulative_rows(await self._exports())
+
+    async def _exports(self) -> list[list[control.StatsRow]]:
+        exports: list[list] = [self.stats.export(), self.carried_rows, *self._parent_rows.values()]
 
         async def fetch(slot: WorkerSlot) -> None:
             rows = await slot.fetch_stats(STATS_TIMEOUT_S)
@@ -580,13 +591,7 @@ class Supervisor:
             for slot in self.slots:
                 exports.append(slot.retired_rows)
                 nursery.start_soon(fetch, slot)
-        exports.append(self.carried_rows)
-        return render_prometheus(merge(exports))
-
-    def final_rows(self) -> list[control.StatsRow]:
-        """Everything this proxy counted, once its workers have exited (their final counts are
-        retired), with what earlier proxies handed on: the counters a hot restart carries over."""
-        return cumulative_rows([self.stats.export(), self.carried_rows] + [slot.retired_rows for slot in self.slots])
+        return exports
 
     def config_dump(self) -> dict[str, Any]:
         a = self.active
@@ -690,23 +695,39 @@ class Supervisor:
             return
         await handover.drain_parent()
         self.log.info("hot_restart_complete", parent_pids=handover.parent_pids)
-        self._nursery.start_soon(self._carry_counters, handover)
         await self._listen_hot_restart()
 
-    async def _carry_counters(self, handover: hot_restart.Handover) -> None:
-        rows = await handover.receive_final_counters(self.log)
-        self.carried_rows = cumulative_rows([self.carried_rows, rows])
-        self.log.info("hot_restart_counters_carried", parent_pids=handover.parent_pids, rows=len(rows))
+    def follow_parents(self, handover: hot_restart.Handover) -> None:
+        """From the takeover on, the old processes' counters count in this one's /stats."""
+        for channel, pid, answers in zip(handover.channels, handover.parent_pids, handover.answers_counters):
+            if answers:
+                self._nursery.start_soon(hot_restart.follow_counters, channel, self._parent_reporter(pid), self.log)
+
+    def _parent_reporter(self, pid: int):
+        def report(rows: list[control.StatsRow] | None, final: bool) -> None:
+            if rows is not None:
+                self._parent_rows[pid] = rows  # the latest replaces the previous: never added twice
+            if final:
+                carried = self._parent_rows.pop(pid, [])
+                self.carried_rows = cumulative_rows([self.carried_rows, carried])
+                self.log.info("hot_restart_counters_carried", parent_pid=pid, rows=len(carried),
+                              final=rows is not None)
+        return report
 
     async def _hand_on_counters(self) -> None:
         """The old side, at its exit: the final counters to the proxy that took over."""
         channel, self._successor = self._successor, None
+        self._successor_scope.cancel()  # no more answers to its polls: the final one follows
         with trio.move_on_after(hot_restart.CONNECT_TIMEOUT_S):
             try:
-                await channel.send(hot_restart.FinalCounters(self.final_rows()))
+                await channel.send(hot_restart.Counters(await self.cumulative_rows(), final=True))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                 self.log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
-            await channel.aclose()
+        await channel.aclose()
+
+    async def _serve_successor(self, channel) -> None:
+        with self._successor_scope:
+            await hot_restart.serve_counters(channel, self.cumulative_rows)
 
     async def _listen_hot_restart(self) -> None:
         path = self.options.hot_restart_socket
@@ -731,8 +752,9 @@ class Supervisor:
                     # a client that broke off or spoke garbage: nothing was handed over, serve on
                     self.log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
                 finally:
-                    if handed_over:  # kept for the final counters (run() sends them at the exit)
+                    if handed_over:  # kept for its counter polls and, at the exit, the final counters
                         self._successor = channel
+                        self._nursery.start_soon(self._serve_successor, channel)
                     else:
                         await channel.aclose()
         finally:
@@ -758,7 +780,8 @@ class Supervisor:
                                   [self._admin_sock.fileno()])]
 
         try:
-            drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect, log=self.log)
+            drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect,
+                                                counters=self.cumulative_rows, log=self.log)
         finally:
             for sockets in exported:  # our copies; the workers and the new proxy hold theirs
                 for _, sock in sockets:
@@ -799,6 +822,7 @@ class Supervisor:
             await nursery.start(self._serve_admin, admin_sock)
             self.log.info("admin_listening", address=f"{self.options.admin_host}:{admin_port}")
             if handover is not None:
+                self.follow_parents(handover)
                 nursery.start_soon(self._finish_takeover, handover)
             elif self.options.hot_restart_socket is not None:
                 await self._listen_hot_restart()

@@ -30,7 +30,7 @@ from proxy.runner.config_source import build_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
-from proxy.stats import Stats
+from proxy.stats import Stats, cumulative_rows
 from proxy.telemetry.istio_metrics import IstioMetrics
 from proxy.telemetry.peer import UNKNOWN_WORKLOAD, parse_peer_header
 from proxy.l7.stages.tracing import Tracing
@@ -117,7 +117,7 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
         pass  # the supervisor is gone; the worker exits all the same
 
 
-async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> bool:
+async def _orphaned(path: str, index: int, listeners: ListenerManager, stats: Stats, log) -> bool:
     """The supervisor died: serve on, and offer this worker's listening sockets at a path of its
     own beside the hot restart path for up to ORPHAN_WAIT_S. True once a new proxy took them and
     asked for the drain; False when none came (the caller drains all the same)."""
@@ -135,12 +135,16 @@ async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> b
         return [hot_restart.Batch("listener", [control.ListenerSocket(e.name, e.protocol, e.address, e.port)
                                                for e in exported], [e.fileno for e in exported])]
 
+    async def counters() -> list[control.StatsRow]:  # this worker's own: its supervisor took the rest along
+        return cumulative_rows([stats.export()])
+
     try:
         with trio.move_on_after(hot_restart.ORPHAN_WAIT_S):
             while True:
                 channel = await listener.accept()
                 try:
-                    if await hot_restart.hand_over(channel, draining=False, collect=collect, log=log):
+                    if await hot_restart.hand_over(channel, draining=False, collect=collect, counters=counters,
+                                                   log=log):
                         return True
                 except hot_restart.HAND_OVER_ERRORS as e:
                     log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
@@ -230,7 +234,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
             msg = await channel.receive()
             if msg is None and hot_restart_socket is not None and not draining:
                 # the supervisor died (kill -9): no outage, the next proxy takes the sockets over
-                handed_over = await _orphaned(hot_restart_socket, index, listeners, log)
+                handed_over = await _orphaned(hot_restart_socket, index, listeners, stats, log)
                 await _drain(drain_duration_s, plane, listeners, stats, channel, log,
                              drain_duration_s * hot_restart.IDLE_CLOSE_SHARE if handed_over else 0.0)
                 break

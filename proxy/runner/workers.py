@@ -208,8 +208,10 @@ class WorkerSlot:
             return False
         try:
             await channel.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # the worker is gone; run() notices and restarts it
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # the worker is gone (EBADF: its channel was closed while this send waited); run()
+            # notices and restarts it
+            return False
         return True
 
     async def push_config(self, config: control.LoadConfig) -> None:

@@ -359,10 +359,15 @@ def test_counters_survive_hot_restarts_counted_once_gauges_do_not(mesh) -> None:
     slow = Slow(port, "/delay/1", 4)  # finish in the old proxy after the handover
     time.sleep(0.3)
     new = start(concurrency=2, wait_ready=False)
+    new.wait_ready(60)  # generous: a loaded machine starts Python processes slowly
+    # while the old proxy still drains, the new one already shows its counts: never a drop to zero
+    new.wait_for(lambda: _total(new, "istio_requests_total") >= 10, "the draining proxy's counts")
     slow.join(15)
     assert [r[0] for r in slow.results] == [200] * 4, slow.results
-    assert _wait_exit(old) == 0, old.log_text()[-3000:]
-    new.wait_for(lambda: "hot_restart_counters_carried" in _events(new), "the old proxy's counters")
+    assert _wait_exit(old, 60) == 0, old.log_text()[-3000:]
+    new.wait_for(lambda: "hot_restart_counters_carried" in _events(new), "the old proxy's final counters", 30)
+    carried = next(r for r in new.log_records() if r.get("event") == "hot_restart_counters_carried")
+    assert carried["final"] is True
     assert _total(new, "triomesh_downstream_rq_total") == 14
     assert _total(new, "istio_requests_total") == 14
     assert _total(new, "istio_request_duration_milliseconds_count") == 14  # histograms travel too
@@ -371,7 +376,7 @@ def test_counters_survive_hot_restarts_counted_once_gauges_do_not(mesh) -> None:
         assert get(port, f"/after/{i}")[0] == 200
     assert _total(new, "istio_requests_total") == 19
     newer = start(concurrency=1, wait_ready=False)
-    assert _wait_exit(new) == 0, new.log_text()[-3000:]
-    newer.wait_for(lambda: "hot_restart_counters_carried" in _events(newer), "the counters of both before")
+    assert _wait_exit(new, 60) == 0, new.log_text()[-3000:]
+    newer.wait_for(lambda: "hot_restart_counters_carried" in _events(newer), "the counters of both before", 30)
     assert _total(newer, "triomesh_downstream_rq_total") == 19
     assert _total(newer, "istio_requests_total") == 19
