@@ -308,8 +308,8 @@ async def hand_over(channel: FrameChannel, *, draining: bool, collect, counters,
 
 
 async def serve_counters(channel: FrameChannel, counters) -> None:
-    """The old side after the handover: answer the new proxy's GetCounters until it goes away (or the
-    caller cancels this to send the final counters)."""
+    """The old side after the handover: answer the new proxy's GetCounters until it goes away or the
+    caller closes the channel (after sending the final counters)."""
     try:
         while isinstance(await channel.receive(), GetCounters):
             await channel.send(Counters(await counters()))

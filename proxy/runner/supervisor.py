@@ -195,7 +195,6 @@ class Supervisor:
         self._parent_rows: dict[int, list[control.StatsRow]] = {}
         # the proxy that took over from this one: it gets the final counters when this one exits
         self._successor: control.FrameChannel | None = None
-        self._successor_scope = trio.CancelScope()
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
@@ -716,8 +715,9 @@ class Supervisor:
 
     async def _hand_on_counters(self) -> None:
         """The old side, at its exit: the final counters to the proxy that took over."""
+        # the task answering its polls goes on: sends are whole frames under the channel's lock, and a
+        # poll answered after the final counters is ignored (cancelling it could cut a frame in two)
         channel, self._successor = self._successor, None
-        self._successor_scope.cancel()  # no more answers to its polls: the final one follows
         with trio.move_on_after(hot_restart.CONNECT_TIMEOUT_S):
             try:
                 await channel.send(hot_restart.Counters(await self.cumulative_rows(), final=True))
@@ -725,9 +725,6 @@ class Supervisor:
                 self.log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
         await channel.aclose()
 
-    async def _serve_successor(self, channel) -> None:
-        with self._successor_scope:
-            await hot_restart.serve_counters(channel, self.cumulative_rows)
 
     async def _listen_hot_restart(self) -> None:
         path = self.options.hot_restart_socket
@@ -754,7 +751,7 @@ class Supervisor:
                 finally:
                     if handed_over:  # kept for its counter polls and, at the exit, the final counters
                         self._successor = channel
-                        self._nursery.start_soon(self._serve_successor, channel)
+                        self._nursery.start_soon(hot_restart.serve_counters, channel, self.cumulative_rows)
                     else:
                         await channel.aclose()
         finally:
