@@ -725,7 +725,6 @@ class Supervisor:
                 self.log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
         await channel.aclose()
 
-
     async def _listen_hot_restart(self) -> None:
         path = self.options.hot_restart_socket
         listener = hot_restart.HotRestartListener(path)
