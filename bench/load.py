@@ -35,6 +35,7 @@ class LoadResult:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    max_ms: float = 0.0  # from h2load's per-request log (wrk's summary: not read)
 
     @property
     def rps(self) -> float:
@@ -136,7 +137,8 @@ def _run_h2load(args: list[str], url: str, *, timeout_s: float, duration_mode: b
     else:  # no summary: h2load died or was killed; what the log holds is all there is
         requests, errors = len(latencies_ms), max(bad, 1)
     result = LoadResult(requests, duration_s, 0, max(errors, bad), _percentile(latencies_ms, 50),
-                        _percentile(latencies_ms, 90), _percentile(latencies_ms, 99))
+                        _percentile(latencies_ms, 90), _percentile(latencies_ms, 99),
+                        latencies_ms[-1] if latencies_ms else 0.0)
     return H2loadRun(result, out, cmd)
 
 
@@ -182,4 +184,5 @@ def median_of(results: list[LoadResult]) -> LoadResult:
         p50_ms=med([r.p50_ms for r in results]),
         p90_ms=med([r.p90_ms for r in results]),
         p99_ms=med([r.p99_ms for r in results]),
+        max_ms=med([r.max_ms for r in results]),
     )

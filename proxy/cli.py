@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-duration", type=_duration_s, default=5.0, metavar="DURATION",
                    help="on SIGTERM, /quitquitquit or /drain_listeners?graceful: how long connections in flight "
                         "get to finish before they are reset (Istio's terminationDrainDuration; default 5s)")
+    p.add_argument("--request-headers-timeout", type=_duration_s, default=10.0, metavar="DURATION",
+                   help="a request head that started must be complete within this, else 408 and the connection "
+                        "closes (Envoy's request_headers_timeout; default 10s)")
     p.add_argument("--max-downstream-connections", type=_positive, default=None, metavar="N",
                    help="overload manager: HTTP connections a worker holds at most; more are closed at once "
                         "and counted (default: no limit)")
@@ -232,6 +235,7 @@ def run_proxy(args: argparse.Namespace) -> int:
         cluster_id=args.cluster_id,
         register=args.register,
         drain_duration_s=args.drain_duration,
+        request_headers_timeout_s=args.request_headers_timeout,
         max_downstream_connections=args.max_downstream_connections,
         zipkin_address=args.zipkin_address,
         trace_sampling_percent=args.trace_sampling,

@@ -176,6 +176,14 @@ def merge(exports: Iterable[Iterable[Row]]) -> dict[tuple[str, str, LabelPairs],
     return total
 
 
+def cumulative_rows(exports: Iterable[Iterable[Row]]) -> list[Row]:
+    """The counters and histograms of several exports summed, gauges left out: what outlives the
+    processes that counted it (a restarted worker, a proxy replaced by a hot restart). Gauges
+    describe a live process and die with it."""
+    return [(kind, name, labels, value) for (kind, name, labels), value in
+            merge([row for row in rows if row[0] != "gauge"] for rows in exports).items()]
+
+
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 

@@ -351,7 +351,9 @@ class DownstreamConnection:
         self.plane.count_downstream(ctx.status, ctx.response_flags)
         if self.plane.access_log is not None:
             self.plane.access_log.emit(ctx)
-        log.info("rejected request head", client=self.client, status=status, error=str(e))
+        # debug, as Envoy logs it: the access log and the counters already show each one, and a burst of
+        # thousands (slow clients timing out together) must not cost a log line each
+        log.debug("rejected request head", client=self.client, status=status, error=str(e))
 
 
 async def serve_connection(plane: DataPlane, listener_name: str, sock: socket.socket, addr, initial: bytes = b"", *,

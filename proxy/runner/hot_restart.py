@@ -9,8 +9,11 @@ the same PATH connects before it opens anything:
              or  Sockets(...) + fds, ..., SocketsEnd   (every worker's listening sockets, then admin)
     new          starts its workers with those sockets; each serves the inherited sockets of its
                  listeners' addresses (all of them: each SO_REUSEPORT socket has its own queue)
+    new -> old   GetCounters, every COUNTERS_INTERVAL_S from now on (when SocketsEnd said `counters`)
+    old -> new   Counters(rows)
     new -> old   DrainParent                           (once every new worker serves)
     old          stops accepting and drains as on SIGTERM; the new one listens on PATH
+    old -> new   Counters(rows, final=True)            (once its workers exited)
 
 A killed supervisor (kill -9) leaves its workers without a control channel. With a hot restart path
 they do not exit: each goes on serving its last config and listens on `PATH.orphan-<index>-<pid>`
@@ -23,6 +26,14 @@ The sockets travel as SCM_RIGHTS: the new process holds the same open file descr
 old workers later close their fds on the drain the kernel sockets and their accept queues stay open,
 and a connection queued in one is accepted by a new worker, never reset. Until DrainParent both
 generations accept from the same queues; if the new proxy fails before it, the old one just goes on.
+
+Counters survive the restart as Envoy's stats do. From the handover on, the new proxy shows its own
+counters and histograms plus the old proxy's latest (polled), so a counter never goes down for a
+scraper that switches processes. The latest replaces the previous (never added to it), and the final
+values come when nothing of the old proxy can count any more (every worker drained and exited, each
+having reported its last values): nothing counted twice, the drain's last requests included. Gauges
+are not carried: they describe the live process. An orphaned worker answers with its own counts (its
+supervisor, which held the older ones, is gone) and sends no final values: the last poll stands.
 
 Messages are the control channel's length-prefixed msgpack frames with their own tagged union; a
 different `PROTOCOL_VERSION` is refused by the old side and reported by the new one.
@@ -39,12 +50,13 @@ from dataclasses import dataclass, field
 import msgspec
 import trio
 
-from proxy.runner.control import FrameChannel, FrameError, ListenerSocket
+from proxy.runner.control import FrameChannel, FrameError, ListenerSocket, StatsRow
 
 PROTOCOL_VERSION = 1
 CONNECT_TIMEOUT_S = 5.0
 EXPORT_TIMEOUT_S = 5.0  # for each old worker to hand its sockets over
 HANDOVER_TIMEOUT_S = 30.0  # for the new proxy's workers to serve, before the old one is told to drain
+COUNTERS_INTERVAL_S = 1.0  # how often the new proxy polls the old one's counters while it drains
 ORPHAN_WAIT_S = 60.0  # how long workers of a killed supervisor serve on, waiting for the next proxy
 ORPHAN_SUFFIX = ".orphan-"
 # a dead proxy's path and no orphan beside it: look again after this long (its workers notice the
@@ -75,13 +87,25 @@ class Sockets(msgspec.Struct, tag="sockets"):
 
 class SocketsEnd(msgspec.Struct, tag="sockets_end"):
     pid: int
+    counters: bool = False  # the old side answers GetCounters (a proxy from before it leaves it False)
 
 
 class DrainParent(msgspec.Struct, tag="drain_parent"):
     pass
 
 
-Message = Hello | Refused | Sockets | SocketsEnd | DrainParent
+class GetCounters(msgspec.Struct, tag="get_counters"):
+    pass
+
+
+class Counters(msgspec.Struct, tag="counters"):
+    """The old proxy's counters and histograms (no gauges) so far; `final` once it is exiting."""
+
+    rows: list[StatsRow]
+    final: bool = False
+
+
+Message = Hello | Refused | Sockets | SocketsEnd | DrainParent | GetCounters | Counters
 _decoder = msgspec.msgpack.Decoder(Message)
 
 
@@ -108,16 +132,20 @@ class Handover:
 
     channels: list[FrameChannel] = field(default_factory=list)
     parent_pids: list[int] = field(default_factory=list)
+    answers_counters: list[bool] = field(default_factory=list)  # per channel: it answers GetCounters
     listeners: list[tuple[ListenerSocket, socket.socket]] = field(default_factory=list)
     admin: socket.socket | None = None
 
     async def drain_parent(self) -> None:
+        """Tell the old processes to drain; the channels stay open for their counters (follow_counters
+        closes them), or are closed here when nobody follows them."""
         for channel in self.channels:
             try:
                 await channel.send(DrainParent())
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # that process is gone already
-        await self.close()
+        if not any(self.answers_counters):
+            await self.close()
 
     async def close(self) -> None:
         """Without DrainParent: the old processes serve on."""
@@ -128,6 +156,7 @@ class Handover:
     def merge(self, other: Handover) -> None:
         self.channels += other.channels
         self.parent_pids += other.parent_pids
+        self.answers_counters += other.answers_counters
         self.listeners += other.listeners
         if other.admin is not None:
             self.close_unused()
@@ -229,6 +258,7 @@ async def _receive_from(path: str) -> Handover:
                         handover.listeners.extend(received)
                 elif isinstance(message, SocketsEnd):
                     handover.parent_pids.append(message.pid)
+                    handover.answers_counters.append(message.counters)
                     return handover
     except BaseException as e:
         for _, s in handover.listeners:
@@ -249,11 +279,12 @@ class Batch:
     fds: list[int]
 
 
-async def hand_over(channel: FrameChannel, *, draining: bool, collect, log) -> bool:
+async def hand_over(channel: FrameChannel, *, draining: bool, collect, counters, log) -> bool:
     """The old side of one hot restart (a supervisor, or an orphaned worker): answer the new proxy's
-    hello, send what `collect()` returns (a list of Batch; the fds stay the caller's), and wait for
-    DrainParent. True when the caller must now drain; False when it serves on (refused, or the new
-    proxy went away before it served)."""
+    hello, send what `collect()` returns (a list of Batch; the fds stay the caller's), answer
+    GetCounters with `await counters()` meanwhile, and wait for DrainParent. True when the caller must
+    now drain (and answer GetCounters with serve_counters); False when it serves on (refused, or the
+    new proxy went away before it served)."""
     hello = await channel.receive()
     refusal = check_hello(hello, draining=draining)
     if refusal is not None:
@@ -263,16 +294,54 @@ async def hand_over(channel: FrameChannel, *, draining: bool, collect, log) -> b
     log.info("hot_restart_handing_over", child_pid=hello.pid)
     for batch in await collect():
         await channel.send(Sockets(batch.kind, batch.sockets), fds=batch.fds)
-    await channel.send(SocketsEnd(os.getpid()))
+    await channel.send(SocketsEnd(os.getpid(), counters=True))
     message = None
     with trio.move_on_after(HANDOVER_TIMEOUT_S + 5.0):  # the new proxy's own timeout is shorter
-        message = await channel.receive()
+        while isinstance(message := await channel.receive(), GetCounters):
+            await channel.send(Counters(await counters()))
     if not isinstance(message, DrainParent):
         log.warning("hot_restart_abandoned", child_pid=hello.pid,
                     error="the new proxy went away before it served; serving on")
         return False
     log.info("hot_restart_draining", child_pid=hello.pid)
     return True
+
+
+async def serve_counters(channel: FrameChannel, counters) -> None:
+    """The old side after the handover: answer the new proxy's GetCounters until it goes away or the
+    caller closes the channel (after sending the final counters)."""
+    try:
+        while isinstance(await channel.receive(), GetCounters):
+            await channel.send(Counters(await counters()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError, OSError):
+        pass  # the new proxy is gone; nobody to tell
+
+
+async def follow_counters(channel: FrameChannel, report, log) -> None:
+    """The new side: poll an old process's counters every COUNTERS_INTERVAL_S until it sends its final
+    ones or goes away; `report(rows, final)` for each answer (final also when it went away: its last
+    answer stands). Closes the channel."""
+    final = False
+    try:
+        while not final:
+            try:
+                await channel.send(GetCounters())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # it exited: what it sent before (its final counters) is still to be read
+            while not isinstance(message := await channel.receive(), Counters | None):
+                pass  # nothing else is sent on this channel now; tolerate it
+            if message is None:
+                break
+            final = message.final
+            report(message.rows, final)
+            if not final:
+                await trio.sleep(COUNTERS_INTERVAL_S)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, FrameError, OSError) as e:
+        log.info("hot_restart_counters_ended", error=f"{type(e).__name__}: {e}")
+    finally:
+        if not final:
+            report(None, True)
+        await channel.aclose()
 
 
 # what a hand_over raises when the new proxy breaks off or speaks garbage: nothing was handed over

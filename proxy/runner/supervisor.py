@@ -62,7 +62,7 @@ from proxy.config.snapshot_transfer import encode_snapshot
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
-from proxy.stats import Stats, merge, render_prometheus
+from proxy.stats import Stats, cumulative_rows, merge, render_prometheus
 from proxy.telemetry.peer import identity_from_labels
 from proxy.xds.failover import ControlPlaneAddress
 
@@ -95,6 +95,7 @@ class ProxyOptions:
     register: str | None = None  # the workload address to register as a WorkloadEntry
     drain_duration_s: float = DEFAULT_DRAIN_DURATION_S  # how long connections in flight get once a drain starts
     max_downstream_connections: int | None = None  # per worker (proxy/overload.py)
+    request_headers_timeout_s: float = 10.0  # a started request head must be complete within this (408)
     zipkin_address: tuple[str, int] | None = None  # the Zipkin collector spans go to; None: no tracing
     trace_sampling_percent: float = 1.0  # Istio's meshConfig.defaultConfig.tracing.sampling
     credentials_dir: str | None = None  # where Gateway credentialNames resolve (proxy/tls/certificates.py)
@@ -191,10 +192,17 @@ class Supervisor:
         self._admin_scope = trio.CancelScope()  # the admin listener: a hot restart hands it over
         self._admin_sock: trio.socket.SocketType | None = None  # set by run()
         self.hot_restart: hot_restart.HotRestartListener | None = None
+        # counters and histograms of the proxies this one replaced by hot restarts, added to /stats:
+        # those that exited, and the latest of those still draining (by their pid)
+        self.carried_rows: list[control.StatsRow] = []
+        self._parent_rows: dict[int, list[control.StatsRow]] = {}
+        # the proxy that took over from this one: it gets the final counters when this one exits
+        self._successor: control.FrameChannel | None = None
         worker_args = ["--access-log", options.access_log, "--log-level", options.log_level,
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
             options.namespace, options.labels, options.workload_name, options.cluster_id).header_value().decode()]
+        worker_args += ["--request-headers-timeout-s", repr(options.request_headers_timeout_s)]
         if options.max_downstream_connections is not None:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
         if options.zipkin_address is not None:
@@ -566,7 +574,15 @@ class Supervisor:
         return not self.draining and a is not None and all(slot.version == a.version and not slot.listener_errors for slot in self.slots)
 
     async def stats_prometheus(self) -> str:
-        exports: list[list] = [self.stats.export()]
+        return render_prometheus(merge(await self._exports()))
+
+    async def cumulative_rows(self) -> list[control.StatsRow]:
+        """Counters and histograms of everything this proxy counted, and of those it replaced: what a
+        hot restart hands on (final once the workers have exited: their last counts are retired)."""
+        return cumulative_rows(await self._exports())
+
+    async def _exports(self) -> list[list[control.StatsRow]]:
+        exports: list[list] = [self.stats.export(), self.carried_rows, *self._parent_rows.values()]
 
         async def fetch(slot: WorkerSlot) -> None:
             rows = await slot.fetch_stats(STATS_TIMEOUT_S)
@@ -577,7 +593,7 @@ class Supervisor:
             for slot in self.slots:
                 exports.append(slot.retired_rows)
                 nursery.start_soon(fetch, slot)
-        return render_prometheus(merge(exports))
+        return exports
 
     def config_dump(self) -> dict[str, Any]:
         a = self.active
@@ -683,6 +699,35 @@ class Supervisor:
         self.log.info("hot_restart_complete", parent_pids=handover.parent_pids)
         await self._listen_hot_restart()
 
+    def follow_parents(self, handover: hot_restart.Handover) -> None:
+        """From the takeover on, the old processes' counters count in this one's /stats."""
+        for channel, pid, answers in zip(handover.channels, handover.parent_pids, handover.answers_counters):
+            if answers:
+                self._nursery.start_soon(hot_restart.follow_counters, channel, self._parent_reporter(pid), self.log)
+
+    def _parent_reporter(self, pid: int):
+        def report(rows: list[control.StatsRow] | None, final: bool) -> None:
+            if rows is not None:
+                self._parent_rows[pid] = rows  # the latest replaces the previous: never added twice
+            if final:
+                carried = self._parent_rows.pop(pid, [])
+                self.carried_rows = cumulative_rows([self.carried_rows, carried])
+                self.log.info("hot_restart_counters_carried", parent_pid=pid, rows=len(carried),
+                              final=rows is not None)
+        return report
+
+    async def _hand_on_counters(self) -> None:
+        """The old side, at its exit: the final counters to the proxy that took over."""
+        # the task answering its polls goes on: sends are whole frames under the channel's lock, and a
+        # poll answered after the final counters is ignored (cancelling it could cut a frame in two)
+        channel, self._successor = self._successor, None
+        with trio.move_on_after(hot_restart.CONNECT_TIMEOUT_S):
+            try:
+                await channel.send(hot_restart.Counters(await self.cumulative_rows(), final=True))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                self.log.warning("hot_restart_counters_lost", error=f"{type(e).__name__}: {e}")
+        await channel.aclose()
+
     async def _listen_hot_restart(self) -> None:
         path = self.options.hot_restart_socket
         listener = hot_restart.HotRestartListener(path)
@@ -699,18 +744,24 @@ class Supervisor:
         try:
             while not self.draining:
                 channel = await listener.accept()
+                handed_over = False
                 try:
-                    await self._hand_over(channel)
+                    handed_over = await self._hand_over(channel)
                 except hot_restart.HAND_OVER_ERRORS as e:
                     # a client that broke off or spoke garbage: nothing was handed over, serve on
                     self.log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
                 finally:
-                    await channel.aclose()
+                    if handed_over:  # kept for its counter polls and, at the exit, the final counters
+                        self._successor = channel
+                        self._nursery.start_soon(hot_restart.serve_counters, channel, self.cumulative_rows)
+                    else:
+                        await channel.aclose()
         finally:
             listener.close()
 
-    async def _hand_over(self, channel) -> None:
-        """The old side of one hot restart: every worker's listening sockets and the admin socket."""
+    async def _hand_over(self, channel) -> bool:
+        """The old side of one hot restart: every worker's listening sockets and the admin socket.
+        True when the new proxy took over (this one drains)."""
         exported: list[list] = []
 
         async def collect() -> list[hot_restart.Batch]:
@@ -728,7 +779,8 @@ class Supervisor:
                                   [self._admin_sock.fileno()])]
 
         try:
-            drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect, log=self.log)
+            drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect,
+                                                counters=self.cumulative_rows, log=self.log)
         finally:
             for sockets in exported:  # our copies; the workers and the new proxy hold theirs
                 for _, sock in sockets:
@@ -739,6 +791,7 @@ class Supervisor:
             # reconnect on its next response rather than have its idle connection closed under a request
             self.start_drain("hot_restart",
                              idle_close_after_s=self.options.drain_duration_s * hot_restart.IDLE_CLOSE_SHARE)
+        return drain
 
     async def _signals(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
@@ -768,6 +821,7 @@ class Supervisor:
             await nursery.start(self._serve_admin, admin_sock)
             self.log.info("admin_listening", address=f"{self.options.admin_host}:{admin_port}")
             if handover is not None:
+                self.follow_parents(handover)
                 nursery.start_soon(self._finish_takeover, handover)
             elif self.options.hot_restart_socket is not None:
                 await self._listen_hot_restart()
@@ -784,6 +838,8 @@ class Supervisor:
                     slots.start_soon(slot.run)
             # every slot returned: they only do once drained or stopped; /drain_listeners stays up
             await self._exit.wait()
+            if self._successor is not None:
+                await self._hand_on_counters()
             nursery.cancel_scope.cancel()
         if self.hot_restart is not None:
             self.hot_restart.close()

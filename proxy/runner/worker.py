@@ -30,7 +30,7 @@ from proxy.config.snapshot_transfer import decode_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
 from proxy.runtime import SnapshotHolder
-from proxy.stats import Stats
+from proxy.stats import Stats, cumulative_rows
 from proxy.telemetry.istio_metrics import IstioMetrics
 from proxy.telemetry.peer import UNKNOWN_WORKLOAD, parse_peer_header
 from proxy.l7.stages.tracing import Tracing
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
     p.add_argument("--max-downstream-connections", type=int, default=None)
+    p.add_argument("--request-headers-timeout-s", type=float, default=10.0)
     # this proxy's workload in Istio's metrics, in the peer metadata header's own form
     p.add_argument("--workload", default="")
     p.add_argument("--max-worker-rss-bytes", type=int, default=None)
@@ -116,7 +117,7 @@ async def _drain(duration_s: float, plane, listeners: ListenerManager, stats: St
         pass  # the supervisor is gone; the worker exits all the same
 
 
-async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> bool:
+async def _orphaned(path: str, index: int, listeners: ListenerManager, stats: Stats, log) -> bool:
     """The supervisor died: serve on, and offer this worker's listening sockets at a path of its
     own beside the hot restart path for up to ORPHAN_WAIT_S. True once a new proxy took them and
     asked for the drain; False when none came (the caller drains all the same)."""
@@ -134,12 +135,16 @@ async def _orphaned(path: str, index: int, listeners: ListenerManager, log) -> b
         return [hot_restart.Batch("listener", [control.ListenerSocket(e.name, e.protocol, e.address, e.port)
                                                for e in exported], [e.fileno for e in exported])]
 
+    async def counters() -> list[control.StatsRow]:  # this worker's own: its supervisor took the rest along
+        return cumulative_rows([stats.export()])
+
     try:
         with trio.move_on_after(hot_restart.ORPHAN_WAIT_S):
             while True:
                 channel = await listener.accept()
                 try:
-                    if await hot_restart.hand_over(channel, draining=False, collect=collect, log=log):
+                    if await hot_restart.hand_over(channel, draining=False, collect=collect, counters=counters,
+                                                   log=log):
                         return True
                 except hot_restart.HAND_OVER_ERRORS as e:
                     log.warning("hot_restart_abandoned", error=f"{type(e).__name__}: {e}")
@@ -155,7 +160,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               limits: OverloadLimits = OverloadLimits(),
               inherited: dict[tuple[str, int], list] | None = None,
               hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0,
-              workload: str = "", tracing: TracingSettings | None = None) -> None:
+              workload: str = "", tracing: TracingSettings | None = None,
+              request_headers_timeout_s: float = 10.0) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -173,7 +179,8 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         app = own_workload.app if own_workload.app != UNKNOWN_WORKLOAD.app else own_workload.workload
         tracing = dataclasses.replace(tracing, service_name=f"{app}.{own_workload.namespace}")
     plane = DataPlane(holder, stats, access_log,
-                      HttpSettings(max_downstream_connections=limits.max_downstream_connections),
+                      HttpSettings(max_downstream_connections=limits.max_downstream_connections,
+                                   request_headers_timeout_s=request_headers_timeout_s),
                       telemetry=IstioMetrics(stats, own_workload),
                       tracing=Tracing(tracing, stats) if tracing is not None else None)
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
@@ -227,7 +234,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
             msg = await channel.receive()
             if msg is None and hot_restart_socket is not None and not draining:
                 # the supervisor died (kill -9): no outage, the next proxy takes the sockets over
-                handed_over = await _orphaned(hot_restart_socket, index, listeners, log)
+                handed_over = await _orphaned(hot_restart_socket, index, listeners, stats, log)
                 await _drain(drain_duration_s, plane, listeners, stats, channel, log,
                              drain_duration_s * hot_restart.IDLE_CLOSE_SHARE if handed_over else 0.0)
                 break
@@ -306,6 +313,12 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                 log.warning("worker_unexpected_message", message=type(msg).__name__)
         connections.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+    # the final counts, with what the drain's last requests added since the supervisor last asked:
+    # it keeps them once this process is gone (and a hot restart hands them to the next proxy)
+    try:
+        await channel.send(control.StatsReply(0, stats.export()))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass  # the supervisor is gone
 
 
 def _tracing_settings(args: argparse.Namespace) -> TracingSettings | None:
@@ -334,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   inherited=inherited_sockets(args.inherited_sockets), hot_restart_socket=args.hot_restart_socket,
                   index=args.index, drain_duration_s=args.drain_duration_s,
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
-                  workload=args.workload, tracing=_tracing_settings(args))
+                  workload=args.workload, tracing=_tracing_settings(args),
+                  request_headers_timeout_s=args.request_headers_timeout_s)
 
     try:
         trio.run(_main)

@@ -26,7 +26,7 @@ import trio
 
 import proxy
 from proxy.runner import control
-from proxy.stats import Stats, merge
+from proxy.stats import Stats, cumulative_rows
 
 RESTART_BACKOFF_MIN_S = 0.2
 RESTART_BACKOFF_MAX_S = 5.0
@@ -208,8 +208,10 @@ class WorkerSlot:
             return False
         try:
             await channel.send(msg)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return False  # the worker is gone; run() notices and restarts it
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            # the worker is gone (EBADF: its channel was closed while this send waited); run()
+            # notices and restarts it
+            return False
         return True
 
     async def push_config(self, config: control.LoadConfig) -> None:
@@ -303,8 +305,7 @@ class WorkerSlot:
     def _retire_counters(self) -> None:
         if not self._last_rows:
             return
-        rows = self.retired_rows + [row for row in self._last_rows if row[0] != "gauge"]  # counters and histograms
-        self.retired_rows = [(kind, name, labels, value) for (kind, name, labels), value in merge([rows]).items()]
+        self.retired_rows = cumulative_rows([self.retired_rows, self._last_rows])
         self._last_rows = []
 
     async def drain(self, duration_s: float, idle_close_after_s: float = 0.0) -> None:

@@ -342,3 +342,41 @@ def test_a_tcp_listener_is_handed_over_and_its_open_connections_finish_in_the_ol
         assert sum(r["inherited_sockets"] for r in listeners) == 4  # HTTP and TCP, one per old worker each
     finally:
         echo.sock.close()
+
+
+def _total(proxy: Proxy, name: str) -> float:
+    return sum(proxy.stats(name).values())
+
+
+def test_counters_survive_hot_restarts_counted_once_gauges_do_not(mesh) -> None:
+    """Requests counted by a proxy (including those its drain finished after the handover) are in the
+    next proxy's /stats/prometheus once the old one exited, Istio's istio_requests_total included,
+    and through a second restart too; each counted once. A gauge starts afresh."""
+    start, port, _, _ = mesh
+    old = start(concurrency=2)
+    for i in range(10):
+        assert get(port, f"/before/{i}")[0] == 200
+    slow = Slow(port, "/delay/1", 4)  # finish in the old proxy after the handover
+    time.sleep(0.3)
+    new = start(concurrency=2, wait_ready=False)
+    new.wait_ready(60)  # generous: a loaded machine starts Python processes slowly
+    # while the old proxy still drains, the new one already shows its counts: never a drop to zero
+    new.wait_for(lambda: _total(new, "istio_requests_total") >= 10, "the draining proxy's counts")
+    slow.join(15)
+    assert [r[0] for r in slow.results] == [200] * 4, slow.results
+    assert _wait_exit(old, 60) == 0, old.log_text()[-3000:]
+    new.wait_for(lambda: "hot_restart_counters_carried" in _events(new), "the old proxy's final counters", 30)
+    carried = next(r for r in new.log_records() if r.get("event") == "hot_restart_counters_carried")
+    assert carried["final"] is True
+    assert _total(new, "triomesh_downstream_rq_total") == 14
+    assert _total(new, "istio_requests_total") == 14
+    assert _total(new, "istio_request_duration_milliseconds_count") == 14  # histograms travel too
+    assert _total(new, "triomesh_draining") == 0  # the old proxy's gauge said 1 when it exited
+    for i in range(5):
+        assert get(port, f"/after/{i}")[0] == 200
+    assert _total(new, "istio_requests_total") == 19
+    newer = start(concurrency=1, wait_ready=False)
+    assert _wait_exit(new, 60) == 0, new.log_text()[-3000:]
+    newer.wait_for(lambda: "hot_restart_counters_carried" in _events(newer), "the counters of both before", 30)
+    assert _total(newer, "triomesh_downstream_rq_total") == 19
+    assert _total(newer, "istio_requests_total") == 19
