@@ -17,7 +17,9 @@ import structlog
 import trio
 
 from proxy.config.snapshot import Snapshot
+from proxy.l4 import connection_log
 from proxy.l4.addrs import UpstreamAddr
+from proxy.l4.connection_log import ConnectionClosed, ConnectionOpened
 from proxy.l4.tcp_proxy import TcpProxyStats, proxy_to_upstream
 from proxy.l7.connio import Conn
 from proxy.l7.dataplane import ConnectionPick
@@ -42,22 +44,38 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
                            original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
                            idle_timeout_s: float | None, initial: bytes = b"", inbound: bool = False) -> Outcome:
     """Pick an endpoint of `cluster_name` for this connection and proxy `sock` to it until both
-    sides are done. Takes ownership of `sock`: refused connections are reset, as Envoy's tcp_proxy
-    resets a connection it cannot forward. `original_destination`: where the client was going
-    before a capture redirect (resolution NONE clusters go there), None at a gateway. `inbound`: a
-    sidecar's inbound connection (Istio's metrics report it as the destination)."""
+    sides are done, then write its access-log line. Takes ownership of `sock`: refused connections
+    are reset, as Envoy's tcp_proxy resets a connection it cannot forward. `original_destination`:
+    where the client was going before a capture redirect (resolution NONE clusters go there), None
+    at a gateway. `inbound`: a sidecar's inbound connection (Istio's metrics report it as the
+    destination)."""
+    access_log = plane.access_log
+    opened = ConnectionOpened.of(sock, original_destination) if access_log is not None else None
+    outcome, closed = await _proxy(plane, snapshot, cluster_name, sock, client_ip, original_destination, stats=stats,
+                                   idle_timeout_s=idle_timeout_s, initial=initial, inbound=inbound)
+    if opened is not None:
+        access_log.emit_connection(connection_log.entry(opened, cluster_name, closed, access_log))
+    return outcome
+
+
+_NO_HEALTHY_UPSTREAM = (Outcome.NO_HEALTHY_UPSTREAM, ConnectionClosed("UH", "", None))
+
+
+async def _proxy(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket | TlsConn, client_ip: str,
+                 original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
+                 idle_timeout_s: float | None, initial: bytes, inbound: bool) -> tuple[Outcome, ConnectionClosed]:
     crt = plane.runtime(snapshot).clusters.get(cluster_name)
     cluster = crt.cluster if crt is not None else None
     if cluster is None or (not cluster.endpoints and (cluster.resolution != "NONE" or original_destination is None)):
         reset(sock)
-        return Outcome.NO_HEALTHY_UPSTREAM
+        return _NO_HEALTHY_UPSTREAM
     endpoint = None
     if cluster.endpoints:
         # the one endpoint pick: balancer, hashing on the source IP, outlier ejections
         endpoint = crt.pick(ConnectionPick(client_ip.encode(), original_destination), plane.in_flight_of)
         if endpoint is None:
             reset(sock)
-            return Outcome.NO_HEALTHY_UPSTREAM
+            return _NO_HEALTHY_UPSTREAM
         upstream = UpstreamAddr(endpoint.address, endpoint.port)
     else:  # resolution NONE: the app resolved the name itself; go where it was going
         upstream = UpstreamAddr(*original_destination)
@@ -65,7 +83,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     if limit is not None and crt.cx_active.value >= limit:  # connectionPool.tcp.maxConnections
         crt.rq_pending_overflow.value += 1
         reset(sock)
-        return Outcome.OVERFLOW
+        return Outcome.OVERFLOW, ConnectionClosed("UO", str(upstream), None)
     if not is_ip(upstream.ip):
         # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
         try:
@@ -73,7 +91,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         except OSError as exc:
             log.info("tcp upstream not resolved", cluster=cluster_name, host=upstream.ip, error=str(exc))
             reset(sock)
-            return Outcome.NO_HEALTHY_UPSTREAM
+            return _NO_HEALTHY_UPSTREAM
         # IPv4 first when the name has both (Envoy's V4_PREFERRED; Istio asks V4_ONLY outside
         # dual-stack meshes)
         info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
@@ -110,7 +128,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     if result.error is not None and result.error.source == "upstream":
         log.info("tcp upstream failed", cluster=cluster_name, upstream=str(upstream),
                  flag=result.error.response_flag, error=str(result.error))
-    return Outcome.PROXIED
+    return Outcome.PROXIED, ConnectionClosed("", str(upstream), result)
 
 
 def is_ip(text: str) -> bool:

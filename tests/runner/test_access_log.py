@@ -179,3 +179,29 @@ def test_wall_clock_formatter_matches_strftime() -> None:
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="off"):
         AccessLog("xml")
+
+
+def test_text_line_prints_a_dash_for_what_is_unknown(pipe: _Pipe) -> None:
+    log = AccessLog("text", fd=pipe.w, clock=lambda: 100.5)
+    ctx = _ctx(flags=["UF", "URX"])
+    ctx.status = 503
+    ctx.upstream_host = ""
+    ctx.cluster = None
+    ctx.request_id = b""
+    log.emit(ctx)
+    log.flush()
+    assert pipe.read() == (b'[2025-11-25T08:00:01.250Z] "GET /api/v1?x=1 HTTP/1.1" 503 UF,URX - - "-" 5 1234 500 - '
+                           b'"-" "-" "-" "shop.example:8080" "-" - - - 127.0.0.1:40123 - -\n')
+
+
+def test_text_line_of_an_upstream_response(pipe: _Pipe) -> None:
+    log = AccessLog("text", fd=pipe.w, clock=lambda: 100.0123)
+    ctx = _ctx()
+    ctx.request.headers += [(b"user-agent", b"curl/8.5.0"), (b"x-forwarded-for", b"10.0.0.1, 10.0.0.2")]
+    ctx.original_destination = ("10.1.2.3", 8080)
+    log.emit(ctx)
+    log.flush()
+    assert pipe.read() == (b'[2025-11-25T08:00:01.250Z] "GET /api/v1?x=1 HTTP/1.1" 200 - via_upstream - "-" 5 1234 12 - '
+                           b'"10.0.0.1, 10.0.0.2" "curl/8.5.0" "8c3c2b6e-1f1a-4a57-9a55-2f0c1d0e4b7a" '
+                           b'"shop.example:8080" "127.0.0.1:9001" outbound|80|v1|shop - 10.1.2.3:8080 '
+                           b'127.0.0.1:40123 - -\n')
