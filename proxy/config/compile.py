@@ -1155,6 +1155,8 @@ def compile_resources(
         c.by_kind["AuthorizationPolicy"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     mtls = peer_authentication.resolve(c.by_kind["PeerAuthentication"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     tracing = telemetry.resolve(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
+    access_logging = telemetry.resolve_access_logging(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace,
+                                                      proxy_labels)
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
@@ -1184,6 +1186,7 @@ def compile_resources(
                           "listeners": sorted(authorized) if authorization is not None else []},
         "peer_authentication": peer_authentication.describe(mtls),
         "tracing": telemetry.describe(tracing),
+        "access_logging": telemetry.describe_access_logging(access_logging),
     }
     return Snapshot(
         version=version,
@@ -1198,6 +1201,7 @@ def compile_resources(
         authorized_listeners=frozenset(authorized) if authorization is not None else frozenset(),
         mtls=mtls,
         tracing=tracing,
+        access_logging=access_logging,
         mesh_addresses=mesh_addresses(c.registry),
     )
 

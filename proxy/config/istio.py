@@ -30,6 +30,9 @@ SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 TELEMETRY_API_VERSIONS = ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1")
 # the tracing provider a Telemetry resource may name: the Zipkin collector given by --zipkin-address
 TRACING_PROVIDERS = ("zipkin",)
+# the access-log provider a Telemetry resource may name: Istio's built-in `envoy` (Envoy's default
+# text format on the proxy's access log); extensionProviders need a MeshConfig triomesh does not read
+ACCESS_LOG_PROVIDERS = ("envoy",)
 
 PortNumber = Annotated[int, Meta(ge=1, le=65535)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
@@ -1060,15 +1063,49 @@ class TelemetryTracing(IstioStruct, frozen=True):
                        f"it reports to {', '.join(repr(p) for p in TRACING_PROVIDERS)} (the collector of --zipkin-address)")
 
 
+class TelemetryMatch(IstioStruct, frozen=True):
+    """Telemetry `match`: which side of the proxy's traffic a setting is for (a gateway is CLIENT)."""
+
+    mode: Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "CLIENT_AND_SERVER"
+
+
+class AccessLogFilter(IstioStruct, frozen=True):
+    expression: str
+
+
+class TelemetryAccessLogging(IstioStruct, frozen=True):
+    """Telemetry `accessLogging[]`: whether requests get an access-log line, which ones, in what provider."""
+
+    match: TelemetryMatch | None = None
+    providers: tuple[ProviderRef, ...] = ()
+    disabled: bool | None = None
+    filter: AccessLogFilter | None = None
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        from proxy.config.access_log_filter import FilterError, compile_filter
+
+        for i, provider in enumerate(self.providers):
+            if provider.name not in ACCESS_LOG_PROVIDERS:
+                yield (f"providers[{i}].name", f"access-log provider {provider.name!r} is not one triomesh has; it "
+                       f"writes to {', '.join(repr(p) for p in ACCESS_LOG_PROVIDERS)} (Envoy's text format on the "
+                       "proxy's access log): meshConfig extensionProviders are not configurable")
+        if self.filter is not None:
+            try:
+                compile_filter(self.filter.expression)
+            except FilterError as e:
+                yield ("filter.expression", f"filter expression {self.filter.expression!r} is not one triomesh "
+                       f"evaluates: {e}")
+
+
 class TelemetrySpec(IstioStruct, frozen=True):
     selector: SecurityWorkloadSelector | None = None
     target_ref: Any = UNSET
     target_refs: Any = UNSET
     tracing: tuple[TelemetryTracing, ...] = ()
     metrics: Any = UNSET
-    access_logging: Any = UNSET
+    access_logging: tuple[TelemetryAccessLogging, ...] = ()
 
-    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs", "metrics", "access_logging")
+    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs", "metrics")
 
     def __post_init__(self) -> None:
         if len(self.tracing) > 1:  # Istio itself uses only the first entry

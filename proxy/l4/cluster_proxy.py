@@ -50,11 +50,17 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     at a gateway. `inbound`: a sidecar's inbound connection (Istio's metrics report it as the
     destination)."""
     access_log = plane.access_log
+    text = False
+    if access_log is not None and snapshot.access_logging is not None:
+        # Telemetry accessLogging: a connection's line follows its side's `disabled` and provider (a
+        # filter's attributes are a request's)
+        choice = snapshot.access_logging.for_direction(inbound)
+        access_log, text = (access_log if choice.enabled else None), choice.text
     opened = ConnectionOpened.of(sock, original_destination) if access_log is not None else None
     outcome, closed = await _proxy(plane, snapshot, cluster_name, sock, client_ip, original_destination, stats=stats,
                                    idle_timeout_s=idle_timeout_s, initial=initial, inbound=inbound)
     if opened is not None:
-        access_log.emit_connection(connection_log.entry(opened, cluster_name, closed, access_log))
+        access_log.emit_connection(connection_log.entry(opened, cluster_name, closed, access_log), text=text)
     return outcome
 
 

@@ -260,15 +260,27 @@ class AccessLog:
         if len(buf) >= PIPE_BUF:
             self._spill(whole)
 
+    def emit_chosen(self, choice, ctx: RequestContext) -> None:  # noqa: ANN001 - config.telemetry.AccessLogChoice
+        """A request under a Telemetry accessLogging choice: maybe no line (disabled, or its filter
+        says no), and the `envoy` provider's text format whatever this log's format is."""
+        if not choice.logs(ctx):
+            return
+        if choice.text:
+            self._emit_text(ctx)
+        else:
+            self.emit(ctx)
+
     def _emit_text(self, ctx: RequestContext) -> None:
         line = text_line(ctx, self._clock(), self._wall.format(ctx.start_wall))
         self._append(line.encode("utf-8", "replace"))
 
-    def emit_connection(self, entry: ConnectionEntry) -> None:
-        """A TCP connection's line, in this log's format."""
+    def emit_connection(self, entry: ConnectionEntry, *, text: bool = False) -> None:
+        """A TCP connection's line, in this log's format (`text`: in Envoy's text format whatever it is)."""
         if self._worker is not None:
             entry.worker = self._worker
-        if self.format == "json":
+        if text:
+            self._append(connection_text_line(entry).encode("utf-8", "replace"))
+        elif self.format == "json":
             buf = self._buf
             whole = len(buf)
             _encode_into(entry, buf, -1)

@@ -33,8 +33,20 @@ def test_tracing_fields_load(api_version):
 @pytest.mark.parametrize(("spec", "path", "message"), [
     ({"metrics": [{"providers": [{"name": "prometheus"}]}]}, "$.spec.metrics",
      "`metrics` is an Istio TelemetrySpec field triomesh does not support yet"),
-    ({"accessLogging": [{"providers": [{"name": "envoy"}]}]}, "$.spec.accessLogging",
-     "`accessLogging` is an Istio TelemetrySpec field triomesh does not support yet"),
+    ({"accessLogging": [{"providers": [{"name": "otel"}]}]}, "$.spec.accessLogging[0].providers[0].name",
+     "access-log provider 'otel' is not one triomesh has; it writes to 'envoy' (Envoy's text format on the "
+     "proxy's access log): meshConfig extensionProviders are not configurable"),
+    ({"accessLogging": [{"filter": {"expression": "response.code >= '400'"}}]},
+     "$.spec.accessLogging[0].filter.expression",
+     "filter expression \"response.code >= '400'\" is not one triomesh evaluates: response.code compares with "
+     "an integer; found \"'400'\" at offset 17"),
+    ({"accessLogging": [{"filter": {"expression": "request.size > 10"}}]},
+     "$.spec.accessLogging[0].filter.expression",
+     "filter expression 'request.size > 10' is not one triomesh evaluates: attribute 'request.size' "
+     "at offset 0 is not one triomesh evaluates; supported: response.code, request.method, request.host, "
+     "request.path, request.url_path, xds.cluster_name"),
+    ({"accessLogging": [{"match": {"mode": "BOTH"}}]}, "$.spec.accessLogging[0].match.mode",
+     "Invalid enum value 'BOTH'; expected one of CLIENT, CLIENT_AND_SERVER, SERVER"),
     ({"targetRef": {"kind": "Gateway", "name": "g"}}, "$.spec.targetRef",
      "`targetRef` is an Istio TelemetrySpec field triomesh does not support yet"),
     ({"tracing": [{"customTags": {"a": {"literal": {"value": "b"}}}}]}, "$.spec.tracing[0].customTags",
@@ -82,3 +94,48 @@ def test_the_most_specific_scope_wins_field_by_field(namespace, labels, expected
 
 def test_without_telemetry_the_proxy_default_applies():
     assert compile_docs().tracing == TracingPolicy()
+
+
+def _request(status: int, method: bytes = b"GET", target: bytes = b"/", cluster: str | None = None):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(status=status, request=SimpleNamespace(method=method, authority=b"shop", target=target),
+                           cluster=SimpleNamespace(name=cluster) if cluster else None)
+
+
+def test_access_logging_scopes_and_modes():
+    from proxy.config.telemetry import AccessLogChoice
+
+    mesh = telemetry("mesh-default", "istio-system", {"accessLogging": [
+        {"providers": [{"name": "envoy"}], "filter": {"expression": "response.code >= 400"}}]})
+    namespace = telemetry("shop", "shop", {"accessLogging": [{"match": {"mode": "SERVER"}, "disabled": True}]})
+    workload = telemetry("reviews", "shop", {"selector": {"matchLabels": {"app": "reviews"}},
+                                             "accessLogging": [{"match": {"mode": "SERVER"}, "disabled": False}]})
+    other = compile_docs(mesh, namespace, workload, proxy_namespace="shop", proxy_labels={"app": "ratings"})
+    policy = other.access_logging
+    assert policy.sources == ("istio-system/mesh-default", "shop/shop")
+    assert (policy.client.enabled, policy.client.text, policy.client.filter_expression) == (
+        True, True, "response.code >= 400")
+    assert policy.server.enabled is False
+    assert policy.client.logs(_request(503)) and not policy.client.logs(_request(200))
+    reviews = compile_docs(mesh, namespace, workload, proxy_namespace="shop", proxy_labels={"app": "reviews"})
+    assert reviews.access_logging.server.logs(_request(404)) and not reviews.access_logging.server.logs(_request(200))
+    assert reviews.dump["access_logging"]["server"] == {"enabled": True, "filter": "response.code >= 400",
+                                                        "provider": "envoy"}
+    assert compile_docs(proxy_namespace="shop").access_logging is None
+    assert AccessLogChoice().logs(_request(200))
+
+
+@pytest.mark.parametrize(("expression", "logged", "not_logged"), [
+    ("response.code >= 400", _request(500), _request(200)),
+    ("response.code == 0 || response.code == 503", _request(0), _request(502)),
+    ("request.method != 'GET' && !(response.code < 300)", _request(404, b"POST"), _request(200, b"POST")),
+    ('request.url_path.startsWith("/api") && request.path != "/api/health"', _request(200, target=b"/api/x?y=1"),
+     _request(200, target=b"/api/health")),
+    ("xds.cluster_name == 'PassthroughCluster'", _request(200, cluster="PassthroughCluster"), _request(200)),
+])
+def test_access_log_filter_expressions(expression, logged, not_logged):
+    from proxy.config.access_log_filter import compile_filter
+
+    predicate = compile_filter(expression)
+    assert predicate(logged) and not predicate(not_logged)

@@ -234,3 +234,51 @@ def test_tcp_connections_in_json_with_their_flags(setup) -> None:
     assert ok["duration_ms"] >= 0 and "downstream_peer_principal" not in ok
     assert failed["response_flags"] == "UF" and (failed["bytes_received"], failed["bytes_sent"]) == (0, 0)
     json.dumps(failed)
+
+
+def _get(port: int, path: str) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def test_telemetry_access_logging_filters_and_picks_the_envoy_provider(tmp_path) -> None:
+    backend = Backend("v1")
+    echo = Echo()
+    http_port, tcp_port = free_port(), free_port()
+    config = tmp_path / "mesh.yaml"
+    config.write_text(_config(http_port, tcp_port, backend.port, echo.port) + """---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  accessLogging:
+  - providers: [{name: envoy}]
+    filter: {expression: "request.url_path.startsWith('/keep') || response.code >= 400"}
+""")
+    proxy = Proxy(config, tmp_path, concurrency=1, access_log="json").start()
+    try:
+        assert _get(http_port, "/drop/1") == 200
+        assert _get(http_port, "/keep/1") == 200
+        assert _get(http_port, "/drop/2") == 200
+        _tcp_exchange(tcp_port, b"tcp")
+        lines = _access_lines(proxy, 2)
+        assert [_fields(line)["%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"] for line in lines] == ["/keep/1", "-"]
+        assert proxy.config_dump()["config"]["access_logging"]["client"] == {
+            "enabled": True, "filter": "request.url_path.startsWith('/keep') || response.code >= 400",
+            "provider": "envoy"}
+        proxy.stop()
+        # nothing of the filtered requests was written, in any format
+        assert "/drop/" not in proxy.log_text()
+        assert not [r for r in proxy.log_records() if r.get("event") == "access"]
+    finally:
+        proxy.stop()
+        backend.close()
+        echo.close()
