@@ -1157,6 +1157,7 @@ def compile_resources(
     tracing = telemetry.resolve(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     access_logging = telemetry.resolve_access_logging(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace,
                                                       proxy_labels)
+    metrics = telemetry.resolve_metrics(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
@@ -1187,6 +1188,7 @@ def compile_resources(
         "peer_authentication": peer_authentication.describe(mtls),
         "tracing": telemetry.describe(tracing),
         "access_logging": telemetry.describe_access_logging(access_logging),
+        "metrics": telemetry.describe_metrics(metrics),
     }
     return Snapshot(
         version=version,
@@ -1202,6 +1204,7 @@ def compile_resources(
         mtls=mtls,
         tracing=tracing,
         access_logging=access_logging,
+        metrics=metrics,
         mesh_addresses=mesh_addresses(c.registry),
     )
 

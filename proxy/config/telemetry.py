@@ -111,3 +111,60 @@ def describe_access_logging(policy: AccessLoggingPolicy | None) -> dict | None:
                 "provider": "envoy" if choice.text else "default"}
 
     return {"client": side(policy.client), "server": side(policy.server), "sources": list(policy.sources)}
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsRule:
+    """One `metrics[].overrides[]` entry: for the series of `metrics` whose `reporter` is in
+    `reporters`, maybe disable them, then drop the `remove` labels and set the `upsert` ones."""
+
+    metrics: frozenset[str]  # Prometheus family names (istio_requests_total, ...)
+    reporters: frozenset[str]  # "source" (CLIENT), "destination" (SERVER)
+    disabled: bool | None = None
+    remove: tuple[str, ...] = ()
+    upsert: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsPolicy:
+    rules: tuple[MetricsRule, ...]  # applied in order: mesh, namespace, workload; entries in order
+    sources: tuple[str, ...] = ()
+
+
+_REPORTERS = {"CLIENT": frozenset({"source"}), "SERVER": frozenset({"destination"}),
+              "CLIENT_AND_SERVER": frozenset({"source", "destination"})}
+
+
+def resolve_metrics(resources: Iterable, root_namespace: str, proxy_namespace: str | None,
+                    proxy_labels: Mapping[str, str] | None) -> MetricsPolicy | None:
+    """None when no Telemetry that applies overrides a metric (Istio's metrics are served as
+    recorded). The overrides of every scope apply, the more specific ones after (so they win)."""
+    from proxy.config.istio import ISTIO_METRIC_NAMES, literal_tag_value
+
+    layers = [r for r in scoped(resources, root_namespace, proxy_namespace, proxy_labels)
+              if r is not None and r.obj.spec.metrics]
+    rules: list[MetricsRule] = []
+    for r in layers:
+        for metrics in r.obj.spec.metrics:
+            for override in metrics.overrides:
+                match = override.match
+                metric = match.metric if match is not None else "ALL_METRICS"
+                names = frozenset(ISTIO_METRIC_NAMES.values()) if metric == "ALL_METRICS" else frozenset(
+                    {ISTIO_METRIC_NAMES[metric]})
+                mode = match.mode if match is not None else "CLIENT_AND_SERVER"
+                remove = tuple(k for k, t in override.tag_overrides.items() if t.operation == "REMOVE")
+                upsert = tuple((k, literal_tag_value(t.value)) for k, t in override.tag_overrides.items()
+                               if t.operation == "UPSERT")
+                rules.append(MetricsRule(names, _REPORTERS[mode], override.disabled, remove, upsert))
+    if not rules:
+        return None
+    return MetricsPolicy(tuple(rules), tuple(f"{r.namespace}/{r.name}" for r in layers))
+
+
+def describe_metrics(policy: MetricsPolicy | None) -> dict | None:
+    if policy is None:
+        return None
+    return {"overrides": [{"metrics": sorted(rule.metrics), "reporters": sorted(rule.reporters),
+                           "disabled": rule.disabled, "remove": list(rule.remove), "upsert": dict(rule.upsert)}
+                          for rule in policy.rules],
+            "sources": list(policy.sources)}

@@ -61,6 +61,7 @@ from proxy.runner.config_source import Sources, build_snapshot, content_digest, 
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, merge, render_prometheus
+from proxy.telemetry.metrics_overrides import apply_overrides
 from proxy.telemetry.peer import identity_from_labels
 from proxy.xds.failover import ControlPlaneAddress
 
@@ -574,7 +575,9 @@ class Supervisor:
             for slot in self.slots:
                 exports.append(slot.retired_rows)
                 nursery.start_soon(fetch, slot)
-        return render_prometheus(merge(exports))
+        # Telemetry `metrics` overrides reshape Istio's series here, once per scrape, never per request
+        active = self.active
+        return render_prometheus(apply_overrides(merge(exports), active.snapshot.metrics if active is not None else None))
 
     def config_dump(self) -> dict[str, Any]:
         a = self.active
