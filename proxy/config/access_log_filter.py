@@ -140,8 +140,7 @@ class _Parser:
             op = self.operator(("==", "!="))
             compare, text = _COMPARE[op], self.string()
             return lambda ctx: compare(read_text(ctx), text)
-        raise FilterError(f"attribute {name!r} at offset {at} is not one triomesh evaluates; "
-                          f"supported: {', '.join(ATTRIBUTES)}")
+        raise FilterError(f"unknown attribute {name!r} at offset {at}; the attributes are: {', '.join(ATTRIBUTES)}")
 
     def operator(self, allowed) -> str:  # noqa: ANN001 - a collection of operator strings
         kind, op, at = self.take()

@@ -49,6 +49,10 @@ def _discard(ctx: RequestContext) -> None:
     return None
 
 
+def _discard_connection(entry: ConnectionEntry, *, text: bool = False) -> None:
+    return None
+
+
 class _WallClockFormatter:
     """ISO-8601 UTC timestamps with milliseconds. The formatted second and the last millisecond's
     string are cached: at thousands of requests per second most lines share them."""
@@ -242,7 +246,7 @@ class AccessLog:
         self.dropped_lines = 0
         if fmt == "off":
             self.emit = _discard  # type: ignore[method-assign]
-            self.emit_connection = _discard  # type: ignore[method-assign]
+            self.emit_connection = _discard_connection  # type: ignore[method-assign]
         elif fmt == "text":
             self.emit = self._emit_text  # type: ignore[method-assign]
         elif fmt == "console":

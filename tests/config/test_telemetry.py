@@ -55,9 +55,9 @@ def test_tracing_fields_load(api_version):
      "an integer; found \"'400'\" at offset 17"),
     ({"accessLogging": [{"filter": {"expression": "request.size > 10"}}]},
      "$.spec.accessLogging[0].filter.expression",
-     "filter expression 'request.size > 10' is not one triomesh evaluates: attribute 'request.size' "
-     "at offset 0 is not one triomesh evaluates; supported: response.code, request.method, request.host, "
-     "request.path, request.url_path, xds.cluster_name"),
+     "filter expression 'request.size > 10' is not one triomesh evaluates: unknown attribute 'request.size' "
+     "at offset 0; the attributes are: response.code, request.method, request.host, request.path, "
+     "request.url_path, xds.cluster_name"),
     ({"accessLogging": [{"match": {"mode": "BOTH"}}]}, "$.spec.accessLogging[0].match.mode",
      "Invalid enum value 'BOTH'; expected one of CLIENT, CLIENT_AND_SERVER, SERVER"),
     ({"targetRef": {"kind": "Gateway", "name": "g"}}, "$.spec.targetRef",
