@@ -24,7 +24,7 @@ DELEGATED = {
     "proxy-config": ("controlplane.cli:proxy_config_main", "listeners/routes/clusters one proxy runs"),
 }
 
-ACCESS_LOG_FORMATS = ("off", "json", "console")
+ACCESS_LOG_FORMATS = ("off", "json", "text", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "console")
 
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--trace-sampling", type=_percentage, default=1.0, metavar="PERCENT",
                     help="percentage of requests sampled when no Telemetry resource and no incoming decision "
                          "says otherwise (Istio's meshConfig.defaultConfig.tracing.sampling; default 1)")
-    p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format (default json)")
+    p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json", help="access log format: json, text (Envoy's default format, as Istio prints it), console, off (default json)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     p.add_argument("--log-format", choices=LOG_FORMATS, default="json", help="format of the proxy's own log lines")
 

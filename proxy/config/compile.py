@@ -1156,6 +1156,9 @@ def compile_resources(
         c.by_kind["AuthorizationPolicy"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     mtls = peer_authentication.resolve(c.by_kind["PeerAuthentication"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     tracing = telemetry.resolve(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
+    access_logging = telemetry.resolve_access_logging(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace,
+                                                      proxy_labels)
+    metrics = telemetry.resolve_metrics(c.by_kind["Telemetry"], ROOT_NAMESPACE, proxy_namespace, proxy_labels)
     kinds: dict[str, int] = defaultdict(int)
     for r in items:
         kinds[r.kind] += 1
@@ -1185,6 +1188,8 @@ def compile_resources(
                           "listeners": sorted(authorized) if authorization is not None else []},
         "peer_authentication": peer_authentication.describe(mtls),
         "tracing": telemetry.describe(tracing),
+        "access_logging": telemetry.describe_access_logging(access_logging),
+        "metrics": telemetry.describe_metrics(metrics),
     }
     return Snapshot(
         version=version,
@@ -1199,6 +1204,8 @@ def compile_resources(
         authorized_listeners=frozenset(authorized) if authorization is not None else frozenset(),
         mtls=mtls,
         tracing=tracing,
+        access_logging=access_logging,
+        metrics=metrics,
         mesh_addresses=mesh_addresses(c.registry),
     )
 

@@ -30,6 +30,24 @@ SECURITY_API_VERSIONS = ("security.istio.io/v1", "security.istio.io/v1beta1")
 TELEMETRY_API_VERSIONS = ("telemetry.istio.io/v1", "telemetry.istio.io/v1alpha1")
 # the tracing provider a Telemetry resource may name: the Zipkin collector given by --zipkin-address
 TRACING_PROVIDERS = ("zipkin",)
+# the access-log provider a Telemetry resource may name: Istio's built-in `envoy` (Envoy's default
+# text format on the proxy's access log); extensionProviders need a MeshConfig triomesh does not read
+ACCESS_LOG_PROVIDERS = ("envoy",)
+# the metrics provider: the proxy's /stats/prometheus
+METRICS_PROVIDERS = ("prometheus",)
+# Istio's standard metrics by their Telemetry names (MetricSelector.IstioMetric)
+ISTIO_METRIC_NAMES = {
+    "REQUEST_COUNT": "istio_requests_total",
+    "REQUEST_DURATION": "istio_request_duration_milliseconds",
+    "REQUEST_SIZE": "istio_request_bytes",
+    "RESPONSE_SIZE": "istio_response_bytes",
+    "TCP_OPENED_CONNECTIONS": "istio_tcp_connections_opened_total",
+    "TCP_CLOSED_CONNECTIONS": "istio_tcp_connections_closed_total",
+    "TCP_SENT_BYTES": "istio_tcp_sent_bytes_total",
+    "TCP_RECEIVED_BYTES": "istio_tcp_received_bytes_total",
+    "GRPC_REQUEST_MESSAGES": "istio_request_messages_total",
+    "GRPC_RESPONSE_MESSAGES": "istio_response_messages_total",
+}
 
 PortNumber = Annotated[int, Meta(ge=1, le=65535)]
 Percent = Annotated[int, Meta(ge=0, le=100)]
@@ -1062,15 +1080,106 @@ class TelemetryTracing(IstioStruct, frozen=True):
                        f"it reports to {', '.join(repr(p) for p in TRACING_PROVIDERS)} (the collector of --zipkin-address)")
 
 
+class TelemetryMatch(IstioStruct, frozen=True):
+    """Telemetry `match`: which side of the proxy's traffic a setting is for (a gateway is CLIENT)."""
+
+    mode: Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "CLIENT_AND_SERVER"
+
+
+class AccessLogFilter(IstioStruct, frozen=True):
+    expression: str
+
+
+class TelemetryAccessLogging(IstioStruct, frozen=True):
+    """Telemetry `accessLogging[]`: whether requests get an access-log line, which ones, in what provider."""
+
+    match: TelemetryMatch | None = None
+    providers: tuple[ProviderRef, ...] = ()
+    disabled: bool | None = None
+    filter: AccessLogFilter | None = None
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        from proxy.config.access_log_filter import FilterError, compile_filter
+
+        for i, provider in enumerate(self.providers):
+            if provider.name not in ACCESS_LOG_PROVIDERS:
+                yield (f"providers[{i}].name", f"access-log provider {provider.name!r} is not one triomesh has; it "
+                       f"writes to {', '.join(repr(p) for p in ACCESS_LOG_PROVIDERS)} (Envoy's text format on the "
+                       "proxy's access log): meshConfig extensionProviders are not configurable")
+        if self.filter is not None:
+            try:
+                compile_filter(self.filter.expression)
+            except FilterError as e:
+                yield ("filter.expression", f"filter expression {self.filter.expression!r} is not one triomesh "
+                       f"evaluates: {e}")
+
+
+class MetricSelector(IstioStruct, frozen=True):
+    """Telemetry `metrics[].overrides[].match`: which of Istio's metrics, reported by which side."""
+
+    metric: Literal["ALL_METRICS", "REQUEST_COUNT", "REQUEST_DURATION", "REQUEST_SIZE", "RESPONSE_SIZE",
+                    "TCP_OPENED_CONNECTIONS", "TCP_CLOSED_CONNECTIONS", "TCP_SENT_BYTES", "TCP_RECEIVED_BYTES",
+                    "GRPC_REQUEST_MESSAGES", "GRPC_RESPONSE_MESSAGES"] = "ALL_METRICS"
+    custom_metric: Any = UNSET
+    mode: Literal["CLIENT", "SERVER", "CLIENT_AND_SERVER"] = "CLIENT_AND_SERVER"
+
+    unsupported: ClassVar[tuple[str, ...]] = ("custom_metric",)
+
+
+class TagOverride(IstioStruct, frozen=True):
+    operation: Literal["UPSERT", "REMOVE"] = "UPSERT"
+    value: str | None = None
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        if self.operation == "UPSERT":
+            if self.value is None:
+                yield ("value", "UPSERT needs a `value`")
+            elif literal_tag_value(self.value) is None:
+                yield ("value", f"tag value {self.value!r} is not one triomesh evaluates: only a quoted string "
+                       "literal ('text' or \"text\"), applied when the metrics are served; attribute "
+                       "expressions would cost every request")
+
+
+def literal_tag_value(expression: str) -> str | None:
+    """The string of a CEL string literal ('x' or "x"), None for anything else."""
+    text = expression.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and text[0] not in text[1:-1] \
+            and "\\" not in text:
+        return text[1:-1]
+    return None
+
+
+class MetricsOverride(IstioStruct, frozen=True):
+    match: MetricSelector | None = None
+    disabled: bool | None = None
+    tag_overrides: dict[str, TagOverride] = field(default_factory=dict)
+
+
+class TelemetryMetrics(IstioStruct, frozen=True):
+    """Telemetry `metrics[]`: overrides of Istio's standard metrics, applied when they are served."""
+
+    providers: tuple[ProviderRef, ...] = ()
+    overrides: tuple[MetricsOverride, ...] = ()
+    reporting_interval: Any = UNSET
+
+    unsupported: ClassVar[tuple[str, ...]] = ("reporting_interval",)
+
+    def refused_values(self) -> Iterator[tuple[str, str]]:
+        for i, provider in enumerate(self.providers):
+            if provider.name not in METRICS_PROVIDERS:
+                yield (f"providers[{i}].name", f"metrics provider {provider.name!r} is not one triomesh has; it "
+                       f"serves {', '.join(repr(p) for p in METRICS_PROVIDERS)} (the admin /stats/prometheus)")
+
+
 class TelemetrySpec(IstioStruct, frozen=True):
     selector: SecurityWorkloadSelector | None = None
     target_ref: Any = UNSET
     target_refs: Any = UNSET
     tracing: tuple[TelemetryTracing, ...] = ()
-    metrics: Any = UNSET
-    access_logging: Any = UNSET
+    metrics: tuple[TelemetryMetrics, ...] = ()
+    access_logging: tuple[TelemetryAccessLogging, ...] = ()
 
-    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs", "metrics", "access_logging")
+    unsupported: ClassVar[tuple[str, ...]] = ("target_ref", "target_refs")
 
     def __post_init__(self) -> None:
         if len(self.tracing) > 1:  # Istio itself uses only the first entry

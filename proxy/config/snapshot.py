@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 
 from proxy.authz.peer_authentication import MtlsPolicy
 from proxy.authz.policy import WorkloadAuthorization
-from proxy.config.telemetry import TracingPolicy
+from proxy.config.telemetry import AccessLoggingPolicy, MetricsPolicy, TracingPolicy
 from proxy.l7.events import RequestHead, split_authority
 
 
@@ -478,6 +478,12 @@ class Snapshot:
     mesh_addresses: frozenset[str] = frozenset()
     # the tracing settings of the Telemetry resources that apply to this proxy (config/telemetry.py)
     tracing: TracingPolicy = TracingPolicy()
+    # the access logging of the Telemetry resources that apply; None: none says anything of it, every
+    # request and connection is logged in --access-log's format (config/telemetry.py)
+    access_logging: AccessLoggingPolicy | None = None
+    # the Telemetry `metrics` overrides, applied to Istio's metrics when they are served (never per
+    # request: proxy/telemetry/metrics_overrides.py); None: none applies
+    metrics: MetricsPolicy | None = None
 
 
 EMPTY_SNAPSHOT = Snapshot(version="", listeners=(), clusters={})

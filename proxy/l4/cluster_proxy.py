@@ -20,7 +20,9 @@ import structlog
 import trio
 
 from proxy.config.snapshot import Snapshot
+from proxy.l4 import connection_log
 from proxy.l4.addrs import UpstreamAddr
+from proxy.l4.connection_log import ConnectionClosed, ConnectionOpened
 from proxy.l4.tcp_proxy import CopyMode, TcpProxyResult, TcpProxyStats, proxy_to_upstream
 from proxy.l4.errors import ConnectFailure, LocalConnectFailure
 from proxy.l7 import errors as l7_errors
@@ -53,23 +55,47 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
                            idle_timeout_s: float | None, initial: bytes = b"", inbound: bool = False,
                            peer_identity: WorkloadIdentity | None = None) -> Outcome:
     """Pick an endpoint of `cluster_name` for this connection and proxy `sock` to it until both
-    sides are done. Takes ownership of `sock`: refused connections are reset, as Envoy's tcp_proxy
-    resets a connection it cannot forward. `original_destination`: where the client was going
-    before a capture redirect (resolution NONE clusters go there), None at a gateway. `inbound`: a
-    sidecar's inbound connection (Istio's metrics report it as the destination); `peer_identity`:
-    the client sidecar's facts and principal when it came over mesh mTLS (metrics: mutual_tls)."""
+    sides are done, then write its access-log line. Takes ownership of `sock`: refused connections
+    are reset, as Envoy's tcp_proxy resets a connection it cannot forward. `original_destination`:
+    where the client was going before a capture redirect (resolution NONE clusters go there), None
+    at a gateway. `inbound`: a sidecar's inbound connection (Istio's metrics report it as the
+    destination); `peer_identity`: the client sidecar's facts and principal when it came over mesh
+    mTLS (metrics: mutual_tls)."""
+    access_log = plane.access_log
+    text = False
+    if access_log is not None and snapshot.access_logging is not None:
+        # Telemetry accessLogging: a connection's line follows its side's `disabled` and provider (a
+        # filter's attributes are a request's)
+        choice = snapshot.access_logging.for_direction(inbound)
+        access_log, text = (access_log if choice.enabled else None), choice.text
+    opened = ConnectionOpened.of(sock, original_destination) if access_log is not None else None
+    outcome, closed = await _proxy(plane, snapshot, cluster_name, sock, client_ip, original_destination, stats=stats,
+                                   idle_timeout_s=idle_timeout_s, initial=initial, inbound=inbound,
+                                   peer_identity=peer_identity)
+    if opened is not None:
+        access_log.emit_connection(connection_log.entry(opened, cluster_name, closed, access_log), text=text)
+    return outcome
+
+
+_NO_HEALTHY_UPSTREAM = (Outcome.NO_HEALTHY_UPSTREAM, ConnectionClosed("UH", "", None))
+
+
+async def _proxy(plane, snapshot: Snapshot, cluster_name: str, sock: socket.socket | TlsConn, client_ip: str,
+                 original_destination: tuple[str, int] | None, *, stats: TcpProxyStats,
+                 idle_timeout_s: float | None, initial: bytes, inbound: bool,
+                 peer_identity: WorkloadIdentity | None) -> tuple[Outcome, ConnectionClosed]:
     crt = plane.runtime(snapshot).clusters.get(cluster_name)
     cluster = crt.cluster if crt is not None else None
     if cluster is None or (not cluster.endpoints and (cluster.resolution != "NONE" or original_destination is None)):
         reset(sock)
-        return Outcome.NO_HEALTHY_UPSTREAM
+        return _NO_HEALTHY_UPSTREAM
     endpoint = None
     if cluster.endpoints:
         # the one endpoint pick: balancer, hashing on the source IP, outlier ejections
         endpoint = crt.pick(ConnectionPick(client_ip.encode(), original_destination), plane.in_flight_of)
         if endpoint is None:
             reset(sock)
-            return Outcome.NO_HEALTHY_UPSTREAM
+            return _NO_HEALTHY_UPSTREAM
         upstream = UpstreamAddr(endpoint.address, endpoint.port)
     else:  # resolution NONE: the app resolved the name itself; go where it was going
         upstream = UpstreamAddr(*original_destination)
@@ -77,7 +103,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     if limit is not None and crt.cx_active.value >= limit:  # connectionPool.tcp.maxConnections
         crt.rq_pending_overflow.value += 1
         reset(sock)
-        return Outcome.OVERFLOW
+        return Outcome.OVERFLOW, ConnectionClosed("UO", str(upstream), None)
     originate = crt.tls is not None and endpoint is not None and originates_tls(plane, crt.tls[0], endpoint.key)
     if not originate and not is_ip(upstream.ip):
         # a DNS endpoint (resolution DNS): resolve when connecting, as Envoy's STRICT_DNS does
@@ -86,7 +112,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
         except OSError as exc:
             log.info("tcp upstream not resolved", cluster=cluster_name, host=upstream.ip, error=str(exc))
             reset(sock)
-            return Outcome.NO_HEALTHY_UPSTREAM
+            return _NO_HEALTHY_UPSTREAM
         # IPv4 first when the name has both (Envoy's V4_PREFERRED; Istio asks V4_ONLY outside
         # dual-stack meshes)
         info = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
@@ -127,7 +153,7 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     if result.error is not None and result.error.source == "upstream":
         log.info("tcp upstream failed", cluster=cluster_name, upstream=str(upstream),
                  flag=result.error.response_flag, error=str(result.error))
-    return Outcome.PROXIED
+    return Outcome.PROXIED, ConnectionClosed("", str(upstream), result)
 
 
 def originates_tls(plane, settings, endpoint_key: tuple[str, int]) -> bool:

@@ -303,6 +303,10 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
                             else tracing.settings.sampling_percent)
         stages.insert(0, TracingStage(tracing, sampling_percent, report=not policy.disable_span_reporting))
         stages.append(UPSTREAM_SPAN_START)
+    if snapshot.access_logging is not None:  # Telemetry accessLogging: the choice of this listener's side
+        from proxy.l7.stages.access_log_policy import AccessLogPolicyStage
+
+        stages.insert(0, AccessLogPolicyStage(snapshot.access_logging.for_direction(inbound)))
     cookie = any(c.consistent_hash is not None and c.consistent_hash.source == "cookie"
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):

@@ -24,6 +24,7 @@ from proxy.l7.h2_codec import request_fields, trailer_fields
 from proxy.l7.h2_upstream import RefusedStream, open_stream
 from proxy.l7.router import Exchange
 from proxy.telemetry.grpc_messages import GrpcMessageCounter, is_grpc
+from proxy.tracing.spans import upstream_response_ended
 
 if TYPE_CHECKING:
     from proxy.l7.dataplane import ClusterRuntime
@@ -155,6 +156,8 @@ class H2Exchange(Exchange):
         self.crt.count_response(status)
         deadline = self.deadline
         if framing.kind == h1.NONE:
+            if ctx.extra is not None:
+                upstream_response_ended(ctx.extra)
             rest = stream.send_whole_nowait(None)
             if rest is not None:
                 await stream.send_rest(rest)
@@ -169,6 +172,8 @@ class H2Exchange(Exchange):
                 for piece in pieces:
                     counters[1].feed(piece)
             if up.done:
+                if ctx.extra is not None:
+                    upstream_response_ended(ctx.extra)
                 if up.trailers is not None:
                     if pieces:
                         await stream.send(pieces, False)

@@ -61,8 +61,12 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
             telemetry.record_request(ctx)
         except Exception:  # noqa: BLE001 - a metrics bug must not cost the request its access log or connection
             log.exception("istio metrics failed", client=ctx.downstream_addr)
-    if plane.access_log is not None:
-        plane.access_log.emit(ctx)
+    access_log = plane.access_log
+    if access_log is not None:
+        if extra is not None and "access_log" in extra:  # a Telemetry accessLogging choice (stages/access_log_policy.py)
+            access_log.emit_chosen(extra["access_log"], ctx)
+        else:
+            access_log.emit(ctx)
 
 
 async def reply_for_error(ctx: RequestContext, e: ProxyError, stream: DownstreamStream) -> bool:

@@ -56,6 +56,7 @@ from proxy.l7.retry import backoff_s, retry_on_error, retry_on_status
 from proxy.l7.stages.headers import response_header_ops
 from proxy.l7.stages.routing import LOCAL_CLUSTER, redirect_location
 from proxy.l7.upstream_conn import UpstreamConn, acquire, checkout_idle, discard, release
+from proxy.tracing.spans import upstream_response_ended
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import RetryPolicy, Route
@@ -181,6 +182,8 @@ class Exchange:
 
     def _count_failure(self, endpoint, e: ProxyError, per_try: bool) -> None:
         crt = self.crt
+        if self.ctx.extra is not None:
+            upstream_response_ended(self.ctx.extra)  # a failed try ends the client span (a retry moves it on)
         if isinstance(e, LocalConnectFailure):
             return  # we had no socket to give: the endpoint did nothing wrong
         if isinstance(e, UpstreamTimeout):
@@ -480,6 +483,8 @@ class Exchange:
         if kind == h1.NONE or (kind == h1.LENGTH and up.buffered >= framing.length):
             # the whole response is here (the common small response): no body reader, and no
             # await unless the kernel would not take it all at once
+            if ctx.extra is not None:
+                upstream_response_ended(ctx.extra)
             rest = stream.send_whole_nowait(up.consume(framing.length) if kind == h1.LENGTH else None)
             if rest is not None:
                 await stream.send_rest(rest)
@@ -489,10 +494,15 @@ class Exchange:
             return upstream_keep
         reader = BodyReader(up, framing, eof_error=UpstreamReset, timeout_error=UpstreamTimeout,
                             protocol_error=UpstreamProtocolError, deadline=self.deadline)
-        await stream.send(reader.buffered_pieces(), reader.done)
+        pieces = reader.buffered_pieces()
+        if reader.done and ctx.extra is not None:
+            upstream_response_ended(ctx.extra)
+        await stream.send(pieces, reader.done)
         ctx.status = status
         while not reader.done:
             pieces = await reader.next_pieces()
+            if reader.done and ctx.extra is not None:
+                upstream_response_ended(ctx.extra)
             if pieces or reader.done:
                 await stream.send(pieces, reader.done)
         ctx.bytes_sent = reader.bytes_read

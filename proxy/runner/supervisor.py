@@ -63,6 +63,7 @@ from proxy.runner.config_source import Sources, build_snapshot, content_digest, 
 from proxy.runner.config_watch import ConfigWatch
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, cumulative_rows, merge, render_prometheus
+from proxy.telemetry.metrics_overrides import apply_overrides
 from proxy.telemetry.peer import identity_from_labels
 from proxy.xds.failover import ControlPlaneAddress
 
@@ -574,7 +575,10 @@ class Supervisor:
         return not self.draining and a is not None and all(slot.version == a.version and not slot.listener_errors for slot in self.slots)
 
     async def stats_prometheus(self) -> str:
-        return render_prometheus(merge(await self._exports()))
+        # Telemetry `metrics` overrides reshape Istio's series here, once per scrape, never per request
+        active = self.active
+        return render_prometheus(apply_overrides(merge(await self._exports()),
+                                                 active.snapshot.metrics if active is not None else None))
 
     async def cumulative_rows(self) -> list[control.StatsRow]:
         """Counters and histograms of everything this proxy counted, and of those it replaced: what a

@@ -3,6 +3,7 @@ their Zipkin v2 JSON form with the tags Envoy's Zipkin tracer sets."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from random import random
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,8 @@ class RequestTrace:
     server span is a child of the incoming span (Envoy with `shared_span_context: false`, as Istio
     sets it); the client span, whose id goes upstream, is a child of the server span."""
 
-    __slots__ = ("trace_id", "parent_id", "server_span_id", "client_span_id", "start_wall_us", "client_start_wall_us")
+    __slots__ = ("trace_id", "parent_id", "server_span_id", "client_span_id", "start_wall_us", "client_start_wall_us",
+                 "client_end_wall_us")
 
     def __init__(self, incoming: IncomingTrace, start_wall_us: int, client_start_wall_us: int) -> None:
         self.trace_id = incoming.trace_id or new_trace_id()
@@ -51,6 +53,9 @@ class RequestTrace:
         self.client_span_id = new_span_id()
         self.start_wall_us = start_wall_us
         self.client_start_wall_us = client_start_wall_us
+        # when the upstream response's last byte arrived or the upstream failed (0: the request's
+        # end, for a request that never got that far)
+        self.client_end_wall_us = 0
 
     def zipkin_spans(self, ctx: RequestContext, settings: TracingSettings, end_wall_us: int) -> list[dict[str, Any]]:
         """The server span and, when the request reached an upstream, the client span (Zipkin v2)."""
@@ -97,10 +102,20 @@ class RequestTrace:
             client = {"traceId": self.trace_id.decode(), "id": self.client_span_id.decode(),
                       "parentId": self.server_span_id.decode(), "kind": "CLIENT", "name": operation,
                       "timestamp": self.client_start_wall_us,
-                      "duration": max(1, end_wall_us - self.client_start_wall_us), "localEndpoint": local,
+                      "duration": max(1, (self.client_end_wall_us or end_wall_us) - self.client_start_wall_us),
+                      "localEndpoint": local,
                       "remoteEndpoint": _endpoint(ip, port), "tags": client_tags}
             spans.append(client)
         return spans
+
+
+def upstream_response_ended(extra: dict) -> None:
+    """The upstream response ended (its last byte arrived, or the upstream failed): a sampled
+    request's client span ends now, not when the response has also reached the downstream. The
+    router calls it only for requests with scratch state (`ctx.extra`), so others pay one check."""
+    trace = extra.get("trace")
+    if trace is not None:
+        trace.client_end_wall_us = int(time.time() * 1_000_000)
 
 
 def _endpoint(ip: str, port: str) -> dict[str, Any]:

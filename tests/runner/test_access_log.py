@@ -179,3 +179,64 @@ def test_wall_clock_formatter_matches_strftime() -> None:
 def test_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="off"):
         AccessLog("xml")
+
+
+def test_text_line_prints_a_dash_for_what_is_unknown(pipe: _Pipe) -> None:
+    log = AccessLog("text", fd=pipe.w, clock=lambda: 100.5)
+    ctx = _ctx(flags=["UF", "URX"])
+    ctx.status = 503
+    ctx.upstream_host = ""
+    ctx.cluster = None
+    ctx.request_id = b""
+    log.emit(ctx)
+    log.flush()
+    assert pipe.read() == (b'[2025-11-25T08:00:01.250Z] "GET /api/v1?x=1 HTTP/1.1" 503 UF,URX - - "-" 5 1234 500 - '
+                           b'"-" "-" "-" "shop.example:8080" "-" - - - 127.0.0.1:40123 - -\n')
+
+
+def test_text_line_of_an_upstream_response(pipe: _Pipe) -> None:
+    log = AccessLog("text", fd=pipe.w, clock=lambda: 100.0123)
+    ctx = _ctx()
+    ctx.request.headers += [(b"user-agent", b"curl/8.5.0"), (b"x-forwarded-for", b"10.0.0.1, 10.0.0.2")]
+    ctx.original_destination = ("10.1.2.3", 8080)
+    log.emit(ctx)
+    log.flush()
+    assert pipe.read() == (b'[2025-11-25T08:00:01.250Z] "GET /api/v1?x=1 HTTP/1.1" 200 - via_upstream - "-" 5 1234 12 - '
+                           b'"10.0.0.1, 10.0.0.2" "curl/8.5.0" "8c3c2b6e-1f1a-4a57-9a55-2f0c1d0e4b7a" '
+                           b'"shop.example:8080" "127.0.0.1:9001" outbound|80|v1|shop - 10.1.2.3:8080 '
+                           b'127.0.0.1:40123 - -\n')
+
+
+def test_off_writes_no_connection_line_either(pipe: _Pipe) -> None:
+    from proxy.l7.access_log import ConnectionEntry
+
+    log = AccessLog("off", fd=pipe.w)
+    entry = ConnectionEntry("access", "info", "t", "tcp", "-", "-", "-", 0, 0, 0.0, "-", "-")
+    log.emit_connection(entry)
+    log.emit_connection(entry, text=True)
+    log.flush()
+    assert pipe.read() == b""
+
+
+def test_a_connection_line_in_each_format(pipe: _Pipe) -> None:
+    from proxy.l7.access_log import ConnectionEntry
+
+    entry = ConnectionEntry("access", "info", "2025-11-25T08:00:01.250Z", "tcp", "UF", "127.0.0.1:9000",
+                            "outbound|9000||echo", 3, 0, 1.5, "127.0.0.1:40000", "127.0.0.1:15443",
+                            downstream_peer_principal="cluster.local/ns/shop/sa/web")
+    console = AccessLog("console", fd=pipe.w)
+    console.emit_connection(entry)
+    console.flush()
+    line = pipe.read().decode()
+    assert line.count("\n") == 1 and "response_flags=UF" in line and "protocol=tcp" in line
+    log = AccessLog("json", fd=pipe.w, worker=2)
+    log.emit_connection(entry)
+    log.flush()
+    record = json.loads(pipe.read())
+    assert (record["protocol"], record["response_flags"], record["worker"], record["downstream_peer_principal"]) == (
+        "tcp", "UF", 2, "cluster.local/ns/shop/sa/web")
+    text = AccessLog("text", fd=pipe.w)
+    text.emit_connection(entry)
+    text.flush()
+    assert pipe.read() == (b'[2025-11-25T08:00:01.250Z] "- - -" 0 UF - - "-" 3 0 1 - "-" "-" "-" "-" "127.0.0.1:9000" '
+                           b'outbound|9000||echo - 127.0.0.1:15443 127.0.0.1:40000 - -\n')

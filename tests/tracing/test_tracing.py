@@ -327,3 +327,52 @@ async def test_h2c_requests_from_curl_are_traced_the_same_way():
     server = next(s for s in spans if s["kind"] == "SERVER")
     assert server["parentId"] == "e457b5a2e4d86bd1" and server["tags"]["user_agent"].startswith("curl/")
     assert app.received[0]["b3"].startswith("80f198ee56343ba864fe8b2a57d3eff7-")
+
+
+async def test_the_client_span_ends_with_the_upstream_response_not_with_a_slow_downstream():
+    # an HTTP/2 client opens a stream window of 1 byte and widens it only after 0.8 s: the upstream
+    # answered at once, so the client span is short, while the server span lasts until the last
+    # byte reached the client
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    async with trio.open_nursery() as nursery:
+        collector = await ZipkinCollector().start(nursery)
+        app = await App("a-longer-body").start(nursery)
+        port, _ = await start_proxy(nursery, collector, "app.example.com", app.port, sampling=100, service="app")
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1})
+        conn.send_headers(1, [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"http"),
+                              (b":authority", b"app.example.com")], end_stream=True)
+        sock = await trio.open_tcp_stream("127.0.0.1", port)
+        await sock.send_all(conn.data_to_send())
+        body, ended, widened = b"", False, False
+        with trio.fail_after(10):
+            while not ended:
+                with trio.move_on_after(0.8 if not widened else 10) as waited:
+                    data = await sock.receive_some(65536)
+                if waited.cancelled_caught:  # the window is full: let the rest come
+                    conn.increment_flow_control_window(65535, stream_id=1)
+                    widened = True
+                    await sock.send_all(conn.data_to_send())
+                    continue
+                assert data, "the proxy closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended = True
+                await sock.send_all(conn.data_to_send())
+        await sock.aclose()
+        assert widened and body == b"a-longer-body"
+        spans = await collector.wait_spans(2)
+        nursery.cancel_scope.cancel()
+    only_schema_valid(collector)
+    server = next(s for s in spans if s["kind"] == "SERVER")
+    client = next(s for s in spans if s["kind"] == "CLIENT")
+    assert server["duration"] >= 800_000  # microseconds: the downstream held the response back
+    assert client["duration"] < 400_000  # the upstream answered at once
+    assert client["timestamp"] + client["duration"] < server["timestamp"] + server["duration"] - 400_000
