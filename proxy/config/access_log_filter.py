@@ -159,4 +159,8 @@ def compile_filter(expression: str) -> Predicate:
     """The predicate of `expression`; FilterError when it is not one of the supported forms."""
     if not expression.strip():
         raise FilterError("the expression is empty")
-    return _Parser(expression).parse()
+    # a worker loads the snapshot by compiling the expression again; imported here because the
+    # snapshot module imports this one's users
+    from proxy.config.snapshot_transfer import rebuilt_by
+
+    return rebuilt_by(_Parser(expression).parse(), compile_filter, expression)
