@@ -378,7 +378,8 @@ class Exchange:
                         raise StaleConnection(str(e)) from None
                     raise UpstreamReset(f"upstream reset while sending the request: {e}") from None
                 parsed = await read_response_head(up, self.deadline, plane.settings.max_head_bytes,
-                                                  plane.settings.max_headers, self.plain_relay)
+                                                  plane.settings.max_headers, self.plain_relay,
+                                                  self.stream.chain.plain_take)
                 up.requests += 1
                 return parsed
             except StaleConnection:
@@ -406,7 +407,8 @@ class Exchange:
             nursery.start_soon(pump)
             try:
                 parsed = await read_response_head(up, self.deadline, self.plane.settings.max_head_bytes,
-                                                  self.plane.settings.max_headers, self.plain_relay)
+                                                  self.plane.settings.max_headers, self.plain_relay,
+                                                  self.stream.chain.plain_take)
                 up.requests += 1
                 reusable = await self._relay_response(parsed)
             except StaleConnection as e:  # the body may be partly sent: not a reuse race to retry
@@ -452,7 +454,9 @@ class Exchange:
         if not self.request_body_done:
             stream.keep_alive = False  # the rest of the request body is still on the connection
         if len(parsed) == 5:  # a plain response, already sorted by forward_response_head
-            minor, status, reason, _, (fields, length, upstream_keep) = parsed
+            minor, status, reason, _, (fields, length, upstream_keep, taken) = parsed
+            if taken is not None:  # the field the chain's taker reads (chain.plain_take), left out of `fields`
+                stream.chain.plain_field_taker.on_taken_field(ctx, taken)
             plain_stages = stream.chain.plain_response_stages
             if plain_stages:
                 for stage in plain_stages:
