@@ -66,7 +66,7 @@ typedef struct {
 } tm_forward_info;
 
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, const char *take, size_t take_len,
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
                          tm_forward_info *info);
 """
 

@@ -71,7 +71,7 @@ static int read_connection(const char *p, const char *end, tm_forward_info *info
 }
 
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, const char *take, size_t take_len,
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
                          tm_forward_info *info) {
     long rc = tm_parse_response(buf, len, start, head, headers, max_headers, NULL, 0);
     if (rc < 0)
@@ -84,6 +84,7 @@ long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *hea
         return rc;
     }
     char *o = out, *o_end = out + out_cap;
+    size_t take_len = strlen(take);
     for (size_t i = 0; i < head->num_headers; i++) {
         const tm_header *h = &headers[i];
         if (take_len != 0 && name_is(buf, h, take, take_len)) {

@@ -129,7 +129,7 @@ int main(int argc, char **argv) {
             return 1;
         }
         tm_forward_info info;
-        rc = tm_forward_response(buf, len, start, &h, hs, max_headers, pack, pack_cap, "x-triomesh-peer", 15, &info);
+        rc = tm_forward_response(buf, len, start, &h, hs, max_headers, pack, pack_cap, "x-triomesh-peer", &info);
         count(4, rc);
         if (check_head("forward", rc, len, start, &h, hs))
             return 1;

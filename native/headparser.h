@@ -87,13 +87,13 @@ typedef struct {
 } tm_forward_info;
 
 /* tm_parse_response, then (on success) the field block the proxy forwards: every field but the
- * hop-by-hop ones and those named `take` (take_len bytes, lowercase; take_len 0: none), as
+ * hop-by-hop ones and those named `take` (NUL-terminated, lowercase; "": none), as
  * "lowercased-name: value CRLF", written to out (at most out_cap bytes), and in info the framing and
  * keep-alive facts of the plain case and the last `take` field's value (see forward.c). Same return values as
  * tm_parse_response; when it returns > 0 and info->plain is 0, the caller must use its general
  * path for this response (out is then undefined). */
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, const char *take, size_t take_len,
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
                          tm_forward_info *info);
 
 /* chunk-size [ chunk-ext ] CRLF (RFC 9112 7.1). */

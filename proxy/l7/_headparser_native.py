@@ -48,6 +48,7 @@ def _make():
     fields_out = bytearray(16384)  # a bigger field block takes the general path
     fields_out_ptr = ffi.from_buffer(fields_out)
     fields_out_mv = memoryview(fields_out)
+    fields_out_cap = len(fields_out)
 
     def call(fn, buf, start: int, max_headers: int) -> int:
         """Run a head parser; returns consumed or INCOMPLETE. The common case (a bytes buffer, results
@@ -104,8 +105,8 @@ def _make():
         bytes or None, `taken` the last value of a field named `take` (lowercase) or None."""
         if max_headers > headers_cap or type(buf) is not bytes:
             return FULL_PATH
-        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, len(fields_out),
-                       take, len(take), forward_info)
+        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, fields_out_cap, take,
+                       forward_info)
         if rc < 0:
             return None if rc == INCOMPLETE else FULL_PATH
         if not forward_meta[_F_PLAIN]:

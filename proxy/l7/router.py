@@ -106,8 +106,10 @@ class Exchange:
         # a plain response may be relayed from its field block (forward_response_head): only to a
         # stream that takes one, not for HEAD (its length rules differ) nor when response stages
         # need the headers parsed (those that edit the field block itself do not)
-        self.plain_relay = (stream.relays_plain and ctx.request.method != b"HEAD"
-                            and not stream.chain.parses_response)
+        # (None: not; else the name of a field the chain takes out of the block: chain.plain_take)
+        chain = stream.chain
+        self.plain_relay = (chain.plain_take if stream.relays_plain and ctx.request.method != b"HEAD"
+                            and not chain.parses_response else None)
 
     def run(self) -> Coroutine[Any, Any, bool]:
         """The coroutine that relays the exchange (it returns whether the downstream connection may
@@ -378,8 +380,7 @@ class Exchange:
                         raise StaleConnection(str(e)) from None
                     raise UpstreamReset(f"upstream reset while sending the request: {e}") from None
                 parsed = await read_response_head(up, self.deadline, plane.settings.max_head_bytes,
-                                                  plane.settings.max_headers, self.plain_relay,
-                                                  self.stream.chain.plain_take)
+                                                  plane.settings.max_headers, self.plain_relay)
                 up.requests += 1
                 return parsed
             except StaleConnection:
@@ -407,8 +408,7 @@ class Exchange:
             nursery.start_soon(pump)
             try:
                 parsed = await read_response_head(up, self.deadline, self.plane.settings.max_head_bytes,
-                                                  self.plane.settings.max_headers, self.plain_relay,
-                                                  self.stream.chain.plain_take)
+                                                  self.plane.settings.max_headers, self.plain_relay)
                 up.requests += 1
                 reusable = await self._relay_response(parsed)
             except StaleConnection as e:  # the body may be partly sent: not a reuse race to retry
