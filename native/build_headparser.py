@@ -61,10 +61,13 @@ typedef struct {
     size_t keep_alive;
     size_t grpc_status_start, grpc_status_end;
     size_t out_len;
+    size_t taken;
+    size_t take_start, take_end;
 } tm_forward_info;
 
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, tm_forward_info *info);
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
+                         tm_forward_info *info);
 """
 
 ffibuilder = FFI()

@@ -6,7 +6,9 @@
  * field lines sorts them: hop-by-hop fields are dropped (RFC 9110 7.6.1), Content-Length and
  * Connection are read for framing and keep-alive, grpc-status is noted for the retry policy, and
  * every other field is copied to `out` as "lowercased-name: value CRLF", in order: the field block
- * of the head the proxy sends downstream.
+ * of the head the proxy sends downstream. A field the caller names (`take`, lowercase) is left out
+ * of the block too and its last value reported (the proxy's own metadata header, which is read
+ * here so that Python never searches the block for it).
  *
  * Only the plain case is decided here: one Content-Length of 1..18 digits, a Connection with no
  * option but close / keep-alive, no Transfer-Encoding or TE, and a final status that has content.
@@ -69,7 +71,8 @@ static int read_connection(const char *p, const char *end, tm_forward_info *info
 }
 
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, tm_forward_info *info) {
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
+                         tm_forward_info *info) {
     long rc = tm_parse_response(buf, len, start, head, headers, max_headers, NULL, 0);
     if (rc < 0)
         return rc;
@@ -81,8 +84,15 @@ long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *hea
         return rc;
     }
     char *o = out, *o_end = out + out_cap;
+    size_t take_len = strlen(take);
     for (size_t i = 0; i < head->num_headers; i++) {
         const tm_header *h = &headers[i];
+        if (take_len != 0 && name_is(buf, h, take, take_len)) {
+            info->take_start = h->value_start; /* the last one counts */
+            info->take_end = h->value_end;
+            info->taken = 1;
+            continue;
+        }
         switch ((buf[h->name_start] | 0x20)) { /* most names need one comparison at most */
         case 'c':
             if (NAME_IS(h, "content-length")) {

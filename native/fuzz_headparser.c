@@ -129,13 +129,15 @@ int main(int argc, char **argv) {
             return 1;
         }
         tm_forward_info info;
-        rc = tm_forward_response(buf, len, start, &h, hs, max_headers, pack, pack_cap, &info);
+        rc = tm_forward_response(buf, len, start, &h, hs, max_headers, pack, pack_cap, "x-triomesh-peer", &info);
         count(4, rc);
         if (check_head("forward", rc, len, start, &h, hs))
             return 1;
         if (rc > 0 && info.plain &&
             (info.out_len > pack_cap || info.grpc_status_start > info.grpc_status_end ||
-             (info.grpc_status_end && (info.grpc_status_start < start || info.grpc_status_end > start + (size_t)rc)))) {
+             (info.grpc_status_end && (info.grpc_status_start < start || info.grpc_status_end > start + (size_t)rc)) ||
+             info.take_start > info.take_end ||
+             (info.taken && (info.take_start < start || info.take_end > start + (size_t)rc)))) {
             printf("forward: bad result (out_len %zu of %zu)\n", info.out_len, pack_cap);
             return 1;
         }

@@ -82,15 +82,19 @@ typedef struct {
     size_t keep_alive;         /* the upstream connection may carry another request (RFC 9112 9.3) */
     size_t grpc_status_start, grpc_status_end; /* the grpc-status value, start == end when none */
     size_t out_len;            /* bytes of the field block written to out */
+    size_t taken;              /* 1: a field named `take` was left out of the block */
+    size_t take_start, take_end; /* the last such field's value */
 } tm_forward_info;
 
 /* tm_parse_response, then (on success) the field block the proxy forwards: every field but the
- * hop-by-hop ones, as "lowercased-name: value CRLF", written to out (at most out_cap bytes), and in
- * info the framing and keep-alive facts of the plain case (see forward.c). Same return values as
+ * hop-by-hop ones and those named `take` (NUL-terminated, lowercase; "": none), as
+ * "lowercased-name: value CRLF", written to out (at most out_cap bytes), and in info the framing and
+ * keep-alive facts of the plain case and the last `take` field's value (see forward.c). Same return values as
  * tm_parse_response; when it returns > 0 and info->plain is 0, the caller must use its general
  * path for this response (out is then undefined). */
 long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, tm_forward_info *info);
+                         size_t max_headers, char *out, size_t out_cap, const char *take,
+                         tm_forward_info *info);
 
 /* chunk-size [ chunk-ext ] CRLF (RFC 9112 7.1). */
 long tm_parse_chunk_size(const char *buf, size_t len, size_t start, uint64_t *chunk_size,

@@ -20,6 +20,7 @@ __all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse
 # Field indexes of tm_head and tm_forward_info read as flat size_t arrays.
 _REASON_START, _REASON_END, _MINOR, _STATUS, _ERROR_OFFSET, _PACK_LEN = 4, 5, 6, 7, 9, 10
 _F_PLAIN, _F_LENGTH, _F_KEEP_ALIVE, _F_GRPC_START, _F_GRPC_END, _F_OUT_LEN = 0, 1, 5, 6, 7, 8
+_F_TAKEN, _F_TAKE_START, _F_TAKE_END = 9, 10, 11
 _PACK_FULL = lib.TM_PACK_FULL
 assert INCOMPLETE == lib.TM_INCOMPLETE
 assert all(getattr(lib, "TM_E_" + code) == number for number, code in CODE_BY_NUMBER.items())
@@ -47,6 +48,7 @@ def _make():
     fields_out = bytearray(16384)  # a bigger field block takes the general path
     fields_out_ptr = ffi.from_buffer(fields_out)
     fields_out_mv = memoryview(fields_out)
+    fields_out_cap = len(fields_out)
 
     def call(fn, buf, start: int, max_headers: int) -> int:
         """Run a head parser; returns consumed or INCOMPLETE. The common case (a bytes buffer, results
@@ -95,14 +97,15 @@ def _make():
         reason = next(parts)
         return (start + rc, meta[_MINOR], meta[_STATUS], reason, list(zip(parts, parts)))
 
-    def forward_response_head(buf, start: int = 0, max_headers: int = 100):
+    def forward_response_head(buf, start: int = 0, max_headers: int = 100, take: bytes = b""):
         """None if incomplete; FULL_PATH for a response outside the plain case (or a malformed one,
         which parse_response_head then reports precisely); else (end, minor_version, status, reason,
-        fields, content_length, keep_alive, grpc_status): `fields` is the forwarded field block
-        ("name: value CRLF" each, hop-by-hop ones left out), `grpc_status` bytes or None."""
+        fields, content_length, keep_alive, grpc_status, taken): `fields` is the forwarded field block
+        ("name: value CRLF" each, hop-by-hop ones and those named `take` left out), `grpc_status`
+        bytes or None, `taken` the last value of a field named `take` (lowercase) or None."""
         if max_headers > headers_cap or type(buf) is not bytes:
             return FULL_PATH
-        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, len(fields_out),
+        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, fields_out_cap, take,
                        forward_info)
         if rc < 0:
             return None if rc == INCOMPLETE else FULL_PATH
@@ -111,7 +114,8 @@ def _make():
         grpc_start, grpc_end = forward_meta[_F_GRPC_START], forward_meta[_F_GRPC_END]
         return (start + rc, meta[_MINOR], meta[_STATUS], buf[meta[_REASON_START]:meta[_REASON_END]],
                 fields_out_mv[:forward_meta[_F_OUT_LEN]].tobytes(), forward_meta[_F_LENGTH],
-                forward_meta[_F_KEEP_ALIVE] == 1, buf[grpc_start:grpc_end] if grpc_end > grpc_start else None)
+                forward_meta[_F_KEEP_ALIVE] == 1, buf[grpc_start:grpc_end] if grpc_end > grpc_start else None,
+                buf[forward_meta[_F_TAKE_START]:forward_meta[_F_TAKE_END]] if forward_meta[_F_TAKEN] else None)
 
     def parse_trailers(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, headers) for a field section ending in a blank line."""

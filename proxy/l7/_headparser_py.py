@@ -134,10 +134,10 @@ _NOT_PLAIN = frozenset({b"transfer-encoding", b"te"})
 _FIELDS_OUT_BYTES = 16384  # as the native area: a bigger field block takes the general path
 
 
-def forward_response_head(buf, start: int = 0, max_headers: int = 100):
+def forward_response_head(buf, start: int = 0, max_headers: int = 100, take: bytes = b""):
     """The twin of the native forward_response_head (see native/forward.c): None if incomplete,
     FULL_PATH outside the plain case or for a malformed head, else (end, minor_version, status,
-    reason, fields, content_length, keep_alive, grpc_status)."""
+    reason, fields, content_length, keep_alive, grpc_status, taken)."""
     try:
         parsed = parse_response_head(buf, start, max_headers)
     except HeadParseError:
@@ -153,7 +153,11 @@ def forward_response_head(buf, start: int = 0, max_headers: int = 100):
     close = keep_alive_token = False
     grpc_status = None
     grpc_seen = False
+    taken = None
     for name, value in headers:
+        if name == take:  # left out of the block; the last one counts
+            taken = value
+            continue
         if name == b"content-length":
             if length is not None or not 1 <= len(value) <= 18 or not value.isdigit():
                 return FULL_PATH
@@ -183,7 +187,7 @@ def forward_response_head(buf, start: int = 0, max_headers: int = 100):
     if length is None:
         return FULL_PATH
     keep_alive = not close and (minor >= 1 or keep_alive_token)
-    return end, minor, status, reason, b"".join(out), length, keep_alive, grpc_status
+    return end, minor, status, reason, b"".join(out), length, keep_alive, grpc_status, taken
 
 
 def parse_trailers(buf, start: int = 0, max_headers: int = 100):

@@ -43,7 +43,8 @@ class Stage(Protocol):
 
 
 class Chain:
-    __slots__ = ("request_stages", "response_stages", "plain_response_stages", "parses_response")
+    __slots__ = ("request_stages", "response_stages", "plain_response_stages", "plain_field_taker", "plain_take",
+                 "parses_response")
 
     def __init__(self, stages: tuple[Stage, ...]) -> None:
         # a stage whose has_request_step is False only acts on responses
@@ -53,7 +54,14 @@ class Chain:
         # response stages that can also edit a plain response's forwarded field block (bytes) keep
         # the router's plain relay (router.Exchange.plain_relay); any other one needs parsed headers
         self.plain_response_stages = tuple(s for s in self.response_stages if getattr(s, "edits_plain_fields", False))
-        self.parses_response = len(self.plain_response_stages) != len(self.response_stages)
+        # a response stage that only reads one field of a plain response (`takes_plain_field`, its
+        # lowercase name) has the head parser take it out of the block while it sorts the fields, and
+        # is called (on_taken_field) only when the field was there: at most one per chain
+        takers = [s for s in self.response_stages if getattr(s, "takes_plain_field", b"")]
+        assert len(takers) <= 1, "one stage at most may take a field out of a plain response"
+        self.plain_field_taker = takers[0] if takers else None
+        self.plain_take: bytes = takers[0].takes_plain_field if takers else b""
+        self.parses_response = len(self.plain_response_stages) + len(takers) != len(self.response_stages)
 
     def run_response(self, ctx: RequestContext, head: ResponseHead) -> None:
         for stage in self.response_stages:

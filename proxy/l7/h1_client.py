@@ -13,21 +13,23 @@ class StaleConnection(UpstreamReset):
 
 
 async def read_response_head(up: UpstreamConn, deadline: float, max_head_bytes: int, max_headers: int,
-                             plain: bool = False):
+                             plain: bytes | None = None):
     """The final or 101 response head, 1xx interim responses skipped: (minor, status, reason,
-    headers); with `plain` (the exchange may relay a plain response from its field block), a plain
-    response comes as (minor, status, reason, retry_headers, (fields, length, keep_alive)), sorted
-    in C by forward_response_head, and anything else as usual."""
+    headers); with `plain` (bytes: the exchange may relay a plain response from its field block), a
+    plain response comes as (minor, status, reason, retry_headers, (fields, length, keep_alive,
+    taken)), sorted in C by forward_response_head (`taken`: the last value of the field named
+    `plain`, which is left out of `fields`; None without one; b"": no field to take), and anything
+    else as usual."""
     got_any = up.buffered > 0
     while True:
         parsed = None
         if got_any:  # right after sending, the buffer is empty: nothing to parse yet
-            forwarded = forward_response_head(up.buf, up.pos, max_headers) if plain else FULL_PATH
+            forwarded = forward_response_head(up.buf, up.pos, max_headers, plain) if plain is not None else FULL_PATH
             if forwarded is not None and forwarded is not FULL_PATH:
-                end, minor, status, reason, fields, length, keep_alive, grpc_status = forwarded
+                end, minor, status, reason, fields, length, keep_alive, grpc_status, taken = forwarded
                 up.pos = end
                 return (minor, status, reason, ((b"grpc-status", grpc_status),) if grpc_status else (),
-                        (fields, length, keep_alive))
+                        (fields, length, keep_alive, taken))
             if forwarded is FULL_PATH:  # None: incomplete, as the general parser would say too
                 try:
                     parsed = parse_response_head(up.buf, up.pos, max_headers)

@@ -6,13 +6,14 @@
         -> None | (end, minor_version, status, reason, headers)
     parse_trailers(buf, start=0, max_headers=100) -> None | (end, headers)   # after the last chunk
     parse_chunk_header(buf, start=0) -> None | (end, chunk_size)
-    forward_response_head(buf, start=0, max_headers=100)
+    forward_response_head(buf, start=0, max_headers=100, take=b"")
         -> None | FULL_PATH | (end, minor_version, status, reason, fields, content_length,
-                              keep_alive, grpc_status)
+                              keep_alive, grpc_status, taken)
         a response head as the proxy forwards it, for the plain case (one Content-Length, no
         Connection option but close/keep-alive, no Transfer-Encoding/TE, a status with content):
         `fields` is the field block without the hop-by-hop fields; anything else is FULL_PATH, and
-        the caller parses and relays it by the general rules (h1.classify_response)
+        the caller parses and relays it by the general rules (h1.classify_response); a field named
+        `take` (lowercase) is left out of `fields` too and its last value returned as `taken`
 
 `buf` is bytes or bytearray and is never copied whole; `end` is the absolute offset just after what
 was parsed. Header names come back lowercased, values with surrounding OWS stripped. Invalid input

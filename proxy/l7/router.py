@@ -107,8 +107,10 @@ class Exchange:
         # a plain response may be relayed from its field block (forward_response_head): only to a
         # stream that takes one, not for HEAD (its length rules differ) nor when response stages
         # need the headers parsed (those that edit the field block itself do not)
-        self.plain_relay = (stream.relays_plain and ctx.request.method != b"HEAD"
-                            and not stream.chain.parses_response)
+        # (None: not; else the name of a field the chain takes out of the block: chain.plain_take)
+        chain = stream.chain
+        self.plain_relay = (chain.plain_take if stream.relays_plain and ctx.request.method != b"HEAD"
+                            and not chain.parses_response else None)
 
     def run(self) -> Coroutine[Any, Any, bool]:
         """The coroutine that relays the exchange (it returns whether the downstream connection may
@@ -455,7 +457,9 @@ class Exchange:
         if not self.request_body_done:
             stream.keep_alive = False  # the rest of the request body is still on the connection
         if len(parsed) == 5:  # a plain response, already sorted by forward_response_head
-            minor, status, reason, _, (fields, length, upstream_keep) = parsed
+            minor, status, reason, _, (fields, length, upstream_keep, taken) = parsed
+            if taken is not None:  # the field the chain's taker reads (chain.plain_take), left out of `fields`
+                stream.chain.plain_field_taker.on_taken_field(ctx, taken)
             plain_stages = stream.chain.plain_response_stages
             if plain_stages:
                 for stage in plain_stages:

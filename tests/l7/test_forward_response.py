@@ -1,6 +1,7 @@
-"""forward_response_head: the native and pure versions agree byte for byte, and for every response
-they call plain, the head the proxy builds from the result is exactly the one the general path
-(parse_response_head + h1.classify_response + h1.serialize_response_head) builds."""
+"""forward_response_head: the native and pure versions agree byte for byte (with and without a field
+to take out), and for every response they call plain, the head the proxy builds from the result is
+exactly the one the general path (parse_response_head + h1.classify_response +
+h1.serialize_response_head) builds."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from proxy.l7 import _headparser_py as pure
 from proxy.l7 import h1
 from proxy.l7._headparser_common import FULL_PATH, HeadParseError
 from proxy.l7.h1 import serialize_plain_response_head
+from proxy.telemetry.peer import PEER_HEADER
 
 IMPLEMENTATIONS = [pytest.param(native, id="native"), pytest.param(pure, id="pure")]
 
 NAMES = [b"Server", b"Date", b"Content-Type", b"X-A", b"content-length", b"Content-Length", b"CONNECTION",
          b"Connection", b"Keep-Alive", b"Proxy-Connection", b"Transfer-Encoding", b"TE", b"Trailer", b"Upgrade",
-         b"grpc-status", b"Grpc-Status", b"Set-Cookie", b"ETag"]
+         b"grpc-status", b"Grpc-Status", b"Set-Cookie", b"ETag", b"X-Triomesh-Peer", b"x-triomesh-peer"]
 VALUES = [b"", b"0", b"5", b"100", b"007", b"1" * 18, b"1" * 19, b"5, 5", b"-1", b" 12 ", b"chunked", b"trailers",
           b"close", b"keep-alive", b"Keep-Alive", b"close, keep-alive", b"keep-alive close", b"upgrade",
           b"x-drop", b"keep-alive, x-drop", b" , close ,", b"14", b"nginx/1.22", b'"abc"', b"\xe9t\xe9"]
@@ -48,7 +50,7 @@ def mostly_plain_responses(draw) -> bytes:
     for _ in range(draw(st.integers(0, 6))):
         name = draw(st.sampled_from([b"Server", b"Date", b"X-A", b"ETag", b"Set-Cookie", b"grpc-status",
                                      b"Grpc-Status", b"Connection", b"Keep-Alive", b"Proxy-Connection",
-                                     b"Trailer", b"Upgrade"]))
+                                     b"Trailer", b"Upgrade", b"x-triomesh-peer", b"X-TrioMesh-Peer"]))
         value = draw(st.sampled_from([b"close", b"keep-alive", b"Keep-Alive", b" , close ,", b"close, keep-alive"]
                                      if name == b"Connection" else [b"", b"14", b"0", b"nginx", b"a b\tc", b'"x"']))
         fields.insert(draw(st.integers(0, len(fields))), name + draw(st.sampled_from([b":", b": ", b":\t"])) + value)
@@ -56,16 +58,16 @@ def mostly_plain_responses(draw) -> bytes:
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(responses(), st.integers(0, 3))
-def test_native_and_pure_agree(data, cut):
+@given(responses(), st.integers(0, 3), st.sampled_from([b"", PEER_HEADER]))
+def test_native_and_pure_agree(data, cut, take):
     data = data[:len(data) - cut] if cut else data
-    assert native.forward_response_head(data) == pure.forward_response_head(data)
+    assert native.forward_response_head(data, 0, 100, take) == pure.forward_response_head(data, 0, 100, take)
 
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(mostly_plain_responses())
-def test_native_and_pure_agree_on_plain_responses(data):
-    assert native.forward_response_head(data) == pure.forward_response_head(data)
+@given(mostly_plain_responses(), st.sampled_from([b"", PEER_HEADER]))
+def test_native_and_pure_agree_on_plain_responses(data, take):
+    assert native.forward_response_head(data, 0, 100, take) == pure.forward_response_head(data, 0, 100, take)
 
 
 def _general_head(data: bytes, close: bool) -> tuple[bytes, int, bool, bytes | None]:
@@ -82,7 +84,8 @@ def _general_head(data: bytes, close: bool) -> tuple[bytes, int, bool, bytes | N
 def test_plain_results_build_the_general_paths_head(data, close):
     result = native.forward_response_head(data)
     assume(result is not None and result is not FULL_PATH)
-    end, minor, status, reason, fields, length, keep_alive, grpc = result
+    end, minor, status, reason, fields, length, keep_alive, grpc, taken = result
+    assert taken is None  # nothing asked for
     head, general_length, general_keep, general_grpc = _general_head(data, close)
     assert serialize_plain_response_head(status, reason, fields, length, close=close) == head
     assert (length, keep_alive, grpc) == (general_length, general_keep, general_grpc)
@@ -111,10 +114,26 @@ def test_outside_the_plain_case_is_full_path(impl, head):
 def test_plain_response(impl):
     data = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Length: 5\r\nConnection: Keep-Alive\r\n"
             b"Keep-Alive: timeout=5\r\nX-Trace: A b\r\nGrpc-Status: 14\r\ngrpc-status: 0\r\n\r\nhello")
-    end, minor, status, reason, fields, length, keep_alive, grpc = impl.forward_response_head(data)
+    end, minor, status, reason, fields, length, keep_alive, grpc, taken = impl.forward_response_head(data)
     assert data[end:] == b"hello"
-    assert (minor, status, reason, length, keep_alive, grpc) == (1, 200, b"OK", 5, True, b"14")
+    assert (minor, status, reason, length, keep_alive, grpc, taken) == (1, 200, b"OK", 5, True, b"14", None)
     assert fields == b"server: nginx\r\nx-trace: A b\r\ngrpc-status: 14\r\ngrpc-status: 0\r\n"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_field_taken_out_of_the_block(impl):
+    """The field named by `take`, in any case, is left out of the block and its last value returned
+    (the proxy's peer metadata: the one its peer sidecar appended last counts)."""
+    data = (b"HTTP/1.1 200 OK\r\nX-Triomesh-Peer: app=first\r\nContent-Length: 2\r\nServer: app\r\n"
+            b"x-triomesh-peer:  app=last \r\n\r\nok")
+    *_, fields, length, keep_alive, grpc, taken = impl.forward_response_head(data, 0, 100, PEER_HEADER)
+    assert (fields, taken) == (b"server: app\r\n", b"app=last")
+    *_, fields, length, keep_alive, grpc, taken = impl.forward_response_head(data)  # nothing to take
+    assert taken is None and fields.count(b"x-triomesh-peer: ") == 2
+    empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-triomesh-peer:\r\n\r\n"
+    assert impl.forward_response_head(empty, 0, 100, PEER_HEADER)[4:] == (b"", 0, True, None, b"")
+    absent = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-triomesh-peers: a\r\n\r\n"
+    assert impl.forward_response_head(absent, 0, 100, PEER_HEADER)[4:] == (b"x-triomesh-peers: a\r\n", 0, True, None, None)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)

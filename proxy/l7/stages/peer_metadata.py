@@ -13,8 +13,8 @@ mutual TLS authenticates peers, "from a mesh workload" means "from an endpoint a
 MESH_INTERNAL service"; with mutual TLS the peer certificate is the proof (`_connection_security`).
 
 A plain HTTP/1.1 response is relayed from its field block without parsing it (router.py): the
-outbound side then finds the header with one bytes search (sidecars write the name in lowercase),
-the inbound side appends it to the block.
+outbound side has the head parser take the header out of the block while it sorts the fields
+(`takes_plain_field`; Python then never searches for it), the inbound side appends ours to the block.
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ if TYPE_CHECKING:
 MAX_INTERNED = 1024  # distinct (peer, service) facts kept per listener; more are made per request
 
 
-_PEER_FIELD = PEER_HEADER + b":"
-
-
 def _without_peer_header(headers: list) -> bytes | None:
     """Removes every x-triomesh-peer from `headers` (in place); returns the last value."""
     found = None
@@ -52,31 +49,22 @@ def _without_peer_header(headers: list) -> bytes | None:
     return found
 
 
-def _without_peer_field(fields: bytes) -> tuple[bytes, bytes | None]:
-    """A forwarded field block ("name: value CRLF" each) without its x-triomesh-peer fields, and
-    the last value."""
-    found = None
-    start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
-    while start != 1:  # find() gave -1 (+2)
-        end = fields.find(b"\r\n", start)
-        end = len(fields) if end == -1 else end + 2
-        found = fields[start + len(_PEER_FIELD):end].strip()
-        fields = fields[:start] + fields[end:]
-        start = 0 if fields.startswith(_PEER_FIELD) else fields.find(b"\r\n" + _PEER_FIELD) + 2
-    return fields, found
-
-
 class PeerMetadataStage:
     has_response_step = True
-    edits_plain_fields = True
-    __slots__ = ("inbound", "has_request_step", "header_value", "header_field", "mesh_addresses", "services", "parsed",
-                 "interned", "workloads_by_address", "upstream_principals", "with_principal")
+    __slots__ = ("inbound", "has_request_step", "edits_plain_fields", "takes_plain_field", "header_value",
+                 "header_field", "mesh_addresses", "services", "parsed", "interned", "workloads_by_address",
+                 "upstream_principals", "with_principal")
 
     def __init__(self, metrics: IstioMetrics, snapshot: Snapshot, inbound: bool) -> None:
         self.inbound = inbound
         # outbound, the request side is the forwarding stage's (ForwardingStage.peer_header): this
         # stage only reads and strips the response's header, and takes no call per request
         self.has_request_step = inbound
+        # a plain HTTP/1.1 response (chain.py): inbound, ours is appended to its field block;
+        # outbound, the head parser takes the peer's out of it (on_taken_field is called only when
+        # there was one)
+        self.edits_plain_fields = inbound
+        self.takes_plain_field = b"" if inbound else PEER_HEADER
         self.header_value = metrics.identity.header_value()
         self.header_field = PEER_HEADER + b": " + self.header_value + b"\r\n"
         self.mesh_addresses = frozenset(a.encode() for a in snapshot.mesh_addresses)
@@ -143,16 +131,12 @@ class PeerMetadataStage:
         self._note_destination(ctx, _without_peer_header(headers))
 
     def on_plain_response(self, ctx: RequestContext, fields: bytes) -> bytes:
-        if self.inbound:
-            return fields + self.header_field
-        # partition, the cheapest search CPython offers here: `in` first tries the needle as an
-        # integer and formats a TypeError message on every call; find parses its arguments generically
-        # (each costs more than the search itself)
-        if not fields.partition(_PEER_FIELD)[1]:
-            return fields
-        fields, value = _without_peer_field(fields)
+        """Inbound: ours appended to a plain response's field block."""
+        return fields + self.header_field
+
+    def on_taken_field(self, ctx: RequestContext, value: bytes) -> None:
+        """Outbound: the peer's header, taken out of a plain response's field block by the head parser."""
         self._note_destination(ctx, value)
-        return fields
 
     def _note_destination(self, ctx: RequestContext, value: bytes | None) -> None:
         cluster = ctx.cluster
