@@ -222,20 +222,43 @@ class TelemetryWindow:
 
 def _nodes(totals: dict[tuple[str, EdgeKey], EdgeCounts]) -> list[Node]:
     names: dict[str, tuple[str, str]] = {}
-    callers: dict[str, set[str]] = {}
+    calls: dict[str, set[str]] = {}
     for _, edge in totals:
         names[edge.source_id] = (edge.source_workload, edge.source_namespace)
         names[edge.destination_id] = (edge.destination_workload, edge.destination_namespace)
         if edge.source_id != edge.destination_id:
-            callers.setdefault(edge.destination_id, set()).add(edge.source_id)
-    depths: dict[str, int] = {}
+            calls.setdefault(edge.source_id, set()).add(edge.destination_id)
+    depths = _call_depths(sorted(names), calls)
+    return [Node(id=node, workload=names[node][0], namespace=names[node][1], depth=depths[node]) for node in sorted(names)]
 
-    def depth(node: str, visiting: frozenset[str]) -> int:
-        # longest caller chain; a cycle stops at the node seen twice
-        if node not in depths:
-            above = [depth(caller, visiting | {node}) for caller in callers.get(node, ()) if caller not in visiting]
-            depths[node] = 1 + max(above) if above else 0
-        return depths[node]
 
-    return [Node(id=node, workload=names[node][0], namespace=names[node][1], depth=depth(node, frozenset()))
-            for node in sorted(names)]
+def _call_depths(nodes: list[str], calls: dict[str, set[str]]) -> dict[str, int]:
+    """Longest call chain above each node. A depth-first walk from the nodes nothing calls (then from
+    any node left, for a mesh that is one cycle) drops the calls that close a cycle; the rest is acyclic."""
+    called = {callee for callees in calls.values() for callee in callees}
+    state: dict[str, int] = {}  # 1: on the walk's path, 2: done
+    forward: list[tuple[str, str]] = []
+    order: list[str] = []  # post-order: callees before callers
+
+    def walk(node: str) -> None:
+        state[node] = 1
+        for callee in sorted(calls.get(node, ())):
+            if state.get(callee) == 1:
+                continue  # closes a cycle
+            forward.append((node, callee))
+            if callee not in state:
+                walk(callee)
+        state[node] = 2
+        order.append(node)
+
+    for node in [n for n in nodes if n not in called] + nodes:
+        if node not in state:
+            walk(node)
+    depths = dict.fromkeys(nodes, 0)
+    callees_of: dict[str, list[str]] = {}
+    for caller, callee in forward:
+        callees_of.setdefault(caller, []).append(callee)
+    for node in reversed(order):  # callers before callees
+        for callee in callees_of.get(node, ()):
+            depths[callee] = max(depths[callee], depths[node] + 1)
+    return depths
