@@ -2,7 +2,7 @@
 "use strict";
 const POLL_INTERVAL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const NODE_WIDTH = 150, NODE_HEIGHT = 36, COLUMN_GAP = 110, ROW_GAP = 50, MARGIN = 20;
+const NODE_WIDTH = 140, NODE_HEIGHT = 36, COLUMN_GAP = 170, ROW_GAP = 60, MARGIN = 20;
 
 function svg(name, attributes, text) {
   const element = document.createElementNS(SVG, name);
@@ -28,9 +28,9 @@ function layout(nodes) {
   return {positions, width, height: MARGIN * 2 + 40 + rows * (NODE_HEIGHT + ROW_GAP)};
 }
 
-function edgeLabel(edge) {
+function edgeLabels(edge) {
   const p99 = edge.p99_ms === null ? "p99 –" : `p99 ${edge.p99_ms.toFixed(1)} ms`;
-  return `${edge.request_rate.toFixed(2)} rps · ${(edge.error_rate * 100).toFixed(1)}% 5xx · ${p99}`;
+  return [`${edge.request_rate.toFixed(2)} rps · ${(edge.error_rate * 100).toFixed(1)}% 5xx`, p99];
 }
 
 function drawGraph(graph) {
@@ -63,11 +63,13 @@ function drawGraph(graph) {
                             "data-mtls": edge.mtls === null ? "unknown" : String(edge.mtls)});
     const middle = (x1 + x2) / 2;
     group.append(svg("path", {d: `M ${x1} ${y1} C ${middle} ${y1}, ${middle} ${y2}, ${x2} ${y2}`, "marker-end": "url(#arrow)"}));
-    const labelX = middle - 60, labelY = (y1 + y2) / 2 - 14 + (index % 2) * 4;
-    group.append(svg("text", {x: labelX, y: labelY}, edgeLabel(edge)));
+    // labels stacked at the curve's middle, above it for a straight edge
+    const labelY = (y1 + y2) / 2 - (y1 === y2 ? 34 : 10);
+    edgeLabels(edge).forEach((line, row) =>
+      group.append(svg("text", {x: middle, y: labelY + row * 12, class: "metrics"}, line)));
     if (edge.mtls !== null) {
-      group.append(svg("text", {x: labelX, y: labelY + 13, class: edge.mtls ? "mtls" : "plain"},
-                       edge.mtls ? "🔒 mTLS" : "plaintext"));
+      group.append(svg("text", {x: middle, y: labelY + 24, class: edge.mtls ? "mtls" : "plain"},
+                       edge.mtls ? "mTLS" : "plaintext"));
     }
     edges.append(group);
   });
