@@ -156,7 +156,7 @@ class Edge:
     request_rate: float  # per second
     error_rate: float  # 5xx share of the requests, 0..1
     p99_ms: float | None
-    mtls: bool | None  # every request over mutual TLS; None: no server sidecar reported (unknown)
+    mtls: bool | None  # every request over mutual TLS; None: unknown (no server sidecar reported, or idle)
     reporter: str
 
 
@@ -215,7 +215,7 @@ class TelemetryWindow:
                 requests=counts.requests, request_rate=rates[(reporter, edge)],
                 error_rate=counts.errors / counts.requests if counts.requests > 0 else 0.0,
                 p99_ms=quantile(0.99, counts.buckets),
-                mtls=(counts.requests > 0 and counts.mutual_tls >= counts.requests) if reporter == "destination" else None,
+                mtls=(counts.mutual_tls >= counts.requests) if reporter == "destination" and counts.requests > 0 else None,
                 reporter=reporter))
         return Graph(nodes=_nodes(totals), edges=edges, window_s=self.window_s)
 

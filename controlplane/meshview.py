@@ -54,7 +54,8 @@ class MeshView:
              "sent_version": p.sent_version, "acked_version": p.acked_version,
              "last_nack": p.last_nack, "last_nack_version": p.last_nack_version,
              "identity": p.identity, "admin_address": p.admin_address,
-             "scrape_error": self.scraper.last_error.get(p.node_id, "")}
+             "scrape_error": self.scraper.last_error.get(p.node_id, ""),
+             "scrapes": len(self.scraper.window.scrapes.get(p.node_id, ()))}
             for p in reply.proxies]}
 
     async def respond(self, method: bytes, target: bytes) -> Reply:

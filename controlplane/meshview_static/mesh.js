@@ -2,7 +2,7 @@
 "use strict";
 const POLL_INTERVAL_MS = 2000;
 const SVG = "http://www.w3.org/2000/svg";
-const NODE_WIDTH = 140, NODE_HEIGHT = 36, COLUMN_GAP = 170, ROW_GAP = 60, MARGIN = 20;
+const NODE_WIDTH = 140, NODE_HEIGHT = 36, COLUMN_GAP = 150, ROW_GAP = 60, MARGIN = 20;
 
 function svg(name, attributes, text) {
   const element = document.createElementNS(SVG, name);

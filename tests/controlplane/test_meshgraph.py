@@ -69,7 +69,7 @@ def test_window_rates_error_share_p99_and_mtls_from_the_destination_reporter():
     for now in (0.0, 5.0):
         window.record("customer-v1", now, summarize(series("source", "customer-v1", "preference-v1", service, ok=5)))
         window.record("preference-v1", now, summarize(series("destination", "customer-v1", "preference-v1", service, ok=5)))
-    assert [edge.request_rate for edge in window.graph().edges] == [0.0]  # two equal scrapes: an idle edge
+    assert [(edge.request_rate, edge.mtls) for edge in window.graph().edges] == [(0.0, None)]  # two equal scrapes: idle
     # 10 s later: 90 more OK and 10 errors, 99 of them fast (< 1 ms) and one slow
     latencies = (0.8,) * 99 + (40,)
     window.record("customer-v1", 10.0, summarize(series("source", "customer-v1", "preference-v1", service, ok=95, errors=10)))

@@ -80,7 +80,8 @@ async def test_graph_and_proxies_from_a_scraped_admin_address(tmp_path):
         assert proxies["no-admin"]["last_nack"] == "$.spec.hosts: bad host"
         assert proxies["no-admin"]["last_nack_version"] == refused.version
         assert proxies["preference-v1"]["scrape_error"] == "" and proxies["preference-v1"]["replica"] == plane.server_id
-        assert proxies["no-admin"]["admin_address"] == ""
+        assert proxies["no-admin"]["admin_address"] == "" and proxies["no-admin"]["scrapes"] == 0
+        assert proxies["preference-v1"]["scrapes"] >= 2
 
         for path, kind in (("/", "text/html"), ("/mesh.js", "text/javascript"), ("/mesh.css", "text/css")):
             status, content_type, body = await trio.to_thread.run_sync(get, view_port, path)

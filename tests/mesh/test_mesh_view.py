@@ -90,6 +90,12 @@ def test_page_shows_the_graph_of_the_traffic_sent_and_the_proxies(mesh: MeshDemo
         return sum(edge["requests"] for edge in graph()["edges"]
                    if edge["source"] == f"tutorial/{source}" and edge["destination"] == f"tutorial/{destination}")
 
+    def baselines() -> bool:
+        status, text = mesh.get(CONTROLPLANE_NODE, ui_ip, UI_PORT, "/api/proxies")
+        return status == 200 and all(proxy["scrapes"] >= 1 for proxy in json.loads(text)["proxies"])
+
+    # a proxy's first scrape is the baseline its later numbers count from: take it before the traffic
+    wait_for(baselines, "every sidecar scraped once", timeout_s=20)
     answers = mesh.customer_requests(REQUESTS)
     assert [status for status, _ in answers] == [200] * REQUESTS
     # the view's window holds a scrape from before this traffic and one after it (scrapes every 2 s)
