@@ -60,7 +60,7 @@ class EdgeCounts:
     mutual_tls: float = 0.0  # connection_security_policy="mutual_tls"
     buckets: dict[float, float] = field(default_factory=dict)  # le -> cumulative count (le may be inf)
 
-    def minus(self, older: "EdgeCounts | None") -> "EdgeCounts":
+    def minus(self, older: EdgeCounts | None) -> EdgeCounts:
         """Counts since `older`; when any counter went down the proxy restarted: all of self is new."""
         if older is None or older.requests > self.requests or any(
                 older.buckets.get(le, 0.0) > count for le, count in self.buckets.items()):
@@ -69,7 +69,7 @@ class EdgeCounts:
                           self.mutual_tls - older.mutual_tls,
                           {le: count - older.buckets.get(le, 0.0) for le, count in self.buckets.items()})
 
-    def add(self, other: "EdgeCounts") -> None:
+    def add(self, other: EdgeCounts) -> None:
         self.requests += other.requests
         self.errors += other.errors
         self.mutual_tls += other.mutual_tls

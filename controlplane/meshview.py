@@ -5,8 +5,9 @@ from the proxies' Istio metrics, controlplane/meshgraph.py) and `/api/proxies` (
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import trio

@@ -3,7 +3,8 @@ on a timer and records the Istio metrics into the mesh view's window (controlpla
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import h11
 import trio

@@ -5,7 +5,8 @@ update) and /certs (the Gateway certificates: subject, SANs, expiry), answering 
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import h11
 import msgspec

@@ -11,15 +11,14 @@ import urllib.request
 import pytest
 import structlog
 import trio
+from cp_fixtures import write_mesh
+from cp_harness import raw_proxy, start_plane, wait_for
+from test_meshgraph import series
 
 from controlplane.meshview import MeshView
 from controlplane.store import ConfigStore
 from controlplane.wire import Ack, Nack
 from proxy.runner.admin import open_admin_socket, serve_http
-
-from cp_fixtures import write_mesh
-from cp_harness import raw_proxy, start_plane, wait_for
-from test_meshgraph import series
 
 SERVICE = "preference.tutorial.svc.cluster.local"
 

@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -72,7 +72,7 @@ def chromium(mesh: MeshDemo, *args: str, profile: Path) -> subprocess.CompletedP
     command = mesh.lab.argv(CONTROLPLANE_NODE, [
         "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
         f"--user-data-dir={profile}", "--window-size=1280,720", "--virtual-time-budget=8000", *args, url])
-    done = subprocess.run(command, capture_output=True, timeout=CHROMIUM_TIMEOUT_S)
+    done = subprocess.run(command, capture_output=True, timeout=CHROMIUM_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     return done
 
@@ -103,7 +103,7 @@ def test_page_shows_the_graph_of_the_traffic_sent_and_the_proxies(mesh: MeshDemo
         wait_for(lambda: edge_requests("customer-v1", "preference-v1") >= REQUESTS,
                  f"{REQUESTS} customer -> preference requests counted in /api/graph", timeout_s=20)
     except AssertionError as e:
-        status, proxies = mesh.get(CONTROLPLANE_NODE, ui_ip, UI_PORT, "/api/proxies")
+        _, proxies = mesh.get(CONTROLPLANE_NODE, ui_ip, UI_PORT, "/api/proxies")
         raise AssertionError(f"{e}\ngraph: {graph()}\nproxies: {proxies}\n{mesh.log_tail('controlplane')}") from e
     wait_for(lambda: edge_requests("preference-v1", "recommendation-v1") + edge_requests("preference-v1", "recommendation-v2")
              >= REQUESTS, "preference -> recommendation v1 + v2 counted", timeout_s=20)
