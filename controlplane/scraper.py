@@ -98,10 +98,15 @@ class Scraper:
             return
         try:
             text = await fetch_exposition(*address)
+            summary = summarize(text)
         except ScrapeError as e:
             if self.last_error.get(node) != str(e):
                 self.log.warning("scrape_failed", node_id=node, error=str(e))
             self.last_error[node] = str(e)
             return
+        except Exception as e:  # one proxy's odd answer must not stop the view (nor the control plane)
+            self.log.exception("scrape_failed", node_id=node)
+            self.last_error[node] = f"{type(e).__name__}: {e}"
+            return
         self.last_error.pop(node, None)
-        self.window.record(node, trio.current_time(), summarize(text))
+        self.window.record(node, trio.current_time(), summary)

@@ -52,6 +52,11 @@ async def test_graph_and_proxies_from_a_scraped_admin_address(tmp_path):
         await framed.send(Ack(version=snapshot.version, nonce=snapshot.nonce))
         refusing, refused = await raw_proxy(port, "no-admin", namespace="tutorial")
         await refusing.send(Nack(version=refused.version, nonce=refused.nonce, error="$.spec.hosts: bad host"))
+        closed = trio.socket.socket()
+        await closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()  # nothing listens there: that proxy's scrape fails, the others go on
+        unreachable, _ = await raw_proxy(port, "unreachable", namespace="tutorial", admin_address=f"127.0.0.1:{closed_port}")
         view = MeshView(plane.status, plane.server_id, structlog.get_logger("test.meshview"), scrape_interval_s=0.1)
         view_port = await nursery.start(view.serve, "127.0.0.1", 0)
         await wait_for(lambda: plane.proxies["no-admin"].last_nack and plane.proxies["preference-v1"].acked_version,
@@ -74,7 +79,9 @@ async def test_graph_and_proxies_from_a_scraped_admin_address(tmp_path):
 
         status, _, body = await trio.to_thread.run_sync(get, view_port, "/api/proxies")
         proxies = {p["node_id"]: p for p in json.loads(body)["proxies"]}
-        assert status == 200 and set(proxies) == {"preference-v1", "no-admin"}
+        assert status == 200 and set(proxies) == {"preference-v1", "no-admin", "unreachable"}
+        assert f"127.0.0.1:{closed_port}" in proxies["unreachable"]["scrape_error"]
+        assert proxies["unreachable"]["scrapes"] == 0
         assert proxies["preference-v1"]["acked_version"] == snapshot.version
         assert proxies["no-admin"]["last_nack"] == "$.spec.hosts: bad host"
         assert proxies["no-admin"]["last_nack_version"] == refused.version
