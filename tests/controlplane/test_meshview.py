@@ -56,7 +56,7 @@ async def test_graph_and_proxies_from_a_scraped_admin_address(tmp_path):
         await closed.bind(("127.0.0.1", 0))
         closed_port = closed.getsockname()[1]
         closed.close()  # nothing listens there: that proxy's scrape fails, the others go on
-        unreachable, _ = await raw_proxy(port, "unreachable", namespace="tutorial", admin_address=f"127.0.0.1:{closed_port}")
+        _unreachable, _ = await raw_proxy(port, "unreachable", namespace="tutorial", admin_address=f"127.0.0.1:{closed_port}")
         view = MeshView(plane.status, plane.server_id, structlog.get_logger("test.meshview"), scrape_interval_s=0.1)
         view_port = await nursery.start(view.serve, "127.0.0.1", 0)
         await wait_for(lambda: plane.proxies["no-admin"].last_nack and plane.proxies["preference-v1"].acked_version,
