@@ -205,11 +205,12 @@ class TelemetryWindow:
                 delta = counts.minus(oldest.get(key))
                 totals.setdefault(key, EdgeCounts()).add(delta)
                 rates[key] = rates.get(key, 0.0) + delta.requests / elapsed
-        reported = {edge for reporter, edge in totals if reporter == "destination"}
+        # calls a server sidecar reports, by caller and service: the client side may not know the workload
+        reported = {(edge.source_id, edge.destination_service) for reporter, edge in totals if reporter == "destination"}
+        totals = {(reporter, edge): counts for (reporter, edge), counts in totals.items()
+                  if reporter == "destination" or (reporter == "source" and (edge.source_id, edge.destination_service) not in reported)}
         edges = []
         for (reporter, edge), counts in sorted(totals.items(), key=lambda item: (item[0][1], item[0][0])):
-            if reporter != "destination" and (reporter != "source" or edge in reported):
-                continue
             edges.append(Edge(
                 source=edge.source_id, destination=edge.destination_id, destination_service=edge.destination_service,
                 requests=counts.requests, request_rate=rates[(reporter, edge)],

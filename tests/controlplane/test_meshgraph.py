@@ -131,3 +131,15 @@ def test_depth_follows_the_longest_call_chain_and_survives_cycles():
     depths = {node.workload: node.depth for node in window.graph().nodes}
     assert depths["unknown"] == 0 and depths["customer"] >= 1
     assert depths["preference"] == depths["customer"] + 1 and depths["recommendation"] == depths["preference"] + 1
+
+
+def test_a_client_side_series_without_the_server_workload_adds_no_edge_when_the_server_reports_the_call():
+    window = TelemetryWindow()
+    service = "preference.tutorial.svc.cluster.local"
+    for now, ok in ((0.0, 1), (2.0, 5)):
+        window.record("customer-v1", now, summarize(series("source", "customer-v1", "unknown", service, ok=ok)))
+        window.record("preference-v1", now, summarize(series("destination", "customer-v1", "preference-v1", service, ok=ok)))
+    graph = window.graph()
+    assert [(edge.source, edge.destination, edge.reporter) for edge in graph.edges] == [
+        ("tutorial/customer-v1", "tutorial/preference-v1", "destination")]
+    assert [node.id for node in graph.nodes] == ["tutorial/customer-v1", "tutorial/preference-v1"]
