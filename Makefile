@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 SRC_BUILD := pyproject.toml setup.py $(shell find native -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) 2>/dev/null)
 # command:Debian package; tests and the demo drive these for real
 TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-restore:iptables ip:iproute2 \
-  openssl:openssl testssl:testssl.sh sslscan:sslscan prometheus:prometheus etcd:etcd-server
+  openssl:openssl testssl:testssl.sh sslscan:sslscan prometheus:prometheus etcd:etcd-server chromium:chromium
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=

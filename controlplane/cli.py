@@ -71,6 +71,10 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="a directory of Istio YAML to watch (optional)")
     p.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_ADDRESS),
                    help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS}; port 0 picks one)")
+    p.add_argument("--ui-address", type=_host_port, default=None, metavar="HOST:PORT",
+                   help="serve the mesh view (service graph and proxy-status, read-only, no authentication) "
+                        "on HOST:PORT; off by default (docs/mesh-view.md)")
+    p.add_argument("--ui-port-file", type=Path, default=None, help="write the mesh view's bound port here")
     p.add_argument("--heartbeat-interval", type=_positive_float, default=10.0, metavar="SECONDS",
                    help="heartbeat period; a stream silent for 3 periods is closed (default 10)")
     p.add_argument("--grace-period", type=_positive_float, default=30.0, metavar="SECONDS",
@@ -237,10 +241,20 @@ def main(argv: Sequence[str]) -> int:
             except OSError as e:
                 log.error("listen_failed", address=f"{args.listen[0]}:{args.listen[1]}", error=str(e))
                 return 1
+            if args.ui_address is not None:
+                from controlplane.meshview import MeshView
+
+                view = MeshView(plane.status, plane.server_id, log)
+                try:
+                    ui_port = await nursery.start(view.serve, args.ui_address[0], args.ui_address[1])
+                except OSError as e:
+                    log.error("listen_failed", address=f"{args.ui_address[0]}:{args.ui_address[1]}", error=str(e))
+                    nursery.cancel_scope.cancel()  # the control plane's listener is already serving
+                    return 1
+                if args.ui_port_file is not None:
+                    _write_port_file(args.ui_port_file, ui_port)
             if args.port_file is not None:
-                tmp = args.port_file.with_suffix(".tmp")
-                tmp.write_text(f"{port}\n")
-                tmp.replace(args.port_file)
+                _write_port_file(args.port_file, port)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("shutting_down", signal=signal.Signals(signum).name)
@@ -249,6 +263,12 @@ def main(argv: Sequence[str]) -> int:
         return 0
 
     return trio.run(run)
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------------

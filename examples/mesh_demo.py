@@ -126,6 +126,9 @@ class MeshDemo:
     # admin listeners on the node's address (port 15000 left out of inbound capture) so that a scraper
     # in another node reaches /stats/prometheus, as Istio leaves its 15090 out of capture; else loopback
     admin_on_node_address: bool = False
+    # the secure mesh: the control plane's mesh view (`--ui-address`) on this port of its node's address
+    # (it scrapes the sidecars' admin listeners, so it wants admin_on_node_address)
+    ui_port: int | None = None
 
     # ---- lifecycle
 
@@ -210,7 +213,8 @@ class MeshDemo:
             sys.executable, "-m", "proxy.cli", "controlplane", "--config", str(config),
             "--listen", f"{self.lab.node(CONTROLPLANE_NODE).ipv4}:{CONTROLPLANE_PORT}", "--port-file", str(port_file),
             "--ca-dir", str(self.ca_dir), "--data-dir", str(self.log_dir / "controlplane-data"),
-            "--tls-san", CONTROLPLANE_NODE, "--log-format", "json"])
+            "--tls-san", CONTROLPLANE_NODE, "--log-format", "json",
+            *(["--ui-address", f"{self.lab.node(CONTROLPLANE_NODE).ipv4}:{self.ui_port}"] if self.ui_port else [])])
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not (port_file.exists() and port_file.read_text().strip()):
             if self.procs["controlplane"].poll() is not None or time.monotonic() > deadline:

@@ -5,6 +5,7 @@ update) and /certs (the Gateway certificates: subject, SANs, expiry), answering 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import h11
@@ -15,6 +16,7 @@ MAX_REQUEST_BYTES = 16 << 10
 IDLE_TIMEOUT_S = 30.0
 
 Reply = tuple[int, bytes, bytes]  # status, content-type, body
+Respond = Callable[[bytes, bytes], Awaitable[Reply]]  # (method, target) -> reply
 
 _json = msgspec.json.Encoder(enc_hook=str)
 
@@ -66,7 +68,7 @@ async def route(state: AdminState, method: bytes, target: bytes) -> Reply:
     return 404, b"text/plain", b"not found\n"
 
 
-async def _handle_connection(stream: trio.SocketStream, state: AdminState, log: Any) -> None:
+async def _handle_connection(stream: trio.SocketStream, respond: Respond, log: Any) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
     try:
         while True:
@@ -79,7 +81,7 @@ async def _handle_connection(stream: trio.SocketStream, state: AdminState, log: 
                 conn.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
-                status, ctype, body = await route(state, event.method, event.target)
+                status, ctype, body = await respond(event.method, event.target)
                 headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
                 await stream.send_all(conn.send(h11.Response(status_code=status, headers=headers)))
                 if event.method != b"HEAD":
@@ -129,9 +131,18 @@ async def open_admin_socket(host: str, port: int) -> trio.socket.SocketType:
 
 async def serve_admin(sock: trio.socket.SocketType, state: AdminState, log: Any,
                       *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def respond(method: bytes, target: bytes) -> Reply:
+        return await route(state, method, target)
+
+    await serve_http(sock, respond, log, task_status=task_status)
+
+
+async def serve_http(sock: trio.socket.SocketType, respond: Respond, log: Any,
+                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Answer GET/HEAD/POST requests on `sock` with `respond` (also the control plane's mesh view)."""
     listener = trio.SocketListener(sock)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await _handle_connection(stream, state, log)
+        await _handle_connection(stream, respond, log)
 
     await trio.serve_listeners(handler, [listener], task_status=task_status)
