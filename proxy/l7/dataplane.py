@@ -446,6 +446,14 @@ class DataPlane:
                     conn.counted = False
                     self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
 
+    def load_identity(self, identity) -> None:
+        """A workload certificate, first or renewed (`self.workload_identity` holds it): the metrics
+        learn our SPIFFE ID, and pooled connections made with the old certificate are retired."""
+        self.workload_identity.swap(identity)
+        if self.telemetry is not None:
+            self.telemetry.note_local_principal(identity.spiffe_id)
+        self.retire_renewed_connections()
+
     def retire_renewed_connections(self) -> None:
         """Close the idle pooled connections made with a workload certificate that has since been
         renewed, so new requests get connections with the new one. Called when the identity is

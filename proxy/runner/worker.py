@@ -254,8 +254,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                     log.error("worker_export_failed", error=str(e))
                     await channel.send(control.ListenerSockets(msg.request_id, []))
             elif isinstance(msg, control.LoadIdentity):
-                identity.swap(msg.identity)
-                plane.retire_renewed_connections()  # pooled connections of the old certificate
+                plane.load_identity(msg.identity)
                 await channel.send(control.IdentityLoaded(msg.identity.serial))
                 log.debug("worker_identity_loaded", spiffe_id=msg.identity.spiffe_id, serial=msg.identity.serial)
             elif isinstance(msg, control.Drain):

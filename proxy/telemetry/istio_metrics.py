@@ -18,7 +18,7 @@ reported in Istio's metrics.
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from math import ceil
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -159,6 +159,9 @@ class IstioMetrics:
         # the SPIFFE ID each upstream endpoint (address, port) proved in its last mesh mTLS handshake:
         # written per connection (upstream_conn.open_connection), read for destination_principal
         self.upstream_principals: dict[tuple[str, int], str] = {}
+        # this workload with the SPIFFE ID of its certificate: the principal of our side of a mesh
+        # mTLS connection (destination_principal inbound, source_principal outbound), as Istio reports
+        self.identity_over_mtls = identity
         self.clock = clock  # None: the Trio run's clock (what RequestContext.start_monotonic is read from)
         self._now = None  # the clock function (bound on first use); the run's clock reads it plus _clock_offset
         self._clock_offset = 0.0
@@ -270,13 +273,13 @@ class IstioMetrics:
         inbound = listener is not None and listener.traffic_direction == "INBOUND"
         if inbound:
             source = peer.identity if peer is not None and peer.identity is not None else UNKNOWN_WORKLOAD
-            destination = self.identity
             service = peer.service if peer is not None else UNKNOWN_SERVICE
             security = peer.security_policy if peer is not None else "none"
+            destination = self.identity_over_mtls if security == "mutual_tls" else self.identity
         else:
-            source = self.identity
             destination = (peer.identity if peer is not None and peer.identity is not None
                            else endpoint_identity(ctx.endpoint, ctx.cluster))
+            source = self.identity_over_mtls if destination.principal != UNKNOWN else self.identity
             service = service_labels(ctx.cluster)
             security = "unknown"  # Istio: only the destination knows how the connection was secured
         flags = ctx.response_flags
@@ -291,6 +294,14 @@ class IstioMetrics:
                 return None
             series = self._by_labels[labels] = Series(self.stats, labels, grpc)
         return series
+
+    def note_local_principal(self, spiffe_id: str) -> None:
+        """The workload certificate (re)loaded: our SPIFFE ID for the labels of mTLS traffic. Renewals
+        keep the ID; a new one drops the cached label sets that named the old."""
+        if spiffe_id != self.identity_over_mtls.principal:
+            self.identity_over_mtls = replace(self.identity, principal=spiffe_id)
+            self._by_facts.clear()
+            self._tcp_by_facts.clear()
 
     def note_upstream_principal(self, endpoint_key: tuple[str, int], spiffe_id: str) -> None:
         """A mesh mTLS handshake with this endpoint proved `spiffe_id` (once per connection)."""
@@ -312,10 +323,12 @@ class IstioMetrics:
         if found is not None:
             return found
         mutual_tls = peer_identity is not None and peer_identity.principal != UNKNOWN
+        # our own principal on our side of a mesh mTLS connection
+        own = self.identity_over_mtls if mutual_tls else self.identity
         labels = connection_labels(
             "destination" if inbound else "source",
-            (peer_identity or UNKNOWN_WORKLOAD) if inbound else self.identity,
-            self.identity if inbound else (peer_identity or endpoint_identity(endpoint, cluster)),
+            (peer_identity or UNKNOWN_WORKLOAD) if inbound else own,
+            own if inbound else (peer_identity or endpoint_identity(endpoint, cluster)),
             UNKNOWN_SERVICE if inbound else service_labels(cluster),
             # Istio: only the destination knows how the connection was secured
             "tcp", ("mutual_tls" if mutual_tls else "none") if inbound else "unknown")

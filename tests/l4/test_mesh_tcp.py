@@ -149,7 +149,7 @@ def sidecar(text: str, app: str, identity, nursery: trio.Nursery) -> tuple[DataP
     workload = identity_from_labels("foo", labels, f"{app}-v1")
     plane = DataPlane(SnapshotHolder(snapshot), stats, telemetry=IstioMetrics(stats, workload))
     plane.workload_identity = IdentityHolder()
-    plane.workload_identity.swap(identity)
+    plane.load_identity(identity)
     return plane, stats, CaptureServer(plane, stats, nursery, CaptureSettings(sniff_timeout_s=0.5))
 
 
@@ -208,6 +208,7 @@ async def test_tcp_between_sidecars_runs_over_mutual_tls_with_principals(nursery
                           'destination_workload="echo-v1"', 'destination_app="echo"', 'destination_version="v1"',
                           'destination_canonical_service="echo"', 'destination_workload_namespace="foo"',
                           'destination_principal="spiffe://cluster.local/ns/foo/sa/echo"',
+                          'source_principal="spiffe://cluster.local/ns/foo/sa/sleep"',
                           'destination_service="echo.foo"', 'request_protocol="tcp"'):
                 assert label in source[0], (label, source[0])
             destination = metric_lines(server_stats, "istio_tcp_connections_closed_total")
@@ -215,6 +216,7 @@ async def test_tcp_between_sidecars_runs_over_mutual_tls_with_principals(nursery
             for label in ('reporter="destination"', 'source_workload="sleep-v1"', 'source_app="sleep"',
                           'source_version="v1"', 'source_canonical_service="sleep"', 'source_workload_namespace="foo"',
                           'source_principal="spiffe://cluster.local/ns/foo/sa/sleep"', 'destination_workload="echo-v1"',
+                          'destination_principal="spiffe://cluster.local/ns/foo/sa/echo"',
                           'connection_security_policy="mutual_tls"'):
                 assert label in destination[0], (label, destination[0])
             # the frames were stripped: the app's bytes alone were counted, and echoed unchanged

@@ -308,9 +308,12 @@ def _run(tmp_path: Path, procs: list, backend: Backend, echo_port: int) -> None:
     stats = server.admin("/stats/prometheus")[1]
     assert 'connection_security_policy="mutual_tls"' in stats
     assert 'source_principal="spiffe://cluster.local/ns/tutorial/sa/customer"' in stats
+    # each side names its own certificate's SPIFFE ID too, as Istio does
+    assert 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in stats
     # the client side reports the server certificate's SPIFFE ID
-    assert 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in customer.admin(
-        "/stats/prometheus")[1]
+    client_stats = customer.admin("/stats/prometheus")[1]
+    assert 'destination_principal="spiffe://cluster.local/ns/tutorial/sa/preference"' in client_stats
+    assert 'source_principal="spiffe://cluster.local/ns/tutorial/sa/customer"' in client_stats
 
     # TCP: the customer's TCP server routes to an endpoint labelled with a sidecar, so the customer
     # proxy originates mesh mTLS to the preference proxy's ISTIO_MUTUAL TLS server, which hands the

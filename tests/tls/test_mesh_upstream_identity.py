@@ -97,8 +97,7 @@ async def test_destination_principal_and_pools_follow_certificate_renewal(nurser
             # renewal (what a worker does on LoadIdentity): the idle connection of the old certificate
             # closes, the next request gets a new connection with the new one
             second = issue(ca, "foo", "sleep")
-            plane.workload_identity.swap(second)
-            plane.retire_renewed_connections()
+            plane.load_identity(second)
             await connections[0]["closed"].wait()
             assert (await request(client)).startswith(b"HTTP/1.1 200")
             assert [c["serial"] for c in connections] == [first.serial, second.serial]
@@ -108,8 +107,7 @@ async def test_destination_principal_and_pools_follow_certificate_renewal(nurser
             async with trio.open_nursery() as during:
                 during.start_soon(request, client, "/slow")
                 await trio.sleep(0.1)
-                plane.workload_identity.swap(third)
-                plane.retire_renewed_connections()
+                plane.load_identity(third)
             assert not connections[1]["closed"].is_set()  # back in the pool, still of the old certificate
             plane.sweep_pools()
             await connections[1]["closed"].wait()
