@@ -36,6 +36,11 @@ class StreamClosed(Exception):
     """The peer closed the stream or it broke."""
 
 
+class SendTimeout(StreamClosed):
+    """A send waited for buffer space longer than its timeout. Part of the frame may be out, so the
+    stream was closed."""
+
+
 def plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
     if isinstance(stream, socket.socket):
         return stream
@@ -54,6 +59,8 @@ class FramedStream:
         self._ready: list[Message] = []
         self._ready_pos = 0
         self._unyielded = 0
+        self._drained = False
+        self._plain = not isinstance(self.sock, ssl.SSLSocket)
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -64,16 +71,20 @@ class FramedStream:
         """A send is parked waiting for buffer space."""
         return self._send_lock.locked()
 
-    async def send(self, message: Message) -> None:
-        await self.send_frame(encode_frame(message))
+    async def send(self, message: Message, *, timeout_s: float | None = None) -> None:
+        await self.send_frame(encode_frame(message), timeout_s=timeout_s)
 
-    async def send_frame(self, frame: bytes) -> None:
-        """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole."""
+    async def send_frame(self, frame: bytes, *, timeout_s: float | None = None) -> None:
+        """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole.
+        `timeout_s` bounds only a send that has to wait for buffer space (the timer is armed on that
+        slow path alone: a cancel scope per frame would cost more than the send); when it expires,
+        the stream is closed and SendTimeout raised."""
         if self.closed:
             raise StreamClosed("stream is closed")
         if self._send_lock.locked():
-            async with self._send_lock:  # queue behind the parked send
-                await self._send_rest(memoryview(frame))
+            with _deadline(timeout_s) as scope:
+                async with self._send_lock:  # queue behind the parked send
+                    await self._send_rest(memoryview(frame))
         else:
             try:
                 n = self.sock.send(frame)
@@ -81,12 +92,17 @@ class FramedStream:
                 n = 0
             except OSError as e:
                 raise StreamClosed(str(e)) from None
+            scope = None
             if n < len(frame):
                 self._send_lock.acquire_nowait()
                 try:
-                    await self._send_rest(memoryview(frame)[n:])
+                    with _deadline(timeout_s) as scope:
+                        await self._send_rest(memoryview(frame)[n:])
                 finally:
                     self._send_lock.release()
+        if scope is not None and scope.cancelled_caught:
+            await self.aclose()  # a frame cut short: nothing more can follow it
+            raise SendTimeout(f"send waited more than {timeout_s}s for the peer to read")
         self.bytes_sent += len(frame)
         self.last_send_time = trio.current_time()
 
@@ -125,6 +141,15 @@ class FramedStream:
             self._ready_pos = 0
             if self.closed:
                 raise StreamClosed("stream is closed")
+            if self._drained:
+                # the last read emptied the socket: a recv now would mostly fail with EAGAIN (an
+                # exception and a syscall per message on a stream that gets one small frame at a time)
+                self._drained = False
+                self._unyielded = 0
+                try:
+                    await wait_readable(self.sock)
+                except trio.ClosedResourceError:
+                    raise StreamClosed("stream closed while receiving") from None
             try:
                 data = self.sock.recv(RECEIVE_BYTES)
             except ssl.SSLWantWriteError:
@@ -146,6 +171,9 @@ class FramedStream:
                 self._unyielded = 0
                 await checkpoint()
             self.bytes_received += len(data)
+            # a short read of a plain socket took everything the kernel held; TLS may hold decrypted
+            # bytes back (a record at a time), so only the plain socket can skip the next attempt
+            self._drained = self._plain and len(data) < RECEIVE_BYTES
             try:
                 self._ready.extend(self._decoder.feed(data))
             except ProtocolError as e:
@@ -171,6 +199,10 @@ class FramedStream:
             notify_closing(self.sock)  # wakes a task parked in wait_readable/wait_writable
             self.sock.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def _deadline(timeout_s: float | None) -> trio.CancelScope:
+    return trio.CancelScope() if timeout_s is None else trio.move_on_after(timeout_s)
 
 
 async def connect(host: str, port: int, *, max_frame_bytes: int = MAX_FRAME_BYTES,
