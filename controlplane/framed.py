@@ -37,8 +37,8 @@ class StreamClosed(Exception):
 
 
 class SendTimeout(StreamClosed):
-    """A send waited for buffer space longer than its timeout. Part of the frame may be out, so the
-    stream was closed."""
+    """A send waited for buffer space longer than its timeout (the stream is closed if the frame was
+    cut)."""
 
 
 def plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
@@ -77,14 +77,16 @@ class FramedStream:
     async def send_frame(self, frame: bytes, *, timeout_s: float | None = None) -> None:
         """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole.
         `timeout_s` bounds only a send that has to wait for buffer space (the timer is armed on that
-        slow path alone: a cancel scope per frame would cost more than the send); when it expires,
-        the stream is closed and SendTimeout raised."""
+        slow path alone: a cancel scope per frame would cost more than the send). When it expires,
+        SendTimeout is raised; if part of the frame went out (or a TLS write was begun, which OpenSSL
+        must finish with the same bytes) nothing more can follow it, and the stream is closed first."""
         if self.closed:
             raise StreamClosed("stream is closed")
+        started = [False]  # a send of this frame was attempted
         if self._send_lock.locked():
             with _deadline(timeout_s) as scope:
                 async with self._send_lock:  # queue behind the parked send
-                    await self._send_rest(memoryview(frame))
+                    await self._send_rest(memoryview(frame), started)
         else:
             try:
                 n = self.sock.send(frame)
@@ -94,19 +96,24 @@ class FramedStream:
                 raise StreamClosed(str(e)) from None
             scope = None
             if n < len(frame):
+                started[0] = n > 0 or not self._plain
                 self._send_lock.acquire_nowait()
                 try:
                     with _deadline(timeout_s) as scope:
-                        await self._send_rest(memoryview(frame)[n:])
+                        await self._send_rest(memoryview(frame)[n:], started)
                 finally:
                     self._send_lock.release()
         if scope is not None and scope.cancelled_caught:
-            await self.aclose()  # a frame cut short: nothing more can follow it
-            raise SendTimeout(f"send waited more than {timeout_s}s for the peer to read")
+            if started[0]:
+                await self.aclose()
+                raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; the frame was cut, "
+                                  "so the stream was closed")
+            raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; nothing of it was sent")
         self.bytes_sent += len(frame)
         self.last_send_time = trio.current_time()
 
-    async def _send_rest(self, view: memoryview) -> None:
+    async def _send_rest(self, view: memoryview, started: list[bool]) -> None:
+        whole = len(view)
         while view:
             if self.closed:
                 raise StreamClosed("stream is closed")
@@ -120,6 +127,8 @@ class FramedStream:
             except OSError as e:
                 raise StreamClosed(str(e)) from None
             view = view[n:]
+            if len(view) < whole or not self._plain:
+                started[0] = True
             if view:
                 if want_read:
                     await trio.sleep(CROSSED_WANT_SLEEP_S)

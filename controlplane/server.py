@@ -505,7 +505,7 @@ class ControlPlane:
                     continue
                 if now - framed.last_send_time >= interval - tick and not framed.sending:
                     # a peer whose buffer stays full is not reading: it does not stall the rest for
-                    # longer than a tick, and its stream (holding a cut frame) is closed
+                    # longer than a tick (the heartbeat timeout deals with it)
                     try:
                         await framed.send_frame(frame, timeout_s=tick)
                     except StreamClosed:
@@ -656,6 +656,8 @@ class ControlPlane:
                     await self.push(proxy)
             except SendTimeout:
                 self.log.warning("push_timeout", node_id=node_id)
+                if proxy is not None and proxy.stream is not None:
+                    await proxy.stream.aclose()  # a proxy that does not read its config is not served
             except StreamClosed:
                 pass
             finally:
