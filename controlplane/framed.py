@@ -5,8 +5,12 @@ frame to each. An await on a Trio stream is a trip through the scheduler even wh
 the bytes at once (PERFORMANCE.md), so the driver keeps the plain socket non-blocking and tries the
 syscall first: a frame that fits in the socket buffer is sent without a scheduler trip, and only a
 partial send or EAGAIN parks the task in `wait_writable` (holding the send lock, so frames never
-interleave). Receiving likewise tries `recv` first and waits for readability only on EAGAIN. Callers
-that loop over many streams without waiting checkpoint themselves now and then.
+interleave). A send's timeout is armed on that slow path only (a cancel scope per frame costs more
+than the send). Receiving likewise tries `recv` first and waits for readability only on EAGAIN, except
+after a short read of a plain socket: that read emptied the socket, so the stream waits first (a proxy
+stream gets one small frame at a time, and a recv failing with EAGAIN per frame is a syscall and an
+exception per ACK). Callers that loop over many streams without waiting checkpoint themselves now and
+then.
 
 Over TLS (controlplane/tls.py) the socket is a non-blocking `ssl.SSLSocket`: its WantWrite/WantRead
 errors are this driver's EAGAIN. OpenSSL writes a send whole or asks for the same bytes again, which

@@ -16,7 +16,9 @@ Theory of operation.
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
-  proxy has ACKed everything sent on this stream, else a full snapshot. A NACKed version is not resent:
+  proxy has ACKed everything sent on this stream, else a full snapshot. A push is encoded once per
+  (from version, to version) and the same bytes, nonce included, go to every proxy making that step
+  (nonces only have to grow along each stream). A NACKed version is not resent:
   the proxy stays on its last good version until the config changes again.
 - With a CA (`security`), every connection is TLS (controlplane/tls.py) and must prove itself in its
   first message: a proxy's Hello by a bootstrap token or a client certificate of the identity it asks
