@@ -5,8 +5,12 @@ frame to each. An await on a Trio stream is a trip through the scheduler even wh
 the bytes at once (PERFORMANCE.md), so the driver keeps the plain socket non-blocking and tries the
 syscall first: a frame that fits in the socket buffer is sent without a scheduler trip, and only a
 partial send or EAGAIN parks the task in `wait_writable` (holding the send lock, so frames never
-interleave). Receiving likewise tries `recv` first and waits for readability only on EAGAIN. Callers
-that loop over many streams without waiting checkpoint themselves now and then.
+interleave). A send's timeout is armed on that slow path only (a cancel scope per frame costs more
+than the send). Receiving likewise tries `recv` first and waits for readability only on EAGAIN, except
+after a short read of a plain socket: that read emptied the socket, so the stream waits first (a proxy
+stream gets one small frame at a time, and a recv failing with EAGAIN per frame is a syscall and an
+exception per ACK). Callers that loop over many streams without waiting checkpoint themselves now and
+then.
 
 Over TLS (controlplane/tls.py) the socket is a non-blocking `ssl.SSLSocket`: its WantWrite/WantRead
 errors are this driver's EAGAIN. OpenSSL writes a send whole or asks for the same bytes again, which
@@ -36,6 +40,11 @@ class StreamClosed(Exception):
     """The peer closed the stream or it broke."""
 
 
+class SendTimeout(StreamClosed):
+    """A send waited for buffer space longer than its timeout (the stream is closed if the frame was
+    cut)."""
+
+
 def plain_socket(stream: trio.SocketStream | socket.socket) -> socket.socket:
     if isinstance(stream, socket.socket):
         return stream
@@ -54,6 +63,8 @@ class FramedStream:
         self._ready: list[Message] = []
         self._ready_pos = 0
         self._unyielded = 0
+        self._drained = False
+        self._plain = not isinstance(self.sock, ssl.SSLSocket)
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -64,16 +75,22 @@ class FramedStream:
         """A send is parked waiting for buffer space."""
         return self._send_lock.locked()
 
-    async def send(self, message: Message) -> None:
-        await self.send_frame(encode_frame(message))
+    async def send(self, message: Message, *, timeout_s: float | None = None) -> None:
+        await self.send_frame(encode_frame(message), timeout_s=timeout_s)
 
-    async def send_frame(self, frame: bytes) -> None:
-        """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole."""
+    async def send_frame(self, frame: bytes, *, timeout_s: float | None = None) -> None:
+        """Send an encoded frame. Returns without a scheduler trip when the kernel takes it whole.
+        `timeout_s` bounds only a send that has to wait for buffer space (the timer is armed on that
+        slow path alone: a cancel scope per frame would cost more than the send). When it expires,
+        SendTimeout is raised; if part of the frame went out (or a TLS write was begun, which OpenSSL
+        must finish with the same bytes) nothing more can follow it, and the stream is closed first."""
         if self.closed:
             raise StreamClosed("stream is closed")
+        started = [False]  # a send of this frame was attempted
         if self._send_lock.locked():
-            async with self._send_lock:  # queue behind the parked send
-                await self._send_rest(memoryview(frame))
+            with _deadline(timeout_s) as scope:
+                async with self._send_lock:  # queue behind the parked send
+                    await self._send_rest(memoryview(frame), started)
         else:
             try:
                 n = self.sock.send(frame)
@@ -81,16 +98,26 @@ class FramedStream:
                 n = 0
             except OSError as e:
                 raise StreamClosed(str(e)) from None
+            scope = None
             if n < len(frame):
+                started[0] = n > 0 or not self._plain
                 self._send_lock.acquire_nowait()
                 try:
-                    await self._send_rest(memoryview(frame)[n:])
+                    with _deadline(timeout_s) as scope:
+                        await self._send_rest(memoryview(frame)[n:], started)
                 finally:
                     self._send_lock.release()
+        if scope is not None and scope.cancelled_caught:
+            if started[0]:
+                await self.aclose()
+                raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; the frame was cut, "
+                                  "so the stream was closed")
+            raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; nothing of it was sent")
         self.bytes_sent += len(frame)
         self.last_send_time = trio.current_time()
 
-    async def _send_rest(self, view: memoryview) -> None:
+    async def _send_rest(self, view: memoryview, started: list[bool]) -> None:
+        whole = len(view)
         while view:
             if self.closed:
                 raise StreamClosed("stream is closed")
@@ -104,6 +131,8 @@ class FramedStream:
             except OSError as e:
                 raise StreamClosed(str(e)) from None
             view = view[n:]
+            if len(view) < whole or not self._plain:
+                started[0] = True
             if view:
                 if want_read:
                     await trio.sleep(CROSSED_WANT_SLEEP_S)
@@ -125,6 +154,15 @@ class FramedStream:
             self._ready_pos = 0
             if self.closed:
                 raise StreamClosed("stream is closed")
+            if self._drained:
+                # the last read emptied the socket: a recv now would mostly fail with EAGAIN (an
+                # exception and a syscall per message on a stream that gets one small frame at a time)
+                self._drained = False
+                self._unyielded = 0
+                try:
+                    await wait_readable(self.sock)
+                except trio.ClosedResourceError:
+                    raise StreamClosed("stream closed while receiving") from None
             try:
                 data = self.sock.recv(RECEIVE_BYTES)
             except ssl.SSLWantWriteError:
@@ -146,6 +184,9 @@ class FramedStream:
                 self._unyielded = 0
                 await checkpoint()
             self.bytes_received += len(data)
+            # a short read of a plain socket took everything the kernel held; TLS may hold decrypted
+            # bytes back (a record at a time), so only the plain socket can skip the next attempt
+            self._drained = self._plain and len(data) < RECEIVE_BYTES
             try:
                 self._ready.extend(self._decoder.feed(data))
             except ProtocolError as e:
@@ -171,6 +212,10 @@ class FramedStream:
             notify_closing(self.sock)  # wakes a task parked in wait_readable/wait_writable
             self.sock.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def _deadline(timeout_s: float | None) -> trio.CancelScope:
+    return trio.CancelScope() if timeout_s is None else trio.move_on_after(timeout_s)
 
 
 async def connect(host: str, port: int, *, max_frame_bytes: int = MAX_FRAME_BYTES,

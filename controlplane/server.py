@@ -16,7 +16,9 @@ Theory of operation.
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
   enqueues each proxy whose view version differs from what it was last sent; `push_concurrency`
   sender tasks drain the `PushQueue`. A push is a delta against the set the proxy last ACKed when the
-  proxy has ACKed everything sent on this stream, else a full snapshot. A NACKed version is not resent:
+  proxy has ACKed everything sent on this stream, else a full snapshot. A push is encoded once per
+  (from version, to version) and the same bytes, nonce included, go to every proxy making that step
+  (nonces only have to grow along each stream). A NACKed version is not resent:
   the proxy stays on its last good version until the config changes again.
 - With a CA (`security`), every connection is TLS (controlplane/tls.py) and must prove itself in its
   first message: a proxy's Hello by a bootstrap token or a client certificate of the identity it asks
@@ -45,7 +47,7 @@ from typing import Any
 import trio
 
 from controlplane import tls as control_tls
-from controlplane.framed import FramedStream, StreamClosed, plain_socket
+from controlplane.framed import FramedStream, SendTimeout, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
 from controlplane.snapshots import ProxyClass, View, ViewCache
 from controlplane.replicated import Replication
@@ -164,6 +166,8 @@ class ControlPlane:
         self.pushes_total = 0
         self._round: tuple[float, int, int] | None = None  # (start, pushes_total then, proxies queued)
         self.push_bytes_total = 0
+        self._frames: dict[tuple[str, str, bool], tuple[str, bytes]] = {}  # (base, version, delta) -> (nonce, frame)
+        self._frames_generation: ViewCache | None = None  # the views the frames were encoded from
         store.extra_classes = self.connected_classes
         self._nursery: trio.Nursery | None = None
 
@@ -406,7 +410,7 @@ class ControlPlane:
         proxy.disconnected_at = None
         proxy.pending.clear()
         proxy.acked = None  # a new stream starts from a full snapshot
-        proxy.sent_version = proxy.acked_version = ""
+        proxy.sent_version = proxy.acked_version = proxy.sent_nonce = ""  # nonces grow per stream
         self.log.info("proxy_connected", node_id=hello.node_id, namespace=hello.namespace, labels=hello.labels,
                       peer=peer, serving=hello.last_version)
         if hello.register:
@@ -502,12 +506,12 @@ class ControlPlane:
                     self._nursery.start_soon(framed.fail, ProtocolError("HEARTBEAT_TIMEOUT", f"nothing received for {timeout}s"))
                     continue
                 if now - framed.last_send_time >= interval - tick and not framed.sending:
-                    # a peer whose buffer is full is not reading: it will time out; do not let it stall the rest
-                    with trio.move_on_after(tick):
-                        try:
-                            await framed.send_frame(frame)
-                        except StreamClosed:
-                            pass
+                    # a peer whose buffer stays full is not reading: it does not stall the rest for
+                    # longer than a tick (the heartbeat timeout deals with it)
+                    try:
+                        await framed.send_frame(frame, timeout_s=tick)
+                    except StreamClosed:
+                        pass
 
     async def _receive_loop(self, proxy: ProxyConn, framed: FramedStream) -> None:
         while True:
@@ -565,7 +569,8 @@ class ControlPlane:
     # ---- pushing
 
     async def push(self, proxy: ProxyConn, *, force_full: bool = False) -> bool:
-        """Send the proxy its current view if it differs from what it was last sent."""
+        """Send the proxy its current view if it differs from what it was last sent. Raises
+        StreamClosed (SendTimeout after `push_timeout_s` waiting for a peer that does not read)."""
         framed = proxy.stream
         if framed is None:
             return False
@@ -573,26 +578,43 @@ class ControlPlane:
         view = views.view(proxy.pc)
         if view.version == proxy.sent_version and not force_full:
             return False
-        nonce = str(next(self._nonces))
         incremental = (
             self.options.delta and not force_full and proxy.acked is not None and not proxy.pending
             and proxy.acked_version == proxy.sent_version
         )
-        if incremental:
-            changed, removed = views.delta(proxy.acked, view)
-            message = Snapshot(version=view.version, nonce=nonce, full=False, base_version=proxy.acked_version,
-                               resources=[s.wire for s in changed], removed=removed)
-        else:
-            message = Snapshot(version=view.version, nonce=nonce, full=True, resources=[s.wire for s in view.resources])
+        nonce, frame = self._frame(views, proxy, view, incremental)
         proxy.pending[nonce] = view
         proxy.sent_version = view.version
         proxy.sent_nonce = nonce
-        before = framed.bytes_sent
-        await framed.send(message)
+        await framed.send_frame(frame, timeout_s=self.options.push_timeout_s)
         proxy.pushes += 1
         self.pushes_total += 1
-        self.push_bytes_total += framed.bytes_sent - before
+        self.push_bytes_total += len(frame)
         return True
+
+    def _frame(self, views: ViewCache, proxy: ProxyConn, view: View, incremental: bool) -> tuple[str, bytes]:
+        """The encoded Snapshot and its nonce. Every proxy going from the same version to the same
+        version gets the same bytes, so a change is encoded once per (from, to) pair, not per proxy.
+        Nonces need only grow along each stream: a shared one is reused unless this proxy was already
+        sent a newer nonce."""
+        base = proxy.acked_version if incremental else ""
+        cache_key = (base, view.version, incremental)
+        if self._frames_generation is not views:
+            self._frames.clear()
+            self._frames_generation = views
+        cached = self._frames.get(cache_key)
+        if cached is not None and (not proxy.sent_nonce or int(proxy.sent_nonce) < int(cached[0])):
+            return cached
+        nonce = str(next(self._nonces))
+        if incremental:
+            assert proxy.acked is not None
+            changed, removed = views.delta(proxy.acked, view)
+            message = Snapshot(version=view.version, nonce=nonce, full=False, base_version=base,
+                               resources=[s.wire for s in changed], removed=removed)
+        else:
+            message = Snapshot(version=view.version, nonce=nonce, full=True, resources=[s.wire for s in view.resources])
+        encoded = self._frames[cache_key] = (nonce, encode_frame(message))
+        return encoded
 
     async def _push_loop(self) -> None:
         while True:
@@ -633,11 +655,11 @@ class ControlPlane:
             proxy = self.proxies.get(node_id)
             try:
                 if proxy is not None and proxy.stream is not None:
-                    with trio.move_on_after(self.options.push_timeout_s) as scope:
-                        await self.push(proxy)
-                    if scope.cancelled_caught and proxy.stream is not None:
-                        self.log.warning("push_timeout", node_id=node_id)
-                        await proxy.stream.aclose()
+                    await self.push(proxy)
+            except SendTimeout:
+                self.log.warning("push_timeout", node_id=node_id)
+                if proxy is not None and proxy.stream is not None:
+                    await proxy.stream.aclose()  # a proxy that does not read its config is not served
             except StreamClosed:
                 pass
             finally:
