@@ -4,9 +4,18 @@ Theory of operation
 -------------------
 A connection whose first bytes are the prior-knowledge preface (RFC 9113 §3.3) is handed here by
 the HTTP/1.1 server (server.py), with what it has read so far. One task reads: it feeds bytes to
-the `h2` state machine and turns its events into streams. Each request gets a task of its own that
-runs the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the
-HTTP/2 implementation of the stream interface (stream.py); a reset ends that stream alone.
+the connection state machine (h2_connection.py) and turns its events into streams. Each request runs
+the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the HTTP/2
+implementation of the stream interface (stream.py); a reset ends that stream alone.
+
+Streams are served by stream workers: tasks of the connection that each serve one stream at a time
+and then park (no Event: the reader reschedules a parked worker directly) until the reader hands
+them the next one. Spawning a task per stream cost more than the rest of a small request's Trio
+machinery together; a worker is spawned only when every worker is busy, so a connection has as
+many as it ever had streams in flight, and at most MAX_IDLE_WORKERS of them wait idle. A worker
+runs in its own cancel scope, which is a stream's while it serves it: a stream the client resets
+(or that must end for a connection error) cancels its worker's scope, and that worker ends with the
+stream instead of serving another, so no stream pays for a cancel scope of its own.
 
 Writing goes through H2Transport (h2_transport.py): in order, waiting for the client's windows and
 for a client that does not read. The request body side acknowledges DATA (opens our window) only
@@ -24,11 +33,13 @@ a row, and stream-count exhaustion (MAX_CONCURRENT_STREAMS).
 from __future__ import annotations
 
 import time
+from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
 import structlog
 import trio
+from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7 import h1
 from proxy.l7.connio import ReadTimeout
@@ -67,6 +78,7 @@ _PREFACE_START = b"PRI * HTTP/2"
 RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
+MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moments spawn more
 
 _ENHANCE_YOUR_CALM = frames.ENHANCE_YOUR_CALM
 _INTERNAL_ERROR = frames.INTERNAL_ERROR
@@ -153,10 +165,10 @@ class H2Stream(H2StreamState):
     is_upgrade = False
 
     __slots__ = ("connection", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
-                 "cancel_scope", "reset_by_peer", "_sensitive")
+                 "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled")
 
     def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
-                 grpc: bool, ctx: RequestContext) -> None:
+                 grpc: bool, ctx: RequestContext, clusters) -> None:
         super().__init__(stream_id)
         self.connection = connection
         self.body = H2Body(connection, stream_id, framing)
@@ -167,8 +179,16 @@ class H2Stream(H2StreamState):
         self.ctx = ctx
         self._fields: Headers | None = None
         self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
-        self.cancel_scope = trio.CancelScope()
+        self.clusters = clusters  # the snapshot's clusters, read once when the stream began
+        self.cancel_scope: trio.CancelScope | None = None  # the scope of the worker serving it
+        self.cancelled = False  # ended before a worker took it, or while one serves it
         self.reset_by_peer = False
+
+    def cancel(self) -> None:
+        """End the stream's work now: its worker's scope is cancelled (the worker ends with it)."""
+        self.cancelled = True
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
     async def send_continue(self) -> None:
         return None  # no Expect handling on HTTP/2: the client does not wait for one
@@ -282,7 +302,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope")
+                 "goaway_sent", "read_scope", "ready", "idle_workers")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -304,6 +324,8 @@ class H2ServerConnection(H2Transport):
         self.quiet: trio.Event | None = None  # set when the last stream ends, for a closing connection
         self.goaway_sent = False  # a connection error: nothing more is read
         self.read_scope = trio.CancelScope()  # cancelled when a closing connection's last stream ends
+        self.ready: deque[H2Stream] = deque()  # streams no worker has taken yet
+        self.idle_workers: list = []  # parked stream worker tasks
 
     def drain(self) -> None:
         """The proxy drains: GOAWAY (NO_ERROR, last stream id = the last one accepted); the streams
@@ -387,7 +409,7 @@ class H2ServerConnection(H2Transport):
         self.closing = self.goaway_sent = True
         for stream in self.streams.values():
             stream.body.fail(why)
-            stream.cancel_scope.cancel()
+            stream.cancel()
 
     def _handle(self, events: list) -> None:
         streams = self.streams
@@ -430,7 +452,7 @@ class H2ServerConnection(H2Transport):
                         self.premature_resets += 1
                     stream.ctx.response_flags.append("DR")  # downstream remote reset
                     stream.body.fail("the client reset the stream")
-                    stream.cancel_scope.cancel()
+                    stream.cancel()
                     if (self.streams_total >= RAPID_RESET_MIN_STREAMS
                             and self.premature_resets * 2 > self.streams_total):
                         self.plane.count_h2_mitigation("rapid_reset")
@@ -491,9 +513,13 @@ class H2ServerConnection(H2Transport):
         chain = None
         if listener_chain is not None:
             ctx.listener, chain = listener_chain
-        stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx)
+        stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx, rt.clusters)
         self.streams[sid] = stream
-        self.nursery.start_soon(self._serve_stream, stream, rt.clusters, name="h2 stream")  # a name: no formatting per spawn
+        self.ready.append(stream)
+        if self.idle_workers:
+            reschedule(self.idle_workers.pop())
+        else:
+            self.nursery.start_soon(self._stream_worker, name="h2 stream worker")  # a name: no formatting per spawn
 
     def _refused(self, stream_id: int, reason: str, kind: str) -> None:
         """A stream reset for what it sent (malformed, over a limit): counted, logged, and a line in
@@ -506,7 +532,7 @@ class H2ServerConnection(H2Transport):
             stream.ended = True
             stream.ctx.response_flags.append("DPE")
             stream.body.fail(reason)
-            stream.cancel_scope.cancel()
+            stream.cancel()
             return
         ctx = RequestContext(plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", [], http_version=b"2"),
                              trio.current_time(), time.time(), self.client_ip, self.original_destination)
@@ -514,35 +540,70 @@ class H2ServerConnection(H2Transport):
         ctx.response_flags.append("DPE")
         finish(plane, ctx)
 
-    async def _serve_stream(self, stream: H2Stream, clusters) -> None:
+    # ---- stream workers (see the module docstring)
+
+    async def _stream_worker(self) -> None:
+        ready, idle = self.ready, self.idle_workers
+        task = current_task()
+
+        def abort(_) -> Abort:  # runs in the cancelling task: the worker is named here, not looked up
+            idle.remove(task)
+            return Abort.SUCCEEDED
+
+        with trio.CancelScope() as scope:
+            while True:
+                while ready:
+                    stream = ready.popleft()
+                    if stream.cancelled:  # reset or refused before any worker took it: served cancelled,
+                        with trio.CancelScope() as cancelled:  # as far as that goes (its access log line)
+                            cancelled.cancel()
+                            await self._serve_stream(stream)
+                        continue
+                    stream.cancel_scope = scope
+                    try:
+                        await self._serve_stream(stream)
+                    finally:
+                        if scope.cancel_called and ready:  # this worker ends with its cancelled stream, and
+                            # may have taken streams another worker was woken for: one takes its place
+                            self.nursery.start_soon(self._stream_worker, name="h2 stream worker")
+                    if scope.cancel_called:
+                        return
+                if len(idle) >= MAX_IDLE_WORKERS:
+                    return
+                idle.append(task)
+                await wait_task_rescheduled(abort)
+
+    async def _serve_stream(self, stream: H2Stream) -> None:
         ctx = stream.ctx
         try:
-            with stream.cancel_scope:
-                if stream.chain is None:
-                    e = BadRequest(f"no listener {self.listener_name} in the active config")
-                    ctx.error = e
-                    try:
-                        await reply_for_error(ctx, e, stream)
-                    finally:
-                        finish(self.plane, ctx)
-                else:
-                    await serve_request(self.plane, ctx, stream, clusters)
+            if stream.chain is None:
+                e = BadRequest(f"no listener {self.listener_name} in the active config")
+                ctx.error = e
+                try:
+                    await reply_for_error(ctx, e, stream)
+                finally:
+                    finish(self.plane, ctx)
+            else:
+                await serve_request(self.plane, ctx, stream, stream.clusters)
         except ProxyError:  # pragma: no cover - serve_request turns them into replies
             pass
         finally:
-            del self.streams[stream.stream_id]
-            if not self.streams:
-                if self.quiet is not None:
-                    self.quiet.set()
-                elif self.closing:  # GOAWAY said or heard, the last stream is done: stop reading
-                    self.read_scope.cancel()
-            if not stream.ended and self.error is None:
-                self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
-            body = stream.body
-            if body.unacked:  # what the router never read still counts against the connection window
-                body.unacked, n = 0, body.unacked
-                self.acknowledge(stream.stream_id, n)
-            self.flush()
+            self._stream_done(stream)
+
+    def _stream_done(self, stream: H2Stream) -> None:
+        del self.streams[stream.stream_id]
+        if not self.streams:
+            if self.quiet is not None:
+                self.quiet.set()
+            elif self.closing:  # GOAWAY said or heard, the last stream is done: stop reading
+                self.read_scope.cancel()
+        if not stream.ended and self.error is None:
+            self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
+        body = stream.body
+        if body.unacked:  # what the router never read still counts against the connection window
+            body.unacked, n = 0, body.unacked
+            self.acknowledge(stream.stream_id, n)
+        self.flush()
 
 
 async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,

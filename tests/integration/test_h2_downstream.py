@@ -13,6 +13,7 @@ import h2.events
 import pytest
 import trio
 
+from proxy.l7 import h2_server
 from tests.integration.backend import Backend
 from tests.integration.l7_harness import curl, make_snapshot, prefix_route, start_proxy
 
@@ -174,6 +175,28 @@ async def test_a_reset_ends_one_stream_and_the_connection_goes_on(nursery):
     await client.pump(client.done(fast))
     assert client.responses[fast]["headers"][b":status"] == b"200"
     assert client.responses[fast]["data"] == b"hello"
+    assert client.terminated is None
+
+
+async def test_streams_reuse_workers_across_resets_and_bursts(nursery):
+    """Streams are served by reusable workers: a reset ends only its own stream's worker, and bursts
+    wider than the idle workers kept (MAX_IDLE_WORKERS) are all served, before and after."""
+    proxy, (be,) = await _setup(nursery)
+    client = await RawH2Client.connect(proxy.port)
+    slow = [client.request(b"/slow?ms=400") for _ in range(3)]
+    await client.flush()
+    await trio.sleep(0.1)
+    client.conn.reset_stream(slow[1])
+    for _ in range(2):
+        burst = [client.request(b"/small") for _ in range(h2_server.MAX_IDLE_WORKERS + 36)]
+        await client.flush()
+        await client.pump(client.done(*burst))
+        assert all(client.responses[s]["headers"][b":status"] == b"200" for s in burst)
+        assert all(client.responses[s]["data"] == b"hello" for s in burst)
+    await client.pump(client.done(slow[0], slow[2]))
+    for s in (slow[0], slow[2]):
+        assert client.responses[s]["headers"][b":status"] == b"200", "a reset of one stream cancels no other"
+    assert client.responses[slow[1]]["headers"] is None
     assert client.terminated is None
 
 
