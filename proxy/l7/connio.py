@@ -99,9 +99,8 @@ class Conn:
         return len(self.buf) - self.pos
 
     async def fill(self, deadline: float = _INF, *, wait_first: bool = False) -> int:
-        """Read more bytes from the socket and hand them to `_received` (which puts them onto the
-        buffer); returns how many (0 at EOF). Raises ReadTimeout or ConnectionError (reset).
-        This is the one receive loop: proxy/tls/conn.py's TlsConn receives its ciphertext with it.
+        """Read more bytes onto the buffer; returns how many (0 at EOF). Raises ReadTimeout or
+        ConnectionError (reset).
 
         `wait_first`: the caller expects nothing to be there yet (it just sent a request, or a
         response to a client that does not pipeline), so skip the recv that would say EAGAIN and
@@ -141,10 +140,6 @@ class Conn:
                 if self.timed_out:
                     raise ReadTimeout() from None
                 raise ConnectionAbortedError("connection closed while waiting to read") from None
-        return self._received(data)
-
-    def _received(self, data: bytes) -> int:
-        """Put bytes from the socket onto the buffer; returns how many (0 at EOF)."""
         if not data:
             return 0
         if self.pos < len(self.buf):

@@ -36,7 +36,7 @@ import ssl
 
 import trio
 
-from proxy.l7.connio import RECV_BYTES, Conn
+from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
 
@@ -170,7 +170,7 @@ class TlsConn(Conn):
                         pass  # the peer is gone already; the handshake error is the news
                     raise TlsHandshakeError(f"TLS handshake failed: {e.reason or e}", failure_reason(e)) from e
                 await self._flush()
-                if not await super().fill():  # ciphertext into `incoming`
+                if not await self._receive_ciphertext():
                     raise TlsHandshakeError("peer closed the connection during the TLS handshake",
                                             "connection_closed")
             await self._flush()
@@ -178,14 +178,37 @@ class TlsConn(Conn):
         if scope.cancelled_caught:
             raise HandshakeTimeout(f"no TLS handshake within {timeout_s} s")
 
-    def _received(self, data: bytes) -> int:
-        """`Conn.fill` (the one receive loop) hands the ciphertext it read here: into `incoming`."""
+    async def _receive_ciphertext(self, deadline: float = _INF, wait_first: bool = False) -> bool:
+        """Move what the socket has into `incoming`, waiting for it if there is nothing; False at EOF."""
+        sock = self.sock
+        while True:
+            if not wait_first:
+                try:
+                    data = sock.recv(RECV_BYTES)
+                    break
+                except BlockingIOError:
+                    pass
+            wait_first = False
+            if self.timed_out:
+                raise ReadTimeout()
+            try:
+                if deadline == _INF:
+                    await self._wait_readable()
+                else:
+                    with trio.CancelScope(deadline=deadline) as scope:
+                        await self._wait_readable()
+                    if scope.cancelled_caught:
+                        raise ReadTimeout()
+            except trio.ClosedResourceError:
+                if self.timed_out:
+                    raise ReadTimeout() from None
+                raise ConnectionAbortedError("connection closed while waiting to read") from None
         if not data:
             self._eof = True
             self.incoming.write_eof()
-            return 0
+            return False
         self.incoming.write(data)
-        return len(data)
+        return True
 
     # ---- reading
 
@@ -230,7 +253,7 @@ class TlsConn(Conn):
                     break
                 if self._eof:
                     return 0
-            await super().fill(deadline, wait_first=wait_first)  # ciphertext into `incoming`
+            await self._receive_ciphertext(deadline, wait_first)
             wait_first = False
         if not data:
             return 0
@@ -240,7 +263,12 @@ class TlsConn(Conn):
                 if not more:
                     break
                 data += more
-        return Conn._received(self, data)  # plaintext onto the buffer
+        if self.pos < len(self.buf):
+            self.buf = self.buf[self.pos:] + data
+        else:
+            self.buf = data
+        self.pos = 0
+        return len(data)
 
     def peek_closed(self) -> bool:
         """For an idle pooled connection: has the peer closed it, or sent stray plaintext? Records
