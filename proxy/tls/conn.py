@@ -212,11 +212,11 @@ class TlsConn(Conn):
 
     # ---- reading
 
-    def _read_plaintext(self) -> bytes | None:
-        """Decrypt what `incoming` holds; b"" at the peer's close_notify or EOF, None when more
-        ciphertext is needed."""
+    def _read_plaintext(self, size: int = RECV_BYTES) -> bytes | None:
+        """Decrypt what `incoming` holds, at most `size` bytes; b"" at the peer's close_notify or EOF,
+        None when more ciphertext is needed."""
         try:
-            data = self.ssl.read(RECV_BYTES)
+            data = self.ssl.read(size)
         except ssl.SSLWantReadError:
             return None
         except ssl.SSLZeroReturnError:
@@ -233,24 +233,36 @@ class TlsConn(Conn):
 
     async def fill(self, deadline: float = _INF, *, wait_first: bool = False) -> int:
         """As `Conn.fill`: decrypt more bytes onto the buffer; returns how many (0 at EOF)."""
+        incoming = self.incoming
         while True:
-            data = self._read_plaintext()
-            if self.outgoing.pending:  # the read made records of its own (a KeyUpdate answer, an alert)
-                self._queue_outgoing()
-                await self._flush()
-            if data is not None:
-                break
-            if self._eof:
-                return 0
+            # Only new ciphertext (or its end) lets a read make progress: between fills the SSLObject
+            # holds no decrypted bytes (the drain below), and no context turns on OpenSSL's read-ahead,
+            # so a whole record never waits inside it undecrypted. Reading anyway would only raise
+            # SSLWantReadError (~1.5 µs per raise, once per request).
+            ciphertext = incoming.pending
+            if ciphertext or self._eof:
+                # plaintext is never longer than the ciphertext it came from, unless part of a record
+                # arrived earlier: sizing the read by it spares allocating (and shrinking) RECV_BYTES
+                # for every small request
+                size = ciphertext or RECV_BYTES
+                data = self._read_plaintext(size)
+                if self.outgoing.pending:  # the read made records of its own (a KeyUpdate answer, an alert)
+                    self._queue_outgoing()
+                    await self._flush()
+                if data is not None:
+                    break
+                if self._eof:
+                    return 0
             await self._receive_ciphertext(deadline, wait_first)
             wait_first = False
         if not data:
             return 0
-        while self.ssl.pending():  # the rest of a record already decrypted
-            more = self._read_plaintext()
-            if not more:
-                break
-            data += more
+        if len(data) == size:  # the read may have cut a record short (each pending() call drops the GIL)
+            while self.ssl.pending():
+                more = self._read_plaintext()
+                if not more:
+                    break
+                data += more
         if self.pos < len(self.buf):
             self.buf = self.buf[self.pos:] + data
         else:
@@ -352,10 +364,28 @@ class TlsConn(Conn):
         """As `Conn.send_nowait`. Older ciphertext still waiting: nothing is encrypted and `data` is
         the rest. Otherwise all of it is encrypted; when the kernel did not take all the records, the
         rest is empty: `send_all(rest)` waits until they are out."""
-        if self._pending:
+        if self._pending or self._flushing:
             return memoryview(data)
-        self._encrypt(data)
-        return None if self._send_pending_nowait() else _EMPTY
+        # the common case written out (one write, one send, no queue): a response per request
+        try:
+            written = self.ssl.write(data)
+        except ssl.SSLError as e:
+            raise TlsError(f"TLS error: {e.reason or e}", failure_reason(e)) from e
+        if written < len(data):
+            self._encrypt(memoryview(data)[written:])  # queues every record made so far, in order
+            return None if self._send_pending_nowait() else _EMPTY
+        ciphertext = self.outgoing.read()
+        try:
+            sent = self.sock.send(ciphertext)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(ciphertext):
+            self._pending.append(memoryview(ciphertext)[sent:] if sent else ciphertext)
+            return None if self._send_pending_nowait() else _EMPTY
+        if self._shutdown_after_flush:
+            self._shutdown_after_flush = False
+            self._shutdown_socket()
+        return None
 
     async def send_all(self, data) -> None:
         if data:
