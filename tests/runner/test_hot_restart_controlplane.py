@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.runner.harness import Backend, ControlPlane, Proxy, free_port, get, mesh_config
+from tests.runner.test_controlplane_proxy import served_version
 from tests.runner.test_hot_restart import _events, _wait_exit
 
 WRK_DURATION_S = 7
@@ -41,10 +42,15 @@ def test_hot_restart_under_a_control_plane_keeps_one_proxy_and_its_version(tmp_p
     wrk = None
     try:
         old = start(wait_ready=True)
-        version = old.config_dump()["version"]
         node_id = old.config_dump()["controlplane"]["node_id"]
-        old.wait_for(lambda: [(p["node_id"], p.get("connected"), p.get("acked_version")) for p in cp.status()["proxies"]]
-                     == [(node_id, True, version)], "the first proxy ACKed")
+
+        def synced() -> str | None:
+            # its registration changes the version once: wait until the proxy serves and ACKed the last
+            version = old.config_dump()["version"]
+            listed = [(p["node_id"], p.get("connected", True), p.get("acked_version")) for p in cp.status()["proxies"]]
+            return version if listed == [(node_id, True, version)] and served_version(old) == version else None
+
+        version = old.wait_for(synced, "the first proxy registered and ACKed", timeout_s=30)
         cp_records_before = len(cp.log_records())
         wrk = subprocess.Popen(["wrk", "-t", "1", "-c", "16", "-d", f"{WRK_DURATION_S}s",
                                 f"http://127.0.0.1:{gw_port}/load"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -65,7 +71,7 @@ def test_hot_restart_under_a_control_plane_keeps_one_proxy_and_its_version(tmp_p
         # the control plane: one proxy, connected, ACKed the same version; the handover happened once
         # (the new stream replaced the old one) and nothing was unregistered or expired
         proxies = cp.status()["proxies"]
-        assert [(p["node_id"], p.get("connected"), p.get("acked_version")) for p in proxies] == [
+        assert [(p["node_id"], p.get("connected", True), p.get("acked_version")) for p in proxies] == [
             (node_id, True, version)], proxies
         records = cp.log_records()[cp_records_before:]
         assert len(_events_named(records, "proxy_connected")) == 1, records
@@ -73,9 +79,10 @@ def test_hot_restart_under_a_control_plane_keeps_one_proxy_and_its_version(tmp_p
                     ("proxy_expired", "workload_unregistered", "workload_expired", "workload_registration_refused")], records
         # the old process stopped reconnecting once it handed over: one stream in its whole life
         assert len(_events_named(old.log_records(), "controlplane_connected")) == 1, old.log_text()[-3000:]
+        assert _events_named(old.log_records(), "controlplane_reconnect_held")
         # still one proxy past the grace period (an end of the old stream unregisters nothing later)
         time.sleep(2.5)
-        assert [(p["node_id"], p.get("connected")) for p in cp.status()["proxies"]] == [(node_id, True)]
+        assert [(p["node_id"], p.get("connected", True)) for p in cp.status()["proxies"]] == [(node_id, True)]
         assert not _events_named(cp.log_records(), "proxy_expired")
         assert get(gw_port, "/after") == (200, "v1 /after")
     finally:
