@@ -9,7 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.runner.harness import Backend, ControlPlane, Proxy, free_port, get, mesh_config
+from tests.runner.harness import (
+    Backend,
+    ControlPlane,
+    Proxy,
+    free_port,
+    get,
+    mesh_config,
+)
 from tests.runner.test_controlplane_proxy import served_version
 from tests.runner.test_hot_restart import _events, _wait_exit
 

@@ -81,7 +81,7 @@ def test_h2c_under_h2load_loses_nothing_and_the_old_proxy_sends_goaway(mesh) -> 
     summary = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                         r"(\d+) errored, (\d+) timeout", out)
     assert summary, out
-    total, started, done, succeeded, failed, errored, timeout = map(int, summary.groups())
+    _total, _started, done, succeeded, failed, errored, timeout = map(int, summary.groups())
     assert (failed, errored, timeout) == (0, 0, 0), out
     assert succeeded == done and succeeded > 1000, out
     assert re.search(r"status codes: \d+ 2xx, 0 3xx, 0 4xx, 0 5xx", out), out
