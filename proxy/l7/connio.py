@@ -41,6 +41,9 @@ class ReadTimeout(Exception):
 
 class Conn:
     __slots__ = ("sock", "fd", "buf", "pos", "closed", "timed_out", "reactor", "sweeper", "idle_s", "io_deadline")
+    # a fill that returned fewer than RECV_BYTES took everything the socket held (not so under TLS,
+    # whose records may wait in its own buffers): the next wait may then skip the recv that says EAGAIN
+    short_fill_empties_socket = True
 
     def __init__(self, sock: socket.socket, initial: bytes = b"", reactor: Reactor | None = None,
                  sweeper: TimeoutSweeper | None = None, idle_s: float = math.inf) -> None:

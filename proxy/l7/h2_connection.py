@@ -224,6 +224,13 @@ class H2Connection:
         self.recv_window_target += increment
         self._out.append(f.window_update_frame(0, increment))
 
+    def shutdown_notice(self) -> None:
+        """The first step of a graceful shutdown (§6.8): GOAWAY naming the largest stream id, so the
+        peer opens no new stream while those already on their way are still served. A round trip
+        later, close_connection names the last stream accepted."""
+        if not self.goaway_sent:
+            self._out.append(f.goaway_frame(f.MAX_STREAM_ID, f.NO_ERROR))
+
     def close_connection(self, error_code: int = f.NO_ERROR, additional_data: bytes = b"") -> None:
         if not self.goaway_sent:
             self.goaway_sent = True

@@ -53,6 +53,7 @@ MAX_HEADER_LIST_SIZE = 0x6
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME_SIZE = 16384
 MAX_WINDOW = 2**31 - 1
+MAX_STREAM_ID = 2**31 - 1  # §5.1.1: stream identifiers are 31 bits
 MAX_FRAME_SIZE_LIMIT = 2**24 - 1
 
 _HEADER = struct.Struct(">HBBBI")  # the 24-bit length as 16 + 8 bits, type, flags, stream id

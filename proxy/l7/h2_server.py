@@ -79,6 +79,9 @@ RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
 MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moments spawn more
+# a drain's shutdown notice and its final GOAWAY are this far apart: the streams a client sent before
+# the notice reached it still arrive and are served (RFC 9113 §6.8 asks for at least a round trip)
+GOAWAY_NOTICE_GRACE_S = 1.0
 
 _ENHANCE_YOUR_CALM = frames.ENHANCE_YOUR_CALM
 _INTERNAL_ERROR = frames.INTERNAL_ERROR
@@ -302,7 +305,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope", "ready", "idle_workers")
+                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -326,12 +329,31 @@ class H2ServerConnection(H2Transport):
         self.read_scope = trio.CancelScope()  # cancelled when a closing connection's last stream ends
         self.ready: deque[H2Stream] = deque()  # streams no worker has taken yet
         self.idle_workers: list = []  # parked stream worker tasks
+        self.shutdown_noticed = False  # a drain sent the first GOAWAY (last stream id 2^31-1)
 
     def drain(self) -> None:
-        """The proxy drains: GOAWAY (NO_ERROR, last stream id = the last one accepted); the streams
-        in flight finish, newer ones are refused, and the connection ends with its last stream."""
-        if self.closing:
+        """The proxy drains, in two steps as RFC 9113 §6.8 and Envoy do: a GOAWAY naming the largest
+        stream id (the client opens no new stream; those it sent meanwhile are still served), then,
+        GOAWAY_NOTICE_GRACE_S later, the final GOAWAY naming the last stream accepted. The streams
+        in flight finish and the connection ends with its last stream. Closing at once would drop
+        the streams already on their way: the client sees them fail."""
+        if self.closing or self.shutdown_noticed:
             return  # a GOAWAY went out or came in already
+        if self.nursery is None:  # not serving yet: nothing can be on its way
+            self._final_goaway()
+            return
+        self.shutdown_noticed = True
+        self.h2.shutdown_notice()
+        self.flush_now()
+        self.nursery.start_soon(self._final_goaway_later)
+
+    async def _final_goaway_later(self) -> None:
+        await trio.sleep(GOAWAY_NOTICE_GRACE_S)
+        self._final_goaway()
+
+    def _final_goaway(self) -> None:
+        if self.closing:
+            return
         self.h2.close_connection()
         self.flush_now()
         self.closing = True

@@ -31,7 +31,7 @@ from proxy.accept_backoff import AcceptBackoff, wait_after_accept_error
 from proxy.l7 import h1
 from proxy.l7.body import NO_BODY, BodyReader
 from proxy.l7.chain import Chain
-from proxy.l7.connio import Conn, ReadTimeout
+from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.context import DownstreamPeer, RequestContext
 from proxy.l7.dataplane import DataPlane
 from proxy.l7.errors import (
@@ -211,6 +211,7 @@ class DownstreamConnection:
         conn, settings = self.conn, self.plane.settings
         max_bytes, max_headers = settings.max_head_bytes, settings.max_headers
         in_head = False
+        n = 0  # what the last read here brought
         while True:
             avail = len(conn.buf) - conn.pos
             if avail:
@@ -234,7 +235,10 @@ class DownstreamConnection:
             else:
                 conn.io_deadline = monotonic() + settings.idle_timeout_s
             try:
-                n = await conn.fill(wait_first=not avail)
+                # a head still incomplete after a short read: the socket was empty then, so skip the
+                # recv that would say EAGAIN and wait at once (a slow client's every byte costs one
+                # syscall, not two; a later edge is never lost, see reactor.py)
+                n = await conn.fill(wait_first=not avail or (0 < n < RECV_BYTES and conn.short_fill_empties_socket))
             except ReadTimeout:
                 if in_head:  # an idle connection just closes; a started head gets its answer
                     raise RequestHeaderTimeout(f"no complete request head within "

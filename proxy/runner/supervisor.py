@@ -66,6 +66,7 @@ from proxy.stats import Stats, cumulative_rows, merge, render_prometheus
 from proxy.telemetry.metrics_overrides import apply_overrides
 from proxy.telemetry.peer import identity_from_labels
 from proxy.xds.failover import ControlPlaneAddress
+from proxy.xds.hold import ReconnectHold
 
 CONFIG_POLL_INTERVAL_S = 1.0
 QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
@@ -184,6 +185,8 @@ class Supervisor:
         # and its namespace, which picks the DestinationRules and same-named short hosts that apply
         self.proxy_namespace: str | None = options.namespace if self.proxy_labels is not None else None
         self.xds = None  # proxy.xds.client.ClientState once the control-plane client runs
+        # held while a hot restart hands this proxy over: the new process takes the control-plane stream
+        self.controlplane_hold = ReconnectHold()
         self._nursery: trio.Nursery | None = None
         self.node = None  # proxy.xds.client.NodeInfo
         self._reload_send, self._reload_receive = trio.open_memory_channel[str](1)
@@ -532,7 +535,7 @@ class Supervisor:
                       tls=credentials.controlplane_roots_pem is not None)
         self.xds = await self._nursery.start(
             partial(run_client, self.options.controlplane, self.node, self.apply_pushed, log=self.log,
-                    credentials=credentials, identity=self.identity))
+                    credentials=credentials, identity=self.identity, hold=self.controlplane_hold))
 
     def request_reload(self, reason: str) -> None:
         try:
@@ -769,6 +772,9 @@ class Supervisor:
         exported: list[list] = []
 
         async def collect() -> list[hot_restart.Batch]:
+            # the new process is the same node: when the control plane replaces our stream with its
+            # one, ours is not made again (the two would take the node id from each other in turn)
+            self.controlplane_hold.hold()
             for slot in self.slots:
                 sockets = await slot.export_listeners(hot_restart.EXPORT_TIMEOUT_S)
                 if sockets is None:
@@ -782,10 +788,13 @@ class Supervisor:
                 hot_restart.Batch("admin", [control.ListenerSocket("admin", "HTTP", host, port)],
                                   [self._admin_sock.fileno()])]
 
+        drain = False
         try:
             drain = await hot_restart.hand_over(channel, draining=self.draining, collect=collect,
                                                 counters=self.cumulative_rows, log=self.log)
         finally:
+            if not drain:  # the new process did not take over: this one serves on, stream and all
+                self.controlplane_hold.release()
             for sockets in exported:  # our copies; the workers and the new proxy hold theirs
                 for _, sock in sockets:
                     sock.close()

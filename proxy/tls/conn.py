@@ -96,6 +96,7 @@ class TlsConn(Conn):
 
     __slots__ = ("ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
                  "_shutdown_after_flush", "_eof", "_handshake_done", "_close_notify_sent")
+    short_fill_empties_socket = False  # ciphertext may be left in the socket after a short plaintext fill
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None = None, initial: bytes = b"", reactor: Reactor | None = None,

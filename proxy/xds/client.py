@@ -54,6 +54,7 @@ from proxy.config.errors import ConfigError
 from proxy.config.load import Resource
 from proxy.identity.manager import IdentityManager
 from proxy.xds.failover import ControlPlaneAddress, ControlPlaneEndpoint, Rotation, endpoints_of, parse_addresses
+from proxy.xds.hold import ReconnectHold
 
 OnResources = Callable[[list[Resource], str], "None | Awaitable[None]"]
 
@@ -184,6 +185,7 @@ async def run_client(
     rng: random.Random | None = None,
     credentials: Credentials = PLAINTEXT,
     identity: IdentityManager | None = None,
+    hold: ReconnectHold | None = None,
     task_status: trio.TaskStatus[ClientState] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run until cancelled. `task_status.started(state)` comes at once (the proxy serves whatever it
@@ -203,6 +205,9 @@ async def run_client(
     while True:
         welcomed = False
         for endpoint in rotation.order(await resolve(addresses, log)):
+            if hold is not None and hold.held:
+                log.info("controlplane_reconnect_held", reason="hot_restart", serving=state.version)
+                await hold.wait_released()
             stream = await _connect(endpoint, options, credentials, identity, state, log)
             if stream is None:
                 continue

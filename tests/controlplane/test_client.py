@@ -14,6 +14,7 @@ from controlplane.snapshots import StoredResource
 from controlplane.wire import Ack, Heartbeat, Hello, Nack, ResourceKey, Snapshot, Welcome, WireResource
 from proxy.config.load import load_bytes
 from proxy.xds.client import ClientOptions, NodeInfo, backoff_delays, run_client
+from proxy.xds.hold import ReconnectHold
 
 from cp_fixtures import SERVICES
 from cp_harness import wait_for
@@ -172,3 +173,30 @@ def test_backoff_delays_grow_to_the_cap_with_full_jitter():
     assert all(0 <= d <= c for d, c in zip(delays, caps))
     tail = delays[10:]  # at the cap: uniform over [0, 5]
     assert 2.2 < sum(tail) / len(tail) < 2.8 and max(tail) > 4.5 and min(tail) < 0.5
+
+
+async def test_a_held_client_does_not_reconnect_until_released(nursery):
+    """A hot restart hands the node to a new process: once the control plane ends this stream
+    (replaced by the new process's), the held client does not make it again; released, it does."""
+    replaced = trio.Event()
+
+    async def script(framed, hello, index, log):
+        await framed.send(Snapshot(version="v1", nonce=str(index)))
+        if index == 0:
+            await replaced.wait()  # then the stream ends as a replaced one does
+            return
+        await trio.sleep_forever()
+
+    plane = ScriptedPlane(script)
+    port = await nursery.start(plane.serve)
+    hold = ReconnectHold()
+    state = await nursery.start(partial(run_client, options=FAST, hold=hold), ("127.0.0.1", port), NodeInfo("p"),
+                                lambda res, v: None)
+    await wait_for(lambda: state.version == "v1", what="the first stream")
+    hold.hold()
+    replaced.set()
+    await wait_for(lambda: not state.connected, what="the stream ended")
+    await trio.sleep(0.5)  # many back-off delays of FAST
+    assert len(plane.hellos) == 1 and not state.connected
+    hold.release()  # the handover failed: this process keeps the node
+    await wait_for(lambda: state.connected and len(plane.hellos) == 2, what="reconnected once released")

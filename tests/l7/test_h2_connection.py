@@ -273,3 +273,24 @@ def test_a_reset_stream_drops_late_frames_and_returns_their_window() -> None:
     assert any(isinstance(x, hf.WindowUpdateFrame) and x.stream_id == 0 for x in out), \
         "DATA nobody will read still gives its share of the connection window back"
     assert not any(isinstance(x, hf.RstStreamFrame) for x in out), "no second reset for frames in flight"
+
+
+def test_a_shutdown_notice_still_accepts_streams_the_final_goaway_does_not() -> None:
+    """RFC 9113 §6.8's graceful shutdown: GOAWAY 2^31-1 first, streams on their way are served; the
+    final GOAWAY names the last one accepted, and later streams are ignored."""
+    server = ours(client=False)
+    server.receive_data(fr.PREFACE + fr.settings_frame({}))
+    server.data_to_send()
+    enc = hpack.Encoder()
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
+    server.shutdown_notice()
+    notice = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.GoAwayFrame)]
+    assert [(x.last_stream_id, x.error_code) for x in notice] == [(2**31 - 1, fr.NO_ERROR)]
+    events = server.receive_data(_headers_frame(enc, 1, fields))  # sent before the notice arrived
+    assert [type(e) for e in events] == [RequestReceived, StreamEnded]
+    server.close_connection()
+    final = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.GoAwayFrame)]
+    assert [(x.last_stream_id, x.error_code) for x in final] == [(1, fr.NO_ERROR)]
+    assert server.receive_data(_headers_frame(enc, 3, fields)) == []
+    server.shutdown_notice()  # nothing after the final GOAWAY
+    assert server.data_to_send() == b""

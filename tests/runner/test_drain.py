@@ -139,8 +139,9 @@ def test_h2c_streams_in_flight_get_goaway_and_complete(gateway) -> None:
         pytest.fail("nghttp (Debian nghttp2-client) is missing: make test installs it")
     start, port = gateway
     proxy = start("10s")
-    # nghttp: prior-knowledge h2c, four concurrent streams on one connection, every frame printed
-    client = subprocess.Popen(["nghttp", "-nv", "-m", "4", f"http://127.0.0.1:{port}/delay/1"],
+    # nghttp: prior-knowledge h2c, four concurrent streams on one connection, every frame printed;
+    # they last past the final GOAWAY, which follows the shutdown notice by a second
+    client = subprocess.Popen(["nghttp", "-nv", "-m", "4", f"http://127.0.0.1:{port}/delay/1.6"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         proxy.wait_for(lambda: _active(proxy) == 1, "the h2c connection", timeout_s=5)
@@ -155,7 +156,9 @@ def test_h2c_streams_in_flight_get_goaway_and_complete(gateway) -> None:
     requested = sorted(int(sid) for sid in re.findall(r"send HEADERS frame <.*stream_id=(\d+)>", out))
     assert len(requested) == 4, out
     goaway = re.findall(r"recv GOAWAY frame .*\n.*last_stream_id=(\d+), error_code=(\w+)", out)
-    assert goaway == [(str(requested[-1]), "NO_ERROR")], out  # the last stream accepted
+    # first the shutdown notice (the largest stream id: streams on their way are still served), then
+    # the final GOAWAY naming the last stream accepted
+    assert goaway == [("2147483647", "NO_ERROR"), (str(requested[-1]), "NO_ERROR")], out
     answered = sorted(int(sid) for sid in re.findall(r"recv \(stream_id=(\d+)\) :status: 200", out))
     assert answered == requested, out
     assert out.index("recv GOAWAY") < out.index(":status: 200"), out  # GOAWAY while they were in flight
