@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Every await on a Trio socket method is a trip through the scheduler even when the kernel had the
-data ready (PERFORMANCE.md: ~4 µs each). So the plain stdlib socket is kept non-blocking, the
+data ready (~4 µs each, measured). So the plain stdlib socket is kept non-blocking, the
 syscall is tried first, and only EAGAIN parks the task in `wait_readable`/`wait_writable`.
 Deadlines are applied only on that slow path, so a request whose bytes are already there costs no
 cancel scope. Callers checkpoint once per request (server.py) so a busy connection cannot starve

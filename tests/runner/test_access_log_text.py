@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -159,7 +158,6 @@ def _access_lines(proxy: Proxy, count: int) -> list[str]:
     return proxy.wait_for(lines, f"{count} access-log lines")
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is a test tool the Makefile installs")
 def test_a_request_and_a_tcp_connection_in_envoys_text_format(setup) -> None:
     start, (http_port, tcp_port), backend, echo = setup
     proxy = start("text")
