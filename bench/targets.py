@@ -112,16 +112,10 @@ def _pin(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
-def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
-    """One nginx worker with two servers of the same content: HTTP/1.1 on `port`, and HTTP/2 with prior
-    knowledge (h2c) on `h2c_port` (nginx 1.22: `listen ... http2` without ssl speaks h2c only; its
-    http2_max_concurrent_streams stays at the default, 128 per connection)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "www").mkdir(exist_ok=True)
-    (workdir / "www" / "1m.bin").write_bytes(os.urandom(ONE_MIB))
-    port, h2c_port = free_port(), free_port()
-    conf = workdir / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""\
+def _nginx_preamble(workdir: Path) -> str:
+    """What every nginx of the benchmarks shares: one pinned worker in the foreground, its files under
+    workdir, no access log, keep-alive without limits; the caller's text continues inside `http {`."""
+    return textwrap.dedent(f"""\
         worker_processes 1;
         daemon off;
         master_process on;
@@ -138,6 +132,19 @@ def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
           scgi_temp_path {workdir}/tmp-scgi;
           keepalive_requests 100000000;
           keepalive_timeout 300s;
+        """)
+
+
+def start_nginx(workdir: Path, *, cpus: str | None) -> Started:
+    """One nginx worker with two servers of the same content: HTTP/1.1 on `port`, and HTTP/2 with prior
+    knowledge (h2c) on `h2c_port` (nginx 1.22: `listen ... http2` without ssl speaks h2c only; its
+    http2_max_concurrent_streams stays at the default, 128 per connection)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "www").mkdir(exist_ok=True)
+    (workdir / "www" / "1m.bin").write_bytes(os.urandom(ONE_MIB))
+    port, h2c_port = free_port(), free_port()
+    conf = workdir / "nginx.conf"
+    conf.write_text(_nginx_preamble(workdir) + textwrap.dedent(f"""\
           sendfile on;
           server {{
             listen 127.0.0.1:{port} backlog=4096;
@@ -492,23 +499,7 @@ def start_mtls_client(workdir: Path, upstream_ports: dict[str, int], certs, *, c
             location / {{ proxy_pass https://{name}_new; }}
           }}""")
     conf = workdir / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""\
-        worker_processes 1;
-        daemon off;
-        master_process on;
-        user root;
-        pid {workdir}/nginx.pid;
-        error_log {workdir}/nginx-error.log warn;
-        events {{ worker_connections 8192; }}
-        http {{
-          access_log off;
-          client_body_temp_path {workdir}/tmp-body;
-          proxy_temp_path {workdir}/tmp-proxy;
-          fastcgi_temp_path {workdir}/tmp-fcgi;
-          uwsgi_temp_path {workdir}/tmp-uwsgi;
-          scgi_temp_path {workdir}/tmp-scgi;
-          keepalive_requests 100000000;
-          keepalive_timeout 300s;
+    conf.write_text(_nginx_preamble(workdir) + textwrap.dedent(f"""\
           proxy_http_version 1.1;
           proxy_ssl_certificate {certs.client_cert};
           proxy_ssl_certificate_key {certs.client_key};
