@@ -15,7 +15,7 @@ import h2.events
 import pytest
 
 from tests.runner.harness import get
-from tests.runner.test_hot_restart import _events, _wait_exit, mesh  # noqa: F401 - the fixture
+from tests.runner.test_hot_restart import _events, _total, _wait_exit, mesh  # noqa: F401 - the fixture
 
 H2LOAD_CONNECTIONS = 16
 H2LOAD_STREAMS = 10
@@ -81,7 +81,7 @@ def test_h2c_under_h2load_loses_nothing_and_the_old_proxy_sends_goaway(mesh) -> 
     summary = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                         r"(\d+) errored, (\d+) timeout", out)
     assert summary, out
-    _total, _started, done, succeeded, failed, errored, timeout = map(int, summary.groups())
+    _requested, _started, done, succeeded, failed, errored, timeout = map(int, summary.groups())
     assert timeout == 0, out
     # h2load counts as failed the requests it still meant to start on a connection that got the
     # drain's GOAWAY: nghttp2 opens no new stream after one, and h2load does not move them to a new
@@ -93,6 +93,12 @@ def test_h2c_under_h2load_loses_nothing_and_the_old_proxy_sends_goaway(mesh) -> 
     assert succeeded == done - failed and succeeded > 1000, out
     assert re.search(r"status codes: \d+ 2xx, 0 3xx, 0 4xx, 0 5xx", out), out
     assert "hot_restart_draining" in _events(old) and _events(old)[-1] == "stopped"
+    # the proxies' side of the same count: every request either proxy received (the old one's final
+    # counters are carried into the new one) is one h2load got a 2xx for, or the idle connection's;
+    # so the requests h2load counted as failed never reached a proxy
+    new.wait_for(lambda: "hot_restart_counters_carried" in _events(new), "the old proxy's final counters", 30)
+    assert _total(new, "triomesh_downstream_rq_total") == succeeded + 1, out
+    assert _total(new, "istio_requests_total") == succeeded + 1, out
     # the new proxy serves the handed-over socket, HTTP/1.1 and h2c alike
     assert get(port, "/after") == (200, "v1 /after")
     assert "hot_restart_complete" in _events(new)
