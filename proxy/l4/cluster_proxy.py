@@ -61,20 +61,42 @@ async def proxy_to_cluster(plane, snapshot: Snapshot, cluster_name: str, sock: s
     at a gateway. `inbound`: a sidecar's inbound connection (Istio's metrics report it as the
     destination); `peer_identity`: the client sidecar's facts and principal when it came over mesh
     mTLS (metrics: mutual_tls)."""
-    access_log = plane.access_log
-    text = False
-    if access_log is not None and snapshot.access_logging is not None:
-        # Telemetry accessLogging: a connection's line follows its side's `disabled` and provider (a
-        # filter's attributes are a request's)
-        choice = snapshot.access_logging.for_direction(inbound)
-        access_log, text = (access_log if choice.enabled else None), choice.text
-    opened = ConnectionOpened.of(sock, original_destination) if access_log is not None else None
+    line = ConnectionLogLine.open(plane, snapshot, sock, original_destination, inbound=inbound)
     outcome, closed = await _proxy(plane, snapshot, cluster_name, sock, client_ip, original_destination, stats=stats,
                                    idle_timeout_s=idle_timeout_s, initial=initial, inbound=inbound,
                                    peer_identity=peer_identity)
-    if opened is not None:
-        access_log.emit_connection(connection_log.entry(opened, cluster_name, closed, access_log), text=text)
+    if line is not None:
+        line.emit(cluster_name, closed)
     return outcome
+
+
+class ConnectionLogLine:
+    """One TCP connection's access-log line: opened before it is proxied, written when it closes.
+    Every proxied connection has one, PassthroughCluster's included, as Envoy's tcp_proxy logs them."""
+
+    __slots__ = ("access_log", "text", "opened")
+
+    def __init__(self, access_log, text: bool, opened: ConnectionOpened) -> None:
+        self.access_log, self.text, self.opened = access_log, text, opened
+
+    @classmethod
+    def open(cls, plane, snapshot: Snapshot, sock: socket.socket | TlsConn,
+             original_destination: tuple[str, int] | None, *, inbound: bool) -> ConnectionLogLine | None:
+        """None when access logging is off for this side of the proxy."""
+        access_log = plane.access_log
+        text = False
+        if access_log is not None and snapshot.access_logging is not None:
+            # Telemetry accessLogging: a connection's line follows its side's `disabled` and provider
+            # (a filter's attributes are a request's)
+            choice = snapshot.access_logging.for_direction(inbound)
+            access_log, text = (access_log if choice.enabled else None), choice.text
+        if access_log is None:
+            return None
+        return cls(access_log, text, ConnectionOpened.of(sock, original_destination))
+
+    def emit(self, cluster_name: str, closed: ConnectionClosed) -> None:
+        self.access_log.emit_connection(connection_log.entry(self.opened, cluster_name, closed, self.access_log),
+                                        text=self.text)
 
 
 _NO_HEALTHY_UPSTREAM = (Outcome.NO_HEALTHY_UPSTREAM, ConnectionClosed("UH", "", None))

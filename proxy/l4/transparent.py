@@ -27,7 +27,8 @@ from proxy.config.snapshot import Snapshot
 from proxy.l4 import sidecar
 from proxy.l4.accept import accept_connections
 from proxy.l4.authorization import ConnectionAuthorizer
-from proxy.l4.cluster_proxy import proxy_to_cluster, reset
+from proxy.l4.cluster_proxy import ConnectionLogLine, proxy_to_cluster, reset
+from proxy.l4.connection_log import ConnectionClosed
 from proxy.l4.original_dst import TransparentConnection, describe_connection
 from proxy.l4.sniff import Protocol
 from proxy.l4.sniff_stream import DEFAULT_SNIFF_TIMEOUT_S, sniff_socket
@@ -193,6 +194,7 @@ class CaptureServer:
             return True
         # Passthrough: to the original destination as it is (an IP address)
         self._count(listener_name, "tcp")
+        line = ConnectionLogLine.open(self.plane, snapshot, conn.sock, conn.orig_dst.sockaddr(), inbound=inbound)
         result = await proxy_to_upstream(
             conn.sock,
             decision.upstream,
@@ -202,6 +204,8 @@ class CaptureServer:
             stats=self._tcp_stats[decision.cluster],
             bind_ip=decision.bind_ip,
         )
+        if line is not None:
+            line.emit(decision.cluster, ConnectionClosed("", str(decision.upstream), result))
         if result.error is not None and result.error.source == "upstream":
             log.info("tcp upstream failed", listener=listener_name, orig_dst=str(conn.orig_dst),
                      upstream=str(decision.upstream), flag=result.error.response_flag, error=str(result.error))
@@ -244,9 +248,12 @@ class CaptureServer:
             return True
         if isinstance(decision, sidecar.Passthrough):
             self._count(listener_name, "tcp")
-            await proxy_tls_to_upstream(tls, decision.upstream, stats=self._tcp_stats[decision.cluster],
-                                        connect_timeout_s=self.plane.settings.connect_timeout_s,
-                                        idle_timeout_s=self.settings.idle_timeout_s)
+            line = ConnectionLogLine.open(self.plane, snapshot, tls, conn.orig_dst.sockaddr(), inbound=True)
+            result = await proxy_tls_to_upstream(tls, decision.upstream, stats=self._tcp_stats[decision.cluster],
+                                                 connect_timeout_s=self.plane.settings.connect_timeout_s,
+                                                 idle_timeout_s=self.settings.idle_timeout_s)
+            if line is not None:
+                line.emit(decision.cluster, ConnectionClosed("", str(decision.upstream), result))
             return True
         tls.close()
         return True

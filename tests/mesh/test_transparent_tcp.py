@@ -7,6 +7,7 @@ and TLS egress admitted by SNI only."""
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -114,11 +115,12 @@ def tcp_server(lab: Lab, node: str, port: int, banner: bytes) -> Iterator[list[s
 
 
 @contextmanager
-def sidecar(lab: Lab, node: str, config_dir: Path) -> Iterator[None]:
+def sidecar(lab: Lab, node: str, config_dir: Path, *, access_log: str = "off") -> Iterator[None]:
+    """The proxy in `node`; its output (the JSON access log when `access_log="json"`) in proxy.log."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONPATH"] = str(REPO)
     argv = lab.argv(node, ["setpriv", f"--regid={PROXY_GID}", "--clear-groups", sys.executable, "-m", "proxy.cli",
-                           "proxy", "--config", str(config_dir), "--concurrency", "1", "--access-log", "off",
+                           "proxy", "--config", str(config_dir), "--concurrency", "1", "--access-log", access_log,
                            "--admin-address", "127.0.0.1:15000"])
     log = open(config_dir / "proxy.log", "wb")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
@@ -194,7 +196,7 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
         with tcp_server(lab, "server", 15432, b"db ready\n") as db_peers, \
                 tcp_server(lab, "server", 9000, b"other\n") as other_peers, \
                 tcp_server(lab, "app", 7000, b"app\n") as app_peers, \
-                sidecar(lab, "app", tmp_path):
+                sidecar(lab, "app", tmp_path, access_log="json"):
             # the VIP and service port are translated to the endpoint and its target port; the banner
             # arrives although the client never spoke first (a TCP service is not sniffed)
             assert exchange(lab, "app", DB_VIP, 5432) == (b"db ready\n", b"echo:ping")
@@ -227,6 +229,22 @@ def test_tcp_service_passthrough_inbound_and_no_loop(tmp_path: Path) -> None:
             assert stat_value(stats, "triomesh_sidecar_cx_total", listener="virtualOutbound", action="not_redirected") == 1
             # the sidecar's own upstream connections were not captured: four captured, four served
             assert stat_value(stats, "triomesh_sidecar_cx_total", action="tcp") == 4
+            # each connection has its access-log line, the passthrough ones as Envoy's
+            # PassthroughCluster/InboundPassthroughCluster lines (upstream: where it was going)
+            tcp_lines = {}
+            deadline = time.monotonic() + 10
+            while len(tcp_lines) < 4 and time.monotonic() < deadline:
+                time.sleep(0.1)  # a line is written when the proxy sees the connection close
+                records = (json.loads(line) for line in (tmp_path / "proxy.log").read_text().splitlines()
+                           if line.startswith("{"))
+                tcp_lines = {(r["cluster"], r["upstream_host"]): r for r in records if r.get("protocol") == "tcp"}
+            outbound = tcp_lines[("PassthroughCluster", f"{server.ipv4}:9000")]
+            assert (outbound["bytes_received"], outbound["bytes_sent"]) == (sent, len(b"other\n") + len(b"echo:ping"))
+            assert outbound["downstream_local_address"] == f"{server.ipv4}:9000"
+            inbound = tcp_lines[("InboundPassthroughCluster", f"{app.ipv4}:7000")]
+            assert (inbound["bytes_received"], inbound["bytes_sent"]) == (sent, len(b"app\n") + len(b"echo:ping"))
+            assert inbound["response_flags"] == "-"
+            assert ("outbound|5432||db.shop.internal", f"{server.ipv4}:15432") in tcp_lines, tcp_lines
 
             # a config change to REGISTRY_ONLY closes that egress without a restart (the supervisor
             # polls the files every second); the registered service keeps working
