@@ -250,6 +250,9 @@ class WorkerSlot:
             await self._config_news.wait()
 
     async def fetch_stats(self, timeout_s: float) -> list[control.StatsRow] | None:
+        """The worker's counters and histograms now; None when it is not running (its last counts are
+        in retired_rows then). A running worker too busy to answer in time gives the rows of its last
+        answer: a scrape must never see a counter go backwards (Prometheus would take it for a restart)."""
         request_id = next(self._ids)
         event, box = trio.Event(), []
         self._pending[request_id] = (event, box)
@@ -258,7 +261,10 @@ class WorkerSlot:
                 return None
             with trio.move_on_after(timeout_s):
                 await event.wait()
-            return box[0] if box else None
+            if box:
+                return box[0]
+            self._log.warning("worker_stats_late", pid=self.pid, timeout_s=timeout_s, stale=bool(self._last_rows))
+            return self._last_rows or None
         finally:
             self._pending.pop(request_id, None)
 

@@ -284,6 +284,32 @@ def test_killed_worker_is_replaced(setup) -> None:
     assert _total(proxy.stats("triomesh_downstream_rq_total")) == 40
 
 
+def test_a_stalled_worker_keeps_its_counts_in_the_sums(setup) -> None:
+    """A worker that cannot answer a scrape in time (here: stopped by SIGSTOP) is summed with the
+    counts of its last answer, so no counter goes backwards between two scrapes."""
+    start, _, port, _, _ = setup
+    proxy = start(concurrency=2)
+    n = 30
+    for i in range(n):  # a fresh connection each: the kernel spreads them over both workers
+        assert _curl(port, f"/only-v1/{i}")[0] == 200
+    assert _total(proxy.stats("triomesh_downstream_rq_total")) == n
+    lines = proxy.wait_for(lambda: [r for r in proxy.log_records() if r.get("event") == "access"] if len(
+        [r for r in proxy.log_records() if r.get("event") == "access"]) >= n else None, "access log lines", 5)
+    by_worker = Counter(r["worker"] for r in lines)
+    assert by_worker[0] > 0, by_worker  # else the stalled worker's counts could not go missing
+    stalled = proxy.config_dump()["workers"][0]["pid"]
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        assert _total(proxy.stats("triomesh_downstream_rq_total")) == n
+        assert _total(proxy.stats("istio_requests_total")) == n
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    late = [r for r in proxy.log_records() if r.get("event") == "worker_stats_late"]
+    assert late and late[0]["pid"] == stalled and late[0]["stale"] is True
+    assert _curl(port, "/only-v1/after")[0] == 200
+    proxy.wait_for(lambda: _total(proxy.stats("triomesh_downstream_rq_total")) == n + 1, "the next request counted")
+
+
 def test_sigterm_stops_every_process(setup) -> None:
     start, _, port, _, _ = setup
     proxy = start(concurrency=2)
