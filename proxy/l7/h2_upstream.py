@@ -170,7 +170,11 @@ class UpstreamH2Stream(H2StreamState):
                 raise self.failure
             if self.remote_ended:
                 raise UpstreamProtocolError("stream ended without a response head")
-            await self._wait(deadline)
+            if deadline == math.inf:  # _wait inlined: one coroutine less on every request
+                self.waiter = current_task()
+                await wait_task_rescheduled(self._abort_wait)
+            else:
+                await self._wait(deadline)
         return self.status, self.headers
 
     @property
@@ -357,19 +361,17 @@ class H2UpstreamConnection(H2Transport):
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.ResponseReceived:
                 if stream is not None:
-                    status = 0
-                    fields = []
+                    # the connection layer checked the head (RFC 9113 §8.3.2): :status first and the only
+                    # pseudo-header field, any content-length all digits
+                    headers = event.headers
+                    fields = headers[1:]  # a copy: the decoder may hand the same list out again
                     length = None
-                    for name, value in event.headers:
-                        if name == b":status":
-                            status = int(value)
-                        elif name[:1] == b":":
-                            continue
-                        elif name == b"content-length":
-                            length = int(value) if value.isdigit() else None
-                        else:
-                            fields.append((name, value))
-                    stream.status, stream.headers, stream.length = status, fields, length
+                    for pair in fields:
+                        if pair[0] == b"content-length":
+                            length = int(pair[1])
+                            fields = [p for p in fields if p[0] != b"content-length"]
+                            break
+                    stream.status, stream.headers, stream.length = int(headers[0][1]), fields, length
                     stream.sensitive = event.sensitive
                     stream._wake()
             elif t is ev.DataReceived:
@@ -416,6 +418,17 @@ class H2UpstreamConnection(H2Transport):
                         s.fail(RefusedStream("the upstream sent GOAWAY before processing the stream"))
                 if event.error_code:
                     self.lost(f"GOAWAY {event.error_code!r}")
+
+
+def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int]) -> UpstreamH2Stream | None:
+    """A new stream on a pooled connection that is connected and has a free slot, or None (then
+    `open_stream` waits or connects): the common case, without a coroutine."""
+    pool = plane.h2_pools.get((crt.name, key[0], key[1]))
+    if pool:
+        for connection in pool:
+            if connection.conn is not None and connection.usable():  # conn: connected
+                return connection.open_stream()
+    return None
 
 
 async def open_stream(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
