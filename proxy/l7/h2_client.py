@@ -21,7 +21,7 @@ from proxy.l7 import h1
 from proxy.l7.errors import ProxyError
 from proxy.l7.events import ResponseHead
 from proxy.l7.h2_codec import request_fields, trailer_fields
-from proxy.l7.h2_upstream import RefusedStream, open_stream
+from proxy.l7.h2_upstream import RefusedStream, open_stream, open_stream_nowait
 from proxy.l7.router import Exchange
 from proxy.telemetry.grpc_messages import GrpcMessageCounter, is_grpc
 from proxy.tracing.spans import upstream_response_ended
@@ -44,7 +44,9 @@ class H2Exchange(Exchange):
         ctx = self.ctx
         extra = ctx.extra
         counters = extra.get("grpc_messages") if extra is not None else None
-        if counters is None and is_grpc(header_value(ctx.request, b"content-type")):
+        # an HTTP/2 stream already knows whether its content-type is application/grpc...: no scan when not
+        if counters is None and (self.stream.grpc or ctx.request.http_version != b"2") and \
+                is_grpc(header_value(ctx.request, b"content-type")):
             counters = ctx.scratch()["grpc_messages"] = (GrpcMessageCounter(), GrpcMessageCounter())
         return counters
 
@@ -66,7 +68,10 @@ class H2Exchange(Exchange):
         again once, on a new connection."""
         fields, body = data
         for attempt in (0, 1):
-            up = self.up = await open_stream(self.plane, self.crt, key, fresh=attempt == 1)
+            up = None if attempt else open_stream_nowait(self.plane, self.crt, key)
+            if up is None:
+                up = await open_stream(self.plane, self.crt, key, fresh=attempt == 1)
+            self.up = up
             try:
                 up.connection.send_headers(up, fields, not body, self.ctx.request.sensitive)
                 if body:
@@ -167,6 +172,19 @@ class H2Exchange(Exchange):
         pieces = up.buffered_pieces()
         ctx.status = status
         counters = self._grpc_counters()
+        if framing.kind == h1.LENGTH and up.remote_ended and up.trailers is None:
+            # the whole response is here (the common small response; the connection layer checked
+            # its length): one send without awaiting, as the HTTP/1.1 client does
+            body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if counters is not None:
+                counters[1].feed(body)
+            if ctx.extra is not None:
+                upstream_response_ended(ctx.extra)
+            rest = stream.send_whole_nowait(body)
+            if rest is not None:
+                await stream.send_rest(rest)
+            ctx.bytes_sent = up.bytes_read
+            return True
         while True:
             if counters is not None:
                 for piece in pieces:

@@ -77,6 +77,8 @@ class H2Transport:
 
     def flush(self) -> None:
         """Send what is queued: at once when one stream is open, else coalesced by the writer."""
+        if not self.h2._out:  # nothing queued (an acknowledgement below the WINDOW_UPDATE threshold): no wakeup
+            return
         if len(self.streams) > 1 and self.error is None:
             if not self.flush_pending:
                 self.flush_pending = True

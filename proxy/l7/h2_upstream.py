@@ -24,6 +24,13 @@ without streams for the pool's idle timeout is closed by the data plane's sweep.
 
 A response body is acknowledged (the upstream's window reopened) only as the router takes it, so a
 slow downstream client slows the upstream instead of growing our buffers.
+
+We advertise an HPACK dynamic table of size 0 to the upstream (SETTINGS_HEADER_TABLE_SIZE). Servers
+such as nginx add response fields to the table that they never refer to again, so a table only made
+every response a run of literal fields to decode and insert (about 39k instructions for nginx's five
+fields); with no table, decoding is a pure function of the block's bytes, and a response head or
+trailers block that repeats (most do: a server answers alike) is decoded once and then looked up
+(`RepeatedBlockDecoder`).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
 from proxy.l7.h2_connection import ConnectionError_, H2Connection
+from proxy.l7.h2_hpack import Decoder
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.upstream_conn import open_connection
 
@@ -54,6 +62,48 @@ log = structlog.get_logger("triomesh.l7.h2_upstream")
 
 _CANCEL = frames.CANCEL
 _REFUSED = frames.REFUSED_STREAM
+
+
+# decoded blocks kept per connection: the few heads and trailers a server repeats (its Date changes
+# every second), each short; a full memo is cleared, not evicted one by one
+MAX_REPEATED_BLOCKS = 64
+MAX_REPEATED_BLOCK_BYTES = 1024
+
+
+class RepeatedBlockDecoder(Decoder):
+    """An HPACK decoder for a dynamic table of size 0 that remembers what recent blocks decoded to.
+
+    With a maximum table size of 0 the table is always empty (an insertion larger than the table
+    empties it and is dropped, RFC 7541 §4.4), so a block decodes to the same fields, or fails the
+    same way, whenever it comes. The fields list returned is shared between the blocks that hit:
+    its consumers copy it (the connection layer and `_handle` below never change it)."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_table_size=0, max_header_list_size=max_header_list_size)
+        self._decoded: dict[bytes, tuple] = {}
+
+    def decode(self, block):
+        hit = self._decoded.get(block)
+        if hit is not None:
+            self.never_indexed = hit[2]
+            return hit[0], hit[1]
+        fields, problem = super().decode(block)
+        if len(block) <= MAX_REPEATED_BLOCK_BYTES and type(block) is bytes:
+            decoded = self._decoded
+            if len(decoded) >= MAX_REPEATED_BLOCKS:
+                decoded.clear()
+            decoded[block] = (fields, problem, self.never_indexed)
+        return fields, problem
+
+
+def upstream_connection_state() -> H2Connection:
+    """The client state machine of an upstream connection: our client SETTINGS with an HPACK table of
+    size 0, and the decoder that relies on it."""
+    settings = client_settings()
+    settings[frames.HEADER_TABLE_SIZE] = 0
+    h2conn = H2Connection(client=True, settings=settings, max_header_list_size=MAX_HEADER_LIST_BYTES)
+    h2conn.decoder = RepeatedBlockDecoder(MAX_HEADER_LIST_BYTES)
+    return h2conn
 
 
 class RefusedStream(UpstreamReset):
@@ -120,7 +170,11 @@ class UpstreamH2Stream(H2StreamState):
                 raise self.failure
             if self.remote_ended:
                 raise UpstreamProtocolError("stream ended without a response head")
-            await self._wait(deadline)
+            if deadline == math.inf:  # _wait inlined: one coroutine less on every request
+                self.waiter = current_task()
+                await wait_task_rescheduled(self._abort_wait)
+            else:
+                await self._wait(deadline)
         return self.status, self.headers
 
     @property
@@ -175,8 +229,7 @@ class H2UpstreamConnection(H2Transport):
                  "idle_since", "created", "max_requests", "ready", "reserved", "connect_error")
 
     def __init__(self, plane: DataPlane, crt: ClusterRuntime, pool_key: tuple[str, str, int]) -> None:
-        h2conn = H2Connection(client=True, settings=client_settings(), max_header_list_size=MAX_HEADER_LIST_BYTES)
-        super().__init__(None, h2conn, UpstreamReset)  # the socket comes once `run` has connected
+        super().__init__(None, upstream_connection_state(), UpstreamReset)  # the socket comes once `run` has connected
         self.plane = plane
         self.crt = crt
         self.pool_key = pool_key
@@ -308,19 +361,17 @@ class H2UpstreamConnection(H2Transport):
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.ResponseReceived:
                 if stream is not None:
-                    status = 0
-                    fields = []
+                    # the connection layer checked the head (RFC 9113 §8.3.2): :status first and the only
+                    # pseudo-header field, any content-length all digits
+                    headers = event.headers
+                    fields = headers[1:]  # a copy: the decoder may hand the same list out again
                     length = None
-                    for name, value in event.headers:
-                        if name == b":status":
-                            status = int(value)
-                        elif name[:1] == b":":
-                            continue
-                        elif name == b"content-length":
-                            length = int(value) if value.isdigit() else None
-                        else:
-                            fields.append((name, value))
-                    stream.status, stream.headers, stream.length = status, fields, length
+                    for pair in fields:
+                        if pair[0] == b"content-length":
+                            length = int(pair[1])
+                            fields = [p for p in fields if p[0] != b"content-length"]
+                            break
+                    stream.status, stream.headers, stream.length = int(headers[0][1]), fields, length
                     stream.sensitive = event.sensitive
                     stream._wake()
             elif t is ev.DataReceived:
@@ -367,6 +418,17 @@ class H2UpstreamConnection(H2Transport):
                         s.fail(RefusedStream("the upstream sent GOAWAY before processing the stream"))
                 if event.error_code:
                     self.lost(f"GOAWAY {event.error_code!r}")
+
+
+def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int]) -> UpstreamH2Stream | None:
+    """A new stream on a pooled connection that is connected and has a free slot, or None (then
+    `open_stream` waits or connects): the common case, without a coroutine."""
+    pool = plane.h2_pools.get((crt.name, key[0], key[1]))
+    if pool:
+        for connection in pool:
+            if connection.conn is not None and connection.usable():  # conn: connected
+                return connection.open_stream()
+    return None
 
 
 async def open_stream(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *,
