@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from typing import Callable
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
@@ -66,6 +67,8 @@ class FramedStream:
         self._drained = False
         self._plain = not isinstance(self.sock, ssl.SSLSocket)
         self.closed = False
+        self.on_close: Callable[[], None] | None = None  # told before the socket closes (controlplane/receiver.py)
+        self.read_wants_write = False  # the last receive_nowait stopped on a TLS read that must write first
         self.bytes_sent = 0
         self.bytes_received = 0
         self.last_send_time = trio.current_time()
@@ -196,6 +199,38 @@ class FramedStream:
         self._ready_pos += 1
         return message
 
+    def receive_nowait(self) -> list[Message]:
+        """Every message to be had without waiting: those already decoded, then whatever the socket
+        holds now. Raises StreamClosed at the end of the stream (once the messages before it are
+        returned) and ProtocolError on a bad frame; the caller tells the peer (`fail`). After a TLS
+        read that must write first, `read_wants_write` is set: try again shortly (the socket may not
+        become readable again)."""
+        messages = self._ready[self._ready_pos :]
+        self._ready.clear()
+        self._ready_pos = 0
+        self.read_wants_write = False
+        while not self.closed:
+            try:
+                data = self.sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                self.read_wants_write = True
+                break
+            except OSError as e:
+                raise StreamClosed(str(e)) from e
+            if not data:
+                if messages:
+                    break  # the end shows again on the next call
+                raise StreamClosed("end of stream")
+            self.bytes_received += len(data)
+            messages.extend(self._decoder.feed(data))
+            if self._plain and len(data) < RECEIVE_BYTES:
+                break  # a short read of a plain socket took everything the kernel held (TLS may hold more)
+        if self.closed and not messages:
+            raise StreamClosed("stream is closed")
+        return messages
+
     async def fail(self, error: ProtocolError) -> None:
         """Best effort: tell the peer why, then close."""
         if not self.closed:
@@ -209,6 +244,8 @@ class FramedStream:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.on_close is not None:
+                self.on_close()
             notify_closing(self.sock)  # wakes a task parked in wait_readable/wait_writable
             self.sock.close()
         await trio.lowlevel.cancel_shielded_checkpoint()
