@@ -89,28 +89,30 @@ class FramedStream:
         must finish with the same bytes) nothing more can follow it, and the stream is closed first."""
         if self.closed:
             raise StreamClosed("stream is closed")
-        started = [False]  # a send of this frame was attempted
-        if self._send_lock.locked():
-            with _deadline(timeout_s) as scope:
-                async with self._send_lock:  # queue behind the parked send
-                    await self._send_rest(memoryview(frame), started)
-        else:
+        if not self._send_lock.locked():
             try:
                 n = self.sock.send(frame)
             except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
-                raise StreamClosed(str(e)) from None
-            scope = None
-            if n < len(frame):
-                started[0] = n > 0 or not self._plain
-                self._send_lock.acquire_nowait()
-                try:
-                    with _deadline(timeout_s) as scope:
-                        await self._send_rest(memoryview(frame)[n:], started)
-                finally:
-                    self._send_lock.release()
-        if scope is not None and scope.cancelled_caught:
+                raise StreamClosed(str(e)) from e
+            if n == len(frame):  # the common case: no lock, no timer, no scheduler trip
+                self.bytes_sent += n
+                self.last_send_time = trio.current_time()
+                return
+            started = [n > 0 or not self._plain]  # a send of this frame was begun
+            self._send_lock.acquire_nowait()
+            try:
+                with _deadline(timeout_s) as scope:
+                    await self._send_rest(memoryview(frame)[n:], started)
+            finally:
+                self._send_lock.release()
+        else:
+            started = [False]
+            with _deadline(timeout_s) as scope:
+                async with self._send_lock:  # queue behind the parked send
+                    await self._send_rest(memoryview(frame), started)
+        if scope.cancelled_caught:
             if started[0]:
                 await self.aclose()
                 raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; the frame was cut, "
@@ -132,7 +134,7 @@ class FramedStream:
             except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
-                raise StreamClosed(str(e)) from None
+                raise StreamClosed(str(e)) from e
             view = view[n:]
             if len(view) < whole or not self._plain:
                 started[0] = True
@@ -179,7 +181,7 @@ class FramedStream:
                     raise StreamClosed("stream closed while receiving") from None
                 continue
             except OSError as e:
-                raise StreamClosed(str(e)) from None
+                raise StreamClosed(str(e)) from e
             if not data:
                 raise StreamClosed("end of stream")
             self._unyielded += 1
