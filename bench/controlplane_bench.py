@@ -1,11 +1,18 @@
 """Control-plane push benchmark: N simulated proxies on one control plane; time from a config change to
 the last ACK, control-plane CPU and RSS, bytes per push.
 
-The control plane is the real `controlplane.cli controlplane` process. The proxies are lightweight
-protocol clients (Hello, then ACK every snapshot at once without compiling it, heartbeats), many Trio
-tasks in a few client processes. On a machine with at least two cores the control plane is pinned to
-one core and the clients to the others, so their CPU does not count against it. Loopback only; every
-loop is bounded in count and time.
+The control plane is the real `controlplane.cli controlplane` process. The proxies are simulated the
+way a load tool would hold them: a few client processes (at least one per replica), each one raw epoll
+loop over thousands of TCP connections, no task or thread per proxy. What a simulated proxy does, as a
+real one: a Hello with its own node id and labels (10 label sets by default, plus a `pod` label unique
+to each), decoding every frame it is sent with the protocol's decoder, an ACK naming the exact version
+and nonce of each Snapshot (a lost, repeated or wrong push shows as a missing or unknown ACK, and the
+control plane closes a stream that ACKs a nonce it did not send), heartbeats every interval the
+Welcome names. What it does not do: turn the resources into config (no loader checks, no compile, no
+workers; `bench/config_push.py` measures that part), NACK, reconnect, TLS or tokens (the control plane
+runs with --insecure-plaintext: this measures pushes, not handshakes). On a machine with at least two
+cores the control plane is pinned to one core and the clients to the others, so their CPU does not
+count against it. Loopback only; every loop is bounded in count and time.
 
 Each round: the driver applies a weight change over the wire (t0 = CLOCK_MONOTONIC, shared by all
 processes on Linux), every client records when it sent the ACK of the snapshot that followed, and the
