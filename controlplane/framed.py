@@ -69,9 +69,8 @@ class FramedStream:
         self.closed = False
         self.on_close: Callable[[], None] | None = None  # told before the socket closes (controlplane/receiver.py)
         self.read_wants_write = False  # the last receive_nowait stopped on a TLS read that must write first
-        self.bytes_sent = 0
+        self.bytes_sent = 0  # also how the control plane's keepalive sees that something was sent
         self.bytes_received = 0
-        self.last_send_time = trio.current_time()
 
     @property
     def sending(self) -> bool:
@@ -98,7 +97,6 @@ class FramedStream:
                 raise StreamClosed(str(e)) from e
             if n == len(frame):  # the common case: no lock, no timer, no scheduler trip
                 self.bytes_sent += n
-                self.last_send_time = trio.current_time()
                 return
             started = [n > 0 or not self._plain]  # a send of this frame was begun
             self._send_lock.acquire_nowait()
@@ -119,7 +117,6 @@ class FramedStream:
                                   "so the stream was closed")
             raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; nothing of it was sent")
         self.bytes_sent += len(frame)
-        self.last_send_time = trio.current_time()
 
     async def _send_rest(self, view: memoryview, started: list[bool]) -> None:
         whole = len(view)

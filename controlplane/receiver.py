@@ -54,6 +54,7 @@ class Receiver:
         self._epoll = select.epoll()
         self._entries: dict[int, _Entry] = {}  # by file descriptor
         self._retry: set[_Entry] = set()  # TLS reads that wanted a write first
+        self.now = 0.0  # Trio's clock when the messages being handled were read
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -69,6 +70,7 @@ class Receiver:
         framed.on_close = lambda: self._end(entry)
         self._epoll.register(fd, select.EPOLLIN)
         try:
+            self.now = trio.current_time()
             self._read(entry)  # messages decoded before the stream came here
             while True:
                 while entry.work:
@@ -91,6 +93,7 @@ class Receiver:
                 with trio.move_on_after(CROSSED_WANT_SLEEP_S):
                     await wait_readable(epoll.fileno())
                 retry, self._retry = self._retry, set()
+                self.now = trio.current_time()
                 for entry in retry:
                     if not entry.ended:
                         self._read(entry)
@@ -98,12 +101,14 @@ class Receiver:
                 await wait_readable(epoll.fileno())
             ready = epoll.poll(0, READY_PER_POLL)
             entries = self._entries
+            self.now = trio.current_time()
             for i, (fd, _) in enumerate(ready):
                 entry = entries.get(fd)
                 if entry is not None:
                     self._read(entry)
                 if i % CHECKPOINT_EVERY == CHECKPOINT_EVERY - 1:
                     await checkpoint()
+                    self.now = trio.current_time()
 
     def _read(self, entry: _Entry) -> None:
         framed = entry.framed
