@@ -8,11 +8,12 @@ Theory of operation.
   unless the Hello's `last_version` is already the proxy's view (then nothing: the proxy resumes).
   Afterwards the stream's messages (ACK/NACK/Heartbeat) are read by one task for all streams
   (controlplane/receiver.py), and the connection task sleeps until its stream ends, waking only to
-  answer a CertificateRequest. One keepalive task serves every
-  stream: it sends a heartbeat to each stream nothing was sent on for an interval, and closes streams
-  nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
-  they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
-  that stream (the peer gets an `Error`).
+  answer a CertificateRequest. One keepalive task serves every stream: every quarter interval (a
+  tick) it sends a heartbeat to each stream nothing was sent on for an interval (it notices a send by
+  the stream's byte count, so a heartbeat may come up to a tick late; no clock read per send), and
+  closes streams nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a
+  cancellation each time they fire, which at thousands of proxies is most of the idle CPU). A
+  protocol violation closes only that stream (the peer gets an `Error`).
 - A config change (directory poll, apply/delete, a workload registered or expired, a change another
   replica stored in etcd, controlplane/replicated.py) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
