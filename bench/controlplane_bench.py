@@ -114,7 +114,7 @@ def client_main(args: argparse.Namespace) -> int:
     import select
     import socket
 
-    from controlplane.wire import Ack, FrameDecoder, Heartbeat, Hello, ProtocolError, Snapshot, Welcome, encode_frame
+    from controlplane.wire import Ack, Error, FrameDecoder, Heartbeat, Hello, ProtocolError, Snapshot, Welcome, encode_frame
 
     records: list[tuple] = []  # (index, version, full, frame_bytes, t_ack, t_recv)
     acks: dict[tuple[str, str], bytes] = {}  # encoded ACK frames by (version, nonce), as decoded
@@ -175,6 +175,8 @@ def client_main(args: argparse.Namespace) -> int:
             elif isinstance(m, Welcome):
                 heartbeat_interval_s = m.heartbeat_interval_s
                 connected += 1
+            elif isinstance(m, Error):  # the control plane closes the stream: say why
+                raise ProtocolError(m.code, f"from the control plane: {m.message}")
             elif not isinstance(m, Heartbeat):
                 raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(m).__name__} on a proxy stream")
 
