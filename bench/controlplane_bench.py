@@ -195,6 +195,18 @@ def client_main(args: argparse.Namespace) -> int:
                     print(f"proxy sim-{proxy.index}: {e}", file=sys.stderr)
                 close(proxy)
 
+    next_heartbeat = time.monotonic() + heartbeat_interval_s
+
+    def heartbeat_if_due() -> None:
+        # one timer for all streams, from the start: connecting thousands (each decoding a full
+        # snapshot) can take longer than the control plane's heartbeat timeout on a busy machine
+        nonlocal next_heartbeat
+        if time.monotonic() >= next_heartbeat:
+            for proxy in list(streams.values()):
+                if not proxy.outbox:
+                    send(proxy, heartbeat)
+            next_heartbeat = time.monotonic() + heartbeat_interval_s
+
     for start in range(args.first, args.first + args.count, CONNECT_BATCH):
         for index in range(start, min(start + CONNECT_BATCH, args.first + args.count)):
             try:
@@ -209,14 +221,10 @@ def client_main(args: argparse.Namespace) -> int:
             send(proxy, encode_frame(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={
                 "app": f"svc{index % args.classes}", "pod": f"sim-{index}"})))
         serve(0.05)
-    next_heartbeat = time.monotonic() + heartbeat_interval_s
+        heartbeat_if_due()
     while not stop[0]:
         serve(max(0.0, min(0.5, next_heartbeat - time.monotonic())))
-        if time.monotonic() >= next_heartbeat:
-            for proxy in list(streams.values()):
-                if not proxy.outbox:
-                    send(proxy, heartbeat)
-            next_heartbeat = time.monotonic() + heartbeat_interval_s
+        heartbeat_if_due()
     for proxy in list(streams.values()):
         close(proxy)
     Path(args.out).write_text(json.dumps({"connected": connected, "failed": failed, "records": records}))
