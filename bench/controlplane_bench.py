@@ -232,7 +232,7 @@ def client_main(args: argparse.Namespace) -> int:
 
 
 class _SimulatedProxy:
-    __slots__ = ("index", "sock", "decoder", "outbox")
+    __slots__ = ("decoder", "index", "outbox", "sock")
 
     def __init__(self, index: int, sock, decoder) -> None:
         self.index = index

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable

@@ -23,8 +23,8 @@ short sleep, since the socket may not become readable again.
 from __future__ import annotations
 
 import select
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable
