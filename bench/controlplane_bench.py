@@ -1,11 +1,18 @@
 """Control-plane push benchmark: N simulated proxies on one control plane; time from a config change to
 the last ACK, control-plane CPU and RSS, bytes per push.
 
-The control plane is the real `controlplane.cli controlplane` process. The proxies are lightweight
-protocol clients (Hello, then ACK every snapshot at once without compiling it, heartbeats), many Trio
-tasks in a few client processes. On a machine with at least two cores the control plane is pinned to
-one core and the clients to the others, so their CPU does not count against it. Loopback only; every
-loop is bounded in count and time.
+The control plane is the real `controlplane.cli controlplane` process. The proxies are simulated the
+way a load tool would hold them: a few client processes (at least one per replica), each one raw epoll
+loop over thousands of TCP connections, no task or thread per proxy. What a simulated proxy does, as a
+real one: a Hello with its own node id and labels (10 label sets by default, plus a `pod` label unique
+to each), decoding every frame it is sent with the protocol's decoder, an ACK naming the exact version
+and nonce of each Snapshot (a lost, repeated or wrong push shows as a missing or unknown ACK, and the
+control plane closes a stream that ACKs a nonce it did not send), heartbeats every interval the
+Welcome names. What it does not do: turn the resources into config (no loader checks, no compile, no
+workers; `bench/config_push.py` measures that part), NACK, reconnect, TLS or tokens (the control plane
+runs with --insecure-plaintext: this measures pushes, not handshakes). On a machine with at least two
+cores the control plane is pinned to one core and the clients to the others, so their CPU does not
+count against it. Loopback only; every loop is bounded in count and time.
 
 Each round: the driver applies a weight change over the wire (t0 = CLOCK_MONOTONIC, shared by all
 processes on Linux), every client records when it sent the ACK of the snapshot that followed, and the
@@ -102,84 +109,136 @@ spec:
 
 
 def client_main(args: argparse.Namespace) -> int:
-    import trio
+    """One simulator process: `args.count` proxy streams on one raw epoll loop (no task per stream,
+    no Trio), as a load tool would hold them."""
+    import select
+    import socket
 
-    from controlplane.framed import FramedStream, StreamClosed
-    from controlplane.wire import Ack, Heartbeat, Hello, ProtocolError, Snapshot, Welcome, encode_frame
+    from controlplane.wire import Ack, Error, FrameDecoder, Heartbeat, Hello, ProtocolError, Snapshot, Welcome, encode_frame
 
     records: list[tuple] = []  # (index, version, full, frame_bytes, t_ack, t_recv)
-    acks: dict[tuple[str, str], bytes] = {}  # encoded ACK frames by (version, nonce)
+    acks: dict[tuple[str, str], bytes] = {}  # encoded ACK frames by (version, nonce), as decoded
     sizes: dict[tuple[str, bool], int] = {}  # frame bytes per (version, full): the same for every proxy
-    streams: dict[int, "FramedStream"] = {}
-    interval = [5.0]
     acked: dict[str, int] = {}  # version -> proxies of this process that ACKed it
-    connected = 0
-    failed = 0
+    streams: dict[int, _SimulatedProxy] = {}  # by file descriptor
+    epoll = select.epoll()
+    stop = [False]
+    signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__(0, True))
+    signal.signal(signal.SIGINT, lambda *_: stop.__setitem__(0, True))
+    connected = failed = 0
+    heartbeat_interval_s = 5.0
+    heartbeat = encode_frame(Heartbeat())
 
-    async def proxy(index: int) -> None:
-        nonlocal connected, failed
-        try:
-            stream = await trio.open_tcp_stream(args.host, args.port)
-        except OSError:
-            failed += 1
+    def close(proxy: _SimulatedProxy) -> None:
+        streams.pop(proxy.sock.fileno(), None)
+        epoll.unregister(proxy.sock)
+        proxy.sock.close()
+
+    def send(proxy: _SimulatedProxy, frame: bytes) -> None:
+        if proxy.outbox:  # frames never overtake each other
+            proxy.outbox += frame
             return
-        framed = FramedStream(stream)
-        await framed.send(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={"app": f"svc{index % args.classes}",
-                                                                                "pod": f"sim-{index}"}))
         try:
-            welcome = await framed.receive()
-            assert isinstance(welcome, Welcome)
-            interval[0] = welcome.heartbeat_interval_s
-            connected += 1
-            streams[index] = framed
-            while True:
-                m = await framed.receive()
-                if isinstance(m, Snapshot):
-                    t_recv = time.monotonic()
-                    ack = acks.get((m.version, m.nonce))
-                    if ack is None:  # the control plane sends every proxy of a class the same push
-                        ack = acks[(m.version, m.nonce)] = encode_frame(Ack(version=m.version, nonce=m.nonce))
-                    await framed.send_frame(ack)
-                    size = sizes.get((m.version, m.full))
-                    if size is None:
-                        size = sizes[(m.version, m.full)] = len(encode_frame(m))
-                    records.append((index, m.version, m.full, size, time.monotonic(), t_recv))
-                    acked[m.version] = acked.get(m.version, 0) + 1
-                    if acked[m.version] == args.count:  # every proxy of this process: tell the driver
-                        sys.stdout.write(f"synced {m.version}\n")
-                        sys.stdout.flush()
-        except (StreamClosed, ProtocolError, trio.BrokenResourceError):
-            pass
-        finally:
-            streams.pop(index, None)
+            n = proxy.sock.send(frame)
+        except BlockingIOError:
+            n = 0
+        if n < len(frame):
+            proxy.outbox += frame[n:]
+            epoll.modify(proxy.sock, select.EPOLLIN | select.EPOLLOUT)
 
-    async def heartbeats() -> None:
-        # one task for all streams of this process (per-stream timers would dominate the clients' CPU)
-        frame = encode_frame(Heartbeat())
-        while True:
-            await trio.sleep(interval[0])
-            for framed in list(streams.values()):
-                if not framed.sending:
-                    try:
-                        await framed.send_frame(frame)
-                    except StreamClosed:
-                        pass
+    def flush(proxy: _SimulatedProxy) -> None:
+        n = proxy.sock.send(proxy.outbox)
+        del proxy.outbox[:n]
+        if not proxy.outbox:
+            epoll.modify(proxy.sock, select.EPOLLIN)
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(heartbeats)
-                for start in range(args.first, args.first + args.count, CONNECT_BATCH):
-                    for i in range(start, min(start + CONNECT_BATCH, args.first + args.count)):
-                        nursery.start_soon(proxy, i)
-                    await trio.sleep(0.05)
-                async for _ in signals:
-                    break
-                nursery.cancel_scope.cancel()
+    def receive(proxy: _SimulatedProxy) -> None:
+        nonlocal connected, heartbeat_interval_s
+        data = proxy.sock.recv(262144)
+        if not data:
+            raise ConnectionError("end of stream")
+        t_recv = time.monotonic()
+        for m in proxy.decoder.feed(data):
+            if isinstance(m, Snapshot):
+                ack = acks.get((m.version, m.nonce))
+                if ack is None:  # the control plane sends every proxy of a class the same push
+                    ack = acks[(m.version, m.nonce)] = encode_frame(Ack(version=m.version, nonce=m.nonce))
+                send(proxy, ack)
+                size = sizes.get((m.version, m.full))
+                if size is None:
+                    size = sizes[(m.version, m.full)] = len(encode_frame(m))
+                records.append((proxy.index, m.version, m.full, size, time.monotonic(), t_recv))
+                acked[m.version] = acked.get(m.version, 0) + 1
+                if acked[m.version] == args.count:  # every proxy of this process
+                    sys.stdout.write(f"synced {m.version}\n")
+                    sys.stdout.flush()
+            elif isinstance(m, Welcome):
+                heartbeat_interval_s = m.heartbeat_interval_s
+                connected += 1
+            elif isinstance(m, Error):  # the control plane closes the stream: say why
+                raise ProtocolError(m.code, f"from the control plane: {m.message}")
+            elif not isinstance(m, Heartbeat):
+                raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(m).__name__} on a proxy stream")
 
-    trio.run(run)
+    def serve(timeout_s: float) -> None:
+        for fd, event in epoll.poll(timeout_s, 4096):
+            proxy = streams.get(fd)
+            if proxy is None:
+                continue
+            try:
+                if event & select.EPOLLOUT:
+                    flush(proxy)
+                if event & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    receive(proxy)
+            except (OSError, ProtocolError) as e:  # OSError includes ConnectionError
+                if not stop[0]:
+                    print(f"proxy sim-{proxy.index}: {e}", file=sys.stderr)
+                close(proxy)
+
+    next_heartbeat = time.monotonic() + heartbeat_interval_s
+
+    def heartbeat_if_due() -> None:
+        # one timer for all streams, from the start: connecting thousands (each decoding a full
+        # snapshot) can take longer than the control plane's heartbeat timeout on a busy machine
+        nonlocal next_heartbeat
+        if time.monotonic() >= next_heartbeat:
+            for proxy in list(streams.values()):
+                if not proxy.outbox:
+                    send(proxy, heartbeat)
+            next_heartbeat = time.monotonic() + heartbeat_interval_s
+
+    for start in range(args.first, args.first + args.count, CONNECT_BATCH):
+        for index in range(start, min(start + CONNECT_BATCH, args.first + args.count)):
+            try:
+                sock = socket.create_connection((args.host, args.port), timeout=10)
+            except OSError:
+                failed += 1
+                continue
+            sock.setblocking(False)
+            proxy = _SimulatedProxy(index, sock, FrameDecoder())
+            streams[sock.fileno()] = proxy
+            epoll.register(sock, select.EPOLLIN)
+            send(proxy, encode_frame(Hello(node_id=f"sim-{index}", namespace=NAMESPACE, labels={
+                "app": f"svc{index % args.classes}", "pod": f"sim-{index}"})))
+        serve(0.05)
+        heartbeat_if_due()
+    while not stop[0]:
+        serve(max(0.0, min(0.5, next_heartbeat - time.monotonic())))
+        heartbeat_if_due()
+    for proxy in list(streams.values()):
+        close(proxy)
     Path(args.out).write_text(json.dumps({"connected": connected, "failed": failed, "records": records}))
     return 0
+
+
+class _SimulatedProxy:
+    __slots__ = ("decoder", "index", "outbox", "sock")
+
+    def __init__(self, index: int, sock, decoder) -> None:
+        self.index = index
+        self.sock = sock
+        self.decoder = decoder
+        self.outbox = bytearray()
 
 
 # --------------------------------------------------------------------------------------------------

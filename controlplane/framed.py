@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Callable
 
 import trio
 from trio.lowlevel import checkpoint, notify_closing, wait_readable, wait_writable
@@ -66,9 +67,10 @@ class FramedStream:
         self._drained = False
         self._plain = not isinstance(self.sock, ssl.SSLSocket)
         self.closed = False
-        self.bytes_sent = 0
+        self.on_close: Callable[[], None] | None = None  # told before the socket closes (controlplane/receiver.py)
+        self.read_wants_write = False  # the last receive_nowait stopped on a TLS read that must write first
+        self.bytes_sent = 0  # also how the control plane's keepalive sees that something was sent
         self.bytes_received = 0
-        self.last_send_time = trio.current_time()
 
     @property
     def sending(self) -> bool:
@@ -86,35 +88,35 @@ class FramedStream:
         must finish with the same bytes) nothing more can follow it, and the stream is closed first."""
         if self.closed:
             raise StreamClosed("stream is closed")
-        started = [False]  # a send of this frame was attempted
-        if self._send_lock.locked():
-            with _deadline(timeout_s) as scope:
-                async with self._send_lock:  # queue behind the parked send
-                    await self._send_rest(memoryview(frame), started)
-        else:
+        if not self._send_lock.locked():
             try:
                 n = self.sock.send(frame)
             except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
-                raise StreamClosed(str(e)) from None
-            scope = None
-            if n < len(frame):
-                started[0] = n > 0 or not self._plain
-                self._send_lock.acquire_nowait()
-                try:
-                    with _deadline(timeout_s) as scope:
-                        await self._send_rest(memoryview(frame)[n:], started)
-                finally:
-                    self._send_lock.release()
-        if scope is not None and scope.cancelled_caught:
+                raise StreamClosed(str(e)) from e
+            if n == len(frame):  # the common case: no lock, no timer, no scheduler trip
+                self.bytes_sent += n
+                return
+            started = [n > 0 or not self._plain]  # a send of this frame was begun
+            self._send_lock.acquire_nowait()
+            try:
+                with _deadline(timeout_s) as scope:
+                    await self._send_rest(memoryview(frame)[n:], started)
+            finally:
+                self._send_lock.release()
+        else:
+            started = [False]
+            with _deadline(timeout_s) as scope:
+                async with self._send_lock:  # queue behind the parked send
+                    await self._send_rest(memoryview(frame), started)
+        if scope.cancelled_caught:
             if started[0]:
                 await self.aclose()
                 raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; the frame was cut, "
                                   "so the stream was closed")
             raise SendTimeout(f"a send waited more than {timeout_s}s for the peer to read; nothing of it was sent")
         self.bytes_sent += len(frame)
-        self.last_send_time = trio.current_time()
 
     async def _send_rest(self, view: memoryview, started: list[bool]) -> None:
         whole = len(view)
@@ -129,7 +131,7 @@ class FramedStream:
             except _WOULD_BLOCK:
                 n = 0
             except OSError as e:
-                raise StreamClosed(str(e)) from None
+                raise StreamClosed(str(e)) from e
             view = view[n:]
             if len(view) < whole or not self._plain:
                 started[0] = True
@@ -176,7 +178,7 @@ class FramedStream:
                     raise StreamClosed("stream closed while receiving") from None
                 continue
             except OSError as e:
-                raise StreamClosed(str(e)) from None
+                raise StreamClosed(str(e)) from e
             if not data:
                 raise StreamClosed("end of stream")
             self._unyielded += 1
@@ -196,6 +198,38 @@ class FramedStream:
         self._ready_pos += 1
         return message
 
+    def receive_nowait(self) -> list[Message]:
+        """Every message to be had without waiting: those already decoded, then whatever the socket
+        holds now. Raises StreamClosed at the end of the stream (once the messages before it are
+        returned) and ProtocolError on a bad frame; the caller tells the peer (`fail`). After a TLS
+        read that must write first, `read_wants_write` is set: try again shortly (the socket may not
+        become readable again)."""
+        messages = self._ready[self._ready_pos :]
+        self._ready.clear()
+        self._ready_pos = 0
+        self.read_wants_write = False
+        while not self.closed:
+            try:
+                data = self.sock.recv(RECEIVE_BYTES)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                break
+            except ssl.SSLWantWriteError:
+                self.read_wants_write = True
+                break
+            except OSError as e:
+                raise StreamClosed(str(e)) from e
+            if not data:
+                if messages:
+                    break  # the end shows again on the next call
+                raise StreamClosed("end of stream")
+            self.bytes_received += len(data)
+            messages.extend(self._decoder.feed(data))
+            if self._plain and len(data) < RECEIVE_BYTES:
+                break  # a short read of a plain socket took everything the kernel held (TLS may hold more)
+        if self.closed and not messages:
+            raise StreamClosed("stream is closed")
+        return messages
+
     async def fail(self, error: ProtocolError) -> None:
         """Best effort: tell the peer why, then close."""
         if not self.closed:
@@ -209,6 +243,8 @@ class FramedStream:
     async def aclose(self) -> None:
         if not self.closed:
             self.closed = True
+            if self.on_close is not None:
+                self.on_close()
             notify_closing(self.sock)  # wakes a task parked in wait_readable/wait_writable
             self.sock.close()
         await trio.lowlevel.cancel_shielded_checkpoint()

@@ -104,10 +104,11 @@ class Mirror:
         if kv is not None:
             self.update(kv.key, kv.value, kv.mod_revision)
 
-    def update(self, key: bytes, value: bytes | None, revision: int) -> None:
+    def update(self, key: bytes, value: bytes | None, revision: int) -> bool:
+        """Take one key's event. False when it was older than what the mirror holds (nothing changed)."""
         if key == APPLIED_KEY:
             if revision <= self.applied_revision:
-                return
+                return False
             self.applied_revision = revision
             self.applied_error = ""
             try:
@@ -118,7 +119,7 @@ class Mirror:
         elif key.startswith(REGISTRATIONS_PREFIX):
             entry = self.registrations.get(key)
             if entry is not None and revision <= entry.revision:
-                return
+                return False
             self.rejected.pop(key, None)
             resource = None
             if value is not None:
@@ -127,6 +128,7 @@ class Mirror:
                 except (msgspec.DecodeError, ConfigError) as e:
                     self.rejected[key] = f"{key.decode(errors='replace')}: {e}"
             self.registrations[key] = _Entry(revision, resource)
+        return True
 
     def put_registration(self, s: StoredResource, revision: int) -> None:
         """This replica's own write, at `revision` (unless the watch brought a newer one already)."""
@@ -249,10 +251,12 @@ class Replication:
                 if not events:
                     continue  # the watch is set up (or a progress notice)
                 async with self.lock:
+                    taken = False
                     for event in events:
-                        self.mirror.update(event.key, event.value, event.mod_revision)
+                        taken |= self.mirror.update(event.key, event.value, event.mod_revision)
                         revision = max(revision, event.mod_revision)
-                    self._take("store")
+                    if taken:  # not only this replica's own writes coming back (each taking means a compile)
+                        self._take("store")
         await trio.sleep(0.05)  # the member went away: resume on the next one
         return revision
 

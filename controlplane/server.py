@@ -6,11 +6,14 @@ Theory of operation.
   `ApplyRequest`, `DeleteRequest` or `StatusRequest` is a one-shot CLI request answered and closed.
 - A proxy stream: Hello -> (optional workload registration) -> Welcome -> a full Snapshot at once,
   unless the Hello's `last_version` is already the proxy's view (then nothing: the proxy resumes).
-  Afterwards the connection task only receives (ACK/NACK/Heartbeat). One keepalive task serves every
-  stream: it sends a heartbeat to each stream nothing was sent on for an interval, and closes streams
-  nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a cancellation each time
-  they fire, which at thousands of proxies is most of the idle CPU). A protocol violation closes only
-  that stream (the peer gets an `Error`).
+  Afterwards the stream's messages (ACK/NACK/Heartbeat) are read by one task for all streams
+  (controlplane/receiver.py), and the connection task sleeps until its stream ends, waking only to
+  answer a CertificateRequest. One keepalive task serves every stream: every quarter interval (a
+  tick) it sends a heartbeat to each stream nothing was sent on for an interval (it notices a send by
+  the stream's byte count, so a heartbeat may come up to a tick late; no clock read per send), and
+  closes streams nothing was received on for `heartbeat_timeout_s` (per-stream timers cost a
+  cancellation each time they fire, which at thousands of proxies is most of the idle CPU). A
+  protocol violation closes only that stream (the peer gets an `Error`).
 - A config change (directory poll, apply/delete, a workload registered or expired, a change another
   replica stored in etcd, controlplane/replicated.py) feeds the
   `Debouncer`; when it is due, the push loop recomputes views (once per proxy class, `ViewCache`) and
@@ -38,6 +41,7 @@ Theory of operation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import socket
@@ -49,6 +53,7 @@ import trio
 from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, SendTimeout, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
+from controlplane.receiver import Receiver, Work
 from controlplane.snapshots import ProxyClass, View, ViewCache
 from controlplane.replicated import Replication
 from controlplane.store import ChangeOutcome, ConfigStore, load_resources, workload_entry
@@ -62,6 +67,7 @@ from controlplane.wire import (
     DeleteRequest,
     Heartbeat,
     Hello,
+    Message,
     Nack,
     ProtocolError,
     ProxyStatus,
@@ -109,6 +115,10 @@ class ProxyConn:
     session: int = 0  # bumped per stream, so a stale stream's cleanup does not touch a newer one
     connected_at: float = 0.0
     last_seen: float = 0.0
+    # the stream's bytes_sent at the keepalive's last look, and since when it has not changed (the
+    # keepalive sees sends a tick late at most, which saves a clock read per send)
+    bytes_sent_seen: int = 0
+    send_quiet_since: float = 0.0
     disconnected_at: float | None = None
     sent_version: str = ""
     sent_nonce: str = ""
@@ -157,6 +167,7 @@ class ControlPlane:
         self.server_id = f"{socket.gethostname()}-{os.getpid()}"
         self.proxies: dict[str, ProxyConn] = {}
         self.queue = PushQueue()
+        self.receiver = Receiver()  # reads every proxy stream's ACKs, NACKs and heartbeats
         self.debouncer = Debouncer(options.debounce_quiet_s, options.debounce_max_s)
         self._changed = trio.Event()
         self._queued = trio.Event()
@@ -200,6 +211,7 @@ class ControlPlane:
                 self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
+            nursery.start_soon(self.receiver.run)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
             if self.store.config_dir is not None:
@@ -406,7 +418,8 @@ class ControlPlane:
         proxy.identity = identity
         proxy.admin_address = hello.admin_address
         proxy.stream = framed
-        proxy.connected_at = proxy.last_seen = now
+        proxy.connected_at = proxy.last_seen = proxy.send_quiet_since = now
+        proxy.bytes_sent_seen = 0
         proxy.disconnected_at = None
         proxy.pending.clear()
         proxy.acked = None  # a new stream starts from a full snapshot
@@ -424,7 +437,7 @@ class ControlPlane:
                                       identity=identity.uri if identity is not None else ""))
             if not self._resume(proxy, hello.last_version):
                 await self.push(proxy, force_full=True)
-            await self._receive_loop(proxy, framed)
+            await self.receiver.receive(framed, functools.partial(self._on_message, proxy, framed))
         finally:
             if proxy.session == session:
                 proxy.stream = None
@@ -505,7 +518,10 @@ class ControlPlane:
                     assert self._nursery is not None
                     self._nursery.start_soon(framed.fail, ProtocolError("HEARTBEAT_TIMEOUT", f"nothing received for {timeout}s"))
                     continue
-                if now - framed.last_send_time >= interval - tick and not framed.sending:
+                if framed.bytes_sent != proxy.bytes_sent_seen:
+                    proxy.bytes_sent_seen = framed.bytes_sent
+                    proxy.send_quiet_since = now
+                elif now - proxy.send_quiet_since >= interval - tick and not framed.sending:
                     # a peer whose buffer stays full is not reading: it does not stall the rest for
                     # longer than a tick (the heartbeat timeout deals with it)
                     try:
@@ -513,37 +529,34 @@ class ControlPlane:
                     except StreamClosed:
                         pass
 
-    async def _receive_loop(self, proxy: ProxyConn, framed: FramedStream) -> None:
-        while True:
-            try:
-                message = await framed.receive()
-            except StreamClosed:
-                return
-            proxy.last_seen = trio.current_time()
-            if isinstance(message, Heartbeat):
-                continue
-            if isinstance(message, CertificateRequest):
-                await self._sign(proxy, framed, message)
-                continue
-            if isinstance(message, Ack):
-                view = proxy.pending.pop(message.nonce, None)
-                if view is None or view.version != message.version:
-                    raise ProtocolError("UNKNOWN_NONCE", f"ack for nonce {message.nonce!r} version {message.version!r} that was not sent")
+    def _on_message(self, proxy: ProxyConn, framed: FramedStream, message: Message) -> Work | None:
+        """A message on a proxy stream (called by the shared `Receiver`, so it must not block: what
+        has to await is returned, to run in the stream's task)."""
+        proxy.last_seen = self.receiver.now
+        if isinstance(message, Ack):
+            view = proxy.pending.pop(message.nonce, None)
+            if view is None or view.version != message.version:
+                raise ProtocolError("UNKNOWN_NONCE", f"ack for nonce {message.nonce!r} version {message.version!r} that was not sent")
+            if proxy.pending:
                 self._drop_older(proxy, message.nonce)
-                proxy.acked_version = view.version
-                proxy.acked = view
-                self.log.debug("proxy_ack", node_id=proxy.node_id, version=view.version)
-            elif isinstance(message, Nack):
-                view = proxy.pending.pop(message.nonce, None)
-                if view is None:
-                    raise ProtocolError("UNKNOWN_NONCE", f"nack for nonce {message.nonce!r} that was not sent")
-                self._drop_older(proxy, message.nonce)
-                proxy.last_nack = message.error
-                proxy.last_nack_version = message.version
-                self.log.error("proxy_nack", node_id=proxy.node_id, version=message.version,
-                               serving=message.serving_version, error=message.error)
-            else:
-                raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not valid on a proxy stream")
+            proxy.acked_version = view.version
+            proxy.acked = view
+        elif isinstance(message, Heartbeat):
+            pass
+        elif isinstance(message, CertificateRequest):
+            return functools.partial(self._sign, proxy, framed, message)
+        elif isinstance(message, Nack):
+            view = proxy.pending.pop(message.nonce, None)
+            if view is None:
+                raise ProtocolError("UNKNOWN_NONCE", f"nack for nonce {message.nonce!r} that was not sent")
+            self._drop_older(proxy, message.nonce)
+            proxy.last_nack = message.error
+            proxy.last_nack_version = message.version
+            self.log.error("proxy_nack", node_id=proxy.node_id, version=message.version,
+                           serving=message.serving_version, error=message.error)
+        else:
+            raise ProtocolError("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not valid on a proxy stream")
+        return None
 
     async def _sign(self, proxy: ProxyConn, framed: FramedStream, request: CertificateRequest) -> None:
         if self.security is None or proxy.identity is None:

@@ -63,6 +63,17 @@ State = Mapping[ResourceKey, StoredResource]
 class ProxyClass:
     namespace: str
     labels: frozenset[tuple[str, str]] = frozenset()
+    # computed once: a change looks up every connected proxy's class a few times
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.namespace, self.labels)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self):  # a string's hash differs between processes: recompute it on unpickling
+        return (ProxyClass, (self.namespace, self.labels))
 
     @classmethod
     def of(cls, namespace: str, labels: Mapping[str, str]) -> "ProxyClass":

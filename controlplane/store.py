@@ -151,6 +151,8 @@ class ConfigStore:
         self.content_hash = ""  # of the merged state, when replicated
         self._restored: PersistedState | None = None  # until the first commit after a restore
         self.extra_classes = extra_classes  # the classes of connected proxies (from the server)
+        self._narrowed: dict[ProxyClass, ProxyClass] = {}  # see validate
+        self._narrowed_keys: frozenset[str] = frozenset()
         self.bind_address = bind_address
         self.files: Layer = {}
         self.applied: Layer = {}
@@ -206,8 +208,17 @@ class ConfigStore:
         cache = ViewCache(state)
         keys = cache.keys  # labels outside these cannot change a view or how it compiles
 
+        # narrowed classes from the last validation with the same keys (thousands of connected proxies,
+        # the same classes change after change); kept for the classes seen this time only
+        known = self._narrowed if self._narrowed_keys == keys else {}
+        seen: dict[ProxyClass, ProxyClass] = {}
+
         def narrow(pc: ProxyClass) -> ProxyClass:
-            return ProxyClass(pc.namespace, frozenset(kv for kv in pc.labels if kv[0] in keys))
+            narrowed = known.get(pc)
+            if narrowed is None:
+                narrowed = ProxyClass(pc.namespace, frozenset(kv for kv in pc.labels if kv[0] in keys))
+            seen[pc] = narrowed
+            return narrowed
 
         compiled: set[tuple[str, frozenset]] = set()
 
@@ -225,6 +236,7 @@ class ConfigStore:
         connected: dict[ProxyClass, ProxyClass] = {}  # narrowed -> one full class (thousands of proxies, few classes)
         for pc in self.extra_classes():
             connected.setdefault(narrow(pc), pc)
+        self._narrowed, self._narrowed_keys = seen, keys
         current = None
         for pc in sorted(connected.keys() - representative, key=_class_order):
             if not first_time(pc):

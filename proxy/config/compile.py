@@ -366,11 +366,12 @@ class _Compiler:
                 out.append(L4Route(f"{r.namespace}/{r.name}", kind, tuple(blocks), tuple(dests), tuple(cumulative)))
         return out
 
-    def _mesh_virtual_services(self, svc: Service) -> list[_CheckedVS]:
-        """Mesh VirtualServices (in config order) whose hosts cover a service, visible to its namespace."""
+    def _mesh_virtual_services(self, svc: Service, among: list[_CheckedVS]) -> list[_CheckedVS]:
+        """Mesh VirtualServices of `among` (in config order) whose hosts cover a service, visible to its
+        namespace."""
         return [
             vs
-            for vs in self.virtual_services
+            for vs in among
             if vs.in_mesh
             and hosts.exported_to(vs.spec.export_to, vs.resource.namespace, svc.namespace)
             and any(self._covers(h, vs.resource.namespace, svc) for h in vs.spec.hosts)
@@ -392,7 +393,7 @@ class _Compiler:
                 if self._covers(h, vs.resource.namespace, svc):
                     best = max(best, 1 << 16 if not hosts.is_wildcard(h) else len(h))
             return best
-        candidates = [vs for vs in self._mesh_virtual_services(svc) if vs.routes]
+        candidates = self._mesh_virtual_services(svc, [vs for vs in self.virtual_services if vs.routes])
         if not candidates:
             return []
         top = max(specificity(vs) for vs in candidates)
@@ -400,8 +401,12 @@ class _Compiler:
 
     def l4_routes(self) -> dict[str, tuple[L4Route, ...]]:
         out: dict[str, tuple[L4Route, ...]] = {}
+        # services x VirtualServices with TCP/TLS routes only: in a mesh of HTTP routes, nothing per service
+        with_l4 = [vs for vs in self.virtual_services if vs.l4_routes]
+        if not with_l4:
+            return out
         for svc in self.registry.services.values():
-            routes = [route for vs in self._mesh_virtual_services(svc) for route in vs.l4_routes]
+            routes = [route for vs in self._mesh_virtual_services(svc, with_l4) for route in vs.l4_routes]
             if routes:
                 # Istio's order: every tls route before the tcp ones
                 out[svc.cluster_host] = tuple(sorted(routes, key=lambda route: route.kind != "tls"))
