@@ -34,6 +34,9 @@ from proxy.l7.h2_hpack import Decoder, Encoder, HeaderListTooLarge, HpackError
 
 MAX_CONTINUATION_FRAMES = 64  # a legitimate header block fits in a handful
 RESET_MEMORY = 1024  # stream ids we reset, whose in-flight frames are dropped quietly
+# decoded header blocks kept per connection (_decode_block): a few requests a client repeats
+MAX_CACHED_BLOCKS = 32
+MAX_CACHED_BLOCK_BYTES = 1024  # repeated blocks are mostly one byte per field; a longer one is not kept
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade"})
@@ -170,6 +173,17 @@ class _Stream:
         self.no_body_expected = False  # a response to HEAD (its content-length describes no DATA)
 
 
+class _DecodedBlock:
+    """A header block's decoded fields, kept while the HPACK table is unchanged (_decode_block)."""
+
+    __slots__ = ("fields", "never_indexed", "request_length")
+
+    def __init__(self, fields: list, never_indexed: frozenset | None) -> None:
+        self.fields = fields
+        self.never_indexed = never_indexed
+        self.request_length: int | None = None  # _check_request's result, once a request used the block
+
+
 class _Malformed(Exception):
     def __init__(self, reason: str, kind: str = "malformed_request") -> None:
         super().__init__(reason)
@@ -190,6 +204,8 @@ class H2Connection:
         self._block: list | None = None  # [stream id, flags, fragments, frame count, bytes]
         self.decoder = Decoder(max_table_size=settings.get(f.HEADER_TABLE_SIZE, 4096),
                                max_header_list_size=max_header_list_size)
+        self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
+        self._decoded_generation = 0
         self.encoder = Encoder()
         self.max_header_list_size = max_header_list_size
         self.max_block_bytes = 2 * max_header_list_size + 16384  # HPACK may expand; bounded anyway
@@ -525,17 +541,43 @@ class H2Connection:
         if flags & f.END_HEADERS:
             self._end_block(events)
 
-    def _end_block(self, events: list) -> None:
-        stream_id, flags, fragments, _, _ = self._block
-        self._block = None
-        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+    def _decode_block(self, block: bytes) -> tuple[list | None, str | None, _DecodedBlock | None]:
+        """(fields, problem, cache entry) of a complete header block. A block that leaves the HPACK
+        table unchanged (only indexed fields and literals without indexing: a client repeating a
+        request) decodes to the same fields for as long as the table stays unchanged, so its result
+        is kept, keyed by the block's bytes, and the next such block costs one dict lookup instead of
+        the decoding and the request checks. Any change to the table (an insertion, a size update)
+        starts the cache afresh; malformed and oversized blocks are never kept. The fields list is
+        shared by the hits: consumers copy it, never change it."""
+        decoder = self.decoder
+        blocks = self._decoded_blocks
+        if decoder.generation != self._decoded_generation:
+            blocks.clear()
+            self._decoded_generation = decoder.generation
+        elif (entry := blocks.get(block)) is not None:
+            decoder.never_indexed = entry.never_indexed
+            return entry.fields, None, entry
         try:
-            fields, problem = self.decoder.decode(block)
+            fields, problem = decoder.decode(block)
         except HpackError as e:
             raise self._connection_error(f.COMPRESSION_ERROR, f"header block: {e}") from None
         except HeaderListTooLarge:
             # the decoder kept its table in step: only this stream is refused
-            fields, problem = None, "header list larger than SETTINGS_MAX_HEADER_LIST_SIZE"
+            return None, "header list larger than SETTINGS_MAX_HEADER_LIST_SIZE", None
+        if problem is not None or decoder.generation != self._decoded_generation or len(block) > MAX_CACHED_BLOCK_BYTES:
+            return fields, problem, None
+        if len(blocks) >= MAX_CACHED_BLOCKS:
+            blocks.clear()
+        entry = blocks[block] = _DecodedBlock(fields, decoder.never_indexed)
+        return fields, None, entry
+
+    def _end_block(self, events: list) -> None:
+        stream_id, flags, fragments, _, _ = self._block
+        self._block = None
+        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+        if type(block) is not bytes:
+            block = bytes(block)
+        fields, problem, cached = self._decode_block(block)
         if flags & _DECODE_ONLY:
             return  # a stream already reset: decoded only to keep HPACK in step
         end_stream = bool(flags & f.END_STREAM)
@@ -561,7 +603,10 @@ class H2Connection:
             try:
                 if problem is not None:
                     raise _Malformed(problem)
-                length = _check_request(fields, end_stream)
+                if cached is None:
+                    length = _check_request(fields)
+                elif (length := cached.request_length) is None:
+                    length = cached.request_length = _check_request(fields)
             except _Malformed as e:
                 self._malformed(stream_id, str(e), events, e.kind)
                 return
@@ -699,7 +744,7 @@ class H2Connection:
         events.append(RemoteSettingsChanged(changed))
 
 
-def _check_request(fields: list, end_stream: bool) -> int:
+def _check_request(fields: list) -> int:
     """§8.3.1 pseudo-header rules (names and values were checked by the HPACK decoder); returns the
     content-length (-1 when absent). Raises _Malformed."""
     seen: set = set()

@@ -565,6 +565,9 @@ class Decoder:
         self._max_entry = _STATIC_MAX_ENTRY  # no entry ever in the table was larger (list size bound)
         self._update_required = False
         self._strings: dict[bytes, tuple[bytes, bool]] = {}  # Huffman octets -> _huffman_value()
+        # counts the changes to the table and its limits: a block that left it unchanged decodes the
+        # same while it stays unchanged (H2Connection caches such blocks' results by this)
+        self.generation = 0
 
     @property
     def max_table_size(self) -> int:
@@ -578,6 +581,7 @@ class Decoder:
         if n < 0:
             raise ValueError("table size must not be negative")
         self._allowed = n
+        self.generation += 1
         if n < self._limit:
             self._update_required = True
 
@@ -616,6 +620,7 @@ class Decoder:
             raise HpackError(f"table size update to {n} exceeds the maximum of {self._allowed}")
         self._limit = n
         self._size = self._evict(self._size, n)
+        self.generation += 1
         return pos
 
     def decode(self, block: bytes | bytearray | memoryview) -> tuple[Fields, str | None]:
@@ -726,6 +731,7 @@ class Decoder:
                 if err is not None and bad is None:
                     bad = (len(out), err)
                 if indexing:  # insert, then evict (sections 4.3, 4.4)
+                    self.generation += 1
                     n = len(name) + len(value) + 32
                     t.insert(_FIRST_DYNAMIC, (pair, n, err, nerr))
                     t1.insert(_ONE_BYTE_DYNAMIC, pair if err is None else None)

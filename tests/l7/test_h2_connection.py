@@ -294,3 +294,52 @@ def test_a_shutdown_notice_still_accepts_streams_the_final_goaway_does_not() -> 
     assert server.receive_data(_headers_frame(enc, 3, fields)) == []
     server.shutdown_notice()  # nothing after the final GOAWAY
     assert server.data_to_send() == b""
+
+
+def _raw_headers(sid: int, block: bytes) -> bytes:
+    return fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, sid) + block
+
+
+def test_a_repeated_header_block_decodes_as_the_table_says_now() -> None:
+    """A block of indexed fields repeats byte for byte; its decoding is kept only while the HPACK
+    table is unchanged: after an insertion the same bytes name another entry, after a size update
+    to 0 they name none (COMPRESSION_ERROR)."""
+    server, _ = _raw_client()
+    get = b"\x82\x86\x84"  # :method GET, :scheme http, :path / (static)
+    literal = b"\x40\x03x-a"  # literal with incremental indexing, new name x-a
+    server.receive_data(_raw_headers(1, get + literal + b"\x03one"))
+    repeated = get + b"\xbe"  # ... and dynamic entry 62, the newest
+    for sid in (3, 5):
+        events = server.receive_data(_raw_headers(sid, repeated))
+        assert events[0].headers[-1] == (b"x-a", b"one")
+    server.receive_data(_raw_headers(7, get + literal + b"\x03two"))  # inserted: 62 is now x-a: two
+    events = server.receive_data(_raw_headers(9, repeated))
+    assert events[0].headers[-1] == (b"x-a", b"two")
+    with pytest.raises(ConnectionError_) as info:  # a size update to 0 empties the table
+        server.receive_data(_raw_headers(11, b"\x20" + get) + _raw_headers(13, repeated))
+    assert info.value.error_code == fr.COMPRESSION_ERROR
+
+
+def test_a_repeated_malformed_block_is_refused_every_time() -> None:
+    """Only blocks that passed every check are kept: a malformed one is checked again each time."""
+    server, enc = _raw_client()
+    bad = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"x-a", b"a\nb")]
+    for sid in (1, 3, 5):
+        assert [type(e) for e in server.receive_data(_headers_frame(enc, sid, bad))] == [StreamMalformed]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([4096, 4096, 4096, 256, 0])), min_size=1, max_size=30))
+def test_repeated_requests_decode_as_the_oracle_encoded_them(choices) -> None:
+    """Requests drawn from a few (so most repeat and their blocks become all-indexed), sent by h2's
+    encoder while it also changes its table size now and then: every request arrives as sent."""
+    pool = [REQUEST, REQUEST + [(b"x-a", b"1")], [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/b")],
+            REQUEST + [(b"authorization", b"secret")]]
+    server, enc = _raw_client()
+    sid = 1
+    for which, table_size in choices:
+        if enc.header_table_size != table_size:
+            enc.header_table_size = table_size  # the next block starts with a size update
+        events = server.receive_data(_headers_frame(enc, sid, pool[which]))
+        assert isinstance(events[0], RequestReceived) and events[0].headers == pool[which]
+        sid += 2
