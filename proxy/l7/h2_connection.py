@@ -283,7 +283,10 @@ class H2Connection:
                     break
         elif stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
-        block = self.encoder.encode(fields, sensitive)
+        self._send_block(stream_id, stream, self.encoder.encode(fields, sensitive), end_stream)
+
+    def _send_block(self, stream_id: int, stream: _Stream, block: bytes, end_stream: bool) -> None:
+        """An encoded header block in HEADERS and, beyond the peer's frame size, CONTINUATION frames."""
         flags = f.END_STREAM if end_stream else 0
         limit = self.peer_max_frame_size
         out = self._out
@@ -302,6 +305,40 @@ class H2Connection:
                 out.append(piece)
         if end_stream:
             self._close_local(stream_id, stream)
+
+    def send_response(self, stream_id: int, fields: list, body, sensitive: frozenset | None = None) -> int:
+        """A whole response: HEADERS, then as much of `body` as the windows allow, the stream ended
+        with its last byte (with the HEADERS when there is no body). Returns how many bytes of the
+        body were queued; the caller sends the rest with send_data as the windows open. One call
+        for the common small response, whose HEADERS and DATA leave together."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or self.closed:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        n = len(body) if body is not None else 0
+        if not n:
+            self.send_headers(stream_id, fields, True, sensitive)
+            return 0
+        limit = self.peer_max_frame_size
+        if n <= stream.send_window and n <= self.send_window and n <= limit:
+            block = self.encoder.encode(fields, sensitive)
+            if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
+                stream.send_window -= n
+                self.send_window -= n
+                self._out += (f.frame_header(len(block), f.HEADERS, f.END_HEADERS, stream_id), block,
+                              f.frame_header(n, f.DATA, f.END_STREAM, stream_id), bytes(body))
+                self._close_local(stream_id, stream)
+                return n
+            self._send_block(stream_id, stream, block, False)
+        else:
+            self.send_headers(stream_id, fields, False, sensitive)
+        window = min(stream.send_window, self.send_window)
+        sent = 0
+        while sent < n and window > 0:
+            size = min(n - sent, window, limit)
+            self.send_data(stream_id, body[sent:sent + size], sent + size == n)
+            sent += size
+            window -= size
+        return sent
 
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self._sendable(stream_id)

@@ -62,7 +62,7 @@ from proxy.l7.h2_codec import (
     server_settings,
     trailer_fields,
 )
-from proxy.l7.h2_connection import ConnectionError_, H2Connection
+from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamClosedError
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
@@ -219,14 +219,19 @@ class H2Stream(H2StreamState):
         self.connection.send_headers(self, fields, end_stream, self._sensitive)
 
     def send_whole_nowait(self, body: memoryview | None):
-        if not body:
-            self._send_head(True)
-            self.connection.flush()
+        connection = self.connection
+        if body and connection.error is not None:
+            raise DownstreamDisconnect(connection.error)
+        fields, self._fields = self._fields, None
+        try:  # the head and what the windows allow of the body, in one call of the connection layer
+            sent = connection.h2.send_response(self.stream_id, fields, body, self._sensitive)
+        except StreamClosedError as e:  # the client reset the stream, or the connection ended
+            raise DownstreamDisconnect(f"stream closed: {e}") from e
+        connection.flush()
+        if not body or sent == len(body):
+            self.ended = True
             return None
-        self._send_head(False)
-        sent = self.connection.send_data_nowait(self, body, True)
-        self.connection.flush()
-        return None if sent == len(body) else body[sent:]
+        return body[sent:]
 
     async def send_rest(self, rest) -> None:
         await self.send([rest], True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import hpack
 import hyperframe.frame as hf
 import pytest
@@ -343,3 +344,42 @@ def test_repeated_requests_decode_as_the_oracle_encoded_them(choices) -> None:
         events = server.receive_data(_headers_frame(enc, sid, pool[which]))
         assert isinstance(events[0], RequestReceived) and events[0].headers == pool[which]
         sid += 2
+
+
+@pytest.mark.parametrize("body_size, window", [(0, 65535), (5, 65535), (40000, 65535), (100, 10), (100, 0)])
+def test_a_whole_response_in_one_call_as_the_windows_allow(body_size, window) -> None:
+    """send_response: HEADERS and what the windows and frame size allow of the body, the stream
+    ended with its last byte; the rest goes out with send_data as the oracle client opens windows."""
+    server, client = ours(False), oracle(True)
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    pump(client, server)
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")],
+                        end_stream=True)
+    pump(client, server)
+    body = bytes(range(256)) * (body_size // 256) + b"x" * (body_size % 256)
+    fields = [(b":status", b"200"), (b"content-length", b"%d" % body_size)]
+    sent = server.send_response(1, fields, memoryview(body))
+    assert sent == min(body_size, window)  # in frames of at most 16384
+    got: dict = {"data": b"", "ended": False}
+
+    def receive() -> None:
+        for e in pump(server, client)[1]:
+            if isinstance(e, h2.events.ResponseReceived):
+                got["headers"] = e.headers
+            elif isinstance(e, h2.events.DataReceived):
+                got["data"] += e.data
+            elif isinstance(e, h2.events.StreamEnded):
+                got["ended"] = True
+
+    receive()
+    assert got["headers"] == fields and got["ended"] == (sent == body_size)
+    for _ in range(10):
+        if sent == body_size:
+            break
+        client.increment_flow_control_window(16384, stream_id=1)
+        pump(client, server)
+        more = min(body_size - sent, server.local_flow_control_window(1), 16384)
+        server.send_data(1, body[sent:sent + more], sent + more == body_size)
+        sent += more
+        receive()
+    assert got["data"] == body and got["ended"]
