@@ -6,7 +6,8 @@ A connection whose first bytes are the prior-knowledge preface (RFC 9113 §3.3) 
 the HTTP/1.1 server (server.py), with what it has read so far. One task reads: it feeds bytes to
 the connection state machine (h2_connection.py) and turns its events into streams. Each request runs
 the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the HTTP/2
-implementation of the stream interface (stream.py); a reset ends that stream alone.
+implementation of the stream interface (stream.py), which is also its own request body source (one
+object per stream); a reset ends that stream alone.
 
 Streams are served by stream workers: tasks of the connection that each serve one stream at a time
 and then park (no Event: the reader reschedules a parked worker directly) until the reader hands
@@ -94,27 +95,53 @@ def is_prior_knowledge(buf: bytes, pos: int) -> bool:
     return buf.startswith(_PREFACE_START, pos)
 
 
-class H2Body:
-    """A request body arriving in DATA frames: the body-source side of the stream interface."""
+class H2Stream(H2StreamState):
+    """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
 
-    __slots__ = ("kind", "pieces", "ended", "bytes_read", "trailers", "wakeup", "connection", "stream_id", "unacked",
-                 "error")
+    protocol = "HTTP/2"
+    relays_plain = False
+    expect_continue = False
+    is_upgrade = False
 
-    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing) -> None:
+    # the request body side (the stream is its own body source, `body`): pieces arrived in DATA
+    # frames, whether the request ended, and why it failed (the client reset it, a refused body)
+    __slots__ = ("connection", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
+                 "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled", "kind", "pieces",
+                 "request_ended", "bytes_read", "trailers", "wakeup", "unacked", "request_error")
+
+    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
+                 grpc: bool, ctx: RequestContext, clusters) -> None:
+        super().__init__(stream_id)
         self.connection = connection
-        self.stream_id = stream_id
+        self.upstream_framing = framing
         self.kind = framing.kind
+        self.request_ended = framing.kind == h1.NONE
         self.pieces: list[bytes] = []
-        self.ended = framing.kind == h1.NONE
         self.bytes_read = 0
         self.trailers: Headers | None = None
         self.wakeup: trio.Event | None = None
         self.unacked = 0  # flow-controlled bytes received and not yet given to the router
-        self.error: str | None = None  # set when the client reset the stream
+        self.request_error: str | None = None  # set when the client reset the stream
+        self.keep_alive = True
+        self.chain = chain
+        self.grpc = grpc
+        self.ctx = ctx
+        self._fields: Headers | None = None
+        self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
+        self.clusters = clusters  # the snapshot's clusters, read once when the stream began
+        self.cancel_scope: trio.CancelScope | None = None  # the scope of the worker serving it
+        self.cancelled = False  # ended before a worker took it, or while one serves it
+        self.reset_by_peer = False
+
+    # ---- the request body source (stream.py's `body`): DATA frames as they arrive
+
+    @property
+    def body(self) -> H2Stream:
+        return self
 
     @property
     def done(self) -> bool:
-        return self.ended and not self.pieces
+        return self.request_ended and not self.pieces
 
     def feed(self, data: bytes, flow_length: int) -> None:
         if data:
@@ -122,12 +149,12 @@ class H2Body:
         self.unacked += flow_length
         self._wake()
 
-    def end(self) -> None:
-        self.ended = True
+    def end_request(self) -> None:
+        self.request_ended = True
         self._wake()
 
-    def fail(self, why: str) -> None:
-        self.error = why
+    def fail_request(self, why: str) -> None:
+        self.request_error = why
         self._wake()
 
     def _wake(self) -> None:
@@ -154,41 +181,14 @@ class H2Body:
             self.connection.acknowledge(self.stream_id, n)
 
     async def next_pieces(self) -> list:
-        while not self.pieces and not self.ended:
-            if self.error is not None:
-                raise DownstreamDisconnect(self.error)
+        while not self.pieces and not self.request_ended:
+            if self.request_error is not None:
+                raise DownstreamDisconnect(self.request_error)
             self.wakeup = event = trio.Event()
             await event.wait()
         return self.buffered_pieces()
 
-
-class H2Stream(H2StreamState):
-    """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
-
-    protocol = "HTTP/2"
-    relays_plain = False
-    expect_continue = False
-    is_upgrade = False
-
-    __slots__ = ("connection", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
-                 "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled")
-
-    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
-                 grpc: bool, ctx: RequestContext, clusters) -> None:
-        super().__init__(stream_id)
-        self.connection = connection
-        self.body = H2Body(connection, stream_id, framing)
-        self.upstream_framing = framing
-        self.keep_alive = True
-        self.chain = chain
-        self.grpc = grpc
-        self.ctx = ctx
-        self._fields: Headers | None = None
-        self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
-        self.clusters = clusters  # the snapshot's clusters, read once when the stream began
-        self.cancel_scope: trio.CancelScope | None = None  # the scope of the worker serving it
-        self.cancelled = False  # ended before a worker took it, or while one serves it
-        self.reset_by_peer = False
+    # ---- the response side
 
     def cancel(self) -> None:
         """End the stream's work now: its worker's scope is cancelled (the worker ends with it)."""
@@ -373,7 +373,7 @@ class H2ServerConnection(H2Transport):
         if self.quiet is not None:
             self.quiet.set()
         for stream in self.streams.values():
-            stream.body.fail(why)
+            stream.fail_request(why)
             self.wake_window(stream)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
@@ -439,15 +439,18 @@ class H2ServerConnection(H2Transport):
         self.flush_now()
         self.closing = self.goaway_sent = True
         for stream in self.streams.values():
-            stream.body.fail(why)
+            stream.fail_request(why)
             stream.cancel()
 
     def _handle(self, events: list) -> None:
         streams = self.streams
+        now = wall = None  # when the requests of this read started: one clock read for all of them
         for event in events:
             t = type(event)
             if t is ev.RequestReceived:
-                self._new_stream(event)
+                if now is None:
+                    now, wall = trio.current_time(), time.time()
+                self._new_stream(event, now, wall)
             elif t is ev.DataReceived:
                 stream = streams.get(event.stream_id)
                 if event.flow_controlled_length == 0 and not event.stream_ended:
@@ -458,19 +461,19 @@ class H2ServerConnection(H2Transport):
                         return
                 else:
                     self.empty_data_frames = 0
-                if stream is not None and not stream.body.ended:
-                    stream.body.feed(event.data, event.flow_controlled_length)
+                if stream is not None and not stream.request_ended:
+                    stream.feed(event.data, event.flow_controlled_length)
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif t is ev.StreamEnded:
                 stream = streams.get(event.stream_id)
-                if stream is not None and stream.body.error is None:  # a refused body never ends well
-                    stream.body.end()
+                if stream is not None and stream.request_error is None:  # a refused body never ends well
+                    stream.end_request()
             elif t is ev.TrailersReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     try:  # RFC 9113 §8.2.2 in trailers too (the layer checks names, values, pseudo-headers)
-                        stream.body.trailers = check_trailers(event.headers)
+                        stream.trailers = check_trailers(event.headers)
                     except MalformedRequest as e:
                         self.h2.reset_stream(event.stream_id, frames.PROTOCOL_ERROR)
                         self._refused(event.stream_id, str(e), "malformed_request")
@@ -482,7 +485,7 @@ class H2ServerConnection(H2Transport):
                     if stream.ctx.response is None and not stream.ctx.status:
                         self.premature_resets += 1
                     stream.ctx.response_flags.append("DR")  # downstream remote reset
-                    stream.body.fail("the client reset the stream")
+                    stream.fail_request("the client reset the stream")
                     stream.cancel()
                     if (self.streams_total >= RAPID_RESET_MIN_STREAMS
                             and self.premature_resets * 2 > self.streams_total):
@@ -521,7 +524,7 @@ class H2ServerConnection(H2Transport):
                 self.plane.count_h2_mitigation("control_frame_flood")
                 self._goaway(_ENHANCE_YOUR_CALM, "too many control frames")
 
-    def _new_stream(self, event) -> None:
+    def _new_stream(self, event, now: float, wall: float) -> None:
         plane = self.plane
         sid = event.stream_id
         self.streams_total += 1
@@ -544,7 +547,7 @@ class H2ServerConnection(H2Transport):
             self.h2.reset_stream(sid, frames.PROTOCOL_ERROR)
             self._refused(sid, str(e), "malformed_request")
             return
-        ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(), self.client_ip,
+        ctx = RequestContext(snapshot, None, self.client, head, now, wall, self.client_ip,
                              self.original_destination, self.peer)
         rt = plane.runtime(snapshot)
         listener_chain = rt.by_listener.get(self.listener_name)
@@ -578,7 +581,7 @@ class H2ServerConnection(H2Transport):
         if stream is not None:  # a stream being served: it ends here
             stream.ended = True
             stream.ctx.response_flags.append("DPE")
-            stream.body.fail(reason)
+            stream.fail_request(reason)
             stream.cancel()
             return
         ctx = RequestContext(plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", [], http_version=b"2"),
@@ -606,14 +609,14 @@ class H2ServerConnection(H2Transport):
                             cancelled.cancel()
                             await self._serve_stream(stream)
                         continue
-                    stream.cancel_scope = scope
+                    stream.cancel_scope = scope  # from here, stream.cancelled says the scope was cancelled
                     try:
                         await self._serve_stream(stream)
                     finally:
-                        if scope.cancel_called and ready:  # this worker ends with its cancelled stream, and
+                        if stream.cancelled and ready:  # this worker ends with its cancelled stream, and
                             # may have taken streams another worker was woken for: one takes its place
                             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")
-                    if scope.cancel_called:
+                    if stream.cancelled:
                         return
                 if len(idle) >= MAX_IDLE_WORKERS:
                     return
@@ -646,9 +649,8 @@ class H2ServerConnection(H2Transport):
                 self.read_scope.cancel()
         if not stream.ended and self.error is None:
             self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
-        body = stream.body
-        if body.unacked:  # what the router never read still counts against the connection window
-            body.unacked, n = 0, body.unacked
+        if stream.unacked:  # what the router never read still counts against the connection window
+            stream.unacked, n = 0, stream.unacked
             self.acknowledge(stream.stream_id, n)
         self.flush()
 
