@@ -324,8 +324,10 @@ class H2Connection:
             if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
                 stream.send_window -= n
                 self.send_window -= n
-                self._out += (f.frame_header(len(block), f.HEADERS, f.END_HEADERS, stream_id), block,
-                              f.frame_header(n, f.DATA, f.END_STREAM, stream_id), bytes(body))
+                size = len(block)
+                pack = f.FRAME_HEADER.pack
+                self._out += (pack(size >> 8, size & 0xFF, f.HEADERS, f.END_HEADERS, stream_id), block,
+                              pack(n >> 8, n & 0xFF, f.DATA, f.END_STREAM, stream_id), bytes(body))
                 self._close_local(stream_id, stream)
                 return n
             self._send_block(stream_id, stream, block, False)
@@ -446,7 +448,7 @@ class H2Connection:
                 break
             ftype = buf[pos + 3]
             flags = buf[pos + 4]
-            stream_id = f.u32(buf, pos + 5) & 0x7FFFFFFF
+            stream_id = (buf[pos + 5] & 0x7F) << 24 | buf[pos + 6] << 16 | buf[pos + 7] << 8 | buf[pos + 8]
             payload = buf[pos + 9:end]
             pos = end
             if not self._settings_seen:
@@ -553,7 +555,7 @@ class H2Connection:
     def _on_headers(self, stream_id: int, flags: int, payload, events: list) -> None:
         if not stream_id:
             raise self._connection_error(f.PROTOCOL_ERROR, "HEADERS on stream 0")
-        fragment = self._strip_padding(flags, payload)
+        fragment = self._strip_padding(flags, payload) if flags & f.PADDED else payload
         if flags & f.PRIORITY_FLAG:
             if len(fragment) < 5:
                 raise self._connection_error(f.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
@@ -620,7 +622,7 @@ class H2Connection:
         end_stream = bool(flags & f.END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
-            if self.client or not self._is_idle(stream_id):
+            if self.client or (stream_id & 1 and stream_id <= self.last_peer_stream_id):  # _is_idle, inlined
                 if stream_id in self._reset_set or (self.client and not self._is_idle(stream_id)):
                     return  # in flight when we reset it
                 raise self._connection_error(f.STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")

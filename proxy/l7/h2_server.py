@@ -107,7 +107,7 @@ class H2Stream(H2StreamState):
     # frames, whether the request ended, and why it failed (the client reset it, a refused body)
     __slots__ = ("connection", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
                  "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled", "kind", "pieces",
-                 "request_ended", "bytes_read", "trailers", "wakeup", "unacked", "request_error")
+                 "request_ended", "bytes_read", "trailers", "wakeup", "unacked", "request_error", "body", "done")
 
     def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
                  grpc: bool, ctx: RequestContext, clusters) -> None:
@@ -117,6 +117,8 @@ class H2Stream(H2StreamState):
         self.kind = framing.kind
         self.request_ended = framing.kind == h1.NONE
         self.pieces: list[bytes] = []
+        self.done = self.request_ended  # request_ended and not pieces, kept so: read for every request
+        self.body: H2Stream | None = self  # plain attributes, not properties; _stream_done breaks the cycle
         self.bytes_read = 0
         self.trailers: Headers | None = None
         self.wakeup: trio.Event | None = None
@@ -135,22 +137,16 @@ class H2Stream(H2StreamState):
 
     # ---- the request body source (stream.py's `body`): DATA frames as they arrive
 
-    @property
-    def body(self) -> H2Stream:
-        return self
-
-    @property
-    def done(self) -> bool:
-        return self.request_ended and not self.pieces
-
     def feed(self, data: bytes, flow_length: int) -> None:
         if data:
             self.pieces.append(data)
+            self.done = False
         self.unacked += flow_length
         self._wake()
 
     def end_request(self) -> None:
         self.request_ended = True
+        self.done = not self.pieces
         self._wake()
 
     def fail_request(self, why: str) -> None:
@@ -169,6 +165,7 @@ class H2Stream(H2StreamState):
                 self._ack()
             return []
         self.pieces = []
+        self.done = self.request_ended
         for p in pieces:
             self.bytes_read += len(p)
         self._ack()
@@ -467,8 +464,8 @@ class H2ServerConnection(H2Transport):
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif t is ev.StreamEnded:
                 stream = streams.get(event.stream_id)
-                if stream is not None and stream.request_error is None:  # a refused body never ends well
-                    stream.end_request()
+                if stream is not None and not stream.request_ended and stream.request_error is None:
+                    stream.end_request()  # (a refused body never ends well)
             elif t is ev.TrailersReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
@@ -642,6 +639,7 @@ class H2ServerConnection(H2Transport):
 
     def _stream_done(self, stream: H2Stream) -> None:
         del self.streams[stream.stream_id]
+        stream.body = None  # the stream referred to itself: freed now, not by the cycle collector
         if not self.streams:
             if self.quiet is not None:
                 self.quiet.set()
@@ -651,8 +649,7 @@ class H2ServerConnection(H2Transport):
             self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
         if stream.unacked:  # what the router never read still counts against the connection window
             stream.unacked, n = 0, stream.unacked
-            self.acknowledge(stream.stream_id, n)
-        self.flush()
+            self.acknowledge(stream.stream_id, n)  # (reset_stream and acknowledge flush what they queue)
 
 
 async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
