@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 One object per connection, for either side (`client=`). `receive(data)` parses whole frames from
 what arrived (keeping a partial frame for the next call) and returns events; the send calls
-(`send_headers`, `send_data`, `end_stream`, `reset_stream`, `acknowledge_received_data`, ...)
-queue frames that `data_to_send()` hands out. The drivers (h2_server.py, h2_upstream.py) own the
+(`send_headers`, `send_data`, `send_response` for a whole response, `end_stream`, `reset_stream`,
+`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
+repeats byte for byte while the HPACK table is unchanged (a client repeating a request) is decoded
+and checked once (`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
 socket, the tasks and the waiting; this module never blocks and never touches IO. It replaces the
 `h2` package on the data path, which costs about a million instructions per request per side
 (bench/h2_codec.py); `h2` stays as the oracle the tests compare this module with.
