@@ -217,13 +217,18 @@ def check_request_fields(fields: Headers) -> CheckedRequestFields:
     return CheckedRequestFields(method, path, scheme, authority, headers, body_framing, grpc)
 
 
+_NOT_IN_RESPONSE = CONNECTION_SPECIFIC | {b"content-length", b"te"}  # (content-length: ours, from the framing)
+_STATUS_FIELDS = {status: (b":status", b"%d" % status) for status in range(100, 600)}
+
+
 def response_fields(status: int, headers: Headers, length: int | None) -> Headers:
     """A response head as h2 sends it: `:status` first, connection-specific fields dropped (an
     HTTP/1.1 upstream's `connection`, `keep-alive`...), `content-length` when the length is known."""
-    out: Headers = [(b":status", b"%d" % status)]
+    out: Headers = [_STATUS_FIELDS.get(status) or (b":status", b"%d" % status)]
+    dropped = _NOT_IN_RESPONSE
     for pair in headers:
         name = pair[0]
-        if name in CONNECTION_SPECIFIC or name == b"content-length" or name == b"te" or name[:1] == b":":
+        if name in dropped or name[:1] == b":":
             continue
         out.append(pair)
     if length is not None:
