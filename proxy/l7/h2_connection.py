@@ -209,6 +209,8 @@ class H2Connection:
         self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
         self._decoded_generation = 0
         self.encoder = Encoder()
+        self._encoded_responses: dict[tuple, bytes] = {}  # see _encode_response
+        self._encoded_generation = 0
         self.max_header_list_size = max_header_list_size
         self.max_block_bytes = 2 * max_header_list_size + 16384  # HPACK may expand; bounded anyway
         self.local_max_frame_size = settings.get(f.MAX_FRAME_SIZE, f.DEFAULT_MAX_FRAME_SIZE)
@@ -322,7 +324,7 @@ class H2Connection:
             return 0
         limit = self.peer_max_frame_size
         if n <= stream.send_window and n <= self.send_window and n <= limit:
-            block = self.encoder.encode(fields, sensitive)
+            block = self._encode_response(fields, sensitive)
             if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
                 stream.send_window -= n
                 self.send_window -= n
@@ -343,6 +345,28 @@ class H2Connection:
             sent += size
             window -= size
         return sent
+
+    def _encode_response(self, fields: list, sensitive: frozenset | None) -> bytes:
+        """The header block of a whole response. Responses repeat their fields (a backend's, but for
+        `date` once a second), and fields the encoder can say without changing its table encode to
+        the same bytes for as long as the table is unchanged (Encoder.generation): those blocks are
+        kept, keyed by the fields, the way _decode_block keeps received ones."""
+        encoder = self.encoder
+        if sensitive:
+            return encoder.encode(fields, sensitive)
+        blocks = self._encoded_responses
+        key = tuple(fields)
+        if encoder.generation != self._encoded_generation:
+            blocks.clear()
+            self._encoded_generation = encoder.generation
+        elif (block := blocks.get(key)) is not None:
+            return block
+        block = encoder.encode(fields)
+        if encoder.generation == self._encoded_generation and len(block) <= MAX_CACHED_BLOCK_BYTES:
+            if len(blocks) >= MAX_CACHED_BLOCKS:
+                blocks.clear()
+            blocks[key] = block
+        return block
 
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self._sendable(stream_id)

@@ -846,6 +846,9 @@ class Encoder:
         self._size = 0
         self._limit = 4096  # the table's maximum size (initial SETTINGS_HEADER_TABLE_SIZE)
         self._updates: tuple[int, int] | None = None  # (smallest, final) limit since the last block
+        # counts what changes how fields encode (insertions, table size changes and their announcement):
+        # while it stays the same, the same fields encode to the same bytes (H2Connection keeps some)
+        self.generation = 0
 
     def set_max_table_size(self, n: int) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE is now n: use a table of min(n, 64 KiB), evicting at
@@ -858,6 +861,7 @@ class Encoder:
             return
         smallest = n if self._updates is None else min(self._updates[0], n)
         self._updates = (smallest, n)
+        self.generation += 1
         self._limit = n
         self._evict()
 
@@ -927,6 +931,7 @@ class Encoder:
         if self._updates is not None:  # section 4.2
             smallest, final = self._updates
             self._updates = None
+            self.generation += 1
             if smallest < final:
                 parts.append(_encode_int(smallest, 0x1F, 0x20))
             parts.append(_encode_int(final, 0x1F, 0x20))
@@ -986,6 +991,7 @@ class Encoder:
             parts.append(value_bytes)
             number = self._inserted
             self._inserted = number + 1
+            self.generation += 1
             base += 1
             index[field] = number
             self._names[name] = number

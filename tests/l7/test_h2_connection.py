@@ -383,3 +383,24 @@ def test_a_whole_response_in_one_call_as_the_windows_allow(body_size, window) ->
         sent += more
         receive()
     assert got["data"] == body and got["ended"]
+
+
+def test_a_repeated_response_is_encoded_as_the_table_says_now() -> None:
+    """A response repeated on several streams goes out as the block kept from the last time while
+    the encoder's table is unchanged; after the client shrinks the table to nothing (SETTINGS), the
+    kept block would name entries that are gone: the oracle client decodes every response."""
+    server, client = ours(False), oracle(True)
+    pump(client, server)
+    fields = [(b":status", b"200"), (b"server", b"nginx"), (b"content-type", b"text/plain"),
+              (b"date", b"Fri, 04 Dec 2026 17:40:00 GMT"), (b"content-length", b"5")]
+    seen = []
+    for sid in range(1, 15, 2):
+        if sid == 9:
+            client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+            pump(client, server)
+        client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"),
+                                  (b":path", b"/")], end_stream=True)
+        pump(client, server)
+        assert server.send_response(sid, fields, memoryview(b"hello")) == 5
+        seen += [e.headers for e in pump(server, client)[1] if isinstance(e, h2.events.ResponseReceived)]
+    assert seen == [fields] * 7
