@@ -109,9 +109,42 @@ class ParsedRequest:
         self.grpc = grpc
 
 
+class CheckedRequestFields:
+    """What a request's field block says, every check passed (check_request_fields): the part of a
+    parsed request that depends on the fields alone, so that a block a client repeats is checked
+    once per connection (h2_server.py keeps them by the decoded block)."""
+
+    __slots__ = ("method", "path", "scheme", "authority", "headers", "body_framing", "grpc")
+
+    def __init__(self, method: bytes, path: bytes, scheme: bytes, authority: bytes, headers: Headers,
+                 body_framing: h1.Framing | None, grpc: bool) -> None:
+        self.method, self.path, self.scheme, self.authority = method, path, scheme, authority
+        self.headers = headers  # copied into each request's head: stages change theirs
+        self.body_framing = body_framing  # for a stream the HEADERS did not end; None: invalid content-length
+        self.grpc = grpc
+
+
 def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
     """A received request head → our head, with every RFC 9113 §8.2/§8.3 check (again: the
     downgrade to HTTP/1.1 must not depend on the connection layer's checks). Raises MalformedRequest."""
+    return request_from_checked(check_request_fields(fields), end_stream)
+
+
+def request_from_checked(checked: CheckedRequestFields, end_stream: bool) -> ParsedRequest:
+    """A request of its own (head, body framing) from checked fields. Raises MalformedRequest."""
+    if end_stream:
+        framing = h1.FRAMING_NONE
+    else:
+        framing = checked.body_framing
+        if framing is None:
+            raise MalformedRequest("invalid content-length")
+    head = RequestHead(checked.method, checked.path, checked.authority, list(checked.headers), scheme=checked.scheme,
+                       http_version=b"2")
+    return ParsedRequest(head, framing, checked.grpc)
+
+
+def check_request_fields(fields: Headers) -> CheckedRequestFields:
+    """Every RFC 9113 §8.2/§8.3 check of a request's fields, and what they say. Raises MalformedRequest."""
     method = path = scheme = authority = None
     host = None
     headers: Headers = []
@@ -175,25 +208,27 @@ def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
         raise MalformedRequest(f"invalid :authority {authority[:80]!r}")
     if cookies is not None:
         headers.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
-    if end_stream:
-        framing = h1.FRAMING_NONE
-    elif length is not None:
-        if not length.isdigit() or len(length) > 18:
-            raise MalformedRequest("invalid content-length")
-        framing = h1.length_framing(int(length))
+    if length is None:
+        body_framing: h1.Framing | None = h1.FRAMING_CHUNKED  # a length not known in advance
+    elif not length.isdigit() or len(length) > 18:
+        body_framing = None
     else:
-        framing = h1.FRAMING_CHUNKED  # a length not known in advance
-    head = RequestHead(method, path, authority, headers, scheme=scheme, http_version=b"2")
-    return ParsedRequest(head, framing, grpc)
+        body_framing = h1.length_framing(int(length))
+    return CheckedRequestFields(method, path, scheme, authority, headers, body_framing, grpc)
+
+
+_NOT_IN_RESPONSE = CONNECTION_SPECIFIC | {b"content-length", b"te"}  # (content-length: ours, from the framing)
+_STATUS_FIELDS = {status: (b":status", b"%d" % status) for status in range(100, 600)}
 
 
 def response_fields(status: int, headers: Headers, length: int | None) -> Headers:
     """A response head as h2 sends it: `:status` first, connection-specific fields dropped (an
     HTTP/1.1 upstream's `connection`, `keep-alive`...), `content-length` when the length is known."""
-    out: Headers = [(b":status", b"%d" % status)]
+    out: Headers = [_STATUS_FIELDS.get(status) or (b":status", b"%d" % status)]
+    dropped = _NOT_IN_RESPONSE
     for pair in headers:
         name = pair[0]
-        if name in CONNECTION_SPECIFIC or name == b"content-length" or name == b"te" or name[:1] == b":":
+        if name in dropped or name[:1] == b":":
             continue
         out.append(pair)
     if length is not None:

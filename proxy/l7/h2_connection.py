@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 One object per connection, for either side (`client=`). `receive(data)` parses whole frames from
 what arrived (keeping a partial frame for the next call) and returns events; the send calls
-(`send_headers`, `send_data`, `end_stream`, `reset_stream`, `acknowledge_received_data`, ...)
-queue frames that `data_to_send()` hands out. The drivers (h2_server.py, h2_upstream.py) own the
+(`send_headers`, `send_data`, `send_response` for a whole response, `end_stream`, `reset_stream`,
+`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
+repeats byte for byte while the HPACK table is unchanged (a client repeating a request) is decoded
+and checked once (`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
 socket, the tasks and the waiting; this module never blocks and never touches IO. It replaces the
 `h2` package on the data path, which costs about a million instructions per request per side
 (bench/h2_codec.py); `h2` stays as the oracle the tests compare this module with.
@@ -34,6 +36,9 @@ from proxy.l7.h2_hpack import Decoder, Encoder, HeaderListTooLarge, HpackError
 
 MAX_CONTINUATION_FRAMES = 64  # a legitimate header block fits in a handful
 RESET_MEMORY = 1024  # stream ids we reset, whose in-flight frames are dropped quietly
+# decoded header blocks kept per connection (_decode_block): a few requests a client repeats
+MAX_CACHED_BLOCKS = 32
+MAX_CACHED_BLOCK_BYTES = 1024  # repeated blocks are mostly one byte per field; a longer one is not kept
 
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade"})
@@ -170,6 +175,17 @@ class _Stream:
         self.no_body_expected = False  # a response to HEAD (its content-length describes no DATA)
 
 
+class _DecodedBlock:
+    """A header block's decoded fields, kept while the HPACK table is unchanged (_decode_block)."""
+
+    __slots__ = ("fields", "never_indexed", "request_length")
+
+    def __init__(self, fields: list, never_indexed: frozenset | None) -> None:
+        self.fields = fields
+        self.never_indexed = never_indexed
+        self.request_length: int | None = None  # _check_request's result, once a request used the block
+
+
 class _Malformed(Exception):
     def __init__(self, reason: str, kind: str = "malformed_request") -> None:
         super().__init__(reason)
@@ -190,7 +206,11 @@ class H2Connection:
         self._block: list | None = None  # [stream id, flags, fragments, frame count, bytes]
         self.decoder = Decoder(max_table_size=settings.get(f.HEADER_TABLE_SIZE, 4096),
                                max_header_list_size=max_header_list_size)
+        self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
+        self._decoded_generation = 0
         self.encoder = Encoder()
+        self._encoded_responses: dict[tuple, bytes] = {}  # see _encode_response
+        self._encoded_generation = 0
         self.max_header_list_size = max_header_list_size
         self.max_block_bytes = 2 * max_header_list_size + 16384  # HPACK may expand; bounded anyway
         self.local_max_frame_size = settings.get(f.MAX_FRAME_SIZE, f.DEFAULT_MAX_FRAME_SIZE)
@@ -267,7 +287,10 @@ class H2Connection:
                     break
         elif stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
-        block = self.encoder.encode(fields, sensitive)
+        self._send_block(stream_id, stream, self.encoder.encode(fields, sensitive), end_stream)
+
+    def _send_block(self, stream_id: int, stream: _Stream, block: bytes, end_stream: bool) -> None:
+        """An encoded header block in HEADERS and, beyond the peer's frame size, CONTINUATION frames."""
         flags = f.END_STREAM if end_stream else 0
         limit = self.peer_max_frame_size
         out = self._out
@@ -286,6 +309,64 @@ class H2Connection:
                 out.append(piece)
         if end_stream:
             self._close_local(stream_id, stream)
+
+    def send_response(self, stream_id: int, fields: list, body, sensitive: frozenset | None = None) -> int:
+        """A whole response: HEADERS, then as much of `body` as the windows allow, the stream ended
+        with its last byte (with the HEADERS when there is no body). Returns how many bytes of the
+        body were queued; the caller sends the rest with send_data as the windows open. One call
+        for the common small response, whose HEADERS and DATA leave together."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.local_closed or self.closed:
+            raise StreamClosedError(f"stream {stream_id} is closed")
+        n = len(body) if body is not None else 0
+        if not n:
+            self.send_headers(stream_id, fields, True, sensitive)
+            return 0
+        limit = self.peer_max_frame_size
+        if n <= stream.send_window and n <= self.send_window and n <= limit:
+            block = self._encode_response(fields, sensitive)
+            if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
+                stream.send_window -= n
+                self.send_window -= n
+                size = len(block)
+                pack = f.FRAME_HEADER.pack
+                self._out += (pack(size >> 8, size & 0xFF, f.HEADERS, f.END_HEADERS, stream_id), block,
+                              pack(n >> 8, n & 0xFF, f.DATA, f.END_STREAM, stream_id), bytes(body))
+                self._close_local(stream_id, stream)
+                return n
+            self._send_block(stream_id, stream, block, False)
+        else:
+            self.send_headers(stream_id, fields, False, sensitive)
+        window = min(stream.send_window, self.send_window)
+        sent = 0
+        while sent < n and window > 0:
+            size = min(n - sent, window, limit)
+            self.send_data(stream_id, body[sent:sent + size], sent + size == n)
+            sent += size
+            window -= size
+        return sent
+
+    def _encode_response(self, fields: list, sensitive: frozenset | None) -> bytes:
+        """The header block of a whole response. Responses repeat their fields (a backend's, but for
+        `date` once a second), and fields the encoder can say without changing its table encode to
+        the same bytes for as long as the table is unchanged (Encoder.generation): those blocks are
+        kept, keyed by the fields, the way _decode_block keeps received ones."""
+        encoder = self.encoder
+        if sensitive:
+            return encoder.encode(fields, sensitive)
+        blocks = self._encoded_responses
+        key = tuple(fields)
+        if encoder.generation != self._encoded_generation:
+            blocks.clear()
+            self._encoded_generation = encoder.generation
+        elif (block := blocks.get(key)) is not None:
+            return block
+        block = encoder.encode(fields)
+        if encoder.generation == self._encoded_generation and len(block) <= MAX_CACHED_BLOCK_BYTES:
+            if len(blocks) >= MAX_CACHED_BLOCKS:
+                blocks.clear()
+            blocks[key] = block
+        return block
 
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self._sendable(stream_id)
@@ -393,7 +474,7 @@ class H2Connection:
                 break
             ftype = buf[pos + 3]
             flags = buf[pos + 4]
-            stream_id = f.u32(buf, pos + 5) & 0x7FFFFFFF
+            stream_id = (buf[pos + 5] & 0x7F) << 24 | buf[pos + 6] << 16 | buf[pos + 7] << 8 | buf[pos + 8]
             payload = buf[pos + 9:end]
             pos = end
             if not self._settings_seen:
@@ -500,7 +581,7 @@ class H2Connection:
     def _on_headers(self, stream_id: int, flags: int, payload, events: list) -> None:
         if not stream_id:
             raise self._connection_error(f.PROTOCOL_ERROR, "HEADERS on stream 0")
-        fragment = self._strip_padding(flags, payload)
+        fragment = self._strip_padding(flags, payload) if flags & f.PADDED else payload
         if flags & f.PRIORITY_FLAG:
             if len(fragment) < 5:
                 raise self._connection_error(f.FRAME_SIZE_ERROR, "HEADERS too short for its priority")
@@ -525,23 +606,49 @@ class H2Connection:
         if flags & f.END_HEADERS:
             self._end_block(events)
 
-    def _end_block(self, events: list) -> None:
-        stream_id, flags, fragments, _, _ = self._block
-        self._block = None
-        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+    def _decode_block(self, block: bytes) -> tuple[list | None, str | None, _DecodedBlock | None]:
+        """(fields, problem, cache entry) of a complete header block. A block that leaves the HPACK
+        table unchanged (only indexed fields and literals without indexing: a client repeating a
+        request) decodes to the same fields for as long as the table stays unchanged, so its result
+        is kept, keyed by the block's bytes, and the next such block costs one dict lookup instead of
+        the decoding and the request checks. Any change to the table (an insertion, a size update)
+        starts the cache afresh; malformed and oversized blocks are never kept. The fields list is
+        shared by the hits: consumers copy it, never change it."""
+        decoder = self.decoder
+        blocks = self._decoded_blocks
+        if decoder.generation != self._decoded_generation:
+            blocks.clear()
+            self._decoded_generation = decoder.generation
+        elif (entry := blocks.get(block)) is not None:
+            decoder.never_indexed = entry.never_indexed
+            return entry.fields, None, entry
         try:
-            fields, problem = self.decoder.decode(block)
+            fields, problem = decoder.decode(block)
         except HpackError as e:
             raise self._connection_error(f.COMPRESSION_ERROR, f"header block: {e}") from None
         except HeaderListTooLarge:
             # the decoder kept its table in step: only this stream is refused
-            fields, problem = None, "header list larger than SETTINGS_MAX_HEADER_LIST_SIZE"
+            return None, "header list larger than SETTINGS_MAX_HEADER_LIST_SIZE", None
+        if problem is not None or decoder.generation != self._decoded_generation or len(block) > MAX_CACHED_BLOCK_BYTES:
+            return fields, problem, None
+        if len(blocks) >= MAX_CACHED_BLOCKS:
+            blocks.clear()
+        entry = blocks[block] = _DecodedBlock(fields, decoder.never_indexed)
+        return fields, None, entry
+
+    def _end_block(self, events: list) -> None:
+        stream_id, flags, fragments, _, _ = self._block
+        self._block = None
+        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+        if type(block) is not bytes:
+            block = bytes(block)
+        fields, problem, cached = self._decode_block(block)
         if flags & _DECODE_ONLY:
             return  # a stream already reset: decoded only to keep HPACK in step
         end_stream = bool(flags & f.END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
-            if self.client or not self._is_idle(stream_id):
+            if self.client or (stream_id & 1 and stream_id <= self.last_peer_stream_id):  # _is_idle, inlined
                 if stream_id in self._reset_set or (self.client and not self._is_idle(stream_id)):
                     return  # in flight when we reset it
                 raise self._connection_error(f.STREAM_CLOSED, f"HEADERS on closed stream {stream_id}")
@@ -561,7 +668,10 @@ class H2Connection:
             try:
                 if problem is not None:
                     raise _Malformed(problem)
-                length = _check_request(fields, end_stream)
+                if cached is None:
+                    length = _check_request(fields)
+                elif (length := cached.request_length) is None:
+                    length = cached.request_length = _check_request(fields)
             except _Malformed as e:
                 self._malformed(stream_id, str(e), events, e.kind)
                 return
@@ -699,7 +809,7 @@ class H2Connection:
         events.append(RemoteSettingsChanged(changed))
 
 
-def _check_request(fields: list, end_stream: bool) -> int:
+def _check_request(fields: list) -> int:
     """§8.3.1 pseudo-header rules (names and values were checked by the HPACK decoder); returns the
     content-length (-1 when absent). Raises _Malformed."""
     seen: set = set()

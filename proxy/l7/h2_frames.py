@@ -57,6 +57,7 @@ MAX_STREAM_ID = 2**31 - 1  # §5.1.1: stream identifiers are 31 bits
 MAX_FRAME_SIZE_LIMIT = 2**24 - 1
 
 _HEADER = struct.Struct(">HBBBI")  # the 24-bit length as 16 + 8 bits, type, flags, stream id
+FRAME_HEADER = _HEADER  # for a hot path that packs without frame_header's call: (length >> 8, length & 0xFF, ...)
 _U32 = struct.Struct(">I")
 _U16_U32 = struct.Struct(">HI")
 _U32_U32 = struct.Struct(">II")

@@ -565,6 +565,9 @@ class Decoder:
         self._max_entry = _STATIC_MAX_ENTRY  # no entry ever in the table was larger (list size bound)
         self._update_required = False
         self._strings: dict[bytes, tuple[bytes, bool]] = {}  # Huffman octets -> _huffman_value()
+        # counts the changes to the table and its limits: a block that left it unchanged decodes the
+        # same while it stays unchanged (H2Connection caches such blocks' results by this)
+        self.generation = 0
 
     @property
     def max_table_size(self) -> int:
@@ -578,6 +581,7 @@ class Decoder:
         if n < 0:
             raise ValueError("table size must not be negative")
         self._allowed = n
+        self.generation += 1
         if n < self._limit:
             self._update_required = True
 
@@ -616,6 +620,7 @@ class Decoder:
             raise HpackError(f"table size update to {n} exceeds the maximum of {self._allowed}")
         self._limit = n
         self._size = self._evict(self._size, n)
+        self.generation += 1
         return pos
 
     def decode(self, block: bytes | bytearray | memoryview) -> tuple[Fields, str | None]:
@@ -726,6 +731,7 @@ class Decoder:
                 if err is not None and bad is None:
                     bad = (len(out), err)
                 if indexing:  # insert, then evict (sections 4.3, 4.4)
+                    self.generation += 1
                     n = len(name) + len(value) + 32
                     t.insert(_FIRST_DYNAMIC, (pair, n, err, nerr))
                     t1.insert(_ONE_BYTE_DYNAMIC, pair if err is None else None)
@@ -840,6 +846,9 @@ class Encoder:
         self._size = 0
         self._limit = 4096  # the table's maximum size (initial SETTINGS_HEADER_TABLE_SIZE)
         self._updates: tuple[int, int] | None = None  # (smallest, final) limit since the last block
+        # counts what changes how fields encode (insertions, table size changes and their announcement):
+        # while it stays the same, the same fields encode to the same bytes (H2Connection keeps some)
+        self.generation = 0
 
     def set_max_table_size(self, n: int) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE is now n: use a table of min(n, 64 KiB), evicting at
@@ -852,6 +861,7 @@ class Encoder:
             return
         smallest = n if self._updates is None else min(self._updates[0], n)
         self._updates = (smallest, n)
+        self.generation += 1
         self._limit = n
         self._evict()
 
@@ -921,6 +931,7 @@ class Encoder:
         if self._updates is not None:  # section 4.2
             smallest, final = self._updates
             self._updates = None
+            self.generation += 1
             if smallest < final:
                 parts.append(_encode_int(smallest, 0x1F, 0x20))
             parts.append(_encode_int(final, 0x1F, 0x20))
@@ -980,6 +991,7 @@ class Encoder:
             parts.append(value_bytes)
             number = self._inserted
             self._inserted = number + 1
+            self.generation += 1
             base += 1
             index[field] = number
             self._names[name] = number

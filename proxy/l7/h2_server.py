@@ -6,7 +6,8 @@ A connection whose first bytes are the prior-knowledge preface (RFC 9113 §3.3) 
 the HTTP/1.1 server (server.py), with what it has read so far. One task reads: it feeds bytes to
 the connection state machine (h2_connection.py) and turns its events into streams. Each request runs
 the same pipeline as an HTTP/1.1 request (pipeline.serve_request) against an `H2Stream`, the HTTP/2
-implementation of the stream interface (stream.py); a reset ends that stream alone.
+implementation of the stream interface (stream.py), which is also its own request body source (one
+object per stream); a reset ends that stream alone.
 
 Streams are served by stream workers: tasks of the connection that each serve one stream at a time
 and then park (no Event: the reader reschedules a parked worker directly) until the reader hands
@@ -52,15 +53,17 @@ from proxy.l7.h2_codec import (
     GRPC_DEADLINE_EXCEEDED,
     INITIAL_CONNECTION_WINDOW,
     MAX_HEADER_LIST_BYTES,
+    CheckedRequestFields,
     MalformedRequest,
+    check_request_fields,
     check_trailers,
     grpc_local_reply_fields,
-    parse_request,
+    request_from_checked,
     response_fields,
     server_settings,
     trailer_fields,
 )
-from proxy.l7.h2_connection import ConnectionError_, H2Connection
+from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamClosedError
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
@@ -78,6 +81,7 @@ _PREFACE_START = b"PRI * HTTP/2"
 RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
+MAX_CHECKED_REQUESTS = 32  # checked request field blocks kept per connection (as H2Connection's MAX_CACHED_BLOCKS)
 MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moments spawn more
 # a drain's shutdown notice and its final GOAWAY are this far apart: the streams a client sent before
 # the notice reached it still arrive and are served (RFC 9113 §6.8 asks for at least a round trip)
@@ -91,40 +95,62 @@ def is_prior_knowledge(buf: bytes, pos: int) -> bool:
     return buf.startswith(_PREFACE_START, pos)
 
 
-class H2Body:
-    """A request body arriving in DATA frames: the body-source side of the stream interface."""
+class H2Stream(H2StreamState):
+    """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
 
-    __slots__ = ("kind", "pieces", "ended", "bytes_read", "trailers", "wakeup", "connection", "stream_id", "unacked",
-                 "error")
+    protocol = "HTTP/2"
+    relays_plain = False
+    expect_continue = False
+    is_upgrade = False
 
-    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing) -> None:
+    # the request body side (the stream is its own body source, `body`): pieces arrived in DATA
+    # frames, whether the request ended, and why it failed (the client reset it, a refused body)
+    __slots__ = ("connection", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
+                 "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled", "kind", "pieces",
+                 "request_ended", "bytes_read", "trailers", "wakeup", "unacked", "request_error", "body", "done")
+
+    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
+                 grpc: bool, ctx: RequestContext, clusters) -> None:
+        super().__init__(stream_id)
         self.connection = connection
-        self.stream_id = stream_id
+        self.upstream_framing = framing
         self.kind = framing.kind
+        self.request_ended = framing.kind == h1.NONE
         self.pieces: list[bytes] = []
-        self.ended = framing.kind == h1.NONE
+        self.done = self.request_ended  # request_ended and not pieces, kept so: read for every request
+        self.body: H2Stream | None = self  # plain attributes, not properties; _stream_done breaks the cycle
         self.bytes_read = 0
         self.trailers: Headers | None = None
         self.wakeup: trio.Event | None = None
         self.unacked = 0  # flow-controlled bytes received and not yet given to the router
-        self.error: str | None = None  # set when the client reset the stream
+        self.request_error: str | None = None  # set when the client reset the stream
+        self.keep_alive = True
+        self.chain = chain
+        self.grpc = grpc
+        self.ctx = ctx
+        self._fields: Headers | None = None
+        self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
+        self.clusters = clusters  # the snapshot's clusters, read once when the stream began
+        self.cancel_scope: trio.CancelScope | None = None  # the scope of the worker serving it
+        self.cancelled = False  # ended before a worker took it, or while one serves it
+        self.reset_by_peer = False
 
-    @property
-    def done(self) -> bool:
-        return self.ended and not self.pieces
+    # ---- the request body source (stream.py's `body`): DATA frames as they arrive
 
     def feed(self, data: bytes, flow_length: int) -> None:
         if data:
             self.pieces.append(data)
+            self.done = False
         self.unacked += flow_length
         self._wake()
 
-    def end(self) -> None:
-        self.ended = True
+    def end_request(self) -> None:
+        self.request_ended = True
+        self.done = not self.pieces
         self._wake()
 
-    def fail(self, why: str) -> None:
-        self.error = why
+    def fail_request(self, why: str) -> None:
+        self.request_error = why
         self._wake()
 
     def _wake(self) -> None:
@@ -139,6 +165,7 @@ class H2Body:
                 self._ack()
             return []
         self.pieces = []
+        self.done = self.request_ended
         for p in pieces:
             self.bytes_read += len(p)
         self._ack()
@@ -151,41 +178,14 @@ class H2Body:
             self.connection.acknowledge(self.stream_id, n)
 
     async def next_pieces(self) -> list:
-        while not self.pieces and not self.ended:
-            if self.error is not None:
-                raise DownstreamDisconnect(self.error)
+        while not self.pieces and not self.request_ended:
+            if self.request_error is not None:
+                raise DownstreamDisconnect(self.request_error)
             self.wakeup = event = trio.Event()
             await event.wait()
         return self.buffered_pieces()
 
-
-class H2Stream(H2StreamState):
-    """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
-
-    protocol = "HTTP/2"
-    relays_plain = False
-    expect_continue = False
-    is_upgrade = False
-
-    __slots__ = ("connection", "body", "upstream_framing", "keep_alive", "chain", "grpc", "ctx", "_fields",
-                 "cancel_scope", "reset_by_peer", "_sensitive", "clusters", "cancelled")
-
-    def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
-                 grpc: bool, ctx: RequestContext, clusters) -> None:
-        super().__init__(stream_id)
-        self.connection = connection
-        self.body = H2Body(connection, stream_id, framing)
-        self.upstream_framing = framing
-        self.keep_alive = True
-        self.chain = chain
-        self.grpc = grpc
-        self.ctx = ctx
-        self._fields: Headers | None = None
-        self._sensitive: frozenset | None = None  # response fields the upstream sent never indexed
-        self.clusters = clusters  # the snapshot's clusters, read once when the stream began
-        self.cancel_scope: trio.CancelScope | None = None  # the scope of the worker serving it
-        self.cancelled = False  # ended before a worker took it, or while one serves it
-        self.reset_by_peer = False
+    # ---- the response side
 
     def cancel(self) -> None:
         """End the stream's work now: its worker's scope is cancelled (the worker ends with it)."""
@@ -216,14 +216,19 @@ class H2Stream(H2StreamState):
         self.connection.send_headers(self, fields, end_stream, self._sensitive)
 
     def send_whole_nowait(self, body: memoryview | None):
-        if not body:
-            self._send_head(True)
-            self.connection.flush()
+        connection = self.connection
+        if body and connection.error is not None:
+            raise DownstreamDisconnect(connection.error)
+        fields, self._fields = self._fields, None
+        try:  # the head and what the windows allow of the body, in one call of the connection layer
+            sent = connection.h2.send_response(self.stream_id, fields, body, self._sensitive)
+        except StreamClosedError as e:  # the client reset the stream, or the connection ended
+            raise DownstreamDisconnect(f"stream closed: {e}") from e
+        connection.flush()
+        if not body or sent == len(body):
+            self.ended = True
             return None
-        self._send_head(False)
-        sent = self.connection.send_data_nowait(self, body, True)
-        self.connection.flush()
-        return None if sent == len(body) else body[sent:]
+        return body[sent:]
 
     async def send_rest(self, rest) -> None:
         await self.send([rest], True)
@@ -305,7 +310,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed")
+                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed", "checked_requests")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -330,6 +335,7 @@ class H2ServerConnection(H2Transport):
         self.ready: deque[H2Stream] = deque()  # streams no worker has taken yet
         self.idle_workers: list = []  # parked stream worker tasks
         self.shutdown_noticed = False  # a drain sent the first GOAWAY (last stream id 2^31-1)
+        self.checked_requests: dict[int, tuple[Headers, CheckedRequestFields]] = {}  # see _remember_checked
 
     def drain(self) -> None:
         """The proxy drains, in two steps as RFC 9113 §6.8 and Envoy do: a GOAWAY naming the largest
@@ -364,7 +370,7 @@ class H2ServerConnection(H2Transport):
         if self.quiet is not None:
             self.quiet.set()
         for stream in self.streams.values():
-            stream.body.fail(why)
+            stream.fail_request(why)
             self.wake_window(stream)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
@@ -430,15 +436,18 @@ class H2ServerConnection(H2Transport):
         self.flush_now()
         self.closing = self.goaway_sent = True
         for stream in self.streams.values():
-            stream.body.fail(why)
+            stream.fail_request(why)
             stream.cancel()
 
     def _handle(self, events: list) -> None:
         streams = self.streams
+        now = wall = None  # when the requests of this read started: one clock read for all of them
         for event in events:
             t = type(event)
             if t is ev.RequestReceived:
-                self._new_stream(event)
+                if now is None:
+                    now, wall = trio.current_time(), time.time()
+                self._new_stream(event, now, wall)
             elif t is ev.DataReceived:
                 stream = streams.get(event.stream_id)
                 if event.flow_controlled_length == 0 and not event.stream_ended:
@@ -449,19 +458,19 @@ class H2ServerConnection(H2Transport):
                         return
                 else:
                     self.empty_data_frames = 0
-                if stream is not None and not stream.body.ended:
-                    stream.body.feed(event.data, event.flow_controlled_length)
+                if stream is not None and not stream.request_ended:
+                    stream.feed(event.data, event.flow_controlled_length)
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
             elif t is ev.StreamEnded:
                 stream = streams.get(event.stream_id)
-                if stream is not None and stream.body.error is None:  # a refused body never ends well
-                    stream.body.end()
+                if stream is not None and not stream.request_ended and stream.request_error is None:
+                    stream.end_request()  # (a refused body never ends well)
             elif t is ev.TrailersReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     try:  # RFC 9113 §8.2.2 in trailers too (the layer checks names, values, pseudo-headers)
-                        stream.body.trailers = check_trailers(event.headers)
+                        stream.trailers = check_trailers(event.headers)
                     except MalformedRequest as e:
                         self.h2.reset_stream(event.stream_id, frames.PROTOCOL_ERROR)
                         self._refused(event.stream_id, str(e), "malformed_request")
@@ -473,7 +482,7 @@ class H2ServerConnection(H2Transport):
                     if stream.ctx.response is None and not stream.ctx.status:
                         self.premature_resets += 1
                     stream.ctx.response_flags.append("DR")  # downstream remote reset
-                    stream.body.fail("the client reset the stream")
+                    stream.fail_request("the client reset the stream")
                     stream.cancel()
                     if (self.streams_total >= RAPID_RESET_MIN_STREAMS
                             and self.premature_resets * 2 > self.streams_total):
@@ -512,7 +521,7 @@ class H2ServerConnection(H2Transport):
                 self.plane.count_h2_mitigation("control_frame_flood")
                 self._goaway(_ENHANCE_YOUR_CALM, "too many control frames")
 
-    def _new_stream(self, event) -> None:
+    def _new_stream(self, event, now: float, wall: float) -> None:
         plane = self.plane
         sid = event.stream_id
         self.streams_total += 1
@@ -520,15 +529,22 @@ class H2ServerConnection(H2Transport):
             self.h2.reset_stream(sid, frames.REFUSED_STREAM)
             return
         snapshot = plane.holder.current
+        fields = event.headers
         try:
-            parsed = parse_request(event.headers, event.stream_ended)
+            known = self.checked_requests.get(id(fields))
+            if known is not None and known[0] is fields:
+                checked = known[1]
+            else:
+                checked = check_request_fields(fields)
+                self._remember_checked(fields, checked)
+            parsed = request_from_checked(checked, event.stream_ended)
             head = parsed.head
             head.sensitive = event.sensitive
         except MalformedRequest as e:
             self.h2.reset_stream(sid, frames.PROTOCOL_ERROR)
             self._refused(sid, str(e), "malformed_request")
             return
-        ctx = RequestContext(snapshot, None, self.client, head, trio.current_time(), time.time(), self.client_ip,
+        ctx = RequestContext(snapshot, None, self.client, head, now, wall, self.client_ip,
                              self.original_destination, self.peer)
         rt = plane.runtime(snapshot)
         listener_chain = rt.by_listener.get(self.listener_name)
@@ -543,6 +559,15 @@ class H2ServerConnection(H2Transport):
         else:
             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")  # a name: no formatting per spawn
 
+    def _remember_checked(self, fields: Headers, checked: CheckedRequestFields) -> None:
+        """The connection layer hands out one fields list for every repeat of a header block (while
+        its HPACK table is unchanged): the checks of that list are kept by its identity (the entry
+        holds the list, so the id is not reused while it is kept)."""
+        known = self.checked_requests
+        if len(known) >= MAX_CHECKED_REQUESTS:
+            known.clear()
+        known[id(fields)] = (fields, checked)
+
     def _refused(self, stream_id: int, reason: str, kind: str) -> None:
         """A stream reset for what it sent (malformed, over a limit): counted, logged, and a line in
         the access log (DPE) like any request that got no response."""
@@ -553,7 +578,7 @@ class H2ServerConnection(H2Transport):
         if stream is not None:  # a stream being served: it ends here
             stream.ended = True
             stream.ctx.response_flags.append("DPE")
-            stream.body.fail(reason)
+            stream.fail_request(reason)
             stream.cancel()
             return
         ctx = RequestContext(plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", [], http_version=b"2"),
@@ -581,14 +606,14 @@ class H2ServerConnection(H2Transport):
                             cancelled.cancel()
                             await self._serve_stream(stream)
                         continue
-                    stream.cancel_scope = scope
+                    stream.cancel_scope = scope  # from here, stream.cancelled says the scope was cancelled
                     try:
                         await self._serve_stream(stream)
                     finally:
-                        if scope.cancel_called and ready:  # this worker ends with its cancelled stream, and
+                        if stream.cancelled and ready:  # this worker ends with its cancelled stream, and
                             # may have taken streams another worker was woken for: one takes its place
                             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")
-                    if scope.cancel_called:
+                    if stream.cancelled:
                         return
                 if len(idle) >= MAX_IDLE_WORKERS:
                     return
@@ -614,6 +639,7 @@ class H2ServerConnection(H2Transport):
 
     def _stream_done(self, stream: H2Stream) -> None:
         del self.streams[stream.stream_id]
+        stream.body = None  # the stream referred to itself: freed now, not by the cycle collector
         if not self.streams:
             if self.quiet is not None:
                 self.quiet.set()
@@ -621,11 +647,9 @@ class H2ServerConnection(H2Transport):
                 self.read_scope.cancel()
         if not stream.ended and self.error is None:
             self.reset_stream(stream, _INTERNAL_ERROR)  # never leave a stream half done
-        body = stream.body
-        if body.unacked:  # what the router never read still counts against the connection window
-            body.unacked, n = 0, body.unacked
-            self.acknowledge(stream.stream_id, n)
-        self.flush()
+        if stream.unacked:  # what the router never read still counts against the connection window
+            stream.unacked, n = 0, stream.unacked
+            self.acknowledge(stream.stream_id, n)  # (reset_stream and acknowledge flush what they queue)
 
 
 async def serve_h2_connection(plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,

@@ -337,3 +337,23 @@ async def test_local_reply_bodies_count_in_bytes_sent(nursery):
             await trio.sleep(0.01)
     sent = {ctx.request.method: (ctx.status, ctx.bytes_sent) for ctx in log.contexts}
     assert sent == {b"GET": (503, len(body)), b"HEAD": (503, 0), b"POST": (200, 0)}
+
+
+async def test_a_repeated_request_gets_a_head_of_its_own(nursery):
+    """A client repeating a request sends the same header block bytes (all indexed), which the proxy
+    checks once per connection: each request still gets its own head, so what the proxy adds to one
+    (x-request-id, x-forwarded-proto...) never shows up in the next."""
+    proxy, (be,) = await _setup(nursery)
+    client = await RawH2Client.connect(proxy.port)
+    seen = []
+    for _ in range(3):
+        sid = client.request(b"/echo", headers=[(b"x-keep", b"yes")])
+        await client.flush()
+        await client.pump(client.done(sid))
+        seen.append([(n.lower(), v) for n, v in json.loads(client.responses[sid]["data"])["headers"]])
+    for headers in seen:
+        names = [n for n, _ in headers]
+        assert names.count("x-request-id") == 1 and names.count("x-keep") == 1, headers
+    assert len({dict(h)["x-request-id"] for h in seen}) == 3
+    rest = [[h for h in headers if h[0] != "x-request-id"] for headers in seen]
+    assert rest[0] == rest[1] == rest[2]

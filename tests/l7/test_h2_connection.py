@@ -7,6 +7,7 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import hpack
 import hyperframe.frame as hf
 import pytest
@@ -294,3 +295,112 @@ def test_a_shutdown_notice_still_accepts_streams_the_final_goaway_does_not() -> 
     assert server.receive_data(_headers_frame(enc, 3, fields)) == []
     server.shutdown_notice()  # nothing after the final GOAWAY
     assert server.data_to_send() == b""
+
+
+def _raw_headers(sid: int, block: bytes) -> bytes:
+    return fr.frame_header(len(block), fr.HEADERS, fr.END_HEADERS | fr.END_STREAM, sid) + block
+
+
+def test_a_repeated_header_block_decodes_as_the_table_says_now() -> None:
+    """A block of indexed fields repeats byte for byte; its decoding is kept only while the HPACK
+    table is unchanged: after an insertion the same bytes name another entry, after a size update
+    to 0 they name none (COMPRESSION_ERROR)."""
+    server, _ = _raw_client()
+    get = b"\x82\x86\x84"  # :method GET, :scheme http, :path / (static)
+    literal = b"\x40\x03x-a"  # literal with incremental indexing, new name x-a
+    server.receive_data(_raw_headers(1, get + literal + b"\x03one"))
+    repeated = get + b"\xbe"  # ... and dynamic entry 62, the newest
+    for sid in (3, 5):
+        events = server.receive_data(_raw_headers(sid, repeated))
+        assert events[0].headers[-1] == (b"x-a", b"one")
+    server.receive_data(_raw_headers(7, get + literal + b"\x03two"))  # inserted: 62 is now x-a: two
+    events = server.receive_data(_raw_headers(9, repeated))
+    assert events[0].headers[-1] == (b"x-a", b"two")
+    with pytest.raises(ConnectionError_) as info:  # a size update to 0 empties the table
+        server.receive_data(_raw_headers(11, b"\x20" + get) + _raw_headers(13, repeated))
+    assert info.value.error_code == fr.COMPRESSION_ERROR
+
+
+def test_a_repeated_malformed_block_is_refused_every_time() -> None:
+    """Only blocks that passed every check are kept: a malformed one is checked again each time."""
+    server, enc = _raw_client()
+    bad = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b"x-a", b"a\nb")]
+    for sid in (1, 3, 5):
+        assert [type(e) for e in server.receive_data(_headers_frame(enc, sid, bad))] == [StreamMalformed]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([4096, 4096, 4096, 256, 0])), min_size=1, max_size=30))
+def test_repeated_requests_decode_as_the_oracle_encoded_them(choices) -> None:
+    """Requests drawn from a few (so most repeat and their blocks become all-indexed), sent by h2's
+    encoder while it also changes its table size now and then: every request arrives as sent."""
+    pool = [REQUEST, REQUEST + [(b"x-a", b"1")], [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/b")],
+            REQUEST + [(b"authorization", b"secret")]]
+    server, enc = _raw_client()
+    sid = 1
+    for which, table_size in choices:
+        if enc.header_table_size != table_size:
+            enc.header_table_size = table_size  # the next block starts with a size update
+        events = server.receive_data(_headers_frame(enc, sid, pool[which]))
+        assert isinstance(events[0], RequestReceived) and events[0].headers == pool[which]
+        sid += 2
+
+
+@pytest.mark.parametrize("body_size, window", [(0, 65535), (5, 65535), (40000, 65535), (100, 10), (100, 0)])
+def test_a_whole_response_in_one_call_as_the_windows_allow(body_size, window) -> None:
+    """send_response: HEADERS and what the windows and frame size allow of the body, the stream
+    ended with its last byte; the rest goes out with send_data as the oracle client opens windows."""
+    server, client = ours(False), oracle(True)
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    pump(client, server)
+    client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")],
+                        end_stream=True)
+    pump(client, server)
+    body = bytes(range(256)) * (body_size // 256) + b"x" * (body_size % 256)
+    fields = [(b":status", b"200"), (b"content-length", b"%d" % body_size)]
+    sent = server.send_response(1, fields, memoryview(body))
+    assert sent == min(body_size, window)  # in frames of at most 16384
+    got: dict = {"data": b"", "ended": False}
+
+    def receive() -> None:
+        for e in pump(server, client)[1]:
+            if isinstance(e, h2.events.ResponseReceived):
+                got["headers"] = e.headers
+            elif isinstance(e, h2.events.DataReceived):
+                got["data"] += e.data
+            elif isinstance(e, h2.events.StreamEnded):
+                got["ended"] = True
+
+    receive()
+    assert got["headers"] == fields and got["ended"] == (sent == body_size)
+    for _ in range(10):
+        if sent == body_size:
+            break
+        client.increment_flow_control_window(16384, stream_id=1)
+        pump(client, server)
+        more = min(body_size - sent, server.local_flow_control_window(1), 16384)
+        server.send_data(1, body[sent:sent + more], sent + more == body_size)
+        sent += more
+        receive()
+    assert got["data"] == body and got["ended"]
+
+
+def test_a_repeated_response_is_encoded_as_the_table_says_now() -> None:
+    """A response repeated on several streams goes out as the block kept from the last time while
+    the encoder's table is unchanged; after the client shrinks the table to nothing (SETTINGS), the
+    kept block would name entries that are gone: the oracle client decodes every response."""
+    server, client = ours(False), oracle(True)
+    pump(client, server)
+    fields = [(b":status", b"200"), (b"server", b"nginx"), (b"content-type", b"text/plain"),
+              (b"date", b"Fri, 04 Dec 2026 17:40:00 GMT"), (b"content-length", b"5")]
+    seen = []
+    for sid in range(1, 15, 2):
+        if sid == 9:
+            client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
+            pump(client, server)
+        client.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"),
+                                  (b":path", b"/")], end_stream=True)
+        pump(client, server)
+        assert server.send_response(sid, fields, memoryview(b"hello")) == 5
+        seen += [e.headers for e in pump(server, client)[1] if isinstance(e, h2.events.ResponseReceived)]
+    assert seen == [fields] * 7
