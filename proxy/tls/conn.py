@@ -26,7 +26,9 @@ and send what the kernel takes without awaiting, like `Conn`'s; when ciphertext 
 return an empty rest, which the caller hands back to `send_all`/`send_many` to wait until it is out.
 Plaintext is encrypted only when no older ciphertext waits, so what waits stays bounded by one send.
 
-Renegotiation is off in every context (proxy/tls/context.py), so a write never needs a read.
+Renegotiation is off in every context (proxy/tls/context.py), so a write never needs a read. A
+read can still make records (a TLS 1.3 KeyUpdate answer): they wait in `outgoing` and leave ahead
+of the next write's, in order; a fatal alert leaves at once.
 
 Errors: a TLS alert or a malformed record is a `TlsError` (a ConnectionError, as OS errors on a
 `Conn` are, so the drivers treat it as a lost connection) that keeps the `OpenSslError` as cause and
@@ -303,11 +305,11 @@ class TlsConn(Conn):
 
     # ---- reading
 
-    def _read_plaintext(self, size: int = RECV_BYTES) -> bytes | None:
-        """Decrypt what `incoming` holds, at most `size` bytes; b"" at the peer's close_notify or EOF,
-        None when more ciphertext is needed."""
+    def _read_plaintext(self) -> bytes | None:
+        """Decrypt what `incoming` holds (one call: the scratch buffer takes more than a record); b""
+        at the peer's close_notify or EOF, None when more ciphertext is needed."""
         ssl = self.ssl
-        n = _lib.SSL_read(ssl, _scratch_c, size)
+        n = _lib.SSL_read(ssl, _scratch_c, SCRATCH_BYTES)
         if n > 0:
             return _scratch_view[0:n]
         error = _lib.SSL_get_error(ssl, n)
@@ -321,35 +323,32 @@ class TlsConn(Conn):
             # EOF without close_notify: ends the stream like a TCP FIN; HTTP framing notices a
             # truncated message on its own
             return b""
+        self._queue_outgoing()  # the alert that tells the peer why
+        try:
+            self._send_pending_nowait()
+        except OSError:
+            pass
         raise TlsError(f"TLS error: {e}", failure_reason(e)) from e
 
     async def fill(self, deadline: float = _INF, *, wait_first: bool = False) -> int:
         """As `Conn.fill`: decrypt more bytes onto the buffer; returns how many (0 at EOF)."""
-        incoming, lib = self.incoming, _lib
-        while True:
-            # Only new ciphertext (or its end) lets a read make progress: between fills the SSL
-            # holds no decrypted bytes (the drain below), and no context turns on OpenSSL's read-ahead,
-            # so a whole record never waits inside it undecrypted. Reading anyway would only fail
-            # with WANT_READ.
-            ciphertext = lib.BIO_get_mem_data(incoming, _NULL)
-            if ciphertext or self._eof:
-                # plaintext is never longer than the ciphertext it came from, unless part of a record
-                # arrived earlier
-                size = min(ciphertext, SCRATCH_BYTES) or RECV_BYTES
-                data = self._read_plaintext(size)
-                if lib.BIO_get_mem_data(self.outgoing, _NULL):  # the read made records of its own (a KeyUpdate answer, an alert)
-                    self._queue_outgoing()
-                    await self._flush()
-                if data is not None:
-                    break
-                if self._eof:
-                    return 0
+        # Only new ciphertext (or its end) lets a read make progress: between fills the SSL holds no
+        # decrypted bytes (a read takes whole records), and no context turns on OpenSSL's
+        # read-ahead, so a whole record never waits inside it undecrypted. So the SSL is read when
+        # the incoming BIO holds ciphertext (asked once) or right after a receive, never to hear
+        # WANT_READ. Records a read makes itself (a TLS 1.3 KeyUpdate answer) stay in `outgoing`
+        # and leave, in order, ahead of the next write's.
+        data = self._read_plaintext() if self._eof or _lib.BIO_get_mem_data(self.incoming, _NULL) else None
+        while data is None:
+            if self._eof:
+                return 0
             await self._receive_ciphertext(deadline, wait_first)
             wait_first = False
+            data = self._read_plaintext()
         if not data:
             return 0
-        if len(data) == size:  # the read may have cut a record short
-            while lib.SSL_pending(self.ssl):
+        if len(data) == SCRATCH_BYTES:  # the read may have left plaintext behind
+            while _lib.SSL_pending(self.ssl):
                 more = self._read_plaintext()
                 if not more:
                     break

@@ -31,6 +31,7 @@ ALPN_PROTOCOLS = ("h2", "http/1.1")
 # post-quantum hybrid X25519MLKEM768, which neither Envoy nor Istio offers by default and which costs
 # about 45 µs more per handshake)
 GROUPS = "X25519:P-256:P-384"
+SESSION_ID_CONTEXT = b"triomesh"
 
 # Istio's TLSProtocol values as OpenSSL's version numbers; TLS_AUTO means "the default" (1.2 for the
 # minimum, 1.3 for the maximum)
@@ -88,9 +89,15 @@ class TlsContext:
         self.on_server_name = None
         self._server_name_callback = None
         self._alpn_callback = None
-        lib.SSL_CTX_set_options(self.pointer, lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
+        # the stdlib's options (OpenSSL's bug workarounds, no SSLv2/3, no compression, the server's
+        # cipher order) and no renegotiation
+        lib.SSL_CTX_set_options(self.pointer, lib.SSL_OP_ALL | lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
                                 | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_SINGLE_ECDH_USE
                                 | lib.SSL_OP_NO_SSLv2 | lib.SSL_OP_NO_SSLv3)
+        if server_side:
+            # a session resumed on a context that verifies clients needs one (OpenSSL refuses it
+            # otherwise), as the stdlib sets
+            lib.SSL_CTX_set_session_id_context(self.pointer, SESSION_ID_CONTEXT, len(SESSION_ID_CONTEXT))
         # as the stdlib does: an idle connection gives its record buffers back
         lib.SSL_CTX_set_mode(self.pointer, lib.SSL_MODE_RELEASE_BUFFERS)
         if lib.SSL_CTX_set1_curves_list(self.pointer, GROUPS.encode()) != 1:

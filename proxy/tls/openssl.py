@@ -17,6 +17,23 @@ MINIMUM_VERSION_TEXT = "3.2"
 # the largest ciphertext or plaintext moved by one cffi call: a whole 64 KiB read or write and its
 # record overhead fit, so the common case is one call
 SCRATCH_BYTES = 128 * 1024
+# what the data path calls; cryptography trims its binding now and then, so a missing one is named at load
+REQUIRED_FUNCTIONS = (
+    "SSL_CTX_new", "SSL_CTX_free", "TLS_server_method", "TLS_client_method", "SSL_CTX_set_options", "SSL_CTX_set_mode",
+    "SSL_CTX_set1_curves_list", "SSL_CTX_set_min_proto_version", "SSL_CTX_set_max_proto_version",
+    "SSL_CTX_set_cipher_list", "SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_alpn_protos", "SSL_CTX_set_verify",
+    "SSL_CTX_set_session_cache_mode", "SSL_CTX_set_session_id_context", "SSL_CTX_set_tlsext_servername_callback", "SSL_CTX_use_certificate_chain_file",
+    "SSL_CTX_use_PrivateKey_file", "SSL_CTX_check_private_key", "SSL_CTX_load_verify_locations",
+    "SSL_CTX_get_cert_store", "X509_STORE_add_cert", "PEM_read_bio_X509", "BIO_new_mem_buf", "SSL_new", "SSL_free",
+    "SSL_set_bio", "SSL_set_accept_state", "SSL_set_connect_state", "SSL_set_tlsext_host_name", "SSL_get0_param",
+    "X509_VERIFY_PARAM_set1_host", "X509_VERIFY_PARAM_set1_ip", "X509_VERIFY_PARAM_set_hostflags",
+    "SSL_do_handshake", "SSL_read", "SSL_write", "SSL_pending", "SSL_shutdown", "SSL_get_error", "SSL_set_SSL_CTX",
+    "SSL_set_verify", "SSL_get_servername", "SSL_get0_alpn_selected", "SSL_get_version", "SSL_get_verify_mode",
+    "SSL_get_verify_result", "SSL_get_peer_certificate", "SSL_get_cipher_list", "i2d_X509_bio", "X509_free",
+    "X509_verify_cert_error_string", "BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "BIO_free",
+    "BIO_get_mem_data", "BIO_set_mem_eof_return", "ERR_get_error", "ERR_reason_error_string", "ERR_clear_error",
+    "OpenSSL_version", "OpenSSL_version_num",
+)
 
 
 class TlsLibraryError(RuntimeError):
@@ -53,6 +70,10 @@ class Library:
         self.version_number = int(lib.OpenSSL_version_num())
         self.version_text = ffi.string(lib.OpenSSL_version(lib.OPENSSL_VERSION)).decode("ascii", "replace")
         self.cryptography_version = cryptography.__version__
+        missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(lib, name)]
+        if missing:
+            raise TlsLibraryError(f"cryptography {self.cryptography_version}'s OpenSSL binding lacks "
+                                  f"{', '.join(missing)}, which the data path's TLS calls")
         if self.version_number < MINIMUM_VERSION_NUMBER:
             raise TlsLibraryError(
                 f"the data path needs OpenSSL {MINIMUM_VERSION_TEXT} or later and cryptography "
