@@ -553,7 +553,7 @@ class TlsConn(Conn):
 def _set_server_hostname(pointer, name: str, check: bool) -> None:
     """A client's SNI (not for an IP address, RFC 6066 3) and, when `check`, the name or address the
     server's certificate must carry (the stdlib's rules: no partial wildcards)."""
-    lib, ffi = _lib, _ffi
+    lib = _lib
     try:
         address = ipaddress.ip_address(name)
     except ValueError:

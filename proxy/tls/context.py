@@ -9,12 +9,11 @@ config layer can point at it.
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 from dataclasses import dataclass
 
 from proxy.config.snapshot import CertificateFiles, ServerTls
-from proxy.tls.openssl import OpenSslError, library
+from proxy.tls.openssl import OpenSslError, TlsLibraryError, library
 
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
@@ -168,7 +167,7 @@ class TlsContext:
     def load_cert_chain(self, certfile: str, keyfile: str | None = None) -> None:
         """The certificate chain (leaf first) and its private key, PEM; `keyfile` None: the key is in
         `certfile` too."""
-        lib, ffi = self.library.lib, self.library.ffi
+        lib = self.library.lib
         if lib.SSL_CTX_use_certificate_chain_file(self.pointer, certfile.encode()) != 1:
             raise self.library.error("certificate chain")
         if lib.SSL_CTX_use_PrivateKey_file(self.pointer, (keyfile or certfile).encode(), lib.SSL_FILETYPE_PEM) != 1:
@@ -314,7 +313,10 @@ def _base(server_side: bool, versions: ProtocolVersions, cipher_suites: tuple[st
     minimum, maximum = check_versions(versions)
     if cipher_suites:
         check_cipher_suites(cipher_suites)
-    context = TlsContext(server_side=server_side)
+    try:
+        context = TlsContext(server_side=server_side)
+    except (TlsLibraryError, ImportError) as e:  # a context cannot be made at all: said where it is used
+        raise TlsSettingsError("tls", f"no usable TLS library: {e}") from e
     context.set_versions(minimum, maximum)
     try:
         context.set_ciphers(":".join(cipher_suites or DEFAULT_CIPHER_SUITES))
@@ -420,10 +422,3 @@ def context_for_server(server: ServerTls, files: CertificateFiles | None = None,
                           versions=ProtocolVersions(server.min_protocol_version, server.max_protocol_version),
                           cipher_suites=server.cipher_suites, alpn=alpn)
 
-
-def is_ip_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
