@@ -27,8 +27,8 @@ return an empty rest, which the caller hands back to `send_all`/`send_many` to w
 Plaintext is encrypted only when no older ciphertext waits, so what waits stays bounded by one send.
 
 Renegotiation is off in every context (proxy/tls/context.py), so a write never needs a read. A
-read can still make records (a TLS 1.3 KeyUpdate answer): they wait in `outgoing` and leave ahead
-of the next write's, in order; a fatal alert leaves at once.
+read can still make records (the alert refusing a renegotiation, a TLS 1.3 KeyUpdate answer): they
+are sent at once when the read brought no plaintext, else ahead of the next write's (fill says why).
 
 Errors: a TLS alert or a malformed record is a `TlsError` (a ConnectionError, as OS errors on a
 `Conn` are, so the drivers treat it as a lost connection) that keeps the `OpenSslError` as cause and
@@ -336,15 +336,23 @@ class TlsConn(Conn):
         # decrypted bytes (a read takes whole records), and no context turns on OpenSSL's
         # read-ahead, so a whole record never waits inside it undecrypted. So the SSL is read when
         # the incoming BIO holds ciphertext (asked once) or right after a receive, never to hear
-        # WANT_READ. Records a read makes itself (a TLS 1.3 KeyUpdate answer) stay in `outgoing`
-        # and leave, in order, ahead of the next write's.
-        data = self._read_plaintext() if self._eof or _lib.BIO_get_mem_data(self.incoming, _NULL) else None
+        # WANT_READ. A read that brought no plaintext may have made records of its own (the alert
+        # refusing a renegotiation, a KeyUpdate answer): they go out now, as the peer may wait for
+        # them. After one that brought plaintext (the common case, not asked after), any stay in
+        # `outgoing` and leave, in order, ahead of the next write's.
+        data = None
+        if self._eof or _lib.BIO_get_mem_data(self.incoming, _NULL):
+            data = self._read_plaintext()
+            if not data:
+                await self._send_own_records()
         while data is None:
             if self._eof:
                 return 0
             await self._receive_ciphertext(deadline, wait_first)
             wait_first = False
             data = self._read_plaintext()
+            if not data:
+                await self._send_own_records()
         if not data:
             return 0
         if len(data) == SCRATCH_BYTES:  # the read may have left plaintext behind
@@ -359,6 +367,11 @@ class TlsConn(Conn):
             self.buf = data
         self.pos = 0
         return len(data)
+
+    async def _send_own_records(self) -> None:
+        if _lib.BIO_get_mem_data(self.outgoing, _NULL):
+            self._queue_outgoing()
+            await self._flush()
 
     def peek_closed(self) -> bool:
         """For an idle pooled connection: has the peer closed it, or sent stray plaintext? Records
