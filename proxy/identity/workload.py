@@ -1,11 +1,11 @@
 """The proxy's workload identity as one immutable value: certificate chain, private key, trust bundle,
-and what the admin endpoint shows of them; loadable into an `ssl.SSLContext` without touching disk."""
+and what the admin endpoint shows of them; loadable into a TLS context (the data path's
+`proxy.tls.context.TlsContext` or an `ssl.SSLContext`, same method names) without touching disk."""
 
 from __future__ import annotations
 
 import datetime
 import os
-import ssl
 
 from typing import TYPE_CHECKING
 
@@ -24,8 +24,8 @@ class IdentityError(ValueError):
     """Certificate material that cannot make a workload identity; says what is wrong."""
 
 
-def load_certificate_chain(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
-    """`SSLContext.load_cert_chain` from memory. The stdlib reads only files, so the PEM goes through
+def load_certificate_chain(context, chain_pem: bytes, key_pem: bytes) -> None:
+    """`load_cert_chain` from memory. OpenSSL's loaders read files, so the PEM goes through
     an anonymous memory file (memfd): the key never reaches a file system."""
     fd = os.memfd_create("triomesh-identity", os.MFD_CLOEXEC)
     try:
@@ -99,7 +99,7 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
         verify_chain(x509.load_pem_x509_certificates(self.certificate_chain_pem), trust_bundle_roots(trust_bundle_pem))
         return msgspec.structs.replace(self, trust_bundle_pem=trust_bundle_pem)
 
-    def load_into(self, context: ssl.SSLContext) -> None:
+    def load_into(self, context) -> None:
         """Present this certificate and trust this bundle's roots (for either direction of mTLS)."""
         load_certificate_chain(context, self.certificate_chain_pem, self.private_key_pem)
         context.load_verify_locations(cadata=self.trust_bundle_pem.decode("ascii"))

@@ -155,11 +155,11 @@ class GatewayTcpServer:
             await conn.handshake(HANDSHAKE_TIMEOUT_S)
             client_ip = sock.getpeername()[0]
         except (TlsError, OSError) as e:
-            runtime.count_error(getattr(conn.ssl, "refused", None) or getattr(e, "reason", "connection_error"))
+            runtime.count_error(runtime.refusal(conn.server_name) or getattr(e, "reason", "connection_error"))
             conn.close()
             return
         runtime.handshakes.value += 1
-        server_listener = self._listener(snapshot, runtime.server_for(conn.ssl).listener)
+        server_listener = self._listener(snapshot, runtime.server_for(conn).listener)
         route = server_listener.tcp_route if server_listener is not None else None
         if route is None:
             self._count(listener.name, NO_ROUTE)

@@ -13,7 +13,6 @@ import ipaddress
 import math
 import os
 import socket
-import ssl
 from typing import TYPE_CHECKING
 
 import trio
@@ -70,7 +69,7 @@ class UpstreamTlsConn(TlsConn):
 
     __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity", "mesh_identity")
 
-    def __init__(self, sock: socket.socket, key: tuple[str, int], context: ssl.SSLContext, server_hostname: str,
+    def __init__(self, sock: socket.socket, key: tuple[str, int], context, server_hostname: str,
                  plane: DataPlane | None = None) -> None:
         super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
         _init_upstream(self, key)
@@ -142,8 +141,7 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         conn.close()
         if isinstance(e, TlsError):
             _count_tls_failure(plane, e.reason)
-            cause = e.__cause__
-            why = f"{e}: {cause.verify_message}" if isinstance(cause, ssl.SSLCertVerificationError) else str(e)
+            why = str(e)  # a failed certificate check says why (OpenSslError.verify_message)
             raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]} (sni {settings.sni}): {why}", e.reason) from e
         if isinstance(e, OSError):
             _count_tls_failure(plane, "connection_error")

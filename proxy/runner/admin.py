@@ -1,6 +1,7 @@
 """The admin listener: a tiny HTTP/1.1 server (h11 on Trio; not the data path) for /ready,
 /stats/prometheus, /config_dump, /config_status (the version served beside the last rejected
-update) and /certs (the Gateway certificates: subject, SANs, expiry), answering from what the supervisor knows, and POST
+update), /certs (the Gateway certificates: subject, SANs, expiry) and /server_info (state, and which
+TLS library the data path uses), answering from what the supervisor knows, and POST
 /drain_listeners and /quitquitquit (Envoy's names) that start a drain."""
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class AdminState(Protocol):
     def config_dump(self) -> dict[str, Any]: ...
     def config_status(self) -> dict[str, Any]: ...
     def certs(self) -> dict[str, Any]: ...
+    def server_info(self) -> dict[str, Any]: ...
     def start_drain(self, reason: str, *, exit_after: bool = True) -> None: ...
 
 
@@ -63,6 +65,8 @@ async def route(state: AdminState, method: bytes, target: bytes) -> Reply:
         return 200, b"application/json", msgspec.json.format(_json.encode(state.config_dump()), indent=2) + b"\n"
     if path == b"/certs":
         return 200, b"application/json", msgspec.json.format(_json.encode(state.certs()), indent=2) + b"\n"
+    if path == b"/server_info":
+        return 200, b"application/json", msgspec.json.format(_json.encode(state.server_info()), indent=2) + b"\n"
     if path == b"/config_status":
         return 200, b"application/json", msgspec.json.format(_json.encode(state.config_status()), indent=2) + b"\n"
     return 404, b"text/plain", b"not found\n"

@@ -642,6 +642,14 @@ class Supervisor:
 
         return certificates_report(self.active.snapshot.listeners if self.active is not None else ())
 
+    def server_info(self) -> dict[str, Any]:
+        """/server_info (Envoy's name): the state, and the TLS library every worker's data path uses
+        (loaded here on the first ask, never at start: a proxy without TLS does not load it)."""
+        from proxy.tls.openssl import describe
+
+        state = "DRAINING" if self.draining else ("LIVE" if self.is_ready() else "PRE_INITIALIZING")
+        return {"state": state, "workers": len(self.slots), "tls": describe()}
+
     def config_status(self) -> dict[str, Any]:
         """What `proxy-status` shows for a proxy: the version served (by the supervisor and each
         worker, SYNCED when they agree) beside the last update refused and the refusals by reason."""

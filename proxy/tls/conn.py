@@ -3,48 +3,74 @@ runs over it unchanged.
 
 Theory of operation
 -------------------
-The TLS state machine is the stdlib's `ssl.SSLObject` between two `ssl.MemoryBIO`s: ciphertext
-from the socket is written into `incoming`, plaintext is read out of the SSLObject; plaintext
-written into the SSLObject comes out of `outgoing` as ciphertext for the socket. The SSLObject never
-touches the socket, so the socket stays the plain non-blocking stdlib socket of `Conn`, with the
-same try-the-syscall-first rule and the same waits (the worker's reactor, deadlines by the sweeper).
-docs/tls.md says why this and not `trio.SSLStream`, with figures.
+The TLS state machine is an OpenSSL `SSL` (proxy/tls/openssl.py's library, called directly through
+its cffi binding) between two memory BIOs: ciphertext from the socket is written into `incoming`,
+plaintext is read out of the SSL; plaintext written into the SSL comes out of `outgoing` as
+ciphertext for the socket. The SSL never touches the socket, so the socket stays the plain
+non-blocking stdlib socket of `Conn`, with the same try-the-syscall-first rule and the same waits
+(the worker's reactor, deadlines by the sweeper). docs/tls.md says why this and not
+`trio.SSLStream` or the stdlib's `ssl`, with figures.
+
+Each read, write and BIO transfer is one cffi call on the library's scratch buffer (shared by every
+connection: used within one synchronous step, never across an await), so no per-record Python
+object is made besides the bytes handed on.
 
 Plaintext lands in `Conn`'s buffer (`buf` + `pos`), so parsers see no difference.
 
 Ciphertext leaves through one ordered queue (`_pending`). Two tasks may produce it at once (HTTP/2
 runs a reader and a writer; a read can produce TLS records of its own, such as the answer to a TLS
-1.3 KeyUpdate), and records must reach the socket in the order the SSLObject made them. So every
+1.3 KeyUpdate), and records must reach the socket in the order the SSL made them. So every
 producer appends to the queue, and only one task at a time, the one that set `_flushing`, sends from
 its head; the others wait for `_flushed` until the queue is empty. The `*_nowait` sends encrypt
 and send what the kernel takes without awaiting, like `Conn`'s; when ciphertext is left over they
 return an empty rest, which the caller hands back to `send_all`/`send_many` to wait until it is out.
 Plaintext is encrypted only when no older ciphertext waits, so what waits stays bounded by one send.
 
-Renegotiation is off in every context (proxy/tls/context.py), so a write never needs a read.
+Renegotiation is off in every context (proxy/tls/context.py), so a write never needs a read. A
+read can still make records (the alert refusing a renegotiation, a TLS 1.3 KeyUpdate answer): they
+are sent at once when the read brought no plaintext, else ahead of the next write's (fill says why).
 
 Errors: a TLS alert or a malformed record is a `TlsError` (a ConnectionError, as OS errors on a
-`Conn` are, so the drivers treat it as a lost connection) that keeps the `ssl.SSLError` as cause and
+`Conn` are, so the drivers treat it as a lost connection) that keeps the `OpenSslError` as cause and
 carries a short `reason` for stats. A handshake failure is a `TlsHandshakeError`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
-import ssl
 
 import trio
 
 from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
+from proxy.tls.context import TlsContext
+from proxy.tls.openssl import SCRATCH_BYTES, Library, OpenSslError
 
 _INF = math.inf
 _EMPTY = memoryview(b"")
 SPIFFE_PREFIX = "spiffe://"
 # plaintext pieces up to this total are joined and encrypted as one write (fewer, fuller records)
 _JOIN_BYTES = 64 * 1024
+# subjectAltNames by certificate (DER): a peer reconnecting with the same certificate is parsed once
+_SAN_CACHE_SIZE = 1024
+_san_cache: dict[bytes, tuple] = {}
+
+# the library, bound on the first connection (importing this module loads no TLS library)
+_library: Library | None = None
+_lib = _ffi = _NULL = None
+_scratch_c = _scratch_view = _scratch_memory = None
+_WANT_READ = _ZERO_RETURN = _SYSCALL = 0
+
+
+def _bind(library: Library) -> None:
+    global _library, _lib, _ffi, _NULL, _scratch_c, _scratch_view, _scratch_memory, _WANT_READ, _ZERO_RETURN, _SYSCALL
+    _library, _lib, _ffi = library, library.lib, library.ffi
+    _NULL = _ffi.NULL
+    _scratch_c, _scratch_view, _scratch_memory = library.scratch_c, library.scratch_view, memoryview(library.scratch)
+    _WANT_READ, _ZERO_RETURN, _SYSCALL = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN, _lib.SSL_ERROR_SYSCALL
 
 
 class TlsError(ConnectionError):
@@ -67,11 +93,11 @@ class HandshakeTimeout(TlsHandshakeError):
         super().__init__(message, "handshake_timeout")
 
 
-def failure_reason(error: ssl.SSLError) -> str:
+def failure_reason(error: OpenSslError) -> str:
     """A short, stable name for why TLS failed, for stats and logs (Envoy's ssl.* stat words where
     there is one)."""
-    text = (error.reason or "").upper()
-    if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+    text = error.reason
+    if error.verify_message or "CERTIFICATE_VERIFY_FAILED" in text:
         return "fail_verify_error"
     if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text:
         return "fail_verify_no_cert"
@@ -83,34 +109,72 @@ def failure_reason(error: ssl.SSLError) -> str:
         return "no_application_protocol"
     if "ALERT" in text:
         return "alert_received"
-    if isinstance(error, ssl.SSLEOFError) or "EOF" in text:
+    if "EOF" in text:
         return "connection_closed"
     if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "RECORD" in text or "PACKET" in text:
         return "not_tls"
     return "connection_error"
 
 
-class TlsConn(Conn):
-    """A `Conn` whose bytes are TLS records. Make it with an unconnected SSLObject's context
-    (`ssl.SSLContext`) and `server_side`; call `handshake()` before any other IO."""
+def subject_alt_names(der: bytes) -> tuple:
+    """A certificate's subjectAltNames as the stdlib's getpeercert() lists them: ("DNS", name),
+    ("URI", uri), ("IP Address", address)."""
+    names = _san_cache.get(der)
+    if names is not None:
+        return names
+    from cryptography import x509
 
-    __slots__ = ("ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
+    try:
+        extension = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = ()
+    else:
+        names = (tuple(("DNS", n) for n in extension.get_values_for_type(x509.DNSName))
+                 + tuple(("URI", n) for n in extension.get_values_for_type(x509.UniformResourceIdentifier))
+                 + tuple(("IP Address", str(n)) for n in extension.get_values_for_type(x509.IPAddress)))
+    if len(_san_cache) >= _SAN_CACHE_SIZE:
+        _san_cache.clear()
+    _san_cache[der] = names
+    return names
+
+
+class TlsConn(Conn):
+    """A `Conn` whose bytes are TLS records. Make it with a `TlsContext` and `server_side`; call
+    `handshake()` before any other IO."""
+
+    __slots__ = ("context", "ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
                  "_shutdown_after_flush", "_eof", "_handshake_done", "_close_notify_sent")
     short_fill_empties_socket = False  # ciphertext may be left in the socket after a short plaintext fill
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool,
+    def __init__(self, sock: socket.socket, context: TlsContext, *, server_side: bool,
                  server_hostname: str | None = None, initial: bytes = b"", reactor: Reactor | None = None,
                  sweeper: TimeoutSweeper | None = None, idle_s: float = math.inf) -> None:
         """`initial`: ciphertext already read from the socket (a sniffer's peek of the ClientHello),
         fed to the TLS layer first. `server_hostname`: a client's SNI and the name the peer's
         certificate is checked against (when the context checks hostnames)."""
         super().__init__(sock, b"", reactor, sweeper, idle_s)
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
+        if _library is not context.library:
+            _bind(context.library)
+        lib, ffi = _lib, _ffi
+        pointer = lib.SSL_new(context.pointer)
+        if pointer == _NULL:
+            raise TlsError(f"TLS error: {context.library.error('SSL_new')}", "connection_error")
+        self.ssl = ffi.gc(pointer, lib.SSL_free)
+        self.context = context  # its callbacks live as long as the SSL that calls them
+        self.incoming = lib.BIO_new(lib.BIO_s_mem())
+        self.outgoing = lib.BIO_new(lib.BIO_s_mem())
+        lib.BIO_set_mem_eof_return(self.incoming, -1)  # empty: wait for more (until the socket's EOF)
+        lib.BIO_set_mem_eof_return(self.outgoing, -1)
+        lib.SSL_set_bio(pointer, self.incoming, self.outgoing)  # the SSL owns and frees them
+        if server_side:
+            lib.SSL_set_accept_state(pointer)
+        else:
+            lib.SSL_set_connect_state(pointer)
+            if server_hostname:
+                _set_server_hostname(pointer, server_hostname, context.check_hostname)
         if initial:
-            self.incoming.write(initial)
-        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side,
-                                    server_hostname=server_hostname)
+            lib.BIO_write(self.incoming, bytes(initial), len(initial))
         self._pending: list = []  # ciphertext not yet taken by the kernel, oldest first
         self._flushing = False  # one task sends from _pending at a time
         self._flushed: trio.Event | None = None  # set when that task stops
@@ -123,28 +187,55 @@ class TlsConn(Conn):
 
     @property
     def alpn_protocol(self) -> str | None:
-        return self.ssl.selected_alpn_protocol()
+        holder, length = _library.pointer_holder, _library.length_holder
+        _lib.SSL_get0_alpn_selected(self.ssl, holder, length)
+        if not length[0]:
+            return None
+        return _ffi.buffer(holder[0], length[0])[:].decode("ascii", "replace")
 
     @property
     def server_name(self) -> str | None:
         """The SNI the client sent (server side); None without one."""
-        return getattr(self.ssl, "sni", None)
+        name = _lib.SSL_get_servername(self.ssl, _lib.TLSEXT_NAMETYPE_host_name)
+        return _ffi.string(name).decode("ascii", "replace") if name != _NULL else None
 
     @property
     def version(self) -> str | None:
-        return self.ssl.version()
-
-    def peer_certificate(self) -> dict | None:
-        """The verified peer certificate (as `SSLObject.getpeercert()`), None if there is none."""
-        return self.ssl.getpeercert() or None
+        if not self._handshake_done:
+            return None
+        return _ffi.string(_lib.SSL_get_version(self.ssl)).decode("ascii")
 
     def peer_certificate_der(self) -> bytes | None:
-        return self.ssl.getpeercert(binary_form=True)
+        """The peer's certificate, DER (the binding has no i2d_X509: written through a memory BIO)."""
+        lib, ffi = _lib, _ffi
+        certificate = lib.SSL_get_peer_certificate(self.ssl)
+        if certificate == _NULL:
+            return None
+        bio = lib.BIO_new(lib.BIO_s_mem())
+        try:
+            if lib.i2d_X509_bio(bio, certificate) != 1:
+                lib.ERR_clear_error()
+                return None
+            data = ffi.new("char **")
+            size = lib.BIO_get_mem_data(bio, data)
+            return ffi.buffer(data[0], size)[:]
+        finally:
+            lib.BIO_free(bio)
+            lib.X509_free(certificate)
+
+    def peer_certificate(self) -> dict | None:
+        """The verified peer certificate's subjectAltNames, shaped as the stdlib's `getpeercert()`
+        ({"subjectAltName": (("DNS", "example.com"), ...)}); None without one or when the context
+        does not verify peers (insecureSkipVerify)."""
+        if not self._handshake_done or not (_lib.SSL_get_verify_mode(self.ssl) & _lib.SSL_VERIFY_PEER):
+            return None
+        der = self.peer_certificate_der()
+        return {"subjectAltName": subject_alt_names(der)} if der is not None else None
 
     def peer_principal(self) -> str | None:
         """The verified peer certificate's SPIFFE identity without `spiffe://`
         ("cluster.local/ns/foo/sa/bar"), as Istio's principals are written; None without one."""
-        certificate = self.ssl.getpeercert() if self._handshake_done else None
+        certificate = self.peer_certificate()
         for kind, value in (certificate or {}).get("subjectAltName", ()):
             if kind == "URI" and value.startswith(SPIFFE_PREFIX):
                 return value[len(SPIFFE_PREFIX):]
@@ -156,20 +247,21 @@ class TlsConn(Conn):
         """Run the TLS handshake within `timeout_s` (one cancel scope per connection, not per
         request). Raises HandshakeTimeout past it, TlsHandshakeError when TLS fails, ConnectionError
         when the peer goes away."""
+        lib, ssl = _lib, self.ssl
+        lib.ERR_clear_error()  # a stale error would turn a wait into a failure
         with trio.move_on_after(timeout_s) as scope:
             while True:
-                try:
-                    self.ssl.do_handshake()
+                result = lib.SSL_do_handshake(ssl)
+                if result == 1:
                     break
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLError as e:
+                if lib.SSL_get_error(ssl, result) != _WANT_READ:
+                    e = _library.error(ssl=ssl)
                     self._queue_outgoing()  # the alert that tells the peer why
                     try:
                         self._send_pending_nowait()
                     except OSError:
                         pass  # the peer is gone already; the handshake error is the news
-                    raise TlsHandshakeError(f"TLS handshake failed: {e.reason or e}", failure_reason(e)) from e
+                    raise TlsHandshakeError(f"TLS handshake failed: {e}", failure_reason(e)) from e
                 await self._flush()
                 if not await self._receive_ciphertext():
                     raise TlsHandshakeError("peer closed the connection during the TLS handshake",
@@ -185,7 +277,7 @@ class TlsConn(Conn):
         while True:
             if not wait_first:
                 try:
-                    data = sock.recv(RECV_BYTES)
+                    n = sock.recv_into(_scratch_memory, RECV_BYTES)
                     break
                 except BlockingIOError:
                     pass
@@ -204,62 +296,67 @@ class TlsConn(Conn):
                 if self.timed_out:
                     raise ReadTimeout() from None
                 raise ConnectionAbortedError("connection closed while waiting to read") from None
-        if not data:
+        if not n:
             self._eof = True
-            self.incoming.write_eof()
+            _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
             return False
-        self.incoming.write(data)
+        _lib.BIO_write(self.incoming, _scratch_c, n)
         return True
 
     # ---- reading
 
-    def _read_plaintext(self, size: int = RECV_BYTES) -> bytes | None:
-        """Decrypt what `incoming` holds, at most `size` bytes; b"" at the peer's close_notify or EOF,
-        None when more ciphertext is needed."""
-        try:
-            data = self.ssl.read(size)
-        except ssl.SSLWantReadError:
+    def _read_plaintext(self) -> bytes | None:
+        """Decrypt what `incoming` holds (one call: the scratch buffer takes more than a record); b""
+        at the peer's close_notify or EOF, None when more ciphertext is needed."""
+        ssl = self.ssl
+        n = _lib.SSL_read(ssl, _scratch_c, SCRATCH_BYTES)
+        if n > 0:
+            return _scratch_view[0:n]
+        error = _lib.SSL_get_error(ssl, n)
+        if error == _WANT_READ:
             return None
-        except ssl.SSLZeroReturnError:
-            return b""  # close_notify
-        except ssl.SSLEOFError:
+        if error == _ZERO_RETURN or error == _SYSCALL:
+            _lib.ERR_clear_error()
+            return b""  # close_notify, or the socket's EOF (SYSCALL at our BIO's end)
+        e = _library.error(ssl=ssl)
+        if "EOF" in e.reason:
             # EOF without close_notify: ends the stream like a TCP FIN; HTTP framing notices a
             # truncated message on its own
             return b""
-        except ssl.SSLError as e:
-            raise TlsError(f"TLS error: {e.reason or e}", failure_reason(e)) from e
-        if not data and self._eof:
-            return b""
-        return data
+        self._queue_outgoing()  # the alert that tells the peer why
+        try:
+            self._send_pending_nowait()
+        except OSError:
+            pass
+        raise TlsError(f"TLS error: {e}", failure_reason(e)) from e
 
     async def fill(self, deadline: float = _INF, *, wait_first: bool = False) -> int:
         """As `Conn.fill`: decrypt more bytes onto the buffer; returns how many (0 at EOF)."""
-        incoming = self.incoming
-        while True:
-            # Only new ciphertext (or its end) lets a read make progress: between fills the SSLObject
-            # holds no decrypted bytes (the drain below), and no context turns on OpenSSL's read-ahead,
-            # so a whole record never waits inside it undecrypted. Reading anyway would only raise
-            # SSLWantReadError (~1.5 µs per raise, once per request).
-            ciphertext = incoming.pending
-            if ciphertext or self._eof:
-                # plaintext is never longer than the ciphertext it came from, unless part of a record
-                # arrived earlier: sizing the read by it spares allocating (and shrinking) RECV_BYTES
-                # for every small request
-                size = ciphertext or RECV_BYTES
-                data = self._read_plaintext(size)
-                if self.outgoing.pending:  # the read made records of its own (a KeyUpdate answer, an alert)
-                    self._queue_outgoing()
-                    await self._flush()
-                if data is not None:
-                    break
-                if self._eof:
-                    return 0
+        # Only new ciphertext (or its end) lets a read make progress: between fills the SSL holds no
+        # decrypted bytes (a read takes whole records), and no context turns on OpenSSL's
+        # read-ahead, so a whole record never waits inside it undecrypted. So the SSL is read when
+        # the incoming BIO holds ciphertext (asked once) or right after a receive, never to hear
+        # WANT_READ. A read that brought no plaintext may have made records of its own (the alert
+        # refusing a renegotiation, a KeyUpdate answer): they go out now, as the peer may wait for
+        # them. After one that brought plaintext (the common case, not asked after), any stay in
+        # `outgoing` and leave, in order, ahead of the next write's.
+        data = None
+        if self._eof or _lib.BIO_get_mem_data(self.incoming, _NULL):
+            data = self._read_plaintext()
+            if not data:
+                await self._send_own_records()
+        while data is None:
+            if self._eof:
+                return 0
             await self._receive_ciphertext(deadline, wait_first)
             wait_first = False
+            data = self._read_plaintext()
+            if not data:
+                await self._send_own_records()
         if not data:
             return 0
-        if len(data) == size:  # the read may have cut a record short (each pending() call drops the GIL)
-            while self.ssl.pending():
+        if len(data) == SCRATCH_BYTES:  # the read may have left plaintext behind
+            while _lib.SSL_pending(self.ssl):
                 more = self._read_plaintext()
                 if not more:
                     break
@@ -271,17 +368,22 @@ class TlsConn(Conn):
         self.pos = 0
         return len(data)
 
+    async def _send_own_records(self) -> None:
+        if _lib.BIO_get_mem_data(self.outgoing, _NULL):
+            self._queue_outgoing()
+            await self._flush()
+
     def peek_closed(self) -> bool:
         """For an idle pooled connection: has the peer closed it, or sent stray plaintext? Records
         without application data (a TLS 1.3 session ticket) leave it usable."""
-        if self.buffered or self.ssl.pending():
+        if self.buffered or _lib.SSL_pending(self.ssl):
             return True
         try:
             while True:
-                data = self.sock.recv(RECV_BYTES)
-                if not data:
+                n = self.sock.recv_into(_scratch_memory, RECV_BYTES)
+                if not n:
                     return True
-                self.incoming.write(data)
+                _lib.BIO_write(self.incoming, _scratch_c, n)
         except BlockingIOError:
             pass
         except OSError:
@@ -294,18 +396,27 @@ class TlsConn(Conn):
     # ---- writing
 
     def _queue_outgoing(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            self._pending.append(data)
+        outgoing, pending = self.outgoing, self._pending
+        while True:
+            n = _lib.BIO_read(outgoing, _scratch_c, SCRATCH_BYTES)
+            if n <= 0:
+                return
+            pending.append(_scratch_view[0:n])
+            if n < SCRATCH_BYTES:
+                return
+
+    def _write(self, data) -> None:
+        """Encrypt all of `data` into `outgoing` (a memory BIO takes everything: one call)."""
+        size = len(data)
+        if not size:
+            return
+        n = _lib.SSL_write(self.ssl, data if type(data) is bytes else _ffi.from_buffer(data), size)
+        if n != size:
+            e = _library.error(ssl=self.ssl)
+            raise TlsError(f"TLS error: {e}", failure_reason(e)) from e
 
     def _encrypt(self, data) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = self.ssl.write(view)
-            except ssl.SSLError as e:
-                raise TlsError(f"TLS error: {e.reason or e}", failure_reason(e)) from e
-            view = view[n:]
+        self._write(data)
         self._queue_outgoing()
 
     def _send_pending_nowait(self) -> bool:
@@ -330,7 +441,7 @@ class TlsConn(Conn):
         return True
 
     async def _flush(self) -> None:
-        """Wait until every record the SSLObject made is with the kernel."""
+        """Wait until every record the SSL made is with the kernel."""
         self._queue_outgoing()
         while self._pending or self._flushing:
             if self._flushing:  # another task sends; our records are behind its
@@ -367,21 +478,22 @@ class TlsConn(Conn):
         rest is empty: `send_all(rest)` waits until they are out."""
         if self._pending or self._flushing:
             return memoryview(data)
-        # the common case written out (one write, one send, no queue): a response per request
-        try:
-            written = self.ssl.write(data)
-        except ssl.SSLError as e:
-            raise TlsError(f"TLS error: {e.reason or e}", failure_reason(e)) from e
-        if written < len(data):
-            self._encrypt(memoryview(data)[written:])  # queues every record made so far, in order
+        # the common case written out (one write, one read of the records, one send from the
+        # scratch buffer): a response per request
+        self._write(data)
+        n = _lib.BIO_read(self.outgoing, _scratch_c, SCRATCH_BYTES)
+        if n <= 0:
+            return None
+        if n == SCRATCH_BYTES:  # more records than one scratch buffer holds: queue them all, in order
+            self._pending.append(_scratch_view[0:n])
+            self._queue_outgoing()
             return None if self._send_pending_nowait() else _EMPTY
-        ciphertext = self.outgoing.read()
         try:
-            sent = self.sock.send(ciphertext)
+            sent = self.sock.send(_scratch_memory[:n])
         except BlockingIOError:
             sent = 0
-        if sent < len(ciphertext):
-            self._pending.append(memoryview(ciphertext)[sent:] if sent else ciphertext)
+        if sent < n:
+            self._pending.append(_scratch_view[sent:n])
             return None if self._send_pending_nowait() else _EMPTY
         if self._shutdown_after_flush:
             self._shutdown_after_flush = False
@@ -416,17 +528,19 @@ class TlsConn(Conn):
 
     # ---- ending
 
+    def _send_close_notify(self) -> None:
+        self._close_notify_sent = True
+        # 0: ours is written; the peer's is not awaited (as Envoy)
+        if _lib.SSL_shutdown(self.ssl) < 0:
+            _lib.ERR_clear_error()
+        self._queue_outgoing()
+
     def shutdown_write(self) -> None:
         """Send close_notify, then end the TCP write side once the queued records are out."""
         if self.closed:
             return
         if self._handshake_done and not self._close_notify_sent:
-            self._close_notify_sent = True
-            try:
-                self.ssl.unwrap()
-            except ssl.SSLError:  # SSLWantReadError: ours is sent; the peer's is not awaited (as Envoy)
-                pass
-            self._queue_outgoing()
+            self._send_close_notify()
         if self._send_pending_nowait() and not self._flushing:
             self._shutdown_socket()
         else:
@@ -441,14 +555,31 @@ class TlsConn(Conn):
     def close(self) -> None:
         if not self.closed and self._handshake_done and not self._close_notify_sent and not self._pending:
             # a close_notify when it costs no wait, so the peer sees a clean end rather than a cut
-            self._close_notify_sent = True
-            try:
-                self.ssl.unwrap()
-            except ssl.SSLError:
-                pass
-            self._queue_outgoing()
+            self._send_close_notify()
             try:
                 self._send_pending_nowait()
             except OSError:
                 pass  # the peer is gone already
         super().close()
+
+
+def _set_server_hostname(pointer, name: str, check: bool) -> None:
+    """A client's SNI (not for an IP address, RFC 6066 3) and, when `check`, the name or address the
+    server's certificate must carry (the stdlib's rules: no partial wildcards)."""
+    lib = _lib
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        address = None
+    if address is None:
+        lib.SSL_set_tlsext_host_name(pointer, name.encode("idna"))
+    if not check:
+        return
+    parameters = lib.SSL_get0_param(pointer)
+    if address is not None:
+        packed = address.packed
+        lib.X509_VERIFY_PARAM_set1_ip(parameters, packed, len(packed))
+    else:
+        lib.X509_VERIFY_PARAM_set_hostflags(parameters, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
+        encoded = name.encode("idna")
+        lib.X509_VERIFY_PARAM_set1_host(parameters, encoded, len(encoded))

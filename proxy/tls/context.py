@@ -1,4 +1,5 @@
-"""`ssl.SSLContext`s for both directions with safe defaults, from certificate files.
+"""TLS contexts (`TlsContext`: one OpenSSL SSL_CTX of proxy/tls/openssl.py's library) for both
+directions with safe defaults, from certificate files.
 
 Every context: TLS 1.2 at least, no renegotiation, no compression, forward-secret AEAD ciphers only
 for TLS 1.2 (Istio's gateway defaults; TLS 1.3's suites are all of that kind), ALPN `h2` and
@@ -12,6 +13,7 @@ import ssl
 from dataclasses import dataclass
 
 from proxy.config.snapshot import CertificateFiles, ServerTls
+from proxy.tls.openssl import OpenSslError, TlsLibraryError, library
 
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
@@ -24,19 +26,24 @@ DEFAULT_CIPHER_SUITES = (
     "ECDHE-RSA-CHACHA20-POLY1305",
 )
 ALPN_PROTOCOLS = ("h2", "http/1.1")
+# key exchange groups, Envoy's default ecdhCurves and P-384 (OpenSSL 3.5+ would otherwise lead with the
+# post-quantum hybrid X25519MLKEM768, which neither Envoy nor Istio offers by default and which costs
+# about 45 µs more per handshake)
+GROUPS = "X25519:P-256:P-384"
+SESSION_ID_CONTEXT = b"triomesh"
 
-# Istio's TLSProtocol values; TLS_AUTO means "the default" (1.2 for the minimum, 1.3 for the maximum)
+# Istio's TLSProtocol values as OpenSSL's version numbers; TLS_AUTO means "the default" (1.2 for the
+# minimum, 1.3 for the maximum)
+TLS1_2 = 0x0303
+TLS1_3 = 0x0304
 VERSIONS = {
     "TLS_AUTO": None,
-    "TLSV1_0": ssl.TLSVersion.TLSv1,
-    "TLSV1_1": ssl.TLSVersion.TLSv1_1,
-    "TLSV1_2": ssl.TLSVersion.TLSv1_2,
-    "TLSV1_3": ssl.TLSVersion.TLSv1_3,
+    "TLSV1_0": 0x0301,
+    "TLSV1_1": 0x0302,
+    "TLSV1_2": TLS1_2,
+    "TLSV1_3": TLS1_3,
 }
 _REFUSED_VERSIONS = ("TLSV1_0", "TLSV1_1")
-
-_SAFE_OPTIONS = (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
-                 | ssl.OP_SINGLE_ECDH_USE | ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3)
 
 
 class TlsSettingsError(ValueError):
@@ -53,23 +60,239 @@ class ProtocolVersions:
     maximum: str = "TLS_AUTO"
 
 
-def _tls12_cipher_names() -> frozenset[str]:
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+class TlsContext:
+    """One SSL_CTX: what every connection made from it shares (certificate, trust, versions,
+    ciphers, ALPN, verification). The methods that load certificates are named and shaped as
+    `ssl.SSLContext`'s, so code that fills either kind (proxy/identity/workload.py) is the same.
+
+    `on_server_name` (server side): called during the handshake with the client's SNI (None
+    without one); returns the TlsContext to continue with (this one or another, whose certificate
+    and verification then apply) or an int, the TLS alert that refuses the handshake.
+    `check_hostname` (client side): the server certificate must name the connection's
+    server_hostname."""
+
+    __slots__ = ("library", "pointer", "server_side", "check_hostname", "verify_mode", "alpn",
+                 "on_server_name", "_server_name_callback", "_alpn_callback", "__weakref__")
+
+    def __init__(self, *, server_side: bool) -> None:
+        library_ = self.library = library()
+        lib, ffi = library_.lib, library_.ffi
+        pointer = lib.SSL_CTX_new(lib.TLS_server_method() if server_side else lib.TLS_client_method())
+        if pointer == ffi.NULL:
+            raise library_.error("SSL_CTX_new")
+        self.pointer = ffi.gc(pointer, lib.SSL_CTX_free)
+        self.server_side = server_side
+        self.check_hostname = False
+        self.verify_mode = lib.SSL_VERIFY_NONE
+        self.alpn: tuple[str, ...] = ()
+        self.on_server_name = None
+        self._server_name_callback = None
+        self._alpn_callback = None
+        # the stdlib's options (OpenSSL's bug workarounds, no SSLv2/3, no compression, the server's
+        # cipher order) and no renegotiation
+        lib.SSL_CTX_set_options(self.pointer, lib.SSL_OP_ALL | lib.SSL_OP_NO_COMPRESSION | lib.SSL_OP_NO_RENEGOTIATION
+                                | lib.SSL_OP_CIPHER_SERVER_PREFERENCE | lib.SSL_OP_SINGLE_ECDH_USE
+                                | lib.SSL_OP_NO_SSLv2 | lib.SSL_OP_NO_SSLv3)
+        if server_side:
+            # a session resumed on a context that verifies clients needs one (OpenSSL refuses it
+            # otherwise), as the stdlib sets
+            lib.SSL_CTX_set_session_id_context(self.pointer, SESSION_ID_CONTEXT, len(SESSION_ID_CONTEXT))
+        # as the stdlib does: an idle connection gives its record buffers back
+        lib.SSL_CTX_set_mode(self.pointer, lib.SSL_MODE_RELEASE_BUFFERS)
+        if lib.SSL_CTX_set1_curves_list(self.pointer, GROUPS.encode()) != 1:
+            raise library_.error("SSL_CTX_set1_curves_list")
+
+    # ---- settings
+
+    def set_versions(self, minimum: int, maximum: int | None) -> None:
+        lib = self.library.lib
+        lib.SSL_CTX_set_min_proto_version(self.pointer, minimum)
+        lib.SSL_CTX_set_max_proto_version(self.pointer, maximum or 0)  # 0: the highest the library has
+
+    def set_ciphers(self, cipher_list: str) -> None:
+        """TLS 1.2's suites (TLS 1.3's are all AEAD with forward secrecy; the library's default)."""
+        if self.library.lib.SSL_CTX_set_cipher_list(self.pointer, cipher_list.encode()) != 1:
+            raise self.library.error(cipher_list)
+
+    def set_alpn_protocols(self, protocols) -> None:
+        lib, ffi = self.library.lib, self.library.ffi
+        self.alpn = tuple(protocols)
+        wire = b"".join(bytes([len(p)]) + p.encode() for p in self.alpn)
+        if self.server_side:
+            self._alpn_callback = _alpn_selector(self.alpn)
+            lib.SSL_CTX_set_alpn_select_cb(self.pointer, self._alpn_callback, ffi.NULL)
+        elif lib.SSL_CTX_set_alpn_protos(self.pointer, wire, len(wire)) != 0:
+            raise self.library.error("SSL_CTX_set_alpn_protos")
+
+    def require_peer_certificate(self) -> None:
+        """Verify the peer's certificate against the loaded trust; a peer without one fails."""
+        lib = self.library.lib
+        self.verify_mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+        lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
+
+    def without_session_tickets(self) -> None:
+        """No TLS 1.3 session tickets worth keeping and no server-side session cache. The binding has
+        no SSL_CTX_set_num_tickets, so OpenSSL still sends two small stateful tickets that find
+        nothing to resume (79 bytes each, no key material): the ~190 µs each stateless ticket costs
+        is saved."""
+        lib = self.library.lib
+        lib.SSL_CTX_set_options(self.pointer, lib.SSL_OP_NO_TICKET)
+        lib.SSL_CTX_set_session_cache_mode(self.pointer, lib.SSL_SESS_CACHE_OFF)
+
+    def set_server_name_handler(self, handler) -> None:
+        """`on_server_name` (see the class) called from OpenSSL's SNI callback."""
+        lib, ffi = self.library.lib, self.library.ffi
+        self.on_server_name = handler
+
+        def server_name(ssl, alert, arg):
+            name = lib.SSL_get_servername(ssl, lib.TLSEXT_NAMETYPE_host_name)
+            chosen = handler(ffi.string(name).decode("ascii", "replace") if name != ffi.NULL else None)
+            if isinstance(chosen, int):
+                alert[0] = chosen
+                return lib.SSL_TLSEXT_ERR_ALERT_FATAL
+            if chosen is not self:
+                # the chosen server's certificate and trust (SSL_set_SSL_CTX) and its client
+                # certificate requirement, which OpenSSL copied from the first context at SSL_new
+                lib.SSL_set_SSL_CTX(ssl, chosen.pointer)
+                lib.SSL_set_verify(ssl, chosen.verify_mode, ffi.NULL)
+            return lib.SSL_TLSEXT_ERR_OK
+
+        self._server_name_callback = ffi.callback("int(SSL *, int *, void *)", server_name,
+                                                  onerror=_report_callback_error,
+                                                  error=lib.SSL_TLSEXT_ERR_ALERT_FATAL)
+        lib.SSL_CTX_set_tlsext_servername_callback(self.pointer, self._server_name_callback)
+
+    # ---- certificates (the stdlib's names and arguments)
+
+    def load_cert_chain(self, certfile: str, keyfile: str | None = None) -> None:
+        """The certificate chain (leaf first) and its private key, PEM; `keyfile` None: the key is in
+        `certfile` too."""
+        lib = self.library.lib
+        if lib.SSL_CTX_use_certificate_chain_file(self.pointer, certfile.encode()) != 1:
+            raise self.library.error("certificate chain")
+        if lib.SSL_CTX_use_PrivateKey_file(self.pointer, (keyfile or certfile).encode(), lib.SSL_FILETYPE_PEM) != 1:
+            raise self.library.error("private key")
+        if lib.SSL_CTX_check_private_key(self.pointer) != 1:
+            raise self.library.error("private key")
+
+    def load_verify_locations(self, cafile: str | None = None, cadata: str | bytes | None = None) -> None:
+        """Trust the PEM certificates of `cafile` and/or `cadata`."""
+        lib, ffi = self.library.lib, self.library.ffi
+        if cafile is not None and lib.SSL_CTX_load_verify_locations(self.pointer, cafile.encode(), ffi.NULL) != 1:
+            raise self.library.error(cafile)
+        if cadata is not None:
+            data = cadata.encode("ascii") if isinstance(cadata, str) else bytes(cadata)
+            store = lib.SSL_CTX_get_cert_store(self.pointer)
+            bio = lib.BIO_new_mem_buf(data, len(data))
+            added = 0
+            try:
+                while True:
+                    certificate = lib.PEM_read_bio_X509(bio, ffi.NULL, ffi.NULL, ffi.NULL)
+                    if certificate == ffi.NULL:
+                        break
+                    try:
+                        lib.X509_STORE_add_cert(store, certificate)
+                        added += 1
+                    finally:
+                        lib.X509_free(certificate)
+            finally:
+                lib.BIO_free(bio)
+            lib.ERR_clear_error()  # the end of the data reads as an error
+            if not added:
+                raise OpenSslError("NO_CERTIFICATE_OR_CRL_FOUND", "no PEM certificate in the trust data")
+
+    def load_default_certs(self) -> None:
+        """The system's trust store: where the system OpenSSL keeps it (the bundled library's own
+        default directory is its build machine's)."""
+        paths = ssl.get_default_verify_paths()
+        lib, ffi = self.library.lib, self.library.ffi
+        cafile = paths.cafile.encode() if paths.cafile else ffi.NULL
+        capath = paths.capath.encode() if paths.capath else ffi.NULL
+        if (cafile != ffi.NULL or capath != ffi.NULL) and lib.SSL_CTX_load_verify_locations(
+                self.pointer, cafile, capath) != 1:
+            lib.ERR_clear_error()
+
+
+# one ALPN callback per server preference list, kept for the process's life: a connection's SSL may
+# outlive the TlsContext object that set it (a reload during its handshake), never the callback
+_alpn_selectors: dict[tuple[str, ...], object] = {}
+
+
+def _alpn_selector(alpn: tuple[str, ...]):
+    selector = _alpn_selectors.get(alpn)
+    if selector is not None:
+        return selector
+    library_ = library()
+    lib, ffi = library_.lib, library_.ffi
+    preference = [p.encode() for p in alpn]
+
+    def select(ssl, out, out_length, offered, offered_length, arg):
+        # ours first (server preference, as the stdlib's SSL_select_next_proto); no common
+        # protocol: no ALPN in the answer, as the stdlib and Envoy do
+        names = ffi.buffer(offered, offered_length)[:]
+        positions = {}
+        i = 0
+        while i < len(names):
+            size = names[i]
+            positions.setdefault(names[i + 1:i + 1 + size], i + 1)
+            i += 1 + size
+        for protocol in preference:
+            at = positions.get(protocol)
+            if at is not None:
+                out[0] = offered + at
+                out_length[0] = len(protocol)
+                return lib.SSL_TLSEXT_ERR_OK
+        return lib.SSL_TLSEXT_ERR_NOACK
+
+    selector = _alpn_selectors[alpn] = ffi.callback(
+        "int(SSL *, unsigned char **, unsigned char *, unsigned char *, unsigned int, void *)", select,
+        onerror=_report_callback_error, error=lib.SSL_TLSEXT_ERR_NOACK)
+    return selector
+
+
+def _report_callback_error(exception_type, exception, traceback) -> None:
+    from proxy.tls.openssl import log
+
+    log.error("tls callback failed", error=repr(exception))
+
+
+def tls12_cipher_names() -> frozenset[str]:
+    """The TLS 1.2 cipher suite names the data path's library knows."""
+    library_ = library()
+    lib, ffi = library_.lib, library_.ffi
+    probe = TlsContext(server_side=True)
     probe.set_ciphers("ALL:COMPLEMENTOFALL")
-    return frozenset(c["name"] for c in probe.get_ciphers() if c["protocol"] != "TLSv1.3")
+    ssl_pointer = lib.SSL_new(probe.pointer)
+    names = []
+    try:
+        i = 0
+        while True:
+            name = lib.SSL_get_cipher_list(ssl_pointer, i)
+            if name == ffi.NULL:
+                break
+            names.append(ffi.string(name).decode("ascii"))
+            i += 1
+    finally:
+        lib.SSL_free(ssl_pointer)
+    return frozenset(n for n in names if not n.startswith("TLS_"))  # TLS 1.3's suites are all TLS_*
+
+
+_known_ciphers: frozenset[str] | None = None
 
 
 def check_cipher_suites(names: tuple[str, ...]) -> None:
     """Each entry must be one OpenSSL cipher suite name this OpenSSL knows (as Istio checks names,
     not OpenSSL's cipher-list expressions)."""
-    known = _tls12_cipher_names()
+    global _known_ciphers
+    if _known_ciphers is None:
+        _known_ciphers = tls12_cipher_names()
     for i, name in enumerate(names):
-        if name not in known:
+        if name not in _known_ciphers:
             raise TlsSettingsError(f"cipherSuites[{i}]", f"unknown cipher suite {name!r} (expected an OpenSSL "
                                                          f"name such as {DEFAULT_CIPHER_SUITES[0]!r})")
 
 
-def check_versions(versions: ProtocolVersions) -> tuple[ssl.TLSVersion, ssl.TLSVersion | None]:
+def check_versions(versions: ProtocolVersions) -> tuple[int, int | None]:
     """(minimum, maximum or None) from Istio's names; below TLS 1.2 is refused."""
     for field, value in (("minProtocolVersion", versions.minimum), ("maxProtocolVersion", versions.maximum)):
         if value not in VERSIONS:
@@ -77,7 +300,7 @@ def check_versions(versions: ProtocolVersions) -> tuple[ssl.TLSVersion, ssl.TLSV
         if value in _REFUSED_VERSIONS:
             raise TlsSettingsError(field, f"{value} is refused: triomesh speaks TLS 1.2 and 1.3 only "
                                           "(older versions are broken, RFC 8996)")
-    minimum = VERSIONS[versions.minimum] or ssl.TLSVersion.TLSv1_2
+    minimum = VERSIONS[versions.minimum] or TLS1_2
     maximum = VERSIONS[versions.maximum]
     if maximum is not None and maximum < minimum:
         raise TlsSettingsError("maxProtocolVersion", f"maxProtocolVersion {versions.maximum} is below "
@@ -85,29 +308,29 @@ def check_versions(versions: ProtocolVersions) -> tuple[ssl.TLSVersion, ssl.TLSV
     return minimum, maximum
 
 
-def _base(purpose: int, versions: ProtocolVersions, cipher_suites: tuple[str, ...],
-          alpn: tuple[str, ...]) -> ssl.SSLContext:
+def _base(server_side: bool, versions: ProtocolVersions, cipher_suites: tuple[str, ...],
+          alpn: tuple[str, ...]) -> TlsContext:
     minimum, maximum = check_versions(versions)
     if cipher_suites:
         check_cipher_suites(cipher_suites)
-    context = ssl.SSLContext(purpose)
-    context.options |= _SAFE_OPTIONS
-    context.minimum_version = minimum
-    if maximum is not None:
-        context.maximum_version = maximum
+    try:
+        context = TlsContext(server_side=server_side)
+    except (TlsLibraryError, ImportError) as e:  # a context cannot be made at all: said where it is used
+        raise TlsSettingsError("tls", f"no usable TLS library: {e}") from e
+    context.set_versions(minimum, maximum)
     try:
         context.set_ciphers(":".join(cipher_suites or DEFAULT_CIPHER_SUITES))
-    except ssl.SSLError as e:
+    except OpenSslError as e:
         raise TlsSettingsError("cipherSuites", f"no usable cipher suite in {list(cipher_suites)}: {e}") from e
     if alpn:
-        context.set_alpn_protocols(list(alpn))
+        context.set_alpn_protocols(alpn)
     return context
 
 
-def base_context(purpose: int, alpn: tuple[str, ...], versions: ProtocolVersions = ProtocolVersions(),
-                 cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
+def base_context(server_side: bool, alpn: tuple[str, ...], versions: ProtocolVersions = ProtocolVersions(),
+                 cipher_suites: tuple[str, ...] = ()) -> TlsContext:
     """A context with the safe defaults and nothing loaded (mesh mTLS loads the workload identity)."""
-    return _base(purpose, versions, cipher_suites, alpn)
+    return _base(server_side, versions, cipher_suites, alpn)
 
 
 def _readable(field: str, path: str) -> None:
@@ -119,79 +342,67 @@ def _readable(field: str, path: str) -> None:
         raise TlsSettingsError(field, f"cannot read {path}: {e.strerror}") from e
 
 
-def _load_chain(context: ssl.SSLContext, cert_field: str, cert_file: str, key_file: str) -> None:
+def _load_chain(context: TlsContext, cert_field: str, cert_file: str, key_file: str) -> None:
     _readable(cert_field, cert_file)
     _readable("privateKey", key_file)
     try:
         context.load_cert_chain(cert_file, key_file)
-    except ssl.SSLError as e:
-        if "KEY_VALUES_MISMATCH" in str(e):
+    except OpenSslError as e:
+        if "KEY_VALUES_MISMATCH" in e.reason:
             raise TlsSettingsError("privateKey", f"private key {key_file} does not match certificate "
                                                  f"{cert_file}") from e
         if _holds_certificates(cert_file):
             raise TlsSettingsError("privateKey", f"cannot load private key {key_file}: not a PEM private key "
-                                                 f"({e.reason or e})") from e
+                                                 f"({e.reason})") from e
         raise TlsSettingsError(cert_field, f"cannot load certificate {cert_file}: not a PEM certificate chain "
-                                           f"({e.reason or e})") from e
-    except OSError as e:  # gone between the look and the load
-        raise TlsSettingsError(cert_field, f"cannot read {cert_file} or {key_file}: {e.strerror}") from e
+                                           f"({e.reason})") from e
 
 
 def _holds_certificates(path: str) -> bool:
-    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe = TlsContext(server_side=False)
     try:
         probe.load_verify_locations(cafile=path)
-    except (ssl.SSLError, OSError):
+    except OpenSslError:
         return False
     return True
 
 
-def _load_ca(context: ssl.SSLContext, ca_file: str) -> None:
+def _load_ca(context: TlsContext, ca_file: str) -> None:
     _readable("caCertificates", ca_file)
     try:
         context.load_verify_locations(cafile=ca_file)
-    except ssl.SSLError as e:
-        raise TlsSettingsError("caCertificates", f"no PEM certificate in {ca_file} ({e.reason or e})") from e
-    except OSError as e:
-        raise TlsSettingsError("caCertificates", f"cannot read {ca_file}: {e.strerror}") from e
-
-
-def record_server_name(ssl_object, server_name: str | None, context: ssl.SSLContext) -> None:
-    """SNI callback: keep the name the client asked for on its SSLObject (TlsConn.server_name)."""
-    ssl_object.sni = server_name
+    except OpenSslError as e:
+        raise TlsSettingsError("caCertificates", f"no PEM certificate in {ca_file} ({e.reason})") from e
 
 
 def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
                    require_client_certificate: bool = False, versions: ProtocolVersions = ProtocolVersions(),
-                   cipher_suites: tuple[str, ...] = (), alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
+                   cipher_suites: tuple[str, ...] = (), alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> TlsContext:
     """A terminating context. `require_client_certificate` (Istio's MUTUAL): a client without a
     certificate signed by `ca_file` fails the handshake."""
-    context = _base(ssl.PROTOCOL_TLS_SERVER, versions, cipher_suites, alpn)
-    context.sni_callback = record_server_name
+    context = _base(True, versions, cipher_suites, alpn)
     _load_chain(context, "serverCertificate", cert_file, key_file)
     if require_client_certificate:
         if not ca_file:
             raise TlsSettingsError("caCertificates", "MUTUAL mode needs caCertificates to verify clients with")
         _load_ca(context, ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.require_peer_certificate()
     return context
 
 
 def client_context(*, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,
                    verify: bool = True, check_hostname: bool = True, versions: ProtocolVersions = ProtocolVersions(),
-                   cipher_suites: tuple[str, ...] = (), alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
+                   cipher_suites: tuple[str, ...] = (), alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> TlsContext:
     """An originating context. Without `ca_file` the system's trust store verifies the server;
     `verify=False` is Istio's insecureSkipVerify. `cert_file`/`key_file`: a client certificate (MUTUAL)."""
-    context = _base(ssl.PROTOCOL_TLS_CLIENT, versions, cipher_suites, alpn)
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
+    context = _base(False, versions, cipher_suites, alpn)
+    if verify:
         context.check_hostname = check_hostname
         if ca_file:
             _load_ca(context, ca_file)
         else:
-            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            context.load_default_certs()
+        context.require_peer_certificate()
     if cert_file or key_file:
         if not (cert_file and key_file):
             raise TlsSettingsError("clientCertificate" if not cert_file else "privateKey",
@@ -201,7 +412,7 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None, 
 
 
 def context_for_server(server: ServerTls, files: CertificateFiles | None = None,
-                       alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> ssl.SSLContext:
+                       alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> TlsContext:
     """The context of a compiled terminating Gateway server (TlsSettingsError when its files or
     settings fail). `files`: where its certificate source has the certificate now (default: the
     files the config names)."""
@@ -210,3 +421,4 @@ def context_for_server(server: ServerTls, files: CertificateFiles | None = None,
                           require_client_certificate=server.mode == "MUTUAL",
                           versions=ProtocolVersions(server.min_protocol_version, server.max_protocol_version),
                           cipher_suites=server.cipher_suites, alpn=alpn)
+

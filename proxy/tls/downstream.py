@@ -40,7 +40,7 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
     try:
         await conn.handshake(HANDSHAKE_TIMEOUT_S)
     except TlsError as e:
-        reason = getattr(conn.ssl, "refused", None) or e.reason
+        reason = runtime.refusal(conn.server_name) or e.reason
         runtime.count_error(reason)
         log.debug("tls handshake failed", listener=listener_name, reason=reason, sni=conn.server_name, error=str(e))
         conn.close()
@@ -60,7 +60,7 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
     finally:
         plane.downstream_cx_active.value -= 1
     runtime.handshakes.value += 1
-    server = runtime.server_for(conn.ssl)
+    server = runtime.server_for(conn)
     downstream = DownstreamConnection(plane, server.listener, sock, addr, peer_principal=conn.peer_principal(),
                                       conn=conn)
     downstream.peer.sni = conn.server_name  # connection.sni for authorization

@@ -1,4 +1,4 @@
-"""A worker's live TLS state for its HTTPS listeners: one SSLContext per terminating server, chosen by
+"""A worker's live TLS state for its HTTPS listeners: one TlsContext per terminating server, chosen by
 SNI during the handshake, reloaded when its certificate files change, and the handshake counters.
 
 Theory of operation
@@ -7,7 +7,7 @@ A listener's servers come from the snapshot (`Listener.tls_servers`, in Gateway 
 connection starts on the default server's context (the catch-all server `*` if there is one, else
 the first): that is what a client without SNI gets. OpenSSL calls `_on_server_name` with the
 ClientHello's SNI; it picks the server (exact name, then the longest `*.suffix`, then the catch-all)
-and swaps the SSLObject's context before the certificate is sent. A name no server takes fails the
+and moves the connection to that server's context before the certificate is sent. A name no server takes fails the
 handshake with the unrecognized_name alert, as Envoy closes a connection that matches no filter
 chain.
 
@@ -24,7 +24,6 @@ A listener's runtime is kept across config reloads while its servers are unchang
 from __future__ import annotations
 
 import datetime
-import ssl
 import structlog
 import trio
 
@@ -33,7 +32,7 @@ from proxy.stats import HELP, Counter, Stats
 from proxy.tls import mesh
 from proxy.tls.certificates import (CertificateSource, WorkloadSource, certificate_source, describe_chain,
                                     describe_chain_pem)
-from proxy.tls.context import ALPN_PROTOCOLS, ProtocolVersions, TlsSettingsError, context_for_server
+from proxy.tls.context import ALPN_PROTOCOLS, ProtocolVersions, TlsContext, TlsSettingsError, context_for_server
 
 log = structlog.get_logger("triomesh.tls")
 
@@ -41,6 +40,9 @@ RELOAD_CHECK_PERIOD_S = 1.0
 # Envoy's transport_socket_connect_timeout is off by default, Istio sets none on gateways; a bound
 # keeps a client that opens a connection and says nothing from holding it for the idle timeout
 HANDSHAKE_TIMEOUT_S = 10.0
+# TLS alerts (RFC 8446 6.2) that refuse a handshake from the SNI callback
+ALERT_UNRECOGNIZED_NAME = 112
+ALERT_INTERNAL_ERROR = 80
 
 HELP.setdefault("triomesh_tls_handshake_total", "Completed downstream TLS handshakes, by listener (Envoy's ssl.handshake).")
 HELP.setdefault("triomesh_tls_handshake_error_total",
@@ -61,7 +63,7 @@ class ServerCertificate:
     def __init__(self, server: ServerTls, source: CertificateSource) -> None:
         self.server = server
         self.source = source
-        self.context: ssl.SSLContext | None = None
+        self.context: TlsContext | None = None
         self.fingerprint: tuple = ()  # of the files last tried, loaded or not
         self.last_error = ""  # why the last try failed ("" when it loaded)
 
@@ -127,7 +129,7 @@ class ListenerTls:
                       "tls certificate not loaded", listener=self.listener_name, certificate=label,
                       origin=files.origin, error=str(e))
             return
-        context.sni_callback = self._on_server_name
+        context.set_server_name_handler(self._on_server_name)
         entry.context = context
         entry.fingerprint = fingerprint
         entry.last_error = ""
@@ -147,7 +149,7 @@ class ListenerTls:
 
     # ---- handshakes
 
-    def initial_context(self) -> ssl.SSLContext | None:
+    def initial_context(self) -> TlsContext | None:
         """The context a new connection starts with (the default server's); None when no server has
         a usable certificate."""
         entry = self.servers[self.default_index]
@@ -167,24 +169,31 @@ class ListenerTls:
                 return index
         return self.catch_all
 
-    def _on_server_name(self, ssl_object, server_name: str | None, context: ssl.SSLContext):
-        ssl_object.sni = server_name
+    def _on_server_name(self, server_name: str | None) -> TlsContext | int:
+        """During the handshake: the context of the server `server_name` picks, or the alert that
+        refuses it (refusal() names why)."""
         index = self.pick(server_name)
         if index is None:
-            ssl_object.refused = "no_matching_server"
-            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+            return ALERT_UNRECOGNIZED_NAME
         chosen = self.servers[index].context
         if chosen is None:
-            ssl_object.refused = "no_certificate"
-            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
-        ssl_object.server_index = index
-        if chosen is not context:
-            ssl_object.context = chosen
+            return ALERT_INTERNAL_ERROR
+        return chosen
+
+    def refusal(self, server_name: str | None) -> str | None:
+        """Why the SNI callback refuses `server_name` (a stats reason), None when it does not."""
+        index = self.pick(server_name)
+        if index is None:
+            return "no_matching_server"
+        if self.servers[index].context is None:
+            return "no_certificate"
         return None
 
-    def server_for(self, ssl_object) -> ServerTls:
-        """The server a completed handshake chose (the default one without SNI)."""
-        return self.servers[getattr(ssl_object, "server_index", self.default_index)].server
+    def server_for(self, conn) -> ServerTls:
+        """The server a completed handshake of TlsConn `conn` chose (by its SNI; the default one
+        without)."""
+        index = self.pick(conn.server_name)
+        return self.servers[self.default_index if index is None else index].server
 
     def count_error(self, reason: str) -> None:
         counter = self._errors.get(reason)

@@ -1,4 +1,4 @@
-"""The `ssl.SSLContext`s of Istio mutual TLS between sidecars, made from the workload identity.
+"""The TLS contexts of Istio mutual TLS between sidecars, made from the workload identity.
 
 One server context and one client context per certificate (per `WorkloadIdentity` object), built when
 a connection first needs it after the identity was swapped, then shared by every connection: renewal
@@ -14,12 +14,10 @@ of its certificate's URI SAN.
 
 from __future__ import annotations
 
-import ssl
-
 from proxy.identity.workload import WorkloadIdentity
 from proxy.telemetry.peer_exchange import PEER_EXCHANGE_ALPN
 from proxy.tls.conn import SPIFFE_PREFIX, TlsHandshakeError
-from proxy.tls.context import ProtocolVersions, base_context
+from proxy.tls.context import ProtocolVersions, TlsContext, base_context
 
 # the ALPN ids Istio's sidecars offer for mesh mTLS: HTTP/2, HTTP/1.1, opaque TCP
 ISTIO_H2 = "istio-h2"
@@ -48,24 +46,24 @@ def trust_domain(spiffe_id: str) -> str:
 
 
 def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_ALPN,
-                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = ()) -> ssl.SSLContext:
+                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = ()) -> TlsContext:
     """Terminating mesh mTLS (a sidecar's inbound, a Gateway server in ISTIO_MUTUAL)."""
-    context = base_context(ssl.PROTOCOL_TLS_SERVER, alpn, versions, cipher_suites)
+    context = base_context(True, alpn, versions, cipher_suites)
     identity.load_into(context)
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.require_peer_certificate()
     # No TLS 1.3 session tickets: our sidecars never resume a session, and OpenSSL spends about
     # 190 µs of CPU building each ticket (two by default), a third of a mesh handshake.
-    context.num_tickets = 0
+    context.without_session_tickets()
     return context
 
 
-def client_context(identity: WorkloadIdentity, alpn: tuple[str, ...]) -> ssl.SSLContext:
-    context = base_context(ssl.PROTOCOL_TLS_CLIENT, alpn)
+def client_context(identity: WorkloadIdentity, alpn: tuple[str, ...]) -> TlsContext:
+    context = base_context(False, alpn)
     identity.load_into(context)
     # the server is checked by its SPIFFE ID after the handshake (check_peer_identity), not by host
     # name: mesh certificates carry no DNS names
     context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED
+    context.require_peer_certificate()
     return context
 
 
@@ -76,20 +74,20 @@ class MeshContexts:
 
     def __init__(self) -> None:
         self._identity: WorkloadIdentity | None = None
-        self._server: ssl.SSLContext | None = None
-        self._clients: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._server: TlsContext | None = None
+        self._clients: dict[tuple[str, ...], TlsContext] = {}
 
     def _follow(self, identity: WorkloadIdentity) -> None:
         if identity is not self._identity:
             self._identity, self._server, self._clients = identity, None, {}
 
-    def server(self, identity: WorkloadIdentity) -> ssl.SSLContext:
+    def server(self, identity: WorkloadIdentity) -> TlsContext:
         self._follow(identity)
         if self._server is None:
             self._server = server_context(identity)
         return self._server
 
-    def client(self, identity: WorkloadIdentity, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    def client(self, identity: WorkloadIdentity, alpn: tuple[str, ...]) -> TlsContext:
         self._follow(identity)
         context = self._clients.get(alpn)
         if context is None:

@@ -1,4 +1,4 @@
-"""TLS the proxy originates to upstreams: one `ssl.SSLContext` per distinct `UpstreamTls`, and the
+"""TLS the proxy originates to upstreams: one `TlsContext` per distinct `UpstreamTls`, and the
 handshake step of `open_connection` with its checks (SNI, subjectAltNames) and failure reasons.
 
 Contexts are cached by the setting and its files' fingerprint (proxy/tls/certificates.py), and
@@ -11,13 +11,12 @@ certificate (ISTIO_MUTUAL) will be another source with the same interface.
 
 from __future__ import annotations
 
-import ssl
 from functools import lru_cache
 
 from proxy.config.snapshot import CertificateFiles, UpstreamTls
 from proxy.tls.certificates import certificate_source
 from proxy.tls.conn import TlsHandshakeError
-from proxy.tls.context import client_context
+from proxy.tls.context import TlsContext, client_context
 
 
 def _source(tls: UpstreamTls):
@@ -25,7 +24,7 @@ def _source(tls: UpstreamTls):
                                                "clientCertificate" if tls.cert_file else "caCertificates"))
 
 
-def client_context_for(tls: UpstreamTls, cached: bool = True) -> ssl.SSLContext:
+def client_context_for(tls: UpstreamTls, cached: bool = True) -> TlsContext:
     """The context for `tls` (TlsSettingsError naming the field when a file or setting fails)."""
     if not cached:
         return _build(tls)
@@ -33,11 +32,11 @@ def client_context_for(tls: UpstreamTls, cached: bool = True) -> ssl.SSLContext:
 
 
 @lru_cache(maxsize=128)
-def _cached(tls: UpstreamTls, fingerprint: tuple) -> ssl.SSLContext:
+def _cached(tls: UpstreamTls, fingerprint: tuple) -> TlsContext:
     return _build(tls)
 
 
-def _build(tls: UpstreamTls) -> ssl.SSLContext:
+def _build(tls: UpstreamTls) -> TlsContext:
     # subjectAltNames replace the hostname check (Envoy's match_typed_subject_alt_names); the chain
     # is still verified against caCertificates or the system store
     return client_context(ca_file=tls.ca_file or None, cert_file=tls.cert_file or None, key_file=tls.key_file or None,

@@ -26,6 +26,7 @@ from proxy.tls import mesh
 from tests.l4.harness import receive_all, tcp_server
 from tests.l4.test_inbound_security import Capture, _closed_unanswered, _echo_handler, _http_handler
 from tests.l4.tls_fixtures import client_hello
+from tests.tls.certs import stdlib_mesh_context
 
 HTTP_PORT = 9080
 
@@ -72,7 +73,7 @@ async def mesh_client(capture: Capture, port: int, identity: WorkloadIdentity | 
                       trust_bundle: bytes) -> trio.SSLStream:
     """A TLS client as a sidecar originates it (with `identity`), or without a client certificate."""
     if identity is not None:
-        context = mesh.client_context(identity, (alpn,))
+        context = stdlib_mesh_context(identity, server_side=False, alpn=(alpn,))
     else:
         context = ssl.create_default_context(cadata=trust_bundle.decode())
         context.check_hostname = False

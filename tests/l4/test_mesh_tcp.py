@@ -31,6 +31,7 @@ from proxy.tls import mesh
 from tests.l4.harness import receive_all, tcp_server
 from tests.l4.test_inbound_security import _closed_unanswered, _echo_handler
 from tests.l4.test_mesh_mtls import issue
+from tests.tls.certs import stdlib_mesh_context
 
 ECHO_VIP = "240.0.0.10"
 ECHO_PORT = 7000
@@ -171,7 +172,7 @@ async def test_tcp_between_sidecars_runs_over_mutual_tls_with_principals(nursery
 
     async def old_sidecar(stream: trio.SocketStream) -> None:
         """A server sidecar that knows mesh mTLS but not the peer exchange, echoing."""
-        tls = trio.SSLStream(stream, mesh.server_context(old_identity, (mesh.ISTIO_TCP,)), server_side=True)
+        tls = trio.SSLStream(stream, stdlib_mesh_context(old_identity, server_side=True, alpn=(mesh.ISTIO_TCP,)), server_side=True)
         async with tls:
             await tls.do_handshake()
             old_server_alpn.append(tls.selected_alpn_protocol())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,3 +36,15 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     server, _ = listener.accept()
     listener.close()
     return client, server
+
+
+def stdlib_mesh_context(identity, *, server_side: bool, alpn: tuple[str, ...]) -> ssl.SSLContext:
+    """The other end of a mesh mTLS hop built with the stdlib (as another sidecar would be): the
+    workload certificate presented, the trust bundle required of the peer, Istio's ALPN ids. The
+    proxy's own contexts (proxy.tls.mesh) are the data path's library, not `ssl.SSLContext`s."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    identity.load_into(context)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(list(alpn))
+    return context

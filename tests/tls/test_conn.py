@@ -13,6 +13,7 @@ import trio
 from proxy.l7.reactor import Reactor
 from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsHandshakeError
 from proxy.tls.context import client_context, server_context
+from proxy.tls.openssl import OpenSslError
 from tests.tls.certs import tcp_pair, write_cert
 
 
@@ -113,7 +114,8 @@ async def test_plaintext_http_to_a_tls_server_fails_the_handshake(server_files):
     with pytest.raises(TlsHandshakeError) as caught:
         await server.handshake(5.0)
     assert caught.value.reason == "not_tls"
-    assert isinstance(caught.value.__cause__, ssl.SSLError)
+    assert isinstance(caught.value.__cause__, OpenSslError)  # the library's own reason kept as the cause
+    assert caught.value.__cause__.reason == "HTTP_REQUEST"
     server.close()
     client_sock.close()
 
@@ -185,7 +187,7 @@ async def test_client_refuses_a_certificate_for_another_name(server_files):
     with pytest.raises(TlsHandshakeError) as caught:
         await client.handshake(5.0)
     assert caught.value.reason == "fail_verify_error"
-    assert isinstance(caught.value.__cause__, ssl.SSLCertVerificationError)
+    assert caught.value.__cause__.verify_message == "hostname mismatch"
     client.close()
     await trio.to_thread.run_sync(thread.join, 5)
     listener.close()
@@ -223,6 +225,37 @@ async def test_mutual_tls_client_certificate(ca, server_files, tmp_path):
     assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
     client.close()
     server.close()
+
+
+async def test_a_mutual_tls_client_resumes_its_session(ca, server_files, tmp_path):
+    """A gateway server context (MUTUAL: clients verified) lets a client resume with its ticket (a
+    server context without a session id context would refuse it), and the resumed connection still
+    knows the client's certificate."""
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+    context = server_context(server_files.cert, server_files.key, ca_file=server_files.ca,
+                             require_client_certificate=True)
+    stdlib = ssl.create_default_context(cafile=server_files.ca)
+    stdlib.load_cert_chain(client_files.cert, client_files.key)
+    session = None
+    for attempt in range(2):
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, context, server_side=True)
+
+        def client(sock=client_sock, session=session):
+            with stdlib.wrap_socket(sock, server_hostname="example.com", session=session) as tls:
+                assert tls.recv(1) == b"x"  # the tickets come before the byte
+                return tls.session_reused, tls.session
+
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                await server.handshake(5.0)
+                await server.send_all(b"x")
+
+            nursery.start_soon(serve)
+            reused, session = await trio.to_thread.run_sync(client)
+        assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
+        assert reused == (attempt == 1)
+        server.close()
 
 
 async def test_peek_closed_on_an_idle_client(server_files):

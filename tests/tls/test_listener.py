@@ -104,3 +104,56 @@ async def test_watcher_makes_runtimes_for_the_current_listeners_and_reloads(ca, 
         assert runtime.initial_context() is not first
         assert stats.counter("triomesh_tls_certificate_reload_total", certificate=live.cert, result="success").value == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_mutual_server_chosen_by_sni_requires_its_client_certificate(ca, tmp_path, server_files):
+    """The connection starts on the default (SIMPLE) server's context; SNI moves it to the MUTUAL
+    server's, whose client certificate requirement and CA then apply to that handshake."""
+    import trio
+
+    from proxy.tls.conn import TlsConn, TlsHandshakeError
+    from proxy.tls.context import client_context
+    from tests.tls.certs import tcp_pair
+
+    mutual = ServerTls(("mtls.example.com",), "MUTUAL",
+                       CertificateFiles(server_files.cert, server_files.key, server_files.ca, origin="files"),
+                       listener="mtls")
+    runtime = ListenerTls("l", (_server(server_files, "*"), mutual), Stats())
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+
+    async def handshake(server_name: str, **client_files_kw):
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, runtime.initial_context(), server_side=True)
+        client = TlsConn(client_sock, client_context(ca_file=server_files.ca, check_hostname=False, **client_files_kw),
+                         server_side=False, server_hostname=server_name)
+        failure = None
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                nonlocal failure
+                try:
+                    await server.handshake(5.0)
+                    await server.send_all(b"x")
+                except TlsHandshakeError as e:
+                    failure = e
+                server.close()
+
+            async def connect():
+                try:
+                    await client.handshake(5.0)
+                    await client.fill()
+                except OSError:
+                    pass
+                client.close()
+
+            nursery.start_soon(serve)
+            nursery.start_soon(connect)
+        return server, failure
+
+    server, failure = await handshake("mtls.example.com")
+    assert failure is not None and failure.reason == "fail_verify_no_cert"
+    server, failure = await handshake("mtls.example.com", cert_file=client_files.cert, key_file=client_files.key)
+    assert failure is None
+    assert runtime.server_for(server) is mutual
+    assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
+    server, failure = await handshake("example.com")  # the SIMPLE catch-all asks for no certificate
+    assert failure is None and runtime.server_for(server).mode == "SIMPLE"

@@ -14,6 +14,7 @@ from proxy.tls import mesh
 from tests.l4.harness import tcp_server
 from tests.l4.test_mesh_mtls import issue
 from tests.l4.test_mesh_tcp import Acceptor, metric_lines, sidecar
+from tests.tls.certs import stdlib_mesh_context
 
 CLIENT_CONFIG = """
 apiVersion: networking.istio.io/v1
@@ -56,7 +57,7 @@ async def test_destination_principal_and_pools_follow_certificate_renewal(nurser
 
     async def web_sidecar(stream: trio.SocketStream) -> None:
         """A server sidecar answering keep-alive requests over mesh mTLS (a /slow one after 0.3 s)."""
-        tls = trio.SSLStream(stream, mesh.server_context(web_identity), server_side=True)
+        tls = trio.SSLStream(stream, stdlib_mesh_context(web_identity, server_side=True, alpn=mesh.SERVER_ALPN), server_side=True)
         await tls.do_handshake()
         seen = {"serial": format(int(tls.getpeercert()["serialNumber"], 16), "x"), "closed": trio.Event()}
         connections.append(seen)
