@@ -70,6 +70,22 @@ typedef struct {
     PyObject *clock;          /* or a clock to call (NULL: CLOCK_MONOTONIC) */
 } Table;
 
+/* A small non-negative int's value without a call (statuses and sizes are nearly always one); -1: not one */
+static inline long long small_int(PyObject *value) {
+#if PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)value)) {
+        Py_ssize_t n = PyUnstable_Long_CompactValue((PyLongObject *)value);
+        return n >= 0 ? (long long)n : -1;
+    }
+    return -1;
+#else
+    Py_ssize_t size = Py_SIZE(value); /* 3.11: the sign and number of 30-bit digits */
+    if (size == 0) return 0;
+    if (size == 1) return (long long)((PyLongObject *)value)->ob_digit[0];
+    return -1;
+#endif
+}
+
 static inline PyObject *field(PyObject *ctx, const Table *t, int which) {
     return *(PyObject **)((char *)ctx + t->offsets[which]);
 }
@@ -163,6 +179,11 @@ static int read_key(Table *t, PyObject *ctx, PyObject **listener, PyObject **clu
     if (status_object == NULL || !PyLong_CheckExact(status_object) || *listener == NULL || *cluster == NULL ||
         *endpoint == NULL)
         return 0;
+    long long small = small_int(status_object);
+    if (small >= 0) {
+        *status = (long)small;
+        return 1;
+    }
     *status = PyLong_AsLong(status_object);
     if (*status == -1 && PyErr_Occurred()) {
         PyErr_Clear();
@@ -184,6 +205,8 @@ static Key *find(Table *t, PyObject *listener, PyObject *cluster, PyObject *endp
 
 static int read_size(PyObject *value, long long *out) {
     if (value == NULL || !PyLong_CheckExact(value)) return 0;
+    *out = small_int(value);
+    if (*out >= 0) return 1;
     *out = PyLong_AsLongLong(value);
     if (*out == -1 && PyErr_Occurred()) {
         PyErr_Clear();
