@@ -12,8 +12,8 @@
  * one call, which reads the key and the sizes straight from the RequestContext's slots (at the
  * offsets of its member descriptors, found once, as CPython's own LOAD_ATTR_SLOT does), finds the
  * slot in a small open-addressing table keyed by object identity, reads the clock and bumps the
- * counts. Anything it does not know (a new snapshot, a new key, response flags, gRPC or tracing
- * facts) makes it return False and Python takes the general path, which ends in record().
+ * counts. Anything it does not know (a new snapshot, a new key, response flags, gRPC facts) makes
+ * it return False and Python takes the general path, which ends in record().
  *
  * Keys hold strong references to their objects, so an address in a key is never reused by another
  * object while the key exists; forget() drops them all when the snapshot changes. Slots are never
@@ -54,6 +54,9 @@ enum { F_SNAPSHOT, F_LISTENER, F_CLUSTER, F_ENDPOINT, F_STATUS, F_RESPONSE_FLAGS
 static const char *FIELD_NAMES[FIELDS] = {"snapshot", "listener", "cluster", "endpoint", "status", "response_flags",
                                           "extra", "start_monotonic", "bytes_received", "bytes_sent"};
 
+#define GRPC_NAMES 2
+static const char *GRPC_NAME_STRINGS[GRPC_NAMES] = {"grpc_status", "grpc_messages"};
+
 typedef struct {
     PyObject_HEAD
     Slot *slots;
@@ -64,7 +67,8 @@ typedef struct {
     PyObject *snapshot;       /* the snapshot the keys belong to (None until forget() names one) */
     PyTypeObject *context_type;
     Py_ssize_t offsets[FIELDS];
-    PyObject *peer_name;      /* "peer", the one ctx.extra entry a known request may have */
+    PyObject *peer_name;      /* "peer": ctx.extra's peer facts, part of the key */
+    PyObject *grpc_names[GRPC_NAMES]; /* ctx.extra's gRPC facts: such a request takes the general path */
     int clock_set;
     double clock_offset;      /* added to CLOCK_MONOTONIC: Trio's SystemClock is offset + perf_counter() */
     PyObject *clock;          /* or a clock to call (NULL: CLOCK_MONOTONIC) */
@@ -164,10 +168,19 @@ static int read_key(Table *t, PyObject *ctx, PyObject **listener, PyObject **clu
     if (flags == NULL || !PyList_CheckExact(flags) || PyList_GET_SIZE(flags) != 0) return 0;
     PyObject *extra = field(ctx, t, F_EXTRA);
     *peer = Py_None;
-    if (extra != Py_None) { /* only the peer metadata stage's facts: others (gRPC, tracing) decide labels or costs */
-        if (extra == NULL || !PyDict_CheckExact(extra) || PyDict_GET_SIZE(extra) != 1) return 0;
-        *peer = PyDict_GetItemWithError(extra, t->peer_name);
-        if (*peer == NULL) {
+    if (extra != Py_None) { /* the peer facts are part of the key; gRPC facts decide labels and counts */
+        if (extra == NULL || !PyDict_CheckExact(extra)) return 0;
+        for (int i = 0; i < GRPC_NAMES; i++) {
+            int found = PyDict_Contains(extra, t->grpc_names[i]);
+            if (found != 0) {
+                if (found < 0) PyErr_Clear();
+                return 0;
+            }
+        }
+        PyObject *facts = PyDict_GetItemWithError(extra, t->peer_name);
+        if (facts != NULL) {
+            *peer = facts;
+        } else if (PyErr_Occurred()) {
             PyErr_Clear();
             return 0;
         }
@@ -454,7 +467,8 @@ static PyObject *Table_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (t == NULL) return NULL;
     t->snapshot = Py_NewRef(Py_None);
     t->peer_name = PyUnicode_InternFromString("peer");
-    if (t->peer_name == NULL) {
+    for (int i = 0; i < GRPC_NAMES; i++) t->grpc_names[i] = PyUnicode_InternFromString(GRPC_NAME_STRINGS[i]);
+    if (t->peer_name == NULL || t->grpc_names[0] == NULL || t->grpc_names[1] == NULL) {
         Py_DECREF(t);
         return NULL;
     }
@@ -491,6 +505,7 @@ static void Table_dealloc(Table *t) {
     PyObject_GC_UnTrack(t);
     Table_clear(t);
     Py_CLEAR(t->peer_name);
+    for (int i = 0; i < GRPC_NAMES; i++) Py_CLEAR(t->grpc_names[i]);
     PyMem_Free(t->slots);
     PyMem_Free(t->keys);
     Py_TYPE(t)->tp_free((PyObject *)t);

@@ -1,8 +1,10 @@
 """Counters, gauges and histograms for one process, exported as Prometheus text and summed across workers.
 
 Hot-path code asks for a metric object once (at compile/connection time) and bumps `.value` (or calls
-`Histogram.observe`); it never formats names per request. A metric is identified by its name plus a
-tuple of label pairs (sorted, unless the caller gives them in a fixed order of its own).
+`Histogram.observe`); it never formats names per request. Counts kept elsewhere (Istio's request
+metrics, in a native table: proxy/telemetry/request_table.py) are registered as views
+(`histogram_view`, `counter_view`), read only when the stats are exported. A metric is identified by
+its name plus a tuple of label pairs (sorted, unless the caller gives them in a fixed order of its own).
 
 A histogram is exported as the rows Prometheus reads (`<name>_bucket{le=...}` cumulative,
 `<name>_sum`, `<name>_count`), all of kind "histogram", so summing rows across workers sums the

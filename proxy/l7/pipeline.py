@@ -59,7 +59,7 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     if telemetry is not None and (ctx.status or ctx.response_flags):
         try:
             # one native call counts a request like one seen before; the first of its kind, and
-            # those with response flags, gRPC or tracing facts, take the general path. (Read as an
+            # those with response flags or gRPC facts, take the general path. (Read as an
             # attribute first: a method-call lookup of an instance attribute is not specialised.)
             record_known = telemetry.record_known
             if not record_known(ctx):

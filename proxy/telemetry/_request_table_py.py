@@ -53,10 +53,10 @@ class RequestTable:
             return None
         extra = ctx.extra
         peer = None
-        if extra is not None:
-            if type(extra) is not dict or len(extra) != 1 or "peer" not in extra:
+        if extra is not None:  # the peer facts are part of the key; gRPC facts decide labels and counts
+            if type(extra) is not dict or "grpc_status" in extra or "grpc_messages" in extra:
                 return None
-            peer = extra["peer"]
+            peer = extra.get("peer")
         status = ctx.status
         if type(status) is not int:
             return None

@@ -10,8 +10,8 @@ reads the clock and counts the request. Only a request the table does not know t
 path, `record_request`: the facts that decide its labels form one tuple, and a dict maps that tuple
 to the Series (no string is built per request); the first request with a new tuple derives the
 label values (`_series_for`). Its key is then remembered, so the next such request is counted
-natively. Requests with response flags, gRPC or tracing facts always take the general path (still
-one table call for the counts). The remembered keys and the facts dict are emptied when the
+natively. Requests with response flags or gRPC facts always take the general path (still one table
+call for the counts). The remembered keys and the facts dict are emptied when the
 snapshot changes (their meaning may change with it); the series themselves, which hold the counts,
 stay.
 

@@ -12,8 +12,9 @@ the identical pure-Python one.
     table.messages(slot) -> (request_messages, response_messages)
 
 A request's key is its listener, cluster, endpoint, peer facts (ctx.extra["peer"]) and status, by
-the identity of those objects; a request with response flags or other ctx.extra facts has none
-(record_known returns False). Slot indices are checked against the capacity on every call.
+the identity of those objects; a request with response flags or gRPC facts (ctx.extra's
+"grpc_status", "grpc_messages") has none (record_known returns False). Slot indices are checked
+against the capacity on every call.
 
 IMPLEMENTATION says which is in use: "native" (proxy.telemetry._request_metrics_c, built from
 native/request_metrics.c at install time) or "pure"; TRIOMESH_PURE_METRICS=1 in the environment
