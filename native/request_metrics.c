@@ -303,7 +303,7 @@ static void clear_keys(Table *t) {
 static PyObject *Table_forget(Table *t, PyObject *snapshot) {
     clear_keys(t);
     Py_INCREF(snapshot);
-    Py_SETREF(t->snapshot, snapshot);
+    Py_XSETREF(t->snapshot, snapshot);
     Py_RETURN_NONE;
 }
 
