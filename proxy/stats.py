@@ -1,8 +1,10 @@
 """Counters, gauges and histograms for one process, exported as Prometheus text and summed across workers.
 
 Hot-path code asks for a metric object once (at compile/connection time) and bumps `.value` (or calls
-`Histogram.observe`); it never formats names per request. A metric is identified by its name plus a
-tuple of label pairs (sorted, unless the caller gives them in a fixed order of its own).
+`Histogram.observe`); it never formats names per request. Counts kept elsewhere (Istio's request
+metrics, in a native table: proxy/telemetry/request_table.py) are registered as views
+(`histogram_view`, `counter_view`), read only when the stats are exported. A metric is identified by
+its name plus a tuple of label pairs (sorted, unless the caller gives them in a fixed order of its own).
 
 A histogram is exported as the rows Prometheus reads (`<name>_bucket{le=...}` cumulative,
 `<name>_sum`, `<name>_count`), all of kind "histogram", so summing rows across workers sums the
@@ -12,7 +14,7 @@ histograms bucket by bucket.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Iterable
+from typing import Callable, Iterable
 
 LabelPairs = tuple[tuple[str, str], ...]
 Row = tuple[str, str, LabelPairs, "int | float"]
@@ -31,7 +33,7 @@ class HistogramCount:
 
     __slots__ = ("histogram",)
 
-    def __init__(self, histogram: Histogram) -> None:
+    def __init__(self, histogram: Histogram | HistogramView) -> None:
         self.histogram = histogram
 
     @property
@@ -61,16 +63,62 @@ class Histogram:
         self.sum += value
 
     def rows(self, name: str, labels: LabelPairs) -> list[Row]:
-        out: list[Row] = []
-        running = 0
-        for bound, count in zip(self.bounds, self.counts):
-            running += count
-            out.append(("histogram", name + "_bucket", labels + (("le", _number(bound)),), running))
-        running += self.counts[-1]
-        out.append(("histogram", name + "_bucket", labels + (("le", "+Inf"),), running))
-        out.append(("histogram", name + "_sum", labels, self.sum))
-        out.append(("histogram", name + "_count", labels, running))
-        return out
+        return histogram_rows(name, labels, self.bounds, self.counts, self.sum)
+
+
+class HistogramView:
+    """A histogram whose counts are kept elsewhere (e.g. a native table, proxy/telemetry/request_table.py):
+    each source returns (counts per bucket, sum), and several sources add up (two owners of one label set)."""
+
+    __slots__ = ("bounds", "sources")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.sources: list[Callable[[], tuple[list[int], float]]] = []
+
+    def read(self) -> tuple[list[int], float]:
+        counts = [0] * (len(self.bounds) + 1)
+        total = 0.0
+        for source in self.sources:
+            part, part_sum = source()
+            counts = [a + b for a, b in zip(counts, part)]
+            total += part_sum
+        return counts, total
+
+    @property
+    def counts(self) -> list[int]:
+        return self.read()[0]
+
+    def rows(self, name: str, labels: LabelPairs) -> list[Row]:
+        counts, total = self.read()
+        return histogram_rows(name, labels, self.bounds, counts, total)
+
+
+class CounterView:
+    """A counter kept elsewhere: the sum of its sources' values."""
+
+    __slots__ = ("sources",)
+
+    def __init__(self) -> None:
+        self.sources: list[Callable[[], int]] = []
+
+    @property
+    def value(self) -> int:
+        return sum(source() for source in self.sources)
+
+
+def histogram_rows(name: str, labels: LabelPairs, bounds: tuple[float, ...], counts: list[int],
+                   total: float) -> list[Row]:
+    out: list[Row] = []
+    running = 0
+    for bound, count in zip(bounds, counts):
+        running += count
+        out.append(("histogram", name + "_bucket", labels + (("le", _number(bound)),), running))
+    running += counts[-1]
+    out.append(("histogram", name + "_bucket", labels + (("le", "+Inf"),), running))
+    out.append(("histogram", name + "_sum", labels, total))
+    out.append(("histogram", name + "_count", labels, running))
+    return out
 
 
 def _number(value: float) -> str:
@@ -111,9 +159,9 @@ class Stats:
     """All metrics of one process. Not thread-safe; one per Trio worker process."""
 
     def __init__(self) -> None:
-        self._counters: dict[tuple[str, LabelPairs], Counter | HistogramCount] = {}
+        self._counters: dict[tuple[str, LabelPairs], Counter | HistogramCount | CounterView] = {}
         self._gauges: dict[tuple[str, LabelPairs], Gauge] = {}
-        self._histograms: dict[tuple[str, LabelPairs], Histogram] = {}
+        self._histograms: dict[tuple[str, LabelPairs], Histogram | HistogramView] = {}
 
     def counter(self, name: str, **labels: str) -> Counter:
         key = (name, tuple(sorted(labels.items())))
@@ -137,7 +185,7 @@ class Stats:
             c = self._counters[key] = Counter()
         return c
 
-    def counter_of_histogram(self, name: str, labels: LabelPairs, histogram: Histogram) -> HistogramCount:
+    def counter_of_histogram(self, name: str, labels: LabelPairs, histogram: Histogram | HistogramView) -> HistogramCount:
         """A counter (fixed label order, as counter_with_labels) whose value is `histogram`'s count."""
         key = (name, labels)
         c = self._counters.get(key)
@@ -152,6 +200,28 @@ class Stats:
         if h is None:
             h = self._histograms[key] = Histogram(bounds)
         return h
+
+    def histogram_view(self, name: str, labels: LabelPairs, bounds: tuple[float, ...],
+                       source: Callable[[], tuple[list[int], float]]) -> HistogramView:
+        """A histogram (fixed label order) whose counts `source` returns; another source for the
+        same name and labels adds to it."""
+        key = (name, labels)
+        h = self._histograms.get(key)
+        if h is None:
+            h = self._histograms[key] = HistogramView(bounds)
+        assert isinstance(h, HistogramView) and h.bounds == bounds, f"{name} is kept twice"
+        h.sources.append(source)
+        return h
+
+    def counter_view(self, name: str, labels: LabelPairs, source: Callable[[], int]) -> CounterView:
+        """A counter (fixed label order) whose value `source` returns; sources add up."""
+        key = (name, labels)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = CounterView()
+        assert isinstance(c, CounterView), f"{name} is counted twice"
+        c.sources.append(source)
+        return c
 
     def export(self) -> list[Row]:
         """(kind, name, labels, value) rows; msgspec-encodable, for summing across workers."""

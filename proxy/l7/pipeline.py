@@ -58,7 +58,12 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     telemetry = plane.telemetry
     if telemetry is not None and (ctx.status or ctx.response_flags):
         try:
-            telemetry.record_request(ctx)
+            # one native call counts a request like one seen before; the first of its kind, and
+            # those with response flags or gRPC facts, take the general path. (Read as an
+            # attribute first: a method-call lookup of an instance attribute is not specialised.)
+            record_known = telemetry.record_known
+            if not record_known(ctx):
+                telemetry.record_request(ctx)
         except Exception:  # noqa: BLE001 - a metrics bug must not cost the request its access log or connection
             log.exception("istio metrics failed", client=ctx.downstream_addr)
     access_log = plane.access_log

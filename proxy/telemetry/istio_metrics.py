@@ -1,13 +1,19 @@
 """Istio's standard metrics (istio_requests_total, the duration and size histograms, the TCP
 counters) with Istio's label set, filled as Istio's stats filter fills them.
 
-Theory of operation. A request ends in `record_request`: the facts that decide its labels (which
-listener, cluster and endpoint it went through, the peer's identity if a peer sidecar told it, the
-response code, flags and gRPC status) form one tuple, and a dict maps that tuple to the `Series`
-whose metric objects it bumps: no string is built per request. Only the first request with a new
-tuple takes the slow path (`_series_for`), which derives the label values and finds or makes the
-series for them. The fast-path dict is emptied when the snapshot changes (the facts' meaning may
-change with it); the series themselves, which hold the counts, stay.
+Theory of operation. A label set of the HTTP metrics is a `Series`: a slot of the worker's
+RequestTable (request_table.py, native when built), whose preallocated arrays hold its counts; Stats
+reads them through views when /stats/prometheus is served. A request ends in pipeline.finish, which
+calls `record_known(ctx)`, the table's own method: one native call reads the request's key (listener,
+cluster, endpoint, peer facts, status: objects of its snapshot), finds the slot remembered for it,
+reads the clock and counts the request. Only a request the table does not know takes the general
+path, `record_request`: the facts that decide its labels form one tuple, and a dict maps that tuple
+to the Series (no string is built per request); the first request with a new tuple derives the
+label values (`_series_for`). Its key is then remembered, so the next such request is counted
+natively. Requests with response flags or gRPC facts always take the general path (still one table
+call for the counts). The remembered keys and the facts dict are emptied when the
+snapshot changes (their meaning may change with it); the series themselves, which hold the counts,
+stay.
 
 Cardinality is bounded as Istio bounds it: anything not known is `unknown`, peer metadata values
 are restricted to name characters (peer.py), and the number of label sets per worker is capped
@@ -17,33 +23,20 @@ reported in Istio's metrics.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from dataclasses import dataclass, replace
-from math import ceil
-from time import perf_counter
+from functools import partial
 from typing import TYPE_CHECKING
 
+from proxy.l7.context import RequestContext
 from proxy.stats import HELP, Stats
+from proxy.telemetry.buckets import DEFAULT_BUCKETS
 from proxy.telemetry.peer import UNKNOWN, UNKNOWN_WORKLOAD, WorkloadIdentity, canonical_revision, canonical_service
 from proxy.telemetry.peer_exchange import encode_frame
+from proxy.telemetry.request_table import DURATION, REQUEST_BYTES, RESPONSE_BYTES, RequestTable
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import Cluster, Endpoint, Snapshot
-    from proxy.l7.context import RequestContext
 
-# Envoy's default histogram buckets (HistogramSettingsImpl::defaultBuckets), used by Istio for the
-# duration (milliseconds) and size (bytes) histograms alike
-# (floats: bisecting a float among floats is cheaper than among ints)
-DEFAULT_BUCKETS: tuple[float, ...] = (0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
-                                      10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0)
-# Bucket indices by table rather than by bisecting (the C bisect costs as much as the rest of an
-# observation) for the common small values: a byte count below SMALL_SIZE_BYTES indexes its bucket;
-# as every bound is a multiple of 0.5, a duration of d ms below SMALL_DURATION_MS is in the bucket of
-# ceil(2 d) / 2 (bounds are inclusive: exactly 0.5 is in le="0.5", anything above it in the next).
-SMALL_SIZE_BYTES = 4096
-_SMALL_SIZE_BUCKET = [bisect_left(DEFAULT_BUCKETS, n) for n in range(SMALL_SIZE_BYTES)]
-SMALL_DURATION_MS = 1000.0
-_SMALL_DURATION_BUCKET = [bisect_left(DEFAULT_BUCKETS, half / 2) for half in range(2 * int(SMALL_DURATION_MS) + 1)]
 MAX_SERIES = 2000  # label sets per worker for the HTTP metrics, and as many again for TCP
 MAX_UPSTREAM_PRINCIPALS = 10000  # endpoints remembered for destination_principal
 
@@ -119,23 +112,26 @@ def connection_labels(reporter: str, source: WorkloadIdentity, destination: Work
 
 
 class Series:
-    """The metric objects of one label set of the HTTP metrics (the message counters: gRPC only)."""
+    """One label set of the HTTP metrics: a slot of the worker's RequestTable, seen by Stats through
+    views (the message counters: gRPC only)."""
 
-    __slots__ = ("requests", "duration_ms", "request_bytes", "response_bytes", "request_messages", "response_messages",
-                 "duration_counts", "request_bytes_counts", "response_bytes_counts")
+    __slots__ = ("slot", "grpc")
 
-    def __init__(self, stats: Stats, labels: tuple[tuple[str, str], ...], grpc: bool = False) -> None:
-        self.request_messages = stats.counter_with_labels("istio_request_messages_total", labels) if grpc else None
-        self.response_messages = stats.counter_with_labels("istio_response_messages_total", labels) if grpc else None
-        self.duration_ms = stats.histogram("istio_request_duration_milliseconds", labels, DEFAULT_BUCKETS)
-        self.request_bytes = stats.histogram("istio_request_bytes", labels, DEFAULT_BUCKETS)
-        self.response_bytes = stats.histogram("istio_response_bytes", labels, DEFAULT_BUCKETS)
+    def __init__(self, stats: Stats, labels: tuple[tuple[str, str], ...], table: RequestTable, slot: int,
+                 grpc: bool = False) -> None:
+        self.slot = slot
+        self.grpc = grpc
+        duration = stats.histogram_view("istio_request_duration_milliseconds", labels, DEFAULT_BUCKETS,
+                                        partial(table.histogram, slot, DURATION))
+        stats.histogram_view("istio_request_bytes", labels, DEFAULT_BUCKETS, partial(table.histogram, slot, REQUEST_BYTES))
+        stats.histogram_view("istio_response_bytes", labels, DEFAULT_BUCKETS,
+                             partial(table.histogram, slot, RESPONSE_BYTES))
         # one request, one duration: the request count is the duration histogram's, not kept twice
-        self.requests = stats.counter_of_histogram("istio_requests_total", labels, self.duration_ms)
-        # the histograms' own count lists, one attribute away from the hot path
-        self.duration_counts = self.duration_ms.counts
-        self.request_bytes_counts = self.request_bytes.counts
-        self.response_bytes_counts = self.response_bytes.counts
+        stats.counter_of_histogram("istio_requests_total", labels, duration)
+        if grpc:
+            messages = partial(table.messages, slot)
+            stats.counter_view("istio_request_messages_total", labels, lambda: messages()[0])
+            stats.counter_view("istio_response_messages_total", labels, lambda: messages()[1])
 
 
 class TcpSeries:
@@ -163,9 +159,11 @@ class IstioMetrics:
         # mTLS connection (destination_principal inbound, source_principal outbound), as Istio reports
         self.identity_over_mtls = identity
         self.clock = clock  # None: the Trio run's clock (what RequestContext.start_monotonic is read from)
-        self._now = None  # the clock function (bound on first use); the run's clock reads it plus _clock_offset
-        self._clock_offset = 0.0
         self.max_series = max_series
+        self.table = RequestTable(max_series, 4 * max_series, RequestContext)
+        # pipeline.finish's one call per request (False: not known, take record_request)
+        self.record_known = self.table.record_known
+        self._clock_bound = False
         self._snapshot: Snapshot | None = None
         self._by_facts: dict[tuple, Series | None] = {}
         self._by_labels: dict[tuple, Series] = {}
@@ -177,18 +175,13 @@ class IstioMetrics:
     # ---- HTTP
 
     def record_request(self, ctx: RequestContext) -> None:
-        """A request ended (from pipeline.finish): one count, three observations."""
+        """A request ended that `record_known` did not count (pipeline.finish): its series found or
+        made, its counts recorded, and its key remembered when the table can count the next one."""
+        if not self._clock_bound:
+            self._bind_clock()
         if ctx.snapshot is not self._snapshot:
             self._new_snapshot(ctx.snapshot)
-        listener = ctx.listener
-        cluster = ctx.cluster
-        # what decides the labels, in values whose hash is cached (str) or cheap; upstream_host stands
-        # for the endpoint ("" when none was picked). The common request (no peer facts, no gRPC, no
-        # response flag) is told by four of them; a tuple of another length cannot equal it.
-        if ctx.extra is None and not ctx.response_flags and listener is not None and cluster is not None:
-            facts = (listener.name, cluster.name, ctx.upstream_host, ctx.status)
-        else:
-            facts = self._facts(ctx)
+        facts = self._facts(ctx)
         series = self._by_facts.get(facts)
         if series is None:
             series = self._series_for(ctx)
@@ -197,30 +190,14 @@ class IstioMetrics:
                 return
             if len(self._by_facts) < 4 * self.max_series:
                 self._by_facts[facts] = series
-        # Histogram.observe inlined (three method calls cost more than the rest of this function)
-        now = self._now
-        if now is None:
-            now = self._bind_clock()
-        value = (now() + self._clock_offset - ctx.start_monotonic) * 1000.0
-        series.duration_counts[_SMALL_DURATION_BUCKET[ceil(value * 2.0)] if 0.0 <= value < SMALL_DURATION_MS
-                               else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        series.duration_ms.sum += value
-        value = ctx.bytes_received
-        if value:
-            series.request_bytes_counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES
-                                        else bisect_left(DEFAULT_BUCKETS, value)] += 1
-            series.request_bytes.sum += value
-        else:  # no request body (most requests): the first bucket, nothing to add to the sum
-            series.request_bytes_counts[0] += 1
-        value = ctx.bytes_sent
-        series.response_bytes_counts[_SMALL_SIZE_BUCKET[value] if value < SMALL_SIZE_BYTES
-                                     else bisect_left(DEFAULT_BUCKETS, value)] += 1
-        series.response_bytes.sum += value
-        if series.request_messages is not None:
-            grpc_messages = ctx.extra.get("grpc_messages")
-            if grpc_messages is not None:
-                series.request_messages.value += grpc_messages[0].messages
-                series.response_messages.value += grpc_messages[1].messages
+        extra = ctx.extra
+        grpc_messages = extra.get("grpc_messages") if extra is not None and series.grpc else None
+        if grpc_messages is not None:
+            self.table.record(series.slot, ctx.start_monotonic, ctx.bytes_received, ctx.bytes_sent,
+                              grpc_messages[0].messages, grpc_messages[1].messages)
+        else:
+            self.table.record(series.slot, ctx.start_monotonic, ctx.bytes_received, ctx.bytes_sent)
+        self.table.remember(ctx, series.slot)
 
     @staticmethod
     def _facts(ctx: RequestContext) -> tuple:
@@ -243,14 +220,15 @@ class IstioMetrics:
         self._snapshot = snapshot
         self._by_facts.clear()
         self._tcp_by_facts.clear()
+        self.table.forget(snapshot)
 
-    def _bind_clock(self):
+    def _bind_clock(self) -> None:
         """The clock the request start times were read from (the Trio run's, unless one was given),
         bound on first use, inside the Trio run. Trio's SystemClock reads `offset + perf_counter()`
-        in a Python method: perf_counter itself plus the offset read once is the same sum without a
-        Python call per request; any other clock is called as it is."""
+        in a Python method: the table reads the same monotonic clock itself and adds the offset read
+        once; any other clock is called as it is."""
         if self.clock is not None:
-            self._now = self.clock
+            self.table.set_clock(0.0, self.clock)
         else:
             import trio
 
@@ -258,10 +236,10 @@ class IstioMetrics:
             offset = getattr(clock, "offset", None)
             if (type(clock).__name__ == "SystemClock" and type(clock).__module__.startswith("trio.")
                     and isinstance(offset, float)):
-                self._now, self._clock_offset = perf_counter, offset
+                self.table.set_clock(offset)
             else:
-                self._now = clock.current_time
-        return self._now
+                self.table.set_clock(0.0, clock.current_time)
+        self._clock_bound = True
 
     def _series_for(self, ctx: RequestContext) -> Series | None:
         """The series of a request whose facts were not seen yet (None: the label-set cap is reached)."""
@@ -292,7 +270,7 @@ class IstioMetrics:
         if series is None:
             if len(self._by_labels) >= self.max_series:
                 return None
-            series = self._by_labels[labels] = Series(self.stats, labels, grpc)
+            series = self._by_labels[labels] = Series(self.stats, labels, self.table, len(self._by_labels), grpc)
         return series
 
     def note_local_principal(self, spiffe_id: str) -> None:
@@ -302,6 +280,7 @@ class IstioMetrics:
             self.identity_over_mtls = replace(self.identity, principal=spiffe_id)
             self._by_facts.clear()
             self._tcp_by_facts.clear()
+            self.table.forget(self._snapshot)
 
     def note_upstream_principal(self, endpoint_key: tuple[str, int], spiffe_id: str) -> None:
         """A mesh mTLS handshake with this endpoint proved `spiffe_id` (once per connection)."""
