@@ -201,11 +201,16 @@ class Reactor:
                 if reader is None or waiters.read_task is None:  # woken (timeout, close) or gone meanwhile
                     continue
                 self.parked_reads += 1
-                if reader.read_parked():
-                    task = waiters.read_task
-                    waiters.read_task = None
-                    waiters.parked = None
-                    reschedule(task)
+                try:
+                    if not reader.read_parked():
+                        continue
+                    result = outcome.Value(None)
+                except Exception as error:  # a bug costs its own connection, not the worker's other parked ones
+                    result = outcome.Error(error)
+                task = waiters.read_task
+                waiters.read_task = None
+                waiters.parked = None
+                reschedule(task, result)
             await checkpoint()  # the rest of a burst waits for the next pass: other connections run first
 
     async def wait_writable(self, fd: int) -> None:

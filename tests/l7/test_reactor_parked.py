@@ -137,3 +137,42 @@ async def test_a_parked_wait_ends_on_interrupt_cancellation_or_forget(how):
         ours.close()
         theirs.close()
     assert outcome == {"interrupt": ["closed"], "forget": ["closed"], "cancel": ["cancelled"]}[how]
+
+
+async def test_a_reader_that_raises_fails_its_own_wait_only():
+    reactor = Reactor()
+    pairs = _pairs(2)
+    ticks = [0]
+    broken, healthy = Reader(pairs[0][0], 1, ticks), Reader(pairs[1][0], 1, ticks)
+
+    def raise_bug() -> bool:
+        raise ValueError("a bug in a reader")
+
+    broken.read_parked = raise_bug
+    results: dict[str, object] = {}
+
+    async def parked(name: str, fd: int, reader) -> None:
+        try:
+            await reactor.wait_parked(fd, reader)
+            results[name] = "woken"
+        except ValueError as error:
+            results[name] = error
+
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                reactor.ensure_running(nursery)
+                for name, (ours, _), reader in (("broken", pairs[0], broken), ("healthy", pairs[1], healthy)):
+                    reactor.register(ours.fileno())
+                    nursery.start_soon(parked, name, ours.fileno(), reader)
+                await trio.sleep(0.05)
+                for _, theirs in pairs:
+                    theirs.send(b"x")
+                while len(results) < 2:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+    assert isinstance(results["broken"], ValueError) and results["healthy"] == "woken"
