@@ -1,6 +1,7 @@
 """The reactor's parked reads on real socket pairs: readers run at most PARKED_BATCH per scheduler
-batch with other tasks running between, a parked task wakes only when its reader says so, and a
-timeout's interrupt or a cancellation ends a parked wait like any other."""
+batch with other tasks running between, a burst larger than one poll's POLL_EVENTS loses nothing, a
+parked task wakes only when its reader says so, and a timeout's interrupt or a cancellation ends a
+parked wait like any other."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import trio
 from trio.lowlevel import checkpoint
 
-from proxy.l7.reactor import PARKED_BATCH, Reactor
+from proxy.l7.reactor import PARKED_BATCH, POLL_EVENTS, Reactor
 
 
 class Reader:
@@ -43,7 +44,7 @@ def _pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
 async def test_a_burst_is_read_in_bounded_batches_and_each_task_wakes_once_its_reader_says_so():
     ticks = [0]
     reactor = Reactor()
-    count = 6 * PARKED_BATCH + 5
+    count = POLL_EVENTS + 2 * PARKED_BATCH + 5  # more than one poll takes, too
     pairs = _pairs(count)
     readers = [Reader(ours, 2, ticks) for ours, _ in pairs]
     woken: list[bytes] = []
