@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import select
 from collections import deque
-
 from typing import Protocol
 
 import outcome

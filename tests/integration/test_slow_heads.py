@@ -169,7 +169,7 @@ async def test_many_parked_heads_completed_together_are_all_served(nursery):
     try:
         for _ in range(count):
             socks.append(socket.create_connection(("127.0.0.1", proxy.port)))
-            await trio.sleep(0)  # the proxy accepts (its listen backlog is smaller than count)
+            await trio.lowlevel.checkpoint()  # the proxy accepts (its listen backlog is smaller than count)
         for sock in socks:
             sock.sendall(b"GET /small HTTP/1.1\r\n")
         await trio.sleep(0.3)  # every request line read: the connections are parked now
