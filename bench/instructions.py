@@ -19,6 +19,9 @@ request's instructions go).
 `--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
 cost measured is the data path's).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
+The proxy runs with PYTHONHASHSEED=0: with random string hashing two runs of the same code differed by
+up to ~3,000 instructions per request, with a fixed seed by tens to ~900 (what remains comes from how
+h2load's requests batch into reads); compare versions over two runs each.
 """
 
 from __future__ import annotations
@@ -130,7 +133,7 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol))
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
-                            env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config),
+                            env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config), PYTHONHASHSEED="0",
                                      TM_TELEMETRY="1" if telemetry else "0",
                                      TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)),
                             stdout=subprocess.DEVNULL,
