@@ -77,10 +77,13 @@ class RequestReceived(Event):
 
 
 class ResponseReceived(Event):
-    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive")
+    # status and length: :status and content-length (-1 when absent) as the connection layer read them
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive", "status", "length")
 
-    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None) -> None:
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None,
+                 status: int = 0, length: int = -1) -> None:
         self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
+        self.status, self.length = status, length
 
 
 class InformationalResponseReceived(Event):
@@ -751,7 +754,7 @@ class H2Connection:
         except _Malformed as e:
             self._malformed(stream_id, str(e), events, "malformed_response" if self.client else e.kind)
             return
-        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed))
+        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed, status, length))
         if end_stream:
             self._close_remote(stream_id, stream)
             events.append(StreamEnded(stream_id))

@@ -326,17 +326,15 @@ class H2UpstreamConnection(H2Transport):
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.ResponseReceived:
                 if stream is not None:
-                    # the connection layer checked the head (RFC 9113 §8.3.2): :status first and the only
-                    # pseudo-header field, any content-length all digits
-                    headers = event.headers
-                    fields = headers[1:]  # a copy: the decoder may hand the same list out again
-                    length = None
-                    for pair in fields:
-                        if pair[0] == b"content-length":
-                            length = int(pair[1])
-                            fields = [p for p in fields if p[0] != b"content-length"]
-                            break
-                    stream.status, stream.headers, stream.length = int(headers[0][1]), fields, length
+                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
+                    # field) and content-length
+                    length = event.length
+                    if length >= 0:
+                        fields = [p for p in event.headers[1:] if p[0] != b"content-length"]
+                    else:
+                        fields = event.headers[1:]  # a copy: the connection layer hands the same list out again
+                        length = None
+                    stream.status, stream.headers, stream.length = event.status, fields, length
                     stream.sensitive = event.sensitive
                     stream._wake()
             elif t is ev.DataReceived:

@@ -79,6 +79,7 @@ def test_repeated_blocks_decode_as_the_oracle_does_and_keep_the_table_empty():
         events = upstream.respond(block)
         assert isinstance(events[0], ResponseReceived)
         assert events[0].headers == _as_bytes(oracle.decode(block, raw=True))
+        assert (events[0].status, events[0].length) == (200, 0)  # as checked, looked up or not
         assert upstream.conn.decoder.table_size == 0 and upstream.conn.decoder.dynamic_table == []
         heads.append(events[0].headers)
     # looked up, not decoded again (a size update, as in blocks[0], is a table change: decoded afresh)
