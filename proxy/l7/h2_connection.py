@@ -32,6 +32,7 @@ of a header block in CONTINUATION frames (the CONTINUATION flood, CVE-2024-27316
 from __future__ import annotations
 
 from collections import deque
+from operator import itemgetter
 
 from proxy.l7 import h2_frames as f
 from proxy.l7.h2_hpack import FRESH_NAMES, Decoder, Encoder, HeaderListTooLarge, HpackError
@@ -47,6 +48,7 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
                                   b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _DECODE_ONLY = 0x100  # a flag of ours on a header block whose stream is already reset
+_NAME = itemgetter(0)
 
 
 class ConnectionError_(Exception):
@@ -355,24 +357,24 @@ class H2Connection:
 
     def _encode_block(self, fields: list, sensitive: frozenset | None) -> bytes:
         """The header block of `fields`. Messages repeat their fields (a backend's response, but for
-        `date` once a second; the requests we send upstream, but for x-request-id and trace ids at
-        the end), and fields the encoder can say without changing its table encode to the same bytes
-        for as long as the table is unchanged (Encoder.generation): those blocks are kept, keyed by
-        the fields, the way _decode_block keeps received ones. Fields whose value is new on every
-        message (h2_hpack.FRESH_NAMES) at the end of the list are left out of the key and encoded
-        after the kept part, which leaves the encoder as encoding the whole list would have."""
+        `date` once a second; the requests we send upstream, but for x-request-id and trace ids),
+        and fields the encoder can say without changing its table encode to the same bytes for as
+        long as the table is unchanged (Encoder.generation): those blocks are kept, keyed by the
+        fields, the way _decode_block keeps received ones. Fields whose value is new on every
+        message (h2_hpack.FRESH_NAMES) are left out of the key and encoded after the kept block:
+        they move behind the other fields, which changes nothing a recipient may rely on (the order
+        of fields with different names is not significant, RFC 9110 §5.3; fields of one name keep
+        theirs)."""
         encoder = self.encoder
         if sensitive:
             return encoder.encode(fields, sensitive)
-        keep = len(fields)
-        while keep and fields[keep - 1][0] in FRESH_NAMES:
-            keep -= 1
-        if keep < len(fields):
-            key = tuple(fields[:keep])
-            fresh = fields[keep:]
-        else:
-            key = tuple(fields)
+        if FRESH_NAMES.isdisjoint(map(_NAME, fields)):  # in C: most responses have none
             fresh = None
+            key = tuple(fields)
+        else:
+            fresh = [pair for pair in fields if pair[0] in FRESH_NAMES]
+            fields = [pair for pair in fields if pair[0] not in FRESH_NAMES]
+            key = tuple(fields)
         blocks = self._encoded_blocks
         if encoder.generation != self._encoded_generation:
             blocks.clear()
@@ -381,7 +383,7 @@ class H2Connection:
         else:
             block = blocks.get(key)
         if block is None:
-            block = encoder.encode(fields[:keep] if fresh else fields)
+            block = encoder.encode(fields)
             if encoder.generation == self._encoded_generation and len(block) <= MAX_CACHED_BLOCK_BYTES:
                 if len(blocks) >= MAX_CACHED_BLOCKS:
                     blocks.clear()
