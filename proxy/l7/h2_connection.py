@@ -8,8 +8,7 @@ what arrived (keeping a partial frame for the next call) and returns events; the
 `acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
 repeats byte for byte while the HPACK table is unchanged (a client repeating a request, an upstream
 answering alike into the table of size 0 we ask upstreams for) is decoded and checked once
-(`_decode_block`), and fields we send again (a backend's responses, our requests to an upstream)
-are encoded once (`_encode_block`). The drivers (h2_server.py, h2_upstream.py) own the
+(`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
 socket, the tasks and the waiting; this module never blocks and never touches IO. It replaces the
 `h2` package on the data path, which costs about a million instructions per request per side
 (bench/h2_codec.py); `h2` stays as the oracle the tests compare this module with.
@@ -32,15 +31,14 @@ of a header block in CONTINUATION frames (the CONTINUATION flood, CVE-2024-27316
 from __future__ import annotations
 
 from collections import deque
-from operator import itemgetter
 
 from proxy.l7 import h2_frames as f
-from proxy.l7.h2_hpack import FRESH_NAMES, Decoder, Encoder, HeaderListTooLarge, HpackError
+from proxy.l7.h2_hpack import Decoder, Encoder, HeaderListTooLarge, HpackError
 
 MAX_CONTINUATION_FRAMES = 64  # a legitimate header block fits in a handful
 RESET_MEMORY = 1024  # stream ids we reset, whose in-flight frames are dropped quietly
-# header blocks kept per connection, decoded (_decode_block: a few requests a client repeats, the
-# responses an upstream repeats) and encoded (_encode_block: the responses and requests we repeat)
+# decoded header blocks kept per connection (_decode_block): a few requests a client repeats, the
+# responses an upstream repeats
 MAX_CACHED_BLOCKS = 32
 MAX_CACHED_BLOCK_BYTES = 1024  # repeated blocks are mostly one byte per field; a longer one is not kept
 
@@ -48,7 +46,6 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
                                   b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _DECODE_ONLY = 0x100  # a flag of ours on a header block whose stream is already reset
-_NAME = itemgetter(0)
 
 
 class ConnectionError_(Exception):
@@ -218,7 +215,7 @@ class H2Connection:
         self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
         self._decoded_generation = 0
         self.encoder = Encoder()
-        self._encoded_blocks: dict[tuple, bytes] = {}  # see _encode_block
+        self._encoded_responses: dict[tuple, bytes] = {}  # see _encode_response
         self._encoded_generation = 0
         self.max_header_list_size = max_header_list_size
         self.max_block_bytes = 2 * max_header_list_size + 16384  # HPACK may expand; bounded anyway
@@ -296,7 +293,7 @@ class H2Connection:
                     break
         elif stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
-        self._send_block(stream_id, stream, self._encode_block(fields, sensitive), end_stream)
+        self._send_block(stream_id, stream, self.encoder.encode(fields, sensitive), end_stream)
 
     def _send_block(self, stream_id: int, stream: _Stream, block: bytes, end_stream: bool) -> None:
         """An encoded header block in HEADERS and, beyond the peer's frame size, CONTINUATION frames."""
@@ -333,7 +330,7 @@ class H2Connection:
             return 0
         limit = self.peer_max_frame_size
         if n <= stream.send_window and n <= self.send_window and n <= limit:
-            block = self._encode_block(fields, sensitive)
+            block = self._encode_response(fields, sensitive)
             if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
                 stream.send_window -= n
                 self.send_window -= n
@@ -355,40 +352,27 @@ class H2Connection:
             window -= size
         return sent
 
-    def _encode_block(self, fields: list, sensitive: frozenset | None) -> bytes:
-        """The header block of `fields`. Messages repeat their fields (a backend's response, but for
-        `date` once a second; the requests we send upstream, but for x-request-id and trace ids),
-        and fields the encoder can say without changing its table encode to the same bytes for as
-        long as the table is unchanged (Encoder.generation): those blocks are kept, keyed by the
-        fields, the way _decode_block keeps received ones. Fields whose value is new on every
-        message (h2_hpack.FRESH_NAMES) are left out of the key and encoded after the kept block:
-        they move behind the other fields, which changes nothing a recipient may rely on (the order
-        of fields with different names is not significant, RFC 9110 §5.3; fields of one name keep
-        theirs)."""
+    def _encode_response(self, fields: list, sensitive: frozenset | None) -> bytes:
+        """The header block of a whole response. Responses repeat their fields (a backend's, but for
+        `date` once a second), and fields the encoder can say without changing its table encode to
+        the same bytes for as long as the table is unchanged (Encoder.generation): those blocks are
+        kept, keyed by the fields, the way _decode_block keeps received ones."""
         encoder = self.encoder
         if sensitive:
             return encoder.encode(fields, sensitive)
-        if FRESH_NAMES.isdisjoint(map(_NAME, fields)):  # in C: most responses have none
-            fresh = None
-            key = tuple(fields)
-        else:
-            fresh = [pair for pair in fields if pair[0] in FRESH_NAMES]
-            fields = [pair for pair in fields if pair[0] not in FRESH_NAMES]
-            key = tuple(fields)
-        blocks = self._encoded_blocks
+        blocks = self._encoded_responses
+        key = tuple(fields)
         if encoder.generation != self._encoded_generation:
             blocks.clear()
             self._encoded_generation = encoder.generation
-            block = None
-        else:
-            block = blocks.get(key)
-        if block is None:
-            block = encoder.encode(fields)
-            if encoder.generation == self._encoded_generation and len(block) <= MAX_CACHED_BLOCK_BYTES:
-                if len(blocks) >= MAX_CACHED_BLOCKS:
-                    blocks.clear()
-                blocks[key] = block
-        return block + encoder.encode(fresh) if fresh else block
+        elif (block := blocks.get(key)) is not None:
+            return block
+        block = encoder.encode(fields)
+        if encoder.generation == self._encoded_generation and len(block) <= MAX_CACHED_BLOCK_BYTES:
+            if len(blocks) >= MAX_CACHED_BLOCKS:
+                blocks.clear()
+            blocks[key] = block
+        return block
 
     def local_flow_control_window(self, stream_id: int) -> int:
         stream = self._sendable(stream_id)

@@ -404,27 +404,3 @@ def test_a_repeated_response_is_encoded_as_the_table_says_now() -> None:
         assert server.send_response(sid, fields, memoryview(b"hello")) == 5
         seen += [e.headers for e in pump(server, client)[1] if isinstance(e, h2.events.ResponseReceived)]
     assert seen == [fields] * 7
-
-
-def test_repeated_requests_with_fresh_ids_are_encoded_as_the_table_says_now() -> None:
-    """Requests we send upstream repeat their fields but for x-request-id and trace ids: the rest is
-    encoded once and kept (one block, whatever the ids) while the encoder's table is unchanged, the
-    ids encoded afresh behind it; after the server shrinks the table to nothing, the oracle server
-    still receives every request as sent, the ids moved behind the other fields."""
-    client, server = ours(True), oracle(False)
-    pump(client, server)
-    prefix = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/a"),
-              (b"user-agent", b"test"), (b"x-forwarded-proto", b"http")]
-    sent, seen = [], []
-    for i in range(8):
-        if i == 5:
-            server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 0})
-            pump(client, server)
-        ids = [(b"traceparent", b"00-%032x-%016x-01" % (i, i)), (b"x-request-id", b"id-%d" % i)]
-        fields = prefix + ids + [(b"x-triomesh-peer", b"app=a")]
-        sent.append(prefix + [(b"x-triomesh-peer", b"app=a")] + ids)
-        client.send_headers(client.get_next_available_stream_id(), fields, end_stream=True)
-        seen += [e.headers for e in pump(client, server)[1] if isinstance(e, h2.events.RequestReceived)]
-        if i in (3, 7):  # by now the prefix's block is kept once, keyed without the ids
-            assert list(client._encoded_blocks) == [tuple(prefix + [(b"x-triomesh-peer", b"app=a")])]
-    assert seen == sent
