@@ -9,7 +9,12 @@ import hpack
 import pytest
 
 from proxy.l7 import h2_frames as frames
-from proxy.l7.h2_connection import MAX_CACHED_BLOCKS, ConnectionError_, ResponseReceived, TrailersReceived
+from proxy.l7.h2_connection import (
+    MAX_CACHED_BLOCKS,
+    ConnectionError_,
+    ResponseReceived,
+    TrailersReceived,
+)
 from proxy.l7.h2_hpack import Decoder
 from proxy.l7.h2_upstream import upstream_connection_state
 
