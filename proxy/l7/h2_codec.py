@@ -2,9 +2,10 @@
 
 Theory of operation
 -------------------
-Frames, HPACK and the stream state machine come from the `h2` package (RFC 9113 and RFC 7541);
-this module holds what a proxy adds on top, shared by the downstream server (h2_server.py) and
-the upstream client (h2_upstream.py), and never touches a socket:
+Frames and the stream state machine are our connection layer's (h2_connection.py, h2_frames.py:
+RFC 9113), HPACK our own (h2_hpack.py: RFC 7541); this module holds what a proxy adds on top,
+shared by the downstream server (h2_server.py) and the upstream client (h2_upstream.py), and never
+touches a socket:
 
 - the SETTINGS we advertise (`server_settings`, `client_settings`): Envoy's defaults where they
   bound memory, tighter where Envoy's default is "unlimited" (documented below);
@@ -17,9 +18,9 @@ the upstream client (h2_upstream.py), and never touches a socket:
   smuggled across a downgrade whatever the layer below lets through; a MalformedRequest costs its
   stream only (§8.1.1);
 - the request body's length as an HTTP/1.1 upstream will frame it (`content-length` checked
-  against the DATA by h2, §8.1.1);
-- a response or trailers head → the header list h2 sends (`:status` first, connection-specific
-  fields dropped);
+  against the DATA by the connection layer, §8.1.1);
+- a response or trailers head → the header list the connection layer sends (`:status` first,
+  connection-specific fields dropped);
 - gRPC: the status a local reply maps to (as Envoy maps HTTP statuses), `grpc-timeout` parsing,
   and `grpc-message` percent-encoding.
 """
@@ -222,7 +223,7 @@ _STATUS_FIELDS = {status: (b":status", b"%d" % status) for status in range(100, 
 
 
 def response_fields(status: int, headers: Headers, length: int | None) -> Headers:
-    """A response head as h2 sends it: `:status` first, connection-specific fields dropped (an
+    """A response head as the connection layer sends it: `:status` first, connection-specific fields dropped (an
     HTTP/1.1 upstream's `connection`, `keep-alive`...), `content-length` when the length is known."""
     out: Headers = [_STATUS_FIELDS.get(status) or (b":status", b"%d" % status)]
     dropped = _NOT_IN_RESPONSE
@@ -241,7 +242,7 @@ def trailer_fields(trailers: Headers) -> Headers:
 
 
 def request_fields(head: RequestHead, authority: bytes, length: int | None) -> Headers:
-    """An upstream request head as h2 sends it (RFC 9113 §8.3.1)."""
+    """An upstream request head as the connection layer sends it (RFC 9113 §8.3.1)."""
     out: Headers = [(b":method", head.method), (b":scheme", b"http"), (b":authority", authority),
                     (b":path", head.target)]
     for pair in head.headers:

@@ -6,8 +6,9 @@ One object per connection, for either side (`client=`). `receive(data)` parses w
 what arrived (keeping a partial frame for the next call) and returns events; the send calls
 (`send_headers`, `send_data`, `send_response` for a whole response, `end_stream`, `reset_stream`,
 `acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
-repeats byte for byte while the HPACK table is unchanged (a client repeating a request) is decoded
-and checked once (`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
+repeats byte for byte while the HPACK table is unchanged (a client repeating a request, an upstream
+answering alike into the table of size 0 we ask upstreams for) is decoded and checked once
+(`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
 socket, the tasks and the waiting; this module never blocks and never touches IO. It replaces the
 `h2` package on the data path, which costs about a million instructions per request per side
 (bench/h2_codec.py); `h2` stays as the oracle the tests compare this module with.
@@ -36,7 +37,8 @@ from proxy.l7.h2_hpack import Decoder, Encoder, HeaderListTooLarge, HpackError
 
 MAX_CONTINUATION_FRAMES = 64  # a legitimate header block fits in a handful
 RESET_MEMORY = 1024  # stream ids we reset, whose in-flight frames are dropped quietly
-# decoded header blocks kept per connection (_decode_block): a few requests a client repeats
+# decoded header blocks kept per connection (_decode_block): a few requests a client repeats, the
+# responses an upstream repeats
 MAX_CACHED_BLOCKS = 32
 MAX_CACHED_BLOCK_BYTES = 1024  # repeated blocks are mostly one byte per field; a longer one is not kept
 
@@ -74,10 +76,13 @@ class RequestReceived(Event):
 
 
 class ResponseReceived(Event):
-    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive")
+    # status and length: :status and content-length (-1 when absent) as the connection layer read them
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive", "status", "length")
 
-    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None) -> None:
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None,
+                 status: int = 0, length: int = -1) -> None:
         self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
+        self.status, self.length = status, length
 
 
 class InformationalResponseReceived(Event):
@@ -178,12 +183,13 @@ class _Stream:
 class _DecodedBlock:
     """A header block's decoded fields, kept while the HPACK table is unchanged (_decode_block)."""
 
-    __slots__ = ("fields", "never_indexed", "request_length")
+    __slots__ = ("fields", "never_indexed", "request_length", "response_check")
 
     def __init__(self, fields: list, never_indexed: frozenset | None) -> None:
         self.fields = fields
         self.never_indexed = never_indexed
         self.request_length: int | None = None  # _check_request's result, once a request used the block
+        self.response_check: tuple[int, int] | None = None  # _check_response's, once a response did
 
 
 class _Malformed(Exception):
@@ -609,7 +615,9 @@ class H2Connection:
     def _decode_block(self, block: bytes) -> tuple[list | None, str | None, _DecodedBlock | None]:
         """(fields, problem, cache entry) of a complete header block. A block that leaves the HPACK
         table unchanged (only indexed fields and literals without indexing: a client repeating a
-        request) decodes to the same fields for as long as the table stays unchanged, so its result
+        request; or any block into a table of size 0, where an insertion is dropped at once: the
+        responses of an upstream, which we ask for no table) decodes to the same fields for as long
+        as the table stays unchanged, so its result
         is kept, keyed by the block's bytes, and the next such block costs one dict lookup instead of
         the decoding and the request checks. Any change to the table (an insertion, a size update)
         starts the cache afresh; malformed and oversized blocks are never kept. The fields list is
@@ -712,7 +720,12 @@ class H2Connection:
                 self._close_remote(stream_id, stream)
                 events.append(StreamEnded(stream_id))
                 return
-            status, length = _check_response(fields)
+            if cached is None:
+                status, length = _check_response(fields)
+            elif cached.response_check is not None:
+                status, length = cached.response_check
+            else:
+                status, length = cached.response_check = _check_response(fields)
             if status < 200:
                 if end_stream:
                     raise _Malformed("an informational response that ends the stream")
@@ -727,7 +740,7 @@ class H2Connection:
         except _Malformed as e:
             self._malformed(stream_id, str(e), events, "malformed_response" if self.client else e.kind)
             return
-        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed))
+        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed, status, length))
         if end_stream:
             self._close_remote(stream_id, stream)
             events.append(StreamEnded(stream_id))

@@ -565,8 +565,9 @@ class Decoder:
         self._max_entry = _STATIC_MAX_ENTRY  # no entry ever in the table was larger (list size bound)
         self._update_required = False
         self._strings: dict[bytes, tuple[bytes, bool]] = {}  # Huffman octets -> _huffman_value()
-        # counts the changes to the table and its limits: a block that left it unchanged decodes the
-        # same while it stays unchanged (H2Connection caches such blocks' results by this)
+        # counts the changes to the table and its limits (an insertion that is dropped at once into an
+        # empty table changes nothing): a block that left it unchanged decodes the same while it
+        # stays unchanged (H2Connection caches such blocks' results by this)
         self.generation = 0
 
     @property
@@ -731,8 +732,12 @@ class Decoder:
                 if err is not None and bad is None:
                     bad = (len(out), err)
                 if indexing:  # insert, then evict (sections 4.3, 4.4)
-                    self.generation += 1
                     n = len(name) + len(value) + 32
+                    if n > self._limit and not self._size:
+                        # larger than an empty table: dropped, the table stays as it was (always, with
+                        # a table of size 0: upstream connections advertise one)
+                        continue
+                    self.generation += 1
                     t.insert(_FIRST_DYNAMIC, (pair, n, err, nerr))
                     t1.insert(_ONE_BYTE_DYNAMIC, pair if err is None else None)
                     del t1[0xFF]  # what was wire index 126 is now 127: no longer one byte

@@ -29,8 +29,8 @@ We advertise an HPACK dynamic table of size 0 to the upstream (SETTINGS_HEADER_T
 such as nginx add response fields to the table that they never refer to again, so a table only made
 every response a run of literal fields to decode and insert (about 39k instructions for nginx's five
 fields); with no table, decoding is a pure function of the block's bytes, and a response head or
-trailers block that repeats (most do: a server answers alike) is decoded once and then looked up
-(`RepeatedBlockDecoder`).
+trailers block that repeats (most do: a server answers alike) is decoded and checked once and then
+looked up by the connection layer (H2Connection._decode_block).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
 from proxy.l7.h2_connection import ConnectionError_, H2Connection
-from proxy.l7.h2_hpack import Decoder
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.upstream_conn import open_connection
 
@@ -64,46 +63,12 @@ _CANCEL = frames.CANCEL
 _REFUSED = frames.REFUSED_STREAM
 
 
-# decoded blocks kept per connection: the few heads and trailers a server repeats (its Date changes
-# every second), each short; a full memo is cleared, not evicted one by one
-MAX_REPEATED_BLOCKS = 64
-MAX_REPEATED_BLOCK_BYTES = 1024
-
-
-class RepeatedBlockDecoder(Decoder):
-    """An HPACK decoder for a dynamic table of size 0 that remembers what recent blocks decoded to.
-
-    With a maximum table size of 0 the table is always empty (an insertion larger than the table
-    empties it and is dropped, RFC 7541 §4.4), so a block decodes to the same fields, or fails the
-    same way, whenever it comes. The fields list returned is shared between the blocks that hit:
-    its consumers copy it (the connection layer and `_handle` below never change it)."""
-
-    def __init__(self, max_header_list_size: int) -> None:
-        super().__init__(max_table_size=0, max_header_list_size=max_header_list_size)
-        self._decoded: dict[bytes, tuple] = {}
-
-    def decode(self, block):
-        hit = self._decoded.get(block)
-        if hit is not None:
-            self.never_indexed = hit[2]
-            return hit[0], hit[1]
-        fields, problem = super().decode(block)
-        if len(block) <= MAX_REPEATED_BLOCK_BYTES and type(block) is bytes:
-            decoded = self._decoded
-            if len(decoded) >= MAX_REPEATED_BLOCKS:
-                decoded.clear()
-            decoded[block] = (fields, problem, self.never_indexed)
-        return fields, problem
-
-
 def upstream_connection_state() -> H2Connection:
     """The client state machine of an upstream connection: our client SETTINGS with an HPACK table of
-    size 0, and the decoder that relies on it."""
+    size 0 (the decoder starts with that limit, which the upstream applies before its first response)."""
     settings = client_settings()
     settings[frames.HEADER_TABLE_SIZE] = 0
-    h2conn = H2Connection(client=True, settings=settings, max_header_list_size=MAX_HEADER_LIST_BYTES)
-    h2conn.decoder = RepeatedBlockDecoder(MAX_HEADER_LIST_BYTES)
-    return h2conn
+    return H2Connection(client=True, settings=settings, max_header_list_size=MAX_HEADER_LIST_BYTES)
 
 
 class RefusedStream(UpstreamReset):
@@ -361,17 +326,15 @@ class H2UpstreamConnection(H2Transport):
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.ResponseReceived:
                 if stream is not None:
-                    # the connection layer checked the head (RFC 9113 §8.3.2): :status first and the only
-                    # pseudo-header field, any content-length all digits
-                    headers = event.headers
-                    fields = headers[1:]  # a copy: the decoder may hand the same list out again
-                    length = None
-                    for pair in fields:
-                        if pair[0] == b"content-length":
-                            length = int(pair[1])
-                            fields = [p for p in fields if p[0] != b"content-length"]
-                            break
-                    stream.status, stream.headers, stream.length = int(headers[0][1]), fields, length
+                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
+                    # field) and content-length
+                    length = event.length
+                    if length >= 0:
+                        fields = [p for p in event.headers[1:] if p[0] != b"content-length"]
+                    else:
+                        fields = event.headers[1:]  # a copy: the connection layer hands the same list out again
+                        length = None
+                    stream.status, stream.headers, stream.length = event.status, fields, length
                     stream.sensitive = event.sensitive
                     stream._wake()
             elif t is ev.DataReceived:
