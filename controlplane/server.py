@@ -83,6 +83,7 @@ from controlplane.security import Security
 from controlplane.tokens import Refused
 from proxy.config.upstream_tls import TLS_MODE_LABEL
 from proxy.config.errors import ConfigError
+from proxy.runner.config_watch import ConfigWatch, Deferred, files_being_written, read_complete, reopen_if_replaced, wait_file_events
 from proxy.identity.spiffe import SpiffeId
 
 
@@ -239,19 +240,34 @@ class ControlPlane:
             self._nursery.start_soon(self._expire, proxy, proxy.session)
 
     async def _watch_directory(self) -> None:
-        while True:
-            await trio.sleep(self.options.poll_interval_s)
-            if not self.store.directory_changed():
-                continue
-            try:
-                async with self._changing():
-                    changed = self.store.load_directory()
-            except ConfigError as e:
-                self.store.last_error = str(e)
-                self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
-                continue
-            if changed:
-                self.config_changed("directory")
+        """Take the config directory's files when they changed and are complete, by the proxy's rule for
+        its --config (proxy/runner/config_watch.py, docs/config-reload.md): never while a writer has
+        one open, only when two reads agree."""
+        path = self.store.config_dir
+        assert path is not None
+        watch = ConfigWatch.open(path)
+        try:
+            while True:
+                await wait_file_events(watch, self.options.poll_interval_s)
+                watch, _ = reopen_if_replaced(watch, path)
+                if files_being_written(watch) or not self.store.directory_changed():
+                    continue  # a writer's close wakes this loop again
+                try:
+                    complete = await read_complete(path, watch, self.store.read_directory)
+                    if isinstance(complete, Deferred):
+                        self.log.info("config_deferred", source="directory", detail=complete.detail, files=complete.files)
+                        continue
+                    async with self._changing():
+                        changed = self.store.load_directory(complete)
+                except ConfigError as e:
+                    self.store.last_error = str(e)
+                    self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
+                    continue
+                if changed:
+                    self.config_changed("directory")
+        finally:
+            if watch is not None:
+                watch.close()
 
     def _changing(self) -> trio.Lock | contextlib.nullcontext:
         """Held while the store changes: replicated, a change awaits etcd between planning and installing."""
