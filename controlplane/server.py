@@ -50,6 +50,7 @@ from typing import Any
 
 import trio
 
+from controlplane import heap
 from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, SendTimeout, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
@@ -100,6 +101,9 @@ class ServerOptions:
     hello_timeout_s: float = 10.0
     max_frame_bytes: int = MAX_FRAME_BYTES
     delta: bool = True
+    # freeze long-lived objects out of the garbage collector's passes (controlplane/heap.py): a policy
+    # for the whole process, so the command's own process turns it on, not an embedding test
+    settle_heap: bool = False
 
 
 @dataclass(eq=False)
@@ -172,6 +176,8 @@ class ControlPlane:
         self.debouncer = Debouncer(options.debounce_quiet_s, options.debounce_max_s)
         self._changed = trio.Event()
         self._queued = trio.Event()
+        self._busy = trio.Event()  # set by work that makes long-lived objects: see _settle_heap
+        self._busy.set()  # start-up made some
         self._nonces = itertools.count(1)
         self._cache: ViewCache | None = None
         self._cache_generation = -1
@@ -197,6 +203,7 @@ class ControlPlane:
     def config_changed(self, reason: str) -> None:
         self.debouncer.event(trio.current_time())
         self._changed.set()
+        self._busy.set()
         self.log.info("config_changed", reason=reason, version=self.store.version)
 
     # ---- serving
@@ -212,6 +219,8 @@ class ControlPlane:
                 self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
+            if self.options.settle_heap:
+                nursery.start_soon(self._settle_heap)
             nursery.start_soon(self.receiver.run)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
@@ -268,6 +277,23 @@ class ControlPlane:
         finally:
             if watch is not None:
                 watch.close()
+
+    async def _settle_heap(self) -> None:
+        """After each burst of work (a change pushed, proxies connecting) and a quiet second, the
+        objects it left alive are frozen out of the collector's passes (controlplane/heap.py)."""
+        full_at = trio.current_time()
+        while True:
+            await self._busy.wait()
+            while self._busy.is_set() or self._round is not None:
+                self._busy = trio.Event()
+                await trio.sleep(heap.QUIET_S)
+            now = trio.current_time()
+            full = now - full_at >= heap.FULL_COLLECT_S
+            if full:
+                full_at = now
+            settled = heap.settle(full)
+            self.log.debug("heap_settled", full=settled.full, collected=settled.collected, frozen=settled.frozen,
+                           duration_ms=round(1000 * settled.duration_s, 1))
 
     def _changing(self) -> trio.Lock | contextlib.nullcontext:
         """Held while the store changes: replicated, a change awaits etcd between planning and installing."""
@@ -437,6 +463,7 @@ class ControlPlane:
         proxy.connected_at = proxy.last_seen = proxy.send_quiet_since = now
         proxy.bytes_sent_seen = 0
         proxy.disconnected_at = None
+        self._busy.set()
         proxy.pending.clear()
         proxy.acked = None  # a new stream starts from a full snapshot
         proxy.sent_version = proxy.acked_version = proxy.sent_nonce = ""  # nonces grow per stream
@@ -698,6 +725,7 @@ class ControlPlane:
                 elif not self.queue.in_flight and self._round is not None:
                     started, pushes_before, queued = self._round
                     self._round = None
+                    self._busy.set()
                     self.log.info("push_done", version=self.store.version, queued=queued,
                                   pushed=self.pushes_total - pushes_before,
                                   duration_ms=round(1000 * (trio.current_time() - started), 1))
