@@ -408,12 +408,12 @@ async def test_a_config_file_is_not_taken_while_its_writer_has_it_open(tmp_path,
     has the file open; the writer's close brings the complete file in."""
     store = ConfigStore(write_mesh(tmp_path))
     store.load_directory()
-    plane, port = await start_plane(nursery, store, poll_interval_s=0.05)
-    with open(tmp_path / "routes.yaml", "w") as f:
-        f.write("# generated\n")
-        f.flush()
+    await start_plane(nursery, store, poll_interval_s=0.05)
+    async with await trio.open_file(tmp_path / "routes.yaml", "w") as f:
+        await f.write("# generated\n")
+        await f.flush()
         await trio.sleep(0.8)  # several polls and settle delays: what must not happen has had its chance
         assert store.version == "1" and VS_KEY in store.state
-        f.write(split(30, 70))
+        await f.write(split(30, 70))
     await wait_for(lambda: store.version == "2", what="the complete file taken")
     assert [rd.weight for rd in store.state[VS_KEY].resource.obj.spec.http[0].route] == [30, 70]
