@@ -225,6 +225,7 @@ def main(argv: Sequence[str]) -> int:
         poll_interval_s=args.poll_interval,
         push_concurrency=max(1, args.push_concurrency),
         delta=not args.no_delta,
+        settle_heap=True,
     )
     replication = None
     if client is not None:

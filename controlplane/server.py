@@ -50,6 +50,7 @@ from typing import Any
 
 import trio
 
+from controlplane import heap
 from controlplane import tls as control_tls
 from controlplane.framed import FramedStream, SendTimeout, StreamClosed, plain_socket
 from controlplane.pushqueue import Debouncer, PushQueue
@@ -83,6 +84,7 @@ from controlplane.security import Security
 from controlplane.tokens import Refused
 from proxy.config.upstream_tls import TLS_MODE_LABEL
 from proxy.config.errors import ConfigError
+from proxy.runner.config_watch import ConfigWatch, Deferred, files_being_written, read_complete, reopen_if_replaced, wait_file_events
 from proxy.identity.spiffe import SpiffeId
 
 
@@ -99,6 +101,9 @@ class ServerOptions:
     hello_timeout_s: float = 10.0
     max_frame_bytes: int = MAX_FRAME_BYTES
     delta: bool = True
+    # freeze long-lived objects out of the garbage collector's passes (controlplane/heap.py): a policy
+    # for the whole process, so the command's own process turns it on, not an embedding test
+    settle_heap: bool = False
 
 
 @dataclass(eq=False)
@@ -171,6 +176,8 @@ class ControlPlane:
         self.debouncer = Debouncer(options.debounce_quiet_s, options.debounce_max_s)
         self._changed = trio.Event()
         self._queued = trio.Event()
+        self._busy = trio.Event()  # set by work that makes long-lived objects: see _settle_heap
+        self._busy.set()  # start-up made some
         self._nonces = itertools.count(1)
         self._cache: ViewCache | None = None
         self._cache_generation = -1
@@ -196,6 +203,7 @@ class ControlPlane:
     def config_changed(self, reason: str) -> None:
         self.debouncer.event(trio.current_time())
         self._changed.set()
+        self._busy.set()
         self.log.info("config_changed", reason=reason, version=self.store.version)
 
     # ---- serving
@@ -211,6 +219,8 @@ class ControlPlane:
                 self._await_restored_registrations()
             nursery.start_soon(self._push_loop)
             nursery.start_soon(self._keepalive)
+            if self.options.settle_heap:
+                nursery.start_soon(self._settle_heap)
             nursery.start_soon(self.receiver.run)
             for _ in range(self.options.push_concurrency):
                 nursery.start_soon(self._sender)
@@ -239,19 +249,51 @@ class ControlPlane:
             self._nursery.start_soon(self._expire, proxy, proxy.session)
 
     async def _watch_directory(self) -> None:
+        """Take the config directory's files when they changed and are complete, by the proxy's rule for
+        its --config (proxy/runner/config_watch.py, docs/config-reload.md): never while a writer has
+        one open, only when two reads agree."""
+        path = self.store.config_dir
+        assert path is not None
+        watch = ConfigWatch.open(path)
+        try:
+            while True:
+                await wait_file_events(watch, self.options.poll_interval_s)
+                watch, _ = reopen_if_replaced(watch, path)
+                if files_being_written(watch) or not self.store.directory_changed():
+                    continue  # a writer's close wakes this loop again
+                try:
+                    complete = await read_complete(path, watch, self.store.read_directory)
+                    if isinstance(complete, Deferred):
+                        self.log.info("config_deferred", source="directory", detail=complete.detail, files=complete.files)
+                        continue
+                    async with self._changing():
+                        changed = self.store.load_directory(complete)
+                except ConfigError as e:
+                    self.store.last_error = str(e)
+                    self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
+                    continue
+                if changed:
+                    self.config_changed("directory")
+        finally:
+            if watch is not None:
+                watch.close()
+
+    async def _settle_heap(self) -> None:
+        """After each burst of work (a change pushed, proxies connecting) and a quiet second, the
+        objects it left alive are frozen out of the collector's passes (controlplane/heap.py)."""
+        full_at = trio.current_time()
         while True:
-            await trio.sleep(self.options.poll_interval_s)
-            if not self.store.directory_changed():
-                continue
-            try:
-                async with self._changing():
-                    changed = self.store.load_directory()
-            except ConfigError as e:
-                self.store.last_error = str(e)
-                self.log.error("config_rejected", source="directory", error=str(e), keeping_version=self.store.version)
-                continue
-            if changed:
-                self.config_changed("directory")
+            await self._busy.wait()
+            while self._busy.is_set() or self._round is not None:
+                self._busy = trio.Event()
+                await trio.sleep(heap.QUIET_S)
+            now = trio.current_time()
+            full = now - full_at >= heap.FULL_COLLECT_S
+            if full:
+                full_at = now
+            settled = heap.settle(full)
+            self.log.debug("heap_settled", full=settled.full, collected=settled.collected, frozen=settled.frozen,
+                           duration_ms=round(1000 * settled.duration_s, 1))
 
     def _changing(self) -> trio.Lock | contextlib.nullcontext:
         """Held while the store changes: replicated, a change awaits etcd between planning and installing."""
@@ -421,6 +463,7 @@ class ControlPlane:
         proxy.connected_at = proxy.last_seen = proxy.send_quiet_since = now
         proxy.bytes_sent_seen = 0
         proxy.disconnected_at = None
+        self._busy.set()
         proxy.pending.clear()
         proxy.acked = None  # a new stream starts from a full snapshot
         proxy.sent_version = proxy.acked_version = proxy.sent_nonce = ""  # nonces grow per stream
@@ -682,6 +725,7 @@ class ControlPlane:
                 elif not self.queue.in_flight and self._round is not None:
                     started, pushes_before, queued = self._round
                     self._round = None
+                    self._busy.set()
                     self.log.info("push_done", version=self.store.version, queued=queued,
                                   pushed=self.pushes_total - pushes_before,
                                   duration_ms=round(1000 * (trio.current_time() - started), 1))

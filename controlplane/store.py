@@ -24,7 +24,6 @@ Sync; its IO is the watched directory's files and the data directory; the server
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -36,29 +35,14 @@ from proxy.config.compile import compile_resources
 from proxy.config.errors import ConfigError
 from proxy.config.istio import ObjectMeta, WorkloadEntry, WorkloadEntrySpec
 from proxy.config.load import Resource, check_duplicates, load_bytes
+from proxy.runner.config_source import Fingerprint, fingerprint
+from proxy.runner.config_watch import CompleteRead
 
-Fingerprint = tuple[tuple[str, int, int], ...]
 Layer = dict[ResourceKey, StoredResource]
 
 
 def _yaml_files(directory: Path) -> list[Path]:
     return sorted(f for f in directory.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
-
-
-def directory_fingerprint(directory: Path) -> Fingerprint:
-    """(name, mtime_ns, size) per YAML file: cheap to poll; changes on write, add and remove."""
-    try:
-        files = _yaml_files(directory)
-    except OSError:
-        return ()
-    out = []
-    for f in files:
-        try:
-            st = os.stat(f)
-        except FileNotFoundError:
-            continue
-        out.append((str(f), st.st_mtime_ns, st.st_size))
-    return tuple(out)
 
 
 def _class_order(pc: ProxyClass) -> tuple:
@@ -324,11 +308,23 @@ class ConfigStore:
 
     # ---- the watched directory
 
-    def load_directory(self) -> bool:
-        """Re-read the watched directory. True when the state changed. Raises ConfigError (state kept)."""
+    def load_directory(self, complete: CompleteRead | None = None) -> bool:
+        """Take the watched directory's files: as `complete` read them (the watcher's read of complete
+        files, proxy/runner/config_watch.py), or read now (start-up, tests). True when the state
+        changed. Raises ConfigError (state kept)."""
         if self.config_dir is None:
             return False
-        self.fingerprint = directory_fingerprint(self.config_dir)  # before reading: a later write shows
+        if complete is None:
+            before = fingerprint(self.config_dir)  # before reading: a write during the read shows as a change
+            complete = CompleteRead(self.read_directory(), before)
+        self.fingerprint = complete.fingerprint  # a refused content is not read again until it changes
+        files = {s.key: s for s in map(StoredResource.of, load_sources(complete.sources))}
+        return self._commit(files, self.applied, self.workloads)
+
+    def read_directory(self) -> list[tuple[str, bytes]]:
+        """(file name, bytes) of the directory's *.yaml/*.yml files, none for an empty directory.
+        Raises ConfigError."""
+        assert self.config_dir is not None
         if not self.config_dir.is_dir():
             raise ConfigError("not a directory", file=str(self.config_dir))
         sources = []
@@ -336,12 +332,11 @@ class ConfigStore:
             try:
                 sources.append((str(f), f.read_bytes()))
             except OSError as e:
-                raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from None
-        files = {s.key: s for s in map(StoredResource.of, load_sources(sources))}
-        return self._commit(files, self.applied, self.workloads)
+                raise ConfigError(f"cannot read: {e.strerror}", file=str(f)) from e
+        return sources
 
     def directory_changed(self) -> bool:
-        return self.config_dir is not None and directory_fingerprint(self.config_dir) != self.fingerprint
+        return self.config_dir is not None and fingerprint(self.config_dir) != self.fingerprint
 
     # ---- apply / delete
 

@@ -1,5 +1,7 @@
-"""Knowing when the --config files are complete: an inotify watch (Linux, through ctypes) that tells
-which config files a writer still has open, and wakes the supervisor when the directory changes.
+"""Knowing when config files are complete: an inotify watch (Linux, through ctypes) that tells which
+config files a writer still has open and wakes the reader when the directory changes, and the rule
+for reading them (`read_complete`), shared by `triomesh proxy --config` and
+`triomesh controlplane --config`.
 
 Theory of operation: a file rewritten in place (`generate > gateway.yaml`) is truncated first and
 then filled; reading it in between gives half a config. The kernel says when a writer is done: every
@@ -23,9 +25,13 @@ import ctypes.util
 import errno
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
+
+from proxy.runner.config_source import Fingerprint, Sources, content_digest, fingerprint
 
 # <sys/inotify.h>
 IN_MODIFY = 0x00000002
@@ -148,3 +154,76 @@ class ConfigWatch:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+# ---- reading complete files: the one rule for every reader of a watched config path (`triomesh proxy
+# --config` and `triomesh controlplane --config`)
+
+QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
+SETTLE_S = 0.2  # two reads this far apart must agree before a config counts as complete
+READ_ATTEMPTS = 5  # files still changing after this many settle rounds are read at the next event or poll
+
+
+class CompleteRead(NamedTuple):
+    sources: Sources
+    fingerprint: Fingerprint  # taken before the reads: a write after them shows as a change
+
+
+class Deferred(NamedTuple):
+    """Not read this time: `files` are open for writing, or the files kept changing."""
+    detail: str
+    files: list[str]
+
+
+def files_being_written(watch: ConfigWatch | None) -> list[str]:
+    if watch is None:
+        return []
+    watch.read_nowait()
+    return watch.being_written()
+
+
+async def wait_file_events(watch: ConfigWatch | None, poll_interval_s: float) -> None:
+    """Until a burst of file events has been quiet for QUIET_S, or poll_interval_s passed (a missed
+    event, no inotify)."""
+    with trio.move_on_after(poll_interval_s):
+        if watch is None:
+            await trio.sleep_forever()
+        await watch.wait_events()
+        while True:
+            with trio.move_on_after(QUIET_S) as quiet:
+                await watch.wait_events()
+            if quiet.cancelled_caught:
+                return
+
+
+def reopen_if_replaced(watch: ConfigWatch | None, path: Path) -> tuple[ConfigWatch | None, bool]:
+    """A watch whose directory was removed or replaced is opened again on the path once it exists
+    (polling covers the time until then). True when it was reopened."""
+    if watch is None or watch.alive or not path.exists():
+        return watch, False
+    watch.close()
+    return ConfigWatch.open(path), True
+
+
+async def read_complete(path: Path, watch: ConfigWatch | None, read: Callable[[], Sources]) -> CompleteRead | Deferred:
+    """The config files as their writers left them: no writer has one open (inotify) and two reads
+    SETTLE_S apart saw the same files and bytes with no file event in between. `read` reads the
+    files (its errors pass through)."""
+    for _ in range(READ_ATTEMPTS):
+        writing = files_being_written(watch)
+        if writing:
+            return Deferred("file open for writing", writing)
+        generation, before = _generation(watch), fingerprint(path)
+        first = read()
+        await trio.sleep(SETTLE_S)
+        if files_being_written(watch):
+            continue
+        second = read()
+        if (generation == _generation(watch) and fingerprint(path) == before
+                and content_digest(first) == content_digest(second)):
+            return CompleteRead(second, before)
+    return Deferred("files still changing", [])
+
+
+def _generation(watch: ConfigWatch | None) -> int:
+    return watch.tracker.generation if watch is not None else 0

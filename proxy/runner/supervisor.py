@@ -60,7 +60,8 @@ from proxy.config.snapshot import Snapshot
 from proxy.runner import admin, control, hot_restart
 from proxy.config.snapshot_transfer import encode_snapshot
 from proxy.runner.config_source import Sources, build_snapshot, content_digest, fingerprint, read_sources
-from proxy.runner.config_watch import ConfigWatch
+from proxy.runner.config_watch import (READ_ATTEMPTS, SETTLE_S, ConfigWatch, Deferred, files_being_written,
+                                        read_complete, reopen_if_replaced, wait_file_events)
 from proxy.runner.workers import WorkerSlot
 from proxy.stats import Stats, cumulative_rows, merge, render_prometheus
 from proxy.telemetry.metrics_overrides import apply_overrides
@@ -69,9 +70,6 @@ from proxy.xds.failover import ControlPlaneAddress
 from proxy.xds.hold import ReconnectHold
 
 CONFIG_POLL_INTERVAL_S = 1.0
-QUIET_S = 0.2  # a burst of file events (a directory written file by file) is read once it is this quiet
-SETTLE_S = 0.2  # two reads this far apart must agree before a config counts as complete
-READ_ATTEMPTS = 5  # files still changing after this many settle rounds are read at the next event or poll
 CONFIRM_REMOVAL_S = 1.0  # an update removing every listener or route is read again after this long
 STATS_TIMEOUT_S = 2.0
 WORKER_APPLY_TIMEOUT_S = 10.0  # a pushed config's ACK waits this long at most for the workers
@@ -297,40 +295,17 @@ class Supervisor:
         except ConfigError as e:  # missing path, unreadable file
             raise self._reject("unreadable", e, trigger=reason, version=str(self._versions + 1)) from e
 
-    def _files_being_written(self) -> list[str]:
-        if self.watch is None:
-            return []
-        self.watch.read_nowait()
-        return self.watch.being_written()
-
-    def _watch_generation(self) -> int:
-        return self.watch.tracker.generation if self.watch is not None else 0
-
     async def _read_complete(self, reason: str) -> Sources | None:
-        """The config files as their writers left them, or None while one is still being written or
-        they keep changing (the writer's close, or the next poll, reads them again). Complete: no
-        writer has one open (inotify) and two reads SETTLE_S apart saw the same files and bytes with
-        no file event in between. Raises ConfigRejected when they cannot be read."""
-        path = self.options.config_path
-        for _ in range(READ_ATTEMPTS):
-            writing = self._files_being_written()
-            if writing:
-                self.log.info("config_deferred", reason=reason, detail="file open for writing", files=writing)
-                self._last_fingerprint = None
-                return None
-            generation, before = self._watch_generation(), fingerprint(path)
-            first = self._read_now(reason)
-            await trio.sleep(SETTLE_S)
-            if self._files_being_written():
-                continue
-            second = self._read_now(reason)
-            if (generation == self._watch_generation() and fingerprint(path) == before
-                    and content_digest(first) == content_digest(second)):
-                self._last_fingerprint = before
-                return second
-        self.log.info("config_deferred", reason=reason, detail="files still changing")
-        self._last_fingerprint = None
-        return None
+        """The config files as their writers left them (proxy/runner/config_watch.py), or None while
+        one is still being written or they keep changing (the writer's close, or the next poll, reads
+        them again). Raises ConfigRejected when they cannot be read."""
+        read = await read_complete(self.options.config_path, self.watch, lambda: self._read_now(reason))
+        if isinstance(read, Deferred):
+            self.log.info("config_deferred", reason=reason, detail=read.detail, **({"files": read.files} if read.files else {}))
+            self._last_fingerprint = None
+            return None
+        self._last_fingerprint = read.fingerprint
+        return read.sources
 
     async def _confirm_removals(self, new: ActiveConfig, reason: str) -> bool:
         """An update that takes away every listener, or every route of a listener, is what a cut or
@@ -551,22 +526,12 @@ class Supervisor:
         """Wake on file events (at once) or every CONFIG_POLL_INTERVAL_S (a missed event, no
         inotify); ask for a reload when the files changed and no config file is being written."""
         while True:
-            with trio.move_on_after(CONFIG_POLL_INTERVAL_S):
-                if self.watch is None:
-                    await trio.sleep_forever()
-                await self.watch.wait_events()
-                while True:  # a burst of events (a directory written file by file) is read once, quiet
-                    with trio.move_on_after(QUIET_S) as quiet:
-                        await self.watch.wait_events()
-                    if quiet.cancelled_caught:
-                        break
-            if self.watch is not None and not self.watch.alive and self.options.config_path.exists():
-                # the directory itself was replaced (polling covers the time until it is back)
-                self.watch.close()
-                self.watch = ConfigWatch.open(self.options.config_path)
+            await wait_file_events(self.watch, CONFIG_POLL_INTERVAL_S)
+            self.watch, reopened = reopen_if_replaced(self.watch, self.options.config_path)
+            if reopened:
                 self.log.info("config_watching", path=str(self.options.config_path), inotify=self.watch is not None,
                               detail="directory replaced")
-            if self._files_being_written():
+            if files_being_written(self.watch):
                 continue  # its writer's IN_CLOSE_WRITE wakes this loop again
             if self._last_fingerprint is None or fingerprint(self.options.config_path) != self._last_fingerprint:
                 self.request_reload("file_changed")

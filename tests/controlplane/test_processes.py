@@ -36,13 +36,13 @@ def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition"):
 
 
 class ControlPlaneProcess:
-    def __init__(self, tmp: Path, config: Path, port: int = 0) -> None:
+    def __init__(self, tmp: Path, config: Path, port: int = 0, extra: tuple[str, ...] = ()) -> None:
         self.port_file = tmp / f"cp-{time.monotonic_ns()}.port"
         self.log = open(tmp / "controlplane.log", "ab")
         self.proc = subprocess.Popen(
             [PY, "-m", "controlplane.cli", "controlplane", "--config", str(config), "--listen", f"127.0.0.1:{port}",
              "--port-file", str(self.port_file), "--insecure-plaintext", "--heartbeat-interval", "0.3", "--grace-period", "1",
-             "--debounce", "0.05", "--poll-interval", "0.1"],
+             "--debounce", "0.05", "--poll-interval", "0.1", *extra],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         text = wait_until(lambda: self.port_file.exists() and self.port_file.read_text(), what="control plane port")
         self.port = int(text)
@@ -135,6 +135,25 @@ def test_cli_apply_delete_and_proxy_status(tmp_path, procs):
     assert r.returncode == 1 and b"error: control plane at 127.0.0.1:" in r.stderr
 
 
+def test_the_heap_is_settled_after_start_up_and_after_each_change(tmp_path, procs):
+    """controlplane/heap.py: a quiet second after start-up, and after a change, the control plane
+    collects and freezes what survived (logged at debug)."""
+    config = write_mesh(tmp_path / "config")
+    cp = ControlPlaneProcess(tmp_path, config, extra=("--log-level", "debug"))
+    procs.append(cp)
+
+    def settles() -> list[dict]:
+        lines = (tmp_path / "controlplane.log").read_text().splitlines()
+        return [json.loads(l) for l in lines if '"heap_settled"' in l]
+
+    first = wait_until(settles, what="settled after start-up")
+    assert first[0]["frozen"] > 10_000 and first[0]["full"] is False
+    change = tmp_path / "change.yaml"
+    change.write_text(split(10, 90))
+    assert cli("apply", "-f", str(change), "--controlplane", cp.address).returncode == 0
+    wait_until(lambda: len(settles()) == 2, what="settled after the change")
+
+
 def test_control_plane_restart_and_proxy_restart(tmp_path, procs):
     config = write_mesh(tmp_path / "config")
     cp = ControlPlaneProcess(tmp_path, config)
@@ -166,12 +185,13 @@ def test_control_plane_restart_and_proxy_restart(tmp_path, procs):
     wait_until(lambda: [(p["node_id"], p.get("connected", True), p.get("acked_version"))
                         for p in status(cp2.address)["proxies"]] == [("a", True, v2)], what="one entry, connected, acked")
     # an invalid file in the watched directory is refused; proxies stay on v2
+    # (written in place: the control plane reads it once its writer has closed it, never half written)
     (config / "routes.yaml").write_text(split(30, 80))
-    time.sleep(0.6)
+    wait_until(lambda: "total destination weight 110 != 100" in (tmp_path / "controlplane.log").read_text(),
+               what="the invalid file refused")
     # the restarted control plane kept its version (1) and counted the change made while it was down
     assert a2.applied()[-1]["version"] == v2 and status(cp2.address)["config_version"] == "2"
-    log = (tmp_path / "controlplane.log").read_text()
-    assert "total destination weight 110 != 100" in log and "config_rejected" in log
+    assert "config_rejected" in (tmp_path / "controlplane.log").read_text()
 
 
 def test_proxy_config_reads_the_admin_endpoint_of_a_proxy_found_by_node_id(tmp_path, procs):

@@ -400,3 +400,20 @@ async def test_a_proxy_that_serves_its_view_already_is_sent_nothing_and_gets_del
     assert full.full and full.version == snap.version
     await resumed.aclose()
     await stale.aclose()
+
+
+async def test_a_config_file_is_not_taken_while_its_writer_has_it_open(tmp_path, nursery):
+    """The directory is read by the proxy's --config rule (docs/config-reload.md): routes.yaml cut to a
+    comment is a valid mesh on its own (no VirtualService), yet is not taken while its writer still
+    has the file open; the writer's close brings the complete file in."""
+    store = ConfigStore(write_mesh(tmp_path))
+    store.load_directory()
+    await start_plane(nursery, store, poll_interval_s=0.05)
+    async with await trio.open_file(tmp_path / "routes.yaml", "w") as f:
+        await f.write("# generated\n")
+        await f.flush()
+        await trio.sleep(0.8)  # several polls and settle delays: what must not happen has had its chance
+        assert store.version == "1" and VS_KEY in store.state
+        await f.write(split(30, 70))
+    await wait_for(lambda: store.version == "2", what="the complete file taken")
+    assert [rd.weight for rd in store.state[VS_KEY].resource.obj.spec.http[0].route] == [30, 70]

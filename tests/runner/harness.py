@@ -271,13 +271,16 @@ class ControlPlane:
     proc: subprocess.Popen | None = None
     # e.g. ["--ca-dir", DIR] for TLS; without --ca-dir the control plane runs with --insecure-plaintext
     extra_args: list[str] = field(default_factory=list)
+    # how long a disconnected proxy stays registered: short for the tests of expiry; a test that
+    # restarts a proxy and expects its entry resumed needs it longer than a loaded machine's stop + start
+    grace_period_s: float = 2.0
 
     def start(self) -> ControlPlane:
         port_file = self.workdir / f"cp-{time.monotonic_ns()}.port"
         self.log_path = self.workdir / f"controlplane-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "proxy.cli", "controlplane", "--config", str(self.config),
                "--listen", f"127.0.0.1:{self.port}", "--port-file", str(port_file),
-               "--heartbeat-interval", "1", "--grace-period", "2", "--debounce", "0.05", "--poll-interval", "0.2",
+               "--heartbeat-interval", "1", "--grace-period", str(self.grace_period_s), "--debounce", "0.05", "--poll-interval", "0.2",
                *(self.extra_args if "--ca-dir" in self.extra_args else ["--insecure-plaintext", *self.extra_args])]
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,

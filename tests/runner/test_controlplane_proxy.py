@@ -283,7 +283,9 @@ def test_invalid_apply_controlplane_restart_and_proxy_restart(tmp_path, mesh, pr
     assert backends_hit(gw_port, 20) == Counter(v1=20)
     # the config changes meanwhile; a control plane started again on the same address resyncs the proxy
     (config / "mesh.yaml").write_text(mesh_config(gw_port, v1.port, v2.port, weights=(0, 100)))
-    cp2 = ControlPlane(config, tmp_path, port=cp.port).start()
+    # its grace period outlasts the proxy's stop and restart below (a drain takes seconds on a loaded
+    # machine), so the restarted proxy resumes its entry rather than registering after an expiry
+    cp2 = ControlPlane(config, tmp_path, port=cp.port, grace_period_s=60).start()
     procs.append(cp2)
     v_resync = proxy.wait_for(lambda: (v := served_version(proxy)) not in ("", v_start) and v, "resync", timeout_s=20)
     assert backends_hit(gw_port, 20) == Counter(v2=20)
