@@ -173,6 +173,8 @@ class TlsConn(Conn):
             lib.SSL_set_connect_state(pointer)
             if server_hostname:
                 _set_server_hostname(pointer, server_hostname, context.check_hostname)
+            elif context.check_hostname:  # as the stdlib refuses: a check with no name would pass anyone
+                raise TlsError("TLS error: the server's name to check is missing (check_hostname)", "connection_error")
         if initial:
             lib.BIO_write(self.incoming, bytes(initial), len(initial))
         self._pending: list = []  # ciphertext not yet taken by the kernel, oldest first
@@ -578,8 +580,10 @@ def _set_server_hostname(pointer, name: str, check: bool) -> None:
     parameters = lib.SSL_get0_param(pointer)
     if address is not None:
         packed = address.packed
-        lib.X509_VERIFY_PARAM_set1_ip(parameters, packed, len(packed))
+        done = lib.X509_VERIFY_PARAM_set1_ip(parameters, packed, len(packed))
     else:
         lib.X509_VERIFY_PARAM_set_hostflags(parameters, lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
         encoded = name.encode("idna")
-        lib.X509_VERIFY_PARAM_set1_host(parameters, encoded, len(encoded))
+        done = lib.X509_VERIFY_PARAM_set1_host(parameters, encoded, len(encoded))
+    if done != 1:  # unchecked, any certificate of the trusted CAs would pass
+        raise TlsError(f"TLS error: cannot check the server's name {name!r}", "connection_error")

@@ -31,6 +31,7 @@ ALPN_PROTOCOLS = ("h2", "http/1.1")
 # about 45 µs more per handshake)
 GROUPS = "X25519:P-256:P-384"
 SESSION_ID_CONTEXT = b"triomesh"
+_ALERT_HANDSHAKE_FAILURE = 40  # RFC 8446 section 6.2
 
 # Istio's TLSProtocol values as OpenSSL's version numbers; TLS_AUTO means "the default" (1.2 for the
 # minimum, 1.3 for the maximum)
@@ -151,6 +152,13 @@ class TlsContext:
                 alert[0] = chosen
                 return lib.SSL_TLSEXT_ERR_ALERT_FATAL
             if chosen is not self:
+                if lib.SSL_session_reused(ssl):
+                    # OpenSSL resumes against the first context (its tickets and cache) before this
+                    # callback: a session made for another server of the port would skip this one's
+                    # client certificate check. Listeners of several servers resume nothing
+                    # (ListenerTls); this refuses it should one come all the same
+                    alert[0] = _ALERT_HANDSHAKE_FAILURE
+                    return lib.SSL_TLSEXT_ERR_ALERT_FATAL
                 # the chosen server's certificate and trust (SSL_set_SSL_CTX) and its client
                 # certificate requirement, which OpenSSL copied from the first context at SSL_new
                 lib.SSL_set_SSL_CTX(ssl, chosen.pointer)

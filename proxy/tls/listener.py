@@ -130,6 +130,11 @@ class ListenerTls:
                       origin=files.origin, error=str(e))
             return
         context.set_server_name_handler(self._on_server_name)
+        if len(self.servers) > 1:
+            # OpenSSL resumes a session with the first context's tickets and cache, before SNI picks
+            # the server: a session made for one server (none or another CA for client
+            # certificates) must never pass for another, so a port of several servers resumes none
+            context.without_session_tickets()
         entry.context = context
         entry.fingerprint = fingerprint
         entry.last_error = ""

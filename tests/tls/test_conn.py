@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from proxy.l7.reactor import Reactor
-from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsHandshakeError
+from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsError, TlsHandshakeError
 from proxy.tls.context import client_context, server_context
 from proxy.tls.openssl import OpenSslError
 from tests.tls.certs import tcp_pair, write_cert
@@ -308,3 +308,15 @@ async def test_mutual_tls_peer_principal_is_the_spiffe_id(tmp_path):
         assert client.peer_principal() is None  # the server's certificate names a host, not a workload
         client.close()
         server.close()
+
+
+async def test_a_client_that_checks_hostnames_needs_a_name_to_check(server_files) -> None:
+    """As the stdlib refuses it: with no name, the check would let any certificate of the CA pass."""
+    client_sock, server_sock = tcp_pair()
+    try:
+        with pytest.raises(TlsError, match="name to check is missing"):
+            TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False)
+        TlsConn(client_sock, client_context(ca_file=server_files.ca, check_hostname=False), server_side=False).close()
+    finally:
+        client_sock.close()
+        server_sock.close()

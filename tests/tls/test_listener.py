@@ -157,3 +157,66 @@ async def test_a_mutual_server_chosen_by_sni_requires_its_client_certificate(ca,
     assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
     server, failure = await handshake("example.com")  # the SIMPLE catch-all asks for no certificate
     assert failure is None and runtime.server_for(server).mode == "SIMPLE"
+
+
+async def test_a_session_of_one_server_is_never_resumed_for_another(ca, tmp_path, server_files):
+    """TLS resumption skips the client certificate: a session the SIMPLE default server made (no
+    certificate asked) offered with the SNI of the port's MUTUAL server is refused, and a session of
+    the MUTUAL server resumes there only. The client is the stdlib's, which offers a session as given."""
+    import ssl
+    import threading
+
+    import trio
+
+    from proxy.tls.conn import TlsConn, TlsHandshakeError
+    from tests.tls.certs import tcp_pair
+
+    mutual = ServerTls(("mtls.example.com",), "MUTUAL",
+                       CertificateFiles(server_files.cert, server_files.key, server_files.ca, origin="files"),
+                       listener="mtls")
+    runtime = ListenerTls("l", (_server(server_files, "*"), mutual), Stats())
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+    anonymous = ssl.create_default_context(cafile=server_files.ca)
+    anonymous.check_hostname = False
+    with_certificate = ssl.create_default_context(cafile=server_files.ca)
+    with_certificate.check_hostname = False
+    with_certificate.load_cert_chain(client_files.cert, client_files.key)
+
+    async def connect(client_context: ssl.SSLContext, server_name: str, session: ssl.SSLSession | None):
+        """(the server's failure or None, the client's session, whether the client resumed)."""
+        client_sock, server_sock = tcp_pair()
+        seen: dict = {}
+
+        def client() -> None:
+            try:
+                with client_context.wrap_socket(client_sock, server_hostname=server_name, session=session) as tls:
+                    tls.recv(1)  # the server's byte: TLS 1.3 tickets arrive with it
+                    seen.update(session=tls.session, reused=tls.session_reused)
+            except (ssl.SSLError, OSError) as e:
+                seen["error"] = e
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        server = TlsConn(server_sock, runtime.initial_context(), server_side=True)
+        failure = None
+        try:
+            await server.handshake(5.0)
+            await server.send_all(b"x")
+            await trio.sleep(0.2)
+        except TlsHandshakeError as e:
+            failure = e
+        finally:
+            server.close()
+            await trio.to_thread.run_sync(thread.join)
+        return failure, seen.get("session"), seen.get("reused", False)
+
+    failure, simple_session, reused = await connect(anonymous, "example.com", None)
+    assert failure is None and not reused and simple_session is not None
+    failure, _, reused = await connect(anonymous, "mtls.example.com", simple_session)
+    assert failure is not None and not reused  # before the fix: resumed, MUTUAL without a certificate
+    failure, mutual_session, _ = await connect(with_certificate, "mtls.example.com", None)
+    assert failure is None and mutual_session is not None
+    failure, _, reused = await connect(with_certificate, "example.com", mutual_session)
+    assert failure is None and not reused  # offered to the SIMPLE server: a full handshake instead
+    failure, _, _ = await connect(with_certificate, "mtls.example.com", mutual_session)
+    assert failure is None  # its own server: resumed or not, the handshake succeeds
