@@ -59,6 +59,11 @@ class TimeoutSweeper:
             while True:
                 await trio.sleep(self.period_s)
                 now = monotonic()
+                if self.every_second is not None and now - last_housekeeping >= 1.0:
+                    last_housekeeping = now  # before the expiries: a paced crowd must not hold it up
+                    self.every_second()
+                # paced (see the module docstring): a deadline passing meanwhile waits for the next
+                # sweep, so in a crowd of N every timeout of the worker is late by up to N/1,000 s
                 late = [w for w in self.watched if w.io_deadline <= now]
                 for start in range(0, len(late), EXPIRE_BATCH):
                     if start:
@@ -67,8 +72,5 @@ class TimeoutSweeper:
                         if w.io_deadline <= now:  # not re-armed by bytes that came during a yield
                             w.io_deadline = float("inf")
                             w.expire()
-                if self.every_second is not None and now - last_housekeeping >= 1.0:
-                    last_housekeeping = now
-                    self.every_second()
         finally:
             self.running = False
