@@ -8,8 +8,9 @@ that epoll's file descriptor is readable (Trio watches it like any socket), then
 stream in one pass, decoding all its complete frames (`FramedStream.receive_nowait`), and hands each
 message to the stream's handler, a plain function. A handler that has to await (answer a certificate
 request, say) returns the work instead; it runs in the stream's own task, which otherwise sleeps until
-its stream ends, in the order the messages came. So per ACK there is a recv and a decode, and no task
-switch.
+its stream ends, one piece of work after another in the order the messages came (a handler itself runs
+when its message is read, so an ACK read behind a certificate request is handled before that request's
+work has run). So per ACK there is a recv and a decode, and no task switch.
 
 A stream ends when its peer closes it, on a bad frame, when its handler raises ProtocolError, or when
 anyone closes it (`FramedStream.on_close`, told before the socket closes, takes it out of the set);
@@ -68,8 +69,8 @@ class Receiver:
         entry = _Entry(framed, fd, handler)
         self._entries[fd] = entry
         framed.on_close = lambda: self._end(entry)
-        self._epoll.register(fd, select.EPOLLIN)
         try:
+            self._epoll.register(fd, select.EPOLLIN)
             self.now = trio.current_time()
             self._read(entry)  # messages decoded before the stream came here
             while True:
