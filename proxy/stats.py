@@ -261,7 +261,8 @@ def _escape(value: str) -> str:
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 
-def _family(kind: str, name: str) -> str:
+def metric_family(kind: str, name: str) -> str:
+    """The family a merged row belongs to: a histogram's _bucket/_sum/_count rows are one family."""
     if kind == "histogram":
         for suffix in _HISTOGRAM_SUFFIXES:
             if name.endswith(suffix):
@@ -290,7 +291,7 @@ def render_prometheus(merged: dict[tuple[str, str, LabelPairs], int | float]) ->
     """Prometheus text exposition format 0.0.4."""
     families: dict[str, tuple[str, list[tuple[str, LabelPairs, int | float]]]] = {}
     for (kind, name, labels), value in merged.items():
-        family = _family(kind, name)
+        family = metric_family(kind, name)
         families.setdefault(family, (kind, []))[1].append((name, labels, value))
     out: list[str] = []
     for family in sorted(families):

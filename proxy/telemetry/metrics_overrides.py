@@ -9,20 +9,9 @@ would); a literal UPSERT sets a label's value (the same summing applies). Histog
 from __future__ import annotations
 
 from proxy.config.telemetry import MetricsPolicy
-from proxy.stats import LabelPairs
+from proxy.stats import LabelPairs, metric_family
 
 Merged = dict[tuple[str, str, LabelPairs], "int | float"]
-
-_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
-
-
-def _family(kind: str, name: str) -> str:
-    if kind == "histogram":
-        for suffix in _HISTOGRAM_SUFFIXES:
-            if name.endswith(suffix):
-                return name[: -len(suffix)]
-    return name
-
 
 def apply_overrides(merged: Merged, policy: MetricsPolicy | None) -> Merged:
     if policy is None:
@@ -31,7 +20,7 @@ def apply_overrides(merged: Merged, policy: MetricsPolicy | None) -> Merged:
     touched = frozenset().union(*(rule.metrics for rule in rules))
     out: Merged = {}
     for (kind, name, labels), value in merged.items():
-        family = _family(kind, name)
+        family = metric_family(kind, name)
         if family not in touched:
             out[(kind, name, labels)] = out.get((kind, name, labels), 0) + value
             continue
