@@ -68,11 +68,14 @@ class Event:
 
 
 class RequestReceived(Event):
-    # sensitive: the fields the peer sent never indexed (HPACK), None if none
-    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive")
+    # sensitive: the fields the peer sent never indexed (HPACK), None if none; block: the decoded-block
+    # cache entry the fields came from (None when not kept), where the server keeps its own check of them
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive", "block")
 
-    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None) -> None:
+    def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None,
+                 block: _DecodedBlock | None = None) -> None:
         self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
+        self.block = block
 
 
 class ResponseReceived(Event):
@@ -183,13 +186,14 @@ class _Stream:
 class _DecodedBlock:
     """A header block's decoded fields, kept while the HPACK table is unchanged (_decode_block)."""
 
-    __slots__ = ("fields", "never_indexed", "request_length", "response_check")
+    __slots__ = ("fields", "never_indexed", "request_length", "response_check", "server_check")
 
     def __init__(self, fields: list, never_indexed: frozenset | None) -> None:
         self.fields = fields
         self.never_indexed = never_indexed
         self.request_length: int | None = None  # _check_request's result, once a request used the block
         self.response_check: tuple[int, int] | None = None  # _check_response's, once a response did
+        self.server_check = None  # the stream server's own check of the request fields (h2_server), opaque here
 
 
 class _Malformed(Exception):
@@ -691,7 +695,7 @@ class H2Connection:
                     self._malformed(stream_id, "content-length without the DATA", events)
                     return
                 stream.remote_closed = True
-            events.append(RequestReceived(stream_id, fields, end_stream, self.decoder.never_indexed))
+            events.append(RequestReceived(stream_id, fields, end_stream, self.decoder.never_indexed, cached))
             if end_stream:
                 events.append(StreamEnded(stream_id))
             return

@@ -53,7 +53,6 @@ from proxy.l7.h2_codec import (
     GRPC_DEADLINE_EXCEEDED,
     INITIAL_CONNECTION_WINDOW,
     MAX_HEADER_LIST_BYTES,
-    CheckedRequestFields,
     MalformedRequest,
     check_request_fields,
     check_trailers,
@@ -81,7 +80,6 @@ _PREFACE_START = b"PRI * HTTP/2"
 RAPID_RESET_MIN_STREAMS = 100
 MAX_UNANSWERED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 MAX_EMPTY_DATA_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
-MAX_CHECKED_REQUESTS = 32  # checked request field blocks kept per connection (as H2Connection's MAX_CACHED_BLOCKS)
 MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moments spawn more
 # a drain's shutdown notice and its final GOAWAY are this far apart: the streams a client sent before
 # the notice reached it still arrive and are served (RFC 9113 §6.8 asks for at least a round trip)
@@ -310,7 +308,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed", "checked_requests")
+                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -335,7 +333,6 @@ class H2ServerConnection(H2Transport):
         self.ready: deque[H2Stream] = deque()  # streams no worker has taken yet
         self.idle_workers: list = []  # parked stream worker tasks
         self.shutdown_noticed = False  # a drain sent the first GOAWAY (last stream id 2^31-1)
-        self.checked_requests: dict[int, tuple[Headers, CheckedRequestFields]] = {}  # see _remember_checked
 
     def drain(self) -> None:
         """The proxy drains, in two steps as RFC 9113 §6.8 and Envoy do: a GOAWAY naming the largest
@@ -531,12 +528,13 @@ class H2ServerConnection(H2Transport):
         snapshot = plane.holder.current
         fields = event.headers
         try:
-            known = self.checked_requests.get(id(fields))
-            if known is not None and known[0] is fields:
-                checked = known[1]
+            block = event.block  # a repeated header block: checked once, the result kept with it
+            if block is not None and block.server_check is not None:
+                checked = block.server_check
             else:
                 checked = check_request_fields(fields)
-                self._remember_checked(fields, checked)
+                if block is not None:
+                    block.server_check = checked
             parsed = request_from_checked(checked, event.stream_ended)
             head = parsed.head
             head.sensitive = event.sensitive
@@ -558,15 +556,6 @@ class H2ServerConnection(H2Transport):
             reschedule(self.idle_workers.pop())
         else:
             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")  # a name: no formatting per spawn
-
-    def _remember_checked(self, fields: Headers, checked: CheckedRequestFields) -> None:
-        """The connection layer hands out one fields list for every repeat of a header block (while
-        its HPACK table is unchanged): the checks of that list are kept by its identity (the entry
-        holds the list, so the id is not reused while it is kept)."""
-        known = self.checked_requests
-        if len(known) >= MAX_CHECKED_REQUESTS:
-            known.clear()
-        known[id(fields)] = (fields, checked)
 
     def _refused(self, stream_id: int, reason: str, kind: str) -> None:
         """A stream reset for what it sent (malformed, over a limit): counted, logged, and a line in
