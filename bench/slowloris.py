@@ -252,7 +252,9 @@ def cpu_per_slow_byte(target: str, workdir: Path, backend_port: int, envoy_bin: 
             "loadavg": os.getloadavg()[0]}
 
 
-def main_cpu_per_byte(args, envoy_bin: str) -> None:
+def _alternating_runs(args, envoy_bin: str, measure, prefix: str) -> list[dict]:
+    """`measure(target, workdir, backend_port, envoy_bin, args)` for each repetition and target in
+    turn, in front of one nginx backend; each row printed as it comes."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="slowloris-bench-") as tmp:
         tmpdir = Path(tmp)
@@ -260,11 +262,16 @@ def main_cpu_per_byte(args, envoy_bin: str) -> None:
         try:
             for rep in range(args.reps):
                 for target in args.targets.split(","):
-                    row = cpu_per_slow_byte(target, tmpdir / f"{target}-cpu-{rep}", backend.port, envoy_bin, args)
+                    row = measure(target, tmpdir / f"{target}-{prefix}{rep}", backend.port, envoy_bin, args)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
             backend.stop()
+    return rows
+
+
+def main_cpu_per_byte(args, envoy_bin: str) -> None:
+    rows = _alternating_runs(args, envoy_bin, cpu_per_slow_byte, "cpu-")
     print()
     print(f"{args.slow} slow connections, {args.bursts} bursts of one byte each; medians of {args.reps} runs")
     print("| target | proxy CPU µs per slow byte | runs | load average |")
@@ -294,18 +301,7 @@ def main() -> None:
     if args.cpu_per_byte:
         main_cpu_per_byte(args, envoy_bin)
         return
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="slowloris-bench-") as tmp:
-        tmpdir = Path(tmp)
-        backend = start_nginx(tmpdir / "nginx", cpus=None)
-        try:
-            for rep in range(args.reps):
-                for target in args.targets.split(","):
-                    row = one_run(target, tmpdir / f"{target}-{rep}", backend.port, envoy_bin, args)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-        finally:
-            backend.stop()
+    rows = _alternating_runs(args, envoy_bin, one_run, "")
     print()
     print(f"{args.slow} slow connections, {args.rps} req/s over {CONNECTIONS} keep-alive connections, "
           f"{args.duration:g} s per phase, header timeout {args.header_timeout:g} s; medians of {args.reps} runs")
