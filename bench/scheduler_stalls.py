@@ -16,7 +16,9 @@ header timeout. No other client runs. Two phases:
 2. timeout: the header timeout fires for all of them together; each is answered (408) and closed,
    and the client opens a new one at once, as slowloris does.
 Reported per phase, medians over --reps runs: the longest batch, the 99.9th percentile and the sum of
-batches longer than 1 ms (milliseconds of CPU).
+batches longer than 1 ms (milliseconds of CPU); and the garbage collector's passes in the timeout
+phase (gc.callbacks: passes of generations 0/1/2, the longest and their sum, CPU ms), which land
+inside batches.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ HEADER_TIMEOUT_S = 5.0
 BURST_INTERVAL_S = 0.25
 
 _PROXY = r'''
-import json, os, signal, sys, time
+import gc, json, os, signal, sys, time
 sys.path.insert(0, os.environ["TM_SOURCE"])
 import trio
 
@@ -63,6 +65,22 @@ class BatchClock(trio.abc.Instrument):
             self.batches.setdefault(self.phase, []).append(time.thread_time() - self.started)
 
 
+class GcClock:
+    """Each garbage collection's generation and CPU time (gc.callbacks), per phase."""
+
+    def __init__(self, batch_clock):
+        self.batch_clock = batch_clock
+        self.started = 0.0
+        self.passes = {}
+
+    def __call__(self, stage, info):
+        if stage == "start":
+            self.started = time.thread_time()
+        else:
+            self.passes.setdefault(self.batch_clock.phase, []).append(
+                (info["generation"], time.thread_time() - self.started))
+
+
 async def main():
     from proxy import logging as proxy_logging
     from proxy.config.compile import compile_resources
@@ -81,6 +99,8 @@ async def main():
     settings = HttpSettings(request_headers_timeout_s=float(os.environ["TM_HEADER_TIMEOUT_S"]))
     clock = BatchClock()
     trio.lowlevel.add_instrument(clock)
+    gc_clock = GcClock(clock)
+    gc.callbacks.append(gc_clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(serve_listener, sock, listener.name, DataPlane(SnapshotHolder(snapshot), Stats(), None, settings))
         with open(port_file, "w") as f:
@@ -92,7 +112,7 @@ async def main():
                 clock.phase = {"start": "bursts", "bursts": "timeout"}.get(clock.phase, "end")
         nursery.cancel_scope.cancel()
     with open(out_file, "w") as f:
-        json.dump(clock.batches, f)
+        json.dump({"batches": clock.batches, "gc": gc_clock.passes}, f)
 
 trio.run(main)
 '''
@@ -167,13 +187,22 @@ def one_run(source: Path, backend_port: int, workdir: Path, args) -> dict:
             s.close()
         if proc.poll() is None:
             proc.kill()
-    batches = json.loads(out_file.read_text())
+    measured = json.loads(out_file.read_text())
+    batches = measured["batches"]
     row = {"source": str(source), "answered_408": answered_408, "loadavg": os.getloadavg()[0]}
     for phase in ("bursts", "timeout"):
         ms = sorted(b * 1e3 for b in batches.get(phase, []))
         row[phase] = {"batches": len(ms), "max_ms": ms[-1], "p999_ms": ms[int(len(ms) * 0.999)],
                       "over_1ms_sum_ms": sum(b for b in ms if b > 1.0), "cpu_ms": sum(ms)}
+        passes = measured["gc"].get(phase, [])
+        row[phase]["gc"] = {"passes_by_generation": [sum(1 for g, _ in passes if g == n) for n in range(3)],
+                            "max_ms": max((d * 1e3 for _, d in passes), default=0.0),
+                            "sum_ms": sum(d for _, d in passes) * 1e3}
     return row
+
+
+def med_gc(key: str, rows: list[dict]) -> float:
+    return statistics.median(r["timeout"]["gc"][key] for r in rows)
 
 
 def main() -> None:
@@ -200,8 +229,9 @@ def main() -> None:
     print()
     print(f"{args.slow} slow connections on one worker, {args.bursts} byte bursts, then their header timeout "
           f"and reconnection; medians of {args.reps} runs, scheduler batch CPU in ms")
-    print("| source | bursts: max / p99.9 / >1 ms sum / total | timeout: max / p99.9 / >1 ms sum / total | 408s |")
-    print("|---|---|---|---|")
+    print("| source | bursts: max / p99.9 / >1 ms sum / total | timeout: max / p99.9 / >1 ms sum / total "
+          "| timeout GC: passes gen 0/1/2, max / sum | 408s |")
+    print("|---|---|---|---|---|")
     for source in sources:
         mine = [r for r in rows if r["source"] == str(source)]
 
@@ -209,7 +239,11 @@ def main() -> None:
             return statistics.median(r[phase][key] for r in mine)
         cells = [" / ".join(f"{med(p, k):.2f}" for k in ("max_ms", "p999_ms", "over_1ms_sum_ms", "cpu_ms"))
                  for p in ("bursts", "timeout")]
-        print(f"| {source} | {cells[0]} | {cells[1]} | {statistics.median(r['answered_408'] for r in mine):.0f} |")
+        passes = "/".join(f"{statistics.median(r['timeout']['gc']['passes_by_generation'][n] for r in mine):.0f}"
+                          for n in range(3))
+        gc_cell = f"{passes}, {med_gc('max_ms', mine):.2f} / {med_gc('sum_ms', mine):.2f}"
+        print(f"| {source} | {cells[0]} | {cells[1]} | {gc_cell} | "
+              f"{statistics.median(r['answered_408'] for r in mine):.0f} |")
 
 
 if __name__ == "__main__":
