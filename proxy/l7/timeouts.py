@@ -7,18 +7,20 @@ and wakes the late ones (ReadTimeout for a read, a connection error for a write)
 quarter of the shortest timeout (at most 1 s): plenty for timeouts of seconds to minutes.
 
 Connections opened together time out together (thousands of slowloris connections reach their
-header timeout in the same sweep). Each woken connection then answers 408 and closes in the same
-scheduler batch, and every other connection of the worker waits for the whole batch. So a sweep wakes
-at most EXPIRE_BATCH connections, then sleeps EXPIRE_PACE_S: the worker's other sockets are polled and
-served between batches. A 408 and its close cost about 50-90 µs of the worker's CPU (the kernel's part
-of the send and the close included), and a slowloris client reconnects at once, so each expiry brings
-an accept and a new connection too (about 120 µs in all). Woken back to back (a checkpoint between
-batches), a thousand of them kept a worker busy for ~120 ms while its keep-alive clients' requests
-queued behind them in the ready list: their p99 went from 4 to 43 ms (`bench.slowloris`, 2,000 slow
-connections on 2 workers). Paced at 8 every 8 ms (1,000 a second per worker, about an eighth of the
-worker's time) the same crowd ends within a second and that p99 stayed at 2.2 ms (0.77 ms quiet;
-Envoy beside it 3.2 ms). A timeout is then late by up to (late connections / 1,000) s: a slow client
-has nothing to lose by waiting longer for its 408.
+header timeout in the same sweep). Each woken connection then answers 408 and closes, and a
+slowloris client reconnects at once, so each expiry also brings an accept and a new connection:
+about 120 µs of the worker's CPU in all (the kernel's part of the send and the close included).
+Woken back to back, a thousand of them kept a worker busy for ~120 ms while its keep-alive clients'
+requests queued behind them: their p99 went from 4 to 43 ms (`bench.slowloris`, 2,000 slow
+connections on 2 workers). So a sweep paces them: one every EXPIRE_PACE_S (1,000 a second per
+worker, about an eighth of the worker's time; a crowd of a thousand ends within a second), and the
+worker's other sockets are polled and served in between, so a request that arrives meanwhile
+waits behind one expiry at most. Batches of 8 every 8 ms (the same rate) made the others wait
+behind batches of about a millisecond (`bench.scheduler_stalls`; docs/overload.md has the
+figures). On a loaded machine the sweeper's 1 ms sleeps end late; it then catches up with up to
+EXPIRE_CATCH_UP expiries at once, so the rate holds: timing out one at a time at whatever pace the
+timer allowed had answered a quarter of the crowd several seconds late. A timeout is late by up
+to (late connections / 1,000) s: a slow client has nothing to lose by waiting longer for its 408.
 """
 
 from __future__ import annotations
@@ -28,8 +30,14 @@ from typing import Callable, Protocol
 
 import trio
 
-EXPIRE_BATCH = 8  # connections woken per scheduler batch (see the module docstring)
-EXPIRE_PACE_S = 0.008  # between two batches: at most 1,000 expiries a second per worker
+EXPIRE_PACE_S = 0.001  # one expiry per interval: at most 1,000 a second per worker (see the module docstring)
+EXPIRE_CATCH_UP = 8  # most expiries in one scheduler batch, after a sleep that ended late
+
+
+def expiries_due(paced_for_s: float, done: int) -> int:
+    """How many expiries to do now, `paced_for_s` after a crowd's first and with `done` done: one per
+    EXPIRE_PACE_S on average, at least one, at most EXPIRE_CATCH_UP after a late wake-up."""
+    return max(1, min(EXPIRE_CATCH_UP, int(paced_for_s / EXPIRE_PACE_S) + 1 - done))
 
 
 class Watched(Protocol):
@@ -65,10 +73,14 @@ class TimeoutSweeper:
                 # paced (see the module docstring): a deadline passing meanwhile waits for the next
                 # sweep, so in a crowd of N every timeout of the worker is late by up to N/1,000 s
                 late = [w for w in self.watched if w.io_deadline <= now]
-                for start in range(0, len(late), EXPIRE_BATCH):
-                    if start:
+                paced_from = monotonic()
+                done = 0
+                while done < len(late):
+                    if done:
                         await trio.sleep(EXPIRE_PACE_S)
-                    for w in late[start:start + EXPIRE_BATCH]:
+                    batch = late[done:done + expiries_due(monotonic() - paced_from, done)]
+                    done += len(batch)
+                    for w in batch:
                         if w.io_deadline <= now:  # not re-armed by bytes that came during a yield
                             w.io_deadline = float("inf")
                             w.expire()
