@@ -6,9 +6,11 @@ bytes the ordinary way."""
 
 from __future__ import annotations
 
+import gc
 import json
 import socket
 import struct
+import types
 
 import trio
 
@@ -137,6 +139,49 @@ async def test_the_header_timeout_answers_408_while_parked(nursery):
     assert proxy.counter("triomesh_downstream_rq_header_timeout_total") == 1
     assert proxy.counter("triomesh_downstream_rq_total", response_code="408") == 1
     assert backend.requests == []
+
+
+def _ours(obj) -> bool:
+    """An object of the proxy's code: an instance of its classes, one of its functions or frames."""
+    if isinstance(obj, types.FrameType):
+        return "/proxy/" in obj.f_code.co_filename
+    if isinstance(obj, types.FunctionType):
+        return (obj.__module__ or "").startswith("proxy.")
+    return type(obj).__module__.startswith("proxy.")
+
+
+async def test_connections_ended_by_the_header_timeout_leave_no_garbage_cycles(nursery):
+    """Each closed connection is freed by reference counting, not left to the garbage collector,
+    whose passes would otherwise land in the wave of 408s and reconnections."""
+    settings = HttpSettings(request_headers_timeout_s=0.3)
+    proxy, _ = await _setup(nursery, settings)
+    count = 20
+    gc.collect()
+    gc.disable()  # an automatic pass would collect the cycles before the check below sees them
+    try:
+        streams = [await trio.open_tcp_stream("127.0.0.1", proxy.port) for _ in range(count)]
+        for stream in streams:
+            await stream.send_all(b"GET /small HTTP/1.1\r\nhost: svc\r\n")
+        await trio.sleep(BYTE_GAP_S)
+        for stream in streams:
+            await stream.send_all(b"x-slow: a")  # parked: the socket was emptied by a short read
+        for stream in streams:
+            async with stream:
+                assert (await _read_until_closed(stream, 5)).startswith(b"HTTP/1.1 408")
+        with trio.fail_after(2):
+            while proxy.plane.downstream_cx_active.value:
+                await trio.sleep(0.01)
+        assert proxy.counter("triomesh_downstream_rq_header_timeout_total") == count
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            gc.collect()
+            ours = [obj for obj in gc.garbage if _ours(obj)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    finally:
+        gc.enable()
+    assert not ours, f"{len(ours)} objects left to the garbage collector, e.g. {ours[:5]}"
 
 
 async def test_an_invalid_or_oversized_parked_head_is_answered_at_once(nursery):
