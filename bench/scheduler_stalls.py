@@ -90,6 +90,12 @@ async def main():
     from proxy.runtime import SnapshotHolder
     from proxy.stats import Stats
     proxy_logging.configure(level="error")  # as `triomesh proxy --log-level error`
+    try:  # what a worker does at start-up, in a checkout that has it
+        from proxy.runner.worker import freeze_startup_objects
+    except ImportError:
+        pass
+    else:
+        freeze_startup_objects()
     with open(config, "rb") as f:
         snapshot = compile_resources(load_bytes(f.read(), "bench.yaml"), version="1", bind_address="127.0.0.1")
     listener = snapshot.listeners[0]
