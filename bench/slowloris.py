@@ -1,6 +1,6 @@
 """Slow clients side by side: other clients' latency with and without thousands of slowloris connections.
 
-    python -m bench.slowloris [--reps 3] [--slow 2000] [--envoy PATH]
+    python -m bench.slowloris [--reps 3] [--slow 2000] [--envoy PATH] [--source DIR ...]
     python -m bench.slowloris --cpu-per-byte [--reps 5] [--slow 2000]
 
 Per repetition, triomesh and Envoy alternate, each with 2 workers in front of the same nginx backend
@@ -18,6 +18,9 @@ moves far less than latency: --slow connections send their request line, then --
 byte each (0.2 s apart, never the end of the head); the proxy's CPU time (all processes, user and
 kernel, from schedstat) over the bursts, minus its CPU over an equally long quiet interval, divided
 by the bytes sent.
+
+`--source DIR` (repeatable) runs triomesh from another checkout (its proxy/ first on PYTHONPATH),
+one target per checkout, alternating with the others: a change and its parent side by side.
 
 Reported per run and as medians over the runs: quiet and slowloris p50/p99/max, the p99 ratio, the
 408s the slow connections received, and h2load's failed requests. Bounded: each phase lasts
@@ -149,6 +152,7 @@ def start_target(target: str, workdir: Path, backend_port: int, envoy_bin: str, 
         cmd = [envoy_bin, "-c", str(conf), "--concurrency", "2", "--log-level", "error", "--disable-hot-restart"]
         log = workdir / "envoy.log"
     else:
+        target, _, source = target.partition(":")
         config_dir = workdir / "config"
         config_dir.mkdir(exist_ok=True)
         (config_dir / "bench.yaml").write_text(triomesh_config(port, backend_port))
@@ -157,7 +161,8 @@ def start_target(target: str, workdir: Path, backend_port: int, envoy_bin: str, 
                "--bind-address", "127.0.0.1", "--admin-address", f"127.0.0.1:{admin_port}", "--log-level", "error",
                "--request-headers-timeout", f"{header_timeout_s:g}s"]
         log = workdir / "triomesh.log"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    env = dict(os.environ, PYTHONPATH=source) if target == "triomesh" and source else None
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"), env=env)
     started = Started(target, proc, port, workdir)
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/small")
@@ -252,6 +257,17 @@ def cpu_per_slow_byte(target: str, workdir: Path, backend_port: int, envoy_bin: 
             "loadavg": os.getloadavg()[0]}
 
 
+def _targets(args) -> list[str]:
+    """--targets, with triomesh once per --source ("triomesh:DIR")."""
+    targets = []
+    for target in args.targets.split(","):
+        if target == "triomesh" and args.source:
+            targets += [f"triomesh:{source}" for source in args.source]
+        else:
+            targets.append(target)
+    return targets
+
+
 def _alternating_runs(args, envoy_bin: str, measure, prefix: str) -> list[dict]:
     """`measure(target, workdir, backend_port, envoy_bin, args)` for each repetition and target in
     turn, in front of one nginx backend; each row printed as it comes."""
@@ -261,8 +277,8 @@ def _alternating_runs(args, envoy_bin: str, measure, prefix: str) -> list[dict]:
         backend = start_nginx(tmpdir / "nginx", cpus=None)
         try:
             for rep in range(args.reps):
-                for target in args.targets.split(","):
-                    row = measure(target, tmpdir / f"{target}-{prefix}{rep}", backend.port, envoy_bin, args)
+                for number, target in enumerate(_targets(args)):
+                    row = measure(target, tmpdir / f"{number}-{prefix}{rep}", backend.port, envoy_bin, args)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         finally:
@@ -276,7 +292,7 @@ def main_cpu_per_byte(args, envoy_bin: str) -> None:
     print(f"{args.slow} slow connections, {args.bursts} bursts of one byte each; medians of {args.reps} runs")
     print("| target | proxy CPU µs per slow byte | runs | load average |")
     print("|---|---|---|---|")
-    for target in args.targets.split(","):
+    for target in _targets(args):
         mine = [r for r in rows if r["target"] == target]
         runs = ", ".join(f"{r['cpu_us_per_slow_byte']:.1f}" for r in mine)
         loads = [r["loadavg"] for r in mine]
@@ -293,6 +309,8 @@ def main() -> None:
                     help="seconds of each phase (default 12: the slowloris phase sees a header timeout burst)")
     ap.add_argument("--header-timeout", type=float, default=10.0, help="request header timeout, seconds")
     ap.add_argument("--targets", default="triomesh,envoy")
+    ap.add_argument("--source", action="append", default=[],
+                    help="checkout whose proxy/ triomesh runs (repeat to alternate several; default: as this process imports it)")
     ap.add_argument("--envoy", default=None, help="Envoy binary (default: bench/.venv-bench, installed if missing)")
     ap.add_argument("--cpu-per-byte", action="store_true", help="measure the proxy's CPU per slow byte instead")
     ap.add_argument("--bursts", type=int, default=20, help="with --cpu-per-byte: bursts of one byte per connection")
@@ -307,7 +325,7 @@ def main() -> None:
           f"{args.duration:g} s per phase, header timeout {args.header_timeout:g} s; medians of {args.reps} runs")
     print("| target | quiet p50 / p99 / max ms | slowloris p50 / p99 / max ms | p99 ratio | failed | 408s |")
     print("|---|---|---|---|---|---|")
-    for target in args.targets.split(","):
+    for target in _targets(args):
         mine = [r for r in rows if r["target"] == target]
 
         def med(phase: str, key: str, mine: list[dict] = mine) -> float:
