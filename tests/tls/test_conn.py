@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
 
 import pytest
@@ -225,6 +226,36 @@ async def test_mutual_tls_client_certificate(ca, server_files, tmp_path):
     assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
     client.close()
     server.close()
+
+
+async def test_the_certificate_chain_sent_is_the_certificate_files(ca, server_files, tmp_path):
+    """A leaf-only certificate file is sent as it is (as Envoy sends it): OpenSSL does not complete it
+    from the trust store that verifies clients (the CA would be added, its signatures checked on every
+    handshake), as `openssl s_client -showcerts` sees it."""
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+    context = server_context(server_files.cert, server_files.key, ca_file=server_files.ca,
+                             require_client_certificate=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def client():
+        return subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts",
+                               "-servername", "example.com", "-cert", client_files.cert, "-key", client_files.key,
+                               "-CAfile", server_files.ca], input=b"", capture_output=True, timeout=20)
+
+    async with trio.open_nursery() as nursery:
+        async def serve():
+            sock, _ = await trio.to_thread.run_sync(listener.accept)
+            server = TlsConn(sock, context, server_side=True)
+            await server.handshake(10.0)
+            assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
+            server.close()
+
+        nursery.start_soon(serve)
+        shown = await trio.to_thread.run_sync(client)
+    listener.close()
+    assert b"Verify return code: 0 (ok)" in shown.stdout, shown.stdout[-2000:]
+    assert shown.stdout.count(b"-----BEGIN CERTIFICATE-----") == 1, shown.stdout.decode(errors="replace")
 
 
 async def test_a_mutual_tls_client_resumes_its_session(ca, server_files, tmp_path):
