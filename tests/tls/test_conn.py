@@ -13,7 +13,7 @@ import trio
 
 from proxy.l7.reactor import Reactor
 from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsError, TlsHandshakeError
-from proxy.tls.context import client_context, server_context
+from proxy.tls.context import ProtocolVersions, client_context, server_context
 from proxy.tls.openssl import OpenSslError
 from tests.tls.certs import tcp_pair, write_cert
 
@@ -62,6 +62,35 @@ async def test_handshake_alpn_sni_and_bytes_both_ways(server_files):
 
     server.shutdown_write()  # close_notify then FIN: the client reads EOF
     assert await client.fill() == 0
+    client.close()
+    server.close()
+
+
+async def test_a_tls13_server_sends_its_session_tickets_with_its_first_write(server_files):
+    """What a TLS 1.3 server makes after the client's Finished (its session tickets) is not sent on
+    its own: it leaves with the first write, one send for both; the client still gets it in order."""
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    assert server.version == "TLSv1.3"
+    with pytest.raises(BlockingIOError):
+        client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    await server.send_all(b"x")
+    assert await _read_exactly(client, 1) == b"x"
+    client.close()
+    server.close()
+
+
+async def test_a_tls12_server_sends_its_finished_at_once(server_files):
+    """In TLS 1.2 the server's last flight (its Finished) completes the client's handshake: sent at once."""
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key,
+                                                 versions=ProtocolVersions("TLSV1_2", "TLSV1_2")), server_side=True)
+    client = TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False,
+                     server_hostname="example.com")
+    await _handshake(client, server)
+    assert client.version == server.version == "TLSv1.2"
+    await client.send_all(b"y")
+    assert await _read_exactly(server, 1) == b"y"
     client.close()
     server.close()
 
