@@ -62,15 +62,17 @@ _san_cache: dict[bytes, tuple] = {}
 _library: Library | None = None
 _lib = _ffi = _NULL = None
 _scratch_c = _scratch_view = _scratch_memory = None
-_WANT_READ = _ZERO_RETURN = _SYSCALL = 0
+_WANT_READ = _ZERO_RETURN = _SYSCALL = _TLS1_3 = 0
 
 
 def _bind(library: Library) -> None:
     global _library, _lib, _ffi, _NULL, _scratch_c, _scratch_view, _scratch_memory, _WANT_READ, _ZERO_RETURN, _SYSCALL
+    global _TLS1_3
     _library, _lib, _ffi = library, library.lib, library.ffi
     _NULL = _ffi.NULL
     _scratch_c, _scratch_view, _scratch_memory = library.scratch_c, library.scratch_view, memoryview(library.scratch)
     _WANT_READ, _ZERO_RETURN, _SYSCALL = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN, _lib.SSL_ERROR_SYSCALL
+    _TLS1_3 = _lib.TLS1_3_VERSION
 
 
 class TlsError(ConnectionError):
@@ -268,7 +270,11 @@ class TlsConn(Conn):
                 if not await self._receive_ciphertext():
                     raise TlsHandshakeError("peer closed the connection during the TLS handshake",
                                             "connection_closed")
-            await self._flush()
+            if not (self.context.server_side and lib.SSL_version(ssl) == _TLS1_3):
+                await self._flush()
+            # else: what a TLS 1.3 server makes after the client's Finished is its session tickets,
+            # which the client does not wait for: they stay in `outgoing` and leave ahead of the
+            # first write's records (or the close_notify), one send instead of two
             self._handshake_done = True
         if scope.cancelled_caught:
             raise HandshakeTimeout(f"no TLS handshake within {timeout_s} s")

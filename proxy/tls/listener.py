@@ -129,7 +129,10 @@ class ListenerTls:
                       "tls certificate not loaded", listener=self.listener_name, certificate=label,
                       origin=files.origin, error=str(e))
             return
-        context.set_server_name_handler(self._on_server_name)
+        if len(self.servers) > 1 or self.catch_all is None:
+            # the SNI callback picks another server or refuses a name; one server taking every name
+            # (`*`) does neither, so its handshakes skip the call into Python
+            context.set_server_name_handler(self._on_server_name)
         if len(self.servers) > 1:
             # OpenSSL resumes a session with the first context's tickets and cache, before SNI picks
             # the server: a session made for one server (none or another CA for client

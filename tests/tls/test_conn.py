@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ import trio
 
 from proxy.l7.reactor import Reactor
 from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsError, TlsHandshakeError
-from proxy.tls.context import client_context, server_context
+from proxy.tls.context import ProtocolVersions, client_context, server_context
 from proxy.tls.openssl import OpenSslError
 from tests.tls.certs import tcp_pair, write_cert
 
@@ -61,6 +62,35 @@ async def test_handshake_alpn_sni_and_bytes_both_ways(server_files):
 
     server.shutdown_write()  # close_notify then FIN: the client reads EOF
     assert await client.fill() == 0
+    client.close()
+    server.close()
+
+
+async def test_a_tls13_server_sends_its_session_tickets_with_its_first_write(server_files):
+    """What a TLS 1.3 server makes after the client's Finished (its session tickets) is not sent on
+    its own: it leaves with the first write, one send for both; the client still gets it in order."""
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    assert server.version == "TLSv1.3"
+    with pytest.raises(BlockingIOError):
+        client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    await server.send_all(b"x")
+    assert await _read_exactly(client, 1) == b"x"
+    client.close()
+    server.close()
+
+
+async def test_a_tls12_server_sends_its_finished_at_once(server_files):
+    """In TLS 1.2 the server's last flight (its Finished) completes the client's handshake: sent at once."""
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key,
+                                                 versions=ProtocolVersions("TLSV1_2", "TLSV1_2")), server_side=True)
+    client = TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False,
+                     server_hostname="example.com")
+    await _handshake(client, server)
+    assert client.version == server.version == "TLSv1.2"
+    await client.send_all(b"y")
+    assert await _read_exactly(server, 1) == b"y"
     client.close()
     server.close()
 
@@ -225,6 +255,36 @@ async def test_mutual_tls_client_certificate(ca, server_files, tmp_path):
     assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
     client.close()
     server.close()
+
+
+async def test_the_certificate_chain_sent_is_the_certificate_files(ca, server_files, tmp_path):
+    """A leaf-only certificate file is sent as it is (as Envoy sends it): OpenSSL does not complete it
+    from the trust store that verifies clients (the CA would be added, its signatures checked on every
+    handshake), as `openssl s_client -showcerts` sees it."""
+    client_files = write_cert(ca, tmp_path, "client", "client.example.com")
+    context = server_context(server_files.cert, server_files.key, ca_file=server_files.ca,
+                             require_client_certificate=True)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def client():
+        return subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-showcerts",
+                               "-servername", "example.com", "-cert", client_files.cert, "-key", client_files.key,
+                               "-CAfile", server_files.ca], input=b"", capture_output=True, timeout=20)
+
+    async with trio.open_nursery() as nursery:
+        async def serve():
+            sock, _ = await trio.to_thread.run_sync(listener.accept)
+            server = TlsConn(sock, context, server_side=True)
+            await server.handshake(10.0)
+            assert ("DNS", "client.example.com") in server.peer_certificate()["subjectAltName"]
+            server.close()
+
+        nursery.start_soon(serve)
+        shown = await trio.to_thread.run_sync(client)
+    listener.close()
+    assert b"Verify return code: 0 (ok)" in shown.stdout, shown.stdout[-2000:]
+    assert shown.stdout.count(b"-----BEGIN CERTIFICATE-----") == 1, shown.stdout.decode(errors="replace")
 
 
 async def test_a_mutual_tls_client_resumes_its_session(ca, server_files, tmp_path):

@@ -30,6 +30,16 @@ def test_sni_picks_exact_then_longest_suffix_then_catch_all(server_files):
     assert without_catch_all.pick("other.test") is None  # refused: unrecognized_name
 
 
+def test_only_a_listener_that_can_refuse_or_switch_has_an_sni_callback(server_files):
+    """One server taking every name (`*`) has nothing to decide per ClientHello: no callback into
+    Python during its handshakes; one named server refuses other names, several servers switch."""
+    assert ListenerTls("l", (_server(server_files, "*"),), Stats()).initial_context().on_server_name is None
+    named = ListenerTls("l", (_server(server_files, "a.example.com"),), Stats())
+    assert named.initial_context().on_server_name is not None
+    several = ListenerTls("l", (_server(server_files, "*"), _server(server_files, "a.example.com")), Stats())
+    assert all(e.context.on_server_name is not None for e in several.servers)
+
+
 def test_reload_takes_a_good_change_and_keeps_the_last_good_context(ca, tmp_path, server_files):
     stats = Stats()
     (tmp_path / "live").mkdir()

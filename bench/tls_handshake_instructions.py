@@ -1,0 +1,149 @@
+"""User-space instructions a server spends per mutual TLS handshake through `TlsConn`, counted by
+callgrind, and how many of them are OpenSSL's own (`SSL_do_handshake`):
+
+    python -m bench.tls_handshake_instructions [--gateway] [--source DIR]
+
+The server (bench.tls_handshake's contexts: a sidecar's mesh mTLS, or with `--gateway` a MUTUAL
+Gateway server sending OpenSSL's two stateless tickets) accepts connections one after another,
+handshakes, reads the peer's SPIFFE ID and closes, under callgrind; the client (the stdlib's TLS with
+its workload certificate) is another process, so only the server is counted. Two runs of 5 and 55
+handshakes; the difference of their totals divided by 50 is one handshake's cost. Unlike
+bench.tls_handshake's CPU time, the count hardly moves with the machine's load (the interleaving
+with the client moves it by about 0.5%). `--source DIR` measures another checkout's `proxy/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FIRST, SECOND = 5, 55
+HERE = Path(__file__).resolve()
+
+
+def _prepare(directory: Path) -> None:
+    """The CA's server and client identities as PEM files (made once, read by both processes)."""
+    from controlplane.ca import CertificateAuthority
+    from bench.tls_handshake import _identity
+
+    ca = CertificateAuthority.load_or_create(directory / "ca", "cluster.local")
+    for name, namespace in (("server", "foo"), ("client", "bar")):
+        identity = _identity(ca, namespace, name)
+        (directory / f"{name}.chain").write_bytes(identity.certificate_chain_pem)
+        (directory / f"{name}.key").write_bytes(identity.private_key_pem)
+        (directory / "trust.pem").write_bytes(identity.trust_bundle_pem)
+
+
+def _client(directory: Path, port: int, handshakes: int) -> None:
+    from proxy.tls.mesh import ISTIO_HTTP1
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_cert_chain(str(directory / "client.chain"), str(directory / "client.key"))
+    context.load_verify_locations(str(directory / "trust.pem"))
+    context.check_hostname = False
+    context.set_alpn_protocols([ISTIO_HTTP1])
+    for _ in range(handshakes):
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            with context.wrap_socket(raw, server_hostname="outbound_.8080_._.server") as tls:
+                tls.recv(1)  # the server's close
+
+
+def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
+    """The process callgrind counts."""
+    import trio
+
+    from proxy.identity.workload import WorkloadIdentity
+    from proxy.tls import mesh
+    from proxy.tls.conn import TlsConn
+    from proxy.tls.context import ProtocolVersions, server_context as gateway_context
+
+    if gateway:
+        context = gateway_context(str(directory / "server.chain"), str(directory / "server.key"),
+                                  ca_file=str(directory / "trust.pem"), require_client_certificate=True,
+                                  versions=ProtocolVersions("TLSV1_3", "TLSV1_3"), alpn=("http/1.1",))
+    else:
+        identity = WorkloadIdentity.from_pem((directory / "server.chain").read_bytes(),
+                                             (directory / "server.key").read_bytes(),
+                                             (directory / "trust.pem").read_bytes())
+        context = mesh.server_context(identity)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    client = subprocess.Popen([sys.executable, str(HERE), "--client", str(directory), str(listener.getsockname()[1]),
+                               str(handshakes)])
+
+    async def serve() -> str | None:
+        principal = None
+        for _ in range(handshakes):
+            await trio.lowlevel.wait_readable(listener)
+            sock, _ = listener.accept()
+            conn = TlsConn(sock, context, server_side=True)
+            await conn.handshake(10.0)
+            principal = conn.peer_principal()
+            conn.close()
+        return principal
+
+    principal = trio.run(serve)
+    if client.wait(60) != 0 or principal != "cluster.local/ns/bar/sa/client":
+        raise SystemExit(f"the handshakes failed (client exit {client.returncode}, principal {principal})")
+
+
+def _inclusive(callgrind_file: Path, function: str) -> int:
+    shown = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(callgrind_file)],
+                           capture_output=True, text=True, check=True).stdout
+    for line in shown.splitlines():
+        match = re.match(r"\s*([\d,]+) \(.*?\)\s+\S*:" + re.escape(function) + r" ", line)
+        if match:
+            return int(match.group(1).replace(",", ""))
+    return 0
+
+
+def measure(source: Path, directory: Path, gateway: bool) -> tuple[float, float]:
+    """(instructions per handshake, of which SSL_do_handshake) for the checkout `source`."""
+    counts = {}
+    for handshakes in (FIRST, SECOND):
+        out = directory / f"callgrind.{handshakes}"
+        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+                               str(HERE), "--serve", str(directory), str(handshakes)] + (["--gateway"] if gateway else []),
+                              env=dict(os.environ, PYTHONPATH=str(source)), capture_output=True, text=True,
+                              timeout=900, cwd=source)
+        if done.returncode != 0:
+            raise SystemExit(f"{source}: the run under callgrind failed: {done.stderr[-2000:]}")
+        total = int(re.search(r"Collected : (\d+)", done.stderr).group(1))
+        counts[handshakes] = (total, _inclusive(out, "SSL_do_handshake"))
+    per = SECOND - FIRST
+    return ((counts[SECOND][0] - counts[FIRST][0]) / per, (counts[SECOND][1] - counts[FIRST][1]) / per)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--client":
+        _client(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        _serve(Path(sys.argv[2]), int(sys.argv[3]), "--gateway" in sys.argv[4:])
+        return
+    parser = argparse.ArgumentParser(prog="python -m bench.tls_handshake_instructions", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gateway", action="store_true", help="a MUTUAL Gateway server instead of a sidecar's")
+    parser.add_argument("--source", type=Path, action="append", default=[],
+                        help="another checkout to measure as well (repeatable)")
+    args = parser.parse_args()
+    sources = [HERE.parent.parent] + [s.resolve() for s in args.source]
+    kind = "MUTUAL gateway" if args.gateway else "mesh mTLS"
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        _prepare(directory)
+        for source in sources:
+            total, openssl = measure(source, directory, args.gateway)
+            print(f"{source}: {total:,.0f} instructions per {kind} handshake (server, callgrind, user space), "
+                  f"of which OpenSSL's SSL_do_handshake {openssl:,.0f}, the rest {total - openssl:,.0f}")
+
+
+if __name__ == "__main__":
+    main()
