@@ -40,8 +40,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
+from time import monotonic
 
 import trio
+from trio.lowlevel import wait_readable
 
 from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.reactor import Reactor
@@ -310,10 +312,15 @@ class TlsConn(Conn):
     def _read_plaintext(self) -> bytes | None:
         """Decrypt what `incoming` holds (one call: the scratch buffer takes more than a record); b""
         at the peer's close_notify or EOF, None when more ciphertext is needed."""
-        ssl = self.ssl
-        n = _lib.SSL_read(ssl, _scratch_c, SCRATCH_BYTES)
+        n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
         if n > 0:
             return _scratch_view[0:n]
+        return self._read_failed(n)
+
+    def _read_failed(self, n: int) -> bytes | None:
+        """What an SSL_read that returned `n` <= 0 means: None when more ciphertext is needed, b"" at
+        the end; raises TlsError (after sending the alert) when TLS failed."""
+        ssl = self.ssl
         error = _lib.SSL_get_error(ssl, n)
         if error == _WANT_READ:
             return None
@@ -350,9 +357,51 @@ class TlsConn(Conn):
         while data is None:
             if self._eof:
                 return 0
-            await self._receive_ciphertext(deadline, wait_first)
-            wait_first = False
-            data = self._read_plaintext()
+            # the receive and its common wait written out here, as in Conn.fill: no coroutine frame
+            # between this one and the reactor on the path every request takes
+            sock = self.sock
+            while True:
+                if not wait_first:
+                    try:
+                        n = sock.recv_into(_scratch_memory, RECV_BYTES)
+                        break
+                    except BlockingIOError:
+                        pass
+                wait_first = False
+                if self.timed_out:
+                    raise ReadTimeout()
+                try:
+                    if deadline == _INF:
+                        managed = self.io_deadline == _INF and self.idle_s != _INF
+                        if managed:
+                            self.io_deadline = monotonic() + self.idle_s
+                        try:
+                            if self.reactor is not None:
+                                await self.reactor.wait_readable(self.fd)
+                            else:
+                                await wait_readable(sock)
+                        finally:
+                            if managed:
+                                self.io_deadline = _INF
+                    else:
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            await self._wait_readable()
+                        if scope.cancelled_caught:
+                            raise ReadTimeout()
+                except trio.ClosedResourceError:
+                    if self.timed_out:
+                        raise ReadTimeout() from None
+                    raise ConnectionAbortedError("connection closed while waiting to read") from None
+            if n:
+                _lib.BIO_write(self.incoming, _scratch_c, n)
+            else:
+                self._eof = True
+                _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
+            n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
+            if n > 0:
+                data = _scratch_view[0:n]
+                break
+            data = self._read_failed(n)
             if not data:
                 await self._send_own_records()
         if not data:
