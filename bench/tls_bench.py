@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import statistics
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
