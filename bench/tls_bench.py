@@ -1,6 +1,6 @@
 """CPU per keep-alive request through the two TLS designs the data path could use, on loopback:
 
-    python -m bench.tls_bench [--requests N] [--rounds R]
+    python -m bench.tls_bench [--requests N] [--rounds R] [--upload MIB]
 
 - `memorybio`: proxy/tls/conn.py's TlsConn (an OpenSSL SSL over two memory BIOs on the plain
   non-blocking socket, syscall first, wait only on EAGAIN: the data path's own IO rules);
@@ -12,13 +12,20 @@ request). The client runs in another process (its CPU is not counted) and sends 
 after another on one keep-alive connection; the figure is the server process's CPU time
 (user+system, time.process_time) divided by N. Rounds alternate the designs; the lowest of each is
 kept, the least disturbed by other load on a shared machine. Bounded: a few seconds in all.
+
+`--upload MIB`: instead, a client process uploads MIB MiB over one TLS connection (1 MiB writes, so
+full 16 KiB records) and the server (TlsConn) writes each fill's plaintext onward to /dev/null, as a
+TCP route sends it upstream; the figures are server CPU seconds per GiB and the plaintext one fill
+hands on, medians of the rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +62,57 @@ for _ in range(count):
         got += len(data)
 sock.close()
 ''' % (REQUEST, len(RESPONSE))
+
+
+_UPLOAD_CLIENT = r'''
+import os, socket, ssl, sys
+port, mib, ca = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+sock = ssl.create_default_context(cafile=ca).wrap_socket(socket.create_connection(("127.0.0.1", port)),
+                                                         server_hostname="bench.local")
+chunk = os.urandom(1 << 20)
+for _ in range(mib):
+    sock.sendall(chunk)
+sock.shutdown(socket.SHUT_WR)
+try:
+    while sock.recv(65536):  # the server's session tickets, then its end
+        pass
+except OSError:
+    pass
+sock.close()
+'''
+
+
+async def _one_upload(context, ca_file: str, mib: int) -> tuple[float, float]:
+    """Server CPU seconds per GiB and bytes per fill for one upload of `mib` MiB through TlsConn."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = subprocess.Popen([sys.executable, "-c", _UPLOAD_CLIENT, str(listener.getsockname()[1]), str(mib),
+                               ca_file])
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        await trio.lowlevel.wait_readable(listener)
+        sock, _ = listener.accept()
+        conn = TlsConn(sock, context, server_side=True)
+        with trio.fail_after(120):
+            await conn.handshake(10.0)
+            started = time.process_time()
+            total = fills = 0
+            while n := await conn.fill():
+                os.write(sink, conn.take_buffered())
+                total += n
+                fills += 1
+            used = time.process_time() - started
+        conn.close()
+    finally:
+        os.close(sink)
+        listener.close()
+        try:
+            client.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            client.wait()
+    if client.returncode != 0 or total != mib << 20:
+        raise RuntimeError(f"upload: the client failed (exit {client.returncode}) or {total} bytes arrived")
+    return used / mib * 1024, total / fills
 
 
 async def _serve_conn(conn: Conn) -> None:
@@ -156,11 +214,30 @@ async def measure(requests: int, rounds: int) -> dict[str, float]:
     return best
 
 
+async def measure_upload(mib: int, rounds: int) -> tuple[float, float]:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("bench.local")
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key, ca_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem"), Path(tmp, "ca.pem")
+        leaf.private_key_and_cert_chain_pem.write_to_path(cert)
+        leaf.private_key_pem.write_to_path(key)
+        ca.cert_pem.write_to_path(ca_file)
+        context = server_context(str(cert), str(key), alpn=("http/1.1",))
+        runs = [await _one_upload(context, str(ca_file), mib) for _ in range(rounds)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000, help="requests per run (default 3000)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per design, the lowest kept (default 3)")
+    parser.add_argument("--upload", type=int, metavar="MIB", help="measure a TLS upload of MIB MiB instead")
     args = parser.parse_args(argv)
+    if args.upload:
+        per_gib, per_fill = trio.run(measure_upload, args.upload, args.rounds)
+        print(f"TLS upload through TlsConn ({args.upload} MiB, median of {args.rounds}): server CPU "
+              f"{per_gib:.3f} s per GiB, {per_fill / 1024:.1f} KiB per fill")
+        return 0
     best = trio.run(measure, args.requests, args.rounds)
     print(f"server CPU per keep-alive request ({args.requests} requests, best of {args.rounds}; sslstream: "
           f"{ssl.OPENSSL_VERSION}):")

@@ -40,8 +40,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import socket
+from time import monotonic
 
 import trio
+from trio.lowlevel import wait_readable
 
 from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.reactor import Reactor
@@ -54,6 +56,9 @@ _EMPTY = memoryview(b"")
 SPIFFE_PREFIX = "spiffe://"
 # plaintext pieces up to this total are joined and encrypted as one write (fewer, fuller records)
 _JOIN_BYTES = 64 * 1024
+# the most plaintext one TLS record carries (RFC 8446 5.1, RFC 5246 6.2.1): a read that brings this
+# much may have whole records behind it
+RECORD_PLAINTEXT_BYTES = 16 * 1024
 # subjectAltNames by certificate (DER): a peer reconnecting with the same certificate is parsed once
 _SAN_CACHE_SIZE = 1024
 _san_cache: dict[bytes, tuple] = {}
@@ -146,7 +151,7 @@ class TlsConn(Conn):
     `handshake()` before any other IO."""
 
     __slots__ = ("context", "ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
-                 "_shutdown_after_flush", "_eof", "_handshake_done", "_close_notify_sent")
+                 "_shutdown_after_flush", "_eof", "_read_error", "_handshake_done", "_close_notify_sent")
     short_fill_empties_socket = False  # ciphertext may be left in the socket after a short plaintext fill
 
     def __init__(self, sock: socket.socket, context: TlsContext, *, server_side: bool,
@@ -183,7 +188,8 @@ class TlsConn(Conn):
         self._flushing = False  # one task sends from _pending at a time
         self._flushed: trio.Event | None = None  # set when that task stops
         self._shutdown_after_flush = False
-        self._eof = False  # the socket said EOF: nothing more will come into `incoming`
+        self._eof = False  # the socket said EOF (or a read met the end): nothing more will come into `incoming`
+        self._read_error: TlsError | None = None  # a failure _read_more met, raised by the next read
         self._handshake_done = False
         self._close_notify_sent = False
 
@@ -316,10 +322,40 @@ class TlsConn(Conn):
     def _read_plaintext(self) -> bytes | None:
         """Decrypt what `incoming` holds (one call: the scratch buffer takes more than a record); b""
         at the peer's close_notify or EOF, None when more ciphertext is needed."""
-        ssl = self.ssl
-        n = _lib.SSL_read(ssl, _scratch_c, SCRATCH_BYTES)
+        n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
         if n > 0:
+            if n == RECORD_PLAINTEXT_BYTES:
+                n = self._read_more(n)
             return _scratch_view[0:n]
+        return self._read_failed(n)
+
+    def _read_more(self, n: int) -> int:
+        """After a read that brought a full record (the peer streams): the records `incoming` holds
+        too, decrypted behind it in the scratch buffer, so a stream moves in reads of up to a
+        receive's worth (one fill, one send onward) rather than one per 16 KiB record. Returns the
+        plaintext now in the scratch buffer. The end or a failure met here, after plaintext this
+        read returns, is what the next read reports."""
+        lib, ssl, incoming = _lib, self.ssl, self.incoming
+        while n + RECORD_PLAINTEXT_BYTES <= SCRATCH_BYTES and lib.BIO_get_mem_data(incoming, _NULL):
+            more = lib.SSL_read(ssl, _scratch_c + n, SCRATCH_BYTES - n)
+            if more > 0:
+                n += more
+                continue
+            if lib.SSL_get_error(ssl, more) != _WANT_READ:  # a partial record waits for more ciphertext
+                try:
+                    self._read_failed(more)
+                except TlsError as e:
+                    self._read_error = e
+                self._eof = True  # nothing more is read: the next fill reads the end (or raises)
+            break
+        return n
+
+    def _read_failed(self, n: int) -> bytes | None:
+        """What an SSL_read that returned `n` <= 0 means: None when more ciphertext is needed, b"" at
+        the end; raises TlsError (after sending the alert) when TLS failed."""
+        if self._read_error is not None:
+            raise self._read_error
+        ssl = self.ssl
         error = _lib.SSL_get_error(ssl, n)
         if error == _WANT_READ:
             return None
@@ -356,9 +392,53 @@ class TlsConn(Conn):
         while data is None:
             if self._eof:
                 return 0
-            await self._receive_ciphertext(deadline, wait_first)
-            wait_first = False
-            data = self._read_plaintext()
+            # the receive and its common wait written out here, as in Conn.fill: no coroutine frame
+            # between this one and the reactor on the path every request takes
+            sock = self.sock
+            while True:
+                if not wait_first:
+                    try:
+                        n = sock.recv_into(_scratch_memory, RECV_BYTES)
+                        break
+                    except BlockingIOError:
+                        pass
+                wait_first = False
+                if self.timed_out:
+                    raise ReadTimeout()
+                try:
+                    if deadline == _INF:
+                        managed = self.io_deadline == _INF and self.idle_s != _INF
+                        if managed:
+                            self.io_deadline = monotonic() + self.idle_s
+                        try:
+                            if self.reactor is not None:
+                                await self.reactor.wait_readable(self.fd)
+                            else:
+                                await wait_readable(sock)
+                        finally:
+                            if managed:
+                                self.io_deadline = _INF
+                    else:
+                        with trio.CancelScope(deadline=deadline) as scope:
+                            await self._wait_readable()
+                        if scope.cancelled_caught:
+                            raise ReadTimeout()
+                except trio.ClosedResourceError:
+                    if self.timed_out:
+                        raise ReadTimeout() from None
+                    raise ConnectionAbortedError("connection closed while waiting to read") from None
+            if n:
+                _lib.BIO_write(self.incoming, _scratch_c, n)
+            else:
+                self._eof = True
+                _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
+            n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
+            if n > 0:
+                if n == RECORD_PLAINTEXT_BYTES:
+                    n = self._read_more(n)
+                data = _scratch_view[0:n]
+                break
+            data = self._read_failed(n)
             if not data:
                 await self._send_own_records()
         if not data:

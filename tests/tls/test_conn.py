@@ -380,3 +380,41 @@ async def test_a_client_that_checks_hostnames_needs_a_name_to_check(server_files
     finally:
         client_sock.close()
         server_sock.close()
+
+
+async def _wait_for_ciphertext(sock: socket.socket, size: int) -> None:
+    """Until at least `size` bytes wait unread in the socket (so one receive takes them together)."""
+    with trio.fail_after(5):
+        while len(sock.recv(1 << 20, socket.MSG_PEEK)) < size:
+            await trio.sleep(0.01)
+
+
+async def test_full_records_already_received_are_decrypted_in_one_fill(server_files):
+    """A peer streaming full 16 KiB records: one fill hands on every whole record one receive
+    brought (one send onward, not one per record), then the peer's close_notify ends the stream."""
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    payload = bytes(range(256)) * (3 * 16384 // 256)
+    await client.send_all(payload)  # three full records
+    client.shutdown_write()  # close_notify + FIN behind them
+    await _wait_for_ciphertext(server.sock, len(payload) + 3 * 22 + 24)
+    assert await server.fill() == len(payload)
+    assert bytes(server.take_buffered()) == payload
+    assert await server.fill() == 0
+    client.close()
+    server.close()
+
+
+async def test_a_bad_record_behind_full_records_fails_after_their_plaintext(server_files):
+    """The records before a malformed one are handed on; the next fill raises the TLS error."""
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    payload = b"a" * (2 * 16384)
+    await client.send_all(payload)
+    client.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data that fails to decrypt
+    await _wait_for_ciphertext(server.sock, len(payload) + 2 * 22 + 37)
+    assert await server.fill() == len(payload)
+    with pytest.raises(TlsError):
+        await server.fill()
+    client.close()
+    server.close()
