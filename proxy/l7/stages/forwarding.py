@@ -3,20 +3,12 @@ and toward a mesh-internal cluster the proxy's own peer metadata (stages/peer_me
 
 from __future__ import annotations
 
-from random import getrandbits
 from typing import TYPE_CHECKING
+
+from proxy.l7.request_ids import new_request_id
 
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
-
-
-def new_request_id() -> bytes:
-    """A random UUID version 4 in its text form, without the uuid module's per-call overhead."""
-    n = getrandbits(128)
-    n = (n & ~(0xF000 << 64) | (0x4000 << 64))  # version 4
-    n = (n & ~(0xC000 << 48) | (0x8000 << 48))  # RFC 4122 variant
-    h = b"%032x" % n
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
 class ForwardingStage:
