@@ -146,7 +146,7 @@ class Exchange:
         if body is None and (route.retry is not None or route.mirrors) and not stream.is_upgrade:
             body = await self._buffer_body(self.plane.settings.retry_buffer_bytes)
         if route.mirrors:
-            start_mirrors(self.plane, ctx, route.mirrors, body)
+            start_mirrors(self.plane, ctx, route.mirrors, body, stream.chain.upstream_peer_header(ctx.cluster))
         if body is None:
             return await self._run_streaming()
         return await self._run_replayable(body, route.retry)
@@ -360,7 +360,9 @@ class Exchange:
         framing = self.stream.upstream_framing
         if buffered_length is not None and framing.kind != h1.NONE:
             framing = h1.Framing(h1.LENGTH, buffered_length) if buffered_length else h1.FRAMING_NONE
-        return h1.serialize_request_head(head.method, head.target, head.headers, framing, authority)
+        peer_field = self.stream.chain.peer_field  # b"" unless this listener sends peer metadata
+        return h1.serialize_request_head(head.method, head.target, head.headers, framing, authority,
+                                         peer_field if peer_field and crt.cluster.mesh_internal else b"")
 
     async def _send_and_read_head(self, key: tuple[str, int], head_bytes: bytes):
         """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
