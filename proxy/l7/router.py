@@ -66,6 +66,16 @@ if TYPE_CHECKING:
 
 _random = random.random
 
+# ctx.response of a plain response (its fields went out as one block, see _relay_response): nothing
+# reads its fields, only that a head went downstream and its status, so one head per status is shared
+# (no fields, as a tuple nothing can append to; no reason: the upstream's went out with the block)
+_PLAIN_HEADS: dict[int, ResponseHead] = {}
+
+
+def _plain_head(status: int) -> ResponseHead:
+    head = _PLAIN_HEADS[status] = ResponseHead(status, ())  # at most 500 (the parser takes 100-599)
+    return head
+
 
 class _RetryState:
     __slots__ = ("left", "index", "holds_slot", "tried")
@@ -468,7 +478,7 @@ class Exchange:
                     fields = stage.on_plain_response(ctx, fields)
             framing = h1.length_framing(length)
             stream.start_plain_response(status, reason, fields, length)
-            response = ResponseHead(status, [], reason=reason)  # fields went out as one block
+            response = _PLAIN_HEADS.get(status) or _plain_head(status)
         else:
             minor, status, reason, headers = parsed
             if status == 101:
