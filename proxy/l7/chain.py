@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from proxy.config.snapshot import Cluster
     from proxy.l7.context import RequestContext
     from proxy.l7.events import ResponseHead
 
@@ -43,10 +44,18 @@ class Stage(Protocol):
 
 
 class Chain:
-    __slots__ = ("request_stages", "response_stages", "plain_response_stages", "plain_field_taker", "plain_take",
-                 "parses_response")
+    """`peer_header`: on an outbound listener with Istio's metrics on, the (name, value) of the peer
+    metadata this proxy sends to mesh-internal clusters (stages/peer_metadata.py), else None. The
+    upstream encoders add it after the request's own fields (the last copy is the one the server
+    side believes), from `upstream_peer_header`; the HTTP/1.1 one writes `peer_field`, the same
+    field serialised once per snapshot, so a request makes no header object for it."""
 
-    def __init__(self, stages: tuple[Stage, ...]) -> None:
+    __slots__ = ("request_stages", "response_stages", "plain_response_stages", "plain_field_taker", "plain_take",
+                 "parses_response", "peer_header", "peer_field")
+
+    def __init__(self, stages: tuple[Stage, ...], peer_header: tuple[bytes, bytes] | None = None) -> None:
+        self.peer_header = peer_header
+        self.peer_field = peer_header[0] + b": " + peer_header[1] + b"\r\n" if peer_header is not None else b""
         # a stage whose has_request_step is False only acts on responses
         self.request_stages = tuple(s for s in stages if getattr(s, "has_request_step", True))
         # only stages that override on_response take part on the way back, in reverse order
@@ -62,6 +71,13 @@ class Chain:
         self.plain_field_taker = takers[0] if takers else None
         self.plain_take: bytes = takers[0].takes_plain_field if takers else b""
         self.parses_response = len(self.plain_response_stages) + len(takers) != len(self.response_stages)
+
+    def upstream_peer_header(self, cluster: Cluster | None) -> tuple[bytes, bytes] | None:
+        """The peer header a request to `cluster` carries: ours, to a mesh-internal cluster only."""
+        peer_header = self.peer_header
+        if peer_header is not None and cluster is not None and cluster.mesh_internal:
+            return peer_header
+        return None
 
     def run_response(self, ctx: RequestContext, head: ResponseHead) -> None:
         for stage in self.response_stages:

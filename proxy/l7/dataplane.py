@@ -274,7 +274,8 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     stages: list = []
     # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
     # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing);
-    # outbound, the forwarding stage sends our header and the peer stage only reads the response's.
+    # outbound, the upstream encoders send our header (Chain.peer_header) and the peer stage only
+    # reads the response's.
     # Inbound it comes first: a request denied by authorization, unrouted or aborted by a fault is
     # still reported with its source workload, principal and service, as Istio reports it
     inbound = listener.traffic_direction == "INBOUND"
@@ -290,7 +291,7 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
         stages.append(FaultAbortStage(clusters))
     outbound_peer_header = (PEER_HEADER, telemetry.identity.header_value()) if peer_exchange and not inbound else None
-    stages.append(ForwardingStage(outbound_peer_header))
+    stages.append(ForwardingStage())
     if peer_exchange and not inbound:
         stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if tracing is not None:  # only with a Zipkin collector configured (a proxy without loads none of it)
@@ -311,7 +312,7 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
                  for c in snapshot.clusters.values())
     if cookie or any(r.response_headers is not None or r.destination_headers or r.cors is not None for r in routes):
         stages.append(ResponseHeadersStage())
-    return Chain(tuple(stages))
+    return Chain(tuple(stages), outbound_peer_header)
 
 
 class SnapshotRuntime:

@@ -320,14 +320,17 @@ def classify_response(method: bytes, status: int, minor: int, raw: Headers):
 
 
 def serialize_request_head(method: bytes, target: bytes, headers: Headers, framing: Framing,
-                           authority: bytes | None = None) -> bytes:
-    """`authority`: written first as Host (so callers need not build a new header list for it)."""
+                           authority: bytes | None = None, extra_fields: bytes = b"") -> bytes:
+    """`authority`: written first as Host (so callers need not build a new header list for it);
+    `extra_fields`: field lines already serialised ("name: value CRLF" each), written after `headers`."""
     if authority is None:
         parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     else:
         parts = [method, b" ", target, b" HTTP/1.1\r\nhost: ", authority, b"\r\n"]
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
+    if extra_fields:
+        parts.append(extra_fields)
     if framing.kind == LENGTH:
         parts.append(b"content-length: %d\r\n\r\n" % framing.length)
     elif framing.kind == CHUNKED:

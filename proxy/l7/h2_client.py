@@ -36,7 +36,8 @@ class H2Exchange(Exchange):
 
     def _fields(self, crt: ClusterRuntime, length: int | None):
         head = self.ctx.request
-        return request_fields(head, head.authority or crt.cluster.service_host.encode(), length)
+        return request_fields(head, head.authority or crt.cluster.service_host.encode(), length,
+                              self.stream.chain.upstream_peer_header(crt.cluster))
 
     def _grpc_counters(self) -> tuple[GrpcMessageCounter, GrpcMessageCounter] | None:
         """(request, response) message counters of a gRPC request (Istio's istio_request_messages_total

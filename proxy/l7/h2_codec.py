@@ -241,8 +241,10 @@ def trailer_fields(trailers: Headers) -> Headers:
     return [pair for pair in trailers if pair[0] not in CONNECTION_SPECIFIC and pair[0][:1] != b":"]
 
 
-def request_fields(head: RequestHead, authority: bytes, length: int | None) -> Headers:
-    """An upstream request head as the connection layer sends it (RFC 9113 §8.3.1)."""
+def request_fields(head: RequestHead, authority: bytes, length: int | None,
+                   extra: tuple[bytes, bytes] | None = None) -> Headers:
+    """An upstream request head as the connection layer sends it (RFC 9113 §8.3.1); `extra`: one
+    more field after the request's own (the proxy's peer metadata, Chain.upstream_peer_header)."""
     out: Headers = [(b":method", head.method), (b":scheme", b"http"), (b":authority", authority),
                     (b":path", head.target)]
     for pair in head.headers:
@@ -252,6 +254,8 @@ def request_fields(head: RequestHead, authority: bytes, length: int | None) -> H
         if name == b"te" and pair[1].strip().lower() != b"trailers":
             continue
         out.append(pair)
+    if extra is not None:
+        out.append(extra)
     if length is not None:
         out.append((b"content-length", b"%d" % length))
     return out

@@ -45,7 +45,9 @@ def shadow_authority(authority: bytes) -> bytes:
 
 
 def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPolicy, ...], body: bytes | None,
-                  rand_below=random.randrange) -> None:
+                  peer_header: tuple[bytes, bytes] | None = None, rand_below=random.randrange) -> None:
+    """`peer_header`: the one the request itself carries upstream (Chain.upstream_peer_header), sent
+    with every copy too."""
     from proxy.l7.dataplane import MIRRORS_IN_FLIGHT_MAX
 
     # the data plane's current runtime: asking for the request's own snapshot after a swap would
@@ -63,9 +65,11 @@ def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPo
             continue
         authority = shadow_authority(head.authority or crt.cluster.service_host.encode())
         if crt.cluster.http2:  # the cluster speaks HTTP/2 (a gRPC service): the copy goes as a stream
-            send = partial(_send_h2, request_fields(head, authority, len(body) if body else None), body)
+            send = partial(_send_h2, request_fields(head, authority, len(body) if body else None, peer_header), body)
         else:
             headers = [(b"host", authority), *head.headers]
+            if peer_header is not None:
+                headers.append(peer_header)
             framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
             send = partial(_send_h1, head.method, h1.serialize_request_head(head.method, head.target, headers,
                                                                              framing) + body)

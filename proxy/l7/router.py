@@ -66,6 +66,16 @@ if TYPE_CHECKING:
 
 _random = random.random
 
+# ctx.response of a plain response (its fields went out as one block, see _relay_response): nothing
+# reads its fields, only that a head went downstream and its status, so one head per status is shared
+# (no fields, as a tuple nothing can append to; no reason: the upstream's went out with the block)
+_PLAIN_HEADS: dict[int, ResponseHead] = {}
+
+
+def _plain_head(status: int) -> ResponseHead:
+    head = _PLAIN_HEADS[status] = ResponseHead(status, ())  # at most 500 (the parser takes 100-599)
+    return head
+
 
 class _RetryState:
     __slots__ = ("left", "index", "holds_slot", "tried")
@@ -146,7 +156,7 @@ class Exchange:
         if body is None and (route.retry is not None or route.mirrors) and not stream.is_upgrade:
             body = await self._buffer_body(self.plane.settings.retry_buffer_bytes)
         if route.mirrors:
-            start_mirrors(self.plane, ctx, route.mirrors, body)
+            start_mirrors(self.plane, ctx, route.mirrors, body, stream.chain.upstream_peer_header(ctx.cluster))
         if body is None:
             return await self._run_streaming()
         return await self._run_replayable(body, route.retry)
@@ -360,7 +370,9 @@ class Exchange:
         framing = self.stream.upstream_framing
         if buffered_length is not None and framing.kind != h1.NONE:
             framing = h1.Framing(h1.LENGTH, buffered_length) if buffered_length else h1.FRAMING_NONE
-        return h1.serialize_request_head(head.method, head.target, head.headers, framing, authority)
+        peer_field = self.stream.chain.peer_field  # b"" unless this listener sends peer metadata
+        return h1.serialize_request_head(head.method, head.target, head.headers, framing, authority,
+                                         peer_field if peer_field and crt.cluster.mesh_internal else b"")
 
     async def _send_and_read_head(self, key: tuple[str, int], head_bytes: bytes):
         """Bodyless request: one write, then the head; a stale pooled connection is retried once."""
@@ -466,7 +478,7 @@ class Exchange:
                     fields = stage.on_plain_response(ctx, fields)
             framing = h1.length_framing(length)
             stream.start_plain_response(status, reason, fields, length)
-            response = ResponseHead(status, [], reason=reason)  # fields went out as one block
+            response = _PLAIN_HEADS.get(status) or _plain_head(status)
         else:
             minor, status, reason, headers = parsed
             if status == 101:

@@ -47,6 +47,8 @@ async def test_mirror_copies_request_with_shadow_host_and_body(nursery):
     assert copy["headers"]["host"] == f"svc.example.com-shadow:8080"
     assert (copy["method"], copy["target"], copy["body"]) == ("POST", "/echo?a=1", "payload")
     assert copy["headers"]["x-request-id"] == v1.requests[0]["headers"]["x-request-id"]
+    # the proxy's peer metadata goes to the mesh-internal service with the copy as with the request
+    assert copy["headers"]["x-triomesh-peer"] == v1.requests[0]["headers"]["x-triomesh-peer"]
     cluster = f"outbound|80|v2|{HOST}"
     assert proxy.counter("triomesh_mirror_requests_total", cluster=cluster) == 1
     await _until(lambda: proxy.counter("triomesh_upstream_rq_total", cluster=cluster, response_code="200") == 1)

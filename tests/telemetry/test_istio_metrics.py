@@ -3,9 +3,13 @@ reads them, who believes which peer header, the label-set cap."""
 
 from __future__ import annotations
 
+from proxy.l7 import h1
+from proxy.l7.chain import Chain
 from proxy.l7.context import RequestContext
 from proxy.l7.dataplane import ClusterRuntime, build_chain
 from proxy.l7.events import RequestHead, ResponseHead
+from proxy.l7.h2_codec import request_fields
+from proxy.l7.headparser import parse_request_head
 from proxy.l7.stages.forwarding import ForwardingStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.stats import Stats, merge, render_prometheus
@@ -99,16 +103,24 @@ def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer()
     snapshot = compile_docs(*MESH)
     metrics = IstioMetrics(Stats(), CLIENT)
     stage = PeerMetadataStage(metrics, snapshot, inbound=False)
-    assert not stage.has_request_step  # outbound, the forwarding stage sends our header
-    forwarding = ForwardingStage((PEER_HEADER, CLIENT.header_value()))
+    assert not stage.has_request_step  # outbound, the upstream encoders send our header
+    forwarding = ForwardingStage()
+    chain = Chain((forwarding, stage), (PEER_HEADER, CLIENT.header_value()))
     for cluster_name, mesh in (("outbound|8080||preference", True), ("outbound|80||api.example.com", False)):
         ctx = _context(snapshot, None, [(PEER_HEADER, b"app=forged")], client_ip="127.0.0.1")
         ctx.cluster = snapshot.clusters[cluster_name]
         forwarding.on_request(ctx)
-        # ours goes last (the one the server side believes); a MESH_EXTERNAL service gets only what the app sent
-        assert [pair for pair in ctx.request.headers if pair[0] == PEER_HEADER] == (
-            [(PEER_HEADER, b"app=forged")] + ([(PEER_HEADER, CLIENT.header_value())] if mesh else []))
-        assert ctx.request.headers[-1][0] == (PEER_HEADER if mesh else b"x-request-id")
+        sent = chain.upstream_peer_header(ctx.cluster)
+        assert sent == ((PEER_HEADER, CLIENT.header_value()) if mesh else None)
+        # on the wire ours goes last (the one the server side believes), over HTTP/1.1 (the field
+        # serialised once per snapshot, as the router writes it) and HTTP/2 alike; a MESH_EXTERNAL
+        # service gets only what the app sent
+        h1_head = h1.serialize_request_head(b"GET", b"/", ctx.request.headers, h1.FRAMING_NONE, b"preference",
+                                            chain.peer_field if sent else b"")
+        for fields in (parse_request_head(h1_head)[4], request_fields(ctx.request, b"preference", None, sent)):
+            assert [value for name, value in fields if name == PEER_HEADER] == (
+                [b"app=forged"] + ([CLIENT.header_value()] if mesh else []))
+            assert fields[-1][0] == (PEER_HEADER if mesh else b"x-request-id")
         response = ResponseHead(200, [(PEER_HEADER, b"namespace=tutorial;workload=preference-v1")])
         stage.on_response(ctx, response)
         assert response.headers == []
@@ -134,11 +146,10 @@ def test_a_gateway_to_external_services_only_has_no_peer_stage() -> None:
     clusters = {name: ClusterRuntime(c, Stats()) for name, c in snapshot.clusters.items()}
     chain = build_chain(snapshot, listener, clusters, telemetry=IstioMetrics(Stats(), CLIENT))
     assert not any(isinstance(s, PeerMetadataStage) for s in chain.request_stages + chain.response_stages)
-    [forwarding] = [s for s in chain.request_stages if isinstance(s, ForwardingStage)]
-    assert forwarding.peer_header is None
+    assert chain.peer_header is None and chain.peer_field == b""
 
 
-def test_a_gateway_to_mesh_services_sends_its_header_from_the_forwarding_stage() -> None:
+def test_a_gateway_to_mesh_services_sends_its_header_from_the_upstream_encoders() -> None:
     gateway = [doc("Gateway", "gw", {"servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
                                                   "hosts": ["*"]}]}, namespace="tutorial"),
                doc("VirtualService", "vs", {"hosts": ["*"], "gateways": ["gw"],
@@ -151,8 +162,8 @@ def test_a_gateway_to_mesh_services_sends_its_header_from_the_forwarding_stage()
     # the peer stage reads responses only; no call per request
     assert not any(isinstance(s, PeerMetadataStage) for s in chain.request_stages)
     assert any(isinstance(s, PeerMetadataStage) for s in chain.response_stages)
-    [forwarding] = [s for s in chain.request_stages if isinstance(s, ForwardingStage)]
-    assert forwarding.peer_header == (PEER_HEADER, CLIENT.header_value())
+    assert chain.peer_header == (PEER_HEADER, CLIENT.header_value())
+    assert chain.peer_field == PEER_HEADER + b": " + CLIENT.header_value() + b"\r\n"
 
 
 def test_label_sets_are_capped_and_the_overflow_counted() -> None:

@@ -1,35 +1,20 @@
-"""Forwarding headers at the edge, as Envoy sets them: x-forwarded-for, x-forwarded-proto, x-request-id;
-and toward a mesh-internal cluster the proxy's own peer metadata (stages/peer_metadata.py)."""
+"""Forwarding headers at the edge, as Envoy sets them: x-forwarded-for, x-forwarded-proto, x-request-id.
+(The proxy's own peer metadata toward a mesh-internal cluster is added by the upstream encoders:
+chain.Chain.peer_header.)"""
 
 from __future__ import annotations
 
-from random import getrandbits
 from typing import TYPE_CHECKING
+
+from proxy.l7.request_ids import new_request_id
 
 if TYPE_CHECKING:
     from proxy.l7.context import RequestContext
 
 
-def new_request_id() -> bytes:
-    """A random UUID version 4 in its text form, without the uuid module's per-call overhead."""
-    n = getrandbits(128)
-    n = (n & ~(0xF000 << 64) | (0x4000 << 64))  # version 4
-    n = (n & ~(0xC000 << 48) | (0x8000 << 48))  # RFC 4122 variant
-    h = b"%032x" % n
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
-
-
 class ForwardingStage:
-    """`peer_header`: on an outbound listener with Istio's metrics on, the (name, value) of the peer
-    metadata this proxy sends to mesh-internal clusters, appended last (the one the server side
-    believes). It is sent from here rather than from the peer metadata stage to spare each request
-    a stage call; that stage handles the rest of the exchange."""
-
     has_response_step = False
-    __slots__ = ("peer_header",)
-
-    def __init__(self, peer_header: tuple[bytes, bytes] | None = None) -> None:
-        self.peer_header = peer_header
+    __slots__ = ()
 
     def on_request(self, ctx: RequestContext) -> None:
         head = ctx.request
@@ -43,11 +28,6 @@ class ForwardingStage:
             headers += ((b"x-forwarded-for", ctx.downstream_ip), (b"x-forwarded-proto", head.scheme),
                         (b"x-request-id", request_id))
             ctx.request_id = request_id
-        peer_header = self.peer_header
-        if peer_header is not None:
-            cluster = ctx.cluster
-            if cluster is not None and cluster.mesh_internal:
-                headers.append(peer_header)
         return None
 
     @staticmethod
