@@ -30,7 +30,8 @@ such as nginx add response fields to the table that they never refer to again, s
 every response a run of literal fields to decode and insert (about 39k instructions for nginx's five
 fields); with no table, decoding is a pure function of the block's bytes, and a response head or
 trailers block that repeats (most do: a server answers alike) is decoded and checked once and then
-looked up by the connection layer (H2Connection._decode_block).
+looked up by the connection layer (H2Connection._decode_block), with the fields the router takes
+(without :status and content-length) kept on the same cache entry.
 """
 
 from __future__ import annotations
@@ -323,35 +324,38 @@ class H2UpstreamConnection(H2Transport):
         streams = self.streams
         for event in events:
             t = type(event)
-            stream = streams.get(getattr(event, "stream_id", 0) or 0)
-            if t is ev.ResponseReceived:
-                if stream is not None:
-                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
-                    # field) and content-length
-                    length = event.length
-                    if length >= 0:
-                        fields = [p for p in event.headers[1:] if p[0] != b"content-length"]
-                    else:
-                        fields = event.headers[1:]  # a copy: the connection layer hands the same list out again
-                        length = None
-                    stream.status, stream.headers, stream.length = event.status, fields, length
-                    stream.sensitive = event.sensitive
-                    stream._wake()
-            elif t is ev.DataReceived:
+            if t is ev.DataReceived:  # the most frequent first
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     if event.data:
                         stream.pieces.append(event.data)
                     stream.unacked += event.flow_controlled_length
-                    stream._wake()
+                    if not event.stream_ended:  # else StreamEnded, next, wakes the router
+                        stream._wake()
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
-            elif t is ev.TrailersReceived:
+                continue
+            if t is ev.ResponseReceived:
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.trailers = list(event.headers)
-            elif t is ev.StreamEnded:
+                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
+                    # field) and content-length
+                    stream.status, stream.headers, stream.length = event.status, _response_view(event), \
+                        event.length if event.length >= 0 else None
+                    stream.sensitive = event.sensitive
+                    if not event.stream_ended:
+                        stream._wake()
+                continue
+            if t is ev.StreamEnded:
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.remote_ended = True
                     stream._wake()
+                continue
+            stream = streams.get(getattr(event, "stream_id", 0) or 0)
+            if t is ev.TrailersReceived:
+                if stream is not None:
+                    stream.trailers = list(event.headers)
             elif t is ev.StreamReset:
                 if stream is not None:
                     if event.error_code == _REFUSED:
@@ -381,6 +385,25 @@ class H2UpstreamConnection(H2Transport):
                         s.fail(RefusedStream("the upstream sent GOAWAY before processing the stream"))
                 if event.error_code:
                     self.lost(f"GOAWAY {event.error_code!r}")
+
+
+def _response_view(event: ev.ResponseReceived) -> list:
+    """The response's fields as the router takes them: without :status (the first field) and without
+    content-length (the router frames the body itself). Worked out once per repeated header block (kept
+    on the connection layer's cache entry); each stream gets its own copy, which response stages may edit."""
+    block = event.block
+    if block is not None:
+        view = block.client_view
+        if view is None:
+            view = block.client_view = _without_length(event)
+        return list(view)
+    return _without_length(event)
+
+
+def _without_length(event: ev.ResponseReceived) -> list:
+    if event.length >= 0:
+        return [p for p in event.headers[1:] if p[0] != b"content-length"]
+    return event.headers[1:]
 
 
 def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int]) -> UpstreamH2Stream | None:
