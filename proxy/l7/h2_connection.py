@@ -554,7 +554,7 @@ class H2Connection:
         self.recv_window -= flow
         if self.recv_window < 0:
             raise self._connection_error(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        data = self._strip_padding(flags, payload)
+        data = self._strip_padding(flags, payload) if flags & f.PADDED else payload
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream is None and self._is_idle(stream_id):

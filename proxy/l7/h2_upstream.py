@@ -83,7 +83,9 @@ class UpstreamH2Stream(H2StreamState):
                  "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        super().__init__(stream_id)
+        self.stream_id = stream_id  # H2StreamState's three, set here: one call less per request
+        self.ended = False
+        self.window = None
         self.connection = connection
         self.status = 0
         self.headers: Headers | None = None
@@ -157,8 +159,12 @@ class UpstreamH2Stream(H2StreamState):
             for p in pieces:
                 self.bytes_read += len(p)
         n, self.unacked = self.unacked, 0
-        if n:
-            self.connection.acknowledge(self.stream_id, n)
+        if n:  # H2Transport.acknowledge, written out: flushed only when a WINDOW_UPDATE is due
+            connection = self.connection
+            h2conn = connection.h2
+            h2conn.acknowledge_received_data(n, self.stream_id)
+            if h2conn._out:
+                connection.flush()
         return pieces
 
     async def next_pieces(self, deadline: float) -> list:
@@ -220,7 +226,7 @@ class H2UpstreamConnection(H2Transport):
         return max(0, self.max_streams - len(self.streams) - self.reserved)
 
     def open_stream(self) -> UpstreamH2Stream:
-        stream_id = self.h2.get_next_available_stream_id()
+        stream_id = self.h2.next_stream_id
         stream = UpstreamH2Stream(self, stream_id)
         self.streams[stream_id] = stream
         self.requests += 1
@@ -330,7 +336,7 @@ class H2UpstreamConnection(H2Transport):
                     if event.data:
                         stream.pieces.append(event.data)
                     stream.unacked += event.flow_controlled_length
-                    if not event.stream_ended:  # else StreamEnded, next, wakes the router
+                    if not event.stream_ended and stream.waiter is not None:  # else StreamEnded, next, wakes it
                         stream._wake()
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
@@ -343,14 +349,15 @@ class H2UpstreamConnection(H2Transport):
                     stream.status, stream.headers, stream.length = event.status, _response_view(event), \
                         event.length if event.length >= 0 else None
                     stream.sensitive = event.sensitive
-                    if not event.stream_ended:
+                    if not event.stream_ended and stream.waiter is not None:
                         stream._wake()
                 continue
             if t is ev.StreamEnded:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.remote_ended = True
-                    stream._wake()
+                    if stream.waiter is not None:
+                        stream._wake()
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.TrailersReceived:
@@ -412,7 +419,9 @@ def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, in
     pool = plane.h2_pools.get((crt.name, key[0], key[1]))
     if pool:
         for connection in pool:
-            if connection.conn is not None and connection.usable():  # conn: connected
+            # connected, and usable() written out: it runs for every request
+            if connection.conn is not None and connection.error is None and not connection.draining and \
+                    len(connection.streams) + connection.reserved < connection.max_streams:
                 return connection.open_stream()
     return None
 
