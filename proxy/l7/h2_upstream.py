@@ -44,7 +44,7 @@ import structlog
 import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
-from proxy.l7.connio import RECV_BYTES, ReadTimeout
+from proxy.l7.connio import ReadTimeout
 from proxy.l7.errors import (ConnectFailure, LocalConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset,
                               UpstreamTimeout, UpstreamTlsFailure)
 from proxy.l7 import h2_connection as ev
@@ -312,13 +312,9 @@ class H2UpstreamConnection(H2Transport):
 
     async def _read_loop(self) -> None:
         conn, h2conn = self.conn, self.h2
-        # a read shorter than the buffer left the socket empty: the next one waits for readiness first
-        # instead of trying a recv that would say EAGAIN (one syscall less per batch of responses)
-        drained_after = RECV_BYTES if conn.short_fill_empties_socket else 0
-        n = 0
         while self.error is None:
             try:
-                n = await conn.fill(wait_first=0 < n < drained_after)
+                n = await conn.fill()
             except (OSError, ReadTimeout) as e:
                 self.lost(f"read failed: {e}")
                 return
