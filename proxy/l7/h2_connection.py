@@ -79,13 +79,15 @@ class RequestReceived(Event):
 
 
 class ResponseReceived(Event):
-    # status and length: :status and content-length (-1 when absent) as the connection layer read them
-    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive", "status", "length")
+    # status and length: :status and content-length (-1 when absent) as the connection layer read them;
+    # block: the decoded-block cache entry the fields came from (None when not kept), where the client
+    # keeps its own view of them
+    __slots__ = ("stream_id", "headers", "stream_ended", "sensitive", "status", "length", "block")
 
     def __init__(self, stream_id: int, headers: list, stream_ended: bool, sensitive: frozenset | None = None,
-                 status: int = 0, length: int = -1) -> None:
+                 status: int = 0, length: int = -1, block: _DecodedBlock | None = None) -> None:
         self.stream_id, self.headers, self.stream_ended, self.sensitive = stream_id, headers, stream_ended, sensitive
-        self.status, self.length = status, length
+        self.status, self.length, self.block = status, length, block
 
 
 class InformationalResponseReceived(Event):
@@ -186,7 +188,7 @@ class _Stream:
 class _DecodedBlock:
     """A header block's decoded fields, kept while the HPACK table is unchanged (_decode_block)."""
 
-    __slots__ = ("fields", "never_indexed", "request_length", "response_check", "server_check")
+    __slots__ = ("fields", "never_indexed", "request_length", "response_check", "server_check", "client_view")
 
     def __init__(self, fields: list, never_indexed: frozenset | None) -> None:
         self.fields = fields
@@ -194,6 +196,7 @@ class _DecodedBlock:
         self.request_length: int | None = None  # _check_request's result, once a request used the block
         self.response_check: tuple[int, int] | None = None  # _check_response's, once a response did
         self.server_check = None  # the stream server's own check of the request fields (h2_server), opaque here
+        self.client_view = None  # the upstream client's own view of the response fields (h2_upstream), opaque here
 
 
 class _Malformed(Exception):
@@ -551,7 +554,7 @@ class H2Connection:
         self.recv_window -= flow
         if self.recv_window < 0:
             raise self._connection_error(f.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
-        data = self._strip_padding(flags, payload)
+        data = self._strip_padding(flags, payload) if flags & f.PADDED else payload
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream is None and self._is_idle(stream_id):
@@ -744,7 +747,8 @@ class H2Connection:
         except _Malformed as e:
             self._malformed(stream_id, str(e), events, "malformed_response" if self.client else e.kind)
             return
-        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed, status, length))
+        events.append(ResponseReceived(stream_id, fields, end_stream, self.decoder.never_indexed, status, length,
+                                       cached))
         if end_stream:
             self._close_remote(stream_id, stream)
             events.append(StreamEnded(stream_id))

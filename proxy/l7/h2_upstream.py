@@ -30,7 +30,8 @@ such as nginx add response fields to the table that they never refer to again, s
 every response a run of literal fields to decode and insert (about 39k instructions for nginx's five
 fields); with no table, decoding is a pure function of the block's bytes, and a response head or
 trailers block that repeats (most do: a server answers alike) is decoded and checked once and then
-looked up by the connection layer (H2Connection._decode_block).
+looked up by the connection layer (H2Connection._decode_block), with the fields the router takes
+(without :status and content-length) kept on the same cache entry.
 """
 
 from __future__ import annotations
@@ -82,7 +83,9 @@ class UpstreamH2Stream(H2StreamState):
                  "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        super().__init__(stream_id)
+        self.stream_id = stream_id  # H2StreamState's three, set here: one call less per request
+        self.ended = False
+        self.window = None
         self.connection = connection
         self.status = 0
         self.headers: Headers | None = None
@@ -129,12 +132,17 @@ class UpstreamH2Stream(H2StreamState):
         if scope.cancelled_caught:
             raise UpstreamTimeout("no response before the route timeout")
 
+    def check_head(self) -> None:
+        """Raise when the response head will never come: the stream failed, or ended without one."""
+        if self.failure is not None:
+            raise self.failure
+        if self.remote_ended:
+            raise UpstreamProtocolError("stream ended without a response head")
+
     async def read_head(self, deadline: float) -> tuple[int, Headers]:
+        # (H2Exchange._send_and_read_head has this loop written out, one coroutine less per request)
         while self.headers is None:
-            if self.failure is not None:
-                raise self.failure
-            if self.remote_ended:
-                raise UpstreamProtocolError("stream ended without a response head")
+            self.check_head()
             if deadline == math.inf:  # _wait inlined: one coroutine less on every request
                 self.waiter = current_task()
                 await wait_task_rescheduled(self._abort_wait)
@@ -156,8 +164,12 @@ class UpstreamH2Stream(H2StreamState):
             for p in pieces:
                 self.bytes_read += len(p)
         n, self.unacked = self.unacked, 0
-        if n:
-            self.connection.acknowledge(self.stream_id, n)
+        if n:  # H2Transport.acknowledge, written out: flushed only when a WINDOW_UPDATE is due
+            connection = self.connection
+            h2conn = connection.h2
+            h2conn.acknowledge_received_data(n, self.stream_id)
+            if h2conn._out:
+                connection.flush()
         return pieces
 
     async def next_pieces(self, deadline: float) -> list:
@@ -219,7 +231,7 @@ class H2UpstreamConnection(H2Transport):
         return max(0, self.max_streams - len(self.streams) - self.reserved)
 
     def open_stream(self) -> UpstreamH2Stream:
-        stream_id = self.h2.get_next_available_stream_id()
+        stream_id = self.h2.next_stream_id
         stream = UpstreamH2Stream(self, stream_id)
         self.streams[stream_id] = stream
         self.requests += 1
@@ -323,35 +335,39 @@ class H2UpstreamConnection(H2Transport):
         streams = self.streams
         for event in events:
             t = type(event)
-            stream = streams.get(getattr(event, "stream_id", 0) or 0)
-            if t is ev.ResponseReceived:
-                if stream is not None:
-                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
-                    # field) and content-length
-                    length = event.length
-                    if length >= 0:
-                        fields = [p for p in event.headers[1:] if p[0] != b"content-length"]
-                    else:
-                        fields = event.headers[1:]  # a copy: the connection layer hands the same list out again
-                        length = None
-                    stream.status, stream.headers, stream.length = event.status, fields, length
-                    stream.sensitive = event.sensitive
-                    stream._wake()
-            elif t is ev.DataReceived:
+            if t is ev.DataReceived:  # the most frequent first
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     if event.data:
                         stream.pieces.append(event.data)
                     stream.unacked += event.flow_controlled_length
-                    stream._wake()
+                    if not event.stream_ended and stream.waiter is not None:  # else StreamEnded, next, wakes it
+                        stream._wake()
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
-            elif t is ev.TrailersReceived:
+                continue
+            if t is ev.ResponseReceived:
+                stream = streams.get(event.stream_id)
                 if stream is not None:
-                    stream.trailers = list(event.headers)
-            elif t is ev.StreamEnded:
+                    # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
+                    # field) and content-length
+                    stream.status, stream.headers, stream.length = event.status, _response_view(event), \
+                        event.length if event.length >= 0 else None
+                    stream.sensitive = event.sensitive
+                    if not event.stream_ended and stream.waiter is not None:
+                        stream._wake()
+                continue
+            if t is ev.StreamEnded:
+                stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream.remote_ended = True
-                    stream._wake()
+                    if stream.waiter is not None:
+                        stream._wake()
+                continue
+            stream = streams.get(getattr(event, "stream_id", 0) or 0)
+            if t is ev.TrailersReceived:
+                if stream is not None:
+                    stream.trailers = list(event.headers)
             elif t is ev.StreamReset:
                 if stream is not None:
                     if event.error_code == _REFUSED:
@@ -383,13 +399,34 @@ class H2UpstreamConnection(H2Transport):
                     self.lost(f"GOAWAY {event.error_code!r}")
 
 
+def _response_view(event: ev.ResponseReceived) -> list:
+    """The response's fields as the router takes them: without :status (the first field) and without
+    content-length (the router frames the body itself). Worked out once per repeated header block (kept
+    on the connection layer's cache entry); each stream gets its own copy, which response stages may edit."""
+    block = event.block
+    if block is not None:
+        view = block.client_view
+        if view is None:
+            view = block.client_view = _without_length(event)
+        return list(view)
+    return _without_length(event)
+
+
+def _without_length(event: ev.ResponseReceived) -> list:
+    if event.length >= 0:
+        return [p for p in event.headers[1:] if p[0] != b"content-length"]
+    return event.headers[1:]
+
+
 def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int]) -> UpstreamH2Stream | None:
     """A new stream on a pooled connection that is connected and has a free slot, or None (then
     `open_stream` waits or connects): the common case, without a coroutine."""
     pool = plane.h2_pools.get((crt.name, key[0], key[1]))
     if pool:
         for connection in pool:
-            if connection.conn is not None and connection.usable():  # conn: connected
+            # connected, and usable() written out: it runs for every request
+            if connection.conn is not None and connection.error is None and not connection.draining and \
+                    len(connection.streams) + connection.reserved < connection.max_streams:
                 return connection.open_stream()
     return None
 

@@ -16,7 +16,7 @@ from proxy.l7.h2_connection import (
     TrailersReceived,
 )
 from proxy.l7.h2_hpack import Decoder
-from proxy.l7.h2_upstream import upstream_connection_state
+from proxy.l7.h2_upstream import _response_view, upstream_connection_state
 
 # what nginx answers a small GET with: literal fields with incremental indexing, every time
 NGINX_HEAD = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Fri, 04 Dec 2026 17:37:36 GMT"),
@@ -90,6 +90,26 @@ def test_repeated_blocks_decode_as_the_oracle_does_and_keep_the_table_empty():
     # looked up, not decoded again (a size update, as in blocks[0], is a table change: decoded afresh)
     assert heads[1] is heads[2] and heads[4] is heads[5] and heads[2] is not heads[4]
     assert len(upstream.conn._decoded_blocks) == 1
+
+
+def test_each_stream_gets_its_own_copy_of_a_repeated_response_view():
+    """The fields the router takes (no :status, no content-length) are worked out once per repeated
+    block and kept on its cache entry; each response gets its own list, which response stages may edit."""
+    encoder, upstream = _server_encoder(), _Upstream()
+    head = [*NGINX_HEAD[:4], (b"content-length", b"5"), (b"x-a", b"1")]
+    encoder.encode(head)  # the block with the table size update
+    block = encoder.encode(head)
+    views = []
+    for _ in range(3):
+        event = upstream.respond(block, frames.END_HEADERS)[0]
+        assert isinstance(event, ResponseReceived) and event.block is not None
+        views.append(_response_view(event))
+    expected = [pair for pair in head if pair[0] not in (b":status", b"content-length")]
+    assert views[0] == views[1] == views[2] == expected
+    views[0].append((b"x-added-by-a-stage", b"1"))
+    del views[1][0]
+    assert _response_view(upstream.respond(block, frames.END_HEADERS)[0]) == expected
+    assert views[2] == expected
 
 
 def test_a_repeated_trailers_block_is_looked_up_too():
