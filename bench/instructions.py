@@ -18,6 +18,7 @@ cost; `--keep-output DIR` keeps callgrind's two output files there, for `callgri
 request's instructions go).
 `--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
 cost measured is the data path's).
+The proxy runs with a worker's garbage-collector thresholds (proxy/runner/garbage_collection.py).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 The proxy runs with PYTHONHASHSEED=0: with random string hashing two runs of the same code differed by
 up to ~3,000 instructions per request, with a fixed seed by tens to ~900 (what remains comes from how
@@ -94,6 +95,12 @@ async def triomesh(nursery):
     await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
     stats = Stats()
+    try:  # the worker's collector thresholds (a checkout older than them runs with CPython's)
+        from proxy.runner.garbage_collection import pace_collector
+    except ImportError:
+        pass
+    else:
+        pace_collector()
     options = {}  # only what was asked for: --source may be a checkout older than the option
     if not telemetry:  # a checkout from before the metrics has no such argument
         options["telemetry"] = False

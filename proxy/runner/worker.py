@@ -26,6 +26,7 @@ from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
 from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control, hot_restart
+from proxy.runner.garbage_collection import pace_collector
 from proxy.config.snapshot_transfer import decode_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
@@ -337,6 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tm_logging.configure(level=args.log_level, fmt=args.log_format, worker=args.index)
+    pace_collector()
     log = tm_logging.get_logger("triomesh.worker")
     access_log = AccessLog(args.access_log, worker=args.index)
     sock = socket.socket(fileno=args.control_fd)
