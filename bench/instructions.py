@@ -3,6 +3,7 @@ move with the machine's load, for comparing two versions of the data path on a s
 
     python -m bench.instructions [--source DIR] [--requests N] [--baseline] [--h2 [--h2-upstream]]
                                  [--no-telemetry] [--keep-output DIR] [--trace-sampling PERCENT]
+                                 [--connections N] [--streams M]
 
 The proxy (DataPlane + serve_listener on the Istio resources `make bench` gives it: one route to one
 nginx endpoint, with Istio's default retry policy) runs in-process under callgrind; h2load sends N1 and then N2 small HTTP/1.1 keep-alive requests on 8
@@ -11,13 +12,16 @@ cost of one request with start-up and shutdown cancelled out. `--source DIR` mea
 checkout (e.g. `git worktree add /tmp/base HEAD~1`); `--baseline` measures a bare Trio forwarder
 with the same two waits per request (no HTTP at all), the floor any Trio design pays; `--h2` sends the
 requests as h2c (8 connections, 4 streams in flight each) to the same HTTP/1.1 upstream, and with
-`--h2-upstream` to nginx's h2c server instead (a ServiceEntry port `protocol: HTTP2`).
+`--h2-upstream` to nginx's h2c server instead (a ServiceEntry port `protocol: HTTP2`); `--connections`
+and `--streams` change that load (`--connections 64 --streams 10` is make bench's, where many requests
+are in flight at once: the garbage collector's share shows there).
 `--no-telemetry` turns Istio's standard metrics off (`DataPlane(telemetry=False)`), to see what they
 cost; `--keep-output DIR` keeps callgrind's two output files there, for `callgrind_annotate
 --inclusive=yes DIR/callgrind.N` (the difference between the two runs' functions is where a
 request's instructions go).
 `--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
 cost measured is the data path's).
+The proxy runs with a worker's garbage-collector thresholds (proxy/runner/garbage_collection.py).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 The proxy runs with PYTHONHASHSEED=0: with random string hashing two runs of the same code differed by
 up to ~3,000 instructions per request, with a fixed seed by tens to ~900 (what remains comes from how
@@ -94,6 +98,12 @@ async def triomesh(nursery):
     await sock.bind(("127.0.0.1", listener.port))
     sock.listen(128)
     stats = Stats()
+    try:  # the worker's collector thresholds (a checkout older than them runs with CPython's)
+        from proxy.runner.garbage_collection import pace_collector
+    except ImportError:
+        pass
+    else:
+        pace_collector()
     options = {}  # only what was asked for: --source may be a checkout older than the option
     if not telemetry:  # a checkout from before the metrics has no such argument
         options["telemetry"] = False
@@ -122,7 +132,8 @@ trio.run(main)
 
 def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
               h2: bool = False, upstream_protocol: str = "HTTP", telemetry: bool = True,
-              keep_output: Path | None = None, trace_sampling: float | None = None) -> tuple[int, int]:
+              keep_output: Path | None = None, trace_sampling: float | None = None,
+              connections: int = 8, streams: int = 4) -> tuple[int, int]:
     """(total instructions, requests that succeeded) for one proxy process under callgrind."""
     script = workdir / "proxy_under_callgrind.py"
     script.write_text(_PROXY)
@@ -149,8 +160,8 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
             time.sleep(0.3)
         time.sleep(1.0)
         # h2c: the same 8 clients, each with up to 4 streams in flight on its one connection
-        client = ["-m", "4"] if h2 else ["--h1"]
-        load = subprocess.run(["h2load", *client, "-n", str(requests), "-c", "8",
+        client = ["-m", str(streams)] if h2 else ["--h1"]
+        load = subprocess.run(["h2load", *client, "-n", str(requests), "-c", str(connections),
                                f"http://127.0.0.1:{port_file.read_text()}/small"],
                               capture_output=True, text=True, timeout=900)
         succeeded = int(re.search(r"(\d+) succeeded", load.stdout).group(1))
@@ -177,6 +188,8 @@ def main() -> None:
     ap.add_argument("--keep-output", type=Path, metavar="DIR", help="keep callgrind's output files in DIR")
     ap.add_argument("--trace-sampling", type=float, default=None, metavar="PERCENT",
                     help="with tracing on, sampling this percentage of requests (spans queued, not exported)")
+    ap.add_argument("--connections", type=int, default=8, help="client connections (default 8)")
+    ap.add_argument("--streams", type=int, default=4, help="with --h2: streams in flight per connection (default 4)")
     args = ap.parse_args()
     if args.h2_upstream and not args.h2:
         sys.exit("--h2-upstream goes with --h2")
@@ -195,12 +208,12 @@ def main() -> None:
             if args.keep_output is not None:
                 args.keep_output.mkdir(parents=True, exist_ok=True)
             first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream, telemetry,
-                                   args.keep_output, args.trace_sampling)
+                                   args.keep_output, args.trace_sampling, args.connections, args.streams)
             second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream,
-                                    telemetry, args.keep_output, args.trace_sampling)
+                                    telemetry, args.keep_output, args.trace_sampling, args.connections, args.streams)
         finally:
             backend.stop()
-    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''})"
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''}{f', {args.connections} connections' if args.connections != 8 else ''}{f' x {args.streams} streams' if args.h2 and args.streams != 4 else ''})"
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")
 

@@ -18,26 +18,9 @@ for good; every FULL_COLLECT_S the settle unfreezes first and runs one full pass
 
 from __future__ import annotations
 
-import gc
-import time
-from typing import NamedTuple
+from proxy.runner.garbage_collection import Settled, settle
 
 QUIET_S = 1.0  # quiet time before a settle
 FULL_COLLECT_S = 600.0  # a full pass over the frozen objects at most this often (and at least, when quiet)
 
-
-class Settled(NamedTuple):
-    full: bool
-    collected: int  # unreachable objects found
-    frozen: int  # objects the collector skips from now on
-    duration_s: float
-
-
-def settle(full: bool) -> Settled:
-    """Collect (everything when `full`, else what is not frozen yet) and freeze the survivors."""
-    started = time.perf_counter()
-    if full:
-        gc.unfreeze()
-    collected = gc.collect()
-    gc.freeze()
-    return Settled(full, collected, gc.get_freeze_count(), time.perf_counter() - started)
+__all__ = ["FULL_COLLECT_S", "QUIET_S", "Settled", "settle"]

@@ -237,6 +237,19 @@ def response_fields(status: int, headers: Headers, length: int | None) -> Header
     return out
 
 
+def plain_response_fields(status: int, block: bytes, length: int) -> tuple:
+    """response_fields for a plain HTTP/1.1 upstream response, from the field block the head parser
+    forwards (headparser.forward_response_head: "name: value CRLF" lines, names lowercased, the
+    connection-specific fields, content-length and te already out). A tuple: H2ServerConnection
+    keeps it for the next response with the same block."""
+    out = [_STATUS_FIELDS.get(status) or (b":status", b"%d" % status)]
+    for line in block.split(b"\r\n")[:-1]:  # the block ends with CRLF (b"" when it has no fields)
+        name, value = line.split(b": ", 1)
+        out.append((name, value))
+    out.append((b"content-length", b"%d" % length))
+    return tuple(out)
+
+
 def trailer_fields(trailers: Headers) -> Headers:
     return [pair for pair in trailers if pair[0] not in CONNECTION_SPECIFIC and pair[0][:1] != b":"]
 

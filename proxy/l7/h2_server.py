@@ -57,6 +57,7 @@ from proxy.l7.h2_codec import (
     check_request_fields,
     check_trailers,
     grpc_local_reply_fields,
+    plain_response_fields,
     request_from_checked,
     response_fields,
     server_settings,
@@ -84,6 +85,7 @@ MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moment
 # a drain's shutdown notice and its final GOAWAY are this far apart: the streams a client sent before
 # the notice reached it still arrive and are served (RFC 9113 §6.8 asks for at least a round trip)
 GOAWAY_NOTICE_GRACE_S = 1.0
+MAX_PLAIN_HEADS = 16  # plain response field blocks a connection keeps split (see plain_fields)
 
 _ENHANCE_YOUR_CALM = frames.ENHANCE_YOUR_CALM
 _INTERNAL_ERROR = frames.INTERNAL_ERROR
@@ -97,7 +99,7 @@ class H2Stream(H2StreamState):
     """One request/response exchange on an HTTP/2 connection (the stream interface, stream.py)."""
 
     protocol = "HTTP/2"
-    relays_plain = False
+    relays_plain = True  # a plain upstream response comes as its forwarded field block (start_plain_response)
     expect_continue = False
     is_upgrade = False
 
@@ -194,8 +196,12 @@ class H2Stream(H2StreamState):
     async def send_continue(self) -> None:
         return None  # no Expect handling on HTTP/2: the client does not wait for one
 
-    def start_plain_response(self, status, reason, fields, length) -> None:  # pragma: no cover - relays_plain
-        raise AssertionError("HTTP/2 streams take no HTTP/1.1 field blocks")
+    def start_plain_response(self, status: int, reason: bytes, fields: bytes, length: int) -> None:
+        """The head of a plain HTTP/1.1 upstream response, from its forwarded field block: the C head
+        parser sorted it, so no Python pass over its fields; a block seen before on this connection
+        (the same backend's response, `date` changing once a second) is not even split."""
+        self._fields = self.connection.plain_fields(status, fields, length)
+        self._sensitive = None
 
     def start_response(self, ctx: RequestContext, response: ResponseHead, framing: h1.Framing,
                        raw_length: bytes | None) -> None:
@@ -308,7 +314,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed")
+                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed", "plain_heads")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -321,6 +327,7 @@ class H2ServerConnection(H2Transport):
         self.original_destination = original_destination
         self.peer = peer
         self.streams: dict[int, H2Stream] = {}
+        self.plain_heads: dict[tuple, tuple] = {}  # see plain_fields
         self.nursery: trio.Nursery | None = None
         self.streams_total = 0
         self.premature_resets = 0
@@ -371,6 +378,18 @@ class H2ServerConnection(H2Transport):
             self.wake_window(stream)
         if self.nursery is not None:
             self.nursery.cancel_scope.cancel()
+
+    def plain_fields(self, status: int, block: bytes, length: int) -> tuple:
+        """The response fields of a plain upstream response (H2Stream.start_plain_response), kept
+        per field block: the connection layer's encoded-block cache then finds them by content."""
+        key = (status, block, length)
+        fields = self.plain_heads.get(key)
+        if fields is None:
+            fields = plain_response_fields(status, block, length)
+            if len(self.plain_heads) >= MAX_PLAIN_HEADS:
+                self.plain_heads.clear()
+            self.plain_heads[key] = fields
+        return fields
 
     # ---- reading
 

@@ -21,12 +21,12 @@ from typing import Sequence
 
 import trio
 
-from controlplane import heap
 from proxy import logging as tm_logging
 from proxy.l7.access_log import FORMATS as ACCESS_LOG_FORMATS
 from proxy.l7.access_log import AccessLog
 from proxy.overload import MemoryWatermark, OverloadLimits, watch_memory
 from proxy.runner import control, hot_restart
+from proxy.runner.garbage_collection import freeze_startup_objects, pace_collector
 from proxy.config.snapshot_transfer import decode_snapshot
 from proxy.runner.listeners import ORIGINAL_DST, ListenerManager
 from proxy.identity.holder import IdentityHolder
@@ -155,14 +155,6 @@ async def _orphaned(path: str, index: int, listeners: ListenerManager, stats: St
         return False
     finally:
         listener.close()
-
-
-def freeze_startup_objects() -> heap.Settled:
-    """Everything made so far (modules, classes, functions: ~35,000 objects, alive for the whole run)
-    out of the garbage collector's passes (controlplane/heap.py): a full pass over them took 16-25 ms of
-    CPU (at load 7), every request of the worker waiting meanwhile, whenever enough new long-lived
-    objects (a wave of new connections: slow clients reconnecting after their 408s) started one."""
-    return heap.settle(full=False)
 
 
 async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
@@ -347,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     tm_logging.configure(level=args.log_level, fmt=args.log_format, worker=args.index)
+    pace_collector()
     log = tm_logging.get_logger("triomesh.worker")
     access_log = AccessLog(args.access_log, worker=args.index)
     sock = socket.socket(fileno=args.control_fd)

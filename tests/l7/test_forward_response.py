@@ -1,7 +1,8 @@
 """forward_response_head: the native and pure versions agree byte for byte (with and without a field
 to take out), and for every response they call plain, the head the proxy builds from the result is
 exactly the one the general path (parse_response_head + h1.classify_response +
-h1.serialize_response_head) builds."""
+h1.serialize_response_head) builds, and the HTTP/2 fields built from it are those the general path
+gives an HTTP/2 stream (h2_codec.response_fields)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from proxy.l7 import _headparser_py as pure
 from proxy.l7 import h1
 from proxy.l7._headparser_common import FULL_PATH, HeadParseError
 from proxy.l7.h1 import serialize_plain_response_head
+from proxy.l7.h2_codec import plain_response_fields, response_fields
 from proxy.telemetry.peer import PEER_HEADER
 
 IMPLEMENTATIONS = [pytest.param(native, id="native"), pytest.param(pure, id="pure")]
@@ -52,7 +54,7 @@ def mostly_plain_responses(draw) -> bytes:
                                      b"Grpc-Status", b"Connection", b"Keep-Alive", b"Proxy-Connection",
                                      b"Trailer", b"Upgrade", b"x-triomesh-peer", b"X-TrioMesh-Peer"]))
         value = draw(st.sampled_from([b"close", b"keep-alive", b"Keep-Alive", b" , close ,", b"close, keep-alive"]
-                                     if name == b"Connection" else [b"", b"14", b"0", b"nginx", b"a b\tc", b'"x"']))
+                                     if name == b"Connection" else [b"", b"14", b"0", b"nginx", b"a b\tc", b'"x"', b"a: b"]))
         fields.insert(draw(st.integers(0, len(fields))), name + draw(st.sampled_from([b":", b": ", b":\t"])) + value)
     return b"\r\n".join([version + b" " + status + b" OK", *fields]) + b"\r\n\r\nhello"
 
@@ -89,6 +91,19 @@ def test_plain_results_build_the_general_paths_head(data, close):
     head, general_length, general_keep, general_grpc = _general_head(data, close)
     assert serialize_plain_response_head(status, reason, fields, length, close=close) == head
     assert (length, keep_alive, grpc) == (general_length, general_keep, general_grpc)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mostly_plain_responses(), st.sampled_from([b"", PEER_HEADER]))
+def test_plain_results_build_the_general_paths_http2_fields(data, take):
+    result = native.forward_response_head(data, 0, 100, take)
+    assume(result is not None and result is not FULL_PATH)
+    status, fields, length, taken = result[2], result[4], result[5], result[8]
+    _, minor, _, _, headers = pure.parse_response_head(data)
+    if take:  # the field taken out of the block is not sent on either way
+        headers = [(name, value) for name, value in headers if name != take]
+    out, framing, _, _, _ = h1.classify_response(b"GET", status, minor, headers)
+    assert list(plain_response_fields(status, fields, length)) == response_fields(status, out, framing.length)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
