@@ -1,7 +1,7 @@
 # Two commands matter on a fresh machine: `make demo` and `make test`. Both install what they need:
 # Debian tools (when root), a .venv, and triomesh itself in editable mode, which compiles native/
-# (the head parser with cffi, the request metrics table as a CPython extension; without a C compiler
-# both fall back to their pure-Python twins, and the test suite says so by failing).
+# (the head parser with cffi, its two per-request calls and the request metrics table as CPython
+# extensions; without a C compiler they fall back to their pure-Python twins, and the test suite says so by failing).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -74,4 +74,4 @@ bench: install system-deps
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/telemetry/_request_metrics_c*.so
+	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/l7/_headparser_capi*.so proxy/telemetry/_request_metrics_c*.so

@@ -1,5 +1,6 @@
-"""Build hook: compiles native/: the HTTP/1.1 head parser with cffi (out-of-line API mode) and the
-Istio request metrics table as a CPython extension. Both are optional: without a working C compiler
+"""Build hook: compiles native/: the HTTP/1.1 head parser with cffi (out-of-line API mode), the head
+parser's two per-request calls (parse_request_head, forward_response_head) and the Istio request
+metrics table as CPython extensions. All are optional: without a working C compiler
 the install still succeeds and the pure-Python twins are used (proxy.l7.headparser and
 proxy.telemetry.request_table report which; the test suite fails loudly in that case unless
 TRIOMESH_PURE_PARSER=1 and TRIOMESH_PURE_METRICS=1)."""
@@ -7,6 +8,10 @@ from setuptools import Extension, setup
 
 setup(
     cffi_modules=["native/build_headparser.py:ffibuilder"],
-    ext_modules=[Extension("proxy.telemetry._request_metrics_c", sources=["native/request_metrics.c"],
+    ext_modules=[Extension("proxy.l7._headparser_capi",
+                           sources=["native/headparser_capi.c", "native/headparser.c", "native/forward.c"],
+                           include_dirs=["native"],
+                           extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"], optional=True),
+                 Extension("proxy.telemetry._request_metrics_c", sources=["native/request_metrics.c"],
                            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"], optional=True)],
 )

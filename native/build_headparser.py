@@ -1,4 +1,7 @@
-"""cffi builder (out-of-line API mode) for the native head parser: module proxy.l7._headparser_c."""
+"""cffi builder (out-of-line API mode) for the native head parser: module proxy.l7._headparser_c.
+
+It declares the calls made through cffi only; parse_request_head and forward_response_head go through
+the CPython extension proxy.l7._headparser_capi (native/headparser_capi.c, built by setup.py)."""
 
 from __future__ import annotations
 
@@ -44,8 +47,6 @@ typedef struct {
     size_t pack_len;
 } tm_head;
 
-long tm_parse_request(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                      size_t max_headers, char *pack, size_t pack_cap);
 long tm_parse_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
                        size_t max_headers, char *pack, size_t pack_cap);
 long tm_parse_fields(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
@@ -53,21 +54,6 @@ long tm_parse_fields(const char *buf, size_t len, size_t start, tm_head *head, t
 long tm_parse_chunk_size(const char *buf, size_t len, size_t start, uint64_t *chunk_size,
                          size_t *error_offset);
 
-typedef struct {
-    size_t plain;
-    size_t content_length;
-    size_t has_content_length;
-    size_t conn_close, conn_keep_alive;
-    size_t keep_alive;
-    size_t grpc_status_start, grpc_status_end;
-    size_t out_len;
-    size_t taken;
-    size_t take_start, take_end;
-} tm_forward_info;
-
-long tm_forward_response(const char *buf, size_t len, size_t start, tm_head *head, tm_header *headers,
-                         size_t max_headers, char *out, size_t out_cap, const char *take,
-                         tm_forward_info *info);
 """
 
 ffibuilder = FFI()
@@ -76,7 +62,7 @@ ffibuilder.set_source(
     "proxy.l7._headparser_c",
     '#include "headparser.h"',
     # Relative paths: setuptools refuses absolute source paths in an sdist/editable build.
-    sources=["native/headparser.c", "native/forward.c"],
+    sources=["native/headparser.c"],
     include_dirs=["native"],
     extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra"],
     # Without a working C compiler the install still succeeds and proxy.l7.headparser falls back to

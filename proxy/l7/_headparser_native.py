@@ -1,8 +1,12 @@
-"""The head parser API on top of the C parser (proxy.l7._headparser_c, built from native/).
+"""The head parser API on the C parser (native/): the two calls every proxied HTTP/1.1 request makes,
+parse_request_head and forward_response_head, come from the CPython extension
+proxy.l7._headparser_capi (native/headparser_capi.c: the call and the building of the result objects
+in C, several thousand instructions less per call than through cffi); the others from the cffi
+module proxy.l7._headparser_c.
 
-Per call: one C call on the caller's buffer (bytes are passed as is; a bytearray or memoryview goes
-through ffi.from_buffer, which does not copy), then one copy of the parsed strings out of a
-preallocated `pack` area, split on NUL in a single bytes.split (see headparser.h): that makes every
+Through cffi, per call: one C call on the caller's buffer (bytes are passed as is; a bytearray or
+memoryview goes through ffi.from_buffer, which does not copy), then one copy of the parsed strings out
+of a preallocated `pack` area, split on NUL in a single bytes.split (see headparser.h): that makes every
 bytes object of the result in C, instead of two slices and a lower() per header in Python.
 
 Not thread-safe: the result areas are preallocated once per process and reused by every call (the
@@ -11,18 +15,17 @@ data plane parses on its one Trio thread). Identical behaviour to _headparser_py
 
 from __future__ import annotations
 
+from . import _headparser_capi
 from ._headparser_c import ffi, lib
 from ._headparser_common import CODE_BY_NUMBER, FULL_PATH, INCOMPLETE, HeadParseError, make_error
 
 __all__ = ["parse_request_head", "parse_response_head", "parse_trailers", "parse_chunk_header",
            "forward_response_head", "HeadParseError"]
 
-# Field indexes of tm_head and tm_forward_info read as flat size_t arrays.
-_REASON_START, _REASON_END, _MINOR, _STATUS, _ERROR_OFFSET, _PACK_LEN = 4, 5, 6, 7, 9, 10
-_F_PLAIN, _F_LENGTH, _F_KEEP_ALIVE, _F_GRPC_START, _F_GRPC_END, _F_OUT_LEN = 0, 1, 5, 6, 7, 8
-_F_TAKEN, _F_TAKE_START, _F_TAKE_END = 9, 10, 11
+# Field indexes of tm_head read as a flat size_t array.
+_MINOR, _STATUS, _ERROR_OFFSET, _PACK_LEN = 6, 7, 9, 10
 _PACK_FULL = lib.TM_PACK_FULL
-assert INCOMPLETE == lib.TM_INCOMPLETE
+assert INCOMPLETE == lib.TM_INCOMPLETE == _headparser_capi.INCOMPLETE
 assert all(getattr(lib, "TM_E_" + code) == number for number, code in CODE_BY_NUMBER.items())
 
 
@@ -40,15 +43,8 @@ def _make():
     chunk_size = ffi.new("uint64_t *")
     chunk_error = ffi.new("size_t *")
     from_buffer = ffi.from_buffer
-    c_request, c_response, c_fields = lib.tm_parse_request, lib.tm_parse_response, lib.tm_parse_fields
+    c_response, c_fields = lib.tm_parse_response, lib.tm_parse_fields
     c_chunk = lib.tm_parse_chunk_size
-    c_forward = lib.tm_forward_response
-    forward_info = ffi.new("tm_forward_info *")
-    forward_meta = memoryview(ffi.buffer(forward_info)).cast("N")
-    fields_out = bytearray(16384)  # a bigger field block takes the general path
-    fields_out_ptr = ffi.from_buffer(fields_out)
-    fields_out_mv = memoryview(fields_out)
-    fields_out_cap = len(fields_out)
 
     def call(fn, buf, start: int, max_headers: int) -> int:
         """Run a head parser; returns consumed or INCOMPLETE. The common case (a bytes buffer, results
@@ -78,16 +74,6 @@ def _make():
             raise make_error(CODE_BY_NUMBER[rc], buf, meta[_ERROR_OFFSET], max_headers)
         return rc
 
-    def parse_request_head(buf, start: int = 0, max_headers: int = 100):
-        """None if incomplete, else (end, method, target, minor_version, headers)."""
-        rc = call(c_request, buf, start, max_headers)
-        if rc < 0:
-            return None
-        parts = iter(pack_mv[: meta[_PACK_LEN]].tobytes().split(b"\0"))
-        method = next(parts)
-        target = next(parts)
-        return (start + rc, method, target, meta[_MINOR], list(zip(parts, parts)))
-
     def parse_response_head(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, minor_version, status, reason, headers)."""
         rc = call(c_response, buf, start, max_headers)
@@ -96,26 +82,6 @@ def _make():
         parts = iter(pack_mv[: meta[_PACK_LEN]].tobytes().split(b"\0"))
         reason = next(parts)
         return (start + rc, meta[_MINOR], meta[_STATUS], reason, list(zip(parts, parts)))
-
-    def forward_response_head(buf, start: int = 0, max_headers: int = 100, take: bytes = b""):
-        """None if incomplete; FULL_PATH for a response outside the plain case (or a malformed one,
-        which parse_response_head then reports precisely); else (end, minor_version, status, reason,
-        fields, content_length, keep_alive, grpc_status, taken): `fields` is the forwarded field block
-        ("name: value CRLF" each, hop-by-hop ones and those named `take` left out), `grpc_status`
-        bytes or None, `taken` the last value of a field named `take` (lowercase) or None."""
-        if max_headers > headers_cap or type(buf) is not bytes:
-            return FULL_PATH
-        rc = c_forward(buf, len(buf), start, head, headers, max_headers, fields_out_ptr, fields_out_cap, take,
-                       forward_info)
-        if rc < 0:
-            return None if rc == INCOMPLETE else FULL_PATH
-        if not forward_meta[_F_PLAIN]:
-            return FULL_PATH
-        grpc_start, grpc_end = forward_meta[_F_GRPC_START], forward_meta[_F_GRPC_END]
-        return (start + rc, meta[_MINOR], meta[_STATUS], buf[meta[_REASON_START]:meta[_REASON_END]],
-                fields_out_mv[:forward_meta[_F_OUT_LEN]].tobytes(), forward_meta[_F_LENGTH],
-                forward_meta[_F_KEEP_ALIVE] == 1, buf[grpc_start:grpc_end] if grpc_end > grpc_start else None,
-                buf[forward_meta[_F_TAKE_START]:forward_meta[_F_TAKE_END]] if forward_meta[_F_TAKEN] else None)
 
     def parse_trailers(buf, start: int = 0, max_headers: int = 100):
         """None if incomplete, else (end, headers) for a field section ending in a blank line."""
@@ -138,7 +104,16 @@ def _make():
             raise make_error(CODE_BY_NUMBER[rc], buf, chunk_error[0])
         return (start + rc, chunk_size[0])
 
-    return parse_request_head, parse_response_head, parse_trailers, parse_chunk_header, forward_response_head
+    return parse_response_head, parse_trailers, parse_chunk_header
 
 
-parse_request_head, parse_response_head, parse_trailers, parse_chunk_header, forward_response_head = _make()
+parse_response_head, parse_trailers, parse_chunk_header = _make()
+
+
+def _error_for_code(number: int, buf, offset: int, max_headers: int) -> HeadParseError:
+    return make_error(CODE_BY_NUMBER[number], buf, offset, max_headers)
+
+
+_headparser_capi.configure(_error_for_code, FULL_PATH)
+parse_request_head = _headparser_capi.parse_request_head
+forward_response_head = _headparser_capi.forward_response_head

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -395,6 +395,15 @@ class DataPlane:
         # each task is a Trio system task (a mirror never fails or delays the request it copies)
         self.background: trio.Nursery | None = None
         self.mirrors_in_flight = 0
+        # Trio's clock: trio.current_time() until use_run_clock() binds the run's clock object
+        self.now: Callable[[], float] = trio.current_time
+
+    def use_run_clock(self) -> None:
+        """Read Trio's clock through the running clock object's own bound method (each HTTP/1.1
+        downstream connection calls this as it starts). It is the clock trio.current_time() reads, so
+        deadlines and a trio.testing.MockClock keep working, without that function's run-context
+        lookup and KI-protection wrapping (three reads per HTTP/1.1 request)."""
+        self.now = trio.lowlevel.current_clock().current_time
 
     def start_drain(self, *, close_idle: bool = True) -> None:
         """From now on no connection is kept alive: idle ones close (unless `close_idle` is False:
@@ -486,7 +495,7 @@ class DataPlane:
     def sweep_pools(self) -> None:
         """Close idle upstream connections that expired, or whose cluster or endpoint left the
         active snapshot (otherwise they would wait for a checkout of the same key that never comes)."""
-        now = trio.current_time()
+        now = self.now()
         clusters = self.holder.current.clusters
         for key in list(self.pools):
             cluster_name, address, port = key

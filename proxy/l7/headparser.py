@@ -20,8 +20,9 @@ was parsed. Header names come back lowercased, values with surrounding OWS strip
 raises HeadParseError (.code, .offset, .status) as soon as the offending byte is in the buffer, even
 before the head is complete. The caller bounds the head size (431 when no complete head fits).
 
-IMPLEMENTATION says which parser is in use: "native" (proxy.l7._headparser_c, built from native/ at
-install time) or "pure"; TRIOMESH_PURE_PARSER=1 in the environment forces "pure".
+IMPLEMENTATION says which parser is in use: "native" (proxy.l7._headparser_native, on the extensions
+built from native/ at install time) or "pure"; TRIOMESH_PURE_PARSER=1 in the environment forces
+"pure".
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ async def _mirror(plane: DataPlane, crt: ClusterRuntime, ctx: RequestContext, se
             if endpoint is None:
                 return
             in_flight[endpoint.key] = in_flight.get(endpoint.key, 0) + 1
-            status = await send(plane, crt, endpoint.key, trio.current_time() + timeout_s)
+            status = await send(plane, crt, endpoint.key, plane.now() + timeout_s)
             crt.count_response(status)
             crt.record(endpoint, status)  # the mirror cluster's outlier detector hears of it too
             ok = True

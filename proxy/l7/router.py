@@ -110,7 +110,7 @@ class Exchange:
         # `deadline` bounds the current try (per-try timeout), `overall_deadline` all of them. As in
         # Envoy the route timeout starts at the router, after the stages (an injected delay is not
         # part of it); 0s means none.
-        self.deadline = self.overall_deadline = trio.current_time() + timeout if timeout else math.inf
+        self.deadline = self.overall_deadline = plane.now() + timeout if timeout else math.inf
         self.request_body_done = stream.body.done
         self.up: UpstreamConn | None = None
         self.prefix: list | None = None  # body bytes read while trying to buffer, sent before the rest
@@ -226,7 +226,7 @@ class Exchange:
                 ctx.endpoint = endpoint
                 key = endpoint.key
                 ctx.upstream_host = endpoint.host_port
-                self.deadline = min(overall, trio.current_time() + per_try_s) if per_try_s else overall
+                self.deadline = min(overall, plane.now() + per_try_s) if per_try_s else overall
                 in_flight[key] = in_flight.get(key, 0) + 1
                 try:
                     parsed = await self._send_and_read_head(key, data)
@@ -300,7 +300,7 @@ class Exchange:
             crt.retries_active += 1
             state.holds_slot = True
         delay = backoff_s(retry, state.index, _random)
-        if trio.current_time() + delay >= self.overall_deadline:
+        if self.plane.now() + delay >= self.overall_deadline:
             return False
         state.left -= 1
         state.index += 1
@@ -379,7 +379,7 @@ class Exchange:
         plane, crt = self.plane, self.crt
         for attempt in (0, 1):
             # a pooled connection is taken without an await; acquire() waits or connects
-            up = checkout_idle(plane, crt, key, trio.current_time()) if attempt == 0 else None
+            up = checkout_idle(plane, crt, key, plane.now()) if attempt == 0 else None
             if up is not None:
                 reused = True
             else:

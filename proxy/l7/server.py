@@ -184,6 +184,7 @@ class DownstreamConnection:
 
     async def run(self) -> None:
         plane = self.plane
+        plane.use_run_clock()  # per connection, not per request: a plane may be served by one run after another
         plane.downstream_cx_total.value += 1
         plane.downstream_cx_active.value += 1
         plane.downstream.add(self)
@@ -282,7 +283,7 @@ class DownstreamConnection:
         conn.pos = end
         snapshot = plane.holder.current
         ctx = RequestContext(snapshot, None, self.client, RequestHead(method, target, b"", raw_headers,
-                             http_version=b"1.1" if minor else b"1.0"), trio.current_time(), time.time(),
+                             http_version=b"1.1" if minor else b"1.0"), plane.now(), time.time(),
                              self.client_ip, self.original_destination, self.peer)
         rt = plane.runtime(snapshot)
         ctx.listener, chain = rt.by_listener.get(self.listener_name, _NO_LISTENER)
@@ -355,7 +356,7 @@ class DownstreamConnection:
         body = getattr(e, "body", b"Bad Request") if isinstance(e, ProxyError) else (
             b"Request Header Fields Too Large" if status == 431 else b"Bad Request")
         ctx = RequestContext(self.plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", []),
-                             trio.current_time(), time.time())
+                             self.plane.now(), time.time())
         ctx.error = e
         flag = e.response_flag if isinstance(e, ProxyError) else "DPE"
         if flag != "-":

@@ -119,7 +119,7 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
     if isinstance(context, Exception):  # the cluster's certificate files could not be loaded
         _count_tls_failure(plane, "bad_settings")
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
-    deadline = trio.current_time() + timeout_s
+    deadline = plane.now() + timeout_s
     plain = await _connect(key, timeout_s, keepalive, plane, opaque)
     try:
         conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, None if opaque else plane)
@@ -127,7 +127,7 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         plain.close()
         raise
     try:
-        await conn.handshake(max(0.0, deadline - trio.current_time()))
+        await conn.handshake(max(0.0, deadline - plane.now()))
         if identity is not None:
             conn.mesh_identity = identity
             plane.mesh_pooled = True
@@ -242,7 +242,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
     limits = crt.pool_limits
     timeout = crt.cluster.connect_timeout_s or plane.settings.connect_timeout_s
     while True:
-        now = trio.current_time()
+        now = plane.now()
         if not fresh:
             conn = checkout_idle(plane, crt, key, now)
             if conn is not None:
@@ -274,7 +274,7 @@ async def acquire(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int], *
             crt.cx_connect_fail.value += 1
         raise
     crt.cx_total.value += 1
-    conn.created = trio.current_time()
+    conn.created = plane.now()
     conn.pool_key = (crt.name, key[0], key[1])
     return conn, False
 
@@ -303,7 +303,7 @@ def discard(crt: ClusterRuntime, conn: UpstreamConn) -> None:
 def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable: bool) -> None:
     limits = crt.pool_limits
     max_requests = limits.max_requests_per_connection
-    now = trio.current_time()
+    now = plane.now()
     if reusable and limits.max_connection_duration_s is not None and now - conn.created >= limits.max_connection_duration_s:
         reusable = False
     # bytes after the end of the response (a misbehaving upstream) must never become the next

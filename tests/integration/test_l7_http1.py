@@ -36,6 +36,22 @@ async def test_simple_get_with_curl_and_keep_alive(nursery):
     assert proxy.counter("triomesh_downstream_cx_total") == 1
 
 
+async def test_pooled_upstream_connections_age_on_trios_clock(nursery, mock_clock):
+    """The data plane reads the run's clock object (not trio.current_time(), not the system clock):
+    a trio.testing.MockClock jump past the upstream idle timeout expires the pooled connection."""
+    mock_clock.rate = 1.0  # virtual time runs with real time, plus the jump below
+    proxy, (be,) = await _setup(nursery)
+    url = f"http://127.0.0.1:{proxy.port}/small"
+    for expected_connections in (1, 1):
+        code, out, err = await curl("-s", url)
+        assert (code, out) == (0, "hello"), err
+        assert be.connections == expected_connections
+    mock_clock.jump(HttpSettings().upstream_idle_timeout_s + 1)
+    code, out, err = await curl("-s", url)
+    assert (code, out) == (0, "hello"), err
+    assert be.connections == 2, "the idle connection expired on the jumped clock"
+
+
 async def test_forwarding_headers_and_hop_by_hop(nursery):
     proxy, (be,) = await _setup(nursery)
     code, out, err = await curl(f"http://127.0.0.1:{proxy.port}/echo", "-H", "Connection: keep-alive, x-drop-me",

@@ -109,6 +109,33 @@ def test_bytearray_input_gives_bytes(hp):
     assert hp.parse_response_head(bytearray(RESPONSE_HEAD))[2] == 200
 
 
+def test_arguments_by_position_or_name_and_bad_arguments(hp):
+    """The native calls parse their own arguments (a C extension): the same forms as the pure
+    functions, and the same TypeError/OverflowError for bad ones."""
+    buf = b"xx" + BROWSER_HEAD
+    parsed = hp.parse_request_head(buf, 2, 100)
+    assert hp.parse_request_head(buf, start=2) == hp.parse_request_head(buf, 2, max_headers=100) == parsed
+    assert hp.parse_request_head(buf, max_headers=100, start=2) == parsed
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Take: a\r\n\r\n"
+    forwarded = hp.forward_response_head(response, 0, 100, b"x-take")
+    assert forwarded[-1] == b"a"
+    assert hp.forward_response_head(response, take=b"x-take") == forwarded
+    assert hp.forward_response_head(response, max_headers=100, start=0, take=b"x-take") == forwarded
+    for call in (lambda: hp.parse_request_head(), lambda: hp.parse_request_head(buf, 0, 100, 1),
+                 lambda: hp.parse_request_head(buf, begin=0), lambda: hp.parse_request_head(buf, 0, start=0),
+                 lambda: hp.forward_response_head(response, 0, 100, b"", 1),
+                 lambda: hp.forward_response_head(response, takes=b"")):
+        with pytest.raises(TypeError):
+            call()
+
+
+def test_an_error_in_a_bytearray_releases_the_buffer(hp):
+    head = bytearray(b"GET / HTTP/1.1\r\nHost : a\r\n\r\n")
+    e = error(hp.parse_request_head, head)
+    assert (e.code, e.offset) == ("SPACE_BEFORE_COLON", head.index(b" :"))
+    head += b"more"  # no buffer export was left behind by the error path
+
+
 def test_exactly_max_headers_is_fine(hp):
     head = b"GET / HTTP/1.1\r\n" + b"".join(b"H%d: v\r\n" % i for i in range(5)) + b"\r\n"
     assert len(hp.parse_request_head(head, max_headers=5)[4]) == 5
@@ -382,7 +409,7 @@ def test_default_import_is_native_unless_forced():
     else:
         # Fails when the cffi extension was not built: `pip install -e .` must build it.
         assert headparser.IMPLEMENTATION == "native"
-        assert headparser.parse_request_head.__module__ == "proxy.l7._headparser_native"
+        assert headparser.parse_request_head.__module__ == "proxy.l7._headparser_capi"
 
 
 def test_environment_variable_forces_pure():
