@@ -177,12 +177,19 @@ async def test_weighted_tcp_split_at_the_gateway(nursery, tmp_path):
         assert abs(to_v1 - 320) <= 60, to_v1
         # every connection reached the backend its reply names, and the stats agree exactly
         assert (v1.connections, v2.connections) == (to_v1, CONNECTIONS - to_v1)
-        per_cluster = await trio.to_thread.run_sync(proxy.stats, "triomesh_tcp_downstream_cx_total")
-        assert per_cluster[(("cluster", "outbound|9000|v1|tcp-echo.shop.svc.cluster.local"),)] == to_v1
-        assert per_cluster[(("cluster", "outbound|9000|v2|tcp-echo.shop.svc.cluster.local"),)] == CONNECTIONS - to_v1
+        # a scrape may come before the worker has counted the last connections (or answer with the
+        # worker's previous figures when it is slow to reply): wait for the exact counts
+        expected = {(("cluster", "outbound|9000|v1|tcp-echo.shop.svc.cluster.local"),): to_v1,
+                    (("cluster", "outbound|9000|v2|tcp-echo.shop.svc.cluster.local"),): CONNECTIONS - to_v1}
         split_listener = f"127.0.0.1_{ports['SPLIT_PORT']}"
-        actions = await trio.to_thread.run_sync(proxy.stats, "triomesh_gateway_tcp_cx_total")
-        assert actions[(("action", "tcp"), ("listener", split_listener))] == CONNECTIONS
+
+        def counted() -> bool:
+            per_cluster = proxy.stats("triomesh_tcp_downstream_cx_total")
+            actions = proxy.stats("triomesh_gateway_tcp_cx_total")
+            return (all(per_cluster.get(key) == value for key, value in expected.items())
+                    and actions.get((("action", "tcp"), ("listener", split_listener))) == CONNECTIONS)
+
+        await trio.to_thread.run_sync(proxy.wait_for, counted, "the split's exact connection counts")
 
         # --- no tcp route applies to this server: connections are closed, nothing is proxied
         with trio.fail_after(10):
