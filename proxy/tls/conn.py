@@ -291,27 +291,21 @@ class TlsConn(Conn):
         if scope.cancelled_caught:
             raise HandshakeTimeout(f"no TLS handshake within {timeout_s} s")
 
-    async def _receive_ciphertext(self, deadline: float = _INF, wait_first: bool = False) -> bool:
-        """Move what the socket has into `incoming`, waiting for it if there is nothing; False at EOF."""
+    async def _receive_ciphertext(self) -> bool:
+        """Move what the socket has into `incoming`, waiting for it if there is nothing; False at EOF.
+        For the handshake (its deadline is the handshake's cancel scope); fill has the same receive
+        written out."""
         sock = self.sock
         while True:
-            if not wait_first:
-                try:
-                    n = sock.recv_into(_read_memory, RECV_BYTES)
-                    break
-                except BlockingIOError:
-                    pass
-            wait_first = False
+            try:
+                n = sock.recv_into(_read_memory, RECV_BYTES)
+                break
+            except BlockingIOError:
+                pass
             if self.timed_out:
                 raise ReadTimeout()
             try:
-                if deadline == _INF:
-                    await self._wait_readable()
-                else:
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        await self._wait_readable()
-                    if scope.cancelled_caught:
-                        raise ReadTimeout()
+                await self._wait_readable()
             except trio.ClosedResourceError:
                 if self.timed_out:
                     raise ReadTimeout() from None
@@ -438,13 +432,7 @@ class TlsConn(Conn):
             else:
                 self._eof = True
                 _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
-            n = _lib.SSL_read(self.ssl, _read_c, SCRATCH_BYTES)
-            if n > 0:
-                if n == RECORD_PLAINTEXT_BYTES:
-                    n = self._read_more(n)
-                data = _read_view[0:n]
-                break
-            data = self._read_failed(n)
+            data = self._read_plaintext()
             if not data:
                 await self._send_own_records()
         if not data:
