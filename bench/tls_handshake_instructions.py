@@ -15,7 +15,6 @@ with the client moves it by about 0.5%). `--source DIR` measures another checkou
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import socket
 import ssl
@@ -30,15 +29,12 @@ HERE = Path(__file__).resolve()
 
 def _prepare(directory: Path) -> None:
     """The CA's server and client identities as PEM files (made once, read by both processes)."""
+    from bench.tls_handshake import _identity, write_identity
     from controlplane.ca import CertificateAuthority
-    from bench.tls_handshake import _identity
 
     ca = CertificateAuthority.load_or_create(directory / "ca", "cluster.local")
     for name, namespace in (("server", "foo"), ("client", "bar")):
-        identity = _identity(ca, namespace, name)
-        (directory / f"{name}.chain").write_bytes(identity.certificate_chain_pem)
-        (directory / f"{name}.key").write_bytes(identity.private_key_pem)
-        (directory / "trust.pem").write_bytes(identity.trust_bundle_pem)
+        write_identity(directory, name, _identity(ca, namespace, name))
 
 
 def _client(directory: Path, port: int, handshakes: int) -> None:
@@ -59,20 +55,10 @@ def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
     """The process callgrind counts."""
     import trio
 
-    from proxy.identity.workload import WorkloadIdentity
-    from proxy.tls import mesh
+    from bench.tls_handshake import server_context_from_files
     from proxy.tls.conn import TlsConn
-    from proxy.tls.context import ProtocolVersions, server_context as gateway_context
 
-    if gateway:
-        context = gateway_context(str(directory / "server.chain"), str(directory / "server.key"),
-                                  ca_file=str(directory / "trust.pem"), require_client_certificate=True,
-                                  versions=ProtocolVersions("TLSV1_3", "TLSV1_3"), alpn=("http/1.1",))
-    else:
-        identity = WorkloadIdentity.from_pem((directory / "server.chain").read_bytes(),
-                                             (directory / "server.key").read_bytes(),
-                                             (directory / "trust.pem").read_bytes())
-        context = mesh.server_context(identity)
+    context = server_context_from_files(directory, gateway)
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     client = subprocess.Popen([sys.executable, str(HERE), "--client", str(directory), str(listener.getsockname()[1]),
@@ -106,16 +92,13 @@ def _inclusive(callgrind_file: Path, function: str) -> int:
 
 def measure(source: Path, directory: Path, gateway: bool) -> tuple[float, float]:
     """(instructions per handshake, of which SSL_do_handshake) for the checkout `source`."""
+    from bench.tls_instructions import count_instructions
+
     counts = {}
     for handshakes in (FIRST, SECOND):
         out = directory / f"callgrind.{handshakes}"
-        done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                               str(HERE), "--serve", str(directory), str(handshakes)] + (["--gateway"] if gateway else []),
-                              env=dict(os.environ, PYTHONPATH=str(source)), capture_output=True, text=True,
-                              timeout=900, cwd=source)
-        if done.returncode != 0:
-            raise SystemExit(f"{source}: the run under callgrind failed: {done.stderr[-2000:]}")
-        total = int(re.search(r"Collected : (\d+)", done.stderr).group(1))
+        total = count_instructions([str(HERE), "--serve", str(directory), str(handshakes)]
+                                   + (["--gateway"] if gateway else []), source, out)
         counts[handshakes] = (total, _inclusive(out, "SSL_do_handshake"))
     per = SECOND - FIRST
     return ((counts[SECOND][0] - counts[FIRST][0]) / per, (counts[SECOND][1] - counts[FIRST][1]) / per)

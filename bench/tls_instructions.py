@@ -93,16 +93,22 @@ def serve(design: str, requests: int) -> None:
     trio.run(main)
 
 
-def _count(design: str, requests: int, source: Path, workdir: Path) -> int:
-    out = workdir / f"callgrind.{requests}"
-    done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-                           str(Path(__file__).resolve()), "--serve", str(requests), "--design", design],
+def count_instructions(arguments: list[str], source: Path, out: Path) -> int:
+    """The user-space instructions callgrind counts in `python arguments...` run with the checkout
+    `source` on the path (its profile written to `out`); RuntimeError with valgrind's words when the
+    run fails."""
+    done = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *arguments],
                           cwd=source, env=dict(os.environ, PYTHONPATH=str(source)),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=900)
     found = re.search(r"Collected : (\d+)", done.stderr)
     if done.returncode != 0 or found is None:
-        raise RuntimeError(f"the run under callgrind failed: {done.stderr[-2000:]}")
+        raise RuntimeError(f"{source}: the run under callgrind failed: {done.stderr[-2000:]}")
     return int(found.group(1))
+
+
+def _count(design: str, requests: int, source: Path, workdir: Path) -> int:
+    return count_instructions([str(Path(__file__).resolve()), "--serve", str(requests), "--design", design],
+                              source, workdir / f"callgrind.{requests}")
 
 
 def main() -> None:

@@ -11,9 +11,12 @@ non-blocking stdlib socket of `Conn`, with the same try-the-syscall-first rule a
 (the worker's reactor, deadlines by the sweeper). docs/tls.md says why this and not
 `trio.SSLStream` or the stdlib's `ssl`, with figures.
 
-Each read, write and BIO transfer is one cffi call on the library's scratch buffer (shared by every
-connection: used within one synchronous step, never across an await), so no per-record Python
-object is made besides the bytes handed on.
+Each read, write and BIO transfer is one cffi call on one of the library's two scratch buffers
+(shared by every connection: used within one synchronous step, never across an await), so no
+per-record Python object is made besides the bytes handed on. Received ciphertext and decrypted
+plaintext use the read buffer, ciphertext going out the send buffer: a read that fails after
+plaintext (an alert behind whole records) makes records while that plaintext is still in the read
+buffer.
 
 Plaintext lands in `Conn`'s buffer (`buf` + `pos`), so parsers see no difference.
 
@@ -66,16 +69,19 @@ _san_cache: dict[bytes, tuple] = {}
 # the library, bound on the first connection (importing this module loads no TLS library)
 _library: Library | None = None
 _lib = _ffi = _NULL = None
-_scratch_c = _scratch_view = _scratch_memory = None
+_read_c = _read_view = _read_memory = None  # the read scratch buffer
+_send_c = _send_view = _send_memory = None  # the send scratch buffer
 _WANT_READ = _ZERO_RETURN = _SYSCALL = _TLS1_3 = 0
 
 
 def _bind(library: Library) -> None:
-    global _library, _lib, _ffi, _NULL, _scratch_c, _scratch_view, _scratch_memory, _WANT_READ, _ZERO_RETURN, _SYSCALL
-    global _TLS1_3
+    global _library, _lib, _ffi, _NULL, _read_c, _read_view, _read_memory, _WANT_READ, _ZERO_RETURN, _SYSCALL
+    global _TLS1_3, _send_c, _send_view, _send_memory
     _library, _lib, _ffi = library, library.lib, library.ffi
     _NULL = _ffi.NULL
-    _scratch_c, _scratch_view, _scratch_memory = library.scratch_c, library.scratch_view, memoryview(library.scratch)
+    read, send = library.read_scratch, library.send_scratch
+    _read_c, _read_view, _read_memory = read.pointer, read.view, read.memory
+    _send_c, _send_view, _send_memory = send.pointer, send.view, send.memory
     _WANT_READ, _ZERO_RETURN, _SYSCALL = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN, _lib.SSL_ERROR_SYSCALL
     _TLS1_3 = _lib.TLS1_3_VERSION
 
@@ -285,27 +291,21 @@ class TlsConn(Conn):
         if scope.cancelled_caught:
             raise HandshakeTimeout(f"no TLS handshake within {timeout_s} s")
 
-    async def _receive_ciphertext(self, deadline: float = _INF, wait_first: bool = False) -> bool:
-        """Move what the socket has into `incoming`, waiting for it if there is nothing; False at EOF."""
+    async def _receive_ciphertext(self) -> bool:
+        """Move what the socket has into `incoming`, waiting for it if there is nothing; False at EOF.
+        For the handshake (its deadline is the handshake's cancel scope); fill has the same receive
+        written out."""
         sock = self.sock
         while True:
-            if not wait_first:
-                try:
-                    n = sock.recv_into(_scratch_memory, RECV_BYTES)
-                    break
-                except BlockingIOError:
-                    pass
-            wait_first = False
+            try:
+                n = sock.recv_into(_read_memory, RECV_BYTES)
+                break
+            except BlockingIOError:
+                pass
             if self.timed_out:
                 raise ReadTimeout()
             try:
-                if deadline == _INF:
-                    await self._wait_readable()
-                else:
-                    with trio.CancelScope(deadline=deadline) as scope:
-                        await self._wait_readable()
-                    if scope.cancelled_caught:
-                        raise ReadTimeout()
+                await self._wait_readable()
             except trio.ClosedResourceError:
                 if self.timed_out:
                     raise ReadTimeout() from None
@@ -314,7 +314,7 @@ class TlsConn(Conn):
             self._eof = True
             _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
             return False
-        _lib.BIO_write(self.incoming, _scratch_c, n)
+        _lib.BIO_write(self.incoming, _read_c, n)
         return True
 
     # ---- reading
@@ -322,11 +322,11 @@ class TlsConn(Conn):
     def _read_plaintext(self) -> bytes | None:
         """Decrypt what `incoming` holds (one call: the scratch buffer takes more than a record); b""
         at the peer's close_notify or EOF, None when more ciphertext is needed."""
-        n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
+        n = _lib.SSL_read(self.ssl, _read_c, SCRATCH_BYTES)
         if n > 0:
             if n == RECORD_PLAINTEXT_BYTES:
                 n = self._read_more(n)
-            return _scratch_view[0:n]
+            return _read_view[0:n]
         return self._read_failed(n)
 
     def _read_more(self, n: int) -> int:
@@ -337,7 +337,7 @@ class TlsConn(Conn):
         read returns, is what the next read reports."""
         lib, ssl, incoming = _lib, self.ssl, self.incoming
         while n + RECORD_PLAINTEXT_BYTES <= SCRATCH_BYTES and lib.BIO_get_mem_data(incoming, _NULL):
-            more = lib.SSL_read(ssl, _scratch_c + n, SCRATCH_BYTES - n)
+            more = lib.SSL_read(ssl, _read_c + n, SCRATCH_BYTES - n)
             if more > 0:
                 n += more
                 continue
@@ -398,7 +398,7 @@ class TlsConn(Conn):
             while True:
                 if not wait_first:
                     try:
-                        n = sock.recv_into(_scratch_memory, RECV_BYTES)
+                        n = sock.recv_into(_read_memory, RECV_BYTES)
                         break
                     except BlockingIOError:
                         pass
@@ -428,17 +428,11 @@ class TlsConn(Conn):
                         raise ReadTimeout() from None
                     raise ConnectionAbortedError("connection closed while waiting to read") from None
             if n:
-                _lib.BIO_write(self.incoming, _scratch_c, n)
+                _lib.BIO_write(self.incoming, _read_c, n)
             else:
                 self._eof = True
                 _lib.BIO_set_mem_eof_return(self.incoming, 0)  # empty now reads as the end
-            n = _lib.SSL_read(self.ssl, _scratch_c, SCRATCH_BYTES)
-            if n > 0:
-                if n == RECORD_PLAINTEXT_BYTES:
-                    n = self._read_more(n)
-                data = _scratch_view[0:n]
-                break
-            data = self._read_failed(n)
+            data = self._read_plaintext()
             if not data:
                 await self._send_own_records()
         if not data:
@@ -468,10 +462,10 @@ class TlsConn(Conn):
             return True
         try:
             while True:
-                n = self.sock.recv_into(_scratch_memory, RECV_BYTES)
+                n = self.sock.recv_into(_read_memory, RECV_BYTES)
                 if not n:
                     return True
-                _lib.BIO_write(self.incoming, _scratch_c, n)
+                _lib.BIO_write(self.incoming, _read_c, n)
         except BlockingIOError:
             pass
         except OSError:
@@ -486,10 +480,10 @@ class TlsConn(Conn):
     def _queue_outgoing(self) -> None:
         outgoing, pending = self.outgoing, self._pending
         while True:
-            n = _lib.BIO_read(outgoing, _scratch_c, SCRATCH_BYTES)
+            n = _lib.BIO_read(outgoing, _send_c, SCRATCH_BYTES)
             if n <= 0:
                 return
-            pending.append(_scratch_view[0:n])
+            pending.append(_send_view[0:n])
             if n < SCRATCH_BYTES:
                 return
 
@@ -569,19 +563,19 @@ class TlsConn(Conn):
         # the common case written out (one write, one read of the records, one send from the
         # scratch buffer): a response per request
         self._write(data)
-        n = _lib.BIO_read(self.outgoing, _scratch_c, SCRATCH_BYTES)
+        n = _lib.BIO_read(self.outgoing, _send_c, SCRATCH_BYTES)
         if n <= 0:
             return None
         if n == SCRATCH_BYTES:  # more records than one scratch buffer holds: queue them all, in order
-            self._pending.append(_scratch_view[0:n])
+            self._pending.append(_send_view[0:n])
             self._queue_outgoing()
             return None if self._send_pending_nowait() else _EMPTY
         try:
-            sent = self.sock.send(_scratch_memory[:n])
+            sent = self.sock.send(_send_memory[:n])
         except BlockingIOError:
             sent = 0
         if sent < n:
-            self._pending.append(_scratch_view[sent:n])
+            self._pending.append(_send_view[sent:n])
             return None if self._send_pending_nowait() else _EMPTY
         if self._shutdown_after_flush:
             self._shutdown_after_flush = False

@@ -13,7 +13,7 @@ import ssl
 from dataclasses import dataclass
 
 from proxy.config.snapshot import CertificateFiles, ServerTls
-from proxy.tls.openssl import OpenSslError, TlsLibraryError, library
+from proxy.tls.openssl import OpenSslError, TlsLibraryError, library, log
 
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
@@ -266,8 +266,6 @@ def _alpn_selector(alpn: tuple[str, ...]):
 
 
 def _report_callback_error(exception_type, exception, traceback) -> None:
-    from proxy.tls.openssl import log
-
     log.error("tls callback failed", error=repr(exception))
 
 
@@ -357,7 +355,7 @@ def _readable(field: str, path: str) -> None:
         raise TlsSettingsError(field, f"cannot read {path}: {e.strerror}") from e
 
 
-def _load_chain(context: TlsContext, cert_field: str, cert_file: str, key_file: str) -> None:
+def _load_chain(context: TlsContext, cert_field: str, cert_file: str, key_file: str, ca_file: str | None) -> None:
     _readable(cert_field, cert_file)
     _readable("privateKey", key_file)
     try:
@@ -371,6 +369,58 @@ def _load_chain(context: TlsContext, cert_field: str, cert_file: str, key_file: 
                                                  f"({e.reason})") from e
         raise TlsSettingsError(cert_field, f"cannot load certificate {cert_file}: not a PEM certificate chain "
                                            f"({e.reason})") from e
+    _warn_of_a_missing_issuer(cert_field, cert_file, ca_file)
+
+
+# certificate file -> its content when its missing issuer was last logged: one warning per file
+# content, however many contexts are made from it (config check, listener, /certs)
+_warned_chains: dict[str, bytes] = {}
+
+
+def _warn_of_a_missing_issuer(cert_field: str, cert_file: str, ca_file: str | None) -> None:
+    """The chain sent is the file's as it is (no automatic chain, see TlsContext; Envoy sends the file
+    as it is too): a file that ends with its leaf, without the leaf's issuer, fails for peers that
+    hold only the root above that issuer, even when the issuer is in caCertificates. Said once, when
+    the file is loaded; not when the issuer is a root in caCertificates, or the file ends with a CA
+    certificate (an intermediate below the root the peer holds: the usual chain)."""
+    from cryptography import x509
+
+    try:
+        with open(cert_file, "rb") as f:
+            content = f.read()
+        chain = x509.load_pem_x509_certificates(content)
+    except (OSError, ValueError):
+        return  # OpenSSL loaded it: nothing to add
+    last = chain[-1]
+    missing = (last.issuer != last.subject and not _is_ca(last)
+               and not any(c.subject == last.issuer for c in chain))
+    in_ca_certificates = False
+    if missing and ca_file:
+        try:
+            with open(ca_file, "rb") as f:
+                issuers = [c for c in x509.load_pem_x509_certificates(f.read()) if c.subject == last.issuer]
+        except (OSError, ValueError):
+            issuers = []
+        in_ca_certificates = bool(issuers)
+        missing = not any(c.issuer == c.subject for c in issuers)  # a root the peer verifies with: complete
+    if not missing:
+        _warned_chains.pop(cert_file, None)
+        return
+    if _warned_chains.get(cert_file) == content:
+        return
+    _warned_chains[cert_file] = content
+    log.warning("tls certificate file does not hold its issuer: peers that trust only a root above it cannot "
+                "verify it; the file must hold the chain, leaf first", field=cert_field, certificate=cert_file,
+                missing_issuer=last.issuer.rfc4514_string(), issuer_in_ca_certificates=in_ca_certificates)
+
+
+def _is_ca(certificate) -> bool:
+    from cryptography import x509
+
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 def _holds_certificates(path: str) -> bool:
@@ -396,7 +446,7 @@ def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
     """A terminating context. `require_client_certificate` (Istio's MUTUAL): a client without a
     certificate signed by `ca_file` fails the handshake."""
     context = _base(True, versions, cipher_suites, alpn)
-    _load_chain(context, "serverCertificate", cert_file, key_file)
+    _load_chain(context, "serverCertificate", cert_file, key_file, ca_file)
     if require_client_certificate:
         if not ca_file:
             raise TlsSettingsError("caCertificates", "MUTUAL mode needs caCertificates to verify clients with")
@@ -422,7 +472,7 @@ def client_context(*, ca_file: str | None = None, cert_file: str | None = None, 
         if not (cert_file and key_file):
             raise TlsSettingsError("clientCertificate" if not cert_file else "privateKey",
                                    "a client certificate needs both clientCertificate and privateKey")
-        _load_chain(context, "clientCertificate", cert_file, key_file)
+        _load_chain(context, "clientCertificate", cert_file, key_file, ca_file)
     return context
 
 

@@ -53,13 +53,28 @@ class OpenSslError(Exception):
         self.verify_message = verify_message
 
 
+class ScratchBuffer:
+    """SCRATCH_BYTES that one cffi call fills and Python then copies out: `memory` for the socket's
+    recv_into/send, `pointer` for OpenSSL, `view` to copy a slice out as bytes."""
+
+    __slots__ = ("memory", "pointer", "view")
+
+    def __init__(self, ffi) -> None:
+        storage = bytearray(SCRATCH_BYTES)
+        self.memory = memoryview(storage)
+        self.pointer = ffi.from_buffer(storage)
+        self.view = ffi.buffer(self.pointer)
+
+
 class Library:
     """The binding (`lib`, `ffi`), what it is, and the scratch buffers every connection of this
     thread shares: each read or write goes through them within one synchronous step (never across
-    an await), so one pair per process serves all connections."""
+    an await), so one pair per process serves all connections. Two, not one: `read_scratch` takes
+    ciphertext from the socket and plaintext from the SSL, `send_scratch` ciphertext for the socket,
+    so making records (an alert met while reading) never lands on plaintext not yet copied out."""
 
     __slots__ = ("lib", "ffi", "version_text", "version_number", "cryptography_version",
-                 "scratch", "scratch_c", "scratch_view", "pointer_holder", "length_holder")
+                 "read_scratch", "send_scratch", "pointer_holder", "length_holder")
 
     def __init__(self) -> None:
         import cryptography
@@ -80,9 +95,8 @@ class Library:
                 f"the data path needs OpenSSL {MINIMUM_VERSION_TEXT} or later and cryptography "
                 f"{self.cryptography_version} links {self.version_text} (a build against the system OpenSSL); "
                 f"install cryptography's own wheel: pip install --only-binary cryptography cryptography")
-        self.scratch = bytearray(SCRATCH_BYTES)
-        self.scratch_c = ffi.from_buffer(self.scratch)
-        self.scratch_view = ffi.buffer(self.scratch_c)
+        self.read_scratch = ScratchBuffer(ffi)
+        self.send_scratch = ScratchBuffer(ffi)
         self.pointer_holder = ffi.new("unsigned char **")
         self.length_holder = ffi.new("unsigned int *")
 

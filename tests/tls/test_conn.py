@@ -406,15 +406,40 @@ async def test_full_records_already_received_are_decrypted_in_one_fill(server_fi
 
 
 async def test_a_bad_record_behind_full_records_fails_after_their_plaintext(server_files):
-    """The records before a malformed one are handed on; the next fill raises the TLS error."""
+    """The records before a malformed one are handed on intact (the alert the failure makes, and the
+    TLS 1.3 session tickets the server still holds, must not land on their plaintext); the next fill
+    raises the TLS error."""
     client, server = _pair(server_files)
     await _handshake(client, server)
-    payload = b"a" * (2 * 16384)
+    payload = bytes(range(256)) * (2 * 16384 // 256)
     await client.send_all(payload)
     client.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)  # application data that fails to decrypt
     await _wait_for_ciphertext(server.sock, len(payload) + 2 * 22 + 37)
     assert await server.fill() == len(payload)
+    assert bytes(server.take_buffered()) == payload
     with pytest.raises(TlsError):
         await server.fill()
+    client.close()
+    server.close()
+
+
+async def test_a_fatal_alert_behind_full_records_ends_the_upload_after_their_plaintext(server_files):
+    """A TLS 1.3 upload cut by the peer's fatal alert: the whole records before the alert are handed
+    on as they were sent, then the next fill raises the alert as a TLS error."""
+    client, server = _pair(server_files)
+    await _handshake(client, server)
+    assert server.version == "TLSv1.3"
+    payload = bytes(range(256)) * (2 * 16384 // 256)
+    await client.send_all(payload)
+    # a record the client cannot decrypt makes it send its fatal alert (bad_record_mac) behind the upload
+    server.sock.sendall(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+    with pytest.raises(TlsError):
+        await client.fill()
+    await _wait_for_ciphertext(server.sock, len(payload) + 2 * 22 + 24)
+    assert await server.fill() == len(payload)
+    assert bytes(server.take_buffered()) == payload
+    with pytest.raises(TlsError) as caught:
+        await server.fill()
+    assert caught.value.reason == "alert_received"
     client.close()
     server.close()
