@@ -273,14 +273,16 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     routes: list[Route] = list(_routes_of(listener))
     stages: list = []
     # the peer metadata exchange: on a sidecar's inbound side always, on an outbound listener only
-    # when one of its routes reaches a mesh-internal cluster (a gateway to MESH_EXTERNAL pays nothing);
-    # outbound, the upstream encoders send our header (Chain.peer_header) and the peer stage only
-    # reads the response's.
+    # when one of its routes reaches a mesh-internal cluster, as a destination or a mirror (a gateway
+    # to MESH_EXTERNAL pays nothing); outbound, the upstream encoders send our header
+    # (Chain.peer_header) and the peer stage only reads the response's.
     # Inbound it comes first: a request denied by authorization, unrouted or aborted by a fault is
     # still reported with its source workload, principal and service, as Istio reports it
     inbound = listener.traffic_direction == "INBOUND"
     peer_exchange = telemetry is not None and (inbound or any(
-        snapshot.clusters[d.cluster].mesh_internal for r in routes for d in r.destinations if d.cluster in snapshot.clusters))
+        snapshot.clusters[name].mesh_internal for r in routes
+        for name in (*(d.cluster for d in r.destinations), *(m.cluster for m in r.mirrors))
+        if name in snapshot.clusters))
     if peer_exchange and inbound:
         stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if snapshot.authorization is not None and listener.name in snapshot.authorized_listeners:

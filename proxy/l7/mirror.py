@@ -29,6 +29,7 @@ from proxy.l7.upstream_conn import acquire, release
 
 if TYPE_CHECKING:
     from proxy.config.snapshot import MirrorPolicy
+    from proxy.l7.chain import Chain
     from proxy.l7.context import RequestContext
     from proxy.l7.dataplane import ClusterRuntime, DataPlane
 
@@ -45,9 +46,9 @@ def shadow_authority(authority: bytes) -> bytes:
 
 
 def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPolicy, ...], body: bytes | None,
-                  peer_header: tuple[bytes, bytes] | None = None, rand_below=random.randrange) -> None:
-    """`peer_header`: the one the request itself carries upstream (Chain.upstream_peer_header), sent
-    with every copy too."""
+                  chain: Chain, rand_below=random.randrange) -> None:
+    """Each copy carries the peer metadata its own cluster gets (Chain.upstream_peer_header), which
+    need not be what the request's cluster gets: a copy to a MESH_EXTERNAL service gets none."""
     from proxy.l7.dataplane import MIRRORS_IN_FLIGHT_MAX
 
     # the data plane's current runtime: asking for the request's own snapshot after a swap would
@@ -64,15 +65,14 @@ def start_mirrors(plane: DataPlane, ctx: RequestContext, mirrors: tuple[MirrorPo
             crt.mirror_dropped.value += 1
             continue
         authority = shadow_authority(head.authority or crt.cluster.service_host.encode())
+        peer_header = chain.upstream_peer_header(crt.cluster)
         if crt.cluster.http2:  # the cluster speaks HTTP/2 (a gRPC service): the copy goes as a stream
             send = partial(_send_h2, request_fields(head, authority, len(body) if body else None, peer_header), body)
         else:
-            headers = [(b"host", authority), *head.headers]
-            if peer_header is not None:
-                headers.append(peer_header)
             framing = h1.Framing(h1.LENGTH, len(body)) if body else h1.FRAMING_NONE
-            send = partial(_send_h1, head.method, h1.serialize_request_head(head.method, head.target, headers,
-                                                                             framing) + body)
+            peer_field = chain.peer_field if peer_header is not None else b""
+            send = partial(_send_h1, head.method, h1.serialize_request_head(
+                head.method, head.target, head.headers, framing, authority, peer_field) + body)
         timeout = ctx.route.timeout_s or MIRROR_TIMEOUT_S
         plane.mirrors_in_flight += 1
         crt.mirror_total.value += 1

@@ -4,14 +4,16 @@ Formatting one UUID in Python (a 128-bit random number, its version and variant 
 dashes) cost about 9,500 instructions, the largest single step of a small proxied request. A batch
 formats BATCH of them with a few whole-buffer operations (strided slice assignments put the dashes
 and version of every UUID in place at once, one split cuts them apart), so a request takes one
-from a list. The randomness is the same (Python's `random`, reseeded in each forked worker), and each worker process makes its own batches:
-the ones made before a fork are dropped in the child, so two workers never hand out the same id.
+from a list. The random bits come from the kernel (os.urandom, one call per batch), not from Python's
+`random`: its Mersenne Twister can be reconstructed from 624 consecutive 32-bit outputs, fewer than one
+batch shows, and would then predict later ids and the balancer's, faults' and sampling's draws. Each
+worker process makes its own batches: the ones made before a fork are dropped in the child, so two
+workers never hand out the same id.
 """
 
 from __future__ import annotations
 
 import os
-from random import getrandbits
 
 BATCH = 256
 _TEXT_BYTES = 36  # 8-4-4-4-12 hex digits with four dashes
@@ -28,7 +30,7 @@ def uuid4_batch(count: int) -> list[bytes]:
     of a version 4 UUID."""
     record = _TEXT_BYTES + 1
     random_bytes = (record * count + 1) // 2  # two hex digits each
-    text = bytearray(getrandbits(8 * random_bytes).to_bytes(random_bytes, "little").hex(), "ascii")
+    text = bytearray(os.urandom(random_bytes).hex(), "ascii")
     for position in _DASHES:
         text[position::record] = b"-" * count
     text[_VERSION_POSITION::record] = b"4" * count

@@ -156,7 +156,7 @@ class Exchange:
         if body is None and (route.retry is not None or route.mirrors) and not stream.is_upgrade:
             body = await self._buffer_body(self.plane.settings.retry_buffer_bytes)
         if route.mirrors:
-            start_mirrors(self.plane, ctx, route.mirrors, body, stream.chain.upstream_peer_header(ctx.cluster))
+            start_mirrors(self.plane, ctx, route.mirrors, body, stream.chain)
         if body is None:
             return await self._run_streaming()
         return await self._run_replayable(body, route.retry)

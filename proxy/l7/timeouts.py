@@ -20,6 +20,8 @@ behind batches of about a millisecond (`bench.scheduler_stalls`; docs/overload.m
 figures). On a loaded machine the sweeper's 1 ms sleeps end late; it then catches up with up to
 EXPIRE_CATCH_UP expiries at once, so the rate holds: one per wake-up, at whatever pace the timer
 allowed, had left 17-26% of a crowd of 1,000 unanswered 5 s after their timeout (load average 10).
+The debt is bounded (pace_start): after a stall of seconds the sweeper catches up one batch and then
+paces again, instead of paying the stall back EXPIRE_CATCH_UP at a time for thousands of wake-ups.
 A timeout is late by up to (late connections / 1,000) s: a slow client has nothing to lose by
 waiting longer for its 408.
 """
@@ -41,6 +43,12 @@ def expiries_due(paced_for_s: float, done: int) -> int:
     return max(1, min(EXPIRE_CATCH_UP, int(paced_for_s / EXPIRE_PACE_S) + 1 - done))
 
 
+def pace_start(paced_from: float, now: float, done: int) -> float:
+    """When a crowd's pacing counts from, given `done` expiries by `now`: moved forward so that at
+    most EXPIRE_CATCH_UP expiries are owed (a stall is caught up once, not paid back for long)."""
+    return max(paced_from, now - (done + EXPIRE_CATCH_UP) * EXPIRE_PACE_S)
+
+
 class Watched(Protocol):
     io_deadline: float
 
@@ -48,10 +56,13 @@ class Watched(Protocol):
 
 
 class TimeoutSweeper:
-    __slots__ = ("watched", "period_s", "running", "every_second")
+    __slots__ = ("watched", "period_s", "running", "every_second", "clock")
 
-    def __init__(self, shortest_timeout_s: float, every_second: Callable[[], None] | None = None) -> None:
-        """`every_second`: housekeeping run about once a second by the same task (idle pools)."""
+    def __init__(self, shortest_timeout_s: float, every_second: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = monotonic) -> None:
+        """`every_second`: housekeeping run about once a second by the same task (idle pools);
+        `clock`: the one the connections' io_deadline values are read on."""
+        self.clock = clock
         self.watched: set[Watched] = set()
         self.period_s = min(1.0, max(0.05, shortest_timeout_s / 4))
         self.running = False
@@ -63,23 +74,26 @@ class TimeoutSweeper:
             nursery.start_soon(self._run)
 
     async def _run(self) -> None:
-        last_housekeeping = monotonic()
+        clock = self.clock
+        last_housekeeping = clock()
         try:
             while True:
                 await trio.sleep(self.period_s)
-                now = monotonic()
+                now = clock()
                 if self.every_second is not None and now - last_housekeeping >= 1.0:
                     last_housekeeping = now  # before the expiries: a paced crowd must not hold it up
                     self.every_second()
                 # paced (see the module docstring): a deadline passing meanwhile waits for the next
                 # sweep, so in a crowd of N every timeout of the worker is late by up to N/1,000 s
                 late = [w for w in self.watched if w.io_deadline <= now]
-                paced_from = monotonic()
+                paced_from = clock()
                 done = 0
                 while done < len(late):
                     if done:
                         await trio.sleep(EXPIRE_PACE_S)
-                    batch = late[done:done + expiries_due(monotonic() - paced_from, done)]
+                    woken = clock()
+                    paced_from = pace_start(paced_from, woken, done)
+                    batch = late[done:done + expiries_due(woken - paced_from, done)]
                     done += len(batch)
                     for w in batch:
                         if w.io_deadline <= now:  # not re-armed by bytes that came during a yield

@@ -111,13 +111,15 @@ async def test_a_burst_opens_one_connection_per_max_concurrent_streams(nursery, 
 
 async def test_mirror_to_an_http2_cluster_goes_as_a_stream(nursery, grpc_servers):
     """A mirror cluster that speaks HTTP/2 (a gRPC service) gets its copy on its HTTP/2 pool, with
-    -shadow appended to the authority, and the copy's outcome is counted, never seen by the caller."""
+    -shadow appended to the authority, and the copy's outcome is counted, never seen by the caller.
+    The copy carries the peer metadata of its own cluster: ours to the mesh-internal mirror, though
+    the primary is outside the mesh and gets none."""
     from proxy.config.snapshot import MirrorPolicy
 
     primary, shadow = grpc_servers
     route = dataclasses.replace(prefix_route(b"/", {"grpc": 100}), mirrors=(MirrorPolicy("shadow", 1_000_000),))
     snap = make_snapshot({"grpc": [primary.port], "shadow": [shadow.port]}, [route])
-    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
+    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True, mesh_internal=name == "shadow")
                                                for name, c in snap.clusters.items()})
     proxy = await start_proxy(nursery, snap)
     result = await _call(grpc_apps.unary, f"127.0.0.1:{proxy.port}", b"copy me",
@@ -128,6 +130,8 @@ async def test_mirror_to_an_http2_cluster_goes_as_a_stream(nursery, grpc_servers
             await trio.sleep(0.02)
     assert shadow.calls() == 1 and primary.calls() == 1
     assert shadow.records[0].get("x-request-id") == "mirrored-1", shadow.records[0]
+    assert shadow.records[0].get("x-triomesh-peer") is not None, shadow.records[0]
+    assert primary.records[0].get("x-triomesh-peer") is None, primary.records[0]
     assert proxy.counter("triomesh_mirror_requests_total", cluster="shadow") == 1
     assert proxy.counter("triomesh_mirror_failed_total", cluster="shadow") == 0
 

@@ -17,6 +17,7 @@ from tests.integration.traffic_harness import (
 )
 
 HOST = "svc.example.com"
+MIRROR_HOST = "mirror.example.com"
 SUBSETS = {"subsets": [{"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}
 
 
@@ -53,6 +54,40 @@ async def test_mirror_copies_request_with_shadow_host_and_body(nursery):
     assert proxy.counter("triomesh_mirror_requests_total", cluster=cluster) == 1
     await _until(lambda: proxy.counter("triomesh_upstream_rq_total", cluster=cluster, response_code="200") == 1)
     assert proxy.counter("triomesh_mirror_failed_total", cluster=cluster) == 0
+
+
+def _located(entry: dict, location: str) -> dict:
+    entry["spec"]["location"] = location
+    return entry
+
+
+async def _mirror_across_locations(nursery, primary_location: str, mirror_location: str):
+    """The request to svc.example.com, its copy to mirror.example.com, each a ServiceEntry of its own
+    location; returns the request and the copy as their backends saw them."""
+    primary = await TrafficBackend("primary").start(nursery)
+    mirror = await TrafficBackend("mirror").start(nursery)
+    vs = virtual_service("svc", HOST, [{"route": [{"destination": {"host": HOST}}],
+                                        "mirror": {"host": MIRROR_HOST}}])
+    proxy = await start(nursery, _located(service_entry(HOST, [(primary, {})]), primary_location),
+                        _located(service_entry(MIRROR_HOST, [(mirror, {})]), mirror_location), vs)
+    r = await Client(proxy.port).request("/echo", method="POST", body=b"payload", host=HOST)
+    assert r.status == 200 and r.json()["backend"] == "primary"
+    await _until(lambda: len(mirror.requests) == 1)
+    return primary.requests[0]["headers"], mirror.requests[0]["headers"]
+
+
+async def test_mirror_to_an_external_service_gets_no_peer_metadata(nursery):
+    """Each copy is decided by its own cluster: our workload's metadata goes to the mesh-internal
+    primary, never with the copy to a MESH_EXTERNAL service."""
+    request, copy = await _mirror_across_locations(nursery, "MESH_INTERNAL", "MESH_EXTERNAL")
+    assert "x-triomesh-peer" in request
+    assert "x-triomesh-peer" not in copy
+
+
+async def test_mirror_to_an_internal_service_behind_an_external_primary_gets_peer_metadata(nursery):
+    request, copy = await _mirror_across_locations(nursery, "MESH_EXTERNAL", "MESH_INTERNAL")
+    assert "x-triomesh-peer" not in request
+    assert "x-triomesh-peer" in copy
 
 
 async def test_mirror_percentage_within_5_sigma(nursery):

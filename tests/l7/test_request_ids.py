@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import uuid
 
 from proxy.l7.request_ids import BATCH, new_request_id, uuid4_batch
@@ -27,6 +28,18 @@ def test_ids_do_not_repeat_across_batches():
     for text in ids:
         _check(text)
     assert len(set(ids)) == len(ids)
+
+
+def test_ids_do_not_follow_pythons_random_state():
+    # ids from the kernel, not from `random` (whose state a batch's output would reveal): the same
+    # seed before two batches gives two different batches
+    random.seed(12)
+    first = uuid4_batch(BATCH)
+    random.seed(12)
+    second = uuid4_batch(BATCH)
+    for text in first + second:
+        _check(text)
+    assert not set(first) & set(second)
 
 
 def test_every_random_digit_takes_every_value():

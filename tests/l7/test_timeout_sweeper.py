@@ -8,7 +8,7 @@ from time import monotonic
 import trio
 from trio.lowlevel import checkpoint
 
-from proxy.l7.timeouts import EXPIRE_CATCH_UP, EXPIRE_PACE_S, TimeoutSweeper, expiries_due
+from proxy.l7.timeouts import EXPIRE_CATCH_UP, EXPIRE_PACE_S, TimeoutSweeper, expiries_due, pace_start
 
 
 class Waiting:
@@ -66,3 +66,51 @@ def test_expiries_are_one_per_interval_and_catch_up_after_a_late_wake_up_within_
         for wake_up in range(1, 50):
             done += expiries_due(EXPIRE_PACE_S * (late_by * wake_up + 0.5), done)
         assert done == 1 + 49 * min(late_by, EXPIRE_CATCH_UP)
+
+
+def test_the_debt_after_a_stall_is_at_most_one_catch_up():
+    start = 100.0
+    # on time, or behind by up to one catch-up: the pacing keeps its start
+    assert pace_start(start, start + 5 * EXPIRE_PACE_S, 3) == start
+    assert pace_start(start, start + (3 + EXPIRE_CATCH_UP) * EXPIRE_PACE_S, 3) == start
+    # 5 s behind with 3 done: moved so that 3 + EXPIRE_CATCH_UP are due, not 5,000
+    moved = pace_start(start, start + 5.0, 3)
+    assert math.isclose(5.0 + start - moved, (3 + EXPIRE_CATCH_UP) * EXPIRE_PACE_S)
+    assert expiries_due(start + 5.0 - moved, 3) == EXPIRE_CATCH_UP
+    # and never moved back
+    assert pace_start(moved, moved + EXPIRE_PACE_S, 3 + EXPIRE_CATCH_UP) == moved
+
+
+async def test_after_a_stall_the_sweeper_catches_up_once_then_paces_again(autojump_clock):
+    """The worker stalls 5 s in the middle of a crowd's expiries (the clock jumps inside one): the
+    wake-up after it catches up one batch, and the rest go one per EXPIRE_PACE_S again, not
+    EXPIRE_CATCH_UP per wake-up for the thousands of wake-ups 5 s of debt would pay for."""
+    woken_at: list[float] = []
+    stall_after = 20
+
+    class Stalling:
+        def __init__(self, io_deadline: float) -> None:
+            self.io_deadline = io_deadline
+
+        def expire(self) -> None:
+            woken_at.append(trio.current_time())
+            if len(woken_at) == stall_after:
+                autojump_clock.jump(5.0)
+
+    crowd = 300
+    sweeper = TimeoutSweeper(0.2, clock=trio.current_time)
+    sweeper.watched.update(Stalling(trio.current_time() - 1) for _ in range(crowd))
+    async with trio.open_nursery() as nursery:
+        sweeper.ensure_running(nursery)
+        while len(woken_at) < crowd:
+            await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    per_wake_up: dict[float, int] = {}
+    for at in woken_at[stall_after:]:
+        per_wake_up[at] = per_wake_up.get(at, 0) + 1
+    counts = list(per_wake_up.values())
+    # the catch-up (at most EXPIRE_CATCH_UP, and the one expiry left over after it), then one each
+    assert max(counts) <= EXPIRE_CATCH_UP
+    assert sum(1 for c in counts if c > 1) <= 2, counts
+    # so the crowd's rest takes about its paced time after the stall, not 8 times less
+    assert woken_at[-1] - woken_at[stall_after] >= (crowd - stall_after - 2 * EXPIRE_CATCH_UP) * EXPIRE_PACE_S

@@ -4,14 +4,16 @@ reads them, who believes which peer header, the label-set cap."""
 from __future__ import annotations
 
 from proxy.l7 import h1
+from proxy.l7.body import NO_BODY
 from proxy.l7.chain import Chain
 from proxy.l7.context import RequestContext
-from proxy.l7.dataplane import ClusterRuntime, build_chain
+from proxy.l7.dataplane import ClusterRuntime, DataPlane, build_chain
 from proxy.l7.events import RequestHead, ResponseHead
-from proxy.l7.h2_codec import request_fields
+from proxy.l7.h2_client import H2Exchange
 from proxy.l7.headparser import parse_request_head
-from proxy.l7.stages.forwarding import ForwardingStage
+from proxy.l7.router import Exchange
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
+from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats, merge, render_prometheus
 from proxy.telemetry.istio_metrics import DEFAULT_BUCKETS, IstioMetrics
 from proxy.telemetry.peer import PEER_HEADER, UNKNOWN, WorkloadIdentity, identity_from_labels, parse_peer_header
@@ -99,25 +101,46 @@ def test_inbound_believes_the_header_only_from_a_mesh_workload_and_never_passes_
     assert ctx.extra["peer"].identity == CLIENT and ctx.request.headers == []
 
 
-def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer() -> None:
-    snapshot = compile_docs(*MESH)
-    metrics = IstioMetrics(Stats(), CLIENT)
-    stage = PeerMetadataStage(metrics, snapshot, inbound=False)
+class _Downstream:
+    """The parts of a downstream stream (proxy/l7/stream.py) the router reads to build a bodyless
+    request's upstream head."""
+
+    relays_plain = False
+    grpc = False
+    body = NO_BODY
+    upstream_framing = h1.FRAMING_NONE
+
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+
+
+async def test_outbound_sends_the_header_to_mesh_services_only_and_strips_the_answer() -> None:
+    gateway = [doc("Gateway", "gw", {"servers": [{"port": {"number": 8080, "name": "http", "protocol": "HTTP"},
+                                                  "hosts": ["*"]}]}, namespace="tutorial")]
+    for name, host in (("to-preference", "preference"), ("to-external", "api.example.com")):
+        gateway.append(doc("VirtualService", name, {"hosts": [host], "gateways": ["gw"],
+                                                    "http": [{"route": [{"destination": {"host": host}}]}]},
+                           namespace="tutorial"))
+    snapshot = compile_docs(*MESH, *gateway)
+    plane = DataPlane(SnapshotHolder(snapshot), Stats(), telemetry=IstioMetrics(Stats(), CLIENT))
+    runtime = plane.runtime(snapshot)
+    [(listener, chain)] = runtime.by_listener.values()
+    [stage] = [s for s in chain.response_stages if isinstance(s, PeerMetadataStage)]
     assert not stage.has_request_step  # outbound, the upstream encoders send our header
-    forwarding = ForwardingStage()
-    chain = Chain((forwarding, stage), (PEER_HEADER, CLIENT.header_value()))
-    for cluster_name, mesh in (("outbound|8080||preference", True), ("outbound|80||api.example.com", False)):
-        ctx = _context(snapshot, None, [(PEER_HEADER, b"app=forged")], client_ip="127.0.0.1")
-        ctx.cluster = snapshot.clusters[cluster_name]
-        forwarding.on_request(ctx)
-        sent = chain.upstream_peer_header(ctx.cluster)
-        assert sent == ((PEER_HEADER, CLIENT.header_value()) if mesh else None)
-        # on the wire ours goes last (the one the server side believes), over HTTP/1.1 (the field
-        # serialised once per snapshot, as the router writes it) and HTTP/2 alike; a MESH_EXTERNAL
-        # service gets only what the app sent
-        h1_head = h1.serialize_request_head(b"GET", b"/", ctx.request.headers, h1.FRAMING_NONE, b"preference",
-                                            chain.peer_field if sent else b"")
-        for fields in (parse_request_head(h1_head)[4], request_fields(ctx.request, b"preference", None, sent)):
+    for authority, mesh in ((b"preference:8080", True), (b"api.example.com", False)):
+        ctx = RequestContext(snapshot, listener, "127.0.0.1:40000",
+                             RequestHead(b"GET", b"/", authority, [(PEER_HEADER, b"app=forged")]), 0.0, 0.0)
+        for request_stage in chain.request_stages:  # routing and forwarding, as pipeline.serve_request runs them
+            assert request_stage.on_request(ctx) is None
+        assert ctx.cluster.mesh_internal == mesh
+        crt = runtime.clusters[ctx.cluster.name]
+        # on the wire ours goes last (the one the server side believes), over HTTP/1.1 and HTTP/2
+        # alike, as the router's encoders write the request; a MESH_EXTERNAL service gets only what the
+        # app sent
+        stream = _Downstream(chain)
+        h1_head = Exchange(ctx, plane, crt, stream)._request_head_bytes(crt)
+        h2_fields = H2Exchange(ctx, plane, crt, stream)._fields(crt, None)
+        for fields in (parse_request_head(h1_head)[4], h2_fields):
             assert [value for name, value in fields if name == PEER_HEADER] == (
                 [b"app=forged"] + ([CLIENT.header_value()] if mesh else []))
             assert fields[-1][0] == (PEER_HEADER if mesh else b"x-request-id")

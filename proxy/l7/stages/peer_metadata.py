@@ -3,7 +3,7 @@ adds, strips and believes, so the metrics can name both ends of a request.
 
 | listener | request | response |
 |---|---|---|
-| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last (by the upstream encoders: Chain.peer_header); to others: nothing | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
+| OUTBOUND (client sidecar, gateway) | to a MESH_INTERNAL cluster: ours appended last (by the upstream encoders: Chain.peer_header); to others: nothing; a mirrored copy by its own cluster | x-triomesh-peer removed; believed (destination_*) only from a MESH_INTERNAL cluster |
 | INBOUND (server sidecar) | every x-triomesh-peer removed; the last one (the client sidecar's own) believed (source_*) only from an address the registry lists as a mesh workload; without it, the registry's workload at that address (if only one is there) | ours added |
 
 So the header never reaches an app, never leaves toward a MESH_EXTERNAL service, and neither a
