@@ -5,7 +5,11 @@ Theory of operation
 One object per connection, for either side (`client=`). `receive(data)` parses whole frames from
 what arrived (keeping a partial frame for the next call) and returns events; the send calls
 (`send_headers`, `send_data`, `send_response` for a whole response, `end_stream`, `reset_stream`,
-`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
+`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. The end of a peer's
+stream is said by the event that carries it (`stream_ended` on RequestReceived, ResponseReceived and
+DataReceived; TrailersReceived always ends it), not by an event of its own as in the `h2` package:
+most streams end with their HEADERS or last DATA, and one event less per message is work the
+drivers do not do on every request. A header block that
 repeats byte for byte while the HPACK table is unchanged (a client repeating a request, an upstream
 answering alike into the table of size 0 we ask upstreams for) is decoded and checked once
 (`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
@@ -110,13 +114,6 @@ class DataReceived(Event):
     def __init__(self, stream_id: int, data: bytes, flow_controlled_length: int, stream_ended: bool) -> None:
         self.stream_id, self.data = stream_id, data
         self.flow_controlled_length, self.stream_ended = flow_controlled_length, stream_ended
-
-
-class StreamEnded(Event):
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
 
 
 class StreamReset(Event):
@@ -584,7 +581,6 @@ class H2Connection:
         events.append(DataReceived(stream_id, bytes(data), flow, end))
         if end:
             self._close_remote(stream_id, stream)
-            events.append(StreamEnded(stream_id))
 
     def _malformed(self, stream_id: int, reason: str, events: list, kind: str = "malformed_request") -> None:
         """§8.1.1: a malformed message is a stream error of type PROTOCOL_ERROR."""
@@ -699,8 +695,6 @@ class H2Connection:
                     return
                 stream.remote_closed = True
             events.append(RequestReceived(stream_id, fields, end_stream, self.decoder.never_indexed, cached))
-            if end_stream:
-                events.append(StreamEnded(stream_id))
             return
         if stream.remote_closed:
             self._stream_error(stream_id, f.STREAM_CLOSED)
@@ -725,7 +719,6 @@ class H2Connection:
                     raise _Malformed("content-length disagrees with the DATA received")
                 events.append(TrailersReceived(stream_id, fields))
                 self._close_remote(stream_id, stream)
-                events.append(StreamEnded(stream_id))
                 return
             if cached is None:
                 status, length = _check_response(fields)
@@ -751,7 +744,6 @@ class H2Connection:
                                        cached))
         if end_stream:
             self._close_remote(stream_id, stream)
-            events.append(StreamEnded(stream_id))
 
     def _on_window_update(self, stream_id: int, payload, events: list) -> None:
         if len(payload) != 4:
