@@ -213,7 +213,8 @@ class H2Connection:
         self._inbuf = b""
         self._preface_pending = not client  # a server first reads the client's preface
         self._settings_seen = False  # the first frame must be SETTINGS (§3.4)
-        self._block: list | None = None  # [stream id, flags, fragments, frame count, bytes]
+        # a header block continued in CONTINUATION frames: [stream id, flags, fragments, frame count, bytes]
+        self._block: list | None = None
         self.decoder = Decoder(max_table_size=settings.get(f.HEADER_TABLE_SIZE, 4096),
                                max_header_list_size=max_header_list_size)
         self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
@@ -598,9 +599,10 @@ class H2Connection:
                 self._stream_error(stream_id, f.PROTOCOL_ERROR)  # §5.3.1: a stream that depends on itself
                 flags |= _DECODE_ONLY
             fragment = fragment[5:]
+        if flags & f.END_HEADERS:  # the whole block in this frame (nearly always): nothing to keep pending
+            self._end_block(stream_id, flags, fragment, events)
+            return
         self._block = [stream_id, flags, [fragment], 1, len(fragment)]
-        if flags & f.END_HEADERS:
-            self._end_block(events)
 
     def _on_continuation(self, stream_id: int, flags: int, payload, events: list) -> None:
         block = self._block
@@ -613,7 +615,9 @@ class H2Connection:
             raise self._connection_error(f.ENHANCE_YOUR_CALM, "header block in too many CONTINUATION frames",
                                          "continuation_flood")
         if flags & f.END_HEADERS:
-            self._end_block(events)
+            self._block = None
+            fragments = block[2]
+            self._end_block(stream_id, block[1], b"".join(fragments), events)
 
     def _decode_block(self, block: bytes) -> tuple[list | None, str | None, _DecodedBlock | None]:
         """(fields, problem, cache entry) of a complete header block. A block that leaves the HPACK
@@ -647,10 +651,8 @@ class H2Connection:
         entry = blocks[block] = _DecodedBlock(fields, decoder.never_indexed)
         return fields, None, entry
 
-    def _end_block(self, events: list) -> None:
-        stream_id, flags, fragments, _, _ = self._block
-        self._block = None
-        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+    def _end_block(self, stream_id: int, flags: int, block, events: list) -> None:
+        """A complete header block of `stream_id` (`flags`: its HEADERS frame's)."""
         if type(block) is not bytes:
             block = bytes(block)
         fields, problem, cached = self._decode_block(block)
