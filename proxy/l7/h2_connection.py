@@ -5,7 +5,11 @@ Theory of operation
 One object per connection, for either side (`client=`). `receive(data)` parses whole frames from
 what arrived (keeping a partial frame for the next call) and returns events; the send calls
 (`send_headers`, `send_data`, `send_response` for a whole response, `end_stream`, `reset_stream`,
-`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. A header block that
+`acknowledge_received_data`, ...) queue frames that `data_to_send()` hands out. The end of a peer's
+stream is said by the event that carries it (`stream_ended` on RequestReceived, ResponseReceived and
+DataReceived; TrailersReceived always ends it), not by an event of its own as in the `h2` package:
+most streams end with their HEADERS or last DATA, and one event less per message is work the
+drivers do not do on every request. A header block that
 repeats byte for byte while the HPACK table is unchanged (a client repeating a request, an upstream
 answering alike into the table of size 0 we ask upstreams for) is decoded and checked once
 (`_decode_block`). The drivers (h2_server.py, h2_upstream.py) own the
@@ -112,13 +116,6 @@ class DataReceived(Event):
         self.flow_controlled_length, self.stream_ended = flow_controlled_length, stream_ended
 
 
-class StreamEnded(Event):
-    __slots__ = ("stream_id",)
-
-    def __init__(self, stream_id: int) -> None:
-        self.stream_id = stream_id
-
-
 class StreamReset(Event):
     """The peer reset the stream (RST_STREAM received)."""
 
@@ -216,7 +213,8 @@ class H2Connection:
         self._inbuf = b""
         self._preface_pending = not client  # a server first reads the client's preface
         self._settings_seen = False  # the first frame must be SETTINGS (§3.4)
-        self._block: list | None = None  # [stream id, flags, fragments, frame count, bytes]
+        # a header block continued in CONTINUATION frames: [stream id, flags, fragments, frame count, bytes]
+        self._block: list | None = None
         self.decoder = Decoder(max_table_size=settings.get(f.HEADER_TABLE_SIZE, 4096),
                                max_header_list_size=max_header_list_size)
         self._decoded_blocks: dict[bytes, _DecodedBlock] = {}  # see _decode_block
@@ -584,7 +582,6 @@ class H2Connection:
         events.append(DataReceived(stream_id, bytes(data), flow, end))
         if end:
             self._close_remote(stream_id, stream)
-            events.append(StreamEnded(stream_id))
 
     def _malformed(self, stream_id: int, reason: str, events: list, kind: str = "malformed_request") -> None:
         """§8.1.1: a malformed message is a stream error of type PROTOCOL_ERROR."""
@@ -602,9 +599,10 @@ class H2Connection:
                 self._stream_error(stream_id, f.PROTOCOL_ERROR)  # §5.3.1: a stream that depends on itself
                 flags |= _DECODE_ONLY
             fragment = fragment[5:]
+        if flags & f.END_HEADERS:  # the whole block in this frame (nearly always): nothing to keep pending
+            self._end_block(stream_id, flags, fragment, events)
+            return
         self._block = [stream_id, flags, [fragment], 1, len(fragment)]
-        if flags & f.END_HEADERS:
-            self._end_block(events)
 
     def _on_continuation(self, stream_id: int, flags: int, payload, events: list) -> None:
         block = self._block
@@ -617,7 +615,9 @@ class H2Connection:
             raise self._connection_error(f.ENHANCE_YOUR_CALM, "header block in too many CONTINUATION frames",
                                          "continuation_flood")
         if flags & f.END_HEADERS:
-            self._end_block(events)
+            self._block = None
+            fragments = block[2]
+            self._end_block(stream_id, block[1], b"".join(fragments), events)
 
     def _decode_block(self, block: bytes) -> tuple[list | None, str | None, _DecodedBlock | None]:
         """(fields, problem, cache entry) of a complete header block. A block that leaves the HPACK
@@ -651,10 +651,8 @@ class H2Connection:
         entry = blocks[block] = _DecodedBlock(fields, decoder.never_indexed)
         return fields, None, entry
 
-    def _end_block(self, events: list) -> None:
-        stream_id, flags, fragments, _, _ = self._block
-        self._block = None
-        block = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+    def _end_block(self, stream_id: int, flags: int, block, events: list) -> None:
+        """A complete header block of `stream_id` (`flags`: its HEADERS frame's)."""
         if type(block) is not bytes:
             block = bytes(block)
         fields, problem, cached = self._decode_block(block)
@@ -699,8 +697,6 @@ class H2Connection:
                     return
                 stream.remote_closed = True
             events.append(RequestReceived(stream_id, fields, end_stream, self.decoder.never_indexed, cached))
-            if end_stream:
-                events.append(StreamEnded(stream_id))
             return
         if stream.remote_closed:
             self._stream_error(stream_id, f.STREAM_CLOSED)
@@ -725,7 +721,6 @@ class H2Connection:
                     raise _Malformed("content-length disagrees with the DATA received")
                 events.append(TrailersReceived(stream_id, fields))
                 self._close_remote(stream_id, stream)
-                events.append(StreamEnded(stream_id))
                 return
             if cached is None:
                 status, length = _check_response(fields)
@@ -751,7 +746,6 @@ class H2Connection:
                                        cached))
         if end_stream:
             self._close_remote(stream_id, stream)
-            events.append(StreamEnded(stream_id))
 
     def _on_window_update(self, stream_id: int, payload, events: list) -> None:
         if len(payload) != 4:

@@ -476,13 +476,11 @@ class H2ServerConnection(H2Transport):
                     self.empty_data_frames = 0
                 if stream is not None and not stream.request_ended:
                     stream.feed(event.data, event.flow_controlled_length)
+                    if event.stream_ended and stream.request_error is None:
+                        stream.end_request()  # (a refused body never ends well)
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
-            elif t is ev.StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None and not stream.request_ended and stream.request_error is None:
-                    stream.end_request()  # (a refused body never ends well)
-            elif t is ev.TrailersReceived:
+            elif t is ev.TrailersReceived:  # they end the request
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     try:  # RFC 9113 §8.2.2 in trailers too (the layer checks names, values, pseudo-headers)
@@ -490,6 +488,8 @@ class H2ServerConnection(H2Transport):
                     except MalformedRequest as e:
                         self.h2.reset_stream(event.stream_id, frames.PROTOCOL_ERROR)
                         self._refused(event.stream_id, str(e), "malformed_request")
+                    if not stream.request_ended and stream.request_error is None:
+                        stream.end_request()
             elif t is ev.StreamReset:
                 stream = streams.get(event.stream_id)
                 if stream is not None:

@@ -341,7 +341,9 @@ class H2UpstreamConnection(H2Transport):
                     if event.data:
                         stream.pieces.append(event.data)
                     stream.unacked += event.flow_controlled_length
-                    if not event.stream_ended and stream.waiter is not None:  # else StreamEnded, next, wakes it
+                    if event.stream_ended:
+                        stream.remote_ended = True
+                    if stream.waiter is not None:
                         stream._wake()
                 elif event.flow_controlled_length:
                     self.acknowledge(event.stream_id, event.flow_controlled_length)
@@ -354,20 +356,17 @@ class H2UpstreamConnection(H2Transport):
                     stream.status, stream.headers, stream.length = event.status, _response_view(event), \
                         event.length if event.length >= 0 else None
                     stream.sensitive = event.sensitive
-                    if not event.stream_ended and stream.waiter is not None:
-                        stream._wake()
-                continue
-            if t is ev.StreamEnded:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.remote_ended = True
+                    if event.stream_ended:
+                        stream.remote_ended = True
                     if stream.waiter is not None:
                         stream._wake()
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
-            if t is ev.TrailersReceived:
+            if t is ev.TrailersReceived:  # they end the response
                 if stream is not None:
                     stream.trailers = list(event.headers)
+                    stream.remote_ended = True
+                    stream._wake()
             elif t is ev.StreamReset:
                 if stream is not None:
                     if event.error_code == _REFUSED:

@@ -22,7 +22,6 @@ from proxy.l7.h2_connection import (
     H2Connection,
     RequestReceived,
     ResponseReceived,
-    StreamEnded,
     StreamMalformed,
     StreamReset,
     TrailersReceived,
@@ -123,17 +122,74 @@ def _acknowledge(server: H2Connection, events: list) -> None:
 
 def _record(events: list, record: dict, server: H2Connection) -> None:
     for e in events:
+        if isinstance(e, (StreamMalformed, StreamReset)):
+            raise AssertionError(f"unexpected {type(e).__name__}: {getattr(e, 'reason', '')}")
+        r = record.get(e.stream_id)
+        assert r is None or not r["ended"], f"{type(e).__name__} after the end of stream {e.stream_id}"
         if isinstance(e, RequestReceived):
-            record[e.stream_id] = {"headers": e.headers, "body": b"", "trailers": None, "ended": False}
+            r = record[e.stream_id] = {"headers": e.headers, "body": b"", "trailers": None, "ended": False}
         elif isinstance(e, DataReceived):
-            record[e.stream_id]["body"] += e.data
+            r["body"] += e.data
             server.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
         elif isinstance(e, TrailersReceived):
-            record[e.stream_id]["trailers"] = e.headers
-        elif isinstance(e, StreamEnded):
-            record[e.stream_id]["ended"] = True
-        elif isinstance(e, (StreamMalformed, StreamReset)):
-            raise AssertionError(f"unexpected {type(e).__name__}: {getattr(e, 'reason', '')}")
+            r["trailers"] = e.headers
+        # the end of the stream rides on the event that carries it (the h2 package adds a StreamEnded)
+        r["ended"] = isinstance(e, TrailersReceived) or e.stream_ended
+
+
+def _view(events: list) -> list:
+    """Events as (kind, stream id, headers or data, whether the stream ended with it), from either
+    module: the h2 package's StreamEnded folded into the event before it on its stream, where ours
+    says it."""
+    view: list = []
+    for e in events:
+        kind = type(e).__name__
+        if kind == "StreamEnded":
+            last = max(i for i, v in enumerate(view) if v[1] == e.stream_id)
+            view[last] = view[last][:3] + (True,)
+            continue
+        if kind == "WindowUpdated" or kind == "RemoteSettingsChanged" or kind == "SettingsAcknowledged":
+            continue
+        payload = getattr(e, "headers", None)
+        payload = [tuple(field) for field in payload] if payload is not None else bytes(getattr(e, "data", b""))
+        if isinstance(e, (RequestReceived, ResponseReceived, DataReceived)):
+            ended = e.stream_ended
+        else:
+            ended = isinstance(e, TrailersReceived)
+        view.append((kind, e.stream_id, payload, ended))
+    return view
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.tuples(field_names.filter(lambda n: n != b"cookie"), field_values), max_size=4),
+                          st.binary(max_size=20000), st.booleans()), min_size=1, max_size=5))
+def test_the_same_bytes_give_the_oracles_events(requests) -> None:
+    """One client's bytes to our server and to h2's: the same messages on the same streams, each
+    ending where h2 says the stream ended (our end rides on the event, h2 adds a StreamEnded)."""
+    client, server, twin = oracle(True), ours(False), oracle(False)
+    ours_events, theirs = [], []
+
+    def deliver() -> None:
+        data = client.data_to_send()
+        ours_events.extend(server.receive_data(data))
+        theirs.extend(twin.receive_data(data))
+        reply = server.data_to_send()
+        twin.data_to_send()
+        if reply:
+            client.receive_data(reply)
+
+    deliver()
+    for extra, body, trailers in requests:
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, REQUEST + extra, end_stream=not body and not trailers)
+        if body:
+            client.send_data(sid, body[:16384], end_stream=not trailers)  # within the default windows
+        if trailers:
+            client.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+        deliver()
+    ours_view = _view(ours_events)
+    assert ours_view == _view(theirs)
+    assert sum(v[3] for v in ours_view) == len(requests)
 
 
 def test_our_client_with_the_oracle_server_response_body_and_trailers() -> None:
@@ -255,8 +311,8 @@ def test_streams_beyond_the_limit_are_refused() -> None:
     enc = hpack.Encoder()
     fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/")]
     events = server.receive_data(b"".join(_headers_frame(enc, sid, fields) for sid in (1, 3, 5)))
-    assert [type(e) for e in events] == [RequestReceived, StreamEnded, RequestReceived, StreamEnded,
-                                         StreamMalformed]
+    assert [type(e) for e in events] == [RequestReceived, RequestReceived, StreamMalformed]
+    assert events[0].stream_ended and events[1].stream_ended
     assert events[-1].kind == "too_many_streams"
     rst = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.RstStreamFrame)]
     assert rst[0].stream_id == 5 and rst[0].error_code == fr.REFUSED_STREAM
@@ -288,7 +344,7 @@ def test_a_shutdown_notice_still_accepts_streams_the_final_goaway_does_not() -> 
     notice = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.GoAwayFrame)]
     assert [(x.last_stream_id, x.error_code) for x in notice] == [(2**31 - 1, fr.NO_ERROR)]
     events = server.receive_data(_headers_frame(enc, 1, fields))  # sent before the notice arrived
-    assert [type(e) for e in events] == [RequestReceived, StreamEnded]
+    assert [type(e) for e in events] == [RequestReceived] and events[0].stream_ended
     server.close_connection()
     final = [x for x in frames_of(server.data_to_send()) if isinstance(x, hf.GoAwayFrame)]
     assert [(x.last_stream_id, x.error_code) for x in final] == [(1, fr.NO_ERROR)]
