@@ -83,9 +83,7 @@ class UpstreamH2Stream(H2StreamState):
                  "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        self.stream_id = stream_id  # H2StreamState's three, set here: one call less per request
-        self.ended = False
-        self.window = None
+        super().__init__(stream_id)
         self.connection = connection
         self.status = 0
         self.headers: Headers | None = None
