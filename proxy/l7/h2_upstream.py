@@ -421,9 +421,7 @@ def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, in
     pool = plane.h2_pools.get((crt.name, key[0], key[1]))
     if pool:
         for connection in pool:
-            # connected, and usable() written out: it runs for every request
-            if connection.conn is not None and connection.error is None and not connection.draining and \
-                    len(connection.streams) + connection.reserved < connection.max_streams:
+            if connection.conn is not None and connection.usable():  # connected, with a free slot
                 return connection.open_stream()
     return None
 
