@@ -83,7 +83,7 @@ class UpstreamH2Stream(H2StreamState):
                  "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        super().__init__(stream_id)
+        H2StreamState.__init__(self, stream_id)  # not super(): no super object per request
         self.connection = connection
         self.status = 0
         self.headers: Headers | None = None
