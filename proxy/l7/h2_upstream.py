@@ -162,12 +162,8 @@ class UpstreamH2Stream(H2StreamState):
             for p in pieces:
                 self.bytes_read += len(p)
         n, self.unacked = self.unacked, 0
-        if n:  # H2Transport.acknowledge, written out: flushed only when a WINDOW_UPDATE is due
-            connection = self.connection
-            h2conn = connection.h2
-            h2conn.acknowledge_received_data(n, self.stream_id)
-            if h2conn._out:
-                connection.flush()
+        if n:
+            self.connection.acknowledge(self.stream_id, n)
         return pieces
 
     async def next_pieces(self, deadline: float) -> list:
