@@ -14,10 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import math
-
 import trio
-from trio.lowlevel import current_task, wait_task_rescheduled
 
 from proxy.config.matchers import header_value
 from proxy.l7 import h1
@@ -83,13 +80,8 @@ class H2Exchange(Exchange):
                 else:
                     up.connection.flush()
                 deadline = self.deadline
-                while up.headers is None:  # up.read_head written out: one coroutine less per request
-                    up.check_head()
-                    if deadline == math.inf:
-                        up.waiter = current_task()
-                        await wait_task_rescheduled(up._abort_wait)
-                    else:
-                        await up._wait(deadline)
+                while (waiting := up.wait_head(deadline)) is not None:  # read_head's loop, one coroutine less
+                    await waiting
                 return 2, up.status, b"", up.headers
             except RefusedStream:
                 up.close()

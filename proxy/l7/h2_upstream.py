@@ -130,22 +130,25 @@ class UpstreamH2Stream(H2StreamState):
         if scope.cancelled_caught:
             raise UpstreamTimeout("no response before the route timeout")
 
-    def check_head(self) -> None:
-        """Raise when the response head will never come: the stream failed, or ended without one."""
+    def wait_head(self, deadline: float):
+        """None once the response head is here, else the wait for the reader's news, for the caller to
+        await in its own frame (`read_head`, and H2Exchange._send_and_read_head for every request
+        without a coroutine of ours around it). Raises when the head will never come: the stream
+        failed, or ended without one."""
+        if self.headers is not None:
+            return None
         if self.failure is not None:
             raise self.failure
         if self.remote_ended:
             raise UpstreamProtocolError("stream ended without a response head")
+        if deadline == math.inf:  # _wait's first branch without its coroutine
+            self.waiter = current_task()
+            return wait_task_rescheduled(self._abort_wait)
+        return self._wait(deadline)
 
     async def read_head(self, deadline: float) -> tuple[int, Headers]:
-        # (H2Exchange._send_and_read_head has this loop written out, one coroutine less per request)
-        while self.headers is None:
-            self.check_head()
-            if deadline == math.inf:  # _wait inlined: one coroutine less on every request
-                self.waiter = current_task()
-                await wait_task_rescheduled(self._abort_wait)
-            else:
-                await self._wait(deadline)
+        while (waiting := self.wait_head(deadline)) is not None:
+            await waiting
         return self.status, self.headers
 
     @property

@@ -66,6 +66,8 @@ class H2cServer:
                 await flush()
 
     async def _respond(self, flush, conn, stream_id: int, method: bytes, path: bytes, window_event) -> None:
+        if path == b"/hang":  # never answers: the proxy's route timeout ends the wait for the head
+            return
         body = BIG if path == b"/big" else SMALL
         headers = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"server", b"h2c-test")]
         if path != b"/nolength":
@@ -87,9 +89,10 @@ class H2cServer:
         await flush()
 
 
-async def _setup(nursery):
+async def _setup(nursery, timeout_s: float | None = None):
     server = await H2cServer().start(nursery)
-    snap = make_snapshot({"h2svc": [server.port]}, [prefix_route(b"/", {"h2svc": 100})], domains=("*",))
+    snap = make_snapshot({"h2svc": [server.port]}, [prefix_route(b"/", {"h2svc": 100}, timeout_s=timeout_s)],
+                         domains=("*",))
     snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
                                                for name, c in snap.clusters.items()})
     return server, await start_proxy(nursery, snap)
@@ -115,3 +118,17 @@ async def test_plain_responses_from_an_h2c_upstream_over_http1_and_h2c(nursery):
     assert server.header_table_sizes == [0]  # one upstream connection, told our HPACK table is 0
     (pool,) = proxy.plane.h2_pools.values()
     assert len(pool) == 1 and pool[0].h2.decoder.table_size == 0
+
+
+async def test_route_timeout_while_waiting_for_an_h2c_response_head(nursery):
+    """With a route timeout the wait for the head runs under a deadline: 504 when none comes, and the
+    same pooled connection still serves the next request."""
+    _, proxy = await _setup(nursery, timeout_s=0.5)
+    base = f"http://127.0.0.1:{proxy.port}"
+    for flags in ([], ["--http2-prior-knowledge"]):
+        code, out, err = await curl(*flags, "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{base}/hang")
+        assert (code, out) == (0, "504"), err
+        code, out, err = await curl(*flags, "-D", "-", f"{base}/small")
+        assert code == 0 and out.partition("\r\n\r\n")[2] == SMALL.decode(), (out, err)
+    (pool,) = proxy.plane.h2_pools.values()
+    assert len(pool) == 1 and not pool[0].streams  # the timed-out streams were reset and given back
