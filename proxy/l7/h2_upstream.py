@@ -83,7 +83,11 @@ class UpstreamH2Stream(H2StreamState):
                  "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        H2StreamState.__init__(self, stream_id)  # not super(): no super object per request
+        # H2StreamState's fields, set here: one call less per request (tests/l7/test_h2_stream_state.py
+        # fails if H2StreamState gains a slot this list misses)
+        self.stream_id = stream_id
+        self.ended = False
+        self.window = None
         self.connection = connection
         self.status = 0
         self.headers: Headers | None = None
