@@ -22,6 +22,7 @@ hands on, medians of the rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import ssl
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -193,7 +195,9 @@ async def _one_run(design: str, context, ca_file: str, requests: int) -> float:
     return used / requests
 
 
-async def measure(requests: int, rounds: int) -> dict[str, float]:
+@contextlib.contextmanager
+def identity_files() -> Iterator[tuple[Path, Path, Path]]:
+    """A throwaway CA and a server certificate for bench.local, as PEM files: (chain, key, CA)."""
     ca = trustme.CA()
     leaf = ca.issue_cert("bench.local")
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,6 +205,11 @@ async def measure(requests: int, rounds: int) -> dict[str, float]:
         leaf.private_key_and_cert_chain_pem.write_to_path(cert)
         leaf.private_key_pem.write_to_path(key)
         ca.cert_pem.write_to_path(ca_file)
+        yield cert, key, ca_file
+
+
+async def measure(requests: int, rounds: int) -> dict[str, float]:
+    with identity_files() as (cert, key, ca_file):
         context = server_context(str(cert), str(key), alpn=("http/1.1",))
         stdlib = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # trio.SSLStream takes only the stdlib's contexts
         stdlib.load_cert_chain(str(cert), str(key))
@@ -215,13 +224,7 @@ async def measure(requests: int, rounds: int) -> dict[str, float]:
 
 
 async def measure_upload(mib: int, rounds: int) -> tuple[float, float]:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("bench.local")
-    with tempfile.TemporaryDirectory() as tmp:
-        cert, key, ca_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem"), Path(tmp, "ca.pem")
-        leaf.private_key_and_cert_chain_pem.write_to_path(cert)
-        leaf.private_key_pem.write_to_path(key)
-        ca.cert_pem.write_to_path(ca_file)
+    with identity_files() as (cert, key, ca_file):
         context = server_context(str(cert), str(key), alpn=("http/1.1",))
         runs = [await _one_upload(context, str(ca_file), mib) for _ in range(rounds)]
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)

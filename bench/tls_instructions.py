@@ -71,19 +71,12 @@ async def _client(sock: socket.socket, ca_file: str, tls: bool, requests: int) -
 def serve(design: str, requests: int) -> None:
     """One run (the process callgrind counts)."""
     import trio
-    import trustme
 
     from bench import tls_bench
     trio._core._run._r.seed(0)  # the same scheduling order every run
 
     async def main() -> None:
-        ca = trustme.CA()
-        leaf = ca.issue_cert("bench.local")
-        with tempfile.TemporaryDirectory() as tmp:
-            cert, key, ca_file = Path(tmp, "cert.pem"), Path(tmp, "key.pem"), Path(tmp, "ca.pem")
-            leaf.private_key_and_cert_chain_pem.write_to_path(cert)
-            leaf.private_key_pem.write_to_path(key)
-            ca.cert_pem.write_to_path(ca_file)
+        with tls_bench.identity_files() as (cert, key, ca_file):
             context = tls_bench.server_context(str(cert), str(key), alpn=("http/1.1",))
             client_sock, server_sock = socket.socketpair()
             async with trio.open_nursery() as nursery:

@@ -381,8 +381,9 @@ def _warn_of_a_missing_issuer(cert_field: str, cert_file: str, ca_file: str | No
     """The chain sent is the file's as it is (no automatic chain, see TlsContext; Envoy sends the file
     as it is too): a file that ends with its leaf, without the leaf's issuer, fails for peers that
     hold only the root above that issuer, even when the issuer is in caCertificates. Said once, when
-    the file is loaded; not when the issuer is a root in caCertificates, or the file ends with a CA
-    certificate (an intermediate below the root the peer holds: the usual chain)."""
+    the file is loaded; not when the issuer is a root in caCertificates, when there is no CA file to
+    tell a root by, or when the file ends with a CA certificate (an intermediate below the root the
+    peer holds: the usual chain)."""
     from cryptography import x509
 
     try:
@@ -395,7 +396,11 @@ def _warn_of_a_missing_issuer(cert_field: str, cert_file: str, ca_file: str | No
     missing = (last.issuer != last.subject and not _is_ca(last)
                and not any(c.subject == last.issuer for c in chain))
     in_ca_certificates = False
-    if missing and ca_file:
+    if missing and not ca_file:
+        # nothing to tell the issuer by: a leaf issued straight by a root (a private CA's usual chain)
+        # is complete, and warning about every such file would teach users to ignore the warning
+        missing = False
+    if missing:
         try:
             with open(ca_file, "rb") as f:
                 issuers = [c for c in x509.load_pem_x509_certificates(f.read()) if c.subject == last.issuer]

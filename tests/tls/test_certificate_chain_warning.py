@@ -1,6 +1,7 @@
 """A certificate file is sent as it is (no automatic chain): one that ends with its leaf without the
 leaf's issuer is logged once per load, naming the file and the issuer, and whether caCertificates
-has that issuer; a complete chain, or a leaf issued by a root in caCertificates, is not."""
+has that issuer; a complete chain, a leaf issued by a root in caCertificates, or a leaf loaded with
+no CA file to tell its issuer by, is not."""
 
 from __future__ import annotations
 
@@ -67,4 +68,6 @@ def test_a_complete_chain_or_a_leaf_of_a_trusted_root_is_not_warned_about(tmp_pa
         client_context(ca_file=root_only, cert_file=cert, key_file=key)
         server_context(str(tmp_path / "leaf.crt"), str(tmp_path / "leaf.key"), ca_file=str(tmp_path / "ca.crt"),
                        require_client_certificate=True)
+        # no CA file to tell a root by: a leaf of a root (a private CA's usual chain) is taken as complete
+        server_context(str(tmp_path / "leaf.crt"), str(tmp_path / "leaf.key"))
     assert _chain_warnings(logs) == [], logs
