@@ -21,6 +21,11 @@ cost; `--keep-output DIR` keeps callgrind's two output files there, for `callgri
 request's instructions go).
 `--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
 cost measured is the data path's).
+`--opcodes` runs the proxy without valgrind under a tracer that counts the bytecodes each Python
+function executes, and prints the functions by bytecodes per request (the same two runs, subtracted):
+callgrind shows most of a request inside CPython's eval loop, this shows whose code it is running.
+A bytecode costs ~10-30 instructions (more when it calls into C); only counts are comparable, since
+tracing slows the proxy ~50x.
 The proxy runs with a worker's garbage-collector thresholds (proxy/runner/garbage_collection.py).
 Kernel time is not counted: use `make bench` for CPU seconds, and this for the Python path.
 The proxy runs with PYTHONHASHSEED=0: with random string hashing two runs of the same code differed by
@@ -31,6 +36,7 @@ h2load's requests batch into reads); compare versions over two runs each.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -116,6 +122,30 @@ async def triomesh(nursery):
     return listener.port
 
 
+def count_opcodes(path):
+    """Bytecodes executed per function (sys.settrace opcode events), written to `path` at exit."""
+    import atexit, collections, json
+    counts = collections.Counter()
+
+    def local(frame, event, arg):
+        if event == "opcode":
+            counts[frame.f_code] += 1
+        return local
+
+    def on_call(frame, event, arg):
+        frame.f_trace_opcodes = True
+        return local
+
+    def dump():
+        sys.settrace(None)
+        rows = {f"{c.co_filename}:{c.co_firstlineno}:{c.co_qualname}": n for c, n in counts.items()}
+        with open(path, "w") as f:
+            json.dump(rows, f)
+
+    atexit.register(dump)
+    sys.settrace(on_call)
+
+
 async def main():
     async with trio.open_nursery() as nursery:
         port = await (bare_forwarder(nursery) if baseline else triomesh(nursery))
@@ -126,6 +156,8 @@ async def main():
                 break
         nursery.cancel_scope.cancel()
 
+if os.environ.get("TM_OPCODES"):
+    count_opcodes(os.environ["TM_OPCODES"])
 trio.run(main)
 '''
 
@@ -133,8 +165,9 @@ trio.run(main)
 def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
               h2: bool = False, upstream_protocol: str = "HTTP", telemetry: bool = True,
               keep_output: Path | None = None, trace_sampling: float | None = None,
-              connections: int = 8, streams: int = 4) -> tuple[int, int]:
-    """(total instructions, requests that succeeded) for one proxy process under callgrind."""
+              connections: int = 8, streams: int = 4, opcodes: bool = False) -> tuple[int | dict[str, int], int]:
+    """(total instructions, requests that succeeded) for one proxy process under callgrind; with
+    `opcodes`, (bytecodes per function, requests that succeeded) for one traced process instead."""
     script = workdir / "proxy_under_callgrind.py"
     script.write_text(_PROXY)
     port_file = workdir / "port"
@@ -142,9 +175,12 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     out = (keep_output or workdir) / f"callgrind.{requests}"
     config = workdir / "bench.yaml"
     config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol))
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+    opcode_file = workdir / f"opcodes.{requests}.json"
+    under = [] if opcodes else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    proc = subprocess.Popen([*under, sys.executable,
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
                             env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config), PYTHONHASHSEED="0",
+                                     TM_OPCODES=str(opcode_file) if opcodes else "",
                                      TM_TELEMETRY="1" if telemetry else "0",
                                      TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)),
                             stdout=subprocess.DEVNULL,
@@ -169,6 +205,10 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=300)[1].decode()
+    if opcodes:
+        if proc.returncode != 0 or not opcode_file.exists():
+            raise RuntimeError(f"the traced proxy failed: {err[-2000:]}")
+        return json.loads(opcode_file.read_text()), succeeded
     found = re.search(r"Collected : (\d+)", err)
     if found is None:
         raise RuntimeError(f"callgrind reported no total: {err[-2000:]}")
@@ -190,12 +230,14 @@ def main() -> None:
                     help="with tracing on, sampling this percentage of requests (spans queued, not exported)")
     ap.add_argument("--connections", type=int, default=8, help="client connections (default 8)")
     ap.add_argument("--streams", type=int, default=4, help="with --h2: streams in flight per connection (default 4)")
+    ap.add_argument("--opcodes", action="store_true", help="bytecodes per request by Python function (no valgrind)")
+    ap.add_argument("--top", type=int, default=40, help="with --opcodes: how many functions to list (default 40)")
     args = ap.parse_args()
     if args.h2_upstream and not args.h2:
         sys.exit("--h2-upstream goes with --h2")
     if args.h2 and args.baseline:
         sys.exit("--h2 measures the proxy: the bare forwarder speaks no HTTP")
-    for tool in ("valgrind", "h2load", "nginx"):
+    for tool in ("h2load", "nginx") if args.opcodes else ("valgrind", "h2load", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"bench.instructions needs {tool} (make bench installs h2load and nginx; valgrind: apt-get install valgrind)")
     with tempfile.TemporaryDirectory(prefix="triomesh-instructions-") as tmp:
@@ -208,12 +250,19 @@ def main() -> None:
             if args.keep_output is not None:
                 args.keep_output.mkdir(parents=True, exist_ok=True)
             first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream, telemetry,
-                                   args.keep_output, args.trace_sampling, args.connections, args.streams)
+                                   args.keep_output, args.trace_sampling, args.connections, args.streams, args.opcodes)
             second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream,
-                                    telemetry, args.keep_output, args.trace_sampling, args.connections, args.streams)
+                                    telemetry, args.keep_output, args.trace_sampling, args.connections, args.streams,
+                                    args.opcodes)
         finally:
             backend.stop()
     what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''}{f', {args.connections} connections' if args.connections != 8 else ''}{f' x {args.streams} streams' if args.h2 and args.streams != 4 else ''})"
+    if args.opcodes:
+        per_request = {name: (second.get(name, 0) - first.get(name, 0)) / (ok2 - ok1) for name in {*first, *second}}
+        print(f"{what}: {sum(per_request.values()):,.0f} bytecodes per request ({ok1} and {ok2} requests)")
+        for name, n in sorted(per_request.items(), key=lambda item: -item[1])[:args.top]:
+            print(f"{n:9.1f}  {name.replace(str(args.source) + '/', '')}")
+        return
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")
 
