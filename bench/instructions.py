@@ -16,7 +16,8 @@ requests as h2c (8 connections, 4 streams in flight each) to the same HTTP/1.1 u
 and `--streams` change that load (`--connections 64 --streams 10` is make bench's, where many requests
 are in flight at once: the garbage collector's share shows there).
 `--no-telemetry` turns Istio's standard metrics off (`DataPlane(telemetry=False)`), to see what they
-cost; `--keep-output DIR` keeps callgrind's two output files there, for `callgrind_annotate
+cost; `--mesh-external` makes the backend's ServiceEntry MESH_EXTERNAL, so no peer metadata header
+goes to it (with and without `--no-telemetry`: what the counters and histograms alone cost); `--keep-output DIR` keeps callgrind's two output files there, for `callgrind_annotate
 --inclusive=yes DIR/callgrind.N` (the difference between the two runs' functions is where a
 request's instructions go).
 `--trace-sampling PERCENT` turns tracing on at that sampling (spans are queued, not exported: the
@@ -165,7 +166,7 @@ trio.run(main)
 def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, workdir: Path,
               h2: bool = False, upstream_protocol: str = "HTTP", telemetry: bool = True,
               keep_output: Path | None = None, trace_sampling: float | None = None,
-              connections: int = 8, streams: int = 4, opcodes: bool = False) -> tuple[int | dict[str, int], int]:
+              connections: int = 8, streams: int = 4, opcodes: bool = False, location: str = "MESH_INTERNAL") -> tuple[int | dict[str, int], int]:
     """(total instructions, requests that succeeded) for one proxy process under callgrind; with
     `opcodes`, (bytecodes per function, requests that succeeded) for one traced process instead."""
     script = workdir / "proxy_under_callgrind.py"
@@ -174,7 +175,7 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
     port_file.unlink(missing_ok=True)
     out = (keep_output or workdir) / f"callgrind.{requests}"
     config = workdir / "bench.yaml"
-    config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol))
+    config.write_text(triomesh_config(free_port(), backend_port, upstream_protocol=upstream_protocol, location=location))
     opcode_file = workdir / f"opcodes.{requests}.json"
     under = [] if opcodes else ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     proc = subprocess.Popen([*under, sys.executable,
@@ -230,6 +231,8 @@ def main() -> None:
                     help="with tracing on, sampling this percentage of requests (spans queued, not exported)")
     ap.add_argument("--connections", type=int, default=8, help="client connections (default 8)")
     ap.add_argument("--streams", type=int, default=4, help="with --h2: streams in flight per connection (default 4)")
+    ap.add_argument("--mesh-external", action="store_true",
+                    help="the backend MESH_EXTERNAL: no peer metadata exchange with it")
     ap.add_argument("--opcodes", action="store_true", help="bytecodes per request by Python function (no valgrind)")
     ap.add_argument("--top", type=int, default=40, help="with --opcodes: how many functions to list (default 40)")
     args = ap.parse_args()
@@ -247,16 +250,18 @@ def main() -> None:
             port = backend.h2c_port if args.h2_upstream else backend.port
             upstream = "HTTP2" if args.h2_upstream else "HTTP"
             telemetry = not args.no_telemetry
+            location = "MESH_EXTERNAL" if args.mesh_external else "MESH_INTERNAL"
             if args.keep_output is not None:
                 args.keep_output.mkdir(parents=True, exist_ok=True)
             first, ok1 = _run_once(500, port, args.source, args.baseline, workdir, args.h2, upstream, telemetry,
-                                   args.keep_output, args.trace_sampling, args.connections, args.streams, args.opcodes)
+                                   args.keep_output, args.trace_sampling, args.connections, args.streams, args.opcodes,
+                                   location)
             second, ok2 = _run_once(500 + args.requests, port, args.source, args.baseline, workdir, args.h2, upstream,
                                     telemetry, args.keep_output, args.trace_sampling, args.connections, args.streams,
-                                    args.opcodes)
+                                    args.opcodes, location)
         finally:
             backend.stop()
-    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''}{f', {args.connections} connections' if args.connections != 8 else ''}{f' x {args.streams} streams' if args.h2 and args.streams != 4 else ''})"
+    what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{', backend MESH_EXTERNAL' if args.mesh_external else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''}{f', {args.connections} connections' if args.connections != 8 else ''}{f' x {args.streams} streams' if args.h2 and args.streams != 4 else ''})"
     if args.opcodes:
         per_request = {name: (second.get(name, 0) - first.get(name, 0)) / (ok2 - ok1) for name in {*first, *second}}
         print(f"{what}: {sum(per_request.values()):,.0f} bytecodes per request ({ok1} and {ok2} requests)")

@@ -288,11 +288,14 @@ def start_l4_forwarder(upstream_port: int, *, mode: str, cpus: str | None) -> St
     return Started(f"triomesh-{mode}", proc, port, Path("."))
 
 
-def triomesh_config(port: int, backend_port: int, *, upstream_protocol: str = "HTTP") -> str:
+def triomesh_config(port: int, backend_port: int, *, upstream_protocol: str = "HTTP",
+                    location: str = "MESH_INTERNAL") -> str:
     """The Istio resources of the benchmark: one Gateway server, the backend as a ServiceEntry, one
     VirtualService route (no retries, timeouts or faults set: Istio's defaults apply, as for a user).
     The ServiceEntry port's protocol says how the backend is spoken to: HTTP is HTTP/1.1, HTTP2 (or
-    GRPC) is h2c with prior knowledge. The Gateway's HTTP server takes HTTP/1.1 and h2c alike."""
+    GRPC) is h2c with prior knowledge. The Gateway's HTTP server takes HTTP/1.1 and h2c alike.
+    `location`: MESH_INTERNAL (the gateway exchanges peer metadata with the backend, as toward a
+    mesh service) or MESH_EXTERNAL (it does not)."""
     port_name = upstream_protocol.lower().replace("-", "")
     return textwrap.dedent(f"""\
         apiVersion: networking.istio.io/v1
@@ -308,7 +311,7 @@ def triomesh_config(port: int, backend_port: int, *, upstream_protocol: str = "H
         metadata: {{name: backend, namespace: bench}}
         spec:
           hosts: [backend.bench.svc.cluster.local]
-          location: MESH_INTERNAL
+          location: {location}
           resolution: STATIC
           ports: [{{number: 80, name: {port_name}, protocol: {upstream_protocol}}}]
           endpoints: [{{address: 127.0.0.1, ports: {{{port_name}: {backend_port}}}}}]
@@ -434,7 +437,7 @@ def triomesh_mtls_config(port: int, upstream_port: int, certs, *, tcp: bool = Fa
         metadata: {{name: backend, namespace: bench}}
         spec:
           hosts: [backend.bench.svc.cluster.local]
-          location: MESH_INTERNAL
+          location: {location}
           resolution: STATIC
           ports: [{{number: 80, name: {port_name}, protocol: {port_name.upper()}}}]
           endpoints: [{{address: 127.0.0.1, ports: {{{port_name}: {upstream_port}}}}}]

@@ -24,6 +24,7 @@
 #include <structmember.h>
 #include <math.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #define BOUNDS_COUNT 19
@@ -88,6 +89,19 @@ static inline long long small_int(PyObject *value) {
     if (size == 1) return (long long)((PyLongObject *)value)->ob_digit[0];
     return -1;
 #endif
+}
+
+/* The tables' memory straight from the kernel: zero pages that cost nothing until first written, so
+ * the slots and keys never used are never touched. (calloc gives the same only when it maps fresh
+ * memory; for a block below glibc's dynamic mmap threshold it clears reused heap memory instead, a
+ * memset of the whole table at start-up that also made its pages resident.) NULL: out of memory. */
+static void *zeroed_pages(size_t bytes) {
+    void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+static void free_pages(void *p, size_t bytes) {
+    if (p != NULL) munmap(p, bytes);
 }
 
 static inline PyObject *field(PyObject *ctx, const Table *t, int which) {
@@ -441,12 +455,11 @@ static int Table_init(Table *t, PyObject *args, PyObject *kwargs) {
     }
     size_t size = 2;
     while (size < (size_t)max_keys * 2) size <<= 1;
-    /* calloc: the pages of slots never used are never touched */
-    t->slots = PyMem_Calloc((size_t)capacity, sizeof(Slot));
-    t->keys = PyMem_Calloc(size, sizeof(Key));
+    t->slots = zeroed_pages((size_t)capacity * sizeof(Slot));
+    t->keys = zeroed_pages(size * sizeof(Key));
     if (t->slots == NULL || t->keys == NULL) {
-        PyMem_Free(t->slots);
-        PyMem_Free(t->keys);
+        free_pages(t->slots, (size_t)capacity * sizeof(Slot));
+        free_pages(t->keys, size * sizeof(Key));
         t->slots = NULL;
         t->keys = NULL;
         PyErr_NoMemory();
@@ -506,8 +519,8 @@ static void Table_dealloc(Table *t) {
     Table_clear(t);
     Py_CLEAR(t->peer_name);
     for (int i = 0; i < GRPC_NAMES; i++) Py_CLEAR(t->grpc_names[i]);
-    PyMem_Free(t->slots);
-    PyMem_Free(t->keys);
+    free_pages(t->slots, (size_t)t->capacity * sizeof(Slot));
+    if (t->keys != NULL) free_pages(t->keys, (t->key_mask + 1) * sizeof(Key));
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 

@@ -358,6 +358,8 @@ class DataPlane:
         # Istio's standard metrics, on by default (True: with an unknown workload identity; False: off)
         self.telemetry: IstioMetrics | None = (
             IstioMetrics(stats) if telemetry is True else telemetry if isinstance(telemetry, IstioMetrics) else None)
+        # pipeline.finish's one call per request into the metrics table (None: metrics off)
+        self.record_known = self.telemetry.record_known if self.telemetry is not None else None
         self.access_log = access_log if access_log is not None and getattr(access_log, "enabled", False) else None
         self.settings = settings or HttpSettings()
         self._runtime: SnapshotRuntime | None = None

@@ -49,23 +49,22 @@ def finish(plane: DataPlane, ctx: RequestContext) -> None:
     """Stats and the access log line of a request that ended, however it ended."""
     if ctx.status or ctx.response_flags:
         plane.count_downstream(ctx.status, ctx.response_flags)
+        # Istio's metrics: one native call counts a request like one seen before; the first of its
+        # kind, and those with response flags or gRPC facts, take the general path. The bound
+        # method is kept on the plane (None with metrics off), so this costs a few bytecodes
+        record_known = plane.record_known
+        if record_known is not None:
+            try:
+                if not record_known(ctx):
+                    plane.telemetry.record_request(ctx)
+            except Exception:  # noqa: BLE001 - a metrics bug must not cost the request its access log or connection
+                log.exception("istio metrics failed", client=ctx.downstream_addr)
     extra = ctx.extra
     if extra is not None:
         if "grpc_status" in extra:
             plane.count_grpc(extra["grpc_status"])
         if "trace" in extra:  # a sampled request's spans (stages/tracing.py)
             plane.tracing.record(ctx, extra["trace"])
-    telemetry = plane.telemetry
-    if telemetry is not None and (ctx.status or ctx.response_flags):
-        try:
-            # one native call counts a request like one seen before; the first of its kind, and
-            # those with response flags or gRPC facts, take the general path. (Read as an
-            # attribute first: a method-call lookup of an instance attribute is not specialised.)
-            record_known = telemetry.record_known
-            if not record_known(ctx):
-                telemetry.record_request(ctx)
-        except Exception:  # noqa: BLE001 - a metrics bug must not cost the request its access log or connection
-            log.exception("istio metrics failed", client=ctx.downstream_addr)
     access_log = plane.access_log
     if access_log is not None:
         if extra is not None and "access_log" in extra:  # a Telemetry accessLogging choice (stages/access_log_policy.py)
