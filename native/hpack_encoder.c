@@ -2,8 +2,9 @@
  * CPython extension (METH_FASTCALL). Its pure-Python twin is PureEncoder in proxy/l7/h2_hpack.py, which
  * picks one of the two and explains the encoding rules; this file follows PureEncoder line for line
  * and writes the same bytes for any sequence of calls (the tests drive both with the same random
- * calls and compare the bytes, the tables and `generation`). In Python the encoder cost ~30 bytecodes
- * per field, ~16k instructions per request through an h2c -> h2c proxy (two blocks).
+ * calls and compare the bytes, the tables and `generation`). A 9-field request block costs ~14k
+ * instructions in Python, ~4.9k here, two thirds of them the dict lookups (tuple hash and compare);
+ * through an h2c -> h2c proxy that is ~6k instructions per request less (bench.instructions).
  *
  * Theory of operation. The state is PureEncoder's, in the same shapes, so the two cannot drift apart:
  * - `index`, a dict (name, value) -> int: the insertion number (>= 0) of the field's dynamic entry,
@@ -26,12 +27,15 @@
  * one call that may run Python code, `field in sensitive` for a caller's own container, is followed by
  * reading the state afresh.
  *
- * Sanitizer build (outside the test suite; never commit the output):
+ * Sanitizer build (outside the test suite; never commit the output): CPython itself is not
+ * instrumented, so the sanitizer runtimes are preloaded and leak checking is off:
  *     CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer" \
- *         LDFLAGS="-fsanitize=address,undefined" python setup.py build_ext --inplace
+ *         LDFLAGS="-fsanitize=address,undefined" python setup.py build_ext --inplace --force
  *     LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
- *         ASAN_OPTIONS=detect_leaks=0 python -m pytest -q -p no:cacheprovider tests/l7/test_h2_hpack.py
- * then rebuild without the flags. */
+ *         ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1 python -m pytest -q -p no:cacheprovider \
+ *         tests/l7/test_h2_hpack.py tests/l7/test_h2_hpack_encoder.py tests/l7/test_h2_connection.py
+ * then `python setup.py build_ext --inplace --force` again without them. Leaks: test_h2_hpack_encoder.py
+ * traces memory over 10,000 blocks; 650,000 encodes kept the RSS flat (17.6 MB). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
