@@ -74,4 +74,4 @@ bench: install system-deps
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/l7/_headparser_capi*.so proxy/l7/_h1_write*.so proxy/telemetry/_request_metrics_c*.so
+	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/l7/_headparser_capi*.so proxy/l7/_h1_write*.so proxy/l7/_hpack_c*.so proxy/telemetry/_request_metrics_c*.so

@@ -7,4 +7,4 @@ ordinary pytest tests without atheris; test_fuzz.py runs each target under ather
 and `python -m tests.fuzz <name>... --seconds N` runs longer on demand (see the README).
 """
 
-TARGETS = ("config", "sniff", "wire", "chunked", "h2", "hpack")
+TARGETS = ("config", "sniff", "wire", "chunked", "h2", "hpack", "hpack_encoder")

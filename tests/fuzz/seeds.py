@@ -105,6 +105,13 @@ def _hpack_blocks() -> bytes:
     return out + bytes([len(block)]) + block
 
 
+def _hpack_encoder_program() -> bytes:
+    """fuzz_hpack_encoder: a request block twice (an authorization never indexed), the table emptied and
+    restored in between, then a block with a 20 KB cookie."""
+    block = bytes([0x14, 1, 3]) + b"GET" + bytes([2, 4]) + b"/a?b" + bytes([8, 3]) + b"abc" + bytes([0x80 | 10, 3]) + b"k=1"
+    return b"\x01" + block + b"\x00\x0a" + block + bytes([0x12, 11, 0xFF]) + b"c" + bytes([13, 1]) + b"v"
+
+
 # every AuthorizationPolicy and PeerAuthentication field, for the loader's security validation
 SECURITY = b"""apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -172,6 +179,7 @@ def seeds() -> dict[str, dict[str, bytes]]:
             "client-response": b"\x81" + _h2_server_bytes(),
         },
         "hpack": {"blocks": _hpack_blocks()},
+        "hpack_encoder": {"program": _hpack_encoder_program()},
     }
 
 

@@ -1,6 +1,7 @@
 """HPACK (proxy/l7/h2_hpack.py): RFC 7541 Appendix C, differentials against the `hpack` package, Huffman
 coding (both decoder paths), decoding errors, RFC 9113 section 8.2.1 field checks and the header list
-limit.
+limit. Encoder tests run on the native encoder and its pure twin; tests/l7/test_h2_hpack_encoder.py
+holds the two to the same bytes.
 
 The `hpack` package is only an oracle here: blocks our Encoder writes must decode with hpack.Decoder to
 the same fields and the same dynamic table, and blocks hpack.Encoder writes must decode with our
@@ -26,14 +27,23 @@ from proxy.l7 import h2_hpack
 from proxy.l7.h2_hpack import (
     STATIC_TABLE,
     Decoder,
-    Encoder,
     HeaderListTooLarge,
     HpackError,
+    PureEncoder,
     huffman_decode,
     huffman_encode,
 )
 
 BIG = 1 << 30  # a header list limit that never triggers
+
+# Every encoder test runs on both twins. A failed import fails the native ones: the extension must be
+# built by `pip install -e .` (or `python setup.py build_ext --inplace`).
+ENCODERS = {"native": h2_hpack.native_encoder, "pure": lambda: PureEncoder}
+
+
+@pytest.fixture(params=sorted(ENCODERS))
+def encoder_type(request):
+    return ENCODERS[request.param]()
 
 
 def hx(s: str) -> bytes:
@@ -327,10 +337,10 @@ def _size_changes(rng: random.Random) -> list[int]:
 
 @pytest.mark.parametrize("huffman", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_our_encoder_against_hpack_decoder(seed, huffman):
+def test_our_encoder_against_hpack_decoder(encoder_type, seed, huffman):
     rng = random.Random(seed * 2 + huffman)
     pool = _pool(rng)
-    enc = Encoder(huffman=huffman)
+    enc = encoder_type(huffman=huffman)
     oracle = _oracle_decoder()
     ours = Decoder(max_table_size=4096, max_header_list_size=BIG)
     ours.set_max_table_size(1 << 20)  # as if we advertised it and the peer acknowledged: any update is fine
@@ -396,11 +406,11 @@ def test_hpack_encoder_against_our_decoder(seed, huffman):
         assert dec.table_limit == oracle.header_table.maxsize
 
 
-def test_large_tables_and_multibyte_indices():
+def test_large_tables_and_multibyte_indices(encoder_type):
     """Hundreds of entries: wire indices and name indices past every one- and two-byte boundary, both ways."""
     rng = random.Random(7)
     names = [b"n%03d" % i for i in range(300)]
-    enc, oracle_dec = Encoder(), _oracle_decoder(65536)
+    enc, oracle_dec = encoder_type(), _oracle_decoder(65536)
     enc.set_max_table_size(65536)
     oracle_enc = hpack.Encoder()
     oracle_enc.header_table_size = 65536
@@ -424,8 +434,8 @@ def test_large_tables_and_multibyte_indices():
 
 
 @pytest.mark.parametrize("huffman", [False, True])
-def test_encoder_never_indexed(huffman):
-    enc, dec = Encoder(huffman=huffman), Decoder()
+def test_encoder_never_indexed(encoder_type, huffman):
+    enc, dec = encoder_type(huffman=huffman), Decoder()
     for _ in range(3):  # the second and third time come from the encoder's literal cache
         fields = [(b"authorization", b"Bearer abc.def"), (b"proxy-authorization", b"Basic eHl6"),
                   (b"cookie", b"a=1; b=2"), (b"set-cookie", b"id=42; HttpOnly"), (b"cookie", b""),
@@ -435,18 +445,18 @@ def test_encoder_never_indexed(huffman):
         assert kinds[:4] == ["never"] * 4
         assert kinds[4] == "indexed"  # (cookie, "") is a static full match: nothing to hide
         assert dec.decode(block) == (fields, None)
-        assert [tuple(f) for f in hpack.Decoder().decode(Encoder(huffman=huffman).encode(fields), raw=True)] \
+        assert [tuple(f) for f in hpack.Decoder().decode(encoder_type(huffman=huffman).encode(fields), raw=True)] \
             == fields
     assert all(name not in NEVER for name, _ in enc.dynamic_table)
     assert enc.dynamic_table == dec.dynamic_table == [(b"x-other", b"secret-looking")]
     # never indexed with a literal name (no static entry has it): flags 0x10 and index 0
-    assert _walk(Encoder().encode([(b"authorization", b"x")]))[1] == ["never"]
+    assert _walk(encoder_type().encode([(b"authorization", b"x")]))[1] == ["never"]
 
 
-def test_encoder_table_size_updates():
-    enc, dec = Encoder(), Decoder(max_table_size=4096)
+def test_encoder_table_size_updates(encoder_type):
+    enc, dec = encoder_type(), Decoder(max_table_size=4096)
     enc.encode([(b"x-a", b"1"), (b"x-b", b"2")])
-    dec.decode(Encoder().encode([(b"x-a", b"1"), (b"x-b", b"2")]))
+    dec.decode(encoder_type().encode([(b"x-a", b"1"), (b"x-b", b"2")]))
     enc.set_max_table_size(4096)  # unchanged: nothing to say
     assert _walk(enc.encode([]))[0] == []
     enc.set_max_table_size(0)
@@ -468,9 +478,9 @@ def test_encoder_table_size_updates():
         enc.set_max_table_size(-1)
 
 
-def test_encoder_literal_cache_turnover():
+def test_encoder_literal_cache_turnover(encoder_type):
     """More distinct literals than the encoder caches: the cache is forgotten and refilled, nothing breaks."""
-    enc, dec, oracle = Encoder(), Decoder(), _oracle_decoder()
+    enc, dec, oracle = encoder_type(), Decoder(), _oracle_decoder()
     for _ in range(2):
         for i in range(600):
             fields = [(b"content-length", b"%d" % i), (b":path", b"/q?i=%d" % (i % 300)), (b"x-a", b"1"),
@@ -833,25 +843,26 @@ def test_header_list_size_counts_decoded_bytes(huffman):
 # --- bounded memory: caches keyed by peer input ------------------------------------------------------------------
 
 
-def test_module_name_caches_keep_no_long_names():
+def test_module_name_caches_keep_no_long_names(encoder_type):
     """The name caches are module-wide and keyed by peer input: long names must not be kept."""
     dec = Decoder(max_header_list_size=BIG)
-    enc = Encoder(huffman=True)
+    enc = encoder_type(huffman=True)
     for i in range(50):
         name = b"x-%d-" % i + b"n" * 10000
         assert dec.decode(b"\x00" + _lit(name) + _lit(b"v")) == ([(name, b"v")], None)
         assert dec.decode(b"\x00" + _lit(name.upper()) + _lit(b"v"))[1] is not None
         assert dec.decode(enc.encode([(name, b"v")]))[0] == [(name, b"v")]
-        assert dec.decode(Encoder().encode([(b"x-%d" % i, b"v"), (name, b"w")]))[0] == \
+        assert dec.decode(encoder_type().encode([(b"x-%d" % i, b"v"), (name, b"w")]))[0] == \
             [(b"x-%d" % i, b"v"), (name, b"w")]
     assert all(len(name) <= 64 for name in h2_hpack._NAME_ERRORS)
+    # the pure encoder's policy cache (the native one keeps none: its policies are a fixed dict)
     assert all(len(name) <= 64 for cache in h2_hpack._POLICIES for name in cache)
-    Encoder().encode([(b"x-short", b"v")])
+    PureEncoder().encode([(b"x-short", b"v")])
     assert b"x-short" in h2_hpack._POLICIES[False]  # short names still are cached
 
 
-def test_encoder_literal_cache_is_bounded_in_bytes():
-    enc, dec = Encoder(), Decoder(max_header_list_size=BIG)
+def test_encoder_literal_cache_is_bounded_in_bytes(encoder_type):
+    enc, dec = encoder_type(), Decoder(max_header_list_size=BIG)
     for i in range(300):  # cookies are cached literals (never indexed); 300 distinct ones of 20 KB
         fields = [(b"cookie", b"%d=" % i + b"c" * 20000), (b"content-length", b"%d" % i)]
         assert dec.decode(enc.encode(fields)) == (fields, None)
@@ -882,7 +893,7 @@ def test_decoder_string_cache_is_bounded():
     assert all(len(key) <= h2_hpack._STRING_CACHE_LEN for key in dec._strings)
 
 
-def test_never_indexed_fields_are_reported_and_can_be_sent_so_again():
+def test_never_indexed_fields_are_reported_and_can_be_sent_so_again(encoder_type):
     """RFC 7541 section 7.1.3: an intermediary forwards a field it received never indexed as never
     indexed. The decoder says which fields of the last block were; the encoder sends them so."""
     import hpack as oracle
@@ -899,7 +910,7 @@ def test_never_indexed_fields_are_reported_and_can_be_sent_so_again():
     assert ours_in.never_indexed is None, "reset per block"
 
     for huffman in (False, True):
-        ours_out = Encoder(huffman=huffman)
+        ours_out = encoder_type(huffman=huffman)
         far = oracle.Decoder()
         ours_out.set_max_table_size(2048)  # a pending size update must still come first
         fields = [(b":method", b"GET"), (b"x-api-key", b"s3cret"), (b"accept", b"*/*"), (b"x-api-key", b"other")]
