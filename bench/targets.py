@@ -437,7 +437,7 @@ def triomesh_mtls_config(port: int, upstream_port: int, certs, *, tcp: bool = Fa
         metadata: {{name: backend, namespace: bench}}
         spec:
           hosts: [backend.bench.svc.cluster.local]
-          location: {location}
+          location: MESH_INTERNAL
           resolution: STATIC
           ports: [{{number: 80, name: {port_name}, protocol: {port_name.upper()}}}]
           endpoints: [{{address: 127.0.0.1, ports: {{{port_name}: {upstream_port}}}}}]

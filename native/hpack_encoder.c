@@ -558,7 +558,21 @@ static PyMethodDef Encoder_methods[] = {
     {NULL},
 };
 
+/* The literal cache, for the tests that hold it to its bounds (as PureEncoder's attributes): copies,
+ * since encode() trusts what it put there (an entry changed from outside would crash it). */
+static PyObject *Encoder_get_index(Encoder *e, void *closure) {
+    (void)closure;
+    return PyDict_Copy(e->index);
+}
+
+static PyObject *Encoder_get_fixed(Encoder *e, void *closure) {
+    (void)closure;
+    return PyList_GetSlice(e->fixed, 0, PyList_GET_SIZE(e->fixed));
+}
+
 static PyGetSetDef Encoder_getset[] = {
+    {"_index", (getter)Encoder_get_index, NULL, "a copy of the field -> insertion number / ~literal dict", NULL},
+    {"_fixed", (getter)Encoder_get_fixed, NULL, "a copy of the fixed representations list", NULL},
     {"table_size", (getter)Encoder_get_table_size, NULL, "Current size of the dynamic table (section 4.1).", NULL},
     {"table_limit", (getter)Encoder_get_table_limit, NULL, "Current maximum size of the dynamic table.", NULL},
     {"dynamic_table", (getter)Encoder_get_dynamic_table, NULL, "The dynamic table, newest entry (index 62) first.",
@@ -569,9 +583,6 @@ static PyGetSetDef Encoder_getset[] = {
 static PyMemberDef Encoder_members[] = {
     {"generation", T_LONGLONG, offsetof(Encoder, generation), READONLY,
      "counts what changes how fields encode: while it stays the same, the same fields encode to the same bytes"},
-    /* the literal cache, for the tests that hold it to its bounds (as PureEncoder's attributes) */
-    {"_index", T_OBJECT, offsetof(Encoder, index), READONLY, NULL},
-    {"_fixed", T_OBJECT, offsetof(Encoder, fixed), READONLY, NULL},
     {"_fixed_bytes", T_PYSSIZET, offsetof(Encoder, fixed_bytes), READONLY, NULL},
     {NULL},
 };

@@ -59,6 +59,26 @@ def test_the_proxys_shapes():
     assert _both(b"GET", b"/", [], h1.FRAMING_CLOSE) == b"GET / HTTP/1.1\r\n\r\n"
 
 
+@needs_native
+def test_the_proxys_shapes_never_reach_the_python_writer():
+    """What the router and mirrors pass is written in C: a fast path that handed everything to the
+    Python twin would pass the comparisons here and cost every request the Python writer."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("handed to the Python writer")
+
+    _h1_write.configure(refuse)
+    try:
+        headers = [(b"user-agent", b"curl/8"), (b"x-request-id", b"abc")]
+        for framing in (h1.FRAMING_NONE, h1.FRAMING_CHUNKED, h1.Framing(h1.LENGTH, 42)):
+            _h1_write.serialize_request_head(b"GET", b"/", headers, framing, b"backend", b"x-p: 1\r\n")
+            _h1_write.serialize_request_head(b"GET", b"/", headers, framing, authority=b"a", extra_fields=b"")
+            _h1_write.serialize_request_head(b"GET", b"/", [], framing)
+        with pytest.raises(AssertionError, match="Python writer"):  # and an uncommon shape does reach it
+            _h1_write.serialize_request_head(b"GET", b"/", [(b"a", bytearray(b"b"))], h1.FRAMING_NONE)
+    finally:
+        _h1_write.configure(pure)
+
+
 @pytest.mark.parametrize("case", [
     # a value or a name some stage made as another bytes-like type
     ((b"GET", b"/", [(b"a", bytearray(b"b"))], h1.FRAMING_NONE), {}),

@@ -13,6 +13,7 @@ off the wire by `_walk` below, a deliberately naive parser written for these tes
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -43,7 +44,12 @@ ENCODERS = {"native": h2_hpack.native_encoder, "pure": lambda: PureEncoder}
 
 @pytest.fixture(params=sorted(ENCODERS))
 def encoder_type(request):
-    return ENCODERS[request.param]()
+    try:
+        return ENCODERS[request.param]()
+    except ImportError:  # not built: a failure, unless the pure twin was asked for (no compiler)
+        if os.environ.get("TRIOMESH_PURE_HPACK", "") in ("", "0"):
+            raise
+        pytest.skip("native/hpack_encoder.c was not built and TRIOMESH_PURE_HPACK=1")
 
 
 def hx(s: str) -> bytes:

@@ -20,7 +20,12 @@ from hypothesis import strategies as st
 from proxy.l7 import h2_hpack
 from proxy.l7.h2_hpack import STATIC_TABLE, Decoder, PureEncoder
 
-NativeEncoder = h2_hpack.native_encoder()  # fails the module when the extension was not built
+try:
+    NativeEncoder = h2_hpack.native_encoder()
+except ImportError:  # not built: a failure, unless the pure twin was asked for (a machine without a compiler)
+    if os.environ.get("TRIOMESH_PURE_HPACK", "") in ("", "0"):
+        raise
+    pytest.skip("native/hpack_encoder.c was not built and TRIOMESH_PURE_HPACK=1", allow_module_level=True)
 
 BIG = 1 << 30
 
