@@ -221,6 +221,14 @@ class TlsConn(Conn):
             return None
         return _ffi.string(_lib.SSL_get_version(self.ssl)).decode("ascii")
 
+    @property
+    def cipher(self) -> str | None:
+        """The negotiated cipher suite's OpenSSL name (TLS 1.3: "TLS_AES_128_GCM_SHA256")."""
+        if not self._handshake_done:
+            return None
+        cipher = _lib.SSL_get_current_cipher(self.ssl)
+        return _ffi.string(_lib.SSL_CIPHER_get_name(cipher)).decode("ascii") if cipher != _NULL else None
+
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate, DER (the binding has no i2d_X509: written through a memory BIO)."""
         lib, ffi = _lib, _ffi
