@@ -5,7 +5,8 @@ callgrind, and how many of them are OpenSSL's own (`SSL_do_handshake`):
 
 The server (bench.tls_handshake's contexts: a sidecar's mesh mTLS, or with `--gateway` a MUTUAL
 Gateway server sending OpenSSL's two stateless tickets) accepts connections one after another,
-handshakes, reads the peer's SPIFFE ID and closes, under callgrind; the client (the stdlib's TLS with
+handshakes, reads the peer's SPIFFE ID and closes, with the worker's reactor and timeout sweeper as
+the data path has them, under callgrind; the client (the stdlib's TLS with
 its workload certificate) is another process, so only the server is counted. Two runs of 5 and 55
 handshakes; the difference of their totals divided by 50 is one handshake's cost. Unlike
 bench.tls_handshake's CPU time, the count hardly moves with the machine's load (the interleaving
@@ -58,8 +59,9 @@ def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
     """The process callgrind counts."""
     import trio
 
-    from bench.tls_handshake import server_context_from_files
+    from bench.tls_handshake import IDLE_TIMEOUT_S, data_path_io, server_context_from_files
     from proxy.tls.conn import TlsConn
+    from proxy.tls.listener import HANDSHAKE_TIMEOUT_S
 
     context = server_context_from_files(directory, gateway)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -69,13 +71,17 @@ def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
 
     async def serve() -> str | None:
         principal = None
-        for _ in range(handshakes):
-            await trio.lowlevel.wait_readable(listener)
-            sock, _ = listener.accept()
-            conn = TlsConn(sock, context, server_side=True)
-            await conn.handshake(10.0)
-            principal = conn.peer_principal()
-            conn.close()
+        async with trio.open_nursery() as nursery:
+            reactor, sweeper = data_path_io(nursery)
+            for _ in range(handshakes):
+                await trio.lowlevel.wait_readable(listener)
+                sock, _ = listener.accept()
+                conn = TlsConn(sock, context, server_side=True, reactor=reactor, sweeper=sweeper,
+                               idle_s=IDLE_TIMEOUT_S)
+                await conn.handshake(HANDSHAKE_TIMEOUT_S)
+                principal = conn.peer_principal()
+                conn.close()
+            nursery.cancel_scope.cancel()
         return principal
 
     principal = trio.run(serve)

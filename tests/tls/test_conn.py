@@ -3,6 +3,7 @@ concurrent reader and writer, errors and timeouts; the client side against the s
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from proxy.l7.reactor import Reactor
+from proxy.l7.timeouts import TimeoutSweeper
 from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsError, TlsHandshakeError
 from proxy.tls.context import ProtocolVersions, client_context, server_context
 from proxy.tls.openssl import OpenSslError
@@ -477,3 +479,46 @@ async def test_tls13_suites_after_the_first_are_still_accepted(server_files, sui
     assert client.cipher == server.cipher == suite
     client.close()
     server.close()
+
+
+async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
+    """An accepted connection with a sweeper: the handshake's deadline is its io_deadline, which the
+    sweeper enforces (no cancel scope); the wait ends with HandshakeTimeout and the deadline is cleared."""
+    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        sweeper.ensure_running(nursery)
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
+                         reactor=reactor, sweeper=sweeper)
+        started = trio.current_time()
+        with trio.fail_after(5):  # the sweeper, not this scope, must end the wait
+            with pytest.raises(HandshakeTimeout):
+                await server.handshake(0.2)
+        assert 0.2 <= trio.current_time() - started < 2
+        assert server.timed_out  # the sweeper expired it (a cancel scope would leave this False)
+        assert server.io_deadline == math.inf
+        server.close()
+        client_sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_handshake_through_the_sweeper_completes_and_clears_its_deadline(server_files):
+    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        sweeper.ensure_running(nursery)
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
+                         reactor=reactor, sweeper=sweeper)
+        client = TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False,
+                         server_hostname="example.com", reactor=reactor)
+        await _handshake(client, server)
+        assert server.io_deadline == math.inf and not server.timed_out
+        await trio.sleep(0.5)  # sweeps pass: the finished handshake's deadline must not expire the connection
+        await client.send_all(b"ping")
+        assert await _read_exactly(server, 4) == b"ping"
+        client.close()
+        server.close()
+        nursery.cancel_scope.cancel()
+
