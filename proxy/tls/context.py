@@ -127,7 +127,7 @@ class TlsContext:
         lib.SSL_CTX_set_max_proto_version(self.pointer, maximum or 0)  # 0: the highest the library has
 
     def set_ciphers(self, cipher_list: str) -> None:
-        """TLS 1.2's suites (TLS 1.3's are all AEAD with forward secrecy; the library's default)."""
+        """TLS 1.2's suites (TLS 1.3's are all AEAD with forward secrecy: TLS13_CIPHER_SUITES)."""
         if self.library.lib.SSL_CTX_set_cipher_list(self.pointer, cipher_list.encode()) != 1:
             raise self.library.error(cipher_list)
 
