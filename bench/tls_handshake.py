@@ -5,7 +5,8 @@
 A sidecar's inbound context (`proxy.tls.mesh.server_context`, a workload certificate from the mesh
 CA: ECDSA P-256 with a SPIFFE URI SAN, client certificate required) terminates N handshakes on
 127.0.0.1, one connection after another, each followed by reading the peer's SPIFFE ID (what an
-inbound connection does before its first request). `--gateway`: a Gateway server in MUTUAL mode
+inbound connection does before its first request), on the worker's reactor and timeout sweeper as
+the data path runs its connections. `--gateway`: a Gateway server in MUTUAL mode
 instead (`proxy.tls.context.server_context` from the same certificate files, TLS 1.3, client
 certificate required), which also sends OpenSSL's default two TLS 1.3 session tickets, as the
 `make bench` mtls rows' server does. The client is the stdlib's TLS with its own
@@ -65,6 +66,21 @@ def server_context_from_files(directory: Path, gateway: bool):
     return mesh.server_context(WorkloadIdentity.from_pem(chain.read_bytes(), key.read_bytes(), trust.read_bytes()))
 
 
+# the data path's connections: a stream idle timeout, the default
+IDLE_TIMEOUT_S = 300.0
+
+
+def data_path_io(nursery):
+    """(reactor, sweeper) as a worker runs its connections on (proxy/l7/dataplane.py), started in `nursery`."""
+    from proxy.l7.reactor import Reactor
+    from proxy.l7.timeouts import TimeoutSweeper
+
+    reactor, sweeper = Reactor(), TimeoutSweeper(IDLE_TIMEOUT_S)
+    reactor.ensure_running(nursery)
+    sweeper.ensure_running(nursery)
+    return reactor, sweeper
+
+
 def measure(handshakes: int, gateway: bool = False) -> dict:
     """One run in this process: µs of server-thread CPU per handshake (+ principal)."""
     import trio
@@ -72,6 +88,7 @@ def measure(handshakes: int, gateway: bool = False) -> dict:
     from controlplane.ca import CertificateAuthority
     from proxy.tls import mesh
     from proxy.tls.conn import TlsConn
+    from proxy.tls.listener import HANDSHAKE_TIMEOUT_S
 
     with tempfile.TemporaryDirectory() as tmp:
         ca = CertificateAuthority.load_or_create(Path(tmp) / "ca", "cluster.local")
@@ -94,15 +111,19 @@ def measure(handshakes: int, gateway: bool = False) -> dict:
 
     async def serve() -> float:
         total = 0.0
-        for i in range(handshakes + 1):
-            sock, _ = await trio.to_thread.run_sync(listener.accept)
-            start = time.thread_time()
-            conn = TlsConn(sock, server_context, server_side=True)
-            await conn.handshake(10.0)
-            principals.append(conn.peer_principal())
-            conn.close()
-            if i:
-                total += time.thread_time() - start
+        async with trio.open_nursery() as nursery:
+            reactor, sweeper = data_path_io(nursery)
+            for i in range(handshakes + 1):
+                sock, _ = await trio.to_thread.run_sync(listener.accept)
+                start = time.thread_time()
+                conn = TlsConn(sock, server_context, server_side=True, reactor=reactor, sweeper=sweeper,
+                               idle_s=IDLE_TIMEOUT_S)
+                await conn.handshake(HANDSHAKE_TIMEOUT_S)
+                principals.append(conn.peer_principal())
+                conn.close()
+                if i:
+                    total += time.thread_time() - start
+            nursery.cancel_scope.cancel()
         return total
 
     thread = threading.Thread(target=clients, daemon=True)

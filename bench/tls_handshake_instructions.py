@@ -1,15 +1,19 @@
 """User-space instructions a server spends per mutual TLS handshake through `TlsConn`, counted by
 callgrind, and how many of them are OpenSSL's own (`SSL_do_handshake`):
 
-    python -m bench.tls_handshake_instructions [--gateway] [--source DIR]
+    python -m bench.tls_handshake_instructions [--gateway] [--source DIR] [--keep-output DIR]
 
 The server (bench.tls_handshake's contexts: a sidecar's mesh mTLS, or with `--gateway` a MUTUAL
 Gateway server sending OpenSSL's two stateless tickets) accepts connections one after another,
-handshakes, reads the peer's SPIFFE ID and closes, under callgrind; the client (the stdlib's TLS with
+handshakes, reads the peer's SPIFFE ID and closes, with the worker's reactor and timeout sweeper as
+the data path has them, under callgrind; the client (the stdlib's TLS with
 its workload certificate) is another process, so only the server is counted. Two runs of 5 and 55
 handshakes; the difference of their totals divided by 50 is one handshake's cost. Unlike
 bench.tls_handshake's CPU time, the count hardly moves with the machine's load (the interleaving
 with the client moves it by about 0.5%). `--source DIR` measures another checkout's `proxy/`.
+`--keep-output DIR` keeps callgrind's two output files there (`callgrind.5`, `callgrind.55`, under a
+directory per checkout when there are several), to read one handshake by function: `callgrind_annotate
+--inclusive=yes` (and without it, self) on each, and the difference of the two divided by 50.
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
     """The process callgrind counts."""
     import trio
 
-    from bench.tls_handshake import server_context_from_files
+    from bench.tls_handshake import IDLE_TIMEOUT_S, data_path_io, server_context_from_files
     from proxy.tls.conn import TlsConn
+    from proxy.tls.listener import HANDSHAKE_TIMEOUT_S
 
     context = server_context_from_files(directory, gateway)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -66,13 +71,17 @@ def _serve(directory: Path, handshakes: int, gateway: bool) -> None:
 
     async def serve() -> str | None:
         principal = None
-        for _ in range(handshakes):
-            await trio.lowlevel.wait_readable(listener)
-            sock, _ = listener.accept()
-            conn = TlsConn(sock, context, server_side=True)
-            await conn.handshake(10.0)
-            principal = conn.peer_principal()
-            conn.close()
+        async with trio.open_nursery() as nursery:
+            reactor, sweeper = data_path_io(nursery)
+            for _ in range(handshakes):
+                await trio.lowlevel.wait_readable(listener)
+                sock, _ = listener.accept()
+                conn = TlsConn(sock, context, server_side=True, reactor=reactor, sweeper=sweeper,
+                               idle_s=IDLE_TIMEOUT_S)
+                await conn.handshake(HANDSHAKE_TIMEOUT_S)
+                principal = conn.peer_principal()
+                conn.close()
+            nursery.cancel_scope.cancel()
         return principal
 
     principal = trio.run(serve)
@@ -90,13 +99,14 @@ def _inclusive(callgrind_file: Path, function: str) -> int:
     return 0
 
 
-def measure(source: Path, directory: Path, gateway: bool) -> tuple[float, float]:
-    """(instructions per handshake, of which SSL_do_handshake) for the checkout `source`."""
+def measure(source: Path, directory: Path, gateway: bool, keep_output: Path | None = None) -> tuple[float, float]:
+    """(instructions per handshake, of which SSL_do_handshake) for the checkout `source`; callgrind's
+    files are left in `keep_output` when given."""
     from bench.tls_instructions import count_instructions
 
     counts = {}
     for handshakes in (FIRST, SECOND):
-        out = directory / f"callgrind.{handshakes}"
+        out = (keep_output or directory) / f"callgrind.{handshakes}"
         total = count_instructions([str(HERE), "--serve", str(directory), str(handshakes)]
                                    + (["--gateway"] if gateway else []), source, out)
         counts[handshakes] = (total, _inclusive(out, "SSL_do_handshake"))
@@ -116,14 +126,19 @@ def main() -> None:
     parser.add_argument("--gateway", action="store_true", help="a MUTUAL Gateway server instead of a sidecar's")
     parser.add_argument("--source", type=Path, action="append", default=[],
                         help="another checkout to measure as well (repeatable)")
+    parser.add_argument("--keep-output", type=Path, metavar="DIR", help="keep callgrind's output files in DIR")
     args = parser.parse_args()
     sources = [HERE.parent.parent] + [s.resolve() for s in args.source]
     kind = "MUTUAL gateway" if args.gateway else "mesh mTLS"
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         _prepare(directory)
-        for source in sources:
-            total, openssl = measure(source, directory, args.gateway)
+        for i, source in enumerate(sources):
+            keep = None
+            if args.keep_output is not None:
+                keep = args.keep_output.resolve() if len(sources) == 1 else args.keep_output.resolve() / str(i)
+                keep.mkdir(parents=True, exist_ok=True)
+            total, openssl = measure(source, directory, args.gateway, keep)
             print(f"{source}: {total:,.0f} instructions per {kind} handshake (server, callgrind, user space), "
                   f"of which OpenSSL's SSL_do_handshake {openssl:,.0f}, the rest {total - openssl:,.0f}")
 

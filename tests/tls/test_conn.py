@@ -3,6 +3,7 @@ concurrent reader and writer, errors and timeouts; the client side against the s
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import trio
 
 from proxy.l7.reactor import Reactor
+from proxy.l7.timeouts import TimeoutSweeper
 from proxy.tls.conn import HandshakeTimeout, TlsConn, TlsError, TlsHandshakeError
 from proxy.tls.context import ProtocolVersions, client_context, server_context
 from proxy.tls.openssl import OpenSslError
@@ -443,3 +445,80 @@ async def test_a_fatal_alert_behind_full_records_ends_the_upload_after_their_pla
     assert caught.value.reason == "alert_received"
     client.close()
     server.close()
+
+
+async def test_tls13_prefers_aes128_gcm_with_a_client_in_openssl_default_order(server_files):
+    """The stdlib's client offers TLS 1.3's suites in OpenSSL's order (AES-256-GCM-SHA384 first); the
+    server's preference picks TLS_AES_128_GCM_SHA256, as BoringSSL does (a SHA-256 key schedule)."""
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    stdlib = ssl.create_default_context(cafile=server_files.ca)
+    assert [c["name"] for c in stdlib.get_ciphers()][0] == "TLS_AES_256_GCM_SHA384"
+
+    def client():
+        with stdlib.wrap_socket(client_sock, server_hostname="example.com") as tls:
+            return tls.cipher()[0], tls.version()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handshake, 5.0)
+        negotiated, version = await trio.to_thread.run_sync(client)
+    assert (negotiated, version) == ("TLS_AES_128_GCM_SHA256", "TLSv1.3")
+    assert server.cipher == "TLS_AES_128_GCM_SHA256"
+    server.close()
+
+
+@pytest.mark.parametrize("suite", ["TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"])
+async def test_tls13_suites_after_the_first_are_still_accepted(server_files, suite):
+    """A client offering only one of the other two TLS 1.3 suites gets it."""
+    context = client_context(ca_file=server_files.ca)
+    assert context.library.lib.SSL_CTX_set_ciphersuites(context.pointer, suite.encode()) == 1
+    client_sock, server_sock = tcp_pair()
+    client = TlsConn(client_sock, context, server_side=False, server_hostname="example.com")
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    await _handshake(client, server)
+    assert client.cipher == server.cipher == suite
+    client.close()
+    server.close()
+
+
+async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
+    """An accepted connection with a sweeper: the handshake's deadline is its io_deadline, which the
+    sweeper enforces (no cancel scope); the wait ends with HandshakeTimeout and the deadline is cleared."""
+    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        sweeper.ensure_running(nursery)
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
+                         reactor=reactor, sweeper=sweeper)
+        started = trio.current_time()
+        with trio.fail_after(5):  # the sweeper, not this scope, must end the wait
+            with pytest.raises(HandshakeTimeout):
+                await server.handshake(0.2)
+        assert 0.2 <= trio.current_time() - started < 2
+        assert server.timed_out  # the sweeper expired it (a cancel scope would leave this False)
+        assert server.io_deadline == math.inf
+        server.close()
+        client_sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_handshake_through_the_sweeper_completes_and_clears_its_deadline(server_files):
+    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        sweeper.ensure_running(nursery)
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
+                         reactor=reactor, sweeper=sweeper)
+        client = TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False,
+                         server_hostname="example.com", reactor=reactor)
+        await _handshake(client, server)
+        assert server.io_deadline == math.inf and not server.timed_out
+        await trio.sleep(0.5)  # sweeps pass: the finished handshake's deadline must not expire the connection
+        await client.send_all(b"ping")
+        assert await _read_exactly(server, 4) == b"ping"
+        client.close()
+        server.close()
+        nursery.cancel_scope.cancel()
+
