@@ -43,11 +43,12 @@ class H2Exchange(Exchange):
         """(request, response) message counters of a gRPC request (Istio's istio_request_messages_total
         and istio_response_messages_total), made on first use; None for other requests."""
         ctx = self.ctx
+        # an HTTP/2 stream already knows whether its content-type is application/grpc...: no scan when not
+        if not self.stream.grpc and ctx.request.http_version == b"2":
+            return None
         extra = ctx.extra
         counters = extra.get("grpc_messages") if extra is not None else None
-        # an HTTP/2 stream already knows whether its content-type is application/grpc...: no scan when not
-        if counters is None and (self.stream.grpc or ctx.request.http_version != b"2") and \
-                is_grpc(header_value(ctx.request, b"content-type")):
+        if counters is None and is_grpc(header_value(ctx.request, b"content-type")):
             counters = ctx.scratch()["grpc_messages"] = (GrpcMessageCounter(), GrpcMessageCounter())
         return counters
 
@@ -146,13 +147,23 @@ class H2Exchange(Exchange):
         status, headers = parsed[1], parsed[3]
         if not self.request_body_done:
             stream.keep_alive = False
-        response = ResponseHead(status, headers)
-        response.sensitive = up.sensitive
         chain = stream.chain
-        if chain.response_stages:
+        taker = chain.sole_taker
+        # the response's fields are a tuple shared by the responses of a repeated header block
+        # (h2_upstream.ResponseView): passed on as they are unless response stages edit them
+        if taker is not None:  # the one field it reads taken out of a repeated block's fields once
+            fields, taken = up.fields_without(chain.plain_take)
+            if taken is not None:
+                taker.on_taken_field(ctx, taken)
+            response = ResponseHead(status, fields)
+        elif chain.response_stages:
+            response = ResponseHead(status, list(headers))
             chain.run_response(ctx, response)
+        else:
+            response = ResponseHead(status, headers)
+        response.sensitive = up.sensitive
         length = up.length
-        if up.done and up.trailers is None and not length:
+        if up.remote_ended and not up.pieces and up.trailers is None and not length:  # (up.done, inlined)
             framing = h1.FRAMING_NONE
         elif length is not None and ctx.request.method != b"HEAD" and status != 304:
             framing = h1.length_framing(length)
