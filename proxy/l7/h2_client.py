@@ -53,9 +53,10 @@ class H2Exchange(Exchange):
         return counters
 
     def _encode_request(self, crt: ClusterRuntime, body: bytes):
-        counters = self._grpc_counters()
-        if counters is not None and body:
-            counters[0].feed(body)  # counted once, however many tries send it
+        if self.stream.grpc or self.ctx.request.http_version != b"2":  # (_grpc_counters' first test)
+            counters = self._grpc_counters()
+            if counters is not None and body:
+                counters[0].feed(body)  # counted once, however many tries send it
         return self._fields(crt, len(body) if body or self.stream.upstream_framing.kind != h1.NONE else None), body
 
     def _abandon_try(self) -> None:
@@ -185,7 +186,8 @@ class H2Exchange(Exchange):
             return True
         pieces = up.buffered_pieces()
         ctx.status = status
-        counters = self._grpc_counters()
+        # (_grpc_counters' first test, without its call for the HTTP/2 request that is not gRPC)
+        counters = None if not stream.grpc and ctx.request.http_version == b"2" else self._grpc_counters()
         if framing.kind == h1.LENGTH and up.remote_ended and up.trailers is None:
             # the whole response is here (the common small response; the connection layer checked
             # its length): one send without awaiting, as the HTTP/1.1 client does

@@ -51,6 +51,7 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _DECODE_ONLY = 0x100  # a flag of ours on a header block whose stream is already reset
 _unpack_header = f.FRAME_HEADER.unpack_from
+_HEADERS_FLAGS_SEEN = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # receive_data's test for a plain HEADERS
 
 
 class ConnectionError_(Exception):
@@ -361,7 +362,11 @@ class H2Connection:
             return 0
         limit = self.peer_max_frame_size
         if n <= stream.send_window and n <= self.send_window and n <= limit:
-            block = self._encode_response(fields, sensitive)
+            # a repeated response's block (_encode_response's hit, without its call)
+            block = None if sensitive or self.encoder.generation != self._encoded_generation else \
+                self._encoded_responses.get(tuple(fields))
+            if block is None:
+                block = self._encode_response(fields, sensitive)
             if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
                 stream.send_window -= n
                 self.send_window -= n
@@ -526,7 +531,10 @@ class H2Connection:
             if ftype == f.DATA:
                 self._on_data(stream_id, flags, payload, events)
             elif ftype == f.HEADERS:
-                self._on_headers(stream_id, flags, payload, events)
+                if flags & _HEADERS_FLAGS_SEEN == f.END_HEADERS and stream_id:  # the usual: the whole block,
+                    self._end_block(stream_id, flags, payload, events)  # unpadded, no priority (_on_headers')
+                else:
+                    self._on_headers(stream_id, flags, payload, events)
             elif ftype == f.WINDOW_UPDATE:
                 self._on_window_update(stream_id, payload, events)
             elif ftype == f.RST_STREAM:

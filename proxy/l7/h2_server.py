@@ -218,7 +218,10 @@ class H2Stream(H2StreamState):
             length = None
         headers = response.headers
         if type(headers) is tuple:  # an HTTP/2 upstream's, shared by the responses of a repeated block
-            self._fields = self.connection.relayed_fields(response.status, headers, length)
+            connection = self.connection
+            fields = connection.response_heads.get((response.status, headers, length))  # relayed_fields' hit
+            self._fields = fields if fields is not None else connection.relayed_fields(response.status, headers,
+                                                                                       length)
         else:
             self._fields = response_fields(response.status, headers, length)
         self._sensitive = response.sensitive

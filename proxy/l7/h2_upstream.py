@@ -383,8 +383,10 @@ class H2UpstreamConnection(H2Transport):
                     stream.sensitive = event.sensitive
                     if event.stream_ended:
                         stream.remote_ended = True
-                    if stream.waiter is not None:
-                        stream._wake()
+                    task = stream.waiter
+                    if task is not None:  # the router waits for the head (stream._wake, inlined)
+                        stream.waiter = None
+                        reschedule(task)
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.TrailersReceived:  # they end the response
