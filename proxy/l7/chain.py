@@ -51,7 +51,7 @@ class Chain:
     field serialised once per snapshot, so a request makes no header object for it."""
 
     __slots__ = ("request_stages", "response_stages", "plain_response_stages", "plain_field_taker", "plain_take",
-                 "parses_response", "peer_header", "peer_field")
+                 "parses_response", "sole_taker", "peer_header", "peer_field")
 
     def __init__(self, stages: tuple[Stage, ...], peer_header: tuple[bytes, bytes] | None = None) -> None:
         self.peer_header = peer_header
@@ -71,6 +71,10 @@ class Chain:
         self.plain_field_taker = takers[0] if takers else None
         self.plain_take: bytes = takers[0].takes_plain_field if takers else b""
         self.parses_response = len(self.plain_response_stages) + len(takers) != len(self.response_stages)
+        # the taker when it is the only response stage: an HTTP/2 upstream response then has the field
+        # taken out of its fields once per repeated header block (h2_upstream.ResponseView), and the
+        # stage is called (on_taken_field) only when the field was there, as for a plain response
+        self.sole_taker = self.plain_field_taker if self.response_stages == tuple(takers) and takers else None
 
     def upstream_peer_header(self, cluster: Cluster | None) -> tuple[bytes, bytes] | None:
         """The peer header a request to `cluster` carries: ours, to a mesh-internal cluster only."""

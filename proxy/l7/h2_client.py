@@ -43,18 +43,20 @@ class H2Exchange(Exchange):
         """(request, response) message counters of a gRPC request (Istio's istio_request_messages_total
         and istio_response_messages_total), made on first use; None for other requests."""
         ctx = self.ctx
+        # an HTTP/2 stream already knows whether its content-type is application/grpc...: no scan when not
+        if not self.stream.grpc and ctx.request.http_version == b"2":
+            return None
         extra = ctx.extra
         counters = extra.get("grpc_messages") if extra is not None else None
-        # an HTTP/2 stream already knows whether its content-type is application/grpc...: no scan when not
-        if counters is None and (self.stream.grpc or ctx.request.http_version != b"2") and \
-                is_grpc(header_value(ctx.request, b"content-type")):
+        if counters is None and is_grpc(header_value(ctx.request, b"content-type")):
             counters = ctx.scratch()["grpc_messages"] = (GrpcMessageCounter(), GrpcMessageCounter())
         return counters
 
     def _encode_request(self, crt: ClusterRuntime, body: bytes):
-        counters = self._grpc_counters()
-        if counters is not None and body:
-            counters[0].feed(body)  # counted once, however many tries send it
+        if self.stream.grpc or self.ctx.request.http_version != b"2":  # (_grpc_counters' first test)
+            counters = self._grpc_counters()
+            if counters is not None and body:
+                counters[0].feed(body)  # counted once, however many tries send it
         return self._fields(crt, len(body) if body or self.stream.upstream_framing.kind != h1.NONE else None), body
 
     def _abandon_try(self) -> None:
@@ -146,13 +148,23 @@ class H2Exchange(Exchange):
         status, headers = parsed[1], parsed[3]
         if not self.request_body_done:
             stream.keep_alive = False
-        response = ResponseHead(status, headers)
-        response.sensitive = up.sensitive
         chain = stream.chain
-        if chain.response_stages:
+        taker = chain.sole_taker
+        # the response's fields are a tuple shared by the responses of a repeated header block
+        # (h2_upstream.ResponseView): passed on as they are unless response stages edit them
+        if taker is not None:  # the one field it reads taken out of a repeated block's fields once
+            fields, taken = up.fields_without(chain.plain_take)
+            if taken is not None:
+                taker.on_taken_field(ctx, taken)
+            response = ResponseHead(status, fields)
+        elif chain.response_stages:
+            response = ResponseHead(status, list(headers))
             chain.run_response(ctx, response)
+        else:
+            response = ResponseHead(status, headers)
+        response.sensitive = up.sensitive
         length = up.length
-        if up.done and up.trailers is None and not length:
+        if up.remote_ended and not up.pieces and up.trailers is None and not length:  # (up.done, inlined)
             framing = h1.FRAMING_NONE
         elif length is not None and ctx.request.method != b"HEAD" and status != 304:
             framing = h1.length_framing(length)
@@ -174,7 +186,8 @@ class H2Exchange(Exchange):
             return True
         pieces = up.buffered_pieces()
         ctx.status = status
-        counters = self._grpc_counters()
+        # (_grpc_counters' first test, without its call for the HTTP/2 request that is not gRPC)
+        counters = None if not stream.grpc and ctx.request.http_version == b"2" else self._grpc_counters()
         if framing.kind == h1.LENGTH and up.remote_ended and up.trailers is None:
             # the whole response is here (the common small response; the connection layer checked
             # its length): one send without awaiting, as the HTTP/1.1 client does

@@ -101,15 +101,6 @@ def check_trailers(fields: Headers) -> Headers:
     return list(fields)
 
 
-class ParsedRequest:
-    __slots__ = ("head", "framing", "grpc")
-
-    def __init__(self, head: RequestHead, framing: h1.Framing, grpc: bool) -> None:
-        self.head = head
-        self.framing = framing  # the body's length as an HTTP/1.1 upstream frames it
-        self.grpc = grpc
-
-
 class CheckedRequestFields:
     """What a request's field block says, every check passed (check_request_fields): the part of a
     parsed request that depends on the fields alone, so that a block a client repeats is checked
@@ -125,23 +116,17 @@ class CheckedRequestFields:
         self.grpc = grpc
 
 
-def parse_request(fields: Headers, end_stream: bool) -> ParsedRequest:
-    """A received request head → our head, with every RFC 9113 §8.2/§8.3 check (again: the
-    downgrade to HTTP/1.1 must not depend on the connection layer's checks). Raises MalformedRequest."""
-    return request_from_checked(check_request_fields(fields), end_stream)
-
-
-def request_from_checked(checked: CheckedRequestFields, end_stream: bool) -> ParsedRequest:
-    """A request of its own (head, body framing) from checked fields. Raises MalformedRequest."""
+def request_from_checked(checked: CheckedRequestFields, end_stream: bool) -> tuple[RequestHead, h1.Framing]:
+    """A request of its own from checked fields: its head, and its body's length as an HTTP/1.1
+    upstream frames it. Raises MalformedRequest."""
     if end_stream:
         framing = h1.FRAMING_NONE
     else:
         framing = checked.body_framing
         if framing is None:
             raise MalformedRequest("invalid content-length")
-    head = RequestHead(checked.method, checked.path, checked.authority, list(checked.headers), scheme=checked.scheme,
-                       http_version=b"2")
-    return ParsedRequest(head, framing, checked.grpc)
+    return RequestHead(checked.method, checked.path, checked.authority, list(checked.headers), scheme=checked.scheme,
+                       http_version=b"2"), framing
 
 
 def check_request_fields(fields: Headers) -> CheckedRequestFields:
@@ -219,6 +204,8 @@ def check_request_fields(fields: Headers) -> CheckedRequestFields:
 
 
 _NOT_IN_RESPONSE = CONNECTION_SPECIFIC | {b"content-length", b"te"}  # (content-length: ours, from the framing)
+# host: folded into :authority; content-length: ours, from the framing; te: unless "trailers"
+_NOT_IN_REQUEST = CONNECTION_SPECIFIC | {b"host", b"content-length", b"te"}
 _STATUS_FIELDS = {status: (b":status", b"%d" % status) for status in range(100, 600)}
 
 
@@ -226,12 +213,7 @@ def response_fields(status: int, headers: Headers, length: int | None) -> Header
     """A response head as the connection layer sends it: `:status` first, connection-specific fields dropped (an
     HTTP/1.1 upstream's `connection`, `keep-alive`...), `content-length` when the length is known."""
     out: Headers = [_STATUS_FIELDS.get(status) or (b":status", b"%d" % status)]
-    dropped = _NOT_IN_RESPONSE
-    for pair in headers:
-        name = pair[0]
-        if name in dropped or name[:1] == b":":
-            continue
-        out.append(pair)
+    out += [pair for pair in headers if pair[0] not in _NOT_IN_RESPONSE and pair[0][:1] != b":"]
     if length is not None:
         out.append((b"content-length", b"%d" % length))
     return out
@@ -260,13 +242,9 @@ def request_fields(head: RequestHead, authority: bytes, length: int | None,
     more field after the request's own (the proxy's peer metadata, Chain.upstream_peer_header)."""
     out: Headers = [(b":method", head.method), (b":scheme", b"http"), (b":authority", authority),
                     (b":path", head.target)]
-    for pair in head.headers:
-        name = pair[0]
-        if name in CONNECTION_SPECIFIC or name == b"host" or name == b"content-length" or name[:1] == b":":
-            continue
-        if name == b"te" and pair[1].strip().lower() != b"trailers":
-            continue
-        out.append(pair)
+    # one pass, the usual field kept after two tests (te: kept only as "trailers", §8.2.2)
+    out += [pair for pair in head.headers if pair[0] not in _NOT_IN_REQUEST and pair[0][:1] != b":"
+            or pair[0] == b"te" and pair[1].strip().lower() == b"trailers"]
     if extra is not None:
         out.append(extra)
     if length is not None:

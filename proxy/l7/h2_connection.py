@@ -50,6 +50,8 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
                                   b"upgrade"})
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
 _DECODE_ONLY = 0x100  # a flag of ours on a header block whose stream is already reset
+_unpack_header = f.FRAME_HEADER.unpack_from
+_HEADERS_FLAGS_SEEN = f.PADDED | f.PRIORITY_FLAG | f.END_HEADERS  # receive_data's test for a plain HEADERS
 
 
 class ConnectionError_(Exception):
@@ -166,9 +168,14 @@ _PING = PingReceived()
 
 # --- streams --------------------------------------------------------------------------------------
 
-class _Stream:
+class StreamState:
+    """The connection layer's state of one stream. A driver may keep its own per-stream state in the
+    same object, one object per stream: its class subclasses this one, sets these fields in its own
+    __init__ (tests/l7/test_h2_stream_state.py pins that) and is handed to send_headers as the
+    `state` of a stream the client opens."""
+
     __slots__ = ("send_window", "recv_window", "local_closed", "remote_closed", "expected_length", "received",
-                 "headers_received", "unacked", "no_body_expected")
+                 "headers_received", "window_unacked", "no_body_expected")
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.send_window = send_window
@@ -178,7 +185,7 @@ class _Stream:
         self.expected_length = -1  # the peer's content-length, -1 when it gave none
         self.received = 0
         self.headers_received = False
-        self.unacked = 0  # consumed and not yet given back in a WINDOW_UPDATE
+        self.window_unacked = 0  # consumed and not yet given back in a WINDOW_UPDATE
         self.no_body_expected = False  # a response to HEAD (its content-length describes no DATA)
 
 
@@ -208,7 +215,7 @@ class H2Connection:
     def __init__(self, *, client: bool, settings: dict[int, int], max_header_list_size: int) -> None:
         self.client = client
         self.local_settings = dict(settings)
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, StreamState] = {}
         self._out: list[bytes] = []
         self._inbuf = b""
         self._preface_pending = not client  # a server first reads the client's preface
@@ -279,18 +286,24 @@ class H2Connection:
 
     # ---- sending: streams
 
-    def _sendable(self, stream_id: int) -> _Stream:
+    def _sendable(self, stream_id: int) -> StreamState:
         stream = self.streams.get(stream_id)
         if stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
         return stream
 
     def send_headers(self, stream_id: int, fields: list, end_stream: bool = False,
-                     sensitive: frozenset | None = None) -> None:
-        """`sensitive`: fields to send never indexed (those a peer sent so, RFC 7541 §7.1.3)."""
+                     sensitive: frozenset | None = None, state: StreamState | None = None) -> None:
+        """`sensitive`: fields to send never indexed (those a peer sent so, RFC 7541 §7.1.3);
+        `state`: the object to keep a stream the client opens in (a driver's StreamState subclass)."""
         stream = self.streams.get(stream_id)
         if stream is None and self.client and stream_id == self.next_stream_id and not self.closed:
-            stream = self.streams[stream_id] = _Stream(self.peer_initial_window, self.local_initial_window)
+            if state is None:
+                stream = StreamState(self.peer_initial_window, self.local_initial_window)
+            else:
+                stream = state
+                stream.send_window, stream.recv_window = self.peer_initial_window, self.local_initial_window
+            self.streams[stream_id] = stream
             self.next_stream_id += 2
             for name, value in fields:
                 if name == b":method":
@@ -298,16 +311,28 @@ class H2Connection:
                     break
         elif stream is None or stream.local_closed or self.closed:
             raise StreamClosedError(f"stream {stream_id} is closed")
-        self._send_block(stream_id, stream, self.encoder.encode(fields, sensitive), end_stream)
+        block = self.encoder.encode(fields, sensitive)
+        size = len(block)
+        if size > self.peer_max_frame_size:
+            self._send_block(stream_id, stream, block, end_stream)
+            return
+        # the common case, one HEADERS frame: _send_block's first branch, without its call
+        self._out += (f.FRAME_HEADER.pack(size >> 8, size & 0xFF, f.HEADERS,
+                                          f.END_STREAM | f.END_HEADERS if end_stream else f.END_HEADERS, stream_id),
+                      block)
+        if end_stream:
+            stream.local_closed = True  # _close_local, inlined
+            if stream.remote_closed:
+                del self.streams[stream_id]
 
-    def _send_block(self, stream_id: int, stream: _Stream, block: bytes, end_stream: bool) -> None:
+    def _send_block(self, stream_id: int, stream: StreamState, block: bytes, end_stream: bool) -> None:
         """An encoded header block in HEADERS and, beyond the peer's frame size, CONTINUATION frames."""
         flags = f.END_STREAM if end_stream else 0
         limit = self.peer_max_frame_size
         out = self._out
-        if len(block) <= limit:
-            out.append(f.frame_header(len(block), f.HEADERS, flags | f.END_HEADERS, stream_id))
-            out.append(block)
+        size = len(block)
+        if size <= limit:  # the common case: one HEADERS frame (frame_header's packing, without its call)
+            out += (f.FRAME_HEADER.pack(size >> 8, size & 0xFF, f.HEADERS, flags | f.END_HEADERS, stream_id), block)
         else:
             out.append(f.frame_header(limit, f.HEADERS, flags, stream_id))
             out.append(block[:limit])
@@ -319,7 +344,9 @@ class H2Connection:
                                           stream_id))
                 out.append(piece)
         if end_stream:
-            self._close_local(stream_id, stream)
+            stream.local_closed = True  # _close_local, inlined
+            if stream.remote_closed:
+                del self.streams[stream_id]
 
     def send_response(self, stream_id: int, fields: list, body, sensitive: frozenset | None = None) -> int:
         """A whole response: HEADERS, then as much of `body` as the windows allow, the stream ended
@@ -335,7 +362,11 @@ class H2Connection:
             return 0
         limit = self.peer_max_frame_size
         if n <= stream.send_window and n <= self.send_window and n <= limit:
-            block = self._encode_response(fields, sensitive)
+            # a repeated response's block (_encode_response's hit, without its call)
+            block = None if sensitive or self.encoder.generation != self._encoded_generation else \
+                self._encoded_responses.get(tuple(fields))
+            if block is None:
+                block = self._encode_response(fields, sensitive)
             if len(block) <= limit:  # the common case: one HEADERS frame, one DATA frame
                 stream.send_window -= n
                 self.send_window -= n
@@ -343,7 +374,9 @@ class H2Connection:
                 pack = f.FRAME_HEADER.pack
                 self._out += (pack(size >> 8, size & 0xFF, f.HEADERS, f.END_HEADERS, stream_id), block,
                               pack(n >> 8, n & 0xFF, f.DATA, f.END_STREAM, stream_id), bytes(body))
-                self._close_local(stream_id, stream)
+                stream.local_closed = True  # _close_local, inlined
+                if stream.remote_closed:
+                    del self.streams[stream_id]
                 return n
             self._send_block(stream_id, stream, block, False)
         else:
@@ -416,18 +449,18 @@ class H2Connection:
             self.conn_unacked = 0
         stream = self.streams.get(stream_id)
         if stream is not None and not stream.remote_closed:
-            stream.unacked += n
-            if stream.unacked * 2 >= self.local_initial_window:
-                stream.recv_window += stream.unacked
-                self._out.append(f.window_update_frame(stream_id, stream.unacked))
-                stream.unacked = 0
+            stream.window_unacked += n
+            if stream.window_unacked * 2 >= self.local_initial_window:
+                stream.recv_window += stream.window_unacked
+                self._out.append(f.window_update_frame(stream_id, stream.window_unacked))
+                stream.window_unacked = 0
 
-    def _close_local(self, stream_id: int, stream: _Stream) -> None:
+    def _close_local(self, stream_id: int, stream: StreamState) -> None:
         stream.local_closed = True
         if stream.remote_closed:
             del self.streams[stream_id]
 
-    def _close_remote(self, stream_id: int, stream: _Stream) -> None:
+    def _close_remote(self, stream_id: int, stream: StreamState) -> None:
         stream.remote_closed = True
         if stream.local_closed:
             del self.streams[stream_id]
@@ -476,16 +509,17 @@ class H2Connection:
         events: list = []
         n = len(buf)
         max_frame = self.local_max_frame_size
+        unpack_header = _unpack_header
         while n - pos >= 9:
-            length = (buf[pos] << 16) | (buf[pos + 1] << 8) | buf[pos + 2]
+            # one C call for the nine bytes: the 24-bit length as 16 + 8 bits, type, flags, stream id
+            length_high, length_low, ftype, flags, stream_id = unpack_header(buf, pos)
+            length = length_high << 8 | length_low
             if length > max_frame:
                 raise self._connection_error(f.FRAME_SIZE_ERROR, f"frame of {length} bytes")
             end = pos + 9 + length
             if end > n:
                 break
-            ftype = buf[pos + 3]
-            flags = buf[pos + 4]
-            stream_id = (buf[pos + 5] & 0x7F) << 24 | buf[pos + 6] << 16 | buf[pos + 7] << 8 | buf[pos + 8]
+            stream_id &= 0x7FFFFFFF  # the reserved bit is ignored on receipt (§4.1)
             payload = buf[pos + 9:end]
             pos = end
             if not self._settings_seen:
@@ -497,7 +531,10 @@ class H2Connection:
             if ftype == f.DATA:
                 self._on_data(stream_id, flags, payload, events)
             elif ftype == f.HEADERS:
-                self._on_headers(stream_id, flags, payload, events)
+                if flags & _HEADERS_FLAGS_SEEN == f.END_HEADERS and stream_id:  # the usual: the whole block,
+                    self._end_block(stream_id, flags, payload, events)  # unpadded, no priority (_on_headers')
+                else:
+                    self._on_headers(stream_id, flags, payload, events)
             elif ftype == f.WINDOW_UPDATE:
                 self._on_window_update(stream_id, payload, events)
             elif ftype == f.RST_STREAM:
@@ -572,16 +609,18 @@ class H2Connection:
                                           f.FLOW_CONTROL_ERROR))
             return
         stream.received += len(data)
-        end = bool(flags & f.END_STREAM)
+        end = flags & f.END_STREAM != 0
         expected = stream.expected_length
         if expected >= 0 and not stream.no_body_expected and (
                 stream.received > expected or (end and stream.received != expected)):
             self.acknowledge_received_data(flow, 0)
             self._malformed(stream_id, "content-length disagrees with the DATA received", events)
             return
-        events.append(DataReceived(stream_id, bytes(data), flow, end))
+        events.append(DataReceived(stream_id, data if type(data) is bytes else bytes(data), flow, end))
         if end:
-            self._close_remote(stream_id, stream)
+            stream.remote_closed = True  # _close_remote, inlined
+            if stream.local_closed:
+                del self.streams[stream_id]
 
     def _malformed(self, stream_id: int, reason: str, events: list, kind: str = "malformed_request") -> None:
         """§8.1.1: a malformed message is a stream error of type PROTOCOL_ERROR."""
@@ -655,7 +694,12 @@ class H2Connection:
         """A complete header block of `stream_id` (`flags`: its HEADERS frame's)."""
         if type(block) is not bytes:
             block = bytes(block)
-        fields, problem, cached = self._decode_block(block)
+        decoder = self.decoder
+        if decoder.generation == self._decoded_generation and (cached := self._decoded_blocks.get(block)) is not None:
+            decoder.never_indexed = cached.never_indexed  # a repeated block: _decode_block's hit, inlined
+            fields, problem = cached.fields, None
+        else:
+            fields, problem, cached = self._decode_block(block)
         if flags & _DECODE_ONLY:
             return  # a stream already reset: decoded only to keep HPACK in step
         end_stream = bool(flags & f.END_STREAM)
@@ -688,7 +732,7 @@ class H2Connection:
             except _Malformed as e:
                 self._malformed(stream_id, str(e), events, e.kind)
                 return
-            stream = self.streams[stream_id] = _Stream(self.peer_initial_window, self.local_initial_window)
+            stream = self.streams[stream_id] = StreamState(self.peer_initial_window, self.local_initial_window)
             stream.headers_received = True
             stream.expected_length = length
             if end_stream:

@@ -85,7 +85,7 @@ MAX_IDLE_WORKERS = 64  # stream workers a connection keeps parked; busier moment
 # a drain's shutdown notice and its final GOAWAY are this far apart: the streams a client sent before
 # the notice reached it still arrive and are served (RFC 9113 §6.8 asks for at least a round trip)
 GOAWAY_NOTICE_GRACE_S = 1.0
-MAX_PLAIN_HEADS = 16  # plain response field blocks a connection keeps split (see plain_fields)
+MAX_RESPONSE_HEADS = 16  # response field lists a connection keeps (see plain_fields, relayed_fields)
 
 _ENHANCE_YOUR_CALM = frames.ENHANCE_YOUR_CALM
 _INTERNAL_ERROR = frames.INTERNAL_ERROR
@@ -111,7 +111,11 @@ class H2Stream(H2StreamState):
 
     def __init__(self, connection: H2ServerConnection, stream_id: int, framing: h1.Framing, chain: Chain | None,
                  grpc: bool, ctx: RequestContext, clusters) -> None:
-        super().__init__(stream_id)
+        # H2StreamState's fields, set here: one call less per request (tests/l7/test_h2_stream_state.py
+        # fails if H2StreamState gains a slot this list misses)
+        self.stream_id = stream_id
+        self.ended = False
+        self.window = None
         self.connection = connection
         self.upstream_framing = framing
         self.kind = framing.kind
@@ -212,7 +216,14 @@ class H2Stream(H2StreamState):
             length = int(raw_length)
         else:
             length = None
-        self._fields = response_fields(response.status, response.headers, length)
+        headers = response.headers
+        if type(headers) is tuple:  # an HTTP/2 upstream's, shared by the responses of a repeated block
+            connection = self.connection
+            fields = connection.response_heads.get((response.status, headers, length))  # relayed_fields' hit
+            self._fields = fields if fields is not None else connection.relayed_fields(response.status, headers,
+                                                                                       length)
+        else:
+            self._fields = response_fields(response.status, headers, length)
         self._sensitive = response.sensitive
 
     def _send_head(self, end_stream: bool) -> None:
@@ -314,7 +325,7 @@ class H2Stream(H2StreamState):
 class H2ServerConnection(H2Transport):
     __slots__ = ("plane", "listener_name", "client", "client_ip", "original_destination", "peer", "streams", "nursery",
                  "streams_total", "premature_resets", "control_frames", "empty_data_frames", "closing", "quiet",
-                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed", "plain_heads")
+                 "goaway_sent", "read_scope", "ready", "idle_workers", "shutdown_noticed", "response_heads")
 
     def __init__(self, plane: DataPlane, listener_name: str, conn: Conn, client: str, client_ip: bytes,
                  original_destination, peer: DownstreamPeer = PLAINTEXT_PEER) -> None:
@@ -327,7 +338,7 @@ class H2ServerConnection(H2Transport):
         self.original_destination = original_destination
         self.peer = peer
         self.streams: dict[int, H2Stream] = {}
-        self.plain_heads: dict[tuple, tuple] = {}  # see plain_fields
+        self.response_heads: dict[tuple, tuple] = {}  # see plain_fields, relayed_fields
         self.nursery: trio.Nursery | None = None
         self.streams_total = 0
         self.premature_resets = 0
@@ -383,13 +394,26 @@ class H2ServerConnection(H2Transport):
         """The response fields of a plain upstream response (H2Stream.start_plain_response), kept
         per field block: the connection layer's encoded-block cache then finds them by content."""
         key = (status, block, length)
-        fields = self.plain_heads.get(key)
+        fields = self.response_heads.get(key)
         if fields is None:
             fields = plain_response_fields(status, block, length)
-            if len(self.plain_heads) >= MAX_PLAIN_HEADS:
-                self.plain_heads.clear()
-            self.plain_heads[key] = fields
+            self._keep_response_head(key, fields)
         return fields
+
+    def relayed_fields(self, status: int, headers: tuple, length: int | None) -> tuple:
+        """response_fields of a response whose fields are a tuple no stage edited (an HTTP/2
+        upstream's, shared by the responses of a repeated header block), kept as plain_fields are."""
+        key = (status, headers, length)
+        fields = self.response_heads.get(key)
+        if fields is None:
+            fields = tuple(response_fields(status, headers, length))
+            self._keep_response_head(key, fields)
+        return fields
+
+    def _keep_response_head(self, key: tuple, fields: tuple) -> None:
+        if len(self.response_heads) >= MAX_RESPONSE_HEADS:
+            self.response_heads.clear()
+        self.response_heads[key] = fields
 
     # ---- reading
 
@@ -462,7 +486,7 @@ class H2ServerConnection(H2Transport):
             t = type(event)
             if t is ev.RequestReceived:
                 if now is None:
-                    now, wall = trio.current_time(), time.time()
+                    now, wall = self.plane.now(), time.time()  # the plane's clock, as server.py reads it
                 self._new_stream(event, now, wall)
             elif t is ev.DataReceived:
                 stream = streams.get(event.stream_id)
@@ -545,17 +569,13 @@ class H2ServerConnection(H2Transport):
             self.h2.reset_stream(sid, frames.REFUSED_STREAM)
             return
         snapshot = plane.holder.current
-        fields = event.headers
         try:
             block = event.block  # a repeated header block: checked once, the result kept with it
-            if block is not None and block.server_check is not None:
-                checked = block.server_check
-            else:
-                checked = check_request_fields(fields)
+            if block is None or (checked := block.server_check) is None:
+                checked = check_request_fields(event.headers)
                 if block is not None:
                     block.server_check = checked
-            parsed = request_from_checked(checked, event.stream_ended)
-            head = parsed.head
+            head, framing = request_from_checked(checked, event.stream_ended)
             head.sensitive = event.sensitive
         except MalformedRequest as e:
             self.h2.reset_stream(sid, frames.PROTOCOL_ERROR)
@@ -568,7 +588,7 @@ class H2ServerConnection(H2Transport):
         chain = None
         if listener_chain is not None:
             ctx.listener, chain = listener_chain
-        stream = H2Stream(self, sid, parsed.framing, chain, parsed.grpc, ctx, rt.clusters)
+        stream = H2Stream(self, sid, framing, chain, checked.grpc, ctx, rt.clusters)
         self.streams[sid] = stream
         self.ready.append(stream)
         if self.idle_workers:
@@ -590,7 +610,7 @@ class H2ServerConnection(H2Transport):
             stream.cancel()
             return
         ctx = RequestContext(plane.holder.current, None, self.client, RequestHead(b"-", b"-", b"", [], http_version=b"2"),
-                             trio.current_time(), time.time(), self.client_ip, self.original_destination)
+                             plane.now(), time.time(), self.client_ip, self.original_destination)
         ctx.error = MalformedRequest(reason)
         ctx.response_flags.append("DPE")
         finish(plane, ctx)
@@ -612,12 +632,21 @@ class H2ServerConnection(H2Transport):
                     if stream.cancelled:  # reset or refused before any worker took it: served cancelled,
                         with trio.CancelScope() as cancelled:  # as far as that goes (its access log line)
                             cancelled.cancel()
-                            await self._serve_stream(stream)
+                            try:
+                                await self._serve_stream(stream)
+                            finally:
+                                self._stream_done(stream)
                         continue
                     stream.cancel_scope = scope  # from here, stream.cancelled says the scope was cancelled
                     try:
-                        await self._serve_stream(stream)
+                        if stream.chain is not None:  # _serve_stream's common case, without a coroutine of its own
+                            await serve_request(self.plane, stream.ctx, stream, stream.clusters)
+                        else:
+                            await self._serve_stream(stream)
+                    except ProxyError:  # pragma: no cover - serve_request turns them into replies
+                        pass
                     finally:
+                        self._stream_done(stream)
                         if stream.cancelled and ready:  # this worker ends with its cancelled stream, and
                             # may have taken streams another worker was woken for: one takes its place
                             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")
@@ -629,6 +658,7 @@ class H2ServerConnection(H2Transport):
                 await wait_task_rescheduled(abort)
 
     async def _serve_stream(self, stream: H2Stream) -> None:
+        """Serve `stream` (its worker calls _stream_done after)."""
         ctx = stream.ctx
         try:
             if stream.chain is None:
@@ -642,8 +672,6 @@ class H2ServerConnection(H2Transport):
                 await serve_request(self.plane, ctx, stream, stream.clusters)
         except ProxyError:  # pragma: no cover - serve_request turns them into replies
             pass
-        finally:
-            self._stream_done(stream)
 
     def _stream_done(self, stream: H2Stream) -> None:
         del self.streams[stream.stream_id]

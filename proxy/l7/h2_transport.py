@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.l7.h2_codec import MAX_FRAME_SIZE
-from proxy.l7.h2_connection import H2Connection, StreamClosedError
+from proxy.l7.h2_connection import H2Connection, StreamClosedError, StreamState
 
 if TYPE_CHECKING:
     from proxy.l7.connio import Conn
@@ -44,9 +44,10 @@ if TYPE_CHECKING:
 OUTBOX_HIGH_BYTES = 1024 * 1024
 
 
-class H2StreamState:
+class H2StreamState(StreamState):
     """What the transport keeps of one stream: its id, whether END_STREAM (or a reset) went out,
-    and the event a writer waits on for window."""
+    and the event a writer waits on for window. A StreamState too: a stream the upstream client
+    opens is the connection layer's state of it as well (send_headers), one object per stream."""
 
     __slots__ = ("stream_id", "ended", "window")
 
@@ -174,7 +175,7 @@ class H2Transport:
     def send_headers(self, stream: H2StreamState, fields: Headers, end_stream: bool,
                      sensitive: frozenset | None = None) -> None:
         try:
-            self.h2.send_headers(stream.stream_id, fields, end_stream=end_stream, sensitive=sensitive)
+            self.h2.send_headers(stream.stream_id, fields, end_stream, sensitive, stream)
         except StreamClosedError as e:  # the peer reset the stream, or the connection ended
             raise self._gone(e) from e
         if end_stream:

@@ -31,7 +31,11 @@ every response a run of literal fields to decode and insert (about 39k instructi
 fields); with no table, decoding is a pure function of the block's bytes, and a response head or
 trailers block that repeats (most do: a server answers alike) is decoded and checked once and then
 looked up by the connection layer (H2Connection._decode_block), with the fields the router takes
-(without :status and content-length) kept on the same cache entry.
+(without :status and content-length, and without the peer metadata header an outbound listener
+reads) kept on the same cache entry (ResponseView).
+
+A stream is one object: `UpstreamH2Stream` is the router's view of it, the transport's
+(H2StreamState) and the connection layer's state of it (StreamState, handed over by send_headers).
 """
 
 from __future__ import annotations
@@ -79,18 +83,24 @@ class RefusedStream(UpstreamReset):
 class UpstreamH2Stream(H2StreamState):
     """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come."""
 
-    __slots__ = ("connection", "status", "headers", "length", "pieces", "remote_ended", "trailers", "failure",
-                 "waiter", "unacked", "bytes_read", "sensitive")
+    __slots__ = ("connection", "status", "headers", "view", "length", "pieces", "remote_ended", "trailers",
+                 "failure", "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
-        # H2StreamState's fields, set here: one call less per request (tests/l7/test_h2_stream_state.py
-        # fails if H2StreamState gains a slot this list misses)
+        # H2StreamState's fields and its StreamState's (the connection layer's: its windows are set when
+        # the HEADERS open the stream), set here: one call less per request
+        # (tests/l7/test_h2_stream_state.py fails if either gains a slot this list misses)
         self.stream_id = stream_id
         self.ended = False
         self.window = None
+        self.send_window = self.recv_window = 0
+        self.local_closed = self.remote_closed = self.headers_received = self.no_body_expected = False
+        self.expected_length = -1
+        self.received = self.window_unacked = 0
         self.connection = connection
         self.status = 0
-        self.headers: Headers | None = None
+        self.headers: tuple | None = None  # the response's fields (view.fields): shared, copied to be edited
+        self.view: ResponseView | None = None
         self.length: int | None = None  # the response's content-length, if it said one
         self.pieces: list[bytes] = []
         self.remote_ended = False
@@ -154,6 +164,14 @@ class UpstreamH2Stream(H2StreamState):
         while (waiting := self.wait_head(deadline)) is not None:
             await waiting
         return self.status, self.headers
+
+    def fields_without(self, take: bytes) -> tuple[tuple, bytes | None]:
+        """The response's fields with every `take` field left out, and the last value of that field
+        (or None): a tuple shared with the responses of a repeated header block (ResponseView)."""
+        view = self.view
+        if view.taken_name != take:
+            view.take(take)
+        return view.without_taken, view.taken
 
     @property
     def done(self) -> bool:
@@ -219,7 +237,7 @@ class H2UpstreamConnection(H2Transport):
         self.requests = 0
         self.draining = False  # GOAWAY received, or maxRequestsPerConnection reached
         self.counted = True  # included in the cluster's cx_active
-        self.created = self.idle_since = trio.current_time()
+        self.created = self.idle_since = plane.now()
         self.ready = trio.Event()  # set once connected, or once the connect failed
         self.reserved = 0  # requests waiting for the connect, each holding a stream slot
         self.connect_error: ConnectFailure | None = None
@@ -250,7 +268,7 @@ class H2UpstreamConnection(H2Transport):
             n, stream.unacked = stream.unacked, 0
             self.acknowledge(stream.stream_id, n)
         if not self.streams:
-            self.idle_since = trio.current_time()
+            self.idle_since = self.plane.now()
             if self.draining or self.error is not None:
                 self.close()
         if self.crt.pending:
@@ -353,14 +371,22 @@ class H2UpstreamConnection(H2Transport):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     # the connection layer checked the head (RFC 9113 §8.3.2) and read :status (the first
-                    # field) and content-length
-                    stream.status, stream.headers, stream.length = event.status, _response_view(event), \
+                    # field) and content-length; a repeated block's view is kept with it (_response_view's
+                    # first branch, without its call)
+                    block = event.block
+                    view = block.client_view if block is not None else None
+                    if view is None:
+                        view = _response_view(event)
+                    stream.view = view
+                    stream.status, stream.headers, stream.length = event.status, view.fields, \
                         event.length if event.length >= 0 else None
                     stream.sensitive = event.sensitive
                     if event.stream_ended:
                         stream.remote_ended = True
-                    if stream.waiter is not None:
-                        stream._wake()
+                    task = stream.waiter
+                    if task is not None:  # the router waits for the head (stream._wake, inlined)
+                        stream.waiter = None
+                        reschedule(task)
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.TrailersReceived:  # they end the response
@@ -399,23 +425,47 @@ class H2UpstreamConnection(H2Transport):
                     self.lost(f"GOAWAY {event.error_code!r}")
 
 
-def _response_view(event: ev.ResponseReceived) -> list:
-    """The response's fields as the router takes them: without :status (the first field) and without
-    content-length (the router frames the body itself). Worked out once per repeated header block (kept
-    on the connection layer's cache entry); each stream gets its own copy, which response stages may edit."""
+class ResponseView:
+    """A response's fields as the router takes them: without :status (the first field) and without
+    content-length (the router frames the body itself), and the same again with one more field taken
+    out for the chain's taker (Chain.sole_taker: the peer metadata header an outbound listener reads).
+    Worked out once per repeated header block (kept on the connection layer's cache entry, as
+    `client_view`), so neither is built nor searched again for a response that repeats. Both are
+    tuples, shared by those responses: a response stage edits a list of its own (H2Exchange), and the
+    downstream connection keeps what it sends for them by the tuple (H2ServerConnection.relayed_fields)."""
+
+    __slots__ = ("fields", "taken_name", "without_taken", "taken")
+
+    def __init__(self, fields: tuple) -> None:
+        self.fields = fields
+        self.taken_name: bytes | None = None  # the field `without_taken` and `taken` are for
+        self.without_taken: tuple | None = None
+        self.taken: bytes | None = None  # the last value of that field, None if the response had none
+
+    def take(self, name: bytes) -> None:
+        fields = self.fields
+        taken = None
+        for field_name, value in fields:
+            if field_name == name:
+                taken = value
+        self.without_taken = fields if taken is None else tuple(p for p in fields if p[0] != name)
+        self.taken, self.taken_name = taken, name
+
+
+def _response_view(event: ev.ResponseReceived) -> ResponseView:
     block = event.block
     if block is not None:
         view = block.client_view
         if view is None:
-            view = block.client_view = _without_length(event)
-        return list(view)
-    return _without_length(event)
+            view = block.client_view = ResponseView(_without_length(event))
+        return view
+    return ResponseView(_without_length(event))
 
 
-def _without_length(event: ev.ResponseReceived) -> list:
+def _without_length(event: ev.ResponseReceived) -> tuple:
     if event.length >= 0:
-        return [p for p in event.headers[1:] if p[0] != b"content-length"]
-    return event.headers[1:]
+        return tuple([p for p in event.headers[1:] if p[0] != b"content-length"])
+    return tuple(event.headers[1:])
 
 
 def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int]) -> UpstreamH2Stream | None:
@@ -424,7 +474,9 @@ def open_stream_nowait(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, in
     pool = plane.h2_pools.get((crt.name, key[0], key[1]))
     if pool:
         for connection in pool:
-            if connection.conn is not None and connection.usable():  # connected, with a free slot
+            # connected, with a free slot (usable(), inlined)
+            if connection.conn is not None and connection.error is None and not connection.draining and \
+                    len(connection.streams) + connection.reserved < connection.max_streams:
                 return connection.open_stream()
     return None
 

@@ -13,8 +13,12 @@ import h2.events
 import h2.settings
 import trio
 
-from tests.integration.l7_harness import curl, make_snapshot, prefix_route, start_proxy
+from proxy.config.snapshot import HeaderOps
+from proxy.stats import merge, render_prometheus
+from proxy.telemetry.peer import PEER_HEADER, identity_from_labels
+from tests.integration.l7_harness import LISTENER, curl, make_snapshot, prefix_route, start_proxy
 
+PEER = identity_from_labels("tutorial", {"app": "preference", "version": "v1"}, "preference-v1")
 SMALL = b"s" * 100
 BIG = bytes(range(256)) * 1200  # 300 KiB: more than the proxy's 256 KiB stream window
 
@@ -70,6 +74,8 @@ class H2cServer:
             return
         body = BIG if path == b"/big" else SMALL
         headers = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"server", b"h2c-test")]
+        if path == b"/peer":  # a mesh peer's metadata, twice: the last one is the sidecar's own
+            headers += [(PEER_HEADER, b"workload=forged-by-app"), (PEER_HEADER, PEER.header_value())]
         if path != b"/nolength":
             headers.append((b"content-length", b"%d" % len(body)))
         if method == b"HEAD":
@@ -89,11 +95,11 @@ class H2cServer:
         await flush()
 
 
-async def _setup(nursery, timeout_s: float | None = None):
+async def _setup(nursery, timeout_s: float | None = None, mesh_internal: bool = False):
     server = await H2cServer().start(nursery)
     snap = make_snapshot({"h2svc": [server.port]}, [prefix_route(b"/", {"h2svc": 100}, timeout_s=timeout_s)],
                          domains=("*",))
-    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
+    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True, mesh_internal=mesh_internal)
                                                for name, c in snap.clusters.items()})
     return server, await start_proxy(nursery, snap)
 
@@ -132,3 +138,49 @@ async def test_route_timeout_while_waiting_for_an_h2c_response_head(nursery):
         assert code == 0 and out.partition("\r\n\r\n")[2] == SMALL.decode(), (out, err)
     (pool,) = proxy.plane.h2_pools.values()
     assert len(pool) == 1 and not pool[0].streams  # the timed-out streams were reset and given back
+
+
+async def test_the_peer_metadata_of_an_h2c_mesh_upstream_is_believed_and_never_passed_on(nursery):
+    """Outbound to a mesh-internal HTTP/2 cluster the peer metadata stage is the only response stage:
+    the header is taken out of the response's fields (once per repeated header block) and its last
+    value names the destination workload in Istio's metrics; the client never sees it."""
+    _, proxy = await _setup(nursery, mesh_internal=True)
+    chain = proxy.plane.runtime(proxy.plane.holder.current).by_listener[LISTENER][1]
+    assert chain.sole_taker is not None and chain.plain_take == PEER_HEADER
+    base = f"http://127.0.0.1:{proxy.port}"
+    for flags in ([], ["--http2-prior-knowledge"]):
+        for _ in range(3):  # the same head again: its fields looked up, the header taken once
+            code, out, err = await curl(*flags, "-D", "-", f"{base}/peer")
+            assert code == 0, err
+            head, _, body = out.partition("\r\n\r\n")
+            assert body == SMALL.decode() and "server: h2c-test" in head.lower(), out
+            assert PEER_HEADER.decode() not in head.lower(), out
+        code, out, err = await curl(*flags, "-D", "-", f"{base}/small")  # no header: nothing believed
+        assert code == 0 and PEER_HEADER.decode() not in out.lower(), (out, err)
+    text = render_prometheus(merge([proxy.plane.stats.export()]))
+    believed = [line for line in text.splitlines()
+                if line.startswith("istio_requests_total{") and 'destination_workload="preference-v1"' in line]
+    assert len(believed) == 1 and believed[0].endswith(" 6"), text
+    assert "forged-by-app" not in text
+
+
+async def test_response_stages_edit_their_own_copy_of_a_repeated_h2c_response_head(nursery):
+    """A repeated upstream header block's fields are shared by its responses: a route's response
+    header operations edit a copy each time, and a route without them relays the fields unedited."""
+    server = await H2cServer().start(nursery)
+    ops = HeaderOps(add=((b"x-added", b"1"),))  # (HeaderOps.apply appends to the list it is given)
+    edited = dataclasses.replace(prefix_route(b"/edited", {"h2svc": 100}), response_headers=ops)
+    snap = make_snapshot({"h2svc": [server.port]}, [edited, prefix_route(b"/", {"h2svc": 100})])
+    snap = dataclasses.replace(snap, clusters={name: dataclasses.replace(c, http2=True)
+                                               for name, c in snap.clusters.items()})
+    proxy = await start_proxy(nursery, snap)
+    base = f"http://127.0.0.1:{proxy.port}"
+    for flags in ([], ["--http2-prior-knowledge"]):
+        for path in ("/edited", "/small", "/edited", "/small"):  # the same response head each time
+            code, out, err = await curl(*flags, "-D", "-", f"{base}{path}")
+            assert code == 0, err
+            head = out.partition("\r\n\r\n")[0].lower()
+            if path == "/edited":
+                assert head.count("x-added: 1") == 1 and "server: h2c-test" in head, out
+            else:
+                assert "x-added" not in head and "server: h2c-test" in head, out

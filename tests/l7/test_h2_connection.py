@@ -460,3 +460,28 @@ def test_a_repeated_response_is_encoded_as_the_table_says_now() -> None:
         assert server.send_response(sid, fields, memoryview(b"hello")) == 5
         seen += [e.headers for e in pump(server, client)[1] if isinstance(e, h2.events.ResponseReceived)]
     assert seen == [fields] * 7
+
+
+@pytest.mark.parametrize("end_stream", [False, True])
+def test_a_header_block_beyond_the_peer_frame_size_goes_on_in_continuation_frames(end_stream: bool) -> None:
+    """send_headers puts a block in one HEADERS frame when it fits the peer's frame size, else in
+    HEADERS and CONTINUATION frames (END_HEADERS on the last, END_STREAM on the HEADERS): h2 reads both."""
+    client, server = ours(True), oracle(False)
+    pump(client, server)
+    request = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/")]
+    for sid, extra in ((1, []), (3, [(b"x-big", b"v" * 40000)])):
+        client.send_headers(sid, request + extra, end_stream=end_stream)
+        data = client.data_to_send()
+        sent = frames_of(data)
+        assert isinstance(sent[0], hf.HeadersFrame)
+        assert ("END_STREAM" in sent[0].flags) == end_stream
+        if not extra:
+            assert len(sent) == 1 and "END_HEADERS" in sent[0].flags
+        else:
+            assert "END_HEADERS" not in sent[0].flags and len(sent) >= 3  # ~35 kB in frames of 16 kB
+            assert all(isinstance(f, hf.ContinuationFrame) and "END_STREAM" not in f.flags for f in sent[1:])
+            assert ["END_HEADERS" in f.flags for f in sent[1:]] == [False] * (len(sent) - 2) + [True]
+            assert all(len(f.data) == 16384 for f in sent[:-1])
+        (received, *rest) = server.receive_data(data)
+        assert isinstance(received, h2.events.RequestReceived) and received.headers == request + extra
+        assert client.streams[sid].local_closed == end_stream  # (the response has not come: still known)

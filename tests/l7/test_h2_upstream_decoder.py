@@ -16,7 +16,7 @@ from proxy.l7.h2_connection import (
     TrailersReceived,
 )
 from proxy.l7.h2_hpack import Decoder
-from proxy.l7.h2_upstream import _response_view, upstream_connection_state
+from proxy.l7.h2_upstream import UpstreamH2Stream, _response_view, upstream_connection_state
 
 # what nginx answers a small GET with: literal fields with incremental indexing, every time
 NGINX_HEAD = [(b":status", b"200"), (b"server", b"nginx/1.22.1"), (b"date", b"Fri, 04 Dec 2026 17:37:36 GMT"),
@@ -92,9 +92,9 @@ def test_repeated_blocks_decode_as_the_oracle_does_and_keep_the_table_empty():
     assert len(upstream.conn._decoded_blocks) == 1
 
 
-def test_each_stream_gets_its_own_copy_of_a_repeated_response_view():
+def test_a_repeated_response_view_is_worked_out_once_and_shared():
     """The fields the router takes (no :status, no content-length) are worked out once per repeated
-    block and kept on its cache entry; each response gets its own list, which response stages may edit."""
+    block and kept on its cache entry, as a tuple no one can edit (a response stage edits a copy)."""
     encoder, upstream = _server_encoder(), _Upstream()
     head = [*NGINX_HEAD[:4], (b"content-length", b"5"), (b"x-a", b"1")]
     encoder.encode(head)  # the block with the table size update
@@ -104,12 +104,32 @@ def test_each_stream_gets_its_own_copy_of_a_repeated_response_view():
         event = upstream.respond(block, frames.END_HEADERS)[0]
         assert isinstance(event, ResponseReceived) and event.block is not None
         views.append(_response_view(event))
-    expected = [pair for pair in head if pair[0] not in (b":status", b"content-length")]
-    assert views[0] == views[1] == views[2] == expected
-    views[0].append((b"x-added-by-a-stage", b"1"))
-    del views[1][0]
-    assert _response_view(upstream.respond(block, frames.END_HEADERS)[0]) == expected
-    assert views[2] == expected
+    assert views[0] is views[1] is views[2]
+    assert views[0].fields == tuple(pair for pair in head if pair[0] not in (b":status", b"content-length"))
+
+
+def test_a_taken_field_is_left_out_once_per_repeated_block_and_its_last_value_returned():
+    """What an outbound listener's peer metadata stage reads (Chain.sole_taker): every copy of the
+    field out of the fields, the last value returned, the other fields in their order."""
+    encoder, upstream = _server_encoder(), _Upstream()
+    head = [(b":status", b"200"), (b"x-triomesh-peer", b"app=a"), (b"server", b"s"),
+            (b"x-triomesh-peer", b"app=b"), (b"x-a", b"1")]
+    encoder.encode(head)
+    block = encoder.encode(head)
+    stream = UpstreamH2Stream(None, 1)
+    results = []
+    for _ in range(2):
+        stream.view = _response_view(upstream.respond(block)[0])
+        results.append(stream.fields_without(b"x-triomesh-peer"))
+    assert results[0] == ((((b"server", b"s"), (b"x-a", b"1"))), b"app=b")
+    assert results[1][0] is results[0][0]  # taken out once
+    assert stream.fields_without(b"x-absent") == (tuple(head[1:]), None)
+    assert stream.view.fields == tuple(head[1:])  # the full view is kept
+    uncached = _Upstream()  # a block the cache does not keep (the size update): the same answer
+    event = uncached.respond(_server_encoder().encode(head))[0]
+    assert event.block is None
+    stream.view = _response_view(event)
+    assert stream.fields_without(b"x-triomesh-peer") == (((b"server", b"s"), (b"x-a", b"1")), b"app=b")
 
 
 def test_a_repeated_trailers_block_is_looked_up_too():

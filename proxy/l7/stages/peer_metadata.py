@@ -15,6 +15,9 @@ MESH_INTERNAL service"; with mutual TLS the peer certificate is the proof (`_con
 A plain HTTP/1.1 response is relayed from its field block without parsing it (router.py): the
 outbound side has the head parser take the header out of the block while it sorts the fields
 (`takes_plain_field`; Python then never searches for it), the inbound side appends ours to the block.
+An HTTP/2 upstream's response, where this stage is the only response stage (Chain.sole_taker), has
+the header taken out of its fields once per repeated header block (h2_upstream.ResponseView), and
+the stage is told its value the same way (`on_taken_field`).
 """
 
 from __future__ import annotations
