@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import threading
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -481,9 +482,10 @@ async def test_tls13_suites_after_the_first_are_still_accepted(server_files, sui
     server.close()
 
 
-async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
-    """An accepted connection with a sweeper: the handshake's deadline is its io_deadline, which the
-    sweeper enforces (no cancel scope); the wait ends with HandshakeTimeout and the deadline is cleared."""
+@asynccontextmanager
+async def _accepted_on_the_data_path(server_files):
+    """(reactor, client socket, server TlsConn): an accepted connection as the data path makes it, on
+    a running reactor and a 0.2 s timeout sweeper; both stop when the block ends."""
     reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
     async with trio.open_nursery() as nursery:
         reactor.ensure_running(nursery)
@@ -491,6 +493,14 @@ async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
         client_sock, server_sock = tcp_pair()
         server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
                          reactor=reactor, sweeper=sweeper)
+        yield reactor, client_sock, server
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
+    """An accepted connection with a sweeper: the handshake's deadline is its io_deadline, which the
+    sweeper enforces (no cancel scope); the wait ends with HandshakeTimeout and the deadline is cleared."""
+    async with _accepted_on_the_data_path(server_files) as (_, client_sock, server):
         started = trio.current_time()
         with trio.fail_after(5):  # the sweeper, not this scope, must end the wait
             with pytest.raises(HandshakeTimeout):
@@ -500,17 +510,10 @@ async def test_a_silent_peer_times_out_through_the_sweeper(server_files):
         assert server.io_deadline == math.inf
         server.close()
         client_sock.close()
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_handshake_through_the_sweeper_completes_and_clears_its_deadline(server_files):
-    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
-    async with trio.open_nursery() as nursery:
-        reactor.ensure_running(nursery)
-        sweeper.ensure_running(nursery)
-        client_sock, server_sock = tcp_pair()
-        server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True,
-                         reactor=reactor, sweeper=sweeper)
+    async with _accepted_on_the_data_path(server_files) as (reactor, client_sock, server):
         client = TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False,
                          server_hostname="example.com", reactor=reactor)
         await _handshake(client, server)
@@ -520,5 +523,4 @@ async def test_a_handshake_through_the_sweeper_completes_and_clears_its_deadline
         assert await _read_exactly(server, 4) == b"ping"
         client.close()
         server.close()
-        nursery.cancel_scope.cancel()
 
