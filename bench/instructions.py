@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import opcode_counts
 from bench.targets import free_port, start_nginx, triomesh_config
 
 _PROXY = r'''
@@ -123,30 +124,6 @@ async def triomesh(nursery):
     return listener.port
 
 
-def count_opcodes(path):
-    """Bytecodes executed per function (sys.settrace opcode events), written to `path` at exit."""
-    import atexit, collections, json
-    counts = collections.Counter()
-
-    def local(frame, event, arg):
-        if event == "opcode":
-            counts[frame.f_code] += 1
-        return local
-
-    def on_call(frame, event, arg):
-        frame.f_trace_opcodes = True
-        return local
-
-    def dump():
-        sys.settrace(None)
-        rows = {f"{c.co_filename}:{c.co_firstlineno}:{c.co_qualname}": n for c, n in counts.items()}
-        with open(path, "w") as f:
-            json.dump(rows, f)
-
-    atexit.register(dump)
-    sys.settrace(on_call)
-
-
 async def main():
     async with trio.open_nursery() as nursery:
         port = await (bare_forwarder(nursery) if baseline else triomesh(nursery))
@@ -158,7 +135,12 @@ async def main():
         nursery.cancel_scope.cancel()
 
 if os.environ.get("TM_OPCODES"):
-    count_opcodes(os.environ["TM_OPCODES"])
+    # bench/opcode_counts.py of the bench's own checkout, by path (TM_SOURCE may be another checkout)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("opcode_counts", os.environ["TM_OPCODE_COUNTS"])
+    opcode_counts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(opcode_counts)
+    opcode_counts.count_opcodes(os.environ["TM_OPCODES"])
 trio.run(main)
 '''
 
@@ -182,6 +164,7 @@ def _run_once(requests: int, backend_port: int, source: Path, baseline: bool, wo
                              str(script), str(backend_port), str(port_file), "1" if baseline else "0"],
                             env=dict(os.environ, TM_SOURCE=str(source), TM_CONFIG=str(config), PYTHONHASHSEED="0",
                                      TM_OPCODES=str(opcode_file) if opcodes else "",
+                                     TM_OPCODE_COUNTS=str(opcode_counts.PATH),
                                      TM_TELEMETRY="1" if telemetry else "0",
                                      TM_TRACE_SAMPLING="" if trace_sampling is None else repr(trace_sampling)),
                             stdout=subprocess.DEVNULL,
@@ -263,10 +246,9 @@ def main() -> None:
             backend.stop()
     what = "bare Trio forwarder" if args.baseline else f"triomesh data path ({args.source}{', h2c' if args.h2 else ''}{' to h2c' if args.h2_upstream else ''}{', telemetry off' if args.no_telemetry else ''}{', backend MESH_EXTERNAL' if args.mesh_external else ''}{f', tracing at {args.trace_sampling}%' if args.trace_sampling is not None else ''}{f', {args.connections} connections' if args.connections != 8 else ''}{f' x {args.streams} streams' if args.h2 and args.streams != 4 else ''})"
     if args.opcodes:
-        per_request = {name: (second.get(name, 0) - first.get(name, 0)) / (ok2 - ok1) for name in {*first, *second}}
+        per_request = opcode_counts.per_unit(first, second, ok2 - ok1)
         print(f"{what}: {sum(per_request.values()):,.0f} bytecodes per request ({ok1} and {ok2} requests)")
-        for name, n in sorted(per_request.items(), key=lambda item: -item[1])[:args.top]:
-            print(f"{n:9.1f}  {name.replace(str(args.source) + '/', '')}")
+        print(opcode_counts.table(per_request, top=args.top, strip=str(args.source) + "/"))
         return
     print(f"{what}: {(second - first) / (ok2 - ok1):,.0f} instructions per request "
           f"(callgrind, user space; {ok1} and {ok2} requests)")

@@ -218,91 +218,89 @@ class _Malformed(Exception):
     pass
 
 
-class _Reader:
-    """Bounds-checked cursor over a byte string; running off the end means malformed."""
+def _vector_end(body: bytes, pos: int, end: int) -> int:
+    """Where the vector with a 2-byte length at `pos` ends (RFC 8446 §3.4); it must end by `end`."""
+    if pos + 2 > end:
+        raise _Malformed
+    stop = pos + 2 + ((body[pos] << 8) | body[pos + 1])
+    if stop > end:
+        raise _Malformed
+    return stop
 
-    __slots__ = ("data", "pos", "end")
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > self.end:
-            raise _Malformed
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def sub(self, len_bytes: int) -> "_Reader":
-        """A reader over the next length-prefixed vector (RFC 8446 §3.4), advancing past it."""
-        n = self.uint(len_bytes)
-        if self.pos + n > self.end:
-            raise _Malformed
-        inner = _Reader(self.data, self.pos, self.pos + n)
-        self.pos += n
-        return inner
-
-    def done(self) -> bool:
-        return self.pos >= self.end
-
+# The ClientHello is walked with plain offsets into its bytes, every length checked against the end
+# of the vector that holds it (running off it means malformed): every new TLS connection of a
+# sidecar's inbound comes through here, and a client sends a dozen or more extensions.
 
 def _parse_client_hello_body(body: bytes) -> ClientHello:
-    # RFC 8446 §4.1.2 (same layout as TLS 1.2, RFC 5246 §7.4.1.2)
-    r = _Reader(body)
-    version = r.uint(2)
-    if version >> 8 != 3:
+    # RFC 8446 §4.1.2 (same layout as TLS 1.2, RFC 5246 §7.4.1.2): legacy_version (2 bytes, major
+    # 3), random (32), legacy_session_id<0..32>, cipher_suites<2..2^16-2>,
+    # legacy_compression_methods<1..2^8-1>, extensions<8..2^16-1> (optional before TLS 1.3)
+    end = len(body)
+    if end < 35 or body[0] != 3 or body[34] > 32:
         raise _Malformed
-    r.take(32)  # random
-    session_id = r.sub(1)
-    if session_id.end - session_id.pos > 32:
+    pos = 35 + body[34]
+    suites_end = _vector_end(body, pos, end)
+    suites = suites_end - pos - 2
+    if suites < 2 or suites % 2:
         raise _Malformed
-    suites = r.sub(2)
-    if (suites.end - suites.pos) < 2 or (suites.end - suites.pos) % 2:
+    pos = suites_end
+    if pos >= end or not body[pos]:  # compression methods: at least "null"
         raise _Malformed
-    if r.sub(1).done():  # compression methods: at least "null"
+    pos += 1 + body[pos]
+    if pos > end:
         raise _Malformed
     sni: str | None = None
     alpn: tuple[str, ...] = ()
-    if r.done():  # extensions are optional before TLS 1.3
+    if pos == end:
         return ClientHello(sni=None, alpn=())
-    extensions = r.sub(2)
-    if not r.done():
+    if _vector_end(body, pos, end) != end:
         raise _Malformed
-    while not extensions.done():
-        ext_type = extensions.uint(2)
-        ext = extensions.sub(2)
+    pos += 2
+    while pos < end:
+        start = pos + 4  # type (2 bytes), length (2 bytes), then its data
+        if start > end:
+            raise _Malformed
+        ext_type = (body[pos] << 8) | body[pos + 1]
+        pos = start + ((body[pos + 2] << 8) | body[pos + 3])
+        if pos > end:
+            raise _Malformed
         if ext_type == _EXT_SERVER_NAME:
-            sni = _parse_server_name(ext)
+            sni = _parse_server_name(body, start, pos)
         elif ext_type == _EXT_ALPN:
-            alpn = _parse_alpn(ext)
+            alpn = _parse_alpn(body, start, pos)
     return ClientHello(sni=sni, alpn=alpn)
 
 
-def _parse_server_name(ext: _Reader) -> str | None:
-    names = ext.sub(2)
-    while not names.done():
-        name_type = names.uint(1)
-        name = names.sub(2)
+def _parse_server_name(body: bytes, pos: int, end: int) -> str | None:
+    # RFC 6066 §3: server_name_list<1..2^16-1> of (name_type (1 byte), HostName<1..2^16-1>)
+    stop = _vector_end(body, pos, end)
+    pos += 2
+    while pos < stop:
+        if pos + 3 > stop:
+            raise _Malformed
+        name_type = body[pos]
+        start = pos + 3
+        pos = start + ((body[pos + 1] << 8) | body[pos + 2])
+        if pos > stop:
+            raise _Malformed
         if name_type == _SNI_HOST_NAME:
-            raw = name.take(name.end - name.pos)
+            raw = body[start:pos]
             if not raw or not raw.isascii():
                 raise _Malformed
             return raw.decode("ascii").lower().rstrip(".")
     return None
 
 
-def _parse_alpn(ext: _Reader) -> tuple[str, ...]:
-    protocols = ext.sub(2)
+def _parse_alpn(body: bytes, pos: int, end: int) -> tuple[str, ...]:
+    # RFC 7301 §3.1: ProtocolName<1..2^8-1> protocol_name_list<2..2^16-1>
+    stop = _vector_end(body, pos, end)
+    pos += 2
     out: list[str] = []
-    while not protocols.done():
-        proto = protocols.sub(1)
-        raw = proto.take(proto.end - proto.pos)
-        if not raw:  # RFC 7301: empty protocol names are not allowed
+    while pos < stop:
+        start = pos + 1
+        pos = start + body[pos]
+        if pos > stop or pos == start:  # overrunning, or empty: RFC 7301 allows no empty names
             raise _Malformed
-        out.append(raw.decode("latin-1"))
+        out.append(body[start:pos].decode("latin-1"))
     return tuple(out)

@@ -72,11 +72,12 @@ _lib = _ffi = _NULL = None
 _read_c = _read_view = _read_memory = None  # the read scratch buffer
 _send_c = _send_view = _send_memory = None  # the send scratch buffer
 _WANT_READ = _ZERO_RETURN = _SYSCALL = _TLS1_3 = 0
+_MEMORY_BIO = None  # BIO_s_mem(): OpenSSL's one static method table of memory BIOs, asked once
 
 
 def _bind(library: Library) -> None:
     global _library, _lib, _ffi, _NULL, _read_c, _read_view, _read_memory, _WANT_READ, _ZERO_RETURN, _SYSCALL
-    global _TLS1_3, _send_c, _send_view, _send_memory
+    global _TLS1_3, _send_c, _send_view, _send_memory, _MEMORY_BIO
     _library, _lib, _ffi = library, library.lib, library.ffi
     _NULL = _ffi.NULL
     read, send = library.read_scratch, library.send_scratch
@@ -84,6 +85,7 @@ def _bind(library: Library) -> None:
     _send_c, _send_view, _send_memory = send.pointer, send.view, send.memory
     _WANT_READ, _ZERO_RETURN, _SYSCALL = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_ZERO_RETURN, _lib.SSL_ERROR_SYSCALL
     _TLS1_3 = _lib.TLS1_3_VERSION
+    _MEMORY_BIO = _lib.BIO_s_mem()
 
 
 class TlsError(ConnectionError):
@@ -175,10 +177,11 @@ class TlsConn(Conn):
             raise TlsError(f"TLS error: {context.library.error('SSL_new')}", "connection_error")
         self.ssl = ffi.gc(pointer, lib.SSL_free)
         self.context = context  # its callbacks live as long as the SSL that calls them
-        self.incoming = lib.BIO_new(lib.BIO_s_mem())
-        self.outgoing = lib.BIO_new(lib.BIO_s_mem())
-        lib.BIO_set_mem_eof_return(self.incoming, -1)  # empty: wait for more (until the socket's EOF)
-        lib.BIO_set_mem_eof_return(self.outgoing, -1)
+        self.incoming = lib.BIO_new(_MEMORY_BIO)
+        self.outgoing = lib.BIO_new(_MEMORY_BIO)
+        # empty: wait for more (until the socket's EOF). `outgoing` keeps the default: it is only
+        # drained, where an empty read's 0 and -1 both mean "nothing"
+        lib.BIO_set_mem_eof_return(self.incoming, -1)
         lib.SSL_set_bio(pointer, self.incoming, self.outgoing)  # the SSL owns and frees them
         if server_side:
             lib.SSL_set_accept_state(pointer)
@@ -235,7 +238,7 @@ class TlsConn(Conn):
         certificate = lib.SSL_get_peer_certificate(self.ssl)
         if certificate == _NULL:
             return None
-        bio = lib.BIO_new(lib.BIO_s_mem())
+        bio = lib.BIO_new(_MEMORY_BIO)
         try:
             if lib.i2d_X509_bio(bio, certificate) != 1:
                 lib.ERR_clear_error()
@@ -251,16 +254,19 @@ class TlsConn(Conn):
         """The verified peer certificate's subjectAltNames, shaped as the stdlib's `getpeercert()`
         ({"subjectAltName": (("DNS", "example.com"), ...)}); None without one or when the context
         does not verify peers (insecureSkipVerify)."""
+        names = self._verified_peer_names()
+        return {"subjectAltName": names} if names is not None else None
+
+    def _verified_peer_names(self) -> tuple | None:
         if not self._handshake_done or not (_lib.SSL_get_verify_mode(self.ssl) & _lib.SSL_VERIFY_PEER):
             return None
         der = self.peer_certificate_der()
-        return {"subjectAltName": subject_alt_names(der)} if der is not None else None
+        return subject_alt_names(der) if der is not None else None
 
     def peer_principal(self) -> str | None:
         """The verified peer certificate's SPIFFE identity without `spiffe://`
         ("cluster.local/ns/foo/sa/bar"), as Istio's principals are written; None without one."""
-        certificate = self.peer_certificate()
-        for kind, value in (certificate or {}).get("subjectAltName", ()):
+        for kind, value in self._verified_peer_names() or ():
             if kind == "URI" and value.startswith(SPIFFE_PREFIX):
                 return value[len(SPIFFE_PREFIX):]
         return None

@@ -86,6 +86,7 @@ class ListenerTls:
     def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats, identity=None) -> None:
         self.listener_name = listener_name
         self.stats = stats
+        self.tls_servers = servers  # what the runtime was made from (TlsListeners compares it)
         # ISTIO_MUTUAL servers present the workload certificate (`identity`, an IdentityHolder)
         self.servers = [ServerCertificate(s, WorkloadSource(s.certificate, identity) if s.mode == "ISTIO_MUTUAL"
                                           else certificate_source(s.certificate)) for s in servers]
@@ -231,7 +232,14 @@ class TlsListeners:
         if listener is None:
             return None
         runtime = self._by_listener.get(name)
-        if runtime is None or tuple(e.server for e in runtime.servers) != listener.tls_servers:
+        if runtime is not None and runtime.tls_servers is not listener.tls_servers:
+            # another snapshot: the same servers keep their runtime (asked once per snapshot, not
+            # per connection: the tuple of a snapshot is then the runtime's)
+            if runtime.tls_servers == listener.tls_servers:
+                runtime.tls_servers = listener.tls_servers
+            else:
+                runtime = None
+        if runtime is None:
             runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats,
                                                                    self.identity)
         return runtime

@@ -86,14 +86,17 @@ class MeshInbound:
                  protocol=protocol.value if protocol is not None else "unknown",
                  reason="no workload certificate yet" if protocol is Protocol.TLS else "not mutual TLS")
 
-    async def terminate(self, sock: socket.socket, initial: bytes, port: int, client: str) -> TlsConn | None:
-        """The handshake with the workload certificate; None (socket closed, counted) when it fails."""
+    async def terminate(self, sock: socket.socket, initial: bytes, port: int, client: str, *,
+                        nodelay: bool = True) -> TlsConn | None:
+        """The handshake with the workload certificate; None (socket closed, counted) when it fails.
+        `nodelay=False`: the caller sets TCP_NODELAY itself before its first write (the L7 server
+        does for every connection; the server's handshake is one flight, which Nagle never holds)."""
         plane = self.plane
         if self.connections is not None:  # a capture listener starts them here; serve_listener did already
             plane.sweeper.ensure_running(self.connections)
             plane.reactor.ensure_running(self.connections)
-        # no Nagle delay between the handshake's flights and the TCP peer exchange's frames
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if nodelay:  # no Nagle delay between the handshake's flights and the TCP peer exchange's frames
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = TlsConn(sock, self.contexts.server(self.identity()), server_side=True, initial=initial,
                        reactor=plane.reactor, sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
         try:
@@ -137,7 +140,8 @@ def inbound_listener_handler(mesh: MeshInbound, listener_name: str, port: int):
             mesh.count(port, "plaintext")
             await DownstreamConnection(plane, listener_name, sock, addr, initial).run()
             return
-        conn = await mesh.terminate(sock, initial, port, f"{addr[0]}:{addr[1]}")
+        # DownstreamConnection.run sets TCP_NODELAY: one setsockopt per connection, not two
+        conn = await mesh.terminate(sock, initial, port, f"{addr[0]}:{addr[1]}", nodelay=False)
         if conn is None:
             return
         downstream = DownstreamConnection(plane, listener_name, sock, addr, peer_principal=conn.peer_principal(),

@@ -72,6 +72,49 @@ def test_malformed_client_hello_is_opaque(hello: bytes) -> None:
     assert detect(bad).protocol is Protocol.OPAQUE
 
 
+def _hello_with_extensions(block: bytes) -> bytes:
+    """A TLS 1.2-layout ClientHello record whose extensions are `block` as given (lengths and all)."""
+    body = (b"\x03\x03" + bytes(32) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(block).to_bytes(2, "big") + block)
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
+
+
+def _extension(kind: int, data: bytes) -> bytes:
+    return kind.to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+
+
+SNI_EXTENSION = _extension(0, b"\x00\x0e\x00\x00\x0bexample.com")
+ALPN_EXTENSION = _extension(16, b"\x00\x0c\x02h2\x08http/1.1")
+
+
+def test_client_hello_extensions_walked_by_their_lengths() -> None:
+    # unknown and empty extensions around the two read, in any order
+    block = _extension(0xFF01, b"\x00") + ALPN_EXTENSION + _extension(23, b"") + SNI_EXTENSION + _extension(43, b"\x02\x03\x04")
+    assert parse_client_hello(_hello_with_extensions(block)) == sniff.ClientHello("example.com", ("h2", "http/1.1"))
+    assert parse_client_hello(_hello_with_extensions(b"")) == sniff.ClientHello(None, ())
+    # a server_name list whose first entry is not a host name: the host name after it
+    other_then_host = _extension(0, b"\x00\x0b\x01\x00\x01x\x00\x00\x04a.io")
+    assert parse_client_hello(_hello_with_extensions(other_then_host)) == sniff.ClientHello("a.io", ())
+
+
+@pytest.mark.parametrize("block", [
+    SNI_EXTENSION + b"\x00\x10\x00",  # a partial extension header after the last extension
+    SNI_EXTENSION[:-1],  # the last extension's data shorter than its length
+    _extension(16, b"\x00\x05\x02h2") + SNI_EXTENSION,  # ALPN list longer than its extension
+    _extension(0, b""),  # server_name without its list
+    _extension(0, b"\x00\x05\x00\x00\x02\xc3\xa9"),  # a host name that is not ASCII
+    _extension(0, b"\x00\x03\x00\x00\x00"),  # an empty host name
+    _extension(16, b"\x00\x03\x00\x01a"),  # an empty protocol name before "a"
+    _extension(16, b"\x00\x03\x05h2"),  # a protocol name running past its list
+], ids=["partial-header", "short-data", "inner-overrun", "empty-sni", "sni-not-ascii", "sni-empty-name",
+        "alpn-empty-name", "alpn-name-overrun"])
+def test_client_hello_malformed_extensions_are_opaque(block: bytes) -> None:
+    hello = _hello_with_extensions(block)
+    assert parse_client_hello(hello) is None
+    assert detect(hello).protocol is Protocol.OPAQUE
+
+
 def test_huge_client_hello_is_tls_without_buffering() -> None:
     header = b"\x16\x03\x01\x40\x00" + b"\x01" + (sniff.MAX_CLIENT_HELLO_BYTES + 1).to_bytes(3, "big")
     assert detect(header) == Detection(Protocol.TLS)

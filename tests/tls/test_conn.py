@@ -8,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -170,6 +171,43 @@ async def test_peer_closing_during_handshake(server_files):
         await server.handshake(5.0)
     assert caught.value.reason == "connection_closed"
     server.close()
+
+
+async def test_a_client_hello_arriving_late_and_in_pieces(server_files):
+    # the server's first step waits for the ClientHello; then each piece is fed to the handshake
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key, alpn=("http/1.1",)),
+                     server_side=True)
+    tls_in, tls_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=server_files.ca).wrap_bio(tls_in, tls_out, server_hostname="example.com")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    client_done = []
+
+    def client(hello: bytes) -> None:
+        time.sleep(0.1)
+        for i in range(0, len(hello), 50):
+            client_sock.sendall(hello[i:i + 50])
+            time.sleep(0.01)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if tls_out.pending:
+                    client_sock.sendall(tls_out.read())
+                tls_in.write(client_sock.recv(65536))
+        client_sock.sendall(tls_out.read())
+        client_done.append(tls.version())
+
+    thread = threading.Thread(target=client, args=(tls_out.read(),), daemon=True)
+    thread.start()
+    await server.handshake(5.0)
+    thread.join(5)
+    assert client_done == [server.version]
+    assert server.server_name == "example.com"
+    server.close()
+    client_sock.close()
 
 
 def _stdlib_tls_server(context: ssl.SSLContext) -> tuple[socket.socket, threading.Thread, list]:

@@ -84,8 +84,14 @@ def test_runtime_kept_across_snapshots_while_servers_are_unchanged(server_files)
 
     first = listeners.for_listener(snapshot("1", servers), "l")
     assert listeners.for_listener(snapshot("2", servers), "l") is first
+    # a new snapshot's equal servers (a config reload compiles them anew): the same runtime
+    reloaded = (_server(server_files, "a.example.com"),)
+    assert reloaded == servers and reloaded is not servers
+    assert listeners.for_listener(snapshot("2b", reloaded), "l") is first
+    assert listeners.for_listener(snapshot("2c", servers), "l") is first
     changed = listeners.for_listener(snapshot("3", (_server(server_files, "b.example.com"),)), "l")
     assert changed is not first
+    assert listeners.for_listener(snapshot("3b", servers), "l") is not changed  # and back
     assert listeners.for_listener(snapshot("4", ()), "l") is None
 
 

@@ -121,7 +121,7 @@ class PeerMetadataStage:
             if identity is None:
                 identity = self.workloads_by_address.get(ctx.downstream_ip)
             if security == "mutual_tls":  # source_principal: the verified certificate's SPIFFE ID
-                identity = replace(identity or UNKNOWN_WORKLOAD, principal=SPIFFE_PREFIX + ctx.peer.peer_principal)
+                identity = self._with_principal(identity or UNKNOWN_WORKLOAD, SPIFFE_PREFIX + ctx.peer.peer_principal)
             service = self.services.get(split_authority(head.authority)[0], UNKNOWN_SERVICE) if head.authority else UNKNOWN_SERVICE
             ctx.scratch()["peer"] = self._facts(identity, service, security)
         return None
