@@ -18,6 +18,7 @@ from proxy.config.snapshot import (
     VirtualHost,
 )
 from proxy.l7.dataplane import DataPlane, HttpSettings
+from proxy.l7.reactor import Reactor
 from proxy.l7.server import serve_listener
 from proxy.runtime import SnapshotHolder
 from proxy.stats import Stats
@@ -66,13 +67,16 @@ class RunningProxy:
 
 
 async def start_proxy(nursery: trio.Nursery, snapshot: Snapshot, settings: HttpSettings | None = None,
-                      access_log=None) -> RunningProxy:
+                      access_log=None, reactor: Reactor | None = None) -> RunningProxy:
+    """`reactor`: one made with other mode settings than the plane's own (tests of its modes)."""
     sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     await sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
     plane = DataPlane(SnapshotHolder(snapshot), Stats(), access_log, settings)
+    if reactor is not None:
+        plane.reactor = reactor
     await nursery.start(serve_listener, sock, LISTENER, plane)
     return RunningProxy(plane, port)
 

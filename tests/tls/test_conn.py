@@ -107,10 +107,12 @@ async def test_http11_only_client_gets_http11(server_files):
     server.close()
 
 
-async def test_concurrent_reader_and_writer_on_the_reactor(server_files):
-    """HTTP/2's shape: one task writes megabytes while another reads, on the edge-triggered reactor;
-    every byte arrives once and in order, both ways."""
-    reactor = Reactor()
+@pytest.mark.parametrize("batching", [False, True], ids=["direct", "batching"])
+async def test_concurrent_reader_and_writer_on_the_reactor(server_files, batching):
+    """HTTP/2's shape: one task writes megabytes while another reads, on the reactor in either mode
+    (direct: Trio's own waits; batching: the edge-triggered set); every byte arrives once and in
+    order, both ways."""
+    reactor = Reactor(probe_s=0.0, min_batch=0.0) if batching else Reactor(probe_s=math.inf)
     size = 3_000_000
     payload = bytes(range(256)) * (size // 256)
     async with trio.open_nursery() as nursery:
@@ -136,6 +138,7 @@ async def test_concurrent_reader_and_writer_on_the_reactor(server_files):
             io.start_soon(read, client, "client")
             io.start_soon(read, server, "server")
         assert received["client"] == payload and received["server"] == payload
+        assert reactor.batching is batching
         client.close()
         server.close()
         nursery.cancel_scope.cancel()
