@@ -120,11 +120,11 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         _count_tls_failure(plane, "bad_settings")
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
     deadline = plane.now() + timeout_s
-    plain = await _connect(key, timeout_s, keepalive, plane, opaque)
+    sock = await _connect_socket(key, timeout_s, keepalive, plane)
     try:
-        conn = UpstreamTlsConn(plain.sock, key, context, settings.sni, None if opaque else plane)
+        conn = UpstreamTlsConn(sock, key, context, settings.sni, None if opaque else plane)
     except BaseException:
-        plain.close()
+        sock.close()
         raise
     try:
         await conn.handshake(max(0.0, deadline - plane.now()))
@@ -157,6 +157,12 @@ def _count_tls_failure(plane: DataPlane | None, reason: str) -> None:
 
 async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None,
                    opaque: bool = False) -> UpstreamConn:
+    return UpstreamConn(await _connect_socket(key, timeout_s, keepalive, plane), key, None if opaque else plane)
+
+
+async def _connect_socket(key: tuple[str, int], timeout_s: float, keepalive, plane: DataPlane | None) -> socket.socket:
+    """A connected non-blocking socket, not yet wrapped: the caller makes the one connection object
+    (a plain one, or TLS over it) that registers with the worker's reactor and sweeper."""
     host, port = key
     sock: socket.socket | None = None
     with trio.move_on_after(timeout_s):
@@ -191,7 +197,7 @@ async def _connect(key: tuple[str, int], timeout_s: float, keepalive, plane: Dat
             if exhaustion_reason(err) is not None:  # ENOBUFS, no ephemeral port left: ours too
                 raise _local_failure(plane, host, port, err, os.strerror(err))
             raise ConnectFailure(f"connect {host}:{port}: {errno.errorcode.get(err, err)}")
-        return UpstreamConn(sock, key, None if opaque else plane)
+        return sock
     if sock is not None:
         sock.close()
     raise ConnectFailure(f"connect {host}:{port}: timeout after {timeout_s}s")

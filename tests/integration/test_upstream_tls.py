@@ -12,6 +12,7 @@ import trustme
 
 from proxy.config.snapshot import UpstreamTls
 from proxy.l7.access_log import record
+from proxy.l7.upstream_conn import UpstreamConn, UpstreamTlsConn
 from tests import grpc_apps
 from tests.integration.l7_harness import curl, make_snapshot, prefix_route, start_proxy
 from tests.integration.test_l7_edges import RecordingLog
@@ -47,6 +48,9 @@ async def test_simple_verifies_the_server_and_sends_sni(nursery, tmp_path):
     assert out.count('"backend": "tls-backend"') == 2
     assert backend.server_names == ["backend.test"]  # one connection, pooled, with the SNI
     assert backend.alpn == ["http/1.1"]
+    # the timeout sweeper watches that one connection object, not also a plain one made for its socket
+    upstream = [conn for conn in proxy.plane.sweeper.watched if isinstance(conn, (UpstreamConn, UpstreamTlsConn))]
+    assert [type(conn) for conn in upstream] == [UpstreamTlsConn]
 
 
 async def test_wrong_ca_and_san_mismatch_answer_503_uf_with_the_reason(nursery, tmp_path):
