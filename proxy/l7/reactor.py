@@ -3,9 +3,9 @@ the worker is busy, Trio's own one-shot wait per connection when it is quiet.
 
 Theory of operation
 -------------------
-Trio's own `wait_readable` registers the fd with EPOLLONESHOT on every wait and changes the
-registration again when it fires: two `epoll_ctl` syscalls per wait, about four per proxied request
-(Envoy registers a connection once). Here every connection's fd is registered once, edge-triggered,
+Trio's own `wait_readable` registers the fd with EPOLLONESHOT on every wait: one `epoll_ctl` syscall
+per wait, two per proxied request, and Trio's bookkeeping for each (Envoy registers a connection
+once). Here every connection's fd is registered once, edge-triggered,
 in a private epoll set; one task waits (through Trio) for that set's fd to become readable, collects
 all ready fds with a non-blocking `poll(0)` and reschedules their waiting tasks.
 
@@ -22,16 +22,19 @@ Two modes: batching when busy, direct when quiet
 -------------------------------------------------
 The set pays off only when several fds are ready at once. Its task is woken first and then wakes the
 connection's task: for a lone event that is two scheduler passes where Trio's own wait takes one, and
-a lone request costs ~26% more instructions (313k against 231k per HTTP/1.1 request on one
-connection). So the reactor watches what its polls return: a window of WINDOW_DISPATCHES polls that
-averaged fewer than MIN_BATCH events turns it **direct**: its task sleeps, and reads and writes wait
-through Trio's `wait_readable`/`wait_writable` on the fd itself (one pass per wake, one `epoll_ctl` per
-wait); tasks still parked on the set are woken once to wait again that way (a spurious wake is safe,
-see below). A direct wait made PROBE_S after the switch turns it **batching** again, and the next
-window decides anew: a load that grows is batched within a second, and a load near the threshold
-costs at most one switch each way per second. Parked reads need the set's dispatch: a parked wait
-turns batching on at once, and the reactor stays batching while any is parked. The fds stay registered in the set in both modes, so
-edges that come while it is direct are reported when it batches again (possibly stale: see above).
+a lone request costs 35% more user-space instructions (313k against 231k per HTTP/1.1 request on one
+connection). So the reactor watches what its polls return: a window (WINDOW_POLLS polls, or
+WINDOW_S with at least two) that averaged fewer than MIN_BATCH events turns it **direct**: its task
+sleeps, and reads and writes wait through Trio's `wait_readable`/`wait_writable` on the fd itself (one
+pass per wake, one `epoll_ctl` per wait); tasks still parked on the set are woken once to wait again
+that way (a spurious wake is safe, see above). A direct wait made PROBE_S after that turns it
+**batching** again, and the next window decides anew, leaving out its first poll (the edges of the
+direct period, not load): a load that grows is batched within a second. It goes direct at most once
+per PROBE_S, so a load near the threshold costs at most one switch each way per second. Parked reads
+need the set's dispatch: a parked wait turns batching on at once, and the reactor stays batching while
+any is parked. The fds stay registered in the set in both modes, so edges that come while it is
+direct are reported when it batches again (possibly stale: see above). Two tasks reading one fd are
+refused within a mode (by the set, or by Trio for direct waits), not across a switch.
 
 Parked reads
 ------------
@@ -47,6 +50,7 @@ The task wakes only when its reader says so (or by `forget`/`interrupt`/cancella
 
 from __future__ import annotations
 
+import math
 import select
 from collections import deque
 from time import monotonic
@@ -72,7 +76,8 @@ POLL_EVENTS = 256
 # poll) direct waits cost 231k instructions per request against 313k batched, at eight (6.7 events
 # per poll) 200.7k against 189.9k (bench.instructions)
 MIN_BATCH = 4.0
-WINDOW_DISPATCHES = 16  # polls per decision: ~80 ms at 100 req/s, ~1 ms under load
+WINDOW_POLLS = 16  # polls per decision under load (~1 ms)
+WINDOW_S = 0.02  # or this long, at low rates (at 100 req/s 16 polls would take ~80 ms)
 PROBE_S = 1.0  # how long the reactor stays direct before it looks at the load again
 
 
@@ -114,7 +119,8 @@ class _Waiters:
 class Reactor:
     __slots__ = ("_epoll", "_fds", "running", "_parked_ready", "_parked_idle_task", "_abort_parked_idle",
                  "parked_reads", "batching", "_probe_at", "_parked_waiters", "_window_polls", "_window_events",
-                 "_run_idle_task", "_abort_run_idle", "mode_changes", "probe_s", "min_batch")
+                 "_window_end", "_direct_since", "_run_idle_task", "_abort_run_idle", "mode_changes", "probe_s",
+                 "min_batch")
 
     def __init__(self, *, probe_s: float = PROBE_S, min_batch: float = MIN_BATCH) -> None:
         self._epoll = select.epoll()
@@ -130,8 +136,10 @@ class Reactor:
         self.min_batch = min_batch
         self._probe_at = monotonic() + probe_s  # when a direct wait turns batching on to look at the load
         self._parked_waiters = 0  # tasks in wait_parked (they keep the reactor batching)
-        self._window_polls = 0  # polls and the events they returned since the last decision
-        self._window_events = 0
+        self._window_polls = 0  # polls and the events they returned since the last decision (-1: the
+        self._window_events = 0  # first poll after a switch to batching is left out)
+        self._window_end = 0.0
+        self._direct_since = -math.inf  # when it last went direct (at most once per probe_s)
         self._run_idle_task = None  # the set's task while it sleeps (direct mode)
         self.mode_changes = 0  # switches between batching and direct (what the load made it do)
 
@@ -207,7 +215,7 @@ class Reactor:
             waiters.read_ready = False
             await checkpoint()
             return
-        if not self.batching and not self._probe_due():
+        if not self.batching and (monotonic() < self._probe_at or not self._batch()):
             await wait_readable(fd)
             return
         if waiters.read_task is not None:
@@ -240,20 +248,14 @@ class Reactor:
             waiters.parked = None
             self._parked_waiters -= 1
 
-    def _probe_due(self) -> bool:
-        """(Direct mode, before a wait) Whether it is time to batch again and look at the load; if so,
-        it does."""
-        if monotonic() < self._probe_at:
-            return False
-        return self._batch()
-
     def _batch(self) -> bool:
         """Turn batching on (a probe, or a parked wait); False when there is no set's task to do it."""
         if not self.running:
             return False
         self.batching = True
         self.mode_changes += 1
-        self._window_polls = self._window_events = 0
+        self._window_polls = -1
+        self._window_events = 0
         task = self._run_idle_task
         if task is not None:
             self._run_idle_task = None
@@ -265,7 +267,8 @@ class Reactor:
         (a spurious wake: their retry sees EAGAIN and waits, now directly)."""
         self.batching = False
         self.mode_changes += 1
-        self._probe_at = monotonic() + self.probe_s
+        self._direct_since = now = monotonic()
+        self._probe_at = now + self.probe_s
         for waiters in self._fds.values():
             task = waiters.read_task
             if task is not None:
@@ -319,7 +322,7 @@ class Reactor:
             waiters.write_ready = False
             await checkpoint()
             return
-        if not self.batching and not self._probe_due():
+        if not self.batching and (monotonic() < self._probe_at or not self._batch()):
             await wait_writable(fd)
             return
         if waiters.write_task is not None:
@@ -361,15 +364,26 @@ class Reactor:
                             waiters.write_ready = True
                 if parked_ready:
                     self._wake_parked_queue()
+                polls = self._window_polls + 1
+                if polls == 0:  # the first poll after a switch: edges of the direct period, not load
+                    self._window_polls, self._window_end = 0, monotonic() + WINDOW_S
+                    continue
+                self._window_polls = polls
                 self._window_events += len(ready)
-                self._window_polls += 1
-                if self._window_polls == WINDOW_DISPATCHES:
-                    if self._window_events < self.min_batch * WINDOW_DISPATCHES and not self._parked_waiters:
+                if polls >= WINDOW_POLLS or (polls >= 2 and monotonic() >= self._window_end):
+                    if (self._window_events < self.min_batch * polls and not self._parked_waiters
+                            and monotonic() - self._direct_since >= self.probe_s):
                         self._go_direct()
                     self._window_polls = self._window_events = 0
+                    self._window_end = monotonic() + WINDOW_S
         finally:
             self.running = False
             self.batching = False  # waits go direct while no set's task runs
-            # nobody will wake the remaining waiters now: fail them rather than leave them hanging
-            for waiters in list(fds.values()):
-                self._fail(waiters)  # still registered: their owners forget them as they close
+            # nobody will wake the remaining waiters now: wake them to wait again directly (a parked
+            # wait woken with nothing read makes its caller read for itself)
+            for waiters in fds.values():
+                for attr in ("read_task", "write_task"):
+                    task = getattr(waiters, attr)
+                    if task is not None:
+                        setattr(waiters, attr, None)
+                        reschedule(task)

@@ -1,6 +1,6 @@
 """The data plane under real load (h2load, HTTP/1.1 keep-alive and h2c) with its reactor held in each
 mode (reactor.py, "Two modes"): always batching, always direct, and switching at every window (direct
-after each WINDOW_DISPATCHES polls, batching again at the next wait), so that every switch happens
+after each WINDOW_POLLS polls, batching again at the next wait), so that every switch happens
 with many connections in flight. No request may fail in any of them."""
 
 from __future__ import annotations

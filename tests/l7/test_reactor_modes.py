@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from proxy.l7.connio import Conn
-from proxy.l7.reactor import WINDOW_DISPATCHES, Reactor
+from proxy.l7.reactor import WINDOW_POLLS, WINDOW_S, Reactor
 
 
 def _pairs(count: int) -> list[tuple[socket.socket, socket.socket]]:
@@ -60,11 +60,11 @@ async def test_a_probe_batches_while_many_fds_are_ready_at_once_and_goes_direct_
     async with trio.open_nursery() as nursery:
         reactor.ensure_running(nursery)
         pairs = _pairs(16)
-        await _echo_rounds(reactor, pairs, WINDOW_DISPATCHES * 2, together=True)  # ~16 events per poll
+        await _echo_rounds(reactor, pairs, WINDOW_POLLS * 2, together=True)  # ~16 events per poll
         assert reactor.batching
         assert reactor.mode_changes == 1
         reactor.probe_s = math.inf
-        await _echo_rounds(reactor, _pairs(2), WINDOW_DISPATCHES * 2, together=False)  # one event per poll
+        await _echo_rounds(reactor, _pairs(2), WINDOW_POLLS * 2, together=False)  # one event per poll
         assert not reactor.batching
         assert reactor.mode_changes == 2
         nursery.cancel_scope.cancel()
@@ -86,7 +86,7 @@ async def test_tasks_waiting_on_the_set_when_it_goes_direct_still_get_their_byte
         await trio.testing.wait_all_tasks_blocked()
         assert reactor.batching  # they wait on the set
         reactor.probe_s = math.inf
-        await _echo_rounds(reactor, _pairs(1), WINDOW_DISPATCHES, together=False)
+        await _echo_rounds(reactor, _pairs(1), WINDOW_POLLS + 2, together=False)
         assert not reactor.batching
         await trio.testing.wait_all_tasks_blocked()
         assert got == []  # woken to wait again, now directly: nothing was read yet
@@ -131,7 +131,7 @@ async def test_a_parked_wait_turns_batching_on_and_keeps_it_while_it_waits():
         nursery.start_soon(read_slowly)
         await trio.testing.wait_all_tasks_blocked()
         assert reactor.batching
-        await _echo_rounds(reactor, _pairs(1), WINDOW_DISPATCHES * 2, together=False)
+        await _echo_rounds(reactor, _pairs(1), WINDOW_POLLS * 2, together=False)
         assert reactor.batching  # lone events, but a parked reader needs the set's dispatch
         for byte in b"abc":
             theirs.send(bytes([byte]))
@@ -140,7 +140,7 @@ async def test_a_parked_wait_turns_batching_on_and_keeps_it_while_it_waits():
             while slow.buffered < 3:
                 await trio.sleep(0.001)
         assert reactor.parked_reads >= 2  # the bytes were read by the set's parked queue
-        await _echo_rounds(reactor, _pairs(1), WINDOW_DISPATCHES, together=False)
+        await _echo_rounds(reactor, _pairs(1), WINDOW_POLLS + 2, together=False)
         assert not reactor.batching  # nothing parked any more: lone events go direct
         slow.close()
         nursery.cancel_scope.cancel()
@@ -171,3 +171,87 @@ async def test_an_interrupt_ends_a_wait_in_either_mode(batching):
         assert result == ["connection closed while waiting to read"]
         conn.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_at_a_low_rate_a_window_ends_by_time_not_after_sixteen_polls():
+    reactor = Reactor(probe_s=0.0)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        ours, theirs = socket.socketpair()
+        conn = Conn(ours, reactor=reactor)
+        for _ in range(5):  # a lone event every 30 ms: WINDOW_S is shorter
+            theirs.send(b"z")
+            await conn.fill(wait_first=True)
+            reactor.probe_s = math.inf
+            await trio.sleep(WINDOW_S * 1.5)
+        assert not reactor.batching and reactor.mode_changes == 2
+        conn.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_edges_of_a_direct_period_do_not_count_as_load_when_a_probe_batches():
+    reactor = Reactor(probe_s=0.3)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        kept = _pairs(60)
+        conns = [Conn(ours, reactor=reactor) for ours, _ in kept]
+        for conn, (_, theirs) in zip(conns, kept):  # 60 fds see an edge each, read directly
+            theirs.send(b"x")
+            await conn.fill(wait_first=True)
+        assert not reactor.batching
+        await trio.sleep(0.3)
+        ours, theirs = socket.socketpair()
+        lone = Conn(ours, reactor=reactor)
+        for _ in range(2):  # the first wait probes; the set's first poll returns the 60 (left out)
+            async with trio.open_nursery() as reading:
+                reading.start_soon(_fill_waiting, lone)
+                await trio.sleep(WINDOW_S * 1.25)
+                theirs.send(b"y")
+        assert reactor.mode_changes == 2 and not reactor.batching  # two lone polls made the window
+        lone.close()
+        for conn in conns:
+            conn.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_it_goes_direct_at_most_once_per_probe_interval_even_when_parked_reads_batch_it():
+    reactor = Reactor(probe_s=math.inf)
+    async with trio.open_nursery() as nursery:
+        reactor.ensure_running(nursery)
+        for _ in range(2):
+            ours, theirs = socket.socketpair()
+            slow = Conn(ours, reactor=reactor)
+            async with trio.open_nursery() as reading:
+                reading.start_soon(slow.fill_parked, lambda buf, pos: len(buf) - pos >= 2)
+                await trio.testing.wait_all_tasks_blocked()
+                assert reactor.batching
+                theirs.send(b"ab")
+            slow.close()
+            await _echo_rounds(reactor, _pairs(1), WINDOW_POLLS + 2, together=False)
+        assert reactor.batching  # the second time, lone events did not switch it back within probe_s
+        assert reactor.mode_changes == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_when_the_set_task_ends_its_waiters_wait_again_directly():
+    reactor = Reactor(probe_s=0.0, min_batch=0.0)
+    ours, theirs = socket.socketpair()
+    conn = Conn(ours, reactor=reactor)
+    got: list[int] = []
+    async with trio.open_nursery() as outer:
+
+        async def read() -> None:
+            got.append(await conn.fill(wait_first=True))
+
+        async with trio.open_nursery() as reactor_nursery:
+            reactor.ensure_running(reactor_nursery)
+            outer.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            assert reactor.batching  # it waits on the set
+            reactor_nursery.cancel_scope.cancel()
+        assert not reactor.running and not reactor.batching
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == []  # not failed: waiting again, directly
+        theirs.send(b"after")
+    assert got == [5]
+    conn.close()
