@@ -43,7 +43,7 @@ import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7 import h1
-from proxy.l7.connio import ReadTimeout
+from proxy.l7.connio import RECV_BYTES, ReadTimeout
 from proxy.l7.context import PLAINTEXT_PEER, DownstreamPeer, RequestContext
 from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError, UpstreamTimeout
 from proxy.l7.events import RequestHead, ResponseHead
@@ -446,6 +446,8 @@ class H2ServerConnection(H2Transport):
 
     async def _read_loop(self) -> None:
         conn, h2conn, settings = self.conn, self.h2, self.plane.settings
+        empties = conn.short_fill_empties_socket
+        n = 0
         while True:
             if conn.buffered:
                 data = bytes(conn.take_buffered())
@@ -461,7 +463,9 @@ class H2ServerConnection(H2Transport):
                 if self.error is not None or self.goaway_sent or (self.closing and not self.streams):
                     return
             conn.io_deadline = monotonic() + settings.idle_timeout_s if not self.streams else float("inf")
-            n = await conn.fill()
+            # a short read emptied the socket: wait before the next recv, which would only say EAGAIN
+            # (an exception CPython builds with its strerror text: ~4k instructions each)
+            n = await conn.fill(wait_first=empties and 0 < n < RECV_BYTES)
             if n == 0:
                 return
 

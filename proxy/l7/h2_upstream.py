@@ -48,7 +48,7 @@ import structlog
 import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
-from proxy.l7.connio import ReadTimeout
+from proxy.l7.connio import RECV_BYTES, ReadTimeout
 from proxy.l7.errors import (ConnectFailure, LocalConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset,
                               UpstreamTimeout, UpstreamTlsFailure)
 from proxy.l7 import h2_connection as ev
@@ -331,9 +331,12 @@ class H2UpstreamConnection(H2Transport):
 
     async def _read_loop(self) -> None:
         conn, h2conn = self.conn, self.h2
+        empties = conn.short_fill_empties_socket
+        n = 0
         while self.error is None:
             try:
-                n = await conn.fill()
+                # after a short read the socket is empty: wait first (h2_server's _read_loop says why)
+                n = await conn.fill(wait_first=empties and 0 < n < RECV_BYTES)
             except (OSError, ReadTimeout) as e:
                 self.lost(f"read failed: {e}")
                 return
