@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy.l7.h2_codec import MAX_FRAME_SIZE
-from proxy.l7.h2_connection import H2Connection, StreamClosedError, StreamState
+from proxy.l7.h2_connection import H2Connection, StreamClosedError
 
 if TYPE_CHECKING:
     from proxy.l7.connio import Conn
@@ -44,10 +44,12 @@ if TYPE_CHECKING:
 OUTBOX_HIGH_BYTES = 1024 * 1024
 
 
-class H2StreamState(StreamState):
+class H2StreamState:
     """What the transport keeps of one stream: its id, whether END_STREAM (or a reset) went out,
-    and the event a writer waits on for window. A StreamState too: a stream the upstream client
-    opens is the connection layer's state of it as well (send_headers), one object per stream."""
+    and the event a writer waits on for window. The downstream stream (h2_server.H2Stream) is one;
+    the upstream stream (h2_upstream.UpstreamH2Stream) is the connection layer's StreamState instead
+    (one object per stream) and has these three fields as its own slots: a class cannot take slots
+    from two bases, and the connection layer's nine would be dead weight in every downstream stream."""
 
     __slots__ = ("stream_id", "ended", "window")
 

@@ -34,8 +34,8 @@ looked up by the connection layer (H2Connection._decode_block), with the fields 
 (without :status and content-length, and without the peer metadata header an outbound listener
 reads) kept on the same cache entry (ResponseView).
 
-A stream is one object: `UpstreamH2Stream` is the router's view of it, the transport's
-(H2StreamState) and the connection layer's state of it (StreamState, handed over by send_headers).
+A stream is one object: `UpstreamH2Stream` is the router's view of it, the transport's (the fields of
+H2StreamState) and the connection layer's state of it (a StreamState, handed over by send_headers).
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from proxy.l7.errors import (ConnectFailure, LocalConnectFailure, Overflow, Upst
 from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
-from proxy.l7.h2_connection import ConnectionError_, H2Connection
-from proxy.l7.h2_transport import H2StreamState, H2Transport
+from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamState
+from proxy.l7.h2_transport import H2Transport
 from proxy.l7.upstream_conn import open_connection
 
 if TYPE_CHECKING:
@@ -80,11 +80,13 @@ class RefusedStream(UpstreamReset):
     """The upstream will not process the stream (GOAWAY past it, REFUSED_STREAM): safe to send again."""
 
 
-class UpstreamH2Stream(H2StreamState):
-    """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come."""
+class UpstreamH2Stream(StreamState):
+    """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come.
+    The connection layer's StreamState of the stream, with h2_transport.H2StreamState's fields (the
+    first three slots) beside it."""
 
-    __slots__ = ("connection", "status", "headers", "view", "length", "pieces", "remote_ended", "trailers",
-                 "failure", "waiter", "unacked", "bytes_read", "sensitive")
+    __slots__ = ("stream_id", "ended", "window", "connection", "status", "headers", "view", "length", "pieces",
+                 "remote_ended", "trailers", "failure", "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
         # H2StreamState's fields and its StreamState's (the connection layer's: its windows are set when
