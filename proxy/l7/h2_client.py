@@ -84,7 +84,10 @@ class H2Exchange(Exchange):
                 deadline = self.deadline
                 while (waiting := up.wait_head(deadline)) is not None:  # read_head's loop, one coroutine less
                     await waiting
-                return 2, up.status, b"", up.headers
+                # the fields the router reads (retry_on_status): the grpc-status alone, found once per
+                # repeated block (as the HTTP/1.1 client's forwarded head gives it); _relay_response
+                # takes the response's own fields from the stream
+                return 2, up.status, b"", up.view.grpc_fields
             except RefusedStream:
                 up.close()
                 self.up = None
@@ -111,8 +114,8 @@ class H2Exchange(Exchange):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             try:
-                status, headers = await up.read_head(self.deadline)
-                await self._relay_response((2, status, b"", headers))
+                status, _ = await up.read_head(self.deadline)
+                await self._relay_response((2, status, b"", up.view.grpc_fields))
             except ProxyError as e:
                 failure.append(e)
             nursery.cancel_scope.cancel()
@@ -144,8 +147,9 @@ class H2Exchange(Exchange):
         self.request_body_done = True
 
     async def _relay_response(self, parsed) -> bool:
+        """`parsed`: (2, status, b"", the response's grpc-status field alone or ()), its fields in `up`."""
         ctx, stream, up = self.ctx, self.stream, self.up
-        status, headers = parsed[1], parsed[3]
+        status, headers = parsed[1], up.headers
         if not self.request_body_done:
             stream.keep_alive = False
         chain = stream.chain
@@ -181,7 +185,7 @@ class H2Exchange(Exchange):
             rest = stream.send_whole_nowait(None)
             if rest is not None:
                 await stream.send_rest(rest)
-            self._note_grpc_status(headers)
+            self._note_grpc_status(parsed[3])
             ctx.status = status
             return True
         pieces = up.buffered_pieces()

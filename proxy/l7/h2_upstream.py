@@ -437,12 +437,20 @@ class ResponseView:
     Worked out once per repeated header block (kept on the connection layer's cache entry, as
     `client_view`), so neither is built nor searched again for a response that repeats. Both are
     tuples, shared by those responses: a response stage edits a list of its own (H2Exchange), and the
-    downstream connection keeps what it sends for them by the tuple (H2ServerConnection.relayed_fields)."""
+    downstream connection keeps what it sends for them by the tuple (H2ServerConnection.relayed_fields).
+    `grpc_fields` is the response's grpc-status field alone, for the router (H2Exchange._send_and_read_head)."""
 
-    __slots__ = ("fields", "taken_name", "without_taken", "taken")
+    __slots__ = ("fields", "taken_name", "without_taken", "taken", "grpc_fields")
 
     def __init__(self, fields: tuple) -> None:
         self.fields = fields
+        # its first grpc-status field alone, or (): all that the router's retry conditions and gRPC
+        # status read of a response (retry_on_status, H2Exchange), found once per repeated block
+        self.grpc_fields: tuple = ()
+        for field in fields:
+            if field[0] == b"grpc-status":
+                self.grpc_fields = (field,)
+                break
         self.taken_name: bytes | None = None  # the field `without_taken` and `taken` are for
         self.without_taken: tuple | None = None
         self.taken: bytes | None = None  # the last value of that field, None if the response had none
