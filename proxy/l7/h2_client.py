@@ -175,7 +175,10 @@ class H2Exchange(Exchange):
         else:
             framing = h1.FRAMING_CHUNKED if h1.status_has_body(status) and ctx.request.method != b"HEAD" \
                 else h1.FRAMING_NONE
-        stream.start_response(ctx, response, framing, b"%d" % length if length is not None else None)
+        # the upstream's content-length as received matters to start_response only for a response
+        # without a body to frame (HEAD, 304): not formatted for the others
+        stream.start_response(ctx, response, framing,
+                              b"%d" % length if length is not None and framing.kind == h1.NONE else None)
         ctx.response = response
         self.crt.count_response(status)
         deadline = self.deadline
