@@ -66,6 +66,7 @@ from proxy.l7.h2_codec import (
 from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamClosedError
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
+from proxy.l7.resumed import RESUMED
 
 if TYPE_CHECKING:
     from proxy.l7.chain import Chain
@@ -596,7 +597,7 @@ class H2ServerConnection(H2Transport):
         self.streams[sid] = stream
         self.ready.append(stream)
         if self.idle_workers:
-            reschedule(self.idle_workers.pop())
+            reschedule(self.idle_workers.pop(), RESUMED)
         else:
             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")  # a name: no formatting per spawn
 

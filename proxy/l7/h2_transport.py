@@ -37,6 +37,7 @@ from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7.h2_codec import MAX_FRAME_SIZE
 from proxy.l7.h2_connection import H2Connection, StreamClosedError
+from proxy.l7.resumed import RESUMED
 
 if TYPE_CHECKING:
     from proxy.l7.connio import Conn
@@ -121,7 +122,7 @@ class H2Transport:
         task = self.writer_task
         if task is not None:
             self.writer_task = None
-            reschedule(task)
+            reschedule(task, RESUMED)
         else:
             self.writer_woken = True
 

@@ -56,6 +56,7 @@ from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
 from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamState
 from proxy.l7.h2_transport import H2Transport
+from proxy.l7.resumed import RESUMED
 from proxy.l7.upstream_conn import open_connection
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ class UpstreamH2Stream(StreamState):
         task = self.waiter
         if task is not None:
             self.waiter = None
-            reschedule(task)
+            reschedule(task, RESUMED)
 
     def fail(self, error: Exception) -> None:
         if self.failure is None:
@@ -391,7 +392,7 @@ class H2UpstreamConnection(H2Transport):
                     task = stream.waiter
                     if task is not None:  # the router waits for the head (stream._wake, inlined)
                         stream.waiter = None
-                        reschedule(task)
+                        reschedule(task, RESUMED)
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.TrailersReceived:  # they end the response
