@@ -84,7 +84,10 @@ class H2Exchange(Exchange):
                 deadline = self.deadline
                 while (waiting := up.wait_head(deadline)) is not None:  # read_head's loop, one coroutine less
                     await waiting
-                return 2, up.status, b"", up.headers
+                # the fields the router reads (retry_on_status): the grpc-status alone, found once per
+                # repeated block (as the HTTP/1.1 client's forwarded head gives it); _relay_response
+                # takes the response's own fields from the stream
+                return 2, up.status, b"", up.view.grpc_fields
             except RefusedStream:
                 up.close()
                 self.up = None
@@ -111,8 +114,8 @@ class H2Exchange(Exchange):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump)
             try:
-                status, headers = await up.read_head(self.deadline)
-                await self._relay_response((2, status, b"", headers))
+                status, _ = await up.read_head(self.deadline)
+                await self._relay_response((2, status, b"", up.view.grpc_fields))
             except ProxyError as e:
                 failure.append(e)
             nursery.cancel_scope.cancel()
@@ -144,8 +147,9 @@ class H2Exchange(Exchange):
         self.request_body_done = True
 
     async def _relay_response(self, parsed) -> bool:
+        """`parsed`: (2, status, b"", the response's grpc-status field alone or ()), its fields in `up`."""
         ctx, stream, up = self.ctx, self.stream, self.up
-        status, headers = parsed[1], parsed[3]
+        status, headers = parsed[1], up.headers
         if not self.request_body_done:
             stream.keep_alive = False
         chain = stream.chain
@@ -171,7 +175,10 @@ class H2Exchange(Exchange):
         else:
             framing = h1.FRAMING_CHUNKED if h1.status_has_body(status) and ctx.request.method != b"HEAD" \
                 else h1.FRAMING_NONE
-        stream.start_response(ctx, response, framing, b"%d" % length if length is not None else None)
+        # the upstream's content-length as received matters to start_response only for a response
+        # without a body to frame (HEAD, 304): not formatted for the others
+        stream.start_response(ctx, response, framing,
+                              b"%d" % length if length is not None and framing.kind == h1.NONE else None)
         ctx.response = response
         self.crt.count_response(status)
         deadline = self.deadline
@@ -181,7 +188,7 @@ class H2Exchange(Exchange):
             rest = stream.send_whole_nowait(None)
             if rest is not None:
                 await stream.send_rest(rest)
-            self._note_grpc_status(headers)
+            self._note_grpc_status(parsed[3])
             ctx.status = status
             return True
         pieces = up.buffered_pieces()

@@ -43,7 +43,7 @@ import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7 import h1
-from proxy.l7.connio import ReadTimeout
+from proxy.l7.connio import RECV_BYTES, ReadTimeout
 from proxy.l7.context import PLAINTEXT_PEER, DownstreamPeer, RequestContext
 from proxy.l7.errors import BadRequest, DownstreamDisconnect, ProxyError, UpstreamTimeout
 from proxy.l7.events import RequestHead, ResponseHead
@@ -66,6 +66,7 @@ from proxy.l7.h2_codec import (
 from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamClosedError
 from proxy.l7.h2_transport import H2StreamState, H2Transport
 from proxy.l7.pipeline import finish, reply_for_error, serve_request
+from proxy.l7.resumed import RESUMED
 
 if TYPE_CHECKING:
     from proxy.l7.chain import Chain
@@ -446,6 +447,8 @@ class H2ServerConnection(H2Transport):
 
     async def _read_loop(self) -> None:
         conn, h2conn, settings = self.conn, self.h2, self.plane.settings
+        empties = conn.short_fill_empties_socket
+        n = 0
         while True:
             if conn.buffered:
                 data = bytes(conn.take_buffered())
@@ -461,7 +464,9 @@ class H2ServerConnection(H2Transport):
                 if self.error is not None or self.goaway_sent or (self.closing and not self.streams):
                     return
             conn.io_deadline = monotonic() + settings.idle_timeout_s if not self.streams else float("inf")
-            n = await conn.fill()
+            # a short read emptied the socket: wait before the next recv, which would only say EAGAIN
+            # (an exception CPython builds with its strerror text: ~4k instructions each)
+            n = await conn.fill(wait_first=empties and 0 < n < RECV_BYTES)
             if n == 0:
                 return
 
@@ -592,7 +597,7 @@ class H2ServerConnection(H2Transport):
         self.streams[sid] = stream
         self.ready.append(stream)
         if self.idle_workers:
-            reschedule(self.idle_workers.pop())
+            reschedule(self.idle_workers.pop(), RESUMED)
         else:
             self.nursery.start_soon(self._stream_worker, name="h2 stream worker")  # a name: no formatting per spawn
 

@@ -33,9 +33,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import trio
+from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
 from proxy.l7.h2_codec import MAX_FRAME_SIZE
-from proxy.l7.h2_connection import H2Connection, StreamClosedError, StreamState
+from proxy.l7.h2_connection import H2Connection, StreamClosedError
+from proxy.l7.resumed import RESUMED
 
 if TYPE_CHECKING:
     from proxy.l7.connio import Conn
@@ -44,10 +46,12 @@ if TYPE_CHECKING:
 OUTBOX_HIGH_BYTES = 1024 * 1024
 
 
-class H2StreamState(StreamState):
+class H2StreamState:
     """What the transport keeps of one stream: its id, whether END_STREAM (or a reset) went out,
-    and the event a writer waits on for window. A StreamState too: a stream the upstream client
-    opens is the connection layer's state of it as well (send_headers), one object per stream."""
+    and the event a writer waits on for window. The downstream stream (h2_server.H2Stream) is one;
+    the upstream stream (h2_upstream.UpstreamH2Stream) is the connection layer's StreamState instead
+    (one object per stream) and has these three fields as its own slots: a class cannot take slots
+    from two bases, and the connection layer's nine would be dead weight in every downstream stream."""
 
     __slots__ = ("stream_id", "ended", "window")
 
@@ -58,15 +62,18 @@ class H2StreamState(StreamState):
 
 
 class H2Transport:
-    __slots__ = ("conn", "h2", "outbox", "outbox_bytes", "writer_wakeup", "drained", "error", "gone_error",
-                 "flushed_clean", "writing", "flush_pending")
+    __slots__ = ("conn", "h2", "outbox", "outbox_bytes", "writer_task", "writer_woken", "drained", "error",
+                 "gone_error", "flushed_clean", "writing", "flush_pending")
 
     def __init__(self, conn: Conn, h2conn: H2Connection, gone_error: type[Exception]) -> None:
         self.conn = conn
         self.h2 = h2conn
         self.outbox: list = []  # bytes the kernel has not taken yet, in order
         self.outbox_bytes = 0
-        self.writer_wakeup = trio.Event()
+        # the writer parks itself (no Event per wake): its task while parked, and whether it was woken
+        # while it was not parked (it then goes round once more before parking)
+        self.writer_task = None
+        self.writer_woken = False
         self.drained: trio.Event | None = None
         self.error: str | None = None  # why the connection is gone, once it is
         self.gone_error = gone_error
@@ -84,7 +91,7 @@ class H2Transport:
             if not self.flush_pending:
                 self.flush_pending = True
                 self.flushed_clean = False
-                self.writer_wakeup.set()
+                self._wake_writer()
             return
         self.flush_now()
 
@@ -96,7 +103,7 @@ class H2Transport:
             self.outbox.append(data)
             self.outbox_bytes += len(data)
             self.flushed_clean = False
-            self.writer_wakeup.set()
+            self._wake_writer()
             return
         try:
             rest = self.conn.send_nowait(data)
@@ -107,16 +114,32 @@ class H2Transport:
             self.outbox.append(rest)
             self.outbox_bytes += len(rest)
             self.flushed_clean = False
-            self.writer_wakeup.set()
+            self._wake_writer()
         else:
             self.flushed_clean = True
+
+    def _wake_writer(self) -> None:
+        task = self.writer_task
+        if task is not None:
+            self.writer_task = None
+            reschedule(task, RESUMED)
+        else:
+            self.writer_woken = True
 
     async def writer(self) -> None:
         """Drains the outbox; runs for the connection's life."""
         conn = self.conn
+        task = current_task()
+
+        def abort(_) -> Abort:  # cancelled while parked
+            self.writer_task = None
+            return Abort.SUCCEEDED
+
         while True:
-            await self.writer_wakeup.wait()
-            self.writer_wakeup = trio.Event()
+            if not self.writer_woken:
+                self.writer_task = task
+                await wait_task_rescheduled(abort)
+            self.writer_woken = False
             if self.flush_pending:
                 self.flush_pending = False
                 data = self.h2.data_to_send()

@@ -34,8 +34,8 @@ looked up by the connection layer (H2Connection._decode_block), with the fields 
 (without :status and content-length, and without the peer metadata header an outbound listener
 reads) kept on the same cache entry (ResponseView).
 
-A stream is one object: `UpstreamH2Stream` is the router's view of it, the transport's
-(H2StreamState) and the connection layer's state of it (StreamState, handed over by send_headers).
+A stream is one object: `UpstreamH2Stream` is the router's view of it, the transport's (the fields of
+H2StreamState) and the connection layer's state of it (a StreamState, handed over by send_headers).
 """
 
 from __future__ import annotations
@@ -48,14 +48,15 @@ import structlog
 import trio
 from trio.lowlevel import Abort, current_task, reschedule, wait_task_rescheduled
 
-from proxy.l7.connio import ReadTimeout
+from proxy.l7.connio import RECV_BYTES, ReadTimeout
 from proxy.l7.errors import (ConnectFailure, LocalConnectFailure, Overflow, UpstreamProtocolError, UpstreamReset,
                               UpstreamTimeout, UpstreamTlsFailure)
 from proxy.l7 import h2_connection as ev
 from proxy.l7 import h2_frames as frames
 from proxy.l7.h2_codec import INITIAL_CONNECTION_WINDOW, MAX_HEADER_LIST_BYTES, client_settings
-from proxy.l7.h2_connection import ConnectionError_, H2Connection
-from proxy.l7.h2_transport import H2StreamState, H2Transport
+from proxy.l7.h2_connection import ConnectionError_, H2Connection, StreamState
+from proxy.l7.h2_transport import H2Transport
+from proxy.l7.resumed import RESUMED
 from proxy.l7.upstream_conn import open_connection
 
 if TYPE_CHECKING:
@@ -80,11 +81,13 @@ class RefusedStream(UpstreamReset):
     """The upstream will not process the stream (GOAWAY past it, REFUSED_STREAM): safe to send again."""
 
 
-class UpstreamH2Stream(H2StreamState):
-    """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come."""
+class UpstreamH2Stream(StreamState):
+    """One request on an upstream HTTP/2 connection: the response head, body and trailers as they come.
+    The connection layer's StreamState of the stream, with h2_transport.H2StreamState's fields (the
+    first three slots) beside it."""
 
-    __slots__ = ("connection", "status", "headers", "view", "length", "pieces", "remote_ended", "trailers",
-                 "failure", "waiter", "unacked", "bytes_read", "sensitive")
+    __slots__ = ("stream_id", "ended", "window", "connection", "status", "headers", "view", "length", "pieces",
+                 "remote_ended", "trailers", "failure", "waiter", "unacked", "bytes_read", "sensitive")
 
     def __init__(self, connection: H2UpstreamConnection, stream_id: int) -> None:
         # H2StreamState's fields and its StreamState's (the connection layer's: its windows are set when
@@ -117,7 +120,7 @@ class UpstreamH2Stream(H2StreamState):
         task = self.waiter
         if task is not None:
             self.waiter = None
-            reschedule(task)
+            reschedule(task, RESUMED)
 
     def fail(self, error: Exception) -> None:
         if self.failure is None:
@@ -331,9 +334,12 @@ class H2UpstreamConnection(H2Transport):
 
     async def _read_loop(self) -> None:
         conn, h2conn = self.conn, self.h2
+        empties = conn.short_fill_empties_socket
+        n = 0
         while self.error is None:
             try:
-                n = await conn.fill()
+                # after a short read the socket is empty: wait first (h2_server's _read_loop says why)
+                n = await conn.fill(wait_first=empties and 0 < n < RECV_BYTES)
             except (OSError, ReadTimeout) as e:
                 self.lost(f"read failed: {e}")
                 return
@@ -386,7 +392,7 @@ class H2UpstreamConnection(H2Transport):
                     task = stream.waiter
                     if task is not None:  # the router waits for the head (stream._wake, inlined)
                         stream.waiter = None
-                        reschedule(task)
+                        reschedule(task, RESUMED)
                 continue
             stream = streams.get(getattr(event, "stream_id", 0) or 0)
             if t is ev.TrailersReceived:  # they end the response
@@ -432,12 +438,20 @@ class ResponseView:
     Worked out once per repeated header block (kept on the connection layer's cache entry, as
     `client_view`), so neither is built nor searched again for a response that repeats. Both are
     tuples, shared by those responses: a response stage edits a list of its own (H2Exchange), and the
-    downstream connection keeps what it sends for them by the tuple (H2ServerConnection.relayed_fields)."""
+    downstream connection keeps what it sends for them by the tuple (H2ServerConnection.relayed_fields).
+    `grpc_fields` is the response's grpc-status field alone, for the router (H2Exchange._send_and_read_head)."""
 
-    __slots__ = ("fields", "taken_name", "without_taken", "taken")
+    __slots__ = ("fields", "taken_name", "without_taken", "taken", "grpc_fields")
 
     def __init__(self, fields: tuple) -> None:
         self.fields = fields
+        # its first grpc-status field alone, or (): all that the router's retry conditions and gRPC
+        # status read of a response (retry_on_status, H2Exchange), found once per repeated block
+        self.grpc_fields: tuple = ()
+        for field in fields:
+            if field[0] == b"grpc-status":
+                self.grpc_fields = (field,)
+                break
         self.taken_name: bytes | None = None  # the field `without_taken` and `taken` are for
         self.without_taken: tuple | None = None
         self.taken: bytes | None = None  # the last value of that field, None if the response had none

@@ -128,6 +128,25 @@ def test_long_connection_against_the_twin(huffman):
     assert twins.native.table_size > 0
 
 
+@pytest.mark.parametrize("huffman", [False, True])
+def test_the_same_objects_again_while_the_index_changes(huffman):
+    """A proxy sends the same bytes objects again and again, each time in a new tuple; the native encoder
+    remembers its index's answer for them by identity (the seen cache) for as long as the index is
+    unchanged. Blocks of recurring objects while entries are inserted and evicted, literals cached and
+    forgotten and the table resized, write what the twin writes."""
+    rng = random.Random(5 + huffman)
+    twins = Twins(huffman)
+    names = [b"x-a", b"x-b", b"user-agent", b":path", b":method", b"accept", b"authorization", b"date",
+             b"grpc-timeout"]
+    values = [b"v%d" % i for i in range(30)] + [b"z" * 900, b"/p?q=1", b"GET", b""]
+    pool = [(name, value) for name in names for value in values]
+    for _ in range(3000):
+        if rng.random() < 0.02:
+            twins.set_max_table_size(rng.choice([0, 64, 256, 1024, 4096]))
+        twins.encode([(name, value) for name, value in rng.sample(pool, 8)], None)  # new tuples, same objects
+    assert twins.native.generation > 100
+
+
 def test_field_types():
     """Tuples of bytes, subclasses of either (hpack's HeaderTuple) too, any sequence of them; anything else
     is a TypeError, as the pure encoder's dict lookup makes it."""

@@ -37,3 +37,17 @@ def test_downstream_stream_sets_every_h2_stream_state_field():
     missing = [name for name in H2StreamState.__slots__ if not hasattr(stream, name)]
     assert missing == []
     assert (stream.stream_id, stream.ended, stream.window) == (9, False, None)
+
+
+def test_downstream_stream_carries_no_connection_layer_state():
+    """The connection layer keeps its own StreamState of a stream the client opened: the downstream
+    stream has none of its slots (nine dead fields per stream in flight)."""
+    stream = H2Stream(None, 9, h1.FRAMING_NONE, None, False, None, None)
+    assert not isinstance(stream, StreamState)
+    assert [name for name in StreamState.__slots__ if hasattr(stream, name)] == []
+    assert isinstance(stream, H2StreamState) and not hasattr(stream, "__dict__")
+
+
+def test_upstream_stream_has_the_transport_fields_as_its_own_slots():
+    assert set(H2StreamState.__slots__) <= set(UpstreamH2Stream.__slots__)
+    assert isinstance(UpstreamH2Stream(None, 1), StreamState)

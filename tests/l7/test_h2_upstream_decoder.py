@@ -132,6 +132,20 @@ def test_a_taken_field_is_left_out_once_per_repeated_block_and_its_last_value_re
     assert stream.fields_without(b"x-triomesh-peer") == (((b"server", b"s"), (b"x-a", b"1")), b"app=b")
 
 
+def test_a_view_has_the_first_grpc_status_field_alone():
+    """What the router's retry conditions read of a response (retry_on_status): its first grpc-status
+    field, found once per repeated block (a trailers-only gRPC answer says it in its head)."""
+    encoder, upstream = _server_encoder(), _Upstream()
+    head = [(b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"14"),
+            (b"grpc-message", b"down"), (b"grpc-status", b"0")]
+    encoder.encode(head)
+    block = encoder.encode(head)
+    views = [_response_view(upstream.respond(block)[0]) for _ in range(2)]
+    assert views[0] is views[1] and views[0].grpc_fields == ((b"grpc-status", b"14"),)
+    plain = _response_view(_Upstream().respond(_server_encoder().encode(NGINX_HEAD))[0])
+    assert plain.grpc_fields == ()
+
+
 def test_a_repeated_trailers_block_is_looked_up_too():
     encoder, upstream = _server_encoder(), _Upstream()
     head_fields = [(b":status", b"200"), (b"content-type", b"application/grpc")]
