@@ -61,6 +61,8 @@ import trio
 from trio.lowlevel import (Abort, checkpoint, current_task, notify_closing, reschedule, wait_readable,
                            wait_task_rescheduled, wait_writable)
 
+from proxy.l7.resumed import RESUMED
+
 _READ_EVENTS = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 _WRITE_EVENTS = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 _END_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
@@ -259,7 +261,7 @@ class Reactor:
         task = self._run_idle_task
         if task is not None:
             self._run_idle_task = None
-            reschedule(task)
+            reschedule(task, RESUMED)
         return True
 
     def _go_direct(self) -> None:
@@ -273,11 +275,11 @@ class Reactor:
             task = waiters.read_task
             if task is not None:
                 waiters.read_task = None
-                reschedule(task)
+                reschedule(task, RESUMED)
             task = waiters.write_task
             if task is not None:
                 waiters.write_task = None
-                reschedule(task)
+                reschedule(task, RESUMED)
 
     def _queue_parked(self, waiters: _Waiters) -> None:
         if not waiters.parked_queued:
@@ -288,7 +290,7 @@ class Reactor:
         task = self._parked_idle_task
         if task is not None:
             self._parked_idle_task = None
-            reschedule(task)
+            reschedule(task, RESUMED)
 
     async def _read_parked_queue(self) -> None:
         ready = self._parked_ready
@@ -307,7 +309,7 @@ class Reactor:
                 try:
                     if not reader.read_parked():
                         continue
-                    result = outcome.Value(None)
+                    result = RESUMED
                 except Exception as error:  # a bug costs its own connection, not the worker's other parked ones
                     result = outcome.Error(error)
                 task = waiters.read_task
@@ -352,14 +354,14 @@ class Reactor:
                             waiters.read_ready = True
                         elif waiters.parked is None:
                             waiters.read_task = None
-                            reschedule(task)
+                            reschedule(task, RESUMED)
                         else:
                             self._queue_parked(waiters)
                     if events & _WRITE_EVENTS:
                         task = waiters.write_task
                         if task is not None:
                             waiters.write_task = None
-                            reschedule(task)
+                            reschedule(task, RESUMED)
                         else:
                             waiters.write_ready = True
                 if parked_ready:
@@ -386,4 +388,4 @@ class Reactor:
                     task = getattr(waiters, attr)
                     if task is not None:
                         setattr(waiters, attr, None)
-                        reschedule(task)
+                        reschedule(task, RESUMED)
