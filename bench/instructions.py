@@ -48,7 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import opcode_counts
+from bench import bytecode_cache, opcode_counts
 from bench.targets import free_port, start_nginx, triomesh_config
 
 _PROXY = r'''
@@ -226,12 +226,7 @@ def main() -> None:
     for tool in ("h2load", "nginx") if args.opcodes else ("valgrind", "h2load", "nginx"):
         if shutil.which(tool) is None:
             sys.exit(f"bench.instructions needs {tool} (make bench installs h2load and nginx; valgrind: apt-get install valgrind)")
-    # Both runs must find the same bytecode caches: compiling the proxy's modules from source costs
-    # ~460M instructions under callgrind, so a .pyc written between the two runs (by anything else run
-    # from this checkout) once moved the per-request figure by ~170k. Written here first, they are
-    # there for both.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(args.source / "proxy")], check=True,
-                   stdout=subprocess.DEVNULL)
+    bytecode_cache.compile_checkout(args.source)
     with tempfile.TemporaryDirectory(prefix="triomesh-instructions-") as tmp:
         workdir = Path(tmp)
         backend = start_nginx(workdir / "nginx", cpus=None)

@@ -270,8 +270,9 @@ def measure(source: Path, directory: Path, backend_port: int, gateway: bool, kee
             opcodes: bool) -> dict:
     """Per connection for checkout `source`: {"instructions", "parts", "syscalls", "gc"}, or with
     `opcodes` {"opcodes", "gc"}."""
-    from bench import opcode_counts
+    from bench import bytecode_cache, opcode_counts
 
+    bytecode_cache.compile_checkout(source, ("proxy", "bench"))  # the proxy process imports bench.targets too
     per = SECOND - FIRST
     tools = ("opcodes",) if opcodes else ("callgrind", "strace")
     runs = {(tool, n): _run(tool, source, directory, backend_port, gateway, n,

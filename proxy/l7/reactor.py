@@ -158,9 +158,9 @@ class Reactor:
 
     def ensure_running(self, nursery: trio.Nursery) -> None:
         if not self.running:
-            self.running = True
             nursery.start_soon(self._run)
             nursery.start_soon(self._read_parked_queue)
+            self.running = True  # only once its tasks exist: batching relies on it
 
     def register(self, fd: int) -> None:
         stale = self._fds.get(fd)

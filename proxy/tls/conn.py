@@ -169,6 +169,13 @@ class TlsConn(Conn):
         fed to the TLS layer first. `server_hostname`: a client's SNI and the name the peer's
         certificate is checked against (when the context checks hostnames)."""
         super().__init__(sock, b"", reactor, sweeper, idle_s)
+        try:
+            self._start(context, server_side, server_hostname, initial)
+        except BaseException:
+            Conn.close(self)  # registered with the reactor and sweeper above: undo that with the socket
+            raise
+
+    def _start(self, context: TlsContext, server_side: bool, server_hostname: str | None, initial: bytes) -> None:
         if _library is not context.library:
             _bind(context.library)
         lib, ffi = _lib, _ffi

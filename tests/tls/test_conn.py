@@ -416,11 +416,18 @@ async def test_mutual_tls_peer_principal_is_the_spiffe_id(tmp_path):
 
 async def test_a_client_that_checks_hostnames_needs_a_name_to_check(server_files) -> None:
     """As the stdlib refuses it: with no name, the check would let any certificate of the CA pass."""
+    reactor, sweeper = Reactor(), TimeoutSweeper(0.2)
     client_sock, server_sock = tcp_pair()
     try:
         with pytest.raises(TlsError, match="name to check is missing"):
-            TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False)
-        TlsConn(client_sock, client_context(ca_file=server_files.ca, check_hostname=False), server_side=False).close()
+            TlsConn(client_sock, client_context(ca_file=server_files.ca), server_side=False, reactor=reactor,
+                    sweeper=sweeper)
+        # the half-made connection undid its registrations and closed its socket
+        assert not sweeper.watched
+        assert client_sock.fileno() == -1
+        other_sock, other_server_sock = tcp_pair()
+        TlsConn(other_sock, client_context(ca_file=server_files.ca, check_hostname=False), server_side=False).close()
+        other_server_sock.close()
     finally:
         client_sock.close()
         server_sock.close()
