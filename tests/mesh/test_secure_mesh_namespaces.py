@@ -427,7 +427,9 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
     p50 = by(query(demo, "histogram_quantile(0.5, sum(rate(istio_request_duration_milliseconds_bucket"
                          f'{{reporter="destination",response_code="200"}}{window})) by (le, destination_app))'),
              "destination_app")
-    assert p50["customer"] >= p50["preference"] >= p50["recommendation"], p50
+    # (two medians in one bucket are interpolated alike: equal but for the last bits of a float)
+    slack = 1e-9
+    assert p50["customer"] >= p50["preference"] - slack and p50["preference"] >= p50["recommendation"] - slack, p50
 
 
 def test_three_hop_trace_in_zipkin(mesh) -> None:
