@@ -1,8 +1,8 @@
 """What a server spends on a whole new mutual TLS connection (accept, handshake, one HTTP/1.1 request
 through to a backend, close), as `python -m bench --only mtls`'s new-connection row makes them:
 
-    python -m bench.tls_connection_instructions [--gateway] [--source DIR] [--keep-output DIR]
-                                                [--opcodes [--top N]]
+    python -m bench.tls_connection_instructions [--gateway] [--resume] [--source DIR]
+                                                [--keep-output DIR] [--opcodes [--top N]]
 
 The proxy runs the data path's own serving code in-process: a sidecar's bound inbound listener with
 PeerAuthentication STRICT and its workload certificate (proxy/tls/mesh_inbound.py), or with
@@ -10,8 +10,10 @@ PeerAuthentication STRICT and its workload certificate (proxy/tls/mesh_inbound.p
 triomesh_mtls_config: TLS 1.3, OpenSSL's two session tickets), both routing to one nginx endpoint
 (kept alive, as the bench's). The client, this process, opens one connection after another with its
 own workload certificate (the stdlib's TLS), sends `GET /small` with `Connection: close` (as nginx's
-new-connection port does) and reads to the server's close. Two runs of 10 and 60 connections; the
-difference divided by 50 is one connection:
+new-connection port does) and reads to the server's close. With `--resume` each connection but a
+run's first resumes the session (the TLS 1.3 ticket) of the one before, as a client sidecar that keeps
+sessions does (proxy/tls/sessions.py); the client checks that it did. Two runs of 10 and 60
+connections; the difference divided by 50 is one connection:
 
 - instructions (callgrind, user space), split by where they run: OpenSSL (cryptography's
   `_rust.abi3.so`, OpenSSL linked in), the cffi glue, CPython (its eval loop, the garbage collector,
@@ -134,8 +136,9 @@ async def _proxy(directory: Path, backend_port: int, gateway: bool, port_file: P
     port_file.with_suffix(".gc").write_text(json.dumps(gc.get_stats()))
 
 
-def _client(directory: Path, port: int, connections: int, gateway: bool) -> None:
-    """`connections` new connections one after another, one request each; SystemExit if one fails."""
+def _client(directory: Path, port: int, connections: int, gateway: bool, resume: bool) -> None:
+    """`connections` new connections one after another, one request each; SystemExit if one fails
+    (or, `resume`, if one but the first did not resume the session of the one before)."""
     from proxy.tls.mesh import ISTIO_HTTP1
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -143,19 +146,24 @@ def _client(directory: Path, port: int, connections: int, gateway: bool) -> None
     context.load_verify_locations(str(directory / "trust.pem"))
     context.check_hostname = False
     context.set_alpn_protocols(["http/1.1" if gateway else ISTIO_HTTP1])
+    session = None
     for _ in range(connections):
         with socket.create_connection(("127.0.0.1", port)) as raw:
-            with context.wrap_socket(raw, server_hostname=SNI) as tls:
+            with context.wrap_socket(raw, server_hostname=SNI, session=session) as tls:
                 tls.sendall(REQUEST)
                 response = b""
                 while chunk := tls.recv(65536):
                     response += chunk
+                if resume:
+                    if session is not None and not tls.session_reused:
+                        raise SystemExit("the server did not resume the session it issued")
+                    session = tls.session  # with the tickets, read ahead of the response
         if not response.startswith(b"HTTP/1.1 200"):
             raise SystemExit(f"the request failed: {response[:200]!r}")
 
 
-def _run(tool: str, source: Path, directory: Path, backend_port: int, gateway: bool, connections: int,
-         out: Path) -> dict:
+def _run(tool: str, source: Path, directory: Path, backend_port: int, gateway: bool, resume: bool,
+         connections: int, out: Path) -> dict:
     """One proxy process under `tool` (callgrind, strace, opcodes) serving `connections`; its raw
     results: {"total": instructions} (callgrind), {"syscalls": ...}, {"opcodes": ...}, and "gc"."""
     from bench import opcode_counts
@@ -180,7 +188,7 @@ def _run(tool: str, source: Path, directory: Path, backend_port: int, gateway: b
                 raise RuntimeError(f"the proxy did not start: {proc.communicate()[1].decode()[-2000:]}")
             time.sleep(0.3)
         port, pid = map(int, port_file.read_text().split())
-        _client(directory, port, connections, gateway)
+        _client(directory, port, connections, gateway, resume)
         time.sleep(0.5)  # the last connection's task ends after its close
     finally:
         if proc.poll() is None:
@@ -266,8 +274,8 @@ def parts(callgrind_file: Path) -> dict[str, int]:
     return totals
 
 
-def measure(source: Path, directory: Path, backend_port: int, gateway: bool, keep_output: Path | None,
-            opcodes: bool) -> dict:
+def measure(source: Path, directory: Path, backend_port: int, gateway: bool, resume: bool,
+            keep_output: Path | None, opcodes: bool) -> dict:
     """Per connection for checkout `source`: {"instructions", "parts", "syscalls", "gc"}, or with
     `opcodes` {"opcodes", "gc"}."""
     from bench import bytecode_cache, opcode_counts
@@ -275,7 +283,7 @@ def measure(source: Path, directory: Path, backend_port: int, gateway: bool, kee
     bytecode_cache.compile_checkout(source, ("proxy", "bench"))  # the proxy process imports bench.targets too
     per = SECOND - FIRST
     tools = ("opcodes",) if opcodes else ("callgrind", "strace")
-    runs = {(tool, n): _run(tool, source, directory, backend_port, gateway, n,
+    runs = {(tool, n): _run(tool, source, directory, backend_port, gateway, resume, n,
                             (keep_output if tool == "callgrind" and keep_output else directory) / f"{tool}.{n}")
             for tool in tools for n in (FIRST, SECOND)}
     first, second = runs[(tools[0], FIRST)], runs[(tools[0], SECOND)]
@@ -336,6 +344,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tls_connection_instructions", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gateway", action="store_true", help="a MUTUAL Gateway server instead of a sidecar's")
+    parser.add_argument("--resume", action="store_true", help="each connection resumes the session of the one before")
     parser.add_argument("--source", type=Path, action="append", default=[],
                         help="another checkout to measure as well (repeatable)")
     parser.add_argument("--keep-output", type=Path, metavar="DIR", help="keep callgrind's output files in DIR")
@@ -349,7 +358,7 @@ def main() -> None:
     from bench.tls_handshake_instructions import _prepare
 
     sources = [HERE.parent.parent] + [s.resolve() for s in args.source]
-    kind = "MUTUAL gateway" if args.gateway else "mesh mTLS"
+    kind = ("MUTUAL gateway" if args.gateway else "mesh mTLS") + (", resumed," if args.resume else "")
     with tempfile.TemporaryDirectory(prefix="triomesh-tls-connection-") as tmp:
         directory = Path(tmp)
         _prepare(directory)
@@ -360,7 +369,7 @@ def main() -> None:
                 if args.keep_output is not None:
                     keep = args.keep_output.resolve() if len(sources) == 1 else args.keep_output.resolve() / str(i)
                     keep.mkdir(parents=True, exist_ok=True)
-                result = measure(source, directory, backend.port, args.gateway, keep, args.opcodes)
+                result = measure(source, directory, backend.port, args.gateway, args.resume, keep, args.opcodes)
                 print(report(source, kind, result, args.top), flush=True)
         finally:
             backend.stop()

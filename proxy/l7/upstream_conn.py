@@ -36,6 +36,9 @@ PEEK_AFTER_IDLE_S = 1.0
 HELP.setdefault("triomesh_upstream_cx_local_fail_total",
                 "Upstream connects that failed on our side (out of descriptors, memory, buffers, ports), by "
                 "reason; answered 503 UF and not held against the endpoint.")
+HELP.setdefault("triomesh_upstream_tls_session_reused_total",
+                "TLS connections to upstreams that resumed a kept session (a ticket) instead of a full "
+                "handshake (Envoy's ssl.session_reused).")
 HELP.setdefault("triomesh_upstream_tls_handshake_fail_total",
                 "TLS handshakes to upstreams (DestinationRule tls) that failed, by reason (fail_verify_error, "
                 "fail_verify_san, handshake_timeout, ...); answered 503 UF like a failed connect.")
@@ -70,8 +73,9 @@ class UpstreamTlsConn(TlsConn):
     __slots__ = ("key", "pool_key", "requests", "counted", "idle_since", "created", "peer_identity", "mesh_identity")
 
     def __init__(self, sock: socket.socket, key: tuple[str, int], context, server_hostname: str,
-                 plane: DataPlane | None = None) -> None:
-        super().__init__(sock, context, server_side=False, server_hostname=server_hostname, **_conn_settings(plane))
+                 plane: DataPlane | None = None, session=None) -> None:
+        super().__init__(sock, context, server_side=False, server_hostname=server_hostname, session=session,
+                         **_conn_settings(plane))
         _init_upstream(self, key)
         self.peer_identity: str | None = None  # ISTIO_MUTUAL: the server's verified SPIFFE ID
         # ISTIO_MUTUAL: the workload certificate it was made with (retired from the pools once renewed)
@@ -121,8 +125,11 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
         raise UpstreamTlsFailure(f"tls to {key[0]}:{key[1]}: {context} ({settings.origin})", "bad_settings") from context
     deadline = plane.now() + timeout_s
     sock = await _connect_socket(key, timeout_s, keepalive, plane)
+    # the server's kept session, resumed when it takes it (proxy/tls/sessions.py)
+    session_key = (key, settings.sni)
     try:
-        conn = UpstreamTlsConn(sock, key, context, settings.sni, None if opaque else plane)
+        conn = UpstreamTlsConn(sock, key, context, settings.sni, None if opaque else plane,
+                               context.sessions.get(session_key))
     except BaseException:
         sock.close()
         raise
@@ -137,6 +144,9 @@ async def open_connection(key: tuple[str, int], timeout_s: float, keepalive=None
                 plane.telemetry.note_upstream_principal(key, conn.peer_identity)
         else:
             check_subject_alt_names(settings, conn.peer_certificate())
+        conn.session_key = session_key  # checked: its session may be resumed
+        if conn.session_reused:
+            plane.stats.counter("triomesh_upstream_tls_session_reused_total").value += 1
     except BaseException as e:
         conn.close()
         if isinstance(e, TlsError):

@@ -159,23 +159,26 @@ class TlsConn(Conn):
     `handshake()` before any other IO."""
 
     __slots__ = ("context", "ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
-                 "_shutdown_after_flush", "_eof", "_read_error", "_handshake_done", "_close_notify_sent")
+                 "_shutdown_after_flush", "_eof", "_read_error", "_handshake_done", "_close_notify_sent",
+                 "session_key")
     short_fill_empties_socket = False  # ciphertext may be left in the socket after a short plaintext fill
 
     def __init__(self, sock: socket.socket, context: TlsContext, *, server_side: bool,
                  server_hostname: str | None = None, initial: bytes = b"", reactor: Reactor | None = None,
-                 sweeper: TimeoutSweeper | None = None, idle_s: float = math.inf) -> None:
+                 sweeper: TimeoutSweeper | None = None, idle_s: float = math.inf, session=None) -> None:
         """`initial`: ciphertext already read from the socket (a sniffer's peek of the ClientHello),
         fed to the TLS layer first. `server_hostname`: a client's SNI and the name the peer's
-        certificate is checked against (when the context checks hostnames)."""
+        certificate is checked against (when the context checks hostnames). `session`: a client's
+        kept session to offer (proxy/tls/sessions.py); the server may resume it or not."""
         super().__init__(sock, b"", reactor, sweeper, idle_s)
         try:
-            self._start(context, server_side, server_hostname, initial)
+            self._start(context, server_side, server_hostname, initial, session)
         except BaseException:
             Conn.close(self)  # registered with the reactor and sweeper above: undo that with the socket
             raise
 
-    def _start(self, context: TlsContext, server_side: bool, server_hostname: str | None, initial: bytes) -> None:
+    def _start(self, context: TlsContext, server_side: bool, server_hostname: str | None, initial: bytes,
+               session) -> None:
         if _library is not context.library:
             _bind(context.library)
         lib, ffi = _lib, _ffi
@@ -198,6 +201,8 @@ class TlsConn(Conn):
                 _set_server_hostname(pointer, server_hostname, context.check_hostname)
             elif context.check_hostname:  # as the stdlib refuses: a check with no name would pass anyone
                 raise TlsError("TLS error: the server's name to check is missing (check_hostname)", "connection_error")
+            if session is not None:
+                lib.SSL_set_session(pointer, session)  # takes its own reference
         if initial:
             lib.BIO_write(self.incoming, bytes(initial), len(initial))
         self._pending: list = []  # ciphertext not yet taken by the kernel, oldest first
@@ -208,6 +213,9 @@ class TlsConn(Conn):
         self._read_error: TlsError | None = None  # a failure _read_more met, raised by the next read
         self._handshake_done = False
         self._close_notify_sent = False
+        # a client's key in its context's sessions, set by the caller once the server passed its
+        # checks: the first plaintext read keeps the session (its tickets came before it)
+        self.session_key = None
 
     # ---- what the handshake told us
 
@@ -224,6 +232,11 @@ class TlsConn(Conn):
         """The SNI the client sent (server side); None without one."""
         name = _lib.SSL_get_servername(self.ssl, _lib.TLSEXT_NAMETYPE_host_name)
         return _ffi.string(name).decode("ascii", "replace") if name != _NULL else None
+
+    @property
+    def session_reused(self) -> bool:
+        """The handshake resumed a session (a ticket) instead of exchanging certificates."""
+        return bool(_lib.SSL_session_reused(self.ssl))
 
     @property
     def version(self) -> str | None:
@@ -364,6 +377,9 @@ class TlsConn(Conn):
         at the peer's close_notify or EOF, None when more ciphertext is needed."""
         n = _lib.SSL_read(self.ssl, _read_c, SCRATCH_BYTES)
         if n > 0:
+            if self.session_key is not None:
+                self.context.sessions.keep(self.session_key, self.ssl)
+                self.session_key = None
             if n == RECORD_PLAINTEXT_BYTES:
                 n = self._read_more(n)
             return _read_view[0:n]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from proxy.config.snapshot import CertificateFiles, ServerTls
 from proxy.tls.openssl import OpenSslError, TlsLibraryError, library, log
+from proxy.tls.sessions import ClientSessions
 
 # Istio's default cipher suites for gateways and sidecars (ECDHE key exchange, AEAD only), in
 # OpenSSL's names
@@ -82,7 +83,7 @@ class TlsContext:
     `check_hostname` (client side): the server certificate must name the connection's
     server_hostname."""
 
-    __slots__ = ("library", "pointer", "server_side", "check_hostname", "verify_mode", "alpn",
+    __slots__ = ("library", "pointer", "server_side", "check_hostname", "verify_mode", "alpn", "sessions",
                  "on_server_name", "_server_name_callback", "_alpn_callback", "__weakref__")
 
     def __init__(self, *, server_side: bool) -> None:
@@ -96,6 +97,8 @@ class TlsContext:
         self.check_hostname = False
         self.verify_mode = lib.SSL_VERIFY_NONE
         self.alpn: tuple[str, ...] = ()
+        # client side: the sessions its connections resume (proxy/tls/sessions.py)
+        self.sessions = None if server_side else ClientSessions(library_)
         self.on_server_name = None
         self._server_name_callback = None
         self._alpn_callback = None

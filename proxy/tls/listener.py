@@ -45,6 +45,8 @@ ALERT_UNRECOGNIZED_NAME = 112
 ALERT_INTERNAL_ERROR = 80
 
 HELP.setdefault("triomesh_tls_handshake_total", "Completed downstream TLS handshakes, by listener (Envoy's ssl.handshake).")
+HELP.setdefault("triomesh_tls_session_reused_total",
+                "Downstream TLS handshakes that resumed a session (a ticket), by listener (Envoy's ssl.session_reused).")
 HELP.setdefault("triomesh_tls_handshake_error_total",
                 "Downstream TLS handshakes that failed, by listener and reason (Envoy's ssl.connection_error, "
                 "ssl.fail_verify_no_cert, ssl.fail_verify_error, ...).")
@@ -104,6 +106,7 @@ class ListenerTls:
         self.suffixes.sort(key=lambda item: -len(item[0]))
         self.default_index = self.catch_all if self.catch_all is not None else 0
         self.handshakes = stats.counter("triomesh_tls_handshake_total", listener=listener_name)
+        self.sessions_reused = stats.counter("triomesh_tls_session_reused_total", listener=listener_name)
         self._errors: dict[str, Counter] = {}
         for entry in self.servers:
             self._load(entry, initial=True)

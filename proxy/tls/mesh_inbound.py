@@ -26,6 +26,8 @@ log = structlog.get_logger("triomesh.mtls")
 HELP.setdefault("triomesh_sidecar_inbound_mtls_total",
                 "Inbound connections by what PeerAuthentication made of them (terminated mesh mTLS, plaintext, "
                 "refused), by port.")
+HELP.setdefault("triomesh_sidecar_inbound_mtls_session_reused_total",
+                "Inbound mesh mTLS handshakes that resumed a session (a ticket the client kept), by port.")
 HELP.setdefault("triomesh_sidecar_inbound_mtls_handshake_fail_total",
                 "Inbound mesh mTLS handshakes that failed, by reason (fail_verify_no_cert: a client without a mesh "
                 "certificate).")
@@ -112,6 +114,8 @@ class MeshInbound:
             conn.close()
             raise
         self.count(port, Action.TERMINATE.value)
+        if conn.session_reused:
+            self.stats.counter("triomesh_sidecar_inbound_mtls_session_reused_total", port=str(port)).value += 1
         return conn
 
 

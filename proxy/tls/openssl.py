@@ -35,7 +35,7 @@ REQUIRED_FUNCTIONS = (
     "SSL_get_cipher_list", "i2d_X509_bio", "X509_free",
     "X509_verify_cert_error_string", "BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "BIO_free",
     "BIO_get_mem_data", "BIO_set_mem_eof_return", "ERR_get_error", "ERR_reason_error_string", "ERR_clear_error",
-    "OpenSSL_version", "OpenSSL_version_num",
+    "OpenSSL_version", "OpenSSL_version_num", "SSL_get1_session", "SSL_set_session", "SSL_SESSION_free",
 )
 
 

@@ -362,6 +362,46 @@ async def test_a_mutual_tls_client_resumes_its_session(ca, server_files, tmp_pat
         server.close()
 
 
+async def test_a_client_keeps_the_session_of_its_first_read_and_offers_it(server_files):
+    """Client side (proxy/tls/sessions.py): a connection marked with a key keeps its session when it
+    first reads plaintext (the server's tickets came before it); the next connection offered that
+    session resumes, and keeps the newer session its own ticket brought; one never marked (its
+    checks not passed) keeps nothing. A context keeps sessions for `limit` servers, oldest dropped."""
+    context = client_context(ca_file=server_files.ca)
+    server_side = server_context(server_files.cert, server_files.key)
+
+    async def connect(key, mark: bool) -> bool:
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, server_side, server_side=True)
+        client = TlsConn(client_sock, context, server_side=False, server_hostname="example.com",
+                         session=context.sessions.get(key))
+        await _handshake(client, server)
+        if mark:
+            client.session_key = key
+        await server.send_all(b"x")
+        assert await _read_exactly(client, 1) == b"x"
+        reused = client.session_reused
+        assert server.session_reused == reused
+        client.close()
+        server.close()
+        return reused
+
+    assert await connect("a", mark=False) is False
+    assert len(context.sessions) == 0  # never marked: nothing kept
+    assert await connect("a", mark=True) is False
+    first = context.sessions.get("a")
+    assert first is not None
+    assert await connect("a", mark=True) is True
+    assert context.sessions.get("a") is not first  # the resumed connection's own ticket replaced it
+    assert await connect("b", mark=False) is False  # another server's key: nothing to offer
+
+    context.sessions.limit = 2
+    for key in ("b", "c"):
+        assert await connect(key, mark=True) is False
+    assert len(context.sessions) == 2 and context.sessions.get("a") is None  # the oldest went
+    assert await connect("c", mark=True) is True
+
+
 async def test_peek_closed_on_an_idle_client(server_files):
     client, server = _pair(server_files)
     await _handshake(client, server)
