@@ -572,6 +572,10 @@ def run_mtls_http_rows(args, tmpdir: Path, backend_port: int, envoy_bin: str, me
                                             cpus=PROXY_CPU)
         negotiated = {t: mtls.negotiated(s.port, certs) for t, s in started.items()}
         meta["note"] += "; mutual TLS negotiated: " + "; ".join(f"{t}: {n}" for t, n in negotiated.items())
+        # the resumed rows measure resumptions only if both servers resume
+        resumes = {t: mtls.resumes(s.port, certs) for t, s in started.items()}
+        meta["note"] += "; a client resuming its session resumes: " + ", ".join(
+            f"{t} {'yes' if r else 'NO'}" for t, r in resumes.items())
         client = start_mtls_client(tmpdir / "mtls-client", {t: s.port for t, s in started.items()}, certs,
                                    cpus=LOAD_CPU)
         scenarios = [("mtls-keepalive-c64", f"HTTP/1.1 100 B over mutual TLS, kept alive, {MTLS_CLIENTS} conns",

@@ -90,6 +90,21 @@ def negotiated(port: int, certs: MeshCertificates) -> str:
     return "; ".join(line.strip() for line in out.splitlines() if line.strip().startswith(wanted))
 
 
+def resumes(port: int, certs: MeshCertificates) -> bool:
+    """Whether the server on `port` lets a client resume: a second connection offers the session of
+    the first (a GET each; the tickets arrive ahead of the response) and says whether it resumed."""
+    context = certs.client_context()
+    session, reused = None, False
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname=MTLS_SERVER_NAME, session=session) as tls:
+                tls.sendall(b"GET /small HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+                reused, session = tls.session_reused, tls.session
+    return reused
+
+
 # --- the bulk client ------------------------------------------------------------------------------
 
 

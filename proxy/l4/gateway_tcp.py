@@ -158,7 +158,7 @@ class GatewayTcpServer:
             runtime.count_error(runtime.refusal(conn.server_name) or getattr(e, "reason", "connection_error"))
             conn.close()
             return
-        runtime.handshakes.value += 1
+        runtime.count_handshake(conn)
         server_listener = self._listener(snapshot, runtime.server_for(conn).listener)
         route = server_listener.tcp_route if server_listener is not None else None
         if route is None:

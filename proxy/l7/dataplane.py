@@ -376,6 +376,9 @@ class DataPlane:
         # plane) and the mesh mTLS client contexts made from it, one per certificate
         self.workload_identity = None
         self.mesh_contexts = MeshContexts()
+        # the proxy's worker processes, this one included (set by the worker): each makes its own
+        # TLS contexts, so what one worker's session tickets resume depends on how many there are
+        self.workers = 1
         # a mesh mTLS connection was made: pools may hold connections of a certificate since renewed
         self.mesh_pooled = False
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set

@@ -204,7 +204,8 @@ class Supervisor:
                        "--log-format", options.log_format]
         worker_args += ["--workload", identity_from_labels(
             options.namespace, options.labels, options.workload_name, options.cluster_id).header_value().decode()]
-        worker_args += ["--request-headers-timeout-s", repr(options.request_headers_timeout_s)]
+        worker_args += ["--request-headers-timeout-s", repr(options.request_headers_timeout_s),
+                        "--workers", str(options.concurrency)]
         if options.max_downstream_connections is not None:
             worker_args += ["--max-downstream-connections", str(options.max_downstream_connections)]
         if options.zipkin_address is not None:

@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="proxy.runner.worker")
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--index", type=int, required=True)
+    p.add_argument("--workers", type=int, default=1)  # how many the proxy runs, this one included
     p.add_argument("--access-log", choices=ACCESS_LOG_FORMATS, default="json")
     p.add_argument("--log-level", choices=tuple(tm_logging.LEVELS), default="info")
     p.add_argument("--log-format", choices=tm_logging.FORMATS, default="json")
@@ -162,7 +163,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
               inherited: dict[tuple[str, int], list] | None = None,
               hot_restart_socket: str | None = None, index: int = 0, drain_duration_s: float = 5.0,
               workload: str = "", tracing: TracingSettings | None = None,
-              request_headers_timeout_s: float = 10.0) -> None:
+              request_headers_timeout_s: float = 10.0, workers: int = 1) -> None:
     from proxy.l4.gateway_tcp import GatewayTcpServer
     from proxy.l4.transparent import CaptureServer
     from proxy.l7.dataplane import DataPlane, HttpSettings
@@ -184,6 +185,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                                    request_headers_timeout_s=request_headers_timeout_s),
                       telemetry=IstioMetrics(stats, own_workload),
                       tracing=Tracing(tracing, stats) if tracing is not None else None)
+    plane.workers = workers
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
     identity = IdentityHolder()
     plane.workload_identity = identity
@@ -350,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   index=args.index, drain_duration_s=args.drain_duration_s,
                   limits=OverloadLimits(args.max_downstream_connections, args.max_worker_rss_bytes),
                   workload=args.workload, tracing=_tracing_settings(args),
-                  request_headers_timeout_s=args.request_headers_timeout_s)
+                  request_headers_timeout_s=args.request_headers_timeout_s, workers=args.workers)
 
     try:
         trio.run(_main)

@@ -106,14 +106,15 @@ WORKLOAD_CERTIFICATE = "workload certificate"
 @dataclass(frozen=True, slots=True)
 class WorkloadSource:
     """The proxy's workload certificate (an IdentityHolder, swapped on renewal); the fingerprint is
-    its serial, so a renewal reloads the context like a rewritten file."""
+    its serial and trust bundle, so a renewal or a new bundle (root rotation) reloads the context
+    like a rewritten file."""
 
     files: CertificateFiles
     holder: Any
 
     def fingerprint(self) -> tuple:
         identity = self.holder.current if self.holder is not None else None
-        return (identity.serial,) if identity is not None else ()
+        return (identity.serial, identity.trust_bundle_pem) if identity is not None else ()
 
 
 @dataclass(frozen=True, slots=True)

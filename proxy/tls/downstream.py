@@ -59,9 +59,7 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
         raise
     finally:
         plane.downstream_cx_active.value -= 1
-    runtime.handshakes.value += 1
-    if conn.session_reused:
-        runtime.sessions_reused.value += 1
+    runtime.count_handshake(conn)
     server = runtime.server_for(conn)
     downstream = DownstreamConnection(plane, server.listener, sock, addr, peer_principal=conn.peer_principal(),
                                       conn=conn)

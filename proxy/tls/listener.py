@@ -105,11 +105,17 @@ class ListenerTls:
                     self.exact.setdefault(name, index)
         self.suffixes.sort(key=lambda item: -len(item[0]))
         self.default_index = self.catch_all if self.catch_all is not None else 0
-        self.handshakes = stats.counter("triomesh_tls_handshake_total", listener=listener_name)
-        self.sessions_reused = stats.counter("triomesh_tls_session_reused_total", listener=listener_name)
+        self._handshakes = stats.counter("triomesh_tls_handshake_total", listener=listener_name)
+        self._sessions_reused = stats.counter("triomesh_tls_session_reused_total", listener=listener_name)
         self._errors: dict[str, Counter] = {}
         for entry in self.servers:
             self._load(entry, initial=True)
+
+    def count_handshake(self, conn) -> None:
+        """A completed handshake of `conn` (a TlsConn), and whether it resumed a session."""
+        self._handshakes.value += 1
+        if conn.session_reused:
+            self._sessions_reused.value += 1
 
     # ---- certificates
 

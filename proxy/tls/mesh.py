@@ -26,6 +26,18 @@ ISTIO_TCP = "istio"
 MESH_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP)
 # the TCP peer exchange first: a client offering it gets it (proxy/telemetry/peer_exchange.py)
 SERVER_ALPN = (PEER_EXCHANGE_ALPN, ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP, "h2", "http/1.1")
+# Each worker process makes its own contexts, so its own session ticket keys (the binding cannot set
+# them), and the kernel spreads a client's connections over the workers: a ticket resumes on the
+# worker that issued it, about one new connection in N. A server's new mesh connection costs 5.84M
+# instructions as a full handshake with its two tickets, 3.21M resumed, 5.15M as a full handshake
+# without tickets (docs/tls.md, "Session resumption between sidecars"): the tickets repay the server
+# up to about 4 workers (the client side saves more), so more send none
+MAX_WORKERS_FOR_SESSION_TICKETS = 4
+
+
+def session_tickets_pay_off(workers: int) -> bool:
+    """Whether a mesh server of a proxy with `workers` worker processes sends resumable tickets."""
+    return workers <= MAX_WORKERS_FOR_SESSION_TICKETS
 
 
 def offers_mesh_alpn(alpn: tuple[str, ...]) -> bool:
@@ -46,15 +58,18 @@ def trust_domain(spiffe_id: str) -> str:
 
 
 def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_ALPN,
-                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = ()) -> TlsContext:
-    """Terminating mesh mTLS (a sidecar's inbound, a Gateway server in ISTIO_MUTUAL)."""
+                   versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = (),
+                   session_tickets: bool = True) -> TlsContext:
+    """Terminating mesh mTLS (a sidecar's inbound, a Gateway server in ISTIO_MUTUAL).
+    `session_tickets`: OpenSSL's two stateless tickets per full handshake (one per resumption), as
+    Envoy's sidecars send, so that a client sidecar, ours or Envoy's, resumes next time instead of
+    exchanging certificates (proxy/tls/sessions.py); each costs the server about 0.35M instructions.
+    Without, two small stateful tickets that resume nothing."""
     context = base_context(True, alpn, versions, cipher_suites)
     identity.load_into(context)
     context.require_peer_certificate()
-    # OpenSSL's two stateless session tickets per full handshake (one per resumption), as Envoy's
-    # sidecars send: a client sidecar, ours or Envoy's, resumes with one the next time instead of
-    # exchanging certificates (proxy/tls/sessions.py). Each costs the server about 0.35M
-    # instructions; a resumption saves several times that on both sides (docs/tls.md)
+    if not session_tickets:
+        context.without_session_tickets()
     return context
 
 
@@ -71,9 +86,10 @@ def client_context(identity: WorkloadIdentity, alpn: tuple[str, ...]) -> TlsCont
 class MeshContexts:
     """The contexts of the current identity, remade when the identity object changes."""
 
-    __slots__ = ("_identity", "_server", "_clients")
+    __slots__ = ("_identity", "_server", "_clients", "session_tickets")
 
-    def __init__(self) -> None:
+    def __init__(self, session_tickets: bool = True) -> None:
+        self.session_tickets = session_tickets  # the server context's (server_context)
         self._identity: WorkloadIdentity | None = None
         self._server: TlsContext | None = None
         self._clients: dict[tuple[str, ...], TlsContext] = {}
@@ -85,7 +101,7 @@ class MeshContexts:
     def server(self, identity: WorkloadIdentity) -> TlsContext:
         self._follow(identity)
         if self._server is None:
-            self._server = server_context(identity)
+            self._server = server_context(identity, session_tickets=self.session_tickets)
         return self._server
 
     def client(self, identity: WorkloadIdentity, alpn: tuple[str, ...]) -> TlsContext:

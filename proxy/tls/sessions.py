@@ -3,8 +3,12 @@
 A new upstream connection to a server of a kept session offers that session's ticket (TLS 1.3
 resumption with a fresh key exchange, `psk_dhe_ke`): neither side sends, signs or verifies a
 certificate, about half a full mutual TLS handshake's CPU on each side (docs/tls.md). Envoy's
-upstream TLS does the same by default (`max_session_keys` 1), so an Istio client sidecar resumes
-with a server sidecar, and so does ours.
+upstream TLS resumes by default too (`max_session_keys` 1), so an Istio client sidecar resumes with
+a server sidecar, and so does ours. One difference: Envoy offers a TLS 1.3 session once and drops
+it, as RFC 8446 (appendix C.4) advises against a ticket linking connections for a passive observer;
+here the newest session is offered to every new connection until a newer ticket replaces it, so
+that a burst of new connections resumes too. Within a mesh the observer already sees both pods'
+addresses.
 
 Why a resumed connection is as trustworthy as the full handshake that made its session:
 - a session is kept only from a connection that passed every check of its full handshake or its
@@ -19,6 +23,14 @@ Why a resumed connection is as trustworthy as the full handshake that made its s
 - the server decides: a ticket it cannot decrypt (another process, a new certificate: a new
   context, new ticket keys) or that expired (OpenSSL offers no ticket past its lifetime) makes a
   full handshake, never a failure.
+
+What resumption does not recheck, as in Envoy: the certificates' expiry. A session lives for the
+server's ticket lifetime (OpenSSL's default, 2 h, Envoy's `session_timeout` default too), so a
+peer whose certificate expired within that time (its renewal failed) resumes with its principal
+until then; workload certificates are renewed well before they expire.
+
+Servers of several worker processes: each worker has its own ticket keys, so a ticket resumes only
+on the worker that issued it (proxy/tls/mesh.py, MAX_WORKERS_FOR_SESSION_TICKETS).
 
 TLS 1.3 tickets arrive after the handshake, ahead of the server's first application data (ours send
 them with the first response, BoringSSL's right after the handshake), so a session is taken when

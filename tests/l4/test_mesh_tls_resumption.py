@@ -12,7 +12,9 @@ import trio
 
 from controlplane.ca import CertificateAuthority
 from proxy.l4.addrs import OrigDstAddr
+from proxy.l4.transparent import CaptureServer, CaptureSettings
 from proxy.stats import Stats
+from proxy.tls import mesh
 from tests.l4.harness import tcp_server
 from tests.l4.test_inbound_security import _closed_unanswered, _echo_handler
 from tests.l4.test_mesh_mtls import issue
@@ -114,3 +116,27 @@ async def test_sidecars_resume_sessions_and_check_every_resumed_connection(nurse
             assert resumed(client_stats, server_stats) == (4, 5)
         assert server_stats.counter("triomesh_sidecar_inbound_mtls_total", port=str(SERVER_PORT),
                                     outcome="mtls").value == 8
+
+
+async def test_a_server_of_many_workers_sends_no_tickets_to_resume(nursery, tmp_path):
+    """Each worker process has its own ticket keys, so with more than MAX_WORKERS_FOR_SESSION_TICKETS
+    workers a ticket would rarely find its worker again: such a server sends none worth keeping,
+    sparing the full handshake their cost, and clients make full handshakes."""
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    async with tcp_server(_echo_handler) as app_port:
+        server_plane, server_stats, _ = sidecar(SERVER_CONFIG.replace("APP_PORT", str(app_port)), "echo",
+                                                issue(ca, "foo", "echo"), nursery)
+        server_plane.workers = mesh.MAX_WORKERS_FOR_SESSION_TICKETS + 1
+        server_capture = CaptureServer(server_plane, server_stats, nursery, CaptureSettings(sniff_timeout_s=0.5))
+        inbound = Acceptor(server_capture, "virtualInbound", OrigDstAddr("127.0.0.1", SERVER_PORT))
+        nursery.start_soon(inbound.serve, nursery)
+        client_text = CLIENT_CONFIG.replace("SERVER_PORT", str(inbound.port)).replace("OLD_PORT", "1")
+        _, client_stats, client_capture = sidecar(client_text, "sleep", issue(ca, "foo", "sleep"), nursery)
+        echo = Acceptor(client_capture, "virtualOutbound", OrigDstAddr(ECHO_VIP, ECHO_PORT))
+        nursery.start_soon(echo.serve, nursery)
+        with trio.fail_after(20):
+            for _ in range(3):
+                await ping(echo.port)
+        assert resumed(client_stats, server_stats) == (0, 0)
+        assert server_stats.counter("triomesh_sidecar_inbound_mtls_total", port=str(SERVER_PORT),
+                                    outcome="mtls").value == 3

@@ -236,3 +236,32 @@ async def test_a_session_of_one_server_is_never_resumed_for_another(ca, tmp_path
     assert failure is None and not reused  # offered to the SIMPLE server: a full handshake instead
     failure, _, _ = await connect(with_certificate, "mtls.example.com", mutual_session)
     assert failure is None  # its own server: resumed or not, the handshake succeeds
+
+
+def test_an_istio_mutual_server_reloads_on_renewal_and_on_a_new_trust_bundle(tmp_path):
+    """The workload certificate's serial and the trust bundle both make the fingerprint: a root
+    rotation that only adds a root to the bundle (the serial unchanged) rebuilds the context too, so
+    clients of the new root verify and old session tickets (the old context's keys) resume nothing."""
+    from controlplane.ca import CertificateAuthority
+    from proxy.identity.holder import IdentityHolder
+    from proxy.tls.certificates import WORKLOAD_CERTIFICATE
+    from tests.l4.test_mesh_mtls import issue
+
+    ca = CertificateAuthority.load_or_create(tmp_path / "ca", "cluster.local")
+    holder = IdentityHolder()
+    holder.swap(issue(ca, "foo", "gateway"))
+    server = ServerTls(("*",), "ISTIO_MUTUAL", CertificateFiles("", "", "", WORKLOAD_CERTIFICATE), listener="routes")
+    runtime = ListenerTls("l", (server,), Stats(), holder)
+    first = runtime.initial_context()
+    runtime.maybe_reload()
+    assert runtime.initial_context() is first
+
+    other = CertificateAuthority.load_or_create(tmp_path / "other", "cluster.local")
+    holder.swap(holder.current.with_trust_bundle(holder.current.trust_bundle_pem + other.trust_bundle_pem))
+    runtime.maybe_reload()
+    second = runtime.initial_context()
+    assert second is not first
+
+    holder.swap(issue(ca, "foo", "gateway"))  # renewal: a new serial
+    runtime.maybe_reload()
+    assert runtime.initial_context() is not second
