@@ -333,6 +333,22 @@ def _run(tmp_path: Path, procs: list, backend: Backend, echo_port: int) -> None:
         line for line in customer.admin("/stats/prometheus")[1].splitlines()
         if line.startswith("istio_tcp_connections_closed_total")), "TCP metrics with the server's principal")
 
+    # the next connections resume the session of an earlier one (no certificates exchanged), counted
+    # by both proxies; certificates live 4 s here, so a renewal in between may start a new session
+    def total(proxy: Proxy, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in proxy.admin("/stats/prometheus")[1].splitlines()
+                   if line.startswith(name + " ") or line.startswith(name + "{"))
+
+    for _ in range(10):
+        with socket.create_connection(("127.0.0.1", ports["tcp_in"]), timeout=5) as tcp:
+            tcp.sendall(b"PING\r\n")
+            assert tcp.recv(100) == b"PING\r\n"
+        if total(customer, "triomesh_upstream_tls_session_reused_total"):
+            break
+    assert total(customer, "triomesh_upstream_tls_session_reused_total") >= 1
+    server.wait_for(lambda: total(server, "triomesh_tls_session_reused_total") >= 1,
+                    "the server's count of resumed handshakes")
+
     # DestinationRule ISTIO_MUTUAL to an endpoint without the label: the server's SPIFFE ID is checked
     # against subjectAltNames (a mismatch fails the handshake: 503 UF, fail_verify_san)
     assert request(ports["egress"], "preference-direct:8080")[0] == 200
