@@ -170,6 +170,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
     from proxy.l7.server import serve_listener
     from proxy.tls.downstream import https_serve_function
     from proxy.tls.listener import TlsListeners
+    from proxy.tls.sessions import session_tickets_pay_off
     from proxy.tls.mesh_inbound import MeshInbound, inbound_listener_handler
 
     holder = SnapshotHolder()
@@ -211,7 +212,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        tls_listeners = TlsListeners(stats, identity)
+        tls_listeners = TlsListeners(stats, identity, session_tickets_pay_off(workers))
         gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS

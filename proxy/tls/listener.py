@@ -85,8 +85,10 @@ def _workload_context(server: ServerTls, source: WorkloadSource):
 class ListenerTls:
     """The TLS runtime of one HTTPS listener."""
 
-    def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats, identity=None) -> None:
+    def __init__(self, listener_name: str, servers: tuple[ServerTls, ...], stats: Stats, identity=None,
+                 session_tickets: bool = True) -> None:
         self.listener_name = listener_name
+        self.session_tickets = session_tickets  # resumable tickets (proxy/tls/sessions.py), one server only
         self.stats = stats
         self.tls_servers = servers  # what the runtime was made from (TlsListeners compares it)
         # ISTIO_MUTUAL servers present the workload certificate (`identity`, an IdentityHolder)
@@ -143,7 +145,7 @@ class ListenerTls:
             # the SNI callback picks another server or refuses a name; one server taking every name
             # (`*`) does neither, so its handshakes skip the call into Python
             context.set_server_name_handler(self._on_server_name)
-        if len(self.servers) > 1:
+        if len(self.servers) > 1 or not self.session_tickets:
             # OpenSSL resumes a session with the first context's tickets and cache, before SNI picks
             # the server: a session made for one server (none or another CA for client
             # certificates) must never pass for another, so a port of several servers resumes none
@@ -224,9 +226,10 @@ class ListenerTls:
 class TlsListeners:
     """A worker's ListenerTls by listener, kept while a listener's servers are unchanged."""
 
-    def __init__(self, stats: Stats, identity=None) -> None:
+    def __init__(self, stats: Stats, identity=None, session_tickets: bool = True) -> None:
         self.stats = stats
         self.identity = identity  # the worker's IdentityHolder (ISTIO_MUTUAL servers)
+        self.session_tickets = session_tickets  # see ListenerTls
         self._by_listener: dict[str, ListenerTls] = {}
         self._snapshot: Snapshot | None = None
         self._listeners: dict[str, Listener] = {}
@@ -250,7 +253,7 @@ class TlsListeners:
                 runtime = None
         if runtime is None:
             runtime = self._by_listener[listener.name] = ListenerTls(listener.name, listener.tls_servers, self.stats,
-                                                                   self.identity)
+                                                                   self.identity, self.session_tickets)
         return runtime
 
     async def watch_certificates(self, holder) -> None:

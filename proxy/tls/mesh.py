@@ -26,18 +26,6 @@ ISTIO_TCP = "istio"
 MESH_ALPN = (ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP)
 # the TCP peer exchange first: a client offering it gets it (proxy/telemetry/peer_exchange.py)
 SERVER_ALPN = (PEER_EXCHANGE_ALPN, ISTIO_H2, ISTIO_HTTP1, ISTIO_TCP, "h2", "http/1.1")
-# Each worker process makes its own contexts, so its own session ticket keys (the binding cannot set
-# them), and the kernel spreads a client's connections over the workers: a ticket resumes on the
-# worker that issued it, about one new connection in N. A server's new mesh connection costs 5.84M
-# instructions as a full handshake with its two tickets, 3.21M resumed, 5.15M as a full handshake
-# without tickets (docs/tls.md, "Session resumption between sidecars"): the tickets repay the server
-# up to about 4 workers (the client side saves more), so more send none
-MAX_WORKERS_FOR_SESSION_TICKETS = 4
-
-
-def session_tickets_pay_off(workers: int) -> bool:
-    """Whether a mesh server of a proxy with `workers` worker processes sends resumable tickets."""
-    return workers <= MAX_WORKERS_FOR_SESSION_TICKETS
 
 
 def offers_mesh_alpn(alpn: tuple[str, ...]) -> bool:

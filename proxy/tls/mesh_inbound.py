@@ -19,7 +19,8 @@ from proxy.l4.sniff import Protocol
 from proxy.stats import HELP, Counter, Stats
 from proxy.tls.conn import TlsConn, TlsError
 from proxy.tls.listener import HANDSHAKE_TIMEOUT_S
-from proxy.tls.mesh import ISTIO_H2, ISTIO_HTTP1, MeshContexts, offers_mesh_alpn, session_tickets_pay_off
+from proxy.tls.mesh import ISTIO_H2, ISTIO_HTTP1, MeshContexts, offers_mesh_alpn
+from proxy.tls.sessions import session_tickets_pay_off
 
 log = structlog.get_logger("triomesh.mtls")
 

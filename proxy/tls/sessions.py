@@ -30,7 +30,7 @@ peer whose certificate expired within that time (its renewal failed) resumes wit
 until then; workload certificates are renewed well before they expire.
 
 Servers of several worker processes: each worker has its own ticket keys, so a ticket resumes only
-on the worker that issued it (proxy/tls/mesh.py, MAX_WORKERS_FOR_SESSION_TICKETS).
+on the worker that issued it (session_tickets_pay_off below).
 
 TLS 1.3 tickets arrive after the handshake, ahead of the server's first application data (ours send
 them with the first response, BoringSSL's right after the handshake), so a session is taken when
@@ -42,6 +42,19 @@ servers, the oldest dropped first (a session holds the server's decoded certific
 from __future__ import annotations
 
 SESSIONS_PER_CONTEXT = 256
+# Each worker process makes its own server contexts, so its own ticket keys (the binding cannot set
+# them), and the kernel spreads a client's connections over the workers: a ticket resumes on the
+# worker that issued it, about one new connection in N. A server's new mesh connection costs 5.84M
+# instructions as a full handshake with its two tickets, 3.21M resumed, 5.15M as a full handshake
+# without tickets (docs/tls.md, "Session resumption between sidecars"): the tickets repay the server
+# up to about 4 workers, so the servers of a proxy of more send none
+MAX_WORKERS_FOR_SESSION_TICKETS = 4
+
+
+def session_tickets_pay_off(workers: int) -> bool:
+    """Whether the servers (mesh and Gateway) of a proxy with `workers` worker processes send
+    resumable session tickets."""
+    return workers <= MAX_WORKERS_FOR_SESSION_TICKETS
 
 
 class ClientSessions:

@@ -265,3 +265,43 @@ def test_an_istio_mutual_server_reloads_on_renewal_and_on_a_new_trust_bundle(tmp
     holder.swap(issue(ca, "foo", "gateway"))  # renewal: a new serial
     runtime.maybe_reload()
     assert runtime.initial_context() is not second
+
+
+async def test_a_server_of_a_proxy_of_many_workers_sends_no_tickets_to_resume(server_files):
+    """TlsListeners(session_tickets=False), as a worker of a proxy of more than
+    MAX_WORKERS_FOR_SESSION_TICKETS makes it: the server's tickets resume nothing (each worker has its
+    own ticket keys); with them, a client's second connection resumes."""
+    import ssl
+    import threading
+
+    import trio
+
+    from proxy.tls.conn import TlsConn
+    from tests.tls.certs import tcp_pair
+
+    client_context = ssl.create_default_context(cafile=server_files.ca)
+
+    async def resumed_second(runtime: ListenerTls) -> bool:
+        session, reused = None, False
+        for _ in range(2):
+            client_sock, server_sock = tcp_pair()
+
+            def client(sock=client_sock, offered=session) -> tuple:
+                with client_context.wrap_socket(sock, server_hostname="example.com", session=offered) as tls:
+                    assert tls.recv(1) == b"x"  # the tickets come before the byte
+                    return tls.session, tls.session_reused
+
+            server = TlsConn(server_sock, runtime.initial_context(), server_side=True)
+            async with trio.open_nursery() as nursery:
+                async def serve() -> None:
+                    await server.handshake(5.0)
+                    await server.send_all(b"x")
+
+                nursery.start_soon(serve)
+                session, reused = await trio.to_thread.run_sync(client)
+            server.close()
+        return reused
+
+    servers = (_server(server_files, "*"),)
+    assert await resumed_second(ListenerTls("l", servers, Stats())) is True
+    assert await resumed_second(ListenerTls("l", servers, Stats(), session_tickets=False)) is False
