@@ -7,7 +7,7 @@ through to a backend, close), as `python -m bench --only mtls`'s new-connection 
 The proxy runs the data path's own serving code in-process: a sidecar's bound inbound listener with
 PeerAuthentication STRICT and its workload certificate (proxy/tls/mesh_inbound.py), or with
 `--gateway` a Gateway HTTPS server in MUTUAL mode (proxy/tls/downstream.py, bench.targets'
-triomesh_mtls_config: TLS 1.3, OpenSSL's two session tickets), both routing to one nginx endpoint
+triomesh_mtls_config: TLS 1.3), both sending OpenSSL's two session tickets and routing to one nginx endpoint
 (kept alive, as the bench's). The client, this process, opens one connection after another with its
 own workload certificate (the stdlib's TLS), sends `GET /small` with `Connection: close` (as nginx's
 new-connection port does) and reads to the server's close. With `--resume` each connection but a

@@ -8,8 +8,8 @@ CA: ECDSA P-256 with a SPIFFE URI SAN, client certificate required) terminates N
 inbound connection does before its first request), on the worker's reactor and timeout sweeper as
 the data path runs its connections. `--gateway`: a Gateway server in MUTUAL mode
 instead (`proxy.tls.context.server_context` from the same certificate files, TLS 1.3, client
-certificate required), which also sends OpenSSL's default two TLS 1.3 session tickets, as the
-`make bench` mtls rows' server does. The client is the stdlib's TLS with its own
+certificate required). Both send OpenSSL's default two TLS 1.3 session tickets, as the `make
+bench` mtls rows' server does (the mesh context since its sessions resume: proxy/tls/sessions.py). The client is the stdlib's TLS with its own
 workload certificate, in another thread: only the server thread's CPU is counted
 (`time.thread_time`), so the figure is what the proxy pays per new connection for TLS, Python and
 library together. `--source DIR` measures another checkout's `proxy/` too (for instance the

@@ -4,7 +4,8 @@ callgrind, and how many of them are OpenSSL's own (`SSL_do_handshake`):
     python -m bench.tls_handshake_instructions [--gateway] [--source DIR] [--keep-output DIR]
 
 The server (bench.tls_handshake's contexts: a sidecar's mesh mTLS, or with `--gateway` a MUTUAL
-Gateway server sending OpenSSL's two stateless tickets) accepts connections one after another,
+Gateway server; both send OpenSSL's two stateless tickets, the mesh one since its sessions resume,
+proxy/tls/sessions.py) accepts connections one after another,
 handshakes, reads the peer's SPIFFE ID and closes, with the worker's reactor and timeout sweeper as
 the data path has them, under callgrind; the client (the stdlib's TLS with
 its workload certificate) is another process, so only the server is counted. Two runs of 5 and 55
