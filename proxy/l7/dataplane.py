@@ -376,9 +376,9 @@ class DataPlane:
         # plane) and the mesh mTLS client contexts made from it, one per certificate
         self.workload_identity = None
         self.mesh_contexts = MeshContexts()
-        # the proxy's worker processes, this one included (set by the worker): each makes its own
-        # TLS contexts, so what one worker's session tickets resume depends on how many there are
-        self.workers = 1
+        # whether this worker's servers (mesh and Gateway) send resumable session tickets: set by the
+        # worker from the proxy's worker count (proxy/tls/sessions.py, session_tickets_pay_off)
+        self.session_tickets = True
         # a mesh mTLS connection was made: pools may hold connections of a certificate since renewed
         self.mesh_pooled = False
         self.reactor = Reactor()  # readiness of every HTTP connection of this worker, one epoll set

@@ -186,7 +186,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
                                    request_headers_timeout_s=request_headers_timeout_s),
                       telemetry=IstioMetrics(stats, own_workload),
                       tracing=Tracing(tracing, stats) if tracing is not None else None)
-    plane.workers = workers
+    plane.session_tickets = session_tickets_pay_off(workers)
     # the workload certificate for mutual TLS, renewed by the supervisor's control-plane client
     identity = IdentityHolder()
     plane.workload_identity = identity
@@ -212,7 +212,7 @@ async def run(channel: control.ControlChannel, *, access_log: AccessLog, log,
         # destination, sniffing, then the L7 pipeline on a virtual listener or the TCP proxy
         capture = CaptureServer(plane, stats, connections)
         # a Gateway's TCP servers: VirtualService tcp routes to the TCP proxy
-        tls_listeners = TlsListeners(stats, identity, session_tickets_pay_off(workers))
+        tls_listeners = TlsListeners(stats, identity, plane.session_tickets)
         gateway_tcp = GatewayTcpServer(plane, stats, connections, tls_listeners=tls_listeners)
         # HTTP_PROXY: Istio's explicit-proxy egress port, absolute-form targets; the L7 server takes both
         # a Gateway's HTTPS servers: TLS handshake (certificate by SNI), then the L7 server; its TLS

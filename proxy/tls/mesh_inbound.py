@@ -20,7 +20,6 @@ from proxy.stats import HELP, Counter, Stats
 from proxy.tls.conn import TlsConn, TlsError
 from proxy.tls.listener import HANDSHAKE_TIMEOUT_S
 from proxy.tls.mesh import ISTIO_H2, ISTIO_HTTP1, MeshContexts, offers_mesh_alpn
-from proxy.tls.sessions import session_tickets_pay_off
 
 log = structlog.get_logger("triomesh.mtls")
 
@@ -69,7 +68,7 @@ class MeshInbound:
         self.plane = plane
         self.connections = connections  # the nursery the reactor and sweeper run in (the capture's)
         self.stats = stats
-        self.contexts = MeshContexts(session_tickets=session_tickets_pay_off(getattr(plane, "workers", 1)))
+        self.contexts = MeshContexts(session_tickets=plane.session_tickets)
         self._counters: dict[tuple[int, str], Counter] = {}
 
     def identity(self):

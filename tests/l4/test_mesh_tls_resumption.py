@@ -14,7 +14,7 @@ from controlplane.ca import CertificateAuthority
 from proxy.l4.addrs import OrigDstAddr
 from proxy.l4.transparent import CaptureServer, CaptureSettings
 from proxy.stats import Stats
-from proxy.tls.sessions import MAX_WORKERS_FOR_SESSION_TICKETS
+from proxy.tls.sessions import MAX_WORKERS_FOR_SESSION_TICKETS, session_tickets_pay_off
 from tests.l4.harness import tcp_server
 from tests.l4.test_inbound_security import _closed_unanswered, _echo_handler
 from tests.l4.test_mesh_mtls import issue
@@ -126,7 +126,7 @@ async def test_a_server_of_many_workers_sends_no_tickets_to_resume(nursery, tmp_
     async with tcp_server(_echo_handler) as app_port:
         server_plane, server_stats, _ = sidecar(SERVER_CONFIG.replace("APP_PORT", str(app_port)), "echo",
                                                 issue(ca, "foo", "echo"), nursery)
-        server_plane.workers = MAX_WORKERS_FOR_SESSION_TICKETS + 1
+        server_plane.session_tickets = session_tickets_pay_off(MAX_WORKERS_FOR_SESSION_TICKETS + 1)
         server_capture = CaptureServer(server_plane, server_stats, nursery, CaptureSettings(sniff_timeout_s=0.5))
         inbound = Acceptor(server_capture, "virtualInbound", OrigDstAddr("127.0.0.1", SERVER_PORT))
         nursery.start_soon(inbound.serve, nursery)
