@@ -251,12 +251,12 @@ def _measured(target: Started | None, run: Callable[[], T], *,
     return res, cpu, system
 
 
-def _closed_loop(target: Started | None, port: int, path: str, *, connections: int,
-                 duration_s: int) -> tuple[load.LoadResult, float | None, float | None]:
-    """wrk against one target; the load result, the forwarder's CPU seconds during it and the system
-    (kernel) part of those."""
+def _closed_loop(target: Started | None, port: int, path: str, *, connections: int, duration_s: int,
+                 close: bool = False) -> tuple[load.LoadResult, float | None, float | None]:
+    """wrk against one target (`close`: a new connection per request); the load result, the
+    forwarder's CPU seconds during it and the system (kernel) part of those."""
     return _measured(target, lambda: load.run_wrk(f"http://127.0.0.1:{port}{path}", connections=connections,
-                                                  duration_s=duration_s, cpus=LOAD_CPU))
+                                                  duration_s=duration_s, cpus=LOAD_CPU, close=close))
 
 
 def _note_problem(what: str, name: str, run: load.H2loadRun, target: Started | None) -> None:
@@ -280,18 +280,22 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
     ports = {"direct": backend_port, **{k: v.port for k, v in started.items()}}
     for t in TARGETS:  # warm up: first connections, imports on first use, page faults
         load.run_wrk(f"http://127.0.0.1:{ports[t]}/small", connections=64, duration_s=1, cpus=LOAD_CPU)
-    scenarios = [("h1-small-c64", "HTTP/1.1 100 B, 64 conns", "/small", 64),
-                 ("h1-small-c256", "HTTP/1.1 100 B, 256 conns", "/small", 256),
-                 ("h1-1m-c16", "HTTP/1.1 1 MiB, 16 conns", "/1m", 16)]
+    # the new-connection row is the plaintext twin of the mutual TLS one (same client count): what a
+    # connection costs besides TLS
+    scenarios = [("h1-small-c64", "HTTP/1.1 100 B, 64 conns", "/small", 64, False),
+                 ("h1-small-c256", "HTTP/1.1 100 B, 256 conns", "/small", 256, False),
+                 ("h1-1m-c16", "HTTP/1.1 1 MiB, 16 conns", "/1m", 16, False),
+                 ("h1-newconn-c64", "HTTP/1.1 100 B, a new connection per request (Connection: close), 64 at a time",
+                  "/small", 64, True)]
     rows: list[report.Row] = []
-    for sid, title, path, conns in scenarios:
+    for sid, title, path, conns, new in scenarios:
         if conns == 256:  # the peak RSS row is the peak during this scenario
             rss_reset = all(s.reset_peak_rss() for s in started.values())
         per_target: dict[str, list[tuple[load.LoadResult, float | None, float | None]]] = {t: [] for t in TARGETS}
         for _ in range(args.reps):
             for t in TARGETS:  # interleaved: every repetition visits every target
                 per_target[t].append(_closed_loop(started.get(t), ports[t], path, connections=conns,
-                                                  duration_s=args.duration))
+                                                  duration_s=args.duration, close=new))
         med = {t: load.median_of([r for r, _, _ in v]) for t, v in per_target.items()}
 
         def row(metric_id: str, metric: str, unit: str, better: str, values: dict) -> None:
@@ -300,6 +304,8 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
 
         if path == "/1m":
             row("mibps", "throughput", "MiB/s", "higher", {t: med[t].mib_per_s for t in TARGETS})
+        elif new:
+            row("cps", "new connections/s (one request each)", "conn/s", "higher", {t: med[t].rps for t in TARGETS})
         else:
             row("rps", "requests/s", "req/s", "higher", {t: med[t].rps for t in TARGETS})
             row("p50", "p50 latency", "ms", "lower", {t: med[t].p50_ms for t in TARGETS})
@@ -307,7 +313,8 @@ def run_http1_rows(args, started: dict[str, Started], backend_port: int) -> list
         # CPU-µs per request is the same number as CPU-ms per 1,000 requests
         cpu = {t: _median([c / r.requests * 1e6 for r, c, _ in per_target[t] if c is not None and r.requests])
                for t in started}
-        row("cpu", "forwarder CPU per request", "CPU-µs", "lower", {"direct": None, **cpu})
+        row("cpu", "forwarder CPU per connection (accept + request)" if new else "forwarder CPU per request",
+            "CPU-µs", "lower", {"direct": None, **cpu})
         system = {t: _median([k / r.requests * 1e6 for r, _, k in per_target[t] if k is not None and r.requests])
                   for t in started}
         row("cpu-system", "of which system (kernel) time", "CPU-µs", "lower", {"direct": None, **system})

@@ -51,7 +51,9 @@ def _pin(cpus: str | None) -> list[str]:
 
 
 def run_wrk(url: str, *, connections: int, duration_s: int, threads: int = 1, cpus: str | None = None,
-            host_header: str | None = None, timeout_s: int = 5) -> LoadResult:
+            host_header: str | None = None, timeout_s: int = 5, close: bool = False) -> LoadResult:
+    """`close`: each request asks `Connection: close`, so every request is a new connection (wrk
+    reconnects after each response)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(_WRK_REPORT_LUA)
         script = f.name
@@ -60,6 +62,8 @@ def run_wrk(url: str, *, connections: int, duration_s: int, threads: int = 1, cp
                             f"--timeout={timeout_s}s", "-s", script]
         if host_header:
             cmd += ["-H", f"Host: {host_header}"]
+        if close:
+            cmd += ["-H", "Connection: close"]
         cmd.append(url)
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
     finally:

@@ -162,11 +162,28 @@ def mtls_checks(rows: list[Row]) -> list[Check]:
                      "mtls-newconn-c64/cps", None),
         _ratio_check(rows, "new mutual TLS connections: CPU per connection (triomesh / Envoy)", "mtls-newconn-c64/cpu",
                      None),
+        _tls_share_check(rows),
         _ratio_check(rows, "new mutual TLS connections resuming a session: CPU per connection (triomesh / Envoy)",
                      "mtls-resumed-c64/cpu", None),
         _ratio_check(rows, "TCP bulk over mutual TLS: MiB/s (triomesh / Envoy)", "mtls-tcp-bulk/mibps", None),
         _ratio_check(rows, "TCP bulk over mutual TLS: CPU-s per GiB (triomesh / Envoy)", "mtls-tcp-bulk/cpu", None),
     ]
+
+
+def _tls_share_check(rows: list[Row]) -> Check:
+    """What TLS adds to a new connection: the mutual TLS new-connection row's CPU less its plaintext
+    twin's (h1-newconn-c64: same request, same client count), each proxy's own."""
+    title = "new connections: CPU that mutual TLS adds (mtls-newconn minus h1-newconn; triomesh / Envoy)"
+    added = {}
+    for t in ("triomesh", "envoy"):
+        tls, plain = _value(rows, "mtls-newconn-c64/cpu", t), _value(rows, "h1-newconn-c64/cpu", t)
+        added[t] = tls - plain if tls is not None and plain is not None else None
+    if added["triomesh"] is None or not added["envoy"]:
+        return Check(title, "not measured (needs the h1 and mtls sections)", None, True)
+    plain = {t: _value(rows, "h1-newconn-c64/cpu", t) for t in added}
+    measured = (f"{added['triomesh'] / added['envoy']:.2f}x ({_fmt(added['triomesh'])} vs {_fmt(added['envoy'])} "
+                f"CPU-µs; plaintext: {_fmt(plain['triomesh'])} vs {_fmt(plain['envoy'])})")
+    return Check(title, measured, None, True)
 
 
 def checks_markdown(groups: dict[str, list[Check]]) -> str:
