@@ -8,7 +8,9 @@ by SNI (proxy/tls/listener.py), whose own tcp route takes the decrypted bytes.
 The snapshot is read once per connection, when it is accepted. A listener without a route (no tcp
 route applies to the server) closes each connection at once, as Envoy closes a connection that
 finds no filter chain. The workload's AuthorizationPolicies (if any apply) decide each connection
-first: a denied one is closed before any upstream connection.
+that has a route, before any upstream connection (a denied one is closed): on PASSTHROUGH servers with
+the ClientHello's SNI as `connection.sni`, on terminating ones after the handshake, with the SNI and
+a MUTUAL server's verified client identity as `source.principal`.
 """
 
 from __future__ import annotations
@@ -100,13 +102,10 @@ class GatewayTcpServer:
                 return
             try:
                 client_ip = sock.getpeername()[0]
-                local = sock.getsockname()[:2] if snapshot.authorization is not None else None
             except OSError:  # the client already left
                 sock.close()
                 return
-            if snapshot.authorization is not None and not self._authorizer.allows(
-                    snapshot.authorization, listener_name, client_ip, local):
-                self._count(listener_name, DENIED)
+            if not self._authorized(snapshot, listener_name, sock, client_ip):
                 sock.close()
                 return
             cluster = route.pick_cluster(self.rand_below)
@@ -116,6 +115,21 @@ class GatewayTcpServer:
         except Exception:  # one connection's bug must never cost the listener
             log.exception("gateway tcp handler failed", listener=listener_name)
             sock.close()
+
+    def _authorized(self, snapshot: Snapshot, listener_name: str, sock: socket.socket, client_ip: str,
+                    principal: str | None = None, sni: str | None = None) -> bool:
+        """The workload's AuthorizationPolicies (when any apply) on this connection; a denial is
+        counted (and logged by the authorizer)."""
+        if snapshot.authorization is None:
+            return True
+        try:
+            local = sock.getsockname()[:2]
+        except OSError:  # the client already left
+            return False
+        if self._authorizer.allows(snapshot.authorization, listener_name, client_ip, local, principal, sni):
+            return True
+        self._count(listener_name, DENIED)
+        return False
 
     async def _passthrough(self, listener: Listener, snapshot: Snapshot, sock: socket.socket) -> None:
         """A TLS PASSTHROUGH connection: read the ClientHello, route by its SNI, replay it upstream."""
@@ -133,6 +147,10 @@ class GatewayTcpServer:
         if route is None:
             self._count(listener.name, NO_ROUTE)
             log.info("no tls route for the connection's SNI", listener=listener.name, sni=detection.sni)
+            sock.close()
+            return
+        # the TLS session is not ours: the SNI, never a principal
+        if not self._authorized(snapshot, listener.name, sock, client_ip, sni=detection.sni):
             sock.close()
             return
         cluster = route.pick_cluster(self.rand_below)
@@ -163,6 +181,10 @@ class GatewayTcpServer:
         route = server_listener.tcp_route if server_listener is not None else None
         if route is None:
             self._count(listener.name, NO_ROUTE)
+            conn.close()
+            return
+        # a MUTUAL server's verified client certificate is the principal
+        if not self._authorized(snapshot, listener.name, sock, client_ip, conn.peer_principal(), conn.server_name):
             conn.close()
             return
         cluster = route.pick_cluster(self.rand_below)

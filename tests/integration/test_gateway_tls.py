@@ -44,10 +44,10 @@ spec:
     hosts: ["a.example.com"]
     tls: {httpsRedirect: true}
   - port: {number: PASSTHROUGH_PORT, name: tls, protocol: TLS}
-    hosts: ["pass.example.com"]
+    hosts: ["pass.example.com", "refused.example.com"]
     tls: {mode: PASSTHROUGH}
   - port: {number: TCP_TLS_PORT, name: tls-echo, protocol: TLS}
-    hosts: ["echo.example.com"]
+    hosts: ["echo.example.com", "refused.example.com"]
     tls: {mode: SIMPLE, credentialName: echo-credential}
   - port: {number: ROTATE_PORT, name: https-rotate, protocol: HTTPS}
     hosts: ["*"]
@@ -130,8 +130,15 @@ spec:
   hosts: [pass.example.com]
   gateways: [edge]
   tls:
-  - match: [{sniHosts: [pass.example.com]}]
+  - match: [{sniHosts: [pass.example.com, refused.example.com]}]
     route: [{destination: {host: pass.example.com, port: {number: 443}}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: refuse-by-sni, namespace: istio-system}
+spec:
+  action: DENY
+  rules: [{when: [{key: connection.sni, values: [refused.example.com]}]}]
 """
 
 
@@ -194,10 +201,10 @@ class EchoBackend:
         self.listener.close()
 
 
-def _credential(ca: trustme.CA, credentials: Path, name: str, host: str, *, with_ca: bool = False) -> None:
+def _credential(ca: trustme.CA, credentials: Path, name: str, *hosts: str, with_ca: bool = False) -> None:
     directory = credentials / name
     directory.mkdir(parents=True)
-    files = write_cert(ca, directory, "leaf", host)
+    files = write_cert(ca, directory, "leaf", *hosts)
     Path(files.cert).rename(directory / "tls.crt")
     Path(files.key).rename(directory / "tls.key")
     if not with_ca:
@@ -214,7 +221,7 @@ def gateway(tmp_path_factory):
     _credential(ca, credentials, "b-credential", "b.example.com")
     _credential(ca, credentials, "mtls-credential", "mtls.example.com", with_ca=True)
     _credential(ca, credentials, "rotating", "rotate.example.com")
-    _credential(ca, credentials, "echo-credential", "echo.example.com")
+    _credential(ca, credentials, "echo-credential", "echo.example.com", "refused.example.com")
     echo = EchoBackend()
     (tmp / "pass").mkdir()
     passthrough = TlsBackend(write_cert(ca, tmp / "pass", "pass", "pass.example.com"))
@@ -365,6 +372,46 @@ def test_tls_termination_then_tcp(gateway):
     proxy = gateway["proxy"]
     proxy.wait_for(lambda: proxy.stats("triomesh_gateway_tcp_cx_total").get(key) == 1, "the connection counted",
                    timeout_s=5)
+
+
+def test_authorization_on_tls_servers(gateway):
+    """AuthorizationPolicy decides connections to PASSTHROUGH and terminating TLS servers too (by the
+    ClientHello's SNI here): a denied one is closed before any upstream connection, counted and
+    logged with the policy; the same servers still serve the names the policy does not refuse."""
+    proxy = gateway["proxy"]
+    # --insecure: the backend's certificate names pass.example.com only; let through, curl would get its page
+    refused = _https(gateway, "refused.example.com", "PASSTHROUGH_PORT", "--insecure")
+    assert refused.returncode != 0 and "passthrough-backend" not in refused.stdout, refused
+    assert _https(gateway, "pass.example.com", "PASSTHROUGH_PORT").stdout == "passthrough-backend"
+    port = gateway["ports"]["TCP_TLS_PORT"]
+
+    async def echo(name: str) -> bytes:
+        conn = TlsConn(socket.create_connection(("127.0.0.1", port)), client_context(ca_file=gateway["ca_file"]),
+                       server_side=False, server_hostname=name)
+        try:
+            with trio.fail_after(20):
+                await conn.handshake(10)
+                await conn.send_all(b"ping")
+                conn.shutdown_write()
+                while await conn.fill():
+                    pass
+                return bytes(conn.take_buffered())
+        except ConnectionError:
+            return b""
+        finally:
+            conn.close()
+
+    assert trio.run(echo, "refused.example.com") == b""
+    assert trio.run(echo, "echo.example.com") == b"echo ping"
+    denied = proxy.stats("triomesh_rbac_denied_total")
+    for name in ("PASSTHROUGH_PORT", "TCP_TLS_PORT"):
+        listener = f"127.0.0.1_{gateway['ports'][name]}"
+        assert denied[(("listener", listener),)] == 1, (name, denied)
+        proxy.wait_for(lambda listener=listener: proxy.stats("triomesh_gateway_tcp_cx_total").get(
+            (("action", "denied"), ("listener", listener))) == 1, "the denial counted", timeout_s=5)
+    logged = [r for r in proxy.log_records() if r.get("event") == "connection denied by authorization policy"]
+    assert {r["listener"] for r in logged} >= {f"127.0.0.1_{port}", f"127.0.0.1_{gateway['ports']['PASSTHROUGH_PORT']}"}
+    assert all(r["policy"] == "ns[istio-system]-policy[refuse-by-sni]-rule[0]" for r in logged), logged
 
 
 def test_https_redirect(gateway):
