@@ -162,18 +162,20 @@ class GatewayTcpServer:
     async def _terminate(self, listener: Listener, snapshot: Snapshot, sock: socket.socket) -> None:
         """A terminating TLS server: handshake (server by SNI), then its tcp route over the plaintext."""
         runtime = self.tls_listeners.for_listener(snapshot, listener.name)
-        context = runtime.initial_context() if runtime is not None else None
-        if context is None:
-            if runtime is not None:
-                runtime.count_error("no_certificate")
+        if runtime is None:
             sock.close()
             return
-        conn = TlsConn(sock, context, server_side=True)
+        context, client_hello = await runtime.starting_context(sock)
+        if context is None:
+            runtime.count_error("no_certificate")
+            sock.close()
+            return
+        conn = TlsConn(sock, context, server_side=True, initial=client_hello)
         try:
             await conn.handshake(HANDSHAKE_TIMEOUT_S)
             client_ip = sock.getpeername()[0]
         except (TlsError, OSError) as e:
-            runtime.count_error(runtime.refusal(conn.server_name) or getattr(e, "reason", "connection_error"))
+            runtime.count_error(runtime.refusal(conn.server_name, conn.protocol_version_number) or getattr(e, "reason", "connection_error"))
             conn.close()
             return
         runtime.count_handshake(conn)

@@ -245,6 +245,12 @@ class TlsConn(Conn):
         return _ffi.string(_lib.SSL_get_version(self.ssl)).decode("ascii")
 
     @property
+    def protocol_version_number(self) -> int:
+        """The protocol version OpenSSL settled on (0x0304: TLS 1.3), also when the handshake failed
+        after settling it."""
+        return _lib.SSL_version(self.ssl)
+
+    @property
     def cipher(self) -> str | None:
         """The negotiated cipher suite's OpenSSL name (TLS 1.3: "TLS_AES_128_GCM_SHA256")."""
         if not self._handshake_done:

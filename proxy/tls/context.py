@@ -43,6 +43,7 @@ SESSION_ID_CONTEXT = b"triomesh"
 # the leaf is sent as it is, not completed from the trust store on every handshake (see TlsContext)
 _MODE_NO_AUTO_CHAIN = 0x00000008
 _ALERT_HANDSHAKE_FAILURE = 40  # RFC 8446 section 6.2
+_ALERT_PROTOCOL_VERSION = 70
 
 # Istio's TLSProtocol values as OpenSSL's version numbers; TLS_AUTO means "the default" (1.2 for the
 # minimum, 1.3 for the maximum)
@@ -84,7 +85,7 @@ class TlsContext:
     server_hostname."""
 
     __slots__ = ("library", "pointer", "server_side", "check_hostname", "verify_mode", "alpn", "sessions",
-                 "on_server_name", "_server_name_callback", "_alpn_callback", "__weakref__")
+                 "version_range", "on_server_name", "_server_name_callback", "_alpn_callback", "__weakref__")
 
     def __init__(self, *, server_side: bool) -> None:
         library_ = self.library = library()
@@ -97,6 +98,8 @@ class TlsContext:
         self.check_hostname = False
         self.verify_mode = lib.SSL_VERIFY_NONE
         self.alpn: tuple[str, ...] = ()
+        # (lowest, highest) protocol version this context's own settings allow (set_versions)
+        self.version_range = (TLS1_2, TLS1_3)
         # client side: the sessions its connections resume (proxy/tls/sessions.py)
         self.sessions = None if server_side else ClientSessions(library_)
         self.on_server_name = None
@@ -125,9 +128,14 @@ class TlsContext:
     # ---- settings
 
     def set_versions(self, minimum: int, maximum: int | None) -> None:
+        self.version_range = (minimum, maximum or TLS1_3)
         lib = self.library.lib
         lib.SSL_CTX_set_min_proto_version(self.pointer, minimum)
         lib.SSL_CTX_set_max_proto_version(self.pointer, maximum or 0)  # 0: the highest the library has
+
+    def accepts_version(self, version: int) -> bool:
+        low, high = self.version_range
+        return low <= version <= high
 
     def set_ciphers(self, cipher_list: str) -> None:
         """TLS 1.2's suites (TLS 1.3's are all AEAD with forward secrecy: TLS13_CIPHER_SUITES)."""
@@ -182,6 +190,12 @@ class TlsContext:
                 # certificate requirement, which OpenSSL copied from the first context at SSL_new
                 lib.SSL_set_SSL_CTX(ssl, chosen.pointer)
                 lib.SSL_set_verify(ssl, chosen.verify_mode, ffi.NULL)
+            if not chosen.accepts_version(lib.SSL_version(ssl)):
+                # OpenSSL settled the version with the first context, before this callback: the
+                # chosen server's own range decides (ListenerTls starts a connection on the right
+                # context when the port's servers differ in versions; this is the guard)
+                alert[0] = _ALERT_PROTOCOL_VERSION
+                return lib.SSL_TLSEXT_ERR_ALERT_FATAL
             return lib.SSL_TLSEXT_ERR_OK
 
         self._server_name_callback = ffi.callback("int(SSL *, int *, void *)", server_name,

@@ -27,20 +27,20 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
     if runtime is None:
         sock.close()  # the listener left the config while this connection waited in the backlog
         return
-    context = runtime.initial_context()
+    context, client_hello = await runtime.starting_context(sock)
     if context is None:
         runtime.count_error("no_certificate")
         sock.close()
         return
-    conn = TlsConn(sock, context, server_side=True, reactor=plane.reactor, sweeper=plane.sweeper,
-                   idle_s=plane.settings.stream_idle_timeout_s)
+    conn = TlsConn(sock, context, server_side=True, initial=client_hello, reactor=plane.reactor,
+                   sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
     # a connection in its handshake counts against --max-downstream-connections like a served one
     # (DownstreamConnection counts it from then on)
     plane.downstream_cx_active.value += 1
     try:
         await conn.handshake(HANDSHAKE_TIMEOUT_S)
     except TlsError as e:
-        reason = runtime.refusal(conn.server_name) or e.reason
+        reason = runtime.refusal(conn.server_name, conn.protocol_version_number) or e.reason
         runtime.count_error(reason)
         log.debug("tls handshake failed", listener=listener_name, reason=reason, sni=conn.server_name, error=str(e))
         conn.close()

@@ -28,11 +28,13 @@ import structlog
 import trio
 
 from proxy.config.snapshot import Listener, ServerTls, Snapshot
+from proxy.l4.sniff_stream import sniff_socket
 from proxy.stats import HELP, Counter, Stats
 from proxy.tls import mesh
 from proxy.tls.certificates import (CertificateSource, WorkloadSource, certificate_source, describe_chain,
                                     describe_chain_pem)
-from proxy.tls.context import ALPN_PROTOCOLS, ProtocolVersions, TlsContext, TlsSettingsError, context_for_server
+from proxy.tls.context import (ALPN_PROTOCOLS, ProtocolVersions, TlsContext, TlsSettingsError, check_versions,
+                               context_for_server)
 
 log = structlog.get_logger("triomesh.tls")
 
@@ -82,6 +84,14 @@ def _workload_context(server: ServerTls, source: WorkloadSource):
     return context, describe_chain_pem(identity.certificate_chain_pem)[0]
 
 
+def _version_range(server: ServerTls) -> tuple[int, int | None] | None:
+    """The protocol versions `server` takes (None when they are refused: it loads no context)."""
+    try:
+        return check_versions(ProtocolVersions(server.min_protocol_version, server.max_protocol_version))
+    except TlsSettingsError:
+        return None
+
+
 class ListenerTls:
     """The TLS runtime of one HTTPS listener."""
 
@@ -107,6 +117,10 @@ class ListenerTls:
                     self.exact.setdefault(name, index)
         self.suffixes.sort(key=lambda item: -len(item[0]))
         self.default_index = self.catch_all if self.catch_all is not None else 0
+        # OpenSSL settles the protocol version with the context a connection starts on, before the
+        # SNI callback picks the server: when the servers of the port take different versions, the
+        # connection starts on its server's context, picked from the ClientHello's SNI read first
+        self.pick_before_handshake = len({_version_range(s) for s in servers}) > 1
         self._handshakes = stats.counter("triomesh_tls_handshake_total", listener=listener_name)
         self._sessions_reused = stats.counter("triomesh_tls_session_reused_total", listener=listener_name)
         self._errors: dict[str, Counter] = {}
@@ -177,6 +191,22 @@ class ListenerTls:
             return entry.context
         return next((e.context for e in self.servers if e.context is not None), None)
 
+    async def starting_context(self, sock) -> tuple[TlsContext | None, bytes]:
+        """The context a new connection on `sock` starts on (None: no server has a certificate) and
+        the ciphertext read to choose it, for the handshake to take first."""
+        if not self.pick_before_handshake:
+            return self.initial_context(), b""
+        sock.setblocking(False)  # an accepted socket may still block (TlsConn would set this later)
+        detection, client_hello = await sniff_socket(sock, timeout_s=HANDSHAKE_TIMEOUT_S)
+        return self.context_for(detection.sni), client_hello
+
+    def context_for(self, server_name: str | None) -> TlsContext | None:
+        """The context a connection whose ClientHello names `server_name` starts on (pick_before_handshake):
+        its server's; the initial one when no server takes the name (the SNI callback refuses it)."""
+        index = self.pick(server_name)
+        context = self.servers[index].context if index is not None else None
+        return context if context is not None else self.initial_context()
+
     def pick(self, server_name: str | None) -> int | None:
         if server_name is None:
             return self.default_index
@@ -200,13 +230,17 @@ class ListenerTls:
             return ALERT_INTERNAL_ERROR
         return chosen
 
-    def refusal(self, server_name: str | None) -> str | None:
-        """Why the SNI callback refuses `server_name` (a stats reason), None when it does not."""
+    def refusal(self, server_name: str | None, version: int | None = None) -> str | None:
+        """Why the SNI callback refuses `server_name` with the protocol `version` OpenSSL settled
+        (a stats reason), None when it does not."""
         index = self.pick(server_name)
         if index is None:
             return "no_matching_server"
-        if self.servers[index].context is None:
+        context = self.servers[index].context
+        if context is None:
             return "no_certificate"
+        if version is not None and not context.accepts_version(version):
+            return "unsupported_protocol"
         return None
 
     def server_for(self, conn) -> ServerTls:

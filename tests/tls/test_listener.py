@@ -305,3 +305,65 @@ async def test_a_server_of_a_proxy_of_many_workers_sends_no_tickets_to_resume(se
     servers = (_server(server_files, "*"),)
     assert await resumed_second(ListenerTls("l", servers, Stats())) is True
     assert await resumed_second(ListenerTls("l", servers, Stats(), session_tickets=False)) is False
+
+
+async def test_each_server_of_a_port_keeps_its_own_protocol_versions(server_files):
+    """OpenSSL settles the version with a connection's first context, before SNI picks the server:
+    when the port's servers take different versions, a connection starts on the context of the
+    server its ClientHello's SNI names (read first), so each server's versions hold, whichever is
+    first; a client that goes down to a version the server takes gets it."""
+    import trio
+
+    from proxy.tls.conn import TlsConn, TlsHandshakeError
+    from proxy.tls.context import TLS1_2, TLS1_3, ProtocolVersions, client_context
+    from tests.tls.certs import tcp_pair
+
+    def server(name: str, minimum: str = "TLS_AUTO", maximum: str = "TLS_AUTO") -> ServerTls:
+        return ServerTls((name,), "SIMPLE", CertificateFiles(server_files.cert, server_files.key, origin="files"),
+                         listener="routes", min_protocol_version=minimum, max_protocol_version=maximum)
+
+    async def handshake(runtime: ListenerTls, server_name: str, client_maximum: str) -> int | str:
+        """The version the handshake settled, or the server's stats reason for refusing it."""
+        client_sock, server_sock = tcp_pair()
+        client = TlsConn(client_sock, client_context(ca_file=server_files.ca, check_hostname=False,
+                                                     versions=ProtocolVersions("TLS_AUTO", client_maximum)),
+                         server_side=False, server_hostname=server_name)
+        outcome: int | str = 0
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                nonlocal outcome
+                context, client_hello = await runtime.starting_context(server_sock)
+                conn = TlsConn(server_sock, context, server_side=True, initial=client_hello)
+                try:
+                    await conn.handshake(5.0)
+                    outcome = conn.protocol_version_number
+                except TlsHandshakeError as e:
+                    outcome = runtime.refusal(conn.server_name, conn.protocol_version_number) or e.reason
+                conn.close()
+
+            async def connect():
+                try:
+                    await client.handshake(5.0)
+                except OSError:
+                    pass
+                client.close()
+
+            nursery.start_soon(serve)
+            nursery.start_soon(connect)
+        return outcome
+
+    # the first (default) server takes any version; later ones narrow theirs
+    runtime = ListenerTls("l", (server("*"), server("new.example.com", minimum="TLSV1_3"),
+                                server("old.example.com", maximum="TLSV1_2")), Stats())
+    assert await handshake(runtime, "new.example.com", "TLSV1_2") == "unsupported_protocol"
+    assert await handshake(runtime, "new.example.com", "TLSV1_3") == TLS1_3
+    assert await handshake(runtime, "old.example.com", "TLSV1_3") == TLS1_2  # the client goes down to 1.2
+    assert await handshake(runtime, "any.example.com", "TLSV1_2") == TLS1_2
+    # the first server is the narrow one: a later server's wider range still holds, the first keeps its own
+    runtime = ListenerTls("l", (server("*", minimum="TLSV1_3"), server("old.example.com", maximum="TLSV1_2")), Stats())
+    assert await handshake(runtime, "old.example.com", "TLSV1_3") == TLS1_2
+    assert await handshake(runtime, "any.example.com", "TLSV1_2") == "unsupported_protocol"
+    assert await handshake(runtime, "any.example.com", "TLSV1_3") == TLS1_3
+    assert runtime.pick_before_handshake
+    # the same versions everywhere: nothing is read before the handshake
+    assert not ListenerTls("l", (server("*"), server("new.example.com")), Stats()).pick_before_handshake
