@@ -15,13 +15,15 @@ from typing import Iterable, Mapping
 from proxy.authz.policy import (
     CompiledPolicy,
     ConditionMatch,
+    Matcher,
     OperationMatch,
+    PathTemplate,
     RuleMatch,
     SourceMatch,
     StringMatcher,
     WorkloadAuthorization,
 )
-from proxy.config.istio import HEADER_KEY, IP_CONDITION_KEYS, Condition, Operation, Rule, Source
+from proxy.config.istio import HEADER_KEY, IP_CONDITION_KEYS, Condition, Operation, Rule, Source, is_path_template
 from proxy.config.scopes import selects
 
 
@@ -32,10 +34,18 @@ def applies(namespace: str, match_labels: Mapping[str, str], root_namespace: str
     return selects(match_labels, proxy_labels)
 
 
-def _strings(values: tuple[str, ...], *, ignore_case: bool = False) -> tuple[StringMatcher, ...] | None:
+def _strings(values: tuple[str, ...], *, ignore_case: bool = False,
+             header: bool = False) -> tuple[StringMatcher, ...] | None:
     if not values:
         return None
-    return tuple(StringMatcher.parse(v, ignore_case=ignore_case) for v in values)
+    return tuple(StringMatcher.parse(v, ignore_case=ignore_case, header=header) for v in values)
+
+
+def _paths(values: tuple[str, ...]) -> tuple[Matcher, ...] | None:
+    # Istio 1.22+: a path with `{*}` or `{**}` is a URI template; any other keeps exact/prefix/suffix
+    if not values:
+        return None
+    return tuple(PathTemplate.parse(v) if is_path_template(v) else StringMatcher.parse(v) for v in values)
 
 
 def _principals(values: tuple[str, ...]) -> tuple[StringMatcher, ...] | None:
@@ -74,12 +84,14 @@ def _operation(o: Operation) -> OperationMatch:
         not_ports=_ports(o.not_ports),
         methods=_strings(o.methods),
         not_methods=_strings(o.not_methods),
-        paths=_strings(o.paths),
-        not_paths=_strings(o.not_paths),
+        paths=_paths(o.paths),
+        not_paths=_paths(o.not_paths),
     )
 
 
-def _condition_values(key: str, values: tuple[str, ...]) -> tuple:
+def _condition_values(key: str, values: tuple[str, ...], header: str) -> tuple:
+    if header:
+        return _strings(values, header=True) or ()
     if key in IP_CONDITION_KEYS:
         return _networks(values) or ()
     if key == "destination.port":
@@ -90,9 +102,10 @@ def _condition_values(key: str, values: tuple[str, ...]) -> tuple:
 
 
 def _condition(c: Condition) -> ConditionMatch:
-    header = HEADER_KEY.fullmatch(c.key)
-    return ConditionMatch(c.key, _condition_values(c.key, c.values), _condition_values(c.key, c.not_values),
-                          header.group(1).strip().lower() if header is not None else "")
+    match = HEADER_KEY.fullmatch(c.key)
+    header = match.group(1).strip().lower() if match is not None else ""
+    return ConditionMatch(c.key, _condition_values(c.key, c.values, header),
+                          _condition_values(c.key, c.not_values, header), header)
 
 
 def _rule(rule: Rule) -> RuleMatch:

@@ -5,6 +5,8 @@ policy (no selector), overridden by a workload policy (its namespace, a selector
 workload's labels); `UNSET` inherits from the level above, and a workload policy's `portLevelMtls`
 overrides its own mode for one port. With no policy at all the mode is PERMISSIVE (Istio's
 default). Where several policies share a level, the first in config order wins (Istio: the oldest).
+A policy with a selector in the root namespace is ignored, as Istio documents (its
+ComposePeerAuthentication skips it), even for a workload of the root namespace.
 """
 
 from __future__ import annotations
@@ -34,10 +36,22 @@ class MtlsPolicy:
         return self.mode == "STRICT" or "STRICT" in self.port_modes.values()
 
 
+def _has_selector(r) -> bool:
+    selector = r.obj.spec.selector
+    return selector is not None and bool(selector.match_labels)
+
+
+def _honoured(policies: Iterable, root_namespace: str) -> Iterable:
+    # dropped here, not in scopes.scoped: a Telemetry with a selector in the root namespace does apply
+    # (to the root namespace's workloads)
+    return (r for r in policies if not (r.namespace == root_namespace and _has_selector(r)))
+
+
 def resolve(policies: Iterable, root_namespace: str, proxy_namespace: str | None,
             proxy_labels: Mapping[str, str] | None) -> MtlsPolicy:
     """`policies`: loaded PeerAuthentication resources (anything with .namespace, .name, .obj.spec)."""
-    mesh, namespace, workload = scoped(policies, root_namespace, proxy_namespace, proxy_labels)
+    mesh, namespace, workload = scoped(_honoured(policies, root_namespace), root_namespace, proxy_namespace,
+                                       proxy_labels)
     mode = DEFAULT_MODE
     sources: list[str] = []
     for r in (mesh, namespace, workload):

@@ -1,16 +1,20 @@
 """The compiled form of the AuthorizationPolicies that apply to one workload: matchers built once,
 per snapshot, so evaluating a request only compares.
 
-Istio's string matching (exact, prefix `abc*`, suffix `*abc`, presence `*`) becomes one
-`StringMatcher`; CIDR lists become `ip_network`s; ports become ints. A field left out of a rule is
-`None` (matches anything); a `not` form is kept beside its positive form, as Envoy's RBAC does.
+Istio's string matching (exact, prefix `abc*`, suffix `*abc`, `*` any value) becomes one
+`StringMatcher`, a path with `{*}` or `{**}` a `PathTemplate`; CIDR lists become `ip_network`s; ports
+become ints. A field left out of a rule is `None` (matches anything); a `not` form is kept beside its
+positive form, as Envoy's RBAC does.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Union
+
+from proxy.config.istio import MATCH_ANY_SEGMENTS, MATCH_ONE_SEGMENT, PATH_TEMPLATE_CHARACTERS
 
 IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -18,17 +22,18 @@ IpNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 @dataclass(frozen=True, slots=True)
 class StringMatcher:
     """One Istio string value: `*` any non-empty value, `abc*` a prefix, `*abc` a suffix, else exact.
-    `ignore_case` for hosts (Istio matches them case-insensitively)."""
+    `ignore_case` for hosts (Istio matches them case-insensitively). For a request header (`header`)
+    `*` is Envoy's present_match, which an empty value passes too: Istio's HeaderMatcher for "*"."""
 
-    kind: str  # "presence" | "prefix" | "suffix" | "exact"
+    kind: str  # "non_empty" | "present" | "prefix" | "suffix" | "exact"
     value: str
     ignore_case: bool = False
 
     @classmethod
-    def parse(cls, text: str, *, ignore_case: bool = False) -> StringMatcher:
+    def parse(cls, text: str, *, ignore_case: bool = False, header: bool = False) -> StringMatcher:
         value = text.lower() if ignore_case else text
         if value == "*":
-            return cls("presence", "", ignore_case)
+            return cls("present" if header else "non_empty", "", ignore_case)
         if value.endswith("*"):
             return cls("prefix", value[:-1], ignore_case)
         if value.startswith("*"):
@@ -47,10 +52,37 @@ class StringMatcher:
             return text.startswith(self.value)
         if kind == "suffix":
             return text.endswith(self.value)
-        return text != ""
+        return kind == "present" or text != ""
 
 
-def any_matches(matchers: tuple[StringMatcher, ...], text: str | None) -> bool:
+# a template operator as Envoy's uri_template compiles it: `{*}` one or more path characters (one
+# segment), `{**}` zero or more path characters or `/` (any number of segments)
+_OPERATOR_REGEX = {MATCH_ONE_SEGMENT: f"[{PATH_TEMPLATE_CHARACTERS}]+",
+                   MATCH_ANY_SEGMENTS: f"[{PATH_TEMPLATE_CHARACTERS}/]*"}
+
+
+@dataclass(frozen=True, slots=True)
+class PathTemplate:
+    """A `paths`/`notPaths` entry with `{*}` or `{**}` (validated by the loader): Envoy's URI template
+    match, the whole path against the template's segments. Plain paths stay `StringMatcher`s."""
+
+    template: str
+    regex: re.Pattern
+
+    @classmethod
+    def parse(cls, template: str) -> PathTemplate:
+        segments = template[1:].split("/")
+        body = "/".join(_OPERATOR_REGEX.get(s) or re.escape(s) for s in segments)
+        return cls(template, re.compile("/" + body))
+
+    def matches(self, text: str | None) -> bool:
+        return text is not None and self.regex.fullmatch(text) is not None
+
+
+Matcher = Union[StringMatcher, PathTemplate]
+
+
+def any_matches(matchers: tuple[Matcher, ...], text: str | None) -> bool:
     return any(m.matches(text) for m in matchers)
 
 
@@ -84,8 +116,8 @@ class OperationMatch:
     not_ports: frozenset[int] | None = None
     methods: tuple[StringMatcher, ...] | None = None
     not_methods: tuple[StringMatcher, ...] | None = None
-    paths: tuple[StringMatcher, ...] | None = None
-    not_paths: tuple[StringMatcher, ...] | None = None
+    paths: tuple[Matcher, ...] | None = None
+    not_paths: tuple[Matcher, ...] | None = None
 
     @property
     def http_only(self) -> bool:

@@ -876,11 +876,39 @@ class MutualTLS(IstioStruct, frozen=True):
     mode: MtlsMode = "UNSET"
 
 
+def _decimal_port(text: str) -> int | None:
+    """A port number written as decimal text, or None. ASCII digits only, as Go's strconv reads it
+    (str.isdigit() alone takes "８０" or "²")."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _port_level_key(key: int | str) -> int:
+    """A `portLevelMtls` key as its port number. Hand-written YAML gives integer keys; JSON, and the
+    YAML `kubectl get -o yaml` prints, give decimal strings (map keys are strings in JSON, and Istio's
+    protobuf JSON reads a uint32 key from its decimal text)."""
+    port = _decimal_port(key) if isinstance(key, str) else key
+    if port is None:
+        raise ValueError(f"portLevelMtls port {key!r} is not a port number in [1, 65535]")
+    if not 0 < port <= 65535:
+        raise ValueError(f"portLevelMtls port {port} is not a port number in [1, 65535]")
+    return port
+
+
+def _by_port_number(port_level_mtls: dict[int | str, MutualTLS]) -> dict[int, MutualTLS]:
+    by_port: dict[int, MutualTLS] = {}
+    for key, mtls in port_level_mtls.items():
+        port = _port_level_key(key)
+        if port in by_port:  # 8080 and "8080" (or "08080"): Istio's protobuf JSON refuses a duplicate key
+            raise ValueError(f"portLevelMtls port {port} is given twice")
+        by_port[port] = mtls
+    return by_port
+
+
 class PeerAuthenticationSpec(IstioStruct, frozen=True):
     selector: SecurityWorkloadSelector | None = None
     mtls: MutualTLS | None = None
-    # YAML gives the port numbers as integer keys
-    port_level_mtls: dict[int, MutualTLS] | None = None
+    # keyed by port number: integer keys, or decimal strings, which __post_init__ turns into integers
+    port_level_mtls: dict[int | str, MutualTLS] | None = None
 
     def __post_init__(self) -> None:
         # Istio's ValidatePeerAuthentication
@@ -890,9 +918,7 @@ class PeerAuthenticationSpec(IstioStruct, frozen=True):
                                  "(`portLevelMtls` needs a `selector` with matchLabels)")
             if not self.port_level_mtls:
                 raise ValueError("port level mTLS, if defined, must have at least one element")
-            for port in self.port_level_mtls:
-                if not 0 < port <= 65535:
-                    raise ValueError(f"portLevelMtls port {port} is not a port number in [1, 65535]")
+            msgspec.structs.force_setattr(self, "port_level_mtls", _by_port_number(self.port_level_mtls))
 
 
 def _check_ip_blocks(name: str, blocks: tuple[str, ...]) -> None:
@@ -954,8 +980,54 @@ class RuleFrom(IstioStruct, frozen=True):
 def _check_ports(name: str, ports: tuple[str, ...]) -> None:
     """Istio's ValidatePorts: each a port number (as text)."""
     for port in ports:
-        if not port.isdigit() or not 0 < int(port) <= 65535:
+        number = _decimal_port(port)
+        if number is None or not 0 < number <= 65535:
             raise ValueError(f"{name}: {port!r} is not a port number in [1, 65535]")
+
+
+# Istio's path template operators (1.22+): a path holding either is an Envoy URI template, `{*}` one
+# path segment, `{**}` any number of them
+MATCH_ONE_SEGMENT = "{*}"
+MATCH_ANY_SEGMENTS = "{**}"
+# what a template's literal segment may hold, and what its operators match: RFC 3986 pchar less `*`
+# (Envoy's kLiteral; Istio's validLiteral), as the body of a regex character class
+PATH_TEMPLATE_CHARACTERS = r"a-zA-Z0-9\-._~%!$&'()+,;:@="
+_PATH_TEMPLATE_LITERAL = re.compile(f"[{PATH_TEMPLATE_CHARACTERS}]+")
+
+
+def is_path_template(path: str) -> bool:
+    return MATCH_ONE_SEGMENT in path or MATCH_ANY_SEGMENTS in path
+
+
+def path_template_error(path: str) -> str | None:
+    """Why a `paths` entry is refused, or None: Istio's CheckValidPathTemplate, plus what Envoy's URI
+    template parser would refuse after it (no leading `/`, an empty segment), which Istio leaves to a
+    rejected listener."""
+    if not is_path_template(path):
+        return "'{' and '}' may only make a whole segment {*} or {**}" if "{" in path or "}" in path else None
+    if not path.startswith("/"):
+        return "it must start with '/'"
+    seen_any = False
+    for segment in path[1:].removesuffix("/").split("/"):  # one trailing `/` is a literal Envoy keeps
+        if segment in (MATCH_ONE_SEGMENT, MATCH_ANY_SEGMENTS):
+            if seen_any:
+                return "{**} must be the last operator"
+            seen_any = segment == MATCH_ANY_SEGMENTS
+        elif "{" in segment or "}" in segment:
+            return "'{' and '}' may only make a whole segment {*} or {**}"
+        elif not segment:
+            return "it has an empty segment"
+        elif _PATH_TEMPLATE_LITERAL.fullmatch(segment) is None:
+            return (f"segment {segment!r} has a character other than letters, digits and -._~%!$&'()+,;:@= "
+                    f"(no `*` beside {{*}} or {{**}})")
+    return None
+
+
+def _check_path_templates(name: str, paths: tuple[str, ...]) -> None:
+    for path in paths:
+        why = path_template_error(path)
+        if why is not None:
+            raise ValueError(f"{name}: {path!r} is not a valid path template: {why}")
 
 
 class Operation(IstioStruct, frozen=True):
@@ -976,6 +1048,8 @@ class Operation(IstioStruct, frozen=True):
         _check_ports("notPorts", self.not_ports)
         for name, value in values.items():
             _check_no_empty_values(name, value)
+        _check_path_templates("paths", self.paths)
+        _check_path_templates("notPaths", self.not_paths)
 
 
 class RuleTo(IstioStruct, frozen=True):

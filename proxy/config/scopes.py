@@ -3,7 +3,8 @@ scopes PeerAuthentication and Telemetry: a resource without `selector` in the ro
 mesh's, one without `selector` in the proxy's namespace is the namespace's, one with a `selector`
 matching the proxy's labels in its namespace is the workload's; the first of each in config order.
 A proxy that did not say its labels (a standalone gateway) is matched by every selector, as
-AuthorizationPolicy's `applies` does."""
+AuthorizationPolicy's `applies` does. PeerAuthentication drops its root-namespace policies with a
+selector before asking (Istio ignores them; peer_authentication.resolve)."""
 
 from __future__ import annotations
 

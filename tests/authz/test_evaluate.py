@@ -221,6 +221,79 @@ def test_plaintext_peer_matches_no_principal_or_namespace_but_their_not_forms():
     assert not decide(_deny("{from: [{source: {notPrincipals: [\"x/ns/y/sa/z\"]}}]}"), http(principal=None)).allowed
 
 
+
+# ---- path templates: a path with `{*}` or `{**}` is an Envoy URI template (Istio 1.22+) -------------
+
+@pytest.mark.parametrize(("template", "denied", "allowed"), [
+    # {**}: zero or more characters to the end, `/` included; the `/` before it stays literal
+    ("/admin/{**}", ["/admin/users", "/admin/", "/admin/a/b.json"], ["/admin", "/administrator", "/x/admin/a"]),
+    ("/{**}", ["/", "/a/b"], []),
+    # a literal after {**} is allowed (only operators may not follow it)
+    ("/{**}/healthz", ["/a/b/healthz", "//healthz"], ["/healthz", "/a/healthz/x"]),
+    # {*}: exactly one segment, at least one character
+    ("/api/{*}/info", ["/api/v1/info"], ["/api//info", "/api/v1/v2/info", "/api/v1/info/x", "/api/info"]),
+    ("/api/{*}", ["/api/x", "/api/a%2Fb"], ["/api/", "/api/x/", "/api"]),
+    ("/api/{*}/", ["/api/v1/"], ["/api/v1"]),
+    ("/{*}/{*}/{**}", ["/a/b/", "/a/b/c/d"], ["/a/b", "/a//c"]),
+    # matched after normalization, case-sensitive, like any path
+    ("/admin/{**}", ["/public/../admin/x", "/%61dmin/x"], ["/Admin/x"]),
+    # only RFC 3986 path characters (pchar) match an operator, as in Envoy: `*` or `|` is none
+    ("/files/{*}", ["/files/a-b_c.~!$&'()+,;=:@%20"], ["/files/a*b", "/files/a|b"]),
+])
+def test_path_templates_match_as_envoy_uri_templates(template, denied, allowed):
+    p = _deny(f'{{to: [{{operation: {{paths: ["{template}"]}}}}]}}')
+    for path in denied:
+        assert not decide(p, http(path=path)).allowed, path
+    for path in allowed:
+        assert decide(p, http(path=path)).allowed, path
+
+
+def test_path_templates_in_not_paths_and_beside_plain_paths():
+    p = _deny('{to: [{operation: {notPaths: ["/public/{**}", "/healthz"]}}]}')
+    assert not decide(p, http(path="/private")).allowed
+    assert not decide(p, http(path="/public")).allowed
+    assert decide(p, http(path="/public/index.html")).allowed
+    assert decide(p, http(path="/healthz")).allowed
+    allow = policies(policy('action: ALLOW\nrules: [{to: [{operation: {paths: ["/v1/{*}/items", "/static/*"]}}]}]'))
+    assert decide(allow, http(path="/v1/shop/items")).allowed
+    assert decide(allow, http(path="/static/{*}/x")).allowed  # no template: `*` and braces stay what they were
+    assert not decide(allow, http(path="/v1/shop/items/1")).allowed
+
+
+def test_a_path_template_is_http_only_like_any_path():
+    p = _deny('{to: [{operation: {paths: ["/admin/{**}"], ports: ["9000"]}}]}')
+    assert not decide(p, tcp(port=9000)).allowed
+    allow = policies(policy('action: ALLOW\nrules: [{to: [{operation: {paths: ["/{**}"]}}]}]'))
+    assert not decide(allow, tcp()).allowed
+
+
+# ---- `*` in conditions: presence for headers, non-empty elsewhere ------------------------------------
+
+def test_header_star_is_presence_so_an_empty_value_matches():
+    # Istio makes request.headers[...] `*` Envoy's present_match: the header is there, empty or not
+    p = _deny('{when: [{key: "request.headers[x-token]", values: ["*"]}]}')
+    assert not decide(p, http(headers={"x-token": ""})).allowed
+    assert not decide(p, http(headers={"x-token": "a"})).allowed
+    assert decide(p, http()).allowed
+    absent = _deny('{when: [{key: "request.headers[X-Token]", notValues: ["*"]}]}')
+    assert not decide(absent, http()).allowed
+    assert decide(absent, http(headers={"x-token": ""})).allowed
+
+
+def test_header_prefix_and_suffix_still_need_their_text():
+    p = _deny('{when: [{key: "request.headers[x-user]", values: ["adm*", "*-ops"]}]}')
+    assert not decide(p, http(headers={"x-user": "admin"})).allowed
+    assert not decide(p, http(headers={"x-user": "team-ops"})).allowed
+    assert decide(p, http(headers={"x-user": ""})).allowed
+
+
+@pytest.mark.parametrize("key", ["connection.sni", "source.principal", "source.namespace"])
+def test_star_outside_headers_still_needs_a_non_empty_value(key):
+    # Istio's `*` there is the regex `.+`: an empty SNI, or no peer identity, does not match
+    p = _deny(f'{{when: [{{key: {key}, values: ["*"]}}]}}')
+    assert decide(p, http(sni="", principal=None)).allowed
+    assert not decide(p, http(sni="a.example.com", principal=SLEEP)).allowed
+
 # ---- TCP ---------------------------------------------------------------------------------------------
 
 def test_tcp_allow_rule_with_http_fields_never_matches():

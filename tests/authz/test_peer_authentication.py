@@ -60,10 +60,27 @@ def test_port_level_mtls_overrides_the_workload_mode():
 
 
 def test_a_selector_applies_only_in_its_own_namespace_and_the_first_policy_per_level_wins():
-    text = (pa("a", "istio-system", "selector: {matchLabels: {app: httpbin}}\nmtls: {mode: STRICT}")
-            + pa("first", "foo", "mtls: {mode: DISABLE}") + pa("second", "foo", "mtls: {mode: STRICT}"))
-    assert modes(text).mode == "DISABLE"
-    assert modes(text, namespace="istio-system").mode == "STRICT"
+    text = pa("first", "foo", "mtls: {mode: DISABLE}") + pa("second", "foo", "mtls: {mode: STRICT}")
+    assert modes(text).mode == "DISABLE" and modes(text).sources == ("foo/first",)
+    text += (pa("wl1", "foo", "selector: {matchLabels: {app: httpbin}}\nmtls: {mode: STRICT}")
+             + pa("wl2", "foo", "selector: {matchLabels: {app: httpbin}}\nmtls: {mode: PERMISSIVE}"))
+    assert modes(text).mode == "STRICT"
+    assert modes(text, namespace="bar").mode == "PERMISSIVE"
+
+
+def test_a_selector_in_the_root_namespace_is_ignored():
+    # Istio: "PeerAuthentication policies with workload selectors are ignored when deployed in the root
+    # namespace", for a workload of any namespace, the root namespace's own included
+    root_workload = pa("wl", "istio-system", """
+        selector: {matchLabels: {app: httpbin}}
+        mtls: {mode: STRICT}
+        portLevelMtls: {8080: {mode: DISABLE}}
+        """)
+    for namespace in ("foo", "istio-system", None):
+        policy = modes(root_workload, namespace=namespace)
+        assert (policy.mode, dict(policy.port_modes), policy.sources) == ("PERMISSIVE", {}, ())
+    policy = modes(pa("mesh", "istio-system", "mtls: {mode: DISABLE}") + root_workload, namespace="istio-system")
+    assert (policy.mode, policy.sources) == ("DISABLE", ("istio-system/mesh",))
 
 
 def test_a_proxy_without_namespace_gets_the_mesh_policy():

@@ -132,6 +132,30 @@ def test_a_workload_no_policy_selects_has_no_authorization():
     ("mtls: {mode: STRICT}", "mtls: {mode: ENABLED}", "$.spec.mtls.mode",
      "Invalid enum value 'ENABLED'; expected one of DISABLE, PERMISSIVE, STRICT, UNSET"),
     ("8080: {mode: PERMISSIVE}", "0: {mode: PERMISSIVE}", "$.spec", "portLevelMtls port 0 is not a port number"),
+    ("8080: {mode: PERMISSIVE}", "\"70000\": {mode: PERMISSIVE}", "$.spec",
+     "portLevelMtls port 70000 is not a port number in [1, 65535]"),
+    ("8080: {mode: PERMISSIVE}", "http: {mode: PERMISSIVE}", "$.spec",
+     "portLevelMtls port 'http' is not a port number in [1, 65535]"),
+    ("8080: {mode: PERMISSIVE}", "\"+8080\": {mode: PERMISSIVE}", "$.spec", "portLevelMtls port '+8080' is not a port"),
+    ("8080: {mode: PERMISSIVE}", "\"8080\": {mode: PERMISSIVE}\n    8080: {mode: STRICT}", "$.spec",
+     "portLevelMtls port 8080 is given twice"),
+    ("ports: [\"8000\"]", "ports: [\"\uff18\uff10\"]", "$.spec.rules[0].to[0].operation", "is not a port number"),
+    ('paths: ["/api/*"]', 'paths: ["/api/{**}/{*}"]', "$.spec.rules[0].to[0].operation",
+     "paths: '/api/{**}/{*}' is not a valid path template: {**} must be the last operator"),
+    ('paths: ["/api/*"]', 'paths: ["/api/{**}/{**}"]', "$.spec.rules[0].to[0].operation",
+     "{**} must be the last operator"),
+    ('paths: ["/api/*"]', 'paths: ["/api/v{*}"]', "$.spec.rules[0].to[0].operation",
+     "paths: '/api/v{*}' is not a valid path template: '{' and '}' may only make a whole segment {*} or {**}"),
+    ('paths: ["/api/*"]', 'paths: ["/api/{name}"]', "$.spec.rules[0].to[0].operation",
+     "'{' and '}' may only make a whole segment {*} or {**}"),
+    ('paths: ["/api/*"]', 'paths: ["/api/{*"]', "$.spec.rules[0].to[0].operation",
+     "'{' and '}' may only make a whole segment {*} or {**}"),
+    ('paths: ["/api/*"]', 'paths: ["/api/*/{*}"]', "$.spec.rules[0].to[0].operation",
+     "paths: '/api/*/{*}' is not a valid path template: segment '*' has a character other than"),
+    ('paths: ["/api/*"]', 'paths: ["/api//{*}"]', "$.spec.rules[0].to[0].operation",
+     "paths: '/api//{*}' is not a valid path template: it has an empty segment"),
+    ("notPaths: [/api/admin]", 'notPaths: ["api/{*}"]', "$.spec.rules[0].to[0].operation",
+     "notPaths: 'api/{*}' is not a valid path template: it must start with '/'"),
     ("  selector: {matchLabels: {app: httpbin}}\n  mtls", "  mtls", "$.spec",
      "mesh/namespace peer authentication cannot have port level mTLS"),
 ])
@@ -140,6 +164,27 @@ def test_errors_name_the_field(old, new, path, message):
     assert e.field_path == path, str(e)
     assert message in e.message, str(e)
     assert e.file == "security.yaml"
+
+
+def test_path_templates_load():
+    text = _edit('paths: ["/api/*"]', 'paths: ["/api/{*}/items/", "/{**}", "/v1/{*}/{**}/x:y@z"]')
+    operation = load_bytes(text)[0].obj.spec.rules[0].to[0].operation
+    assert operation.paths == ("/api/{*}/items/", "/{**}", "/v1/{*}/{**}/x:y@z")
+
+
+def test_port_level_mtls_takes_port_numbers_written_as_strings():
+    # `kubectl get -o yaml` and JSON write map keys as strings
+    text = _edit("8080: {mode: PERMISSIVE}\n    9090: {mode: DISABLE}",
+                 "\"8080\": {mode: PERMISSIVE}\n    \"09090\": {mode: DISABLE}")
+    spec = load_bytes(text)[1].obj.spec
+    assert spec.port_level_mtls == load_bytes(FULL)[1].obj.spec.port_level_mtls
+    assert list(spec.port_level_mtls) == [8080, 9090]
+    as_json = load_bytes('{"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication", '
+                         '"metadata": {"name": "p", "namespace": "foo"}, "spec": {"selector": {"matchLabels": '
+                         '{"app": "a"}}, "portLevelMtls": {"8080": {"mode": "STRICT"}}}}', "pa.json")
+    assert as_json[0].obj.spec.port_level_mtls == {8080: as_json[0].obj.spec.port_level_mtls[8080]}
+    snapshot = compile_resources(load_bytes(text), version="1", proxy_labels={"app": "httpbin"}, proxy_namespace="foo")
+    assert dict(snapshot.mtls.port_modes) == {8080: "PERMISSIVE", 9090: "DISABLE"}
 
 
 @pytest.mark.parametrize(("rule", "message"), [
