@@ -74,7 +74,7 @@ class ClusterRuntime:
                  "retries_active", "waiters", "rq_retry", "rq_retry_success", "rq_retry_overflow", "rq_timeout",
                  "rq_per_try_timeout", "rq_pending_overflow", "ejections_total", "ejections_active",
                  "fault_aborts", "fault_delays", "mirror_total", "mirror_dropped", "mirror_failed", "clock",
-                 "rand_below", "rq_active", "rq_overflow", "http2", "tls")
+                 "rand_below", "rq_active", "rq_overflow", "http2", "tls", "tls_retired")
 
     def load_tls(self) -> None:
         """(Re)load the TLS context: once per snapshot, so rewritten certificate files take effect with the
@@ -103,6 +103,9 @@ class ClusterRuntime:
         # error that kept it from being made: files gone since the config was checked)
         self.tls = None
         self.load_tls()
+        # a later snapshot changed the cluster's TLS settings: connections made with these are not
+        # pooled again (DataPlane._close_pools_with_changed_tls)
+        self.tls_retired = False
         self.pool_limits = cluster.connection_pool
         self.outlier: OutlierDetector | None = None
         self.outlier_version = 0
@@ -447,21 +450,33 @@ class DataPlane:
         if rt is None or rt.snapshot is not snapshot:
             previous = rt
             rt = self._runtime = SnapshotRuntime(snapshot, self.stats, previous, self.telemetry, self.tracing)
-            if previous is not None and self.pools:
+            if previous is not None:
                 self._close_pools_with_changed_tls(previous, rt)
         return rt
 
     def _close_pools_with_changed_tls(self, previous: SnapshotRuntime, current: SnapshotRuntime) -> None:
-        """A cluster whose TLS settings changed must not lend connections made with the old ones."""
-        for key in list(self.pools):
-            old, new = previous.clusters.get(key[0]), current.clusters.get(key[0])
-            if old is None or new is None or old is new or old.cluster.tls == new.cluster.tls:
-                continue
+        """A cluster whose TLS settings changed must not lend connections made with the old ones: its
+        idle HTTP/1.1 connections close, its HTTP/2 ones take no new stream (and close once idle),
+        and connections of requests still running with the old settings are not pooled again."""
+        changed = set()
+        for name, old in previous.clusters.items():
+            new = current.clusters.get(name)
+            if new is not None and old is not new and old.cluster.tls != new.cluster.tls:
+                old.tls_retired = True
+                changed.add(name)
+        if not changed:
+            return
+        for key in [k for k in self.pools if k[0] in changed]:
             for conn in self.pools.pop(key).drain():
                 conn.close()
                 if conn.counted:
                     conn.counted = False
                     self.stats.gauge("triomesh_upstream_cx_active", cluster=key[0]).value -= 1
+        for key in [k for k in self.h2_pools if k[0] in changed]:
+            for connection in list(self.h2_pools.get(key, ())):
+                connection.draining = True
+                if connection.ready.is_set() and not connection.streams:
+                    connection.close()
 
     def load_identity(self, identity) -> None:
         """A workload certificate, first or renewed (`self.workload_identity` holds it): the metrics

@@ -324,7 +324,7 @@ def release(plane: DataPlane, crt: ClusterRuntime, conn: UpstreamConn, reusable:
         reusable = False
     # bytes after the end of the response (a misbehaving upstream) must never become the next
     # request's response: such a connection is closed, not pooled
-    if (reusable and not conn.closed and len(conn.buf) == conn.pos
+    if (reusable and not conn.closed and len(conn.buf) == conn.pos and not crt.tls_retired
             and (max_requests is None or conn.requests < max_requests)):
         conn.idle_since = now
         evicted = plane.pool(conn.pool_key, limits.idle_timeout_s).checkin(conn, now)

@@ -184,3 +184,35 @@ async def test_an_upstream_that_never_answers_the_handshake_times_out_within_the
     line = record(log.contexts[-1], 0.0, "t")
     assert line.response_flags == "UF" and "no TLS handshake within" in line.upstream_transport_failure_reason
     silent.close()
+
+
+async def test_http2_connections_are_not_reused_after_the_tls_settings_change(nursery, tmp_path):
+    """HTTP/2 pools as HTTP/1.1's: after a snapshot changes the cluster's TLS settings (the SNI here),
+    the next stream goes over a new connection made with the new settings and the old one closes."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("grpc.test", "other.test")
+    server, port = grpc_apps.start_grpc_server(
+        name="grpc-tls-change", tls=(leaf.private_key_pem.bytes(), b"".join(p.bytes() for p in leaf.cert_chain_pems)))
+    try:
+        first = UpstreamTls("SIMPLE", "grpc.test", ca_file=_ca_file(ca, tmp_path), alpn=("h2",))
+        snap = make_snapshot({"grpc": [port]}, [prefix_route(b"/", {"grpc": 100})])
+        snap = dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], http2=True,
+                                                                               tls=first)})
+        proxy = await start_proxy(nursery, snap)
+        target = f"127.0.0.1:{proxy.port}"
+
+        async def call(payload: bytes) -> None:
+            result = await trio.to_thread.run_sync(lambda: grpc_apps.unary(target, payload, timeout=10))
+            assert result.code == grpc.StatusCode.OK, result
+
+        await call(b"one")
+        assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 1
+        proxy.plane.holder.swap(dataclasses.replace(snap, version="2", clusters={"grpc": dataclasses.replace(
+            snap.clusters["grpc"], tls=dataclasses.replace(first, sni="other.test"))}))
+        await call(b"two")
+        await call(b"three")
+        assert proxy.counter("triomesh_upstream_cx_total", cluster="grpc") == 2  # one new connection, two streams
+        active = proxy.plane.stats.gauge("triomesh_upstream_cx_active", cluster="grpc").value
+        assert active == 1 and [len(pool) for pool in proxy.plane.h2_pools.values()] == [1]
+    finally:
+        server.close()
