@@ -319,16 +319,37 @@ def tls12_cipher_names() -> frozenset[str]:
 _known_ciphers: frozenset[str] | None = None
 
 
-def check_cipher_suites(names: tuple[str, ...]) -> None:
-    """Each entry must be one OpenSSL cipher suite name this OpenSSL knows (as Istio checks names,
-    not OpenSSL's cipher-list expressions)."""
+# suites OpenSSL knows that no peer of a proxy could use, by a part of their name: BoringSSL (Envoy)
+# has none of them either
+_UNUSABLE_CIPHER_PARTS = (("NULL", "no encryption"), ("ADH-", "no authentication (anonymous)"),
+                          ("AECDH-", "no authentication (anonymous)"), ("PSK", "needs a pre-shared key"),
+                          ("SRP", "needs an SRP password"))
+
+
+def cipher_suite_names(entries: tuple[str, ...]) -> tuple[str, ...]:
+    """OpenSSL's cipher names for `cipherSuites` entries, in order. An entry is one name, or Envoy's
+    equal-preference group `[A|B]` (BoringSSL syntax, which Istio passes on): OpenSSL has no such
+    groups, so its names go in as written, one after the other."""
+    names: list[str] = []
+    for entry in entries:
+        names.extend(entry[1:-1].split("|") if entry.startswith("[") and entry.endswith("]") else (entry,))
+    return tuple(names)
+
+
+def check_cipher_suites(entries: tuple[str, ...]) -> None:
+    """Each entry must be one OpenSSL cipher suite name this OpenSSL knows, or a group of them (as Istio
+    checks names, not OpenSSL's cipher-list expressions), and one a proxy can use."""
     global _known_ciphers
     if _known_ciphers is None:
         _known_ciphers = tls12_cipher_names()
-    for i, name in enumerate(names):
-        if name not in _known_ciphers:
-            raise TlsSettingsError(f"cipherSuites[{i}]", f"unknown cipher suite {name!r} (expected an OpenSSL "
-                                                         f"name such as {DEFAULT_CIPHER_SUITES[0]!r})")
+    for i, entry in enumerate(entries):
+        for name in cipher_suite_names((entry,)):
+            if name not in _known_ciphers:
+                raise TlsSettingsError(f"cipherSuites[{i}]", f"unknown cipher suite {name!r} (expected an OpenSSL "
+                                                             f"name such as {DEFAULT_CIPHER_SUITES[0]!r})")
+            unusable = next((why for part, why in _UNUSABLE_CIPHER_PARTS if part in name), None)
+            if unusable is not None:
+                raise TlsSettingsError(f"cipherSuites[{i}]", f"cipher suite {name!r} is refused: {unusable}")
 
 
 def check_versions(versions: ProtocolVersions) -> tuple[int, int | None]:
@@ -358,7 +379,7 @@ def _base(server_side: bool, versions: ProtocolVersions, cipher_suites: tuple[st
         raise TlsSettingsError("tls", f"no usable TLS library: {e}") from e
     context.set_versions(minimum, maximum)
     try:
-        context.set_ciphers(":".join(cipher_suites or DEFAULT_CIPHER_SUITES))
+        context.set_ciphers(":".join(cipher_suite_names(cipher_suites) or DEFAULT_CIPHER_SUITES))
     except OpenSslError as e:
         raise TlsSettingsError("cipherSuites", f"no usable cipher suite in {list(cipher_suites)}: {e}") from e
     if alpn:

@@ -44,10 +44,16 @@ def _build(tls: UpstreamTls) -> TlsContext:
                           check_hostname=not tls.subject_alt_names, alpn=tls.alpn)
 
 
-def _san_matches(wanted: str, san: str) -> bool:
+def _san_matches(wanted: str, kind: str, san: str) -> bool:
     if wanted == san:
         return True
-    # a certificate's wildcard DNS name covers one label, as in hostname verification (RFC 6125 6.4.3)
+    if kind != "DNS":
+        return False
+    # DNS names compare without case (RFC 4343), as Envoy's dnsNameMatch does; a certificate's
+    # wildcard name covers one label, as in hostname verification (RFC 6125 6.4.3)
+    wanted, san = wanted.lower(), san.lower()
+    if wanted == san:
+        return True
     if san.startswith("*.") and "." in wanted:
         return wanted.split(".", 1)[1] == san[2:]
     return False
@@ -58,9 +64,10 @@ def check_subject_alt_names(tls: UpstreamTls, peer: dict | None) -> None:
     DNS, URI or IP SANs (TlsHandshakeError reason `fail_verify_san`, Envoy's stat word otherwise)."""
     if not tls.subject_alt_names or tls.insecure_skip_verify:
         return
-    sans = [value for kind, value in (peer or {}).get("subjectAltName", ()) if kind in ("DNS", "URI", "IP Address")]
+    names = [(kind, value) for kind, value in (peer or {}).get("subjectAltName", ()) if kind in ("DNS", "URI", "IP Address")]
     for wanted in tls.subject_alt_names:
-        if any(_san_matches(wanted, san) for san in sans):
+        if any(_san_matches(wanted, kind, san) for kind, san in names):
             return
+    sans = [value for _, value in names]
     raise TlsHandshakeError(f"upstream certificate SANs {sans} match none of subjectAltNames "
                             f"{list(tls.subject_alt_names)}", "fail_verify_san")

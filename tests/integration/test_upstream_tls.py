@@ -62,12 +62,16 @@ async def test_wrong_ca_and_san_mismatch_answer_503_uf_with_the_reason(nursery, 
         "wronghost": (backend.port, UpstreamTls("SIMPLE", "other.test", ca_file=_ca_file(ca, tmp_path, "ca2.pem"))),
         "sanok": (backend.port, UpstreamTls("SIMPLE", "other.test", ("backend.test",),
                                             ca_file=_ca_file(ca, tmp_path, "ca3.pem"))),
+        # DNS names compare without case, as Envoy's
+        "sancase": (backend.port, UpstreamTls("SIMPLE", "other.test", ("Backend.TEST",),
+                                              ca_file=_ca_file(ca, tmp_path, "ca5.pem"))),
         "sanbad": (backend.port, UpstreamTls("SIMPLE", "backend.test", ("spiffe://x/ns/a/sa/b",),
                                              ca_file=_ca_file(ca, tmp_path, "ca4.pem"))),
         "skip": (backend.port, UpstreamTls("SIMPLE", "backend.test", insecure_skip_verify=True)),
     }, access_log=log)
     base = f"http://127.0.0.1:{proxy.port}"
-    for name, want in (("wrongca", "503"), ("wronghost", "503"), ("sanok", "200"), ("sanbad", "503"), ("skip", "200")):
+    for name, want in (("wrongca", "503"), ("wronghost", "503"), ("sanok", "200"), ("sancase", "200"),
+                       ("sanbad", "503"), ("skip", "200")):
         code, out, err = await curl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/small?c={name}")
         assert (code, out) == (0, want), (name, out, err)
     assert proxy.counter("triomesh_upstream_tls_handshake_fail_total", reason="fail_verify_error") == 2

@@ -367,3 +367,30 @@ async def test_each_server_of_a_port_keeps_its_own_protocol_versions(server_file
     assert runtime.pick_before_handshake
     # the same versions everywhere: nothing is read before the handshake
     assert not ListenerTls("l", (server("*"), server("new.example.com")), Stats()).pick_before_handshake
+
+
+async def test_an_equal_preference_cipher_group_offers_each_of_its_suites(server_files):
+    """Envoy's `[A|B]` in cipherSuites (which Istio passes on): each suite of the group is offered."""
+    import trio
+
+    from proxy.tls.conn import TlsConn
+    from proxy.tls.context import ProtocolVersions, client_context
+    from tests.tls.certs import tcp_pair
+
+    group = "[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]"
+    runtime = ListenerTls("l", (ServerTls(("*",), "SIMPLE", CertificateFiles(server_files.cert, server_files.key,
+                                                                              origin="files"),
+                                          listener="routes", cipher_suites=(group,)),), Stats())
+    for suite in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, runtime.initial_context(), server_side=True)
+        client = TlsConn(client_sock, client_context(ca_file=server_files.ca, check_hostname=False,
+                                                     versions=ProtocolVersions("TLS_AUTO", "TLSV1_2"),
+                                                     cipher_suites=(suite,)),
+                         server_side=False, server_hostname="a.example.com")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.handshake, 5.0)
+            nursery.start_soon(client.handshake, 5.0)
+        assert server.cipher == suite
+        server.close()
+        client.close()
