@@ -218,7 +218,8 @@ class _Compiler:
         self.registry: Registry = build_registry(
             self.by_kind["ServiceEntry"], self.by_kind["WorkloadEntry"], self.by_kind["DestinationRule"], proxy_namespace
         )
-        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels), credentials_dir)
+        self.clusters: dict[str, Cluster] = build_clusters(self.registry, proxy_locality(proxy_labels), credentials_dir,
+                                                           self.by_kind["PeerAuthentication"])
         self.gateways: dict[str, Resource] = {f"{r.namespace}/{r.name}": r for r in self.by_kind["Gateway"]}
         # host-less VirtualServices are delegates: their routes are used only where a route delegates
         self.delegates = {(r.namespace, r.name): r for r in self.by_kind["VirtualService"] if not r.obj.spec.hosts}

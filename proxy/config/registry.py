@@ -57,6 +57,7 @@ class Instance:
     labels: FrozenLabels
     weight: int
     locality: str = ""
+    service_account: str = ""  # its `serviceAccount`: the identity its sidecar's certificate proves
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +203,8 @@ def _check_service_entry(r: Resource, spec: ServiceEntrySpec) -> None:
 
 
 def _instance(ep: WorkloadEntrySpec) -> Instance:
-    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1, ep.locality)
+    return Instance(ep.address, dict(ep.ports), FrozenLabels(ep.labels), ep.weight or 1, ep.locality,
+                    ep.service_account)
 
 
 def build_registry(
@@ -368,36 +370,59 @@ def _locality_lb(tp: TrafficPolicy | None, endpoints: tuple[Endpoint, ...], prox
 
 
 def _cluster_tls(svc: Service, port: Port, tp: TrafficPolicy | None, credentials_dir: str | None,
-                 endpoints: tuple[Endpoint, ...], subset: str) -> UpstreamTls | None:
+                 endpoints: tuple[Endpoint, ...], subset: str, namespace_mode: str) -> UpstreamTls | None:
     """The cluster's TLS from its effective policy's tls block (checked already where it is written);
-    without one, auto mTLS: Istio mutual TLS to the endpoints that have a sidecar."""
+    without one, auto mTLS: Istio mutual TLS to the endpoints that have a sidecar, when the service's
+    namespace takes it (`namespace_mode`: its mesh- or namespace-wide PeerAuthentication mode)."""
     tls = tp.tls if tp is not None else None
     protocol = str(port.protocol)
     http = protocol in upstream_tls.HTTP_PROTOCOLS
+    http2 = policies.upstream_http2(protocol, tp) if http else None  # None: a TCP port
     if tls is None:
-        return upstream_tls.auto_mtls(svc.cluster_host, port.number, subset, endpoints,
-                                      tuple(svc.spec.subject_alt_names), policies.upstream_http2(protocol, tp) if http
-                                      else None)
+        return upstream_tls.auto_mtls(svc.cluster_host, port.number, subset, endpoints, _service_accounts(svc),
+                                      http2, _service_mtls_mode(svc, port, tp, namespace_mode))
     if tls.mode == "DISABLE" or svc.rule is None:
         return None
     r, path = next(((r, path) for r in svc.rule.sources for path, block in upstream_tls.tls_blocks(r.obj.spec)
                     if block is tls), (svc.rule.sources[0], "$.spec.trafficPolicy.tls"))
-    http2 = policies.upstream_http2(protocol, tp) if http else None  # None: a TCP port
     if tls.mode == "ISTIO_MUTUAL":
-        return upstream_tls.istio_mutual(r, tls, svc.cluster_host, port.number, subset,
-                                         tuple(svc.spec.subject_alt_names), http2)
+        return upstream_tls.istio_mutual(r, tls, svc.cluster_host, port.number, subset, _service_accounts(svc), http2)
     # a TCP port offers no ALPN of its own (Envoy's tcp_proxy upstream TLS sets none unless configured)
     alpn = () if http2 is None else ("h2",) if http2 else ("http/1.1",)
     return upstream_tls.compile_settings(r, path, tls, svc.host, tuple(svc.spec.subject_alt_names), alpn,
                                          credentials_dir)
 
 
-def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str | None = None) -> dict[str, Cluster]:
+def _service_accounts(svc: Service) -> tuple[str, ...]:
+    """The identities a server of `svc` may prove: its endpoints' accounts (all ports, all subsets, as
+    Istio's ServiceAccounts) and its ServiceEntry's subjectAltNames."""
+    return upstream_tls.service_accounts(svc.namespace, (inst.service_account for inst in svc.instances),
+                                         svc.spec.subject_alt_names)
+
+
+def _service_mtls_mode(svc: Service, port: Port, tp: TrafficPolicy | None, namespace_mode: str) -> str | None:
+    """What auto mTLS may assume of the service's servers (upstream_tls.service_mtls_mode); a
+    passthrough service is judged by all its endpoints on the port, whichever the subset."""
+    lb = tp.load_balancer if tp is not None else None
+    passthrough = svc.spec.resolution == "NONE" or (lb is not None and lb.simple == "PASSTHROUGH")
+    return upstream_tls.service_mtls_mode(svc.spec.location == "MESH_EXTERNAL", passthrough,
+                                          _endpoints(svc, port, None), namespace_mode)
+
+
+def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str | None = None,
+                   peer_authentications: Iterable[Resource] = ()) -> dict[str, Cluster]:
     """Every cluster of the registry; `proxy_locality` ("region/zone/subzone" of this proxy) decides
-    what localityLbSetting does to each; `credentials_dir` is where tls credentialNames resolve."""
+    what localityLbSetting does to each; `credentials_dir` is where tls credentialNames resolve;
+    `peer_authentications` (all of the config) decide where auto mTLS applies."""
     clusters: dict[str, Cluster] = {}
     checked: set[int] = set()
+    peer_authentications = list(peer_authentications)
+    namespace_modes: dict[str, str] = {}
     for svc in reg.services.values():
+        namespace_mode = namespace_modes.get(svc.namespace)
+        if namespace_mode is None:
+            namespace_mode = namespace_modes[svc.namespace] = upstream_tls.namespace_mtls_mode(
+                peer_authentications, ROOT_NAMESPACE, svc.namespace)
         rule_spec = svc.rule
         base_tp = rule_spec.traffic_policy if rule_spec else None
         for r in rule_spec.sources if rule_spec else ():
@@ -419,7 +444,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str
                 locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                 service_namespace=svc.namespace,
                 mesh_internal=svc.spec.location == "MESH_INTERNAL",
-                tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, ""),
+                tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, "", namespace_mode),
                 **_policy_fields(tp, port),
             )
             if rule_spec is None:
@@ -439,7 +464,7 @@ def build_clusters(reg: Registry, proxy_locality: str = "", credentials_dir: str
                     locality_lb=_locality_lb(tp, endpoints, proxy_locality),
                     service_namespace=svc.namespace,
                     mesh_internal=svc.spec.location == "MESH_INTERNAL",
-                    tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, subset.name),
+                    tls=_cluster_tls(svc, port, tp, credentials_dir, endpoints, subset.name, namespace_mode),
                     **_policy_fields(tp, port),
                 )
     return clusters

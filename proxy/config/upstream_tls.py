@@ -6,19 +6,25 @@ on its own, its files loaded once into a throw-away context, so a missing file o
 match its certificate is a config error at the field naming it and the proxy keeps its last good
 config. The cluster's effective block (policies.cluster_traffic_policy: subset port-level > subset >
 port-level > top level, each replacing the tls as a whole) is then compiled without further checks.
+
+Without a tls block, auto mTLS: Istio mutual TLS to the endpoints that have a sidecar, unless the
+service is MESH_EXTERNAL or its namespace's PeerAuthentication disables mTLS (service_mtls_mode, as
+Istio infers it). ISTIO_MUTUAL, explicit or auto, accepts a server of the service's accounts.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Iterable
 
+from proxy.authz import peer_authentication
 from proxy.config.istio import ClientTLSSettings, DestinationRuleSpec
 from proxy.config.load import Resource
 from proxy.config.snapshot import UpstreamTls
 from proxy.tls.certificates import CredentialError, resolve_credential
 from proxy.tls.context import TlsSettingsError
-from proxy.tls.mesh import client_alpn
+from proxy.tls.mesh import client_alpn, service_account_san
 from proxy.tls.upstream import client_context_for
 
 # service port protocols whose clusters the HTTP data path speaks to (the others are TCP routes:
@@ -89,22 +95,62 @@ def mesh_sni(host: str, port: int, subset: str) -> str:
     return f"outbound_.{port}_.{subset}_.{host}"
 
 
+def service_accounts(namespace: str, endpoint_accounts: Iterable[str],
+                     subject_alt_names: Iterable[str]) -> tuple[str, ...]:
+    """Istio's ServiceAccounts of a service, the server identities ISTIO_MUTUAL accepts when its tls
+    block names none: the SPIFFE IDs of its endpoints' `serviceAccount` (of the service's namespace,
+    in the mesh's trust domain: service_account_san) and the ServiceEntry's subjectAltNames, sorted.
+    Empty: none known, the server is checked by its chain alone."""
+    accounts = {service_account_san(namespace, account) for account in endpoint_accounts if account}
+    return tuple(sorted(accounts.union(subject_alt_names)))
+
+
+def namespace_mtls_mode(peer_authentications: Iterable, root_namespace: str, namespace: str) -> str:
+    """The mode the mesh- and namespace-wide PeerAuthentications give the workloads of `namespace`
+    (Istio's GetNamespaceMutualTLSMode, PERMISSIVE without any). Workload and port-level policies are
+    left out, as Istio leaves them out of its inference: a client cannot tell which workloads a
+    selector picks."""
+    no_labels: dict[str, str] = {}  # matched by no selector: only the policies without one apply
+    return peer_authentication.resolve(peer_authentications, root_namespace, namespace, no_labels).mode
+
+
+def service_mtls_mode(mesh_external: bool, passthrough: bool, endpoints, namespace_mode: str) -> str | None:
+    """Istio's BestEffortInferServiceMTLSMode, the hint auto mTLS follows: None (unknown) for a
+    MESH_EXTERNAL service; DISABLE for a passthrough one (resolution NONE or loadBalancer PASSTHROUGH:
+    a connection goes wherever the app sent it) without endpoints or with one that has no sidecar;
+    otherwise the mode of the service's namespace."""
+    if mesh_external:
+        return None
+    if passthrough and (not endpoints or any(_tls_mode(e) == "disabled" for e in endpoints)):
+        return "DISABLE"
+    return namespace_mode
+
+
+def _tls_mode(endpoint) -> str:
+    """Istio's GetTLSModeFromEndpointLabels: the label's value, `disabled` without it."""
+    return endpoint.labels.get(TLS_MODE_LABEL, "disabled")
+
+
 def istio_mutual(r: Resource, tls: ClientTLSSettings, host: str, port: int, subset: str,
-                 service_sans: tuple[str, ...], http2: bool | None) -> UpstreamTls:
-    """DestinationRule ISTIO_MUTUAL: the workload certificate to every endpoint (`http2` None: TCP)."""
+                 accounts: tuple[str, ...], http2: bool | None) -> UpstreamTls:
+    """DestinationRule ISTIO_MUTUAL: the workload certificate to every endpoint (`http2` None: TCP);
+    the server is one of the rule's subjectAltNames, else of the service's `accounts`."""
     return UpstreamTls(mode="ISTIO_MUTUAL", sni=tls.sni or mesh_sni(host, port, subset),
-                       subject_alt_names=tuple(tls.subject_alt_names) or service_sans,
+                       subject_alt_names=tuple(tls.subject_alt_names) or accounts,
                        alpn=client_alpn(http2), origin=f"DestinationRule {r.namespace}/{r.name}")
 
 
-def auto_mtls(host: str, port: int, subset: str, endpoints, service_sans: tuple[str, ...],
-              http2: bool | None) -> UpstreamTls | None:
+def auto_mtls(host: str, port: int, subset: str, endpoints, accounts: tuple[str, ...],
+              http2: bool | None, service_mode: str | None) -> UpstreamTls | None:
     """Auto mTLS (no DestinationRule tls): ISTIO_MUTUAL to the endpoints labelled with a sidecar, for
-    HTTP clusters and TCP ones (`http2` None: ALPN `istio`)."""
+    HTTP clusters and TCP ones (`http2` None: ALPN `istio`), unless the service's inferred mode
+    (service_mtls_mode) is unknown or DISABLE: a DISABLE server would hand the TLS bytes to its app."""
+    if service_mode is None or service_mode == "DISABLE":
+        return None
     mesh = frozenset(e.key for e in endpoints if e.labels.get(TLS_MODE_LABEL) == "istio")
     if not mesh:
         return None
-    return UpstreamTls(mode="ISTIO_MUTUAL", sni=mesh_sni(host, port, subset), subject_alt_names=service_sans,
+    return UpstreamTls(mode="ISTIO_MUTUAL", sni=mesh_sni(host, port, subset), subject_alt_names=accounts,
                        alpn=client_alpn(http2), origin="auto mTLS", mesh_endpoints=mesh)
 
 

@@ -45,6 +45,19 @@ def trust_domain(spiffe_id: str) -> str:
     return spiffe_id[len(SPIFFE_PREFIX):].split("/", 1)[0] if spiffe_id.startswith(SPIFFE_PREFIX) else ""
 
 
+def service_account_san(namespace: str, service_account: str) -> str:
+    """The SPIFFE ID of a service account of this mesh, as a subjectAltName compiled before the trust
+    domain is known (config is compiled without it): the trust domain is left empty, and
+    check_peer_identity fills in its own certificate's, the one the mesh CA issues in (Istio's
+    meshConfig.trustDomain). No certificate carries an empty trust domain, so it never matches as is."""
+    return f"{SPIFFE_PREFIX}/ns/{namespace}/sa/{service_account}"
+
+
+def _in_trust_domain(san: str, domain: str) -> str:
+    """`san` with `domain` filled in when it is a service_account_san."""
+    return SPIFFE_PREFIX + domain + san[len(SPIFFE_PREFIX):] if san.startswith(SPIFFE_PREFIX + "/") else san
+
+
 def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_ALPN,
                    versions: ProtocolVersions = ProtocolVersions(), cipher_suites: tuple[str, ...] = (),
                    session_tickets: bool = True) -> TlsContext:
@@ -101,17 +114,20 @@ class MeshContexts:
 
 
 def check_peer_identity(peer: dict | None, subject_alt_names: tuple[str, ...], own_spiffe_id: str) -> str:
-    """After an originating handshake: the server's SPIFFE ID must be one of `subject_alt_names`, or,
-    when none are given, any identity of our own trust domain (Istio's default for ISTIO_MUTUAL).
-    Returns the server's SPIFFE ID; TlsHandshakeError reason `fail_verify_san` otherwise."""
+    """After an originating handshake: the server's SPIFFE ID must be one of `subject_alt_names` (the
+    service's accounts, proxy/config/upstream_tls.py; service_account_san ones in our trust domain),
+    or, when none are known, any identity of our own trust domain (Istio checks only the chain then;
+    the mesh CA issues in no other trust domain). Returns the server's SPIFFE ID; TlsHandshakeError
+    reason `fail_verify_san` otherwise."""
     uris = [value for kind, value in (peer or {}).get("subjectAltName", ()) if kind == "URI"]
     spiffe = next((u for u in uris if u.startswith(SPIFFE_PREFIX)), None)
     if spiffe is None:
         raise TlsHandshakeError(f"upstream certificate has no SPIFFE ID (URI SANs {uris})", "fail_verify_san")
     if subject_alt_names:
-        if spiffe not in subject_alt_names:
-            raise TlsHandshakeError(f"upstream identity {spiffe} is none of subjectAltNames "
-                                    f"{list(subject_alt_names)}", "fail_verify_san")
+        wanted = [_in_trust_domain(san, trust_domain(own_spiffe_id)) for san in subject_alt_names]
+        if spiffe not in wanted:
+            raise TlsHandshakeError(f"upstream identity {spiffe} is none of subjectAltNames {wanted}",
+                                    "fail_verify_san")
     elif trust_domain(spiffe) != trust_domain(own_spiffe_id):
         raise TlsHandshakeError(f"upstream identity {spiffe} is outside trust domain "
                                 f"{trust_domain(own_spiffe_id)}", "fail_verify_san")
