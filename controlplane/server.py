@@ -504,6 +504,9 @@ class ControlPlane:
 
     async def _register(self, proxy: ProxyConn, hello: Hello) -> None:
         labels = dict(hello.labels)
+        # the account its certificate proves (a proxy that named none gets `default`'s): the
+        # endpoint's serviceAccount, which clients' ISTIO_MUTUAL accepts as the server
+        service_account = proxy.identity.service_account if proxy.identity is not None else hello.service_account
         if proxy.identity is not None:
             # a sidecar that gets a workload certificate takes mesh mTLS: Istio's endpoint label,
             # which auto mTLS on the client side follows (docs/mtls.md)
@@ -511,12 +514,12 @@ class ControlPlane:
         try:
             if self.replication is not None:
                 entry = workload_entry(hello.node_id, hello.namespace, labels, proxy.address, hello.ports,
-                                       hello.service_account)
+                                       service_account)
                 await self.replication.register(entry, replaces=proxy.workload_key)
                 key = entry.key
             else:
                 key = self.store.register_workload(hello.node_id, hello.namespace, labels, proxy.address,
-                                                   hello.ports, hello.service_account)
+                                                   hello.ports, service_account)
         except ConfigError as e:
             self.log.error("workload_registration_refused", node_id=hello.node_id, error=str(e))
             return

@@ -98,6 +98,8 @@ def _condition_values(key: str, values: tuple[str, ...], header: str) -> tuple:
         return tuple(int(v) for v in values)
     if key == "source.principal":
         return _principals(values) or ()
+    if key == "connection.sni":  # a DNS name: no case, no trailing dot (evaluate's sni_text)
+        return tuple(StringMatcher.parse(v.rstrip("."), ignore_case=True) for v in values)
     return _strings(values) or ()
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import socket
+from time import monotonic
 
 import structlog
 import trio
@@ -165,6 +166,7 @@ class GatewayTcpServer:
         if runtime is None:
             sock.close()
             return
+        started = monotonic()
         context, client_hello = await runtime.starting_context(sock)
         if context is None:
             runtime.count_error("no_certificate")
@@ -172,10 +174,11 @@ class GatewayTcpServer:
             return
         conn = TlsConn(sock, context, server_side=True, initial=client_hello)
         try:
-            await conn.handshake(HANDSHAKE_TIMEOUT_S)
+            # one deadline for the ClientHello read first (if any) and the handshake
+            await conn.handshake(HANDSHAKE_TIMEOUT_S - (monotonic() - started) if client_hello else HANDSHAKE_TIMEOUT_S)
             client_ip = sock.getpeername()[0]
         except (TlsError, OSError) as e:
-            runtime.count_error(runtime.refusal(conn.server_name, conn.protocol_version_number) or getattr(e, "reason", "connection_error"))
+            runtime.count_error(runtime.failure_reason(conn, e))
             conn.close()
             return
         runtime.count_handshake(conn)

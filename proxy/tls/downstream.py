@@ -8,6 +8,7 @@ A failed handshake is counted by reason and the connection closed; nothing reach
 from __future__ import annotations
 
 import socket
+from time import monotonic
 
 import structlog
 import trio
@@ -27,44 +28,59 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
     if runtime is None:
         sock.close()  # the listener left the config while this connection waited in the backlog
         return
-    context, client_hello = await runtime.starting_context(sock)
-    if context is None:
-        runtime.count_error("no_certificate")
-        sock.close()
-        return
-    conn = TlsConn(sock, context, server_side=True, initial=client_hello, reactor=plane.reactor,
-                   sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
-    # a connection in its handshake counts against --max-downstream-connections like a served one
-    # (DownstreamConnection counts it from then on)
+    # a connection in its handshake (and in reading the ClientHello before it) counts against
+    # --max-downstream-connections like a served one (DownstreamConnection counts it from then on)
     plane.downstream_cx_active.value += 1
     try:
-        await conn.handshake(HANDSHAKE_TIMEOUT_S)
-    except TlsError as e:
-        reason = runtime.refusal(conn.server_name, conn.protocol_version_number) or e.reason
-        runtime.count_error(reason)
-        log.debug("tls handshake failed", listener=listener_name, reason=reason, sni=conn.server_name, error=str(e))
-        conn.close()
-        return
-    except OSError as e:
-        runtime.count_error("connection_error")
-        log.debug("tls handshake failed", listener=listener_name, reason="connection_error", error=str(e))
-        conn.close()
-        return
-    except Exception:  # a bug must cost one connection, never the listener
-        log.exception("unexpected error during a tls handshake", listener=listener_name)
-        conn.reset()
-        return
-    except BaseException:  # cancelled: the worker stops
-        conn.close()
-        raise
+        conn = await _handshake(plane, runtime, listener_name, sock)
     finally:
         plane.downstream_cx_active.value -= 1
+    if conn is None:
+        return
     runtime.count_handshake(conn)
     server = runtime.server_for(conn)
     downstream = DownstreamConnection(plane, server.listener, sock, addr, peer_principal=conn.peer_principal(),
                                       conn=conn)
     downstream.peer.sni = conn.server_name  # connection.sni for authorization
     await downstream.run()
+
+
+async def _handshake(plane: DataPlane, runtime, listener_name: str, sock: socket.socket) -> TlsConn | None:
+    """The connection once its handshake completed; None when it failed (counted, socket closed)."""
+    started = monotonic()
+    try:
+        context, client_hello = await runtime.starting_context(sock)
+    except BaseException:
+        sock.close()
+        raise
+    if context is None:
+        runtime.count_error("no_certificate")
+        sock.close()
+        return None
+    conn = TlsConn(sock, context, server_side=True, initial=client_hello, reactor=plane.reactor,
+                   sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
+    try:
+        # one deadline for the ClientHello read first (if any) and the handshake
+        await conn.handshake(HANDSHAKE_TIMEOUT_S - (monotonic() - started) if client_hello else HANDSHAKE_TIMEOUT_S)
+    except TlsError as e:
+        reason = runtime.failure_reason(conn, e)
+        runtime.count_error(reason)
+        log.debug("tls handshake failed", listener=listener_name, reason=reason, sni=conn.server_name, error=str(e))
+        conn.close()
+        return None
+    except OSError as e:
+        runtime.count_error("connection_error")
+        log.debug("tls handshake failed", listener=listener_name, reason="connection_error", error=str(e))
+        conn.close()
+        return None
+    except Exception:  # a bug must cost one connection, never the listener
+        log.exception("unexpected error during a tls handshake", listener=listener_name)
+        conn.reset()
+        return None
+    except BaseException:  # cancelled: the worker stops
+        conn.close()
+        raise
+    return conn
 
 
 def https_serve_function(plane: DataPlane, tls_listeners: TlsListeners, connection_nursery):

@@ -33,8 +33,9 @@ from proxy.stats import HELP, Counter, Stats
 from proxy.tls import mesh
 from proxy.tls.certificates import (CertificateSource, WorkloadSource, certificate_source, describe_chain,
                                     describe_chain_pem)
-from proxy.tls.context import (ALPN_PROTOCOLS, ProtocolVersions, TlsContext, TlsSettingsError, check_versions,
-                               context_for_server)
+from proxy.tls.openssl import OpenSslError
+from proxy.tls.context import (ALPN_PROTOCOLS, TLS1_3, ProtocolVersions, TlsContext, TlsSettingsError,
+                               check_versions, context_for_server)
 
 log = structlog.get_logger("triomesh.tls")
 
@@ -84,12 +85,13 @@ def _workload_context(server: ServerTls, source: WorkloadSource):
     return context, describe_chain_pem(identity.certificate_chain_pem)[0]
 
 
-def _version_range(server: ServerTls) -> tuple[int, int | None] | None:
+def _version_range(server: ServerTls) -> tuple[int, int] | None:
     """The protocol versions `server` takes (None when they are refused: it loads no context)."""
     try:
-        return check_versions(ProtocolVersions(server.min_protocol_version, server.max_protocol_version))
+        minimum, maximum = check_versions(ProtocolVersions(server.min_protocol_version, server.max_protocol_version))
     except TlsSettingsError:
         return None
+    return minimum, maximum or TLS1_3  # TLS_AUTO's maximum is the highest, 1.3
 
 
 class ListenerTls:
@@ -191,13 +193,14 @@ class ListenerTls:
             return entry.context
         return next((e.context for e in self.servers if e.context is not None), None)
 
-    async def starting_context(self, sock) -> tuple[TlsContext | None, bytes]:
+    async def starting_context(self, sock, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> tuple[TlsContext | None, bytes]:
         """The context a new connection on `sock` starts on (None: no server has a certificate) and
-        the ciphertext read to choose it, for the handshake to take first."""
+        the ciphertext read to choose it, for the handshake to take first; reading takes at most
+        `timeout_s`, which the caller's handshake timeout includes."""
         if not self.pick_before_handshake:
             return self.initial_context(), b""
         sock.setblocking(False)  # an accepted socket may still block (TlsConn would set this later)
-        detection, client_hello = await sniff_socket(sock, timeout_s=HANDSHAKE_TIMEOUT_S)
+        detection, client_hello = await sniff_socket(sock, timeout_s=timeout_s)
         return self.context_for(detection.sni), client_hello
 
     def context_for(self, server_name: str | None) -> TlsContext | None:
@@ -232,7 +235,7 @@ class ListenerTls:
 
     def refusal(self, server_name: str | None, version: int | None = None) -> str | None:
         """Why the SNI callback refuses `server_name` with the protocol `version` OpenSSL settled
-        (a stats reason), None when it does not."""
+        (a stats reason), None when it does not (failure_reason says when to pass `version`)."""
         index = self.pick(server_name)
         if index is None:
             return "no_matching_server"
@@ -242,6 +245,15 @@ class ListenerTls:
         if version is not None and not context.accepts_version(version):
             return "unsupported_protocol"
         return None
+
+    def failure_reason(self, conn, error: Exception) -> str:
+        """The stats reason of a handshake of TlsConn `conn` that failed with `error`: why the SNI
+        callback refused it when it did (its version only then: before the ClientHello, OpenSSL
+        reports its highest), else the TLS layer's reason."""
+        cause = error.__cause__
+        in_callback = isinstance(cause, OpenSslError) and cause.reason == "CALLBACK_FAILED"
+        return (self.refusal(conn.server_name, conn.protocol_version_number if in_callback else None)
+                or getattr(error, "reason", "connection_error"))
 
     def server_for(self, conn) -> ServerTls:
         """The server a completed handshake of TlsConn `conn` chose (by its SNI; the default one

@@ -188,6 +188,10 @@ def _deny(rule_yaml: str):
     ("{when: [{key: destination.ip, values: [10.9.0.0/16]}]}", http(destination="10.9.1.1"), http(destination="10.8.1.1")),
     ("{when: [{key: destination.port, values: [\"8000\"]}]}", http(port=8000), http(port=9000)),
     ("{when: [{key: connection.sni, values: [\"*.example.com\"]}]}", http(sni="a.example.com"), http(sni=None)),
+    # a DNS name: the SNI a client writes in capitals or with a trailing dot reaches the same server
+    ("{when: [{key: connection.sni, values: [new.example.com]}]}", http(sni="NEW.Example.com."),
+     http(sni="new.example.org")),
+    ("{when: [{key: connection.sni, values: [New.Example.COM.]}]}", http(sni="new.example.com"), None),
     ("{when: [{key: \"request.headers[X-Token]\", values: [secret]}]}", http(headers={"x-token": "secret"}),
      http(headers={"x-token": "public"})),
     ("{when: [{key: \"request.headers[x-token]\", notValues: [\"*\"]}]}", http(), http(headers={"x-token": "a"})),

@@ -318,3 +318,26 @@ async def test_a_plugin_ca_serves_its_intermediate_and_is_verified_by_the_operat
         assert [c.subject for c in chain[1:]] == [x509.load_pem_x509_certificate(intermediate.cert_pem.bytes()).subject]
         assert identity.trust_bundle_pem == root.cert_pem.bytes()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_registered_workload_carries_the_account_its_certificate_proves(tmp_path):
+    """A proxy that names no service account gets `default`'s certificate; its WorkloadEntry says
+    `default` too, so clients' ISTIO_MUTUAL, which accepts the service's accounts, accepts it."""
+    mesh = Mesh(tmp_path)
+    async with trio.open_nursery() as nursery:
+        plane, port = await mesh.start(nursery)
+        manager = IdentityManager()
+        node = NodeInfo("ratings-1", namespace="tutorial", labels={"app": "ratings"}, address="127.0.0.9",
+                        ports={"http": 9080}, register=True)
+        await nursery.start(lambda task_status: run_client(
+            ("127.0.0.1", port), node, lambda resources, version: None,
+            credentials=Credentials(mesh.roots, mesh.tutorial_token), identity=manager, task_status=task_status))
+        await wait_for(lambda: manager.current, what="the first certificate")
+        assert manager.current.spiffe_id == "spiffe://cluster.local/ns/tutorial/sa/default"
+
+        def registered():
+            return [s for k, s in plane.store.state.items() if k.kind == "WorkloadEntry"] or None
+
+        (entry,) = await wait_for(registered, what="the WorkloadEntry")
+        assert entry.resource.obj.spec.service_account == "default"
+        nursery.cancel_scope.cancel()

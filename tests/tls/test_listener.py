@@ -365,6 +365,9 @@ async def test_each_server_of_a_port_keeps_its_own_protocol_versions(server_file
     assert await handshake(runtime, "any.example.com", "TLSV1_2") == "unsupported_protocol"
     assert await handshake(runtime, "any.example.com", "TLSV1_3") == TLS1_3
     assert runtime.pick_before_handshake
+    # TLS_AUTO's maximum and TLSV1_3 are the same range: nothing to read first
+    assert not ListenerTls("l", (server("*"), server("new.example.com", maximum="TLSV1_3")),
+                           Stats()).pick_before_handshake
     # the same versions everywhere: nothing is read before the handshake
     assert not ListenerTls("l", (server("*"), server("new.example.com")), Stats()).pick_before_handshake
 
@@ -394,3 +397,56 @@ async def test_an_equal_preference_cipher_group_offers_each_of_its_suites(server
         assert server.cipher == suite
         server.close()
         client.close()
+
+
+async def test_the_sni_callback_holds_a_connection_started_elsewhere_to_its_servers_versions(server_files):
+    """A connection that starts on the first context (as one whose ClientHello the listener could not
+    read) is still refused a version its server does not take: by the SNI callback (alert 70,
+    counted as unsupported_protocol). A failure before any ClientHello keeps its own reason."""
+    import socket as socket_module
+
+    import trio
+
+    from proxy.tls.conn import TlsConn, TlsHandshakeError
+    from proxy.tls.context import ProtocolVersions, client_context
+    from tests.tls.certs import tcp_pair
+
+    def server(name: str, minimum: str = "TLS_AUTO", maximum: str = "TLS_AUTO") -> ServerTls:
+        return ServerTls((name,), "SIMPLE", CertificateFiles(server_files.cert, server_files.key, origin="files"),
+                         listener="routes", min_protocol_version=minimum, max_protocol_version=maximum)
+
+    runtime = ListenerTls("l", (server("*", maximum="TLSV1_2"), server("new.example.com", minimum="TLSV1_3")), Stats())
+
+    async def refused(client_sock: socket_module.socket, server_sock: socket_module.socket, connect) -> str:
+        conn = TlsConn(server_sock, runtime.initial_context(), server_side=True)
+        reason = ""
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                nonlocal reason
+                try:
+                    await conn.handshake(5.0)
+                except TlsHandshakeError as e:
+                    reason = runtime.failure_reason(conn, e)
+                conn.close()
+
+            nursery.start_soon(serve)
+            nursery.start_soon(connect, client_sock)
+        return reason
+
+    async def tls12_client(sock):
+        client = TlsConn(sock, client_context(ca_file=server_files.ca, check_hostname=False,
+                                              versions=ProtocolVersions("TLS_AUTO", "TLSV1_2")),
+                         server_side=False, server_hostname="new.example.com")
+        try:
+            await client.handshake(5.0)
+        except OSError:
+            pass
+        client.close()
+
+    async def plaintext_client(sock):
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: new.example.com\r\n\r\n")
+        sock.close()
+
+    assert await refused(*tcp_pair(), tls12_client) == "unsupported_protocol"
+    assert await refused(*tcp_pair(), plaintext_client) == "not_tls"
+
