@@ -500,11 +500,12 @@ async def open_stream(plane: DataPlane, crt: ClusterRuntime, key: tuple[str, int
     """A new stream to endpoint `key`: on a pooled connection with a free slot (waiting for it to
     connect if it is still connecting), or on a new connection; `fresh`: skip the pooled ones (the
     retry of a refused stream)."""
+    pool_key = (crt.name, key[0], key[1])
+    limits = crt.pool_limits
     while True:
         if crt.tls_retired:  # the cluster's TLS changed since this request began: connect with the new settings
             crt = plane.current_clusters().get(crt.name, crt)
-        pool_key = (crt.name, key[0], key[1])
-        limits = crt.pool_limits
+            limits = crt.pool_limits
         pool = plane.h2_pools.get(pool_key)
         connection = None
         if pool and not fresh:
