@@ -1082,6 +1082,9 @@ class Condition(IstioStruct, frozen=True):
         if not jwt and key not in CONDITION_KEYS and HEADER_KEY.fullmatch(key) is None:
             raise ValueError(f"unknown condition key {key!r}; expected one of "
                              f"{', '.join(sorted(CONDITION_KEYS))} or request.headers[<name>]")
+        header = HEADER_KEY.fullmatch(key)
+        if header is not None and not header.group(1).strip():
+            raise ValueError(f"condition key {key!r} names no header (request.headers[<name>])")
         if not self.values and not self.not_values:
             raise ValueError(f"at least one of `values` or `notValues` must be set for key {key}")
         for name, values in (("values", self.values), ("notValues", self.not_values)):

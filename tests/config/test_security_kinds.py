@@ -112,6 +112,7 @@ def test_a_workload_no_policy_selects_has_no_authorization():
     ("key: source.ip,", "key: request.auth.principal,", "$.spec.rules[0].when[1].key", "needs RequestAuthentication (JWT)"),
     ("key: source.ip,", "key: source.ipp,", "$.spec.rules[0].when[1]", "unknown condition key 'source.ipp'"),
     ("key: source.ip,", "key: \"request.header[x]\",", "$.spec.rules[0].when[1]", "unknown condition key"),
+    ("key: source.ip,", "key: \"request.headers[ ]\",", "$.spec.rules[0].when[1]", "names no header"),
     ("{key: source.ip, values: [10.0.0.1]}", "{key: source.ip}", "$.spec.rules[0].when[1]",
      "at least one of `values` or `notValues` must be set for key source.ip"),
     ("{key: source.ip, values: [10.0.0.1]}", "{key: source.ip, values: [not-an-ip]}", "$.spec.rules[0].when[1]",
