@@ -33,9 +33,9 @@ from proxy.stats import HELP, Counter, Stats
 from proxy.tls import mesh
 from proxy.tls.certificates import (CertificateSource, WorkloadSource, certificate_source, describe_chain,
                                     describe_chain_pem)
-from proxy.tls.openssl import OpenSslError
 from proxy.tls.context import (ALPN_PROTOCOLS, TLS1_3, ProtocolVersions, TlsContext, TlsSettingsError,
                                check_versions, context_for_server)
+from proxy.tls.openssl import OpenSslError
 
 log = structlog.get_logger("triomesh.tls")
 
