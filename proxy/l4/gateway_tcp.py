@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import random
 import socket
-from time import monotonic
 
 import structlog
 import trio
@@ -31,7 +30,7 @@ from proxy.l4.sniff_stream import sniff_socket
 from proxy.l4.tcp_proxy import DEFAULT_IDLE_TIMEOUT_S, TcpProxyStatsByCluster
 from proxy.stats import HELP, Counter, Stats
 from proxy.tls.conn import TlsConn, TlsError
-from proxy.tls.listener import HANDSHAKE_TIMEOUT_S, TlsListeners
+from proxy.tls.listener import TlsListeners
 
 HELP.setdefault("triomesh_gateway_tcp_cx_total",
                 "Connections to Gateway TCP servers, by listener and what was done with them.")
@@ -166,16 +165,14 @@ class GatewayTcpServer:
         if runtime is None:
             sock.close()
             return
-        started = monotonic()
-        context, client_hello = await runtime.starting_context(sock)
+        context, client_hello, timeout_s = await runtime.starting_context(sock)
         if context is None:
             runtime.count_error("no_certificate")
             sock.close()
             return
         conn = TlsConn(sock, context, server_side=True, initial=client_hello)
         try:
-            # one deadline for the ClientHello read first (if any) and the handshake
-            await conn.handshake(HANDSHAKE_TIMEOUT_S - (monotonic() - started) if client_hello else HANDSHAKE_TIMEOUT_S)
+            await conn.handshake(timeout_s)
             client_ip = sock.getpeername()[0]
         except (TlsError, OSError) as e:
             runtime.count_error(runtime.failure_reason(conn, e))

@@ -8,7 +8,6 @@ A failed handshake is counted by reason and the connection closed; nothing reach
 from __future__ import annotations
 
 import socket
-from time import monotonic
 
 import structlog
 import trio
@@ -16,7 +15,7 @@ import trio
 from proxy.l7.dataplane import DataPlane
 from proxy.l7.server import DownstreamConnection, serve_listener
 from proxy.tls.conn import TlsConn, TlsError
-from proxy.tls.listener import HANDSHAKE_TIMEOUT_S, TlsListeners
+from proxy.tls.listener import TlsListeners
 
 log = structlog.get_logger("triomesh.tls")
 
@@ -47,9 +46,8 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
 
 async def _handshake(plane: DataPlane, runtime, listener_name: str, sock: socket.socket) -> TlsConn | None:
     """The connection once its handshake completed; None when it failed (counted, socket closed)."""
-    started = monotonic()
     try:
-        context, client_hello = await runtime.starting_context(sock)
+        context, client_hello, timeout_s = await runtime.starting_context(sock)
     except BaseException:
         sock.close()
         raise
@@ -60,8 +58,7 @@ async def _handshake(plane: DataPlane, runtime, listener_name: str, sock: socket
     conn = TlsConn(sock, context, server_side=True, initial=client_hello, reactor=plane.reactor,
                    sweeper=plane.sweeper, idle_s=plane.settings.stream_idle_timeout_s)
     try:
-        # one deadline for the ClientHello read first (if any) and the handshake
-        await conn.handshake(HANDSHAKE_TIMEOUT_S - (monotonic() - started) if client_hello else HANDSHAKE_TIMEOUT_S)
+        await conn.handshake(timeout_s)
     except TlsError as e:
         reason = runtime.failure_reason(conn, e)
         runtime.count_error(reason)

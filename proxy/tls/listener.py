@@ -24,6 +24,7 @@ A listener's runtime is kept across config reloads while its servers are unchang
 from __future__ import annotations
 
 import datetime
+from time import monotonic
 import structlog
 import trio
 
@@ -193,15 +194,16 @@ class ListenerTls:
             return entry.context
         return next((e.context for e in self.servers if e.context is not None), None)
 
-    async def starting_context(self, sock, timeout_s: float = HANDSHAKE_TIMEOUT_S) -> tuple[TlsContext | None, bytes]:
-        """The context a new connection on `sock` starts on (None: no server has a certificate) and
-        the ciphertext read to choose it, for the handshake to take first; reading takes at most
-        `timeout_s`, which the caller's handshake timeout includes."""
+    async def starting_context(self, sock) -> tuple[TlsContext | None, bytes, float]:
+        """The context a new connection on `sock` starts on (None: no server has a certificate), the
+        ciphertext read to choose it (for the handshake to take first) and the handshake's timeout:
+        what is left of HANDSHAKE_TIMEOUT_S, which includes that read."""
         if not self.pick_before_handshake:
-            return self.initial_context(), b""
+            return self.initial_context(), b"", HANDSHAKE_TIMEOUT_S
+        started = monotonic()
         sock.setblocking(False)  # an accepted socket may still block (TlsConn would set this later)
-        detection, client_hello = await sniff_socket(sock, timeout_s=timeout_s)
-        return self.context_for(detection.sni), client_hello
+        detection, client_hello = await sniff_socket(sock, timeout_s=HANDSHAKE_TIMEOUT_S)
+        return self.context_for(detection.sni), client_hello, HANDSHAKE_TIMEOUT_S - (monotonic() - started)
 
     def context_for(self, server_name: str | None) -> TlsContext | None:
         """The context a connection whose ClientHello names `server_name` starts on (pick_before_handshake):

@@ -332,7 +332,7 @@ async def test_each_server_of_a_port_keeps_its_own_protocol_versions(server_file
         async with trio.open_nursery() as nursery:
             async def serve():
                 nonlocal outcome
-                context, client_hello = await runtime.starting_context(server_sock)
+                context, client_hello, _ = await runtime.starting_context(server_sock)
                 conn = TlsConn(server_sock, context, server_side=True, initial=client_hello)
                 try:
                     await conn.handshake(5.0)
