@@ -124,16 +124,25 @@ async def test_connections_are_not_shared_between_different_sni(nursery, tmp_pat
     assert backend.connections == 2
 
 
+def _grpc_tls_server(ca: trustme.CA, name: str, *hosts: str):
+    """A gRPC Echo server over TLS with a certificate of `ca` for `hosts`: (server, port)."""
+    leaf = ca.issue_cert(*hosts)
+    return grpc_apps.start_grpc_server(
+        name=name, tls=(leaf.private_key_pem.bytes(), b"".join(p.bytes() for p in leaf.cert_chain_pems)))
+
+
+def _h2_tls_snapshot(port: int, tls: UpstreamTls):
+    """One HTTP/2 cluster `grpc` (endpoint `port`) with `tls`, every path routed to it."""
+    snap = make_snapshot({"grpc": [port]}, [prefix_route(b"/", {"grpc": 100})])
+    return dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], http2=True, tls=tls)})
+
+
 async def test_http2_over_tls_to_a_grpc_server_by_alpn(nursery, tmp_path):
     ca = trustme.CA()
-    leaf = ca.issue_cert("grpc.test")
-    server, port = grpc_apps.start_grpc_server(
-        name="grpc-tls", tls=(leaf.private_key_pem.bytes(), b"".join(p.bytes() for p in leaf.cert_chain_pems)))
+    server, port = _grpc_tls_server(ca, "grpc-tls", "grpc.test")
     try:
         snap_tls = UpstreamTls("SIMPLE", "grpc.test", ca_file=_ca_file(ca, tmp_path), alpn=("h2",))
-        snap = make_snapshot({"grpc": [port]}, [prefix_route(b"/", {"grpc": 100})])
-        snap = dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], http2=True,
-                                                                               tls=snap_tls)})
+        snap = _h2_tls_snapshot(port, snap_tls)
         proxy = await start_proxy(nursery, snap)
         target = f"127.0.0.1:{proxy.port}"
         for payload in (b"one", b"two"):
@@ -194,14 +203,10 @@ async def test_http2_connections_are_not_reused_after_the_tls_settings_change(nu
     """HTTP/2 pools as HTTP/1.1's: after a snapshot changes the cluster's TLS settings (the SNI here),
     the next stream goes over a new connection made with the new settings and the old one closes."""
     ca = trustme.CA()
-    leaf = ca.issue_cert("grpc.test", "other.test")
-    server, port = grpc_apps.start_grpc_server(
-        name="grpc-tls-change", tls=(leaf.private_key_pem.bytes(), b"".join(p.bytes() for p in leaf.cert_chain_pems)))
+    server, port = _grpc_tls_server(ca, "grpc-tls-change", "grpc.test", "other.test")
     try:
         first = UpstreamTls("SIMPLE", "grpc.test", ca_file=_ca_file(ca, tmp_path), alpn=("h2",))
-        snap = make_snapshot({"grpc": [port]}, [prefix_route(b"/", {"grpc": 100})])
-        snap = dataclasses.replace(snap, clusters={"grpc": dataclasses.replace(snap.clusters["grpc"], http2=True,
-                                                                               tls=first)})
+        snap = _h2_tls_snapshot(port, first)
         proxy = await start_proxy(nursery, snap)
         target = f"127.0.0.1:{proxy.port}"
 
