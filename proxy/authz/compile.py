@@ -98,9 +98,15 @@ def _condition_values(key: str, values: tuple[str, ...], header: str) -> tuple:
         return tuple(int(v) for v in values)
     if key == "source.principal":
         return _principals(values) or ()
-    if key == "connection.sni":  # a DNS name: no case, no trailing dot (evaluate's sni_text)
-        return tuple(StringMatcher.parse(v.rstrip("."), ignore_case=True) for v in values)
+    if key == "connection.sni":  # a DNS name: no case, no trailing dot (as evaluate's _condition_value)
+        return tuple(StringMatcher.parse(_without_trailing_dot(v), ignore_case=True) for v in values)
     return _strings(values) or ()
+
+
+def _without_trailing_dot(name: str) -> str:
+    # "*." (a suffix match on the dot itself) and "." stay as written: stripped, they would mean "any"
+    stripped = name.rstrip(".")
+    return stripped if stripped not in ("", "*") else name
 
 
 def _condition(c: Condition) -> ConditionMatch:

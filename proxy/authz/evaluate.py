@@ -168,7 +168,7 @@ def _condition_value(c: ConditionMatch, a: Attributes):
         return a.namespace
     # connection.sni: a client may write its SNI in any case and with a trailing dot, as the server
     # it reaches is picked (ListenerTls.pick); a policy on it must see the name the same way
-    return a.sni.rstrip(".") if a.sni else a.sni
+    return (a.sni.rstrip(".") or a.sni) if a.sni else a.sni
 
 
 def _value_matches(c: ConditionMatch, values: tuple, value) -> bool:

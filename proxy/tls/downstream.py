@@ -36,10 +36,15 @@ async def serve_tls_connection(plane: DataPlane, tls_listeners: TlsListeners, li
         plane.downstream_cx_active.value -= 1
     if conn is None:
         return
-    runtime.count_handshake(conn)
-    server = runtime.server_for(conn)
-    downstream = DownstreamConnection(plane, server.listener, sock, addr, peer_principal=conn.peer_principal(),
-                                      conn=conn)
+    try:
+        runtime.count_handshake(conn)
+        server = runtime.server_for(conn)
+        downstream = DownstreamConnection(plane, server.listener, sock, addr, peer_principal=conn.peer_principal(),
+                                          conn=conn)
+    except Exception:  # a bug must cost one connection, never the worker
+        log.exception("unexpected error after a tls handshake", listener=listener_name)
+        conn.reset()
+        return
     downstream.peer.sni = conn.server_name  # connection.sni for authorization
     await downstream.run()
 

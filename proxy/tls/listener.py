@@ -203,7 +203,7 @@ class ListenerTls:
         started = monotonic()
         sock.setblocking(False)  # an accepted socket may still block (TlsConn would set this later)
         detection, client_hello = await sniff_socket(sock, timeout_s=HANDSHAKE_TIMEOUT_S)
-        return self.context_for(detection.sni), client_hello, HANDSHAKE_TIMEOUT_S - (monotonic() - started)
+        return self.context_for(detection.sni), client_hello, max(0.0, HANDSHAKE_TIMEOUT_S - (monotonic() - started))
 
     def context_for(self, server_name: str | None) -> TlsContext | None:
         """The context a connection whose ClientHello names `server_name` starts on (pick_before_handshake):

@@ -192,6 +192,9 @@ def _deny(rule_yaml: str):
     ("{when: [{key: connection.sni, values: [new.example.com]}]}", http(sni="NEW.Example.com."),
      http(sni="new.example.org")),
     ("{when: [{key: connection.sni, values: [New.Example.COM.]}]}", http(sni="new.example.com"), None),
+    # a lone dot is still a name sent; "*." still asks for a trailing dot, not for any name
+    ("{when: [{key: connection.sni, values: [\"*\"]}]}", http(sni="."), http(sni=None)),
+    ("{when: [{key: connection.sni, values: [\"*.\"]}]}", http(sni="."), http(sni="a.example.com")),
     ("{when: [{key: \"request.headers[X-Token]\", values: [secret]}]}", http(headers={"x-token": "secret"}),
      http(headers={"x-token": "public"})),
     ("{when: [{key: \"request.headers[x-token]\", notValues: [\"*\"]}]}", http(), http(headers={"x-token": "a"})),

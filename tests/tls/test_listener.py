@@ -450,3 +450,30 @@ async def test_the_sni_callback_holds_a_connection_started_elsewhere_to_its_serv
     assert await refused(*tcp_pair(), tls12_client) == "unsupported_protocol"
     assert await refused(*tcp_pair(), plaintext_client) == "not_tls"
 
+
+
+async def test_a_client_that_sends_no_client_hello_times_out_as_a_handshake(server_files, monkeypatch):
+    """Reading the ClientHello first uses up the handshake's time: a silent client then meets a
+    handshake timeout (never a negative one, which Trio refuses)."""
+    import pytest
+    import trio
+
+    from proxy.tls import listener as listener_module
+    from proxy.tls.conn import HandshakeTimeout, TlsConn
+    from tests.tls.certs import tcp_pair
+
+    monkeypatch.setattr(listener_module, "HANDSHAKE_TIMEOUT_S", 0.2)
+    servers = tuple(ServerTls((name,), "SIMPLE", CertificateFiles(server_files.cert, server_files.key, origin="files"),
+                              listener="routes", min_protocol_version=minimum)
+                    for name, minimum in (("*", "TLS_AUTO"), ("new.example.com", "TLSV1_3")))
+    runtime = ListenerTls("l", servers, Stats())
+    client_sock, server_sock = tcp_pair()
+    try:
+        context, client_hello, timeout_s = await runtime.starting_context(server_sock)
+        assert client_hello == b"" and timeout_s == 0.0 and context is runtime.initial_context()
+        conn = TlsConn(server_sock, context, server_side=True)  # no sweeper: a cancel scope keeps the time
+        with pytest.raises(HandshakeTimeout):
+            await conn.handshake(timeout_s)
+        conn.close()
+    finally:
+        client_sock.close()
