@@ -7,7 +7,8 @@ bench.tls_bench's server answers small requests from a client `SSLObject` (plain
 `plaintext`) over a socketpair; two runs of 200 and 1,200 requests, and the difference of their totals
 divided by 1,000 is the cost of one request (client and server: the client's share is the same for
 every version of `proxy/tls`, so differences between versions are the server's). Trio's scheduling
-order is seeded, so repeated counts agree within about 0.5%. `--source DIR` measures another checkout.
+order is seeded, so repeated counts agree within about 0.5%. The server runs with a worker's
+collector policy (thresholds, start-up objects frozen). `--source DIR` measures another checkout.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def serve(design: str, requests: int) -> None:
 
     from bench import tls_bench
     trio._core._run._r.seed(0)  # the same scheduling order every run
+    # a worker's collector policy (proxy/runner/worker.py): its thresholds, and what was imported
+    # frozen out of the passes. Without it, full passes walk every module's objects, so a count moves
+    # with how much code the checkout imports rather than with what a request does
+    try:
+        from proxy.runner.garbage_collection import freeze_startup_objects, pace_collector
+    except ImportError:  # a checkout older than them runs with CPython's defaults
+        pass
+    else:
+        pace_collector()
+        freeze_startup_objects()
 
     async def main() -> None:
         with tls_bench.identity_files() as (cert, key, ca_file):
