@@ -83,7 +83,7 @@ def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tu
     (a control plane checking config for proxies whose files it cannot see): only the settings are
     checked, and a credentialName stays unresolved."""
     tpath = f"{path}.tls"
-    mutual = tls.mode == "MUTUAL"
+    mutual = tls.mode in ("MUTUAL", "OPTIONAL_MUTUAL")  # both verify client certificates with a CA
     if tls.mode == "ISTIO_MUTUAL":
         return _istio_mutual(r, path, tls, names, listener)
     if tls.credential_name and not read_certificates:
@@ -106,7 +106,7 @@ def compile_server_tls(r: Resource, path: str, tls: ServerTLSSettings, names: tu
         if not tls.private_key:
             raise r.error(f"{tpath}.privateKey", f"mode {tls.mode} needs privateKey with serverCertificate")
         if mutual and not tls.ca_certificates:
-            raise r.error(f"{tpath}.caCertificates", "mode MUTUAL needs caCertificates to verify client certificates with")
+            raise r.error(f"{tpath}.caCertificates", f"mode {tls.mode} needs caCertificates to verify client certificates with")
         files = CertificateFiles(tls.server_certificate, tls.private_key, tls.ca_certificates if mutual else "", "files")
     versions = ProtocolVersions(tls.min_protocol_version, tls.max_protocol_version)
     compiled = ServerTls(names, tls.mode, files, tls.min_protocol_version, tls.max_protocol_version,

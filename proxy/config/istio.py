@@ -745,7 +745,7 @@ class ServerTLSSettings(IstioStruct, frozen=True):
         "ca_crl", "credential_names", "tls_certificates", "subject_alt_names", "verify_certificate_spki",
         "verify_certificate_hash",
     )
-    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"AUTO_PASSTHROUGH", "OPTIONAL_MUTUAL"})}
+    unsupported_values: ClassVar[dict[str, frozenset[str]]] = {"mode": frozenset({"AUTO_PASSTHROUGH"})}
 
 
 class Server(IstioStruct, frozen=True):

@@ -127,7 +127,7 @@ class UpstreamTls:
     """TLS a cluster originates to its endpoints (DestinationRule tls mode SIMPLE or MUTUAL), compiled.
     Two clusters with equal settings share one `ssl.SSLContext` (proxy/tls/upstream.py)."""
 
-    mode: str  # SIMPLE | MUTUAL | ISTIO_MUTUAL (the workload certificate, proxy/tls/mesh.py)
+    mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | ISTIO_MUTUAL (the workload certificate, proxy/tls/mesh.py)
     sni: str  # the server name sent, and checked when subject_alt_names is empty
     subject_alt_names: tuple[str, ...] = ()  # when set: the upstream certificate must carry one of them
     ca_file: str = ""  # "": the system trust store
@@ -416,7 +416,7 @@ class ServerTls:
     """One terminating Gateway server's TLS (mode SIMPLE or MUTUAL), compiled."""
 
     server_names: tuple[str, ...]  # SNI it answers: exact names or "*.suffix"; ("*",) for any
-    mode: str  # SIMPLE | MUTUAL | ISTIO_MUTUAL (the workload certificate, proxy/tls/mesh.py)
+    mode: str  # SIMPLE | MUTUAL | OPTIONAL_MUTUAL | ISTIO_MUTUAL (the workload certificate, proxy/tls/mesh.py)
     certificate: CertificateFiles
     min_protocol_version: str = "TLS_AUTO"
     max_protocol_version: str = "TLS_AUTO"

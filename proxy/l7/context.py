@@ -16,15 +16,27 @@ class DownstreamPeer:
     `peer_principal` is the mTLS peer certificate's SPIFFE identity without `spiffe://`
     ("cluster.local/ns/foo/sa/bar"); None for a plaintext connection. The TLS transport sets it when
     it accepts a connection; authorization reads it (rules on principals and namespaces never match
-    None). `sni` is the server name a TLS client asked for (connection.sni), None without TLS."""
+    None). `sni` is the server name a TLS client asked for (connection.sni), None without TLS.
+    `tls`: the connection's TLS layer (a TlsConn), None for plaintext."""
 
-    __slots__ = ("peer_principal", "sni", "_sock", "_local_address")
+    __slots__ = ("peer_principal", "sni", "tls", "_sock", "_local_address", "_client_cert")
 
-    def __init__(self, sock: Any = None, peer_principal: str | None = None, sni: str | None = None) -> None:
+    def __init__(self, sock: Any = None, peer_principal: str | None = None, sni: str | None = None,
+                 tls: Any = None) -> None:
         self.peer_principal = peer_principal
         self.sni = sni
+        self.tls = tls
         self._sock = sock
         self._local_address: tuple[str, int] | None = None
+        self._client_cert: bytes | None | bool = False  # False: not asked yet
+
+    def client_cert(self, with_cert: bool) -> bytes | None:
+        """This connection's x-forwarded-client-cert element (proxy/tls/client_cert.py), made on the
+        first request that asks; None when the client presented no certificate."""
+        element = self._client_cert
+        if element is False:
+            element = self._client_cert = self.tls.client_cert_element(with_cert) if self.tls is not None else None
+        return element
 
     def local_address(self) -> tuple[str, int] | None:
         """(ip, port) this connection reached on the proxy, read once when first asked."""

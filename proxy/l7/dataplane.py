@@ -14,7 +14,7 @@ from proxy.config.snapshot import Cluster, Endpoint
 from proxy.l7.chain import Chain
 from proxy.l7.stages.authorization import AuthorizationStage
 from proxy.l7.stages.fault import FaultAbortStage, FaultDelayStage
-from proxy.l7.stages.forwarding import ForwardingStage
+from proxy.l7.stages.forwarding import ClientCertForwardingStage, ForwardingStage
 from proxy.l7.stages.headers import ResponseHeadersStage
 from proxy.l7.stages.peer_metadata import PeerMetadataStage
 from proxy.l7.stages.routing import LOCAL_CLUSTER, RouteStage
@@ -269,6 +269,16 @@ def _routes_of(listener: Listener):
         yield from vh.routes
 
 
+def _forwarding_stage(snapshot: Snapshot, listener: Listener, inbound: bool) -> ForwardingStage:
+    """x-forwarded-client-cert as Istio configures each kind of listener (stages/forwarding.py): a
+    sidecar's inbound appends the client's element, a Gateway's TLS server sets it, others remove it."""
+    if inbound:
+        return ClientCertForwardingStage(append=True, with_cert=False)
+    if any(server.listener == listener.name for other in snapshot.listeners for server in other.tls_servers):
+        return ClientCertForwardingStage(append=False, with_cert=True)
+    return ForwardingStage()
+
+
 def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, ClusterRuntime],
                 stats: Stats | None = None, telemetry: IstioMetrics | None = None,
                 tracing: Tracing | None = None) -> Chain:
@@ -296,7 +306,7 @@ def build_chain(snapshot: Snapshot, listener: Listener, clusters: dict[str, Clus
     if any(r.fault is not None and r.fault.abort_ppm for r in routes):
         stages.append(FaultAbortStage(clusters))
     outbound_peer_header = (PEER_HEADER, telemetry.identity.header_value()) if peer_exchange and not inbound else None
-    stages.append(ForwardingStage())
+    stages.append(_forwarding_stage(snapshot, listener, inbound))
     if peer_exchange and not inbound:
         stages.append(PeerMetadataStage(telemetry, snapshot, inbound))
     if tracing is not None:  # only with a Zipkin collector configured (a proxy without loads none of it)

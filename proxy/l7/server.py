@@ -158,7 +158,7 @@ class DownstreamConnection:
                  conn: Conn | None = None) -> None:
         """`conn`: the connection already made over `sock` (a TLS connection after its handshake)."""
         self.plane = plane
-        self.peer = DownstreamPeer(sock, peer_principal)
+        self.peer = DownstreamPeer(sock, peer_principal, tls=conn)
         self.original_destination = original_destination
         self.listener_name = listener_name
         self.conn = conn if conn is not None else Conn(sock, initial, plane.reactor, plane.sweeper,

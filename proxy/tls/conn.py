@@ -154,6 +154,20 @@ def subject_alt_names(der: bytes) -> tuple:
     return names
 
 
+def _certificate_der(certificate) -> bytes | None:
+    lib, ffi = _lib, _ffi
+    bio = lib.BIO_new(_MEMORY_BIO)
+    try:
+        if lib.i2d_X509_bio(bio, certificate) != 1:
+            lib.ERR_clear_error()
+            return None
+        data = ffi.new("char **")
+        size = lib.BIO_get_mem_data(bio, data)
+        return ffi.buffer(data[0], size)[:]
+    finally:
+        lib.BIO_free(bio)
+
+
 class TlsConn(Conn):
     """A `Conn` whose bytes are TLS records. Make it with a `TlsContext` and `server_side`; call
     `handshake()` before any other IO."""
@@ -260,21 +274,30 @@ class TlsConn(Conn):
 
     def peer_certificate_der(self) -> bytes | None:
         """The peer's certificate, DER (the binding has no i2d_X509: written through a memory BIO)."""
-        lib, ffi = _lib, _ffi
-        certificate = lib.SSL_get_peer_certificate(self.ssl)
+        certificate = _lib.SSL_get_peer_certificate(self.ssl)
         if certificate == _NULL:
             return None
-        bio = lib.BIO_new(_MEMORY_BIO)
         try:
-            if lib.i2d_X509_bio(bio, certificate) != 1:
-                lib.ERR_clear_error()
-                return None
-            data = ffi.new("char **")
-            size = lib.BIO_get_mem_data(bio, data)
-            return ffi.buffer(data[0], size)[:]
+            return _certificate_der(certificate)
         finally:
-            lib.BIO_free(bio)
-            lib.X509_free(certificate)
+            _lib.X509_free(certificate)
+
+    def local_certificate_der(self) -> bytes | None:
+        """The certificate this side presented, DER; None without one."""
+        certificate = _lib.SSL_get_certificate(self.ssl)  # the SSL's own reference: not freed here
+        return _certificate_der(certificate) if certificate != _NULL else None
+
+    def client_cert_element(self, with_cert: bool) -> bytes | None:
+        """A server side's x-forwarded-client-cert element (proxy/tls/client_cert.py); None when the
+        client presented no certificate."""
+        if not self._handshake_done:
+            return None
+        der = self.peer_certificate_der()
+        if der is None:
+            return None
+        from proxy.tls.client_cert import client_cert_element
+
+        return client_cert_element(der, self.local_certificate_der(), with_cert)
 
     def peer_certificate(self) -> dict | None:
         """The verified peer certificate's subjectAltNames, shaped as the stdlib's `getpeercert()`

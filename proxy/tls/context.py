@@ -158,6 +158,13 @@ class TlsContext:
         self.verify_mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
 
+    def request_peer_certificate(self) -> None:
+        """Ask for the peer's certificate and verify it against the loaded trust when one comes; a
+        peer may send none (a server's OPTIONAL_MUTUAL)."""
+        lib = self.library.lib
+        self.verify_mode = lib.SSL_VERIFY_PEER
+        lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
+
     def without_session_tickets(self) -> None:
         """No TLS 1.3 session tickets worth keeping and no server-side session cache. The binding has
         no SSL_CTX_set_num_tickets, so OpenSSL still sends two small stateful tickets that find
@@ -493,17 +500,24 @@ def _load_ca(context: TlsContext, ca_file: str) -> None:
 
 
 def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
-                   require_client_certificate: bool = False, versions: ProtocolVersions = ProtocolVersions(),
+                   require_client_certificate: bool = False, request_client_certificate: bool = False,
+                   versions: ProtocolVersions = ProtocolVersions(),
                    cipher_suites: tuple[str, ...] = (), alpn: tuple[str, ...] = ALPN_PROTOCOLS) -> TlsContext:
     """A terminating context. `require_client_certificate` (Istio's MUTUAL): a client without a
-    certificate signed by `ca_file` fails the handshake."""
+    certificate signed by `ca_file` fails the handshake. `request_client_certificate` (Istio's
+    OPTIONAL_MUTUAL): a client certificate is asked for and verified when one comes, and a client
+    may send none."""
     context = _base(True, versions, cipher_suites, alpn)
     _load_chain(context, "serverCertificate", cert_file, key_file, ca_file)
-    if require_client_certificate:
+    if require_client_certificate or request_client_certificate:
         if not ca_file:
-            raise TlsSettingsError("caCertificates", "MUTUAL mode needs caCertificates to verify clients with")
+            mode = "MUTUAL" if require_client_certificate else "OPTIONAL_MUTUAL"
+            raise TlsSettingsError("caCertificates", f"{mode} mode needs caCertificates to verify clients with")
         _load_ca(context, ca_file)
-        context.require_peer_certificate()
+        if require_client_certificate:
+            context.require_peer_certificate()
+        else:
+            context.request_peer_certificate()
     return context
 
 
@@ -536,6 +550,7 @@ def context_for_server(server: ServerTls, files: CertificateFiles | None = None,
     files = files if files is not None else server.certificate
     return server_context(files.cert_file, files.key_file, ca_file=files.ca_file or None,
                           require_client_certificate=server.mode == "MUTUAL",
+                          request_client_certificate=server.mode == "OPTIONAL_MUTUAL",
                           versions=ProtocolVersions(server.min_protocol_version, server.max_protocol_version),
                           cipher_suites=server.cipher_suites, alpn=alpn)
 

@@ -31,7 +31,7 @@ REQUIRED_FUNCTIONS = (
     "X509_VERIFY_PARAM_set1_host", "X509_VERIFY_PARAM_set1_ip", "X509_VERIFY_PARAM_set_hostflags",
     "SSL_do_handshake", "SSL_read", "SSL_write", "SSL_pending", "SSL_shutdown", "SSL_get_error", "SSL_set_SSL_CTX",
     "SSL_set_verify", "SSL_get_servername", "SSL_get0_alpn_selected", "SSL_get_version", "SSL_version", "SSL_get_verify_mode",
-    "SSL_get_verify_result", "SSL_get_peer_certificate", "SSL_get_current_cipher", "SSL_CIPHER_get_name",
+    "SSL_get_verify_result", "SSL_get_peer_certificate", "SSL_get_certificate", "SSL_get_current_cipher", "SSL_CIPHER_get_name",
     "SSL_get_cipher_list", "i2d_X509_bio", "X509_free",
     "X509_verify_cert_error_string", "BIO_new", "BIO_s_mem", "BIO_read", "BIO_write", "BIO_free",
     "BIO_get_mem_data", "BIO_set_mem_eof_return", "ERR_get_error", "ERR_reason_error_string", "ERR_clear_error",
