@@ -174,7 +174,7 @@ class TlsConn(Conn):
 
     __slots__ = ("context", "ssl", "incoming", "outgoing", "_pending", "_flushing", "_flushed",
                  "_shutdown_after_flush", "_eof", "_read_error", "_handshake_done", "_close_notify_sent",
-                 "session_key")
+                 "session_key", "_peer_der")
     short_fill_empties_socket = False  # ciphertext may be left in the socket after a short plaintext fill
 
     def __init__(self, sock: socket.socket, context: TlsContext, *, server_side: bool,
@@ -230,6 +230,7 @@ class TlsConn(Conn):
         # a client's key in its context's sessions, set by the caller once the server passed its
         # checks: the first plaintext read keeps the session (its tickets came before it)
         self.session_key = None
+        self._peer_der: bytes | None | bool = False  # False: not read yet (read once, after the handshake)
 
     # ---- what the handshake told us
 
@@ -273,14 +274,22 @@ class TlsConn(Conn):
         return _ffi.string(_lib.SSL_CIPHER_get_name(cipher)).decode("ascii") if cipher != _NULL else None
 
     def peer_certificate_der(self) -> bytes | None:
-        """The peer's certificate, DER (the binding has no i2d_X509: written through a memory BIO)."""
+        """The peer's certificate, DER (the binding has no i2d_X509: written through a memory BIO);
+        read once after the handshake (the principal and x-forwarded-client-cert both ask)."""
+        der = self._peer_der
+        if der is not False:
+            return der
         certificate = _lib.SSL_get_peer_certificate(self.ssl)
         if certificate == _NULL:
-            return None
-        try:
-            return _certificate_der(certificate)
-        finally:
-            _lib.X509_free(certificate)
+            der = None
+        else:
+            try:
+                der = _certificate_der(certificate)
+            finally:
+                _lib.X509_free(certificate)
+        if self._handshake_done:
+            self._peer_der = der
+        return der
 
     def local_certificate_der(self) -> bytes | None:
         """The certificate this side presented, DER; None without one."""
