@@ -67,7 +67,7 @@ def controlplane_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triomesh controlplane",
                                 description="serve Istio config to proxies over the triomesh control-plane protocol "
                                             "(also: `triomesh controlplane token ...` makes bootstrap/admin tokens, "
-                                            "`triomesh controlplane ca show|rotate` inspects or rotates the CA)")
+                                            "`triomesh controlplane ca show|rotate|switch-signer|drop-old-roots` inspects the CA or rotates its root)")
     p.add_argument("--config", type=Path, default=None, help="a directory of Istio YAML to watch (optional)")
     p.add_argument("--listen", type=_host_port, default=_host_port(DEFAULT_ADDRESS),
                    help=f"HOST:PORT to listen on (default {DEFAULT_ADDRESS}; port 0 picks one)")
@@ -216,6 +216,8 @@ def main(argv: Sequence[str]) -> int:
                  trust_domain=security.trust_domain, roots=security.ca.root_fingerprints,
                  signer=security.ca.signing_certificate.subject.rfc4514_string(),
                  root_certificate=str(args.ca_dir / "root-cert.pem"))
+        for warning in security.ca.warnings:
+            log.warning("ca_warning", warning=warning)
     options = ServerOptions(
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=3 * args.heartbeat_interval,
@@ -307,30 +309,46 @@ def token_main(argv: Sequence[str]) -> int:
 
 
 def ca_main(argv: Sequence[str]) -> int:
-    from controlplane.ca import CaError, CertificateAuthority, certificate_fingerprint, rotate_root
+    from controlplane.ca import CaError, CertificateAuthority, certificate_fingerprint
+    from controlplane.ca_rotation import add_new_root, drop_old_roots, switch_signer, waiting_root
     from proxy.identity.spiffe import DEFAULT_TRUST_DOMAIN
 
     p = argparse.ArgumentParser(prog="triomesh controlplane ca",
-                                description="inspect the CA directory, or rotate its self-signed root")
-    p.add_argument("action", choices=("show", "rotate"),
-                   help="show: the signer and the trusted roots; rotate: make a new root, sign with it from now "
-                        "on and trust both until the old one is removed from root-cert.pem")
+                                description="inspect the CA directory, or rotate its self-signed root in three steps")
+    p.add_argument("action", choices=("show", "rotate", "switch-signer", "drop-old-roots"),
+                   help="show: the signer and the trusted roots; rotate: make a new root and trust it next to the "
+                        "old one, which keeps signing; switch-signer (once every proxy has the new root): sign "
+                        "with it; drop-old-roots (once every proxy renewed): trust only the signer's root")
     p.add_argument("--ca-dir", type=Path, default=None, help=f"default ${CA_DIR_ENV} or {default_ca_dir()}")
     p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN)
     args = p.parse_args(list(argv))
     args.ca_dir = args.ca_dir or _ca_dir_default()
     try:
         if args.action == "rotate":
-            new = rotate_root(args.ca_dir, args.trust_domain)
-            print(f"new root {certificate_fingerprint(new)} signs from now on; a running control plane picks it up")
+            new = add_new_root(args.ca_dir, args.trust_domain)
+            print(f"new root {certificate_fingerprint(new)} is trusted from now on; the current signer keeps "
+                  f"signing. Once every proxy has the new root (hand the new root-cert.pem to proxies and CLIs), "
+                  f"run `triomesh controlplane ca switch-signer`")
+        elif args.action == "switch-signer":
+            new = switch_signer(args.ca_dir, args.trust_domain)
+            print(f"root {certificate_fingerprint(new)} signs from now on; a running control plane picks it up. "
+                  f"Once every proxy renewed, run `triomesh controlplane ca drop-old-roots`")
+        elif args.action == "drop-old-roots":
+            dropped = drop_old_roots(args.ca_dir, args.trust_domain)
+            for root in dropped:
+                print(f"dropped root {certificate_fingerprint(root)} {root.subject.rfc4514_string()}")
+            if not dropped:
+                print("no root to drop: the signer's root is the only one trusted")
         ca = CertificateAuthority.load(args.ca_dir, args.trust_domain)
     except (CaError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"signer {ca.signing_certificate.subject.rfc4514_string()} "
           f"(until {ca.signing_certificate.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
+    waiting = waiting_root(args.ca_dir, ca)
     for root in ca.roots:
-        print(f"trusted root {certificate_fingerprint(root)} {root.subject.rfc4514_string()}")
+        note = " (waits to sign: `ca switch-signer`)" if root == waiting else ""
+        print(f"trusted root {certificate_fingerprint(root)} {root.subject.rfc4514_string()}{note}")
     return 0
 
 

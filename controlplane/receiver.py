@@ -14,7 +14,9 @@ work has run). So per ACK there is a recv and a decode, and no task switch.
 
 A stream ends when its peer closes it, on a bad frame, when its handler raises ProtocolError, or when
 anyone closes it (`FramedStream.on_close`, told before the socket closes, takes it out of the set);
-its task then returns, raising the ProtocolError, if any, for the caller to report.
+its task then returns, raising the ProtocolError, if any, for the caller to report. Any other
+exception a handler raises ends its stream the same way and is raised in that stream's task: the
+reading task serves every stream and must not die of one.
 
 TLS streams are read the same way: `receive_nowait` reads until OpenSSL wants more bytes, so nothing
 decrypted waits unseen in OpenSSL's buffer. The rare read that must write first is retried after a
@@ -31,7 +33,7 @@ import trio
 from trio.lowlevel import checkpoint, wait_readable
 
 from controlplane.framed import CROSSED_WANT_SLEEP_S, FramedStream, StreamClosed
-from controlplane.wire import Message, ProtocolError
+from controlplane.wire import Message
 
 Work = Callable[[], Awaitable[None]]
 Handler = Callable[[Message], "Work | None"]
@@ -47,7 +49,7 @@ class _Entry:
     wake: trio.Event = field(default_factory=trio.Event)
     work: list[Work] = field(default_factory=list)
     ended: bool = False
-    error: ProtocolError | None = None
+    error: Exception | None = None  # a ProtocolError, or a fault to re-raise in the stream's own task
 
 
 class Receiver:
@@ -62,7 +64,8 @@ class Receiver:
 
     async def receive(self, framed: FramedStream, handler: Handler) -> None:
         """Hand `framed`'s messages to `handler` until the stream ends; run the work it returns here.
-        Returns when the stream ends, raises the ProtocolError that ended it."""
+        Returns when the stream ends, raises the ProtocolError that ended it (or the unexpected
+        exception a handler raised: it belongs to this stream, not to the task reading them all)."""
         if framed.closed:
             return
         fd = framed.sock.fileno()
@@ -118,7 +121,7 @@ class Receiver:
         except StreamClosed:
             self._end(entry)
             return
-        except ProtocolError as e:
+        except Exception as e:  # ProtocolError, or a fault: either ends this stream only
             self._end(entry, e)
             return
         if framed.read_wants_write:
@@ -127,14 +130,14 @@ class Receiver:
         for message in messages:
             try:
                 work = handler(message)
-            except ProtocolError as e:
+            except Exception as e:  # ProtocolError, or a fault: either ends this stream only
                 self._end(entry, e)
                 return
             if work is not None:
                 entry.work.append(work)
                 entry.wake.set()
 
-    def _end(self, entry: _Entry, error: ProtocolError | None = None) -> None:
+    def _end(self, entry: _Entry, error: Exception | None = None) -> None:
         if entry.ended:
             return
         entry.ended = True

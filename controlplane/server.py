@@ -30,6 +30,9 @@ Theory of operation.
   proxy's Welcome names its SPIFFE ID, and it may send CertificateRequests on the stream; they are
   signed for that identity only. A change of the CA directory (root rotation) is loaded whole or not
   at all, and every proxy admitted with an identity is sent the new TrustBundle.
+- An unexpected exception while serving a stream (a bug, or input nothing anticipated) is logged
+  with its traceback (`stream_failed`), counted, and ends that stream with an `Error` INTERNAL; every
+  other stream and the process go on.
 - A proxy that disconnects stays listed (connected=False) for `grace_period_s`, then is forgotten and
   its registered WorkloadEntry (if it registered one) is removed from the endpoints. A proxy that comes
   back within the grace period keeps its registration. Registrations restored from the data directory
@@ -184,6 +187,7 @@ class ControlPlane:
         self.pushes_total = 0
         self._round: tuple[float, int, int] | None = None  # (start, pushes_total then, proxies queued)
         self.push_bytes_total = 0
+        self.streams_failed = 0  # streams ended by an unexpected exception (logged as stream_failed)
         self._frames: dict[tuple[str, str, bool], tuple[str, bytes]] = {}  # (base, version, delta) -> (nonce, frame)
         self._frames_generation: ViewCache | None = None  # the views the frames were encoded from
         store.extra_classes = self.connected_classes
@@ -308,6 +312,8 @@ class ControlPlane:
             if security.reload_if_changed():
                 self.log.info("ca_reloaded", roots=security.ca.root_fingerprints,
                               signer=security.ca.signing_certificate.subject.rfc4514_string())
+                for warning in security.ca.warnings:
+                    self.log.warning("ca_warning", warning=warning)
                 await self._send_trust_bundle()
             elif security.last_ca_error and security.last_ca_error != error_before:
                 self.log.error("ca_rejected", error=security.last_ca_error, keeping_roots=security.ca.root_fingerprints)
@@ -381,6 +387,14 @@ class ControlPlane:
             self.log.warning("stream_hello_timeout", peer=peer)
         except StreamClosed:
             pass
+        except Exception:
+            # a fault while serving one peer (input nothing here anticipated) ends that stream only:
+            # raised further it would reach the listeners' nursery and stop every other stream too
+            self.streams_failed += 1
+            self.log.error("stream_failed", peer=peer, exc_info=True)
+            if framed is not None:
+                await framed.fail(ProtocolError("INTERNAL", "the control plane failed serving this stream "
+                                                            "(logged as stream_failed); reconnect"))
         finally:
             if framed is not None:
                 await framed.aclose()

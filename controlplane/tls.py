@@ -8,12 +8,21 @@ frame. The server asks for (but does not require) a client certificate: a proxy 
 shows its current one, a proxy with a bootstrap token or a CLI with an admin token has none. A
 client certificate that is shown must verify against the trust bundle, or the handshake fails.
 
+A client certificate the control plane no longer trusts (its root was dropped while the proxy was
+away) must not lock out a proxy that also has a bootstrap token: when the server refuses the
+certificate, `connect` tries once more without one, and the Hello's token proves the identity. With
+TLS 1.2 the refusal ends the handshake; with TLS 1.3 the server judges the client certificate after
+the client's side of the handshake is done, so the client waits for the server's first records, its
+verdict: session tickets (accepted) or an alert (refused). The control plane sends nothing else
+before the client's first frame.
+
 A plaintext peer on the TLS port gets a plaintext `Error` frame (TLS_REQUIRED) instead of a handshake
 failure it could not read, then the connection closes: the first byte of a TLS stream is 0x16.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 
@@ -35,6 +44,21 @@ class TlsFailed(Exception):
     """The handshake failed; the message says why (the ssl module's reason)."""
 
 
+class CertificateRefused(TlsFailed):
+    """The server refused the client certificate shown (its alert's reason)."""
+
+
+# the alerts a server sends about the client's certificate (OpenSSL's reasons)
+_CERTIFICATE_ALERT = re.compile(r"ALERT_(UNKNOWN_CA|BAD_CERTIFICATE|CERTIFICATE_\w+|UNSUPPORTED_CERTIFICATE)")
+
+
+class CertificateShowingContext(ssl.SSLContext):
+    """A client context that shows a certificate, with the same context without one to fall back to
+    when the server refuses it."""
+
+    without_certificate: ssl.SSLContext
+
+
 def _hardened(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -46,6 +70,8 @@ def server_context(chain_pem: bytes, key_pem: bytes, trust_bundle_pem: bytes) ->
     load_certificate_chain(context, chain_pem, key_pem)
     context.load_verify_locations(cadata=trust_bundle_pem.decode("ascii"))
     context.verify_mode = ssl.CERT_OPTIONAL
+    # the session ticket sent after a TLS 1.3 handshake tells the client its certificate was accepted
+    context.num_tickets = 1
     return context
 
 
@@ -53,12 +79,21 @@ def client_context(trust_bundle_pem: bytes, identity: WorkloadIdentity | None = 
     """Verifies the control plane's certificate (and host name) with the roots given, and with the
     trust bundle of `identity`, which the control plane sent over a verified stream: after a root
     rotation the control plane's certificate comes from the new root, which the configured file may
-    not hold. Presents `identity` as the client certificate when there is one."""
-    context = _hardened(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))  # check_hostname and CERT_REQUIRED
+    not hold. Presents `identity` as the client certificate when there is one (a
+    `CertificateShowingContext`, which `connect` falls back from to none if the server refuses it)."""
+    if identity is None:
+        return _verifying(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), trust_bundle_pem, None)
+    context = _verifying(CertificateShowingContext(ssl.PROTOCOL_TLS_CLIENT), trust_bundle_pem, identity)
+    load_certificate_chain(context, identity.certificate_chain_pem, identity.private_key_pem)
+    context.without_certificate = _verifying(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), trust_bundle_pem, identity)
+    return context
+
+
+def _verifying(context: ssl.SSLContext, trust_bundle_pem: bytes, identity: WorkloadIdentity | None) -> ssl.SSLContext:
+    context = _hardened(context)  # a client context: check_hostname and CERT_REQUIRED
     context.load_verify_locations(cadata=trust_bundle_pem.decode("ascii"))
     if identity is not None:
         context.load_verify_locations(cadata=identity.trust_bundle_pem.decode("ascii"))
-        load_certificate_chain(context, identity.certificate_chain_pem, identity.private_key_pem)
     return context
 
 
@@ -72,9 +107,38 @@ async def _drive_handshake(sock: ssl.SSLSocket) -> None:
         except ssl.SSLWantWriteError:
             await wait_writable(sock)
         except ssl.SSLError as e:
-            raise TlsFailed(e.reason or str(e)) from e
+            raise _failure(e) from e
         except OSError as e:
             raise TlsFailed(f"connection lost during the handshake: {e}") from e
+
+
+def _failure(error: ssl.SSLError) -> TlsFailed:
+    reason = error.reason or str(error)
+    return CertificateRefused(reason) if _CERTIFICATE_ALERT.search(reason) else TlsFailed(reason)
+
+
+async def _await_certificate_verdict(sock: ssl.SSLSocket) -> None:
+    """TLS 1.3, a client certificate shown: returns once the server's session ticket arrived (it
+    accepted the certificate); raises CertificateRefused on its alert."""
+    while True:
+        try:
+            data = sock.recv(1)  # processes the records that came; returns application data only
+        except ssl.SSLWantReadError:
+            session = sock.session
+            if session is not None and session.has_ticket:
+                return
+            await wait_readable(sock)
+            continue
+        except ssl.SSLWantWriteError:
+            await wait_writable(sock)
+            continue
+        except ssl.SSLError as e:
+            raise _failure(e) from e
+        except OSError as e:
+            raise TlsFailed(f"connection lost after the handshake: {e}") from e
+        if not data:
+            raise TlsFailed("the control plane closed the connection after the handshake")
+        raise TlsFailed("the control plane spoke before the client's first frame")  # never: nothing to lose
 
 
 async def _first_byte(sock: socket.socket) -> int | None:
@@ -133,7 +197,17 @@ async def _refuse_plaintext(sock: socket.socket) -> None:
 
 
 async def connect(host: str, port: int, context: ssl.SSLContext, *, server_name: str | None = None) -> ssl.SSLSocket:
-    """Client side: a verified TLS socket to the control plane (server name: `server_name`, else `host`)."""
+    """Client side: a verified TLS socket to the control plane (server name: `server_name`, else `host`).
+    A client certificate the server refuses is dropped: the connection is made again without one."""
+    try:
+        return await _connect_once(host, port, context, server_name)
+    except CertificateRefused:
+        if not isinstance(context, CertificateShowingContext):
+            raise
+        return await _connect_once(host, port, context.without_certificate, server_name)
+
+
+async def _connect_once(host: str, port: int, context: ssl.SSLContext, server_name: str | None) -> ssl.SSLSocket:
     stream = await trio.open_tcp_stream(host, port)
     sock = socket.socket(fileno=stream.socket.detach())
     sock.setblocking(False)
@@ -141,6 +215,8 @@ async def connect(host: str, port: int, context: ssl.SSLContext, *, server_name:
                               server_hostname=server_name or host)
     try:
         await _drive_handshake(tls)
+        if isinstance(context, CertificateShowingContext) and tls.version() == "TLSv1.3":
+            await _await_certificate_verdict(tls)
     except BaseException:
         tls.close()
         raise

@@ -124,14 +124,19 @@ class WorkloadIdentity(msgspec.Struct, frozen=True, kw_only=True):
         }
 
 
-def verify_chain(chain: list["x509.Certificate"], roots: list["x509.Certificate"]) -> None:
-    """The leaf verifies through the chain to one of the roots, for mutual TLS: IdentityError if not."""
+def verify_chain(chain: list["x509.Certificate"], roots: list["x509.Certificate"], *,
+                 at: datetime.datetime | None = None) -> None:
+    """The leaf verifies through the chain to one of the roots, for mutual TLS (at `at`, default now):
+    IdentityError if not."""
     from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
     if not roots:
         raise IdentityError("the trust bundle holds no certificate")
+    policy = PolicyBuilder().store(Store(roots))
+    if at is not None:
+        policy = policy.time(at)
     try:
-        PolicyBuilder().store(Store(roots)).build_client_verifier().verify(chain[0], chain[1:])
+        policy.build_client_verifier().verify(chain[0], chain[1:])
     except VerificationError as e:
         raise IdentityError(f"the certificate does not verify against the trust bundle: {e}") from e
 

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from controlplane.ca import CA_FILES, CaError, CertificateAuthority, CsrRefused, rotate_root
+from controlplane.ca import CA_FILES, CaError, CertificateAuthority, CsrRefused
+from controlplane.ca_rotation import add_new_root, drop_old_roots, switch_signer
 from controlplane.tokens import Authorized, Refused, TokenBook, authorize, create_token
 from proxy.identity.csr import new_key_and_request
 from proxy.identity.spiffe import SpiffeId
@@ -169,30 +170,50 @@ def test_broken_plugin_ca_directories_are_refused_naming_the_file(tmp_path):
     with pytest.raises(CaError, match="does not lead to a root in"):
         CertificateAuthority.load(tmp_path / "ca2", TD)
     write_plugin_ca(tmp_path / "ca3")
-    (tmp_path / "ca3" / "ca-key.pem").chmod(0o644)
-    with pytest.raises(CaError, match="readable by others"):
+    (tmp_path / "ca3" / "ca-key.pem").chmod(0o646)
+    with pytest.raises(CaError, match=r"the CA key is writable by others \(mode 0646\)"):
         CertificateAuthority.load(tmp_path / "ca3", TD)
 
 
-def test_root_rotation_trusts_both_roots_and_signs_with_the_new(tmp_path, request_for_reviews):
+def test_root_rotation_adds_the_root_then_switches_the_signer_then_drops_the_old(tmp_path, request_for_reviews):
     ca_dir = tmp_path / "ca"
     old = CertificateAuthority.load_or_create(ca_dir, TD)
     from_old = old.issue(request_for_reviews.csr_pem, REVIEWS, 3600)
-    rotate_root(ca_dir, TD)
+    new_root = add_new_root(ca_dir, TD)
+    added = CertificateAuthority.load(ca_dir, TD)
+    # step 1 only publishes the new root: the old signer goes on signing
+    assert added.roots == (old.roots[0], new_root) and added.signing_certificate == old.signing_certificate
+    switch_signer(ca_dir, TD)
     new = CertificateAuthority.load(ca_dir, TD)
-    assert len(new.roots) == 2 and new.roots[0] == old.roots[0]
-    assert new.signing_certificate == new.roots[1]
+    assert new.roots == added.roots and new.signing_certificate == new_root
     from_new = new.issue(request_for_reviews.csr_pem, REVIEWS, 3600)
     # during the overlap both certificates verify against the bundle workloads now receive
     for issued in (from_old, from_new):
         verify_with_cryptography(issued.chain_pem, list(new.roots))
         assert openssl_verify(tmp_path, issued.chain_pem, new.trust_bundle_pem).returncode == 0
-    assert x509.load_pem_x509_certificates(from_new.chain_pem)[0].issuer == new.roots[1].subject
-    # once the old root is removed, only the new chain verifies
-    (ca_dir / "root-cert.pem").write_bytes(new.roots[1].public_bytes(serialization.Encoding.PEM))
+    assert x509.load_pem_x509_certificates(from_new.chain_pem)[0].issuer == new_root.subject
+    # once the old root is dropped, only the new chain verifies, and the old key is gone
+    assert drop_old_roots(ca_dir, TD) == [old.roots[0]]
     after = CertificateAuthority.load(ca_dir, TD)
+    assert after.roots == (new_root,)
     assert openssl_verify(tmp_path, from_new.chain_pem, after.trust_bundle_pem).returncode == 0
     assert openssl_verify(tmp_path, from_old.chain_pem, after.trust_bundle_pem).returncode != 0
+    old_key = old.signing_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+    assert not [p for p in ca_dir.rglob("*.pem") if p.is_file() and p.read_bytes() == old_key]
+
+
+def test_rotation_steps_out_of_order_are_refused_precisely(tmp_path):
+    ca_dir = tmp_path / "ca"
+    CertificateAuthority.load_or_create(ca_dir, TD)
+    with pytest.raises(CaError, match="no new root waits to sign; `triomesh controlplane ca rotate` adds one"):
+        switch_signer(ca_dir, TD)
+    add_new_root(ca_dir, TD)
+    with pytest.raises(CaError, match="already in root-cert.pem and waits to sign: run `triomesh controlplane ca switch-signer`"):
+        add_new_root(ca_dir, TD)
+    with pytest.raises(CaError, match="does not sign yet; dropping the others now"):
+        drop_old_roots(ca_dir, TD)
+    assert len(CertificateAuthority.load(ca_dir, TD).roots) == 2
 
 
 def test_workload_identity_loads_into_an_ssl_context_from_memory(tmp_path, request_for_reviews):

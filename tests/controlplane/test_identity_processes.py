@@ -167,7 +167,7 @@ def test_tls_is_the_default_and_plaintext_needs_the_explicit_flag(tmp_path):
     assert proxy.returncode == 2 and b"--controlplane needs --controlplane-ca FILE" in proxy.stderr
 
 
-def test_ca_cli_shows_and_rotates_the_root(tmp_path):
+def test_ca_cli_shows_and_rotates_the_root_in_three_steps(tmp_path):
     ca_dir = tmp_path / "ca"
     from controlplane.ca import CertificateAuthority
 
@@ -176,8 +176,17 @@ def test_ca_cli_shows_and_rotates_the_root(tmp_path):
     assert shown.returncode == 0 and shown.stdout.count(b"trusted root ") == 1
     rotated = triomesh("controlplane", "ca", "rotate", "--ca-dir", str(ca_dir))
     assert rotated.returncode == 0, rotated.stderr
-    assert rotated.stdout.count(b"trusted root ") == 2 and b"signs from now on" in rotated.stdout
-    after = CertificateAuthority.load(ca_dir, "cluster.local")
-    assert after.roots[0] == first.roots[0] and after.signing_certificate == after.roots[1]
+    assert rotated.stdout.count(b"trusted root ") == 2 and b"the current signer keeps signing" in rotated.stdout
+    assert rotated.stdout.count(b"(waits to sign: `ca switch-signer`)") == 1
+    added = CertificateAuthority.load(ca_dir, "cluster.local")
+    assert added.roots[0] == first.roots[0] and added.signing_certificate == first.signing_certificate
+    switched = triomesh("controlplane", "ca", "switch-signer", "--ca-dir", str(ca_dir))
+    assert switched.returncode == 0 and b"signs from now on" in switched.stdout, switched.stderr
+    assert CertificateAuthority.load(ca_dir, "cluster.local").signing_certificate == added.roots[1]
+    dropped = triomesh("controlplane", "ca", "drop-old-roots", "--ca-dir", str(ca_dir))
+    assert dropped.returncode == 0 and dropped.stdout.count(b"dropped root ") == 1, dropped.stderr
+    assert dropped.stdout.count(b"trusted root ") == 1
+    again = triomesh("controlplane", "ca", "switch-signer", "--ca-dir", str(ca_dir))
+    assert again.returncode == 1 and b"no new root waits to sign" in again.stderr
     missing = triomesh("controlplane", "ca", "show", "--ca-dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and b"incomplete CA directory" in missing.stderr

@@ -13,7 +13,7 @@ import trio
 from cryptography import x509
 
 from controlplane import tls as control_tls
-from controlplane.ca import rotate_root
+from controlplane.ca_rotation import add_new_root, switch_signer
 from controlplane.framed import FramedStream, StreamClosed, connect
 from controlplane.security import Security, SecurityOptions
 from controlplane.server import ControlPlane, ServerOptions
@@ -61,10 +61,10 @@ class Mesh:
         self.admin_token = create_token(tokens, admin=True)
         self.roots = self.security.ca.trust_bundle_pem
 
-    async def start(self, nursery: trio.Nursery) -> tuple[Spying, int]:
+    async def start(self, nursery: trio.Nursery, plane_class: type[Spying] = Spying) -> tuple[Spying, int]:
         store = ConfigStore(None)
         store.load_directory()
-        plane = Spying(store, ServerOptions(**FAST), structlog.get_logger("test.controlplane"), self.security)
+        plane = plane_class(store, ServerOptions(**FAST), structlog.get_logger("test.controlplane"), self.security)
         port = await nursery.start(plane.serve, "127.0.0.1", 0)
         return plane, port
 
@@ -246,12 +246,13 @@ async def test_root_rotation_reaches_a_connected_proxy_with_both_roots(tmp_path)
             credentials=Credentials(mesh.roots, mesh.tutorial_token), identity=manager, task_status=task_status))
         first = await wait_for(lambda: manager.current, what="the first certificate")
         old_root = x509.load_pem_x509_certificates(first.trust_bundle_pem)
-        new_root = rotate_root(mesh.ca_dir, "cluster.local")
-        # the new bundle arrives (pushed on the CA change), then a certificate from the new root
+        new_root = add_new_root(mesh.ca_dir, "cluster.local")
+        # the new bundle arrives (pushed on the CA change)
         await wait_for(lambda: len(x509.load_pem_x509_certificates(manager.current.trust_bundle_pem)) == 2,
                        what="the bundle with both roots")
         bundle = x509.load_pem_x509_certificates(manager.current.trust_bundle_pem)
         assert bundle == [*old_root, new_root]
+        switch_signer(mesh.ca_dir, "cluster.local")  # then, at the next renewal, a certificate from the new root
 
         def from_new_root():
             leaf = x509.load_pem_x509_certificates(manager.current.certificate_chain_pem)[0]

@@ -78,7 +78,7 @@ async def test_a_refused_or_malformed_reply_is_retried_and_the_old_certificate_k
 
 
 async def test_a_trust_bundle_that_would_not_trust_the_certificate_is_refused(tmp_path):
-    from controlplane.ca import rotate_root
+    from controlplane.ca_rotation import add_new_root
     from proxy.identity.csr import new_key_and_request
     from proxy.identity.workload import IdentityError, WorkloadIdentity
 
@@ -95,7 +95,7 @@ async def test_a_trust_bundle_that_would_not_trust_the_certificate_is_refused(tm
     for bad in (b"garbage", stranger.trust_bundle_pem):
         await manager.update_trust_bundle(bad)
         assert manager.current is identity and "trust bundle from the control plane refused" in manager.last_error
-    rotate_root(tmp_path / "ca", "cluster.local")
+    add_new_root(tmp_path / "ca", "cluster.local")
     both = CertificateAuthority.load(tmp_path / "ca", "cluster.local").trust_bundle_pem
     await manager.update_trust_bundle(both)
     assert manager.current.trust_bundle_pem == both and manager.current.serial == identity.serial
