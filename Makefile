@@ -10,7 +10,10 @@ STAMP := $(VENV)/.installed-stamp
 SRC_BUILD := pyproject.toml setup.py $(shell find native -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' \) 2>/dev/null)
 # command:Debian package; tests and the demo drive these for real
 TOOLS := curl:curl wrk:wrk h2load:nghttp2-client iptables:iptables iptables-restore:iptables ip:iproute2 \
-  openssl:openssl testssl:testssl.sh sslscan:sslscan prometheus:prometheus etcd:etcd-server chromium:chromium
+  openssl:openssl testssl:testssl.sh sslscan:sslscan prometheus:prometheus etcd:etcd-server chromium:chromium \
+  clang:clang clang++:clang
+# the data path's TLS library: BoringSSL with its assembly, built with clang (native/build_boringssl.py)
+BORINGSSL_STAMP := $(VENV)/.boringssl-stamp
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
@@ -20,7 +23,7 @@ FUZZ_SECONDS ?= 300
 FUZZ_TARGETS ?=
 FUZZ_ARGS ?=
 
-.PHONY: all install system-deps test fuzz demo bench clean
+.PHONY: all install system-deps boringssl test fuzz demo bench clean
 
 all: test
 
@@ -46,9 +49,18 @@ $(STAMP): $(SRC_BUILD)
 
 install: $(STAMP)
 
+# Without clang (not root, no apt-get) the build fails and TLS falls back to cryptography's OpenSSL,
+# about a third slower per new connection; the test suite says so by failing
+# (tests/tls/test_openssl.py).
+$(BORINGSSL_STAMP): $(STAMP) native/build_boringssl.py native/boringssl_binding.py
+	@if $(PY) native/build_boringssl.py >/dev/null; then touch $@; else \
+	  echo "BoringSSL not built (needs clang and PyPI): TLS uses cryptography's OpenSSL"; fi
+
+boringssl: system-deps $(BORINGSSL_STAMP)
+
 # pytest exits 5 when it collected nothing (e.g. a PYTEST_ARGS selection that matches no test):
 # say so loudly, but it is not a failure of the code under test.
-test: install system-deps
+test: install system-deps boringssl
 	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)"; exit 0; fi; exit $$rc
 
@@ -60,7 +72,7 @@ fuzz: install
 # the control plane's CA and STRICT mutual TLS; options in MESH_DEMO_ARGS, e.g. --plaintext for none
 # of the security). Otherwise, where namespaces cannot be made (exit 3), or when DEMO_ARGS
 # asks for one of its modes (e.g. DEMO_ARGS=--controlplane), the loopback gateway demo (examples/demo.py).
-demo: install system-deps
+demo: install system-deps boringssl
 	@if [ "$$(id -u)" = 0 ] && [ -z "$(DEMO_ARGS)" ]; then \
 	  $(PY) -m examples.mesh_demo $(MESH_DEMO_ARGS); rc=$$?; [ $$rc -ne 3 ] && exit $$rc; \
 	  echo "make demo: network namespaces unavailable here: running the loopback gateway demo instead"; \
@@ -69,9 +81,9 @@ demo: install system-deps
 	fi; \
 	$(PY) -m examples.demo $(DEMO_ARGS)
 
-bench: install system-deps
+bench: install system-deps boringssl
 	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/l7/_headparser_capi*.so proxy/l7/_h1_write*.so proxy/l7/_hpack_c*.so proxy/telemetry/_request_metrics_c*.so
+	rm -rf $(VENV) build *.egg-info proxy/l7/_headparser_c*.so proxy/l7/_headparser_capi*.so proxy/l7/_h1_write*.so proxy/l7/_hpack_c*.so proxy/telemetry/_request_metrics_c*.so proxy/tls/_boringssl*.so

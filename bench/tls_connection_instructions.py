@@ -15,8 +15,8 @@ run's first resumes the session (the TLS 1.3 ticket) of the one before, as a cli
 sessions does (proxy/tls/sessions.py); the client checks that it did. Two runs of 10 and 60
 connections; the difference divided by 50 is one connection:
 
-- instructions (callgrind, user space), split by where they run: OpenSSL (cryptography's
-  `_rust.abi3.so`, OpenSSL linked in), the cffi glue, CPython (its eval loop, the garbage collector,
+- instructions (callgrind, user space), split by where they run: the TLS library (our BoringSSL
+  build, or the fallback, cryptography's `_rust.abi3.so` with OpenSSL linked in), the cffi glue, CPython (its eval loop, the garbage collector,
   the rest of the interpreter), libc, our C extensions, the rest;
 - syscalls per connection (`strace -c -f` on the proxy in two more runs, not under valgrind);
 - the cyclic garbage a connection leaves (`gc.get_stats()`: objects the collector found unreachable,
@@ -223,6 +223,8 @@ def _part(obj: str, file: str) -> str:
         return "CPython other"
     if name.startswith("_rust"):
         return "OpenSSL (cryptography's _rust.abi3.so)"
+    if name.startswith("_boringssl"):
+        return "BoringSSL (proxy/tls/_boringssl, under valgrind without ADX: its generic P-256 code)"
     if name.startswith("_cffi_backend"):
         return "cffi"
     if name.startswith("libc.so"):

@@ -35,8 +35,9 @@ GROUPS = "X25519:P-256:P-384"
 # server chooses (SSL_OP_CIPHER_SERVER_PREFERENCE), so with a client offering OpenSSL's default order, a
 # triomesh sidecar's included, the handshake's key schedule and transcript hash run on SHA-256, which the
 # CPU computes with its SHA extensions, instead of SHA-384: about 4% less CPU in the server's
-# SSL_do_handshake (docs/tls.md). BoringSSL (Envoy) prefers AES-128-GCM too on CPUs with AES instructions,
-# and it is TLS 1.3's mandatory suite (RFC 8446 section 9.1); the same three suites stay accepted.
+# SSL_do_handshake (docs/tls.md); it is TLS 1.3's mandatory suite (RFC 8446 section 9.1), and the same
+# three suites stay accepted. Set on the OpenSSL fallback only: BoringSSL's suites are fixed, and it
+# takes the client's order among the AES-GCM ones, as Envoy does.
 TLS13_CIPHER_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 SESSION_ID_CONTEXT = b"triomesh"
 # OpenSSL's SSL_MODE_NO_AUTO_CHAIN (ssl.h; the binding lacks the name): a certificate file holding only
@@ -102,6 +103,8 @@ class TlsContext:
         self.version_range = (TLS1_2, TLS1_3)
         # client side: the sessions its connections resume (proxy/tls/sessions.py)
         self.sessions = None if server_side else ClientSessions(library_)
+        if not server_side and library_.boringssl and not lib.tm_keep_new_sessions(pointer):
+            raise library_.error("tm_keep_new_sessions")
         self.on_server_name = None
         self._server_name_callback = None
         self._alpn_callback = None
@@ -122,7 +125,9 @@ class TlsContext:
         lib.SSL_CTX_set_mode(self.pointer, lib.SSL_MODE_RELEASE_BUFFERS | _MODE_NO_AUTO_CHAIN)
         if lib.SSL_CTX_set1_curves_list(self.pointer, GROUPS.encode()) != 1:
             raise library_.error("SSL_CTX_set1_curves_list")
-        if lib.SSL_CTX_set_ciphersuites(self.pointer, TLS13_CIPHER_SUITES.encode()) != 1:
+        # BoringSSL's TLS 1.3 suites are fixed, in this order already (AES-128-GCM first where the CPU
+        # has AES instructions); OpenSSL's are set
+        if not library_.boringssl and lib.SSL_CTX_set_ciphersuites(self.pointer, TLS13_CIPHER_SUITES.encode()) != 1:
             raise library_.error("SSL_CTX_set_ciphersuites")
 
     # ---- settings
@@ -351,12 +356,13 @@ def check_cipher_suites(entries: tuple[str, ...]) -> None:
         _known_ciphers = tls12_cipher_names()
     for i, entry in enumerate(entries):
         for name in cipher_suite_names((entry,)):
-            if name not in _known_ciphers:
-                raise TlsSettingsError(f"cipherSuites[{i}]", f"unknown cipher suite {name!r} (expected an OpenSSL "
-                                                             f"name such as {DEFAULT_CIPHER_SUITES[0]!r})")
+            # refused by what it is first: a library without such suites (BoringSSL) would call it unknown
             unusable = next((why for part, why in _UNUSABLE_CIPHER_PARTS if part in name), None)
             if unusable is not None:
                 raise TlsSettingsError(f"cipherSuites[{i}]", f"cipher suite {name!r} is refused: {unusable}")
+            if name not in _known_ciphers:
+                raise TlsSettingsError(f"cipherSuites[{i}]", f"unknown cipher suite {name!r} (expected an OpenSSL "
+                                                             f"name such as {DEFAULT_CIPHER_SUITES[0]!r})")
 
 
 def check_versions(versions: ProtocolVersions) -> tuple[int, int | None]:

@@ -253,7 +253,8 @@ class ListenerTls:
         callback refused it when it did (its version only then: before the ClientHello, OpenSSL
         reports its highest), else the TLS layer's reason."""
         cause = error.__cause__
-        in_callback = isinstance(cause, OpenSslError) and cause.reason == "CALLBACK_FAILED"
+        # OpenSSL's reason for a refusing SNI callback; BoringSSL's
+        in_callback = isinstance(cause, OpenSslError) and cause.reason in ("CALLBACK_FAILED", "CLIENTHELLO_TLSEXT")
         return (self.refusal(conn.server_name, conn.protocol_version_number if in_callback else None)
                 or getattr(error, "reason", "connection_error"))
 

@@ -1,12 +1,17 @@
-"""The one TLS library of the data path: the OpenSSL that `cryptography`'s wheels link statically,
-reached through cryptography's own cffi binding, with its version check and its error queue as text.
+"""The one TLS library of the data path, with its checks and its error queue as text: BoringSSL
+built with clang and its assembly, through our own cffi binding (native/build_boringssl.py, which
+`make install` runs), or, where that build is missing, the OpenSSL that `cryptography`'s wheels link
+statically, through cryptography's binding.
 
-Why not the stdlib's `ssl`: Python here is linked to the system OpenSSL 3.0, whose mutual TLS
-handshake costs a third more CPU than 3.2 and later (client certificate decoding); docs/tls.md has
-the figures. The binding is imported on first use, so a proxy that serves no TLS never loads it.
+Why BoringSSL: a new mutual TLS connection is mostly the library's handshake, and BoringSSL's costs
+the server about 230 µs where OpenSSL 4's costs about 450 µs (the system's OpenSSL 3.0: about 700);
+docs/tls.md has the figures. Why not the stdlib's `ssl` at all: it links the system OpenSSL 3.0. The
+library is loaded on first use, so a proxy that serves no TLS never loads it.
 """
 
 from __future__ import annotations
+
+import os
 
 import structlog
 
@@ -21,7 +26,7 @@ SCRATCH_BYTES = 128 * 1024
 REQUIRED_FUNCTIONS = (
     "SSL_CTX_new", "SSL_CTX_free", "TLS_server_method", "TLS_client_method", "SSL_CTX_set_options", "SSL_CTX_set_mode",
     "SSL_CTX_set1_curves_list", "SSL_CTX_set_min_proto_version", "SSL_CTX_set_max_proto_version",
-    "SSL_CTX_set_cipher_list", "SSL_CTX_set_ciphersuites", "SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_alpn_protos",
+    "SSL_CTX_set_cipher_list", "SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_alpn_protos",
     "SSL_CTX_set_verify",
     "SSL_CTX_set_session_cache_mode", "SSL_CTX_set_session_id_context", "SSL_CTX_set_tlsext_servername_callback",
     "SSL_session_reused", "SSL_CTX_use_certificate_chain_file",
@@ -75,36 +80,60 @@ class Library:
     ciphertext from the socket and plaintext from the SSL, `send_scratch` ciphertext for the socket,
     so making records (an alert met while reading) never lands on plaintext not yet copied out."""
 
-    __slots__ = ("lib", "ffi", "version_text", "version_number", "cryptography_version",
+    __slots__ = ("lib", "ffi", "version_text", "version_number", "binding", "boringssl",
                  "read_scratch", "send_scratch", "pointer_holder", "length_holder")
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "") -> None:
+        """`name`: "boringssl" (our build, proxy.tls._boringssl) or "openssl" (cryptography's); by
+        default $TRIOMESH_TLS_LIBRARY, else BoringSSL when it is built."""
+        name = name or os.environ.get("TRIOMESH_TLS_LIBRARY", "") or ("boringssl" if _boringssl_built() else "openssl")
+        if name == "boringssl":
+            self._bind_boringssl()
+        elif name == "openssl":
+            self._bind_openssl()
+        else:
+            raise TlsLibraryError(f"TRIOMESH_TLS_LIBRARY={name!r}: the data path's TLS library is boringssl or openssl")
+        self.read_scratch = ScratchBuffer(self.ffi)
+        self.send_scratch = ScratchBuffer(self.ffi)
+        self.pointer_holder = self.ffi.new("unsigned char **")
+        self.length_holder = self.ffi.new("unsigned int *")
+
+    def _bind_boringssl(self) -> None:
+        try:
+            from proxy.tls import _boringssl
+        except ImportError as e:
+            raise TlsLibraryError(f"BoringSSL is not built ({e}): python native/build_boringssl.py "
+                                  "(make install runs it)") from e
+        lib, ffi = _boringssl.lib, _boringssl.ffi
+        self.lib, self.ffi = lib, ffi
+        self.boringssl = True
+        self.version_number = int(lib.OpenSSL_version_num())
+        self.version_text = ffi.string(lib.OpenSSL_version(lib.OPENSSL_VERSION)).decode("ascii", "replace")
+        self.binding = "triomesh's own (native/build_boringssl.py)"
+
+    def _bind_openssl(self) -> None:
         import cryptography
         from cryptography.hazmat.bindings.openssl.binding import Binding
 
         binding = Binding()
         lib, ffi = binding.lib, binding.ffi
         self.lib, self.ffi = lib, ffi
+        self.boringssl = False
         self.version_number = int(lib.OpenSSL_version_num())
         self.version_text = ffi.string(lib.OpenSSL_version(lib.OPENSSL_VERSION)).decode("ascii", "replace")
-        self.cryptography_version = cryptography.__version__
+        self.binding = f"cryptography {cryptography.__version__} (bundled OpenSSL)"
         missing = [name for name in REQUIRED_FUNCTIONS if not hasattr(lib, name)]
         if missing:
-            raise TlsLibraryError(f"cryptography {self.cryptography_version}'s OpenSSL binding lacks "
-                                  f"{', '.join(missing)}, which the data path's TLS calls")
+            raise TlsLibraryError(f"{self.binding}'s binding lacks {', '.join(missing)}, which the data path's TLS calls")
         if self.version_number < MINIMUM_VERSION_NUMBER:
             raise TlsLibraryError(
                 f"the data path needs OpenSSL {MINIMUM_VERSION_TEXT} or later and cryptography "
-                f"{self.cryptography_version} links {self.version_text} (a build against the system OpenSSL); "
+                f"{cryptography.__version__} links {self.version_text} (a build against the system OpenSSL); "
                 f"install cryptography's own wheel: pip install --only-binary cryptography cryptography")
-        self.read_scratch = ScratchBuffer(ffi)
-        self.send_scratch = ScratchBuffer(ffi)
-        self.pointer_holder = ffi.new("unsigned char **")
-        self.length_holder = ffi.new("unsigned int *")
 
     def describe(self) -> dict:
         """What /server_info and the startup log say about it."""
-        return {"library": self.version_text, "binding": f"cryptography {self.cryptography_version} (bundled OpenSSL)"}
+        return {"library": self.version_text, "binding": self.binding}
 
     def error(self, detail: str = "", ssl=None) -> OpenSslError:
         """The error at the head of OpenSSL's queue (the queue is emptied); with `ssl`, a failed
@@ -117,15 +146,23 @@ class Library:
             reason = ffi.string(text).decode("ascii", "replace") if text != ffi.NULL else f"error {code:#x}"
         lib.ERR_clear_error()
         verify_message = ""
+        # OpenSSL writes reasons in words ("certificate verify failed"), BoringSSL as names
+        name = reason.upper().replace(" ", "_") if reason else "UNKNOWN_ERROR"
         if ssl is not None:
             result = lib.SSL_get_verify_result(ssl)
-            if result != lib.X509_V_OK and "certificate verify failed" in reason.lower():
+            if result != lib.X509_V_OK and name == "CERTIFICATE_VERIFY_FAILED":
                 verify_message = ffi.string(lib.X509_verify_cert_error_string(result)).decode("ascii", "replace")
-        name = reason.upper().replace(" ", "_") if reason else "UNKNOWN_ERROR"
+                verify_message = verify_message[:1].lower() + verify_message[1:]  # BoringSSL capitalizes
         return OpenSslError(name, verify_message or detail, verify_message)
 
 
 _library: Library | None = None
+
+
+def _boringssl_built() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("proxy.tls._boringssl") is not None
 
 
 def library() -> Library:

@@ -77,8 +77,10 @@ class ClientSessions:
 
     def keep(self, key, ssl) -> None:
         """Keep the current session of the connection `ssl` (checked, see the module) for `key`."""
-        lib, ffi = self._library.lib, self._library.ffi
-        pointer = lib.SSL_get1_session(ssl)
+        library = self._library
+        lib, ffi = library.lib, library.ffi
+        # BoringSSL: the newest ticket's session, kept by our callback (native/boringssl_binding.py)
+        pointer = lib.tm_take_new_session(ssl) if library.boringssl else lib.SSL_get1_session(ssl)
         if pointer == ffi.NULL:
             return
         sessions = self._sessions
