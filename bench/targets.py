@@ -227,6 +227,17 @@ _ENVOY_HTTP_FILTER = {
     },
 }
 
+# Over mutual TLS, the HTTP listener as Istio configures a gateway's (gatewayTopology's default): the
+# verified client certificate forwarded in x-forwarded-client-cert, replacing what the client sent,
+# with its subject, PEM, URI and DNS SANs, as triomesh's MUTUAL gateway server writes it
+# (proxy/l7/stages/forwarding.py)
+_ENVOY_MTLS_HTTP_FILTER = {
+    "name": _ENVOY_HTTP_FILTER["name"],
+    "typed_config": {**_ENVOY_HTTP_FILTER["typed_config"],
+                     "forward_client_cert_details": "SANITIZE_SET",
+                     "set_current_client_cert_details": {"subject": True, "cert": True, "uri": True, "dns": True}},
+}
+
 # TCP: tcp_proxy to the cluster with Envoy's defaults (1 MiB per-connection buffer limit, no access log).
 _ENVOY_TCP_FILTER = {
     "name": "envoy.filters.network.tcp_proxy",
@@ -394,7 +405,7 @@ def start_envoy_mtls(workdir: Path, upstream_port: int, certs, *, envoy_bin: str
                      tcp: bool = False) -> Started:
     """Envoy terminating mutual TLS (one worker) in front of 127.0.0.1:upstream_port: the HTTP listener
     of start_envoy, or (tcp) the tcp_proxy of start_envoy_tcp."""
-    network_filter = _ENVOY_TCP_FILTER if tcp else _ENVOY_HTTP_FILTER
+    network_filter = _ENVOY_TCP_FILTER if tcp else _ENVOY_MTLS_HTTP_FILTER
     started, admin_port = _start_envoy(workdir, network_filter, upstream_port, envoy_bin=envoy_bin, cpus=cpus,
                                        concurrency=1, name="envoy-mtls-tcp" if tcp else "envoy-mtls",
                                        transport_socket=_envoy_downstream_mtls(certs))
