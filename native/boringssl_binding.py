@@ -28,7 +28,9 @@ static int tm_new_session(SSL *ssl, SSL_SESSION *session) {
     if (old != NULL) {
         SSL_SESSION_free(old);
     }
-    SSL_set_ex_data(ssl, tm_session_index, session);
+    if (!SSL_set_ex_data(ssl, tm_session_index, session)) {
+        return 0; /* not taken: BoringSSL frees it */
+    }
     return 1; /* taken */
 }
 

@@ -62,7 +62,7 @@ def fetch_sdist(work: Path) -> Path:
 
 def extract(sdist: Path, work: Path) -> Path:
     """The BoringSSL tree and grpcio's file list, under work/src (once)."""
-    source = work / "src"
+    source = work / f"src-{GRPCIO_VERSION}"  # a new pinned version is extracted anew
     marker = source / ".extracted"
     if marker.exists():
         return source
@@ -116,7 +116,8 @@ def build_libraries(work: Path, jobs: int) -> tuple[Path, Path, Path]:
     source = extract(fetch_sdist(work), work)
     tree = source / TREE
     crypto, ssl, assembly = source_files(source)
-    objects = work / "obj"
+    # objects of another compiler setting are not reused
+    objects = work / f"obj-{GRPCIO_VERSION}-{hashlib.sha256(' '.join(FLAGS).encode()).hexdigest()[:12]}"
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         built = dict(zip(crypto + assembly + ssl,
                          pool.map(lambda name: compile_one(tree, objects, name), crypto + assembly + ssl)))

@@ -118,6 +118,10 @@ def failure_reason(error: OpenSslError) -> str:
         return "fail_verify_no_cert"
     if "NO_SHARED_CIPHER" in text or "NO_CIPHERS" in text:
         return "no_shared_cipher"
+    # bytes that are not TLS at all (HTTP, an HTTPS proxy's CONNECT, another protocol's banner) before
+    # the version checks, whose names WRONG_VERSION_NUMBER shares
+    if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "HTTPS_PROXY_REQUEST" in text:
+        return "not_tls"
     if "UNSUPPORTED_PROTOCOL" in text or "VERSION" in text:
         return "unsupported_protocol"
     if "NO_APPLICATION_PROTOCOL" in text:
@@ -126,7 +130,7 @@ def failure_reason(error: OpenSslError) -> str:
         return "alert_received"
     if "EOF" in text:
         return "connection_closed"
-    if "WRONG_VERSION_NUMBER" in text or "HTTP_REQUEST" in text or "RECORD" in text or "PACKET" in text:
+    if "RECORD" in text or "PACKET" in text:
         return "not_tls"
     return "connection_error"
 

@@ -9,6 +9,9 @@ config layer can point at it.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import ssl
 from dataclasses import dataclass
 
@@ -163,6 +166,17 @@ class TlsContext:
         self.verify_mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
         lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
 
+    def bind_sessions(self, *settings: bytes) -> None:
+        """A server's sessions resume only on a context with the same `settings` (what it presents and
+        whom it trusts): the session id context, which OpenSSL and BoringSSL compare with a session's
+        own on resumption, also after the SNI callback moved a connection to another server's context.
+        So a session made on a SIMPLE server cannot skip a MUTUAL server's client certificate check,
+        nor one made before a reload resume against a CA since removed (as Envoy's session id context
+        hashes the certificates and the validation settings)."""
+        digest = hashlib.sha256(b"\0".join(settings)).digest()  # SSL_MAX_SID_CTX_LENGTH is 32
+        if self.library.lib.SSL_CTX_set_session_id_context(self.pointer, digest, len(digest)) != 1:
+            raise self.library.error("SSL_CTX_set_session_id_context")
+
     def request_peer_certificate(self) -> None:
         """Ask for the peer's certificate and verify it against the loaded trust when one comes; a
         peer may send none (a server's OPTIONAL_MUTUAL)."""
@@ -171,10 +185,9 @@ class TlsContext:
         lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
 
     def without_session_tickets(self) -> None:
-        """No TLS 1.3 session tickets worth keeping and no server-side session cache. The binding has
-        no SSL_CTX_set_num_tickets, so OpenSSL still sends two small stateful tickets that find
-        nothing to resume (79 bytes each, no key material): the ~190 µs each stateless ticket costs
-        is saved."""
+        """No TLS 1.3 session tickets worth keeping and no server-side session cache. BoringSSL then
+        sends none; OpenSSL (the fallback, whose binding has no SSL_CTX_set_num_tickets) still sends
+        two small stateful tickets that find nothing to resume (79 bytes each, no key material)."""
         lib = self.library.lib
         lib.SSL_CTX_set_options(self.pointer, lib.SSL_OP_NO_TICKET)
         lib.SSL_CTX_set_session_cache_mode(self.pointer, lib.SSL_SESS_CACHE_OFF)
@@ -515,6 +528,8 @@ def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
     may send none."""
     context = _base(True, versions, cipher_suites, alpn)
     _load_chain(context, "serverCertificate", cert_file, key_file, ca_file)
+    mode = b"require" if require_client_certificate else b"request" if request_client_certificate else b"none"
+    context.bind_sessions(b"gateway", mode, _file_bytes(cert_file), _file_bytes(ca_file) if ca_file else b"")
     if require_client_certificate or request_client_certificate:
         if not ca_file:
             mode = "MUTUAL" if require_client_certificate else "OPTIONAL_MUTUAL"
@@ -525,6 +540,13 @@ def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
         else:
             context.request_peer_certificate()
     return context
+
+
+def _file_bytes(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return path.encode()  # unreadable here: its loading names the error
 
 
 def client_context(*, ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None,

@@ -69,6 +69,7 @@ def server_context(identity: WorkloadIdentity, alpn: tuple[str, ...] = SERVER_AL
     context = base_context(True, alpn, versions, cipher_suites)
     identity.load_into(context)
     context.require_peer_certificate()
+    context.bind_sessions(b"mesh", identity.certificate_chain_pem, identity.trust_bundle_pem)
     if not session_tickets:
         context.without_session_tickets()
     return context

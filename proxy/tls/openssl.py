@@ -103,8 +103,13 @@ class Library:
             from proxy.tls import _boringssl
         except ImportError as e:
             raise TlsLibraryError(f"BoringSSL is not built ({e}): python native/build_boringssl.py "
-                                  "(make install runs it)") from e
+                                  "(make test, demo and bench run it)") from e
         lib, ffi = _boringssl.lib, _boringssl.ffi
+        missing = [name for name in (*REQUIRED_FUNCTIONS, "tm_keep_new_sessions", "tm_take_new_session")
+                   if not hasattr(lib, name)]
+        if missing:  # a module left from an older binding
+            raise TlsLibraryError(f"proxy/tls/_boringssl lacks {', '.join(missing)}: rebuild it with "
+                                  "python native/build_boringssl.py")
         self.lib, self.ffi = lib, ffi
         self.boringssl = True
         self.version_number = int(lib.OpenSSL_version_num())

@@ -157,6 +157,71 @@ async def test_plaintext_http_to_a_tls_server_fails_the_handshake(server_files):
     client_sock.close()
 
 
+@pytest.mark.parametrize("first_bytes", [b"SSH-2.0-OpenSSH_9.2\r\n", b"CONNECT example.com:443 HTTP/1.1\r\n\r\n",
+                                         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"\0" * 64])
+async def test_other_protocols_to_a_tls_server_are_counted_as_not_tls(server_files, first_bytes):
+    """Not a version problem: bytes that are no TLS record at all (a banner, a proxy's CONNECT, the
+    h2c preface, zeros)."""
+    client_sock, server_sock = tcp_pair()
+    server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
+    client_sock.sendall(first_bytes)
+    with pytest.raises(TlsHandshakeError) as caught:
+        await server.handshake(5.0)
+    assert caught.value.reason == "not_tls", caught.value.__cause__
+    server.close()
+    client_sock.close()
+
+
+async def test_a_session_made_on_one_server_never_resumes_on_another(ca, tmp_path):
+    """With tickets on, a session of a SIMPLE server's context offered to a MUTUAL server's (the SNI
+    callback moving the connection there, as on a port with several servers) is not resumed: each
+    server context's session id context hashes what it presents and whom it trusts, so the MUTUAL
+    server asks for the client certificate, and a client without one is refused."""
+    server_files = write_cert(ca, tmp_path, "ab", "a.example.com", "b.example.com")
+    simple = server_context(server_files.cert, server_files.key)
+    mutual = server_context(server_files.cert, server_files.key, ca_file=server_files.ca,
+                            require_client_certificate=True)
+    for context in (simple, mutual):
+        context.set_server_name_handler(lambda name: mutual if name == "b.example.com" else simple)
+    client = client_context(ca_file=server_files.ca)  # no client certificate
+
+    async def connect(name: str, session=None) -> tuple[bool, bool]:
+        """(handshake completed on both sides, resumed)"""
+        client_sock, server_sock = tcp_pair()
+        server = TlsConn(server_sock, simple, server_side=True)  # every connection starts on the first context
+        peer = TlsConn(client_sock, client, server_side=False, server_hostname=name, session=session)
+        results = {}
+
+        async def serve():
+            try:
+                await server.handshake(5.0)
+                await server.send_all(b"x")
+                results["server"] = server.session_reused
+            except (TlsError, OSError):
+                results["server"] = None
+
+        async def call():
+            try:
+                await peer.handshake(5.0)
+                peer.session_key = name
+                results["client"] = await peer.fill() > 0
+            except (TlsError, OSError):
+                results["client"] = None
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            nursery.start_soon(call)
+        server.close()
+        peer.close()
+        return results["server"] is not None and bool(results["client"]), bool(results["server"])
+
+    assert await connect("a.example.com") == (True, False)
+    session = client.sessions.get("a.example.com")
+    assert session is not None
+    assert await connect("a.example.com", session) == (True, True)  # the same server resumes it
+    assert await connect("b.example.com", session) == (False, False)  # the MUTUAL server: refused
+
+
 async def test_silent_peer_times_out(server_files):
     client_sock, server_sock = tcp_pair()
     server = TlsConn(server_sock, server_context(server_files.cert, server_files.key), server_side=True)
