@@ -1,7 +1,8 @@
 """Our cffi binding of BoringSSL (out-of-line API mode, built by native/build_boringssl.py into
 `proxy.tls._boringssl`): exactly the functions and constants the data path's TLS calls
 (proxy/tls/openssl.py REQUIRED_FUNCTIONS), declared as BoringSSL's headers write them, plus the
-settings OpenSSL's binding lacked (`SSL_CTX_set_num_tickets`). Where OpenSSL has a macro
+settings OpenSSL's binding lacked (`SSL_CTX_set_num_tickets`), and `X509_NAME_print_ex`, which prints a
+subject exactly as Envoy's x-forwarded-client-cert does. Where OpenSSL has a macro
 (`SSL_CTX_set_options`, `BIO_get_mem_data`, `SSL_CTX_set_tlsext_servername_callback`, ...) BoringSSL
 has a function, so every name here is a real call."""
 
@@ -68,6 +69,7 @@ typedef ... X509;
 typedef ... X509_STORE;
 typedef ... X509_STORE_CTX;
 typedef ... X509_VERIFY_PARAM;
+typedef ... X509_NAME;
 typedef int... ossl_ssize_t;
 typedef int pem_password_cb(char *buf, int size, int rwflag, void *userdata);
 
@@ -101,6 +103,7 @@ typedef int pem_password_cb(char *buf, int size, int rwflag, void *userdata);
 #define SSL_ERROR_SYSCALL ...
 #define SSL_ERROR_ZERO_RETURN ...
 #define OPENSSL_VERSION ...
+#define XN_FLAG_RFC2253 ...
 
 const SSL_METHOD *TLS_server_method(void);
 const SSL_METHOD *TLS_client_method(void);
@@ -163,6 +166,8 @@ int SSL_set_session(SSL *ssl, SSL_SESSION *session);
 void SSL_SESSION_free(SSL_SESSION *session);
 
 int i2d_X509_bio(BIO *bp, const X509 *x509);
+X509_NAME *X509_get_subject_name(const X509 *x509);
+int X509_NAME_print_ex(BIO *out, const X509_NAME *nm, int indent, unsigned long flags);
 void X509_free(X509 *x509);
 const char *X509_verify_cert_error_string(long err);
 

@@ -6,9 +6,11 @@ asks for in the order `Cert`, `Subject`, `URI`, `DNS`:
 
 - `Cert="..."`: the client certificate as PEM, URL-encoded as Envoy does it (newline, space, `+`, `/`
   and `=` as %XX), on a Gateway only;
-- `Subject="..."`: the certificate's subject in RFC 2253 form (OpenSSL's XN_FLAG_RFC2253: last RDN
-  first, short attribute names, `,+"\\<>;` escaped, control and non-ASCII bytes as `\\XX`); present even when
-  empty, as a mesh workload certificate's is;
+- `Subject="..."`: the certificate's subject in RFC 2253 form, printed by BoringSSL's own
+  `X509_NAME_print_ex(XN_FLAG_RFC2253)` as Envoy prints it (last RDN first, short attribute names,
+  `,+"\\<>;` escaped, control and non-ASCII bytes as `\\XX`, unknown attribute types as `#` and their
+  DER in hex); present even when empty, as a mesh workload certificate's is. On the OpenSSL
+  fallback it is written from `cryptography`'s parse, the same for the common attribute types;
 - `URI=` each URI SAN (`URI=` alone when there is none);
 - `DNS=` each DNS SAN (nothing when there is none).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from typing import Callable
 
 _CACHE_SIZE = 256
 _cache: dict[tuple[bytes, bytes, bool], bytes] = {}
@@ -84,10 +87,13 @@ def _sans(certificate) -> tuple[list[str], list[str]]:
             list(extension.get_values_for_type(x509.DNSName)))
 
 
-def client_cert_element(peer_der: bytes, local_der: bytes | None, with_cert: bool) -> bytes:
+def client_cert_element(peer_der: bytes, local_der: bytes | None, with_cert: bool,
+                        subject: Callable[[], str | None] | None = None) -> bytes:
     """The XFCC element of a connection whose client presented `peer_der`, served with our
     certificate `local_der` (None: none, as on no TLS server); `with_cert`: a Gateway's element,
-    with the client certificate itself."""
+    with the client certificate itself. `subject`: asked (only when the element is not cached yet)
+    for the subject as the TLS library prints it (BoringSSL's own RFC 2253 printing, Envoy's);
+    without it, or when it says None, the subject is written from `cryptography`'s parse."""
     key = (peer_der, local_der or b"", with_cert)
     element = _cache.get(key)
     if element is not None:
@@ -101,7 +107,8 @@ def client_cert_element(peer_der: bytes, local_der: bytes | None, with_cert: boo
     parts.append(f"Hash={hashlib.sha256(peer_der).hexdigest()}")
     if with_cert:
         parts.append(f'Cert="{url_encoded_pem(peer_der)}"')
-    parts.append(f'Subject="{subject_rfc2253(peer)}"')
+    printed = subject() if subject is not None else None
+    parts.append(f'Subject="{_header_safe(printed) if printed is not None else subject_rfc2253(peer)}"')
     uris, dns_names = _sans(peer)
     parts.extend(f"URI={_header_safe(uri)}" for uri in uris) if uris else parts.append("URI=")
     parts.extend(f"DNS={_header_safe(name)}" for name in dns_names)

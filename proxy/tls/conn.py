@@ -51,6 +51,7 @@ from trio.lowlevel import wait_readable
 from proxy.l7.connio import RECV_BYTES, Conn, ReadTimeout
 from proxy.l7.reactor import Reactor
 from proxy.l7.timeouts import TimeoutSweeper
+from proxy.tls.client_cert import client_cert_element
 from proxy.tls.context import TlsContext
 from proxy.tls.openssl import SCRATCH_BYTES, Library, OpenSslError
 
@@ -308,9 +309,27 @@ class TlsConn(Conn):
         der = self.peer_certificate_der()
         if der is None:
             return None
-        from proxy.tls.client_cert import client_cert_element
+        subject = self.peer_subject_rfc2253 if _library.boringssl else None
+        return client_cert_element(der, self.local_certificate_der(), with_cert, subject)
 
-        return client_cert_element(der, self.local_certificate_der(), with_cert)
+    def peer_subject_rfc2253(self) -> str | None:
+        """The peer certificate's subject as BoringSSL prints it in RFC 2253 form (X509_NAME_print_ex,
+        XN_FLAG_RFC2253: what Envoy writes in x-forwarded-client-cert); None without a certificate."""
+        lib, ffi = _lib, _ffi
+        certificate = lib.SSL_get_peer_certificate(self.ssl)
+        if certificate == _NULL:
+            return None
+        bio = lib.BIO_new(_MEMORY_BIO)
+        try:
+            if lib.X509_NAME_print_ex(bio, lib.X509_get_subject_name(certificate), 0, lib.XN_FLAG_RFC2253) < 0:
+                lib.ERR_clear_error()
+                return None
+            data = ffi.new("char **")
+            size = lib.BIO_get_mem_data(bio, data)
+            return ffi.buffer(data[0], size)[:].decode("utf-8", "replace")
+        finally:
+            lib.BIO_free(bio)
+            lib.X509_free(certificate)
 
     def peer_certificate(self) -> dict | None:
         """The verified peer certificate's subjectAltNames, shaped as the stdlib's `getpeercert()`
