@@ -389,6 +389,11 @@ def test_prometheus_dashboards_on_the_namespace_mesh(mesh) -> None:
     except AssertionError as e:
         raise AssertionError(f"{e}: {seen[-1:]}, before {before}, sent {sent} ({ok} ok)") from e
 
+    # increase() and rate() extrapolate each series by up to half a scrape interval past its first and
+    # last samples in the window. When the samples span a few intervals only (Prometheus started just
+    # before, and the requests take a second or two), that alone can double a count; scrapes after the
+    # traffic make the span long enough that it cannot.
+    time.sleep(6 * SCRAPE_INTERVAL_S)
     # Istio's dashboards, over a window that holds all of the counted traffic and nothing before it
     window = "[5m]"
     increase = by(query(demo, f'sum(increase(istio_requests_total{{reporter="destination"}}{window})) by (destination_workload)'),
