@@ -75,18 +75,6 @@ def _header_safe(value: str) -> str:
                    for c in value)
 
 
-def _sans(certificate) -> tuple[list[str], list[str]]:
-    """(URI SANs, DNS SANs) of a `cryptography` certificate."""
-    from cryptography import x509
-
-    try:
-        extension = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return [], []
-    return (list(extension.get_values_for_type(x509.UniformResourceIdentifier)),
-            list(extension.get_values_for_type(x509.DNSName)))
-
-
 def client_cert_element(peer_der: bytes, local_der: bytes | None, with_cert: bool,
                         subject: Callable[[], str | None] | None = None) -> bytes:
     """The XFCC element of a connection whose client presented `peer_der`, served with our
@@ -98,20 +86,24 @@ def client_cert_element(peer_der: bytes, local_der: bytes | None, with_cert: boo
     element = _cache.get(key)
     if element is not None:
         return element
-    from cryptography import x509
+    from proxy.tls.conn import subject_alt_names  # the same parse (and cache) the principal reads
 
-    peer = x509.load_der_x509_certificate(peer_der)
     parts = []
     if local_der:
-        parts.extend(f"By={_header_safe(uri)}" for uri in _sans(x509.load_der_x509_certificate(local_der))[0])
+        parts.extend(f"By={_header_safe(uri)}" for kind, uri in subject_alt_names(local_der) if kind == "URI")
     parts.append(f"Hash={hashlib.sha256(peer_der).hexdigest()}")
     if with_cert:
         parts.append(f'Cert="{url_encoded_pem(peer_der)}"')
     printed = subject() if subject is not None else None
-    parts.append(f'Subject="{_header_safe(printed) if printed is not None else subject_rfc2253(peer)}"')
-    uris, dns_names = _sans(peer)
+    if printed is None:
+        from cryptography import x509
+
+        printed = subject_rfc2253(x509.load_der_x509_certificate(peer_der))
+    parts.append(f'Subject="{_header_safe(printed)}"')
+    names = subject_alt_names(peer_der)
+    uris = [uri for kind, uri in names if kind == "URI"]
     parts.extend(f"URI={_header_safe(uri)}" for uri in uris) if uris else parts.append("URI=")
-    parts.extend(f"DNS={_header_safe(name)}" for name in dns_names)
+    parts.extend(f"DNS={_header_safe(name)}" for kind, name in names if kind == "DNS")
     element = ";".join(parts).encode("ascii")
     if len(_cache) >= _CACHE_SIZE:
         _cache.clear()

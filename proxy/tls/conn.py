@@ -159,11 +159,13 @@ def subject_alt_names(der: bytes) -> tuple:
     return names
 
 
-def _certificate_der(certificate) -> bytes | None:
+def _written(write) -> bytes | None:
+    """What `write(bio)` puts into a fresh memory BIO (the binding has no i2d_X509 or name printer
+    to a buffer); None when it fails."""
     lib, ffi = _lib, _ffi
     bio = lib.BIO_new(_MEMORY_BIO)
     try:
-        if lib.i2d_X509_bio(bio, certificate) != 1:
+        if write(bio) < 1:
             lib.ERR_clear_error()
             return None
         data = ffi.new("char **")
@@ -171,6 +173,10 @@ def _certificate_der(certificate) -> bytes | None:
         return ffi.buffer(data[0], size)[:]
     finally:
         lib.BIO_free(bio)
+
+
+def _certificate_der(certificate) -> bytes | None:
+    return _written(lambda bio: _lib.i2d_X509_bio(bio, certificate))
 
 
 class TlsConn(Conn):
@@ -315,21 +321,17 @@ class TlsConn(Conn):
     def peer_subject_rfc2253(self) -> str | None:
         """The peer certificate's subject as BoringSSL prints it in RFC 2253 form (X509_NAME_print_ex,
         XN_FLAG_RFC2253: what Envoy writes in x-forwarded-client-cert); None without a certificate."""
-        lib, ffi = _lib, _ffi
+        lib = _lib
         certificate = lib.SSL_get_peer_certificate(self.ssl)
         if certificate == _NULL:
             return None
-        bio = lib.BIO_new(_MEMORY_BIO)
         try:
-            if lib.X509_NAME_print_ex(bio, lib.X509_get_subject_name(certificate), 0, lib.XN_FLAG_RFC2253) < 0:
-                lib.ERR_clear_error()
-                return None
-            data = ffi.new("char **")
-            size = lib.BIO_get_mem_data(bio, data)
-            return ffi.buffer(data[0], size)[:].decode("utf-8", "replace")
+            # the printed length, 0 for an empty subject (a mesh workload certificate's): +1 to tell it from failure
+            printed = _written(lambda bio: lib.X509_NAME_print_ex(
+                bio, lib.X509_get_subject_name(certificate), 0, lib.XN_FLAG_RFC2253) + 1)
         finally:
-            lib.BIO_free(bio)
             lib.X509_free(certificate)
+        return printed.decode("utf-8", "replace") if printed is not None else None
 
     def peer_certificate(self) -> dict | None:
         """The verified peer certificate's subjectAltNames, shaped as the stdlib's `getpeercert()`

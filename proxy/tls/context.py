@@ -10,10 +10,9 @@ config layer can point at it.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
 
 from proxy.config.snapshot import CertificateFiles, ServerTls
 from proxy.tls.openssl import OpenSslError, TlsLibraryError, library, log
@@ -163,8 +162,7 @@ class TlsContext:
     def require_peer_certificate(self) -> None:
         """Verify the peer's certificate against the loaded trust; a peer without one fails."""
         lib = self.library.lib
-        self.verify_mode = lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT
-        lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
+        self._set_verify(lib.SSL_VERIFY_PEER | lib.SSL_VERIFY_FAIL_IF_NO_PEER_CERT)
 
     def bind_sessions(self, *settings: bytes) -> None:
         """A server's sessions resume only on a context with the same `settings` (what it presents and
@@ -180,9 +178,11 @@ class TlsContext:
     def request_peer_certificate(self) -> None:
         """Ask for the peer's certificate and verify it against the loaded trust when one comes; a
         peer may send none (a server's OPTIONAL_MUTUAL)."""
-        lib = self.library.lib
-        self.verify_mode = lib.SSL_VERIFY_PEER
-        lib.SSL_CTX_set_verify(self.pointer, self.verify_mode, self.library.ffi.NULL)
+        self._set_verify(self.library.lib.SSL_VERIFY_PEER)
+
+    def _set_verify(self, mode: int) -> None:
+        self.verify_mode = mode
+        self.library.lib.SSL_CTX_set_verify(self.pointer, mode, self.library.ffi.NULL)
 
     def without_session_tickets(self) -> None:
         """No TLS 1.3 session tickets worth keeping and no server-side session cache. BoringSSL then
@@ -528,8 +528,8 @@ def server_context(cert_file: str, key_file: str, *, ca_file: str | None = None,
     may send none."""
     context = _base(True, versions, cipher_suites, alpn)
     _load_chain(context, "serverCertificate", cert_file, key_file, ca_file)
-    mode = b"require" if require_client_certificate else b"request" if request_client_certificate else b"none"
-    context.bind_sessions(b"gateway", mode, _file_bytes(cert_file), _file_bytes(ca_file) if ca_file else b"")
+    clients = b"require" if require_client_certificate else b"request" if request_client_certificate else b"none"
+    context.bind_sessions(b"gateway", clients, _file_bytes(cert_file), _file_bytes(ca_file) if ca_file else b"")
     if require_client_certificate or request_client_certificate:
         if not ca_file:
             mode = "MUTUAL" if require_client_certificate else "OPTIONAL_MUTUAL"

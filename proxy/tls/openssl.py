@@ -1,6 +1,6 @@
 """The one TLS library of the data path, with its checks and its error queue as text: BoringSSL
 built with clang and its assembly, through our own cffi binding (native/build_boringssl.py, which
-`make install` runs), or, where that build is missing, the OpenSSL that `cryptography`'s wheels link
+`make test`, `demo` and `bench` run), or, where that build is missing, the OpenSSL that `cryptography`'s wheels link
 statically, through cryptography's binding.
 
 Why BoringSSL: a new mutual TLS connection is mostly the library's handshake, and BoringSSL's costs

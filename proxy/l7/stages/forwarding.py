@@ -68,14 +68,13 @@ class ForwardingStage:
                 has_proto = True
             elif name == XFCC:
                 client_certs = value if client_certs is None else client_certs + b"," + value
-        if client_certs is not None:
-            headers[:] = [pair for pair in headers if pair[0] != XFCC]
-            xff_index = next((i for i, pair in enumerate(headers) if pair[0] == b"x-forwarded-for"), -1)
         client_ip = ctx.downstream_ip
         if xff_index == -1:
             headers.append((b"x-forwarded-for", client_ip))
         else:
             headers[xff_index] = (b"x-forwarded-for", headers[xff_index][1] + b"," + client_ip)
+        if client_certs is not None:
+            headers[:] = [pair for pair in headers if pair[0] != XFCC]
         if not has_proto:
             headers.append((b"x-forwarded-proto", ctx.request.scheme))
         if not request_id:
